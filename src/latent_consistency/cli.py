@@ -1,0 +1,44 @@
+"""The `lcm` command line: builds arguments into calls of the library; no math lives here.
+
+Each subcommand module exposes `register(subparsers)`, which adds its parser and sets `run`, a
+function of the parsed arguments. A `UserError` anywhere becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from latent_consistency import __version__
+from latent_consistency.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from latent_consistency import generate
+
+    parser = argparse.ArgumentParser(
+        prog="lcm",
+        description="Latent Consistency Models (Luo et al. 2023): distil, fine-tune, sample, evaluate.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    generate.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as err:
+        print(f"lcm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lcm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

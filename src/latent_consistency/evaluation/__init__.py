@@ -1,0 +1,1 @@
+"""Evaluation: judges (feature networks for FID, attribute classifiers for prompt alignment), reports."""

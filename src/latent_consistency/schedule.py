@@ -1,0 +1,179 @@
+"""Discrete DDPM noise schedule and the skipping-step grid of LCD.
+
+The forward process is z_t = α_t·x0 + σ_t·ε with α_t = √ᾱ_t, σ_t = √(1-ᾱ_t) (Section 3 of Luo et al.
+2023). ᾱ is built from a diffusers scheduler config exactly as diffusers builds it, so a model trained
+with any diffusers scheduler sees the same α_t, σ_t here.
+
+Timesteps are integers 0..T-1 for the network, but second-order solvers need points between them. As
+DPM-Solver does for discrete-time models, the schedule is extended to real t by interpolating the
+half-log-SNR λ_t = log(α_t/σ_t) linearly between integers; at integer t the values are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from latent_consistency.errors import UserError
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas of the "squaredcos_cap_v2" schedule (Nichol & Dhariwal 2021), as diffusers builds them."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
+        for i in range(num_train_timesteps)
+    ]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale √ᾱ so that ᾱ_{T-1} = 0 (Lin et al. 2023, Algorithm 1)."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def make_betas(
+    num_train_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    beta_schedule: str = "scaled_linear",
+    rescale_betas_zero_snr: bool = False,
+    trained_betas: Any = None,
+) -> torch.Tensor:
+    """β_1..β_T in float32, the same numbers diffusers' DDPM/DDIM/LCM schedulers build."""
+    if trained_betas is not None:
+        betas = torch.tensor(trained_betas, dtype=torch.float32)
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        betas = _cosine_betas(num_train_timesteps)
+    else:
+        raise UserError(f"unknown beta_schedule {beta_schedule!r}; use one of {', '.join(BETA_SCHEDULES)}")
+    if rescale_betas_zero_snr:
+        betas = _rescale_zero_terminal_snr(betas)
+    return betas
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """ᾱ_t of a discrete variance-preserving diffusion, with α_t, σ_t, λ_t for real t ∈ [0, T-1].
+
+    `alphas_cumprod` is kept in float64: the solvers' exponentials of λ differences lose accuracy in
+    float32 near t = 0. Values are returned in float64; callers cast to their working dtype.
+    """
+
+    alphas_cumprod: torch.Tensor
+
+    # Zero-terminal-SNR schedules have ᾱ_{T-1} = 0 (λ = -∞); as diffusers' LCMScheduler does, the last
+    # value is raised to 2^-24 so that every λ is finite.
+    MIN_ALPHA_CUMPROD = 2.0**-24
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+        """Build from a diffusers scheduler config (a dict or a scheduler's `.config`)."""
+        betas = make_betas(
+            num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+            beta_start=float(config.get("beta_start", 0.00085)),
+            beta_end=float(config.get("beta_end", 0.012)),
+            beta_schedule=str(config.get("beta_schedule", "scaled_linear")),
+            rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)),
+            trained_betas=config.get("trained_betas"),
+        )
+        return cls.from_betas(betas)
+
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
+        # diffusers computes the cumulative product in float32; do the same so that α_t matches bitwise.
+        alphas_cumprod = torch.cumprod(1.0 - betas.float(), dim=0).double()
+        alphas_cumprod = alphas_cumprod.clamp(min=cls.MIN_ALPHA_CUMPROD)
+        return cls(alphas_cumprod=alphas_cumprod)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    @property
+    def lambdas(self) -> torch.Tensor:
+        """λ_t = log α_t - log σ_t at the integer timesteps 0..T-1 (decreasing)."""
+        a = self.alphas_cumprod
+        return 0.5 * (torch.log(a) - torch.log1p(-a))
+
+    def lambda_(self, t: torch.Tensor | float) -> torch.Tensor:
+        """λ at real t, linear between integers."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        t = t.clamp(0, self.num_train_timesteps - 1)
+        lo = t.floor().long().clamp(max=self.num_train_timesteps - 2)
+        frac = t - lo
+        lam = self.lambdas.to(t.device)
+        return lam[lo] + frac * (lam[lo + 1] - lam[lo])
+
+    def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_t, σ_t) at real t; exact at integers: α² = sigmoid(2λ), σ² = sigmoid(-2λ)."""
+        t = torch.as_tensor(t)
+        if not torch.is_floating_point(t):
+            a = self.alphas_cumprod.to(t.device)[t.long()]
+            return a.sqrt(), (1 - a).sqrt()
+        lam = self.lambda_(t)
+        return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
+
+    def t_of_lambda(self, lam: torch.Tensor) -> torch.Tensor:
+        """The inverse of `lambda_`: the real t where λ_t = lam (λ is decreasing in t)."""
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        grid = self.lambdas.to(lam.device).flip(0)  # increasing
+        lam_c = lam.clamp(grid[0], grid[-1])
+        hi = torch.searchsorted(grid, lam_c.contiguous()).clamp(1, len(grid) - 1)
+        lo = hi - 1
+        frac = (lam_c - grid[lo]) / (grid[hi] - grid[lo])
+        t_flipped = lo.double() + frac  # index into the flipped grid
+        return (self.num_train_timesteps - 1) - t_flipped
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """z_t = α_t·x0 + σ_t·ε for integer t of shape [B] (Eq. 1 of Luo et al. 2023)."""
+        alpha, sigma = self.alpha_sigma(t)
+        return append_dims(alpha, x0.ndim).to(x0) * x0 + append_dims(sigma, x0.ndim).to(x0) * noise
+
+
+def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Append trailing singleton dimensions to a [B] (or scalar) tensor until it has `ndim` dims."""
+    x = torch.as_tensor(x)
+    if x.ndim == 0:
+        return x
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def skipping_grid(num_train_timesteps: int, skip: int) -> torch.Tensor:
+    """The LCD timestep grid {k-1, 2k-1, ..., T-1} for skip k (Section 4.3, "skipping-step").
+
+    These are the `original_inference_steps = T/k` timesteps diffusers' LCMScheduler samples from.
+    """
+    if skip < 1 or skip > num_train_timesteps:
+        raise UserError(f"skip k must be in 1..{num_train_timesteps}, got {skip}")
+    if num_train_timesteps % skip:
+        raise UserError(f"skip k={skip} must divide the {num_train_timesteps} training timesteps")
+    return torch.arange(1, num_train_timesteps // skip + 1, dtype=torch.long) * skip - 1
+
+
+def consistency_pairs(grid: torch.Tensor, index: torch.Tensor, skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_{n+k}, t_n) for grid positions `index` (Eq. 16-17).
+
+    t_{n+k} = grid[index] and t_n = t_{n+k} - k. For the first grid point (t_{n+k} = k-1) t_n would be
+    -1; it is clamped to 0, as diffusers' LCD scripts do, where c_skip(0) = 1 makes the target ẑ itself.
+    """
+    t_n_plus_k = grid[index]
+    t_n = (t_n_plus_k - skip).clamp(min=0)
+    return t_n_plus_k, t_n

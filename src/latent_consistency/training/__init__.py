@@ -1,0 +1,1 @@
+"""Training: configs, the one loop shared by LCD and LCF, EMA, checkpoints."""
