@@ -1,0 +1,222 @@
+"""Load teachers, make students, save and load LCM pipelines, encode prompts and images.
+
+Models on disk are diffusers folders with safetensors weights; nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latent_consistency.errors import UserError
+from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type
+
+DEFAULT_TIME_COND_PROJ_DIM = 256
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+    """Text embeddings c as Stable Diffusion computes them: pad to max_length, last hidden state."""
+    tokens = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    device = device if device is not None else text_encoder.device
+    return text_encoder(tokens.input_ids.to(device))[0]
+
+
+class LatentCodec:
+    """The encoder E and decoder D of the paper's latent space, z = E(x) (Section 3).
+
+    The VAE's `scaling_factor` is applied here and nowhere else: latents handed to the rest of the
+    library are already scaled to about unit variance.
+    """
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
+        """Images in [-1, 1], [B,3,H,W] -> scaled latents. The posterior mean unless `sample`."""
+        posterior = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if sample else posterior.mean
+        return latents * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1] (not clamped)."""
+        return self.vae.decode(latents.to(self.vae.device, self.vae.dtype) / self.scaling_factor).sample
+
+
+@dataclass
+class DiffusionModel:
+    """A text-to-image latent diffusion model's parts, as a diffusers pipeline folder holds them."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict
+    source: str
+
+    @property
+    def prediction_type(self) -> str:
+        return check_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    @property
+    def time_cond_proj_dim(self) -> int | None:
+        return self.unet.config.get("time_cond_proj_dim")
+
+    @property
+    def codec(self) -> LatentCodec:
+        return LatentCodec(self.vae)
+
+    def to(self, device=None, dtype=None) -> "DiffusionModel":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+
+def _check_model_folder(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model folder {path} does not exist; give a diffusers pipeline folder or a hub id")
+    if not (p / "model_index.json").is_file() or not (p / "unet").is_dir():
+        raise UserError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json and unet/); "
+            "give a folder saved by save_pretrained or by `lcm distill`"
+        )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return not os.path.isabs(name) and name.count("/") == 1 and not name.startswith(".") and not Path(name).exists()
+
+
+def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load unet, vae, text encoder, tokenizer and scheduler config from a diffusers folder or hub id.
+
+    Works for Stable Diffusion 1.x/2.x folders (ε- or v-prediction, read from the scheduler config) and
+    for LCM folders (a UNet with `time_cond_proj_dim`). Only safetensors weights are accepted.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if not _looks_like_hub_id(name_or_path):
+        _check_model_folder(name_or_path)
+    kwargs = dict(torch_dtype=dtype, use_safetensors=True)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+        scheduler_config = _read_scheduler_config(name_or_path)
+    except (OSError, ValueError, EnvironmentError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load a diffusers model from {name_or_path}: {first_line}") from err
+    model = DiffusionModel(unet, vae, text_encoder, tokenizer, scheduler_config, source=name_or_path)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return model.to(device)
+
+
+def _read_scheduler_config(name_or_path: str) -> dict:
+    from diffusers import DDPMScheduler
+
+    config = dict(DDPMScheduler.load_config(name_or_path, subfolder="scheduler"))
+    return {k: v for k, v in config.items() if not k.startswith("_")} | {"_class_name": config.get("_class_name")}
+
+
+def make_student_unet(teacher_unet, time_cond_proj_dim: int = DEFAULT_TIME_COND_PROJ_DIM):
+    """The student θ: the teacher's UNet with a guidance-scale input ω (Section 4.2).
+
+    The UNet gets `time_cond_proj_dim`, a linear projection of the ω embedding added to the time
+    embedding. That projection starts at zero, so the student starts as the teacher exactly.
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = dict(teacher_unet.config)
+    config["time_cond_proj_dim"] = time_cond_proj_dim
+    student = UNet2DConditionModel.from_config(config)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
+        raise UserError(f"teacher UNet does not fit a student UNet: missing {missing}, unexpected {unexpected}")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(device=teacher_unet.device, dtype=teacher_unet.dtype)
+
+
+def lcm_scheduler_config(
+    teacher_scheduler_config: dict,
+    skip: int,
+    sigma_data: float = SIGMA_DATA,
+    timestep_scaling: float = TIMESTEP_SCALING,
+) -> dict:
+    """An LCMScheduler config matching a student distilled from this teacher with skip k.
+
+    The student always predicts what the teacher's parameterisation predicts (the boundary scalings
+    wrap it), so prediction_type is the teacher's. original_inference_steps = T/k.
+    """
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr", "prediction_type")
+    config = {k: teacher_scheduler_config[k] for k in keys if k in teacher_scheduler_config}
+    num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+    config.update(
+        original_inference_steps=num_train_timesteps // skip,
+        timestep_scaling=timestep_scaling,
+        set_alpha_to_one=True,
+        clip_sample=False,
+        timestep_spacing="leading",
+    )
+    if sigma_data != SIGMA_DATA:
+        raise UserError("diffusers' LCMScheduler fixes sigma_data = 0.5; a student trained otherwise cannot be exported")
+    return config
+
+
+def save_lcm_pipeline(out_dir: str | Path, student_unet, base: DiffusionModel, scheduler_config: dict) -> Path:
+    """Write a complete diffusers `LatentConsistencyModelPipeline` folder (safetensors)."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    if student_unet.config.get("time_cond_proj_dim") is None:
+        raise UserError("the UNet has no guidance input (time_cond_proj_dim); make it with make_student_unet")
+    pipe = LatentConsistencyModelPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=student_unet,
+        scheduler=LCMScheduler.from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
+    """Load an LCM in diffusers format (ours, or any LatentConsistencyModelPipeline folder).
+
+    A plain diffusion model without the ω input cannot run as an LCM: that is a user error, with a
+    hint at what to do instead.
+    """
+    model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
+    if model.time_cond_proj_dim is None:
+        raise UserError(
+            f"{name_or_path} is a diffusion model without the guidance input of an LCM "
+            "(its UNet has no time_cond_proj_dim); distil it first with `lcm distill --teacher ...`"
+        )
+    return model

@@ -1,0 +1,143 @@
+"""Ψ: one jump t -> s of the (augmented) PF-ODE, the teacher solver of LCD (Eq. 13-17).
+
+Each solver is a plain function over a *denoiser* `denoise(z, t) -> (x̂0, ε̂)` and the noise schedule.
+All are exponential integrators written in the half-log-SNR λ = log(α/σ), h = λ_s - λ_t:
+
+- DDIM (Song et al. 2021): z_s = α_s·x̂0 + σ_s·ε̂ — first order, one evaluation.
+- DPM-Solver-2 (Lu et al. 2022a, Algorithm 1, singlestep, r = 1/2), noise prediction — two evaluations.
+- DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1), data prediction — two evaluations.
+
+`guided_jump` applies classifier-free guidance in one of two ways:
+- per evaluation (default): every evaluation uses the guided ε̃ of Eq. 12, i.e. the solver integrates
+  the augmented PF-ODE of Eq. 13;
+- per increment (`guide_increments=True`), the literal Eq. 17: the unguided solver runs for c and ∅ and
+  the increments are combined, ẑ_s = z_t + (1+ω)(Ψ(z_t,t,s,c) - z_t) - ω(Ψ(z_t,t,s,∅) - z_t).
+For DDIM both are the same; for the second-order solvers they differ at O(h²).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from latent_consistency.errors import UserError
+from latent_consistency.schedule import NoiseSchedule, append_dims
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _coefficients(schedule: NoiseSchedule, t: torch.Tensor, ndim: int, like: torch.Tensor):
+    alpha, sigma = schedule.alpha_sigma(t)
+    lam = torch.log(alpha) - torch.log(sigma)
+    return [append_dims(v, ndim).to(like) for v in (alpha, sigma)], lam
+
+
+def ddim_jump(denoise: Denoise, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+    """DDIM (η = 0): z_s = α_s·x̂0(z_t) + σ_s·ε̂(z_t)."""
+    x0, eps = denoise(z, t)
+    (alpha_s, sigma_s), _ = _coefficients(schedule, s, z.ndim, z)
+    return alpha_s * x0 + sigma_s * eps
+
+
+def _midpoint(schedule: NoiseSchedule, t: torch.Tensor, s: torch.Tensor, r: float):
+    """The intermediate (real) time u with λ_u = λ_t + r·h."""
+    lam_t, lam_s = schedule.lambda_(t), schedule.lambda_(s)
+    return schedule.t_of_lambda(lam_t + r * (lam_s - lam_t))
+
+
+def dpm_solver_2_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, r: float = 0.5) -> torch.Tensor:
+    """DPM-Solver-2 (Lu et al. 2022a), noise prediction, singlestep with λ_u = λ_t + r·h:
+
+    z_u = (α_u/α_t) z_t - σ_u (e^{r h} - 1) ε_t
+    z_s = (α_s/α_t) z_t - σ_s (e^h - 1) ε_t - σ_s/(2r) (e^h - 1) (ε_u - ε_t)
+    """
+    u = _midpoint(schedule, t, s, r)
+    (alpha_t, _), lam_t = _coefficients(schedule, t, z.ndim, z)
+    (alpha_u, sigma_u), lam_u = _coefficients(schedule, u, z.ndim, z)
+    (alpha_s, sigma_s), lam_s = _coefficients(schedule, s, z.ndim, z)
+    h = append_dims(lam_s - lam_t, z.ndim).to(z)
+    r_actual = append_dims((lam_u - lam_t) / (lam_s - lam_t), z.ndim).to(z)
+    _, eps_t = denoise(z, t)
+    z_u = (alpha_u / alpha_t) * z - sigma_u * torch.expm1(r_actual * h) * eps_t
+    _, eps_u = denoise(z_u, u)
+    return (alpha_s / alpha_t) * z - sigma_s * torch.expm1(h) * eps_t - sigma_s / (2 * r_actual) * torch.expm1(h) * (eps_u - eps_t)
+
+
+def dpm_solver_pp_2s_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, r: float = 0.5) -> torch.Tensor:
+    """DPM-Solver++(2S) (Lu et al. 2022b), data prediction, singlestep with λ_u = λ_t + r·h:
+
+    z_u = (σ_u/σ_t) z_t - α_u (e^{-r h} - 1) x_t
+    z_s = (σ_s/σ_t) z_t - α_s (e^{-h} - 1) [(1 - 1/(2r)) x_t + 1/(2r) x_u]
+    """
+    u = _midpoint(schedule, t, s, r)
+    (_, sigma_t), lam_t = _coefficients(schedule, t, z.ndim, z)
+    (alpha_u, sigma_u), lam_u = _coefficients(schedule, u, z.ndim, z)
+    (alpha_s, sigma_s), lam_s = _coefficients(schedule, s, z.ndim, z)
+    h = append_dims(lam_s - lam_t, z.ndim).to(z)
+    r_actual = append_dims((lam_u - lam_t) / (lam_s - lam_t), z.ndim).to(z)
+    x_t, _ = denoise(z, t)
+    z_u = (sigma_u / sigma_t) * z - alpha_u * torch.expm1(-r_actual * h) * x_t
+    x_u, _ = denoise(z_u, u)
+    d = (1 - 1 / (2 * r_actual)) * x_t + 1 / (2 * r_actual) * x_u
+    return (sigma_s / sigma_t) * z - alpha_s * torch.expm1(-h) * d
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A named PF-ODE solver and its cost: teacher forward passes per jump (cond+uncond batched)."""
+
+    name: str
+    jump: Callable[..., torch.Tensor]
+    evaluations_per_jump: int
+    order: int
+
+
+SOLVERS = {
+    "ddim": Solver("ddim", ddim_jump, evaluations_per_jump=1, order=1),
+    "dpm": Solver("dpm", dpm_solver_2_jump, evaluations_per_jump=2, order=2),
+    "dpm++": Solver("dpm++", dpm_solver_pp_2s_jump, evaluations_per_jump=2, order=2),
+}
+
+
+def get_solver(name: str) -> Solver:
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise UserError(f"unknown solver {name!r}; use one of {', '.join(SOLVERS)}") from None
+
+
+def _batch(t, z: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, device=z.device)
+    return t.expand(z.shape[0]) if t.ndim == 0 else t
+
+
+def guided_jump(
+    solver: Solver,
+    teacher,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    s: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    omega: torch.Tensor | float,
+    guide_increments: bool = False,
+) -> torch.Tensor:
+    """ẑ_s = Ψ(z_t, t, s, c; ω): one jump of the guided teacher (`GuidedTeacher`), Eq. 13-17.
+
+    Either way, each solver evaluation is one teacher forward pass over the batch [cond; uncond].
+    """
+    t, s = _batch(t, z), _batch(s, z)
+    if not guide_increments:
+        return solver.jump(lambda z_, t_: teacher.guided(z_, t_, cond, uncond, omega), z, t, s, teacher.schedule)
+    z_pair = solver.jump(
+        lambda z_, t_: teacher.denoise(z_, t_, torch.cat([cond, uncond])),
+        torch.cat([z, z]),
+        torch.cat([t, t]),
+        torch.cat([s, s]),
+        teacher.schedule,
+    )
+    z_c, z_u = z_pair.chunk(2)
+    omega = append_dims(torch.as_tensor(omega, device=z.device), z.ndim).to(z)
+    return z + (1 + omega) * (z_c - z) - omega * (z_u - z)
