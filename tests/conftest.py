@@ -4,3 +4,19 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tiny_models import save_tiny_lcm, save_tiny_sd  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny random Stable Diffusion (ε-prediction) folder."""
+    return save_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm(tmp_path_factory):
+    """A tiny random LCM folder saved by diffusers."""
+    return save_tiny_lcm(tmp_path_factory.mktemp("models") / "tiny-lcm")

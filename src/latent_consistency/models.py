@@ -87,9 +87,9 @@ class DiffusionModel:
     def codec(self) -> LatentCodec:
         return LatentCodec(self.vae)
 
-    def to(self, device=None, dtype=None) -> "DiffusionModel":
+    def to(self, device) -> "DiffusionModel":
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(device)
         return self
 
 

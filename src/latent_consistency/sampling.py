@@ -56,7 +56,7 @@ def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -
     return torch.tensor(ts, dtype=torch.long)
 
 
-def _randn(shape, generator, device, dtype) -> torch.Tensor:
+def randn(shape, generator, device, dtype) -> torch.Tensor:
     """Standard normal noise drawn as diffusers' `randn_tensor` draws it (same generator, same values)."""
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -84,7 +84,7 @@ def sample_lcm(
         x0 = model(z, tau.to(z.device).expand(z.shape[0]), cond, omega)
         if i + 1 < len(timesteps):
             alpha, sigma = schedule.alpha_sigma(timesteps[i + 1].reshape(1))
-            noise = _randn(z.shape, generator, z.device, z.dtype)
+            noise = randn(z.shape, generator, z.device, z.dtype)
             z = append_dims(alpha, z.ndim).to(z) * x0 + append_dims(sigma, z.ndim).to(z) * noise
     return x0
 
