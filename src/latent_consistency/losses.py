@@ -1,0 +1,123 @@
+"""The two training objectives as small callables returning a per-sample loss [B].
+
+- `LCDLoss`: latent consistency distillation, Algorithm 1 of Luo et al. 2023. The target comes from one
+  jump of the guided teacher from t_{n+k} to t_n (Eq. 17) and the EMA target network θ⁻.
+- `LCFLoss`: latent consistency fine-tuning, Algorithm 4. No teacher: z_{t_n} and z_{t_{n+k}} are noised
+  from the same latent with the same ε.
+
+Both draw (n, ω, ε) the same way (`draw_point`), so they share one training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from latent_consistency.errors import UserError
+from latent_consistency.parameterization import omega_from_guidance_scale
+from latent_consistency.schedule import NoiseSchedule, consistency_pairs, skipping_grid
+from latent_consistency.solvers import Solver, guided_jump
+
+DISTANCES = ("l2", "huber")
+
+
+def consistency_distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber", huber_c: float = 0.001) -> torch.Tensor:
+    """d(·,·) of Algorithm 1 per sample: mean squared error, or the pseudo-Huber √((a-b)² + c²) - c.
+
+    Pseudo-Huber (Song & Dhariwal 2023) is applied per element and averaged, as diffusers' LCD scripts do.
+    """
+    diff = pred.float() - target.float()
+    if kind == "l2":
+        per_element = diff**2
+    elif kind == "huber":
+        per_element = torch.sqrt(diff**2 + huber_c**2) - huber_c
+    else:
+        raise UserError(f"unknown loss {kind!r}; use one of {', '.join(DISTANCES)}")
+    return per_element.flatten(1).mean(1)
+
+
+@dataclass
+class TrainingPoint:
+    """One draw of Algorithm 1/4: grid pair (t_{n+k}, t_n), guidance ω and noise ε per sample."""
+
+    t_n_plus_k: torch.Tensor
+    t_n: torch.Tensor
+    omega: torch.Tensor
+    noise: torch.Tensor
+
+
+@dataclass
+class ConsistencyObjective:
+    """What LCD and LCF share: the schedule, the skipping step k, the ω range and the distance."""
+
+    schedule: NoiseSchedule
+    skip: int = 20
+    guidance_scale_range: tuple[float, float] = (3.0, 15.0)  # diffusers' g; the paper's ω ∈ [2, 14]
+    distance: str = "huber"
+    huber_c: float = 0.001
+
+    def __post_init__(self):
+        self.grid = skipping_grid(self.schedule.num_train_timesteps, self.skip)
+        lo, hi = self.guidance_scale_range
+        if not 1.0 <= lo <= hi:
+            raise UserError(f"guidance scale range must satisfy 1 <= min <= max, got {self.guidance_scale_range}")
+        if self.distance not in DISTANCES:
+            raise UserError(f"unknown loss {self.distance!r}; use one of {', '.join(DISTANCES)}")
+
+    def draw_point(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingPoint:
+        """n ~ U{grid}, ω ~ U[ω_min, ω_max], ε ~ N(0, I), all from `generator` (on the latents' device)."""
+        b, device = latents.shape[0], latents.device
+        index = torch.randint(0, len(self.grid), (b,), generator=generator, device=device)
+        t_n_plus_k, t_n = consistency_pairs(self.grid.to(device), index, self.skip)
+        w_min, w_max = (omega_from_guidance_scale(g) for g in self.guidance_scale_range)
+        omega = w_min + (w_max - w_min) * torch.rand(b, generator=generator, device=device)
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        return TrainingPoint(t_n_plus_k, t_n, omega, noise)
+
+    def d(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return consistency_distance(pred, target, self.distance, self.huber_c)
+
+
+@dataclass
+class LCDLoss(ConsistencyObjective):
+    """Latent consistency distillation (Algorithm 1):
+
+    d( f_θ(z_{t_{n+k}}, ω, c, t_{n+k}),  f_θ⁻(ẑ_{t_n}, ω, c, t_n) ),  ẑ_{t_n} = Ψ(z_{t_{n+k}}, t_{n+k}, t_n, c; ω).
+    """
+
+    teacher: object = None  # a GuidedTeacher; required
+    solver: Solver | None = None  # required
+    guide_increments: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher is None or self.solver is None:
+            raise TypeError("LCDLoss needs a teacher and a solver")
+
+    def __call__(self, student, target, latents, cond, uncond, generator=None) -> torch.Tensor:
+        p = self.draw_point(latents, generator)
+        z = self.schedule.add_noise(latents, p.noise, p.t_n_plus_k)
+        with torch.no_grad():
+            # Teacher jump t_{n+k} -> t_n along the augmented PF-ODE (Eq. 17)
+            z_hat = guided_jump(self.solver, self.teacher, z, p.t_n_plus_k, p.t_n, cond, uncond, p.omega, self.guide_increments)
+            # Target f_θ⁻ at the earlier point
+            tgt = target(z_hat.to(z.dtype), p.t_n, cond, p.omega)
+        pred = student(z, p.t_n_plus_k, cond, p.omega)
+        return self.d(pred, tgt)
+
+
+@dataclass
+class LCFLoss(ConsistencyObjective):
+    """Latent consistency fine-tuning (Algorithm 4): both points from the same data and the same ε.
+
+    d( f_θ(z_{t_{n+k}}, ω, c, t_{n+k}),  f_θ⁻(z_{t_n}, ω, c, t_n) ).
+    """
+
+    def __call__(self, student, target, latents, cond, uncond=None, generator=None) -> torch.Tensor:
+        p = self.draw_point(latents, generator)
+        z = self.schedule.add_noise(latents, p.noise, p.t_n_plus_k)
+        with torch.no_grad():
+            tgt = target(self.schedule.add_noise(latents, p.noise, p.t_n), p.t_n, cond, p.omega)
+        pred = student(z, p.t_n_plus_k, cond, p.omega)
+        return self.d(pred, tgt)
