@@ -1,0 +1,152 @@
+"""Image decoding shared by the image-folder and webdataset-shard datasets.
+
+Every training image goes through `decode_rgb`: decode, convert to 8-bit RGB, resize the shorter side to
+the training resolution, center-crop, and scale to float32 [3, H, W] in [-1, 1] (the range the VAE
+encodes). Bad bytes never raise: they come back as `None` so a dataset can skip and count the sample.
+
+Conversions to 8-bit RGB:
+  - grayscale ("1", "L") is replicated to three channels;
+  - images with alpha ("LA", "RGBA", "PA", palette with transparency) are composited on white, so a
+    transparent background becomes white, not the arbitrary colour stored under alpha = 0;
+  - 16-bit grayscale ("I;16*", and "I", which 16-bit TIFF/PNG decoders produce) is scaled by
+    255/65535 with rounding, not clipped at 255 (clipping turns nearly every 16-bit image white);
+  - palette, CMYK and the other modes go through Pillow's own conversion.
+Each conversion is reported as a reason ("converted_grayscale", "converted_alpha", "converted_16bit",
+"converted_palette", "converted_cmyk", ...) so datasets can count them in the log.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger("latent_consistency.data")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+@dataclass
+class SkipCounter:
+    """Counts samples skipped or converted, per reason, and logs them as they happen.
+
+    Reasons starting with "converted_" are samples that were used after a conversion; every other
+    reason ("corrupt", "no_caption", "missing_file", "truncated_shard", ...) is a sample or shard that
+    was skipped. The first occurrence of each reason is logged with its detail (a file name), then
+    the running count at 10, 100, 1000, ... so a large dataset does not flood the log.
+    """
+
+    name: str = "dataset"
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, reason: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        count = self.counts[reason]
+        if count == 1 or _is_power_of_ten(count):
+            level = logging.INFO if reason.startswith("converted_") else logging.WARNING
+            where = f" ({detail})" if detail and count == 1 else ""
+            logger.log(level, "%s: %s x%d%s", self.name, reason, count, where)
+
+    def summary(self) -> str:
+        """One line, e.g. "skipped: corrupt=1, no_caption=2; converted: grayscale=3"."""
+        skipped = {r: n for r, n in sorted(self.counts.items()) if not r.startswith("converted_")}
+        converted = {
+            r.removeprefix("converted_"): n for r, n in sorted(self.counts.items()) if r.startswith("converted_")
+        }
+        parts = [
+            f"{label}: " + ", ".join(f"{r}={n}" for r, n in group.items())
+            for label, group in (("skipped", skipped), ("converted", converted))
+            if group
+        ]
+        return "; ".join(parts) if parts else "nothing skipped or converted"
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
+def decode_rgb(source: bytes | str | Path, resolution: int) -> tuple[torch.Tensor | None, str | None]:
+    """Decode an image to float32 [3, resolution, resolution] in [-1, 1].
+
+    Returns (image, reason): image is None and reason "corrupt" when the bytes are not a complete image
+    Pillow can decode; otherwise reason names the conversion applied ("converted_grayscale", ...) or is
+    None for an 8-bit RGB image. Pure function of its input, safe to call from several threads.
+    """
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            # JPEG decoders can downscale by 1/2, 1/4, 1/8 while decoding, keeping both sides >= the
+            # requested size: far cheaper than decoding a large photo in full and resizing it.
+            image.draft(image.mode, (resolution, resolution))
+            image.load()  # forces the full decode, so a truncated file fails here and not later
+            image = ImageOps.exif_transpose(image)
+            image, reason = _to_rgb8(image)
+            array = np.asarray(_resize_center_crop(image, resolution))
+    # Pillow's decoders signal malformed input with many exception types (OSError, SyntaxError,
+    # ValueError, EOFError, struct.error, zlib.error, DecompressionBombError, ...): bad bytes of any
+    # kind mean "skip this sample", never a crash of the training run.
+    except Exception:  # noqa: BLE001
+        return None, "corrupt"
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32)
+    return tensor / 127.5 - 1.0, reason
+
+
+def load_rgb(
+    source: bytes | str | Path, resolution: int, counter: SkipCounter | None = None
+) -> torch.Tensor | None:
+    """`decode_rgb` without the reason: None for undecodable or truncated bytes, never raises for them.
+
+    If counter is given, the conversion or "corrupt" is counted in it.
+    """
+    image, reason = decode_rgb(source, resolution)
+    if counter is not None and reason is not None:
+        counter.add(reason, str(source) if not isinstance(source, bytes) else "")
+    return image
+
+
+def clean_caption(value: object) -> str | None:
+    """A usable caption: the stripped string, or None if it is not a string or is blank."""
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def _to_rgb8(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """Convert any Pillow mode to 8-bit RGB; returns the image and the conversion reason (None if none)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), "converted_alpha"
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float32)
+        gray = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB"), "converted_16bit"
+    reason = {"1": "grayscale", "L": "grayscale", "P": "palette"}.get(mode, mode.lower().replace(";", "_"))
+    return image.convert("RGB"), f"converted_{reason}"
+
+
+def _resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize so the shorter side is `resolution`, then crop the central resolution x resolution square."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+    left = (new_size[0] - resolution) // 2
+    top = (new_size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))

@@ -1,0 +1,409 @@
+"""Webdataset tar shards in img2dataset's layout, streamed, resampled and exactly resumable.
+
+A shard is an uncompressed tar (`00000.tar`) whose consecutive members share a key: `key.jpg` (or
+.jpeg/.png/.webp) and its caption in `key.txt`, or in `key.json` under "caption" (or "text").
+`ShardStream` is an infinite stream:
+  1. resampling: shard after shard is drawn with replacement; draw d is chosen by an RNG seeded from
+     (seed, rank, d) alone, so the sequence of shards needs no RNG state;
+  2. each drawn shard is read member by member (only the image and caption bytes; no decoding);
+  3. a shuffle buffer: once it holds `shuffle_buffer` samples, each new sample replaces a uniformly
+     chosen one (pop p seeded from (seed, rank, p)), which is passed on;
+  4. decoding (`images.decode_rgb`) on `decode_threads` threads, a few samples ahead, in order.
+Ranks read disjoint shards (shard i belongs to rank i mod world_size), so their streams are disjoint
+and each is deterministic.
+
+Why plain `tarfile` and not the `webdataset` pipeline: exact resume needs the position inside a shard
+and the shuffle buffer's contents, which webdataset's iterators keep in generator frames. Reading the
+tar with random access (`tarfile` mode "r:") gives each sample an address (shard, byte offset, size),
+so the whole position is small and explicit: the number of shards drawn and of buffer pops, the header
+offset of the next member in the current shard, and the addresses and captions of the samples in the
+buffer and in the decode queue. `load_state_dict` restores it and the stream goes on with exactly the
+samples an uninterrupted stream would have produced; buffered images are re-read by seeking, never
+decoded twice. The state is made of ints, strings and lists, so `torch.load(weights_only=True)` reads it.
+
+Decoding runs on threads inside the stream (Pillow releases the GIL while decoding and resizing), so
+the stream and its position live in the training process: use it with a DataLoader with num_workers=0;
+in a worker process each worker would hold its own copy of the position, and iterating there is refused.
+
+Skipped and converted samples are counted in `skipped`: corrupt images, samples without a caption or
+without an image, and truncated shards (the complete samples before the damage are used, then the stream
+moves to the next shard). If every shard of a rank has been read and every sample in it tried without
+a single usable one, the stream raises UserError instead of looping forever.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import tarfile
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from latent_consistency.data.images import SkipCounter, clean_caption, decode_rgb
+from latent_consistency.errors import UserError
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEYS = ("txt", "json")
+
+# Settings a saved position only makes sense for.
+_IDENTITY = ("seed", "rank", "world_size", "num_shards", "shuffle_buffer")
+
+
+def expand_urls(urls: str | Path | list[str | Path]) -> list[str]:
+    """Shard paths from paths, brace patterns ("data/{00000..00009}.tar", "{a,b}.tar") and globs."""
+    patterns = [urls] if isinstance(urls, (str, Path)) else list(urls)
+    paths: list[str] = []
+    for pattern in patterns:
+        for path in _expand_braces(os.path.expanduser(str(pattern))):
+            if any(ch in path for ch in "*?["):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise UserError(f"no shard matches {path}; check the glob pattern")
+                paths.extend(matches)
+            elif os.path.isfile(path):
+                paths.append(path)
+            else:
+                raise UserError(f"shard {path} does not exist; check the path or brace pattern")
+    if not paths:
+        raise UserError("no shards given; pass .tar paths, a brace pattern like data/{00000..00009}.tar, or a glob")
+    return list(dict.fromkeys(paths))
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """Expand the first top-level {...} group (a..b zero-padded integer range, or a,b,c list), recursively."""
+    depth = 0
+    for i, ch in enumerate(pattern):
+        if ch == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                head, body, tail = pattern[:start], pattern[start + 1 : i], pattern[i + 1 :]
+                alternatives = _brace_alternatives(body)
+                if alternatives is None:  # "{x}": a literal, as in the shell
+                    alternatives = ["{" + choice + "}" for choice in _expand_braces(body)]
+                else:
+                    alternatives = [choice for alternative in alternatives for choice in _expand_braces(alternative)]
+                return [head + choice + rest for choice in alternatives for rest in _expand_braces(tail)]
+    return [pattern]
+
+
+def _brace_alternatives(body: str) -> list[str] | None:
+    """The choices a brace group's body stands for, or None if it is not a range or a list."""
+    match = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if match:
+        first, last = match.groups()
+        width = max(len(first), len(last)) if first.startswith("0") or last.startswith("0") else 0
+        step = 1 if int(last) >= int(first) else -1
+        return [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    alternatives, depth, current = [], 0, ""
+    for ch in body:
+        if ch == "," and depth == 0:
+            alternatives.append(current)
+            current = ""
+            continue
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        current += ch
+    alternatives.append(current)
+    return alternatives if len(alternatives) > 1 else None
+
+
+def _split_name(name: str) -> tuple[str, str] | None:
+    """webdataset's key/extension split: "dir/000123.jpg" -> ("dir/000123", "jpg"); None without a dot."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, extension = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{directory}/{stem}" if directory else stem), extension.lower()
+
+
+@dataclass(slots=True)
+class _Sample:
+    """One sample's address in its shard, its caption and (until decoded) its image bytes."""
+
+    shard: int  # index into ShardStream.shards
+    offset: int  # byte offset of the image data in the shard
+    size: int
+    caption: str
+    first_read: bool = False  # from the first read of its shard in this process (see _check_usable)
+    data: bytes | None = None
+
+    def address(self) -> list[Any]:
+        return [self.shard, self.offset, self.size, self.caption]
+
+
+class ShardStream(IterableDataset):
+    """Infinite stream of {"image": float32 [3, resolution, resolution] in [-1, 1], "caption": str}."""
+
+    def __init__(
+        self,
+        urls: str | Path | list[str | Path],
+        resolution: int,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        rank: int = 0,
+        world_size: int = 1,
+        decode_threads: int = 4,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if shuffle_buffer < 1 or decode_threads < 1:
+            raise UserError("shuffle_buffer and decode_threads must be at least 1")
+        all_shards = expand_urls(urls)
+        if len(all_shards) < world_size:
+            raise UserError(
+                f"{len(all_shards)} shard(s) cannot be split over {world_size} ranks; "
+                f"write at least {world_size} shards (img2dataset --number_sample_per_shard) or use fewer ranks"
+            )
+        self.shards = all_shards[rank::world_size]
+        self.resolution = resolution
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.rank = rank
+        self.world_size = world_size
+        self.decode_threads = decode_threads
+        self.skipped = SkipCounter(name=f"shards of rank {rank}/{world_size} ({self.shards[0]}, ...)")
+        # The position (see state_dict).
+        self._draws = 0  # shards drawn so far; the current shard is draw _draws - 1
+        self._offset: int | None = None  # header offset of the next member in the current shard; None: draw next
+        self._pops = 0
+        self._buffer: list[_Sample] = []
+        self._pending: deque[tuple[_Sample, Future | None]] = deque()  # popped, decoding, not yet yielded
+        self._usable = False  # a sample has been yielded
+        # For the "nothing usable" check, in this process only.
+        self._seen: set[int] = set()
+        self._first_untried = 0
+
+    # --- position ---------------------------------------------------------------------------------
+
+    def _identity(self) -> dict[str, int]:
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_shards": len(self.shards),
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position just after the last sample yielded."""
+        return {
+            **self._identity(),
+            "draws": self._draws,
+            "offset": self._offset,
+            "pops": self._pops,
+            "buffer": [sample.address() for sample in self._buffer],
+            "pending": [sample.address() for sample, _ in self._pending],
+            "usable": self._usable,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue, at the next iteration, exactly where the stream that saved `state` was."""
+        saved = {key: state[key] for key in _IDENTITY}
+        if saved != self._identity():
+            raise UserError(
+                f"the data position was saved for {saved}, this stream is {self._identity()}; "
+                "resume with the same shards, seed, shuffle buffer and number of processes"
+            )
+        self._draws, self._offset, self._pops = state["draws"], state["offset"], state["pops"]
+        self._buffer = [_Sample(*address) for address in state["buffer"]]
+        self._pending = deque((_Sample(*address), None) for address in state["pending"])
+        self._usable = state["usable"]
+
+    # --- iteration ----------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor | str]]:
+        if get_worker_info() is not None:
+            raise UserError(
+                "webdataset shards are decoded on threads inside the stream; set the data loader's num_workers to 0"
+            )
+        lookahead = 2 * self.decode_threads
+        cursor = _Cursor(self)
+        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="shard-decode")
+        try:
+            self._pending = deque((sample, pool.submit(self._decode, sample)) for sample, _ in self._pending)
+            while True:
+                while len(self._pending) < lookahead:
+                    sample = self._pop_buffer(cursor)
+                    self._pending.append((sample, pool.submit(self._decode, sample)))
+                sample, future = self._pending.popleft()
+                image, reason = future.result()
+                self._first_untried -= sample.first_read
+                if image is None:
+                    self.skipped.add("corrupt", f"{self.shards[sample.shard]} at byte {sample.offset}")
+                    self._check_usable()
+                    continue
+                if reason is not None:
+                    self.skipped.add(reason)
+                self._usable = True
+                yield {"image": image, "caption": sample.caption}
+        finally:
+            cursor.close()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _pop_buffer(self, cursor: _Cursor) -> _Sample:
+        """Fill the shuffle buffer, then swap a new sample in for a seeded-random one and return that."""
+        while len(self._buffer) < self.shuffle_buffer:
+            self._buffer.append(cursor.next_sample())
+        slot = random.Random(f"pop:{self.seed}:{self.rank}:{self._pops}").randrange(len(self._buffer))
+        self._pops += 1
+        sample, self._buffer[slot] = self._buffer[slot], cursor.next_sample()
+        return sample
+
+    def _decode(self, sample: _Sample) -> tuple[torch.Tensor | None, str | None]:
+        """Runs on a decode thread: the image bytes (re-read by address after a resume) to a tensor."""
+        data = sample.data
+        if data is None:
+            with open(self.shards[sample.shard], "rb") as file:
+                file.seek(sample.offset)
+                data = file.read(sample.size)
+        sample.data = None
+        return decode_rgb(data, self.resolution)
+
+    def _shard_of_draw(self, draw: int) -> int:
+        """Index of the shard drawn at draw number `draw` (resampling with replacement)."""
+        return random.Random(f"shard:{self.seed}:{self.rank}:{draw}").randrange(len(self.shards))
+
+    def _check_usable(self) -> None:
+        """UserError once every shard was read and every sample from those reads failed."""
+        if not self._usable and len(self._seen) == len(self.shards) and self._first_untried == 0:
+            raise UserError(
+                f"no usable sample in {len(self.shards)} shard(s) ({', '.join(self.shards[:3])}"
+                f"{', ...' if len(self.shards) > 3 else ''}; {self.skipped.summary()}); shards need "
+                "key.jpg/.png/.webp with a caption in key.txt or key.json"
+            )
+
+
+class _Cursor:
+    """The open shard of a ShardStream; reads one sample (a group of members sharing a key) at a time."""
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+        self.file: IO[bytes] | None = None
+        self.tar: tarfile.TarFile | None = None
+        self.shard = -1
+        self.lookahead: tarfile.TarInfo | None = None  # first member of the next sample
+        self.first_read = False
+        self.truncated = False
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+        if self.file is not None:
+            self.file.close()
+        self.file = self.tar = self.lookahead = None
+
+    def next_sample(self) -> _Sample:
+        stream = self.stream
+        while True:
+            if self.tar is None:
+                try:
+                    self._open()
+                except (tarfile.TarError, OSError) as error:
+                    self._finish_shard(f"{stream.shards[self.shard]}: {error}")
+                    continue
+            try:
+                sample = self._read_sample()
+            except (tarfile.TarError, OSError) as error:
+                self._finish_shard(f"{stream.shards[self.shard]}: {error}")
+                continue
+            if sample is None:
+                continue
+            if sample is _END:
+                self._finish_shard(f"{stream.shards[self.shard]}: no end-of-archive block" if self.truncated else None)
+                continue
+            stream._first_untried += sample.first_read
+            return sample
+
+    def _open(self) -> None:
+        """Open the current shard at the saved offset, or draw the next shard."""
+        stream = self.stream
+        resume_at = stream._offset
+        if resume_at is None:
+            stream._draws += 1
+            resume_at = 0
+        self.shard = stream._shard_of_draw(stream._draws - 1)
+        stream._offset = resume_at
+        self.first_read = self.shard not in stream._seen
+        self.truncated = False
+        self.file = open(stream.shards[self.shard], "rb")
+        self.tar = tarfile.open(fileobj=self.file, mode="r:")
+        self._advance()
+        while self.lookahead is not None and self.lookahead.offset < resume_at:
+            self._advance()
+
+    def _advance(self) -> None:
+        """Read the next member header; note a shard that stops without tar's end-of-archive zero block."""
+        self.lookahead = self.tar.next()
+        if self.lookahead is None:
+            self.file.seek(self.tar.offset)
+            self.truncated = self.file.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE)
+
+    def _finish_shard(self, truncation: str | None) -> None:
+        stream = self.stream
+        if truncation is not None:
+            stream.skipped.add("truncated_shard", truncation)
+        self.close()
+        stream._offset = None
+        stream._seen.add(self.shard)
+        stream._check_usable()
+
+    def _read_sample(self) -> _Sample | None | object:
+        """The next sample of the open shard; None if it was skipped (and counted); _END after the last."""
+        stream = self.stream
+        if self.lookahead is None:
+            return _END
+        split = _split_name(self.lookahead.name)
+        members: dict[str, tarfile.TarInfo] = {}
+        if split is None:  # a directory entry or a stray member without an extension: not a sample
+            self._advance()
+        while split is not None and self.lookahead is not None:
+            member_split = _split_name(self.lookahead.name)
+            if member_split is None or member_split[0] != split[0]:
+                break
+            if self.lookahead.isfile():
+                members.setdefault(member_split[1], self.lookahead)
+            self._advance()
+        stream._offset = self.lookahead.offset if self.lookahead is not None else self.tar.offset
+        if split is None:
+            return None
+        where = f"{stream.shards[self.shard]}:{split[0]}"
+        image = next((members[key] for key in IMAGE_KEYS if key in members), None)
+        if image is None:
+            stream.skipped.add("no_image", where)
+            return None
+        caption = None
+        for key in CAPTION_KEYS:
+            if caption is None and key in members:
+                caption = _read_caption(self.tar.extractfile(members[key]).read(), key)
+        if caption is None:
+            stream.skipped.add("no_caption", where)
+            return None
+        data = self.tar.extractfile(image).read()
+        return _Sample(self.shard, image.offset_data, image.size, caption, self.first_read, data)
+
+
+_END = object()
+
+
+def _read_caption(raw: bytes, key: str) -> str | None:
+    text = raw.decode("utf-8", errors="replace")
+    if key == "txt":
+        return clean_caption(text)
+    try:
+        row = json.loads(text)
+    except ValueError:
+        return None
+    return clean_caption(row.get("caption", row.get("text"))) if isinstance(row, dict) else None

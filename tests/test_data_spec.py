@@ -1,0 +1,94 @@
+"""`open_dataset`: which dataset each form of data spec opens, and the errors for the rest."""
+
+import io
+import sys
+import tarfile
+import types
+
+import pytest
+from PIL import Image
+
+from latent_consistency.data.imagefolder import ImageFolderDataset
+from latent_consistency.data.shards import ShardStream
+from latent_consistency.data.spec import open_dataset
+from latent_consistency.errors import UserError
+
+R = 8
+
+
+def png(path):
+    Image.new("RGB", (R, R)).save(path)
+
+
+def tar(path):
+    data = io.BytesIO()
+    Image.new("RGB", (R, R)).save(data, "PNG")
+    with tarfile.open(path, "w") as archive:
+        for name, payload in (("k.png", data.getvalue()), ("k.txt", b"caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+
+
+def fake_module(monkeypatch, name, **attributes):
+    """Stand in for a module other engineers own, recording how it is called."""
+    module = types.ModuleType(name)
+    for key, value in attributes.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_world_datasets(monkeypatch):
+    calls = []
+    fake_module(
+        monkeypatch, "latent_consistency.data.datasets", get_dataset=lambda *args: calls.append(args) or "shapes-train"
+    )
+    assert open_dataset("world:shapes", 32) == "shapes-train"
+    assert calls == [("shapes", "train", 32)]
+
+
+def test_latent_cache_folder(monkeypatch, tmp_path):
+    fake_module(monkeypatch, "latent_consistency.data.latent_cache", LatentCache=lambda path: ("cache", path))
+    (tmp_path / "manifest.json").write_text("{}")
+    png(tmp_path / "preview.png")  # a manifest wins over images beside it
+    assert open_dataset(str(tmp_path), R) == ("cache", tmp_path)
+
+
+def test_image_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    png(tmp_path / "sub" / "a.png")
+    (tmp_path / "sub" / "a.txt").write_text("caption")
+    dataset = open_dataset(str(tmp_path), R)
+    assert isinstance(dataset, ImageFolderDataset) and len(dataset) == 1
+
+
+def test_shard_forms(tmp_path):
+    for name in ("00000.tar", "00001.tar"):
+        tar(tmp_path / name)
+    (tmp_path / "00000.parquet").write_bytes(b"")  # img2dataset writes these beside the shards
+    (tmp_path / "00000_stats.json").write_text("{}")
+    for spec, count in [
+        (str(tmp_path), 2),
+        (str(tmp_path / "00001.tar"), 1),
+        (str(tmp_path / "{00000..00001}.tar"), 2),
+        (str(tmp_path / "*.tar"), 2),
+    ]:
+        stream = open_dataset(spec, R, seed=4, rank=0, world_size=1)
+        assert isinstance(stream, ShardStream) and len(stream.shards) == count and stream.seed == 4
+    assert len(open_dataset(str(tmp_path), R, rank=1, world_size=2).shards) == 1
+
+
+def test_errors_name_the_accepted_forms(tmp_path):
+    with pytest.raises(UserError, match="cannot read data spec.*world:shapes.*brace pattern"):
+        open_dataset(str(tmp_path / "missing"), R)
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(UserError, match="cannot read data spec"):
+        open_dataset(str(tmp_path / "notes.txt"), R)
+    with pytest.raises(UserError, match="holds no images, .tar shards or manifest.json"):
+        open_dataset(str(tmp_path), R)
+    png(tmp_path / "a.png")
+    tar(tmp_path / "a.tar")
+    with pytest.raises(UserError, match="both images and .tar shards"):
+        open_dataset(str(tmp_path), R)
+    with pytest.raises(UserError, match="does not exist"):
+        open_dataset(str(tmp_path / "{0..1}.tar"), R)
