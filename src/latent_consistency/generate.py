@@ -6,19 +6,17 @@ generator seeded with `seed + i`, so an image does not depend on the batch size 
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from latent_consistency.denoisers import ConsistencyModel, UNetNetwork
 from latent_consistency.errors import UserError
+from latent_consistency.grids import save_png, to_pil
 from latent_consistency.models import DiffusionModel, encode_prompts, load_lcm
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import check_custom_timesteps, lcm_timesteps, randn, sample_lcm
@@ -85,19 +83,6 @@ def check_output_folder(out: str) -> Path:
 def image_filename(index: int, prompt: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "image"
     return f"{index:04d}-{slug}.png"
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Images in [-1, 1], [B,3,H,W] -> 8-bit RGB PIL images."""
-    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -1,0 +1,37 @@
+"""Images out: tensors in [-1, 1] to PIL images, labelled sample grids, atomic PNG writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images in [-1, 1], [B,3,H,W] -> 8-bit RGB PIL images."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, label_width: int = 90) -> Image.Image:
+    """A grid with one row per tensor [B,3,H,W] (same B, H, W) and a text label left of each row."""
+    tiles = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(r)] for r in rows]
+    h, w = tiles[0][0].height, tiles[0][0].width
+    grid = Image.new("RGB", (label_width + w * len(tiles[0]), h * len(tiles)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (row, label) in enumerate(zip(tiles, row_labels)):
+        draw.text((4, i * h + h // 2 - 5), label, fill="black")
+        for j, tile in enumerate(row):
+            grid.paste(tile, (label_width + j * w, i * h))
+    return grid

@@ -1,0 +1,121 @@
+"""Training batches (z, c) = (E(x), text embedding) for one process, with an exact data position.
+
+A latent cache is indexed in memory (the paper's D_z = {E(x)}, encoded once). Image data (folders, world
+datasets, shards) is encoded on the fly, one batched VAE and text-encoder call per batch, never per
+sample. The data position is a `ResumableSampler` state (map-style data) or a `ShardStream` state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latent_consistency.data.latent_cache import LatentCache
+from latent_consistency.data.sampler import ResumableSampler
+from latent_consistency.data.shards import ShardStream
+from latent_consistency.data.spec import open_dataset
+from latent_consistency.errors import UserError
+from latent_consistency.models import DiffusionModel, encode_prompts
+
+
+class TrainingBatches:
+    """An endless iterator of micro-batches {"latents", "cond", "captions"} for rank `rank` of `world_size`."""
+
+    def __init__(self, spec: str, model: DiffusionModel, resolution: int, micro_batch: int, seed: int,
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", num_workers: int = 0):
+        self.model, self.micro_batch, self.device = model, micro_batch, torch.device(device)
+        self.dataset = open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size)
+        self.resolution = resolution
+        self.num_workers = num_workers if not isinstance(self.dataset, (ShardStream, LatentCache)) else 0
+        self._check_fits_model()
+        if isinstance(self.dataset, ShardStream):
+            self.sampler = None
+        else:
+            if len(self.dataset) < 1:
+                raise UserError(f"data {spec} holds no usable samples")
+            self.sampler = ResumableSampler(len(self.dataset), seed=seed, rank=rank, world_size=world_size)
+        self._iterator = None
+
+    def _check_fits_model(self) -> None:
+        """Teacher and data must agree on latent channels, latent size and text encoder."""
+        unet = self.model.unet.config
+        if isinstance(self.dataset, LatentCache):
+            m = self.dataset.manifest
+            c, h = self.dataset.latents.shape[1], self.dataset.latents.shape[-1]
+            if c != unet.in_channels:
+                raise UserError(f"latent cache has {c} latent channels but the teacher UNet takes {unet.in_channels}; encode the data with the teacher's VAE")
+            hidden = self.dataset.text_embeddings.shape[-1]
+            if hidden != unet.cross_attention_dim:
+                raise UserError(f"latent cache text embeddings have width {hidden} but the teacher expects {unet.cross_attention_dim}; encode the captions with the teacher's text encoder")
+            scale = m.get("scaling_factor")
+            if scale is not None and abs(float(scale) - float(self.model.vae.config.scaling_factor)) > 1e-6:
+                raise UserError(f"latent cache was made with VAE scaling factor {scale}, the teacher's VAE has {self.model.vae.config.scaling_factor}; rebuild the cache with this teacher")
+            if h != unet.sample_size:
+                raise UserError(f"latent cache latents are {h}x{h} but the teacher was trained on {unet.sample_size}x{unet.sample_size}; use data at the teacher's resolution")
+        else:
+            factor = self.model.codec.downsampling_factor
+            if self.resolution % factor:
+                raise UserError(f"resolution {self.resolution} is not a multiple of the VAE factor {factor}")
+
+    @property
+    def uncond(self) -> torch.Tensor:
+        """The unconditional embedding ∅ (the empty caption), [1, L, D]."""
+        if isinstance(self.dataset, LatentCache):
+            return self.dataset.uncond_embedding[None].to(self.device)
+        return encode_prompts(self.model.tokenizer, self.model.text_encoder, [""], self.device)
+
+    def first_captions(self, n: int) -> list[str]:
+        if isinstance(self.dataset, LatentCache):
+            return [self.dataset[i]["caption"] for i in range(min(n, len(self.dataset)))]
+        if isinstance(self.dataset, ShardStream):
+            return []
+        return [self.dataset[i]["caption"] for i in range(min(n, len(self.dataset)))]
+
+    def _batches(self):
+        if isinstance(self.dataset, LatentCache):
+            tensors = self.dataset.tensors(self.device)
+            indices = iter(self.sampler)
+            while True:
+                idx = torch.tensor([next(indices) for _ in range(self.micro_batch)], device=self.device)
+                yield {"latents": tensors.latents[idx], "cond": tensors.text_embeddings[tensors.caption_index[idx]]}
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            num_workers=self.num_workers,
+            collate_fn=_collate,
+        )
+        for images, captions in loader:
+            latents = self.model.codec.encode(images.to(self.device))
+            cond = encode_prompts(self.model.tokenizer, self.model.text_encoder, captions, self.device)
+            yield {"latents": latents.float(), "cond": cond.float()}
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = self._batches()
+        return next(self._iterator)
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        if self.sampler is None:
+            return {"shards": self.dataset.state_dict()}
+        in_flight = 0
+        if self._iterator is not None and self.num_workers > 0:
+            in_flight = 2 * self.num_workers * self.micro_batch  # DataLoader's default prefetch_factor is 2
+        return {"sampler": self.sampler.state_dict(in_flight=in_flight)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.sampler is None:
+            self.dataset.load_state_dict(state["shards"])
+        else:
+            self.sampler.load_state_dict(state["sampler"])
+        self._iterator = None
+
+    def skipped_summary(self) -> str:
+        counter = getattr(self.dataset, "skipped", None)
+        return counter.summary() if counter is not None else ""
+
+
+def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items]

@@ -1,0 +1,159 @@
+"""Typed training configuration for LCD and LCF, its named presets, and how it is read and written.
+
+Every field is documented where it is declared; `lcm distill --help` shows the same text. A config is
+resolved from (in order) a preset, a JSON file, then command-line overrides, and saved as JSON in the
+run folder and in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from latent_consistency.errors import UserError
+
+OBJECTIVES = ("lcd", "lcf")
+ADAPTERS = ("full", "lora")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def doc(text: str, **kwargs) -> Any:
+    """A dataclass field with its documentation attached (shown by --help and --dry-run)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    # --- What is trained, from what ---
+    objective: str = doc("lcd: distil a teacher (Algorithm 1); lcf: fine-tune an LCM on data, no teacher (Algorithm 4)", default="lcd")
+    teacher: str = doc("teacher diffusers folder or hub id (LCD), or the LCM to fine-tune (LCF)", default="")
+    data: str = doc("data spec: latent cache folder, image folder, .tar shards (brace pattern/glob), or world:NAME", default="")
+    out: str = doc("run folder: config.json, metrics.jsonl, samples/, checkpoints/, exported model", default="")
+    resolution: int = doc("image resolution for image data (0: the teacher's native size)", default=0)
+    adapter: str = doc("full: train the whole UNet with the ω input; lora: peft LoRA adapters on the teacher UNet (LCM-LoRA)", default="full")
+    time_cond_proj_dim: int = doc("size of the ω embedding fed to the student (diffusers' time_cond_proj_dim); full mode", default=256)
+    lora_rank: int = doc("LoRA rank (lora mode)", default=64)
+    # --- LCD / LCF ---
+    solver: str = doc("teacher ODE solver Ψ for LCD: ddim, dpm (DPM-Solver-2), dpm++ (DPM-Solver++(2S))", default="ddim")
+    skip: int = doc("skipping step k (Eq. 16); T/k is the LCMScheduler's original_inference_steps", default=20)
+    guidance_scale_min: float = doc("smallest guidance scale g sampled per example (diffusers' g; paper ω = g-1 ∈ [2, 14])", default=3.0)
+    guidance_scale_max: float = doc("largest guidance scale g sampled per example", default=15.0)
+    guide_increments: bool = doc("guide the two solver increments (Eq. 17 literally) instead of every teacher evaluation", default=False)
+    loss: str = doc("consistency distance d: l2 or huber (pseudo-Huber)", default="huber")
+    huber_c: float = doc("pseudo-Huber constant c", default=0.001)
+    ema_decay: float | None = doc("EMA rate μ of the target θ⁻ (paper 0.999943, diffusers 0.95; 0: target = student, no copy). Default: 0.95 full, 0 lora", default=None)
+    # --- Optimisation ---
+    steps: int = doc("optimiser steps", default=1000)
+    batch_size: int = doc("global batch size (all processes, all accumulation steps together)", default=32)
+    grad_accumulation: int = doc("gradient accumulation steps per optimiser step", default=1)
+    lr: float = doc("AdamW learning rate", default=1e-4)
+    lr_schedule: str = doc("constant, cosine or linear decay after warm-up", default="constant")
+    lr_warmup_steps: int = doc("linear warm-up steps", default=100)
+    weight_decay: float = doc("AdamW weight decay", default=0.0)
+    adam_beta1: float = doc("AdamW β1", default=0.9)
+    adam_beta2: float = doc("AdamW β2", default=0.999)
+    max_grad_norm: float = doc("gradient clipping norm (0: off)", default=1.0)
+    mixed_precision: str = doc("no, fp16 or bf16 (accelerate autocast)", default="no")
+    gradient_checkpointing: bool = doc("recompute activations in the backward pass to save memory", default=False)
+    max_nonfinite_steps: int = doc("stop (with a checkpoint) after this many non-finite losses in a row", default=10)
+    seed: int = doc("seed of everything: init, data order, noise, n and ω draws", default=0)
+    # --- Logging, validation, checkpoints ---
+    log_every: int = doc("write a metrics line every N steps", default=10)
+    validate_every: int = doc("write a validation sample grid every N steps (0: only at the end)", default=250)
+    validation_prompts: list[str] = doc("prompts of the validation grid (empty: the first captions of the data)", default_factory=list)
+    validation_guidance_scale: float = doc("guidance scale of the validation grid", default=8.0)
+    checkpoint_every: int = doc("write a checkpoint every N steps (0: only at the end)", default=500)
+    keep_checkpoints: int = doc("how many recent checkpoints to keep", default=2)
+    num_workers: int = doc("DataLoader worker processes for image data (shards stream in-process)", default=0)
+
+    def check(self) -> "TrainConfig":
+        """Raise UserError for values that cannot work, before anything is loaded."""
+        choices = dict(objective=OBJECTIVES, adapter=ADAPTERS, lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISION)
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        from latent_consistency.losses import DISTANCES
+        from latent_consistency.solvers import SOLVERS
+
+        if self.solver not in SOLVERS:
+            raise UserError(f"unknown solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
+        if self.loss not in DISTANCES:
+            raise UserError(f"unknown loss {self.loss!r}; use one of {', '.join(DISTANCES)}")
+        for name in ("teacher", "data", "out"):
+            if not getattr(self, name):
+                raise UserError(f"--{name} is required")
+        for name in ("steps", "batch_size", "grad_accumulation", "skip", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 1.0 <= self.guidance_scale_min <= self.guidance_scale_max:
+            raise UserError(f"need 1 <= guidance_scale_min <= guidance_scale_max, got {self.guidance_scale_min}, {self.guidance_scale_max}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        return self
+
+    @property
+    def target_decay(self) -> float:
+        """μ of the target: as set, else 0.95 for a full student and 0 (shared weights) for LoRA."""
+        if self.ema_decay is not None:
+            return self.ema_decay
+        return 0.95 if self.adapter == "full" else 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def differences(self, other: "TrainConfig", ignore: tuple[str, ...] = ("out", "steps", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "num_workers")) -> list[str]:
+        """'field: a -> b' for each field that differs, except those a resumed run may change."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
+
+
+FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+
+# Named presets: partial configs applied over the defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Paper settings at Stable Diffusion scale (Section 5.1): ω ∈ [2, 14], k = 20, DDIM, batch 72*... on GPUs.
+    "sd": dict(solver="ddim", skip=20, guidance_scale_min=3.0, guidance_scale_max=15.0, lr=8e-6, batch_size=72,
+               steps=4000, loss="huber", ema_decay=0.95, mixed_precision="fp16", gradient_checkpointing=True,
+               validate_every=500, checkpoint_every=500),
+    # The built-in default world on a CPU (the demo).
+    "world": dict(solver="ddim", skip=20, guidance_scale_min=2.0, guidance_scale_max=8.0, lr=2e-4, batch_size=64,
+                  steps=1500, loss="l2", ema_decay=0.95, lr_warmup_steps=100, validate_every=500, checkpoint_every=500,
+                  time_cond_proj_dim=64),
+    # Plumbing in tests: seconds.
+    "tiny": dict(steps=4, batch_size=4, lr=1e-4, lr_warmup_steps=0, log_every=1, validate_every=0, checkpoint_every=2,
+                 time_cond_proj_dim=32),
+}
+
+
+def resolve_config(preset: str | None = None, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- preset <- JSON file <- overrides (None values are skipped)."""
+    values: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"config file {config_file} does not exist")
+        try:
+            loaded = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"config file {config_file} is not valid JSON: {err.msg} at line {err.lineno}") from None
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(FIELD_HELP))
+    if unknown:
+        raise UserError(f"unknown config field(s) {', '.join(unknown)}; see `lcm distill --help`")
+    return TrainConfig(**values)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A config saved by `to_dict` (in a run folder or a checkpoint)."""
+    return TrainConfig(**{k: v for k, v in values.items() if k in FIELD_HELP})
