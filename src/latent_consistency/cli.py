@@ -14,7 +14,7 @@ from latent_consistency.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from latent_consistency import generate
+    from latent_consistency import distill, generate
 
     parser = argparse.ArgumentParser(
         prog="lcm",
@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate.register(subparsers)
+    from latent_consistency.world import build as world_build
+    world_build.register(subparsers)
+    distill.register(subparsers)
     return parser
 
 

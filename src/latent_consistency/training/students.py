@@ -1,0 +1,98 @@
+"""The student θ and target θ⁻ of LCD/LCF: a full UNet with the ω input, or LoRA adapters (LCM-LoRA).
+
+- full: the teacher's UNet plus `time_cond_proj_dim` (Section 4.2); target a separate EMA copy, or the
+  student itself when μ = 0. Exported as a diffusers `LatentConsistencyModelPipeline` folder.
+- lora: peft LoRA adapters on a copy of the teacher's UNet, no ω input (Luo et al. 2023b, LCM-LoRA);
+  the target is the student itself unless an EMA rate is asked for. Exported as LoRA safetensors that
+  diffusers' `load_lora_weights` accepts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from latent_consistency.denoisers import ConsistencyModel, UNetNetwork
+from latent_consistency.models import DiffusionModel, make_student_unet, save_lcm_pipeline
+from latent_consistency.schedule import NoiseSchedule
+
+# The layers LCM-LoRA adapts: attention, feed-forward, resnet convolutions, time embedding projections.
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                       "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+@dataclass
+class Student:
+    unet: torch.nn.Module  # trained (wrapped by accelerate after prepare)
+    target_unet: torch.nn.Module  # θ⁻: a separate EMA copy, or the same module as the student
+    has_separate_target: bool
+    adapter: str
+    prediction_type: str
+    time_cond_proj_dim: int | None
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def consistency_model(self, schedule: NoiseSchedule, unet) -> ConsistencyModel:
+        return ConsistencyModel(UNetNetwork(unet), schedule, self.prediction_type, self.time_cond_proj_dim)
+
+    def _weights(self, unet) -> dict[str, torch.Tensor]:
+        if self.adapter == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            return get_peft_model_state_dict(unet)
+        return unet.state_dict()
+
+    def state_tensors(self, unwrapped_unet) -> dict[str, dict[str, torch.Tensor]]:
+        tensors = {"student": self._weights(unwrapped_unet)}
+        if self.has_separate_target:
+            tensors["target"] = self._weights(self.target_unet)
+        return tensors
+
+    def load_state(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+        pairs = [(self.unet, tensors["student"])] + ([(self.target_unet, tensors["target"])] if self.has_separate_target else [])
+        for unet, sd in pairs:
+            if self.adapter == "lora":
+                from peft.utils import set_peft_model_state_dict
+
+                set_peft_model_state_dict(unet, sd)
+            else:
+                unet.load_state_dict(sd)
+
+    def export(self, out: Path, unwrapped_unet, base: DiffusionModel, scheduler_config: dict) -> Path:
+        """Write the target θ⁻ (the EMA, or the student when there is none) in diffusers format."""
+        unet = self.target_unet if self.has_separate_target else unwrapped_unet
+        if self.adapter == "lora":
+            from diffusers import StableDiffusionPipeline
+            from peft.utils import get_peft_model_state_dict
+
+            folder = Path(out) / "lora"
+            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+            return folder
+        return save_lcm_pipeline(Path(out) / "lcm", unet, base, scheduler_config)
+
+
+def make_student(config, base: DiffusionModel) -> Student:
+    """θ from the teacher (the student starts as the teacher), and θ⁻ as the config asks."""
+    if config.adapter == "lora":
+        from peft import LoraConfig
+
+        unet = copy.deepcopy(base.unet)
+        unet.requires_grad_(False)
+        present = {name.split(".")[-1] for name, _ in unet.named_modules()}
+        targets = [m for m in LORA_TARGET_MODULES if m.split(".")[-1] in present]
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=targets))
+        time_cond_proj_dim = None
+    else:
+        unet = make_student_unet(base.unet, config.time_cond_proj_dim) if base.time_cond_proj_dim is None else copy.deepcopy(base.unet)
+        unet.requires_grad_(True)
+        time_cond_proj_dim = unet.config.time_cond_proj_dim
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    separate = config.target_decay > 0
+    target = copy.deepcopy(unet).requires_grad_(False).eval() if separate else unet
+    return Student(unet, target, separate, config.adapter, base.prediction_type, time_cond_proj_dim)

@@ -1,0 +1,158 @@
+"""`lcm distill` on a tiny teacher: runs, exports, resumes exactly, LoRA interop, error contract."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from latent_consistency.cli import main
+from latent_consistency.errors import UserError
+from latent_consistency.training.config import resolve_config
+
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(24):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a red star number {i}"}) + "\n")
+    return folder
+
+
+def distill_args(tiny_sd, data, out, *extra):
+    return ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(out), *extra]
+
+
+def test_distill_exports_an_lcm_diffusers_runs(tiny_sd, image_folder, tmp_path):
+    from diffusers import LatentConsistencyModelPipeline
+
+    out = tmp_path / "run"
+    assert main(distill_args(tiny_sd, image_folder, out, "--solver", "dpm++", "--loss", "l2")) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(np.isfinite(m["loss"]) for m in metrics)
+    assert json.loads((out / "config.json").read_text())["solver"] == "dpm++"
+    assert (out / "samples" / "step-0000004.png").is_file()
+    pipe = LatentConsistencyModelPipeline.from_pretrained(out / "lcm", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.original_inference_steps == 50
+    image = pipe("a red star", num_inference_steps=2, height=16, width=16, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
+
+def test_dry_run_prints_resolved_config(tiny_sd, image_folder, tmp_path, capsys):
+    assert main(distill_args(tiny_sd, image_folder, tmp_path / "run", "--lr", "3e-5", "--dry-run")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["lr"] == 3e-5 and printed["steps"] == 4 and printed["objective"] == "lcd"
+    assert not (tmp_path / "run").exists()
+
+
+def final_student(out: Path) -> dict:
+    ckpts = sorted((out / "checkpoints").iterdir())
+    return load_file(str(ckpts[-1] / "student.safetensors")) | {
+        "target." + k: v for k, v in load_file(str(ckpts[-1] / "target.safetensors")).items()}
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tiny_sd, image_folder, tmp_path):
+    args = ["--steps", "8", "--checkpoint-every", "2", "--keep-checkpoints", "10", "--batch-size", "4", "--lr", "1e-3"]
+    reference = tmp_path / "reference"
+    assert main(distill_args(tiny_sd, image_folder, reference, *args)) == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "latent_consistency.cli", *distill_args(tiny_sd, image_folder, killed, *args)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-0000004").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "lcm").exists(), "the run finished before it could be killed"
+    # A half-written checkpoint must never be picked: fake one from a later step.
+    partial = killed / "checkpoints" / "step-0000007.tmp"
+    partial.mkdir(exist_ok=True)
+    (partial / "student.safetensors").write_bytes(b"garbage")
+    assert main(distill_args(tiny_sd, image_folder, killed, *args, "--resume")) == 0
+
+    ref, res = final_student(reference), final_student(killed)
+    assert ref.keys() == res.keys()
+    for k in ref:
+        assert torch.equal(ref[k], res[k]), k
+    ref_metrics = (reference / "metrics.jsonl").read_text().splitlines()
+    res_metrics = (killed / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(ref_metrics[-1])["loss"] == json.loads(res_metrics[-1])["loss"]
+
+
+def test_lora_export_loads_with_load_lora_weights(tiny_sd, image_folder, tmp_path):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    out = tmp_path / "lora-run"
+    assert main(distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--lora-rank", "4", "--lr", "1e-3")) == 0
+    assert not (out / "checkpoints" / "step-0000004" / "target.safetensors").exists()  # no separate target
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    z, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        before = pipe.unet(z, t, encoder_hidden_states=cond).sample
+        pipe.load_lora_weights(out / "lora")
+        after = pipe.unet(z, t, encoder_hidden_states=cond).sample
+    assert not torch.allclose(before, after), "the LoRA changed nothing"
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    image = pipe("a red star", num_inference_steps=2, guidance_scale=1.0, height=16, width=16, output_type="np").images
+    assert np.isfinite(image).all()
+
+
+def test_nonfinite_losses_stop_with_a_checkpoint(tiny_sd, image_folder, tmp_path, monkeypatch):
+    from latent_consistency.training import loop
+
+    def nan_loss(config, base, schedule):
+        def loss(student, target, latents, cond, uncond, generator):
+            return student(latents, torch.full((len(latents),), 999), cond, 3.0).mean(dim=(1, 2, 3)) * float("nan")
+        return loss
+
+    monkeypatch.setattr(loop, "build_loss", nan_loss)
+    config = resolve_config("tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(tmp_path / "nan"),
+                                                   steps=10, max_nonfinite_steps=3))
+    with pytest.raises(UserError, match="not finite for 3 steps in a row.*checkpoint saved"):
+        loop.train(config, progress=False)
+    assert (tmp_path / "nan" / "checkpoints" / "step-0000000" / "state.json").is_file()
+    state = json.loads((tmp_path / "nan" / "checkpoints" / "step-0000000" / "state.json").read_text())
+    assert state["nonfinite_total"] == 3
+
+
+@pytest.mark.parametrize("case", ["missing teacher", "missing data", "bad solver", "bad loss", "resolution", "not empty",
+                                  "resume differs", "resume nothing", "batch split"])
+def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case):
+    out = tmp_path / "run"
+    cases = {
+        "missing teacher": (distill_args(tmp_path / "none", image_folder, out), "does not exist"),
+        "missing data": (distill_args(tiny_sd, tmp_path / "nodata", out), "cannot read data spec"),
+        "bad solver": (distill_args(tiny_sd, image_folder, out, "--solver", "heun"), "unknown solver 'heun'"),
+        "bad loss": (distill_args(tiny_sd, image_folder, out, "--loss", "l1"), "unknown loss 'l1'"),
+        "resolution": (distill_args(tiny_sd, image_folder, out, "--resolution", "15"), "not a multiple of the VAE factor"),
+        "not empty": (distill_args(tiny_sd, image_folder, tmp_path / "full"), "is not empty"),
+        "resume differs": (distill_args(tiny_sd, image_folder, out, "--lr", "5e-4", "--resume"), "lr: 0.0001 -> 0.0005"),
+        "resume nothing": (distill_args(tiny_sd, image_folder, tmp_path / "fresh", "--resume"), "nothing to resume"),
+        "batch split": (distill_args(tiny_sd, image_folder, out, "--batch-size", "3", "--grad-accumulation", "2"), "multiple of"),
+    }
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("someone else's")
+    if case == "resume differs":
+        out.mkdir()
+        saved = resolve_config("tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(out)))
+        (out / "config.json").write_text(json.dumps(saved.to_dict()))
+    argv, message = cases[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
