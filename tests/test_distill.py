@@ -94,6 +94,23 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_sd, image_folder, tmp_path
     assert json.loads(ref_metrics[-1])["loss"] == json.loads(res_metrics[-1])["loss"]
 
 
+def test_two_processes_share_one_global_batch_and_only_rank0_writes(tiny_sd, image_folder, tmp_path):
+    """Two CPU processes (torchrun through accelerate; gloo) train with the same global batch."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latent_consistency.cli",
+           *distill_args(tiny_sd, image_folder, out, "--batch-size", "4")]
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("exported") == 1
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    state = json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())
+    # 4 steps x global batch 4 = 16 samples of 24: both ranks stand at global position 16.
+    assert state["data"] == [{"sampler": {"epoch": 0, "index": 16, "num_samples": 24}}] * 2
+    assert (out / "lcm" / "model_index.json").is_file()
+
+
 def test_lora_export_loads_with_load_lora_weights(tiny_sd, image_folder, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 

@@ -56,7 +56,8 @@ def run(args) -> None:
         print(json.dumps(config.check().to_dict(), indent=1))
         return
     path = train(config, resume=args.resume)
-    print(f"exported {path}")
+    if path is not None:
+        print(f"exported {path}")
 
 
 def register(subparsers) -> None:

@@ -78,12 +78,15 @@ def build_loss(config: TrainConfig, teacher_model, schedule: NoiseSchedule):
     return LCDLoss(**common, teacher=teacher, solver=get_solver(config.solver), guide_increments=config.guide_increments)
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) a distillation/fine-tuning run; returns the exported model's path."""
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path | None:
+    """Run (or resume) a distillation/fine-tuning run; returns the exported model's path (None on
+    processes other than the main one)."""
     from accelerate import Accelerator
 
     config.check()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    # Without a GPU, `cpu=True` lets accelerate join torchrun-launched processes over gloo (MULTI_CPU).
+    has_gpu = torch.cuda.is_available() or (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_gpu)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     out = prepare_run_folder(config, resume)
     per_step = world * config.grad_accumulation
@@ -192,11 +195,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
             save(step)
     bar.close()
     accelerator.wait_for_everyone()
-    exported = student.export(out, accelerator.unwrap_model(student.unet), base, lcm_scheduler_config(base.scheduler_config, config.skip)) \
-        if accelerator.is_main_process else out
-    summary = batches.skipped_summary()
-    if summary and accelerator.is_main_process:
-        print(f"data: {summary}")
+    exported = None
+    if accelerator.is_main_process:
+        exported = student.export(out, accelerator.unwrap_model(student.unet), base, lcm_scheduler_config(base.scheduler_config, config.skip))
+        print(f"data: {batches.skipped_summary()}")
     accelerator.end_training()
     return exported
 
