@@ -82,3 +82,12 @@ def test_latent_codec_applies_scaling_factor_once(tiny_sd):
     torch.testing.assert_close(latents, raw * model.vae.config.scaling_factor)
     assert codec.downsampling_factor == 2 and latents.shape == (2, 4, 8, 8)
     torch.testing.assert_close(codec.decode(latents), model.vae.decode(raw).sample)
+
+
+def test_student_from_a_freshly_built_unet(tmp_path):
+    """A UNet built in code (config with private default-tracking keys) still gets the ω input."""
+    from tiny_models import make_tiny_components
+
+    unet = make_tiny_components(tmp_path)["unet"]
+    student = make_student_unet(unet, time_cond_proj_dim=16)
+    assert student.time_embedding.cond_proj is not None and student.config.time_cond_proj_dim == 16

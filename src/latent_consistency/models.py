@@ -150,7 +150,8 @@ def make_student_unet(teacher_unet, time_cond_proj_dim: int = DEFAULT_TIME_COND_
     """
     from diffusers import UNet2DConditionModel
 
-    config = dict(teacher_unet.config)
+    # Private keys ("_use_default_values" among them) would make from_config ignore the new setting.
+    config = {k: v for k, v in teacher_unet.config.items() if not k.startswith("_")}
     config["time_cond_proj_dim"] = time_cond_proj_dim
     student = UNet2DConditionModel.from_config(config)
     missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
