@@ -40,3 +40,51 @@ def test_sample_lcm_equals_pipeline(tiny_lcm, steps):
         generator=torch.Generator().manual_seed(11),
     )
     assert (ours - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("sampler,scheduler_cls,kwargs", [
+    ("ddim", "DDIMScheduler", {}),
+    ("dpm++", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+])
+def test_teacher_baseline_equals_stable_diffusion_pipeline(tiny_sd, sampler, scheduler_cls, kwargs):
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    from latent_consistency.denoisers import GuidedTeacher
+    from latent_consistency.models import load_diffusion_model
+    from latent_consistency.sampling import sample_teacher
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"set_alpha_to_one": False} if sampler == "ddim" else {}
+    pipe.scheduler = getattr(diffusers, scheduler_cls).from_config(pipe.scheduler.config, **kwargs, **extra)
+    prompts, g, steps = ["a red star", "a ring"], 7.5, 4
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = pipe(prompts, num_inference_steps=steps, guidance_scale=g, latents=latents.clone(), output_type="latent").images
+
+    model = load_diffusion_model(str(tiny_sd))
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    teacher = GuidedTeacher(UNetNetwork(model.unet), schedule, model.prediction_type)
+    cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
+    uncond = encode_prompts(model.tokenizer, model.text_encoder, [""]).expand(2, -1, -1)
+    ours = sample_teacher(teacher, sampler, latents.clone(), cond, uncond, g, steps, model.scheduler_config)
+    # CFG is written (1+ω)c - ωu here and u + g(c - u) in diffusers: equal up to float32 rounding (|x| ~ 10).
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sample_lcm_equals_pipeline_for_v_prediction(tmp_path):
+    from tiny_models import save_tiny_lcm
+
+    folder = save_tiny_lcm(tmp_path / "v-lcm", prediction_type="v_prediction")
+    pipe = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    ref = pipe(["a star"], num_inference_steps=3, guidance_scale=5.0, latents=latents.clone(), output_type="latent",
+               generator=torch.Generator().manual_seed(2)).images
+    model = load_lcm(str(folder))
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    f = ConsistencyModel(UNetNetwork(model.unet), schedule, "v_prediction", model.time_cond_proj_dim)
+    cond = encode_prompts(model.tokenizer, model.text_encoder, ["a star"])
+    ours = sample_lcm(f, latents.clone(), lcm_timesteps(3, 1000, 50), cond, 4.0, schedule, torch.Generator().manual_seed(2))
+    assert (ours - ref).abs().max().item() < 1e-5

@@ -91,3 +91,9 @@ def test_student_from_a_freshly_built_unet(tmp_path):
     unet = make_tiny_components(tmp_path)["unet"]
     student = make_student_unet(unet, time_cond_proj_dim=16)
     assert student.time_embedding.cond_proj is not None and student.config.time_cond_proj_dim == 16
+
+
+def test_unreachable_hub_id_is_a_user_error():
+    # HF_HUB_OFFLINE=1 (conftest): a hub id that is not cached fails at once, as one line.
+    with pytest.raises(UserError, match="cannot load a diffusers model from someone/not-cached"):
+        load_diffusion_model("someone/not-cached")

@@ -67,11 +67,11 @@ def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) 
     return folder
 
 
-def save_tiny_lcm(folder: Path, seed: int = 0, time_cond_proj_dim: int = 32) -> Path:
+def save_tiny_lcm(folder: Path, seed: int = 0, time_cond_proj_dim: int = 32, prediction_type: str = "epsilon") -> Path:
     """A tiny random LatentConsistencyModelPipeline folder saved by diffusers itself."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
-    parts = make_tiny_components(folder.parent / f".{folder.name}-build", time_cond_proj_dim=time_cond_proj_dim, seed=seed)
+    parts = make_tiny_components(folder.parent / f".{folder.name}-build", prediction_type, time_cond_proj_dim, seed=seed)
     parts["scheduler"] = LCMScheduler.from_config(parts["scheduler"].config, original_inference_steps=50)
     pipe = LatentConsistencyModelPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
