@@ -63,10 +63,12 @@ RGB = {
     "gray": (128, 128, 128),
 }
 
-# Geometry in fractions of the image side. Grid-cell centres are 0.26 apart; jitter moves a centre by
-# at most 0.015 and scales the radius by at most 6 %, so cells and sizes never overlap.
-_CELL_CENTERS = (0.24, 0.5, 0.76)
-_RADIUS = {"small": 0.11, "large": 0.19}
+# Geometry in fractions of the image side. Grid-cell centres are 0.24 apart; jitter moves a centre by
+# at most 0.015 and scales the radius by at most 6 %, so cells and sizes never overlap, and even a
+# large object in a corner cell keeps more than a 32 px image's pixel of margin
+# (0.26 - 0.015 - 0.17·1.06·_EXTENT > 1/32).
+_CELL_CENTERS = (0.26, 0.5, 0.74)
+_RADIUS = {"small": 0.11, "large": 0.17}
 _POSITION_JITTER = 0.015
 _RADIUS_JITTER = 0.06
 _ROTATION_JITTER = math.radians(12)
@@ -105,7 +107,9 @@ class ShapeAttributes:
             if getattr(self, name) not in values:
                 raise UserError(f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(values)}")
         if self.color == self.background:
-            raise UserError(f"a {self.color} object on a {self.background} background is invisible; pick another colour")
+            raise UserError(
+                f"a {self.color} object on a {self.background} background is invisible; pick another colour"
+            )
 
 
 def caption(a: ShapeAttributes) -> str:
@@ -147,10 +151,10 @@ _STAR[0::2] = _regular_vertices(5, 1.0, _UP)
 _STAR[1::2] = _regular_vertices(5, 0.45, _UP + math.pi / 5)
 _POLYGONS = {
     "square": _regular_vertices(4, 1.05, math.pi / 4),  # half side 0.74: about a circle's visual size
-    "triangle": _regular_vertices(3, 1.1, _UP),
+    "triangle": _regular_vertices(3, 1.0, _UP) + [0.0, 0.25],  # centred on its height, not its circumcentre
     "star": _STAR,
 }
-_EXTENT = 1.1  # every shape lies within this multiple of its radius
+_EXTENT = 1.15  # every shape lies within this multiple of its radius, at any rotation
 
 
 def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
