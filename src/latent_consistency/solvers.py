@@ -41,10 +41,30 @@ def ddim_jump(denoise: Denoise, z: torch.Tensor, t: torch.Tensor, s: torch.Tenso
     return alpha_s * x0 + sigma_s * eps
 
 
-def _midpoint(schedule: NoiseSchedule, t: torch.Tensor, s: torch.Tensor, r: float):
-    """The intermediate (real) time u with λ_u = λ_t + r·h."""
-    lam_t, lam_s = schedule.lambda_(t), schedule.lambda_(s)
-    return schedule.t_of_lambda(lam_t + r * (lam_s - lam_t))
+@dataclass
+class _Singlestep:
+    """α, σ at t, the intermediate u (λ_u = λ_t + r·h) and s; h = λ_s - λ_t; r as u actually lands."""
+
+    u: torch.Tensor
+    alpha_t: torch.Tensor
+    sigma_t: torch.Tensor
+    alpha_u: torch.Tensor
+    sigma_u: torch.Tensor
+    alpha_s: torch.Tensor
+    sigma_s: torch.Tensor
+    h: torch.Tensor
+    r: torch.Tensor
+
+    @classmethod
+    def of(cls, schedule: NoiseSchedule, z: torch.Tensor, t, s, r: float) -> "_Singlestep":
+        lam_t, lam_s = schedule.lambda_(t), schedule.lambda_(s)
+        u = schedule.t_of_lambda(lam_t + r * (lam_s - lam_t))
+        (alpha_t, sigma_t), lam_t = _coefficients(schedule, t, z.ndim, z)
+        (alpha_u, sigma_u), lam_u = _coefficients(schedule, u, z.ndim, z)
+        (alpha_s, sigma_s), lam_s = _coefficients(schedule, s, z.ndim, z)
+        h = append_dims(lam_s - lam_t, z.ndim).to(z)
+        r_actual = append_dims((lam_u - lam_t) / (lam_s - lam_t), z.ndim).to(z)
+        return cls(u, alpha_t, sigma_t, alpha_u, sigma_u, alpha_s, sigma_s, h, r_actual)
 
 
 def dpm_solver_2_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, r: float = 0.5) -> torch.Tensor:
@@ -53,16 +73,11 @@ def dpm_solver_2_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, r: flo
     z_u = (α_u/α_t) z_t - σ_u (e^{r h} - 1) ε_t
     z_s = (α_s/α_t) z_t - σ_s (e^h - 1) ε_t - σ_s/(2r) (e^h - 1) (ε_u - ε_t)
     """
-    u = _midpoint(schedule, t, s, r)
-    (alpha_t, _), lam_t = _coefficients(schedule, t, z.ndim, z)
-    (alpha_u, sigma_u), lam_u = _coefficients(schedule, u, z.ndim, z)
-    (alpha_s, sigma_s), lam_s = _coefficients(schedule, s, z.ndim, z)
-    h = append_dims(lam_s - lam_t, z.ndim).to(z)
-    r_actual = append_dims((lam_u - lam_t) / (lam_s - lam_t), z.ndim).to(z)
+    c = _Singlestep.of(schedule, z, t, s, r)
     _, eps_t = denoise(z, t)
-    z_u = (alpha_u / alpha_t) * z - sigma_u * torch.expm1(r_actual * h) * eps_t
-    _, eps_u = denoise(z_u, u)
-    return (alpha_s / alpha_t) * z - sigma_s * torch.expm1(h) * eps_t - sigma_s / (2 * r_actual) * torch.expm1(h) * (eps_u - eps_t)
+    z_u = (c.alpha_u / c.alpha_t) * z - c.sigma_u * torch.expm1(c.r * c.h) * eps_t
+    _, eps_u = denoise(z_u, c.u)
+    return (c.alpha_s / c.alpha_t) * z - c.sigma_s * torch.expm1(c.h) * eps_t - c.sigma_s / (2 * c.r) * torch.expm1(c.h) * (eps_u - eps_t)
 
 
 def dpm_solver_pp_2s_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, r: float = 0.5) -> torch.Tensor:
@@ -71,17 +86,12 @@ def dpm_solver_pp_2s_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, r:
     z_u = (σ_u/σ_t) z_t - α_u (e^{-r h} - 1) x_t
     z_s = (σ_s/σ_t) z_t - α_s (e^{-h} - 1) [(1 - 1/(2r)) x_t + 1/(2r) x_u]
     """
-    u = _midpoint(schedule, t, s, r)
-    (_, sigma_t), lam_t = _coefficients(schedule, t, z.ndim, z)
-    (alpha_u, sigma_u), lam_u = _coefficients(schedule, u, z.ndim, z)
-    (alpha_s, sigma_s), lam_s = _coefficients(schedule, s, z.ndim, z)
-    h = append_dims(lam_s - lam_t, z.ndim).to(z)
-    r_actual = append_dims((lam_u - lam_t) / (lam_s - lam_t), z.ndim).to(z)
+    c = _Singlestep.of(schedule, z, t, s, r)
     x_t, _ = denoise(z, t)
-    z_u = (sigma_u / sigma_t) * z - alpha_u * torch.expm1(-r_actual * h) * x_t
-    x_u, _ = denoise(z_u, u)
-    d = (1 - 1 / (2 * r_actual)) * x_t + 1 / (2 * r_actual) * x_u
-    return (sigma_s / sigma_t) * z - alpha_s * torch.expm1(-h) * d
+    z_u = (c.sigma_u / c.sigma_t) * z - c.alpha_u * torch.expm1(-c.r * c.h) * x_t
+    x_u, _ = denoise(z_u, c.u)
+    d = (1 - 1 / (2 * c.r)) * x_t + 1 / (2 * c.r) * x_u
+    return (c.sigma_s / c.sigma_t) * z - c.alpha_s * torch.expm1(-c.h) * d
 
 
 @dataclass(frozen=True)
