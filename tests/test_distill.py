@@ -173,3 +173,77 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.fixture(scope="module")
+def latent_cache(tiny_sd, image_folder, tmp_path_factory):
+    from latent_consistency.data.imagefolder import ImageFolderDataset
+    from latent_consistency.data.latent_cache import write_latent_cache
+    from latent_consistency.models import load_diffusion_model
+
+    model = load_diffusion_model(str(tiny_sd))
+    out = tmp_path_factory.mktemp("cache") / "latents"
+    return write_latent_cache(ImageFolderDataset(image_folder, 16), out, model.codec, model.tokenizer, model.text_encoder,
+                              source={"dataset": "test images"}, progress=False)
+
+
+def test_distill_from_latent_cache_with_accumulation(tiny_sd, latent_cache, tmp_path):
+    out = tmp_path / "cached"
+    assert main(distill_args(tiny_sd, latent_cache, out, "--grad-accumulation", "2", "--solver", "dpm")) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    state = json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())
+    assert state["data"][0]["sampler"]["index"] == 16  # 4 steps x 2 micro-batches x 2 samples
+
+
+def test_distill_from_webdataset_shards(tiny_sd, tmp_path):
+    import io
+    import tarfile
+
+    shard = tmp_path / "00000.tar"
+    rng = np.random.default_rng(1)
+    with tarfile.open(shard, "w") as tar:
+        for i in range(10):
+            for name, data in ((f"{i:04d}.png", _png(rng)), (f"{i:04d}.txt", f"a blue ring {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "shards-run"
+    assert main(distill_args(tiny_sd, shard, out)) == 0
+    assert "shards" in json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())["data"][0]
+
+
+def _png(rng) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_v_prediction_teacher_distils_and_loss_falls(tmp_path, image_folder):
+    """A v-prediction teacher's student keeps v-prediction (exported LCMScheduler says so) and learns."""
+    from tiny_models import save_tiny_sd
+
+    teacher = save_tiny_sd(tmp_path / "v-teacher", prediction_type="v_prediction")
+    out = tmp_path / "v-run"
+    assert main(distill_args(teacher, image_folder, out, "--steps", "30", "--lr", "1e-3", "--loss", "l2",
+                             "--log-every", "1", "--checkpoint-every", "0")) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
+    assert json.loads((out / "lcm" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_latent_cache_that_does_not_fit_the_teacher(tiny_sd, latent_cache, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad-cache"
+    import shutil
+
+    shutil.copytree(latent_cache, bad)
+    shard = bad / "shard-00000.safetensors"
+    tensors = load_file(str(shard))
+    tensors["latents"] = tensors["latents"][:, :3].contiguous()
+    save_file(tensors, str(shard))
+    assert main(distill_args(tiny_sd, bad, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "3 latent channels but the teacher UNet takes 4" in err and len(err.splitlines()) == 1
