@@ -1,5 +1,6 @@
 """The README's main job (`make demo`): distil the built-in world's teacher into an LCM, then compare.
 
+0. Use the world shipped with the package, or build the `default` world (resumable) if none is.
 1. Encode the world's training images once into a latent cache (D_z = {E(x)}).
 2. Latent consistency distillation (Algorithm 1) with the `world` training preset.
 3. A sample grid: for the same prompts and noise, the teacher's 25-step DPM-Solver++ samples next to the
@@ -45,18 +46,26 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     from latent_consistency.models import load_lcm, make_student_unet
     from latent_consistency.training.config import resolve_config
     from latent_consistency.training.loop import train
-    from latent_consistency.world.build import default_world_path, load_world
+    from latent_consistency.world.build import build_world, default_world_path, load_world
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    world_dir = Path(world_dir) if world_dir else default_world_path()
-    world = load_world(world_dir, dev)
     out.mkdir(parents=True, exist_ok=True)
+    if world_dir is None:
+        try:
+            world_dir = default_world_path()
+        except UserError:
+            # No world shipped with this checkout: build the default one here (resumable; long on a CPU)
+            world_dir = out / "world"
+            print(f"[demo] no built-in world shipped; building the default world into {world_dir} "
+                  "(resumable: rerun to continue)", flush=True)
+            build_world("default", world_dir, dev)
+    world = load_world(Path(world_dir), dev)
 
     # 1. Latent cache of the training split
     cache = out / "latents"
     if not (cache / "manifest.json").is_file():
-        train_split = get_dataset(world.dataset, "train", world.resolution, seed=world.preset.seed)
+        train_split = get_dataset(world.dataset, "train", world.resolution, seed=world.preset.seed, size=world.preset.train_size)
         print(f"[demo] encoding {len(train_split)} training images into {cache}", flush=True)
         write_latent_cache(train_split, cache, world.codec, world.model.tokenizer, world.model.text_encoder,
                            source={"dataset": world.dataset, "split": "train", "resolution": world.resolution},
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--world", help="world folder (default: the world shipped with the package)")
     parser.add_argument("--distill-steps", type=int, help="distillation steps (default: the `world` preset's)")
-    parser.add_argument("--eval-samples", type=int, default=500, help="reference prompts in the evaluation (default 500)")
+    parser.add_argument("--eval-samples", type=int, default=300, help="reference prompts in the evaluation (default 300)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
     try:

@@ -123,8 +123,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                validate_every=500, checkpoint_every=500),
     # The built-in default world on a CPU (the demo).
     "world": dict(solver="ddim", skip=20, guidance_scale_min=2.0, guidance_scale_max=8.0, lr=2e-4, batch_size=64,
-                  steps=1500, loss="l2", ema_decay=0.95, lr_warmup_steps=100, validate_every=500, checkpoint_every=500,
-                  time_cond_proj_dim=64),
+                  steps=1000, loss="l2", ema_decay=0.95, lr_warmup_steps=100, validate_every=250, checkpoint_every=250,
+                  keep_checkpoints=10, time_cond_proj_dim=64),
     # Plumbing in tests: seconds.
     "tiny": dict(steps=4, batch_size=4, lr=1e-4, lr_warmup_steps=0, log_every=1, validate_every=0, checkpoint_every=2,
                  time_cond_proj_dim=32),
