@@ -1,0 +1,151 @@
+"""The latent cache: a dataset encoded once into latents and text embeddings, D_z = {E(x)} (Section 4.3).
+
+On disk (safetensors, no pickles):
+
+    manifest.json              written last: a folder without it is not a cache
+    captions.safetensors       text_embeddings [U,L,D] (one per distinct caption), uncond_embedding [L,D]
+                               (the embedding of ""); the caption strings are in its metadata
+    shard-00000.safetensors    latents [n,C,h,w] (scaled: z = E(x), see `models.LatentCodec`),
+    ...                        caption_index [n] (rows of text_embeddings)
+
+Captions repeat in a captioned toy dataset, so each distinct caption is encoded and stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from tqdm.auto import tqdm
+
+from latent_consistency.errors import UserError
+from latent_consistency.models import LatentCodec, encode_prompts
+
+FORMAT = "latent-cache/1"
+MANIFEST = "manifest.json"
+CAPTIONS = "captions.safetensors"
+
+
+def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items]
+
+
+@torch.no_grad()
+def write_latent_cache(
+    dataset,
+    out_dir: str | Path,
+    codec: LatentCodec,
+    tokenizer,
+    text_encoder,
+    source: dict,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    shard_size: int = 8192,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Encode `dataset` (items {"image" in [-1, 1], "caption"}) into a cache at `out_dir`.
+
+    `source` (e.g. dataset name, split, resolution, seed) is recorded in the manifest. The folder is
+    written as `<out_dir>.partial` and renamed when complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder")
+    if len(dataset) == 0:
+        raise UserError("cannot cache an empty dataset")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    caption_ids: dict[str, int] = {}
+    shards: list[dict] = []
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latents, caption_index) not yet in a shard
+
+    def flush() -> None:
+        name = f"shard-{len(shards):05d}.safetensors"
+        latents, index = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+        save_file({"latents": latents.contiguous(), "caption_index": index}, str(partial / name))
+        shards.append({"file": name, "num_samples": len(index)})
+        pending.clear()
+
+    for images, captions in tqdm(loader, desc="latent cache", disable=not progress):
+        latents = codec.encode(images).float().cpu()
+        index = torch.tensor([caption_ids.setdefault(c, len(caption_ids)) for c in captions], dtype=torch.int64)
+        pending.append((latents, index))
+        if sum(len(p[1]) for p in pending) >= shard_size:
+            flush()
+    if pending:
+        flush()
+
+    captions = list(caption_ids)
+    embeddings = torch.cat([encode_prompts(tokenizer, text_encoder, captions[i : i + batch_size], device) for i in range(0, len(captions), batch_size)])
+    uncond = encode_prompts(tokenizer, text_encoder, [""], device)[0]
+    save_file(
+        {"text_embeddings": embeddings.float().cpu().contiguous(), "uncond_embedding": uncond.float().cpu().contiguous()},
+        str(partial / CAPTIONS),
+        metadata={"captions": json.dumps(captions)},
+    )
+    manifest = {
+        "format": FORMAT,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "shards": shards,
+        "latent_channels": int(latents.shape[1]),
+        "latent_size": list(latents.shape[2:]),
+        "scaling_factor": codec.scaling_factor,
+        "num_captions": len(captions),
+        "text_hidden_size": int(embeddings.shape[-1]),
+        "max_length": int(embeddings.shape[1]),
+        "source": source,
+    }
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    partial.rename(out_dir)
+    return out_dir
+
+
+@dataclass
+class CachedLatents:
+    """A whole cache as tensors: sample i is (latents[i], text_embeddings[caption_index[i]])."""
+
+    latents: torch.Tensor
+    caption_index: torch.Tensor
+    text_embeddings: torch.Tensor
+    uncond_embedding: torch.Tensor
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """A latent cache read back; items {"latents" [C,h,w], "text_embedding" [L,D], "caption"}."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise UserError(f"{path} is not a latent cache (no {MANIFEST}); write one with write_latent_cache")
+        self.manifest = json.loads((path / MANIFEST).read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise UserError(f"{path} holds a latent cache of format {self.manifest.get('format')!r}, not {FORMAT!r}; rebuild it")
+        shards = [load_file(str(path / s["file"])) for s in self.manifest["shards"]]
+        self.latents = torch.cat([s["latents"] for s in shards])
+        self.caption_index = torch.cat([s["caption_index"] for s in shards])
+        table = load_file(str(path / CAPTIONS))
+        self.text_embeddings, self.uncond_embedding = table["text_embeddings"], table["uncond_embedding"]
+        with safe_open(str(path / CAPTIONS), framework="pt") as f:
+            self.captions = json.loads(f.metadata()["captions"])
+        if len(self.latents) != self.manifest["num_samples"] or len(self.captions) != len(self.text_embeddings):
+            raise UserError(f"latent cache {path} is inconsistent with its manifest; rebuild it")
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, i: int) -> dict:
+        c = int(self.caption_index[i])
+        return {"latents": self.latents[i], "text_embedding": self.text_embeddings[c], "caption": self.captions[c]}
+
+    def tensors(self, device: torch.device | str = "cpu") -> CachedLatents:
+        """The whole cache on `device`, for training loops that index batches themselves."""
+        return CachedLatents(
+            self.latents.to(device), self.caption_index.to(device), self.text_embeddings.to(device), self.uncond_embedding.to(device)
+        )

@@ -1,0 +1,138 @@
+"""The quality bar of a world's teacher and VAE, measured with the world's judge.
+
+- Teacher: images sampled with `sampler` in `num_steps` steps at the preset's guidance scale g and at
+  g = 1 (no guidance) for the captions of the reference split; prompt alignment (the judge reads each
+  attribute back) and FID in the judge's feature space against the reference images, next to the FID
+  of as many real training images (the floor a perfect generator would reach). Bar: mean alignment
+  >= 0.85 and every attribute >= 0.7 with guidance, and clearly lower alignment without it.
+- VAE: the judge's accuracy on reconstructions D(E(x)) of reference images within 0.02 of its
+  accuracy on the images themselves.
+- A grid: per row, a real image of a prompt and then samples of that prompt with guidance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from latent_consistency.data.datasets import REFERENCE_SPLITS, get_dataset
+from latent_consistency.denoisers import GuidedTeacher, UNetNetwork
+from latent_consistency.grids import image_grid, save_png
+from latent_consistency.models import encode_prompts
+from latent_consistency.sampling import randn, sample_teacher
+from latent_consistency.schedule import NoiseSchedule
+from latent_consistency.world.presets import QualityConfig
+
+if TYPE_CHECKING:
+    from latent_consistency.world.build import World
+
+ALIGNMENT_MEAN, ALIGNMENT_MIN, GUIDANCE_GAP, VAE_ACCURACY_GAP = 0.85, 0.7, 0.05, 0.02
+BATCH = 250
+GRID_LABEL_WIDTH = 340  # px: a shapes caption in PIL's default font
+
+
+@torch.no_grad()
+def sample_images(
+    world: "World",
+    prompts: list[str],
+    guidance_scale: float,
+    config: QualityConfig,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Teacher samples for `prompts` with classifier-free guidance g, as [N,3,H,W] in [-1, 1] on the CPU."""
+    model = world.model
+    teacher = GuidedTeacher(UNetNetwork(model.unet), NoiseSchedule.from_config(model.scheduler_config), model.prediction_type)
+    uncond = encode_prompts(model.tokenizer, model.text_encoder, [""], device)
+    generator = torch.Generator(device).manual_seed(seed)
+    shape = (model.unet.config.in_channels, world.preset.latent_size, world.preset.latent_size)
+    images = []
+    for start in tqdm(range(0, len(prompts), BATCH), desc=f"teacher samples g={guidance_scale:g}", disable=not progress):
+        chunk = prompts[start : start + BATCH]
+        cond = encode_prompts(model.tokenizer, model.text_encoder, chunk, device)
+        z_T = randn((len(chunk), *shape), generator, device, torch.float32)
+        z_0 = sample_teacher(
+            teacher, config.sampler, z_T, cond, uncond.expand(len(chunk), -1, -1), guidance_scale, config.num_steps, model.scheduler_config
+        )
+        images.append(world.codec.decode(z_0).clamp(-1, 1).float().cpu())
+    return torch.cat(images)
+
+
+def _items(dataset, n: int) -> list[dict]:
+    return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
+@torch.no_grad()
+def measure_quality(world: "World", config: QualityConfig, out_dir: Path, device: torch.device, progress: bool = True) -> dict:
+    """Write `quality.json` and `teacher_grid.png` into `out_dir`; returns the report."""
+    from latent_consistency.evaluation.alignment import prompt_alignment
+    from latent_consistency.evaluation.fid import fid_score
+    from latent_consistency.evaluation.judge import judge_accuracy
+
+    preset, judge = world.preset, world.judge
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reference = _items(get_dataset(preset.dataset, REFERENCE_SPLITS[preset.dataset], preset.resolution, seed=preset.seed), config.num_samples)
+    real = torch.stack([item["image"] for item in reference])
+    train = _items(get_dataset(preset.dataset, "train", preset.resolution, seed=preset.seed), len(reference))
+    prompts = [item["caption"] for item in reference]
+    attributes = [item["attributes"] for item in reference]
+
+    # Teacher, with and without guidance.
+    teacher = {"sampler": config.sampler, "num_steps": config.num_steps, "num_samples": len(reference)}
+    for key, g in (("guided", config.guidance_scale), ("unguided", 1.0)):
+        fake = sample_images(world, prompts, g, config, device, seed=preset.seed, progress=progress)
+        teacher[key] = {
+            "guidance_scale": g,
+            "alignment": prompt_alignment(judge, fake, attributes),
+            "fid": fid_score(judge, real, fake),
+        }
+    teacher["fid_real_floor"] = fid_score(judge, real, torch.stack([item["image"] for item in train]))
+
+    # VAE: the judge on reconstructions against the judge on the same real images.
+    vae_items = reference[: config.vae_samples]
+    images = torch.stack([item["image"] for item in vae_items])
+    reconstructed = torch.cat([world.codec.decode(world.codec.encode(images[i : i + BATCH].to(device))).clamp(-1, 1).cpu() for i in range(0, len(images), BATCH)])
+    accuracy_real = judge_accuracy(judge, vae_items, len(vae_items), device)
+    accuracy_reconstructed = judge_accuracy(judge, [item | {"image": x} for item, x in zip(vae_items, reconstructed)], len(vae_items), device)
+    gaps = {a: accuracy_real[a] - accuracy_reconstructed[a] for a in accuracy_real}
+    vae = {
+        "num_samples": len(vae_items),
+        "judge_accuracy_real": accuracy_real,
+        "judge_accuracy_reconstructed": accuracy_reconstructed,
+        "mean_gap": sum(gaps.values()) / len(gaps),
+        "max_gap": max(gaps.values()),
+        "l1": float((reconstructed - images).abs().mean()),
+    }
+
+    # The grid: a real image of each prompt, then samples with guidance.
+    grid_items = _items(get_dataset(preset.dataset, REFERENCE_SPLITS[preset.dataset], preset.resolution, seed=preset.seed), config.grid_prompts)
+    grid_prompts = [item["caption"] for item in grid_items for _ in range(config.grid_samples)]
+    samples = sample_images(world, grid_prompts, config.guidance_scale, config, device, seed=preset.seed + 1).view(len(grid_items), config.grid_samples, *real.shape[1:])
+    rows = [torch.cat([item["image"][None], row]) for item, row in zip(grid_items, samples)]
+    save_png(image_grid(rows, [item["caption"] for item in grid_items], scale=3, label_width=GRID_LABEL_WIDTH), out_dir / "teacher_grid.png")
+
+    guided, unguided = teacher["guided"]["alignment"], teacher["unguided"]["alignment"]
+    per_attribute = {a: v for a, v in guided.items() if a != "mean"}
+    summary = {
+        "alignment_guided": guided["mean"],
+        "alignment_guided_worst": min(per_attribute.values()),
+        "alignment_unguided": unguided["mean"],
+        "fid_guided": teacher["guided"]["fid"],
+        "fid_unguided": teacher["unguided"]["fid"],
+        "fid_real_floor": teacher["fid_real_floor"],
+        "vae_accuracy_gap": vae["mean_gap"],
+        "passes": {
+            "teacher_alignment": guided["mean"] >= ALIGNMENT_MEAN and min(per_attribute.values()) >= ALIGNMENT_MIN,
+            "guidance_helps": guided["mean"] - unguided["mean"] >= GUIDANCE_GAP,
+            "vae_reconstruction": vae["mean_gap"] <= VAE_ACCURACY_GAP,
+        },
+    }
+    report = {"summary": summary, "teacher": teacher, "vae": vae, "grid": {"file": "teacher_grid.png", "captions": [i["caption"] for i in grid_items]}}
+    (out_dir / "quality.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,134 @@
+"""The world's teacher: a diffusers `UNet2DConditionModel` trained as Stable Diffusion's was.
+
+The DDPM loss (Ho et al. 2020) in SD's setting (Rombach et al. 2022): t ~ U{0..T-1} on SD's scaled-linear
+schedule (β 0.00085-0.012, T = 1000), z_t = α_t·z0 + σ_t·ε, loss ||output - target||² with the target ε
+(or v = α_t·ε - σ_t·z0 for the v-prediction variant, `parameterization.model_output_from`). A caption
+is replaced by the empty caption "" with probability `caption_dropout`, which trains the unconditional
+model of classifier-free guidance (Ho & Salimans 2022). The saved weights are an EMA of the trained
+ones. The result is a standard `StableDiffusionPipeline` folder.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from latent_consistency.parameterization import check_prediction_type, model_output_from
+from latent_consistency.schedule import NoiseSchedule
+from latent_consistency.training.ema import ema_update
+from latent_consistency.world.presets import TeacherConfig, warmup_cosine
+
+if TYPE_CHECKING:
+    from latent_consistency.world.build import Checkpointer
+
+
+def teacher_scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """Stable Diffusion's training schedule as a `DDIMScheduler` config (as SD 2 ships it)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=check_prediction_type(prediction_type),
+    )
+
+
+def make_teacher_unet(config: TeacherConfig, latent_size: int, latent_channels: int, cross_attention_dim: int):
+    """A randomly initialised SD-style UNet: cross-attention at every level but the lowest, as SD's."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(config.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        attention_head_dim=config.attention_head_dim,
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=min(32, config.block_out_channels[0]),
+    )
+
+
+def train_teacher(
+    unet,
+    latents: torch.Tensor,
+    caption_index: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    uncond_embedding: torch.Tensor,
+    scheduler_config: dict,
+    config: TeacherConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    checkpointer: "Checkpointer",
+    progress: bool = True,
+):
+    """Train `unet` on cached latents; returns (the EMA UNet, the loss per step).
+
+    `latents` [N,C,h,w] are scaled latents z0 = E(x); sample i's caption embedding is
+    `text_embeddings[caption_index[i]]` ([L,D]); `uncond_embedding` [L,D] is the embedding of "".
+    On CUDA the UNet runs under bfloat16 autocast; weights, optimizer and EMA stay float32.
+    """
+    prediction_type = check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    latents, caption_index = latents.to(device), caption_index.to(device)
+    text_embeddings, uncond = text_embeddings.to(device), uncond_embedding.to(device)
+    unet.to(device).train()
+    ema = copy.deepcopy(unet).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
+    scheduler = warmup_cosine(optimizer, config.steps)
+    modules = dict(unet=unet, ema=ema)
+    start = checkpointer.resume(modules, optimizer, scheduler, generator)
+    for step in tqdm(range(start, config.steps), desc="teacher", disable=not progress, initial=start, total=config.steps):
+        index = torch.randint(len(latents), (config.batch_size,), device=device, generator=generator)
+        z0 = latents[index]
+        # Caption dropout: the unconditional model of classifier-free guidance.
+        drop = torch.rand(config.batch_size, device=device, generator=generator) < config.caption_dropout
+        cond = torch.where(drop[:, None, None], uncond, text_embeddings[caption_index[index]])
+        # Forward process at a uniform timestep.
+        t = torch.randint(schedule.num_train_timesteps, (config.batch_size,), device=device, generator=generator)
+        eps = torch.randn(z0.shape, device=device, generator=generator)
+        alpha, sigma = schedule.alpha_sigma(t)
+        z_t = schedule.add_noise(z0, eps, t)
+        target = model_output_from(z0, eps, alpha, sigma, prediction_type)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            output = unet(z_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+        loss = F.mse_loss(output.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        # EMA with the usual warm-up, so that a short run is not dominated by the initialisation.
+        ema_update(ema, unet, min(config.ema_decay, (1 + step) / (10 + step)))
+        checkpointer.step(step + 1, loss, modules, optimizer, scheduler, generator)
+    unet.eval().requires_grad_(False)
+    return ema, checkpointer.losses
+
+
+def save_teacher_pipeline(out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler_config: dict) -> Path:
+    """Write a `StableDiffusionPipeline` folder (safetensors, no safety checker) that diffusers loads."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

@@ -1,0 +1,80 @@
+"""The world's text encoder: a small `CLIPTextModel`, pre-trained to read every attribute of a caption.
+
+No pretrained text encoder exists here, and one trained only through the diffusion loss gives the
+UNet little to tell captions apart by at first. So the encoder is pre-trained on its own, before the
+teacher, with one linear classifier per caption attribute (shape, colour, size, position, background
+for `shapes`; the digit for `digits`) on the mean of its last hidden state over all `max_length`
+positions: the very tensor Stable Diffusion's UNet cross-attends to (padding included). Every
+attribute, position included, is then linearly readable from the conditioning before the teacher
+starts, and the encoder stays frozen while the teacher trains (as SD's does), which lets the latent
+cache hold the text embeddings once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from latent_consistency.world.presets import TextEncoderConfig, warmup_cosine
+
+if TYPE_CHECKING:
+    from latent_consistency.world.build import Checkpointer
+
+
+def make_text_encoder(tokenizer, config: TextEncoderConfig):
+    """A randomly initialised `CLIPTextModel` sized by `config` for `tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_attention_heads=config.num_heads,
+            num_hidden_layers=config.num_layers,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def pretrain_text_encoder(
+    text_encoder,
+    tokenizer,
+    captions: list[str],
+    labels: torch.Tensor,
+    num_classes: list[int],
+    config: TextEncoderConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    checkpointer: "Checkpointer",
+    progress: bool = True,
+) -> list[float]:
+    """Train on caption -> attribute classes (`labels`: [N, A] class indices); returns the loss per step.
+
+    The heads are discarded afterwards: only the encoder is kept.
+    """
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids, labels = ids.to(device), labels.to(device)
+    text_encoder.to(device).train()
+    heads = torch.nn.ModuleList(torch.nn.Linear(config.hidden_size, n) for n in num_classes).to(device)
+    modules = dict(encoder=text_encoder, heads=heads)
+    optimizer = torch.optim.AdamW([p for m in modules.values() for p in m.parameters()], lr=config.lr, weight_decay=0.01)
+    scheduler = warmup_cosine(optimizer, config.steps)
+    start = checkpointer.resume(modules, optimizer, scheduler, generator)
+    for step in tqdm(range(start, config.steps), desc="text encoder", disable=not progress, initial=start, total=config.steps):
+        index = torch.randint(len(ids), (config.batch_size,), device=device, generator=generator)
+        hidden = text_encoder(ids[index]).last_hidden_state.mean(dim=1)
+        loss = sum(F.cross_entropy(head(hidden), labels[index, a]) for a, head in enumerate(heads)) / len(heads)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        checkpointer.step(step + 1, loss, modules, optimizer, scheduler, generator)
+    text_encoder.eval().requires_grad_(False)
+    return checkpointer.losses

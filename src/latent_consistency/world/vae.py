@@ -1,0 +1,107 @@
+"""The world's VAE: a diffusers `AutoencoderKL` trained on the world's images.
+
+As Stable Diffusion's autoencoder (Rombach et al. 2022, Section 3 and Appendix G) minus the perceptual
+and adversarial terms: a per-pixel reconstruction loss (L1 + L2) of a decoded posterior sample plus a
+small KL(q(z|x) || N(0, I)). SD's latents are 8x smaller than its images; this one has 2 downsampling
+blocks (4x: 32 px -> 4x8x8). `scaling_factor` = 1 / std of the latent posterior means on a data sample,
+as SD's 0.18215 was computed, is written into the VAE's config.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from latent_consistency.world.presets import VAEConfig, warmup_cosine
+
+if TYPE_CHECKING:
+    from latent_consistency.world.build import Checkpointer
+
+
+def make_vae(config: VAEConfig, resolution: int):
+    """A randomly initialised `AutoencoderKL` with len(block_out_channels) - 1 downsamplings."""
+    from diffusers import AutoencoderKL
+
+    levels = len(config.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels,
+        norm_num_groups=min(32, config.block_out_channels[0]),
+        sample_size=resolution,
+    )
+
+
+def to_unit_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images [B,3,H,W] -> float32 in [-1, 1]."""
+    return images_uint8.float().div(127.5).sub(1.0)
+
+
+def foreground_weights(x: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """Per-pixel weights [B,1,H,W]: `foreground_weight` where a pixel's colour is off the image's median
+    colour by more than 0.1 (in [-1, 1] units, summed over channels), 1 elsewhere."""
+    median = x.flatten(2).median(dim=2).values[..., None, None]
+    return 1 + (foreground_weight - 1) * ((x - median).abs().sum(dim=1, keepdim=True) > 0.1).float()
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, foreground_weight: float, generator: torch.Generator) -> torch.Tensor:
+    """Weighted mean of |x - x̂| + (x - x̂)² + kl_weight · KL / pixels, x̂ decoded from a posterior sample.
+
+    The weights are `foreground_weights`: a world image is one small object on a plain background, and
+    an unweighted per-pixel loss is nearly all background (a small object is ~4 % of a 32 px image).
+    """
+    posterior = vae.encode(x).latent_dist
+    x_hat = vae.decode(posterior.sample(generator)).sample.float()
+    weights = foreground_weights(x, foreground_weight)
+    reconstruction = (weights * ((x_hat - x).abs() + (x_hat - x) ** 2)).sum() / (weights.sum() * x.shape[1])
+    kl = posterior.kl().float().mean() / x[0].numel()
+    return reconstruction + kl_weight * kl
+
+
+def train_vae(
+    vae,
+    images: torch.Tensor,
+    config: VAEConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    checkpointer: "Checkpointer",
+    progress: bool = True,
+) -> list[float]:
+    """Train on uint8 `images` [N,3,H,W] (batches drawn with replacement); returns the loss per step.
+
+    On CUDA the forward pass runs under bfloat16 autocast; weights and optimizer stay float32.
+    """
+    images = images.to(device)
+    vae.to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    scheduler = warmup_cosine(optimizer, config.steps)
+    modules = dict(vae=vae)
+    start = checkpointer.resume(modules, optimizer, scheduler, generator)
+    for step in tqdm(range(start, config.steps), desc="vae", disable=not progress, initial=start, total=config.steps):
+        index = torch.randint(len(images), (config.batch_size,), device=device, generator=generator)
+        x = to_unit_range(images[index])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = vae_loss(vae, x, config.kl_weight, config.foreground_weight, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        checkpointer.step(step + 1, loss, modules, optimizer, scheduler, generator)
+    vae.eval().requires_grad_(False)
+    return checkpointer.losses
+
+
+@torch.no_grad()
+def set_scaling_factor(vae, images: torch.Tensor, batch_size: int = 256) -> float:
+    """Write 1 / std(posterior means of `images`) into `vae.config.scaling_factor`; returns it."""
+    device = next(vae.parameters()).device
+    means = [vae.encode(to_unit_range(images[i : i + batch_size].to(device))).latent_dist.mean for i in range(0, len(images), batch_size)]
+    scaling_factor = float(1.0 / torch.cat(means).float().std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return scaling_factor

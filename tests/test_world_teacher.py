@@ -1,0 +1,67 @@
+"""The world's teacher training: exact resumption from a checkpoint, and the v-prediction variant."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from latent_consistency.world.build import Checkpointer
+from latent_consistency.world.presets import PRESETS
+from latent_consistency.world.teacher import make_teacher_unet, save_teacher_pipeline, teacher_scheduler_config, train_teacher
+
+CONFIG = dataclasses.replace(PRESETS["tiny"].teacher, steps=6, batch_size=4)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptingCheckpointer(Checkpointer):
+    """Stops the run right after the checkpoint of step `at` is written, as a kill would."""
+
+    def __init__(self, run_dir, every, at):
+        super().__init__(run_dir, every)
+        self.at = at
+
+    def step(self, step, *args):
+        super().step(step, *args)
+        if step == self.at:
+            raise Interrupted
+
+
+def data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 4, 8, 8, generator=g), torch.randint(3, (16,), generator=g), torch.randn(3, 5, 32, generator=g), torch.randn(5, 32, generator=g)
+
+
+def train(checkpointer, prediction_type="epsilon"):
+    torch.manual_seed(0)
+    unet = make_teacher_unet(CONFIG, latent_size=8, latent_channels=4, cross_attention_dim=32)
+    return unet, *train_teacher(
+        unet, *data(), teacher_scheduler_config(prediction_type), CONFIG, torch.device("cpu"),
+        torch.Generator().manual_seed(1), checkpointer, progress=False,
+    )  # fmt: skip
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    _, ema_straight, losses_straight = train(Checkpointer(tmp_path / "straight", every=100))
+    with pytest.raises(Interrupted):
+        train(InterruptingCheckpointer(tmp_path / "resumed", every=3, at=3))
+    _, ema_resumed, losses_resumed = train(Checkpointer(tmp_path / "resumed", every=3))
+    assert losses_resumed == pytest.approx(losses_straight, rel=1e-5)
+    for a, b in zip(ema_resumed.parameters(), ema_straight.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_v_prediction_teacher_saves_a_pipeline_diffusers_runs(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from tiny_models import make_tiny_components
+
+    _, ema, losses = train(Checkpointer(tmp_path / "run", every=100), prediction_type="v_prediction")
+    assert len(losses) == CONFIG.steps and all(torch.isfinite(torch.tensor(losses)))
+    parts = make_tiny_components(tmp_path / "parts")
+    save_teacher_pipeline(tmp_path / "sd", ema, parts["vae"], parts["text_encoder"], parts["tokenizer"], teacher_scheduler_config("v_prediction"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"), safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    images = pipe("a red star", num_inference_steps=2, height=16, width=16, output_type="pt").images
+    assert torch.isfinite(images).all()
