@@ -4,6 +4,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+DEVICE ?= auto
+WORLD_PRESET ?= default
 
 .PHONY: env demo test clean
 
@@ -19,7 +21,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 env: $(VENV)/.installed
 
 demo: env
-	HF_HUB_OFFLINE=1 $(BIN)/python -m latent_consistency.demo --out runs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/python -m latent_consistency.demo --out runs/demo --device $(DEVICE) --world-preset $(WORLD_PRESET)
 
 test: env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests

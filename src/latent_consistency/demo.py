@@ -37,7 +37,8 @@ def _table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_samples: int, device: str) -> Path:
+def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_samples: int, device: str,
+             world_preset: str = "default") -> Path:
     from latent_consistency.data.datasets import REFERENCE_SPLITS, get_dataset
     from latent_consistency.data.latent_cache import write_latent_cache
     from latent_consistency.evaluation.compare import SamplerSpec, sample, score
@@ -55,11 +56,11 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
         try:
             world_dir = default_world_path()
         except UserError:
-            # No world shipped with this checkout: build the default one here (resumable; long on a CPU)
-            world_dir = out / "world"
-            print(f"[demo] no built-in world shipped; building the default world into {world_dir} "
+            # No world shipped with this checkout: build one here (resumable; the default preset takes hours on a CPU)
+            world_dir = out / f"world-{world_preset}"
+            print(f"[demo] no built-in world shipped; building the {world_preset!r} world into {world_dir} "
                   "(resumable: rerun to continue)", flush=True)
-            build_world("default", world_dir, dev)
+            build_world(world_preset, world_dir, dev)
     world = load_world(Path(world_dir), dev)
 
     # 1. Latent cache of the training split
@@ -127,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-steps", type=int, help="distillation steps (default: the `world` preset's)")
     parser.add_argument("--eval-samples", type=int, default=300, help="reference prompts in the evaluation (default 300)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--world-preset", default="default",
+                        help="world preset to build when no world is shipped (tiny: a plumbing run in minutes)")
     args = parser.parse_args(argv)
     try:
-        run_demo(Path(args.out), args.world, args.distill_steps, args.eval_samples, args.device)
+        run_demo(Path(args.out), args.world, args.distill_steps, args.eval_samples, args.device, args.world_preset)
     except UserError as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 2

@@ -198,7 +198,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     exported = None
     if accelerator.is_main_process:
         exported = student.export(out, accelerator.unwrap_model(student.unet), base, lcm_scheduler_config(base.scheduler_config, config.skip))
-        print(f"data: {batches.skipped_summary()}")
+        summary = batches.skipped_summary()
+        if summary:
+            print(f"data: {summary}")
     accelerator.end_training()
     return exported
 
