@@ -15,6 +15,7 @@ from latent_consistency.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     from latent_consistency import distill, generate
+    from latent_consistency.world import build as world_build
 
     parser = argparse.ArgumentParser(
         prog="lcm",
@@ -23,9 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     generate.register(subparsers)
-    from latent_consistency.world import build as world_build
-    world_build.register(subparsers)
     distill.register(subparsers)
+    world_build.register(subparsers)
     return parser
 
 
