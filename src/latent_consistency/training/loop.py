@@ -118,7 +118,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     step, nonfinite_total, nonfinite_run = 0, 0, 0
     if resume:
-        ckpt.remove_partial_checkpoints(out) if accelerator.is_main_process else None
+        if accelerator.is_main_process:
+            ckpt.remove_partial_checkpoints(out)
         found = ckpt.list_checkpoints(out)
         if found:
             tensors, objects, state = ckpt.load_checkpoint(found[-1])
