@@ -122,7 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                steps=4000, loss="huber", ema_decay=0.95, mixed_precision="fp16", gradient_checkpointing=True,
                validate_every=500, checkpoint_every=500),
     # The built-in default world on a CPU (the demo).
-    "world": dict(solver="ddim", skip=20, guidance_scale_min=2.0, guidance_scale_max=8.0, lr=2e-4, batch_size=64,
+    "world": dict(solver="ddim", skip=20, guidance_scale_min=2.0, guidance_scale_max=8.0, lr=5e-5, batch_size=64,
                   steps=1000, loss="l2", ema_decay=0.95, lr_warmup_steps=100, validate_every=250, checkpoint_every=250,
                   keep_checkpoints=10, time_cond_proj_dim=64),
     # Plumbing in tests: seconds.
