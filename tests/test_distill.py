@@ -52,6 +52,35 @@ def test_distill_exports_an_lcm_diffusers_runs(tiny_sd, image_folder, tmp_path):
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
 
 
+def test_v_prediction_student_of_an_epsilon_teacher_exports_and_runs_in_diffusers(tiny_sd, image_folder, tmp_path):
+    """The student's parameterisation is recorded in the exported scheduler config, so the LCMScheduler reads
+    the network's output as the student was trained; its first-step image equals ours."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    from latent_consistency.denoisers import ConsistencyModel, UNetNetwork
+    from latent_consistency.models import encode_prompts, load_lcm
+    from latent_consistency.parameterization import omega_from_guidance_scale
+    from latent_consistency.sampling import lcm_timesteps, sample_lcm
+    from latent_consistency.schedule import NoiseSchedule
+
+    out = tmp_path / "run"
+    assert main(distill_args(tiny_sd, image_folder, out, "--student-prediction", "v_prediction")) == 0
+    assert json.loads((out / "lcm" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    pipe = LatentConsistencyModelPipeline.from_pretrained(out / "lcm", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size
+    noise = torch.randn(1, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    theirs = pipe("a red star", num_inference_steps=1, guidance_scale=8.0, latents=noise.clone(), output_type="latent",
+                  height=size * pipe.vae_scale_factor, width=size * pipe.vae_scale_factor).images
+    model = load_lcm(str(out / "lcm"))
+    assert model.prediction_type == "v_prediction"
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    f = ConsistencyModel(UNetNetwork(model.unet), schedule, model.prediction_type, model.time_cond_proj_dim)
+    ours = sample_lcm(f, noise, lcm_timesteps(1, 1000, 50), encode_prompts(model.tokenizer, model.text_encoder, ["a red star"]),
+                      omega_from_guidance_scale(8.0), schedule)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
 def test_dry_run_prints_resolved_config(tiny_sd, image_folder, tmp_path, capsys):
     assert main(distill_args(tiny_sd, image_folder, tmp_path / "run", "--lr", "3e-5", "--dry-run")) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -149,7 +178,8 @@ def test_nonfinite_losses_stop_with_a_checkpoint(tiny_sd, image_folder, tmp_path
 
 
 @pytest.mark.parametrize("case", ["missing teacher", "missing data", "bad solver", "bad loss", "resolution", "not empty",
-                                  "resume differs", "resume nothing", "batch split"])
+                                  "resume differs", "resume nothing", "batch split", "bad student prediction",
+                                  "lora student prediction"])
 def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case):
     out = tmp_path / "run"
     cases = {
@@ -162,6 +192,9 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
         "resume differs": (distill_args(tiny_sd, image_folder, out, "--lr", "5e-4", "--resume"), "lr: 0.0001 -> 0.0005"),
         "resume nothing": (distill_args(tiny_sd, image_folder, tmp_path / "fresh", "--resume"), "nothing to resume"),
         "batch split": (distill_args(tiny_sd, image_folder, out, "--batch-size", "3", "--grad-accumulation", "2"), "multiple of"),
+        "bad student prediction": (distill_args(tiny_sd, image_folder, out, "--student-prediction", "x0"), "student_prediction 'x0'"),
+        "lora student prediction": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--student-prediction", "sample"),
+                                    "LoRA and LCF keep"),
     }
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("someone else's")

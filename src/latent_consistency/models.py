@@ -169,8 +169,8 @@ def lcm_scheduler_config(
 ) -> dict:
     """An LCMScheduler config matching a student distilled from this teacher with skip k.
 
-    The student always predicts what the teacher's parameterisation predicts (the boundary scalings
-    wrap it), so prediction_type is the teacher's. original_inference_steps = T/k.
+    prediction_type is the teacher's (a student trained to predict another overrides it, see
+    `training.students`); the boundary scalings wrap it either way. original_inference_steps = T/k.
     """
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr", "prediction_type")
     config = {k: teacher_scheduler_config[k] for k in keys if k in teacher_scheduler_config}

@@ -32,8 +32,9 @@ def evaluate_run(run: Path, world, samples: int, guidance_scale: float, device="
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]
     real = torch.stack([it["image"] for it in items])
     student = make_student_unet(world.model.unet, config["time_cond_proj_dim"]).eval()
+    prediction = config.get("student_prediction", "teacher")
     lcm = dataclasses.replace(world.model, unet=student, scheduler_config=world.model.scheduler_config | {
-        "original_inference_steps": 1000 // config["skip"]})
+        "original_inference_steps": 1000 // config["skip"], "prediction_type": world.prediction_type if prediction == "teacher" else prediction})
     rows = []
     for path in list_checkpoints(run):
         weights = path / ("target.safetensors" if (path / "target.safetensors").is_file() else "student.safetensors")

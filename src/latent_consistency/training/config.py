@@ -36,6 +36,8 @@ class TrainConfig:
     resolution: int = doc("image resolution for image data (0: the teacher's native size)", default=0)
     adapter: str = doc("full: train the whole UNet with the ω input; lora: peft LoRA adapters on the teacher UNet (LCM-LoRA)", default="full")
     time_cond_proj_dim: int = doc("size of the ω embedding fed to the student (diffusers' time_cond_proj_dim); full mode", default=256)
+    student_prediction: str = doc("what a full student's network predicts: teacher (the teacher's parameterisation, as the paper "
+                                  "and diffusers), epsilon, v_prediction or sample; the boundary scalings of Eq. 9 wrap it either way", default="teacher")
     lora_rank: int = doc("LoRA rank (lora mode)", default=64)
     # --- LCD / LCF ---
     solver: str = doc("teacher ODE solver Ψ for LCD: ddim, dpm (DPM-Solver-2), dpm++ (DPM-Solver++(2S))", default="ddim")
@@ -79,6 +81,12 @@ class TrainConfig:
         from latent_consistency.losses import DISTANCES
         from latent_consistency.solvers import SOLVERS
 
+        from latent_consistency.parameterization import PREDICTION_TYPES
+
+        if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
+            raise UserError(f"student_prediction {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
+        if self.student_prediction != "teacher" and (self.adapter != "full" or self.objective != "lcd"):
+            raise UserError("student_prediction applies to full students in distillation (lcd); LoRA and LCF keep the model's parameterisation")
         if self.solver not in SOLVERS:
             raise UserError(f"unknown solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
         if self.loss not in DISTANCES:

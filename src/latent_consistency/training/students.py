@@ -1,7 +1,9 @@
 """The student θ and target θ⁻ of LCD/LCF: a full UNet with the ω input, or LoRA adapters (LCM-LoRA).
 
 - full: the teacher's UNet plus `time_cond_proj_dim` (Section 4.2); target a separate EMA copy, or the
-  student itself when μ = 0. Exported as a diffusers `LatentConsistencyModelPipeline` folder.
+  student itself when μ = 0. Exported as a diffusers `LatentConsistencyModelPipeline` folder. Its output
+  is read in the teacher's parameterisation unless `student_prediction` names another (the exported
+  scheduler config records it, so diffusers' LCMScheduler reads it the same way).
 - lora: peft LoRA adapters on a copy of the teacher's UNet, no ω input (Luo et al. 2023b, LCM-LoRA);
   the target is the student itself unless an EMA rate is asked for. Exported as LoRA safetensors that
   diffusers' `load_lora_weights` accepts.
@@ -72,7 +74,7 @@ class Student:
             folder = Path(out) / "lora"
             StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
             return folder
-        return save_lcm_pipeline(Path(out) / "lcm", unet, base, scheduler_config)
+        return save_lcm_pipeline(Path(out) / "lcm", unet, base, scheduler_config | {"prediction_type": self.prediction_type})
 
 
 def make_student(config, base: DiffusionModel) -> Student:
@@ -95,4 +97,5 @@ def make_student(config, base: DiffusionModel) -> Student:
     unet.train()
     separate = config.target_decay > 0
     target = copy.deepcopy(unet).requires_grad_(False).eval() if separate else unet
-    return Student(unet, target, separate, config.adapter, base.prediction_type, time_cond_proj_dim)
+    prediction_type = base.prediction_type if config.student_prediction == "teacher" else config.student_prediction
+    return Student(unet, target, separate, config.adapter, prediction_type, time_cond_proj_dim)
