@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 DEVICE ?= auto
 WORLD_PRESET ?= default
+# runs/demo for the shipped default world, runs/demo-NAME for a world built from another preset
+DEMO_OUT ?= runs/demo$(if $(filter default,$(WORLD_PRESET)),,-$(WORLD_PRESET))
 
 .PHONY: env demo test clean
 
@@ -21,7 +23,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 env: $(VENV)/.installed
 
 demo: env
-	HF_HUB_OFFLINE=1 $(BIN)/python -m latent_consistency.demo --out runs/demo --device $(DEVICE) --world-preset $(WORLD_PRESET)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m latent_consistency.demo --out $(DEMO_OUT) --device $(DEVICE) --world-preset $(WORLD_PRESET)
 
 test: env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests

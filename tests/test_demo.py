@@ -5,15 +5,8 @@ import json
 from latent_consistency.demo import main
 
 
-def test_demo_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
-    from latent_consistency.world import build
-
-    def no_shipped_world():
-        from latent_consistency.errors import UserError
-
-        raise UserError("no world shipped")
-
-    monkeypatch.setattr(build, "default_world_path", no_shipped_world)
+def test_demo_end_to_end_on_the_tiny_world(tmp_path):
+    """`--world-preset tiny` builds that world even though the default one is shipped."""
     out = tmp_path / "demo"
     assert main(["--out", str(out), "--world-preset", "tiny", "--distill-steps", "3", "--eval-samples", "8", "--device", "cpu"]) == 0
     assert (out / "world-tiny" / "world.json").is_file()
