@@ -101,8 +101,10 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
         SamplerSpec("teacher", 2, GUIDANCE_SCALE, "ddim"), SamplerSpec("teacher", 4, GUIDANCE_SCALE, "ddim"),
         SamplerSpec("teacher", 25, GUIDANCE_SCALE, "dpm++")]
     results = [(s.label, score(world.judge, sample(s, lcm, world.model, prompts, device=dev), attributes, real)) for s in specs]
-    # The undistilled starting point: the teacher's weights with a zero ω input, through the same 1-step sampler
-    start = dataclasses.replace(lcm, unet=make_student_unet(world.model.unet, lcm.time_cond_proj_dim).eval())
+    # The undistilled starting point: the teacher's weights with a zero ω input, read in the teacher's
+    # parameterisation, through the same 1-step sampler
+    start = dataclasses.replace(lcm, unet=make_student_unet(world.model.unet, lcm.time_cond_proj_dim).eval(),
+                                scheduler_config=lcm.scheduler_config | {"prediction_type": world.prediction_type})
     results.append(("undistilled start, consistency sampler 1-step", score(
         world.judge, sample(SamplerSpec("lcm", 1, GUIDANCE_SCALE), start, world.model, prompts, device=dev), attributes, real)))
     train_items = get_dataset(world.dataset, "train", world.resolution, seed=world.preset.seed)
