@@ -20,7 +20,7 @@ from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, UNetNe
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.losses import LCDLoss, LCFLoss
-from latent_consistency.models import encode_prompts, lcm_scheduler_config, load_diffusion_model, make_student_unet, save_lcm_pipeline
+from latent_consistency.models import encode_prompts, lcm_scheduler_config, load_diffusion_model
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps, sample_lcm
 from latent_consistency.schedule import NoiseSchedule
