@@ -125,13 +125,25 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_sd, image_folder, tmp_path
 
 def test_two_processes_share_one_global_batch_and_only_rank0_writes(tiny_sd, image_folder, tmp_path):
     """Two CPU processes (torchrun through accelerate; gloo) train with the same global batch."""
+    import socket
+
+    with socket.socket() as probe:  # a free rendezvous port: torchrun's default 29500 may be taken
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latent_consistency.cli",
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latent_consistency.cli",
            *distill_args(tiny_sd, image_folder, out, "--batch-size", "4")]
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("exported") == 1
+    # A session of its own, so that on a timeout the workers are killed with the launcher, not left behind
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"two-process run did not finish in 180 s: {stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-2000:]
+    assert stdout.count("exported") == 1
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
     state = json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())
