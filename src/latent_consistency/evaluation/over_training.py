@@ -17,6 +17,7 @@ import torch
 
 from latent_consistency.evaluation.compare import SamplerSpec, sample, score
 from latent_consistency.models import make_student_unet
+from latent_consistency.training.config import config_from_dict
 from latent_consistency.training.checkpoint import list_checkpoints
 
 STEPS = (1, 2, 4)
@@ -26,15 +27,14 @@ def evaluate_run(run: Path, world, samples: int, guidance_scale: float, device="
     from latent_consistency.data.datasets import REFERENCE_SPLITS, get_dataset
     from safetensors.torch import load_file
 
-    config = json.loads((run / "config.json").read_text())
+    config = config_from_dict(json.loads((run / "config.json").read_text()))
     reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)
     items = [reference[i] for i in range(min(samples, len(reference)))]
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]
     real = torch.stack([it["image"] for it in items])
-    student = make_student_unet(world.model.unet, config["time_cond_proj_dim"]).eval()
-    prediction = config.get("student_prediction", "teacher")
+    student = make_student_unet(world.model.unet, config.time_cond_proj_dim).eval()
     lcm = dataclasses.replace(world.model, unet=student, scheduler_config=world.model.scheduler_config | {
-        "original_inference_steps": 1000 // config["skip"], "prediction_type": world.prediction_type if prediction == "teacher" else prediction})
+        "original_inference_steps": 1000 // config.skip, "prediction_type": config.student_prediction_type(world.prediction_type)})
     rows = []
     for path in list_checkpoints(run):
         weights = path / ("target.safetensors" if (path / "target.safetensors").is_file() else "student.safetensors")

@@ -115,6 +115,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def student_prediction_type(self, teacher_prediction_type: str) -> str:
+        """What the student's network predicts, given the teacher's parameterisation."""
+        return teacher_prediction_type if self.student_prediction == "teacher" else self.student_prediction
+
     def differences(self, other: "TrainConfig", ignore: tuple[str, ...] = ("out", "steps", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "num_workers")) -> list[str]:
         """'field: a -> b' for each field that differs, except those a resumed run may change."""
         a, b = self.to_dict(), other.to_dict()

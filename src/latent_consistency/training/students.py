@@ -97,5 +97,4 @@ def make_student(config, base: DiffusionModel) -> Student:
     unet.train()
     separate = config.target_decay > 0
     target = copy.deepcopy(unet).requires_grad_(False).eval() if separate else unet
-    prediction_type = base.prediction_type if config.student_prediction == "teacher" else config.student_prediction
-    return Student(unet, target, separate, config.adapter, prediction_type, time_cond_proj_dim)
+    return Student(unet, target, separate, config.adapter, config.student_prediction_type(base.prediction_type), time_cond_proj_dim)
