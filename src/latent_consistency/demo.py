@@ -37,10 +37,23 @@ def _table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def ensure_latent_cache(world, cache: Path, device) -> Path:
+    """D_z = {E(x)}: the world's training split encoded once into a latent cache (reused when present)."""
+    from latent_consistency.data.datasets import get_dataset
+    from latent_consistency.data.latent_cache import write_latent_cache
+
+    if not (cache / "manifest.json").is_file():
+        train_split = get_dataset(world.dataset, "train", world.resolution, seed=world.preset.seed, size=world.preset.train_size)
+        print(f"[demo] encoding {len(train_split)} training images into {cache}", flush=True)
+        write_latent_cache(train_split, cache, world.codec, world.model.tokenizer, world.model.text_encoder,
+                           source={"dataset": world.dataset, "split": "train", "resolution": world.resolution},
+                           device=device)
+    return cache
+
+
 def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_samples: int, device: str,
              world_preset: str = "default") -> Path:
     from latent_consistency.data.datasets import REFERENCE_SPLITS, get_dataset
-    from latent_consistency.data.latent_cache import write_latent_cache
     from latent_consistency.evaluation.compare import SamplerSpec, sample, score
     from latent_consistency.generate import resolve_device
     from latent_consistency.grids import image_grid, save_png
@@ -66,13 +79,7 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     world = load_world(Path(world_dir), dev)
 
     # 1. Latent cache of the training split
-    cache = out / "latents"
-    if not (cache / "manifest.json").is_file():
-        train_split = get_dataset(world.dataset, "train", world.resolution, seed=world.preset.seed, size=world.preset.train_size)
-        print(f"[demo] encoding {len(train_split)} training images into {cache}", flush=True)
-        write_latent_cache(train_split, cache, world.codec, world.model.tokenizer, world.model.text_encoder,
-                           source={"dataset": world.dataset, "split": "train", "resolution": world.resolution},
-                           device=dev)
+    cache = ensure_latent_cache(world, out / "latents", dev)
 
     # 2. Distillation
     run = out / "distill"

@@ -32,13 +32,13 @@ def evaluate_run(run: Path, world, samples: int, guidance_scale: float, device="
     items = [reference[i] for i in range(min(samples, len(reference)))]
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]
     real = torch.stack([it["image"] for it in items])
-    student = make_student_unet(world.model.unet, config.time_cond_proj_dim).eval()
+    student = make_student_unet(world.model.unet, config.time_cond_proj_dim).to(device).eval()
     lcm = dataclasses.replace(world.model, unet=student, scheduler_config=world.model.scheduler_config | {
         "original_inference_steps": 1000 // config.skip, "prediction_type": config.student_prediction_type(world.prediction_type)})
     rows = []
     for path in list_checkpoints(run):
         weights = path / ("target.safetensors" if (path / "target.safetensors").is_file() else "student.safetensors")
-        student.load_state_dict(load_file(str(weights)))
+        student.load_state_dict(load_file(str(weights), device=str(device)))
         step = json.loads((path / "state.json").read_text())["step"]
         row = {"step": step}
         for n in STEPS:
@@ -77,6 +77,7 @@ def write_report(run: Path, rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
+    from latent_consistency.generate import resolve_device
     from latent_consistency.world.build import default_world_path, load_world
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,9 +85,11 @@ def main(argv=None) -> int:
     parser.add_argument("--world", help="the world the run distilled (default: the shipped one)")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args(argv)
-    world = load_world(args.world or default_world_path())
-    rows = evaluate_run(Path(args.run), world, args.samples, args.guidance_scale)
+    device = resolve_device(args.device)
+    world = load_world(args.world or default_world_path(), device)
+    rows = evaluate_run(Path(args.run), world, args.samples, args.guidance_scale, device)
     write_report(Path(args.run), rows)
     print((Path(args.run) / "over_training.md").read_text())
     return 0
