@@ -10,6 +10,9 @@ UNet leaves a GPU mostly idle, so they share it well). Training stops at --train
 then every complete checkpoint of every run is scored by `latent_consistency.evaluation.over_training`
 (1/2/4-step FID and prompt alignment with the world's judge). Writes sweep.json and sweep.md in --out:
 per variant the final against the best FID at each step count, the criterion of issue 4 (final within 10 %).
+
+The sweep in docs/distillation.md ran on 2026-11-26, when the preset's guidance range was g ∈ [2, 8]; to
+repeat it on today's preset add `--set guidance_scale_min=2 guidance_scale_max=8 --guidance-scale 7.5`.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--latents", help="an existing latent cache of the default world (else built into OUT/latents)")
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="overrides applied to every variant first")
+    parser.add_argument("--guidance-scale", help="evaluation guidance scale (default: each run's validation guidance scale)")
     parser.add_argument("--train-seconds", type=float, default=240)
     parser.add_argument("--eval-seconds", type=float, default=120)
     args = parser.parse_args()
@@ -100,12 +105,13 @@ def main() -> int:
     distill = {name: [sys.executable, "-m", "latent_consistency.cli", "distill", "--preset", "world", "--teacher", str(world_dir),
                       "--data", str(latents), "--out", str(out / name), "--steps", str(args.steps),
                       "--checkpoint-every", str(args.every), "--keep-checkpoints", "1000", "--validate-every", "0",
-                      *flags(VARIANTS[name])] for name in names}
+                      *flags(dict(kv.split("=", 1) for kv in args.set) | VARIANTS[name])] for name in names}
     t0 = time.perf_counter()
     codes = run_all(distill, logs, args.train_seconds, env)
     print(f"training: {time.perf_counter() - t0:.0f} s, exit codes {codes}", flush=True)
     evaluate = {f"{name}-eval": [sys.executable, "-m", "latent_consistency.evaluation.over_training", "--run", str(out / name),
-                                 "--samples", str(args.samples), "--device", args.device]
+                                 "--samples", str(args.samples), "--device", args.device,
+                                 *(["--guidance-scale", args.guidance_scale] if args.guidance_scale else [])]
                 for name in names if (out / name / "checkpoints").is_dir()}
     t0 = time.perf_counter()
     codes = run_all(evaluate, logs, args.eval_seconds, env)

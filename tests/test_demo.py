@@ -16,3 +16,12 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     assert len(report["results"]) == 7 and all(r["fid"] >= 0 for r in report["results"].values())
     # A rerun reuses every finished part.
     assert main(["--out", str(out), "--world-preset", "tiny", "--distill-steps", "3", "--eval-samples", "8", "--device", "cpu"]) == 0
+
+    # Quality over training of that run: every checkpoint scored at the run's validation guidance scale
+    from latent_consistency.evaluation import over_training
+
+    assert over_training.main(["--run", str(out / "distill"), "--world", str(out / "world-tiny"), "--samples", "4", "--device", "cpu"]) == 0
+    rows = json.loads((out / "distill" / "over_training.json").read_text())
+    assert [r["step"] for r in rows] == [3]
+    assert all(r[f"fid_{n}"] >= 0 and 0 <= r[f"alignment_{n}"] <= 1 for r in rows for n in (1, 2, 4))
+    assert (out / "distill" / "over_training.png").is_file()

@@ -23,11 +23,12 @@ from latent_consistency.training.checkpoint import list_checkpoints
 STEPS = (1, 2, 4)
 
 
-def evaluate_run(run: Path, world, samples: int, guidance_scale: float, device="cpu") -> list[dict]:
+def evaluate_run(run: Path, world, samples: int, guidance_scale: float | None = None, device="cpu") -> list[dict]:
     from latent_consistency.data.datasets import REFERENCE_SPLITS, get_dataset
     from safetensors.torch import load_file
 
     config = config_from_dict(json.loads((run / "config.json").read_text()))
+    guidance_scale = config.validation_guidance_scale if guidance_scale is None else guidance_scale
     reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)
     items = [reference[i] for i in range(min(samples, len(reference)))]
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run", required=True, help="a distillation run folder (full student) with checkpoints")
     parser.add_argument("--world", help="the world the run distilled (default: the shipped one)")
     parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--guidance-scale", type=float, help="default: the run's validation guidance scale")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
