@@ -7,8 +7,8 @@ latent cache is needed). Its tokenizer, judge, VAE, text encoder and latent cach
 prediction type, so they are copied and only the teacher (with `--teacher-steps`, shorter than the
 preset's on a CPU) and the quality report are rebuilt, with `build_world` and `prediction_type=
 "v_prediction"`. The teacher is then distilled with the `world` training preset (the student learns
-from the teacher's v outputs and predicts ε, as the official scripts do) and its 1/2/4-step samples are
-scored with the judge next to the teacher's 25-step DPM-Solver++ ones. Writes `vprediction.md` into DIR.
+from the teacher's v outputs and predicts v, as the preset asks) and its 1/2/4-step samples are scored
+with the judge next to the teacher's 25-step DPM-Solver++ ones, all at the preset's validation guidance scale. Writes `vprediction.md` into DIR.
 """
 
 from __future__ import annotations
@@ -72,24 +72,24 @@ def main() -> None:
     items = [reference[i] for i in range(args.samples)]
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]
     real = torch.stack([it["image"] for it in items])
-    quality = json.loads((world_dir / "quality" / "quality.json").read_text())
-    names = [a for a in quality["teacher"]["guided"]["alignment"] if a != "mean"]
+    g = config.validation_guidance_scale
+    teacher = score(world.judge, sample(SamplerSpec("teacher", 25, g, "dpm++"), None, world.model, prompts), attributes, real)
+    names = [a for a in teacher["alignment"] if a != "mean"]
     lines = [f"v-prediction teacher ({args.teacher_steps} steps) of `{args.from_world}`, distilled {args.distill_steps} "
-             f"steps with the `world` preset; {args.samples} reference prompts, g = 7.5.\n",
+             f"steps with the `world` preset; {args.samples} reference prompts, g = {g:g}.\n",
              f"LCD loss (logged means): first fifth {sum(losses[:fifth]) / fifth:.3g}, last fifth {sum(losses[-fifth:]) / fifth:.3g}\n",
              "| sampler | FID (judge) | alignment | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
 
     def row(label: str, fid: float, alignment: dict) -> str:
         return f"| {label} | {fid:.1f} | {alignment['mean']:.3f} | " + " | ".join(f"{alignment[a]:.2f}" for a in names) + " |"
 
-    guided = quality["teacher"]["guided"]
-    lines.append(row("teacher dpm++ 25-step (quality report)", guided["fid"], guided["alignment"]))
+    lines.append(row("teacher dpm++ 25-step", teacher["fid"], teacher["alignment"]))
     for n in (1, 2, 4):
-        s = score(world.judge, sample(SamplerSpec("lcm", n, 7.5), lcm, world.model, prompts), attributes, real)
+        s = score(world.judge, sample(SamplerSpec("lcm", n, g), lcm, world.model, prompts), attributes, real)
         lines.append(row(f"LCM {n}-step", s["fid"], s["alignment"]))
     start = dataclasses.replace(lcm, unet=make_student_unet(world.model.unet, lcm.time_cond_proj_dim).eval(),
                                 scheduler_config=lcm.scheduler_config | {"prediction_type": world.prediction_type})
-    s = score(world.judge, sample(SamplerSpec("lcm", 1, 7.5), start, world.model, prompts), attributes, real)
+    s = score(world.judge, sample(SamplerSpec("lcm", 1, g), start, world.model, prompts), attributes, real)
     lines.append(row("undistilled start, consistency sampler 1-step", s["fid"], s["alignment"]))
     noise = torch.rand(real.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     s = score(world.judge, noise, attributes, real)

@@ -79,9 +79,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         from latent_consistency.losses import DISTANCES
-        from latent_consistency.solvers import SOLVERS
-
         from latent_consistency.parameterization import PREDICTION_TYPES
+        from latent_consistency.solvers import SOLVERS
 
         if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
             raise UserError(f"student_prediction {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
