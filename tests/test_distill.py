@@ -189,7 +189,7 @@ def test_nonfinite_losses_stop_with_a_checkpoint(tiny_sd, image_folder, tmp_path
     assert state["nonfinite_total"] == 3
 
 
-@pytest.mark.parametrize("case", ["missing teacher", "missing data", "bad solver", "bad loss", "resolution", "not empty",
+@pytest.mark.parametrize("case", ["missing teacher", "missing data", "bad solver", "bad loss", "bad weighting", "resolution", "not empty",
                                   "resume differs", "resume nothing", "batch split", "bad student prediction",
                                   "lora student prediction"])
 def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case):
@@ -199,6 +199,7 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
         "missing data": (distill_args(tiny_sd, tmp_path / "nodata", out), "cannot read data spec"),
         "bad solver": (distill_args(tiny_sd, image_folder, out, "--solver", "heun"), "unknown solver 'heun'"),
         "bad loss": (distill_args(tiny_sd, image_folder, out, "--loss", "l1"), "unknown loss 'l1'"),
+        "bad weighting": (distill_args(tiny_sd, image_folder, out, "--loss-weighting", "snr"), "unknown loss weighting 'snr'"),
         "resolution": (distill_args(tiny_sd, image_folder, out, "--resolution", "15"), "not a multiple of the VAE factor"),
         "not empty": (distill_args(tiny_sd, image_folder, tmp_path / "full"), "is not empty"),
         "resume differs": (distill_args(tiny_sd, image_folder, out, "--lr", "5e-4", "--resume"), "lr: 0.0001 -> 0.0005"),

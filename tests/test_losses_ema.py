@@ -4,7 +4,7 @@ import torch
 from latent_consistency.analytic import GaussianMixtureEps, gaussian_flow
 from latent_consistency.denoisers import GuidedTeacher
 from latent_consistency.errors import UserError
-from latent_consistency.losses import LCDLoss, LCFLoss, consistency_distance
+from latent_consistency.losses import LCDLoss, LCFLoss, consistency_distance, consistency_weight
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.ema import ema_update
@@ -63,3 +63,37 @@ def test_lcd_loss_requires_teacher_and_valid_range():
         LCDLoss(schedule)
     with pytest.raises(UserError, match="guidance scale range"):
         LCFLoss(schedule, guidance_scale_range=(5.0, 2.0))
+
+
+def test_ict_weighting_is_the_inverse_noise_level_gap_normalised_over_the_grid():
+    """λ = 1/(σ̃(t_{n+k}) − σ̃(t_n)) with σ̃ = √((1−ᾱ)/ᾱ) from the schedule's ᾱ; a constant offset of 0.1
+    then costs 0.01·λ(t_n) per sample, λ normalised to mean 1 over the grid."""
+    schedule = NoiseSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    abar = schedule.alphas_cumprod.double()
+    sigma_edm = ((1 - abar) / abar).sqrt()
+    t, s = torch.tensor([999, 259, 19]), torch.tensor([979, 239, 0])
+    expected = 1 / (sigma_edm[t] - sigma_edm[s])
+    assert torch.allclose(consistency_weight(schedule, t, s).double(), expected, rtol=1e-5)
+    assert expected[1] > 20 * expected[0]  # the middle of the schedule outweighs t = T
+
+    def offset_f(z, t, cond, omega):
+        return z * 0 + 0.1
+
+    x0 = torch.zeros(512, 2, dtype=torch.float64)
+    cond = torch.ones(512, 1, dtype=torch.float64)
+    teacher = GuidedTeacher(GaussianMixtureEps(torch.tensor([[0.5, -0.5]]), 0.4, schedule), schedule, "epsilon")
+    loss = LCDLoss(schedule, skip=20, distance="l2", weighting="ict", teacher=teacher, solver=get_solver("ddim"))
+    zero = lambda z, t, cond, omega: z * 0  # noqa: E731
+    per_sample = loss(offset_f, zero, x0, cond, cond, torch.Generator().manual_seed(1))
+    point = loss.draw_point(x0, torch.Generator().manual_seed(1))
+    grid_weights = consistency_weight(schedule, *loss_pairs(loss))
+    assert torch.allclose(point.weight, (grid_weights / grid_weights.mean())[(point.t_n_plus_k - 19) // 20].float())
+    assert torch.allclose(per_sample.double(), 0.01 * point.weight.double(), rtol=1e-5)
+    with pytest.raises(UserError, match="loss weighting"):
+        LCFLoss(schedule, weighting="snr")
+
+
+def loss_pairs(loss):
+    from latent_consistency.schedule import consistency_pairs
+
+    return consistency_pairs(loss.grid, torch.arange(len(loss.grid)), loss.skip)

@@ -20,6 +20,7 @@ from latent_consistency.schedule import NoiseSchedule, consistency_pairs, skippi
 from latent_consistency.solvers import Solver, guided_jump
 
 DISTANCES = ("l2", "huber")
+WEIGHTINGS = ("uniform", "ict")
 
 
 def consistency_distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber", huber_c: float = 0.001) -> torch.Tensor:
@@ -37,6 +38,18 @@ def consistency_distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "
     return per_element.flatten(1).mean(1)
 
 
+def consistency_weight(schedule: NoiseSchedule, t_n_plus_k: torch.Tensor, t_n: torch.Tensor) -> torch.Tensor:
+    """λ(t_n) = 1 / (σ̃(t_{n+k}) − σ̃(t_n)) with σ̃ = σ_t/α_t, the improved consistency training weighting
+    (Song & Dhariwal 2023, Sec. 3.4) on the VP schedule's EDM noise levels.
+
+    It weights a pair by the inverse of its noise-level gap, so the small and middle noise levels, where the
+    distance between consistent outputs is small, are not drowned by the large errors near t = T.
+    """
+    a, s = schedule.alpha_sigma(t_n_plus_k)
+    a_n, s_n = schedule.alpha_sigma(t_n)
+    return 1.0 / (s / a - s_n / a_n)
+
+
 @dataclass
 class TrainingPoint:
     """One draw of Algorithm 1/4: grid pair (t_{n+k}, t_n), guidance ω and noise ε per sample."""
@@ -45,6 +58,7 @@ class TrainingPoint:
     t_n: torch.Tensor
     omega: torch.Tensor
     noise: torch.Tensor
+    weight: torch.Tensor  # λ(t_n) of the loss weighting; ones for "uniform"
 
 
 @dataclass
@@ -56,9 +70,16 @@ class ConsistencyObjective:
     guidance_scale_range: tuple[float, float] = (3.0, 15.0)  # diffusers' g; the paper's ω ∈ [2, 14]
     distance: str = "huber"
     huber_c: float = 0.001
+    weighting: str = "uniform"  # "uniform" (the paper's Algorithm 1) or "ict" (`consistency_weight`)
 
     def __post_init__(self):
         self.grid = skipping_grid(self.schedule.num_train_timesteps, self.skip)
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(f"unknown loss weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        # Weights normalised to mean 1 over the grid, so that the learning rate keeps its meaning.
+        pairs = consistency_pairs(self.grid, torch.arange(len(self.grid)), self.skip)
+        self.grid_weights = consistency_weight(self.schedule, *pairs).float()
+        self.grid_weights /= self.grid_weights.mean()
         lo, hi = self.guidance_scale_range
         if not 1.0 <= lo <= hi:
             raise UserError(f"guidance scale range must satisfy 1 <= min <= max, got {self.guidance_scale_range}")
@@ -73,10 +94,12 @@ class ConsistencyObjective:
         w_min, w_max = (omega_from_guidance_scale(g) for g in self.guidance_scale_range)
         omega = w_min + (w_max - w_min) * torch.rand(b, generator=generator, device=device)
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        return TrainingPoint(t_n_plus_k, t_n, omega, noise)
+        weight = torch.ones(b, device=device) if self.weighting == "uniform" else self.grid_weights.to(device)[index]
+        return TrainingPoint(t_n_plus_k, t_n, omega, noise, weight)
 
-    def d(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return consistency_distance(pred, target, self.distance, self.huber_c)
+    def d(self, pred: torch.Tensor, target: torch.Tensor, point: TrainingPoint) -> torch.Tensor:
+        """λ(t_n)·d(pred, target) per sample."""
+        return point.weight * consistency_distance(pred, target, self.distance, self.huber_c)
 
 
 @dataclass
@@ -104,7 +127,7 @@ class LCDLoss(ConsistencyObjective):
             # Target f_θ⁻ at the earlier point
             tgt = target(z_hat.to(z.dtype), p.t_n, cond, p.omega)
         pred = student(z, p.t_n_plus_k, cond, p.omega)
-        return self.d(pred, tgt)
+        return self.d(pred, tgt, p)
 
 
 @dataclass
@@ -120,4 +143,4 @@ class LCFLoss(ConsistencyObjective):
         with torch.no_grad():
             tgt = target(self.schedule.add_noise(latents, p.noise, p.t_n), p.t_n, cond, p.omega)
         pred = student(z, p.t_n_plus_k, cond, p.omega)
-        return self.d(pred, tgt)
+        return self.d(pred, tgt, p)

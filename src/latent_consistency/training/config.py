@@ -47,6 +47,7 @@ class TrainConfig:
     guide_increments: bool = doc("guide the two solver increments (Eq. 17 literally) instead of every teacher evaluation", default=False)
     loss: str = doc("consistency distance d: l2 or huber (pseudo-Huber)", default="huber")
     huber_c: float = doc("pseudo-Huber constant c", default=0.001)
+    loss_weighting: str = doc("weight of each grid pair: uniform (the paper) or ict (1/(σ̃_{n+k} − σ̃_n), Song & Dhariwal 2023)", default="uniform")
     ema_decay: float | None = doc("EMA rate μ of the target θ⁻ (paper 0.999943, diffusers 0.95; 0: target = student, no copy). Default: 0.95 full, 0 lora", default=None)
     # --- Optimisation ---
     steps: int = doc("optimiser steps", default=1000)
@@ -78,7 +79,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        from latent_consistency.losses import DISTANCES
+        from latent_consistency.losses import DISTANCES, WEIGHTINGS
         from latent_consistency.parameterization import PREDICTION_TYPES
         from latent_consistency.solvers import SOLVERS
 
@@ -90,6 +91,8 @@ class TrainConfig:
             raise UserError(f"unknown solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
         if self.loss not in DISTANCES:
             raise UserError(f"unknown loss {self.loss!r}; use one of {', '.join(DISTANCES)}")
+        if self.loss_weighting not in WEIGHTINGS:
+            raise UserError(f"unknown loss weighting {self.loss_weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         for name in ("teacher", "data", "out"):
             if not getattr(self, name):
                 raise UserError(f"--{name} is required")

@@ -71,7 +71,7 @@ def prepare_run_folder(config: TrainConfig, resume: bool) -> Path:
 
 def build_loss(config: TrainConfig, teacher_model, schedule: NoiseSchedule):
     common = dict(schedule=schedule, skip=config.skip, guidance_scale_range=(config.guidance_scale_min, config.guidance_scale_max),
-                  distance=config.loss, huber_c=config.huber_c)
+                  distance=config.loss, huber_c=config.huber_c, weighting=config.loss_weighting)
     if config.objective == "lcf":
         return LCFLoss(**common)
     teacher = GuidedTeacher(UNetNetwork(teacher_model.unet), schedule, teacher_model.prediction_type)
