@@ -24,4 +24,6 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     rows = json.loads((out / "distill" / "over_training.json").read_text())
     assert [r["step"] for r in rows] == [3]
     assert all(r[f"fid_{n}"] >= 0 and 0 <= r[f"alignment_{n}"] <= 1 for r in rows for n in (1, 2, 4))
+    errors = {k: v for k, v in rows[0].items() if k.startswith("ode_error_")}
+    assert len(errors) >= 4 and all(0 <= v < float("inf") for v in errors.values()), errors
     assert (out / "distill" / "over_training.png").is_file()

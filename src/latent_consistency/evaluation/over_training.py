@@ -3,7 +3,9 @@
     python -m latent_consistency.evaluation.over_training --run runs/demo/distill --world WORLD [--samples 500]
 
 Each checkpoint's target θ⁻ (the network that is exported) is sampled for the same reference prompts
-and noise and scored with the world's judge. Writes `over_training.json`, `.md` and `.png` into the run.
+and noise and scored with the world's judge, and its distance from the teacher's ODE solution is measured
+at the 4-step sampler's timesteps and one small t (`ode_error`: where on the trajectory it is accurate).
+Writes `over_training.json`, `.md` and `.png` into the run.
 """
 
 from __future__ import annotations
@@ -15,12 +17,38 @@ from pathlib import Path
 
 import torch
 
+from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, UNetNetwork
 from latent_consistency.evaluation.compare import SamplerSpec, sample, score
-from latent_consistency.models import make_student_unet
+from latent_consistency.evaluation.ode_error import ode_error, ode_solutions
+from latent_consistency.models import encode_prompts, make_student_unet
+from latent_consistency.parameterization import omega_from_guidance_scale
+from latent_consistency.sampling import lcm_timesteps
+from latent_consistency.schedule import NoiseSchedule, skipping_grid
+from latent_consistency.solvers import get_solver
 from latent_consistency.training.config import config_from_dict
 from latent_consistency.training.checkpoint import list_checkpoints
 
 STEPS = (1, 2, 4)
+
+
+def error_timesteps(num_train_timesteps: int, skip: int) -> list[int]:
+    """The 4-step sampler's timesteps and the grid point nearest T/10."""
+    grid = skipping_grid(num_train_timesteps, skip)
+    small = int(grid[(grid - num_train_timesteps // 10).abs().argmin()])
+    return sorted({*lcm_timesteps(4, num_train_timesteps, num_train_timesteps // skip).tolist(), small}, reverse=True)
+
+
+def reference_solutions(world, config, items: list[dict], guidance_scale: float, device):
+    """The teacher's ODE solutions (config's solver and skip) from the reference images' latents."""
+    model = world.model
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    x0 = model.codec.encode(torch.stack([it["image"] for it in items]).to(device)).float()
+    cond = encode_prompts(model.tokenizer, model.text_encoder, [it["caption"] for it in items], device)
+    uncond = encode_prompts(model.tokenizer, model.text_encoder, [""], device).expand(len(items), -1, -1)
+    teacher = GuidedTeacher(UNetNetwork(model.unet), schedule, model.prediction_type)
+    return ode_solutions(teacher, get_solver(config.solver), x0, cond, uncond, omega_from_guidance_scale(guidance_scale),
+                         error_timesteps(schedule.num_train_timesteps, config.skip), config.skip,
+                         torch.Generator().manual_seed(0))
 
 
 def evaluate_run(run: Path, world, samples: int, guidance_scale: float | None = None, device="cpu") -> list[dict]:
@@ -36,6 +64,9 @@ def evaluate_run(run: Path, world, samples: int, guidance_scale: float | None = 
     student = make_student_unet(world.model.unet, config.time_cond_proj_dim).to(device).eval()
     lcm = dataclasses.replace(world.model, unet=student, scheduler_config=world.model.scheduler_config | {
         "original_inference_steps": 1000 // config.skip, "prediction_type": config.student_prediction_type(world.prediction_type)})
+    solutions = reference_solutions(world, config, items, guidance_scale, device)
+    f = ConsistencyModel(UNetNetwork(student), NoiseSchedule.from_config(lcm.scheduler_config), lcm.prediction_type,
+                         config.time_cond_proj_dim, timestep_scaling=float(lcm.scheduler_config.get("timestep_scaling", 10.0)))
     rows = []
     for path in list_checkpoints(run):
         weights = path / ("target.safetensors" if (path / "target.safetensors").is_file() else "student.safetensors")
@@ -45,6 +76,7 @@ def evaluate_run(run: Path, world, samples: int, guidance_scale: float | None = 
         for n in STEPS:
             s = score(world.judge, sample(SamplerSpec("lcm", n, guidance_scale), lcm, world.model, prompts, device=device), attributes, real)
             row[f"fid_{n}"], row[f"alignment_{n}"] = s["fid"], s["alignment"]["mean"]
+        row |= {f"ode_error_{t}": e for t, e in ode_error(f, solutions).items()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -57,22 +89,32 @@ def write_report(run: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     (run / "over_training.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| step | " + " | ".join(f"FID {n}-step" for n in STEPS) + " | " + " | ".join(f"align {n}-step" for n in STEPS) + " |",
-             "|---" * (1 + 2 * len(STEPS)) + "|"]
+    error_keys = [k for k in rows[0] if k.startswith("ode_error_")]
+    lines = ["| step | " + " | ".join(f"FID {n}-step" for n in STEPS) + " | " + " | ".join(f"align {n}-step" for n in STEPS)
+             + "".join(f" | ODE error t={k.removeprefix('ode_error_')}" for k in error_keys) + " |",
+             "|---" * (1 + 2 * len(STEPS) + len(error_keys)) + "|"]
     for r in rows:
         lines.append(f"| {r['step']} | " + " | ".join(f"{r[f'fid_{n}']:.2f}" for n in STEPS) + " | "
-                     + " | ".join(f"{r[f'alignment_{n}']:.3f}" for n in STEPS) + " |")
+                     + " | ".join(f"{r[f'alignment_{n}']:.3f}" for n in STEPS)
+                     + "".join(f" | {r[k]:.4f}" for k in error_keys) + " |")
     for n in STEPS:
         best = min(r[f"fid_{n}"] for r in rows)
         lines.append(f"\n{n}-step: final FID {rows[-1][f'fid_{n}']:.2f}, best {best:.2f} "
                      f"({100 * (rows[-1][f'fid_{n}'] / best - 1):.1f} % above the best)")
     (run / "over_training.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["step"] for r in rows]
     for n in STEPS:
-        ax.plot([r["step"] for r in rows], [r[f"fid_{n}"] for r in rows], marker="o", label=f"{n}-step")
+        ax.plot(steps, [r[f"fid_{n}"] for r in rows], marker="o", label=f"{n}-step")
     ax.set_xlabel("training step")
     ax.set_ylabel("FID (judge features)")
     ax.legend()
+    for k in error_keys:
+        ax_err.plot(steps, [r[k] for r in rows], marker="o", label=f"t = {k.removeprefix('ode_error_')}")
+    ax_err.set_xlabel("training step")
+    ax_err.set_ylabel("MSE to the teacher's ODE solution")
+    ax_err.set_yscale("log")
+    ax_err.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(run / "over_training.png", dpi=120)
 

@@ -1,0 +1,58 @@
+"""How far a consistency model is from the fixed point LCD trains it towards, per timestep.
+
+For data latents x0, noise ε and timesteps t on the LCD grid, z_t = α_t·x0 + σ_t·ε is carried by the guided
+teacher's solver Ψ along the grid t → t−k → … → 0 (the last jump clamped to 0, as `consistency_pairs`
+does). With f_θ⁻ = f_θ that chain is exactly the fixed point of Algorithm 1's recursion
+f(z_{t_{n+k}}) = f(Ψ(z_{t_{n+k}}, t_{n+k}, t_n)), anchored by c_skip(0) = 1. The mean squared error of
+f(z_t, ω, c, t) against it, per t, says where on the trajectory a student is (in)accurate; the FID of
+few-step samples mixes all the timesteps the sampler visits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from latent_consistency.errors import UserError
+from latent_consistency.solvers import Solver, guided_jump
+
+
+@dataclass
+class ODESolutions:
+    """z_t per timestep and the teacher's ODE solution from it, for one set of (x0, ε, c, ω)."""
+
+    z: dict[int, torch.Tensor]
+    solution: dict[int, torch.Tensor]
+    cond: torch.Tensor
+    omega: float
+
+
+@torch.no_grad()
+def ode_solutions(teacher, solver: Solver, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, omega: float,
+                  timesteps: list[int], skip: int, generator: torch.Generator | None = None) -> ODESolutions:
+    """Noise `x0` to each t in `timesteps` (grid points k−1 + j·k) with one ε and solve the guided ODE to 0."""
+    off_grid = [t for t in timesteps if (t + 1) % skip]
+    if off_grid:
+        raise UserError(f"timesteps {off_grid} are not on the grid of skip {skip}")
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    z, solution = {}, {}
+    for t in timesteps:
+        step = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+        z[t] = current = teacher.schedule.add_noise(x0, noise, step)
+        while int(step[0]) > 0:
+            nxt = (step - skip).clamp(min=0)
+            current = guided_jump(solver, teacher, current, step, nxt, cond, uncond, omega).to(x0.dtype)
+            step = nxt
+        solution[t] = current
+    return ODESolutions(z, solution, cond, omega)
+
+
+@torch.no_grad()
+def ode_error(f, solutions: ODESolutions) -> dict[int, float]:
+    """Mean squared error of f(z_t, ω, c, t) against the ODE solution from z_t, per t."""
+    errors = {}
+    for t, z in solutions.z.items():
+        pred = f(z, torch.full((z.shape[0],), t, dtype=torch.long, device=z.device), solutions.cond, solutions.omega)
+        errors[t] = float(((pred.float() - solutions.solution[t].float()) ** 2).mean())
+    return errors
