@@ -108,6 +108,7 @@ def write_report(run: Path, rows: list[dict]) -> None:
         ax.plot(steps, [r[f"fid_{n}"] for r in rows], marker="o", label=f"{n}-step")
     ax.set_xlabel("training step")
     ax.set_ylabel("FID (judge features)")
+    ax.set_yscale("log")  # a v student's relearning phase scores in the thousands
     ax.legend()
     for k in error_keys:
         ax_err.plot(steps, [r[k] for r in rows], marker="o", label=f"t = {k.removeprefix('ode_error_')}")
