@@ -11,8 +11,9 @@ then every complete checkpoint of every run is scored by `latent_consistency.eva
 (1/2/4-step FID and prompt alignment with the world's judge). Writes sweep.json and sweep.md in --out:
 per variant the final against the best FID at each step count, the criterion of issue 4 (final within 10 %).
 
-The sweep in docs/distillation.md ran on 2026-11-26, when the preset's guidance range was g ∈ [2, 8]; to
-repeat it on today's preset add `--set guidance_scale_min=2 guidance_scale_max=8 --guidance-scale 7.5`.
+The sweep in docs/distillation.md ran on 2026-11-26, when the preset's guidance range was g ∈ [2, 8] and its
+loss weighting uniform; to repeat it on today's preset add
+`--set guidance_scale_min=2 guidance_scale_max=8 loss_weighting=uniform --guidance-scale 7.5`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 VARIANTS: dict[str, dict] = {
     "base": {},
+    "uniform": dict(loss_weighting="uniform"),
     "cosine": dict(lr_schedule="cosine"),
     "lr2e-5": dict(lr=2e-5),
     "dpm++": dict(solver="dpm++"),
