@@ -89,6 +89,8 @@ def test_ict_weighting_is_the_inverse_noise_level_gap_normalised_over_the_grid()
     grid_weights = consistency_weight(schedule, *loss_pairs(loss))
     assert torch.allclose(point.weight, (grid_weights / grid_weights.mean())[(point.t_n_plus_k - 19) // 20].float())
     assert torch.allclose(per_sample.double(), 0.01 * point.weight.double(), rtol=1e-5)
+    every_step = LCFLoss(schedule, skip=1, weighting="ict").grid_weights  # first pair (0, 0): no gap, weight 0
+    assert every_step[0] == 0 and torch.isfinite(every_step).all() and every_step[1:].gt(0).all()
     with pytest.raises(UserError, match="loss weighting"):
         LCFLoss(schedule, weighting="snr")
 

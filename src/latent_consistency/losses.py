@@ -5,7 +5,8 @@
 - `LCFLoss`: latent consistency fine-tuning, Algorithm 4. No teacher: z_{t_n} and z_{t_{n+k}} are noised
   from the same latent with the same ε.
 
-Both draw (n, ω, ε) the same way (`draw_point`), so they share one training loop.
+Both draw (n, ω, ε) the same way (`draw_point`) and weight each sample's distance by λ(t_n) (1 for the
+paper's uniform weighting, `consistency_weight` for iCT's), so they share one training loop.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ def consistency_weight(schedule: NoiseSchedule, t_n_plus_k: torch.Tensor, t_n: t
     (Song & Dhariwal 2023, Sec. 3.4) on the VP schedule's EDM noise levels.
 
     It weights a pair by the inverse of its noise-level gap, so the small and middle noise levels, where the
-    distance between consistent outputs is small, are not drowned by the large errors near t = T.
+    distance between consistent outputs is small, are not drowned by the large errors near t = T. A pair
+    with no gap (t_{n+k} = t_n = 0, skip 1) is weighted 0: both sides are z_0 by the boundary condition.
     """
     a, s = schedule.alpha_sigma(t_n_plus_k)
     a_n, s_n = schedule.alpha_sigma(t_n)
-    return 1.0 / (s / a - s_n / a_n)
+    gap = s / a - s_n / a_n
+    return torch.where(gap > 0, 1.0 / gap.clamp_min(torch.finfo(gap.dtype).tiny), torch.zeros_like(gap))
 
 
 @dataclass
