@@ -25,6 +25,7 @@ import torch
 
 from latent_consistency.errors import UserError
 
+
 def _table(rows: list[tuple[str, dict]]) -> str:
     attrs = [a for a in rows[0][1]["alignment"] if a != "mean"]
     lines = ["| sampler | FID (judge) | alignment | " + " | ".join(attrs) + " |", "|---" * (3 + len(attrs)) + "|"]

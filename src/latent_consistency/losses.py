@@ -79,10 +79,12 @@ class ConsistencyObjective:
         self.grid = skipping_grid(self.schedule.num_train_timesteps, self.skip)
         if self.weighting not in WEIGHTINGS:
             raise UserError(f"unknown loss weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
-        # Weights normalised to mean 1 over the grid, so that the learning rate keeps its meaning.
-        pairs = consistency_pairs(self.grid, torch.arange(len(self.grid)), self.skip)
-        self.grid_weights = consistency_weight(self.schedule, *pairs).float()
-        self.grid_weights /= self.grid_weights.mean()
+        # λ per grid pair, normalised to mean 1 over the grid, so that the learning rate keeps its meaning
+        if self.weighting == "uniform":
+            self.grid_weights = torch.ones(len(self.grid))
+        else:
+            weights = consistency_weight(self.schedule, *consistency_pairs(self.grid, torch.arange(len(self.grid)), self.skip)).float()
+            self.grid_weights = weights / weights.mean()
         lo, hi = self.guidance_scale_range
         if not 1.0 <= lo <= hi:
             raise UserError(f"guidance scale range must satisfy 1 <= min <= max, got {self.guidance_scale_range}")
@@ -97,8 +99,7 @@ class ConsistencyObjective:
         w_min, w_max = (omega_from_guidance_scale(g) for g in self.guidance_scale_range)
         omega = w_min + (w_max - w_min) * torch.rand(b, generator=generator, device=device)
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-        weight = torch.ones(b, device=device) if self.weighting == "uniform" else self.grid_weights.to(device)[index]
-        return TrainingPoint(t_n_plus_k, t_n, omega, noise, weight)
+        return TrainingPoint(t_n_plus_k, t_n, omega, noise, self.grid_weights.to(device)[index])
 
     def d(self, pred: torch.Tensor, target: torch.Tensor, point: TrainingPoint) -> torch.Tensor:
         """λ(t_n)·d(pred, target) per sample."""

@@ -40,6 +40,12 @@ def _noise(model: DiffusionModel, n: int, seeds: range, device) -> torch.Tensor:
     return randn((n, c, s, s), generators, device, torch.float32)
 
 
+def consistency_model(model: DiffusionModel) -> ConsistencyModel:
+    """f_θ of an LCM in diffusers format, with the boundary scalings of its scheduler config."""
+    return ConsistencyModel(UNetNetwork(model.unet), NoiseSchedule.from_config(model.scheduler_config), model.prediction_type,
+                            model.time_cond_proj_dim, timestep_scaling=float(model.scheduler_config.get("timestep_scaling", 10.0)))
+
+
 @torch.no_grad()
 def sample(spec: SamplerSpec, lcm: DiffusionModel | None, teacher: DiffusionModel, prompts: list[str], seed: int = 0,
            device: torch.device | str = "cpu") -> torch.Tensor:
@@ -52,8 +58,7 @@ def sample(spec: SamplerSpec, lcm: DiffusionModel | None, teacher: DiffusionMode
         z_T = _noise(model, len(chunk), range(seed + start, seed + start + len(chunk)), device)
         cond = encode_prompts(model.tokenizer, model.text_encoder, chunk, device)
         if spec.kind == "lcm":
-            f = ConsistencyModel(UNetNetwork(model.unet), schedule, model.prediction_type, model.time_cond_proj_dim,
-                                 timestep_scaling=float(model.scheduler_config.get("timestep_scaling", 10.0)))
+            f = consistency_model(model)
             original = int(model.scheduler_config.get("original_inference_steps", 50))
             generators = [torch.Generator("cpu").manual_seed(10**6 + seed + start + i) for i in range(len(chunk))]
             z0 = sample_lcm(f, z_T, lcm_timesteps(spec.steps, schedule.num_train_timesteps, original), cond,

@@ -38,12 +38,10 @@ def ode_solutions(teacher, solver: Solver, x0: torch.Tensor, cond: torch.Tensor,
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     z, solution = {}, {}
     for t in timesteps:
-        step = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
-        z[t] = current = teacher.schedule.add_noise(x0, noise, step)
-        while int(step[0]) > 0:
-            nxt = (step - skip).clamp(min=0)
-            current = guided_jump(solver, teacher, current, step, nxt, cond, uncond, omega).to(x0.dtype)
-            step = nxt
+        z[t] = current = teacher.schedule.add_noise(x0, noise, torch.full((x0.shape[0],), t, device=x0.device))
+        for now in range(t, 0, -skip):
+            current = guided_jump(solver, teacher, current, torch.tensor(now), torch.tensor(max(now - skip, 0)),
+                                  cond, uncond, omega).to(x0.dtype)
         solution[t] = current
     return ODESolutions(z, solution, cond, omega)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, UNetNetwork
-from latent_consistency.evaluation.compare import SamplerSpec, sample, score
+from latent_consistency.denoisers import GuidedTeacher, UNetNetwork
+from latent_consistency.evaluation.compare import SamplerSpec, consistency_model, sample, score
 from latent_consistency.evaluation.ode_error import ode_error, ode_solutions
 from latent_consistency.models import encode_prompts, make_student_unet
 from latent_consistency.parameterization import omega_from_guidance_scale
@@ -65,8 +65,7 @@ def evaluate_run(run: Path, world, samples: int, guidance_scale: float | None = 
     lcm = dataclasses.replace(world.model, unet=student, scheduler_config=world.model.scheduler_config | {
         "original_inference_steps": 1000 // config.skip, "prediction_type": config.student_prediction_type(world.prediction_type)})
     solutions = reference_solutions(world, config, items, guidance_scale, device)
-    f = ConsistencyModel(UNetNetwork(student), NoiseSchedule.from_config(lcm.scheduler_config), lcm.prediction_type,
-                         config.time_cond_proj_dim, timestep_scaling=float(lcm.scheduler_config.get("timestep_scaling", 10.0)))
+    f = consistency_model(lcm)
     rows = []
     for path in list_checkpoints(run):
         weights = path / ("target.safetensors" if (path / "target.safetensors").is_file() else "student.safetensors")

@@ -141,8 +141,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # keeps the student on the teacher's ODE at the middle timesteps, where with uniform weights it drifts off
     # and 4-step FID rises from ~8 to 12-15 after 2,500 steps (docs/distillation.md).
     "world": dict(solver="ddim", skip=20, guidance_scale_min=1.0, guidance_scale_max=3.0, lr=5e-5, batch_size=64,
-                  steps=1000, loss="l2", loss_weighting="ict", ema_decay=0.95, lr_warmup_steps=100, validate_every=250, checkpoint_every=250,
-                  keep_checkpoints=10, time_cond_proj_dim=64, student_prediction="v_prediction",
+                  steps=1000, loss="l2", loss_weighting="ict", ema_decay=0.95, lr_warmup_steps=100, validate_every=250,
+                  checkpoint_every=250, keep_checkpoints=10, time_cond_proj_dim=64, student_prediction="v_prediction",
                   validation_guidance_scale=3.0),
     # Plumbing in tests: seconds.
     "tiny": dict(steps=4, batch_size=4, lr=1e-4, lr_warmup_steps=0, log_every=1, validate_every=0, checkpoint_every=2,
