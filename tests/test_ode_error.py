@@ -40,3 +40,40 @@ def test_error_timesteps_are_the_4_step_sampler_s_and_one_small_t():
 
     assert error_timesteps(1000, 20) == [999, 759, 499, 259, 99]
     assert error_timesteps(1000, 50) == [999, 749, 499, 249, 99]
+
+
+def test_guidance_response_is_one_for_the_guided_consistency_function_and_zero_without_omega():
+    """Cond N(μ_c, s²) and uncond N(μ_u, s²) share a variance, and ε of Gaussian data is affine in its mean,
+    so the guided ε at ω is that of N(μ_c + ω(μ_c − μ_u), s²) and its exact ODE solution is `gaussian_flow`
+    with that mean (the solver reproduces it); a consistency function whose mean moves half as far with ω
+    responds exactly 0.5, one that ignores ω 0."""
+    from latent_consistency.evaluation.ode_error import guidance_response
+
+    schedule = NoiseSchedule.from_config({})
+    means, std = torch.tensor([[0.5, -0.5], [-0.3, 0.2]]), 0.4
+    net = GaussianMixtureEps(means, std, schedule)
+    teacher = GuidedTeacher(net, schedule, "epsilon")
+    cond, uncond = torch.tensor([[1.0, 0.0]]).expand(512, 2), torch.tensor([[0.0, 1.0]]).expand(512, 2)
+    x0 = net.sample(512, cond, torch.Generator().manual_seed(0))
+
+    def f_with(strength):
+        def f(z, t, c, omega):
+            mean = means[0] + strength * omega * (means[0] - means[1])
+            return gaussian_flow(z, t, torch.zeros_like(t), mean, std, schedule)
+        return f
+
+    def solved(omega, seed=1):
+        sols = ode_solutions(teacher, get_solver("dpm++"), x0, cond, uncond, omega, [999, 499, 99], skip=20,
+                             generator=torch.Generator().manual_seed(seed))
+        for t, z in sols.z.items():
+            exact = f_with(1.0)(z, torch.full((512,), t), cond, omega)
+            assert (sols.solution[t] - exact).abs().max() < 0.1 * (exact - x0).abs().max()
+            sols.solution[t] = exact  # the closed form, free of the grid solver's small error
+        return sols
+
+    low, high = solved(0.0), solved(2.0)
+    assert guidance_response(f_with(1.0), low, high) == pytest.approx({999: 1.0, 499: 1.0, 99: 1.0}, abs=1e-6)
+    assert guidance_response(f_with(0.5), low, high) == pytest.approx({999: 0.5, 499: 0.5, 99: 0.5}, abs=1e-6)
+    assert guidance_response(f_with(0.0), low, high) == {999: 0.0, 499: 0.0, 99: 0.0}
+    with pytest.raises(ValueError, match="same z_t"):
+        guidance_response(f_with(1.0), low, solved(2.0, seed=2))

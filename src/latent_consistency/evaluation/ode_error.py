@@ -54,3 +54,23 @@ def ode_error(f, solutions: ODESolutions) -> dict[int, float]:
         pred = f(z, torch.full((z.shape[0],), t, dtype=torch.long, device=z.device), solutions.cond, solutions.omega)
         errors[t] = float(((pred.float() - solutions.solution[t].float()) ** 2).mean())
     return errors
+
+
+@torch.no_grad()
+def guidance_response(f, low: ODESolutions, high: ODESolutions) -> dict[int, float]:
+    """How much of the teacher's guidance effect f reproduces, per t.
+
+    From the same z_t (same x0, ε and c), the teacher's ODE solutions at two guidance scales differ by
+    Δψ = ψ(z_t; ω_high) − ψ(z_t; ω_low); the student's outputs by Δf = f(z_t, ω_high) − f(z_t, ω_low). The
+    response is the least-squares coefficient ⟨Δf, Δψ⟩ / ⟨Δψ, Δψ⟩: 1 when f has learned the ω input (Section
+    4.2's guided distillation), 0 when it ignores ω, negative when it moves the wrong way.
+    """
+    if low.z.keys() != high.z.keys() or any(not torch.equal(low.z[t], high.z[t]) for t in low.z):
+        raise ValueError("guidance_response needs both solution sets from the same z_t (same x0, noise and timesteps)")
+    response = {}
+    for t, z in low.z.items():
+        tt = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
+        delta_f = (f(z, tt, high.cond, high.omega) - f(z, tt, low.cond, low.omega)).double()
+        delta_psi = (high.solution[t] - low.solution[t]).double()
+        response[t] = float((delta_f * delta_psi).sum() / (delta_psi * delta_psi).sum())
+    return response

@@ -4,8 +4,10 @@
 
 Each checkpoint's target θ⁻ (the network that is exported) is sampled for the same reference prompts
 and noise and scored with the world's judge, and its distance from the teacher's ODE solution is measured
-at the 4-step sampler's timesteps and one small t (`ode_error`: where on the trajectory it is accurate).
-Writes `over_training.json`, `.md` and `.png` into the run.
+at the 4-step sampler's timesteps and one small t (`ode_error`: where on the trajectory it is accurate),
+as is how much of the teacher's guidance effect between the ends of the trained guidance range it
+reproduces (`guidance_response`: 1 = the ω input is learned, 0 = ignored). Writes `over_training.json`,
+`.md` and `.png` into the run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from latent_consistency.denoisers import GuidedTeacher, UNetNetwork
 from latent_consistency.evaluation.compare import SamplerSpec, consistency_model, sample, score
-from latent_consistency.evaluation.ode_error import ode_error, ode_solutions
+from latent_consistency.evaluation.ode_error import guidance_response, ode_error, ode_solutions
 from latent_consistency.models import encode_prompts, make_student_unet
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps
@@ -65,6 +67,10 @@ def evaluate_run(run: Path, world, samples: int, guidance_scale: float | None = 
     lcm = dataclasses.replace(world.model, unet=student, scheduler_config=world.model.scheduler_config | {
         "original_inference_steps": 1000 // config.skip, "prediction_type": config.student_prediction_type(world.prediction_type)})
     solutions = reference_solutions(world, config, items, guidance_scale, device)
+    range_ends = None
+    if config.guidance_scale_min < config.guidance_scale_max:
+        range_ends = [solutions if g == guidance_scale else reference_solutions(world, config, items, g, device)
+                      for g in (config.guidance_scale_min, config.guidance_scale_max)]
     f = consistency_model(lcm)
     rows = []
     for path in list_checkpoints(run):
@@ -76,6 +82,8 @@ def evaluate_run(run: Path, world, samples: int, guidance_scale: float | None = 
             s = score(world.judge, sample(SamplerSpec("lcm", n, guidance_scale), lcm, world.model, prompts, device=device), attributes, real)
             row[f"fid_{n}"], row[f"alignment_{n}"] = s["fid"], s["alignment"]["mean"]
         row |= {f"ode_error_{t}": e for t, e in ode_error(f, solutions).items()}
+        if range_ends:
+            row |= {f"omega_response_{t}": r for t, r in guidance_response(f, *range_ends).items()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -89,19 +97,22 @@ def write_report(run: Path, rows: list[dict]) -> None:
 
     (run / "over_training.json").write_text(json.dumps(rows, indent=1))
     error_keys = [k for k in rows[0] if k.startswith("ode_error_")]
+    response_keys = [k for k in rows[0] if k.startswith("omega_response_")]
     lines = ["| step | " + " | ".join(f"FID {n}-step" for n in STEPS) + " | " + " | ".join(f"align {n}-step" for n in STEPS)
-             + "".join(f" | ODE error t={k.removeprefix('ode_error_')}" for k in error_keys) + " |",
-             "|---" * (1 + 2 * len(STEPS) + len(error_keys)) + "|"]
+             + "".join(f" | ODE error t={k.removeprefix('ode_error_')}" for k in error_keys)
+             + "".join(f" | ω response t={k.removeprefix('omega_response_')}" for k in response_keys) + " |",
+             "|---" * (1 + 2 * len(STEPS) + len(error_keys) + len(response_keys)) + "|"]
     for r in rows:
         lines.append(f"| {r['step']} | " + " | ".join(f"{r[f'fid_{n}']:.2f}" for n in STEPS) + " | "
                      + " | ".join(f"{r[f'alignment_{n}']:.3f}" for n in STEPS)
-                     + "".join(f" | {r[k]:.4f}" for k in error_keys) + " |")
+                     + "".join(f" | {r[k]:.4f}" for k in error_keys) + "".join(f" | {r[k]:.3f}" for k in response_keys) + " |")
     for n in STEPS:
         best = min(r[f"fid_{n}"] for r in rows)
         lines.append(f"\n{n}-step: final FID {rows[-1][f'fid_{n}']:.2f}, best {best:.2f} "
                      f"({100 * (rows[-1][f'fid_{n}'] / best - 1):.1f} % above the best)")
     (run / "over_training.md").write_text("\n".join(lines) + "\n")
-    fig, (ax, ax_err) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 3 if response_keys else 2, figsize=(13.5 if response_keys else 9, 3.2))
+    ax, ax_err = axes[:2]
     steps = [r["step"] for r in rows]
     for n in STEPS:
         ax.plot(steps, [r[f"fid_{n}"] for r in rows], marker="o", label=f"{n}-step")
@@ -115,6 +126,13 @@ def write_report(run: Path, rows: list[dict]) -> None:
     ax_err.set_ylabel("MSE to the teacher's ODE solution")
     ax_err.set_yscale("log")
     ax_err.legend(fontsize=7)
+    if response_keys:
+        for k in response_keys:
+            axes[2].plot(steps, [r[k] for r in rows], marker="o", label=f"t = {k.removeprefix('omega_response_')}")
+        axes[2].axhline(1.0, color="gray", linewidth=0.8)
+        axes[2].set_xlabel("training step")
+        axes[2].set_ylabel("ω response (1 = teacher's guidance effect)")
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(run / "over_training.png", dpi=120)
 
