@@ -191,7 +191,7 @@ def test_nonfinite_losses_stop_with_a_checkpoint(tiny_sd, image_folder, tmp_path
 
 @pytest.mark.parametrize("case", ["missing teacher", "missing data", "bad solver", "bad loss", "bad weighting", "resolution", "not empty",
                                   "resume differs", "resume nothing", "batch split", "bad student prediction",
-                                  "lora student prediction"])
+                                  "lora student prediction", "lora guidance pair", "fixed guidance pair"])
 def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case):
     out = tmp_path / "run"
     cases = {
@@ -208,6 +208,10 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
         "bad student prediction": (distill_args(tiny_sd, image_folder, out, "--student-prediction", "x0"), "student_prediction 'x0'"),
         "lora student prediction": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--student-prediction", "sample"),
                                     "LoRA and LCF keep"),
+        "lora guidance pair": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--guidance-pair-weight", "1"),
+                               "a LoRA student has no ω input"),
+        "fixed guidance pair": (distill_args(tiny_sd, image_folder, out, "--guidance-scale-min", "4", "--guidance-scale-max", "4",
+                                             "--guidance-pair-weight", "1"), "needs a guidance range"),
     }
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("someone else's")

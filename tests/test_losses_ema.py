@@ -99,3 +99,39 @@ def loss_pairs(loss):
     from latent_consistency.schedule import consistency_pairs
 
     return consistency_pairs(loss.grid, torch.arange(len(loss.grid)), loss.skip)
+
+
+def test_guidance_pair_loss_known_values_and_exact_guided_consistency_function():
+    """Each example at ω and ω' (same z, n, ε): ½[d(f(ω), F(ω)) + d(f(ω'), F(ω'))] + λ_Δ·d(Δf, ΔF). With f = ω
+    everywhere and F = 0 under L2 that is ½(ω² + ω'²) + λ_Δ(ω − ω')². The exact guided consistency function
+    of two same-variance Gaussians (guided mean μ_c + ω(μ_c − μ_u)) scores ~0; one that ignores ω does not."""
+    schedule = NoiseSchedule.from_config({})
+    means, std = torch.tensor([[0.5, -0.5], [-0.3, 0.2]]), 0.4
+    teacher = GuidedTeacher(GaussianMixtureEps(means, std, schedule), schedule, "epsilon")
+    cond, uncond = torch.tensor([[1.0, 0.0]]).expand(256, 2), torch.tensor([[0.0, 1.0]]).expand(256, 2)
+    x0 = GaussianMixtureEps(means, std, schedule).sample(256, cond, torch.Generator().manual_seed(0))
+    loss = LCDLoss(schedule, skip=20, guidance_scale_range=(1.0, 3.0), distance="l2", teacher=teacher,
+                   solver=get_solver("dpm++"), guidance_pair_weight=10.0)
+    seen = []
+
+    def omega_f(z, t, c, omega):
+        seen.append(omega)
+        return omega[:, None].to(z).expand_as(z)
+
+    per_example = loss(omega_f, lambda z, t, c, omega: z * 0, x0, cond, uncond, torch.Generator().manual_seed(1))
+    omega, omega_pair = seen[0].double().chunk(2)
+    assert per_example.shape == (256,) and omega.min() >= 0 and omega_pair.max() <= 2 and not torch.equal(omega, omega_pair)
+    assert torch.allclose(per_example.double(), 0.5 * (omega**2 + omega_pair**2) + 10 * (omega - omega_pair) ** 2, rtol=1e-6)
+
+    def flow_f(strength):
+        def f(z, t, c, omega):
+            mean = means[0].double()[None] + strength * omega.double()[:, None] * (means[0] - means[1]).double()[None]
+            return torch.stack([gaussian_flow(z[i:i + 1], t[i:i + 1], torch.zeros(1, dtype=torch.long), mean[i], std, schedule)[0]
+                                for i in range(z.shape[0])])
+        return f
+
+    exact = loss(flow_f(1.0), flow_f(1.0), x0, cond, uncond, torch.Generator().manual_seed(1)).mean().item()
+    ignores_omega = loss(flow_f(0.0), flow_f(1.0), x0, cond, uncond, torch.Generator().manual_seed(1)).mean().item()
+    assert exact < 1e-5 and ignores_omega > 100 * exact
+    with pytest.raises(UserError, match="guidance_pair_weight"):
+        LCDLoss(schedule, teacher=teacher, solver=get_solver("ddim"), guidance_pair_weight=-1.0)

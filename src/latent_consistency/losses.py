@@ -96,10 +96,14 @@ class ConsistencyObjective:
         b, device = latents.shape[0], latents.device
         index = torch.randint(0, len(self.grid), (b,), generator=generator, device=device)
         t_n_plus_k, t_n = consistency_pairs(self.grid.to(device), index, self.skip)
-        w_min, w_max = (omega_from_guidance_scale(g) for g in self.guidance_scale_range)
-        omega = w_min + (w_max - w_min) * torch.rand(b, generator=generator, device=device)
+        omega = self.draw_omega(b, device, generator)
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
         return TrainingPoint(t_n_plus_k, t_n, omega, noise, self.grid_weights.to(device)[index])
+
+    def draw_omega(self, b: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+        """ω ~ U[ω_min, ω_max] per example (ω = g − 1 of the guidance scale range)."""
+        w_min, w_max = (omega_from_guidance_scale(g) for g in self.guidance_scale_range)
+        return w_min + (w_max - w_min) * torch.rand(b, generator=generator, device=device)
 
     def d(self, pred: torch.Tensor, target: torch.Tensor, point: TrainingPoint) -> torch.Tensor:
         """λ(t_n)·d(pred, target) per sample."""
@@ -111,27 +115,48 @@ class LCDLoss(ConsistencyObjective):
     """Latent consistency distillation (Algorithm 1):
 
     d( f_θ(z_{t_{n+k}}, ω, c, t_{n+k}),  f_θ⁻(ẑ_{t_n}, ω, c, t_n) ),  ẑ_{t_n} = Ψ(z_{t_{n+k}}, t_{n+k}, t_n, c; ω).
+
+    With `guidance_pair_weight` λ_Δ > 0 (ours, not the paper's) every example is also drawn at a second
+    guidance ω' with the same z, n and ε, and the loss is
+
+        ½ [d(f(ω), F(ω)) + d(f(ω'), F(ω'))] + λ_Δ · d(f(ω) − f(ω'), F(ω) − F(ω')),   F(ω) = f_θ⁻(ẑ_{t_n}^ω, ω),
+
+    whose last term is the target's dependence on ω alone: with one ω per example it is a small part of a
+    residual dominated by errors common to all ω, and a student can end a run ignoring its ω input
+    (`evaluation.ode_error.guidance_response`). It costs a second teacher jump, target and student
+    evaluation per example.
     """
 
     teacher: object = None  # a GuidedTeacher; required
     solver: Solver | None = None  # required
     guide_increments: bool = False
+    guidance_pair_weight: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         if self.teacher is None or self.solver is None:
             raise TypeError("LCDLoss needs a teacher and a solver")
+        if self.guidance_pair_weight < 0:
+            raise UserError(f"guidance_pair_weight must be >= 0, got {self.guidance_pair_weight}")
 
     def __call__(self, student, target, latents, cond, uncond, generator=None) -> torch.Tensor:
         p = self.draw_point(latents, generator)
         z = self.schedule.add_noise(latents, p.noise, p.t_n_plus_k)
+        t_n_plus_k, t_n, omega = p.t_n_plus_k, p.t_n, p.omega
+        if self.guidance_pair_weight > 0:  # the same examples again at ω', in one batch
+            z, t_n_plus_k, t_n, cond, uncond = (torch.cat([x, x]) for x in (z, t_n_plus_k, t_n, cond, uncond))
+            omega = torch.cat([omega, self.draw_omega(latents.shape[0], latents.device, generator)])
         with torch.no_grad():
             # Teacher jump t_{n+k} -> t_n along the augmented PF-ODE (Eq. 17)
-            z_hat = guided_jump(self.solver, self.teacher, z, p.t_n_plus_k, p.t_n, cond, uncond, p.omega, self.guide_increments)
+            z_hat = guided_jump(self.solver, self.teacher, z, t_n_plus_k, t_n, cond, uncond, omega, self.guide_increments)
             # Target f_θ⁻ at the earlier point
-            tgt = target(z_hat.to(z.dtype), p.t_n, cond, p.omega)
-        pred = student(z, p.t_n_plus_k, cond, p.omega)
-        return self.d(pred, tgt, p)
+            tgt = target(z_hat.to(z.dtype), t_n, cond, omega)
+        pred = student(z, t_n_plus_k, cond, omega)
+        if self.guidance_pair_weight == 0:
+            return self.d(pred, tgt, p)
+        (pred, pred_pair), (tgt, tgt_pair) = pred.chunk(2), tgt.chunk(2)
+        return 0.5 * (self.d(pred, tgt, p) + self.d(pred_pair, tgt_pair, p)) + self.guidance_pair_weight * self.d(
+            pred - pred_pair, tgt - tgt_pair, p)
 
 
 @dataclass

@@ -48,6 +48,9 @@ class TrainConfig:
     loss: str = doc("consistency distance d: l2 or huber (pseudo-Huber)", default="huber")
     huber_c: float = doc("pseudo-Huber constant c", default=0.001)
     loss_weighting: str = doc("weight of each grid pair: uniform (the paper) or ict (1/(σ̃_{n+k} − σ̃_n), Song & Dhariwal 2023)", default="uniform")
+    guidance_pair_weight: float = doc("λ_Δ > 0: draw each example at two guidance scales and add λ_Δ·d of the student's and the "
+                                      "target's differences, so that the ω input is learned (ours; 0 = Algorithm 1; 2× the "
+                                      "compute per example); full students in distillation", default=0.0)
     ema_decay: float | None = doc("EMA rate μ of the target θ⁻ (paper 0.999943, diffusers 0.95; 0: target = student, no copy). Default: 0.95 full, 0 lora", default=None)
     # --- Optimisation ---
     steps: int = doc("optimiser steps", default=1000)
@@ -105,6 +108,12 @@ class TrainConfig:
             raise UserError(f"need 1 <= guidance_scale_min <= guidance_scale_max, got {self.guidance_scale_min}, {self.guidance_scale_max}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
+        if self.guidance_pair_weight < 0:
+            raise UserError(f"guidance_pair_weight must be >= 0, got {self.guidance_pair_weight}")
+        if self.guidance_pair_weight > 0 and (self.adapter != "full" or self.objective != "lcd"):
+            raise UserError("guidance_pair_weight applies to full students in distillation (lcd); a LoRA student has no ω input")
+        if self.guidance_pair_weight > 0 and self.guidance_scale_min == self.guidance_scale_max:
+            raise UserError("guidance_pair_weight needs a guidance range (guidance_scale_min < guidance_scale_max)")
         return self
 
     @property

@@ -75,7 +75,8 @@ def build_loss(config: TrainConfig, teacher_model, schedule: NoiseSchedule):
     if config.objective == "lcf":
         return LCFLoss(**common)
     teacher = GuidedTeacher(UNetNetwork(teacher_model.unet), schedule, teacher_model.prediction_type)
-    return LCDLoss(**common, teacher=teacher, solver=get_solver(config.solver), guide_increments=config.guide_increments)
+    return LCDLoss(**common, teacher=teacher, solver=get_solver(config.solver), guide_increments=config.guide_increments,
+                   guidance_pair_weight=config.guidance_pair_weight)
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path | None:
