@@ -7,7 +7,9 @@
    1/2/4/8 steps against the guided teacher with DPM-Solver++ 25 steps and DDIM 50 steps (CFG doubles the
    batch). Speed-ups are ratios measured in the same process.
 2. LCD training step (Algorithm 1) per solver: DDIM (1 teacher evaluation per jump) against DPM-Solver-2 and
-   DPM-Solver++(2S) (2 each): step time, samples/s, peak memory.
+   DPM-Solver++(2S) (2 each); then, with DDIM, the choices a user makes: the guidance-pair loss (each example
+   at two ω), LoRA adapters (rank 64, target = student) instead of the full student, gradient checkpointing,
+   and a 4x larger micro-batch with gradient checkpointing. Step time, samples/s, peak memory.
 Writes sd_scale.json and prints a markdown table.
 """
 
@@ -97,17 +99,37 @@ def main():
             results["sampling"][f"teacher-{name}-{steps}"] = timed(
                 lambda: sample_teacher(teacher, name, noise, cond, uncond, 8.0, steps, SD_SCHEDULER), device, max(1, args.repeats // 2))
 
-    # 2. LCD training step per solver
-    latents = torch.randn(args.train_batch, 4, size, size, device=device)
-    tcond = torch.randn(args.train_batch, 77, ctx, device=device, dtype=dtype)
-    tuncond = torch.randn(1, 77, ctx, device=device, dtype=dtype).expand(args.train_batch, -1, -1)
-    for solver in ("ddim", "dpm", "dpm++"):
-        student = copy.deepcopy(student_unet).float().train().requires_grad_(True)
-        target = copy.deepcopy(student).eval().requires_grad_(False)
-        opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-        loss_fn = LCDLoss(schedule, skip=20, teacher=teacher, solver=get_solver(solver))
-        fs = ConsistencyModel(UNetNetwork(student), schedule, "epsilon", 256)
-        ft = ConsistencyModel(UNetNetwork(target), schedule, "epsilon", 256)
+    # 2. LCD training step: per solver, then the DDIM variants (name: solver, micro-batch, options)
+    variants = {name: (name, args.train_batch, {}) for name in ("ddim", "dpm", "dpm++")} | {
+        "ddim pair λ_Δ=50 (each example at 2 ω)": ("ddim", args.train_batch, dict(pair=50.0)),
+        "ddim LoRA r64": ("ddim", args.train_batch, dict(lora=64)),
+        "ddim grad. checkpointing": ("ddim", args.train_batch, dict(checkpointing=True)),
+        f"ddim batch {4 * args.train_batch}, grad. checkpointing": ("ddim", 4 * args.train_batch, dict(checkpointing=True)),
+    }
+    for label, (solver, batch, options) in variants.items():
+        latents = torch.randn(batch, 4, size, size, device=device)
+        tcond = torch.randn(batch, 77, ctx, device=device, dtype=dtype)
+        tuncond = torch.randn(1, 77, ctx, device=device, dtype=dtype).expand(batch, -1, -1)
+        if "lora" in options:  # LCM-LoRA: adapters on the (fp16) teacher weights, no ω input, target = student
+            from peft import LoraConfig
+
+            from latent_consistency.training.students import LORA_TARGET_MODULES
+
+            student = copy.deepcopy(teacher_unet).requires_grad_(False)
+            student.add_adapter(LoraConfig(r=options["lora"], lora_alpha=options["lora"], init_lora_weights="gaussian",
+                                           target_modules=LORA_TARGET_MODULES))
+            target, cond_dim = student, None
+        else:
+            student = copy.deepcopy(student_unet).float().requires_grad_(True)
+            target, cond_dim = copy.deepcopy(student).eval().requires_grad_(False), 256
+        if options.get("checkpointing"):
+            student.enable_gradient_checkpointing()
+        student.train()
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        loss_fn = LCDLoss(schedule, skip=20, teacher=teacher, solver=get_solver(solver), guidance_pair_weight=options.get("pair", 0.0))
+        fs = ConsistencyModel(UNetNetwork(student), schedule, "epsilon", cond_dim)
+        ft = ConsistencyModel(UNetNetwork(target), schedule, "epsilon", cond_dim)
         generator = torch.Generator(device).manual_seed(0)
 
         def step():
@@ -118,12 +140,20 @@ def main():
             opt.zero_grad(set_to_none=True)
 
         if device.type == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        seconds = timed(step, device, args.repeats)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        results["training"][solver] = dict(step_s=seconds, samples_per_s=args.train_batch / seconds, peak_gib=peak,
-                                           teacher_evaluations=get_solver(solver).evaluations_per_jump)
-        del student, target, opt
+        try:
+            seconds = timed(step, device, args.repeats)
+        except torch.OutOfMemoryError:
+            results["training"][label] = dict(batch=batch, out_of_memory=True)
+            print(f"{label}: out of memory", flush=True)
+        else:
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            results["training"][label] = dict(batch=batch, step_s=seconds, samples_per_s=batch / seconds, peak_gib=peak,
+                                              teacher_evaluations=get_solver(solver).evaluations_per_jump,
+                                              trainable_params=sum(p.numel() for p in params))
+            print(f"{label}: {seconds:.3f} s/step", flush=True)
+        del student, target, opt, params, fs, ft, loss_fn, step
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,11 +164,14 @@ def main():
     print("| sampler | seconds / batch | vs DPM-Solver++ 25 |\n|---|---|---|")
     for k, v in s.items():
         print(f"| {k} | {v:.3f} | {s['teacher-dpm++-25'] / v:.1f}x |")
-    print("| LCD solver | teacher evals/jump | step s | samples/s | peak GiB |\n|---|---|---|---|---|")
+    print("| LCD step | examples | teacher evals/jump | trainable params | step s | examples/s | peak GiB |\n|---|---|---|---|---|---|---|")
     for k, v in results["training"].items():
+        if v.get("out_of_memory"):
+            print(f"| {k} | {v['batch']} | out of memory |||||")
+            continue
         peak = f"{v['peak_gib']:.1f}" if v["peak_gib"] is not None else "-"
-        print(f"| {k} | {v['teacher_evaluations']} | {v['step_s']:.3f} | {v['samples_per_s']:.1f} | {peak} |")
-
+        print(f"| {k} | {v['batch']} | {v['teacher_evaluations']} | {v['trainable_params'] / 1e6:.1f}M | {v['step_s']:.3f} "
+              f"| {v['samples_per_s']:.1f} | {peak} |")
 
 if __name__ == "__main__":
     main()
