@@ -136,3 +136,11 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["world", "build", "--preset", "tiny", "--out", str(tmp_path / "w"), "--v-prediction", "--dry-run"]) == 0
     spec = json.loads(capsys.readouterr().out)
     assert spec["prediction_type"] == "v_prediction" and spec["preset"]["name"] == "tiny"
+    assert not spec["preset"]["teacher"]["zero_terminal_snr"]
+    args = ["world", "build", "--preset", "tiny", "--out", str(tmp_path / "w"), "--zero-terminal-snr", "--dry-run"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "zero-terminal-SNR teacher must predict v" in err
+    assert main(args + ["--v-prediction"]) == 0
+    assert json.loads(capsys.readouterr().out)["preset"]["teacher"]["zero_terminal_snr"]
+    assert not (tmp_path / "w").exists()

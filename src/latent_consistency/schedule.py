@@ -39,7 +39,8 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Shift and scale √ᾱ so that ᾱ_{T-1} = 0 (Lin et al. 2023, Algorithm 1)."""
     alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    # Scale by the ratio computed first: the float32 rounding diffusers gets, so ᾱ matches it bitwise.
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
     alphas_bar = alphas_bar_sqrt**2
     alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
     return 1 - alphas
@@ -79,8 +80,9 @@ class NoiseSchedule:
 
     alphas_cumprod: torch.Tensor
 
-    # Zero-terminal-SNR schedules have ᾱ_{T-1} = 0 (λ = -∞); as diffusers' LCMScheduler does, the last
-    # value is raised to 2^-24 so that every λ is finite.
+    # Zero-terminal-SNR schedules have ᾱ_{T-1} = 0 (λ = -∞); as diffusers' DPM-Solver and Euler schedulers
+    # do, the last value is raised to 2^-24 so that every λ is finite. (Its DDIM and LCM schedulers keep 0:
+    # for a v-prediction model, x̂0 = α·z - σ·v at t = T-1 then differs from ours by α_{T-1}·z = 2^-12·z.)
     MIN_ALPHA_CUMPROD = 2.0**-24
 
     @classmethod

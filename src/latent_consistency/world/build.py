@@ -146,6 +146,8 @@ def check_world_spec(preset: WorldPreset, prediction_type: str) -> None:
     check_dataset(preset.dataset)
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
+    if preset.teacher.zero_terminal_snr and prediction_type == "epsilon":
+        raise UserError("a zero-terminal-SNR teacher must predict v (--v-prediction): at t = T-1 its input is pure noise, so ε says nothing about the image")
     unet_factor = 2 ** (len(preset.teacher.block_out_channels) - 1)
     if preset.resolution % (preset.vae_factor * unet_factor):
         raise UserError(
@@ -257,7 +259,7 @@ class _Build:
             unet = make_teacher_unet(
                 self.preset.teacher, cache.manifest["latent_size"][0], cache.manifest["latent_channels"], cache.manifest["text_hidden_size"]
             )
-        scheduler_config = teacher_scheduler_config(self.prediction_type)
+        scheduler_config = teacher_scheduler_config(self.prediction_type, self.preset.teacher.zero_terminal_snr)
         ema, losses = train_teacher(
             unet, data.latents, data.caption_index, data.text_embeddings, data.uncond_embedding, scheduler_config,
             self.preset.teacher, self.device, self.generator("teacher"), self.checkpointer("teacher"), self.progress,
@@ -432,6 +434,8 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
 def _preset_from_args(args) -> WorldPreset:
     preset = get_preset(args.preset)
     overrides = {k: v for k, v in (("dataset", args.dataset), ("resolution", args.resolution), ("seed", args.seed)) if v is not None}
+    if args.zero_terminal_snr:
+        overrides["teacher"] = dataclasses.replace(preset.teacher, zero_terminal_snr=True)
     return dataclasses.replace(preset, **overrides)
 
 
@@ -479,6 +483,8 @@ def register(subparsers) -> None:
     b.add_argument("--resolution", type=int, help="override the preset's image resolution in px (32 or 64)")
     b.add_argument("--seed", type=int, help="override the preset's seed")
     b.add_argument("--v-prediction", action="store_true", help="train a v-prediction teacher instead of ε-prediction")
+    b.add_argument("--zero-terminal-snr", action="store_true",
+                   help="rescale the teacher's noise schedule to zero SNR at t = T-1 (Lin et al. 2023; needs --v-prediction)")
     b.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--dry-run", action="store_true", help="print the resolved settings and stop")

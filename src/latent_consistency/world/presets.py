@@ -64,6 +64,9 @@ class TeacherConfig:
     lr: float = 1e-3  # AdamW peak learning rate (see `warmup_cosine`)
     ema_decay: float = 0.998  # the saved teacher is the EMA of the trained weights
     caption_dropout: float = 0.1  # fraction of captions replaced by "" (classifier-free guidance)
+    # Rescale SD's schedule to ᾱ_{T-1} = 0 (Lin et al. 2023), so that sampling from pure noise at t = T-1 is
+    # what the teacher was trained on; needs a v-prediction teacher (ε carries no signal at zero SNR).
+    zero_terminal_snr: bool = False
 
 
 @dataclass(frozen=True)

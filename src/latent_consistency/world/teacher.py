@@ -27,8 +27,12 @@ if TYPE_CHECKING:
     from latent_consistency.world.build import Checkpointer
 
 
-def teacher_scheduler_config(prediction_type: str = "epsilon") -> dict:
-    """Stable Diffusion's training schedule as a `DDIMScheduler` config (as SD 2 ships it)."""
+def teacher_scheduler_config(prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> dict:
+    """Stable Diffusion's training schedule as a `DDIMScheduler` config (as SD 2 ships it).
+
+    With `zero_terminal_snr` the betas are rescaled to ᾱ_{T-1} = 0 and inference steps are spaced
+    "trailing" (so that the first one is t = T-1), the two changes of Lin et al. 2023 (Sections 3.1, 3.3).
+    """
     return dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -37,7 +41,8 @@ def teacher_scheduler_config(prediction_type: str = "epsilon") -> dict:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        timestep_spacing="leading",
+        timestep_spacing="trailing" if zero_terminal_snr else "leading",
+        rescale_betas_zero_snr=zero_terminal_snr,
         prediction_type=check_prediction_type(prediction_type),
     )
 
