@@ -5,7 +5,7 @@
         --latents runs/demo/latents --device cpu                                   # plumbing check on a CPU
 
 Each variant is the `world` preset with a few fields changed (VARIANTS), distilled from the shipped default
-world for --steps with a checkpoint every --every steps, all variants at once as separate processes (a small
+world (or --world) for --steps with a checkpoint every --every steps, all variants at once as separate processes (a small
 UNet leaves a GPU mostly idle, so they share it well). Training stops at --train-seconds whatever the step;
 then every complete checkpoint of every run is scored by `latent_consistency.evaluation.over_training`
 (1/2/4-step FID and prompt alignment with the world's judge). Writes sweep.json and sweep.md in --out:
@@ -39,6 +39,8 @@ VARIANTS: dict[str, dict] = {
     "g4-8": dict(guidance_scale_min=4.0),
     "lr1e-4-cosine": dict(lr=1e-4, lr_schedule="cosine"),
     "b256-huber": dict(batch_size=256, loss="huber"),
+    "g1": dict(guidance_scale_max=1.0, validation_guidance_scale=1.0),
+    "g1-2": dict(guidance_scale_max=2.0, validation_guidance_scale=1.5),
 }
 STEPS = (1, 2, 4)
 
@@ -80,7 +82,8 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=500, help="checkpoint every N steps")
     parser.add_argument("--samples", type=int, default=500, help="reference prompts per evaluation")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--latents", help="an existing latent cache of the default world (else built into OUT/latents)")
+    parser.add_argument("--world", help="the world whose teacher is distilled (default: the shipped default world)")
+    parser.add_argument("--latents", help="an existing latent cache of that world (else built into OUT/latents)")
     parser.add_argument("--only", nargs="*", help="variants to run (default: all)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="overrides applied to every variant first")
     parser.add_argument("--guidance-scale", help="evaluation guidance scale (default: each run's validation guidance scale)")
@@ -95,7 +98,7 @@ def main() -> int:
     out = Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    world_dir = default_world_path()
+    world_dir = Path(args.world) if args.world else default_world_path()
     t0 = time.perf_counter()
     latents = Path(args.latents) if args.latents else ensure_latent_cache(load_world(world_dir, torch.device(args.device)),
                                                                           out / "latents", torch.device(args.device))

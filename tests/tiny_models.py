@@ -67,12 +67,14 @@ def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) 
     return folder
 
 
-def save_tiny_lcm(folder: Path, seed: int = 0, time_cond_proj_dim: int = 32, prediction_type: str = "epsilon") -> Path:
+def save_tiny_lcm(folder: Path, seed: int = 0, time_cond_proj_dim: int = 32, prediction_type: str = "epsilon",
+                  zero_terminal_snr: bool = False) -> Path:
     """A tiny random LatentConsistencyModelPipeline folder saved by diffusers itself."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
     parts = make_tiny_components(folder.parent / f".{folder.name}-build", prediction_type, time_cond_proj_dim, seed=seed)
-    parts["scheduler"] = LCMScheduler.from_config(parts["scheduler"].config, original_inference_steps=50)
+    parts["scheduler"] = LCMScheduler.from_config(parts["scheduler"].config, original_inference_steps=50,
+                                                  rescale_betas_zero_snr=zero_terminal_snr)
     pipe = LatentConsistencyModelPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
