@@ -41,6 +41,21 @@ def _batch_t(t, z: torch.Tensor) -> torch.Tensor:
     return t.expand(z.shape[0]) if t.ndim == 0 else t
 
 
+def guidance_repeats(omega, rows: int) -> int:
+    """R when `omega` holds R guidance values for each of `rows` rows (copy-major), else 1."""
+    omega = torch.as_tensor(omega)
+    if omega.ndim == 0 or omega.numel() == rows:
+        return 1
+    if omega.numel() % rows:
+        raise ValueError(f"{omega.numel()} guidance values for {rows} rows")
+    return omega.numel() // rows
+
+
+def tile(x: torch.Tensor, repeats: int) -> torch.Tensor:
+    """`repeats` copies of the batch x, one after the other (x itself for 1)."""
+    return x if repeats == 1 else x.repeat(repeats, *[1] * (x.ndim - 1))
+
+
 class GuidedTeacher:
     """A frozen teacher network with classifier-free guidance (Eq. 12)."""
 
@@ -64,18 +79,24 @@ class GuidedTeacher:
 
         All three parameterisations are affine in the output for fixed (z, t), so guiding the output
         equals guiding ε (Eq. 12) or x0. Cond and uncond go through the network as one batch.
+        `omega` is a scalar, one value per row, or R values per row (`guidance_repeats`): the network then
+        runs once on the B rows and R·B outputs come back, row i under ω[i], ω[B+i], ...
         """
         t = _batch_t(t, z)
         out = self.output(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond]))
-        out_c, out_u = out.chunk(2)
+        repeats = guidance_repeats(omega, z.shape[0])
+        out_c, out_u = (tile(x, repeats) for x in out.chunk(2))
         omega = append_dims(torch.as_tensor(omega, device=z.device), z.ndim).to(z)
         return out_c + omega * (out_c - out_u)
 
     def guided(self, z, t, cond, uncond, omega) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x̂0, ε̃) of the augmented PF-ODE (Eq. 13)."""
+        """(x̂0, ε̃) of the augmented PF-ODE (Eq. 13); R·B rows for R values of ω per row (see `guided_output`)."""
         t = _batch_t(t, z)
+        output = self.guided_output(z, t, cond, uncond, omega)
+        repeats = guidance_repeats(omega, z.shape[0])
+        z, t = tile(z, repeats), tile(t, repeats)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        return x0_and_eps(self.guided_output(z, t, cond, uncond, omega), z, alpha, sigma, self.prediction_type)
+        return x0_and_eps(output, z, alpha, sigma, self.prediction_type)
 
 
 class ConsistencyModel:

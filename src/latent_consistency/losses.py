@@ -123,8 +123,8 @@ class LCDLoss(ConsistencyObjective):
 
     whose last term is the target's dependence on ω alone: with one ω per example it is a small part of a
     residual dominated by errors common to all ω, and a student can end a run ignoring its ω input
-    (`evaluation.ode_error.guidance_response`). It costs a second teacher jump, target and student
-    evaluation per example.
+    (`evaluation.ode_error.guidance_response`). It costs a second target and student evaluation per
+    example, and a second teacher jump less its first evaluation (shared by both ω, `guided_jump`).
     """
 
     teacher: object = None  # a GuidedTeacher; required
@@ -143,12 +143,13 @@ class LCDLoss(ConsistencyObjective):
         p = self.draw_point(latents, generator)
         z = self.schedule.add_noise(latents, p.noise, p.t_n_plus_k)
         t_n_plus_k, t_n, omega = p.t_n_plus_k, p.t_n, p.omega
-        if self.guidance_pair_weight > 0:  # the same examples again at ω', in one batch
-            z, t_n_plus_k, t_n, cond, uncond = (torch.cat([x, x]) for x in (z, t_n_plus_k, t_n, cond, uncond))
+        if self.guidance_pair_weight > 0:  # the same examples again at ω': two values of ω per row
             omega = torch.cat([omega, self.draw_omega(latents.shape[0], latents.device, generator)])
         with torch.no_grad():
-            # Teacher jump t_{n+k} -> t_n along the augmented PF-ODE (Eq. 17)
+            # Teacher jump t_{n+k} -> t_n along the augmented PF-ODE (Eq. 17), from z under each ω
             z_hat = guided_jump(self.solver, self.teacher, z, t_n_plus_k, t_n, cond, uncond, omega, self.guide_increments)
+            if self.guidance_pair_weight > 0:
+                z, t_n_plus_k, t_n, cond = (torch.cat([x, x]) for x in (z, t_n_plus_k, t_n, cond))
             # Target f_θ⁻ at the earlier point
             tgt = target(z_hat.to(z.dtype), t_n, cond, omega)
         pred = student(z, t_n_plus_k, cond, omega)

@@ -1,6 +1,7 @@
 """Ψ: one jump t -> s of the (augmented) PF-ODE, the teacher solver of LCD (Eq. 13-17).
 
-Each solver is a plain function over a *denoiser* `denoise(z, t) -> (x̂0, ε̂)` and the noise schedule.
+Each solver is a plain function over a *denoiser* `denoise(z, t) -> (x̂0, ε̂)` and the noise schedule;
+`first`, when given, is the denoiser's output at (z_t, t), already computed by the caller.
 All are exponential integrators written in the half-log-SNR λ = log(α/σ), h = λ_s - λ_t:
 
 - DDIM (Song et al. 2021): z_s = α_s·x̂0 + σ_s·ε̂ — first order, one evaluation.
@@ -22,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from latent_consistency.denoisers import guidance_repeats, tile
 from latent_consistency.errors import UserError
 from latent_consistency.schedule import NoiseSchedule, append_dims
 
@@ -34,9 +36,9 @@ def _coefficients(schedule: NoiseSchedule, t: torch.Tensor, ndim: int, like: tor
     return [append_dims(v, ndim).to(like) for v in (alpha, sigma)], lam
 
 
-def ddim_jump(denoise: Denoise, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+def ddim_jump(denoise: Denoise, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule: NoiseSchedule, first=None) -> torch.Tensor:
     """DDIM (η = 0): z_s = α_s·x̂0(z_t) + σ_s·ε̂(z_t)."""
-    x0, eps = denoise(z, t)
+    x0, eps = denoise(z, t) if first is None else first
     (alpha_s, sigma_s), _ = _coefficients(schedule, s, z.ndim, z)
     return alpha_s * x0 + sigma_s * eps
 
@@ -67,27 +69,27 @@ class _Singlestep:
         return cls(u, alpha_t, sigma_t, alpha_u, sigma_u, alpha_s, sigma_s, h, r_actual)
 
 
-def dpm_solver_2_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, r: float = 0.5) -> torch.Tensor:
+def dpm_solver_2_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, first=None, r: float = 0.5) -> torch.Tensor:
     """DPM-Solver-2 (Lu et al. 2022a), noise prediction, singlestep with λ_u = λ_t + r·h:
 
     z_u = (α_u/α_t) z_t - σ_u (e^{r h} - 1) ε_t
     z_s = (α_s/α_t) z_t - σ_s (e^h - 1) ε_t - σ_s/(2r) (e^h - 1) (ε_u - ε_t)
     """
     c = _Singlestep.of(schedule, z, t, s, r)
-    _, eps_t = denoise(z, t)
+    _, eps_t = denoise(z, t) if first is None else first
     z_u = (c.alpha_u / c.alpha_t) * z - c.sigma_u * torch.expm1(c.r * c.h) * eps_t
     _, eps_u = denoise(z_u, c.u)
     return (c.alpha_s / c.alpha_t) * z - c.sigma_s * torch.expm1(c.h) * eps_t - c.sigma_s / (2 * c.r) * torch.expm1(c.h) * (eps_u - eps_t)
 
 
-def dpm_solver_pp_2s_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, r: float = 0.5) -> torch.Tensor:
+def dpm_solver_pp_2s_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, first=None, r: float = 0.5) -> torch.Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022b), data prediction, singlestep with λ_u = λ_t + r·h:
 
     z_u = (σ_u/σ_t) z_t - α_u (e^{-r h} - 1) x_t
     z_s = (σ_s/σ_t) z_t - α_s (e^{-h} - 1) [(1 - 1/(2r)) x_t + 1/(2r) x_u]
     """
     c = _Singlestep.of(schedule, z, t, s, r)
-    x_t, _ = denoise(z, t)
+    x_t, _ = denoise(z, t) if first is None else first
     z_u = (c.sigma_u / c.sigma_t) * z - c.alpha_u * torch.expm1(-c.r * c.h) * x_t
     x_u, _ = denoise(z_u, c.u)
     d = (1 - 1 / (2 * c.r)) * x_t + 1 / (2 * c.r) * x_u
@@ -137,10 +139,17 @@ def guided_jump(
     """ẑ_s = Ψ(z_t, t, s, c; ω): one jump of the guided teacher (`GuidedTeacher`), Eq. 13-17.
 
     Either way, each solver evaluation is one teacher forward pass over the batch [cond; uncond].
+    With R values of ω per row (`omega` of R·B values for B rows, copy-major) the jump is taken from the
+    same z_t under each and R·B rows come back; what does not depend on ω runs once on the B rows: the
+    first evaluation (per evaluation), or every evaluation (per increment).
     """
     t, s = _batch(t, z), _batch(s, z)
+    repeats = guidance_repeats(omega, z.shape[0])
     if not guide_increments:
-        return solver.jump(lambda z_, t_: teacher.guided(z_, t_, cond, uncond, omega), z, t, s, teacher.schedule)
+        first = teacher.guided(z, t, cond, uncond, omega) if repeats > 1 else None
+        cond, uncond = tile(cond, repeats), tile(uncond, repeats)
+        return solver.jump(lambda z_, t_: teacher.guided(z_, t_, cond, uncond, omega),
+                           tile(z, repeats), tile(t, repeats), tile(s, repeats), teacher.schedule, first=first)
     z_pair = solver.jump(
         lambda z_, t_: teacher.denoise(z_, t_, torch.cat([cond, uncond])),
         torch.cat([z, z]),
@@ -148,6 +157,6 @@ def guided_jump(
         torch.cat([s, s]),
         teacher.schedule,
     )
-    z_c, z_u = z_pair.chunk(2)
+    z_c, z_u, z = (tile(x, repeats) for x in (*z_pair.chunk(2), z))
     omega = append_dims(torch.as_tensor(omega, device=z.device), z.ndim).to(z)
     return z + (1 + omega) * (z_c - z) - omega * (z_u - z)
