@@ -36,7 +36,7 @@ def _coefficients(schedule: NoiseSchedule, t: torch.Tensor, ndim: int, like: tor
     return [append_dims(v, ndim).to(like) for v in (alpha, sigma)], lam
 
 
-def ddim_jump(denoise: Denoise, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule: NoiseSchedule, first=None) -> torch.Tensor:
+def ddim_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, first=None) -> torch.Tensor:
     """DDIM (η = 0): z_s = α_s·x̂0(z_t) + σ_s·ε̂(z_t)."""
     x0, eps = denoise(z, t) if first is None else first
     (alpha_s, sigma_s), _ = _coefficients(schedule, s, z.ndim, z)
