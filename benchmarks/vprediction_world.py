@@ -1,11 +1,14 @@
 """A v-prediction teacher of the default world, distilled: loss falls and samples are images, not noise.
 
     python benchmarks/vprediction_world.py --from-world WORLD --out DIR [--teacher-steps 1500] [--distill-steps 300]
+    python benchmarks/vprediction_world.py --from-world src/latent_consistency/assets/world_default \
+        --latents runs/demo/latents --zero-terminal-snr --teacher-steps 3000 --samples 1000 --out DIR
 
-`WORLD` is a finished ε-prediction build of the default preset (`lcm world build`, not an export: the
-latent cache is needed). Its tokenizer, judge, VAE, text encoder and latent cache do not depend on the
-prediction type, so they are copied and only the teacher (with `--teacher-steps`, shorter than the
-preset's on a CPU) and the quality report are rebuilt, with `build_world` and `prediction_type=
+`WORLD` is a finished ε-prediction build of the default preset (`lcm world build`), or an export with
+`--latents` naming its latent cache (the demo writes one). Its tokenizer, judge, VAE, text encoder and
+latent cache do not depend on the teacher, so they are copied and only the teacher (with
+`--teacher-steps`, shorter than the preset's on a CPU; with `--zero-terminal-snr` on SD's schedule rescaled
+to zero terminal SNR) and the quality report are rebuilt, with `build_world` and `prediction_type=
 "v_prediction"`. The teacher is then distilled with the `world` training preset (the student learns
 from the teacher's v outputs and predicts v, as the preset asks) and its 1/2/4-step samples are scored
 with the judge next to the teacher's 25-step DPM-Solver++ ones, all at the preset's validation guidance scale. Writes `vprediction.md` into DIR.
@@ -32,17 +35,21 @@ from latent_consistency.world.presets import WorldPreset
 SHARED_PHASES = PHASES[: PHASES.index("teacher")]
 
 
-def make_world(src: Path, dst: Path, teacher_steps: int, samples: int) -> Path:
+def make_world(src: Path, dst: Path, teacher_steps: int, samples: int, latents: Path | None, zero_terminal_snr: bool) -> Path:
     spec = json.loads((src / WORLD_FILE).read_text())
     base = WorldPreset.from_dict(spec["preset"])
-    preset = dataclasses.replace(base, name=f"{base.name}-v", teacher=dataclasses.replace(base.teacher, steps=teacher_steps),
+    teacher = dataclasses.replace(base.teacher, steps=teacher_steps, zero_terminal_snr=zero_terminal_snr)
+    preset = dataclasses.replace(base, name=f"{base.name}-v", teacher=teacher,
                                  quality=dataclasses.replace(base.quality, num_samples=samples, vae_samples=samples))
     if not (dst / STATE_FILE).is_file():
         dst.mkdir(parents=True)
         for phase in SHARED_PHASES:
             for entry in OUTPUTS[phase]:
+                origin = latents if entry == "latents" and latents else src / entry
+                if entry.startswith("logs/") and not origin.exists():  # an export ships no training logs
+                    continue
                 (dst / entry).parent.mkdir(parents=True, exist_ok=True)
-                (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, dst / entry)
+                (shutil.copytree if origin.is_dir() else shutil.copy2)(origin, dst / entry)
         (dst / WORLD_FILE).write_text(json.dumps(_world_spec(preset, "v_prediction"), indent=2))
         (dst / STATE_FILE).write_text(json.dumps({"done": list(SHARED_PHASES), "seconds": {}, "device": "cpu"}))
     return build_world(preset, dst, "cpu", prediction_type="v_prediction")
@@ -55,9 +62,11 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--distill-steps", type=int, default=300)
     parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--latents", type=Path, help="the latent cache of WORLD, when WORLD is an export")
+    parser.add_argument("--zero-terminal-snr", action="store_true", help="the teacher on SD's schedule rescaled to zero terminal SNR")
     args = parser.parse_args()
 
-    world_dir = make_world(args.from_world, args.out / "world", args.teacher_steps, args.samples)
+    world_dir = make_world(args.from_world, args.out / "world", args.teacher_steps, args.samples, args.latents, args.zero_terminal_snr)
     world = load_world(world_dir)
     run = args.out / "distill"
     config = resolve_config("world", overrides=dict(teacher=str(world_dir), data=str(world_dir / "latents"), out=str(run),
@@ -75,7 +84,8 @@ def main() -> None:
     g = config.validation_guidance_scale
     teacher = score(world.judge, sample(SamplerSpec("teacher", 25, g, "dpm++"), None, world.model, prompts), attributes, real)
     names = [a for a in teacher["alignment"] if a != "mean"]
-    lines = [f"v-prediction teacher ({args.teacher_steps} steps) of `{args.from_world}`, distilled {args.distill_steps} "
+    kind = "v-prediction, zero-terminal-SNR" if args.zero_terminal_snr else "v-prediction"
+    lines = [f"{kind} teacher ({args.teacher_steps} steps) of `{args.from_world}`, distilled {args.distill_steps} "
              f"steps with the `world` preset; {args.samples} reference prompts, g = {g:g}.\n",
              f"LCD loss (logged means): first fifth {sum(losses[:fifth]) / fifth:.3g}, last fifth {sum(losses[-fifth:]) / fifth:.3g}\n",
              "| sampler | FID (judge) | alignment | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
