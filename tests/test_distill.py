@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,7 +192,8 @@ def test_nonfinite_losses_stop_with_a_checkpoint(tiny_sd, image_folder, tmp_path
 
 @pytest.mark.parametrize("case", ["missing teacher", "missing data", "bad solver", "bad loss", "bad weighting", "resolution", "not empty",
                                   "resume differs", "resume nothing", "batch split", "bad student prediction",
-                                  "lora student prediction", "lora guidance pair", "fixed guidance pair"])
+                                  "lora student prediction", "lora guidance pair", "fixed guidance pair", "ε at zero terminal SNR",
+                                  "ε student at zero terminal SNR"])
 def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case):
     out = tmp_path / "run"
     cases = {
@@ -212,7 +214,16 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
                                "a LoRA student has no ω input"),
         "fixed guidance pair": (distill_args(tiny_sd, image_folder, out, "--guidance-scale-min", "4", "--guidance-scale-max", "4",
                                              "--guidance-pair-weight", "1"), "needs a guidance range"),
+        "ε at zero terminal SNR": (distill_args(tmp_path / "zsnr", image_folder, out), "the teacher would predict ε on a zero-terminal-SNR"),
+        "ε student at zero terminal SNR": (distill_args(tmp_path / "zsnr", image_folder, out, "--student-prediction", "epsilon"),
+                                           "the student would predict ε on a zero-terminal-SNR"),
     }
+    if "zero terminal SNR" in case:
+        shutil.copytree(tiny_sd, tmp_path / "zsnr")
+        scheduler_file = tmp_path / "zsnr" / "scheduler" / "scheduler_config.json"
+        prediction = "v_prediction" if case.startswith("ε student") else "epsilon"
+        scheduler_file.write_text(json.dumps(json.loads(scheduler_file.read_text()) | {"rescale_betas_zero_snr": True,
+                                                                                         "prediction_type": prediction}))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("someone else's")
     if case == "resume differs":
@@ -270,17 +281,22 @@ def _png(rng) -> bytes:
     return buf.getvalue()
 
 
-def test_v_prediction_teacher_distils_and_loss_falls(tmp_path, image_folder):
-    """A v-prediction teacher's student keeps v-prediction (exported LCMScheduler says so) and learns."""
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_v_prediction_teacher_distils_and_loss_falls(tmp_path, image_folder, zero_terminal_snr):
+    """A v-prediction teacher's student keeps v-prediction (exported LCMScheduler says so) and learns,
+    on SD's schedule and on it rescaled to zero terminal SNR (which the export keeps)."""
     from tiny_models import save_tiny_sd
 
     teacher = save_tiny_sd(tmp_path / "v-teacher", prediction_type="v_prediction")
+    scheduler_file = teacher / "scheduler" / "scheduler_config.json"
+    scheduler_file.write_text(json.dumps(json.loads(scheduler_file.read_text()) | {"rescale_betas_zero_snr": zero_terminal_snr}))
     out = tmp_path / "v-run"
     assert main(distill_args(teacher, image_folder, out, "--steps", "30", "--lr", "1e-3", "--loss", "l2",
                              "--log-every", "1", "--checkpoint-every", "0")) == 0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
-    assert json.loads((out / "lcm" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    exported = json.loads((out / "lcm" / "scheduler" / "scheduler_config.json").read_text())
+    assert exported["prediction_type"] == "v_prediction" and exported["rescale_betas_zero_snr"] == zero_terminal_snr
 
 
 def test_latent_cache_that_does_not_fit_the_teacher(tiny_sd, latent_cache, tmp_path, capsys):

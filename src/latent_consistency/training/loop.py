@@ -101,6 +101,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     if config.objective == "lcf" and base.time_cond_proj_dim is None and config.adapter == "full":
         raise UserError(f"LCF fine-tunes an LCM, but {config.teacher} has no ω input; distil it first with `lcm distill`")
     schedule = NoiseSchedule.from_config(base.scheduler_config)
+    if base.scheduler_config.get("rescale_betas_zero_snr"):
+        # At zero terminal SNR, x̂0 = (z - σ·ε̂)/α divides by α_{T-1} = 2^-12: ε̂ carries no image there.
+        for who, prediction in (("teacher", base.prediction_type), ("student", config.student_prediction_type(base.prediction_type))):
+            if prediction == "epsilon":
+                raise UserError(f"the {who} would predict ε on a zero-terminal-SNR schedule, where ε says nothing about the image "
+                                "at t = T-1; use a v-prediction teacher and student")
     if schedule.num_train_timesteps % config.skip:
         raise UserError(f"skip {config.skip} must divide the teacher's {schedule.num_train_timesteps} training timesteps")
     student = make_student(config, base)
