@@ -86,3 +86,13 @@ def test_zero_terminal_snr_schedule_is_the_one_the_library_reads():
     torch.testing.assert_close(ours[:-1], ddim[:-1], rtol=0, atol=0)
     assert float(ddim[-1]) == 0.0 and float(ours[-1]) == 2.0**-24
     assert float(DPMSolverMultistepScheduler.from_config(config).alphas_cumprod[-1]) == 2.0**-24
+
+
+def test_zero_terminal_snr_is_read_from_the_schedule_itself():
+    from latent_consistency.schedule import NoiseSchedule, make_betas
+
+    assert NoiseSchedule.from_config(teacher_scheduler_config("v_prediction", zero_terminal_snr=True)).zero_terminal_snr
+    assert not NoiseSchedule.from_config(teacher_scheduler_config("v_prediction")).zero_terminal_snr
+    # the same betas given as trained_betas, without the flag
+    betas = make_betas(rescale_betas_zero_snr=True).tolist()
+    assert NoiseSchedule.from_config({"trained_betas": betas}).zero_terminal_snr

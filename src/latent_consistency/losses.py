@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latent_consistency.denoisers import tile
 from latent_consistency.errors import UserError
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.schedule import NoiseSchedule, consistency_pairs, skipping_grid
@@ -149,7 +150,7 @@ class LCDLoss(ConsistencyObjective):
             # Teacher jump t_{n+k} -> t_n along the augmented PF-ODE (Eq. 17), from z under each ω
             z_hat = guided_jump(self.solver, self.teacher, z, t_n_plus_k, t_n, cond, uncond, omega, self.guide_increments)
             if self.guidance_pair_weight > 0:
-                z, t_n_plus_k, t_n, cond = (torch.cat([x, x]) for x in (z, t_n_plus_k, t_n, cond))
+                z, t_n_plus_k, t_n, cond = (tile(x, 2) for x in (z, t_n_plus_k, t_n, cond))
             # Target f_θ⁻ at the earlier point
             tgt = target(z_hat.to(z.dtype), t_n, cond, omega)
         pred = student(z, t_n_plus_k, cond, omega)

@@ -110,6 +110,11 @@ class NoiseSchedule:
         return int(self.alphas_cumprod.shape[0])
 
     @property
+    def zero_terminal_snr(self) -> bool:
+        """ᾱ_{T-1} = 0 (raised to MIN_ALPHA_CUMPROD): z at t = T-1 holds no signal, however the betas were given."""
+        return bool(self.alphas_cumprod[-1] <= self.MIN_ALPHA_CUMPROD)
+
+    @property
     def lambdas(self) -> torch.Tensor:
         """λ_t = log α_t - log σ_t at the integer timesteps 0..T-1 (decreasing)."""
         a = self.alphas_cumprod

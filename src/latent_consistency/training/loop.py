@@ -101,7 +101,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     if config.objective == "lcf" and base.time_cond_proj_dim is None and config.adapter == "full":
         raise UserError(f"LCF fine-tunes an LCM, but {config.teacher} has no ω input; distil it first with `lcm distill`")
     schedule = NoiseSchedule.from_config(base.scheduler_config)
-    if base.scheduler_config.get("rescale_betas_zero_snr"):
+    if schedule.zero_terminal_snr:
         # At zero terminal SNR, x̂0 = (z - σ·ε̂)/α divides by α_{T-1} = 2^-12: ε̂ carries no image there.
         for who, prediction in (("teacher", base.prediction_type), ("student", config.student_prediction_type(base.prediction_type))):
             if prediction == "epsilon":
