@@ -157,8 +157,14 @@ def test_lora_export_loads_with_load_lora_weights(tiny_sd, image_folder, tmp_pat
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     out = tmp_path / "lora-run"
-    assert main(distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--lora-rank", "4", "--lr", "1e-3")) == 0
+    assert main(distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--lora-rank", "4", "--lr", "1e-3", "--skip", "25")) == 0
     assert not (out / "checkpoints" / "step-0000004" / "target.safetensors").exists()  # no separate target
+    # the sampler settings are saved beside the weights, and `lcm generate --lora` reads them
+    assert json.loads((out / "lora" / "scheduler_config.json").read_text())["original_inference_steps"] == 40
+    assert main(["generate", "a red star", "--model", str(tiny_sd), "--lora", str(out / "lora"), "--steps", "40",
+                 "--height", "16", "--width", "16", "--out", str(tmp_path / "images")]) == 0
+    assert Image.open(tmp_path / "images" / "0000-a-red-star.png").size == (16, 16)
+    assert main(["generate", "a", "--model", str(tiny_sd), "--lora", str(out / "lora"), "--steps", "41", "--out", str(tmp_path / "x")]) == 2
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     z, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 32)

@@ -43,7 +43,7 @@ def test_help_documents_every_option(capsys):
         main(["generate", "--help"])
     text = capsys.readouterr().out
     for option in ["--model", "--steps", "--guidance-scale", "--seed", "--height", "--width", "--batch-size",
-                   "--out", "--device", "--dtype", "--prompt-file", "--timesteps"]:
+                   "--out", "--device", "--dtype", "--prompt-file", "--timesteps", "--lora"]:
         assert option in text
 
 
@@ -80,12 +80,17 @@ def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
         "output is a file": (["a", "--model", m, "--out", str(blocked / "sub")], "cannot write to output folder"),
         "unwritable output": (["a", "--model", m, "--out", locked], "cannot write to output folder"),
         "bad timesteps": (["a", "--model", m, "--timesteps", "10,999"], "strictly decreasing"),
+        "missing lora": (["a", "--model", str(tiny_sd), "--lora", str(tmp_path / "none")], "does not exist"),
+        "lora on an lcm": (["a", "--model", m, "--lora", str(junk)], "already an LCM"),
+        "not a lora": (["a", "--model", str(tiny_sd), "--lora", str(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")],
+                       "cannot load the LoRA"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing model", "not diffusers", "no omega input", "steps 0", "steps > T/k", "height",
                                   "negative guidance", "absurd guidance", "empty prompt file", "no prompts",
-                                  "output is a file", "unwritable output", "bad timesteps"])
+                                  "output is a file", "unwritable output", "bad timesteps", "missing lora", "lora on an lcm",
+                                  "not a lora"])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_lcm, tiny_sd, tmp_path, run_error, case):
     argv, message = bad_inputs(tiny_lcm, tiny_sd, tmp_path)[case]
     out = tmp_path / "out"

@@ -78,3 +78,17 @@ def save_tiny_lcm(folder: Path, seed: int = 0, time_cond_proj_dim: int = 32, pre
     pipe = LatentConsistencyModelPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def save_tiny_lora(folder: Path, tiny_sd: Path, rank: int = 4, seed: int = 0) -> Path:
+    """A random (non-zero) LoRA for the tiny teacher's UNet, saved as diffusers' `save_lora_weights` saves one."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    return folder

@@ -1,4 +1,6 @@
-"""`lcm generate`: prompts -> PNG files with a latent consistency model (Algorithm 3).
+"""`lcm generate`: prompts -> PNG files with a latent consistency model (Algorithm 3): a full LCM (its guidance
+scale is the ω input), or a diffusion model with an LCM-LoRA (`--lora`; no ω input, so g > 1 is classifier-free
+guidance, as in diffusers).
 
 Every input is checked before the first file is written. Image i of a run is drawn from its own
 generator seeded with `seed + i`, so an image does not depend on the batch size it was made in.
@@ -14,10 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from latent_consistency.denoisers import ConsistencyModel, UNetNetwork
+from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, UNetNetwork
 from latent_consistency.errors import UserError
 from latent_consistency.grids import save_png, to_pil
-from latent_consistency.models import DiffusionModel, encode_prompts, load_lcm
+from latent_consistency.models import DiffusionModel, encode_prompts, load_lcm, load_lcm_lora
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import check_custom_timesteps, lcm_timesteps, randn, sample_lcm
 from latent_consistency.schedule import NoiseSchedule
@@ -25,6 +27,9 @@ from latent_consistency.schedule import NoiseSchedule
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The paper trains ω ∈ [2, 14] (g ∈ [3, 15]); far outside the trained range the ω embedding is meaningless.
 MAX_GUIDANCE_SCALE = 30.0
+# Default g: an LCM's ω input (the paper's ω = 7), and an LCM-LoRA's classifier-free guidance (none: its guidance
+# was distilled in; diffusers recommends 1-2 for LCM-LoRA).
+DEFAULT_GUIDANCE_SCALE = {"lcm": 8.0, "lora": 1.0}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,8 +99,14 @@ class LCMGenerator:
     dtype: torch.dtype
 
     @classmethod
-    def load(cls, path: str, device: torch.device, dtype: torch.dtype) -> "LCMGenerator":
-        return cls(load_lcm(path, dtype=dtype, device=device), device, dtype)
+    def load(cls, path: str, device: torch.device, dtype: torch.dtype, lora: str | None = None) -> "LCMGenerator":
+        model = load_lcm(path, dtype, device) if lora is None else load_lcm_lora(path, lora, dtype, device)
+        return cls(model, device, dtype)
+
+    @property
+    def kind(self) -> str:
+        """lcm: the guidance scale is the ω input; lora: no ω input, the guidance scale is classifier-free guidance."""
+        return "lcm" if self.model.time_cond_proj_dim is not None else "lora"
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -120,10 +131,18 @@ class LCMGenerator:
             if value < factor or value % factor:
                 raise UserError(f"--{name} {value} must be a positive multiple of the VAE factor {factor}")
 
-    def consistency_model(self) -> ConsistencyModel:
+    def consistency_model(self, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0) -> ConsistencyModel:
+        """f_θ; for an LCM-LoRA with g > 1 its network output is classifier-free guided against `uncond`, as
+        diffusers' StableDiffusionPipeline with an LCMScheduler guides it (the ω input of an LCM is instead fed in)."""
         cfg = self.model.scheduler_config
+        network = UNetNetwork(self.model.unet)
+        if self.kind == "lora" and guidance_scale > 1:
+            guided, omega = GuidedTeacher(network, self.schedule, self.model.prediction_type), omega_from_guidance_scale(guidance_scale)
+
+            def network(z, t, cond, timestep_cond=None):
+                return guided.guided_output(z, t, cond, uncond.expand(len(z), -1, -1), omega)
         return ConsistencyModel(
-            UNetNetwork(self.model.unet),
+            network,
             self.schedule,
             self.model.prediction_type,
             time_cond_proj_dim=self.model.time_cond_proj_dim,
@@ -139,23 +158,28 @@ class LCMGenerator:
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latents = randn(shape, generators, self.device, self.dtype)
         cond = encode_prompts(self.model.tokenizer, self.model.text_encoder, prompts, self.device).to(self.dtype)
+        uncond = None
+        if self.kind == "lora" and guidance_scale > 1:
+            uncond = encode_prompts(self.model.tokenizer, self.model.text_encoder, [""], self.device).to(self.dtype)
         omega = omega_from_guidance_scale(guidance_scale)
-        x0 = sample_lcm(self.consistency_model(), latents, timesteps, cond, omega, self.schedule, generators)
+        f = self.consistency_model(uncond, guidance_scale)
+        x0 = sample_lcm(f, latents, timesteps, cond, omega, self.schedule, generators)
         return codec.decode(x0)
 
 
 def run(args) -> None:
     prompts = read_prompts(args.prompts, args.prompt_file)
-    if args.guidance_scale < 0 or args.guidance_scale > MAX_GUIDANCE_SCALE:
+    guidance_scale = DEFAULT_GUIDANCE_SCALE["lcm" if args.lora is None else "lora"] if args.guidance_scale is None else args.guidance_scale
+    if guidance_scale < 0 or guidance_scale > MAX_GUIDANCE_SCALE:
         raise UserError(
-            f"--guidance-scale {args.guidance_scale} is outside [0, {MAX_GUIDANCE_SCALE:g}]; "
+            f"--guidance-scale {guidance_scale} is outside [0, {MAX_GUIDANCE_SCALE:g}]; "
             "LCMs are distilled with guidance scales around 3-15 (paper ω ∈ [2, 14])"
         )
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    generator = LCMGenerator.load(args.model, device, dtype)
+    generator = LCMGenerator.load(args.model, device, dtype, args.lora)
     custom = [int(t) for t in args.timesteps.split(",")] if args.timesteps else None
     timesteps = generator.timesteps(args.steps, custom)
     height = args.height or generator.default_size()
@@ -165,7 +189,7 @@ def run(args) -> None:
 
     batches = [range(i, min(i + args.batch_size, len(prompts))) for i in range(0, len(prompts), args.batch_size)]
     for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2):
-        images = generator([prompts[i] for i in batch], timesteps, args.guidance_scale, [args.seed + i for i in batch], height, width)
+        images = generator([prompts[i] for i in batch], timesteps, guidance_scale, [args.seed + i for i in batch], height, width)
         for i, image in zip(batch, to_pil(images)):
             save_png(image, out / image_filename(i, prompts[i]))
     print(f"wrote {len(prompts)} image(s) to {out}")
@@ -176,14 +200,19 @@ def register(subparsers) -> None:
         "generate",
         help="generate images from prompts with a latent consistency model",
         description="Generate PNG images from text prompts with a latent consistency model in 1-8 steps "
-        "(multistep consistency sampling, Algorithm 3 of Luo et al. 2023).",
+        "(multistep consistency sampling, Algorithm 3 of Luo et al. 2023): a full LCM, or a diffusion model with an LCM-LoRA.",
     )
     p.add_argument("prompts", nargs="*", help="prompts, one image each")
     p.add_argument("--prompt-file", help="text file with one prompt per line (added after PROMPTS)")
-    p.add_argument("--model", required=True, help="LCM as a diffusers LatentConsistencyModelPipeline folder or hub id")
+    p.add_argument("--model", required=True, help="LCM as a diffusers LatentConsistencyModelPipeline folder or hub id; "
+                   "with --lora, the diffusion model the LoRA was distilled from")
+    p.add_argument("--lora", help="an LCM-LoRA to load onto --model: the lora/ folder of `lcm distill --adapter lora`, "
+                   "a .safetensors file or a hub id")
     p.add_argument("--steps", type=int, default=4, help="number of sampling steps, 1..T/k (default 4)")
     p.add_argument("--timesteps", help="custom decreasing timesteps instead of --steps, e.g. 999,759,499,259")
-    p.add_argument("--guidance-scale", type=float, default=8.0, help="guidance scale g in diffusers' convention, ω = g - 1 (default 8.0)")
+    p.add_argument("--guidance-scale", type=float, help="guidance scale g in diffusers' convention: an LCM's ω input, ω = g - 1 "
+                   f"(default {DEFAULT_GUIDANCE_SCALE['lcm']:g}); for an LCM-LoRA, classifier-free guidance when g > 1, "
+                   f"as diffusers applies it (default {DEFAULT_GUIDANCE_SCALE['lora']:g})")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of the VAE factor (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of the VAE factor (default: the model's)")

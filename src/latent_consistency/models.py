@@ -218,6 +218,45 @@ def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str 
     if model.time_cond_proj_dim is None:
         raise UserError(
             f"{name_or_path} is a diffusion model without the guidance input of an LCM "
-            "(its UNet has no time_cond_proj_dim); distil it first with `lcm distill --teacher ...`"
+            "(its UNet has no time_cond_proj_dim); distil it first with `lcm distill --teacher ...`, or load its LCM-LoRA (--lora)"
         )
+    return model
+
+
+LORA_SCHEDULER_FILE = "scheduler_config.json"  # the LCMScheduler config `lcm distill --adapter lora` saves next to the weights
+
+
+def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
+    """A diffusion model with an LCM-LoRA (Luo et al. 2023b) loaded onto its UNet (and text encoder, if the file has
+    layers for it), as diffusers' `load_lora_weights` loads it; the result samples as an LCM without an ω input.
+
+    `lora` is a folder or .safetensors file (ours, or a downloaded LCM-LoRA) or a hub id. Its scheduler config is
+    the LCMScheduler one `lcm distill` saves in the folder, else diffusers' default (original_inference_steps 50)
+    over the model's noise schedule; the parameterisation is the model's either way.
+    """
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
+    if model.time_cond_proj_dim is not None:
+        raise UserError(f"{name_or_path} is already an LCM (its UNet has the ω input); give --lora the diffusion model it was distilled from")
+    path = Path(lora)
+    if not path.exists() and not _looks_like_hub_id(lora):
+        raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
+    source, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (lora, {})
+    try:
+        state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+        if not state_dict or not all("lora" in key for key in state_dict):
+            raise ValueError("not a LoRA state dict (every key must name a lora layer)")
+        StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, model.unet, metadata=metadata)
+        StableDiffusionPipeline.load_lora_into_text_encoder(state_dict, alphas, model.text_encoder, metadata=metadata)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line}") from err
+    for module in (model.unet, model.text_encoder):  # the LoRA layers need not be made on the model's device and dtype
+        module.to(device=device, dtype=dtype)
+    if (path / LORA_SCHEDULER_FILE).is_file():
+        lcm = dict(LCMScheduler.load_config(str(path)))
+    else:
+        lcm = lcm_scheduler_config(model.scheduler_config, skip=1) | {"original_inference_steps": LCMScheduler().config.original_inference_steps}
+    model.scheduler_config = model.scheduler_config | {k: v for k, v in lcm.items() if not k.startswith("_")}
     return model

@@ -68,11 +68,13 @@ class Student:
         """Write the target θ⁻ (the EMA, or the student when there is none) in diffusers format."""
         unet = self.target_unet if self.has_separate_target else unwrapped_unet
         if self.adapter == "lora":
-            from diffusers import StableDiffusionPipeline
+            from diffusers import LCMScheduler, StableDiffusionPipeline
             from peft.utils import get_peft_model_state_dict
 
             folder = Path(out) / "lora"
             StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+            # Beside the weights, the sampler settings they were distilled for (read by `models.load_lcm_lora`)
+            LCMScheduler.from_config(scheduler_config | {"prediction_type": self.prediction_type}).save_config(folder)
             return folder
         return save_lcm_pipeline(Path(out) / "lcm", unet, base, scheduler_config | {"prediction_type": self.prediction_type})
 
