@@ -31,3 +31,14 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     assert responses.keys() == {k.removeprefix("ode_error_") for k in errors} and all(abs(v) < float("inf") for v in responses.values())
     assert "ω response t=999" in (out / "distill" / "over_training.md").read_text()
     assert (out / "distill" / "over_training.png").is_file()
+
+    # ... and of an LCM-LoRA run on the same world (no ω input: its response is 0 at every t)
+    from latent_consistency.cli import main as lcm
+
+    lora = out / "lora"
+    assert lcm(["distill", "--preset", "tiny", "--adapter", "lora", "--lora-rank", "4", "--teacher", str(out / "world-tiny"),
+                "--data", str(out / "latents"), "--out", str(lora), "--guidance-scale-min", "1", "--guidance-scale-max", "3"]) == 0
+    assert over_training.main(["--run", str(lora), "--world", str(out / "world-tiny"), "--samples", "4", "--device", "cpu"]) == 0
+    rows = json.loads((lora / "over_training.json").read_text())
+    assert [r["step"] for r in rows] == [2, 4] and all(r[f"fid_{n}"] >= 0 for r in rows for n in (1, 2, 4))
+    assert all(v == 0 for r in rows for k, v in r.items() if k.startswith("omega_response_"))

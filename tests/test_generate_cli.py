@@ -20,6 +20,14 @@ def test_generate_end_to_end_subprocess(tiny_lcm, tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert files == ["0000-a-red-star.png", "0001-a-blue-ring.png"]
     assert Image.open(out / files[0]).size == (16, 16)
+    # prompts from standard input: the same images
+    piped = tmp_path / "piped"
+    cmd = [sys.executable, "-m", "latent_consistency.cli", "generate", "--prompt-file", "-", "--model", str(tiny_lcm), "--steps", "2",
+           "--out", str(piped), "--seed", "5", "--height", "16", "--width", "16"]
+    result = subprocess.run(cmd, input="a red star\n\na blue ring\n", capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    for name in files:
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(piped / name)))
 
 
 def test_generate_is_reproducible_and_independent_of_batch_size(tiny_lcm, tmp_path):
@@ -77,6 +85,7 @@ def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
         "absurd guidance": (["a", "--model", m, "--guidance-scale", "500"], "guidance-scale"),
         "empty prompt file": (["--model", m, "--prompt-file", str(empty)], "holds no prompts"),
         "no prompts": (["--model", m], "no prompts given"),
+        "prompt file is a folder": (["--model", m, "--prompt-file", str(junk)], "is a folder"),
         "output is a file": (["a", "--model", m, "--out", str(blocked / "sub")], "cannot write to output folder"),
         "unwritable output": (["a", "--model", m, "--out", locked], "cannot write to output folder"),
         "bad timesteps": (["a", "--model", m, "--timesteps", "10,999"], "strictly decreasing"),
@@ -88,7 +97,7 @@ def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing model", "not diffusers", "no omega input", "steps 0", "steps > T/k", "height",
-                                  "negative guidance", "absurd guidance", "empty prompt file", "no prompts",
+                                  "negative guidance", "absurd guidance", "empty prompt file", "no prompts", "prompt file is a folder",
                                   "output is a file", "unwritable output", "bad timesteps", "missing lora", "lora on an lcm",
                                   "not a lora"])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_lcm, tiny_sd, tmp_path, run_error, case):

@@ -9,6 +9,7 @@ generator seeded with `seed + i`, so an image does not depend on the batch size 
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +59,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
-    """Prompts from the command line, then from a file (one per line, blank lines ignored)."""
+    """Prompts from the command line, then from a file ('-': standard input; one per line, blank lines ignored)."""
     prompts = [p for p in prompts if p.strip()]
     if prompt_file is not None:
         path = Path(prompt_file)
-        if not path.is_file():
+        if prompt_file != "-" and not path.exists():
             raise UserError(f"prompt file {prompt_file} does not exist")
-        from_file = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.is_dir():
+            raise UserError(f"prompt file {prompt_file} is a folder; give a text file with one prompt per line")
+        try:  # a regular file, or a pipe such as <(...)
+            text = sys.stdin.read() if prompt_file == "-" else path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read prompt file {prompt_file}: {err}") from None
+        from_file = [line.strip() for line in text.splitlines() if line.strip()]
         if not from_file:
             raise UserError(f"prompt file {prompt_file} holds no prompts; write one prompt per line")
         prompts += from_file
@@ -203,7 +210,7 @@ def register(subparsers) -> None:
         "(multistep consistency sampling, Algorithm 3 of Luo et al. 2023): a full LCM, or a diffusion model with an LCM-LoRA.",
     )
     p.add_argument("prompts", nargs="*", help="prompts, one image each")
-    p.add_argument("--prompt-file", help="text file with one prompt per line (added after PROMPTS)")
+    p.add_argument("--prompt-file", help="text file with one prompt per line, or - for standard input (added after PROMPTS)")
     p.add_argument("--model", required=True, help="LCM as a diffusers LatentConsistencyModelPipeline folder or hub id; "
                    "with --lora, the diffusion model the LoRA was distilled from")
     p.add_argument("--lora", help="an LCM-LoRA to load onto --model: the lora/ folder of `lcm distill --adapter lora`, "

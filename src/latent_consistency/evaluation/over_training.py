@@ -22,13 +22,14 @@ import torch
 from latent_consistency.denoisers import GuidedTeacher, UNetNetwork
 from latent_consistency.evaluation.compare import SamplerSpec, consistency_model, sample, score
 from latent_consistency.evaluation.ode_error import guidance_response, ode_error, ode_solutions
-from latent_consistency.models import encode_prompts, make_student_unet
+from latent_consistency.models import encode_prompts
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps
 from latent_consistency.schedule import NoiseSchedule, skipping_grid
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.config import config_from_dict
 from latent_consistency.training.checkpoint import list_checkpoints
+from latent_consistency.training.students import make_student
 
 STEPS = (1, 2, 4)
 
@@ -63,8 +64,9 @@ def evaluate_run(run: Path, world, samples: int, guidance_scale: float | None = 
     items = [reference[i] for i in range(min(samples, len(reference)))]
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]
     real = torch.stack([it["image"] for it in items])
-    student = make_student_unet(world.model.unet, config.time_cond_proj_dim).to(device).eval()
-    lcm = dataclasses.replace(world.model, unet=student, scheduler_config=world.model.scheduler_config | {
+    student = make_student(config, world.model)  # a full UNet with the ω input, or LoRA adapters on the teacher's
+    network = student.target_unet.eval()  # θ⁻, the network that is exported (the student itself when there is no copy)
+    lcm = dataclasses.replace(world.model, unet=network, scheduler_config=world.model.scheduler_config | {
         "original_inference_steps": 1000 // config.skip, "prediction_type": config.student_prediction_type(world.prediction_type)})
     solutions = reference_solutions(world, config, items, guidance_scale, device)
     range_ends = None
@@ -74,8 +76,8 @@ def evaluate_run(run: Path, world, samples: int, guidance_scale: float | None = 
     f = consistency_model(lcm)
     rows = []
     for path in list_checkpoints(run):
-        weights = path / ("target.safetensors" if (path / "target.safetensors").is_file() else "student.safetensors")
-        student.load_state_dict(load_file(str(weights), device=str(device)))
+        student.load_state({name: load_file(str(path / f"{name}.safetensors"), device=str(device))
+                            for name in ("student", "target") if (path / f"{name}.safetensors").is_file()})
         step = json.loads((path / "state.json").read_text())["step"]
         row = {"step": step}
         for n in STEPS:
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
     from latent_consistency.world.build import default_world_path, load_world
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a distillation run folder (full student) with checkpoints")
+    parser.add_argument("--run", required=True, help="a distillation run folder (full or LoRA student) with checkpoints")
     parser.add_argument("--world", help="the world the run distilled (default: the shipped one)")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--guidance-scale", type=float, help="default: the run's validation guidance scale")
