@@ -26,7 +26,7 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     assert all(r[f"fid_{n}"] >= 0 and 0 <= r[f"alignment_{n}"] <= 1 for r in rows for n in (1, 2, 4))
     errors = {k: v for k, v in rows[0].items() if k.startswith("ode_error_")}
     assert len(errors) >= 4 and all(0 <= v < float("inf") for v in errors.values()), errors
-    # the guidance response between the ends of the trained range g ∈ [1, 3], at the same timesteps
+    # the guidance response between the ends of the trained range (g ∈ [1, 2] in the world preset), at the same timesteps
     responses = {k.removeprefix("omega_response_"): v for k, v in rows[0].items() if k.startswith("omega_response_")}
     assert responses.keys() == {k.removeprefix("ode_error_") for k in errors} and all(abs(v) < float("inf") for v in responses.values())
     assert "ω response t=999" in (out / "distill" / "over_training.md").read_text()
