@@ -36,11 +36,12 @@ VARIANTS: dict[str, dict] = {
     "ema0.999": dict(ema_decay=0.999),
     "b256": dict(batch_size=256),
     "huber": dict(loss="huber"),
-    "g4-8": dict(guidance_scale_min=4.0),
+    "g4-8": dict(guidance_scale_min=4.0, guidance_scale_max=8.0),
     "lr1e-4-cosine": dict(lr=1e-4, lr_schedule="cosine"),
     "b256-huber": dict(batch_size=256, loss="huber"),
-    "g1": dict(guidance_scale_max=1.0, validation_guidance_scale=1.0),
-    "g1-2": dict(guidance_scale_max=2.0, validation_guidance_scale=1.5),
+    "g1": dict(guidance_scale_min=1.0, guidance_scale_max=1.0, validation_guidance_scale=1.0),
+    "g1-2": dict(guidance_scale_min=1.0, guidance_scale_max=2.0, validation_guidance_scale=1.5),
+    "g1-3": dict(guidance_scale_min=1.0, guidance_scale_max=3.0, validation_guidance_scale=3.0),  # the preset until late 2026-11-27
 }
 STEPS = (1, 2, 4)
 
