@@ -119,14 +119,13 @@ def test_lcm_lora_sampling_equals_stable_diffusion_pipeline_with_lcm_scheduler(t
     assert generator.kind == "lora" and generator.original_inference_steps == 50
     model = generator.model
     cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
-    uncond = encode_prompts(model.tokenizer, model.text_encoder, [""])
     generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
     randn((2, 4, 8, 8), generators, "cpu", torch.float32)  # advance them past the starting noise, as above
-    f = generator.consistency_model(uncond, g)
+    f = generator.consistency_model(g)
     ours = sample_lcm(f, latents.clone(), generator.timesteps(steps), cond, omega_from_guidance_scale(g), generator.schedule, generators)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     # and the LoRA matters: without it the same sampler gives something else
     plain = LCMGenerator.load(str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(save_tiny_lora(tmp_path / "lora0", tiny_sd, seed=1)))
-    other = sample_lcm(plain.consistency_model(uncond, g), latents.clone(), generator.timesteps(steps), cond, 0.0, generator.schedule,
+    other = sample_lcm(plain.consistency_model(g), latents.clone(), generator.timesteps(steps), cond, 0.0, generator.schedule,
                        [torch.Generator().manual_seed(s) for s in (5, 6)])
     assert (other - ours).abs().max() > 1e-3

@@ -138,12 +138,13 @@ class LCMGenerator:
             if value < factor or value % factor:
                 raise UserError(f"--{name} {value} must be a positive multiple of the VAE factor {factor}")
 
-    def consistency_model(self, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0) -> ConsistencyModel:
-        """f_θ; for an LCM-LoRA with g > 1 its network output is classifier-free guided against `uncond`, as
-        diffusers' StableDiffusionPipeline with an LCMScheduler guides it (the ω input of an LCM is instead fed in)."""
+    def consistency_model(self, guidance_scale: float = 1.0) -> ConsistencyModel:
+        """f_θ; for an LCM-LoRA with g > 1 its network output is classifier-free guided against the empty prompt,
+        as diffusers' StableDiffusionPipeline with an LCMScheduler guides it (an LCM takes g through its ω input)."""
         cfg = self.model.scheduler_config
         network = UNetNetwork(self.model.unet)
         if self.kind == "lora" and guidance_scale > 1:
+            uncond = encode_prompts(self.model.tokenizer, self.model.text_encoder, [""], self.device).to(self.dtype)
             guided, omega = GuidedTeacher(network, self.schedule, self.model.prediction_type), omega_from_guidance_scale(guidance_scale)
 
             def network(z, t, cond, timestep_cond=None):
@@ -165,12 +166,8 @@ class LCMGenerator:
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latents = randn(shape, generators, self.device, self.dtype)
         cond = encode_prompts(self.model.tokenizer, self.model.text_encoder, prompts, self.device).to(self.dtype)
-        uncond = None
-        if self.kind == "lora" and guidance_scale > 1:
-            uncond = encode_prompts(self.model.tokenizer, self.model.text_encoder, [""], self.device).to(self.dtype)
         omega = omega_from_guidance_scale(guidance_scale)
-        f = self.consistency_model(uncond, guidance_scale)
-        x0 = sample_lcm(f, latents, timesteps, cond, omega, self.schedule, generators)
+        x0 = sample_lcm(self.consistency_model(guidance_scale), latents, timesteps, cond, omega, self.schedule, generators)
         return codec.decode(x0)
 
 
