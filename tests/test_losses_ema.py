@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from latent_consistency.analytic import GaussianMixtureEps, gaussian_flow
 from latent_consistency.denoisers import GuidedTeacher
 from latent_consistency.errors import UserError
-from latent_consistency.losses import LCDLoss, LCFLoss, consistency_distance, consistency_weight
+from latent_consistency.losses import GuidancePairLCDLoss, LCDLoss, LCFLoss, consistency_distance, consistency_weight
 from latent_consistency.schedule import NoiseSchedule
-from latent_consistency.solvers import get_solver
+from latent_consistency.solvers import SOLVERS, get_solver, guided_jump
+from latent_consistency.testing.analytic import GaussianMixtureEps, gaussian_flow
 from latent_consistency.training.ema import ema_update
 
 
@@ -83,7 +83,7 @@ def test_ict_weighting_is_the_inverse_noise_level_gap_normalised_over_the_grid()
     cond = torch.ones(512, 1, dtype=torch.float64)
     teacher = GuidedTeacher(GaussianMixtureEps(torch.tensor([[0.5, -0.5]]), 0.4, schedule), schedule, "epsilon")
     loss = LCDLoss(schedule, skip=20, distance="l2", weighting="ict", teacher=teacher, solver=get_solver("ddim"))
-    zero = lambda z, t, cond, omega: z * 0  # noqa: E731
+    zero = lambda z, t, cond, omega: z * 0
     per_sample = loss(offset_f, zero, x0, cond, cond, torch.Generator().manual_seed(1))
     point = loss.draw_point(x0, torch.Generator().manual_seed(1))
     grid_weights = consistency_weight(schedule, *loss_pairs(loss))
@@ -110,8 +110,8 @@ def test_guidance_pair_loss_known_values_and_exact_guided_consistency_function()
     teacher = GuidedTeacher(GaussianMixtureEps(means, std, schedule), schedule, "epsilon")
     cond, uncond = torch.tensor([[1.0, 0.0]]).expand(256, 2), torch.tensor([[0.0, 1.0]]).expand(256, 2)
     x0 = GaussianMixtureEps(means, std, schedule).sample(256, cond, torch.Generator().manual_seed(0))
-    loss = LCDLoss(schedule, skip=20, guidance_scale_range=(1.0, 3.0), distance="l2", teacher=teacher,
-                   solver=get_solver("dpm++"), guidance_pair_weight=10.0)
+    loss = GuidancePairLCDLoss(schedule, skip=20, guidance_scale_range=(1.0, 3.0), distance="l2", teacher=teacher,
+                               solver=get_solver("dpm++"), guidance_pair_weight=10.0)
     seen = []
 
     def omega_f(z, t, c, omega):
@@ -134,4 +134,35 @@ def test_guidance_pair_loss_known_values_and_exact_guided_consistency_function()
     ignores_omega = loss(flow_f(0.0), flow_f(1.0), x0, cond, uncond, torch.Generator().manual_seed(1)).mean().item()
     assert exact < 1e-5 and ignores_omega > 100 * exact
     with pytest.raises(UserError, match="guidance_pair_weight"):
-        LCDLoss(schedule, teacher=teacher, solver=get_solver("ddim"), guidance_pair_weight=-1.0)
+        GuidancePairLCDLoss(schedule, teacher=teacher, solver=get_solver("ddim"), guidance_pair_weight=-1.0)
+
+
+@pytest.mark.parametrize("guide_increments", [False, True])
+@pytest.mark.parametrize("name", ["ddim", "dpm", "dpm++"])
+def test_guidance_pair_teacher_jumps_equal_tiled_rows_and_share_teacher_work(name, guide_increments):
+    """The pair loss's teacher jumps for ω and ω': the same as LCD's jump on two explicit copies of the rows, with
+    fewer network rows (what does not depend on ω runs once)."""
+    schedule = NoiseSchedule.from_config({})
+    teacher = GuidedTeacher(GaussianMixtureEps(torch.tensor([[1.0, 0.5], [-1.0, -0.5]]), 0.3, schedule), schedule, "epsilon")
+    rows = []
+    network = teacher.net
+    teacher.net = lambda z, t, cond: rows.append(z.shape[0]) or network(z, t, cond)
+    g = torch.Generator().manual_seed(5)
+    b = 6
+    z = torch.randn(b, 2, generator=g, dtype=torch.float64)
+    cond = torch.nn.functional.one_hot(torch.arange(b) % 2, 2).double()
+    uncond = torch.full((b, 2), 0.5, dtype=torch.float64)
+    t, s = torch.full((b,), 700.0, dtype=torch.float64), torch.full((b,), 640.0, dtype=torch.float64)
+    omega = torch.rand(2 * b, generator=g, dtype=torch.float64) * 4
+    loss = GuidancePairLCDLoss(schedule, teacher=teacher, solver=SOLVERS[name], guide_increments=guide_increments,
+                               guidance_pair_weight=1.0)
+
+    shared = loss._teacher_jumps(z, t, s, cond, uncond, omega)
+    shared_rows, rows[:] = sum(rows), []
+    tiled = guided_jump(SOLVERS[name], teacher, torch.cat([z, z]), torch.cat([t, t]), torch.cat([s, s]),
+                        torch.cat([cond, cond]), torch.cat([uncond, uncond]), omega, guide_increments)
+    torch.testing.assert_close(shared, tiled, rtol=1e-12, atol=1e-12)
+    evaluations = SOLVERS[name].evaluations_per_jump
+    # per evaluation: the first evaluation (at z_t, the same for every ω) runs once; per increment: all do
+    saved = evaluations if guide_increments else 1
+    assert sum(rows) == 4 * b * evaluations and shared_rows == 4 * b * evaluations - 2 * b * saved

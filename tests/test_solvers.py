@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from latent_consistency.analytic import GaussianMixtureEps, gaussian_flow, reference_flow
 from latent_consistency.denoisers import GuidedTeacher
 from latent_consistency.errors import UserError
 from latent_consistency.solvers import SOLVERS, get_solver, guided_jump
+from latent_consistency.testing.analytic import GaussianMixtureEps, gaussian_flow, reference_flow
 
 SCHEDULE_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
@@ -144,32 +144,3 @@ def test_gaussian_flow_matches_reference_integrator(schedule):
     ref = reference_flow(lambda z_, t_: net(z_, t_, torch.ones(8, 1, dtype=torch.float64)), z, t, s, schedule, steps=200)
     assert (exact - ref).abs().max().item() < 1e-6
     assert math.isfinite(exact.abs().max().item())
-
-
-@pytest.mark.parametrize("guide_increments", [False, True])
-@pytest.mark.parametrize("name", ["ddim", "dpm", "dpm++"])
-def test_several_omegas_per_row_equal_tiled_rows_and_share_teacher_work(schedule, name, guide_increments):
-    """R guidance values per row: the same jumps as R explicit copies of the rows, with fewer network rows."""
-    teacher = two_class_teacher(schedule)
-    rows = []
-    network = teacher.net
-    teacher.net = lambda z, t, cond: rows.append(z.shape[0]) or network(z, t, cond)
-    g = torch.Generator().manual_seed(5)
-    b = 6
-    z = torch.randn(b, 2, generator=g, dtype=torch.float64)
-    cond = torch.nn.functional.one_hot(torch.arange(b) % 2, 2).double()
-    uncond = torch.full((b, 2), 0.5, dtype=torch.float64)
-    t, s = torch.full((b,), 700.0, dtype=torch.float64), torch.full((b,), 640.0, dtype=torch.float64)
-    omega = torch.rand(2 * b, generator=g, dtype=torch.float64) * 4
-
-    shared = guided_jump(SOLVERS[name], teacher, z, t, s, cond, uncond, omega, guide_increments)
-    shared_rows, rows[:] = sum(rows), []
-    tiled = guided_jump(SOLVERS[name], teacher, torch.cat([z, z]), torch.cat([t, t]), torch.cat([s, s]),
-                        torch.cat([cond, cond]), torch.cat([uncond, uncond]), omega, guide_increments)
-    torch.testing.assert_close(shared, tiled, rtol=1e-12, atol=1e-12)
-    evaluations = SOLVERS[name].evaluations_per_jump
-    # per evaluation: the first evaluation (at z_t, the same for every ω) runs once; per increment: all do
-    saved = evaluations if guide_increments else 1
-    assert sum(rows) == 4 * b * evaluations and shared_rows == 4 * b * evaluations - 2 * b * saved
-    with pytest.raises(ValueError, match="5 guidance values for 6 rows"):
-        guided_jump(SOLVERS[name], teacher, z, t, s, cond, uncond, omega[:5], guide_increments)

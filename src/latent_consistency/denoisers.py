@@ -21,7 +21,7 @@ from latent_consistency.parameterization import (
     guidance_embedding,
     x0_and_eps,
 )
-from latent_consistency.schedule import NoiseSchedule, append_dims
+from latent_consistency.schedule import NoiseSchedule, append_dims, batch_timesteps
 
 
 class UNetNetwork:
@@ -36,26 +36,6 @@ class UNetNetwork:
         return self.unet(z, t, encoder_hidden_states=cond, timestep_cond=timestep_cond, return_dict=False)[0]
 
 
-def _batch_t(t, z: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(t, device=z.device)
-    return t.expand(z.shape[0]) if t.ndim == 0 else t
-
-
-def guidance_repeats(omega, rows: int) -> int:
-    """R when `omega` holds R guidance values for each of `rows` rows (copy-major), else 1."""
-    omega = torch.as_tensor(omega)
-    if omega.ndim == 0 or omega.numel() == rows:
-        return 1
-    if omega.numel() % rows:
-        raise ValueError(f"{omega.numel()} guidance values for {rows} rows")
-    return omega.numel() // rows
-
-
-def tile(x: torch.Tensor, repeats: int) -> torch.Tensor:
-    """`repeats` copies of the batch x, one after the other (x itself for 1)."""
-    return x if repeats == 1 else x.repeat(repeats, *[1] * (x.ndim - 1))
-
-
 class GuidedTeacher:
     """A frozen teacher network with classifier-free guidance (Eq. 12)."""
 
@@ -66,37 +46,39 @@ class GuidedTeacher:
 
     def output(self, z, t, cond):
         """The raw network output (ε, v or x0) for a batch, unguided."""
-        return self.net(z, _batch_t(t, z), cond)
+        return self.net(z, batch_timesteps(t, z), cond)
 
     def denoise(self, z, t, cond) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂0, ε̂) for a batch, unguided."""
-        t = _batch_t(t, z)
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        return x0_and_eps(self.output(z, t, cond), z, alpha, sigma, self.prediction_type)
+        return self.x0_and_eps(self.output(z, t, cond), z, t)
+
+    def outputs(self, z, t, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out(z, c, t), out(z, ∅, t)): the raw outputs for cond and uncond, as one batch through the network."""
+        t = batch_timesteps(t, z)
+        return self.output(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
+
+    @staticmethod
+    def guide(out_c: torch.Tensor, out_u: torch.Tensor, omega, z: torch.Tensor) -> torch.Tensor:
+        """(1+ω)·out_c - ω·out_u (Eq. 12) for outputs at z; `omega` is a scalar or one value per row, in z's dtype."""
+        omega = append_dims(torch.as_tensor(omega, device=z.device), z.ndim).to(z)
+        return out_c + omega * (out_c - out_u)
 
     def guided_output(self, z, t, cond, uncond, omega):
         """(1+ω)·out(z, c, t) - ω·out(z, ∅, t) in the network's own parameterisation.
 
         All three parameterisations are affine in the output for fixed (z, t), so guiding the output
-        equals guiding ε (Eq. 12) or x0. Cond and uncond go through the network as one batch.
-        `omega` is a scalar, one value per row, or R values per row (`guidance_repeats`): the network then
-        runs once on the B rows and R·B outputs come back, row i under ω[i], ω[B+i], ...
+        equals guiding ε (Eq. 12) or x0.
         """
-        t = _batch_t(t, z)
-        out = self.output(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond]))
-        repeats = guidance_repeats(omega, z.shape[0])
-        out_c, out_u = (tile(x, repeats) for x in out.chunk(2))
-        omega = append_dims(torch.as_tensor(omega, device=z.device), z.ndim).to(z)
-        return out_c + omega * (out_c - out_u)
+        return self.guide(*self.outputs(z, t, cond, uncond), omega, z)
+
+    def x0_and_eps(self, output, z, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂0, ε̂) from a network output at (z, t)."""
+        alpha, sigma = self.schedule.alpha_sigma(batch_timesteps(t, z))
+        return x0_and_eps(output, z, alpha, sigma, self.prediction_type)
 
     def guided(self, z, t, cond, uncond, omega) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x̂0, ε̃) of the augmented PF-ODE (Eq. 13); R·B rows for R values of ω per row (see `guided_output`)."""
-        t = _batch_t(t, z)
-        output = self.guided_output(z, t, cond, uncond, omega)
-        repeats = guidance_repeats(omega, z.shape[0])
-        z, t = tile(z, repeats), tile(t, repeats)
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        return x0_and_eps(output, z, alpha, sigma, self.prediction_type)
+        """(x̂0, ε̃) of the augmented PF-ODE (Eq. 13) at (z, t)."""
+        return self.x0_and_eps(self.guided_output(z, t, cond, uncond, omega), z, t)
 
 
 class ConsistencyModel:
@@ -120,7 +102,7 @@ class ConsistencyModel:
 
     def x0(self, z, t, cond, omega) -> torch.Tensor:
         """x̂0(z, ω, c, t) from the student's raw output (no boundary scalings)."""
-        t = _batch_t(t, z)
+        t = batch_timesteps(t, z)
         w_emb = None
         if self.time_cond_proj_dim is not None:
             omega = torch.as_tensor(omega, device=z.device, dtype=torch.float32)
@@ -132,5 +114,5 @@ class ConsistencyModel:
 
     def __call__(self, z, t, cond, omega) -> torch.Tensor:
         """f = c_skip(t)·z + c_out(t)·x̂0 (Eq. 9)."""
-        t = _batch_t(t, z)
+        t = batch_timesteps(t, z)
         return consistency_output(z, self.x0(z, t, cond, omega), t, self.sigma_data, self.timestep_scaling)

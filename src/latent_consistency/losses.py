@@ -1,11 +1,12 @@
-"""The two training objectives as small callables returning a per-sample loss [B].
+"""The training objectives as small callables returning a per-sample loss [B].
 
 - `LCDLoss`: latent consistency distillation, Algorithm 1 of Luo et al. 2023. The target comes from one
   jump of the guided teacher from t_{n+k} to t_n (Eq. 17) and the EMA target network θ⁻.
+- `GuidancePairLCDLoss`: LCD with each example at two guidance scales and a term on their difference (ours).
 - `LCFLoss`: latent consistency fine-tuning, Algorithm 4. No teacher: z_{t_n} and z_{t_{n+k}} are noised
   from the same latent with the same ε.
 
-Both draw (n, ω, ε) the same way (`draw_point`) and weight each sample's distance by λ(t_n) (1 for the
+All draw (n, ω, ε) the same way (`draw_point`) and weight each sample's distance by λ(t_n) (1 for the
 paper's uniform weighting, `consistency_weight` for iCT's), so they share one training loop.
 """
 
@@ -15,29 +16,35 @@ from dataclasses import dataclass
 
 import torch
 
-from latent_consistency.denoisers import tile
+from latent_consistency.denoisers import GuidedTeacher
 from latent_consistency.errors import UserError
-from latent_consistency.parameterization import omega_from_guidance_scale
+from latent_consistency.parameterization import check_guidance_scale_range, omega_from_guidance_scale
 from latent_consistency.schedule import NoiseSchedule, consistency_pairs, skipping_grid
-from latent_consistency.solvers import Solver, guided_jump
+from latent_consistency.solvers import Solver, guide_increments_of, guided_jump, unguided_jumps
 
-DISTANCES = ("l2", "huber")
-WEIGHTINGS = ("uniform", "ict")
+
+def _squared(diff: torch.Tensor, huber_c: float) -> torch.Tensor:
+    return diff**2
+
+
+def _pseudo_huber(diff: torch.Tensor, huber_c: float) -> torch.Tensor:
+    return torch.sqrt(diff**2 + huber_c**2) - huber_c
+
+
+# d(·,·) per element, by name: mean squared error, or the pseudo-Huber √((a-b)² + c²) - c (Song & Dhariwal 2023)
+DISTANCES = {"l2": _squared, "huber": _pseudo_huber}
+
+
+def check_distance(name: str) -> str:
+    if name not in DISTANCES:
+        raise UserError(f"unknown loss {name!r}; use one of {', '.join(DISTANCES)}")
+    return name
 
 
 def consistency_distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "huber", huber_c: float = 0.001) -> torch.Tensor:
-    """d(·,·) of Algorithm 1 per sample: mean squared error, or the pseudo-Huber √((a-b)² + c²) - c.
-
-    Pseudo-Huber (Song & Dhariwal 2023) is applied per element and averaged, as diffusers' LCD scripts do.
-    """
-    diff = pred.float() - target.float()
-    if kind == "l2":
-        per_element = diff**2
-    elif kind == "huber":
-        per_element = torch.sqrt(diff**2 + huber_c**2) - huber_c
-    else:
-        raise UserError(f"unknown loss {kind!r}; use one of {', '.join(DISTANCES)}")
-    return per_element.flatten(1).mean(1)
+    """d(·,·) of Algorithm 1 per sample: the `DISTANCES` entry per element, averaged over each sample's elements
+    (pseudo-Huber per element, as diffusers' LCD scripts do)."""
+    return DISTANCES[check_distance(kind)](pred.float() - target.float(), huber_c).flatten(1).mean(1)
 
 
 def consistency_weight(schedule: NoiseSchedule, t_n_plus_k: torch.Tensor, t_n: torch.Tensor) -> torch.Tensor:
@@ -52,6 +59,21 @@ def consistency_weight(schedule: NoiseSchedule, t_n_plus_k: torch.Tensor, t_n: t
     a_n, s_n = schedule.alpha_sigma(t_n)
     gap = s / a - s_n / a_n
     return torch.where(gap > 0, 1.0 / gap.clamp_min(torch.finfo(gap.dtype).tiny), torch.zeros_like(gap))
+
+
+def uniform_weight(schedule: NoiseSchedule, t_n_plus_k: torch.Tensor, t_n: torch.Tensor) -> torch.Tensor:
+    """λ(t_n) = 1: the paper's Algorithm 1."""
+    return torch.ones(t_n.shape, dtype=torch.float64)
+
+
+# λ(t_n) per grid pair, by name
+WEIGHTINGS = {"uniform": uniform_weight, "ict": consistency_weight}
+
+
+def check_weighting(name: str) -> str:
+    if name not in WEIGHTINGS:
+        raise UserError(f"unknown loss weighting {name!r}; use one of {', '.join(WEIGHTINGS)}")
+    return name
 
 
 @dataclass
@@ -78,19 +100,11 @@ class ConsistencyObjective:
 
     def __post_init__(self):
         self.grid = skipping_grid(self.schedule.num_train_timesteps, self.skip)
-        if self.weighting not in WEIGHTINGS:
-            raise UserError(f"unknown loss weighting {self.weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        check_distance(self.distance)
+        check_guidance_scale_range(*self.guidance_scale_range)
         # λ per grid pair, normalised to mean 1 over the grid, so that the learning rate keeps its meaning
-        if self.weighting == "uniform":
-            self.grid_weights = torch.ones(len(self.grid))
-        else:
-            weights = consistency_weight(self.schedule, *consistency_pairs(self.grid, torch.arange(len(self.grid)), self.skip)).float()
-            self.grid_weights = weights / weights.mean()
-        lo, hi = self.guidance_scale_range
-        if not 1.0 <= lo <= hi:
-            raise UserError(f"guidance scale range must satisfy 1 <= min <= max, got {self.guidance_scale_range}")
-        if self.distance not in DISTANCES:
-            raise UserError(f"unknown loss {self.distance!r}; use one of {', '.join(DISTANCES)}")
+        weights = WEIGHTINGS[check_weighting(self.weighting)](self.schedule, *consistency_pairs(self.grid, torch.arange(len(self.grid)), self.skip))
+        self.grid_weights = weights.float() / weights.float().mean()
 
     def draw_point(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingPoint:
         """n ~ U{grid}, ω ~ U[ω_min, ω_max], ε ~ N(0, I), all from `generator` (on the latents' device)."""
@@ -111,54 +125,82 @@ class ConsistencyObjective:
         return point.weight * consistency_distance(pred, target, self.distance, self.huber_c)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LCDLoss(ConsistencyObjective):
     """Latent consistency distillation (Algorithm 1):
 
     d( f_θ(z_{t_{n+k}}, ω, c, t_{n+k}),  f_θ⁻(ẑ_{t_n}, ω, c, t_n) ),  ẑ_{t_n} = Ψ(z_{t_{n+k}}, t_{n+k}, t_n, c; ω).
+    """
 
-    With `guidance_pair_weight` λ_Δ > 0 (ours, not the paper's) every example is also drawn at a second
-    guidance ω' with the same z, n and ε, and the loss is
+    teacher: GuidedTeacher
+    solver: Solver
+    guide_increments: bool = False
+
+    def __call__(self, student, target, latents, cond, uncond, generator=None) -> torch.Tensor:
+        p = self.draw_point(latents, generator)
+        z = self.schedule.add_noise(latents, p.noise, p.t_n_plus_k)
+        with torch.no_grad():
+            # Teacher jump t_{n+k} -> t_n along the augmented PF-ODE (Eq. 17)
+            z_hat = guided_jump(self.solver, self.teacher, z, p.t_n_plus_k, p.t_n, cond, uncond, p.omega, self.guide_increments)
+            # Target f_θ⁻ at the earlier point
+            tgt = target(z_hat.to(z.dtype), p.t_n, cond, p.omega)
+        pred = student(z, p.t_n_plus_k, cond, p.omega)
+        return self.d(pred, tgt, p)
+
+
+@dataclass(kw_only=True)
+class GuidancePairLCDLoss(LCDLoss):
+    """LCD with every example drawn at two guidance scales (ours, not the paper's).
+
+    With the same z, n and ε at ω and a second draw ω', the loss is
 
         ½ [d(f(ω), F(ω)) + d(f(ω'), F(ω'))] + λ_Δ · d(f(ω) − f(ω'), F(ω) − F(ω')),   F(ω) = f_θ⁻(ẑ_{t_n}^ω, ω),
 
     whose last term is the target's dependence on ω alone: with one ω per example it is a small part of a
     residual dominated by errors common to all ω, and a student can end a run ignoring its ω input
     (`evaluation.ode_error.guidance_response`). It costs a second target and student evaluation per
-    example, and a second teacher jump less its first evaluation (shared by both ω, `guided_jump`).
+    example, and a second teacher jump less its first evaluation, which both ω share.
     """
 
-    teacher: object = None  # a GuidedTeacher; required
-    solver: Solver | None = None  # required
-    guide_increments: bool = False
-    guidance_pair_weight: float = 0.0
+    guidance_pair_weight: float  # λ_Δ
 
     def __post_init__(self):
         super().__post_init__()
-        if self.teacher is None or self.solver is None:
-            raise TypeError("LCDLoss needs a teacher and a solver")
-        if self.guidance_pair_weight < 0:
-            raise UserError(f"guidance_pair_weight must be >= 0, got {self.guidance_pair_weight}")
+        if not self.guidance_pair_weight > 0:
+            raise UserError(f"guidance_pair_weight must be > 0, got {self.guidance_pair_weight}")
 
     def __call__(self, student, target, latents, cond, uncond, generator=None) -> torch.Tensor:
         p = self.draw_point(latents, generator)
         z = self.schedule.add_noise(latents, p.noise, p.t_n_plus_k)
-        t_n_plus_k, t_n, omega = p.t_n_plus_k, p.t_n, p.omega
-        if self.guidance_pair_weight > 0:  # the same examples again at ω': two values of ω per row
-            omega = torch.cat([omega, self.draw_omega(latents.shape[0], latents.device, generator)])
+        omega = torch.cat([p.omega, self.draw_omega(latents.shape[0], latents.device, generator)])  # ω, then ω'
+        z2, t_n_plus_k, t_n, cond2 = (_twice(x) for x in (z, p.t_n_plus_k, p.t_n, cond))
         with torch.no_grad():
-            # Teacher jump t_{n+k} -> t_n along the augmented PF-ODE (Eq. 17), from z under each ω
-            z_hat = guided_jump(self.solver, self.teacher, z, t_n_plus_k, t_n, cond, uncond, omega, self.guide_increments)
-            if self.guidance_pair_weight > 0:
-                z, t_n_plus_k, t_n, cond = (tile(x, 2) for x in (z, t_n_plus_k, t_n, cond))
-            # Target f_θ⁻ at the earlier point
-            tgt = target(z_hat.to(z.dtype), t_n, cond, omega)
-        pred = student(z, t_n_plus_k, cond, omega)
-        if self.guidance_pair_weight == 0:
-            return self.d(pred, tgt, p)
+            z_hat = self._teacher_jumps(z, p.t_n_plus_k, p.t_n, cond, uncond, omega)
+            tgt = target(z_hat.to(z.dtype), t_n, cond2, omega)
+        pred = student(z2, t_n_plus_k, cond2, omega)
         (pred, pred_pair), (tgt, tgt_pair) = pred.chunk(2), tgt.chunk(2)
         return 0.5 * (self.d(pred, tgt, p) + self.d(pred_pair, tgt_pair, p)) + self.guidance_pair_weight * self.d(
             pred - pred_pair, tgt - tgt_pair, p)
+
+    def _teacher_jumps(self, z, t, s, cond, uncond, omega) -> torch.Tensor:
+        """Ψ(z_t, t, s, c; ω) for the 2B values of `omega` (ω for the B rows, then ω'), 2B rows.
+
+        What does not depend on ω runs once on the B rows: the first evaluation (guidance per evaluation), or
+        both unguided solver runs (per increment).
+        """
+        if self.guide_increments:
+            z_c, z_u = unguided_jumps(self.solver, self.teacher, z, t, s, cond, uncond)
+            return guide_increments_of(*(_twice(x) for x in (z, z_c, z_u)), omega)
+        out_c, out_u = self.teacher.outputs(z, t, cond, uncond)
+        z, t, s, cond, uncond, out_c, out_u = (_twice(x) for x in (z, t, s, cond, uncond, out_c, out_u))
+        first = self.teacher.x0_and_eps(self.teacher.guide(out_c, out_u, omega, z), z, t)
+        return self.solver.jump(lambda z_, t_: self.teacher.guided(z_, t_, cond, uncond, omega), z, t, s, self.teacher.schedule,
+                                first=first)
+
+
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    """The batch x followed by itself."""
+    return x.repeat(2, *[1] * (x.ndim - 1))
 
 
 @dataclass

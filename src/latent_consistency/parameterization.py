@@ -100,9 +100,11 @@ def omega_from_guidance_scale(guidance_scale: float | torch.Tensor) -> float | t
     return guidance_scale - 1
 
 
-def guidance_scale_from_omega(omega: float | torch.Tensor) -> float | torch.Tensor:
-    """diffusers' guidance_scale g from the paper's ω: g = ω + 1."""
-    return omega + 1
+def check_guidance_scale_range(lo: float, hi: float) -> tuple[float, float]:
+    """A range of diffusers' guidance scales g to draw from: 1 <= min <= max, finite (ω = g - 1 >= 0)."""
+    if not (1.0 <= lo <= hi and math.isfinite(hi)):
+        raise UserError(f"the guidance scale range must satisfy 1 <= min <= max (finite), got [{lo}, {hi}]")
+    return lo, hi
 
 
 def guidance_embedding(omega: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -7,7 +7,7 @@ the same here and in `LatentConsistencyModelPipeline`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -12,8 +12,9 @@ half-log-SNR λ_t = log(α_t/σ_t) linearly between integers; at integer t the v
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -86,7 +87,7 @@ class NoiseSchedule:
     MIN_ALPHA_CUMPROD = 2.0**-24
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+    def from_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
         """Build from a diffusers scheduler config (a dict or a scheduler's `.config`)."""
         betas = make_betas(
             num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
@@ -99,7 +100,7 @@ class NoiseSchedule:
         return cls.from_betas(betas)
 
     @classmethod
-    def from_betas(cls, betas: torch.Tensor) -> "NoiseSchedule":
+    def from_betas(cls, betas: torch.Tensor) -> NoiseSchedule:
         # diffusers computes the cumulative product in float32; do the same so that α_t matches bitwise.
         alphas_cumprod = torch.cumprod(1.0 - betas.float(), dim=0).double()
         alphas_cumprod = alphas_cumprod.clamp(min=cls.MIN_ALPHA_CUMPROD)
@@ -153,6 +154,12 @@ class NoiseSchedule:
         """z_t = α_t·x0 + σ_t·ε for integer t of shape [B] (Eq. 1 of Luo et al. 2023)."""
         alpha, sigma = self.alpha_sigma(t)
         return append_dims(alpha, x0.ndim).to(x0) * x0 + append_dims(sigma, x0.ndim).to(x0) * noise
+
+
+def batch_timesteps(t, z: torch.Tensor) -> torch.Tensor:
+    """t as one value per row of z: a scalar is expanded to [B], a [B] tensor is kept (on z's device)."""
+    t = torch.as_tensor(t, device=z.device)
+    return t.expand(z.shape[0]) if t.ndim == 0 else t
 
 
 def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:

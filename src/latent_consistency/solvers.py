@@ -18,14 +18,13 @@ For DDIM both are the same; for the second-order solvers they differ at O(h²).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from latent_consistency.denoisers import guidance_repeats, tile
 from latent_consistency.errors import UserError
-from latent_consistency.schedule import NoiseSchedule, append_dims
+from latent_consistency.schedule import NoiseSchedule, append_dims, batch_timesteps
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -58,7 +57,7 @@ class _Singlestep:
     r: torch.Tensor
 
     @classmethod
-    def of(cls, schedule: NoiseSchedule, z: torch.Tensor, t, s, r: float) -> "_Singlestep":
+    def of(cls, schedule: NoiseSchedule, z: torch.Tensor, t, s, r: float) -> _Singlestep:
         lam_t, lam_s = schedule.lambda_(t), schedule.lambda_(s)
         u = schedule.t_of_lambda(lam_t + r * (lam_s - lam_t))
         (alpha_t, sigma_t), lam_t = _coefficients(schedule, t, z.ndim, z)
@@ -120,11 +119,6 @@ def get_solver(name: str) -> Solver:
         raise UserError(f"unknown solver {name!r}; use one of {', '.join(SOLVERS)}") from None
 
 
-def _batch(t, z: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(t, device=z.device)
-    return t.expand(z.shape[0]) if t.ndim == 0 else t
-
-
 def guided_jump(
     solver: Solver,
     teacher,
@@ -139,24 +133,22 @@ def guided_jump(
     """ẑ_s = Ψ(z_t, t, s, c; ω): one jump of the guided teacher (`GuidedTeacher`), Eq. 13-17.
 
     Either way, each solver evaluation is one teacher forward pass over the batch [cond; uncond].
-    With R values of ω per row (`omega` of R·B values for B rows, copy-major) the jump is taken from the
-    same z_t under each and R·B rows come back; what does not depend on ω runs once on the B rows: the
-    first evaluation (per evaluation), or every evaluation (per increment).
     """
-    t, s = _batch(t, z), _batch(s, z)
-    repeats = guidance_repeats(omega, z.shape[0])
+    t, s = batch_timesteps(t, z), batch_timesteps(s, z)
     if not guide_increments:
-        first = teacher.guided(z, t, cond, uncond, omega) if repeats > 1 else None
-        cond, uncond = tile(cond, repeats), tile(uncond, repeats)
-        return solver.jump(lambda z_, t_: teacher.guided(z_, t_, cond, uncond, omega),
-                           tile(z, repeats), tile(t, repeats), tile(s, repeats), teacher.schedule, first=first)
-    z_pair = solver.jump(
-        lambda z_, t_: teacher.denoise(z_, t_, torch.cat([cond, uncond])),
-        torch.cat([z, z]),
-        torch.cat([t, t]),
-        torch.cat([s, s]),
-        teacher.schedule,
-    )
-    z_c, z_u, z = (tile(x, repeats) for x in (*z_pair.chunk(2), z))
+        return solver.jump(lambda z_, t_: teacher.guided(z_, t_, cond, uncond, omega), z, t, s, teacher.schedule)
+    return guide_increments_of(z, *unguided_jumps(solver, teacher, z, t, s, cond, uncond), omega)
+
+
+def unguided_jumps(solver: Solver, teacher, z, t, s, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Ψ(z_t, t, s, c), Ψ(z_t, t, s, ∅)): the unguided solver for c and ∅ as one batch."""
+    t, s = batch_timesteps(t, z), batch_timesteps(s, z)
+    z_pair = solver.jump(lambda z_, t_: teacher.denoise(z_, t_, torch.cat([cond, uncond])),
+                         torch.cat([z, z]), torch.cat([t, t]), torch.cat([s, s]), teacher.schedule)
+    return z_pair.chunk(2)
+
+
+def guide_increments_of(z: torch.Tensor, z_c: torch.Tensor, z_u: torch.Tensor, omega) -> torch.Tensor:
+    """Eq. 17 literally: ẑ_s = z_t + (1+ω)(Ψ(z_t,t,s,c) - z_t) - ω(Ψ(z_t,t,s,∅) - z_t)."""
     omega = append_dims(torch.as_tensor(omega, device=z.device), z.ndim).to(z)
     return z + (1 + omega) * (z_c - z) - omega * (z_u - z)
