@@ -4,11 +4,9 @@ import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
-from latent_consistency.denoisers import ConsistencyModel, UNetNetwork
 from latent_consistency.models import encode_prompts, load_lcm
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps, sample_lcm
-from latent_consistency.schedule import NoiseSchedule
 
 
 @pytest.mark.parametrize("original_steps", [50, 25])
@@ -32,13 +30,35 @@ def test_sample_lcm_equals_pipeline(tiny_lcm, steps):
     ).images
 
     model = load_lcm(str(tiny_lcm))
-    schedule = NoiseSchedule.from_config(model.scheduler_config)
-    f = ConsistencyModel(UNetNetwork(model.unet), schedule, model.prediction_type, model.time_cond_proj_dim)
+    f = model.consistency_model()
     cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
     ours = sample_lcm(
-        f, latents.clone(), lcm_timesteps(steps, 1000, 50), cond, omega_from_guidance_scale(g), schedule,
+        f, latents.clone(), model.timesteps(steps), cond, omega_from_guidance_scale(g), f.schedule,
         generator=torch.Generator().manual_seed(11),
     )
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_the_model_factory_reads_every_lcm_scheduler_setting(tmp_path, steps):
+    """T = 500 training timesteps, original_inference_steps 25 and a timestep_scaling of 4: the consistency function
+    and timesteps made from the loaded model sample as diffusers' pipeline does."""
+    from tiny_models import save_tiny_lcm
+
+    folder = save_tiny_lcm(tmp_path / "lcm-500", num_train_timesteps=500, original_inference_steps=25, timestep_scaling=4.0)
+    pipe = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ref = pipe(["a red star", "a ring"], num_inference_steps=steps, guidance_scale=6.0, latents=latents.clone(), output_type="latent",
+               generator=torch.Generator().manual_seed(11)).images
+    model = load_lcm(str(folder))
+    f = model.consistency_model()
+    assert f.schedule.num_train_timesteps == 500 and f.timestep_scaling == 4.0
+    pipe.scheduler.set_timesteps(steps)
+    assert model.timesteps(steps).tolist() == pipe.scheduler.timesteps.tolist() and model.timesteps(steps).max() < 500
+    cond = encode_prompts(model.tokenizer, model.text_encoder, ["a red star", "a ring"])
+    ours = sample_lcm(f, latents.clone(), model.timesteps(steps), cond, omega_from_guidance_scale(6.0), f.schedule,
+                      generator=torch.Generator().manual_seed(11))
     assert (ours - ref).abs().max().item() < 1e-5
 
 
@@ -50,7 +70,6 @@ def test_teacher_baseline_equals_stable_diffusion_pipeline(tiny_sd, sampler, sch
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    from latent_consistency.denoisers import GuidedTeacher
     from latent_consistency.models import load_diffusion_model
     from latent_consistency.sampling import sample_teacher
 
@@ -63,8 +82,7 @@ def test_teacher_baseline_equals_stable_diffusion_pipeline(tiny_sd, sampler, sch
     ref = pipe(prompts, num_inference_steps=steps, guidance_scale=g, latents=latents.clone(), output_type="latent").images
 
     model = load_diffusion_model(str(tiny_sd))
-    schedule = NoiseSchedule.from_config(model.scheduler_config)
-    teacher = GuidedTeacher(UNetNetwork(model.unet), schedule, model.prediction_type)
+    teacher = model.guided_teacher()
     cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
     uncond = encode_prompts(model.tokenizer, model.text_encoder, [""]).expand(2, -1, -1)
     ours = sample_teacher(teacher, sampler, latents.clone(), cond, uncond, g, steps, model.scheduler_config)
@@ -84,10 +102,10 @@ def test_sample_lcm_equals_pipeline_for_v_prediction(tmp_path, zero_terminal_snr
     ref = pipe(["a star"], num_inference_steps=3, guidance_scale=5.0, latents=latents.clone(), output_type="latent",
                generator=torch.Generator().manual_seed(2)).images
     model = load_lcm(str(folder))
-    schedule = NoiseSchedule.from_config(model.scheduler_config)
-    f = ConsistencyModel(UNetNetwork(model.unet), schedule, "v_prediction", model.time_cond_proj_dim)
+    f = model.consistency_model()
+    assert f.prediction_type == "v_prediction"
     cond = encode_prompts(model.tokenizer, model.text_encoder, ["a star"])
-    ours = sample_lcm(f, latents.clone(), lcm_timesteps(3, 1000, 50), cond, 4.0, schedule, torch.Generator().manual_seed(2))
+    ours = sample_lcm(f, latents.clone(), model.timesteps(3), cond, 4.0, f.schedule, torch.Generator().manual_seed(2))
     # With zero terminal SNR diffusers' LCMScheduler keeps ᾱ_999 = 0 where we use 2^-24 (schedule.py), so the
     # first x̂0 = α·z - σ·v differs by α_999·z = 2^-12·z; nothing else differs.
     tolerance = 2.0**-12 * latents.abs().max().item() if zero_terminal_snr else 1e-5
@@ -99,10 +117,10 @@ def test_lcm_lora_sampling_equals_stable_diffusion_pipeline_with_lcm_scheduler(t
     """`lcm generate --lora`'s sampler against diffusers' documented LCM-LoRA recipe: load_lora_weights onto the
     StableDiffusionPipeline, LCMScheduler, guidance_scale g (classifier-free guidance when g > 1)."""
     from diffusers import StableDiffusionPipeline
-    from tiny_models import save_tiny_lora
 
-    from latent_consistency.generate import LCMGenerator
+    from latent_consistency.pipelines import LCMGenerator
     from latent_consistency.sampling import randn
+    from tiny_models import save_tiny_lora
 
     lora = save_tiny_lora(tmp_path / "lora", tiny_sd)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
@@ -116,16 +134,16 @@ def test_lcm_lora_sampling_equals_stable_diffusion_pipeline_with_lcm_scheduler(t
                generator=generators).images
 
     generator = LCMGenerator.load(str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(lora))
-    assert generator.kind == "lora" and generator.original_inference_steps == 50
     model = generator.model
+    assert generator.kind == "lora" and model.scheduler_config["original_inference_steps"] == 50
     cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
     generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
     randn((2, 4, 8, 8), generators, "cpu", torch.float32)  # advance them past the starting noise, as above
-    f = generator.consistency_model(g)
-    ours = sample_lcm(f, latents.clone(), generator.timesteps(steps), cond, omega_from_guidance_scale(g), generator.schedule, generators)
+    f = model.consistency_model(g)
+    ours = sample_lcm(f, latents.clone(), generator.timesteps(steps), cond, omega_from_guidance_scale(g), model.schedule, generators)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     # and the LoRA matters: without it the same sampler gives something else
     plain = LCMGenerator.load(str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(save_tiny_lora(tmp_path / "lora0", tiny_sd, seed=1)))
-    other = sample_lcm(plain.consistency_model(g), latents.clone(), generator.timesteps(steps), cond, 0.0, generator.schedule,
+    other = sample_lcm(plain.model.consistency_model(g), latents.clone(), generator.timesteps(steps), cond, 0.0, model.schedule,
                        [torch.Generator().manual_seed(s) for s in (5, 6)])
     assert (other - ours).abs().max() > 1e-3

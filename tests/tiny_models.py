@@ -23,7 +23,8 @@ def make_tokenizer(folder: Path):
     return tok
 
 
-def make_tiny_components(tmp: Path, prediction_type: str = "epsilon", time_cond_proj_dim: int | None = None, seed: int = 0):
+def make_tiny_components(tmp: Path, prediction_type: str = "epsilon", time_cond_proj_dim: int | None = None, seed: int = 0,
+                         num_train_timesteps: int = 1000):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -50,31 +51,33 @@ def make_tiny_components(tmp: Path, prediction_type: str = "epsilon", time_cond_
     )
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, prediction_type=prediction_type,
+        set_alpha_to_one=False, prediction_type=prediction_type, num_train_timesteps=num_train_timesteps,
     )
     for m in (unet, vae, text_encoder):
         m.eval()
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+def save_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0, num_train_timesteps: int = 1000) -> Path:
     """A tiny random StableDiffusionPipeline folder (the teacher)."""
     from diffusers import StableDiffusionPipeline
 
-    parts = make_tiny_components(folder.parent / f".{folder.name}-build", prediction_type, seed=seed)
+    parts = make_tiny_components(folder.parent / f".{folder.name}-build", prediction_type, seed=seed, num_train_timesteps=num_train_timesteps)
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
 def save_tiny_lcm(folder: Path, seed: int = 0, time_cond_proj_dim: int = 32, prediction_type: str = "epsilon",
-                  zero_terminal_snr: bool = False) -> Path:
+                  zero_terminal_snr: bool = False, num_train_timesteps: int = 1000, original_inference_steps: int = 50,
+                  timestep_scaling: float = 10.0) -> Path:
     """A tiny random LatentConsistencyModelPipeline folder saved by diffusers itself."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
-    parts = make_tiny_components(folder.parent / f".{folder.name}-build", prediction_type, time_cond_proj_dim, seed=seed)
-    parts["scheduler"] = LCMScheduler.from_config(parts["scheduler"].config, original_inference_steps=50,
-                                                  rescale_betas_zero_snr=zero_terminal_snr)
+    parts = make_tiny_components(folder.parent / f".{folder.name}-build", prediction_type, time_cond_proj_dim, seed=seed,
+                                 num_train_timesteps=num_train_timesteps)
+    parts["scheduler"] = LCMScheduler.from_config(parts["scheduler"].config, original_inference_steps=original_inference_steps,
+                                                  rescale_betas_zero_snr=zero_terminal_snr, timestep_scaling=timestep_scaling)
     pipe = LatentConsistencyModelPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -1,5 +1,7 @@
 """Load teachers, make students, save and load LCM pipelines, encode prompts and images.
 
+The one way from a loaded UNet and its scheduler config to the paper's two contracts:
+`guided_teacher` (Eq. 12) and `consistency_model` (Eq. 9), also as methods of `DiffusionModel`.
 Models on disk are diffusers folders with safetensors weights; nothing here unpickles.
 """
 
@@ -12,10 +14,46 @@ from typing import Any
 
 import torch
 
+from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, UNetNetwork
 from latent_consistency.errors import UserError
-from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type
+from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
+from latent_consistency.sampling import lcm_timesteps
+from latent_consistency.schedule import NoiseSchedule
 
 DEFAULT_TIME_COND_PROJ_DIM = 256
+# diffusers' LCMScheduler default, for an LCM(-LoRA) whose scheduler config does not say
+DEFAULT_ORIGINAL_INFERENCE_STEPS = 50
+
+
+def prediction_type_of(scheduler_config: dict) -> str:
+    """What the network predicts (ε, v or x0), as its scheduler config says."""
+    return check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
+
+
+def guided_teacher(unet, scheduler_config: dict) -> GuidedTeacher:
+    """The guided denoiser of Eq. 12 around a diffusion UNet and its scheduler config."""
+    return GuidedTeacher(UNetNetwork(unet), NoiseSchedule.from_config(scheduler_config), prediction_type_of(scheduler_config))
+
+
+def consistency_model(unet, scheduler_config: dict, network=None) -> ConsistencyModel:
+    """f_θ of Eq. 9 around a UNet read under an LCMScheduler config (its noise schedule, prediction type and
+    `timestep_scaling`); the ω input is the UNet's `time_cond_proj_dim` (None: no ω input, an LCM-LoRA).
+
+    `network`, when given, stands in for the UNet's own network contract (a guided wrapper, say).
+    """
+    return ConsistencyModel(
+        network or UNetNetwork(unet),
+        NoiseSchedule.from_config(scheduler_config),
+        prediction_type_of(scheduler_config),
+        unet.config.get("time_cond_proj_dim"),
+        timestep_scaling=float(scheduler_config.get("timestep_scaling", TIMESTEP_SCALING)),
+    )
+
+
+def inference_timesteps(scheduler_config: dict, steps: int) -> torch.Tensor:
+    """The `steps` timesteps of Algorithm 3 that diffusers' LCMScheduler picks under this config."""
+    return lcm_timesteps(steps, int(scheduler_config.get("num_train_timesteps", 1000)),
+                         int(scheduler_config.get("original_inference_steps", DEFAULT_ORIGINAL_INFERENCE_STEPS)))
 
 
 @torch.no_grad()
@@ -77,7 +115,11 @@ class DiffusionModel:
 
     @property
     def prediction_type(self) -> str:
-        return check_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"))
+        return prediction_type_of(self.scheduler_config)
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.from_config(self.scheduler_config)
 
     @property
     def time_cond_proj_dim(self) -> int | None:
@@ -87,7 +129,29 @@ class DiffusionModel:
     def codec(self) -> LatentCodec:
         return LatentCodec(self.vae)
 
-    def to(self, device) -> "DiffusionModel":
+    def guided_teacher(self) -> GuidedTeacher:
+        """This model as the guided teacher of Eq. 12 (classifier-free guidance, cond and uncond in one batch)."""
+        return guided_teacher(self.unet, self.scheduler_config)
+
+    def consistency_model(self, guidance_scale: float = 1.0) -> ConsistencyModel:
+        """This LCM as f_θ of Eq. 9. An LCM takes g through its ω input at call time; a model without one (an
+        LCM-LoRA) is classifier-free guided against the empty prompt when g > 1, as diffusers' StableDiffusionPipeline
+        with an LCMScheduler guides it."""
+        if self.time_cond_proj_dim is not None or guidance_scale <= 1:
+            return consistency_model(self.unet, self.scheduler_config)
+        uncond = encode_prompts(self.tokenizer, self.text_encoder, [""], self.unet.device).to(self.unet.dtype)
+        teacher, omega = self.guided_teacher(), omega_from_guidance_scale(guidance_scale)
+
+        def guided(z, t, cond, timestep_cond=None):
+            return teacher.guided_output(z, t, cond, uncond.expand(len(z), -1, -1), omega)
+
+        return consistency_model(self.unet, self.scheduler_config, network=guided)
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        """The LCM's `steps` sampling timesteps (Algorithm 3)."""
+        return inference_timesteps(self.scheduler_config, steps)
+
+    def to(self, device) -> DiffusionModel:
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device)
         return self
@@ -126,7 +190,7 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
         text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
         scheduler_config = _read_scheduler_config(name_or_path)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load a diffusers model from {name_or_path}: {first_line}") from err
     model = DiffusionModel(unet, vae, text_encoder, tokenizer, scheduler_config, source=name_or_path)
@@ -164,16 +228,19 @@ def make_student_unet(teacher_unet, time_cond_proj_dim: int = DEFAULT_TIME_COND_
 def lcm_scheduler_config(
     teacher_scheduler_config: dict,
     skip: int,
+    prediction_type: str | None = None,
     sigma_data: float = SIGMA_DATA,
     timestep_scaling: float = TIMESTEP_SCALING,
 ) -> dict:
     """An LCMScheduler config matching a student distilled from this teacher with skip k.
 
-    prediction_type is the teacher's (a student trained to predict another overrides it, see
-    `training.students`); the boundary scalings wrap it either way. original_inference_steps = T/k.
+    prediction_type is the student network's (default: the teacher's); the boundary scalings wrap it either
+    way. original_inference_steps = T/k.
     """
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr", "prediction_type")
     config = {k: teacher_scheduler_config[k] for k in keys if k in teacher_scheduler_config}
+    if prediction_type is not None:
+        config["prediction_type"] = check_prediction_type(prediction_type)
     num_train_timesteps = int(config.get("num_train_timesteps", 1000))
     config.update(
         original_inference_steps=num_train_timesteps // skip,
@@ -257,6 +324,6 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     if (path / LORA_SCHEDULER_FILE).is_file():
         lcm = dict(LCMScheduler.load_config(str(path)))
     else:
-        lcm = lcm_scheduler_config(model.scheduler_config, skip=1) | {"original_inference_steps": LCMScheduler().config.original_inference_steps}
+        lcm = lcm_scheduler_config(model.scheduler_config, skip=1) | {"original_inference_steps": DEFAULT_ORIGINAL_INFERENCE_STEPS}
     model.scheduler_config = model.scheduler_config | {k: v for k, v in lcm.items() if not k.startswith("_")}
     return model

@@ -1,0 +1,40 @@
+"""Where and in what precision to run: `--device` and `--dtype` as the commands take them."""
+
+from __future__ import annotations
+
+import torch
+
+from latent_consistency.errors import UserError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; anything else must name a device this machine has."""
+    name = str(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name} was asked for but MPS is not available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' and latents' dtype by name; float16 needs an accelerator."""
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    if name == "float16" and device.type == "cpu":
+        raise UserError("float16 is not supported on the CPU; use --dtype float32 or bfloat16")
+    return DTYPES[name]
