@@ -58,11 +58,9 @@ def test_v_prediction_student_of_an_epsilon_teacher_exports_and_runs_in_diffuser
     the network's output as the student was trained; its first-step image equals ours."""
     from diffusers import LatentConsistencyModelPipeline
 
-    from latent_consistency.denoisers import ConsistencyModel, UNetNetwork
     from latent_consistency.models import encode_prompts, load_lcm
     from latent_consistency.parameterization import omega_from_guidance_scale
-    from latent_consistency.sampling import lcm_timesteps, sample_lcm
-    from latent_consistency.schedule import NoiseSchedule
+    from latent_consistency.sampling import sample_lcm
 
     out = tmp_path / "run"
     assert main(distill_args(tiny_sd, image_folder, out, "--student-prediction", "v_prediction")) == 0
@@ -75,10 +73,9 @@ def test_v_prediction_student_of_an_epsilon_teacher_exports_and_runs_in_diffuser
                   height=size * pipe.vae_scale_factor, width=size * pipe.vae_scale_factor).images
     model = load_lcm(str(out / "lcm"))
     assert model.prediction_type == "v_prediction"
-    schedule = NoiseSchedule.from_config(model.scheduler_config)
-    f = ConsistencyModel(UNetNetwork(model.unet), schedule, model.prediction_type, model.time_cond_proj_dim)
-    ours = sample_lcm(f, noise, lcm_timesteps(1, 1000, 50), encode_prompts(model.tokenizer, model.text_encoder, ["a red star"]),
-                      omega_from_guidance_scale(8.0), schedule)
+    f = model.consistency_model()
+    ours = sample_lcm(f, noise, model.timesteps(1), encode_prompts(model.tokenizer, model.text_encoder, ["a red star"]),
+                      omega_from_guidance_scale(8.0), f.schedule)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
@@ -95,6 +92,7 @@ def final_student(out: Path) -> dict:
         "target." + k: v for k, v in load_file(str(ckpts[-1] / "target.safetensors")).items()}
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bitwise_identical(tiny_sd, image_folder, tmp_path):
     args = ["--steps", "8", "--checkpoint-every", "2", "--keep-checkpoints", "10", "--batch-size", "4", "--lr", "1e-3"]
     reference = tmp_path / "reference"
@@ -124,6 +122,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_sd, image_folder, tmp_path
     assert json.loads(ref_metrics[-1])["loss"] == json.loads(res_metrics[-1])["loss"]
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_global_batch_and_only_rank0_writes(tiny_sd, image_folder, tmp_path):
     """Two CPU processes (torchrun through accelerate; gloo) train with the same global batch."""
     import socket
@@ -319,3 +318,22 @@ def test_latent_cache_that_does_not_fit_the_teacher(tiny_sd, latent_cache, tmp_p
     assert main(distill_args(tiny_sd, bad, tmp_path / "run")) == 2
     err = capsys.readouterr().err.strip()
     assert "3 latent channels but the teacher UNet takes 4" in err and len(err.splitlines()) == 1
+
+
+def test_a_teacher_with_500_training_timesteps(tmp_path, image_folder):
+    """T = 500: the student is trained, validated and exported with original_inference_steps = T/k = 25 (not 1000/k),
+    and every reader of the run (the exported pipeline, a re-made student config) agrees."""
+    from latent_consistency.models import load_diffusion_model, load_lcm
+    from latent_consistency.training.config import config_from_dict
+    from latent_consistency.training.loop import student_scheduler_config
+    from tiny_models import save_tiny_sd
+
+    teacher = save_tiny_sd(tmp_path / "t500", num_train_timesteps=500)
+    out = tmp_path / "run"
+    assert main(distill_args(teacher, image_folder, out, "--skip", "20")) == 0
+    exported = json.loads((out / "lcm" / "scheduler" / "scheduler_config.json").read_text())
+    assert exported["num_train_timesteps"] == 500 and exported["original_inference_steps"] == 25
+    model = load_lcm(str(out / "lcm"))
+    assert model.timesteps(4).tolist() == [499, 379, 259, 139]
+    remade = student_scheduler_config(config_from_dict(json.loads((out / "config.json").read_text())), load_diffusion_model(str(teacher)))
+    assert all(exported[k] == v for k, v in remade.items())

@@ -45,12 +45,15 @@ class TrainingBatches:
                 raise UserError(f"latent cache has {c} latent channels but the teacher UNet takes {unet.in_channels}; encode the data with the teacher's VAE")
             hidden = self.dataset.text_embeddings.shape[-1]
             if hidden != unet.cross_attention_dim:
-                raise UserError(f"latent cache text embeddings have width {hidden} but the teacher expects {unet.cross_attention_dim}; encode the captions with the teacher's text encoder")
+                raise UserError(f"latent cache text embeddings have width {hidden} but the teacher expects {unet.cross_attention_dim}; "
+                                "encode the captions with the teacher's text encoder")
             scale = m.get("scaling_factor")
             if scale is not None and abs(float(scale) - float(self.model.vae.config.scaling_factor)) > 1e-6:
-                raise UserError(f"latent cache was made with VAE scaling factor {scale}, the teacher's VAE has {self.model.vae.config.scaling_factor}; rebuild the cache with this teacher")
+                raise UserError(f"latent cache was made with VAE scaling factor {scale}, the teacher's VAE has "
+                                f"{self.model.vae.config.scaling_factor}; rebuild the cache with this teacher")
             if h != unet.sample_size:
-                raise UserError(f"latent cache latents are {h}x{h} but the teacher was trained on {unet.sample_size}x{unet.sample_size}; use data at the teacher's resolution")
+                raise UserError(f"latent cache latents are {h}x{h} but the teacher was trained on {unet.sample_size}x{unet.sample_size}; "
+                                "use data at the teacher's resolution")
         else:
             factor = self.model.codec.downsampling_factor
             if self.resolution % factor:
@@ -64,8 +67,7 @@ class TrainingBatches:
         return encode_prompts(self.model.tokenizer, self.model.text_encoder, [""], self.device)
 
     def first_captions(self, n: int) -> list[str]:
-        if isinstance(self.dataset, LatentCache):
-            return [self.dataset[i]["caption"] for i in range(min(n, len(self.dataset)))]
+        """The captions of the first `n` samples (none for a shard stream, which has no first samples to look at)."""
         if isinstance(self.dataset, ShardStream):
             return []
         return [self.dataset[i]["caption"] for i in range(min(n, len(self.dataset)))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 def doc(text: str, **kwargs) -> Any:
     """A dataclass field with its documentation attached (shown by --help and --dry-run)."""
     return field(metadata={"help": text}, **kwargs)
+
+
+# Fields a resumed run may change: how long it runs, and what it writes how often
+RESUMABLE_CHANGES = ("out", "steps", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "num_workers")
 
 
 @dataclass
@@ -51,7 +56,8 @@ class TrainConfig:
     guidance_pair_weight: float = doc("λ_Δ > 0: draw each example at two guidance scales and add λ_Δ·d of the student's and the "
                                       "target's differences, so that the ω input is learned (ours; 0 = Algorithm 1; 2× the "
                                       "compute per example); full students in distillation", default=0.0)
-    ema_decay: float | None = doc("EMA rate μ of the target θ⁻ (paper 0.999943, diffusers 0.95; 0: target = student, no copy). Default: 0.95 full, 0 lora", default=None)
+    ema_decay: float | None = doc("EMA rate μ of the target θ⁻ (paper 0.999943, diffusers 0.95; 0: target = student, no copy). "
+                                  "Default: 0.95 full, 0 lora", default=None)
     # --- Optimisation ---
     steps: int = doc("optimiser steps", default=1000)
     batch_size: int = doc("global batch size (all processes, all accumulation steps together)", default=32)
@@ -76,40 +82,47 @@ class TrainConfig:
     keep_checkpoints: int = doc("how many recent checkpoints to keep", default=2)
     num_workers: int = doc("DataLoader worker processes for image data (shards stream in-process)", default=0)
 
-    def check(self) -> "TrainConfig":
-        """Raise UserError for values that cannot work, before anything is loaded."""
-        choices = dict(objective=OBJECTIVES, adapter=ADAPTERS, lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISION)
+    def check(self) -> TrainConfig:
+        """Raise UserError for values that cannot work, before anything is loaded. The one place a config is
+        validated: names are looked up in the registries the run uses (solvers, distances, weightings)."""
+        from latent_consistency.losses import check_distance, check_weighting
+        from latent_consistency.parameterization import PREDICTION_TYPES, check_guidance_scale_range
+        from latent_consistency.solvers import get_solver
+
+        choices = dict(objective=OBJECTIVES, adapter=ADAPTERS, lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISION,
+                       student_prediction=("teacher", *PREDICTION_TYPES))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        from latent_consistency.losses import DISTANCES, WEIGHTINGS
-        from latent_consistency.parameterization import PREDICTION_TYPES
-        from latent_consistency.solvers import SOLVERS
-
-        if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
-            raise UserError(f"student_prediction {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
-        if self.student_prediction != "teacher" and (self.adapter != "full" or self.objective != "lcd"):
-            raise UserError("student_prediction applies to full students in distillation (lcd); LoRA and LCF keep the model's parameterisation")
-        if self.solver not in SOLVERS:
-            raise UserError(f"unknown solver {self.solver!r}; use one of {', '.join(SOLVERS)}")
-        if self.loss not in DISTANCES:
-            raise UserError(f"unknown loss {self.loss!r}; use one of {', '.join(DISTANCES)}")
-        if self.loss_weighting not in WEIGHTINGS:
-            raise UserError(f"unknown loss weighting {self.loss_weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        get_solver(self.solver)
+        check_distance(self.loss)
+        check_weighting(self.loss_weighting)
         for name in ("teacher", "data", "out"):
             if not getattr(self, name):
                 raise UserError(f"--{name} is required")
-        for name in ("steps", "batch_size", "grad_accumulation", "skip", "log_every"):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{f.name} must be a finite number, got {value}")
+        for name in ("steps", "batch_size", "grad_accumulation", "skip", "log_every", "lora_rank", "time_cond_proj_dim",
+                     "max_nonfinite_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("seed", "resolution", "lr_warmup_steps", "validate_every", "checkpoint_every", "num_workers", "weight_decay",
+                     "max_grad_norm", "guidance_pair_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not 1.0 <= self.guidance_scale_min <= self.guidance_scale_max:
-            raise UserError(f"need 1 <= guidance_scale_min <= guidance_scale_max, got {self.guidance_scale_min}, {self.guidance_scale_max}")
-        if self.lr <= 0:
-            raise UserError(f"lr must be positive, got {self.lr}")
-        if self.guidance_pair_weight < 0:
-            raise UserError(f"guidance_pair_weight must be >= 0, got {self.guidance_pair_weight}")
+        check_guidance_scale_range(self.guidance_scale_min, self.guidance_scale_max)
+        if self.lr <= 0 or self.huber_c <= 0 or self.validation_guidance_scale < 0:
+            raise UserError(f"lr and huber_c must be positive and validation_guidance_scale >= 0, got {self.lr}, {self.huber_c}, "
+                            f"{self.validation_guidance_scale}")
+        if self.student_prediction != "teacher" and (self.adapter != "full" or self.objective != "lcd"):
+            raise UserError("student_prediction applies to full students in distillation (lcd); LoRA and LCF keep the model's parameterisation")
         if self.guidance_pair_weight > 0 and (self.adapter != "full" or self.objective != "lcd"):
             raise UserError("guidance_pair_weight applies to full students in distillation (lcd); a LoRA student has no ω input")
         if self.guidance_pair_weight > 0 and self.guidance_scale_min == self.guidance_scale_max:
@@ -130,13 +143,16 @@ class TrainConfig:
         """What the student's network predicts, given the teacher's parameterisation."""
         return teacher_prediction_type if self.student_prediction == "teacher" else self.student_prediction
 
-    def differences(self, other: "TrainConfig", ignore: tuple[str, ...] = ("out", "steps", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "num_workers")) -> list[str]:
+    def differences(self, other: TrainConfig, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
         """'field: a -> b' for each field that differs, except those a resumed run may change."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
 
 
 FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
+# The declared type of each field (`float | None` counts as float, `list[str]` as list), and which may be None
+FIELD_TYPES = {f.name: next(k for k in (bool, int, float, list, str) if k.__name__ in str(f.type)) for f in fields(TrainConfig)}
+OPTIONAL_FIELDS = {f.name for f in fields(TrainConfig) if "None" in str(f.type)}
 
 # Named presets: partial configs applied over the defaults.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -149,7 +165,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 1/2/4-step FID ~25-31; with [1, 3] at ~4 / 6 / 5, its 2-step best being a transient at step 750; with
     # [1, 2] every step count ends at its best by step 4,000 (3.3 / 3.3 / 5.4). The iCT loss weighting keeps the
     # student on the teacher's ODE at the middle timesteps, where with uniform weights it drifts off and 4-step
-    # FID rises from ~8 to 12-15 after 2,500 steps (docs/distillation.md).
+    # FID rises from ~8 to 12-15 after 2,500 steps (docs/notes/2026-11-27-distillation.md).
     "world": dict(solver="ddim", skip=20, guidance_scale_min=1.0, guidance_scale_max=2.0, lr=5e-5, batch_size=64,
                   steps=1000, loss="l2", loss_weighting="ict", ema_decay=0.95, lr_warmup_steps=100, validate_every=250,
                   checkpoint_every=250, keep_checkpoints=10, time_cond_proj_dim=64, student_prediction="v_prediction",
@@ -169,18 +185,35 @@ def resolve_config(preset: str | None = None, config_file: str | None = None, ov
         values.update(PRESETS[preset])
     if config_file:
         path = Path(config_file)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"config file {config_file} does not exist")
+        if not path.is_file():
+            raise UserError(f"config file {config_file} is not a file; give a JSON file of config fields")
         try:
             loaded = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"config file {config_file} is not valid JSON: {err.msg} at line {err.lineno}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"config file {config_file} is not valid JSON: {getattr(err, 'msg', err)}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {config_file} must hold a JSON object of config fields, not {type(loaded).__name__}")
         values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(values) - set(FIELD_HELP))
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(unknown)}; see `lcm distill --help`")
-    return TrainConfig(**values)
+    return TrainConfig(**{name: _typed(name, value) for name, value in values.items()})
+
+
+def _typed(name: str, value: Any) -> Any:
+    """`value` as the type field `name` declares (an int where a float is asked for becomes a float)."""
+    kind = FIELD_TYPES[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, float), str: lambda v: isinstance(v, str),
+          list: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}[kind]
+    if value is None and name in OPTIONAL_FIELDS or ok(value):
+        return value
+    raise UserError(f"config field {name} must be {'a list of strings' if kind is list else kind.__name__}, got {value!r}")
 
 
 def config_from_dict(values: dict) -> TrainConfig:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from latent_consistency.denoisers import ConsistencyModel, UNetNetwork
-from latent_consistency.models import DiffusionModel, make_student_unet, save_lcm_pipeline
-from latent_consistency.schedule import NoiseSchedule
+from latent_consistency.models import DiffusionModel, consistency_model, make_student_unet, save_lcm_pipeline
+from latent_consistency.training.checkpoint import load_checkpoint
 
 # The layers LCM-LoRA adapts: attention, feed-forward, resnet convolutions, time embedding projections.
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -32,14 +32,15 @@ class Student:
     target_unet: torch.nn.Module  # θ⁻: a separate EMA copy, or the same module as the student
     has_separate_target: bool
     adapter: str
-    prediction_type: str
-    time_cond_proj_dim: int | None
+    scheduler_config: dict  # the LCMScheduler config it is trained, validated and exported under
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
-    def consistency_model(self, schedule: NoiseSchedule, unet) -> ConsistencyModel:
-        return ConsistencyModel(UNetNetwork(unet), schedule, self.prediction_type, self.time_cond_proj_dim)
+    def consistency_model(self, unet) -> ConsistencyModel:
+        """f_θ of Eq. 9 around `unet`: the student (as accelerate wrapped it) or the target. Both share one config,
+        read from the target, which is never wrapped."""
+        return consistency_model(self.target_unet, self.scheduler_config, network=UNetNetwork(unet))
 
     def _weights(self, unet) -> dict[str, torch.Tensor]:
         if self.adapter == "lora":
@@ -54,6 +55,12 @@ class Student:
             tensors["target"] = self._weights(self.target_unet)
         return tensors
 
+    def load_checkpoint(self, path: Path) -> int:
+        """Load the student and target weights of a checkpoint folder; returns its step."""
+        tensors, _, state = load_checkpoint(path)
+        self.load_state(tensors)
+        return int(state["step"])
+
     def load_state(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
         pairs = [(self.unet, tensors["student"])] + ([(self.target_unet, tensors["target"])] if self.has_separate_target else [])
         for unet, sd in pairs:
@@ -64,7 +71,7 @@ class Student:
             else:
                 unet.load_state_dict(sd)
 
-    def export(self, out: Path, unwrapped_unet, base: DiffusionModel, scheduler_config: dict) -> Path:
+    def export(self, out: Path, unwrapped_unet, base: DiffusionModel) -> Path:
         """Write the target θ⁻ (the EMA, or the student when there is none) in diffusers format."""
         unet = self.target_unet if self.has_separate_target else unwrapped_unet
         if self.adapter == "lora":
@@ -74,13 +81,14 @@ class Student:
             folder = Path(out) / "lora"
             StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
             # Beside the weights, the sampler settings they were distilled for (read by `models.load_lcm_lora`)
-            LCMScheduler.from_config(scheduler_config | {"prediction_type": self.prediction_type}).save_config(folder)
+            LCMScheduler.from_config(self.scheduler_config).save_config(folder)
             return folder
-        return save_lcm_pipeline(Path(out) / "lcm", unet, base, scheduler_config | {"prediction_type": self.prediction_type})
+        return save_lcm_pipeline(Path(out) / "lcm", unet, base, self.scheduler_config)
 
 
-def make_student(config, base: DiffusionModel) -> Student:
-    """θ from the teacher (the student starts as the teacher), and θ⁻ as the config asks."""
+def make_student(config, base: DiffusionModel, scheduler_config: dict) -> Student:
+    """θ from the teacher (the student starts as the teacher), and θ⁻ as the config asks, under the student's
+    LCMScheduler config (`training.loop.student_scheduler_config`)."""
     if config.adapter == "lora":
         from peft import LoraConfig
 
@@ -89,14 +97,12 @@ def make_student(config, base: DiffusionModel) -> Student:
         present = {name.split(".")[-1] for name, _ in unet.named_modules()}
         targets = [m for m in LORA_TARGET_MODULES if m.split(".")[-1] in present]
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=targets))
-        time_cond_proj_dim = None
     else:
         unet = make_student_unet(base.unet, config.time_cond_proj_dim) if base.time_cond_proj_dim is None else copy.deepcopy(base.unet)
         unet.requires_grad_(True)
-        time_cond_proj_dim = unet.config.time_cond_proj_dim
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     separate = config.target_decay > 0
     target = copy.deepcopy(unet).requires_grad_(False).eval() if separate else unet
-    return Student(unet, target, separate, config.adapter, config.student_prediction_type(base.prediction_type), time_cond_proj_dim)
+    return Student(unet, target, separate, config.adapter, scheduler_config)

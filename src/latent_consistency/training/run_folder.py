@@ -1,0 +1,176 @@
+"""What a training run writes and reads back: the run folder's config, metrics, validation grids,
+checkpoints with exact resume, and the exported model. Only the main process writes.
+
+    config.json      the resolved config (a resumed run must match it)
+    metrics.jsonl    one line per `log_every` steps (and TensorBoard, when installed)
+    samples/         1-, 2-, 4-step grids of the target θ⁻ for fixed prompts and noise
+    checkpoints/     `training.checkpoint`
+    lcm/ or lora/    the exported model
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from latent_consistency.errors import UserError
+from latent_consistency.grids import image_grid, save_png
+from latent_consistency.models import DiffusionModel, encode_prompts, inference_timesteps
+from latent_consistency.parameterization import omega_from_guidance_scale
+from latent_consistency.sampling import sample_lcm
+from latent_consistency.training import checkpoint as ckpt
+from latent_consistency.training.config import TrainConfig, config_from_dict
+
+VALIDATION_STEPS = (1, 2, 4)
+
+
+def prepare_run_folder(config: TrainConfig, resume: bool) -> Path:
+    """Check the run folder against --resume: a new run needs a free folder, a resumed one the same config."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the run")
+    saved = out / "config.json"
+    if resume:
+        if not saved.is_file():
+            raise UserError(f"nothing to resume in {out} (no config.json); start a run there without --resume")
+        diffs = config_from_dict(json.loads(saved.read_text())).differences(config)
+        if diffs:
+            raise UserError(f"{out} was started with a different config ({'; '.join(diffs)}); resume with the same settings or use a new --out")
+    elif out.exists() and any(out.iterdir()):
+        raise UserError(f"run folder {out} is not empty; pass --resume to continue it or choose another --out")
+    return out
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the optimiser step and the non-finite losses skipped (in all, and in a row)."""
+
+    step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0
+
+
+class RunFolder:
+    """The save / validate / log side of the training loop, and resume and export."""
+
+    def __init__(self, out: Path, config: TrainConfig, accelerator, base: DiffusionModel, student, optimizer, lr_scheduler, batches):
+        self.out, self.config, self.accelerator = out, config, accelerator
+        self.base, self.student, self.optimizer, self.lr_scheduler, self.batches = base, student, optimizer, lr_scheduler, batches
+        self.main = accelerator.is_main_process
+        if self.main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            except OSError as err:
+                raise UserError(f"cannot write the run folder {out}: {err.strerror or err}") from None
+        self.writer = MetricsWriter(out, self.main)
+        self.validation_prompts = config.validation_prompts or batches.first_captions(4)
+        self.t_last, self.samples_since = time.perf_counter(), 0
+
+    def resume(self) -> Progress:
+        """Load the latest complete checkpoint (if any) into the student, optimiser, LR schedule, RNG and data position."""
+        if self.main:
+            ckpt.remove_partial_checkpoints(self.out)
+        found = ckpt.list_checkpoints(self.out)
+        if not found:
+            return Progress()
+        tensors, objects, state = ckpt.load_checkpoint(found[-1])
+        self.student.load_state(tensors)
+        self.optimizer.load_state_dict(objects["optimizer"])
+        self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
+        torch.set_rng_state(objects["rng"]["torch"])
+        self.batches.load_state_dict(state["data"][self.accelerator.process_index])
+        return Progress(step=state["step"], nonfinite_total=state["nonfinite_total"])
+
+    def save(self, progress: Progress) -> Path | None:
+        """A checkpoint of everything resume needs, the data position of every process included."""
+        accelerator = self.accelerator
+        data = self.batches.state_dict()
+        data_states = accelerator.gather_for_metrics([data], use_gather_object=True) if accelerator.num_processes > 1 else [data]
+        if not self.main:
+            return None
+        state = dict(step=progress.step, nonfinite_total=progress.nonfinite_total, data=data_states, config=self.config.to_dict())
+        objects = dict(optimizer=self.optimizer.state_dict(), lr_scheduler=self.lr_scheduler.state_dict(),
+                       rng={"torch": torch.get_rng_state()})
+        tensors = self.student.state_tensors(accelerator.unwrap_model(self.student.unet))
+        return ckpt.save_checkpoint(self.out, progress.step, tensors, objects, state, self.config.keep_checkpoints)
+
+    def after_step(self, progress: Progress, loss: float, grad_norm, f_target, bar) -> None:
+        """Every `log_every` steps a metrics line; every `validate_every` a grid; every `checkpoint_every` a checkpoint;
+        all three at the last step."""
+        config, step = self.config, progress.step
+        last = step == config.steps
+        self.samples_since += config.batch_size
+        if step % config.log_every == 0 or last:
+            now = time.perf_counter()
+            rate = self.samples_since / (now - self.t_last)
+            self.t_last, self.samples_since = now, 0
+            bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{rate:.1f}")
+            self.writer.write(dict(step=step, loss=loss, lr=self.lr_scheduler.get_last_lr()[0], samples_per_s=rate,
+                                   grad_norm=None if grad_norm is None else float(grad_norm), nonfinite_skipped=progress.nonfinite_total))
+        if self.main and self.validation_prompts and ((config.validate_every and step % config.validate_every == 0) or last):
+            self.validate(step, f_target)
+        if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
+            self.save(progress)
+
+    @torch.no_grad()
+    def validate(self, step: int, f_target) -> Path:
+        """A grid of 1-, 2- and 4-step samples of the target for fixed prompts and fixed noise."""
+        config, base, device = self.config, self.base, self.accelerator.device
+        cond = encode_prompts(base.tokenizer, base.text_encoder, self.validation_prompts, device)
+        codec, size = base.codec, base.unet.config.sample_size
+        noise = torch.randn(len(self.validation_prompts), codec.latent_channels, size, size,
+                            generator=torch.Generator("cpu").manual_seed(config.seed)).to(device)
+        omega = omega_from_guidance_scale(config.validation_guidance_scale)
+        target_unet = self.student.target_unet
+        was_training = target_unet.training
+        target_unet.eval()
+        rows = [codec.decode(sample_lcm(f_target, noise, inference_timesteps(self.student.scheduler_config, n), cond, omega,
+                                        f_target.schedule, torch.Generator("cpu").manual_seed(config.seed + 1)))
+                for n in VALIDATION_STEPS]
+        target_unet.train(was_training)
+        (self.out / "samples").mkdir(exist_ok=True)
+        path = self.out / "samples" / f"step-{step:07d}.png"
+        save_png(image_grid(rows, [f"{n} step{'s' * (n > 1)}" for n in VALIDATION_STEPS]), path)
+        return path
+
+    def finish(self) -> Path | None:
+        """Export the target θ⁻ in diffusers format (main process); returns its path."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        exported = None
+        if self.main:
+            exported = self.student.export(self.out, accelerator.unwrap_model(self.student.unet), self.base)
+            summary = self.batches.skipped_summary()
+            if summary:
+                print(f"data: {summary}")
+        accelerator.end_training()
+        return exported
+
+
+class MetricsWriter:
+    """metrics.jsonl (always) and TensorBoard (when installed), main process only."""
+
+    def __init__(self, out: Path, active: bool):
+        self.active, self.path, self.tb = active, out / "metrics.jsonl", None
+        if active:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and v is not None:
+                    self.tb.add_scalar(k, v, record["step"])
