@@ -4,7 +4,7 @@
     python benchmarks/known_answer.py --steps 3000 --out results/known-answer.md
 
 The teacher's guided PF-ODE (Eq. 13) is solved exactly (RK4), so every number is a distance to a known
-answer (see `latent_consistency.toy2d`). Rows:
+answer (see `latent_consistency.testing.toy2d`). Rows:
 - one LCD student per solver (DDIM, DPM-Solver-2, DPM-Solver++(2S)), and the consistency function LCD
   converges to with that solver if the network fitted exactly (`SolverChain`): the solver's share;
 - controls: the untrained student, a student distilled with the sign of ω flipped, guided DDIM of the
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from latent_consistency.solvers import SOLVERS
-from latent_consistency.toy2d import (
+from latent_consistency.testing.toy2d import (
     EVAL_GUIDANCE_SCALES,
-    FlippedGuidanceTeacher,
     TOY_GUIDANCE_SCALE_RANGE,
+    FlippedGuidanceTeacher,
     SolverChain,
     ToyReference,
     distill_toy2d,

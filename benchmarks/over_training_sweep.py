@@ -7,11 +7,11 @@
 Each variant is the `world` preset with a few fields changed (VARIANTS), distilled from the shipped default
 world (or --world) for --steps with a checkpoint every --every steps, all variants at once as separate processes (a small
 UNet leaves a GPU mostly idle, so they share it well). Training stops at --train-seconds whatever the step;
-then every complete checkpoint of every run is scored by `latent_consistency.evaluation.over_training`
+then every complete checkpoint of every run is scored by `lcm world over-training`
 (1/2/4-step FID and prompt alignment with the world's judge). Writes sweep.json and sweep.md in --out:
-per variant the final against the best FID at each step count, the criterion of issue 4 (final within 10 %).
+per variant the final against the best FID at each step count, the no-drift criterion (final within 10 % of the best).
 
-The sweep in docs/distillation.md ran on 2026-11-26, when the preset's guidance range was g ∈ [2, 8] and its
+The sweep in docs/notes/2026-11-27-distillation.md ran on 2026-11-26, when the preset's guidance range was g ∈ [2, 8] and its
 loss weighting uniform; to repeat it on today's preset add
 `--set guidance_scale_min=2 guidance_scale_max=8 loss_weighting=uniform --guidance-scale 7.5`.
 """
@@ -52,7 +52,7 @@ def flags(overrides: dict) -> list[str]:
 
 def run_all(commands: dict[str, list[str]], logs: Path, seconds: float, env: dict) -> dict[str, int | None]:
     """Start every command at once; kill what is still running after `seconds`. Exit codes (None: killed)."""
-    procs = {name: subprocess.Popen(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)
+    procs = {name: subprocess.Popen(cmd, stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT, env=env)  # noqa: SIM115
              for name, cmd in commands.items()}
     deadline = time.monotonic() + seconds
     for p in procs.values():
@@ -93,8 +93,8 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from latent_consistency.demo import ensure_latent_cache
-    from latent_consistency.world.build import default_world_path, load_world
+    from latent_consistency.world.artifact import default_world_path, load_world
+    from latent_consistency.world.demo import ensure_latent_cache
 
     out = Path(args.out)
     logs = out / "logs"
@@ -115,8 +115,8 @@ def main() -> int:
     t0 = time.perf_counter()
     codes = run_all(distill, logs, args.train_seconds, env)
     print(f"training: {time.perf_counter() - t0:.0f} s, exit codes {codes}", flush=True)
-    evaluate = {f"{name}-eval": [sys.executable, "-m", "latent_consistency.evaluation.over_training", "--run", str(out / name),
-                                 "--samples", str(args.samples), "--device", args.device,
+    evaluate = {f"{name}-eval": [sys.executable, "-m", "latent_consistency.cli", "world", "over-training", "--run", str(out / name),
+                                 "--world", str(world_dir), "--samples", str(args.samples), "--device", args.device,
                                  *(["--guidance-scale", args.guidance_scale] if args.guidance_scale else [])]
                 for name in names if (out / name / "checkpoints").is_dir()}
     t0 = time.perf_counter()

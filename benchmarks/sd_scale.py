@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, UNetNetwork
-from latent_consistency.losses import LCDLoss
+from latent_consistency.losses import GuidancePairLCDLoss, LCDLoss
 from latent_consistency.models import make_student_unet
 from latent_consistency.sampling import lcm_timesteps, sample_lcm, sample_teacher
 from latent_consistency.schedule import NoiseSchedule
@@ -62,6 +62,20 @@ def timed(fn, device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def training_step(loss_fn, fs, ft, latents, cond, uncond, opt, device, dtype):
+    """One LCD step (loss, backward, AdamW) on fixed inputs, as a function of nothing."""
+    generator = torch.Generator(device).manual_seed(0)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            loss = loss_fn(fs, ft, latents, cond, uncond, generator).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -94,10 +108,11 @@ def main():
     with torch.no_grad():
         for n in (1, 2, 4, 8):
             ts = lcm_timesteps(n, 1000, 50)
-            results["sampling"][f"lcm-{n}"] = timed(lambda: sample_lcm(f, noise, ts, cond, 7.0, schedule), device, args.repeats)
+            results["sampling"][f"lcm-{n}"] = timed(lambda ts=ts: sample_lcm(f, noise, ts, cond, 7.0, schedule), device, args.repeats)
         for name, steps in (("dpm++", 25), ("ddim", 50)):
             results["sampling"][f"teacher-{name}-{steps}"] = timed(
-                lambda: sample_teacher(teacher, name, noise, cond, uncond, 8.0, steps, SD_SCHEDULER), device, max(1, args.repeats // 2))
+                lambda name=name, steps=steps: sample_teacher(teacher, name, noise, cond, uncond, 8.0, steps, SD_SCHEDULER), device,
+                max(1, args.repeats // 2))
 
     # 2. LCD training step: per solver, then the DDIM variants (name: solver, micro-batch, options)
     variants = {name: (name, args.train_batch, {}) for name in ("ddim", "dpm", "dpm++")} | {
@@ -127,17 +142,11 @@ def main():
         student.train()
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5)
-        loss_fn = LCDLoss(schedule, skip=20, teacher=teacher, solver=get_solver(solver), guidance_pair_weight=options.get("pair", 0.0))
+        lcd = dict(skip=20, teacher=teacher, solver=get_solver(solver))
+        loss_fn = GuidancePairLCDLoss(schedule, **lcd, guidance_pair_weight=options["pair"]) if "pair" in options else LCDLoss(schedule, **lcd)
         fs = ConsistencyModel(UNetNetwork(student), schedule, "epsilon", cond_dim)
         ft = ConsistencyModel(UNetNetwork(target), schedule, "epsilon", cond_dim)
-        generator = torch.Generator(device).manual_seed(0)
-
-        def step():
-            with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-                loss = loss_fn(fs, ft, latents, tcond, tuncond, generator).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = training_step(loss_fn, fs, ft, latents, tcond, tuncond, opt, device, dtype)
 
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
-from latent_consistency.data.datasets import REFERENCE_SPLITS, get_dataset
-from latent_consistency.evaluation.compare import SamplerSpec, sample, score
-from latent_consistency.models import load_lcm, make_student_unet
+from latent_consistency.evaluation.compare import SamplerSpec, sample, sample_consistency
+from latent_consistency.models import consistency_model, load_lcm, make_student_unet
 from latent_consistency.training.config import resolve_config
 from latent_consistency.training.loop import train
-from latent_consistency.world.build import OUTPUTS, PHASES, STATE_FILE, WORLD_FILE, _world_spec, build_world, load_world
+from latent_consistency.world.artifact import WORLD_FILE, load_world
+from latent_consistency.world.build import OUTPUTS, PHASES, STATE_FILE, build_world, world_spec
+from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
+from latent_consistency.world.judge import judge_scores
 from latent_consistency.world.presets import WorldPreset
 
 SHARED_PHASES = PHASES[: PHASES.index("teacher")]
@@ -50,7 +52,7 @@ def make_world(src: Path, dst: Path, teacher_steps: int, samples: int, latents: 
                     continue
                 (dst / entry).parent.mkdir(parents=True, exist_ok=True)
                 (shutil.copytree if origin.is_dir() else shutil.copy2)(origin, dst / entry)
-        (dst / WORLD_FILE).write_text(json.dumps(_world_spec(preset, "v_prediction"), indent=2))
+        (dst / WORLD_FILE).write_text(json.dumps(world_spec(preset, "v_prediction"), indent=2))
         (dst / STATE_FILE).write_text(json.dumps({"done": list(SHARED_PHASES), "seconds": {}, "device": "cpu"}))
     return build_world(preset, dst, "cpu", prediction_type="v_prediction")
 
@@ -82,7 +84,7 @@ def main() -> None:
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]
     real = torch.stack([it["image"] for it in items])
     g = config.validation_guidance_scale
-    teacher = score(world.judge, sample(SamplerSpec("teacher", 25, g, "dpm++"), None, world.model, prompts), attributes, real)
+    teacher = judge_scores(world.judge, sample(SamplerSpec("teacher", 25, g, "dpm++"), None, world.model, prompts), attributes, real)
     names = [a for a in teacher["alignment"] if a != "mean"]
     kind = "v-prediction, zero-terminal-SNR" if args.zero_terminal_snr else "v-prediction"
     lines = [f"{kind} teacher ({args.teacher_steps} steps) of `{args.from_world}`, distilled {args.distill_steps} "
@@ -95,14 +97,14 @@ def main() -> None:
 
     lines.append(row("teacher dpm++ 25-step", teacher["fid"], teacher["alignment"]))
     for n in (1, 2, 4):
-        s = score(world.judge, sample(SamplerSpec("lcm", n, g), lcm, world.model, prompts), attributes, real)
+        s = judge_scores(world.judge, sample(SamplerSpec("lcm", n, g), lcm, world.model, prompts), attributes, real)
         lines.append(row(f"LCM {n}-step", s["fid"], s["alignment"]))
-    start = dataclasses.replace(lcm, unet=make_student_unet(world.model.unet, lcm.time_cond_proj_dim).eval(),
-                                scheduler_config=lcm.scheduler_config | {"prediction_type": world.prediction_type})
-    s = score(world.judge, sample(SamplerSpec("lcm", 1, g), start, world.model, prompts), attributes, real)
+    start = consistency_model(make_student_unet(world.model.unet, lcm.time_cond_proj_dim).eval(),
+                              lcm.scheduler_config | {"prediction_type": world.prediction_type})
+    s = judge_scores(world.judge, sample_consistency(start, lcm.timesteps(1), world.model, prompts, g), attributes, real)
     lines.append(row("undistilled start, consistency sampler 1-step", s["fid"], s["alignment"]))
     noise = torch.rand(real.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    s = score(world.judge, noise, attributes, real)
+    s = judge_scores(world.judge, noise, attributes, real)
     lines.append(row("uniform noise images (what failure looks like)", s["fid"], s["alignment"]))
     (args.out / "vprediction.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,9 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-from tiny_models import save_tiny_lcm, save_tiny_sd  # noqa: E402
+from tiny_models import save_tiny_lcm, save_tiny_sd
 
 
 @pytest.fixture(scope="session")

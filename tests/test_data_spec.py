@@ -38,13 +38,15 @@ def fake_module(monkeypatch, name, **attributes):
     monkeypatch.setitem(sys.modules, name, module)
 
 
-def test_world_datasets(monkeypatch):
-    calls = []
-    fake_module(
-        monkeypatch, "latent_consistency.data.datasets", get_dataset=lambda *args: calls.append(args) or "shapes-train"
-    )
-    assert open_dataset("world:shapes", 32) == "shapes-train"
-    assert calls == [("shapes", "train", 32)]
+def test_world_datasets():
+    """`world:NAME` is the training split of the built-in world's dataset, once the world has registered it."""
+    import latent_consistency.world  # noqa: F401 (registers the world:NAME specs)
+    from latent_consistency.world.shapes import ShapesDataset
+
+    data = open_dataset("world:shapes", 32)
+    assert isinstance(data, ShapesDataset) and data.split == "train" and data.resolution == 32
+    with pytest.raises(UserError, match="unknown dataset 'faces'"):
+        open_dataset("world:faces", 32)
 
 
 def test_latent_cache_folder(monkeypatch, tmp_path):
@@ -79,6 +81,8 @@ def test_shard_forms(tmp_path):
 
 
 def test_errors_name_the_accepted_forms(tmp_path):
+    import latent_consistency.world  # noqa: F401 (registers the world:NAME specs)
+
     with pytest.raises(UserError, match="cannot read data spec.*world:shapes.*brace pattern"):
         open_dataset(str(tmp_path / "missing"), R)
     (tmp_path / "notes.txt").write_text("hi")

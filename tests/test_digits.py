@@ -3,15 +3,15 @@ from collections import Counter
 import pytest
 import torch
 
-from latent_consistency.data.datasets import attribute_values, get_dataset, parse_caption
-from latent_consistency.data.digits import (
+from latent_consistency.errors import UserError
+from latent_consistency.world.datasets import attribute_values, get_dataset, parse_caption
+from latent_consistency.world.digits import (
     DIGIT_WORDS,
     DigitAttributes,
     DigitsDataset,
     digit_caption,
     parse_digit_caption,
 )
-from latent_consistency.errors import UserError
 
 
 def test_split_is_ninety_ten_stratified_and_fixed_by_seed():

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from latent_consistency.data.datasets import get_dataset
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.fid import fid_score, kid_score
-from latent_consistency.evaluation.judge import Judge
+from latent_consistency.world.datasets import get_dataset
+from latent_consistency.world.judge import Judge
 
 
 @pytest.fixture(scope="module")

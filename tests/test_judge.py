@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from latent_consistency.data.datasets import attribute_values, get_dataset
 from latent_consistency.errors import UserError
-from latent_consistency.evaluation.alignment import prompt_alignment
-from latent_consistency.evaluation.judge import (
+from latent_consistency.world.datasets import attribute_values, get_dataset
+from latent_consistency.world.judge import (
     Judge,
     _collate,
     judge_accuracy,
     judge_loss,
     load_judge,
+    prompt_alignment,
     save_judge,
     train_judge,
 )

@@ -1,6 +1,6 @@
-"""Known answer (issue 4, item 1): LCD of an analytic 2-D teacher, checked against its exact PF-ODE.
+"""Known answer: LCD of an analytic 2-D teacher, checked against its exact PF-ODE.
 
-A student is distilled per solver from the two-class Gaussian-mixture teacher (`latent_consistency.toy2d`)
+A student is distilled per solver from the two-class Gaussian-mixture teacher (`latent_consistency.testing.toy2d`)
 and measured at guidance scales 1.5, 2.5, 3.5 (trained on [1, 4]), per class, 500 samples each:
 - 1-step and 2-step samples against the exact guided ODE solutions for the same noise (errors relative
   to the data scale), and the 2-step sampler's second step against the exact ODE from the point it visited;
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from latent_consistency.solvers import SOLVERS
-from latent_consistency.toy2d import (
+from latent_consistency.testing.toy2d import (
     FlippedGuidanceTeacher,
     SolverChain,
     ToyReference,
@@ -65,6 +65,7 @@ def failed_checks(result: dict, exact_sw: dict) -> list[str]:
     return failed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", list(SOLVERS))
 def test_distilled_student_matches_the_exact_answers(reference, exact_sw, solver):
     result = evaluate_toy2d(distill_toy2d(solver), reference)
@@ -74,6 +75,7 @@ def test_distilled_student_matches_the_exact_answers(reference, exact_sw, solver
         assert result[f"{metric}_max"] < 0.75 * ERROR_BOUND, (metric, result[f"{metric}_max"])
 
 
+@pytest.mark.slow
 def test_untrained_and_wrongly_guided_students_fail_every_check(reference, exact_sw):
     teacher = toy_teacher()
     controls = {
@@ -125,6 +127,6 @@ def test_distillation_is_deterministic():
     a = distill_toy2d("dpm", steps=5, batch_size=16, seed=3)
     b = distill_toy2d("dpm", steps=5, batch_size=16, seed=3)
     c = distill_toy2d("dpm", steps=5, batch_size=16, seed=4)
-    for (name, p), q, r in zip(a.net.state_dict().items(), b.net.state_dict().values(), c.net.state_dict().values()):
+    for (name, p), q in zip(a.net.state_dict().items(), b.net.state_dict().values()):
         assert torch.equal(p, q), name
     assert not all(torch.equal(p, r) for p, r in zip(a.net.parameters(), c.net.parameters()))

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
-from tiny_models import make_tiny_components
 
-from latent_consistency.data.datasets import get_dataset
 from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
 from latent_consistency.errors import UserError
 from latent_consistency.models import LatentCodec, encode_prompts
+from latent_consistency.world.datasets import get_dataset
+from tiny_models import make_tiny_components
 
 SOURCE = {"dataset": "shapes", "split": "train", "resolution": 32, "seed": 0, "size": 10}
 

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from latent_consistency.analytic import GaussianMixtureEps, gaussian_flow
 from latent_consistency.denoisers import GuidedTeacher
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import ode_error, ode_solutions
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver
+from latent_consistency.testing.analytic import GaussianMixtureEps, gaussian_flow
 
 
 def test_the_exact_consistency_function_of_gaussian_data_has_no_ode_error():
@@ -36,7 +36,7 @@ def test_the_exact_consistency_function_of_gaussian_data_has_no_ode_error():
 
 
 def test_error_timesteps_are_the_4_step_sampler_s_and_one_small_t():
-    from latent_consistency.evaluation.over_training import error_timesteps
+    from latent_consistency.world.over_training import error_timesteps
 
     assert error_timesteps(1000, 20) == [999, 759, 499, 259, 99]
     assert error_timesteps(1000, 50) == [999, 749, 499, 249, 99]

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from latent_consistency.data.datasets import DATASETS, attribute_names, attribute_values, get_dataset, parse_caption
-from latent_consistency.data.shapes import (
+from latent_consistency.errors import UserError
+from latent_consistency.world.datasets import DATASETS, attribute_names, attribute_values, get_dataset, parse_caption
+from latent_consistency.world.shapes import (
     ATTRIBUTE_NAMES,
     BACKGROUNDS,
     COLORS,
@@ -19,7 +20,6 @@ from latent_consistency.data.shapes import (
     caption,
     render,
 )
-from latent_consistency.errors import UserError
 
 ALL_VALID = [
     ShapeAttributes(*values)
@@ -164,7 +164,7 @@ def test_bad_size_and_attribute_are_user_errors():
 
 
 def test_polygons_lie_within_the_rendered_box():
-    from latent_consistency.data.shapes import _EXTENT, _POLYGONS
+    from latent_consistency.world.shapes import _EXTENT, _POLYGONS
 
     for vertices in _POLYGONS.values():
         assert np.hypot(vertices[:, 0], vertices[:, 1]).max() <= _EXTENT

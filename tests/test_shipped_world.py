@@ -1,20 +1,21 @@
 """The default world shipped in `assets/world_default`: what the demo runs on.
 
-It must be what `lcm world build --preset default` makes (same preset), fit the size budget, carry a
-quality report that passes the bar, and its fp16 weights must still generate what prompts ask for.
+It must be what `lcm world build --preset default` makes (same preset), fit the size budget, and its fp16
+weights must still pass the quality bar, measured here on fewer samples than the build's report.
 """
 
 import json
 
+import pytest
 import torch
 
-from latent_consistency.data.datasets import REFERENCE_SPLITS, get_dataset
-from latent_consistency.evaluation.alignment import prompt_alignment
-from latent_consistency.world.build import default_world_path, load_world
+from latent_consistency.world.artifact import default_world_path, load_world
+from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
+from latent_consistency.world.judge import judge_accuracy, prompt_alignment
 from latent_consistency.world.presets import PRESETS, WorldPreset
-from latent_consistency.world.quality import ALIGNMENT_MEAN, ALIGNMENT_MIN, sample_images
+from latent_consistency.world.quality import ALIGNMENT_MEAN, ALIGNMENT_MIN, GUIDANCE_GAP, VAE_ACCURACY_GAP, sample_images
 
-SIZE_BUDGET = 20 * 2**20  # bytes of weights, as the world issue allows
+SIZE_BUDGET = 20 * 2**20  # bytes of weights a package can carry without weighing on every install
 
 
 def test_shipped_world_is_the_default_preset_in_fp16_within_budget():
@@ -28,22 +29,34 @@ def test_shipped_world_is_the_default_preset_in_fp16_within_budget():
 
     for w in weights:
         with safe_open(str(w), framework="pt") as f:
-            assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
+            assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}  # noqa: SIM118 (a safetensors handle)
 
 
-def test_shipped_world_recorded_quality_passes_the_bar():
-    report = json.loads((default_world_path() / "quality" / "quality.json").read_text())
-    assert all(report["summary"]["passes"].values()), report["summary"]
-    guided = report["teacher"]["guided"]["alignment"]
-    assert guided["mean"] >= ALIGNMENT_MEAN and min(v for k, v in guided.items() if k != "mean") >= ALIGNMENT_MIN
+def test_shipped_vae_keeps_what_the_judge_reads():
+    """Measured, not read from the report: the judge reads 200 held-out images after an fp16 VAE round trip
+    almost as well as the images themselves."""
+    world = load_world(default_world_path())
+    reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)
+    items = [reference[i] for i in range(200)]
+    images = torch.stack([it["image"] for it in items])
+    reconstructed = world.codec.decode(world.codec.encode(images)).clamp(-1, 1)
+    real = judge_accuracy(world.judge, items, len(items))
+    after = judge_accuracy(world.judge, [it | {"image": x} for it, x in zip(items, reconstructed)], len(items))
+    gap = sum(real[a] - after[a] for a in real) / len(real)
+    assert gap <= VAE_ACCURACY_GAP, (real, after)
 
 
-def test_shipped_teacher_follows_prompts_after_the_fp16_round_trip():
-    """A fresh measurement on 100 reference prompts (the report used 1,000): the loaded weights work."""
+@pytest.mark.slow
+def test_shipped_teacher_follows_prompts_and_guidance_helps():
+    """A fresh measurement on 100 reference prompts (the quality report used 1,000): the fp16 weights still follow
+    their prompts with guidance, and clearly less without it."""
     world = load_world(default_world_path())
     reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)
     items = [reference[i] for i in range(100)]
-    images = sample_images(world, [it["caption"] for it in items], world.preset.quality.guidance_scale,
-                           world.preset.quality, torch.device("cpu"), seed=1)
-    alignment = prompt_alignment(world.judge, images, [it["attributes"] for it in items])
-    assert alignment["mean"] >= ALIGNMENT_MEAN - 0.05, alignment
+    alignment = {g: prompt_alignment(world.judge, sample_images(world, [it["caption"] for it in items], g, world.preset.quality,
+                                                                torch.device("cpu"), seed=1), [it["attributes"] for it in items])
+                 for g in (world.preset.quality.guidance_scale, 1.0)}
+    guided, unguided = alignment[world.preset.quality.guidance_scale], alignment[1.0]
+    assert guided["mean"] >= ALIGNMENT_MEAN - 0.05, guided
+    assert min(v for k, v in guided.items() if k != "mean") >= ALIGNMENT_MIN - 0.05, guided
+    assert guided["mean"] - unguided["mean"] >= GUIDANCE_GAP, alignment

@@ -11,8 +11,11 @@ from latent_consistency.cli import main
 from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.errors import UserError
 from latent_consistency.world import build
-from latent_consistency.world.build import PHASES, build_world, export_world, finished_phases, load_world
+from latent_consistency.world.artifact import load_world
+from latent_consistency.world.build import PHASES, build_world, export_world, finished_phases
 from latent_consistency.world.presets import PRESETS, get_preset
+
+pytestmark = pytest.mark.slow  # every test here builds on a tiny world trained in the module's fixture
 
 
 @pytest.fixture(scope="module")
@@ -67,19 +70,26 @@ def test_rerun_of_a_finished_build_skips_every_phase(world, monkeypatch):
 
 
 def test_interrupted_phase_is_redone_and_its_leftovers_are_not_trusted(world, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
     copy = tmp_path / "world"
     shutil.copytree(world, copy)
     state = json.loads((copy / build.STATE_FILE).read_text())
-    (copy / build.STATE_FILE).write_text(json.dumps(state | {"done": PHASES[:5]}))  # killed during "teacher"
-    leftover = copy / build.WORK_DIR / "teacher" / "stage" / "unet"
+    (copy / build.STATE_FILE).write_text(json.dumps(state | {"done": PHASES[:3]}))  # killed during "text_encoder"
+    leftover = copy / build.WORK_DIR / "text_encoder" / "stage" / "text_encoder"
     leftover.mkdir(parents=True)
     (leftover / "half-written.safetensors").write_text("garbage")
-    (copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    _forbid_phases(monkeypatch, PHASES[:5])
+    (copy / "text_encoder" / "model.safetensors").unlink()
+    _forbid_phases(monkeypatch, PHASES[:3])
+    torch.manual_seed(1234)  # as in another process: torch's global generator starts from a random seed
     build_world("tiny", copy, device="cpu", progress=False)
     assert finished_phases(copy) == list(PHASES)
-    assert (copy / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert not (copy / "unet" / "half-written.safetensors").exists() and not (copy / build.WORK_DIR).exists()
+    assert (copy / "text_encoder" / "model.safetensors").is_file()
+    assert not (copy / "text_encoder" / "half-written.safetensors").exists() and not (copy / build.WORK_DIR).exists()
+    # each phase starts from its own seed, so the redone phases give what the first build gave, to the last bit
+    for weights in ("text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        redone, original = load_file(str(copy / weights)), load_file(str(world / weights))
+        assert redone.keys() == original.keys() and all(torch.equal(redone[k], original[k]) for k in original), weights
 
 
 def test_export_is_fp16_and_loads_as_float32(world, tmp_path):

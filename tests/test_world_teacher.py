@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from latent_consistency.world.build import Checkpointer
+from latent_consistency.world.fit import Checkpointer, Phase
 from latent_consistency.world.presets import PRESETS
 from latent_consistency.world.teacher import make_teacher_unet, save_teacher_pipeline, teacher_scheduler_config, train_teacher
 
@@ -37,10 +37,8 @@ def data(seed=0):
 def train(checkpointer, prediction_type="epsilon", zero_terminal_snr=False):
     torch.manual_seed(0)
     unet = make_teacher_unet(CONFIG, latent_size=8, latent_channels=4, cross_attention_dim=32)
-    return unet, *train_teacher(
-        unet, *data(), teacher_scheduler_config(prediction_type, zero_terminal_snr), CONFIG, torch.device("cpu"),
-        torch.Generator().manual_seed(1), checkpointer, progress=False,
-    )  # fmt: skip
+    phase = Phase(torch.device("cpu"), torch.Generator().manual_seed(1), checkpointer, progress=False)
+    return unet, *train_teacher(unet, *data(), teacher_scheduler_config(prediction_type, zero_terminal_snr), CONFIG, phase)
 
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path):
@@ -56,6 +54,7 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
 @pytest.mark.parametrize("zero_terminal_snr", [False, True])
 def test_v_prediction_teacher_saves_a_pipeline_diffusers_runs(tmp_path, zero_terminal_snr):
     from diffusers import StableDiffusionPipeline
+
     from tiny_models import make_tiny_components
 
     _, ema, losses = train(Checkpointer(tmp_path / "run", every=100), "v_prediction", zero_terminal_snr)

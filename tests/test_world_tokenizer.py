@@ -3,8 +3,8 @@
 import pytest
 from transformers import CLIPTokenizer
 
-from latent_consistency.data.datasets import get_dataset
 from latent_consistency.errors import UserError
+from latent_consistency.world.datasets import get_dataset
 from latent_consistency.world.tokenizer import train_tokenizer
 
 

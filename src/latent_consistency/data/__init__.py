@@ -1,1 +1,1 @@
-"""Datasets: the built-in toy world's `shapes` and `digits`, image folders, webdataset shards, latent cache."""
+"""What a user brings: image folders, webdataset shards, the latent cache, and the data spec that names them."""

@@ -95,7 +95,7 @@ def decode_rgb(source: bytes | str | Path, resolution: int) -> tuple[torch.Tenso
     # Pillow's decoders signal malformed input with many exception types (OSError, SyntaxError,
     # ValueError, EOFError, struct.error, zlib.error, DecompressionBombError, ...): bad bytes of any
     # kind mean "skip this sample", never a crash of the training run.
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None, "corrupt"
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32)
     return tensor / 127.5 - 1.0, reason

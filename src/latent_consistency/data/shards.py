@@ -338,8 +338,8 @@ class _Cursor:
         stream._offset = resume_at
         self.first_read = self.shard not in stream._seen
         self.truncated = False
-        self.file = open(stream.shards[self.shard], "rb")
-        self.tar = tarfile.open(fileobj=self.file, mode="r:")
+        self.file = open(stream.shards[self.shard], "rb")  # noqa: SIM115 (open while the stream reads the shard; closed by close())
+        self.tar = tarfile.open(fileobj=self.file, mode="r:")  # noqa: SIM115 (as above)
         self._advance()
         while self.lookahead is not None and self.lookahead.offset < resume_at:
             self._advance()

@@ -1,7 +1,8 @@
 """One string names the training data (`lcm distill --data SPEC`); `open_dataset` turns it into a dataset.
 
 Accepted forms, checked in this order:
-  world:shapes, world:digits         the built-in toy world's training split
+  SCHEME:NAME                        a dataset of a registered scheme (`register_scheme`; the built-in
+                                     world registers world:shapes and world:digits, its training splits)
   DIR with manifest.json             a latent cache (precomputed VAE latents)
   DIR with images                    an image folder with metadata.jsonl or .txt captions
   DIR with .tar files (no images)    webdataset shards, e.g. img2dataset's output folder
@@ -10,6 +11,7 @@ Accepted forms, checked in this order:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from torch.utils.data import Dataset, IterableDataset
@@ -19,11 +21,22 @@ from latent_consistency.data.images import IMAGE_EXTENSIONS
 from latent_consistency.data.shards import ShardStream
 from latent_consistency.errors import UserError
 
-WORLD_PREFIX = "world:"
-ACCEPTED = (
-    "world:shapes or world:digits, a latent cache folder (with manifest.json), a folder of captioned images, "
-    "a folder of .tar shards, a .tar file, a brace pattern like data/{00000..00009}.tar, or a glob like data/*.tar"
-)
+# Named dataset schemes: "world" -> (a function of (name, resolution) giving that dataset, the names it knows).
+# The library knows none; the built-in world registers its own when imported (`latent_consistency.world`).
+SCHEMES: dict[str, tuple[Callable[[str, int], Dataset], tuple[str, ...]]] = {}
+
+
+def register_scheme(scheme: str, open_named: Callable[[str, int], Dataset], names: tuple[str, ...]) -> None:
+    """Let data specs `SCHEME:NAME` name the datasets `names` that `open_named(NAME, resolution)` opens."""
+    SCHEMES[scheme] = (open_named, names)
+
+
+def accepted() -> str:
+    """The forms a data spec can take, for error messages."""
+    named = [f"{scheme}:{name}" for scheme, (_, names) in SCHEMES.items() for name in names]
+    return ", ".join(named + [
+        "a latent cache folder (with manifest.json), a folder of captioned images, a folder of .tar shards, a .tar file, "
+        "a brace pattern like data/{00000..00009}.tar, or a glob like data/*.tar"])
 
 
 def open_dataset(
@@ -34,10 +47,9 @@ def open_dataset(
     seed, rank and world_size apply to shard streams, which shuffle and split themselves; map-style
     datasets are shuffled and split by `ResumableSampler`.
     """
-    if spec.startswith(WORLD_PREFIX):
-        from latent_consistency.data.datasets import get_dataset
-
-        return get_dataset(spec.removeprefix(WORLD_PREFIX), "train", resolution)
+    scheme, _, name = spec.partition(":")
+    if name and scheme in SCHEMES:
+        return SCHEMES[scheme][0](name, resolution)
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "manifest.json").is_file():
@@ -52,7 +64,7 @@ def open_dataset(
             return ImageFolderDataset(path, resolution)
         if shards:
             return ShardStream(shards, resolution, seed=seed, rank=rank, world_size=world_size)
-        raise UserError(f"{path} holds no images, .tar shards or manifest.json; the data spec can be {ACCEPTED}")
+        raise UserError(f"{path} holds no images, .tar shards or manifest.json; the data spec can be {accepted()}")
     if spec.endswith(".tar") and (path.is_file() or any(ch in spec for ch in "{*?[")):
         return ShardStream(spec, resolution, seed=seed, rank=rank, world_size=world_size)
-    raise UserError(f"cannot read data spec {spec!r}; it can be {ACCEPTED}")
+    raise UserError(f"cannot read data spec {spec!r}; it can be {accepted()}")

@@ -1,4 +1,4 @@
-"""Few-step LCM sampling against guided-teacher sampling, scored by a world's judge.
+"""Few-step LCM sampling against guided-teacher sampling, for the same prompts from the same noise.
 
 Each sampler draws its images for the same prompts from the same starting noise (seeded per image),
 so the rows of a comparison differ only in the sampler.
@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, UNetNetwork
+from latent_consistency.denoisers import ConsistencyModel
 from latent_consistency.models import DiffusionModel, encode_prompts
 from latent_consistency.parameterization import omega_from_guidance_scale
-from latent_consistency.sampling import lcm_timesteps, randn, sample_lcm, sample_teacher
-from latent_consistency.schedule import NoiseSchedule
+from latent_consistency.sampling import randn, sample_lcm, sample_teacher
 
 BATCH = 250
 
@@ -40,40 +39,42 @@ def _noise(model: DiffusionModel, n: int, seeds: range, device) -> torch.Tensor:
     return randn((n, c, s, s), generators, device, torch.float32)
 
 
-def consistency_model(model: DiffusionModel) -> ConsistencyModel:
-    """f_θ of an LCM in diffusers format, with the boundary scalings of its scheduler config."""
-    return ConsistencyModel(UNetNetwork(model.unet), NoiseSchedule.from_config(model.scheduler_config), model.prediction_type,
-                            model.time_cond_proj_dim, timestep_scaling=float(model.scheduler_config.get("timestep_scaling", 10.0)))
-
-
-@torch.no_grad()
 def sample(spec: SamplerSpec, lcm: DiffusionModel | None, teacher: DiffusionModel, prompts: list[str], seed: int = 0,
            device: torch.device | str = "cpu") -> torch.Tensor:
     """Images in [-1, 1] on the CPU for `prompts` with the sampler `spec`; image i uses seed `seed + i`."""
-    model = lcm if spec.kind == "lcm" else teacher
-    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    if spec.kind == "lcm":
+        return sample_consistency(lcm.consistency_model(), lcm.timesteps(spec.steps), lcm, prompts, spec.guidance_scale, seed, device)
+    return sample_guided(teacher, spec.sampler, spec.steps, prompts, spec.guidance_scale, seed, device)
+
+
+@torch.no_grad()
+def sample_consistency(f: ConsistencyModel, timesteps: torch.Tensor, parts: DiffusionModel, prompts: list[str], guidance_scale: float,
+                       seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Algorithm 3 with the consistency model f at `timesteps`; `parts` (an LCM or its teacher) encodes the prompts,
+    shapes the noise and decodes. Images in [-1, 1] on the CPU; image i starts from seed `seed + i`."""
     out = []
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start:start + BATCH]
-        z_T = _noise(model, len(chunk), range(seed + start, seed + start + len(chunk)), device)
-        cond = encode_prompts(model.tokenizer, model.text_encoder, chunk, device)
-        if spec.kind == "lcm":
-            f = consistency_model(model)
-            original = int(model.scheduler_config.get("original_inference_steps", 50))
-            generators = [torch.Generator("cpu").manual_seed(10**6 + seed + start + i) for i in range(len(chunk))]
-            z0 = sample_lcm(f, z_T, lcm_timesteps(spec.steps, schedule.num_train_timesteps, original), cond,
-                            omega_from_guidance_scale(spec.guidance_scale), schedule, generators)
-        else:
-            guided = GuidedTeacher(UNetNetwork(model.unet), schedule, model.prediction_type)
-            uncond = encode_prompts(model.tokenizer, model.text_encoder, [""], device).expand(len(chunk), -1, -1)
-            z0 = sample_teacher(guided, spec.sampler, z_T, cond, uncond, spec.guidance_scale, spec.steps, model.scheduler_config)
-        out.append(model.codec.decode(z0).clamp(-1, 1).float().cpu())
+        z_T = _noise(parts, len(chunk), range(seed + start, seed + start + len(chunk)), device)
+        cond = encode_prompts(parts.tokenizer, parts.text_encoder, chunk, device)
+        generators = [torch.Generator("cpu").manual_seed(10**6 + seed + start + i) for i in range(len(chunk))]
+        z0 = sample_lcm(f, z_T, timesteps, cond, omega_from_guidance_scale(guidance_scale), f.schedule, generators)
+        out.append(parts.codec.decode(z0).clamp(-1, 1).float().cpu())
     return torch.cat(out)
 
 
-def score(judge, images: torch.Tensor, attributes: list, real: torch.Tensor) -> dict:
-    """Prompt alignment (per attribute and mean) and FID in the judge's feature space."""
-    from latent_consistency.evaluation.alignment import prompt_alignment
-    from latent_consistency.evaluation.fid import fid_score
-
-    return {"alignment": prompt_alignment(judge, images, attributes), "fid": fid_score(judge, real, images)}
+@torch.no_grad()
+def sample_guided(teacher: DiffusionModel, sampler: str, steps: int, prompts: list[str], guidance_scale: float, seed: int = 0,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """The teacher with classifier-free guidance g and a diffusers scheduler (`sampling.sample_teacher`).
+    Images in [-1, 1] on the CPU; image i starts from seed `seed + i`."""
+    guided = teacher.guided_teacher()
+    out = []
+    for start in range(0, len(prompts), BATCH):
+        chunk = prompts[start:start + BATCH]
+        z_T = _noise(teacher, len(chunk), range(seed + start, seed + start + len(chunk)), device)
+        cond = encode_prompts(teacher.tokenizer, teacher.text_encoder, chunk, device)
+        uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""], device).expand(len(chunk), -1, -1)
+        z0 = sample_teacher(guided, sampler, z_T, cond, uncond, guidance_scale, steps, teacher.scheduler_config)
+        out.append(teacher.codec.decode(z0).clamp(-1, 1).float().cpu())
+    return torch.cat(out)

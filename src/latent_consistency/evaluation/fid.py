@@ -1,7 +1,8 @@
-"""FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) in a judge's feature space.
+"""FID (Heusel et al. 2017) and KID (Bińkowski et al. 2018) in any feature network's space.
 
-The paper reports FID with Inception features (Section 5.1 of Luo et al. 2023); the toy world swaps
-Inception for the judge's penultimate features, through torchmetrics' pluggable feature network.
+The paper reports FID with Inception features (Section 5.1 of Luo et al. 2023). Here the features come
+from any *feature network*: an object with `features(images) -> [B, F]` for [-1, 1] images and an int
+`feature_dim` (the built-in world's judge is one), plugged into torchmetrics' metrics.
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from latent_consistency.errors import UserError
-from latent_consistency.evaluation.judge import Judge
 
 
-class JudgeFeatures(nn.Module):
-    """A judge's `features` as a torchmetrics feature network: [-1, 1] images -> [B, F]."""
+class FeatureAdapter(nn.Module):
+    """A feature network as torchmetrics takes one: `forward` gives the features, `num_features` their width."""
 
-    def __init__(self, judge: Judge):
+    def __init__(self, network):
         super().__init__()
-        self.judge = judge
-        self.num_features = judge.feature_dim
+        self.network = network
+        self.num_features = network.feature_dim
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.judge.features(images)
+        return self.network.features(images)
 
 
 def _update(metric, real: torch.Tensor, fake: torch.Tensor, batch_size: int) -> None:
@@ -37,26 +37,26 @@ def _update(metric, real: torch.Tensor, fake: torch.Tensor, batch_size: int) -> 
             metric.update(images[start : start + batch_size], real=is_real)
 
 
-def _device(judge: Judge) -> torch.device:
-    return next(judge.parameters()).device
+def _device(network) -> torch.device:
+    return next(network.parameters()).device
 
 
-def fid_score(judge: Judge, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256) -> float:
-    """FID between two sets of [-1, 1] images [N, 3, H, W], in the judge's feature space."""
-    metric = FrechetInceptionDistance(feature=JudgeFeatures(judge)).to(_device(judge))
+def fid_score(network, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256) -> float:
+    """FID between two sets of [-1, 1] images [N, 3, H, W], in the feature network's space."""
+    metric = FrechetInceptionDistance(feature=FeatureAdapter(network)).to(_device(network))
     _update(metric, real, fake, batch_size)
     return float(metric.compute())
 
 
 def kid_score(
-    judge: Judge, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256, subsets: int = 100, seed: int = 0
+    network, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256, subsets: int = 100, seed: int = 0
 ) -> float:
     """Mean KID over `subsets` random subsets of min(1000, N_real, N_fake) images, drawn with `seed`."""
     subset_size = min(1000, len(real), len(fake))
     with warnings.catch_warnings():  # that features are kept in memory: so are the images given here
         warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all extracted features")
-        metric = KernelInceptionDistance(feature=JudgeFeatures(judge), subsets=subsets, subset_size=max(subset_size, 1))
-    metric = metric.to(_device(judge))
+        metric = KernelInceptionDistance(feature=FeatureAdapter(network), subsets=subsets, subset_size=max(subset_size, 1))
+    metric = metric.to(_device(network))
     _update(metric, real, fake, batch_size)
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator
         torch.manual_seed(seed)

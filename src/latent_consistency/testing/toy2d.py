@@ -25,13 +25,13 @@ import math
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
-from latent_consistency.analytic import GaussianMixtureEps, reference_flow
 from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher
 from latent_consistency.losses import LCDLoss
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps, randn, sample_lcm
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver, guided_jump
+from latent_consistency.testing.analytic import GaussianMixtureEps, reference_flow
 from latent_consistency.training.ema import ema_update
 
 TOY_MEANS = ((1.5, 0.5), (-1.5, -0.5))

@@ -1,11 +1,11 @@
-"""`lcm world build | export | check`: make the built-in world, ship it in fp16, measure it.
+"""Build the built-in world phase by phase (`lcm world build`), and export it in fp16 (`lcm world export`).
 
 A world folder is a diffusers `StableDiffusionPipeline` folder (the teacher) with the world's extras:
 
     world.json           the resolved preset and prediction type it was built with
     build_state.json     the phases finished so far, in order, and the seconds each took
     model_index.json, unet/, scheduler/, vae/, text_encoder/, tokenizer/     the teacher pipeline
-    judge/               the evaluation judge (`evaluation.judge`)
+    judge/               the evaluation judge (`world.judge`)
     latents/             the latent cache of the training images (`data.latent_cache`)
     quality/             quality.json and teacher_grid.png (`world.quality`)
     logs/                the loss of every training step, per phase
@@ -20,7 +20,6 @@ which training phases save every `checkpoint_every` steps.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -33,11 +32,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from latent_consistency.data.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
+from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
+from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
-from latent_consistency.models import DiffusionModel, LatentCodec, load_diffusion_model
-from latent_consistency.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from latent_consistency.world.presets import PRESETS, WorldPreset, get_preset
+from latent_consistency.models import LatentCodec
+from latent_consistency.world.artifact import WORLD_FILE, load_world
+from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
+from latent_consistency.world.fit import Checkpointer, Phase
+from latent_consistency.world.judge import attribute_targets, save_judge, train_judge
+from latent_consistency.world.presets import WorldPreset, get_preset
+from latent_consistency.world.quality import measure_quality
+from latent_consistency.world.teacher import make_teacher_unet, save_teacher_pipeline, teacher_scheduler_config, train_teacher
+from latent_consistency.world.text_encoder import make_text_encoder, pretrain_text_encoder
+from latent_consistency.world.tokenizer import train_tokenizer
+from latent_consistency.world.vae import make_vae, set_scaling_factor, to_unit_range, train_vae
 
 PHASES = ("tokenizer", "judge", "vae", "text_encoder", "latents", "teacher", "quality")
 # What each phase commits into the world folder.
@@ -50,7 +58,7 @@ OUTPUTS = {
     "teacher": ("unet", "scheduler", "model_index.json", "logs/teacher.json"),
     "quality": ("quality",),
 }
-WORLD_FILE, STATE_FILE, WORK_DIR = "world.json", "build_state.json", ".work"
+STATE_FILE, WORK_DIR = "build_state.json", ".work"
 # What `export_world` ships: the pipeline, the judge, the spec and the quality report.
 EXPORTED = ("world.json", "model_index.json", "unet", "scheduler", "vae", "text_encoder", "tokenizer", "judge", "quality")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -63,51 +71,6 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-class Checkpointer:
-    """A training phase's resumable state: modules, optimizer, LR schedule, step, RNG and losses so far.
-
-    Saved every `every` steps with `training.checkpoint` (atomic; weights in safetensors, the rest read
-    with `torch.load(weights_only=True)`). Losses stay on the device between saves, so a training step
-    never waits for the GPU.
-    """
-
-    def __init__(self, run_dir: Path, every: int):
-        self.run_dir, self.every = run_dir, every
-        self._losses: list[float] = []
-        self._pending: list[torch.Tensor] = []
-
-    def resume(self, modules: dict[str, torch.nn.Module], optimizer, scheduler, generator: torch.Generator) -> int:
-        """Load the last checkpoint into the given objects, if there is one; returns the step to start at."""
-        checkpoints = list_checkpoints(self.run_dir)
-        if not checkpoints:
-            return 0
-        tensors, objects, state = load_checkpoint(checkpoints[-1])
-        for name, module in modules.items():
-            module.load_state_dict(tensors[name])
-        optimizer.load_state_dict(objects["optimizer"])
-        scheduler.load_state_dict(objects["scheduler"])
-        generator.set_state(objects["generator"]["state"])
-        self._losses = list(state["losses"])
-        return int(state["step"])
-
-    @property
-    def losses(self) -> list[float]:
-        if self._pending:
-            self._losses += torch.stack(self._pending).float().cpu().tolist()
-            self._pending.clear()
-        return self._losses
-
-    def step(self, step: int, loss: torch.Tensor, modules: dict[str, torch.nn.Module], optimizer, scheduler, generator) -> None:
-        """Record the loss of `step`; save everything when `step` is a multiple of `every`."""
-        self._pending.append(loss.detach())
-        if step % self.every == 0:
-            save_checkpoint(
-                self.run_dir, step, {name: m.state_dict() for name, m in modules.items()},
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": {"state": generator.get_state()}},
-                {"step": step, "losses": self.losses}, keep=1,
-            )  # fmt: skip
-
-
 class _Images(torch.utils.data.Dataset):
     """The training images held as uint8 [N,3,H,W] with their captions and attributes."""
 
@@ -118,8 +81,6 @@ class _Images(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        from latent_consistency.world.vae import to_unit_range
-
         return {"image": to_unit_range(self.images[i]), "caption": self.captions[i], "attributes": self.attributes[i]}
 
 
@@ -132,7 +93,9 @@ def _stack_items(items: list[dict]) -> tuple[torch.Tensor, list[str], list]:
 def _render(dataset, progress: bool) -> _Images:
     """Render every item of `dataset` once, in worker processes when there are cores to spare."""
     workers = min(15, (os.cpu_count() or 1) - 1)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=max(workers, 0), collate_fn=_stack_items)
+    # Items depend on (split, seed, index) only; a generator of its own keeps the loader off torch's global one
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=max(workers, 0), collate_fn=_stack_items,
+                                         generator=torch.Generator().manual_seed(0))
     images, captions, attributes = [], [], []
     for batch_images, batch_captions, batch_attributes in tqdm(loader, desc="render images", disable=not progress):
         images.append(batch_images)
@@ -179,8 +142,9 @@ class _Build:
     def generator(self, phase: str) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(self.seed(phase))
 
-    def checkpointer(self, phase: str) -> Checkpointer:
-        return Checkpointer(self.out / WORK_DIR / phase, self.preset.checkpoint_every)
+    def phase(self, name: str) -> Phase:
+        """How phase `name` trains: its own generator and resumable checkpoints in `.work/<name>/`."""
+        return Phase(self.device, self.generator(name), Checkpointer(self.out / WORK_DIR / name, self.preset.checkpoint_every), self.progress)
 
     def load(self, component: str):
         from diffusers import AutoencoderKL
@@ -195,34 +159,25 @@ class _Build:
     # The phases: each writes its OUTPUTS into `stage`.
 
     def tokenizer(self, stage: Path) -> None:
-        from latent_consistency.world.tokenizer import train_tokenizer
-
         cfg = self.preset.tokenizer
         train_tokenizer(self.images.captions, cfg.vocab_size, cfg.max_length).save_pretrained(str(stage / "tokenizer"))
 
     def judge(self, stage: Path) -> None:
-        from latent_consistency.evaluation.judge import save_judge, train_judge
-
         p = self.preset
         judge = train_judge(p.dataset, p.resolution, p.judge.steps, p.judge.batch_size, self.device, p.seed, self.progress)
         save_judge(judge, stage / "judge")
 
     def vae(self, stage: Path) -> None:
-        from latent_consistency.world.vae import make_vae, set_scaling_factor, train_vae
-
         cfg = self.preset.vae
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed("vae"))
             vae = make_vae(cfg, self.preset.resolution)
-        losses = train_vae(vae, self.images.images, cfg, self.device, self.generator("vae"), self.checkpointer("vae"), self.progress)
+        losses = train_vae(vae, self.images.images, cfg, self.phase("vae"))
         set_scaling_factor(vae, self.images.images[: cfg.scale_samples])
         vae.save_pretrained(str(stage / "vae"), safe_serialization=True)
         _write_json_atomic(stage / "logs" / "vae.json", {"loss": losses})
 
     def text_encoder(self, stage: Path) -> None:
-        from latent_consistency.evaluation.judge import attribute_targets
-        from latent_consistency.world.text_encoder import make_text_encoder, pretrain_text_encoder
-
         cfg, dataset = self.preset.text_encoder, self.preset.dataset
         tokenizer = self.load("tokenizer")
         with torch.random.fork_rng(devices=[]):
@@ -231,16 +186,11 @@ class _Build:
         targets = attribute_targets(dataset, self.images.attributes)
         labels = torch.stack([targets[a] for a in attribute_names(dataset)], dim=1)
         num_classes = [len(attribute_values(dataset, a)) for a in attribute_names(dataset)]
-        losses = pretrain_text_encoder(
-            text_encoder, tokenizer, self.images.captions, labels, num_classes, cfg, self.device,
-            self.generator("text_encoder"), self.checkpointer("text_encoder"), self.progress,
-        )  # fmt: skip
+        losses = pretrain_text_encoder(text_encoder, tokenizer, self.images.captions, labels, num_classes, cfg, self.phase("text_encoder"))
         text_encoder.save_pretrained(str(stage / "text_encoder"), safe_serialization=True)
         _write_json_atomic(stage / "logs" / "text_encoder.json", {"loss": losses})
 
     def latents(self, stage: Path) -> None:
-        from latent_consistency.data.latent_cache import write_latent_cache
-
         p = self.preset
         source = {"dataset": p.dataset, "split": "train", "resolution": p.resolution, "seed": p.seed, "size": p.train_size}
         write_latent_cache(
@@ -249,9 +199,6 @@ class _Build:
         )  # fmt: skip
 
     def teacher(self, stage: Path) -> None:
-        from latent_consistency.data.latent_cache import LatentCache
-        from latent_consistency.world.teacher import make_teacher_unet, save_teacher_pipeline, teacher_scheduler_config, train_teacher
-
         cache = LatentCache(self.out / "latents")
         data = cache.tensors(self.device)
         with torch.random.fork_rng(devices=[]):
@@ -260,20 +207,16 @@ class _Build:
                 self.preset.teacher, cache.manifest["latent_size"][0], cache.manifest["latent_channels"], cache.manifest["text_hidden_size"]
             )
         scheduler_config = teacher_scheduler_config(self.prediction_type, self.preset.teacher.zero_terminal_snr)
-        ema, losses = train_teacher(
-            unet, data.latents, data.caption_index, data.text_embeddings, data.uncond_embedding, scheduler_config,
-            self.preset.teacher, self.device, self.generator("teacher"), self.checkpointer("teacher"), self.progress,
-        )  # fmt: skip
+        ema, losses = train_teacher(unet, data.latents, data.caption_index, data.text_embeddings, data.uncond_embedding, scheduler_config,
+                                    self.preset.teacher, self.phase("teacher"))
         save_teacher_pipeline(stage, ema, self.load("vae"), self.load("text_encoder"), self.load("tokenizer"), scheduler_config)
         _write_json_atomic(stage / "logs" / "teacher.json", {"loss": losses})
 
     def quality(self, stage: Path) -> None:
-        from latent_consistency.world.quality import measure_quality
-
         measure_quality(load_world(self.out, self.device), self.preset.quality, stage / "quality", self.device, self.progress)
 
 
-def _world_spec(preset: WorldPreset, prediction_type: str) -> dict:
+def world_spec(preset: WorldPreset, prediction_type: str) -> dict:
     """What `world.json` holds, as JSON reads it back (lists, not tuples)."""
     return json.loads(json.dumps({"preset": preset.to_dict(), "prediction_type": prediction_type}))
 
@@ -313,14 +256,12 @@ def build_world(
     prediction_type: str = "epsilon",
 ) -> Path:
     """Build (or finish building) a world into `out_dir`; returns its path. See the module docstring."""
-    from latent_consistency.generate import resolve_device
-
     preset = get_preset(preset) if isinstance(preset, str) else preset
     check_world_spec(preset, prediction_type)
     out = Path(out_dir)
-    spec = _world_spec(preset, prediction_type)
+    spec = world_spec(preset, prediction_type)
     _check_out_dir(out, spec)
-    device = resolve_device(str(device))
+    device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -337,7 +278,11 @@ def build_world(
         stage = work / "stage"
         shutil.rmtree(stage, ignore_errors=True)  # half-written outputs are never trusted; checkpoints are
         stage.mkdir(parents=True)
-        getattr(build, phase)(stage)
+        # Every phase starts from its own seed: what it draws from torch's global generator (fresh layers, data
+        # loader seeds) does not depend on the phases before it, nor on the process's random default seed
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(build.seed(phase))
+            getattr(build, phase)(stage)
         for entry in OUTPUTS[phase]:
             target = out / entry
             if target.is_dir():
@@ -352,54 +297,6 @@ def build_world(
     return out
 
 
-@dataclass
-class World:
-    """A built world: the teacher's parts (`model`), the judge, and how it was made."""
-
-    path: Path
-    preset: WorldPreset
-    prediction_type: str
-    model: DiffusionModel
-    judge: Any
-
-    @property
-    def dataset(self) -> str:
-        return self.preset.dataset
-
-    @property
-    def resolution(self) -> int:
-        return self.preset.resolution
-
-    @property
-    def codec(self) -> LatentCodec:
-        return self.model.codec
-
-
-def load_world(path: str | Path, device: str | torch.device = "cpu") -> World:
-    """Load a world folder (a build or an fp16 export) in float32 on `device`."""
-    from latent_consistency.evaluation.judge import load_judge
-
-    path = Path(path)
-    if not (path / WORLD_FILE).is_file():
-        raise UserError(f"{path} is not a world folder (no {WORLD_FILE}); build one with `lcm world build`")
-    if not (path / "model_index.json").is_file() or not (path / "judge").is_dir():
-        raise UserError(f"the world in {path} is not finished; run `lcm world build` on it again to finish it")
-    spec = json.loads((path / WORLD_FILE).read_text())
-    model = load_diffusion_model(str(path), dtype=torch.float32, device=device)
-    return World(path, WorldPreset.from_dict(spec["preset"]), spec["prediction_type"], model, load_judge(path / "judge", device))
-
-
-def default_world_path() -> Path:
-    """The world shipped with the package (the `default` preset's, in fp16)."""
-    path = Path(__file__).resolve().parents[1] / "assets" / "world_default"
-    if not (path / WORLD_FILE).is_file():
-        raise UserError(
-            f"the built-in world is missing from {path}; make it with `lcm world build --preset default --out DIR` "
-            f"and `lcm world export --from DIR --out {path}`"
-        )
-    return path
-
-
 def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Copy a finished world's pipeline, judge and quality report to `dst`, weights cast to `dtype`.
 
@@ -410,8 +307,8 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     src, dst = Path(src), Path(dst)
     if finished_phases(src) != list(PHASES):
         raise UserError(f"{src} is not a finished world; run `lcm world build` on it first")
-    if dst.exists() and any(dst.iterdir()):
-        raise UserError(f"--out {dst} is not empty; give a new or empty folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UserError(f"--out {dst} is a file or a folder that is not empty; give a new or empty folder")
     partial = dst.with_name(dst.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -428,77 +325,3 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     return dst
 
 
-# The command line.
-
-
-def _preset_from_args(args) -> WorldPreset:
-    preset = get_preset(args.preset)
-    overrides = {k: v for k, v in (("dataset", args.dataset), ("resolution", args.resolution), ("seed", args.seed)) if v is not None}
-    if args.zero_terminal_snr:
-        overrides["teacher"] = dataclasses.replace(preset.teacher, zero_terminal_snr=True)
-    return dataclasses.replace(preset, **overrides)
-
-
-def _run_build(args) -> None:
-    preset = _preset_from_args(args)
-    prediction_type = "v_prediction" if args.v_prediction else "epsilon"
-    if args.dry_run:
-        check_world_spec(preset, prediction_type)
-        print(json.dumps(_world_spec(preset, prediction_type), indent=2))
-        return
-    out = build_world(preset, args.out, args.device, progress=not args.no_progress, prediction_type=prediction_type)
-    report = json.loads((out / "quality" / "quality.json").read_text())
-    print(json.dumps(report["summary"], indent=2))
-    print(f"world written to {out}")
-
-
-def _run_export(args) -> None:
-    print(f"fp16 world written to {export_world(args.src, args.out)}")
-
-
-def _run_check(args) -> None:
-    from latent_consistency.generate import resolve_device
-    from latent_consistency.world.quality import measure_quality
-
-    device = resolve_device(args.device)
-    world = load_world(args.world, device)
-    config = world.preset.quality if args.samples is None else dataclasses.replace(world.preset.quality, num_samples=args.samples)
-    report = measure_quality(world, config, Path(args.out), device, progress=not args.no_progress)
-    print(json.dumps(report["summary"], indent=2))
-
-
-def register(subparsers) -> None:
-    world = subparsers.add_parser(
-        "world",
-        help="build, export or check the built-in toy text-to-image world",
-        description="The built-in world: a captioned dataset, a CLIP tokenizer and text encoder, a VAE, a "
-        "Stable-Diffusion-architecture teacher and an evaluation judge, all trained here.",
-    )
-    commands = world.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
-
-    b = commands.add_parser("build", help="train every part of a world into a folder (resumable)")
-    b.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default)")
-    b.add_argument("--out", required=True, help="world folder: new, empty, or an unfinished build of the same settings")
-    b.add_argument("--dataset", help="override the preset's dataset (shapes or digits)")
-    b.add_argument("--resolution", type=int, help="override the preset's image resolution in px (32 or 64)")
-    b.add_argument("--seed", type=int, help="override the preset's seed")
-    b.add_argument("--v-prediction", action="store_true", help="train a v-prediction teacher instead of ε-prediction")
-    b.add_argument("--zero-terminal-snr", action="store_true",
-                   help="rescale the teacher's noise schedule to zero SNR at t = T-1 (Lin et al. 2023; needs --v-prediction)")
-    b.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    b.add_argument("--no-progress", action="store_true", help="no progress bars")
-    b.add_argument("--dry-run", action="store_true", help="print the resolved settings and stop")
-    b.set_defaults(run=_run_build)
-
-    e = commands.add_parser("export", help="copy a finished world with fp16 weights (for shipping)")
-    e.add_argument("--from", dest="src", required=True, help="a finished world folder")
-    e.add_argument("--out", required=True, help="new or empty folder for the copy")
-    e.set_defaults(run=_run_export)
-
-    c = commands.add_parser("check", help="measure a world's teacher and VAE against the quality bar")
-    c.add_argument("--world", required=True, help="a world folder (a build or an export)")
-    c.add_argument("--out", required=True, help="folder for quality.json and teacher_grid.png")
-    c.add_argument("--samples", type=int, help="generated images per guidance scale (default: the preset's)")
-    c.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    c.set_defaults(run=_run_check)

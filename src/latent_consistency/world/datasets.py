@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from latent_consistency.data import digits, shapes
 from latent_consistency.errors import UserError
+from latent_consistency.world import digits, shapes
 
 DATASETS = ("shapes", "digits")
 RESOLUTIONS = (32, 64)

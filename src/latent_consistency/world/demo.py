@@ -1,4 +1,4 @@
-"""The README's main job (`make demo`): distil the built-in world's teacher into an LCM, then compare.
+"""The README's main job (`lcm demo`, `make demo`): distil the built-in world's teacher into an LCM, then compare.
 
 0. Use the default world shipped with the package, or build the world of `--world-preset` (resumable).
 1. Encode the world's training images once into a latent cache (D_z = {E(x)}).
@@ -14,16 +14,26 @@ Rerunning continues an interrupted run and reuses finished parts.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from latent_consistency.data.latent_cache import write_latent_cache
+from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
+from latent_consistency.evaluation.compare import SamplerSpec, sample, sample_consistency
+from latent_consistency.evaluation.fid import fid_score
+from latent_consistency.grids import image_grid, save_png
+from latent_consistency.models import consistency_model, load_lcm, make_student_unet
+from latent_consistency.outputs import writable_folder
+from latent_consistency.training.config import resolve_config
+from latent_consistency.training.loop import train
+from latent_consistency.world.artifact import default_world_path, load_world
+from latent_consistency.world.build import build_world
+from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
+from latent_consistency.world.judge import judge_scores
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:
@@ -37,9 +47,6 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 
 def ensure_latent_cache(world, cache: Path, device) -> Path:
     """D_z = {E(x)}: the world's training split encoded once into a latent cache (reused when present)."""
-    from latent_consistency.data.datasets import get_dataset
-    from latent_consistency.data.latent_cache import write_latent_cache
-
     if not (cache / "manifest.json").is_file():
         train_split = get_dataset(world.dataset, "train", world.resolution, seed=world.preset.seed, size=world.preset.train_size)
         print(f"[demo] encoding {len(train_split)} training images into {cache}", flush=True)
@@ -51,18 +58,9 @@ def ensure_latent_cache(world, cache: Path, device) -> Path:
 
 def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_samples: int, device: str,
              world_preset: str = "default") -> Path:
-    from latent_consistency.data.datasets import REFERENCE_SPLITS, get_dataset
-    from latent_consistency.evaluation.compare import SamplerSpec, sample, score
-    from latent_consistency.generate import resolve_device
-    from latent_consistency.grids import image_grid, save_png
-    from latent_consistency.models import load_lcm, make_student_unet
-    from latent_consistency.training.config import resolve_config
-    from latent_consistency.training.loop import train
-    from latent_consistency.world.build import build_world, default_world_path, load_world
-
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out, "--out")
     if world_dir is None:
         try:
             if world_preset != "default":
@@ -107,19 +105,17 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     specs = [SamplerSpec("lcm", n, guidance) for n in (1, 2, 4)] + [
         SamplerSpec("teacher", 2, guidance, "ddim"), SamplerSpec("teacher", 4, guidance, "ddim"),
         SamplerSpec("teacher", 25, guidance, "dpm++")]
-    results = [(s.label, score(world.judge, sample(s, lcm, world.model, prompts, device=dev), attributes, real)) for s in specs]
+    results = [(s.label, judge_scores(world.judge, sample(s, lcm, world.model, prompts, device=dev), attributes, real)) for s in specs]
     # The undistilled starting point: the teacher's weights with a zero ω input, read in the teacher's
     # parameterisation, through the same 1-step sampler
-    start = dataclasses.replace(lcm, unet=make_student_unet(world.model.unet, lcm.time_cond_proj_dim).eval(),
-                                scheduler_config=lcm.scheduler_config | {"prediction_type": world.prediction_type})
-    results.append(("undistilled start, consistency sampler 1-step", score(
-        world.judge, sample(SamplerSpec("lcm", 1, guidance), start, world.model, prompts, device=dev), attributes, real)))
+    start = consistency_model(make_student_unet(world.model.unet, lcm.time_cond_proj_dim).eval(),
+                              lcm.scheduler_config | {"prediction_type": world.prediction_type})
+    results.append(("undistilled start, consistency sampler 1-step", judge_scores(
+        world.judge, sample_consistency(start, lcm.timesteps(1), world.model, prompts, guidance, device=dev), attributes, real)))
     # Real images of other prompts against the reference: a scale for FID, not a floor (samples made for the
     # reference's own prompts share its attribute mix and can score below it)
     train_items = get_dataset(world.dataset, "train", world.resolution, seed=world.preset.seed)
     unpaired = [train_items[i]["image"] for i in range(len(items))]
-    from latent_consistency.evaluation.fid import fid_score
-
     fid_unpaired = fid_score(world.judge, real, torch.stack(unpaired))
     minutes = (time.perf_counter() - t0) / 60
     report = (f"# Demo report\n\nWorld: `{world_dir}` ({world.dataset}, {world.resolution}px). Distillation: "
@@ -132,26 +128,3 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     (out / "report.json").write_text(json.dumps({"results": dict(results), "fid_real_unpaired": fid_unpaired, "minutes": minutes}, indent=1))
     print(report)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m latent_consistency.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--world", help="world folder (default: the world shipped with the package)")
-    parser.add_argument("--distill-steps", type=int, help="distillation steps (default: the `world` preset's)")
-    parser.add_argument("--eval-samples", type=int, default=300, help="reference prompts in the evaluation (default 300)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--world-preset", default="default",
-                        help="world preset: default (shipped) or one to build, e.g. tiny (a plumbing run in minutes)")
-    args = parser.parse_args(argv)
-    try:
-        run_demo(Path(args.out), args.world, args.distill_steps, args.eval_samples, args.device, args.world_preset)
-    except UserError as err:
-        print(f"demo: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

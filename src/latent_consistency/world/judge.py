@@ -1,9 +1,10 @@
 """The judge: a small CNN that reads a toy-world image's caption attributes, trained on real images.
 
 It stands in for the two networks of the paper's evaluation (Section 5.1 of Luo et al. 2023): its
-penultimate features replace Inception's for FID (Heusel et al. 2017), and its per-attribute
-predictions replace CLIP for prompt alignment. Each attribute (shape, colour, size, position,
-background; or digit) gets its own linear head on shared features.
+penultimate features replace Inception's for FID (Heusel et al. 2017; it is a feature network of
+`evaluation.fid`), and its per-attribute predictions replace CLIP for prompt alignment
+(`prompt_alignment`: how much of its prompt a generated image shows). Each attribute (shape, colour,
+size, position, background; or digit) gets its own linear head on shared features.
 
 `shapes` judges train on fresh images of the "judge" split (the full attribute space, so held-out
 compositions are read too), never repeating an image and without augmentation; `digits` judges
@@ -14,24 +15,23 @@ from __future__ import annotations
 
 import json
 import math
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from latent_consistency.data.datasets import (
+from latent_consistency.errors import UserError
+from latent_consistency.world.datasets import (
     REFERENCE_SPLITS,
     attribute_names,
     attribute_values,
     check_dataset,
     get_dataset,
 )
-from latent_consistency.errors import UserError
+from latent_consistency.world.fit import Phase
 
 DEFAULT_STEPS = {"shapes": 600, "digits": 500}
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -164,18 +164,9 @@ def train_judge(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
     )
-    bar = tqdm(total=steps, desc=f"judge {dataset} {resolution}px", disable=not progress)
-    start = time.perf_counter()
-    for images, targets in _training_batches(dataset, resolution, steps, batch_size, seed):
-        loss = judge_loss(judge, images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", s=f"{time.perf_counter() - start:.0f}", refresh=False)
-        bar.update()
-    bar.close()
-    optimizer.zero_grad(set_to_none=True)
+    batches = _training_batches(dataset, resolution, steps, batch_size, seed)
+    phase = Phase(torch.device(device), progress=progress)
+    phase.fit(dict(judge=judge), optimizer, schedule, lambda: judge_loss(judge, *next(batches)), steps, f"judge {dataset} {resolution}px")
     return judge.eval()
 
 
@@ -191,6 +182,20 @@ def attribute_accuracy(judge: Judge, images: torch.Tensor, attributes: list, bat
         for name, predicted in judge.predict(images[start : start + batch_size]).items():
             correct[name] += int((predicted.cpu() == targets[name][start : start + batch_size]).sum())
     return {name: c / len(images) for name, c in correct.items()}
+
+
+def prompt_alignment(judge: Judge, images: torch.Tensor, attributes: list, batch_size: int = 256) -> dict[str, float]:
+    """Per attribute, the fraction of `images` showing the attribute of their prompt; "mean" averages them."""
+    scores = attribute_accuracy(judge, images, attributes, batch_size)
+    scores["mean"] = sum(scores.values()) / len(scores)
+    return scores
+
+
+def judge_scores(judge: Judge, images: torch.Tensor, attributes: list, real: torch.Tensor) -> dict:
+    """Prompt alignment (per attribute and mean) and FID in the judge's features against `real` images."""
+    from latent_consistency.evaluation.fid import fid_score
+
+    return {"alignment": prompt_alignment(judge, images, attributes), "fid": fid_score(judge, real, images)}
 
 
 def judge_accuracy(

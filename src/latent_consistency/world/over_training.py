@@ -1,6 +1,6 @@
 """Quality over training: 1/2/4-step FID and prompt alignment of every checkpoint of a distillation run.
 
-    python -m latent_consistency.evaluation.over_training --run runs/demo/distill --world WORLD [--samples 500]
+    lcm world over-training --run runs/demo/distill [--world WORLD] [--samples 500]
 
 Each checkpoint's target θ⁻ (the network that is exported) is sampled for the same reference prompts
 and noise and scored with the world's judge, and its distance from the teacher's ODE solution is measured
@@ -12,24 +12,26 @@ reproduces (`guidance_response`: 1 = the ω input is learned, 0 = ignored). Writ
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from latent_consistency.denoisers import GuidedTeacher, UNetNetwork
-from latent_consistency.evaluation.compare import SamplerSpec, consistency_model, sample, score
+from latent_consistency.errors import UserError
+from latent_consistency.evaluation.compare import sample_consistency
 from latent_consistency.evaluation.ode_error import guidance_response, ode_error, ode_solutions
-from latent_consistency.models import encode_prompts
+from latent_consistency.models import encode_prompts, inference_timesteps
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps
-from latent_consistency.schedule import NoiseSchedule, skipping_grid
+from latent_consistency.schedule import skipping_grid
 from latent_consistency.solvers import get_solver
-from latent_consistency.training.config import config_from_dict
 from latent_consistency.training.checkpoint import list_checkpoints
+from latent_consistency.training.config import config_from_dict
+from latent_consistency.training.loop import student_scheduler_config
 from latent_consistency.training.students import make_student
+from latent_consistency.world.artifact import World
+from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
+from latent_consistency.world.judge import judge_scores
 
 STEPS = (1, 2, 4)
 
@@ -41,47 +43,46 @@ def error_timesteps(num_train_timesteps: int, skip: int) -> list[int]:
     return sorted({*lcm_timesteps(4, num_train_timesteps, num_train_timesteps // skip).tolist(), small}, reverse=True)
 
 
-def reference_solutions(world, config, items: list[dict], guidance_scale: float, device):
+def reference_solutions(world: World, config, items: list[dict], guidance_scale: float, device):
     """The teacher's ODE solutions (config's solver and skip) from the reference images' latents."""
     model = world.model
-    schedule = NoiseSchedule.from_config(model.scheduler_config)
     x0 = model.codec.encode(torch.stack([it["image"] for it in items]).to(device)).float()
     cond = encode_prompts(model.tokenizer, model.text_encoder, [it["caption"] for it in items], device)
     uncond = encode_prompts(model.tokenizer, model.text_encoder, [""], device).expand(len(items), -1, -1)
-    teacher = GuidedTeacher(UNetNetwork(model.unet), schedule, model.prediction_type)
-    return ode_solutions(teacher, get_solver(config.solver), x0, cond, uncond, omega_from_guidance_scale(guidance_scale),
-                         error_timesteps(schedule.num_train_timesteps, config.skip), config.skip,
+    return ode_solutions(model.guided_teacher(), get_solver(config.solver), x0, cond, uncond, omega_from_guidance_scale(guidance_scale),
+                         error_timesteps(model.schedule.num_train_timesteps, config.skip), config.skip,
                          torch.Generator().manual_seed(0))
 
 
-def evaluate_run(run: Path, world, samples: int, guidance_scale: float | None = None, device="cpu") -> list[dict]:
-    from latent_consistency.data.datasets import REFERENCE_SPLITS, get_dataset
-    from safetensors.torch import load_file
-
+def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | None = None, device="cpu") -> list[dict]:
+    """One row per checkpoint of `run`: n-step FID and alignment, ODE error per t, ω response per t."""
+    if not (run / "config.json").is_file():
+        raise UserError(f"{run} is not a training run folder (no config.json); give the --out of `lcm distill`")
     config = config_from_dict(json.loads((run / "config.json").read_text()))
     guidance_scale = config.validation_guidance_scale if guidance_scale is None else guidance_scale
     reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)
     items = [reference[i] for i in range(min(samples, len(reference)))]
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]
     real = torch.stack([it["image"] for it in items])
-    student = make_student(config, world.model)  # a full UNet with the ω input, or LoRA adapters on the teacher's
-    network = student.target_unet.eval()  # θ⁻, the network that is exported (the student itself when there is no copy)
-    lcm = dataclasses.replace(world.model, unet=network, scheduler_config=world.model.scheduler_config | {
-        "original_inference_steps": 1000 // config.skip, "prediction_type": config.student_prediction_type(world.prediction_type)})
+    # A full UNet with the ω input, or LoRA adapters on the teacher's, under the run's LCMScheduler config
+    student = make_student(config, world.model, student_scheduler_config(config, world.model))
+    student.target_unet.eval()  # θ⁻, the network that is exported (the student itself when there is no copy)
+    f = student.consistency_model(student.target_unet)
     solutions = reference_solutions(world, config, items, guidance_scale, device)
     range_ends = None
     if config.guidance_scale_min < config.guidance_scale_max:
         range_ends = [solutions if g == guidance_scale else reference_solutions(world, config, items, g, device)
                       for g in (config.guidance_scale_min, config.guidance_scale_max)]
-    f = consistency_model(lcm)
+    checkpoints = list_checkpoints(run)
+    if not checkpoints:
+        raise UserError(f"{run} holds no checkpoints yet; train it with --checkpoint-every N to evaluate it over training")
     rows = []
-    for path in list_checkpoints(run):
-        student.load_state({name: load_file(str(path / f"{name}.safetensors"), device=str(device))
-                            for name in ("student", "target") if (path / f"{name}.safetensors").is_file()})
-        step = json.loads((path / "state.json").read_text())["step"]
-        row = {"step": step}
+    for path in checkpoints:
+        row = {"step": student.load_checkpoint(path)}
         for n in STEPS:
-            s = score(world.judge, sample(SamplerSpec("lcm", n, guidance_scale), lcm, world.model, prompts, device=device), attributes, real)
+            images = sample_consistency(f, inference_timesteps(student.scheduler_config, n), world.model, prompts, guidance_scale,
+                                        device=device)
+            s = judge_scores(world.judge, images, attributes, real)
             row[f"fid_{n}"], row[f"alignment_{n}"] = s["fid"], s["alignment"]["mean"]
         row |= {f"ode_error_{t}": e for t, e in ode_error(f, solutions).items()}
         if range_ends:
@@ -138,26 +139,3 @@ def write_report(run: Path, rows: list[dict]) -> None:
         axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(run / "over_training.png", dpi=120)
-
-
-def main(argv=None) -> int:
-    from latent_consistency.generate import resolve_device
-    from latent_consistency.world.build import default_world_path, load_world
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a distillation run folder (full or LoRA student) with checkpoints")
-    parser.add_argument("--world", help="the world the run distilled (default: the shipped one)")
-    parser.add_argument("--samples", type=int, default=500)
-    parser.add_argument("--guidance-scale", type=float, help="default: the run's validation guidance scale")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    world = load_world(args.world or default_world_path(), device)
-    rows = evaluate_run(Path(args.run), world, args.samples, args.guidance_scale, device)
-    write_report(Path(args.run), rows)
-    print((Path(args.run) / "over_training.md").read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -72,7 +72,7 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class QualityConfig:
     num_samples: int = 1000  # generated images for prompt alignment and FID, per guidance scale
-    sampler: str = "dpm++"  # DPM-Solver++(2M), as the issue's bar is stated
+    sampler: str = "dpm++"  # DPM-Solver++(2M), the sampler the quality bar is stated for
     num_steps: int = 25
     guidance_scale: float = 7.5
     grid_prompts: int = 8  # rows of the sample grid: a real image, then `grid_samples` samples
@@ -85,7 +85,7 @@ class WorldPreset:
     """Everything `lcm world build` makes, and how."""
 
     name: str
-    dataset: str = "shapes"  # `latent_consistency.data.datasets` name
+    dataset: str = "shapes"  # `latent_consistency.world.datasets` name
     resolution: int = 32  # image side in pixels; the latent side is resolution / VAE factor
     train_size: int = 50_000  # training images (the VAE's, the text encoder's and the teacher's)
     seed: int = 0  # seeds the data, every initialisation and every training run
@@ -109,7 +109,7 @@ class WorldPreset:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WorldPreset":
+    def from_dict(cls, d: dict) -> WorldPreset:
         """The inverse of `to_dict` (JSON lists become tuples again)."""
         kwargs = {
             key: _SUB_CONFIGS[key](**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from latent_consistency.data.datasets import REFERENCE_SPLITS, get_dataset
-from latent_consistency.denoisers import GuidedTeacher, UNetNetwork
+from latent_consistency.evaluation.fid import fid_score
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import encode_prompts
+from latent_consistency.outputs import writable_folder
 from latent_consistency.sampling import randn, sample_teacher
-from latent_consistency.schedule import NoiseSchedule
+from latent_consistency.world.artifact import World
+from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
+from latent_consistency.world.judge import judge_accuracy, prompt_alignment
 from latent_consistency.world.presets import QualityConfig
-
-if TYPE_CHECKING:
-    from latent_consistency.world.build import World
 
 ALIGNMENT_MEAN, ALIGNMENT_MIN, GUIDANCE_GAP, VAE_ACCURACY_GAP = 0.85, 0.7, 0.05, 0.02
 BATCH = 250
@@ -37,7 +35,7 @@ GRID_LABEL_WIDTH = 340  # px: a shapes caption in PIL's default font
 
 @torch.no_grad()
 def sample_images(
-    world: "World",
+    world: World,
     prompts: list[str],
     guidance_scale: float,
     config: QualityConfig,
@@ -47,7 +45,7 @@ def sample_images(
 ) -> torch.Tensor:
     """Teacher samples for `prompts` with classifier-free guidance g, as [N,3,H,W] in [-1, 1] on the CPU."""
     model = world.model
-    teacher = GuidedTeacher(UNetNetwork(model.unet), NoiseSchedule.from_config(model.scheduler_config), model.prediction_type)
+    teacher = model.guided_teacher()
     uncond = encode_prompts(model.tokenizer, model.text_encoder, [""], device)
     generator = torch.Generator(device).manual_seed(seed)
     shape = (model.unet.config.in_channels, world.preset.latent_size, world.preset.latent_size)
@@ -68,15 +66,10 @@ def _items(dataset, n: int) -> list[dict]:
 
 
 @torch.no_grad()
-def measure_quality(world: "World", config: QualityConfig, out_dir: Path, device: torch.device, progress: bool = True) -> dict:
+def measure_quality(world: World, config: QualityConfig, out_dir: Path, device: torch.device, progress: bool = True) -> dict:
     """Write `quality.json` and `teacher_grid.png` into `out_dir`; returns the report."""
-    from latent_consistency.evaluation.alignment import prompt_alignment
-    from latent_consistency.evaluation.fid import fid_score
-    from latent_consistency.evaluation.judge import judge_accuracy
-
     preset, judge = world.preset, world.judge
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_folder(out_dir, "--out")
     reference = _items(get_dataset(preset.dataset, REFERENCE_SPLITS[preset.dataset], preset.resolution, seed=preset.seed), config.num_samples)
     real = torch.stack([item["image"] for item in reference])
     train = _items(get_dataset(preset.dataset, "train", preset.resolution, seed=preset.seed), len(reference))
@@ -97,7 +90,8 @@ def measure_quality(world: "World", config: QualityConfig, out_dir: Path, device
     # VAE: the judge on reconstructions against the judge on the same real images.
     vae_items = reference[: config.vae_samples]
     images = torch.stack([item["image"] for item in vae_items])
-    reconstructed = torch.cat([world.codec.decode(world.codec.encode(images[i : i + BATCH].to(device))).clamp(-1, 1).cpu() for i in range(0, len(images), BATCH)])
+    reconstructed = torch.cat([world.codec.decode(world.codec.encode(images[i : i + BATCH].to(device))).clamp(-1, 1).cpu()
+                               for i in range(0, len(images), BATCH)])
     accuracy_real = judge_accuracy(judge, vae_items, len(vae_items), device)
     accuracy_reconstructed = judge_accuracy(judge, [item | {"image": x} for item, x in zip(vae_items, reconstructed)], len(vae_items), device)
     gaps = {a: accuracy_real[a] - accuracy_reconstructed[a] for a in accuracy_real}
@@ -113,7 +107,8 @@ def measure_quality(world: "World", config: QualityConfig, out_dir: Path, device
     # The grid: a real image of each prompt, then samples with guidance.
     grid_items = _items(get_dataset(preset.dataset, REFERENCE_SPLITS[preset.dataset], preset.resolution, seed=preset.seed), config.grid_prompts)
     grid_prompts = [item["caption"] for item in grid_items for _ in range(config.grid_samples)]
-    samples = sample_images(world, grid_prompts, config.guidance_scale, config, device, seed=preset.seed + 1).view(len(grid_items), config.grid_samples, *real.shape[1:])
+    samples = sample_images(world, grid_prompts, config.guidance_scale, config, device, seed=preset.seed + 1)
+    samples = samples.view(len(grid_items), config.grid_samples, *real.shape[1:])
     rows = [torch.cat([item["image"][None], row]) for item, row in zip(grid_items, samples)]
     save_png(image_grid(rows, [item["caption"] for item in grid_items], scale=3, label_width=GRID_LABEL_WIDTH), out_dir / "teacher_grid.png")
 

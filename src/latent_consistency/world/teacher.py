@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from latent_consistency.parameterization import check_prediction_type, model_output_from
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.training.ema import ema_update
+from latent_consistency.world.fit import Phase
 from latent_consistency.world.presets import TeacherConfig, warmup_cosine
-
-if TYPE_CHECKING:
-    from latent_consistency.world.build import Checkpointer
 
 
 def teacher_scheduler_config(prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> dict:
@@ -74,10 +70,7 @@ def train_teacher(
     uncond_embedding: torch.Tensor,
     scheduler_config: dict,
     config: TeacherConfig,
-    device: torch.device,
-    generator: torch.Generator,
-    checkpointer: "Checkpointer",
-    progress: bool = True,
+    phase: Phase,
 ):
     """Train `unet` on cached latents; returns (the EMA UNet, the loss per step).
 
@@ -85,6 +78,7 @@ def train_teacher(
     `text_embeddings[caption_index[i]]` ([L,D]); `uncond_embedding` [L,D] is the embedding of "".
     On CUDA the UNet runs under bfloat16 autocast; weights, optimizer and EMA stay float32.
     """
+    device, generator = phase.device, phase.generator
     prediction_type = check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
     schedule = NoiseSchedule.from_config(scheduler_config)
     latents, caption_index = latents.to(device), caption_index.to(device)
@@ -93,9 +87,8 @@ def train_teacher(
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = warmup_cosine(optimizer, config.steps)
-    modules = dict(unet=unet, ema=ema)
-    start = checkpointer.resume(modules, optimizer, scheduler, generator)
-    for step in tqdm(range(start, config.steps), desc="teacher", disable=not progress, initial=start, total=config.steps):
+
+    def loss_fn() -> torch.Tensor:
         index = torch.randint(len(latents), (config.batch_size,), device=device, generator=generator)
         z0 = latents[index]
         # Caption dropout: the unconditional model of classifier-free guidance.
@@ -109,16 +102,15 @@ def train_teacher(
         target = model_output_from(z0, eps, alpha, sigma, prediction_type)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             output = unet(z_t, t, encoder_hidden_states=cond, return_dict=False)[0]
-        loss = F.mse_loss(output.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        return F.mse_loss(output.float(), target)
+
+    def update_ema(step: int) -> None:
         # EMA with the usual warm-up, so that a short run is not dominated by the initialisation.
         ema_update(ema, unet, min(config.ema_decay, (1 + step) / (10 + step)))
-        checkpointer.step(step + 1, loss, modules, optimizer, scheduler, generator)
+
+    losses = phase.fit(dict(unet=unet, ema=ema), optimizer, scheduler, loss_fn, config.steps, "teacher", after_step=update_ema)
     unet.eval().requires_grad_(False)
-    return ema, checkpointer.losses
+    return ema, losses
 
 
 def save_teacher_pipeline(out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler_config: dict) -> Path:

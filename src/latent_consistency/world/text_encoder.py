@@ -12,16 +12,11 @@ cache hold the text embeddings once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from latent_consistency.world.fit import Phase
 from latent_consistency.world.presets import TextEncoderConfig, warmup_cosine
-
-if TYPE_CHECKING:
-    from latent_consistency.world.build import Checkpointer
 
 
 def make_text_encoder(tokenizer, config: TextEncoderConfig):
@@ -50,15 +45,13 @@ def pretrain_text_encoder(
     labels: torch.Tensor,
     num_classes: list[int],
     config: TextEncoderConfig,
-    device: torch.device,
-    generator: torch.Generator,
-    checkpointer: "Checkpointer",
-    progress: bool = True,
+    phase: Phase,
 ) -> list[float]:
     """Train on caption -> attribute classes (`labels`: [N, A] class indices); returns the loss per step.
 
     The heads are discarded afterwards: only the encoder is kept.
     """
+    device, generator = phase.device, phase.generator
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     ids, labels = ids.to(device), labels.to(device)
     text_encoder.to(device).train()
@@ -66,15 +59,12 @@ def pretrain_text_encoder(
     modules = dict(encoder=text_encoder, heads=heads)
     optimizer = torch.optim.AdamW([p for m in modules.values() for p in m.parameters()], lr=config.lr, weight_decay=0.01)
     scheduler = warmup_cosine(optimizer, config.steps)
-    start = checkpointer.resume(modules, optimizer, scheduler, generator)
-    for step in tqdm(range(start, config.steps), desc="text encoder", disable=not progress, initial=start, total=config.steps):
+
+    def loss_fn() -> torch.Tensor:
         index = torch.randint(len(ids), (config.batch_size,), device=device, generator=generator)
         hidden = text_encoder(ids[index]).last_hidden_state.mean(dim=1)
-        loss = sum(F.cross_entropy(head(hidden), labels[index, a]) for a, head in enumerate(heads)) / len(heads)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        checkpointer.step(step + 1, loss, modules, optimizer, scheduler, generator)
+        return sum(F.cross_entropy(head(hidden), labels[index, a]) for a, head in enumerate(heads)) / len(heads)
+
+    losses = phase.fit(modules, optimizer, scheduler, loss_fn, config.steps, "text encoder")
     text_encoder.eval().requires_grad_(False)
-    return checkpointer.losses
+    return losses

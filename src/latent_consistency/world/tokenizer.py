@@ -11,7 +11,7 @@ then <|startoftext|> and <|endoftext|>. The result is a plain `CLIPTokenizer`, s
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
 from tokenizers.models import BPE

@@ -9,15 +9,10 @@ as SD's 0.18215 was computed, is written into the VAE's config.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-from tqdm.auto import tqdm
 
+from latent_consistency.world.fit import Phase
 from latent_consistency.world.presets import VAEConfig, warmup_cosine
-
-if TYPE_CHECKING:
-    from latent_consistency.world.build import Checkpointer
 
 
 def make_vae(config: VAEConfig, resolution: int):
@@ -68,33 +63,27 @@ def train_vae(
     vae,
     images: torch.Tensor,
     config: VAEConfig,
-    device: torch.device,
-    generator: torch.Generator,
-    checkpointer: "Checkpointer",
-    progress: bool = True,
+    phase: Phase,
 ) -> list[float]:
     """Train on uint8 `images` [N,3,H,W] (batches drawn with replacement); returns the loss per step.
 
     On CUDA the forward pass runs under bfloat16 autocast; weights and optimizer stay float32.
     """
+    device, generator = phase.device, phase.generator
     images = images.to(device)
     vae.to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = warmup_cosine(optimizer, config.steps)
-    modules = dict(vae=vae)
-    start = checkpointer.resume(modules, optimizer, scheduler, generator)
-    for step in tqdm(range(start, config.steps), desc="vae", disable=not progress, initial=start, total=config.steps):
+
+    def loss_fn() -> torch.Tensor:
         index = torch.randint(len(images), (config.batch_size,), device=device, generator=generator)
         x = to_unit_range(images[index])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = vae_loss(vae, x, config.kl_weight, config.foreground_weight, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        checkpointer.step(step + 1, loss, modules, optimizer, scheduler, generator)
+            return vae_loss(vae, x, config.kl_weight, config.foreground_weight, generator)
+
+    losses = phase.fit(dict(vae=vae), optimizer, scheduler, loss_fn, config.steps, "vae")
     vae.eval().requires_grad_(False)
-    return checkpointer.losses
+    return losses
 
 
 @torch.no_grad()

@@ -1,0 +1,66 @@
+"""A built world as the rest of the project uses it: `World` (the teacher's parts, the judge, the preset),
+`load_world` for any world folder, and `default_world_path`, the one shipped with the package in fp16
+(`assets/world_default`, made by `lcm world build --preset default` and `lcm world export`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from latent_consistency.errors import UserError
+from latent_consistency.models import DiffusionModel, LatentCodec, load_diffusion_model
+from latent_consistency.world.judge import Judge, load_judge
+from latent_consistency.world.presets import WorldPreset
+
+WORLD_FILE = "world.json"
+
+
+@dataclass
+class World:
+    """A built world: the teacher's parts (`model`), the judge, and how it was made."""
+
+    path: Path
+    preset: WorldPreset
+    prediction_type: str
+    model: DiffusionModel
+    judge: Judge
+
+    @property
+    def dataset(self) -> str:
+        return self.preset.dataset
+
+    @property
+    def resolution(self) -> int:
+        return self.preset.resolution
+
+    @property
+    def codec(self) -> LatentCodec:
+        return self.model.codec
+
+
+def load_world(path: str | Path, device: str | torch.device = "cpu") -> World:
+    """Load a world folder (a build or an fp16 export) in float32 on `device`."""
+    path = Path(path)
+    if not (path / WORLD_FILE).is_file():
+        raise UserError(f"{path} is not a world folder (no {WORLD_FILE}); build one with `lcm world build`")
+    if not (path / "model_index.json").is_file() or not (path / "judge").is_dir():
+        raise UserError(f"the world in {path} is not finished; run `lcm world build` on it again to finish it")
+    spec = json.loads((path / WORLD_FILE).read_text())
+    model = load_diffusion_model(str(path), dtype=torch.float32, device=device)
+    return World(path, WorldPreset.from_dict(spec["preset"]), spec["prediction_type"], model, load_judge(path / "judge", device))
+
+
+def default_world_path() -> Path:
+    """The world shipped with the package (the `default` preset's, in fp16)."""
+    path = Path(__file__).resolve().parents[1] / "assets" / "world_default"
+    if not (path / WORLD_FILE).is_file():
+        raise UserError(
+            f"the built-in world is missing from {path}; make it with `lcm world build --preset default --out DIR` "
+            f"and `lcm world export --from DIR --out {path}`"
+        )
+    return path
+
+
