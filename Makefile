@@ -23,7 +23,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 env: $(VENV)/.installed
 
 demo: env
-	HF_HUB_OFFLINE=1 $(BIN)/python -m latent_consistency.demo --out $(DEMO_OUT) --device $(DEVICE) --world-preset $(WORLD_PRESET)
+	HF_HUB_OFFLINE=1 $(BIN)/lcm demo --out $(DEMO_OUT) --device $(DEVICE) --world-preset $(WORLD_PRESET)
 
 test: env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests

@@ -11,6 +11,7 @@ from PIL import Image
 from latent_consistency.cli import main
 
 
+@pytest.mark.slow
 def test_generate_end_to_end_subprocess(tiny_lcm, tmp_path):
     out = tmp_path / "images"
     cmd = [sys.executable, "-m", "latent_consistency.cli", "generate", "a red star", "a blue ring",

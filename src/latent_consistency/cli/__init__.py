@@ -1,31 +1,30 @@
-"""The `lcm` command line: builds arguments into calls of the library; no math lives here.
+"""The `lcm` command line: each command module builds its arguments into calls of the library; no math
+lives here.
 
-Each subcommand module exposes `register(subparsers)`, which adds its parser and sets `run`, a
-function of the parsed arguments. A `UserError` anywhere becomes one line on stderr and exit code 2.
+Each command module exposes `register(subparsers)`, which adds its parser and sets `run`, a function of
+the parsed arguments. A `UserError` anywhere becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from latent_consistency import __version__
+from latent_consistency.cli.arguments import OneLineParser
 from latent_consistency.errors import UserError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from latent_consistency import distill, generate
-    from latent_consistency.world import build as world_build
+def build_parser() -> OneLineParser:
+    from latent_consistency.cli import demo, distill, generate, world
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lcm",
         description="Latent Consistency Models (Luo et al. 2023): distil, fine-tune, sample, evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    generate.register(subparsers)
-    distill.register(subparsers)
-    world_build.register(subparsers)
+    for command in (generate, distill, world, demo):
+        command.register(subparsers)
     return parser
 
 
@@ -52,7 +51,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lcm {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,60 +2,30 @@
 scale is the ω input), or a diffusion model with an LCM-LoRA (`--lora`; no ω input, so g > 1 is classifier-free
 guidance, as in diffusers).
 
-Every input is checked before the first file is written. Image i of a run is drawn from its own
-generator seeded with `seed + i`, so an image does not depend on the batch size it was made in.
+Every input is checked before the first file is written.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, UNetNetwork
+from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
+from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 from latent_consistency.grids import save_png, to_pil
-from latent_consistency.models import DiffusionModel, encode_prompts, load_lcm, load_lcm_lora
-from latent_consistency.parameterization import omega_from_guidance_scale
-from latent_consistency.sampling import check_custom_timesteps, lcm_timesteps, randn, sample_lcm
-from latent_consistency.schedule import NoiseSchedule
+from latent_consistency.outputs import writable_folder
+from latent_consistency.pipelines import LCMGenerator
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The paper trains ω ∈ [2, 14] (g ∈ [3, 15]); far outside the trained range the ω embedding is meaningless.
 MAX_GUIDANCE_SCALE = 30.0
 # Default g: an LCM's ω input (the paper's ω = 7), and an LCM-LoRA's classifier-free guidance (none: its guidance
 # was distilled in; diffusers recommends 1-2 for LCM-LoRA).
 DEFAULT_GUIDANCE_SCALE = {"lcm": 8.0, "lora": 1.0}
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    if name == "float16" and device.type == "cpu":
-        raise UserError("float16 is not supported on the CPU; use --dtype float32 or bfloat16")
-    return DTYPES[name]
+MAX_SEED = 2**63 - 1
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -80,116 +50,38 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
     return prompts
 
 
-def check_output_folder(out: str) -> Path:
-    """Create the output folder and prove it is writable, before any work is done."""
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write to output folder {out}: {err.strerror or err}") from None
-    return path
-
-
 def image_filename(index: int, prompt: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "image"
     return f"{index:04d}-{slug}.png"
 
 
-@dataclass
-class LCMGenerator:
-    """An LCM and its sampling settings, ready to turn prompts into images."""
-
-    model: DiffusionModel
-    device: torch.device
-    dtype: torch.dtype
-
-    @classmethod
-    def load(cls, path: str, device: torch.device, dtype: torch.dtype, lora: str | None = None) -> "LCMGenerator":
-        model = load_lcm(path, dtype, device) if lora is None else load_lcm_lora(path, lora, dtype, device)
-        return cls(model, device, dtype)
-
-    @property
-    def kind(self) -> str:
-        """lcm: the guidance scale is the ω input; lora: no ω input, the guidance scale is classifier-free guidance."""
-        return "lcm" if self.model.time_cond_proj_dim is not None else "lora"
-
-    @property
-    def schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_config(self.model.scheduler_config)
-
-    @property
-    def original_inference_steps(self) -> int:
-        return int(self.model.scheduler_config.get("original_inference_steps", 50))
-
-    def timesteps(self, steps: int | None, custom: list[int] | None = None) -> torch.Tensor:
-        T = self.schedule.num_train_timesteps
-        if custom:
-            return check_custom_timesteps(custom, T)
-        return lcm_timesteps(steps, T, self.original_inference_steps)
-
-    def default_size(self) -> int:
-        return int(self.model.unet.config.sample_size) * self.model.codec.downsampling_factor
-
-    def check_size(self, height: int, width: int) -> None:
-        factor = self.model.codec.downsampling_factor
-        for name, value in (("height", height), ("width", width)):
-            if value < factor or value % factor:
-                raise UserError(f"--{name} {value} must be a positive multiple of the VAE factor {factor}")
-
-    def consistency_model(self, guidance_scale: float = 1.0) -> ConsistencyModel:
-        """f_θ; for an LCM-LoRA with g > 1 its network output is classifier-free guided against the empty prompt,
-        as diffusers' StableDiffusionPipeline with an LCMScheduler guides it (an LCM takes g through its ω input)."""
-        cfg = self.model.scheduler_config
-        network = UNetNetwork(self.model.unet)
-        if self.kind == "lora" and guidance_scale > 1:
-            uncond = encode_prompts(self.model.tokenizer, self.model.text_encoder, [""], self.device).to(self.dtype)
-            guided, omega = GuidedTeacher(network, self.schedule, self.model.prediction_type), omega_from_guidance_scale(guidance_scale)
-
-            def network(z, t, cond, timestep_cond=None):
-                return guided.guided_output(z, t, cond, uncond.expand(len(z), -1, -1), omega)
-        return ConsistencyModel(
-            network,
-            self.schedule,
-            self.model.prediction_type,
-            time_cond_proj_dim=self.model.time_cond_proj_dim,
-            timestep_scaling=float(cfg.get("timestep_scaling", 10.0)),
-        )
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str], timesteps: torch.Tensor, guidance_scale: float, seeds: list[int], height: int, width: int) -> torch.Tensor:
-        """Images in [-1, 1] for `prompts`, one generator per image."""
-        codec = self.model.codec
-        factor = codec.downsampling_factor
-        shape = (len(prompts), codec.latent_channels, height // factor, width // factor)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        latents = randn(shape, generators, self.device, self.dtype)
-        cond = encode_prompts(self.model.tokenizer, self.model.text_encoder, prompts, self.device).to(self.dtype)
-        omega = omega_from_guidance_scale(guidance_scale)
-        x0 = sample_lcm(self.consistency_model(guidance_scale), latents, timesteps, cond, omega, self.schedule, generators)
-        return codec.decode(x0)
+def parse_timesteps(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise UserError(f"--timesteps {text!r} must be comma-separated integers, e.g. 999,759,499,259") from None
 
 
 def run(args) -> None:
     prompts = read_prompts(args.prompts, args.prompt_file)
     guidance_scale = DEFAULT_GUIDANCE_SCALE["lcm" if args.lora is None else "lora"] if args.guidance_scale is None else args.guidance_scale
-    if guidance_scale < 0 or guidance_scale > MAX_GUIDANCE_SCALE:
+    if not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
         raise UserError(
             f"--guidance-scale {guidance_scale} is outside [0, {MAX_GUIDANCE_SCALE:g}]; "
             "LCMs are distilled with guidance scales around 3-15 (paper ω ∈ [2, 14])"
         )
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seed + len(prompts) > MAX_SEED:
+        raise UserError(f"--seed {args.seed} is too large: image i uses seed SEED+i, which must stay below 2^63")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     generator = LCMGenerator.load(args.model, device, dtype, args.lora)
-    custom = [int(t) for t in args.timesteps.split(",")] if args.timesteps else None
-    timesteps = generator.timesteps(args.steps, custom)
+    timesteps = generator.timesteps(args.steps, parse_timesteps(args.timesteps))
     height = args.height or generator.default_size()
     width = args.width or generator.default_size()
     generator.check_size(height, width)
-    out = check_output_folder(args.out)
+    out = writable_folder(args.out)
 
     batches = [range(i, min(i + args.batch_size, len(prompts))) for i in range(0, len(prompts), args.batch_size)]
     for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2):
@@ -214,13 +106,13 @@ def register(subparsers) -> None:
                    "a .safetensors file or a hub id")
     p.add_argument("--steps", type=int, default=4, help="number of sampling steps, 1..T/k (default 4)")
     p.add_argument("--timesteps", help="custom decreasing timesteps instead of --steps, e.g. 999,759,499,259")
-    p.add_argument("--guidance-scale", type=float, help="guidance scale g in diffusers' convention: an LCM's ω input, ω = g - 1 "
+    p.add_argument("--guidance-scale", type=finite_float, help="guidance scale g in diffusers' convention: an LCM's ω input, ω = g - 1 "
                    f"(default {DEFAULT_GUIDANCE_SCALE['lcm']:g}); for an LCM-LoRA, classifier-free guidance when g > 1, "
                    f"as diffusers applies it (default {DEFAULT_GUIDANCE_SCALE['lora']:g})")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i (default 0)")
-    p.add_argument("--height", type=int, help="image height in pixels, a multiple of the VAE factor (default: the model's)")
-    p.add_argument("--width", type=int, help="image width in pixels, a multiple of the VAE factor (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="image i uses seed SEED+i (default 0)")
+    p.add_argument("--height", type=positive_int, help="image height in pixels, a multiple of the VAE factor (default: the model's)")
+    p.add_argument("--width", type=positive_int, help="image width in pixels, a multiple of the VAE factor (default: the model's)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--out", required=True, help="output folder for the PNG files (created if missing)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and latents dtype (default float32)")

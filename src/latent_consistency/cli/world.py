@@ -1,0 +1,114 @@
+"""`lcm world build | export | check | over-training`: make the built-in world, ship it in fp16, measure it,
+and measure a distillation run on it checkpoint by checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
+from latent_consistency.world.presets import PRESETS, WorldPreset, get_preset
+
+
+def _preset_from_args(args) -> WorldPreset:
+    preset = get_preset(args.preset)
+    overrides = {k: v for k, v in (("dataset", args.dataset), ("resolution", args.resolution), ("seed", args.seed)) if v is not None}
+    if args.zero_terminal_snr:
+        overrides["teacher"] = dataclasses.replace(preset.teacher, zero_terminal_snr=True)
+    return dataclasses.replace(preset, **overrides)
+
+
+def _run_build(args) -> None:
+    from latent_consistency.world.build import build_world, check_world_spec, world_spec
+
+    preset = _preset_from_args(args)
+    prediction_type = "v_prediction" if args.v_prediction else "epsilon"
+    if args.dry_run:
+        check_world_spec(preset, prediction_type)
+        print(json.dumps(world_spec(preset, prediction_type), indent=2))
+        return
+    out = build_world(preset, args.out, args.device, progress=not args.no_progress, prediction_type=prediction_type)
+    report = json.loads((out / "quality" / "quality.json").read_text())
+    print(json.dumps(report["summary"], indent=2))
+    print(f"world written to {out}")
+
+
+def _run_export(args) -> None:
+    from latent_consistency.world.build import export_world
+
+    print(f"fp16 world written to {export_world(args.src, args.out)}")
+
+
+def _run_check(args) -> None:
+    from latent_consistency.devices import resolve_device
+    from latent_consistency.world.artifact import load_world
+    from latent_consistency.world.quality import measure_quality
+
+    device = resolve_device(args.device)
+    world = load_world(args.world, device)
+    config = world.preset.quality if args.samples is None else dataclasses.replace(world.preset.quality, num_samples=args.samples)
+    report = measure_quality(world, config, Path(args.out), device, progress=not args.no_progress)
+    print(json.dumps(report["summary"], indent=2))
+
+
+def _run_over_training(args) -> None:
+    from latent_consistency.devices import resolve_device
+    from latent_consistency.world.artifact import default_world_path, load_world
+    from latent_consistency.world.over_training import evaluate_run, write_report
+
+    device = resolve_device(args.device)
+    world = load_world(args.world or default_world_path(), device)
+    run = Path(args.run_dir)
+    rows = evaluate_run(run, world, args.samples, args.guidance_scale, device)
+    write_report(run, rows)
+    print((run / "over_training.md").read_text())
+
+
+def register(subparsers) -> None:
+    world = subparsers.add_parser(
+        "world",
+        help="build, export or check the built-in toy text-to-image world; measure a run on it over training",
+        description="The built-in world: a captioned dataset, a CLIP tokenizer and text encoder, a VAE, a "
+        "Stable-Diffusion-architecture teacher and an evaluation judge, all trained here.",
+    )
+    commands = world.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
+
+    b = commands.add_parser("build", help="train every part of a world into a folder (resumable)")
+    b.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default)")
+    b.add_argument("--out", required=True, help="world folder: new, empty, or an unfinished build of the same settings")
+    b.add_argument("--dataset", help="override the preset's dataset (shapes or digits)")
+    b.add_argument("--resolution", type=positive_int, help="override the preset's image resolution in px (32 or 64)")
+    b.add_argument("--seed", type=nonnegative_int, help="override the preset's seed")
+    b.add_argument("--v-prediction", action="store_true", help="train a v-prediction teacher instead of ε-prediction")
+    b.add_argument("--zero-terminal-snr", action="store_true",
+                   help="rescale the teacher's noise schedule to zero SNR at t = T-1 (Lin et al. 2023; needs --v-prediction)")
+    b.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--dry-run", action="store_true", help="print the resolved settings and stop")
+    b.set_defaults(run=_run_build)
+
+    e = commands.add_parser("export", help="copy a finished world with fp16 weights (for shipping)")
+    e.add_argument("--from", dest="src", required=True, help="a finished world folder")
+    e.add_argument("--out", required=True, help="new or empty folder for the copy")
+    e.set_defaults(run=_run_export)
+
+    c = commands.add_parser("check", help="measure a world's teacher and VAE against the quality bar")
+    c.add_argument("--world", required=True, help="a world folder (a build or an export)")
+    c.add_argument("--out", required=True, help="folder for quality.json and teacher_grid.png")
+    c.add_argument("--samples", type=positive_int, help="generated images per guidance scale (default: the preset's)")
+    c.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(run=_run_check)
+
+    o = commands.add_parser("over-training", help="score every checkpoint of a distillation run on the world",
+                            description="1/2/4-step FID and prompt alignment of every checkpoint's target θ⁻ (same reference "
+                            "prompts and noise), its MSE to the teacher's ODE solution at the 4-step timesteps and t ≈ T/10, and "
+                            "its ω response between the ends of the trained guidance range. Writes over_training.json, .md and "
+                            ".png into the run.")
+    o.add_argument("--run", dest="run_dir", required=True, help="a distillation run folder (full or LoRA student) with checkpoints")
+    o.add_argument("--world", help="the world the run distilled (default: the shipped one)")
+    o.add_argument("--samples", type=positive_int, default=500, help="reference prompts per checkpoint (default 500)")
+    o.add_argument("--guidance-scale", type=finite_float, help="default: the run's validation guidance scale")
+    o.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    o.set_defaults(run=_run_over_training)
