@@ -57,8 +57,7 @@ class GuidedTeacher:
         t = batch_timesteps(t, z)
         return self.output(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
 
-    @staticmethod
-    def guide(out_c: torch.Tensor, out_u: torch.Tensor, omega, z: torch.Tensor) -> torch.Tensor:
+    def guide(self, out_c: torch.Tensor, out_u: torch.Tensor, omega, z: torch.Tensor) -> torch.Tensor:
         """(1+ω)·out_c - ω·out_u (Eq. 12) for outputs at z; `omega` is a scalar or one value per row, in z's dtype."""
         omega = append_dims(torch.as_tensor(omega, device=z.device), z.ndim).to(z)
         return out_c + omega * (out_c - out_u)

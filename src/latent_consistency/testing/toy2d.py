@@ -50,8 +50,8 @@ class FlippedGuidanceTeacher(GuidedTeacher):
     """A deliberately wrong teacher, the control of the check: guidance with the sign of ω flipped,
     ε_c - ω(ε_c - ε_u). A student distilled from it must fail `evaluate_toy2d` against the true teacher."""
 
-    def guided_output(self, z, t, cond, uncond, omega):
-        return super().guided_output(z, t, cond, uncond, -torch.as_tensor(omega))
+    def guide(self, out_c, out_u, omega, z):
+        return super().guide(out_c, out_u, -torch.as_tensor(omega), z)
 
 
 def class_weights(labels: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
