@@ -26,7 +26,8 @@ class World:
     preset: WorldPreset
     prediction_type: str
     model: DiffusionModel
-    judge: Judge
+    judge: Judge  # of the world's dataset
+    judges: dict[str, Judge]  # by dataset: the world's and each of its pretraining datasets'
 
     @property
     def dataset(self) -> str:
@@ -49,8 +50,11 @@ def load_world(path: str | Path, device: str | torch.device = "cpu") -> World:
     if not (path / "model_index.json").is_file() or not (path / "judge").is_dir():
         raise UserError(f"the world in {path} is not finished; run `lcm world build` on it again to finish it")
     spec = json.loads((path / WORLD_FILE).read_text())
+    preset = WorldPreset.from_dict(spec["preset"])
     model = load_diffusion_model(str(path), dtype=torch.float32, device=device)
-    return World(path, WorldPreset.from_dict(spec["preset"]), spec["prediction_type"], model, load_judge(path / "judge", device))
+    judge = load_judge(path / "judge", device)
+    judges = {preset.dataset: judge} | {name: load_judge(path / "judges" / name, device) for name in preset.pretraining_datasets}
+    return World(path, preset, spec["prediction_type"], model, judge, judges)
 
 
 def default_world_path() -> Path:

@@ -43,7 +43,7 @@ from latent_consistency.world.judge import attribute_targets, save_judge, train_
 from latent_consistency.world.presets import WorldPreset, get_preset
 from latent_consistency.world.quality import measure_quality
 from latent_consistency.world.teacher import make_teacher_unet, save_teacher_pipeline, teacher_scheduler_config, train_teacher
-from latent_consistency.world.text_encoder import make_text_encoder, pretrain_text_encoder
+from latent_consistency.world.text_encoder import NO_LABEL, make_text_encoder, pretrain_text_encoder
 from latent_consistency.world.tokenizer import train_tokenizer
 from latent_consistency.world.vae import make_vae, set_scaling_factor, to_unit_range, train_vae
 
@@ -51,7 +51,7 @@ PHASES = ("tokenizer", "judge", "vae", "text_encoder", "latents", "teacher", "qu
 # What each phase commits into the world folder.
 OUTPUTS = {
     "tokenizer": ("tokenizer",),
-    "judge": ("judge",),
+    "judge": ("judge", "judges"),
     "vae": ("vae", "logs/vae.json"),
     "text_encoder": ("text_encoder", "logs/text_encoder.json"),
     "latents": ("latents",),
@@ -60,7 +60,7 @@ OUTPUTS = {
 }
 STATE_FILE, WORK_DIR = "build_state.json", ".work"
 # What `export_world` ships: the pipeline, the judge, the spec and the quality report.
-EXPORTED = ("world.json", "model_index.json", "unet", "scheduler", "vae", "text_encoder", "tokenizer", "judge", "quality")
+EXPORTED = ("world.json", "model_index.json", "unet", "scheduler", "vae", "text_encoder", "tokenizer", "judge", "judges", "quality")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -107,6 +107,9 @@ def _render(dataset, progress: bool) -> _Images:
 def check_world_spec(preset: WorldPreset, prediction_type: str) -> None:
     """Reject a dataset, resolution or prediction type the world cannot be built with."""
     check_dataset(preset.dataset)
+    for name in preset.pretraining_datasets:
+        if check_dataset(name) == preset.dataset:
+            raise UserError(f"{name} is the world's own dataset; its pretraining datasets must be others")
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     if preset.teacher.zero_terminal_snr and prediction_type == "epsilon":
@@ -136,6 +139,17 @@ class _Build:
         p = self.preset
         return _render(get_dataset(p.dataset, "train", p.resolution, seed=p.seed, size=p.train_size), self.progress)
 
+    @cached_property
+    def pretraining_images(self) -> dict[str, _Images]:
+        """The training split of each pretraining dataset (tokenizer, text encoder and VAE only)."""
+        p = self.preset
+        return {name: _render(get_dataset(name, "train", p.resolution, seed=p.seed), self.progress) for name in p.pretraining_datasets}
+
+    def all_captions(self) -> list[tuple[str, list[str], list]]:
+        """(dataset, captions, attributes) of the main training images, then of each pretraining dataset."""
+        parts = {self.preset.dataset: self.images} | self.pretraining_images
+        return [(name, images.captions, images.attributes) for name, images in parts.items()]
+
     def seed(self, phase: str) -> int:
         return self.preset.seed * 1000 + PHASES.index(phase)
 
@@ -160,33 +174,35 @@ class _Build:
 
     def tokenizer(self, stage: Path) -> None:
         cfg = self.preset.tokenizer
-        train_tokenizer(self.images.captions, cfg.vocab_size, cfg.max_length).save_pretrained(str(stage / "tokenizer"))
+        captions = [c for _, dataset_captions, _ in self.all_captions() for c in dataset_captions]
+        train_tokenizer(captions, cfg.vocab_size, cfg.max_length).save_pretrained(str(stage / "tokenizer"))
 
     def judge(self, stage: Path) -> None:
+        """The judge of the world's dataset in judge/, and one per pretraining dataset in judges/NAME/."""
         p = self.preset
-        judge = train_judge(p.dataset, p.resolution, p.judge.steps, p.judge.batch_size, self.device, p.seed, self.progress)
-        save_judge(judge, stage / "judge")
+        for name, folder in [(p.dataset, stage / "judge")] + [(d, stage / "judges" / d) for d in p.pretraining_datasets]:
+            save_judge(train_judge(name, p.resolution, p.judge.steps, p.judge.batch_size, self.device, p.seed, self.progress), folder)
+        (stage / "judges").mkdir(exist_ok=True)
 
     def vae(self, stage: Path) -> None:
         cfg = self.preset.vae
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed("vae"))
             vae = make_vae(cfg, self.preset.resolution)
-        losses = train_vae(vae, self.images.images, cfg, self.phase("vae"))
+        pretraining = [images.images for images in self.pretraining_images.values()]
+        losses = train_vae(vae, self.images.images, cfg, self.phase("vae"), torch.cat(pretraining) if pretraining else None)
         set_scaling_factor(vae, self.images.images[: cfg.scale_samples])
         vae.save_pretrained(str(stage / "vae"), safe_serialization=True)
         _write_json_atomic(stage / "logs" / "vae.json", {"loss": losses})
 
     def text_encoder(self, stage: Path) -> None:
-        cfg, dataset = self.preset.text_encoder, self.preset.dataset
+        cfg = self.preset.text_encoder
         tokenizer = self.load("tokenizer")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed("text_encoder"))
             text_encoder = make_text_encoder(tokenizer, cfg)
-        targets = attribute_targets(dataset, self.images.attributes)
-        labels = torch.stack([targets[a] for a in attribute_names(dataset)], dim=1)
-        num_classes = [len(attribute_values(dataset, a)) for a in attribute_names(dataset)]
-        losses = pretrain_text_encoder(text_encoder, tokenizer, self.images.captions, labels, num_classes, cfg, self.phase("text_encoder"))
+        captions, labels, num_classes = caption_labels(self.all_captions())
+        losses = pretrain_text_encoder(text_encoder, tokenizer, captions, labels, num_classes, cfg, self.phase("text_encoder"))
         text_encoder.save_pretrained(str(stage / "text_encoder"), safe_serialization=True)
         _write_json_atomic(stage / "logs" / "text_encoder.json", {"loss": losses})
 
@@ -214,6 +230,18 @@ class _Build:
 
     def quality(self, stage: Path) -> None:
         measure_quality(load_world(self.out, self.device), self.preset.quality, stage / "quality", self.device, self.progress)
+
+
+def caption_labels(parts: list[tuple[str, list[str], list]]) -> tuple[list[str], torch.Tensor, list[int]]:
+    """Captions of several datasets with one head per (dataset, attribute): (captions, labels [N, heads] with
+    `NO_LABEL` where a caption's dataset lacks the head's attribute, classes per head)."""
+    heads = [(name, a) for name, _, _ in parts for a in attribute_names(name)]
+    captions, rows = [], []
+    for name, dataset_captions, attributes in parts:
+        targets = attribute_targets(name, attributes)
+        rows.append(torch.stack([targets[a] if d == name else torch.full((len(attributes),), NO_LABEL) for d, a in heads], dim=1))
+        captions += dataset_captions
+    return captions, torch.cat(rows), [len(attribute_values(d, a)) for d, a in heads]
 
 
 def world_spec(preset: WorldPreset, prediction_type: str) -> dict:

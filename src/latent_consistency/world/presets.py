@@ -41,6 +41,7 @@ class VAEConfig:
     batch_size: int = 256
     lr: float = 1.5e-3  # AdamW peak learning rate (see `warmup_cosine`)
     scale_samples: int = 2048  # images whose latent standard deviation sets `scaling_factor`
+    pretraining_fraction: float = 0.2  # share of each batch drawn from the preset's pretraining datasets (if any)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,10 @@ class WorldPreset:
     dataset: str = "shapes"  # `latent_consistency.world.datasets` name
     resolution: int = 32  # image side in pixels; the latent side is resolution / VAE factor
     train_size: int = 50_000  # training images (the VAE's, the text encoder's and the teacher's)
+    # Datasets whose training splits the general-purpose parts (tokenizer, text encoder, VAE) also learn from, as
+    # SD's VAE and CLIP were trained on far more than SD's own data; the teacher never sees them. They make the
+    # world's latent space and text encoder fit for fine-tuning on data the teacher never saw (`lcm finetune`).
+    pretraining_datasets: tuple[str, ...] = ()
     seed: int = 0  # seeds the data, every initialisation and every training run
     checkpoint_every: int = 1000  # training steps between resumable checkpoints inside a phase
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -111,12 +116,11 @@ class WorldPreset:
     @classmethod
     def from_dict(cls, d: dict) -> WorldPreset:
         """The inverse of `to_dict` (JSON lists become tuples again)."""
-        kwargs = {
-            key: _SUB_CONFIGS[key](**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-            if key in _SUB_CONFIGS
-            else value
-            for key, value in d.items()
-        }
+        def tuples(v):
+            return tuple(v) if isinstance(v, list) else v
+
+        kwargs = {key: _SUB_CONFIGS[key](**{k: tuples(v) for k, v in value.items()}) if key in _SUB_CONFIGS else tuples(value)
+                  for key, value in d.items()}
         return cls(**kwargs)
 
 
@@ -134,6 +138,7 @@ PRESETS: dict[str, WorldPreset] = {
     "tiny": WorldPreset(
         name="tiny",
         train_size=256,
+        pretraining_datasets=("digits",),
         checkpoint_every=10,
         tokenizer=TokenizerConfig(vocab_size=600, max_length=20),
         judge=JudgeConfig(steps=20, batch_size=32),
@@ -146,6 +151,7 @@ PRESETS: dict[str, WorldPreset] = {
     # 2-core CPU (phases measured in docs/world.md); its small teacher also keeps the demo's distillation fast.
     "default": WorldPreset(
         name="default",
+        pretraining_datasets=("digits",),
         checkpoint_every=500,
         judge=JudgeConfig(steps=600, batch_size=128),
         vae=VAEConfig(steps=1200, batch_size=64),

@@ -6,7 +6,7 @@
   of as many real training images (the floor a perfect generator would reach). Bar: mean alignment
   >= 0.85 and every attribute >= 0.7 with guidance, and clearly lower alignment without it.
 - VAE: the judge's accuracy on reconstructions D(E(x)) of reference images within 0.02 of its
-  accuracy on the images themselves.
+  accuracy on the images themselves, for the world's dataset and for each pretraining dataset.
 - A grid: per row, a real image of a prompt and then samples of that prompt with guidance.
 """
 
@@ -61,6 +61,25 @@ def sample_images(
     return torch.cat(images)
 
 
+@torch.no_grad()
+def vae_quality(world: World, items: list[dict], judge, device) -> dict:
+    """The judge on VAE reconstructions D(E(x)) against the judge on the same real images, per attribute."""
+    images = torch.stack([item["image"] for item in items])
+    reconstructed = torch.cat([world.codec.decode(world.codec.encode(images[i : i + BATCH].to(device))).clamp(-1, 1).cpu()
+                               for i in range(0, len(images), BATCH)])
+    accuracy_real = judge_accuracy(judge, items, len(items), device)
+    accuracy_reconstructed = judge_accuracy(judge, [item | {"image": x} for item, x in zip(items, reconstructed)], len(items), device)
+    gaps = {a: accuracy_real[a] - accuracy_reconstructed[a] for a in accuracy_real}
+    return {
+        "num_samples": len(items),
+        "judge_accuracy_real": accuracy_real,
+        "judge_accuracy_reconstructed": accuracy_reconstructed,
+        "mean_gap": sum(gaps.values()) / len(gaps),
+        "max_gap": max(gaps.values()),
+        "l1": float((reconstructed - images).abs().mean()),
+    }
+
+
 def _items(dataset, n: int) -> list[dict]:
     return [dataset[i] for i in range(min(n, len(dataset)))]
 
@@ -87,22 +106,12 @@ def measure_quality(world: World, config: QualityConfig, out_dir: Path, device: 
         }
     teacher["fid_real_floor"] = fid_score(judge, real, torch.stack([item["image"] for item in train]))
 
-    # VAE: the judge on reconstructions against the judge on the same real images.
-    vae_items = reference[: config.vae_samples]
-    images = torch.stack([item["image"] for item in vae_items])
-    reconstructed = torch.cat([world.codec.decode(world.codec.encode(images[i : i + BATCH].to(device))).clamp(-1, 1).cpu()
-                               for i in range(0, len(images), BATCH)])
-    accuracy_real = judge_accuracy(judge, vae_items, len(vae_items), device)
-    accuracy_reconstructed = judge_accuracy(judge, [item | {"image": x} for item, x in zip(vae_items, reconstructed)], len(vae_items), device)
-    gaps = {a: accuracy_real[a] - accuracy_reconstructed[a] for a in accuracy_real}
-    vae = {
-        "num_samples": len(vae_items),
-        "judge_accuracy_real": accuracy_real,
-        "judge_accuracy_reconstructed": accuracy_reconstructed,
-        "mean_gap": sum(gaps.values()) / len(gaps),
-        "max_gap": max(gaps.values()),
-        "l1": float((reconstructed - images).abs().mean()),
-    }
+    # VAE: on the world's reference images and on those of each pretraining dataset
+    vae = vae_quality(world, reference[: config.vae_samples], judge, device)
+    vae_pretraining = {
+        name: vae_quality(world, _items(get_dataset(name, REFERENCE_SPLITS[name], preset.resolution, seed=preset.seed), config.vae_samples),
+                          world.judges[name], device)
+        for name in preset.pretraining_datasets}
 
     # The grid: a real image of each prompt, then samples with guidance.
     grid_items = _items(get_dataset(preset.dataset, REFERENCE_SPLITS[preset.dataset], preset.resolution, seed=preset.seed), config.grid_prompts)
@@ -126,8 +135,10 @@ def measure_quality(world: World, config: QualityConfig, out_dir: Path, device: 
             "teacher_alignment": guided["mean"] >= ALIGNMENT_MEAN and min(per_attribute.values()) >= ALIGNMENT_MIN,
             "guidance_helps": guided["mean"] - unguided["mean"] >= GUIDANCE_GAP,
             "vae_reconstruction": vae["mean_gap"] <= VAE_ACCURACY_GAP,
-        },
+        } | {f"vae_reconstruction_{name}": v["mean_gap"] <= VAE_ACCURACY_GAP for name, v in vae_pretraining.items()},
     }
-    report = {"summary": summary, "teacher": teacher, "vae": vae, "grid": {"file": "teacher_grid.png", "captions": [i["caption"] for i in grid_items]}}
+    summary |= {f"vae_accuracy_gap_{name}": v["mean_gap"] for name, v in vae_pretraining.items()}
+    report = {"summary": summary, "teacher": teacher, "vae": vae, "vae_pretraining": vae_pretraining,
+              "grid": {"file": "teacher_grid.png", "captions": [i["caption"] for i in grid_items]}}
     (out_dir / "quality.json").write_text(json.dumps(report, indent=2))
     return report

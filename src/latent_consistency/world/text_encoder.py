@@ -38,6 +38,15 @@ def make_text_encoder(tokenizer, config: TextEncoderConfig):
     )
 
 
+NO_LABEL = -100  # a caption that does not name this attribute (another dataset's caption)
+
+
+def _head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the captions that name the head's attribute (0 when none in the batch does)."""
+    losses = F.cross_entropy(logits, labels, ignore_index=NO_LABEL, reduction="none")
+    return losses.sum() / (labels != NO_LABEL).sum().clamp(min=1)
+
+
 def pretrain_text_encoder(
     text_encoder,
     tokenizer,
@@ -47,7 +56,8 @@ def pretrain_text_encoder(
     config: TextEncoderConfig,
     phase: Phase,
 ) -> list[float]:
-    """Train on caption -> attribute classes (`labels`: [N, A] class indices); returns the loss per step.
+    """Train on caption -> attribute classes (`labels`: [N, A] class indices, `NO_LABEL` where a caption does not name
+    attribute a); returns the loss per step.
 
     The heads are discarded afterwards: only the encoder is kept.
     """
@@ -63,7 +73,7 @@ def pretrain_text_encoder(
     def loss_fn() -> torch.Tensor:
         index = torch.randint(len(ids), (config.batch_size,), device=device, generator=generator)
         hidden = text_encoder(ids[index]).last_hidden_state.mean(dim=1)
-        return sum(F.cross_entropy(head(hidden), labels[index, a]) for a, head in enumerate(heads)) / len(heads)
+        return sum(_head_loss(head(hidden), labels[index, a]) for a, head in enumerate(heads)) / len(heads)
 
     losses = phase.fit(modules, optimizer, scheduler, loss_fn, config.steps, "text encoder")
     text_encoder.eval().requires_grad_(False)

@@ -64,20 +64,27 @@ def train_vae(
     images: torch.Tensor,
     config: VAEConfig,
     phase: Phase,
+    pretraining_images: torch.Tensor | None = None,
 ) -> list[float]:
     """Train on uint8 `images` [N,3,H,W] (batches drawn with replacement); returns the loss per step.
 
+    With `pretraining_images`, `config.pretraining_fraction` of every batch is drawn from them instead.
     On CUDA the forward pass runs under bfloat16 autocast; weights and optimizer stay float32.
     """
     device, generator = phase.device, phase.generator
     images = images.to(device)
+    extra = pretraining_images.to(device) if pretraining_images is not None and len(pretraining_images) else None
+    n_extra = round(config.batch_size * config.pretraining_fraction) if extra is not None else 0
     vae.to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = warmup_cosine(optimizer, config.steps)
 
     def loss_fn() -> torch.Tensor:
-        index = torch.randint(len(images), (config.batch_size,), device=device, generator=generator)
-        x = to_unit_range(images[index])
+        index = torch.randint(len(images), (config.batch_size - n_extra,), device=device, generator=generator)
+        batch = images[index]
+        if n_extra:
+            batch = torch.cat([batch, extra[torch.randint(len(extra), (n_extra,), device=device, generator=generator)]])
+        x = to_unit_range(batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             return vae_loss(vae, x, config.kl_weight, config.foreground_weight, generator)
 
