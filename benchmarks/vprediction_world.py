@@ -26,7 +26,7 @@ import torch
 
 from latent_consistency.evaluation.compare import SamplerSpec, sample, sample_consistency
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
-from latent_consistency.training.config import resolve_config
+from latent_consistency.training.config import DistillConfig, resolve_config
 from latent_consistency.training.loop import train
 from latent_consistency.world.artifact import WORLD_FILE, load_world
 from latent_consistency.world.build import OUTPUTS, PHASES, STATE_FILE, build_world, world_spec
@@ -71,7 +71,7 @@ def main() -> None:
     world_dir = make_world(args.from_world, args.out / "world", args.teacher_steps, args.samples, args.latents, args.zero_terminal_snr)
     world = load_world(world_dir)
     run = args.out / "distill"
-    config = resolve_config("world", overrides=dict(teacher=str(world_dir), data=str(world_dir / "latents"), out=str(run),
+    config = resolve_config(DistillConfig, "world", overrides=dict(teacher=str(world_dir), data=str(world_dir / "latents"), out=str(run),
                                                     steps=args.distill_steps, validate_every=0))
     if not (run / "lcm" / "model_index.json").is_file():
         train(config, resume=(run / "config.json").is_file())

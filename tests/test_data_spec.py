@@ -50,7 +50,7 @@ def test_world_datasets():
 
 
 def test_latent_cache_folder(monkeypatch, tmp_path):
-    fake_module(monkeypatch, "latent_consistency.data.latent_cache", LatentCache=lambda path: ("cache", path))
+    fake_module(monkeypatch, "latent_consistency.data.latent_cache", LatentCache=lambda path, holdout=None: ("cache", path))
     (tmp_path / "manifest.json").write_text("{}")
     png(tmp_path / "preview.png")  # a manifest wins over images beside it
     assert open_dataset(str(tmp_path), R) == ("cache", tmp_path)
@@ -96,3 +96,39 @@ def test_errors_name_the_accepted_forms(tmp_path):
         open_dataset(str(tmp_path), R)
     with pytest.raises(UserError, match="does not exist"):
         open_dataset(str(tmp_path / "{0..1}.tar"), R)
+
+
+def test_held_out_split_is_by_file_disjoint_and_stable(tmp_path):
+    """Each image file lands on one side by its name alone: the sides are disjoint, cover the folder, are the same on
+    every call, and adding files never moves an existing file to the other side."""
+    from latent_consistency.data.holdout import Holdout
+
+    for i in range(60):
+        png(tmp_path / f"{i:03d}.png")
+        (tmp_path / f"{i:03d}.txt").write_text(f"caption {i}")
+
+    def files(part):
+        return {name for name, _ in open_dataset(str(tmp_path), R, holdout=Holdout(0.2, part)).samples}
+
+    train, held = files("train"), files("eval")
+    assert not train & held and len(train | held) == 60 and 3 <= len(held) <= 25
+    assert files("eval") == held
+    for i in range(60, 90):
+        png(tmp_path / f"{i:03d}.png")
+        (tmp_path / f"{i:03d}.txt").write_text(f"caption {i}")
+    assert files("eval") >= held and files("train") >= train
+
+
+def test_held_out_split_of_shards_and_named_datasets(tmp_path):
+    import latent_consistency.world  # noqa: F401 (registers the world:NAME specs)
+    from latent_consistency.data.holdout import Holdout
+
+    for i in range(12):
+        tar(tmp_path / f"{i:05d}.tar")
+    shards = {part: set(open_dataset(str(tmp_path), R, holdout=Holdout(0.25, part)).shards) for part in ("train", "eval")}
+    assert not shards["train"] & shards["eval"] and len(shards["train"] | shards["eval"]) == 12 and shards["eval"]
+    digits = {part: open_dataset("world:digits", 32, holdout=Holdout(0.1, part)) for part in ("train", "eval")}
+    assert len(digits["train"]) + len(digits["eval"]) == len(open_dataset("world:digits", 32))
+    assert not set(digits["train"].indices) & set(digits["eval"].indices)
+    with pytest.raises(UserError, match="leaves the eval split empty"):
+        open_dataset(str(tmp_path / "00000.tar"), R, holdout=Holdout(0.01, "eval"))

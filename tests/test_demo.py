@@ -19,7 +19,8 @@ from latent_consistency.world.judge import judge_scores
 def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     """`--world-preset tiny` builds that world even though the default one is shipped."""
     out = tmp_path / "demo"
-    demo = ["demo", "--out", str(out), "--world-preset", "tiny", "--distill-steps", "3", "--eval-samples", "8", "--device", "cpu"]
+    demo = ["demo", "--out", str(out), "--world-preset", "tiny", "--distill-steps", "3", "--finetune-steps", "2", "--eval-samples", "8",
+            "--device", "cpu"]
     assert lcm(demo) == 0
     assert (out / "world-tiny" / "world.json").is_file()
     assert (out / "distill" / "lcm" / "model_index.json").is_file()
@@ -37,6 +38,13 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     again = judge_scores(world.judge, images, [it["attributes"] for it in items], torch.stack([it["image"] for it in items]))
     assert again["fid"] == pytest.approx(results[spec.label]["fid"], rel=1e-5)
     assert again["alignment"] == pytest.approx(results[spec.label]["alignment"])
+    # ... and fine-tuned with LCF on digits, scored on the held-out digits before and after
+    tuned = report["finetune"]["results"]
+    assert list(tuned) == [f"LCM {when} LCF {n}-step g=2" for when in ("before", "after") for n in (1, 2, 4)], list(tuned)
+    assert all(math.isfinite(r["fid"]) and 0 <= r["alignment"]["digit"] <= 1 for r in tuned.values())
+    assert json.loads((out / "finetune" / "config.json").read_text())["model"] == str(out / "distill" / "lcm")
+    assert (out / "finetune" / "lcm" / "model_index.json").is_file() and (out / "digits_grid.png").is_file()
+    assert "## Fine-tuning on digits" in (out / "report.md").read_text()
     # A rerun reuses every finished part.
     assert lcm(demo) == 0
 

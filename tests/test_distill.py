@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from latent_consistency.cli import main
 from latent_consistency.errors import UserError
-from latent_consistency.training.config import resolve_config
+from latent_consistency.training.config import DistillConfig, resolve_config
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -35,6 +35,15 @@ def image_folder(tmp_path_factory):
 
 def distill_args(tiny_sd, data, out, *extra):
     return ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(out), *extra]
+
+
+@pytest.fixture(params=["distill", "finetune"])
+def run_args(request, tiny_sd, tiny_lcm):
+    """`lcm distill` of the tiny teacher, or `lcm finetune` of the tiny LCM: one loop, the same guarantees."""
+    if request.param == "distill":
+        return lambda data, out, *extra: distill_args(tiny_sd, data, out, *extra)
+    return lambda data, out, *extra: ["finetune", "--preset", "tiny", "--model", str(tiny_lcm), "--data", str(data), "--out", str(out),
+                                      *extra]
 
 
 def test_distill_exports_an_lcm_diffusers_runs(tiny_sd, image_folder, tmp_path):
@@ -93,13 +102,13 @@ def final_student(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_is_bitwise_identical(tiny_sd, image_folder, tmp_path):
+def test_sigkill_and_resume_is_bitwise_identical(run_args, image_folder, tmp_path):
     args = ["--steps", "8", "--checkpoint-every", "2", "--keep-checkpoints", "10", "--batch-size", "4", "--lr", "1e-3"]
     reference = tmp_path / "reference"
-    assert main(distill_args(tiny_sd, image_folder, reference, *args)) == 0
+    assert main(run_args(image_folder, reference, *args)) == 0
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "latent_consistency.cli", *distill_args(tiny_sd, image_folder, killed, *args)]
+    cmd = [sys.executable, "-m", "latent_consistency.cli", *run_args(image_folder, killed, *args)]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step-0000004").exists() and time.time() < deadline and proc.poll() is None:
@@ -111,7 +120,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_sd, image_folder, tmp_path
     partial = killed / "checkpoints" / "step-0000007.tmp"
     partial.mkdir(exist_ok=True)
     (partial / "student.safetensors").write_bytes(b"garbage")
-    assert main(distill_args(tiny_sd, image_folder, killed, *args, "--resume")) == 0
+    assert main(run_args(image_folder, killed, *args, "--resume")) == 0
 
     ref, res = final_student(reference), final_student(killed)
     assert ref.keys() == res.keys()
@@ -123,7 +132,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tiny_sd, image_folder, tmp_path
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_global_batch_and_only_rank0_writes(tiny_sd, image_folder, tmp_path):
+def test_two_processes_share_one_global_batch_and_only_rank0_writes(run_args, image_folder, tmp_path):
     """Two CPU processes (torchrun through accelerate; gloo) train with the same global batch."""
     import socket
 
@@ -133,7 +142,7 @@ def test_two_processes_share_one_global_batch_and_only_rank0_writes(tiny_sd, ima
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latent_consistency.cli",
-           *distill_args(tiny_sd, image_folder, out, "--batch-size", "4")]
+           *run_args(image_folder, out, "--batch-size", "4")]
     # A session of its own, so that on a timeout the workers are killed with the launcher, not left behind
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -180,13 +189,13 @@ def test_lora_export_loads_with_load_lora_weights(tiny_sd, image_folder, tmp_pat
 def test_nonfinite_losses_stop_with_a_checkpoint(tiny_sd, image_folder, tmp_path, monkeypatch):
     from latent_consistency.training import loop
 
-    def nan_loss(config, base, schedule):
+    def nan_loss(config, base, scheduler_config):
         def loss(student, target, latents, cond, uncond, generator):
             return student(latents, torch.full((len(latents),), 999), cond, 3.0).mean(dim=(1, 2, 3)) * float("nan")
         return loss
 
     monkeypatch.setattr(loop, "build_loss", nan_loss)
-    config = resolve_config("tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(tmp_path / "nan"),
+    config = resolve_config(DistillConfig, "tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(tmp_path / "nan"),
                                                    steps=10, max_nonfinite_steps=3))
     with pytest.raises(UserError, match="not finite for 3 steps in a row.*checkpoint saved"):
         loop.train(config, progress=False)
@@ -214,7 +223,7 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
         "batch split": (distill_args(tiny_sd, image_folder, out, "--batch-size", "3", "--grad-accumulation", "2"), "multiple of"),
         "bad student prediction": (distill_args(tiny_sd, image_folder, out, "--student-prediction", "x0"), "student_prediction 'x0'"),
         "lora student prediction": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--student-prediction", "sample"),
-                                    "LoRA and LCF keep"),
+                                    "a LoRA keeps the teacher's parameterisation"),
         "lora guidance pair": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--guidance-pair-weight", "1"),
                                "a LoRA student has no ω input"),
         "fixed guidance pair": (distill_args(tiny_sd, image_folder, out, "--guidance-scale-min", "4", "--guidance-scale-max", "4",
@@ -233,7 +242,7 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
     (tmp_path / "full" / "notes.txt").write_text("someone else's")
     if case == "resume differs":
         out.mkdir()
-        saved = resolve_config("tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(out)))
+        saved = resolve_config(DistillConfig, "tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(out)))
         (out / "config.json").write_text(json.dumps(saved.to_dict()))
     argv, message = cases[case]
     assert main(argv) == 2
@@ -317,7 +326,7 @@ def test_latent_cache_that_does_not_fit_the_teacher(tiny_sd, latent_cache, tmp_p
     save_file(tensors, str(shard))
     assert main(distill_args(tiny_sd, bad, tmp_path / "run")) == 2
     err = capsys.readouterr().err.strip()
-    assert "3 latent channels but the teacher UNet takes 4" in err and len(err.splitlines()) == 1
+    assert "3 latent channels but the model's UNet takes 4" in err and len(err.splitlines()) == 1
 
 
 def test_a_teacher_with_500_training_timesteps(tmp_path, image_folder):
@@ -325,7 +334,7 @@ def test_a_teacher_with_500_training_timesteps(tmp_path, image_folder):
     and every reader of the run (the exported pipeline, a re-made student config) agrees."""
     from latent_consistency.models import load_diffusion_model, load_lcm
     from latent_consistency.training.config import config_from_dict
-    from latent_consistency.training.loop import student_scheduler_config
+    from latent_consistency.training.objectives import Distillation
     from tiny_models import save_tiny_sd
 
     teacher = save_tiny_sd(tmp_path / "t500", num_train_timesteps=500)
@@ -335,5 +344,5 @@ def test_a_teacher_with_500_training_timesteps(tmp_path, image_folder):
     assert exported["num_train_timesteps"] == 500 and exported["original_inference_steps"] == 25
     model = load_lcm(str(out / "lcm"))
     assert model.timesteps(4).tolist() == [499, 379, 259, 139]
-    remade = student_scheduler_config(config_from_dict(json.loads((out / "config.json").read_text())), load_diffusion_model(str(teacher)))
+    remade = Distillation.scheduler_config(config_from_dict(json.loads((out / "config.json").read_text())), load_diffusion_model(str(teacher)))
     assert all(exported[k] == v for k, v in remade.items())

@@ -91,7 +91,7 @@ def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
         "unwritable output": (["a", "--model", m, "--out", locked], "cannot write to output folder"),
         "bad timesteps": (["a", "--model", m, "--timesteps", "10,999"], "strictly decreasing"),
         "missing lora": (["a", "--model", str(tiny_sd), "--lora", str(tmp_path / "none")], "does not exist"),
-        "lora on an lcm": (["a", "--model", m, "--lora", str(junk)], "already an LCM"),
+        "folder that is not a lora": (["a", "--model", m, "--lora", str(junk)], "cannot load the LoRA"),
         "not a lora": (["a", "--model", str(tiny_sd), "--lora", str(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors")],
                        "cannot load the LoRA"),
     }
@@ -99,7 +99,7 @@ def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing model", "not diffusers", "no omega input", "steps 0", "steps > T/k", "height",
                                   "negative guidance", "absurd guidance", "empty prompt file", "no prompts", "prompt file is a folder",
-                                  "output is a file", "unwritable output", "bad timesteps", "missing lora", "lora on an lcm",
+                                  "output is a file", "unwritable output", "bad timesteps", "missing lora", "folder that is not a lora",
                                   "not a lora"])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_lcm, tiny_sd, tmp_path, run_error, case):
     argv, message = bad_inputs(tiny_lcm, tiny_sd, tmp_path)[case]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+CHAR_WIDTH, LINE_HEIGHT = 6, 11  # px of PIL's default bitmap font
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -24,14 +27,21 @@ def save_png(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, label_width: int = 90) -> Image.Image:
-    """A grid with one row per tensor [B,3,H,W] (same B, H, W) and a text label left of each row."""
+def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, label_width: int = 90,
+               column_labels: list[str] | None = None) -> Image.Image:
+    """A grid with one row per tensor [B,3,H,W] (same B, H, W), a text label left of each row and, when given, a
+    caption above each column (wrapped to the column's width)."""
     tiles = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(r)] for r in rows]
     h, w = tiles[0][0].height, tiles[0][0].width
-    grid = Image.new("RGB", (label_width + w * len(tiles[0]), h * len(tiles)), "white")
+    captions = [textwrap.wrap(text, max(1, w // CHAR_WIDTH)) for text in column_labels or []]
+    top = LINE_HEIGHT * max((len(c) for c in captions), default=0) + (4 if captions else 0)
+    grid = Image.new("RGB", (label_width + w * len(tiles[0]), top + h * len(tiles)), "white")
     draw = ImageDraw.Draw(grid)
+    for j, lines in enumerate(captions):
+        for k, line in enumerate(lines):
+            draw.text((label_width + j * w + 2, 2 + k * LINE_HEIGHT), line, fill="black")
     for i, (row, label) in enumerate(zip(tiles, row_labels)):
-        draw.text((4, i * h + h // 2 - 5), label, fill="black")
+        draw.text((4, top + i * h + h // 2 - 5), label, fill="black")
         for j, tile in enumerate(row):
-            grid.paste(tile, (label_width + j * w, i * h))
+            grid.paste(tile, (label_width + j * w, top + i * h))
     return grid

@@ -296,16 +296,15 @@ LORA_SCHEDULER_FILE = "scheduler_config.json"  # the LCMScheduler config `lcm di
 def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
     """A diffusion model with an LCM-LoRA (Luo et al. 2023b) loaded onto its UNet (and text encoder, if the file has
     layers for it), as diffusers' `load_lora_weights` loads it; the result samples as an LCM without an ω input.
+    The model may also be an LCM with a LoRA fine-tuned on it (`lcm finetune --adapter lora`); it keeps its ω input.
 
     `lora` is a folder or .safetensors file (ours, or a downloaded LCM-LoRA) or a hub id. Its scheduler config is
-    the LCMScheduler one `lcm distill` saves in the folder, else diffusers' default (original_inference_steps 50)
-    over the model's noise schedule; the parameterisation is the model's either way.
+    the LCMScheduler one `lcm distill`/`lcm finetune` save in the folder, else an LCM's own, else diffusers' default
+    (original_inference_steps 50) over the model's noise schedule; the parameterisation is the model's either way.
     """
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
-    if model.time_cond_proj_dim is not None:
-        raise UserError(f"{name_or_path} is already an LCM (its UNet has the ω input); give --lora the diffusion model it was distilled from")
     path = Path(lora)
     if not path.exists() and not _looks_like_hub_id(lora):
         raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
@@ -323,6 +322,8 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
         module.to(device=device, dtype=dtype)
     if (path / LORA_SCHEDULER_FILE).is_file():
         lcm = dict(LCMScheduler.load_config(str(path)))
+    elif model.time_cond_proj_dim is not None:
+        lcm = model.scheduler_config
     else:
         lcm = lcm_scheduler_config(model.scheduler_config, skip=1) | {"original_inference_steps": DEFAULT_ORIGINAL_INFERENCE_STEPS}
     model.scheduler_config = model.scheduler_config | {k: v for k, v in lcm.items() if not k.startswith("_")}

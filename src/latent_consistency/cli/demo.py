@@ -11,7 +11,7 @@ from latent_consistency.cli.arguments import positive_int
 def run(args) -> None:
     from latent_consistency.world.demo import run_demo
 
-    run_demo(Path(args.out), args.world, args.distill_steps, args.eval_samples, args.device, args.world_preset)
+    run_demo(Path(args.out), args.world, args.distill_steps, args.eval_samples, args.device, args.world_preset, args.finetune_steps)
 
 
 def register(subparsers) -> None:
@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--world", help="world folder (default: the world shipped with the package)")
     p.add_argument("--distill-steps", type=positive_int, help="distillation steps (default: the `world` preset's)")
+    p.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps on digits (default: the `world` fine-tuning preset's)")
     p.add_argument("--eval-samples", type=positive_int, default=300, help="reference prompts in the evaluation (default 300)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--world-preset", default="default",

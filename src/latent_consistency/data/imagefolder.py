@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, clean_caption, load_rgb
 from latent_consistency.errors import UserError
 
@@ -31,7 +32,7 @@ METADATA_FILE = "metadata.jsonl"
 class ImageFolderDataset(Dataset):
     """Map-style dataset of {"image": float32 [3, resolution, resolution] in [-1, 1], "caption": str}."""
 
-    def __init__(self, root: str | Path, resolution: int):
+    def __init__(self, root: str | Path, resolution: int, holdout: Holdout | None = None):
         self.root = Path(root).expanduser()
         self.resolution = resolution
         self.skipped = SkipCounter(name=f"image folder {self.root}")
@@ -59,6 +60,8 @@ class ImageFolderDataset(Dataset):
                 f'give each image a caption: a {METADATA_FILE} line {{"file_name": "a.png", "text": "..."}} '
                 "or a.txt next to a.png"
             )
+        if holdout is not None:
+            self.samples = [self.samples[i] for i in holdout.select([file_name for file_name, _ in self.samples], "images")]
         self._corrupt: set[int] = set()
 
     def _scan_metadata(self, metadata: Path, images: list[str]) -> list[tuple[str, str]]:

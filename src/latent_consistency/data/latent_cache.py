@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
+from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError
 from latent_consistency.models import LatentCodec, encode_prompts
 
@@ -120,7 +121,7 @@ class CachedLatents:
 class LatentCache(torch.utils.data.Dataset):
     """A latent cache read back; items {"latents" [C,h,w], "text_embedding" [L,D], "caption"}."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, holdout: Holdout | None = None):
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise UserError(f"{path} is not a latent cache (no {MANIFEST}); write one with write_latent_cache")
@@ -136,6 +137,9 @@ class LatentCache(torch.utils.data.Dataset):
             self.captions = json.loads(f.metadata()["captions"])
         if len(self.latents) != self.manifest["num_samples"] or len(self.captions) != len(self.text_embeddings):
             raise UserError(f"latent cache {path} is inconsistent with its manifest; rebuild it")
+        if holdout is not None:  # a cache has no files: samples are held out by index
+            keep = torch.tensor(holdout.select([str(i) for i in range(len(self.latents))], "samples"))
+            self.latents, self.caption_index = self.latents[keep], self.caption_index[keep]
 
     def __len__(self) -> int:
         return len(self.latents)

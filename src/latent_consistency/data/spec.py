@@ -1,5 +1,8 @@
 """One string names the training data (`lcm distill --data SPEC`); `open_dataset` turns it into a dataset.
 
+A held-out split (`Holdout`) keeps one side of a split by file: image files of a folder, .tar shards, samples of
+a latent cache or a named dataset.
+
 Accepted forms, checked in this order:
   SCHEME:NAME                        a dataset of a registered scheme (`register_scheme`; the built-in
                                      world registers world:shapes and world:digits, its training splits)
@@ -14,11 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
+from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.images import IMAGE_EXTENSIONS
-from latent_consistency.data.shards import ShardStream
+from latent_consistency.data.shards import ShardStream, expand_urls
 from latent_consistency.errors import UserError
 
 # Named dataset schemes: "world" -> (a function of (name, resolution) giving that dataset, the names it knows).
@@ -40,31 +44,40 @@ def accepted() -> str:
 
 
 def open_dataset(
-    spec: str, resolution: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    spec: str, resolution: int, seed: int = 0, rank: int = 0, world_size: int = 1, holdout: Holdout | None = None
 ) -> Dataset | IterableDataset:
-    """The dataset `spec` names (see the module docstring).
+    """The dataset `spec` names (see the module docstring), or one side of a held-out split of it (`holdout`).
 
     seed, rank and world_size apply to shard streams, which shuffle and split themselves; map-style
     datasets are shuffled and split by `ResumableSampler`.
     """
     scheme, _, name = spec.partition(":")
     if name and scheme in SCHEMES:
-        return SCHEMES[scheme][0](name, resolution)
+        dataset = SCHEMES[scheme][0](name, resolution)
+        return dataset if holdout is None else Subset(dataset, holdout.select([str(i) for i in range(len(dataset))], "samples"))
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "manifest.json").is_file():
             from latent_consistency.data.latent_cache import LatentCache
 
-            return LatentCache(path)
+            return LatentCache(path, holdout)
         has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*"))
         shards = sorted(str(p) for p in path.glob("*.tar"))
         if has_images and shards:
             raise UserError(f"{path} holds both images and .tar shards; point the data spec at one kind of data")
         if has_images:
-            return ImageFolderDataset(path, resolution)
+            return ImageFolderDataset(path, resolution, holdout)
         if shards:
-            return ShardStream(shards, resolution, seed=seed, rank=rank, world_size=world_size)
+            return _shard_stream(shards, resolution, seed, rank, world_size, holdout)
         raise UserError(f"{path} holds no images, .tar shards or manifest.json; the data spec can be {accepted()}")
     if spec.endswith(".tar") and (path.is_file() or any(ch in spec for ch in "{*?[")):
-        return ShardStream(spec, resolution, seed=seed, rank=rank, world_size=world_size)
+        return _shard_stream(spec, resolution, seed, rank, world_size, holdout)
     raise UserError(f"cannot read data spec {spec!r}; it can be {accepted()}")
+
+
+def _shard_stream(urls, resolution: int, seed: int, rank: int, world_size: int, holdout: Holdout | None) -> ShardStream:
+    """Shards hold out whole .tar files, by name."""
+    shards = expand_urls(urls)
+    if holdout is not None:
+        shards = [shards[i] for i in holdout.select([Path(s).name for s in shards], "shards")]
+    return ShardStream(shards, resolution, seed=seed, rank=rank, world_size=world_size)

@@ -26,7 +26,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
 from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher
-from latent_consistency.losses import LCDLoss
+from latent_consistency.losses import LCDLoss, LCFLoss
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps, randn, sample_lcm
 from latent_consistency.schedule import NoiseSchedule
@@ -152,6 +152,42 @@ def distill_toy2d(
         loss.backward()
         optimizer.step()
         lr_schedule.step()
+        # Update target θ⁻ <- μ θ⁻ + (1-μ) θ
+        ema_update(target_net, student_net, ema_decay)
+    return student
+
+
+def finetune_toy2d(
+    model: ConsistencyModel,
+    means: tuple[tuple[float, ...], ...],
+    std: float = TOY_STD,
+    steps: int = 400,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    ema_decay: float = 0.9,
+    skip: int = 20,
+    guidance_scale_range: tuple[float, float] = TOY_GUIDANCE_SCALE_RANGE,
+    seed: int = 0,
+) -> ConsistencyModel:
+    """LCF (Algorithm 4 of Luo et al. 2023) of a toy consistency model on data alone: x0 from the Gaussian mixture
+    with `means` (one component per class) and `std`, no teacher. Returns the fine-tuned student; `model` is untouched."""
+    schedule = model.schedule
+    data = GaussianMixtureEps(torch.tensor(means), std, schedule)  # only its samples are used
+    num_classes = data.means.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    student_net = copy.deepcopy(model.net).requires_grad_(True)
+    target_net = copy.deepcopy(student_net).requires_grad_(False)
+    student, target = (ConsistencyModel(net, schedule, model.prediction_type, model.time_cond_proj_dim) for net in (student_net, target_net))
+    loss_fn = LCFLoss(schedule, skip, guidance_scale_range, distance="l2")
+    optimizer = torch.optim.Adam(student_net.parameters(), lr=lr)
+    for _ in range(steps):
+        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        cond = class_weights(labels, num_classes)
+        # Same-noise pair from the data, target f_θ⁻ at t_n, student f_θ at t_{n+k} (inside LCFLoss)
+        loss = loss_fn(student, target, data.sample(batch_size, cond, generator).float(), cond, generator=generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
         # Update target θ⁻ <- μ θ⁻ + (1-μ) θ
         ema_update(target_net, student_net, ema_decay)
     return student

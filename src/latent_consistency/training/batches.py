@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.data.sampler import ResumableSampler
 from latent_consistency.data.shards import ShardStream
@@ -21,9 +22,10 @@ class TrainingBatches:
     """An endless iterator of micro-batches {"latents", "cond", "captions"} for rank `rank` of `world_size`."""
 
     def __init__(self, spec: str, model: DiffusionModel, resolution: int, micro_batch: int, seed: int,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", num_workers: int = 0):
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", num_workers: int = 0,
+                 holdout: Holdout | None = None):
         self.model, self.micro_batch, self.device = model, micro_batch, torch.device(device)
-        self.dataset = open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size)
+        self.dataset = open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size, holdout=holdout)
         self.resolution = resolution
         self.num_workers = num_workers if not isinstance(self.dataset, (ShardStream, LatentCache)) else 0
         self._check_fits_model()
@@ -36,24 +38,24 @@ class TrainingBatches:
         self._iterator = None
 
     def _check_fits_model(self) -> None:
-        """Teacher and data must agree on latent channels, latent size and text encoder."""
+        """Model and data must agree on latent channels, latent size and text encoder."""
         unet = self.model.unet.config
         if isinstance(self.dataset, LatentCache):
             m = self.dataset.manifest
             c, h = self.dataset.latents.shape[1], self.dataset.latents.shape[-1]
             if c != unet.in_channels:
-                raise UserError(f"latent cache has {c} latent channels but the teacher UNet takes {unet.in_channels}; encode the data with the teacher's VAE")
+                raise UserError(f"latent cache has {c} latent channels but the model's UNet takes {unet.in_channels}; encode the data with the model's VAE")
             hidden = self.dataset.text_embeddings.shape[-1]
             if hidden != unet.cross_attention_dim:
-                raise UserError(f"latent cache text embeddings have width {hidden} but the teacher expects {unet.cross_attention_dim}; "
-                                "encode the captions with the teacher's text encoder")
+                raise UserError(f"latent cache text embeddings have width {hidden} but the model expects {unet.cross_attention_dim}; "
+                                "encode the captions with the model's text encoder")
             scale = m.get("scaling_factor")
             if scale is not None and abs(float(scale) - float(self.model.vae.config.scaling_factor)) > 1e-6:
-                raise UserError(f"latent cache was made with VAE scaling factor {scale}, the teacher's VAE has "
-                                f"{self.model.vae.config.scaling_factor}; rebuild the cache with this teacher")
+                raise UserError(f"latent cache was made with VAE scaling factor {scale}, the model's VAE has "
+                                f"{self.model.vae.config.scaling_factor}; rebuild the cache with this model")
             if h != unet.sample_size:
-                raise UserError(f"latent cache latents are {h}x{h} but the teacher was trained on {unet.sample_size}x{unet.sample_size}; "
-                                "use data at the teacher's resolution")
+                raise UserError(f"latent cache latents are {h}x{h} but the model was trained on {unet.sample_size}x{unet.sample_size}; "
+                                "use data at the model's resolution")
         else:
             factor = self.model.codec.downsampling_factor
             if self.resolution % factor:

@@ -1,6 +1,7 @@
-"""Typed training configuration for LCD and LCF, its named presets, and how it is read and written.
+"""Typed training configurations of LCD (`DistillConfig`) and LCF (`FinetuneConfig`), their named presets, and how
+they are read and written.
 
-Every field is documented where it is declared; `lcm distill --help` shows the same text. A config is
+Every field is documented where it is declared; `lcm distill --help` and `lcm finetune --help` show the same text. A config is
 resolved from (in order) a preset, a JSON file, then command-line overrides, and saved as JSON in the
 run folder and in every checkpoint.
 """
@@ -12,11 +13,10 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from latent_consistency.errors import UserError
 
-OBJECTIVES = ("lcd", "lcf")
 ADAPTERS = ("full", "lora")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -33,29 +33,28 @@ RESUMABLE_CHANGES = ("out", "steps", "log_every", "validate_every", "checkpoint_
 
 @dataclass
 class TrainConfig:
-    # --- What is trained, from what ---
-    objective: str = doc("lcd: distil a teacher (Algorithm 1); lcf: fine-tune an LCM on data, no teacher (Algorithm 4)", default="lcd")
-    teacher: str = doc("teacher diffusers folder or hub id (LCD), or the LCM to fine-tune (LCF)", default="")
-    data: str = doc("data spec: latent cache folder, image folder, .tar shards (brace pattern/glob), or world:NAME", default="")
+    """What distillation and fine-tuning share: the data, the student's form, the consistency loss, optimisation,
+    logging. `DistillConfig` (LCD, `lcm distill`) and `FinetuneConfig` (LCF, `lcm finetune`) add what each needs."""
+
+    objective: ClassVar[str] = ""  # "lcd" or "lcf": the subclass
+    model_field: ClassVar[str] = ""  # the field naming the model a run starts from: `teacher` or `model`
+    # --- Data ---
+    data: str = doc("data spec: latent cache folder, image folder, .tar shards (brace pattern/glob), or world:NAME[:SPLIT]", default="")
+    eval_data: str = doc("held-out data spec: its captions are the validation prompts, its loss is logged as eval_loss", default="")
+    eval_fraction: float = doc("hold out this fraction of --data instead, split deterministically by file (image folders: "
+                               "image files; shards: .tar files; latent caches: samples)", default=0.0)
     out: str = doc("run folder: config.json, metrics.jsonl, samples/, checkpoints/, exported model", default="")
-    resolution: int = doc("image resolution for image data (0: the teacher's native size)", default=0)
-    adapter: str = doc("full: train the whole UNet with the ω input; lora: peft LoRA adapters on the teacher UNet (LCM-LoRA)", default="full")
-    time_cond_proj_dim: int = doc("size of the ω embedding fed to the student (diffusers' time_cond_proj_dim); full mode", default=256)
-    student_prediction: str = doc("what a full student's network predicts: teacher (the teacher's parameterisation, as the paper "
-                                  "and diffusers), epsilon, v_prediction or sample; the boundary scalings of Eq. 9 wrap it either way", default="teacher")
-    lora_rank: int = doc("LoRA rank (lora mode)", default=64)
-    # --- LCD / LCF ---
-    solver: str = doc("teacher ODE solver Ψ for LCD: ddim, dpm (DPM-Solver-2), dpm++ (DPM-Solver++(2S))", default="ddim")
+    resolution: int = doc("image resolution for image data (0: the model's native size)", default=0)
+    # --- The student ---
+    adapter: str = doc("full: train the whole UNet; lora: peft LoRA adapters (LCM-LoRA)", default="full")
+    lora_rank: int = doc("LoRA rank of new adapters (lora mode)", default=64)
+    # --- The consistency loss ---
     skip: int = doc("skipping step k (Eq. 16); T/k is the LCMScheduler's original_inference_steps", default=20)
     guidance_scale_min: float = doc("smallest guidance scale g sampled per example (diffusers' g; paper ω = g-1 ∈ [2, 14])", default=3.0)
     guidance_scale_max: float = doc("largest guidance scale g sampled per example", default=15.0)
-    guide_increments: bool = doc("guide the two solver increments (Eq. 17 literally) instead of every teacher evaluation", default=False)
     loss: str = doc("consistency distance d: l2 or huber (pseudo-Huber)", default="huber")
     huber_c: float = doc("pseudo-Huber constant c", default=0.001)
     loss_weighting: str = doc("weight of each grid pair: uniform (the paper) or ict (1/(σ̃_{n+k} − σ̃_n), Song & Dhariwal 2023)", default="uniform")
-    guidance_pair_weight: float = doc("λ_Δ > 0: draw each example at two guidance scales and add λ_Δ·d of the student's and the "
-                                      "target's differences, so that the ω input is learned (ours; 0 = Algorithm 1; 2× the "
-                                      "compute per example); full students in distillation", default=0.0)
     ema_decay: float | None = doc("EMA rate μ of the target θ⁻ (paper 0.999943, diffusers 0.95; 0: target = student, no copy). "
                                   "Default: 0.95 full, 0 lora", default=None)
     # --- Optimisation ---
@@ -84,49 +83,40 @@ class TrainConfig:
 
     def check(self) -> TrainConfig:
         """Raise UserError for values that cannot work, before anything is loaded. The one place a config is
-        validated: names are looked up in the registries the run uses (solvers, distances, weightings)."""
+        validated: names are looked up in the registries the run uses (distances, weightings, solvers)."""
         from latent_consistency.losses import check_distance, check_weighting
-        from latent_consistency.parameterization import PREDICTION_TYPES, check_guidance_scale_range
-        from latent_consistency.solvers import get_solver
+        from latent_consistency.parameterization import check_guidance_scale_range
 
-        choices = dict(objective=OBJECTIVES, adapter=ADAPTERS, lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISION,
-                       student_prediction=("teacher", *PREDICTION_TYPES))
-        for name, allowed in choices.items():
+        for name, allowed in dict(adapter=ADAPTERS, lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISION).items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        get_solver(self.solver)
         check_distance(self.loss)
         check_weighting(self.loss_weighting)
-        for name in ("teacher", "data", "out"):
+        for name in (self.model_field, "data", "out"):
             if not getattr(self, name):
                 raise UserError(f"--{name} is required")
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"{f.name} must be a finite number, got {value}")
-        for name in ("steps", "batch_size", "grad_accumulation", "skip", "log_every", "lora_rank", "time_cond_proj_dim",
-                     "max_nonfinite_steps", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "grad_accumulation", "log_every", "lora_rank", "max_nonfinite_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("seed", "resolution", "lr_warmup_steps", "validate_every", "checkpoint_every", "num_workers", "weight_decay",
-                     "max_grad_norm", "guidance_pair_weight"):
+        for name in ("seed", "resolution", "skip", "lr_warmup_steps", "validate_every", "checkpoint_every", "num_workers",
+                     "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        for name in ("adam_beta1", "adam_beta2"):
+        for name in ("adam_beta1", "adam_beta2", "eval_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.eval_data and self.eval_fraction:
+            raise UserError("give --eval-data or --eval-fraction, not both")
         check_guidance_scale_range(self.guidance_scale_min, self.guidance_scale_max)
         if self.lr <= 0 or self.huber_c <= 0 or self.validation_guidance_scale < 0:
             raise UserError(f"lr and huber_c must be positive and validation_guidance_scale >= 0, got {self.lr}, {self.huber_c}, "
                             f"{self.validation_guidance_scale}")
-        if self.student_prediction != "teacher" and (self.adapter != "full" or self.objective != "lcd"):
-            raise UserError("student_prediction applies to full students in distillation (lcd); LoRA and LCF keep the model's parameterisation")
-        if self.guidance_pair_weight > 0 and (self.adapter != "full" or self.objective != "lcd"):
-            raise UserError("guidance_pair_weight applies to full students in distillation (lcd); a LoRA student has no ω input")
-        if self.guidance_pair_weight > 0 and self.guidance_scale_min == self.guidance_scale_max:
-            raise UserError("guidance_pair_weight needs a guidance range (guidance_scale_min < guidance_scale_max)")
         return self
 
     @property
@@ -137,26 +127,79 @@ class TrainConfig:
         return 0.95 if self.adapter == "full" else 0.0
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, after the objective that says which config this is (`config_from_dict` reads it back)."""
+        return {"objective": self.objective} | dataclasses.asdict(self)
+
+    def differences(self, other: TrainConfig, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+        """'field: a -> b' for each field that differs, except those a resumed run may change."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if k not in ignore and a.get(k) != b.get(k)]
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """Latent consistency distillation (Algorithm 1): a frozen guided teacher supervises a student (`lcm distill`)."""
+
+    objective: ClassVar[str] = "lcd"
+    teacher: str = doc("teacher: a diffusers Stable-Diffusion-style folder or hub id", default="")
+    time_cond_proj_dim: int = doc("size of the ω embedding fed to a full student (diffusers' time_cond_proj_dim)", default=256)
+    student_prediction: str = doc("what a full student's network predicts: teacher (the teacher's parameterisation, as the paper "
+                                  "and diffusers), epsilon, v_prediction or sample; the boundary scalings of Eq. 9 wrap it either way",
+                                  default="teacher")
+    solver: str = doc("teacher ODE solver Ψ: ddim, dpm (DPM-Solver-2), dpm++ (DPM-Solver++(2S))", default="ddim")
+    guide_increments: bool = doc("guide the two solver increments (Eq. 17 literally) instead of every teacher evaluation", default=False)
+    guidance_pair_weight: float = doc("λ_Δ > 0: draw each example at two guidance scales and add λ_Δ·d of the student's and the "
+                                      "target's differences, so that the ω input is learned (ours; 0 = Algorithm 1; 2× the "
+                                      "compute per example); full students only", default=0.0)
+    model_field: ClassVar[str] = "teacher"
+
+    def check(self) -> DistillConfig:
+        from latent_consistency.parameterization import PREDICTION_TYPES
+        from latent_consistency.solvers import get_solver
+
+        super().check()
+        get_solver(self.solver)
+        if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
+            raise UserError(f"student_prediction {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
+        if self.skip < 1 or self.time_cond_proj_dim < 1:
+            raise UserError(f"skip and time_cond_proj_dim must be at least 1, got {self.skip} and {self.time_cond_proj_dim}")
+        if self.guidance_pair_weight < 0:
+            raise UserError(f"guidance_pair_weight must be 0 or more, got {self.guidance_pair_weight}")
+        if self.student_prediction != "teacher" and self.adapter != "full":
+            raise UserError("student_prediction applies to full students; a LoRA keeps the teacher's parameterisation")
+        if self.guidance_pair_weight > 0 and self.adapter != "full":
+            raise UserError("guidance_pair_weight applies to full students; a LoRA student has no ω input")
+        if self.guidance_pair_weight > 0 and self.guidance_scale_min == self.guidance_scale_max:
+            raise UserError("guidance_pair_weight needs a guidance range (guidance_scale_min < guidance_scale_max)")
+        return self
 
     def student_prediction_type(self, teacher_prediction_type: str) -> str:
         """What the student's network predicts, given the teacher's parameterisation."""
         return teacher_prediction_type if self.student_prediction == "teacher" else self.student_prediction
 
-    def differences(self, other: TrainConfig, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
-        """'field: a -> b' for each field that differs, except those a resumed run may change."""
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Latent consistency fine-tuning (Algorithm 4): an LCM learns from data alone, no teacher (`lcm finetune`)."""
+
+    objective: ClassVar[str] = "lcf"
+    model: str = doc("the LCM to fine-tune: a diffusers LatentConsistencyModelPipeline folder or hub id; with --lora, the "
+                     "diffusion model the LCM-LoRA belongs to", default="")
+    lora: str = doc("an LCM-LoRA on --model to fine-tune (its lora/ folder, a .safetensors file or a hub id); the result is a LoRA",
+                    default="")
+    skip: int = doc("skipping step k (Eq. 16); 0: the model's own, T / its original_inference_steps", default=0)
+    model_field: ClassVar[str] = "model"
+
+    def check(self) -> FinetuneConfig:
+        super().check()
+        if self.lora and self.adapter != "lora":
+            raise UserError("fine-tuning an LCM-LoRA (--lora) trains that LoRA: use --adapter lora")
+        return self
 
 
-FIELD_HELP = {f.name: f.metadata.get("help", "") for f in fields(TrainConfig)}
-# The declared type of each field (`float | None` counts as float, `list[str]` as list), and which may be None
-FIELD_TYPES = {f.name: next(k for k in (bool, int, float, list, str) if k.__name__ in str(f.type)) for f in fields(TrainConfig)}
-OPTIONAL_FIELDS = {f.name for f in fields(TrainConfig) if "None" in str(f.type)}
-
-# Named presets: partial configs applied over the defaults.
-PRESETS: dict[str, dict[str, Any]] = {
-    # Paper settings at Stable Diffusion scale (Section 5.1): ω ∈ [2, 14], k = 20, DDIM, batch 72*... on GPUs.
+# Named presets of each command: partial configs applied over the defaults.
+DISTILL_PRESETS: dict[str, dict[str, Any]] = {
+    # Paper settings at Stable Diffusion scale (Section 5.1): ω ∈ [2, 14], k = 20, DDIM, batch 72 on GPUs.
     "sd": dict(solver="ddim", skip=20, guidance_scale_min=3.0, guidance_scale_max=15.0, lr=8e-6, batch_size=72,
                steps=4000, loss="huber", ema_decay=0.95, mixed_precision="fp16", gradient_checkpointing=True,
                validate_every=500, checkpoint_every=500),
@@ -174,48 +217,85 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(steps=4, batch_size=4, lr=1e-4, lr_warmup_steps=0, log_every=1, validate_every=0, checkpoint_every=2,
                  time_cond_proj_dim=32),
 }
+FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
+    # A starting point for an SD-scale LCM: the paper's LCF learning rate (Section 4.4), its distillation's guidance
+    # range, batch and precision settings.
+    "sd": dict(guidance_scale_min=3.0, guidance_scale_max=15.0, lr=8e-6, batch_size=72, steps=30000, loss="huber", ema_decay=0.95,
+               mixed_precision="fp16", gradient_checkpointing=True, validate_every=1000, checkpoint_every=1000, eval_fraction=0.1),
+    # The demo's LCM fine-tuned on the world's digits, a dataset its teacher never saw (docs/guide.md).
+    "world": dict(guidance_scale_min=1.0, guidance_scale_max=2.0, lr=5e-5, batch_size=64, steps=500, loss="l2", loss_weighting="ict",
+                  ema_decay=0.95, lr_warmup_steps=50, validate_every=100, checkpoint_every=100, keep_checkpoints=10,
+                  validation_guidance_scale=2.0),
+    "tiny": dict(steps=4, batch_size=4, lr=1e-4, lr_warmup_steps=0, log_every=1, validate_every=0, checkpoint_every=2),
+}
+CONFIGS: dict[str, type[TrainConfig]] = {"lcd": DistillConfig, "lcf": FinetuneConfig}
+PRESETS: dict[type[TrainConfig], dict[str, dict[str, Any]]] = {DistillConfig: DISTILL_PRESETS, FinetuneConfig: FINETUNE_PRESETS}
+COMMANDS = {DistillConfig: "lcm distill", FinetuneConfig: "lcm finetune"}
 
 
-def resolve_config(preset: str | None = None, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def field_help(cls: type[TrainConfig]) -> dict[str, str]:
+    """Each field of a config class and its documentation."""
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_file: str | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults <- preset <- JSON file <- overrides (None values are skipped)."""
     values: dict[str, Any] = {}
     if preset:
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
+        if preset not in PRESETS[cls]:
+            raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS[cls])}")
+        values.update(PRESETS[cls][preset])
     if config_file:
-        path = Path(config_file)
-        if not path.exists():
-            raise UserError(f"config file {config_file} does not exist")
-        if not path.is_file():
-            raise UserError(f"config file {config_file} is not a file; give a JSON file of config fields")
-        try:
-            loaded = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"config file {config_file} is not valid JSON: {getattr(err, 'msg', err)}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"config file {config_file} must hold a JSON object of config fields, not {type(loaded).__name__}")
-        values.update(loaded)
+        values.update(_read_config_file(config_file))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    unknown = sorted(set(values) - set(FIELD_HELP))
+    objective = values.pop("objective", cls.objective)  # a saved config.json names its objective
+    if objective != cls.objective:
+        raise UserError(f"this config is for {COMMANDS[CONFIGS[objective]] if objective in CONFIGS else objective!r}, "
+                        f"not {COMMANDS[cls]}")
+    known = field_help(cls)
+    elsewhere = sorted(k for k in set(values) - set(known) if any(k in field_help(other) for other in CONFIGS.values()))
+    if elsewhere:
+        other = next(c for c in CONFIGS.values() if elsewhere[0] in field_help(c))
+        raise UserError(f"{', '.join(elsewhere)} belong(s) to {COMMANDS[other]}"
+                        + (": fine-tuning has no teacher" if cls is FinetuneConfig else f", not {COMMANDS[cls]}"))
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise UserError(f"unknown config field(s) {', '.join(unknown)}; see `lcm distill --help`")
-    return TrainConfig(**{name: _typed(name, value) for name, value in values.items()})
+        raise UserError(f"unknown config field(s) {', '.join(unknown)}; see `{COMMANDS[cls]} --help`")
+    return cls(**{name: _typed(cls, name, value) for name, value in values.items()})
 
 
-def _typed(name: str, value: Any) -> Any:
+def _read_config_file(config_file: str) -> dict:
+    path = Path(config_file)
+    if not path.exists():
+        raise UserError(f"config file {config_file} does not exist")
+    if not path.is_file():
+        raise UserError(f"config file {config_file} is not a file; give a JSON file of config fields")
+    try:
+        loaded = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"config file {config_file} is not valid JSON: {getattr(err, 'msg', err)}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"config file {config_file} must hold a JSON object of config fields, not {type(loaded).__name__}")
+    return loaded
+
+
+def _typed(cls: type[TrainConfig], name: str, value: Any) -> Any:
     """`value` as the type field `name` declares (an int where a float is asked for becomes a float)."""
-    kind = FIELD_TYPES[name]
+    declared = str(next(f.type for f in fields(cls) if f.name == name))
+    kind = next(k for k in (bool, int, float, list, str) if k.__name__ in declared)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, float), str: lambda v: isinstance(v, str),
           list: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}[kind]
-    if value is None and name in OPTIONAL_FIELDS or ok(value):
+    if value is None and "None" in declared or ok(value):
         return value
     raise UserError(f"config field {name} must be {'a list of strings' if kind is list else kind.__name__}, got {value!r}")
 
 
 def config_from_dict(values: dict) -> TrainConfig:
     """A config saved by `to_dict` (in a run folder or a checkpoint)."""
-    return TrainConfig(**{k: v for k, v in values.items() if k in FIELD_HELP})
+    cls = CONFIGS[values.get("objective", "lcd")]
+    known = field_help(cls)
+    return cls(**{k: v for k, v in values.items() if k in known})

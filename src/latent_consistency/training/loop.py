@@ -14,14 +14,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError
-from latent_consistency.losses import GuidancePairLCDLoss, LCDLoss, LCFLoss
-from latent_consistency.models import DiffusionModel, lcm_scheduler_config, load_diffusion_model
-from latent_consistency.schedule import NoiseSchedule
-from latent_consistency.solvers import get_solver
+from latent_consistency.models import DiffusionModel
 from latent_consistency.training.batches import TrainingBatches
 from latent_consistency.training.config import TrainConfig
 from latent_consistency.training.ema import ema_update
+from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
 from latent_consistency.training.run_folder import Progress, RunFolder, prepare_run_folder
 from latent_consistency.training.students import make_student
 
@@ -46,37 +45,20 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
-def check_model_fits(config: TrainConfig, base: DiffusionModel, schedule: NoiseSchedule) -> None:
-    """The loaded model must suit the config: LCF needs an LCM, k must divide T, ε needs a non-zero terminal SNR."""
-    if config.objective == "lcf" and base.time_cond_proj_dim is None and config.adapter == "full":
-        raise UserError(f"LCF fine-tunes an LCM, but {config.teacher} has no ω input; distil it first with `lcm distill`")
-    if config.objective == "lcd" and base.time_cond_proj_dim is not None:
-        raise UserError(f"{config.teacher} is already an LCM (its UNet has the ω input); distil the diffusion model it came from, "
-                        "or fine-tune this LCM with --objective lcf")
-    if schedule.zero_terminal_snr:
-        # At zero terminal SNR, x̂0 = (z - σ·ε̂)/α divides by α_{T-1} = 2^-12: ε̂ carries no image there.
-        for who, prediction in (("teacher", base.prediction_type), ("student", config.student_prediction_type(base.prediction_type))):
-            if prediction == "epsilon":
-                raise UserError(f"the {who} would predict ε on a zero-terminal-SNR schedule, where ε says nothing about the image "
-                                "at t = T-1; use a v-prediction teacher and student")
-    if schedule.num_train_timesteps % config.skip:
-        raise UserError(f"skip {config.skip} must divide the teacher's {schedule.num_train_timesteps} training timesteps")
+def build_loss(config: TrainConfig, base: DiffusionModel, scheduler_config: dict):
+    """The run's per-sample loss: LCD's or LCF's (`training.objectives`)."""
+    return objective_of(config).loss(config, base, scheduler_config)
 
 
-def student_scheduler_config(config: TrainConfig, base: DiffusionModel) -> dict:
-    """The LCMScheduler config the student is trained, validated and exported under (original_inference_steps = T/k)."""
-    return lcm_scheduler_config(base.scheduler_config, config.skip, config.student_prediction_type(base.prediction_type))
-
-
-def build_loss(config: TrainConfig, base: DiffusionModel, schedule: NoiseSchedule):
-    common = dict(schedule=schedule, skip=config.skip, guidance_scale_range=(config.guidance_scale_min, config.guidance_scale_max),
-                  distance=config.loss, huber_c=config.huber_c, weighting=config.loss_weighting)
-    if config.objective == "lcf":
-        return LCFLoss(**common)
-    lcd = dict(common, teacher=base.guided_teacher(), solver=get_solver(config.solver), guide_increments=config.guide_increments)
-    if config.guidance_pair_weight > 0:
-        return GuidancePairLCDLoss(**lcd, guidance_pair_weight=config.guidance_pair_weight)
-    return LCDLoss(**lcd)
+def training_and_eval_batches(config: TrainConfig, base: DiffusionModel, micro_batch: int, rank: int, world: int, device):
+    """The training batches, and the held-out ones (--eval-data, or --eval-fraction of --data; None without either)."""
+    resolution = config.resolution or base.unet.config.sample_size * base.codec.downsampling_factor
+    train_part, eval_part = (Holdout(config.eval_fraction, "train"), Holdout(config.eval_fraction, "eval")) if config.eval_fraction \
+        else (None, None)
+    batches = TrainingBatches(config.data, base, resolution, micro_batch, config.seed, rank, world, device, config.num_workers, train_part)
+    eval_spec = config.eval_data or (config.data if config.eval_fraction else "")
+    eval_batches = TrainingBatches(eval_spec, base, resolution, micro_batch, config.seed, 0, 1, device, 0, eval_part) if eval_spec else None
+    return batches, eval_batches
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path | None:
@@ -95,24 +77,18 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         raise UserError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accumulation = {per_step}")
     torch.manual_seed(config.seed)
 
-    # Models: frozen teacher; student θ; target θ⁻
-    base = load_diffusion_model(config.teacher, device=device)
-    schedule = base.schedule
-    check_model_fits(config, base, schedule)
-    student = make_student(config, base, student_scheduler_config(config, base))
-    if config.mixed_precision != "no":
-        # The frozen networks run in half precision; the trained weights stay float32 under autocast
-        half = torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
-        for module in (base.unet, base.vae, base.text_encoder):
-            module.to(dtype=half)
-    resolution = config.resolution or base.unet.config.sample_size * base.codec.downsampling_factor
-    batches = TrainingBatches(config.data, base, resolution, config.batch_size // per_step, config.seed, rank, world, device,
-                              config.num_workers)
-    loss_fn = build_loss(config, base, schedule)
+    # Models: the frozen teacher (LCD) or the LCM to fine-tune (LCF); student θ; target θ⁻
+    objective = objective_of(config)
+    base = objective.load(config, device)
+    scheduler_config = objective.scheduler_config(config, base)
+    student = make_student(config, base, scheduler_config)
+    freeze_in_half_precision(config, base)
+    batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
+    loss_fn = build_loss(config, base, scheduler_config)
     optimizer = torch.optim.AdamW(student.trainable_parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches)
+    run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches, loss_fn)
     state = run.resume() if resume else Progress()
     student.unet, optimizer = accelerator.prepare(student.unet, optimizer)
     f_student, f_target = student.consistency_model(student.unet), student.consistency_model(student.target_unet)

@@ -19,13 +19,15 @@ import torch
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.models import DiffusionModel, encode_prompts, inference_timesteps
+from latent_consistency.models import DiffusionModel, consistency_model, encode_prompts, inference_timesteps
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training.config import TrainConfig, config_from_dict
 
 VALIDATION_STEPS = (1, 2, 4)
+VALIDATION_PROMPTS = 6  # validation grid columns when no prompts are given: the first held-out (or training) captions
+EVAL_MICRO_BATCHES = 4  # held-out micro-batches whose loss is logged at every validation
 
 
 def prepare_run_folder(config: TrainConfig, resume: bool) -> Path:
@@ -57,9 +59,13 @@ class Progress:
 class RunFolder:
     """The save / validate / log side of the training loop, and resume and export."""
 
-    def __init__(self, out: Path, config: TrainConfig, accelerator, base: DiffusionModel, student, optimizer, lr_scheduler, batches):
+    def __init__(self, out: Path, config: TrainConfig, accelerator, base: DiffusionModel, student, optimizer, lr_scheduler, batches,
+                 eval_batches=None, loss_fn=None):
         self.out, self.config, self.accelerator = out, config, accelerator
         self.base, self.student, self.optimizer, self.lr_scheduler, self.batches = base, student, optimizer, lr_scheduler, batches
+        self.loss_fn = loss_fn
+        # A fixed held-out set: its first micro-batches, drawn once
+        self.eval_set = [next(eval_batches) for _ in range(EVAL_MICRO_BATCHES)] if eval_batches is not None else []
         self.main = accelerator.is_main_process
         if self.main:
             try:
@@ -68,7 +74,7 @@ class RunFolder:
             except OSError as err:
                 raise UserError(f"cannot write the run folder {out}: {err.strerror or err}") from None
         self.writer = MetricsWriter(out, self.main)
-        self.validation_prompts = config.validation_prompts or batches.first_captions(4)
+        self.validation_prompts = config.validation_prompts or (eval_batches or batches).first_captions(VALIDATION_PROMPTS)
         self.t_last, self.samples_since = time.perf_counter(), 0
 
     def resume(self) -> Progress:
@@ -112,30 +118,51 @@ class RunFolder:
             bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{rate:.1f}")
             self.writer.write(dict(step=step, loss=loss, lr=self.lr_scheduler.get_last_lr()[0], samples_per_s=rate,
                                    grad_norm=None if grad_norm is None else float(grad_norm), nonfinite_skipped=progress.nonfinite_total))
-        if self.main and self.validation_prompts and ((config.validate_every and step % config.validate_every == 0) or last):
-            self.validate(step, f_target)
+        if (config.validate_every and step % config.validate_every == 0) or last:
+            if self.eval_set:
+                self.writer.write(dict(step=step, eval_loss=self.eval_loss(f_target)))
+            if self.main and self.validation_prompts:
+                self.validate(step, f_target)
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
             self.save(progress)
 
     @torch.no_grad()
+    def eval_loss(self, f_target) -> float:
+        """The run's loss on the fixed held-out micro-batches, with the target θ⁻ on both sides and fixed draws."""
+        uncond, device = self.batches.uncond, self.accelerator.device
+        losses = []
+        with self.accelerator.autocast():
+            for i, batch in enumerate(self.eval_set):
+                generator = torch.Generator(device).manual_seed(self.config.seed + i)
+                losses.append(self.loss_fn(f_target, f_target, batch["latents"], batch["cond"], uncond.expand(len(batch["latents"]), -1, -1),
+                                           generator).mean())
+        return float(torch.stack(losses).mean())
+
+    @torch.no_grad()
     def validate(self, step: int, f_target) -> Path:
-        """A grid of 1-, 2- and 4-step samples of the target for fixed prompts and fixed noise."""
+        """A grid of the validation prompts (columns, captioned): the starting model's 4-step samples, then the target's
+        1-, 2- and 4-step samples at this step, all from the same noise."""
         config, base, device = self.config, self.base, self.accelerator.device
         cond = encode_prompts(base.tokenizer, base.text_encoder, self.validation_prompts, device)
         codec, size = base.codec, base.unet.config.sample_size
         noise = torch.randn(len(self.validation_prompts), codec.latent_channels, size, size,
                             generator=torch.Generator("cpu").manual_seed(config.seed)).to(device)
         omega = omega_from_guidance_scale(config.validation_guidance_scale)
+
+        def samples(f, n: int) -> torch.Tensor:
+            timesteps = inference_timesteps(self.student.scheduler_config, n)
+            return codec.decode(sample_lcm(f, noise, timesteps, cond, omega, f.schedule, torch.Generator("cpu").manual_seed(config.seed + 1)))
+
         target_unet = self.student.target_unet
         was_training = target_unet.training
         target_unet.eval()
-        rows = [codec.decode(sample_lcm(f_target, noise, inference_timesteps(self.student.scheduler_config, n), cond, omega,
-                                        f_target.schedule, torch.Generator("cpu").manual_seed(config.seed + 1)))
-                for n in VALIDATION_STEPS]
+        with self.accelerator.autocast():  # the frozen starting model may be in half precision
+            rows = [samples(consistency_model(base.unet, self.student.scheduler_config), 4)] + [samples(f_target, n) for n in VALIDATION_STEPS]
         target_unet.train(was_training)
         (self.out / "samples").mkdir(exist_ok=True)
         path = self.out / "samples" / f"step-{step:07d}.png"
-        save_png(image_grid(rows, [f"{n} step{'s' * (n > 1)}" for n in VALIDATION_STEPS]), path)
+        labels = ["start, 4 steps"] + [f"step {step}, {n} step{'s' * (n > 1)}" for n in VALIDATION_STEPS]
+        save_png(image_grid(rows, labels, label_width=130, column_labels=self.validation_prompts), path)
         return path
 
     def finish(self) -> Path | None:

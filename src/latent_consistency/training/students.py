@@ -1,12 +1,12 @@
 """The student θ and target θ⁻ of LCD/LCF: a full UNet with the ω input, or LoRA adapters (LCM-LoRA).
 
-- full: the teacher's UNet plus `time_cond_proj_dim` (Section 4.2); target a separate EMA copy, or the
-  student itself when μ = 0. Exported as a diffusers `LatentConsistencyModelPipeline` folder. Its output
-  is read in the teacher's parameterisation unless `student_prediction` names another (the exported
-  scheduler config records it, so diffusers' LCMScheduler reads it the same way).
-- lora: peft LoRA adapters on a copy of the teacher's UNet, no ω input (Luo et al. 2023b, LCM-LoRA);
-  the target is the student itself unless an EMA rate is asked for. Exported as LoRA safetensors that
-  diffusers' `load_lora_weights` accepts.
+- full: the teacher's UNet plus `time_cond_proj_dim` (Section 4.2), or a copy of the LCM being fine-tuned;
+  target a separate EMA copy, or the student itself when μ = 0. Exported as a diffusers
+  `LatentConsistencyModelPipeline` folder, read under the student's LCMScheduler config (which records its
+  prediction type, so diffusers' LCMScheduler reads it the same way).
+- lora: new peft LoRA adapters on a copy of the model's UNet (Luo et al. 2023b, LCM-LoRA), or, when the model
+  carries an LCM-LoRA already, that LoRA made trainable; the target is the student itself unless an EMA rate is
+  asked for. Exported as LoRA safetensors that diffusers' `load_lora_weights` accepts.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Student:
         if self.adapter == "lora":
             from peft.utils import get_peft_model_state_dict
 
-            return get_peft_model_state_dict(unet)
+            return get_peft_model_state_dict(unet, adapter_name=_adapter(unet))
         return unet.state_dict()
 
     def state_tensors(self, unwrapped_unet) -> dict[str, dict[str, torch.Tensor]]:
@@ -67,7 +67,7 @@ class Student:
             if self.adapter == "lora":
                 from peft.utils import set_peft_model_state_dict
 
-                set_peft_model_state_dict(unet, sd)
+                set_peft_model_state_dict(unet, sd, adapter_name=_adapter(unet))
             else:
                 unet.load_state_dict(sd)
 
@@ -79,24 +79,36 @@ class Student:
             from peft.utils import get_peft_model_state_dict
 
             folder = Path(out) / "lora"
-            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+            # A text encoder LoRA that came with a fine-tuned LCM-LoRA is frozen, and saved as it came
+            text_encoder_lora = get_peft_model_state_dict(base.text_encoder) if getattr(base.text_encoder, "peft_config", None) else None
+            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=self._weights(unet), text_encoder_lora_layers=text_encoder_lora,
+                                                      safe_serialization=True)
             # Beside the weights, the sampler settings they were distilled for (read by `models.load_lcm_lora`)
             LCMScheduler.from_config(self.scheduler_config).save_config(folder)
             return folder
         return save_lcm_pipeline(Path(out) / "lcm", unet, base, self.scheduler_config)
 
 
+def _adapter(unet) -> str:
+    """The name of the UNet's (one) LoRA adapter: "default" when made here, "default_0" when loaded by diffusers."""
+    return unet.active_adapters()[0]
+
+
 def make_student(config, base: DiffusionModel, scheduler_config: dict) -> Student:
-    """θ from the teacher (the student starts as the teacher), and θ⁻ as the config asks, under the student's
-    LCMScheduler config (`training.loop.student_scheduler_config`)."""
+    """θ from the model (the student starts as the teacher, or as the LCM being fine-tuned), and θ⁻ as the config
+    asks, under the student's LCMScheduler config (`training.objectives`)."""
     if config.adapter == "lora":
         from peft import LoraConfig
 
         unet = copy.deepcopy(base.unet)
         unet.requires_grad_(False)
-        present = {name.split(".")[-1] for name, _ in unet.named_modules()}
-        targets = [m for m in LORA_TARGET_MODULES if m.split(".")[-1] in present]
-        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=targets))
+        if getattr(unet, "peft_config", None):  # an LCM-LoRA loaded onto the model: fine-tune it
+            for name, param in unet.named_parameters():
+                param.requires_grad_("lora_" in name)
+        else:
+            present = {name.split(".")[-1] for name, _ in unet.named_modules()}
+            targets = [m for m in LORA_TARGET_MODULES if m.split(".")[-1] in present]
+            unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=targets))
     else:
         unet = make_student_unet(base.unet, config.time_cond_proj_dim) if base.time_cond_proj_dim is None else copy.deepcopy(base.unet)
         unet.requires_grad_(True)

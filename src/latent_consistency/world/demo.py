@@ -8,6 +8,10 @@
 4. A small evaluation with the world's judge: prompt alignment and FID of the LCM at 1/2/4 steps against
    the teacher's DDIM at 2/4 steps and DPM-Solver++ at 25 steps (all with CFG), and against the
    undistilled starting point (the teacher's weights run through the consistency sampler).
+5. Latent consistency fine-tuning (Algorithm 4) of that LCM on the world's digits, which its teacher never saw
+   (the `world` fine-tuning preset), the held-out digits as its eval data.
+6. The LCM before and after fine-tuning, at 1/2/4 steps on the held-out digit prompts, scored with the digits judge;
+   a before/after grid.
 
 Rerunning continues an interrupted run and reuses finished parts.
 """
@@ -28,7 +32,7 @@ from latent_consistency.evaluation.fid import fid_score
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
 from latent_consistency.outputs import writable_folder
-from latent_consistency.training.config import resolve_config
+from latent_consistency.training.config import DistillConfig, FinetuneConfig, resolve_config
 from latent_consistency.training.loop import train
 from latent_consistency.world.artifact import default_world_path, load_world
 from latent_consistency.world.build import build_world
@@ -45,19 +49,28 @@ def _table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def ensure_latent_cache(world, cache: Path, device) -> Path:
-    """D_z = {E(x)}: the world's training split encoded once into a latent cache (reused when present)."""
+def ensure_latent_cache(world, cache: Path, device, dataset: str | None = None) -> Path:
+    """D_z = {E(x)}: a training split of the world (its own dataset by default) encoded once into a latent cache
+    (reused when present)."""
+    dataset = dataset or world.dataset
     if not (cache / "manifest.json").is_file():
-        train_split = get_dataset(world.dataset, "train", world.resolution, seed=world.preset.seed, size=world.preset.train_size)
-        print(f"[demo] encoding {len(train_split)} training images into {cache}", flush=True)
+        size = world.preset.train_size if dataset == world.dataset else None
+        train_split = get_dataset(dataset, "train", world.resolution, seed=world.preset.seed, size=size)
+        print(f"[demo] encoding {len(train_split)} {dataset} training images into {cache}", flush=True)
         write_latent_cache(train_split, cache, world.codec, world.model.tokenizer, world.model.text_encoder,
-                           source={"dataset": world.dataset, "split": "train", "resolution": world.resolution},
-                           device=device)
+                           source={"dataset": dataset, "split": "train", "resolution": world.resolution}, device=device)
     return cache
 
 
+def reference_set(world, dataset: str, n: int) -> tuple[list[str], list, torch.Tensor]:
+    """Prompts, attributes and real images of the first `n` held-out images of `dataset`."""
+    reference = get_dataset(dataset, REFERENCE_SPLITS[dataset], world.resolution, seed=world.preset.seed)
+    items = [reference[i] for i in range(min(n, len(reference)))]
+    return [it["caption"] for it in items], [it["attributes"] for it in items], torch.stack([it["image"] for it in items])
+
+
 def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_samples: int, device: str,
-             world_preset: str = "default") -> Path:
+             world_preset: str = "default", finetune_steps: int | None = None) -> Path:
     t0 = time.perf_counter()
     dev = resolve_device(device)
     writable_folder(out, "--out")
@@ -80,7 +93,7 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     # 2. Distillation
     run = out / "distill"
     overrides = dict(teacher=str(world_dir), data=str(cache), out=str(run), steps=distill_steps)
-    config = resolve_config("world", overrides=overrides)
+    config = resolve_config(DistillConfig, "world", overrides=overrides)
     # Every sampler is compared at the guidance scale of the preset's validation grid, inside its ω range
     guidance = config.validation_guidance_scale
     lcm_dir = run / "lcm"
@@ -90,15 +103,10 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     lcm = load_lcm(str(lcm_dir), device=dev)
 
     # 3. Sample grid: teacher 25-step DPM-Solver++ next to the 1-, 2-, 4-step LCM
-    reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)
-    items = [reference[i] for i in range(min(eval_samples, len(reference)))]
-    prompts = [it["caption"] for it in items]
-    attributes = [it["attributes"] for it in items]
-    real = torch.stack([it["image"] for it in items])
+    prompts, attributes, real = reference_set(world, world.dataset, eval_samples)
     grid_specs = [SamplerSpec("teacher", 25, guidance, "dpm++")] + [SamplerSpec("lcm", n, guidance) for n in (1, 2, 4)]
     rows = [real[:8]] + [sample(s, lcm, world.model, prompts[:8], device=dev) for s in grid_specs]
-    grid = out / "grid.png"
-    save_png(image_grid(rows, ["real"] + [s.label for s in grid_specs], scale=3, label_width=190), grid)
+    save_png(image_grid(rows, ["real"] + [s.label for s in grid_specs], scale=3, label_width=190), out / "grid.png")
     (out / "grid_prompts.txt").write_text("\n".join(prompts[:8]) + "\n")
 
     # 4. Evaluation with the judge
@@ -114,17 +122,62 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
         world.judge, sample_consistency(start, lcm.timesteps(1), world.model, prompts, guidance, device=dev), attributes, real)))
     # Real images of other prompts against the reference: a scale for FID, not a floor (samples made for the
     # reference's own prompts share its attribute mix and can score below it)
-    train_items = get_dataset(world.dataset, "train", world.resolution, seed=world.preset.seed)
-    unpaired = [train_items[i]["image"] for i in range(len(items))]
-    fid_unpaired = fid_score(world.judge, real, torch.stack(unpaired))
-    minutes = (time.perf_counter() - t0) / 60
+    fid_unpaired = fid_score(world.judge, real, real_training_images(world, world.dataset, len(real)))
     report = (f"# Demo report\n\nWorld: `{world_dir}` ({world.dataset}, {world.resolution}px). Distillation: "
               f"{config.steps} steps, solver {config.solver}, skip {config.skip}, g in [{config.guidance_scale_min:g}, "
-              f"{config.guidance_scale_max:g}]. Evaluation: {len(items)} reference prompts at g = {guidance:g}, judge features.\n\n"
-              f"{_table(results)}\n\nFID of {len(items)} real training images (other prompts) against the reference: "
+              f"{config.guidance_scale_max:g}]. Evaluation: {len(prompts)} reference prompts at g = {guidance:g}, judge features.\n\n"
+              f"{_table(results)}\n\nFID of {len(prompts)} real training images (other prompts) against the reference: "
               f"{fid_unpaired:.2f} (a scale, not a floor: samples for the reference's own prompts can score below it)\n\n"
-              f"Grid: `grid.png` (prompts in `grid_prompts.txt`). Wall time: {minutes:.1f} min.\n")
+              f"Grid: `grid.png` (prompts in `grid_prompts.txt`).\n")
+    summary = {"results": dict(results), "fid_real_unpaired": fid_unpaired}
+
+    # 5-6. Latent consistency fine-tuning of the LCM on digits, which its teacher never saw; scored on held-out digits
+    if FINETUNE_DATASET in world.judges:
+        section, finetuned = finetune_on_new_data(world, lcm, out, dev, guidance, finetune_steps)
+        report += section
+        summary["finetune"] = finetuned
+    minutes = (time.perf_counter() - t0) / 60
+    report += f"\nWall time: {minutes:.1f} min.\n"
     (out / "report.md").write_text(report)
-    (out / "report.json").write_text(json.dumps({"results": dict(results), "fid_real_unpaired": fid_unpaired, "minutes": minutes}, indent=1))
+    (out / "report.json").write_text(json.dumps(summary | {"minutes": minutes}, indent=1))
     print(report)
     return out
+
+
+FINETUNE_DATASET = "digits"  # a pretraining dataset of the world: its VAE and text encoder know it, its teacher does not
+
+
+def real_training_images(world, dataset: str, n: int) -> torch.Tensor:
+    items = get_dataset(dataset, "train", world.resolution, seed=world.preset.seed)
+    return torch.stack([items[i]["image"] for i in range(n)])
+
+
+def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int | None) -> tuple[str, dict]:
+    """LCF (Algorithm 4) of the demo's LCM on the world's digits training split (the `world` fine-tuning preset), the
+    held-out test split as its eval data; then both LCMs scored on the test prompts at 1/2/4 steps with the digits judge."""
+    dataset = FINETUNE_DATASET
+    run = out / "finetune"
+    overrides = dict(model=str(out / "distill" / "lcm"), data=str(ensure_latent_cache(world, out / f"{dataset}-latents", dev, dataset)),
+                     eval_data=f"world:{dataset}:{REFERENCE_SPLITS[dataset]}", out=str(run), steps=steps)
+    config = resolve_config(FinetuneConfig, "world", overrides=overrides)
+    if not (run / "lcm" / "model_index.json").is_file():
+        print(f"[demo] fine-tuning the LCM on {dataset} for {config.steps} steps into {run}", flush=True)
+        train(config, resume=(run / "config.json").is_file())
+    tuned = load_lcm(str(run / "lcm"), device=dev)
+    prompts, attributes, real = reference_set(world, dataset, 10**9)
+    judge = world.judges[dataset]
+    models = {"LCM before LCF": lcm, "LCM after LCF": tuned}
+    results = [(f"{name} {n}-step g={guidance:g}", judge_scores(judge, sample(SamplerSpec("lcm", n, guidance), model, world.model, prompts, device=dev),
+                                                 attributes, real))
+               for name, model in models.items() for n in (1, 2, 4)]
+    fid_unpaired = fid_score(judge, real, real_training_images(world, dataset, len(real)))
+    rows = [real[:10]] + [sample(SamplerSpec("lcm", n, guidance), model, world.model, prompts[:10], device=dev)
+                          for model, n in ((lcm, 4), (tuned, 1), (tuned, 2), (tuned, 4))]
+    save_png(image_grid(rows, ["real", "before LCF, 4 steps", "after, 1 step", "after, 2 steps", "after, 4 steps"], scale=3,
+                        label_width=150, column_labels=prompts[:10]), out / f"{dataset}_grid.png")
+    section = (f"\n## Fine-tuning on {dataset} (LCF, no teacher)\n\nThe LCM above fine-tuned with latent consistency fine-tuning "
+               f"(Algorithm 4) on the {dataset} training split, which its teacher never saw: {config.steps} steps, lr {config.lr:g}, "
+               f"batch {config.batch_size}. Evaluation: the {len(prompts)} held-out {dataset} prompts at g = {guidance:g}, "
+               f"the {dataset} judge's features.\n\n{_table(results)}\n\nFID of {len(prompts)} real training images against the "
+               f"held-out ones: {fid_unpaired:.2f}. Grid: `{dataset}_grid.png`.\n")
+    return section, {"results": dict(results), "fid_real_unpaired": fid_unpaired}

@@ -27,7 +27,7 @@ from latent_consistency.schedule import skipping_grid
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.checkpoint import list_checkpoints
 from latent_consistency.training.config import config_from_dict
-from latent_consistency.training.loop import student_scheduler_config
+from latent_consistency.training.objectives import objective_of
 from latent_consistency.training.students import make_student
 from latent_consistency.world.artifact import World
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -65,7 +65,7 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]
     real = torch.stack([it["image"] for it in items])
     # A full UNet with the ω input, or LoRA adapters on the teacher's, under the run's LCMScheduler config
-    student = make_student(config, world.model, student_scheduler_config(config, world.model))
+    student = make_student(config, world.model, objective_of(config).scheduler_config(config, world.model))
     student.target_unet.eval()  # θ⁻, the network that is exported (the student itself when there is no copy)
     f = student.consistency_model(student.target_unet)
     solutions = reference_solutions(world, config, items, guidance_scale, device)

@@ -1,0 +1,86 @@
+"""What `lcm distill` and `lcm finetune` share: one flag per config field, presets, --config FILE, --resume and
+--dry-run, and a one-line refusal of the other command's flags.
+
+The config is resolved as preset <- --config FILE <- flags, printed by --dry-run, and handed to the training loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+
+from latent_consistency.training.config import COMMANDS, CONFIGS, PRESETS, TrainConfig, field_help, resolve_config
+
+
+def _flag_type(annotation: str):
+    if "bool" in annotation:
+        return "bool"
+    if "list" in annotation:
+        return "list"
+    if "float" in annotation:
+        return float
+    if "int" in annotation:
+        return int
+    return str
+
+
+class _Refuse(argparse.Action):
+    """A flag of the other command: a one-line error saying where it belongs."""
+
+    def __init__(self, option_strings, dest, reason: str, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.reason = reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} {self.reason}")
+
+
+def add_training_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], refused: dict[str, str]) -> None:
+    """Preset, --config, --resume, --dry-run, then one flag per config field (default None, so that an unset flag does
+    not override the preset or file). Each flag of `refused` (and every field of the other command) is refused."""
+    parser.add_argument("--preset", choices=sorted(PRESETS[cls]), help="named starting config: " + ", ".join(sorted(PRESETS[cls])))
+    parser.add_argument("--config", help="JSON file of config fields, applied over the preset")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest complete checkpoint")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    hints = typing.get_type_hints(cls)
+    help_texts = field_help(cls)
+    group = parser.add_argument_group("training configuration (defaults: the preset, then --config FILE)")
+    for f in dataclasses.fields(cls):
+        kind = _flag_type(str(hints[f.name]))
+        name = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{help_texts[f.name]} (default: {default!r})"
+        if kind == "bool":
+            group.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind == "list":
+            group.add_argument(name, dest=f.name, nargs="*", default=None, help=help_text)
+        else:
+            group.add_argument(name, dest=f.name, type=kind, default=None, help=help_text)
+    booleans = set()
+    for other in CONFIGS.values():
+        if other is cls:
+            continue
+        booleans |= {name for name, hint in typing.get_type_hints(other).items() if hint is bool}
+        why = ": fine-tuning has no teacher" if other.objective == "lcd" else f", not {COMMANDS[cls]}"
+        for f in dataclasses.fields(other):
+            if f.name not in help_texts:
+                refused.setdefault(f.name, f"belongs to {COMMANDS[other]}{why}")
+    for field_name, reason in refused.items():
+        flag = "--" + field_name.replace("_", "-")
+        parser.add_argument(flag, *([f"--no-{field_name.replace('_', '-')}"] if field_name in booleans else []),
+                            dest=f"refused_{field_name}", action=_Refuse, reason=reason)
+
+
+def run_training(args, cls: type[TrainConfig]) -> None:
+    from latent_consistency.training.loop import train
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    config = resolve_config(cls, args.preset, args.config, overrides)
+    if args.dry_run:
+        print(json.dumps(config.check().to_dict(), indent=1))
+        return
+    path = train(config, resume=args.resume)
+    if path is not None:
+        print(f"exported {path}")

@@ -1,0 +1,104 @@
+"""What distillation and fine-tuning do differently in the one training loop: the model a run starts from, the
+checks it must pass, the student's LCMScheduler config, and the loss. Everything else is shared.
+
+- `Distillation` (LCD, Algorithm 1): a diffusion model is the frozen guided teacher; the student starts as it.
+- `FineTuning` (LCF, Algorithm 4): an LCM (or a diffusion model with an LCM-LoRA) is the student's start; there
+  is no teacher, and its own scheduler config (boundary scalings, parameterisation, T/k) is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latent_consistency.errors import UserError
+from latent_consistency.losses import GuidancePairLCDLoss, LCDLoss, LCFLoss
+from latent_consistency.models import DiffusionModel, lcm_scheduler_config, load_diffusion_model, load_lcm, load_lcm_lora
+from latent_consistency.schedule import NoiseSchedule
+from latent_consistency.solvers import get_solver
+from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig
+
+
+def _loss_settings(config: TrainConfig, schedule: NoiseSchedule, skip: int) -> dict:
+    return dict(schedule=schedule, skip=skip, guidance_scale_range=(config.guidance_scale_min, config.guidance_scale_max),
+                distance=config.loss, huber_c=config.huber_c, weighting=config.loss_weighting)
+
+
+def _check_schedule(schedule: NoiseSchedule, prediction_types: dict[str, str], skip: int) -> None:
+    """k must divide T, and ε cannot be predicted at zero terminal SNR."""
+    if schedule.zero_terminal_snr:
+        # At zero terminal SNR, x̂0 = (z - σ·ε̂)/α divides by α_{T-1} = 2^-12: ε̂ carries no image there.
+        for who, prediction in prediction_types.items():
+            if prediction == "epsilon":
+                raise UserError(f"the {who} would predict ε on a zero-terminal-SNR schedule, where ε says nothing about the image "
+                                "at t = T-1; use a v-prediction teacher and student")
+    if skip < 1 or schedule.num_train_timesteps % skip:
+        raise UserError(f"skip {skip} must divide the model's {schedule.num_train_timesteps} training timesteps")
+
+
+class Distillation:
+    """LCD: the teacher's guided PF-ODE jumps supervise the student (Algorithm 1)."""
+
+    @staticmethod
+    def load(config: DistillConfig, device) -> DiffusionModel:
+        base = load_diffusion_model(config.teacher, device=device)
+        if base.time_cond_proj_dim is not None:
+            raise UserError(f"{config.teacher} is already an LCM (its UNet has the ω input); distil the diffusion model it came from, "
+                            "or fine-tune this LCM with `lcm finetune`")
+        student_prediction = config.student_prediction_type(base.prediction_type)
+        _check_schedule(base.schedule, {"teacher": base.prediction_type, "student": student_prediction}, config.skip)
+        return base
+
+    @staticmethod
+    def scheduler_config(config: DistillConfig, base: DiffusionModel) -> dict:
+        """The LCMScheduler config of the student: the teacher's schedule, original_inference_steps = T/k."""
+        return lcm_scheduler_config(base.scheduler_config, config.skip, config.student_prediction_type(base.prediction_type))
+
+    @staticmethod
+    def loss(config: DistillConfig, base: DiffusionModel, scheduler_config: dict):
+        lcd = dict(_loss_settings(config, base.schedule, config.skip), teacher=base.guided_teacher(), solver=get_solver(config.solver),
+                   guide_increments=config.guide_increments)
+        if config.guidance_pair_weight > 0:
+            return GuidancePairLCDLoss(**lcd, guidance_pair_weight=config.guidance_pair_weight)
+        return LCDLoss(**lcd)
+
+
+class FineTuning:
+    """LCF: the same-noise pair (z_{t_{n+k}}, z_{t_n}) of a data latent supervises the student (Algorithm 4)."""
+
+    @staticmethod
+    def load(config: FinetuneConfig, device) -> DiffusionModel:
+        base = load_lcm_lora(config.model, config.lora, device=device) if config.lora else load_lcm(config.model, device=device)
+        _check_schedule(base.schedule, {"model": base.prediction_type}, FineTuning.skip(config, base))
+        return base
+
+    @staticmethod
+    def skip(config: FinetuneConfig, base: DiffusionModel) -> int:
+        """k: as set, else the model's own, T / its original_inference_steps."""
+        steps = int(base.scheduler_config.get("original_inference_steps", 50))
+        return config.skip or base.schedule.num_train_timesteps // steps
+
+    @staticmethod
+    def scheduler_config(config: FinetuneConfig, base: DiffusionModel) -> dict:
+        """The model's own LCMScheduler config (a new k changes its original_inference_steps to T/k)."""
+        scheduler_config = {k: v for k, v in base.scheduler_config.items() if not k.startswith("_")}
+        return scheduler_config | {"original_inference_steps": base.schedule.num_train_timesteps // FineTuning.skip(config, base)}
+
+    @staticmethod
+    def loss(config: FinetuneConfig, base: DiffusionModel, scheduler_config: dict):
+        skip = base.schedule.num_train_timesteps // int(scheduler_config["original_inference_steps"])
+        return LCFLoss(**_loss_settings(config, base.schedule, skip))
+
+
+OBJECTIVES = {DistillConfig: Distillation, FinetuneConfig: FineTuning}
+
+
+def objective_of(config: TrainConfig):
+    return OBJECTIVES[type(config)]
+
+
+def freeze_in_half_precision(config: TrainConfig, base: DiffusionModel) -> None:
+    """With mixed precision the frozen networks run in fp16/bf16; the trained weights stay float32 under autocast."""
+    if config.mixed_precision != "no":
+        half = torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
+        for module in (base.unet, base.vae, base.text_encoder):
+            module.to(dtype=half)
