@@ -24,11 +24,17 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     assert lcm(demo) == 0
     assert (out / "world-tiny" / "world.json").is_file()
     assert (out / "distill" / "lcm" / "model_index.json").is_file()
-    assert Image.open(out / "grid.png").size == (190 + 8 * 3 * 32, 5 * 3 * 32)  # real, teacher, LCM 1/2/4 rows of 8 prompts
+    # Figure 2: real images, the LCM and the teacher's DDIM at 1/2/4/8 steps, DPM-Solver++ 25, under 8 captioned prompts
+    assert Image.open(out / "grid.png").size[0] == 170 + 8 * 3 * 32 and Image.open(out / "grid.png").size[1] > 10 * 3 * 32
     report = json.loads((out / "report.json").read_text())
-    results = report["results"]
-    assert len(results) == 7 and all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in results.values())
-    assert len({round(r["fid"], 6) for r in results.values()}) == 7, "every sampler row scored its own images"
+    results = report["table"]  # Table 1: the LCM and the teacher's three solvers at 1/2/4/8 steps, DPM-Solver++ at 25
+    assert len(results) == 4 + 3 * 4 + 1 and {r["method"] for r in results.values()} == {"LCM", "DDIM (CFG)", "DPM-Solver (CFG)",
+                                                                                          "DPM-Solver++ (CFG)"}
+    assert all(math.isfinite(r["judge_fid"]) and r["judge_fid"] > 0 and 0 <= r["judge_alignment"] <= 1 for r in results.values())
+    assert len({round(r["judge_fid"], 6) for r in results.values()}) == len(results), "every sampler row scored its own images"
+    assert results["lcm|2|2"]["network_evaluations"] == 2 and results["ddim|2|2"]["network_evaluations"] == 4
+    text = (out / "report.md").read_text()
+    assert "| LCM | " in text and "| DPM-Solver (CFG) | " in text and "Reference: DPM-Solver++ (CFG) 25 steps" in text
     # The report's numbers are what the library measures for the exported LCM: resample one row and score it again
     world = load_world(out / "world-tiny")
     reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)
@@ -36,8 +42,15 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     spec = SamplerSpec("lcm", 2, 2.0)
     images = sample(spec, load_lcm(str(out / "distill" / "lcm")), world.model, [it["caption"] for it in items])
     again = judge_scores(world.judge, images, [it["attributes"] for it in items], torch.stack([it["image"] for it in items]))
-    assert again["fid"] == pytest.approx(results[spec.label]["fid"], rel=1e-5)
-    assert again["alignment"] == pytest.approx(results[spec.label]["alignment"])
+    assert again["fid"] == pytest.approx(results["lcm|2|2"]["judge_fid"], rel=1e-5)
+    assert again["alignment"]["mean"] == pytest.approx(results["lcm|2|2"]["judge_alignment"])
+    # `lcm evaluate` on the world's prompts scores the same row the same way, through the world's judge
+    evaluated = out / "evaluate"
+    assert lcm(["evaluate", "--lcm", str(out / "distill" / "lcm"), "--teacher", str(out / "world-tiny"), "--prompts", "world:shapes:reference",
+                "--world", str(out / "world-tiny"), "--steps", "1,2", "--guidance-scale", "2", "--samples", "8", "--out", str(evaluated),
+                "--device", "cpu"]) == 0
+    rows = json.loads((evaluated / "results.json").read_text())["rows"]
+    assert rows["lcm|2|2"]["judge_fid"] == pytest.approx(results["lcm|2|2"]["judge_fid"], rel=1e-5) and "judge_alignment_shape" in rows["lcm|2|2"]
     # ... and fine-tuned with LCF on digits, scored on the held-out digits before and after
     tuned = report["finetune"]["results"]
     assert list(tuned) == [f"LCM {when} LCF {n}-step g=2" for when in ("before", "after") for n in (1, 2, 4)], list(tuned)
@@ -49,8 +62,8 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     assert lcm(demo) == 0
 
     # Quality over training of that run: every checkpoint scored at the run's validation guidance scale
-    over_training = ["world", "over-training", "--world", str(out / "world-tiny"), "--samples", "4", "--device", "cpu"]
-    assert lcm(over_training + ["--run", str(out / "distill")]) == 0
+    sweep = ["evaluate", "sweep", "--world", str(out / "world-tiny"), "--samples", "4", "--device", "cpu", "--out", str(out / "sweep")]
+    assert lcm(sweep + ["--runs", str(out / "distill")]) == 0
     rows = json.loads((out / "distill" / "over_training.json").read_text())
     assert [r["step"] for r in rows] == [3]
     assert all(r[f"fid_{n}"] >= 0 and 0 <= r[f"alignment_{n}"] <= 1 for r in rows for n in (1, 2, 4))
@@ -66,7 +79,8 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     lora = out / "lora"
     assert lcm(["distill", "--preset", "tiny", "--adapter", "lora", "--lora-rank", "4", "--teacher", str(out / "world-tiny"),
                 "--data", str(out / "latents"), "--out", str(lora), "--guidance-scale-min", "1", "--guidance-scale-max", "3"]) == 0
-    assert lcm(over_training + ["--run", str(lora)]) == 0
+    assert lcm(sweep + ["--runs", str(lora), str(out / "distill")]) == 0
+    assert (out / "sweep" / "sweep.png").is_file() and set(json.loads((out / "sweep" / "sweep.json").read_text())) == {"lora", "distill"}
     rows = json.loads((lora / "over_training.json").read_text())
     assert [r["step"] for r in rows] == [2, 4] and all(r[f"fid_{n}"] >= 0 for r in rows for n in (1, 2, 4))
     assert all(v == 0 for r in rows for k, v in r.items() if k.startswith("omega_response_"))

@@ -64,6 +64,7 @@ def test_the_model_factory_reads_every_lcm_scheduler_setting(tmp_path, steps):
 
 @pytest.mark.parametrize("sampler,scheduler_cls,kwargs", [
     ("ddim", "DDIMScheduler", {}),
+    ("dpm", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "solver_order": 2, "final_sigmas_type": "sigma_min"}),
     ("dpm++", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 ])
 def test_teacher_baseline_equals_stable_diffusion_pipeline(tiny_sd, sampler, scheduler_cls, kwargs):

@@ -97,7 +97,8 @@ def teacher_scheduler(name: str, scheduler_config: dict):
     if name == "ddim":
         return DDIMScheduler.from_config(config, set_alpha_to_one=False, clip_sample=False)
     if name == "dpm":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver", solver_order=2)
+        # diffusers' noise-prediction DPM-Solver cannot end at σ = 0; it ends at the schedule's σ_min instead
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver", solver_order=2, final_sigmas_type="sigma_min")
     if name == "dpm++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     raise UserError(f"unknown teacher sampler {name!r}; use one of {', '.join(TEACHER_SAMPLERS)}")

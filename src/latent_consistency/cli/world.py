@@ -1,5 +1,4 @@
-"""`lcm world build | export | check | over-training`: make the built-in world, ship it in fp16, measure it,
-and measure a distillation run on it checkpoint by checkpoint."""
+"""`lcm world build | export | check`: make the built-in world, ship it in fp16, and measure it."""
 
 from __future__ import annotations
 
@@ -7,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
+from latent_consistency.cli.arguments import nonnegative_int, positive_int
 from latent_consistency.world.presets import PRESETS, WorldPreset, get_preset
 
 
@@ -52,23 +51,10 @@ def _run_check(args) -> None:
     print(json.dumps(report["summary"], indent=2))
 
 
-def _run_over_training(args) -> None:
-    from latent_consistency.devices import resolve_device
-    from latent_consistency.world.artifact import default_world_path, load_world
-    from latent_consistency.world.over_training import evaluate_run, write_report
-
-    device = resolve_device(args.device)
-    world = load_world(args.world or default_world_path(), device)
-    run = Path(args.run_dir)
-    rows = evaluate_run(run, world, args.samples, args.guidance_scale, device)
-    write_report(run, rows)
-    print((run / "over_training.md").read_text())
-
-
 def register(subparsers) -> None:
     world = subparsers.add_parser(
         "world",
-        help="build, export or check the built-in toy text-to-image world; measure a run on it over training",
+        help="build, export or check the built-in toy text-to-image world",
         description="The built-in world: a captioned dataset, a CLIP tokenizer and text encoder, a VAE, a "
         "Stable-Diffusion-architecture teacher and an evaluation judge, all trained here.",
     )
@@ -100,15 +86,3 @@ def register(subparsers) -> None:
     c.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(run=_run_check)
-
-    o = commands.add_parser("over-training", help="score every checkpoint of a distillation run on the world",
-                            description="1/2/4-step FID and prompt alignment of every checkpoint's target θ⁻ (same reference "
-                            "prompts and noise), its MSE to the teacher's ODE solution at the 4-step timesteps and t ≈ T/10, and "
-                            "its ω response between the ends of the trained guidance range. Writes over_training.json, .md and "
-                            ".png into the run.")
-    o.add_argument("--run", dest="run_dir", required=True, help="a distillation run folder (full or LoRA student) with checkpoints")
-    o.add_argument("--world", help="the world the run distilled (default: the shipped one)")
-    o.add_argument("--samples", type=positive_int, default=500, help="reference prompts per checkpoint (default 500)")
-    o.add_argument("--guidance-scale", type=finite_float, help="default: the run's validation guidance scale")
-    o.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    o.set_defaults(run=_run_over_training)

@@ -38,7 +38,8 @@ def _update(metric, real: torch.Tensor, fake: torch.Tensor, batch_size: int) -> 
 
 
 def _device(network) -> torch.device:
-    return next(network.parameters()).device
+    param = next(iter(network.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def fid_score(network, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256) -> float:

@@ -29,6 +29,7 @@ from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import SamplerSpec, sample, sample_consistency
 from latent_consistency.evaluation.fid import fid_score
+from latent_consistency.evaluation.table import EvalSet, JudgeScorer, run_table, table_rows, write_grid, write_plots, write_report
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
 from latent_consistency.outputs import writable_folder
@@ -37,7 +38,7 @@ from latent_consistency.training.loop import train
 from latent_consistency.world.artifact import default_world_path, load_world
 from latent_consistency.world.build import build_world
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
-from latent_consistency.world.judge import judge_scores
+from latent_consistency.world.judge import judge_scores, prompt_alignment
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:
@@ -102,34 +103,34 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
         train(config, resume=(run / "config.json").is_file())
     lcm = load_lcm(str(lcm_dir), device=dev)
 
-    # 3. Sample grid: teacher 25-step DPM-Solver++ next to the 1-, 2-, 4-step LCM
+    # 3. Table 1 on the world: the LCM and the teacher's DDIM, DPM-Solver and DPM-Solver++ (CFG) at 1/2/4/8 steps, and
+    # DPM-Solver++ at 25 as the reference, on the same reference prompts and noise, scored by the judge; Figure 2's grid
     prompts, attributes, real = reference_set(world, world.dataset, eval_samples)
-    grid_specs = [SamplerSpec("teacher", 25, guidance, "dpm++")] + [SamplerSpec("lcm", n, guidance) for n in (1, 2, 4)]
-    rows = [real[:8]] + [sample(s, lcm, world.model, prompts[:8], device=dev) for s in grid_specs]
-    save_png(image_grid(rows, ["real"] + [s.label for s in grid_specs], scale=3, label_width=190), out / "grid.png")
-    (out / "grid_prompts.txt").write_text("\n".join(prompts[:8]) + "\n")
-
-    # 4. Evaluation with the judge
-    specs = [SamplerSpec("lcm", n, guidance) for n in (1, 2, 4)] + [
-        SamplerSpec("teacher", 2, guidance, "ddim"), SamplerSpec("teacher", 4, guidance, "ddim"),
-        SamplerSpec("teacher", 25, guidance, "dpm++")]
-    results = [(s.label, judge_scores(world.judge, sample(s, lcm, world.model, prompts, device=dev), attributes, real)) for s in specs]
-    # The undistilled starting point: the teacher's weights with a zero ω input, read in the teacher's
+    eval_set = EvalSet(prompts, attributes, real)
+    rows = table_rows(list(TABLE_STEPS), [guidance], teacher=True, reference_steps=(25,))
+    table = out / "table"
+    results = run_table(rows, lcm, world.model, eval_set, [JudgeScorer(world.judge, prompt_alignment)], writable_folder(table), dev)
+    write_grid([r for r in rows if r.sampler in ("lcm", "ddim") or r.steps == 25], lcm, world.model, eval_set, out, dev, real_row=True)
+    write_plots(results, table)
+    # 4. The undistilled starting point: the teacher's weights with a zero ω input, read in the teacher's
     # parameterisation, through the same 1-step sampler
     start = consistency_model(make_student_unet(world.model.unet, lcm.time_cond_proj_dim).eval(),
                               lcm.scheduler_config | {"prediction_type": world.prediction_type})
-    results.append(("undistilled start, consistency sampler 1-step", judge_scores(
-        world.judge, sample_consistency(start, lcm.timesteps(1), world.model, prompts, guidance, device=dev), attributes, real)))
+    undistilled = judge_scores(world.judge, sample_consistency(start, lcm.timesteps(1), world.model, prompts, guidance, device=dev),
+                               attributes, real)
     # Real images of other prompts against the reference: a scale for FID, not a floor (samples made for the
     # reference's own prompts share its attribute mix and can score below it)
     fid_unpaired = fid_score(world.judge, real, real_training_images(world, world.dataset, len(real)))
-    report = (f"# Demo report\n\nWorld: `{world_dir}` ({world.dataset}, {world.resolution}px). Distillation: "
-              f"{config.steps} steps, solver {config.solver}, skip {config.skip}, g in [{config.guidance_scale_min:g}, "
-              f"{config.guidance_scale_max:g}]. Evaluation: {len(prompts)} reference prompts at g = {guidance:g}, judge features.\n\n"
-              f"{_table(results)}\n\nFID of {len(prompts)} real training images (other prompts) against the reference: "
-              f"{fid_unpaired:.2f} (a scale, not a floor: samples for the reference's own prompts can score below it)\n\n"
-              f"Grid: `grid.png` (prompts in `grid_prompts.txt`).\n")
-    summary = {"results": dict(results), "fid_real_unpaired": fid_unpaired}
+    report = write_report(results, list(TABLE_STEPS), None, "Demo report", [
+        f"World: `{world_dir}` ({world.dataset}, {world.resolution}px). Distillation: {config.steps} steps, solver {config.solver}, "
+        f"skip {config.skip}, g in [{config.guidance_scale_min:g}, {config.guidance_scale_max:g}]. Evaluation: {len(prompts)} reference "
+        f"prompts at g = {guidance:g}, FID in the judge's features, alignment = the fraction of prompt attributes the judge reads back "
+        "(`table/results.json` has KID and every attribute). Grid: `grid.png` (Figure 2: real images, then each sampler)."])
+    report += (f"\nThe undistilled starting point (the teacher's weights through the consistency sampler), 1 step: FID "
+               f"{undistilled['fid']:.2f}, alignment {undistilled['alignment']['mean']:.3f}.\n\nFID of {len(prompts)} real training "
+               f"images (other prompts) against the reference: {fid_unpaired:.2f} (a scale, not a floor: samples for the reference's "
+               "own prompts can score below it).\n")
+    summary = {"table": results, "undistilled": undistilled, "fid_real_unpaired": fid_unpaired}
 
     # 5-6. Latent consistency fine-tuning of the LCM on digits, which its teacher never saw; scored on held-out digits
     if FINETUNE_DATASET in world.judges:
@@ -144,6 +145,7 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     return out
 
 
+TABLE_STEPS = (1, 2, 4, 8)
 FINETUNE_DATASET = "digits"  # a pretraining dataset of the world: its VAE and text encoder know it, its teacher does not
 
 

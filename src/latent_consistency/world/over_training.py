@@ -1,6 +1,6 @@
 """Quality over training: 1/2/4-step FID and prompt alignment of every checkpoint of a distillation run.
 
-    lcm world over-training --run runs/demo/distill [--world WORLD] [--samples 500]
+    lcm evaluate sweep --runs runs/demo/distill [more runs] --out DIR [--world WORLD] [--samples 500]
 
 Each checkpoint's target θ⁻ (the network that is exported) is sampled for the same reference prompts
 and noise and scored with the world's judge, and its distance from the teacher's ODE solution is measured
@@ -139,3 +139,31 @@ def write_report(run: Path, rows: list[dict]) -> None:
         axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(run / "over_training.png", dpi=120)
+
+
+def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...] = STEPS) -> str:
+    """Figure 3 of the paper: n-step FID against training iterations, one line per run (solver × skip k, say);
+    `sweep.png` and `sweep.md` (final and best FID of each run) in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(steps), figsize=(4.5 * len(steps), 3.4), squeeze=False)
+    for ax, n in zip(axes[0], steps):
+        for name, rows in curves.items():
+            ax.plot([r["step"] for r in rows], [r[f"fid_{n}"] for r in rows], marker="o", label=name)
+        ax.set_xlabel("training iteration")
+        ax.set_ylabel(f"FID, {n}-step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=120)
+    plt.close(fig)
+    lines = ["| run | " + " | ".join(f"{n}-step FID final / best" for n in steps) + " |", "|---" * (1 + len(steps)) + "|"]
+    for name, rows in curves.items():
+        cells = [f"{rows[-1][f'fid_{n}']:.2f} / {min(r[f'fid_{n}'] for r in rows):.2f}" for n in steps]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "sweep.md").write_text(text)
+    return text

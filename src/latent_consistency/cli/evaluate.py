@@ -1,0 +1,184 @@
+"""`lcm evaluate`: the paper's Table 1 and Figures 2, 4, 5 for an LCM and its teacher; `lcm evaluate sweep`: quality over
+training of several runs on one plot (Figure 3).
+
+Metrics: on the built-in world (`--prompts world:NAME[:SPLIT]`) its judge; for any model CLIP (`--clip MODEL`: CLIP
+score and FID in CLIP features) and the usual Inception FID (`--inception FILE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
+from latent_consistency.errors import UserError
+
+MAX_GUIDANCE_SCALE = 30.0
+
+
+def number_list(kind):
+    """A comma-separated list of positive numbers (steps, guidance scales)."""
+
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        if not values:
+            raise argparse.ArgumentTypeError("give at least one value")
+        for v in values:
+            if kind is float:
+                finite_float(str(v))
+            if v <= 0 or (kind is float and v > MAX_GUIDANCE_SCALE):
+                raise argparse.ArgumentTypeError(f"{v} is out of range (steps >= 1; guidance scales in (0, {MAX_GUIDANCE_SCALE:g}])")
+        return values
+
+    return parse
+
+
+def read_items(spec: str, resolution: int, n: int) -> list[dict]:
+    """The first `n` items {"caption", "image"?, "attributes"?} of a data spec, or prompts of a text file."""
+    from latent_consistency.data.spec import open_dataset
+
+    path = Path(spec)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise UserError(f"prompt file {spec} does not exist")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [{"caption": p} for p in prompts[:n]]
+    dataset = open_dataset(spec, resolution)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        items = []
+        for item in dataset:
+            items.append(item)
+            if len(items) == n:
+                break
+        return items
+    return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
+def load_eval_set(args, resolution: int):
+    from latent_consistency.evaluation.table import EvalSet
+
+    items = read_items(args.prompts, resolution, args.samples)
+    if not items:
+        raise UserError(f"--prompts {args.prompts} holds no prompts")
+    references = read_items(args.reference or args.prompts, resolution, len(items) * args.images_per_prompt)
+    references = [it for it in references if "image" in it]
+    if len(references) < 2:
+        raise UserError(f"--reference {args.reference or args.prompts} holds {len(references)} images; FID needs real images "
+                        "(an image folder, shards or world:NAME)")
+    attributes = [it["attributes"] for it in items] if all("attributes" in it for it in items) else None
+    return EvalSet([it["caption"] for it in items], attributes, torch.stack([it["image"] for it in references]),
+                   args.images_per_prompt, args.seed)
+
+
+def scorers_for(args, device):
+    from latent_consistency.evaluation.table import ClipScorer, FeatureScorer, JudgeScorer
+
+    scorers = []
+    if args.prompts.startswith("world:"):
+        from latent_consistency.world.artifact import default_world_path, load_world
+        from latent_consistency.world.judge import prompt_alignment
+
+        world = load_world(args.world or default_world_path(), device)
+        dataset = args.prompts.split(":")[1]
+        if dataset not in world.judges:
+            raise UserError(f"the world in {world.path} has no judge for {dataset}; it has {', '.join(world.judges)}")
+        scorers.append(JudgeScorer(world.judges[dataset], prompt_alignment))
+    if args.clip:
+        from latent_consistency.evaluation.clip import ClipModel
+
+        scorers.append(ClipScorer(ClipModel.load(args.clip, device)))
+    if args.inception:
+        from latent_consistency.evaluation.inception import InceptionFeatures
+
+        scorers.append(FeatureScorer("inception", InceptionFeatures.load(args.inception, device)))
+    if not scorers:
+        raise UserError("no metric to compute: pass --clip MODEL (CLIP score, FID in CLIP features), --inception FILE, "
+                        "or prompts of the built-in world (world:NAME) for its judge")
+    return scorers
+
+
+def run(args) -> None:
+    if args.evaluate_command == "sweep":
+        return run_sweep(args)
+    from latent_consistency.devices import resolve_device
+    from latent_consistency.evaluation.table import run_table, table_rows, write_grid, write_plots, write_report
+    from latent_consistency.models import load_diffusion_model, load_lcm, load_lcm_lora
+    from latent_consistency.outputs import writable_folder
+
+    for name in ("lcm", "prompts", "out"):
+        if not getattr(args, name):
+            raise UserError(f"--{name} is required (or `lcm evaluate sweep --runs ...`)")
+    device = resolve_device(args.device)
+    out = writable_folder(args.out, "--out")
+    lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
+    teacher = load_diffusion_model(args.teacher, device=device) if args.teacher else None
+    resolution = int(lcm.unet.config.sample_size) * lcm.codec.downsampling_factor
+    eval_set = load_eval_set(args, resolution)
+    scorers = scorers_for(args, device)
+    scales = args.guidance_scales or [args.guidance_scale]
+    rows = table_rows(args.steps, scales, teacher is not None)
+    results = run_table(rows, lcm, teacher, eval_set, scorers, out, device)
+    notes = [f"LCM `{args.lcm}`" + (f" with LoRA `{args.lora}`" if args.lora else "") + (f", teacher `{args.teacher}`" if teacher else "")
+             + f". {len(eval_set.prompts)} prompts of `{args.prompts}` × {eval_set.images_per_prompt} image(s), reference "
+             f"{len(eval_set.reference)} images of `{args.reference or args.prompts}` at {resolution} px (resized and centre-cropped "
+             f"to it), seeds from {args.seed}. Metrics: {', '.join(s.name for s in scorers)}; KID and every number in `results.json`."]
+    print(write_report(results, args.steps, out, "Evaluation", notes))
+    write_plots(results, out)
+    write_grid([r for r in rows if r.guidance_scale == scales[0]], lcm, teacher, eval_set, out, device, args.grid_columns)
+    print(f"report, results.json, plots and grid in {out}")
+
+
+def run_sweep(args) -> None:
+    """Each run's checkpoints scored on the world (`world.over_training`), then their FID curves on one plot."""
+    from latent_consistency.devices import resolve_device
+    from latent_consistency.outputs import writable_folder
+    from latent_consistency.world.artifact import default_world_path, load_world
+    from latent_consistency.world.over_training import STEPS, evaluate_run, write_report, write_sweep
+
+    device = resolve_device(args.device)
+    out = writable_folder(args.out, "--out")
+    world = load_world(args.world or default_world_path(), device)
+    curves = {}
+    for run_dir in map(Path, args.runs):
+        rows = evaluate_run(run_dir, world, args.samples, args.guidance_scale, device)
+        write_report(run_dir, rows)
+        curves[run_dir.name] = rows
+    (out / "sweep.json").write_text(json.dumps(curves, indent=1))
+    print(write_sweep(curves, out, STEPS))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="Table 1 and Figures 2, 4, 5 of an LCM against its teacher's samplers; `sweep`: Figure 3",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lcm", help="the LCM: a diffusers folder or hub id (with --lora: the model the LCM-LoRA belongs to)")
+    p.add_argument("--lora", help="an LCM-LoRA on --lcm")
+    p.add_argument("--teacher", help="the teacher: its DDIM, DPM-Solver and DPM-Solver++ rows with classifier-free guidance")
+    p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file")
+    p.add_argument("--reference", help="real images for FID (default: those of --prompts)")
+    p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png and grid.png")
+    p.add_argument("--steps", type=number_list(int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")
+    p.add_argument("--guidance-scale", type=finite_float, default=8.0, help="guidance scale g, diffusers' (default 8: the paper's ω = 7)")
+    p.add_argument("--guidance-scales", type=number_list(float), help="several guidance scales (Figures 4-5), instead of --guidance-scale")
+    p.add_argument("--samples", type=positive_int, default=1000, help="prompts (default 1000)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--world", help="world folder whose judge scores world:NAME prompts (default: the shipped one)")
+    p.add_argument("--clip", help="a CLIP model folder or hub id: CLIP score and FID in CLIP features")
+    p.add_argument("--inception", help="the TorchScript FID Inception file (inception-2015-12-05.pt): Inception FID")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="image i starts from seed SEED+i (default 0)")
+    p.add_argument("--grid-columns", type=positive_int, default=8, help="prompts in the Figure-2 grid (default 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    commands = p.add_subparsers(dest="evaluate_command", metavar="sweep")
+    s = commands.add_parser("sweep", help="FID over training of several runs on one plot (Figure 3)")
+    s.add_argument("--runs", nargs="+", required=True, help="distillation run folders with checkpoints")
+    s.add_argument("--out", required=True, help="folder for sweep.png, sweep.md and sweep.json")
+    s.add_argument("--world", help="the world the runs distilled (default: the shipped one)")
+    s.add_argument("--samples", type=positive_int, default=500, help="reference prompts per checkpoint (default 500)")
+    s.add_argument("--guidance-scale", type=finite_float, help="default: each run's validation guidance scale")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(run=run)

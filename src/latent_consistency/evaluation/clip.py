@@ -1,0 +1,81 @@
+"""CLIP score and CLIP image features, for models outside the built-in world (Section 5.1 of Luo et al. 2023).
+
+CLIP score (Hessel et al. 2021): 100 · max(cos(E_image, E_text), 0), averaged over image-prompt pairs, with any
+`CLIPModel` from a local folder or a hub id (the paper used ViT-g/14). Its projected image embeddings are also a
+feature network for `evaluation.fid` (FID in CLIP features). Images are resized (bicubic, shorter side) and
+centre-cropped to the model's input size and normalised with its preprocessor's mean and std, in torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from latent_consistency.errors import UserError
+
+# OpenAI CLIP's normalisation, for model folders without a preprocessor_config.json
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipModel(torch.nn.Module):
+    """A CLIP model as a scorer of image-prompt pairs and as a feature network ([-1, 1] images -> [B, D])."""
+
+    def __init__(self, model, tokenizer, mean=CLIP_MEAN, std=CLIP_STD):
+        super().__init__()
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.size = int(model.config.vision_config.image_size)
+        self.feature_dim = int(model.config.projection_dim)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def load(cls, name_or_path: str, device: torch.device | str = "cpu") -> ClipModel:
+        """A CLIP model folder or hub id; offline, a hub id must be in the local cache."""
+        from transformers import CLIPModel, CLIPTokenizer
+
+        try:
+            model = CLIPModel.from_pretrained(name_or_path, use_safetensors=True)
+            tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load a CLIP model from {name_or_path}: give a local folder saved by CLIPModel.save_pretrained "
+                            "(safetensors, with its tokenizer) or, online, a hub id such as openai/clip-vit-large-patch14") from err
+        config = Path(name_or_path) / "preprocessor_config.json"
+        stats = json.loads(config.read_text()) if config.is_file() else {}
+        return cls(model, tokenizer, stats.get("image_mean", CLIP_MEAN), stats.get("image_std", CLIP_STD)).to(device)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images of any size -> the model's normalised input: shorter side resized, centre crop."""
+        device = self.mean.device
+        x = (images.to(device).float().clamp(-1, 1) + 1) / 2
+        h, w = x.shape[-2:]
+        scale = self.size / min(h, w)
+        x = F.interpolate(x, size=(max(self.size, round(h * scale)), max(self.size, round(w * scale))), mode="bicubic",
+                          align_corners=False, antialias=True)
+        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        x = x[..., top:top + self.size, left:left + self.size].clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings [B, D] (the FID features)."""
+        return self.model.get_image_features(pixel_values=self.preprocess(images)).pooler_output
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.mean.device)
+        return self.model.get_text_features(**tokens).pooler_output
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: list[str], batch_size: int = 64) -> float:
+        """The mean CLIP score of image i with prompt i."""
+        if len(images) != len(prompts) or not len(prompts):
+            raise UserError(f"CLIP score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
+        scores = []
+        for start in range(0, len(prompts), batch_size):
+            image = F.normalize(self.features(images[start:start + batch_size]), dim=-1)
+            text = F.normalize(self.text_features(prompts[start:start + batch_size]), dim=-1)
+            scores.append(100 * (image * text).sum(-1).clamp(min=0))
+        return float(torch.cat(scores).mean())

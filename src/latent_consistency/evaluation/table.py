@@ -1,0 +1,290 @@
+"""The paper's Table 1 and Figures 2, 4 and 5 for any LCM: rows of samplers at step counts and guidance scales,
+each scored on the same prompts from the same noise, written as they finish so that a killed evaluation resumes.
+
+Rows (Section 5.1 of Luo et al. 2023): the LCM (Algorithm 3), and the teacher with classifier-free guidance via
+DDIM, DPM-Solver and DPM-Solver++ at the same step counts, plus DPM-Solver++ at 25 and 50 steps as the reference.
+Each row also records what it costs: network evaluations per image (CFG doubles the teacher's), milliseconds
+per image, and peak memory.
+
+Metrics are plug-ins (`Scorer`): the built-in world's judge (FID in its features, prompt alignment per attribute),
+CLIP (CLIP score, FID in CLIP features), Inception (FID as the usual tools compute it). KID is reported next to
+every FID: unbiased, and better behaved than FID at the few hundred images of a quick evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from latent_consistency.evaluation.compare import sample_consistency, sample_guided
+from latent_consistency.evaluation.fid import fid_score, kid_score
+from latent_consistency.grids import image_grid, save_png
+from latent_consistency.models import DiffusionModel
+
+TEACHER_SOLVERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpm++": "DPM-Solver++"}
+REFERENCE_STEPS = (25, 50)  # the teacher's DPM-Solver++ at these step counts: what few-step samplers are measured against
+RESULTS_FILE = "results.json"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sampler at one step count and guidance scale (diffusers' g; the paper's ω = g − 1)."""
+
+    sampler: str  # "lcm" or a key of TEACHER_SOLVERS
+    steps: int
+    guidance_scale: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.sampler}|{self.steps}|{self.guidance_scale:g}"
+
+    @property
+    def method(self) -> str:
+        return "LCM" if self.sampler == "lcm" else f"{TEACHER_SOLVERS[self.sampler]} (CFG)"
+
+    @property
+    def network_evaluations(self) -> int:
+        """UNet passes per image: the LCM's one per step; the teacher's cond and uncond per step (multistep solvers)."""
+        return self.steps if self.sampler == "lcm" else 2 * self.steps
+
+
+def table_rows(steps: list[int], guidance_scales: list[float], teacher: bool, reference_steps: tuple[int, ...] = REFERENCE_STEPS) -> list[Row]:
+    """The LCM at every step count and scale; with a teacher, its three solvers there too and DPM-Solver++ at the
+    reference step counts (25 and 50)."""
+    rows = [Row("lcm", n, g) for g in guidance_scales for n in steps]
+    if teacher:
+        rows += [Row(s, n, g) for g in guidance_scales for s in TEACHER_SOLVERS for n in steps]
+        rows += [Row("dpm++", n, g) for g in guidance_scales for n in reference_steps if n not in steps]
+    return rows
+
+
+@dataclass
+class EvalSet:
+    """What every row is scored on: prompts (each repeated `images_per_prompt` times), their attributes when a world
+    judge reads them, and the real reference images."""
+
+    prompts: list[str]
+    attributes: list | None
+    reference: torch.Tensor
+    images_per_prompt: int = 1
+    seed: int = 0
+
+    @property
+    def all_prompts(self) -> list[str]:
+        return [p for p in self.prompts for _ in range(self.images_per_prompt)]
+
+    @property
+    def all_attributes(self) -> list | None:
+        return None if self.attributes is None else [a for a in self.attributes for _ in range(self.images_per_prompt)]
+
+    def fingerprint(self) -> str:
+        """What a saved row must have been scored on to be reused."""
+        digest = hashlib.sha256(json.dumps([self.prompts, self.images_per_prompt, self.seed]).encode())
+        digest.update(self.reference.float().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+class Scorer:
+    """A metric plug-in: named numbers for a set of generated images."""
+
+    name: str
+
+    def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class FeatureScorer(Scorer):
+    """FID and KID in a feature network's space against the reference images."""
+
+    def __init__(self, name: str, network):
+        self.name, self.network = name, network
+
+    def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
+        return {"fid": fid_score(self.network, eval_set.reference, images),
+                "kid": kid_score(self.network, eval_set.reference, images, subsets=50)}
+
+
+class JudgeScorer(FeatureScorer):
+    """The built-in world's judge: FID and KID in its features, and how much of each prompt it reads back."""
+
+    def __init__(self, judge, alignment: Callable):
+        super().__init__("judge", judge)
+        self.alignment = alignment
+
+    def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
+        scores = super().__call__(images, eval_set)
+        return scores | {f"alignment_{k}" if k != "mean" else "alignment": v
+                         for k, v in self.alignment(self.network, images, eval_set.all_attributes).items()}
+
+
+class ClipScorer(FeatureScorer):
+    """CLIP score of each image with its prompt, and FID and KID in CLIP image features."""
+
+    def __init__(self, clip):
+        super().__init__("clip", clip)
+
+    def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
+        return super().__call__(images, eval_set) | {"clip_score": self.network.score(images, eval_set.all_prompts)}
+
+
+def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | None, eval_set: EvalSet, device) -> torch.Tensor:
+    """The row's images for every prompt; image i starts from seed `eval_set.seed + i` whatever the sampler."""
+    prompts = eval_set.all_prompts
+    if row.sampler == "lcm":
+        return sample_consistency(lcm.consistency_model(), lcm.timesteps(row.steps), lcm, prompts, row.guidance_scale,
+                                  eval_set.seed, device)
+    return sample_guided(teacher, row.sampler, row.steps, prompts, row.guidance_scale, eval_set.seed, device)
+
+
+def _peak_memory_mb(device) -> float:
+    """Peak memory: the GPU's allocator on CUDA; otherwise the process's resident-set high-water mark."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, scorers: list[Scorer],
+              out: Path, device, progress: bool = True) -> dict[str, dict]:
+    """Score every row, writing `results.json` after each; rows already there (same prompts, noise and reference)
+    are kept, so a killed evaluation continues where it stopped."""
+    path = out / RESULTS_FILE
+    fingerprint = eval_set.fingerprint()
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    results = saved.get("rows", {}) if saved.get("fingerprint") == fingerprint else {}
+    todo = [row for row in rows if row.key not in results]
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress)
+    for row in todo:
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        images = generate(row, lcm, teacher, eval_set, device)
+        ms_per_image = 1000 * (time.perf_counter() - start) / len(images)
+        record = asdict(row) | {"method": row.method, "network_evaluations": row.network_evaluations, "ms_per_image": ms_per_image,
+                                "peak_memory_mb": _peak_memory_mb(device), "images": len(images)}
+        for scorer in scorers:
+            record |= {f"{scorer.name}_{k}": v for k, v in scorer(images, eval_set).items()}
+        results[row.key] = record
+        _write_json(path, {"fingerprint": fingerprint, "rows": results})
+        bar.update(1)
+    bar.close()
+    return {row.key: results[row.key] for row in rows}
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def metric_names(results: dict[str, dict]) -> tuple[str, str]:
+    """(the FID to show, the prompt-following score to show): the judge's when there is one, else CLIP's, else Inception's."""
+    keys = next(iter(results.values())).keys()
+    fid = next(k for k in ("judge_fid", "clip_fid", "inception_fid") if k in keys)
+    follow = next((k for k in ("judge_alignment", "clip_clip_score") if k in keys), None)
+    return fid, follow
+
+
+def write_report(results: dict[str, dict], steps: list[int], out: Path | None, title: str, notes: list[str]) -> str:
+    """report.md in `out` (when given) in the paper's layout: per guidance scale, one line per method, FID then prompt
+    following at each step count; then what each row costs. Returns the text."""
+    fid_key, follow_key = metric_names(results)
+    follow_name = {"judge_alignment": "alignment", "clip_clip_score": "CLIP score", None: ""}[follow_key]
+    scales = sorted({r["guidance_scale"] for r in results.values()})
+    lines = [f"# {title}", "", *notes, ""]
+    for g in scales:
+        at_g = [r for r in results.values() if r["guidance_scale"] == g]
+        methods = list(dict.fromkeys(r["method"] for r in at_g))
+        header = " | ".join(f"FID {n}" for n in steps) + ("" if follow_key is None else " | " + " | ".join(f"{follow_name} {n}" for n in steps))
+        lines += [f"## g = {g:g} (ω = {g - 1:g})", "", f"| method | {header} |", "|---" * (1 + len(steps) * (1 if follow_key is None else 2)) + "|"]
+        for method in methods:
+            by_steps = {r["steps"]: r for r in at_g if r["method"] == method}
+            if not any(n in by_steps for n in steps):
+                continue
+            cells = [f"{by_steps[n][fid_key]:.2f}" if n in by_steps else "-" for n in steps]
+            if follow_key is not None:
+                cells += [f"{by_steps[n][follow_key]:.3f}" if n in by_steps else "-" for n in steps]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        references = [r for r in at_g if r["sampler"] == "dpm++" and r["steps"] in REFERENCE_STEPS]
+        for r in sorted(references, key=lambda r: r["steps"]):
+            follow = "" if follow_key is None else f", {follow_name} {r[follow_key]:.3f}"
+            lines.append(f"\nReference: DPM-Solver++ (CFG) {r['steps']} steps: FID {r[fid_key]:.2f}{follow}")
+        lines.append("")
+    lines += ["## Cost per image", "", "| method | steps | g | network evaluations | ms | peak memory (MB) |", "|---|---|---|---|---|---|"]
+    for r in results.values():
+        lines.append(f"| {r['method']} | {r['steps']} | {r['guidance_scale']:g} | {r['network_evaluations']} | {r['ms_per_image']:.1f} | "
+                     f"{r['peak_memory_mb']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    if out is not None:
+        (out / "report.md").write_text(text)
+    return text
+
+
+def write_plots(results: dict[str, dict], out: Path) -> list[Path]:
+    """FID and prompt following against steps (one line per method, per guidance scale), and against ω when several
+    scales were evaluated (one line per method and step count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fid_key, follow_key = metric_names(results)
+    keys = [k for k in (fid_key, follow_key) if k is not None]
+    rows = list(results.values())
+    scales = sorted({r["guidance_scale"] for r in rows})
+    written = []
+    fig, axes = plt.subplots(len(scales), len(keys), figsize=(5 * len(keys), 3.4 * len(scales)), squeeze=False)
+    for i, g in enumerate(scales):
+        for j, key in enumerate(keys):
+            ax = axes[i][j]
+            for method in dict.fromkeys(r["method"] for r in rows):
+                points = sorted((r["steps"], r[key]) for r in rows if r["method"] == method and r["guidance_scale"] == g)
+                ax.plot(*zip(*points), marker="o", label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("steps")
+            ax.set_ylabel(key.replace("_", " "))
+            ax.set_title(f"g = {g:g}", fontsize=9)
+            if key == fid_key:
+                ax.set_yscale("log")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "steps.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    if len(scales) > 1:
+        step_counts = sorted({r["steps"] for r in rows if r["steps"] not in REFERENCE_STEPS})
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.4), squeeze=False)
+        for j, key in enumerate(keys):
+            for method in dict.fromkeys(r["method"] for r in rows):
+                for n in step_counts:
+                    points = sorted((r["guidance_scale"] - 1, r[key]) for r in rows if r["method"] == method and r["steps"] == n)
+                    if len(points) > 1:
+                        axes[0][j].plot(*zip(*points), marker="o", label=f"{method} {n}")
+            axes[0][j].set_xlabel("ω = g − 1")
+            axes[0][j].set_ylabel(key.replace("_", " "))
+            axes[0][j].legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        written.append(out / "guidance.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, out: Path, device,
+               columns: int = 8, real_row: bool = False) -> Path:
+    """Figure 2: the first prompts (columns, captioned) under every row, from the same noise; with `real_row`, the
+    reference images first (when reference image i is prompt i's)."""
+    few = EvalSet(eval_set.prompts[:columns], None, eval_set.reference[:columns], 1, eval_set.seed)
+    images = ([few.reference] if real_row else []) + [generate(row, lcm, teacher, few, device) for row in rows]
+    labels = (["real"] if real_row else []) + [f"{row.method} {row.steps} g={row.guidance_scale:g}" for row in rows]
+    path = out / "grid.png"
+    save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=170, column_labels=few.prompts), path)
+    return path
