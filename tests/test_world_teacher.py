@@ -5,9 +5,10 @@ import dataclasses
 import pytest
 import torch
 
+from latent_consistency.models import save_diffusion_pipeline
 from latent_consistency.world.fit import Checkpointer, Phase
 from latent_consistency.world.presets import PRESETS
-from latent_consistency.world.teacher import make_teacher_unet, save_teacher_pipeline, teacher_scheduler_config, train_teacher
+from latent_consistency.world.teacher import make_teacher_unet, teacher_scheduler_config, train_teacher
 
 CONFIG = dataclasses.replace(PRESETS["tiny"].teacher, steps=6, batch_size=4)
 
@@ -61,7 +62,7 @@ def test_v_prediction_teacher_saves_a_pipeline_diffusers_runs(tmp_path, zero_ter
     assert len(losses) == CONFIG.steps and all(torch.isfinite(torch.tensor(losses)))
     parts = make_tiny_components(tmp_path / "parts")
     config = teacher_scheduler_config("v_prediction", zero_terminal_snr)
-    save_teacher_pipeline(tmp_path / "sd", ema, parts["vae"], parts["text_encoder"], parts["tokenizer"], config)
+    save_diffusion_pipeline(tmp_path / "sd", ema, parts["vae"], parts["text_encoder"], parts["tokenizer"], config)
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "sd"), safety_checker=None)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.rescale_betas_zero_snr == zero_terminal_snr

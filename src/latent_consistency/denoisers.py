@@ -4,7 +4,8 @@ A *network* is any callable `net(z, t, cond, timestep_cond=None) -> output` whos
 x0-prediction (`UNetNetwork` adapts a diffusers UNet; the analytic test models implement it directly).
 
 - `GuidedTeacher` turns a network into the guided denoiser of Eq. 12 of Luo et al. 2023:
-  ε̃ = (1+ω)·ε(z, c, t) - ω·ε(z, ∅, t), cond and uncond in one batch.
+  ε̃ = (1+ω)·ε(z, c, t) - ω·ε(z, ∅, t), cond and uncond in one batch; `OmegaConditionedTeacher` is a network
+  that learned to give that output from ω as an input (Guided-Distill's stage one), in one evaluation.
 - `ConsistencyModel` turns a student network into the consistency function of Eq. 9:
   f(z, ω, c, t) = c_skip(t)·z + c_out(t)·x̂0(z, ω, c, t), with ω fed through `timestep_cond`.
 """
@@ -36,8 +37,19 @@ class UNetNetwork:
         return self.unet(z, t, encoder_hidden_states=cond, timestep_cond=timestep_cond, return_dict=False)[0]
 
 
+def omega_embedding(omega, z: torch.Tensor, dim: int | None) -> torch.Tensor | None:
+    """The ω input of a network with `time_cond_proj_dim` = dim, one row per row of z (None without one)."""
+    if dim is None:
+        return None
+    omega = torch.as_tensor(omega, device=z.device, dtype=torch.float32)
+    omega = omega.expand(z.shape[0]) if omega.ndim == 0 else omega
+    return guidance_embedding(omega, dim).to(z)
+
+
 class GuidedTeacher:
     """A frozen teacher network with classifier-free guidance (Eq. 12)."""
+
+    shares_guidance_work = True  # the cond and uncond outputs at (z, t) serve every ω (`outputs`, `guide`)
 
     def __init__(self, net, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
         self.net = net
@@ -80,6 +92,21 @@ class GuidedTeacher:
         return self.x0_and_eps(self.guided_output(z, t, cond, uncond, omega), z, t)
 
 
+class OmegaConditionedTeacher(GuidedTeacher):
+    """A teacher that takes ω as an input (stage one of Guided-Distill, Meng et al. 2023): its one network evaluation
+    stands for classifier-free guidance's two, so the guided output costs half. `uncond` is not used."""
+
+    shares_guidance_work = False  # no cond/uncond outputs for several ω to share
+
+    def __init__(self, net, schedule: NoiseSchedule, prediction_type: str, time_cond_proj_dim: int):
+        super().__init__(net, schedule, prediction_type)
+        self.time_cond_proj_dim = time_cond_proj_dim
+
+    def guided_output(self, z, t, cond, uncond, omega):
+        """The output the network learned to give for (1+ω)·out(z, c, t) − ω·out(z, ∅, t), in one evaluation."""
+        return self.net(z, batch_timesteps(t, z), cond, omega_embedding(omega, z, self.time_cond_proj_dim))
+
+
 class ConsistencyModel:
     """The latent consistency function f_θ(z, ω, c, t) of Eq. 9 around a student network."""
 
@@ -99,17 +126,15 @@ class ConsistencyModel:
         self.sigma_data = sigma_data
         self.timestep_scaling = timestep_scaling
 
+    def output(self, z, t, cond, omega) -> torch.Tensor:
+        """The student network's raw output (ε, v or x0) with ω fed through its `timestep_cond`."""
+        return self.net(z, batch_timesteps(t, z), cond, omega_embedding(omega, z, self.time_cond_proj_dim))
+
     def x0(self, z, t, cond, omega) -> torch.Tensor:
         """x̂0(z, ω, c, t) from the student's raw output (no boundary scalings)."""
         t = batch_timesteps(t, z)
-        w_emb = None
-        if self.time_cond_proj_dim is not None:
-            omega = torch.as_tensor(omega, device=z.device, dtype=torch.float32)
-            omega = omega.expand(z.shape[0]) if omega.ndim == 0 else omega
-            w_emb = guidance_embedding(omega, self.time_cond_proj_dim).to(z)
-        out = self.net(z, t, cond, w_emb)
         alpha, sigma = self.schedule.alpha_sigma(t)
-        return x0_and_eps(out, z, alpha, sigma, self.prediction_type)[0]
+        return x0_and_eps(self.output(z, t, cond, omega), z, alpha, sigma, self.prediction_type)[0]
 
     def __call__(self, z, t, cond, omega) -> torch.Tensor:
         """f = c_skip(t)·z + c_out(t)·x̂0 (Eq. 9)."""

@@ -3,6 +3,7 @@
 - `LCDLoss`: latent consistency distillation, Algorithm 1 of Luo et al. 2023. The target comes from one
   jump of the guided teacher from t_{n+k} to t_n (Eq. 17) and the EMA target network θ⁻.
 - `GuidancePairLCDLoss`: LCD with each example at two guidance scales and a term on their difference (ours).
+- `GuidanceDistillationLoss`: stage one of Guided-Distill (Meng et al. 2023): CFG's output learned as an ω input.
 - `LCFLoss`: latent consistency fine-tuning, Algorithm 4. No teacher: z_{t_n} and z_{t_{n+k}} are noised
   from the same latent with the same ε.
 
@@ -18,7 +19,12 @@ import torch
 
 from latent_consistency.denoisers import GuidedTeacher
 from latent_consistency.errors import UserError
-from latent_consistency.parameterization import check_guidance_scale_range, omega_from_guidance_scale
+from latent_consistency.parameterization import (
+    check_guidance_scale_range,
+    check_prediction_type,
+    model_output_from,
+    omega_from_guidance_scale,
+)
 from latent_consistency.schedule import NoiseSchedule, consistency_pairs, skipping_grid
 from latent_consistency.solvers import Solver, guide_increments_of, guided_jump, unguided_jumps
 
@@ -188,6 +194,8 @@ class GuidancePairLCDLoss(LCDLoss):
         What does not depend on ω runs once on the B rows: the first evaluation (guidance per evaluation), or
         both unguided solver runs (per increment).
         """
+        if not self.teacher.shares_guidance_work:
+            return guided_jump(self.solver, self.teacher, *(_twice(x) for x in (z, t, s, cond, uncond)), omega, self.guide_increments)
         if self.guide_increments:
             z_c, z_u = unguided_jumps(self.solver, self.teacher, z, t, s, cond, uncond)
             return guide_increments_of(*(_twice(x) for x in (z, z_c, z_u)), omega)
@@ -201,6 +209,44 @@ class GuidancePairLCDLoss(LCDLoss):
 def _twice(x: torch.Tensor) -> torch.Tensor:
     """The batch x followed by itself."""
     return x.repeat(2, *[1] * (x.ndim - 1))
+
+
+@dataclass(kw_only=True)
+class GuidanceDistillationLoss:
+    """Stage one of Guided-Distill (Meng et al. 2023, "On Distillation of Guided Diffusion Models", Eq. 5): an
+    ω-conditioned student matches the teacher's classifier-free guided output in one network evaluation,
+
+        d( out_θ(z_t, ω, c, t),  (1+ω)·out(z_t, c, t) − ω·out(z_t, ∅, t) ),   t ~ U{0..T-1}, ω ~ U[ω_min, ω_max],
+
+    both in the student's parameterisation (the guided teacher's x̂0 and ε̂ are converted to it). Not a
+    consistency loss: `target` (the EMA of the student, exported) is not used.
+    """
+
+    schedule: NoiseSchedule
+    teacher: GuidedTeacher
+    prediction_type: str  # the student's
+    guidance_scale_range: tuple[float, float] = (3.0, 15.0)
+    distance: str = "l2"
+    huber_c: float = 0.001
+
+    def __post_init__(self):
+        check_distance(self.distance)
+        check_guidance_scale_range(*self.guidance_scale_range)
+        check_prediction_type(self.prediction_type)
+
+    def __call__(self, student, target, latents, cond, uncond, generator=None) -> torch.Tensor:
+        b, device = latents.shape[0], latents.device
+        t = torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=generator, device=device)
+        w_min, w_max = (omega_from_guidance_scale(g) for g in self.guidance_scale_range)
+        omega = w_min + (w_max - w_min) * torch.rand(b, generator=generator, device=device)
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        z = self.schedule.add_noise(latents, noise, t)
+        with torch.no_grad():
+            # The teacher's guided output, as the student's parameterisation
+            x0, eps = self.teacher.guided(z, t, cond, uncond, omega)
+            alpha, sigma = self.schedule.alpha_sigma(t)
+            guided = model_output_from(x0, eps, alpha, sigma, self.prediction_type)
+        return consistency_distance(student.output(z, t, cond, omega), guided, self.distance, self.huber_c)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, UNetNetwork
+from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, OmegaConditionedTeacher, UNetNetwork
 from latent_consistency.errors import UserError
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps
@@ -30,9 +30,19 @@ def prediction_type_of(scheduler_config: dict) -> str:
     return check_prediction_type(scheduler_config.get("prediction_type", "epsilon"))
 
 
+def is_lcm_config(scheduler_config: dict) -> bool:
+    """An LCMScheduler config (an LCM, or a model with an LCM-LoRA): it names the distillation's timesteps."""
+    return "original_inference_steps" in scheduler_config
+
+
 def guided_teacher(unet, scheduler_config: dict) -> GuidedTeacher:
-    """The guided denoiser of Eq. 12 around a diffusion UNet and its scheduler config."""
-    return GuidedTeacher(UNetNetwork(unet), NoiseSchedule.from_config(scheduler_config), prediction_type_of(scheduler_config))
+    """The guided denoiser of Eq. 12 around a diffusion UNet and its scheduler config: classifier-free guidance, or
+    for a diffusion UNet with an ω input (a guidance-distilled one, Guided-Distill's stage one) that input."""
+    schedule, prediction_type = NoiseSchedule.from_config(scheduler_config), prediction_type_of(scheduler_config)
+    dim = unet.config.get("time_cond_proj_dim")
+    if dim is not None and not is_lcm_config(scheduler_config):
+        return OmegaConditionedTeacher(UNetNetwork(unet), schedule, prediction_type, dim)
+    return GuidedTeacher(UNetNetwork(unet), schedule, prediction_type)
 
 
 def consistency_model(unet, scheduler_config: dict, network=None) -> ConsistencyModel:
@@ -120,6 +130,11 @@ class DiffusionModel:
     @property
     def schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_config(self.scheduler_config)
+
+    @property
+    def is_lcm(self) -> bool:
+        """A consistency model (sampled with Algorithm 3), not a diffusion model (sampled with an ODE solver)."""
+        return is_lcm_config(self.scheduler_config)
 
     @property
     def time_cond_proj_dim(self) -> int | None:
@@ -254,6 +269,17 @@ def lcm_scheduler_config(
     return config
 
 
+def save_diffusion_pipeline(out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler_config: dict) -> Path:
+    """Write a diffusers `StableDiffusionPipeline` folder with a DDIM scheduler (safetensors, no safety checker)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")}),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
 def save_lcm_pipeline(out_dir: str | Path, student_unet, base: DiffusionModel, scheduler_config: dict) -> Path:
     """Write a complete diffusers `LatentConsistencyModelPipeline` folder (safetensors)."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
@@ -287,6 +313,9 @@ def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str 
             f"{name_or_path} is a diffusion model without the guidance input of an LCM "
             "(its UNet has no time_cond_proj_dim); distil it first with `lcm distill --teacher ...`, or load its LCM-LoRA (--lora)"
         )
+    if not model.is_lcm:
+        raise UserError(f"{name_or_path} is a guidance-distilled diffusion model (ω input, no LCMScheduler), not an LCM; sample it with "
+                        "an ODE solver (`lcm generate --sampler ddim`), or distil it into an LCM with `lcm distill --teacher ...`")
     return model
 
 

@@ -18,13 +18,14 @@ from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 from latent_consistency.grids import save_png, to_pil
 from latent_consistency.outputs import writable_folder
-from latent_consistency.pipelines import LCMGenerator
+from latent_consistency.pipelines import LCMGenerator, SolverGenerator
+from latent_consistency.sampling import TEACHER_SAMPLERS
 
 # The paper trains ω ∈ [2, 14] (g ∈ [3, 15]); far outside the trained range the ω embedding is meaningless.
 MAX_GUIDANCE_SCALE = 30.0
 # Default g: an LCM's ω input (the paper's ω = 7), and an LCM-LoRA's classifier-free guidance (none: its guidance
 # was distilled in; diffusers recommends 1-2 for LCM-LoRA).
-DEFAULT_GUIDANCE_SCALE = {"lcm": 8.0, "lora": 1.0}
+DEFAULT_GUIDANCE_SCALE = {"lcm": 8.0, "lora": 1.0, "solver": 7.5}
 MAX_SEED = 2**63 - 1
 
 
@@ -66,7 +67,8 @@ def parse_timesteps(text: str | None) -> list[int] | None:
 
 def run(args) -> None:
     prompts = read_prompts(args.prompts, args.prompt_file)
-    guidance_scale = DEFAULT_GUIDANCE_SCALE["lcm" if args.lora is None else "lora"] if args.guidance_scale is None else args.guidance_scale
+    kind = "lora" if args.lora else ("lcm" if args.sampler == "lcm" else "solver")
+    guidance_scale = DEFAULT_GUIDANCE_SCALE[kind] if args.guidance_scale is None else args.guidance_scale
     if not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
         raise UserError(
             f"--guidance-scale {guidance_scale} is outside [0, {MAX_GUIDANCE_SCALE:g}]; "
@@ -76,7 +78,12 @@ def run(args) -> None:
         raise UserError(f"--seed {args.seed} is too large: image i uses seed SEED+i, which must stay below 2^63")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    generator = LCMGenerator.load(args.model, device, dtype, args.lora)
+    if args.sampler == "lcm":
+        generator = LCMGenerator.load(args.model, device, dtype, args.lora)
+    elif args.lora:
+        raise UserError("--lora is an LCM-LoRA: sample it with --sampler lcm")
+    else:
+        generator = SolverGenerator.load(args.model, device, dtype, args.sampler)
     timesteps = generator.timesteps(args.steps, parse_timesteps(args.timesteps))
     height = args.height or generator.default_size()
     width = args.width or generator.default_size()
@@ -104,7 +111,10 @@ def register(subparsers) -> None:
                    "with --lora, the diffusion model the LoRA was distilled from")
     p.add_argument("--lora", help="an LCM-LoRA to load onto --model: the lora/ folder of `lcm distill --adapter lora`, "
                    "a .safetensors file or a hub id")
-    p.add_argument("--steps", type=int, default=4, help="number of sampling steps, 1..T/k (default 4)")
+    p.add_argument("--sampler", default="lcm", choices=["lcm", *TEACHER_SAMPLERS],
+                   help="lcm: Algorithm 3 (an LCM or LCM-LoRA); ddim, dpm, dpm++: an ODE solver for a diffusion model, with CFG, or "
+                   "for a guidance-distilled model (`lcm distill --method guidance`) its ω input (default lcm)")
+    p.add_argument("--steps", type=int, default=4, help="number of sampling steps: 1..T/k for an LCM, 1..T for an ODE solver (default 4)")
     p.add_argument("--timesteps", help="custom decreasing timesteps instead of --steps, e.g. 999,759,499,259")
     p.add_argument("--guidance-scale", type=finite_float, help="guidance scale g in diffusers' convention: an LCM's ω input, ω = g - 1 "
                    f"(default {DEFAULT_GUIDANCE_SCALE['lcm']:g}); for an LCM-LoRA, classifier-free guidance when g > 1, "

@@ -25,8 +25,8 @@ import math
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
-from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher
-from latent_consistency.losses import LCDLoss, LCFLoss
+from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, OmegaConditionedTeacher
+from latent_consistency.losses import GuidanceDistillationLoss, LCDLoss, LCFLoss
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps, randn, sample_lcm
 from latent_consistency.schedule import NoiseSchedule
@@ -191,6 +191,42 @@ def finetune_toy2d(
         # Update target θ⁻ <- μ θ⁻ + (1-μ) θ
         ema_update(target_net, student_net, ema_decay)
     return student
+
+
+def guidance_distill_toy2d(
+    steps: int = 800,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    prediction_type: str = "epsilon",
+    guidance_scale_range: tuple[float, float] = TOY_GUIDANCE_SCALE_RANGE,
+    seed: int = 0,
+    teacher: GuidedTeacher | None = None,
+) -> OmegaConditionedTeacher:
+    """Stage one of Guided-Distill (Meng et al. 2023) on the toy: a fresh `ToyStudent` learns the teacher's
+    classifier-free guided output from ω as an input (`GuidanceDistillationLoss`). Returns it as a teacher whose guided
+    output is one evaluation. The learning rate decays linearly to 0."""
+    teacher = teacher or toy_teacher()
+    schedule, mixture = teacher.schedule, teacher.net
+    num_classes = mixture.means.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ToyStudent(mixture.means.shape[1], num_classes)
+    student = ConsistencyModel(net, schedule, prediction_type, 32)  # its `output` is the ω-conditioned network
+    loss_fn = GuidanceDistillationLoss(schedule=schedule, teacher=teacher, prediction_type=prediction_type,
+                                       guidance_scale_range=guidance_scale_range)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
+    uncond = prior_weights(batch_size, num_classes)
+    for _ in range(steps):
+        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        cond = class_weights(labels, num_classes)
+        loss = loss_fn(student, None, mixture.sample(batch_size, cond, generator).float(), cond, uncond, generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+    return OmegaConditionedTeacher(net.requires_grad_(False), schedule, prediction_type, 32)
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 256,

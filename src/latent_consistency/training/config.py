@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from latent_consistency.errors import UserError
 
 ADAPTERS = ("full", "lora")
+METHODS = ("lcd", "guidance")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -141,7 +142,13 @@ class DistillConfig(TrainConfig):
     """Latent consistency distillation (Algorithm 1): a frozen guided teacher supervises a student (`lcm distill`)."""
 
     objective: ClassVar[str] = "lcd"
-    teacher: str = doc("teacher: a diffusers Stable-Diffusion-style folder or hub id", default="")
+    teacher: str = doc("teacher: a diffusers Stable-Diffusion-style folder or hub id (or one distilled with --method guidance, "
+                       "whose ω input then stands for classifier-free guidance)", default="")
+    method: str = doc("lcd: latent consistency distillation (Algorithm 1), exported as an LCM; guidance: stage one of Guided-Distill "
+                      "(Meng et al. 2023), the teacher's classifier-free guidance learned as an ω input, exported as a diffusion model "
+                      "that DDIM or DPM-Solver sample at any step count with one network evaluation per step", default="lcd")
+    student_init: str = doc("a diffusers folder whose UNet (with the ω input) a full student starts from instead of the teacher's, "
+                            "e.g. a teacher distilled with --method guidance", default="")
     time_cond_proj_dim: int = doc("size of the ω embedding fed to a full student (diffusers' time_cond_proj_dim)", default=256)
     student_prediction: str = doc("what a full student's network predicts: teacher (the teacher's parameterisation, as the paper "
                                   "and diffusers), epsilon, v_prediction or sample; the boundary scalings of Eq. 9 wrap it either way",
@@ -159,6 +166,13 @@ class DistillConfig(TrainConfig):
 
         super().check()
         get_solver(self.solver)
+        if self.method not in METHODS:
+            raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.method == "guidance" and (self.adapter != "full" or self.guidance_pair_weight or self.student_init):
+            raise UserError("guidance distillation (--method guidance) trains a full student from the teacher; "
+                            "--adapter lora, --guidance-pair-weight and --student-init apply to --method lcd")
+        if self.student_init and self.adapter != "full":
+            raise UserError("--student-init gives a full student its starting weights; a LoRA student starts from the teacher")
         if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
             raise UserError(f"student_prediction {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
         if self.skip < 1 or self.time_cond_proj_dim < 1:

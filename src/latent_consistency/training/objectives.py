@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from latent_consistency.errors import UserError
-from latent_consistency.losses import GuidancePairLCDLoss, LCDLoss, LCFLoss
+from latent_consistency.losses import GuidanceDistillationLoss, GuidancePairLCDLoss, LCDLoss, LCFLoss
 from latent_consistency.models import DiffusionModel, lcm_scheduler_config, load_diffusion_model, load_lcm, load_lcm_lora
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver
@@ -36,25 +36,39 @@ def _check_schedule(schedule: NoiseSchedule, prediction_types: dict[str, str], s
 
 
 class Distillation:
-    """LCD: the teacher's guided PF-ODE jumps supervise the student (Algorithm 1)."""
+    """LCD: the teacher's guided PF-ODE jumps supervise the student (Algorithm 1). With `method = "guidance"`, stage
+    one of Guided-Distill instead: the teacher's guided output at random t supervises an ω-conditioned student."""
 
     @staticmethod
     def load(config: DistillConfig, device) -> DiffusionModel:
         base = load_diffusion_model(config.teacher, device=device)
-        if base.time_cond_proj_dim is not None:
-            raise UserError(f"{config.teacher} is already an LCM (its UNet has the ω input); distil the diffusion model it came from, "
+        if base.is_lcm:
+            raise UserError(f"{config.teacher} is already an LCM; distil the diffusion model it came from, "
                             "or fine-tune this LCM with `lcm finetune`")
+        omega_input = base.time_cond_proj_dim is not None  # a guidance-distilled teacher: its ω input is its guidance
+        if omega_input and config.method == "guidance":
+            raise UserError(f"{config.teacher} has learned its guidance already (it has an ω input); distil it with --method lcd")
+        if omega_input and config.guide_increments:
+            raise UserError(f"{config.teacher} gives its guided output from an ω input; there are no unguided increments to guide")
         student_prediction = config.student_prediction_type(base.prediction_type)
         _check_schedule(base.schedule, {"teacher": base.prediction_type, "student": student_prediction}, config.skip)
         return base
 
     @staticmethod
     def scheduler_config(config: DistillConfig, base: DiffusionModel) -> dict:
-        """The LCMScheduler config of the student: the teacher's schedule, original_inference_steps = T/k."""
-        return lcm_scheduler_config(base.scheduler_config, config.skip, config.student_prediction_type(base.prediction_type))
+        """The student's scheduler config: an LCMScheduler's on the teacher's schedule (original_inference_steps = T/k),
+        or for guidance distillation the teacher's own, in the student's parameterisation."""
+        prediction_type = config.student_prediction_type(base.prediction_type)
+        if config.method == "guidance":
+            return {k: v for k, v in base.scheduler_config.items() if not k.startswith("_")} | {"prediction_type": prediction_type}
+        return lcm_scheduler_config(base.scheduler_config, config.skip, prediction_type)
 
     @staticmethod
     def loss(config: DistillConfig, base: DiffusionModel, scheduler_config: dict):
+        if config.method == "guidance":
+            return GuidanceDistillationLoss(schedule=base.schedule, teacher=base.guided_teacher(), prediction_type=scheduler_config["prediction_type"],
+                                            guidance_scale_range=(config.guidance_scale_min, config.guidance_scale_max),
+                                            distance=config.loss, huber_c=config.huber_c)
         lcd = dict(_loss_settings(config, base.schedule, config.skip), teacher=base.guided_teacher(), solver=get_solver(config.solver),
                    guide_increments=config.guide_increments)
         if config.guidance_pair_weight > 0:

@@ -19,9 +19,9 @@ import torch
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.models import DiffusionModel, consistency_model, encode_prompts, inference_timesteps
+from latent_consistency.models import DiffusionModel, consistency_model, encode_prompts, guided_teacher, inference_timesteps, is_lcm_config
 from latent_consistency.parameterization import omega_from_guidance_scale
-from latent_consistency.sampling import sample_lcm
+from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training.config import TrainConfig, config_from_dict
 
@@ -140,28 +140,39 @@ class RunFolder:
 
     @torch.no_grad()
     def validate(self, step: int, f_target) -> Path:
-        """A grid of the validation prompts (columns, captioned): the starting model's 4-step samples, then the target's
-        1-, 2- and 4-step samples at this step, all from the same noise."""
+        """A grid of the validation prompts (columns, captioned), all from the same noise: the starting model's 4-step
+        samples, then the target's 1-, 2- and 4-step samples at this step (Algorithm 3); for a guidance-distilled
+        student, the teacher's 25-step DDIM with CFG, then the target's DDIM at 4, 8 and 25 steps."""
         config, base, device = self.config, self.base, self.accelerator.device
         cond = encode_prompts(base.tokenizer, base.text_encoder, self.validation_prompts, device)
         codec, size = base.codec, base.unet.config.sample_size
         noise = torch.randn(len(self.validation_prompts), codec.latent_channels, size, size,
                             generator=torch.Generator("cpu").manual_seed(config.seed)).to(device)
-        omega = omega_from_guidance_scale(config.validation_guidance_scale)
+        g = config.validation_guidance_scale
+        scheduler_config = self.student.scheduler_config
 
         def samples(f, n: int) -> torch.Tensor:
-            timesteps = inference_timesteps(self.student.scheduler_config, n)
-            return codec.decode(sample_lcm(f, noise, timesteps, cond, omega, f.schedule, torch.Generator("cpu").manual_seed(config.seed + 1)))
+            if not is_lcm_config(scheduler_config):  # f: a guided teacher
+                uncond = self.batches.uncond.expand(len(noise), -1, -1)
+                return codec.decode(sample_teacher(f, "ddim", noise, cond, uncond, g, n, scheduler_config))
+            timesteps = inference_timesteps(scheduler_config, n)
+            return codec.decode(sample_lcm(f, noise, timesteps, cond, omega_from_guidance_scale(g), f.schedule,
+                                           torch.Generator("cpu").manual_seed(config.seed + 1)))
 
         target_unet = self.student.target_unet
         was_training = target_unet.training
         target_unet.eval()
         with self.accelerator.autocast():  # the frozen starting model may be in half precision
-            rows = [samples(consistency_model(base.unet, self.student.scheduler_config), 4)] + [samples(f_target, n) for n in VALIDATION_STEPS]
+            if is_lcm_config(scheduler_config):
+                counts = VALIDATION_STEPS
+                rows = [samples(consistency_model(base.unet, scheduler_config), 4)] + [samples(f_target, n) for n in counts]
+            else:
+                counts = (4, 8, 25)
+                rows = [samples(base.guided_teacher(), 25)] + [samples(guided_teacher(target_unet, scheduler_config), n) for n in counts]
         target_unet.train(was_training)
         (self.out / "samples").mkdir(exist_ok=True)
         path = self.out / "samples" / f"step-{step:07d}.png"
-        labels = ["start, 4 steps"] + [f"step {step}, {n} step{'s' * (n > 1)}" for n in VALIDATION_STEPS]
+        labels = [f"start, {4 if is_lcm_config(scheduler_config) else 25} steps"] + [f"step {step}, {n} step{'s' * (n > 1)}" for n in counts]
         save_png(image_grid(rows, labels, label_width=130, column_labels=self.validation_prompts), path)
         return path
 

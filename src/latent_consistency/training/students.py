@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 
 from latent_consistency.denoisers import ConsistencyModel, UNetNetwork
-from latent_consistency.models import DiffusionModel, consistency_model, make_student_unet, save_lcm_pipeline
+from latent_consistency.errors import UserError
+from latent_consistency.models import (
+    DiffusionModel,
+    consistency_model,
+    is_lcm_config,
+    make_student_unet,
+    save_diffusion_pipeline,
+    save_lcm_pipeline,
+)
 from latent_consistency.training.checkpoint import load_checkpoint
 
 # The layers LCM-LoRA adapts: attention, feed-forward, resnet convolutions, time embedding projections.
@@ -86,7 +94,26 @@ class Student:
             # Beside the weights, the sampler settings they were distilled for (read by `models.load_lcm_lora`)
             LCMScheduler.from_config(self.scheduler_config).save_config(folder)
             return folder
+        if not is_lcm_config(self.scheduler_config):  # a guidance-distilled diffusion model
+            return save_diffusion_pipeline(Path(out) / "guided", unet, base.vae, base.text_encoder, base.tokenizer, self.scheduler_config)
         return save_lcm_pipeline(Path(out) / "lcm", unet, base, self.scheduler_config)
+
+
+def _initial_unet(path: str, base: DiffusionModel):
+    """A full student's starting UNet from another diffusers folder (with an ω input, the teacher's architecture)."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the student's starting UNet from {path}: give a diffusers folder with unet/") from err
+    if unet.config.get("time_cond_proj_dim") is None:
+        raise UserError(f"the UNet of {path} has no ω input; --student-init takes a model distilled with --method guidance or an LCM")
+    mismatch = [k for k in ("in_channels", "block_out_channels", "cross_attention_dim", "sample_size")
+                if unet.config.get(k) != base.unet.config.get(k)]
+    if mismatch:
+        raise UserError(f"the UNet of {path} does not fit the teacher's ({', '.join(mismatch)} differ)")
+    return unet.to(device=base.unet.device, dtype=torch.float32).requires_grad_(True)
 
 
 def _adapter(unet) -> str:
@@ -109,6 +136,8 @@ def make_student(config, base: DiffusionModel, scheduler_config: dict) -> Studen
             present = {name.split(".")[-1] for name, _ in unet.named_modules()}
             targets = [m for m in LORA_TARGET_MODULES if m.split(".")[-1] in present]
             unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=targets))
+    elif getattr(config, "student_init", ""):
+        unet = _initial_unet(config.student_init, base)
     else:
         unet = make_student_unet(base.unet, config.time_cond_proj_dim) if base.time_cond_proj_dim is None else copy.deepcopy(base.unet)
         unet.requires_grad_(True)

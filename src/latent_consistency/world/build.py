@@ -35,14 +35,14 @@ from tqdm.auto import tqdm
 from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
-from latent_consistency.models import LatentCodec
+from latent_consistency.models import LatentCodec, save_diffusion_pipeline
 from latent_consistency.world.artifact import WORLD_FILE, load_world
 from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
 from latent_consistency.world.fit import Checkpointer, Phase
 from latent_consistency.world.judge import attribute_targets, save_judge, train_judge
 from latent_consistency.world.presets import WorldPreset, get_preset
 from latent_consistency.world.quality import measure_quality
-from latent_consistency.world.teacher import make_teacher_unet, save_teacher_pipeline, teacher_scheduler_config, train_teacher
+from latent_consistency.world.teacher import make_teacher_unet, teacher_scheduler_config, train_teacher
 from latent_consistency.world.text_encoder import NO_LABEL, make_text_encoder, pretrain_text_encoder
 from latent_consistency.world.tokenizer import train_tokenizer
 from latent_consistency.world.vae import make_vae, set_scaling_factor, to_unit_range, train_vae
@@ -225,7 +225,7 @@ class _Build:
         scheduler_config = teacher_scheduler_config(self.prediction_type, self.preset.teacher.zero_terminal_snr)
         ema, losses = train_teacher(unet, data.latents, data.caption_index, data.text_embeddings, data.uncond_embedding, scheduler_config,
                                     self.preset.teacher, self.phase("teacher"))
-        save_teacher_pipeline(stage, ema, self.load("vae"), self.load("text_encoder"), self.load("tokenizer"), scheduler_config)
+        save_diffusion_pipeline(stage, ema, self.load("vae"), self.load("text_encoder"), self.load("tokenizer"), scheduler_config)
         _write_json_atomic(stage / "logs" / "teacher.json", {"loss": losses})
 
     def quality(self, stage: Path) -> None:

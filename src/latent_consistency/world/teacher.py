@@ -11,7 +11,6 @@ ones. The result is a standard `StableDiffusionPipeline` folder.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -111,21 +110,3 @@ def train_teacher(
     losses = phase.fit(dict(unet=unet, ema=ema), optimizer, scheduler, loss_fn, config.steps, "teacher", after_step=update_ema)
     unet.eval().requires_grad_(False)
     return ema, losses
-
-
-def save_teacher_pipeline(out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler_config: dict) -> Path:
-    """Write a `StableDiffusionPipeline` folder (safetensors, no safety checker) that diffusers loads."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return Path(out_dir)

@@ -1,0 +1,111 @@
+"""Stage one of Guided-Distill (Meng et al. 2023): the teacher's classifier-free guidance learned as an ω input.
+
+Known answer on the 2-D Gaussian mixture (the exact guided teacher), with a control that fails; the command end to
+end on a tiny teacher: export, sampling at one network evaluation per step, and an LCM distilled from it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latent_consistency.cli import main
+from latent_consistency.sampling import sample_teacher
+from latent_consistency.testing.toy2d import (
+    FlippedGuidanceTeacher,
+    _data_scale,
+    class_weights,
+    guidance_distill_toy2d,
+    prior_weights,
+    toy_teacher,
+)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    teacher = toy_teacher()
+    return teacher, guidance_distill_toy2d(steps=800, teacher=teacher)
+
+
+def test_stage_one_reproduces_the_guided_output_and_its_samples(toy):
+    """Relative MSE of the one-evaluation ω output against (1+ω)ε_c − ωε_u below 0.2 % at t = 900 and 500 (the toy's ε
+    is sharpest near t = 0: below 10 % at t = 20); its 25-step DDIM samples within 8 % of the data scale of the guided
+    teacher's from the same noise, where a model distilled from the sign-flipped teacher is more than 20 % away."""
+    teacher, distilled = toy
+    g = torch.Generator().manual_seed(5)
+    n = 2000
+    cond, uncond = class_weights(torch.randint(0, 2, (n,), generator=g), 2), prior_weights(n, 2)
+    for t, tolerance in ((900, 2e-3), (500, 2e-3), (20, 0.1)):
+        tt = torch.full((n,), t)
+        z = teacher.schedule.add_noise(teacher.net.sample(n, cond, g).float(), torch.randn(n, 2, generator=g), tt)
+        omega = torch.rand(n, generator=g) * 3
+        exact = teacher.guided_output(z, tt, cond, uncond, omega)
+        assert float(((distilled.guided_output(z, tt, cond, uncond, omega) - exact) ** 2).mean() / (exact**2).mean()) < tolerance, t
+    flipped = guidance_distill_toy2d(steps=800, teacher=FlippedGuidanceTeacher(teacher.net, teacher.schedule, "epsilon"))
+    z_T = torch.randn(n, 2, generator=g)
+    for guidance_scale in (1.5, 3.5):
+        exact = sample_teacher(teacher, "ddim", z_T, cond, uncond, guidance_scale, 25, {})
+        ours, control = (sample_teacher(m, "ddim", z_T, cond, uncond, guidance_scale, 25, {}) for m in (distilled, flipped))
+        scale = _data_scale(teacher)
+        assert float((ours - exact).norm(dim=1).mean()) < 0.08 * scale < 0.2 * scale < float((control - exact).norm(dim=1).mean())
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(16):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a red star number {i}"}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def guided(tiny_sd, image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gd") / "run"
+    assert main(["distill", "--method", "guidance", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(image_folder),
+                 "--out", str(out), "--guidance-scale-min", "1", "--guidance-scale-max", "4"]) == 0
+    return out / "guided"
+
+
+def test_the_guidance_distilled_model_is_a_diffusion_model_with_an_omega_input(guided, tmp_path, monkeypatch, capsys):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    assert json.loads((guided / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
+    assert UNet2DConditionModel.from_pretrained(guided, subfolder="unet").config.time_cond_proj_dim is not None
+    assert StableDiffusionPipeline.from_pretrained(guided, safety_checker=None) is not None
+    # `lcm generate` samples it with an ODE solver, one network evaluation (not two) per step
+    rows = []
+    real_forward = UNet2DConditionModel.forward
+    monkeypatch.setattr(UNet2DConditionModel, "forward", lambda self, z, *a, **k: rows.append(z.shape[0]) or real_forward(self, z, *a, **k))
+    assert main(["generate", "a red star", "a ring", "--model", str(guided), "--sampler", "ddim", "--steps", "3", "--guidance-scale", "3",
+                 "--out", str(tmp_path / "images")]) == 0
+    assert rows == [2, 2, 2] and len(list((tmp_path / "images").glob("*.png"))) == 2
+    assert main(["generate", "a", "--model", str(guided), "--out", str(tmp_path / "x")]) == 2
+    assert "guidance-distilled diffusion model" in capsys.readouterr().err
+
+
+def test_an_lcm_distilled_from_the_guidance_distilled_teacher_or_started_from_it(guided, tiny_sd, image_folder, tmp_path):
+    """Its ω input stands for the teacher's guidance in LCD's jumps (one evaluation each), and the student starts as it;
+    or the CFG teacher's LCD student starts from it (--student-init)."""
+    for name, args in (("from-guided", ["--teacher", str(guided)]), ("init", ["--teacher", str(tiny_sd), "--student-init", str(guided)])):
+        out = tmp_path / name
+        assert main(["distill", "--preset", "tiny", *args, "--data", str(image_folder), "--out", str(out)]) == 0
+        assert (out / "lcm" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("case", ["lora", "guided teacher", "increments", "init without omega"])
+def test_guidance_distillation_bad_input(case, guided, tiny_sd, image_folder, tmp_path, capsys):
+    base = ["distill", "--preset", "tiny", "--data", str(image_folder), "--out", str(tmp_path / "out")]
+    cases = {
+        "lora": (base + ["--teacher", str(tiny_sd), "--method", "guidance", "--adapter", "lora"], "--adapter lora"),
+        "guided teacher": (base + ["--teacher", str(guided), "--method", "guidance"], "has learned its guidance already"),
+        "increments": (base + ["--teacher", str(guided), "--guide-increments"], "no unguided increments"),
+        "init without omega": (base + ["--teacher", str(tiny_sd), "--student-init", str(tiny_sd)], "has no ω input"),
+    }
+    argv, message = cases[case]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
