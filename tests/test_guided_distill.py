@@ -51,6 +51,34 @@ def test_stage_one_reproduces_the_guided_output_and_its_samples(toy):
         assert float((ours - exact).norm(dim=1).mean()) < 0.08 * scale < 0.2 * scale < float((control - exact).norm(dim=1).mean())
 
 
+SD_TRAILING = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="trailing")
+
+
+def test_a_progressive_round_does_in_one_step_what_its_teacher_does_in_two():
+    """Stage two on the toy: the round-1 student's 1-step DDIM (diffusers' DDIM, trailing spacing) lands within 5 % of
+    the data scale of its stage-one teacher's 2-step DDIM from the same noise; the teacher's own 1 step is far off,
+    and so is a student of the sign-flipped teacher."""
+    from latent_consistency.testing.toy2d import progressive_distill_toy2d
+
+    teacher = toy_teacher()
+    stage_one = guidance_distill_toy2d(steps=800, prediction_type="v_prediction", teacher=teacher)
+    student = progressive_distill_toy2d(stage_one, student_steps=1)
+    flipped = guidance_distill_toy2d(steps=800, prediction_type="v_prediction",
+                                     teacher=FlippedGuidanceTeacher(teacher.net, teacher.schedule, "epsilon"))
+    control = progressive_distill_toy2d(flipped, student_steps=1)
+    n, g = 2000, torch.Generator().manual_seed(3)
+    cond, uncond = class_weights(torch.randint(0, 2, (n,), generator=g), 2), prior_weights(n, 2)
+    z_T = torch.randn(n, 2, generator=g)
+    scale = _data_scale(teacher)
+    for guidance_scale in (1.5, 3.5):
+        two = sample_teacher(stage_one, "ddim", z_T, cond, uncond, guidance_scale, 2, SD_TRAILING)
+
+        def distance(model, steps):
+            return float((sample_teacher(model, "ddim", z_T, cond, uncond, guidance_scale, steps, SD_TRAILING) - two).norm(dim=1).mean()) / scale
+
+        assert distance(student, 1) < 0.05 < 0.2 < min(distance(stage_one, 1), distance(control, 1)), guidance_scale
+
+
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
@@ -96,7 +124,38 @@ def test_an_lcm_distilled_from_the_guidance_distilled_teacher_or_started_from_it
         assert (out / "lcm" / "model_index.json").is_file()
 
 
-@pytest.mark.parametrize("case", ["lora", "guided teacher", "increments", "init without omega"])
+def test_a_progressive_round_on_the_command_line_and_in_the_table(guided, tiny_lcm, image_folder, tmp_path):
+    """A round from the stage-one model: it samples with diffusers' DDIM on its own grid (trailing spacing), records its
+    step count, and `lcm evaluate --guided-distill` puts it (and the stage-one model at every step count) in Table 1."""
+    from latent_consistency.models import load_diffusion_model
+
+    out = tmp_path / "round"
+    assert main(["distill", "--method", "progressive", "--student-steps", "2", "--preset", "tiny", "--teacher", str(guided),
+                 "--data", str(image_folder), "--out", str(out), "--guidance-scale-min", "1", "--guidance-scale-max", "4"]) == 0
+    model = load_diffusion_model(str(out / "guided"))
+    assert model.distilled_steps == 2 and model.scheduler_config["timestep_spacing"] == "trailing"
+    assert main(["generate", "a red star", "--model", str(out / "guided"), "--sampler", "ddim", "--steps", "2", "--out", str(tmp_path / "i")]) == 0
+    table = tmp_path / "table"
+    assert main(["evaluate", "--lcm", str(tiny_lcm), "--guided-distill", str(out / "guided"), "--prompts", str(image_folder),
+                 "--out", str(table), "--steps", "1,2", "--samples", "4", "--inception", str(inception_stand_in(tmp_path)), "--device", "cpu"]) == 0
+    rows = json.loads((table / "results.json").read_text())["rows"]
+    assert set(rows) == {"lcm|1|8", "lcm|2|8", "guided-distill|2|8"} and rows["guided-distill|2|8"]["network_evaluations"] == 2
+
+
+def inception_stand_in(folder):
+    """A TorchScript network with the FID Inception file's interface, as a cheap metric for the table."""
+
+    class StandIn(torch.nn.Module):
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 4).flatten(1)
+
+    path = folder / "stand-in.pt"
+    torch.jit.script(StandIn()).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", ["lora", "guided teacher", "increments", "init without omega", "progressive without omega",
+                                  "progressive without steps"])
 def test_guidance_distillation_bad_input(case, guided, tiny_sd, image_folder, tmp_path, capsys):
     base = ["distill", "--preset", "tiny", "--data", str(image_folder), "--out", str(tmp_path / "out")]
     cases = {
@@ -104,6 +163,9 @@ def test_guidance_distillation_bad_input(case, guided, tiny_sd, image_folder, tm
         "guided teacher": (base + ["--teacher", str(guided), "--method", "guidance"], "has learned its guidance already"),
         "increments": (base + ["--teacher", str(guided), "--guide-increments"], "no unguided increments"),
         "init without omega": (base + ["--teacher", str(tiny_sd), "--student-init", str(tiny_sd)], "has no ω input"),
+        "progressive without omega": (base + ["--teacher", str(tiny_sd), "--method", "progressive", "--student-steps", "2"],
+                                      "distil"),
+        "progressive without steps": (base + ["--teacher", str(guided), "--method", "progressive"], "needs --student-steps"),
     }
     argv, message = cases[case]
     assert main(argv) == 2

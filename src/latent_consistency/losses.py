@@ -4,6 +4,7 @@
   jump of the guided teacher from t_{n+k} to t_n (Eq. 17) and the EMA target network θ⁻.
 - `GuidancePairLCDLoss`: LCD with each example at two guidance scales and a term on their difference (ours).
 - `GuidanceDistillationLoss`: stage one of Guided-Distill (Meng et al. 2023): CFG's output learned as an ω input.
+- `ProgressiveDistillationLoss`: its stage two, one round of progressive distillation (Salimans & Ho 2022).
 - `LCFLoss`: latent consistency fine-tuning, Algorithm 4. No teacher: z_{t_n} and z_{t_{n+k}} are noised
   from the same latent with the same ε.
 
@@ -24,9 +25,10 @@ from latent_consistency.parameterization import (
     check_prediction_type,
     model_output_from,
     omega_from_guidance_scale,
+    x0_and_eps,
 )
-from latent_consistency.schedule import NoiseSchedule, consistency_pairs, skipping_grid
-from latent_consistency.solvers import Solver, guide_increments_of, guided_jump, unguided_jumps
+from latent_consistency.schedule import NoiseSchedule, append_dims, consistency_pairs, skipping_grid
+from latent_consistency.solvers import Solver, ddim_jump, guide_increments_of, guided_jump, unguided_jumps
 
 
 def _squared(diff: torch.Tensor, huber_c: float) -> torch.Tensor:
@@ -247,6 +249,61 @@ class GuidanceDistillationLoss:
             alpha, sigma = self.schedule.alpha_sigma(t)
             guided = model_output_from(x0, eps, alpha, sigma, self.prediction_type)
         return consistency_distance(student.output(z, t, cond, omega), guided, self.distance, self.huber_c)
+
+
+def progressive_timesteps(num_train_timesteps: int, steps: int) -> torch.Tensor:
+    """The `steps` DDIM timesteps of a progressively distilled model, T−1 first, evenly spaced ("trailing", as diffusers'
+    DDIMScheduler spaces them with timestep_spacing="trailing"); each round's grid is every other one of its teacher's."""
+    if steps < 1 or num_train_timesteps % steps:
+        raise UserError(f"progressive distillation needs a step count that divides the {num_train_timesteps} training timesteps, got {steps}")
+    return torch.arange(steps, 0, -1) * (num_train_timesteps // steps) - 1
+
+
+@dataclass(kw_only=True)
+class ProgressiveDistillationLoss:
+    """One round of progressive distillation (Salimans & Ho 2022), stage two of Guided-Distill (Meng et al. 2023): a
+    student that samples in `student_steps` DDIM steps learns in one step what its (ω-conditioned) teacher does in two.
+
+    For a student step t → s on its grid, with the teacher's grid point m between them, the teacher's two DDIM jumps
+    give z_s from z_t; the student's x̂0 must be the x̃ whose one DDIM jump lands there,
+
+        x̃ = (z_s − (σ_s/σ_t)·z_t) / (α_s − (σ_s/σ_t)·α_t),
+
+    with the weight max(α_t²/σ_t², 1) (truncated SNR) on ‖x̂0 − x̃‖². The last step ends at t = 0, as diffusers' DDIM
+    does without set_alpha_to_one.
+    """
+
+    schedule: NoiseSchedule
+    teacher: GuidedTeacher
+    student_steps: int
+    guidance_scale_range: tuple[float, float] = (3.0, 15.0)
+
+    def __post_init__(self):
+        check_guidance_scale_range(*self.guidance_scale_range)
+        teacher_grid = progressive_timesteps(self.schedule.num_train_timesteps, 2 * self.student_steps)
+        self.path = torch.cat([teacher_grid, torch.zeros(1, dtype=torch.long)]).view(-1)  # t_0 > m_0 > t_1 > ... > 0
+
+    def __call__(self, student, target, latents, cond, uncond, generator=None) -> torch.Tensor:
+        b, device = latents.shape[0], latents.device
+        k = torch.randint(0, self.student_steps, (b,), generator=generator, device=device)
+        path = self.path.to(device)
+        t, m, s = path[2 * k], path[2 * k + 1], path[2 * k + 2]
+        w_min, w_max = (omega_from_guidance_scale(g) for g in self.guidance_scale_range)
+        omega = w_min + (w_max - w_min) * torch.rand(b, generator=generator, device=device)
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        z = self.schedule.add_noise(latents, noise, t)
+        with torch.no_grad():
+            # The teacher's two DDIM steps t -> m -> s, guided by ω
+            def denoise(z_, t_):
+                return self.teacher.guided(z_, t_, cond, uncond, omega)
+
+            z_s = ddim_jump(denoise, ddim_jump(denoise, z, t, m, self.schedule), m, s, self.schedule)
+            (a_t, s_t), (a_s, s_s) = (tuple(append_dims(v, z.ndim).to(z) for v in self.schedule.alpha_sigma(x)) for x in (t, s))
+            x_tilde = (z_s - (s_s / s_t) * z) / (a_s - (s_s / s_t) * a_t)
+            snr = (a_t / s_t) ** 2
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        x0 = x0_and_eps(student.output(z, t, cond, omega), z, alpha, sigma, student.prediction_type)[0]
+        return snr.clamp(min=1).flatten() * consistency_distance(x0, x_tilde, "l2")
 
 
 @dataclass

@@ -7,6 +7,7 @@ Models on disk are diffusers folders with safetensors weights; nothing here unpi
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from latent_consistency.sampling import lcm_timesteps
 from latent_consistency.schedule import NoiseSchedule
 
 DEFAULT_TIME_COND_PROJ_DIM = 256
+# A progressively distilled model's DDIM step count (Guided-Distill's stage two): kept beside its scheduler config,
+# in PROGRESSIVE_FILE, since diffusers' schedulers have no such field
+PROGRESSIVE_STEPS, PROGRESSIVE_FILE = "distilled_steps", "progressive.json"
 # diffusers' LCMScheduler default, for an LCM(-LoRA) whose scheduler config does not say
 DEFAULT_ORIGINAL_INFERENCE_STEPS = 50
 
@@ -132,6 +136,11 @@ class DiffusionModel:
         return NoiseSchedule.from_config(self.scheduler_config)
 
     @property
+    def distilled_steps(self) -> int | None:
+        """The DDIM step count of a progressively distilled model (None for any other)."""
+        return self.scheduler_config.get(PROGRESSIVE_STEPS)
+
+    @property
     def is_lcm(self) -> bool:
         """A consistency model (sampled with Algorithm 3), not a diffusion model (sampled with an ODE solver)."""
         return is_lcm_config(self.scheduler_config)
@@ -218,7 +227,9 @@ def _read_scheduler_config(name_or_path: str) -> dict:
     from diffusers import DDPMScheduler
 
     config = dict(DDPMScheduler.load_config(name_or_path, subfolder="scheduler"))
-    return {k: v for k, v in config.items() if not k.startswith("_")} | {"_class_name": config.get("_class_name")}
+    progressive = Path(name_or_path) / PROGRESSIVE_FILE
+    extra = json.loads(progressive.read_text()) if progressive.is_file() else {}
+    return {k: v for k, v in config.items() if not k.startswith("_")} | extra | {"_class_name": config.get("_class_name")}
 
 
 def make_student_unet(teacher_unet, time_cond_proj_dim: int = DEFAULT_TIME_COND_PROJ_DIM):
@@ -277,6 +288,8 @@ def save_diffusion_pipeline(out_dir: str | Path, unet, vae, text_encoder, tokeni
                                    scheduler=DDIMScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")}),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    if PROGRESSIVE_STEPS in scheduler_config:
+        (Path(out_dir) / PROGRESSIVE_FILE).write_text(json.dumps({PROGRESSIVE_STEPS: scheduler_config[PROGRESSIVE_STEPS]}))
     return Path(out_dir)
 
 

@@ -121,7 +121,8 @@ def sample_teacher(
     """
     if num_steps < 1:
         raise UserError(f"steps must be at least 1, got {num_steps}")
-    scheduler = teacher_scheduler(sampler, scheduler_config)
+    # the scheduler reads the network's output as the teacher does
+    scheduler = teacher_scheduler(sampler, dict(scheduler_config) | {"prediction_type": teacher.prediction_type})
     scheduler.set_timesteps(num_steps, device=latents.device)
     z = latents * scheduler.init_noise_sigma
     omega = omega_from_guidance_scale(guidance_scale)

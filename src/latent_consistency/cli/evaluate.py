@@ -118,20 +118,36 @@ def run(args) -> None:
     out = writable_folder(args.out, "--out")
     lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
     teacher = load_diffusion_model(args.teacher, device=device) if args.teacher else None
+    guided = guided_distill_models(args.guided_distill or [], device)
     resolution = int(lcm.unet.config.sample_size) * lcm.codec.downsampling_factor
     eval_set = load_eval_set(args, resolution)
     scorers = scorers_for(args, device)
     scales = args.guidance_scales or [args.guidance_scale]
-    rows = table_rows(args.steps, scales, teacher is not None)
-    results = run_table(rows, lcm, teacher, eval_set, scorers, out, device)
+    rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=sorted(guided) if 0 not in guided else args.steps)
+    results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided)
     notes = [f"LCM `{args.lcm}`" + (f" with LoRA `{args.lora}`" if args.lora else "") + (f", teacher `{args.teacher}`" if teacher else "")
              + f". {len(eval_set.prompts)} prompts of `{args.prompts}` × {eval_set.images_per_prompt} image(s), reference "
              f"{len(eval_set.reference)} images of `{args.reference or args.prompts}` at {resolution} px (resized and centre-cropped "
              f"to it), seeds from {args.seed}. Metrics: {', '.join(s.name for s in scorers)}; KID and every number in `results.json`."]
     print(write_report(results, args.steps, out, "Evaluation", notes))
     write_plots(results, out)
-    write_grid([r for r in rows if r.guidance_scale == scales[0]], lcm, teacher, eval_set, out, device, args.grid_columns)
+    write_grid([r for r in rows if r.guidance_scale == scales[0]], lcm, teacher, eval_set, out, device, args.grid_columns, guided=guided)
     print(f"report, results.json, plots and grid in {out}")
+
+
+def guided_distill_models(paths: list[str], device) -> dict[int, object]:
+    """Guided-Distill models by the DDIM step count they were progressively distilled for (0: a stage-one model, for
+    every step count)."""
+    from latent_consistency.models import load_diffusion_model
+
+    models = {}
+    for path in paths:
+        model = load_diffusion_model(path, device=device)
+        if model.time_cond_proj_dim is None or model.is_lcm:
+            raise UserError(f"{path} is not a Guided-Distill model (a diffusion model with an ω input: `lcm distill --method guidance` "
+                            "or `--method progressive`)")
+        models[model.distilled_steps or 0] = model
+    return models
 
 
 def run_sweep(args) -> None:
@@ -159,6 +175,8 @@ def register(subparsers) -> None:
     p.add_argument("--lcm", help="the LCM: a diffusers folder or hub id (with --lora: the model the LCM-LoRA belongs to)")
     p.add_argument("--lora", help="an LCM-LoRA on --lcm")
     p.add_argument("--teacher", help="the teacher: its DDIM, DPM-Solver and DPM-Solver++ rows with classifier-free guidance")
+    p.add_argument("--guided-distill", nargs="+", help="Guided-Distill models (`lcm distill --method progressive` rounds, each at its "
+                   "step count; or a stage-one model, at every step count), sampled with DDIM")
     p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file")
     p.add_argument("--reference", help="real images for FID (default: those of --prompts)")
     p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png and grid.png")

@@ -31,6 +31,7 @@ from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import DiffusionModel
 
 TEACHER_SOLVERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpm++": "DPM-Solver++"}
+GUIDED_DISTILL = "guided-distill"  # Meng et al. 2023: a guidance-distilled model (ω input), progressively distilled, with DDIM
 REFERENCE_STEPS = (25, 50)  # the teacher's DPM-Solver++ at these step counts: what few-step samplers are measured against
 RESULTS_FILE = "results.json"
 
@@ -49,18 +50,21 @@ class Row:
 
     @property
     def method(self) -> str:
-        return "LCM" if self.sampler == "lcm" else f"{TEACHER_SOLVERS[self.sampler]} (CFG)"
+        return {"lcm": "LCM", GUIDED_DISTILL: "Guided-Distill"}.get(self.sampler) or f"{TEACHER_SOLVERS[self.sampler]} (CFG)"
 
     @property
     def network_evaluations(self) -> int:
-        """UNet passes per image: the LCM's one per step; the teacher's cond and uncond per step (multistep solvers)."""
-        return self.steps if self.sampler == "lcm" else 2 * self.steps
+        """UNet passes per image: one per step for the LCM and Guided-Distill (ω input); the teacher's cond and uncond
+        per step (multistep solvers)."""
+        return self.steps if self.sampler in ("lcm", GUIDED_DISTILL) else 2 * self.steps
 
 
-def table_rows(steps: list[int], guidance_scales: list[float], teacher: bool, reference_steps: tuple[int, ...] = REFERENCE_STEPS) -> list[Row]:
-    """The LCM at every step count and scale; with a teacher, its three solvers there too and DPM-Solver++ at the
-    reference step counts (25 and 50)."""
+def table_rows(steps: list[int], guidance_scales: list[float], teacher: bool, reference_steps: tuple[int, ...] = REFERENCE_STEPS,
+               guided_distill_steps: list[int] = ()) -> list[Row]:
+    """The LCM at every step count and scale; Guided-Distill at the step counts its models sample in; with a teacher,
+    its three solvers at every step count and DPM-Solver++ at the reference step counts (25 and 50)."""
     rows = [Row("lcm", n, g) for g in guidance_scales for n in steps]
+    rows += [Row(GUIDED_DISTILL, n, g) for g in guidance_scales for n in guided_distill_steps]
     if teacher:
         rows += [Row(s, n, g) for g in guidance_scales for s in TEACHER_SOLVERS for n in steps]
         rows += [Row("dpm++", n, g) for g in guidance_scales for n in reference_steps if n not in steps]
@@ -136,12 +140,17 @@ class ClipScorer(FeatureScorer):
         return super().__call__(images, eval_set) | {"clip_score": self.network.score(images, eval_set.all_prompts)}
 
 
-def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | None, eval_set: EvalSet, device) -> torch.Tensor:
-    """The row's images for every prompt; image i starts from seed `eval_set.seed + i` whatever the sampler."""
+def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | None, eval_set: EvalSet, device,
+             guided: dict[int, DiffusionModel] | None = None) -> torch.Tensor:
+    """The row's images for every prompt; image i starts from seed `eval_set.seed + i` whatever the sampler.
+    `guided`: the Guided-Distill model of each step count (key 0: one for every step count)."""
     prompts = eval_set.all_prompts
     if row.sampler == "lcm":
         return sample_consistency(lcm.consistency_model(), lcm.timesteps(row.steps), lcm, prompts, row.guidance_scale,
                                   eval_set.seed, device)
+    if row.sampler == GUIDED_DISTILL:
+        model = guided.get(row.steps) or guided[0]
+        return sample_guided(model, "ddim", row.steps, prompts, row.guidance_scale, eval_set.seed, device)
     return sample_guided(teacher, row.sampler, row.steps, prompts, row.guidance_scale, eval_set.seed, device)
 
 
@@ -153,7 +162,7 @@ def _peak_memory_mb(device) -> float:
 
 
 def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, scorers: list[Scorer],
-              out: Path, device, progress: bool = True) -> dict[str, dict]:
+              out: Path, device, progress: bool = True, guided: dict[int, DiffusionModel] | None = None) -> dict[str, dict]:
     """Score every row, writing `results.json` after each; rows already there (same prompts, noise and reference)
     are kept, so a killed evaluation continues where it stopped."""
     path = out / RESULTS_FILE
@@ -166,7 +175,7 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
         if torch.device(device).type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        images = generate(row, lcm, teacher, eval_set, device)
+        images = generate(row, lcm, teacher, eval_set, device, guided)
         ms_per_image = 1000 * (time.perf_counter() - start) / len(images)
         record = asdict(row) | {"method": row.method, "network_evaluations": row.network_evaluations, "ms_per_image": ms_per_image,
                                 "peak_memory_mb": _peak_memory_mb(device), "images": len(images)}
@@ -279,11 +288,11 @@ def write_plots(results: dict[str, dict], out: Path) -> list[Path]:
 
 
 def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, out: Path, device,
-               columns: int = 8, real_row: bool = False) -> Path:
+               columns: int = 8, real_row: bool = False, guided: dict[int, DiffusionModel] | None = None) -> Path:
     """Figure 2: the first prompts (columns, captioned) under every row, from the same noise; with `real_row`, the
     reference images first (when reference image i is prompt i's)."""
     few = EvalSet(eval_set.prompts[:columns], None, eval_set.reference[:columns], 1, eval_set.seed)
-    images = ([few.reference] if real_row else []) + [generate(row, lcm, teacher, few, device) for row in rows]
+    images = ([few.reference] if real_row else []) + [generate(row, lcm, teacher, few, device, guided) for row in rows]
     labels = (["real"] if real_row else []) + [f"{row.method} {row.steps} g={row.guidance_scale:g}" for row in rows]
     path = out / "grid.png"
     save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=170, column_labels=few.prompts), path)

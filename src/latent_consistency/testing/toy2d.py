@@ -26,7 +26,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 
 from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, OmegaConditionedTeacher
-from latent_consistency.losses import GuidanceDistillationLoss, LCDLoss, LCFLoss
+from latent_consistency.losses import GuidanceDistillationLoss, LCDLoss, LCFLoss, ProgressiveDistillationLoss
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps, randn, sample_lcm
 from latent_consistency.schedule import NoiseSchedule
@@ -227,6 +227,40 @@ def guidance_distill_toy2d(
         optimizer.step()
         lr_schedule.step()
     return OmegaConditionedTeacher(net.requires_grad_(False), schedule, prediction_type, 32)
+
+
+def progressive_distill_toy2d(
+    teacher: OmegaConditionedTeacher,
+    student_steps: int,
+    steps: int = 600,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    guidance_scale_range: tuple[float, float] = TOY_GUIDANCE_SCALE_RANGE,
+    seed: int = 0,
+    data: GuidedTeacher | None = None,
+) -> OmegaConditionedTeacher:
+    """One round of progressive distillation (`ProgressiveDistillationLoss`) on the toy: the student starts as the teacher
+    (Salimans & Ho 2022) and learns to sample in `student_steps` DDIM steps what the teacher does in twice as many.
+    Data x0 from the toy mixture (`data`'s, default the toy teacher's)."""
+    mixture = (data or toy_teacher()).net
+    num_classes = mixture.means.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    net = copy.deepcopy(teacher.net).requires_grad_(True)
+    student = ConsistencyModel(net, teacher.schedule, teacher.prediction_type, teacher.time_cond_proj_dim)
+    loss_fn = ProgressiveDistillationLoss(schedule=teacher.schedule, teacher=teacher, student_steps=student_steps,
+                                          guidance_scale_range=guidance_scale_range)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
+    uncond = prior_weights(batch_size, num_classes)
+    for _ in range(steps):
+        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        cond = class_weights(labels, num_classes)
+        loss = loss_fn(student, None, mixture.sample(batch_size, cond, generator).float(), cond, uncond, generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+    return OmegaConditionedTeacher(net.requires_grad_(False), teacher.schedule, teacher.prediction_type, teacher.time_cond_proj_dim)
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 256,

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from latent_consistency.errors import UserError
 
 ADAPTERS = ("full", "lora")
-METHODS = ("lcd", "guidance")
+METHODS = ("lcd", "guidance", "progressive")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -146,7 +146,10 @@ class DistillConfig(TrainConfig):
                        "whose ω input then stands for classifier-free guidance)", default="")
     method: str = doc("lcd: latent consistency distillation (Algorithm 1), exported as an LCM; guidance: stage one of Guided-Distill "
                       "(Meng et al. 2023), the teacher's classifier-free guidance learned as an ω input, exported as a diffusion model "
-                      "that DDIM or DPM-Solver sample at any step count with one network evaluation per step", default="lcd")
+                      "that DDIM or DPM-Solver sample at any step count with one network evaluation per step; progressive: its stage "
+                      "two, one round of progressive distillation (Salimans & Ho 2022) of such a model into one sampling in "
+                      "--student-steps DDIM steps what it does in twice as many", default="lcd")
+    student_steps: int = doc("progressive: the DDIM steps the student samples in (its teacher: twice as many)", default=0)
     student_init: str = doc("a diffusers folder whose UNet (with the ω input) a full student starts from instead of the teacher's, "
                             "e.g. a teacher distilled with --method guidance", default="")
     time_cond_proj_dim: int = doc("size of the ω embedding fed to a full student (diffusers' time_cond_proj_dim)", default=256)
@@ -168,9 +171,11 @@ class DistillConfig(TrainConfig):
         get_solver(self.solver)
         if self.method not in METHODS:
             raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.method == "guidance" and (self.adapter != "full" or self.guidance_pair_weight or self.student_init):
-            raise UserError("guidance distillation (--method guidance) trains a full student from the teacher; "
+        if self.method != "lcd" and (self.adapter != "full" or self.guidance_pair_weight or self.student_init):
+            raise UserError(f"--method {self.method} trains a full student from the teacher; "
                             "--adapter lora, --guidance-pair-weight and --student-init apply to --method lcd")
+        if (self.method == "progressive") != (self.student_steps > 0):
+            raise UserError("--method progressive needs --student-steps N (N >= 1), and --student-steps applies to it alone")
         if self.student_init and self.adapter != "full":
             raise UserError("--student-init gives a full student its starting weights; a LoRA student starts from the teacher")
         if self.student_prediction not in ("teacher", *PREDICTION_TYPES):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from latent_consistency.errors import UserError
-from latent_consistency.losses import GuidanceDistillationLoss, GuidancePairLCDLoss, LCDLoss, LCFLoss
-from latent_consistency.models import DiffusionModel, lcm_scheduler_config, load_diffusion_model, load_lcm, load_lcm_lora
+from latent_consistency.losses import GuidanceDistillationLoss, GuidancePairLCDLoss, LCDLoss, LCFLoss, ProgressiveDistillationLoss
+from latent_consistency.models import PROGRESSIVE_STEPS, DiffusionModel, lcm_scheduler_config, load_diffusion_model, load_lcm, load_lcm_lora
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig
@@ -48,6 +48,8 @@ class Distillation:
         omega_input = base.time_cond_proj_dim is not None  # a guidance-distilled teacher: its ω input is its guidance
         if omega_input and config.method == "guidance":
             raise UserError(f"{config.teacher} has learned its guidance already (it has an ω input); distil it with --method lcd")
+        if not omega_input and config.method == "progressive":
+            raise UserError(f"progressive distillation needs a teacher with an ω input; distil {config.teacher} with --method guidance first")
         if omega_input and config.guide_increments:
             raise UserError(f"{config.teacher} gives its guided output from an ω input; there are no unguided increments to guide")
         student_prediction = config.student_prediction_type(base.prediction_type)
@@ -59,12 +61,18 @@ class Distillation:
         """The student's scheduler config: an LCMScheduler's on the teacher's schedule (original_inference_steps = T/k),
         or for guidance distillation the teacher's own, in the student's parameterisation."""
         prediction_type = config.student_prediction_type(base.prediction_type)
+        own = {k: v for k, v in base.scheduler_config.items() if not k.startswith("_")} | {"prediction_type": prediction_type}
         if config.method == "guidance":
-            return {k: v for k, v in base.scheduler_config.items() if not k.startswith("_")} | {"prediction_type": prediction_type}
+            return own
+        if config.method == "progressive":  # diffusers' DDIM then samples on the grid the student learned
+            return own | {"timestep_spacing": "trailing", PROGRESSIVE_STEPS: config.student_steps}
         return lcm_scheduler_config(base.scheduler_config, config.skip, prediction_type)
 
     @staticmethod
     def loss(config: DistillConfig, base: DiffusionModel, scheduler_config: dict):
+        if config.method == "progressive":
+            return ProgressiveDistillationLoss(schedule=base.schedule, teacher=base.guided_teacher(), student_steps=config.student_steps,
+                                               guidance_scale_range=(config.guidance_scale_min, config.guidance_scale_max))
         if config.method == "guidance":
             return GuidanceDistillationLoss(schedule=base.schedule, teacher=base.guided_teacher(), prediction_type=scheduler_config["prediction_type"],
                                             guidance_scale_range=(config.guidance_scale_min, config.guidance_scale_max),

@@ -19,7 +19,15 @@ import torch
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.models import DiffusionModel, consistency_model, encode_prompts, guided_teacher, inference_timesteps, is_lcm_config
+from latent_consistency.models import (
+    PROGRESSIVE_STEPS,
+    DiffusionModel,
+    consistency_model,
+    encode_prompts,
+    guided_teacher,
+    inference_timesteps,
+    is_lcm_config,
+)
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
@@ -166,13 +174,15 @@ class RunFolder:
             if is_lcm_config(scheduler_config):
                 counts = VALIDATION_STEPS
                 rows = [samples(consistency_model(base.unet, scheduler_config), 4)] + [samples(f_target, n) for n in counts]
-            else:
-                counts = (4, 8, 25)
-                rows = [samples(base.guided_teacher(), 25)] + [samples(guided_teacher(target_unet, scheduler_config), n) for n in counts]
+            else:  # a guidance-distilled student: against the teacher's DDIM (at twice a progressive student's steps)
+                n = scheduler_config.get(PROGRESSIVE_STEPS)
+                counts, start_steps = ((n,), 2 * n) if n else ((4, 8, 25), 25)
+                rows = [samples(base.guided_teacher(), start_steps)] + [samples(guided_teacher(target_unet, scheduler_config), k) for k in counts]
         target_unet.train(was_training)
         (self.out / "samples").mkdir(exist_ok=True)
         path = self.out / "samples" / f"step-{step:07d}.png"
-        labels = [f"start, {4 if is_lcm_config(scheduler_config) else 25} steps"] + [f"step {step}, {n} step{'s' * (n > 1)}" for n in counts]
+        start = 4 if is_lcm_config(scheduler_config) else start_steps
+        labels = [f"start, {start} steps"] + [f"step {step}, {n} step{'s' * (n > 1)}" for n in counts]
         save_png(image_grid(rows, labels, label_width=130, column_labels=self.validation_prompts), path)
         return path
 

@@ -41,7 +41,7 @@ class VAEConfig:
     batch_size: int = 256
     lr: float = 1.5e-3  # AdamW peak learning rate (see `warmup_cosine`)
     scale_samples: int = 2048  # images whose latent standard deviation sets `scaling_factor`
-    pretraining_fraction: float = 0.2  # share of each batch drawn from the preset's pretraining datasets (if any)
+    pretraining_fraction: float = 0.1  # share of each batch drawn from the preset's pretraining datasets (if any)
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ PRESETS: dict[str, WorldPreset] = {
         pretraining_datasets=("digits",),
         checkpoint_every=500,
         judge=JudgeConfig(steps=600, batch_size=128),
-        vae=VAEConfig(steps=1200, batch_size=64),
+        vae=VAEConfig(steps=1500, batch_size=64),
         teacher=TeacherConfig(block_out_channels=(32, 64, 64), steps=3000, batch_size=128, ema_decay=0.999),
     ),
     # 64 px, wider networks and longer training: for a GPU.

@@ -46,15 +46,18 @@ def foreground_weights(x: torch.Tensor, foreground_weight: float) -> torch.Tenso
 
 
 def vae_loss(vae, x: torch.Tensor, kl_weight: float, foreground_weight: float, generator: torch.Generator) -> torch.Tensor:
-    """Weighted mean of |x - x̂| + (x - x̂)² + kl_weight · KL / pixels, x̂ decoded from a posterior sample.
+    """Per image, the weighted mean of |x - x̂| + (x - x̂)², averaged over images, + kl_weight · KL / pixels, x̂ decoded
+    from a posterior sample.
 
     The weights are `foreground_weights`: a world image is one small object on a plain background, and
-    an unweighted per-pixel loss is nearly all background (a small object is ~4 % of a 32 px image).
+    an unweighted per-pixel loss is nearly all background (a small object is ~4 % of a 32 px image). Each image
+    weighs the same in the batch, whatever its share of foreground (a digit's strokes cover ten times a shape's).
     """
     posterior = vae.encode(x).latent_dist
     x_hat = vae.decode(posterior.sample(generator)).sample.float()
     weights = foreground_weights(x, foreground_weight)
-    reconstruction = (weights * ((x_hat - x).abs() + (x_hat - x) ** 2)).sum() / (weights.sum() * x.shape[1])
+    per_image = (weights * ((x_hat - x).abs() + (x_hat - x) ** 2)).sum((1, 2, 3)) / (weights.sum((1, 2, 3)) * x.shape[1])
+    reconstruction = per_image.mean()
     kl = posterior.kl().float().mean() / x[0].numel()
     return reconstruction + kl_weight * kl
 
