@@ -73,7 +73,7 @@ def test_a_progressive_round_does_in_one_step_what_its_teacher_does_in_two():
     for guidance_scale in (1.5, 3.5):
         two = sample_teacher(stage_one, "ddim", z_T, cond, uncond, guidance_scale, 2, SD_TRAILING)
 
-        def distance(model, steps):
+        def distance(model, steps, guidance_scale=guidance_scale, two=two):
             return float((sample_teacher(model, "ddim", z_T, cond, uncond, guidance_scale, steps, SD_TRAILING) - two).norm(dim=1).mean()) / scale
 
         assert distance(student, 1) < 0.05 < 0.2 < min(distance(stage_one, 1), distance(control, 1)), guidance_scale
