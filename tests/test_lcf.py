@@ -95,7 +95,7 @@ def test_lcf_moves_a_toy_lcm_to_new_data():
 
     shifted = tuple((a, b + 1.5) for a, b in TOY_MEANS)
     lcm = distill_toy2d("dpm++", seed=0)
-    tuned = finetune_toy2d(lcm, shifted, steps=400)
+    tuned = finetune_toy2d(lcm, shifted, steps=800)
     n = 1000
     for label in (0, 1):
         cond = class_weights(torch.full((n,), label), 2)

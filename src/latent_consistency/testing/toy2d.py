@@ -97,6 +97,29 @@ class ToyStudent(torch.nn.Module):
         return self.output(h)
 
 
+def _fit(student, target, loss_fn, mixture: GaussianMixtureEps, steps: int, batch_size: int, lr: float, generator: torch.Generator,
+         ema_decay: float | None = None, lr_decay: bool = True) -> None:
+    """The toy's one training loop: x0 from `mixture` under a uniform class label c (∅ = the class prior), Adam with
+    the learning rate decaying linearly to 0 (or constant), and the target θ⁻ <- EMA of the student when given."""
+    net = student.net
+    num_classes = mixture.means.shape[0]
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1) if lr_decay else 1.0)
+    uncond = prior_weights(batch_size, num_classes)
+    for _ in range(steps):
+        # Data: x0 ~ p(x0 | c) with a uniform class c
+        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        cond = class_weights(labels, num_classes)
+        loss = loss_fn(student, target, mixture.sample(batch_size, cond, generator).float(), cond, uncond, generator).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        if target is not None and ema_decay is not None:
+            # Update target θ⁻ <- μ θ⁻ + (1-μ) θ
+            ema_update(target.net, net, ema_decay)
+
+
 def distill_toy2d(
     solver_name: str = "dpm++",
     steps: int = 800,
@@ -138,22 +161,7 @@ def distill_toy2d(
     target = ConsistencyModel(target_net, schedule, prediction_type, time_cond_proj_dim)
     loss_fn = LCDLoss(schedule, skip, guidance_scale_range, distance, huber_c,
                       teacher=teacher, solver=get_solver(solver_name))
-    optimizer = torch.optim.Adam(student_net.parameters(), lr=lr)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
-    uncond = prior_weights(batch_size, num_classes)
-    for _ in range(steps):
-        # Data: x0 ~ p(x0 | c) with a uniform class c
-        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
-        cond = class_weights(labels, num_classes)
-        latents = mixture.sample(batch_size, cond, generator).float()
-        # Consistency distillation loss (teacher jump and target inside LCDLoss)
-        loss = loss_fn(student, target, latents, cond, uncond, generator).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        # Update target θ⁻ <- μ θ⁻ + (1-μ) θ
-        ema_update(target_net, student_net, ema_decay)
+    _fit(student, target, loss_fn, mixture, steps, batch_size, lr, generator, ema_decay=ema_decay)
     return student
 
 
@@ -161,7 +169,7 @@ def finetune_toy2d(
     model: ConsistencyModel,
     means: tuple[tuple[float, ...], ...],
     std: float = TOY_STD,
-    steps: int = 400,
+    steps: int = 800,
     batch_size: int = 256,
     lr: float = 1e-3,
     ema_decay: float = 0.9,
@@ -173,23 +181,12 @@ def finetune_toy2d(
     with `means` (one component per class) and `std`, no teacher. Returns the fine-tuned student; `model` is untouched."""
     schedule = model.schedule
     data = GaussianMixtureEps(torch.tensor(means), std, schedule)  # only its samples are used
-    num_classes = data.means.shape[0]
     generator = torch.Generator().manual_seed(seed)
     student_net = copy.deepcopy(model.net).requires_grad_(True)
     target_net = copy.deepcopy(student_net).requires_grad_(False)
     student, target = (ConsistencyModel(net, schedule, model.prediction_type, model.time_cond_proj_dim) for net in (student_net, target_net))
     loss_fn = LCFLoss(schedule, skip, guidance_scale_range, distance="l2")
-    optimizer = torch.optim.Adam(student_net.parameters(), lr=lr)
-    for _ in range(steps):
-        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
-        cond = class_weights(labels, num_classes)
-        # Same-noise pair from the data, target f_θ⁻ at t_n, student f_θ at t_{n+k} (inside LCFLoss)
-        loss = loss_fn(student, target, data.sample(batch_size, cond, generator).float(), cond, generator=generator).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        # Update target θ⁻ <- μ θ⁻ + (1-μ) θ
-        ema_update(target_net, student_net, ema_decay)
+    _fit(student, target, loss_fn, data, steps, batch_size, lr, generator, ema_decay=ema_decay, lr_decay=False)
     return student
 
 
@@ -215,17 +212,7 @@ def guidance_distill_toy2d(
     student = ConsistencyModel(net, schedule, prediction_type, 32)  # its `output` is the ω-conditioned network
     loss_fn = GuidanceDistillationLoss(schedule=schedule, teacher=teacher, prediction_type=prediction_type,
                                        guidance_scale_range=guidance_scale_range)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
-    uncond = prior_weights(batch_size, num_classes)
-    for _ in range(steps):
-        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
-        cond = class_weights(labels, num_classes)
-        loss = loss_fn(student, None, mixture.sample(batch_size, cond, generator).float(), cond, uncond, generator).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
+    _fit(student, None, loss_fn, mixture, steps, batch_size, lr, generator)
     return OmegaConditionedTeacher(net.requires_grad_(False), schedule, prediction_type, 32)
 
 
@@ -243,23 +230,12 @@ def progressive_distill_toy2d(
     (Salimans & Ho 2022) and learns to sample in `student_steps` DDIM steps what the teacher does in twice as many.
     Data x0 from the toy mixture (`data`'s, default the toy teacher's)."""
     mixture = (data or toy_teacher()).net
-    num_classes = mixture.means.shape[0]
     generator = torch.Generator().manual_seed(seed)
     net = copy.deepcopy(teacher.net).requires_grad_(True)
     student = ConsistencyModel(net, teacher.schedule, teacher.prediction_type, teacher.time_cond_proj_dim)
     loss_fn = ProgressiveDistillationLoss(schedule=teacher.schedule, teacher=teacher, student_steps=student_steps,
                                           guidance_scale_range=guidance_scale_range)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
-    uncond = prior_weights(batch_size, num_classes)
-    for _ in range(steps):
-        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
-        cond = class_weights(labels, num_classes)
-        loss = loss_fn(student, None, mixture.sample(batch_size, cond, generator).float(), cond, uncond, generator).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
+    _fit(student, None, loss_fn, mixture, steps, batch_size, lr, generator)
     return OmegaConditionedTeacher(net.requires_grad_(False), teacher.schedule, teacher.prediction_type, teacher.time_cond_proj_dim)
 
 
