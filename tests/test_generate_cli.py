@@ -84,6 +84,7 @@ def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
         "height": (["a", "--model", m, "--height", "15"], "multiple of the VAE factor 2"),
         "negative guidance": (["a", "--model", m, "--guidance-scale", "-1"], "guidance-scale"),
         "absurd guidance": (["a", "--model", m, "--guidance-scale", "500"], "guidance-scale"),
+        "guidance below 1 for an omega input": (["a", "--model", m, "--guidance-scale", "0.5"], "trained on ω >= 0"),
         "empty prompt file": (["--model", m, "--prompt-file", str(empty)], "holds no prompts"),
         "no prompts": (["--model", m], "no prompts given"),
         "prompt file is a folder": (["--model", m, "--prompt-file", str(junk)], "is a folder"),
@@ -98,7 +99,8 @@ def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing model", "not diffusers", "no omega input", "steps 0", "steps > T/k", "height",
-                                  "negative guidance", "absurd guidance", "empty prompt file", "no prompts", "prompt file is a folder",
+                                  "negative guidance", "absurd guidance", "guidance below 1 for an omega input",
+                                  "empty prompt file", "no prompts", "prompt file is a folder",
                                   "output is a file", "unwritable output", "bad timesteps", "missing lora", "folder that is not a lora",
                                   "not a lora"])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_lcm, tiny_sd, tmp_path, run_error, case):

@@ -4,6 +4,7 @@ Known answer on the 2-D Gaussian mixture (the exact guided teacher), with a cont
 end on a tiny teacher: export, sampling at one network evaluation per step, and an LCM distilled from it."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from latent_consistency.cli import main
+from latent_consistency.models import PROGRESSIVE_FILE, PROGRESSIVE_STEPS
 from latent_consistency.sampling import sample_teacher
 from latent_consistency.testing.toy2d import (
     FlippedGuidanceTeacher,
@@ -136,10 +138,15 @@ def test_a_progressive_round_on_the_command_line_and_in_the_table(guided, tiny_l
     assert model.distilled_steps == 2 and model.scheduler_config["timestep_spacing"] == "trailing"
     assert main(["generate", "a red star", "--model", str(out / "guided"), "--sampler", "ddim", "--steps", "2", "--out", str(tmp_path / "i")]) == 0
     table = tmp_path / "table"
-    assert main(["evaluate", "--lcm", str(tiny_lcm), "--guided-distill", str(out / "guided"), "--prompts", str(image_folder),
-                 "--out", str(table), "--steps", "1,2", "--samples", "4", "--inception", str(inception_stand_in(tmp_path)), "--device", "cpu"]) == 0
+    evaluate = ["evaluate", "--lcm", str(tiny_lcm), "--prompts", str(image_folder), "--out", str(table), "--steps", "1", "--samples", "4",
+                "--inception", str(inception_stand_in(tmp_path)), "--device", "cpu"]
+    assert main(evaluate + ["--guided-distill", str(out / "guided")]) == 0
     rows = json.loads((table / "results.json").read_text())["rows"]
-    assert set(rows) == {"lcm|1|8", "lcm|2|8", "guided-distill|2|8"} and rows["guided-distill|2|8"]["network_evaluations"] == 2
+    assert set(rows) == {"lcm|1|8", "guided-distill|2|8"} and rows["guided-distill|2|8"]["network_evaluations"] == 2
+    header = next(line for line in (table / "report.md").read_text().splitlines() if line.startswith("| method"))
+    assert "FID 1 | FID 2" in header  # the round's step count is a column although --steps did not ask for it
+    assert main(evaluate + ["--guided-distill", str(out / "guided"), str(guided), str(out / "guided")]) == 2
+    assert main(evaluate + ["--guided-distill", str(guided), "--guidance-scale", "0.5"]) == 2
 
 
 def inception_stand_in(folder):
@@ -155,9 +162,14 @@ def inception_stand_in(folder):
 
 
 @pytest.mark.parametrize("case", ["lora", "guided teacher", "increments", "init without omega", "progressive without omega",
-                                  "progressive without steps"])
+                                  "progressive without steps", "solver", "weighting", "not halving", "steps not dividing T",
+                                  "progressive prediction", "init prediction"])
 def test_guidance_distillation_bad_input(case, guided, tiny_sd, image_folder, tmp_path, capsys):
     base = ["distill", "--preset", "tiny", "--data", str(image_folder), "--out", str(tmp_path / "out")]
+    four_steps = tmp_path / "four-steps"  # stands for a model progressively distilled to 4 DDIM steps
+    shutil.copytree(guided, four_steps)
+    (four_steps / PROGRESSIVE_FILE).write_text(json.dumps({PROGRESSIVE_STEPS: 4}))
+    progressive = ["--method", "progressive", "--student-steps"]
     cases = {
         "lora": (base + ["--teacher", str(tiny_sd), "--method", "guidance", "--adapter", "lora"], "--adapter lora"),
         "guided teacher": (base + ["--teacher", str(guided), "--method", "guidance"], "has learned its guidance already"),
@@ -166,6 +178,14 @@ def test_guidance_distillation_bad_input(case, guided, tiny_sd, image_folder, tm
         "progressive without omega": (base + ["--teacher", str(tiny_sd), "--method", "progressive", "--student-steps", "2"],
                                       "distil"),
         "progressive without steps": (base + ["--teacher", str(guided), "--method", "progressive"], "needs --student-steps"),
+        "solver": (base + ["--teacher", str(tiny_sd), "--method", "guidance", "--solver", "dpm"], "set --solver ddim"),
+        "weighting": (base + ["--teacher", str(guided), *progressive, "2", "--loss-weighting", "ict"], "set --loss-weighting uniform"),
+        "not halving": (base + ["--teacher", str(four_steps), *progressive, "1"], "(--student-steps 2)"),
+        "steps not dividing T": (base + ["--teacher", str(guided), *progressive, "3"], "--student-steps 3: the teacher's 6 DDIM steps"),
+        "progressive prediction": (base + ["--teacher", str(guided), *progressive, "2", "--student-prediction", "sample"],
+                                   "drop --student-prediction"),
+        "init prediction": (base + ["--teacher", str(tiny_sd), "--student-init", str(guided), "--student-prediction", "v_prediction"],
+                            "set --student-prediction epsilon"),
     }
     argv, message = cases[case]
     assert main(argv) == 2

@@ -269,14 +269,16 @@ class ProgressiveDistillationLoss:
 
         x̃ = (z_s − (σ_s/σ_t)·z_t) / (α_s − (σ_s/σ_t)·α_t),
 
-    with the weight max(α_t²/σ_t², 1) (truncated SNR) on ‖x̂0 − x̃‖². The last step ends at t = 0, as diffusers' DDIM
-    does without set_alpha_to_one.
+    with the weight max(α_t²/σ_t², 1) (truncated SNR) on d(x̂0, x̃) (the paper: squared L2). The last step ends at
+    t = 0, as diffusers' DDIM does without set_alpha_to_one.
     """
 
     schedule: NoiseSchedule
     teacher: GuidedTeacher
     student_steps: int
     guidance_scale_range: tuple[float, float] = (3.0, 15.0)
+    distance: str = "l2"
+    huber_c: float = 0.001
 
     def __post_init__(self):
         check_guidance_scale_range(*self.guidance_scale_range)
@@ -303,7 +305,7 @@ class ProgressiveDistillationLoss:
             snr = (a_t / s_t) ** 2
         alpha, sigma = self.schedule.alpha_sigma(t)
         x0 = x0_and_eps(student.output(z, t, cond, omega), z, alpha, sigma, student.prediction_type)[0]
-        return snr.clamp(min=1).flatten() * consistency_distance(x0, x_tilde, "l2")
+        return snr.clamp(min=1).flatten() * consistency_distance(x0, x_tilde, self.distance, self.huber_c)
 
 
 @dataclass

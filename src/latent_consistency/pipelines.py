@@ -83,6 +83,7 @@ class SolverGenerator(Generator):
     a guidance-distilled model (an ω input) one network evaluation per step."""
 
     sampler: str = "ddim"
+    kind = "solver"
 
     @classmethod
     def load(cls, path: str, device: torch.device, dtype: torch.dtype, sampler: str) -> SolverGenerator:

@@ -115,21 +115,26 @@ def run(args) -> None:
         if not getattr(args, name):
             raise UserError(f"--{name} is required (or `lcm evaluate sweep --runs ...`)")
     device = resolve_device(args.device)
-    out = writable_folder(args.out, "--out")
     lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
     teacher = load_diffusion_model(args.teacher, device=device) if args.teacher else None
     guided = guided_distill_models(args.guided_distill or [], device)
+    scales = args.guidance_scales or [args.guidance_scale]
+    if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided):
+        raise UserError(f"guidance scale {min(scales):g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
     resolution = int(lcm.unet.config.sample_size) * lcm.codec.downsampling_factor
     eval_set = load_eval_set(args, resolution)
     scorers = scorers_for(args, device)
-    scales = args.guidance_scales or [args.guidance_scale]
-    rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=sorted(guided) if 0 not in guided else args.steps)
+    out = writable_folder(args.out, "--out")
+    # A stage-one model samples at every step count; a progressive round at the one it was distilled for
+    guided_steps = sorted(set(args.steps if 0 in guided else []) | {n for n in guided if n})
+    rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=guided_steps)
+    steps = sorted(set(args.steps) | set(guided_steps))
     results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided)
     notes = [f"LCM `{args.lcm}`" + (f" with LoRA `{args.lora}`" if args.lora else "") + (f", teacher `{args.teacher}`" if teacher else "")
              + f". {len(eval_set.prompts)} prompts of `{args.prompts}` × {eval_set.images_per_prompt} image(s), reference "
              f"{len(eval_set.reference)} images of `{args.reference or args.prompts}` at {resolution} px (resized and centre-cropped "
              f"to it), seeds from {args.seed}. Metrics: {', '.join(s.name for s in scorers)}; KID and every number in `results.json`."]
-    print(write_report(results, args.steps, out, "Evaluation", notes))
+    print(write_report(results, steps, out, "Evaluation", notes))
     write_plots(results, out)
     write_grid([r for r in rows if r.guidance_scale == scales[0]], lcm, teacher, eval_set, out, device, args.grid_columns, guided=guided)
     print(f"report, results.json, plots and grid in {out}")
@@ -146,7 +151,11 @@ def guided_distill_models(paths: list[str], device) -> dict[int, object]:
         if model.time_cond_proj_dim is None or model.is_lcm:
             raise UserError(f"{path} is not a Guided-Distill model (a diffusion model with an ω input: `lcm distill --method guidance` "
                             "or `--method progressive`)")
-        models[model.distilled_steps or 0] = model
+        steps = model.distilled_steps or 0
+        if steps in models:
+            raise UserError(f"two --guided-distill models sample in {steps or 'any number of'} steps ({path} and "
+                            f"{models[steps].source}); give one per step count")
+        models[steps] = model
     return models
 
 

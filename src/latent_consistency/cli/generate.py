@@ -23,8 +23,8 @@ from latent_consistency.sampling import TEACHER_SAMPLERS
 
 # The paper trains ω ∈ [2, 14] (g ∈ [3, 15]); far outside the trained range the ω embedding is meaningless.
 MAX_GUIDANCE_SCALE = 30.0
-# Default g: an LCM's ω input (the paper's ω = 7), and an LCM-LoRA's classifier-free guidance (none: its guidance
-# was distilled in; diffusers recommends 1-2 for LCM-LoRA).
+# Default g by `Generator.kind`: an LCM's ω input (the paper's ω = 7), an LCM-LoRA's classifier-free guidance (none:
+# its guidance was distilled in; diffusers recommends 1-2 for LCM-LoRA), a diffusion model's CFG or ω input.
 DEFAULT_GUIDANCE_SCALE = {"lcm": 8.0, "lora": 1.0, "solver": 7.5}
 MAX_SEED = 2**63 - 1
 
@@ -67,11 +67,9 @@ def parse_timesteps(text: str | None) -> list[int] | None:
 
 def run(args) -> None:
     prompts = read_prompts(args.prompts, args.prompt_file)
-    kind = "lora" if args.lora else ("lcm" if args.sampler == "lcm" else "solver")
-    guidance_scale = DEFAULT_GUIDANCE_SCALE[kind] if args.guidance_scale is None else args.guidance_scale
-    if not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
+    if args.guidance_scale is not None and not 0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE:
         raise UserError(
-            f"--guidance-scale {guidance_scale} is outside [0, {MAX_GUIDANCE_SCALE:g}]; "
+            f"--guidance-scale {args.guidance_scale} is outside [0, {MAX_GUIDANCE_SCALE:g}]; "
             "LCMs are distilled with guidance scales around 3-15 (paper ω ∈ [2, 14])"
         )
     if args.seed + len(prompts) > MAX_SEED:
@@ -84,6 +82,10 @@ def run(args) -> None:
         raise UserError("--lora is an LCM-LoRA: sample it with --sampler lcm")
     else:
         generator = SolverGenerator.load(args.model, device, dtype, args.sampler)
+    guidance_scale = DEFAULT_GUIDANCE_SCALE[generator.kind] if args.guidance_scale is None else args.guidance_scale
+    if generator.model.time_cond_proj_dim is not None and guidance_scale < 1:
+        raise UserError(f"--guidance-scale {guidance_scale:g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
+                        "which was trained on ω >= 0")
     timesteps = generator.timesteps(args.steps, parse_timesteps(args.timesteps))
     height = args.height or generator.default_size()
     width = args.width or generator.default_size()

@@ -43,7 +43,8 @@ def sample(spec: SamplerSpec, lcm: DiffusionModel | None, teacher: DiffusionMode
            device: torch.device | str = "cpu") -> torch.Tensor:
     """Images in [-1, 1] on the CPU for `prompts` with the sampler `spec`; image i uses seed `seed + i`."""
     if spec.kind == "lcm":
-        return sample_consistency(lcm.consistency_model(), lcm.timesteps(spec.steps), lcm, prompts, spec.guidance_scale, seed, device)
+        return sample_consistency(lcm.consistency_model(spec.guidance_scale), lcm.timesteps(spec.steps), lcm, prompts, spec.guidance_scale,
+                                  seed, device)
     return sample_guided(teacher, spec.sampler, spec.steps, prompts, spec.guidance_scale, seed, device)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -52,11 +51,12 @@ class Row:
     def method(self) -> str:
         return {"lcm": "LCM", GUIDED_DISTILL: "Guided-Distill"}.get(self.sampler) or f"{TEACHER_SOLVERS[self.sampler]} (CFG)"
 
-    @property
-    def network_evaluations(self) -> int:
-        """UNet passes per image: one per step for the LCM and Guided-Distill (ω input); the teacher's cond and uncond
-        per step (multistep solvers)."""
-        return self.steps if self.sampler in ("lcm", GUIDED_DISTILL) else 2 * self.steps
+    def network_evaluations(self, lcm: DiffusionModel | None = None) -> int:
+        """UNet passes per image: one per step for an LCM with an ω input and Guided-Distill; two (cond and uncond) for
+        the teacher with CFG and for an LCM-LoRA guided at g > 1."""
+        if self.sampler == GUIDED_DISTILL or (self.sampler == "lcm" and (lcm.time_cond_proj_dim is not None or self.guidance_scale <= 1)):
+            return self.steps
+        return 2 * self.steps
 
 
 def table_rows(steps: list[int], guidance_scales: list[float], teacher: bool, reference_steps: tuple[int, ...] = REFERENCE_STEPS,
@@ -90,9 +90,10 @@ class EvalSet:
     def all_attributes(self) -> list | None:
         return None if self.attributes is None else [a for a in self.attributes for _ in range(self.images_per_prompt)]
 
-    def fingerprint(self) -> str:
-        """What a saved row must have been scored on to be reused."""
-        digest = hashlib.sha256(json.dumps([self.prompts, self.images_per_prompt, self.seed]).encode())
+    def fingerprint(self, *identities: str) -> str:
+        """What a saved row must have been scored on to be reused: these prompts, noise and reference images, and the
+        `identities` of the models and metrics."""
+        digest = hashlib.sha256(json.dumps([self.prompts, self.images_per_prompt, self.seed, *identities]).encode())
         digest.update(self.reference.float().numpy().tobytes())
         return digest.hexdigest()[:16]
 
@@ -145,8 +146,8 @@ def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | Non
     """The row's images for every prompt; image i starts from seed `eval_set.seed + i` whatever the sampler.
     `guided`: the Guided-Distill model of each step count (key 0: one for every step count)."""
     prompts = eval_set.all_prompts
-    if row.sampler == "lcm":
-        return sample_consistency(lcm.consistency_model(), lcm.timesteps(row.steps), lcm, prompts, row.guidance_scale,
+    if row.sampler == "lcm":  # an LCM-LoRA (no ω input) is guided with CFG at g > 1, as diffusers does
+        return sample_consistency(lcm.consistency_model(row.guidance_scale), lcm.timesteps(row.steps), lcm, prompts, row.guidance_scale,
                                   eval_set.seed, device)
     if row.sampler == GUIDED_DISTILL:
         model = guided.get(row.steps) or guided[0]
@@ -154,11 +155,12 @@ def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | Non
     return sample_guided(teacher, row.sampler, row.steps, prompts, row.guidance_scale, eval_set.seed, device)
 
 
-def _peak_memory_mb(device) -> float:
-    """Peak memory: the GPU's allocator on CUDA; otherwise the process's resident-set high-water mark."""
+def _peak_memory_mb(device) -> float | None:
+    """The row's peak memory on a CUDA device (its allocator's high-water mark since the row started); None elsewhere:
+    a CPU process's resident-set peak only grows, so it would not tell one row from another."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
 
 
 def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, scorers: list[Scorer],
@@ -166,7 +168,8 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
     """Score every row, writing `results.json` after each; rows already there (same prompts, noise and reference)
     are kept, so a killed evaluation continues where it stopped."""
     path = out / RESULTS_FILE
-    fingerprint = eval_set.fingerprint()
+    models = [m.source for m in (lcm, teacher, *(guided or {}).values()) if m is not None]
+    fingerprint = eval_set.fingerprint(*models, *(s.name for s in scorers))
     saved = json.loads(path.read_text()) if path.is_file() else {}
     results = saved.get("rows", {}) if saved.get("fingerprint") == fingerprint else {}
     todo = [row for row in rows if row.key not in results]
@@ -177,7 +180,7 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
         start = time.perf_counter()
         images = generate(row, lcm, teacher, eval_set, device, guided)
         ms_per_image = 1000 * (time.perf_counter() - start) / len(images)
-        record = asdict(row) | {"method": row.method, "network_evaluations": row.network_evaluations, "ms_per_image": ms_per_image,
+        record = asdict(row) | {"method": row.method, "network_evaluations": row.network_evaluations(lcm), "ms_per_image": ms_per_image,
                                 "peak_memory_mb": _peak_memory_mb(device), "images": len(images)}
         for scorer in scorers:
             record |= {f"{scorer.name}_{k}": v for k, v in scorer(images, eval_set).items()}
@@ -227,10 +230,10 @@ def write_report(results: dict[str, dict], steps: list[int], out: Path | None, t
             follow = "" if follow_key is None else f", {follow_name} {r[follow_key]:.3f}"
             lines.append(f"\nReference: DPM-Solver++ (CFG) {r['steps']} steps: FID {r[fid_key]:.2f}{follow}")
         lines.append("")
-    lines += ["## Cost per image", "", "| method | steps | g | network evaluations | ms | peak memory (MB) |", "|---|---|---|---|---|---|"]
+    lines += ["## Cost per image", "", "| method | steps | g | network evaluations | ms | peak GPU memory (MB) |", "|---|---|---|---|---|---|"]
     for r in results.values():
-        lines.append(f"| {r['method']} | {r['steps']} | {r['guidance_scale']:g} | {r['network_evaluations']} | {r['ms_per_image']:.1f} | "
-                     f"{r['peak_memory_mb']:.0f} |")
+        memory = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"| {r['method']} | {r['steps']} | {r['guidance_scale']:g} | {r['network_evaluations']} | {r['ms_per_image']:.1f} | {memory} |")
     text = "\n".join(lines) + "\n"
     if out is not None:
         (out / "report.md").write_text(text)

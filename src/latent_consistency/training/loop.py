@@ -1,4 +1,4 @@
-"""The one training loop of LCD (Algorithm 1) and LCF (Algorithm 4), on `accelerate`.
+"""The one training loop of LCD (Algorithm 1), LCF (Algorithm 4) and Guided-Distill's two stages, on `accelerate`.
 
 The math lives in `losses.py`; this file only moves batches, steps the optimiser, updates the target,
 logs, validates and checkpoints (`training.run_folder`). Only the main process writes files.

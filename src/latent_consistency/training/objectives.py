@@ -23,15 +23,15 @@ def _loss_settings(config: TrainConfig, schedule: NoiseSchedule, skip: int) -> d
                 distance=config.loss, huber_c=config.huber_c, weighting=config.loss_weighting)
 
 
-def _check_schedule(schedule: NoiseSchedule, prediction_types: dict[str, str], skip: int) -> None:
-    """k must divide T, and ε cannot be predicted at zero terminal SNR."""
+def _check_schedule(schedule: NoiseSchedule, prediction_types: dict[str, str], skip: int | None) -> None:
+    """k must divide T (when the objective has one), and ε cannot be predicted at zero terminal SNR."""
     if schedule.zero_terminal_snr:
         # At zero terminal SNR, x̂0 = (z - σ·ε̂)/α divides by α_{T-1} = 2^-12: ε̂ carries no image there.
         for who, prediction in prediction_types.items():
             if prediction == "epsilon":
                 raise UserError(f"the {who} would predict ε on a zero-terminal-SNR schedule, where ε says nothing about the image "
                                 "at t = T-1; use a v-prediction teacher and student")
-    if skip < 1 or schedule.num_train_timesteps % skip:
+    if skip is not None and (skip < 1 or schedule.num_train_timesteps % skip):
         raise UserError(f"skip {skip} must divide the model's {schedule.num_train_timesteps} training timesteps")
 
 
@@ -53,15 +53,41 @@ class Distillation:
         if omega_input and config.guide_increments:
             raise UserError(f"{config.teacher} gives its guided output from an ω input; there are no unguided increments to guide")
         student_prediction = config.student_prediction_type(base.prediction_type)
-        _check_schedule(base.schedule, {"teacher": base.prediction_type, "student": student_prediction}, config.skip)
+        if config.method != "lcd":
+            Distillation._check_guided_distill(config, base, student_prediction)
+        _check_schedule(base.schedule, {"teacher": base.prediction_type, "student": student_prediction},
+                        config.skip if config.method == "lcd" else None)
         return base
+
+    @staticmethod
+    def _check_guided_distill(config: DistillConfig, base: DiffusionModel, student_prediction: str) -> None:
+        """Guided-Distill's stages have no ODE solver, skipping step or consistency weighting; a progressive round
+        halves its teacher's DDIM steps, in the teacher's parameterisation (the student starts as it)."""
+        refused = [flag for flag, on in (("--solver ddim", config.solver != "ddim"), ("no --guide-increments", config.guide_increments),
+                                         ("--loss-weighting uniform", config.loss_weighting != "uniform")) if on]
+        if refused:
+            raise UserError(f"--method {config.method} has no ODE solver or grid pairs to weight (those are LCD's): set {', '.join(refused)}")
+        if config.method != "progressive":
+            return
+        n, steps = config.student_steps, base.schedule.num_train_timesteps
+        if base.distilled_steps is not None and base.distilled_steps != 2 * n:
+            raise UserError(f"{config.teacher} samples in {base.distilled_steps} DDIM steps; a round halves them "
+                            f"(--student-steps {base.distilled_steps // 2})" if base.distilled_steps % 2 == 0 else
+                            f"{config.teacher} samples in {base.distilled_steps} DDIM steps, which cannot be halved")
+        if steps % (2 * n):
+            raise UserError(f"--student-steps {n}: the teacher's {2 * n} DDIM steps must divide its {steps} training timesteps")
+        if student_prediction != base.prediction_type:
+            raise UserError(f"a progressive student starts as its teacher and predicts what it does ({base.prediction_type}); "
+                            "drop --student-prediction")
 
     @staticmethod
     def scheduler_config(config: DistillConfig, base: DiffusionModel) -> dict:
         """The student's scheduler config: an LCMScheduler's on the teacher's schedule (original_inference_steps = T/k),
         or for guidance distillation the teacher's own, in the student's parameterisation."""
         prediction_type = config.student_prediction_type(base.prediction_type)
-        own = {k: v for k, v in base.scheduler_config.items() if not k.startswith("_")} | {"prediction_type": prediction_type}
+        # Exported with a DDIMScheduler, whose defaults (clip_sample=True) differ from e.g. SD's PNDM config: say them
+        own = {k: v for k, v in base.scheduler_config.items() if not k.startswith("_")} | {
+            "prediction_type": prediction_type, "clip_sample": False, "set_alpha_to_one": False, "thresholding": False}
         if config.method == "guidance":
             return own
         if config.method == "progressive":  # diffusers' DDIM then samples on the grid the student learned
@@ -72,7 +98,8 @@ class Distillation:
     def loss(config: DistillConfig, base: DiffusionModel, scheduler_config: dict):
         if config.method == "progressive":
             return ProgressiveDistillationLoss(schedule=base.schedule, teacher=base.guided_teacher(), student_steps=config.student_steps,
-                                               guidance_scale_range=(config.guidance_scale_min, config.guidance_scale_max))
+                                               guidance_scale_range=(config.guidance_scale_min, config.guidance_scale_max),
+                                               distance=config.loss, huber_c=config.huber_c)
         if config.method == "guidance":
             return GuidanceDistillationLoss(schedule=base.schedule, teacher=base.guided_teacher(), prediction_type=scheduler_config["prediction_type"],
                                             guidance_scale_range=(config.guidance_scale_min, config.guidance_scale_max),

@@ -3,9 +3,11 @@ checkpoints with exact resume, and the exported model. Only the main process wri
 
     config.json      the resolved config (a resumed run must match it)
     metrics.jsonl    one line per `log_every` steps (and TensorBoard, when installed)
-    samples/         1-, 2-, 4-step grids of the target θ⁻ for fixed prompts and noise
+    samples/         grids of the target θ⁻ for fixed prompts and noise: an LCM's 1, 2, 4 steps; a guidance-distilled
+                     model's DDIM steps, beside the starting model's
     checkpoints/     `training.checkpoint`
-    lcm/ or lora/    the exported model
+    lcm/, lora/      the exported model: an LCM, an LCM-LoRA, or (Guided-Distill) a diffusion model with an ω input
+    or guided/
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ class RunFolder:
         return path
 
     def finish(self) -> Path | None:
-        """Export the target θ⁻ in diffusers format (main process); returns its path."""
+        """Export the target θ⁻ in diffusers format (main process, `Student.export`); returns its path."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         exported = None

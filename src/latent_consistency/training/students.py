@@ -24,6 +24,7 @@ from latent_consistency.models import (
     consistency_model,
     is_lcm_config,
     make_student_unet,
+    prediction_type_of,
     save_diffusion_pipeline,
     save_lcm_pipeline,
 )
@@ -80,8 +81,11 @@ class Student:
                 unet.load_state_dict(sd)
 
     def export(self, out: Path, unwrapped_unet, base: DiffusionModel) -> Path:
-        """Write the target θ⁻ (the EMA, or the student when there is none) in diffusers format."""
+        """Write the target θ⁻ (the EMA, or the student when there is none) in diffusers format; the frozen VAE and text
+        encoder go out in float32 like the student, whatever precision they ran in (`freeze_in_half_precision`)."""
         unet = self.target_unet if self.has_separate_target else unwrapped_unet
+        for module in (base.vae, base.text_encoder):
+            module.to(dtype=torch.float32)
         if self.adapter == "lora":
             from diffusers import LCMScheduler, StableDiffusionPipeline
             from peft.utils import get_peft_model_state_dict
@@ -99,14 +103,19 @@ class Student:
         return save_lcm_pipeline(Path(out) / "lcm", unet, base, self.scheduler_config)
 
 
-def _initial_unet(path: str, base: DiffusionModel):
-    """A full student's starting UNet from another diffusers folder (with an ω input, the teacher's architecture)."""
-    from diffusers import UNet2DConditionModel
+def _initial_unet(path: str, base: DiffusionModel, prediction_type: str):
+    """A full student's starting UNet from another diffusers folder (with an ω input, the teacher's architecture, and
+    the student's parameterisation: its output means what the loss reads it as)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
 
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+        predicts = prediction_type_of(DDIMScheduler.load_config(path, subfolder="scheduler"))
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the student's starting UNet from {path}: give a diffusers folder with unet/") from err
+        raise UserError(f"cannot load the student's starting UNet from {path}: give a diffusers folder with unet/ and scheduler/") from err
+    if predicts != prediction_type:
+        raise UserError(f"the UNet of {path} predicts {predicts} and the student {prediction_type}: "
+                        f"set --student-prediction {predicts}")
     if unet.config.get("time_cond_proj_dim") is None:
         raise UserError(f"the UNet of {path} has no ω input; --student-init takes a model distilled with --method guidance or an LCM")
     mismatch = [k for k in ("in_channels", "block_out_channels", "cross_attention_dim", "sample_size")
@@ -137,7 +146,7 @@ def make_student(config, base: DiffusionModel, scheduler_config: dict) -> Studen
             targets = [m for m in LORA_TARGET_MODULES if m.split(".")[-1] in present]
             unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=targets))
     elif getattr(config, "student_init", ""):
-        unet = _initial_unet(config.student_init, base)
+        unet = _initial_unet(config.student_init, base, scheduler_config["prediction_type"])
     else:
         unet = make_student_unet(base.unet, config.time_cond_proj_dim) if base.time_cond_proj_dim is None else copy.deepcopy(base.unet)
         unet.requires_grad_(True)
