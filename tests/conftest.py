@@ -20,3 +20,18 @@ def tiny_sd(tmp_path_factory):
 def tiny_lcm(tmp_path_factory):
     """A tiny random LCM folder saved by diffusers."""
     return save_tiny_lcm(tmp_path_factory.mktemp("models") / "tiny-lcm")
+
+
+@pytest.fixture
+def run_error(capsys):
+    """Run the `lcm` command line; (exit code, standard error), argparse's own exits included."""
+    from latent_consistency.cli import main
+
+    def run(argv):
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code
+        return code, capsys.readouterr().err.strip()
+
+    return run

@@ -134,7 +134,7 @@ def test_evaluate_a_tiny_lcm_against_its_teacher_and_resume(tiny_lcm, tiny_sd, t
 
 
 @pytest.mark.parametrize("case", ["not an lcm", "zero steps", "nan scale", "no metric", "no reference images", "empty prompts"])
-def test_evaluate_bad_input(case, tiny_lcm, tiny_sd, image_folder, tmp_path, capsys):
+def test_evaluate_bad_input(case, tiny_lcm, tiny_sd, image_folder, tmp_path, run_error):
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "prompts.txt").write_text("a red star\n")
     base = ["evaluate", "--lcm", str(tiny_lcm), "--prompts", str(image_folder), "--out", str(tmp_path / "out"), "--device", "cpu"]
@@ -148,9 +148,5 @@ def test_evaluate_bad_input(case, tiny_lcm, tiny_sd, image_folder, tmp_path, cap
         "empty prompts": (base + ["--prompts", str(tmp_path / "empty.txt"), "--clip", "x"], "holds no prompts"),
     }
     argv, message = cases[case]
-    try:
-        code = main(argv)
-    except SystemExit as stop:
-        code = stop.code
-    err = capsys.readouterr().err.strip()
+    code, err = run_error(argv)
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err

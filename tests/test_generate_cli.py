@@ -56,15 +56,6 @@ def test_help_documents_every_option(capsys):
         assert option in text
 
 
-@pytest.fixture
-def run_error(capsys):
-    def run(argv):
-        code = main(argv)
-        err = capsys.readouterr().err.strip()
-        return code, err
-    return run
-
-
 def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")

@@ -164,7 +164,7 @@ def inception_stand_in(folder):
 @pytest.mark.parametrize("case", ["lora", "guided teacher", "increments", "init without omega", "progressive without omega",
                                   "progressive without steps", "solver", "weighting", "not halving", "steps not dividing T",
                                   "progressive prediction", "init prediction"])
-def test_guidance_distillation_bad_input(case, guided, tiny_sd, image_folder, tmp_path, capsys):
+def test_guidance_distillation_bad_input(case, guided, tiny_sd, image_folder, tmp_path, run_error):
     base = ["distill", "--preset", "tiny", "--data", str(image_folder), "--out", str(tmp_path / "out")]
     four_steps = tmp_path / "four-steps"  # stands for a model progressively distilled to 4 DDIM steps
     shutil.copytree(guided, four_steps)
@@ -188,6 +188,5 @@ def test_guidance_distillation_bad_input(case, guided, tiny_sd, image_folder, tm
                             "set --student-prediction epsilon"),
     }
     argv, message = cases[case]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
+    code, err = run_error(argv)
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err

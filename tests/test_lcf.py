@@ -172,7 +172,7 @@ def test_finetune_an_lcm_lora_trains_that_lora(tiny_sd, image_folder, tmp_path):
 
 @pytest.mark.parametrize("case", ["not an lcm", "teacher flag", "teacher field in a config", "empty eval split", "lora without adapter",
                                   "eval data and fraction", "eval fraction out of range"])
-def test_finetune_bad_input(case, tiny_sd, tiny_lcm, image_folder, tmp_path, capsys):
+def test_finetune_bad_input(case, tiny_sd, tiny_lcm, image_folder, tmp_path, run_error):
     (tmp_path / "lcd.json").write_text(json.dumps({"solver": "dpm++"}))
     one = tmp_path / "one-image"
     one.mkdir()
@@ -191,10 +191,6 @@ def test_finetune_bad_input(case, tiny_sd, tiny_lcm, image_folder, tmp_path, cap
         "eval fraction out of range": (finetune_args(tiny_lcm, image_folder, out, "--eval-fraction", "1.5"), "eval_fraction must be in [0, 1)"),
     }
     argv, message = cases[case]
-    try:
-        code = main(argv)
-    except SystemExit as stop:
-        code = stop.code
-    err = capsys.readouterr().err.strip()
+    code, err = run_error(argv)
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not out.exists() or not any(out.iterdir())
