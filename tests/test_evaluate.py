@@ -150,3 +150,16 @@ def test_evaluate_bad_input(case, tiny_lcm, tiny_sd, image_folder, tmp_path, run
     argv, message = cases[case]
     code, err = run_error(argv)
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_network_evaluations_per_image_count_cfg_passes():
+    """One pass per step for an LCM (ω input) and Guided-Distill; two (cond and uncond) for the teacher's CFG and for
+    an LCM-LoRA guided at g > 1, which has no ω input."""
+    from types import SimpleNamespace
+
+    from latent_consistency.evaluation.table import GUIDED_DISTILL, Row
+
+    lcm, lora = SimpleNamespace(time_cond_proj_dim=64), SimpleNamespace(time_cond_proj_dim=None)
+    assert Row("lcm", 4, 8.0).network_evaluations(lcm) == 4
+    assert Row("lcm", 4, 8.0).network_evaluations(lora) == 8 and Row("lcm", 4, 1.0).network_evaluations(lora) == 4
+    assert Row(GUIDED_DISTILL, 2, 8.0).network_evaluations() == 2 and Row("dpm++", 25, 8.0).network_evaluations() == 50
