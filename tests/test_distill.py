@@ -33,6 +33,12 @@ def image_folder(tmp_path_factory):
     return folder
 
 
+def read_metrics(out: Path, key: str = "loss") -> list[dict]:
+    """The lines of a run's metrics.jsonl that hold `key` (training lines: "loss")."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if key in m]
+
+
 def distill_args(tiny_sd, data, out, *extra):
     return ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(out), *extra]
 
@@ -51,8 +57,12 @@ def test_distill_exports_an_lcm_diffusers_runs(tiny_sd, image_folder, tmp_path):
 
     out = tmp_path / "run"
     assert main(distill_args(tiny_sd, image_folder, out, "--solver", "dpm++", "--loss", "l2")) == 0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(np.isfinite(m["loss"]) for m in metrics)
+    # The student's ω response at the end, at the 4-step sampler's timesteps (T/k = 50 steps) and one small t
+    (response,) = read_metrics(out, "omega_response_999")
+    assert response["step"] == 4 and set(response) == {"step"} | {f"omega_response_{t}" for t in (999, 759, 499, 259, 99)}
+    assert all(np.isfinite(v) for v in response.values())
     assert json.loads((out / "config.json").read_text())["solver"] == "dpm++"
     assert (out / "samples" / "step-0000004.png").is_file()
     pipe = LatentConsistencyModelPipeline.from_pretrained(out / "lcm", safety_checker=None)
@@ -126,9 +136,8 @@ def test_sigkill_and_resume_is_bitwise_identical(run_args, image_folder, tmp_pat
     assert ref.keys() == res.keys()
     for k in ref:
         assert torch.equal(ref[k], res[k]), k
-    ref_metrics = (reference / "metrics.jsonl").read_text().splitlines()
-    res_metrics = (killed / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(ref_metrics[-1])["loss"] == json.loads(res_metrics[-1])["loss"]
+    assert read_metrics(reference)[-1]["loss"] == read_metrics(killed)[-1]["loss"]
+    assert read_metrics(reference, "omega_response_999") == read_metrics(killed, "omega_response_999")
 
 
 @pytest.mark.slow
@@ -153,8 +162,7 @@ def test_two_processes_share_one_global_batch_and_only_rank0_writes(run_args, im
         pytest.fail(f"two-process run did not finish in 180 s: {stderr[-2000:]}")
     assert proc.returncode == 0, stderr[-2000:]
     assert stdout.count("exported") == 1
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
     state = json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())
     # 4 steps x global batch 4 = 16 samples of 24: both ranks stand at global position 16.
     assert state["data"] == [{"sampler": {"epoch": 0, "index": 16, "num_samples": 24}}] * 2
@@ -307,7 +315,7 @@ def test_v_prediction_teacher_distils_and_loss_falls(tmp_path, image_folder, zer
     out = tmp_path / "v-run"
     assert main(distill_args(teacher, image_folder, out, "--steps", "30", "--lr", "1e-3", "--loss", "l2",
                              "--log-every", "1", "--checkpoint-every", "0")) == 0
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in read_metrics(out)]
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
     exported = json.loads((out / "lcm" / "scheduler" / "scheduler_config.json").read_text())
     assert exported["prediction_type"] == "v_prediction" and exported["rescale_betas_zero_snr"] == zero_terminal_snr

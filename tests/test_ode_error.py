@@ -36,7 +36,7 @@ def test_the_exact_consistency_function_of_gaussian_data_has_no_ode_error():
 
 
 def test_error_timesteps_are_the_4_step_sampler_s_and_one_small_t():
-    from latent_consistency.world.over_training import error_timesteps
+    from latent_consistency.evaluation.ode_error import error_timesteps
 
     assert error_timesteps(1000, 20) == [999, 759, 499, 259, 99]
     assert error_timesteps(1000, 50) == [999, 749, 499, 249, 99]

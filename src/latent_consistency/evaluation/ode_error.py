@@ -15,7 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from latent_consistency.errors import UserError
+from latent_consistency.sampling import lcm_timesteps
+from latent_consistency.schedule import skipping_grid
 from latent_consistency.solvers import Solver, guided_jump
+
+
+def error_timesteps(num_train_timesteps: int, skip: int) -> list[int]:
+    """Where to measure: the 4-step sampler's timesteps and the grid point nearest T/10."""
+    grid = skipping_grid(num_train_timesteps, skip)
+    small = int(grid[(grid - num_train_timesteps // 10).abs().argmin()])
+    return sorted({*lcm_timesteps(4, num_train_timesteps, num_train_timesteps // skip).tolist(), small}, reverse=True)
 
 
 @dataclass

@@ -29,7 +29,8 @@ def doc(text: str, **kwargs) -> Any:
 
 
 # Fields a resumed run may change: how long it runs, and what it writes how often
-RESUMABLE_CHANGES = ("out", "steps", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "num_workers")
+RESUMABLE_CHANGES = ("out", "steps", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "num_workers",
+                     "omega_response_samples")
 
 
 @dataclass
@@ -161,6 +162,9 @@ class DistillConfig(TrainConfig):
     guidance_pair_weight: float = doc("λ_Δ > 0: draw each example at two guidance scales and add λ_Δ·d of the student's and the "
                                       "target's differences, so that the ω input is learned (ours; 0 = Algorithm 1; 2× the "
                                       "compute per example); full students only", default=0.0)
+    omega_response_samples: int = doc("latents on which the student's ω response (the fraction of the teacher's guidance effect "
+                                      "it reproduces) is measured at the end of a full LCD run over a guidance range (0: skip)",
+                                      default=32)
     model_field: ClassVar[str] = "teacher"
 
     def check(self) -> DistillConfig:
@@ -180,6 +184,8 @@ class DistillConfig(TrainConfig):
             raise UserError("--student-init gives a full student its starting weights; a LoRA student starts from the teacher")
         if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
             raise UserError(f"student_prediction {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
+        if self.omega_response_samples < 0:
+            raise UserError(f"omega_response_samples must be 0 or more, got {self.omega_response_samples}")
         if self.skip < 1 or self.time_cond_proj_dim < 1:
             raise UserError(f"skip and time_cond_proj_dim must be at least 1, got {self.skip} and {self.time_cond_proj_dim}")
         if self.guidance_pair_weight < 0:

@@ -33,6 +33,7 @@ from latent_consistency.models import (
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
+from latent_consistency.training import omega_response
 from latent_consistency.training.config import TrainConfig, config_from_dict
 
 VALIDATION_STEPS = (1, 2, 4)
@@ -135,6 +136,25 @@ class RunFolder:
                 self.validate(step, f_target)
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
             self.save(progress)
+        if last and self.main and omega_response.applies(config):
+            self.report_omega_response(step)
+
+    def report_omega_response(self, step: int) -> dict[int, float]:
+        """The target θ⁻'s ω response (`training.omega_response`) on held-out latents (else the next training ones,
+        drawn after the last checkpoint), in the metrics and printed."""
+        batch = self.eval_set[0] if self.eval_set else next(self.batches)
+        target = self.accelerator.unwrap_model(self.student.target_unet)
+        was_training = target.training
+        target.eval()
+        with self.accelerator.autocast():
+            response = omega_response.omega_response(self.config, self.base.guided_teacher(), self.student.consistency_model(target),
+                                                     batch["latents"], batch["cond"], self.batches.uncond)
+        target.train(was_training)
+        self.writer.write({"step": step} | {f"omega_response_{t}": r for t, r in response.items()})
+        scales = f"g = {self.config.guidance_scale_min:g} and {self.config.guidance_scale_max:g}"
+        print(f"ω response of the student (the fraction of the teacher's guidance effect between {scales} it reproduces; "
+              "1: learned, 0: ignored): " + ", ".join(f"t={t} {r:.2f}" for t, r in response.items()), flush=True)
+        return response
 
     @torch.no_grad()
     def eval_loss(self, f_target) -> float:

@@ -19,11 +19,9 @@ import torch
 
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency
-from latent_consistency.evaluation.ode_error import guidance_response, ode_error, ode_solutions
+from latent_consistency.evaluation.ode_error import error_timesteps, guidance_response, ode_error, ode_solutions
 from latent_consistency.models import encode_prompts, inference_timesteps
 from latent_consistency.parameterization import omega_from_guidance_scale
-from latent_consistency.sampling import lcm_timesteps
-from latent_consistency.schedule import skipping_grid
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.checkpoint import list_checkpoints
 from latent_consistency.training.config import config_from_dict
@@ -34,13 +32,6 @@ from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
 from latent_consistency.world.judge import judge_scores
 
 STEPS = (1, 2, 4)
-
-
-def error_timesteps(num_train_timesteps: int, skip: int) -> list[int]:
-    """The 4-step sampler's timesteps and the grid point nearest T/10."""
-    grid = skipping_grid(num_train_timesteps, skip)
-    small = int(grid[(grid - num_train_timesteps // 10).abs().argmin()])
-    return sorted({*lcm_timesteps(4, num_train_timesteps, num_train_timesteps // skip).tolist(), small}, reverse=True)
 
 
 def reference_solutions(world: World, config, items: list[dict], guidance_scale: float, device):
