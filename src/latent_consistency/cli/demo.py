@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--world", help="world folder (default: the world shipped with the package)")
     p.add_argument("--distill-steps", type=positive_int, help="distillation steps (default: the `world` preset's)")
     p.add_argument("--finetune-steps", type=positive_int, help="fine-tuning steps on digits (default: the `world` fine-tuning preset's)")
-    p.add_argument("--eval-samples", type=positive_int, default=300, help="reference prompts in the evaluation (default 300)")
+    p.add_argument("--eval-samples", type=positive_int, default=200, help="reference prompts in the evaluation (default 200)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--world-preset", default="default",
                    help="world preset: default (shipped) or one to build, e.g. tiny (a plumbing run in minutes)")
