@@ -94,7 +94,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     f_student, f_target = student.consistency_model(student.unet), student.consistency_model(student.target_unet)
     uncond = batches.uncond
 
-    bar = tqdm(total=config.steps, initial=state.step, desc=f"{config.objective} {config.adapter}",
+    bar = tqdm(total=config.steps, initial=state.step, desc=f"{getattr(config, 'method', config.objective)} {config.adapter}",
                disable=not (progress and accelerator.is_main_process))
     while state.step < config.steps:
         student.unet.train()
