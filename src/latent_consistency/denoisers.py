@@ -8,6 +8,7 @@ x0-prediction (`UNetNetwork` adapts a diffusers UNet; the analytic test models i
   that learned to give that output from ω as an input (Guided-Distill's stage one), in one evaluation.
 - `ConsistencyModel` turns a student network into the consistency function of Eq. 9:
   f(z, ω, c, t) = c_skip(t)·z + c_out(t)·x̂0(z, ω, c, t), with ω fed through `timestep_cond`.
+- `NegativePromptGuidance` wraps a consistency model to guide it away from a negative prompt (no uncond pass to use).
 """
 
 from __future__ import annotations
@@ -140,3 +141,39 @@ class ConsistencyModel:
         """f = c_skip(t)·z + c_out(t)·x̂0 (Eq. 9)."""
         t = batch_timesteps(t, z)
         return consistency_output(z, self.x0(z, t, cond, omega), t, self.sigma_data, self.timestep_scaling)
+
+
+class NegativePromptGuidance:
+    """A negative prompt for a consistency model, which has no unconditional pass to put it in.
+
+    An LCM's classifier-free guidance was distilled into its ω input (Eq. 12 folded into f_θ), so the
+    negative prompt is guided against on the consistency function itself, at each guided step:
+
+        f̃(z, ω, c, t) = f(z, ω, c, t) + λ·(f(z, ω, c, t) − f(z, ω, c_neg, t))
+
+    with c and c_neg in one doubled batch (two network evaluations per guided step). Since f = c_skip·z + c_out·x̂0
+    (Eq. 9) is affine in x̂0, this is f with x̂0 replaced by x̂0_c + λ·(x̂0_c − x̂0_neg); the boundary condition holds.
+    λ = 0 is `model` itself. `timesteps` limits guidance to those timesteps (the first step(s) of Algorithm 3, say);
+    None guides every step. `negative_cond` is one embedding for every row ([1, L, D]) or one per row ([B, L, D]).
+    """
+
+    def __init__(self, model, negative_cond: torch.Tensor, scale: float, timesteps=None):
+        self.model = model
+        self.schedule = model.schedule
+        self.negative_cond = negative_cond
+        self.scale = float(scale)
+        self.timesteps = None if timesteps is None else {int(t) for t in torch.as_tensor(timesteps).reshape(-1)}
+
+    def guides(self, t: torch.Tensor) -> bool:
+        """Whether the step at timesteps t (one per row) is guided against the negative prompt."""
+        return self.scale != 0 and (self.timesteps is None or all(int(s) in self.timesteps for s in t.tolist()))
+
+    def __call__(self, z, t, cond, omega) -> torch.Tensor:
+        t = batch_timesteps(t, z)
+        if not self.guides(t):
+            return self.model(z, t, cond, omega)
+        negative = self.negative_cond.to(cond).expand(len(z), *self.negative_cond.shape[1:])
+        omega = torch.as_tensor(omega)
+        omega = omega if omega.ndim == 0 else torch.cat([omega, omega])
+        f_c, f_neg = self.model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, negative]), omega).chunk(2)
+        return f_c + self.scale * (f_c - f_neg)

@@ -64,10 +64,11 @@ def consistency_model(unet, scheduler_config: dict, network=None) -> Consistency
     )
 
 
-def inference_timesteps(scheduler_config: dict, steps: int) -> torch.Tensor:
-    """The `steps` timesteps of Algorithm 3 that diffusers' LCMScheduler picks under this config."""
+def inference_timesteps(scheduler_config: dict, steps: int, strength: float = 1.0) -> torch.Tensor:
+    """The `steps` timesteps of Algorithm 3 that diffusers' LCMScheduler picks under this config (img2img: from the
+    start timestep of `strength`, `sampling.lcm_timesteps`)."""
     return lcm_timesteps(steps, int(scheduler_config.get("num_train_timesteps", 1000)),
-                         int(scheduler_config.get("original_inference_steps", DEFAULT_ORIGINAL_INFERENCE_STEPS)))
+                         int(scheduler_config.get("original_inference_steps", DEFAULT_ORIGINAL_INFERENCE_STEPS)), strength)
 
 
 @torch.no_grad()
@@ -157,13 +158,19 @@ class DiffusionModel:
         """This model as the guided teacher of Eq. 12 (classifier-free guidance, cond and uncond in one batch)."""
         return guided_teacher(self.unet, self.scheduler_config)
 
-    def consistency_model(self, guidance_scale: float = 1.0) -> ConsistencyModel:
+    def consistency_model(self, guidance_scale: float = 1.0, negative_cond: torch.Tensor | None = None) -> ConsistencyModel:
         """This LCM as f_θ of Eq. 9. An LCM takes g through its ω input at call time; a model without one (an
         LCM-LoRA) is classifier-free guided against the empty prompt when g > 1, as diffusers' StableDiffusionPipeline
-        with an LCMScheduler guides it."""
+        with an LCMScheduler guides it; `negative_cond` (a negative prompt's embedding, [1, L, D] or one per row) then
+        takes the empty prompt's place, as diffusers' `negative_prompt` does. An LCM's negative prompt has no such
+        place: see `denoisers.NegativePromptGuidance`."""
         if self.time_cond_proj_dim is not None or guidance_scale <= 1:
+            if negative_cond is not None:
+                raise UserError("a negative prompt enters an LCM-LoRA's classifier-free guidance, which needs a guidance scale above 1; "
+                                "an LCM (ω input) takes it through NegativePromptGuidance")
             return consistency_model(self.unet, self.scheduler_config)
-        uncond = encode_prompts(self.tokenizer, self.text_encoder, [""], self.unet.device).to(self.unet.dtype)
+        uncond = encode_prompts(self.tokenizer, self.text_encoder, [""], self.unet.device) if negative_cond is None else negative_cond
+        uncond = uncond.to(self.unet.device, self.unet.dtype)
         teacher, omega = self.guided_teacher(), omega_from_guidance_scale(guidance_scale)
 
         def guided(z, t, cond, timestep_cond=None):
@@ -171,9 +178,9 @@ class DiffusionModel:
 
         return consistency_model(self.unet, self.scheduler_config, network=guided)
 
-    def timesteps(self, steps: int) -> torch.Tensor:
-        """The LCM's `steps` sampling timesteps (Algorithm 3)."""
-        return inference_timesteps(self.scheduler_config, steps)
+    def timesteps(self, steps: int, strength: float = 1.0) -> torch.Tensor:
+        """The LCM's `steps` sampling timesteps (Algorithm 3); below strength 1, img2img's, from a lower start."""
+        return inference_timesteps(self.scheduler_config, steps, strength)
 
     def to(self, device) -> DiffusionModel:
         for module in (self.unet, self.vae, self.text_encoder):

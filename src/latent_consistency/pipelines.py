@@ -7,17 +7,27 @@ own generator seeded with `seeds[i]`, so an image does not depend on the batch i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from latent_consistency.denoisers import NegativePromptGuidance
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, encode_prompts, load_diffusion_model, load_lcm, load_lcm_lora
 from latent_consistency.parameterization import omega_from_guidance_scale
-from latent_consistency.sampling import check_custom_timesteps, randn, sample_lcm, sample_teacher
+from latent_consistency.sampling import check_custom_timesteps, check_gamma, randn, sample_lcm, sample_tcd, sample_teacher
 
 # Images larger than this multiple of the model's native size are refused (SD 1.5: 4096 px).
 MAX_SIZE_FACTOR = 8
+# The paper trains ω ∈ [2, 14] (g ∈ [3, 15]); far outside the trained range the ω embedding is meaningless.
+MAX_GUIDANCE_SCALE = 30.0
+# Default g by `Generator.kind`: an LCM's ω input (the paper's ω = 7), an LCM-LoRA's classifier-free guidance (none:
+# its guidance was distilled in; diffusers recommends 1-2 for LCM-LoRA), a diffusion model's CFG or ω input.
+DEFAULT_GUIDANCE_SCALE = {"lcm": 8.0, "lora": 1.0, "solver": 7.5}
+# λ of an LCM's negative prompt (`NegativePromptGuidance`, every step): on the world it cut the negated shape from 6.0 %
+# to 1.2 % (2 steps) and 2.3 % (4 steps) at an FID cost of +6 to +8; λ >= 0.5 over-guides (docs/guide.md, Negative prompts).
+DEFAULT_NEGATIVE_SCALE = 0.25
 
 
 @dataclass
@@ -63,18 +73,94 @@ class LCMGenerator(Generator):
         """lcm: the guidance scale is the ω input; lora: no ω input, the guidance scale is classifier-free guidance."""
         return "lcm" if self.model.time_cond_proj_dim is not None else "lora"
 
-    def timesteps(self, steps: int | None, custom: list[int] | None = None) -> torch.Tensor:
-        """The model's `steps` LCM timesteps, or `custom` ones (strictly decreasing, in [0, T))."""
+    def timesteps(self, steps: int | None, custom: list[int] | None = None, strength: float = 1.0) -> torch.Tensor:
+        """The model's `steps` LCM timesteps, or `custom` ones (strictly decreasing, in [0, T)).
+
+        img2img: below `strength` 1 the `steps` timesteps start at the grid timestep k·⌊s·N⌋ - 1 ≈ s·T
+        (`sampling.lcm_timesteps`); custom timesteps already say where img2img starts (their first), so they take no
+        strength.
+        """
         if custom:
+            if strength != 1:
+                raise UserError("custom timesteps already set where img2img starts (the first one); give a strength or "
+                                "timesteps, not both")
             return check_custom_timesteps(custom, self.model.schedule.num_train_timesteps)
-        return self.model.timesteps(steps)
+        return self.model.timesteps(steps, strength)
+
+    def img2img_start(self, latents: torch.Tensor, timesteps: torch.Tensor, init_images: torch.Tensor, strength: float) -> torch.Tensor:
+        """z_{τ_1} = α_{τ_1}·E(x) + σ_{τ_1}·ε: the init images encoded (the posterior mean) and noised to the first
+        timestep with ε = `latents`, each image's seeded noise (the draw that is z_T without an init image).
+
+        `strength` is the one `timesteps` were made with; timesteps that start above its start timestep (those of
+        strength 1 with strength 0.5, say) are refused rather than noising the image more than asked.
+        """
+        if init_images.ndim != 4 or init_images.shape[1] != 3 or init_images.shape[0] not in (1, len(latents)):
+            raise UserError(f"init_images must be [B, 3, H, W] or [1, 3, H, W] for {len(latents)} prompts, got {list(init_images.shape)}")
+        factor = self.model.codec.downsampling_factor
+        if tuple(init_images.shape[2:]) != (latents.shape[2] * factor, latents.shape[3] * factor):
+            raise UserError(f"init image is {init_images.shape[3]}x{init_images.shape[2]} px, not the {latents.shape[3] * factor}x"
+                            f"{latents.shape[2] * factor} asked for; resize it to the width and height")
+        start = int(timesteps[0])
+        if start > int(self.model.timesteps(1, strength)[0]):
+            raise UserError(f"timesteps start at {start}, above strength {strength:g}'s start timestep "
+                            f"{int(self.model.timesteps(1, strength)[0])}: make them with timesteps(steps, strength={strength:g})")
+        x0 = self.model.codec.encode(init_images.to(self.device, self.dtype)).to(latents)
+        return self.model.schedule.add_noise(x0.expand_as(latents), latents, torch.full((len(latents),), start, dtype=torch.long))
+
+    def consistency_function(self, guidance_scale: float, num_prompts: int, negative_prompts: list[str] | None = None,
+                             negative_scale: float | None = None):
+        """The consistency function a call samples: the model's, guided away from `negative_prompts` when given.
+
+        An LCM has no unconditional pass to put a negative prompt in (its guidance is the ω input), so it is guided on
+        the consistency function at every step, f̃ = f(z, ω, c) + λ·(f(z, ω, c) − f(z, ω, c_neg)) with λ = `negative_scale`
+        (default `DEFAULT_NEGATIVE_SCALE`; `NegativePromptGuidance`, twice the network evaluations). An LCM-LoRA has one
+        at g > 1: the negative prompt takes the empty prompt's place in classifier-free guidance, as diffusers'
+        `negative_prompt` does, at the guidance scale's strength; no λ applies to it.
+        """
+        if negative_scale is not None and not (math.isfinite(negative_scale) and negative_scale >= 0):
+            raise UserError(f"negative scale {negative_scale} must be a finite number >= 0 (0: the negative prompt has no effect)")
+        if negative_prompts is None:
+            if negative_scale is not None:
+                raise UserError("a negative scale applies to a negative prompt: give one, or leave the scale out")
+            return self.model.consistency_model(guidance_scale)
+        if len(negative_prompts) not in (1, num_prompts):
+            raise UserError(f"give one negative prompt for all prompts or one per prompt ({num_prompts}), got {len(negative_prompts)}")
+        negative = encode_prompts(self.model.tokenizer, self.model.text_encoder, negative_prompts, self.device).to(self.dtype)
+        if self.kind == "lora":
+            if negative_scale is not None:
+                raise UserError("an LCM-LoRA takes a negative prompt into classifier-free guidance at the guidance scale, as diffusers "
+                                "does; the negative scale applies to LCMs: leave it out")
+            if guidance_scale <= 1:
+                raise UserError(f"an LCM-LoRA takes a negative prompt into classifier-free guidance, which needs a guidance scale above 1 "
+                                f"(got {guidance_scale:g}; diffusers ignores it there): give e.g. 1.5")
+            return self.model.consistency_model(guidance_scale, negative)
+        scale = DEFAULT_NEGATIVE_SCALE if negative_scale is None else negative_scale
+        return NegativePromptGuidance(self.model.consistency_model(guidance_scale), negative, scale)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], timesteps: torch.Tensor, guidance_scale: float, seeds: list[int], height: int, width: int) -> torch.Tensor:
-        """Images in [-1, 1] for `prompts`, one generator per image."""
+    def __call__(self, prompts: list[str], timesteps: torch.Tensor, guidance_scale: float, seeds: list[int], height: int, width: int, *,
+                 gamma: float | None = None, init_images: torch.Tensor | None = None, strength: float = 1.0,
+                 negative_prompts: list[str] | None = None, negative_scale: float | None = None) -> torch.Tensor:
+        """Images in [-1, 1] for `prompts`, one generator per image.
+
+        `gamma` None samples with Algorithm 3 (`sample_lcm`, as LCMScheduler); γ ∈ [0, 1] with TCD's strategic stochastic
+        sampling (`sample_tcd`, as TCDScheduler with eta = γ). `init_images` ([B, 3, H, W] in [-1, 1], or [1, 3, H, W]
+        for every prompt; H, W = height, width) makes it img2img: the images are noised to `timesteps[0]`
+        (`img2img_start`), which `timesteps(steps, strength=strength)` puts at `strength`'s start timestep.
+        `negative_prompts` (one per prompt, or one for all) guide the images away from them (`consistency_function`).
+        """
+        f = self.consistency_function(guidance_scale, len(prompts), negative_prompts, negative_scale)
+        gamma = None if gamma is None else check_gamma(gamma)
+        if init_images is None and strength != 1:
+            raise UserError(f"strength {strength:g} applies to img2img: give init images, or leave strength at 1")
         latents, cond, generators = self.start(prompts, seeds, height, width)
-        f = self.model.consistency_model(guidance_scale)
-        x0 = sample_lcm(f, latents, timesteps, cond, omega_from_guidance_scale(guidance_scale), f.schedule, generators)
+        if init_images is not None:
+            latents = self.img2img_start(latents, timesteps, init_images, strength)
+        omega = omega_from_guidance_scale(guidance_scale)
+        if gamma is None:
+            x0 = sample_lcm(f, latents, timesteps, cond, omega, f.schedule, generators)
+        else:
+            x0 = sample_tcd(f, latents, timesteps, cond, omega, f.schedule, gamma, generators)
         return self.model.codec.decode(x0)
 
 

@@ -1,12 +1,15 @@
-"""Samplers: the LCM multistep consistency sampler (Algorithm 3) and guided teacher baselines.
+"""Samplers: the LCM multistep consistency sampler (Algorithm 3), TCD's strategic stochastic sampling, and guided
+teacher baselines.
 
-`sample_lcm` is a plain function over a consistency model `f(z, t, cond, omega) -> x̂0`
-(`ConsistencyModel`); its timesteps are the ones diffusers' LCMScheduler picks, so a student behaves
-the same here and in `LatentConsistencyModelPipeline`.
+`sample_lcm` and `sample_tcd` are plain functions over a consistency model `f(z, t, cond, omega) -> x̂0`
+(`ConsistencyModel`); their timesteps are the ones diffusers' LCMScheduler (and TCDScheduler) picks, so a student
+behaves the same here and in `LatentConsistencyModelPipeline` (or a pipeline with `TCDScheduler`). For img2img the
+timesteps start lower (`lcm_timesteps(strength=...)`) and the sampler starts from the noised init latents.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +22,11 @@ from latent_consistency.schedule import NoiseSchedule, append_dims
 TEACHER_SAMPLERS = ("ddim", "dpm", "dpm++")
 
 
+def floor_of_product(a: float, b: float) -> int:
+    """⌊a·b⌋ of the decimals a user typed: 0.58·50 is 28.999999999999996 in floating point, and 29 here."""
+    return math.floor(a * b + 1e-9)
+
+
 def lcm_timesteps(
     num_steps: int,
     num_train_timesteps: int = 1000,
@@ -29,11 +37,28 @@ def lcm_timesteps(
 
     The skipping-step grid {k-1, 2k-1, ..., T-1} with k = T / original_inference_steps (Section 4.3) is
     reversed, and n entries are taken at the evenly spaced indices floor(i·N/n), i = 0..n-1.
+
+    img2img, strength s ∈ (0, 1]: the grid is cut to its first ⌊s·N⌋ points, so the n steps start at the grid
+    timestep τ_1 = k·⌊s·N⌋ - 1 ≈ s·T, where the init image is noised to. This is what
+    `LCMScheduler.set_timesteps(strength=s)` and so `LatentConsistencyModelImg2ImgPipeline` compute, except that
+    ⌊s·N⌋ is taken of the decimal s (diffusers' int(N·s) floors 0.58·50 to 28, starting at 559 instead of 579). It is
+    not what diffusers' generic img2img pipelines compute (`get_timesteps`, diffusers issue #7651, which an LCM-LoRA
+    in `StableDiffusionImg2ImgPipeline` gets): they make the n timesteps of s = 1 and keep the last int(n·s), so the
+    start is whichever of those lands there (4 steps at s = 0.6: 2 steps from 499) and n·s < 1 leaves no step.
     """
     if original_inference_steps < 1 or original_inference_steps > num_train_timesteps:
         raise UserError(f"original_inference_steps must be in 1..{num_train_timesteps}, got {original_inference_steps}")
+    if not 0 < strength <= 1:
+        raise UserError(f"strength must be in (0, 1] (the fraction of the noise schedule the init image is noised to), got {strength:g}")
     k = num_train_timesteps // original_inference_steps
-    grid = np.arange(1, int(original_inference_steps * strength) + 1) * k - 1
+    kept = floor_of_product(original_inference_steps, strength)
+    if kept < 1:
+        raise UserError(f"strength {strength:g} leaves no step: the model's lowest timestep {k - 1} needs strength >= "
+                        f"{1 / original_inference_steps:g} (1 of its {original_inference_steps} distillation timesteps)")
+    grid = np.arange(1, kept + 1) * k - 1
+    if strength < 1 and num_steps > len(grid):
+        raise UserError(f"strength {strength:g} keeps {kept} of the model's {original_inference_steps} distillation timesteps, "
+                        f"fewer than {num_steps} steps: use steps <= {kept} or strength >= {num_steps / original_inference_steps:g}")
     if num_steps < 1 or num_steps > len(grid):
         raise UserError(
             f"steps must be between 1 and {len(grid)} (the model's T/k = {original_inference_steps} "
@@ -87,6 +112,73 @@ def sample_lcm(
             noise = randn(z.shape, generator, z.device, z.dtype)
             z = append_dims(alpha, z.ndim).to(z) * x0 + append_dims(sigma, z.ndim).to(z) * noise
     return x0
+
+
+def tcd_timestep(tau_next: int, gamma: float) -> int:
+    """s = ⌊(1-γ)·τ_{i+1}⌋: where strategic stochastic sampling (Zheng et al. 2024) goes deterministically before
+    re-noising to τ_{i+1}. γ = 0: s = τ_{i+1} (no fresh noise); γ = 1: s = 0 (all fresh noise, as Algorithm 3)."""
+    return floor_of_product(1 - gamma, int(tau_next))
+
+
+def check_gamma(gamma: float) -> float:
+    if not 0 <= gamma <= 1:
+        raise UserError(f"gamma must be in [0, 1] (0: deterministic, 1: fresh noise every step), got {gamma:g}")
+    return float(gamma)
+
+
+@torch.no_grad()
+def sample_tcd(
+    model,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: torch.Tensor,
+    omega: float | torch.Tensor,
+    schedule: NoiseSchedule,
+    gamma: float,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Strategic stochastic sampling (Zheng et al. 2024, Trajectory Consistency Distillation, arXiv:2402.19159) with a
+    consistency model; γ ∈ [0, 1] is diffusers' `TCDScheduler.step(eta=γ)`.
+
+    For τ_1 > ... > τ_n (the timesteps of Algorithm 3) and τ_{n+1} = 0, step i:
+
+        x̂0 = f(z, τ_i)                                   the consistency function (Eq. 9 of Luo et al. 2023)
+        ε̂  = (z - α_{τ_i}·x̂0) / σ_{τ_i}                    the noise x̂0 implies at τ_i
+        s  = ⌊(1-γ)·τ_{i+1}⌋
+        z_s = α_s·x̂0 + σ_s·ε̂                              DDIM from τ_i to s along the model's trajectory
+        z  = (α_{τ_{i+1}}/α_s)·z_s + √(1 - ᾱ_{τ_{i+1}}/ᾱ_s)·ε     forward noising from s to τ_{i+1}, fresh ε (i < n)
+
+    and the result is the last z_s, at s = 0. No noise is drawn when γ = 0 (a deterministic sampler) or at the last
+    step, as in diffusers, so a generator's draws (and images) match `StableDiffusionPipeline` with `TCDScheduler`.
+
+    Where this differs from `TCDScheduler` (its arithmetic is otherwise the same):
+    - x̂0 is f, with the boundary scalings c_skip, c_out of Eq. 9 that the LCM was distilled with; TCDScheduler takes
+      the network's raw x̂0 (TCD's own models have no c_skip). z_s differs by (α_s - σ_s·α_τ/σ_τ)·(f - x̂0_raw), with
+      f - x̂0_raw = c_skip·(z - x̂0_raw) + (c_out - 1)·x̂0_raw, of order c_skip(τ) ≈ (σ_data / (10·τ))²: 2.5e-7 at
+      τ = 100 (every τ of 1-8 steps on a 50-point grid is above 100), 7e-6 at τ = 19.
+    - ⌊(1-γ)·τ⌋ is taken of the decimal γ (`floor_of_product`); TCDScheduler floors a float32 product, which for
+      some round τ (γ = 0.16, τ = 300: 251, not 252) is one lower. On the LCM grid (τ = jk - 1) they agree at the
+      γ the tests try.
+    - The last step lands on timestep 0, as in TCDScheduler and TCD's reference code (its `final_alpha_cumprod` is
+      never reached): the output keeps σ_0·ε̂ (σ_0 = 0.029 on SD's schedule), where Algorithm 3 returns x̂0. For an LCM
+      both are samples: timestep 0 is the data end of its trajectory (c_skip(0) = 1, f(z, 0) = z). So γ = 1 is
+      Algorithm 3 up to that σ_0 and the re-noising from z_0 rather than x̂0; `sample_lcm` is Algorithm 3 exactly.
+    """
+    gamma = check_gamma(gamma)
+    taus = [int(t) for t in timesteps]
+    z = latents
+    for i, tau in enumerate(taus):
+        x0 = model(z, torch.full((z.shape[0],), tau, dtype=torch.long, device=z.device), cond, omega)
+        alpha, sigma = (v.to(z) for v in schedule.alpha_sigma(torch.tensor(tau)))
+        eps = (z - alpha * x0) / sigma
+        tau_next = taus[i + 1] if i + 1 < len(taus) else 0
+        s = tcd_timestep(tau_next, gamma)
+        alpha_s, sigma_s = (v.to(z) for v in schedule.alpha_sigma(torch.tensor(s)))
+        z = alpha_s * x0 + sigma_s * eps
+        if i + 1 < len(taus) and gamma > 0:
+            ratio = (schedule.alphas_cumprod[tau_next] / schedule.alphas_cumprod[s]).to(z)
+            z = ratio.sqrt() * z + (1 - ratio).sqrt() * randn(z.shape, generator, z.device, z.dtype)
+    return z
 
 
 def teacher_scheduler(name: str, scheduler_config: dict):

@@ -2,6 +2,11 @@
 scale is the ω input), or a diffusion model with an LCM-LoRA (`--lora`; no ω input, so g > 1 is classifier-free
 guidance, as in diffusers).
 
+`--gamma G` samples with TCD's strategic stochastic sampling instead (Zheng et al. 2024; diffusers' TCDScheduler with
+eta = G); without it Algorithm 3 is exactly LCMScheduler's. `--init-image FILE --strength S` is img2img: the image is
+encoded, noised to the strength's start timestep with each image's seeded noise, and sampled from there.
+`--negative-prompt TEXT [--negative-scale λ]` guides the images away from TEXT (`LCMGenerator.consistency_function`).
+
 Every input is checked before the first file is written.
 """
 
@@ -18,14 +23,9 @@ from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 from latent_consistency.grids import save_png, to_pil
 from latent_consistency.outputs import writable_folder
-from latent_consistency.pipelines import LCMGenerator, SolverGenerator
+from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, LCMGenerator, SolverGenerator
 from latent_consistency.sampling import TEACHER_SAMPLERS
 
-# The paper trains ω ∈ [2, 14] (g ∈ [3, 15]); far outside the trained range the ω embedding is meaningless.
-MAX_GUIDANCE_SCALE = 30.0
-# Default g by `Generator.kind`: an LCM's ω input (the paper's ω = 7), an LCM-LoRA's classifier-free guidance (none:
-# its guidance was distilled in; diffusers recommends 1-2 for LCM-LoRA), a diffusion model's CFG or ω input.
-DEFAULT_GUIDANCE_SCALE = {"lcm": 8.0, "lora": 1.0, "solver": 7.5}
 MAX_SEED = 2**63 - 1
 
 
@@ -65,8 +65,54 @@ def parse_timesteps(text: str | None) -> list[int] | None:
         raise UserError(f"--timesteps {text!r} must be comma-separated integers, e.g. 999,759,499,259") from None
 
 
+# img2img's default strength, as diffusers' LatentConsistencyModelImg2ImgPipeline: start at timestep 799 of 1000.
+DEFAULT_STRENGTH = 0.8
+
+
+def read_init_image(path: str, height: int | None, width: int | None, factor: int):
+    """The init image as a [1, 3, H, W] tensor in [-1, 1] and its (height, width): resized to --height/--width where
+    given (a missing one keeps the image's own), else at its own size, which must be a multiple of the VAE factor."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"init image {path} does not exist")
+    if file.is_dir():
+        raise UserError(f"init image {path} is a folder; give an image file (PNG, JPEG, ...)")
+    try:
+        with Image.open(file) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read init image {path}: not an image file PIL can open ({err.__class__.__name__})") from None
+    for name, given, own in (("height", height, image.height), ("width", width, image.width)):
+        if given is None and own % factor:
+            raise UserError(f"init image {path} is {image.width}x{image.height} px: its {name} {own} is not a multiple of the VAE "
+                            f"factor {factor}; pass --height and --width to resize it")
+    size = (width or image.width, height or image.height)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)[None]
+    return pixels / 127.5 - 1, size[1], size[0]
+
+
 def run(args) -> None:
     prompts = read_prompts(args.prompts, args.prompt_file)
+    if args.gamma is not None and not 0 <= args.gamma <= 1:
+        raise UserError(f"--gamma {args.gamma:g} is outside [0, 1]: 0 is deterministic, 1 re-injects fresh noise at every step")
+    if args.strength is not None and args.init_image is None:
+        raise UserError("--strength applies to img2img: give --init-image FILE")
+    if args.sampler != "lcm" and (args.gamma is not None or args.init_image is not None):
+        raise UserError(f"--gamma and --init-image apply to --sampler lcm, not {args.sampler}")
+    if args.negative_scale is not None and args.negative_prompt is None:
+        raise UserError("--negative-scale applies to a negative prompt: give --negative-prompt TEXT")
+    if args.negative_scale is not None and args.negative_scale < 0:
+        raise UserError(f"--negative-scale {args.negative_scale:g} is below 0: it is λ in f + λ·(f - f_negative), 0 turns it off")
+    if args.sampler != "lcm" and args.negative_prompt is not None:
+        raise UserError(f"--negative-prompt applies to --sampler lcm, not {args.sampler}")
+    if args.init_image is not None and args.timesteps and args.strength is not None:
+        raise UserError("--timesteps already sets where img2img starts (its first timestep); give --strength or --timesteps, not both")
     if args.guidance_scale is not None and not 0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE:
         raise UserError(
             f"--guidance-scale {args.guidance_scale} is outside [0, {MAX_GUIDANCE_SCALE:g}]; "
@@ -86,15 +132,27 @@ def run(args) -> None:
     if generator.model.time_cond_proj_dim is not None and guidance_scale < 1:
         raise UserError(f"--guidance-scale {guidance_scale:g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
                         "which was trained on ω >= 0")
-    timesteps = generator.timesteps(args.steps, parse_timesteps(args.timesteps))
-    height = args.height or generator.default_size()
-    width = args.width or generator.default_size()
+    options, custom = {}, parse_timesteps(args.timesteps)
+    if args.gamma is not None:
+        options["gamma"] = args.gamma
+    if args.negative_prompt is not None:
+        options |= {"negative_prompts": [args.negative_prompt], "negative_scale": args.negative_scale}
+        generator.consistency_function(guidance_scale, 1, [args.negative_prompt], args.negative_scale)  # checked before a file is written
+    if args.init_image is None:
+        timesteps = generator.timesteps(args.steps, custom)
+        height = args.height or generator.default_size()
+        width = args.width or generator.default_size()
+    else:
+        strength = 1.0 if custom else DEFAULT_STRENGTH if args.strength is None else args.strength
+        timesteps = generator.timesteps(args.steps, custom, strength=strength)
+        init_image, height, width = read_init_image(args.init_image, args.height, args.width, generator.model.codec.downsampling_factor)
+        options |= {"init_images": init_image, "strength": strength}
     generator.check_size(height, width)
     out = writable_folder(args.out)
 
     batches = [range(i, min(i + args.batch_size, len(prompts))) for i in range(0, len(prompts), args.batch_size)]
     for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2):
-        images = generator([prompts[i] for i in batch], timesteps, guidance_scale, [args.seed + i for i in batch], height, width)
+        images = generator([prompts[i] for i in batch], timesteps, guidance_scale, [args.seed + i for i in batch], height, width, **options)
         for i, image in zip(batch, to_pil(images)):
             save_png(image, out / image_filename(i, prompts[i]))
     print(f"wrote {len(prompts)} image(s) to {out}")
@@ -121,6 +179,18 @@ def register(subparsers) -> None:
     p.add_argument("--guidance-scale", type=finite_float, help="guidance scale g in diffusers' convention: an LCM's ω input, ω = g - 1 "
                    f"(default {DEFAULT_GUIDANCE_SCALE['lcm']:g}); for an LCM-LoRA, classifier-free guidance when g > 1, "
                    f"as diffusers applies it (default {DEFAULT_GUIDANCE_SCALE['lora']:g})")
+    p.add_argument("--negative-prompt", help="what the images should not show, for every prompt: an LCM is guided away from it on its "
+                   "consistency function, f + λ·(f - f_negative), at twice the network evaluations; an LCM-LoRA puts it in place of the "
+                   "empty prompt of classifier-free guidance (needs --guidance-scale > 1), as diffusers' negative_prompt")
+    p.add_argument("--negative-scale", type=finite_float, help=f"λ >= 0 of an LCM's negative prompt (default {DEFAULT_NEGATIVE_SCALE:g}; "
+                   "0.5 and more over-guide: artefacts, worse FID)")
+    p.add_argument("--gamma", type=finite_float, help="sample with TCD's strategic stochastic sampling (Zheng et al. 2024; diffusers' "
+                   "TCDScheduler, eta = GAMMA): GAMMA in [0, 1] is the share of fresh noise per step, 0 deterministic; without it, "
+                   "Algorithm 3 (LCMScheduler's sampler)")
+    p.add_argument("--init-image", help="img2img: an image file, encoded and noised to the --strength start timestep for every prompt; "
+                   "its own size unless --height/--width resize it")
+    p.add_argument("--strength", type=finite_float, help=f"img2img: how much noise the init image gets, in (0, 1] (default {DEFAULT_STRENGTH:g}): "
+                   "the steps start at the model's grid timestep nearest below STRENGTH x T")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="image i uses seed SEED+i (default 0)")
     p.add_argument("--height", type=positive_int, help="image height in pixels, a multiple of the VAE factor (default: the model's)")
     p.add_argument("--width", type=positive_int, help="image width in pixels, a multiple of the VAE factor (default: the model's)")
