@@ -9,7 +9,7 @@ WORLD_PRESET ?= default
 # runs/demo for the shipped default world, runs/demo-NAME for a world built from another preset
 DEMO_OUT ?= runs/demo$(if $(filter default,$(WORLD_PRESET)),,-$(WORLD_PRESET))
 
-.PHONY: env demo test clean
+.PHONY: env demo test serve clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,8 +25,19 @@ env: $(VENV)/.installed
 demo: env
 	HF_HUB_OFFLINE=1 $(BIN)/lcm demo --out $(DEMO_OUT) --device $(DEVICE) --world-preset $(WORLD_PRESET)
 
+# The page's end-to-end test drives Debian's chromium; installed here when missing and apt is ours to use
 test: env
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium is not installed: the page's browser test will be skipped"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+
+# The demo's LCM behind `lcm serve`: http://127.0.0.1:8000/ (run `make demo` first)
+SERVE_MODEL ?= $(DEMO_OUT)/distill/lcm
+serve: env
+	@test -d $(SERVE_MODEL) || { echo "no LCM at $(SERVE_MODEL): run make demo first, or make serve SERVE_MODEL=DIR"; exit 2; }
+	HF_HUB_OFFLINE=1 $(BIN)/lcm serve --model $(SERVE_MODEL) --device $(DEVICE)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,58 @@
+"""`lcm serve`: an LCM (or a diffusion model with an LCM-LoRA) behind an HTTP API and a page that draws as you type
+(`latent_consistency.serve`). Binds to localhost unless --host says otherwise."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+from latent_consistency.cli.arguments import positive_int
+from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
+from latent_consistency.errors import UserError
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run(args) -> None:
+    import uvicorn
+
+    from latent_consistency.pipelines import LCMGenerator
+    from latent_consistency.serve.app import create_app
+    from latent_consistency.serve.request import Limits
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
+    device = resolve_device(args.device)
+    generator = LCMGenerator.load(args.model, device, resolve_dtype(args.dtype, device), args.lora)
+    limits = Limits(max_side=args.max_side or 2 * generator.default_size(), max_prompt_chars=args.max_prompt_chars,
+                    max_upload_bytes=args.max_upload_mb * 2**20, max_body_bytes=(args.max_upload_mb * 4 // 3 + 1) * 2**20)
+    app = create_app(generator, limits, model_name=args.model, max_batch=args.max_batch, max_queue=args.max_queue)
+    if not is_loopback(args.host):
+        print(f"lcm serve: listening on {args.host}, reachable from other machines; there is no authentication", file=sys.stderr)
+    print(f"lcm serve: {args.model} on http://{args.host}:{args.port}/ (API: POST /v1/images, description: /openapi.json)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    except OSError as err:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve an LCM over HTTP, with a page that draws as you type",
+                              description=__doc__)
+    p.add_argument("--model", required=True, help="an LCM folder or hub id; with --lora, the diffusion model the LoRA was distilled from")
+    p.add_argument("--lora", help="an LCM-LoRA to load onto --model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="most requests run as one forward pass (default 8)")
+    p.add_argument("--max-queue", type=positive_int, default=32, help="requests that may wait; more get 429 (default 32)")
+    p.add_argument("--max-side", type=positive_int, help="largest width or height in pixels (default: twice the model's size)")
+    p.add_argument("--max-prompt-chars", type=positive_int, default=1000, help="longest prompt (default 1000 characters)")
+    p.add_argument("--max-upload-mb", type=positive_int, default=4, help="largest init image upload in MiB (default 4)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and latents dtype (default float32)")
+    p.set_defaults(run=run)

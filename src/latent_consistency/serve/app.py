@@ -1,0 +1,186 @@
+"""The HTTP API around an `LCMGenerator` (FastAPI): `POST /v1/images`, `GET /v1/config`, `/health`, `/metrics`, and
+the page at `/`. OpenAPI description at `/openapi.json`.
+
+Every request a client can get wrong is answered with a 4xx and a one-line `{"error": ...}`: 413 for a body over the
+limit, 422 for anything invalid (malformed JSON, a field out of range, a size the model cannot make, an upload that is
+not an image), 429 when the queue is full. A client that goes away while its request waits is dropped from the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+
+from latent_consistency import __version__
+from latent_consistency.errors import UserError
+from latent_consistency.grids import to_pil
+from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, LCMGenerator
+from latent_consistency.serve.batcher import Batcher, QueueFull
+from latent_consistency.serve.metrics import Metrics
+from latent_consistency.serve.request import MAX_STEPS, ImageRequest, Job, Limits, prepare
+
+IMAGE_PATH = "/v1/images"
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+DISCONNECT_POLL_S = 0.05
+
+
+def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int]]:
+    """One forward pass for jobs that share a key: (encoded image, batch size) per job."""
+    first = jobs[0]
+    options = {}
+    if first.gamma is not None:
+        options["gamma"] = first.gamma
+    if first.init_image is not None:
+        options |= {"init_images": torch.stack([job.init_image for job in jobs]), "strength": first.strength}
+    if first.negative_prompt is not None:
+        options["negative_prompts"] = [job.negative_prompt for job in jobs]
+        if first.negative_scale is not None:
+            options["negative_scale"] = first.negative_scale
+    timesteps = generator.timesteps(first.steps, strength=first.strength) if first.init_image is not None else generator.timesteps(first.steps)
+    images = generator([job.prompt for job in jobs], timesteps, first.guidance_scale, [job.seed for job in jobs], first.height,
+                       first.width, **options)
+    return [(encode(image, job.format), len(jobs)) for image, job in zip(to_pil(images), jobs)]
+
+
+def encode(image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92) if fmt == "jpeg" else image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def replayed(body: bytes, receive):
+    """An ASGI receive that gives the app the body already read, then passes on the client's disconnect."""
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive_again
+
+
+class Guard:
+    """ASGI middleware: refuses bodies over the limit with 413 (read before the app sees them), and counts the image
+    requests' responses by status, with the latency of the successful ones."""
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def read_body(self, receive) -> bytes | None | bool:
+        """The whole body; None once it passes the limit; False if the client disconnected."""
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return False
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                return None
+        return bytes(body)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        body = await self.read_body(receive)
+        if body is None:  # over the limit
+            await error(413, f"request body is over {self.max_body_bytes // 2**20} MiB")(scope, receive, send_counted)
+        elif body is not False:  # False: the client left before sending it
+            await self.app(scope, replayed(body, receive), send_counted)
+        if scope["path"] == IMAGE_PATH:
+            self.metrics.response(status[0], time.perf_counter() - start if status[0] == 200 else None)
+
+
+def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", max_batch: int = 8, max_queue: int = 32,
+               max_wait_s: float = 0.005) -> FastAPI:
+    metrics = Metrics()
+    batcher = Batcher(lambda jobs: run_jobs(generator, jobs), max_batch, max_queue, max_wait_s, metrics)
+    default_guidance = DEFAULT_GUIDANCE_SCALE[generator.kind]
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="latent-consistency", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Few-step text-to-image and image-to-image with a latent consistency model (Luo et al. 2023).")
+    app.state.batcher, app.state.metrics = batcher, metrics
+    app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, metrics=metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return error(422, "the body is not valid JSON")
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+        return error(422, f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(UserError)
+    async def user_error(request, exc: UserError):
+        return error(422, str(exc))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request, exc: QueueFull):
+        return error(429, str(exc), headers={"Retry-After": "1"})
+
+    @app.post(IMAGE_PATH, response_class=Response, responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()},
+                                                                    "description": "the image; X-Seed, X-Latency-Ms, X-Batch-Size headers"}})
+    async def images(body: ImageRequest, request: Request) -> Response:
+        """Generate one image (text-to-image, or image-to-image with `init_image`)."""
+        start = time.perf_counter()
+        job = prepare(body, generator, limits, default_guidance)
+        future = batcher.submit(job)
+        waiting = asyncio.wrap_future(future)
+        while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                if future.cancel():
+                    metrics.cancel()
+                return Response(status_code=499)
+        data, batch_size = waiting.result()
+        return Response(data, media_type=MEDIA_TYPES[job.format], headers={
+            "X-Seed": str(job.seed), "X-Batch-Size": str(batch_size), "X-Latency-Ms": f"{(time.perf_counter() - start) * 1e3:.1f}"})
+
+    @app.get("/v1/config")
+    async def config() -> dict:
+        """The model and the limits: what the page needs to set its controls."""
+        return {"model": model_name, "kind": generator.kind, "default_guidance_scale": default_guidance,
+                "default_size": generator.default_size(), "max_side": limits.max_side, "max_steps": MAX_STEPS,
+                "max_prompt_chars": limits.max_prompt_chars, "max_upload_bytes": limits.max_upload_bytes,
+                "vae_factor": generator.model.codec.downsampling_factor}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "queue_depth": len(batcher.queue)}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("latent_consistency.serve").joinpath("page.html").read_text(encoding="utf-8"))
+
+    return app

@@ -1,0 +1,106 @@
+"""A bounded queue of jobs and one worker thread that runs compatible jobs as one batch.
+
+The model runs on one thread (one forward at a time uses the whole device); the event loop only queues. When the
+worker takes a job it also takes every queued job with the same key (`request.Job.key`: same steps, guidance, size,
+...) up to `max_batch`, waiting at most `max_wait_s` for more to arrive. Jobs whose client went away are cancelled
+in the queue and never run. A full queue refuses new jobs (`QueueFull`; the app answers 429).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from latent_consistency.serve.metrics import Metrics
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Pending:
+    job: object  # anything with a `key`
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    """`submit(job) -> Future` of `run_batch([jobs])[i]`; `start()` / `stop()` the worker."""
+
+    def __init__(self, run_batch: Callable[[list], list], max_batch: int = 8, max_queue: int = 32, max_wait_s: float = 0.005,
+                 metrics: Metrics | None = None):
+        self.run_batch = run_batch
+        self.max_batch, self.max_queue, self.max_wait_s = max_batch, max_queue, max_wait_s
+        self.metrics = metrics or Metrics()
+        self.queue: deque[Pending] = deque()
+        self.ready = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    def submit(self, job) -> Future:
+        with self.ready:
+            self._drop_cancelled()
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"{len(self.queue)} requests are waiting; try again shortly")
+            pending = Pending(job)
+            self.queue.append(pending)
+            self.metrics.set_queue_depth(len(self.queue))
+            self.ready.notify()
+        return pending.future
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._work, name="lcm-batcher", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.ready:
+            self.stopping = True
+            for pending in self.queue:
+                pending.future.cancel()
+            self.queue.clear()
+            self.ready.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+
+    def _drop_cancelled(self) -> None:
+        self.queue = deque(p for p in self.queue if not p.future.cancelled())
+
+    def _take_batch(self) -> list[Pending]:
+        """The oldest live job and the queued jobs that share its key (FIFO), after waiting up to max_wait_s for more."""
+        with self.ready:
+            while not self.stopping and not any(not p.future.cancelled() for p in self.queue):
+                self.ready.wait()
+            if self.stopping:
+                return []
+            self._drop_cancelled()
+            key = self.queue[0].job.key
+            deadline = time.monotonic() + self.max_wait_s
+            while (sum(p.job.key == key for p in self.queue) < self.max_batch and not self.stopping
+                   and (remaining := deadline - time.monotonic()) > 0):
+                self.ready.wait(remaining)
+            self._drop_cancelled()
+            batch = [p for p in self.queue if p.job.key == key][: self.max_batch]
+            taken = {id(p) for p in batch}
+            self.queue = deque(p for p in self.queue if id(p) not in taken)
+            self.metrics.set_queue_depth(len(self.queue))
+        # A job cancelled from here on is past the point of no return: it runs, its result is dropped
+        return [p for p in batch if p.future.set_running_or_notify_cancel()]
+
+    def _work(self) -> None:
+        while not self.stopping:
+            batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                results = self.run_batch([p.job for p in batch])
+            except BaseException as err:  # the worker survives; each waiting request gets the error
+                for p in batch:
+                    p.future.set_exception(err)
+                continue
+            self.metrics.batch(len(batch))
+            for p, result in zip(batch, results):
+                p.future.set_result(result)

@@ -1,0 +1,133 @@
+"""One image request of the HTTP API, checked against the server's limits, and the key under which requests share a
+forward pass.
+
+The JSON body is validated in two stages: `ImageRequest` (pydantic) checks what does not depend on the model (types,
+finite numbers, step range, prompt length); `prepare` checks the rest against the loaded model and the `Limits`
+(size, guidance range of an ω input, the init image) and returns a `Job` ready for the batcher. Every failure is a
+`UserError` with one line that names the field: the app answers it with 422.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import secrets
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from latent_consistency.errors import UserError
+from latent_consistency.pipelines import LCMGenerator
+
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 8  # an LCM's useful range (Algorithm 3 with 1-8 steps)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server."""
+
+    max_side: int  # pixels, per side
+    max_prompt_chars: int = 1000
+    max_upload_bytes: int = 4 * 2**20  # the decoded init image
+    max_body_bytes: int = 6 * 2**20  # the whole JSON body (a base64 init image is 4/3 of its bytes)
+    max_guidance_scale: float = 30.0
+
+    def __post_init__(self):
+        if self.max_side < 1 or self.max_prompt_chars < 1 or self.max_upload_bytes < 1:
+            raise UserError("server limits must be positive")
+
+
+class ImageRequest(BaseModel):
+    """A text-to-image (or, with `init_image`, image-to-image) request; sizes default to the model's own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="what to draw")
+    negative_prompt: str | None = Field(None, description="what not to draw (guidance against its embedding, see the user guide)")
+    negative_scale: float | None = Field(None, ge=0, le=30, allow_inf_nan=False, description="strength of the negative prompt")
+    steps: int = Field(4, ge=1, le=MAX_STEPS, description="sampling steps (Algorithm 3)")
+    guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="g = ω + 1; default: the model's")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="noise seed; random when absent (returned in X-Seed)")
+    width: int | None = Field(None, ge=1, description="pixels, a multiple of the VAE factor")
+    height: int | None = Field(None, ge=1, description="pixels, a multiple of the VAE factor")
+    gamma: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="TCD's γ (fresh noise per step); absent: Algorithm 3")
+    init_image: str | None = Field(None, description="image-to-image start: a base64 PNG/JPEG or data: URL")
+    strength: float = Field(0.8, gt=0, le=1, allow_inf_nan=False, description="with init_image: how much of it to redraw")
+    format: Literal["png", "jpeg"] = Field("png", description="response image format")
+
+
+@dataclass
+class Job:
+    """A checked request: what the generator needs for this image, and the key of the batch it may join."""
+
+    prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    format: str
+    gamma: float | None = None
+    strength: float = 1.0
+    init_image: torch.Tensor | None = None  # [3, H, W] in [-1, 1]
+    negative_prompt: str | None = None
+    negative_scale: float | None = None
+    key: tuple = field(init=False)
+
+    def __post_init__(self):
+        # Requests share a forward pass when everything but prompt, seed and init image agree
+        self.key = (self.steps, self.guidance_scale, self.width, self.height, self.gamma,
+                    self.strength if self.init_image is not None else None, self.init_image is not None,
+                    self.negative_prompt is not None, self.negative_scale)
+
+
+def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, default_guidance_scale: float) -> Job:
+    """The `Job` for a validated request, checked against the model and the limits (`UserError` otherwise)."""
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name)
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise UserError(f"{name} has {len(text)} characters; the limit is {limits.max_prompt_chars}")
+    if not request.prompt.strip():
+        raise UserError("prompt is blank")
+    g = default_guidance_scale if request.guidance_scale is None else request.guidance_scale
+    if g > limits.max_guidance_scale:
+        raise UserError(f"guidance_scale {g:g} is above {limits.max_guidance_scale:g}")
+    if generator.kind == "lcm" and g < 1:
+        raise UserError(f"guidance_scale {g:g} is below 1: this LCM takes g through its ω input (ω = g - 1 >= 0)")
+    width, height = request.width or generator.default_size(), request.height or generator.default_size()
+    for name, value in (("width", width), ("height", height)):
+        if value > limits.max_side:
+            raise UserError(f"{name} {value} is above this server's limit of {limits.max_side} px")
+    generator.check_size(height, width)
+    init = decode_image(request.init_image, width, height, limits) if request.init_image is not None else None
+    generator.timesteps(request.steps, strength=request.strength if init is not None else 1.0)  # a strength that leaves too few steps
+    return Job(prompt=request.prompt, seed=secrets.randbelow(2**31) if request.seed is None else request.seed, steps=request.steps,
+               guidance_scale=float(g), width=width, height=height, format=request.format, gamma=request.gamma,
+               strength=request.strength if init is not None else 1.0, init_image=init, negative_prompt=request.negative_prompt,
+               negative_scale=request.negative_scale if request.negative_prompt is not None else None)
+
+
+def decode_image(data: str, width: int, height: int, limits: Limits) -> torch.Tensor:
+    """A base64 (or data: URL) PNG/JPEG/WebP as [3, height, width] in [-1, 1], resized to the request's size."""
+    from PIL import Image, UnidentifiedImageError
+
+    payload = data.split(",", 1)[1] if data.startswith("data:") else data
+    if len(payload) * 3 // 4 > limits.max_upload_bytes:
+        raise UserError(f"init_image is larger than {limits.max_upload_bytes // 2**20} MiB")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise UserError("init_image is not base64") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > 64 * 2**20:
+                raise UserError(f"init_image is {image.width}x{image.height}; too many pixels")
+            image = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise UserError("init_image is not a PNG, JPEG or WebP image") from None
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1
