@@ -33,6 +33,18 @@ def test_ema_update_known_values_and_buffers():
     torch.testing.assert_close(tgt.weight, src.weight)
 
 
+def test_fused_ema_update_equals_the_formula_per_tensor_and_dtype():
+    torch.manual_seed(0)
+    src = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Conv2d(5, 2, 3), torch.nn.LayerNorm(4))
+    tgt = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Conv2d(5, 2, 3), torch.nn.LayerNorm(4))
+    tgt[1].to(torch.float64)  # a target tensor in another dtype gets its own fused group
+    before = {name: p.detach().clone() for name, p in tgt.named_parameters()}
+    ema_update(tgt, src, decay=0.7)
+    for name, param in src.named_parameters():
+        expected = 0.7 * before[name] + 0.3 * param.detach().to(before[name].dtype)
+        torch.testing.assert_close(dict(tgt.named_parameters())[name], expected, rtol=1e-6, atol=1e-7)
+
+
 def test_lcd_loss_is_small_for_the_exact_consistency_function_and_lcf_needs_no_teacher():
     """The true consistency function of Gaussian data scores ~0 (up to the solver's error); a shifted one
     scores the shift squared."""

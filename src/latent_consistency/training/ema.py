@@ -9,11 +9,18 @@ import torch
 def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
     """θ⁻ <- μ·θ⁻ + (1-μ)·θ for parameters; buffers are copied (k-diffusion's `ema_update`).
 
-    decay μ = 0 makes the target a copy of the source (no EMA).
+    decay μ = 0 makes the target a copy of the source (no EMA). The parameters are updated by one fused
+    `torch._foreach_lerp_` over all tensors of a dtype, not one kernel per tensor.
     """
     target_params = dict(target.named_parameters())
+    groups: dict[torch.dtype, tuple[list, list]] = {}
     for name, param in source.named_parameters():
-        target_params[name].lerp_(param.detach().to(target_params[name].dtype), 1.0 - decay)
+        ema = target_params[name]
+        targets, sources = groups.setdefault(ema.dtype, ([], []))
+        targets.append(ema)
+        sources.append(param.detach().to(ema.dtype))
+    for targets, sources in groups.values():
+        torch._foreach_lerp_(targets, sources, 1.0 - decay)
     target_buffers = dict(target.named_buffers())
     for name, buf in source.named_buffers():
         target_buffers[name].copy_(buf)

@@ -1,0 +1,225 @@
+"""CPU speed of our sampling and our LCD step against diffusers', side by side in one process, on the built-in world.
+
+    python benchmarks/cpu_speed.py --lcm runs/demo/distill/lcm --out runs/cpu-speed     # after `make demo`
+
+1. Text to image (prompts in, decoded images out): `LCMGenerator` against diffusers' `LatentConsistencyModelPipeline`
+   loaded from the same folder, same prompts, same per-image generators (so the same noise), at 1/2/4 steps and batch
+   1 and 64. Calls alternate (ours, theirs, ours, ...); the median of --repeats pairs; images/s and the ratio; the
+   largest difference between the two outputs (they must agree to float32 rounding).
+2. One LCD training step (Algorithm 1, DDIM solver, the `world` preset's loss) at batch 64: ours (latents and text
+   embeddings from the cache, cond and uncond teacher passes as one batch, a fused EMA) against a reference that does
+   per step what diffusers' `train_lcd_distill_sd_wds.py` does (VAE and text encoder in the loop, separate cond and
+   uncond teacher passes, a Python-loop EMA), written here from that script's description; examples/s and the ratio.
+3. Peak resident memory of each while it runs (loading excluded), in a child process that runs only that one (Linux's
+   VmHWM, reset after loading).
+
+Prints a markdown table last and writes cpu_speed.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from latent_consistency.losses import LCDLoss, consistency_distance
+from latent_consistency.models import consistency_model, encode_prompts, lcm_scheduler_config, load_diffusion_model, make_student_unet
+from latent_consistency.parameterization import consistency_output, guidance_embedding, x0_and_eps
+from latent_consistency.pipelines import LCMGenerator
+from latent_consistency.solvers import get_solver
+from latent_consistency.training.ema import ema_update
+from latent_consistency.world.artifact import default_world_path
+from latent_consistency.world.shapes import ShapesDataset
+
+GUIDANCE_SCALE = 2.0  # the world preset's
+PROMPT = "a large red star at the top left on a gray background"
+
+
+# --- 1. text to image ---
+
+def ours_sampler(lcm: str, batch: int, steps: int):
+    generator = LCMGenerator.load(lcm, torch.device("cpu"), torch.float32)
+    timesteps, size = generator.timesteps(steps), generator.default_size()
+    return lambda: generator([PROMPT] * batch, timesteps, GUIDANCE_SCALE, list(range(batch)), size, size)
+
+
+def diffusers_sampler(lcm: str, batch: int, steps: int):
+    from diffusers import LatentConsistencyModelPipeline
+
+    pipe = LatentConsistencyModelPipeline.from_pretrained(lcm, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def call():
+        generators = [torch.Generator("cpu").manual_seed(s) for s in range(batch)]
+        images = pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, generator=generators, height=size,
+                      width=size, output_type="pt").images
+        return images * 2 - 1  # [0, 1] -> ours [-1, 1]
+
+    return call
+
+
+# --- 2. one LCD step ---
+
+class LCDSetup:
+    """The world's teacher, a student with the ω input, its EMA target, AdamW, and one batch of images and captions."""
+
+    def __init__(self, teacher: str, batch: int):
+        torch.manual_seed(0)
+        self.model = load_diffusion_model(teacher)
+        self.scheduler_config = lcm_scheduler_config(self.model.scheduler_config, 20, self.model.prediction_type)
+        self.student = make_student_unet(self.model.unet, 256).requires_grad_(True).train()
+        self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.model.unet.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=5e-5)
+        items = [ShapesDataset("train", 32, size=batch, seed=0)[i] for i in range(batch)]
+        self.images = torch.stack([item["image"] for item in items])
+        self.captions = [item["caption"] for item in items]
+        self.loss = LCDLoss(schedule=self.model.schedule, skip=20, guidance_scale_range=(1.0, 2.0), distance="l2", weighting="ict",
+                            teacher=self.model.guided_teacher(), solver=get_solver("ddim"))
+        self.uncond = encode_prompts(self.model.tokenizer, self.model.text_encoder, [""])  # once, as the reference does too
+
+    def finish_step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def ours_step(teacher: str, batch: int):
+    s = LCDSetup(teacher, batch)
+    latents = s.model.codec.encode(s.images)  # the latent cache: encoded once, before training
+    cond = encode_prompts(s.model.tokenizer, s.model.text_encoder, s.captions)
+    f_student, f_target = consistency_model(s.student, s.scheduler_config), consistency_model(s.target, s.scheduler_config)
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        loss = s.loss(f_student, f_target, latents, cond, s.uncond.expand(batch, -1, -1), generator).mean()
+        s.finish_step(loss)
+        ema_update(s.target, s.student, 0.95)
+        return loss.detach()
+
+    return step
+
+
+def reference_step(teacher: str, batch: int):
+    """Per step, what diffusers' LCD script does: encode images and captions, two teacher passes, a Python-loop EMA."""
+    s = LCDSetup(teacher, batch)
+    schedule, loss_fn = s.model.schedule, s.loss
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        latents = s.model.vae.encode(s.images).latent_dist.sample(generator) * s.model.vae.config.scaling_factor
+        with torch.no_grad():
+            cond = encode_prompts(s.model.tokenizer, s.model.text_encoder, s.captions)
+        uncond = s.uncond.expand(batch, -1, -1)
+        p = loss_fn.draw_point(latents, generator)
+        z = schedule.add_noise(latents, p.noise, p.t_n_plus_k)
+        w_embedding = guidance_embedding(p.omega, 256)
+        alpha, sigma = (v.float() for v in schedule.alpha_sigma(p.t_n_plus_k))
+        pred = s.student(z, p.t_n_plus_k, encoder_hidden_states=cond, timestep_cond=w_embedding).sample
+        student_out = consistency_output(z, x0_and_eps(pred, z, alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1), "epsilon")[0], p.t_n_plus_k)
+        with torch.no_grad():
+            out_c = s.model.unet(z, p.t_n_plus_k, encoder_hidden_states=cond).sample
+            out_u = s.model.unet(z, p.t_n_plus_k, encoder_hidden_states=uncond).sample
+            guided = out_c + p.omega.view(-1, 1, 1, 1) * (out_c - out_u)
+            x0, eps = x0_and_eps(guided, z, alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1), "epsilon")
+            a_n, s_n = (v.float() for v in schedule.alpha_sigma(p.t_n))
+            z_prev = a_n.view(-1, 1, 1, 1) * x0 + s_n.view(-1, 1, 1, 1) * eps  # the DDIM jump
+            pred_t = s.target(z_prev, p.t_n, encoder_hidden_states=cond, timestep_cond=w_embedding).sample
+            target = consistency_output(z_prev, x0_and_eps(pred_t, z_prev, a_n.view(-1, 1, 1, 1), s_n.view(-1, 1, 1, 1), "epsilon")[0], p.t_n)
+        loss = (p.weight * consistency_distance(student_out, target, "l2")).mean()
+        s.finish_step(loss)
+        with torch.no_grad():
+            for t_param, param in zip(s.target.parameters(), s.student.parameters()):
+                t_param.mul_(0.95).add_(param, alpha=0.05)
+        return loss.detach()
+
+    return step
+
+
+CASES = {"ours": ours_sampler, "diffusers": diffusers_sampler, "ours-step": ours_step, "reference-step": reference_step}
+
+
+def peak_rss(case: str, args: tuple, calls: int) -> float:
+    """MiB of peak resident memory of a child process that builds and runs one case."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_run_case, (case, args, calls))
+
+
+def _run_case(case: str, args: tuple, calls: int) -> float:
+    fn = CASES[case](*args)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to now: loading the models is not measured
+    for _ in range(calls):
+        fn()
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["VmHWM"].split()[0]) / 1024
+
+
+def paired(fa, fb, repeats: int) -> tuple[float, float]:
+    """Median seconds of fa and fb, called alternately after one warm-up call each."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lcm", default="runs/demo/distill/lcm")
+    parser.add_argument("--teacher", default=str(default_world_path()))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--train-batch", type=int, default=64)
+    parser.add_argument("--no-memory", action="store_true", help="skip the child processes that measure peak memory")
+    parser.add_argument("--out", default="runs/cpu-speed")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "sampling": [], "lcd_step": {}}
+    rows = []
+    for batch in (1, 64):
+        for steps in (1, 2, 4):
+            ours, theirs = ours_sampler(args.lcm, batch, steps), diffusers_sampler(args.lcm, batch, steps)
+            difference = (ours() - theirs()).abs().max().item()
+            t_ours, t_theirs = paired(ours, theirs, args.repeats)
+            row = {"batch": batch, "steps": steps, "ours_images_per_s": batch / t_ours, "diffusers_images_per_s": batch / t_theirs,
+                   "speedup": t_theirs / t_ours, "max_abs_difference": difference}
+            if not args.no_memory and steps == 4:
+                row["ours_peak_mib"] = peak_rss("ours", (args.lcm, batch, steps), 3)
+                row["diffusers_peak_mib"] = peak_rss("diffusers", (args.lcm, batch, steps), 3)
+            results["sampling"].append(row)
+            rows.append(f"| text to image, {steps} steps, batch {batch} | {row['ours_images_per_s']:.1f} images/s | "
+                        f"{row['diffusers_images_per_s']:.1f} images/s | {row['speedup']:.2f}x | "
+                        f"{row.get('ours_peak_mib', float('nan')):.0f} / {row.get('diffusers_peak_mib', float('nan')):.0f} | {difference:.1e} |")
+    ours, reference = ours_step(args.teacher, args.train_batch), reference_step(args.teacher, args.train_batch)
+    t_ours, t_ref = paired(ours, reference, args.repeats)
+    step = {"batch": args.train_batch, "ours_examples_per_s": args.train_batch / t_ours, "reference_examples_per_s": args.train_batch / t_ref,
+            "speedup": t_ref / t_ours}
+    if not args.no_memory:
+        step["ours_peak_mib"] = peak_rss("ours-step", (args.teacher, args.train_batch), 3)
+        step["reference_peak_mib"] = peak_rss("reference-step", (args.teacher, args.train_batch), 3)
+    results["lcd_step"] = step
+    rows.append(f"| LCD step, batch {args.train_batch} | {step['ours_examples_per_s']:.1f} examples/s | {step['reference_examples_per_s']:.1f} "
+                f"examples/s | {step['speedup']:.2f}x | {step.get('ours_peak_mib', float('nan')):.0f} / "
+                f"{step.get('reference_peak_mib', float('nan')):.0f} | |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_speed.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{results['date']}, {results['machine']}, {results['threads']} threads, torch {results['torch']}\n")
+    print("| measured | ours | diffusers | speed-up | peak MiB (ours / diffusers) | max abs difference |\n|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
