@@ -111,7 +111,8 @@ def test_sample_tcd_equals_stable_diffusion_pipeline_with_tcd_scheduler(tiny_lcm
     generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
     randn((2, 4, 8, 8), generators, "cpu", torch.float32)  # past the starting noise, as above
     ours = sample_tcd(f, latents.clone(), model.timesteps(steps), cond, omega_from_guidance_scale(g), f.schedule, gamma, generators)
-    assert (ours - ref).abs().max().item() < 1e-5
+    # float32 rounding over the steps (7.6e-6 at most at 4 steps here) is relative to the latents' size
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     if steps > 1 and gamma > 0:  # the noise matters: another generator gives another sample
         other = sample_tcd(f, latents.clone(), model.timesteps(steps), cond, omega_from_guidance_scale(g), f.schedule, gamma,
                            [torch.Generator().manual_seed(s) for s in (7, 8)])

@@ -18,6 +18,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from latent_consistency import __version__
 from latent_consistency.errors import UserError
@@ -151,7 +152,7 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     async def images(body: ImageRequest, request: Request) -> Response:
         """Generate one image (text-to-image, or image-to-image with `init_image`)."""
         start = time.perf_counter()
-        job = prepare(body, generator, limits, default_guidance)
+        job = await run_in_threadpool(prepare, body, generator, limits, default_guidance)  # decoding an upload takes a while
         future = batcher.submit(job)
         waiting = asyncio.wrap_future(future)
         while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
