@@ -215,7 +215,7 @@ def test_nonfinite_losses_stop_with_a_checkpoint(tiny_sd, image_folder, tmp_path
 @pytest.mark.parametrize("case", ["missing teacher", "missing data", "bad solver", "bad loss", "bad weighting", "resolution", "not empty",
                                   "resume differs", "resume nothing", "batch split", "bad student prediction",
                                   "lora student prediction", "lora guidance pair", "fixed guidance pair", "ε at zero terminal SNR",
-                                  "ε student at zero terminal SNR"])
+                                  "ε student at zero terminal SNR", "omega lr scale 0", "lora omega lr scale"])
 def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case):
     out = tmp_path / "run"
     cases = {
@@ -239,6 +239,9 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
         "ε at zero terminal SNR": (distill_args(tmp_path / "zsnr", image_folder, out), "the teacher would predict ε on a zero-terminal-SNR"),
         "ε student at zero terminal SNR": (distill_args(tmp_path / "zsnr", image_folder, out, "--student-prediction", "epsilon"),
                                            "the student would predict ε on a zero-terminal-SNR"),
+        "omega lr scale 0": (distill_args(tiny_sd, image_folder, out, "--omega-lr-scale", "0"), "omega_lr_scale must be above 0"),
+        "lora omega lr scale": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--omega-lr-scale", "10"),
+                                "a LoRA student has no ω input"),
     }
     if "zero terminal SNR" in case:
         shutil.copytree(tiny_sd, tmp_path / "zsnr")
@@ -256,6 +259,23 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_the_omega_projection_gets_its_own_learning_rate(tiny_sd, image_folder, tmp_path):
+    """--omega-lr-scale S: the ω projection (zero at the start) moves S times as far as at scale 1 in the first AdamW steps,
+    where each weight moves by about the learning rate whatever its gradient's size; the other weights are unchanged."""
+    from latent_consistency.training import loop
+
+    moved = {}
+    for scale in (1.0, 10.0):
+        out = tmp_path / f"scale-{scale:g}"
+        config = resolve_config(DistillConfig, "tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(out), steps=1,
+                                                                       omega_lr_scale=scale, ema_decay=0.0))
+        exported = loop.train(config, progress=False)
+        weights = load_file(str(exported / "unet" / "diffusion_pytorch_model.safetensors"))
+        moved[scale] = (weights["time_embedding.cond_proj.weight"].abs().mean().item(), weights["conv_in.weight"])
+    assert moved[1.0][0] > 0 and moved[10.0][0] == pytest.approx(10 * moved[1.0][0], rel=0.05)
+    torch.testing.assert_close(moved[10.0][1], moved[1.0][1])
 
 
 @pytest.fixture(scope="module")

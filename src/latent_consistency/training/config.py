@@ -162,6 +162,8 @@ class DistillConfig(TrainConfig):
     guidance_pair_weight: float = doc("λ_Δ > 0: draw each example at two guidance scales and add λ_Δ·d of the student's and the "
                                       "target's differences, so that the ω input is learned (ours; 0 = Algorithm 1; 2× the "
                                       "compute per example); full students only", default=0.0)
+    omega_lr_scale: float = doc("learning-rate multiplier of a full student's ω projection (the UNet's time_embedding.cond_proj, "
+                                "which starts at zero): the ω input's own learning rate", default=1.0)
     omega_response_samples: int = doc("latents on which the student's ω response (the fraction of the teacher's guidance effect "
                                       "it reproduces) is measured at the end of a full LCD run over a guidance range (0: skip)",
                                       default=32)
@@ -190,6 +192,10 @@ class DistillConfig(TrainConfig):
             raise UserError(f"skip and time_cond_proj_dim must be at least 1, got {self.skip} and {self.time_cond_proj_dim}")
         if self.guidance_pair_weight < 0:
             raise UserError(f"guidance_pair_weight must be 0 or more, got {self.guidance_pair_weight}")
+        if self.omega_lr_scale <= 0:
+            raise UserError(f"omega_lr_scale must be above 0, got {self.omega_lr_scale}")
+        if self.omega_lr_scale != 1 and self.adapter != "full":
+            raise UserError("omega_lr_scale applies to full students; a LoRA student has no ω input")
         if self.student_prediction != "teacher" and self.adapter != "full":
             raise UserError("student_prediction applies to full students; a LoRA keeps the teacher's parameterisation")
         if self.guidance_pair_weight > 0 and self.adapter != "full":

@@ -85,8 +85,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     freeze_in_half_precision(config, base)
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
     loss_fn = build_loss(config, base, scheduler_config)
-    optimizer = torch.optim.AdamW(student.trainable_parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(student.parameter_groups(config.lr, getattr(config, "omega_lr_scale", 1.0)), lr=config.lr,
+                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches, loss_fn)
     state = run.resume() if resume else Progress()

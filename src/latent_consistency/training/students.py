@@ -30,6 +30,8 @@ from latent_consistency.models import (
 )
 from latent_consistency.training.checkpoint import load_checkpoint
 
+# The student's ω input: the projection of the ω embedding added to the time embedding (`models.make_student_unet`)
+OMEGA_PROJECTION = "time_embedding.cond_proj."
 # The layers LCM-LoRA adapts: attention, feed-forward, resnet convolutions, time embedding projections.
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
@@ -45,6 +47,15 @@ class Student:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def parameter_groups(self, lr: float, omega_lr_scale: float = 1.0) -> list[dict]:
+        """The optimiser's parameter groups: the ω projection (`OMEGA_PROJECTION`) at lr·omega_lr_scale, the rest at lr."""
+        named = [(name, p) for name, p in self.unet.named_parameters() if p.requires_grad]
+        omega = [p for name, p in named if OMEGA_PROJECTION in name]
+        rest = [p for name, p in named if OMEGA_PROJECTION not in name]
+        if omega_lr_scale == 1 or not omega:
+            return [{"params": rest + omega, "lr": lr}]
+        return [{"params": rest, "lr": lr}, {"params": omega, "lr": lr * omega_lr_scale}]
 
     def consistency_model(self, unet) -> ConsistencyModel:
         """f_θ of Eq. 9 around `unet`: the student (as accelerate wrapped it) or the target. Both share one config,
