@@ -4,8 +4,10 @@ type a prompt, an image appears; move a slider, it changes; start from the last 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -23,10 +25,10 @@ class Browser:
     """Headless Chromium on one page, and the few DevTools calls the test needs."""
 
     def __init__(self, url: str):
-        self.profile = tempfile.TemporaryDirectory()
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)  # chromium's helpers may still be writing
         self.process = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                          "--remote-debugging-port=0", f"--user-data-dir={self.profile.name}", url],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         port = None
         for line in self.process.stderr:
             if found := re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line):
@@ -69,7 +71,7 @@ class Browser:
 
     def close(self):
         self.socket.close()
-        self.process.terminate()
+        os.killpg(self.process.pid, signal.SIGTERM)  # chromium and its helper processes
         self.process.wait(10)
         self.profile.cleanup()
 
@@ -81,8 +83,9 @@ def test_page_draws_as_you_type_and_follows_the_sliders(tiny_lcm):
     with ServerThread(app) as url:
         browser = Browser(url + "/")
         try:
-            wait_until(lambda: browser.js("document.readyState") == "complete", 30)
-            wait_until(lambda: browser.js("document.getElementById('guidance-value').textContent") == "8", 30)  # /v1/config read
+            # the page (not the blank one chromium starts on) has loaded and read /v1/config
+            wait_until(lambda: browser.js("location.href.startsWith('http') && document.readyState") == "complete", 60)
+            wait_until(lambda: browser.js("document.getElementById('guidance-value')?.textContent") == "8", 60)
             # type a prompt, key by key: one image appears (stale requests were cancelled or superseded)
             browser.js("document.getElementById('prompt').focus()")
             for char in "a red star":
