@@ -25,6 +25,8 @@ MAX_GUIDANCE_SCALE = 30.0
 # Default g by `Generator.kind`: an LCM's ω input (the paper's ω = 7), an LCM-LoRA's classifier-free guidance (none:
 # its guidance was distilled in; diffusers recommends 1-2 for LCM-LoRA), a diffusion model's CFG or ω input.
 DEFAULT_GUIDANCE_SCALE = {"lcm": 8.0, "lora": 1.0, "solver": 7.5}
+# Seeds seed torch.Generator, which takes up to 2^63 - 1
+MAX_SEED = 2**63 - 1
 # λ of an LCM's negative prompt (`NegativePromptGuidance`, every step): on the world it cut the negated shape from 6.0 %
 # to 1.2 % (2 steps) and 2.3 % (4 steps) at an FID cost of +6 to +8; λ >= 0.5 over-guides (docs/guide.md, Negative prompts).
 DEFAULT_NEGATIVE_SCALE = 0.25

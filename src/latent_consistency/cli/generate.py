@@ -23,10 +23,8 @@ from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 from latent_consistency.grids import save_png, to_pil
 from latent_consistency.outputs import writable_folder
-from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, LCMGenerator, SolverGenerator
+from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, LCMGenerator, SolverGenerator
 from latent_consistency.sampling import TEACHER_SAMPLERS
-
-MAX_SEED = 2**63 - 1
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:

@@ -45,7 +45,7 @@ def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int]
         options["negative_prompts"] = [job.negative_prompt for job in jobs]
         if first.negative_scale is not None:
             options["negative_scale"] = first.negative_scale
-    timesteps = generator.timesteps(first.steps, strength=first.strength) if first.init_image is not None else generator.timesteps(first.steps)
+    timesteps = generator.timesteps(first.steps, strength=first.strength)  # strength is 1 without an init image
     images = generator([job.prompt for job in jobs], timesteps, first.guidance_scale, [job.seed for job in jobs], first.height,
                        first.width, **options)
     return [(encode(image, job.format), len(jobs)) for image, job in zip(to_pil(images), jobs)]

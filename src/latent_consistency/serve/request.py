@@ -20,9 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from latent_consistency.errors import UserError
-from latent_consistency.pipelines import LCMGenerator
+from latent_consistency.pipelines import MAX_SEED, LCMGenerator
 
-MAX_SEED = 2**63 - 1
 MAX_STEPS = 8  # an LCM's useful range (Algorithm 3 with 1-8 steps)
 
 
