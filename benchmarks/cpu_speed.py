@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from latent_consistency.losses import LCDLoss, consistency_distance
-from latent_consistency.models import consistency_model, encode_prompts, lcm_scheduler_config, load_diffusion_model, make_student_unet
+from latent_consistency.models import consistency_model, lcm_scheduler_config, load_diffusion_model, make_student_unet
 from latent_consistency.parameterization import consistency_output, guidance_embedding, x0_and_eps
 from latent_consistency.pipelines import LCMGenerator
 from latent_consistency.solvers import get_solver
@@ -84,7 +84,7 @@ class LCDSetup:
         self.captions = [item["caption"] for item in items]
         self.loss = LCDLoss(schedule=self.model.schedule, skip=20, guidance_scale_range=(1.0, 2.0), distance="l2", weighting="ict",
                             teacher=self.model.guided_teacher(), solver=get_solver("ddim"))
-        self.uncond = encode_prompts(self.model.tokenizer, self.model.text_encoder, [""])  # once, as the reference does too
+        self.uncond = self.model.prompts.uncond()  # once, as the reference does too
 
     def finish_step(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -96,7 +96,7 @@ class LCDSetup:
 def ours_step(teacher: str, batch: int):
     s = LCDSetup(teacher, batch)
     latents = s.model.codec.encode(s.images)  # the latent cache: encoded once, before training
-    cond = encode_prompts(s.model.tokenizer, s.model.text_encoder, s.captions)
+    cond = s.model.prompts.encode(s.captions)
     f_student, f_target = consistency_model(s.student, s.scheduler_config), consistency_model(s.target, s.scheduler_config)
     generator = torch.Generator().manual_seed(0)
 
@@ -118,7 +118,7 @@ def reference_step(teacher: str, batch: int):
     def step():
         latents = s.model.vae.encode(s.images).latent_dist.sample(generator) * s.model.vae.config.scaling_factor
         with torch.no_grad():
-            cond = encode_prompts(s.model.tokenizer, s.model.text_encoder, s.captions)
+            cond = s.model.prompts.encode(s.captions)
         uncond = s.uncond.expand(batch, -1, -1)
         p = loss_fn.draw_point(latents, generator)
         z = schedule.add_noise(latents, p.noise, p.t_n_plus_k)

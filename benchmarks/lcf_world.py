@@ -79,7 +79,7 @@ def main() -> None:
     train_data, items, judge, attributes_read = case_data(world, args.case, args.train_size, args.eval_size)
     cache = out / "latents"
     if not (cache / "manifest.json").is_file():
-        write_latent_cache(train_data, cache, world.codec, world.model.tokenizer, world.model.text_encoder,
+        write_latent_cache(train_data, cache, world.codec, world.model.prompts,
                            source={"case": args.case, "size": len(train_data)}, progress=False)
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     if args.method == "lcf":

@@ -36,7 +36,7 @@ import torch
 from latent_consistency.denoisers import NegativePromptGuidance
 from latent_consistency.evaluation.fid import fid_score
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.models import encode_prompts, load_lcm
+from latent_consistency.models import load_lcm
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import randn, sample_lcm
 from latent_consistency.world.artifact import default_world_path, load_world
@@ -86,8 +86,8 @@ def generate(lcm, prompts: list[str], negatives: list[str], steps: int, g: float
         n = len(prompts[start:start + BATCH])
         c, s = lcm.unet.config.in_channels, lcm.unet.config.sample_size
         z_T = randn((n, c, s, s), [torch.Generator().manual_seed(seed + start + i) for i in range(n)], "cpu", torch.float32)
-        cond = encode_prompts(lcm.tokenizer, lcm.text_encoder, prompts[start:start + n])
-        neg = encode_prompts(lcm.tokenizer, lcm.text_encoder, negatives[start:start + n])
+        cond = lcm.prompts.encode(prompts[start:start + n])
+        neg = lcm.prompts.encode(negatives[start:start + n])
         f = lcm.consistency_model(g)
         if method.kind == "f":
             f = NegativePromptGuidance(f, neg, method.scale, method.guided(timesteps))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
-from latent_consistency.models import encode_prompts, load_lcm
+from latent_consistency.models import load_lcm
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import lcm_timesteps, sample_lcm
 
@@ -31,7 +31,7 @@ def test_sample_lcm_equals_pipeline(tiny_lcm, steps):
 
     model = load_lcm(str(tiny_lcm))
     f = model.consistency_model()
-    cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
+    cond = model.prompts.encode(prompts)
     ours = sample_lcm(
         f, latents.clone(), model.timesteps(steps), cond, omega_from_guidance_scale(g), f.schedule,
         generator=torch.Generator().manual_seed(11),
@@ -56,7 +56,7 @@ def test_the_model_factory_reads_every_lcm_scheduler_setting(tmp_path, steps):
     assert f.schedule.num_train_timesteps == 500 and f.timestep_scaling == 4.0
     pipe.scheduler.set_timesteps(steps)
     assert model.timesteps(steps).tolist() == pipe.scheduler.timesteps.tolist() and model.timesteps(steps).max() < 500
-    cond = encode_prompts(model.tokenizer, model.text_encoder, ["a red star", "a ring"])
+    cond = model.prompts.encode(["a red star", "a ring"])
     ours = sample_lcm(f, latents.clone(), model.timesteps(steps), cond, omega_from_guidance_scale(6.0), f.schedule,
                       generator=torch.Generator().manual_seed(11))
     assert (ours - ref).abs().max().item() < 1e-5
@@ -84,8 +84,8 @@ def test_teacher_baseline_equals_stable_diffusion_pipeline(tiny_sd, sampler, sch
 
     model = load_diffusion_model(str(tiny_sd))
     teacher = model.guided_teacher()
-    cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
-    uncond = encode_prompts(model.tokenizer, model.text_encoder, [""]).expand(2, -1, -1)
+    cond = model.prompts.encode(prompts)
+    uncond = model.prompts.uncond().expand(2, -1, -1)
     ours = sample_teacher(teacher, sampler, latents.clone(), cond, uncond, g, steps, model.scheduler_config)
     # CFG is written (1+ω)c - ωu here and u + g(c - u) in diffusers: equal up to float32 rounding (|x| ~ 10).
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
@@ -105,7 +105,7 @@ def test_sample_lcm_equals_pipeline_for_v_prediction(tmp_path, zero_terminal_snr
     model = load_lcm(str(folder))
     f = model.consistency_model()
     assert f.prediction_type == "v_prediction"
-    cond = encode_prompts(model.tokenizer, model.text_encoder, ["a star"])
+    cond = model.prompts.encode(["a star"])
     ours = sample_lcm(f, latents.clone(), model.timesteps(3), cond, 4.0, f.schedule, torch.Generator().manual_seed(2))
     # With zero terminal SNR diffusers' LCMScheduler keeps ᾱ_999 = 0 where we use 2^-24 (schedule.py), so the
     # first x̂0 = α·z - σ·v differs by α_999·z = 2^-12·z; nothing else differs.
@@ -137,7 +137,7 @@ def test_lcm_lora_sampling_equals_stable_diffusion_pipeline_with_lcm_scheduler(t
     generator = LCMGenerator.load(str(tiny_sd), torch.device("cpu"), torch.float32, lora=str(lora))
     model = generator.model
     assert generator.kind == "lora" and model.scheduler_config["original_inference_steps"] == 50
-    cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
+    cond = model.prompts.encode(prompts)
     generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
     randn((2, 4, 8, 8), generators, "cpu", torch.float32)  # advance them past the starting noise, as above
     f = model.consistency_model(g)

@@ -77,7 +77,7 @@ def test_v_prediction_student_of_an_epsilon_teacher_exports_and_runs_in_diffuser
     the network's output as the student was trained; its first-step image equals ours."""
     from diffusers import LatentConsistencyModelPipeline
 
-    from latent_consistency.models import encode_prompts, load_lcm
+    from latent_consistency.models import load_lcm
     from latent_consistency.parameterization import omega_from_guidance_scale
     from latent_consistency.sampling import sample_lcm
 
@@ -93,7 +93,7 @@ def test_v_prediction_student_of_an_epsilon_teacher_exports_and_runs_in_diffuser
     model = load_lcm(str(out / "lcm"))
     assert model.prediction_type == "v_prediction"
     f = model.consistency_model()
-    ours = sample_lcm(f, noise, model.timesteps(1), encode_prompts(model.tokenizer, model.text_encoder, ["a red star"]),
+    ours = sample_lcm(f, noise, model.timesteps(1), model.prompts.encode(["a red star"]),
                       omega_from_guidance_scale(8.0), f.schedule)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
@@ -286,7 +286,7 @@ def latent_cache(tiny_sd, image_folder, tmp_path_factory):
 
     model = load_diffusion_model(str(tiny_sd))
     out = tmp_path_factory.mktemp("cache") / "latents"
-    return write_latent_cache(ImageFolderDataset(image_folder, 16), out, model.codec, model.tokenizer, model.text_encoder,
+    return write_latent_cache(ImageFolderDataset(image_folder, 16), out, model.codec, model.prompts,
                               source={"dataset": "test images"}, progress=False)
 
 
@@ -374,3 +374,24 @@ def test_a_teacher_with_500_training_timesteps(tmp_path, image_folder):
     assert model.timesteps(4).tolist() == [499, 379, 259, 139]
     remade = Distillation.scheduler_config(config_from_dict(json.loads((out / "config.json").read_text())), load_diffusion_model(str(teacher)))
     assert all(exported[k] == v for k, v in remade.items())
+
+
+def test_a_lora_student_keeps_its_frozen_base_in_half_precision(tiny_sd, image_folder, tmp_path):
+    """Under mixed precision the LoRA student's frozen UNet runs in half precision, as the teacher does; its LoRA weights
+    train and export in float32."""
+    from latent_consistency.models import lcm_scheduler_config, load_diffusion_model
+    from latent_consistency.training.students import make_student
+
+    config = resolve_config(DistillConfig, "tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(tmp_path / "x"),
+                                                                   adapter="lora", lora_rank=4, mixed_precision="bf16"))
+    base = load_diffusion_model(str(tiny_sd))
+    student = make_student(config, base, lcm_scheduler_config(base.scheduler_config, 20))
+    dtypes = {name: p.dtype for name, p in student.unet.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    assert student.trainable_parameters() and all(p.dtype == torch.float32 for p in student.trainable_parameters())
+    out = tmp_path / "bf16-lora"
+    assert main(distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--lora-rank", "4", "--mixed-precision", "bf16")) == 0
+    assert all(np.isfinite(m["loss"]) for m in read_metrics(out))
+    weights = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())

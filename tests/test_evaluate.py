@@ -14,21 +14,9 @@ from latent_consistency.evaluation.fid import fid_score
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A tiny random CLIP model and tokenizer saved as a folder."""
-    from transformers import CLIPConfig, CLIPModel
+    from tiny_models import save_tiny_clip
 
-    from tiny_models import make_tokenizer
-
-    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    tokenizer = make_tokenizer(folder.parent / "tok")
-    torch.manual_seed(0)
-    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
-                max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 def test_clip_score_is_the_hand_computed_cosine(tiny_clip):

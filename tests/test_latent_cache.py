@@ -7,7 +7,8 @@ import torch
 
 from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
 from latent_consistency.errors import UserError
-from latent_consistency.models import LatentCodec, encode_prompts
+from latent_consistency.models import LatentCodec
+from latent_consistency.prompts import CLIPPromptEncoder, encode_prompts
 from latent_consistency.world.datasets import get_dataset
 from tiny_models import make_tiny_components
 
@@ -26,7 +27,7 @@ def data():
 
 def write(path, data, parts, **kw):
     return write_latent_cache(
-        data, path, LatentCodec(parts["vae"]), parts["tokenizer"], parts["text_encoder"], SOURCE, progress=False, **kw
+        data, path, LatentCodec(parts["vae"]), CLIPPromptEncoder(parts["tokenizer"], parts["text_encoder"]), SOURCE, progress=False, **kw
     )
 
 

@@ -103,7 +103,6 @@ def test_lcm_lora_negative_prompt_equals_diffusers_negative_prompt(tiny_sd, tmp_
     (f is affine in the network output), a known answer for `NegativePromptGuidance` on a real UNet."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from latent_consistency.models import encode_prompts
     from tiny_models import save_tiny_lora
 
     lora = save_tiny_lora(tmp_path / "lora", tiny_sd)
@@ -124,10 +123,10 @@ def test_lcm_lora_negative_prompt_equals_diffusers_negative_prompt(tiny_sd, tmp_
     def ours(f):
         generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
         latents = randn((2, 4, 8, 8), generators, "cpu", torch.float32)
-        cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
+        cond = model.prompts.encode(prompts)
         return sample_lcm(f, latents, generator.timesteps(steps), cond, 0.0, model.schedule, generators)
 
-    negative = encode_prompts(model.tokenizer, model.text_encoder, negatives)
+    negative = model.prompts.encode(negatives)
     torch.testing.assert_close(ours(generator.consistency_function(g, 2, negatives)), reference(g), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours(NegativePromptGuidance(model.consistency_model(1.0), negative, g - 1)), reference(g), rtol=1e-5, atol=1e-5)
     # the negative prompt matters: against the empty prompt the same guidance gives something else

@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionPipeline, TCDScheduler
 
 from latent_consistency.errors import UserError
-from latent_consistency.models import encode_prompts, load_lcm
+from latent_consistency.models import load_lcm
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import randn, sample_lcm, sample_tcd, tcd_timestep
 from latent_consistency.schedule import NoiseSchedule
@@ -107,7 +107,7 @@ def test_sample_tcd_equals_stable_diffusion_pipeline_with_tcd_scheduler(tiny_lcm
 
     model = load_lcm(str(tiny_lcm))
     f = model.consistency_model()
-    cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
+    cond = model.prompts.encode(prompts)
     generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
     randn((2, 4, 8, 8), generators, "cpu", torch.float32)  # past the starting noise, as above
     ours = sample_tcd(f, latents.clone(), model.timesteps(steps), cond, omega_from_guidance_scale(g), f.schedule, gamma, generators)
@@ -129,7 +129,7 @@ def test_boundary_scalings_are_the_one_difference_at_small_timesteps(tiny_lcm):
 
     model = load_lcm(str(tiny_lcm))
     f = model.consistency_model()
-    cond = encode_prompts(model.tokenizer, model.text_encoder, prompts)
+    cond = model.prompts.encode(prompts)
     omega = omega_from_guidance_scale(g)
     ours = sample_tcd(f, z.clone(), torch.tensor([tau]), cond, omega, f.schedule, 0.3)
     t = torch.tensor([tau])
@@ -145,7 +145,7 @@ def test_tcd_differs_from_algorithm_3_by_the_last_step_to_timestep_zero(tiny_lcm
     """One step: Algorithm 3 returns x̂0 = f(z, τ), TCD the DDIM step to timestep 0; they differ by about σ_0·ε̂."""
     model = load_lcm(str(tiny_lcm))
     f = model.consistency_model()
-    cond = encode_prompts(model.tokenizer, model.text_encoder, ["a ring"])
+    cond = model.prompts.encode(["a ring"])
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ts = model.timesteps(1)
     lcm = sample_lcm(f, z, ts, cond, 6.5, f.schedule)

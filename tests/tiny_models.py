@@ -95,3 +95,129 @@ def save_tiny_lora(folder: Path, tiny_sd: Path, rank: int = 4, seed: int = 0) ->
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
     return folder
+
+
+def make_tiny_sdxl_components(tmp: Path, time_cond_proj_dim: int | None = None, seed: int = 0, prediction_type: str = "epsilon"):
+    """Tiny random SDXL-architecture parts (diffusers' own test sizes): two CLIP text encoders (the second with a pooled
+    projection), a UNet with `addition_embed_type="text_time"` (pooled 32 + 6 time ids x 8), an AutoencoderKL."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(tmp / "tok-src")
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                       max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, projection_dim=32, hidden_act="gelu")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        cross_attention_dim=64, time_cond_proj_dim=time_cond_proj_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16, scaling_factor=0.13025,
+    )
+    # SDXL ships an EulerDiscreteScheduler config over SD's scaled-linear betas
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading", prediction_type=prediction_type)
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        m.eval()
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer, scheduler=scheduler)
+
+
+def save_tiny_sdxl(folder: Path, seed: int = 0, time_cond_proj_dim: int | None = None, lcm: bool = False) -> Path:
+    """A tiny random StableDiffusionXLPipeline folder saved by diffusers; `lcm`: with an LCMScheduler and an ω input (an
+    SDXL LCM as diffusers loads one)."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    parts = make_tiny_sdxl_components(folder.parent / f".{folder.name}-build", time_cond_proj_dim or (32 if lcm else None), seed)
+    if lcm:
+        parts["scheduler"] = LCMScheduler.from_config(parts["scheduler"].config)
+    StableDiffusionXLPipeline(**parts, add_watermarker=False).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_tiny_sdxl_lora(folder: Path, tiny_sdxl: Path, rank: int = 4, seed: int = 0) -> Path:
+    """A random LoRA for the tiny SDXL UNet, saved by StableDiffusionXLPipeline.save_lora_weights."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    return folder
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A tiny random CLIP model (32 px images) and its tokenizer saved as one folder, for CLIP scores and CLIP-feature FID."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = make_tokenizer(folder.parent / f".{folder.name}-tok")
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer),
+                max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_t5_tokenizer():
+    """A character-level T5 tokenizer (a `tokenizers` Unigram model over letters, digits and punctuation, with and without
+    the word-start mark), built offline: pads with <pad> (id 0), ends every text with </s> (id 1), as T5's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)] + list(".,!?-'")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -2.0) for c in chars] + [("▁" + c, -1.5) for c in chars]
+    model = Tokenizer(models.Unigram(vocab, unk_id=2))
+    model.pre_tokenizer, model.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=model, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0, model_max_length=512)
+
+
+def make_tiny_pixart_components(seed: int = 0, sample_size: int = 8, patch_size: int = 2, learned_sigma: bool = True):
+    """Tiny random PixArt-α-architecture parts (diffusers' own test sizes): a T5 encoder, a `PixArtTransformer2DModel`
+    (learned sigma: 2x output channels; `sample_size` 128 makes it take the 1024-px models' resolution and aspect-ratio
+    conditions), an AutoencoderKL and PixArt's DPM-Solver++ scheduler config over linear betas."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = make_t5_tokenizer()
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                           relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=2, patch_size=patch_size, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8 if learned_sigma else 4, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16, scaling_factor=0.18215,
+    )
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    for m in (transformer, vae, text_encoder):
+        m.eval()
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def save_tiny_pixart(folder: Path, seed: int = 0, sample_size: int = 8, patch_size: int = 2, lcm: bool = False) -> Path:
+    """A tiny random PixArtAlphaPipeline folder saved by diffusers; `lcm`: with an LCMScheduler and a transformer with
+    no ω input (PixArt-LCM as diffusers loads it)."""
+    from diffusers import LCMScheduler, PixArtAlphaPipeline
+
+    parts = make_tiny_pixart_components(seed, sample_size, patch_size)
+    if lcm:
+        parts["scheduler"] = LCMScheduler.from_config(parts["scheduler"].config)
+    PixArtAlphaPipeline(**parts).save_pretrained(folder, safe_serialization=True)
+    return folder

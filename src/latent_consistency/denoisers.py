@@ -1,7 +1,8 @@
 """The two model contracts every solver, sampler and loss is written against.
 
 A *network* is any callable `net(z, t, cond, timestep_cond=None) -> output` whose output is an ε-, v- or
-x0-prediction (`UNetNetwork` adapts a diffusers UNet; the analytic test models implement it directly).
+x0-prediction (`UNetNetwork` adapts a diffusers UNet, `TransformerNetwork` a PixArt-α transformer, `denoising_network`
+picks the one that fits; the analytic test models implement it directly).
 
 - `GuidedTeacher` turns a network into the guided denoiser of Eq. 12 of Luo et al. 2023:
   ε̃ = (1+ω)·ε(z, c, t) - ω·ε(z, ∅, t), cond and uncond in one batch; `OmegaConditionedTeacher` is a network
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from latent_consistency.conditioning import AddedConditioning, PixArtConditioning
 from latent_consistency.parameterization import (
     SIGMA_DATA,
     TIMESTEP_SCALING,
@@ -27,15 +29,53 @@ from latent_consistency.schedule import NoiseSchedule, append_dims, batch_timest
 
 
 class UNetNetwork:
-    """Adapts a diffusers `UNet2DConditionModel` to the network contract."""
+    """Adapts a diffusers `UNet2DConditionModel` to the network contract; an SDXL-family UNet's pooled embedding and
+    micro-conditioning come out of the condition's extra row (`conditioning.AddedConditioning`)."""
 
     def __init__(self, unet):
         self.unet = unet
+        # a UNet wrapped for distributed training (DDP) keeps its config on the module it wraps
+        self.added = AddedConditioning.of_unet(getattr(unet, "module", unet).config)
 
     def __call__(self, z, t, cond, timestep_cond=None):
         # Integer timesteps go in as integers (as diffusers pipelines pass them), real ones as float32.
         t = t if not torch.is_floating_point(t) else t.float()
-        return self.unet(z, t, encoder_hidden_states=cond, timestep_cond=timestep_cond, return_dict=False)[0]
+        cond, added = (cond, None) if self.added is None else self.added.unpack(cond)
+        return self.unet(z, t, encoder_hidden_states=cond, timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
+
+
+class TransformerNetwork:
+    """Adapts a diffusers `PixArtTransformer2DModel` to the network contract, as `PixArtAlphaPipeline` calls it: the T5
+    tokens, their attention mask and a 1024-px model's size conditions come out of c (`conditioning.PixArtConditioning`);
+    a learned-sigma transformer's second half of output channels (the variance) is dropped. It has no ω input."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        module = getattr(transformer, "module", transformer)
+        self.conditioning = PixArtConditioning.of_transformer(module)
+        # the pipeline's test: out_channels // 2 == the latent channels
+        self.learned_sigma = module.out_channels // 2 == module.config.in_channels
+
+    def __call__(self, z, t, cond, timestep_cond=None):
+        if timestep_cond is not None:
+            raise ValueError("a PixArt transformer has no ω input (timestep_cond)")
+        t = t if not torch.is_floating_point(t) else t.float()
+        tokens, mask, added = self.conditioning.unpack(cond)
+        out = self.transformer(z, encoder_hidden_states=tokens, encoder_attention_mask=mask, timestep=t, added_cond_kwargs=added,
+                               return_dict=False)[0]
+        return out.chunk(2, dim=1)[0] if self.learned_sigma else out
+
+
+def is_transformer(net) -> bool:
+    """Whether a denoising network module is a PixArt-α transformer (else a UNet)."""
+    from diffusers import PixArtTransformer2DModel
+
+    return isinstance(getattr(net, "module", net), PixArtTransformer2DModel)
+
+
+def denoising_network(net) -> UNetNetwork | TransformerNetwork:
+    """The network contract around a diffusers UNet or PixArt-α transformer."""
+    return TransformerNetwork(net) if is_transformer(net) else UNetNetwork(net)
 
 
 def omega_embedding(omega, z: torch.Tensor, dim: int | None) -> torch.Tensor | None:

@@ -1,6 +1,6 @@
 """Load teachers, make students, save and load LCM pipelines, encode prompts and images.
 
-The one way from a loaded UNet and its scheduler config to the paper's two contracts:
+The one way from a loaded denoising network (a UNet, or a PixArt-α transformer) and its scheduler config to the paper's two contracts:
 `guided_teacher` (Eq. 12) and `consistency_model` (Eq. 9), also as methods of `DiffusionModel`.
 Models on disk are diffusers folders with safetensors weights; nothing here unpickles.
 """
@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
-from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, OmegaConditionedTeacher, UNetNetwork
+from latent_consistency.conditioning import AddedConditioning, PixArtConditioning
+from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, OmegaConditionedTeacher, denoising_network, is_transformer
 from latent_consistency.errors import UserError
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
+from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder, T5PromptEncoder
 from latent_consistency.sampling import lcm_timesteps
 from latent_consistency.schedule import NoiseSchedule
 
@@ -45,18 +47,19 @@ def guided_teacher(unet, scheduler_config: dict) -> GuidedTeacher:
     schedule, prediction_type = NoiseSchedule.from_config(scheduler_config), prediction_type_of(scheduler_config)
     dim = unet.config.get("time_cond_proj_dim")
     if dim is not None and not is_lcm_config(scheduler_config):
-        return OmegaConditionedTeacher(UNetNetwork(unet), schedule, prediction_type, dim)
-    return GuidedTeacher(UNetNetwork(unet), schedule, prediction_type)
+        return OmegaConditionedTeacher(denoising_network(unet), schedule, prediction_type, dim)
+    return GuidedTeacher(denoising_network(unet), schedule, prediction_type)
 
 
 def consistency_model(unet, scheduler_config: dict, network=None) -> ConsistencyModel:
     """f_θ of Eq. 9 around a UNet read under an LCMScheduler config (its noise schedule, prediction type and
-    `timestep_scaling`); the ω input is the UNet's `time_cond_proj_dim` (None: no ω input, an LCM-LoRA).
+    `timestep_scaling`); the ω input is the UNet's `time_cond_proj_dim` (None: no ω input, an LCM-LoRA or a PixArt-α
+    transformer).
 
     `network`, when given, stands in for the UNet's own network contract (a guided wrapper, say).
     """
     return ConsistencyModel(
-        network or UNetNetwork(unet),
+        network or denoising_network(unet),
         NoiseSchedule.from_config(scheduler_config),
         prediction_type_of(scheduler_config),
         unet.config.get("time_cond_proj_dim"),
@@ -69,20 +72,6 @@ def inference_timesteps(scheduler_config: dict, steps: int, strength: float = 1.
     start timestep of `strength`, `sampling.lcm_timesteps`)."""
     return lcm_timesteps(steps, int(scheduler_config.get("num_train_timesteps", 1000)),
                          int(scheduler_config.get("original_inference_steps", DEFAULT_ORIGINAL_INFERENCE_STEPS)), strength)
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
-    """Text embeddings c as Stable Diffusion computes them: pad to max_length, last hidden state."""
-    tokens = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    device = device if device is not None else text_encoder.device
-    return text_encoder(tokens.input_ids.to(device))[0]
 
 
 class LatentCodec:
@@ -119,7 +108,13 @@ class LatentCodec:
 
 @dataclass
 class DiffusionModel:
-    """A text-to-image latent diffusion model's parts, as a diffusers pipeline folder holds them."""
+    """A text-to-image latent diffusion model's parts, as a diffusers pipeline folder holds them: Stable Diffusion 1.x/2.x
+    (one text encoder), the SDXL family (a second text encoder with a pooled projection; `is_sdxl`), or PixArt-α (a
+    transformer and a T5 text encoder; `is_transformer`).
+
+    `unet` is the denoising network: a `UNet2DConditionModel`, or a `PixArtTransformer2DModel` (whose config has the
+    same `sample_size` and `in_channels`, and no `time_cond_proj_dim`); `denoisers.denoising_network` adapts either.
+    """
 
     unet: Any
     vae: Any
@@ -127,6 +122,48 @@ class DiffusionModel:
     tokenizer: Any
     scheduler_config: dict
     source: str
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: ∅ is zeros, not the empty prompt's encoding
+
+    @property
+    def is_sdxl(self) -> bool:
+        return AddedConditioning.of_unet(self.unet.config) is not None
+
+    @property
+    def upcasts_vae(self) -> bool:
+        """Whether the VAE stays in float32 when the rest runs in float16: as diffusers' SDXL pipelines do when the VAE's
+        config says `force_upcast` (SDXL's VAE overflows in float16). SD 1.x/2.x pipelines never upcast (their VAE configs
+        predate the key, whose default is True)."""
+        return self.is_sdxl and bool(self.vae.config.get("force_upcast"))
+
+    @property
+    def is_transformer(self) -> bool:
+        """A PixArt-α model: its denoising network is a transformer, its text encoder a T5 encoder."""
+        return is_transformer(self.unet)
+
+    @property
+    def text_encoders(self) -> list:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+
+    @property
+    def native_size(self) -> int:
+        """The image size (px) the UNet was made for."""
+        return int(self.unet.config.sample_size) * self.codec.downsampling_factor
+
+    @property
+    def prompts(self) -> CLIPPromptEncoder | SDXLPromptEncoder | T5PromptEncoder:
+        """This model's prompt encoder: c and ∅ as its diffusers pipeline makes them."""
+        if self.is_transformer:
+            return T5PromptEncoder(self.tokenizer, self.text_encoder, PixArtConditioning.of_transformer(self.unet),
+                                   (self.native_size, self.native_size))
+        added = AddedConditioning.of_unet(self.unet.config)
+        if added is None:
+            return CLIPPromptEncoder(self.tokenizer, self.text_encoder)
+        if self.text_encoder_2 is None:
+            raise UserError(f"{self.source}: its UNet takes SDXL's pooled text embedding, but the folder has no text_encoder_2")
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return SDXLPromptEncoder(pairs, added, (self.native_size, self.native_size), self.force_zeros_for_empty_prompt)
 
     @property
     def prediction_type(self) -> str:
@@ -158,18 +195,20 @@ class DiffusionModel:
         """This model as the guided teacher of Eq. 12 (classifier-free guidance, cond and uncond in one batch)."""
         return guided_teacher(self.unet, self.scheduler_config)
 
-    def consistency_model(self, guidance_scale: float = 1.0, negative_cond: torch.Tensor | None = None) -> ConsistencyModel:
+    def consistency_model(self, guidance_scale: float = 1.0, negative_cond: torch.Tensor | None = None,
+                          size: tuple[int, int] | None = None) -> ConsistencyModel:
         """This LCM as f_θ of Eq. 9. An LCM takes g through its ω input at call time; a model without one (an
-        LCM-LoRA) is classifier-free guided against the empty prompt when g > 1, as diffusers' StableDiffusionPipeline
+        LCM-LoRA, PixArt-LCM) is classifier-free guided against the empty prompt when g > 1, as diffusers' StableDiffusionPipeline
         with an LCMScheduler guides it; `negative_cond` (a negative prompt's embedding, [1, L, D] or one per row) then
         takes the empty prompt's place, as diffusers' `negative_prompt` does. An LCM's negative prompt has no such
-        place: see `denoisers.NegativePromptGuidance`."""
+        place: see `denoisers.NegativePromptGuidance`. `size` (height, width) is the images' (an SDXL ∅'s micro-conditioning;
+        default the native size)."""
         if self.time_cond_proj_dim is not None or guidance_scale <= 1:
             if negative_cond is not None:
                 raise UserError("a negative prompt enters an LCM-LoRA's classifier-free guidance, which needs a guidance scale above 1; "
                                 "an LCM (ω input) takes it through NegativePromptGuidance")
             return consistency_model(self.unet, self.scheduler_config)
-        uncond = encode_prompts(self.tokenizer, self.text_encoder, [""], self.unet.device) if negative_cond is None else negative_cond
+        uncond = self.prompts.uncond(self.unet.device, size) if negative_cond is None else negative_cond
         uncond = uncond.to(self.unet.device, self.unet.dtype)
         teacher, omega = self.guided_teacher(), omega_from_guidance_scale(guidance_scale)
 
@@ -183,7 +222,7 @@ class DiffusionModel:
         return inference_timesteps(self.scheduler_config, steps, strength)
 
     def to(self, device) -> DiffusionModel:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, *self.text_encoders):
             module.to(device)
         return self
 
@@ -192,9 +231,9 @@ def _check_model_folder(path: str) -> None:
     p = Path(path)
     if not p.exists():
         raise UserError(f"model folder {path} does not exist; give a diffusers pipeline folder or a hub id")
-    if not (p / "model_index.json").is_file() or not (p / "unet").is_dir():
+    if not (p / "model_index.json").is_file() or not ((p / "unet").is_dir() or (p / "transformer").is_dir()):
         raise UserError(
-            f"{path} is not a diffusers pipeline folder (no model_index.json and unet/); "
+            f"{path} is not a diffusers pipeline folder (no model_index.json and unet/ or transformer/); "
             "give a folder saved by save_pretrained or by `lcm distill`"
         )
 
@@ -204,30 +243,59 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Load unet, vae, text encoder, tokenizer and scheduler config from a diffusers folder or hub id.
+    """Load unet, vae, text encoder(s), tokenizer(s) and scheduler config from a diffusers folder or hub id.
 
-    Works for Stable Diffusion 1.x/2.x folders (ε- or v-prediction, read from the scheduler config) and
-    for LCM folders (a UNet with `time_cond_proj_dim`). Only safetensors weights are accepted.
+    Works for Stable Diffusion 1.x/2.x folders (ε- or v-prediction, read from the scheduler config), SDXL-family folders
+    (`StableDiffusionXLPipeline`: a second text encoder and tokenizer), LCM folders of either (a UNet with
+    `time_cond_proj_dim`), and PixArt-α folders (`PixArtAlphaPipeline`: a transformer/ and a T5 text encoder, no unet/;
+    PixArt-LCM's too, an LCMScheduler config). Only safetensors weights are accepted. An SDXL VAE that asks to be upcast
+    (it overflows in float16) stays in float32 (`DiffusionModel.upcasts_vae`).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
     if not _looks_like_hub_id(name_or_path):
         _check_model_folder(name_or_path)
     kwargs = dict(torch_dtype=dtype, use_safetensors=True)
     try:
-        unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kwargs)
+        index = dict(DiffusionPipeline.load_config(name_or_path))
         vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+        if _is_pixart(name_or_path, index):
+            unet = PixArtTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", **kwargs)
+            text_encoder = T5EncoderModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+        else:
+            unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kwargs)
+            text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs)
+            tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+        second = {}
+        if (index.get("text_encoder_2") or [None])[0] is not None:
+            second = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", **kwargs),
+                          tokenizer_2=CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2"),
+                          force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
         scheduler_config = _read_scheduler_config(name_or_path)
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load a diffusers model from {name_or_path}: {first_line}") from err
-    model = DiffusionModel(unet, vae, text_encoder, tokenizer, scheduler_config, source=name_or_path)
-    for module in (unet, vae, text_encoder):
+    model = DiffusionModel(unet, vae, text_encoder, tokenizer, scheduler_config, source=name_or_path, **second)
+    if dtype == torch.float16 and model.upcasts_vae:
+        vae.to(torch.float32)
+    if model.is_sdxl != bool(second):
+        raise UserError(f"{name_or_path}: its UNet {'takes' if model.is_sdxl else 'does not take'} SDXL's pooled text embedding but the "
+                        f"folder has {'no' if model.is_sdxl else 'a'} second text encoder; give a complete StableDiffusion(XL)Pipeline folder")
+    for module in (unet, vae, *model.text_encoders):
         module.requires_grad_(False).eval()
     return model.to(device)
+
+
+def _is_pixart(name_or_path: str, index: dict) -> bool:
+    """A pipeline index that names a transformer and no UNet: a PixArt-α pipeline, the one transformer family loaded here."""
+    if (index.get("unet") or [None])[0] is not None or (index.get("transformer") or [None])[0] is None:
+        return False
+    if index.get("_class_name") != "PixArtAlphaPipeline":
+        raise UserError(f"{name_or_path} is a {index.get('_class_name')} folder; of the transformer pipelines only PixArtAlphaPipeline "
+                        "(PixArt-α, PixArt-LCM) is supported")
+    return True
 
 
 def _read_scheduler_config(name_or_path: str) -> dict:
@@ -250,7 +318,8 @@ def make_student_unet(teacher_unet, time_cond_proj_dim: int = DEFAULT_TIME_COND_
     # Private keys ("_use_default_values" among them) would make from_config ignore the new setting.
     config = {k: v for k, v in teacher_unet.config.items() if not k.startswith("_")}
     config["time_cond_proj_dim"] = time_cond_proj_dim
-    student = UNet2DConditionModel.from_config(config)
+    with torch.device(teacher_unet.device):  # initialised where the teacher is (an SDXL UNet is 2.6 B parameters)
+        student = UNet2DConditionModel.from_config(config)
     missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
     if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
         raise UserError(f"teacher UNet does not fit a student UNet: missing {missing}, unexpected {unexpected}")
@@ -287,48 +356,75 @@ def lcm_scheduler_config(
     return config
 
 
-def save_diffusion_pipeline(out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler_config: dict) -> Path:
-    """Write a diffusers `StableDiffusionPipeline` folder with a DDIM scheduler (safetensors, no safety checker)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def save_pipeline(out_dir: str | Path, unet, base: DiffusionModel, scheduler_config: dict) -> Path:
+    """Write `unet` with `base`'s VAE and text encoder(s) as the diffusers pipeline folder of base's family (safetensors, no
+    safety checker or watermarker): an LCMScheduler config (an LCM) makes a `LatentConsistencyModelPipeline` (SD 1.x/2.x) or
+    a `StableDiffusionXLPipeline` with an LCMScheduler (the SDXL family, as diffusers loads LCM-SDXL); any other a
+    `StableDiffusion(XL)Pipeline` with a DDIM scheduler. A PixArt-α model's is a `PixArtAlphaPipeline` with the one
+    scheduler or the other (PixArt-LCM's is one with an LCMScheduler); `unet` is then its transformer."""
+    from diffusers import (
+        DDIMScheduler,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
+        PixArtAlphaPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler.from_config({k: v for k, v in scheduler_config.items() if not k.startswith("_")}),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    lcm = is_lcm_config(scheduler_config)
+    scheduler = LCMScheduler.from_config(config) if lcm else DDIMScheduler.from_config(config)
+    parts = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=scheduler)
+    if base.is_transformer:
+        parts["transformer"] = parts.pop("unet")
+        pipe = PixArtAlphaPipeline(**parts)
+    elif base.is_sdxl:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                                         force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt, add_watermarker=False)
+    else:
+        family = LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
+        pipe = family(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     if PROGRESSIVE_STEPS in scheduler_config:
         (Path(out_dir) / PROGRESSIVE_FILE).write_text(json.dumps({PROGRESSIVE_STEPS: scheduler_config[PROGRESSIVE_STEPS]}))
     return Path(out_dir)
 
 
-def save_lcm_pipeline(out_dir: str | Path, student_unet, base: DiffusionModel, scheduler_config: dict) -> Path:
-    """Write a complete diffusers `LatentConsistencyModelPipeline` folder (safetensors)."""
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+def save_diffusion_pipeline(out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler_config: dict) -> Path:
+    """Write a diffusers `StableDiffusionPipeline` folder with a DDIM scheduler from its parts (`save_pipeline`)."""
+    return save_pipeline(out_dir, unet, DiffusionModel(unet, vae, text_encoder, tokenizer, scheduler_config, source=""), scheduler_config)
 
-    if student_unet.config.get("time_cond_proj_dim") is None:
+
+def save_lcm_pipeline(out_dir: str | Path, student_unet, base: DiffusionModel, scheduler_config: dict) -> Path:
+    """Write a complete diffusers LCM pipeline folder (`save_pipeline`) for a student with an ω input, or a PixArt-α
+    transformer (which has none: its guidance scale was fixed in distillation, as PixArt-LCM's)."""
+    if student_unet.config.get("time_cond_proj_dim") is None and not is_transformer(student_unet):
         raise UserError("the UNet has no guidance input (time_cond_proj_dim); make it with make_student_unet")
-    pipe = LatentConsistencyModelPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=student_unet,
-        scheduler=LCMScheduler.from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    out_dir = Path(out_dir)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    if not is_lcm_config(scheduler_config):
+        raise ValueError("an LCM pipeline needs an LCMScheduler config (lcm_scheduler_config)")
+    return save_pipeline(out_dir, student_unet, base, scheduler_config)
+
+
+def lora_pipeline_class(model: DiffusionModel):
+    """The diffusers pipeline class whose LoRA loader and saver fit this model's family (PixArtAlphaPipeline has none)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if model.is_transformer:
+        raise UserError(f"{model.source} is a PixArt-α model; diffusers' PixArtAlphaPipeline cannot load LoRA weights: distil a full student "
+                        "(no --adapter lora)")
+
+    return StableDiffusionXLPipeline if model.is_sdxl else StableDiffusionPipeline
 
 
 def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Load an LCM in diffusers format (ours, or any LatentConsistencyModelPipeline folder).
+    """Load an LCM in diffusers format (ours, any LatentConsistencyModelPipeline folder, or a pipeline folder with an
+    LCMScheduler: LCM-SDXL, PixArt-LCM).
 
-    A plain diffusion model without the ω input cannot run as an LCM: that is a user error, with a
-    hint at what to do instead.
+    A plain diffusion model cannot run as an LCM: that is a user error, with a hint at what to do instead. An LCM without
+    an ω input (PixArt-LCM: its guidance scale was fixed in distillation) samples as an LCM-LoRA does.
     """
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
-    if model.time_cond_proj_dim is None:
+    if model.time_cond_proj_dim is None and not model.is_lcm:
         raise UserError(
             f"{name_or_path} is a diffusion model without the guidance input of an LCM "
             "(its UNet has no time_cond_proj_dim); distil it first with `lcm distill --teacher ...`, or load its LCM-LoRA (--lora)"
@@ -351,23 +447,25 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     the LCMScheduler one `lcm distill`/`lcm finetune` save in the folder, else an LCM's own, else diffusers' default
     (original_inference_steps 50) over the model's noise schedule; the parameterisation is the model's either way.
     """
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers import LCMScheduler
 
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
+    family = lora_pipeline_class(model)
     path = Path(lora)
     if not path.exists() and not _looks_like_hub_id(lora):
         raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
     source, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (lora, {})
     try:
-        state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+        state_dict, alphas, metadata = family.lora_state_dict(source, return_lora_metadata=True, **kwargs)
         if not state_dict or not all("lora" in key for key in state_dict):
             raise ValueError("not a LoRA state dict (every key must name a lora layer)")
-        StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, model.unet, metadata=metadata)
-        StableDiffusionPipeline.load_lora_into_text_encoder(state_dict, alphas, model.text_encoder, metadata=metadata)
+        family.load_lora_into_unet(state_dict, alphas, model.unet, metadata=metadata)
+        for prefix, text_encoder in zip(("text_encoder", "text_encoder_2"), model.text_encoders):
+            family.load_lora_into_text_encoder(state_dict, alphas, text_encoder, prefix=prefix, metadata=metadata)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line}") from err
-    for module in (model.unet, model.text_encoder):  # the LoRA layers need not be made on the model's device and dtype
+    for module in (model.unet, *model.text_encoders):  # the LoRA layers need not be made on the model's device and dtype
         module.to(device=device, dtype=dtype)
     if (path / LORA_SCHEDULER_FILE).is_file():
         lcm = dict(LCMScheduler.load_config(str(path)))

@@ -14,7 +14,7 @@ import torch
 
 from latent_consistency.denoisers import NegativePromptGuidance
 from latent_consistency.errors import UserError
-from latent_consistency.models import DiffusionModel, encode_prompts, load_diffusion_model, load_lcm, load_lcm_lora
+from latent_consistency.models import DiffusionModel, load_diffusion_model, load_lcm, load_lcm_lora
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import check_custom_timesteps, check_gamma, randn, sample_lcm, sample_tcd, sample_teacher
 
@@ -41,13 +41,16 @@ class Generator:
     dtype: torch.dtype
 
     def default_size(self) -> int:
-        return int(self.model.unet.config.sample_size) * self.model.codec.downsampling_factor
+        return self.model.native_size
 
     def check_size(self, height: int, width: int) -> None:
         factor = self.model.codec.downsampling_factor
+        # a transformer's latents are cut into patch_size x patch_size patches
+        patch = int(self.model.unet.config.get("patch_size") or 1) if self.model.is_transformer else 1
         for name, value in (("height", height), ("width", width)):
-            if value < factor or value % factor:
-                raise UserError(f"--{name} {value} must be a positive multiple of the VAE factor {factor}")
+            if value < factor * patch or value % (factor * patch):
+                raise UserError(f"--{name} {value} must be a positive multiple of the VAE factor {factor}"
+                                + (f" times the transformer's patch size {patch}" if patch > 1 else ""))
             if value > MAX_SIZE_FACTOR * self.default_size():
                 raise UserError(f"--{name} {value} is more than {MAX_SIZE_FACTOR}x the model's {self.default_size()} px; "
                                 "a UNet does not generate coherent images that far from its training size")
@@ -58,7 +61,7 @@ class Generator:
         factor = codec.downsampling_factor
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latents = randn((len(prompts), codec.latent_channels, height // factor, width // factor), generators, self.device, self.dtype)
-        cond = encode_prompts(self.model.tokenizer, self.model.text_encoder, prompts, self.device).to(self.dtype)
+        cond = self.model.prompts.encode(prompts, self.device, (height, width)).to(self.dtype)
         return latents, cond, generators
 
 
@@ -110,7 +113,7 @@ class LCMGenerator(Generator):
         return self.model.schedule.add_noise(x0.expand_as(latents), latents, torch.full((len(latents),), start, dtype=torch.long))
 
     def consistency_function(self, guidance_scale: float, num_prompts: int, negative_prompts: list[str] | None = None,
-                             negative_scale: float | None = None):
+                             negative_scale: float | None = None, size: tuple[int, int] | None = None):
         """The consistency function a call samples: the model's, guided away from `negative_prompts` when given.
 
         An LCM has no unconditional pass to put a negative prompt in (its guidance is the ω input), so it is guided on
@@ -124,10 +127,10 @@ class LCMGenerator(Generator):
         if negative_prompts is None:
             if negative_scale is not None:
                 raise UserError("a negative scale applies to a negative prompt: give one, or leave the scale out")
-            return self.model.consistency_model(guidance_scale)
+            return self.model.consistency_model(guidance_scale, size=size)
         if len(negative_prompts) not in (1, num_prompts):
             raise UserError(f"give one negative prompt for all prompts or one per prompt ({num_prompts}), got {len(negative_prompts)}")
-        negative = encode_prompts(self.model.tokenizer, self.model.text_encoder, negative_prompts, self.device).to(self.dtype)
+        negative = self.model.prompts.encode(negative_prompts, self.device, size).to(self.dtype)
         if self.kind == "lora":
             if negative_scale is not None:
                 raise UserError("an LCM-LoRA takes a negative prompt into classifier-free guidance at the guidance scale, as diffusers "
@@ -135,9 +138,9 @@ class LCMGenerator(Generator):
             if guidance_scale <= 1:
                 raise UserError(f"an LCM-LoRA takes a negative prompt into classifier-free guidance, which needs a guidance scale above 1 "
                                 f"(got {guidance_scale:g}; diffusers ignores it there): give e.g. 1.5")
-            return self.model.consistency_model(guidance_scale, negative)
+            return self.model.consistency_model(guidance_scale, negative, size)
         scale = DEFAULT_NEGATIVE_SCALE if negative_scale is None else negative_scale
-        return NegativePromptGuidance(self.model.consistency_model(guidance_scale), negative, scale)
+        return NegativePromptGuidance(self.model.consistency_model(guidance_scale, size=size), negative, scale)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], timesteps: torch.Tensor, guidance_scale: float, seeds: list[int], height: int, width: int, *,
@@ -151,7 +154,7 @@ class LCMGenerator(Generator):
         (`img2img_start`), which `timesteps(steps, strength=strength)` puts at `strength`'s start timestep.
         `negative_prompts` (one per prompt, or one for all) guide the images away from them (`consistency_function`).
         """
-        f = self.consistency_function(guidance_scale, len(prompts), negative_prompts, negative_scale)
+        f = self.consistency_function(guidance_scale, len(prompts), negative_prompts, negative_scale, (height, width))
         gamma = None if gamma is None else check_gamma(gamma)
         if init_images is None and strength != 1:
             raise UserError(f"strength {strength:g} applies to img2img: give init images, or leave strength at 1")
@@ -192,6 +195,6 @@ class SolverGenerator(Generator):
     @torch.no_grad()
     def __call__(self, prompts: list[str], steps: int, guidance_scale: float, seeds: list[int], height: int, width: int) -> torch.Tensor:
         latents, cond, _ = self.start(prompts, seeds, height, width)
-        uncond = encode_prompts(self.model.tokenizer, self.model.text_encoder, [""], self.device).to(self.dtype).expand(len(prompts), -1, -1)
+        uncond = self.model.prompts.uncond(self.device, (height, width)).to(self.dtype).expand(len(prompts), -1, -1)
         z0 = sample_teacher(self.model.guided_teacher(), self.sampler, latents, cond, uncond, guidance_scale, steps, self.model.scheduler_config)
         return self.model.codec.decode(z0)

@@ -121,7 +121,7 @@ def run(args) -> None:
     scales = args.guidance_scales or [args.guidance_scale]
     if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided):
         raise UserError(f"guidance scale {min(scales):g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
-    resolution = int(lcm.unet.config.sample_size) * lcm.codec.downsampling_factor
+    resolution = lcm.native_size
     eval_set = load_eval_set(args, resolution)
     scorers = scorers_for(args, device)
     out = writable_folder(args.out, "--out")

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError
-from latent_consistency.models import LatentCodec, encode_prompts
+from latent_consistency.models import LatentCodec
 
 FORMAT = "latent-cache/1"
 MANIFEST = "manifest.json"
@@ -40,8 +40,7 @@ def write_latent_cache(
     dataset,
     out_dir: str | Path,
     codec: LatentCodec,
-    tokenizer,
-    text_encoder,
+    prompts,
     source: dict,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
@@ -49,7 +48,9 @@ def write_latent_cache(
     num_workers: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Encode `dataset` (items {"image" in [-1, 1], "caption"}) into a cache at `out_dir`.
+    """Encode `dataset` (items {"image" in [-1, 1], "caption"}) into a cache at `out_dir`: latents with `codec`, each
+    distinct caption and ∅ once with the prompt encoder `prompts` (`models.DiffusionModel.prompts`; an SDXL condition
+    carries the images' size as its micro-conditioning).
 
     `source` (e.g. dataset name, split, resolution, seed) is recorded in the manifest. The folder is
     written as `<out_dir>.partial` and renamed when complete.
@@ -84,8 +85,9 @@ def write_latent_cache(
         flush()
 
     captions = list(caption_ids)
-    embeddings = torch.cat([encode_prompts(tokenizer, text_encoder, captions[i : i + batch_size], device) for i in range(0, len(captions), batch_size)])
-    uncond = encode_prompts(tokenizer, text_encoder, [""], device)[0]
+    size = tuple(images.shape[-2:])
+    embeddings = torch.cat([prompts.encode(captions[i : i + batch_size], device, size) for i in range(0, len(captions), batch_size)])
+    uncond = prompts.uncond(device, size)[0]
     save_file(
         {"text_embeddings": embeddings.float().cpu().contiguous(), "uncond_embedding": uncond.float().cpu().contiguous()},
         str(partial / CAPTIONS),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from latent_consistency.denoisers import ConsistencyModel
-from latent_consistency.models import DiffusionModel, encode_prompts
+from latent_consistency.models import DiffusionModel
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import randn, sample_lcm, sample_teacher
 
@@ -57,7 +57,7 @@ def sample_consistency(f: ConsistencyModel, timesteps: torch.Tensor, parts: Diff
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start:start + BATCH]
         z_T = _noise(parts, len(chunk), range(seed + start, seed + start + len(chunk)), device)
-        cond = encode_prompts(parts.tokenizer, parts.text_encoder, chunk, device)
+        cond = parts.prompts.encode(chunk, device)
         generators = [torch.Generator("cpu").manual_seed(10**6 + seed + start + i) for i in range(len(chunk))]
         z0 = sample_lcm(f, z_T, timesteps, cond, omega_from_guidance_scale(guidance_scale), f.schedule, generators)
         out.append(parts.codec.decode(z0).clamp(-1, 1).float().cpu())
@@ -74,8 +74,8 @@ def sample_guided(teacher: DiffusionModel, sampler: str, steps: int, prompts: li
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start:start + BATCH]
         z_T = _noise(teacher, len(chunk), range(seed + start, seed + start + len(chunk)), device)
-        cond = encode_prompts(teacher.tokenizer, teacher.text_encoder, chunk, device)
-        uncond = encode_prompts(teacher.tokenizer, teacher.text_encoder, [""], device).expand(len(chunk), -1, -1)
+        cond = teacher.prompts.encode(chunk, device)
+        uncond = teacher.prompts.uncond(device).expand(len(chunk), -1, -1)
         z0 = sample_teacher(guided, sampler, z_T, cond, uncond, guidance_scale, steps, teacher.scheduler_config)
         out.append(teacher.codec.decode(z0).clamp(-1, 1).float().cpu())
     return torch.cat(out)

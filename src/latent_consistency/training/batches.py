@@ -15,7 +15,7 @@ from latent_consistency.data.sampler import ResumableSampler
 from latent_consistency.data.shards import ShardStream
 from latent_consistency.data.spec import open_dataset
 from latent_consistency.errors import UserError
-from latent_consistency.models import DiffusionModel, encode_prompts
+from latent_consistency.models import DiffusionModel
 
 
 class TrainingBatches:
@@ -45,10 +45,10 @@ class TrainingBatches:
             c, h = self.dataset.latents.shape[1], self.dataset.latents.shape[-1]
             if c != unet.in_channels:
                 raise UserError(f"latent cache has {c} latent channels but the model's UNet takes {unet.in_channels}; encode the data with the model's VAE")
-            hidden = self.dataset.text_embeddings.shape[-1]
-            if hidden != unet.cross_attention_dim:
-                raise UserError(f"latent cache text embeddings have width {hidden} but the model expects {unet.cross_attention_dim}; "
-                                "encode the captions with the model's text encoder")
+            cached, expected = list(self.dataset.uncond_embedding.shape), list(self.model.prompts.uncond(self.device).shape[1:])
+            if cached != expected:  # tokens x width; an SDXL condition has one more row (conditioning.AddedConditioning)
+                raise UserError(f"latent cache conditions are {cached} (tokens x width) but the model's prompt encoder makes {expected}; "
+                                "encode the captions with the model's text encoder(s): write the cache with this model")
             scale = m.get("scaling_factor")
             if scale is not None and abs(float(scale) - float(self.model.vae.config.scaling_factor)) > 1e-6:
                 raise UserError(f"latent cache was made with VAE scaling factor {scale}, the model's VAE has "
@@ -66,7 +66,7 @@ class TrainingBatches:
         """The unconditional embedding ∅ (the empty caption), [1, L, D]."""
         if isinstance(self.dataset, LatentCache):
             return self.dataset.uncond_embedding[None].to(self.device)
-        return encode_prompts(self.model.tokenizer, self.model.text_encoder, [""], self.device)
+        return self.model.prompts.uncond(self.device, (self.resolution, self.resolution))
 
     def first_captions(self, n: int) -> list[str]:
         """The captions of the first `n` samples (none for a shard stream, which has no first samples to look at)."""
@@ -90,7 +90,7 @@ class TrainingBatches:
         )
         for images, captions in loader:
             latents = self.model.codec.encode(images.to(self.device))
-            cond = encode_prompts(self.model.tokenizer, self.model.text_encoder, captions, self.device)
+            cond = self.model.prompts.encode(captions, self.device, (self.resolution, self.resolution))
             yield {"latents": latents.float(), "cond": cond.float()}
 
     def __next__(self) -> dict:

@@ -52,7 +52,7 @@ def build_loss(config: TrainConfig, base: DiffusionModel, scheduler_config: dict
 
 def training_and_eval_batches(config: TrainConfig, base: DiffusionModel, micro_batch: int, rank: int, world: int, device):
     """The training batches, and the held-out ones (--eval-data, or --eval-fraction of --data; None without either)."""
-    resolution = config.resolution or base.unet.config.sample_size * base.codec.downsampling_factor
+    resolution = config.resolution or base.native_size
     train_part, eval_part = (Holdout(config.eval_fraction, "train"), Holdout(config.eval_fraction, "eval")) if config.eval_fraction \
         else (None, None)
     batches = TrainingBatches(config.data, base, resolution, micro_batch, config.seed, rank, world, device, config.num_workers, train_part)

@@ -12,7 +12,15 @@ import torch
 
 from latent_consistency.errors import UserError
 from latent_consistency.losses import GuidanceDistillationLoss, GuidancePairLCDLoss, LCDLoss, LCFLoss, ProgressiveDistillationLoss
-from latent_consistency.models import PROGRESSIVE_STEPS, DiffusionModel, lcm_scheduler_config, load_diffusion_model, load_lcm, load_lcm_lora
+from latent_consistency.models import (
+    PROGRESSIVE_STEPS,
+    DiffusionModel,
+    lcm_scheduler_config,
+    load_diffusion_model,
+    load_lcm,
+    load_lcm_lora,
+    lora_pipeline_class,
+)
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig
@@ -35,6 +43,21 @@ def _check_schedule(schedule: NoiseSchedule, prediction_types: dict[str, str], s
         raise UserError(f"skip {skip} must divide the model's {schedule.num_train_timesteps} training timesteps")
 
 
+def _check_transformer_student(config: DistillConfig, base: DiffusionModel) -> None:
+    """A PixArt-α student: diffusers' PixArtTransformer2DModel has no ω input (time_cond_proj_dim) and its pipeline no
+    LoRA loader, so the student is a full copy of the transformer distilled at one guidance scale, as PixArt-LCM was; a
+    range of ω would train one network on several targets with nothing to tell them apart."""
+    if not base.is_transformer:
+        return
+    if config.adapter == "lora":
+        lora_pipeline_class(base)  # refuses: no LoRA loader
+    if config.method != "lcd":
+        raise UserError(f"--method {config.method} gives the student an ω input, which a PixArt transformer has not; use --method lcd")
+    if config.guidance_scale_min != config.guidance_scale_max:
+        raise UserError(f"a PixArt transformer has no ω input: distil it at one guidance scale, pass equal --guidance-scale-min and "
+                        f"--guidance-scale-max (PixArt-LCM: 4.5), got {config.guidance_scale_min:g} and {config.guidance_scale_max:g}")
+
+
 class Distillation:
     """LCD: the teacher's guided PF-ODE jumps supervise the student (Algorithm 1). With `method = "guidance"`, stage
     one of Guided-Distill instead: the teacher's guided output at random t supervises an ω-conditioned student."""
@@ -52,6 +75,7 @@ class Distillation:
             raise UserError(f"progressive distillation needs a teacher with an ω input; distil {config.teacher} with --method guidance first")
         if omega_input and config.guide_increments:
             raise UserError(f"{config.teacher} gives its guided output from an ω input; there are no unguided increments to guide")
+        _check_transformer_student(config, base)
         student_prediction = config.student_prediction_type(base.prediction_type)
         if config.method != "lcd":
             Distillation._check_guided_distill(config, base, student_prediction)
@@ -117,6 +141,8 @@ class FineTuning:
     @staticmethod
     def load(config: FinetuneConfig, device) -> DiffusionModel:
         base = load_lcm_lora(config.model, config.lora, device=device) if config.lora else load_lcm(config.model, device=device)
+        if config.adapter == "lora":
+            lora_pipeline_class(base)  # refuses a family without a LoRA loader (PixArt-α)
         _check_schedule(base.schedule, {"model": base.prediction_type}, FineTuning.skip(config, base))
         return base
 
@@ -145,9 +171,16 @@ def objective_of(config: TrainConfig):
     return OBJECTIVES[type(config)]
 
 
+def half_precision(config: TrainConfig) -> torch.dtype | None:
+    """The dtype the frozen networks run in under the config's mixed precision (None: float32 throughout)."""
+    return {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+
+
 def freeze_in_half_precision(config: TrainConfig, base: DiffusionModel) -> None:
-    """With mixed precision the frozen networks run in fp16/bf16; the trained weights stay float32 under autocast."""
-    if config.mixed_precision != "no":
-        half = torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16
-        for module in (base.unet, base.vae, base.text_encoder):
+    """With mixed precision the frozen networks run in fp16/bf16; the trained weights stay float32 under autocast. An SDXL
+    VAE that asks to be upcast stays in float32 under fp16 (`DiffusionModel.upcasts_vae`)."""
+    half = half_precision(config)
+    if half is not None:
+        upcast = half == torch.float16 and base.upcasts_vae
+        for module in (base.unet, *([] if upcast else [base.vae]), *base.text_encoders):
             module.to(dtype=half)

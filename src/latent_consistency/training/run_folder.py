@@ -25,7 +25,6 @@ from latent_consistency.models import (
     PROGRESSIVE_STEPS,
     DiffusionModel,
     consistency_model,
-    encode_prompts,
     guided_teacher,
     inference_timesteps,
     is_lcm_config,
@@ -174,7 +173,7 @@ class RunFolder:
         samples, then the target's 1-, 2- and 4-step samples at this step (Algorithm 3); for a guidance-distilled
         student, the teacher's 25-step DDIM with CFG, then the target's DDIM at 4, 8 and 25 steps."""
         config, base, device = self.config, self.base, self.accelerator.device
-        cond = encode_prompts(base.tokenizer, base.text_encoder, self.validation_prompts, device)
+        cond = base.prompts.encode(self.validation_prompts, device)
         codec, size = base.codec, base.unet.config.sample_size
         noise = torch.randn(len(self.validation_prompts), codec.latent_channels, size, size,
                             generator=torch.Generator("cpu").manual_seed(config.seed)).to(device)

@@ -1,6 +1,7 @@
 """The student θ and target θ⁻ of LCD/LCF: a full UNet with the ω input, or LoRA adapters (LCM-LoRA).
 
-- full: the teacher's UNet plus `time_cond_proj_dim` (Section 4.2), or a copy of the LCM being fine-tuned;
+- full: the teacher's UNet plus `time_cond_proj_dim` (Section 4.2), or a copy of the LCM being fine-tuned, or of a
+  PixArt-α teacher's transformer (which has no ω input to add: distilled at one guidance scale, as PixArt-LCM);
   target a separate EMA copy, or the student itself when μ = 0. Exported as a diffusers
   `LatentConsistencyModelPipeline` folder, read under the student's LCMScheduler config (which records its
   prediction type, so diffusers' LCMScheduler reads it the same way).
@@ -17,18 +18,20 @@ from pathlib import Path
 
 import torch
 
-from latent_consistency.denoisers import ConsistencyModel, UNetNetwork
+from latent_consistency.denoisers import ConsistencyModel, denoising_network
 from latent_consistency.errors import UserError
 from latent_consistency.models import (
     DiffusionModel,
     consistency_model,
     is_lcm_config,
+    lora_pipeline_class,
     make_student_unet,
     prediction_type_of,
-    save_diffusion_pipeline,
     save_lcm_pipeline,
+    save_pipeline,
 )
 from latent_consistency.training.checkpoint import load_checkpoint
+from latent_consistency.training.objectives import half_precision
 
 # The student's ω input: the projection of the ω embedding added to the time embedding (`models.make_student_unet`)
 OMEGA_PROJECTION = "time_embedding.cond_proj."
@@ -60,7 +63,7 @@ class Student:
     def consistency_model(self, unet) -> ConsistencyModel:
         """f_θ of Eq. 9 around `unet`: the student (as accelerate wrapped it) or the target. Both share one config,
         read from the target, which is never wrapped."""
-        return consistency_model(self.target_unet, self.scheduler_config, network=UNetNetwork(unet))
+        return consistency_model(self.target_unet, self.scheduler_config, network=denoising_network(unet))
 
     def _weights(self, unet) -> dict[str, torch.Tensor]:
         if self.adapter == "lora":
@@ -95,22 +98,23 @@ class Student:
         """Write the target θ⁻ (the EMA, or the student when there is none) in diffusers format; the frozen VAE and text
         encoder go out in float32 like the student, whatever precision they ran in (`freeze_in_half_precision`)."""
         unet = self.target_unet if self.has_separate_target else unwrapped_unet
-        for module in (base.vae, base.text_encoder):
+        for module in (base.vae, *base.text_encoders):
             module.to(dtype=torch.float32)
         if self.adapter == "lora":
-            from diffusers import LCMScheduler, StableDiffusionPipeline
+            from diffusers import LCMScheduler
             from peft.utils import get_peft_model_state_dict
 
             folder = Path(out) / "lora"
             # A text encoder LoRA that came with a fine-tuned LCM-LoRA is frozen, and saved as it came
-            text_encoder_lora = get_peft_model_state_dict(base.text_encoder) if getattr(base.text_encoder, "peft_config", None) else None
-            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=self._weights(unet), text_encoder_lora_layers=text_encoder_lora,
-                                                      safe_serialization=True)
+            text_encoder_loras = [get_peft_model_state_dict(m) if getattr(m, "peft_config", None) else None for m in base.text_encoders]
+            names = ["text_encoder_lora_layers", "text_encoder_2_lora_layers"]
+            lora_pipeline_class(base).save_lora_weights(folder, unet_lora_layers=self._weights(unet), safe_serialization=True,
+                                                        **dict(zip(names, text_encoder_loras)))
             # Beside the weights, the sampler settings they were distilled for (read by `models.load_lcm_lora`)
             LCMScheduler.from_config(self.scheduler_config).save_config(folder)
             return folder
         if not is_lcm_config(self.scheduler_config):  # a guidance-distilled diffusion model
-            return save_diffusion_pipeline(Path(out) / "guided", unet, base.vae, base.text_encoder, base.tokenizer, self.scheduler_config)
+            return save_pipeline(Path(out) / "guided", unet, base, self.scheduler_config)
         return save_lcm_pipeline(Path(out) / "lcm", unet, base, self.scheduler_config)
 
 
@@ -147,7 +151,8 @@ def make_student(config, base: DiffusionModel, scheduler_config: dict) -> Studen
     if config.adapter == "lora":
         from peft import LoraConfig
 
-        unet = copy.deepcopy(base.unet)
+        # Under mixed precision the frozen base runs in half precision, as the teacher does (an SDXL UNet: 5 GB, not 10)
+        unet = copy.deepcopy(base.unet).to(dtype=half_precision(config) or base.unet.dtype)
         unet.requires_grad_(False)
         if getattr(unet, "peft_config", None):  # an LCM-LoRA loaded onto the model: fine-tune it
             for name, param in unet.named_parameters():
@@ -156,10 +161,14 @@ def make_student(config, base: DiffusionModel, scheduler_config: dict) -> Studen
             present = {name.split(".")[-1] for name, _ in unet.named_modules()}
             targets = [m for m in LORA_TARGET_MODULES if m.split(".")[-1] in present]
             unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=targets))
+        for param in unet.parameters():  # the LoRA weights train in float32 (peft makes them in the base layer's dtype)
+            if param.requires_grad:
+                param.data = param.data.float()
     elif getattr(config, "student_init", ""):
         unet = _initial_unet(config.student_init, base, scheduler_config["prediction_type"])
     else:
-        unet = make_student_unet(base.unet, config.time_cond_proj_dim) if base.time_cond_proj_dim is None else copy.deepcopy(base.unet)
+        adds_omega = base.time_cond_proj_dim is None and not base.is_transformer  # a transformer has no time_cond_proj_dim
+        unet = make_student_unet(base.unet, config.time_cond_proj_dim) if adds_omega else copy.deepcopy(base.unet)
         unet.requires_grad_(True)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -36,6 +36,7 @@ from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.models import LatentCodec, save_diffusion_pipeline
+from latent_consistency.prompts import CLIPPromptEncoder
 from latent_consistency.world.artifact import WORLD_FILE, load_world
 from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
 from latent_consistency.world.fit import Checkpointer, Phase
@@ -210,7 +211,7 @@ class _Build:
         p = self.preset
         source = {"dataset": p.dataset, "split": "train", "resolution": p.resolution, "seed": p.seed, "size": p.train_size}
         write_latent_cache(
-            self.images, stage / "latents", LatentCodec(self.load("vae")), self.load("tokenizer"), self.load("text_encoder"),
+            self.images, stage / "latents", LatentCodec(self.load("vae")), CLIPPromptEncoder(self.load("tokenizer"), self.load("text_encoder")),
             source, self.device, progress=self.progress,
         )  # fmt: skip
 

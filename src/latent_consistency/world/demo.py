@@ -58,7 +58,7 @@ def ensure_latent_cache(world, cache: Path, device, dataset: str | None = None) 
         size = min(DISTILL_IMAGES, world.preset.train_size) if dataset == world.dataset else None
         train_split = get_dataset(dataset, "train", world.resolution, seed=world.preset.seed, size=size)
         print(f"[demo] encoding {len(train_split)} {dataset} training images into {cache}", flush=True)
-        write_latent_cache(train_split, cache, world.codec, world.model.tokenizer, world.model.text_encoder,
+        write_latent_cache(train_split, cache, world.codec, world.model.prompts,
                            source={"dataset": dataset, "split": "train", "resolution": world.resolution}, device=device)
     return cache
 

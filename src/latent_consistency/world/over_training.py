@@ -20,7 +20,7 @@ import torch
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency
 from latent_consistency.evaluation.ode_error import error_timesteps, guidance_response, ode_error, ode_solutions
-from latent_consistency.models import encode_prompts, inference_timesteps
+from latent_consistency.models import inference_timesteps
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.checkpoint import list_checkpoints
@@ -38,8 +38,8 @@ def reference_solutions(world: World, config, items: list[dict], guidance_scale:
     """The teacher's ODE solutions (config's solver and skip) from the reference images' latents."""
     model = world.model
     x0 = model.codec.encode(torch.stack([it["image"] for it in items]).to(device)).float()
-    cond = encode_prompts(model.tokenizer, model.text_encoder, [it["caption"] for it in items], device)
-    uncond = encode_prompts(model.tokenizer, model.text_encoder, [""], device).expand(len(items), -1, -1)
+    cond = model.prompts.encode([it["caption"] for it in items], device)
+    uncond = model.prompts.uncond(device).expand(len(items), -1, -1)
     return ode_solutions(model.guided_teacher(), get_solver(config.solver), x0, cond, uncond, omega_from_guidance_scale(guidance_scale),
                          error_timesteps(model.schedule.num_train_timesteps, config.skip), config.skip,
                          torch.Generator().manual_seed(0))

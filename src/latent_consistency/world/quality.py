@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from latent_consistency.evaluation.fid import fid_score
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.models import encode_prompts
 from latent_consistency.outputs import writable_folder
 from latent_consistency.sampling import randn, sample_teacher
 from latent_consistency.world.artifact import World
@@ -46,13 +45,13 @@ def sample_images(
     """Teacher samples for `prompts` with classifier-free guidance g, as [N,3,H,W] in [-1, 1] on the CPU."""
     model = world.model
     teacher = model.guided_teacher()
-    uncond = encode_prompts(model.tokenizer, model.text_encoder, [""], device)
+    uncond = model.prompts.uncond(device)
     generator = torch.Generator(device).manual_seed(seed)
     shape = (model.unet.config.in_channels, world.preset.latent_size, world.preset.latent_size)
     images = []
     for start in tqdm(range(0, len(prompts), BATCH), desc=f"teacher samples g={guidance_scale:g}", disable=not progress):
         chunk = prompts[start : start + BATCH]
-        cond = encode_prompts(model.tokenizer, model.text_encoder, chunk, device)
+        cond = model.prompts.encode(chunk, device)
         z_T = randn((len(chunk), *shape), generator, device, torch.float32)
         z_0 = sample_teacher(
             teacher, config.sampler, z_T, cond, uncond.expand(len(chunk), -1, -1), guidance_scale, config.num_steps, model.scheduler_config

@@ -1,0 +1,115 @@
+"""Prompt encoders: the condition c (and the unconditional ∅ of Eq. 12) as the model's own diffusers pipeline makes it.
+
+- `CLIPPromptEncoder`: Stable Diffusion 1.x/2.x, one CLIP text encoder, its last hidden state.
+- `SDXLPromptEncoder`: the SDXL family (SDXL, SSD-1B, Vega): two CLIP text encoders' penultimate hidden states side by
+  side, the second one's pooled projection and the size micro-conditioning, packed into c by
+  `conditioning.AddedConditioning`; ∅ is zeros where the pipeline's `force_zeros_for_empty_prompt` says so.
+- `T5PromptEncoder`: PixArt-α, one T5 encoder's last hidden state with its attention mask (and a 1024-px model's
+  resolution and aspect ratio), packed into c by `conditioning.PixArtConditioning`; ∅ is the empty prompt's encoding.
+
+All return c for `prompts` as one tensor [B, L', D] that every solver, loss, sampler and the latent cache handle alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latent_consistency.conditioning import AddedConditioning, PixArtConditioning, time_ids
+
+
+def _tokens(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+    """Text embeddings c as Stable Diffusion computes them: pad to max_length, last hidden state."""
+    device = device if device is not None else _device_of(text_encoder)
+    return text_encoder(_tokens(tokenizer, prompts).to(device))[0]
+
+
+class CLIPPromptEncoder:
+    """Stable Diffusion 1.x/2.x's c (`encode_prompts`); ∅ is the empty prompt's embedding."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    def encode(self, prompts: list[str], device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """c for `prompts`, [B, L, D]; `size` does not enter a Stable Diffusion 1.x/2.x condition."""
+        return encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
+
+    def uncond(self, device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """∅, [1, L, D]."""
+        return self.encode([""], device)
+
+
+class SDXLPromptEncoder:
+    """The SDXL family's c, as `StableDiffusionXLPipeline.encode_prompt` and `_get_add_time_ids` make it.
+
+    Tokens: each (tokenizer, text encoder) pair's penultimate hidden state, concatenated along the feature axis; pooled:
+    the last encoder's projected embedding (a `CLIPTextModelWithProjection`); micro-conditioning: original size = target
+    size = `size` (height, width), crop (0, 0), as the pipeline's defaults for an image of that size. `default_size` is the
+    UNet's native size.
+    """
+
+    def __init__(self, pairs: list[tuple], added: AddedConditioning, default_size: tuple[int, int], force_zeros_for_empty_prompt: bool):
+        self.pairs, self.added, self.default_size = pairs, added, default_size
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """c for `prompts`: [B, L + 1, D], the L tokens and the packed row of pooled embedding and time ids."""
+        device = device if device is not None else _device_of(self.pairs[-1][1])
+        hidden, pooled = [], None
+        for tokenizer, text_encoder in self.pairs:
+            out = text_encoder(_tokens(tokenizer, prompts).to(device), output_hidden_states=True)
+            pooled = out[0] if out[0].ndim == 2 else pooled
+            hidden.append(out.hidden_states[-2])
+        tokens = torch.cat(hidden, dim=-1)
+        if pooled is None:
+            raise ValueError("no text encoder gives a pooled embedding: the last one must be a CLIPTextModelWithProjection")
+        return self.added.pack(tokens, pooled.to(tokens), self._time_ids(len(prompts), size).to(tokens))
+
+    def uncond(self, device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """∅, [1, L + 1, D]: zero tokens and pooled embedding (with this size's time ids) when the pipeline forces zeros for
+        an empty negative prompt (SDXL's default), else the empty prompt's encoding."""
+        if not self.force_zeros_for_empty_prompt:
+            return self.encode([""], device, size)
+        c = self.encode([""], device, size)
+        tokens, added = self.added.unpack(c)
+        return self.added.pack(torch.zeros_like(tokens), torch.zeros_like(added["text_embeds"]), added["time_ids"])
+
+    def _time_ids(self, n: int, size: tuple[int, int] | None) -> torch.Tensor:
+        size = tuple(size or self.default_size)
+        return torch.tensor([time_ids(size, (0, 0), size)], dtype=torch.float32).expand(n, -1)
+
+
+class T5PromptEncoder:
+    """PixArt-α's c, as `PixArtAlphaPipeline.encode_prompt` makes it with `clean_caption=False` (the caption cleaning
+    needs bs4 and ftfy, and is not done here): the prompt lower-cased and stripped, padded to `max_sequence_length` (the
+    pipeline's 120) tokens, the T5 encoder's last hidden state under the attention mask, in the encoder's dtype; the
+    mask and (for a 1024-px transformer) the images' size `conditioning.PixArtConditioning` packs with it.
+    `default_size` is the transformer's native size."""
+
+    def __init__(self, tokenizer, text_encoder, conditioning: PixArtConditioning, default_size: tuple[int, int],
+                 max_sequence_length: int = 120):
+        self.tokenizer, self.text_encoder, self.conditioning = tokenizer, text_encoder, conditioning
+        self.default_size, self.max_sequence_length = default_size, max_sequence_length
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """c for `prompts`: [B, L (+ 1), D + 1], the L tokens with their mask (and the row of size conditions)."""
+        device = device if device is not None else _device_of(self.text_encoder)
+        inputs = self.tokenizer([p.lower().strip() for p in prompts], padding="max_length", max_length=self.max_sequence_length,
+                                truncation=True, add_special_tokens=True, return_tensors="pt")
+        mask = inputs.attention_mask.to(device)
+        tokens = self.text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0].to(self.text_encoder.dtype)
+        return self.conditioning.pack(tokens, mask, tuple(size or self.default_size))
+
+    def uncond(self, device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """∅, [1, L (+ 1), D + 1]: the empty prompt's encoding, PixArt-α's negative prompt by default."""
+        return self.encode([""], device, size)
