@@ -24,13 +24,9 @@ ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(24):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a red star number {i}"}) + "\n")
-    return folder
+    from tiny_models import write_captioned_images
+
+    return write_captioned_images(tmp_path_factory.mktemp("images"), 24)
 
 
 def read_metrics(out: Path, key: str = "loss") -> list[dict]:

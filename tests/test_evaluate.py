@@ -71,13 +71,9 @@ def test_inception_fid_through_a_stand_in_with_the_real_interface(tmp_path):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(12):
-            Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")  # not 16 px: resized
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a red star number {i}"}) + "\n")
-    return folder
+    from tiny_models import write_captioned_images
+
+    return write_captioned_images(tmp_path_factory.mktemp("images"), 12, size=(24, 20))  # not 16 px: resized
 
 
 @pytest.mark.slow

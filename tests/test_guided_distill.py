@@ -6,10 +6,8 @@ end on a tiny teacher: export, sampling at one network evaluation per step, and 
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from latent_consistency.cli import main
 from latent_consistency.models import PROGRESSIVE_FILE, PROGRESSIVE_STEPS
@@ -83,13 +81,9 @@ def test_a_progressive_round_does_in_one_step_what_its_teacher_does_in_two():
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(16):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a red star number {i}"}) + "\n")
-    return folder
+    from tiny_models import write_captioned_images
+
+    return write_captioned_images(tmp_path_factory.mktemp("images"), 16)
 
 
 @pytest.fixture(scope="module")

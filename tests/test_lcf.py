@@ -108,13 +108,9 @@ def test_lcf_moves_a_toy_lcm_to_new_data():
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(40):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a green ring number {i}"}) + "\n")
-    return folder
+    from tiny_models import write_captioned_images
+
+    return write_captioned_images(tmp_path_factory.mktemp("images"), 40, caption="a green ring number {i}")
 
 
 def finetune_args(model, data, out, *extra):

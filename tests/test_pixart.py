@@ -15,6 +15,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.models import load_diffusion_model, load_lcm
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
+from tiny_models import load_pipeline
 
 PROMPTS = ["A red star ", "a blue ring at the top"]
 # Our samplers generate at the size asked for; the pipeline's resolution binning (a size snapped to its aspect-ratio
@@ -44,15 +45,6 @@ def tiny_pixart_lcm(tmp_path_factory):
     return save_tiny_pixart(tmp_path_factory.mktemp("models") / "tiny-pixart-lcm", seed=1, lcm=True)
 
 
-def pixart_pipe(folder, scheduler=None, **kwargs):
-    import diffusers
-    from diffusers import PixArtAlphaPipeline
-
-    pipe = PixArtAlphaPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    if scheduler is not None:
-        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **kwargs)
-    return pipe
 
 
 def assert_close_to_scale(ours, ref, tol=1e-5):
@@ -78,7 +70,7 @@ def test_pack_and_unpack_round_trip():
 @pytest.mark.parametrize("which", ["tiny_pixart", "tiny_pixart_1024"])
 def test_prompt_encoder_equals_the_pipelines_encode_prompt(which, request):
     folder = request.getfixturevalue(which)
-    pipe = pixart_pipe(folder)
+    pipe = load_pipeline(folder)
     model = load_diffusion_model(str(folder))
     assert model.is_transformer and not model.is_sdxl and model.time_cond_proj_dim is None
     with torch.no_grad():  # as the pipeline's __call__ runs it (T5's attention takes another kernel with autograd on)
@@ -105,7 +97,7 @@ def test_prompt_encoder_equals_the_pipelines_encode_prompt(which, request):
 ])
 def test_teacher_solvers_equal_the_pixart_pipeline(which, size, sampler, scheduler, kwargs, request):
     folder = request.getfixturevalue(which)
-    pipe = pixart_pipe(folder, scheduler, **kwargs)
+    pipe = load_pipeline(folder, scheduler, **kwargs)
     model = load_diffusion_model(str(folder))
     g, steps, (h, w) = 4.5, 4, size
     latents = torch.randn(2, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(0))
@@ -118,7 +110,7 @@ def test_teacher_solvers_equal_the_pixart_pipeline(which, size, sampler, schedul
 @pytest.mark.parametrize("steps,g", [(1, 0.0), (4, 0.0), (2, 2.0)])
 def test_pixart_lcm_sampling_equals_the_pipeline_with_lcm_scheduler(tiny_pixart_lcm, steps, g):
     """PixArt-LCM: a transformer without an ω input under an LCMScheduler; at g > 1 classifier-free guided, as the pipeline."""
-    pipe = pixart_pipe(tiny_pixart_lcm)
+    pipe = load_pipeline(tiny_pixart_lcm)
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     ref = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=g, latents=latents.clone(), generator=torch.Generator().manual_seed(11),
@@ -132,20 +124,16 @@ def test_pixart_lcm_sampling_equals_the_pipeline_with_lcm_scheduler(tiny_pixart_
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pixart-images")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a red star number {i}"}) + "\n")
-    return folder
+    from tiny_models import write_captioned_images
+
+    return write_captioned_images(tmp_path_factory.mktemp("pixart-images"), 8)
 
 
 def test_distill_a_pixart_teacher_exports_a_pixart_lcm_diffusers_samples_as_we_do(tiny_pixart, image_folder, tmp_path):
     out = tmp_path / "run"
     assert main(["distill", "--preset", "tiny", "--teacher", str(tiny_pixart), "--data", str(image_folder), "--out", str(out),
                  "--guidance-scale-min", "4.5", "--guidance-scale-max", "4.5"]) == 0
-    pipe = pixart_pipe(out / "lcm")
+    pipe = load_pipeline(out / "lcm")
     assert type(pipe.scheduler).__name__ == "LCMScheduler" and type(pipe.transformer).__name__ == "PixArtTransformer2DModel"
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(["a red star"], num_inference_steps=2, guidance_scale=1.0, latents=latents.clone(), generator=torch.Generator().manual_seed(2),
@@ -162,7 +150,7 @@ def test_distill_a_pixart_teacher_exports_a_pixart_lcm_diffusers_samples_as_we_d
 def test_finetune_a_pixart_lcm_and_sample_the_teacher_with_a_solver(tiny_pixart, tiny_pixart_lcm, image_folder, tmp_path):
     out = tmp_path / "lcf"
     assert main(["finetune", "--preset", "tiny", "--model", str(tiny_pixart_lcm), "--data", str(image_folder), "--out", str(out)]) == 0
-    image = pixart_pipe(out / "lcm")("a red star", num_inference_steps=2, guidance_scale=0.0, use_resolution_binning=False,
+    image = load_pipeline(out / "lcm")("a red star", num_inference_steps=2, guidance_scale=0.0, use_resolution_binning=False,
                                      clean_caption=False, output_type="np").images
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
     assert main(["generate", "a red star", "--model", str(tiny_pixart), "--sampler", "dpm++", "--steps", "2", "--width", "24",

@@ -14,6 +14,7 @@ from latent_consistency.conditioning import AddedConditioning
 from latent_consistency.models import load_diffusion_model, load_lcm, load_lcm_lora
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
+from tiny_models import load_pipeline
 
 PROMPTS = ["a red star", "a blue ring at the top"]
 
@@ -32,15 +33,6 @@ def tiny_sdxl_lcm(tmp_path_factory):
     return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl-lcm", seed=1, lcm=True)
 
 
-def sdxl_pipe(folder, scheduler=None, **kwargs):
-    import diffusers
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    if scheduler is not None:
-        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **kwargs)
-    return pipe
 
 
 def test_pack_and_unpack_round_trip():
@@ -57,7 +49,7 @@ def test_pack_and_unpack_round_trip():
 
 
 def test_prompt_encoder_equals_the_pipelines_encode_prompt(tiny_sdxl):
-    pipe = sdxl_pipe(tiny_sdxl)
+    pipe = load_pipeline(tiny_sdxl)
     model = load_diffusion_model(str(tiny_sdxl))
     assert model.is_sdxl and model.force_zeros_for_empty_prompt and model.native_size == 16
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True)
@@ -80,7 +72,7 @@ def test_prompt_encoder_equals_the_pipelines_encode_prompt(tiny_sdxl):
     ("dpm++", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 ])
 def test_teacher_solvers_equal_the_sdxl_pipeline(tiny_sdxl, sampler, scheduler, kwargs):
-    pipe = sdxl_pipe(tiny_sdxl, scheduler, **kwargs)
+    pipe = load_pipeline(tiny_sdxl, scheduler, **kwargs)
     g, steps = 5.0, 4
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ref = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=g, latents=latents.clone(), output_type="latent").images
@@ -92,7 +84,7 @@ def test_teacher_solvers_equal_the_sdxl_pipeline(tiny_sdxl, sampler, scheduler, 
 
 @pytest.mark.parametrize("steps,size", [(1, (16, 16)), (4, (16, 16)), (2, (24, 16))])
 def test_sdxl_lcm_sampling_equals_the_pipeline_with_lcm_scheduler(tiny_sdxl_lcm, steps, size):
-    pipe = sdxl_pipe(tiny_sdxl_lcm)
+    pipe = load_pipeline(tiny_sdxl_lcm)
     g, (h, w) = 6.0, size
     latents = torch.randn(2, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(3))
     ref = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=g, height=h, width=w, latents=latents.clone(), output_type="latent",
@@ -108,10 +100,10 @@ def test_sdxl_lcm_sampling_equals_the_pipeline_with_lcm_scheduler(tiny_sdxl_lcm,
 def test_sdxl_lcm_lora_sampling_equals_the_pipeline(tiny_sdxl, tmp_path, g):
     """The most used LCM artifact's recipe: load_lora_weights onto StableDiffusionXLPipeline, LCMScheduler, guidance g
     (classifier-free guidance against zeros when g > 1)."""
-    from tiny_models import save_tiny_sdxl_lora
+    from tiny_models import save_tiny_lora
 
-    lora = save_tiny_sdxl_lora(tmp_path / "lora", tiny_sdxl)
-    pipe = sdxl_pipe(tiny_sdxl, "LCMScheduler")
+    lora = save_tiny_lora(tmp_path / "lora", tiny_sdxl)
+    pipe = load_pipeline(tiny_sdxl, "LCMScheduler")
     pipe.load_lora_weights(lora)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     ref = pipe(PROMPTS, num_inference_steps=2, guidance_scale=g, latents=latents.clone(), output_type="latent",
@@ -124,19 +116,15 @@ def test_sdxl_lcm_lora_sampling_equals_the_pipeline(tiny_sdxl, tmp_path, g):
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sdxl-images")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a red star number {i}"}) + "\n")
-    return folder
+    from tiny_models import write_captioned_images
+
+    return write_captioned_images(tmp_path_factory.mktemp("sdxl-images"), 8)
 
 
 def test_distill_an_sdxl_teacher_exports_an_sdxl_lcm_diffusers_samples_as_we_do(tiny_sdxl, image_folder, tmp_path):
     out = tmp_path / "run"
     assert main(["distill", "--preset", "tiny", "--teacher", str(tiny_sdxl), "--data", str(image_folder), "--out", str(out)]) == 0
-    pipe = sdxl_pipe(out / "lcm")
+    pipe = load_pipeline(out / "lcm")
     assert type(pipe.scheduler).__name__ == "LCMScheduler" and pipe.unet.config.time_cond_proj_dim is not None
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     ref = pipe(["a red star"], num_inference_steps=2, guidance_scale=3.0, latents=latents.clone(), output_type="latent",
@@ -154,7 +142,7 @@ def test_sdxl_lcm_lora_distillation_loads_with_load_lora_weights(tiny_sdxl, imag
     out = tmp_path / "lora-run"
     assert main(["distill", "--preset", "tiny", "--teacher", str(tiny_sdxl), "--data", str(image_folder), "--out", str(out),
                  "--adapter", "lora", "--lora-rank", "4", "--lr", "1e-3"]) == 0
-    pipe = sdxl_pipe(tiny_sdxl, "LCMScheduler")
+    pipe = load_pipeline(tiny_sdxl, "LCMScheduler")
     pipe.load_lora_weights(out / "lora")
     image = pipe("a red star", num_inference_steps=2, guidance_scale=1.0, output_type="np").images
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
@@ -180,7 +168,7 @@ def test_latent_cache_of_an_sdxl_model_carries_the_micro_conditioning(tiny_sdxl,
 def test_finetune_an_sdxl_lcm_exports_an_sdxl_lcm(tiny_sdxl_lcm, image_folder, tmp_path):
     out = tmp_path / "lcf"
     assert main(["finetune", "--preset", "tiny", "--model", str(tiny_sdxl_lcm), "--data", str(image_folder), "--out", str(out)]) == 0
-    pipe = sdxl_pipe(out / "lcm")
+    pipe = load_pipeline(out / "lcm")
     assert type(pipe.scheduler).__name__ == "LCMScheduler"
     image = pipe("a red star", num_inference_steps=2, guidance_scale=2.0, output_type="np").images
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()

@@ -83,17 +83,18 @@ def save_tiny_lcm(folder: Path, seed: int = 0, time_cond_proj_dim: int = 32, pre
     return folder
 
 
-def save_tiny_lora(folder: Path, tiny_sd: Path, rank: int = 4, seed: int = 0) -> Path:
-    """A random (non-zero) LoRA for the tiny teacher's UNet, saved as diffusers' `save_lora_weights` saves one."""
-    import torch
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+def save_tiny_lora(folder: Path, model_folder: Path, rank: int = 4, seed: int = 0) -> Path:
+    """A random (non-zero) LoRA for a tiny model's UNet, saved as its pipeline's `save_lora_weights` saves one (SD or SDXL)."""
+    import diffusers
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(model_folder, subfolder="unet")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
+    pipeline = getattr(diffusers, DiffusionPipeline.load_config(str(model_folder))["_class_name"])
+    pipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
     return folder
 
 
@@ -139,19 +140,6 @@ def save_tiny_sdxl(folder: Path, seed: int = 0, time_cond_proj_dim: int | None =
     if lcm:
         parts["scheduler"] = LCMScheduler.from_config(parts["scheduler"].config)
     StableDiffusionXLPipeline(**parts, add_watermarker=False).save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-def save_tiny_sdxl_lora(folder: Path, tiny_sdxl: Path, rank: int = 4, seed: int = 0) -> Path:
-    """A random LoRA for the tiny SDXL UNet, saved by StableDiffusionXLPipeline.save_lora_weights."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True)
     return folder
 
 
@@ -221,3 +209,29 @@ def save_tiny_pixart(folder: Path, seed: int = 0, sample_size: int = 8, patch_si
         parts["scheduler"] = LCMScheduler.from_config(parts["scheduler"].config)
     PixArtAlphaPipeline(**parts).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def write_captioned_images(folder: Path, count: int, caption: str = "a red star number {i}", size: tuple[int, int] = (16, 16)) -> Path:
+    """`count` random RGB images (height, width = `size`) with captions `caption.format(i=i)` in a metadata.jsonl image folder."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": caption.format(i=i)}) + "\n")
+    return folder
+
+
+def load_pipeline(folder: Path, scheduler: str | None = None, **scheduler_kwargs):
+    """The diffusers pipeline a saved folder names (DiffusionPipeline picks the class), on the CPU, quiet; `scheduler`:
+    a diffusers scheduler class name to swap in, made from the folder's scheduler config with `scheduler_kwargs`."""
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **scheduler_kwargs)
+    return pipe
