@@ -26,5 +26,6 @@ def register(subparsers) -> None:
     p.add_argument("--eval-samples", type=positive_int, default=200, help="reference prompts in the evaluation (default 200)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--world-preset", default="default",
-                   help="world preset: default (shipped) or one to build, e.g. tiny (a plumbing run in minutes)")
+                   help="world preset: default (shipped) or one to build, e.g. tiny (a plumbing run in minutes) or tiny-sdxl "
+                        "(the same with an SDXL-architecture teacher)")
     p.set_defaults(run=run)

@@ -56,7 +56,8 @@ def register(subparsers) -> None:
         "world",
         help="build, export or check the built-in toy text-to-image world",
         description="The built-in world: a captioned dataset, a CLIP tokenizer and text encoder, a VAE, a "
-        "Stable-Diffusion-architecture teacher and an evaluation judge, all trained here.",
+        "Stable-Diffusion-architecture teacher (SDXL-architecture with the *-sdxl presets: a second text encoder, pooled "
+        "embedding and size micro-conditioning) and an evaluation judge, all trained here.",
     )
     commands = world.add_subparsers(dest="world_command", required=True, metavar="WORLD_COMMAND")
 

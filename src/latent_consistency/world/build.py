@@ -1,6 +1,7 @@
 """Build the built-in world phase by phase (`lcm world build`), and export it in fp16 (`lcm world export`).
 
-A world folder is a diffusers `StableDiffusionPipeline` folder (the teacher) with the world's extras:
+A world folder is a diffusers `StableDiffusionPipeline` folder (the teacher; a `StableDiffusionXLPipeline` one, with
+text_encoder_2/ and tokenizer_2/, for an SDXL-architecture preset) with the world's extras:
 
     world.json           the resolved preset and prediction type it was built with
     build_state.json     the phases finished so far, in order, and the seconds each took
@@ -20,6 +21,7 @@ which training phases save every `checkpoint_every` steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,19 +34,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from latent_consistency.conditioning import TIME_IDS, AddedConditioning
 from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
-from latent_consistency.models import LatentCodec, save_diffusion_pipeline
-from latent_consistency.prompts import CLIPPromptEncoder
+from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
+from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
 from latent_consistency.world.artifact import WORLD_FILE, load_world
 from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
 from latent_consistency.world.fit import Checkpointer, Phase
 from latent_consistency.world.judge import attribute_targets, save_judge, train_judge
-from latent_consistency.world.presets import WorldPreset, get_preset
+from latent_consistency.world.presets import ARCHITECTURES, WorldPreset, get_preset
 from latent_consistency.world.quality import measure_quality
 from latent_consistency.world.teacher import make_teacher_unet, teacher_scheduler_config, train_teacher
-from latent_consistency.world.text_encoder import NO_LABEL, make_text_encoder, pretrain_text_encoder
+from latent_consistency.world.text_encoder import NO_LABEL, make_text_encoder, pretrain_text_encoder, second_text_encoder
 from latent_consistency.world.tokenizer import train_tokenizer
 from latent_consistency.world.vae import make_vae, set_scaling_factor, to_unit_range, train_vae
 
@@ -59,10 +62,18 @@ OUTPUTS = {
     "teacher": ("unet", "scheduler", "model_index.json", "logs/teacher.json"),
     "quality": ("quality",),
 }
+# An SDXL-architecture world's second text encoder and tokenizer, committed by the text_encoder phase.
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 STATE_FILE, WORK_DIR = "build_state.json", ".work"
-# What `export_world` ships: the pipeline, the judge, the spec and the quality report.
+# What `export_world` ships: the pipeline, the judge, the spec and the quality report (and SDXL_PARTS of an SDXL world).
 EXPORTED = ("world.json", "model_index.json", "unet", "scheduler", "vae", "text_encoder", "tokenizer", "judge", "judges", "quality")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def phase_outputs(phase: str, preset: WorldPreset) -> tuple[str, ...]:
+    """What phase `phase` commits into a world of `preset`."""
+    sdxl = phase == "text_encoder" and preset.teacher.architecture == "sdxl"
+    return OUTPUTS[phase] + (SDXL_PARTS if sdxl else ())
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -111,6 +122,11 @@ def check_world_spec(preset: WorldPreset, prediction_type: str) -> None:
     for name in preset.pretraining_datasets:
         if check_dataset(name) == preset.dataset:
             raise UserError(f"{name} is the world's own dataset; its pretraining datasets must be others")
+    if preset.teacher.architecture not in ARCHITECTURES:
+        raise UserError(f"unknown teacher architecture {preset.teacher.architecture!r}; use one of {', '.join(ARCHITECTURES)}")
+    if preset.teacher.architecture == "sdxl" and preset.text_encoder.hidden_size < TIME_IDS:
+        raise UserError(f"an SDXL-architecture world packs its pooled embedding and {TIME_IDS} size numbers into one token row of twice "
+                        f"the text encoder's hidden size; make that at least {TIME_IDS}, not {preset.text_encoder.hidden_size}")
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     if preset.teacher.zero_terminal_snr and prediction_type == "epsilon":
@@ -161,15 +177,29 @@ class _Build:
         """How phase `name` trains: its own generator and resumable checkpoints in `.work/<name>/`."""
         return Phase(self.device, self.generator(name), Checkpointer(self.out / WORK_DIR / name, self.preset.checkpoint_every), self.progress)
 
+    @property
+    def sdxl(self) -> bool:
+        return self.preset.teacher.architecture == "sdxl"
+
     def load(self, component: str):
         from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         path = str(self.out / component)
-        if component == "tokenizer":
+        if component.startswith("tokenizer"):
             return CLIPTokenizer.from_pretrained(path)
-        cls = AutoencoderKL if component == "vae" else CLIPTextModel
+        cls = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}[component]
         return cls.from_pretrained(path, use_safetensors=True).to(self.device).eval().requires_grad_(False)
+
+    def prompt_encoder(self) -> CLIPPromptEncoder | SDXLPromptEncoder:
+        """c and ∅ as the teacher's pipeline will make them; an SDXL one's ∅ is zeros (`force_zeros_for_empty_prompt`), with
+        the world's resolution as its size numbers."""
+        first = (self.load("tokenizer"), self.load("text_encoder"))
+        if not self.sdxl:
+            return CLIPPromptEncoder(*first)
+        second = (self.load("tokenizer_2"), self.load("text_encoder_2"))
+        size = (self.preset.resolution, self.preset.resolution)
+        return SDXLPromptEncoder([first, second], AddedConditioning(second[1].config.projection_dim), size, force_zeros_for_empty_prompt=True)
 
     # The phases: each writes its OUTPUTS into `stage`.
 
@@ -203,30 +233,36 @@ class _Build:
             torch.manual_seed(self.seed("text_encoder"))
             text_encoder = make_text_encoder(tokenizer, cfg)
         captions, labels, num_classes = caption_labels(self.all_captions())
-        losses = pretrain_text_encoder(text_encoder, tokenizer, captions, labels, num_classes, cfg, self.phase("text_encoder"))
+        losses = pretrain_text_encoder(text_encoder, tokenizer, captions, labels, num_classes, cfg, self.phase("text_encoder"),
+                                       self.preset.teacher.architecture)
         text_encoder.save_pretrained(str(stage / "text_encoder"), safe_serialization=True)
+        if self.sdxl:  # SDXL's second encoder and tokenizer: the same encoder with an identity projection, the same tokenizer
+            second_text_encoder(text_encoder).save_pretrained(str(stage / "text_encoder_2"), safe_serialization=True)
+            tokenizer.save_pretrained(str(stage / "tokenizer_2"))
         _write_json_atomic(stage / "logs" / "text_encoder.json", {"loss": losses})
 
     def latents(self, stage: Path) -> None:
         p = self.preset
         source = {"dataset": p.dataset, "split": "train", "resolution": p.resolution, "seed": p.seed, "size": p.train_size}
-        write_latent_cache(
-            self.images, stage / "latents", LatentCodec(self.load("vae")), CLIPPromptEncoder(self.load("tokenizer"), self.load("text_encoder")),
-            source, self.device, progress=self.progress,
-        )  # fmt: skip
+        write_latent_cache(self.images, stage / "latents", LatentCodec(self.load("vae")), self.prompt_encoder(), source, self.device,
+                           progress=self.progress)
 
     def teacher(self, stage: Path) -> None:
         cache = LatentCache(self.out / "latents")
         data = cache.tensors(self.device)
+        second = self.load("text_encoder_2") if self.sdxl else None  # its pooled embedding's size is the UNet's to read
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed("teacher"))
             unet = make_teacher_unet(
-                self.preset.teacher, cache.manifest["latent_size"][0], cache.manifest["latent_channels"], cache.manifest["text_hidden_size"]
+                self.preset.teacher, cache.manifest["latent_size"][0], cache.manifest["latent_channels"], cache.manifest["text_hidden_size"],
+                pooled_dim=second.config.projection_dim if self.sdxl else None,
             )
         scheduler_config = teacher_scheduler_config(self.prediction_type, self.preset.teacher.zero_terminal_snr)
         ema, losses = train_teacher(unet, data.latents, data.caption_index, data.text_embeddings, data.uncond_embedding, scheduler_config,
                                     self.preset.teacher, self.phase("teacher"))
-        save_diffusion_pipeline(stage, ema, self.load("vae"), self.load("text_encoder"), self.load("tokenizer"), scheduler_config)
+        sdxl = dict(text_encoder_2=second, tokenizer_2=self.load("tokenizer_2"), force_zeros_for_empty_prompt=True) if self.sdxl else {}
+        base = DiffusionModel(ema, self.load("vae"), self.load("text_encoder"), self.load("tokenizer"), scheduler_config, source="", **sdxl)
+        save_pipeline(stage, ema, base, scheduler_config)
         _write_json_atomic(stage / "logs" / "teacher.json", {"loss": losses})
 
     def quality(self, stage: Path) -> None:
@@ -259,6 +295,8 @@ def _check_out_dir(out: Path, spec: dict) -> None:
     if not (out / WORLD_FILE).is_file():
         raise UserError(f"--out {out} holds something other than a world (no {WORLD_FILE}); give a new or empty folder")
     existing = json.loads((out / WORLD_FILE).read_text())
+    with contextlib.suppress(KeyError, TypeError, ValueError):  # as this version writes it: a world.json of an older one
+        existing |= world_spec(WorldPreset.from_dict(existing["preset"]), existing.get("prediction_type"))  # lacks newer keys
     if {k: existing.get(k) for k in spec} != spec:
         raise UserError(
             f"--out {out} holds a world built with other settings (preset {existing['preset']['name']!r}, "
@@ -312,7 +350,7 @@ def build_world(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(build.seed(phase))
             getattr(build, phase)(stage)
-        for entry in OUTPUTS[phase]:
+        for entry in phase_outputs(phase, preset):
             target = out / entry
             if target.is_dir():
                 shutil.rmtree(target)
@@ -341,7 +379,8 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     partial = dst.with_name(dst.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for entry in EXPORTED:
+    sdxl = WorldPreset.from_dict(json.loads((src / WORLD_FILE).read_text())["preset"]).teacher.architecture == "sdxl"
+    for entry in EXPORTED + (SDXL_PARTS if sdxl else ()):
         (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, partial / entry)
     for weights in partial.rglob("*.safetensors"):
         with safe_open(str(weights), framework="pt") as f:

@@ -1,4 +1,5 @@
-"""Named configurations of the built-in world: `tiny` (tests, seconds), `default` (the demo), `large` (GPU).
+"""Named configurations of the built-in world: `tiny` (tests, seconds), `default` (the demo), `large` (GPU), and
+`tiny-sdxl` / `default-sdxl`, the same worlds with an SDXL-architecture teacher (`TeacherConfig.architecture`).
 
 A preset fixes everything `lcm world build` does: the dataset and its size, every network's shape,
 every training run's steps, batch and learning rate, the quality measurement, and the seed. It is
@@ -55,8 +56,16 @@ class TextEncoderConfig:
     lr: float = 1e-3
 
 
+ARCHITECTURES = ("sd", "sdxl")
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
+    # "sd": a StableDiffusionPipeline (one text encoder's last hidden state). "sdxl": a StableDiffusionXLPipeline: two text
+    # encoders' penultimate hidden states side by side, the second's pooled projection and the six size numbers through
+    # the UNet's `addition_embed_type="text_time"` (Podell et al. 2023); the second encoder is derived from the first
+    # (world/text_encoder.py). A world.json without the key is an "sd" world.
+    architecture: str = "sd"
     block_out_channels: tuple[int, ...] = (64, 128, 128)  # UNet levels: cross-attention on all but the last
     layers_per_block: int = 1
     attention_head_dim: int = 8  # diffusers' SD1 meaning: the number of heads
@@ -68,6 +77,7 @@ class TeacherConfig:
     # Rescale SD's schedule to ᾱ_{T-1} = 0 (Lin et al. 2023), so that sampling from pure noise at t = T-1 is
     # what the teacher was trained on; needs a v-prediction teacher (ε carries no signal at zero SNR).
     zero_terminal_snr: bool = False
+    addition_time_embed_dim: int = 32  # "sdxl": the sinusoidal embedding size of each size number (SDXL's is 256)
 
 
 @dataclass(frozen=True)
@@ -170,6 +180,15 @@ PRESETS: dict[str, WorldPreset] = {
         quality=QualityConfig(num_samples=2000),
     ),
 }
+
+
+# The SDXL-architecture worlds: the same sizes, steps and seeds, the teacher's conditioning SDXL's.
+PRESETS["tiny-sdxl"] = dataclasses.replace(
+    PRESETS["tiny"], name="tiny-sdxl", teacher=dataclasses.replace(PRESETS["tiny"].teacher, architecture="sdxl", addition_time_embed_dim=8)
+)
+PRESETS["default-sdxl"] = dataclasses.replace(
+    PRESETS["default"], name="default-sdxl", teacher=dataclasses.replace(PRESETS["default"].teacher, architecture="sdxl")
+)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

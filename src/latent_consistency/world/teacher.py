@@ -6,6 +6,13 @@ schedule (β 0.00085-0.012, T = 1000), z_t = α_t·z0 + σ_t·ε, loss ||output 
 is replaced by the empty caption "" with probability `caption_dropout`, which trains the unconditional
 model of classifier-free guidance (Ho & Salimans 2022). The saved weights are an EMA of the trained
 ones. The result is a standard `StableDiffusionPipeline` folder.
+
+An SDXL-architecture teacher (`TeacherConfig.architecture == "sdxl"`) is the same UNet with SDXL's added conditioning
+(`addition_embed_type="text_time"`: the pooled text embedding and the six size numbers, Podell et al. 2023) and linear
+attention projections; c then carries both in its packed last row (`conditioning.AddedConditioning`), which the network
+adapter (`denoisers.UNetNetwork`) unpacks. Caption dropout puts ∅ in c's place, so a dropped caption's pooled embedding
+is zeros (∅ of a pipeline with `force_zeros_for_empty_prompt`) and its size numbers stay. It is saved as a
+`StableDiffusionXLPipeline` folder.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from latent_consistency.conditioning import TIME_IDS
+from latent_consistency.denoisers import UNetNetwork
 from latent_consistency.parameterization import check_prediction_type, model_output_from
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.training.ema import ema_update
@@ -42,11 +51,20 @@ def teacher_scheduler_config(prediction_type: str = "epsilon", zero_terminal_snr
     )
 
 
-def make_teacher_unet(config: TeacherConfig, latent_size: int, latent_channels: int, cross_attention_dim: int):
-    """A randomly initialised SD-style UNet: cross-attention at every level but the lowest, as SD's."""
+def make_teacher_unet(config: TeacherConfig, latent_size: int, latent_channels: int, cross_attention_dim: int,
+                      pooled_dim: int | None = None):
+    """A randomly initialised SD-style UNet: cross-attention at every level but the lowest, as SD's. An "sdxl" one also
+    takes a pooled text embedding of `pooled_dim` and the six size numbers (`addition_embed_type="text_time"`)."""
     from diffusers import UNet2DConditionModel
 
     levels = len(config.block_out_channels)
+    sdxl = {}
+    if config.architecture == "sdxl":
+        if pooled_dim is None:
+            raise ValueError("an SDXL-architecture teacher needs the pooled text embedding's size (pooled_dim)")
+        sdxl = dict(addition_embed_type="text_time", addition_time_embed_dim=config.addition_time_embed_dim,
+                    projection_class_embeddings_input_dim=pooled_dim + TIME_IDS * config.addition_time_embed_dim,
+                    use_linear_projection=True)
     return UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=latent_channels,
@@ -58,6 +76,7 @@ def make_teacher_unet(config: TeacherConfig, latent_size: int, latent_channels: 
         attention_head_dim=config.attention_head_dim,
         cross_attention_dim=cross_attention_dim,
         norm_num_groups=min(32, config.block_out_channels[0]),
+        **sdxl,
     )
 
 
@@ -73,8 +92,8 @@ def train_teacher(
 ):
     """Train `unet` on cached latents; returns (the EMA UNet, the loss per step).
 
-    `latents` [N,C,h,w] are scaled latents z0 = E(x); sample i's caption embedding is
-    `text_embeddings[caption_index[i]]` ([L,D]); `uncond_embedding` [L,D] is the embedding of "".
+    `latents` [N,C,h,w] are scaled latents z0 = E(x); sample i's condition is `text_embeddings[caption_index[i]]`
+    ([L,D]: an SDXL condition's last row packs its pooled embedding and size numbers); `uncond_embedding` [L,D] is ∅.
     On CUDA the UNet runs under bfloat16 autocast; weights, optimizer and EMA stay float32.
     """
     device, generator = phase.device, phase.generator
@@ -84,6 +103,7 @@ def train_teacher(
     text_embeddings, uncond = text_embeddings.to(device), uncond_embedding.to(device)
     unet.to(device).train()
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
+    network = UNetNetwork(unet)  # unpacks an SDXL condition's added row
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = warmup_cosine(optimizer, config.steps)
 
@@ -100,7 +120,7 @@ def train_teacher(
         z_t = schedule.add_noise(z0, eps, t)
         target = model_output_from(z0, eps, alpha, sigma, prediction_type)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            output = unet(z_t, t, encoder_hidden_states=cond, return_dict=False)[0]
+            output = network(z_t, t, cond)
         return F.mse_loss(output.float(), target)
 
     def update_ema(step: int) -> None:
