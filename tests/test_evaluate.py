@@ -113,7 +113,7 @@ def test_evaluate_a_tiny_lcm_against_its_teacher_and_resume(tiny_lcm, tiny_sd, t
            {k: {m: v for m, v in r.items() if m not in ("ms_per_image", "peak_memory_mb")} for k, r in results.items()}
     report = (out / "report.md").read_text()
     assert "## g = 3 (ω = 2)" in report and "| LCM |" in report and "Reference: DPM-Solver++ (CFG) 50 steps" in report
-    for png in ("steps.png", "guidance.png", "grid.png"):
+    for png in ("steps.png", "guidance.png", "grid.png", "guidance_grid.png"):
         Image.open(out / png).verify()
 
 

@@ -137,7 +137,11 @@ def run(args) -> None:
     print(write_report(results, steps, out, "Evaluation", notes))
     write_plots(results, out)
     write_grid([r for r in rows if r.guidance_scale == scales[0]], lcm, teacher, eval_set, out, device, args.grid_columns, guided=guided)
-    print(f"report, results.json, plots and grid in {out}")
+    if len(scales) > 1:  # Figures 4-5's grid: the LCM at its step count nearest 4, one row per ω, the same noise
+        n = min(args.steps, key=lambda s: (abs(s - 4), s))
+        write_grid([r for r in rows if r.sampler == "lcm" and r.steps == n], lcm, teacher, eval_set, out, device, args.grid_columns,
+                   name="guidance_grid.png")
+    print(f"report, results.json, plots and grid(s) in {out}")
 
 
 def guided_distill_models(paths: list[str], device) -> dict[int, object]:
@@ -188,7 +192,7 @@ def register(subparsers) -> None:
                    "step count; or a stage-one model, at every step count), sampled with DDIM")
     p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file")
     p.add_argument("--reference", help="real images for FID (default: those of --prompts)")
-    p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png and grid.png")
+    p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png, grid.png and (several scales) guidance_grid.png")
     p.add_argument("--steps", type=number_list(int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")
     p.add_argument("--guidance-scale", type=finite_float, default=8.0, help="guidance scale g, diffusers' (default 8: the paper's ω = 7)")
     p.add_argument("--guidance-scales", type=number_list(float), help="several guidance scales (Figures 4-5), instead of --guidance-scale")

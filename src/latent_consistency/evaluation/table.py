@@ -291,12 +291,12 @@ def write_plots(results: dict[str, dict], out: Path) -> list[Path]:
 
 
 def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, out: Path, device,
-               columns: int = 8, real_row: bool = False, guided: dict[int, DiffusionModel] | None = None) -> Path:
+               columns: int = 8, real_row: bool = False, guided: dict[int, DiffusionModel] | None = None, name: str = "grid.png") -> Path:
     """Figure 2: the first prompts (columns, captioned) under every row, from the same noise; with `real_row`, the
-    reference images first (when reference image i is prompt i's)."""
+    reference images first (when reference image i is prompt i's). Written as out/`name`."""
     few = EvalSet(eval_set.prompts[:columns], None, eval_set.reference[:columns], 1, eval_set.seed)
     images = ([few.reference] if real_row else []) + [generate(row, lcm, teacher, few, device, guided) for row in rows]
     labels = (["real"] if real_row else []) + [f"{row.method} {row.steps} g={row.guidance_scale:g}" for row in rows]
-    path = out / "grid.png"
+    path = out / name
     save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=170, column_labels=few.prompts), path)
     return path
