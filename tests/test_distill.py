@@ -394,3 +394,20 @@ def test_a_lora_student_keeps_its_frozen_base_in_half_precision(tiny_sd, image_f
     assert all(np.isfinite(m["loss"]) for m in read_metrics(out))
     weights = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_a_retried_step_draws_anew_and_an_unretried_one_as_before():
+    """After a non-finite loss the step is retried with a new (n, ω, ε) draw (a draw that fails, such as a degenerate pair,
+    would otherwise fail every retry); the first attempt's draw is the one every run made before retries existed."""
+    import numpy as np
+
+    from latent_consistency.training.loop import step_generator
+
+    def first(g):
+        return torch.rand(4, generator=g)
+
+    legacy = torch.Generator().manual_seed(int(np.random.SeedSequence([0, 0, 4, 0]).generate_state(1, np.uint64)[0] >> 1))
+    assert torch.equal(first(step_generator(0, 0, 4, 0, "cpu")), first(legacy))
+    draws = [first(step_generator(0, 0, 4, 0, "cpu", attempt=a)) for a in range(3)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    assert torch.equal(draws[1], first(step_generator(0, 0, 4, 0, "cpu", attempt=1)))

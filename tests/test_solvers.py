@@ -144,3 +144,21 @@ def test_gaussian_flow_matches_reference_integrator(schedule):
     ref = reference_flow(lambda z_, t_: net(z_, t_, torch.ones(8, 1, dtype=torch.float64)), z, t, s, schedule, steps=200)
     assert (exact - ref).abs().max().item() < 1e-6
     assert math.isfinite(exact.abs().max().item())
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_a_zero_length_jump_is_the_identity(schedule, name):
+    """Skip k = 1's first pair is t_{n+k} = t_n = 0 (`schedule.consistency_pairs` clamps t_n): the exact PF-ODE solution
+    over no time is z itself. The singlestep DPM solvers measure r = (λ_u − λ_t)/(λ_s − λ_t), 0/0 there (a run with
+    DPM-Solver at k = 1 stopped on non-finite losses)."""
+    from latent_consistency.schedule import consistency_pairs, skipping_grid
+
+    t_n_plus_k, t_n = consistency_pairs(skipping_grid(1000, 1), torch.tensor([0, 12, 999]), 1)
+    assert t_n_plus_k[0] == t_n[0] == 0
+    data = GaussianMixtureEps(torch.tensor([[1.0, -1.0], [-2.0, 0.5]]), 0.3, schedule)
+    teacher = GuidedTeacher(data, schedule, "epsilon")
+    z = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cond, uncond = torch.tensor([[1.0, 0.0]] * 3, dtype=torch.float64), torch.tensor([[0.5, 0.5]] * 3, dtype=torch.float64)
+    z_s = guided_jump(get_solver(name), teacher, z, t_n_plus_k, t_n, cond, uncond, torch.full((3,), 2.0, dtype=torch.float64))
+    assert torch.isfinite(z_s).all() and torch.equal(z_s[0], z[0])
+    assert not torch.equal(z_s[1:], z[1:])

@@ -64,7 +64,9 @@ class _Singlestep:
         (alpha_u, sigma_u), lam_u = _coefficients(schedule, u, z.ndim, z)
         (alpha_s, sigma_s), lam_s = _coefficients(schedule, s, z.ndim, z)
         h = append_dims(lam_s - lam_t, z.ndim).to(z)
-        r_actual = append_dims((lam_u - lam_t) / (lam_s - lam_t), z.ndim).to(z)
+        # A zero-length jump (t = s: skip k = 1's first pair, t_{n+k} = t_n = 0) has no r to measure; any finite r makes
+        # the jump the identity there (e^{r·0} - 1 = 0), which the exact ODE solution is
+        r_actual = append_dims(torch.where(lam_s == lam_t, torch.full_like(lam_t, r), (lam_u - lam_t) / (lam_s - lam_t)), z.ndim).to(z)
         return cls(u, alpha_t, sigma_t, alpha_u, sigma_u, alpha_s, sigma_s, h, r_actual)
 
 

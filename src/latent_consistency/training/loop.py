@@ -25,10 +25,12 @@ from latent_consistency.training.run_folder import Progress, RunFolder, prepare_
 from latent_consistency.training.students import make_student
 
 
-def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device) -> torch.Generator:
-    """The generator of one micro-step's (n, ω, ε) draws: a pure function of (seed, rank, step, micro),
-    so a resumed run draws exactly what the uninterrupted run would have drawn."""
-    state = int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, np.uint64)[0] >> 1)
+def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device, attempt: int = 0) -> torch.Generator:
+    """The generator of one micro-step's (n, ω, ε) draws: a pure function of (seed, rank, step, micro), so a resumed run
+    draws exactly what the uninterrupted run would have drawn; a step retried after a non-finite loss (`attempt` > 0)
+    draws anew rather than repeating the draw that failed."""
+    entropy = [seed, rank, step, micro] + ([attempt] if attempt else [])
+    state = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator(device).manual_seed(state)
 
 
@@ -102,7 +104,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         total = torch.zeros((), device=device)
         for micro in range(config.grad_accumulation):
             batch = next(batches)
-            generator = step_generator(config.seed, rank, state.step, micro, device)
+            generator = step_generator(config.seed, rank, state.step, micro, device, attempt=state.nonfinite_run)
             sync = accelerator.no_sync(student.unet) if micro + 1 < config.grad_accumulation else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 loss = loss_fn(f_student, f_target, batch["latents"], batch["cond"], uncond.expand(len(batch["latents"]), -1, -1),
