@@ -332,7 +332,7 @@ class LCDSetup:
         objective = objective_of(config)
         scheduler_config = objective.scheduler_config(config, base)
         with torch.device(device):  # the student UNet is made (from_config) on the card, not the CPU
-            student = make_student(config, base, scheduler_config)
+            student = make_student(config, base, scheduler_config, share_unet=True)  # as the loop: a LoRA on the teacher's UNet
         freeze_in_half_precision(config, base)
         optimizer = torch.optim.AdamW(student.parameter_groups(config.lr), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                       weight_decay=config.weight_decay)

@@ -396,8 +396,42 @@ def test_a_lora_student_keeps_its_frozen_base_in_half_precision(tiny_sd, image_f
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
 
 
+def test_a_lora_student_shares_the_teacher_unet_which_runs_without_its_adapters(tiny_sd, image_folder, tmp_path):
+    """New LoRA adapters go on the teacher's own UNet (one UNet in memory): the teacher, and the validation grid's
+    starting model, still compute exactly what the UNet without adapters does, while the student's output moves."""
+    import copy
+
+    from latent_consistency.models import consistency_model, guided_teacher, lcm_scheduler_config, load_diffusion_model
+    from latent_consistency.training.students import make_student
+
+    config = resolve_config(DistillConfig, "tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(tmp_path / "x"),
+                                                                   adapter="lora", lora_rank=4))
+    base = load_diffusion_model(str(tiny_sd))
+    pristine = copy.deepcopy(base.unet)
+    scheduler_config = lcm_scheduler_config(base.scheduler_config, 20)
+    assert make_student(config, base, scheduler_config).unet is not base.unet and not base.unet_carries_student  # base untouched
+    student = make_student(config, base, scheduler_config, share_unet=True)
+    assert student.unet is base.unet and base.unet_carries_student
+    with torch.no_grad():
+        for name, p in student.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters that change the output (lora_B starts at zero)
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([499, 259])
+    cond, uncond = torch.randn(2, 16, 32), torch.zeros(2, 16, 32)
+    with torch.no_grad():
+        teacher = base.guided_teacher().guided_output(z, t, cond, uncond, 3.0)
+        expected = guided_teacher(pristine, base.scheduler_config).guided_output(z, t, cond, uncond, 3.0)
+        start = consistency_model(base.unet, scheduler_config, base.network())(z, t, cond, 0.0)
+        expected_start = consistency_model(pristine, scheduler_config)(z, t, cond, 0.0)
+        moved = student.consistency_model(student.unet)(z, t, cond, 0.0)
+    assert torch.equal(teacher, expected) and torch.equal(start, expected_start)
+    assert (moved - start).abs().max() > 1e-3, "the student's adapters changed nothing"
+    assert all(layer.lora_A["default"].weight.requires_grad for layer in student.unet.modules() if hasattr(layer, "lora_A"))
+
+
 def test_a_retried_step_draws_anew_and_an_unretried_one_as_before():
     """After a non-finite loss the step is retried with a new (n, ω, ε) draw (a draw that fails, such as a degenerate pair,
+
     would otherwise fail every retry); the first attempt's draw is the one every run made before retries existed."""
     import numpy as np
 

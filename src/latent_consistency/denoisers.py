@@ -9,6 +9,7 @@ picks the one that fits; the analytic test models implement it directly).
   that learned to give that output from ω as an input (Guided-Distill's stage one), in one evaluation.
 - `ConsistencyModel` turns a student network into the consistency function of Eq. 9:
   f(z, ω, c, t) = c_skip(t)·z + c_out(t)·x̂0(z, ω, c, t), with ω fed through `timestep_cond`.
+- `WithoutAdapters` runs a network whose UNet also carries a LoRA student with the student's adapters off.
 - `NegativePromptGuidance` wraps a consistency model to guide it away from a negative prompt (no uncond pass to use).
 """
 
@@ -64,6 +65,23 @@ class TransformerNetwork:
         out = self.transformer(z, encoder_hidden_states=tokens, encoder_attention_mask=mask, timestep=t, added_cond_kwargs=added,
                                return_dict=False)[0]
         return out.chunk(2, dim=1)[0] if self.learned_sigma else out
+
+
+class WithoutAdapters:
+    """A frozen model's network whose module also carries a LoRA student's adapters (LCM-LoRA distilled on the teacher's
+    own UNet instead of a copy of it: one UNet in memory, not two): every call runs with the adapters off, i.e. as
+    the frozen model alone."""
+
+    def __init__(self, network, module):
+        self.network = network
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        self.module.disable_adapters()
+        try:
+            return self.network(*args, **kwargs)
+        finally:
+            self.module.enable_adapters()
 
 
 def is_transformer(net) -> bool:

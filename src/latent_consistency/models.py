@@ -16,7 +16,16 @@ from typing import Any
 import torch
 
 from latent_consistency.conditioning import AddedConditioning, PixArtConditioning
-from latent_consistency.denoisers import ConsistencyModel, GuidedTeacher, OmegaConditionedTeacher, denoising_network, is_transformer
+from latent_consistency.denoisers import (
+    ConsistencyModel,
+    GuidedTeacher,
+    OmegaConditionedTeacher,
+    TransformerNetwork,
+    UNetNetwork,
+    WithoutAdapters,
+    denoising_network,
+    is_transformer,
+)
 from latent_consistency.errors import UserError
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder, T5PromptEncoder
@@ -41,14 +50,16 @@ def is_lcm_config(scheduler_config: dict) -> bool:
     return "original_inference_steps" in scheduler_config
 
 
-def guided_teacher(unet, scheduler_config: dict) -> GuidedTeacher:
+def guided_teacher(unet, scheduler_config: dict, network=None) -> GuidedTeacher:
     """The guided denoiser of Eq. 12 around a diffusion UNet and its scheduler config: classifier-free guidance, or
-    for a diffusion UNet with an ω input (a guidance-distilled one, Guided-Distill's stage one) that input."""
+    for a diffusion UNet with an ω input (a guidance-distilled one, Guided-Distill's stage one) that input.
+    `network`, when given, stands in for the UNet's own network contract."""
     schedule, prediction_type = NoiseSchedule.from_config(scheduler_config), prediction_type_of(scheduler_config)
+    network = network or denoising_network(unet)
     dim = unet.config.get("time_cond_proj_dim")
     if dim is not None and not is_lcm_config(scheduler_config):
-        return OmegaConditionedTeacher(denoising_network(unet), schedule, prediction_type, dim)
-    return GuidedTeacher(denoising_network(unet), schedule, prediction_type)
+        return OmegaConditionedTeacher(network, schedule, prediction_type, dim)
+    return GuidedTeacher(network, schedule, prediction_type)
 
 
 def consistency_model(unet, scheduler_config: dict, network=None) -> ConsistencyModel:
@@ -125,6 +136,8 @@ class DiffusionModel:
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: ∅ is zeros, not the empty prompt's encoding
+    # The UNet also carries a LoRA student's adapters (`training.students`): this model's own network runs with them off
+    unet_carries_student: bool = False
 
     @property
     def is_sdxl(self) -> bool:
@@ -191,9 +204,14 @@ class DiffusionModel:
     def codec(self) -> LatentCodec:
         return LatentCodec(self.vae)
 
+    def network(self) -> UNetNetwork | TransformerNetwork | WithoutAdapters:
+        """This model's denoising network (`denoisers`): with a LoRA student's adapters on its UNet, run with them off."""
+        network = denoising_network(self.unet)
+        return WithoutAdapters(network, self.unet) if self.unet_carries_student else network
+
     def guided_teacher(self) -> GuidedTeacher:
         """This model as the guided teacher of Eq. 12 (classifier-free guidance, cond and uncond in one batch)."""
-        return guided_teacher(self.unet, self.scheduler_config)
+        return guided_teacher(self.unet, self.scheduler_config, self.network())
 
     def consistency_model(self, guidance_scale: float = 1.0, negative_cond: torch.Tensor | None = None,
                           size: tuple[int, int] | None = None) -> ConsistencyModel:

@@ -83,7 +83,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     objective = objective_of(config)
     base = objective.load(config, device)
     scheduler_config = objective.scheduler_config(config, base)
-    student = make_student(config, base, scheduler_config)
+    student = make_student(config, base, scheduler_config, share_unet=True)
     freeze_in_half_precision(config, base)
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
     loss_fn = build_loss(config, base, scheduler_config)

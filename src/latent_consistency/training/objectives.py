@@ -178,9 +178,11 @@ def half_precision(config: TrainConfig) -> torch.dtype | None:
 
 def freeze_in_half_precision(config: TrainConfig, base: DiffusionModel) -> None:
     """With mixed precision the frozen networks run in fp16/bf16; the trained weights stay float32 under autocast. An SDXL
-    VAE that asks to be upcast stays in float32 under fp16 (`DiffusionModel.upcasts_vae`)."""
+    VAE that asks to be upcast stays in float32 under fp16 (`DiffusionModel.upcasts_vae`). A UNet that carries a LoRA
+    student is in half precision already, its adapters in float32 (`training.students.make_student`)."""
     half = half_precision(config)
     if half is not None:
         upcast = half == torch.float16 and base.upcasts_vae
-        for module in (base.unet, *([] if upcast else [base.vae]), *base.text_encoders):
+        unet = [] if base.unet_carries_student else [base.unet]
+        for module in (*unet, *([] if upcast else [base.vae]), *base.text_encoders):
             module.to(dtype=half)

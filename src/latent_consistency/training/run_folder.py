@@ -194,7 +194,7 @@ class RunFolder:
         with self.accelerator.autocast():  # the frozen starting model may be in half precision
             if is_lcm_config(scheduler_config):
                 counts = VALIDATION_STEPS
-                rows = [samples(consistency_model(base.unet, scheduler_config), 4)] + [samples(f_target, n) for n in counts]
+                rows = [samples(consistency_model(base.unet, scheduler_config, base.network()), 4)] + [samples(f_target, n) for n in counts]
             else:  # a guidance-distilled student: against the teacher's DDIM (at twice a progressive student's steps)
                 n = scheduler_config.get(PROGRESSIVE_STEPS)
                 counts, start_steps = ((n,), 2 * n) if n else ((4, 8, 25), 25)

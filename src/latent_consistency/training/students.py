@@ -5,8 +5,9 @@
   target a separate EMA copy, or the student itself when μ = 0. Exported as a diffusers
   `LatentConsistencyModelPipeline` folder, read under the student's LCMScheduler config (which records its
   prediction type, so diffusers' LCMScheduler reads it the same way).
-- lora: new peft LoRA adapters on a copy of the model's UNet (Luo et al. 2023b, LCM-LoRA), or, when the model
-  carries an LCM-LoRA already, that LoRA made trainable; the target is the student itself unless an EMA rate is
+- lora: new peft LoRA adapters on the model's UNet (Luo et al. 2023b, LCM-LoRA; in training the teacher's own UNet,
+  which runs as the teacher with them off), or, when the model carries an LCM-LoRA already, that LoRA made trainable
+  on a copy; the target is the student itself unless an EMA rate is
   asked for. Exported as LoRA safetensors that diffusers' `load_lora_weights` accepts.
 """
 
@@ -145,22 +146,31 @@ def _adapter(unet) -> str:
     return unet.active_adapters()[0]
 
 
-def make_student(config, base: DiffusionModel, scheduler_config: dict) -> Student:
+def make_student(config, base: DiffusionModel, scheduler_config: dict, share_unet: bool = False) -> Student:
     """θ from the model (the student starts as the teacher, or as the LCM being fine-tuned), and θ⁻ as the config
-    asks, under the student's LCMScheduler config (`training.objectives`)."""
+    asks, under the student's LCMScheduler config (`training.objectives`). With `share_unet` (the training loop), new
+    LoRA adapters go on the model's own UNet rather than on a copy (`base.unet_carries_student`); otherwise `base` is
+    left as it is (an evaluation that makes one student per run on one loaded model)."""
     if config.adapter == "lora":
         from peft import LoraConfig
 
+        # Shared, new adapters go on the model's own UNet, which then runs as the teacher (or LCF's starting model) with
+        # them off (`DiffusionModel.network`): one UNet in memory, not two (an SDXL UNet: 5 GB in half precision). An
+        # LCM-LoRA loaded onto the model is fine-tuned on a copy, so that the starting model stays as it came.
+        carried = bool(getattr(base.unet, "peft_config", None))
+        shared = share_unet and not carried
+        unet = base.unet if shared else copy.deepcopy(base.unet)
         # Under mixed precision the frozen base runs in half precision, as the teacher does (an SDXL UNet: 5 GB, not 10)
-        unet = copy.deepcopy(base.unet).to(dtype=half_precision(config) or base.unet.dtype)
+        unet.to(dtype=half_precision(config) or base.unet.dtype)
         unet.requires_grad_(False)
-        if getattr(unet, "peft_config", None):  # an LCM-LoRA loaded onto the model: fine-tune it
+        if carried:  # an LCM-LoRA loaded onto the model: fine-tune it
             for name, param in unet.named_parameters():
                 param.requires_grad_("lora_" in name)
         else:
             present = {name.split(".")[-1] for name, _ in unet.named_modules()}
             targets = [m for m in LORA_TARGET_MODULES if m.split(".")[-1] in present]
             unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=targets))
+            base.unet_carries_student = shared
         for param in unet.parameters():  # the LoRA weights train in float32 (peft makes them in the base layer's dtype)
             if param.requires_grad:
                 param.data = param.data.float()
