@@ -84,3 +84,8 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     rows = json.loads((lora / "over_training.json").read_text())
     assert [r["step"] for r in rows] == [2, 4] and all(r[f"fid_{n}"] >= 0 for r in rows for n in (1, 2, 4))
     assert all(v == 0 for r in rows for k, v in r.items() if k.startswith("omega_response_"))
+    # Figure 3's measurement alone: 4-step FID and alignment, without the teacher ODE references
+    assert lcm(sweep + ["--runs", str(lora), "--steps", "4", "--no-ode-error"]) == 0
+    rows = json.loads((lora / "over_training.json").read_text())
+    assert [sorted(r) for r in rows] == [["alignment_4", "fid_4", "step"]] * 2
+    assert (lora / "over_training.png").is_file() and "4-step FID final / best" in (out / "sweep" / "sweep.md").read_text()

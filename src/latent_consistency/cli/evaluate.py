@@ -168,18 +168,19 @@ def run_sweep(args) -> None:
     from latent_consistency.devices import resolve_device
     from latent_consistency.outputs import writable_folder
     from latent_consistency.world.artifact import default_world_path, load_world
-    from latent_consistency.world.over_training import STEPS, evaluate_run, write_report, write_sweep
+    from latent_consistency.world.over_training import evaluate_run, write_report, write_sweep
 
     device = resolve_device(args.device)
     out = writable_folder(args.out, "--out")
     world = load_world(args.world or default_world_path(), device)
     curves = {}
+    steps = tuple(args.steps)
     for run_dir in map(Path, args.runs):
-        rows = evaluate_run(run_dir, world, args.samples, args.guidance_scale, device)
-        write_report(run_dir, rows)
+        rows = evaluate_run(run_dir, world, args.samples, args.guidance_scale, device, steps, ode=args.ode_error)
+        write_report(run_dir, rows, steps)
         curves[run_dir.name] = rows
     (out / "sweep.json").write_text(json.dumps(curves, indent=1))
-    print(write_sweep(curves, out, STEPS))
+    print(write_sweep(curves, out, steps))
 
 
 def register(subparsers) -> None:
@@ -211,5 +212,9 @@ def register(subparsers) -> None:
     s.add_argument("--world", help="the world the runs distilled (default: the shipped one)")
     s.add_argument("--samples", type=positive_int, default=500, help="reference prompts per checkpoint (default 500)")
     s.add_argument("--guidance-scale", type=finite_float, help="default: each run's validation guidance scale")
+    s.add_argument("--steps", type=number_list(int), default=[1, 2, 4], help="sampler step counts scored (default 1,2,4; Figure 3: 4)")
+    s.add_argument("--ode-error", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the MSE to the teacher's ODE solution and the ω response per t (default on); their references "
+                        "cost T/k teacher jumps per timestep, 1,000 at k = 1")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(run=run)

@@ -45,8 +45,10 @@ def reference_solutions(world: World, config, items: list[dict], guidance_scale:
                          torch.Generator().manual_seed(0))
 
 
-def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | None = None, device="cpu") -> list[dict]:
-    """One row per checkpoint of `run`: n-step FID and alignment, ODE error per t, ω response per t."""
+def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | None = None, device="cpu",
+                 steps: tuple[int, ...] = STEPS, ode: bool = True) -> list[dict]:
+    """One row per checkpoint of `run`: n-step FID and alignment for n in `steps`; with `ode`, also the ODE error per t
+    and the ω response per t (their references are teacher ODE solutions of T/k jumps per timestep: 1,000 at k = 1)."""
     if not (run / "config.json").is_file():
         raise UserError(f"{run} is not a training run folder (no config.json); give the --out of `lcm distill`")
     config = config_from_dict(json.loads((run / "config.json").read_text()))
@@ -59,9 +61,9 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
     student = make_student(config, world.model, objective_of(config).scheduler_config(config, world.model))
     student.target_unet.eval()  # θ⁻, the network that is exported (the student itself when there is no copy)
     f = student.consistency_model(student.target_unet)
-    solutions = reference_solutions(world, config, items, guidance_scale, device)
+    solutions = reference_solutions(world, config, items, guidance_scale, device) if ode else None
     range_ends = None
-    if config.guidance_scale_min < config.guidance_scale_max:
+    if ode and config.guidance_scale_min < config.guidance_scale_max:
         range_ends = [solutions if g == guidance_scale else reference_solutions(world, config, items, g, device)
                       for g in (config.guidance_scale_min, config.guidance_scale_max)]
     checkpoints = list_checkpoints(run)
@@ -70,12 +72,13 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
     rows = []
     for path in checkpoints:
         row = {"step": student.load_checkpoint(path)}
-        for n in STEPS:
+        for n in steps:
             images = sample_consistency(f, inference_timesteps(student.scheduler_config, n), world.model, prompts, guidance_scale,
                                         device=device)
             s = judge_scores(world.judge, images, attributes, real)
             row[f"fid_{n}"], row[f"alignment_{n}"] = s["fid"], s["alignment"]["mean"]
-        row |= {f"ode_error_{t}": e for t, e in ode_error(f, solutions).items()}
+        if solutions is not None:
+            row |= {f"ode_error_{t}": e for t, e in ode_error(f, solutions).items()}
         if range_ends:
             row |= {f"omega_response_{t}": r for t, r in guidance_response(f, *range_ends).items()}
         rows.append(row)
@@ -83,7 +86,7 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
     return rows
 
 
-def write_report(run: Path, rows: list[dict]) -> None:
+def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,42 +95,46 @@ def write_report(run: Path, rows: list[dict]) -> None:
     (run / "over_training.json").write_text(json.dumps(rows, indent=1))
     error_keys = [k for k in rows[0] if k.startswith("ode_error_")]
     response_keys = [k for k in rows[0] if k.startswith("omega_response_")]
-    lines = ["| step | " + " | ".join(f"FID {n}-step" for n in STEPS) + " | " + " | ".join(f"align {n}-step" for n in STEPS)
+    lines = ["| step | " + " | ".join(f"FID {n}-step" for n in steps) + " | " + " | ".join(f"align {n}-step" for n in steps)
              + "".join(f" | ODE error t={k.removeprefix('ode_error_')}" for k in error_keys)
              + "".join(f" | ω response t={k.removeprefix('omega_response_')}" for k in response_keys) + " |",
-             "|---" * (1 + 2 * len(STEPS) + len(error_keys) + len(response_keys)) + "|"]
+             "|---" * (1 + 2 * len(steps) + len(error_keys) + len(response_keys)) + "|"]
     for r in rows:
-        lines.append(f"| {r['step']} | " + " | ".join(f"{r[f'fid_{n}']:.2f}" for n in STEPS) + " | "
-                     + " | ".join(f"{r[f'alignment_{n}']:.3f}" for n in STEPS)
+        lines.append(f"| {r['step']} | " + " | ".join(f"{r[f'fid_{n}']:.2f}" for n in steps) + " | "
+                     + " | ".join(f"{r[f'alignment_{n}']:.3f}" for n in steps)
                      + "".join(f" | {r[k]:.4f}" for k in error_keys) + "".join(f" | {r[k]:.3f}" for k in response_keys) + " |")
-    for n in STEPS:
+    for n in steps:
         best = min(r[f"fid_{n}"] for r in rows)
         lines.append(f"\n{n}-step: final FID {rows[-1][f'fid_{n}']:.2f}, best {best:.2f} "
                      f"({100 * (rows[-1][f'fid_{n}'] / best - 1):.1f} % above the best)")
     (run / "over_training.md").write_text("\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 3 if response_keys else 2, figsize=(13.5 if response_keys else 9, 3.2))
-    ax, ax_err = axes[:2]
-    steps = [r["step"] for r in rows]
-    for n in STEPS:
-        ax.plot(steps, [r[f"fid_{n}"] for r in rows], marker="o", label=f"{n}-step")
+    panels = 1 + bool(error_keys) + bool(response_keys)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.2), squeeze=False)
+    ax, *others = axes[0]
+    iterations = [r["step"] for r in rows]
+    for n in steps:
+        ax.plot(iterations, [r[f"fid_{n}"] for r in rows], marker="o", label=f"{n}-step")
     ax.set_xlabel("training step")
     ax.set_ylabel("FID (judge features)")
     ax.set_yscale("log")  # a v student's relearning phase scores in the thousands
     ax.legend()
-    for k in error_keys:
-        ax_err.plot(steps, [r[k] for r in rows], marker="o", label=f"t = {k.removeprefix('ode_error_')}")
-    ax_err.set_xlabel("training step")
-    ax_err.set_ylabel("MSE to the teacher's ODE solution")
-    ax_err.set_yscale("log")
-    ax_err.legend(fontsize=7)
+    if error_keys:
+        ax_err = others.pop(0)
+        for k in error_keys:
+            ax_err.plot(iterations, [r[k] for r in rows], marker="o", label=f"t = {k.removeprefix('ode_error_')}")
+        ax_err.set_xlabel("training step")
+        ax_err.set_ylabel("MSE to the teacher's ODE solution")
+        ax_err.set_yscale("log")
+        ax_err.legend(fontsize=7)
     if response_keys:
+        ax_response = others.pop(0)
         for k in response_keys:
-            axes[2].plot(steps, [r[k] for r in rows], marker="o", label=f"t = {k.removeprefix('omega_response_')}")
-        axes[2].axhline(1.0, color="gray", linewidth=0.8)
-        axes[2].set_xlabel("training step")
-        axes[2].set_ylabel("ω response")
-        axes[2].set_title("1: the teacher's guidance effect; 0: ω ignored", fontsize=8)
-        axes[2].legend(fontsize=7)
+            ax_response.plot(iterations, [r[k] for r in rows], marker="o", label=f"t = {k.removeprefix('omega_response_')}")
+        ax_response.axhline(1.0, color="gray", linewidth=0.8)
+        ax_response.set_xlabel("training step")
+        ax_response.set_ylabel("ω response")
+        ax_response.set_title("1: the teacher's guidance effect; 0: ω ignored", fontsize=8)
+        ax_response.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(run / "over_training.png", dpi=120)
 
