@@ -16,7 +16,7 @@ from latent_consistency.world.judge import judge_scores
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_on_the_tiny_world(tmp_path):
+def test_demo_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
     """`--world-preset tiny` builds that world even though the default one is shipped."""
     out = tmp_path / "demo"
     demo = ["demo", "--out", str(out), "--world-preset", "tiny", "--distill-steps", "3", "--finetune-steps", "2", "--eval-samples", "8",
@@ -89,3 +89,16 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path):
     rows = json.loads((lora / "over_training.json").read_text())
     assert [sorted(r) for r in rows] == [["alignment_4", "fid_4", "step"]] * 2
     assert (lora / "over_training.png").is_file() and "4-step FID final / best" in (out / "sweep" / "sweep.md").read_text()
+    # ... which the full sweep had scored already: rows come from the run's cache, and only other settings score anew
+    from latent_consistency.world import over_training
+
+    calls, make_student = [], over_training.make_student
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return make_student(*args, **kwargs)
+
+    monkeypatch.setattr(over_training, "make_student", counted)
+    assert lcm(sweep + ["--runs", str(lora), "--steps", "4", "--no-ode-error"]) == 0 and calls == []
+    assert json.loads((lora / "over_training.json").read_text()) == rows
+    assert lcm(sweep + ["--runs", str(lora), "--steps", "4", "--no-ode-error", "--samples", "3"]) == 0 and len(calls) == 1

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from latent_consistency.errors import UserError
 
@@ -20,3 +23,11 @@ def writable_folder(path: str | Path, what: str = "output folder") -> Path:
     except OSError as err:
         raise UserError(f"cannot write to {what} {path}: {err.strerror or err}") from None
     return path
+
+
+def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
+    """Write JSON so that a reader (or a rerun after a kill) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=indent))
+    os.replace(tmp, path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from latent_consistency.evaluation.compare import sample_consistency, sample_gui
 from latent_consistency.evaluation.fid import fid_score, kid_score
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import DiffusionModel
+from latent_consistency.outputs import write_json_atomic
 
 TEACHER_SOLVERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpm++": "DPM-Solver++"}
 GUIDED_DISTILL = "guided-distill"  # Meng et al. 2023: a guidance-distilled model (ω input), progressively distilled, with DDIM
@@ -185,16 +185,10 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
         for scorer in scorers:
             record |= {f"{scorer.name}_{k}": v for k, v in scorer(images, eval_set).items()}
         results[row.key] = record
-        _write_json(path, {"fingerprint": fingerprint, "rows": results})
+        write_json_atomic(path, {"fingerprint": fingerprint, "rows": results})
         bar.update(1)
     bar.close()
     return {row.key: results[row.key] for row in rows}
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def metric_names(results: dict[str, dict]) -> tuple[str, str]:

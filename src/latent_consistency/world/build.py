@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +38,7 @@ from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
+from latent_consistency.outputs import write_json_atomic
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
 from latent_consistency.world.artifact import WORLD_FILE, load_world
 from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
@@ -74,13 +74,6 @@ def phase_outputs(phase: str, preset: WorldPreset) -> tuple[str, ...]:
     """What phase `phase` commits into a world of `preset`."""
     sdxl = phase == "text_encoder" and preset.teacher.architecture == "sdxl"
     return OUTPUTS[phase] + (SDXL_PARTS if sdxl else ())
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -224,7 +217,7 @@ class _Build:
         losses = train_vae(vae, self.images.images, cfg, self.phase("vae"), torch.cat(pretraining) if pretraining else None)
         set_scaling_factor(vae, self.images.images[: cfg.scale_samples])
         vae.save_pretrained(str(stage / "vae"), safe_serialization=True)
-        _write_json_atomic(stage / "logs" / "vae.json", {"loss": losses})
+        write_json_atomic(stage / "logs" / "vae.json", {"loss": losses}, indent=2)
 
     def text_encoder(self, stage: Path) -> None:
         cfg = self.preset.text_encoder
@@ -239,7 +232,7 @@ class _Build:
         if self.sdxl:  # SDXL's second encoder and tokenizer: the same encoder with an identity projection, the same tokenizer
             second_text_encoder(text_encoder).save_pretrained(str(stage / "text_encoder_2"), safe_serialization=True)
             tokenizer.save_pretrained(str(stage / "tokenizer_2"))
-        _write_json_atomic(stage / "logs" / "text_encoder.json", {"loss": losses})
+        write_json_atomic(stage / "logs" / "text_encoder.json", {"loss": losses}, indent=2)
 
     def latents(self, stage: Path) -> None:
         p = self.preset
@@ -263,7 +256,7 @@ class _Build:
         sdxl = dict(text_encoder_2=second, tokenizer_2=self.load("tokenizer_2"), force_zeros_for_empty_prompt=True) if self.sdxl else {}
         base = DiffusionModel(ema, self.load("vae"), self.load("text_encoder"), self.load("tokenizer"), scheduler_config, source="", **sdxl)
         save_pipeline(stage, ema, base, scheduler_config)
-        _write_json_atomic(stage / "logs" / "teacher.json", {"loss": losses})
+        write_json_atomic(stage / "logs" / "teacher.json", {"loss": losses}, indent=2)
 
     def quality(self, stage: Path) -> None:
         measure_quality(load_world(self.out, self.device), self.preset.quality, stage / "quality", self.device, self.progress)
@@ -335,7 +328,7 @@ def build_world(
         torch.backends.cudnn.benchmark = True  # every training phase has fixed shapes
     out.mkdir(parents=True, exist_ok=True)
     if not (out / WORLD_FILE).is_file():
-        _write_json_atomic(out / WORLD_FILE, spec)
+        write_json_atomic(out / WORLD_FILE, spec, indent=2)
     build = _Build(preset, out, device, prediction_type, progress)
     done = finished_phases(out)
     seconds = json.loads((out / STATE_FILE).read_text()).get("seconds", {}) if done else {}
@@ -358,7 +351,7 @@ def build_world(
             os.replace(stage / entry, target)
         done.append(phase)
         seconds[phase] = round(time.perf_counter() - start, 1)
-        _write_json_atomic(out / STATE_FILE, {"done": done, "seconds": seconds, "device": str(device)})
+        write_json_atomic(out / STATE_FILE, {"done": done, "seconds": seconds, "device": str(device)}, indent=2)
         shutil.rmtree(work)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return out
@@ -388,7 +381,7 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
         save_file(tensors, str(weights), metadata=metadata)
     spec = json.loads((partial / WORLD_FILE).read_text())
-    _write_json_atomic(partial / WORLD_FILE, spec | {"weights_dtype": str(dtype).removeprefix("torch.")})
+    write_json_atomic(partial / WORLD_FILE, spec | {"weights_dtype": str(dtype).removeprefix("torch.")}, indent=2)
     partial.rename(dst)  # onto a missing or empty folder
     return dst
 

@@ -7,7 +7,7 @@ and noise and scored with the world's judge, and its distance from the teacher's
 at the 4-step sampler's timesteps and one small t (`ode_error`: where on the trajectory it is accurate),
 as is how much of the teacher's guidance effect between the ends of the trained guidance range it
 reproduces (`guidance_response`: 1 = the ω input is learned, 0 = ignored). Writes `over_training.json`,
-`.md` and `.png` into the run.
+`.md` and `.png` into the run, and keeps every row it scores in `over_training.cache.json` (a rerun resumes).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency
 from latent_consistency.evaluation.ode_error import error_timesteps, guidance_response, ode_error, ode_solutions
 from latent_consistency.models import inference_timesteps
+from latent_consistency.outputs import write_json_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.checkpoint import list_checkpoints
@@ -45,45 +46,76 @@ def reference_solutions(world: World, config, items: list[dict], guidance_scale:
                          torch.Generator().manual_seed(0))
 
 
+CACHE_FILE = "over_training.cache.json"
+
+
 def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | None = None, device="cpu",
                  steps: tuple[int, ...] = STEPS, ode: bool = True) -> list[dict]:
     """One row per checkpoint of `run`: n-step FID and alignment for n in `steps`; with `ode`, also the ODE error per t
-    and the ω response per t (their references are teacher ODE solutions of T/k jumps per timestep: 1,000 at k = 1)."""
+    and the ω response per t (their references are teacher ODE solutions of T/k jumps per timestep: 1,000 at k = 1).
+
+    Rows are kept in `over_training.cache.json` as they are made, under the settings that made them (world, prompts,
+    guidance scale) and each checkpoint's write time: a killed sweep resumes, and a rerun scores only new checkpoints
+    (of a run still training, say) or step counts not scored before."""
     if not (run / "config.json").is_file():
         raise UserError(f"{run} is not a training run folder (no config.json); give the --out of `lcm distill`")
     config = config_from_dict(json.loads((run / "config.json").read_text()))
     guidance_scale = config.validation_guidance_scale if guidance_scale is None else guidance_scale
+    checkpoints = list_checkpoints(run)
+    if not checkpoints:
+        raise UserError(f"{run} holds no checkpoints yet; train it with --checkpoint-every N to evaluate it over training")
     reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)
     items = [reference[i] for i in range(min(samples, len(reference)))]
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]
     real = torch.stack([it["image"] for it in items])
-    # A full UNet with the ω input, or LoRA adapters on the teacher's, under the run's LCMScheduler config
-    student = make_student(config, world.model, objective_of(config).scheduler_config(config, world.model))
-    student.target_unet.eval()  # θ⁻, the network that is exported (the student itself when there is no copy)
-    f = student.consistency_model(student.target_unet)
-    solutions = reference_solutions(world, config, items, guidance_scale, device) if ode else None
-    range_ends = None
-    if ode and config.guidance_scale_min < config.guidance_scale_max:
-        range_ends = [solutions if g == guidance_scale else reference_solutions(world, config, items, g, device)
-                      for g in (config.guidance_scale_min, config.guidance_scale_max)]
-    checkpoints = list_checkpoints(run)
-    if not checkpoints:
-        raise UserError(f"{run} holds no checkpoints yet; train it with --checkpoint-every N to evaluate it over training")
+    settings = {"world": str(Path(world.path).resolve()), "samples": len(items), "guidance_scale": guidance_scale}
+    cache = _read_cache(run / CACHE_FILE, settings)
+    keep = {"step", *(f"{metric}_{n}" for metric in ("fid", "alignment") for n in steps)}
+    student = f = solutions = range_ends = None
     rows = []
     for path in checkpoints:
-        row = {"step": student.load_checkpoint(path)}
-        for n in steps:
-            images = sample_consistency(f, inference_timesteps(student.scheduler_config, n), world.model, prompts, guidance_scale,
-                                        device=device)
-            s = judge_scores(world.judge, images, attributes, real)
-            row[f"fid_{n}"], row[f"alignment_{n}"] = s["fid"], s["alignment"]["mean"]
-        if solutions is not None:
-            row |= {f"ode_error_{t}": e for t, e in ode_error(f, solutions).items()}
-        if range_ends:
-            row |= {f"omega_response_{t}": r for t, r in guidance_response(f, *range_ends).items()}
+        key = f"{path.name}@{(path / 'state.json').stat().st_mtime_ns}"
+        row = cache.get(key, {})
+        if not (keep <= row.keys() and (not ode or _has_ode_error(row))):
+            if student is None:
+                # A full UNet with the ω input, or LoRA adapters on (a copy of) the teacher's, under the run's LCMScheduler config
+                student = make_student(config, world.model, objective_of(config).scheduler_config(config, world.model))
+                student.target_unet.eval()  # θ⁻, the network that is exported (the student itself when there is no copy)
+                f = student.consistency_model(student.target_unet)
+            if ode and solutions is None:
+                solutions = reference_solutions(world, config, items, guidance_scale, device)
+                if config.guidance_scale_min < config.guidance_scale_max:
+                    range_ends = [solutions if g == guidance_scale else reference_solutions(world, config, items, g, device)
+                                  for g in (config.guidance_scale_min, config.guidance_scale_max)]
+            row = dict(row, step=student.load_checkpoint(path))
+            for n in (n for n in steps if f"fid_{n}" not in row):
+                images = sample_consistency(f, inference_timesteps(student.scheduler_config, n), world.model, prompts, guidance_scale,
+                                            device=device)
+                s = judge_scores(world.judge, images, attributes, real)
+                row[f"fid_{n}"], row[f"alignment_{n}"] = s["fid"], s["alignment"]["mean"]
+            if ode and not _has_ode_error(row):
+                row |= {f"ode_error_{t}": e for t, e in ode_error(f, solutions).items()}
+                if range_ends:
+                    row |= {f"omega_response_{t}": r for t, r in guidance_response(f, *range_ends).items()}
+            cache[key] = row
+            write_json_atomic(run / CACHE_FILE, {"settings": settings, "rows": cache})
+        row = {k: v for k, v in row.items() if k in keep or ode and k.startswith(("ode_error_", "omega_response_"))}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _has_ode_error(row: dict) -> bool:
+    return any(k.startswith("ode_error_") for k in row)
+
+
+def _read_cache(path: Path, settings: dict) -> dict[str, dict]:
+    """Rows saved under the same settings, by checkpoint (name and write time); none when the settings differ."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved.get("rows", {}) if saved.get("settings") == settings else {}
 
 
 def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) -> None:
