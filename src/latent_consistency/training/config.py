@@ -21,6 +21,7 @@ ADAPTERS = ("full", "lora")
 METHODS = ("lcd", "guidance", "progressive")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
 
 
 def doc(text: str, **kwargs) -> Any:
@@ -64,6 +65,9 @@ class TrainConfig:
     batch_size: int = doc("global batch size (all processes, all accumulation steps together)", default=32)
     grad_accumulation: int = doc("gradient accumulation steps per optimiser step", default=1)
     lr: float = doc("AdamW learning rate", default=1e-4)
+    optimizer: str = doc("adamw (torch's), adamw-fused (torch's fused kernel: the same update, one kernel per step) or adamw-8bit "
+                         "(bitsandbytes' blockwise 8-bit moments: 2 bytes/param instead of 8, for an unsharded full SDXL student on "
+                         "one GPU; needs `pip install bitsandbytes`; docs/scale.md)", default="adamw")
     lr_schedule: str = doc("constant, cosine or linear decay after warm-up", default="constant")
     lr_warmup_steps: int = doc("linear warm-up steps", default=100)
     weight_decay: float = doc("AdamW weight decay", default=0.0)
@@ -89,7 +93,7 @@ class TrainConfig:
         from latent_consistency.losses import check_distance, check_weighting
         from latent_consistency.parameterization import check_guidance_scale_range
 
-        for name, allowed in dict(adapter=ADAPTERS, lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISION).items():
+        for name, allowed in dict(adapter=ADAPTERS, lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISION, optimizer=OPTIMIZERS).items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         check_distance(self.loss)

@@ -22,6 +22,7 @@ from latent_consistency.training.config import TrainConfig
 from latent_consistency.training.ema import ema_update
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
 from latent_consistency.training.run_folder import Progress, RunFolder, prepare_run_folder
+from latent_consistency.training.sharding import check_sharding, is_sharded, shard_target
 from latent_consistency.training.students import make_student
 
 
@@ -63,6 +64,19 @@ def training_and_eval_batches(config: TrainConfig, base: DiffusionModel, micro_b
     return batches, eval_batches
 
 
+def build_optimizer(config: TrainConfig, student) -> torch.optim.Optimizer:
+    """AdamW over the student's parameter groups: torch's (for-each or fused kernel) or bitsandbytes' 8-bit one."""
+    groups = student.parameter_groups(config.lr, getattr(config, "omega_lr_scale", 1.0))
+    kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    if config.optimizer == "adamw-8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise UserError("--optimizer adamw-8bit needs bitsandbytes: pip install bitsandbytes") from None
+        return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
+    return torch.optim.AdamW(groups, fused=config.optimizer == "adamw-fused" or None, **kwargs)
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path | None:
     """Run (or resume) a distillation/fine-tuning run; returns the exported model's path (None on
     processes other than the main one)."""
@@ -72,6 +86,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     # Without a GPU, `cpu=True` lets accelerate join torchrun-launched processes over gloo (MULTI_CPU).
     has_gpu = torch.cuda.is_available() or (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_gpu)
+    check_sharding(accelerator, config)  # FSDP2 from `accelerate launch --config_file configs/accelerate/fsdp.yaml`
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     out = prepare_run_folder(config, resume)
     per_step = world * config.grad_accumulation
@@ -87,12 +102,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     freeze_in_half_precision(config, base)
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
     loss_fn = build_loss(config, base, scheduler_config)
-    optimizer = torch.optim.AdamW(student.parameter_groups(config.lr, getattr(config, "omega_lr_scale", 1.0)), lr=config.lr,
-                                  betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches, loss_fn)
     state = run.resume() if resume else Progress()
     student.unet, optimizer = accelerator.prepare(student.unet, optimizer)
+    shard_target(accelerator, student)  # under FSDP, θ⁻ sharded as θ is: the target update is local to each process
+    if resume:
+        run.resume_optimizer(student.unet, optimizer)  # after prepare: under FSDP the saved full state is sharded as it loads
+    sharded = is_sharded(accelerator)
     f_student, f_target = student.consistency_model(student.unet), student.consistency_model(student.target_unet)
     uncond = batches.uncond
 
@@ -105,7 +123,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         for micro in range(config.grad_accumulation):
             batch = next(batches)
             generator = step_generator(config.seed, rank, state.step, micro, device, attempt=state.nonfinite_run)
-            sync = accelerator.no_sync(student.unet) if micro + 1 < config.grad_accumulation else contextlib.nullcontext()
+            # Sharded, gradients are reduce-scattered at every micro-step: FSDP2's no_sync would hold them unsharded
+            sync = accelerator.no_sync(student.unet) if micro + 1 < config.grad_accumulation and not sharded else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 loss = loss_fn(f_student, f_target, batch["latents"], batch["cond"], uncond.expand(len(batch["latents"]), -1, -1),
                                generator).mean()

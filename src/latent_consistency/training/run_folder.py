@@ -34,6 +34,7 @@ from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training import omega_response
 from latent_consistency.training.config import TrainConfig, config_from_dict
+from latent_consistency.training.sharding import exportable, full_training_state, is_sharded, load_optimizer_state
 
 VALIDATION_STEPS = (1, 2, 4)
 VALIDATION_PROMPTS = 6  # validation grid columns when no prompts are given: the first held-out (or training) captions
@@ -77,6 +78,9 @@ class RunFolder:
         # A fixed held-out set: its first micro-batches, drawn once
         self.eval_set = [next(eval_batches) for _ in range(EVAL_MICRO_BATCHES)] if eval_batches is not None else []
         self.main = accelerator.is_main_process
+        # Under FSDP the target θ⁻ is sharded: every process takes part in its forward passes (validation, ω response)
+        self.runs_target = self.main or is_sharded(accelerator)
+        self.saved_optimizer_state = None  # read by `resume`, loaded by `resume_optimizer` once the optimiser is prepared
         if self.main:
             try:
                 out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +92,8 @@ class RunFolder:
         self.t_last, self.samples_since = time.perf_counter(), 0
 
     def resume(self) -> Progress:
-        """Load the latest complete checkpoint (if any) into the student, optimiser, LR schedule, RNG and data position."""
+        """Load the latest complete checkpoint (if any) into the student, LR schedule, RNG and data position; the optimiser
+        state is loaded by `resume_optimizer` after `accelerator.prepare`."""
         if self.main:
             ckpt.remove_partial_checkpoints(self.out)
         found = ckpt.list_checkpoints(self.out)
@@ -96,23 +101,28 @@ class RunFolder:
             return Progress()
         tensors, objects, state = ckpt.load_checkpoint(found[-1])
         self.student.load_state(tensors)
-        self.optimizer.load_state_dict(objects["optimizer"])
+        self.saved_optimizer_state = objects["optimizer"]
         self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
         torch.set_rng_state(objects["rng"]["torch"])
         self.batches.load_state_dict(state["data"][self.accelerator.process_index])
         return Progress(step=state["step"], nonfinite_total=state["nonfinite_total"])
+
+    def resume_optimizer(self, model, optimizer) -> None:
+        """Load the optimiser state `resume` read into the prepared (under FSDP: sharded) optimiser."""
+        if self.saved_optimizer_state is not None:
+            load_optimizer_state(self.accelerator, model, optimizer, self.saved_optimizer_state)
+            self.saved_optimizer_state = None
 
     def save(self, progress: Progress) -> Path | None:
         """A checkpoint of everything resume needs, the data position of every process included."""
         accelerator = self.accelerator
         data = self.batches.state_dict()
         data_states = accelerator.gather_for_metrics([data], use_gather_object=True) if accelerator.num_processes > 1 else [data]
+        tensors, optimizer_state = full_training_state(accelerator, self.student, self.optimizer)  # under FSDP, gathered
         if not self.main:
             return None
         state = dict(step=progress.step, nonfinite_total=progress.nonfinite_total, data=data_states, config=self.config.to_dict())
-        objects = dict(optimizer=self.optimizer.state_dict(), lr_scheduler=self.lr_scheduler.state_dict(),
-                       rng={"torch": torch.get_rng_state()})
-        tensors = self.student.state_tensors(accelerator.unwrap_model(self.student.unet))
+        objects = dict(optimizer=optimizer_state, lr_scheduler=self.lr_scheduler.state_dict(), rng={"torch": torch.get_rng_state()})
         return ckpt.save_checkpoint(self.out, progress.step, tensors, objects, state, self.config.keep_checkpoints)
 
     def after_step(self, progress: Progress, loss: float, grad_norm, f_target, bar) -> None:
@@ -131,11 +141,11 @@ class RunFolder:
         if (config.validate_every and step % config.validate_every == 0) or last:
             if self.eval_set:
                 self.writer.write(dict(step=step, eval_loss=self.eval_loss(f_target)))
-            if self.main and self.validation_prompts:
+            if self.runs_target and self.validation_prompts:
                 self.validate(step, f_target)
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
             self.save(progress)
-        if last and self.main and omega_response.applies(config):
+        if last and self.runs_target and omega_response.applies(config):
             self.report_omega_response(step)
 
     def report_omega_response(self, step: int) -> dict[int, float]:
@@ -150,6 +160,8 @@ class RunFolder:
                                                      batch["latents"], batch["cond"], self.batches.uncond)
         target.train(was_training)
         self.writer.write({"step": step} | {f"omega_response_{t}": r for t, r in response.items()})
+        if not self.main:
+            return response
         scales = f"g = {self.config.guidance_scale_min:g} and {self.config.guidance_scale_max:g}"
         print(f"ω response of the student (the fraction of the teacher's guidance effect between {scales} it reproduces; "
               "1: learned, 0: ignored): " + ", ".join(f"t={t} {r:.2f}" for t, r in response.items()), flush=True)
@@ -168,7 +180,7 @@ class RunFolder:
         return float(torch.stack(losses).mean())
 
     @torch.no_grad()
-    def validate(self, step: int, f_target) -> Path:
+    def validate(self, step: int, f_target) -> Path | None:
         """A grid of the validation prompts (columns, captioned), all from the same noise: the starting model's 4-step
         samples, then the target's 1-, 2- and 4-step samples at this step (Algorithm 3); for a guidance-distilled
         student, the teacher's 25-step DDIM with CFG, then the target's DDIM at 4, 8 and 25 steps."""
@@ -200,6 +212,8 @@ class RunFolder:
                 counts, start_steps = ((n,), 2 * n) if n else ((4, 8, 25), 25)
                 rows = [samples(base.guided_teacher(), start_steps)] + [samples(guided_teacher(target_unet, scheduler_config), k) for k in counts]
         target_unet.train(was_training)
+        if not self.main:
+            return None
         (self.out / "samples").mkdir(exist_ok=True)
         path = self.out / "samples" / f"step-{step:07d}.png"
         start = 4 if is_lcm_config(scheduler_config) else start_steps
@@ -212,8 +226,9 @@ class RunFolder:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         exported = None
+        student, unwrapped = exportable(accelerator, self.student)  # under FSDP, an unsharded copy gathered on the main process
         if self.main:
-            exported = self.student.export(self.out, accelerator.unwrap_model(self.student.unet), self.base)
+            exported = student.export(self.out, unwrapped, self.base)
             summary = self.batches.skipped_summary()
             if summary:
                 print(f"data: {summary}")
