@@ -12,6 +12,10 @@
    uncond teacher passes, a Python-loop EMA), written here from that script's description; examples/s and the ratio.
 3. Peak resident memory of each while it runs (loading excluded), in a child process that runs only that one (Linux's
    VmHWM, reset after loading).
+4. With --preview-decoder DIR (`lcm world preview-decoder`): the world VAE's decoder against that tiny decoder, both
+   ours: ms per decode of a batch of 64 latents, and 4-step text to image at batch 64 with each (`--preview-only`: this
+   alone). The preview decoder computes another, approximate image: this is the preview path's speed, not a ratio to
+   diffusers (its quality cost: `benchmarks/preview_decoder_world.py`).
 
 Prints a markdown table last and writes cpu_speed.json to --out.
 """
@@ -64,6 +68,25 @@ def diffusers_sampler(lcm: str, batch: int, steps: int):
         return images * 2 - 1  # [0, 1] -> ours [-1, 1]
 
     return call
+
+
+# --- 4. the preview decoder ---
+
+def preview_rows(lcm: str, preview: str, repeats: int) -> dict:
+    """Decode ms per batch of 64 and 4-step batch-64 text to image, the VAE's decoder against the preview decoder."""
+    full, fast = LCMGenerator.load(lcm, torch.device("cpu"), torch.float32), LCMGenerator.load(lcm, torch.device("cpu"), torch.float32)
+    fast.use_preview_decoder(preview)
+    latents = torch.randn(64, full.model.codec.latent_channels, full.model.unet.config.sample_size, full.model.unet.config.sample_size,
+                          generator=torch.Generator().manual_seed(0))
+    t_vae, t_preview = paired(lambda: full.model.codec.decode(latents), lambda: fast.model.codec.decode(latents), repeats)
+    timesteps, size = full.timesteps(4), full.default_size()
+
+    def sampler(generator):
+        return lambda: generator([PROMPT] * 64, timesteps, GUIDANCE_SCALE, list(range(64)), size, size)
+
+    s_vae, s_preview = paired(sampler(full), sampler(fast), repeats)
+    return {"decode_ms_vae": 1000 * t_vae, "decode_ms_preview": 1000 * t_preview, "images_per_s_vae": 64 / s_vae,
+            "images_per_s_preview": 64 / s_preview}
 
 
 # --- 2. one LCD step ---
@@ -183,10 +206,24 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=64)
     parser.add_argument("--no-memory", action="store_true", help="skip the child processes that measure peak memory")
     parser.add_argument("--out", default="runs/cpu-speed")
+    parser.add_argument("--preview-decoder", help="also time this tiny preview decoder (`lcm world preview-decoder`) against the VAE's")
+    parser.add_argument("--preview-only", action="store_true", help="time only the preview decoder (needs --preview-decoder)")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "sampling": [], "lcd_step": {}}
+    if args.preview_decoder:
+        p = results["preview_decoder"] = preview_rows(args.lcm, args.preview_decoder, args.repeats)
+        print(f"\n{results['date']}, {results['machine']}, {results['threads']} threads, torch {results['torch']}\n")
+        print("| measured | VAE decoder | preview decoder | speed-up |\n|---|---|---|---|")
+        print(f"| decode, batch 64 | {p['decode_ms_vae']:.0f} ms | {p['decode_ms_preview']:.0f} ms | "
+              f"{p['decode_ms_vae'] / p['decode_ms_preview']:.2f}x |")
+        print(f"| text to image, 4 steps, batch 64 | {p['images_per_s_vae']:.1f} images/s | {p['images_per_s_preview']:.1f} images/s | "
+              f"{p['images_per_s_preview'] / p['images_per_s_vae']:.2f}x |")
+    if args.preview_only:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "cpu_speed_preview.json").write_text(json.dumps(results, indent=2))
+        return
     rows = []
     for batch in (1, 64):
         for steps in (1, 2, 4):

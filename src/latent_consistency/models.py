@@ -89,11 +89,12 @@ class LatentCodec:
     """The encoder E and decoder D of the paper's latent space, z = E(x) (Section 3).
 
     The VAE's `scaling_factor` is applied here and nowhere else: latents handed to the rest of the
-    library are already scaled to about unit variance.
+    library are already scaled to about unit variance. With a `preview` decoder (`preview.PreviewDecoder`, a TAESD-style
+    tiny decoder) `decode` is its fast approximation of D; `encode` is always the VAE's.
     """
 
-    def __init__(self, vae):
-        self.vae = vae
+    def __init__(self, vae, preview=None):
+        self.vae, self.preview = vae, preview
         self.scaling_factor = float(vae.config.scaling_factor)
 
     @property
@@ -113,7 +114,9 @@ class LatentCodec:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1] (not clamped)."""
+        """Scaled latents -> images in [-1, 1] (not clamped): D(z), or the preview decoder's approximation of it."""
+        if self.preview is not None:
+            return self.preview.decode(latents)
         return self.vae.decode(latents.to(self.vae.device, self.vae.dtype) / self.scaling_factor).sample
 
 
@@ -138,6 +141,8 @@ class DiffusionModel:
     force_zeros_for_empty_prompt: bool = False  # SDXL pipelines: ∅ is zeros, not the empty prompt's encoding
     # The UNet also carries a LoRA student's adapters (`training.students`): this model's own network runs with them off
     unet_carries_student: bool = False
+    # A tiny decoder that decodes in the VAE's place (`preview.PreviewDecoder`; decode only, the VAE still encodes)
+    preview_decoder: Any = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -202,7 +207,7 @@ class DiffusionModel:
 
     @property
     def codec(self) -> LatentCodec:
-        return LatentCodec(self.vae)
+        return LatentCodec(self.vae, self.preview_decoder)
 
     def network(self) -> UNetNetwork | TransformerNetwork | WithoutAdapters:
         """This model's denoising network (`denoisers`): with a LoRA student's adapters on its UNet, run with them off."""

@@ -16,6 +16,7 @@ from latent_consistency.denoisers import NegativePromptGuidance
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, load_diffusion_model, load_lcm, load_lcm_lora
 from latent_consistency.parameterization import omega_from_guidance_scale
+from latent_consistency.preview import load_preview_decoder
 from latent_consistency.sampling import check_custom_timesteps, check_gamma, randn, sample_lcm, sample_tcd, sample_teacher
 
 # Images larger than this multiple of the model's native size are refused (SD 1.5: 4096 px).
@@ -54,6 +55,13 @@ class Generator:
             if value > MAX_SIZE_FACTOR * self.default_size():
                 raise UserError(f"--{name} {value} is more than {MAX_SIZE_FACTOR}x the model's {self.default_size()} px; "
                                 "a UNet does not generate coherent images that far from its training size")
+
+    def use_preview_decoder(self, name_or_path: str) -> None:
+        """Decode with a tiny preview decoder (`preview`: an AutoencoderTiny folder or hub id, e.g. madebyollin/taesd) instead of
+        the VAE's decoder: faster, approximate images. Encoding (img2img) stays the VAE's."""
+        codec = self.model.codec
+        preview = load_preview_decoder(name_or_path, self.dtype, self.device)
+        self.model.preview_decoder = preview.check_fits(codec.latent_channels, codec.downsampling_factor)
 
     def start(self, prompts: list[str], seeds: list[int], height: int, width: int):
         """(z_T, prompt embeddings, per-image generators): image i's noise from its own seed."""

@@ -6,6 +6,7 @@ guidance, as in diffusers).
 eta = G); without it Algorithm 3 is exactly LCMScheduler's. `--init-image FILE --strength S` is img2img: the image is
 encoded, noised to the strength's start timestep with each image's seeded noise, and sampled from there.
 `--negative-prompt TEXT [--negative-scale λ]` guides the images away from TEXT (`LCMGenerator.consistency_function`).
+`--preview-decoder DIR_OR_HUB_ID` decodes with a tiny approximate decoder (`latent_consistency.preview`).
 
 Every input is checked before the first file is written.
 """
@@ -126,6 +127,8 @@ def run(args) -> None:
         raise UserError("--lora is an LCM-LoRA: sample it with --sampler lcm")
     else:
         generator = SolverGenerator.load(args.model, device, dtype, args.sampler)
+    if args.preview_decoder is not None:
+        generator.use_preview_decoder(args.preview_decoder)
     guidance_scale = DEFAULT_GUIDANCE_SCALE[generator.kind] if args.guidance_scale is None else args.guidance_scale
     if generator.model.time_cond_proj_dim is not None and guidance_scale < 1:
         raise UserError(f"--guidance-scale {guidance_scale:g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
@@ -189,6 +192,9 @@ def register(subparsers) -> None:
                    "its own size unless --height/--width resize it")
     p.add_argument("--strength", type=finite_float, help=f"img2img: how much noise the init image gets, in (0, 1] (default {DEFAULT_STRENGTH:g}): "
                    "the steps start at the model's grid timestep nearest below STRENGTH x T")
+    p.add_argument("--preview-decoder", help="decode with a tiny TAESD-style decoder (an AutoencoderTiny folder or hub id: "
+                   "madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL, `lcm world preview-decoder` for the world) instead "
+                   "of the VAE's: faster, approximate images for previews; img2img still encodes with the VAE")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="image i uses seed SEED+i (default 0)")
     p.add_argument("--height", type=positive_int, help="image height in pixels, a multiple of the VAE factor (default: the model's)")
     p.add_argument("--width", type=positive_int, help="image width in pixels, a multiple of the VAE factor (default: the model's)")

@@ -29,6 +29,8 @@ def run(args) -> None:
         raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
     device = resolve_device(args.device)
     generator = LCMGenerator.load(args.model, device, resolve_dtype(args.dtype, device), args.lora)
+    if args.preview_decoder is not None:
+        generator.use_preview_decoder(args.preview_decoder)
     limits = Limits(max_side=args.max_side or 2 * generator.default_size(), max_prompt_chars=args.max_prompt_chars,
                     max_upload_bytes=args.max_upload_mb * 2**20, max_body_bytes=(args.max_upload_mb * 4 // 3 + 1) * 2**20)
     app = create_app(generator, limits, model_name=args.model, max_batch=args.max_batch, max_queue=args.max_queue)
@@ -46,6 +48,8 @@ def register(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--model", required=True, help="an LCM folder or hub id; with --lora, the diffusion model the LoRA was distilled from")
     p.add_argument("--lora", help="an LCM-LoRA to load onto --model")
+    p.add_argument("--preview-decoder", help="decode with a tiny TAESD-style decoder (an AutoencoderTiny folder or hub id, e.g. "
+                   "madebyollin/taesd; `lcm world preview-decoder` makes one for the world): faster, approximate images")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--max-batch", type=positive_int, default=8, help="most requests run as one forward pass (default 8)")

@@ -1,4 +1,5 @@
-"""`lcm world build | export | check`: make the built-in world, ship it in fp16, and measure it."""
+"""`lcm world build | export | check | preview-decoder`: make the built-in world, ship it in fp16, measure it, and distil
+a tiny preview decoder from its VAE."""
 
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ def _run_check(args) -> None:
     print(json.dumps(report["summary"], indent=2))
 
 
+def _run_preview_decoder(args) -> None:
+    from latent_consistency.devices import resolve_device
+    from latent_consistency.world.artifact import default_world_path
+    from latent_consistency.world.preview_decoder import QUALITY_FILE, PreviewDecoderConfig, build_preview_decoder
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("images", args.images), ("channels", args.channels)) if v is not None}
+    config = dataclasses.replace(PreviewDecoderConfig(), **overrides)
+    world = args.world or default_world_path()
+    out = build_preview_decoder(world, args.out, config, resolve_device(args.device), progress=not args.no_progress)
+    print(json.dumps(json.loads((out / QUALITY_FILE).read_text())["quality"], indent=2))
+    print(f"preview decoder written to {out}; use it with `lcm generate --preview-decoder {out}`")
+
+
 def register(subparsers) -> None:
     world = subparsers.add_parser(
         "world",
@@ -87,3 +101,17 @@ def register(subparsers) -> None:
     c.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(run=_run_check)
+
+    v = commands.add_parser("preview-decoder", help="distil a tiny TAESD-style preview decoder from a world's VAE (resumable)",
+                            description="Distil a tiny AutoencoderTiny (TAESD-style) from a world VAE's decoder, for fast approximate "
+                            "previews with `lcm generate --preview-decoder DIR`. Writes a diffusers AutoencoderTiny folder with "
+                            "preview_quality.json (PSNR against the VAE's decoder on held-out latents) and preview_grid.png.")
+    v.add_argument("--world", help="a world folder (default: the built-in world)")
+    v.add_argument("--out", required=True, help="new or empty folder for the AutoencoderTiny (an unfinished run resumes from OUT.partial)")
+    v.add_argument("--steps", type=positive_int, help="training steps (default 2000)")
+    v.add_argument("--images", type=positive_int, help="training images encoded once, as many perturbed latents again (default 2048)")
+    v.add_argument("--channels", type=positive_int, help="the tiny decoder's width (default 16; 32 decodes about 3x slower, closer "
+                   "to the VAE)")
+    v.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
+    v.set_defaults(run=_run_preview_decoder)

@@ -1,0 +1,88 @@
+"""A preview decoder: a tiny, approximate stand-in for the VAE's decoder D, for images to look at rather than measure.
+
+TAESD (Bohan 2023, github.com/madebyollin/taesd; diffusers' `AutoencoderTiny`) is a small convolutional autoencoder
+distilled from Stable Diffusion's VAE: `madebyollin/taesd` decodes SD 1.x/2.x latents, `madebyollin/taesdxl` SDXL's, and
+`lcm world preview-decoder` distils one for the built-in world (`world.preview_decoder`). Only its decoder is used
+here; images are still encoded by the full VAE (img2img).
+
+Which latents it takes: TAESD decodes the latents the diffusion model sees (SD's E(x)·0.18215, about unit variance), so
+its config says `scaling_factor` 1.0, and a diffusers pipeline whose `vae` is an AutoencoderTiny decodes with
+`vae.decode(latents / vae.config.scaling_factor)`. Our latents are already scaled that way (`models.LatentCodec`), so
+`PreviewDecoder.decode` makes exactly that call on them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from latent_consistency.errors import UserError
+
+TINY_CLASS = "AutoencoderTiny"
+
+
+class PreviewDecoder:
+    """A diffusers `AutoencoderTiny` used as a decoder only: scaled latents -> images in [-1, 1] (not clamped)."""
+
+    def __init__(self, tiny, source: str = ""):
+        self.tiny, self.source = tiny, source
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.tiny.config.latent_channels)
+
+    @property
+    def upsampling_factor(self) -> int:
+        """Image pixels per latent pixel: one upsampling between each two of its decoder's stages."""
+        config = self.tiny.config
+        return int(config.upsampling_scaling_factor) ** (len(config.decoder_block_out_channels) - 1)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1], as a diffusers pipeline with this AutoencoderTiny as its VAE decodes them."""
+        tiny = self.tiny
+        return tiny.decode(latents.to(tiny.device, tiny.dtype) / tiny.config.scaling_factor).sample
+
+    def check_fits(self, latent_channels: int, downsampling_factor: int) -> PreviewDecoder:
+        """Refuse a decoder made for another latent space: other channels, another size factor, or a shifted space."""
+        if self.latent_channels != latent_channels:
+            raise UserError(f"preview decoder {self.source} decodes {self.latent_channels}-channel latents, but the model's VAE makes "
+                            f"{latent_channels}-channel ones; give the tiny decoder made for this model's VAE (madebyollin/taesd for "
+                            "SD 1.x/2.x, madebyollin/taesdxl for SDXL, `lcm world preview-decoder` for the world)")
+        if self.upsampling_factor != downsampling_factor:
+            raise UserError(f"preview decoder {self.source} upsamples latents {self.upsampling_factor}x, but the model's VAE "
+                            f"downsamples images {downsampling_factor}x; give the tiny decoder made for this model's VAE")
+        if float(self.tiny.config.get("shift_factor") or 0.0) != 0.0:
+            raise UserError(f"preview decoder {self.source} decodes a shifted latent space (shift_factor "
+                            f"{self.tiny.config.shift_factor}, as SD3's and FLUX's); this model's latents are only scaled")
+        return self
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return not os.path.isabs(name) and name.count("/") == 1 and not name.startswith(".") and not Path(name).exists()
+
+
+def load_preview_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PreviewDecoder:
+    """An `AutoencoderTiny` from a folder (saved by `save_pretrained` or `lcm world preview-decoder`) or a hub id
+    (`madebyollin/taesd`), safetensors weights only, in eval mode without gradients on `device`."""
+    from diffusers import AutoencoderTiny
+
+    path = Path(name_or_path)
+    if not path.exists() and not _looks_like_hub_id(name_or_path):
+        raise UserError(f"preview decoder {name_or_path} does not exist; give an AutoencoderTiny folder (`lcm world preview-decoder` "
+                        "makes one for the world) or a hub id such as madebyollin/taesd")
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"preview decoder {name_or_path} is not a diffusers model folder (no config.json); give an AutoencoderTiny folder")
+    try:
+        config = AutoencoderTiny.load_config(name_or_path)
+        if config.get("_class_name") != TINY_CLASS:
+            raise UserError(f"preview decoder {name_or_path} is not an {TINY_CLASS} (TAESD) folder: its config names {config.get('_class_name')}; "
+                            "give a tiny decoder such as madebyollin/taesd or one made by `lcm world preview-decoder`")
+        tiny = AutoencoderTiny.from_pretrained(name_or_path, torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "" if path.exists() else " (a hub id needs the hub, or its files in the cache: offline, give a local folder)"
+        raise UserError(f"cannot load the preview decoder {name_or_path}: {first_line}{hint}") from err
+    return PreviewDecoder(tiny.to(device).eval().requires_grad_(False), name_or_path)
