@@ -147,3 +147,17 @@ def test_network_evaluations_per_image_count_cfg_passes():
     assert Row("lcm", 4, 8.0).network_evaluations(lcm) == 4
     assert Row("lcm", 4, 8.0).network_evaluations(lora) == 8 and Row("lcm", 4, 1.0).network_evaluations(lora) == 4
     assert Row(GUIDED_DISTILL, 2, 8.0).network_evaluations() == 2 and Row("dpm++", 25, 8.0).network_evaluations() == 50
+
+
+def test_sweep_lines_are_distinguishable():
+    """Figure 3's 15 runs (more than matplotlib's ten colours): a solver-by-k grid reads as colour = k, line style =
+    solver; names that are not a grid still get one (colour, line style) each."""
+    from latent_consistency.world.over_training import _line_styles
+
+    grid = [f"{s}-k{k}" for s in ("ddim", "dpm", "dpm++") for k in (1, 5, 10, 20, 50)]
+    styles = _line_styles(grid)
+    assert len({(v["color"], v["linestyle"]) for v in styles.values()}) == 15
+    assert styles["ddim-k20"]["color"] == styles["dpm++-k20"]["color"] != styles["ddim-k50"]["color"]
+    assert styles["dpm-k1"]["linestyle"] == styles["dpm-k50"]["linestyle"] != styles["ddim-k1"]["linestyle"]
+    loose = [f"run{i}" for i in range(15)] + ["a-b"]
+    assert len({(v["color"], v["linestyle"]) for v in _line_styles(loose).values()}) == 16

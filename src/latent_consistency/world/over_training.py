@@ -179,15 +179,16 @@ def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(steps), figsize=(4.5 * len(steps), 3.4), squeeze=False)
+    styles = _line_styles(list(curves))
+    fig, axes = plt.subplots(1, len(steps), figsize=(4.5 * len(steps) + 1.6, 3.4), squeeze=False, layout="constrained")
     for ax, n in zip(axes[0], steps):
         for name, rows in curves.items():
-            ax.plot([r["step"] for r in rows], [r[f"fid_{n}"] for r in rows], marker="o", label=name)
+            ax.plot([r["step"] for r in rows], [r[f"fid_{n}"] for r in rows], label=name, **styles[name])
         ax.set_xlabel("training iteration")
         ax.set_ylabel(f"FID, {n}-step")
         ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=7, ncol=1 + len(curves) // 16)
     fig.savefig(out / "sweep.png", dpi=120)
     plt.close(fig)
     lines = ["| run | " + " | ".join(f"{n}-step FID final / best" for n in steps) + " |", "|---" * (1 + len(steps)) + "|"]
@@ -197,3 +198,24 @@ def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...]
     text = "\n".join(lines) + "\n"
     (out / "sweep.md").write_text(text)
     return text
+
+
+def _line_styles(names: list[str]) -> dict[str, dict]:
+    """One distinguishable line per run. Names that form a grid `FAMILY-VARIANT` (Figure 3's `ddim-k20`,
+    `dpm-k20`, ...: every family has the same variants) get a colour per variant and a line style and marker
+    per family, so the k curves of one solver and the solvers at one k read off at once; other names get a
+    colour each, cycling line styles past ten."""
+    import itertools
+
+    linestyles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D"]
+    split = [name.rsplit("-", 1) for name in names]
+    families = list(dict.fromkeys(parts[0] for parts in split if len(parts) == 2))
+    variants = list(dict.fromkeys(parts[1] for parts in split if len(parts) == 2))
+    grid = (all(len(parts) == 2 for parts in split) and 1 < len(families) <= len(linestyles)
+            and 1 < len(variants) <= 10 and len(names) == len(set(names)) == len(families) * len(variants))
+    if grid:
+        return {name: dict(color=f"C{variants.index(v)}", linestyle=linestyles[families.index(f)],
+                           marker=markers[families.index(f)], markersize=4)
+                for name, (f, v) in zip(names, split)}
+    cycle = itertools.product(linestyles, markers[:1], (f"C{i}" for i in range(10)))
+    return {name: dict(linestyle=ls, marker=m, color=c, markersize=4) for name, (ls, m, c) in zip(names, itertools.cycle(cycle))}
