@@ -155,3 +155,36 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(args + ["--v-prediction"]) == 0
     assert json.loads(capsys.readouterr().out)["preset"]["teacher"]["zero_terminal_snr"]
     assert not (tmp_path / "w").exists()
+
+
+def test_parts_from_another_world_stand_in_for_the_phases_built_with_equal_settings(world, tmp_path, monkeypatch):
+    """`--parts-from`: a build offers its finished phases, an export the ones whose outputs it kept (no latent cache);
+    a phase is reused only while its data and PHASE_SETTINGS are equal; the copies are float32 and recorded."""
+    from safetensors.torch import load_file
+
+    from latent_consistency.world.build import reusable_phases, world_spec
+
+    tiny, sdxl = PRESETS["tiny"], PRESETS["tiny-sdxl"]
+    assert reusable_phases(world, world_spec(tiny, "epsilon")) == list(PHASES)
+    assert reusable_phases(world, world_spec(tiny, "v_prediction")) == list(PHASES[:5])  # up to the teacher
+    assert reusable_phases(world, world_spec(sdxl, "epsilon")) == ["tokenizer", "judge", "vae"]  # its text encoder differs
+    assert reusable_phases(world, world_spec(dataclasses.replace(tiny, seed=1), "epsilon")) == []
+    exported = export_world(world, tmp_path / "fp16")
+    assert reusable_phases(exported, world_spec(tiny, "v_prediction")) == list(PHASES[:4])
+
+    monkeypatch.setattr(build._Build, "text_encoder", lambda self, stage: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stop where the reused phases end
+        build_world(sdxl, tmp_path / "sdxl", device="cpu", progress=False, parts_from=exported)
+    state = json.loads((tmp_path / "sdxl" / "build_state.json").read_text())
+    assert state["done"] == ["tokenizer", "judge", "vae"] and set(state["reused_from"]) == set(state["done"])
+    ours = load_file(str(tmp_path / "sdxl" / "vae" / "diffusion_pytorch_model.safetensors"))
+    theirs = load_file(str(world / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in ours.values()} == {torch.float32}
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor.half().float())
+    assert (tmp_path / "sdxl" / "judges").is_dir() and not (tmp_path / "sdxl" / "text_encoder").exists()
+
+    with pytest.raises(UserError, match="no phase of that world"):
+        build_world(dataclasses.replace(tiny, seed=1), tmp_path / "other", device="cpu", progress=False, parts_from=world)
+    assert not (tmp_path / "other").exists()
+    assert main(["world", "build", "--preset", "tiny", "--out", str(tmp_path / "w"), "--parts-from", str(tmp_path / "nowhere")]) == 2

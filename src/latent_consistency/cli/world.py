@@ -28,7 +28,13 @@ def _run_build(args) -> None:
         check_world_spec(preset, prediction_type)
         print(json.dumps(world_spec(preset, prediction_type), indent=2))
         return
-    out = build_world(preset, args.out, args.device, progress=not args.no_progress, prediction_type=prediction_type)
+    parts_from = args.parts_from
+    if parts_from == "default" and not Path(parts_from).exists():
+        from latent_consistency.world.artifact import default_world_path
+
+        parts_from = default_world_path()
+    out = build_world(preset, args.out, args.device, progress=not args.no_progress, prediction_type=prediction_type,
+                      parts_from=parts_from)
     report = json.loads((out / "quality" / "quality.json").read_text())
     print(json.dumps(report["summary"], indent=2))
     print(f"world written to {out}")
@@ -84,6 +90,10 @@ def register(subparsers) -> None:
     b.add_argument("--v-prediction", action="store_true", help="train a v-prediction teacher instead of ε-prediction")
     b.add_argument("--zero-terminal-snr", action="store_true",
                    help="rescale the teacher's noise schedule to zero SNR at t = T-1 (Lin et al. 2023; needs --v-prediction)")
+    b.add_argument("--parts-from", metavar="WORLD",
+                   help="copy the first phases from another world (a build, an export or 'default' for the shipped world) "
+                        "where the settings they depend on are equal, instead of training them: e.g. the shipped VAE for "
+                        "default-sdxl")
     b.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--dry-run", action="store_true", help="print the resolved settings and stop")

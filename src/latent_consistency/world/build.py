@@ -65,6 +65,19 @@ OUTPUTS = {
 # An SDXL-architecture world's second text encoder and tokenizer, committed by the text_encoder phase.
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 STATE_FILE, WORK_DIR = "build_state.json", ".work"
+# The settings each phase's outputs depend on beyond the data (dataset, resolution, size, pretraining data, seed) and the
+# phases before it: what must be equal for another world's finished phase to stand in for this one's (`parts_from`).
+# The text encoder reads the teacher's architecture because an SDXL world pre-trains it on what SDXL's UNet reads.
+PHASE_SETTINGS = {
+    "tokenizer": ("tokenizer",),
+    "judge": ("judge",),
+    "vae": ("vae",),
+    "text_encoder": ("text_encoder", "teacher.architecture"),
+    "latents": (),
+    "teacher": ("teacher", "prediction_type"),
+    "quality": ("quality",),
+}
+DATA_SETTINGS = ("dataset", "resolution", "train_size", "pretraining_datasets", "seed")
 # What `export_world` ships: the pipeline, the judge, the spec and the quality report (and SDXL_PARTS of an SDXL world).
 EXPORTED = ("world.json", "model_index.json", "unet", "scheduler", "vae", "text_encoder", "tokenizer", "judge", "judges", "quality")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -308,19 +321,77 @@ def finished_phases(out: Path) -> list[str]:
     return finished
 
 
+def _setting(spec: dict, key: str):
+    """`key` of a world spec: a top-level entry, a preset field or a preset section's field (`teacher.architecture`)."""
+    if key in spec:
+        return spec[key]
+    section, _, field_name = key.partition(".")
+    value = spec["preset"].get(section)
+    return value.get(field_name) if field_name and isinstance(value, dict) else value
+
+
+def reusable_phases(src: Path, spec: dict) -> list[str]:
+    """The longest prefix of PHASES that the world at `src` has finished with the settings `spec` asks for: the same
+    data, and for each phase the same PHASE_SETTINGS. A build (`build_state.json`) offers its finished phases; an
+    export (`lcm world export`, the shipped world) every phase whose outputs it kept, logs aside."""
+    if not (src / WORLD_FILE).is_file():
+        raise UserError(f"--parts-from {src} is not a world folder (no {WORLD_FILE}); give a world build or export, or "
+                        "'default' for the shipped world")
+    theirs = json.loads((src / WORLD_FILE).read_text())
+    theirs.setdefault("prediction_type", "epsilon")
+    with contextlib.suppress(KeyError, TypeError, ValueError):  # fill keys that an older version did not write
+        theirs |= world_spec(WorldPreset.from_dict(theirs["preset"]), theirs["prediction_type"])
+    if any(_setting(theirs, key) != _setting(spec, key) for key in DATA_SETTINGS):
+        return []
+    preset = WorldPreset.from_dict(spec["preset"])
+    built = finished_phases(src) if (src / STATE_FILE).is_file() else PHASES
+    phases = []
+    for phase in built:
+        kept = all((src / entry).exists() for entry in phase_outputs(phase, preset) if not entry.startswith("logs/"))
+        if not kept or any(_setting(theirs, key) != _setting(spec, key) for key in PHASE_SETTINGS[phase]):
+            break
+        phases.append(phase)
+    return phases
+
+
+def _reuse_phases(src: Path, out: Path, preset: WorldPreset, phases: list[str]) -> None:
+    """Copy the outputs of `phases` from the world at `src` into the new world `out` and record them as done; the
+    weights in float32 as a build writes them (an export's are float16)."""
+    for phase in phases:
+        for entry in phase_outputs(phase, preset):
+            if (src / entry).exists():
+                (out / entry).parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, out / entry)
+                if (out / entry).is_dir():
+                    _cast_weights(out / entry, torch.float32)
+    state = {"done": phases, "seconds": dict.fromkeys(phases, 0.0), "reused_from": {phase: str(src) for phase in phases}}
+    write_json_atomic(out / STATE_FILE, state, indent=2)
+
+
 def build_world(
     preset: str | WorldPreset,
     out_dir: str | Path,
     device: str | torch.device = "auto",
     progress: bool = True,
     prediction_type: str = "epsilon",
+    parts_from: str | Path | None = None,
 ) -> Path:
-    """Build (or finish building) a world into `out_dir`; returns its path. See the module docstring."""
+    """Build (or finish building) a world into `out_dir`; returns its path. See the module docstring.
+
+    `parts_from`: another world (a build or an export) whose finished phases stand in for this build's first phases
+    where the settings they depend on are equal (`reusable_phases`), copied instead of trained: an SDXL-architecture
+    teacher on the shipped world's tokenizer, judge and VAE, say. Only for a build that has not started."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     check_world_spec(preset, prediction_type)
     out = Path(out_dir)
     spec = world_spec(preset, prediction_type)
     _check_out_dir(out, spec)
+    reused = []
+    if parts_from is not None and not finished_phases(out):
+        reused = reusable_phases(Path(parts_from), spec)
+        if not reused:
+            raise UserError(f"--parts-from {parts_from}: no phase of that world was built with this preset's settings "
+                            "(its data or tokenizer differ); leave it out to build every phase")
     device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -330,8 +401,12 @@ def build_world(
     if not (out / WORLD_FILE).is_file():
         write_json_atomic(out / WORLD_FILE, spec, indent=2)
     build = _Build(preset, out, device, prediction_type, progress)
+    if reused:
+        _reuse_phases(Path(parts_from), out, preset, reused)
+        print(f"reused from {parts_from}: {', '.join(reused)}")
     done = finished_phases(out)
-    seconds = json.loads((out / STATE_FILE).read_text()).get("seconds", {}) if done else {}
+    state = json.loads((out / STATE_FILE).read_text()) if done else {}
+    seconds, reused_from = state.get("seconds", {}), state.get("reused_from", {})
     for phase in PHASES[len(done) :]:
         start = time.perf_counter()
         work = out / WORK_DIR / phase
@@ -351,7 +426,8 @@ def build_world(
             os.replace(stage / entry, target)
         done.append(phase)
         seconds[phase] = round(time.perf_counter() - start, 1)
-        write_json_atomic(out / STATE_FILE, {"done": done, "seconds": seconds, "device": str(device)}, indent=2)
+        write_json_atomic(out / STATE_FILE, {"done": done, "seconds": seconds, "device": str(device)}
+                          | ({"reused_from": reused_from} if reused_from else {}), indent=2)
         shutil.rmtree(work)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return out
@@ -362,8 +438,6 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
 
     The latent cache, logs and build state stay behind; `load_world` reads the copy (in float32).
     """
-    from safetensors.torch import load_file, safe_open, save_file
-
     src, dst = Path(src), Path(dst)
     if finished_phases(src) != list(PHASES):
         raise UserError(f"{src} is not a finished world; run `lcm world build` on it first")
@@ -375,14 +449,19 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     sdxl = WorldPreset.from_dict(json.loads((src / WORLD_FILE).read_text())["preset"]).teacher.architecture == "sdxl"
     for entry in EXPORTED + (SDXL_PARTS if sdxl else ()):
         (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, partial / entry)
-    for weights in partial.rglob("*.safetensors"):
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata()
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
-        save_file(tensors, str(weights), metadata=metadata)
+    _cast_weights(partial, dtype)
     spec = json.loads((partial / WORLD_FILE).read_text())
     write_json_atomic(partial / WORLD_FILE, spec | {"weights_dtype": str(dtype).removeprefix("torch.")}, indent=2)
     partial.rename(dst)  # onto a missing or empty folder
     return dst
 
 
+def _cast_weights(folder: Path, dtype: torch.dtype) -> None:
+    """Cast the floating-point tensors of every safetensors file under `folder` to `dtype`, in place."""
+    from safetensors.torch import load_file, safe_open, save_file
+
+    for weights in folder.rglob("*.safetensors"):
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+        save_file(tensors, str(weights), metadata=metadata)
