@@ -93,7 +93,7 @@ def test_sdxl_lcm_sampling_equals_the_pipeline_with_lcm_scheduler(tiny_sdxl_lcm,
     f = model.consistency_model()
     ours = sample_lcm(f, latents.clone(), model.timesteps(steps), model.prompts.encode(PROMPTS, size=size), omega_from_guidance_scale(g),
                       f.schedule, generator=torch.Generator().manual_seed(11))
-    assert (ours - ref).abs().max().item() < 1e-5
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)  # float32 round-off on latents of size ~30
 
 
 @pytest.mark.parametrize("g", [1.0, 1.5])
@@ -111,7 +111,7 @@ def test_sdxl_lcm_lora_sampling_equals_the_pipeline(tiny_sdxl, tmp_path, g):
     model = load_lcm_lora(str(tiny_sdxl), str(lora))
     f = model.consistency_model(g)
     ours = sample_lcm(f, latents.clone(), model.timesteps(2), model.prompts.encode(PROMPTS), 0.0, f.schedule, torch.Generator().manual_seed(7))
-    assert (ours - ref).abs().max().item() < 1e-5
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)  # float32 round-off on latents of size ~30
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_distill_an_sdxl_teacher_exports_an_sdxl_lcm_diffusers_samples_as_we_do(
     f = model.consistency_model()
     ours = sample_lcm(f, latents.clone(), model.timesteps(2), model.prompts.encode(["a red star"]), 2.0, f.schedule,
                       torch.Generator().manual_seed(2))
-    assert (ours - ref).abs().max().item() < 1e-5
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)  # float32 round-off on latents of size ~30
     assert main(["generate", "a red star", "--model", str(out / "lcm"), "--steps", "2", "--out", str(tmp_path / "images")]) == 0
     assert Image.open(tmp_path / "images" / "0000-a-red-star.png").size == (16, 16)
 
