@@ -60,3 +60,14 @@ def test_shipped_teacher_follows_prompts_and_guidance_helps():
     assert guided["mean"] >= ALIGNMENT_MEAN - 0.05, guided
     assert min(v for k, v in guided.items() if k != "mean") >= ALIGNMENT_MIN - 0.05, guided
     assert guided["mean"] - unguided["mean"] >= GUIDANCE_GAP, alignment
+
+
+def test_a_demo_of_another_preset_builds_on_the_shipped_parts_it_shares():
+    """`lcm demo --world-preset default-sdxl` copies the shipped tokenizer, judge and VAE (same data and settings) and
+    trains the rest; a preset on other data (tiny's 256 images) shares nothing and builds every phase."""
+    from latent_consistency.world.build import reusable_phases, world_spec
+    from latent_consistency.world.demo import _shipped_parts_for
+
+    assert _shipped_parts_for("default-sdxl") == default_world_path()
+    assert reusable_phases(default_world_path(), world_spec(PRESETS["default-sdxl"], "epsilon")) == ["tokenizer", "judge", "vae"]
+    assert _shipped_parts_for("tiny-sdxl") is None and _shipped_parts_for("tiny") is None

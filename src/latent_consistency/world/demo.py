@@ -36,9 +36,10 @@ from latent_consistency.outputs import writable_folder
 from latent_consistency.training.config import DistillConfig, FinetuneConfig, resolve_config
 from latent_consistency.training.loop import train
 from latent_consistency.world.artifact import default_world_path, load_world
-from latent_consistency.world.build import build_world
+from latent_consistency.world.build import build_world, reusable_phases, world_spec
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
 from latent_consistency.world.judge import judge_scores, prompt_alignment
+from latent_consistency.world.presets import get_preset
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:
@@ -85,7 +86,7 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
             world_dir = out / f"world-{world_preset}"
             print(f"[demo] {reason}; building the {world_preset!r} world into {world_dir} "
                   "(resumable: rerun to continue)", flush=True)
-            build_world(world_preset, world_dir, dev)
+            build_world(world_preset, world_dir, dev, parts_from=_shipped_parts_for(world_preset))
     world = load_world(Path(world_dir), dev)
 
     # 1. Latent cache of the training split
@@ -186,3 +187,13 @@ def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int
                f"the {dataset} judge's features.\n\n{_table(results)}\n\nFID of {len(prompts)} real training images against the "
                f"held-out ones: {fid_unpaired:.2f}. Grid: `{dataset}_grid.png`.\n")
     return section, {"results": dict(results), "fid_real_unpaired": fid_unpaired}
+
+
+def _shipped_parts_for(world_preset: str) -> Path | None:
+    """The shipped world when some of its phases can stand in for `world_preset`'s (default-sdxl: the tokenizer, judge
+    and VAE; `lcm world build --parts-from`), else None."""
+    try:
+        shipped = default_world_path()
+    except UserError:
+        return None
+    return shipped if reusable_phases(shipped, world_spec(get_preset(world_preset), "epsilon")) else None
