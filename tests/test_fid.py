@@ -33,12 +33,32 @@ def test_fid_of_real_images_against_themselves_is_zero_and_against_noise_large(j
     assert 0 < between_halves < 0.35 * to_noise
 
 
-def test_kid_of_real_images_against_noise_is_large(judge, real, noise):
-    to_noise = kid_score(judge, real[:200], noise, subsets=20)
-    between_halves = kid_score(judge, real[:200], real[200:], subsets=20)
+@pytest.mark.parametrize("unit_features", [False, True])
+def test_kid_of_real_images_against_noise_is_large(judge, real, noise, unit_features):
+    to_noise = kid_score(judge, real[:200], noise, subsets=20, unit_features=unit_features)
+    between_halves = kid_score(judge, real[:200], real[200:], subsets=20, unit_features=unit_features)
     assert between_halves < 0.1 * to_noise
     twice = [kid_score(judge, real[:50], noise[:30], subsets=5, seed=1) for _ in range(2)]
     assert twice[0] == twice[1]
+
+
+class _Scaled(torch.nn.Module):
+    """The judge with its features in other units."""
+
+    def __init__(self, judge, factor):
+        super().__init__()
+        self.judge, self.factor, self.feature_dim = judge, factor, judge.feature_dim
+
+    def features(self, images):
+        return self.judge.features(images) * self.factor
+
+
+def test_kid_on_unit_features_does_not_depend_on_the_features_units(judge, real, noise):
+    def kid(network, unit):
+        return kid_score(network, real[:100], noise[:100], subsets=5, unit_features=unit)
+
+    assert kid(_Scaled(judge, 100.0), True) == pytest.approx(kid(judge, True), rel=1e-4)
+    assert kid(_Scaled(judge, 100.0), False) > 100 * kid(judge, False)  # the raw cubic kernel: ~100³ here
 
 
 def test_too_few_images_is_a_user_error(judge, real):

@@ -96,7 +96,7 @@ def scorers_for(args, device):
     if args.inception:
         from latent_consistency.evaluation.inception import InceptionFeatures
 
-        scorers.append(FeatureScorer("inception", InceptionFeatures.load(args.inception, device)))
+        scorers.append(FeatureScorer("inception", InceptionFeatures.load(args.inception, device), unit_kid_features=False))
     if not scorers:
         raise UserError("no metric to compute: pass --clip MODEL (CLIP score, FID in CLIP features), --inception FILE, "
                         "or prompts of the built-in world (world:NAME) for its judge")

@@ -103,19 +103,29 @@ class Scorer:
 
     name: str
 
+    @property
+    def identity(self) -> str:
+        """What a saved result must have been scored with to be reused (`run_table`)."""
+        return self.name
+
     def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
         raise NotImplementedError
 
 
 class FeatureScorer(Scorer):
-    """FID and KID in a feature network's space against the reference images."""
+    """FID and KID in a feature network's space against the reference images; `unit_kid_features`: KID on
+    features scaled to unit RMS (`fid.kid_score`), for any network but Inception."""
 
-    def __init__(self, name: str, network):
-        self.name, self.network = name, network
+    def __init__(self, name: str, network, unit_kid_features: bool = True):
+        self.name, self.network, self.unit_kid_features = name, network, unit_kid_features
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name}, KID on unit features" if self.unit_kid_features else self.name
 
     def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
         return {"fid": fid_score(self.network, eval_set.reference, images),
-                "kid": kid_score(self.network, eval_set.reference, images, subsets=50)}
+                "kid": kid_score(self.network, eval_set.reference, images, subsets=50, unit_features=self.unit_kid_features)}
 
 
 class JudgeScorer(FeatureScorer):
@@ -169,7 +179,7 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
     are kept, so a killed evaluation continues where it stopped."""
     path = out / RESULTS_FILE
     models = [m.source for m in (lcm, teacher, *(guided or {}).values()) if m is not None]
-    fingerprint = eval_set.fingerprint(*models, *(s.name for s in scorers))
+    fingerprint = eval_set.fingerprint(*models, *(s.identity for s in scorers))
     saved = json.loads(path.read_text()) if path.is_file() else {}
     results = saved.get("rows", {}) if saved.get("fingerprint") == fingerprint else {}
     todo = [row for row in rows if row.key not in results]
