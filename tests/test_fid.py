@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from latent_consistency.errors import UserError
-from latent_consistency.evaluation.fid import fid_score, kid_score
+from latent_consistency.evaluation.fid import feature_rms, fid_score, kid_score
 from latent_consistency.world.datasets import get_dataset
 from latent_consistency.world.judge import Judge
 
@@ -35,8 +35,9 @@ def test_fid_of_real_images_against_themselves_is_zero_and_against_noise_large(j
 
 @pytest.mark.parametrize("unit_features", [False, True])
 def test_kid_of_real_images_against_noise_is_large(judge, real, noise, unit_features):
-    to_noise = kid_score(judge, real[:200], noise, subsets=20, unit_features=unit_features)
-    between_halves = kid_score(judge, real[:200], real[200:], subsets=20, unit_features=unit_features)
+    scale = feature_rms(judge, real[:200]) if unit_features else 1.0
+    to_noise = kid_score(judge, real[:200], noise, subsets=20, feature_scale=scale)
+    between_halves = kid_score(judge, real[:200], real[200:], subsets=20, feature_scale=scale)
     assert between_halves < 0.1 * to_noise
     twice = [kid_score(judge, real[:50], noise[:30], subsets=5, seed=1) for _ in range(2)]
     assert twice[0] == twice[1]
@@ -55,7 +56,7 @@ class _Scaled(torch.nn.Module):
 
 def test_kid_on_unit_features_does_not_depend_on_the_features_units(judge, real, noise):
     def kid(network, unit):
-        return kid_score(network, real[:100], noise[:100], subsets=5, unit_features=unit)
+        return kid_score(network, real[:100], noise[:100], subsets=5, feature_scale=feature_rms(network, real[:100]) if unit else 1.0)
 
     assert kid(_Scaled(judge, 100.0), True) == pytest.approx(kid(judge, True), rel=1e-4)
     assert kid(_Scaled(judge, 100.0), False) > 100 * kid(judge, False)  # the raw cubic kernel: ~100³ here

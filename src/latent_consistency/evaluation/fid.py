@@ -60,21 +60,20 @@ def feature_rms(network, images: torch.Tensor, batch_size: int = 256) -> float:
 
 def kid_score(
     network, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256, subsets: int = 100, seed: int = 0,
-    unit_features: bool = False,
+    feature_scale: float = 1.0,
 ) -> float:
     """Mean KID over `subsets` random subsets of min(1000, N_real, N_fake) images, drawn with `seed`.
 
     KID's kernel k(x, y) = (x·y/F + 1)³ is made for Inception's pool features, whose coordinates are O(1)
-    or less; it is not invariant to the features' units. With `unit_features` both sets' features are divided
-    by the real set's `feature_rms` first, so that the score does not depend on the network's units (the
-    world's judge has x·y/F ≈ 26: its raw KIDs between real halves and against noise are 207 and 3,753, on
-    unit features 0.021 and 0.31). Off for Inception, to match the usual tools.
+    or less; it is not invariant to the features' units. Both sets' features are divided by `feature_scale`
+    first: the real set's `feature_rms` makes the score independent of the network's units (the world's judge
+    has x·y/F ≈ 26: its raw KIDs between real halves and against noise are 207 and 3,753, on unit features
+    0.021 and 0.31); 1 (raw features) for Inception, to match the usual tools.
     """
     subset_size = min(1000, len(real), len(fake))
-    scale = feature_rms(network, real, batch_size) if unit_features else 1.0
     with warnings.catch_warnings():  # that features are kept in memory: so are the images given here
         warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all extracted features")
-        metric = KernelInceptionDistance(feature=FeatureAdapter(network, scale), subsets=subsets, subset_size=max(subset_size, 1))
+        metric = KernelInceptionDistance(feature=FeatureAdapter(network, feature_scale), subsets=subsets, subset_size=max(subset_size, 1))
     metric = metric.to(_device(network))
     _update(metric, real, fake, batch_size)
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latent_consistency.evaluation.compare import sample_consistency, sample_guided
-from latent_consistency.evaluation.fid import fid_score, kid_score
+from latent_consistency.evaluation.fid import feature_rms, fid_score, kid_score
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import DiffusionModel
 from latent_consistency.outputs import write_json_atomic
@@ -118,6 +118,7 @@ class FeatureScorer(Scorer):
 
     def __init__(self, name: str, network, unit_kid_features: bool = True):
         self.name, self.network, self.unit_kid_features = name, network, unit_kid_features
+        self._kid_scale: tuple[torch.Tensor, float] | None = None  # (reference, its feature RMS): the same for every row
 
     @property
     def identity(self) -> str:
@@ -125,7 +126,14 @@ class FeatureScorer(Scorer):
 
     def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
         return {"fid": fid_score(self.network, eval_set.reference, images),
-                "kid": kid_score(self.network, eval_set.reference, images, subsets=50, unit_features=self.unit_kid_features)}
+                "kid": kid_score(self.network, eval_set.reference, images, subsets=50, feature_scale=self._kid_feature_scale(eval_set))}
+
+    def _kid_feature_scale(self, eval_set: EvalSet) -> float:
+        if not self.unit_kid_features:
+            return 1.0
+        if self._kid_scale is None or self._kid_scale[0] is not eval_set.reference:
+            self._kid_scale = (eval_set.reference, feature_rms(self.network, eval_set.reference))
+        return self._kid_scale[1]
 
 
 class JudgeScorer(FeatureScorer):
