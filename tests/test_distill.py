@@ -235,6 +235,8 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
         "ε at zero terminal SNR": (distill_args(tmp_path / "zsnr", image_folder, out), "the teacher would predict ε on a zero-terminal-SNR"),
         "ε student at zero terminal SNR": (distill_args(tmp_path / "zsnr", image_folder, out, "--student-prediction", "epsilon"),
                                            "the student would predict ε on a zero-terminal-SNR"),
+        "pair steps without pair": (distill_args(tiny_sd, image_folder, out, "--guidance-pair-steps", "5"),
+                                    "it needs guidance_pair_weight > 0"),
         "omega lr scale 0": (distill_args(tiny_sd, image_folder, out, "--omega-lr-scale", "0"), "omega_lr_scale must be above 0"),
         "lora omega lr scale": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--omega-lr-scale", "10"),
                                 "a LoRA student has no ω input"),
@@ -272,6 +274,19 @@ def test_the_omega_projection_gets_its_own_learning_rate(tiny_sd, image_folder, 
         moved[scale] = (weights["time_embedding.cond_proj.weight"].abs().mean().item(), weights["conv_in.weight"])
     assert moved[1.0][0] > 0 and moved[10.0][0] == pytest.approx(10 * moved[1.0][0], rel=0.05)
     torch.testing.assert_close(moved[10.0][1], moved[1.0][1])
+
+
+def test_the_loop_gives_the_pair_loss_its_step(tiny_sd, image_folder, tmp_path, monkeypatch):
+    """--guidance-pair-steps 2: the λ_Δ term weighs λ_Δ at steps 0 and 1 and nothing from step 2 on."""
+    from latent_consistency import losses
+    from latent_consistency.training import loop
+
+    weights, call = [], losses.GuidancePairLCDLoss.__call__
+    monkeypatch.setattr(losses.GuidancePairLCDLoss, "__call__", lambda self, *a, **k: weights.append(self.pair_weight) or call(self, *a, **k))
+    config = resolve_config(DistillConfig, "tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(tmp_path / "run"),
+                                                                   steps=3, guidance_pair_weight=5.0, guidance_pair_steps=2))
+    loop.train(config, progress=False)
+    assert weights == [5.0, 5.0, 0.0]
 
 
 @pytest.fixture(scope="module")

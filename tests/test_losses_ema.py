@@ -149,6 +149,31 @@ def test_guidance_pair_loss_known_values_and_exact_guided_consistency_function()
         GuidancePairLCDLoss(schedule, teacher=teacher, solver=get_solver("ddim"), guidance_pair_weight=-1.0)
 
 
+def test_guidance_pair_term_applies_for_its_steps_only():
+    """With pair_steps N the λ_Δ term is there at steps < N and gone from step N on: the known values
+    ½(ω² + ω'²) + λ_Δ(ω − ω')² before, ½(ω² + ω'²) after, for f = ω and F = 0 under L2."""
+    schedule = NoiseSchedule.from_config({})
+    teacher = GuidedTeacher(GaussianMixtureEps(torch.tensor([[0.5, -0.5], [-0.3, 0.2]]), 0.4, schedule), schedule, "epsilon")
+    cond, uncond = torch.tensor([[1.0, 0.0]]).expand(64, 2), torch.tensor([[0.0, 1.0]]).expand(64, 2)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    loss = GuidancePairLCDLoss(schedule, guidance_scale_range=(1.0, 3.0), distance="l2", teacher=teacher, solver=get_solver("ddim"),
+                               guidance_pair_weight=10.0, pair_steps=3)
+    seen = []
+
+    def omega_f(z, t, c, omega):
+        seen.append(omega.double())
+        return omega[:, None].to(z).expand_as(z)
+
+    for step, weight in ((0, 10.0), (2, 10.0), (3, 0.0), (50, 0.0)):
+        loss.step, seen[:] = step, []
+        per_example = loss(omega_f, lambda z, t, c, omega: z * 0, x0, cond, uncond, torch.Generator().manual_seed(step))
+        omega, omega_pair = seen[0].chunk(2)
+        assert loss.pair_weight == weight
+        assert torch.allclose(per_example.double(), 0.5 * (omega**2 + omega_pair**2) + weight * (omega - omega_pair) ** 2, rtol=1e-6)
+    with pytest.raises(UserError, match="pair_steps"):
+        GuidancePairLCDLoss(schedule, teacher=teacher, solver=get_solver("ddim"), guidance_pair_weight=1.0, pair_steps=-1)
+
+
 @pytest.mark.parametrize("guide_increments", [False, True])
 @pytest.mark.parametrize("name", ["ddim", "dpm", "dpm++"])
 def test_guidance_pair_teacher_jumps_equal_tiled_rows_and_share_teacher_work(name, guide_increments):

@@ -168,14 +168,27 @@ class GuidancePairLCDLoss(LCDLoss):
     residual dominated by errors common to all ω, and a student can end a run ignoring its ω input
     (`evaluation.ode_error.guidance_response`). It costs a second target and student evaluation per
     example, and a second teacher jump less its first evaluation, which both ω share.
+
+    With `pair_steps` N > 0 the difference term applies for the first N training steps only (the loop sets `step`);
+    after them the loss is Algorithm 1's on both draws. The term opens the ω pathway; the plain loss, which on its
+    own never does, then keeps and spreads it at the full quality of the common fit (docs/notes/2026-12-02-omega.md).
     """
 
     guidance_pair_weight: float  # λ_Δ
+    pair_steps: int = 0  # the difference term's last step + 1 (0: every step)
+    step: int = 0  # the training step, set by the loop before each call
 
     def __post_init__(self):
         super().__post_init__()
         if not self.guidance_pair_weight > 0:
             raise UserError(f"guidance_pair_weight must be > 0, got {self.guidance_pair_weight}")
+        if self.pair_steps < 0:
+            raise UserError(f"pair_steps must be 0 or more, got {self.pair_steps}")
+
+    @property
+    def pair_weight(self) -> float:
+        """λ_Δ at the current step."""
+        return self.guidance_pair_weight if self.pair_steps == 0 or self.step < self.pair_steps else 0.0
 
     def __call__(self, student, target, latents, cond, uncond, generator=None) -> torch.Tensor:
         p = self.draw_point(latents, generator)
@@ -187,8 +200,10 @@ class GuidancePairLCDLoss(LCDLoss):
             tgt = target(z_hat.to(z.dtype), t_n, cond2, omega)
         pred = student(z2, t_n_plus_k, cond2, omega)
         (pred, pred_pair), (tgt, tgt_pair) = pred.chunk(2), tgt.chunk(2)
-        return 0.5 * (self.d(pred, tgt, p) + self.d(pred_pair, tgt_pair, p)) + self.guidance_pair_weight * self.d(
-            pred - pred_pair, tgt - tgt_pair, p)
+        loss = 0.5 * (self.d(pred, tgt, p) + self.d(pred_pair, tgt_pair, p))
+        if self.pair_weight == 0:
+            return loss
+        return loss + self.pair_weight * self.d(pred - pred_pair, tgt - tgt_pair, p)
 
     def _teacher_jumps(self, z, t, s, cond, uncond, omega) -> torch.Tensor:
         """Ψ(z_t, t, s, c; ω) for the 2B values of `omega` (ω for the B rows, then ω'), 2B rows.

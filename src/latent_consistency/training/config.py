@@ -166,6 +166,8 @@ class DistillConfig(TrainConfig):
     guidance_pair_weight: float = doc("λ_Δ > 0: draw each example at two guidance scales and add λ_Δ·d of the student's and the "
                                       "target's differences, so that the ω input is learned (ours; 0 = Algorithm 1; 2× the "
                                       "compute per example); full students only", default=0.0)
+    guidance_pair_steps: int = doc("apply the λ_Δ term for the first N steps only, then Algorithm 1's loss on both draws "
+                                   "(0: every step)", default=0)
     omega_lr_scale: float = doc("learning-rate multiplier of a full student's ω projection (the UNet's time_embedding.cond_proj, "
                                 "which starts at zero): the ω input's own learning rate", default=1.0)
     omega_response_samples: int = doc("latents on which the student's ω response (the fraction of the teacher's guidance effect "
@@ -204,6 +206,10 @@ class DistillConfig(TrainConfig):
             raise UserError("student_prediction applies to full students; a LoRA keeps the teacher's parameterisation")
         if self.guidance_pair_weight > 0 and self.adapter != "full":
             raise UserError("guidance_pair_weight applies to full students; a LoRA student has no ω input")
+        if self.guidance_pair_steps < 0:
+            raise UserError(f"guidance_pair_steps must be 0 or more, got {self.guidance_pair_steps}")
+        if self.guidance_pair_steps and not self.guidance_pair_weight > 0:
+            raise UserError("guidance_pair_steps sets how long the pair term applies: it needs guidance_pair_weight > 0")
         if self.guidance_pair_weight > 0 and self.guidance_scale_min == self.guidance_scale_max:
             raise UserError("guidance_pair_weight needs a guidance range (guidance_scale_min < guidance_scale_max)")
         return self

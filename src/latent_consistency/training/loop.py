@@ -120,6 +120,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
         student.unet.train()
         # Consistency loss over the micro-batches: teacher jump (LCD) or same-noise pair (LCF), target f_θ⁻, student f_θ
         total = torch.zeros((), device=device)
+        if hasattr(loss_fn, "step"):  # a loss that changes over training (`GuidancePairLCDLoss.pair_steps`)
+            loss_fn.step = state.step
         for micro in range(config.grad_accumulation):
             batch = next(batches)
             generator = step_generator(config.seed, rank, state.step, micro, device, attempt=state.nonfinite_run)

@@ -131,7 +131,7 @@ class Distillation:
         lcd = dict(_loss_settings(config, base.schedule, config.skip), teacher=base.guided_teacher(), solver=get_solver(config.solver),
                    guide_increments=config.guide_increments)
         if config.guidance_pair_weight > 0:
-            return GuidancePairLCDLoss(**lcd, guidance_pair_weight=config.guidance_pair_weight)
+            return GuidancePairLCDLoss(**lcd, guidance_pair_weight=config.guidance_pair_weight, pair_steps=config.guidance_pair_steps)
         return LCDLoss(**lcd)
 
 
