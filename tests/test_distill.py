@@ -276,27 +276,6 @@ def test_the_omega_projection_gets_its_own_learning_rate(tiny_sd, image_folder, 
     torch.testing.assert_close(moved[10.0][1], moved[1.0][1])
 
 
-def test_the_omega_learning_rate_scale_ends_with_the_pair_term():
-    """--omega-lr-scale 10 with --guidance-pair-steps 2: the ω projection's group runs at 10× lr for steps 0 and 1 and at
-    lr from step 2 on; the other group and a run without pair steps keep their rates."""
-    from latent_consistency.training.loop import lr_lambdas
-
-    def rates(**overrides):
-        config = resolve_config(DistillConfig, "tiny", overrides=dict(lr=1e-3, lr_warmup_steps=0, omega_lr_scale=10.0, **overrides))
-        weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
-        optimizer = torch.optim.AdamW([{"params": weights[:1], "lr": 1e-3}, {"params": weights[1:], "lr": 1e-2}])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(config, optimizer))
-        seen = []
-        for _ in range(4):
-            seen.append([round(lr, 9) for lr in scheduler.get_last_lr()])
-            optimizer.step()
-            scheduler.step()
-        return seen
-
-    assert rates(guidance_pair_weight=5.0, guidance_pair_steps=2) == [[1e-3, 1e-2], [1e-3, 1e-2], [1e-3, 1e-3], [1e-3, 1e-3]]
-    assert rates(guidance_pair_weight=5.0) == [[1e-3, 1e-2]] * 4
-
-
 def test_the_loop_gives_the_pair_loss_its_step(tiny_sd, image_folder, tmp_path, monkeypatch):
     """--guidance-pair-steps 2: the λ_Δ term weighs λ_Δ at steps 0 and 1 and nothing from step 2 on."""
     from latent_consistency import losses

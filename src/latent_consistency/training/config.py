@@ -166,8 +166,8 @@ class DistillConfig(TrainConfig):
     guidance_pair_weight: float = doc("λ_Δ > 0: draw each example at two guidance scales and add λ_Δ·d of the student's and the "
                                       "target's differences, so that the ω input is learned (ours; 0 = Algorithm 1; 2× the "
                                       "compute per example); full students only", default=0.0)
-    guidance_pair_steps: int = doc("apply the λ_Δ term (and --omega-lr-scale) for the first N steps only, then Algorithm 1's "
-                                   "loss on both draws at one learning rate (0: every step)", default=0)
+    guidance_pair_steps: int = doc("apply the λ_Δ term for the first N steps only, then Algorithm 1's loss on both draws "
+                                   "(0: every step)", default=0)
     omega_lr_scale: float = doc("learning-rate multiplier of a full student's ω projection (the UNet's time_embedding.cond_proj, "
                                 "which starts at zero): the ω input's own learning rate", default=1.0)
     omega_response_samples: int = doc("latents on which the student's ω response (the fraction of the teacher's guidance effect "

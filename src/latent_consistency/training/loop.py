@@ -48,20 +48,6 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
-def lr_lambdas(config: TrainConfig, optimizer: torch.optim.Optimizer) -> list:
-    """One learning-rate factor per parameter group: the schedule's; for the ω projection's own group
-    (`omega_lr_scale`) under `guidance_pair_steps` N, its scale drops back to 1 from step N, when the pair term that
-    the fast ω pathway follows is gone (on Algorithm 1's loss alone it would only amplify the gradient's noise)."""
-    factor, groups = lr_lambda(config), len(optimizer.param_groups)
-    pair_steps, scale = getattr(config, "guidance_pair_steps", 0), getattr(config, "omega_lr_scale", 1.0)
-    if groups == 1 or not pair_steps:
-        return [factor] * groups
-
-    def omega_factor(step: int) -> float:
-        return factor(step) if step < pair_steps else factor(step) / scale
-    return [factor, omega_factor]
-
-
 def build_loss(config: TrainConfig, base: DiffusionModel, scheduler_config: dict):
     """The run's per-sample loss: LCD's or LCF's (`training.objectives`)."""
     return objective_of(config).loss(config, base, scheduler_config)
@@ -117,7 +103,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
     loss_fn = build_loss(config, base, scheduler_config)
     optimizer = build_optimizer(config, student)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(config, optimizer))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches, loss_fn)
     state = run.resume() if resume else Progress()
     student.unet, optimizer = accelerator.prepare(student.unet, optimizer)
