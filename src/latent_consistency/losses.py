@@ -170,8 +170,9 @@ class GuidancePairLCDLoss(LCDLoss):
     example, and a second teacher jump less its first evaluation, which both ω share.
 
     With `pair_steps` N > 0 the difference term applies for the first N training steps only (the loop sets `step`);
-    after them the loss is Algorithm 1's on both draws. The term opens the ω pathway; the plain loss, which on its
-    own never does, then keeps and spreads it at the full quality of the common fit (docs/notes/2026-12-02-omega.md).
+    after them the loss is Algorithm 1's on both draws. That loss copies the ω dependence learned so far to the larger t
+    but loses it at the small t, so the term cannot stop early; a plain tail after a long pair phase sharpens the
+    images and keeps most of it (docs/notes/2026-12-02-omega.md).
     """
 
     guidance_pair_weight: float  # λ_Δ
