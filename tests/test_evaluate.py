@@ -83,7 +83,7 @@ def test_evaluate_a_tiny_lcm_against_its_teacher_and_resume(tiny_lcm, tiny_sd, t
     out = tmp_path / "eval"
     args = ["evaluate", "--lcm", str(tiny_lcm), "--teacher", str(tiny_sd), "--prompts", str(image_folder), "--out", str(out),
             "--steps", "1,2", "--guidance-scales", "1.5,3", "--samples", "6", "--images-per-prompt", "2", "--clip", str(tiny_clip),
-            "--device", "cpu", "--grid-columns", "3"]
+            "--device", "cpu", "--grid-columns", "3", "--exact"]
     # Killed after three rows: the next run scores only the rest and ends with the same results
     real_generate, calls = table.generate, []
 
@@ -100,8 +100,8 @@ def test_evaluate_a_tiny_lcm_against_its_teacher_and_resume(tiny_lcm, tiny_sd, t
     calls.clear()
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())["rows"]
-    expected = {"lcm", "ddim", "dpm", "dpm++"}
-    assert {r["sampler"] for r in results.values()} == expected and len(results) == 2 * (4 * 2 + 2)  # + DPM-Solver++ 25 and 50
+    expected = {"lcm", "exact", "ddim", "dpm", "dpm++"}
+    assert {r["sampler"] for r in results.values()} == expected and len(results) == 2 * (5 * 2 + 2)  # + DPM-Solver++ 25 and 50
     assert len([c for c in calls if c.key in results]) >= len(results) - 3  # the first three rows were not scored again
     assert all(np.isfinite(r["clip_fid"]) and np.isfinite(r["clip_kid"]) and 0 <= r["clip_clip_score"] <= 100 for r in results.values())
     lcm_row, ddim_row = results["lcm|2|3"], results["ddim|2|3"]
@@ -112,12 +112,14 @@ def test_evaluate_a_tiny_lcm_against_its_teacher_and_resume(tiny_lcm, tiny_sd, t
     assert {k: {m: v for m, v in r.items() if m not in ("ms_per_image", "peak_memory_mb")} for k, r in again.items()} == \
            {k: {m: v for m, v in r.items() if m not in ("ms_per_image", "peak_memory_mb")} for k, r in results.items()}
     report = (out / "report.md").read_text()
+    assert "| exact LCM (teacher ODE) |" in report
     assert "## g = 3 (ω = 2)" in report and "| LCM |" in report and "Reference: DPM-Solver++ (CFG) 50 steps" in report
     for png in ("steps.png", "guidance.png", "grid.png", "guidance_grid.png"):
         Image.open(out / png).verify()
 
 
-@pytest.mark.parametrize("case", ["not an lcm", "zero steps", "nan scale", "no metric", "no reference images", "empty prompts"])
+@pytest.mark.parametrize("case", ["not an lcm", "zero steps", "nan scale", "no metric", "no reference images", "empty prompts",
+                                  "exact without teacher"])
 def test_evaluate_bad_input(case, tiny_lcm, tiny_sd, image_folder, tmp_path, run_error):
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "prompts.txt").write_text("a red star\n")
@@ -130,6 +132,7 @@ def test_evaluate_bad_input(case, tiny_lcm, tiny_sd, image_folder, tmp_path, run
         "no metric": (base, "no metric to compute"),
         "no reference images": (base + ["--prompts", str(tmp_path / "prompts.txt"), "--clip", "x"], "FID needs real images"),
         "empty prompts": (base + ["--prompts", str(tmp_path / "empty.txt"), "--clip", "x"], "holds no prompts"),
+        "exact without teacher": (base + ["--exact", "--clip", "x"], "--exact needs --teacher"),
     }
     argv, message = cases[case]
     code, err = run_error(argv)
@@ -141,12 +144,16 @@ def test_network_evaluations_per_image_count_cfg_passes():
     an LCM-LoRA guided at g > 1, which has no ω input."""
     from types import SimpleNamespace
 
-    from latent_consistency.evaluation.table import GUIDED_DISTILL, Row
+    from latent_consistency.evaluation.table import EXACT, GUIDED_DISTILL, Row
 
     lcm, lora = SimpleNamespace(time_cond_proj_dim=64), SimpleNamespace(time_cond_proj_dim=None)
     assert Row("lcm", 4, 8.0).network_evaluations(lcm) == 4
     assert Row("lcm", 4, 8.0).network_evaluations(lora) == 8 and Row("lcm", 4, 1.0).network_evaluations(lora) == 4
     assert Row(GUIDED_DISTILL, 2, 8.0).network_evaluations() == 2 and Row("dpm++", 25, 8.0).network_evaluations() == 50
+    # the exact LCM: cond and uncond per DDIM jump of k = 1000 / 50 = 20 from each timestep down to 0
+    exact_of = SimpleNamespace(scheduler_config={"num_train_timesteps": 1000, "original_inference_steps": 50},
+                               timesteps=lambda n: torch.tensor([999, 499][:n]))
+    assert Row(EXACT, 2, 8.0).network_evaluations(exact_of) == 2 * (50 + 25) and Row(EXACT, 1, 8.0).network_evaluations(exact_of) == 100
 
 
 def test_sweep_lines_are_distinguishable():

@@ -77,3 +77,26 @@ def test_guidance_response_is_one_for_the_guided_consistency_function_and_zero_w
     assert guidance_response(f_with(0.0), low, high) == {999: 0.0, 499: 0.0, 99: 0.0}
     with pytest.raises(ValueError, match="same z_t"):
         guidance_response(f_with(1.0), low, solved(2.0, seed=2))
+
+
+def test_the_teacher_consistency_function_is_the_ode_solution_per_row():
+    """f* of Gaussian data is `gaussian_flow` to 0 (within the grid solver's error), for rows at different t in one
+    batch, on and off the grid; at t = 0 it is the identity (c_skip(0) = 1); `ode_solutions` uses it."""
+    from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
+
+    schedule = NoiseSchedule.from_config({})
+    mean, std = torch.tensor([[0.5, -0.5]]), 0.4
+    net = GaussianMixtureEps(mean, std, schedule)
+    teacher = GuidedTeacher(net, schedule, "epsilon")
+    cond = torch.ones(6, 1, dtype=torch.float64)
+    f = TeacherConsistencyFunction(teacher, get_solver("dpm++"), 20, cond[:1])
+    t = torch.tensor([999, 999, 259, 500, 7, 0])
+    z = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = f(z, t, cond, 2.0)
+    exact = gaussian_flow(z, t, torch.zeros_like(t), mean[0], std, schedule)
+    assert torch.allclose(out[:5], exact[:5], atol=3e-2) and torch.equal(out[5], z[5])
+    assert not torch.allclose(out[:5], z[:5], atol=0.1)  # it moved the noisy rows
+    x0 = net.sample(4, torch.ones(1, dtype=torch.float64), torch.Generator().manual_seed(0))
+    sols = ode_solutions(teacher, get_solver("dpm++"), x0, cond[:4], cond[:4], 2.0, [259], skip=20,
+                         generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sols.solution[259], f(sols.z[259], torch.tensor(259), cond[:4], 2.0))

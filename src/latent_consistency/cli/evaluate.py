@@ -118,6 +118,9 @@ def run(args) -> None:
     lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
     teacher = load_diffusion_model(args.teacher, device=device) if args.teacher else None
     guided = guided_distill_models(args.guided_distill or [], device)
+    if args.exact and (teacher is None or not lcm.is_lcm):
+        raise UserError("--exact needs --teacher and an LCM (its skipping step k and timesteps): the exact LCM is "
+                        "the teacher's ODE solution on them")
     scales = args.guidance_scales or [args.guidance_scale]
     if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided):
         raise UserError(f"guidance scale {min(scales):g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
@@ -127,7 +130,7 @@ def run(args) -> None:
     out = writable_folder(args.out, "--out")
     # A stage-one model samples at every step count; a progressive round at the one it was distilled for
     guided_steps = sorted(set(args.steps if 0 in guided else []) | {n for n in guided if n})
-    rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=guided_steps)
+    rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=guided_steps, exact=args.exact)
     steps = sorted(set(args.steps) | set(guided_steps))
     results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided)
     notes = [f"LCM `{args.lcm}`" + (f" with LoRA `{args.lora}`" if args.lora else "") + (f", teacher `{args.teacher}`" if teacher else "")
@@ -191,6 +194,9 @@ def register(subparsers) -> None:
     p.add_argument("--teacher", help="the teacher: its DDIM, DPM-Solver and DPM-Solver++ rows with classifier-free guidance")
     p.add_argument("--guided-distill", nargs="+", help="Guided-Distill models (`lcm distill --method progressive` rounds, each at its "
                    "step count; or a stage-one model, at every step count), sampled with DDIM")
+    p.add_argument("--exact", action="store_true", help="also the exact LCM of --teacher at every step count and scale: Algorithm 3 "
+                   "with the teacher's ODE solution (DDIM jumps of the LCM's k down to 0) as the consistency function, what a "
+                   "perfect student would score; costs about T/k teacher CFG passes per step")
     p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file")
     p.add_argument("--reference", help="real images for FID (default: those of --prompts)")
     p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png, grid.png and (several scales) guidance_grid.png")

@@ -1,4 +1,5 @@
-"""How far a consistency model is from the fixed point LCD trains it towards, per timestep.
+"""How far a consistency model is from the fixed point LCD trains it towards, per timestep; and that fixed point
+itself as a consistency model (`TeacherConsistencyFunction`), the best any student of this teacher, solver and k can do.
 
 For data latents x0, noise ε and timesteps t on the LCD grid, z_t = α_t·x0 + σ_t·ε is carried by the guided
 teacher's solver Ψ along the grid t → t−k → … → 0 (the last jump clamped to 0, as `consistency_pairs`
@@ -27,6 +28,38 @@ def error_timesteps(num_train_timesteps: int, skip: int) -> list[int]:
     return sorted({*lcm_timesteps(4, num_train_timesteps, num_train_timesteps // skip).tolist(), small}, reverse=True)
 
 
+class TeacherConsistencyFunction:
+    """f*(z_t, ω, c, t): the guided teacher's ODE solution from z_t, by its solver Ψ in jumps of k, t → t−k → … → 0
+    (the last jump clamped to 0, as `consistency_pairs` does).
+
+    On the skipping grid this is exactly the fixed point of Algorithm 1's recursion f(z_{t_{n+k}}) =
+    f(Ψ(z_{t_{n+k}}, t_{n+k}, t_n)) with f(z, 0) = z (Eq. 9's boundary condition, c_skip(0) = 1): what a perfect LCD
+    student of this teacher, solver and k would compute. It has the `ConsistencyModel` call signature, so Algorithm 3
+    samples with it (`evaluation.compare.sample_consistency`) to score that ceiling. A t off the grid starts with the
+    same jump of k. Costs ⌈t/k⌉ solver jumps, each a cond-and-uncond teacher batch per solver evaluation.
+    """
+
+    def __init__(self, teacher, solver: Solver, skip: int, uncond: torch.Tensor):
+        self.teacher, self.solver, self.skip, self.uncond = teacher, solver, skip, uncond
+        self.schedule = teacher.schedule
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, omega) -> torch.Tensor:
+        """The solution for each row of z at its timestep t (rows may differ in t); `uncond` [1 or B, L, D]."""
+        t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
+        out = torch.empty_like(z)
+        for start in t.unique().tolist():
+            rows = (t == start).nonzero().squeeze(1)
+            current, c = z[rows], cond[rows]
+            u = self.uncond.expand(len(rows), *self.uncond.shape[1:]) if len(self.uncond) == 1 else self.uncond[rows]
+            w = omega[rows] if torch.is_tensor(omega) and omega.ndim else omega
+            for now in range(int(start), 0, -self.skip):
+                current = guided_jump(self.solver, self.teacher, current, torch.tensor(now), torch.tensor(max(now - self.skip, 0)),
+                                      c, u, w).to(z.dtype)
+            out[rows] = current
+        return out
+
+
 @dataclass
 class ODESolutions:
     """z_t per timestep and the teacher's ODE solution from it, for one set of (x0, ε, c, ω)."""
@@ -45,13 +78,11 @@ def ode_solutions(teacher, solver: Solver, x0: torch.Tensor, cond: torch.Tensor,
     if off_grid:
         raise UserError(f"timesteps {off_grid} are not on the grid of skip {skip}")
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    exact = TeacherConsistencyFunction(teacher, solver, skip, uncond)
     z, solution = {}, {}
     for t in timesteps:
-        z[t] = current = teacher.schedule.add_noise(x0, noise, torch.full((x0.shape[0],), t, device=x0.device))
-        for now in range(t, 0, -skip):
-            current = guided_jump(solver, teacher, current, torch.tensor(now), torch.tensor(max(now - skip, 0)),
-                                  cond, uncond, omega).to(x0.dtype)
-        solution[t] = current
+        z[t] = teacher.schedule.add_noise(x0, noise, torch.full((x0.shape[0],), t, device=x0.device))
+        solution[t] = exact(z[t], torch.full((x0.shape[0],), t, device=x0.device), cond, omega)
     return ODESolutions(z, solution, cond, omega)
 
 

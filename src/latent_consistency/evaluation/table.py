@@ -3,6 +3,8 @@ each scored on the same prompts from the same noise, written as they finish so t
 
 Rows (Section 5.1 of Luo et al. 2023): the LCM (Algorithm 3), and the teacher with classifier-free guidance via
 DDIM, DPM-Solver and DPM-Solver++ at the same step counts, plus DPM-Solver++ at 25 and 50 steps as the reference.
+Optionally (ours) the LCM's ceiling: Algorithm 3 with the teacher's exact consistency function in place of the LCM
+(`ode_error.TeacherConsistencyFunction`), what a perfect student of this teacher would score at each step count.
 Each row also records what it costs: network evaluations per image (CFG doubles the teacher's), milliseconds
 per image, and peak memory.
 
@@ -25,12 +27,16 @@ from tqdm.auto import tqdm
 
 from latent_consistency.evaluation.compare import sample_consistency, sample_guided
 from latent_consistency.evaluation.fid import feature_rms, fid_score, kid_score
+from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import DiffusionModel
 from latent_consistency.outputs import write_json_atomic
+from latent_consistency.solvers import get_solver
 
 TEACHER_SOLVERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpm++": "DPM-Solver++"}
 GUIDED_DISTILL = "guided-distill"  # Meng et al. 2023: a guidance-distilled model (ω input), progressively distilled, with DDIM
+EXACT = "exact"  # Algorithm 3 with the teacher's exact consistency function f* (the LCD fixed point): the LCM's ceiling
+EXACT_SOLVER = "ddim"  # the solver of f*: the paper's LCD solver
 REFERENCE_STEPS = (25, 50)  # the teacher's DPM-Solver++ at these step counts: what few-step samplers are measured against
 RESULTS_FILE = "results.json"
 
@@ -49,21 +55,33 @@ class Row:
 
     @property
     def method(self) -> str:
-        return {"lcm": "LCM", GUIDED_DISTILL: "Guided-Distill"}.get(self.sampler) or f"{TEACHER_SOLVERS[self.sampler]} (CFG)"
+        return ({"lcm": "LCM", GUIDED_DISTILL: "Guided-Distill", EXACT: "exact LCM (teacher ODE)"}.get(self.sampler)
+                or f"{TEACHER_SOLVERS[self.sampler]} (CFG)")
 
     def network_evaluations(self, lcm: DiffusionModel | None = None) -> int:
         """UNet passes per image: one per step for an LCM with an ω input and Guided-Distill; two (cond and uncond) for
-        the teacher with CFG and for an LCM-LoRA guided at g > 1."""
+        the teacher with CFG and for an LCM-LoRA guided at g > 1; for the exact LCM two per teacher jump of k from each
+        of the LCM's timesteps down to 0 (DDIM: one evaluation per jump)."""
+        if self.sampler == EXACT:
+            skip = exact_skip(lcm)
+            return sum(2 * -(-int(t) // skip) for t in lcm.timesteps(self.steps))
         if self.sampler == GUIDED_DISTILL or (self.sampler == "lcm" and (lcm.time_cond_proj_dim is not None or self.guidance_scale <= 1)):
             return self.steps
         return 2 * self.steps
 
 
+def exact_skip(lcm: DiffusionModel) -> int:
+    """The skipping step k the LCM was distilled with: T / its scheduler's original_inference_steps."""
+    config = lcm.scheduler_config
+    return int(config.get("num_train_timesteps", 1000)) // int(config.get("original_inference_steps", 50))
+
+
 def table_rows(steps: list[int], guidance_scales: list[float], teacher: bool, reference_steps: tuple[int, ...] = REFERENCE_STEPS,
-               guided_distill_steps: list[int] = ()) -> list[Row]:
-    """The LCM at every step count and scale; Guided-Distill at the step counts its models sample in; with a teacher,
-    its three solvers at every step count and DPM-Solver++ at the reference step counts (25 and 50)."""
-    rows = [Row("lcm", n, g) for g in guidance_scales for n in steps]
+               guided_distill_steps: list[int] = (), exact: bool = False) -> list[Row]:
+    """The LCM at every step count and scale (and, with `exact`, the exact LCM of the teacher next to it);
+    Guided-Distill at the step counts its models sample in; with a teacher, its three solvers at every step count and
+    DPM-Solver++ at the reference step counts (25 and 50)."""
+    rows = [Row(sampler, n, g) for g in guidance_scales for n in steps for sampler in ("lcm", EXACT)[:1 + exact]]
     rows += [Row(GUIDED_DISTILL, n, g) for g in guidance_scales for n in guided_distill_steps]
     if teacher:
         rows += [Row(s, n, g) for g in guidance_scales for s in TEACHER_SOLVERS for n in steps]
@@ -167,6 +185,10 @@ def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | Non
     if row.sampler == "lcm":  # an LCM-LoRA (no ω input) is guided with CFG at g > 1, as diffusers does
         return sample_consistency(lcm.consistency_model(row.guidance_scale), lcm.timesteps(row.steps), lcm, prompts, row.guidance_scale,
                                   eval_set.seed, device)
+    if row.sampler == EXACT:  # the teacher's f* on the LCM's timesteps, prompts encoded and images decoded by the teacher
+        uncond = teacher.prompts.uncond(device)
+        f = TeacherConsistencyFunction(teacher.guided_teacher(), get_solver(EXACT_SOLVER), exact_skip(lcm), uncond)
+        return sample_consistency(f, lcm.timesteps(row.steps), teacher, prompts, row.guidance_scale, eval_set.seed, device)
     if row.sampler == GUIDED_DISTILL:
         model = guided.get(row.steps) or guided[0]
         return sample_guided(model, "ddim", row.steps, prompts, row.guidance_scale, eval_set.seed, device)
