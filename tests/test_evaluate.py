@@ -151,8 +151,7 @@ def test_network_evaluations_per_image_count_cfg_passes():
     assert Row("lcm", 4, 8.0).network_evaluations(lora) == 8 and Row("lcm", 4, 1.0).network_evaluations(lora) == 4
     assert Row(GUIDED_DISTILL, 2, 8.0).network_evaluations() == 2 and Row("dpm++", 25, 8.0).network_evaluations() == 50
     # the exact LCM: cond and uncond per DDIM jump of k = 1000 / 50 = 20 from each timestep down to 0
-    exact_of = SimpleNamespace(scheduler_config={"num_train_timesteps": 1000, "original_inference_steps": 50},
-                               timesteps=lambda n: torch.tensor([999, 499][:n]))
+    exact_of = SimpleNamespace(skip=1000 // 50, timesteps=lambda n: torch.tensor([999, 499][:n]))
     assert Row(EXACT, 2, 8.0).network_evaluations(exact_of) == 2 * (50 + 25) and Row(EXACT, 1, 8.0).network_evaluations(exact_of) == 100
 
 

@@ -202,6 +202,12 @@ class DiffusionModel:
         return is_lcm_config(self.scheduler_config)
 
     @property
+    def skip(self) -> int:
+        """An LCM's skipping step k (Eq. 16): T / its scheduler's original_inference_steps."""
+        steps = int(self.scheduler_config.get("original_inference_steps", DEFAULT_ORIGINAL_INFERENCE_STEPS))
+        return int(self.scheduler_config.get("num_train_timesteps", 1000)) // steps
+
+    @property
     def time_cond_proj_dim(self) -> int | None:
         return self.unet.config.get("time_cond_proj_dim")
 

@@ -63,17 +63,10 @@ class Row:
         the teacher with CFG and for an LCM-LoRA guided at g > 1; for the exact LCM two per teacher jump of k from each
         of the LCM's timesteps down to 0 (DDIM: one evaluation per jump)."""
         if self.sampler == EXACT:
-            skip = exact_skip(lcm)
-            return sum(2 * -(-int(t) // skip) for t in lcm.timesteps(self.steps))
+            return sum(2 * -(-int(t) // lcm.skip) for t in lcm.timesteps(self.steps))
         if self.sampler == GUIDED_DISTILL or (self.sampler == "lcm" and (lcm.time_cond_proj_dim is not None or self.guidance_scale <= 1)):
             return self.steps
         return 2 * self.steps
-
-
-def exact_skip(lcm: DiffusionModel) -> int:
-    """The skipping step k the LCM was distilled with: T / its scheduler's original_inference_steps."""
-    config = lcm.scheduler_config
-    return int(config.get("num_train_timesteps", 1000)) // int(config.get("original_inference_steps", 50))
 
 
 def table_rows(steps: list[int], guidance_scales: list[float], teacher: bool, reference_steps: tuple[int, ...] = REFERENCE_STEPS,
@@ -187,7 +180,7 @@ def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | Non
                                   eval_set.seed, device)
     if row.sampler == EXACT:  # the teacher's f* on the LCM's timesteps, prompts encoded and images decoded by the teacher
         uncond = teacher.prompts.uncond(device)
-        f = TeacherConsistencyFunction(teacher.guided_teacher(), get_solver(EXACT_SOLVER), exact_skip(lcm), uncond)
+        f = TeacherConsistencyFunction(teacher.guided_teacher(), get_solver(EXACT_SOLVER), lcm.skip, uncond)
         return sample_consistency(f, lcm.timesteps(row.steps), teacher, prompts, row.guidance_scale, eval_set.seed, device)
     if row.sampler == GUIDED_DISTILL:
         model = guided.get(row.steps) or guided[0]

@@ -149,8 +149,7 @@ class FineTuning:
     @staticmethod
     def skip(config: FinetuneConfig, base: DiffusionModel) -> int:
         """k: as set, else the model's own, T / its original_inference_steps."""
-        steps = int(base.scheduler_config.get("original_inference_steps", 50))
-        return config.skip or base.schedule.num_train_timesteps // steps
+        return config.skip or base.skip
 
     @staticmethod
     def scheduler_config(config: FinetuneConfig, base: DiffusionModel) -> dict:
