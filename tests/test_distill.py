@@ -39,11 +39,15 @@ def distill_args(tiny_sd, data, out, *extra):
     return ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(out), *extra]
 
 
-@pytest.fixture(params=["distill", "finetune"])
+@pytest.fixture(params=["distill", "distill-ode", "finetune"])
 def run_args(request, tiny_sd, tiny_lcm):
-    """`lcm distill` of the tiny teacher, or `lcm finetune` of the tiny LCM: one loop, the same guarantees."""
+    """`lcm distill` of the tiny teacher (LCD, or regression onto a bank of its ODE solutions), or `lcm finetune` of the tiny
+    LCM: one loop, the same guarantees."""
     if request.param == "distill":
         return lambda data, out, *extra: distill_args(tiny_sd, data, out, *extra)
+    if request.param == "distill-ode":
+        return lambda data, out, *extra: distill_args(tiny_sd, data, out, "--method", "ode", "--ode-targets", "8",
+                                                      "--guidance-scale-min", "1", "--guidance-scale-max", "4", *extra)
     return lambda data, out, *extra: ["finetune", "--preset", "tiny", "--model", str(tiny_lcm), "--data", str(data), "--out", str(out),
                                       *extra]
 

@@ -5,6 +5,8 @@
 - `GuidancePairLCDLoss`: LCD with each example at two guidance scales and a term on their difference (ours).
 - `GuidanceDistillationLoss`: stage one of Guided-Distill (Meng et al. 2023): CFG's output learned as an ω input.
 - `ProgressiveDistillationLoss`: its stage two, one round of progressive distillation (Salimans & Ho 2022).
+- `ODERegressionLoss`: the student regressed onto the teacher's exact ODE solutions at two ω each (ours,
+  `training.ode_targets`): LCD's fixed point as the target instead of the bootstrapped f_θ⁻.
 - `LCFLoss`: latent consistency fine-tuning, Algorithm 4. No teacher: z_{t_n} and z_{t_{n+k}} are noised
   from the same latent with the same ε.
 
@@ -322,6 +324,44 @@ class ProgressiveDistillationLoss:
         alpha, sigma = self.schedule.alpha_sigma(t)
         x0 = x0_and_eps(student.output(z, t, cond, omega), z, alpha, sigma, student.prediction_type)[0]
         return snr.clamp(min=1).flatten() * consistency_distance(x0, x_tilde, self.distance, self.huber_c)
+
+
+@dataclass
+class ODERegressionLoss:
+    """Regression onto the guided teacher's ODE solutions (`training.ode_targets.ODETargets`), per drawn bank row:
+
+        ½ [d(f_θ(z_t, ω, c, t), ψ(ω)) + d(f_θ(z_t, ω', c, t), ψ(ω'))] + λ_Δ · d(f_θ(ω) − f_θ(ω'), ψ(ω) − ψ(ω')),
+
+    ψ(ω) = f*(z_t, ω, c, t) the teacher's solution from z_t to 0 (Algorithm 1's fixed point). Without λ_Δ the guidance
+    effect ψ(ω) − ψ(ω') is a small part of each residual; the last term fits it alone, as `GuidancePairLCDLoss` does
+    for LCD's bootstrapped targets. A micro-batch of B draws B/2 rows with replacement from the step's generator (so a
+    resumed run draws what the uninterrupted one would have), two student evaluations each: B per step, as LCD. The
+    batch's latents are not used (the bank was built from the data), nor is the target network.
+    """
+
+    bank: object  # ODETargets
+    distance: str = "l2"
+    huber_c: float = 0.001
+    guidance_pair_weight: float = 0.0  # λ_Δ
+
+    def __post_init__(self):
+        check_distance(self.distance)
+        if self.guidance_pair_weight < 0:
+            raise UserError(f"guidance_pair_weight must be 0 or more, got {self.guidance_pair_weight}")
+
+    def __call__(self, student, target, latents, cond=None, uncond=None, generator=None) -> torch.Tensor:
+        bank = self.bank
+        rows = torch.randint(0, len(bank), (max(1, latents.shape[0] // 2),), generator=generator, device=latents.device)
+        z, t, c, omega, psi = (x[rows.to(x.device)].to(latents.device) for x in (bank.z, bank.t, bank.cond, bank.omega, bank.solution))
+        pred = student(_twice(z), _twice(t), _twice(c), torch.cat([omega[:, 0], omega[:, 1]]))
+        pred, pred_pair = pred.chunk(2)
+        loss = 0.5 * (self.d(pred, psi[:, 0]) + self.d(pred_pair, psi[:, 1]))
+        if self.guidance_pair_weight == 0:
+            return loss
+        return loss + self.guidance_pair_weight * self.d(pred - pred_pair, psi[:, 0] - psi[:, 1])
+
+    def d(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return consistency_distance(pred, target, self.distance, self.huber_c)
 
 
 @dataclass

@@ -45,18 +45,24 @@ class TeacherConsistencyFunction:
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, omega) -> torch.Tensor:
-        """The solution for each row of z at its timestep t (rows may differ in t); `uncond` [1 or B, L, D]."""
-        t = torch.as_tensor(t, device=z.device).reshape(-1).expand(z.shape[0])
-        out = torch.empty_like(z)
-        for start in t.unique().tolist():
-            rows = (t == start).nonzero().squeeze(1)
-            current, c = z[rows], cond[rows]
-            u = self.uncond.expand(len(rows), *self.uncond.shape[1:]) if len(self.uncond) == 1 else self.uncond[rows]
+        """The solution for each row of z at its timestep t (rows may differ in t); `uncond` [1 or B, L, D].
+
+        Rows that are at the same time are jumped as one batch, from the latest time down: a row starting at t joins the
+        rows that started earlier on the chain when they reach t, so a batch of mixed t costs the passes of its largest.
+        """
+        b = z.shape[0]
+        now = torch.as_tensor(t, device=z.device).reshape(-1).expand(b).clone()
+        uncond = self.uncond.expand(b, *self.uncond.shape[1:]) if len(self.uncond) == 1 else self.uncond
+        omega = omega.reshape(-1).expand(b) if torch.is_tensor(omega) and omega.ndim else omega
+        out = z.clone()
+        while bool((now > 0).any()):
+            start = int(now.max())
+            rows = (now == start).nonzero().squeeze(1)
             w = omega[rows] if torch.is_tensor(omega) and omega.ndim else omega
-            for now in range(int(start), 0, -self.skip):
-                current = guided_jump(self.solver, self.teacher, current, torch.tensor(now), torch.tensor(max(now - self.skip, 0)),
-                                      c, u, w).to(z.dtype)
-            out[rows] = current
+            end = max(start - self.skip, 0)
+            out[rows] = guided_jump(self.solver, self.teacher, out[rows], torch.tensor(start), torch.tensor(end), cond[rows],
+                                    uncond[rows], w).to(z.dtype)
+            now[rows] = end
         return out
 
 

@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 from latent_consistency.errors import UserError
 
 ADAPTERS = ("full", "lora")
-METHODS = ("lcd", "guidance", "progressive")
+METHODS = ("lcd", "ode", "guidance", "progressive")
+LCM_METHODS = ("lcd", "ode")  # the methods that make an LCM
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
@@ -149,11 +150,15 @@ class DistillConfig(TrainConfig):
     objective: ClassVar[str] = "lcd"
     teacher: str = doc("teacher: a diffusers Stable-Diffusion-style folder or hub id (or one distilled with --method guidance, "
                        "whose ω input then stands for classifier-free guidance)", default="")
-    method: str = doc("lcd: latent consistency distillation (Algorithm 1), exported as an LCM; guidance: stage one of Guided-Distill "
+    method: str = doc("lcd: latent consistency distillation (Algorithm 1), exported as an LCM; ode (ours): the same LCM regressed "
+                      "onto LCD's fixed point, the teacher's ODE solutions from noised data at two ω each, solved once into the run "
+                      "folder (--ode-targets rows, about T/k teacher passes each); guidance: stage one of Guided-Distill "
                       "(Meng et al. 2023), the teacher's classifier-free guidance learned as an ω input, exported as a diffusion model "
                       "that DDIM or DPM-Solver sample at any step count with one network evaluation per step; progressive: its stage "
                       "two, one round of progressive distillation (Salimans & Ho 2022) of such a model into one sampling in "
                       "--student-steps DDIM steps what it does in twice as many", default="lcd")
+    ode_targets: int = doc("--method ode: rows of the bank of teacher ODE solutions (each a noised data latent solved at two "
+                           "guidance scales)", default=2048)
     student_steps: int = doc("progressive: the DDIM steps the student samples in (its teacher: twice as many)", default=0)
     student_init: str = doc("a diffusers folder whose UNet (with the ω input) a full student starts from instead of the teacher's, "
                             "e.g. a teacher distilled with --method guidance", default="")
@@ -183,9 +188,19 @@ class DistillConfig(TrainConfig):
         get_solver(self.solver)
         if self.method not in METHODS:
             raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.method != "lcd" and (self.adapter != "full" or self.guidance_pair_weight or self.student_init):
+        if self.method not in LCM_METHODS and (self.adapter != "full" or self.guidance_pair_weight or self.student_init):
             raise UserError(f"--method {self.method} trains a full student from the teacher; "
                             "--adapter lora, --guidance-pair-weight and --student-init apply to --method lcd")
+        if self.method == "ode":
+            refused = [flag for flag, on in (("--adapter full", self.adapter != "full"), ("no --guide-increments", self.guide_increments),
+                                             ("--loss-weighting uniform", self.loss_weighting != "uniform"),
+                                             ("no --guidance-pair-steps", self.guidance_pair_steps > 0),
+                                             ("no --eval-data or --eval-fraction", bool(self.eval_data or self.eval_fraction))) if on]
+            if refused:
+                raise UserError(f"--method ode regresses a full student (its ω input) onto a bank of whole ODE solutions, with no grid "
+                                f"pairs to weight or schedule and no held-out loss: set {', '.join(refused)}")
+            if self.ode_targets < 1:
+                raise UserError(f"ode_targets must be at least 1, got {self.ode_targets}")
         if (self.method == "progressive") != (self.student_steps > 0):
             raise UserError("--method progressive needs --student-steps N (N >= 1), and --student-steps applies to it alone")
         if self.student_init and self.adapter != "full":

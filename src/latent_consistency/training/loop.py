@@ -16,11 +16,14 @@ from tqdm.auto import tqdm
 
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError
+from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.models import DiffusionModel
+from latent_consistency.solvers import get_solver
 from latent_consistency.training.batches import TrainingBatches
 from latent_consistency.training.config import TrainConfig
 from latent_consistency.training.ema import ema_update
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
+from latent_consistency.training.ode_targets import ODETargets, build_ode_targets, ode_targets_for_run
 from latent_consistency.training.run_folder import Progress, RunFolder, prepare_run_folder
 from latent_consistency.training.sharding import check_sharding, is_sharded, shard_target
 from latent_consistency.training.students import make_student
@@ -48,17 +51,42 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
-def build_loss(config: TrainConfig, base: DiffusionModel, scheduler_config: dict):
-    """The run's per-sample loss: LCD's or LCF's (`training.objectives`)."""
-    return objective_of(config).loss(config, base, scheduler_config)
+def build_loss(config: TrainConfig, base: DiffusionModel, scheduler_config: dict, ode_targets=None):
+    """The run's per-sample loss: LCD's or LCF's (`training.objectives`); `--method ode` regresses onto `ode_targets`."""
+    objective = objective_of(config)
+    if ode_targets is None:
+        return objective.loss(config, base, scheduler_config)
+    return objective.loss(config, base, scheduler_config, ode_targets)
+
+
+def training_batches(config: TrainConfig, base: DiffusionModel, micro_batch: int, rank: int, world: int, device) -> TrainingBatches:
+    """Process `rank`'s batches of --data (less its --eval-fraction)."""
+    holdout = Holdout(config.eval_fraction, "train") if config.eval_fraction else None
+    return TrainingBatches(config.data, base, config.resolution or base.native_size, micro_batch, config.seed, rank, world, device,
+                           config.num_workers, holdout)
+
+
+def run_ode_targets(config: TrainConfig, base: DiffusionModel, out: Path, accelerator, micro_batch: int, progress: bool):
+    """`--method ode`: the run's bank of teacher ODE solutions, read from the run folder or built there (from the data as one
+    process would draw it with the run's seed, in micro-batches of the run's size); None for every other method."""
+    if getattr(config, "method", None) != "ode":
+        return None
+
+    def make() -> ODETargets:
+        data = training_batches(config, base, micro_batch, 0, 1, accelerator.device)
+        exact = TeacherConsistencyFunction(base.guided_teacher(), get_solver(config.solver), config.skip, data.uncond)
+        generator = torch.Generator(accelerator.device).manual_seed(config.seed)
+        return build_ode_targets(exact, data, config.ode_targets, (config.guidance_scale_min, config.guidance_scale_max), generator,
+                                 progress=progress)
+
+    return ode_targets_for_run(out, accelerator, make)
 
 
 def training_and_eval_batches(config: TrainConfig, base: DiffusionModel, micro_batch: int, rank: int, world: int, device):
     """The training batches, and the held-out ones (--eval-data, or --eval-fraction of --data; None without either)."""
     resolution = config.resolution or base.native_size
-    train_part, eval_part = (Holdout(config.eval_fraction, "train"), Holdout(config.eval_fraction, "eval")) if config.eval_fraction \
-        else (None, None)
-    batches = TrainingBatches(config.data, base, resolution, micro_batch, config.seed, rank, world, device, config.num_workers, train_part)
+    eval_part = Holdout(config.eval_fraction, "eval") if config.eval_fraction else None
+    batches = training_batches(config, base, micro_batch, rank, world, device)
     eval_spec = config.eval_data or (config.data if config.eval_fraction else "")
     eval_batches = TrainingBatches(eval_spec, base, resolution, micro_batch, config.seed, 0, 1, device, 0, eval_part) if eval_spec else None
     return batches, eval_batches
@@ -101,10 +129,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     student = make_student(config, base, scheduler_config, share_unet=True)
     freeze_in_half_precision(config, base)
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
-    loss_fn = build_loss(config, base, scheduler_config)
     optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches, loss_fn)
+    run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches)  # writes config.json
+    ode_targets = run_ode_targets(config, base, out, accelerator, config.batch_size // per_step, progress and accelerator.is_main_process)
+    loss_fn = run.loss_fn = build_loss(config, base, scheduler_config, ode_targets)
     state = run.resume() if resume else Progress()
     student.unet, optimizer = accelerator.prepare(student.unet, optimizer)
     shard_target(accelerator, student)  # under FSDP, θ⁻ sharded as θ is: the target update is local to each process

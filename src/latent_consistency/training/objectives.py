@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 
 from latent_consistency.errors import UserError
-from latent_consistency.losses import GuidanceDistillationLoss, GuidancePairLCDLoss, LCDLoss, LCFLoss, ProgressiveDistillationLoss
+from latent_consistency.losses import (
+    GuidanceDistillationLoss,
+    GuidancePairLCDLoss,
+    LCDLoss,
+    LCFLoss,
+    ODERegressionLoss,
+    ProgressiveDistillationLoss,
+)
 from latent_consistency.models import (
     PROGRESSIVE_STEPS,
     DiffusionModel,
@@ -23,7 +30,7 @@ from latent_consistency.models import (
 )
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver
-from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig
+from latent_consistency.training.config import LCM_METHODS, DistillConfig, FinetuneConfig, TrainConfig
 
 
 def _loss_settings(config: TrainConfig, schedule: NoiseSchedule, skip: int) -> dict:
@@ -59,8 +66,9 @@ def _check_transformer_student(config: DistillConfig, base: DiffusionModel) -> N
 
 
 class Distillation:
-    """LCD: the teacher's guided PF-ODE jumps supervise the student (Algorithm 1). With `method = "guidance"`, stage
-    one of Guided-Distill instead: the teacher's guided output at random t supervises an ω-conditioned student."""
+    """LCD: the teacher's guided PF-ODE jumps supervise the student (Algorithm 1). With `method = "ode"`, the teacher's
+    whole ODE solutions do (`training.ode_targets`). With `method = "guidance"`, stage one of Guided-Distill instead: the
+    teacher's guided output at random t supervises an ω-conditioned student."""
 
     @staticmethod
     def load(config: DistillConfig, device) -> DiffusionModel:
@@ -77,10 +85,10 @@ class Distillation:
             raise UserError(f"{config.teacher} gives its guided output from an ω input; there are no unguided increments to guide")
         _check_transformer_student(config, base)
         student_prediction = config.student_prediction_type(base.prediction_type)
-        if config.method != "lcd":
+        if config.method not in LCM_METHODS:
             Distillation._check_guided_distill(config, base, student_prediction)
         _check_schedule(base.schedule, {"teacher": base.prediction_type, "student": student_prediction},
-                        config.skip if config.method == "lcd" else None)
+                        config.skip if config.method in LCM_METHODS else None)
         return base
 
     @staticmethod
@@ -119,7 +127,11 @@ class Distillation:
         return lcm_scheduler_config(base.scheduler_config, config.skip, prediction_type)
 
     @staticmethod
-    def loss(config: DistillConfig, base: DiffusionModel, scheduler_config: dict):
+    def loss(config: DistillConfig, base: DiffusionModel, scheduler_config: dict, ode_targets=None):
+        """The method's loss; `--method ode` regresses onto `ode_targets`, the run's bank (`training.ode_targets`)."""
+        if config.method == "ode":
+            return ODERegressionLoss(bank=ode_targets, distance=config.loss, huber_c=config.huber_c,
+                                     guidance_pair_weight=config.guidance_pair_weight)
         if config.method == "progressive":
             return ProgressiveDistillationLoss(schedule=base.schedule, teacher=base.guided_teacher(), student_steps=config.student_steps,
                                                guidance_scale_range=(config.guidance_scale_min, config.guidance_scale_max),

@@ -14,11 +14,12 @@ import torch
 from latent_consistency.evaluation.ode_error import error_timesteps, guidance_response, ode_solutions
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.solvers import get_solver
+from latent_consistency.training.config import LCM_METHODS
 
 
 def applies(config) -> bool:
-    """An LCD run (a teacher to solve with) of a full student (an ω input) over a guidance range."""
-    return (getattr(config, "method", None) == "lcd" and config.adapter == "full" and config.omega_response_samples > 0
+    """A distillation into an LCM (a teacher to solve with) of a full student (an ω input) over a guidance range."""
+    return (getattr(config, "method", None) in LCM_METHODS and config.adapter == "full" and config.omega_response_samples > 0
             and config.guidance_scale_min < config.guidance_scale_max)
 
 

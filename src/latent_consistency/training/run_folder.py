@@ -71,10 +71,10 @@ class RunFolder:
     """The save / validate / log side of the training loop, and resume and export."""
 
     def __init__(self, out: Path, config: TrainConfig, accelerator, base: DiffusionModel, student, optimizer, lr_scheduler, batches,
-                 eval_batches=None, loss_fn=None):
+                 eval_batches=None):
         self.out, self.config, self.accelerator = out, config, accelerator
         self.base, self.student, self.optimizer, self.lr_scheduler, self.batches = base, student, optimizer, lr_scheduler, batches
-        self.loss_fn = loss_fn
+        self.loss_fn = None  # the run's loss, for the held-out loss: set by the loop once built (after config.json is written)
         # A fixed held-out set: its first micro-batches, drawn once
         self.eval_set = [next(eval_batches) for _ in range(EVAL_MICRO_BATCHES)] if eval_batches is not None else []
         self.main = accelerator.is_main_process

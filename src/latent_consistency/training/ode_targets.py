@@ -1,0 +1,94 @@
+"""The bank of exact targets of `lcm distill --method ode`: data latents noised to grid timesteps and solved to 0 by the
+guided teacher at two guidance scales each (ours, not the paper's).
+
+LCD (Algorithm 1) learns the consistency function f*(z_t, ω, c, t) through its own bootstrapped target
+f_θ⁻(Ψ(z_{t_{n+k}}), t_n): each grid link carries only a k/T share of the teacher's guidance effect, under a
+residual common to every ω, and on the built-in world a student ends LCD ignoring ω (docs/notes/2026-12-02-omega.md).
+Here f* itself is computed once, `evaluation.ode_error.TeacherConsistencyFunction` (the teacher's solver in jumps of k
+from t to 0, exactly the fixed point LCD trains towards), and the student regresses onto it
+(`losses.ODERegressionLoss`): knowledge distillation (Luhman & Luhman 2021) in the LCM's parameterisation, with its
+ω input. Each row is solved at two ω from the same z_t, so the loss sees the teacher's guidance effect Δψ directly.
+
+One row costs about 2·⌈t/k⌉ teacher passes per ω (cond and uncond), i.e. T/k of them on average: the bank is built
+once, into the run folder (`ode_targets.pt`, written atomically by the main process), and a resumed run reads it
+back. Its rows are drawn from the data with the run's seed alone, so the bank does not depend on the process count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from latent_consistency.errors import UserError
+from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
+from latent_consistency.parameterization import omega_from_guidance_scale
+from latent_consistency.schedule import skipping_grid
+
+FILE = "ode_targets.pt"
+
+
+@dataclass
+class ODETargets:
+    """Rows (z_t, t, c) with the teacher's solutions at two guidance weights: `solution[:, i]` = f*(z_t, omega[:, i], c, t)."""
+
+    z: torch.Tensor  # [M, C, H, W]
+    t: torch.Tensor  # [M] grid timesteps
+    cond: torch.Tensor  # [M, L, D]
+    omega: torch.Tensor  # [M, 2]
+    solution: torch.Tensor  # [M, 2, C, H, W]
+
+    def __len__(self) -> int:
+        return len(self.z)
+
+    def to(self, device) -> ODETargets:
+        return ODETargets(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def save(self, path: Path) -> None:
+        """Atomically: a temporary file beside `path`, then rename (a killed build leaves no bank behind)."""
+        tmp = path.with_suffix(".tmp")
+        torch.save({f.name: getattr(self, f.name).cpu() for f in fields(self)}, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, device="cpu") -> ODETargets:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(**{f.name: saved[f.name] for f in fields(cls)}).to(device)
+
+
+@torch.no_grad()
+def build_ode_targets(exact: TeacherConsistencyFunction, batches, rows: int, guidance_scale_range: tuple[float, float],
+                      generator: torch.Generator, progress: bool = False) -> ODETargets:
+    """`rows` data latents from `batches` (micro-batches {"latents", "cond"}, taken in order), each noised to a grid
+    timestep t ~ U{k−1, 2k−1, …, T−1} and solved by `exact` at two ω ~ U[ω_min, ω_max] drawn independently."""
+    if rows < 1:
+        raise UserError(f"ode_targets must be at least 1, got {rows}")
+    grid = skipping_grid(exact.schedule.num_train_timesteps, exact.skip)
+    w_min, w_max = (omega_from_guidance_scale(g) for g in guidance_scale_range)
+    parts, done = [], 0
+    bar = tqdm(total=rows, desc="teacher ODE targets", disable=not progress)
+    while done < rows:
+        batch = next(batches)
+        x0, cond = batch["latents"][:rows - done].float(), batch["cond"][:rows - done]
+        b, device = len(x0), x0.device
+        t = grid.to(device)[torch.randint(len(grid), (b,), generator=generator, device=device)]
+        omega = w_min + (w_max - w_min) * torch.rand(b, 2, generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
+        z = exact.schedule.add_noise(x0, noise, t)
+        both = exact(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, cond]), torch.cat([omega[:, 0], omega[:, 1]]))
+        parts.append((z, t, cond, omega, torch.stack(both.chunk(2), dim=1)))
+        done += b
+        bar.update(b)
+    bar.close()
+    return ODETargets(*(torch.cat(column) for column in zip(*parts)))
+
+
+def ode_targets_for_run(out: Path, accelerator, make: callable) -> ODETargets:
+    """The run's bank: read from the run folder, or built by the main process with `make()` and written there first."""
+    path = out / FILE
+    if accelerator.is_main_process and not path.is_file():
+        make().save(path)
+    accelerator.wait_for_everyone()
+    return ODETargets.load(path, accelerator.device)
