@@ -155,3 +155,11 @@ def test_method_ode_refuses_what_it_has_no_use_for(tiny_sd, image_folder, tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_world_ode_preset_is_a_valid_ode_run(tiny_sd, image_folder, tmp_path, capsys):
+    argv = ["distill", "--preset", "world-ode", "--teacher", str(tiny_sd), "--data", str(image_folder), "--out", str(tmp_path / "r"),
+            "--dry-run"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["method"] == "ode" and printed["loss_weighting"] == "uniform" and printed["guidance_scale_max"] == 4.0

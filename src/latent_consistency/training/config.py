@@ -152,7 +152,7 @@ class DistillConfig(TrainConfig):
                        "whose ω input then stands for classifier-free guidance)", default="")
     method: str = doc("lcd: latent consistency distillation (Algorithm 1), exported as an LCM; ode (ours): the same LCM regressed "
                       "onto LCD's fixed point, the teacher's ODE solutions from noised data at two ω each, solved once into the run "
-                      "folder (--ode-targets rows, about T/k teacher passes each); guidance: stage one of Guided-Distill "
+                      "folder (--ode-targets rows, about 2T/k teacher passes each); guidance: stage one of Guided-Distill "
                       "(Meng et al. 2023), the teacher's classifier-free guidance learned as an ω input, exported as a diffusion model "
                       "that DDIM or DPM-Solver sample at any step count with one network evaluation per step; progressive: its stage "
                       "two, one round of progressive distillation (Salimans & Ho 2022) of such a model into one sampling in "
@@ -280,6 +280,16 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
                   steps=1000, loss="l2", loss_weighting="ict", ema_decay=0.95, lr_warmup_steps=100, validate_every=250,
                   checkpoint_every=250, keep_checkpoints=10, time_cond_proj_dim=64, student_prediction="v_prediction",
                   validation_guidance_scale=2.0, omega_response_samples=8),
+    # The built-in world with exact targets (--method ode, ours) over g ∈ [1, 4], where this teacher's 25-step FID is
+    # best: the student regressed onto 2,048 teacher ODE solutions at two ω each (λ_Δ = 10 on their difference). The
+    # whole network at lr 2e-4 (at 5e-5 the ω response halves), the ω projection at 25 × that. On a 2-core CPU about
+    # 4 minutes for the bank and 10 for the steps; 4-step FID at the exact LCM's and an ω response of about 0.6, where
+    # the `world` preset's LCD student ignores ω (docs/notes/2026-12-02-omega.md).
+    "world-ode": dict(method="ode", solver="ddim", skip=20, guidance_scale_min=1.0, guidance_scale_max=4.0, ode_targets=2048,
+                      guidance_pair_weight=10.0, lr=2e-4, omega_lr_scale=25.0, batch_size=64, steps=2000, loss="l2",
+                      loss_weighting="uniform", ema_decay=0.95, lr_warmup_steps=100, validate_every=250, checkpoint_every=500,
+                      keep_checkpoints=10, time_cond_proj_dim=64, student_prediction="v_prediction", validation_guidance_scale=2.0,
+                      omega_response_samples=32),
     # Plumbing in tests: seconds.
     "tiny": dict(steps=4, batch_size=4, lr=1e-4, lr_warmup_steps=0, log_every=1, validate_every=0, checkpoint_every=2,
                  time_cond_proj_dim=32),
