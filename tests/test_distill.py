@@ -197,7 +197,7 @@ def test_lora_export_loads_with_load_lora_weights(tiny_sd, image_folder, tmp_pat
 def test_nonfinite_losses_stop_with_a_checkpoint(tiny_sd, image_folder, tmp_path, monkeypatch):
     from latent_consistency.training import loop
 
-    def nan_loss(config, base, scheduler_config):
+    def nan_loss(config, base, scheduler_config, ode_targets=None):
         def loss(student, target, latents, cond, uncond, generator):
             return student(latents, torch.full((len(latents),), 999), cond, 3.0).mean(dim=(1, 2, 3)) * float("nan")
         return loss
