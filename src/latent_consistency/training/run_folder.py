@@ -232,6 +232,9 @@ class RunFolder:
             summary = self.batches.skipped_summary()
             if summary:
                 print(f"data: {summary}")
+        # Every process tears the process group down together: a process that destroys it while the main one is still
+        # exporting has aborted in gloo's teardown ("terminate called without an active exception", seen once in CI)
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return exported
 
