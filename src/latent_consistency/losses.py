@@ -350,9 +350,9 @@ class ODERegressionLoss:
             raise UserError(f"guidance_pair_weight must be 0 or more, got {self.guidance_pair_weight}")
 
     def __call__(self, student, target, latents, cond=None, uncond=None, generator=None) -> torch.Tensor:
-        bank = self.bank
-        rows = torch.randint(0, len(bank), (max(1, latents.shape[0] // 2),), generator=generator, device=latents.device)
-        z, t, c, omega, psi = (x[rows.to(x.device)].to(latents.device) for x in (bank.z, bank.t, bank.cond, bank.omega, bank.solution))
+        bank = self.bank  # on the run's device (`training.ode_targets.ode_targets_for_run`)
+        rows = torch.randint(0, len(bank), (max(1, latents.shape[0] // 2),), generator=generator, device=bank.z.device)
+        z, t, c, omega, psi = (x[rows] for x in (bank.z, bank.t, bank.cond, bank.omega, bank.solution))
         pred = student(_twice(z), _twice(t), _twice(c), torch.cat([omega[:, 0], omega[:, 1]]))
         pred, pred_pair = pred.chunk(2)
         loss = 0.5 * (self.d(pred, psi[:, 0]) + self.d(pred_pair, psi[:, 1]))

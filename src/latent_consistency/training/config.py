@@ -190,7 +190,7 @@ class DistillConfig(TrainConfig):
             raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.method not in LCM_METHODS and (self.adapter != "full" or self.guidance_pair_weight or self.student_init):
             raise UserError(f"--method {self.method} trains a full student from the teacher; "
-                            "--adapter lora, --guidance-pair-weight and --student-init apply to --method lcd")
+                            "--adapter lora, --guidance-pair-weight and --student-init apply to --method lcd (and the last two to ode)")
         if self.method == "ode":
             refused = [flag for flag, on in (("--adapter full", self.adapter != "full"), ("no --guide-increments", self.guide_increments),
                                              ("--loss-weighting uniform", self.loss_weighting != "uniform"),
