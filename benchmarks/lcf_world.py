@@ -69,7 +69,10 @@ def main() -> None:
     parser.add_argument("--method", choices=("lcf", "lcd"), default="lcf")
     parser.add_argument("--out", required=True)
     parser.add_argument("--train-size", type=int, default=2000, help="heldout case: training images")
-    parser.add_argument("--eval-size", type=int, default=300, help="heldout case: scored images")
+    # 2,000 scored images: less noise, and a real-against-real line that means something. Two independent real sets of
+    # these pairs score FID 50 at 300 images, 6.4 at 1,000 and 4.3 at 2,000 in the judge's features (their mixes of
+    # attributes differ by chance); a model's row compares its images with the real images of the same prompts.
+    parser.add_argument("--eval-size", type=int, default=2000, help="heldout case: scored images")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE (JSON values)")
     args = parser.parse_args()
     out = Path(args.out)
