@@ -12,7 +12,7 @@ data for comparison (LCD, Algorithm 1, the `world` distillation preset), and sco
 
     python benchmarks/lcf_world.py --lcm runs/demo/distill/lcm --case digits --out runs/lcf-digits
     python benchmarks/lcf_world.py --lcm runs/demo/distill/lcm --case digits --method lcd --out runs/lcd-digits
-    python benchmarks/lcf_world.py --lcm runs/demo/distill/lcm --case heldout --out runs/lcf-heldout --set steps=800
+    python benchmarks/lcf_world.py --lcm runs/demo/distill/lcm --case heldout --out runs/lcf-heldout --set steps=4000
 
 Writes `lcf.md` and `lcf.json` into --out.
 """
