@@ -13,6 +13,8 @@ data for comparison (LCD, Algorithm 1, the `world` distillation preset), and sco
     python benchmarks/lcf_world.py --lcm runs/demo/distill/lcm --case digits --out runs/lcf-digits
     python benchmarks/lcf_world.py --lcm runs/demo/distill/lcm --case digits --method lcd --out runs/lcd-digits
     python benchmarks/lcf_world.py --lcm runs/demo/distill/lcm --case heldout --out runs/lcf-heldout --set steps=4000
+    python benchmarks/lcf_world.py --lcm runs/demo/distill/lcm --case heldout --replay 2000 --forgetting 2000 \
+        --out runs/lcf-heldout-replay --set steps=2000     # old data mixed in; what each model scores on the old prompts
 
 Writes `lcf.md` and `lcf.json` into --out.
 """
@@ -73,6 +75,10 @@ def main() -> None:
     # these pairs score FID 50 at 300 images, 6.4 at 1,000 and 4.3 at 2,000 in the judge's features (their mixes of
     # attributes differ by chance); a model's row compares its images with the real images of the same prompts.
     parser.add_argument("--eval-size", type=int, default=2000, help="heldout case: scored images")
+    parser.add_argument("--replay", type=int, default=0,
+                        help="also train on this many images of `shapes` (the LCM's own distribution), mixed into the case's data")
+    parser.add_argument("--forgetting", type=int, default=0,
+                        help="also score both models on this many `shapes` reference prompts (what fine-tuning forgets)")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE (JSON values)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -80,10 +86,13 @@ def main() -> None:
     world_dir = Path(args.world) if args.world else default_world_path()
     world = load_world(world_dir)
     train_data, items, judge, attributes_read = case_data(world, args.case, args.train_size, args.eval_size)
+    case_images = len(train_data)
+    if args.replay:
+        train_data = torch.utils.data.ConcatDataset([train_data, get_dataset("shapes", "train", world.resolution, size=args.replay)])
     cache = out / "latents"
     if not (cache / "manifest.json").is_file():
         write_latent_cache(train_data, cache, world.codec, world.model.prompts,
-                           source={"case": args.case, "size": len(train_data)}, progress=False)
+                           source={"case": args.case, "size": case_images, "replay": args.replay}, progress=False)
     overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     if args.method == "lcf":
         config = resolve_config(FinetuneConfig, "world", overrides=dict(model=args.lcm, data=str(cache), out=str(out / "run")) | overrides)
@@ -100,9 +109,10 @@ def main() -> None:
     start, result = load_lcm(args.lcm), load_lcm(str(out / "run" / "lcm"))
     before, after = score(judge, start, world, items, attributes_read, g), score(judge, result, world, items, attributes_read, g)
     real = torch.stack([it["image"] for it in items])
-    train_real = torch.stack([train_data[i]["image"] for i in range(min(len(items), len(train_data)))])
+    train_real = torch.stack([train_data[i]["image"] for i in range(min(len(items), case_images))])
     scale = fid_score(judge, real, train_real)
-    lines = [f"{args.method.upper()} on {args.case} ({len(train_data)} training images, {len(items)} held-out prompts, g = {g:g}); "
+    lines = [f"{args.method.upper()} on {args.case} ({case_images} training images"
+             + (f" and {args.replay} of `shapes` mixed in" if args.replay else "") + f", {len(items)} held-out prompts, g = {g:g}); "
              f"{config.steps} steps, lr {config.lr:g}, batch {config.batch_size}; {minutes:.1f} min of training.\n",
              "| model | " + " | ".join(f"FID {n}-step" for n in STEPS) + " | " + " | ".join(f"read {n}-step" for n in STEPS) + " |",
              "|---" * (1 + 2 * len(STEPS)) + "|"]
@@ -112,8 +122,16 @@ def main() -> None:
                      + " | ".join(f"{read[n]:.3f}" for n in STEPS) + " |")
     lines.append(f"\nReal training images against the held-out ones: FID {scale:.2f}. 'read': the judge reads "
                  f"{' and '.join(attributes_read)} back (the lowest of their accuracies).")
+    forgetting = {}
+    if args.forgetting:
+        reference = get_dataset("shapes", "reference", world.resolution, size=args.forgetting)
+        old = [reference[i] for i in range(args.forgetting)]
+        forgetting = {label: score(world.judge, model, world, old, ("shape", "color"), g) for label, model in (("before", start), ("after", result))}
+        lines.append(f"\nOn {args.forgetting} `shapes` reference prompts (the LCM's own distribution), FID 1 / 2 / 4 steps: before "
+                     + " / ".join(f"{forgetting['before'][n]['fid']:.2f}" for n in STEPS) + ", after "
+                     + " / ".join(f"{forgetting['after'][n]['fid']:.2f}" for n in STEPS) + ".")
     (out / "lcf.md").write_text("\n".join(lines) + "\n")
-    (out / "lcf.json").write_text(json.dumps({"before": before, "after": after, "fid_real": scale, "minutes": minutes,
+    (out / "lcf.json").write_text(json.dumps({"before": before, "after": after, "fid_real": scale, "minutes": minutes, "forgetting": forgetting,
                                               "config": config.to_dict()}, indent=1))
     prompts = [it["caption"] for it in items[:10]]
     grid = [real[:10]] + [sample(SamplerSpec("lcm", n, g), model, world.model, prompts) for model, n in ((start, 4), (result, 1), (result, 4))]
