@@ -16,6 +16,11 @@
    ours: ms per decode of a batch of 64 latents, and 4-step text to image at batch 64 with each (`--preview-only`: this
    alone). The preview decoder computes another, approximate image: this is the preview path's speed, not a ratio to
    diffusers (its quality cost: `benchmarks/preview_decoder_world.py`).
+5. With --compile (`--compile-only`: this alone): our compiled generator (`lcm generate --compile`) at 4 steps, batch 1
+   and 64, in float32 and in bfloat16 (weights frozen into the graph), against diffusers' pipeline eager in float32 and
+   in the same dtype, three calls in turn; the compile time; the largest and mean difference to our float32 images. And
+   the LCD step compiled (`lcm distill --compile`: student, target and teacher) against ours plain and the reference.
+   Each timed call follows an untimed one of the same function here.
 
 Prints a markdown table last and writes cpu_speed.json to --out.
 """
@@ -48,16 +53,18 @@ PROMPT = "a large red star at the top left on a gray background"
 
 # --- 1. text to image ---
 
-def ours_sampler(lcm: str, batch: int, steps: int):
-    generator = LCMGenerator.load(lcm, torch.device("cpu"), torch.float32)
+def ours_sampler(lcm: str, batch: int, steps: int, dtype: torch.dtype = torch.float32, compile: bool = False):
+    generator = LCMGenerator.load(lcm, torch.device("cpu"), dtype)
+    if compile:
+        generator.compile()
     timesteps, size = generator.timesteps(steps), generator.default_size()
-    return lambda: generator([PROMPT] * batch, timesteps, GUIDANCE_SCALE, list(range(batch)), size, size)
+    return lambda: generator([PROMPT] * batch, timesteps, GUIDANCE_SCALE, list(range(batch)), size, size).float()
 
 
-def diffusers_sampler(lcm: str, batch: int, steps: int):
+def diffusers_sampler(lcm: str, batch: int, steps: int, dtype: torch.dtype = torch.float32):
     from diffusers import LatentConsistencyModelPipeline
 
-    pipe = LatentConsistencyModelPipeline.from_pretrained(lcm, safety_checker=None, requires_safety_checker=False)
+    pipe = LatentConsistencyModelPipeline.from_pretrained(lcm, safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
@@ -65,9 +72,34 @@ def diffusers_sampler(lcm: str, batch: int, steps: int):
         generators = [torch.Generator("cpu").manual_seed(s) for s in range(batch)]
         images = pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE, generator=generators, height=size,
                       width=size, output_type="pt").images
-        return images * 2 - 1  # [0, 1] -> ours [-1, 1]
+        return images.float() * 2 - 1  # [0, 1] -> ours [-1, 1]
 
     return call
+
+
+# --- 5. the compiled fast path ---
+
+def compiled_rows(lcm: str, repeats: int, steps: int = 4) -> list[dict]:
+    """Our compiled generator (`LCMGenerator.compile`) in float32 and in bfloat16 (weights frozen into the graph) against
+    diffusers' pipeline eager in float32 (its default) and in the same dtype; three calls alternate. The compile time is
+    the first call's (loading excluded); the difference is to our plain float32 images."""
+    rows = []
+    for batch in (1, 64):
+        reference = ours_sampler(lcm, batch, steps)()
+        for dtype in (torch.float32, torch.bfloat16):
+            fast = ours_sampler(lcm, batch, steps, dtype, compile=True)
+            t0 = time.perf_counter()
+            images = fast()
+            compile_s = time.perf_counter() - t0
+            theirs_f32 = diffusers_sampler(lcm, batch, steps)
+            theirs_same = diffusers_sampler(lcm, batch, steps, dtype) if dtype != torch.float32 else theirs_f32
+            t_fast, t_f32, t_same = alternating((fast, theirs_f32, theirs_same), repeats, settle=True)
+            rows.append({"batch": batch, "steps": steps, "dtype": str(dtype).removeprefix("torch."), "compile_s": compile_s,
+                         "ours_images_per_s": batch / t_fast, "diffusers_float32_images_per_s": batch / t_f32,
+                         "diffusers_same_dtype_images_per_s": batch / t_same, "speedup_vs_float32": t_f32 / t_fast,
+                         "speedup_vs_same_dtype": t_same / t_fast, "max_abs_difference": (images - reference).abs().max().item(),
+                         "mean_abs_difference": (images - reference).abs().mean().item()})
+    return rows
 
 
 # --- 4. the preview decoder ---
@@ -116,8 +148,11 @@ class LCDSetup:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def ours_step(teacher: str, batch: int):
+def ours_step(teacher: str, batch: int, compile: bool = False):
     s = LCDSetup(teacher, batch)
+    if compile:  # as `--compile` does in the loop: student, target and teacher
+        for module in (s.student, s.target, s.model.unet):
+            module.compile(backend="inductor")
     latents = s.model.codec.encode(s.images)  # the latent cache: encoded once, before training
     cond = s.model.prompts.encode(s.captions)
     f_student, f_target = consistency_model(s.student, s.scheduler_config), consistency_model(s.target, s.scheduler_config)
@@ -186,16 +221,27 @@ def _run_case(case: str, args: tuple, calls: int) -> float:
     return int(status["VmHWM"].split()[0]) / 1024
 
 
-def paired(fa, fb, repeats: int) -> tuple[float, float]:
-    """Median seconds of fa and fb, called alternately after one warm-up call each."""
-    fa(), fb()
-    ta, tb = [], []
+def alternating(fns, repeats: int, settle: bool = False) -> list[float]:
+    """Median seconds of each of `fns`, called in turn after one warm-up call each. `settle`: each timed call follows an
+    untimed call of the same function, as in a run of one of them alone (a compiled call leaves the next, other call
+    slower: at batch 1, 72 against 49 ms for diffusers' pipeline)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((fa, ta), (fb, tb)):
+        for fn, record in zip(fns, times):
+            if settle:
+                fn()
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+            record.append(time.perf_counter() - t0)
+    return [statistics.median(record) for record in times]
+
+
+def paired(fa, fb, repeats: int) -> tuple[float, float]:
+    """Median seconds of fa and fb, called alternately after one warm-up call each."""
+    ta, tb = alternating((fa, fb), repeats)
+    return ta, tb
 
 
 def main() -> None:
@@ -208,6 +254,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/cpu-speed")
     parser.add_argument("--preview-decoder", help="also time this tiny preview decoder (`lcm world preview-decoder`) against the VAE's")
     parser.add_argument("--preview-only", action="store_true", help="time only the preview decoder (needs --preview-decoder)")
+    parser.add_argument("--compile", action="store_true", help="also time our compiled generator, float32 and bfloat16, against diffusers")
+    parser.add_argument("--compile-only", action="store_true", help="time only the compiled generator")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -223,6 +271,30 @@ def main() -> None:
     if args.preview_only:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "cpu_speed_preview.json").write_text(json.dumps(results, indent=2))
+        return
+    if args.compile or args.compile_only:
+        results["compiled"] = compiled_rows(args.lcm, args.repeats)
+        print(f"\n{results['date']}, {results['machine']}, {results['threads']} threads, torch {results['torch']}\n")
+        print("| 4 steps | ours compiled | diffusers float32 | diffusers same dtype | speed-up (float32 / same dtype) | compile s "
+              "| difference to our float32 (max / mean) |\n|---|---|---|---|---|---|---|")
+        for r in results["compiled"]:
+            print(f"| batch {r['batch']}, {r['dtype']} | {r['ours_images_per_s']:.1f} images/s | {r['diffusers_float32_images_per_s']:.1f} "
+                  f"| {r['diffusers_same_dtype_images_per_s']:.1f} | {r['speedup_vs_float32']:.2f}x / {r['speedup_vs_same_dtype']:.2f}x "
+                  f"| {r['compile_s']:.0f} | {r['max_abs_difference']:.1e} / {r['mean_abs_difference']:.1e} |")
+        fast, plain, reference = ours_step(args.teacher, args.train_batch, compile=True), ours_step(args.teacher, args.train_batch), \
+            reference_step(args.teacher, args.train_batch)
+        t0 = time.perf_counter()
+        fast(), fast()
+        compile_s = time.perf_counter() - t0
+        t_fast, t_plain, t_ref = alternating((fast, plain, reference), args.repeats, settle=True)
+        results["compiled_lcd_step"] = {"batch": args.train_batch, "compile_s": compile_s, "ours_compiled_examples_per_s": args.train_batch / t_fast,
+                                        "ours_examples_per_s": args.train_batch / t_plain, "reference_examples_per_s": args.train_batch / t_ref}
+        print(f"| LCD step, batch {args.train_batch}, float32: compiled / plain / diffusers-style | {args.train_batch / t_fast:.1f} / "
+              f"{args.train_batch / t_plain:.1f} / {args.train_batch / t_ref:.1f} examples/s | {t_ref / t_fast:.2f}x / {t_ref / t_plain:.2f}x "
+              f"(compiled / plain against diffusers-style) | | {compile_s:.0f} | |")
+    if args.compile_only:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "cpu_speed_compiled.json").write_text(json.dumps(results, indent=2))
         return
     rows = []
     for batch in (1, 64):

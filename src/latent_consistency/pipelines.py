@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from latent_consistency.compilation import compile_for_sampling
 from latent_consistency.denoisers import NegativePromptGuidance
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, load_diffusion_model, load_lcm, load_lcm_lora
@@ -62,6 +63,11 @@ class Generator:
         codec = self.model.codec
         preview = load_preview_decoder(name_or_path, self.dtype, self.device)
         self.model.preview_decoder = preview.check_fits(codec.latent_channels, codec.downsampling_factor)
+
+    def compile(self) -> None:
+        """`torch.compile` the text encoder, network and decoder in place (`compilation.compile_for_sampling`): the first call of each
+        input shape compiles, later ones run faster. Call it after `use_preview_decoder`, which swaps the decoder."""
+        compile_for_sampling(self.model, self.dtype)
 
     def start(self, prompts: list[str], seeds: list[int], height: int, width: int):
         """(z_T, prompt embeddings, per-image generators): image i's noise from its own seed."""

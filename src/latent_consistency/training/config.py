@@ -32,7 +32,7 @@ def doc(text: str, **kwargs) -> Any:
 
 # Fields a resumed run may change: how long it runs, and what it writes how often
 RESUMABLE_CHANGES = ("out", "steps", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "num_workers",
-                     "omega_response_samples")
+                     "omega_response_samples", "compile")
 
 
 @dataclass
@@ -77,6 +77,8 @@ class TrainConfig:
     max_grad_norm: float = doc("gradient clipping norm (0: off)", default=1.0)
     mixed_precision: str = doc("no, fp16 or bf16 (accelerate autocast)", default="no")
     gradient_checkpointing: bool = doc("recompute activations in the backward pass to save memory", default=False)
+    compile: bool = doc("torch.compile (inductor) the student's, target's and teacher's networks (full students): a few minutes of "
+                        "compiling first, then faster steps (docs/benchmarks.md); worth it for long runs", default=False)
     max_nonfinite_steps: int = doc("stop (with a checkpoint) after this many non-finite losses in a row", default=10)
     seed: int = doc("seed of everything: init, data order, noise, n and ω draws", default=0)
     # --- Logging, validation, checkpoints ---
@@ -120,6 +122,9 @@ class TrainConfig:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.eval_data and self.eval_fraction:
             raise UserError("give --eval-data or --eval-fraction, not both")
+        if self.compile and self.adapter != "full":
+            raise UserError("--compile applies to full students; a LoRA student shares its UNet with the teacher, which is not "
+                            "verified compiled: leave --compile out")
         check_guidance_scale_range(self.guidance_scale_min, self.guidance_scale_max)
         if self.lr <= 0 or self.huber_c <= 0 or self.validation_guidance_scale < 0:
             raise UserError(f"lr and huber_c must be positive and validation_guidance_scale >= 0, got {self.lr}, {self.huber_c}, "

@@ -61,6 +61,15 @@ class Student:
             return [{"params": rest + omega, "lr": lr}]
         return [{"params": rest, "lr": lr}, {"params": omega, "lr": lr * omega_lr_scale}]
 
+    def compile(self, unwrapped_unet, teacher_unet=None) -> None:
+        """`--compile`: the student's, the target's and the teacher's networks compiled in place (`nn.Module.compile`, inductor;
+        weights, state dicts and hooks stay the modules'). A module they share (the target when μ = 0) is compiled once. Full
+        students only (`TrainConfig.check`): a LoRA student's adapters, switched off for the teacher's calls, are not
+        verified under compilation."""
+        modules = {id(m): m for m in (unwrapped_unet, self.target_unet, teacher_unet) if m is not None}
+        for module in modules.values():
+            module.compile(backend="inductor")
+
     def consistency_model(self, unet) -> ConsistencyModel:
         """f_θ of Eq. 9 around `unet`: the student (as accelerate wrapped it) or the target. Both share one config,
         read from the target, which is never wrapped."""

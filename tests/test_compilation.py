@@ -1,0 +1,135 @@
+"""`Generator.compile` (`lcm generate --compile`, `lcm serve --compile`): the compiled fast path draws the plain path's
+images within its dtype's tolerance, and the compiled modules are the ones a sampling call runs."""
+
+import pytest
+import torch
+
+from latent_consistency.cli import main
+from latent_consistency.compilation import sampling_modules
+from latent_consistency.pipelines import LCMGenerator
+
+PROMPTS = ["a red star", "a blue ring"]
+
+
+def images(generator: LCMGenerator, steps: int = 2) -> torch.Tensor:
+    return generator(PROMPTS, generator.timesteps(steps), 2.0, [3, 4], 16, 16).float()
+
+
+@pytest.mark.slow
+def test_compiled_bfloat16_generator_matches_the_plain_one(tiny_lcm):
+    """bfloat16 is the path that freezes the weights into the graph; float32's is checked through the command line below."""
+    dtype, tolerance = torch.bfloat16, 0.1
+    plain = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), dtype)
+    fast = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), dtype)
+    fast.compile()
+    compiled = sampling_modules(fast.model)
+    assert all(module._compiled_call_impl is not None for module in compiled.values())
+    assert not any(module._compiled_call_impl is not None for module in sampling_modules(plain.model).values())
+    expected, got = images(plain), images(fast)
+    assert got.shape == expected.shape == (2, 3, 16, 16)
+    assert (got - expected).abs().max() < tolerance
+    # bfloat16's tolerance is loose per pixel; on average the two paths agree far more closely
+    assert (got - expected).abs().mean() < tolerance / 10
+    # a second call (no compilation) draws the same images
+    assert torch.equal(images(fast), got)
+
+
+@pytest.mark.slow
+def test_generate_cli_compile_writes_the_plain_images(tiny_lcm, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    # one image at the model's size: the graph the serve warm-up below compiles too (inductor's cache serves the second)
+    common = ["generate", PROMPTS[0], "--model", str(tiny_lcm), "--steps", "2", "--seed", "3"]
+    assert main(common + ["--out", str(tmp_path / "plain")]) == 0
+    assert main(common + ["--out", str(tmp_path / "compiled"), "--compile"]) == 0
+    names = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "compiled").iterdir()) and len(names) == 1
+    for name in names:
+        a = np.asarray(Image.open(tmp_path / "plain" / name), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "compiled" / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1  # 8-bit rounding of images equal within 1e-4
+
+
+@pytest.mark.slow
+def test_serve_warm_up_compiles_before_the_first_request(tiny_lcm, capsys):
+    from latent_consistency.cli.serve import warm_up
+
+    plain = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), torch.float32)
+    served = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), torch.float32)
+    warm_up(served)
+    assert "compiled in" in capsys.readouterr().out
+    assert all(module._compiled_call_impl is not None for module in sampling_modules(served.model).values())
+    size = served.default_size()
+    request = (["a red star"], served.timesteps(4), 8.0, [7], size, size)
+    assert (served(*request) - plain(*request)).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from tiny_models import write_captioned_images
+
+    return write_captioned_images(tmp_path_factory.mktemp("images"), 8)
+
+
+def lcd_loss_and_gradients(model, student_unet, target_unet, compiled: bool):
+    """One LCD loss (Algorithm 1, DDIM) of a student of `model` and its gradients, with `Student.compile`'s modules
+    compiled or not; the same data, noise, n and ω draws every time."""
+    from latent_consistency.losses import LCDLoss
+    from latent_consistency.models import consistency_model, lcm_scheduler_config
+    from latent_consistency.solvers import get_solver
+    from latent_consistency.training.students import Student
+
+    scheduler_config = lcm_scheduler_config(model.scheduler_config, 20, model.prediction_type)
+    if compiled:
+        Student(student_unet, target_unet, True, "full", scheduler_config).compile(student_unet, model.unet)
+    loss_fn = LCDLoss(schedule=model.schedule, skip=20, guidance_scale_range=(1.0, 4.0), distance="l2", weighting="uniform",
+                      teacher=model.guided_teacher(), solver=get_solver("ddim"))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = model.prompts.encode(PROMPTS)
+    loss = loss_fn(consistency_model(student_unet, scheduler_config), consistency_model(target_unet, scheduler_config), latents, cond,
+                   model.prompts.uncond().expand(2, -1, -1), torch.Generator().manual_seed(2)).mean()
+    student_unet.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in student_unet.named_parameters()}
+
+
+@pytest.mark.slow
+def test_compiled_student_target_and_teacher_give_the_plain_loss_and_gradients(tiny_sd):
+    """`lcm distill --compile` (`Student.compile`: student, EMA target and teacher) changes how they run, not what they
+    compute: one LCD step's loss and every gradient equal the plain ones."""
+    import copy
+
+    from latent_consistency.models import load_diffusion_model, make_student_unet
+
+    model = load_diffusion_model(str(tiny_sd))
+    torch.manual_seed(0)
+    student = make_student_unet(model.unet, 32).requires_grad_(True).train()
+    target = copy.deepcopy(student).requires_grad_(False).eval()
+    plain_loss, plain = lcd_loss_and_gradients(model, student, target, compiled=False)
+    loss, gradients = lcd_loss_and_gradients(model, student, target, compiled=True)
+    assert student._compiled_call_impl is not None and target._compiled_call_impl is not None and model.unet._compiled_call_impl is not None
+    assert torch.isclose(loss, plain_loss, rtol=1e-5) and plain_loss > 0
+    # float32 rounding through the network and back, relative to each tensor's gradient and, for those that are zero up to
+    # rounding (a convolution's bias before a group norm), to the whole gradient's size
+    total = torch.stack([grad.norm() for grad in plain.values()]).norm()
+    for name, grad in plain.items():
+        assert (gradients[name] - grad).norm() <= 1e-3 * grad.norm() + 1e-6 * total, name
+
+
+def test_distill_compile_compiles_the_run_s_networks_and_lora_is_refused(tiny_sd, image_folder, tmp_path, monkeypatch, run_error):
+    """The loop's wiring of `--compile` (the compiling itself is checked above): a full run calls `Student.compile` with its
+    student and teacher; a LoRA student is refused before anything is written."""
+    from latent_consistency.training.students import Student
+
+    calls = []
+    monkeypatch.setattr(Student, "compile", lambda self, unet, teacher=None: calls.append((unet, teacher)))
+    out = tmp_path / "run"
+    common = ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(image_folder), "--steps", "1",
+              "--omega-response-samples", "0"]
+    assert main(common + ["--out", str(out), "--compile"]) == 0
+    assert len(calls) == 1 and isinstance(calls[0][0], torch.nn.Module) and isinstance(calls[0][1], torch.nn.Module)
+    assert calls[0][0] is not calls[0][1]  # the student, then the teacher
+    code, err = run_error(common + ["--out", str(tmp_path / "lora"), "--adapter", "lora", "--compile"])
+    assert code == 2 and "--compile applies to full students" in err.splitlines()[-1]
+    assert not (tmp_path / "lora").exists()
