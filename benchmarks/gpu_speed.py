@@ -22,8 +22,10 @@ the order they run (one that would not fit what is left of --budget-seconds is s
    gradient checkpointing) and of an SDXL LCM-LoRA (`sdxl-lora`, rank 64) at batch --sdxl-batch (halved on out of memory),
    the condition packed as `conditioning.AddedConditioning` lays it out: 77 tokens of 2048, then one row carrying the pooled
    1280 and the 6 time ids.
-4. Text to image with `torch.compile` of our UNet and VAE decoder (--compile, default on with CUDA), batch 16 then 1,
+4. Text to image with `torch.compile` of our text encoder, UNet and VAE decoder, as `lcm generate --compile` does
+   (--compile, default on with CUDA), batch 16 then 1,
    against row 1's eager diffusers time; compile time or failure in the note.
+5. With --compile, row 2 again with our student, target and teacher compiled (`lcm distill --compile`).
 
 FLOPs per call: torch.utils.flop_counter.FlopCounterMode over each side's first (warm-up) call or step, and one UNet
 forward per model; achieved TFLOP/s are set against a timed 8192³ bf16 matmul on the same card. Peak memory:
@@ -289,10 +291,10 @@ def sampling_rows(lcm: str, device, dtype, repeats: int, budget: Budget, record,
 
 
 def compile_rows(lcm: str, device, dtype, repeats: int, budget: Budget, record, eager: dict[int, tuple[Row, torch.Tensor]]) -> None:
-    """Row 4: our generator with its UNet and VAE decoder compiled (in place), batch 16 first."""
+    """Row 4: our generator compiled as `lcm generate --compile` compiles it (`LCMGenerator.compile`: text encoder, UNet and
+    VAE decoder in place; in float16/bfloat16 the weights frozen into the graph), batch 16 first."""
     ours = LCMGenerator.load(lcm, device, dtype)
-    ours.model.unet.compile()
-    ours.model.vae.decoder.compile()
+    ours.compile()
     for batch in sorted(eager, reverse=True):
         name = f"text to image {ours.default_size()}², {STEPS} steps, torch.compile"
         if not budget.fits("compile"):
@@ -414,9 +416,11 @@ def measure_step(step, device, repeats: int, budget: Budget) -> tuple[float, flo
     return seconds, flops, peak_gib(device)
 
 
-def sd_lcd_row(teacher: str, device, half: torch.dtype, precision: str, repeats: int, budget: Budget) -> Row:
-    """Row 2: ours against the diffusers-style step, each on its own freshly loaded teacher, student and optimiser."""
-    measured = {}
+def sd_lcd_row(teacher: str, device, half: torch.dtype, precision: str, repeats: int, budget: Budget, compiled: bool = False) -> Row:
+    """Row 2: ours against the diffusers-style step, each on its own freshly loaded teacher, student and optimiser.
+    `compiled` (row 5): ours with student, target and teacher compiled, as `lcm distill --compile` runs it; its first step
+    (compiling) is timed apart and its FLOPs are not counted (the counter would trace the compiled graph again)."""
+    measured, compile_s = {}, None
     for side in ("ours", "reference"):
         config = lcd_config("sd", teacher, TRAIN_BATCH, precision)
         s = LCDSetup.build(config, objective_of(config).load(config, device), device)
@@ -426,14 +430,25 @@ def sd_lcd_row(teacher: str, device, half: torch.dtype, precision: str, repeats:
             latents = torch.randn(TRAIN_BATCH, unet.in_channels, unet.sample_size, unet.sample_size, device=device)
             cond = torch.randn(TRAIN_BATCH, TOKENS, unet.cross_attention_dim, device=device, dtype=half)
             step = ours_step(s, latents, cond, uncond, device)
+            if compiled:
+                s.student.compile(s.student.unet, s.base.unet)
+                reset_peak(device)
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+                compile_s = time.perf_counter() - t0
+                measured[side] = (median_seconds(step, device, repeats, budget), None, peak_gib(device))
+                del s, step
+                continue
         else:
             images = torch.rand(TRAIN_BATCH, 3, s.base.native_size, s.base.native_size, device=device) * 2 - 1
             step = reference_step(s, images, PROMPTS[:TRAIN_BATCH], uncond, device)
         measured[side] = measure_step(step, device, repeats, budget)
         del s, step
     (ours_s, ours_flops, ours_peak), (ref_s, ref_flops, ref_peak) = measured["ours"], measured["reference"]
-    return Row(f"LCD step (sd preset, {config.solver}), ours vs diffusers-style", TRAIN_BATCH, "examples/s", ours_s, ref_s, ours_flops, ref_flops,
-               ours_peak, ref_peak, note="ours: cached latents; theirs: VAE + text encoder in the step")
+    note = "ours: cached latents" + (f", compiled (first step {compile_s:.0f} s)" if compiled else "") + "; theirs: VAE + text encoder in the step"
+    return Row(f"LCD step (sd preset, {config.solver}{', torch.compile' if compiled else ''}), ours vs diffusers-style", TRAIN_BATCH,
+               "examples/s", ours_s, ref_s, ours_flops, ref_flops, ours_peak, ref_peak, note=note)
 
 
 def sdxl_condition(added: AddedConditioning, batch: int, width: int, size: int, device, empty: bool = False) -> torch.Tensor:
@@ -547,6 +562,10 @@ def run(args, device: torch.device, dtype: torch.dtype, budget: Budget, record, 
         reset_peak(device)
         if args.compile and eager:
             section(record, "text to image, torch.compile", compile_rows, lcm, device, dtype, args.repeats, budget, record, eager)
+        if args.compile:
+            reset_peak(device)
+            row_if_time(record, budget, "compile", "LCD step, SD 1.5, torch.compile", TRAIN_BATCH, sd_lcd_row, teacher, device, dtype,
+                        precision, args.repeats, budget, True)
 
 
 def main() -> None:
