@@ -44,6 +44,7 @@ from latent_consistency.parameterization import consistency_output, guidance_emb
 from latent_consistency.pipelines import LCMGenerator
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.ema import ema_update
+from latent_consistency.training.students import Student
 from latent_consistency.world.artifact import default_world_path
 from latent_consistency.world.shapes import ShapesDataset
 
@@ -110,13 +111,13 @@ def preview_rows(lcm: str, preview: str, repeats: int) -> dict:
     fast.use_preview_decoder(preview)
     latents = torch.randn(64, full.model.codec.latent_channels, full.model.unet.config.sample_size, full.model.unet.config.sample_size,
                           generator=torch.Generator().manual_seed(0))
-    t_vae, t_preview = paired(lambda: full.model.codec.decode(latents), lambda: fast.model.codec.decode(latents), repeats)
+    t_vae, t_preview = alternating((lambda: full.model.codec.decode(latents), lambda: fast.model.codec.decode(latents)), repeats)
     timesteps, size = full.timesteps(4), full.default_size()
 
     def sampler(generator):
         return lambda: generator([PROMPT] * 64, timesteps, GUIDANCE_SCALE, list(range(64)), size, size)
 
-    s_vae, s_preview = paired(sampler(full), sampler(fast), repeats)
+    s_vae, s_preview = alternating((sampler(full), sampler(fast)), repeats)
     return {"decode_ms_vae": 1000 * t_vae, "decode_ms_preview": 1000 * t_preview, "images_per_s_vae": 64 / s_vae,
             "images_per_s_preview": 64 / s_preview}
 
@@ -151,8 +152,7 @@ class LCDSetup:
 def ours_step(teacher: str, batch: int, compile: bool = False):
     s = LCDSetup(teacher, batch)
     if compile:  # as `--compile` does in the loop: student, target and teacher
-        for module in (s.student, s.target, s.model.unet):
-            module.compile(backend="inductor")
+        Student(s.student, s.target, True, "full", s.scheduler_config).compile(s.student, s.model.unet)
     latents = s.model.codec.encode(s.images)  # the latent cache: encoded once, before training
     cond = s.model.prompts.encode(s.captions)
     f_student, f_target = consistency_model(s.student, s.scheduler_config), consistency_model(s.target, s.scheduler_config)
@@ -238,11 +238,6 @@ def alternating(fns, repeats: int, settle: bool = False) -> list[float]:
     return [statistics.median(record) for record in times]
 
 
-def paired(fa, fb, repeats: int) -> tuple[float, float]:
-    """Median seconds of fa and fb, called alternately after one warm-up call each."""
-    ta, tb = alternating((fa, fb), repeats)
-    return ta, tb
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -301,7 +296,7 @@ def main() -> None:
         for steps in (1, 2, 4):
             ours, theirs = ours_sampler(args.lcm, batch, steps), diffusers_sampler(args.lcm, batch, steps)
             difference = (ours() - theirs()).abs().max().item()
-            t_ours, t_theirs = paired(ours, theirs, args.repeats)
+            t_ours, t_theirs = alternating((ours, theirs), args.repeats)
             row = {"batch": batch, "steps": steps, "ours_images_per_s": batch / t_ours, "diffusers_images_per_s": batch / t_theirs,
                    "speedup": t_theirs / t_ours, "max_abs_difference": difference}
             if not args.no_memory and steps == 4:
@@ -312,7 +307,7 @@ def main() -> None:
                         f"{row['diffusers_images_per_s']:.1f} images/s | {row['speedup']:.2f}x | "
                         f"{row.get('ours_peak_mib', float('nan')):.0f} / {row.get('diffusers_peak_mib', float('nan')):.0f} | {difference:.1e} |")
     ours, reference = ours_step(args.teacher, args.train_batch), reference_step(args.teacher, args.train_batch)
-    t_ours, t_ref = paired(ours, reference, args.repeats)
+    t_ours, t_ref = alternating((ours, reference), args.repeats)
     step = {"batch": args.train_batch, "ours_examples_per_s": args.train_batch / t_ours, "reference_examples_per_s": args.train_batch / t_ref,
             "speedup": t_ref / t_ours}
     if not args.no_memory:

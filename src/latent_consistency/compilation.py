@@ -5,12 +5,11 @@ per-operator Python and dispatch overhead, which is most of a small batch's time
 the convolutions and matmuls. In reduced precision (bfloat16, float16) it also freezes the weights into the graph
 (inductor's `freezing`: constant folding and weight prepacking), which is what makes bfloat16 convolutions fast on a CPU
 with AVX512-BF16. Measured on a 2-core CPU with the world's LCM, 4 steps, against diffusers' pipeline in float32
-(`benchmarks/cpu_speed.py --compile`, docs/benchmarks.md): float32 1.66× at batch 1, bfloat16 1.66× at batch 64.
+(`benchmarks/cpu_speed.py --compile`, docs/benchmarks.md): float32 1.76-1.82× at batch 1, bfloat16 1.59-1.61× at batch 64.
 
 The first call compiles for its input shape (about a minute on that CPU); the first call of another shape compiles once
 more, a graph for any batch and image size. So compile a generator that will make many images: a server, a long prompt
-file. Frozen weights are constants of the graph: a compiled model is not trained
-or given other adapters afterwards.
+file. Frozen weights are constants of the graph: a compiled model is not trained or given other adapters afterwards.
 """
 
 from __future__ import annotations

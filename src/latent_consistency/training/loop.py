@@ -139,8 +139,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     shard_target(accelerator, student)  # under FSDP, θ⁻ sharded as θ is: the target update is local to each process
     if resume:
         run.resume_optimizer(student.unet, optimizer)  # after prepare: under FSDP the saved full state is sharded as it loads
-    if config.compile:
-        student.compile(accelerator.unwrap_model(student.unet), base.unet)
+    if config.compile:  # LCF has no teacher: the model it starts from only draws the validation grid's first row
+        student.compile(accelerator.unwrap_model(student.unet), base.unet if config.objective == "lcd" else None)
     sharded = is_sharded(accelerator)
     f_student, f_target = student.consistency_model(student.unet), student.consistency_model(student.target_unet)
     uncond = batches.uncond
