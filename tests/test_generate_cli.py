@@ -47,12 +47,23 @@ def test_generate_is_reproducible_and_independent_of_batch_size(tiny_lcm, tmp_pa
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "a" / names[0])), np.asarray(Image.open(tmp_path / "c" / names[0])))
 
 
+def test_prompt_option_adds_prompts_after_the_positional_ones(tiny_lcm, tmp_path):
+    """`--prompt TEXT` (repeatable, diffusers' prompt=), not argparse's abbreviation of --prompt-file."""
+    common = ["--model", str(tiny_lcm), "--steps", "2", "--seed", "3"]
+    assert main(["generate", "a red star", "--prompt", "a blue ring", "--prompt", "a green square", "--out", str(tmp_path / "a")] + common) == 0
+    assert main(["generate", "a red star", "a blue ring", "a green square", "--out", str(tmp_path / "b")] + common) == 0
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["0000-a-red-star.png", "0001-a-blue-ring.png", "0002-a-green-square.png"]
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / name)), np.asarray(Image.open(tmp_path / "b" / name)))
+
+
 def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = capsys.readouterr().out
     for option in ["--model", "--steps", "--guidance-scale", "--seed", "--height", "--width", "--batch-size",
-                   "--out", "--device", "--dtype", "--prompt-file", "--timesteps", "--lora"]:
+                   "--out", "--device", "--dtype", "--prompt-file", "--prompt", "--timesteps", "--lora"]:
         assert option in text
 
 
@@ -79,6 +90,9 @@ def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
         "empty prompt file": (["--model", m, "--prompt-file", str(empty)], "holds no prompts"),
         "no prompts": (["--model", m], "no prompts given"),
         "prompt file is a folder": (["--model", m, "--prompt-file", str(junk)], "is a folder"),
+        "prompt file name too long": (["--model", m, "--prompt-file", "star " * 100], "File name too long"),
+        "prompt file empty name": (["--model", m, "--prompt-file", ""], "--prompt-file is empty"),
+        "only blank --prompt": (["--model", m, "--prompt", " "], "no prompts given"),
         "output is a file": (["a", "--model", m, "--out", str(blocked / "sub")], "cannot write to output folder"),
         "unwritable output": (["a", "--model", m, "--out", locked], "cannot write to output folder"),
         "bad timesteps": (["a", "--model", m, "--timesteps", "10,999"], "strictly decreasing"),
@@ -91,7 +105,8 @@ def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
 
 @pytest.mark.parametrize("case", ["missing model", "not diffusers", "no omega input", "steps 0", "steps > T/k", "height",
                                   "negative guidance", "absurd guidance", "guidance below 1 for an omega input",
-                                  "empty prompt file", "no prompts", "prompt file is a folder",
+                                  "empty prompt file", "no prompts", "prompt file is a folder", "prompt file name too long",
+                                  "prompt file empty name", "only blank --prompt",
                                   "output is a file", "unwritable output", "bad timesteps", "missing lora", "folder that is not a lora",
                                   "not a lora"])
 def test_bad_input_one_line_exit_2_nothing_written(tiny_lcm, tiny_sd, tmp_path, run_error, case):

@@ -2,11 +2,13 @@
 lives here.
 
 Each command module exposes `register(subparsers)`, which adds its parser and sets `run`, a function of
-the parsed arguments. A `UserError` anywhere becomes one line on stderr and exit code 2.
+the parsed arguments. A `UserError` anywhere becomes one line on stderr and exit code 2, and so does an OSError
+about a path the user gave (a name too long, no permission, a full or read-only disk).
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from latent_consistency import __version__
@@ -38,6 +40,11 @@ def quiet_libraries() -> None:
         lib.utils.logging.disable_progress_bar()
 
 
+# OSErrors that a path from the command line causes, not a defect of ours
+USER_PATH_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+                    errno.EISDIR, errno.EDQUOT}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -46,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except UserError as err:
         print(f"lcm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None or err.errno not in USER_PATH_ERRORS:
+            raise
+        name = str(err.filename)
+        print(f"lcm {args.command}: error: {err.strerror}: {name if len(name) <= 120 else name[:120] + '…'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lcm {args.command}: interrupted", file=sys.stderr)

@@ -33,6 +33,8 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
     prompts = [p for p in prompts if p.strip()]
     if prompt_file is not None:
         path = Path(prompt_file)
+        if not prompt_file.strip():
+            raise UserError("--prompt-file is empty; give a text file with one prompt per line (a prompt itself goes in --prompt)")
         if prompt_file != "-" and not path.exists():
             raise UserError(f"prompt file {prompt_file} does not exist")
         if path.is_dir():
@@ -46,7 +48,7 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
             raise UserError(f"prompt file {prompt_file} holds no prompts; write one prompt per line")
         prompts += from_file
     if not prompts:
-        raise UserError("no prompts given; pass prompts as arguments or --prompt-file FILE")
+        raise UserError("no prompts given; pass prompts as arguments, --prompt TEXT or --prompt-file FILE")
     return prompts
 
 
@@ -97,7 +99,7 @@ def read_init_image(path: str, height: int | None, width: int | None, factor: in
 
 
 def run(args) -> None:
-    prompts = read_prompts(args.prompts, args.prompt_file)
+    prompts = read_prompts(args.prompts + args.prompt, args.prompt_file)
     if args.gamma is not None and not 0 <= args.gamma <= 1:
         raise UserError(f"--gamma {args.gamma:g} is outside [0, 1]: 0 is deterministic, 1 re-injects fresh noise at every step")
     if args.strength is not None and args.init_image is None:
@@ -169,6 +171,8 @@ def register(subparsers) -> None:
         "(multistep consistency sampling, Algorithm 3 of Luo et al. 2023): a full LCM, or a diffusion model with an LCM-LoRA.",
     )
     p.add_argument("prompts", nargs="*", help="prompts, one image each")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt (repeatable; added after PROMPTS), as diffusers' prompt=")
     p.add_argument("--prompt-file", help="text file with one prompt per line, or - for standard input (added after PROMPTS)")
     p.add_argument("--model", required=True, help="LCM as a diffusers LatentConsistencyModelPipeline folder or hub id; "
                    "with --lora, the diffusion model the LoRA was distilled from")
