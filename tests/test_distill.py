@@ -313,6 +313,16 @@ def test_distill_from_latent_cache_with_accumulation(tiny_sd, latent_cache, tmp_
     assert state["data"][0]["sampler"]["index"] == 16  # 4 steps x 2 micro-batches x 2 samples
 
 
+def test_a_resolution_that_a_latent_cache_does_not_have_is_refused(tiny_sd, latent_cache, tmp_path, capsys):
+    """The cache holds 16 px images encoded once: --resolution 16 is its own, any other size cannot apply to it."""
+    out = tmp_path / "other-size"
+    assert main(distill_args(tiny_sd, latent_cache, out, "--resolution", "24")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resolution 24 does not apply to a latent cache" in err, err
+    assert not (out / "checkpoints").exists()
+    assert main(distill_args(tiny_sd, latent_cache, tmp_path / "same-size", "--resolution", "16", "--steps", "1")) == 0
+
+
 def test_distill_from_webdataset_shards(tiny_sd, tmp_path):
     import io
     import tarfile

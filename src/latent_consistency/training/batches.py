@@ -56,6 +56,10 @@ class TrainingBatches:
             if h != unet.sample_size:
                 raise UserError(f"latent cache latents are {h}x{h} but the model was trained on {unet.sample_size}x{unet.sample_size}; "
                                 "use data at the model's resolution")
+            pixels = h * self.model.codec.downsampling_factor
+            if self.resolution != pixels:
+                raise UserError(f"--resolution {self.resolution} does not apply to a latent cache: its latents are {pixels} px images "
+                                "encoded once; leave --resolution out, or train on the images themselves")
         else:
             factor = self.model.codec.downsampling_factor
             if self.resolution % factor:
