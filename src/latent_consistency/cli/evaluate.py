@@ -68,8 +68,11 @@ def load_eval_set(args, resolution: int):
         raise UserError(f"--prompts {args.prompts} holds no prompts")
     references = read_items(args.reference or args.prompts, resolution, len(items) * args.images_per_prompt)
     references = [it for it in references if "image" in it]
+    if len(references) < 2 and args.reference is None:
+        raise UserError(f"--prompts {args.prompts} holds {len(references)} real images, and FID needs real images: give --reference "
+                        "DATA (an image folder, shards or world:NAME)")
     if len(references) < 2:
-        raise UserError(f"--reference {args.reference or args.prompts} holds {len(references)} images; FID needs real images "
+        raise UserError(f"--reference {args.reference} holds {len(references)} images; FID needs real images "
                         "(an image folder, shards or world:NAME)")
     attributes = [it["attributes"] for it in items] if all("attributes" in it for it in items) else None
     return EvalSet([it["caption"] for it in items], attributes, torch.stack([it["image"] for it in references]),
