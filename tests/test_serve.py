@@ -228,6 +228,7 @@ def test_bad_requests_get_a_4xx_with_a_message(client, name):
     response = client.post("/v1/images", content=body, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     assert words in response.json()["error"] and "\n" not in response.json()["error"]
+    assert "--" not in response.json()["error"]  # the API's fields, not the command line's flags
 
 
 def test_upload_over_the_limit_is_refused_and_the_server_keeps_serving(client):

@@ -45,16 +45,18 @@ class Generator:
     def default_size(self) -> int:
         return self.model.native_size
 
-    def check_size(self, height: int, width: int) -> None:
+    def check_size(self, height: int, width: int, flag: str = "--") -> None:
+        """Image sides the model can make; an error names each side as `flag` + its name ("--height" on the command line,
+        "height" for the HTTP API's JSON field)."""
         factor = self.model.codec.downsampling_factor
         # a transformer's latents are cut into patch_size x patch_size patches
         patch = int(self.model.unet.config.get("patch_size") or 1) if self.model.is_transformer else 1
         for name, value in (("height", height), ("width", width)):
             if value < factor * patch or value % (factor * patch):
-                raise UserError(f"--{name} {value} must be a positive multiple of the VAE factor {factor}"
+                raise UserError(f"{flag}{name} {value} must be a positive multiple of the VAE factor {factor}"
                                 + (f" times the transformer's patch size {patch}" if patch > 1 else ""))
             if value > MAX_SIZE_FACTOR * self.default_size():
-                raise UserError(f"--{name} {value} is more than {MAX_SIZE_FACTOR}x the model's {self.default_size()} px; "
+                raise UserError(f"{flag}{name} {value} is more than {MAX_SIZE_FACTOR}x the model's {self.default_size()} px; "
                                 "a UNet does not generate coherent images that far from its training size")
 
     def use_preview_decoder(self, name_or_path: str) -> None:

@@ -101,7 +101,7 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
     for name, value in (("width", width), ("height", height)):
         if value > limits.max_side:
             raise UserError(f"{name} {value} is above this server's limit of {limits.max_side} px")
-    generator.check_size(height, width)
+    generator.check_size(height, width, flag="")
     init = decode_image(request.init_image, width, height, limits) if request.init_image is not None else None
     generator.timesteps(request.steps, strength=request.strength if init is not None else 1.0)  # a strength that leaves too few steps
     return Job(prompt=request.prompt, seed=secrets.randbelow(2**31) if request.seed is None else request.seed, steps=request.steps,
