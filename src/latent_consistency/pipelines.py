@@ -8,7 +8,7 @@ own generator seeded with `seeds[i]`, so an image does not depend on the batch i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, load_diffusion_model, load_lcm, load_lcm_lora
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.preview import load_preview_decoder
+from latent_consistency.prompts import PromptCache
 from latent_consistency.sampling import check_custom_timesteps, check_gamma, randn, sample_lcm, sample_tcd, sample_teacher
 
 # Images larger than this multiple of the model's native size are refused (SD 1.5: 4096 px).
@@ -41,6 +42,7 @@ class Generator:
     model: DiffusionModel
     device: torch.device
     dtype: torch.dtype
+    prompt_cache: PromptCache = field(default_factory=PromptCache)  # c of the prompts seen, the text encoder run once per prompt
 
     def default_size(self) -> int:
         return self.model.native_size
@@ -77,7 +79,7 @@ class Generator:
         factor = codec.downsampling_factor
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latents = randn((len(prompts), codec.latent_channels, height // factor, width // factor), generators, self.device, self.dtype)
-        cond = self.model.prompts.encode(prompts, self.device, (height, width)).to(self.dtype)
+        cond = self.prompt_cache.encode(self.model.prompts, prompts, self.device, (height, width)).to(self.dtype)
         return latents, cond, generators
 
 
@@ -146,7 +148,7 @@ class LCMGenerator(Generator):
             return self.model.consistency_model(guidance_scale, size=size)
         if len(negative_prompts) not in (1, num_prompts):
             raise UserError(f"give one negative prompt for all prompts or one per prompt ({num_prompts}), got {len(negative_prompts)}")
-        negative = self.model.prompts.encode(negative_prompts, self.device, size).to(self.dtype)
+        negative = self.prompt_cache.encode(self.model.prompts, negative_prompts, self.device, size).to(self.dtype)
         if self.kind == "lora":
             if negative_scale is not None:
                 raise UserError("an LCM-LoRA takes a negative prompt into classifier-free guidance at the guidance scale, as diffusers "
@@ -211,6 +213,6 @@ class SolverGenerator(Generator):
     @torch.no_grad()
     def __call__(self, prompts: list[str], steps: int, guidance_scale: float, seeds: list[int], height: int, width: int) -> torch.Tensor:
         latents, cond, _ = self.start(prompts, seeds, height, width)
-        uncond = self.model.prompts.uncond(self.device, (height, width)).to(self.dtype).expand(len(prompts), -1, -1)
+        uncond = self.prompt_cache.uncond(self.model.prompts, self.device, (height, width)).to(self.dtype).expand(len(prompts), -1, -1)
         z0 = sample_teacher(self.model.guided_teacher(), self.sampler, latents, cond, uncond, guidance_scale, steps, self.model.scheduler_config)
         return self.model.codec.decode(z0)
