@@ -109,6 +109,18 @@ def test_skip_counter_summary_separates_skips_from_conversions():
     assert counter.summary() == "skipped: corrupt=1, no_caption=2; converted: grayscale=1"
 
 
+def test_a_sample_named_by_its_detail_counts_once_however_often_it_is_drawn(tmp_path):
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.full((20, 20), 128, dtype=np.uint8)).save(gray)
+    counter = SkipCounter()
+    for _ in range(5):  # five epochs over one grayscale file
+        assert load_rgb(gray, R, counter) is not None
+    assert counter.summary() == "converted: grayscale=1"
+    counter.add("corrupt")
+    counter.add("corrupt")  # no detail: each one counts
+    assert counter.counts["corrupt"] == 2
+
+
 # --- image folder --------------------------------------------------------------------------------------
 
 

@@ -42,13 +42,20 @@ class SkipCounter:
     Reasons starting with "converted_" are samples that were used after a conversion; every other
     reason ("corrupt", "no_caption", "missing_file", "truncated_shard", ...) is a sample or shard that
     was skipped. The first occurrence of each reason is logged with its detail (a file name), then
-    the running count at 10, 100, 1000, ... so a large dataset does not flood the log.
+    the running count at 10, 100, 1000, ... so a large dataset does not flood the log. A sample named by its detail
+    counts once however often it is drawn (an image folder is read once per epoch); one without a detail counts
+    each time.
     """
 
     name: str = "dataset"
     counts: Counter = field(default_factory=Counter)
+    seen: set = field(default_factory=set)  # (reason, detail) already counted
 
     def add(self, reason: str, detail: str = "") -> None:
+        if detail:
+            if (reason, detail) in self.seen:
+                return
+            self.seen.add((reason, detail))
         self.counts[reason] += 1
         count = self.counts[reason]
         if count == 1 or _is_power_of_ten(count):
