@@ -92,6 +92,14 @@ def test_distill_rejects(case, tiny_sd, tiny_lcm, paths, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.parametrize("argv", [["distill", "--preset", "tiny", "--ema", "0.9"], ["generate", "a", "--model", "m", "--out", "x", "--guid", "2"],
+                                  ["finetune", "--preset", "tiny", "--mod", "x"]])
+def test_options_are_not_matched_by_prefix(argv, capsys):
+    """--ema is not --ema-decay: a prefix is an unknown option, never silently another one."""
+    code, err = run(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "unrecognized arguments" in err, err
+
+
 def test_world_commands_reject_paths_of_the_wrong_kind(paths, capsys):
     from latent_consistency.world.artifact import default_world_path
 
