@@ -3,7 +3,7 @@ lives here.
 
 Each command module exposes `register(subparsers)`, which adds its parser and sets `run`, a function of
 the parsed arguments. A `UserError` anywhere becomes one line on stderr and exit code 2, and so does an OSError
-about a path the user gave (a name too long, no permission, a full or read-only disk).
+about a path (a name too long, no permission, a full or read-only disk).
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ def quiet_libraries() -> None:
         lib.utils.logging.disable_progress_bar()
 
 
-# OSErrors that a path from the command line causes, not a defect of ours
-USER_PATH_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
-                    errno.EISDIR, errno.EDQUOT}
+# OSErrors that a path from the command line or the machine causes. Not ENOENT: a user's missing path is checked where it is
+# read, and a missing file of ours is a defect whose traceback must show.
+USER_PATH_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                    errno.EDQUOT}
 
 
 def main(argv: list[str] | None = None) -> int:

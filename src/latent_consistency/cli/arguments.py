@@ -14,9 +14,8 @@ import sys
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: what is wrong, and where to look.
 
-    Options are not matched by prefix (argparse's default, here off in every command): `lcm distill --lora 16` would set
-    --lora-rank and distil a full student, and `lcm generate --prompt TEXT` read TEXT as a prompt file before --prompt
-    existed."""
+    Options are not matched by prefix (argparse's default, here off in every command): `lcm distill --ema 0.9` set
+    --ema-decay, and `lcm generate --prompt TEXT` read TEXT as a prompt file before --prompt existed."""
 
     def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
         super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
