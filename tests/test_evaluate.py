@@ -127,7 +127,7 @@ def test_evaluate_bad_input(case, tiny_lcm, tiny_sd, image_folder, tmp_path, run
     cases = {
         "not an lcm": (["evaluate", "--lcm", str(tiny_sd), "--prompts", str(image_folder), "--out", str(tmp_path / "out"),
                         "--inception", "x"], "without the guidance input of an LCM"),
-        "zero steps": (base + ["--steps", "0,2"], "out of range"),
+        "zero steps": (base + ["--steps", "0,2"], "must be at least 1, got 0"),
         "nan scale": (base + ["--guidance-scales", "2,nan"], "not a finite number"),
         "no metric": (base, "no metric to compute"),
         "no reference images": (base + ["--prompts", str(tmp_path / "prompts.txt"), "--clip", "x"], "FID needs real images"),

@@ -89,6 +89,22 @@ def test_samples_are_decoded_converted_and_problems_counted(shards):
     assert "no_caption=" in stream.skipped.summary() and "truncated_shard=" in stream.skipped.summary()
 
 
+def test_captions_are_utf8_with_or_without_a_bom_and_others_are_skipped(tmp_path):
+    """A byte-order mark is not part of a caption; a caption that is not UTF-8 (Latin-1, a JSON-escaped lone surrogate)
+    is skipped and counted, not trained on as replacement characters."""
+    write_shard(tmp_path / "00000.tar", [
+        ("bom", {"png": image_bytes("RGB", (1, 1, 1)), "txt": "\ufeffs-bom".encode()}),
+        ("jsonbom", {"png": image_bytes("RGB", (2, 2, 2)), "json": "\ufeff".encode() + b'{"caption": "s-jsonbom"}'}),
+        ("latin", {"png": image_bytes("RGB", (3, 3, 3)), "txt": b"caf\xe9"}),
+        ("surrogate", {"png": image_bytes("RGB", (4, 4, 4)), "json": b'{"caption": "x\\ud800"}'}),
+        ("plain", {"png": image_bytes("RGB", (5, 5, 5)), "txt": "s-caf\u00e9".encode()}),
+    ])
+    stream = ShardStream(str(tmp_path / "00000.tar"), R, seed=0, shuffle_buffer=1, decode_threads=1)
+    captions = {item["caption"] for item in take(iter(stream), 30)}
+    assert captions == {"s-bom", "s-jsonbom", "s-caf\u00e9"}
+    assert stream.skipped.counts["bad_caption"] == 2
+
+
 def test_the_stream_is_seeded_and_shuffled(shards):
     def captions(seed):
         return [item["caption"] for item in take(iter(ShardStream(shards, R, seed=seed, shuffle_buffer=4)), 30)]

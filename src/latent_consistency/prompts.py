@@ -9,15 +9,66 @@
 
 All return c for `prompts` as one tensor [B, L', D] that every solver, loss, sampler and the latent cache handle alike.
 `PromptCache` keeps the c of prompts a sampler has seen, so that the text encoder runs once per distinct prompt.
+
+Prompts from a user pass `check_prompt` (command line) or `read_prompt_file` (a text file): text that is not UTF-8
+is one line naming the input, not a tokenizer's TypeError; a file's byte-order mark is not part of its first prompt.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
 from latent_consistency.conditioning import AddedConditioning, PixArtConditioning, time_ids
+from latent_consistency.errors import UserError
+
+
+def utf8_error(text: str) -> str | None:
+    """Where `text` is not UTF-8, e.g. "byte 0xff at character 7": a lone surrogate, which a byte that was not UTF-8
+    becomes in Python's command-line arguments (surrogateescape) and a JSON escape such as "\\ud800" makes, and which no
+    tokenizer takes; None for text that is UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        return f"{what} at character {err.start + 1}"
+    return None
+
+
+def check_prompt(text: str, source: str) -> str:
+    """`text`, a prompt from the user; a UserError naming `source` (e.g. "--negative-prompt") if it is not UTF-8."""
+    problem = utf8_error(text)
+    if problem is not None:
+        raise UserError(f"{source} is not UTF-8 text ({problem}); give prompts in UTF-8 (check the terminal's or file's encoding)")
+    return text
+
+
+def read_prompt_file(name: str) -> list[str]:
+    """The prompts of text file `name` ('-': standard input), one per line: UTF-8 with or without a byte-order mark,
+    each line stripped, blank lines ignored. A missing, unreadable, non-UTF-8 or empty file is a UserError."""
+    path = Path(name)
+    if name != "-" and not path.exists():
+        raise UserError(f"prompt file {name} does not exist")
+    if name != "-" and path.is_dir():
+        raise UserError(f"prompt file {name} is a folder; give a text file with one prompt per line")
+    try:  # a regular file, or a pipe such as <(...)
+        data = sys.stdin.buffer.read() if name == "-" else path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read prompt file {name}: {err}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_number = err.object[:err.start].count(b"\n") + 1
+        raise UserError(f"prompt file {name} is not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line_number}); "
+                        "save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {name} holds no prompts; write one prompt per line")
+    return prompts
 
 
 def _tokens(tokenizer, prompts: list[str]) -> torch.Tensor:

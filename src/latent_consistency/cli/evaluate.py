@@ -15,40 +15,37 @@ import torch
 
 from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
 from latent_consistency.errors import UserError
+from latent_consistency.pipelines import MAX_GUIDANCE_SCALE
+from latent_consistency.prompts import read_prompt_file
 
-MAX_GUIDANCE_SCALE = 30.0
+
+def guidance_scale(text: str) -> float:
+    """A guidance scale g in (0, MAX_GUIDANCE_SCALE], the most `lcm generate` takes."""
+    value = finite_float(text)
+    if not 0 < value <= MAX_GUIDANCE_SCALE:
+        raise argparse.ArgumentTypeError(f"{value:g} is out of range (guidance scales in (0, {MAX_GUIDANCE_SCALE:g}])")
+    return value
 
 
-def number_list(kind):
-    """A comma-separated list of positive numbers (steps, guidance scales)."""
+def number_list(parse_one):
+    """A comma-separated list of values, each checked by `parse_one` (`positive_int` for steps, `guidance_scale`)."""
 
     def parse(text: str):
-        try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        values = [parse_one(v.strip()) for v in text.split(",") if v.strip()]
         if not values:
             raise argparse.ArgumentTypeError("give at least one value")
-        for v in values:
-            if kind is float:
-                finite_float(str(v))
-            if v <= 0 or (kind is float and v > MAX_GUIDANCE_SCALE):
-                raise argparse.ArgumentTypeError(f"{v} is out of range (steps >= 1; guidance scales in (0, {MAX_GUIDANCE_SCALE:g}])")
         return values
 
     return parse
 
 
 def read_items(spec: str, resolution: int, n: int) -> list[dict]:
-    """The first `n` items {"caption", "image"?, "attributes"?} of a data spec, or prompts of a text file."""
+    """The first `n` items {"caption", "image"?, "attributes"?} of a data spec, or prompts of a text file (.txt)."""
     from latent_consistency.data.spec import open_dataset
 
     path = Path(spec)
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise UserError(f"prompt file {spec} does not exist")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [{"caption": p} for p in prompts[:n]]
+    if path.suffix.lower() == ".txt" and not path.is_dir():  # a folder named x.txt is an image folder or shards
+        return [{"caption": p} for p in read_prompt_file(spec)[:n]]
     dataset = open_dataset(spec, resolution)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         items = []
@@ -66,7 +63,8 @@ def load_eval_set(args, resolution: int):
     items = read_items(args.prompts, resolution, args.samples)
     if not items:
         raise UserError(f"--prompts {args.prompts} holds no prompts")
-    references = read_items(args.reference or args.prompts, resolution, len(items) * args.images_per_prompt)
+    images = len(items) * args.images_per_prompt  # each row's generated images, and the real images FID compares them to
+    references = read_items(args.reference or args.prompts, resolution, max(images, 2))
     references = [it for it in references if "image" in it]
     if len(references) < 2 and args.reference is None:
         raise UserError(f"--prompts {args.prompts} holds {len(references)} real images, and FID needs real images: give --reference "
@@ -74,6 +72,9 @@ def load_eval_set(args, resolution: int):
     if len(references) < 2:
         raise UserError(f"--reference {args.reference} holds {len(references)} images; FID needs real images "
                         "(an image folder, shards or world:NAME)")
+    if images < 2:  # FID fits a covariance to each set (fid._update refuses fewer than 2)
+        raise UserError(f"FID needs at least 2 generated images, and {len(items)} prompt(s) of --prompts {args.prompts} × "
+                        f"--images-per-prompt {args.images_per_prompt} make {images}: give more prompts (--samples) or --images-per-prompt 2")
     attributes = [it["attributes"] for it in items] if all("attributes" in it for it in items) else None
     return EvalSet([it["caption"] for it in items], attributes, torch.stack([it["image"] for it in references]),
                    args.images_per_prompt, args.seed)
@@ -119,6 +120,8 @@ def run(args) -> None:
             raise UserError(f"--{name} is required (or `lcm evaluate sweep --runs ...`)")
     device = resolve_device(args.device)
     lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
+    for n in args.steps:  # the step counts the LCM has, before the other models load and --out is made
+        lcm.timesteps(n)
     teacher = load_diffusion_model(args.teacher, device=device) if args.teacher else None
     guided = guided_distill_models(args.guided_distill or [], device)
     if args.exact and (teacher is None or not lcm.is_lcm):
@@ -203,9 +206,9 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file")
     p.add_argument("--reference", help="real images for FID (default: those of --prompts)")
     p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png, grid.png and (several scales) guidance_grid.png")
-    p.add_argument("--steps", type=number_list(int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")
-    p.add_argument("--guidance-scale", type=finite_float, default=8.0, help="guidance scale g, diffusers' (default 8: the paper's ω = 7)")
-    p.add_argument("--guidance-scales", type=number_list(float), help="several guidance scales (Figures 4-5), instead of --guidance-scale")
+    p.add_argument("--steps", type=number_list(positive_int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")
+    p.add_argument("--guidance-scale", type=guidance_scale, default=8.0, help="guidance scale g, diffusers' (default 8: the paper's ω = 7)")
+    p.add_argument("--guidance-scales", type=number_list(guidance_scale), help="several guidance scales (Figures 4-5), instead of --guidance-scale")
     p.add_argument("--samples", type=positive_int, default=1000, help="prompts (default 1000)")
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
     p.add_argument("--world", help="world folder whose judge scores world:NAME prompts (default: the shipped one)")
@@ -220,8 +223,8 @@ def register(subparsers) -> None:
     s.add_argument("--out", required=True, help="folder for sweep.png, sweep.md and sweep.json")
     s.add_argument("--world", help="the world the runs distilled (default: the shipped one)")
     s.add_argument("--samples", type=positive_int, default=500, help="reference prompts per checkpoint (default 500)")
-    s.add_argument("--guidance-scale", type=finite_float, help="default: each run's validation guidance scale")
-    s.add_argument("--steps", type=number_list(int), default=[1, 2, 4], help="sampler step counts scored (default 1,2,4; Figure 3: 4)")
+    s.add_argument("--guidance-scale", type=guidance_scale, help="default: each run's validation guidance scale")
+    s.add_argument("--steps", type=number_list(positive_int), default=[1, 2, 4], help="sampler step counts scored (default 1,2,4; Figure 3: 4)")
     s.add_argument("--ode-error", action=argparse.BooleanOptionalAction, default=True,
                    help="also the MSE to the teacher's ODE solution and the ω response per t (default on); their references "
                         "cost T/k teacher jumps per timestep, 1,000 at k = 1")

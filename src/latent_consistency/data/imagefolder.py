@@ -7,8 +7,9 @@ Captions come from one of two places, chosen once per folder:
   - otherwise a sidecar next to each image: `cat.png` is captioned by `cat.txt`.
 Images are found recursively (.jpg .jpeg .png .webp .bmp .gif .tif .tiff; hidden folders ignored).
 
-The folder is scanned once, without decoding: images without a caption, metadata lines that do not
-parse or name a missing file are skipped and counted in `skipped`. Decoding happens in `__getitem__`;
+Captions are UTF-8, with or without a byte-order mark. The folder is scanned once, without decoding: images
+without a caption, captions that are not UTF-8, metadata lines that do not parse or name a missing file are
+skipped and counted in `skipped`. Decoding happens in `__getitem__`;
 a file that turns out corrupt there is counted and the next usable sample is returned instead, so one
 bad file never stops a training run. Counts made in DataLoader worker processes stay in the workers
 (they are logged there); the scan counts are in the main process's `skipped`.
@@ -25,6 +26,7 @@ from torch.utils.data import Dataset
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, clean_caption, load_rgb
 from latent_consistency.errors import UserError
+from latent_consistency.prompts import utf8_error
 
 METADATA_FILE = "metadata.jsonl"
 
@@ -66,14 +68,14 @@ class ImageFolderDataset(Dataset):
 
     def _scan_metadata(self, metadata: Path, images: list[str]) -> list[tuple[str, str]]:
         samples, captioned = [], set()
-        with metadata.open(encoding="utf-8-sig") as lines:
+        with metadata.open("rb") as lines:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
+                try:  # a line that is not UTF-8 is one bad line, not an error for the whole file
+                    row = json.loads(line.decode("utf-8-sig"))
                     file_name = Path(row["file_name"]).as_posix()
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                     self.skipped.add("bad_metadata", f"{metadata}:{number}")
                     continue
                 if not (self.root / file_name).is_file():
@@ -82,9 +84,11 @@ class ImageFolderDataset(Dataset):
                 caption = clean_caption(row.get("text", row.get("caption")))
                 if caption is None:
                     self.skipped.add("no_caption", file_name)
-                    continue
-                samples.append((file_name, caption))
-                captioned.add(file_name)
+                elif (problem := utf8_error(caption)) is not None:  # a JSON escape such as "\ud800", which no tokenizer takes
+                    self.skipped.add("bad_caption", f"{metadata}:{number}: {problem}")
+                else:
+                    samples.append((file_name, caption))
+                    captioned.add(file_name)
         for file_name in images:
             if file_name not in captioned:
                 self.skipped.add("no_caption", f"{file_name} is not in {METADATA_FILE}")
@@ -94,7 +98,11 @@ class ImageFolderDataset(Dataset):
         samples = []
         for file_name in images:
             sidecar = (self.root / file_name).with_suffix(".txt")
-            caption = clean_caption(sidecar.read_text(encoding="utf-8", errors="replace")) if sidecar.is_file() else None
+            try:  # UTF-8, with or without a byte-order mark; anything else (UTF-16 from Notepad, Latin-1) is skipped
+                caption = clean_caption(sidecar.read_bytes().decode("utf-8-sig")) if sidecar.is_file() else None
+            except UnicodeDecodeError as err:
+                self.skipped.add("bad_caption", f"{sidecar} is not UTF-8 (byte 0x{err.object[err.start]:02x})")
+                continue
             if caption is None:
                 self.skipped.add("no_caption", file_name)
             else:

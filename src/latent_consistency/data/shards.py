@@ -387,7 +387,11 @@ class _Cursor:
         caption = None
         for key in CAPTION_KEYS:
             if caption is None and key in members:
-                caption = _read_caption(self.tar.extractfile(members[key]).read(), key)
+                try:
+                    caption = _read_caption(self.tar.extractfile(members[key]).read(), key)
+                except UnicodeError as err:
+                    stream.skipped.add("bad_caption", f"{where}.{key}: {err.reason}")
+                    return None
         if caption is None:
             stream.skipped.add("no_caption", where)
             return None
@@ -399,11 +403,17 @@ _END = object()
 
 
 def _read_caption(raw: bytes, key: str) -> str | None:
-    text = raw.decode("utf-8", errors="replace")
+    """The caption of a sample's .txt or .json member (None: it has none); UTF-8 with or without a byte-order mark. Text
+    that is not UTF-8, or a JSON caption escaping a lone surrogate, raises UnicodeError: the sample is skipped as a bad
+    caption rather than trained on replacement characters."""
+    text = raw.decode("utf-8-sig")
     if key == "txt":
         return clean_caption(text)
     try:
         row = json.loads(text)
     except ValueError:
         return None
-    return clean_caption(row.get("caption", row.get("text"))) if isinstance(row, dict) else None
+    caption = clean_caption(row.get("caption", row.get("text"))) if isinstance(row, dict) else None
+    if caption is not None:
+        caption.encode("utf-8")  # UnicodeEncodeError on a lone surrogate ("\\ud800")
+    return caption
