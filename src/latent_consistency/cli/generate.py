@@ -14,7 +14,6 @@ Every input is checked before the first file is written.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -25,28 +24,17 @@ from latent_consistency.errors import UserError
 from latent_consistency.grids import save_png, to_pil
 from latent_consistency.outputs import writable_folder
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, LCMGenerator, SolverGenerator
+from latent_consistency.prompts import check_prompt, read_prompt_file
 from latent_consistency.sampling import TEACHER_SAMPLERS
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
     """Prompts from the command line, then from a file ('-': standard input; one per line, blank lines ignored)."""
-    prompts = [p for p in prompts if p.strip()]
+    prompts = [check_prompt(p, f"prompt {i}") for i, p in enumerate(prompts, start=1) if p.strip()]
     if prompt_file is not None:
-        path = Path(prompt_file)
         if not prompt_file.strip():
             raise UserError("--prompt-file is empty; give a text file with one prompt per line (a prompt itself goes in --prompt)")
-        if prompt_file != "-" and not path.exists():
-            raise UserError(f"prompt file {prompt_file} does not exist")
-        if path.is_dir():
-            raise UserError(f"prompt file {prompt_file} is a folder; give a text file with one prompt per line")
-        try:  # a regular file, or a pipe such as <(...)
-            text = sys.stdin.read() if prompt_file == "-" else path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"cannot read prompt file {prompt_file}: {err}") from None
-        from_file = [line.strip() for line in text.splitlines() if line.strip()]
-        if not from_file:
-            raise UserError(f"prompt file {prompt_file} holds no prompts; write one prompt per line")
-        prompts += from_file
+        prompts += read_prompt_file(prompt_file)
     if not prompts:
         raise UserError("no prompts given; pass prompts as arguments, --prompt TEXT or --prompt-file FILE")
     return prompts
@@ -66,16 +54,22 @@ def parse_timesteps(text: str | None) -> list[int] | None:
         raise UserError(f"--timesteps {text!r} must be comma-separated integers, e.g. 999,759,499,259") from None
 
 
+# The largest --negative-scale, as the HTTP API's (`serve.request`): λ = 0.5 already over-guides.
+MAX_NEGATIVE_SCALE = 30.0
+
 # img2img's default strength, as diffusers' LatentConsistencyModelImg2ImgPipeline: start at timestep 799 of 1000.
 DEFAULT_STRENGTH = 0.8
 
 
 def read_init_image(path: str, height: int | None, width: int | None, factor: int):
     """The init image as a [1, 3, H, W] tensor in [-1, 1] and its (height, width): resized to --height/--width where
-    given (a missing one keeps the image's own), else at its own size, which must be a multiple of the VAE factor."""
+    given (a missing one keeps the image's own), else at its own size, which must be a multiple of the VAE factor.
+    Decoded as training images are (`data.images.open_rgb8`: EXIF orientation, 16-bit depth, alpha on white)."""
     import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from latent_consistency.data.images import UndecodableImage, open_rgb8
 
     file = Path(path)
     if not file.exists():
@@ -83,10 +77,9 @@ def read_init_image(path: str, height: int | None, width: int | None, factor: in
     if file.is_dir():
         raise UserError(f"init image {path} is a folder; give an image file (PNG, JPEG, ...)")
     try:
-        with Image.open(file) as opened:
-            image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read init image {path}: not an image file PIL can open ({err.__class__.__name__})") from None
+        image, _ = open_rgb8(file)
+    except UndecodableImage as err:
+        raise UserError(f"cannot read init image {path}: {err}") from None
     for name, given, own in (("height", height, image.height), ("width", width, image.width)):
         if given is None and own % factor:
             raise UserError(f"init image {path} is {image.width}x{image.height} px: its {name} {own} is not a multiple of the VAE "
@@ -108,8 +101,13 @@ def run(args) -> None:
         raise UserError(f"--gamma and --init-image apply to --sampler lcm, not {args.sampler}")
     if args.negative_scale is not None and args.negative_prompt is None:
         raise UserError("--negative-scale applies to a negative prompt: give --negative-prompt TEXT")
+    if args.negative_prompt is not None:
+        check_prompt(args.negative_prompt, "--negative-prompt")
     if args.negative_scale is not None and args.negative_scale < 0:
         raise UserError(f"--negative-scale {args.negative_scale:g} is below 0: it is λ in f + λ·(f - f_negative), 0 turns it off")
+    if args.negative_scale is not None and args.negative_scale > MAX_NEGATIVE_SCALE:
+        raise UserError(f"--negative-scale {args.negative_scale:g} is above {MAX_NEGATIVE_SCALE:g}: it is λ in f + λ·(f - f_negative), "
+                        "and 0.5 already over-guides")
     if args.sampler != "lcm" and args.negative_prompt is not None:
         raise UserError(f"--negative-prompt applies to --sampler lcm, not {args.sampler}")
     if args.init_image is not None and args.timesteps and args.strength is not None:
@@ -150,6 +148,8 @@ def run(args) -> None:
     else:
         strength = 1.0 if custom else DEFAULT_STRENGTH if args.strength is None else args.strength
         timesteps = generator.timesteps(args.steps, custom, strength=strength)
+        default = generator.default_size()  # --height/--width checked before the init image is resized to them
+        generator.check_size(args.height or default, args.width or default)
         init_image, height, width = read_init_image(args.init_image, args.height, args.width, generator.model.codec.downsampling_factor)
         options |= {"init_images": init_image, "strength": strength}
     generator.check_size(height, width)
@@ -189,8 +189,8 @@ def register(subparsers) -> None:
     p.add_argument("--negative-prompt", help="what the images should not show, for every prompt: an LCM is guided away from it on its "
                    "consistency function, f + λ·(f - f_negative), at twice the network evaluations; an LCM-LoRA puts it in place of the "
                    "empty prompt of classifier-free guidance (needs --guidance-scale > 1), as diffusers' negative_prompt")
-    p.add_argument("--negative-scale", type=finite_float, help=f"λ >= 0 of an LCM's negative prompt (default {DEFAULT_NEGATIVE_SCALE:g}; "
-                   "0.5 and more over-guide: artefacts, worse FID)")
+    p.add_argument("--negative-scale", type=finite_float, help=f"λ of an LCM's negative prompt (default {DEFAULT_NEGATIVE_SCALE:g}; "
+                   f"0 to {MAX_NEGATIVE_SCALE:g}, 0.5 and more over-guide: artefacts, worse FID)")
     p.add_argument("--gamma", type=finite_float, help="sample with TCD's strategic stochastic sampling (Zheng et al. 2024; diffusers' "
                    "TCDScheduler, eta = GAMMA): GAMMA in [0, 1] is the share of fresh noise per step, 0 deterministic; without it, "
                    "Algorithm 3 (LCMScheduler's sampler)")

@@ -1,8 +1,9 @@
-"""Image decoding shared by the image-folder and webdataset-shard datasets.
+"""Image decoding shared by the image-folder and webdataset-shard datasets and the init-image readers.
 
-Every training image goes through `decode_rgb`: decode, convert to 8-bit RGB, resize the shorter side to
-the training resolution, center-crop, and scale to float32 [3, H, W] in [-1, 1] (the range the VAE
-encodes). Bad bytes never raise: they come back as `None` so a dataset can skip and count the sample.
+Every image goes through `open_rgb8`: decode, turn upright by its EXIF orientation, convert to 8-bit RGB.
+Every training image then goes through `decode_rgb`: resize the shorter side to the training resolution,
+center-crop, and scale to float32 [3, H, W] in [-1, 1] (the range the VAE encodes). Bad bytes never
+raise there: they come back as `None` so a dataset can skip and count the sample.
 
 Conversions to 8-bit RGB:
   - grayscale ("1", "L") is replicated to three channels;
@@ -83,6 +84,39 @@ def _is_power_of_ten(n: int) -> bool:
     return n == 1
 
 
+class UndecodableImage(ValueError):
+    """Bytes or a file that are not a whole image Pillow can decode; the message says why in a few words."""
+
+
+class TooManyPixels(UndecodableImage):
+    """An image with more pixels than its reader allows, refused from its header before it is decoded."""
+
+
+def open_rgb8(source: bytes | str | Path, draft_size: tuple[int, int] | None = None,
+              max_pixels: int | None = None) -> tuple[Image.Image, str | None]:
+    """Decode an image as every reader of images does (training data and init images): turned upright by its EXIF
+    orientation, then converted to 8-bit RGB (`_to_rgb8`: alpha composited on white, 16-bit scaled, ...).
+
+    Returns (image, reason): reason names the conversion, None for an 8-bit RGB image. `draft_size` lets a JPEG decoder
+    downscale while decoding (both sides stay at least that size). Raises `TooManyPixels` for an image over `max_pixels`,
+    `UndecodableImage` for anything Pillow cannot decode in full (a truncated file included).
+    """
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise TooManyPixels(f"{image.width}x{image.height} px, more than {max_pixels} pixels")
+            if draft_size is not None:
+                image.draft(image.mode, draft_size)
+            image.load()  # forces the full decode, so a truncated file fails here and not later
+            return _to_rgb8(ImageOps.exif_transpose(image))  # a new image: it outlives the file
+    except UndecodableImage:
+        raise
+    # Pillow's decoders signal malformed input with many exception types (OSError, SyntaxError, ValueError, EOFError,
+    # struct.error, zlib.error, DecompressionBombError, ...): all of them mean "not an image Pillow can decode".
+    except Exception as err:
+        raise UndecodableImage(f"not an image file Pillow can decode ({err.__class__.__name__})") from err
+
+
 def decode_rgb(source: bytes | str | Path, resolution: int) -> tuple[torch.Tensor | None, str | None]:
     """Decode an image to float32 [3, resolution, resolution] in [-1, 1].
 
@@ -91,19 +125,12 @@ def decode_rgb(source: bytes | str | Path, resolution: int) -> tuple[torch.Tenso
     None for an 8-bit RGB image. Pure function of its input, safe to call from several threads.
     """
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            # JPEG decoders can downscale by 1/2, 1/4, 1/8 while decoding, keeping both sides >= the
-            # requested size: far cheaper than decoding a large photo in full and resizing it.
-            image.draft(image.mode, (resolution, resolution))
-            image.load()  # forces the full decode, so a truncated file fails here and not later
-            image = ImageOps.exif_transpose(image)
-            image, reason = _to_rgb8(image)
-            array = np.asarray(_resize_center_crop(image, resolution))
-    # Pillow's decoders signal malformed input with many exception types (OSError, SyntaxError,
-    # ValueError, EOFError, struct.error, zlib.error, DecompressionBombError, ...): bad bytes of any
-    # kind mean "skip this sample", never a crash of the training run.
-    except Exception:
+        # JPEG decoders can downscale by 1/2, 1/4, 1/8 while decoding, keeping both sides >= the
+        # requested size: far cheaper than decoding a large photo in full and resizing it.
+        image, reason = open_rgb8(source, draft_size=(resolution, resolution))
+    except UndecodableImage:  # bad bytes of any kind mean "skip this sample", never a crash of the training run
         return None, "corrupt"
+    array = np.asarray(_resize_center_crop(image, resolution))
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32)
     return tensor / 127.5 - 1.0, reason
 
@@ -148,12 +175,14 @@ def _to_rgb8(image: Image.Image) -> tuple[Image.Image, str | None]:
 
 
 def _resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize so the shorter side is `resolution`, then crop the central resolution x resolution square."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if new_size != image.size:
-        image = image.resize(new_size, Image.Resampling.BICUBIC)
-    left = (new_size[0] - resolution) // 2
-    top = (new_size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    """The central square of the image at resolution x resolution: the shorter side scaled to `resolution`, the longer
+    one cropped evenly, as scaling the whole image and cropping it would give; but only the square is resampled
+    (Pillow's `box`), so a long thin image costs no more memory than an ordinary one."""
+    scale = resolution / min(image.size)
+    box = []
+    for length in image.size:  # per side: the whole image scaled to `scaled` pixels, cropped from `start`, in source pixels
+        scaled = max(resolution, round(length * scale))
+        start = (scaled - resolution) // 2
+        box.append((start * length / scaled, min(length, (start + resolution) * length / scaled)))
+    (left, right), (top, bottom) = box
+    return image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=(left, top, right, bottom))
