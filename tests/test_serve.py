@@ -100,6 +100,31 @@ def test_batcher_worker_survives_a_failing_batch():
         batcher.stop()
 
 
+def test_a_failing_job_fails_alone_and_not_the_batch_it_was_in():
+    gate, batches = threading.Event(), []
+
+    def run(jobs):
+        gate.wait()
+        batches.append([j.value for j in jobs])
+        if any(j.value < 0 for j in jobs):
+            raise ValueError("bad job")
+        return [j.value for j in jobs]
+
+    batcher = Batcher(run, max_batch=8, max_wait_s=0.0)
+    batcher.start()
+    try:
+        batcher.submit(Job("a", 0))
+        wait_until(lambda: not batcher.queue)  # the worker holds job 0: the next three queue up as one batch
+        futures = [batcher.submit(Job("a", value)) for value in (1, -1, 2)]
+        gate.set()
+        assert futures[0].result(5) == 1 and futures[2].result(5) == 2
+        with pytest.raises(ValueError, match="bad job"):
+            futures[1].result(5)
+    finally:
+        batcher.stop()
+    assert batches == [[0], [1, -1, 2], [1], [-1], [2]]  # the batch failed, then ran one job at a time
+
+
 # --- the API on a tiny LCM ---
 
 @pytest.fixture(scope="module")
@@ -214,6 +239,10 @@ BAD_REQUESTS = {
     "strength leaving too few steps": (b'{"prompt": "x", "steps": 4, "strength": 0.05, "init_image": "' + png_base64().encode() + b'"}', 422,
                                        "strength"),
     "negative scale NaN": (b'{"prompt": "x", "negative_prompt": "y", "negative_scale": NaN}', 422, "negative_scale"),
+    "negative scale without a negative prompt": (b'{"prompt": "x", "negative_scale": 0.5}', 422, "negative_scale applies"),
+    "strength without an init image": (b'{"prompt": "x", "strength": 0.5}', 422, "strength applies"),
+    "prompt not Unicode": (b'{"prompt": "\\udc80"}', 422, "prompt"),
+    "negative prompt not Unicode": (b'{"prompt": "x", "negative_prompt": "a \\udc80"}', 422, "negative_prompt: Value error, not Unicode"),
     "unknown format": (b'{"prompt": "x", "format": "gif"}', 422, "format"),
     "init image not base64": (b'{"prompt": "x", "init_image": "%%%"}', 422, "base64"),
     "init image not an image": (b'{"prompt": "x", "init_image": "' + base64.b64encode(b"hello, not a picture") + b'"}', 422, "not a PNG"),
@@ -253,6 +282,17 @@ def test_health_config_metrics_page_and_openapi(client):
     assert page.status_code == 200 and 'id="prompt"' in page.text and "http" not in page.text.split("<script>")[0].replace("http-equiv", "")
     schema = client.get("/openapi.json").json()
     assert "/v1/images" in schema["paths"] and "ImageRequest" in schema["components"]["schemas"]
+
+
+def test_a_bad_request_fails_alone_and_not_the_request_it_arrived_with(generator):
+    from fastapi.testclient import TestClient
+
+    bodies = [b'{"prompt": "a red star", "negative_prompt": "\\udc80", "steps": 1}',
+              b'{"prompt": "a red star", "negative_prompt": "a blue ring", "steps": 1}']
+    with TestClient(make_app(generator, max_wait_s=1.0)) as c, ThreadPoolExecutor(2) as pool:
+        bad, good = pool.map(lambda body: c.post("/v1/images", content=body, headers={"content-type": "application/json"}), bodies)
+    assert bad.status_code == 422 and "negative_prompt" in bad.json()["error"]
+    assert good.status_code == 200 and good.content.startswith(b"\x89PNG")
 
 
 # --- a real server: disconnects, and the command line ---
@@ -322,6 +362,20 @@ def test_serve_command_errors_exit_2(run_error, tmp_path):
     assert code == 2 and err.count("\n") == 0
     code, err = run_error(["serve", "--model", str(tmp_path), "--port", "70000"])
     assert code == 2 and "port" in err
+
+
+@pytest.mark.parametrize("where", ["port in use", "unknown host"])
+def test_serve_command_that_cannot_listen_says_so_in_one_line(where, tiny_lcm, capsys):
+    from latent_consistency.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = ["--port", str(taken.getsockname()[1])] if where == "port in use" else ["--host", "host.invalid"]
+        assert main(["serve", "--model", str(tiny_lcm), "--device", "cpu", *address]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("lcm serve: error: cannot listen on") and err.count("\n") == 1, err
+    assert "http://" not in out  # never said it was serving
 
 
 @pytest.mark.slow

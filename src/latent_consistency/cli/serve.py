@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import sys
 import time
 
@@ -19,6 +20,19 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port as uvicorn binds one (IPv6 for a host with ":"), not yet listening; a UserError if
+    the address cannot be had (the port in use, an unknown host, ...)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
 def warm_up(generator) -> None:
     """Compile the generator and make one image of the default size, so that the first request does not wait for it."""
     from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
@@ -30,15 +44,12 @@ def warm_up(generator) -> None:
     print(f"lcm serve: compiled in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def run(args) -> None:
-    import uvicorn
-
+def build_app(args):
+    """The app of the model and limits the arguments name: the model loaded (and compiled with --compile)."""
     from latent_consistency.pipelines import LCMGenerator
     from latent_consistency.serve.app import create_app
     from latent_consistency.serve.request import Limits
 
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
     device = resolve_device(args.device)
     generator = LCMGenerator.load(args.model, device, resolve_dtype(args.dtype, device), args.lora)
     if args.preview_decoder is not None:
@@ -47,14 +58,21 @@ def run(args) -> None:
         warm_up(generator)
     limits = Limits(max_side=args.max_side or 2 * generator.default_size(), max_prompt_chars=args.max_prompt_chars,
                     max_upload_bytes=args.max_upload_mb * 2**20, max_body_bytes=(args.max_upload_mb * 4 // 3 + 1) * 2**20)
-    app = create_app(generator, limits, model_name=args.model, max_batch=args.max_batch, max_queue=args.max_queue)
-    if not is_loopback(args.host):
-        print(f"lcm serve: listening on {args.host}, reachable from other machines; there is no authentication", file=sys.stderr)
-    print(f"lcm serve: {args.model} on http://{args.host}:{args.port}/ (API: POST /v1/images, description: /openapi.json)", flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    except OSError as err:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    return create_app(generator, limits, model_name=args.model, max_batch=args.max_batch, max_queue=args.max_queue)
+
+
+def run(args) -> None:
+    import uvicorn
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
+    with bind(args.host, args.port) as sock:  # before the model loads: a port in use is known at once
+        app = build_app(args)
+        if not is_loopback(args.host):
+            print(f"lcm serve: listening on {args.host}, reachable from other machines; there is no authentication", file=sys.stderr)
+        sock.listen()  # connections wait from here until uvicorn accepts them
+        print(f"lcm serve: {args.model} on http://{args.host}:{args.port}/ (API: POST /v1/images, description: /openapi.json)", flush=True)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 def register(subparsers) -> None:

@@ -2,8 +2,9 @@
 
 The model runs on one thread (one forward at a time uses the whole device); the event loop only queues. When the
 worker takes a job it also takes every queued job with the same key (`request.Job.key`: same steps, guidance, size,
-...) up to `max_batch`, waiting at most `max_wait_s` for more to arrive. Jobs whose client went away are cancelled
-in the queue and never run. A full queue refuses new jobs (`QueueFull`; the app answers 429).
+...) up to `max_batch`, waiting at most `max_wait_s` for more to arrive. A batch that fails is run again job by job, so
+only the job at fault fails. Jobs whose client went away are cancelled in the queue and never run. A full queue refuses
+new jobs (`QueueFull`; the app answers 429).
 """
 
 from __future__ import annotations
@@ -93,14 +94,21 @@ class Batcher:
     def _work(self) -> None:
         while not self.stopping:
             batch = self._take_batch()
-            if not batch:
-                continue
-            try:
-                results = self.run_batch([p.job for p in batch])
-            except BaseException as err:  # the worker survives; each waiting request gets the error
-                for p in batch:
-                    p.future.set_exception(err)
-                continue
-            self.metrics.batch(len(batch))
-            for p, result in zip(batch, results):
-                p.future.set_result(result)
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Pending]) -> None:
+        """Run a batch and hand each job its result. A batch that fails runs again one job at a time, so that one bad job
+        fails alone and not every request it was batched with; the worker survives either way."""
+        try:
+            results = self.run_batch([p.job for p in batch])
+        except BaseException as err:
+            if len(batch) == 1:
+                batch[0].future.set_exception(err)
+            else:
+                for pending in batch:
+                    self._run([pending])
+            return
+        self.metrics.batch(len(batch))
+        for p, result in zip(batch, results):
+            p.future.set_result(result)

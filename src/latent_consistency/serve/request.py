@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import secrets
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from latent_consistency.data.images import TooManyPixels, UndecodableImage, open_rgb8
 from latent_consistency.errors import UserError
 from latent_consistency.pipelines import MAX_SEED, LCMGenerator
+from latent_consistency.prompts import utf8_error
 
 MAX_STEPS = 8  # an LCM's useful range (Algorithm 3 with 1-8 steps)
+MAX_INIT_PIXELS = 64 * 2**20  # an init image's width x height, refused from its header before it is decoded
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ class ImageRequest(BaseModel):
     strength: float = Field(0.8, gt=0, le=1, allow_inf_nan=False, description="with init_image: how much of it to redraw")
     format: Literal["png", "jpeg"] = Field("png", description="response image format")
 
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _unicode(cls, text: str | None) -> str | None:
+        """Text a tokenizer takes: JSON can spell a lone surrogate ("\\udc80"), which is no Unicode text."""
+        problem = None if text is None else utf8_error(text)
+        if problem is not None:
+            raise ValueError(f"not Unicode text ({problem})")
+        return text
+
 
 @dataclass
 class Job:
@@ -92,6 +103,10 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
             raise UserError(f"{name} has {len(text)} characters; the limit is {limits.max_prompt_chars}")
     if not request.prompt.strip():
         raise UserError("prompt is blank")
+    if request.negative_scale is not None and request.negative_prompt is None:
+        raise UserError("negative_scale applies to a negative prompt: give negative_prompt")
+    if "strength" in request.model_fields_set and request.init_image is None:
+        raise UserError("strength applies to image-to-image: give init_image")
     g = default_guidance_scale if request.guidance_scale is None else request.guidance_scale
     if g > limits.max_guidance_scale:
         raise UserError(f"guidance_scale {g:g} is above {limits.max_guidance_scale:g}")
@@ -107,14 +122,15 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
     return Job(prompt=request.prompt, seed=secrets.randbelow(2**31) if request.seed is None else request.seed, steps=request.steps,
                guidance_scale=float(g), width=width, height=height, format=request.format, gamma=request.gamma,
                strength=request.strength if init is not None else 1.0, init_image=init, negative_prompt=request.negative_prompt,
-               negative_scale=request.negative_scale if request.negative_prompt is not None else None)
+               negative_scale=request.negative_scale)
 
 
 def decode_image(data: str, width: int, height: int, limits: Limits) -> torch.Tensor:
-    """A base64 (or data: URL) PNG/JPEG/WebP as [3, height, width] in [-1, 1], resized to the request's size."""
-    from PIL import Image, UnidentifiedImageError
+    """A base64 (or data: URL; line breaks allowed) PNG/JPEG/WebP as [3, height, width] in [-1, 1], resized to the
+    request's size; decoded as training images are (`data.images.open_rgb8`: EXIF orientation, 16-bit depth, alpha)."""
+    from PIL import Image
 
-    payload = data.split(",", 1)[1] if data.startswith("data:") else data
+    payload = "".join((data.split(",", 1)[1] if data.startswith("data:") else data).split())  # base64 wrapped at 76 columns
     if len(payload) * 3 // 4 > limits.max_upload_bytes:
         raise UserError(f"init_image is larger than {limits.max_upload_bytes // 2**20} MiB")
     try:
@@ -122,11 +138,11 @@ def decode_image(data: str, width: int, height: int, limits: Limits) -> torch.Te
     except (binascii.Error, ValueError):
         raise UserError("init_image is not base64") from None
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            if image.width * image.height > 64 * 2**20:
-                raise UserError(f"init_image is {image.width}x{image.height}; too many pixels")
-            image = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        image, _ = open_rgb8(raw, max_pixels=MAX_INIT_PIXELS)
+    except TooManyPixels as err:
+        raise UserError(f"init_image is {err}") from None
+    except UndecodableImage:
         raise UserError("init_image is not a PNG, JPEG or WebP image") from None
+    image = image.resize((width, height), Image.Resampling.LANCZOS)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
