@@ -263,6 +263,48 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+def test_a_run_that_stopped_before_its_first_step_can_be_started_again(tiny_sd, image_folder, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "0.png").write_bytes(b"")  # the only image: zero bytes
+    (bad / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a red star"}\n')
+    out = tmp_path / "run"
+    assert main(distill_args(tiny_sd, bad, out, "--steps", "2")) == 2
+    assert "could be decoded" in capsys.readouterr().err and (out / "config.json").is_file()
+    # --resume has nothing to continue with other data, and says how to start again
+    assert main(distill_args(tiny_sd, image_folder, out, "--steps", "2", "--resume")) == 2
+    assert "start it again without --resume" in capsys.readouterr().err
+    assert main(distill_args(tiny_sd, image_folder, out, "--steps", "2")) == 0
+    assert "starting it over" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["data"] == str(image_folder) and (out / "lcm").is_dir()
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_a_folder_with_a_checkpoint_a_step_or_other_files_is_never_started_over(tiny_sd, image_folder, tmp_path):
+    from latent_consistency.training.run_folder import prepare_run_folder
+
+    config = resolve_config(DistillConfig, "tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(tmp_path)))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "checkpoints" / "step-0000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-0000002" / "state.json").write_text("{}")
+    with pytest.raises(UserError, match="is not empty"):
+        prepare_run_folder(config, resume=False)
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "model.safetensors").write_bytes(b"someone else's")
+    with pytest.raises(UserError, match="is not empty"):
+        prepare_run_folder(config, resume=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # nothing removed
+    (tmp_path / "model.safetensors").unlink()
+    for made_by_a_step in ("metrics.jsonl", "ode_targets.pt"):  # a logged step; the bank of `--method ode`, minutes of work
+        (tmp_path / made_by_a_step).write_text('{"step": 1, "loss": 0.5}\n')
+        with pytest.raises(UserError, match="is not empty"):
+            prepare_run_folder(config, resume=False)
+        (tmp_path / made_by_a_step).unlink()
+    (tmp_path / "metrics.jsonl").write_text("")
+    prepare_run_folder(config, resume=False)  # config.json and an empty metrics file: a run that never stepped
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_omega_projection_gets_its_own_learning_rate(tiny_sd, image_folder, tmp_path):
     """--omega-lr-scale S: the ω projection (zero at the start) moves S times as far as at scale 1 in the first AdamW steps,
     where each weight moves by about the learning rate whatever its gradient's size; the other weights are unchanged."""

@@ -116,7 +116,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_gpu)
     check_sharding(accelerator, config)  # FSDP2 from `accelerate launch --config_file configs/accelerate/fsdp.yaml`
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    out = prepare_run_folder(config, resume)
+    out = prepare_run_folder(config, resume, accelerator.is_main_process)
     per_step = world * config.grad_accumulation
     if config.batch_size % per_step:
         raise UserError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accumulation = {per_step}")

@@ -13,6 +13,7 @@ checkpoints with exact resume, and the exported model. Only the main process wri
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +40,14 @@ from latent_consistency.training.sharding import exportable, full_training_state
 VALIDATION_STEPS = (1, 2, 4)
 VALIDATION_PROMPTS = 6  # validation grid columns when no prompts are given: the first held-out (or training) captions
 EVAL_MICRO_BATCHES = 4  # held-out micro-batches whose loss is logged at every validation
+# All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept)
+EARLY_RUN_FILES = frozenset({"config.json", "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR})
 
 
-def prepare_run_folder(config: TrainConfig, resume: bool) -> Path:
-    """Check the run folder against --resume: a new run needs a free folder, a resumed one the same config."""
+def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> Path:
+    """Check the run folder against --resume: a new run needs a free folder, a resumed one the same config. A folder
+    that holds a run which stopped before its first step (unreadable data, say) counts as free: the main process clears
+    it, so that the run can be started again with other settings. Nothing a step made is ever removed."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run")
@@ -52,10 +57,37 @@ def prepare_run_folder(config: TrainConfig, resume: bool) -> Path:
             raise UserError(f"nothing to resume in {out} (no config.json); start a run there without --resume")
         diffs = config_from_dict(json.loads(saved.read_text())).differences(config)
         if diffs:
-            raise UserError(f"{out} was started with a different config ({'; '.join(diffs)}); resume with the same settings or use a new --out")
+            restart = "; it has no checkpoint yet, so start it again without --resume" if not ckpt.list_checkpoints(out) else ""
+            raise UserError(f"{out} was started with a different config ({'; '.join(diffs)}); resume with the same settings or use a "
+                            f"new --out{restart}")
     elif out.exists() and any(out.iterdir()):
-        raise UserError(f"run folder {out} is not empty; pass --resume to continue it or choose another --out")
+        if not stopped_before_first_step(out):
+            raise UserError(f"run folder {out} is not empty; pass --resume to continue it or choose another --out")
+        if main:
+            print(f"{out}: the run there stopped before its first step; starting it over", flush=True)
+            clear_early_run(out)
     return out
+
+
+def stopped_before_first_step(out: Path) -> bool:
+    """Whether `out` holds a run's config.json, nothing a run does not write before its first step (`EARLY_RUN_FILES`), an
+    empty metrics.jsonl if any, and no checkpoint."""
+    names = {path.name for path in out.iterdir()}
+    metrics = out / "metrics.jsonl"
+    return ("config.json" in names and names <= EARLY_RUN_FILES and not ckpt.list_checkpoints(out)
+            and (not metrics.is_file() or metrics.stat().st_size == 0))
+
+
+def clear_early_run(out: Path) -> None:
+    """Remove what a run that stopped before its first step wrote (`EARLY_RUN_FILES`), leaving `out` empty."""
+    try:
+        for path in out.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    except OSError as err:
+        raise UserError(f"cannot clear the run folder {out}: {err.strerror or err}") from None
 
 
 @dataclass
