@@ -42,6 +42,13 @@ def test_upsample_conv_equals_nearest_then_conv(shape, bias):
     torch.testing.assert_close(got, plain(x, weight, b), rtol=1e-12, atol=1e-12)
 
 
+def test_upsample_conv_takes_a_channels_last_input():
+    torch.manual_seed(5)
+    x, weight, bias = torch.randn(2, 4, 5, 6), torch.randn(3, 4, 3, 3), torch.randn(3)
+    got = upsample_conv(x.to(memory_format=torch.channels_last), weight, bias)
+    torch.testing.assert_close(got, plain(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
 def test_upsample_conv_gradients_equal_the_plain_ones():
     torch.manual_seed(1)
     inputs = [torch.randn(2, 3, 5, 4, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]

@@ -21,16 +21,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# R_a: which of the three kernel rows each of the two input rows of phase a gathers (module docstring)
-_PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+
+def _collapse(weight: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3 taps of `weight` along `dim` gathered into phase 0's two, (W₀, W₁ + W₂), and phase 1's, (W₀ + W₁, W₂)."""
+    w0, w1, w2 = weight.unbind(dim)
+    return torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)
 
 
 def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     """The four phases' 2×2 kernels of a 3×3 `weight` (O, I, 3, 3), stacked as (4·O, I, 2, 2) in phase order (0, 0),
     (0, 1), (1, 0), (1, 1): K_ab = R_a W R_bᵀ."""
-    taps = _PHASE_TAPS.to(weight.device, weight.dtype)
-    kernels = torch.einsum("apk,oikl,bql->aboipq", taps, weight, taps)
-    return kernels.reshape(4 * weight.shape[0], *weight.shape[1:2], 2, 2)
+    return torch.cat([kernel for rows in _collapse(weight, 2) for kernel in _collapse(rows, 3)])
 
 
 def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -39,8 +40,8 @@ def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     n, _, h, w = x.shape
     out_channels = weight.shape[0]
     phases = F.conv2d(x, phase_kernels(weight), None if bias is None else bias.repeat(4), padding=1)  # (n, 4·O, h + 1, w + 1)
-    phases = phases.view(n, 2, 2, out_channels, h + 1, w + 1)
-    y = x.new_empty(n, out_channels, h, 2, w, 2)
+    phases = phases.reshape(n, 2, 2, out_channels, h + 1, w + 1)  # a copy only for a channels-last input
+    y = phases.new_empty(n, out_channels, h, 2, w, 2)  # the convolution's dtype (under autocast, not x's)
     for a in (0, 1):
         for b in (0, 1):
             y[:, :, :, a, :, b] = phases[:, a, b, :, a:a + h, b:b + w]
