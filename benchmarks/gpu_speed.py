@@ -26,6 +26,9 @@ the order they run (one that would not fit what is left of --budget-seconds is s
    (--compile, default on with CUDA), batch 16 then 1,
    against row 1's eager diffusers time; compile time or failure in the note.
 5. With --compile, row 2 again with our student, target and teacher compiled (`lcm distill --compile`).
+6. The VAE decode of 16 latents to 512², eager: ours (`upsampling.use_subpixel_upsampling`, every nearest-2× upsampling
+   and 3×3 convolution as one 2×2 convolution of the small input, as every generator decodes) against diffusers'
+   `Upsample2D` modules, same weights and latents.
 
 FLOPs per call: torch.utils.flop_counter.FlopCounterMode over each side's first (warm-up) call or step, and one UNet
 forward per model; achieved TFLOP/s are set against a timed 8192³ bf16 matmul on the same card. Peak memory:
@@ -62,6 +65,7 @@ from latent_consistency.training.ema import ema_update
 from latent_consistency.training.loop import build_loss
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
 from latent_consistency.training.students import make_student
+from latent_consistency.upsampling import use_subpixel_upsampling
 from sd_scale import SD_SCHEDULER, make_unet
 
 GUIDANCE_SCALE = 8.0  # an LCM's default g (ω = 7)
@@ -72,7 +76,7 @@ TOKENS = 77
 PROMPTS = [f"a photo of {thing}, {style}" for thing in ("a red fox in snow", "a lighthouse at dusk", "a bowl of ramen", "an old tram")
            for style in ("studio light", "watercolour", "35mm film", "isometric render")]
 # Seconds a row needs at least on an H100 (set-up included): a row is skipped when less than this is left
-ROW_SECONDS = {"sampling": 15, "lcd": 40, "sdxl": 60, "compile": 120}
+ROW_SECONDS = {"sampling": 15, "lcd": 40, "sdxl": 60, "compile": 120, "decode": 10}
 
 
 class OutOfTime(BaseException):
@@ -235,6 +239,35 @@ def unet_forward_flops(unet, batch: int, cond: torch.Tensor) -> float:
     t = torch.full((batch,), 999, device=unet.device)
     with torch.no_grad():
         return counted(lambda: UNetNetwork(unet)(z, t, cond.to(unet.dtype).expand(batch, -1, -1)))[0]
+
+
+# --- 6: the VAE decode ---
+
+def decode_row(lcm: str, device, dtype, batch: int, repeats: int, budget: Budget) -> Row:
+    """Ours: the VAE's upsamplers replaced (`use_subpixel_upsampling`); theirs: diffusers' modules; the same latents."""
+    from diffusers import AutoencoderKL
+
+    theirs, ours = (AutoencoderKL.from_pretrained(lcm, subfolder="vae", torch_dtype=dtype).to(device).eval() for _ in range(2))
+    replaced = use_subpixel_upsampling(ours)
+    size = ours.config.sample_size // 2 ** (len(ours.config.block_out_channels) - 1)
+    latents = torch.randn(batch, ours.config.latent_channels, size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    row = Row(f"VAE decode to {ours.config.sample_size}², eager ({replaced} upsamplers sub-pixel)", batch)
+    with torch.no_grad():
+        for side, vae in (("ours", ours), ("theirs", theirs)):
+            reset_peak(device)
+            decode = vae_decoding(vae, latents)
+            flops, images = counted(decode)
+            setattr(row, f"{side}_flops", flops)
+            setattr(row, f"{side}_s", median_seconds(decode, device, repeats, budget))
+            setattr(row, f"{side}_peak_gib", peak_gib(device))
+            if side == "ours":
+                reference = images.float().cpu()
+        row.max_abs_difference = (images.float().cpu() - reference).abs().max().item()
+    return row
+
+
+def vae_decoding(vae, latents: torch.Tensor):
+    return lambda: vae.decode(latents).sample
 
 
 # --- 1 and 4: text to image ---
@@ -553,6 +586,8 @@ def run(args, device: torch.device, dtype: torch.dtype, budget: Budget, record, 
         teacher, lcm = save_sd_folders(Path(tmp), args.tiny, device, dtype)
         print(f"models saved, {budget.left():.0f} s left", file=sys.stderr, flush=True)
         eager = section(record, "text to image", sampling_rows, lcm, device, dtype, args.repeats, budget, record, results) or {}
+        row_if_time(record, budget, "decode", "VAE decode", SAMPLING_BATCHES[-1], decode_row, lcm, device, dtype, SAMPLING_BATCHES[-1],
+                    args.repeats, budget)
         reset_peak(device)
         row_if_time(record, budget, "lcd", "LCD step, SD 1.5", TRAIN_BATCH, sd_lcd_row, teacher, device, dtype, precision, args.repeats, budget)
         for preset in ("sdxl", "sdxl-lora"):
