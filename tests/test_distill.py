@@ -305,6 +305,120 @@ def test_a_folder_with_a_checkpoint_a_step_or_other_files_is_never_started_over(
     assert not any(tmp_path.iterdir())
 
 
+def one_line_error(capsys) -> str:
+    """The one line a refused command printed on stderr."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_config_json_this_tool_did_not_write_is_never_removed(tiny_sd, tmp_path, capsys):
+    """Only a config.json a run wrote in this folder (every field, as `to_dict` writes them) marks a run that stopped before
+    its first step: the user's own, partial, of the other command, another run's or not JSON, is left alone."""
+    from latent_consistency.training.config import FinetuneConfig
+    from latent_consistency.training.run_folder import prepare_run_folder
+
+    out = tmp_path / "myrun"
+    out.mkdir()
+    saved = out / "config.json"
+    saved.write_text(json.dumps({"teacher": str(tiny_sd), "data": "nodata-here", "steps": 2}))
+    assert main(["distill", "--preset", "tiny", "--config", str(saved), "--out", str(out)]) == 2
+    assert "is not empty" in one_line_error(capsys) and json.loads(saved.read_text())["data"] == "nodata-here"
+    config = resolve_config(DistillConfig, "tiny", overrides=dict(teacher=str(tiny_sd), data="nodata-here", out=str(out)))
+    theirs = {"partial": json.dumps({"teacher": str(tiny_sd), "steps": 2}),
+              "the other command's": json.dumps(resolve_config(FinetuneConfig, "tiny", overrides=dict(out=str(out))).to_dict()),
+              "another run's": json.dumps(resolve_config(DistillConfig, "tiny", overrides=dict(out=str(tmp_path / "old"))).to_dict()),
+              "not JSON": "teacher: tiny-sd"}
+    for kind, text in theirs.items():
+        saved.write_text(text)
+        with pytest.raises(UserError, match="is not empty"):
+            prepare_run_folder(config, resume=False)
+        assert saved.read_text() == text, kind
+    saved.write_text(json.dumps(config.to_dict()))  # what a run writes: the folder is free again
+    prepare_run_folder(config, resume=False)
+    assert not any(out.iterdir())
+
+
+def test_resuming_with_other_settings_offers_a_fresh_start_only_where_one_would_work(tiny_sd, image_folder, tmp_path):
+    """A `--method ode` run stopped after its ODE bank, before a checkpoint: without --resume the folder is not free, so
+    --resume with other settings says to resume with the same ones (the bank is reused) or use a new --out."""
+    from latent_consistency.training.run_folder import prepare_run_folder
+
+    def ode(**overrides):
+        return resolve_config(DistillConfig, "tiny", overrides=dict(teacher=str(tiny_sd), data=str(image_folder), out=str(tmp_path),
+                                                                     method="ode", guidance_scale_min=1.0, **overrides))
+
+    (tmp_path / "config.json").write_text(json.dumps(ode().to_dict()))
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "ode_targets.pt").write_bytes(b"minutes of teacher passes")
+    with pytest.raises(UserError, match="is not empty"):
+        prepare_run_folder(ode(lr=1e-3), resume=False)
+    with pytest.raises(UserError) as refused:
+        prepare_run_folder(ode(lr=1e-3), resume=True)
+    message = str(refused.value)
+    assert "resume with the same settings or use a new --out" in message and "ode_targets.pt" in message
+    assert "without --resume" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl", "ode_targets.pt"]
+    prepare_run_folder(ode(), resume=True)  # the same settings resume
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_sd, image_folder, tmp_path_factory):
+    """A finished 4-step tiny run that kept its checkpoints at steps 2 and 4; (its folder, the arguments it ran with)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    args = distill_args(tiny_sd, image_folder, out, "--keep-checkpoints", "10")
+    assert main(args) == 0
+    return out, args
+
+
+def test_resume_drops_what_a_killed_run_logged_after_its_checkpoint(finished_run, tmp_path, monkeypatch):
+    """Killed after logging step 3 (and half of step 4's line), before the step-4 checkpoint: the resumed run's
+    metrics.jsonl reads as the uninterrupted run's, and TensorBoard is told to hide the events after step 2."""
+    import types
+
+    reference, args = finished_run
+    out = tmp_path / "killed"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "step-0000004")
+    shutil.rmtree(out / "lcm")
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= 3) + '{"step": 4, "lo')
+    opened = []
+
+    class SummaryWriter:  # TensorBoard is not installed here: a stand-in that records how it was opened
+        def __init__(self, log_dir, purge_step=None):
+            opened.append(purge_step)
+
+        def add_scalar(self, *args):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    assert main([a if a != str(reference) else str(out) for a in args] + ["--resume"]) == 0
+
+    def log(run):
+        return [(m["step"], m.get("loss"), m.get("omega_response_999")) for m in read_metrics(run, "step")]
+
+    assert log(out) == log(reference) and [step for step, *_ in log(out)] == [1, 2, 3, 4, 4]
+    assert opened == [3] and sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(finished_run, capsys):
+    reference, args = finished_run
+    saved = (reference / "config.json").read_text()
+    assert main(args + ["--steps", "2", "--resume"]) == 2
+    assert "the checkpoint in" in (err := one_line_error(capsys)) and "at step 4; --steps must be at least 4" in err
+    assert (reference / "config.json").read_text() == saved
+
+
+@pytest.mark.parametrize("damage", ["garbage", "[1]", '{"objective": "x"}', b"\xff\xfe"])
+def test_resuming_from_a_damaged_config_json_is_one_line(tiny_sd, image_folder, tmp_path, capsys, damage):
+    saved = tmp_path / "config.json"
+    saved.write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+    assert main(distill_args(tiny_sd, image_folder, tmp_path, "--resume")) == 2
+    assert f"{saved} is not a run's config" in one_line_error(capsys)
+    assert saved.read_bytes() == (damage if isinstance(damage, bytes) else damage.encode())
+
+
 def test_the_omega_projection_gets_its_own_learning_rate(tiny_sd, image_folder, tmp_path):
     """--omega-lr-scale S: the ω projection (zero at the start) moves S times as far as at scale 1 in the first AdamW steps,
     where each weight moves by about the learning rate whatever its gradient's size; the other weights are unchanged."""

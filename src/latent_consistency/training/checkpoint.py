@@ -34,6 +34,11 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder `step-NNNNNNN`."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -74,7 +79,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:

@@ -13,6 +13,7 @@ checkpoints with exact resume, and the exported model. Only the main process wri
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training import omega_response
-from latent_consistency.training.config import TrainConfig, config_from_dict
+from latent_consistency.training.config import CONFIGS, TrainConfig, config_from_dict
+from latent_consistency.training.ode_targets import FILE as ODE_BANK
 from latent_consistency.training.sharding import exportable, full_training_state, is_sharded, load_optimizer_state
 
 VALIDATION_STEPS = (1, 2, 4)
@@ -45,23 +47,17 @@ EARLY_RUN_FILES = frozenset({"config.json", "metrics.jsonl", "tensorboard", ckpt
 
 
 def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> Path:
-    """Check the run folder against --resume: a new run needs a free folder, a resumed one the same config. A folder
-    that holds a run which stopped before its first step (unreadable data, say) counts as free: the main process clears
-    it, so that the run can be started again with other settings. Nothing a step made is ever removed."""
+    """Check the run folder against --resume: a new run needs a free folder, a resumed one the same config and --steps no
+    fewer than its checkpoint's step. A folder that holds a run which stopped before its first step (unreadable data,
+    say) counts as free: the main process clears it, so that the run can be started again with other settings. Nothing
+    a step made, and no file this tool did not write, is ever removed."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run")
-    saved = out / "config.json"
     if resume:
-        if not saved.is_file():
-            raise UserError(f"nothing to resume in {out} (no config.json); start a run there without --resume")
-        diffs = config_from_dict(json.loads(saved.read_text())).differences(config)
-        if diffs:
-            restart = "; it has no checkpoint yet, so start it again without --resume" if not ckpt.list_checkpoints(out) else ""
-            raise UserError(f"{out} was started with a different config ({'; '.join(diffs)}); resume with the same settings or use a "
-                            f"new --out{restart}")
+        check_resumable(out, config)
     elif out.exists() and any(out.iterdir()):
-        if not stopped_before_first_step(out):
+        if not stopped_before_first_step(out, config):
             raise UserError(f"run folder {out} is not empty; pass --resume to continue it or choose another --out")
         if main:
             print(f"{out}: the run there stopped before its first step; starting it over", flush=True)
@@ -69,13 +65,63 @@ def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> 
     return out
 
 
-def stopped_before_first_step(out: Path) -> bool:
-    """Whether `out` holds a run's config.json, nothing a run does not write before its first step (`EARLY_RUN_FILES`), an
-    empty metrics.jsonl if any, and no checkpoint."""
+def check_resumable(out: Path, config: TrainConfig) -> None:
+    """A UserError unless the run in `out` can be resumed with `config`: its config.json is the same but for
+    `RESUMABLE_CHANGES`, and its latest checkpoint's step is at most --steps. Each message names what would work."""
+    saved = out / "config.json"
+    if not saved.is_file():
+        raise UserError(f"nothing to resume in {out} (no config.json); start a run there without --resume")
+    diffs = saved_config(saved).differences(config)
+    if diffs:
+        if stopped_before_first_step(out, config):
+            hint = "; it has no checkpoint yet, so start it again without --resume"
+        elif (out / ODE_BANK).is_file():
+            hint = f" (resuming with the same settings reuses its ODE bank, {ODE_BANK})"
+        else:
+            hint = ""
+        raise UserError(f"{out} was started with a different config ({'; '.join(diffs)}); resume with the same settings or use a "
+                        f"new --out{hint}")
+    found = ckpt.list_checkpoints(out)
+    reached = ckpt.checkpoint_step(found[-1]) if found else 0
+    if config.steps < reached:
+        raise UserError(f"the checkpoint in {out} is at step {reached}; --steps must be at least {reached} to resume it, "
+                        f"not {config.steps}")
+
+
+def saved_config(path: Path) -> TrainConfig:
+    """The config a run saved in `path` (its config.json); a UserError naming the file when it is not one."""
+    try:
+        values = json.loads(path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"a JSON {type(values).__name__}, not an object")
+        objective = values.get("objective", "lcd")
+        if not isinstance(objective, str) or objective not in CONFIGS:
+            raise ValueError(f"unknown objective {objective!r}")
+        return config_from_dict(values)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError among them
+        raise UserError(f"cannot resume: {path} is not a run's config ({err}); restore it (each checkpoint's state.json holds "
+                        "the config) or use a new --out") from None
+
+
+def stopped_before_first_step(out: Path, config: TrainConfig) -> bool:
+    """Whether `out` holds a config.json this tool wrote for a run there (`written_by_a_run`), nothing a run does not write
+    before its first step (`EARLY_RUN_FILES`), an empty metrics.jsonl if any, and no checkpoint."""
     names = {path.name for path in out.iterdir()}
     metrics = out / "metrics.jsonl"
     return ("config.json" in names and names <= EARLY_RUN_FILES and not ckpt.list_checkpoints(out)
-            and (not metrics.is_file() or metrics.stat().st_size == 0))
+            and (not metrics.is_file() or metrics.stat().st_size == 0) and written_by_a_run(out, config))
+
+
+def written_by_a_run(out: Path, config: TrainConfig) -> bool:
+    """Whether out/config.json is the one a run of `config`'s class writes in `out`: a JSON object with exactly the fields
+    `to_dict` writes, in its order, that class's objective, and `out` naming this folder. A config.json of the user's own
+    (partial, of the other command, copied from another run, not JSON) is not."""
+    try:
+        values = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(values, dict) and list(values) == list(config.to_dict()) and values["objective"] == config.objective
+            and isinstance(values["out"], str) and Path(values["out"]).resolve() == out.resolve())
 
 
 def clear_early_run(out: Path) -> None:
@@ -129,9 +175,13 @@ class RunFolder:
         if self.main:
             ckpt.remove_partial_checkpoints(self.out)
         found = ckpt.list_checkpoints(self.out)
-        if not found:
-            return Progress()
-        tensors, objects, state = ckpt.load_checkpoint(found[-1])
+        progress = self.load_checkpoint(found[-1]) if found else Progress()
+        self.writer.resume_at(progress.step)
+        return progress
+
+    def load_checkpoint(self, path: Path) -> Progress:
+        """Load the checkpoint at `path` (but for the optimiser state, kept for `resume_optimizer`); where it stands."""
+        tensors, objects, state = ckpt.load_checkpoint(path)
         self.student.load_state(tensors)
         self.saved_optimizer_state = objects["optimizer"]
         self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
@@ -272,24 +322,64 @@ class RunFolder:
 
 
 class MetricsWriter:
-    """metrics.jsonl (always) and TensorBoard (when installed), main process only."""
+    """metrics.jsonl (always) and TensorBoard (when installed, opened at the first record), main process only."""
 
     def __init__(self, out: Path, active: bool):
-        self.active, self.path, self.tb = active, out / "metrics.jsonl", None
-        if active:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.active, self.path, self.tb_dir, self.tb = active, out / "metrics.jsonl", out / "tensorboard", None
+        self.purge_step = None  # set by `resume_at`
 
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                self.tb = None
+    def resume_at(self, step: int) -> None:
+        """Continue from a checkpoint at `step`: drop what a stopped run logged after it (`drop_records_after`), and
+        have TensorBoard hide its events of steps after it (the first event file written now starts at step + 1)."""
+        if self.active:
+            drop_records_after(self.path, step)
+            self.purge_step = step + 1
 
     def write(self, record: dict) -> None:
         if not self.active:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
+        tb = self.tensorboard()
+        if tb is not None:
             for k, v in record.items():
                 if k != "step" and v is not None:
-                    self.tb.add_scalar(k, v, record["step"])
+                    tb.add_scalar(k, v, record["step"])
+
+    def tensorboard(self):
+        """The TensorBoard writer, opened on first use (with `purge_step` when resumed); None when it is not installed."""
+        if self.tb is None and self.tb_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.tb_dir), purge_step=self.purge_step)
+            except ImportError:
+                self.tb_dir = None
+        return self.tb
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Remove from metrics.jsonl the records of steps after `step`, and an unfinished last line (a run killed while writing
+    it), so that a run resumed from its checkpoint at `step` leaves the log the uninterrupted run writes. Every other line
+    is kept as it is; the file is rewritten atomically (a temporary file, then os.replace), and only when a line goes."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and not logged_after(line, step)]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def logged_after(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line is the record of a step after `step`."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
