@@ -74,12 +74,12 @@ def add_training_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], 
 
 
 def run_training(args, cls: type[TrainConfig]) -> None:
-    from latent_consistency.training.loop import train
+    from latent_consistency.training.loop import check_here, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     config = resolve_config(cls, args.preset, args.config, overrides)
     if args.dry_run:
-        print(json.dumps(config.check().to_dict(), indent=1))
+        print(json.dumps(check_here(config).to_dict(), indent=1))
         return
     path = train(config, resume=args.resume)
     if path is not None:

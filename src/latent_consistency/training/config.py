@@ -23,6 +23,9 @@ LCM_METHODS = ("lcd", "ode")  # the methods that make an LCM
 LR_SCHEDULES = ("constant", "cosine", "linear")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
+# The largest --seed: the run seeds generators with it plus small offsets (validation noise, evaluation batches), and
+# torch's generators take seeds below 2**64
+MAX_SEED = 2**63 - 1
 
 
 def doc(text: str, **kwargs) -> Any:
@@ -115,6 +118,12 @@ class TrainConfig:
                      "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.seed > MAX_SEED:
+            raise UserError(f"seed must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
+        if self.batch_size % self.grad_accumulation:
+            raise UserError(f"batch_size {self.batch_size} must be a multiple of grad_accumulation {self.grad_accumulation}")
+        if self.lora_rank != field_default(type(self), "lora_rank") and self.adapter != "lora":
+            raise UserError(f"--lora-rank {self.lora_rank} sets the rank of new LoRA adapters: it applies to --adapter lora")
         for name in ("adam_beta1", "adam_beta2", "eval_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -122,6 +131,9 @@ class TrainConfig:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.eval_data and self.eval_fraction:
             raise UserError("give --eval-data or --eval-fraction, not both")
+        if self.eval_data and _same_data(self.eval_data, self.data):
+            raise UserError(f"--eval-data {self.eval_data} is the training data (--data): its loss would not be held out; give other "
+                            "data, or --eval-fraction to hold out part of --data")
         if self.compile and self.adapter != "full":
             raise UserError("--compile applies to full students; a LoRA student shares its UNet with the teacher, which is not "
                             "verified compiled: leave --compile out")
@@ -255,6 +267,9 @@ class FinetuneConfig(TrainConfig):
         super().check()
         if self.lora and self.adapter != "lora":
             raise UserError("fine-tuning an LCM-LoRA (--lora) trains that LoRA: use --adapter lora")
+        if self.lora and self.lora_rank != field_default(FinetuneConfig, "lora_rank"):
+            raise UserError(f"--lora-rank {self.lora_rank} sets the rank of new adapters; the LCM-LoRA of --lora keeps its own rank: "
+                            "leave --lora-rank out")
         return self
 
 
@@ -323,6 +338,16 @@ COMMANDS = {DistillConfig: "lcm distill", FinetuneConfig: "lcm finetune"}
 def field_help(cls: type[TrainConfig]) -> dict[str, str]:
     """Each field of a config class and its documentation."""
     return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def field_default(cls: type[TrainConfig], name: str) -> Any:
+    """The default of field `name` of a config class (before any preset)."""
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
+def _same_data(a: str, b: str) -> bool:
+    """Whether two data specs name the same data: equal, or paths of one existing file or folder."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_file: str | None = None,

@@ -105,15 +105,28 @@ def build_optimizer(config: TrainConfig, student) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, fused=config.optimizer == "adamw-fused" or None, **kwargs)
 
 
+def has_gpu() -> bool:
+    """Whether this machine has a CUDA or Apple (MPS) GPU that the run goes on."""
+    return torch.cuda.is_available() or (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
+
+
+def check_here(config: TrainConfig) -> TrainConfig:
+    """`config.check()`, and what this machine must allow: fp16 mixed precision needs a GPU (on a CPU autocast leaves
+    the float32 student and the fp16 frozen networks apart). What a real run and --dry-run both refuse."""
+    config.check()
+    if config.mixed_precision == "fp16" and not has_gpu():
+        raise UserError("--mixed-precision fp16 needs a GPU and this machine has none: use --mixed-precision bf16 or no")
+    return config
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path | None:
     """Run (or resume) a distillation/fine-tuning run; returns the exported model's path (None on
     processes other than the main one)."""
     from accelerate import Accelerator
 
-    config.check()
+    check_here(config)
     # Without a GPU, `cpu=True` lets accelerate join torchrun-launched processes over gloo (MULTI_CPU).
-    has_gpu = torch.cuda.is_available() or (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_gpu)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_gpu())
     check_sharding(accelerator, config)  # FSDP2 from `accelerate launch --config_file configs/accelerate/fsdp.yaml`
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     out = prepare_run_folder(config, resume, accelerator.is_main_process)

@@ -31,6 +31,7 @@ from latent_consistency.models import (
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.config import LCM_METHODS, DistillConfig, FinetuneConfig, TrainConfig
+from latent_consistency.training.run_folder import VALIDATION_STEPS
 
 
 def _loss_settings(config: TrainConfig, schedule: NoiseSchedule, skip: int) -> dict:
@@ -39,7 +40,8 @@ def _loss_settings(config: TrainConfig, schedule: NoiseSchedule, skip: int) -> d
 
 
 def _check_schedule(schedule: NoiseSchedule, prediction_types: dict[str, str], skip: int | None) -> None:
-    """k must divide T (when the objective has one), and ε cannot be predicted at zero terminal SNR."""
+    """k must divide T and leave the validation grid its steps (when the objective has a k), and ε cannot be predicted at
+    zero terminal SNR."""
     if schedule.zero_terminal_snr:
         # At zero terminal SNR, x̂0 = (z - σ·ε̂)/α divides by α_{T-1} = 2^-12: ε̂ carries no image there.
         for who, prediction in prediction_types.items():
@@ -48,6 +50,16 @@ def _check_schedule(schedule: NoiseSchedule, prediction_types: dict[str, str], s
                                 "at t = T-1; use a v-prediction teacher and student")
     if skip is not None and (skip < 1 or schedule.num_train_timesteps % skip):
         raise UserError(f"skip {skip} must divide the model's {schedule.num_train_timesteps} training timesteps")
+    if skip is not None:
+        _check_validation_steps(schedule.num_train_timesteps, skip)
+
+
+def _check_validation_steps(timesteps: int, skip: int) -> None:
+    """T/k timesteps must hold the validation grid's largest step count, which every run samples at its end."""
+    most = max(VALIDATION_STEPS)
+    if timesteps // skip < most:
+        raise UserError(f"skip {skip} leaves {timesteps // skip} of the model's {timesteps} training timesteps (T/k), fewer than the "
+                        f"{most} steps the validation grid samples in: use a skip of at most {timesteps // most} that divides {timesteps}")
 
 
 def _check_transformer_student(config: DistillConfig, base: DiffusionModel) -> None:

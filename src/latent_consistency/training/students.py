@@ -150,6 +150,16 @@ def _initial_unet(path: str, base: DiffusionModel, prediction_type: str):
     return unet.to(device=base.unet.device, dtype=torch.float32).requires_grad_(True)
 
 
+def _check_omega_size(unet, config, source: str) -> None:
+    """A full LCD student that starts with an ω input (--student-init, or a guidance-distilled teacher's) keeps its size,
+    which --time-cond-proj-dim (recorded in config.json) must then state rather than be ignored."""
+    size = unet.config.get("time_cond_proj_dim")
+    wanted = getattr(config, "time_cond_proj_dim", None)
+    if size is not None and wanted is not None and size != wanted:
+        raise UserError(f"the student starts from {source}, whose ω embedding has size {size}: --time-cond-proj-dim {wanted} "
+                        f"cannot change it; set --time-cond-proj-dim {size}")
+
+
 def _adapter(unet) -> str:
     """The name of the UNet's (one) LoRA adapter: "default" when made here, "default_0" when loaded by diffusers."""
     return unet.active_adapters()[0]
@@ -185,10 +195,12 @@ def make_student(config, base: DiffusionModel, scheduler_config: dict, share_une
                 param.data = param.data.float()
     elif getattr(config, "student_init", ""):
         unet = _initial_unet(config.student_init, base, scheduler_config["prediction_type"])
+        _check_omega_size(unet, config, config.student_init)
     else:
         adds_omega = base.time_cond_proj_dim is None and not base.is_transformer  # a transformer has no time_cond_proj_dim
         unet = make_student_unet(base.unet, config.time_cond_proj_dim) if adds_omega else copy.deepcopy(base.unet)
         unet.requires_grad_(True)
+        _check_omega_size(unet, config, getattr(config, config.model_field))
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()

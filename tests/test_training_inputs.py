@@ -1,0 +1,149 @@
+"""Inputs a training run (and `lcm demo`, `lcm world export`) must refuse up front, in one line with exit code 2, before
+any training or file: rather than after the training, with a traceback, or by silently ignoring a recorded flag."""
+
+import json
+
+import pytest
+
+from latent_consistency.training.config import MAX_SEED
+
+LIMIT = "fewer than the 4 steps the validation grid samples in: use a skip of at most 250"
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from tiny_models import write_captioned_images
+
+    return write_captioned_images(tmp_path_factory.mktemp("images"), 8)
+
+
+@pytest.fixture
+def distill(tiny_sd, image_folder, tmp_path):
+    """`lcm distill --preset tiny` of the tiny teacher into tmp_path/run, with extra flags."""
+    return lambda *extra: ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(image_folder),
+                           "--out", str(tmp_path / "run"), *extra]
+
+
+@pytest.fixture
+def finetune(tiny_lcm, image_folder, tmp_path):
+    """`lcm finetune --preset tiny` of the tiny LCM into tmp_path/run, with extra flags."""
+    return lambda *extra: ["finetune", "--preset", "tiny", "--model", str(tiny_lcm), "--data", str(image_folder),
+                           "--out", str(tmp_path / "run"), *extra]
+
+
+def refused(run_error, argv, message):
+    """Assert that `argv` exits 2 with one line holding `message`."""
+    code, err = run_error(argv)
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, (code, err)
+
+
+@pytest.mark.parametrize("skip", ["500", "1000"])
+def test_a_skip_too_large_for_the_validation_grid_is_refused_before_training(distill, finetune, run_error, tmp_path, skip):
+    for command in (distill, finetune):
+        refused(run_error, command("--skip", skip), LIMIT)
+        assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_skip_the_validation_grid_allows_runs(distill, run_error, tmp_path):
+    assert run_error(distill("--skip", "250", "--steps", "1"))[0] == 0
+    assert (tmp_path / "run" / "lcm" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_fp16_without_a_gpu_is_refused_before_loading(distill, run_error, tmp_path, monkeypatch, dry_run):
+    monkeypatch.setattr("latent_consistency.training.loop.has_gpu", lambda: False)
+    monkeypatch.setattr("latent_consistency.training.objectives.Distillation.load", lambda *a: pytest.fail("loaded the teacher"))
+    refused(run_error, distill("--mixed-precision", "fp16", *dry_run), "fp16 needs a GPU and this machine has none: use --mixed-precision bf16")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**64 - 1, MAX_SEED + 1])
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_a_seed_out_of_range_is_refused(distill, run_error, tmp_path, seed, dry_run):
+    refused(run_error, distill("--seed", str(seed), *dry_run), f"seed must be at most 2**63 - 1 = {MAX_SEED}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_largest_seed_runs_to_its_export(distill, run_error, tmp_path):
+    """Validation seeds its noise with seed + 1: the bound leaves room for that."""
+    assert run_error(distill("--seed", str(MAX_SEED), "--steps", "1"))[0] == 0
+    assert (tmp_path / "run" / "lcm" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["distill", "finetune"])
+def test_dry_run_refuses_a_batch_that_accumulation_does_not_divide(distill, finetune, run_error, command):
+    argv = (distill if command == "distill" else finetune)("--batch-size", "5", "--grad-accumulation", "2", "--dry-run")
+    refused(run_error, argv, "batch_size 5 must be a multiple of grad_accumulation 2")
+
+
+def test_lora_rank_of_a_loaded_lcm_lora_is_refused(finetune, run_error):
+    refused(run_error, finetune("--lora", "some-lora", "--adapter", "lora", "--lora-rank", "16", "--dry-run"),
+            "the LCM-LoRA of --lora keeps its own rank")
+
+
+def test_lora_rank_of_a_full_student_is_refused(distill, run_error):
+    refused(run_error, distill("--lora-rank", "16", "--dry-run"), "--lora-rank 16 sets the rank of new LoRA adapters: it applies to --adapter lora")
+
+
+def test_an_omega_size_that_the_student_init_does_not_have_is_refused(distill, tiny_lcm, run_error, tmp_path):
+    """The tiny LCM's ω embedding has size 32: --time-cond-proj-dim 64 would be recorded but not used."""
+    refused(run_error, distill("--student-init", str(tiny_lcm), "--time-cond-proj-dim", "64"),
+            "whose ω embedding has size 32: --time-cond-proj-dim 64 cannot change it; set --time-cond-proj-dim 32")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("same", ["as given", "another spelling"])
+def test_eval_data_that_is_the_training_data_is_refused(distill, image_folder, run_error, same):
+    eval_data = str(image_folder) if same == "as given" else str(image_folder / ".." / image_folder.name) + "/"
+    refused(run_error, distill("--eval-data", eval_data, "--dry-run"), "is the training data (--data): its loss would not be held out")
+
+
+@pytest.fixture
+def no_demo(monkeypatch):
+    """The demo's work (past its up-front checks) stops the test at once."""
+    def stop(*args, **kwargs):
+        raise AssertionError("the demo started its work")
+
+    monkeypatch.setattr("latent_consistency.world.demo.resolve_device", stop)
+
+
+def test_demo_refuses_an_empty_out(run_error, tmp_path, monkeypatch, no_demo):
+    monkeypatch.chdir(tmp_path)
+    refused(run_error, ["demo", "--out", "", "--device", "cpu"], "--out is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_refuses_an_unknown_world_preset_before_making_anything(run_error, tmp_path, no_demo):
+    refused(run_error, ["demo", "--world-preset", "nonexist", "--out", str(tmp_path / "d1")], "unknown world preset 'nonexist'")
+    assert not (tmp_path / "d1").exists()
+
+
+def finished_run(run, steps):
+    """A run folder as a finished demo run leaves it: its config.json and an exported LCM."""
+    (run / "lcm").mkdir(parents=True)
+    (run / "lcm" / "model_index.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"objective": "lcd", "steps": steps, "teacher": "t", "data": "d", "out": str(run)}))
+
+
+@pytest.mark.parametrize("flag, part", [("--distill-steps", "distill"), ("--finetune-steps", "finetune")])
+def test_demo_refuses_steps_that_a_reused_run_was_not_made_with(run_error, tmp_path, no_demo, flag, part):
+    finished_run(tmp_path / "d" / part, 3)
+    refused(run_error, ["demo", "--out", str(tmp_path / "d"), flag, "5"],
+            f"holds a finished run of 3 steps, which this demo reuses: {flag} 5 would not apply; give {flag} 3")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [part]
+
+
+def test_the_demo_reports_the_steps_a_reused_run_was_made_with(tmp_path):
+    from latent_consistency.world.demo import finished_run_config
+
+    assert finished_run_config(tmp_path / "distill") is None
+    finished_run(tmp_path / "distill", 3)
+    assert finished_run_config(tmp_path / "distill").steps == 3
+
+
+def test_exporting_the_shipped_world_says_it_is_exported_already(run_error, tmp_path):
+    from latent_consistency.world.artifact import default_world_path
+
+    refused(run_error, ["world", "export", "--from", str(default_world_path()), "--out", str(tmp_path / "w")],
+            "is an exported world already (float16 weights), ready to use as it is")
+    assert not (tmp_path / "w").exists()
