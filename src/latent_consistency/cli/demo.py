@@ -9,8 +9,11 @@ from latent_consistency.cli.arguments import positive_int
 
 
 def run(args) -> None:
+    from latent_consistency.errors import UserError
     from latent_consistency.world.demo import run_demo
 
+    if not args.out.strip():
+        raise UserError("--out is empty; give the demo's output folder (default runs/demo)")
     run_demo(Path(args.out), args.world, args.distill_steps, args.eval_samples, args.device, args.world_preset, args.finetune_steps)
 
 

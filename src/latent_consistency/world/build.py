@@ -439,8 +439,7 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     The latent cache, logs and build state stay behind; `load_world` reads the copy (in float32).
     """
     src, dst = Path(src), Path(dst)
-    if finished_phases(src) != list(PHASES):
-        raise UserError(f"{src} is not a finished world; run `lcm world build` on it first")
+    _check_exportable(src)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"--out {dst} is a file or a folder that is not empty; give a new or empty folder")
     partial = dst.with_name(dst.name + ".partial")
@@ -454,6 +453,18 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     write_json_atomic(partial / WORLD_FILE, spec | {"weights_dtype": str(dtype).removeprefix("torch.")}, indent=2)
     partial.rename(dst)  # onto a missing or empty folder
     return dst
+
+
+def _check_exportable(src: Path) -> None:
+    """Export copies a build that `lcm world build` finished (its build_state.json lists every phase); an exported world
+    (the shipped one, say) has no build state and is ready to use as it is."""
+    if finished_phases(src) == list(PHASES):
+        return
+    dtype = json.loads((src / WORLD_FILE).read_text()).get("weights_dtype") if (src / WORLD_FILE).is_file() else None
+    if dtype:
+        raise UserError(f"{src} is an exported world already ({dtype} weights), ready to use as it is (--world, --teacher); "
+                        "`lcm world export` copies a world that `lcm world build` finished")
+    raise UserError(f"{src} is not a finished world; run `lcm world build` on it first")
 
 
 def _cast_weights(folder: Path, dtype: torch.dtype) -> None:

@@ -33,7 +33,7 @@ from latent_consistency.evaluation.table import EvalSet, JudgeScorer, run_table,
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
 from latent_consistency.outputs import writable_folder
-from latent_consistency.training.config import DistillConfig, FinetuneConfig, resolve_config
+from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig, config_from_dict, resolve_config
 from latent_consistency.training.loop import train
 from latent_consistency.world.artifact import default_world_path, load_world
 from latent_consistency.world.build import build_world, reusable_phases, world_spec
@@ -74,6 +74,10 @@ def reference_set(world, dataset: str, n: int) -> tuple[list[str], list, torch.T
 def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_samples: int, device: str,
              world_preset: str = "default", finetune_steps: int | None = None) -> Path:
     t0 = time.perf_counter()
+    if world_dir is None:
+        get_preset(world_preset)  # an unknown preset is refused before anything is made
+    for flag, run, steps in (("--distill-steps", out / "distill", distill_steps), ("--finetune-steps", out / "finetune", finetune_steps)):
+        _check_finished_steps(flag, run, steps)
     dev = resolve_device(device)
     writable_folder(out, "--out")
     if world_dir is None:
@@ -95,7 +99,7 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     # 2. Distillation
     run = out / "distill"
     overrides = dict(teacher=str(world_dir), data=str(cache), out=str(run), steps=distill_steps)
-    config = resolve_config(DistillConfig, "world", overrides=overrides)
+    config = finished_run_config(run) or resolve_config(DistillConfig, "world", overrides=overrides)
     # Every sampler is compared at the guidance scale of the preset's validation grid, inside its ω range
     guidance = config.validation_guidance_scale
     lcm_dir = run / "lcm"
@@ -165,7 +169,7 @@ def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int
     run = out / "finetune"
     overrides = dict(model=str(out / "distill" / "lcm"), data=str(ensure_latent_cache(world, out / f"{dataset}-latents", dev, dataset)),
                      eval_data=f"world:{dataset}:{REFERENCE_SPLITS[dataset]}", out=str(run), steps=steps)
-    config = resolve_config(FinetuneConfig, "world", overrides=overrides)
+    config = finished_run_config(run) or resolve_config(FinetuneConfig, "world", overrides=overrides)
     if not (run / "lcm" / "model_index.json").is_file():
         print(f"[demo] fine-tuning the LCM on {dataset} for {config.steps} steps into {run}", flush=True)
         train(config, resume=(run / "config.json").is_file())
@@ -187,6 +191,23 @@ def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int
                f"the {dataset} judge's features.\n\n{_table(results)}\n\nFID of {len(prompts)} real training images against the "
                f"held-out ones: {fid_unpaired:.2f}. Grid: `{dataset}_grid.png`.\n")
     return section, {"results": dict(results), "fid_real_unpaired": fid_unpaired}
+
+
+def finished_run_config(run: Path) -> TrainConfig | None:
+    """The config a finished demo run (`run/lcm` exported) was made with, read from its config.json; None before that.
+    The report states it, not the flags of a rerun that reuses the run."""
+    saved = run / "config.json"
+    if not ((run / "lcm" / "model_index.json").is_file() and saved.is_file()):
+        return None
+    return config_from_dict(json.loads(saved.read_text()))
+
+
+def _check_finished_steps(flag: str, run: Path, steps: int | None) -> None:
+    """A rerun reuses a finished run: a step count given for it (`flag`) must be the one it was made with."""
+    finished = finished_run_config(run)
+    if finished is not None and steps is not None and steps != finished.steps:
+        raise UserError(f"{run} holds a finished run of {finished.steps} steps, which this demo reuses: {flag} {steps} would not "
+                        f"apply; give {flag} {finished.steps}, leave it out, or use a new --out")
 
 
 def _shipped_parts_for(world_preset: str) -> Path | None:
