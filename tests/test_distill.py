@@ -263,6 +263,22 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+def test_a_run_killed_before_its_final_omega_response_reports_it_on_resume(tiny_sd, image_folder, tmp_path):
+    """The ω response comes after the final checkpoint: a run killed between the two, resumed, reports it once, as the
+    uninterrupted run does (and one killed after it, before its export, does not report it twice)."""
+    out = tmp_path / "run"
+    assert main(distill_args(tiny_sd, image_folder, out)) == 0
+    (expected,) = read_metrics(out, "omega_response_999")
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    shutil.rmtree(out / "lcm")  # killed after the final checkpoint: no export, no response yet
+    (out / "metrics.jsonl").write_text("".join(line for line in lines if "omega_response_999" not in line))
+    assert main(distill_args(tiny_sd, image_folder, out, "--resume")) == 0
+    assert read_metrics(out, "omega_response_999") == [expected] and (out / "lcm" / "model_index.json").is_file()
+    shutil.rmtree(out / "lcm")  # killed after the response, before the export
+    assert main(distill_args(tiny_sd, image_folder, out, "--resume")) == 0
+    assert read_metrics(out, "omega_response_999") == [expected] and (out / "lcm" / "model_index.json").is_file()
+
+
 def test_a_run_that_stopped_before_its_first_step_can_be_started_again(tiny_sd, image_folder, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -227,8 +227,6 @@ class RunFolder:
                 self.validate(step, f_target)
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
             self.save(progress)
-        if last and self.runs_target and omega_response.applies(config):
-            self.report_omega_response(step)
 
     def report_omega_response(self, step: int) -> dict[int, float]:
         """The target θ⁻'s ω response (`training.omega_response`) on held-out latents (else the next training ones,
@@ -248,6 +246,12 @@ class RunFolder:
         print(f"ω response of the student (the fraction of the teacher's guidance effect between {scales} it reproduces; "
               "1: learned, 0: ignored): " + ", ".join(f"t={t} {r:.2f}" for t, r in response.items()), flush=True)
         return response
+
+    def logged_omega_response(self) -> bool:
+        """Whether metrics.jsonl holds the final step's ω response (a run killed after it, before its export, and resumed)."""
+        path = self.writer.path
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        return any(r.get("step") == self.config.steps and any(k.startswith("omega_response_") for k in r) for r in records)
 
     @torch.no_grad()
     def eval_loss(self, f_target) -> float:
@@ -304,9 +308,14 @@ class RunFolder:
         return path
 
     def finish(self) -> Path | None:
-        """Export the target θ⁻ in diffusers format (main process, `Student.export`); returns its path."""
+        """The final ω response (unless the metrics hold it: a run resumed after it), then the target θ⁻ exported in
+        diffusers format (main process, `Student.export`); returns its path."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
+        # Every process decides after the barrier: under FSDP the response's forwards are collective, and the main process
+        # cannot write the record before every process has joined the first of them
+        if self.runs_target and omega_response.applies(self.config) and not self.logged_omega_response():
+            self.report_omega_response(self.config.steps)
         exported = None
         student, unwrapped = exportable(accelerator, self.student)  # under FSDP, an unsharded copy gathered on the main process
         if self.main:
