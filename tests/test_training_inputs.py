@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from latent_consistency.cli import main
 from latent_consistency.training.config import MAX_SEED
 
 LIMIT = "fewer than the 4 steps the validation grid samples in: use a skip of at most 250"
@@ -49,11 +50,20 @@ def test_the_largest_skip_the_validation_grid_allows_runs(distill, run_error, tm
     assert (tmp_path / "run" / "lcm" / "model_index.json").is_file()
 
 
-@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
-def test_fp16_without_a_gpu_is_refused_before_loading(distill, run_error, tmp_path, monkeypatch, dry_run):
+def test_fp16_without_a_gpu_is_refused_before_loading(distill, run_error, tmp_path, monkeypatch):
     monkeypatch.setattr("latent_consistency.training.loop.has_gpu", lambda: False)
     monkeypatch.setattr("latent_consistency.training.objectives.Distillation.load", lambda *a: pytest.fail("loaded the teacher"))
-    refused(run_error, distill("--mixed-precision", "fp16", *dry_run), "fp16 needs a GPU and this machine has none: use --mixed-precision bf16")
+    refused(run_error, distill("--mixed-precision", "fp16"), "fp16 needs a GPU and this machine has none: use --mixed-precision bf16")
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_of_an_fp16_config_on_a_cpu_prints_it_with_a_note(distill, tmp_path, monkeypatch, capsys):
+    """--dry-run shows the config a GPU machine would run (the `sd` preset is fp16), and says this machine cannot run it."""
+    monkeypatch.setattr("latent_consistency.training.loop.has_gpu", lambda: False)
+    assert main(distill("--mixed-precision", "fp16", "--dry-run")) in (0, None)
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mixed_precision"] == "fp16"
+    assert err.strip() == "note: not on this machine: --mixed-precision fp16 needs a GPU and this machine has none: use --mixed-precision bf16 or no"
     assert not (tmp_path / "run").exists()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import typing
 
 from latent_consistency.training.config import COMMANDS, CONFIGS, PRESETS, TrainConfig, field_help, resolve_config
@@ -74,12 +75,15 @@ def add_training_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], 
 
 
 def run_training(args, cls: type[TrainConfig]) -> None:
-    from latent_consistency.training.loop import check_here, train
+    from latent_consistency.training.loop import machine_problem, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     config = resolve_config(cls, args.preset, args.config, overrides)
-    if args.dry_run:
-        print(json.dumps(check_here(config).to_dict(), indent=1))
+    if args.dry_run:  # the config as it would run; one that only another machine can run is printed with a note
+        print(json.dumps(config.check().to_dict(), indent=1))
+        problem = machine_problem(config)
+        if problem is not None:
+            print(f"note: not on this machine: {problem}", file=sys.stderr)
         return
     path = train(config, resume=args.resume)
     if path is not None:

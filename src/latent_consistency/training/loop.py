@@ -110,12 +110,19 @@ def has_gpu() -> bool:
     return torch.cuda.is_available() or (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available())
 
 
-def check_here(config: TrainConfig) -> TrainConfig:
-    """`config.check()`, and what this machine must allow: fp16 mixed precision needs a GPU (on a CPU autocast leaves
-    the float32 student and the fp16 frozen networks apart). What a real run and --dry-run both refuse."""
-    config.check()
+def machine_problem(config: TrainConfig) -> str | None:
+    """Why this machine cannot run `config`, if it cannot: fp16 mixed precision needs a GPU (on a CPU autocast leaves the
+    float32 student and the fp16 frozen networks apart)."""
     if config.mixed_precision == "fp16" and not has_gpu():
-        raise UserError("--mixed-precision fp16 needs a GPU and this machine has none: use --mixed-precision bf16 or no")
+        return "--mixed-precision fp16 needs a GPU and this machine has none: use --mixed-precision bf16 or no"
+    return None
+
+
+def check_here(config: TrainConfig) -> TrainConfig:
+    """`config.check()`, and that this machine can run it (`machine_problem`): what a run checks before it loads anything."""
+    problem = machine_problem(config.check())
+    if problem is not None:
+        raise UserError(problem)
     return config
 
 
