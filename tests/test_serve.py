@@ -150,6 +150,28 @@ def client(generator):
         yield c
 
 
+def test_an_unexpected_failure_is_a_one_line_json_500_and_the_server_keeps_serving(generator, monkeypatch):
+    """No client's mistake (here the model raising): a JSON error like every other (Starlette then raises the exception on,
+    for the server to log; this test client does not re-raise it), and the next request served."""
+    from fastapi.testclient import TestClient
+
+    calls = []
+    original = type(generator).__call__
+
+    def fails_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the device fell over")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(generator), "__call__", fails_once)
+    with TestClient(make_app(generator), raise_server_exceptions=False) as c:
+        failed = c.post("/v1/images", json={"prompt": "a red star", "steps": 1, "seed": 1})
+        assert failed.status_code == 500
+        assert failed.json() == {"error": "internal error (RuntimeError); the server's log has the details"}
+        assert c.post("/v1/images", json={"prompt": "a red star", "steps": 1, "seed": 1}).status_code == 200
+
+
 def png_base64(size=(20, 12)) -> str:
     buffer = io.BytesIO()
     Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")

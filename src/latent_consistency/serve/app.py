@@ -147,6 +147,12 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     async def queue_full(request, exc: QueueFull):
         return error(429, str(exc), headers={"Retry-After": "1"})
 
+    @app.exception_handler(Exception)
+    async def internal(request, exc: Exception):
+        """A failure that is no client's mistake: one-line JSON like every other error. Starlette raises the exception on
+        after the response, so the server (uvicorn) logs its traceback."""
+        return error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
+
     @app.post(IMAGE_PATH, response_class=Response, responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()},
                                                                     "description": "the image; X-Seed, X-Latency-Ms, X-Batch-Size headers"}})
     async def images(body: ImageRequest, request: Request) -> Response:
