@@ -80,6 +80,24 @@ def test_odd_output_size_falls_back_to_the_plain_computation():
     torch.testing.assert_close(module(x, (6, 6)), conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), rtol=1e-5, atol=1e-5)
 
 
+def test_a_frozen_weight_s_phase_kernels_are_made_once_and_remade_when_it_changes():
+    torch.manual_seed(6)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).requires_grad_(False)
+    module, x = SubpixelUpsample(conv), torch.randn(2, 3, 4, 4)
+    first = module(x)
+    made = module._kernels
+    torch.testing.assert_close(module(x), first)
+    assert module._kernels is made  # reused, not made again
+    with torch.no_grad():
+        conv.weight.mul_(2.0)  # an in-place change: a new version of the same storage
+    torch.testing.assert_close(module(x), plain(x, conv.weight, conv.bias), rtol=1e-5, atol=1e-5)
+    assert module._kernels is not made
+    # a weight being trained gets fresh kernels in every call, and its gradient
+    conv.requires_grad_(True)
+    module(x).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
 def test_replaced_unet_and_vae_compute_what_diffusers_modules_do(tiny_lcm):
     torch.manual_seed(4)
     plain_model, fast_model = load_lcm(str(tiny_lcm)), load_lcm(str(tiny_lcm))

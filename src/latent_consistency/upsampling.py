@@ -34,12 +34,14 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([kernel for rows in _collapse(weight, 2) for kernel in _collapse(rows, 3)])
 
 
-def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernels: torch.Tensor | None = None) -> torch.Tensor:
     """conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1) for a 3×3 `weight`, computed as one
-    2×2 convolution of x (module docstring). Differentiable in x, weight and bias."""
+    2×2 convolution of x (module docstring) with `kernels`, `phase_kernels(weight)` unless given. Differentiable in x,
+    weight and bias."""
     n, _, h, w = x.shape
     out_channels = weight.shape[0]
-    phases = F.conv2d(x, phase_kernels(weight), None if bias is None else bias.repeat(4), padding=1)  # (n, 4·O, h + 1, w + 1)
+    kernels = phase_kernels(weight) if kernels is None else kernels
+    phases = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1)  # (n, 4·O, h + 1, w + 1)
     phases = phases.reshape(n, 2, 2, out_channels, h + 1, w + 1)  # a copy only for a channels-last input
     y = phases.new_empty(n, out_channels, h, 2, w, 2)  # the convolution's dtype (under autocast, not x's)
     for a in (0, 1):
@@ -56,12 +58,25 @@ class SubpixelUpsample(torch.nn.Module):
     def __init__(self, conv: torch.nn.Conv2d):
         super().__init__()
         self.conv = conv
+        self._kernels, self._kernels_of = None, None  # phase kernels of the weight as it was when they were made
+
+    def kernels(self) -> torch.Tensor | None:
+        """The phase kernels of a weight that is not being trained, made once per weight (its storage, in-place version,
+        dtype and device) rather than at every call; None where they must be made in the call (gradients flow to the
+        weight, or inside torch.compile, which folds or fuses them)."""
+        weight = self.conv.weight
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+            return None
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._kernels_of != key:
+            self._kernels, self._kernels_of = phase_kernels(weight.detach()), key
+        return self._kernels
 
     def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
         h, w = hidden_states.shape[-2:]
         if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
             return self.conv(F.interpolate(hidden_states, size=output_size, mode="nearest"))
-        return upsample_conv(hidden_states, self.conv.weight, self.conv.bias)
+        return upsample_conv(hidden_states, self.conv.weight, self.conv.bias, self.kernels())
 
 
 def _replaceable(module: torch.nn.Module) -> bool:

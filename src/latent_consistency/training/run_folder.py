@@ -99,8 +99,8 @@ def saved_config(path: Path) -> TrainConfig:
             raise ValueError(f"unknown objective {objective!r}")
         return config_from_dict(values)
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError among them
-        raise UserError(f"cannot resume: {path} is not a run's config ({err}); restore it (each checkpoint's state.json holds "
-                        "the config) or use a new --out") from None
+        raise UserError(f"{path} is not a run's config ({err}); restore it (each checkpoint's state.json holds the config) or "
+                        "use a new --out") from None
 
 
 def stopped_before_first_step(out: Path, config: TrainConfig) -> bool:

@@ -33,8 +33,9 @@ from latent_consistency.evaluation.table import EvalSet, JudgeScorer, run_table,
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
 from latent_consistency.outputs import writable_folder
-from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig, config_from_dict, resolve_config
+from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig, resolve_config
 from latent_consistency.training.loop import train
+from latent_consistency.training.run_folder import saved_config
 from latent_consistency.world.artifact import default_world_path, load_world
 from latent_consistency.world.build import build_world, reusable_phases, world_spec
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -199,7 +200,7 @@ def finished_run_config(run: Path) -> TrainConfig | None:
     saved = run / "config.json"
     if not ((run / "lcm" / "model_index.json").is_file() and saved.is_file()):
         return None
-    return config_from_dict(json.loads(saved.read_text()))
+    return saved_config(saved)
 
 
 def _check_finished_steps(flag: str, run: Path, steps: int | None) -> None:
