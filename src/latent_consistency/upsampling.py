@@ -9,9 +9,9 @@ reads only two rows and two columns of x, so its three kernel rows (and columns)
 and y[2i + a, 2j + b] = (R_a W R_bᵀ ⋆ x)[i + a, j + b] for a 2×2 kernel, R₀ = [[1, 0, 0], [0, 1, 1]],
 R₁ = [[1, 1, 0], [0, 0, 1]]. One convolution with the four phases' kernels stacked as output channels, then an
 interleave, gives y exactly (up to float rounding): 16 multiply-adds per input pixel and channel pair instead of 36, and
-the 4× larger upsampled tensor is never made. On the 2-core CPU (docs/benchmarks.md): a Stable Diffusion VAE decode
-(random weights, 256² px) 1.15× faster; the world's 4-step text to image at batch 64 1.05× eager; no change measured
-under `torch.compile`.
+the 4× larger upsampled tensor is never made. On the 2-core CPU (`benchmarks/upsampling_speed.py`, docs/benchmarks.md):
+a Stable Diffusion VAE decode (random weights, 256² px) 1.15-1.21× faster; the world's 4-step text to image 1.05× eager
+at batch 64 and 0.97× at batch 1; no change measured under `torch.compile`.
 
 Sampling uses it (`pipelines.Generator`); training keeps diffusers' module, the reference it is tested against.
 """
