@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from latent_consistency.cache_batches import in_parts, part_size
 from latent_consistency.conditioning import AddedConditioning, PixArtConditioning
 from latent_consistency.denoisers import (
     ConsistencyModel,
@@ -89,7 +91,8 @@ class LatentCodec:
     """The encoder E and decoder D of the paper's latent space, z = E(x) (Section 3).
 
     The VAE's `scaling_factor` is applied here and nowhere else: latents handed to the rest of the
-    library are already scaled to about unit variance. With a `preview` decoder (`preview.PreviewDecoder`, a TAESD-style
+    library are already scaled to about unit variance. On a CPU both run in cache-sized parts of the batch
+    (`cache_batches`). With a `preview` decoder (`preview.PreviewDecoder`, a TAESD-style
     tiny decoder) `decode` is its fast approximation of D; `encode` is always the VAE's.
     """
 
@@ -108,7 +111,10 @@ class LatentCodec:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
         """Images in [-1, 1], [B,3,H,W] -> scaled latents. The posterior mean unless `sample`."""
-        posterior = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist
+        images = images.to(self.vae.device, self.vae.dtype)
+        parts = part_size(self.feature_map_bytes(*images.shape[-2:]), images.device)
+        # The posterior's moments in cache-sized parts; one draw for the whole batch, as from one call
+        posterior = DiagonalGaussianDistribution(in_parts(lambda x: self.vae.encode(x).latent_dist.parameters, images, parts))
         latents = posterior.sample(generator) if sample else posterior.mean
         return latents * self.scaling_factor
 
@@ -117,7 +123,16 @@ class LatentCodec:
         """Scaled latents -> images in [-1, 1] (not clamped): D(z), or the preview decoder's approximation of it."""
         if self.preview is not None:
             return self.preview.decode(latents)
-        return self.vae.decode(latents.to(self.vae.device, self.vae.dtype) / self.scaling_factor).sample
+        latents = latents.to(self.vae.device, self.vae.dtype) / self.scaling_factor
+        height, width = (self.downsampling_factor * n for n in latents.shape[-2:])
+        return in_parts(lambda z: self.vae.decode(z).sample, latents, part_size(self.feature_map_bytes(height, width), latents.device))
+
+    def feature_map_bytes(self, height: int, width: int) -> int:
+        """The largest feature map of one height × width image in the VAE's encoder or decoder: level i holds
+        `block_out_channels[i]` channels at 1/2^i of the image's size. It sets the size of the cache-sized parts that
+        `encode` and `decode` run in on a CPU (`cache_batches`)."""
+        levels = enumerate(self.vae.config.block_out_channels)
+        return self.vae.dtype.itemsize * max(channels * max(1, height >> i) * max(1, width >> i) for i, channels in levels)
 
 
 @dataclass
