@@ -118,3 +118,15 @@ def test_world_commands_reject_paths_of_the_wrong_kind(paths, capsys):
     for argv, message in cases:
         code, err = run(argv, capsys)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, (argv, err)
+
+
+def test_the_parser_imports_no_model_or_metric_library():
+    """A mistake in the arguments is reported before diffusers, transformers or torchmetrics load (seconds of imports):
+    building the parser and parsing imports none of them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from latent_consistency.cli import build_parser; build_parser().parse_args(['generate', 'x', '--model', 'm', '--out', 'o']); "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'torchmetrics') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from latent_consistency.cache_batches import in_parts, part_size
 from latent_consistency.conditioning import AddedConditioning, PixArtConditioning
@@ -111,6 +110,8 @@ class LatentCodec:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
         """Images in [-1, 1], [B,3,H,W] -> scaled latents. The posterior mean unless `sample`."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # diffusers is imported when a model loads
+
         images = images.to(self.vae.device, self.vae.dtype)
         parts = part_size(self.feature_map_bytes(*images.shape[-2:]), images.device)
         # The posterior's moments in cache-sized parts; one draw for the whole batch, as from one call

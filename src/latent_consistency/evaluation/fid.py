@@ -2,7 +2,8 @@
 
 The paper reports FID with Inception features (Section 5.1 of Luo et al. 2023). Here the features come
 from any *feature network*: an object with `features(images) -> [B, F]` for [-1, 1] images and an int
-`feature_dim` (the built-in world's judge is one), plugged into torchmetrics' metrics.
+`feature_dim` (the built-in world's judge is one), plugged into torchmetrics' metrics (imported when first used: importing
+torchmetrics takes about 2 s, which every `lcm` command would otherwise pay at start).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import warnings
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from latent_consistency.errors import UserError
 
@@ -46,6 +45,8 @@ def _device(network) -> torch.device:
 
 def fid_score(network, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256) -> float:
     """FID between two sets of [-1, 1] images [N, 3, H, W], in the feature network's space."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # here, not at import: torchmetrics takes 2 s to import
+
     metric = FrechetInceptionDistance(feature=FeatureAdapter(network)).to(_device(network))
     _update(metric, real, fake, batch_size)
     return float(metric.compute())
@@ -73,6 +74,8 @@ def kid_score(
     subset_size = min(1000, len(real), len(fake))
     with warnings.catch_warnings():  # that features are kept in memory: so are the images given here
         warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all extracted features")
+        from torchmetrics.image.kid import KernelInceptionDistance
+
         metric = KernelInceptionDistance(feature=FeatureAdapter(network, feature_scale), subsets=subsets, subset_size=max(subset_size, 1))
     metric = metric.to(_device(network))
     _update(metric, real, fake, batch_size)
