@@ -42,24 +42,6 @@ def test_outputs_have_the_right_shapes_and_no_grad(judge, reference):
     assert all(p.grad is None for p in judge.parameters())
 
 
-def test_features_and_logits_in_cache_sized_parts_equal_one_call(judge, reference, monkeypatch):
-    from latent_consistency import cache_batches
-
-    (images, _), _ = reference
-    images = images[:37]
-    features, logits = judge.features(images), judge.logits(images)
-    calls = []
-    forward = judge.forward
-    monkeypatch.setattr(judge, "forward", lambda x: calls.append(len(x)) or forward(x))
-    monkeypatch.setattr(cache_batches, "PART_BYTES", 4 * 16 * 32**2 * 10)  # 10 images of 16 channels at 32²
-    torch.testing.assert_close(judge.features(images), features, rtol=0, atol=1e-5)
-    parted = judge.logits(images)
-    assert list(parted) == list(logits)
-    for name in logits:
-        torch.testing.assert_close(parted[name], logits[name], rtol=0, atol=1e-5)
-    assert calls == [10, 10, 10, 7] * 2
-
-
 def test_training_loss_falls(judge, reference):
     (images, targets), _ = reference
     with torch.random.fork_rng(devices=[]):

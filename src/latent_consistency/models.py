@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from latent_consistency.cache_batches import in_parts, part_size
+from latent_consistency.batch_parts import in_parts, part_size
 from latent_consistency.conditioning import AddedConditioning, PixArtConditioning
 from latent_consistency.denoisers import (
     ConsistencyModel,
@@ -90,8 +90,8 @@ class LatentCodec:
     """The encoder E and decoder D of the paper's latent space, z = E(x) (Section 3).
 
     The VAE's `scaling_factor` is applied here and nowhere else: latents handed to the rest of the
-    library are already scaled to about unit variance. On a CPU both run in cache-sized parts of the batch
-    (`cache_batches`). With a `preview` decoder (`preview.PreviewDecoder`, a TAESD-style
+    library are already scaled to about unit variance. On a CPU both run in parts of the batch whose feature
+    maps fit malloc's heap (`batch_parts`). With a `preview` decoder (`preview.PreviewDecoder`, a TAESD-style
     tiny decoder) `decode` is its fast approximation of D; `encode` is always the VAE's.
     """
 
@@ -114,7 +114,7 @@ class LatentCodec:
 
         images = images.to(self.vae.device, self.vae.dtype)
         parts = part_size(self.feature_map_bytes(*images.shape[-2:]), images.device)
-        # The posterior's moments in cache-sized parts; one draw for the whole batch, as from one call
+        # The posterior's moments in parts; one draw for the whole batch, as from one call
         posterior = DiagonalGaussianDistribution(in_parts(lambda x: self.vae.encode(x).latent_dist.parameters, images, parts))
         latents = posterior.sample(generator) if sample else posterior.mean
         return latents * self.scaling_factor
@@ -130,8 +130,8 @@ class LatentCodec:
 
     def feature_map_bytes(self, height: int, width: int) -> int:
         """The largest feature map of one height × width image in the VAE's encoder or decoder: level i holds
-        `block_out_channels[i]` channels at 1/2^i of the image's size. It sets the size of the cache-sized parts that
-        `encode` and `decode` run in on a CPU (`cache_batches`)."""
+        `block_out_channels[i]` channels at 1/2^i of the image's size. It sets the size of the parts that `encode` and
+        `decode` run in on a CPU (`batch_parts`)."""
         levels = enumerate(self.vae.config.block_out_channels)
         return self.vae.dtype.itemsize * max(channels * max(1, height >> i) * max(1, width >> i) for i, channels in levels)
 

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latent_consistency.cache_batches import in_parts, part_size
 from latent_consistency.errors import UserError
 from latent_consistency.world.datasets import (
     REFERENCE_SPLITS,
@@ -90,21 +89,12 @@ class Judge(nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate features [B, F] of [-1, 1] images [B, 3, H, W] (the FID embedding), in cache-sized parts on a CPU."""
-        return in_parts(lambda part: self(part)[0], images, self._part_size())
+        """Penultimate features [B, F] of [-1, 1] images [B, 3, H, W] (the FID embedding)."""
+        return self(images)[0]
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        size = self._part_size()
-        if size is None or len(images) <= size:
-            return self(images)[1]
-        parts = [self(part)[1] for part in images.split(size)]
-        return {a: torch.cat([logits[a] for logits in parts]) for a in parts[0]}
-
-    def _part_size(self) -> int | None:
-        """Images per call (`cache_batches`): the largest feature map is the first layer's, width / 2 channels at full size."""
-        param = next(self.parameters())
-        return part_size(param.dtype.itemsize * (self.width // 2) * self.resolution**2, param.device)
+        return self(images)[1]
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,17 +1,17 @@
-"""Cache-sized batches (`cache_batches`): the part sizes, and a VAE run in parts computes what one call computes."""
+"""Batch parts (`batch_parts`): the part sizes, and a VAE run in parts computes what one call computes."""
 
 import pytest
 import torch
 
-from latent_consistency import cache_batches
-from latent_consistency.cache_batches import in_parts, part_size
+from latent_consistency import batch_parts
+from latent_consistency.batch_parts import in_parts, part_size
 from latent_consistency.models import LatentCodec, load_diffusion_model
 
 
 def test_part_size_fills_the_budget_on_a_cpu_and_is_the_whole_batch_elsewhere():
     assert part_size(128 * 2**10, "cpu") == 32  # the world's VAE at 32 px: 32 channels × 32² × 4 bytes
-    assert part_size(cache_batches.PART_BYTES + 1, torch.device("cpu")) == 1  # a Stable Diffusion image: one per part
-    assert part_size(1, "cpu") == cache_batches.PART_BYTES
+    assert part_size(batch_parts.PART_BYTES + 1, torch.device("cpu")) == 1  # a Stable Diffusion image: one per part
+    assert part_size(1, "cpu") == batch_parts.PART_BYTES
     assert part_size(128 * 2**10, "cuda") is None and part_size(128 * 2**10, "meta") is None
     with pytest.raises(ValueError):
         part_size(0, "cpu")
@@ -55,7 +55,7 @@ def test_codec_in_parts_equals_one_call(tiny_sd, monkeypatch):
     assert calls == [7, 7]
     calls.clear()
 
-    monkeypatch.setattr(cache_batches, "PART_BYTES", 2 * codec.feature_map_bytes(16, 16))
+    monkeypatch.setattr(batch_parts, "PART_BYTES", 2 * codec.feature_map_bytes(16, 16))
     torch.testing.assert_close(codec.encode(images), one_mean, rtol=0, atol=1e-6)
     torch.testing.assert_close(codec.encode(images, torch.Generator().manual_seed(3), sample=True), one_draw, rtol=0, atol=1e-6)
     torch.testing.assert_close(codec.decode(one_mean), one_decoded, rtol=0, atol=1e-5)
