@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import warnings
 
 from latent_consistency import __version__
 from latent_consistency.cli.arguments import OneLineParser
@@ -31,13 +32,15 @@ def build_parser() -> OneLineParser:
 
 
 def quiet_libraries() -> None:
-    """The CLI speaks for itself: no loading bars or deprecation chatter from transformers/diffusers."""
+    """The CLI speaks for itself: no loading bars or deprecation chatter from transformers/diffusers (nor huggingface_hub's
+    warning that diffusers still passes `local_dir_use_symlinks`, printed above the one-line error of a hub id offline)."""
     import diffusers
     import transformers
 
     for lib in (transformers, diffusers):
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated", category=UserWarning)
 
 
 # OSErrors that a path from the command line or the machine causes. Not ENOENT: a user's missing path is checked where it is
