@@ -7,6 +7,7 @@ Models on disk are diffusers folders with safetensors weights; nothing here unpi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -283,45 +284,154 @@ def _check_model_folder(path: str) -> None:
         )
 
 
+# The class a pipeline's diffusers component folder holds (its config.json's `_class_name`), and the `model_type` of its
+# text encoders' config.json, as `load_diffusion_model` loads them
+COMPONENT_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "transformer": "PixArtTransformer2DModel"}
+TEXT_ENCODER_TYPES = {"clip": "clip_text_model", "t5": "t5"}
+# A tokenizer folder holds at least one of these (a fast tokenizer's, CLIP's BPE vocabulary, T5's sentencepiece model);
+# without one, transformers makes an empty tokenizer that fails only when a prompt is encoded
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in `path`, a file of a model folder (`what` says which, for the message); a UserError when it is
+    missing, not JSON or not an object."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing; {what} needs it: give a complete diffusers folder")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); {what} needs it: save the folder again") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a JSON {type(value).__name__}, not the object {what} needs: save the folder again")
+    return value
+
+
+def _check_components(path: str, index: dict, pixart: bool) -> None:
+    """Every component folder a pipeline folder's model_index.json names and `load_diffusion_model` loads is there, with a
+    config that is a JSON object naming the class loaded from it (a tokenizer: its vocabulary), before any weights load."""
+    names = ["transformer" if pixart else "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    names += [n for n in ("text_encoder_2", "tokenizer_2") if (index.get(n) or [None])[0] is not None]
+    for name in names:
+        folder = Path(path) / name
+        if not folder.is_dir() or not any(folder.iterdir()):
+            state = "is empty" if folder.is_dir() else "is missing"
+            raise UserError(f"the {name}/ folder of {path} {state}; its model_index.json needs it: give a complete folder saved by "
+                            "save_pretrained or by `lcm distill`")
+        kind = name.removesuffix("_2")
+        if kind == "tokenizer":
+            if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+                raise UserError(f"{folder} holds no tokenizer vocabulary (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer there again")
+            continue
+        config = read_json_object(folder / ("scheduler_config.json" if kind == "scheduler" else "config.json"), f"its {name}")
+        expected = COMPONENT_CLASSES.get(kind)
+        if expected and config.get("_class_name", expected) != expected:
+            raise UserError(f"{folder}/config.json names the class {config['_class_name']}, not the {expected} a pipeline's {name}/ "
+                            f"holds; put the model's {name} there")
+        expected = TEXT_ENCODER_TYPES["t5" if pixart and name == "text_encoder" else "clip"] if kind == "text_encoder" else None
+        if expected and config.get("model_type", expected) != expected:
+            raise UserError(f"{folder}/config.json is a {config['model_type']} model's, not the {expected} text encoder this pipeline "
+                            f"needs in {name}/; put the model's own text encoder there")
+
+
 def _looks_like_hub_id(name: str) -> bool:
     return not os.path.isabs(name) and name.count("/") == 1 and not name.startswith(".") and not Path(name).exists()
 
 
+def check_hub_id(name: str, what: str) -> None:
+    """A hub id with the hub offline (HF_HUB_OFFLINE) must be in the local cache: else a UserError at once ("cannot load
+    `what` `name`: ..."), which also covers a mistyped local path (runs/lcm), rather than the hub client's messages and
+    warnings. A local path, or a name that is no hub id, is left to its loader."""
+    from huggingface_hub import constants, snapshot_download
+
+    if not _looks_like_hub_id(name) or not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        snapshot_download(name, local_files_only=True)
+    except OSError:
+        raise UserError(f"cannot load {what} {name}: it is not a folder here, and as a hub id it is not in the local cache (HF_HUB_OFFLINE "
+                        f"is set); give a local folder, or download it first (`hf download {name}`)") from None
+    except ValueError:  # not a valid hub id either: the loader says so
+        pass
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message in one line (its first), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_component(cls, name_or_path: str, subfolder: str, **kwargs):
+    """`cls.from_pretrained` of one weighted component of a model folder (a UNet, VAE, transformer or text encoder), with a
+    UserError naming the component when its files do not load (truncated or corrupt weights, a config that does not fit
+    them) or when its weights lack layers that its config.json's model has: those would be left uninitialised."""
+    from safetensors import SafetensorError
+
+    config = Path(name_or_path) / subfolder / "config.json"
+    if config.is_file():  # diffusers would take a config that is not a JSON object for a hub id to download
+        read_json_object(config, f"its {subfolder}")
+    try:
+        model, info = cls.from_pretrained(name_or_path, subfolder=subfolder, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # RuntimeError: transformers' size mismatches
+        raise UserError(f"cannot load the {subfolder} of {name_or_path}: {first_line(err)}") from err
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise UserError(f"the {subfolder} weights of {name_or_path} lack {len(missing)} tensor(s) that its config.json's model has "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the weights and config.json are of "
+                        "different models; save the folder again")
+    return model
+
+
+def _load_tokenizer(cls, name_or_path: str, subfolder: str):
+    """`cls.from_pretrained` of a model folder's tokenizer, with a UserError naming it when its files do not load."""
+    try:
+        return cls.from_pretrained(name_or_path, subfolder=subfolder)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the {subfolder} of {name_or_path}: {first_line(err)}") from err
+
+
 def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
-    """Load unet, vae, text encoder(s), tokenizer(s) and scheduler config from a diffusers folder or hub id.
+    """A text-to-image latent diffusion model and its scheduler config from a diffusers folder or hub id.
 
     Works for Stable Diffusion 1.x/2.x folders (ε- or v-prediction, read from the scheduler config), SDXL-family folders
     (`StableDiffusionXLPipeline`: a second text encoder and tokenizer), LCM folders of either (a UNet with
     `time_cond_proj_dim`), and PixArt-α folders (`PixArtAlphaPipeline`: a transformer/ and a T5 text encoder, no unet/;
     PixArt-LCM's too, an LCMScheduler config). Only safetensors weights are accepted. An SDXL VAE that asks to be upcast
-    (it overflows in float16) stays in float32 (`DiffusionModel.upcasts_vae`).
+    (it overflows in float16) stays in float32 (`DiffusionModel.upcasts_vae`). A local folder's components are checked
+    before any weights load (`_check_components`).
     """
     from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-    if not _looks_like_hub_id(name_or_path):
+    local = not _looks_like_hub_id(name_or_path)
+    if local:
         _check_model_folder(name_or_path)
+        read_json_object(Path(name_or_path) / "model_index.json", "a pipeline folder")
+    else:
+        check_hub_id(name_or_path, "a diffusers model from")
     kwargs = dict(torch_dtype=dtype, use_safetensors=True)
     try:
         index = dict(DiffusionPipeline.load_config(name_or_path))
-        vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kwargs)
-        if _is_pixart(name_or_path, index):
-            unet = PixArtTransformer2DModel.from_pretrained(name_or_path, subfolder="transformer", **kwargs)
-            text_encoder = T5EncoderModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+        pixart = _is_pixart(name_or_path, index)
+        if local:
+            _check_components(name_or_path, index, pixart)
+        vae = load_component(AutoencoderKL, name_or_path, "vae", **kwargs)
+        if pixart:
+            unet = load_component(PixArtTransformer2DModel, name_or_path, "transformer", **kwargs)
+            text_encoder = load_component(T5EncoderModel, name_or_path, "text_encoder", **kwargs)
+            tokenizer = _load_tokenizer(AutoTokenizer, name_or_path, "tokenizer")
         else:
-            unet = UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kwargs)
-            text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs)
-            tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer")
+            unet = load_component(UNet2DConditionModel, name_or_path, "unet", **kwargs)
+            text_encoder = load_component(CLIPTextModel, name_or_path, "text_encoder", **kwargs)
+            tokenizer = _load_tokenizer(CLIPTokenizer, name_or_path, "tokenizer")
         second = {}
         if (index.get("text_encoder_2") or [None])[0] is not None:
-            second = dict(text_encoder_2=CLIPTextModelWithProjection.from_pretrained(name_or_path, subfolder="text_encoder_2", **kwargs),
-                          tokenizer_2=CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer_2"),
+            second = dict(text_encoder_2=load_component(CLIPTextModelWithProjection, name_or_path, "text_encoder_2", **kwargs),
+                          tokenizer_2=_load_tokenizer(CLIPTokenizer, name_or_path, "tokenizer_2"),
                           force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
         scheduler_config = _read_scheduler_config(name_or_path)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load a diffusers model from {name_or_path}: {first_line}") from err
+        raise UserError(f"cannot load a diffusers model from {name_or_path}: {first_line(err)}") from err
     model = DiffusionModel(unet, vae, text_encoder, tokenizer, scheduler_config, source=name_or_path, **second)
     if dtype == torch.float16 and model.upcasts_vae:
         vae.to(torch.float32)
@@ -348,7 +458,7 @@ def _read_scheduler_config(name_or_path: str) -> dict:
 
     config = dict(DDPMScheduler.load_config(name_or_path, subfolder="scheduler"))
     progressive = Path(name_or_path) / PROGRESSIVE_FILE
-    extra = json.loads(progressive.read_text()) if progressive.is_file() else {}
+    extra = read_json_object(progressive, "a progressively distilled model") if progressive.is_file() else {}
     return {k: v for k, v in config.items() if not k.startswith("_")} | extra | {"_class_name": config.get("_class_name")}
 
 
@@ -480,6 +590,25 @@ def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str 
     return model
 
 
+@contextlib.contextmanager
+def _diffusers_errors_unlogged():
+    """diffusers' logged errors off for the duration (its warnings stay): for a load whose failure is raised, and said, here."""
+    import logging
+
+    handlers = logging.getLogger("diffusers").handlers
+
+    def below_error(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    for handler in handlers:
+        handler.addFilter(below_error)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(below_error)
+
+
 LORA_SCHEDULER_FILE = "scheduler_config.json"  # the LCMScheduler config `lcm distill --adapter lora` saves next to the weights
 
 
@@ -492,28 +621,37 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     the LCMScheduler one `lcm distill`/`lcm finetune` save in the folder, else an LCM's own, else diffusers' default
     (original_inference_steps 50) over the model's noise schedule; the parameterisation is the model's either way.
     """
-    from diffusers import LCMScheduler
+    from safetensors import SafetensorError
 
+    path = Path(lora)
+    if not path.exists():
+        if not _looks_like_hub_id(lora):
+            raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
+        check_hub_id(lora, "the LoRA")
+    saved = path / LORA_SCHEDULER_FILE  # read before the model loads: a broken file is known at once
+    saved_config = read_json_object(saved, "the LoRA folder") if saved.is_file() else None
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
     family = lora_pipeline_class(model)
-    path = Path(lora)
-    if not path.exists() and not _looks_like_hub_id(lora):
-        raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
     source, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (lora, {})
     try:
-        state_dict, alphas, metadata = family.lora_state_dict(source, return_lora_metadata=True, **kwargs)
-        if not state_dict or not all("lora" in key for key in state_dict):
-            raise ValueError("not a LoRA state dict (every key must name a lora layer)")
-        family.load_lora_into_unet(state_dict, alphas, model.unet, metadata=metadata)
-        for prefix, text_encoder in zip(("text_encoder", "text_encoder_2"), model.text_encoders):
-            family.load_lora_into_text_encoder(state_dict, alphas, text_encoder, prefix=prefix, metadata=metadata)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line}") from err
+        with _diffusers_errors_unlogged():  # diffusers logs a failed load as well as raising it: the message below says it once
+            state_dict, alphas, metadata = family.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+            if not state_dict or not all("lora" in key for key in state_dict):
+                raise ValueError("not a LoRA state dict (every key must name a lora layer)")
+            family.load_lora_into_unet(state_dict, alphas, model.unet, metadata=metadata)
+            for prefix, text_encoder in zip(("text_encoder", "text_encoder_2"), model.text_encoders):
+                family.load_lora_into_text_encoder(state_dict, alphas, text_encoder, prefix=prefix, metadata=metadata)
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
+        raise UserError(f"the LoRA {lora} does not fit {name_or_path}: its layers have other shapes than the model's (a LoRA of "
+                        "another model family or size, e.g. SDXL's on SD 1.5?); give the LoRA distilled from this model") from err
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
     for module in (model.unet, *model.text_encoders):  # the LoRA layers need not be made on the model's device and dtype
         module.to(device=device, dtype=dtype)
-    if (path / LORA_SCHEDULER_FILE).is_file():
-        lcm = dict(LCMScheduler.load_config(str(path)))
+    if saved_config is not None:
+        lcm = saved_config
     elif model.time_cond_proj_dim is not None:
         lcm = model.scheduler_config
     else:

@@ -23,8 +23,10 @@ from latent_consistency.denoisers import ConsistencyModel, denoising_network
 from latent_consistency.errors import UserError
 from latent_consistency.models import (
     DiffusionModel,
+    check_hub_id,
     consistency_model,
     is_lcm_config,
+    load_component,
     lora_pipeline_class,
     make_student_unet,
     prediction_type_of,
@@ -133,11 +135,15 @@ def _initial_unet(path: str, base: DiffusionModel, prediction_type: str):
     the student's parameterisation: its output means what the loss reads it as)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
+    check_hub_id(path, "the student's starting UNet from")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
-        predicts = prediction_type_of(DDIMScheduler.load_config(path, subfolder="scheduler"))
+        scheduler_config = DDIMScheduler.load_config(path, subfolder="scheduler")
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the student's starting UNet from {path}: give a diffusers folder with unet/ and scheduler/") from err
+    if not isinstance(scheduler_config, dict):
+        raise UserError(f"the scheduler config of {path} is not a JSON object; give a diffusers folder with unet/ and scheduler/")
+    predicts = prediction_type_of(scheduler_config)
+    unet = load_component(UNet2DConditionModel, path, "unet", use_safetensors=True)
     if predicts != prediction_type:
         raise UserError(f"the UNet of {path} predicts {predicts} and the student {prediction_type}: "
                         f"set --student-prediction {predicts}")
