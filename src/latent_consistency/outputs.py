@@ -12,7 +12,10 @@ from latent_consistency.errors import UserError
 
 
 def writable_folder(path: str | Path, what: str = "output folder") -> Path:
-    """Create the folder if missing and prove it is writable; a file in its place, or no permission, is a UserError."""
+    """Create the folder if missing and prove it is writable; an empty name (not the current folder), a file in its place,
+    or no permission, is a UserError."""
+    if not str(path).strip():
+        raise UserError(f"{what} is empty; give a folder name")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file; give a folder")

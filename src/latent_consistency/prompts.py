@@ -71,6 +71,23 @@ def read_prompt_file(name: str) -> list[str]:
     return prompts
 
 
+def truncated_prompts(encoder, prompts: list[str]) -> list[tuple[int, int, int]]:
+    """(index, tokens, the most the text encoder reads) of each of `prompts` that `encoder` truncates: its tokens past the
+    tokenizer's max length (CLIP: 77, special tokens included; PixArt-α's T5: 120) are dropped, as diffusers drops them."""
+    if isinstance(encoder, T5PromptEncoder):
+        limits = [(encoder.tokenizer, encoder.max_sequence_length)]
+        prompts = [p.lower().strip() for p in prompts]
+    else:
+        tokenizers = [encoder.tokenizer] if isinstance(encoder, CLIPPromptEncoder) else [pair[0] for pair in encoder.pairs]
+        limits = [(tokenizer, tokenizer.model_max_length) for tokenizer in tokenizers]
+    long = {}
+    for tokenizer, limit in limits:
+        for i, ids in enumerate(tokenizer(list(prompts), truncation=False).input_ids):
+            if len(ids) > limit:
+                long[i] = (i, len(ids), min(limit, long.get(i, (0, 0, limit))[2]))
+    return sorted(long.values())
+
+
 def _tokens(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 

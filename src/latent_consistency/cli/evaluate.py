@@ -18,6 +18,9 @@ from latent_consistency.errors import UserError
 from latent_consistency.pipelines import MAX_GUIDANCE_SCALE
 from latent_consistency.prompts import read_prompt_file
 
+# g of `lcm evaluate` without --guidance-scale(s): the paper's ω = 7
+DEFAULT_GUIDANCE_SCALE = 8.0
+
 
 def guidance_scale(text: str) -> float:
     """A guidance scale g in (0, MAX_GUIDANCE_SCALE], the most `lcm generate` takes."""
@@ -28,12 +31,16 @@ def guidance_scale(text: str) -> float:
 
 
 def number_list(parse_one):
-    """A comma-separated list of values, each checked by `parse_one` (`positive_int` for steps, `guidance_scale`)."""
+    """A comma-separated list of values, each checked by `parse_one` (`positive_int` for steps, `guidance_scale`); a value
+    listed twice is refused (its rows would be scored twice, and drawn twice in the grids)."""
 
     def parse(text: str):
         values = [parse_one(v.strip()) for v in text.split(",") if v.strip()]
         if not values:
             raise argparse.ArgumentTypeError("give at least one value")
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if twice:
+            raise argparse.ArgumentTypeError(f"{twice[0]:g} is listed twice; give each value once")
         return values
 
     return parse
@@ -55,6 +62,22 @@ def read_items(spec: str, resolution: int, n: int) -> list[dict]:
                 break
         return items
     return [dataset[i] for i in range(min(n, len(dataset)))]
+
+
+# What `lcm evaluate` writes next to results.json
+REPORT_FILES = ("report.md", "steps.png", "guidance.png", "grid.png", "guidance_grid.png")
+
+
+def check_out(out: str) -> None:
+    """An --out that holds files of these names but no results.json (not an earlier evaluation's, which a rerun continues)
+    is a UserError: they are not overwritten."""
+    from latent_consistency.evaluation.table import RESULTS_FILE
+
+    folder = Path(out)
+    taken = [name for name in REPORT_FILES if (folder / name).exists()] if folder.is_dir() else []
+    if taken and not (folder / RESULTS_FILE).exists():
+        raise UserError(f"--out {out} already holds {taken[0]} but no {RESULTS_FILE} of an evaluation to continue; choose another "
+                        "--out, or move it away")
 
 
 def load_eval_set(args, resolution: int):
@@ -111,23 +134,29 @@ def run(args) -> None:
     if args.evaluate_command == "sweep":
         return run_sweep(args)
     from latent_consistency.devices import resolve_device
-    from latent_consistency.evaluation.table import run_table, table_rows, write_grid, write_plots, write_report
+    from latent_consistency.evaluation.table import model_identity, run_table, table_rows, write_grid, write_plots, write_report
     from latent_consistency.models import load_diffusion_model, load_lcm, load_lcm_lora
     from latent_consistency.outputs import writable_folder
 
     for name in ("lcm", "prompts", "out"):
         if not getattr(args, name):
             raise UserError(f"--{name} is required (or `lcm evaluate sweep --runs ...`)")
+    if args.guidance_scales and args.guidance_scale is not None:
+        raise UserError("give --guidance-scale G or --guidance-scales G1,G2,..., not both")
+    check_out(args.out)
     device = resolve_device(args.device)
     lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
     for n in args.steps:  # the step counts the LCM has, before the other models load and --out is made
         lcm.timesteps(n)
     teacher = load_diffusion_model(args.teacher, device=device) if args.teacher else None
+    if teacher is not None and teacher.is_lcm:
+        raise UserError(f"--teacher {args.teacher} is an LCM; give the diffusion model it was distilled from (its rows are "
+                        "sampled with ODE solvers)")
     guided = guided_distill_models(args.guided_distill or [], device)
     if args.exact and (teacher is None or not lcm.is_lcm):
         raise UserError("--exact needs --teacher and an LCM (its skipping step k and timesteps): the exact LCM is "
                         "the teacher's ODE solution on them")
-    scales = args.guidance_scales or [args.guidance_scale]
+    scales = args.guidance_scales or [DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale]
     if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided):
         raise UserError(f"guidance scale {min(scales):g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
     resolution = lcm.native_size
@@ -138,7 +167,8 @@ def run(args) -> None:
     guided_steps = sorted(set(args.steps if 0 in guided else []) | {n for n in guided if n})
     rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=guided_steps, exact=args.exact)
     steps = sorted(set(args.steps) | set(guided_steps))
-    results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided)
+    results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided,
+                        identities=(f"LoRA {model_identity(args.lora)}",) if args.lora else (), keep_other_results=True)
     notes = [f"LCM `{args.lcm}`" + (f" with LoRA `{args.lora}`" if args.lora else "") + (f", teacher `{args.teacher}`" if teacher else "")
              + f". {len(eval_set.prompts)} prompts of `{args.prompts}` × {eval_set.images_per_prompt} image(s), reference "
              f"{len(eval_set.reference)} images of `{args.reference or args.prompts}` at {resolution} px (resized and centre-cropped "
@@ -179,6 +209,11 @@ def run_sweep(args) -> None:
     from latent_consistency.world.artifact import default_world_path, load_world
     from latent_consistency.world.over_training import evaluate_run, write_report, write_sweep
 
+    names = [Path(run_dir).resolve().name for run_dir in args.runs]
+    twice = [name for i, name in enumerate(names) if name in names[:i]]
+    if twice:
+        raise UserError(f"two --runs are folders named {twice[0]}: their curves would share one name in sweep.json and the plot; "
+                        "give each run once, in folders of different names")
     device = resolve_device(args.device)
     out = writable_folder(args.out, "--out")
     world = load_world(args.world or default_world_path(), device)
@@ -187,7 +222,7 @@ def run_sweep(args) -> None:
     for run_dir in map(Path, args.runs):
         rows = evaluate_run(run_dir, world, args.samples, args.guidance_scale, device, steps, ode=args.ode_error)
         write_report(run_dir, rows, steps)
-        curves[run_dir.name] = rows
+        curves[run_dir.resolve().name] = rows
     (out / "sweep.json").write_text(json.dumps(curves, indent=1))
     print(write_sweep(curves, out, steps))
 
@@ -205,9 +240,11 @@ def register(subparsers) -> None:
                    "perfect student would score; costs about T/k teacher CFG passes per step")
     p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file")
     p.add_argument("--reference", help="real images for FID (default: those of --prompts)")
-    p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png, grid.png and (several scales) guidance_grid.png")
+    p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png, grid.png and (several scales) guidance_grid.png; "
+                   "a rerun continues the evaluation there, another evaluation's results are refused, not overwritten")
     p.add_argument("--steps", type=number_list(positive_int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")
-    p.add_argument("--guidance-scale", type=guidance_scale, default=8.0, help="guidance scale g, diffusers' (default 8: the paper's ω = 7)")
+    p.add_argument("--guidance-scale", type=guidance_scale, help=f"guidance scale g, diffusers' (default {DEFAULT_GUIDANCE_SCALE:g}: "
+                   "the paper's ω = 7)")
     p.add_argument("--guidance-scales", type=number_list(guidance_scale), help="several guidance scales (Figures 4-5), instead of --guidance-scale")
     p.add_argument("--samples", type=positive_int, default=1000, help="prompts (default 1000)")
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")

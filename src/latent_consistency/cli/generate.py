@@ -14,6 +14,7 @@ Every input is checked before the first file is written.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -24,12 +25,18 @@ from latent_consistency.errors import UserError
 from latent_consistency.grids import save_png, to_pil
 from latent_consistency.outputs import writable_folder
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, LCMGenerator, SolverGenerator
-from latent_consistency.prompts import check_prompt, read_prompt_file
+from latent_consistency.prompts import check_prompt, read_prompt_file, truncated_prompts
 from latent_consistency.sampling import TEACHER_SAMPLERS
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
-    """Prompts from the command line, then from a file ('-': standard input; one per line, blank lines ignored)."""
+    """Prompts from the command line, then from a file ('-': standard input; one per line, blank lines ignored).
+
+    A blank prompt on the command line next to others is refused: dropping it would number the images after it as if
+    it had not been given."""
+    blank = [i for i, p in enumerate(prompts, start=1) if not p.strip()]
+    if blank and (len(blank) < len(prompts) or prompt_file is not None):
+        raise UserError(f"prompt {blank[0]} is blank; give text for every prompt, or leave the blank one out")
     prompts = [check_prompt(p, f"prompt {i}") for i, p in enumerate(prompts, start=1) if p.strip()]
     if prompt_file is not None:
         if not prompt_file.strip():
@@ -45,9 +52,41 @@ def image_filename(index: int, prompt: str) -> str:
     return f"{index:04d}-{slug}.png"
 
 
+# --out names a folder; a name with one of these suffixes was meant as one image file
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def output_files(out: str, prompts: list[str]) -> list[Path]:
+    """Image i's file in folder `out`, checked before the model loads: a name that looks like an image file, or files
+    of these names already in the folder (an earlier run's images), are a UserError; nothing is overwritten."""
+    if not out.strip():
+        raise UserError("--out is empty; give the folder the PNG files go in, e.g. --out images/")
+    folder = Path(out)
+    if folder.suffix.lower() in IMAGE_SUFFIXES and not folder.is_dir():
+        raise UserError(f"--out {out} looks like an image file name; --out is the folder the PNG files go in, e.g. --out images/")
+    files = [folder / image_filename(i, p) for i, p in enumerate(prompts)]
+    taken = [f.name for f in files if f.exists() or f.is_symlink()] if folder.is_dir() else []
+    if taken:
+        more = f" and {len(taken) - 1} more of this run's file names" if len(taken) > 1 else ""
+        raise UserError(f"--out {out} already holds {taken[0]}{more}; choose another folder, or move the earlier images away")
+    return files
+
+
+def note_truncated_prompts(generator, prompts: list[str]) -> None:
+    """One line on stderr for prompts longer than the text encoder reads: their end is dropped, as diffusers drops it."""
+    long = truncated_prompts(generator.model.prompts, prompts)
+    if long:
+        i, count, limit = long[0]
+        more = f" (so is that of {len(long) - 1} more prompt(s))" if len(long) > 1 else ""
+        print(f"lcm generate: note: prompt {i + 1} is {count} tokens, more than the {limit} the text encoder reads: its end is "
+              f"dropped{more}; shorten it to use all of it", file=sys.stderr)
+
+
 def parse_timesteps(text: str | None) -> list[int] | None:
-    if not text:
+    if text is None:
         return None
+    if not text.strip():
+        raise UserError("--timesteps is empty; give comma-separated timesteps, e.g. 999,759,499,259, or use --steps")
     try:
         return [int(t) for t in text.split(",")]
     except ValueError:
@@ -56,6 +95,9 @@ def parse_timesteps(text: str | None) -> list[int] | None:
 
 # The largest --negative-scale, as the HTTP API's (`serve.request`): λ = 0.5 already over-guides.
 MAX_NEGATIVE_SCALE = 30.0
+
+# --steps without --timesteps
+DEFAULT_STEPS = 4
 
 # img2img's default strength, as diffusers' LatentConsistencyModelImg2ImgPipeline: start at timestep 799 of 1000.
 DEFAULT_STRENGTH = 0.8
@@ -93,6 +135,11 @@ def read_init_image(path: str, height: int | None, width: int | None, factor: in
 
 def run(args) -> None:
     prompts = read_prompts(args.prompts + args.prompt, args.prompt_file)
+    files = output_files(args.out, prompts)
+    custom = parse_timesteps(args.timesteps)
+    if custom and args.steps is not None:
+        raise UserError(f"--timesteps sets the steps ({len(custom)} of them); give --steps or --timesteps, not both")
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
     if args.gamma is not None and not 0 <= args.gamma <= 1:
         raise UserError(f"--gamma {args.gamma:g} is outside [0, 1]: 0 is deterministic, 1 re-injects fresh noise at every step")
     if args.strength is not None and args.init_image is None:
@@ -110,7 +157,7 @@ def run(args) -> None:
                         "and 0.5 already over-guides")
     if args.sampler != "lcm" and args.negative_prompt is not None:
         raise UserError(f"--negative-prompt applies to --sampler lcm, not {args.sampler}")
-    if args.init_image is not None and args.timesteps and args.strength is not None:
+    if args.init_image is not None and custom and args.strength is not None:
         raise UserError("--timesteps already sets where img2img starts (its first timestep); give --strength or --timesteps, not both")
     if args.guidance_scale is not None and not 0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE:
         raise UserError(
@@ -135,19 +182,20 @@ def run(args) -> None:
     if generator.model.time_cond_proj_dim is not None and guidance_scale < 1:
         raise UserError(f"--guidance-scale {guidance_scale:g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
                         "which was trained on ω >= 0")
-    options, custom = {}, parse_timesteps(args.timesteps)
+    note_truncated_prompts(generator, prompts)
+    options = {}
     if args.gamma is not None:
         options["gamma"] = args.gamma
     if args.negative_prompt is not None:
         options |= {"negative_prompts": [args.negative_prompt], "negative_scale": args.negative_scale}
         generator.consistency_function(guidance_scale, 1, [args.negative_prompt], args.negative_scale)  # checked before a file is written
     if args.init_image is None:
-        timesteps = generator.timesteps(args.steps, custom)
+        timesteps = generator.timesteps(steps, custom)
         height = args.height or generator.default_size()
         width = args.width or generator.default_size()
     else:
         strength = 1.0 if custom else DEFAULT_STRENGTH if args.strength is None else args.strength
-        timesteps = generator.timesteps(args.steps, custom, strength=strength)
+        timesteps = generator.timesteps(steps, custom, strength=strength)
         default = generator.default_size()  # --height/--width checked before the init image is resized to them
         generator.check_size(args.height or default, args.width or default)
         init_image, height, width = read_init_image(args.init_image, args.height, args.width, generator.model.codec.downsampling_factor)
@@ -159,7 +207,7 @@ def run(args) -> None:
     for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2):
         images = generator([prompts[i] for i in batch], timesteps, guidance_scale, [args.seed + i for i in batch], height, width, **options)
         for i, image in zip(batch, to_pil(images)):
-            save_png(image, out / image_filename(i, prompts[i]))
+            save_png(image, files[i])
     print(f"wrote {len(prompts)} image(s) to {out}")
 
 
@@ -181,7 +229,7 @@ def register(subparsers) -> None:
     p.add_argument("--sampler", default="lcm", choices=["lcm", *TEACHER_SAMPLERS],
                    help="lcm: Algorithm 3 (an LCM or LCM-LoRA); ddim, dpm, dpm++: an ODE solver for a diffusion model, with CFG, or "
                    "for a guidance-distilled model (`lcm distill --method guidance`) its ω input (default lcm)")
-    p.add_argument("--steps", type=int, default=4, help="number of sampling steps: 1..T/k for an LCM, 1..T for an ODE solver (default 4)")
+    p.add_argument("--steps", type=int, help=f"number of sampling steps: 1..T/k for an LCM, 1..T for an ODE solver (default {DEFAULT_STEPS})")
     p.add_argument("--timesteps", help="custom decreasing timesteps instead of --steps, e.g. 999,759,499,259")
     p.add_argument("--guidance-scale", type=finite_float, help="guidance scale g in diffusers' convention: an LCM's ω input, ω = g - 1 "
                    f"(default {DEFAULT_GUIDANCE_SCALE['lcm']:g}); for an LCM-LoRA, classifier-free guidance when g > 1, "
@@ -208,7 +256,8 @@ def register(subparsers) -> None:
     p.add_argument("--height", type=positive_int, help="image height in pixels, a multiple of the VAE factor (default: the model's)")
     p.add_argument("--width", type=positive_int, help="image width in pixels, a multiple of the VAE factor (default: the model's)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--out", required=True, help="output folder for the PNG files (created if missing)")
+    p.add_argument("--out", required=True, help="output folder for the PNG files (created if missing); images of the same names "
+                   "already there are refused, not overwritten")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and latents dtype (default float32)")
     p.set_defaults(run=run)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency, sample_guided
 from latent_consistency.evaluation.fid import feature_rms, fid_score, kid_score
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
@@ -196,15 +197,52 @@ def _peak_memory_mb(device) -> float | None:
     return None
 
 
+# Files whose size and modification time say which weights a model folder holds (`model_identity`)
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", "config.json", "model_index.json")
+
+
+def model_identity(name_or_path: str) -> str:
+    """A model's name and, for a local folder or file, a digest of the sizes and modification times of its weights and
+    configs: a model saved again at the same path (distilled again, another LoRA file) is another model."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return name_or_path  # a hub id
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(MODEL_FILE_SUFFIXES))
+    stamp = [(f.relative_to(path).as_posix() if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return f"{name_or_path} {hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}"
+
+
+def saved_results(path: Path, fingerprint: str, keep_other: bool) -> dict[str, dict]:
+    """The rows of `path` (results.json) that an earlier run of the same evaluation scored, {} when there is none. A file
+    there that is not an evaluation's results is a UserError, and so (with `keep_other`) are another evaluation's
+    results: they are not overwritten."""
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {path} ({err.__class__.__name__}); it is not the results of an evaluation: move it away or "
+                        "choose another --out") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("rows"), dict):
+        raise UserError(f"{path} is not the results of an evaluation (a JSON object with rows): move it away or choose another --out")
+    if saved.get("fingerprint") == fingerprint:
+        return saved["rows"]
+    if keep_other:
+        raise UserError(f"{path.parent} holds the results of another evaluation (other models, prompts, seed, reference images or "
+                        "metrics); choose another --out, or move them away to start over")
+    return {}
+
+
 def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, scorers: list[Scorer],
-              out: Path, device, progress: bool = True, guided: dict[int, DiffusionModel] | None = None) -> dict[str, dict]:
-    """Score every row, writing `results.json` after each; rows already there (same prompts, noise and reference)
-    are kept, so a killed evaluation continues where it stopped."""
+              out: Path, device, progress: bool = True, guided: dict[int, DiffusionModel] | None = None,
+              identities: tuple[str, ...] = (), keep_other_results: bool = False) -> dict[str, dict]:
+    """Score every row, writing `results.json` after each; rows already there (same prompts, noise, reference, models
+    and `identities`, e.g. a LoRA's) are kept, so a killed evaluation continues where it stopped. Another evaluation's
+    results there are replaced, or with `keep_other_results` refused (`saved_results`)."""
     path = out / RESULTS_FILE
-    models = [m.source for m in (lcm, teacher, *(guided or {}).values()) if m is not None]
-    fingerprint = eval_set.fingerprint(*models, *(s.identity for s in scorers))
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    results = saved.get("rows", {}) if saved.get("fingerprint") == fingerprint else {}
+    models = [model_identity(m.source) for m in (lcm, teacher, *(guided or {}).values()) if m is not None]
+    fingerprint = eval_set.fingerprint(*models, *identities, *(s.identity for s in scorers))
+    results = saved_results(path, fingerprint, keep_other_results)
     todo = [row for row in rows if row.key not in results]
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress)
     for row in todo:
