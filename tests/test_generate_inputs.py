@@ -7,34 +7,23 @@ import json
 
 import pytest
 
-from latent_consistency.cli import main
-
-
-def run(argv, capsys) -> tuple[int, str]:
-    """Exit code and stderr of `lcm ARGV`; argparse's own errors exit through SystemExit."""
-    try:
-        code = main(argv)
-    except SystemExit as stop:
-        code = stop.code
-    return code, capsys.readouterr().err.strip()
-
 
 def generate(tiny_lcm, out, *extra) -> list[str]:
     return ["generate", *extra, "--model", str(tiny_lcm), "--steps", "1", "--out", str(out), "--device", "cpu"]
 
 
-def test_a_rerun_into_the_same_folder_does_not_overwrite_its_images(tiny_lcm, tmp_path, capsys):
+def test_a_rerun_into_the_same_folder_does_not_overwrite_its_images(tiny_lcm, tmp_path, run_error):
     out = tmp_path / "images"
-    assert run(generate(tiny_lcm, out, "a red star"), capsys)[0] == 0
+    assert run_error(generate(tiny_lcm, out, "a red star"))[0] == 0
     earlier = out / "0000-a-red-star.png"
     earlier.write_bytes(b"an earlier image")
-    code, err = run(generate(tiny_lcm, out, "a red star", "a blue ring"), capsys)
+    code, err = run_error(generate(tiny_lcm, out, "a red star", "a blue ring"))
     assert code == 2 and len(err.splitlines()) == 1 and "already holds 0000-a-red-star.png" in err, err
     assert earlier.read_bytes() == b"an earlier image" and sorted(p.name for p in out.iterdir()) == ["0000-a-red-star.png"]
 
 
 @pytest.mark.parametrize("case", ["image file name", "empty name", "steps and timesteps", "empty timesteps", "blank prompt"])
-def test_generate_refuses(case, tiny_lcm, tmp_path, capsys, monkeypatch):
+def test_generate_refuses(case, tiny_lcm, tmp_path, run_error, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an empty --out wrote into the current folder
     argv, message = {
         "image file name": (generate(tiny_lcm, tmp_path / "star.png", "a red star"), "looks like an image file name"),
@@ -43,14 +32,14 @@ def test_generate_refuses(case, tiny_lcm, tmp_path, capsys, monkeypatch):
         "empty timesteps": (generate(tiny_lcm, tmp_path / "out", "a", "--timesteps", ""), "--timesteps is empty"),
         "blank prompt": (generate(tiny_lcm, tmp_path / "out", "a red star", " ", "a blue ring"), "prompt 2 is blank"),
     }[case]
-    code, err = run(argv, capsys)
+    code, err = run_error(argv)
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_prompt_longer_than_the_text_encoder_reads_gets_a_note(tiny_lcm, tmp_path, capsys):
+def test_a_prompt_longer_than_the_text_encoder_reads_gets_a_note(tiny_lcm, tmp_path, run_error):
     """The tiny tokenizer reads 16 tokens (one a letter, and the start and end tokens); the end of a longer prompt is dropped, and said so."""
-    code, err = run(generate(tiny_lcm, tmp_path / "out", "a red star", "a large red star at the top left"), capsys)
+    code, err = run_error(generate(tiny_lcm, tmp_path / "out", "a red star", "a large red star at the top left"))
     assert code == 0 and "note: prompt 2 is 27 tokens, more than the 16 the text encoder reads" in err, err
     assert len(list((tmp_path / "out").iterdir())) == 2
 
@@ -72,25 +61,25 @@ def evaluate(evaluation, out, *extra) -> list[str]:
 
 
 @pytest.mark.parametrize("case", ["steps twice", "scale twice", "both guidance flags"])
-def test_evaluate_refuses_contradicting_flags(case, evaluation, tmp_path, capsys):
+def test_evaluate_refuses_contradicting_flags(case, evaluation, tmp_path, run_error):
     extra, message = {
         "steps twice": (["--steps", "1,2,1"], "1 is listed twice"),
         "scale twice": (["--guidance-scales", "2,3,2.0"], "2 is listed twice"),
         "both guidance flags": (["--guidance-scale", "2", "--guidance-scales", "2,3"], "not both"),
     }[case]
-    code, err = run(evaluate(evaluation, tmp_path / "out", *extra), capsys)
+    code, err = run_error(evaluate(evaluation, tmp_path / "out", *extra))
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()
 
 
-def test_evaluate_refuses_an_lcm_as_teacher(evaluation, tmp_path, capsys):
-    code, err = run(evaluate(evaluation, tmp_path / "out", "--teacher", str(evaluation["lcm"])), capsys)
+def test_evaluate_refuses_an_lcm_as_teacher(evaluation, tmp_path, run_error):
+    code, err = run_error(evaluate(evaluation, tmp_path / "out", "--teacher", str(evaluation["lcm"])))
     assert code == 2 and len(err.splitlines()) == 1 and "is an LCM" in err, err
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("case", ["not json", "not an object", "another evaluation", "a report but no results"])
-def test_evaluate_does_not_overwrite_what_is_in_out(case, evaluation, tmp_path, capsys):
+def test_evaluate_does_not_overwrite_what_is_in_out(case, evaluation, tmp_path, run_error):
     out = tmp_path / "out"
     out.mkdir()
     name, text, message = {
@@ -100,12 +89,12 @@ def test_evaluate_does_not_overwrite_what_is_in_out(case, evaluation, tmp_path, 
         "a report but no results": ("report.md", "# my report", "already holds report.md"),
     }[case]
     (out / name).write_text(text)
-    code, err = run(evaluate(evaluation, out), capsys)
+    code, err = run_error(evaluate(evaluation, out))
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == text
 
 
-def test_evaluate_does_not_reuse_the_results_of_a_model_saved_again(evaluation, tmp_path, capsys):
+def test_evaluate_does_not_reuse_the_results_of_a_model_saved_again(evaluation, tmp_path, run_error):
     """A rerun into the same --out continues the same evaluation; the same path holding other weights (distilled again)
     is another evaluation, not its old numbers."""
     from tiny_models import save_tiny_lcm
@@ -113,16 +102,16 @@ def test_evaluate_does_not_reuse_the_results_of_a_model_saved_again(evaluation, 
     model, out = tmp_path / "lcm", tmp_path / "out"
     save_tiny_lcm(model, seed=1)
     argv = [a if a != str(evaluation["lcm"]) else str(model) for a in evaluate(evaluation, out)]
-    assert run(argv, capsys)[0] == 0 and run(argv, capsys)[0] == 0
+    assert run_error(argv)[0] == 0 and run_error(argv)[0] == 0
     results = (out / "results.json").read_text()
     save_tiny_lcm(model, seed=2)
-    code, err = run(argv, capsys)
+    code, err = run_error(argv)
     assert code == 2 and "another evaluation" in err, err
     assert (out / "results.json").read_text() == results
 
 
-def test_sweep_refuses_two_runs_of_one_name(tmp_path, capsys):
+def test_sweep_refuses_two_runs_of_one_name(tmp_path, run_error):
     runs = [tmp_path / "a" / "lcd", tmp_path / "b" / "lcd"]
-    code, err = run(["evaluate", "sweep", "--runs", *map(str, runs), "--out", str(tmp_path / "sweep"), "--device", "cpu"], capsys)
+    code, err = run_error(["evaluate", "sweep", "--runs", *map(str, runs), "--out", str(tmp_path / "sweep"), "--device", "cpu"])
     assert code == 2 and len(err.splitlines()) == 1 and "two --runs are folders named lcd" in err, err
     assert not (tmp_path / "sweep").exists()
