@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
@@ -125,19 +126,21 @@ class LatentCache(torch.utils.data.Dataset):
 
     def __init__(self, path: str | Path, holdout: Holdout | None = None):
         path = Path(path)
-        if not (path / MANIFEST).is_file():
-            raise UserError(f"{path} is not a latent cache (no {MANIFEST}); write one with write_latent_cache")
-        self.manifest = json.loads((path / MANIFEST).read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise UserError(f"{path} holds a latent cache of format {self.manifest.get('format')!r}, not {FORMAT!r}; rebuild it")
-        shards = [load_file(str(path / s["file"])) for s in self.manifest["shards"]]
-        self.latents = torch.cat([s["latents"] for s in shards])
-        self.caption_index = torch.cat([s["caption_index"] for s in shards])
-        table = load_file(str(path / CAPTIONS))
+        self.manifest = _read_manifest(path)
+        shards = [_read_tensors(path, s["file"], ("latents", "caption_index")) for s in self.manifest["shards"]]
+        table = _read_tensors(path, CAPTIONS, ("text_embeddings", "uncond_embedding"))
+        try:
+            self.latents = torch.cat([s["latents"] for s in shards])
+            self.caption_index = torch.cat([s["caption_index"] for s in shards])
+            with safe_open(str(path / CAPTIONS), framework="pt") as f:
+                self.captions = json.loads((f.metadata() or {})["captions"])
+        except (RuntimeError, KeyError, ValueError):  # shards of different latent shapes, no caption strings
+            raise UserError(f"latent cache {path} is damaged (its shards or captions do not fit together); rebuild it") from None
         self.text_embeddings, self.uncond_embedding = table["text_embeddings"], table["uncond_embedding"]
-        with safe_open(str(path / CAPTIONS), framework="pt") as f:
-            self.captions = json.loads(f.metadata()["captions"])
-        if len(self.latents) != self.manifest["num_samples"] or len(self.captions) != len(self.text_embeddings):
+        index = self.caption_index
+        if (len(self.latents) != self.manifest["num_samples"] or not isinstance(self.captions, list)
+                or len(self.captions) != len(self.text_embeddings) or len(index) != len(self.latents)
+                or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self.captions))):
             raise UserError(f"latent cache {path} is inconsistent with its manifest; rebuild it")
         if holdout is not None:  # a cache has no files: samples are held out by index
             keep = torch.tensor(holdout.select([str(i) for i in range(len(self.latents))], "samples"))
@@ -155,3 +158,37 @@ class LatentCache(torch.utils.data.Dataset):
         return CachedLatents(
             self.latents.to(device), self.caption_index.to(device), self.text_embeddings.to(device), self.uncond_embedding.to(device)
         )
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest of the cache at `path`: a JSON object of format FORMAT that lists at least one shard file."""
+    if not (path / MANIFEST).is_file():
+        raise UserError(f"{path} is not a latent cache (no {MANIFEST}); write one with write_latent_cache")
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path / MANIFEST} is not valid JSON ({err}); rebuild the latent cache") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path / MANIFEST} does not hold a JSON object; rebuild the latent cache")
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path} holds a latent cache of format {manifest.get('format')!r}, not {FORMAT!r}; rebuild it")
+    shards = manifest.get("shards")
+    if (not isinstance(shards, list) or not shards or not isinstance(manifest.get("num_samples"), int)
+            or not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards)):
+        raise UserError(f"{path / MANIFEST} lists no shard files or no sample count; rebuild the latent cache")
+    return manifest
+
+
+def _read_tensors(path: Path, file: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors `keys` of the cache file `file` in `path`; a missing, unreadable or incomplete file is a UserError."""
+    target = path / file
+    if not target.is_file():
+        raise UserError(f"latent cache {path} is missing its file {file}; rebuild the cache")
+    try:
+        tensors = load_file(str(target))
+    except SafetensorError as err:
+        raise UserError(f"latent cache file {target} is unreadable ({str(err).splitlines()[0]}); rebuild the cache") from None
+    missing = [key for key in keys if key not in tensors]
+    if missing:
+        raise UserError(f"latent cache file {target} has no {', '.join(missing)}; rebuild the cache")
+    return tensors

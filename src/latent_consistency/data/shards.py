@@ -286,6 +286,17 @@ class ShardStream(IterableDataset):
             )
 
 
+def check_usable(stream: ShardStream) -> None:
+    """UserError now, not at the first training step, if no shard of `stream` holds a usable sample: a throwaway stream
+    over the same shards reads until it yields one (or has tried every sample), so `stream`'s own position is untouched."""
+    probe = ShardStream(stream.shards, stream.resolution, seed=stream.seed, shuffle_buffer=1, decode_threads=1)
+    samples = iter(probe)
+    try:
+        next(samples)
+    finally:
+        samples.close()
+
+
 class _Cursor:
     """The open shard of a ShardStream; reads one sample (a group of members sharing a key) at a time."""
 

@@ -28,11 +28,23 @@ from latent_consistency.errors import UserError
 # Named dataset schemes: "world" -> (a function of (name, resolution) giving that dataset, the names it knows).
 # The library knows none; the built-in world registers its own when imported (`latent_consistency.world`).
 SCHEMES: dict[str, tuple[Callable[[str, int], Dataset], tuple[str, ...]]] = {}
+# Each scheme's one spelling of a NAME that has several ("shapes" and "shapes:train"), for `canonical_spec`.
+CANONICAL_NAMES: dict[str, Callable[[str], str]] = {}
 
 
-def register_scheme(scheme: str, open_named: Callable[[str, int], Dataset], names: tuple[str, ...]) -> None:
-    """Let data specs `SCHEME:NAME` name the datasets `names` that `open_named(NAME, resolution)` opens."""
+def register_scheme(scheme: str, open_named: Callable[[str, int], Dataset], names: tuple[str, ...],
+                    canonical: Callable[[str], str] | None = None) -> None:
+    """Let data specs `SCHEME:NAME` name the datasets `names` that `open_named(NAME, resolution)` opens; `canonical(NAME)`
+    spells alike the NAMEs that open the same data."""
     SCHEMES[scheme] = (open_named, names)
+    if canonical is not None:
+        CANONICAL_NAMES[scheme] = canonical
+
+
+def canonical_spec(spec: str) -> str:
+    """`spec` spelled as every spec naming the same registered dataset is (world:shapes and world:shapes:train alike)."""
+    scheme, _, name = spec.partition(":")
+    return f"{scheme}:{CANONICAL_NAMES[scheme](name)}" if name and scheme in CANONICAL_NAMES else spec
 
 
 def accepted() -> str:

@@ -12,10 +12,11 @@ import torch
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.data.sampler import ResumableSampler
-from latent_consistency.data.shards import ShardStream
+from latent_consistency.data.shards import ShardStream, check_usable
 from latent_consistency.data.spec import open_dataset
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel
+from latent_consistency.pipelines import MAX_SIZE_FACTOR
 
 
 class TrainingBatches:
@@ -29,6 +30,7 @@ class TrainingBatches:
         self.resolution = resolution
         self.num_workers = num_workers if not isinstance(self.dataset, (ShardStream, LatentCache)) else 0
         self._check_fits_model()
+        self._check_usable()
         if isinstance(self.dataset, ShardStream):
             self.sampler = None
         else:
@@ -64,6 +66,17 @@ class TrainingBatches:
             factor = self.model.codec.downsampling_factor
             if self.resolution % factor:
                 raise UserError(f"resolution {self.resolution} is not a multiple of the VAE factor {factor}")
+            if self.resolution > MAX_SIZE_FACTOR * self.model.native_size:
+                raise UserError(f"resolution {self.resolution} is more than {MAX_SIZE_FACTOR}x the model's {self.model.native_size} px; "
+                                "train at a size near the model's own")
+
+    def _check_usable(self) -> None:
+        """Read one sample now, so that data without a single readable one (every image corrupt, shards without a captioned
+        image) fails before the run folder is written, not at the first step."""
+        if isinstance(self.dataset, ShardStream):
+            check_usable(self.dataset)
+        elif not isinstance(self.dataset, LatentCache) and len(self.dataset):
+            self.dataset[0]  # an image folder skips corrupt images and raises UserError when none decodes
 
     @property
     def uncond(self) -> torch.Tensor:

@@ -346,8 +346,12 @@ def field_default(cls: type[TrainConfig], name: str) -> Any:
 
 
 def _same_data(a: str, b: str) -> bool:
-    """Whether two data specs name the same data: equal, or paths of one existing file or folder."""
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+    """Whether two data specs name the same data: equal, two spellings of one named dataset (world:shapes and
+    world:shapes:train), or paths of one existing file or folder."""
+    from latent_consistency.data.spec import canonical_spec
+
+    return (canonical_spec(a) == canonical_spec(b)
+            or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()))
 
 
 def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_file: str | None = None,

@@ -11,4 +11,9 @@ def _open(name: str, resolution: int):
     return get_dataset(dataset, split or "train", resolution)
 
 
-register_scheme("world", _open, DATASETS)
+def _canonical(name: str) -> str:
+    dataset, _, split = name.partition(":")
+    return f"{dataset}:{split or 'train'}"
+
+
+register_scheme("world", _open, DATASETS, _canonical)

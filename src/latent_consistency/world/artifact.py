@@ -49,12 +49,28 @@ def load_world(path: str | Path, device: str | torch.device = "cpu") -> World:
         raise UserError(f"{path} is not a world folder (no {WORLD_FILE}); build one with `lcm world build`")
     if not (path / "model_index.json").is_file() or not (path / "judge").is_dir():
         raise UserError(f"the world in {path} is not finished; run `lcm world build` on it again to finish it")
-    spec = json.loads((path / WORLD_FILE).read_text())
-    preset = WorldPreset.from_dict(spec["preset"])
+    spec = read_world_spec(path)
+    try:
+        preset = WorldPreset.from_dict(spec["preset"])
+    except (TypeError, ValueError, AttributeError):
+        raise UserError(f"{path / WORLD_FILE} names a preset this version cannot read; rebuild the world with `lcm world build`") from None
     model = load_diffusion_model(str(path), dtype=torch.float32, device=device)
     judge = load_judge(path / "judge", device)
     judges = {preset.dataset: judge} | {name: load_judge(path / "judges" / name, device) for name in preset.pretraining_datasets}
-    return World(path, preset, spec["prediction_type"], model, judge, judges)
+    return World(path, preset, spec.get("prediction_type", "epsilon"), model, judge, judges)
+
+
+def read_world_spec(path: Path) -> dict:
+    """The world.json of the world folder `path`: a JSON object with the preset the world was built with. A file of another
+    kind there (damaged, or another tool's world.json) is a UserError, not a world."""
+    try:
+        spec = json.loads((path / WORLD_FILE).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        spec = None
+    if not isinstance(spec, dict) or not isinstance(spec.get("preset"), dict):
+        raise UserError(f"{path / WORLD_FILE} is not a world's description (a JSON object with its preset); "
+                        "give a folder that `lcm world build` made, or a new one")
+    return spec
 
 
 def default_world_path() -> Path:

@@ -40,7 +40,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
 from latent_consistency.outputs import write_json_atomic
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
-from latent_consistency.world.artifact import WORLD_FILE, load_world
+from latent_consistency.world.artifact import WORLD_FILE, load_world, read_world_spec
 from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
 from latent_consistency.world.fit import Checkpointer, Phase
 from latent_consistency.world.judge import attribute_targets, save_judge, train_judge
@@ -300,19 +300,22 @@ def _check_out_dir(out: Path, spec: dict) -> None:
         return
     if not (out / WORLD_FILE).is_file():
         raise UserError(f"--out {out} holds something other than a world (no {WORLD_FILE}); give a new or empty folder")
-    existing = json.loads((out / WORLD_FILE).read_text())
+    existing = read_world_spec(out)
     with contextlib.suppress(KeyError, TypeError, ValueError):  # as this version writes it: a world.json of an older one
         existing |= world_spec(WorldPreset.from_dict(existing["preset"]), existing.get("prediction_type"))  # lacks newer keys
     if {k: existing.get(k) for k in spec} != spec:
         raise UserError(
-            f"--out {out} holds a world built with other settings (preset {existing['preset']['name']!r}, "
+            f"--out {out} holds a world built with other settings (preset {existing['preset'].get('name')!r}, "
             f"{existing.get('prediction_type')}); give the same settings to resume it, or a new folder"
         )
 
 
 def finished_phases(out: Path) -> list[str]:
     """The phases recorded in `build_state.json`: the longest prefix of PHASES it lists."""
-    done = set(json.loads((out / STATE_FILE).read_text())["done"]) if (out / STATE_FILE).is_file() else set()
+    try:
+        done = set(json.loads((out / STATE_FILE).read_bytes().decode("utf-8"))["done"]) if (out / STATE_FILE).is_file() else set()
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise UserError(f"{out / STATE_FILE} is damaged; remove it (and the world's other files) to build the world again") from None
     finished = []
     for phase in PHASES:
         if phase not in done:
@@ -337,7 +340,7 @@ def reusable_phases(src: Path, spec: dict) -> list[str]:
     if not (src / WORLD_FILE).is_file():
         raise UserError(f"--parts-from {src} is not a world folder (no {WORLD_FILE}); give a world build or export, or "
                         "'default' for the shipped world")
-    theirs = json.loads((src / WORLD_FILE).read_text())
+    theirs = read_world_spec(src)
     theirs.setdefault("prediction_type", "epsilon")
     with contextlib.suppress(KeyError, TypeError, ValueError):  # fill keys that an older version did not write
         theirs |= world_spec(WorldPreset.from_dict(theirs["preset"]), theirs["prediction_type"])
@@ -442,10 +445,10 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     _check_exportable(src)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"--out {dst} is a file or a folder that is not empty; give a new or empty folder")
+    sdxl = WorldPreset.from_dict(read_world_spec(src)["preset"]).teacher.architecture == "sdxl"
     partial = dst.with_name(dst.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    sdxl = WorldPreset.from_dict(json.loads((src / WORLD_FILE).read_text())["preset"]).teacher.architecture == "sdxl"
     for entry in EXPORTED + (SDXL_PARTS if sdxl else ()):
         (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, partial / entry)
     _cast_weights(partial, dtype)
@@ -460,7 +463,7 @@ def _check_exportable(src: Path) -> None:
     (the shipped one, say) has no build state and is ready to use as it is."""
     if finished_phases(src) == list(PHASES):
         return
-    dtype = json.loads((src / WORLD_FILE).read_text()).get("weights_dtype") if (src / WORLD_FILE).is_file() else None
+    dtype = read_world_spec(src).get("weights_dtype") if (src / WORLD_FILE).is_file() else None
     if dtype:
         raise UserError(f"{src} is an exported world already ({dtype} weights), ready to use as it is (--world, --teacher); "
                         "`lcm world export` copies a world that `lcm world build` finished")

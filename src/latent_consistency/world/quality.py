@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from latent_consistency.errors import UserError
 from latent_consistency.evaluation.fid import fid_score
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.outputs import writable_folder
@@ -87,6 +88,8 @@ def _items(dataset, n: int) -> list[dict]:
 def measure_quality(world: World, config: QualityConfig, out_dir: Path, device: torch.device, progress: bool = True) -> dict:
     """Write `quality.json` and `teacher_grid.png` into `out_dir`; returns the report."""
     preset, judge = world.preset, world.judge
+    if config.num_samples < 2:  # checked before --out is made: FID compares at least 2 images with 2
+        raise UserError(f"--samples must be at least 2 (FID needs 2 generated images per guidance scale), not {config.num_samples}")
     out_dir = writable_folder(out_dir, "--out")
     reference = _items(get_dataset(preset.dataset, REFERENCE_SPLITS[preset.dataset], preset.resolution, seed=preset.seed), config.num_samples)
     real = torch.stack([item["image"] for item in reference])
