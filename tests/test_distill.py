@@ -286,7 +286,11 @@ def test_a_run_that_stopped_before_its_first_step_can_be_started_again(tiny_sd, 
     (bad / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a red star"}\n')
     out = tmp_path / "run"
     assert main(distill_args(tiny_sd, bad, out, "--steps", "2")) == 2
-    assert "could be decoded" in capsys.readouterr().err and (out / "config.json").is_file()
+    assert "could be decoded" in capsys.readouterr().err and not out.exists()  # data without a usable sample: refused first
+    # A run that stopped after writing its config.json and before its first step (killed while loading, say)
+    config = resolve_config(DistillConfig, "tiny", overrides=dict(teacher=str(tiny_sd), data=str(bad), out=str(out), steps=2))
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config.to_dict()))
     # --resume has nothing to continue with other data, and says how to start again
     assert main(distill_args(tiny_sd, image_folder, out, "--steps", "2", "--resume")) == 2
     assert "start it again without --resume" in capsys.readouterr().err
