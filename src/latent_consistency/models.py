@@ -28,7 +28,7 @@ from latent_consistency.denoisers import (
     denoising_network,
     is_transformer,
 )
-from latent_consistency.errors import UserError
+from latent_consistency.errors import UserError, first_line
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder, T5PromptEncoder
 from latent_consistency.sampling import lcm_timesteps
@@ -353,12 +353,6 @@ def check_hub_id(name: str, what: str) -> None:
                         f"is set); give a local folder, or download it first (`hf download {name}`)") from None
     except ValueError:  # not a valid hub id either: the loader says so
         pass
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's message in one line (its first), or its type's name."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_component(cls, name_or_path: str, subfolder: str, **kwargs):

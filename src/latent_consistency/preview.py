@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from latent_consistency.errors import UserError
+from latent_consistency.errors import UserError, first_line
 
 TINY_CLASS = "AutoencoderTiny"
 
@@ -82,7 +82,6 @@ def load_preview_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, 
                             "give a tiny decoder such as madebyollin/taesd or one made by `lcm world preview-decoder`")
         tiny = AutoencoderTiny.from_pretrained(name_or_path, torch_dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "" if path.exists() else " (a hub id needs the hub, or its files in the cache: offline, give a local folder)"
-        raise UserError(f"cannot load the preview decoder {name_or_path}: {first_line}{hint}") from err
+        raise UserError(f"cannot load the preview decoder {name_or_path}: {first_line(err)}{hint}") from err
     return PreviewDecoder(tiny.to(device).eval().requires_grad_(False), name_or_path)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
 from latent_consistency.data.holdout import Holdout
-from latent_consistency.errors import UserError
+from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import LatentCodec
 
 FORMAT = "latent-cache/1"
@@ -187,7 +187,7 @@ def _read_tensors(path: Path, file: str, keys: tuple[str, ...]) -> dict[str, tor
     try:
         tensors = load_file(str(target))
     except SafetensorError as err:
-        raise UserError(f"latent cache file {target} is unreadable ({str(err).splitlines()[0]}); rebuild the cache") from None
+        raise UserError(f"latent cache file {target} is unreadable ({first_line(err)}); rebuild the cache") from None
     missing = [key for key in keys if key not in tensors]
     if missing:
         raise UserError(f"latent cache file {target} has no {', '.join(missing)}; rebuild the cache")
