@@ -157,3 +157,21 @@ def test_exporting_the_shipped_world_says_it_is_exported_already(run_error, tmp_
     refused(run_error, ["world", "export", "--from", str(default_world_path()), "--out", str(tmp_path / "w")],
             "is an exported world already (float16 weights), ready to use as it is")
     assert not (tmp_path / "w").exists()
+
+
+def test_data_smaller_than_the_batch_trains_with_a_note(tiny_sd, tmp_path, run_error):
+    """One image at batch 4 trains (overfitting one image is a use), but says that each batch repeats it."""
+    from tiny_models import write_captioned_images
+
+    one = write_captioned_images(tmp_path / "one", 1)
+    code, err = run_error(["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(one), "--out", str(tmp_path / "run"),
+                           "--steps", "1"])
+    assert code == 0 and (tmp_path / "run" / "lcm" / "model_index.json").is_file()
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert notes == ["lcm distill: note: the data holds 1 sample, fewer than the batch of 4: every batch repeats each sample about 4 "
+                     "times, with its own noise and timestep each time"], err
+
+
+def test_data_as_large_as_the_batch_trains_without_a_note(distill, run_error):
+    code, err = run_error(distill("--steps", "1", "--batch-size", "8"))
+    assert code == 0 and "note:" not in err, err

@@ -78,6 +78,16 @@ class TrainingBatches:
         elif not isinstance(self.dataset, LatentCache) and len(self.dataset):
             self.dataset[0]  # an image folder skips corrupt images and raises UserError when none decodes
 
+    def small_data_note(self, batch_size: int) -> str | None:
+        """A note when the data holds fewer samples than one step's batch: every batch then repeats samples (the sampler's
+        epochs roll over inside it), which a user with a handful of images may not expect. None for a shard stream, whose
+        size is unknown."""
+        if isinstance(self.dataset, ShardStream) or len(self.dataset) >= batch_size:
+            return None
+        n = len(self.dataset)
+        return (f"the data holds {n} sample{'s' if n != 1 else ''}, fewer than the batch of {batch_size}: every batch repeats each "
+                f"sample about {batch_size / n:.0f} times, with its own noise and timestep each time")
+
     @property
     def uncond(self) -> torch.Tensor:
         """The unconditional embedding ∅ (the empty caption), [1, L, D]."""

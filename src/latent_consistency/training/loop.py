@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> P
     student = make_student(config, base, scheduler_config, share_unet=True)
     freeze_in_half_precision(config, base)
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
+    note = batches.small_data_note(config.batch_size)
+    if note and accelerator.is_main_process:
+        command = "distill" if config.objective == "lcd" else "finetune"
+        print(f"lcm {command}: note: {note}", file=sys.stderr)
     optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches)  # writes config.json
