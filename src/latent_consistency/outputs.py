@@ -34,3 +34,14 @@ def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=indent))
     os.replace(tmp, path)
+
+
+def check_partial(partial: Path, mark: str, writer: str) -> None:
+    """`partial`, the folder a command builds its output in before renaming it, must be missing, empty, or an unfinished
+    one of that command's (it holds the file `mark`, which the command writes first); anything else of that name (a file,
+    a link, a user's folder) is a UserError and is left as it is, so that clearing or resuming it loses nothing of theirs."""
+    if not partial.exists() and not partial.is_symlink():
+        return
+    if partial.is_symlink() or not partial.is_dir() or (any(partial.iterdir()) and not (partial / mark).is_file()):
+        raise UserError(f"{partial} exists and is not an unfinished output of {writer}, which writes there first: move it away, "
+                        "or choose another output folder")

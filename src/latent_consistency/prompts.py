@@ -10,8 +10,9 @@
 All return c for `prompts` as one tensor [B, L', D] that every solver, loss, sampler and the latent cache handle alike.
 `PromptCache` keeps the c of prompts a sampler has seen, so that the text encoder runs once per distinct prompt.
 
-Prompts from a user pass `check_prompt` (command line) or `read_prompt_file` (a text file): text that is not UTF-8
-is one line naming the input, not a tokenizer's TypeError; a file's byte-order mark is not part of its first prompt.
+Prompts from a user pass `check_prompt` (command line) or `read_prompt_file` (a text file, `#` lines comments): text that
+is not UTF-8 is one line naming the input, not a tokenizer's TypeError; a file's byte-order mark is not part of its first
+prompt.
 """
 
 from __future__ import annotations
@@ -47,9 +48,15 @@ def check_prompt(text: str, source: str) -> str:
     return text
 
 
+# A prompt file's line whose first non-blank character is this is a comment, not a prompt
+COMMENT = "#"
+
+
 def read_prompt_file(name: str) -> list[str]:
     """The prompts of text file `name` ('-': standard input), one per line: UTF-8 with or without a byte-order mark,
-    each line stripped, blank lines ignored. A missing, unreadable, non-UTF-8 or empty file is a UserError."""
+    each line stripped; blank lines and comment lines (first non-blank character `#`) are ignored. A missing, unreadable
+    or non-UTF-8 file, or one with no prompt left, is a UserError. The one reader of prompt files: `lcm generate
+    --prompt-file` and `lcm evaluate --prompts FILE.txt`."""
     path = Path(name)
     if name != "-" and not path.exists():
         raise UserError(f"prompt file {name} does not exist")
@@ -65,9 +72,9 @@ def read_prompt_file(name: str) -> list[str]:
         line_number = err.object[:err.start].count(b"\n") + 1
         raise UserError(f"prompt file {name} is not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line_number}); "
                         "save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith(COMMENT)]
     if not prompts:
-        raise UserError(f"prompt file {name} holds no prompts; write one prompt per line")
+        raise UserError(f"prompt file {name} holds no prompts (blank and {COMMENT} comment lines are skipped); write one prompt per line")
     return prompts
 
 

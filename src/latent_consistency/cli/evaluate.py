@@ -202,10 +202,33 @@ def guided_distill_models(paths: list[str], device) -> dict[int, object]:
     return models
 
 
+# What `lcm evaluate sweep` writes into its --out, sweep.json first
+SWEEP_FILES = ("sweep.json", "sweep.md", "sweep.png")
+
+
+def is_sweep(path: Path) -> bool:
+    """Whether `path` is a sweep.json of ours: an object of run names, each a list of checkpoint rows (objects)."""
+    try:
+        curves = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(curves, dict) and all(isinstance(rows, list) and all(isinstance(r, dict) for r in rows) for rows in curves.values())
+
+
+def check_sweep_out(out: str) -> None:
+    """An --out may be new, or hold an earlier sweep's results, which a rerun replaces (sweeping again as checkpoints
+    appear is how a sweep is resumed: each run keeps its scores in its own folder). Files of a sweep's names that are not
+    an earlier sweep's (no sweep.json of ours beside them) are a UserError, before any run is scored."""
+    folder = Path(out)
+    taken = [name for name in SWEEP_FILES if (folder / name).exists() or (folder / name).is_symlink()] if folder.is_dir() else []
+    if taken and not ((folder / "sweep.json").is_file() and not (folder / "sweep.json").is_symlink() and is_sweep(folder / "sweep.json")):
+        raise UserError(f"--out {out} holds a {taken[0]} that is not an earlier sweep's; choose another --out, or move it away")
+
+
 def run_sweep(args) -> None:
     """Each run's checkpoints scored on the world (`world.over_training`), then their FID curves on one plot."""
     from latent_consistency.devices import resolve_device
-    from latent_consistency.outputs import writable_folder
+    from latent_consistency.outputs import writable_folder, write_json_atomic
     from latent_consistency.world.artifact import default_world_path, load_world
     from latent_consistency.world.over_training import evaluate_run, write_report, write_sweep
 
@@ -214,6 +237,7 @@ def run_sweep(args) -> None:
     if twice:
         raise UserError(f"two --runs are folders named {twice[0]}: their curves would share one name in sweep.json and the plot; "
                         "give each run once, in folders of different names")
+    check_sweep_out(args.out)
     device = resolve_device(args.device)
     out = writable_folder(args.out, "--out")
     world = load_world(args.world or default_world_path(), device)
@@ -223,7 +247,7 @@ def run_sweep(args) -> None:
         rows = evaluate_run(run_dir, world, args.samples, args.guidance_scale, device, steps, ode=args.ode_error)
         write_report(run_dir, rows, steps)
         curves[run_dir.resolve().name] = rows
-    (out / "sweep.json").write_text(json.dumps(curves, indent=1))
+    write_json_atomic(out / "sweep.json", curves)
     print(write_sweep(curves, out, steps))
 
 
@@ -238,7 +262,7 @@ def register(subparsers) -> None:
     p.add_argument("--exact", action="store_true", help="also the exact LCM of --teacher at every step count and scale: Algorithm 3 "
                    "with the teacher's ODE solution (DDIM jumps of the LCM's k down to 0) as the consistency function, what a "
                    "perfect student would score; costs about T/k teacher CFG passes per step")
-    p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file")
+    p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file (one prompt per line; blank lines and lines starting with # skipped)")
     p.add_argument("--reference", help="real images for FID (default: those of --prompts)")
     p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png, grid.png and (several scales) guidance_grid.png; "
                    "a rerun continues the evaluation there, another evaluation's results are refused, not overwritten")
@@ -257,7 +281,8 @@ def register(subparsers) -> None:
     commands = p.add_subparsers(dest="evaluate_command", metavar="sweep")
     s = commands.add_parser("sweep", help="FID over training of several runs on one plot (Figure 3)")
     s.add_argument("--runs", nargs="+", required=True, help="distillation run folders with checkpoints")
-    s.add_argument("--out", required=True, help="folder for sweep.png, sweep.md and sweep.json")
+    s.add_argument("--out", required=True, help="folder for sweep.png, sweep.md and sweep.json; an earlier "
+                   "sweep's there are replaced (sweep again to add new checkpoints), other files of those names refused")
     s.add_argument("--world", help="the world the runs distilled (default: the shipped one)")
     s.add_argument("--samples", type=positive_int, default=500, help="reference prompts per checkpoint (default 500)")
     s.add_argument("--guidance-scale", type=guidance_scale, help="default: each run's validation guidance scale")

@@ -30,7 +30,8 @@ from latent_consistency.sampling import TEACHER_SAMPLERS
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
-    """Prompts from the command line, then from a file ('-': standard input; one per line, blank lines ignored).
+    """Prompts from the command line, then from a file ('-': standard input; one per line, blank and # comment lines
+    ignored: `read_prompt_file`).
 
     A blank prompt on the command line next to others is refused: dropping it would number the images after it as if
     it had not been given."""
@@ -221,7 +222,8 @@ def register(subparsers) -> None:
     p.add_argument("prompts", nargs="*", help="prompts, one image each")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a prompt (repeatable; added after PROMPTS), as diffusers' prompt=")
-    p.add_argument("--prompt-file", help="text file with one prompt per line, or - for standard input (added after PROMPTS)")
+    p.add_argument("--prompt-file", help="text file with one prompt per line, or - for standard input (added after PROMPTS); "
+                   "blank lines and lines starting with # are skipped")
     p.add_argument("--model", required=True, help="LCM as a diffusers LatentConsistencyModelPipeline folder or hub id; "
                    "with --lora, the diffusion model the LoRA was distilled from")
     p.add_argument("--lora", help="an LCM-LoRA to load onto --model: the lora/ folder of `lcm distill --adapter lora`, "

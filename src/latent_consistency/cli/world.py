@@ -101,7 +101,8 @@ def register(subparsers) -> None:
 
     e = commands.add_parser("export", help="copy a finished world with fp16 weights (for shipping)")
     e.add_argument("--from", dest="src", required=True, help="a finished world folder")
-    e.add_argument("--out", required=True, help="new or empty folder for the copy")
+    e.add_argument("--out", required=True, help="new or empty folder for the copy, outside --from (written into OUT.partial first; "
+                   "an OUT.partial that is not an unfinished export is refused, not replaced)")
     e.set_defaults(run=_run_export)
 
     c = commands.add_parser("check", help="measure a world's teacher and VAE against the quality bar")

@@ -26,10 +26,12 @@ from tqdm.auto import tqdm
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import LatentCodec
+from latent_consistency.outputs import check_partial
 
 FORMAT = "latent-cache/1"
 MANIFEST = "manifest.json"
 CAPTIONS = "captions.safetensors"
+PARTIAL_MARK = ".lcm-latent-cache"  # in `<cache>.partial` while it is written
 
 
 def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
@@ -62,8 +64,10 @@ def write_latent_cache(
     if len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
     partial = out_dir.with_name(out_dir.name + ".partial")
+    check_partial(partial, PARTIAL_MARK, "a latent cache")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    (partial / PARTIAL_MARK).touch()  # first: marks an unfinished cache of ours, which a rerun may replace
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     caption_ids: dict[str, int] = {}
     shards: list[dict] = []
@@ -107,6 +111,7 @@ def write_latent_cache(
         "source": source,
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (partial / PARTIAL_MARK).unlink()
     partial.rename(out_dir)
     return out_dir
 

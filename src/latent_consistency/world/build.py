@@ -38,7 +38,7 @@ from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
-from latent_consistency.outputs import write_json_atomic
+from latent_consistency.outputs import check_partial, write_json_atomic
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
 from latent_consistency.world.artifact import WORLD_FILE, load_world, read_world_spec
 from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
@@ -81,6 +81,9 @@ DATA_SETTINGS = ("dataset", "resolution", "train_size", "pretraining_datasets", 
 # What `export_world` ships: the pipeline, the judge, the spec and the quality report (and SDXL_PARTS of an SDXL world).
 EXPORTED = ("world.json", "model_index.json", "unet", "scheduler", "vae", "text_encoder", "tokenizer", "judge", "judges", "quality")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Written first into `export_world`'s OUT.partial: an unfinished export that a rerun may replace (another folder of that name
+# is refused, not removed)
+EXPORT_MARKER = ".lcm-world-export"
 
 
 def phase_outputs(phase: str, preset: WorldPreset) -> tuple[str, ...]:
@@ -439,22 +442,30 @@ def build_world(
 def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Copy a finished world's pipeline, judge and quality report to `dst`, weights cast to `dtype`.
 
-    The latent cache, logs and build state stay behind; `load_world` reads the copy (in float32).
+    The latent cache, logs and build state stay behind; `load_world` reads the copy (in float32). The copy is made in
+    `<dst>.partial` (marked EXPORT_MARKER first) and renamed to `dst` when complete; a `<dst>.partial` that is not such an
+    unfinished export (or empty) is refused, as is a `dst` inside `src`.
     """
     src, dst = Path(src), Path(dst)
     _check_exportable(src)
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        where = "the world folder" if dst.resolve() == src.resolve() else "inside the world folder"
+        raise UserError(f"--out {dst} is {where} --from {src}; give a new or empty folder outside it")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"--out {dst} is a file or a folder that is not empty; give a new or empty folder")
     sdxl = WorldPreset.from_dict(read_world_spec(src)["preset"]).teacher.architecture == "sdxl"
     partial = dst.with_name(dst.name + ".partial")
+    check_partial(partial, EXPORT_MARKER, f"`lcm world export --out {dst}`")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+    (partial / EXPORT_MARKER).write_text(json.dumps({"from": str(src.resolve())}))  # first: marks the folder as ours to replace
     for entry in EXPORTED + (SDXL_PARTS if sdxl else ()):
         (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, partial / entry)
     _cast_weights(partial, dtype)
     spec = json.loads((partial / WORLD_FILE).read_text())
     write_json_atomic(partial / WORLD_FILE, spec | {"weights_dtype": str(dtype).removeprefix("torch.")}, indent=2)
     partial.rename(dst)  # onto a missing or empty folder
+    (dst / EXPORT_MARKER).unlink()
     return dst
 
 

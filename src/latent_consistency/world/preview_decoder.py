@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
+from latent_consistency.outputs import check_partial
 from latent_consistency.preview import PreviewDecoder
 from latent_consistency.world.artifact import World, load_world
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -158,10 +159,11 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
         raise UserError(f"--out {out} is a file or a folder that is not empty; give a new or empty folder")
     if config.steps < 1 or config.images < 1 or config.batch_size < 1:
         raise UserError("--steps, --images and --batch-size must be at least 1")
+    work = out.with_name(out.name + ".partial")
+    check_partial(work, "settings.json", "`lcm world preview-decoder`")  # resumed from its settings, data and checkpoints
     start = time.perf_counter()
     world = load_world(world_dir, device)
     device = world.model.vae.device
-    work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
     settings = {"world": str(Path(world_dir).resolve()), "config": asdict(config)}
     if (work / "settings.json").is_file() and json.loads((work / "settings.json").read_text()) != settings:
