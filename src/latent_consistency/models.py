@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,7 +359,9 @@ def check_hub_id(name: str, what: str) -> None:
 def load_component(cls, name_or_path: str, subfolder: str, **kwargs):
     """`cls.from_pretrained` of one weighted component of a model folder (a UNet, VAE, transformer or text encoder), with a
     UserError naming the component when its files do not load (truncated or corrupt weights, a config that does not fit
-    them) or when its weights lack layers that its config.json's model has: those would be left uninitialised."""
+    them) or when its weights and its config.json's model do not hold the same tensors: a missing one would be left
+    uninitialised, an unexpected one dropped (diffusers and transformers only log a warning), either way the weights are
+    another model's. Keys a library drops by design (`_keys_to_ignore_on_load_unexpected`) are not reported to us."""
     from safetensors import SafetensorError
 
     config = Path(name_or_path) / subfolder / "config.json"
@@ -373,6 +376,11 @@ def load_component(cls, name_or_path: str, subfolder: str, **kwargs):
         raise UserError(f"the {subfolder} weights of {name_or_path} lack {len(missing)} tensor(s) that its config.json's model has "
                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the weights and config.json are of "
                         "different models; save the folder again")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        raise UserError(f"the {subfolder} weights of {name_or_path} hold {len(unexpected)} tensor(s) that its config.json's model "
+                        f"does not have (e.g. {unexpected[0]}): the weights and config.json are of different models; save the "
+                        "folder again")
     return model
 
 
@@ -603,6 +611,37 @@ def _diffusers_errors_unlogged():
             handler.removeFilter(below_error)
 
 
+def _unloaded_lora_tensors(state_dict: dict, components: dict) -> list[str]:
+    """The keys of a LoRA state dict (`lora_state_dict`'s, "<component>.<module>...") that did not load into the model's
+    `components` (by name: "unet", "text_encoder", ...) with their shape, in order. diffusers loads a LoRA's layers for
+    which the model has a module and only logs the rest (`_maybe_warn_for_unhandled_keys`); a tensor whose component the
+    model lacks is not even logged. Each key is mapped as diffusers maps it before loading (`PeftAdapterMixin.load_lora_adapter`,
+    `_load_lora_into_text_encoder`) and looked up in the adapter's state dict as peft reads it back."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict
+
+    unmatched = [key for key in state_dict if key.split(".")[0] not in components]
+    for name, module in components.items():
+        keys = [key for key in state_dict if key.startswith(f"{name}.")]
+        if not keys:
+            continue
+        part = {key.removeprefix(f"{name}."): state_dict[key] for key in keys}
+        if name == "unet":
+            if "lora_A" not in next(iter(part)):
+                part = convert_unet_state_dict_to_peft(part)
+        else:
+            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+            if not hasattr(module, "text_model"):
+                part = {key.removeprefix("text_model."): value for key, value in part.items()}
+        adapters = list(getattr(module, "peft_config", {}))
+        loaded = get_peft_model_state_dict(module, adapter_name=adapters[-1]) if adapters else {}
+        if len(part) != len(keys):  # two keys mapped onto one: name them as mapped
+            keys = [f"{name}.{key}" for key in part]
+        unmatched += [original for original, (key, value) in zip(keys, part.items())
+                      if key not in loaded or loaded[key].shape != value.shape]
+    return unmatched
+
+
 LORA_SCHEDULER_FILE = "scheduler_config.json"  # the LCMScheduler config `lcm distill --adapter lora` saves next to the weights
 
 
@@ -627,21 +666,36 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
     family = lora_pipeline_class(model)
     source, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (lora, {})
+    components = {"unet": model.unet} | dict(zip(("text_encoder", "text_encoder_2"), model.text_encoders))
+    state_dict, loading = {}, "unet"
     try:
         with _diffusers_errors_unlogged():  # diffusers logs a failed load as well as raising it: the message below says it once
             state_dict, alphas, metadata = family.lora_state_dict(source, return_lora_metadata=True, **kwargs)
             if not state_dict or not all("lora" in key for key in state_dict):
                 raise ValueError("not a LoRA state dict (every key must name a lora layer)")
             family.load_lora_into_unet(state_dict, alphas, model.unet, metadata=metadata)
-            for prefix, text_encoder in zip(("text_encoder", "text_encoder_2"), model.text_encoders):
-                family.load_lora_into_text_encoder(state_dict, alphas, text_encoder, prefix=prefix, metadata=metadata)
+            for loading, text_encoder in list(components.items())[1:]:
+                family.load_lora_into_text_encoder(state_dict, alphas, text_encoder, prefix=loading, metadata=metadata)
     except RuntimeError as err:
-        if "size mismatch" not in str(err):
+        if "size mismatch" in str(err):  # the UNet's (torch's load_state_dict): every such tensor, "<module>.lora_A.<adapter>.weight"
+            keys = [f"{loading}.{re.sub(r'[.]default(_[0-9]+)?(?=[.][a-z]+$)', '', key)}"
+                    for key in re.findall(r"size mismatch for (\S+?):", str(err))]
+        elif "ignore_mismatched_sizes" in str(err):  # a text encoder's (transformers'): its adapter stays, in the model's shapes
+            tried = list(components)[:list(components).index(loading) + 1]
+            keys = _unloaded_lora_tensors({k: v for k, v in state_dict.items() if k.split(".")[0] in tried}, components)
+        else:
             raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
-        raise UserError(f"the LoRA {lora} does not fit {name_or_path}: its layers have other shapes than the model's (a LoRA of "
-                        "another model family or size, e.g. SDXL's on SD 1.5?); give the LoRA distilled from this model") from err
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        which = f"{len(keys)} of its {len(state_dict)} tensors have" if keys else "its layers have"
+        example = f" (e.g. {keys[0]})" if keys else ""
+        raise UserError(f"the LoRA {lora} does not fit {name_or_path}: {which} other shapes than the model's layers{example}: a LoRA "
+                        "of another model family or size, e.g. SDXL's on SD 1.5? Give the LoRA distilled from this model") from err
+    except (OSError, ValueError, KeyError, IndexError, SafetensorError) as err:  # IndexError: a part with lora_A but no lora_B
         raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
+    unmatched = _unloaded_lora_tensors(state_dict, components)
+    if unmatched:
+        raise UserError(f"the LoRA {lora} does not fit {name_or_path}: {len(unmatched)} of its {len(state_dict)} tensors have no layer "
+                        f"of that name and shape in the model to load into (e.g. {unmatched[0]}): a LoRA of another model (other layers "
+                        "or layer names)? Give the LoRA distilled from this model")
     for module in (model.unet, *model.text_encoders):  # the LoRA layers need not be made on the model's device and dtype
         module.to(device=device, dtype=dtype)
     if saved_config is not None:

@@ -262,7 +262,8 @@ def register(subparsers) -> None:
     p.add_argument("--exact", action="store_true", help="also the exact LCM of --teacher at every step count and scale: Algorithm 3 "
                    "with the teacher's ODE solution (DDIM jumps of the LCM's k down to 0) as the consistency function, what a "
                    "perfect student would score; costs about T/k teacher CFG passes per step")
-    p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file (one prompt per line; blank lines and lines starting with # skipped)")
+    p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file "
+                   "(one prompt per line; blank lines and lines starting with # skipped)")
     p.add_argument("--reference", help="real images for FID (default: those of --prompts)")
     p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png, grid.png and (several scales) guidance_grid.png; "
                    "a rerun continues the evaluation there, another evaluation's results are refused, not overwritten")
