@@ -54,6 +54,9 @@ def build_app(args):
     generator = LCMGenerator.load(args.model, device, resolve_dtype(args.dtype, device), args.lora)
     if args.preview_decoder is not None:
         generator.use_preview_decoder(args.preview_decoder)
+    if args.max_side is not None and args.max_side < generator.default_size():
+        raise UserError(f"--max-side {args.max_side} is below the model's size of {generator.default_size()} px: every request "
+                        "without a width and height (the page's) would be refused")
     if args.compile:
         warm_up(generator)
     limits = Limits(max_side=args.max_side or 2 * generator.default_size(), max_prompt_chars=args.max_prompt_chars,
@@ -66,12 +69,15 @@ def run(args) -> None:
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
+    if not args.host.strip():  # bind("") is every interface: an unset variable must not open the server to the network
+        raise UserError("--host is empty; leave it out for 127.0.0.1, or give 0.0.0.0 (or ::) to listen on every interface")
     with bind(args.host, args.port) as sock:  # before the model loads: a port in use is known at once
         app = build_app(args)
         if not is_loopback(args.host):
             print(f"lcm serve: listening on {args.host}, reachable from other machines; there is no authentication", file=sys.stderr)
         sock.listen()  # connections wait from here until uvicorn accepts them
-        print(f"lcm serve: {args.model} on http://{args.host}:{args.port}/ (API: POST /v1/images, description: /openapi.json)", flush=True)
+        host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
+        print(f"lcm serve: {args.model} on http://{host}:{args.port}/ (API: POST /v1/images, description: /openapi.json)", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 

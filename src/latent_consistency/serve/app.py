@@ -2,23 +2,27 @@
 the page at `/`. OpenAPI description at `/openapi.json`.
 
 Every request a client can get wrong is answered with a 4xx and a one-line `{"error": ...}`: 413 for a body over the
-limit, 422 for anything invalid (malformed JSON, a field out of range, a size the model cannot make, an upload that is
-not an image), 429 when the queue is full. A client that goes away while its request waits is dropped from the queue.
+limit, 415 for a body not sent as JSON (content-type), 422 for anything invalid (malformed JSON or JSON Python cannot read, a
+key given twice, a value of the wrong JSON type, a field out of range, a size the model cannot make, an upload that is
+not an image), 429 when the queue is full; 404 and 405 come in the same shape. A client that goes away while its request waits is dropped from the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
 
+import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from latent_consistency import __version__
 from latent_consistency.errors import UserError
@@ -31,6 +35,8 @@ from latent_consistency.serve.request import MAX_STEPS, ImageRequest, Job, Limit
 IMAGE_PATH = "/v1/images"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 DISCONNECT_POLL_S = 0.05
+# Init images decoded at once: one of 64 Mpx (a 200 kB PNG) takes ~250 MB and a second, before its request queues
+MAX_DECODING = 2
 
 
 def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int]]:
@@ -59,6 +65,50 @@ def encode(image, fmt: str) -> bytes:
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def parse_json(body: bytes):
+    """The JSON body as Python values; every way it cannot be read is a `json.JSONDecodeError` saying why (FastAPI answers
+    those as invalid JSON, anything else as a bare 400): a key given twice (json.loads keeps the last silently), text
+    that is not UTF-8, nesting deeper than the parser recurses, an integer over Python's 4300 digits."""
+
+    def once_each(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise json.JSONDecodeError(f'the key "{key}" is given twice', "", 0)
+            seen.add(key)
+        return dict(pairs)
+
+    try:
+        return json.loads(body, object_pairs_hook=once_each)
+    except json.JSONDecodeError:
+        raise
+    except UnicodeDecodeError:
+        raise json.JSONDecodeError("it is not UTF-8 text", "", 0) from None
+    except RecursionError:
+        raise json.JSONDecodeError("it is nested too deeply", "", 0) from None
+    except ValueError as err:  # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+        raise json.JSONDecodeError(str(err).split(":")[0], "", 0) from None
+
+
+class JSONRequest(Request):
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = parse_json(await self.body())
+        return self._json
+
+
+class JSONRoute(APIRoute):
+    """A route whose JSON body is read by `parse_json`."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def with_json_request(request: Request) -> Response:
+            return await handler(JSONRequest(request.scope, request.receive))
+
+        return with_json_request
 
 
 def replayed(body: bytes, receive):
@@ -98,20 +148,24 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status = time.perf_counter(), [500]  # 500 until a response starts: an exception goes on to ServerErrorMiddleware
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
-        body = await self.read_body(receive)
-        if body is None:  # over the limit
-            await error(413, f"request body is over {self.max_body_bytes // 2**20} MiB")(scope, receive, send_counted)
-        elif body is not False:  # False: the client left before sending it
-            await self.app(scope, replayed(body, receive), send_counted)
-        if scope["path"] == IMAGE_PATH:
-            self.metrics.response(status[0], time.perf_counter() - start if status[0] == 200 else None)
+        try:
+            body = await self.read_body(receive)
+            if body is None:  # over the limit
+                await error(413, f"request body is over {self.max_body_bytes // 2**20} MiB")(scope, receive, send_counted)
+            elif body is False:  # the client left before sending it: nobody to answer
+                status[0] = 499
+            else:
+                await self.app(scope, replayed(body, receive), send_counted)
+        finally:  # an unexpected exception too, as the 500 it becomes
+            if scope["path"] == IMAGE_PATH:
+                self.metrics.response(status[0], time.perf_counter() - start if status[0] == 200 else None)
 
 
 def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", max_batch: int = 8, max_queue: int = 32,
@@ -119,6 +173,7 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     metrics = Metrics()
     batcher = Batcher(lambda jobs: run_jobs(generator, jobs), max_batch, max_queue, max_wait_s, metrics)
     default_guidance = DEFAULT_GUIDANCE_SCALE[generator.kind]
+    decoding = anyio.CapacityLimiter(MAX_DECODING)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -128,6 +183,7 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
 
     app = FastAPI(title="latent-consistency", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Few-step text-to-image and image-to-image with a latent consistency model (Luo et al. 2023).")
+    app.router.route_class = JSONRoute
     app.state.batcher, app.state.metrics = batcher, metrics
     app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, metrics=metrics)
 
@@ -135,9 +191,18 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     async def invalid(request, exc: RequestValidationError):
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
-            return error(422, "the body is not valid JSON")
+            reason = first.get("ctx", {}).get("error")
+            return error(422, "the body is not valid JSON" + (f": {reason}" if reason else ""))
+        if first.get("loc") == ("body",) and isinstance(first.get("input"), bytes | bytearray):  # FastAPI parses JSON only
+            content_type = request.headers.get("content-type") or "missing"
+            return error(415, f"content-type is {content_type}: send the body as JSON with content-type: application/json")
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
         return error(422, f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        """Starlette's and FastAPI's own answers (404, 405, a body it cannot parse) in the same one-line shape."""
+        return error(exc.status_code, str(exc.detail).splitlines()[0] if exc.detail else "error", headers=exc.headers)
 
     @app.exception_handler(UserError)
     async def user_error(request, exc: UserError):
@@ -158,7 +223,9 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     async def images(body: ImageRequest, request: Request) -> Response:
         """Generate one image (text-to-image, or image-to-image with `init_image`)."""
         start = time.perf_counter()
-        job = await run_in_threadpool(prepare, body, generator, limits, default_guidance)  # decoding an upload takes a while
+        # in a thread: decoding an upload takes a while; a few at a time, as each may take hundreds of MB
+        job = await anyio.to_thread.run_sync(prepare, body, generator, limits, default_guidance,
+                                             limiter=decoding if body.init_image is not None else None)
         future = batcher.submit(job)
         waiting = asyncio.wrap_future(future)
         while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:

@@ -45,7 +45,9 @@ class Limits:
 class ImageRequest(BaseModel):
     """A text-to-image (or, with `init_image`, image-to-image) request; sizes default to the model's own."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON value of the wrong type is refused, not coerced ("5" or true as a seed, 2.0 as steps); an integer
+    # still goes where a float does (JSON has one number type)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, description="what to draw")
     negative_prompt: str | None = Field(None, description="what not to draw (guidance against its embedding, see the user guide)")
@@ -112,6 +114,13 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
         raise UserError(f"guidance_scale {g:g} is above {limits.max_guidance_scale:g}")
     if generator.kind == "lcm" and g < 1:
         raise UserError(f"guidance_scale {g:g} is below 1: this LCM takes g through its ω input (ω = g - 1 >= 0)")
+    if generator.kind == "lora" and request.negative_prompt is not None:  # before it queues (`LCMGenerator.consistency_function`)
+        if request.negative_scale is not None:
+            raise UserError("negative_scale applies to an LCM; this LCM-LoRA takes negative_prompt into classifier-free guidance "
+                            "at guidance_scale: leave negative_scale out")
+        if g <= 1:
+            raise UserError(f"negative_prompt on this LCM-LoRA needs guidance_scale above 1 (classifier-free guidance; got {g:g}): "
+                            "give e.g. 1.5")
     width, height = request.width or generator.default_size(), request.height or generator.default_size()
     for name, value in (("width", width), ("height", height)):
         if value > limits.max_side:
