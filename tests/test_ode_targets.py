@@ -163,3 +163,22 @@ def test_the_world_ode_preset_is_a_valid_ode_run(tiny_sd, image_folder, tmp_path
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["method"] == "ode" and printed["loss_weighting"] == "uniform" and printed["guidance_scale_max"] == 4.0
+
+
+def test_the_world_guided_preset_continues_a_student(tiny_sd, tiny_lcm, image_folder, tmp_path, capsys):
+    """The second stage of the world's guided recipe: LCD with the pair loss from a given student, the network slow and the
+    ω projection fast (5e-3)."""
+    argv = ["distill", "--preset", "world-guided", "--teacher", str(tiny_sd), "--data", str(image_folder), "--out", str(tmp_path / "r"),
+            "--student-init", str(tiny_lcm), "--dry-run"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["method"] == "lcd" and printed["student_init"] == str(tiny_lcm) and printed["guidance_pair_weight"] == 10.0
+    assert printed["lr"] * printed["omega_lr_scale"] == pytest.approx(5e-3, rel=1e-3) and printed["guidance_scale_max"] == 4.0
+
+
+def test_the_world_guided_preset_without_a_student_is_refused(tiny_sd, image_folder, tmp_path, capsys):
+    argv = ["distill", "--preset", "world-guided", "--teacher", str(tiny_sd), "--data", str(image_folder), "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--preset world-guided continues a `--preset world-ode` run" in err, err
+    assert not (tmp_path / "r").exists()

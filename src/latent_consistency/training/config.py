@@ -312,10 +312,23 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
                       loss_weighting="uniform", ema_decay=0.95, lr_warmup_steps=100, validate_every=250, checkpoint_every=500,
                       keep_checkpoints=10, time_cond_proj_dim=64, student_prediction="v_prediction", validation_guidance_scale=2.0,
                       omega_response_samples=32, optimizer="adamw-fused"),
+    # The second stage after `world-ode` (its LCM as --student-init): LCD with the pair loss (λ_Δ = 10, 32 examples × 2 ω per
+    # step) over the same g ∈ [1, 4], the network at lr 3e-6 and the ω projection at 5e-3. From the regression student
+    # (ω response ~0.4 / 0.5 / 0.55 / 0.6 at t = 999 / 759 / 499 / 259) it reaches ~0.4 / 0.7 / 0.8 / 0.8 in 1,000 steps
+    # with every FID bar of issue 16 kept at g = 1-4; at lr 5e-5 (the `world` preset's) the same response costs the g = 4
+    # images 1.6 × the teacher's FID, and the ω projection alone (lr ~0) reaches ~0.7 at t = 499 (docs/notes/2026-12-02-omega.md).
+    "world-guided": dict(solver="ddim", skip=20, guidance_scale_min=1.0, guidance_scale_max=4.0, guidance_pair_weight=10.0, lr=3e-6,
+                         omega_lr_scale=1667.0, batch_size=32, steps=1000, loss="l2", loss_weighting="ict", ema_decay=0.95,
+                         lr_warmup_steps=100, validate_every=250, checkpoint_every=250, keep_checkpoints=10, time_cond_proj_dim=64,
+                         student_prediction="v_prediction", validation_guidance_scale=2.0, omega_response_samples=32,
+                         optimizer="adamw-fused"),
     # Plumbing in tests: seconds.
     "tiny": dict(steps=4, batch_size=4, lr=1e-4, lr_warmup_steps=0, log_every=1, validate_every=0, checkpoint_every=2,
                  time_cond_proj_dim=32),
 }
+# Presets that continue another preset's run: they need its LCM as --student-init (started from the teacher they would
+# be a different, untested recipe)
+CONTINUES = {"world-guided": "world-ode"}
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     # A starting point for an SD-scale LCM: the paper's LCF learning rate (Section 4.4), its distillation's guidance
     # range, batch and precision settings.
@@ -365,6 +378,9 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
     if config_file:
         values.update(_read_config_file(config_file))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if preset in CONTINUES and not values.get("student_init"):
+        raise UserError(f"--preset {preset} continues a `--preset {CONTINUES[preset]}` run: give that run's LCM as --student-init "
+                        "RUN/lcm")
     objective = values.pop("objective", cls.objective)  # a saved config.json names its objective
     if objective != cls.objective:
         raise UserError(f"this config is for {COMMANDS[CONFIGS[objective]] if objective in CONFIGS else objective!r}, "
