@@ -225,6 +225,12 @@ def test_serve_command_refuses_a_max_side_below_the_models_size(run_error, tiny_
     assert code == 2 and "--max-side 8" in err and err.count("\n") == 0
 
 
+def test_serve_command_refuses_a_max_side_no_request_may_ask_for(run_error, tiny_lcm, serve_without_blocking):
+    """/v1/config would advertise sizes above 8x the model's, which every request is refused."""
+    code, err = run_error(["serve", "--model", str(tiny_lcm), "--device", "cpu", "--max-side", "4096", "--port", str(free_port())])
+    assert code == 2 and "--max-side 4096 is more than 8x" in err and err.count("\n") == 0
+
+
 def test_serve_command_prints_a_url_that_works_for_an_ipv6_host(tiny_lcm, capsys, serve_without_blocking):
     from latent_consistency.cli import main
 

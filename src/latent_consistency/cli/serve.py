@@ -46,7 +46,7 @@ def warm_up(generator) -> None:
 
 def build_app(args):
     """The app of the model and limits the arguments name: the model loaded (and compiled with --compile)."""
-    from latent_consistency.pipelines import LCMGenerator
+    from latent_consistency.pipelines import MAX_SIZE_FACTOR, LCMGenerator
     from latent_consistency.serve.app import create_app
     from latent_consistency.serve.request import Limits
 
@@ -57,6 +57,9 @@ def build_app(args):
     if args.max_side is not None and args.max_side < generator.default_size():
         raise UserError(f"--max-side {args.max_side} is below the model's size of {generator.default_size()} px: every request "
                         "without a width and height (the page's) would be refused")
+    if args.max_side is not None and args.max_side > MAX_SIZE_FACTOR * generator.default_size():
+        raise UserError(f"--max-side {args.max_side} is more than {MAX_SIZE_FACTOR}x the model's {generator.default_size()} px, which "
+                        f"no request may ask for: give at most {MAX_SIZE_FACTOR * generator.default_size()}")
     if args.compile:
         warm_up(generator)
     limits = Limits(max_side=args.max_side or 2 * generator.default_size(), max_prompt_chars=args.max_prompt_chars,
