@@ -239,3 +239,15 @@ def test_serve_command_prints_a_url_that_works_for_an_ipv6_host(tiny_lcm, capsys
         port = probe.getsockname()[1]
     assert main(["serve", "--model", str(tiny_lcm), "--device", "cpu", "--host", "::1", "--port", str(port)]) in (0, None)
     assert f"http://[::1]:{port}/" in capsys.readouterr().out
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_answered_with_a_header(api, lcm):
+    """Its end is dropped, as diffusers drops it; the answer says so, as `lcm generate` notes it on stderr."""
+    tokenizer = lcm.model.prompts.tokenizer
+    prompt = " ".join(["red"] * tokenizer.model_max_length)
+    tokens = len(tokenizer(prompt, truncation=False).input_ids)
+    long = api.post("/v1/images", json={"prompt": prompt, "steps": 1})
+    short = api.post("/v1/images", json={"prompt": "red", "steps": 1})
+    assert long.status_code == short.status_code == 200
+    assert long.headers["X-Prompt-Truncated"] == f"{tokens} tokens, the text encoder reads {tokenizer.model_max_length}"
+    assert "X-Prompt-Truncated" not in short.headers

@@ -28,6 +28,7 @@ from latent_consistency import __version__
 from latent_consistency.errors import UserError
 from latent_consistency.grids import to_pil
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, LCMGenerator
+from latent_consistency.prompts import truncated_prompts
 from latent_consistency.serve.batcher import Batcher, QueueFull
 from latent_consistency.serve.metrics import Metrics
 from latent_consistency.serve.request import MAX_STEPS, ImageRequest, Job, Limits, prepare
@@ -218,8 +219,11 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         after the response, so the server (uvicorn) logs its traceback."""
         return error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
 
-    @app.post(IMAGE_PATH, response_class=Response, responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()},
-                                                                    "description": "the image; X-Seed, X-Latency-Ms, X-Batch-Size headers"}})
+    answer = {"content": {t: {} for t in MEDIA_TYPES.values()},
+              "description": "the image; X-Seed, X-Latency-Ms, X-Batch-Size headers, and X-Prompt-Truncated when the prompt is "
+                             "longer than the text encoder reads (its end is dropped)"}
+
+    @app.post(IMAGE_PATH, response_class=Response, responses={200: answer})
     async def images(body: ImageRequest, request: Request) -> Response:
         """Generate one image (text-to-image, or image-to-image with `init_image`)."""
         start = time.perf_counter()
@@ -234,8 +238,11 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
                     metrics.cancel()
                 return Response(status_code=499)
         data, batch_size = waiting.result()
-        return Response(data, media_type=MEDIA_TYPES[job.format], headers={
-            "X-Seed": str(job.seed), "X-Batch-Size": str(batch_size), "X-Latency-Ms": f"{(time.perf_counter() - start) * 1e3:.1f}"})
+        headers = {"X-Seed": str(job.seed), "X-Batch-Size": str(batch_size), "X-Latency-Ms": f"{(time.perf_counter() - start) * 1e3:.1f}"}
+        long = truncated_prompts(generator.model.prompts, [job.prompt])  # as `lcm generate` notes it: the end was not read
+        if long:
+            headers["X-Prompt-Truncated"] = f"{long[0][1]} tokens, the text encoder reads {long[0][2]}"
+        return Response(data, media_type=MEDIA_TYPES[job.format], headers=headers)
 
     @app.get("/v1/config")
     async def config() -> dict:
