@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,17 @@ def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=indent))
     os.replace(tmp, path)
+
+
+def start_partial(partial: Path, mark: str, writer: str) -> Path:
+    """A new, empty `partial` holding only the file `mark`, for a command that builds its output there and renames it when
+    complete: an unfinished one of its own (or an empty folder) is replaced, anything else refused (`check_partial`). The
+    command removes `mark` when it finishes."""
+    check_partial(partial, mark, writer)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / mark).touch()  # first: marks the folder as an unfinished output of ours, which a rerun may replace
+    return partial
 
 
 def check_partial(partial: Path, mark: str, writer: str) -> None:

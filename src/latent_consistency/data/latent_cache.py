@@ -14,7 +14,6 @@ Captions repeat in a captioned toy dataset, so each distinct caption is encoded 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import LatentCodec
-from latent_consistency.outputs import check_partial
+from latent_consistency.outputs import start_partial
 
 FORMAT = "latent-cache/1"
 MANIFEST = "manifest.json"
@@ -63,11 +62,7 @@ def write_latent_cache(
         raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder")
     if len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    check_partial(partial, PARTIAL_MARK, "a latent cache")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    (partial / PARTIAL_MARK).touch()  # first: marks an unfinished cache of ours, which a rerun may replace
+    partial = start_partial(out_dir.with_name(out_dir.name + ".partial"), PARTIAL_MARK, "a latent cache")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     caption_ids: dict[str, int] = {}
     shards: list[dict] = []

@@ -38,7 +38,7 @@ from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
-from latent_consistency.outputs import check_partial, write_json_atomic
+from latent_consistency.outputs import start_partial, write_json_atomic
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
 from latent_consistency.world.artifact import WORLD_FILE, load_world, read_world_spec
 from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
@@ -454,11 +454,7 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"--out {dst} is a file or a folder that is not empty; give a new or empty folder")
     sdxl = WorldPreset.from_dict(read_world_spec(src)["preset"]).teacher.architecture == "sdxl"
-    partial = dst.with_name(dst.name + ".partial")
-    check_partial(partial, EXPORT_MARKER, f"`lcm world export --out {dst}`")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    (partial / EXPORT_MARKER).write_text(json.dumps({"from": str(src.resolve())}))  # first: marks the folder as ours to replace
+    partial = start_partial(dst.with_name(dst.name + ".partial"), EXPORT_MARKER, f"`lcm world export --out {dst}`")
     for entry in EXPORTED + (SDXL_PARTS if sdxl else ()):
         (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, partial / entry)
     _cast_weights(partial, dtype)
