@@ -133,3 +133,36 @@ def test_a_teacher_unet_with_a_tensor_its_config_lacks(tiny_sd, images, tmp_path
     teacher = with_a_stray_tensor(tiny_sd, tmp_path, "unet")
     code, err = run_error(["distill", "--preset", "tiny", "--teacher", str(teacher), "--data", str(images), "--out", str(out)])
     assert_refused(code, err, out, "the unet weights of", "stray.weight")
+
+
+def checkpoint_edits():
+    def drop(tensors):
+        return dict(list(tensors.items())[1:])
+
+    def add(tensors):
+        return {**tensors, "down_blocks.9.extra.weight": torch.zeros(2)}
+
+    def reshape(tensors):
+        name, tensor = next(iter(tensors.items()))
+        return {**tensors, name: torch.zeros(*tensor.shape, 2)}
+
+    return {"a tensor left out": (drop, "lacks 1 of the student's tensors"), "an extra tensor": (add, "down_blocks.9.extra.weight"),
+            "another shape": (reshape, "of shape")}
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+@pytest.mark.parametrize("edit", list(checkpoint_edits()))
+def test_resume_refuses_a_checkpoint_that_does_not_fit_the_student(adapter, edit, tiny_sd, images, tmp_path, run_error):
+    """A checkpoint whose student tensors do not fit the run's student (another rank, adapter set or model) was half loaded
+    (LoRA: peft skips what does not fit) or a traceback (full); now one line and exit 2, the checkpoint kept."""
+    change, words = checkpoint_edits()[edit]
+    out = tmp_path / "run"
+    argv = ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(images), "--out", str(out), "--adapter", adapter]
+    assert run_error([*argv, "--steps", "2"])[0] == 0
+    weights = out / "checkpoints" / "step-0000002" / "student.safetensors"
+    save_file(change(load_file(weights)), weights)
+    edited = load_file(weights)
+    code, err = run_error([*argv, "--steps", "4", "--resume"])
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert words in err and "checkpoint of another model" in err and "step-0000002" in err, err
+    assert load_file(weights).keys() == edited.keys() and not (out / "checkpoints" / "step-0000004").exists()

@@ -182,7 +182,7 @@ class RunFolder:
     def load_checkpoint(self, path: Path) -> Progress:
         """Load the checkpoint at `path` (but for the optimiser state, kept for `resume_optimizer`); where it stands."""
         tensors, objects, state = ckpt.load_checkpoint(path)
-        self.student.load_state(tensors)
+        self.student.load_state(tensors, path)
         self.saved_optimizer_state = objects["optimizer"]
         self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
         torch.set_rng_state(objects["rng"]["torch"])

@@ -93,18 +93,26 @@ class Student:
     def load_checkpoint(self, path: Path) -> int:
         """Load the student and target weights of a checkpoint folder; returns its step."""
         tensors, _, state = load_checkpoint(path)
-        self.load_state(tensors)
+        self.load_state(tensors, path)
         return int(state["step"])
 
-    def load_state(self, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
-        pairs = [(self.unet, tensors["student"])] + ([(self.target_unet, tensors["target"])] if self.has_separate_target else [])
-        for unet, sd in pairs:
+    def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], source: Path | str = "the checkpoint") -> None:
+        """Load a checkpoint's student (and target) weights; a UserError, with nothing loaded, unless every tensor of
+        `source` fits this student by name and shape and none of the student's weights is left out."""
+        names = ["student"] + (["target"] if self.has_separate_target else [])
+        missing = [name for name in names if name not in tensors]
+        if missing:
+            raise UserError(f"{source} has no {' or '.join(missing)} weights; it is not a checkpoint of this run's student")
+        for name in names:
+            _check_fits(self._weights(self.target_unet if name == "target" else self.unet), tensors[name], f"{source} ({name})")
+        for name in names:
+            unet = self.target_unet if name == "target" else self.unet
             if self.adapter == "lora":
                 from peft.utils import set_peft_model_state_dict
 
-                set_peft_model_state_dict(unet, sd, adapter_name=_adapter(unet))
+                set_peft_model_state_dict(unet, tensors[name], adapter_name=_adapter(unet))
             else:
-                unet.load_state_dict(sd)
+                unet.load_state_dict(tensors[name])
 
     def export(self, out: Path, unwrapped_unet, base: DiffusionModel) -> Path:
         """Write the target θ⁻ (the EMA, or the student when there is none) in diffusers format; the frozen VAE and text
@@ -154,6 +162,20 @@ def _initial_unet(path: str, base: DiffusionModel, prediction_type: str):
     if mismatch:
         raise UserError(f"the UNet of {path} does not fit the teacher's ({', '.join(mismatch)} differ)")
     return unet.to(device=base.unet.device, dtype=torch.float32).requires_grad_(True)
+
+
+def _check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """A UserError naming the first tensor of `found` that the student lacks or holds in another shape, or the first of
+    the student's (`expected`) that `found` lacks: a checkpoint of another model, rank or adapter set."""
+    for name, tensor in found.items():
+        if name not in expected:
+            raise UserError(f"{source} holds {name}, which this run's student does not have; it is a checkpoint of another model")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(f"{source} holds {name} of shape {tuple(tensor.shape)}, this run's student "
+                            f"{tuple(expected[name].shape)}; it is a checkpoint of another model")
+    absent = [name for name in expected if name not in found]
+    if absent:
+        raise UserError(f"{source} lacks {len(absent)} of the student's tensors ({absent[0]}, ...); it is a checkpoint of another model")
 
 
 def _check_omega_size(unet, config, source: str) -> None:
