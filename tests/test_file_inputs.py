@@ -5,6 +5,7 @@ holds an earlier sweep's results. Each mistake is one line on stderr and exit co
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -237,3 +238,37 @@ def test_sweep_again_replaces_an_earlier_sweeps_results(tmp_path, run_error, mon
     code, err = run_error(sweep(tmp_path, out) + ["--steps", "1"])
     assert code == 0, err
     assert json.loads((out / "sweep.json").read_text()) == {"run": rows}
+
+
+@pytest.mark.parametrize("writer", ["sweep", "over_training"])
+def test_plots_and_tables_replace_the_earlier_files_whole(writer, tmp_path, monkeypatch):
+    """A sweep or over-training report killed while writing left a half-written plot or table where the earlier run's
+    was; now each file is written beside and moved into place, so the earlier one stays until the new one is whole."""
+    from matplotlib.figure import Figure
+
+    from latent_consistency.world import over_training
+
+    rows = [{"step": s, "fid_1": 9.0 / s, "alignment_1": 0.5} for s in (1, 2)]
+    names = ["sweep.png", "sweep.md"] if writer == "sweep" else ["over_training.png", "over_training.md", "over_training.json"]
+
+    def write():
+        if writer == "sweep":
+            return over_training.write_sweep({"run": rows}, tmp_path, steps=(1,))
+        return over_training.write_report(tmp_path, rows, steps=(1,))
+
+    for name in names:
+        (tmp_path / name).write_text("earlier")
+    savefig = Figure.savefig
+
+    def killed(fig, path, **kwargs):
+        Path(path).write_bytes(b"half a plot")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    assert (tmp_path / names[0]).read_text() == "earlier" and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    write()
+    assert (tmp_path / names[0]).read_bytes().startswith(b"\x89PNG") and "earlier" not in (tmp_path / names[1]).read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)

@@ -29,12 +29,34 @@ def writable_folder(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
-def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
-    """Write JSON so that a reader (or a rerun after a kill) sees the old file or the new one, never half of one."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that a reader (or a rerun after a kill) sees the old file or the new one, never half of one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_with(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
+    """`write_text_atomic` of `data` as JSON."""
+    write_text_atomic(path, json.dumps(data, indent=indent))
+
+
+def savefig_atomic(fig, path: Path, **kwargs) -> Path:
+    """`fig.savefig(path)`, atomically like `write_text_atomic` (the format from the file's suffix)."""
+    path = Path(path)
+    _replace_with(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs))
+    return path
+
+
+def _replace_with(path: Path, write) -> None:
+    """`write` a temporary file beside `path`, then move it over `path`; the temporary file goes if `write` fails."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=indent))
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def start_partial(partial: Path, mark: str, writer: str) -> Path:

@@ -31,7 +31,7 @@ from latent_consistency.evaluation.fid import feature_rms, fid_score, kid_score
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import DiffusionModel
-from latent_consistency.outputs import write_json_atomic
+from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.solvers import get_solver
 
 TEACHER_SOLVERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpm++": "DPM-Solver++"}
@@ -301,7 +301,7 @@ def write_report(results: dict[str, dict], steps: list[int], out: Path | None, t
         lines.append(f"| {r['method']} | {r['steps']} | {r['guidance_scale']:g} | {r['network_evaluations']} | {r['ms_per_image']:.1f} | {memory} |")
     text = "\n".join(lines) + "\n"
     if out is not None:
-        (out / "report.md").write_text(text)
+        write_text_atomic(out / "report.md", text)
     return text
 
 
@@ -333,8 +333,7 @@ def write_plots(results: dict[str, dict], out: Path) -> list[Path]:
                 ax.set_yscale("log")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    written.append(out / "steps.png")
-    fig.savefig(written[-1], dpi=110)
+    written.append(savefig_atomic(fig, out / "steps.png", dpi=110))
     plt.close(fig)
     if len(scales) > 1:
         step_counts = sorted({r["steps"] for r in rows if r["steps"] not in REFERENCE_STEPS})
@@ -349,8 +348,7 @@ def write_plots(results: dict[str, dict], out: Path) -> list[Path]:
             axes[0][j].set_ylabel(key.replace("_", " "))
             axes[0][j].legend(fontsize=6, ncol=2)
         fig.tight_layout()
-        written.append(out / "guidance.png")
-        fig.savefig(written[-1], dpi=110)
+        written.append(savefig_atomic(fig, out / "guidance.png", dpi=110))
         plt.close(fig)
     return written
 

@@ -31,6 +31,7 @@ from latent_consistency.models import (
     inference_timesteps,
     is_lcm_config,
 )
+from latent_consistency.outputs import write_json_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
@@ -162,7 +163,7 @@ class RunFolder:
         if self.main:
             try:
                 out.mkdir(parents=True, exist_ok=True)
-                (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+                write_json_atomic(out / "config.json", config.to_dict())
             except OSError as err:
                 raise UserError(f"cannot write the run folder {out}: {err.strerror or err}") from None
         self.writer = MetricsWriter(out, self.main)

@@ -18,7 +18,6 @@ Rerunning continues an interrupted run and reuses finished parts.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from latent_consistency.evaluation.fid import fid_score
 from latent_consistency.evaluation.table import EvalSet, JudgeScorer, run_table, table_rows, write_grid, write_plots, write_report
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
-from latent_consistency.outputs import writable_folder
+from latent_consistency.outputs import writable_folder, write_json_atomic, write_text_atomic
 from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig, resolve_config
 from latent_consistency.training.loop import train
 from latent_consistency.training.run_folder import saved_config
@@ -145,8 +144,8 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
         summary["finetune"] = finetuned
     minutes = (time.perf_counter() - t0) / 60
     report += f"\nWall time: {minutes:.1f} min.\n"
-    (out / "report.md").write_text(report)
-    (out / "report.json").write_text(json.dumps(summary | {"minutes": minutes}, indent=1))
+    write_text_atomic(out / "report.md", report)
+    write_json_atomic(out / "report.json", summary | {"minutes": minutes})
     print(report)
     return out
 

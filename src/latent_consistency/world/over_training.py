@@ -21,7 +21,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency
 from latent_consistency.evaluation.ode_error import error_timesteps, guidance_response, ode_error, ode_solutions
 from latent_consistency.models import inference_timesteps
-from latent_consistency.outputs import write_json_atomic
+from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.checkpoint import list_checkpoints
@@ -124,7 +124,7 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (run / "over_training.json").write_text(json.dumps(rows, indent=1))
+    write_json_atomic(run / "over_training.json", rows)
     error_keys = [k for k in rows[0] if k.startswith("ode_error_")]
     response_keys = [k for k in rows[0] if k.startswith("omega_response_")]
     lines = ["| step | " + " | ".join(f"FID {n}-step" for n in steps) + " | " + " | ".join(f"align {n}-step" for n in steps)
@@ -139,7 +139,7 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
         best = min(r[f"fid_{n}"] for r in rows)
         lines.append(f"\n{n}-step: final FID {rows[-1][f'fid_{n}']:.2f}, best {best:.2f} "
                      f"({100 * (rows[-1][f'fid_{n}'] / best - 1):.1f} % above the best)")
-    (run / "over_training.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(run / "over_training.md", "\n".join(lines) + "\n")
     panels = 1 + bool(error_keys) + bool(response_keys)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.2), squeeze=False)
     ax, *others = axes[0]
@@ -168,7 +168,7 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
         ax_response.set_title("1: the teacher's guidance effect; 0: ω ignored", fontsize=8)
         ax_response.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(run / "over_training.png", dpi=120)
+    savefig_atomic(fig, run / "over_training.png", dpi=120)
 
 
 def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...] = STEPS) -> str:
@@ -189,14 +189,14 @@ def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...]
         ax.set_yscale("log")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=7, ncol=1 + len(curves) // 16)
-    fig.savefig(out / "sweep.png", dpi=120)
+    savefig_atomic(fig, out / "sweep.png", dpi=120)
     plt.close(fig)
     lines = ["| run | " + " | ".join(f"{n}-step FID final / best" for n in steps) + " |", "|---" * (1 + len(steps)) + "|"]
     for name, rows in curves.items():
         cells = [f"{rows[-1][f'fid_{n}']:.2f} / {min(r[f'fid_{n}'] for r in rows):.2f}" for n in steps]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    (out / "sweep.md").write_text(text)
+    write_text_atomic(out / "sweep.md", text)
     return text
 
 
