@@ -15,7 +15,7 @@ import torch
 
 from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
 from latent_consistency.errors import UserError
-from latent_consistency.pipelines import MAX_GUIDANCE_SCALE
+from latent_consistency.pipelines import MAX_GUIDANCE_SCALE, MAX_SEED
 from latent_consistency.prompts import read_prompt_file
 
 # g of `lcm evaluate` without --guidance-scale(s): the paper's ω = 7
@@ -98,6 +98,8 @@ def load_eval_set(args, resolution: int):
     if images < 2:  # FID fits a covariance to each set (fid._update refuses fewer than 2)
         raise UserError(f"FID needs at least 2 generated images, and {len(items)} prompt(s) of --prompts {args.prompts} × "
                         f"--images-per-prompt {args.images_per_prompt} make {images}: give more prompts (--samples) or --images-per-prompt 2")
+    if args.seed + images > MAX_SEED:
+        raise UserError(f"--seed {args.seed} is too large: image i starts from seed SEED+i, which must stay below 2^63")
     attributes = [it["attributes"] for it in items] if all("attributes" in it for it in items) else None
     return EvalSet([it["caption"] for it in items], attributes, torch.stack([it["image"] for it in references]),
                    args.images_per_prompt, args.seed)
@@ -156,6 +158,10 @@ def run(args) -> None:
     if args.exact and (teacher is None or not lcm.is_lcm):
         raise UserError("--exact needs --teacher and an LCM (its skipping step k and timesteps): the exact LCM is "
                         "the teacher's ODE solution on them")
+    if args.exact and teacher.schedule.num_train_timesteps != lcm.schedule.num_train_timesteps:
+        raise UserError(f"--exact: the teacher {args.teacher} has {teacher.schedule.num_train_timesteps} training timesteps and the LCM "
+                        f"{lcm.schedule.num_train_timesteps}; give the teacher the LCM was distilled from (the exact LCM runs it on the "
+                        "LCM's timesteps)")
     scales = args.guidance_scales or [DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale]
     if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided):
         raise UserError(f"guidance scale {min(scales):g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")

@@ -89,8 +89,9 @@ def check_resumable(out: Path, config: TrainConfig) -> None:
                         f"not {config.steps}")
 
 
-def saved_config(path: Path) -> TrainConfig:
-    """The config a run saved in `path` (its config.json); a UserError naming the file when it is not one."""
+def saved_config(path: Path, otherwise: str = "use a new --out") -> TrainConfig:
+    """The config a run saved in `path` (its config.json); a UserError naming the file (and, `otherwise`, what else to do)
+    when it is not one."""
     try:
         values = json.loads(path.read_text())
         if not isinstance(values, dict):
@@ -101,7 +102,7 @@ def saved_config(path: Path) -> TrainConfig:
         return config_from_dict(values)
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError among them
         raise UserError(f"{path} is not a run's config ({err}); restore it (each checkpoint's state.json holds the config) or "
-                        "use a new --out") from None
+                        f"{otherwise}") from None
 
 
 def stopped_before_first_step(out: Path, config: TrainConfig) -> bool:

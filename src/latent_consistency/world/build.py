@@ -39,6 +39,7 @@ from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
 from latent_consistency.outputs import start_partial, write_json_atomic
+from latent_consistency.pipelines import MAX_SEED
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
 from latent_consistency.world.artifact import WORLD_FILE, load_world, read_world_spec
 from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
@@ -148,6 +149,9 @@ def check_world_spec(preset: WorldPreset, prediction_type: str) -> None:
         )
     if preset.resolution not in RESOLUTIONS:
         raise UserError(f"the world's datasets come at {', '.join(map(str, RESOLUTIONS))} px, not {preset.resolution}")
+    if preset.seed * 1000 + len(PHASES) > MAX_SEED:  # `_Build.seed`: each phase's
+        raise UserError(f"seed {preset.seed} is too large: phase i seeds its generators with SEED·1000 + i, which must stay below 2^63; "
+                        f"use at most {(MAX_SEED - len(PHASES)) // 1000}")
 
 
 @dataclass
@@ -304,7 +308,10 @@ def _check_out_dir(out: Path, spec: dict) -> None:
     if not (out / WORLD_FILE).is_file():
         raise UserError(f"--out {out} holds something other than a world (no {WORLD_FILE}); give a new or empty folder")
     existing = read_world_spec(out)
-    with contextlib.suppress(KeyError, TypeError, ValueError):  # as this version writes it: a world.json of an older one
+    if existing.get("weights_dtype"):
+        raise UserError(f"--out {out} is an exported world ({existing['weights_dtype']} weights), finished; building into it would "
+                        "replace its parts: give a new or empty folder")
+    with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):  # as this version writes it: a world.json of an older one
         existing |= world_spec(WorldPreset.from_dict(existing["preset"]), existing.get("prediction_type"))  # lacks newer keys
     if {k: existing.get(k) for k in spec} != spec:
         raise UserError(
@@ -345,7 +352,7 @@ def reusable_phases(src: Path, spec: dict) -> list[str]:
                         "'default' for the shipped world")
     theirs = read_world_spec(src)
     theirs.setdefault("prediction_type", "epsilon")
-    with contextlib.suppress(KeyError, TypeError, ValueError):  # fill keys that an older version did not write
+    with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):  # fill keys that an older version did not write
         theirs |= world_spec(WorldPreset.from_dict(theirs["preset"]), theirs["prediction_type"])
     if any(_setting(theirs, key) != _setting(spec, key) for key in DATA_SETTINGS):
         return []
@@ -446,6 +453,8 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     `<dst>.partial` (marked EXPORT_MARKER first) and renamed to `dst` when complete; a `<dst>.partial` that is not such an
     unfinished export (or empty) is refused, as is a `dst` inside `src`.
     """
+    if Path(os.path.normpath(dst)).name in ("", ".."):  # no name to give OUT.partial: "", ".", "..", "/"
+        raise UserError(f"--out {str(dst)!r} names no new folder; give the copy's folder by its name (e.g. ../world-fp16)")
     src, dst = Path(src), Path(dst)
     _check_exportable(src)
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
@@ -453,9 +462,8 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
         raise UserError(f"--out {dst} is {where} --from {src}; give a new or empty folder outside it")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"--out {dst} is a file or a folder that is not empty; give a new or empty folder")
-    sdxl = WorldPreset.from_dict(read_world_spec(src)["preset"]).teacher.architecture == "sdxl"
     partial = start_partial(dst.with_name(dst.name + ".partial"), EXPORT_MARKER, f"`lcm world export --out {dst}`")
-    for entry in EXPORTED + (SDXL_PARTS if sdxl else ()):
+    for entry in _exported(src):
         (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, partial / entry)
     _cast_weights(partial, dtype)
     spec = json.loads((partial / WORLD_FILE).read_text())
@@ -469,12 +477,22 @@ def _check_exportable(src: Path) -> None:
     """Export copies a build that `lcm world build` finished (its build_state.json lists every phase); an exported world
     (the shipped one, say) has no build state and is ready to use as it is."""
     if finished_phases(src) == list(PHASES):
+        missing = [entry for entry in _exported(src) if not (src / entry).exists()]
+        if missing:
+            raise UserError(f"the finished world in {src} lacks {missing[0]}, which `lcm world build` wrote; restore it, or build the "
+                            "world again into a new folder")
         return
     dtype = read_world_spec(src).get("weights_dtype") if (src / WORLD_FILE).is_file() else None
     if dtype:
         raise UserError(f"{src} is an exported world already ({dtype} weights), ready to use as it is (--world, --teacher); "
                         "`lcm world export` copies a world that `lcm world build` finished")
     raise UserError(f"{src} is not a finished world; run `lcm world build` on it first")
+
+
+def _exported(src: Path) -> tuple[str, ...]:
+    """What `export_world` copies of the world at `src`: EXPORTED, and SDXL_PARTS of an SDXL world."""
+    sdxl = WorldPreset.from_dict(read_world_spec(src)["preset"]).teacher.architecture == "sdxl"
+    return EXPORTED + (SDXL_PARTS if sdxl else ())
 
 
 def _cast_weights(folder: Path, dtype: torch.dtype) -> None:

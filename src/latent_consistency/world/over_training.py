@@ -25,8 +25,8 @@ from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.checkpoint import list_checkpoints
-from latent_consistency.training.config import config_from_dict
 from latent_consistency.training.objectives import objective_of
+from latent_consistency.training.run_folder import saved_config
 from latent_consistency.training.students import make_student
 from latent_consistency.world.artifact import World
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -59,7 +59,7 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
     (of a run still training, say) or step counts not scored before."""
     if not (run / "config.json").is_file():
         raise UserError(f"{run} is not a training run folder (no config.json); give the --out of `lcm distill`")
-    config = config_from_dict(json.loads((run / "config.json").read_text()))
+    config = saved_config(run / "config.json", "give the --out of `lcm distill`")
     guidance_scale = config.validation_guidance_scale if guidance_scale is None else guidance_scale
     checkpoints = list_checkpoints(run)
     if not checkpoints:
@@ -115,7 +115,7 @@ def _read_cache(path: Path, settings: dict) -> dict[str, dict]:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return saved.get("rows", {}) if saved.get("settings") == settings else {}
+    return saved["rows"] if isinstance(saved, dict) and saved.get("settings") == settings and isinstance(saved.get("rows"), dict) else {}
 
 
 def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) -> None:

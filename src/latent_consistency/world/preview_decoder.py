@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.outputs import check_partial
+from latent_consistency.outputs import check_partial, write_json_atomic
 from latent_consistency.preview import PreviewDecoder
 from latent_consistency.world.artifact import World, load_world
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -151,9 +153,19 @@ def preview_quality(world: World, preview: PreviewDecoder, n: int, out: Path | N
             "psnr_vae_vs_real": psnr(decoded, real)}
 
 
+def _read_settings(path: Path) -> dict | None:
+    """The settings an unfinished run saved in `path`; None for a file that is not JSON (not ours, or cut short)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError among them
+        return None
+
+
 def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: PreviewDecoderConfig = PreviewDecoderConfig(),
                           device: str | torch.device = "cpu", progress: bool = True) -> Path:
     """Distil the world's preview decoder into `out_dir` (new or empty; resumes from `<out_dir>.partial`); returns it."""
+    if Path(os.path.normpath(out_dir)).name in ("", ".."):  # no name to give OUT.partial: "", ".", "..", "/"
+        raise UserError(f"--out {str(out_dir)!r} names no new folder; give the preview decoder's folder by its name (e.g. ../preview)")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} is a file or a folder that is not empty; give a new or empty folder")
@@ -166,15 +178,18 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
     device = world.model.vae.device
     work.mkdir(parents=True, exist_ok=True)
     settings = {"world": str(Path(world_dir).resolve()), "config": asdict(config)}
-    if (work / "settings.json").is_file() and json.loads((work / "settings.json").read_text()) != settings:
+    if (work / "settings.json").is_file() and _read_settings(work / "settings.json") != settings:
         raise UserError(f"{work} holds an unfinished preview decoder of other settings; give the same settings to resume it, "
                         "or remove that folder")
-    (work / "settings.json").write_text(json.dumps(settings, indent=2))
-    if (work / DATA_FILE).is_file():
-        data = load_file(str(work / DATA_FILE))
-    else:
+    write_json_atomic(work / "settings.json", settings, indent=2)
+    try:
+        data = load_file(str(work / DATA_FILE)) if (work / DATA_FILE).is_file() else None
+    except SafetensorError:  # half written when a run was killed: made again
+        data = None
+    if data is None:
         data = distillation_data(world, config, progress)
-        save_file({k: v.contiguous() for k, v in data.items()}, str(work / DATA_FILE))
+        save_file({k: v.contiguous() for k, v in data.items()}, str(work / f"{DATA_FILE}.tmp"))
+        os.replace(work / f"{DATA_FILE}.tmp", work / DATA_FILE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         tiny = make_preview_decoder(world.codec.latent_channels, world.codec.downsampling_factor, config)
