@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
 from latent_consistency.errors import UserError
 from latent_consistency.pipelines import MAX_GUIDANCE_SCALE, MAX_SEED
@@ -147,6 +148,7 @@ def run(args) -> None:
         raise UserError("give --guidance-scale G or --guidance-scales G1,G2,..., not both")
     check_out(args.out)
     device = resolve_device(args.device)
+    keep_freed_memory(device)
     lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
     for n in args.steps:  # the step counts the LCM has, before the other models load and --out is made
         lcm.timesteps(n)

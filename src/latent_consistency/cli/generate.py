@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
 from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
@@ -168,6 +169,7 @@ def run(args) -> None:
     if args.seed + len(prompts) > MAX_SEED:
         raise UserError(f"--seed {args.seed} is too large: image i uses seed SEED+i, which must stay below 2^63")
     device = resolve_device(args.device)
+    keep_freed_memory(device)
     dtype = resolve_dtype(args.dtype, device)
     if args.sampler == "lcm":
         generator = LCMGenerator.load(args.model, device, dtype, args.lora)

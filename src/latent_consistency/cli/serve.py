@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 
+from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import positive_int
 from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
@@ -51,6 +52,7 @@ def build_app(args):
     from latent_consistency.serve.request import Limits
 
     device = resolve_device(args.device)
+    keep_freed_memory(device)
     generator = LCMGenerator.load(args.model, device, resolve_dtype(args.dtype, device), args.lora)
     if args.preview_decoder is not None:
         generator.use_preview_decoder(args.preview_decoder)
