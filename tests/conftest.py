@@ -7,6 +7,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+# `lcm`'s parser imports world.demo (and through it world.build), which bind `artifact.load_world` as they find it when
+# first imported: imported here, before any test replaces it, so that no test's replacement outlives that test
+import latent_consistency.world.demo  # noqa: F401
 from tiny_models import save_tiny_lcm, save_tiny_sd
 
 

@@ -235,3 +235,20 @@ def load_pipeline(folder: Path, scheduler: str | None = None, **scheduler_kwargs
     if scheduler is not None:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **scheduler_kwargs)
     return pipe
+
+
+def write_run(folder: Path, command: str = "distill", checkpoint: bool = True, **overrides) -> Path:
+    """A training run folder of the `world` preset on the shipped world, as `lcm evaluate sweep` checks one before scoring it:
+    its config.json and (`checkpoint`) one checkpoint's state.json, without weights. `command`: distill or finetune."""
+    from latent_consistency.training.config import DistillConfig, FinetuneConfig, resolve_config
+    from latent_consistency.world.artifact import default_world_path
+
+    cls, model = (DistillConfig, "teacher") if command == "distill" else (FinetuneConfig, "model")
+    config = resolve_config(cls, "world", overrides={model: str(default_world_path()), "data": "world:shapes", "out": str(folder),
+                                                     **overrides})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    if checkpoint:
+        (folder / "checkpoints" / "step-0000002").mkdir(parents=True)
+        (folder / "checkpoints" / "step-0000002" / "state.json").write_text(json.dumps({"step": 2}))
+    return folder

@@ -7,8 +7,9 @@ mapping. The world's VAE at a batch of 256 images makes 32 MiB feature maps: eve
 faults. In parts of 4 MiB the same memory is reused from malloc's heap. On the 2-core development CPU this makes the
 encode of 256 images 1.7-2.1× and the decode of 200 latents 1.4-1.8× faster; with the allocator told to keep
 everything on its heap (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`) one call is as fast as the parts
-(docs/benchmarks.md). Those settings must be made before the process starts and made training slower there, so this
-module does it per call instead. Each part computes the same function: results equal one call up to float rounding.
+(docs/benchmarks.md). That setting is the whole process's, and made training slower (the sampling commands make it:
+`allocator.keep_freed_memory`), so this module keeps each call's memory on the heap instead. Each part computes the
+same function: results equal one call up to float rounding.
 
 On a GPU a batch is one call: parts would only leave the device idle between them.
 """

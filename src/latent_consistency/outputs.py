@@ -29,6 +29,23 @@ def writable_folder(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+def check_writable(path: str | Path, what: str = "output folder") -> None:
+    """What `writable_folder` checks, without making the folder: for a command that makes it only once all its other
+    checks pass, so that a refused command leaves none behind. A missing folder needs its nearest existing parent to be
+    a folder it can write in."""
+    if not str(path).strip() or Path(path).exists():
+        writable_folder(path, what)  # refuses an empty name; an existing folder is only written a test file in
+        return
+    parent = next(p for p in Path(os.path.abspath(path)).parents if p.exists() or p.is_symlink())
+    if not parent.is_dir():
+        raise UserError(f"cannot make {what} {path}: {parent} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot make {what} {path}: {err.strerror or err} in {parent}") from None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a file so that a reader (or a rerun after a kill) sees the old file or the new one, never half of one."""
     path = Path(path)

@@ -236,9 +236,9 @@ def check_sweep_out(out: str) -> None:
 def run_sweep(args) -> None:
     """Each run's checkpoints scored on the world (`world.over_training`), then their FID curves on one plot."""
     from latent_consistency.devices import resolve_device
-    from latent_consistency.outputs import writable_folder, write_json_atomic
+    from latent_consistency.outputs import check_writable, writable_folder, write_json_atomic
     from latent_consistency.world.artifact import default_world_path, load_world
-    from latent_consistency.world.over_training import evaluate_run, write_report, write_sweep
+    from latent_consistency.world.over_training import check_run, evaluate_run, world_timesteps, write_report, write_sweep
 
     names = [Path(run_dir).resolve().name for run_dir in args.runs]
     twice = [name for i, name in enumerate(names) if name in names[:i]]
@@ -246,15 +246,22 @@ def run_sweep(args) -> None:
         raise UserError(f"two --runs are folders named {twice[0]}: their curves would share one name in sweep.json and the plot; "
                         "give each run once, in folders of different names")
     check_sweep_out(args.out)
-    device = resolve_device(args.device)
-    out = writable_folder(args.out, "--out")
-    world = load_world(args.world or default_world_path(), device)
-    curves = {}
+    check_writable(args.out, "--out")  # made only when the sweep is written: a refused sweep leaves no folder
+    if args.samples < 2:  # FID fits a covariance to each set (fid._update refuses fewer than 2)
+        raise UserError(f"--samples {args.samples}: FID needs at least 2 images per checkpoint; give --samples 2 or more")
+    world_path = args.world or default_world_path()
     steps = tuple(args.steps)
+    for run_dir in map(Path, args.runs):  # every run, before the world loads and the first one is scored
+        check_run(run_dir, steps, args.guidance_scale, world_timesteps(world_path))
+    device = resolve_device(args.device)
+    keep_freed_memory(device)
+    world = load_world(world_path, device)
+    curves = {}
     for run_dir in map(Path, args.runs):
         rows = evaluate_run(run_dir, world, args.samples, args.guidance_scale, device, steps, ode=args.ode_error)
         write_report(run_dir, rows, steps)
         curves[run_dir.resolve().name] = rows
+    out = writable_folder(args.out, "--out")
     write_json_atomic(out / "sweep.json", curves)
     print(write_sweep(curves, out, steps))
 

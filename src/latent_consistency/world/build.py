@@ -394,6 +394,8 @@ def build_world(
     `parts_from`: another world (a build or an export) whose finished phases stand in for this build's first phases
     where the settings they depend on are equal (`reusable_phases`), copied instead of trained: an SDXL-architecture
     teacher on the shipped world's tokenizer, judge and VAE, say. Only for a build that has not started."""
+    if not str(out_dir).strip():  # Path("") is the current folder
+        raise UserError(f"--out {str(out_dir)!r} names no folder; give the world's folder by its name (e.g. runs/world)")
     preset = get_preset(preset) if isinstance(preset, str) else preset
     check_world_spec(preset, prediction_type)
     out = Path(out_dir)

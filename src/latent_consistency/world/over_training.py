@@ -25,6 +25,7 @@ from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.checkpoint import list_checkpoints
+from latent_consistency.training.config import LCM_METHODS, DistillConfig, TrainConfig
 from latent_consistency.training.objectives import objective_of
 from latent_consistency.training.run_folder import saved_config
 from latent_consistency.training.students import make_student
@@ -49,6 +50,42 @@ def reference_solutions(world: World, config, items: list[dict], guidance_scale:
 CACHE_FILE = "over_training.cache.json"
 
 
+def check_run(run: Path, steps: tuple[int, ...] = STEPS, guidance_scale: float | None = None,
+              timesteps: int | None = None) -> TrainConfig:
+    """The config of `run`, an LCM distillation run with checkpoints that can be sampled in `steps` at `guidance_scale`
+    (default: its validation scale) on a world of `timesteps` training timesteps (None: not known yet); a UserError
+    otherwise. Reads only the run's files, so that a sweep checks every run before it loads the world."""
+    if not (run / "config.json").is_file():
+        raise UserError(f"{run} is not a training run folder (no config.json); give the --out of `lcm distill`")
+    config = saved_config(run / "config.json", "give the --out of `lcm distill`")
+    if not isinstance(config, DistillConfig) or config.method not in LCM_METHODS:
+        what = f"a `lcm distill --method {config.method}`" if isinstance(config, DistillConfig) else "an `lcm finetune`"
+        raise UserError(f"{run} is {what} run, which makes no LCM of the world's teacher; give runs of `lcm distill` "
+                        f"--method {' or '.join(LCM_METHODS)}")
+    if not list_checkpoints(run):
+        raise UserError(f"{run} holds no checkpoints yet; train it with --checkpoint-every N to evaluate it over training")
+    most = timesteps // config.skip if timesteps is not None else max(steps)
+    if max(steps) > most:  # the LCMScheduler's original_inference_steps, T/k: `inference_timesteps` takes at most these
+        raise UserError(f"--steps {max(steps)}: the LCM of {run} samples on T/k = {most} timesteps (the world's T = {timesteps}, skip "
+                        f"k = {config.skip}); give step counts of at most {most}")
+    g = config.validation_guidance_scale if guidance_scale is None else guidance_scale
+    if g < 1 and config.adapter == "full":  # a full student has an ω input (`make_student`), a LoRA student none
+        given = f"--guidance-scale {g:g}" if guidance_scale is not None else f"its validation guidance scale {g:g}"
+        raise UserError(f"{given} is below 1, and the student of {run} has an ω input (ω = g - 1), trained on ω >= 0; give "
+                        "--guidance-scale 1 or more")
+    return config
+
+
+def world_timesteps(path: Path) -> int | None:
+    """The training timesteps T of the world folder's teacher, from its scheduler config before anything loads; None when
+    that cannot be read (loading the world then says what is wrong)."""
+    try:
+        config = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        return int(config.get("num_train_timesteps", 1000))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+
+
 def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | None = None, device="cpu",
                  steps: tuple[int, ...] = STEPS, ode: bool = True) -> list[dict]:
     """One row per checkpoint of `run`: n-step FID and alignment for n in `steps`; with `ode`, also the ODE error per t
@@ -57,13 +94,9 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
     Rows are kept in `over_training.cache.json` as they are made, under the settings that made them (world, prompts,
     guidance scale) and each checkpoint's write time: a killed sweep resumes, and a rerun scores only new checkpoints
     (of a run still training, say) or step counts not scored before."""
-    if not (run / "config.json").is_file():
-        raise UserError(f"{run} is not a training run folder (no config.json); give the --out of `lcm distill`")
-    config = saved_config(run / "config.json", "give the --out of `lcm distill`")
+    config = check_run(run, steps, guidance_scale, world.model.schedule.num_train_timesteps)
     guidance_scale = config.validation_guidance_scale if guidance_scale is None else guidance_scale
     checkpoints = list_checkpoints(run)
-    if not checkpoints:
-        raise UserError(f"{run} holds no checkpoints yet; train it with --checkpoint-every N to evaluate it over training")
     reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)
     items = [reference[i] for i in range(min(samples, len(reference)))]
     prompts, attributes = [it["caption"] for it in items], [it["attributes"] for it in items]

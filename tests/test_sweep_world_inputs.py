@@ -1,0 +1,141 @@
+"""What a user hands `lcm evaluate sweep` and `lcm world` that was refused only after slow work, or lost a world's files:
+a bad second run, step counts beyond a run's T/k, one sample, a guidance scale below 1 for an ω input (each reported
+only once the world loaded, or after the first run was scored, and leaving an empty --out behind), a `world check --out`
+inside the world, and an empty `world build --out`. Each is one line on stderr and exit code 2, before anything loads,
+with nothing made or changed."""
+
+import json
+import shutil
+
+import pytest
+
+from latent_consistency.world.artifact import default_world_path
+from tiny_models import write_run
+
+
+def assert_one_line(code, err, message):
+    assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_world(monkeypatch):
+    """The sweep fails the test if it loads the world (or scores a run): its checks must come first."""
+    from latent_consistency.world import artifact, over_training
+
+    monkeypatch.setattr(artifact, "load_world", lambda *a, **k: pytest.fail("the world loaded before the sweep's inputs were checked"))
+    monkeypatch.setattr(over_training, "evaluate_run", lambda *a, **k: pytest.fail("a run was scored before every run was checked"))
+
+
+def sweep(runs, out, *extra) -> list[str]:
+    return ["evaluate", "sweep", "--runs", *map(str, runs), "--out", str(out), "--samples", "2", "--device", "cpu", *extra]
+
+
+# --- lcm evaluate sweep ---------------------------------------------------------------------------------------------------
+
+def _no_config(run):
+    run.mkdir()
+
+
+def _damaged_config(run):
+    write_run(run)
+    (run / "config.json").write_text("{cut short")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (_no_config, "is not a training run folder (no config.json)"),
+    (_damaged_config, "config.json is not a run's config"),
+    (lambda run: write_run(run, checkpoint=False), "holds no checkpoints yet"),
+    (lambda run: write_run(run, "finetune"), "is an `lcm finetune` run"),
+    (lambda run: write_run(run, method="guidance"), "is a `lcm distill --method guidance` run"),
+], ids=["no-config", "damaged-config", "no-checkpoints", "finetune-run", "guided-distill-run"])
+def test_sweep_checks_every_run_before_the_world_loads(bad, message, tmp_path, run_error, no_world):
+    """Each run was checked only when its turn came: a bad second run was reported after the first had been scored
+    (an `lcm finetune` run: an AttributeError traceback)."""
+    good, second, out = write_run(tmp_path / "good"), tmp_path / "second", tmp_path / "sweep"
+    bad(second)
+    code, err = run_error(sweep([good, second], out))
+    assert_one_line(code, err, message)
+    assert str(second) in err and not out.exists()
+
+
+def test_sweep_refuses_step_counts_beyond_a_runs_timesteps(tmp_path, run_error, no_world):
+    """The `world` preset's k = 20 leaves T/k = 50 timesteps: 99 steps were refused only once the world and student loaded."""
+    run, out = write_run(tmp_path / "run"), tmp_path / "sweep"
+    code, err = run_error(sweep([run], out, "--steps", "1,99"))
+    assert_one_line(code, err, "--steps 99: the LCM of")
+    assert "at most 50" in err and not out.exists()
+
+
+def test_sweep_refuses_one_sample(tmp_path, run_error, no_world):
+    """FID needs 2 images: one sample failed only after the first checkpoint had been sampled."""
+    run, out = write_run(tmp_path / "run"), tmp_path / "sweep"
+    code, err = run_error(sweep([run], out, "--samples", "1"))
+    assert_one_line(code, err, "--samples 1: FID needs at least 2 images")
+    assert not out.exists()
+
+
+def test_sweep_refuses_a_guidance_scale_below_1_for_an_omega_input(tmp_path, run_error, no_world):
+    """As `lcm evaluate` does: a full student's ω input (ω = g - 1) is trained on ω >= 0."""
+    run, out = write_run(tmp_path / "run"), tmp_path / "sweep"
+    code, err = run_error(sweep([run], out, "--guidance-scale", "0.5"))
+    assert_one_line(code, err, "--guidance-scale 0.5 is below 1, and the student of")
+    assert not out.exists()
+
+
+def test_sweep_takes_a_guidance_scale_below_1_for_a_lora_student(tmp_path, run_error, monkeypatch):
+    """A LoRA student has no ω input, so any scale is the teacher's CFG scale; only the ω input is refused."""
+    from latent_consistency.world import artifact, over_training
+
+    monkeypatch.setattr(artifact, "load_world", lambda *a, **k: object())
+    monkeypatch.setattr(over_training, "evaluate_run", lambda *a, **k: [{"step": 2, "fid_1": 3.0}])
+    monkeypatch.setattr(over_training, "write_report", lambda *a, **k: None)
+    monkeypatch.setattr(over_training, "write_sweep", lambda curves, out, steps: "table")
+    run, out = write_run(tmp_path / "lora", adapter="lora"), tmp_path / "sweep"
+    code, err = run_error(sweep([run, write_run(tmp_path / "full")], out, "--guidance-scale", "0.5", "--steps", "1"))
+    assert_one_line(code, err, f"the student of {tmp_path / 'full'} has an ω input")
+    code, err = run_error(sweep([run], out, "--guidance-scale", "0.5", "--steps", "1"))
+    assert code == 0, err
+    assert json.loads((out / "sweep.json").read_text()) == {"lora": [{"step": 2, "fid_1": 3.0}]}
+
+
+def test_a_refused_sweep_leaves_no_out_folder(tmp_path, run_error, monkeypatch):
+    """--out (and the folders above it) was made before the runs were checked, and stayed when one was refused."""
+    from latent_consistency.world import artifact
+
+    monkeypatch.setattr(artifact, "load_world", lambda *a, **k: pytest.fail("the world loaded before the runs were checked"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_error(sweep([empty], tmp_path / "sweeps" / "fig3"))
+    assert_one_line(code, err, "is not a training run folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+# --- lcm world ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["quality", ".", "sub"])
+def test_world_check_refuses_an_out_inside_the_world(where, tmp_path, run_error, monkeypatch):
+    """`--out W/quality` silently replaced the world's own build-time quality report."""
+    from latent_consistency.world import artifact
+
+    monkeypatch.setattr(artifact, "load_world", lambda *a, **k: pytest.fail("the world loaded before --out was checked"))
+    world = shutil.copytree(default_world_path(), tmp_path / "world")
+    before = snapshot(world)
+    code, err = run_error(["world", "check", "--world", str(world), "--out", str(world / where), "--samples", "2", "--device", "cpu"])
+    assert_one_line(code, err, {"quality": "is the quality report folder of", ".": "is the world folder"}.get(where, "inside the world"))
+    assert snapshot(world) == before and not (world / "sub").exists()
+
+
+def test_world_build_refuses_an_empty_out(tmp_path, run_error, monkeypatch):
+    """Path('') is the current folder: an empty --out built the world there when it was empty."""
+    from latent_consistency.world import build
+
+    monkeypatch.setattr(build, "resolve_device", lambda *a, **k: pytest.fail("the build started into the current folder"))
+    monkeypatch.chdir(tmp_path)
+    code, err = run_error(["world", "build", "--preset", "tiny", "--out", "", "--device", "cpu", "--no-progress"])
+    assert_one_line(code, err, "--out '' names no folder")
+    assert list(tmp_path.iterdir()) == []
