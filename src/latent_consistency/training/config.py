@@ -383,7 +383,8 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
                         "RUN/lcm")
     objective = values.pop("objective", cls.objective)  # a saved config.json names its objective
     if objective != cls.objective:
-        raise UserError(f"this config is for {COMMANDS[CONFIGS[objective]] if objective in CONFIGS else objective!r}, "
+        known_objective = isinstance(objective, str) and objective in CONFIGS
+        raise UserError(f"this config is for {COMMANDS[CONFIGS[objective]] if known_objective else repr(objective)}, "
                         f"not {COMMANDS[cls]}")
     known = field_help(cls)
     elsewhere = sorted(k for k in set(values) - set(known) if any(k in field_help(other) for other in CONFIGS.values()))
@@ -407,6 +408,8 @@ def _read_config_file(config_file: str) -> dict:
         loaded = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"config file {config_file} is not valid JSON: {getattr(err, 'msg', err)}") from None
+    except ValueError:  # an integer of more digits than Python reads (4,300)
+        raise UserError(f"config file {config_file} holds a number of thousands of digits; give config values of usual size") from None
     if not isinstance(loaded, dict):
         raise UserError(f"config file {config_file} must hold a JSON object of config fields, not {type(loaded).__name__}")
     return loaded
@@ -417,7 +420,10 @@ def _typed(cls: type[TrainConfig], name: str, value: Any) -> Any:
     declared = str(next(f.type for f in fields(cls) if f.name == name))
     kind = next(k for k in (bool, int, float, list, str) if k.__name__ in declared)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # a JSON integer of hundreds of digits, beyond any float
+            raise UserError(f"config field {name} must be a finite number, got an integer of {len(str(abs(value)))} digits") from None
     ok = {bool: lambda v: isinstance(v, bool), int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, float), str: lambda v: isinstance(v, str),
           list: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}[kind]

@@ -31,7 +31,7 @@ from latent_consistency.models import (
     inference_timesteps,
     is_lcm_config,
 )
-from latent_consistency.outputs import write_json_atomic
+from latent_consistency.outputs import check_writable, write_json_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
@@ -55,6 +55,8 @@ def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> 
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run")
+    if not out.exists():  # a folder that cannot be made is known before the model loads (a test file in its parent)
+        check_writable(out, "--out")
     if resume:
         check_resumable(out, config)
     elif out.exists() and any(out.iterdir()):

@@ -74,23 +74,30 @@ def reference_set(world, dataset: str, n: int) -> tuple[list[str], list, torch.T
 def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_samples: int, device: str,
              world_preset: str = "default", finetune_steps: int | None = None) -> Path:
     t0 = time.perf_counter()
+    if eval_samples < 2:  # FID fits a covariance to each set: known now, not after the distillation
+        raise UserError(f"--eval-samples {eval_samples}: FID needs at least 2 images; give --eval-samples 2 or more")
+    if world_dir is not None and world_preset != "default":
+        raise UserError(f"--world {world_dir} is the world to use and --world-preset {world_preset} one to build: give one of them")
+    build_reason = None
     if world_dir is None:
         get_preset(world_preset)  # an unknown preset is refused before anything is made
-    for flag, run, steps in (("--distill-steps", out / "distill", distill_steps), ("--finetune-steps", out / "finetune", finetune_steps)):
-        _check_finished_steps(flag, run, steps)
-    dev = resolve_device(device)
-    writable_folder(out, "--out")
-    if world_dir is None:
         try:
             if world_preset != "default":
                 raise UserError("only the default world is shipped")
             world_dir = default_world_path()
         except UserError as reason:
-            # Build the world here (resumable; the default preset takes about 40 minutes on a 2-core CPU)
-            world_dir = out / f"world-{world_preset}"
-            print(f"[demo] {reason}; building the {world_preset!r} world into {world_dir} "
-                  "(resumable: rerun to continue)", flush=True)
-            build_world(world_preset, world_dir, dev, parts_from=_shipped_parts_for(world_preset))
+            build_reason, world_dir = reason, out / f"world-{world_preset}"
+    for flag, run, steps in (("--distill-steps", out / "distill", distill_steps), ("--finetune-steps", out / "finetune", finetune_steps)):
+        _check_finished_steps(flag, run, steps)
+    _check_own_runs(out, Path(world_dir))
+    _check_out(out)
+    dev = resolve_device(device)
+    writable_folder(out, "--out")
+    if build_reason is not None:
+        # Build the world here (resumable; the default preset takes about 40 minutes on a 2-core CPU)
+        print(f"[demo] {build_reason}; building the {world_preset!r} world into {world_dir} "
+              "(resumable: rerun to continue)", flush=True)
+        build_world(world_preset, world_dir, dev, parts_from=_shipped_parts_for(world_preset))
     world = load_world(Path(world_dir), dev)
 
     # 1. Latent cache of the training split
@@ -155,6 +162,8 @@ TABLE_STEPS = (1, 2, 4, 8)
 # takes a minute on a 2-core CPU, all 50,000 of the world's 2.7 minutes of the demo's 15
 DISTILL_IMAGES = 20_000
 FINETUNE_DATASET = "digits"  # a pretraining dataset of the world: its VAE and text encoder know it, its teacher does not
+# What the demo writes at the top of --out
+REPORT_FILES = ("report.md", "report.json", "grid.png", f"{FINETUNE_DATASET}_grid.png")
 
 
 def real_training_images(world, dataset: str, n: int) -> torch.Tensor:
@@ -200,6 +209,31 @@ def finished_run_config(run: Path) -> TrainConfig | None:
     if not ((run / "lcm" / "model_index.json").is_file() and saved.is_file()):
         return None
     return saved_config(saved)
+
+
+def _check_out(out: Path) -> None:
+    """An --out that holds files of the names the demo writes there (an `lcm evaluate` folder's report.md, say) but no
+    demo's distillation to continue is a UserError: they are not overwritten."""
+    taken = [name for name in REPORT_FILES if (out / name).exists()] if out.is_dir() else []
+    if taken and not (out / "distill" / "config.json").is_file():
+        raise UserError(f"--out {out} already holds {taken[0]} but no demo run (distill/) to continue; choose another --out, "
+                        "or move it away")
+
+
+def _check_own_runs(out: Path, world_dir: Path) -> None:
+    """A rerun continues or reuses the runs in `out`: its distillation must be of this demo's world (the teacher), its
+    fine-tuning of that distillation's LCM; not runs of another world (a rerun with another --world or --world-preset
+    into the same --out) or the user's own runs in folders of those names."""
+    for run, field, source, hint in ((out / "distill", "teacher", world_dir, "rerun with that world or "),
+                                     (out / "finetune", "model", out / "distill" / "lcm", "")):
+        saved = run / "config.json"
+        if not saved.is_file():
+            continue
+        recorded = getattr(saved_config(saved), field, "")
+        if recorded and not Path(recorded).exists():
+            continue  # a folder named from where the demo first ran, or since moved (a renamed checkout): nothing to tell
+        if not recorded or Path(recorded).resolve() != source.resolve():
+            raise UserError(f"{run} holds a run from {recorded or 'no --' + field}, not from this demo's {source}: {hint}use a new --out")
 
 
 def _check_finished_steps(flag: str, run: Path, steps: int | None) -> None:
