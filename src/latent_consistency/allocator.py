@@ -4,8 +4,8 @@ glibc serves a request above its mmap threshold with a fresh mapping, whose page
 and gives memory at the top of the heap back to the system above its trim threshold. The threshold rises with the
 largest block freed, up to 32 MiB, so feature maps of about that size (the world VAE's at batch 64) are mapped anew in
 every layer of every call. With the threshold at 64 MiB and trimming off, a sampling call reuses the memory the last
-one freed: on a 2-core CPU the compiled generator's 4-step text to image at batch 64 ran 1.14× faster and steadier
-(eager 1.03×) for 10 MiB more peak memory (`benchmarks/allocator_speed.py`, docs/benchmarks.md). Training gained
+one freed: on a 2-core CPU the compiled generator's 4-step text to image at batch 64 ran 1.07-1.14× faster (eager
+1.03-1.07×) for 4-10 MiB more peak memory (`benchmarks/allocator_speed.py`, docs/benchmarks.md). Training gained
 nothing, so only the sampling commands (`lcm generate`, `lcm serve`, `lcm evaluate`) set it.
 """
 
