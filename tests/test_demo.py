@@ -21,7 +21,12 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     demo = ["demo", "--out", str(out), "--world-preset", "tiny", "--distill-steps", "3", "--finetune-steps", "2", "--eval-samples", "8",
             "--device", "cpu"]
+    from latent_consistency.world import demo as demo_module
+
+    on_cpu, train = [], demo_module.train
+    monkeypatch.setattr(demo_module, "train", lambda config, **kw: on_cpu.append(kw["cpu"]) or train(config, **kw))
     assert lcm(demo) == 0
+    assert on_cpu == [True, True]  # --device cpu trains on the CPU too, where a GPU is (`train(cpu=...)`)
     assert (out / "world-tiny" / "world.json").is_file()
     assert (out / "distill" / "lcm" / "model_index.json").is_file()
     # Figure 2: real images, the LCM and the teacher's DDIM at 1/2/4/8 steps, DPM-Solver++ 25, under 8 captioned prompts

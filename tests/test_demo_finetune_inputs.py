@@ -3,6 +3,7 @@ objective is not a name or whose number is beyond any float, --world beside --wo
 --out whose runs are of another world or the user's own. Each is one line on stderr and exit code 2, before any work."""
 
 import json
+import types
 
 import pytest
 
@@ -112,3 +113,28 @@ def test_demo_refuses_an_out_whose_report_files_are_not_a_demos(run_error, tmp_p
     (out / "results.json").write_text("{}")
     refused(run_error, ["demo", "--out", str(out)], f"already holds {name} but no demo run (distill/) to continue")
     assert (out / name).read_text() == "the user's"
+
+
+@pytest.mark.parametrize("cpu", [False, True])
+def test_training_goes_to_the_cpu_when_asked_where_a_gpu_is(cpu, monkeypatch):
+    """`lcm demo --device cpu` on a GPU machine evaluated on the CPU and trained on the GPU: `train(cpu=True)` now keeps
+    the run on the CPU (accelerate's cpu=True); without it a GPU is used where there is one."""
+    import accelerate
+
+    from latent_consistency.training import loop
+
+    made = []
+
+    class Stop(Exception):
+        pass
+
+    def accelerator(**kwargs):
+        made.append(kwargs["cpu"])
+        raise Stop
+
+    monkeypatch.setattr(loop, "has_gpu", lambda: True)
+    monkeypatch.setattr(loop, "check_here", lambda config: config)
+    monkeypatch.setattr(accelerate, "Accelerator", accelerator)
+    with pytest.raises(Stop):
+        loop.train(types.SimpleNamespace(mixed_precision="no"), cpu=cpu)
+    assert made == [cpu]

@@ -127,14 +127,14 @@ def check_here(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> Path | None:
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu: bool = False) -> Path | None:
     """Run (or resume) a distillation/fine-tuning run; returns the exported model's path (None on
-    processes other than the main one)."""
+    processes other than the main one). It runs on the GPU where there is one, unless `cpu` (`lcm demo --device cpu`)."""
     from accelerate import Accelerator
 
     check_here(config)
     # Without a GPU, `cpu=True` lets accelerate join torchrun-launched processes over gloo (MULTI_CPU).
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not has_gpu())
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu or not has_gpu())
     check_sharding(accelerator, config)  # FSDP2 from `accelerate launch --config_file configs/accelerate/fsdp.yaml`
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     out = prepare_run_folder(config, resume, accelerator.is_main_process)

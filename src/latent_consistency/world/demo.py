@@ -112,7 +112,7 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     lcm_dir = run / "lcm"
     if not (lcm_dir / "model_index.json").is_file():
         print(f"[demo] distilling {config.steps} steps into {run}", flush=True)
-        train(config, resume=(run / "config.json").is_file())
+        train(config, resume=(run / "config.json").is_file(), cpu=dev.type == "cpu")
     lcm = load_lcm(str(lcm_dir), device=dev)
 
     # 3. Table 1 on the world: the LCM and the teacher's DDIM, DPM-Solver and DPM-Solver++ (CFG) at 1/2/4/8 steps, and
@@ -181,7 +181,7 @@ def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int
     config = finished_run_config(run) or resolve_config(FinetuneConfig, "world", overrides=overrides)
     if not (run / "lcm" / "model_index.json").is_file():
         print(f"[demo] fine-tuning the LCM on {dataset} for {config.steps} steps into {run}", flush=True)
-        train(config, resume=(run / "config.json").is_file())
+        train(config, resume=(run / "config.json").is_file(), cpu=dev.type == "cpu")
     tuned = load_lcm(str(run / "lcm"), device=dev)
     prompts, attributes, real = reference_set(world, dataset, 10**9)
     judge = world.judges[dataset]
