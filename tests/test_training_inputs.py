@@ -175,3 +175,23 @@ def test_data_smaller_than_the_batch_trains_with_a_note(tiny_sd, tmp_path, run_e
 def test_data_as_large_as_the_batch_trains_without_a_note(distill, run_error):
     code, err = run_error(distill("--steps", "1", "--batch-size", "8"))
     assert code == 0 and "note:" not in err, err
+
+
+def test_a_batch_beyond_any_accelerator_is_refused(distill, finetune, run_error):
+    """`--batch-size 10^14` hung (and left a config.json behind)."""
+    for command in (distill, finetune):
+        refused(run_error, command("--batch-size", str(10**14)), "more than any accelerator holds")
+
+
+def test_a_lora_rank_above_every_adapted_layers_width_is_refused_before_training(distill, run_error, tmp_path):
+    """`--lora-rank 10^11` ended in an out-of-memory traceback; a rank above every layer's width adds nothing."""
+    refused(run_error, distill("--adapter", "lora", "--lora-rank", str(10**11)), "is above the width of every layer a LoRA adapts")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_largest_useful_lora_rank_trains(distill, run_error, tmp_path):
+    import re
+
+    code, err = run_error(distill("--adapter", "lora", "--lora-rank", str(10**6)))
+    width = int(re.search(r"at most (\d+)", err).group(1))
+    assert run_error(distill("--adapter", "lora", "--lora-rank", str(width), "--steps", "2"))[0] == 0

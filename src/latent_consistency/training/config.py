@@ -26,6 +26,8 @@ OPTIMIZERS = ("adamw", "adamw-fused", "adamw-8bit")
 # The largest --seed: the run seeds generators with it plus small offsets (validation noise, evaluation batches), and
 # torch's generators take seeds below 2**64
 MAX_SEED = 2**63 - 1
+# The largest --batch-size: a million images a step (Stable Diffusion's 64 KiB latents alone 64 GiB, before any activation)
+MAX_BATCH_SIZE = 2**20
 
 
 def doc(text: str, **kwargs) -> Any:
@@ -120,6 +122,9 @@ class TrainConfig:
                 raise UserError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.seed > MAX_SEED:
             raise UserError(f"seed must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise UserError(f"batch_size {self.batch_size} is above {MAX_BATCH_SIZE:,} images a step, more than any accelerator holds; "
+                            "give a smaller --batch-size (and --grad-accumulation for a larger effective batch)")
         if self.batch_size % self.grad_accumulation:
             raise UserError(f"batch_size {self.batch_size} must be a multiple of grad_accumulation {self.grad_accumulation}")
         if self.lora_rank != field_default(type(self), "lora_rank") and self.adapter != "lora":

@@ -164,6 +164,18 @@ def _initial_unet(path: str, base: DiffusionModel, prediction_type: str):
     return unet.to(device=base.unet.device, dtype=torch.float32).requires_grad_(True)
 
 
+def _check_lora_rank(unet, targets: list[str], rank: int) -> None:
+    """A UserError for a LoRA rank above the width of every layer it adapts: ΔW = BA has rank at most min(in, out) of its
+    layer (a convolution's in: channels × kernel area), so a larger rank adds parameters and memory, not expressiveness."""
+    widths = [min(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear) else
+              min(m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups, m.out_channels)
+              for name, m in unet.named_modules()
+              if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and any(name == t or name.endswith("." + t) for t in targets)]
+    if widths and rank > max(widths):
+        raise UserError(f"--lora-rank {rank} is above the width of every layer a LoRA adapts in this model (at most {max(widths)}); "
+                        f"a rank above a layer's width adds nothing: give --lora-rank {max(widths)} or less")
+
+
 def _check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
     """A UserError naming the first tensor of `found` that the student lacks or holds in another shape, or the first of
     the student's (`expected`) that `found` lacks: a checkpoint of another model, rank or adapter set."""
@@ -216,6 +228,7 @@ def make_student(config, base: DiffusionModel, scheduler_config: dict, share_une
         else:
             present = {name.split(".")[-1] for name, _ in unet.named_modules()}
             targets = [m for m in LORA_TARGET_MODULES if m.split(".")[-1] in present]
+            _check_lora_rank(unet, targets, config.lora_rank)
             unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights="gaussian", target_modules=targets))
             base.unet_carries_student = shared
         for param in unet.parameters():  # the LoRA weights train in float32 (peft makes them in the base layer's dtype)
