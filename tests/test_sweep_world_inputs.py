@@ -139,3 +139,17 @@ def test_world_build_refuses_an_empty_out(tmp_path, run_error, monkeypatch):
     code, err = run_error(["world", "build", "--preset", "tiny", "--out", "", "--device", "cpu", "--no-progress"])
     assert_one_line(code, err, "--out '' names no folder")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["one sample", "empty out", "out under a file"])
+def test_world_check_refuses_what_it_would_fail_on_before_the_world_loads(case, tmp_path, run_error, monkeypatch):
+    """`--samples 1` (FID needs two images) and an --out that cannot be made were refused only after the world loaded."""
+    from latent_consistency.world import artifact
+
+    monkeypatch.setattr(artifact, "load_world", lambda *a, **k: pytest.fail("the world loaded before the arguments were checked"))
+    (tmp_path / "a-file").write_text("mine")
+    out = {"one sample": str(tmp_path / "check"), "empty out": "", "out under a file": str(tmp_path / "a-file" / "check")}[case]
+    samples = "1" if case == "one sample" else "2"
+    code, err = run_error(["world", "check", "--world", str(default_world_path()), "--out", out, "--samples", samples, "--device", "cpu"])
+    assert_one_line(code, err, {"one sample": "FID needs at least 2", "empty out": "is empty", "out under a file": "is not a folder"}[case])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
