@@ -195,3 +195,11 @@ def test_the_largest_useful_lora_rank_trains(distill, run_error, tmp_path):
     code, err = run_error(distill("--adapter", "lora", "--lora-rank", str(10**6)))
     width = int(re.search(r"at most (\d+)", err).group(1))
     assert run_error(distill("--adapter", "lora", "--lora-rank", str(width), "--steps", "2"))[0] == 0
+
+
+def test_a_warmup_longer_than_the_run_trains_with_a_note(distill, run_error):
+    """The learning rate never reached --lr, silently."""
+    code, err = run_error(distill("--steps", "2", "--lr-warmup-steps", "8"))
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert code == 0 and notes == ["lcm distill: note: --lr-warmup-steps 8 is more than --steps 2: the learning rate rises to 0.25 × --lr "
+                                   "and never reaches it"], err

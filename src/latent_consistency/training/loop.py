@@ -39,6 +39,15 @@ def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.de
     return torch.Generator(device).manual_seed(state)
 
 
+def warmup_note(config: TrainConfig) -> str | None:
+    """A note when the warm-up is longer than the run: the learning rate then never reaches --lr (a short trial run of a
+    preset, say), which a user may not expect."""
+    if config.lr_warmup_steps <= config.steps:
+        return None
+    return (f"--lr-warmup-steps {config.lr_warmup_steps} is more than --steps {config.steps}: the learning rate rises to "
+            f"{config.steps / config.lr_warmup_steps:.2g} × --lr and never reaches it")
+
+
 def lr_lambda(config: TrainConfig):
     def factor(step: int) -> float:
         if step < config.lr_warmup_steps:
@@ -150,10 +159,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     student = make_student(config, base, scheduler_config, share_unet=True)
     freeze_in_half_precision(config, base)
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
-    note = batches.small_data_note(config.batch_size)
-    if note and accelerator.is_main_process:
-        command = "distill" if config.objective == "lcd" else "finetune"
-        print(f"lcm {command}: note: {note}", file=sys.stderr)
+    for note in filter(None, (batches.small_data_note(config.batch_size), warmup_note(config))):
+        if accelerator.is_main_process:
+            command = "distill" if config.objective == "lcd" else "finetune"
+            print(f"lcm {command}: note: {note}", file=sys.stderr)
     optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches)  # writes config.json
