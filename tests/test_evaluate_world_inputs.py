@@ -10,15 +10,7 @@ import shutil
 import pytest
 
 from latent_consistency.world.artifact import default_world_path
-
-
-def assert_one_line(code, err, message):
-    assert code == 2 and len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
-
-
-def snapshot(folder):
-    """Every file under `folder` with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from test_file_inputs import assert_one_line, snapshot
 
 
 @pytest.fixture
