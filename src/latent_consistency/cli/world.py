@@ -51,14 +51,14 @@ def _run_check(args) -> None:
     from latent_consistency.errors import UserError
     from latent_consistency.outputs import check_writable
     from latent_consistency.world.artifact import load_world
-    from latent_consistency.world.quality import measure_quality
+    from latent_consistency.world.quality import check_samples, measure_quality
 
     folder, out = Path(args.world).resolve(), Path(args.out).resolve()
     if out == folder or folder in out.parents:  # quality/ there is the report `lcm world build` wrote: it would be replaced
         where = {folder: "the world folder", folder / "quality": "the quality report folder of"}.get(out, "inside the world folder")
         raise UserError(f"--out {args.out} is {where} --world {args.world}; give a folder outside the world")
-    if args.samples == 1:  # FID fits a covariance to each set: known now, not after the world loads and samples
-        raise UserError("--samples 1: FID needs at least 2 images per guidance scale; give --samples 2 or more")
+    if args.samples is not None:  # known now, not after the world loads
+        check_samples(args.samples)
     check_writable(args.out, "--out")  # an empty or unwritable --out, before the world loads (made by measure_quality)
     device = resolve_device(args.device)
     world = load_world(args.world, device)

@@ -84,12 +84,17 @@ def _items(dataset, n: int) -> list[dict]:
     return [dataset[i] for i in range(min(n, len(dataset)))]
 
 
+def check_samples(n: int) -> None:
+    """A UserError unless `n` generated images per guidance scale can be scored: FID compares at least 2 with 2."""
+    if n < 2:
+        raise UserError(f"--samples must be at least 2 (FID needs 2 generated images per guidance scale), not {n}")
+
+
 @torch.no_grad()
 def measure_quality(world: World, config: QualityConfig, out_dir: Path, device: torch.device, progress: bool = True) -> dict:
     """Write `quality.json` and `teacher_grid.png` into `out_dir`; returns the report."""
     preset, judge = world.preset, world.judge
-    if config.num_samples < 2:  # checked before --out is made: FID compares at least 2 images with 2
-        raise UserError(f"--samples must be at least 2 (FID needs 2 generated images per guidance scale), not {config.num_samples}")
+    check_samples(config.num_samples)  # before --out is made
     out_dir = writable_folder(out_dir, "--out")
     reference = _items(get_dataset(preset.dataset, REFERENCE_SPLITS[preset.dataset], preset.resolution, seed=preset.seed), config.num_samples)
     real = torch.stack([item["image"] for item in reference])
