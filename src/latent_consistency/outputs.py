@@ -50,7 +50,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write a file so that a reader (or a rerun after a kill) sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace_with(path, lambda tmp: tmp.write_text(text))
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
@@ -61,12 +61,13 @@ def write_json_atomic(path: Path, data: Any, indent: int = 1) -> None:
 def savefig_atomic(fig, path: Path, **kwargs) -> Path:
     """`fig.savefig(path)`, atomically like `write_text_atomic` (the format from the file's suffix)."""
     path = Path(path)
-    _replace_with(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip("."), **kwargs))
     return path
 
 
-def _replace_with(path: Path, write) -> None:
-    """`write` a temporary file beside `path`, then move it over `path`; the temporary file goes if `write` fails."""
+def write_atomic(path: Path, write) -> None:
+    """`write(tmp)` a temporary file beside `path`, then move it over `path`, so that a reader (or a rerun after a kill)
+    sees the old file or the new one, never half of one; the temporary file goes if `write` fails."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
@@ -74,6 +75,15 @@ def _replace_with(path: Path, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def partial_folder(out: str | Path, example: str) -> Path:
+    """`OUT.partial`, where a command builds its output `out` before renaming it; a UserError for an --out that names no
+    folder ("", ".", "..", "/"), which leaves no name to give it (`example`: a folder name to suggest)."""
+    if Path(os.path.normpath(out)).name in ("", ".."):
+        raise UserError(f"--out {str(out)!r} names no new folder; give the folder by its name (e.g. {example})")
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
 
 
 def start_partial(partial: Path, mark: str, writer: str) -> Path:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import LatentCodec
-from latent_consistency.outputs import start_partial
+from latent_consistency.outputs import partial_folder, start_partial
 
 FORMAT = "latent-cache/1"
 MANIFEST = "manifest.json"
@@ -62,7 +62,7 @@ def write_latent_cache(
         raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder")
     if len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
-    partial = start_partial(out_dir.with_name(out_dir.name + ".partial"), PARTIAL_MARK, "a latent cache")
+    partial = start_partial(partial_folder(out_dir, "runs/latents"), PARTIAL_MARK, "a latent cache")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     caption_ids: dict[str, int] = {}
     shards: list[dict] = []

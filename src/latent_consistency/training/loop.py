@@ -159,9 +159,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     student = make_student(config, base, scheduler_config, share_unet=True)
     freeze_in_half_precision(config, base)
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
-    for note in filter(None, (batches.small_data_note(config.batch_size), warmup_note(config))):
-        if accelerator.is_main_process:
-            command = "distill" if config.objective == "lcd" else "finetune"
+    if accelerator.is_main_process:
+        command = "distill" if config.objective == "lcd" else "finetune"
+        for note in filter(None, (batches.small_data_note(config.batch_size), warmup_note(config))):
             print(f"lcm {command}: note: {note}", file=sys.stderr)
     optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))

@@ -99,14 +99,13 @@ class Student:
     def load_state(self, tensors: dict[str, dict[str, torch.Tensor]], source: Path | str = "the checkpoint") -> None:
         """Load a checkpoint's student (and target) weights; a UserError, with nothing loaded, unless every tensor of
         `source` fits this student by name and shape and none of the student's weights is left out."""
-        names = ["student"] + (["target"] if self.has_separate_target else [])
-        missing = [name for name in names if name not in tensors]
+        unets = {"student": self.unet} | ({"target": self.target_unet} if self.has_separate_target else {})
+        missing = [name for name in unets if name not in tensors]
         if missing:
             raise UserError(f"{source} has no {' or '.join(missing)} weights; it is not a checkpoint of this run's student")
-        for name in names:
-            _check_fits(self._weights(self.target_unet if name == "target" else self.unet), tensors[name], f"{source} ({name})")
-        for name in names:
-            unet = self.target_unet if name == "target" else self.unet
+        for name, unet in unets.items():
+            _check_fits(self._weights(unet), tensors[name], f"{source} ({name})")
+        for name, unet in unets.items():
             if self.adapter == "lora":
                 from peft.utils import set_peft_model_state_dict
 

@@ -38,7 +38,7 @@ from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
-from latent_consistency.outputs import start_partial, write_json_atomic
+from latent_consistency.outputs import partial_folder, start_partial, write_json_atomic
 from latent_consistency.pipelines import MAX_SEED
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
 from latent_consistency.world.artifact import WORLD_FILE, load_world, read_world_spec
@@ -455,8 +455,7 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     `<dst>.partial` (marked EXPORT_MARKER first) and renamed to `dst` when complete; a `<dst>.partial` that is not such an
     unfinished export (or empty) is refused, as is a `dst` inside `src`.
     """
-    if Path(os.path.normpath(dst)).name in ("", ".."):  # no name to give OUT.partial: "", ".", "..", "/"
-        raise UserError(f"--out {str(dst)!r} names no new folder; give the copy's folder by its name (e.g. ../world-fp16)")
+    partial = partial_folder(dst, "../world-fp16")
     src, dst = Path(src), Path(dst)
     _check_exportable(src)
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
@@ -464,7 +463,7 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
         raise UserError(f"--out {dst} is {where} --from {src}; give a new or empty folder outside it")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"--out {dst} is a file or a folder that is not empty; give a new or empty folder")
-    partial = start_partial(dst.with_name(dst.name + ".partial"), EXPORT_MARKER, f"`lcm world export --out {dst}`")
+    start_partial(partial, EXPORT_MARKER, f"`lcm world export --out {dst}`")
     for entry in _exported(src):
         (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, partial / entry)
     _cast_weights(partial, dtype)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.outputs import check_partial, write_json_atomic
+from latent_consistency.outputs import check_partial, partial_folder, write_atomic, write_json_atomic
 from latent_consistency.preview import PreviewDecoder
 from latent_consistency.world.artifact import World, load_world
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -164,14 +163,12 @@ def _read_settings(path: Path) -> dict | None:
 def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: PreviewDecoderConfig = PreviewDecoderConfig(),
                           device: str | torch.device = "cpu", progress: bool = True) -> Path:
     """Distil the world's preview decoder into `out_dir` (new or empty; resumes from `<out_dir>.partial`); returns it."""
-    if Path(os.path.normpath(out_dir)).name in ("", ".."):  # no name to give OUT.partial: "", ".", "..", "/"
-        raise UserError(f"--out {str(out_dir)!r} names no new folder; give the preview decoder's folder by its name (e.g. ../preview)")
+    work = partial_folder(out_dir, "../preview")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} is a file or a folder that is not empty; give a new or empty folder")
     if config.steps < 1 or config.images < 1 or config.batch_size < 1:
         raise UserError("--steps, --images and --batch-size must be at least 1")
-    work = out.with_name(out.name + ".partial")
     check_partial(work, "settings.json", "`lcm world preview-decoder`")  # resumed from its settings, data and checkpoints
     start = time.perf_counter()
     world = load_world(world_dir, device)
@@ -188,8 +185,7 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
         data = None
     if data is None:
         data = distillation_data(world, config, progress)
-        save_file({k: v.contiguous() for k, v in data.items()}, str(work / f"{DATA_FILE}.tmp"))
-        os.replace(work / f"{DATA_FILE}.tmp", work / DATA_FILE)
+        write_atomic(work / DATA_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in data.items()}, str(tmp)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         tiny = make_preview_decoder(world.codec.latent_channels, world.codec.downsampling_factor, config)
