@@ -251,8 +251,9 @@ def run_sweep(args) -> None:
         raise UserError(f"--samples {args.samples}: FID needs at least 2 images per checkpoint; give --samples 2 or more")
     world_path = args.world or default_world_path()
     steps = tuple(args.steps)
+    timesteps = world_timesteps(world_path)
     for run_dir in map(Path, args.runs):  # every run, before the world loads and the first one is scored
-        check_run(run_dir, steps, args.guidance_scale, world_timesteps(world_path))
+        check_run(run_dir, steps, args.guidance_scale, timesteps)
     device = resolve_device(args.device)
     keep_freed_memory(device)
     world = load_world(world_path, device)
