@@ -63,6 +63,10 @@ def test_distill_exports_an_lcm_diffusers_runs(tiny_sd, image_folder, tmp_path):
     (response,) = read_metrics(out, "omega_response_999")
     assert response["step"] == 4 and set(response) == {"step"} | {f"omega_response_{t}" for t in (999, 759, 499, 259, 99)}
     assert all(np.isfinite(v) for v in response.values())
+    # Beside the export, what guidance it was distilled for: the preset's range, its validation g, that response
+    assert json.loads((out / "lcm" / "guidance.json").read_text()) == {
+        "guidance_scale_min": 3.0, "guidance_scale_max": 15.0, "guidance_scale": 8.0,
+        "omega_response": {k.removeprefix("omega_response_"): v for k, v in response.items() if k != "step"}}
     assert json.loads((out / "config.json").read_text())["solver"] == "dpm++"
     assert (out / "samples" / "step-0000004.png").is_file()
     pipe = LatentConsistencyModelPipeline.from_pretrained(out / "lcm", safety_checker=None)
@@ -277,6 +281,8 @@ def test_a_run_killed_before_its_final_omega_response_reports_it_on_resume(tiny_
     shutil.rmtree(out / "lcm")  # killed after the response, before the export
     assert main(distill_args(tiny_sd, image_folder, out, "--resume")) == 0
     assert read_metrics(out, "omega_response_999") == [expected] and (out / "lcm" / "model_index.json").is_file()
+    # The export's guidance record carries the response the metrics hold, not a new one
+    assert json.loads((out / "lcm" / "guidance.json").read_text())["omega_response"]["999"] == expected["omega_response_999"]
 
 
 def test_a_run_that_stopped_before_its_first_step_can_be_started_again(tiny_sd, image_folder, tmp_path, capsys):

@@ -30,6 +30,7 @@ from latent_consistency.denoisers import (
     is_transformer,
 )
 from latent_consistency.errors import UserError, first_line
+from latent_consistency.guidance_record import GuidanceRecord, read_record
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder, T5PromptEncoder
 from latent_consistency.sampling import lcm_timesteps
@@ -161,6 +162,8 @@ class DiffusionModel:
     unet_carries_student: bool = False
     # A tiny decoder that decodes in the VAE's place (`preview.PreviewDecoder`; decode only, the VAE still encodes)
     preview_decoder: Any = None
+    # An LCM's distilled guidance range, default g and ω response (`guidance_record`; None where its folder has none)
+    guidance_record: GuidanceRecord | None = None
 
     @property
     def is_sdxl(self) -> bool:
@@ -589,6 +592,8 @@ def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str 
     if not model.is_lcm:
         raise UserError(f"{name_or_path} is a guidance-distilled diffusion model (ω input, no LCMScheduler), not an LCM; sample it with "
                         "an ODE solver (`lcm generate --sampler ddim`), or distil it into an LCM with `lcm distill --teacher ...`")
+    if model.time_cond_proj_dim is not None:
+        model.guidance_record = read_record(name_or_path)
     return model
 
 

@@ -53,6 +53,16 @@ class Generator:
     def default_size(self) -> int:
         return self.model.native_size
 
+    def default_guidance_scale(self) -> float:
+        """The g to sample at when none is given: the one an LCM's run recorded (`guidance_record`), else the kind's."""
+        record = self.model.guidance_record
+        return DEFAULT_GUIDANCE_SCALE[self.kind] if record is None else record.guidance_scale
+
+    def guidance_notes(self, guidance_scale: float, given: bool) -> list[str]:
+        """Notes for sampling at `guidance_scale` (`GuidanceRecord.notes`; none for a model without a record)."""
+        record = self.model.guidance_record
+        return [] if record is None else record.notes(guidance_scale, given)
+
     def check_size(self, height: int, width: int, flag: str = "--") -> None:
         """Image sides the model can make; an error names each side as `flag` + its name ("--height" on the command line,
         "height" for the HTTP API's JSON field)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -164,9 +165,13 @@ def run(args) -> None:
         raise UserError(f"--exact: the teacher {args.teacher} has {teacher.schedule.num_train_timesteps} training timesteps and the LCM "
                         f"{lcm.schedule.num_train_timesteps}; give the teacher the LCM was distilled from (the exact LCM runs it on the "
                         "LCM's timesteps)")
-    scales = args.guidance_scales or [DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale]
+    given = args.guidance_scales or ([args.guidance_scale] if args.guidance_scale is not None else None)
+    record = lcm.guidance_record  # the g the LCM's run recorded (`guidance_record`) is the default
+    scales = given or [DEFAULT_GUIDANCE_SCALE if record is None else record.guidance_scale]
     if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided):
         raise UserError(f"guidance scale {min(scales):g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
+    for note in dict.fromkeys(n for g in scales for n in ([] if record is None else record.notes(g, bool(given)))):
+        print(f"lcm evaluate: note: {note}", file=sys.stderr)
     resolution = lcm.native_size
     eval_set = load_eval_set(args, resolution)
     scorers = scorers_for(args, device)
@@ -284,8 +289,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png, grid.png and (several scales) guidance_grid.png; "
                    "a rerun continues the evaluation there, another evaluation's results are refused, not overwritten")
     p.add_argument("--steps", type=number_list(positive_int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")
-    p.add_argument("--guidance-scale", type=guidance_scale, help=f"guidance scale g, diffusers' (default {DEFAULT_GUIDANCE_SCALE:g}: "
-                   "the paper's ω = 7)")
+    p.add_argument("--guidance-scale", type=guidance_scale, help="guidance scale g, diffusers' (default: the g the LCM's distillation "
+                   f"recorded in guidance.json, else {DEFAULT_GUIDANCE_SCALE:g}, the paper's ω = 7)")
     p.add_argument("--guidance-scales", type=number_list(guidance_scale), help="several guidance scales (Figures 4-5), instead of --guidance-scale")
     p.add_argument("--samples", type=positive_int, default=1000, help="prompts (default 1000)")
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")

@@ -181,11 +181,13 @@ def run(args) -> None:
         generator.use_preview_decoder(args.preview_decoder)
     if args.compile:
         generator.compile()
-    guidance_scale = DEFAULT_GUIDANCE_SCALE[generator.kind] if args.guidance_scale is None else args.guidance_scale
+    guidance_scale = generator.default_guidance_scale() if args.guidance_scale is None else args.guidance_scale
     if generator.model.time_cond_proj_dim is not None and guidance_scale < 1:
         raise UserError(f"--guidance-scale {guidance_scale:g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
                         "which was trained on ω >= 0")
     note_truncated_prompts(generator, prompts)
+    for note in generator.guidance_notes(guidance_scale, given=args.guidance_scale is not None):
+        print(f"lcm generate: note: {note}", file=sys.stderr)
     options = {}
     if args.gamma is not None:
         options["gamma"] = args.gamma
@@ -236,7 +238,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help=f"number of sampling steps: 1..T/k for an LCM, 1..T for an ODE solver (default {DEFAULT_STEPS})")
     p.add_argument("--timesteps", help="custom decreasing timesteps instead of --steps, e.g. 999,759,499,259")
     p.add_argument("--guidance-scale", type=finite_float, help="guidance scale g in diffusers' convention: an LCM's ω input, ω = g - 1 "
-                   f"(default {DEFAULT_GUIDANCE_SCALE['lcm']:g}); for an LCM-LoRA, classifier-free guidance when g > 1, "
+                   f"(default: the g its distillation recorded in guidance.json, else {DEFAULT_GUIDANCE_SCALE['lcm']:g}); "
+                   "for an LCM-LoRA, classifier-free guidance when g > 1, "
                    f"as diffusers applies it (default {DEFAULT_GUIDANCE_SCALE['lora']:g})")
     p.add_argument("--negative-prompt", help="what the images should not show, for every prompt: an LCM is guided away from it on its "
                    "consistency function, f + λ·(f - f_negative), at twice the network evaluations; an LCM-LoRA puts it in place of the "

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from latent_consistency import __version__
 from latent_consistency.errors import UserError
 from latent_consistency.grids import to_pil
-from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, LCMGenerator
+from latent_consistency.pipelines import LCMGenerator
 from latent_consistency.prompts import truncated_prompts
 from latent_consistency.serve.batcher import Batcher, QueueFull
 from latent_consistency.serve.metrics import Metrics
@@ -173,7 +173,7 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
                max_wait_s: float = 0.005) -> FastAPI:
     metrics = Metrics()
     batcher = Batcher(lambda jobs: run_jobs(generator, jobs), max_batch, max_queue, max_wait_s, metrics)
-    default_guidance = DEFAULT_GUIDANCE_SCALE[generator.kind]
+    default_guidance = generator.default_guidance_scale()
     decoding = anyio.CapacityLimiter(MAX_DECODING)
 
     @asynccontextmanager
@@ -220,8 +220,9 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         return error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
 
     answer = {"content": {t: {} for t in MEDIA_TYPES.values()},
-              "description": "the image; X-Seed, X-Latency-Ms, X-Batch-Size headers, and X-Prompt-Truncated when the prompt is "
-                             "longer than the text encoder reads (its end is dropped)"}
+              "description": "the image; X-Seed, X-Latency-Ms, X-Batch-Size headers, X-Prompt-Truncated when the prompt is "
+                             "longer than the text encoder reads (its end is dropped), and X-Guidance-Note when the guidance "
+                             "scale is outside the range the LCM was distilled on, or the LCM ignores it"}
 
     @app.post(IMAGE_PATH, response_class=Response, responses={200: answer})
     async def images(body: ImageRequest, request: Request) -> Response:
@@ -242,12 +243,17 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         long = truncated_prompts(generator.model.prompts, [job.prompt])  # as `lcm generate` notes it: the end was not read
         if long:
             headers["X-Prompt-Truncated"] = f"{long[0][1]} tokens, the text encoder reads {long[0][2]}"
+        notes = generator.guidance_notes(job.guidance_scale, given=body.guidance_scale is not None)
+        if notes:
+            headers["X-Guidance-Note"] = "; ".join(notes)
         return Response(data, media_type=MEDIA_TYPES[job.format], headers=headers)
 
     @app.get("/v1/config")
     async def config() -> dict:
         """The model and the limits: what the page needs to set its controls."""
+        record = generator.model.guidance_record  # the LCM's distilled range (`guidance_record`), null without one
         return {"model": model_name, "kind": generator.kind, "default_guidance_scale": default_guidance,
+                "guidance_scale_range": None if record is None else [record.guidance_scale_min, record.guidance_scale_max],
                 "default_size": generator.default_size(), "max_side": limits.max_side, "max_steps": MAX_STEPS,
                 "max_prompt_chars": limits.max_prompt_chars, "max_upload_bytes": limits.max_upload_bytes,
                 "vae_factor": generator.model.codec.downsampling_factor}

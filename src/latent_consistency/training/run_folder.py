@@ -23,6 +23,7 @@ import torch
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
+from latent_consistency.guidance_record import GuidanceRecord, write_record
 from latent_consistency.models import (
     PROGRESSIVE_STEPS,
     DiffusionModel,
@@ -251,11 +252,16 @@ class RunFolder:
               "1: learned, 0: ignored): " + ", ".join(f"t={t} {r:.2f}" for t, r in response.items()), flush=True)
         return response
 
-    def logged_omega_response(self) -> bool:
-        """Whether metrics.jsonl holds the final step's ω response (a run killed after it, before its export, and resumed)."""
+    def logged_omega_response(self) -> dict[int, float] | None:
+        """The final step's ω response as metrics.jsonl holds it (a run killed after it, before its export, and resumed);
+        None when it holds none."""
         path = self.writer.path
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-        return any(r.get("step") == self.config.steps and any(k.startswith("omega_response_") for k in r) for r in records)
+        for record in records:
+            response = {int(k.removeprefix("omega_response_")): v for k, v in record.items() if k.startswith("omega_response_")}
+            if record.get("step") == self.config.steps and response:
+                return response
+        return None
 
     @torch.no_grad()
     def eval_loss(self, f_target) -> float:
@@ -313,17 +319,23 @@ class RunFolder:
 
     def finish(self) -> Path | None:
         """The final ω response (unless the metrics hold it: a run resumed after it), then the target θ⁻ exported in
-        diffusers format (main process, `Student.export`); returns its path."""
+        diffusers format (main process, `Student.export`), with an LCM's guidance record beside it (`guidance_record`:
+        its range, default g and that response); returns its path."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         # Every process decides after the barrier: under FSDP the response's forwards are collective, and the main process
         # cannot write the record before every process has joined the first of them
-        if self.runs_target and omega_response.applies(self.config) and not self.logged_omega_response():
-            self.report_omega_response(self.config.steps)
+        response = None
+        if self.runs_target and omega_response.applies(self.config):
+            response = self.logged_omega_response() or self.report_omega_response(self.config.steps)
         exported = None
         student, unwrapped = exportable(accelerator, self.student)  # under FSDP, an unsharded copy gathered on the main process
         if self.main:
             exported = student.export(self.out, unwrapped, self.base)
+            if student.adapter == "full" and is_lcm_config(student.scheduler_config):  # a full LCM (read where it has an ω input)
+                config = self.config
+                write_record(exported, GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max,
+                                                             config.validation_guidance_scale, response))
             summary = self.batches.skipped_summary()
             if summary:
                 print(f"data: {summary}")

@@ -1,0 +1,97 @@
+"""What guidance an LCM was distilled for: the record a run writes beside its exported LCM, and what sampling makes of it.
+
+An LCM learns its guidance scale g as an input over the range its run drew ω = g − 1 from (Section 4.2, Algorithm 1's
+ω ~ [ω_min, ω_max]); outside that range it extrapolates, and a student whose ω response is about 0
+(`training.omega_response`: the fraction of the teacher's guidance effect it reproduces) ignores g altogether. A
+diffusers folder says neither, so a distillation writes `guidance.json` beside `model_index.json` (diffusers ignores
+it), and `lcm generate`, `lcm serve` and `lcm evaluate` read it: its g is their default, and a g outside the range, or
+g given to a student that ignores it, gets a note.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from latent_consistency.errors import UserError
+from latent_consistency.outputs import write_json_atomic
+
+RECORD = "guidance.json"
+# An ω response below this at every t: the student's images hardly change with g
+IGNORED_BELOW = 0.1
+
+
+@dataclass(frozen=True)
+class GuidanceRecord:
+    """The guidance range [`guidance_scale_min`, `guidance_scale_max`] an LCM was distilled on, the g to sample it at
+    by default, and its ω response per timestep t at the end of the run (None where the run did not measure it)."""
+
+    guidance_scale_min: float
+    guidance_scale_max: float
+    guidance_scale: float
+    omega_response: dict[int, float] | None = None
+
+    @classmethod
+    def of_run(cls, guidance_scale_min: float, guidance_scale_max: float, validation_guidance_scale: float,
+               omega_response: dict[int, float] | None) -> GuidanceRecord:
+        """A run's record: its default g is the validation grid's, moved into the trained range when it lies outside."""
+        default = min(max(validation_guidance_scale, guidance_scale_min), guidance_scale_max)
+        return cls(guidance_scale_min, guidance_scale_max, default, omega_response)
+
+    def ignores_guidance(self) -> bool:
+        """Whether the measured ω response is below `IGNORED_BELOW` at every t (False when it was not measured)."""
+        return bool(self.omega_response) and max(self.omega_response.values()) < IGNORED_BELOW
+
+    def notes(self, guidance_scale: float, given: bool) -> list[str]:
+        """What a user sampling at `guidance_scale` should know: that it lies outside the trained range, and (when they
+        `given` it themselves) that this LCM ignores it."""
+        notes = []
+        if not self.guidance_scale_min <= guidance_scale <= self.guidance_scale_max:
+            notes.append(f"guidance scale {guidance_scale:g} is outside [{self.guidance_scale_min:g}, {self.guidance_scale_max:g}], "
+                         "the range this LCM was distilled on: it extrapolates there")
+        if given and self.ignores_guidance():
+            notes.append(f"this LCM ignores its guidance scale (its ω response was at most {max(self.omega_response.values()):.2f} "
+                         "at every t, where 1 is the teacher's guidance effect): its images hardly change with it")
+        return notes
+
+    def to_json(self) -> dict:
+        response = None if self.omega_response is None else {str(t): r for t, r in self.omega_response.items()}
+        return {"guidance_scale_min": self.guidance_scale_min, "guidance_scale_max": self.guidance_scale_max,
+                "guidance_scale": self.guidance_scale, "omega_response": response}
+
+
+def write_record(folder: Path, record: GuidanceRecord) -> None:
+    write_json_atomic(Path(folder) / RECORD, record.to_json())
+
+
+def read_record(name_or_path: str | Path) -> GuidanceRecord | None:
+    """The record of a local LCM folder; None for a folder without one (an LCM from elsewhere) or a hub id. A damaged
+    record is a UserError naming the file: the model's default g would otherwise be wrong without a word."""
+    path = Path(name_or_path) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return _parse(data)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{path} is damaged ({err}); delete it to sample the LCM without its guidance record") from None
+
+
+def _parse(data) -> GuidanceRecord:
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    low, high, default = (_finite(data.get(k), k) for k in ("guidance_scale_min", "guidance_scale_max", "guidance_scale"))
+    if not low <= default <= high:
+        raise ValueError(f"guidance_scale {default:g} is outside [{low:g}, {high:g}]")
+    response = data.get("omega_response")
+    if response is not None:
+        response = {int(t): _finite(r, f"omega_response at t = {t}") for t, r in response.items()}
+    return GuidanceRecord(low, high, default, response)
+
+
+def _finite(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} is {value!r}, not a finite number")
+    return float(value)
