@@ -55,6 +55,29 @@ def test_sweep_checks_every_run_before_the_world_loads(bad, message, tmp_path, r
     assert str(second) in err and not out.exists()
 
 
+def test_sweep_refuses_a_run_of_another_teacher_before_the_world_loads(tmp_path, run_error, no_world):
+    """A run distilled from another teacher was scored against the world's teacher, whose ODE its checkpoints never saw."""
+    other = tmp_path / "other-teacher"
+    (other / "unet").mkdir(parents=True)
+    (other / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"other weights")
+    good, foreign, out = write_run(tmp_path / "good"), write_run(tmp_path / "foreign", teacher=str(other)), tmp_path / "sweep"
+    code, err = run_error(sweep([good, foreign], out))
+    assert_one_line(code, err, f"was distilled from {other}, whose network is not the teacher of --world")
+    assert not out.exists()
+
+
+def test_a_run_of_a_copy_of_the_world_or_of_a_moved_teacher_is_the_worlds(tmp_path):
+    """Compared by the network's weights, not the folder: an export or copy of the world is its teacher, and a recorded
+    teacher that no longer exists is not refused (nothing to compare)."""
+    from latent_consistency.world.over_training import check_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(default_world_path() / "unet", copy / "unet")
+    for teacher in (copy, tmp_path / "moved-away", default_world_path()):
+        run = write_run(tmp_path / f"run-{teacher.name}", teacher=str(teacher))
+        assert check_run(run, world=default_world_path()).teacher == str(teacher)
+
+
 def test_sweep_refuses_step_counts_beyond_a_runs_timesteps(tmp_path, run_error, no_world):
     """The `world` preset's k = 20 leaves T/k = 50 timesteps: 99 steps were refused only once the world and student loaded."""
     run, out = write_run(tmp_path / "run"), tmp_path / "sweep"

@@ -258,7 +258,7 @@ def run_sweep(args) -> None:
     steps = tuple(args.steps)
     timesteps = world_timesteps(world_path)
     for run_dir in map(Path, args.runs):  # every run, before the world loads and the first one is scored
-        check_run(run_dir, steps, args.guidance_scale, timesteps)
+        check_run(run_dir, steps, args.guidance_scale, timesteps, Path(world_path))
     device = resolve_device(args.device)
     keep_freed_memory(device)
     world = load_world(world_path, device)

@@ -12,6 +12,7 @@ reproduces (`guidance_response`: 1 = the ω input is learned, 0 = ignored). Writ
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -51,10 +52,11 @@ CACHE_FILE = "over_training.cache.json"
 
 
 def check_run(run: Path, steps: tuple[int, ...] = STEPS, guidance_scale: float | None = None,
-              timesteps: int | None = None) -> TrainConfig:
-    """The config of `run`, an LCM distillation run with checkpoints that can be sampled in `steps` at `guidance_scale`
-    (default: its validation scale) on a world of `timesteps` training timesteps (None: not known yet); a UserError
-    otherwise. Reads only the run's files, so that a sweep checks every run before it loads the world."""
+              timesteps: int | None = None, world: Path | None = None) -> TrainConfig:
+    """The config of `run`, an LCM distillation run (of the teacher of the `world` folder, when given) with checkpoints
+    that can be sampled in `steps` at `guidance_scale` (default: its validation scale) on a world of `timesteps` training
+    timesteps (None: not known yet); a UserError otherwise. Reads only files, so that a sweep checks every run before it
+    loads the world."""
     if not (run / "config.json").is_file():
         raise UserError(f"{run} is not a training run folder (no config.json); give the --out of `lcm distill`")
     config = saved_config(run / "config.json", "give the --out of `lcm distill`")
@@ -62,6 +64,9 @@ def check_run(run: Path, steps: tuple[int, ...] = STEPS, guidance_scale: float |
         what = f"a `lcm distill --method {config.method}`" if isinstance(config, DistillConfig) else "an `lcm finetune`"
         raise UserError(f"{run} is {what} run, which makes no LCM of the world's teacher; give runs of `lcm distill` "
                         f"--method {' or '.join(LCM_METHODS)}")
+    if world is not None and not same_teacher(Path(config.teacher), Path(world)):
+        raise UserError(f"{run} was distilled from {config.teacher}, whose network is not the teacher of --world {world}: its "
+                        "checkpoints would be scored against a teacher they never saw; give that world as --world")
     if not list_checkpoints(run):
         raise UserError(f"{run} holds no checkpoints yet; train it with --checkpoint-every N to evaluate it over training")
     most = timesteps // config.skip if timesteps is not None else max(steps)
@@ -74,6 +79,23 @@ def check_run(run: Path, steps: tuple[int, ...] = STEPS, guidance_scale: float |
         raise UserError(f"{given} is below 1, and the student of {run} has an ω input (ω = g - 1), trained on ω >= 0; give "
                         "--guidance-scale 1 or more")
     return config
+
+
+def same_teacher(teacher: Path, world: Path) -> bool:
+    """Whether a run's recorded teacher folder holds the `world` folder's teacher: the same folder, or the same network
+    weights (an export or copy of the world); True when either cannot be read (a teacher moved since: nothing to tell)."""
+    weights = [Path(folder) / "unet" / "diffusion_pytorch_model.safetensors" for folder in (teacher, world)]
+    if not all(w.is_file() for w in weights) or teacher.resolve() == world.resolve():
+        return True
+    try:
+        return _digest(weights[0]) == _digest(weights[1])
+    except OSError:
+        return True
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def world_timesteps(path: Path) -> int | None:
