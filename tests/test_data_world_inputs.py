@@ -162,4 +162,4 @@ def test_a_world_json_of_an_unreadable_preset_is_refused(tmp_path, run_error):
 def test_world_check_with_one_sample_writes_nothing(tmp_path, run_error):
     code, err = run_error(["world", "check", "--world", str(default_world_path()), "--out", str(tmp_path / "check"),
                            "--samples", "1", "--device", "cpu", "--no-progress"])
-    assert_refused(code, err, tmp_path / "check", "--samples must be at least 2")
+    assert_refused(code, err, tmp_path / "check", "--samples 1: FID needs at least 2 images per guidance scale")

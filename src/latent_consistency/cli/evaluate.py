@@ -83,21 +83,22 @@ def check_out(out: str) -> None:
 
 
 def load_eval_set(args, resolution: int):
+    from latent_consistency.evaluation.fid import MIN_IMAGES
     from latent_consistency.evaluation.table import EvalSet
 
     items = read_items(args.prompts, resolution, args.samples)
     if not items:
         raise UserError(f"--prompts {args.prompts} holds no prompts")
     images = len(items) * args.images_per_prompt  # each row's generated images, and the real images FID compares them to
-    references = read_items(args.reference or args.prompts, resolution, max(images, 2))
+    references = read_items(args.reference or args.prompts, resolution, max(images, MIN_IMAGES))
     references = [it for it in references if "image" in it]
     if len(references) < 2 and args.reference is None:
         raise UserError(f"--prompts {args.prompts} holds {len(references)} real images, and FID needs real images: give --reference "
                         "DATA (an image folder, shards or world:NAME)")
-    if len(references) < 2:
+    if len(references) < MIN_IMAGES:
         raise UserError(f"--reference {args.reference} holds {len(references)} images; FID needs real images "
                         "(an image folder, shards or world:NAME)")
-    if images < 2:  # FID fits a covariance to each set (fid._update refuses fewer than 2)
+    if images < MIN_IMAGES:
         raise UserError(f"FID needs at least 2 generated images, and {len(items)} prompt(s) of --prompts {args.prompts} × "
                         f"--images-per-prompt {args.images_per_prompt} make {images}: give more prompts (--samples) or --images-per-prompt 2")
     if args.seed + images > MAX_SEED:
@@ -241,6 +242,7 @@ def check_sweep_out(out: str) -> None:
 def run_sweep(args) -> None:
     """Each run's checkpoints scored on the world (`world.over_training`), then their FID curves on one plot."""
     from latent_consistency.devices import resolve_device
+    from latent_consistency.evaluation.fid import check_image_count
     from latent_consistency.outputs import check_writable, writable_folder, write_json_atomic
     from latent_consistency.world.artifact import default_world_path, load_world
     from latent_consistency.world.over_training import check_run, evaluate_run, world_timesteps, write_report, write_sweep
@@ -252,8 +254,7 @@ def run_sweep(args) -> None:
                         "give each run once, in folders of different names")
     check_sweep_out(args.out)
     check_writable(args.out, "--out")  # made only when the sweep is written: a refused sweep leaves no folder
-    if args.samples < 2:  # FID fits a covariance to each set (fid._update refuses fewer than 2)
-        raise UserError(f"--samples {args.samples}: FID needs at least 2 images per checkpoint; give --samples 2 or more")
+    check_image_count(args.samples, "--samples", "per checkpoint")
     world_path = args.world or default_world_path()
     steps = tuple(args.steps)
     timesteps = world_timesteps(world_path)

@@ -30,10 +30,20 @@ class FeatureAdapter(nn.Module):
         return self.network.features(images) / self.scale
 
 
+# FID fits a mean and a covariance to each set of features: it needs at least this many images in each
+MIN_IMAGES = 2
+
+
+def check_image_count(n: int, flag: str, each: str = "") -> None:
+    """A UserError before any sampling, unless the `n` images that `flag` asks for (`each`: per what) can be scored."""
+    if n < MIN_IMAGES:
+        raise UserError(f"{flag} {n}: FID needs at least {MIN_IMAGES} images{each and ' ' + each}; give {flag} {MIN_IMAGES} or more")
+
+
 def _update(metric, real: torch.Tensor, fake: torch.Tensor, batch_size: int) -> None:
     for images, is_real in ((real, True), (fake, False)):
-        if len(images) < 2:
-            raise UserError(f"FID/KID needs at least 2 real and 2 generated images, got {len(real)} and {len(fake)}")
+        if len(images) < MIN_IMAGES:
+            raise UserError(f"FID/KID needs at least {MIN_IMAGES} real and {MIN_IMAGES} generated images, got {len(real)} and {len(fake)}")
         for start in range(0, len(images), batch_size):
             metric.update(images[start : start + batch_size], real=is_real)
 

@@ -27,7 +27,7 @@ from latent_consistency.data.latent_cache import write_latent_cache
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import SamplerSpec, sample, sample_consistency
-from latent_consistency.evaluation.fid import fid_score
+from latent_consistency.evaluation.fid import check_image_count, fid_score
 from latent_consistency.evaluation.table import EvalSet, JudgeScorer, run_table, table_rows, write_grid, write_plots, write_report
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
@@ -74,8 +74,7 @@ def reference_set(world, dataset: str, n: int) -> tuple[list[str], list, torch.T
 def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_samples: int, device: str,
              world_preset: str = "default", finetune_steps: int | None = None) -> Path:
     t0 = time.perf_counter()
-    if eval_samples < 2:  # FID fits a covariance to each set: known now, not after the distillation
-        raise UserError(f"--eval-samples {eval_samples}: FID needs at least 2 images; give --eval-samples 2 or more")
+    check_image_count(eval_samples, "--eval-samples")  # known now, not after the distillation
     if world_dir is not None and world_preset != "default":
         raise UserError(f"--world {world_dir} is the world to use and --world-preset {world_preset} one to build: give one of them")
     build_reason = None

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from latent_consistency.errors import UserError
-from latent_consistency.evaluation.fid import fid_score
+from latent_consistency.evaluation.fid import check_image_count, fid_score
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.outputs import writable_folder
 from latent_consistency.sampling import randn, sample_teacher
@@ -85,9 +84,8 @@ def _items(dataset, n: int) -> list[dict]:
 
 
 def check_samples(n: int) -> None:
-    """A UserError unless `n` generated images per guidance scale can be scored: FID compares at least 2 with 2."""
-    if n < 2:
-        raise UserError(f"--samples must be at least 2 (FID needs 2 generated images per guidance scale), not {n}")
+    """A UserError unless `n` generated images per guidance scale can be scored (`fid.check_image_count`)."""
+    check_image_count(n, "--samples", "per guidance scale")
 
 
 @torch.no_grad()
