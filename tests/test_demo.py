@@ -9,6 +9,7 @@ from PIL import Image
 
 from latent_consistency.cli import main as lcm
 from latent_consistency.evaluation.compare import SamplerSpec, sample
+from latent_consistency.guidance_record import read_record
 from latent_consistency.models import load_lcm
 from latent_consistency.world.artifact import load_world
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -40,6 +41,9 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
     assert results["lcm|2|2"]["network_evaluations"] == 2 and results["ddim|2|2"]["network_evaluations"] == 4
     text = (out / "report.md").read_text()
     assert "| LCM | " in text and "| DPM-Solver (CFG) | " in text and "Reference: DPM-Solver++ (CFG) 25 steps" in text
+    # The LCM's ω response, as its guidance record holds it
+    record = read_record(out / "distill" / "lcm")
+    assert record.omega_response and f"t = 999: {round(record.omega_response[999], 2) + 0.0:.2f}" in text
     # The report's numbers are what the library measures for the exported LCM: resample one row and score it again
     world = load_world(out / "world-tiny")
     reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)

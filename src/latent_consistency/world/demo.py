@@ -137,6 +137,7 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
         f"skip {config.skip}, g in [{config.guidance_scale_min:g}, {config.guidance_scale_max:g}]. Evaluation: {len(prompts)} reference "
         f"prompts at g = {guidance:g}, FID in the judge's features, alignment = the fraction of prompt attributes the judge reads back "
         "(`table/results.json` has KID and every attribute). Grid: `grid.png` (Figure 2: real images, then each sampler)."])
+    report += guidance_section(lcm.guidance_record)
     report += (f"\nThe undistilled starting point (the teacher's weights through the consistency sampler), 1 step: FID "
                f"{undistilled['fid']:.2f}, alignment {undistilled['alignment']['mean']:.3f}.\n\nFID of {len(prompts)} real training "
                f"images (other prompts) against the reference: {fid_unpaired:.2f} (a scale, not a floor: samples for the reference's "
@@ -163,6 +164,18 @@ DISTILL_IMAGES = 20_000
 FINETUNE_DATASET = "digits"  # a pretraining dataset of the world: its VAE and text encoder know it, its teacher does not
 # What the demo writes at the top of --out
 REPORT_FILES = ("report.md", "report.json", "grid.png", f"{FINETUNE_DATASET}_grid.png")
+
+
+def guidance_section(record) -> str:
+    """What the report says of the LCM's ω input: its recorded response per t (`guidance_record`), and whether g does
+    anything (the `world` preset's student ignores it; `world-ode` then `world-guided` learn it, docs/guide.md)."""
+    if record is None or not record.omega_response:
+        return ""
+    response = ", ".join(f"t = {t}: {round(r, 2) + 0.0:.2f}" for t, r in record.omega_response.items())  # + 0.0: no "-0.00"
+    verdict = ("it ignores its guidance scale, so g changes its images little; `--preset world-ode` then `--preset world-guided` "
+               "make a student that follows g (docs/guide.md, Presets)" if record.ignores_guidance() else "it follows its guidance scale")
+    return (f"\nω response of the LCM (the fraction of the teacher's guidance effect between g = {record.guidance_scale_min:g} and "
+            f"{record.guidance_scale_max:g} it reproduces, 1 = all): {response}; {verdict}.\n")
 
 
 def real_training_images(world, dataset: str, n: int) -> torch.Tensor:
