@@ -166,5 +166,7 @@ def test_world_check_refuses_what_it_would_fail_on_before_the_world_loads(case, 
     out = {"one sample": str(tmp_path / "check"), "empty out": "", "out under a file": str(tmp_path / "a-file" / "check")}[case]
     samples = "1" if case == "one sample" else "2"
     code, err = run_error(["world", "check", "--world", str(default_world_path()), "--out", out, "--samples", samples, "--device", "cpu"])
-    assert_one_line(code, err, {"one sample": "--samples 1: FID needs at least 2 images per guidance scale", "empty out": "is empty", "out under a file": "is not a folder"}[case])
+    expected = {"one sample": "--samples 1: FID needs at least 2 images per guidance scale", "empty out": "is empty",
+                "out under a file": "is not a folder"}
+    assert_one_line(code, err, expected[case])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -5,10 +5,12 @@ Captions come from one of two places, chosen once per folder:
     (path relative to the root) and the caption under "text" or "caption". Each line is a sample, so
     an image listed twice with two captions is two samples;
   - otherwise a sidecar next to each image: `cat.png` is captioned by `cat.txt`.
-Images are found recursively (.jpg .jpeg .png .webp .bmp .gif .tif .tiff; hidden folders ignored).
+Images are found recursively (`images.IMAGE_EXTENSIONS`: .jpg .jpeg .png .webp .bmp .gif .tif .tiff, and .avif .jfif
+.jp2 .psd where Pillow decodes them; hidden files and folders ignored, symlinked folders followed once each).
 
 Captions are UTF-8, with or without a byte-order mark. The folder is scanned once, without decoding: images
-without a caption, captions that are not UTF-8, metadata lines that do not parse or name a missing file are
+without a caption, captions that are not UTF-8 (or hold NUL characters, as UTF-16 text does), metadata lines that do
+not parse or name a missing file, dangling symlinks and images in formats not read here (.heic, .jxl, camera raw, ...) are
 skipped and counted in `skipped`. Decoding happens in `__getitem__`;
 a file that turns out corrupt there is counted and the next usable sample is returned instead, so one
 bad file never stops a training run. Counts made in DataLoader worker processes stay in the workers
@@ -18,13 +20,23 @@ bad file never stops a training run. Counts made in DataLoader worker processes 
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from latent_consistency.data.holdout import Holdout
-from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, clean_caption, load_rgb
+from latent_consistency.data.images import (
+    IMAGE_EXTENSIONS,
+    UNSUPPORTED_IMAGE_EXTENSIONS,
+    SkipCounter,
+    caption_problem,
+    clean_caption,
+    load_rgb,
+)
 from latent_consistency.errors import UserError
 from latent_consistency.prompts import utf8_error
 
@@ -40,21 +52,22 @@ class ImageFolderDataset(Dataset):
         self.skipped = SkipCounter(name=f"image folder {self.root}")
         if not self.root.is_dir():
             raise UserError(f"image folder {self.root} does not exist; pass a folder of images with captions")
-        images = sorted(
-            p.relative_to(self.root).as_posix()
-            for p in self.root.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
-            and p.is_file()
-        )
+        files = sorted(path.relative_to(self.root).as_posix() for path in visible_files(self.root))
+        images = [name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+        unsupported = [name for name in files if Path(name).suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS]
         if not images:
             raise UserError(
-                f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {self.root}; pass a folder of captioned images"
+                f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {self.root}{_unsupported_note(unsupported)}; "
+                "pass a folder of captioned images"
             )
         metadata = self.root / METADATA_FILE
         self.samples: list[tuple[str, str]] = (
             self._scan_metadata(metadata, images) if metadata.is_file() else self._scan_sidecars(images)
         )
+        named = {file_name for file_name, _ in self.samples}  # metadata may name any file Pillow reads
+        for file_name in unsupported:
+            if file_name not in named:
+                self.skipped.add("unsupported_format", f"{file_name}: convert it to .jpg or .png")
         if not self.samples:
             source = METADATA_FILE if metadata.is_file() else ".txt sidecar captions"
             raise UserError(
@@ -67,8 +80,12 @@ class ImageFolderDataset(Dataset):
         self._corrupt: set[int] = set()
 
     def _scan_metadata(self, metadata: Path, images: list[str]) -> list[tuple[str, str]]:
+        try:
+            lines = metadata.open("rb")  # closed by the with below: only opening it is a user's problem
+        except OSError as err:
+            raise UserError(f"cannot read {metadata} ({err.strerror}); make it readable") from None
         samples, captioned = [], set()
-        with metadata.open("rb") as lines:
+        with lines:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
@@ -84,7 +101,8 @@ class ImageFolderDataset(Dataset):
                 caption = clean_caption(row.get("text", row.get("caption")))
                 if caption is None:
                     self.skipped.add("no_caption", file_name)
-                elif (problem := utf8_error(caption)) is not None:  # a JSON escape such as "\ud800", which no tokenizer takes
+                # a JSON escape such as "\ud800", which no tokenizer takes, or "\u0000"
+                elif (problem := utf8_error(caption) or caption_problem(caption)) is not None:
                     self.skipped.add("bad_caption", f"{metadata}:{number}: {problem}")
                 else:
                     samples.append((file_name, caption))
@@ -97,14 +115,22 @@ class ImageFolderDataset(Dataset):
     def _scan_sidecars(self, images: list[str]) -> list[tuple[str, str]]:
         samples = []
         for file_name in images:
+            if not (self.root / file_name).is_file():
+                self.skipped.add("missing_file", f"{file_name} is not a file (a dangling symlink?)")
+                continue
             sidecar = (self.root / file_name).with_suffix(".txt")
             try:  # UTF-8, with or without a byte-order mark; anything else (UTF-16 from Notepad, Latin-1) is skipped
                 caption = clean_caption(sidecar.read_bytes().decode("utf-8-sig")) if sidecar.is_file() else None
             except UnicodeDecodeError as err:
                 self.skipped.add("bad_caption", f"{sidecar} is not UTF-8 (byte 0x{err.object[err.start]:02x})")
                 continue
+            except OSError as err:  # permission denied, an I/O error: this caption is lost, not the whole folder
+                self.skipped.add("bad_caption", f"{sidecar} cannot be read ({err.strerror})")
+                continue
             if caption is None:
                 self.skipped.add("no_caption", file_name)
+            elif (problem := caption_problem(caption)) is not None:
+                self.skipped.add("bad_caption", f"{sidecar} {problem}")
             else:
                 samples.append((file_name, caption))
         return samples
@@ -125,3 +151,32 @@ class ImageFolderDataset(Dataset):
                 return {"image": image, "caption": caption}
             self._corrupt.add(j)
         raise UserError(f"no image in {self.root} could be decoded ({self.skipped.summary()}); check the files")
+
+
+def visible_files(root: Path) -> Iterator[Path]:
+    """Every file under `root` but hidden ones (a name, or a folder on the way, starting with "."), one folder after
+    another. Symlinked folders are followed, each real folder once, so a link back up the tree does not loop; dangling
+    symlinks are listed. A folder that cannot be read is a UserError."""
+    seen = set()
+    for folder, folders, names in os.walk(root, onerror=_unreadable_folder, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # sorted: the same folder wins each time
+        yield from (Path(folder, name) for name in names if not name.startswith("."))
+
+
+def _unreadable_folder(error: OSError) -> None:
+    """`os.walk`'s onerror: a folder that cannot be listed is refused, not left out of the data without a word."""
+    raise UserError(f"cannot read the folder {error.filename} ({error.strerror}); make it readable, or move it out of the data")
+
+
+def _unsupported_note(unsupported: list[str]) -> str:
+    """A note for the error of a folder without images, e.g. " (it holds 3 .heic files, ...)"; "" without such files."""
+    if not unsupported:
+        return ""
+    counts = Counter(Path(name).suffix.lower() for name in unsupported)
+    held = ", ".join(f"{count} {suffix}" for suffix, count in counts.most_common())
+    return f" (it holds {held} file{'s' if len(unsupported) != 1 else ''}, a format not read here: convert them to .jpg or .png)"

@@ -30,7 +30,13 @@ from PIL import Image, ImageOps
 
 logger = logging.getLogger("latent_consistency.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Images a phone, camera or editor writes besides the common formats: read where this Pillow decodes them (it registers
+# their extension: AVIF, JFIF, JPEG 2000 and PSD in Pillow 13; HEIC with the pillow-heif plugin); otherwise a folder's
+# files of these are counted as skipped ("unsupported_format"), not passed over without a word.
+_OTHER_EXTENSIONS = (".heic", ".heif", ".avif", ".jfif", ".jxl", ".jp2", ".psd", ".svg", ".dng", ".cr2", ".nef", ".arw")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff") + tuple(
+    extension for extension in _OTHER_EXTENSIONS if extension in Image.registered_extensions())
+UNSUPPORTED_IMAGE_EXTENSIONS = tuple(extension for extension in _OTHER_EXTENSIONS if extension not in IMAGE_EXTENSIONS)
 
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -98,8 +104,9 @@ def open_rgb8(source: bytes | str | Path, draft_size: tuple[int, int] | None = N
     orientation, then converted to 8-bit RGB (`_to_rgb8`: alpha composited on white, 16-bit scaled, ...).
 
     Returns (image, reason): reason names the conversion, None for an 8-bit RGB image. `draft_size` lets a JPEG decoder
-    downscale while decoding (both sides stay at least that size). Raises `TooManyPixels` for an image over `max_pixels`,
-    `UndecodableImage` for anything Pillow cannot decode in full (a truncated file included).
+    downscale while decoding (both sides stay at least that size). Raises `TooManyPixels` for an image over `max_pixels`
+    or over Pillow's own limit (twice `Image.MAX_IMAGE_PIXELS`), `UndecodableImage` for anything Pillow cannot decode in
+    full (a truncated file included).
     """
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
@@ -108,26 +115,40 @@ def open_rgb8(source: bytes | str | Path, draft_size: tuple[int, int] | None = N
             if draft_size is not None:
                 image.draft(image.mode, draft_size)
             image.load()  # forces the full decode, so a truncated file fails here and not later
-            return _to_rgb8(ImageOps.exif_transpose(image))  # a new image: it outlives the file
+            return _to_rgb8(_upright(image))  # a new image: it outlives the file
     except UndecodableImage:
         raise
+    except Image.DecompressionBombError:  # a whole image, only a very large one: not to be reported as damaged
+        raise TooManyPixels(f"more than Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels; downscale it") from None
     # Pillow's decoders signal malformed input with many exception types (OSError, SyntaxError, ValueError, EOFError,
-    # struct.error, zlib.error, DecompressionBombError, ...): all of them mean "not an image Pillow can decode".
+    # struct.error, zlib.error, ...): all of them mean "not an image Pillow can decode".
     except Exception as err:
         raise UndecodableImage(f"not an image file Pillow can decode ({err.__class__.__name__})") from err
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """`image` turned by its EXIF orientation; as stored (as a browser shows it) when its EXIF block is unreadable, for
+    only the orientation is lost then, not the pixels."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # Pillow's EXIF parser fails with SyntaxError, struct.error, ValueError, ... on a malformed block
+        return image.copy()
 
 
 def decode_rgb(source: bytes | str | Path, resolution: int) -> tuple[torch.Tensor | None, str | None]:
     """Decode an image to float32 [3, resolution, resolution] in [-1, 1].
 
     Returns (image, reason): image is None and reason "corrupt" when the bytes are not a complete image
-    Pillow can decode; otherwise reason names the conversion applied ("converted_grayscale", ...) or is
-    None for an 8-bit RGB image. Pure function of its input, safe to call from several threads.
+    Pillow can decode, "too_large" when it has more pixels than Pillow decodes; otherwise reason names the conversion
+    applied ("converted_grayscale", ...) or is None for an 8-bit RGB image. Pure function of its input, safe to call
+    from several threads.
     """
     try:
         # JPEG decoders can downscale by 1/2, 1/4, 1/8 while decoding, keeping both sides >= the
         # requested size: far cheaper than decoding a large photo in full and resizing it.
         image, reason = open_rgb8(source, draft_size=(resolution, resolution))
+    except TooManyPixels:
+        return None, "too_large"
     except UndecodableImage:  # bad bytes of any kind mean "skip this sample", never a crash of the training run
         return None, "corrupt"
     array = np.asarray(_resize_center_crop(image, resolution))
@@ -138,9 +159,9 @@ def decode_rgb(source: bytes | str | Path, resolution: int) -> tuple[torch.Tenso
 def load_rgb(
     source: bytes | str | Path, resolution: int, counter: SkipCounter | None = None
 ) -> torch.Tensor | None:
-    """`decode_rgb` without the reason: None for undecodable or truncated bytes, never raises for them.
+    """`decode_rgb` without the reason: None for undecodable, truncated or too large images, never raises for them.
 
-    If counter is given, the conversion or "corrupt" is counted in it.
+    If counter is given, the conversion, "corrupt" or "too_large" is counted in it.
     """
     image, reason = decode_rgb(source, resolution)
     if counter is not None and reason is not None:
@@ -152,6 +173,14 @@ def clean_caption(value: object) -> str | None:
     """A usable caption: the stripped string, or None if it is not a string or is blank."""
     if isinstance(value, str) and value.strip():
         return value.strip()
+    return None
+
+
+def caption_problem(caption: str) -> str | None:
+    """Why a decoded caption is not text to train on, or None: NUL characters, which UTF-16 text without a byte-order
+    mark is full of and still decodes as UTF-8."""
+    if "\x00" in caption:
+        return "holds NUL characters (UTF-16 text?); save the captions as UTF-8"
     return None
 
 

@@ -142,6 +142,7 @@ class LatentCache(torch.utils.data.Dataset):
                 or len(self.captions) != len(self.text_embeddings) or len(index) != len(self.latents)
                 or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self.captions))):
             raise UserError(f"latent cache {path} is inconsistent with its manifest; rebuild it")
+        _check_finite(path, {"latents": self.latents, "text_embeddings": self.text_embeddings, "uncond_embedding": self.uncond_embedding})
         if holdout is not None:  # a cache has no files: samples are held out by index
             keep = torch.tensor(holdout.select([str(i) for i in range(len(self.latents))], "samples"))
             self.latents, self.caption_index = self.latents[keep], self.caption_index[keep]
@@ -170,13 +171,27 @@ def _read_manifest(path: Path) -> dict:
         raise UserError(f"{path / MANIFEST} is not valid JSON ({err}); rebuild the latent cache") from None
     if not isinstance(manifest, dict):
         raise UserError(f"{path / MANIFEST} does not hold a JSON object; rebuild the latent cache")
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path} holds a latent cache of format {manifest.get('format')!r}, not {FORMAT!r}; rebuild it")
+    made = manifest.get("format")
+    if not (isinstance(made, str) and made.startswith("latent-cache/")):  # another tool's manifest.json
+        raise UserError(f'{path / MANIFEST} is not a latent cache\'s (it has no "format": "{FORMAT}"), and a folder with a '
+                        "manifest.json is read as a latent cache: to train on the images in it, move manifest.json out of the folder")
+    if made != FORMAT:
+        raise UserError(f"{path} holds a latent cache of format {made!r}, not {FORMAT!r}; rebuild it")
     shards = manifest.get("shards")
     if (not isinstance(shards, list) or not shards or not isinstance(manifest.get("num_samples"), int)
             or not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards)):
         raise UserError(f"{path / MANIFEST} lists no shard files or no sample count; rebuild the latent cache")
     return manifest
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """UserError if a tensor of the cache holds NaN or infinity, as a float16 VAE or text encoder writes where it
+    overflows: not data to train on."""
+    for name, tensor in tensors.items():
+        # in chunks of 16M values: a mask of a whole large cache at once would take a quarter of its memory again
+        if not all(bool(torch.isfinite(chunk).all()) for chunk in tensor.reshape(-1).split(1 << 24)):
+            raise UserError(f"latent cache {path} is damaged: its {name} hold NaN or infinite values (a float16 VAE or text "
+                            "encoder overflows on some inputs); rebuild the cache with the model in float32")
 
 
 def _read_tensors(path: Path, file: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Webdataset tar shards in img2dataset's layout, streamed, resampled and exactly resumable.
 
-A shard is an uncompressed tar (`00000.tar`) whose consecutive members share a key: `key.jpg` (or
-.jpeg/.png/.webp) and its caption in `key.txt`, or in `key.json` under "caption" (or "text").
+A shard is an uncompressed tar (`00000.tar`) whose consecutive members share a key: `key.jpg` (or .png, .webp, ...: the
+formats an image folder reads, `images.IMAGE_EXTENSIONS`) and its caption in `key.txt`, or in `key.json` under "caption"
+(or "text").
 `ShardStream` is an infinite stream:
   1. resampling: shard after shard is drawn with replacement; draw d is chosen by an RNG seeded from
      (seed, rank, d) alone, so the sequence of shards needs no RNG state;
@@ -26,9 +27,10 @@ the stream and its position live in the training process: use it with a DataLoad
 in a worker process each worker would hold its own copy of the position, and iterating there is refused.
 
 Skipped and converted samples are counted in `skipped`: corrupt images, samples without a caption or
-without an image, and truncated shards (the complete samples before the damage are used, then the stream
-moves to the next shard). If every shard of a rank has been read and every sample in it tried without
-a single usable one, the stream raises UserError instead of looping forever.
+without an image, captions that are not UTF-8 (or hold NUL characters, as UTF-16 text does), and truncated
+shards (the complete samples before the damage are used, then the stream moves to the next shard). If every
+shard of a rank has been read and every sample in it tried without a single usable one, the stream raises
+UserError instead of looping forever.
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ from typing import IO, Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from latent_consistency.data.images import SkipCounter, clean_caption, decode_rgb
+from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, caption_problem, clean_caption, decode_rgb
 from latent_consistency.errors import UserError
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_KEYS = tuple(extension.removeprefix(".") for extension in IMAGE_EXTENSIONS)  # what an image folder reads
 CAPTION_KEYS = ("txt", "json")
+
+# The most shards a brace pattern may name: far above the largest public datasets' (about a million).
+MAX_SHARDS = 10_000_000
 
 # Settings a saved position only makes sense for.
 _IDENTITY = ("seed", "rank", "world_size", "num_shards", "shuffle_buffer")
@@ -65,13 +70,13 @@ def expand_urls(urls: str | Path | list[str | Path]) -> list[str]:
     paths: list[str] = []
     for pattern in patterns:
         for path in _expand_braces(os.path.expanduser(str(pattern))):
-            if any(ch in path for ch in "*?["):
+            if os.path.isfile(path):  # first: "photos [2024]/00000.tar" names a file, it is no glob
+                paths.append(path)
+            elif any(ch in path for ch in "*?["):
                 matches = sorted(glob.glob(path))
                 if not matches:
                     raise UserError(f"no shard matches {path}; check the glob pattern")
                 paths.extend(matches)
-            elif os.path.isfile(path):
-                paths.append(path)
             else:
                 raise UserError(f"shard {path} does not exist; check the path or brace pattern")
     if not paths:
@@ -96,8 +101,18 @@ def _expand_braces(pattern: str) -> list[str]:
                     alternatives = ["{" + choice + "}" for choice in _expand_braces(body)]
                 else:
                     alternatives = [choice for alternative in alternatives for choice in _expand_braces(alternative)]
-                return [head + choice + rest for choice in alternatives for rest in _expand_braces(tail)]
+                rests = _expand_braces(tail)
+                _check_shard_count(len(alternatives) * len(rests), pattern)
+                return [head + choice + rest for choice in alternatives for rest in rests]
     return [pattern]
+
+
+def _check_shard_count(count: int, pattern: str) -> None:
+    """UserError for a brace pattern naming more than MAX_SHARDS paths (a range with a digit too many), before they are
+    listed: listing a billion names would take the memory and the minutes of a hang."""
+    if count > MAX_SHARDS:
+        raise UserError(f"the brace pattern {pattern} names {count:,} shards, more than {MAX_SHARDS:,}; check its ranges "
+                        "(data/{00000..00099}.tar names 100 shards)")
 
 
 def _brace_alternatives(body: str) -> list[str] | None:
@@ -105,6 +120,7 @@ def _brace_alternatives(body: str) -> list[str] | None:
     match = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
     if match:
         first, last = match.groups()
+        _check_shard_count(abs(int(last) - int(first)) + 1, "{" + body + "}")
         width = max(len(first), len(last)) if first.startswith("0") or last.startswith("0") else 0
         step = 1 if int(last) >= int(first) else -1
         return [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
@@ -241,8 +257,8 @@ class ShardStream(IterableDataset):
                 sample, future = self._pending.popleft()
                 image, reason = future.result()
                 self._first_untried -= sample.first_read
-                if image is None:
-                    self.skipped.add("corrupt", f"{self.shards[sample.shard]} at byte {sample.offset}")
+                if image is None:  # reason: "corrupt" or "too_large"
+                    self.skipped.add(reason, f"{self.shards[sample.shard]} at byte {sample.offset}")
                     self._check_usable()
                     continue
                 if reason is not None:
@@ -405,6 +421,9 @@ class _Cursor:
                     return None
         if caption is None:
             stream.skipped.add("no_caption", where)
+            return None
+        if (problem := caption_problem(caption)) is not None:
+            stream.skipped.add("bad_caption", f"{where}: caption {problem}")
             return None
         data = self.tar.extractfile(image).read()
         return _Sample(self.shard, image.offset_data, image.size, caption, self.first_read, data)

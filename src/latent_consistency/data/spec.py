@@ -10,6 +10,7 @@ Accepted forms, checked in this order:
   DIR with images                    an image folder with metadata.jsonl or .txt captions
   DIR with .tar files (no images)    webdataset shards, e.g. img2dataset's output folder
   FILE.tar, a brace pattern such as data/{00000..00009}.tar, or a glob such as data/*.tar
+Hidden files and folders (a name starting with ".", as macOS's ._00000.tar) are no part of a folder's data.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from latent_consistency.data.holdout import Holdout
-from latent_consistency.data.imagefolder import ImageFolderDataset
-from latent_consistency.data.images import IMAGE_EXTENSIONS
+from latent_consistency.data.imagefolder import ImageFolderDataset, visible_files
+from latent_consistency.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 from latent_consistency.data.shards import ShardStream, expand_urls
 from latent_consistency.errors import UserError
 
@@ -73,18 +74,25 @@ def open_dataset(
             from latent_consistency.data.latent_cache import LatentCache
 
             return LatentCache(path, holdout)
-        has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*"))
-        shards = sorted(str(p) for p in path.glob("*.tar"))
+        has_images = _holds(path, IMAGE_EXTENSIONS)
+        shards = sorted(str(p) for p in path.glob("*.tar") if not p.name.startswith("."))  # not macOS's ._00000.tar
         if has_images and shards:
             raise UserError(f"{path} holds both images and .tar shards; point the data spec at one kind of data")
         if has_images:
             return ImageFolderDataset(path, resolution, holdout)
         if shards:
             return _shard_stream(shards, resolution, seed, rank, world_size, holdout)
+        if _holds(path, UNSUPPORTED_IMAGE_EXTENSIONS):
+            return ImageFolderDataset(path, resolution, holdout)  # refused, saying what to do with the .heic photos
         raise UserError(f"{path} holds no images, .tar shards or manifest.json; the data spec can be {accepted()}")
     if spec.endswith(".tar") and (path.is_file() or any(ch in spec for ch in "{*?[")):
         return _shard_stream(spec, resolution, seed, rank, world_size, holdout)
     raise UserError(f"cannot read data spec {spec!r}; it can be {accepted()}")
+
+
+def _holds(folder: Path, extensions: tuple[str, ...]) -> bool:
+    """Whether `folder` holds a file (not a hidden one) with one of `extensions`, at any depth."""
+    return any(p.suffix.lower() in extensions for p in visible_files(folder))
 
 
 def _shard_stream(urls, resolution: int, seed: int, rank: int, world_size: int, holdout: Holdout | None) -> ShardStream:
