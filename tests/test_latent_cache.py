@@ -71,3 +71,16 @@ def test_existing_folder_and_half_written_cache_are_refused(tmp_path, data, part
     (path / "manifest.json").unlink()  # as if the writer had been killed before the manifest
     with pytest.raises(UserError, match="not a latent cache"):
         LatentCache(path)
+
+
+@pytest.mark.parametrize("part", ["latents", "text embeddings"])
+def test_encoding_that_overflows_is_refused_before_a_cache_is_written(tmp_path, data, parts, part, monkeypatch):
+    """A float16 VAE or text encoder can overflow to inf or NaN on some images: refused while encoding, naming what to do,
+    not written into a cache that training would refuse (or, before the read check, train on)."""
+    codec, prompts = LatentCodec(parts["vae"]), CLIPPromptEncoder(parts["tokenizer"], parts["text_encoder"])
+    broken = codec if part == "latents" else prompts
+    real = broken.encode
+    monkeypatch.setattr(broken, "encode", lambda *a, **k: real(*a, **k).half() * float("inf"))
+    with pytest.raises(UserError, match=f"the {part} came out NaN or infinite in float16 .* encode with the model in float32"):
+        write_latent_cache(data, tmp_path / "cache", codec, prompts, SOURCE, progress=False, batch_size=4)
+    assert not (tmp_path / "cache").exists()

@@ -76,7 +76,9 @@ def write_latent_cache(
         pending.clear()
 
     for images, captions in tqdm(loader, desc="latent cache", disable=not progress):
-        latents = codec.encode(images).float().cpu()
+        encoded = codec.encode(images)
+        latents = encoded.float().cpu()
+        _check_encoded(out_dir, {"latents": latents}, encoded.dtype)
         index = torch.tensor([caption_ids.setdefault(c, len(caption_ids)) for c in captions], dtype=torch.int64)
         pending.append((latents, index))
         if sum(len(p[1]) for p in pending) >= shard_size:
@@ -88,6 +90,7 @@ def write_latent_cache(
     size = tuple(images.shape[-2:])
     embeddings = torch.cat([prompts.encode(captions[i : i + batch_size], device, size) for i in range(0, len(captions), batch_size)])
     uncond = prompts.uncond(device, size)[0]
+    _check_encoded(out_dir, {"text embeddings": embeddings, "empty prompt's embedding": uncond}, embeddings.dtype)
     save_file(
         {"text_embeddings": embeddings.float().cpu().contiguous(), "uncond_embedding": uncond.float().cpu().contiguous()},
         str(partial / CAPTIONS),
@@ -142,7 +145,10 @@ class LatentCache(torch.utils.data.Dataset):
                 or len(self.captions) != len(self.text_embeddings) or len(index) != len(self.latents)
                 or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self.captions))):
             raise UserError(f"latent cache {path} is inconsistent with its manifest; rebuild it")
-        _check_finite(path, {"latents": self.latents, "text_embeddings": self.text_embeddings, "uncond_embedding": self.uncond_embedding})
+        bad = _non_finite({"latents": self.latents, "text_embeddings": self.text_embeddings, "uncond_embedding": self.uncond_embedding})
+        if bad:
+            raise UserError(f"latent cache {path} is damaged: its {bad} hold NaN or infinite values (a float16 VAE or text encoder "
+                            "overflows on some inputs); rebuild the cache with the model in float32")
         if holdout is not None:  # a cache has no files: samples are held out by index
             keep = torch.tensor(holdout.select([str(i) for i in range(len(self.latents))], "samples"))
             self.latents, self.caption_index = self.latents[keep], self.caption_index[keep]
@@ -184,14 +190,22 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """UserError if a tensor of the cache holds NaN or infinity, as a float16 VAE or text encoder writes where it
-    overflows: not data to train on."""
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor that holds NaN or infinity (what a float16 VAE or text encoder gives where it
+    overflows: not data to train on), or None."""
     for name, tensor in tensors.items():
         # in chunks of 16M values: a mask of a whole large cache at once would take a quarter of its memory again
         if not all(bool(torch.isfinite(chunk).all()) for chunk in tensor.reshape(-1).split(1 << 24)):
-            raise UserError(f"latent cache {path} is damaged: its {name} hold NaN or infinite values (a float16 VAE or text "
-                            "encoder overflows on some inputs); rebuild the cache with the model in float32")
+            return name
+    return None
+
+
+def _check_encoded(out_dir: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """A UserError as soon as encoding gives a non-finite value: a cache that would be refused when read is not written."""
+    bad = _non_finite(tensors)
+    if bad:
+        raise UserError(f"encoding the data into {out_dir}: the {bad} came out NaN or infinite in {str(dtype).removeprefix('torch.')} "
+                        "(a float16 VAE or text encoder overflows on some inputs); encode with the model in float32")
 
 
 def _read_tensors(path: Path, file: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
