@@ -105,6 +105,9 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         check_distance(self.loss)
+        if self.loss != "huber" and self.huber_c != field_default(type(self), "huber_c"):
+            raise UserError(f"--huber-c {self.huber_c:g} is the constant of the pseudo-Huber distance: it applies to --loss huber, "
+                            f"not {self.loss}")
         check_weighting(self.loss_weighting)
         for name in (self.model_field, "data", "out"):
             if not getattr(self, name):
@@ -223,14 +226,17 @@ class DistillConfig(TrainConfig):
                                 f"pairs to weight or schedule and no held-out loss: set {', '.join(refused)}")
             if self.ode_targets < 1:
                 raise UserError(f"ode_targets must be at least 1, got {self.ode_targets}")
+        if self.method != "ode" and self.ode_targets != field_default(DistillConfig, "ode_targets"):
+            raise UserError(f"--ode-targets {self.ode_targets} sets the rows of the bank that --method ode regresses onto: it applies to "
+                            f"--method ode, not {self.method}")
+        if self.omega_response_samples < 0:
+            raise UserError(f"omega_response_samples must be 0 or more, got {self.omega_response_samples}")
         if (self.method == "progressive") != (self.student_steps > 0):
             raise UserError("--method progressive needs --student-steps N (N >= 1), and --student-steps applies to it alone")
         if self.student_init and self.adapter != "full":
             raise UserError("--student-init gives a full student its starting weights; a LoRA student starts from the teacher")
         if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
             raise UserError(f"student_prediction {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
-        if self.omega_response_samples < 0:
-            raise UserError(f"omega_response_samples must be 0 or more, got {self.omega_response_samples}")
         if self.skip < 1 or self.time_cond_proj_dim < 1:
             raise UserError(f"skip and time_cond_proj_dim must be at least 1, got {self.skip} and {self.time_cond_proj_dim}")
         if self.guidance_pair_weight < 0:

@@ -24,7 +24,7 @@ from latent_consistency.training.batches import TrainingBatches
 from latent_consistency.training.config import TrainConfig
 from latent_consistency.training.ema import ema_update
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
-from latent_consistency.training.ode_targets import ODETargets, build_ode_targets, ode_targets_for_run
+from latent_consistency.training.ode_targets import ODETargets, bank_settings, build_ode_targets, ode_targets_for_run
 from latent_consistency.training.run_folder import Progress, RunFolder, prepare_run_folder
 from latent_consistency.training.sharding import check_sharding, is_sharded, shard_target
 from latent_consistency.training.students import make_student
@@ -78,7 +78,8 @@ def training_batches(config: TrainConfig, base: DiffusionModel, micro_batch: int
 
 def run_ode_targets(config: TrainConfig, base: DiffusionModel, out: Path, accelerator, micro_batch: int, progress: bool):
     """`--method ode`: the run's bank of teacher ODE solutions, read from the run folder or built there (from the data as one
-    process would draw it with the run's seed, in micro-batches of the run's size); None for every other method."""
+    process would draw it with the run's seed, in micro-batches of the run's size, the teacher under the run's autocast as in
+    LCD's jumps: with mixed precision it is frozen in half precision); None for every other method."""
     if getattr(config, "method", None) != "ode":
         return None
 
@@ -86,10 +87,11 @@ def run_ode_targets(config: TrainConfig, base: DiffusionModel, out: Path, accele
         data = training_batches(config, base, micro_batch, 0, 1, accelerator.device)
         exact = TeacherConsistencyFunction(base.guided_teacher(), get_solver(config.solver), config.skip, data.uncond)
         generator = torch.Generator(accelerator.device).manual_seed(config.seed)
-        return build_ode_targets(exact, data, config.ode_targets, (config.guidance_scale_min, config.guidance_scale_max), generator,
-                                 progress=progress)
+        with accelerator.autocast():
+            return build_ode_targets(exact, data, config.ode_targets, (config.guidance_scale_min, config.guidance_scale_max), generator,
+                                     progress=progress)
 
-    return ode_targets_for_run(out, accelerator, make)
+    return ode_targets_for_run(out, accelerator, make, bank_settings(config))
 
 
 def training_and_eval_batches(config: TrainConfig, base: DiffusionModel, micro_batch: int, rank: int, world: int, device):

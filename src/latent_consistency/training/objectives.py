@@ -30,7 +30,7 @@ from latent_consistency.models import (
 )
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver
-from latent_consistency.training.config import LCM_METHODS, DistillConfig, FinetuneConfig, TrainConfig
+from latent_consistency.training.config import LCM_METHODS, DistillConfig, FinetuneConfig, TrainConfig, field_default
 from latent_consistency.training.run_folder import VALIDATION_STEPS
 
 
@@ -72,6 +72,9 @@ def _check_transformer_student(config: DistillConfig, base: DiffusionModel) -> N
         lora_pipeline_class(base)  # refuses: no LoRA loader
     if config.method != "lcd":
         raise UserError(f"--method {config.method} gives the student an ω input, which a PixArt transformer has not; use --method lcd")
+    if config.omega_lr_scale != 1:
+        raise UserError(f"--omega-lr-scale {config.omega_lr_scale:g} sets the learning rate of the student's ω input, which a PixArt "
+                        "transformer has not: leave it out")
     if config.guidance_scale_min != config.guidance_scale_max:
         raise UserError(f"a PixArt transformer has no ω input: distil it at one guidance scale, pass equal --guidance-scale-min and "
                         f"--guidance-scale-max (PixArt-LCM: 4.5), got {config.guidance_scale_min:g} and {config.guidance_scale_max:g}")
@@ -107,10 +110,13 @@ class Distillation:
     def _check_guided_distill(config: DistillConfig, base: DiffusionModel, student_prediction: str) -> None:
         """Guided-Distill's stages have no ODE solver, skipping step or consistency weighting; a progressive round
         halves its teacher's DDIM steps, in the teacher's parameterisation (the student starts as it)."""
+        skip = field_default(DistillConfig, "skip")
         refused = [flag for flag, on in (("--solver ddim", config.solver != "ddim"), ("no --guide-increments", config.guide_increments),
-                                         ("--loss-weighting uniform", config.loss_weighting != "uniform")) if on]
+                                         ("--loss-weighting uniform", config.loss_weighting != "uniform"),
+                                         (f"--skip {skip}", config.skip != skip)) if on]
         if refused:
-            raise UserError(f"--method {config.method} has no ODE solver or grid pairs to weight (those are LCD's): set {', '.join(refused)}")
+            raise UserError(f"--method {config.method} has no ODE solver, skipping step or grid pairs to weight (those are LCD's): "
+                            f"set {', '.join(refused)}")
         if config.method != "progressive":
             return
         n, steps = config.student_steps, base.schedule.num_train_timesteps

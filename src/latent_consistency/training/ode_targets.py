@@ -10,13 +10,18 @@ from t to 0, exactly the fixed point LCD trains towards), and the student regres
 ω input. Each row is solved at two ω from the same z_t, so the loss sees the teacher's guidance effect Δψ directly.
 
 One row costs about 2·⌈t/k⌉ teacher passes per ω (cond and uncond), i.e. T/k of them on average: the bank is built
-once, into the run folder (`ode_targets.pt`, written atomically by the main process), and a resumed run reads it
-back. Its rows are drawn from the data with the run's seed alone, so the bank does not depend on the process count.
+once, into the run folder (`ode_targets.pt`, written atomically by the main process with the settings that made it), and
+a resumed run reads it back: one that cannot be read, or that records other settings (another run's), is refused, and
+left as it is (one that records none, from an older version, is read with a note). Its rows are drawn from the data
+with the run's seed alone, so the bank does not depend on the process count.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import json
+import pickle
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +33,16 @@ from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.schedule import skipping_grid
 
 FILE = "ode_targets.pt"
+# The config fields a bank is a function of, recorded in its file: a bank recording other values is another run's
+SETTINGS = ("teacher", "data", "resolution", "seed", "solver", "skip", "guidance_scale_min", "guidance_scale_max", "ode_targets")
+TENSORS = ("z", "t", "cond", "omega", "solution")  # the fields of a bank that are tensors
+# What torch.load raises on a file that is not a whole torch file (truncated, empty, text, a pickle of other objects)
+UNREADABLE = (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError)
+
+
+def bank_settings(config) -> str:
+    """The values of `SETTINGS` in `config`, as the JSON text a bank file records."""
+    return json.dumps({name: getattr(config, name) for name in SETTINGS}, sort_keys=True)
 
 
 @dataclass
@@ -39,23 +54,51 @@ class ODETargets:
     cond: torch.Tensor  # [M, L, D]
     omega: torch.Tensor  # [M, 2]
     solution: torch.Tensor  # [M, 2, C, H, W]
+    settings: str = ""  # the run settings it was solved with (`bank_settings`), recorded in its file
 
     def __len__(self) -> int:
         return len(self.z)
 
     def to(self, device) -> ODETargets:
-        return ODETargets(*(getattr(self, f.name).to(device) for f in fields(self)))
+        return ODETargets(*(getattr(self, name).to(device) for name in TENSORS), settings=self.settings)
 
     def save(self, path: Path) -> None:
         """Atomically: a temporary file beside `path`, then rename (a killed build leaves no bank behind)."""
         tmp = path.with_suffix(".tmp")
-        torch.save({f.name: getattr(self, f.name).cpu() for f in fields(self)}, tmp)
+        torch.save({name: getattr(self, name).cpu() for name in TENSORS} | {"settings": self.settings}, tmp)
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path, device="cpu") -> ODETargets:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        return cls(**{f.name: saved[f.name] for f in fields(cls)}).to(device)
+    def load(cls, path: Path, device="cpu", settings: str | None = None) -> ODETargets:
+        """The bank in `path`; a UserError, the file left as it is, unless it is a whole bank (and, given `settings`, one
+        solved with them: not another run's)."""
+        again = "move it away and resume to solve the run's bank again"
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except UNREADABLE:  # torch's own message would suggest weights_only=False: a pickle's code run
+            raise UserError(f"the ODE bank {path} cannot be read (a damaged file, or not one this tool wrote); {again}") from None
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(name), torch.Tensor) for name in TENSORS):
+            raise UserError(f"{path} is not an ODE bank; {again}")
+        recorded = saved.get("settings")
+        bank = cls(**{name: saved[name] for name in TENSORS}, settings=recorded if isinstance(recorded, str) else "")
+        if settings is not None and not bank.settings:  # written before banks recorded their settings: nothing to compare
+            print(f"note: the ODE bank {path} records no settings (written by an older version); it is read as this run's",
+                  file=sys.stderr)
+        elif settings is not None and bank.settings != settings:
+            raise UserError(f"the ODE bank {path} was not solved with this run's settings ({_changes(bank.settings, settings)}); "
+                            f"it is another run's: {again}")
+        return bank.to(device)
+
+
+def _changes(recorded: str, settings: str) -> str:
+    """'field: recorded -> wanted' for each of `SETTINGS` that a bank's recorded settings give another value."""
+    try:
+        before = json.loads(recorded)
+    except ValueError:
+        before = None
+    if not isinstance(before, dict):
+        return "it records none"
+    return "; ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in json.loads(settings).items() if before.get(k) != v)
 
 
 @torch.no_grad()
@@ -85,10 +128,13 @@ def build_ode_targets(exact: TeacherConsistencyFunction, batches, rows: int, gui
     return ODETargets(*(torch.cat(column) for column in zip(*parts)))
 
 
-def ode_targets_for_run(out: Path, accelerator, make: callable) -> ODETargets:
-    """The run's bank: read from the run folder, or built by the main process with `make()` and written there first."""
+def ode_targets_for_run(out: Path, accelerator, make: callable, settings: str) -> ODETargets:
+    """The run's bank: read from the run folder (checked to be solved with `settings`), or built by the main process with
+    `make()` and written there first."""
     path = out / FILE
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path} is not a file; the run keeps its ODE bank there: move it away and resume")
     if accelerator.is_main_process and not path.is_file():
-        make().save(path)
+        replace(make(), settings=settings).save(path)
     accelerator.wait_for_everyone()
-    return ODETargets.load(path, accelerator.device)
+    return ODETargets.load(path, accelerator.device, settings)

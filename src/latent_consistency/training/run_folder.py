@@ -12,6 +12,7 @@ checkpoints with exact resume, and the exported model. Only the main process wri
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -160,6 +161,7 @@ class RunFolder:
         self.loss_fn = None  # the run's loss, for the held-out loss: set by the loop once built (after config.json is written)
         # A fixed held-out set: its first micro-batches, drawn once
         self.eval_set = [next(eval_batches) for _ in range(EVAL_MICRO_BATCHES)] if eval_batches is not None else []
+        self.eval_batches = eval_batches  # the held-out micro-batches after `eval_set`, for an ω response on more latents
         self.main = accelerator.is_main_process
         # Under FSDP the target θ⁻ is sharded: every process takes part in its forward passes (validation, ω response)
         self.runs_target = self.main or is_sharded(accelerator)
@@ -233,10 +235,18 @@ class RunFolder:
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
             self.save(progress)
 
+    def omega_response_batch(self) -> dict[str, torch.Tensor]:
+        """`omega_response_samples` latents and their conditions: held-out ones (else the next training ones, drawn after the
+        last checkpoint), from as many micro-batches as that takes."""
+        source = itertools.chain(self.eval_set, self.eval_batches) if self.eval_set else self.batches
+        parts = [next(source)]
+        while sum(len(part["latents"]) for part in parts) < self.config.omega_response_samples:
+            parts.append(next(source))
+        return {key: torch.cat([part[key] for part in parts]) for key in ("latents", "cond")}
+
     def report_omega_response(self, step: int) -> dict[int, float]:
-        """The target θ⁻'s ω response (`training.omega_response`) on held-out latents (else the next training ones,
-        drawn after the last checkpoint), in the metrics and printed."""
-        batch = self.eval_set[0] if self.eval_set else next(self.batches)
+        """The target θ⁻'s ω response (`training.omega_response`) on `omega_response_batch`, in the metrics and printed."""
+        batch = self.omega_response_batch()
         target = self.accelerator.unwrap_model(self.student.target_unet)
         was_training = target.training
         target.eval()

@@ -156,7 +156,7 @@ def _initial_unet(path: str, base: DiffusionModel, prediction_type: str):
                         f"set --student-prediction {predicts}")
     if unet.config.get("time_cond_proj_dim") is None:
         raise UserError(f"the UNet of {path} has no ω input; --student-init takes a model distilled with --method guidance or an LCM")
-    mismatch = [k for k in ("in_channels", "block_out_channels", "cross_attention_dim", "sample_size")
+    mismatch = [k for k in ("in_channels", "out_channels", "block_out_channels", "cross_attention_dim", "sample_size", "addition_embed_type")
                 if unet.config.get(k) != base.unet.config.get(k)]
     if mismatch:
         raise UserError(f"the UNet of {path} does not fit the teacher's ({', '.join(mismatch)} differ)")
