@@ -2,6 +2,7 @@
 any training or file: rather than after the training, with a traceback, or by silently ignoring a recorded flag."""
 
 import json
+import shutil
 
 import pytest
 
@@ -108,6 +109,18 @@ def test_eval_data_that_is_the_training_data_is_refused(distill, image_folder, r
     refused(run_error, distill("--eval-data", eval_data, "--dry-run"), "is the training data (--data): its loss would not be held out")
 
 
+def test_eval_data_inside_the_training_folder_is_refused(tiny_sd, tmp_path, run_error):
+    """An image folder reads its subfolders: a held-out set kept in data/val was trained on too."""
+    from tiny_models import write_captioned_images
+
+    data = write_captioned_images(tmp_path / "data", 4)
+    held = write_captioned_images(data / "val", 2)
+    argv = ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(tmp_path / "run"), "--dry-run"]
+    refused(run_error, argv + ["--eval-data", str(held)], f"--eval-data {held} is inside --data {data}")
+    beside = write_captioned_images(tmp_path / "val", 2)
+    assert run_error(argv + ["--eval-data", str(beside)])[0] == 0
+
+
 @pytest.fixture
 def no_demo(monkeypatch):
     """The demo's work (past its up-front checks) stops the test at once."""
@@ -203,3 +216,16 @@ def test_a_warmup_longer_than_the_run_trains_with_a_note(distill, run_error):
     notes = [line for line in err.splitlines() if "note:" in line]
     assert code == 0 and notes == ["lcm distill: note: --lr-warmup-steps 8 is more than --steps 2: the learning rate rises to 0.25 × --lr "
                                    "and never reaches it"], err
+
+
+def test_a_run_resumed_with_its_teacher_and_data_spelled_another_way_is_the_same_run(tiny_sd, image_folder, tmp_path, run_error):
+    """`w` and `./w/` name one folder (and world:shapes one dataset): a resume (the demo's rerun too) that spells them
+    otherwise is not refused as a different config; another folder still is."""
+    out = tmp_path / "run"
+    args = ["distill", "--preset", "tiny", "--out", str(out), "--steps", "2"]
+    assert run_error(args + ["--teacher", str(tiny_sd), "--data", str(image_folder)])[0] == 0
+    again = ["--teacher", str(tiny_sd.parent / ".." / tiny_sd.parent.name / tiny_sd.name) + "/", "--data", str(image_folder) + "/"]
+    assert run_error([*args[:-1], "4", *again, "--resume"])[0] == 0
+    other = tmp_path / "other-teacher"
+    shutil.copytree(tiny_sd, other)
+    refused(run_error, [*args[:-1], "6", "--teacher", str(other), "--data", str(image_folder), "--resume"], "different config (teacher:")

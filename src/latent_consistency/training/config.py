@@ -36,6 +36,8 @@ def doc(text: str, **kwargs) -> Any:
 
 
 # Fields a resumed run may change: how long it runs, and what it writes how often
+# Fields that name a model or data: two spellings of one source are one value (`canonical_source`)
+SOURCE_FIELDS = ("teacher", "model", "data", "eval_data", "student_init")
 RESUMABLE_CHANGES = ("out", "steps", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "num_workers",
                      "omega_response_samples", "compile")
 
@@ -142,6 +144,9 @@ class TrainConfig:
         if self.eval_data and _same_data(self.eval_data, self.data):
             raise UserError(f"--eval-data {self.eval_data} is the training data (--data): its loss would not be held out; give other "
                             "data, or --eval-fraction to hold out part of --data")
+        if self.eval_data and _inside(self.eval_data, self.data):
+            raise UserError(f"--eval-data {self.eval_data} is inside --data {self.data}, whose subfolders are read too: its images "
+                            "would be trained on and its loss not held out; move it out of that folder, or use --eval-fraction")
         if self.compile and self.adapter != "full":
             raise UserError("--compile applies to full students; a LoRA student shares its UNet with the teacher, which is not "
                             "verified compiled: leave --compile out")
@@ -163,9 +168,15 @@ class TrainConfig:
         return {"objective": self.objective} | dataclasses.asdict(self)
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
-        """'field: a -> b' for each field that differs, except those a resumed run may change."""
+        """'field: a -> b' for each field that differs, except those a resumed run may change; a model or data named
+        another way (`SOURCE_FIELDS`: `w` and `./w/`) does not differ."""
         a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if k not in ignore and a.get(k) != b.get(k)]
+
+        def same(k) -> bool:
+            x, y = a.get(k), b.get(k)
+            return x == y or (k in SOURCE_FIELDS and isinstance(x, str) and isinstance(y, str) and bool(x) and bool(y) and _same_data(x, y))
+
+        return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if k not in ignore and not same(k)]
 
 
 @dataclass
@@ -369,13 +380,24 @@ def field_default(cls: type[TrainConfig], name: str) -> Any:
     return next(f.default for f in fields(cls) if f.name == name)
 
 
-def _same_data(a: str, b: str) -> bool:
-    """Whether two data specs name the same data: equal, two spellings of one named dataset (world:shapes and
-    world:shapes:train), or paths of one existing file or folder."""
+def canonical_source(spec: str) -> str:
+    """A data spec or model named as every spelling of it is: the absolute path of an existing file or folder (`w`,
+    `./w/`), else the canonical name of a registered dataset (world:shapes and world:shapes:train), else as given (a hub id)."""
     from latent_consistency.data.spec import canonical_spec
 
-    return (canonical_spec(a) == canonical_spec(b)
-            or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve()))
+    return str(Path(spec).resolve()) if spec and Path(spec).exists() else canonical_spec(spec)
+
+
+def _same_data(a: str, b: str) -> bool:
+    """Whether two data specs (or models) name the same source (`canonical_source`)."""
+    return canonical_source(a) == canonical_source(b)
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """Whether the data spec `inner` is a path inside the existing folder `outer` (an image folder reads its subfolders)."""
+    if not (Path(inner).exists() and Path(outer).is_dir()):
+        return False
+    return Path(outer).resolve() in Path(inner).resolve().parents
 
 
 def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_file: str | None = None,

@@ -31,6 +31,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.schedule import skipping_grid
+from latent_consistency.training.config import canonical_source
 
 FILE = "ode_targets.pt"
 # The config fields a bank is a function of, recorded in its file: a bank recording other values is another run's
@@ -41,8 +42,10 @@ UNREADABLE = (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.Unpi
 
 
 def bank_settings(config) -> str:
-    """The values of `SETTINGS` in `config`, as the JSON text a bank file records."""
-    return json.dumps({name: getattr(config, name) for name in SETTINGS}, sort_keys=True)
+    """The values of `SETTINGS` in `config`, as the JSON text a bank file records (the teacher and data as every spelling
+    of them is: `config.canonical_source`)."""
+    values = {name: getattr(config, name) for name in SETTINGS}
+    return json.dumps(values | {name: canonical_source(values[name]) for name in ("teacher", "data")}, sort_keys=True)
 
 
 @dataclass
