@@ -275,3 +275,35 @@ def test_dataloader_over_image_folder_resumes_at_the_next_sample(folder):
     resumed.load_state_dict(state)
     batch = next(iter(DataLoader(dataset, batch_size=2, sampler=resumed)))
     assert batch["caption"] == expected["caption"] and torch.equal(batch["image"], expected["image"])
+
+
+def test_counters_of_several_processes_merge_each_named_sample_once():
+    """DataLoader workers each count in their copy of the folder's counter (which starts from the scan's counts): a file
+    two workers both found corrupt is one skipped sample; an add without a detail is one per copy that made it."""
+    scan = SkipCounter()
+    scan.add("no_caption", "a.png")
+    workers = []
+    for corrupt in (["b.png"], ["b.png", "c.png"]):
+        worker = SkipCounter(counts=scan.counts.copy(), seen=set(scan.seen))
+        for name in corrupt:
+            worker.add("corrupt", name)
+        worker.add("converted_grayscale")
+        workers.append(worker.snapshot())
+    merged = SkipCounter.merged("folder", [scan.snapshot(), *workers])
+    assert merged.counts == {"no_caption": 1, "corrupt": 2, "converted_grayscale": 2}
+
+
+def test_training_batches_report_what_their_dataloader_workers_skipped(tiny_sd, tmp_path):
+    """With --num-workers 2 the images are decoded in worker processes: their skips reach the end-of-run summary,
+    which said "nothing skipped or converted" before."""
+    from latent_consistency.models import load_diffusion_model
+    from latent_consistency.training.batches import TrainingBatches
+    from tiny_models import write_captioned_images
+
+    folder = write_captioned_images(tmp_path / "data", 8)
+    (folder / "3.png").write_bytes(truncated_png())
+    Image.open(folder / "5.png").convert("L").save(folder / "5.png")
+    batches = TrainingBatches(str(folder), load_diffusion_model(str(tiny_sd)), 16, 4, seed=0, num_workers=2)
+    for _ in range(6):  # three epochs: each file counted once however often it is drawn
+        next(batches)
+    assert batches.skipped_summary() == "skipped: corrupt=1; converted: grayscale=1"

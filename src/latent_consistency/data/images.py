@@ -70,6 +70,23 @@ class SkipCounter:
             where = f" ({detail})" if detail and count == 1 else ""
             logger.log(level, "%s: %s x%d%s", self.name, reason, count, where)
 
+    def snapshot(self) -> tuple[dict, frozenset]:
+        """(counts, seen): what `merged` needs of a copy of this counter in another process (a DataLoader worker's)."""
+        return dict(self.counts), frozenset(self.seen)
+
+    @classmethod
+    def merged(cls, name: str, snapshots: list[tuple[dict, frozenset]]) -> SkipCounter:
+        """One counter of the `snapshot`s of copies that counted the same data in several processes (the main one and
+        its DataLoader workers, each starting from the folder scan's counts): a sample named by its detail counts once
+        however many copies counted it, one without a detail once per copy that counted it."""
+        merged = cls(name=name)
+        for counts, seen in snapshots:
+            merged.seen |= seen
+            for reason, n in counts.items():  # the adds without a detail: those with one are the union's, below
+                merged.counts[reason] += n - sum(1 for r, _ in seen if r == reason)
+        merged.counts.update(reason for reason, _ in merged.seen)
+        return merged
+
     def summary(self) -> str:
         """One line, e.g. "skipped: corrupt=1, no_caption=2; converted: grayscale=3"."""
         skipped = {r: n for r, n in sorted(self.counts.items()) if not r.startswith("converted_")}

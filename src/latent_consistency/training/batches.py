@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from latent_consistency.data.holdout import Holdout
+from latent_consistency.data.images import SkipCounter
 from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.data.sampler import ResumableSampler
 from latent_consistency.data.shards import ShardStream, check_usable
@@ -38,6 +39,7 @@ class TrainingBatches:
                 raise UserError(f"data {spec} holds no usable samples")
             self.sampler = ResumableSampler(len(self.dataset), seed=seed, rank=rank, world_size=world_size)
         self._iterator = None
+        self._worker_skips: dict[int, tuple] = {}  # each DataLoader worker's latest `SkipCounter.snapshot`
 
     def _check_fits_model(self) -> None:
         """Model and data must agree on latent channels, latent size and text encoder."""
@@ -115,7 +117,9 @@ class TrainingBatches:
             num_workers=self.num_workers,
             collate_fn=_collate,
         )
-        for images, captions in loader:
+        for images, captions, worker in loader:
+            if worker is not None:
+                self._worker_skips[worker[0]] = worker[1]
             latents = self.model.codec.encode(images.to(self.device))
             cond = self.model.prompts.encode(captions, self.device, (self.resolution, self.resolution))
             yield {"latents": latents.float(), "cond": cond.float()}
@@ -144,9 +148,18 @@ class TrainingBatches:
         self._iterator = None
 
     def skipped_summary(self) -> str:
+        """What the data skipped or converted, in this process and in its DataLoader workers (`_collate` brings their
+        counts), each sample once."""
         counter = getattr(self.dataset, "skipped", None)
-        return counter.summary() if counter is not None else ""
+        if counter is None:
+            return ""
+        return SkipCounter.merged(counter.name, [counter.snapshot(), *self._worker_skips.values()]).summary()
 
 
-def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
-    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items]
+def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str], tuple[int, tuple] | None]:
+    """The micro-batch, and in a DataLoader worker (id, its dataset's `SkipCounter.snapshot`): its counts stay in its
+    process otherwise."""
+    info = torch.utils.data.get_worker_info()
+    skipped = getattr(info.dataset, "skipped", None) if info is not None else None
+    worker = (info.id, skipped.snapshot()) if skipped is not None else None
+    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items], worker
