@@ -159,3 +159,18 @@ def test_a_fine_tuned_lcm_records_its_own_range_and_no_response(tiny_lcm, tmp_pa
     assert main(["finetune", "--preset", "tiny", "--model", str(tiny_lcm), "--data", str(data), "--out", str(out),
                  "--guidance-scale-min", "1", "--guidance-scale-max", "3"]) == 0
     assert read_record(out / "lcm") == GuidanceRecord(1.0, 3.0, 3.0, None)
+
+
+@pytest.mark.parametrize("response", [IGNORED, LEARNED], ids=["ignored", "learned"])
+def test_a_run_whose_student_ignores_guidance_says_what_teaches_it(response, tiny_sd, tmp_path, capsys, monkeypatch):
+    from latent_consistency.cli import main
+    from latent_consistency.training import omega_response
+    from tiny_models import write_captioned_images
+
+    monkeypatch.setattr(omega_response, "omega_response", lambda *a, **k: dict(response))
+    data = write_captioned_images(tmp_path / "images", 8, size=(16, 16))
+    assert main(["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "ω response of the student" in out
+    assert ("The student ignores its guidance scale: the pair loss teaches it (--guidance-pair-weight" in out) == (response is IGNORED)
+    assert read_record(tmp_path / "run" / "lcm").omega_response == response

@@ -24,7 +24,7 @@ import torch
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.guidance_record import GuidanceRecord, write_record
+from latent_consistency.guidance_record import IGNORED_BELOW, GuidanceRecord, write_record
 from latent_consistency.models import (
     PROGRESSIVE_STEPS,
     DiffusionModel,
@@ -260,6 +260,9 @@ class RunFolder:
         scales = f"g = {self.config.guidance_scale_min:g} and {self.config.guidance_scale_max:g}"
         print(f"ω response of the student (the fraction of the teacher's guidance effect between {scales} it reproduces; "
               "1: learned, 0: ignored): " + ", ".join(f"t={t} {r:.2f}" for t, r in response.items()), flush=True)
+        if max(response.values()) < IGNORED_BELOW:
+            print("The student ignores its guidance scale: the pair loss teaches it (--guidance-pair-weight, with a faster "
+                  "--omega-lr-scale; docs/guide.md, \"The guidance scale does nothing\").", flush=True)
         return response
 
     def logged_omega_response(self) -> dict[int, float] | None:

@@ -173,7 +173,7 @@ def guidance_section(record) -> str:
         return ""
     response = ", ".join(f"t = {t}: {round(r, 2) + 0.0:.2f}" for t, r in record.omega_response.items())  # + 0.0: no "-0.00"
     verdict = ("it ignores its guidance scale, so g changes its images little; `--preset world-ode` then `--preset world-guided` "
-               "make a student that follows g (docs/guide.md, Presets)" if record.ignores_guidance() else "it follows its guidance scale")
+               "make a student that follows g (docs/guide.md, the built-in world)" if record.ignores_guidance() else "it follows its guidance scale")
     return (f"\nω response of the LCM (the fraction of the teacher's guidance effect between g = {record.guidance_scale_min:g} and "
             f"{record.guidance_scale_max:g} it reproduces, 1 = all): {response}; {verdict}.\n")
 
