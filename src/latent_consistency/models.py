@@ -282,10 +282,51 @@ def _check_model_folder(path: str) -> None:
     if not p.exists():
         raise UserError(f"model folder {path} does not exist; give a diffusers pipeline folder or a hub id")
     if not (p / "model_index.json").is_file() or not ((p / "unet").is_dir() or (p / "transformer").is_dir()):
-        raise UserError(
-            f"{path} is not a diffusers pipeline folder (no model_index.json and unet/ or transformer/); "
-            "give a folder saved by save_pretrained or by `lcm distill`"
-        )
+        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json and unet/ or transformer/); "
+                        + (_what_the_folder_is(p) or "give a folder saved by save_pretrained or by `lcm distill`"))
+
+
+# The folders a training run exports its model to (`training.run_folder`): an LCM, an LCM-LoRA, a guidance-distilled model
+RUN_EXPORTS = ("lcm", "lora", "guided")
+
+
+def _what_the_folder_is(folder: Path) -> str:
+    """What to give instead of a folder that is no pipeline but one of the other folders a user has at hand: a training
+    run (its exported model), a LoRA (--lora), one component of a pipeline (the pipeline) or a single-file checkpoint (a
+    diffusers folder made from it); "" for any other."""
+    if folder.is_file():
+        return _what_the_file_is(folder)
+    if (folder / "config.json").is_file() and (folder / "checkpoints").is_dir():
+        exports = [folder / name for name in RUN_EXPORTS if (folder / name).is_dir() and any((folder / name).iterdir())]
+        if not exports:
+            return "it is a training run, which has exported no model yet: it exports lcm/ (or lora/, guided/) when it finishes"
+        if exports[0].name == "lora":
+            return f"it is a training run: give the LoRA it exported, {exports[0]}, as --lora, with the model it was distilled from as --model"
+        return f"it is a training run: give the model it exported, {exports[0]}"
+    if (folder / LORA_WEIGHTS_FILE).is_file():
+        return "it is a LoRA: give it as --lora, with the model it was distilled from as --model"
+    if (folder.parent / "model_index.json").is_file():
+        return f"it is the {folder.name}/ folder of a pipeline: give the pipeline folder {folder.parent}"
+    return ""
+
+
+def _what_the_file_is(file: Path) -> str:
+    """What to give instead of a weights file given as a model: a LoRA file as --lora, a single-file checkpoint (A1111's,
+    CivitAI's) as the diffusers folder diffusers makes of it; "" for any other file."""
+    from safetensors import SafetensorError, safe_open
+
+    if file.suffix not in (".safetensors", *PICKLE_SUFFIXES):
+        return ""
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, "pt") as weights:
+                names = weights.keys()
+        except (OSError, SafetensorError):
+            return ""
+        if any("lora" in name for name in names):
+            return "it is a LoRA file: give it as --lora, with the model it was distilled from as --model"
+    return (f"it is a single-file checkpoint: make a diffusers folder of it, e.g. StableDiffusionPipeline.from_single_file(\"{file}\")"
+            ".save_pretrained(FOLDER) (StableDiffusionXLPipeline for SDXL), and give that folder")
 
 
 # The class a pipeline's diffusers component folder holds (its config.json's `_class_name`), and the `model_type` of its
@@ -359,6 +400,29 @@ def check_hub_id(name: str, what: str) -> None:
         pass
 
 
+# Weights files a component folder may hold that are not loaded here: PyTorch pickles, and variants (name.fp16.safetensors)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+VARIANT_WEIGHTS = re.compile(r"[.]([A-Za-z0-9_]+)(-[0-9]+-of-[0-9]+)?[.]safetensors$")
+
+
+def _weights_hint(folder: Path) -> str:
+    """What a local component folder whose weights did not load holds in place of plain safetensors weights, and what to do
+    about it; "" when it holds neither pickles nor variant weights (or is no local folder)."""
+    names = sorted(f.name for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+    if any(name.endswith(".safetensors") and not VARIANT_WEIGHTS.search(name) for name in names):
+        return ""
+    variants = [name for name in names if VARIANT_WEIGHTS.search(name)]
+    if variants:
+        variant = VARIANT_WEIGHTS.search(variants[0]).group(1)
+        return (f"{folder} holds only {variants[0]}, weights of the {variant} variant; save the model without a variant, e.g. "
+                f"DiffusionPipeline.from_pretrained(FOLDER, variant=\"{variant}\").save_pretrained(NEW_FOLDER)")
+    pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        return (f"{folder} holds its weights only as {pickles[0]}, a PyTorch pickle, which is not loaded here; convert the folder to "
+                "safetensors, e.g. DiffusionPipeline.from_pretrained(FOLDER).save_pretrained(NEW_FOLDER, safe_serialization=True)")
+    return ""
+
+
 def load_component(cls, name_or_path: str, subfolder: str, **kwargs):
     """`cls.from_pretrained` of one weighted component of a model folder (a UNet, VAE, transformer or text encoder), with a
     UserError naming the component when its files do not load (truncated or corrupt weights, a config that does not fit
@@ -371,9 +435,11 @@ def load_component(cls, name_or_path: str, subfolder: str, **kwargs):
     if config.is_file():  # diffusers would take a config that is not a JSON object for a hub id to download
         read_json_object(config, f"its {subfolder}")
     try:
-        model, info = cls.from_pretrained(name_or_path, subfolder=subfolder, output_loading_info=True, **kwargs)
+        with _diffusers_errors_unlogged():  # diffusers logs a missing weights file as well as raising it
+            model, info = cls.from_pretrained(name_or_path, subfolder=subfolder, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # RuntimeError: transformers' size mismatches
-        raise UserError(f"cannot load the {subfolder} of {name_or_path}: {first_line(err)}") from err
+        hint = _weights_hint(Path(name_or_path) / subfolder) if isinstance(err, OSError) else ""
+        raise UserError(f"cannot load the {subfolder} of {name_or_path}: {hint or first_line(err)}") from err
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise UserError(f"the {subfolder} weights of {name_or_path} lack {len(missing)} tensor(s) that its config.json's model has "
@@ -443,9 +509,37 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     if model.is_sdxl != bool(second):
         raise UserError(f"{name_or_path}: its UNet {'takes' if model.is_sdxl else 'does not take'} SDXL's pooled text embedding but the "
                         f"folder has {'no' if model.is_sdxl else 'a'} second text encoder; give a complete StableDiffusion(XL)Pipeline folder")
+    _check_parts_fit(model)
     for module in (unet, vae, *model.text_encoders):
         module.requires_grad_(False).eval()
     return model.to(device)
+
+
+def _check_parts_fit(model: DiffusionModel) -> None:
+    """The parts of a pipeline folder are of one model: the VAE makes the latents the denoising network takes, and the text
+    encoder(s) make embeddings as wide as it attends to (an SDXL UNet: the two side by side) and the pooled embedding it takes,
+    of the tokens their tokenizers make. Parts of another family (SD3's
+    16-channel VAE, SD 2's text encoder on SD 1.5) would fail only when the first image is made, after the output folder."""
+    config, name = model.unet.config, "transformer" if model.is_transformer else "unet"
+    if model.codec.latent_channels != int(config.in_channels):
+        raise UserError(f"{model.source}: its vae makes {model.codec.latent_channels}-channel latents, but its {name} takes "
+                        f"{config.in_channels}-channel ones: parts of different models (or an inpainting or depth {name}, which takes more "
+                        f"than latents and is not supported here); put the vae of the {name}'s model in vae/")
+    width = config.get("caption_channels") if model.is_transformer else config.get("encoder_hid_dim") or config.get("cross_attention_dim")
+    made = sum(int(encoder.config.hidden_size) for encoder in model.text_encoders)
+    if isinstance(width, int) and made != width:
+        encoders = " and ".join(f"{int(e.config.hidden_size)}-wide" for e in model.text_encoders)
+        raise UserError(f"{model.source}: its text encoder(s) make {encoders} embeddings, but its {name} takes {width}-wide ones: "
+                        f"parts of different models; put the text encoder(s) of the {name}'s model in the folder")
+    for tokenizer, encoder in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)):
+        if encoder is not None and len(tokenizer) > int(encoder.config.vocab_size):
+            raise UserError(f"{model.source}: a tokenizer of {len(tokenizer)} tokens goes with a text encoder of {encoder.config.vocab_size}: "
+                            "parts of different models; put the tokenizer of the text encoder's model beside it")
+    added = AddedConditioning.of_unet(config)
+    pooled = model.text_encoder_2.config.projection_dim if added is not None and model.text_encoder_2 is not None else None
+    if pooled is not None and int(pooled) != added.pooled_dim:
+        raise UserError(f"{model.source}: its text_encoder_2 makes {pooled}-wide pooled embeddings, but its unet takes {added.pooled_dim}-wide "
+                        "ones: parts of different models; put the second text encoder of the unet's model in text_encoder_2/")
 
 
 def _is_pixart(name_or_path: str, index: dict) -> bool:
@@ -462,9 +556,30 @@ def _read_scheduler_config(name_or_path: str) -> dict:
     from diffusers import DDPMScheduler
 
     config = dict(DDPMScheduler.load_config(name_or_path, subfolder="scheduler"))
+    _check_noise_schedule(name_or_path, config.get("_class_name"))
     progressive = Path(name_or_path) / PROGRESSIVE_FILE
     extra = read_json_object(progressive, "a progressively distilled model") if progressive.is_file() else {}
     return {k: v for k, v in config.items() if not k.startswith("_")} | extra | {"_class_name": config.get("_class_name")}
+
+
+def _check_noise_schedule(name_or_path: str, class_name: str | None) -> None:
+    """A scheduler config of a diffusers class without a beta schedule (a flow-matching one, SD3's and FLUX's, or an EDM
+    one) describes another noise process than the α_t, σ_t of `NoiseSchedule`: refused, rather than sampled with SD's
+    default betas. A class diffusers does not have (or has only as a placeholder for a missing dependency, which takes any
+    arguments) is left to the config's keys."""
+    import inspect
+
+    import diffusers
+
+    scheduler = getattr(diffusers, class_name or "", None)
+    if not inspect.isclass(scheduler):
+        return
+    parameters = inspect.signature(scheduler.__init__).parameters.values()
+    variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters)
+    if not variadic and "beta_schedule" not in [p.name for p in parameters]:
+        raise UserError(f"{name_or_path}: its scheduler is a {class_name}, which has no beta schedule: the model was trained on "
+                        "another noise schedule than the DDPM-type α_t, σ_t this library samples (flow matching: SD3, FLUX); give a "
+                        "Stable Diffusion, SDXL or PixArt-α model")
 
 
 def make_student_unet(teacher_unet, time_cond_proj_dim: int = DEFAULT_TIME_COND_PROJ_DIM):
@@ -648,6 +763,31 @@ def _unloaded_lora_tensors(state_dict: dict, components: dict) -> list[str]:
 
 
 LORA_SCHEDULER_FILE = "scheduler_config.json"  # the LCMScheduler config `lcm distill --adapter lora` saves next to the weights
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the weights file of a LoRA folder, as diffusers' `save_lora_weights` names it
+
+
+def _pickled_lora(path: Path) -> Path | None:
+    """The pickled weights file a local LoRA is (a file of another suffix than .safetensors) or holds in place of safetensors
+    weights (a folder); None for any other."""
+    if path.is_file():
+        return None if path.suffix == ".safetensors" else path
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    return next((f for f in sorted(path.iterdir()) if f.name.endswith(PICKLE_SUFFIXES)), None)
+
+
+def _check_lora_path(path: Path, lora: str) -> None:
+    """A local LoRA is a LoRA's safetensors file or folder: a pickled one, a pipeline folder or a training run is refused
+    with what to give instead."""
+    pickle = _pickled_lora(path)
+    if pickle is not None:
+        what = "is" if path.is_file() else "holds its weights only as"
+        raise UserError(f"the LoRA {lora} {what} {pickle.name}, a PyTorch pickle, which is not loaded here (models are safetensors files); "
+                        f"convert it: safetensors.torch.save_file(torch.load(\"{pickle.name}\"), \"{LORA_WEIGHTS_FILE}\")")
+    if (path / "model_index.json").is_file():
+        raise UserError(f"the LoRA {lora} is a diffusers pipeline folder, not a LoRA: give it as --model (an LCM samples without --lora)")
+    if (path / "config.json").is_file() and (path / "checkpoints").is_dir() and (path / "lora").is_dir():
+        raise UserError(f"the LoRA {lora} is a training run: give the LoRA it exported, {path / 'lora'}")
 
 
 def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
@@ -666,6 +806,7 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
         if not _looks_like_hub_id(lora):
             raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
         check_hub_id(lora, "the LoRA")
+    _check_lora_path(path, lora)
     saved = path / LORA_SCHEDULER_FILE  # read before the model loads: a broken file is known at once
     saved_config = read_json_object(saved, "the LoRA folder") if saved.is_file() else None
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
@@ -675,7 +816,7 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     state_dict, loading = {}, "unet"
     try:
         with _diffusers_errors_unlogged():  # diffusers logs a failed load as well as raising it: the message below says it once
-            state_dict, alphas, metadata = family.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+            state_dict, alphas, metadata = family.lora_state_dict(source, return_lora_metadata=True, use_safetensors=True, **kwargs)
             if not state_dict or not all("lora" in key for key in state_dict):
                 raise ValueError("not a LoRA state dict (every key must name a lora layer)")
             family.load_lora_into_unet(state_dict, alphas, model.unet, metadata=metadata)

@@ -21,6 +21,7 @@ import torch
 from latent_consistency.errors import UserError, first_line
 
 TINY_CLASS = "AutoencoderTiny"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # a diffusers model folder's weights, as save_pretrained names them
 
 
 class PreviewDecoder:
@@ -80,8 +81,26 @@ def load_preview_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, 
         if config.get("_class_name") != TINY_CLASS:
             raise UserError(f"preview decoder {name_or_path} is not an {TINY_CLASS} (TAESD) folder: its config names {config.get('_class_name')}; "
                             "give a tiny decoder such as madebyollin/taesd or one made by `lcm world preview-decoder`")
-        tiny = AutoencoderTiny.from_pretrained(name_or_path, torch_dtype=dtype, use_safetensors=True)
+        if path.exists() and not (path / WEIGHTS_FILE).is_file():  # diffusers would log its own error before raising one
+            raise UserError(f"preview decoder {name_or_path} holds no {WEIGHTS_FILE} (weights as PyTorch pickles are not loaded here); "
+                            "save it again with save_pretrained(FOLDER, safe_serialization=True)")
+        tiny, info = AutoencoderTiny.from_pretrained(name_or_path, torch_dtype=dtype, use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError) as err:
         hint = "" if path.exists() else " (a hub id needs the hub, or its files in the cache: offline, give a local folder)"
         raise UserError(f"cannot load the preview decoder {name_or_path}: {first_line(err)}{hint}") from err
+    _check_loaded_tensors(name_or_path, info)
     return PreviewDecoder(tiny.to(device).eval().requires_grad_(False), name_or_path)
+
+
+def _check_loaded_tensors(name_or_path: str, info: dict) -> None:
+    """Weights that hold every tensor of the config's model and no other: diffusers leaves a missing one uninitialised (on the
+    meta device, a traceback when the decoder is moved) and drops an unexpected one, with a logged warning only."""
+    missing, unexpected = sorted(info.get("missing_keys") or []), sorted(info.get("unexpected_keys") or [])
+    if missing:
+        which = f"lack {len(missing)} tensor(s) of its config.json's model (e.g. {missing[0]})"
+    elif unexpected:
+        which = f"hold {len(unexpected)} tensor(s) its config.json's model does not have (e.g. {unexpected[0]})"
+    else:
+        return
+    raise UserError(f"the weights of preview decoder {name_or_path} {which}: the weights and config.json are of different "
+                    "models; save the decoder again")
