@@ -346,7 +346,7 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
                          optimizer="adamw-fused"),
     # Plumbing in tests: seconds.
     "tiny": dict(steps=4, batch_size=4, lr=1e-4, lr_warmup_steps=0, log_every=1, validate_every=0, checkpoint_every=2,
-                 time_cond_proj_dim=32),
+                 time_cond_proj_dim=32, omega_response_samples=4),
 }
 # Presets that continue another preset's run: they need its LCM as --student-init (started from the teacher they would
 # be a different, untested recipe)
