@@ -218,6 +218,17 @@ def test_a_warmup_longer_than_the_run_trains_with_a_note(distill, run_error):
                                    "and never reaches it"], err
 
 
+def test_pair_steps_as_long_as_the_run_train_with_a_note(distill, run_error, tmp_path):
+    """--guidance-pair-steps asks for a plain tail after the λ_Δ term: one of --steps or more left none, silently."""
+    pair = ("--guidance-scale-min", "1", "--guidance-scale-max", "4", "--guidance-pair-weight", "1", "--steps", "2")
+    code, err = run_error(distill(*pair, "--guidance-pair-steps", "2"))
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert code == 0 and notes == ["lcm distill: note: --guidance-pair-steps 2 is not less than --steps 2: the λ_Δ term applies to every "
+                                   "step, and the plain loss after it never comes"], err
+    code, err = run_error(distill(*pair, "--guidance-pair-steps", "1", "--out", str(tmp_path / "tail")))
+    assert code == 0 and "note:" not in err
+
+
 def test_a_run_resumed_with_its_teacher_and_data_spelled_another_way_is_the_same_run(tiny_sd, image_folder, tmp_path, run_error):
     """`w` and `./w/` name one folder (and world:shapes one dataset): a resume (the demo's rerun too) that spells them
     otherwise is not refused as a different config; another folder still is."""

@@ -48,6 +48,16 @@ def warmup_note(config: TrainConfig) -> str | None:
             f"{config.steps / config.lr_warmup_steps:.2g} × --lr and never reaches it")
 
 
+def pair_steps_note(config: TrainConfig) -> str | None:
+    """A note when --guidance-pair-steps covers the whole run: the plain tail it asks for (Algorithm 1's loss after the
+    λ_Δ term) never comes."""
+    pair_steps = getattr(config, "guidance_pair_steps", 0)
+    if not pair_steps or pair_steps < config.steps:
+        return None
+    return (f"--guidance-pair-steps {pair_steps} is not less than --steps {config.steps}: the λ_Δ term applies to every step, and "
+            "the plain loss after it never comes")
+
+
 def lr_lambda(config: TrainConfig):
     def factor(step: int) -> float:
         if step < config.lr_warmup_steps:
@@ -163,7 +173,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
     if accelerator.is_main_process:
         command = "distill" if config.objective == "lcd" else "finetune"
-        for note in filter(None, (batches.small_data_note(config.batch_size), warmup_note(config))):
+        for note in filter(None, (batches.small_data_note(config.batch_size), warmup_note(config), pair_steps_note(config))):
             print(f"lcm {command}: note: {note}", file=sys.stderr)
     optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
