@@ -49,6 +49,7 @@ def test_a_record_reads_back_as_written(tmp_path):
     json.dumps({"guidance_scale_min": 1, "guidance_scale_max": 2, "guidance_scale": True}),
     '{"guidance_scale_min": 1, "guidance_scale_max": 2, "guidance_scale": NaN}',
     json.dumps({"guidance_scale_min": 1, "guidance_scale_max": 2, "guidance_scale": 8}),
+    json.dumps({"guidance_scale_min": 0.5, "guidance_scale_max": 2, "guidance_scale": 0.5}),
     json.dumps({"guidance_scale_min": 1, "guidance_scale_max": 2, "guidance_scale": 2, "omega_response": [0.1]}),
     json.dumps({"guidance_scale_min": 1, "guidance_scale_max": 2, "guidance_scale": 2, "omega_response": {"late": 0.1}}),
     json.dumps({"guidance_scale_min": 1, "guidance_scale_max": 2, "guidance_scale": 2, "omega_response": {"999": None}}),

@@ -83,6 +83,8 @@ def _parse(data) -> GuidanceRecord:
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     low, high, default = (_finite(data.get(k), k) for k in ("guidance_scale_min", "guidance_scale_max", "guidance_scale"))
+    if low < 1:  # an ω input is trained on ω = g - 1 >= 0 (`parameterization.check_guidance_scale_range`)
+        raise ValueError(f"guidance_scale_min {low:g} is below 1")
     if not low <= default <= high:
         raise ValueError(f"guidance_scale {default:g} is outside [{low:g}, {high:g}]")
     response = data.get("omega_response")
