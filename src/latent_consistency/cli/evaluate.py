@@ -34,13 +34,15 @@ def guidance_scale(text: str) -> float:
 
 def number_list(parse_one):
     """A comma-separated list of values, each checked by `parse_one` (`positive_int` for steps, `guidance_scale`); a value
-    listed twice is refused (its rows would be scored twice, and drawn twice in the grids)."""
+    listed twice is refused (its rows would be scored twice, and drawn twice in the grids), and so are two that print
+    alike to 6 digits, as a row is keyed by its value so printed (`Row.key`): the second would take the first's scores."""
 
     def parse(text: str):
         values = [parse_one(v.strip()) for v in text.split(",") if v.strip()]
         if not values:
             raise argparse.ArgumentTypeError("give at least one value")
-        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        printed = [f"{v:g}" for v in values]
+        twice = [v for i, v in enumerate(values) if printed[i] in printed[:i]]
         if twice:
             raise argparse.ArgumentTypeError(f"{twice[0]:g} is listed twice; give each value once")
         return values
@@ -63,7 +65,22 @@ def read_items(spec: str, resolution: int, n: int) -> list[dict]:
             if len(items) == n:
                 break
         return items
-    return [dataset[i] for i in range(min(n, len(dataset)))]
+    items, skipped = [], skipped_samples(dataset)
+    for i in range(len(dataset)):
+        if len(items) == n:
+            break
+        item = dataset[i]
+        if skipped_samples(dataset) == skipped:  # not the next usable sample standing in for a corrupt one, read again at its index
+            items.append(item)
+        skipped = skipped_samples(dataset)
+    return items
+
+
+def skipped_samples(dataset) -> int:
+    """How many samples a map-style dataset has skipped so far (corrupt images: an image folder gives the next usable
+    one in their place), by its `skipped` counter; 0 for a dataset without one."""
+    counts = getattr(getattr(dataset, "skipped", None), "counts", {})
+    return sum(count for reason, count in counts.items() if not reason.startswith("converted_"))
 
 
 # What `lcm evaluate` writes next to results.json
@@ -109,7 +126,7 @@ def load_eval_set(args, resolution: int):
 
 
 def scorers_for(args, device):
-    from latent_consistency.evaluation.table import ClipScorer, FeatureScorer, JudgeScorer
+    from latent_consistency.evaluation.table import ClipScorer, FeatureScorer, JudgeScorer, model_identity
 
     scorers = []
     if args.prompts.startswith("world:"):
@@ -120,15 +137,16 @@ def scorers_for(args, device):
         dataset = args.prompts.split(":")[1]
         if dataset not in world.judges:
             raise UserError(f"the world in {world.path} has no judge for {dataset}; it has {', '.join(world.judges)}")
-        scorers.append(JudgeScorer(world.judges[dataset], prompt_alignment))
+        scorers.append(JudgeScorer(world.judges[dataset], prompt_alignment, source=model_identity(str(world.path))))
     if args.clip:
         from latent_consistency.evaluation.clip import ClipModel
 
-        scorers.append(ClipScorer(ClipModel.load(args.clip, device)))
+        scorers.append(ClipScorer(ClipModel.load(args.clip, device), source=model_identity(args.clip)))
     if args.inception:
         from latent_consistency.evaluation.inception import InceptionFeatures
 
-        scorers.append(FeatureScorer("inception", InceptionFeatures.load(args.inception, device), unit_kid_features=False))
+        scorers.append(FeatureScorer("inception", InceptionFeatures.load(args.inception, device), unit_kid_features=False,
+                                     source=model_identity(args.inception)))
     if not scorers:
         raise UserError("no metric to compute: pass --clip MODEL (CLIP score, FID in CLIP features), --inception FILE, "
                         "or prompts of the built-in world (world:NAME) for its judge")

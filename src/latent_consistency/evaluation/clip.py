@@ -34,17 +34,20 @@ class ClipModel(torch.nn.Module):
     @classmethod
     def load(cls, name_or_path: str, device: torch.device | str = "cpu") -> ClipModel:
         """A CLIP model folder or hub id; offline, a hub id must be in the local cache."""
+        from safetensors import SafetensorError
         from transformers import CLIPModel, CLIPTokenizer
 
         try:
-            model = CLIPModel.from_pretrained(name_or_path, use_safetensors=True)
+            model, info = CLIPModel.from_pretrained(name_or_path, use_safetensors=True, output_loading_info=True)
             tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SafetensorError) as err:
             raise UserError(f"cannot load a CLIP model from {name_or_path}: give a local folder saved by CLIPModel.save_pretrained "
                             "(safetensors, with its tokenizer) or, online, a hub id such as openai/clip-vit-large-patch14") from err
-        config = Path(name_or_path) / "preprocessor_config.json"
-        stats = json.loads(config.read_text()) if config.is_file() else {}
-        return cls(model, tokenizer, stats.get("image_mean", CLIP_MEAN), stats.get("image_std", CLIP_STD)).to(device)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:  # transformers fills them with random weights, and only logs it
+            raise UserError(f"{name_or_path} is not a whole CLIP model: its weights lack {len(missing)} of CLIPModel's tensors "
+                            f"({', '.join(missing[:2])}, ...), e.g. a text encoder alone; give a CLIP model with its image tower")
+        return cls(model, tokenizer, *image_stats(Path(name_or_path) / "preprocessor_config.json")).to(device)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[-1, 1] images of any size -> the model's normalised input: shorter side resized, centre crop."""
@@ -65,7 +68,10 @@ class ClipModel(torch.nn.Module):
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.mean.device)
+        """Projected text embeddings [B, D], each prompt cut to the tokens the text model has positions for (a tokenizer
+        saved without model_max_length would not cut it)."""
+        longest = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=longest, return_tensors="pt").to(self.mean.device)
         return self.model.get_text_features(**tokens).pooler_output
 
     @torch.no_grad()
@@ -79,3 +85,21 @@ class ClipModel(torch.nn.Module):
             text = F.normalize(self.text_features(prompts[start:start + batch_size]), dim=-1)
             scores.append(100 * (image * text).sum(-1).clamp(min=0))
         return float(torch.cat(scores).mean())
+
+
+def image_stats(config: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the CLIP model's image normalisation: its preprocessor_config.json's image_mean and image_std (three
+    numbers each, std positive), OpenAI CLIP's where there is no such file or it gives none; a UserError naming the file
+    when it is not JSON or its values are not such numbers."""
+    if not config.is_file():
+        return CLIP_MEAN, CLIP_STD
+    try:
+        stats = json.loads(config.read_text(encoding="utf-8"))
+        mean, std = (tuple(float(v) for v in stats.get(key, default)) for key, default in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as err:
+        raise UserError(f"cannot read the image normalisation of {config} ({err.__class__.__name__}): save the CLIP model's "
+                        "preprocessor again, or remove the file to use OpenAI CLIP's") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise UserError(f"{config} gives image_mean {list(mean)} and image_std {list(std)}: each needs three numbers, one per "
+                        "RGB channel (std positive); save the CLIP model's preprocessor again")
+    return mean, std

@@ -35,10 +35,19 @@ class InceptionFeatures(torch.nn.Module):
             probe = network(torch.zeros(1, 3, 64, 64, device=device), return_features=True)
         except (RuntimeError, ValueError) as err:
             raise UserError(f"{path} is not the TorchScript FID Inception network; pass {WHAT_TO_PASS}") from err
-        return cls(network, int(probe.shape[-1]))
+        return cls(network, feature_width(probe, path))
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         device = next(iter(self.network.parameters()), torch.empty(0)).device
         uint8_range = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(device)
         return self.network(uint8_range, return_features=True).float()
+
+
+def feature_width(probe, path: Path) -> int:
+    """The width F of the features [1, F] that the network in `path` returned for one image; a UserError for anything
+    else (a tuple, a feature map [1, C, H, W]): FID could not be computed on it, and would fail only after sampling."""
+    if isinstance(probe, torch.Tensor) and probe.dim() == 2 and probe.shape[0] == 1 and probe.shape[1] > 0:
+        return int(probe.shape[1])
+    shape = f"a tensor of shape {list(probe.shape)}" if isinstance(probe, torch.Tensor) else f"a {type(probe).__name__}"
+    raise UserError(f"{path} returns {shape} for one image, not a vector of features; pass {WHAT_TO_PASS}")

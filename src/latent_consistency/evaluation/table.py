@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -126,15 +127,17 @@ class Scorer:
 
 class FeatureScorer(Scorer):
     """FID and KID in a feature network's space against the reference images; `unit_kid_features`: KID on
-    features scaled to unit RMS (`fid.kid_score`), for any network but Inception."""
+    features scaled to unit RMS (`fid.kid_score`), for any network but Inception. `source`: which network it is (its
+    `model_identity`), so that results scored with another one are not reused."""
 
-    def __init__(self, name: str, network, unit_kid_features: bool = True):
-        self.name, self.network, self.unit_kid_features = name, network, unit_kid_features
+    def __init__(self, name: str, network, unit_kid_features: bool = True, source: str = ""):
+        self.name, self.network, self.unit_kid_features, self.source = name, network, unit_kid_features, source
         self._kid_scale: tuple[torch.Tensor, float] | None = None  # (reference, its feature RMS): the same for every row
 
     @property
     def identity(self) -> str:
-        return f"{self.name}, KID on unit features" if self.unit_kid_features else self.name
+        identity = f"{self.name}, KID on unit features" if self.unit_kid_features else self.name
+        return f"{identity} of {self.source}" if self.source else identity
 
     def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
         return {"fid": fid_score(self.network, eval_set.reference, images),
@@ -151,8 +154,8 @@ class FeatureScorer(Scorer):
 class JudgeScorer(FeatureScorer):
     """The built-in world's judge: FID and KID in its features, and how much of each prompt it reads back."""
 
-    def __init__(self, judge, alignment: Callable):
-        super().__init__("judge", judge)
+    def __init__(self, judge, alignment: Callable, source: str = ""):
+        super().__init__("judge", judge, source=source)
         self.alignment = alignment
 
     def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
@@ -164,8 +167,8 @@ class JudgeScorer(FeatureScorer):
 class ClipScorer(FeatureScorer):
     """CLIP score of each image with its prompt, and FID and KID in CLIP image features."""
 
-    def __init__(self, clip):
-        super().__init__("clip", clip)
+    def __init__(self, clip, source: str = ""):
+        super().__init__("clip", clip, source=source)
 
     def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
         return super().__call__(images, eval_set) | {"clip_score": self.network.score(images, eval_set.all_prompts)}
@@ -244,22 +247,43 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
     fingerprint = eval_set.fingerprint(*models, *identities, *(s.identity for s in scorers))
     results = saved_results(path, fingerprint, keep_other_results)
     todo = [row for row in rows if row.key not in results]
-    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress)
-    for row in todo:
-        if torch.device(device).type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        images = generate(row, lcm, teacher, eval_set, device, guided)
-        ms_per_image = 1000 * (time.perf_counter() - start) / len(images)
-        record = asdict(row) | {"method": row.method, "network_evaluations": row.network_evaluations(lcm), "ms_per_image": ms_per_image,
-                                "peak_memory_mb": _peak_memory_mb(device), "images": len(images)}
-        for scorer in scorers:
-            record |= {f"{scorer.name}_{k}": v for k, v in scorer(images, eval_set).items()}
-        results[row.key] = record
-        write_json_atomic(path, {"fingerprint": fingerprint, "rows": results})
-        bar.update(1)
-    bar.close()
+    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress) as bar:
+        for row in todo:
+            if torch.device(device).type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            images = generate(row, lcm, teacher, eval_set, device, guided)
+            check_finite(images, row)
+            ms_per_image = 1000 * (time.perf_counter() - start) / len(images)
+            record = asdict(row) | {"method": row.method, "network_evaluations": row.network_evaluations(lcm), "ms_per_image": ms_per_image,
+                                    "peak_memory_mb": _peak_memory_mb(device), "images": len(images)}
+            for scorer in scorers:
+                record |= {f"{scorer.name}_{k}": v for k, v in finite_scores(scorer, scorer(images, eval_set), row).items()}
+            results[row.key] = record
+            write_json_atomic(path, {"fingerprint": fingerprint, "rows": results})
+            bar.update(1)
     return {row.key: results[row.key] for row in rows}
+
+
+def check_finite(images: torch.Tensor, row: Row) -> None:
+    """A UserError when any of a row's images holds NaN or infinite pixels (a model with broken weights, or overflow in
+    half precision): their FID and KID would be NaN, not a score; the rows scored before it stay in results.json."""
+    broken = int((~torch.isfinite(images.flatten(1).sum(1))).sum())  # an image's sum is NaN or infinite if a pixel is
+    if broken:
+        raise UserError(f"{row.method} at {row.steps} step(s), g = {row.guidance_scale:g}, made {broken} of {len(images)} images with "
+                        "NaN or infinite pixels: its model is broken (NaN weights, or overflow in half precision); the rows scored "
+                        f"before it are kept in {RESULTS_FILE}")
+
+
+def finite_scores(scorer: Scorer, scores: dict[str, float], row: Row) -> dict[str, float]:
+    """`scores`, which `scorer` gave a row of finite images; a UserError when one is NaN or infinite: the metric's network
+    is broken (NaN weights), and a NaN is not a score to report or to reuse on a rerun."""
+    broken = [name for name, value in scores.items() if not math.isfinite(value)]
+    if broken:
+        raise UserError(f"the {scorer.name} metric gave {row.method} at {row.steps} step(s), g = {row.guidance_scale:g}, a {broken[0]} of "
+                        f"{scores[broken[0]]}: its network ({scorer.identity}) is broken (NaN weights?); the rows scored before it "
+                        f"are kept in {RESULTS_FILE}")
+    return scores
 
 
 def metric_names(results: dict[str, dict]) -> tuple[str, str]:

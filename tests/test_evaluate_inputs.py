@@ -1,0 +1,171 @@
+"""What a user gives `lcm evaluate` as their own metric networks and models: an Inception file of another network's
+output, a CLIP folder that is a text encoder alone or damaged, guidance scales that print alike, and a model whose
+images are NaN. Each is one line on stderr and exit code 2, before any row is sampled where it can be, with nothing
+already written lost; never a traceback or a NaN scored as a number."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from latent_consistency.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory):
+    """An LCM, its teacher, prompts, real images and a CLIP model for `lcm evaluate`."""
+    from tiny_models import save_tiny_clip, save_tiny_lcm, save_tiny_sd, write_captioned_images
+
+    folder = tmp_path_factory.mktemp("evaluation")
+    (folder / "prompts.txt").write_text("a red star\na blue ring\n")
+    return dict(lcm=save_tiny_lcm(folder / "lcm"), sd=save_tiny_sd(folder / "sd"), clip=save_tiny_clip(folder / "clip"),
+                prompts=folder / "prompts.txt", images=write_captioned_images(folder / "images", 4))
+
+
+def evaluate(evaluation, out, *extra, metric=("--clip",)) -> list[str]:
+    metric = [*metric, str(evaluation["clip"])] if metric == ("--clip",) else list(metric)
+    return ["evaluate", "--lcm", str(evaluation["lcm"]), "--prompts", str(evaluation["prompts"]), "--reference",
+            str(evaluation["images"]), *metric, "--steps", "1", "--out", str(out), "--device", "cpu", *extra]
+
+
+class Pairs(torch.nn.Module):
+    """A TorchScript network that returns (features, feature map), not the features alone."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        return x.mean((2, 3)), x
+
+
+class FeatureMap(torch.nn.Module):
+    """A TorchScript network that returns pooled features still shaped [B, C, 1, 1]."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+
+class Linear(torch.nn.Module):
+    """A TorchScript stand-in of the FID Inception network: [0, 255] images -> 4 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.project = torch.nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.project(x.mean((2, 3)) / 255)
+
+
+@pytest.mark.parametrize("network", [Pairs, FeatureMap])
+def test_an_inception_file_of_another_output_is_refused_before_sampling(network, evaluation, tmp_path, run_error):
+    torch.jit.script(network()).save(str(tmp_path / "inception.pt"))
+    code, err = run_error(evaluate(evaluation, tmp_path / "out", metric=("--inception", str(tmp_path / "inception.pt"))))
+    assert code == 2 and len(err.splitlines()) == 1 and "not a vector of features" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def text_only_clip(evaluation, tmp_path):
+    """A Stable Diffusion text encoder and its tokenizer in one folder: a CLIP text model, no image tower."""
+    folder = shutil.copytree(evaluation["sd"] / "text_encoder", tmp_path / "text-clip")
+    for file in (evaluation["sd"] / "tokenizer").iterdir():
+        shutil.copy(file, folder)
+    return folder
+
+
+def test_a_clip_folder_without_an_image_model_is_refused(text_only_clip, evaluation, tmp_path, run_error):
+    """transformers fills the missing image tower with random weights: its FID and CLIP score would be noise."""
+    code, err = run_error(evaluate(evaluation, tmp_path / "out", metric=("--clip", str(text_only_clip))))
+    assert code == 2 and len(err.splitlines()) == 1 and "not a whole CLIP model" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["preprocessor not json", "preprocessor mean of one value", "truncated weights"])
+def test_a_damaged_clip_folder_is_one_line(case, evaluation, tmp_path):
+    from latent_consistency.evaluation.clip import ClipModel
+
+    folder = shutil.copytree(evaluation["clip"], tmp_path / "clip")
+    if case == "truncated weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        (folder / "preprocessor_config.json").write_text("{oops" if case == "preprocessor not json" else json.dumps({"image_mean": 0.5}))
+    with pytest.raises(UserError) as error:
+        ClipModel.load(str(folder))
+    assert str(folder) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_guidance_scales_that_print_alike_are_refused(evaluation, tmp_path, run_error):
+    """Rows are kept by their scale printed to 6 digits: 7.5 and 7.500001 would share one row, scored once."""
+    code, err = run_error(evaluate(evaluation, tmp_path / "out", "--guidance-scales", "7.5,7.500001"))
+    assert code == 2 and len(err.splitlines()) == 1 and "listed twice" in err, err
+
+
+def test_a_model_of_nan_images_is_refused_not_scored_nan(evaluation, tmp_path, run_error):
+    """A broken LCM (NaN weights, or half-precision overflow) makes NaN images: their FID is NaN, not a number to report."""
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(evaluation["lcm"], tmp_path / "broken")
+    weights = next((model / "vae").glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["decoder.conv_out.bias"] = torch.full_like(tensors["decoder.conv_out.bias"], float("nan"))
+    save_file(tensors, weights)
+    argv = [a if a != str(evaluation["lcm"]) else str(model) for a in evaluate(evaluation, tmp_path / "out")]
+    code, err = run_error(argv)
+    lines = [line for line in err.splitlines() if "%|" not in line]  # less the progress bar, closed before the message
+    assert code == 2 and len(lines) == 1 and "NaN" in lines[0] and err.splitlines()[-1] == lines[0], err
+    assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out" / "report.md").exists()
+
+
+def test_a_long_prompt_is_cut_to_the_clip_text_models_positions(evaluation, tmp_path):
+    """A tokenizer saved without model_max_length does not cut prompts: the text model, with 16 positions, would raise."""
+    from latent_consistency.evaluation.clip import ClipModel
+
+    folder = shutil.copytree(evaluation["clip"], tmp_path / "clip")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["model_max_length"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    clip = ClipModel.load(str(folder))
+    images = torch.zeros(2, 3, 16, 16)
+    assert clip.score(images, ["a red star " * 30, "a blue ring"]) == pytest.approx(clip.score(images, ["a red star " * 5, "a blue ring"]))
+
+
+@pytest.mark.parametrize("metric", ["--clip", "--inception"])
+def test_a_rerun_with_another_metric_network_does_not_reuse_its_scores(metric, evaluation, tmp_path, run_error):
+    """Rows are reused when scored with the same metrics: another CLIP model or Inception file is another evaluation,
+    not the first network's numbers under the second's name."""
+    if metric == "--clip":
+        first, second = evaluation["clip"], shutil.copytree(evaluation["clip"], tmp_path / "other-clip")
+    else:
+        first, second = tmp_path / "inception.pt", tmp_path / "other-inception.pt"
+        for path, seed in ((first, 0), (second, 1)):
+            torch.manual_seed(seed)
+            torch.jit.script(Linear()).save(str(path))
+    out = tmp_path / "out"
+    assert run_error(evaluate(evaluation, out, metric=(metric, str(first))))[0] == 0
+    results = (out / "results.json").read_text()
+    code, err = run_error(evaluate(evaluation, out, metric=(metric, str(second))))
+    assert code == 2 and "another evaluation" in err.splitlines()[-1], err
+    assert (out / "results.json").read_text() == results
+
+
+
+def test_a_corrupt_image_does_not_put_its_neighbour_in_twice(tmp_path):
+    """An image folder gives the next usable image in place of a corrupt one, for training; the evaluation's prompts and
+    reference images are each image once, the corrupt one left out."""
+    from latent_consistency.cli.evaluate import read_items
+    from tiny_models import write_captioned_images
+
+    folder = write_captioned_images(tmp_path / "images", 5)
+    (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:40])
+    assert [item["caption"] for item in read_items(str(folder), 16, 4)] == [f"a red star number {i}" for i in (0, 2, 3, 4)]
+    (folder / "4.png").write_bytes(b"")  # the last one: the first stands in for it
+    assert [item["caption"] for item in read_items(str(folder), 16, 10)] == [f"a red star number {i}" for i in (0, 2, 3)]
+
+
+def test_an_inception_network_of_nan_weights_is_refused_not_scored_nan(evaluation, tmp_path, run_error):
+    network = Linear()
+    torch.nn.init.constant_(network.project.bias, float("nan"))
+    torch.jit.script(network).save(str(tmp_path / "inception.pt"))
+    code, err = run_error(evaluate(evaluation, tmp_path / "out", metric=("--inception", str(tmp_path / "inception.pt"))))
+    lines = [line for line in err.splitlines() if "%|" not in line]
+    assert code == 2 and len(lines) == 1 and "is broken" in lines[0], err
+    assert not (tmp_path / "out" / "results.json").exists()
