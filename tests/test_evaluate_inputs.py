@@ -169,3 +169,36 @@ def test_an_inception_network_of_nan_weights_is_refused_not_scored_nan(evaluatio
     lines = [line for line in err.splitlines() if "%|" not in line]
     assert code == 2 and len(lines) == 1 and "is broken" in lines[0], err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def write_shards(folder, shards: int, samples: int):
+    """`shards` .tar shards of `samples` captioned PNGs each ("shard S sample K"), in img2dataset's layout."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as archive:
+            for k in range(samples):
+                png = io.BytesIO()
+                Image.new("RGB", (8, 8), (k * 80, s * 100, 0)).save(png, "PNG")
+                for name, payload in ((f"s{s}k{k}.png", png.getvalue()), (f"s{s}k{k}.txt", f"shard {s} sample {k}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    archive.addfile(info, io.BytesIO(payload))
+    return folder
+
+
+def test_shards_as_prompts_are_read_once_each_in_order(tmp_path):
+    """The training stream resamples shards with replacement: read for an evaluation it repeated some samples and left
+    others out (two shards of 3, read for 6, gave one twice), or went round again past the end."""
+    from latent_consistency.cli.evaluate import read_items
+
+    shards = write_shards(tmp_path / "shards", 2, 3)
+    every = [f"shard {s} sample {k}" for s in range(2) for k in range(3)]
+    assert [it["caption"] for it in read_items(str(shards), 8, 10)] == every
+    assert [it["caption"] for it in read_items(str(shards), 8, 4)] == every[:4]
+    (shards / "00001.tar").write_bytes((shards / "00001.tar").read_bytes()[:700])  # cut inside its first sample
+    assert [it["caption"] for it in read_items(str(shards), 8, 10)] == every[:3]

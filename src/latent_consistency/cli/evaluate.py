@@ -8,6 +8,7 @@ score and FID in CLIP features) and the usual Inception FID (`--inception FILE`)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -52,19 +53,15 @@ def number_list(parse_one):
 
 def read_items(spec: str, resolution: int, n: int) -> list[dict]:
     """The first `n` items {"caption", "image"?, "attributes"?} of a data spec, or prompts of a text file (.txt)."""
+    from latent_consistency.data.shards import ShardStream
     from latent_consistency.data.spec import open_dataset
 
     path = Path(spec)
     if path.suffix.lower() == ".txt" and not path.is_dir():  # a folder named x.txt is an image folder or shards
         return [{"caption": p} for p in read_prompt_file(spec)[:n]]
     dataset = open_dataset(spec, resolution)
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        items = []
-        for item in dataset:
-            items.append(item)
-            if len(items) == n:
-                break
-        return items
+    if isinstance(dataset, ShardStream):  # each sample once, in order: the training stream resamples shards
+        return list(itertools.islice(dataset.samples_once(), n))
     items, skipped = [], skipped_samples(dataset)
     for i in range(len(dataset)):
         if len(items) == n:

@@ -36,6 +36,7 @@ UserError instead of looping forever.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import random
@@ -269,6 +270,31 @@ class ShardStream(IterableDataset):
             cursor.close()
             pool.shutdown(wait=False, cancel_futures=True)
 
+    def samples_once(self) -> Iterator[dict[str, torch.Tensor | str]]:
+        """Each usable sample of each shard once, shard after shard in order, in this thread: what an evaluation reads as
+        its prompts and reference images, where the endless resampled stream would repeat some and leave others out.
+        Skipped samples and damaged shards are counted as the stream counts them; the stream's position is untouched."""
+        for shard in self.shards:
+            try:
+                with tarfile.open(shard, mode="r:") as tar:
+                    for key, group in itertools.groupby((m for m in tar if _split_name(m.name)), lambda m: _split_name(m.name)[0]):
+                        members: dict[str, tarfile.TarInfo] = {}
+                        for member in group:
+                            if member.isfile():
+                                members.setdefault(_split_name(member.name)[1], member)
+                        picked = _image_and_caption(tar, members, f"{shard}:{key}", self.skipped)
+                        if picked is None:
+                            continue
+                        image, reason = decode_rgb(tar.extractfile(picked[0]).read(), self.resolution)
+                        if image is None:
+                            self.skipped.add(reason, f"{shard}:{key}")
+                            continue
+                        if reason is not None:
+                            self.skipped.add(reason)
+                        yield {"image": image, "caption": picked[1]}
+            except (tarfile.TarError, OSError) as error:
+                self.skipped.add("truncated_shard", f"{shard}: {error}")
+
     def _pop_buffer(self, cursor: _Cursor) -> _Sample:
         """Fill the shuffle buffer, then swap a new sample in for a seeded-random one and return that."""
         while len(self._buffer) < self.shuffle_buffer:
@@ -406,27 +432,37 @@ class _Cursor:
         stream._offset = self.lookahead.offset if self.lookahead is not None else self.tar.offset
         if split is None:
             return None
-        where = f"{stream.shards[self.shard]}:{split[0]}"
-        image = next((members[key] for key in IMAGE_KEYS if key in members), None)
-        if image is None:
-            stream.skipped.add("no_image", where)
+        picked = _image_and_caption(self.tar, members, f"{stream.shards[self.shard]}:{split[0]}", stream.skipped)
+        if picked is None:
             return None
-        caption = None
-        for key in CAPTION_KEYS:
-            if caption is None and key in members:
-                try:
-                    caption = _read_caption(self.tar.extractfile(members[key]).read(), key)
-                except UnicodeError as err:
-                    stream.skipped.add("bad_caption", f"{where}.{key}: {err.reason}")
-                    return None
-        if caption is None:
-            stream.skipped.add("no_caption", where)
-            return None
-        if (problem := caption_problem(caption)) is not None:
-            stream.skipped.add("bad_caption", f"{where}: caption {problem}")
-            return None
+        image, caption = picked
         data = self.tar.extractfile(image).read()
         return _Sample(self.shard, image.offset_data, image.size, caption, self.first_read, data)
+
+
+def _image_and_caption(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], where: str,
+                       skipped: SkipCounter) -> tuple[tarfile.TarInfo, str] | None:
+    """A sample's image member and caption, from its members by extension; None, counted in `skipped`, for a sample
+    without an image or a usable caption."""
+    image = next((members[key] for key in IMAGE_KEYS if key in members), None)
+    if image is None:
+        skipped.add("no_image", where)
+        return None
+    caption = None
+    for key in CAPTION_KEYS:
+        if caption is None and key in members:
+            try:
+                caption = _read_caption(tar.extractfile(members[key]).read(), key)
+            except UnicodeError as err:
+                skipped.add("bad_caption", f"{where}.{key}: {err.reason}")
+                return None
+    if caption is None:
+        skipped.add("no_caption", where)
+        return None
+    if (problem := caption_problem(caption)) is not None:
+        skipped.add("bad_caption", f"{where}: caption {problem}")
+        return None
+    return image, caption
 
 
 _END = object()
