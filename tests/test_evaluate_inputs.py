@@ -202,3 +202,16 @@ def test_shards_as_prompts_are_read_once_each_in_order(tmp_path):
     assert [it["caption"] for it in read_items(str(shards), 8, 4)] == every[:4]
     (shards / "00001.tar").write_bytes((shards / "00001.tar").read_bytes()[:700])  # cut inside its first sample
     assert [it["caption"] for it in read_items(str(shards), 8, 10)] == every[:3]
+
+
+def test_prompts_longer_than_the_text_encoder_reads_get_a_note(evaluation, tmp_path, capsys):
+    """`lcm generate` said so; `lcm evaluate` scored such prompts without a word."""
+    from latent_consistency.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red star\n" + "a very long prompt about a blue ring " * 10 + "\n")
+    args = evaluate(evaluation, tmp_path / "out")
+    args[args.index(str(evaluation["prompts"]))] = str(prompts)
+    assert main(args) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "1 of the 2 prompts are longer than the 16 tokens the text encoder reads (prompt 2:" in notes[0]

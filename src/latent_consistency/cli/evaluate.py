@@ -122,6 +122,18 @@ def load_eval_set(args, resolution: int):
                    args.images_per_prompt, args.seed)
 
 
+def note_truncated_prompts(model, prompts: list[str]) -> None:
+    """One line on stderr when prompts are longer than the text encoder reads: their ends are dropped, as diffusers drops
+    them, so the images (and CLIP score) follow less of those prompts than the report's prompt list shows."""
+    from latent_consistency.prompts import truncated_prompts
+
+    long = truncated_prompts(model.prompts, prompts)
+    if long:
+        i, count, limit = long[0]
+        print(f"lcm evaluate: note: {len(long)} of the {len(prompts)} prompts are longer than the {limit} tokens the text encoder "
+              f"reads (prompt {i + 1}: {count}); their ends are dropped, as diffusers drops them", file=sys.stderr)
+
+
 def scorers_for(args, device):
     from latent_consistency.evaluation.table import ClipScorer, FeatureScorer, JudgeScorer, model_identity
 
@@ -190,6 +202,7 @@ def run(args) -> None:
         print(f"lcm evaluate: note: {note}", file=sys.stderr)
     resolution = lcm.native_size
     eval_set = load_eval_set(args, resolution)
+    note_truncated_prompts(lcm, eval_set.prompts)
     scorers = scorers_for(args, device)
     out = writable_folder(args.out, "--out")
     # A stage-one model samples at every step count; a progressive round at the one it was distilled for
