@@ -202,9 +202,9 @@ def run(args) -> None:
         print(f"lcm evaluate: note: {note}", file=sys.stderr)
     resolution = lcm.native_size
     eval_set = load_eval_set(args, resolution)
-    note_truncated_prompts(lcm, eval_set.prompts)
     scorers = scorers_for(args, device)
     out = writable_folder(args.out, "--out")
+    note_truncated_prompts(lcm, eval_set.prompts)  # after every check: a refused evaluation says one line
     # A stage-one model samples at every step count; a progressive round at the one it was distilled for
     guided_steps = sorted(set(args.steps if 0 in guided else []) | {n for n in guided if n})
     rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=guided_steps, exact=args.exact)
