@@ -282,14 +282,18 @@ def test_counters_of_several_processes_merge_each_named_sample_once():
     two workers both found corrupt is one skipped sample; an add without a detail is one per copy that made it."""
     scan = SkipCounter()
     scan.add("no_caption", "a.png")
-    workers = []
+    events = []
     for corrupt in (["b.png"], ["b.png", "c.png"]):
-        worker = SkipCounter(counts=scan.counts.copy(), seen=set(scan.seen))
+        worker = SkipCounter(counts=scan.counts.copy(), seen=set(scan.seen), pending=[])
         for name in corrupt:
             worker.add("corrupt", name)
         worker.add("converted_grayscale")
-        workers.append(worker.snapshot())
-    merged = SkipCounter.merged("folder", [scan.snapshot(), *workers])
+        events += worker.take_pending()
+        assert worker.take_pending() == []  # each event is sent once
+    merged = scan.with_counted(events)
+    untracked = SkipCounter()  # a counter nobody collects from keeps no events: a long run would grow them without end
+    untracked.add("converted_grayscale")
+    assert untracked.pending is None
     assert merged.counts == {"no_caption": 1, "corrupt": 2, "converted_grayscale": 2}
 
 

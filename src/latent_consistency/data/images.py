@@ -57,12 +57,16 @@ class SkipCounter:
     name: str = "dataset"
     counts: Counter = field(default_factory=Counter)
     seen: set = field(default_factory=set)  # (reason, detail) already counted
+    # (reason, detail) counted since the last `take_pending`; None: not kept (a counter nobody collects from)
+    pending: list | None = None
 
     def add(self, reason: str, detail: str = "") -> None:
         if detail:
             if (reason, detail) in self.seen:
                 return
             self.seen.add((reason, detail))
+        if self.pending is not None:
+            self.pending.append((reason, detail))
         self.counts[reason] += 1
         count = self.counts[reason]
         if count == 1 or _is_power_of_ten(count):
@@ -70,21 +74,22 @@ class SkipCounter:
             where = f" ({detail})" if detail and count == 1 else ""
             logger.log(level, "%s: %s x%d%s", self.name, reason, count, where)
 
-    def snapshot(self) -> tuple[dict, frozenset]:
-        """(counts, seen): what `merged` needs of a copy of this counter in another process (a DataLoader worker's)."""
-        return dict(self.counts), frozenset(self.seen)
+    def take_pending(self) -> list[tuple[str, str]]:
+        """The (reason, detail) counted since the last call: what a copy of this counter in a DataLoader worker sends
+        back with each batch, only what is new (a whole copy would grow with the data)."""
+        taken, self.pending = self.pending or [], []
+        return taken
 
-    @classmethod
-    def merged(cls, name: str, snapshots: list[tuple[dict, frozenset]]) -> SkipCounter:
-        """One counter of the `snapshot`s of copies that counted the same data in several processes (the main one and
-        its DataLoader workers, each starting from the folder scan's counts): a sample named by its detail counts once
-        however many copies counted it, one without a detail once per copy that counted it."""
-        merged = cls(name=name)
-        for counts, seen in snapshots:
-            merged.seen |= seen
-            for reason, n in counts.items():  # the adds without a detail: those with one are the union's, below
-                merged.counts[reason] += n - sum(1 for r, _ in seen if r == reason)
-        merged.counts.update(reason for reason, _ in merged.seen)
+    def with_counted(self, events: list[tuple[str, str]]) -> SkipCounter:
+        """A copy with `events` (other copies' `take_pending`) counted too, without logging them again: a sample named by
+        its detail counts once however many copies counted it, one without a detail once per event."""
+        merged = SkipCounter(name=self.name, counts=self.counts.copy(), seen=set(self.seen))
+        for reason, detail in events:
+            if detail:
+                if (reason, detail) in merged.seen:
+                    continue
+                merged.seen.add((reason, detail))
+            merged.counts[reason] += 1
         return merged
 
     def summary(self) -> str:

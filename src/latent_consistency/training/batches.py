@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from latent_consistency.data.holdout import Holdout
-from latent_consistency.data.images import SkipCounter
 from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.data.sampler import ResumableSampler
 from latent_consistency.data.shards import ShardStream, check_usable
@@ -39,7 +38,7 @@ class TrainingBatches:
                 raise UserError(f"data {spec} holds no usable samples")
             self.sampler = ResumableSampler(len(self.dataset), seed=seed, rank=rank, world_size=world_size)
         self._iterator = None
-        self._worker_skips: dict[int, tuple] = {}  # each DataLoader worker's latest `SkipCounter.snapshot`
+        self._worker_skips: list[tuple[str, str]] = []  # what the DataLoader workers counted (`SkipCounter.take_pending`)
 
     def _check_fits_model(self) -> None:
         """Model and data must agree on latent channels, latent size and text encoder."""
@@ -110,6 +109,9 @@ class TrainingBatches:
             while True:
                 idx = torch.tensor([next(indices) for _ in range(self.micro_batch)], device=self.device)
                 yield {"latents": tensors.latents[idx], "cond": tensors.text_embeddings[tensors.caption_index[idx]]}
+        counter = getattr(self.dataset, "skipped", None)
+        if self.num_workers and counter is not None:
+            counter.pending = []  # each worker's copy keeps what it counts, for `_collate` to send back
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=self.micro_batch,
@@ -118,8 +120,7 @@ class TrainingBatches:
             collate_fn=_collate,
         )
         for images, captions, worker in loader:
-            if worker is not None:
-                self._worker_skips[worker[0]] = worker[1]
+            self._worker_skips += worker
             latents = self.model.codec.encode(images.to(self.device))
             cond = self.model.prompts.encode(captions, self.device, (self.resolution, self.resolution))
             yield {"latents": latents.float(), "cond": cond.float()}
@@ -153,13 +154,13 @@ class TrainingBatches:
         counter = getattr(self.dataset, "skipped", None)
         if counter is None:
             return ""
-        return SkipCounter.merged(counter.name, [counter.snapshot(), *self._worker_skips.values()]).summary()
+        return counter.with_counted(self._worker_skips).summary()
 
 
-def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str], tuple[int, tuple] | None]:
-    """The micro-batch, and in a DataLoader worker (id, its dataset's `SkipCounter.snapshot`): its counts stay in its
-    process otherwise."""
+def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
+    """The micro-batch, and in a DataLoader worker what its copy of the dataset's `SkipCounter` counted since its last
+    batch (`take_pending`), which would stay in its process otherwise; [] in the main process."""
     info = torch.utils.data.get_worker_info()
     skipped = getattr(info.dataset, "skipped", None) if info is not None else None
-    worker = (info.id, skipped.snapshot()) if skipped is not None else None
-    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items], worker
+    events = skipped.take_pending() if skipped is not None else []
+    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items], events
