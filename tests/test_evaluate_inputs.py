@@ -214,4 +214,4 @@ def test_prompts_longer_than_the_text_encoder_reads_get_a_note(evaluation, tmp_p
     args[args.index(str(evaluation["prompts"]))] = str(prompts)
     assert main(args) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
-    assert len(notes) == 1 and "1 of the 2 prompts are longer than the 16 tokens the text encoder reads (prompt 2:" in notes[0]
+    assert len(notes) == 1 and "prompt 2 is " in notes[0] and "more than the 16 the text encoder reads" in notes[0]

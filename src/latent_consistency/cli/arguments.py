@@ -57,3 +57,16 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def note_truncated_prompts(command: str, model, prompts: list[str]) -> None:
+    """One line on stderr (`lcm COMMAND: note: ...`) for prompts longer than `model`'s text encoder reads: their end is
+    dropped, as diffusers drops it."""
+    from latent_consistency.prompts import truncated_prompts
+
+    long = truncated_prompts(model.prompts, prompts)
+    if long:
+        i, count, limit = long[0]
+        more = f" (so is that of {len(long) - 1} more prompt(s))" if len(long) > 1 else ""
+        print(f"lcm {command}: note: prompt {i + 1} is {count} tokens, more than the {limit} the text encoder reads: its end is "
+              f"dropped{more}; shorten it to use all of it", file=sys.stderr)

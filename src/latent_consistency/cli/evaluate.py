@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from latent_consistency.allocator import keep_freed_memory
-from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
+from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int
 from latent_consistency.errors import UserError
 from latent_consistency.pipelines import MAX_GUIDANCE_SCALE, MAX_SEED
 from latent_consistency.prompts import read_prompt_file
@@ -122,18 +122,6 @@ def load_eval_set(args, resolution: int):
                    args.images_per_prompt, args.seed)
 
 
-def note_truncated_prompts(model, prompts: list[str]) -> None:
-    """One line on stderr when prompts are longer than the text encoder reads: their ends are dropped, as diffusers drops
-    them, so the images (and CLIP score) follow less of those prompts than the report's prompt list shows."""
-    from latent_consistency.prompts import truncated_prompts
-
-    long = truncated_prompts(model.prompts, prompts)
-    if long:
-        i, count, limit = long[0]
-        print(f"lcm evaluate: note: {len(long)} of the {len(prompts)} prompts are longer than the {limit} tokens the text encoder "
-              f"reads (prompt {i + 1}: {count}); their ends are dropped, as diffusers drops them", file=sys.stderr)
-
-
 def scorers_for(args, device):
     from latent_consistency.evaluation.table import ClipScorer, FeatureScorer, JudgeScorer, model_identity
 
@@ -204,7 +192,7 @@ def run(args) -> None:
     eval_set = load_eval_set(args, resolution)
     scorers = scorers_for(args, device)
     out = writable_folder(args.out, "--out")
-    note_truncated_prompts(lcm, eval_set.prompts)  # after every check: a refused evaluation says one line
+    note_truncated_prompts("evaluate", lcm, eval_set.prompts)  # after every check: a refused evaluation says one line
     # A stage-one model samples at every step count; a progressive round at the one it was distilled for
     guided_steps = sorted(set(args.steps if 0 in guided else []) | {n for n in guided if n})
     rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=guided_steps, exact=args.exact)

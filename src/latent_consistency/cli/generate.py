@@ -20,13 +20,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from latent_consistency.allocator import keep_freed_memory
-from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
+from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int
 from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 from latent_consistency.grids import save_png, to_pil
 from latent_consistency.outputs import writable_folder
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, LCMGenerator, SolverGenerator
-from latent_consistency.prompts import check_prompt, read_prompt_file, truncated_prompts
+from latent_consistency.prompts import check_prompt, read_prompt_file
 from latent_consistency.sampling import TEACHER_SAMPLERS
 
 
@@ -72,16 +72,6 @@ def output_files(out: str, prompts: list[str]) -> list[Path]:
         more = f" and {len(taken) - 1} more of this run's file names" if len(taken) > 1 else ""
         raise UserError(f"--out {out} already holds {taken[0]}{more}; choose another folder, or move the earlier images away")
     return files
-
-
-def note_truncated_prompts(generator, prompts: list[str]) -> None:
-    """One line on stderr for prompts longer than the text encoder reads: their end is dropped, as diffusers drops it."""
-    long = truncated_prompts(generator.model.prompts, prompts)
-    if long:
-        i, count, limit = long[0]
-        more = f" (so is that of {len(long) - 1} more prompt(s))" if len(long) > 1 else ""
-        print(f"lcm generate: note: prompt {i + 1} is {count} tokens, more than the {limit} the text encoder reads: its end is "
-              f"dropped{more}; shorten it to use all of it", file=sys.stderr)
 
 
 def parse_timesteps(text: str | None) -> list[int] | None:
@@ -185,7 +175,7 @@ def run(args) -> None:
     if generator.model.time_cond_proj_dim is not None and guidance_scale < 1:
         raise UserError(f"--guidance-scale {guidance_scale:g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
                         "which was trained on ω >= 0")
-    note_truncated_prompts(generator, prompts)
+    note_truncated_prompts("generate", generator.model, prompts)
     for note in generator.guidance_notes(guidance_scale, given=args.guidance_scale is not None):
         print(f"lcm generate: note: {note}", file=sys.stderr)
     options = {}
