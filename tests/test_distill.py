@@ -327,6 +327,7 @@ def test_a_folder_with_a_checkpoint_a_step_or_other_files_is_never_started_over(
             prepare_run_folder(config, resume=False)
         (tmp_path / made_by_a_step).unlink()
     (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "ode_targets.pt.tmp").write_bytes(b"half a bank")  # a bank write that was killed: no work to keep
     prepare_run_folder(config, resume=False)  # config.json and an empty metrics file: a run that never stepped
     assert not any(tmp_path.iterdir())
 

@@ -103,6 +103,20 @@ def test_generate_notes_a_given_g_that_the_lcm_ignores(recorded_lcm, tmp_path, c
     assert err.count("note:") == 1 and "this LCM ignores its guidance scale" in err
 
 
+def test_an_lcm_with_a_lora_keeps_its_record(recorded_lcm, tmp_path, capsys):
+    """A LoRA fine-tuned on an LCM (`lcm finetune --adapter lora`) leaves its ω input the LCM's: the LCM's record holds."""
+    from tiny_models import save_tiny_lora
+
+    model = recorded_lcm()
+    lora = save_tiny_lora(tmp_path / "lora", model)
+    assert generate(model, tmp_path / "default", "--lora", str(lora)) == 0
+    assert generate(model, tmp_path / "g2", "--lora", str(lora), "--guidance-scale", "2") == 0
+    assert "note" not in capsys.readouterr().err
+    assert np.array_equal(pixels(tmp_path / "default"), pixels(tmp_path / "g2"))
+    assert generate(model, tmp_path / "g8", "--lora", str(lora), "--guidance-scale", "8") == 0
+    assert "guidance scale 8 is outside [1, 2]" in capsys.readouterr().err
+
+
 def test_an_lcm_without_a_record_samples_as_before(tiny_lcm, tmp_path, capsys):
     assert generate(tiny_lcm, tmp_path / "default") == 0
     assert generate(tiny_lcm, tmp_path / "g8", "--guidance-scale", "8") == 0

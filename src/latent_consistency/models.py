@@ -851,4 +851,6 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     else:
         lcm = lcm_scheduler_config(model.scheduler_config, skip=1) | {"original_inference_steps": DEFAULT_ORIGINAL_INFERENCE_STEPS}
     model.scheduler_config = model.scheduler_config | {k: v for k, v in lcm.items() if not k.startswith("_")}
+    if model.time_cond_proj_dim is not None:  # an LCM with a LoRA fine-tuned on it: its ω input is the LCM's, and so is its record
+        model.guidance_record = read_record(name_or_path)
     return model

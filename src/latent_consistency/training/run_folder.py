@@ -45,8 +45,9 @@ from latent_consistency.training.sharding import exportable, full_training_state
 VALIDATION_STEPS = (1, 2, 4)
 VALIDATION_PROMPTS = 6  # validation grid columns when no prompts are given: the first held-out (or training) captions
 EVAL_MICRO_BATCHES = 4  # held-out micro-batches whose loss is logged at every validation
-# All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept)
-EARLY_RUN_FILES = frozenset({"config.json", "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR})
+# All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, but a bank
+# whose write was killed, its temporary file, is not)
+EARLY_RUN_FILES = frozenset({"config.json", "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR, ODE_BANK + ".tmp"})
 
 
 def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> Path:
