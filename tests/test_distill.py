@@ -219,7 +219,8 @@ def test_nonfinite_losses_stop_with_a_checkpoint(tiny_sd, image_folder, tmp_path
 @pytest.mark.parametrize("case", ["missing teacher", "missing data", "bad solver", "bad loss", "bad weighting", "resolution", "not empty",
                                   "resume differs", "resume nothing", "batch split", "bad student prediction",
                                   "lora student prediction", "lora guidance pair", "fixed guidance pair", "ε at zero terminal SNR",
-                                  "ε student at zero terminal SNR", "omega lr scale 0", "lora omega lr scale"])
+                                  "ε student at zero terminal SNR", "omega lr scale 0", "lora omega lr scale",
+                                  "lora omega embedding", "lora omega response"])
 def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case):
     out = tmp_path / "run"
     cases = {
@@ -248,6 +249,11 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
         "omega lr scale 0": (distill_args(tiny_sd, image_folder, out, "--omega-lr-scale", "0"), "omega_lr_scale must be above 0"),
         "lora omega lr scale": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--omega-lr-scale", "10"),
                                 "a LoRA student has no ω input"),
+        # the tiny preset sets both (32, 4): only a value given on the command line asks for something a LoRA cannot do
+        "lora omega embedding": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--time-cond-proj-dim", "64"),
+                                 "--time-cond-proj-dim sets the size of a full student's ω embedding; a LoRA student"),
+        "lora omega response": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--omega-response-samples", "8"),
+                                "a LoRA student (--adapter lora) has no ω input"),
     }
     if "zero terminal SNR" in case:
         shutil.copytree(tiny_sd, tmp_path / "zsnr")

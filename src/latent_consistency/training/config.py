@@ -400,6 +400,11 @@ def _inside(inner: str, outer: str) -> bool:
     return Path(outer).resolve() in Path(inner).resolve().parents
 
 
+# Flags that only a full student's ω input uses, refused with a LoRA when given on the command line (`resolve_config`)
+FULL_STUDENT_FLAGS = {"time_cond_proj_dim": "sets the size of a full student's ω embedding",
+                      "omega_response_samples": "sets the latents a full student's ω response is measured on"}
+
+
 def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults <- preset <- JSON file <- overrides (None values are skipped)."""
@@ -410,7 +415,12 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
         values.update(PRESETS[cls][preset])
     if config_file:
         values.update(_read_config_file(config_file))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update(given)
+    adapter = values.get("adapter", field_default(cls, "adapter"))
+    for name in sorted(set(given) & set(FULL_STUDENT_FLAGS)):
+        if adapter != "full":  # given on the command line: a preset's value (the tiny one's 32) is no request
+            raise UserError(f"--{name.replace('_', '-')} {FULL_STUDENT_FLAGS[name]}; a LoRA student (--adapter {adapter}) has no ω input")
     if preset in CONTINUES and not values.get("student_init"):
         raise UserError(f"--preset {preset} continues a `--preset {CONTINUES[preset]}` run: give that run's LCM as --student-init "
                         "RUN/lcm")
