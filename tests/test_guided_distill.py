@@ -120,6 +120,22 @@ def test_an_lcm_distilled_from_the_guidance_distilled_teacher_or_started_from_it
         assert (out / "lcm" / "model_index.json").is_file()
 
 
+def test_a_student_init_run_resumes_without_the_folder_it_started_from(guided, tiny_sd, image_folder, tmp_path):
+    """A checkpoint records the student's architecture: the --student-init folder may be gone when the run resumes (a
+    stage-one run cleared away), and the resumed run ends where an uninterrupted one does."""
+    from safetensors.torch import load_file
+
+    start = shutil.copytree(guided, tmp_path / "stage-one")
+    args = ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--student-init", str(start), "--data", str(image_folder),
+            "--checkpoint-every", "1"]
+    assert main([*args, "--out", str(tmp_path / "whole"), "--steps", "3"]) == 0
+    assert main([*args, "--out", str(tmp_path / "stopped"), "--steps", "2"]) == 0
+    shutil.rmtree(start)
+    assert main([*args, "--out", str(tmp_path / "stopped"), "--steps", "3", "--resume"]) == 0
+    whole, resumed = (load_file(tmp_path / run / "lcm" / "unet" / "diffusion_pytorch_model.safetensors") for run in ("whole", "stopped"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_a_progressive_round_on_the_command_line_and_in_the_table(guided, tiny_lcm, image_folder, tmp_path):
     """A round from the stage-one model: it samples with diffusers' DDIM on its own grid (trailing spacing), records its
     step count, and `lcm evaluate --guided-distill` puts it (and the stage-one model at every step count) in Table 1."""

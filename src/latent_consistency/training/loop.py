@@ -25,7 +25,7 @@ from latent_consistency.training.config import TrainConfig
 from latent_consistency.training.ema import ema_update
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
 from latent_consistency.training.ode_targets import ODETargets, bank_settings, build_ode_targets, ode_targets_for_run
-from latent_consistency.training.run_folder import Progress, RunFolder, prepare_run_folder
+from latent_consistency.training.run_folder import Progress, RunFolder, prepare_run_folder, resumed_student_unet
 from latent_consistency.training.sharding import check_sharding, is_sharded, shard_target
 from latent_consistency.training.students import make_student
 
@@ -168,7 +168,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     objective = objective_of(config)
     base = objective.load(config, device)
     scheduler_config = objective.scheduler_config(config, base)
-    student = make_student(config, base, scheduler_config, share_unet=True)
+    student = make_student(config, base, scheduler_config, share_unet=True, resumed_unet=resumed_student_unet(out, config, resume))
     freeze_in_half_precision(config, base)
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
     if accelerator.is_main_process:

@@ -47,6 +47,7 @@ VALIDATION_PROMPTS = 6  # validation grid columns when no prompts are given: the
 EVAL_MICRO_BATCHES = 4  # held-out micro-batches whose loss is logged at every validation
 # All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, but a bank
 # whose write was killed, its temporary file, is not)
+STUDENT_UNET = "student_unet_config"  # state.json's record of a --student-init run's UNet architecture
 EARLY_RUN_FILES = frozenset({"config.json", "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR, ODE_BANK + ".tmp"})
 
 
@@ -92,6 +93,15 @@ def check_resumable(out: Path, config: TrainConfig) -> None:
     if config.steps < reached:
         raise UserError(f"the checkpoint in {out} is at step {reached}; --steps must be at least {reached} to resume it, "
                         f"not {config.steps}")
+
+
+def resumed_student_unet(out: Path, config: TrainConfig, resume: bool) -> dict | None:
+    """The UNet config a --student-init run's latest checkpoint recorded (`RunFolder.save`), when resuming one: its
+    student is made in it (`make_student`), not read again from the folder it started from. None otherwise."""
+    found = ckpt.list_checkpoints(out) if resume and getattr(config, "student_init", "") else []
+    if not found:
+        return None
+    return json.loads((found[-1] / "state.json").read_text()).get(STUDENT_UNET)
 
 
 def saved_config(path: Path, otherwise: str = "use a new --out") -> TrainConfig:
@@ -212,6 +222,8 @@ class RunFolder:
         if not self.main:
             return None
         state = dict(step=progress.step, nonfinite_total=progress.nonfinite_total, data=data_states, config=self.config.to_dict())
+        if getattr(self.config, "student_init", ""):  # the architecture a resumed run makes its student in (`resumed_student_unet`)
+            state[STUDENT_UNET] = dict(self.accelerator.unwrap_model(self.student.unet).config)
         objects = dict(optimizer=optimizer_state, lr_scheduler=self.lr_scheduler.state_dict(), rng={"torch": torch.get_rng_state()})
         return ckpt.save_checkpoint(self.out, progress.step, tensors, objects, state, self.config.keep_checkpoints)
 

@@ -204,11 +204,14 @@ def _adapter(unet) -> str:
     return unet.active_adapters()[0]
 
 
-def make_student(config, base: DiffusionModel, scheduler_config: dict, share_unet: bool = False) -> Student:
+def make_student(config, base: DiffusionModel, scheduler_config: dict, share_unet: bool = False,
+                 resumed_unet: dict | None = None) -> Student:
     """θ from the model (the student starts as the teacher, or as the LCM being fine-tuned), and θ⁻ as the config
     asks, under the student's LCMScheduler config (`training.objectives`). With `share_unet` (the training loop), new
     LoRA adapters go on the model's own UNet rather than on a copy (`base.unet_carries_student`); otherwise `base` is
-    left as it is (an evaluation that makes one student per run on one loaded model)."""
+    left as it is (an evaluation that makes one student per run on one loaded model). `resumed_unet` is the UNet config a
+    --student-init run's checkpoint recorded (`RunFolder.save`): resuming, the student is made in it and takes its weights
+    from the checkpoint, so that the folder it started from need no longer exist."""
     if config.adapter == "lora":
         from peft import LoraConfig
 
@@ -233,6 +236,10 @@ def make_student(config, base: DiffusionModel, scheduler_config: dict, share_une
         for param in unet.parameters():  # the LoRA weights train in float32 (peft makes them in the base layer's dtype)
             if param.requires_grad:
                 param.data = param.data.float()
+    elif getattr(config, "student_init", "") and resumed_unet is not None:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_config(resumed_unet).to(device=base.unet.device, dtype=torch.float32)
     elif getattr(config, "student_init", ""):
         unet = _initial_unet(config.student_init, base, scheduler_config["prediction_type"])
         _check_omega_size(unet, config, config.student_init)
