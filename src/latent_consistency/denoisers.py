@@ -166,8 +166,37 @@ class OmegaConditionedTeacher(GuidedTeacher):
         return self.net(z, batch_timesteps(t, z), cond, omega_embedding(omega, z, self.time_cond_proj_dim))
 
 
+class SampleClipping:
+    """What an LCMScheduler config does to x̂0 before the boundary scalings, as diffusers' `LCMScheduler.step` does it:
+    dynamic thresholding (`thresholding`, Saharia et al. 2022: each row clamped to ±s and divided by s, s its
+    `dynamic_thresholding_ratio` quantile of |x̂0| within [1, `sample_max_value`]), else a clamp to ±`clip_sample_range`
+    (`clip_sample`). Both are pixel-space habits, off in every LCM this library exports; a folder that turns one on is
+    sampled as diffusers samples it."""
+
+    def __init__(self, clip_range: float | None = None, threshold_ratio: float | None = None, threshold_max: float = 1.0):
+        self.clip_range, self.threshold_ratio, self.threshold_max = clip_range, threshold_ratio, threshold_max
+
+    @classmethod
+    def of_config(cls, config: dict) -> SampleClipping | None:
+        """The clipping an LCMScheduler config asks for; None when it asks for none."""
+        if config.get("thresholding"):
+            return cls(threshold_ratio=float(config.get("dynamic_thresholding_ratio", 0.995)),
+                       threshold_max=float(config.get("sample_max_value", 1.0)))
+        if config.get("clip_sample"):
+            return cls(clip_range=float(config.get("clip_sample_range", 1.0)))
+        return None
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        if self.threshold_ratio is None:
+            return x0.clamp(-self.clip_range, self.clip_range)
+        rows = x0.float().reshape(len(x0), -1)  # the quantile in float32, as diffusers upcasts half precision
+        s = torch.quantile(rows.abs(), self.threshold_ratio, dim=1).clamp(1.0, self.threshold_max)[:, None]
+        return (torch.maximum(torch.minimum(rows, s), -s) / s).reshape(x0.shape).to(x0.dtype)
+
+
 class ConsistencyModel:
-    """The latent consistency function f_θ(z, ω, c, t) of Eq. 9 around a student network."""
+    """The latent consistency function f_θ(z, ω, c, t) of Eq. 9 around a student network; `clipping` (an LCMScheduler
+    config's `SampleClipping`, None in ours) acts on x̂0 before the boundary scalings."""
 
     def __init__(
         self,
@@ -177,8 +206,10 @@ class ConsistencyModel:
         time_cond_proj_dim: int | None = 256,
         sigma_data: float = SIGMA_DATA,
         timestep_scaling: float = TIMESTEP_SCALING,
+        clipping: SampleClipping | None = None,
     ):
         self.net = net
+        self.clipping = clipping
         self.schedule = schedule
         self.prediction_type = check_prediction_type(prediction_type)
         self.time_cond_proj_dim = time_cond_proj_dim
@@ -198,7 +229,10 @@ class ConsistencyModel:
     def __call__(self, z, t, cond, omega) -> torch.Tensor:
         """f = c_skip(t)·z + c_out(t)·x̂0 (Eq. 9)."""
         t = batch_timesteps(t, z)
-        return consistency_output(z, self.x0(z, t, cond, omega), t, self.sigma_data, self.timestep_scaling)
+        x0 = self.x0(z, t, cond, omega)
+        if self.clipping is not None:
+            x0 = self.clipping(x0)
+        return consistency_output(z, x0, t, self.sigma_data, self.timestep_scaling)
 
 
 class NegativePromptGuidance:

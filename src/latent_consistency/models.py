@@ -23,6 +23,7 @@ from latent_consistency.denoisers import (
     ConsistencyModel,
     GuidedTeacher,
     OmegaConditionedTeacher,
+    SampleClipping,
     TransformerNetwork,
     UNetNetwork,
     WithoutAdapters,
@@ -79,6 +80,7 @@ def consistency_model(unet, scheduler_config: dict, network=None) -> Consistency
         prediction_type_of(scheduler_config),
         unet.config.get("time_cond_proj_dim"),
         timestep_scaling=float(scheduler_config.get("timestep_scaling", TIMESTEP_SCALING)),
+        clipping=SampleClipping.of_config(scheduler_config),
     )
 
 

@@ -107,16 +107,17 @@ def check_guidance_scale_range(lo: float, hi: float) -> tuple[float, float]:
     return lo, hi
 
 
-def guidance_embedding(omega: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sinusoidal embedding of ω (the student's extra input, Section 4.2), shape [B, dim].
+def guidance_embedding(omega: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of ω (the student's extra input, Section 4.2), shape [B, dim], in float32.
 
     The same embedding diffusers' LatentConsistencyModelPipeline feeds to the UNet's `timestep_cond`:
-    ω is scaled by 1000 and embedded with frequencies 10000^(-i/(dim/2 - 1)), sines then cosines.
+    ω is scaled by 1000 and embedded with frequencies 10000^(-i/(dim/2 - 1)), sines then cosines. A half-precision
+    run casts it afterwards, as the pipeline does (ω·1000 in float16 or bfloat16 would lose most of its digits).
     """
     omega = torch.as_tensor(omega, dtype=torch.float32).reshape(-1) * 1000.0
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
-    args = omega.to(dtype)[:, None] * freqs.to(omega.device, dtype)[None, :]
+    args = omega[:, None] * freqs.to(omega.device)[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if dim % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1))
