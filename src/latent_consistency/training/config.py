@@ -419,7 +419,8 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
     values.update(given)
     adapter = values.get("adapter", field_default(cls, "adapter"))
     for name in sorted(set(given) & set(FULL_STUDENT_FLAGS)):
-        if adapter != "full":  # given on the command line: a preset's value (the tiny one's 32) is no request
+        # given on the command line, and not 0 (no response to measure): a preset's value (the tiny one's 32) is no request
+        if adapter != "full" and given[name] != 0:
             raise UserError(f"--{name.replace('_', '-')} {FULL_STUDENT_FLAGS[name]}; a LoRA student (--adapter {adapter}) has no ω input")
     if preset in CONTINUES and not values.get("student_init"):
         raise UserError(f"--preset {preset} continues a `--preset {CONTINUES[preset]}` run: give that run's LCM as --student-init "
