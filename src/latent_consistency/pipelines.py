@@ -8,6 +8,8 @@ own generator seeded with `seeds[i]`, so an image does not depend on the batch i
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +36,19 @@ MAX_SEED = 2**63 - 1
 # λ of an LCM's negative prompt (`NegativePromptGuidance`, every step): on the world it cut the negated shape from 6.0 %
 # to 1.2 % (2 steps) and 2.3 % (4 steps) at an FID cost of +6 to +8; λ >= 0.5 over-guides (docs/guide.md, Negative prompts).
 DEFAULT_NEGATIVE_SCALE = 0.25
+# Init images are in [-1, 1]; this much past it is rounding (a float16 image, a resampling filter), more is another range
+INIT_IMAGE_TOLERANCE = 1e-3
+
+
+def is_integer(value) -> bool:
+    """An int (numpy's included), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_prompts(prompts, what: str = "prompts") -> None:
+    """A list of strings: a str is a sequence of characters, which would make one image per character."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise UserError(f"{what} must be a list of strings, e.g. ['a red star'], got {prompts!r:.80}")
 
 
 @dataclass
@@ -46,6 +61,16 @@ class Generator:
     prompt_cache: PromptCache = field(default_factory=PromptCache)  # c of the prompts seen, the text encoder run once per prompt
 
     def __post_init__(self):
+        if not isinstance(self.dtype, torch.dtype):
+            raise UserError(f"dtype must be a torch.dtype such as torch.float32, got {self.dtype!r}")
+        weights, device = self.model.unet.dtype, torch.device(self.device)
+        if weights != self.dtype:
+            raise UserError(f"the model's weights are {weights} but the generator's dtype is {self.dtype}: load the model in that dtype "
+                            "(Generator.load(path, device, dtype)), or give the generator the model's")
+        on = self.model.unet.device
+        if on.type != device.type or (device.index is not None and on.index is not None and on.index != device.index):
+            raise UserError(f"the model is on {on} but the generator's device is {device}: load the model there, or give the "
+                            "generator the model's device")
         # The same images, faster: nearest-2x-then-3x3-convolution upsamplers as one small convolution (`upsampling`)
         for network in (self.model.unet, self.model.vae):
             use_subpixel_upsampling(network)
@@ -70,6 +95,8 @@ class Generator:
         # a transformer's latents are cut into patch_size x patch_size patches
         patch = int(self.model.unet.config.get("patch_size") or 1) if self.model.is_transformer else 1
         for name, value in (("height", height), ("width", width)):
+            if not is_integer(value):
+                raise UserError(f"{flag}{name} must be an integer number of pixels, got {value!r}")
             if value < factor * patch or value % (factor * patch):
                 raise UserError(f"{flag}{name} {value} must be a positive multiple of the VAE factor {factor}"
                                 + (f" times the transformer's patch size {patch}" if patch > 1 else ""))
@@ -89,11 +116,27 @@ class Generator:
         input shape compiles, later ones run faster. Call it after `use_preview_decoder`, which swaps the decoder."""
         compile_for_sampling(self.model, self.dtype)
 
+    def check_call(self, prompts: list[str], seeds: list[int], guidance_scale: float, height: int, width: int) -> None:
+        """The arguments every call takes, checked before any work: one seed per prompt, a finite g, a size the model makes."""
+        check_prompts(prompts)
+        if not prompts:
+            raise UserError("prompts is empty; give at least one prompt")
+        if isinstance(seeds, str) or not isinstance(seeds, Sequence) or len(seeds) != len(prompts):
+            raise UserError(f"give one seed per prompt ({len(prompts)}), got {seeds!r:.80}")
+        for seed in seeds:
+            if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
+                shown = repr(seed) if isinstance(seed, numbers.Number) else f"a {type(seed).__name__}"
+                raise UserError(f"seeds must be integers in [0, 2^63 - 1], got {shown}: image i's noise is drawn from "
+                                "torch.Generator().manual_seed(seeds[i])")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
+            raise UserError(f"guidance scale {guidance_scale!r:.40} must be a finite number (diffusers' guidance_scale g; ω = g - 1)")
+        self.check_size(height, width, flag="")
+
     def start(self, prompts: list[str], seeds: list[int], height: int, width: int):
         """(z_T, prompt embeddings, per-image generators): image i's noise from its own seed."""
         codec = self.model.codec
         factor = codec.downsampling_factor
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         latents = randn((len(prompts), codec.latent_channels, height // factor, width // factor), generators, self.device, self.dtype)
         cond = self.prompt_cache.encode(self.model.prompts, prompts, self.device, (height, width)).to(self.dtype)
         return latents, cond, generators
@@ -119,7 +162,7 @@ class LCMGenerator(Generator):
         (`sampling.lcm_timesteps`); custom timesteps already say where img2img starts (their first), so they take no
         strength.
         """
-        if custom:
+        if custom is not None:
             if strength != 1:
                 raise UserError("custom timesteps already set where img2img starts (the first one); give a strength or "
                                 "timesteps, not both")
@@ -133,12 +176,22 @@ class LCMGenerator(Generator):
         `strength` is the one `timesteps` were made with; timesteps that start above its start timestep (those of
         strength 1 with strength 0.5, say) are refused rather than noising the image more than asked.
         """
+        if not isinstance(init_images, torch.Tensor):
+            raise UserError(f"init_images must be a torch.Tensor [B, 3, H, W] in [-1, 1], got a {type(init_images).__name__}; "
+                            "an RGB image's uint8 pixels p as a [3, H, W] tensor are p / 127.5 - 1")
+        if not init_images.is_floating_point():
+            raise UserError(f"init_images must be a floating-point tensor in [-1, 1], got {init_images.dtype}; uint8 pixels p are "
+                            "p / 127.5 - 1")
         if init_images.ndim != 4 or init_images.shape[1] != 3 or init_images.shape[0] not in (1, len(latents)):
             raise UserError(f"init_images must be [B, 3, H, W] or [1, 3, H, W] for {len(latents)} prompts, got {list(init_images.shape)}")
         factor = self.model.codec.downsampling_factor
         if tuple(init_images.shape[2:]) != (latents.shape[2] * factor, latents.shape[3] * factor):
             raise UserError(f"init image is {init_images.shape[3]}x{init_images.shape[2]} px, not the {latents.shape[3] * factor}x"
                             f"{latents.shape[2] * factor} asked for; resize it to the width and height")
+        lo, hi = (float(v) for v in torch.aminmax(init_images.float()))
+        if not (lo >= -1 - INIT_IMAGE_TOLERANCE and hi <= 1 + INIT_IMAGE_TOLERANCE):  # NaN fails too
+            raise UserError(f"init_images must hold values in [-1, 1], got values in [{lo:g}, {hi:g}]: pixels p in [0, 255] are "
+                            "p / 127.5 - 1, in [0, 1] 2p - 1")
         start = int(timesteps[0])
         if start > int(self.model.timesteps(1, strength)[0]):
             raise UserError(f"timesteps start at {start}, above strength {strength:g}'s start timestep "
@@ -162,6 +215,7 @@ class LCMGenerator(Generator):
             if negative_scale is not None:
                 raise UserError("a negative scale applies to a negative prompt: give one, or leave the scale out")
             return self.model.consistency_model(guidance_scale, size=size)
+        check_prompts(negative_prompts, "negative_prompts")
         if len(negative_prompts) not in (1, num_prompts):
             raise UserError(f"give one negative prompt for all prompts or one per prompt ({num_prompts}), got {len(negative_prompts)}")
         negative = self.prompt_cache.encode(self.model.prompts, negative_prompts, self.device, size).to(self.dtype)
@@ -188,6 +242,8 @@ class LCMGenerator(Generator):
         (`img2img_start`), which `timesteps(steps, strength=strength)` puts at `strength`'s start timestep.
         `negative_prompts` (one per prompt, or one for all) guide the images away from them (`consistency_function`).
         """
+        self.check_call(prompts, seeds, guidance_scale, height, width)
+        timesteps = check_custom_timesteps(timesteps, self.model.schedule.num_train_timesteps)
         f = self.consistency_function(guidance_scale, len(prompts), negative_prompts, negative_scale, (height, width))
         gamma = None if gamma is None else check_gamma(gamma)
         if init_images is None and strength != 1:
@@ -220,14 +276,16 @@ class SolverGenerator(Generator):
         return generator
 
     def timesteps(self, steps: int, custom: list[int] | None = None) -> int:
-        if custom:
+        if custom is not None:
             raise UserError("--timesteps applies to LCMs; an ODE solver takes --steps")
-        if not 1 <= steps <= self.model.schedule.num_train_timesteps:
-            raise UserError(f"steps must be between 1 and {self.model.schedule.num_train_timesteps}, got {steps}")
+        if not is_integer(steps) or not 1 <= steps <= self.model.schedule.num_train_timesteps:
+            raise UserError(f"steps must be an integer between 1 and {self.model.schedule.num_train_timesteps}, got {steps!r}")
         return steps
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], steps: int, guidance_scale: float, seeds: list[int], height: int, width: int) -> torch.Tensor:
+        self.check_call(prompts, seeds, guidance_scale, height, width)
+        steps = self.timesteps(steps)
         latents, cond, _ = self.start(prompts, seeds, height, width)
         uncond = self.prompt_cache.uncond(self.model.prompts, self.device, (height, width)).to(self.dtype).expand(len(prompts), -1, -1)
         z0 = sample_teacher(self.model.guided_teacher(), self.sampler, latents, cond, uncond, guidance_scale, steps, self.model.scheduler_config)

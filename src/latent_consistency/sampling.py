@@ -10,6 +10,7 @@ timesteps start lower (`lcm_timesteps(strength=...)`) and the sampler starts fro
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +47,8 @@ def lcm_timesteps(
     in `StableDiffusionImg2ImgPipeline` gets): they make the n timesteps of s = 1 and keep the last int(n·s), so the
     start is whichever of those lands there (4 steps at s = 0.6: 2 steps from 499) and n·s < 1 leaves no step.
     """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        raise UserError(f"steps must be an integer number of sampling steps, e.g. 4, got {num_steps!r}")
     if original_inference_steps < 1 or original_inference_steps > num_train_timesteps:
         raise UserError(f"original_inference_steps must be in 1..{num_train_timesteps}, got {original_inference_steps}")
     if not 0 < strength <= 1:
@@ -70,8 +73,11 @@ def lcm_timesteps(
 
 
 def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> torch.Tensor:
-    """Validate user-given inference timesteps: strictly decreasing integers in [0, T)."""
-    ts = [int(t) for t in timesteps]
+    """Validate user-given inference timesteps (a sequence or a 1-D tensor): strictly decreasing integers in [0, T)."""
+    values = timesteps.reshape(-1).tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+    if any(isinstance(t, bool) or not isinstance(t, numbers.Real) or not float(t).is_integer() for t in values):
+        raise UserError(f"custom timesteps must be integers, got {values}")
+    ts = [int(t) for t in values]
     if not ts:
         raise UserError("custom timesteps must not be empty")
     if any(b >= a for a, b in zip(ts, ts[1:])):
