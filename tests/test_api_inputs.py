@@ -135,3 +135,39 @@ def test_generator_dtype_and_device_must_be_the_models(lcm):
     with pytest.raises(UserError, match="model is on cpu"):  # a GPU generator of a CPU model: a device mismatch in the UNet
         LCMGenerator(lcm.model, torch.device("meta"), torch.float32)
     assert torch.equal(call(LCMGenerator(lcm.model, "cpu", torch.float32)), call(lcm))
+
+
+def test_a_model_loaded_onto_a_device_this_machine_lacks_is_one_line(tiny_lcm):
+    from latent_consistency.models import load_lcm
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(UserError, match="no CUDA GPU is available"):  # was: torch's "Torch not compiled with CUDA enabled"
+        load_lcm(str(tiny_lcm), device="cuda")
+    with pytest.raises(UserError, match="unknown device 'gpu'"):
+        load_lcm(str(tiny_lcm), device="gpu")
+
+
+@pytest.mark.parametrize("timesteps", [0, 1])
+def test_a_noise_schedule_of_fewer_than_two_timesteps_is_refused(timesteps):
+    from latent_consistency.schedule import make_betas
+
+    with pytest.raises(UserError, match="at least 2 timesteps"):  # was: an empty schedule
+        make_betas(timesteps)
+
+
+def test_fid_and_kid_of_non_finite_images_are_refused():
+    from latent_consistency.evaluation.fid import MIN_IMAGES, fid_score, kid_score
+
+    class Features(torch.nn.Module):  # the feature network contract: feature_dim and features(images)
+        feature_dim = 3
+
+        def features(self, images):
+            return images.mean((2, 3))
+
+    real = torch.rand(MIN_IMAGES, 3, 4, 4) * 2 - 1
+    fake = real.flip(0).clone()
+    fake[1, 0, 0, 0] = float("nan")
+    for score in (fid_score, kid_score):  # was: a NaN score and oneMKL's "Parameter 3 was incorrect" on stderr
+        with pytest.raises(UserError, match="generated images hold NaN"):
+            score(Features(), real, fake)

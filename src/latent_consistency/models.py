@@ -30,6 +30,7 @@ from latent_consistency.denoisers import (
     denoising_network,
     is_transformer,
 )
+from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.guidance_record import GuidanceRecord, read_record
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
@@ -476,6 +477,7 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
+    device = resolve_device(device)  # "cuda" on a machine without one is a one-line error here, not torch's assertion later
     local = not _looks_like_hub_id(name_or_path)
     if local:
         _check_model_folder(name_or_path)

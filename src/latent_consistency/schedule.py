@@ -66,6 +66,9 @@ def make_betas(
         betas = _cosine_betas(num_train_timesteps)
     else:
         raise UserError(f"unknown beta_schedule {beta_schedule!r}; use one of {', '.join(BETA_SCHEDULES)}")
+    if betas.ndim != 1 or len(betas) < 2:  # one step has no t - 1 to step to
+        raise UserError(f"a noise schedule needs at least 2 timesteps, got {len(betas.reshape(-1))} (num_train_timesteps "
+                        f"{num_train_timesteps}{', trained_betas' if trained_betas is not None else ''})")
     if rescale_betas_zero_snr:
         betas = _rescale_zero_terminal_snr(betas)
     return betas

@@ -44,6 +44,8 @@ def _update(metric, real: torch.Tensor, fake: torch.Tensor, batch_size: int) -> 
     for images, is_real in ((real, True), (fake, False)):
         if len(images) < MIN_IMAGES:
             raise UserError(f"FID/KID needs at least {MIN_IMAGES} real and {MIN_IMAGES} generated images, got {len(real)} and {len(fake)}")
+        if not torch.isfinite(images).all():  # the score would be NaN, with a LAPACK complaint on stderr
+            raise UserError(f"the {'real' if is_real else 'generated'} images hold NaN or infinite values; FID/KID cannot score them")
         for start in range(0, len(images), batch_size):
             metric.update(images[start : start + batch_size], real=is_real)
 
