@@ -13,6 +13,9 @@ its config says `scaling_factor` 1.0, and a diffusers pipeline whose `vae` is an
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
 import os
 from pathlib import Path
 
@@ -78,18 +81,44 @@ def load_preview_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, 
         raise UserError(f"preview decoder {name_or_path} is not a diffusers model folder (no config.json); give an AutoencoderTiny folder")
     try:
         config = AutoencoderTiny.load_config(name_or_path)
+        if not isinstance(config, dict):
+            raise UserError(f"preview decoder {name_or_path}: its config.json holds a JSON {type(config).__name__}, not an object; "
+                            "save the decoder again")
         if config.get("_class_name") != TINY_CLASS:
             raise UserError(f"preview decoder {name_or_path} is not an {TINY_CLASS} (TAESD) folder: its config names {config.get('_class_name')}; "
                             "give a tiny decoder such as madebyollin/taesd or one made by `lcm world preview-decoder`")
         if path.exists() and not (path / WEIGHTS_FILE).is_file():  # diffusers would log its own error before raising one
             raise UserError(f"preview decoder {name_or_path} holds no {WEIGHTS_FILE} (weights as PyTorch pickles are not loaded here); "
                             "save it again with save_pretrained(FOLDER, safe_serialization=True)")
+        _check_config_numbers(name_or_path, config)
         tiny, info = AutoencoderTiny.from_pretrained(name_or_path, torch_dtype=dtype, use_safetensors=True, output_loading_info=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:  # TypeError: a config value of the wrong type, met by a layer's constructor
         hint = "" if path.exists() else " (a hub id needs the hub, or its files in the cache: offline, give a local folder)"
         raise UserError(f"cannot load the preview decoder {name_or_path}: {first_line(err)}{hint}") from err
     _check_loaded_tensors(name_or_path, info)
     return PreviewDecoder(tiny.to(device).eval().requires_grad_(False), name_or_path)
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_config_numbers(name_or_path: str, config: dict) -> None:
+    """The config numbers `PreviewDecoder` computes with, where the config gives them (diffusers' defaults otherwise): whole
+    latent channels, a scaling factor the latents are divided by (0, negative or infinite makes every image garbage), a
+    whole upsampling factor (2.5 makes images of another size than asked) and a shift factor that is a number."""
+    checks = (("latent_channels", _whole, "a whole number >= 1 (TAESD's is 4)"),
+              ("scaling_factor", lambda v: _number(v) and v > 0, "a positive number (TAESD's is 1.0)"),
+              ("upsampling_scaling_factor", _whole, "a whole number >= 1 (TAESD's is 2)"),
+              ("shift_factor", lambda v: v is None or _number(v), "a number or null"))
+    for key, valid, what in checks:
+        if key in config and not valid(config[key]):
+            raise UserError(f"preview decoder {name_or_path}: its config.json's {key} is {json.dumps(config[key])}, not {what}; "
+                            "give an AutoencoderTiny folder saved by save_pretrained")
 
 
 def _check_loaded_tensors(name_or_path: str, info: dict) -> None:

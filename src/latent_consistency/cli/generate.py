@@ -195,6 +195,10 @@ def run(args) -> None:
         generator.check_size(args.height or default, args.width or default)
         init_image, height, width = read_init_image(args.init_image, args.height, args.width, generator.model.codec.downsampling_factor)
         options |= {"init_images": init_image, "strength": strength}
+        try:  # a side --height/--width did not set is the image's own: an error names the image, not the flag
+            generator.check_size(height, width, flag="its ")
+        except UserError as err:
+            raise UserError(f"init image {args.init_image} is {width}x{height} px: {err}; pass --height and --width to resize it") from None
     generator.check_size(height, width)
     out = writable_folder(args.out)
 
