@@ -189,6 +189,12 @@ class DiffusionModel:
         return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
     @property
+    def patch_size(self) -> int:
+        """The latent patch a transformer cuts its input into (PixArt-α: 2); 1 for a UNet. Image sides are multiples of
+        the VAE factor times this."""
+        return int(self.unet.config.get("patch_size") or 1) if self.is_transformer else 1
+
+    @property
     def native_size(self) -> int:
         """The image size (px) the UNet was made for."""
         return int(self.unet.config.sample_size) * self.codec.downsampling_factor
@@ -258,7 +264,8 @@ class DiffusionModel:
         default the native size)."""
         if self.time_cond_proj_dim is not None or guidance_scale <= 1:
             if negative_cond is not None:
-                raise UserError("a negative prompt enters an LCM-LoRA's classifier-free guidance, which needs a guidance scale above 1; "
+                raise UserError("a negative prompt enters the classifier-free guidance of a model without an ω input (an LCM-LoRA, PixArt-LCM), "
+                                "which needs a guidance scale above 1; "
                                 "an LCM (ω input) takes it through NegativePromptGuidance")
             return consistency_model(self.unet, self.scheduler_config)
         uncond = self.prompts.uncond(self.unet.device, size) if negative_cond is None else negative_cond

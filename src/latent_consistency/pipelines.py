@@ -91,9 +91,7 @@ class Generator:
     def check_size(self, height: int, width: int, flag: str = "--") -> None:
         """Image sides the model can make; an error names each side as `flag` + its name ("--height" on the command line,
         "height" for the HTTP API's JSON field)."""
-        factor = self.model.codec.downsampling_factor
-        # a transformer's latents are cut into patch_size x patch_size patches
-        patch = int(self.model.unet.config.get("patch_size") or 1) if self.model.is_transformer else 1
+        factor, patch = self.model.codec.downsampling_factor, self.model.patch_size
         for name, value in (("height", height), ("width", width)):
             if not is_integer(value):
                 raise UserError(f"{flag}{name} must be an integer number of pixels, got {value!r}")

@@ -64,9 +64,10 @@ class TrainingBatches:
                 raise UserError(f"--resolution {self.resolution} does not apply to a latent cache: its latents are {pixels} px images "
                                 "encoded once; leave --resolution out, or train on the images themselves")
         else:
-            factor = self.model.codec.downsampling_factor
-            if self.resolution % factor:
-                raise UserError(f"resolution {self.resolution} is not a multiple of the VAE factor {factor}")
+            factor, patch = self.model.codec.downsampling_factor, self.model.patch_size
+            if self.resolution % (factor * patch):
+                raise UserError(f"resolution {self.resolution} is not a multiple of the VAE factor {factor}"
+                                + (f" times the transformer's patch size {patch}" if patch > 1 else ""))
             if self.resolution > MAX_SIZE_FACTOR * self.model.native_size:
                 raise UserError(f"resolution {self.resolution} is more than {MAX_SIZE_FACTOR}x the model's {self.model.native_size} px; "
                                 "train at a size near the model's own")
