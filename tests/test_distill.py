@@ -291,6 +291,26 @@ def test_a_run_killed_before_its_final_omega_response_reports_it_on_resume(tiny_
     assert json.loads((out / "lcm" / "guidance.json").read_text())["omega_response"]["999"] == expected["omega_response_999"]
 
 
+def test_a_run_killed_mid_export_leaves_no_model_folder_and_resume_exports_it_whole(tiny_sd, image_folder, tmp_path, monkeypatch):
+    """The model is exported into a staging folder, its guidance record included, and renamed into the run folder: a kill
+    before the record (the last file) leaves no `lcm/` that a demo or an evaluation would take as finished."""
+    from latent_consistency.training import run_folder
+
+    out = tmp_path / "run"
+
+    def killed(*args):
+        raise KeyboardInterrupt  # stands for the kill: nothing after it runs
+
+    monkeypatch.setattr(run_folder, "write_record", killed)
+    assert main(distill_args(tiny_sd, image_folder, out)) == 130
+    assert not (out / "lcm").exists() and (out / "export.partial" / "lcm" / "model_index.json").is_file()
+    monkeypatch.undo()
+    assert main(distill_args(tiny_sd, image_folder, out, "--resume")) == 0
+    assert (out / "lcm" / "guidance.json").is_file() and not (out / "export.partial").exists()
+    assert main(distill_args(tiny_sd, image_folder, out, "--resume")) == 0  # a finished run resumed exports over its model
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "lcm", "metrics.jsonl", "samples"]
+
+
 def test_a_run_that_stopped_before_its_first_step_can_be_started_again(tiny_sd, image_folder, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

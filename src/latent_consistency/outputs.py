@@ -77,6 +77,18 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
+def replace_folder(new: Path, path: Path) -> Path:
+    """Move the complete folder `new` to `path`, replacing a folder there: a reader (or a rerun after a kill) finds the old
+    folder, the new one or, for a moment, none, never half of one. Both must be on one file system."""
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    new.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 def partial_folder(out: str | Path, example: str) -> Path:
     """`OUT.partial`, where a command builds its output `out` before renaming it; a UserError for an --out that names no
     folder ("", ".", "..", "/"), which leaves no name to give it (`example`: a folder name to suggest)."""

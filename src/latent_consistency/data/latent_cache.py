@@ -109,8 +109,8 @@ def write_latent_cache(
         "source": source,
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    (partial / PARTIAL_MARK).unlink()
-    partial.rename(out_dir)
+    partial.rename(out_dir)  # marked until renamed: a kill before this leaves a `.partial` that a rerun may replace
+    (out_dir / PARTIAL_MARK).unlink()
     return out_dir
 
 

@@ -33,7 +33,7 @@ from latent_consistency.models import (
     inference_timesteps,
     is_lcm_config,
 )
-from latent_consistency.outputs import check_writable, write_json_atomic
+from latent_consistency.outputs import check_writable, replace_folder, write_json_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
@@ -47,6 +47,7 @@ VALIDATION_PROMPTS = 6  # validation grid columns when no prompts are given: the
 EVAL_MICRO_BATCHES = 4  # held-out micro-batches whose loss is logged at every validation
 # All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, but a bank
 # whose write was killed, its temporary file, is not)
+EXPORT_STAGING = "export.partial"  # where `RunFolder.finish` exports the model before renaming it into the run folder
 STUDENT_UNET = "student_unet_config"  # state.json's record of a --student-init run's UNet architecture
 EARLY_RUN_FILES = frozenset({"config.json", "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR, ODE_BANK + ".tmp"})
 
@@ -357,11 +358,17 @@ class RunFolder:
         exported = None
         student, unwrapped = exportable(accelerator, self.student)  # under FSDP, an unsharded copy gathered on the main process
         if self.main:
-            exported = student.export(self.out, unwrapped, self.base)
+            # Exported whole, record included, into a staging folder and then renamed: a kill mid-export leaves no model
+            # folder that looks finished (the demo and `lcm evaluate` take one that is there); a resumed run exports again
+            staging = self.out / EXPORT_STAGING
+            shutil.rmtree(staging, ignore_errors=True)
+            staged = student.export(staging, unwrapped, self.base)
             if student.adapter == "full" and is_lcm_config(student.scheduler_config):  # a full LCM (read where it has an ω input)
                 config = self.config
-                write_record(exported, GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max,
-                                                             config.validation_guidance_scale, response))
+                write_record(staged, GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max,
+                                                           config.validation_guidance_scale, response))
+            exported = replace_folder(staged, self.out / staged.name)
+            staging.rmdir()
             summary = self.batches.skipped_summary()
             if summary:
                 print(f"data: {summary}")

@@ -373,6 +373,8 @@ def _reuse_phases(src: Path, out: Path, preset: WorldPreset, phases: list[str]) 
     for phase in phases:
         for entry in phase_outputs(phase, preset):
             if (src / entry).exists():
+                if (out / entry).is_dir():  # half copied by a run killed before it recorded the phases
+                    shutil.rmtree(out / entry)
                 (out / entry).parent.mkdir(parents=True, exist_ok=True)
                 (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, out / entry)
                 if (out / entry).is_dir():

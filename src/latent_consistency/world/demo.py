@@ -30,6 +30,7 @@ from latent_consistency.evaluation.compare import SamplerSpec, sample, sample_co
 from latent_consistency.evaluation.fid import check_image_count, fid_score
 from latent_consistency.evaluation.table import EvalSet, JudgeScorer, run_table, table_rows, write_grid, write_plots, write_report
 from latent_consistency.grids import image_grid, save_png
+from latent_consistency.guidance_record import RECORD
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
 from latent_consistency.outputs import writable_folder, write_json_atomic, write_text_atomic
 from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig, resolve_config
@@ -109,7 +110,7 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     # Every sampler is compared at the guidance scale of the preset's validation grid, inside its ω range
     guidance = config.validation_guidance_scale
     lcm_dir = run / "lcm"
-    if not (lcm_dir / "model_index.json").is_file():
+    if not exported(run):
         print(f"[demo] distilling {config.steps} steps into {run}", flush=True)
         train(config, resume=(run / "config.json").is_file(), cpu=dev.type == "cpu")
     lcm = load_lcm(str(lcm_dir), device=dev)
@@ -191,7 +192,7 @@ def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int
     overrides = dict(model=str(out / "distill" / "lcm"), data=str(ensure_latent_cache(world, out / f"{dataset}-latents", dev, dataset)),
                      eval_data=f"world:{dataset}:{REFERENCE_SPLITS[dataset]}", out=str(run), steps=steps)
     config = finished_run_config(run) or resolve_config(FinetuneConfig, "world", overrides=overrides)
-    if not (run / "lcm" / "model_index.json").is_file():
+    if not exported(run):
         print(f"[demo] fine-tuning the LCM on {dataset} for {config.steps} steps into {run}", flush=True)
         train(config, resume=(run / "config.json").is_file(), cpu=dev.type == "cpu")
     tuned = load_lcm(str(run / "lcm"), device=dev)
@@ -214,11 +215,17 @@ def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int
     return section, {"results": dict(results), "fid_real_unpaired": fid_unpaired}
 
 
+def exported(run: Path) -> bool:
+    """Whether a demo run's LCM is wholly exported into `run/lcm`: its guidance record (`guidance_record.RECORD`) is the last
+    file the export writes, after the pipeline's model_index.json; a run killed between them is resumed, which exports it again."""
+    return (run / "lcm" / "model_index.json").is_file() and (run / "lcm" / RECORD).is_file()
+
+
 def finished_run_config(run: Path) -> TrainConfig | None:
     """The config a finished demo run (`run/lcm` exported) was made with, read from its config.json; None before that.
     The report states it, not the flags of a rerun that reuses the run."""
     saved = run / "config.json"
-    if not ((run / "lcm" / "model_index.json").is_file() and saved.is_file()):
+    if not (exported(run) and saved.is_file()):
         return None
     return saved_config(saved)
 
