@@ -40,8 +40,11 @@ DISCONNECT_POLL_S = 0.05
 MAX_DECODING = 2
 
 
-def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int]]:
-    """One forward pass for jobs that share a key: (encoded image, batch size) per job."""
+def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int, tuple | None]]:
+    """One forward pass for jobs that share a key: (encoded image, batch size, `truncated_prompts` entry or None) per job.
+
+    Only this worker thread touches the model, its tokenizers included: a tokenizer keeps its truncation and padding as
+    state, so a call from the event loop in the middle of the worker's would leave the worker's prompts untruncated."""
     first = jobs[0]
     options = {}
     if first.gamma is not None:
@@ -55,7 +58,8 @@ def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int]
     timesteps = generator.timesteps(first.steps, strength=first.strength)  # strength is 1 without an init image
     images = generator([job.prompt for job in jobs], timesteps, first.guidance_scale, [job.seed for job in jobs], first.height,
                        first.width, **options)
-    return [(encode(image, job.format), len(jobs)) for image, job in zip(to_pil(images), jobs)]
+    long = {i: (tokens, limit) for i, tokens, limit in truncated_prompts(generator.model.prompts, [job.prompt for job in jobs])}
+    return [(encode(image, job.format), len(jobs), long.get(i)) for i, (image, job) in enumerate(zip(to_pil(images), jobs))]
 
 
 def encode(image, fmt: str) -> bytes:
@@ -238,11 +242,10 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
                 if future.cancel():
                     metrics.cancel()
                 return Response(status_code=499)
-        data, batch_size = waiting.result()
+        data, batch_size, truncated = waiting.result()
         headers = {"X-Seed": str(job.seed), "X-Batch-Size": str(batch_size), "X-Latency-Ms": f"{(time.perf_counter() - start) * 1e3:.1f}"}
-        long = truncated_prompts(generator.model.prompts, [job.prompt])  # as `lcm generate` notes it: the end was not read
-        if long:
-            headers["X-Prompt-Truncated"] = f"{long[0][1]} tokens, the text encoder reads {long[0][2]}"
+        if truncated:  # as `lcm generate` notes it: the end was not read
+            headers["X-Prompt-Truncated"] = f"{truncated[0]} tokens, the text encoder reads {truncated[1]}"
         notes = generator.guidance_notes(job.guidance_scale, given=body.guidance_scale is not None)
         if notes:
             headers["X-Guidance-Note"] = "; ".join(notes)

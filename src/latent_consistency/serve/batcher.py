@@ -73,11 +73,13 @@ class Batcher:
     def _take_batch(self) -> list[Pending]:
         """The oldest live job and the queued jobs that share its key (FIFO), after waiting up to max_wait_s for more."""
         with self.ready:
-            while not self.stopping and not any(not p.future.cancelled() for p in self.queue):
+            # drop, then look: a client cancels its job at any moment, outside this lock (a job seen live may be gone next)
+            self._drop_cancelled()
+            while not self.stopping and not self.queue:
                 self.ready.wait()
+                self._drop_cancelled()
             if self.stopping:
                 return []
-            self._drop_cancelled()
             key = self.queue[0].job.key
             deadline = time.monotonic() + self.max_wait_s
             while (sum(p.job.key == key for p in self.queue) < self.max_batch and not self.stopping
