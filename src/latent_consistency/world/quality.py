@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from latent_consistency.evaluation.fid import check_image_count, fid_score
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.outputs import writable_folder
+from latent_consistency.outputs import writable_folder, write_json_atomic
 from latent_consistency.sampling import randn, sample_teacher
 from latent_consistency.world.artifact import World
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -145,5 +144,5 @@ def measure_quality(world: World, config: QualityConfig, out_dir: Path, device: 
     summary |= {f"vae_accuracy_gap_{name}": v["mean_gap"] for name, v in vae_pretraining.items()}
     report = {"summary": summary, "teacher": teacher, "vae": vae, "vae_pretraining": vae_pretraining,
               "grid": {"file": "teacher_grid.png", "captions": [i["caption"] for i in grid_items]}}
-    (out_dir / "quality.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(out_dir / "quality.json", report, indent=2)
     return report
