@@ -373,6 +373,7 @@ def test_a_client_that_disconnects_while_waiting_costs_nothing(generator):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/images", json={"prompt": "gone", "steps": 1}, timeout=0.5)
         wait_until(lambda: app.state.metrics.cancelled == 1)
+        assert app.state.metrics.queue_depth == 0  # the gone client's job left the gauge with it, not at the next pickup
         gated.gate.set()
         holder.join(30)
         assert httpx.post(f"{url}/v1/images", json={"prompt": "after", "steps": 1}, timeout=30).status_code == 200

@@ -239,7 +239,7 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         waiting = asyncio.wrap_future(future)
         while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
             if await request.is_disconnected():
-                if future.cancel():
+                if batcher.cancel(future):
                     metrics.cancel()
                 return Response(status_code=499)
         data, batch_size, truncated = waiting.result()

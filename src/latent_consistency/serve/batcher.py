@@ -53,6 +53,15 @@ class Batcher:
             self.ready.notify()
         return pending.future
 
+    def cancel(self, future: Future) -> bool:
+        """Cancel a queued job (its client went away) and take it out of the queue and its depth at once; False when it
+        already runs (its result is then dropped)."""
+        with self.ready:
+            cancelled = future.cancel()
+            self._drop_cancelled()
+            self.metrics.set_queue_depth(len(self.queue))
+        return cancelled
+
     def start(self) -> None:
         self.thread = threading.Thread(target=self._work, name="lcm-batcher", daemon=True)
         self.thread.start()
