@@ -221,11 +221,14 @@ def diffusers_truncation_warnings(pipe, prompt: str) -> list[str]:
     handler = logging.Handler()
     handler.emit = records.append
     logger = logging.getLogger("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+    level = logger.level
     logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # whatever verbosity another test left diffusers' loggers at
     try:
         pipe.encode_prompt([prompt], CPU, 1, False)
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     return [r.getMessage() for r in records if "truncated" in r.getMessage()]
 
 

@@ -75,22 +75,3 @@ def test_latent_cache_killed_as_it_is_committed(tmp_path, parts, monkeypatch, ki
     if not out.exists():
         _write_cache(out, parts)  # as `lcm demo` does when the cache has no manifest yet
     assert len(LatentCache(out)) == 4 and not out.with_name("cache.partial").exists()
-
-
-def test_demo_resumes_a_run_killed_between_its_lcm_and_guidance_record(tmp_path):
-    """`lcm demo` killed while its distillation exports the LCM, after model_index.json but before the guidance record:
-    the run is not taken as finished (the rerun resumes it, which exports it again), so the report and later evaluations
-    do not silently lose the LCM's guidance record."""
-    from latent_consistency.guidance_record import RECORD
-    from latent_consistency.training.config import DistillConfig, resolve_config
-    from latent_consistency.world.demo import finished_run_config
-
-    run = tmp_path / "distill"
-    config = resolve_config(DistillConfig, "world", overrides=dict(teacher=str(tmp_path / "world"), data=str(tmp_path / "latents"),
-                                                                  out=str(run), steps=3))
-    (run / "lcm").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(config.to_dict()))
-    (run / "lcm" / "model_index.json").write_text("{}")
-    assert finished_run_config(run) is None
-    (run / "lcm" / RECORD).write_text("{}")
-    assert finished_run_config(run).steps == 3

@@ -30,7 +30,6 @@ from latent_consistency.evaluation.compare import SamplerSpec, sample, sample_co
 from latent_consistency.evaluation.fid import check_image_count, fid_score
 from latent_consistency.evaluation.table import EvalSet, JudgeScorer, run_table, table_rows, write_grid, write_plots, write_report
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.guidance_record import RECORD
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
 from latent_consistency.outputs import writable_folder, write_json_atomic, write_text_atomic
 from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig, resolve_config
@@ -216,9 +215,8 @@ def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int
 
 
 def exported(run: Path) -> bool:
-    """Whether a demo run's LCM is wholly exported into `run/lcm`: its guidance record (`guidance_record.RECORD`) is the last
-    file the export writes, after the pipeline's model_index.json; a run killed between them is resumed, which exports it again."""
-    return (run / "lcm" / "model_index.json").is_file() and (run / "lcm" / RECORD).is_file()
+    """Whether a demo run's LCM is exported into `run/lcm` (a run's export is renamed there whole, `RunFolder.finish`)."""
+    return (run / "lcm" / "model_index.json").is_file()
 
 
 def finished_run_config(run: Path) -> TrainConfig | None:
