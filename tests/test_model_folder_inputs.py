@@ -52,6 +52,15 @@ def _text_encoder_of_a_smaller_vocabulary(folder):
     CLIPTextModel(CLIPTextConfig(**config)).save_pretrained(folder / "text_encoder")
 
 
+def _sdxl_refiner(folder):
+    """What a StableDiffusionXLImg2ImgPipeline refiner's folder holds: no first text encoder, aesthetic-score conditioning."""
+    index = json.loads((folder / "model_index.json").read_text())
+    index |= {"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None], "tokenizer": [None, None],
+              "requires_aesthetics_score": True}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(folder / "text_encoder")
+
+
 # What is done to a copy of the tiny LCM, and words the one-line message must hold
 BROKEN = {
     "unet weights only as a .bin": (lambda f: _pickle_weights(f, "unet"), ["diffusion_pytorch_model.bin", "safetensors"]),
@@ -60,6 +69,7 @@ BROKEN = {
     "a vae of 16 latent channels": (_vae_of_16_channels, ["16-channel latents", "4-channel"]),
     "a text encoder of another width": (_wider_text_encoder, ["64-wide", "32"]),
     "a text encoder of a smaller vocabulary": (_text_encoder_of_a_smaller_vocabulary, ["text encoder of 20", "tokenizer"]),
+    "an SDXL refiner": (_sdxl_refiner, ["SDXL refiner", "give the SDXL base model"]),  # was: "text_encoder/ is missing"
 }
 
 

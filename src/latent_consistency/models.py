@@ -365,6 +365,9 @@ def read_json_object(path: Path, what: str) -> dict:
 def _check_components(path: str, index: dict, pixart: bool) -> None:
     """Every component folder a pipeline folder's model_index.json names and `load_diffusion_model` loads is there, with a
     config that is a JSON object naming the class loaded from it (a tokenizer: its vocabulary), before any weights load."""
+    if index.get("requires_aesthetics_score") and (index.get("text_encoder") or [None])[0] is None:
+        raise UserError(f"{path} is an SDXL refiner (no first text encoder; aesthetic-score micro-conditioning): it refines the "
+                        "base model's images and is no text-to-image teacher or LCM; give the SDXL base model")
     names = ["transformer" if pixart else "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     names += [n for n in ("text_encoder_2", "tokenizer_2") if (index.get(n) or [None])[0] is not None]
     for name in names:
