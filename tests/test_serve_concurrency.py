@@ -153,3 +153,21 @@ def test_shutdown_with_requests_in_flight_answers_them_and_ends(generator):
         assert [f.result().status_code for f in futures] == [200] * 3
         server.thread.join(30)
         assert not server.thread.is_alive() and not app.state.batcher.thread.is_alive()
+
+
+def test_a_request_queued_when_the_batcher_stops_is_told_the_server_is_shutting_down(generator):
+    """A forced stop (a second Ctrl-C) cancels the queued jobs: their clients get 503 and a reason, not a 500."""
+    gated = GatedGenerator(generator)
+    app = make_app(gated)
+    with ServerThread(app) as url, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(httpx.post, f"{url}/v1/images", json={"prompt": "running", "steps": 1}, timeout=30)
+        assert gated.entered.wait(30)
+        queued = pool.submit(httpx.post, f"{url}/v1/images", json={"prompt": "queued", "steps": 1}, timeout=30)
+        wait_until(lambda: len(app.state.batcher.queue) == 1)
+        stopping = threading.Thread(target=app.state.batcher.stop)  # waits for the running batch
+        stopping.start()
+        answer = queued.result()
+        assert answer.status_code == 503 and "shutting down" in answer.json()["error"]
+        gated.gate.set()
+        stopping.join(30)
+        assert running.result().status_code == 200

@@ -242,6 +242,8 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
                 if batcher.cancel(future):
                     metrics.cancel()
                 return Response(status_code=499)
+        if future.cancelled():  # the batcher stopped with it queued: the server is shutting down
+            return error(503, "the server is shutting down; send the request again once it is back")
         data, batch_size, truncated = waiting.result()
         headers = {"X-Seed": str(job.seed), "X-Batch-Size": str(batch_size), "X-Latency-Ms": f"{(time.perf_counter() - start) * 1e3:.1f}"}
         if truncated:  # as `lcm generate` notes it: the end was not read
