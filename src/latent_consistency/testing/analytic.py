@@ -31,7 +31,7 @@ class GaussianMixtureEps:
         alpha, sigma = alpha.to(z)[:, None], sigma.to(z)[:, None]  # [B, 1]
         v = alpha**2 * self.std**2 + sigma**2
         diff = z[:, None, :] - alpha[:, :, None] * self.means.to(z)[None]  # [B, K, D]
-        log_r = torch.log(cond.to(z).clamp_min(1e-300)) - 0.5 * (diff**2).sum(-1) / v
+        log_r = torch.log(cond.to(z)) - 0.5 * (diff**2).sum(-1) / v  # a class of weight 0: log 0 = -inf, exactly absent
         r = torch.softmax(log_r, dim=1)  # [B, K]
         return (r[:, :, None] * diff).sum(1) * (sigma / v)
 
