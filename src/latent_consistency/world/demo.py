@@ -3,10 +3,10 @@
 0. Use the default world shipped with the package, or build the world of `--world-preset` (resumable).
 1. Encode the world's training images once into a latent cache (D_z = {E(x)}).
 2. Latent consistency distillation (Algorithm 1) with the `world` training preset.
-3. A sample grid: for the same prompts and noise, the teacher's 25-step DPM-Solver++ samples next to the
-   1-, 2- and 4-step LCM samples.
-4. A small evaluation with the world's judge: prompt alignment and FID of the LCM at 1/2/4 steps against
-   the teacher's DDIM at 2/4 steps and DPM-Solver++ at 25 steps (all with CFG), and against the
+3. A sample grid (Figure 2): for the same prompts and noise, real images, then the LCM and the teacher's DDIM at
+   1, 2, 4 and 8 steps and its DPM-Solver++ at 25.
+4. A small evaluation with the world's judge (Table 1): prompt alignment and FID of the LCM and of the teacher's DDIM,
+   DPM-Solver and DPM-Solver++ (with CFG) at 1, 2, 4 and 8 steps, DPM-Solver++ at 25 as the reference, and the
    undistilled starting point (the teacher's weights run through the consistency sampler).
 5. Latent consistency fine-tuning (Algorithm 4) of that LCM on the world's digits, which its teacher never saw
    (the `world` fine-tuning preset), the held-out digits as its eval data.
@@ -93,7 +93,7 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     dev = resolve_device(device)
     writable_folder(out, "--out")
     if build_reason is not None:
-        # Build the world here (resumable; the default preset takes about 40 minutes on a 2-core CPU)
+        # Build the world here (resumable; the default preset takes about 55 minutes on a 2-core CPU)
         print(f"[demo] {build_reason}; building the {world_preset!r} world into {world_dir} "
               "(resumable: rerun to continue)", flush=True)
         build_world(world_preset, world_dir, dev, parts_from=_shipped_parts_for(world_preset))
