@@ -1,9 +1,11 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test` (the tests).
-# Both create the environment on a fresh machine first: torch's CPU build on its own, then the package.
+# Both create the environment on a fresh machine first: torch on its own, then the package. Where pip's index serves
+# torch's CUDA build (PyPI on Linux) and no GPU is wanted, TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the CPU one.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
 DEVICE ?= auto
 WORLD_PRESET ?= default
 # runs/demo for the shipped default world, runs/demo-NAME for a world built from another preset
@@ -14,7 +16,7 @@ DEMO_OUT ?= runs/demo$(if $(filter default,$(WORLD_PRESET)),,-$(WORLD_PRESET))
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
