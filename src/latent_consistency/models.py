@@ -865,6 +865,10 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     else:
         lcm = lcm_scheduler_config(model.scheduler_config, skip=1) | {"original_inference_steps": DEFAULT_ORIGINAL_INFERENCE_STEPS}
     model.scheduler_config = model.scheduler_config | {k: v for k, v in lcm.items() if not k.startswith("_")}
+    if not model.is_lcm:  # an ω input, a DDIM scheduler and a LoRA without an LCMScheduler config of its own
+        raise UserError(f"{name_or_path} is a guidance-distilled diffusion model (ω input, no LCMScheduler) and the LoRA {lora} brings "
+                        "no LCMScheduler config: together they are not an LCM; give an LCM, or the model an LCM-LoRA was distilled "
+                        "from, as the model")
     if model.time_cond_proj_dim is not None:  # an LCM with a LoRA fine-tuned on it: its ω input is the LCM's, and so is its record
         model.guidance_record = read_record(name_or_path)
     return model

@@ -174,7 +174,7 @@ def run(args) -> None:
         raise UserError(f"--teacher {args.teacher} is an LCM; give the diffusion model it was distilled from (its rows are "
                         "sampled with ODE solvers)")
     guided = guided_distill_models(args.guided_distill or [], device)
-    if args.exact and (teacher is None or not lcm.is_lcm):
+    if args.exact and teacher is None:
         raise UserError("--exact needs --teacher and an LCM (its skipping step k and timesteps): the exact LCM is "
                         "the teacher's ODE solution on them")
     if args.exact and teacher.schedule.num_train_timesteps != lcm.schedule.num_train_timesteps:
@@ -184,7 +184,8 @@ def run(args) -> None:
     given = args.guidance_scales or ([args.guidance_scale] if args.guidance_scale is not None else None)
     record = lcm.guidance_record  # the g the LCM's run recorded (`guidance_record`) is the default
     scales = given or [DEFAULT_GUIDANCE_SCALE if record is None else record.guidance_scale]
-    if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided):
+    omega_teacher = teacher is not None and teacher.time_cond_proj_dim is not None  # a guidance-distilled teacher
+    if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided or omega_teacher):
         raise UserError(f"guidance scale {min(scales):g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
     for note in dict.fromkeys(n for g in scales for n in ([] if record is None else record.notes(g, bool(given)))):
         print(f"lcm evaluate: note: {note}", file=sys.stderr)

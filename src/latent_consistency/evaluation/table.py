@@ -55,20 +55,28 @@ class Row:
     def key(self) -> str:
         return f"{self.sampler}|{self.steps}|{self.guidance_scale:g}"
 
-    @property
-    def method(self) -> str:
+    def method(self, teacher: DiffusionModel | None = None) -> str:
+        """The row's label; a teacher solver's says how `teacher` is guided: CFG, or a guidance-distilled teacher's ω input."""
+        guidance = "CFG" if guided_passes(teacher) == 2 else "ω input"
         return ({"lcm": "LCM", GUIDED_DISTILL: "Guided-Distill", EXACT: "exact LCM (teacher ODE)"}.get(self.sampler)
-                or f"{TEACHER_SOLVERS[self.sampler]} (CFG)")
+                or f"{TEACHER_SOLVERS[self.sampler]} ({guidance})")
 
-    def network_evaluations(self, lcm: DiffusionModel | None = None) -> int:
+    def network_evaluations(self, lcm: DiffusionModel | None = None, teacher: DiffusionModel | None = None) -> int:
         """UNet passes per image: one per step for an LCM with an ω input and Guided-Distill; two (cond and uncond) for
         the teacher with CFG and for an LCM-LoRA guided at g > 1; for the exact LCM two per teacher jump of k from each
-        of the LCM's timesteps down to 0 (DDIM: one evaluation per jump)."""
+        of the LCM's timesteps down to 0 (DDIM: one evaluation per jump). A guidance-distilled teacher's (ω input) take
+        one pass where CFG takes two (`guided_passes`)."""
         if self.sampler == EXACT:
-            return sum(2 * -(-int(t) // lcm.skip) for t in lcm.timesteps(self.steps))
+            return sum(guided_passes(teacher) * -(-int(t) // lcm.skip) for t in lcm.timesteps(self.steps))
         if self.sampler == GUIDED_DISTILL or (self.sampler == "lcm" and (lcm.time_cond_proj_dim is not None or self.guidance_scale <= 1)):
             return self.steps
-        return 2 * self.steps
+        return guided_passes(teacher) * self.steps
+
+
+def guided_passes(teacher: DiffusionModel | None) -> int:
+    """Network passes per guided evaluation of the teacher: two with classifier-free guidance (cond and uncond); one for
+    a guidance-distilled teacher (`lcm distill --method guidance`), whose ω input stands for them (`models.guided_teacher`)."""
+    return 1 if teacher is not None and teacher.time_cond_proj_dim is not None and not teacher.is_lcm else 2
 
 
 def table_rows(steps: list[int], guidance_scales: list[float], teacher: bool, reference_steps: tuple[int, ...] = REFERENCE_STEPS,
@@ -253,34 +261,35 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
                 torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
             images = generate(row, lcm, teacher, eval_set, device, guided)
-            check_finite(images, row)
+            check_finite(images, row, teacher)
             ms_per_image = 1000 * (time.perf_counter() - start) / len(images)
-            record = asdict(row) | {"method": row.method, "network_evaluations": row.network_evaluations(lcm), "ms_per_image": ms_per_image,
+            record = asdict(row) | {"method": row.method(teacher), "network_evaluations": row.network_evaluations(lcm, teacher),
+                                    "ms_per_image": ms_per_image,
                                     "peak_memory_mb": _peak_memory_mb(device), "images": len(images)}
             for scorer in scorers:
-                record |= {f"{scorer.name}_{k}": v for k, v in finite_scores(scorer, scorer(images, eval_set), row).items()}
+                record |= {f"{scorer.name}_{k}": v for k, v in finite_scores(scorer, scorer(images, eval_set), row, teacher).items()}
             results[row.key] = record
             write_json_atomic(path, {"fingerprint": fingerprint, "rows": results})
             bar.update(1)
     return {row.key: results[row.key] for row in rows}
 
 
-def check_finite(images: torch.Tensor, row: Row) -> None:
+def check_finite(images: torch.Tensor, row: Row, teacher: DiffusionModel | None = None) -> None:
     """A UserError when any of a row's images holds NaN or infinite pixels (a model with broken weights, or overflow in
     half precision): their FID and KID would be NaN, not a score; the rows scored before it stay in results.json."""
     broken = int((~torch.isfinite(images.flatten(1).sum(1))).sum())  # an image's sum is NaN or infinite if a pixel is
     if broken:
-        raise UserError(f"{row.method} at {row.steps} step(s), g = {row.guidance_scale:g}, made {broken} of {len(images)} images with "
+        raise UserError(f"{row.method(teacher)} at {row.steps} step(s), g = {row.guidance_scale:g}, made {broken} of {len(images)} images with "
                         "NaN or infinite pixels: its model is broken (NaN weights, or overflow in half precision); the rows scored "
                         f"before it are kept in {RESULTS_FILE}")
 
 
-def finite_scores(scorer: Scorer, scores: dict[str, float], row: Row) -> dict[str, float]:
+def finite_scores(scorer: Scorer, scores: dict[str, float], row: Row, teacher: DiffusionModel | None = None) -> dict[str, float]:
     """`scores`, which `scorer` gave a row of finite images; a UserError when one is NaN or infinite: the metric's network
     is broken (NaN weights), and a NaN is not a score to report or to reuse on a rerun."""
     broken = [name for name, value in scores.items() if not math.isfinite(value)]
     if broken:
-        raise UserError(f"the {scorer.name} metric gave {row.method} at {row.steps} step(s), g = {row.guidance_scale:g}, a {broken[0]} of "
+        raise UserError(f"the {scorer.name} metric gave {row.method(teacher)} at {row.steps} step(s), g = {row.guidance_scale:g}, a {broken[0]} of "
                         f"{scores[broken[0]]}: its network ({scorer.identity}) is broken (NaN weights?); the rows scored before it "
                         f"are kept in {RESULTS_FILE}")
     return scores
@@ -317,7 +326,7 @@ def write_report(results: dict[str, dict], steps: list[int], out: Path | None, t
         references = [r for r in at_g if r["sampler"] == "dpm++" and r["steps"] in REFERENCE_STEPS]
         for r in sorted(references, key=lambda r: r["steps"]):
             follow = "" if follow_key is None else f", {follow_name} {r[follow_key]:.3f}"
-            lines.append(f"\nReference: DPM-Solver++ (CFG) {r['steps']} steps: FID {r[fid_key]:.2f}{follow}")
+            lines.append(f"\nReference: {r['method']} {r['steps']} steps: FID {r[fid_key]:.2f}{follow}")
         lines.append("")
     lines += ["## Cost per image", "", "| method | steps | g | network evaluations | ms | peak GPU memory (MB) |", "|---|---|---|---|---|---|"]
     for r in results.values():
@@ -383,7 +392,7 @@ def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | N
     reference images first (when reference image i is prompt i's). Written as out/`name`."""
     few = EvalSet(eval_set.prompts[:columns], None, eval_set.reference[:columns], 1, eval_set.seed)
     images = ([few.reference] if real_row else []) + [generate(row, lcm, teacher, few, device, guided) for row in rows]
-    labels = (["real"] if real_row else []) + [f"{row.method} {row.steps} g={row.guidance_scale:g}" for row in rows]
+    labels = (["real"] if real_row else []) + [f"{row.method(teacher)} {row.steps} g={row.guidance_scale:g}" for row in rows]
     path = out / name
     save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=170, column_labels=few.prompts), path)
     return path
