@@ -40,6 +40,25 @@ class GuidanceRecord:
         default = min(max(validation_guidance_scale, guidance_scale_min), guidance_scale_max)
         return cls(guidance_scale_min, guidance_scale_max, default, omega_response)
 
+    @classmethod
+    def of_fine_tuning(cls, base: GuidanceRecord | None, guidance_scale_min: float, guidance_scale_max: float,
+                       validation_guidance_scale: float) -> GuidanceRecord:
+        """A fine-tuning run's record (LCF, Algorithm 4: no teacher, so no ω response). LCF teaches no guidance: an LCM
+        whose record (`base`) says the range its ω input was distilled on keeps that range, whatever range the run drew ω
+        from (`fine_tuning_note`); an LCM without one (from elsewhere) gets the run's range."""
+        if base is not None:
+            guidance_scale_min, guidance_scale_max = base.guidance_scale_min, base.guidance_scale_max
+        return cls.of_run(guidance_scale_min, guidance_scale_max, validation_guidance_scale, None)
+
+    def fine_tuning_note(self, guidance_scale_min: float, guidance_scale_max: float) -> str | None:
+        """A note when a fine-tuning run of this LCM draws g outside the range it was distilled on (None inside it)."""
+        low, high = self.guidance_scale_min, self.guidance_scale_max
+        if low <= guidance_scale_min and guidance_scale_max <= high:
+            return None
+        return (f"the guidance range [{guidance_scale_min:g}, {guidance_scale_max:g}] reaches outside [{low:g}, {high:g}], the range "
+                f"this LCM was distilled on: fine-tuning teaches no guidance, so there its ω input still extrapolates, and the "
+                f"fine-tuned model keeps the record [{low:g}, {high:g}]; give --guidance-scale-min and --guidance-scale-max inside it")
+
     def ignores_guidance(self) -> bool:
         """Whether the measured ω response is below `IGNORED_BELOW` at every t (False when it was not measured)."""
         return bool(self.omega_response) and max(self.omega_response.values()) < IGNORED_BELOW

@@ -88,7 +88,7 @@ class TrainingBatches:
             return None
         n = len(self.dataset)
         return (f"the data holds {n} sample{'s' if n != 1 else ''}, fewer than the batch of {batch_size}: every batch repeats each "
-                f"sample about {batch_size / n:.0f} times, with its own noise and timestep each time")
+                f"sample about {batch_size / n:.2g} times, with its own noise and timestep each time")
 
     @property
     def uncond(self) -> torch.Tensor:

@@ -58,6 +58,13 @@ def pair_steps_note(config: TrainConfig) -> str | None:
             "the plain loss after it never comes")
 
 
+def guidance_range_note(config: TrainConfig, base: DiffusionModel) -> str | None:
+    """A note when fine-tuning an LCM over guidance scales outside the range its guidance record says it was distilled on
+    (`GuidanceRecord.fine_tuning_note`)."""
+    record = base.guidance_record if config.objective == "lcf" else None
+    return record.fine_tuning_note(config.guidance_scale_min, config.guidance_scale_max) if record is not None else None
+
+
 def lr_lambda(config: TrainConfig):
     def factor(step: int) -> float:
         if step < config.lr_warmup_steps:
@@ -173,7 +180,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
     if accelerator.is_main_process:
         command = "distill" if config.objective == "lcd" else "finetune"
-        for note in filter(None, (batches.small_data_note(config.batch_size), warmup_note(config), pair_steps_note(config))):
+        for note in filter(None, (batches.small_data_note(config.batch_size), warmup_note(config), pair_steps_note(config),
+                                     guidance_range_note(config, base))):
             print(f"lcm {command}: note: {note}", file=sys.stderr)
     optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))

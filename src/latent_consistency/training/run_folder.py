@@ -365,8 +365,13 @@ class RunFolder:
             staged = student.export(staging, unwrapped, self.base)
             if student.adapter == "full" and is_lcm_config(student.scheduler_config):  # a full LCM (read where it has an ω input)
                 config = self.config
-                write_record(staged, GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max,
-                                                           config.validation_guidance_scale, response))
+                if config.objective == "lcf":  # the range the LCM's ω input was distilled on, where its folder records one
+                    record = GuidanceRecord.of_fine_tuning(self.base.guidance_record, config.guidance_scale_min,
+                                                           config.guidance_scale_max, config.validation_guidance_scale)
+                else:
+                    record = GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max,
+                                                   config.validation_guidance_scale, response)
+                write_record(staged, record)
             exported = replace_folder(staged, self.out / staged.name)
             staging.rmdir()
             summary = self.batches.skipped_summary()
