@@ -8,16 +8,7 @@ import json
 import pytest
 import torch
 
-
-class Linear(torch.nn.Module):
-    """A TorchScript stand-in of the FID Inception network: [0, 255] images -> 4 features."""
-
-    def __init__(self):
-        super().__init__()
-        self.project = torch.nn.Linear(3, 4)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        return self.project(x.mean((2, 3)) / 255)
+from test_evaluate_inputs import Linear  # the FID Inception stand-in
 
 
 @pytest.fixture(scope="module")
