@@ -241,7 +241,7 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
                                "a LoRA student has no ω input"),
         "fixed guidance pair": (distill_args(tiny_sd, image_folder, out, "--guidance-scale-min", "4", "--guidance-scale-max", "4",
                                              "--guidance-pair-weight", "1"), "needs a guidance range"),
-        "ε at zero terminal SNR": (distill_args(tmp_path / "zsnr", image_folder, out), "the teacher would predict ε on a zero-terminal-SNR"),
+        "ε at zero terminal SNR": (distill_args(tmp_path / "zsnr", image_folder, out), "predicts ε on a zero-terminal-SNR schedule"),
         "ε student at zero terminal SNR": (distill_args(tmp_path / "zsnr", image_folder, out, "--student-prediction", "epsilon"),
                                            "the student would predict ε on a zero-terminal-SNR"),
         "pair steps without pair": (distill_args(tiny_sd, image_folder, out, "--guidance-pair-steps", "5"),

@@ -52,6 +52,11 @@ def _text_encoder_of_a_smaller_vocabulary(folder):
     CLIPTextModel(CLIPTextConfig(**config)).save_pretrained(folder / "text_encoder")
 
 
+def _epsilon_at_zero_terminal_snr(folder):
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"rescale_betas_zero_snr": True}))  # the tiny LCM predicts ε
+
+
 def _sdxl_refiner(folder):
     """What a StableDiffusionXLImg2ImgPipeline refiner's folder holds: no first text encoder, aesthetic-score conditioning."""
     index = json.loads((folder / "model_index.json").read_text())
@@ -69,6 +74,7 @@ BROKEN = {
     "a vae of 16 latent channels": (_vae_of_16_channels, ["16-channel latents", "4-channel"]),
     "a text encoder of another width": (_wider_text_encoder, ["64-wide", "32"]),
     "a text encoder of a smaller vocabulary": (_text_encoder_of_a_smaller_vocabulary, ["text encoder of 20", "tokenizer"]),
+    "ε at zero terminal SNR": (_epsilon_at_zero_terminal_snr, ["predicts ε on a zero-terminal-SNR schedule", "predict v"]),
     "an SDXL refiner": (_sdxl_refiner, ["SDXL refiner", "give the SDXL base model"]),  # was: "text_encoder/ is missing"
 }
 

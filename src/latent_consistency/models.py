@@ -500,6 +500,11 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
         pixart = _is_pixart(name_or_path, index)
         if local:
             _check_components(name_or_path, index, pixart)
+        scheduler_config = _read_scheduler_config(name_or_path)  # before any weights: what it says may refuse the model
+        if scheduler_config.get("rescale_betas_zero_snr") and prediction_type_of(scheduler_config) == "epsilon":
+            raise UserError(f"{name_or_path} predicts ε on a zero-terminal-SNR schedule (rescale_betas_zero_snr), where ε says nothing "
+                            "about the image at t = T-1 (x̂0 = (z - σ·ε̂)/α with α = 0: its first step makes NaN or noise); such models "
+                            "predict v (Lin et al. 2024): set its scheduler config to what it was trained with")
         vae = load_component(AutoencoderKL, name_or_path, "vae", **kwargs)
         if pixart:
             unet = load_component(PixArtTransformer2DModel, name_or_path, "transformer", **kwargs)
@@ -514,7 +519,6 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
             second = dict(text_encoder_2=load_component(CLIPTextModelWithProjection, name_or_path, "text_encoder_2", **kwargs),
                           tokenizer_2=_load_tokenizer(CLIPTokenizer, name_or_path, "tokenizer_2"),
                           force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
-        scheduler_config = _read_scheduler_config(name_or_path)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a diffusers model from {name_or_path}: {first_line(err)}") from err
     model = DiffusionModel(unet, vae, text_encoder, tokenizer, scheduler_config, source=name_or_path, **second)
