@@ -4,6 +4,7 @@ a diffusers pipeline with it as its VAE does, the command writes images with it,
 
 import functools
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -154,6 +155,31 @@ def test_world_preview_decoder_distils_a_loadable_folder_and_resumes(tmp_path, m
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     code = main(argv + ["--out", str(tmp_path / "a")])  # not empty
     assert code == 2
+
+
+def test_world_preview_decoder_killed_after_its_move_into_out_finishes_on_the_rerun(tmp_path, monkeypatch):
+    """Killed after the finished decoder was moved into --out, before its work folder went: the rerun removes the work
+    folder and is done (it was "not empty", and OUT.partial stayed)."""
+    from latent_consistency.world import preview_decoder
+
+    monkeypatch.setattr(preview_decoder, "PreviewDecoderConfig", functools.partial(preview_decoder.PreviewDecoderConfig, held_out=16))
+    argv = ["world", "preview-decoder", "--steps", "2", "--images", "16", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "c")]
+
+    class KilledAtTheEnd:
+        def __getattr__(self, name):
+            return getattr(shutil, name)
+
+        def rmtree(self, path, *args, **kwargs):
+            if str(path).endswith(".partial"):
+                raise KeyboardInterrupt
+            return shutil.rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(preview_decoder, "shutil", KilledAtTheEnd())
+        assert main(argv) == 130
+    assert (tmp_path / "c" / preview_decoder.QUALITY_FILE).is_file() and (tmp_path / "c.partial").is_dir()
+    assert main(argv) == 0
+    assert not (tmp_path / "c.partial").exists() and (tmp_path / "c" / preview_decoder.QUALITY_FILE).is_file()
 
 
 def _no_new_steps(train, tiny, data, config, phase):

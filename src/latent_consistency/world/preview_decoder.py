@@ -165,6 +165,10 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
     """Distil the world's preview decoder into `out_dir` (new or empty; resumes from `<out_dir>.partial`); returns it."""
     work = partial_folder(out_dir, "../preview")
     out = Path(out_dir)
+    settings = {"world": str(Path(world_dir).resolve()), "config": asdict(config)}
+    if (out / QUALITY_FILE).is_file() and (work / "settings.json").is_file() and _read_settings(work / "settings.json") == settings:
+        shutil.rmtree(work)  # a run of these settings killed after it moved its decoder into `out`: only this was left to do
+        return out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} is a file or a folder that is not empty; give a new or empty folder")
     if config.steps < 1 or config.images < 1 or config.batch_size < 1:
@@ -174,7 +178,6 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
     world = load_world(world_dir, device)
     device = world.model.vae.device
     work.mkdir(parents=True, exist_ok=True)
-    settings = {"world": str(Path(world_dir).resolve()), "config": asdict(config)}
     if (work / "settings.json").is_file() and _read_settings(work / "settings.json") != settings:
         raise UserError(f"{work} holds an unfinished preview decoder of other settings; give the same settings to resume it, "
                         "or remove that folder")
