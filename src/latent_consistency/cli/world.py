@@ -19,6 +19,18 @@ def _preset_from_args(args) -> WorldPreset:
     return dataclasses.replace(preset, **overrides)
 
 
+def _world_arg(world: str | None) -> str | Path:
+    """--world: a folder, or the built-in world when it is left out; an empty name is neither (nor the current folder)."""
+    from latent_consistency.errors import UserError
+    from latent_consistency.world.artifact import default_world_path
+
+    if world is None:
+        return default_world_path()
+    if not world.strip():
+        raise UserError(f"--world {world!r} names no folder; give a world folder")
+    return world
+
+
 def _run_build(args) -> None:
     from latent_consistency.world.build import build_world, check_world_spec, world_spec
 
@@ -53,7 +65,7 @@ def _run_check(args) -> None:
     from latent_consistency.world.artifact import load_world
     from latent_consistency.world.quality import check_samples, measure_quality
 
-    folder, out = Path(args.world).resolve(), Path(args.out).resolve()
+    folder, out = Path(_world_arg(args.world)).resolve(), Path(args.out).resolve()
     if out == folder or folder in out.parents:  # quality/ there is the report `lcm world build` wrote: it would be replaced
         where = {folder: "the world folder", folder / "quality": "the quality report folder of"}.get(out, "inside the world folder")
         raise UserError(f"--out {args.out} is {where} --world {args.world}; give a folder outside the world")
@@ -69,12 +81,11 @@ def _run_check(args) -> None:
 
 def _run_preview_decoder(args) -> None:
     from latent_consistency.devices import resolve_device
-    from latent_consistency.world.artifact import default_world_path
     from latent_consistency.world.preview_decoder import QUALITY_FILE, PreviewDecoderConfig, build_preview_decoder
 
     overrides = {k: v for k, v in (("steps", args.steps), ("images", args.images), ("channels", args.channels)) if v is not None}
     config = dataclasses.replace(PreviewDecoderConfig(), **overrides)
-    world = args.world or default_world_path()
+    world = _world_arg(args.world)
     out = build_preview_decoder(world, args.out, config, resolve_device(args.device), progress=not args.no_progress)
     print(json.dumps(json.loads((out / QUALITY_FILE).read_text())["quality"], indent=2))
     print(f"preview decoder written to {out}; use it with `lcm generate --preview-decoder {out}`")

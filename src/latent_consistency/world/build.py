@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from latent_consistency.conditioning import TIME_IDS, AddedConditioning
 from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
 from latent_consistency.devices import resolve_device
-from latent_consistency.errors import UserError
+from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
 from latent_consistency.outputs import partial_folder, start_partial, write_json_atomic
 from latent_consistency.pipelines import MAX_SEED
@@ -500,10 +500,15 @@ def _exported(src: Path) -> tuple[str, ...]:
 
 def _cast_weights(folder: Path, dtype: torch.dtype) -> None:
     """Cast the floating-point tensors of every safetensors file under `folder` to `dtype`, in place."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open, save_file
 
     for weights in folder.rglob("*.safetensors"):
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata()
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                metadata = f.metadata()
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+        except SafetensorError as err:  # as damaged as the world's file it copies
+            raise UserError(f"{weights}, copied from another world, is damaged ({first_line(err)}): so is that world's; build it "
+                            "again") from None
         save_file(tensors, str(weights), metadata=metadata)
