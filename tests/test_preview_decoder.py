@@ -132,7 +132,7 @@ def test_world_preview_decoder_distils_a_loadable_folder_and_resumes(tmp_path, m
     folder = tmp_path / "a"
     assert AutoencoderTiny.load_config(str(folder))["_class_name"] == "AutoencoderTiny"
     report = json.loads((folder / preview_decoder.QUALITY_FILE).read_text())
-    assert report["config"]["steps"] == 4 and np.isfinite(report["quality"]["psnr_preview_vs_vae"])
+    assert report["config"]["steps"] == 4 and report["training_images"] == 32 and np.isfinite(report["quality"]["psnr_preview_vs_vae"])
     assert (folder / preview_decoder.GRID_FILE).is_file() and not (tmp_path / "a.partial").exists()
     world = load_world(default_world_path())
     preview = load_preview_decoder(str(folder)).check_fits(world.codec.latent_channels, world.codec.downsampling_factor)

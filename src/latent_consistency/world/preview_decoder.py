@@ -199,7 +199,9 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
     shutil.rmtree(stage, ignore_errors=True)
     tiny.save_pretrained(str(stage), safe_serialization=True)
     quality = preview_quality(world, PreviewDecoder(tiny, str(out)), config.held_out, stage)
-    report = {"world": str(world_dir), "config": asdict(config), "quality": quality, "first_loss": losses[0], "last_loss": losses[-1],
+    # training_images: --images, or the world's training split where that holds fewer (`distillation_data`)
+    report = {"world": str(world_dir), "config": asdict(config), "training_images": len(data["images"]), "quality": quality,
+              "first_loss": losses[0], "last_loss": losses[-1],
               "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
     (stage / QUALITY_FILE).write_text(json.dumps(report, indent=2))
     if out.exists():
