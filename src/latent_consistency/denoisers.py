@@ -191,7 +191,7 @@ class SampleClipping:
             return x0.clamp(-self.clip_range, self.clip_range)
         rows = x0.float().reshape(len(x0), -1)  # the quantile in float32, as diffusers upcasts half precision
         s = torch.quantile(rows.abs(), self.threshold_ratio, dim=1).clamp(1.0, self.threshold_max)[:, None]
-        return (torch.maximum(torch.minimum(rows, s), -s) / s).reshape(x0.shape).to(x0.dtype)
+        return (rows.clamp(-s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
 class ConsistencyModel:

@@ -21,7 +21,7 @@ from latent_consistency.models import DiffusionModel, load_diffusion_model, load
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.preview import load_preview_decoder
 from latent_consistency.prompts import PromptCache
-from latent_consistency.sampling import check_custom_timesteps, check_gamma, randn, sample_lcm, sample_tcd, sample_teacher
+from latent_consistency.sampling import check_custom_timesteps, check_gamma, is_integer, randn, sample_lcm, sample_tcd, sample_teacher
 from latent_consistency.upsampling import use_subpixel_upsampling
 
 # Images larger than this multiple of the model's native size are refused (SD 1.5: 4096 px).
@@ -38,11 +38,6 @@ MAX_SEED = 2**63 - 1
 DEFAULT_NEGATIVE_SCALE = 0.25
 # Init images are in [-1, 1]; this much past it is rounding (a float16 image, a resampling filter), more is another range
 INIT_IMAGE_TOLERANCE = 1e-3
-
-
-def is_integer(value) -> bool:
-    """An int (numpy's included), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_prompts(prompts, what: str = "prompts") -> None:

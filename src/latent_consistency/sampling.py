@@ -28,6 +28,11 @@ def floor_of_product(a: float, b: float) -> int:
     return math.floor(a * b + 1e-9)
 
 
+def is_integer(value) -> bool:
+    """An int (numpy's included), not a bool: a step count, seed or size a user gave."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def lcm_timesteps(
     num_steps: int,
     num_train_timesteps: int = 1000,
@@ -47,7 +52,7 @@ def lcm_timesteps(
     in `StableDiffusionImg2ImgPipeline` gets): they make the n timesteps of s = 1 and keep the last int(n·s), so the
     start is whichever of those lands there (4 steps at s = 0.6: 2 steps from 499) and n·s < 1 leaves no step.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+    if not is_integer(num_steps):
         raise UserError(f"steps must be an integer number of sampling steps, e.g. 4, got {num_steps!r}")
     if original_inference_steps < 1 or original_inference_steps > num_train_timesteps:
         raise UserError(f"original_inference_steps must be in 1..{num_train_timesteps}, got {original_inference_steps}")

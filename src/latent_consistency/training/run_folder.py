@@ -45,10 +45,10 @@ from latent_consistency.training.sharding import exportable, full_training_state
 VALIDATION_STEPS = (1, 2, 4)
 VALIDATION_PROMPTS = 6  # validation grid columns when no prompts are given: the first held-out (or training) captions
 EVAL_MICRO_BATCHES = 4  # held-out micro-batches whose loss is logged at every validation
-# All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, but a bank
-# whose write was killed, its temporary file, is not)
 EXPORT_STAGING = "export.partial"  # where `RunFolder.finish` exports the model before renaming it into the run folder
 STUDENT_UNET = "student_unet_config"  # state.json's record of a --student-init run's UNet architecture
+# All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, but a bank
+# whose write was killed, its temporary file, is not)
 EARLY_RUN_FILES = frozenset({"config.json", "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR, ODE_BANK + ".tmp"})
 
 

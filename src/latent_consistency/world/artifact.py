@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from latent_consistency.errors import UserError, first_line
+from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel, LatentCodec, load_diffusion_model
 from latent_consistency.world.judge import Judge, load_judge
 from latent_consistency.world.presets import WorldPreset
@@ -55,19 +55,9 @@ def load_world(path: str | Path, device: str | torch.device = "cpu") -> World:
     except (TypeError, ValueError, AttributeError):
         raise UserError(f"{path / WORLD_FILE} names a preset this version cannot read; rebuild the world with `lcm world build`") from None
     model = load_diffusion_model(str(path), dtype=torch.float32, device=device)
-    judge = _load_judge(path / "judge", device)
-    judges = {preset.dataset: judge} | {name: _load_judge(path / "judges" / name, device) for name in preset.pretraining_datasets}
+    judge = load_judge(path / "judge", device)
+    judges = {preset.dataset: judge} | {name: load_judge(path / "judges" / name, device) for name in preset.pretraining_datasets}
     return World(path, preset, spec.get("prediction_type", "epsilon"), model, judge, judges)
-
-
-def _load_judge(folder: Path, device: str | torch.device) -> Judge:
-    """`load_judge`, with a UserError naming the folder when its files do not load (a damaged config or weights file)."""
-    from safetensors import SafetensorError
-
-    try:
-        return load_judge(folder, device)
-    except (ValueError, TypeError, RuntimeError, SafetensorError) as err:  # RuntimeError: weights of another judge's shape
-        raise UserError(f"cannot load the judge in {folder}: {first_line(err)}; build the world again") from None
 
 
 def read_world_spec(path: Path) -> dict:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latent_consistency.errors import UserError
+from latent_consistency.errors import UserError, first_line
 from latent_consistency.world.datasets import (
     REFERENCE_SPLITS,
     attribute_names,
@@ -228,6 +228,11 @@ def load_judge(directory: str | Path, device: str | torch.device = "cpu") -> Jud
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise UserError(f"no judge in {directory} (needs {CONFIG_NAME} and {WEIGHTS_NAME}); train one first")
-    judge = Judge(**json.loads((directory / CONFIG_NAME).read_text()))
-    judge.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+    from safetensors import SafetensorError
+
+    try:
+        judge = Judge(**json.loads((directory / CONFIG_NAME).read_text()))
+        judge.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+    except (ValueError, TypeError, RuntimeError, SafetensorError) as err:  # RuntimeError: weights of another judge's shape
+        raise UserError(f"cannot load the judge in {directory}: {first_line(err)}; build the world again") from None
     return judge.to(device).eval()
