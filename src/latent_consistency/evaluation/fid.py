@@ -18,16 +18,19 @@ from latent_consistency.errors import UserError
 
 class FeatureAdapter(nn.Module):
     """A feature network as torchmetrics takes one: `forward` gives the features (divided by `scale`),
-    `num_features` their width."""
+    `num_features` their width; `finite` says whether every feature it gave was finite."""
 
     def __init__(self, network, scale: float = 1.0):
         super().__init__()
         self.network = network
         self.num_features = network.feature_dim
         self.scale = scale
+        self.finite = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network.features(images) / self.scale
+        features = self.network.features(images) / self.scale
+        self.finite = self.finite and bool(torch.isfinite(features).all())
+        return features
 
 
 # FID fits a mean and a covariance to each set of features: it needs at least this many images in each
@@ -59,8 +62,11 @@ def fid_score(network, real: torch.Tensor, fake: torch.Tensor, batch_size: int =
     """FID between two sets of [-1, 1] images [N, 3, H, W], in the feature network's space."""
     from torchmetrics.image.fid import FrechetInceptionDistance  # here, not at import: torchmetrics takes 2 s to import
 
-    metric = FrechetInceptionDistance(feature=FeatureAdapter(network)).to(_device(network))
+    adapter = FeatureAdapter(network)
+    metric = FrechetInceptionDistance(feature=adapter).to(_device(network))
     _update(metric, real, fake, batch_size)
+    if not adapter.finite:  # a broken network (NaN weights): no score, and LAPACK may abort the process on a NaN covariance
+        return float("nan")
     return float(metric.compute())
 
 
