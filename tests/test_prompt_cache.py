@@ -85,3 +85,32 @@ def test_a_solver_generator_caches_the_unconditional_embedding(tiny_sd):
     images = generator(["a red star"], 2, 3.0, [1], size, size)
     assert torch.equal(generator(["a red star"], 2, 3.0, [1], size, size), images)
     assert torch.equal(generator.prompt_cache.uncond(generator.model.prompts, CPU, (size, size)), generator.model.prompts.uncond(CPU))
+
+
+def test_threads_sharing_a_cache_get_their_own_prompts_rows():
+    """A generator's cache shared by threads (a front end that calls one generator from several): a prompt another thread
+    evicts between this thread's insertion and its lookup must not fail or give another prompt's row."""
+    import sys
+    import threading
+
+    encoder, cache, errors = CountingEncoder(), PromptCache(capacity=1), []
+
+    def worker(i: int):
+        try:
+            for j in range(3000):
+                prompt = f"p{i}-{j}"
+                assert torch.equal(cache.encode(encoder, [prompt, prompt], CPU, (32, 32))[0], encoder.encode([prompt], CPU, (32, 32))[0])
+        except Exception as error:  # any failure of a thread fails the test
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads between almost every bytecode
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]

@@ -18,6 +18,7 @@ prompt.
 from __future__ import annotations
 
 import sys
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -197,7 +198,8 @@ class PromptCache:
     """c per (prompt, image size, device), the least recently used dropped past `capacity` prompts: a sampler that is asked
     for a prompt again (a server, a batch of one prompt's seeds) does not run the text encoder for it again, and a batch's
     repeated prompts are encoded once. The distinct new prompts of a call are encoded as one batch; c is the encoder's
-    own output, so a cached row equals a fresh encoding up to the rounding of the batch it was encoded in."""
+    own output, so a cached row equals a fresh encoding up to the rounding of the batch it was encoded in. Threads may
+    share one (a front end calling one generator from several): a lock keeps a call's rows from being evicted under it."""
 
     def __init__(self, capacity: int = 256):  # SD 1.5 in float32: 236 KB a prompt, 60 MB in all
         if capacity < 1:
@@ -205,26 +207,29 @@ class PromptCache:
         self.capacity = capacity
         self.rows: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self.encoded = 0  # prompts run through the text encoder, for tests and benchmarks
+        self.lock = threading.Lock()
 
     def encode(self, encoder, prompts: list[str], device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
         """`encoder.encode(prompts, device, size)`, [B, L', D], from the cache where it can."""
         keys = [(p, size, str(device)) for p in prompts]
-        new = list(dict.fromkeys(k for k in keys if k not in self.rows))
-        if new:
-            for key, row in zip(new, encoder.encode([k[0] for k in new], device, size)):
-                self.rows[key] = row.clone()  # not a view that keeps the whole batch alive
-            self.encoded += len(new)
-        for key in keys:
-            self.rows.move_to_end(key)
-        c = torch.stack([self.rows[k] for k in keys])
-        while len(self.rows) > self.capacity:
-            self.rows.popitem(last=False)
+        with self.lock:
+            new = list(dict.fromkeys(k for k in keys if k not in self.rows))
+            if new:
+                for key, row in zip(new, encoder.encode([k[0] for k in new], device, size)):
+                    self.rows[key] = row.clone()  # not a view that keeps the whole batch alive
+                self.encoded += len(new)
+            for key in keys:
+                self.rows.move_to_end(key)
+            c = torch.stack([self.rows[k] for k in keys])
+            while len(self.rows) > self.capacity:
+                self.rows.popitem(last=False)
         return c
 
     def uncond(self, encoder, device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
         """`encoder.uncond(device, size)`, [1, L', D], computed once per size and device."""
         key = ("", size, str(device), "uncond")
-        if key not in self.rows:
-            self.rows[key] = encoder.uncond(device, size)[0]
-        self.rows.move_to_end(key)
-        return self.rows[key][None]
+        with self.lock:
+            if key not in self.rows:
+                self.rows[key] = encoder.uncond(device, size)[0]
+            self.rows.move_to_end(key)
+            return self.rows[key][None]
