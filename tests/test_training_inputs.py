@@ -240,3 +240,20 @@ def test_a_run_resumed_with_its_teacher_and_data_spelled_another_way_is_the_same
     other = tmp_path / "other-teacher"
     shutil.copytree(tiny_sd, other)
     refused(run_error, [*args[:-1], "6", "--teacher", str(other), "--data", str(image_folder), "--resume"], "different config (teacher:")
+
+
+def test_a_resumed_run_whose_new_steps_reshape_its_decaying_schedule_gets_a_note(distill, run_error):
+    """Cosine decay runs over --steps: a run of 2 steps resumed with --steps 4 jumps from the end of its schedule (0 × --lr)
+    back to its middle (0.5 ×) at step 2; a constant schedule does not change, and gets no note."""
+    code, err = run_error(distill("--steps", "2", "--lr-schedule", "cosine"))
+    assert code == 0 and "note:" not in err, err
+    code, err = run_error(distill("--steps", "4", "--lr-schedule", "cosine", "--resume"))
+    notes = [line for line in err.splitlines() if "note:" in line]
+    assert code == 0 and notes == ["lcm distill: note: --steps 4 stretches the cosine learning-rate schedule this run followed over 2 "
+                                   "steps: at step 2 the rate jumps from 0 to 0.5 × --lr"], err
+
+
+def test_a_constant_schedule_resumed_with_more_steps_gets_no_note(distill, run_error):
+    assert run_error(distill("--steps", "2"))[0] == 0
+    code, err = run_error(distill("--steps", "4", "--resume"))
+    assert code == 0 and "note:" not in err, err

@@ -20,12 +20,13 @@ from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.models import DiffusionModel
 from latent_consistency.solvers import get_solver
+from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training.batches import TrainingBatches
 from latent_consistency.training.config import TrainConfig
 from latent_consistency.training.ema import ema_update
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
 from latent_consistency.training.ode_targets import ODETargets, bank_settings, build_ode_targets, ode_targets_for_run
-from latent_consistency.training.run_folder import Progress, RunFolder, prepare_run_folder, resumed_student_unet
+from latent_consistency.training.run_folder import Progress, RunFolder, prepare_run_folder, resumed_student_unet, saved_config
 from latent_consistency.training.sharding import check_sharding, is_sharded, shard_target
 from latent_consistency.training.students import make_student
 
@@ -63,6 +64,20 @@ def guidance_range_note(config: TrainConfig, base: DiffusionModel) -> str | None
     (`GuidanceRecord.fine_tuning_note`)."""
     record = base.guidance_record if config.objective == "lcf" else None
     return record.fine_tuning_note(config.guidance_scale_min, config.guidance_scale_max) if record is not None else None
+
+
+def resumed_schedule_note(out: Path, config: TrainConfig) -> str | None:
+    """A note when a resumed run's new --steps reshapes its decaying learning-rate schedule (`lr_lambda` decays over --steps):
+    the rate then jumps at the checkpoint's step, which a user extending a run may not expect."""
+    found = ckpt.list_checkpoints(out)
+    if config.lr_schedule == "constant" or not found:
+        return None
+    saved, step = saved_config(out / "config.json"), ckpt.checkpoint_step(found[-1])
+    before, after = lr_lambda(saved)(step), lr_lambda(config)(step)
+    if math.isclose(before, after):
+        return None
+    return (f"--steps {config.steps} stretches the {config.lr_schedule} learning-rate schedule this run followed over {saved.steps} steps: "
+            f"at step {step} the rate jumps from {before:.3g} to {after:.3g} × --lr")
 
 
 def lr_lambda(config: TrainConfig):
@@ -181,7 +196,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     if accelerator.is_main_process:
         command = "distill" if config.objective == "lcd" else "finetune"
         for note in filter(None, (batches.small_data_note(config.batch_size), warmup_note(config), pair_steps_note(config),
-                                     guidance_range_note(config, base))):
+                                     guidance_range_note(config, base), resume and resumed_schedule_note(out, config))):
             print(f"lcm {command}: note: {note}", file=sys.stderr)
     optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
