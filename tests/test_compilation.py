@@ -133,3 +133,25 @@ def test_distill_compile_compiles_the_run_s_networks_and_lora_is_refused(tiny_sd
     code, err = run_error(common + ["--out", str(tmp_path / "lora"), "--adapter", "lora", "--compile"])
     assert code == 2 and "--compile applies to full students" in err.splitlines()[-1]
     assert not (tmp_path / "lora").exists()
+
+
+@pytest.fixture
+def no_cxx(monkeypatch):
+    """A machine without a C++ compiler, as inductor searches for one (its `cpp.cxx` setting; the search is cached)."""
+    from torch._inductor import config
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    monkeypatch.setattr(config.cpp, "cxx", ("no-such-c++-compiler",))
+    cpp_compiler_search.cache_clear()
+    yield
+    cpp_compiler_search.cache_clear()
+
+
+def test_compile_on_a_cpu_without_a_cxx_compiler_is_one_line_before_any_work(no_cxx, tiny_lcm, tiny_sd, image_folder, tmp_path, run_error):
+    """Inductor builds CPU kernels with a C++ compiler: without one, the first compiled call failed with a long traceback
+    (after the model loaded, and for training after the run folder was made)."""
+    for argv, out in ((["generate", "a red star", "--model", str(tiny_lcm), "--compile"], tmp_path / "images"),
+                      (["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(image_folder), "--compile"], tmp_path / "run")):
+        code, err = run_error([*argv, "--out", str(out)])
+        assert code == 2 and len(err.splitlines()) == 1 and "needs a C++ compiler" in err, err
+        assert not out.exists()

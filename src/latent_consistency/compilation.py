@@ -16,6 +16,24 @@ from __future__ import annotations
 
 import torch
 
+from latent_consistency.errors import UserError
+
+
+def compiler_problem() -> str | None:
+    """Why inductor cannot compile for a CPU on this machine, if it cannot: it builds its CPU kernels with a C++ compiler
+    (torch's `cpp.cxx` setting, $CXX or g++), and without one the first compiled call fails with a long traceback."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+    except ImportError:  # a torch without these: nothing to check ahead of the first call
+        return None
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        return ("--compile on a CPU needs a C++ compiler (torch's inductor builds its kernels with one) and none was found: "
+                "install g++ (apt install g++) or set CXX, or leave --compile out")
+    return None
+
 
 def sampling_modules(model) -> dict[str, torch.nn.Module]:
     """The modules a sampling call of `model` (a `models.DiffusionModel`) runs: the text encoder(s), the denoising network
@@ -27,9 +45,12 @@ def sampling_modules(model) -> dict[str, torch.nn.Module]:
 
 def compile_for_sampling(model, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
     """Compile `sampling_modules(model)` in place with inductor (`nn.Module.compile`: the objects stay the same, their calls
-    run the compiled graph), freezing the weights in reduced precision. Returns the compiled modules."""
+    run the compiled graph), freezing the weights in reduced precision. Returns the compiled modules; a UserError on a CPU
+    without a C++ compiler (`compiler_problem`)."""
     options = {"freezing": True} if dtype in (torch.bfloat16, torch.float16) else None
     modules = sampling_modules(model)
+    if model.unet.device.type == "cpu" and (problem := compiler_problem()):
+        raise UserError(problem)
     for module in modules.values():
         module.compile(backend="inductor", options=options)
     return modules

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from latent_consistency.compilation import compiler_problem
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
@@ -156,9 +157,11 @@ def has_gpu() -> bool:
 
 def machine_problem(config: TrainConfig) -> str | None:
     """Why this machine cannot run `config`, if it cannot: fp16 mixed precision needs a GPU (on a CPU autocast leaves the
-    float32 student and the fp16 frozen networks apart)."""
+    float32 student and the fp16 frozen networks apart); --compile on a CPU a C++ compiler (`compiler_problem`)."""
     if config.mixed_precision == "fp16" and not has_gpu():
         return "--mixed-precision fp16 needs a GPU and this machine has none: use --mixed-precision bf16 or no"
+    if config.compile and not has_gpu():
+        return compiler_problem()
     return None
 
 
