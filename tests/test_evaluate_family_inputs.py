@@ -89,3 +89,14 @@ def test_a_guidance_scale_below_1_is_refused_for_a_guidance_distilled_teacher(fa
                                    "--guidance-scale", "0.5"))
     assert code == 2 and len(err.splitlines()) == 1 and "below 1" in err, err
     assert not out.exists()
+
+
+def test_an_lcm_lora_is_evaluated_at_generates_default_g(family, tmp_path, capsys):
+    """Without --guidance-scale an LCM-LoRA (no ω input) is scored at g = 1, as `lcm generate` samples it (its guidance is
+    distilled in; CFG at the paper's g = 8 burns its images), and a note says the teacher's rows are at that g too."""
+    from latent_consistency.cli import main
+
+    out = tmp_path / "out"
+    assert main(evaluate(family, out, "--lcm", str(family["sd"]), "--lora", str(family["lora"]), "--teacher", str(family["sd"]))) == 0
+    assert {row["guidance_scale"] for row in json.loads((out / "results.json").read_text())["rows"].values()} == {1.0}
+    assert "applies to the teacher's rows too" in capsys.readouterr().err

@@ -26,6 +26,21 @@ def test_a_fine_tuned_lcm_keeps_the_guidance_range_it_was_distilled_on(tiny_lcm,
     assert read_record(out / "lcm") == GuidanceRecord(1.0, 2.0, 2.0, None)  # LCF measures no ω response
 
 
+def test_the_validation_grid_samples_a_fine_tuned_lcm_at_its_records_g(tiny_lcm, tmp_path, monkeypatch):
+    """The grid shows the LCM at the g it will be sampled at by default (its record's, 2 on an LCM distilled on [1, 2]),
+    not at the preset's 8, where its ω input extrapolates."""
+    from latent_consistency.training import run_folder
+    from tiny_models import write_captioned_images
+
+    model = shutil.copytree(tiny_lcm, tmp_path / "lcm")
+    (model / RECORD).write_text(json.dumps({"guidance_scale_min": 1.0, "guidance_scale_max": 2.0, "guidance_scale": 2.0}))
+    omegas, sample_lcm = [], run_folder.sample_lcm
+    monkeypatch.setattr(run_folder, "sample_lcm", lambda f, z, ts, c, omega, *a: omegas.append(omega) or sample_lcm(f, z, ts, c, omega, *a))
+    data = write_captioned_images(tmp_path / "images", 4)
+    assert main(["finetune", "--preset", "tiny", "--steps", "1", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "run")]) == 0
+    assert omegas and set(omegas) == {1.0}, omegas
+
+
 def test_fine_tuning_inside_the_distilled_range_gets_no_note_and_an_lcm_without_a_record_its_runs_range():
     record = GuidanceRecord(1.0, 4.0, 2.0, None)
     assert record.fine_tuning_note(1.0, 4.0) is None and record.fine_tuning_note(2.0, 3.0) is None

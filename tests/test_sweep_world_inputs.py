@@ -170,3 +170,14 @@ def test_world_check_refuses_what_it_would_fail_on_before_the_world_loads(case, 
                 "out under a file": "is not a folder"}
     assert_one_line(code, err, expected[case])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_sweep_scores_a_run_at_its_lcms_default_g_not_outside_its_range():
+    """Without --guidance-scale a full LCM's checkpoints are scored at the g its export records (the validation scale 8
+    moved into a run's [1, 4]), not at 8, where its ω input extrapolates; a LoRA student's at its validation scale."""
+    from latent_consistency.training.config import DistillConfig
+    from latent_consistency.world.over_training import run_guidance_scale
+
+    assert run_guidance_scale(DistillConfig(guidance_scale_min=1.0, guidance_scale_max=4.0, validation_guidance_scale=8.0)) == 4.0
+    assert run_guidance_scale(DistillConfig(guidance_scale_min=1.0, guidance_scale_max=4.0, validation_guidance_scale=2.0)) == 2.0
+    assert run_guidance_scale(DistillConfig(adapter="lora", guidance_scale_max=4.0, validation_guidance_scale=8.0)) == 8.0

@@ -18,11 +18,8 @@ import torch
 from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int
 from latent_consistency.errors import UserError
-from latent_consistency.pipelines import MAX_GUIDANCE_SCALE, MAX_SEED
+from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED
 from latent_consistency.prompts import read_prompt_file
-
-# g of `lcm evaluate` without --guidance-scale(s): the paper's ω = 7
-DEFAULT_GUIDANCE_SCALE = 8.0
 
 
 def guidance_scale(text: str) -> float:
@@ -183,7 +180,12 @@ def run(args) -> None:
                         "LCM's timesteps)")
     given = args.guidance_scales or ([args.guidance_scale] if args.guidance_scale is not None else None)
     record = lcm.guidance_record  # the g the LCM's run recorded (`guidance_record`) is the default
-    scales = given or [DEFAULT_GUIDANCE_SCALE if record is None else record.guidance_scale]
+    kind = "lcm" if lcm.time_cond_proj_dim is not None else "lora"  # without --guidance-scale(s) or a record, `lcm generate`'s g
+    scales = given or [DEFAULT_GUIDANCE_SCALE[kind] if record is None else record.guidance_scale]
+    if not given and kind == "lora" and teacher is not None:
+        print(f"lcm evaluate: note: the default g = {scales[0]:g} (no classifier-free guidance, as `lcm generate` samples an LCM without "
+              "an ω input) applies to the teacher's rows too; give --guidance-scales 1,7.5 to score the teacher guided as well",
+              file=sys.stderr)
     omega_teacher = teacher is not None and teacher.time_cond_proj_dim is not None  # a guidance-distilled teacher
     if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided or omega_teacher):
         raise UserError(f"guidance scale {min(scales):g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
@@ -308,7 +310,8 @@ def register(subparsers) -> None:
                    "a rerun continues the evaluation there, another evaluation's results are refused, not overwritten")
     p.add_argument("--steps", type=number_list(positive_int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")
     p.add_argument("--guidance-scale", type=guidance_scale, help="guidance scale g, diffusers' (default: the g the LCM's distillation "
-                   f"recorded in guidance.json, else {DEFAULT_GUIDANCE_SCALE:g}, the paper's ω = 7)")
+                   f"recorded in guidance.json, else {DEFAULT_GUIDANCE_SCALE['lcm']:g}, the paper's ω = 7; for an LCM without an ω input, "
+                   f"an LCM-LoRA, {DEFAULT_GUIDANCE_SCALE['lora']:g}, as `lcm generate`)")
     p.add_argument("--guidance-scales", type=number_list(guidance_scale), help="several guidance scales (Figures 4-5), instead of --guidance-scale")
     p.add_argument("--samples", type=positive_int, default=1000, help="prompts (default 1000)")
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
@@ -325,7 +328,8 @@ def register(subparsers) -> None:
                    "sweep's there are replaced (sweep again to add new checkpoints), other files of those names refused")
     s.add_argument("--world", help="the world the runs distilled (default: the shipped one)")
     s.add_argument("--samples", type=positive_int, default=500, help="reference prompts per checkpoint (default 500)")
-    s.add_argument("--guidance-scale", type=guidance_scale, help="default: each run's validation guidance scale")
+    s.add_argument("--guidance-scale", type=guidance_scale, help="default: each run's LCM's default g (its validation guidance "
+                   "scale, moved into the run's guidance range)")
     s.add_argument("--steps", type=number_list(positive_int), default=[1, 2, 4], help="sampler step counts scored (default 1,2,4; Figure 3: 4)")
     s.add_argument("--ode-error", action=argparse.BooleanOptionalAction, default=True,
                    help="also the MSE to the teacher's ODE solution and the ω response per t (default on); their references "

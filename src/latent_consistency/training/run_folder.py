@@ -312,7 +312,7 @@ class RunFolder:
         codec, size = base.codec, base.unet.config.sample_size
         noise = torch.randn(len(self.validation_prompts), codec.latent_channels, size, size,
                             generator=torch.Generator("cpu").manual_seed(config.seed)).to(device)
-        g = config.validation_guidance_scale
+        g = self.validation_guidance_scale()
         scheduler_config = self.student.scheduler_config
 
         def samples(f, n: int) -> torch.Tensor:
@@ -344,6 +344,25 @@ class RunFolder:
         save_png(image_grid(rows, labels, label_width=130, column_labels=self.validation_prompts), path)
         return path
 
+    def exports_full_lcm(self) -> bool:
+        """Whether the run exports a full LCM (read where it has an ω input), the model a guidance record goes with."""
+        return self.student.adapter == "full" and is_lcm_config(self.student.scheduler_config)
+
+    def guidance_record(self, response: dict[int, float] | None) -> GuidanceRecord:
+        """The exported full LCM's record (`guidance_record`): the run's guidance range, or for LCF the range the LCM's ω
+        input was distilled on, where its folder records one; the default g; the ω response."""
+        config = self.config
+        if config.objective == "lcf":
+            return GuidanceRecord.of_fine_tuning(self.base.guidance_record, config.guidance_scale_min, config.guidance_scale_max,
+                                                 config.validation_guidance_scale)
+        return GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max, config.validation_guidance_scale, response)
+
+    def validation_guidance_scale(self) -> float:
+        """g of the validation grid. For a full LCM its record's default g: the preset's, moved into the range the record
+        holds, so the grid shows the g the model is sampled at when none is given (not an extrapolation outside a
+        fine-tuned LCM's distilled range, or a run's --guidance-scale-max). Otherwise the preset's."""
+        return self.guidance_record(None).guidance_scale if self.exports_full_lcm() else self.config.validation_guidance_scale
+
     def finish(self) -> Path | None:
         """The final ω response (unless the metrics hold it: a run resumed after it), then the target θ⁻ exported in
         diffusers format (main process, `Student.export`), with an LCM's guidance record beside it (`guidance_record`:
@@ -363,15 +382,8 @@ class RunFolder:
             staging = self.out / EXPORT_STAGING
             shutil.rmtree(staging, ignore_errors=True)
             staged = student.export(staging, unwrapped, self.base)
-            if student.adapter == "full" and is_lcm_config(student.scheduler_config):  # a full LCM (read where it has an ω input)
-                config = self.config
-                if config.objective == "lcf":  # the range the LCM's ω input was distilled on, where its folder records one
-                    record = GuidanceRecord.of_fine_tuning(self.base.guidance_record, config.guidance_scale_min,
-                                                           config.guidance_scale_max, config.validation_guidance_scale)
-                else:
-                    record = GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max,
-                                                   config.validation_guidance_scale, response)
-                write_record(staged, record)
+            if self.exports_full_lcm():
+                write_record(staged, self.guidance_record(response))
             exported = replace_folder(staged, self.out / staged.name)
             staging.rmdir()
             summary = self.batches.skipped_summary()

@@ -21,6 +21,7 @@ import torch
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency
 from latent_consistency.evaluation.ode_error import error_timesteps, guidance_response, ode_error, ode_solutions
+from latent_consistency.guidance_record import GuidanceRecord
 from latent_consistency.models import inference_timesteps
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
@@ -73,12 +74,20 @@ def check_run(run: Path, steps: tuple[int, ...] = STEPS, guidance_scale: float |
     if max(steps) > most:  # the LCMScheduler's original_inference_steps, T/k: `inference_timesteps` takes at most these
         raise UserError(f"--steps {max(steps)}: the LCM of {run} samples on T/k = {most} timesteps (the world's T = {timesteps}, skip "
                         f"k = {config.skip}); give step counts of at most {most}")
-    g = config.validation_guidance_scale if guidance_scale is None else guidance_scale
+    g = run_guidance_scale(config) if guidance_scale is None else guidance_scale
     if g < 1 and config.adapter == "full":  # a full student has an ω input (`make_student`), a LoRA student none
         given = f"--guidance-scale {g:g}" if guidance_scale is not None else f"its validation guidance scale {g:g}"
         raise UserError(f"{given} is below 1, and the student of {run} has an ω input (ω = g - 1), trained on ω >= 0; give "
                         "--guidance-scale 1 or more")
     return config
+
+
+def run_guidance_scale(config: DistillConfig) -> float:
+    """The g a run's checkpoints are scored at by default: a full LCM's recorded default g (its validation grid's, moved
+    into its guidance range: `GuidanceRecord.of_run`), a LoRA student's validation guidance scale."""
+    if config.adapter != "full":
+        return config.validation_guidance_scale
+    return GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max, config.validation_guidance_scale, None).guidance_scale
 
 
 def same_teacher(teacher: Path, world: Path) -> bool:
@@ -117,7 +126,7 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
     guidance scale) and each checkpoint's write time: a killed sweep resumes, and a rerun scores only new checkpoints
     (of a run still training, say) or step counts not scored before."""
     config = check_run(run, steps, guidance_scale, world.model.schedule.num_train_timesteps)
-    guidance_scale = config.validation_guidance_scale if guidance_scale is None else guidance_scale
+    guidance_scale = run_guidance_scale(config) if guidance_scale is None else guidance_scale
     checkpoints = list_checkpoints(run)
     reference = get_dataset(world.dataset, REFERENCE_SPLITS[world.dataset], world.resolution, seed=world.preset.seed)
     items = [reference[i] for i in range(min(samples, len(reference)))]
