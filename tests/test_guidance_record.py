@@ -189,3 +189,16 @@ def test_a_run_whose_student_ignores_guidance_says_what_teaches_it(response, tin
     assert "ω response of the student" in out
     assert ("The student ignores its guidance scale: the pair loss teaches it (--guidance-pair-weight" in out) == (response is IGNORED)
     assert read_record(tmp_path / "run" / "lcm").omega_response == response
+
+
+def test_a_pair_loss_run_whose_student_ignores_guidance_is_not_told_to_add_the_pair_loss(tiny_sd, tmp_path, capsys, monkeypatch):
+    from latent_consistency.cli import main
+    from latent_consistency.training import omega_response
+    from tiny_models import write_captioned_images
+
+    monkeypatch.setattr(omega_response, "omega_response", lambda *a, **k: dict(IGNORED))
+    data = write_captioned_images(tmp_path / "images", 8, size=(16, 16))
+    assert main(["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--guidance-scale-min", "1", "--guidance-scale-max", "4", "--guidance-pair-weight", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "the pair loss teaches it" not in out and "though its loss teaches it (--guidance-pair-weight 1)" in out, out

@@ -274,7 +274,11 @@ class RunFolder:
         scales = f"g = {self.config.guidance_scale_min:g} and {self.config.guidance_scale_max:g}"
         print(f"ω response of the student (the fraction of the teacher's guidance effect between {scales} it reproduces; "
               "1: learned, 0: ignored): " + ", ".join(f"t={t} {r:.2f}" for t, r in response.items()), flush=True)
-        if max(response.values()) < IGNORED_BELOW:
+        if max(response.values()) < IGNORED_BELOW and getattr(self.config, "guidance_pair_weight", 0) > 0:
+            print(f"The student ignores its guidance scale so far, though its loss teaches it (--guidance-pair-weight "
+                  f"{self.config.guidance_pair_weight:g}): it learns ω over hundreds of steps; train longer (docs/guide.md, \"The "
+                  "guidance scale does nothing\").", flush=True)
+        elif max(response.values()) < IGNORED_BELOW:
             print("The student ignores its guidance scale: the pair loss teaches it (--guidance-pair-weight, with a faster "
                   "--omega-lr-scale; docs/guide.md, \"The guidance scale does nothing\").", flush=True)
         return response
