@@ -403,6 +403,9 @@ def _inside(inner: str, outer: str) -> bool:
 # Flags that only a full student's ω input uses, refused with a LoRA when given on the command line (`resolve_config`)
 FULL_STUDENT_FLAGS = {"time_cond_proj_dim": "sets the size of a full student's ω embedding",
                       "omega_response_samples": "sets the latents a full student's ω response is measured on"}
+# A preset's settings of a full student, left at their defaults when the preset trains a LoRA (`--preset world --adapter lora`):
+# a LoRA keeps the teacher's parameterisation and has no ω input (given on the command line, they are refused: `check`)
+PRESET_FULL_STUDENT_FIELDS = {"student_prediction", "omega_lr_scale", "guidance_pair_weight", "guidance_pair_steps", *FULL_STUDENT_FLAGS}
 
 
 def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_file: str | None = None,
@@ -422,6 +425,9 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
         # given on the command line, and not 0 (no response to measure): a preset's value (the tiny one's 32) is no request
         if adapter != "full" and given[name] != 0:
             raise UserError(f"--{name.replace('_', '-')} {FULL_STUDENT_FLAGS[name]}; a LoRA student (--adapter {adapter}) has no ω input")
+    if adapter != "full" and preset:  # a preset's full-student settings (the world's v-prediction student) are no request either
+        for name in PRESET_FULL_STUDENT_FIELDS & set(PRESETS[cls][preset]) - set(given):
+            values.pop(name, None)
     if preset in CONTINUES and not values.get("student_init"):
         raise UserError(f"--preset {preset} continues a `--preset {CONTINUES[preset]}` run: give that run's LCM as --student-init "
                         "RUN/lcm")
