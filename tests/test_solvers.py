@@ -162,3 +162,17 @@ def test_a_zero_length_jump_is_the_identity(schedule, name):
     z_s = guided_jump(get_solver(name), teacher, z, t_n_plus_k, t_n, cond, uncond, torch.full((3,), 2.0, dtype=torch.float64))
     assert torch.isfinite(z_s).all() and torch.equal(z_s[0], z[0])
     assert not torch.equal(z_s[1:], z[1:])
+
+
+def test_the_dpm_solver_baseline_is_built_without_diffusers_deprecation_warning():
+    """diffusers deprecates its noise-prediction DPM-Solver (Table 1's DPM-Solver row) with a FutureWarning at every
+    construction, which reached every `lcm evaluate --teacher` user's terminal."""
+    import warnings
+
+    from latent_consistency.sampling import teacher_scheduler
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler = teacher_scheduler("dpm", {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                              "beta_end": 0.012, "prediction_type": "epsilon"})
+    assert scheduler.config.algorithm_type == "dpmsolver"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -200,8 +201,11 @@ def teacher_scheduler(name: str, scheduler_config: dict):
     if name == "ddim":
         return DDIMScheduler.from_config(config, set_alpha_to_one=False, clip_sample=False)
     if name == "dpm":
-        # diffusers' noise-prediction DPM-Solver cannot end at σ = 0; it ends at the schedule's σ_min instead
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver", solver_order=2, final_sigmas_type="sigma_min")
+        # diffusers' noise-prediction DPM-Solver cannot end at σ = 0; it ends at the schedule's σ_min instead. diffusers
+        # deprecates it in favour of DPM-Solver++, with a FutureWarning on every construction: Table 1 has both rows
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`?algorithm_types? dpmsolver", category=FutureWarning)
+            return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver", solver_order=2, final_sigmas_type="sigma_min")
     if name == "dpm++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     raise UserError(f"unknown teacher sampler {name!r}; use one of {', '.join(TEACHER_SAMPLERS)}")
