@@ -118,6 +118,8 @@ def test_world_commands_reject_paths_of_the_wrong_kind(paths, capsys):
     for argv, message in cases:
         code, err = run(argv, capsys)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, (argv, err)
+        command = " ".join(argv[:2]) if argv[0] in ("world", "evaluate") else argv[0]  # the subcommand's name, as argparse's errors
+        assert err.startswith(f"lcm {command}: error: "), (argv, err)
 
 
 def test_the_parser_imports_no_model_or_metric_library():

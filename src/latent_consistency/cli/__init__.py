@@ -53,18 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_libraries()
+    command = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))  # `lcm world export`
     try:
         args.run(args)
     except UserError as err:
-        print(f"lcm {args.command}: error: {err}", file=sys.stderr)
+        print(f"lcm {command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.filename is None or err.errno not in USER_PATH_ERRORS:
             raise
         name = str(err.filename)
-        print(f"lcm {args.command}: error: {err.strerror}: {name if len(name) <= 120 else name[:120] + '…'}", file=sys.stderr)
+        print(f"lcm {command}: error: {err.strerror}: {name if len(name) <= 120 else name[:120] + '…'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lcm {args.command}: interrupted", file=sys.stderr)
+        print(f"lcm {command}: interrupted", file=sys.stderr)
         return 130
     return 0
