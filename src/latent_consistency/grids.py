@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,31 @@ def save_png(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def wrap_caption(text: str, width: int) -> list[str]:
+    """`text` in lines of at most `width` characters, broken between words; a word longer than a line is broken with a
+    hyphen ("handwritt-", "en"), not silently ("handwrit", "ten" read as two words)."""
+    words = []
+    for word in text.split():
+        while len(word) > width > 1:
+            words.append(word[: width - 1] + "-")
+            word = word[width - 1 :]
+        words.append(word)
+    lines: list[str] = []
+    for word in words:
+        if lines and not lines[-1].endswith("-") and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
 def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, label_width: int = 90,
                column_labels: list[str] | None = None) -> Image.Image:
     """A grid with one row per tensor [B,3,H,W] (same B, H, W), a text label left of each row and, when given, a
     caption above each column (wrapped to the column's width)."""
     tiles = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(r)] for r in rows]
     h, w = tiles[0][0].height, tiles[0][0].width
-    captions = [textwrap.wrap(text, max(1, w // CHAR_WIDTH)) for text in column_labels or []]
+    captions = [wrap_caption(text, max(1, w // CHAR_WIDTH)) for text in column_labels or []]
     top = LINE_HEIGHT * max((len(c) for c in captions), default=0) + (4 if captions else 0)
     grid = Image.new("RGB", (label_width + w * len(tiles[0]), top + h * len(tiles)), "white")
     draw = ImageDraw.Draw(grid)
