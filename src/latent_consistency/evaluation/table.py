@@ -30,7 +30,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency, sample_guided
 from latent_consistency.evaluation.fid import feature_rms, fid_score, kid_score
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
-from latent_consistency.grids import image_grid, save_png
+from latent_consistency.grids import CHAR_WIDTH, image_grid, save_png
 from latent_consistency.models import DiffusionModel
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.solvers import get_solver
@@ -303,13 +303,30 @@ def metric_names(results: dict[str, dict]) -> tuple[str, str]:
     return fid, follow
 
 
+FID_NOTES = {"judge_fid": "the world judge's features", "clip_fid": "CLIP image features", "inception_fid": "Inception features"}
+FOLLOW_NOTES = {"judge_alignment": "alignment is the fraction of each prompt's attributes the world judge reads back from "
+                                   "its image, averaged (higher is better)",
+                "clip_clip_score": "CLIP score is 100 × the cosine of each image's and its prompt's CLIP embeddings, floored at 0, "
+                                   "averaged (higher is better)"}
+
+
+def metric_note(fid_key: str, follow_key: str | None, results: dict[str, dict]) -> str:
+    """What the report's columns measure: FID in which features (lower is better), the prompt-following score, and
+    where the metrics not shown are."""
+    keys = next(iter(results.values())).keys()
+    others = [k for k in FID_NOTES if k in keys and k != fid_key] + [k for k in FOLLOW_NOTES if k in keys and k != follow_key]
+    text = f"FID is the Fréchet distance of the generated images to the reference images in {FID_NOTES[fid_key]} (lower is better)"
+    text += "." if follow_key is None else f"; {FOLLOW_NOTES[follow_key]}."
+    return text + (f" Also in `{RESULTS_FILE}`: {', '.join(others)}." if others else "")
+
+
 def write_report(results: dict[str, dict], steps: list[int], out: Path | None, title: str, notes: list[str]) -> str:
     """report.md in `out` (when given) in the paper's layout: per guidance scale, one line per method, FID then prompt
     following at each step count; then what each row costs. Returns the text."""
     fid_key, follow_key = metric_names(results)
     follow_name = {"judge_alignment": "alignment", "clip_clip_score": "CLIP score", None: ""}[follow_key]
     scales = sorted({r["guidance_scale"] for r in results.values()})
-    lines = [f"# {title}", "", *notes, ""]
+    lines = [f"# {title}", "", *notes, "", metric_note(fid_key, follow_key, results), ""]
     for g in scales:
         at_g = [r for r in results.values() if r["guidance_scale"] == g]
         methods = list(dict.fromkeys(r["method"] for r in at_g))
@@ -328,14 +345,136 @@ def write_report(results: dict[str, dict], steps: list[int], out: Path | None, t
             follow = "" if follow_key is None else f", {follow_name} {r[follow_key]:.3f}"
             lines.append(f"\nReference: {r['method']} {r['steps']} steps: FID {r[fid_key]:.2f}{follow}")
         lines.append("")
-    lines += ["## Cost per image", "", "| method | steps | g | network evaluations | ms | peak GPU memory (MB) |", "|---|---|---|---|---|---|"]
-    for r in results.values():
+    lines += ["## Cost per image", "", "Network evaluations: network passes per image (classifier-free guidance takes two per step); ms: "
+              "wall-clock time per image of the whole row (prompt encoding, sampling and decoding).", "",
+              "| method | steps | g | network evaluations | ms | peak GPU memory (MB) |", "|---|---|---|---|---|---|"]
+    for r in sorted(results.values(), key=lambda r: r["guidance_scale"]):  # by scale, as the tables above
         memory = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         lines.append(f"| {r['method']} | {r['steps']} | {r['guidance_scale']:g} | {r['network_evaluations']} | {r['ms_per_image']:.1f} | {memory} |")
     text = "\n".join(lines) + "\n"
     if out is not None:
         write_text_atomic(out / "report.md", text)
     return text
+
+
+# Axis labels of the plotted metrics: what each number is, and which way is better
+METRIC_LABELS = {"judge_fid": "FID, judge features (lower is better)", "clip_fid": "FID, CLIP features (lower is better)",
+                 "inception_fid": "FID, Inception features (lower is better)",
+                 "judge_alignment": "alignment: fraction of prompt\nattributes read back (higher is better)",
+                 "clip_clip_score": "CLIP score (higher is better)"}
+METHOD_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+STEP_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def metric_label(key: str) -> str:
+    return METRIC_LABELS.get(key, key.replace("_", " "))
+
+
+def is_reference(row: dict, rows: list[dict]) -> bool:
+    """Whether `row` is a DPM-Solver++ reference row (25 or 50 steps, not one of the table's step counts: no DDIM row at
+    its step count and scale), plotted apart from the few-step curves it is measured against."""
+    return (row["sampler"] == "dpm++" and row["steps"] in REFERENCE_STEPS
+            and not any(r["sampler"] == "ddim" and r["steps"] == row["steps"] and r["guidance_scale"] == row["guidance_scale"] for r in rows))
+
+
+def _method_styles(methods: list[str]) -> dict[str, dict]:
+    """A colour and a marker per method, the same in every panel, so that lines drawn over each other (DPM-Solver and
+    DPM-Solver++ at few steps) still read apart."""
+    return {m: dict(color=f"C{i % 10}", marker=METHOD_MARKERS[i % len(METHOD_MARKERS)]) for i, m in enumerate(methods)}
+
+
+def _plain_ticks(ax, axis: str, values: list[float] | None = None) -> None:
+    """Ticks in plain numbers (1, 2, 4, 8 steps; 20, 30 FID), not matplotlib's 2^n or 2×10^1 on log axes: at `values`
+    when given, else where matplotlib's log formatter puts a label."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, NullFormatter
+
+    class PlainLog(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    if values is not None:
+        target.set_major_locator(FixedLocator(values))
+        target.set_minor_formatter(NullFormatter())
+        target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    else:
+        target.set_major_formatter(PlainLog())
+        target.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def steps_figure(results: dict[str, dict]):
+    """steps.png: FID and prompt following against the step count, one panel row per guidance scale, one line per
+    method; the DPM-Solver++ reference rows (25 and 50 steps) as separate dashed points. One legend, outside the panels."""
+    import matplotlib.pyplot as plt
+
+    fid_key, follow_key = metric_names(results)
+    keys = [k for k in (fid_key, follow_key) if k is not None]
+    rows = list(results.values())
+    scales = sorted({r["guidance_scale"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    styles = _method_styles(methods)
+    reference_label = {m: f"{m}, reference" for m in methods}
+    fig, axes = plt.subplots(len(scales), len(keys), figsize=(4.6 * len(keys) + 2.4, 3.2 * len(scales)), squeeze=False,
+                             layout="constrained")
+    for i, g in enumerate(scales):
+        at_g = [r for r in rows if r["guidance_scale"] == g]
+        for j, key in enumerate(keys):
+            ax = axes[i][j]
+            for method in methods:
+                mine = [r for r in at_g if r["method"] == method]
+                points = sorted((r["steps"], r[key]) for r in mine if not is_reference(r, rows))
+                if points:
+                    ax.plot(*zip(*points), label=method, **styles[method])
+                references = sorted((r["steps"], r[key]) for r in mine if is_reference(r, rows))
+                if references:
+                    ax.plot(*zip(*references), linestyle="--", fillstyle="none", label=reference_label[method], **styles[method])
+            ax.set_xscale("log", base=2)
+            _plain_ticks(ax, "x", sorted({r["steps"] for r in at_g}))
+            ax.set_xlabel("sampling steps")
+            ax.set_ylabel(metric_label(key))
+            ax.set_title(f"g = {g:g} (ω = {g - 1:g})", fontsize=9)
+            if key == fid_key:
+                ax.set_yscale("log")
+                _plain_ticks(ax, "y")
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize=7)
+    return fig
+
+
+def guidance_figure(results: dict[str, dict]):
+    """guidance.png (Figures 4-5): FID and prompt following against ω, one line per method and step count: a colour
+    and marker per method, a line style per step count. One legend, outside the panels."""
+    import matplotlib.pyplot as plt
+
+    fid_key, follow_key = metric_names(results)
+    keys = [k for k in (fid_key, follow_key) if k is not None]
+    rows = list(results.values())
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    styles = _method_styles(methods)
+    step_counts = sorted({r["steps"] for r in rows if not is_reference(r, rows)})
+    omegas = sorted({r["guidance_scale"] - 1 for r in rows})
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys) + 2.8, 3.4), squeeze=False, layout="constrained")
+    for j, key in enumerate(keys):
+        ax = axes[0][j]
+        for method in methods:
+            for k, n in enumerate(step_counts):
+                points = sorted((r["guidance_scale"] - 1, r[key]) for r in rows
+                                if r["method"] == method and r["steps"] == n and not is_reference(r, rows))
+                if len(points) > 1:
+                    ax.plot(*zip(*points), linestyle=STEP_LINESTYLES[k % len(STEP_LINESTYLES)],
+                            label=f"{method}, {n} step{'s' if n > 1 else ''}", **styles[method])
+        ax.set_xlabel("guidance ω = g − 1")
+        ax.set_ylabel(metric_label(key))
+        _plain_ticks(ax, "x", omegas)
+        if key == fid_key:
+            ax.set_yscale("log")
+            _plain_ticks(ax, "y")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7, ncol=1 + len(labels) // 18)
+    return fig
 
 
 def write_plots(results: dict[str, dict], out: Path) -> list[Path]:
@@ -346,44 +485,20 @@ def write_plots(results: dict[str, dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fid_key, follow_key = metric_names(results)
-    keys = [k for k in (fid_key, follow_key) if k is not None]
-    rows = list(results.values())
-    scales = sorted({r["guidance_scale"] for r in rows})
     written = []
-    fig, axes = plt.subplots(len(scales), len(keys), figsize=(5 * len(keys), 3.4 * len(scales)), squeeze=False)
-    for i, g in enumerate(scales):
-        for j, key in enumerate(keys):
-            ax = axes[i][j]
-            for method in dict.fromkeys(r["method"] for r in rows):
-                points = sorted((r["steps"], r[key]) for r in rows if r["method"] == method and r["guidance_scale"] == g)
-                ax.plot(*zip(*points), marker="o", label=method)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("steps")
-            ax.set_ylabel(key.replace("_", " "))
-            ax.set_title(f"g = {g:g}", fontsize=9)
-            if key == fid_key:
-                ax.set_yscale("log")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig = steps_figure(results)
     written.append(savefig_atomic(fig, out / "steps.png", dpi=110))
     plt.close(fig)
-    if len(scales) > 1:
-        step_counts = sorted({r["steps"] for r in rows if r["steps"] not in REFERENCE_STEPS})
-        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.4), squeeze=False)
-        for j, key in enumerate(keys):
-            for method in dict.fromkeys(r["method"] for r in rows):
-                for n in step_counts:
-                    points = sorted((r["guidance_scale"] - 1, r[key]) for r in rows if r["method"] == method and r["steps"] == n)
-                    if len(points) > 1:
-                        axes[0][j].plot(*zip(*points), marker="o", label=f"{method} {n}")
-            axes[0][j].set_xlabel("ω = g − 1")
-            axes[0][j].set_ylabel(key.replace("_", " "))
-            axes[0][j].legend(fontsize=6, ncol=2)
-        fig.tight_layout()
+    if len({r["guidance_scale"] for r in results.values()}) > 1:
+        fig = guidance_figure(results)
         written.append(savefig_atomic(fig, out / "guidance.png", dpi=110))
         plt.close(fig)
     return written
+
+
+def grid_label(row: Row, teacher: DiffusionModel | None = None) -> str:
+    """A grid row's label: method, step count with its unit, guidance scale."""
+    return f"{row.method(teacher)}, {row.steps} step{'s' if row.steps > 1 else ''}, g = {row.guidance_scale:g}"
 
 
 def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, out: Path, device,
@@ -392,7 +507,8 @@ def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | N
     reference images first (when reference image i is prompt i's). Written as out/`name`."""
     few = EvalSet(eval_set.prompts[:columns], None, eval_set.reference[:columns], 1, eval_set.seed)
     images = ([few.reference] if real_row else []) + [generate(row, lcm, teacher, few, device, guided) for row in rows]
-    labels = (["real"] if real_row else []) + [f"{row.method(teacher)} {row.steps} g={row.guidance_scale:g}" for row in rows]
+    labels = (["real"] if real_row else []) + [grid_label(row, teacher) for row in rows]
     path = out / name
-    save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=170, column_labels=few.prompts), path)
+    label_width = max(170, CHAR_WIDTH * max(map(len, labels)) + 8)  # the longest label whole, not run under the first image
+    save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=label_width, column_labels=few.prompts), path)
     return path

@@ -169,6 +169,20 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
     return rows
 
 
+def _signed(value: float, digits: int) -> str:
+    """`value` to `digits` decimals, without the minus sign of a value that rounds to zero ("0.000", not "-0.000")."""
+    return f"{round(value, digits) + 0.0:.{digits}f}"
+
+
+def _read_settings(path: Path) -> dict | None:
+    """The settings (world, samples, guidance scale) the rows of a run's cache were scored under; None when unreadable."""
+    try:
+        settings = json.loads(path.read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return settings if isinstance(settings, dict) and {"world", "samples", "guidance_scale"} <= settings.keys() else None
+
+
 def _has_ode_error(row: dict) -> bool:
     return any(k.startswith("ode_error_") for k in row)
 
@@ -198,14 +212,23 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
     for r in rows:
         lines.append(f"| {r['step']} | " + " | ".join(f"{r[f'fid_{n}']:.2f}" for n in steps) + " | "
                      + " | ".join(f"{r[f'alignment_{n}']:.3f}" for n in steps)
-                     + "".join(f" | {r[k]:.4f}" for k in error_keys) + "".join(f" | {r[k]:.3f}" for k in response_keys) + " |")
+                     + "".join(f" | {r[k]:.4f}" for k in error_keys) + "".join(f" | {_signed(r[k], 3)}" for k in response_keys) + " |")
     for n in steps:
         best = min(r[f"fid_{n}"] for r in rows)
         lines.append(f"\n{n}-step: final FID {rows[-1][f'fid_{n}']:.2f}, best {best:.2f} "
                      f"({100 * (rows[-1][f'fid_{n}'] / best - 1):.1f} % above the best)")
+    settings = _read_settings(run / CACHE_FILE)
+    if settings is not None:  # what the rows measured, from the settings they were scored under
+        lines[:0] = [f"Checkpoints of `{run}` (θ⁻, the exported network), sampled at g = {settings['guidance_scale']:g} for the first "
+                     f"{settings['samples']} reference prompts of the world `{settings['world']}`, the same noise for every checkpoint. "
+                     "FID: in the world judge's features (lower is better); align: the fraction of each prompt's attributes the judge "
+                     "reads back (higher is better)"
+                     + ("; ODE error: the MSE of the student's f(z_t) to the teacher's ODE solution from z_t, in latent space" if error_keys else "")
+                     + ("; ω response: the fraction of the teacher's guidance effect between the ends of the trained range that the "
+                        "student reproduces (1: all, 0: none)" if response_keys else "") + ".", ""]
     write_text_atomic(run / "over_training.md", "\n".join(lines) + "\n")
     panels = 1 + bool(error_keys) + bool(response_keys)
-    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels + 0.8 * (panels > 1), 3.2), squeeze=False, layout="constrained")
     ax, *others = axes[0]
     iterations = [r["step"] for r in rows]
     for n in steps:
@@ -221,7 +244,6 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
         ax_err.set_xlabel("training step")
         ax_err.set_ylabel("MSE to the teacher's ODE solution")
         ax_err.set_yscale("log")
-        ax_err.legend(fontsize=7)
     if response_keys:
         ax_response = others.pop(0)
         for k in response_keys:
@@ -230,9 +252,11 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
         ax_response.set_xlabel("training step")
         ax_response.set_ylabel("ω response")
         ax_response.set_title("1: the teacher's guidance effect; 0: ω ignored", fontsize=8)
-        ax_response.legend(fontsize=7)
-    fig.tight_layout()
+    if error_keys or response_keys:  # one legend for the t lines of both panels (the same colours), outside them
+        handles, labels = (ax_err if error_keys else ax_response).get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7, title="timestep", title_fontsize=7)
     savefig_atomic(fig, run / "over_training.png", dpi=120)
+    plt.close(fig)
 
 
 def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...] = STEPS) -> str:
@@ -249,7 +273,8 @@ def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...]
         for name, rows in curves.items():
             ax.plot([r["step"] for r in rows], [r[f"fid_{n}"] for r in rows], label=name, **styles[name])
         ax.set_xlabel("training iteration")
-        ax.set_ylabel(f"FID, {n}-step")
+        ax.set_ylabel(f"FID, judge features, {n}-step (lower is better)")
+        ax.set_title(f"{n}-step sampling", fontsize=9)
         ax.set_yscale("log")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=7, ncol=1 + len(curves) // 16)
