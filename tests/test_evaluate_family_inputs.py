@@ -36,7 +36,7 @@ def evaluate(family, out, *extra) -> list[str]:
             "--steps", "1", "--samples", "2", "--out", str(out), "--device", "cpu", *extra]
 
 
-@pytest.mark.parametrize("models", ["lcm, guidance-distilled teacher", "lcm-lora, teacher"])
+@pytest.mark.parametrize("models", ["lcm, guidance-distilled teacher", "lcm-lora, teacher", "lcm, cfg teacher at g = 1"])
 def test_each_row_counts_the_network_passes_it_makes(models, family, tmp_path, monkeypatch):
     """A guidance-distilled teacher's solvers run its ω input, one pass per step (and per jump of the exact LCM), not
     CFG's two: its rows say so in their label and count. An LCM-LoRA at g > 1 is CFG-guided, two passes per step."""
@@ -60,17 +60,22 @@ def test_each_row_counts_the_network_passes_it_makes(models, family, tmp_path, m
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", counted_forward)
     monkeypatch.setattr(table, "generate", counted_generate)
+    g = "1" if models == "lcm, cfg teacher at g = 1" else "3"
     if models == "lcm, guidance-distilled teacher":
         argv = ["--lcm", str(family["lcm"]), "--teacher", str(family["gd"]), "--exact"]
-    else:
+    elif models == "lcm-lora, teacher":
         argv = ["--lcm", str(family["sd"]), "--lora", str(family["lora"]), "--teacher", str(family["sd"])]
+    else:  # ω = 0: no unconditional pass to run, as diffusers runs none at g <= 1
+        argv = ["--lcm", str(family["lcm"]), "--teacher", str(family["sd"]), "--exact"]
     out = tmp_path / "out"
-    assert main(evaluate(family, out, *argv, "--guidance-scale", "3")) == 0
+    assert main(evaluate(family, out, *argv, "--guidance-scale", g)) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {key: row["network_evaluations"] for key, row in rows.items()} == per_row
     omega = models == "lcm, guidance-distilled teacher"
-    assert rows["ddim|1|3"]["method"] == ("DDIM (ω input)" if omega else "DDIM (CFG)")
+    assert rows[f"ddim|1|{g}"]["method"] == ("DDIM (ω input)" if omega else "DDIM (CFG)")
     assert ("(CFG)" in (out / "report.md").read_text()) != omega
+    if g == "1":
+        assert rows["ddim|1|1"]["network_evaluations"] == 1
 
 
 def test_a_lora_on_a_guidance_distilled_model_is_not_evaluated_as_an_lcm(family, tmp_path, run_error):

@@ -15,6 +15,8 @@ picks the one that fits; the analytic test models implement it directly).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from latent_consistency.conditioning import AddedConditioning, PixArtConditioning
@@ -137,8 +139,11 @@ class GuidedTeacher:
         """(1+ω)·out(z, c, t) - ω·out(z, ∅, t) in the network's own parameterisation.
 
         All three parameterisations are affine in the output for fixed (z, t), so guiding the output
-        equals guiding ε (Eq. 12) or x0.
+        equals guiding ε (Eq. 12) or x0. ω = 0 given as a number (g = 1) is the unguided output, one pass, as diffusers'
+        pipelines run no unconditional pass at g <= 1.
         """
+        if isinstance(omega, numbers.Real) and omega == 0:
+            return self.output(z, t, cond)
         return self.guide(*self.outputs(z, t, cond, uncond), omega, z)
 
     def x0_and_eps(self, output, z, t) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,12 +65,14 @@ class Row:
         """UNet passes per image: one per step for an LCM with an ω input and Guided-Distill; two (cond and uncond) for
         the teacher with CFG and for an LCM-LoRA guided at g > 1; for the exact LCM two per teacher jump of k from each
         of the LCM's timesteps down to 0 (DDIM: one evaluation per jump). A guidance-distilled teacher's (ω input) take
-        one pass where CFG takes two (`guided_passes`)."""
+        one pass where CFG takes two (`guided_passes`), and so does CFG at g = 1 (no unconditional pass:
+        `GuidedTeacher.guided_output`)."""
+        passes = 1 if self.guidance_scale == 1 else guided_passes(teacher)
         if self.sampler == EXACT:
-            return sum(guided_passes(teacher) * -(-int(t) // lcm.skip) for t in lcm.timesteps(self.steps))
+            return sum(passes * -(-int(t) // lcm.skip) for t in lcm.timesteps(self.steps))
         if self.sampler == GUIDED_DISTILL or (self.sampler == "lcm" and (lcm.time_cond_proj_dim is not None or self.guidance_scale <= 1)):
             return self.steps
-        return guided_passes(teacher) * self.steps
+        return passes * self.steps
 
 
 def guided_passes(teacher: DiffusionModel | None) -> int:
