@@ -90,6 +90,8 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
                 "--data", str(out / "latents"), "--out", str(lora), "--guidance-scale-min", "1", "--guidance-scale-max", "3"]) == 0
     assert lcm(sweep + ["--runs", str(lora), str(out / "distill")]) == 0
     assert (out / "sweep" / "sweep.png").is_file() and set(json.loads((out / "sweep" / "sweep.json").read_text())) == {"lora", "distill"}
+    table = (out / "sweep" / "sweep.md").read_text()  # what was measured, and each run's g (the LoRA's validation scale, the LCM's record's)
+    assert "first 4 reference prompts" in table and "| lora | 8 |" in table and "| distill | 2 |" in table, table
     rows = json.loads((lora / "over_training.json").read_text())
     assert [r["step"] for r in rows] == [2, 4] and all(r[f"fid_{n}"] >= 0 for r in rows for n in (1, 2, 4))
     assert all(v == 0 for r in rows for k, v in r.items() if k.startswith("omega_response_"))

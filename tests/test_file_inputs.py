@@ -210,7 +210,7 @@ def test_sweep_writes_sweep_json_atomically(tmp_path, run_error, monkeypatch):
     monkeypatch.setattr(artifact, "load_world", lambda *a, **k: object())
     monkeypatch.setattr(over_training, "evaluate_run", lambda *a, **k: rows)
     monkeypatch.setattr(over_training, "write_report", lambda *a, **k: None)
-    monkeypatch.setattr(over_training, "write_sweep", lambda curves, out, steps: "table")
+    monkeypatch.setattr(over_training, "write_sweep", lambda curves, out, steps, *a: "table")
     written, write_json_atomic = [], outputs.write_json_atomic
 
     def recorded(path, data, indent=1):
@@ -233,7 +233,7 @@ def test_sweep_again_replaces_an_earlier_sweeps_results(tmp_path, run_error, mon
     monkeypatch.setattr(artifact, "load_world", lambda *a, **k: object())
     monkeypatch.setattr(over_training, "evaluate_run", lambda *a, **k: rows)
     monkeypatch.setattr(over_training, "write_report", lambda *a, **k: None)
-    monkeypatch.setattr(over_training, "write_sweep", lambda curves, out, steps: "table")
+    monkeypatch.setattr(over_training, "write_sweep", lambda curves, out, steps, *a: "table")
     out = tmp_path / "sweep"
     out.mkdir()
     (out / "sweep.json").write_text(json.dumps({"run": [{"step": 1, "fid_1": 9.0}]}))

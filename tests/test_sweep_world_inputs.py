@@ -109,7 +109,7 @@ def test_sweep_takes_a_guidance_scale_below_1_for_a_lora_student(tmp_path, run_e
     monkeypatch.setattr(artifact, "load_world", lambda *a, **k: object())
     monkeypatch.setattr(over_training, "evaluate_run", lambda *a, **k: [{"step": 2, "fid_1": 3.0}])
     monkeypatch.setattr(over_training, "write_report", lambda *a, **k: None)
-    monkeypatch.setattr(over_training, "write_sweep", lambda curves, out, steps: "table")
+    monkeypatch.setattr(over_training, "write_sweep", lambda curves, out, steps, *a: "table")
     run, out = write_run(tmp_path / "lora", adapter="lora"), tmp_path / "sweep"
     code, err = run_error(sweep([run, write_run(tmp_path / "full")], out, "--guidance-scale", "0.5", "--steps", "1"))
     assert_one_line(code, err, f"the student of {tmp_path / 'full'} has an ω input")

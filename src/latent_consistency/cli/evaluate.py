@@ -264,7 +264,7 @@ def run_sweep(args) -> None:
     from latent_consistency.evaluation.fid import check_image_count
     from latent_consistency.outputs import check_writable, writable_folder, write_json_atomic
     from latent_consistency.world.artifact import default_world_path, load_world
-    from latent_consistency.world.over_training import check_run, evaluate_run, world_timesteps, write_report, write_sweep
+    from latent_consistency.world.over_training import check_run, evaluate_run, run_guidance_scale, world_timesteps, write_report, write_sweep
 
     names = [Path(run_dir).resolve().name for run_dir in args.runs]
     twice = [name for i, name in enumerate(names) if name in names[:i]]
@@ -277,8 +277,10 @@ def run_sweep(args) -> None:
     world_path = args.world or default_world_path()
     steps = tuple(args.steps)
     timesteps = world_timesteps(world_path)
+    scales = {}
     for run_dir in map(Path, args.runs):  # every run, before the world loads and the first one is scored
-        check_run(run_dir, steps, args.guidance_scale, timesteps, Path(world_path))
+        config = check_run(run_dir, steps, args.guidance_scale, timesteps, Path(world_path))
+        scales[run_dir.resolve().name] = run_guidance_scale(config) if args.guidance_scale is None else args.guidance_scale
     device = resolve_device(args.device)
     keep_freed_memory(device)
     world = load_world(world_path, device)
@@ -289,7 +291,9 @@ def run_sweep(args) -> None:
         curves[run_dir.resolve().name] = rows
     out = writable_folder(args.out, "--out")
     write_json_atomic(out / "sweep.json", curves)
-    print(write_sweep(curves, out, steps))
+    settings = (f"Checkpoints (θ⁻) sampled for the first {args.samples} reference prompts of the world `{world_path}`, the same noise "
+                "for every checkpoint, each run at the g in its row; FID in the world judge's features (lower is better).")
+    print(write_sweep(curves, out, steps, scales, settings))
 
 
 def register(subparsers) -> None:

@@ -259,9 +259,11 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
     plt.close(fig)
 
 
-def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...] = STEPS) -> str:
+def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...] = STEPS, scales: dict[str, float] | None = None,
+                settings: str = "") -> str:
     """Figure 3 of the paper: n-step FID against training iterations, one line per run (solver × skip k, say);
-    `sweep.png` and `sweep.md` (final and best FID of each run) in `out`."""
+    `sweep.png` and `sweep.md` (final and best FID of each run, and the g it was sampled at from `scales`, below a
+    `settings` line) in `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,10 +282,13 @@ def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...]
     fig.legend(handles, labels, loc="outside right center", fontsize=7, ncol=1 + len(curves) // 16)
     savefig_atomic(fig, out / "sweep.png", dpi=120)
     plt.close(fig)
-    lines = ["| run | " + " | ".join(f"{n}-step FID final / best" for n in steps) + " |", "|---" * (1 + len(steps)) + "|"]
+    scales = scales or {}
+    lines = ([settings, ""] if settings else []) + [
+        "| run | g | " + " | ".join(f"{n}-step FID final / best" for n in steps) + " |", "|---" * (2 + len(steps)) + "|"]
     for name, rows in curves.items():
         cells = [f"{rows[-1][f'fid_{n}']:.2f} / {min(r[f'fid_{n}'] for r in rows):.2f}" for n in steps]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        g = f"{scales[name]:g}" if name in scales else "-"
+        lines.append(f"| {name} | {g} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     write_text_atomic(out / "sweep.md", text)
     return text
