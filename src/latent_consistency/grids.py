@@ -19,11 +19,16 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
+    """Write atomically: a temporary file in the same folder, then rename; the temporary file goes if writing fails or
+    is interrupted (Ctrl-C)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def wrap_caption(text: str, width: int) -> list[str]:

@@ -50,9 +50,13 @@ USER_PATH_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet_libraries()
+    try:  # the imports take seconds: Ctrl-C during them is the same one line as later, not a traceback
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        quiet_libraries()
+    except KeyboardInterrupt:
+        print("lcm: interrupted", file=sys.stderr)
+        return 130
     command = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))  # `lcm world export`
     try:
         args.run(args)

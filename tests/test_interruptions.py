@@ -1,0 +1,46 @@
+"""Commands interrupted with Ctrl-C: one line, exit code 130, and nothing half-written left behind."""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from latent_consistency import cli
+
+
+@pytest.mark.parametrize("stage", ["build_parser", "quiet_libraries"])
+def test_ctrl_c_while_the_libraries_import_is_one_line(stage, tmp_path, monkeypatch, capsys):
+    """The first seconds of every command import torch, diffusers and transformers: Ctrl-C then is no traceback."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, stage, interrupted)
+    try:
+        code = cli.main(["generate", "a red star", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C while the libraries import ends in a traceback")
+    assert code == 130
+    assert capsys.readouterr().err.strip() == "lcm: interrupted"
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_interrupted_while_writing_an_image_leaves_whole_pngs_only(tiny_lcm, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "images"
+    save = Image.Image.save
+    calls = []
+
+    def save_then_interrupt(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if len(calls) == 2:  # Ctrl-C half-way through the second image
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half")
+            raise KeyboardInterrupt
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_then_interrupt)
+    argv = ["generate", "a red star", "a blue ring", "a green square", "--model", str(tiny_lcm), "--steps", "1",
+            "--batch-size", "1", "--height", "16", "--width", "16", "--out", str(out)]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "lcm generate: interrupted"
+    assert sorted(p.name for p in out.iterdir()) == ["0000-a-red-star.png"]  # no hidden .tmp file
+    Image.open(out / "0000-a-red-star.png").load()
