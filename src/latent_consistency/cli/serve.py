@@ -83,7 +83,10 @@ def run(args) -> None:
         sock.listen()  # connections wait from here until uvicorn accepts them
         host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
         print(f"lcm serve: {args.model} on http://{host}:{args.port}/ (API: POST /v1/images, description: /openapi.json)", flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        try:
+            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        finally:  # a forced exit (a second Ctrl-C) skips the lifespan's stop: the batcher's thread must not outlive torch
+            app.state.batcher.stop()
 
 
 def register(subparsers) -> None:

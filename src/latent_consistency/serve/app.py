@@ -237,11 +237,15 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
                                              limiter=decoding if body.init_image is not None else None)
         future = batcher.submit(job)
         waiting = asyncio.wrap_future(future)
-        while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
-            if await request.is_disconnected():
-                if batcher.cancel(future):
-                    metrics.cancel()
-                return Response(status_code=499)
+        try:
+            while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():
+                    if batcher.cancel(future):
+                        metrics.cancel()
+                    return Response(status_code=499)
+        except asyncio.CancelledError:  # a forced exit (a second Ctrl-C) cancels the waiting requests: answered as at shutdown
+            batcher.cancel(future)
+            return error(503, "the server is shutting down; send the request again once it is back")
         if future.cancelled():  # the batcher stopped with it queued: the server is shutting down
             return error(503, "the server is shutting down; send the request again once it is back")
         data, batch_size, truncated = waiting.result()
