@@ -44,3 +44,22 @@ def test_generate_interrupted_while_writing_an_image_leaves_whole_pngs_only(tiny
     assert capsys.readouterr().err.strip().splitlines()[-1] == "lcm generate: interrupted"
     assert sorted(p.name for p in out.iterdir()) == ["0000-a-red-star.png"]  # no hidden .tmp file
     Image.open(out / "0000-a-red-star.png").load()
+
+
+def test_sigterm_is_one_line_and_exit_143(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) ended every command at once, with no message and exit -15; now it stops as Ctrl-C
+    does (the same clean-up), with one line and 143, as a shell reports 128 + 15."""
+    import os
+    import signal
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("SIGTERM did not stop the command")
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a fresh `lcm` process starts
+    try:
+        monkeypatch.setattr(cli, "quiet_libraries", terminated)
+        assert cli.main(["generate", "a red star", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err.strip() == "lcm: terminated"

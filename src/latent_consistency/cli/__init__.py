@@ -9,7 +9,9 @@ about a path (a name too long, no permission, a full or read-only disk).
 from __future__ import annotations
 
 import errno
+import signal
 import sys
+import threading
 import warnings
 
 from latent_consistency import __version__
@@ -49,14 +51,30 @@ USER_PATH_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC,
                     errno.EDQUOT}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`), raised where Ctrl-C's KeyboardInterrupt is: the same clean-up, and one line."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def stopped(stop: KeyboardInterrupt) -> tuple[str, int]:
+    """The word and exit code of a stop: 130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as a shell reports them)."""
+    return ("terminated", 128 + signal.SIGTERM) if isinstance(stop, Terminated) else ("interrupted", 130)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)  # not over a handler someone else set (a test runner, a launcher)
     try:  # the imports take seconds: Ctrl-C during them is the same one line as later, not a traceback
         parser = build_parser()
         args = parser.parse_args(argv)
         quiet_libraries()
-    except KeyboardInterrupt:
-        print("lcm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        word, code = stopped(stop)
+        print(f"lcm: {word}", file=sys.stderr)
+        return code
     command = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))  # `lcm world export`
     try:
         args.run(args)
@@ -69,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         name = str(err.filename)
         print(f"lcm {command}: error: {err.strerror}: {name if len(name) <= 120 else name[:120] + '…'}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lcm {command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        word, code = stopped(stop)
+        print(f"lcm {command}: {word}", file=sys.stderr)
+        return code
     return 0
