@@ -135,6 +135,12 @@ class Generator:
         return latents, cond, generators
 
 
+def lcm_kind(model: DiffusionModel) -> str:
+    """How an LCM takes its guidance scale (the key of `DEFAULT_GUIDANCE_SCALE`): lcm, through its ω input; lora, no ω input
+    (an LCM-LoRA, PixArt-LCM), as classifier-free guidance."""
+    return "lcm" if model.time_cond_proj_dim is not None else "lora"
+
+
 class LCMGenerator(Generator):
     """An LCM (or a diffusion model with an LCM-LoRA), sampled with Algorithm 3."""
 
@@ -145,8 +151,7 @@ class LCMGenerator(Generator):
 
     @property
     def kind(self) -> str:
-        """lcm: the guidance scale is the ω input; lora: no ω input, the guidance scale is classifier-free guidance."""
-        return "lcm" if self.model.time_cond_proj_dim is not None else "lora"
+        return lcm_kind(self.model)
 
     def timesteps(self, steps: int | None, custom: list[int] | None = None, strength: float = 1.0) -> torch.Tensor:
         """The model's `steps` LCM timesteps, or `custom` ones (strictly decreasing, in [0, T)).

@@ -18,7 +18,7 @@ import torch
 from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int
 from latent_consistency.errors import UserError
-from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED
+from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, lcm_kind
 from latent_consistency.prompts import read_prompt_file
 
 
@@ -180,7 +180,7 @@ def run(args) -> None:
                         "LCM's timesteps)")
     given = args.guidance_scales or ([args.guidance_scale] if args.guidance_scale is not None else None)
     record = lcm.guidance_record  # the g the LCM's run recorded (`guidance_record`) is the default
-    kind = "lcm" if lcm.time_cond_proj_dim is not None else "lora"  # without --guidance-scale(s) or a record, `lcm generate`'s g
+    kind = lcm_kind(lcm)  # without --guidance-scale(s) or a record, `lcm generate`'s g
     scales = given or [DEFAULT_GUIDANCE_SCALE[kind] if record is None else record.guidance_scale]
     if not given and kind == "lora" and teacher is not None:
         print(f"lcm evaluate: note: the default g = {scales[0]:g} (no classifier-free guidance, as `lcm generate` samples an LCM without "
@@ -286,7 +286,7 @@ def run_sweep(args) -> None:
     world = load_world(world_path, device)
     curves = {}
     for run_dir in map(Path, args.runs):
-        rows = evaluate_run(run_dir, world, args.samples, args.guidance_scale, device, steps, ode=args.ode_error)
+        rows = evaluate_run(run_dir, world, args.samples, scales[run_dir.resolve().name], device, steps, ode=args.ode_error)
         write_report(run_dir, rows, steps)
         curves[run_dir.resolve().name] = rows
     out = writable_folder(args.out, "--out")

@@ -163,6 +163,15 @@ class Progress:
     nonfinite_run: int = 0
 
 
+def recorded_guidance(config: TrainConfig, base_record: GuidanceRecord | None, response: dict[int, float] | None) -> GuidanceRecord:
+    """The guidance record of a run's exported full LCM (`guidance_record`): the run's guidance range, or for LCF the range
+    its LCM's ω input was distilled on (`base_record`, where its folder has one); the default g; the ω `response`."""
+    if config.objective == "lcf":
+        return GuidanceRecord.of_fine_tuning(base_record, config.guidance_scale_min, config.guidance_scale_max,
+                                             config.validation_guidance_scale)
+    return GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max, config.validation_guidance_scale, response)
+
+
 class RunFolder:
     """The save / validate / log side of the training loop, and resume and export."""
 
@@ -352,20 +361,13 @@ class RunFolder:
         """Whether the run exports a full LCM (read where it has an ω input), the model a guidance record goes with."""
         return self.student.adapter == "full" and is_lcm_config(self.student.scheduler_config)
 
-    def guidance_record(self, response: dict[int, float] | None) -> GuidanceRecord:
-        """The exported full LCM's record (`guidance_record`): the run's guidance range, or for LCF the range the LCM's ω
-        input was distilled on, where its folder records one; the default g; the ω response."""
-        config = self.config
-        if config.objective == "lcf":
-            return GuidanceRecord.of_fine_tuning(self.base.guidance_record, config.guidance_scale_min, config.guidance_scale_max,
-                                                 config.validation_guidance_scale)
-        return GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max, config.validation_guidance_scale, response)
-
     def validation_guidance_scale(self) -> float:
         """g of the validation grid. For a full LCM its record's default g: the preset's, moved into the range the record
         holds, so the grid shows the g the model is sampled at when none is given (not an extrapolation outside a
         fine-tuned LCM's distilled range, or a run's --guidance-scale-max). Otherwise the preset's."""
-        return self.guidance_record(None).guidance_scale if self.exports_full_lcm() else self.config.validation_guidance_scale
+        if not self.exports_full_lcm():
+            return self.config.validation_guidance_scale
+        return recorded_guidance(self.config, self.base.guidance_record, None).guidance_scale
 
     def finish(self) -> Path | None:
         """The final ω response (unless the metrics hold it: a run resumed after it), then the target θ⁻ exported in
@@ -387,7 +389,7 @@ class RunFolder:
             shutil.rmtree(staging, ignore_errors=True)
             staged = student.export(staging, unwrapped, self.base)
             if self.exports_full_lcm():
-                write_record(staged, self.guidance_record(response))
+                write_record(staged, recorded_guidance(self.config, self.base.guidance_record, response))
             exported = replace_folder(staged, self.out / staged.name)
             staging.rmdir()
             summary = self.batches.skipped_summary()

@@ -21,7 +21,6 @@ import torch
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency
 from latent_consistency.evaluation.ode_error import error_timesteps, guidance_response, ode_error, ode_solutions
-from latent_consistency.guidance_record import GuidanceRecord
 from latent_consistency.models import inference_timesteps
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
@@ -29,7 +28,7 @@ from latent_consistency.solvers import get_solver
 from latent_consistency.training.checkpoint import list_checkpoints
 from latent_consistency.training.config import LCM_METHODS, DistillConfig, TrainConfig
 from latent_consistency.training.objectives import objective_of
-from latent_consistency.training.run_folder import saved_config
+from latent_consistency.training.run_folder import recorded_guidance, saved_config
 from latent_consistency.training.students import make_student
 from latent_consistency.world.artifact import World
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -84,10 +83,8 @@ def check_run(run: Path, steps: tuple[int, ...] = STEPS, guidance_scale: float |
 
 def run_guidance_scale(config: DistillConfig) -> float:
     """The g a run's checkpoints are scored at by default: a full LCM's recorded default g (its validation grid's, moved
-    into its guidance range: `GuidanceRecord.of_run`), a LoRA student's validation guidance scale."""
-    if config.adapter != "full":
-        return config.validation_guidance_scale
-    return GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max, config.validation_guidance_scale, None).guidance_scale
+    into its guidance range: `run_folder.recorded_guidance`), a LoRA student's validation guidance scale."""
+    return recorded_guidance(config, None, None).guidance_scale if config.adapter == "full" else config.validation_guidance_scale
 
 
 def same_teacher(teacher: Path, world: Path) -> bool:
