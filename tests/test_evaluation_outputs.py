@@ -149,3 +149,14 @@ def test_sweep_plot_axis_names_its_metric(run_rows, tmp_path, monkeypatch):
     ax = figures[0].axes[0]
     assert "judge features" in ax.get_ylabel() and ax.get_title() == "4-step sampling"
     assert list(ax.get_lines()[0].get_ydata()) == [r["fid_4"] for r in rows]
+
+
+def test_figure_2_is_drawn_at_the_lcms_own_guidance_scale_or_the_nearest_evaluated():
+    """`grid.png` shows the LCM at the g it samples at by default, not at whichever scale was listed first: a sweep
+    1,1.5,2 of an LCM recorded at g = 2 draws g = 2, not an unguided teacher."""
+    from latent_consistency.cli.evaluate import grid_guidance_scale
+
+    assert grid_guidance_scale([1.0, 1.5, 2.0], preferred=2.0) == 2.0
+    assert grid_guidance_scale([2.0, 4.0, 8.0], preferred=7.5) == 8.0
+    assert grid_guidance_scale([1.0, 3.0], preferred=2.0) == 3.0  # a tie goes to the larger
+    assert grid_guidance_scale([4.0], preferred=1.0) == 4.0

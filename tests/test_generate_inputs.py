@@ -22,6 +22,32 @@ def test_a_rerun_into_the_same_folder_does_not_overwrite_its_images(tiny_lcm, tm
     assert earlier.read_bytes() == b"an earlier image" and sorted(p.name for p in out.iterdir()) == ["0000-a-red-star.png"]
 
 
+def test_skip_existing_resumes_a_killed_run_with_the_same_images(tiny_lcm, tmp_path, run_error):
+    """A run killed after some images, rerun with --skip-existing, keeps them and makes only the missing ones; the
+    folder ends as an uninterrupted run's (image i depends only on its prompt, its seed and the settings)."""
+    import numpy as np
+    from PIL import Image
+
+    prompts = ["a red star", "a blue ring", "a green square", "a red star"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert run_error(generate(tiny_lcm, whole, *prompts, "--seed", "5", "--batch-size", "2"))[0] == 0
+    resumed.mkdir()
+    for name in ("0000-a-red-star.png", "0002-a-green-square.png"):  # what the killed run had written
+        (resumed / name).write_bytes((whole / name).read_bytes())
+    before = (resumed / "0002-a-green-square.png").stat().st_mtime_ns
+    code, err = run_error(generate(tiny_lcm, resumed, *prompts, "--seed", "5", "--batch-size", "2", "--skip-existing"))
+    assert code == 0, err
+    assert (resumed / "0002-a-green-square.png").stat().st_mtime_ns == before  # kept, not written again
+    assert sorted(p.name for p in resumed.iterdir()) == sorted(p.name for p in whole.iterdir())
+    for f in whole.iterdir():
+        a, b = (np.asarray(Image.open(d / f.name), dtype=np.int16) for d in (whole, resumed))
+        assert np.abs(a - b).max() <= 1  # batched convolutions may round differently by one level
+    (resumed / "0003-a-red-star.png").unlink()
+    (resumed / "0003-a-red-star.png").mkdir()
+    code, err = run_error(generate(tiny_lcm, resumed, *prompts, "--skip-existing"))
+    assert code == 2 and len(err.splitlines()) == 1 and "0003-a-red-star.png, which is not an image file" in err, err
+
+
 @pytest.mark.parametrize("case", ["image file name", "empty name", "steps and timesteps", "empty timesteps", "blank prompt"])
 def test_generate_refuses(case, tiny_lcm, tmp_path, run_error, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an empty --out wrote into the current folder

@@ -181,7 +181,8 @@ def run(args) -> None:
     given = args.guidance_scales or ([args.guidance_scale] if args.guidance_scale is not None else None)
     record = lcm.guidance_record  # the g the LCM's run recorded (`guidance_record`) is the default
     kind = lcm_kind(lcm)  # without --guidance-scale(s) or a record, `lcm generate`'s g
-    scales = given or [DEFAULT_GUIDANCE_SCALE[kind] if record is None else record.guidance_scale]
+    preferred = DEFAULT_GUIDANCE_SCALE[kind] if record is None else record.guidance_scale
+    scales = given or [preferred]
     if not given and kind == "lora" and teacher is not None:
         print(f"lcm evaluate: note: the default g = {scales[0]:g} (no classifier-free guidance, as `lcm generate` samples an LCM without "
               "an ω input) applies to the teacher's rows too; give --guidance-scales 1,7.5 to score the teacher guided as well",
@@ -208,12 +209,21 @@ def run(args) -> None:
              f"to it), seeds from {args.seed}. Metrics: {', '.join(s.name for s in scorers)}; KID and every number in `results.json`."]
     print(write_report(results, steps, out, "Evaluation", notes))
     write_plots(results, out)
-    write_grid([r for r in rows if r.guidance_scale == scales[0]], lcm, teacher, eval_set, out, device, args.grid_columns, guided=guided)
+    figure_scale = grid_guidance_scale(scales, preferred)
+    write_grid([r for r in rows if r.guidance_scale == figure_scale], lcm, teacher, eval_set, out, device, args.grid_columns,
+               guided=guided)
     if len(scales) > 1:  # Figures 4-5's grid: the LCM at its step count nearest 4, one row per ω, the same noise
         n = min(args.steps, key=lambda s: (abs(s - 4), s))
         write_grid([r for r in rows if r.sampler == "lcm" and r.steps == n], lcm, teacher, eval_set, out, device, args.grid_columns,
                    name="guidance_grid.png")
     print(f"report, results.json, plots and grid(s) in {out}")
+
+
+def grid_guidance_scale(scales: list[float], preferred: float) -> float:
+    """The scale Figure 2's grid (`grid.png`) is drawn at: of the evaluated scales, the one the LCM samples at by default
+    (`preferred`: its record's g, else `lcm generate`'s), or the nearest to it (the larger on a tie), so that a sweep such
+    as 1,1.5,2 does not show an unguided teacher because 1 came first."""
+    return min(scales, key=lambda g: (abs(g - preferred), -g))
 
 
 def guided_distill_models(paths: list[str], device) -> dict[int, object]:
@@ -316,7 +326,8 @@ def register(subparsers) -> None:
     p.add_argument("--guidance-scale", type=guidance_scale, help="guidance scale g, diffusers' (default: the g the LCM's distillation "
                    f"recorded in guidance.json, else {DEFAULT_GUIDANCE_SCALE['lcm']:g}, the paper's ω = 7; for an LCM without an ω input, "
                    f"an LCM-LoRA, {DEFAULT_GUIDANCE_SCALE['lora']:g}, as `lcm generate`)")
-    p.add_argument("--guidance-scales", type=number_list(guidance_scale), help="several guidance scales (Figures 4-5), instead of --guidance-scale")
+    p.add_argument("--guidance-scales", type=number_list(guidance_scale), help="several guidance scales (Figures 4-5), instead of --guidance-scale; "
+                   "grid.png is drawn at the LCM's own g (its record's, else lcm generate's) or the listed scale nearest it")
     p.add_argument("--samples", type=positive_int, default=1000, help="prompts (default 1000)")
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
     p.add_argument("--world", help="world folder whose judge scores world:NAME prompts (default: the shipped one)")

@@ -58,20 +58,28 @@ def image_filename(index: int, prompt: str) -> str:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
-def output_files(out: str, prompts: list[str]) -> list[Path]:
-    """Image i's file in folder `out`, checked before the model loads: a name that looks like an image file, or files
-    of these names already in the folder (an earlier run's images), are a UserError; nothing is overwritten."""
+def output_files(out: str, prompts: list[str], skip_existing: bool = False) -> tuple[list[Path], set[int]]:
+    """Image i's file in folder `out`, and the images already there, checked before the model loads: a name that looks
+    like an image file is a UserError, and so are files of these names already in the folder (an earlier run's images),
+    unless `skip_existing` keeps them (a killed run resumed: its PNGs are whole, `save_png` writes atomically).
+    Nothing is overwritten."""
     if not out.strip():
         raise UserError("--out is empty; give the folder the PNG files go in, e.g. --out images/")
     folder = Path(out)
     if folder.suffix.lower() in IMAGE_SUFFIXES and not folder.is_dir():
         raise UserError(f"--out {out} looks like an image file name; --out is the folder the PNG files go in, e.g. --out images/")
     files = [folder / image_filename(i, p) for i, p in enumerate(prompts)]
-    taken = [f.name for f in files if f.exists() or f.is_symlink()] if folder.is_dir() else []
+    taken = [i for i, f in enumerate(files) if f.exists() or f.is_symlink()] if folder.is_dir() else []
+    if skip_existing:
+        odd = [files[i].name for i in taken if not files[i].is_file()]
+        if odd:
+            raise UserError(f"--out {out} holds {odd[0]}, which is not an image file; move it away")
+        return files, set(taken)
     if taken:
         more = f" and {len(taken) - 1} more of this run's file names" if len(taken) > 1 else ""
-        raise UserError(f"--out {out} already holds {taken[0]}{more}; choose another folder, or move the earlier images away")
-    return files
+        raise UserError(f"--out {out} already holds {files[taken[0]].name}{more}; choose another folder, move the earlier images "
+                        "away, or give --skip-existing to keep them and make only the missing ones")
+    return files, set()
 
 
 def parse_timesteps(text: str | None) -> list[int] | None:
@@ -127,7 +135,7 @@ def read_init_image(path: str, height: int | None, width: int | None, factor: in
 
 def run(args) -> None:
     prompts = read_prompts(args.prompts + args.prompt, args.prompt_file)
-    files = output_files(args.out, prompts)
+    files, kept = output_files(args.out, prompts, args.skip_existing)
     custom = parse_timesteps(args.timesteps)
     if custom and args.steps is not None:
         raise UserError(f"--timesteps sets the steps ({len(custom)} of them); give --steps or --timesteps, not both")
@@ -202,12 +210,13 @@ def run(args) -> None:
     generator.check_size(height, width)
     out = writable_folder(args.out)
 
-    batches = [range(i, min(i + args.batch_size, len(prompts))) for i in range(0, len(prompts), args.batch_size)]
+    todo = [i for i in range(len(prompts)) if i not in kept]
+    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
     for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2):
         images = generator([prompts[i] for i in batch], timesteps, guidance_scale, [args.seed + i for i in batch], height, width, **options)
         for i, image in zip(batch, to_pil(images)):
             save_png(image, files[i])
-    print(f"wrote {len(prompts)} image(s) to {out}")
+    print(f"wrote {len(todo)} image(s) to {out}" + (f", kept the {len(kept)} already there" if kept else ""))
 
 
 def register(subparsers) -> None:
@@ -258,7 +267,10 @@ def register(subparsers) -> None:
     p.add_argument("--width", type=positive_int, help="image width in pixels, a multiple of the VAE factor (default: the model's)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--out", required=True, help="output folder for the PNG files (created if missing); images of the same names "
-                   "already there are refused, not overwritten")
+                   "already there are refused, not overwritten (see --skip-existing)")
+    p.add_argument("--skip-existing", action="store_true", help="keep the images of this run's names already in --out and make only "
+                   "the missing ones: resumes a killed run (image i depends only on its prompt, seed SEED+i and the settings, so give "
+                   "the same ones)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and latents dtype (default float32)")
     p.set_defaults(run=run)
