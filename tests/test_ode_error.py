@@ -100,3 +100,27 @@ def test_the_teacher_consistency_function_is_the_ode_solution_per_row():
     sols = ode_solutions(teacher, get_solver("dpm++"), x0, cond[:4], cond[:4], 2.0, [259], skip=20,
                          generator=torch.Generator().manual_seed(1))
     assert torch.equal(sols.solution[259], f(sols.z[259], torch.tensor(259), cond[:4], 2.0))
+
+
+def test_solution_sets_of_several_scales_on_one_staircase_equal_each_set_solved_alone(monkeypatch):
+    """`ode_solution_sets` solves every (ω, t) row set on one chain, in parts of at most `max_rows` rows per teacher call:
+    the same solutions as `ode_solutions` per ω, from the same z_t, whatever the part size."""
+    from latent_consistency.evaluation import ode_error as module
+    from latent_consistency.evaluation.ode_error import ode_solution_sets
+
+    schedule = NoiseSchedule.from_config({})
+    means, std = torch.tensor([[0.5, -0.5], [-0.3, 0.2]]), 0.4
+    teacher = GuidedTeacher(GaussianMixtureEps(means, std, schedule), schedule, "epsilon")
+    cond, uncond = torch.tensor([[1.0, 0.0]]).expand(6, 2), torch.tensor([[0.0, 1.0]]).expand(6, 2)
+    x0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    timesteps = [999, 499, 99]
+    alone = [ode_solutions(teacher, get_solver("dpm++"), x0, cond, uncond, w, timesteps, 20, torch.Generator().manual_seed(1))
+             for w in (0.0, 2.0)]
+    for elements in (module.ELEMENTS_PER_CALL, 1):  # every row set in one call per jump, or parts of 6 rows
+        monkeypatch.setattr(module, "ELEMENTS_PER_CALL", elements)
+        together = ode_solution_sets(teacher, get_solver("dpm++"), x0, cond, uncond, [0.0, 2.0], timesteps, 20,
+                                     torch.Generator().manual_seed(1))
+        for one, other in zip(alone, together):
+            assert one.omega == other.omega and all(torch.equal(one.z[t], other.z[t]) for t in timesteps)
+            assert all(torch.allclose(one.solution[t], other.solution[t], atol=1e-12) for t in timesteps)
+        assert not torch.allclose(together[0].solution[999], together[1].solution[999])

@@ -39,16 +39,17 @@ class TeacherConsistencyFunction:
     same jump of k. Costs ⌈t/k⌉ solver jumps, each a cond-and-uncond teacher batch per solver evaluation.
     """
 
-    def __init__(self, teacher, solver: Solver, skip: int, uncond: torch.Tensor):
-        self.teacher, self.solver, self.skip, self.uncond = teacher, solver, skip, uncond
+    def __init__(self, teacher, solver: Solver, skip: int, uncond: torch.Tensor, max_rows: int | None = None):
+        self.teacher, self.solver, self.skip, self.uncond, self.max_rows = teacher, solver, skip, uncond, max_rows
         self.schedule = teacher.schedule
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, omega) -> torch.Tensor:
         """The solution for each row of z at its timestep t (rows may differ in t); `uncond` [1 or B, L, D].
 
-        Rows that are at the same time are jumped as one batch, from the latest time down: a row starting at t joins the
-        rows that started earlier on the chain when they reach t, so a batch of mixed t costs the passes of its largest.
+        Rows that are at the same time are jumped as one batch (in parts of at most `max_rows`), from the latest time down:
+        a row starting at t joins the rows that started earlier on the chain when they reach t, so a batch of mixed t costs
+        the passes of its largest.
         """
         b = z.shape[0]
         now = torch.as_tensor(t, device=z.device).reshape(-1).expand(b).clone()
@@ -58,10 +59,11 @@ class TeacherConsistencyFunction:
         while bool((now > 0).any()):
             start = int(now.max())
             rows = (now == start).nonzero().squeeze(1)
-            w = omega[rows] if torch.is_tensor(omega) and omega.ndim else omega
             end = max(start - self.skip, 0)
-            out[rows] = guided_jump(self.solver, self.teacher, out[rows], torch.tensor(start), torch.tensor(end), cond[rows],
-                                    uncond[rows], w).to(z.dtype)
+            for part in rows.split(self.max_rows or len(rows)):
+                w = omega[part] if torch.is_tensor(omega) and omega.ndim else omega
+                out[part] = guided_jump(self.solver, self.teacher, out[part], torch.tensor(start), torch.tensor(end), cond[part],
+                                        uncond[part], w).to(z.dtype)
             now[rows] = end
         return out
 
@@ -76,20 +78,38 @@ class ODESolutions:
     omega: float
 
 
+# Latent elements per teacher call when the rows of several timesteps and scales are solved together: 32 latents of
+# Stable Diffusion at 512 px (4 x 64 x 64). A model of that size or larger solves as many rows per call as it is given
+# latents, as one set per call would; smaller latents share calls, where a call's overhead, not its arithmetic, is the cost.
+ELEMENTS_PER_CALL = 32 * 4 * 64 * 64
+
+
 @torch.no_grad()
 def ode_solutions(teacher, solver: Solver, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, omega: float,
                   timesteps: list[int], skip: int, generator: torch.Generator | None = None) -> ODESolutions:
     """Noise `x0` to each t in `timesteps` (grid points k−1 + j·k) with one ε and solve the guided ODE to 0."""
+    return ode_solution_sets(teacher, solver, x0, cond, uncond, [omega], timesteps, skip, generator)[0]
+
+
+@torch.no_grad()
+def ode_solution_sets(teacher, solver: Solver, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, omegas: list[float],
+                      timesteps: list[int], skip: int, generator: torch.Generator | None = None) -> list[ODESolutions]:
+    """`ode_solutions` at each ω of `omegas`, from the same z_t (one ε): every (ω, t) row set on one staircase of the
+    teacher's chain (`TeacherConsistencyFunction`), which costs the jumps from the largest t once, not once per set."""
     off_grid = [t for t in timesteps if (t + 1) % skip]
     if off_grid:
         raise UserError(f"timesteps {off_grid} are not on the grid of skip {skip}")
+    b, sets = x0.shape[0], len(omegas) * len(timesteps)
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    exact = TeacherConsistencyFunction(teacher, solver, skip, uncond)
-    z, solution = {}, {}
-    for t in timesteps:
-        z[t] = teacher.schedule.add_noise(x0, noise, torch.full((x0.shape[0],), t, device=x0.device))
-        solution[t] = exact(z[t], torch.full((x0.shape[0],), t, device=x0.device), cond, omega)
-    return ODESolutions(z, solution, cond, omega)
+    z = {t: teacher.schedule.add_noise(x0, noise, torch.full((b,), t, device=x0.device)) for t in timesteps}
+    rows_uncond = uncond if len(uncond) == 1 else uncond.repeat(sets, *[1] * (uncond.ndim - 1))
+    exact = TeacherConsistencyFunction(teacher, solver, skip, rows_uncond, max_rows=max(b, ELEMENTS_PER_CALL // x0[0].numel()))
+    t = torch.tensor(timesteps, device=x0.device).repeat_interleave(b).repeat(len(omegas))
+    # One ω is passed as the number, which keeps the teacher's one-pass path at ω = 0 (`GuidedTeacher.guided_output`)
+    omega = omegas[0] if len(omegas) == 1 else torch.tensor(omegas, dtype=x0.dtype, device=x0.device).repeat_interleave(b * len(timesteps))
+    solved = exact(torch.cat([z[t_] for t_ in timesteps] * len(omegas)), t, cond.repeat(sets, *[1] * (cond.ndim - 1)), omega)
+    parts = iter(solved.split(b))
+    return [ODESolutions(z, {t_: next(parts) for t_ in timesteps}, cond, w) for w in omegas]
 
 
 @torch.no_grad()

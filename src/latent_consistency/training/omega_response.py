@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from latent_consistency.evaluation.ode_error import error_timesteps, guidance_response, ode_solutions
+from latent_consistency.evaluation.ode_error import error_timesteps, guidance_response, ode_solution_sets
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.solvers import get_solver
 from latent_consistency.training.config import LCM_METHODS
@@ -29,7 +29,7 @@ def omega_response(config, teacher, f, latents: torch.Tensor, cond: torch.Tensor
     n = config.omega_response_samples
     x0, cond, uncond = latents[:n].float(), cond[:n], uncond.expand(len(latents[:n]), -1, -1)
     timesteps = error_timesteps(teacher.schedule.num_train_timesteps, config.skip)
-    ends = [ode_solutions(teacher, get_solver(config.solver), x0, cond, uncond, omega_from_guidance_scale(g), timesteps, config.skip,
-                          torch.Generator().manual_seed(config.seed))
-            for g in (config.guidance_scale_min, config.guidance_scale_max)]
+    omegas = [omega_from_guidance_scale(g) for g in (config.guidance_scale_min, config.guidance_scale_max)]
+    ends = ode_solution_sets(teacher, get_solver(config.solver), x0, cond, uncond, omegas, timesteps, config.skip,
+                             torch.Generator().manual_seed(config.seed))
     return guidance_response(f, *ends)
