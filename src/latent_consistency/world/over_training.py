@@ -20,7 +20,7 @@ import torch
 
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency
-from latent_consistency.evaluation.ode_error import error_timesteps, guidance_response, ode_error, ode_solutions
+from latent_consistency.evaluation.ode_error import ODESolutions, error_timesteps, guidance_response, ode_error, ode_solution_sets
 from latent_consistency.models import inference_timesteps
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
@@ -37,15 +37,17 @@ from latent_consistency.world.judge import judge_scores
 STEPS = (1, 2, 4)
 
 
-def reference_solutions(world: World, config, items: list[dict], guidance_scale: float, device):
-    """The teacher's ODE solutions (config's solver and skip) from the reference images' latents."""
+def reference_solutions(world: World, config, items: list[dict], guidance_scales: list[float], device) -> dict[float, ODESolutions]:
+    """The teacher's ODE solutions (config's solver and skip) from the reference images' latents, at each guidance scale,
+    from the same z_t (solved together: `ode_solution_sets`)."""
     model = world.model
     x0 = model.codec.encode(torch.stack([it["image"] for it in items]).to(device)).float()
     cond = model.prompts.encode([it["caption"] for it in items], device)
     uncond = model.prompts.uncond(device).expand(len(items), -1, -1)
-    return ode_solutions(model.guided_teacher(), get_solver(config.solver), x0, cond, uncond, omega_from_guidance_scale(guidance_scale),
-                         error_timesteps(model.schedule.num_train_timesteps, config.skip), config.skip,
-                         torch.Generator().manual_seed(0))
+    scales = list(dict.fromkeys(guidance_scales))
+    sets = ode_solution_sets(model.guided_teacher(), get_solver(config.solver), x0, cond, uncond, [omega_from_guidance_scale(g) for g in scales],
+                             error_timesteps(model.schedule.num_train_timesteps, config.skip), config.skip, torch.Generator().manual_seed(0))
+    return dict(zip(scales, sets))
 
 
 CACHE_FILE = "over_training.cache.json"
@@ -144,10 +146,9 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
                 student.target_unet.eval()  # θ⁻, the network that is exported (the student itself when there is no copy)
                 f = student.consistency_model(student.target_unet)
             if ode and solutions is None:
-                solutions = reference_solutions(world, config, items, guidance_scale, device)
-                if config.guidance_scale_min < config.guidance_scale_max:
-                    range_ends = [solutions if g == guidance_scale else reference_solutions(world, config, items, g, device)
-                                  for g in (config.guidance_scale_min, config.guidance_scale_max)]
+                ends = (config.guidance_scale_min, config.guidance_scale_max) if config.guidance_scale_min < config.guidance_scale_max else ()
+                by_scale = reference_solutions(world, config, items, [guidance_scale, *ends], device)
+                solutions, range_ends = by_scale[guidance_scale], [by_scale[g] for g in ends]
             row = dict(row, step=student.load_checkpoint(path))
             for n in (n for n in steps if f"fid_{n}" not in row):
                 images = sample_consistency(f, inference_timesteps(student.scheduler_config, n), world.model, prompts, guidance_scale,
