@@ -3,7 +3,7 @@ import torch
 
 from latent_consistency.denoisers import GuidedTeacher
 from latent_consistency.errors import UserError
-from latent_consistency.evaluation.ode_error import ode_error, ode_solutions
+from latent_consistency.evaluation.ode_error import ode_error, ode_solution_sets
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver
 from latent_consistency.testing.analytic import GaussianMixtureEps, gaussian_flow
@@ -18,8 +18,8 @@ def test_the_exact_consistency_function_of_gaussian_data_has_no_ode_error():
     teacher = GuidedTeacher(net, schedule, "epsilon")
     x0 = net.sample(512, torch.ones(1, dtype=torch.float64), torch.Generator().manual_seed(0))
     cond = torch.ones(512, 1, dtype=torch.float64)
-    sols = ode_solutions(teacher, get_solver("dpm++"), x0, cond, cond, 2.0, [999, 259, 19], skip=20,
-                         generator=torch.Generator().manual_seed(1))
+    (sols,) = ode_solution_sets(teacher, get_solver("dpm++"), x0, cond, cond, [2.0], [999, 259, 19], skip=20,
+                                generator=torch.Generator().manual_seed(1))
     for t, z in sols.z.items():
         exact = gaussian_flow(z, torch.full((512,), t), torch.zeros(512, dtype=torch.long), mean[0], std, schedule)
         assert torch.allclose(sols.solution[t], exact, atol=3e-2)
@@ -32,7 +32,7 @@ def test_the_exact_consistency_function_of_gaussian_data_has_no_ode_error():
     offset = ode_error(lambda z, t, c, w: exact_f(z, t, c, w) + 0.1, sols)
     assert offset == pytest.approx({999: 0.01, 259: 0.01, 19: 0.01}, rel=2e-2)
     with pytest.raises(UserError, match="not on the grid"):
-        ode_solutions(teacher, get_solver("ddim"), x0, cond, cond, 2.0, [500], skip=20)
+        ode_solution_sets(teacher, get_solver("ddim"), x0, cond, cond, [2.0], [500], skip=20)
 
 
 def test_error_timesteps_are_the_4_step_sampler_s_and_one_small_t():
@@ -63,8 +63,8 @@ def test_guidance_response_is_one_for_the_guided_consistency_function_and_zero_w
         return f
 
     def solved(omega, seed=1):
-        sols = ode_solutions(teacher, get_solver("dpm++"), x0, cond, uncond, omega, [999, 499, 99], skip=20,
-                             generator=torch.Generator().manual_seed(seed))
+        (sols,) = ode_solution_sets(teacher, get_solver("dpm++"), x0, cond, uncond, [omega], [999, 499, 99], skip=20,
+                                    generator=torch.Generator().manual_seed(seed))
         for t, z in sols.z.items():
             exact = f_with(1.0)(z, torch.full((512,), t), cond, omega)
             assert (sols.solution[t] - exact).abs().max() < 0.1 * (exact - x0).abs().max()
@@ -81,7 +81,7 @@ def test_guidance_response_is_one_for_the_guided_consistency_function_and_zero_w
 
 def test_the_teacher_consistency_function_is_the_ode_solution_per_row():
     """f* of Gaussian data is `gaussian_flow` to 0 (within the grid solver's error), for rows at different t in one
-    batch, on and off the grid; at t = 0 it is the identity (c_skip(0) = 1); `ode_solutions` uses it."""
+    batch, on and off the grid; at t = 0 it is the identity (c_skip(0) = 1); `ode_solution_sets` uses it."""
     from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 
     schedule = NoiseSchedule.from_config({})
@@ -97,16 +97,15 @@ def test_the_teacher_consistency_function_is_the_ode_solution_per_row():
     assert torch.allclose(out[:5], exact[:5], atol=3e-2) and torch.equal(out[5], z[5])
     assert not torch.allclose(out[:5], z[:5], atol=0.1)  # it moved the noisy rows
     x0 = net.sample(4, torch.ones(1, dtype=torch.float64), torch.Generator().manual_seed(0))
-    sols = ode_solutions(teacher, get_solver("dpm++"), x0, cond[:4], cond[:4], 2.0, [259], skip=20,
-                         generator=torch.Generator().manual_seed(1))
+    (sols,) = ode_solution_sets(teacher, get_solver("dpm++"), x0, cond[:4], cond[:4], [2.0], [259], skip=20,
+                                generator=torch.Generator().manual_seed(1))
     assert torch.equal(sols.solution[259], f(sols.z[259], torch.tensor(259), cond[:4], 2.0))
 
 
 def test_solution_sets_of_several_scales_on_one_staircase_equal_each_set_solved_alone(monkeypatch):
     """`ode_solution_sets` solves every (ω, t) row set on one chain, in parts of at most `max_rows` rows per teacher call:
-    the same solutions as `ode_solutions` per ω, from the same z_t, whatever the part size."""
+    the same solutions as each ω's set solved alone, from the same z_t, whatever the part size."""
     from latent_consistency.evaluation import ode_error as module
-    from latent_consistency.evaluation.ode_error import ode_solution_sets
 
     schedule = NoiseSchedule.from_config({})
     means, std = torch.tensor([[0.5, -0.5], [-0.3, 0.2]]), 0.4
@@ -114,7 +113,7 @@ def test_solution_sets_of_several_scales_on_one_staircase_equal_each_set_solved_
     cond, uncond = torch.tensor([[1.0, 0.0]]).expand(6, 2), torch.tensor([[0.0, 1.0]]).expand(6, 2)
     x0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     timesteps = [999, 499, 99]
-    alone = [ode_solutions(teacher, get_solver("dpm++"), x0, cond, uncond, w, timesteps, 20, torch.Generator().manual_seed(1))
+    alone = [ode_solution_sets(teacher, get_solver("dpm++"), x0, cond, uncond, [w], timesteps, 20, torch.Generator().manual_seed(1))[0]
              for w in (0.0, 2.0)]
     for elements in (module.ELEMENTS_PER_CALL, 1):  # every row set in one call per jump, or parts of 6 rows
         monkeypatch.setattr(module, "ELEMENTS_PER_CALL", elements)

@@ -85,17 +85,11 @@ ELEMENTS_PER_CALL = 32 * 4 * 64 * 64
 
 
 @torch.no_grad()
-def ode_solutions(teacher, solver: Solver, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, omega: float,
-                  timesteps: list[int], skip: int, generator: torch.Generator | None = None) -> ODESolutions:
-    """Noise `x0` to each t in `timesteps` (grid points k−1 + j·k) with one ε and solve the guided ODE to 0."""
-    return ode_solution_sets(teacher, solver, x0, cond, uncond, [omega], timesteps, skip, generator)[0]
-
-
-@torch.no_grad()
 def ode_solution_sets(teacher, solver: Solver, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, omegas: list[float],
                       timesteps: list[int], skip: int, generator: torch.Generator | None = None) -> list[ODESolutions]:
-    """`ode_solutions` at each ω of `omegas`, from the same z_t (one ε): every (ω, t) row set on one staircase of the
-    teacher's chain (`TeacherConsistencyFunction`), which costs the jumps from the largest t once, not once per set."""
+    """Noise `x0` to each t in `timesteps` (grid points k−1 + j·k) with one ε and solve the guided ODE to 0, at each ω of
+    `omegas`: every (ω, t) row set on one staircase of the teacher's chain (`TeacherConsistencyFunction`), which costs
+    the jumps from the largest t once, not once per set."""
     off_grid = [t for t in timesteps if (t + 1) % skip]
     if off_grid:
         raise UserError(f"timesteps {off_grid} are not on the grid of skip {skip}")
