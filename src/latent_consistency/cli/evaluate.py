@@ -320,7 +320,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file "
                    "(one prompt per line; blank lines and lines starting with # skipped)")
     p.add_argument("--reference", help="real images for FID (default: those of --prompts)")
-    p.add_argument("--out", help="folder for report.md, results.json, steps.png, guidance.png, grid.png and (several scales) guidance_grid.png; "
+    p.add_argument("--out", help="folder for report.md, results.json, steps.png, grid.png and (several scales) guidance.png and guidance_grid.png; "
                    "a rerun continues the evaluation there, another evaluation's results are refused, not overwritten")
     p.add_argument("--steps", type=number_list(positive_int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")
     p.add_argument("--guidance-scale", type=guidance_scale, help="guidance scale g, diffusers' (default: the g the LCM's distillation "
@@ -349,5 +349,5 @@ def register(subparsers) -> None:
     s.add_argument("--ode-error", action=argparse.BooleanOptionalAction, default=True,
                    help="also the MSE to the teacher's ODE solution and the ω response per t (default on); their references "
                         "cost T/k teacher jumps per timestep, 1,000 at k = 1")
-    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.set_defaults(run=run)

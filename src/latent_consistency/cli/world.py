@@ -114,7 +114,7 @@ def register(subparsers) -> None:
                    help="copy the first phases from another world (a build, an export or 'default' for the shipped world) "
                         "where the settings they depend on are equal, instead of training them: e.g. the shipped VAE for "
                         "default-sdxl")
-    b.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    b.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--dry-run", action="store_true", help="print the resolved settings and stop")
     b.set_defaults(run=_run_build)
@@ -129,7 +129,7 @@ def register(subparsers) -> None:
     c.add_argument("--world", required=True, help="a world folder (a build or an export)")
     c.add_argument("--out", required=True, help="folder for quality.json and teacher_grid.png")
     c.add_argument("--samples", type=positive_int, help="generated images per guidance scale (default: the preset's)")
-    c.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    c.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(run=_run_check)
 
@@ -143,6 +143,6 @@ def register(subparsers) -> None:
     v.add_argument("--images", type=positive_int, help="training images encoded once, as many perturbed latents again (default 2048)")
     v.add_argument("--channels", type=positive_int, help="the tiny decoder's width (default 16; 32 decodes about 3x slower, closer "
                    "to the VAE)")
-    v.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    v.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(run=_run_preview_decoder)
