@@ -364,10 +364,15 @@ class RunFolder:
     def validation_guidance_scale(self) -> float:
         """g of the validation grid. For a full LCM its record's default g: the preset's, moved into the range the record
         holds, so the grid shows the g the model is sampled at when none is given (not an extrapolation outside a
-        fine-tuned LCM's distilled range, or a run's --guidance-scale-max). Otherwise the preset's."""
-        if not self.exports_full_lcm():
-            return self.config.validation_guidance_scale
-        return recorded_guidance(self.config, self.base.guidance_record, None).guidance_scale
+        fine-tuned LCM's distilled range, or a run's --guidance-scale-max). For LoRA adapters fine-tuned on an LCM with a
+        record, that LCM's recorded g: the adapters keep its ω input and its record (`models.load_lcm_lora`), so `lcm
+        generate --model LCM --lora RUN/lora` samples at it. Otherwise the preset's."""
+        if self.exports_full_lcm():
+            return recorded_guidance(self.config, self.base.guidance_record, None).guidance_scale
+        record = self.base.guidance_record  # set only for an LCM with an ω input (`load_lcm`, `load_lcm_lora`), never a teacher
+        if record is not None and self.config.objective == "lcf" and is_lcm_config(self.student.scheduler_config):
+            return record.guidance_scale
+        return self.config.validation_guidance_scale
 
     def finish(self) -> Path | None:
         """The final ω response (unless the metrics hold it: a run resumed after it), then the target θ⁻ exported in
