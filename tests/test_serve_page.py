@@ -109,3 +109,26 @@ def test_page_draws_as_you_type_and_follows_the_sliders(tiny_lcm):
             browser.close()
     counts = app.state.metrics.responses
     assert counts[200] >= 3 and set(counts) <= {200, 499}
+
+
+def test_page_sends_the_models_default_guidance_scale_as_recorded(tiny_lcm, tmp_path):
+    """A recorded default g off the slider's half steps (4.2, of a run distilled on [1, 4.2]) is what the page's requests
+    send until the user moves the slider, not the slider's rounding of it (4)."""
+    from latent_consistency.guidance_record import GuidanceRecord, write_record
+    from latent_consistency.pipelines import LCMGenerator
+
+    model = tmp_path / "lcm"
+    shutil.copytree(tiny_lcm, model)
+    write_record(model, GuidanceRecord(1.0, 4.2, 4.2, None))
+    app = make_app(LCMGenerator.load(str(model), torch.device("cpu"), torch.float32))
+    with ServerThread(app) as url:
+        browser = Browser(url + "/")
+        try:
+            wait_until(lambda: browser.js("location.href.startsWith('http') && document.readyState") == "complete", 60)
+            wait_until(lambda: browser.js("document.getElementById('guidance-value')?.textContent") == "4.2", 60)
+            assert browser.js("body().guidance_scale") == 4.2
+            browser.js("document.getElementById('guidance').focus()")
+            browser.key("ArrowRight", 39)  # the slider moved: its own value from here on
+            assert browser.js("body().guidance_scale") == float(browser.js("document.getElementById('guidance').value"))
+        finally:
+            browser.close()
