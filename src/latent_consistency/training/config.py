@@ -212,8 +212,8 @@ class DistillConfig(TrainConfig):
     omega_lr_scale: float = doc("learning-rate multiplier of a full student's ω projection (the UNet's time_embedding.cond_proj, "
                                 "which starts at zero): the ω input's own learning rate", default=1.0)
     omega_response_samples: int = doc("latents on which the student's ω response (the fraction of the teacher's guidance effect "
-                                      "it reproduces) is measured at the end of a full LCD run over a guidance range (0: skip)",
-                                      default=32)
+                                      "it reproduces) is measured at the end of a full student's LCD or --method ode run over a "
+                                      "guidance range (0: skip)", default=32)
     model_field: ClassVar[str] = "teacher"
 
     def check(self) -> DistillConfig:

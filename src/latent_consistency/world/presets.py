@@ -157,7 +157,7 @@ PRESETS: dict[str, WorldPreset] = {
         teacher=TeacherConfig(block_out_channels=(32, 32, 64), layers_per_block=1, attention_head_dim=2, steps=40, batch_size=16, lr=2e-3, ema_decay=0.9),
         quality=QualityConfig(num_samples=8, num_steps=2, grid_prompts=2, grid_samples=2, vae_samples=8),
     ),
-    # The demo's world, shipped in fp16 (assets/world_default): sized to build in about 40 minutes on a
+    # The demo's world, shipped in fp16 (assets/world_default): sized to build in about 55 minutes on a
     # 2-core CPU (phases measured in docs/world.md); its small teacher also keeps the demo's distillation fast.
     "default": WorldPreset(
         name="default",
