@@ -200,3 +200,20 @@ def test_guidance_distillation_bad_input(case, guided, tiny_sd, image_folder, tm
     argv, message = cases[case]
     code, err = run_error(argv)
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_the_guidance_distilled_model_records_the_range_its_omega_input_learned(guided, tmp_path, monkeypatch, capsys):
+    """Stage one on g ∈ [1, 4] writes guidance.json beside its export, as an LCM's run does: `lcm generate --sampler ddim`
+    samples it at the recorded g by default (not CFG's 7.5, where its ω input extrapolates) and notes a g outside [1, 4]."""
+    from latent_consistency import pipelines
+    from latent_consistency.guidance_record import read_record
+
+    record = read_record(guided)
+    assert (record.guidance_scale_min, record.guidance_scale_max, record.guidance_scale, record.omega_response) == (1.0, 4.0, 4.0, None)
+    scales, call = [], pipelines.SolverGenerator.__call__
+    monkeypatch.setattr(pipelines.SolverGenerator, "__call__", lambda self, p, n, g, *a: scales.append(g) or call(self, p, n, g, *a))
+    common = ["generate", "a red star", "--model", str(guided), "--sampler", "ddim", "--steps", "2"]
+    assert main([*common, "--out", str(tmp_path / "default")]) == 0
+    assert scales == [4.0] and "note:" not in capsys.readouterr().err
+    assert main([*common, "--guidance-scale", "7.5", "--out", str(tmp_path / "outside")]) == 0
+    assert "guidance scale 7.5 is outside [1, 4], the range this model's ω input was distilled on" in capsys.readouterr().err

@@ -1,4 +1,6 @@
 """What guidance an LCM was distilled for: the record a run writes beside its exported LCM, and what sampling makes of it.
+A guidance-distilled diffusion model (Guided-Distill, `lcm distill --method guidance` or `progressive`) gets the same
+record: its ω input, too, was learned over the run's range only.
 
 An LCM learns its guidance scale g as an input over the range its run drew ω = g − 1 from (Section 4.2, Algorithm 1's
 ω ~ [ω_min, ω_max]); outside that range it extrapolates, and a student whose ω response is about 0
@@ -69,7 +71,7 @@ class GuidanceRecord:
         notes = []
         if not self.guidance_scale_min <= guidance_scale <= self.guidance_scale_max:
             notes.append(f"guidance scale {guidance_scale:g} is outside [{self.guidance_scale_min:g}, {self.guidance_scale_max:g}], "
-                         "the range this LCM was distilled on: it extrapolates there")
+                         "the range this model's ω input was distilled on: it extrapolates there")
         if given and self.ignores_guidance():
             notes.append(f"this LCM ignores its guidance scale (its ω response was at most {max(self.omega_response.values()):.2f} "
                          "at every t, where 1 is the teacher's guidance effect): its images hardly change with it")

@@ -361,13 +361,18 @@ class RunFolder:
         """Whether the run exports a full LCM (read where it has an ω input), the model a guidance record goes with."""
         return self.student.adapter == "full" and is_lcm_config(self.student.scheduler_config)
 
+    def exports_guided_model(self) -> bool:
+        """Whether the run exports a guidance-distilled diffusion model (Guided-Distill's stage one or a progressive round):
+        its ω input was learned over the run's range too, so a guidance record goes with it."""
+        return self.student.adapter == "full" and not is_lcm_config(self.student.scheduler_config)
+
     def validation_guidance_scale(self) -> float:
         """g of the validation grid. For a full LCM its record's default g: the preset's, moved into the range the record
         holds, so the grid shows the g the model is sampled at when none is given (not an extrapolation outside a
         fine-tuned LCM's distilled range, or a run's --guidance-scale-max). For LoRA adapters fine-tuned on an LCM with a
         record, that LCM's recorded g: the adapters keep its ω input and its record (`models.load_lcm_lora`), so `lcm
         generate --model LCM --lora RUN/lora` samples at it. Otherwise the preset's."""
-        if self.exports_full_lcm():
+        if self.exports_full_lcm() or self.exports_guided_model():
             return recorded_guidance(self.config, self.base.guidance_record, None).guidance_scale
         record = self.base.guidance_record  # set only for an LCM with an ω input (`load_lcm`, `load_lcm_lora`), never a teacher
         if record is not None and self.config.objective == "lcf" and is_lcm_config(self.student.scheduler_config):
@@ -393,7 +398,7 @@ class RunFolder:
             staging = self.out / EXPORT_STAGING
             shutil.rmtree(staging, ignore_errors=True)
             staged = student.export(staging, unwrapped, self.base)
-            if self.exports_full_lcm():
+            if self.exports_full_lcm() or self.exports_guided_model():
                 write_record(staged, recorded_guidance(self.config, self.base.guidance_record, response))
             exported = replace_folder(staged, self.out / staged.name)
             staging.rmdir()
