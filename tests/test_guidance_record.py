@@ -91,7 +91,7 @@ def test_generate_defaults_to_the_recorded_g(recorded_lcm, tmp_path, capsys):
     assert np.array_equal(pixels(tmp_path / "default"), pixels(tmp_path / "g2"))
     assert not np.array_equal(pixels(tmp_path / "default"), pixels(tmp_path / "g8"))
     err = capsys.readouterr().err
-    assert err.count("note:") == 1 and "guidance scale 8 is outside [1, 2], the range this LCM was distilled on" in err
+    assert err.count("note:") == 1 and "guidance scale 8 is outside [1, 2], the range this model's ω input was distilled on" in err
 
 
 def test_generate_notes_a_given_g_that_the_lcm_ignores(recorded_lcm, tmp_path, capsys):
@@ -147,7 +147,12 @@ def test_serve_takes_its_default_g_and_range_from_the_record_and_notes_a_g_outsi
         outside = client.post("/v1/images", json={"prompt": "a red star", "steps": 1, "guidance_scale": 8})
     assert inside.status_code == outside.status_code == 200
     assert "X-Guidance-Note" not in inside.headers
-    assert "outside [1, 2]" in outside.headers["X-Guidance-Note"]
+    assert "outside [1, 2], the range this model's omega input was distilled on" in outside.headers["X-Guidance-Note"]
+    # An LCM that ignores ω, given a g: the note (which names its ω response) is a header, not a 500
+    ignoring = LCMGenerator.load(str(recorded_lcm(IGNORED, name="ignoring")), torch.device("cpu"), torch.float32)
+    with TestClient(create_app(ignoring, Limits(max_side=64), model_name="tiny")) as client:
+        given = client.post("/v1/images", json={"prompt": "a red star", "steps": 1, "guidance_scale": 1.5})
+    assert given.status_code == 200 and "this LCM ignores its guidance scale (its omega response was at most" in given.headers["X-Guidance-Note"]
 
 
 def test_evaluate_defaults_to_the_recorded_g_and_notes_a_scale_outside_the_range(recorded_lcm, tmp_path, capsys):

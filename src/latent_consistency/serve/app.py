@@ -173,6 +173,11 @@ class Guard:
                 self.metrics.response(status[0], time.perf_counter() - start if status[0] == 200 else None)
 
 
+def header_value(text: str) -> str:
+    """`text` as an HTTP header value, which is Latin-1: the notes' ω spelled out, anything else outside it as "?"."""
+    return text.replace("ω", "omega").encode("latin-1", "replace").decode("latin-1")
+
+
 def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", max_batch: int = 8, max_queue: int = 32,
                max_wait_s: float = 0.005) -> FastAPI:
     metrics = Metrics()
@@ -254,7 +259,7 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
             headers["X-Prompt-Truncated"] = f"{truncated[0]} tokens, the text encoder reads {truncated[1]}"
         notes = generator.guidance_notes(job.guidance_scale, given=body.guidance_scale is not None)
         if notes:
-            headers["X-Guidance-Note"] = "; ".join(notes)
+            headers["X-Guidance-Note"] = header_value("; ".join(notes))
         return Response(data, media_type=MEDIA_TYPES[job.format], headers=headers)
 
     @app.get("/v1/config")
