@@ -11,16 +11,18 @@ from latent_consistency.training.batches import TrainingBatches
 
 
 def test_a_fine_tuned_lcm_keeps_the_guidance_range_it_was_distilled_on(tiny_lcm, tmp_path, capsys):
-    """LCF teaches no guidance: a run over g outside the range the LCM's record says its ω input was distilled on (here the
-    preset's [3, 15] on an LCM of [1, 2]) says so, and the export keeps [1, 2] (and a default g inside it), rather than
-    recording [3, 15] with a default of 8 at which `lcm generate` would then sample an extrapolating LCM without a note."""
+    """LCF teaches no guidance: a run told to draw g outside the range the LCM's record says its ω input was distilled on
+    (here [3, 15] on an LCM of [1, 2]) says so, and the export keeps [1, 2] (and a default g inside it), rather than
+    recording [3, 15] with a default of 8 at which `lcm generate` would then sample an extrapolating LCM without a note.
+    (Without the flags the run draws from the record's range: `test_record_chains.py`.)"""
     from tiny_models import write_captioned_images
 
     model = shutil.copytree(tiny_lcm, tmp_path / "lcm")
     (model / RECORD).write_text(json.dumps({"guidance_scale_min": 1.0, "guidance_scale_max": 2.0, "guidance_scale": 2.0,
                                             "omega_response": {"999": 0.5}}))
     data, out = write_captioned_images(tmp_path / "images", 4), tmp_path / "run"
-    assert main(["finetune", "--preset", "tiny", "--steps", "1", "--model", str(model), "--data", str(data), "--out", str(out)]) == 0
+    assert main(["finetune", "--preset", "tiny", "--steps", "1", "--model", str(model), "--data", str(data), "--out", str(out),
+                 "--guidance-scale-min", "3", "--guidance-scale-max", "15"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "distilled on" in line]
     assert len(notes) == 1 and "[3, 15] reaches outside [1, 2]" in notes[0] and "keeps the record [1, 2]" in notes[0], notes
     assert read_record(out / "lcm") == GuidanceRecord(1.0, 2.0, 2.0, None)  # LCF measures no ω response

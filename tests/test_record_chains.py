@@ -44,3 +44,22 @@ def test_lora_fine_tuned_on_an_lcm_is_validated_at_the_g_it_is_sampled_at(distil
     assert main(["finetune", "--preset", "tiny", "--steps", "1", "--model", str(distilled), "--adapter", "lora", "--data", str(images),
                  "--out", str(tmp_path / "lcf"), "--guidance-scale-min", "1", "--guidance-scale-max", "4"]) == 0
     assert omegas and set(omegas) == {1.0}, omegas
+
+
+def test_fine_tuning_an_lcm_keeps_its_recorded_range_and_default_g_unless_told_otherwise(distilled, images, tmp_path, capsys):
+    """`lcm finetune --model RUN/lcm` of an LCM distilled on [1, 4] with default g = 2: the preset's range [3, 15] and g = 8
+    would draw ω where the LCM extrapolates and move its default g to 4, though LCF teaches no guidance. The record's
+    range and g are the defaults instead; a flag or a config file still chooses."""
+    import json
+
+    def resolved(*extra) -> dict:
+        assert main(["finetune", "--preset", "tiny", "--model", str(distilled), "--data", str(images), "--out", str(tmp_path / "lcf"),
+                     "--dry-run", *extra]) == 0
+        config = json.loads(capsys.readouterr().out)
+        return {k: config[k] for k in ("guidance_scale_min", "guidance_scale_max", "validation_guidance_scale")}
+
+    assert resolved() == {"guidance_scale_min": 1.0, "guidance_scale_max": 4.0, "validation_guidance_scale": 2.0}
+    assert resolved("--validation-guidance-scale", "3") == {"guidance_scale_min": 1.0, "guidance_scale_max": 4.0,
+                                                             "validation_guidance_scale": 3.0}
+    (tmp_path / "config.json").write_text(json.dumps({"guidance_scale_max": 3.0}))
+    assert resolved("--config", str(tmp_path / "config.json"))["guidance_scale_max"] == 3.0

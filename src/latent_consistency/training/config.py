@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from latent_consistency.errors import UserError
+from latent_consistency.guidance_record import read_record
 
 ADAPTERS = ("full", "lora")
 METHODS = ("lcd", "ode", "guidance", "progressive")
@@ -410,16 +411,19 @@ PRESET_FULL_STUDENT_FIELDS = {"student_prediction", "omega_lr_scale", "guidance_
 
 def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- preset <- JSON file <- overrides (None values are skipped)."""
+    """Defaults <- preset <- JSON file <- overrides (None values are skipped); for LCF of an LCM with a guidance record, the
+    record's range and default g where neither the file nor the overrides give them (`recorded_guidance_fields`)."""
     values: dict[str, Any] = {}
     if preset:
         if preset not in PRESETS[cls]:
             raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS[cls])}")
         values.update(PRESETS[cls][preset])
-    if config_file:
-        values.update(_read_config_file(config_file))
+    from_file = _read_config_file(config_file) if config_file else {}
+    values.update(from_file)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(given)
+    if cls.objective == "lcf":  # what the LCM's guidance record says, where the user's flags and config file say nothing
+        values.update(recorded_guidance_fields(values.get("model"), set(given) | set(from_file)))
     adapter = values.get("adapter", field_default(cls, "adapter"))
     for name in sorted(set(given) & set(FULL_STUDENT_FLAGS)):
         # given on the command line, and not 0 (no response to measure): a preset's value (the tiny one's 32) is no request
@@ -446,6 +450,21 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(unknown)}; see `{COMMANDS[cls]} --help`")
     return cls(**{name: _typed(cls, name, value) for name, value in values.items()})
+
+
+# The fields an LCM's guidance record (`guidance_record`) gives a fine-tuning run of it
+RECORDED_GUIDANCE_FIELDS = ("guidance_scale_min", "guidance_scale_max", "validation_guidance_scale")
+
+
+def recorded_guidance_fields(model: str | None, chosen: set[str]) -> dict[str, float]:
+    """LCF of an LCM with a guidance record: the range its ω input was distilled on and its default g, for the fields the
+    user did not choose (`chosen`) — a preset's range or g would move the fine-tuned LCM's default g, or draw ω where it
+    extrapolates, though LCF teaches no guidance. Nothing for an LCM without a record (from elsewhere, a hub id)."""
+    record = read_record(model) if isinstance(model, str) and model else None
+    if record is None:
+        return {}
+    recorded = dict(zip(RECORDED_GUIDANCE_FIELDS, (record.guidance_scale_min, record.guidance_scale_max, record.guidance_scale)))
+    return {name: value for name, value in recorded.items() if name not in chosen}
 
 
 def _read_config_file(config_file: str) -> dict:
