@@ -474,6 +474,18 @@ def _load_tokenizer(cls, name_or_path: str, subfolder: str):
         raise UserError(f"cannot load the {subfolder} of {name_or_path}: {first_line(err)}") from err
 
 
+def restore_frozen_parts_in_float32(model: DiffusionModel) -> None:
+    """The VAE and text encoders back in float32, with the weights the model's folder holds: where mixed precision ran
+    them in half precision (`training.objectives.freeze_in_half_precision`), they are read again from `model.source`,
+    since casting the rounded weights back would export another decoder and text encoder than the model's."""
+    parts = {"vae": model.vae, "text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
+    for subfolder, module in parts.items():
+        if module is None or module.dtype == torch.float32:
+            continue
+        module.to(dtype=torch.float32)
+        module.load_state_dict(load_component(type(module), model.source, subfolder, torch_dtype=torch.float32, use_safetensors=True).state_dict())
+
+
 def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
     """A text-to-image latent diffusion model and its scheduler config from a diffusers folder or hub id.
 

@@ -214,4 +214,14 @@ def freeze_in_half_precision(config: TrainConfig, base: DiffusionModel) -> None:
         upcast = half == torch.float16 and base.upcasts_vae
         unet = [] if base.unet_carries_student else [base.unet]
         for module in (*unet, *([] if upcast else [base.vae]), *base.text_encoders):
-            module.to(dtype=half)
+            cast_keeping_adapters(module, half)
+
+
+def cast_keeping_adapters(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype)` for its own weights; LoRA adapters it carries (an LCM-LoRA loaded onto it) keep the weights
+    they were given, in float32: cast down and back they would be rounded."""
+    adapters = {name: param.data for name, param in module.named_parameters() if "lora_" in name}
+    module.to(dtype=dtype)
+    for name, param in module.named_parameters():
+        if name in adapters:
+            param.data = adapters[name].float()

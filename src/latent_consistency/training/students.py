@@ -30,11 +30,12 @@ from latent_consistency.models import (
     lora_pipeline_class,
     make_student_unet,
     prediction_type_of,
+    restore_frozen_parts_in_float32,
     save_lcm_pipeline,
     save_pipeline,
 )
 from latent_consistency.training.checkpoint import load_checkpoint
-from latent_consistency.training.objectives import half_precision
+from latent_consistency.training.objectives import cast_keeping_adapters, half_precision
 
 # The student's ω input: the projection of the ω embedding added to the time embedding (`models.make_student_unet`)
 OMEGA_PROJECTION = "time_embedding.cond_proj."
@@ -115,10 +116,9 @@ class Student:
 
     def export(self, out: Path, unwrapped_unet, base: DiffusionModel) -> Path:
         """Write the target θ⁻ (the EMA, or the student when there is none) in diffusers format; the frozen VAE and text
-        encoder go out in float32 like the student, whatever precision they ran in (`freeze_in_half_precision`)."""
+        encoder go out in float32 like the student, as the model's folder holds them, whatever precision they ran in
+        (`models.restore_frozen_parts_in_float32`)."""
         unet = self.target_unet if self.has_separate_target else unwrapped_unet
-        for module in (base.vae, *base.text_encoders):
-            module.to(dtype=torch.float32)
         if self.adapter == "lora":
             from diffusers import LCMScheduler
             from peft.utils import get_peft_model_state_dict
@@ -132,6 +132,7 @@ class Student:
             # Beside the weights, the sampler settings they were distilled for (read by `models.load_lcm_lora`)
             LCMScheduler.from_config(self.scheduler_config).save_config(folder)
             return folder
+        restore_frozen_parts_in_float32(base)
         if not is_lcm_config(self.scheduler_config):  # a guidance-distilled diffusion model
             return save_pipeline(Path(out) / "guided", unet, base, self.scheduler_config)
         return save_lcm_pipeline(Path(out) / "lcm", unet, base, self.scheduler_config)
@@ -221,8 +222,9 @@ def make_student(config, base: DiffusionModel, scheduler_config: dict, share_une
         carried = bool(getattr(base.unet, "peft_config", None))
         shared = share_unet and not carried
         unet = base.unet if shared else copy.deepcopy(base.unet)
-        # Under mixed precision the frozen base runs in half precision, as the teacher does (an SDXL UNet: 5 GB, not 10)
-        unet.to(dtype=half_precision(config) or base.unet.dtype)
+        # Under mixed precision the frozen base runs in half precision, as the teacher does (an SDXL UNet: 5 GB, not 10);
+        # a carried LCM-LoRA's adapters keep the weights they were given
+        cast_keeping_adapters(unet, half_precision(config) or base.unet.dtype)
         unet.requires_grad_(False)
         if carried:  # an LCM-LoRA loaded onto the model: fine-tune it
             for name, param in unet.named_parameters():
