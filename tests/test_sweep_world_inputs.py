@@ -118,6 +118,22 @@ def test_sweep_takes_a_guidance_scale_below_1_for_a_lora_student(tmp_path, run_e
     assert json.loads((out / "sweep.json").read_text()) == {"lora": [{"step": 2, "fid_1": 3.0}]}
 
 
+def test_the_sweep_says_a_lora_runs_g_sets_only_its_ode_reference(tmp_path, run_error, monkeypatch):
+    """sweep.md's g column reads as the g each run was sampled at; a LoRA student has no ω input, so the settings line says
+    that its g is the teacher's ODE reference only (its images carry the guidance distilled into them)."""
+    from latent_consistency.world import artifact, over_training
+
+    settings = []
+    monkeypatch.setattr(artifact, "load_world", lambda *a, **k: object())
+    monkeypatch.setattr(over_training, "evaluate_run", lambda *a, **k: [{"step": 2, "fid_1": 3.0}])
+    monkeypatch.setattr(over_training, "write_report", lambda *a, **k: None)
+    monkeypatch.setattr(over_training, "write_sweep", lambda curves, out, steps, scales, text: settings.append(text) or "table")
+    runs = [write_run(tmp_path / "lora", adapter="lora"), write_run(tmp_path / "full")]
+    code, err = run_error(sweep(runs, tmp_path / "sweep", "--steps", "1"))
+    assert code == 0, err
+    assert "lora: LoRA student(s) without an ω input" in settings[0] and "full:" not in settings[0]
+
+
 def test_a_refused_sweep_leaves_no_out_folder(tmp_path, run_error, monkeypatch):
     """--out (and the folders above it) was made before the runs were checked, and stayed when one was refused."""
     from latent_consistency.world import artifact

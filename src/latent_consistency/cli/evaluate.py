@@ -287,10 +287,12 @@ def run_sweep(args) -> None:
     world_path = args.world or default_world_path()
     steps = tuple(args.steps)
     timesteps = world_timesteps(world_path)
-    scales = {}
+    scales, loras = {}, []
     for run_dir in map(Path, args.runs):  # every run, before the world loads and the first one is scored
         config = check_run(run_dir, steps, args.guidance_scale, timesteps, Path(world_path))
         scales[run_dir.resolve().name] = run_guidance_scale(config) if args.guidance_scale is None else args.guidance_scale
+        if config.adapter != "full":
+            loras.append(run_dir.resolve().name)
     device = resolve_device(args.device)
     keep_freed_memory(device)
     world = load_world(world_path, device)
@@ -303,6 +305,9 @@ def run_sweep(args) -> None:
     write_json_atomic(out / "sweep.json", curves)
     settings = (f"Checkpoints (θ⁻) sampled for the first {args.samples} reference prompts of the world `{world_path}`, the same noise "
                 "for every checkpoint, each run at the g in its row; FID in the world judge's features (lower is better).")
+    if loras:  # an LCM-LoRA has no ω input: g cannot change its images
+        settings += (f" {', '.join(loras)}: LoRA student(s) without an ω input, whose images carry the guidance distilled into them; "
+                     "their g is that of the teacher's ODE reference only.")
     print(write_sweep(curves, out, steps, scales, settings))
 
 
