@@ -78,10 +78,11 @@ class ODESolutions:
     omega: float
 
 
-# Latent elements per teacher call when the rows of several timesteps and scales are solved together: 32 latents of
-# Stable Diffusion at 512 px (4 x 64 x 64). A model of that size or larger solves as many rows per call as it is given
-# latents, as one set per call would; smaller latents share calls, where a call's overhead, not its arithmetic, is the cost.
-ELEMENTS_PER_CALL = 32 * 4 * 64 * 64
+# Latent elements per teacher call when the rows of several timesteps and scales are solved together: 256 latents of the
+# built-in world (4 x 8 x 8). Small latents share calls, where a call's overhead, not its arithmetic, is the cost; on the
+# 2-core CPU calls of 2,048 world latents were slower again (docs/benchmarks.md). A Stable Diffusion latent (4 x 64 x 64)
+# solves as many rows per call as it is given latents, as one set per call did, so its peak memory is unchanged.
+ELEMENTS_PER_CALL = 2**16
 
 
 @torch.no_grad()
