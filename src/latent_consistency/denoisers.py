@@ -28,7 +28,7 @@ from latent_consistency.parameterization import (
     guidance_embedding,
     x0_and_eps,
 )
-from latent_consistency.schedule import NoiseSchedule, append_dims, batch_timesteps
+from latent_consistency.schedule import NoiseSchedule, append_dims, batch_rows, batch_timesteps
 
 
 class UNetNetwork:
@@ -118,8 +118,8 @@ class GuidedTeacher:
         self.prediction_type = check_prediction_type(prediction_type)
 
     def output(self, z, t, cond):
-        """The raw network output (ε, v or x0) for a batch, unguided."""
-        return self.net(z, batch_timesteps(t, z), cond)
+        """The raw network output (ε, v or x0) for a batch, unguided; a one-row `cond` serves every row."""
+        return self.net(z, batch_timesteps(t, z), batch_rows(cond, len(z)))
 
     def denoise(self, z, t, cond) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂0, ε̂) for a batch, unguided."""
@@ -127,7 +127,7 @@ class GuidedTeacher:
 
     def outputs(self, z, t, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
         """(out(z, c, t), out(z, ∅, t)): the raw outputs for cond and uncond, as one batch through the network."""
-        t = batch_timesteps(t, z)
+        t, cond, uncond = batch_timesteps(t, z), batch_rows(cond, len(z)), batch_rows(uncond, len(z))  # ∅ is often one row
         return self.output(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, uncond])).chunk(2)
 
     def guide(self, out_c: torch.Tensor, out_u: torch.Tensor, omega, z: torch.Tensor) -> torch.Tensor:
@@ -168,7 +168,7 @@ class OmegaConditionedTeacher(GuidedTeacher):
 
     def guided_output(self, z, t, cond, uncond, omega):
         """The output the network learned to give for (1+ω)·out(z, c, t) − ω·out(z, ∅, t), in one evaluation."""
-        return self.net(z, batch_timesteps(t, z), cond, omega_embedding(omega, z, self.time_cond_proj_dim))
+        return self.net(z, batch_timesteps(t, z), batch_rows(cond, len(z)), omega_embedding(omega, z, self.time_cond_proj_dim))
 
 
 class SampleClipping:
@@ -223,7 +223,7 @@ class ConsistencyModel:
 
     def output(self, z, t, cond, omega) -> torch.Tensor:
         """The student network's raw output (ε, v or x0) with ω fed through its `timestep_cond`."""
-        return self.net(z, batch_timesteps(t, z), cond, omega_embedding(omega, z, self.time_cond_proj_dim))
+        return self.net(z, batch_timesteps(t, z), batch_rows(cond, len(z)), omega_embedding(omega, z, self.time_cond_proj_dim))
 
     def x0(self, z, t, cond, omega) -> torch.Tensor:
         """x̂0(z, ω, c, t) from the student's raw output (no boundary scalings)."""

@@ -29,7 +29,7 @@ from latent_consistency.parameterization import (
     omega_from_guidance_scale,
     x0_and_eps,
 )
-from latent_consistency.schedule import NoiseSchedule, append_dims, consistency_pairs, skipping_grid
+from latent_consistency.schedule import NoiseSchedule, append_dims, batch_rows, consistency_pairs, skipping_grid
 from latent_consistency.solvers import Solver, ddim_jump, guide_increments_of, guided_jump, unguided_jumps
 
 
@@ -196,6 +196,7 @@ class GuidancePairLCDLoss(LCDLoss):
     def __call__(self, student, target, latents, cond, uncond, generator=None) -> torch.Tensor:
         p = self.draw_point(latents, generator)
         z = self.schedule.add_noise(latents, p.noise, p.t_n_plus_k)
+        cond, uncond = batch_rows(cond, len(z)), batch_rows(uncond, len(z))  # before the rows are doubled
         omega = torch.cat([p.omega, self.draw_omega(latents.shape[0], latents.device, generator)])  # ω, then ω'
         z2, t_n_plus_k, t_n, cond2 = (_twice(x) for x in (z, p.t_n_plus_k, p.t_n, cond))
         with torch.no_grad():

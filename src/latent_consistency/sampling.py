@@ -115,6 +115,7 @@ def sample_lcm(
     For τ_1 > τ_2 > ... > τ_n: x̂0 = f(z, τ_i); if i < n, z = α_{τ_{i+1}}·x̂0 + σ_{τ_{i+1}}·ε with fresh ε.
     `latents` is the starting noise z_T ~ N(0, I). Returns the last x̂0.
     """
+    timesteps = check_custom_timesteps(timesteps, schedule.num_train_timesteps)  # a list too; decreasing ints in [0, T)
     z = latents
     x0 = z
     for i, tau in enumerate(timesteps):
@@ -177,7 +178,7 @@ def sample_tcd(
       Algorithm 3 up to that σ_0 and the re-noising from z_0 rather than x̂0; `sample_lcm` is Algorithm 3 exactly.
     """
     gamma = check_gamma(gamma)
-    taus = [int(t) for t in timesteps]
+    taus = check_custom_timesteps(timesteps, schedule.num_train_timesteps).tolist()
     z = latents
     for i, tau in enumerate(taus):
         x0 = model(z, torch.full((z.shape[0],), tau, dtype=torch.long, device=z.device), cond, omega)
@@ -226,6 +227,8 @@ def sample_teacher(
 
     The three samplers are deterministic given the starting noise `latents`; returns the final latents.
     """
+    if not is_integer(num_steps):
+        raise UserError(f"steps must be an integer number of sampling steps, e.g. 4, got {num_steps!r}")
     if num_steps < 1:
         raise UserError(f"steps must be at least 1, got {num_steps}")
     # the scheduler reads the network's output as the teacher does

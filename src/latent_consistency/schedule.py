@@ -137,6 +137,10 @@ class NoiseSchedule:
         """(α_t, σ_t) at real t; exact at integers: α² = sigmoid(2λ), σ² = sigmoid(-2λ)."""
         t = torch.as_tensor(t)
         if not torch.is_floating_point(t):
+            # an integer index out of range would wrap (t = -1 read as T-1, pure noise) or fail deep in indexing; checked
+            # where it is free (a CPU tensor), not on a GPU, where it would stop every training step for the host
+            if t.device.type == "cpu" and bool(((t < 0) | (t >= self.num_train_timesteps)).any()):
+                raise UserError(f"integer timesteps must lie in [0, {self.num_train_timesteps - 1}], got {t.reshape(-1).tolist()[:8]}")
             a = self.alphas_cumprod.to(t.device)[t.long()]
             return a.sqrt(), (1 - a).sqrt()
         lam = self.lambda_(t)
@@ -160,9 +164,16 @@ class NoiseSchedule:
 
 
 def batch_timesteps(t, z: torch.Tensor) -> torch.Tensor:
-    """t as one value per row of z: a scalar is expanded to [B], a [B] tensor is kept (on z's device)."""
+    """t as one value per row of z: a scalar (or one value, shape [1]) is expanded to [B], a [B] tensor is kept (on z's
+    device)."""
     t = torch.as_tensor(t, device=z.device)
-    return t.expand(z.shape[0]) if t.ndim == 0 else t
+    return t.reshape(-1).expand(z.shape[0]) if t.numel() == 1 else t
+
+
+def batch_rows(x: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """A condition (c or ∅) with one row per row of a batch of b: one row ([1, ...], as a prompt encoder gives one prompt
+    or the empty one) is expanded to b rows; any other is kept."""
+    return x.expand(b, *x.shape[1:]) if x is not None and x.ndim and x.shape[0] == 1 and b != 1 else x
 
 
 def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:

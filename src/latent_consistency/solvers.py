@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from latent_consistency.errors import UserError
-from latent_consistency.schedule import NoiseSchedule, append_dims, batch_timesteps
+from latent_consistency.schedule import NoiseSchedule, append_dims, batch_rows, batch_timesteps
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -145,6 +145,7 @@ def guided_jump(
 def unguided_jumps(solver: Solver, teacher, z, t, s, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
     """(Ψ(z_t, t, s, c), Ψ(z_t, t, s, ∅)): the unguided solver for c and ∅ as one batch."""
     t, s = batch_timesteps(t, z), batch_timesteps(s, z)
+    cond, uncond = batch_rows(cond, len(z)), batch_rows(uncond, len(z))
     z_pair = solver.jump(lambda z_, t_: teacher.denoise(z_, t_, torch.cat([cond, uncond])),
                          torch.cat([z, z]), torch.cat([t, t]), torch.cat([s, s]), teacher.schedule)
     return z_pair.chunk(2)

@@ -53,6 +53,10 @@ class TeacherConsistencyFunction:
         """
         b = z.shape[0]
         now = torch.as_tensor(t, device=z.device).reshape(-1).expand(b).clone()
+        if torch.is_floating_point(now):
+            if not bool((now == now.round()).all()):  # the chain jumps between integer timesteps: a real t never joins it
+                raise UserError(f"the teacher's consistency function takes integer timesteps, got {now.tolist()[:8]}")
+            now = now.long()
         uncond = self.uncond.expand(b, *self.uncond.shape[1:]) if len(self.uncond) == 1 else self.uncond
         omega = omega.reshape(-1).expand(b) if torch.is_tensor(omega) and omega.ndim else omega
         out = z.clone()
