@@ -169,7 +169,8 @@ def test_two_processes_share_one_global_batch_and_only_rank0_writes(run_args, im
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
     state = json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())
     # 4 steps x global batch 4 = 16 samples of 24: both ranks stand at global position 16.
-    assert state["data"] == [{"sampler": {"epoch": 0, "index": 16, "num_samples": 24}}] * 2
+    assert [d["sampler"] for d in state["data"]] == [{"epoch": 0, "index": 16, "num_samples": 24}] * 2
+    assert state["data"][0]["fingerprint"] == state["data"][1]["fingerprint"]  # the same folder, read by both
     assert (out / "lcm" / "model_index.json").is_file()
 
 

@@ -19,6 +19,7 @@ bad file never stops a training run. Counts made in DataLoader worker processes 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -137,6 +138,19 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def fingerprint(self) -> str:
+        """A digest of the samples in order: each one's caption and image file size (no image is read; a file renamed in place
+        does not count). A training checkpoint records it, so that a run is not resumed on a folder whose images were
+        reordered, recaptioned or replaced since (by an image of another size: one of the very same size goes unnoticed)."""
+        def size(file_name: str) -> int:
+            try:
+                return (self.root / file_name).stat().st_size
+            except OSError:
+                return -1
+
+        rows = [(caption, size(file_name)) for file_name, caption in self.samples]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
         """Sample `index`, or if its image is corrupt the next usable one (wrapping around)."""

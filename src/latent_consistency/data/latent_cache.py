@@ -13,6 +13,7 @@ Captions repeat in a captioned toy dataset, so each distinct caption is encoded 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,14 @@ class LatentCache(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.latents)
+
+    def fingerprint(self) -> str:
+        """A digest of the samples in order: the latents' shape, each sample's caption and its first 16 latent values, exactly
+        (a cache rebuilt from the same images with the same models has the same one, from other images or models another).
+        A training checkpoint records it, so that a run is not resumed on a rebuilt cache of other data of the same size."""
+        digest = hashlib.sha256(json.dumps([list(self.latents.shape), [self.captions[int(c)] for c in self.caption_index]]).encode())
+        digest.update(self.latents.reshape(len(self.latents), -1)[:, :16].float().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def __getitem__(self, i: int) -> dict:
         c = int(self.caption_index[i])

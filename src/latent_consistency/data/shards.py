@@ -36,6 +36,7 @@ UserError instead of looping forever.
 from __future__ import annotations
 
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -213,6 +214,21 @@ class ShardStream(IterableDataset):
             "num_shards": len(self.shards),
             "shuffle_buffer": self.shuffle_buffer,
         }
+
+    def fingerprint(self) -> str:
+        """A digest of this rank's shards in order: each one's file name, size and first 16 KiB (its first member's header and
+        the start of its data: a tar's size is a multiple of 10 KiB, so a shard rewritten with other images often keeps its
+        size). A training checkpoint records it, so that a run is not resumed on shards renamed, reordered or rewritten since:
+        a saved position addresses samples by shard index and byte offset, which in another file are other bytes."""
+        def stamp(shard: str) -> tuple[int, str]:
+            try:
+                with open(shard, "rb") as file:
+                    return os.fstat(file.fileno()).st_size, hashlib.sha256(file.read(16384)).hexdigest()
+            except OSError:
+                return -1, ""
+
+        rows = [(Path(shard).name, *stamp(shard)) for shard in self.shards]
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
         """The position just after the last sample yielded."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from latent_consistency.data.holdout import Holdout
+from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.data.sampler import ResumableSampler
 from latent_consistency.data.shards import ShardStream, check_usable
@@ -25,7 +26,7 @@ class TrainingBatches:
     def __init__(self, spec: str, model: DiffusionModel, resolution: int, micro_batch: int, seed: int,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", num_workers: int = 0,
                  holdout: Holdout | None = None):
-        self.model, self.micro_batch, self.device = model, micro_batch, torch.device(device)
+        self.model, self.micro_batch, self.device, self.spec = model, micro_batch, torch.device(device), spec
         self.dataset = open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size, holdout=holdout)
         self.resolution = resolution
         self.num_workers = num_workers if not isinstance(self.dataset, (ShardStream, LatentCache)) else 0
@@ -38,6 +39,7 @@ class TrainingBatches:
                 raise UserError(f"data {spec} holds no usable samples")
             self.sampler = ResumableSampler(len(self.dataset), seed=seed, rank=rank, world_size=world_size)
         self._iterator = None
+        self._fingerprint: str | None = None  # `fingerprint`, computed once
         self._worker_skips: list[tuple[str, str]] = []  # what the DataLoader workers counted (`SkipCounter.take_pending`)
 
     def _check_fits_model(self) -> None:
@@ -134,19 +136,33 @@ class TrainingBatches:
     def __iter__(self):
         return self
 
+    def fingerprint(self) -> str | None:
+        """A digest of the data this process reads (`data_fingerprint`), computed once; None for a named dataset."""
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.dataset)
+        return self._fingerprint
+
     def state_dict(self) -> dict:
+        fingerprint = {"fingerprint": self.fingerprint()} if self.fingerprint() is not None else {}
         if self.sampler is None:
-            return {"shards": self.dataset.state_dict()}
+            return {"shards": self.dataset.state_dict()} | fingerprint
         in_flight = 0
         if self._iterator is not None and self.num_workers > 0:
             in_flight = 2 * self.num_workers * self.micro_batch  # DataLoader's default prefetch_factor is 2
-        return {"sampler": self.sampler.state_dict(in_flight=in_flight)}
+        return {"sampler": self.sampler.state_dict(in_flight=in_flight)} | fingerprint
 
     def load_state_dict(self, state: dict) -> None:
-        if self.sampler is None:
+        """Continue at the saved position; a UserError when the data is not the data it was saved for (its `fingerprint`,
+        where the checkpoint has one): the same position in other data is other samples."""
+        if self.sampler is None:  # a saved position of another number of samples or shards is refused first, saying so
             self.dataset.load_state_dict(state["shards"])
         else:
             self.sampler.load_state_dict(state["sampler"])
+        saved = state.get("fingerprint")
+        if saved is not None and saved != self.fingerprint():
+            raise UserError(f"the data {self.spec} changed since this run's checkpoint (images or shards added, removed, reordered, "
+                            "replaced or recaptioned, or a latent cache rebuilt from other data): resuming would train on other "
+                            "samples than the run's; put the data back as it was to resume, or start a new run with another --out")
         self._iterator = None
 
     def skipped_summary(self) -> str:
@@ -156,6 +172,14 @@ class TrainingBatches:
         if counter is None:
             return ""
         return counter.with_counted(self._worker_skips).summary()
+
+
+def data_fingerprint(dataset) -> str | None:
+    """A digest of `dataset`'s samples in order, that a checkpoint records with its data position: an image folder's file
+    names, captions and sizes, a latent cache's captions and latents, shards' names and sizes (each class's `fingerprint`,
+    of the held-out split's side where there is one). None for a dataset of a registered scheme (the built-in world's, made
+    by code, and a held-out side of one)."""
+    return dataset.fingerprint() if isinstance(dataset, (ImageFolderDataset, LatentCache, ShardStream)) else None
 
 
 def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:

@@ -89,6 +89,9 @@ def check_resumable(out: Path, config: TrainConfig) -> None:
             hint = ""
         raise UserError(f"{out} was started with a different config ({'; '.join(diffs)}); resume with the same settings or use a "
                         f"new --out{hint}")
+    damaged = ckpt.damaged_checkpoints(out)
+    if damaged:
+        raise UserError(ckpt.damaged_message(damaged[-1], f"it has no {ckpt.STATE}"))
     found = ckpt.list_checkpoints(out)
     reached = ckpt.checkpoint_step(found[-1]) if found else 0
     if config.steps < reached:
