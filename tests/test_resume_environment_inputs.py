@@ -124,13 +124,10 @@ def test_resume_on_a_shard_rewritten_with_other_images_is_refused(tiny_sd, tmp_p
 # --- The teacher and the working directory ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a run does not record its teacher's identity (a digest of its weight files), "
-                   "so a different model at the same path resumes silently; to fix in run_folder.check_resumable")
 def test_resume_with_another_teacher_at_the_same_path_is_refused(images, tmp_path, run_error):
     """The teacher folder replaced by another model (re-downloaded, distilled again) at the same path: config.json names
-    the same path, so the run went on distilling the new teacher into a student trained on the old one. Not fixed here:
-    the run must record its teacher's (and --model's, --student-init's) identity at its start and compare it on resume
-    (`run_folder.check_resumable`), e.g. `evaluation.table.model_identity` or a digest of its weights."""
+    the same path, so the run went on distilling the new teacher into a student trained on the old one. The run records
+    its models' identities at its start (`training.sources`) and a resume compares them."""
     teacher = save_tiny_sd(tmp_path / "teacher")
     out = tmp_path / "run"
     before = started(run_error, teacher, images, out)

@@ -37,7 +37,7 @@ from latent_consistency.outputs import check_writable, replace_folder, write_jso
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
-from latent_consistency.training import omega_response
+from latent_consistency.training import omega_response, sources
 from latent_consistency.training.config import CONFIGS, TrainConfig, config_from_dict
 from latent_consistency.training.ode_targets import FILE as ODE_BANK
 from latent_consistency.training.sharding import exportable, full_training_state, is_sharded, load_optimizer_state
@@ -49,7 +49,7 @@ EXPORT_STAGING = "export.partial"  # where `RunFolder.finish` exports the model 
 STUDENT_UNET = "student_unet_config"  # state.json's record of a --student-init run's UNet architecture
 # All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, but a bank
 # whose write was killed, its temporary file, is not)
-EARLY_RUN_FILES = frozenset({"config.json", "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR, ODE_BANK + ".tmp"})
+EARLY_RUN_FILES = frozenset({"config.json", sources.FILE, "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR, ODE_BANK + ".tmp"})
 
 
 def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> Path:
@@ -89,6 +89,7 @@ def check_resumable(out: Path, config: TrainConfig) -> None:
             hint = ""
         raise UserError(f"{out} was started with a different config ({'; '.join(diffs)}); resume with the same settings or use a "
                         f"new --out{hint}")
+    sources.check_sources(out, config)
     damaged = ckpt.damaged_checkpoints(out)
     if damaged:
         raise UserError(ckpt.damaged_message(damaged[-1], f"it has no {ckpt.STATE}"))
@@ -194,6 +195,7 @@ class RunFolder:
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(out / "config.json", config.to_dict())
+                sources.record_sources(out, config)
             except OSError as err:
                 raise UserError(f"cannot write the run folder {out}: {err.strerror or err}") from None
         self.writer = MetricsWriter(out, self.main)
