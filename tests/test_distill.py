@@ -309,7 +309,7 @@ def test_a_run_killed_mid_export_leaves_no_model_folder_and_resume_exports_it_wh
     assert main(distill_args(tiny_sd, image_folder, out, "--resume")) == 0
     assert (out / "lcm" / "guidance.json").is_file() and not (out / "export.partial").exists()
     assert main(distill_args(tiny_sd, image_folder, out, "--resume")) == 0  # a finished run resumed exports over its model
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "lcm", "metrics.jsonl", "samples"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "lcm", "metrics.jsonl", "samples", "sources.json"]
 
 
 def test_a_run_that_stopped_before_its_first_step_can_be_started_again(tiny_sd, image_folder, tmp_path, capsys):

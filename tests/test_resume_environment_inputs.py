@@ -137,13 +137,11 @@ def test_resume_with_another_teacher_at_the_same_path_is_refused(images, tmp_pat
     assert_refused(code, err, out, before, "teacher")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: config.json keeps --data and --teacher as typed, relative to a working "
-                   "directory it does not record; to fix by storing each source resolved where the run started")
 def test_a_run_started_with_relative_paths_resumes_from_another_directory(tiny_sd, tmp_path, run_error, monkeypatch):
-    """config.json keeps `--data images --teacher teacher` as typed. From another directory the same folders, given by
-    their absolute paths, are refused as "a different config (data: 'images' -> '/abs/images')"; the same relative
-    spelling there names other folders and is taken without a word. Not fixed here: config.json should hold each source
-    as `config.canonical_source` resolves it where the run started (`RunFolder.__init__` / `TrainConfig.to_dict`)."""
+    """`--data images --teacher teacher` from the folder that holds them: config.json kept them as typed, so from another
+    directory the same folders, given by their absolute paths, were refused as "a different config (data: 'images' ->
+    '/abs/images')", and the same relative spelling there named other folders. Now config.json holds the absolute paths
+    (`TrainConfig.to_dict`)."""
     write_captioned_images(tmp_path / "images", 8)
     shutil.copytree(tiny_sd, tmp_path / "teacher")
     monkeypatch.chdir(tmp_path)

@@ -38,7 +38,7 @@ def doc(text: str, **kwargs) -> Any:
 
 # Fields a resumed run may change: how long it runs, and what it writes how often
 # Fields that name a model or data: two spellings of one source are one value (`canonical_source`)
-SOURCE_FIELDS = ("teacher", "model", "data", "eval_data", "student_init")
+SOURCE_FIELDS = ("teacher", "model", "data", "eval_data", "student_init", "lora")
 RESUMABLE_CHANGES = ("out", "steps", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "num_workers",
                      "omega_response_samples", "compile")
 
@@ -165,8 +165,15 @@ class TrainConfig:
         return 0.95 if self.adapter == "full" else 0.0
 
     def to_dict(self) -> dict:
-        """The fields, after the objective that says which config this is (`config_from_dict` reads it back)."""
-        return {"objective": self.objective} | dataclasses.asdict(self)
+        """The fields, after the objective that says which config this is (`config_from_dict` reads it back). A source
+        (`SOURCE_FIELDS`) that is a local file or folder is its absolute path: the run's config.json and checkpoints then
+        name the same data and models from any working directory a run is resumed in."""
+        values = dataclasses.asdict(self)
+        for name in SOURCE_FIELDS:
+            value = values.get(name)
+            if isinstance(value, str) and value and Path(value).exists():
+                values[name] = str(Path(value).resolve())
+        return {"objective": self.objective} | values
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
         """'field: a -> b' for each field that differs, except those a resumed run may change; a model or data named
