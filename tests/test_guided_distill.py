@@ -217,3 +217,15 @@ def test_the_guidance_distilled_model_records_the_range_its_omega_input_learned(
     assert scales == [4.0] and "note:" not in capsys.readouterr().err
     assert main([*common, "--guidance-scale", "7.5", "--out", str(tmp_path / "outside")]) == 0
     assert "guidance scale 7.5 is outside [1, 4], the range this model's ω input was distilled on" in capsys.readouterr().err
+
+
+def test_distilling_from_the_guidance_distilled_model_outside_its_range_gets_a_note(guided, image_folder, tmp_path, capsys):
+    """LCD from a stage-one model learned on [1, 4] over the preset's [3, 15]: its guidance extrapolates above 4, and the
+    run says so (as LCF of an LCM does); inside [1, 4] there is no note."""
+    common = ["distill", "--preset", "tiny", "--teacher", str(guided), "--data", str(image_folder), "--steps", "1",
+              "--omega-response-samples", "0"]
+    assert main([*common, "--out", str(tmp_path / "outside")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "ω input learned" in line]
+    assert len(notes) == 1 and "[3, 15] reaches outside [1, 4]" in notes[0], notes
+    assert main([*common, "--out", str(tmp_path / "inside"), "--guidance-scale-min", "1", "--guidance-scale-max", "4"]) == 0
+    assert "ω input learned" not in capsys.readouterr().err

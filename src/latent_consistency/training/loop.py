@@ -19,6 +19,7 @@ from latent_consistency.compilation import compiler_problem
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
+from latent_consistency.guidance_record import read_record
 from latent_consistency.models import DiffusionModel
 from latent_consistency.solvers import get_solver
 from latent_consistency.training import checkpoint as ckpt
@@ -62,9 +63,13 @@ def pair_steps_note(config: TrainConfig) -> str | None:
 
 def guidance_range_note(config: TrainConfig, base: DiffusionModel) -> str | None:
     """A note when fine-tuning an LCM over guidance scales outside the range its guidance record says it was distilled on
-    (`GuidanceRecord.fine_tuning_note`)."""
-    record = base.guidance_record if config.objective == "lcf" else None
-    return record.fine_tuning_note(config.guidance_scale_min, config.guidance_scale_max) if record is not None else None
+    (`GuidanceRecord.fine_tuning_note`), or distilling from a guidance-distilled teacher outside the range its record says
+    its ω input learned (`GuidanceRecord.teacher_note`)."""
+    if config.objective == "lcf":
+        record = base.guidance_record
+        return record.fine_tuning_note(config.guidance_scale_min, config.guidance_scale_max) if record is not None else None
+    record = read_record(config.teacher) if base.time_cond_proj_dim is not None and not base.is_lcm else None
+    return record.teacher_note(config.guidance_scale_min, config.guidance_scale_max) if record is not None else None
 
 
 def resumed_schedule_note(out: Path, config: TrainConfig) -> str | None:
