@@ -215,6 +215,11 @@ class RunFolder:
     def load_checkpoint(self, path: Path) -> Progress:
         """Load the checkpoint at `path` (but for the optimiser state, kept for `resume_optimizer`); where it stands."""
         tensors, objects, state = ckpt.load_checkpoint(path)
+        processes, now = len(state["data"]), self.accelerator.num_processes
+        if processes != now:  # a data position per process: another count would read other samples, or none
+            raise UserError(f"checkpoint {path} was written by a run of {processes} process(es) and this one has {now}: each process "
+                            f"keeps its own data position; resume it with {processes} (accelerate launch --num_processes {processes}), "
+                            "or start a new run with another --out")
         self.student.load_state(tensors, path)
         self.saved_optimizer_state = objects["optimizer"]
         self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
