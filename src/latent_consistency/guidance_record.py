@@ -55,21 +55,23 @@ class GuidanceRecord:
     def fine_tuning_note(self, guidance_scale_min: float, guidance_scale_max: float) -> str | None:
         """A note when a fine-tuning run of this LCM draws g outside the range it was distilled on (None inside it)."""
         low, high = self.guidance_scale_min, self.guidance_scale_max
-        if low <= guidance_scale_min and guidance_scale_max <= high:
-            return None
-        return (f"the guidance range [{guidance_scale_min:g}, {guidance_scale_max:g}] reaches outside [{low:g}, {high:g}], the range "
-                f"this LCM was distilled on: fine-tuning teaches no guidance, so there its ω input still extrapolates, and the "
-                f"fine-tuned model keeps the record [{low:g}, {high:g}]; give --guidance-scale-min and --guidance-scale-max inside it")
+        return self._range_note(guidance_scale_min, guidance_scale_max,
+                                "this LCM was distilled on: fine-tuning teaches no guidance, so there its ω input still extrapolates, "
+                                f"and the fine-tuned model keeps the record [{low:g}, {high:g}]")
 
     def teacher_note(self, guidance_scale_min: float, guidance_scale_max: float) -> str | None:
         """A note when distilling from this guidance-distilled teacher over g outside the range its ω input learned (None
         inside it): the teacher's guidance extrapolates there, and so would the student's targets."""
+        return self._range_note(guidance_scale_min, guidance_scale_max,
+                                "this guidance-distilled teacher's ω input learned: its guidance extrapolates there, and so do the targets")
+
+    def _range_note(self, guidance_scale_min: float, guidance_scale_max: float, what: str) -> str | None:
+        """"[min, max] reaches outside" this record's range, then `what` that range is and why it matters; None inside it."""
         low, high = self.guidance_scale_min, self.guidance_scale_max
         if low <= guidance_scale_min and guidance_scale_max <= high:
             return None
         return (f"the guidance range [{guidance_scale_min:g}, {guidance_scale_max:g}] reaches outside [{low:g}, {high:g}], the range "
-                f"this guidance-distilled teacher's ω input learned: its guidance extrapolates there, and so do the targets; give "
-                f"--guidance-scale-min and --guidance-scale-max inside it")
+                f"{what}; give --guidance-scale-min and --guidance-scale-max inside it")
 
     def ignores_guidance(self) -> bool:
         """Whether the measured ω response is below `IGNORED_BELOW` at every t (False when it was not measured)."""
