@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 
-from latent_consistency.denoisers import ConsistencyModel, UNetNetwork
+from latent_consistency.denoisers import ConsistencyModel, NegativePromptGuidance, UNetNetwork
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.losses import GuidancePairLCDLoss, LCDLoss
@@ -69,7 +69,7 @@ def test_a_one_row_uncond_serves_every_row_of_the_teacher_and_the_losses(toy):
                                        loss(student, target, x0, cond, uncond, torch.Generator().manual_seed(0)))
 
 
-def test_one_prompt_for_a_batch_of_noise_with_a_unet_student():
+def tiny_unet_student():
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -77,11 +77,32 @@ def test_one_prompt_for_a_batch_of_noise_with_a_unet_student():
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=32,
         cross_attention_dim=32, attention_head_dim=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), time_cond_proj_dim=32).eval()
-    f = ConsistencyModel(UNetNetwork(unet), SD, "epsilon", 32)
+    return ConsistencyModel(UNetNetwork(unet), SD, "epsilon", 32)
+
+
+def test_one_prompt_for_a_batch_of_noise_with_a_unet_student():
+    f = tiny_unet_student()
     noise, cond = torch.randn(3, 4, 8, 8), torch.randn(1, 5, 32)  # cond: one prompt, as `model.prompts.encode([p])` gives
     # was: RuntimeError "The size of tensor a (48) must match the size of tensor b (16)" inside the UNet's attention
     torch.testing.assert_close(sample_lcm(f, noise, lcm_timesteps(2), cond, 1.0, SD, torch.Generator().manual_seed(0)),
                                sample_lcm(f, noise, lcm_timesteps(2), cond.expand(3, -1, -1), 1.0, SD, torch.Generator().manual_seed(0)))
+
+
+def test_a_negative_prompt_with_one_prompt_for_a_batch_of_noise():
+    f = tiny_unet_student()
+    noise, cond, negative = torch.randn(3, 4, 8, 8), torch.randn(1, 5, 32), torch.randn(1, 5, 32)
+    guided = NegativePromptGuidance(f, negative, 0.5)
+    # was: RuntimeError "Sizes of tensors must match": c's one row and the negative's three doubled into 4 rows, not 6
+    with torch.no_grad():
+        torch.testing.assert_close(guided(noise, torch.tensor(999), cond, 1.0), guided(noise, torch.tensor(999), cond.expand(3, -1, -1), 1.0))
+
+
+@pytest.mark.parametrize("cond", [torch.randn(5, 32), torch.randn(2, 5, 32), torch.randn(3, 5, 32, 1)])
+def test_a_condition_of_the_wrong_shape_is_refused_before_the_unet(cond):
+    f = tiny_unet_student()
+    # was (2-D c, one prompt's tokens without the batch dimension): an error deep in diffusers' attention
+    with pytest.raises(ValueError, match=r"token embeddings \[B, L, D\] with B = 3"):
+        f(torch.randn(3, 4, 8, 8), torch.tensor(999), cond, 1.0)
 
 
 @pytest.mark.parametrize("sampler", ["lcm", "tcd"])

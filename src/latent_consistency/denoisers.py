@@ -31,6 +31,14 @@ from latent_consistency.parameterization import (
 from latent_consistency.schedule import NoiseSchedule, append_dims, batch_rows, batch_timesteps
 
 
+def check_condition(z: torch.Tensor, cond: torch.Tensor) -> None:
+    """A network's c must be token rows [B, L, D], one per row of z: a clear error here, not an opaque one deep in
+    the model's cross-attention."""
+    if not isinstance(cond, torch.Tensor) or cond.ndim != 3 or len(cond) != len(z):
+        shape = list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
+        raise ValueError(f"the condition c must be token embeddings [B, L, D] with B = {len(z)} (one per row of z), got {shape}")
+
+
 class UNetNetwork:
     """Adapts a diffusers `UNet2DConditionModel` to the network contract; an SDXL-family UNet's pooled embedding and
     micro-conditioning come out of the condition's extra row (`conditioning.AddedConditioning`)."""
@@ -43,6 +51,7 @@ class UNetNetwork:
     def __call__(self, z, t, cond, timestep_cond=None):
         # Integer timesteps go in as integers (as diffusers pipelines pass them), real ones as float32.
         t = t if not torch.is_floating_point(t) else t.float()
+        check_condition(z, cond)
         cond, added = (cond, None) if self.added is None else self.added.unpack(cond)
         return self.unet(z, t, encoder_hidden_states=cond, timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
 
@@ -63,6 +72,7 @@ class TransformerNetwork:
         if timestep_cond is not None:
             raise ValueError("a PixArt transformer has no ω input (timestep_cond)")
         t = t if not torch.is_floating_point(t) else t.float()
+        check_condition(z, cond)
         tokens, mask, added = self.conditioning.unpack(cond)
         out = self.transformer(z, encoder_hidden_states=tokens, encoder_attention_mask=mask, timestep=t, added_cond_kwargs=added,
                                return_dict=False)[0]
@@ -269,6 +279,7 @@ class NegativePromptGuidance:
         t = batch_timesteps(t, z)
         if not self.guides(t):
             return self.model(z, t, cond, omega)
+        cond = batch_rows(cond, len(z))  # a one-row c (one prompt for the batch) before the rows are doubled
         negative = self.negative_cond.to(cond).expand(len(z), *self.negative_cond.shape[1:])
         omega = torch.as_tensor(omega)
         omega = omega if omega.ndim == 0 else torch.cat([omega, omega])
