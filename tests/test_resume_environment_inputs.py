@@ -71,6 +71,25 @@ def test_resume_on_images_with_one_replaced_under_its_name_is_refused(tiny_sd, i
     assert_refused(code, err, out, before, "changed since this run's checkpoint")
 
 
+def test_resume_on_an_image_replaced_by_one_of_the_same_byte_size_is_refused(tiny_sd, tmp_path, run_error):
+    """An uncompressed image's size depends on its dimensions only: a BMP repainted in place keeps its byte size. Was: the
+    fingerprint held captions and file sizes, and the run went on training on the new pixels."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (16, 16), (30 * i, 0, 0)).save(images / f"{i}.bmp")
+        rows.append(json.dumps({"file_name": f"{i}.bmp", "text": f"a red square number {i}"}))
+    (images / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    before = started(run_error, tiny_sd, images, out)
+    size = (images / "3.bmp").stat().st_size
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(images / "3.bmp")
+    assert (images / "3.bmp").stat().st_size == size
+    code, err = run_error(distill(tiny_sd, images, out, *RESUMED))
+    assert_refused(code, err, out, before, "changed since this run's checkpoint")
+
+
 def test_resume_on_a_latent_cache_rebuilt_from_other_images_is_refused(tiny_sd, tmp_path, run_error):
     """The cache's sample count is all the position checked: a cache rebuilt from other images of the same number went on."""
     from latent_consistency.data.imagefolder import ImageFolderDataset

@@ -140,16 +140,11 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def fingerprint(self) -> str:
-        """A digest of the samples in order: each one's caption and image file size (no image is read; a file renamed in place
-        does not count). A training checkpoint records it, so that a run is not resumed on a folder whose images were
-        reordered, recaptioned or replaced since (by an image of another size: one of the very same size goes unnoticed)."""
-        def size(file_name: str) -> int:
-            try:
-                return (self.root / file_name).stat().st_size
-            except OSError:
-                return -1
-
-        rows = [(caption, size(file_name)) for file_name, caption in self.samples]
+        """A digest of the samples in order: each one's caption, image file size and 8 samples of 4 KiB spread over the image
+        file (a small image is read whole; a file renamed in place does not count). A training checkpoint records it, so
+        that a run is not resumed on a folder whose images were reordered, recaptioned or replaced since, even by an image
+        of the very same byte size (an uncompressed format's edit is caught where it touches a sample)."""
+        rows = [(caption, _file_sample_digest(self.root / file_name)) for file_name, caption in self.samples]
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
@@ -194,3 +189,21 @@ def _unsupported_note(unsupported: list[str]) -> str:
     counts = Counter(Path(name).suffix.lower() for name in unsupported)
     held = ", ".join(f"{count} {suffix}" for suffix, count in counts.most_common())
     return f" (it holds {held} file{'s' if len(unsupported) != 1 else ''}, a format not read here: convert them to .jpg or .png)"
+
+
+FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 8, 4096
+
+
+def _file_sample_digest(path: Path) -> str:
+    """A file's size and 8 samples of 4 KiB spread over it (the whole file up to 32 KiB), as a short digest; "" for a
+    file that cannot be read (one that turns out missing at a resume differs from one that was there)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest = hashlib.sha256(str(size).encode())
+            for i in range(FINGERPRINT_SAMPLES):
+                f.seek(size * i // FINGERPRINT_SAMPLES)
+                digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    except OSError:
+        return ""
+    return digest.hexdigest()[:16]

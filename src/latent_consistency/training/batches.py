@@ -176,9 +176,9 @@ class TrainingBatches:
 
 def data_fingerprint(dataset) -> str | None:
     """A digest of `dataset`'s samples in order, that a checkpoint records with its data position: an image folder's
-    captions and file sizes, a latent cache's captions and latents, shards' names, sizes and first bytes (each class's
-    `fingerprint`, of the held-out split's side where there is one). None for a registered scheme's dataset (the built-in
-    world's, made by code) and a side of its held-out split."""
+    captions, file sizes and samples of each image file's bytes, a latent cache's captions and latents, shards' names,
+    sizes and first bytes (each class's `fingerprint`, of the held-out split's side where there is one). None for a
+    registered scheme's dataset (the built-in world's, made by code) and a side of its held-out split."""
     return dataset.fingerprint() if isinstance(dataset, (ImageFolderDataset, LatentCache, ShardStream)) else None
 
 
