@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
 CHAR_WIDTH, LINE_HEIGHT = 6, 11  # px of PIL's default bitmap font
 
@@ -18,13 +19,16 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
-def save_png(image: Image.Image, path: Path) -> None:
+def save_png(image: Image.Image, path: Path, text: dict[str, str] | None = None) -> None:
     """Write atomically: a temporary file in the same folder, then rename; the temporary file goes if writing fails or
-    is interrupted (Ctrl-C)."""
+    is interrupted (Ctrl-C). `text`: UTF-8 text chunks to write in the PNG, {keyword: text}."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
     try:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -874,6 +874,10 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
                         "or layer names)? Give the LoRA distilled from this model")
     for module in (model.unet, *model.text_encoders):  # the LoRA layers need not be made on the model's device and dtype
         module.to(device=device, dtype=dtype)
+        # ... and peft makes them in training mode: a LoRA whose config has lora_dropout > 0 (diffusers' LCM-LoRA scripts
+        # take --lora_dropout, and save it in the file's metadata) would drop activations at random from torch's global
+        # generator, so that a seed no longer fixes the image. Eval mode, as from_pretrained leaves the model
+        module.eval()
     if saved_config is not None:
         lcm = saved_config
     elif model.time_cond_proj_dim is not None:

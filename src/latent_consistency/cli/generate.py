@@ -8,11 +8,17 @@ encoded, noised to the strength's start timestep with each image's seeded noise,
 `--negative-prompt TEXT [--negative-scale λ]` guides the images away from TEXT (`LCMGenerator.consistency_function`).
 `--preview-decoder DIR_OR_HUB_ID` decodes with a tiny approximate decoder (`latent_consistency.preview`).
 
+Each PNG records its prompt, its seed (SEED+i) and the settings that decide its pixels, as JSON in a text chunk
+(`RECORD_KEY`): `lcm generate PROMPT --seed SEED` with them makes the same image alone or in any batch.
+
 Every input is checked before the first file is written.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -133,6 +139,80 @@ def read_init_image(path: str, height: int | None, width: int | None, factor: in
     return pixels / 127.5 - 1, size[1], size[0]
 
 
+# The PNG text chunk in which `lcm generate` records what made each image: its prompt, its seed (SEED+i) and every setting
+# that decides its pixels, as JSON. `lcm generate PROMPT --seed SEED` with those settings makes the image again, and
+# `--skip-existing` keeps an image only when its record is the one this run would write.
+RECORD_KEY = "lcm-generate"
+# Settings naming a file or folder: the same one given by another spelling (relative, absolute) is the same setting
+PATH_SETTINGS = ("model", "lora", "preview_decoder")
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_settings(args, generator, timesteps, guidance_scale: float, height: int, width: int, options: dict) -> dict:
+    """Every setting of this run that decides an image's pixels, beside its prompt and seed (`image_record`)."""
+    settings = {"model": args.model, "lora": args.lora, "sampler": args.sampler}
+    if args.sampler == "lcm":
+        settings["timesteps"] = [int(t) for t in timesteps]
+    else:
+        settings["steps"] = int(timesteps)
+    settings |= {"guidance_scale": float(guidance_scale), "height": int(height), "width": int(width), "dtype": args.dtype,
+                 "preview_decoder": args.preview_decoder}
+    if "gamma" in options:
+        settings["gamma"] = float(options["gamma"])
+    if "negative_prompts" in options:
+        scale = options.get("negative_scale")
+        if scale is None and generator.kind == "lcm":
+            scale = DEFAULT_NEGATIVE_SCALE
+        settings |= {"negative_prompt": options["negative_prompts"][0], "negative_scale": None if scale is None else float(scale)}
+    if "init_images" in options:
+        settings |= {"init_image": args.init_image, "init_image_sha256": _file_digest(args.init_image),
+                     "strength": float(options["strength"])}
+    return settings
+
+
+def image_record(prompt: str, seed: int, settings: dict) -> dict:
+    return {"prompt": prompt, "seed": int(seed)} | settings
+
+
+def read_record(path: Path) -> dict | None:
+    """The record `lcm generate` wrote in an image, None if it has none (or is not a PNG)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(RECORD_KEY)
+        record = None if text is None else json.loads(text)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _same(key: str, old, new) -> bool:
+    if key in PATH_SETTINGS and isinstance(old, str) and isinstance(new, str) and old != new:
+        return os.path.abspath(old) == os.path.abspath(new)
+    return key == "init_image" or old == new  # an init image is compared by its contents (init_image_sha256)
+
+
+def check_kept(files: list[Path], kept: set[int], records: list[dict]) -> None:
+    """`--skip-existing` keeps an image only when it was made with this run's prompt, seed and settings (its record): one
+    of another seed, step count, guidance scale, model, ... would be kept beside this run's images, and nothing would
+    tell them apart."""
+    for i in sorted(kept):
+        old = read_record(files[i])
+        if old is None:
+            raise UserError(f"--skip-existing: {files[i]} holds no record of the prompt, seed and settings it was made with (lcm "
+                            "generate writes one in each image), so it cannot be kept as this run's; move it away, or choose "
+                            "another --out folder")
+        for key in dict.fromkeys([*records[i], *old]):
+            if not _same(key, old.get(key), records[i].get(key)):
+                raise UserError(f"--skip-existing: {files[i]} was made with {key} {old.get(key)!r}, this run's image {i} takes "
+                                f"{records[i].get(key)!r}; resume with the settings of the run that made it, or choose another "
+                                "--out folder")
+
+
 def run(args) -> None:
     prompts = read_prompts(args.prompts + args.prompt, args.prompt_file)
     files, kept = output_files(args.out, prompts, args.skip_existing)
@@ -164,8 +244,9 @@ def run(args) -> None:
             f"--guidance-scale {args.guidance_scale} is outside [0, {MAX_GUIDANCE_SCALE:g}]; "
             "LCMs are distilled with guidance scales around 3-15 (paper ω ∈ [2, 14])"
         )
-    if args.seed + len(prompts) > MAX_SEED:
-        raise UserError(f"--seed {args.seed} is too large: image i uses seed SEED+i, which must stay below 2^63")
+    if args.seed + len(prompts) - 1 > MAX_SEED:  # the last image's seed may be 2^63 - 1, as the API's and the server's
+        raise UserError(f"--seed {args.seed} is too large: image i uses seed SEED+i, which must stay below 2^63 "
+                        f"(at most {MAX_SEED - len(prompts) + 1} for {len(prompts)} image(s))")
     device = resolve_device(args.device)
     keep_freed_memory(device)
     dtype = resolve_dtype(args.dtype, device)
@@ -208,6 +289,9 @@ def run(args) -> None:
         except UserError as err:
             raise UserError(f"init image {args.init_image} is {width}x{height} px: {err}; pass --height and --width to resize it") from None
     generator.check_size(height, width)
+    settings = run_settings(args, generator, timesteps, guidance_scale, height, width, options)
+    records = [image_record(prompts[i], args.seed + i, settings) for i in range(len(prompts))]
+    check_kept(files, kept, records)
     out = writable_folder(args.out)
 
     todo = [i for i in range(len(prompts)) if i not in kept]
@@ -215,7 +299,7 @@ def run(args) -> None:
     for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2):
         images = generator([prompts[i] for i in batch], timesteps, guidance_scale, [args.seed + i for i in batch], height, width, **options)
         for i, image in zip(batch, to_pil(images)):
-            save_png(image, files[i])
+            save_png(image, files[i], {RECORD_KEY: json.dumps(records[i], ensure_ascii=False)})
     print(f"wrote {len(todo)} image(s) to {out}" + (f", kept the {len(kept)} already there" if kept else ""))
 
 
@@ -270,7 +354,7 @@ def register(subparsers) -> None:
                    "already there are refused, not overwritten (see --skip-existing)")
     p.add_argument("--skip-existing", action="store_true", help="keep the images of this run's names already in --out and make only "
                    "the missing ones: resumes a killed run (image i depends only on its prompt, seed SEED+i and the settings, so give "
-                   "the same ones)")
+                   "the same ones: each PNG records them, and one made with others is refused)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and latents dtype (default float32)")
     p.set_defaults(run=run)
