@@ -794,6 +794,9 @@ def _unloaded_lora_tensors(state_dict: dict, components: dict) -> list[str]:
 
 LORA_SCHEDULER_FILE = "scheduler_config.json"  # the LCMScheduler config `lcm distill --adapter lora` saves next to the weights
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the weights file of a LoRA folder, as diffusers' `save_lora_weights` names it
+# The keys of a LoRA folder's scheduler config that are the model's to say, not the LoRA's: its noise schedule and what it predicts
+LORA_MODEL_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+                            "prediction_type")
 
 
 def _pickled_lora(path: Path) -> Path | None:
@@ -818,6 +821,10 @@ def _check_lora_path(path: Path, lora: str) -> None:
         raise UserError(f"the LoRA {lora} is a diffusers pipeline folder, not a LoRA: give it as --model (an LCM samples without --lora)")
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir() and (path / "lora").is_dir():
         raise UserError(f"the LoRA {lora} is a training run: give the LoRA it exported, {path / 'lora'}")
+    checkpoint = path.parent if path.is_file() else path
+    if (checkpoint / "state.json").is_file() and (checkpoint / "student.safetensors").is_file():
+        raise UserError(f"the LoRA {lora} is a training checkpoint, whose student weights are not a LoRA file (no unet. prefix, no adapter "
+                        f"config): give the LoRA its run exported, {checkpoint.parent.parent / 'lora'} (`--resume` the run to finish it)")
 
 
 def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
@@ -837,8 +844,12 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
             raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
         check_hub_id(lora, "the LoRA")
     _check_lora_path(path, lora)
-    saved = path / LORA_SCHEDULER_FILE  # read before the model loads: a broken file is known at once
+    # Read before the model loads: a broken file is known at once. A weights file given in its LoRA folder (lora/
+    # pytorch_lora_weights.safetensors) samples under the LCMScheduler config beside it, as the folder does
+    saved = (path.parent if path.is_file() else path) / LORA_SCHEDULER_FILE
     saved_config = read_json_object(saved, "the LoRA folder") if saved.is_file() else None
+    if path.is_file() and saved_config is not None and not is_lcm_config(saved_config):
+        saved_config = None  # another scheduler's config that happens to lie beside the file: not the LoRA's
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
     family = lora_pipeline_class(model)
     source, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (lora, {})
@@ -878,8 +889,10 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
         # take --lora_dropout, and save it in the file's metadata) would drop activations at random from torch's global
         # generator, so that a seed no longer fixes the image. Eval mode, as from_pretrained leaves the model
         module.eval()
-    if saved_config is not None:
-        lcm = saved_config
+    if saved_config is not None:  # its sampler settings (T/k, timestep scaling, clipping) over the model's noise schedule and
+        # parameterisation, as diffusers' recipe LCMScheduler.from_config(pipe.scheduler.config) takes them: an LCM-LoRA applied
+        # to a fine-tune of its teacher (a v-prediction one, say) reads the fine-tune's output as what it is
+        lcm = {k: v for k, v in saved_config.items() if k not in LORA_MODEL_SCHEDULE_KEYS}
     elif model.time_cond_proj_dim is not None:
         lcm = model.scheduler_config
     else:

@@ -121,14 +121,19 @@ class Student:
         unet = self.target_unet if self.has_separate_target else unwrapped_unet
         if self.adapter == "lora":
             from diffusers import LCMScheduler
-            from peft.utils import get_peft_model_state_dict
 
             folder = Path(out) / "lora"
-            # A text encoder LoRA that came with a fine-tuned LCM-LoRA is frozen, and saved as it came
-            text_encoder_loras = [get_peft_model_state_dict(m) if getattr(m, "peft_config", None) else None for m in base.text_encoders]
-            names = ["text_encoder_lora_layers", "text_encoder_2_lora_layers"]
-            lora_pipeline_class(base).save_lora_weights(folder, unet_lora_layers=self._weights(unet), safe_serialization=True,
-                                                        **dict(zip(names, text_encoder_loras)))
+            # Each part's adapter config goes beside its weights (diffusers' adapter metadata): without it a loader takes
+            # lora_alpha = r, and a fine-tuned LoRA of another alpha (or per-layer ranks and alphas) would load at another scale
+            parts = {"unet": _lora_part(unet, _adapter(unet))}
+            # A text encoder LoRA that came with a fine-tuned LCM-LoRA is frozen, and saved as it came (diffusers names its
+            # adapter "default_0", not peft's "default")
+            for name, module in zip(("text_encoder", "text_encoder_2"), base.text_encoders):
+                if getattr(module, "peft_config", None):
+                    parts[name] = _lora_part(module, next(iter(module.peft_config)))
+            kwargs = {f"{name}_lora_layers": layers for name, (layers, _) in parts.items()}
+            kwargs |= {f"{name}_lora_adapter_metadata": metadata for name, (_, metadata) in parts.items()}
+            lora_pipeline_class(base).save_lora_weights(folder, safe_serialization=True, **kwargs)
             # Beside the weights, the sampler settings they were distilled for (read by `models.load_lcm_lora`)
             LCMScheduler.from_config(self.scheduler_config).save_config(folder)
             return folder
@@ -203,6 +208,23 @@ def _check_omega_size(unet, config, source: str) -> None:
 def _adapter(unet) -> str:
     """The name of the UNet's (one) LoRA adapter: "default" when made here, "default_0" when loaded by diffusers."""
     return unet.active_adapters()[0]
+
+
+# The LoraConfig fields a LoRA's adapter metadata keeps (those diffusers' `get_peft_kwargs` infers when a file has none), and
+# the ones kept only when set: diffusers loads metadata as LoraConfig(**metadata), so fields of a newer peft would not load in an
+# older one
+LORA_METADATA_FIELDS, LORA_METADATA_FLAGS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules"), ("use_dora", "use_rslora", "lora_bias")
+
+
+def _lora_part(module, adapter: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A module's LoRA adapter as diffusers' `save_lora_weights` takes it: its weights, and its LoraConfig as the adapter
+    metadata that keeps its lora_alpha (and per-layer rank_pattern / alpha_pattern) when it is loaded again."""
+    from peft.utils import get_peft_model_state_dict
+
+    config = module.peft_config[adapter]
+    metadata = {key: getattr(config, key) for key in LORA_METADATA_FIELDS} | {key: True for key in LORA_METADATA_FLAGS if getattr(config, key, False)}
+    metadata = {key: sorted(value) if isinstance(value, set) else value for key, value in metadata.items()}
+    return get_peft_model_state_dict(module, adapter_name=adapter), metadata
 
 
 def make_student(config, base: DiffusionModel, scheduler_config: dict, share_unet: bool = False,
