@@ -587,9 +587,35 @@ def _read_scheduler_config(name_or_path: str) -> dict:
 
     config = dict(DDPMScheduler.load_config(name_or_path, subfolder="scheduler"))
     _check_noise_schedule(name_or_path, config.get("_class_name"))
+    config = _schedule_defaults(config.get("_class_name")) | config
+    if config.get("timestep_type") == "continuous" and prediction_type_of(config) == "v_prediction":
+        raise UserError(f"{name_or_path}: its scheduler config says timestep_type \"continuous\" with v-prediction: the network takes "
+                        "0.25·log σ_t as its time input (EDM's c_noise, as in CosXL), not the integer timestep t this library gives it; "
+                        "give a model trained on discrete timesteps")
     progressive = Path(name_or_path) / PROGRESSIVE_FILE
     extra = read_json_object(progressive, "a progressively distilled model") if progressive.is_file() else {}
     return {k: v for k, v in config.items() if not k.startswith("_")} | extra | {"_class_name": config.get("_class_name")}
+
+
+# What a scheduler config says about the noise process and, for an LCM, its timesteps. A config that leaves one out means its
+# class's default, as diffusers reads it: DDIM, PNDM, Euler and DPM-Solver default to linear betas 0.0001..0.02, LCMScheduler to
+# scaled_linear 0.00085..0.012 (NoiseSchedule's defaults) and original_inference_steps 50. Other keys (timestep_spacing) are left
+# out as diffusers' from_config leaves them out: a scheduler made from the config takes its own default.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
+                 "prediction_type", "original_inference_steps", "timestep_scaling")
+
+
+def _schedule_defaults(class_name: str | None) -> dict:
+    """The defaults of `SCHEDULE_KEYS` of the diffusers scheduler class a config names (none for a class diffusers has not)."""
+    import inspect
+
+    import diffusers
+
+    scheduler = getattr(diffusers, class_name or "", None)
+    if not inspect.isclass(scheduler):
+        return {}
+    parameters = inspect.signature(scheduler.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.name in SCHEDULE_KEYS and p.default is not p.empty}
 
 
 def _check_noise_schedule(name_or_path: str, class_name: str | None) -> None:

@@ -234,6 +234,12 @@ def sample_teacher(
     # the scheduler reads the network's output as the teacher does
     scheduler = teacher_scheduler(sampler, dict(scheduler_config) | {"prediction_type": teacher.prediction_type})
     scheduler.set_timesteps(num_steps, device=latents.device)
+    T, first = int(scheduler.config.num_train_timesteps), int(scheduler.timesteps.max())
+    if sampler == "ddim" and first >= T:
+        # "leading" spacing adds steps_offset (SD's 1) to 0, 1, ..., T-1 when num_steps = T: DDIM would index ᾱ_T and fail
+        raise UserError(f"{num_steps} DDIM steps under this model's scheduler config (timestep_spacing "
+                        f"{scheduler.config.timestep_spacing!r}, steps_offset {scheduler.config.steps_offset}) start at timestep {first}, "
+                        f"past its last, {T - 1}: use fewer steps, e.g. {T - 1}")
     z = latents * scheduler.init_noise_sigma
     omega = omega_from_guidance_scale(guidance_scale)
     for t in scheduler.timesteps:

@@ -85,8 +85,9 @@ class NoiseSchedule:
     alphas_cumprod: torch.Tensor
 
     # Zero-terminal-SNR schedules have ᾱ_{T-1} = 0 (λ = -∞); as diffusers' DPM-Solver and Euler schedulers
-    # do, the last value is raised to 2^-24 so that every λ is finite. (Its DDIM and LCM schedulers keep 0:
+    # do, that 0 is raised to 2^-24 so that every λ is finite. (Its DDIM and LCM schedulers keep 0:
     # for a v-prediction model, x̂0 = α·z - σ·v at t = T-1 then differs from ours by α_{T-1}·z = 2^-12·z.)
+    # Only a 0 is raised: squaredcos_cap_v2's ᾱ_{T-1} = 2.4e-9 (T = 1000) is kept, as every diffusers scheduler keeps it.
     MIN_ALPHA_CUMPROD = 2.0**-24
 
     @classmethod
@@ -106,7 +107,8 @@ class NoiseSchedule:
     def from_betas(cls, betas: torch.Tensor) -> NoiseSchedule:
         # diffusers computes the cumulative product in float32; do the same so that α_t matches bitwise.
         alphas_cumprod = torch.cumprod(1.0 - betas.float(), dim=0).double()
-        alphas_cumprod = alphas_cumprod.clamp(min=cls.MIN_ALPHA_CUMPROD)
+        # a 0 (zero terminal SNR) is raised to 2^-24; a small positive ᾱ is diffusers' own number and stays
+        alphas_cumprod = torch.where(alphas_cumprod > 0, alphas_cumprod, torch.full_like(alphas_cumprod, cls.MIN_ALPHA_CUMPROD))
         return cls(alphas_cumprod=alphas_cumprod)
 
     @property
@@ -115,7 +117,8 @@ class NoiseSchedule:
 
     @property
     def zero_terminal_snr(self) -> bool:
-        """ᾱ_{T-1} = 0 (raised to MIN_ALPHA_CUMPROD): z at t = T-1 holds no signal, however the betas were given."""
+        """ᾱ_{T-1} = 0 (raised to MIN_ALPHA_CUMPROD), or as good as 0 (squaredcos_cap_v2's 2.4e-9, below MIN_ALPHA_CUMPROD):
+        z at t = T-1 holds no signal, however the betas were given, and x̂0 = (z - σ·ε̂)/α amplifies ε̂'s error beyond use."""
         return bool(self.alphas_cumprod[-1] <= self.MIN_ALPHA_CUMPROD)
 
     @property

@@ -43,11 +43,13 @@ def _check_schedule(schedule: NoiseSchedule, prediction_types: dict[str, str], s
     """k must divide T and leave the validation grid its steps (when the objective has a k), and ε cannot be predicted at
     zero terminal SNR."""
     if schedule.zero_terminal_snr:
-        # At zero terminal SNR, x̂0 = (z - σ·ε̂)/α divides by α_{T-1} = 2^-12: ε̂ carries no image there.
+        # At zero terminal SNR, x̂0 = (z - σ·ε̂)/α divides by α_{T-1} = 2^-12 (squaredcos_cap_v2's: 4.9e-5): ε̂ carries no image there.
+        alpha = float(schedule.alphas_cumprod[-1]) ** 0.5
         for who, prediction in prediction_types.items():
             if prediction == "epsilon":
-                raise UserError(f"the {who} would predict ε on a zero-terminal-SNR schedule, where ε says nothing about the image "
-                                "at t = T-1; use a v-prediction teacher and student")
+                raise UserError(f"the {who} would predict ε on a zero-terminal-SNR schedule or one as good as it (α at t = T-1 is "
+                                f"{alpha:.1e}; a cosine schedule's is 5e-5), where ε says nothing about the image at t = T-1; use a "
+                                "v-prediction teacher and student")
     if skip is not None and (skip < 1 or schedule.num_train_timesteps % skip):
         raise UserError(f"skip {skip} must divide the model's {schedule.num_train_timesteps} training timesteps")
     if skip is not None:
