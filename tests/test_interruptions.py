@@ -63,3 +63,45 @@ def test_sigterm_is_one_line_and_exit_143(tmp_path, monkeypatch, capsys):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert capsys.readouterr().err.strip() == "lcm: terminated"
+
+
+def test_serve_stopped_by_sigterm_or_forced_is_one_line_without_a_traceback(tiny_lcm):
+    """`lcm serve` as a process manager stops it (SIGTERM), and as a user forces it (SIGTERM, then Ctrl-C): was, a traceback
+    of the lifespan task both times ("latent_consistency.cli.Terminated" raised inside uvicorn's event loop, then the
+    cancelled lifespan logged as "shutdown failed"). Now one line, exit 143 and 130."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    def start():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "latent_consistency.cli", "serve", "--model", str(tiny_lcm), "--port", str(port)]
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), port
+
+    servers = [start(), start()]
+    for process, port in servers:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+    (graceful, _), (forced, _) = servers
+    graceful.send_signal(signal.SIGTERM)
+    forced.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    forced.send_signal(signal.SIGINT)
+    for process, code, word in ((graceful, 143, "terminated"), (forced, 130, "interrupted")):
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == code, err
+        assert "Traceback" not in err and f"lcm serve: {word}" in err, err

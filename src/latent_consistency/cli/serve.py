@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import signal
 import socket
 import sys
 import time
@@ -83,10 +85,37 @@ def run(args) -> None:
         sock.listen()  # connections wait from here until uvicorn accepts them
         host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
         print(f"lcm serve: {args.model} on http://{host}:{args.port}/ (API: POST /v1/images, description: /openapi.json)", flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         try:
-            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+            with sigterm_stops(server):
+                server.run(sockets=[sock])
         finally:  # a forced exit (a second Ctrl-C) skips the lifespan's stop: the batcher's thread must not outlive torch
             app.state.batcher.stop()
+
+
+@contextlib.contextmanager
+def sigterm_stops(server):
+    """SIGTERM while uvicorn serves: a graceful stop, then `Terminated` (one line, exit 143) once uvicorn has returned.
+    Uvicorn sends the signal it caught to the handler it found when it stops; `lcm`'s raised `Terminated` there, inside the
+    event loop, and the lifespan task it cancelled was logged as a traceback."""
+    from latent_consistency.cli import Terminated, _terminated
+
+    if signal.getsignal(signal.SIGTERM) is not _terminated:  # someone else's handler (a test runner, a launcher) stays
+        yield
+        return
+    caught = []
+
+    def note(signum, frame) -> None:
+        caught.append(signum)
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, _terminated)
+    if caught:
+        raise Terminated
 
 
 def register(subparsers) -> None:

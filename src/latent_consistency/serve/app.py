@@ -188,8 +188,12 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
-        yield
-        batcher.stop()
+        try:
+            yield
+        except asyncio.CancelledError:  # a forced stop (a second Ctrl-C) cancels the lifespan as it waits: a stop, no failure to
+            pass  # report (starlette would log the cancellation's traceback as "shutdown failed")
+        finally:
+            batcher.stop()
 
     app = FastAPI(title="latent-consistency", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Few-step text-to-image and image-to-image with a latent consistency model (Luo et al. 2023).")
