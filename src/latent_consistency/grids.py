@@ -53,13 +53,21 @@ def wrap_caption(text: str, width: int) -> list[str]:
     return lines
 
 
+MAX_CAPTION_LINES = 6  # a caption of a paragraph (a data caption) would make the grid a column of text over a strip of images
+
+
+def _at_most(lines: list[str], n: int) -> list[str]:
+    """The first `n` lines, the last ending in "..." when lines were left out."""
+    return lines if len(lines) <= n else lines[: n - 1] + [lines[n - 1].rstrip("-") + "..."]
+
+
 def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, label_width: int = 90,
                column_labels: list[str] | None = None) -> Image.Image:
     """A grid with one row per tensor [B,3,H,W] (same B, H, W), a text label left of each row and, when given, a
     caption above each column (wrapped to the column's width)."""
     tiles = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(r)] for r in rows]
     h, w = tiles[0][0].height, tiles[0][0].width
-    captions = [wrap_caption(text, max(1, w // CHAR_WIDTH)) for text in column_labels or []]
+    captions = [_at_most(wrap_caption(text, max(1, w // CHAR_WIDTH)), MAX_CAPTION_LINES) for text in column_labels or []]
     top = LINE_HEIGHT * max((len(c) for c in captions), default=0) + (4 if captions else 0)
     grid = Image.new("RGB", (label_width + w * len(tiles[0]), top + h * len(tiles)), "white")
     draw = ImageDraw.Draw(grid)

@@ -1,9 +1,11 @@
 """A folder of captioned images, laid out as Hugging Face `imagefolder` or with `.txt` sidecars.
 
 Captions come from one of two places, chosen once per folder:
-  - `metadata.jsonl` at the root (preferred when present): one JSON object per line with "file_name"
-    (path relative to the root) and the caption under "text" or "caption". Each line is a sample, so
-    an image listed twice with two captions is two samples;
+  - a metadata file at the root (preferred when present), as Hugging Face `imagefolder` reads them: `metadata.jsonl`,
+    one JSON object per line with "file_name" (path relative to the root) and the caption under "text" or "caption",
+    or `metadata.csv`, a header row naming the columns "file_name" and "text" (or "caption") and a row per sample.
+    Each line or row is a sample, so an image listed twice with two captions is two samples; a folder with both files
+    is refused (which one holds the captions?);
   - otherwise a sidecar next to each image: `cat.png` is captioned by `cat.txt`.
 Images are found recursively (`images.IMAGE_EXTENSIONS`: .jpg .jpeg .png .webp .bmp .gif .tif .tiff, and .avif .jfif
 .jp2 .psd where Pillow decodes them; hidden files and folders ignored, symlinked folders followed once each).
@@ -19,7 +21,9 @@ bad file never stops a training run. Counts made in DataLoader worker processes 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 from collections import Counter
@@ -42,6 +46,8 @@ from latent_consistency.errors import UserError
 from latent_consistency.prompts import utf8_error
 
 METADATA_FILE = "metadata.jsonl"
+METADATA_CSV = "metadata.csv"  # Hugging Face imagefolder's other metadata format
+METADATA_FILES = (METADATA_FILE, METADATA_CSV)
 
 
 class ImageFolderDataset(Dataset):
@@ -61,7 +67,10 @@ class ImageFolderDataset(Dataset):
                 f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {self.root}{_unsupported_note(unsupported)}; "
                 "pass a folder of captioned images"
             )
-        metadata = self.root / METADATA_FILE
+        found = [self.root / name for name in METADATA_FILES if (self.root / name).is_file()]
+        if len(found) > 1:
+            raise UserError(f"{self.root} holds both {METADATA_FILE} and {METADATA_CSV}: keep the one that holds the captions")
+        metadata = found[0] if found else self.root / METADATA_FILE
         self.samples: list[tuple[str, str]] = (
             self._scan_metadata(metadata, images) if metadata.is_file() else self._scan_sidecars(images)
         )
@@ -70,9 +79,12 @@ class ImageFolderDataset(Dataset):
             if file_name not in named:
                 self.skipped.add("unsupported_format", f"{file_name}: convert it to .jpg or .png")
         if not self.samples:
-            source = METADATA_FILE if metadata.is_file() else ".txt sidecar captions"
+            source = metadata.name if metadata.is_file() else ".txt sidecar captions"
+            nested = [name for name in files if Path(name).name in METADATA_FILES and "/" in name]
+            where = (f"; {nested[0]} is read only at the root of the data: pass its folder as the data"
+                     if nested and not metadata.is_file() else "")
             raise UserError(
-                f"no usable captioned image in {self.root} (captions from {source}; {self.skipped.summary()}); "
+                f"no usable captioned image in {self.root} (captions from {source}; {self.skipped.summary()}{where}); "
                 f'give each image a caption: a {METADATA_FILE} line {{"file_name": "a.png", "text": "..."}} '
                 "or a.txt next to a.png"
             )
@@ -87,13 +99,11 @@ class ImageFolderDataset(Dataset):
             raise UserError(f"cannot read {metadata} ({err.strerror}); make it readable") from None
         samples, captioned = [], set()
         with lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:  # a line that is not UTF-8 is one bad line, not an error for the whole file
-                    row = json.loads(line.decode("utf-8-sig"))
+            rows = _csv_rows(metadata, lines) if metadata.name == METADATA_CSV else _jsonl_rows(lines)
+            for number, row in rows:
+                try:
                     file_name = Path(row["file_name"]).as_posix()
-                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                except (KeyError, TypeError):  # a line that is not JSON (or not UTF-8) is one bad line, not an error for the file
                     self.skipped.add("bad_metadata", f"{metadata}:{number}")
                     continue
                 if not (self.root / file_name).is_file():
@@ -110,7 +120,7 @@ class ImageFolderDataset(Dataset):
                     captioned.add(file_name)
         for file_name in images:
             if file_name not in captioned:
-                self.skipped.add("no_caption", f"{file_name} is not in {METADATA_FILE}")
+                self.skipped.add("no_caption", f"{file_name} is not in {metadata.name}")
         return samples
 
     def _scan_sidecars(self, images: list[str]) -> list[tuple[str, str]]:
@@ -160,6 +170,41 @@ class ImageFolderDataset(Dataset):
                 return {"image": image, "caption": caption}
             self._corrupt.add(j)
         raise UserError(f"no image in {self.root} could be decoded ({self.skipped.summary()}); check the files")
+
+
+def _jsonl_rows(lines) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) of each non-blank line of a metadata.jsonl; None for a line that is not JSON in
+    UTF-8."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            yield number, None
+
+
+def _csv_rows(metadata: Path, lines) -> Iterator[tuple[int, dict]]:
+    """(line number, {column: value}) of each row of a metadata.csv after its header (Hugging Face imagefolder's CSV: a
+    header row naming "file_name" and the caption column); a row of other length than the header is one bad row. A file
+    that is not UTF-8 text or has no "file_name" column is a UserError."""
+    try:
+        text = lines.read().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{metadata} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at {err.start}); save it as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None or "file_name" not in header:
+            raise UserError(f'{metadata} has no "file_name" column in its header row; its first line must name the columns, '
+                            "e.g. file_name,text")
+        start = reader.line_num
+        for values in reader:
+            if any(value.strip() for value in values):  # a blank line is no sample
+                yield start + 1, dict(zip(header, values)) if len(values) == len(header) else None
+            start = reader.line_num
+    except csv.Error as err:  # a NUL byte, an unterminated quote at the end of the file
+        raise UserError(f"{metadata} is not a readable CSV file (line {reader.line_num}: {err}); save it as CSV in UTF-8") from None
 
 
 def visible_files(root: Path) -> Iterator[Path]:

@@ -13,7 +13,8 @@ Conversions to 8-bit RGB:
     255/65535 with rounding, not clipped at 255 (clipping turns nearly every 16-bit image white);
   - palette, CMYK and the other modes go through Pillow's own conversion.
 Each conversion is reported as a reason ("converted_grayscale", "converted_alpha", "converted_16bit",
-"converted_palette", "converted_cmyk", ...) so datasets can count them in the log.
+"converted_palette", "converted_cmyk", ...) so datasets can count them in the log; so is an image whose shorter side is
+below the training resolution, which is upscaled to it ("converted_upscaled": blurrier than the rest of the data).
 """
 
 from __future__ import annotations
@@ -161,21 +162,35 @@ def decode_rgb(source: bytes | str | Path, resolution: int) -> tuple[torch.Tenso
     """Decode an image to float32 [3, resolution, resolution] in [-1, 1].
 
     Returns (image, reason): image is None and reason "corrupt" when the bytes are not a complete image
-    Pillow can decode, "too_large" when it has more pixels than Pillow decodes; otherwise reason names the conversion
-    applied ("converted_grayscale", ...) or is None for an 8-bit RGB image. Pure function of its input, safe to call
-    from several threads.
+    Pillow can decode, "too_large" when it has more pixels than Pillow decodes; otherwise reason names the mode conversion
+    applied ("converted_grayscale", ...), or "converted_upscaled" for an 8-bit RGB image smaller than `resolution`, or is
+    None. `decode_rgb_reasons` gives every reason of an image. Pure function of its input, safe to call from several
+    threads.
     """
+    image, reasons = decode_rgb_reasons(source, resolution)
+    return image, reasons[0] if reasons else None
+
+
+def decode_rgb_reasons(source: bytes | str | Path, resolution: int) -> tuple[torch.Tensor | None, list[str]]:
+    """`decode_rgb` with all its reasons: ["corrupt"] or ["too_large"] with None, else the mode conversion (if any) and
+    "converted_upscaled" when the image's shorter side is below `resolution` (if so), which a dataset counts each."""
+    image, reason = _decode_rgb(source, resolution)
+    return image, [r for r in reason if r is not None]
+
+
+def _decode_rgb(source: bytes | str | Path, resolution: int) -> tuple[torch.Tensor | None, tuple[str | None, ...]]:
     try:
         # JPEG decoders can downscale by 1/2, 1/4, 1/8 while decoding, keeping both sides >= the
         # requested size: far cheaper than decoding a large photo in full and resizing it.
         image, reason = open_rgb8(source, draft_size=(resolution, resolution))
     except TooManyPixels:
-        return None, "too_large"
+        return None, ("too_large",)
     except UndecodableImage:  # bad bytes of any kind mean "skip this sample", never a crash of the training run
-        return None, "corrupt"
+        return None, ("corrupt",)
+    upscaled = "converted_upscaled" if min(image.size) < resolution else None
     array = np.asarray(_resize_center_crop(image, resolution))
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32)
-    return tensor / 127.5 - 1.0, reason
+    return tensor / 127.5 - 1.0, (reason, upscaled)
 
 
 def load_rgb(
@@ -183,11 +198,12 @@ def load_rgb(
 ) -> torch.Tensor | None:
     """`decode_rgb` without the reason: None for undecodable, truncated or too large images, never raises for them.
 
-    If counter is given, the conversion, "corrupt" or "too_large" is counted in it.
+    If counter is given, each reason (`decode_rgb_reasons`: the conversions, "corrupt" or "too_large") is counted in it.
     """
-    image, reason = decode_rgb(source, resolution)
-    if counter is not None and reason is not None:
-        counter.add(reason, str(source) if not isinstance(source, bytes) else "")
+    image, reasons = decode_rgb_reasons(source, resolution)
+    if counter is not None:
+        for reason in reasons:
+            counter.add(reason, str(source) if not isinstance(source, bytes) else "")
     return image
 
 

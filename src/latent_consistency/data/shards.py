@@ -53,7 +53,7 @@ from typing import IO, Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, caption_problem, clean_caption, decode_rgb
+from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, caption_problem, clean_caption, decode_rgb_reasons
 from latent_consistency.errors import UserError
 
 IMAGE_KEYS = tuple(extension.removeprefix(".") for extension in IMAGE_EXTENSIONS)  # what an image folder reads
@@ -272,13 +272,13 @@ class ShardStream(IterableDataset):
                     sample = self._pop_buffer(cursor)
                     self._pending.append((sample, pool.submit(self._decode, sample)))
                 sample, future = self._pending.popleft()
-                image, reason = future.result()
+                image, reasons = future.result()
                 self._first_untried -= sample.first_read
-                if image is None:  # reason: "corrupt" or "too_large"
-                    self.skipped.add(reason, f"{self.shards[sample.shard]} at byte {sample.offset}")
+                if image is None:  # reasons: ["corrupt"] or ["too_large"]
+                    self.skipped.add(reasons[0], f"{self.shards[sample.shard]} at byte {sample.offset}")
                     self._check_usable()
                     continue
-                if reason is not None:
+                for reason in reasons:
                     self.skipped.add(reason)
                 self._usable = True
                 yield {"image": image, "caption": sample.caption}
@@ -301,11 +301,11 @@ class ShardStream(IterableDataset):
                         picked = _image_and_caption(tar, members, f"{shard}:{key}", self.skipped)
                         if picked is None:
                             continue
-                        image, reason = decode_rgb(tar.extractfile(picked[0]).read(), self.resolution)
+                        image, reasons = decode_rgb_reasons(tar.extractfile(picked[0]).read(), self.resolution)
                         if image is None:
-                            self.skipped.add(reason, f"{shard}:{key}")
+                            self.skipped.add(reasons[0], f"{shard}:{key}")
                             continue
-                        if reason is not None:
+                        for reason in reasons:
                             self.skipped.add(reason)
                         yield {"image": image, "caption": picked[1]}
             except (tarfile.TarError, OSError) as error:
@@ -320,7 +320,7 @@ class ShardStream(IterableDataset):
         sample, self._buffer[slot] = self._buffer[slot], cursor.next_sample()
         return sample
 
-    def _decode(self, sample: _Sample) -> tuple[torch.Tensor | None, str | None]:
+    def _decode(self, sample: _Sample) -> tuple[torch.Tensor | None, list[str]]:
         """Runs on a decode thread: the image bytes (re-read by address after a resume) to a tensor."""
         data = sample.data
         if data is None:
@@ -328,7 +328,7 @@ class ShardStream(IterableDataset):
                 file.seek(sample.offset)
                 data = file.read(sample.size)
         sample.data = None
-        return decode_rgb(data, self.resolution)
+        return decode_rgb_reasons(data, self.resolution)
 
     def _shard_of_draw(self, draw: int) -> int:
         """Index of the shard drawn at draw number `draw` (resampling with replacement)."""

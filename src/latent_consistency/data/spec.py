@@ -7,7 +7,7 @@ Accepted forms, checked in this order:
   SCHEME:NAME                        a dataset of a registered scheme (`register_scheme`; the built-in
                                      world registers world:shapes and world:digits, its training splits)
   DIR with manifest.json             a latent cache (precomputed VAE latents)
-  DIR with images                    an image folder with metadata.jsonl or .txt captions
+  DIR with images                    an image folder with metadata.jsonl, metadata.csv or .txt captions
   DIR with .tar files (no images)    webdataset shards, e.g. img2dataset's output folder
   FILE.tar, a brace pattern such as data/{00000..00009}.tar, or a glob such as data/*.tar
 Hidden files and folders (a name starting with ".", as macOS's ._00000.tar) are no part of a folder's data.

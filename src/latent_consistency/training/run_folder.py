@@ -258,7 +258,9 @@ class RunFolder:
             rate = self.samples_since / (now - self.t_last)
             self.t_last, self.samples_since = now, 0
             bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{rate:.1f}")
-            self.writer.write(dict(step=step, loss=loss, lr=self.lr_scheduler.get_last_lr()[0], samples_per_s=rate,
+            # the rate the step just done used (the scheduler has moved on to the next step's)
+            lr = self.lr_scheduler.base_lrs[0] * self.lr_scheduler.lr_lambdas[0](step - 1)
+            self.writer.write(dict(step=step, loss=loss, lr=lr, samples_per_s=rate,
                                    grad_norm=None if grad_norm is None else float(grad_norm), nonfinite_skipped=progress.nonfinite_total))
         if (config.validate_every and step % config.validate_every == 0) or last:
             if self.eval_set:
