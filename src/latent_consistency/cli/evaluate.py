@@ -70,6 +70,37 @@ def read_items(spec: str, resolution: int, n: int) -> list[dict]:
     return items
 
 
+def read_reference(spec: str, resolution: int, n: int, captioned: bool = False) -> list[torch.Tensor]:
+    """The first `n` real images of a data spec for FID, each image once. An image folder gives its image files (sorted,
+    nested folders included) whether captioned or not, for FID reads no captions; with `captioned` (the folder is also
+    --prompts) those of its captioned samples, in their order: the images of the prompts evaluated first. A folder
+    captioned by metadata.jsonl lists an image once per caption (COCO's five), each of them one image here, not five.
+    Undecodable files are skipped and counted in the log. Any other spec gives the images of `read_items`."""
+    from latent_consistency.data.imagefolder import ImageFolderDataset, visible_files
+    from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, load_rgb
+
+    path = Path(spec).expanduser()
+    files = []
+    if path.is_dir() and not (path / "manifest.json").is_file() and not any(not p.name.startswith(".") for p in path.glob("*.tar")):
+        if captioned:
+            dataset = ImageFolderDataset(path, resolution)
+            files, skipped = [path / name for name in dict.fromkeys(name for name, _ in dataset.samples)], dataset.skipped
+        else:
+            files = sorted((p for p in visible_files(path) if p.suffix.lower() in IMAGE_EXTENSIONS),
+                           key=lambda p: p.relative_to(path).as_posix())
+            skipped = SkipCounter(name=f"image folder {path}")
+    if not files:  # shards, a latent cache, world:NAME, a .txt file, a folder of .heic photos alone (refused, saying why)
+        return [it["image"] for it in read_items(spec, resolution, n) if "image" in it]
+    images = []
+    for file in files:
+        if len(images) == n:
+            break
+        image = load_rgb(file, resolution, skipped)
+        if image is not None:
+            images.append(image)
+    return images
+
+
 def skipped_samples(dataset) -> int:
     """How many samples a map-style dataset has skipped so far (corrupt images: an image folder gives the next usable
     one in their place), by its `skipped` counter; 0 for a dataset without one."""
@@ -101,25 +132,24 @@ def load_eval_set(args, resolution: int):
     if not items:
         raise UserError(f"--prompts {args.prompts} holds no prompts")
     images = len(items) * args.images_per_prompt  # each row's generated images, and the real images FID compares them to
-    references = read_items(args.reference or args.prompts, resolution, max(images, MIN_IMAGES))
-    references = [it for it in references if "image" in it]
-    if len(references) < 2 and args.reference is None:
-        raise UserError(f"--prompts {args.prompts} holds {len(references)} real images, and FID needs real images: give --reference "
-                        "DATA (an image folder, shards or world:NAME)")
+    references = read_reference(args.reference or args.prompts, resolution, max(images, MIN_IMAGES), captioned=args.reference is None)
+    if len(references) < MIN_IMAGES and args.reference is None:
+        raise UserError(f"--prompts {args.prompts} holds {len(references)} real images, and FID needs real images (at least "
+                        f"{MIN_IMAGES}): give --reference DATA (an image folder, shards or world:NAME)")
     if len(references) < MIN_IMAGES:
-        raise UserError(f"--reference {args.reference} holds {len(references)} images; FID needs real images "
-                        "(an image folder, shards or world:NAME)")
+        raise UserError(f"--reference {args.reference} holds {len(references)} usable image(s); FID needs at least {MIN_IMAGES} real "
+                        "images (an image folder, shards or world:NAME)")
     if images < MIN_IMAGES:
         raise UserError(f"FID needs at least 2 generated images, and {len(items)} prompt(s) of --prompts {args.prompts} × "
                         f"--images-per-prompt {args.images_per_prompt} make {images}: give more prompts (--samples) or --images-per-prompt 2")
     if args.seed + images > MAX_SEED:
         raise UserError(f"--seed {args.seed} is too large: image i starts from seed SEED+i, which must stay below 2^63")
     attributes = [it["attributes"] for it in items] if all("attributes" in it for it in items) else None
-    return EvalSet([it["caption"] for it in items], attributes, torch.stack([it["image"] for it in references]),
+    return EvalSet([it["caption"] for it in items], attributes, torch.stack(references),
                    args.images_per_prompt, args.seed)
 
 
-def scorers_for(args, device):
+def scorers_for(args, device, resolution: int = 64):
     from latent_consistency.evaluation.table import ClipScorer, FeatureScorer, JudgeScorer, model_identity
 
     scorers = []
@@ -139,7 +169,7 @@ def scorers_for(args, device):
     if args.inception:
         from latent_consistency.evaluation.inception import InceptionFeatures
 
-        scorers.append(FeatureScorer("inception", InceptionFeatures.load(args.inception, device), unit_kid_features=False,
+        scorers.append(FeatureScorer("inception", InceptionFeatures.load(args.inception, device, resolution), unit_kid_features=False,
                                      source=model_identity(args.inception)))
     if not scorers:
         raise UserError("no metric to compute: pass --clip MODEL (CLIP score, FID in CLIP features), --inception FILE, "
@@ -194,7 +224,7 @@ def run(args) -> None:
         print(f"lcm evaluate: note: {note}", file=sys.stderr)
     resolution = lcm.native_size
     eval_set = load_eval_set(args, resolution)
-    scorers = scorers_for(args, device)
+    scorers = scorers_for(args, device, resolution)
     out = writable_folder(args.out, "--out")
     note_truncated_prompts("evaluate", lcm, eval_set.prompts)  # after every check: a refused evaluation says one line
     # A stage-one model samples at every step count; a progressive round at the one it was distilled for
@@ -324,7 +354,8 @@ def register(subparsers) -> None:
                    "perfect student would score; costs about T/k teacher CFG passes per step")
     p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file "
                    "(one prompt per line; blank lines and lines starting with # skipped)")
-    p.add_argument("--reference", help="real images for FID (default: those of --prompts)")
+    p.add_argument("--reference", help="real images for FID: an image folder (subfolders included, no captions needed, each image once), "
+                   "shards or world:NAME (default: the images of --prompts)")
     p.add_argument("--out", help="folder for report.md, results.json, steps.png, grid.png and (several scales) guidance.png and guidance_grid.png; "
                    "a rerun continues the evaluation there, another evaluation's results are refused, not overwritten")
     p.add_argument("--steps", type=number_list(positive_int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")

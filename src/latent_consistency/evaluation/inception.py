@@ -26,13 +26,17 @@ class InceptionFeatures(torch.nn.Module):
         self.network, self.feature_dim = network, feature_dim
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> InceptionFeatures:
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", size: int = 64) -> InceptionFeatures:
+        """The network in `path`, probed with two images of `size` px, the size it will score (the generated images'): a
+        network whose feature width depends on the image size is measured at that one, and one that does not give each
+        image of a batch its own features is refused before any sampling."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"Inception file {path} does not exist; pass {WHAT_TO_PASS}")
         try:
             network = torch.jit.load(str(path), map_location=device).eval()
-            probe = network(torch.zeros(1, 3, 64, 64, device=device), return_features=True)
+            with torch.no_grad():
+                probe = network(torch.zeros(2, 3, size, size, device=device), return_features=True)
         except (RuntimeError, ValueError) as err:
             raise UserError(f"{path} is not the TorchScript FID Inception network; pass {WHAT_TO_PASS}") from err
         return cls(network, feature_width(probe, path))
@@ -41,13 +45,20 @@ class InceptionFeatures(torch.nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         device = next(iter(self.network.parameters()), torch.empty(0)).device
         uint8_range = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(device)
-        return self.network(uint8_range, return_features=True).float()
+        features = self.network(uint8_range, return_features=True)
+        if not isinstance(features, torch.Tensor) or features.shape != (len(images), self.feature_dim):
+            shape = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise UserError(f"the Inception network gave features of shape {shape} for {len(images)} images of "
+                            f"{images.shape[-2]}x{images.shape[-1]} px, not [{len(images)}, {self.feature_dim}] as for the one it was "
+                            f"loaded with; pass {WHAT_TO_PASS}")
+        return features.float()
 
 
 def feature_width(probe, path: Path) -> int:
-    """The width F of the features [1, F] that the network in `path` returned for one image; a UserError for anything
-    else (a tuple, a feature map [1, C, H, W]): FID could not be computed on it, and would fail only after sampling."""
-    if isinstance(probe, torch.Tensor) and probe.dim() == 2 and probe.shape[0] == 1 and probe.shape[1] > 0:
+    """The width F of the features [2, F] that the network in `path` returned for two images; a UserError for anything
+    else (a tuple, a feature map [2, C, H, W], one row for the batch): FID could not be computed on it, and would fail
+    only after sampling, or count one image's features for two."""
+    if isinstance(probe, torch.Tensor) and probe.dim() == 2 and probe.shape[0] == 2 and probe.shape[1] > 0:
         return int(probe.shape[1])
     shape = f"a tensor of shape {list(probe.shape)}" if isinstance(probe, torch.Tensor) else f"a {type(probe).__name__}"
-    raise UserError(f"{path} returns {shape} for one image, not a vector of features; pass {WHAT_TO_PASS}")
+    raise UserError(f"{path} returns {shape} for two images, not a vector of features per image; pass {WHAT_TO_PASS}")

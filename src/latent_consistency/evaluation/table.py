@@ -215,14 +215,16 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", "config.j
 
 
 def model_identity(name_or_path: str) -> str:
-    """A model's name and, for a local folder or file, a digest of the sizes and modification times of its weights and
-    configs: a model saved again at the same path (distilled again, another LoRA file) is another model."""
-    path = Path(name_or_path)
+    """A model's name and, for a local folder or file, its absolute path and a digest of the sizes and modification times
+    of its weights and configs: a model saved again at the same path (distilled again, another LoRA file) is another model,
+    and the same folder however it is spelled (runs/lcm, runs/lcm/ as a shell completes it, ./runs/lcm, its absolute
+    path) is the same one."""
+    path = Path(name_or_path).expanduser()
     if not path.exists():
         return name_or_path  # a hub id
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(MODEL_FILE_SUFFIXES))
     stamp = [(f.relative_to(path).as_posix() if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return f"{name_or_path} {hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}"
+    return f"{path.resolve().as_posix()} {hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}"
 
 
 def saved_results(path: Path, fingerprint: str, keep_other: bool) -> dict[str, dict]:
