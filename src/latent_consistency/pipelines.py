@@ -97,6 +97,31 @@ class Generator:
             if value > MAX_SIZE_FACTOR * self.default_size():
                 raise UserError(f"{flag}{name} {value} is more than {MAX_SIZE_FACTOR}x the model's {self.default_size()} px; "
                                 "a UNet does not generate coherent images that far from its training size")
+        if not self.normalisable(height, width):
+            side = next(s for s in range(factor * patch, 2 * MAX_SIZE_FACTOR * self.default_size(), factor * patch)
+                        if self.normalisable(s, s))
+            raise UserError(f"{flag}height {height} and {flag}width {width} are too small for this model: a feature map of its "
+                            f"network would hold one value per normalisation group; use at least {side}x{side} px (or a longer other side)")
+
+    def normalisable(self, height: int, width: int) -> bool:
+        """Whether every GroupNorm of the UNet and VAE sees more than one value per group in an image of this size.
+
+        Level i of a UNet holds its latent map halved i times (stride-2 convolutions: ⌈r/2⌉), and its first norm takes
+        level i-1's channels. At one value per group GroupNorm fails for a batch of one ("Expected more than 1 value per
+        channel") and returns its bias alone for larger ones: an image would depend on its batch, when it is made at all."""
+        factor = self.model.codec.downsampling_factor
+        for net, h, w in ((self.model.unet, height // factor, width // factor), (self.model.vae, height, width)):
+            config = getattr(net, "config", {})
+            channels = list(config.get("block_out_channels") or [])
+            if "down_block_types" not in config or not channels or (net is self.model.unet and self.model.is_transformer):
+                continue
+            groups = int(config.get("norm_num_groups") or 32)
+            for i, c in enumerate(channels):
+                if i:
+                    h, w = -(-h // 2), -(-w // 2)
+                if min(c, channels[max(i - 1, 0)]) // groups * h * w <= 1:
+                    return False
+        return True
 
     def use_preview_decoder(self, name_or_path: str) -> None:
         """Decode with a tiny preview decoder (`preview`: an AutoencoderTiny folder or hub id, e.g. madebyollin/taesd) instead of

@@ -212,6 +212,13 @@ def teacher_scheduler(name: str, scheduler_config: dict):
     raise UserError(f"unknown teacher sampler {name!r}; use one of {', '.join(TEACHER_SAMPLERS)}")
 
 
+def usable_steps(scheduler, num_steps: int) -> bool:
+    """Whether `scheduler.set_timesteps(num_steps)` gives `num_steps` distinct timesteps in [0, T)."""
+    scheduler.set_timesteps(num_steps)
+    ts = [int(t) for t in scheduler.timesteps]
+    return len(ts) == num_steps and len(set(ts)) == num_steps and max(ts) < int(scheduler.config.num_train_timesteps)
+
+
 @torch.no_grad()
 def sample_teacher(
     teacher,
@@ -233,15 +240,20 @@ def sample_teacher(
         raise UserError(f"steps must be at least 1, got {num_steps}")
     # the scheduler reads the network's output as the teacher does
     scheduler = teacher_scheduler(sampler, dict(scheduler_config) | {"prediction_type": teacher.prediction_type})
+    if not usable_steps(scheduler, num_steps):
+        # "leading" spacing adds steps_offset (SD's 1) to the timesteps: near T steps they start past T-1 (DDIM would index ᾱ_T
+        # and fail; DPM-Solver clamps σ, repeats it and divides by the zero step: NaN) or repeat one timestep (DPM-Solver at T)
+        most = next(n for n in range(num_steps - 1, 0, -1) if usable_steps(scheduler, n))
+        raise UserError(f"{num_steps} {sampler} steps under this model's scheduler config (timestep_spacing "
+                        f"{scheduler.config.timestep_spacing!r}, steps_offset {scheduler.config.steps_offset}) are not distinct timesteps "
+                        f"in 0..{int(scheduler.config.num_train_timesteps) - 1}: use at most {most}")
     scheduler.set_timesteps(num_steps, device=latents.device)
-    T, first = int(scheduler.config.num_train_timesteps), int(scheduler.timesteps.max())
-    if sampler == "ddim" and first >= T:
-        # "leading" spacing adds steps_offset (SD's 1) to 0, 1, ..., T-1 when num_steps = T: DDIM would index ᾱ_T and fail
-        raise UserError(f"{num_steps} DDIM steps under this model's scheduler config (timestep_spacing "
-                        f"{scheduler.config.timestep_spacing!r}, steps_offset {scheduler.config.steps_offset}) start at timestep {first}, "
-                        f"past its last, {T - 1}: use fewer steps, e.g. {T - 1}")
     z = latents * scheduler.init_noise_sigma
-    omega = omega_from_guidance_scale(guidance_scale)
+    # g <= 1 runs no unconditional pass, as diffusers' pipelines (`do_classifier_free_guidance` is g > 1): the conditional
+    # output alone, not (1+ω)·ε_c - ω·ε_u with ω < 0, which moves towards the unconditional (g = 0: it is ε_u)
+    # (a teacher of cond and uncond passes, `shares_guidance_work`; an ω-conditioned one takes its ω input as given)
+    cfg = getattr(teacher, "shares_guidance_work", False)
+    omega = omega_from_guidance_scale(1.0 if cfg and guidance_scale <= 1 else guidance_scale)
     for t in scheduler.timesteps:
         z_in = scheduler.scale_model_input(z, t)
         out = teacher.guided_output(z_in, t, cond, uncond, omega)

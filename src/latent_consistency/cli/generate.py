@@ -23,6 +23,7 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from latent_consistency.allocator import keep_freed_memory
@@ -32,7 +33,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.grids import save_png, to_pil
 from latent_consistency.outputs import writable_folder
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, LCMGenerator, SolverGenerator
-from latent_consistency.prompts import check_prompt, read_prompt_file
+from latent_consistency.prompts import check_prompt, read_prompt_file, truncated_prompts
 from latent_consistency.sampling import TEACHER_SAMPLERS
 
 
@@ -293,13 +294,33 @@ def run(args) -> None:
     records = [image_record(prompts[i], args.seed + i, settings) for i in range(len(prompts))]
     check_kept(files, kept, records)
     out = writable_folder(args.out)
+    if args.negative_prompt is not None:
+        for _, count, limit in truncated_prompts(generator.model.prompts, [args.negative_prompt]):
+            print(f"lcm generate: note: --negative-prompt is {count} tokens, more than the {limit} the text encoder reads: its end is "
+                  "dropped; shorten it to use all of it", file=sys.stderr)
+    top = int(generator.model.timesteps(1)[0]) if custom else None  # as diffusers' LCMScheduler warns for custom timesteps below T - 1
+    if custom and args.init_image is None and custom[0] < top:
+        print(f"lcm generate: note: --timesteps start at {custom[0]}, not {top}: text to image starts from pure noise, which the model "
+              f"reads as a latent at timestep {custom[0]}, so the images keep that noise; start at {top} (img2img: --init-image)",
+              file=sys.stderr)
 
     todo = [i for i in range(len(prompts)) if i not in kept]
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+    written = 0
     for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2):
         images = generator([prompts[i] for i in batch], timesteps, guidance_scale, [args.seed + i for i in batch], height, width, **options)
-        for i, image in zip(batch, to_pil(images)):
-            save_png(image, files[i], {RECORD_KEY: json.dumps(records[i], ensure_ascii=False)})
+        finite = torch.isfinite(images.float()).flatten(1).all(dim=1).tolist()
+        for i, image, ok in zip(batch, to_pil(images), finite):
+            if ok:  # a NaN pixel would be written as black (uint8 0), an infinite one as black or white
+                save_png(image, files[i], {RECORD_KEY: json.dumps(records[i], ensure_ascii=False)})
+                written += 1
+        if not all(finite):
+            bad = [i for i, ok in zip(batch, finite) if not ok]
+            more = f" (and {len(bad) - 1} more of its batch)" if len(bad) > 1 else ""
+            why = "" if args.dtype == "float32" else f", or {args.dtype} overflowed: try --dtype float32"
+            raise UserError(f"image {files[bad[0]].name}{more} came out NaN or infinite, so it was not written ({written} image(s) "
+                            f"were); {args.model}'s weights may hold NaN or inf (a diverged run){why}; --skip-existing keeps the "
+                            "images written")
     print(f"wrote {len(todo)} image(s) to {out}" + (f", kept the {len(kept)} already there" if kept else ""))
 
 
@@ -322,7 +343,8 @@ def register(subparsers) -> None:
     p.add_argument("--sampler", default="lcm", choices=["lcm", *TEACHER_SAMPLERS],
                    help="lcm: Algorithm 3 (an LCM or LCM-LoRA); ddim, dpm, dpm++: an ODE solver for a diffusion model, with CFG, or "
                    "for a guidance-distilled model (`lcm distill --method guidance`) its ω input (default lcm)")
-    p.add_argument("--steps", type=int, help=f"number of sampling steps: 1..T/k for an LCM, 1..T for an ODE solver (default {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, help=f"number of sampling steps: 1..T/k for an LCM, 1..T for an ODE solver (fewer where its timestep "
+                   f"spacing would repeat a timestep: at most 998 for DPM-Solver under SD's config) (default {DEFAULT_STEPS})")
     p.add_argument("--timesteps", help="custom decreasing timesteps instead of --steps, e.g. 999,759,499,259")
     p.add_argument("--guidance-scale", type=finite_float, help="guidance scale g in diffusers' convention: an LCM's ω input, ω = g - 1 "
                    f"(default: the g its distillation recorded in guidance.json, else {DEFAULT_GUIDANCE_SCALE['lcm']:g}); "

@@ -58,6 +58,8 @@ def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int,
     timesteps = generator.timesteps(first.steps, strength=first.strength)  # strength is 1 without an init image
     images = generator([job.prompt for job in jobs], timesteps, first.guidance_scale, [job.seed for job in jobs], first.height,
                        first.width, **options)
+    if not torch.isfinite(images.float()).all():  # NaN pixels would be sent as a black image (uint8 0); a model fault, a 500
+        raise RuntimeError("the model made NaN or infinite pixels (its weights may hold NaN, or its dtype overflowed); no image sent")
     long = {i: (tokens, limit) for i, tokens, limit in truncated_prompts(generator.model.prompts, [job.prompt for job in jobs])}
     return [(encode(image, job.format), len(jobs), long.get(i)) for i, (image, job) in enumerate(zip(to_pil(images), jobs))]
 
