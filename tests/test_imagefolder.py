@@ -301,7 +301,7 @@ def test_training_batches_report_what_their_dataloader_workers_skipped(tiny_sd, 
     """With --num-workers 2 the images are decoded in worker processes: their skips reach the end-of-run summary,
     which said "nothing skipped or converted" before."""
     from latent_consistency.models import load_diffusion_model
-    from latent_consistency.training.batches import TrainingBatches
+    from latent_consistency.training.batches import TrainingBatches, merged_skipped_summary
     from tiny_models import write_captioned_images
 
     folder = write_captioned_images(tmp_path / "data", 8)
@@ -310,4 +310,4 @@ def test_training_batches_report_what_their_dataloader_workers_skipped(tiny_sd, 
     batches = TrainingBatches(str(folder), load_diffusion_model(str(tiny_sd)), 16, 4, seed=0, num_workers=2)
     for _ in range(6):  # three epochs: each file counted once however often it is drawn
         next(batches)
-    assert batches.skipped_summary() == "skipped: corrupt=1; converted: grayscale=1"
+    assert merged_skipped_summary([batches.skipped_record()]) == "skipped: corrupt=1; converted: grayscale=1"

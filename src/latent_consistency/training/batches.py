@@ -7,10 +7,13 @@ sample. The data position is a `ResumableSampler` state (map-style data) or a `S
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset
+from latent_consistency.data.images import SkipCounter
 from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.data.sampler import ResumableSampler
 from latent_consistency.data.shards import ShardStream, check_usable
@@ -165,13 +168,35 @@ class TrainingBatches:
                             "samples than the run's; put the data back as it was to resume, or start a new run with another --out")
         self._iterator = None
 
-    def skipped_summary(self) -> str:
-        """What the data skipped or converted, in this process and in its DataLoader workers (`_collate` brings their
-        counts), each sample once."""
+    def skipped_record(self) -> tuple[dict[str, int], list[tuple[str, str]]] | None:
+        """What this process's data (its DataLoader workers' included) skipped or converted, as (counts per reason, the
+        (reason, detail) pairs counted): for `merged_skipped_summary` over every process of a run, each of which reads its
+        own share of the data. None for data that counts nothing."""
         counter = getattr(self.dataset, "skipped", None)
         if counter is None:
-            return ""
-        return counter.with_counted(self._worker_skips).summary()
+            return None
+        counted = counter.with_counted(self._worker_skips)
+        return dict(counted.counts), sorted(counted.seen)
+
+
+def merged_skipped_summary(records: list) -> str:
+    """What the data skipped or converted, over the `TrainingBatches.skipped_record`s of every process: a sample named by its detail counts once
+    however many processes counted it (an image folder's first images, read by each), one without a detail once per time
+    it was counted. "" when no process's data counts."""
+    records = [record for record in records if record is not None]
+    if not records:
+        return ""
+    merged = SkipCounter()
+    for counts, seen in records:
+        detailed = Counter(reason for reason, _ in seen)
+        for reason, detail in map(tuple, seen):
+            if (reason, detail) not in merged.seen:
+                merged.seen.add((reason, detail))
+                merged.counts[reason] += 1
+        for reason, n in counts.items():
+            if n > detailed[reason]:
+                merged.counts[reason] += n - detailed[reason]
+    return merged.summary()
 
 
 def data_fingerprint(dataset) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from latent_consistency.compilation import compiler_problem
@@ -142,6 +143,22 @@ def training_and_eval_batches(config: TrainConfig, base: DiffusionModel, micro_b
     return batches, eval_batches
 
 
+def on_every_process(accelerator, make):
+    """`make()` on every process; a UserError raised on any of them is raised on every one (the first process's, in rank
+    order), where the others would go on to their next collective and end there with the transport's traceback when the
+    launcher stops them."""
+    error, result = None, None
+    try:
+        result = make()
+    except UserError as err:
+        error = str(err)
+    if accelerator.num_processes > 1:
+        error = next((message for message in gather_object([error]) if message is not None), None)
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
 def build_optimizer(config: TrainConfig, student) -> torch.optim.Optimizer:
     """AdamW over the student's parameter groups: torch's (for-each or fused kernel) or bitsandbytes' 8-bit one."""
     groups = student.parameter_groups(config.lr, getattr(config, "omega_lr_scale", 1.0))
@@ -188,7 +205,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu or not has_gpu())
     check_sharding(accelerator, config)  # FSDP2 from `accelerate launch --config_file configs/accelerate/fsdp.yaml`
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    out = prepare_run_folder(config, resume, accelerator.is_main_process)
+    # The main process first: it may clear a run that stopped before its first step, which the others must not see half-cleared
+    with accelerator.main_process_first():
+        out = prepare_run_folder(config, resume, accelerator.is_main_process)
     per_step = world * config.grad_accumulation
     if config.batch_size % per_step:
         raise UserError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accumulation = {per_step}")
@@ -200,7 +219,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     scheduler_config = objective.scheduler_config(config, base)
     student = make_student(config, base, scheduler_config, share_unet=True, resumed_unet=resumed_student_unet(out, config, resume))
     freeze_in_half_precision(config, base)
-    batches, eval_batches = training_and_eval_batches(config, base, config.batch_size // per_step, rank, world, device)
+    # Each process opens its own share of the data (its own shards): a UserError in any of them stops every one, with its message
+    batches, eval_batches = on_every_process(accelerator, lambda: training_and_eval_batches(config, base, config.batch_size // per_step,
+                                                                                          rank, world, device))
     if accelerator.is_main_process:
         command = "distill" if config.objective == "lcd" else "finetune"
         for note in filter(None, (batches.small_data_note(config.batch_size), warmup_note(config), pair_steps_note(config),

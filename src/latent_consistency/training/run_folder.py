@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
@@ -38,6 +39,7 @@ from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training import omega_response, sources
+from latent_consistency.training.batches import merged_skipped_summary
 from latent_consistency.training.config import CONFIGS, TrainConfig, config_from_dict
 from latent_consistency.training.ode_targets import FILE as ODE_BANK
 from latent_consistency.training.sharding import exportable, full_training_state, is_sharded, load_optimizer_state
@@ -404,6 +406,10 @@ class RunFolder:
             response = self.logged_omega_response() or self.report_omega_response(self.config.steps)
         exported = None
         student, unwrapped = exportable(accelerator, self.student)  # under FSDP, an unsharded copy gathered on the main process
+        # Each process read its own share of the data: what they skipped is counted over all of them (a collective)
+        skips = [self.batches.skipped_record()]
+        if accelerator.num_processes > 1:
+            skips = gather_object(skips)
         if self.main:
             # Exported whole, record included, into a staging folder and then renamed: a kill mid-export leaves no model
             # folder that looks finished (the demo and `lcm evaluate` take one that is there); a resumed run exports again
@@ -414,7 +420,7 @@ class RunFolder:
                 write_record(staged, recorded_guidance(self.config, self.base.guidance_record, response))
             exported = replace_folder(staged, self.out / staged.name)
             staging.rmdir()
-            summary = self.batches.skipped_summary()
+            summary = merged_skipped_summary(skips)
             if summary:
                 print(f"data: {summary}")
         # Every process tears the process group down together: a process that destroys it while the main one is still

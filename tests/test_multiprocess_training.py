@@ -1,0 +1,129 @@
+"""Training on two CPU processes (gloo, `accelerate launch --multi_gpu --num_processes 2`, as the README runs it): what each
+process reads on its own (its share of an image folder, its own shards) reaches the run's one report and its errors.
+
+test_distill.py checks that two processes share one global batch and only the main one writes; test_sharded.py the same
+under FSDP2 and an exact resume. These add the data each process reads alone.
+"""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def launch(args: list[str], script: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu` with two CPU processes of `lcm` (or of `script`, which runs it); on a timeout the
+    whole process group is killed."""
+    with socket.socket() as probe:  # torchrun's default 29500 may be taken
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    program = [str(script)] if script else ["-m", "latent_consistency.cli"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", *program, *args]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"two-process run did not finish in 120 s (a hang): {stderr[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def distill(tiny_sd, data, out, *extra) -> list[str]:
+    return ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(out), *extra]
+
+
+# Runs `lcm` as the launcher would, on a slow disk: process 1 checks the run folder 1 s after process 0, and process 0, clearing
+# a run that stopped before its first step, takes 3 s after removing its config.json
+SLOW_CLEARING = textwrap.dedent("""
+    import os, sys, time
+    from latent_consistency.training import loop, run_folder
+
+    _prepare, _clear = loop.prepare_run_folder, run_folder.clear_early_run
+
+    def prepare(config, resume, main=True):
+        if not main:
+            time.sleep(1)
+        return _prepare(config, resume, main)
+
+    def clear(out):
+        (out / "config.json").unlink()
+        time.sleep(3)
+        _clear(out)
+
+    loop.prepare_run_folder, run_folder.clear_early_run = prepare, clear
+    from latent_consistency.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+def test_what_another_process_skipped_is_reported_and_a_stopped_run_restarts(tiny_sd, tmp_path):
+    """One two-process step on an image folder with a corrupt image that only process 1 reads, into the folder of a run
+    that stopped before its first step."""
+    from latent_consistency.training.config import DistillConfig, resolve_config
+    from tiny_models import write_captioned_images
+
+    images = write_captioned_images(tmp_path / "images", 24)
+    # With seed 0 the first global batch is samples 18, 4, 21, 10 (process 0: 18, 21; process 1: 4, 10), the final ω response
+    # reads 11, 22, 23, 20 on process 0, and every process reads 0-5 (the validation captions): only process 1 meets 10.png
+    (images / "10.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    config = resolve_config(DistillConfig, "tiny", overrides={"teacher": str(tiny_sd), "data": str(images), "out": str(out)})
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config.to_dict()))  # a run that stopped before its first step
+    (out / "sources.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("")
+    script = tmp_path / "slow_clearing.py"
+    script.write_text(SLOW_CLEARING)
+    done = launch(distill(tiny_sd, images, out, "--steps", "1"), script)
+    # was: process 1 saw the folder half-cleared by process 0 (no config.json, sources.json still there) and stopped with
+    # "run folder ... is not empty": the launch failed
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("starting it over") == 1
+    assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m] == [1]
+    # was: "data: nothing skipped or converted": the summary counted only what process 0 read
+    assert "data: skipped: corrupt=1\n" in done.stdout
+
+
+def shard(path: Path, images: list[bytes]) -> None:
+    """A webdataset shard of `images`, each captioned."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for k, data in enumerate(images):
+            for extension, member in (("png", data), ("txt", f"a red star {k}".encode())):
+                info = tarfile.TarInfo(f"{k:04d}.{extension}")
+                info.size = len(member)
+                tar.addfile(info, io.BytesIO(member))
+    path.write_bytes(buffer.getvalue())
+
+
+@pytest.mark.slow
+def test_unusable_shards_of_one_process_stop_every_process_with_its_message(tiny_sd, tmp_path):
+    """Shard 0 (process 0's) is good, shard 1 (process 1's) holds only corrupt images."""
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(png, "PNG")
+    shard(tmp_path / "00000.tar", [png.getvalue()] * 4)
+    shard(tmp_path / "00001.tar", [b"not a png"] * 4)
+    out = tmp_path / "run"
+    done = launch(distill(tiny_sd, tmp_path / "{00000..00001}.tar", out))
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lcm distill: error:")]
+    assert errors and "no usable sample in 1 shard(s)" in errors[0] and set(errors) == {errors[0]}, done.stderr[-3000:]
+    # was: process 0 went on to its first collective and died there with gloo's traceback ("Connection closed by peer"),
+    # stopped by the launcher (exit code -15), after writing the run folder's config.json and sources.json
+    assert "Connection closed" not in done.stderr and "[rank0]:" not in done.stderr, done.stderr[-3000:]
+    assert "exitcode  : 2 " in done.stderr  # the first process to stop: a user's error (the launcher may stop the other first)
+    assert not out.exists()
