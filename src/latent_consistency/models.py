@@ -365,8 +365,9 @@ def read_json_object(path: Path, what: str) -> dict:
 def _check_components(path: str, index: dict, pixart: bool) -> None:
     """Every component folder a pipeline folder's model_index.json names and `load_diffusion_model` loads is there, with a
     config that is a JSON object naming the class loaded from it (a tokenizer: its vocabulary), before any weights load."""
-    if index.get("requires_aesthetics_score") and (index.get("text_encoder") or [None])[0] is None:
-        raise UserError(f"{path} is an SDXL refiner (no first text encoder; aesthetic-score micro-conditioning): it refines the "
+    if index.get("requires_aesthetics_score"):  # with or without the base's first text encoder beside it: its UNet reads 5 time ids
+        first = "no first text encoder; " if (index.get("text_encoder") or [None])[0] is None else ""
+        raise UserError(f"{path} is an SDXL refiner ({first}aesthetic-score micro-conditioning): it refines the "
                         "base model's images and is no text-to-image teacher or LCM; give the SDXL base model")
     names = ["transformer" if pixart else "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     names += [n for n in ("text_encoder_2", "tokenizer_2") if (index.get(n) or [None])[0] is not None]
@@ -755,6 +756,10 @@ def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str 
     an ω input (PixArt-LCM: its guidance scale was fixed in distillation) samples as an LCM-LoRA does.
     """
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
+    if model.is_transformer and not model.is_lcm:  # no ω input and no LoRA loader: the hint below would send it to --lora
+        raise UserError(f"{name_or_path} is a PixArt-α diffusion model (its scheduler is no LCMScheduler), not an LCM; distil it first with "
+                        f"`lcm distill --teacher {name_or_path} --guidance-scale-min 4.5 --guidance-scale-max 4.5` (one guidance scale: "
+                        "a PixArt transformer has no ω input, and PixArtAlphaPipeline loads no LCM-LoRA)")
     if model.time_cond_proj_dim is None and not model.is_lcm:
         raise UserError(
             f"{name_or_path} is a diffusion model without the guidance input of an LCM "

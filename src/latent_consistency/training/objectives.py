@@ -77,6 +77,9 @@ def _check_transformer_student(config: DistillConfig, base: DiffusionModel) -> N
     if config.omega_lr_scale != 1:
         raise UserError(f"--omega-lr-scale {config.omega_lr_scale:g} sets the learning rate of the student's ω input, which a PixArt "
                         "transformer has not: leave it out")
+    if config.student_init:
+        raise UserError(f"--student-init {config.student_init} starts a full student from a UNet with an ω input, which a PixArt "
+                        "transformer has not: leave it out (the student starts from the teacher's transformer)")
     if config.guidance_scale_min != config.guidance_scale_max:
         raise UserError(f"a PixArt transformer has no ω input: distil it at one guidance scale, pass equal --guidance-scale-min and "
                         f"--guidance-scale-max (PixArt-LCM: 4.5), got {config.guidance_scale_min:g} and {config.guidance_scale_max:g}")
@@ -221,9 +224,13 @@ def freeze_in_half_precision(config: TrainConfig, base: DiffusionModel) -> None:
 
 def cast_keeping_adapters(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """`module.to(dtype)` for its own weights; LoRA adapters it carries (an LCM-LoRA loaded onto it) keep the weights
-    they were given, in float32: cast down and back they would be rounded."""
-    adapters = {name: param.data for name, param in module.named_parameters() if "lora_" in name}
+    they were given, in float32: cast down and back they would be rounded. In float16, the layers a transformers model
+    keeps in float32 (`_keep_in_fp32_modules`: T5's feed-forward output `wo`, whose activations overflow float16 in
+    PixArt-α's T5-XXL) stay in float32, as `from_pretrained(torch_dtype=torch.float16)` and PixArtAlphaPipeline keep them."""
+    keep = (getattr(module, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+    kept = {name: param.data for name, param in module.named_parameters()
+            if "lora_" in name or any(part in keep for part in name.split("."))}
     module.to(dtype=dtype)
     for name, param in module.named_parameters():
-        if name in adapters:
-            param.data = adapters[name].float()
+        if name in kept:
+            param.data = kept[name].float()

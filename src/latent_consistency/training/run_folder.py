@@ -344,7 +344,8 @@ class RunFolder:
 
         def samples(f, n: int) -> torch.Tensor:
             if not is_lcm_config(scheduler_config):  # f: a guided teacher
-                uncond = self.batches.uncond.expand(len(noise), -1, -1)
+                # ∅ of the validation images' size, as cond: the data's ∅ carries --resolution's (SDXL's time ids)
+                uncond = base.prompts.uncond(device).expand(len(noise), -1, -1)
                 return codec.decode(sample_teacher(f, "ddim", noise, cond, uncond, g, n, scheduler_config))
             timesteps = inference_timesteps(scheduler_config, n)
             return codec.decode(sample_lcm(f, noise, timesteps, cond, omega_from_guidance_scale(g), f.schedule,
