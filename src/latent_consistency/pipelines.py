@@ -245,11 +245,12 @@ class LCMGenerator(Generator):
         negative = self.prompt_cache.encode(self.model.prompts, negative_prompts, self.device, size).to(self.dtype)
         if self.kind == "lora":
             if negative_scale is not None:
-                raise UserError("an LCM-LoRA takes a negative prompt into classifier-free guidance at the guidance scale, as diffusers "
-                                "does; the negative scale applies to LCMs: leave it out")
+                raise UserError("an LCM without an ω input (an LCM-LoRA, PixArt-LCM) takes a negative prompt into classifier-free guidance "
+                                "at the guidance scale, as diffusers does; the negative scale applies to LCMs: leave it out")
             if guidance_scale <= 1:
-                raise UserError(f"an LCM-LoRA takes a negative prompt into classifier-free guidance, which needs a guidance scale above 1 "
-                                f"(got {guidance_scale:g}; diffusers ignores it there): give e.g. 1.5")
+                raise UserError(f"an LCM without an ω input (an LCM-LoRA, PixArt-LCM) takes a negative prompt into classifier-free "
+                                f"guidance, which needs a guidance scale above 1 (got {guidance_scale:g}; diffusers ignores it there): "
+                                "give e.g. 1.5")
             return self.model.consistency_model(guidance_scale, negative, size)
         scale = DEFAULT_NEGATIVE_SCALE if negative_scale is None else negative_scale
         return NegativePromptGuidance(self.model.consistency_model(guidance_scale, size=size), negative, scale)

@@ -116,10 +116,12 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
         raise UserError(f"guidance_scale {g:g} is below 1: this LCM takes g through its ω input (ω = g - 1 >= 0)")
     if generator.kind == "lora" and request.negative_prompt is not None:  # before it queues (`LCMGenerator.consistency_function`)
         if request.negative_scale is not None:
-            raise UserError("negative_scale applies to an LCM; this LCM-LoRA takes negative_prompt into classifier-free guidance "
+            raise UserError("negative_scale applies to an LCM with an ω input; this one (an LCM-LoRA or PixArt-LCM) takes negative_prompt "
+                            "into classifier-free guidance "
                             "at guidance_scale: leave negative_scale out")
         if g <= 1:
-            raise UserError(f"negative_prompt on this LCM-LoRA needs guidance_scale above 1 (classifier-free guidance; got {g:g}): "
+            raise UserError(f"negative_prompt on this LCM without an ω input (an LCM-LoRA or PixArt-LCM) needs guidance_scale above 1 "
+                            f"(classifier-free guidance; got {g:g}): "
                             "give e.g. 1.5")
     width, height = request.width or generator.default_size(), request.height or generator.default_size()
     for name, value in (("width", width), ("height", height)):
