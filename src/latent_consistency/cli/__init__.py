@@ -20,7 +20,7 @@ from latent_consistency.errors import UserError
 
 
 def build_parser() -> OneLineParser:
-    from latent_consistency.cli import demo, distill, evaluate, finetune, generate, serve, world
+    from latent_consistency.cli import cache, demo, distill, evaluate, finetune, generate, serve, world
 
     parser = OneLineParser(
         prog="lcm",
@@ -28,7 +28,7 @@ def build_parser() -> OneLineParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (generate, distill, finetune, evaluate, serve, world, demo):
+    for command in (generate, distill, finetune, cache, evaluate, serve, world, demo):
         command.register(subparsers)
     return parser
 
