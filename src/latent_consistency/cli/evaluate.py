@@ -200,6 +200,10 @@ def run(args) -> None:
     if teacher is not None and teacher.is_lcm:
         raise UserError(f"--teacher {args.teacher} is an LCM; give the diffusion model it was distilled from (its rows are "
                         "sampled with ODE solvers)")
+    if teacher is not None and teacher.distilled_steps:  # its rows run DDIM and DPM-Solver at every --steps, --exact in jumps of k
+        raise UserError(f"--teacher {args.teacher} was progressively distilled for {teacher.distilled_steps} DDIM steps on its own grid, "
+                        "where the teacher rows sample at the LCM's step counts: give it with --guided-distill (its row is at "
+                        f"{teacher.distilled_steps} steps), and the stage-one or CFG teacher as --teacher")
     guided = guided_distill_models(args.guided_distill or [], device)
     if args.exact and teacher is None:
         raise UserError("--exact needs --teacher and an LCM (its skipping step k and timesteps): the exact LCM is "

@@ -268,6 +268,12 @@ def run(args) -> None:
     note_truncated_prompts("generate", generator.model, prompts)
     for note in generator.guidance_notes(guidance_scale, given=args.guidance_scale is not None):
         print(f"lcm generate: note: {note}", file=sys.stderr)
+    distilled = generator.model.distilled_steps if args.sampler != "lcm" else None  # a progressive round's DDIM steps
+    if distilled and args.steps is None and not custom:
+        steps = distilled  # not DEFAULT_STEPS: a round samples in the steps it was distilled for
+    if distilled and (steps != distilled or args.sampler != "ddim"):
+        print(f"lcm generate: note: {args.model} was progressively distilled for {distilled} DDIM steps on its own grid; "
+              f"{steps} {args.sampler} steps follow no teacher's ODE (give --sampler ddim --steps {distilled})", file=sys.stderr)
     options = {}
     if args.gamma is not None:
         options["gamma"] = args.gamma

@@ -101,6 +101,12 @@ class Distillation:
             raise UserError(f"{config.teacher} has learned its guidance already (it has an ω input); distil it with --method lcd")
         if not omega_input and config.method == "progressive":
             raise UserError(f"progressive distillation needs a teacher with an ω input; distil {config.teacher} with --method guidance first")
+        if base.distilled_steps is not None and config.method in LCM_METHODS:
+            # A round's x̂0 is the one whose DDIM jump on its own N-step grid lands where its teacher's two jumps do: its
+            # DDIM on any other grid (LCD's jumps of k, the ODE bank's solves) follows no teacher's ODE
+            raise UserError(f"{config.teacher} was progressively distilled to sample in {base.distilled_steps} DDIM steps, on its own grid "
+                            f"only, so its jumps of k are not its teacher's ODE: give the stage-one model (`--method guidance`) "
+                            f"as the --method {config.method} teacher")
         if omega_input and config.guide_increments:
             raise UserError(f"{config.teacher} gives its guided output from an ω input; there are no unguided increments to guide")
         _check_transformer_student(config, base)
