@@ -184,6 +184,8 @@ class TrainConfig:
 
         def same(k) -> bool:
             x, y = a.get(k), b.get(k)
+            if k == "ema_decay" and self.adapter == other.adapter:  # unset is the adapter's default: 0.95 full, 0 lora
+                return self.target_decay == other.target_decay
             return x == y or (k in SOURCE_FIELDS and isinstance(x, str) and isinstance(y, str) and bool(x) and bool(y) and _same_data(x, y))
 
         return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if k not in ignore and not same(k)]
@@ -237,6 +239,14 @@ class DistillConfig(TrainConfig):
         if self.method not in LCM_METHODS and (self.adapter != "full" or self.guidance_pair_weight or self.student_init):
             raise UserError(f"--method {self.method} trains a full student from the teacher; "
                             "--adapter lora, --guidance-pair-weight and --student-init apply to --method lcd (and the last two to ode)")
+        if self.method not in LCM_METHODS:  # as the run's load refuses them (`Distillation._check_guided_distill`), --dry-run too
+            skip = field_default(DistillConfig, "skip")
+            refused = [flag for flag, on in (("--solver ddim", self.solver != "ddim"), ("no --guide-increments", self.guide_increments),
+                                             ("--loss-weighting uniform", self.loss_weighting != "uniform"),
+                                             (f"--skip {skip}", self.skip != skip)) if on]
+            if refused:
+                raise UserError(f"--method {self.method} has no ODE solver, skipping step or grid pairs to weight (those are LCD's): "
+                                f"set {', '.join(refused)}")
         if self.method == "ode":
             refused = [flag for flag, on in (("--adapter full", self.adapter != "full"), ("no --guide-increments", self.guide_increments),
                                              ("--loss-weighting uniform", self.loss_weighting != "uniform"),
@@ -252,6 +262,8 @@ class DistillConfig(TrainConfig):
                             f"--method ode, not {self.method}")
         if self.omega_response_samples < 0:
             raise UserError(f"omega_response_samples must be 0 or more, got {self.omega_response_samples}")
+        if self.student_steps < 0:
+            raise UserError(f"student_steps must be 0 or more, got {self.student_steps}")
         if (self.method == "progressive") != (self.student_steps > 0):
             raise UserError("--method progressive needs --student-steps N (N >= 1), and --student-steps applies to it alone")
         if self.student_init and self.adapter != "full":
@@ -428,19 +440,43 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
             raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS[cls])}")
         values.update(PRESETS[cls][preset])
     from_file = _read_config_file(config_file) if config_file else {}
+    # each of the file's fields is checked as the file gives it, also where a flag overrides it: a file is valid or not
+    from_file = {k: _typed(cls, k, v) if k in field_help(cls) else v for k, v in from_file.items()}
     values.update(from_file)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(given)
     if cls.objective == "lcf":  # what the LCM's guidance record says, where the user's flags and config file say nothing
         values.update(recorded_guidance_fields(values.get("model"), set(given) | set(from_file)))
     adapter = values.get("adapter", field_default(cls, "adapter"))
-    for name in sorted(set(given) & set(FULL_STUDENT_FLAGS)):
-        # given on the command line, and not 0 (no response to measure): a preset's value (the tiny one's 32) is no request
-        if adapter != "full" and given[name] != 0:
-            raise UserError(f"--{name.replace('_', '-')} {FULL_STUDENT_FLAGS[name]}; a LoRA student (--adapter {adapter}) has no ω input")
+    method = values.get("method", field_default(cls, "method")) if "method" in field_help(cls) else None
+
+    def requested(name: str) -> str | None:
+        """How the user asked for field `name` (a flag, or the config file's field), or None: given on the command line and
+        not 0 (no response to measure), or in the file and neither 0 nor the default (what --dry-run prints where it does not
+        apply); a preset's value (the tiny one's 32) is no request."""
+        if name in given:
+            return f"--{name.replace('_', '-')}" if given[name] != 0 else None
+        if name in from_file and from_file[name] not in (0, field_default(cls, name)):
+            return f"config field {name} {from_file[name]!r}"
+        return None
+
+    for name in sorted(FULL_STUDENT_FLAGS):
+        asked = requested(name) if adapter != "full" and name in field_help(cls) else None
+        if asked:
+            raise UserError(f"{asked} {FULL_STUDENT_FLAGS[name]}; a LoRA student (--adapter {adapter}) has no ω input")
     if adapter != "full" and preset:  # a preset's full-student settings (the world's v-prediction student) are no request either
         for name in PRESET_FULL_STUDENT_FIELDS & set(PRESETS[cls][preset]) - set(given):
             values.pop(name, None)
+    chosen = set(given) | set(from_file)
+    if preset and values.get("eval_data") and "eval_data" in chosen and "eval_fraction" in set(PRESETS[cls][preset]) - chosen:
+        values.pop("eval_fraction")  # the user's held-out data replaces the preset's held-out fraction (`finetune --preset sd`)
+    if method is not None and method not in LCM_METHODS:  # Guided-Distill's stages make no LCM, whose ω response is measured
+        asked = requested("omega_response_samples")
+        if asked:
+            raise UserError(f"{asked} sets the latents an LCM's ω response is measured on; --method {method} makes no LCM: "
+                            "leave it out")
+        if preset and "omega_response_samples" in PRESETS[cls][preset]:  # the tiny preset's 4: no request
+            values.pop("omega_response_samples", None)
     if preset in CONTINUES and not values.get("student_init"):
         raise UserError(f"--preset {preset} continues a `--preset {CONTINUES[preset]}` run: give that run's LCM as --student-init "
                         "RUN/lcm")
@@ -483,7 +519,9 @@ def _read_config_file(config_file: str) -> dict:
     if not path.is_file():
         raise UserError(f"config file {config_file} is not a file; give a JSON file of config fields")
     try:
-        loaded = json.loads(path.read_text())
+        loaded = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicates)
+    except _DuplicateField as dup:
+        raise UserError(f"config file {config_file} gives field {dup.args[0]} twice; keep one") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"config file {config_file} is not valid JSON: {getattr(err, 'msg', err)}") from None
     except ValueError:  # an integer of more digits than Python reads (4,300)
@@ -491,6 +529,19 @@ def _read_config_file(config_file: str) -> dict:
     if not isinstance(loaded, dict):
         raise UserError(f"config file {config_file} must hold a JSON object of config fields, not {type(loaded).__name__}")
     return loaded
+
+
+class _DuplicateField(Exception):
+    """A JSON object that names one key twice (json keeps the last silently)."""
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateField(key)
+        seen[key] = value
+    return seen
 
 
 def _typed(cls: type[TrainConfig], name: str, value: Any) -> Any:
