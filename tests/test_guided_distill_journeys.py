@@ -75,3 +75,14 @@ def test_evaluate_refuses_a_progressive_round_as_the_teacher(round_one, tiny_lcm
                            "--inception", str(inception_stand_in(tmp_path))])
     assert code == 2 and len(err.splitlines()) == 1 and "give it with --guided-distill" in err, err
     assert not out.exists()
+
+
+def test_a_rounds_step_count_is_recorded_beside_its_scheduler_config_not_in_it(round_one):
+    """was: `distilled_steps` was written into scheduler_config.json too, and diffusers warned "config attributes
+    {'distilled_steps': 2} ... will be ignored" at every load of the round."""
+    import json
+
+    from latent_consistency.models import load_diffusion_model
+
+    assert "distilled_steps" not in json.loads((round_one / "scheduler" / "scheduler_config.json").read_text())
+    assert load_diffusion_model(str(round_one)).distilled_steps == 2

@@ -703,7 +703,8 @@ def save_pipeline(out_dir: str | Path, unet, base: DiffusionModel, scheduler_con
         StableDiffusionXLPipeline,
     )
 
-    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    # a progressive round's step count goes to PROGRESSIVE_FILE: in the scheduler's config diffusers warns of it at every load
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_") and k != PROGRESSIVE_STEPS}
     lcm = is_lcm_config(scheduler_config)
     scheduler = LCMScheduler.from_config(config) if lcm else DDIMScheduler.from_config(config)
     parts = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=scheduler)
