@@ -66,14 +66,17 @@ def test_sigterm_is_one_line_and_exit_143(tmp_path, monkeypatch, capsys):
 
 
 def test_serve_stopped_by_sigterm_or_forced_is_one_line_without_a_traceback(tiny_lcm):
-    """`lcm serve` as a process manager stops it (SIGTERM), and as a user forces it (SIGTERM, then Ctrl-C): was, a traceback
-    of the lifespan task both times ("latent_consistency.cli.Terminated" raised inside uvicorn's event loop, then the
-    cancelled lifespan logged as "shutdown failed"). Now one line, exit 143 and 130."""
+    """`lcm serve` as a process manager stops it (SIGTERM) and as a user forces it (a second signal), with requests in
+    flight: one line, exit 143 (or 130 where the exit was forced), no traceback. A guard: the forced exit's traceback
+    (starlette logging the cancelled lifespan as "shutdown failed") was reproduced by hand with the demo's LCM, where
+    requests take longer; on the tiny LCM this test's timing does not reproduce it on the old code every time."""
+    import contextlib
     import os
     import signal
     import socket
     import subprocess
     import sys
+    import threading
     import time
     import urllib.request
 
@@ -96,12 +99,27 @@ def test_serve_stopped_by_sigterm_or_forced_is_one_line_without_a_traceback(tiny
             except OSError:
                 assert time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.2)
-    (graceful, _), (forced, _) = servers
+    (graceful, _), (forced, port) = servers
+
+    def request():
+        body = b'{"prompt": "a red star", "steps": 8}'
+        post = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images", body, {"Content-Type": "application/json"})
+        with contextlib.suppress(OSError):
+            urllib.request.urlopen(post, timeout=60).read()
+
+    in_flight = [threading.Thread(target=request) for _ in range(4)]  # a shutdown that waits for them
+    for thread in in_flight:
+        thread.start()
+    time.sleep(0.1)
     graceful.send_signal(signal.SIGTERM)
-    forced.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
-    forced.send_signal(signal.SIGINT)
-    for process, code, word in ((graceful, 143, "terminated"), (forced, 130, "interrupted")):
-        _, err = process.communicate(timeout=120)
-        assert process.returncode == code, err
-        assert "Traceback" not in err and f"lcm serve: {word}" in err, err
+    for stop in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):  # the second signal forces the exit
+        forced.send_signal(stop)
+        time.sleep(0.1)
+    _, err = graceful.communicate(timeout=120)
+    assert graceful.returncode == 143 and "Traceback" not in err and "lcm serve: terminated" in err, err
+    _, err = forced.communicate(timeout=120)
+    # interrupted (130) where a later signal forced the exit; terminated (143) where the first had stopped it already, or
+    # killed by the last (-2) where it came while the process was exiting: never a traceback
+    assert forced.returncode in (130, 143, -signal.SIGINT) and "Traceback" not in err, err
+    for thread in in_flight:
+        thread.join()
