@@ -239,7 +239,7 @@ class DistillConfig(TrainConfig):
         if self.method not in LCM_METHODS and (self.adapter != "full" or self.guidance_pair_weight or self.student_init):
             raise UserError(f"--method {self.method} trains a full student from the teacher; "
                             "--adapter lora, --guidance-pair-weight and --student-init apply to --method lcd (and the last two to ode)")
-        if self.method not in LCM_METHODS:  # as the run's load refuses them (`Distillation._check_guided_distill`), --dry-run too
+        if self.method not in LCM_METHODS:  # Guided-Distill has none of LCD's settings: refused at --dry-run as in the run
             skip = field_default(DistillConfig, "skip")
             refused = [flag for flag, on in (("--solver ddim", self.solver != "ddim"), ("no --guide-increments", self.guide_increments),
                                              ("--loss-weighting uniform", self.loss_weighting != "uniform"),

@@ -30,7 +30,7 @@ from latent_consistency.models import (
 )
 from latent_consistency.schedule import NoiseSchedule
 from latent_consistency.solvers import get_solver
-from latent_consistency.training.config import LCM_METHODS, DistillConfig, FinetuneConfig, TrainConfig, field_default
+from latent_consistency.training.config import LCM_METHODS, DistillConfig, FinetuneConfig, TrainConfig
 from latent_consistency.training.run_folder import VALIDATION_STEPS
 
 
@@ -119,15 +119,9 @@ class Distillation:
 
     @staticmethod
     def _check_guided_distill(config: DistillConfig, base: DiffusionModel, student_prediction: str) -> None:
-        """Guided-Distill's stages have no ODE solver, skipping step or consistency weighting; a progressive round
-        halves its teacher's DDIM steps, in the teacher's parameterisation (the student starts as it)."""
-        skip = field_default(DistillConfig, "skip")
-        refused = [flag for flag, on in (("--solver ddim", config.solver != "ddim"), ("no --guide-increments", config.guide_increments),
-                                         ("--loss-weighting uniform", config.loss_weighting != "uniform"),
-                                         (f"--skip {skip}", config.skip != skip)) if on]
-        if refused:
-            raise UserError(f"--method {config.method} has no ODE solver, skipping step or grid pairs to weight (those are LCD's): "
-                            f"set {', '.join(refused)}")
+        """A progressive round halves its teacher's DDIM steps, in the teacher's parameterisation (the student starts as it).
+        (Guided-Distill's LCD-only settings, no ODE solver, skipping step or consistency weighting, are refused by
+        `DistillConfig.check`, before the teacher loads.)"""
         if config.method != "progressive":
             return
         n, steps = config.student_steps, base.schedule.num_train_timesteps
