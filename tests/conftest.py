@@ -10,7 +10,7 @@ import pytest
 # `lcm`'s parser imports world.demo (and through it world.build), which bind `artifact.load_world` as they find it when
 # first imported: imported here, before any test replaces it, so that no test's replacement outlives that test
 import latent_consistency.world.demo  # noqa: F401
-from tiny_models import save_tiny_lcm, save_tiny_sd
+from tiny_models import save_tiny_lcm, save_tiny_pixart, save_tiny_sd, save_tiny_sdxl
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,24 @@ def tiny_sd(tmp_path_factory):
 def tiny_lcm(tmp_path_factory):
     """A tiny random LCM folder saved by diffusers."""
     return save_tiny_lcm(tmp_path_factory.mktemp("models") / "tiny-lcm")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny random SDXL (base) folder: two text encoders, pooled embedding and micro-conditioning."""
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_lcm(tmp_path_factory):
+    """A tiny random SDXL-family LCM folder."""
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl-lcm", seed=1, lcm=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart(tmp_path_factory):
+    """A tiny random PixArt-α folder."""
+    return save_tiny_pixart(tmp_path_factory.mktemp("models") / "tiny-pixart")
 
 
 @pytest.fixture

@@ -222,13 +222,6 @@ def test_tcd_img2img_equals_stable_diffusion_img2img_pipeline_with_tcd_scheduler
     torch.testing.assert_close(to_unit(ours), ref, **TOL)
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl_lcm(tmp_path_factory):
-    from tiny_models import save_tiny_sdxl
-
-    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl-lcm", seed=1, lcm=True)
-
-
 def test_sdxl_lcm_img2img_equals_stable_diffusion_xl_img2img_pipeline(tiny_sdxl_lcm):
     """An SDXL LCM's img2img at a non-native size (24 x 16): micro-conditioning of the images' size, noising, ω input,
     against StableDiffusionXLImg2ImgPipeline + its LCMScheduler; same custom timesteps on both sides."""
@@ -296,13 +289,6 @@ def test_lora_with_alpha_and_text_encoder_layers_equals_load_lora_weights(tiny_s
 
 
 # --- an SDXL LCM-LoRA's negative prompt -----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_models import save_tiny_sdxl
-
-    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
-
 
 def test_sdxl_lcm_lora_negative_prompt_equals_the_pipelines_negative_prompt(tiny_sdxl, tmp_path):
     """`LCMGenerator(negative_prompts=...)` on an SDXL LCM-LoRA at g > 1: the negative prompt's tokens, pooled embedding

@@ -247,13 +247,6 @@ def test_prompt_encoding_of_long_and_negative_prompts_equals_encode_prompt(sd_pi
     assert [i for i, _, _ in truncated_prompts(encoder, LONG)] == warned
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_models import save_tiny_sdxl
-
-    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
-
-
 def test_sdxl_prompt_encoding_of_long_and_negative_prompts_equals_encode_prompt(tiny_sdxl):
     """SDXL's c with a negative prompt (which replaces the zeros of force_zeros_for_empty_prompt) and long prompts: tokens,
     pooled embeddings and the negative's time ids against StableDiffusionXLPipeline.encode_prompt / _get_add_time_ids."""

@@ -9,22 +9,7 @@ import pytest
 import torch
 
 from latent_consistency.pipelines import LCMGenerator
-from tiny_models import save_tiny_lora, save_tiny_pixart, save_tiny_sdxl
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_lcm(tmp_path_factory):
-    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl-lcm", seed=1, lcm=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_pixart(tmp_path_factory):
-    return save_tiny_pixart(tmp_path_factory.mktemp("models") / "tiny-pixart")
+from tiny_models import save_tiny_lora
 
 
 def test_a_refiner_saved_with_the_base_text_encoders_is_refused_as_a_refiner(tiny_sdxl, tmp_path, run_error):

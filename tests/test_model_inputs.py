@@ -22,13 +22,6 @@ def images(tmp_path_factory):
     return write_captioned_images(tmp_path_factory.mktemp("images"), 4)
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_models import save_tiny_sdxl
-
-    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
-
-
 def _write_json(path, value):
     path.write_text(json.dumps(value))
 

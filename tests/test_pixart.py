@@ -24,13 +24,6 @@ PIPE = dict(output_type="latent", use_resolution_binning=False, clean_caption=Fa
 
 
 @pytest.fixture(scope="module")
-def tiny_pixart(tmp_path_factory):
-    from tiny_models import save_tiny_pixart
-
-    return save_tiny_pixart(tmp_path_factory.mktemp("models") / "tiny-pixart")
-
-
-@pytest.fixture(scope="module")
 def tiny_pixart_1024(tmp_path_factory):
     """The 1024-px models' architecture (sample size 128: resolution and aspect-ratio conditions), at 16 x 16 patches."""
     from tiny_models import save_tiny_pixart

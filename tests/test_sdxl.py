@@ -19,22 +19,6 @@ from tiny_models import load_pipeline
 PROMPTS = ["a red star", "a blue ring at the top"]
 
 
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from tiny_models import save_tiny_sdxl
-
-    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_lcm(tmp_path_factory):
-    from tiny_models import save_tiny_sdxl
-
-    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl-lcm", seed=1, lcm=True)
-
-
-
-
 def test_pack_and_unpack_round_trip():
     added = AddedConditioning(pooled_dim=5)
     tokens, pooled, ids = torch.randn(3, 4, 12), torch.randn(3, 5), torch.tensor([[16.0, 24, 0, 8, 16, 24]]).expand(3, -1)
