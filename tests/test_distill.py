@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from latent_consistency.cli import main
 from latent_consistency.errors import UserError
 from latent_consistency.training.config import DistillConfig, resolve_config
+from two_processes import DATA_PARALLEL, launch
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -147,25 +148,10 @@ def test_sigkill_and_resume_is_bitwise_identical(run_args, image_folder, tmp_pat
 @pytest.mark.slow
 def test_two_processes_share_one_global_batch_and_only_rank0_writes(run_args, image_folder, tmp_path):
     """Two CPU processes (torchrun through accelerate; gloo) train with the same global batch."""
-    import socket
-
-    with socket.socket() as probe:  # a free rendezvous port: torchrun's default 29500 may be taken
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "latent_consistency.cli",
-           *run_args(image_folder, out, "--batch-size", "4")]
-    # A session of its own, so that on a timeout the workers are killed with the launcher, not left behind
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"two-process run did not finish in 180 s: {stderr[-2000:]}")
-    assert proc.returncode == 0, stderr[-2000:]
-    assert stdout.count("exported") == 1
+    done = launch(DATA_PARALLEL, ["-m", "latent_consistency.cli", *run_args(image_folder, out, "--batch-size", "4")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("exported") == 1
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
     state = json.loads((out / "checkpoints" / "step-0000004" / "state.json").read_text())
     # 4 steps x global batch 4 = 16 samples of 24: both ranks stand at global position 16.

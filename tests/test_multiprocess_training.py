@@ -7,11 +7,7 @@ under FSDP2 and an exact resume. These add the data each process reads alone.
 
 import io
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import tarfile
 import textwrap
 from pathlib import Path
@@ -19,26 +15,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+from two_processes import DATA_PARALLEL, launch
 
 
-def launch(args: list[str], script: Path | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu` with two CPU processes of `lcm` (or of `script`, which runs it); on a timeout the
-    whole process group is killed."""
-    with socket.socket() as probe:  # torchrun's default 29500 may be taken
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    program = [str(script)] if script else ["-m", "latent_consistency.cli"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", *program, *args]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"two-process run did not finish in 120 s (a hang): {stderr[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+def launch_lcm(args: list[str], script: Path | None = None) -> subprocess.CompletedProcess:
+    """Two processes of `lcm` (or of `script`, which runs it), one thread each."""
+    program = [str(script), *args] if script else ["-m", "latent_consistency.cli", *args]
+    return launch(DATA_PARALLEL, program, {"OMP_NUM_THREADS": "1"}, timeout=120)
 
 
 def distill(tiny_sd, data, out, *extra) -> list[str]:
@@ -88,7 +71,7 @@ def test_what_another_process_skipped_is_reported_and_a_stopped_run_restarts(tin
     (out / "metrics.jsonl").write_text("")
     script = tmp_path / "slow_clearing.py"
     script.write_text(SLOW_CLEARING)
-    done = launch(distill(tiny_sd, images, out, "--steps", "1"), script)
+    done = launch_lcm(distill(tiny_sd, images, out, "--steps", "1"), script)
     # was: process 1 saw the folder half-cleared by process 0 (no config.json, sources.json still there) and stopped with
     # "run folder ... is not empty": the launch failed
     assert done.returncode == 0, done.stderr[-3000:]
@@ -118,7 +101,7 @@ def test_unusable_shards_of_one_process_stop_every_process_with_its_message(tiny
     shard(tmp_path / "00000.tar", [png.getvalue()] * 4)
     shard(tmp_path / "00001.tar", [b"not a png"] * 4)
     out = tmp_path / "run"
-    done = launch(distill(tiny_sd, tmp_path / "{00000..00001}.tar", out))
+    done = launch_lcm(distill(tiny_sd, tmp_path / "{00000..00001}.tar", out))
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("lcm distill: error:")]
     assert errors and "no usable sample in 1 shard(s)" in errors[0] and set(errors) == {errors[0]}, done.stderr[-3000:]

@@ -7,9 +7,6 @@ the runs are launched with the repo's own configs/accelerate/fsdp.yaml.
 """
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,32 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from latent_consistency.errors import UserError
+from two_processes import DATA_PARALLEL, launch
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 UNET = "lcm/unet/diffusion_pytorch_model.safetensors"
 LAST = "checkpoints/step-0000004"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:  # torchrun's default 29500 may be taken
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def launch(launcher: list[str], args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    """`accelerate launch` with two processes; on a timeout the whole process group is killed."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2", "--main_process_port",
-           str(free_port()), "--mixed_precision", "no", *args]
-    proc = subprocess.Popen(cmd, env=ENV | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"two-process run did not finish in 180 s: {stderr[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def sharded(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -53,7 +29,7 @@ def sharded(args: list[str], env: dict | None = None) -> subprocess.CompletedPro
 
 
 def data_parallel(args: list[str]) -> subprocess.CompletedProcess:
-    return launch(["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"], ["-m", "latent_consistency.cli", *args])
+    return launch(DATA_PARALLEL, ["-m", "latent_consistency.cli", *args])
 
 
 @pytest.fixture(scope="module")
