@@ -68,16 +68,21 @@ def test_a_model_that_makes_nan_writes_no_black_image(tiny_lcm, tmp_path, run_er
     assert not any(out.glob("*.png"))
 
 
-def test_images_written_before_a_nan_batch_are_kept(tiny_lcm, tmp_path, run_error, monkeypatch):
-    # was: the NaN image of the second batch was written black beside the good ones, exit 0
-    call = LCMGenerator.__call__
+def nan_for_rings(monkeypatch) -> None:
+    """`LCMGenerator` made to give NaN images for the prompts that name a ring, as a diverged model would."""
+    original = LCMGenerator.__call__
 
     def nan_for_the_ring(self, prompts, *args, **kwargs):
-        images = call(self, prompts, *args, **kwargs)
+        images = original(self, prompts, *args, **kwargs)
         images[[i for i, p in enumerate(prompts) if "ring" in p]] = float("nan")
         return images
 
     monkeypatch.setattr(LCMGenerator, "__call__", nan_for_the_ring)
+
+
+def test_images_written_before_a_nan_batch_are_kept(tiny_lcm, tmp_path, run_error, monkeypatch):
+    # was: the NaN image of the second batch was written black beside the good ones, exit 0
+    nan_for_rings(monkeypatch)
     out = tmp_path / "out"
     code, err = run_error(generate(tiny_lcm, out, "a red star", "a blue ring", "a green square", "--batch-size", "1",
                                    "--dtype", "bfloat16"))
@@ -143,14 +148,7 @@ def test_the_server_answers_nan_pixels_with_a_500_not_a_black_image(tiny_lcm, mo
     from latent_consistency.serve.request import Limits
 
     generator = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), torch.float32)
-    original = LCMGenerator.__call__
-
-    def nan_for_the_ring(self, prompts, *args, **kwargs):
-        images = original(self, prompts, *args, **kwargs)
-        images[[i for i, p in enumerate(prompts) if "ring" in p]] = float("nan")
-        return images
-
-    monkeypatch.setattr(LCMGenerator, "__call__", nan_for_the_ring)
+    nan_for_rings(monkeypatch)
     app = create_app(generator, Limits(max_side=2 * generator.default_size(), max_upload_bytes=2**20, max_body_bytes=2 * 2**20))
     with TestClient(app, raise_server_exceptions=False) as client:
         failed = client.post("/v1/images", json={"prompt": "a blue ring", "steps": 1, "seed": 1})
