@@ -92,3 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lcm {command}: {word}", file=sys.stderr)
         return code
     return 0
+
+
+def entry() -> int:
+    """The `lcm` program (console script and `python -m latent_consistency.cli`): `main`, then the default signal
+    actions for the interpreter's exit. A stop that comes while Python runs its exit callbacks (a second Ctrl-C or
+    SIGTERM after the one-line stop) ends the process at once instead of printing "Exception ignored in atexit
+    callback" with a traceback. Not in `main`: a caller that runs `main` in its own process keeps its handlers."""
+    try:
+        return main()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -1,5 +1,5 @@
 import sys
 
-from latent_consistency.cli import main
+from latent_consistency.cli import entry
 
-sys.exit(main())
+sys.exit(entry())
