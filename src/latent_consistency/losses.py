@@ -41,7 +41,8 @@ def _pseudo_huber(diff: torch.Tensor, huber_c: float) -> torch.Tensor:
     return torch.sqrt(diff**2 + huber_c**2) - huber_c
 
 
-# d(·,·) per element, by name: mean squared error, or the pseudo-Huber √((a-b)² + c²) - c (Song & Dhariwal 2023)
+# d(·,·) per element, by name: mean squared error, or the pseudo-Huber √((a-b)² + c²) - c (Song & Dhariwal 2023, Sec. 3.3,
+# where it is taken of the whole sample's norm ‖a - b‖ with c = 0.00054·√dim; per element here, as diffusers' LCD scripts do)
 DISTANCES = {"l2": _squared, "huber": _pseudo_huber}
 
 
@@ -59,7 +60,7 @@ def consistency_distance(pred: torch.Tensor, target: torch.Tensor, kind: str = "
 
 def consistency_weight(schedule: NoiseSchedule, t_n_plus_k: torch.Tensor, t_n: torch.Tensor) -> torch.Tensor:
     """λ(t_n) = 1 / (σ̃(t_{n+k}) − σ̃(t_n)) with σ̃ = σ_t/α_t, the improved consistency training weighting
-    (Song & Dhariwal 2023, Sec. 3.4) on the VP schedule's EDM noise levels.
+    (Song & Dhariwal 2023, Sec. 3.1) on the VP schedule's EDM noise levels.
 
     It weights a pair by the inverse of its noise-level gap, so the small and middle noise levels, where the
     distance between consistent outputs is small, are not drowned by the large errors near t = T. A pair

@@ -107,6 +107,19 @@ def check_guidance_scale_range(lo: float, hi: float) -> tuple[float, float]:
     return lo, hi
 
 
+# The ω embedding's frequencies 10000^(-i/(dim/2 - 1)) need dim/2 >= 2: at dim 2 or 3 they divide by zero (diffusers' pipeline
+# then feeds NaN), at dim 1 there are none (the embedding is a constant 0, and ω is never seen)
+MIN_GUIDANCE_EMBEDDING_DIM = 4
+
+
+def check_guidance_embedding_dim(dim: int) -> int:
+    """The size of an ω embedding (a UNet's `time_cond_proj_dim`): at least MIN_GUIDANCE_EMBEDDING_DIM."""
+    if dim < MIN_GUIDANCE_EMBEDDING_DIM:
+        raise UserError(f"the ω embedding (time_cond_proj_dim) needs at least {MIN_GUIDANCE_EMBEDDING_DIM} dimensions, got {dim}: its "
+                        "sinusoids have dim/2 frequencies 10000^(-i/(dim/2 - 1)); use e.g. 64 or 256 (diffusers' LCMs: 256)")
+    return dim
+
+
 def guidance_embedding(omega: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of ω (the student's extra input, Section 4.2), shape [B, dim], in float32.
 
@@ -114,6 +127,7 @@ def guidance_embedding(omega: torch.Tensor, dim: int) -> torch.Tensor:
     ω is scaled by 1000 and embedded with frequencies 10000^(-i/(dim/2 - 1)), sines then cosines. A half-precision
     run casts it afterwards, as the pipeline does (ω·1000 in float16 or bfloat16 would lose most of its digits).
     """
+    check_guidance_embedding_dim(dim)
     omega = torch.as_tensor(omega, dtype=torch.float32).reshape(-1) * 1000.0
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))

@@ -89,6 +89,10 @@ class NoiseSchedule:
     # for a v-prediction model, x̂0 = α·z - σ·v at t = T-1 then differs from ours by α_{T-1}·z = 2^-12·z.)
     # Only a 0 is raised: squaredcos_cap_v2's ᾱ_{T-1} = 2.4e-9 (T = 1000) is kept, as every diffusers scheduler keeps it.
     MIN_ALPHA_CUMPROD = 2.0**-24
+    # The other end alike: β_0 = 0 (beta_start 0, or trained betas) makes ᾱ_0 = 1, λ_0 = +∞, and α, σ at every real t in (0, 1)
+    # and every DPM-Solver jump to t = 0 NaN; that 1 is lowered to 1 - 2^-24, the float32 just below 1 (σ_0 = 2^-12). (diffusers'
+    # DDIM keeps 1: its jump to t = 0 then differs from ours by σ_0·ε̂ = 2^-12·ε̂.)
+    MAX_ALPHA_CUMPROD = 1.0 - 2.0**-24
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> NoiseSchedule:
@@ -107,8 +111,9 @@ class NoiseSchedule:
     def from_betas(cls, betas: torch.Tensor) -> NoiseSchedule:
         # diffusers computes the cumulative product in float32; do the same so that α_t matches bitwise.
         alphas_cumprod = torch.cumprod(1.0 - betas.float(), dim=0).double()
-        # a 0 (zero terminal SNR) is raised to 2^-24; a small positive ᾱ is diffusers' own number and stays
+        # a 0 (zero terminal SNR) is raised to 2^-24 and a 1 (β = 0) lowered to 1 - 2^-24; any other ᾱ is diffusers' own number
         alphas_cumprod = torch.where(alphas_cumprod > 0, alphas_cumprod, torch.full_like(alphas_cumprod, cls.MIN_ALPHA_CUMPROD))
+        alphas_cumprod = torch.where(alphas_cumprod < 1, alphas_cumprod, torch.full_like(alphas_cumprod, cls.MAX_ALPHA_CUMPROD))
         return cls(alphas_cumprod=alphas_cumprod)
 
     @property

@@ -229,7 +229,7 @@ class DistillConfig(TrainConfig):
     model_field: ClassVar[str] = "teacher"
 
     def check(self) -> DistillConfig:
-        from latent_consistency.parameterization import PREDICTION_TYPES
+        from latent_consistency.parameterization import PREDICTION_TYPES, check_guidance_embedding_dim
         from latent_consistency.solvers import get_solver
 
         super().check()
@@ -270,8 +270,9 @@ class DistillConfig(TrainConfig):
             raise UserError("--student-init gives a full student its starting weights; a LoRA student starts from the teacher")
         if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
             raise UserError(f"student_prediction {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
-        if self.skip < 1 or self.time_cond_proj_dim < 1:
-            raise UserError(f"skip and time_cond_proj_dim must be at least 1, got {self.skip} and {self.time_cond_proj_dim}")
+        if self.skip < 1:
+            raise UserError(f"skip must be at least 1, got {self.skip}")
+        check_guidance_embedding_dim(self.time_cond_proj_dim)  # its sinusoids need at least 4 dimensions
         if self.guidance_pair_weight < 0:
             raise UserError(f"guidance_pair_weight must be 0 or more, got {self.guidance_pair_weight}")
         if self.omega_lr_scale <= 0:
