@@ -15,9 +15,17 @@ import sys
 from latent_consistency.cli.arguments import positive_int
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
+from latent_consistency.folder_lock import hold
 
 
 def run(args) -> None:
+    """`write_cache` holding --out's lock (`folder_lock.hold`): a second `lcm cache` to the same --out would clear the first's
+    OUT.partial as an unfinished cache and write its own there, under the first."""
+    with hold(args.out):
+        write_cache(args)
+
+
+def write_cache(args) -> None:
     import torch
 
     from latent_consistency.data.latent_cache import LatentCache, write_latent_cache

@@ -18,6 +18,7 @@ import torch
 from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int
 from latent_consistency.errors import UserError
+from latent_consistency.folder_lock import hold
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, lcm_kind
 from latent_consistency.prompts import read_prompt_file
 
@@ -178,8 +179,13 @@ def scorers_for(args, device, resolution: int = 64):
 
 
 def run(args) -> None:
-    if args.evaluate_command == "sweep":
-        return run_sweep(args)
+    """The evaluation or the sweep holding --out's lock (`folder_lock.hold`): a second one continuing the same folder at
+    once would write its results over the first's (each keeps the rows it read before the other wrote)."""
+    with hold(args.out):
+        return run_sweep(args) if args.evaluate_command == "sweep" else run_evaluation(args)
+
+
+def run_evaluation(args) -> None:
     from latent_consistency.devices import resolve_device
     from latent_consistency.evaluation.table import model_identity, run_table, table_rows, write_grid, write_plots, write_report
     from latent_consistency.models import load_diffusion_model, load_lcm, load_lcm_lora

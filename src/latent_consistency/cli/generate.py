@@ -30,6 +30,7 @@ from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int
 from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
+from latent_consistency.folder_lock import hold
 from latent_consistency.grids import save_png, to_pil
 from latent_consistency.outputs import writable_folder
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, LCMGenerator, SolverGenerator
@@ -215,6 +216,13 @@ def check_kept(files: list[Path], kept: set[int], records: list[dict]) -> None:
 
 
 def run(args) -> None:
+    """`generate` holding --out's lock (`folder_lock.hold`): a second command writing the folder at once would overwrite
+    its images, which the checks before the first write had found free."""
+    with hold(args.out):
+        generate(args)
+
+
+def generate(args) -> None:
     prompts = read_prompts(args.prompts + args.prompt, args.prompt_file)
     files, kept = output_files(args.out, prompts, args.skip_existing)
     custom = parse_timesteps(args.timesteps)

@@ -75,6 +75,7 @@ def add_training_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], 
 
 
 def run_training(args, cls: type[TrainConfig]) -> None:
+    from latent_consistency.folder_lock import hold
     from latent_consistency.training.loop import machine_problem, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
@@ -85,6 +86,7 @@ def run_training(args, cls: type[TrainConfig]) -> None:
         if problem is not None:
             print(f"note: not on this machine: {problem}", file=sys.stderr)
         return
-    path = train(config, resume=args.resume)
+    with hold(config.out):  # a second run, or --resume, on this folder is refused while this one writes it
+        path = train(config, resume=args.resume)
     if path is not None:
         print(f"exported {path}")

@@ -1,0 +1,84 @@
+"""One writer per output folder: a command that writes a folder (a run's --out, generate's, evaluate's, cache's) holds its
+lock, and a second command on that folder is refused in one line instead of interleaving checkpoints, records or images
+with the first (a second terminal, a scheduler requeueing a job that still runs, two notebook cells).
+
+The lock is `flock` on a file beside the folder, `.NAME.lock`: the kernel releases it when its process ends, however it
+ends (kill -9 and crashes included), so a run resumed after a crash is never refused, and the file such a process leaves is
+taken over by the next command. Beside the folder, not in it: `lcm cache` needs its folder not to exist yet, and a run
+folder must hold only a run's own files. Hidden, so that `runs/*` does not name it. Where no lock can be taken (the
+parent folder missing or read-only, a file system without flock) the command runs unguarded, as it did before this lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from latent_consistency.errors import UserError
+
+
+def lock_file(folder: str | Path) -> Path | None:
+    """The lock file of `folder`: one for every spelling of it (relative, absolute, through a symbolic link); None for the
+    file system's root, which has no folder beside it to hold one."""
+    folder = Path(folder).resolve()
+    return folder.with_name(f".{folder.name}.lock") if folder.name else None
+
+
+@contextlib.contextmanager
+def hold(folder: str | Path | None) -> Iterator[None]:
+    """Hold `folder`'s lock for the `with` block; a UserError naming the holder when another process holds it. No folder
+    (an empty --out, refused by the command itself) takes no lock, and neither does a process of a launched group other
+    than its first (`first_process`). The lock file is removed on leaving."""
+    path = lock_file(folder) if str(folder or "").strip() and first_process() else None  # no lock at the root either
+    fd = None if path is None else acquire(path, folder)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # before closing: a process that opened this file meanwhile sees it go (`acquire`)
+            os.close(fd)
+
+
+def acquire(path: Path, folder: str | Path) -> int | None:
+    """An open descriptor of `path` holding its exclusive lock, None where none can be taken. A holder may remove the file
+    between this process opening it and locking it: the lock then guards a file no longer there, so it is taken again."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"--out {folder} is in use by another lcm command ({holder}); wait for it to end or stop it (a "
+                            "command that was killed holds nothing), or choose another --out") from None
+        except OSError:  # no flock on this file system (some NFS and Lustre mounts)
+            os.close(fd)
+            return None
+        if is_file_at(fd, path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+            return fd
+        os.close(fd)
+
+
+def is_file_at(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is the file now at `path`."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def first_process() -> bool:
+    """Whether this process is alone or the first of a launched group (`accelerate launch`, torchrun, mpirun), by
+    accelerate's own reading of the environment: the others of a training run write its folder with it, under its lock."""
+    from accelerate.utils.environment import get_cpu_distributed_information
+
+    return get_cpu_distributed_information().rank == 0
