@@ -41,6 +41,9 @@ EXACT = "exact"  # Algorithm 3 with the teacher's exact consistency function f* 
 EXACT_SOLVER = "ddim"  # the solver of f*: the paper's LCD solver
 REFERENCE_STEPS = (25, 50)  # the teacher's DPM-Solver++ at these step counts: what few-step samplers are measured against
 RESULTS_FILE = "results.json"
+# results.json's "format": 2 names each model by its absolute path (`model_identity`); a file without it was written before,
+# naming models as given, and its fingerprint cannot be matched to this evaluation's
+RESULTS_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,10 @@ def saved_results(path: Path, fingerprint: str, keep_other: bool) -> dict[str, d
         raise UserError(f"{path} is not the results of an evaluation (a JSON object with rows): move it away or choose another --out")
     if saved.get("fingerprint") == fingerprint:
         return saved["rows"]
+    if keep_other and "format" not in saved:
+        raise UserError(f"{path.parent} holds the results of another evaluation, or of this one written by an earlier version of lcm "
+                        "evaluate (whose record of the models cannot be matched to this version's); choose another --out, or move "
+                        "them away to score the rows again")
     if keep_other:
         raise UserError(f"{path.parent} holds the results of another evaluation (other models, prompts, seed, reference images or "
                         "metrics); choose another --out, or move them away to start over")
@@ -273,7 +280,7 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
             for scorer in scorers:
                 record |= {f"{scorer.name}_{k}": v for k, v in finite_scores(scorer, scorer(images, eval_set), row, teacher).items()}
             results[row.key] = record
-            write_json_atomic(path, {"fingerprint": fingerprint, "rows": results})
+            write_json_atomic(path, {"format": RESULTS_FORMAT, "fingerprint": fingerprint, "rows": results})
             bar.update(1)
     return {row.key: results[row.key] for row in rows}
 

@@ -162,7 +162,7 @@ class TrainingBatches:
         else:
             self.sampler.load_state_dict(state["sampler"])
         saved = state.get("fingerprint")
-        if saved is not None and saved != self.fingerprint():
+        if saved is not None and saved not in (self.fingerprint(), earlier_fingerprint(self.dataset)):
             raise UserError(f"the data {self.spec} changed since this run's checkpoint (images or shards added, removed, reordered, "
                             "replaced or recaptioned, or a latent cache rebuilt from other data): resuming would train on other "
                             "samples than the run's; put the data back as it was to resume, or start a new run with another --out")
@@ -205,6 +205,13 @@ def data_fingerprint(dataset) -> str | None:
     sizes and first bytes (each class's `fingerprint`, of the held-out split's side where there is one). None for a
     registered scheme's dataset (the built-in world's, made by code) and a side of its held-out split."""
     return dataset.fingerprint() if isinstance(dataset, (ImageFolderDataset, LatentCache, ShardStream)) else None
+
+
+def earlier_fingerprint(dataset) -> str | None:
+    """The digest of `dataset` that a checkpoint of an earlier version recorded where `data_fingerprint` now gives another
+    one: an image folder's captions and file sizes (`ImageFolderDataset.size_fingerprint`). A run upgraded mid-way resumes
+    on its unchanged data instead of being told that every image changed. None for other data, whose digest is unchanged."""
+    return dataset.size_fingerprint() if isinstance(dataset, ImageFolderDataset) else None
 
 
 def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:

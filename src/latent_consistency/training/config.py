@@ -179,8 +179,13 @@ class TrainConfig:
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
         """'field: a -> b' for each field that differs, except those a resumed run may change; a model or data named
-        another way (`SOURCE_FIELDS`: `w` and `./w/`) does not differ."""
+        another way (`SOURCE_FIELDS`: `w` and `./w/`) does not differ, nor between two LoRA runs a full student's setting
+        (`PRESET_FULL_STUDENT_FIELDS`), which a LoRA does not use: a LoRA run started before a preset's full-student
+        settings were left out for LoRA (its config.json holds the tiny preset's ω embedding size) resumes, where no flag
+        could give that value back."""
         a, b = self.to_dict(), other.to_dict()
+        if self.adapter == other.adapter == "lora":
+            ignore = (*ignore, *PRESET_FULL_STUDENT_FIELDS)
 
         def same(k) -> bool:
             x, y = a.get(k), b.get(k)

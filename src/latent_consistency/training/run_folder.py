@@ -90,7 +90,7 @@ def check_resumable(out: Path, config: TrainConfig) -> None:
         else:
             hint = ""
         raise UserError(f"{out} was started with a different config ({'; '.join(diffs)}); resume with the same settings or use a "
-                        f"new --out{hint}")
+                        f"new --out{hint}; `--config {saved} --out {out} --resume` gives the run's own, also where a preset changed since")
     sources.check_sources(out, config)
     damaged = ckpt.damaged_checkpoints(out)
     if damaged:
