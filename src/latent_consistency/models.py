@@ -393,25 +393,119 @@ def _check_components(path: str, index: dict, pixart: bool) -> None:
                             f"needs in {name}/; put the model's own text encoder there")
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
+    """A name that is no path here and has the hub's org/name form: a local folder of that relative path, where there is
+    one, is read instead (as diffusers reads it)."""
     return not os.path.isabs(name) and name.count("/") == 1 and not name.startswith(".") and not Path(name).exists()
 
 
-def check_hub_id(name: str, what: str) -> None:
-    """A hub id with the hub offline (HF_HUB_OFFLINE) must be in the local cache: else a UserError at once ("cannot load
-    `what` `name`: ..."), which also covers a mistyped local path (runs/lcm), rather than the hub client's messages and
-    warnings. A local path, or a name that is no hub id, is left to its loader."""
-    from huggingface_hub import constants, snapshot_download
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The folder of a hub repo's snapshot in the local cache (the revision its refs/main names; its files are symlinks
+    to the cache's blobs), None when the cache has none."""
+    from huggingface_hub import snapshot_download
 
-    if not _looks_like_hub_id(name) or not constants.HF_HUB_OFFLINE:
-        return
     try:
-        snapshot_download(name, local_files_only=True)
-    except OSError:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (OSError, ValueError):
+        return None
+
+
+def offline_snapshot(name: str) -> Path | None:
+    """Where a hub id is read from with the hub offline (HF_HUB_OFFLINE): its cached snapshot folder, read as a local
+    folder is, so that what the loaders read beside the weights (a guidance record, a LoRA's scheduler config) is read for
+    it too and the hub client has no revision to ask for; None for a local path, a hub id online (the hub says its latest
+    revision then) or one not in the cache."""
+    from huggingface_hub import constants
+
+    if not looks_like_hub_id(name) or not constants.HF_HUB_OFFLINE:
+        return None
+    return _cached_snapshot(name)
+
+
+def guidance_record_of(name_or_path: str) -> GuidanceRecord | None:
+    """The guidance record (`guidance_record`) beside a model's weights: in its folder, or offline in a hub id's cached
+    snapshot; None where there is none (online, a hub id's is not read)."""
+    return read_record(offline_snapshot(name_or_path) or name_or_path)
+
+
+def hub_revision(name: str) -> str | None:
+    """The commit of the hub repo a hub id loads: online the hub's latest, offline the one in the local cache (the
+    revision `offline_snapshot` reads); None for a local path or a hub id that cannot be resolved."""
+    from huggingface_hub import constants, resolve_revision
+    from huggingface_hub.errors import HfHubHTTPError, RevisionResolutionError
+
+    if not looks_like_hub_id(name):
+        return None
+    try:
+        return resolve_revision(name, local_files_only=constants.HF_HUB_OFFLINE).resolved
+    except (OSError, ValueError, HfHubHTTPError, RevisionResolutionError):
+        return None
+
+
+def model_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files of a model folder whose names end in `suffixes`, sorted (or the file itself, given a file), through
+    symlinked folders too: a folder assembled of links (a pipeline whose unet/ links to another, a hub cache's snapshot)
+    holds the files its loader reads through them. A link back to a folder above is not walked again."""
+    if path.is_file():
+        return [path]
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(path, followlinks=True):
+        if os.path.realpath(folder) in seen:
+            subfolders.clear()
+            continue
+        seen.add(os.path.realpath(folder))
+        files += [Path(folder) / name for name in names if name.endswith(suffixes) and (Path(folder) / name).is_file()]
+    return sorted(files)
+
+
+# The prefixes of a hub repo's address, as a user copies it from the hub's page
+HUB_ADDRESS = re.compile(r"^(https?://(www[.])?(huggingface|hf)[.]co/|hf://)")
+
+
+def _hub_repo_hint(name: str) -> str:
+    """What to give for a name that is no folder here but names something of a hub repo: a revision of it (org/name@rev),
+    its address (https://huggingface.co/org/name), or a folder or file in it (org/name/unet, where org/name is in the
+    local cache); "" for any other name."""
+    if "@" in name and looks_like_hub_id(name):
+        repo, revision = name.split("@", 1)
+        return (f"a hub id takes no revision (@{revision}): download that revision into a folder (`hf download {repo} "
+                f"--revision {revision} --local-dir FOLDER`) and give the folder")
+    address = HUB_ADDRESS.sub("", name)
+    parts = address.strip("/").split("/")
+    repo = "/".join(parts[:2])
+    if len(parts) < 2 or os.path.isabs(address) or address.startswith(".") or (address == name and _cached_snapshot(repo) is None):
+        return ""
+    inside = "/".join(parts[2:]) if address == name else ""  # an address's tail (tree/main) is the hub page's, not the repo's
+    what = f"the {inside} of the hub repo {repo}, which is not loaded on its own" if inside else f"the hub repo {repo}"
+    return f"it names {what}: give its hub id, {repo}"
+
+
+def check_hub_id(name: str, what: str) -> str:
+    """Where to load `what` `name` from: a local path (or a name that is no hub id) as given, for its loader; a hub id
+    online as given, for diffusers to download; offline (HF_HUB_OFFLINE) its snapshot in the local cache
+    (`offline_snapshot`). A hub id that is not valid, or offline not in the cache, is a UserError at once ("cannot load
+    `what` `name`: ..."), which also covers a mistyped local path (runs/lcm), rather than the hub client's messages; so
+    is a name that is no folder here but names a hub repo's revision, address or folder (`_hub_repo_hint`)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import validate_repo_id
+
+    if not looks_like_hub_id(name):
+        hint = "" if Path(name).exists() else _hub_repo_hint(name)
+        if hint:
+            raise UserError(f"cannot load {what} {name}: it is not a folder here; {hint}")
+        return name
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        hint = _hub_repo_hint(name) or "a hub id is org/name, of letters, digits, '-', '_' and '.'"
+        raise UserError(f"cannot load {what} {name}: it is not a folder here, nor a valid hub id; {hint}") from None
+    if not constants.HF_HUB_OFFLINE:
+        return name
+    snapshot = offline_snapshot(name)
+    if snapshot is None:
         raise UserError(f"cannot load {what} {name}: it is not a folder here, and as a hub id it is not in the local cache (HF_HUB_OFFLINE "
-                        f"is set); give a local folder, or download it first (`hf download {name}`)") from None
-    except ValueError:  # not a valid hub id either: the loader says so
-        pass
+                        f"is set); give a local folder, or download it first (`hf download {name}`)")
+    return str(snapshot)
 
 
 # Weights files a component folder may hold that are not loaded here: PyTorch pickles, and variants (name.fp16.safetensors)
@@ -480,11 +574,12 @@ def restore_frozen_parts_in_float32(model: DiffusionModel) -> None:
     them in half precision (`training.objectives.freeze_in_half_precision`), they are read again from `model.source`,
     since casting the rounded weights back would export another decoder and text encoder than the model's."""
     parts = {"vae": model.vae, "text_encoder": model.text_encoder, "text_encoder_2": model.text_encoder_2}
+    folder = check_hub_id(model.source, "a diffusers model from")
     for subfolder, module in parts.items():
         if module is None or module.dtype == torch.float32:
             continue
         module.to(dtype=torch.float32)
-        module.load_state_dict(load_component(type(module), model.source, subfolder, torch_dtype=torch.float32, use_safetensors=True).state_dict())
+        module.load_state_dict(load_component(type(module), folder, subfolder, torch_dtype=torch.float32, use_safetensors=True).state_dict())
 
 
 def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
@@ -501,36 +596,37 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
     device = resolve_device(device)  # "cuda" on a machine without one is a one-line error here, not torch's assertion later
-    local = not _looks_like_hub_id(name_or_path)
-    if local:
+    # Read from here: the folder, or a hub id's snapshot in the cache offline; online, the hub id for diffusers to download
+    folder = check_hub_id(name_or_path, "a diffusers model from")
+    if not looks_like_hub_id(name_or_path):
         _check_model_folder(name_or_path)
-        read_json_object(Path(name_or_path) / "model_index.json", "a pipeline folder")
-    else:
-        check_hub_id(name_or_path, "a diffusers model from")
+    local = Path(folder).is_dir()
+    if local:
+        read_json_object(Path(folder) / "model_index.json", "a pipeline folder")
     kwargs = dict(torch_dtype=dtype, use_safetensors=True)
     try:
-        index = dict(DiffusionPipeline.load_config(name_or_path))
+        index = dict(DiffusionPipeline.load_config(folder))
         pixart = _is_pixart(name_or_path, index)
         if local:
-            _check_components(name_or_path, index, pixart)
-        scheduler_config = _read_scheduler_config(name_or_path)  # before any weights: what it says may refuse the model
+            _check_components(folder, index, pixart)
+        scheduler_config = _read_scheduler_config(name_or_path, folder)  # before any weights: what it says may refuse the model
         if scheduler_config.get("rescale_betas_zero_snr") and prediction_type_of(scheduler_config) == "epsilon":
             raise UserError(f"{name_or_path} predicts ε on a zero-terminal-SNR schedule (rescale_betas_zero_snr), where ε says nothing "
                             "about the image at t = T-1 (x̂0 = (z - σ·ε̂)/α with α = 0: its first step makes NaN or noise); such models "
                             "predict v (Lin et al. 2024): set its scheduler config to what it was trained with")
-        vae = load_component(AutoencoderKL, name_or_path, "vae", **kwargs)
+        vae = load_component(AutoencoderKL, folder, "vae", **kwargs)
         if pixart:
-            unet = load_component(PixArtTransformer2DModel, name_or_path, "transformer", **kwargs)
-            text_encoder = load_component(T5EncoderModel, name_or_path, "text_encoder", **kwargs)
-            tokenizer = _load_tokenizer(AutoTokenizer, name_or_path, "tokenizer")
+            unet = load_component(PixArtTransformer2DModel, folder, "transformer", **kwargs)
+            text_encoder = load_component(T5EncoderModel, folder, "text_encoder", **kwargs)
+            tokenizer = _load_tokenizer(AutoTokenizer, folder, "tokenizer")
         else:
-            unet = load_component(UNet2DConditionModel, name_or_path, "unet", **kwargs)
-            text_encoder = load_component(CLIPTextModel, name_or_path, "text_encoder", **kwargs)
-            tokenizer = _load_tokenizer(CLIPTokenizer, name_or_path, "tokenizer")
+            unet = load_component(UNet2DConditionModel, folder, "unet", **kwargs)
+            text_encoder = load_component(CLIPTextModel, folder, "text_encoder", **kwargs)
+            tokenizer = _load_tokenizer(CLIPTokenizer, folder, "tokenizer")
         second = {}
         if (index.get("text_encoder_2") or [None])[0] is not None:
-            second = dict(text_encoder_2=load_component(CLIPTextModelWithProjection, name_or_path, "text_encoder_2", **kwargs),
-                          tokenizer_2=_load_tokenizer(CLIPTokenizer, name_or_path, "tokenizer_2"),
+            second = dict(text_encoder_2=load_component(CLIPTextModelWithProjection, folder, "text_encoder_2", **kwargs),
+                          tokenizer_2=_load_tokenizer(CLIPTokenizer, folder, "tokenizer_2"),
                           force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a diffusers model from {name_or_path}: {first_line(err)}") from err
@@ -583,17 +679,19 @@ def _is_pixart(name_or_path: str, index: dict) -> bool:
     return True
 
 
-def _read_scheduler_config(name_or_path: str) -> dict:
+def _read_scheduler_config(name_or_path: str, folder: str) -> dict:
+    """The scheduler config of the model `name_or_path`, read from `folder` (`check_hub_id`), with its class's defaults
+    and a progressively distilled model's step count; refused where it describes a noise process not sampled here."""
     from diffusers import DDPMScheduler
 
-    config = dict(DDPMScheduler.load_config(name_or_path, subfolder="scheduler"))
+    config = dict(DDPMScheduler.load_config(folder, subfolder="scheduler"))
     _check_noise_schedule(name_or_path, config.get("_class_name"))
     config = _schedule_defaults(config.get("_class_name")) | config
     if config.get("timestep_type") == "continuous" and prediction_type_of(config) == "v_prediction":
         raise UserError(f"{name_or_path}: its scheduler config says timestep_type \"continuous\" with v-prediction: the network takes "
                         "0.25·log σ_t as its time input (EDM's c_noise, as in CosXL), not the integer timestep t this library gives it; "
                         "give a model trained on discrete timesteps")
-    progressive = Path(name_or_path) / PROGRESSIVE_FILE
+    progressive = Path(folder) / PROGRESSIVE_FILE
     extra = read_json_object(progressive, "a progressively distilled model") if progressive.is_file() else {}
     return {k: v for k, v in config.items() if not k.startswith("_")} | extra | {"_class_name": config.get("_class_name")}
 
@@ -770,7 +868,7 @@ def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str 
         raise UserError(f"{name_or_path} is a guidance-distilled diffusion model (ω input, no LCMScheduler), not an LCM; sample it with "
                         "an ODE solver (`lcm generate --sampler ddim`), or distil it into an LCM with `lcm distill --teacher ...`")
     if model.time_cond_proj_dim is not None:
-        model.guidance_record = read_record(name_or_path)
+        model.guidance_record = guidance_record_of(name_or_path)
     return model
 
 
@@ -870,11 +968,9 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     """
     from safetensors import SafetensorError
 
-    path = Path(lora)
-    if not path.exists():
-        if not _looks_like_hub_id(lora):
-            raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
-        check_hub_id(lora, "the LoRA")
+    path = Path(check_hub_id(lora, "the LoRA"))
+    if not path.exists() and not looks_like_hub_id(lora):
+        raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
     _check_lora_path(path, lora)
     # Read before the model loads: a broken file is known at once. A weights file given in its LoRA folder (lora/
     # pytorch_lora_weights.safetensors) samples under the LCMScheduler config beside it, as the folder does
@@ -884,7 +980,7 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
         saved_config = None  # another scheduler's config that happens to lie beside the file: not the LoRA's
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
     family = lora_pipeline_class(model)
-    source, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (lora, {})
+    source, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (str(path), {})
     components = {"unet": model.unet} | dict(zip(("text_encoder", "text_encoder_2"), model.text_encoders))
     state_dict, loading = {}, "unet"
     try:
@@ -935,5 +1031,5 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
                         "no LCMScheduler config: together they are not an LCM; give an LCM, or the model an LCM-LoRA was distilled "
                         "from, as the model")
     if model.time_cond_proj_dim is not None:  # an LCM with a LoRA fine-tuned on it: its ω input is the LCM's, and so is its record
-        model.guidance_record = read_record(name_or_path)
+        model.guidance_record = guidance_record_of(name_or_path)
     return model

@@ -17,8 +17,7 @@ import torch
 from latent_consistency.compilation import compile_for_sampling
 from latent_consistency.denoisers import NegativePromptGuidance
 from latent_consistency.errors import UserError
-from latent_consistency.guidance_record import read_record
-from latent_consistency.models import DiffusionModel, load_diffusion_model, load_lcm, load_lcm_lora
+from latent_consistency.models import DiffusionModel, guidance_record_of, load_diffusion_model, load_lcm, load_lcm_lora
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.preview import load_preview_decoder
 from latent_consistency.prompts import PromptCache
@@ -297,7 +296,7 @@ class SolverGenerator(Generator):
         if model.is_lcm:
             raise UserError(f"{path} is an LCM: sample it with --sampler lcm")
         if model.time_cond_proj_dim is not None:  # a guidance-distilled model: the range its ω input learned, and its default g
-            model.guidance_record = read_record(path)
+            model.guidance_record = guidance_record_of(path)
         generator = cls(model, device, dtype)
         generator.sampler = sampler
         return generator

@@ -31,7 +31,7 @@ from latent_consistency.evaluation.compare import sample_consistency, sample_gui
 from latent_consistency.evaluation.fid import feature_rms, fid_score, kid_score
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.grids import CHAR_WIDTH, image_grid, save_png
-from latent_consistency.models import DiffusionModel
+from latent_consistency.models import DiffusionModel, hub_revision, model_files
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.solvers import get_solver
 
@@ -219,13 +219,14 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", "config.j
 
 def model_identity(name_or_path: str) -> str:
     """A model's name and, for a local folder or file, its absolute path and a digest of the sizes and modification times
-    of its weights and configs: a model saved again at the same path (distilled again, another LoRA file) is another model,
-    and the same folder however it is spelled (runs/lcm, runs/lcm/ as a shell completes it, ./runs/lcm, its absolute
-    path) is the same one."""
+    of its weights and configs (through symlinks), or for a hub id the commit it loads: a model saved again at the same path
+    (distilled again, another LoRA file) or a newer commit of a hub id is another model, and the same folder however it is
+    spelled (runs/lcm, runs/lcm/ as a shell completes it, ./runs/lcm, its absolute path) is the same one."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
-        return name_or_path  # a hub id
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(MODEL_FILE_SUFFIXES))
+        revision = hub_revision(name_or_path)
+        return name_or_path if revision is None else f"{name_or_path}@{revision}"
+    files = model_files(path, MODEL_FILE_SUFFIXES)
     stamp = [(f.relative_to(path).as_posix() if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return f"{path.resolve().as_posix()} {hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}"
 

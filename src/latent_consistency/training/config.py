@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from latent_consistency.errors import UserError
-from latent_consistency.guidance_record import read_record
+from latent_consistency.models import guidance_record_of
 
 ADAPTERS = ("full", "lora")
 METHODS = ("lcd", "ode", "guidance", "progressive")
@@ -510,8 +510,8 @@ RECORDED_GUIDANCE_FIELDS = ("guidance_scale_min", "guidance_scale_max", "validat
 def recorded_guidance_fields(model: str | None, chosen: set[str]) -> dict[str, float]:
     """LCF of an LCM with a guidance record: the range its ω input was distilled on and its default g, for the fields the
     user did not choose (`chosen`) — a preset's range or g would move the fine-tuned LCM's default g, or draw ω where it
-    extrapolates, though LCF teaches no guidance. Nothing for an LCM without a record (from elsewhere, a hub id)."""
-    record = read_record(model) if isinstance(model, str) and model else None
+    extrapolates, though LCF teaches no guidance. Nothing for an LCM without a record (from elsewhere, a hub id online)."""
+    record = guidance_record_of(model) if isinstance(model, str) and model else None
     if record is None:
         return {}
     recorded = dict(zip(RECORDED_GUIDANCE_FIELDS, (record.guidance_scale_min, record.guidance_scale_max, record.guidance_scale)))

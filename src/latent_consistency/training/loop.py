@@ -20,8 +20,7 @@ from latent_consistency.compilation import compiler_problem
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
-from latent_consistency.guidance_record import read_record
-from latent_consistency.models import DiffusionModel
+from latent_consistency.models import DiffusionModel, guidance_record_of
 from latent_consistency.solvers import get_solver
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training.batches import TrainingBatches
@@ -69,7 +68,7 @@ def guidance_range_note(config: TrainConfig, base: DiffusionModel) -> str | None
     if config.objective == "lcf":
         record = base.guidance_record
         return record.fine_tuning_note(config.guidance_scale_min, config.guidance_scale_max) if record is not None else None
-    record = read_record(config.teacher) if base.time_cond_proj_dim is not None and not base.is_lcm else None
+    record = guidance_record_of(config.teacher) if base.time_cond_proj_dim is not None and not base.is_lcm else None
     return record.teacher_note(config.guidance_scale_min, config.guidance_scale_max) if record is not None else None
 
 

@@ -2,10 +2,11 @@
 resume on another model at the same path (a teacher re-downloaded or distilled again into its folder) is refused, where
 it would go on training the student towards a model it did not start with.
 
-A model's identity is a digest of its weight and config files' names and sizes and of 8 samples of 64 KiB spread over
-each file: cheap for a Stable Diffusion folder, independent of modification times (a folder copied with `cp -r` is the
-same model), and different for weights trained again into the same architecture. A hub id has none: its name is in
-config.json.
+A local model's identity is a digest of its weight and config files' names and sizes and of 8 samples of 64 KiB spread
+over each file (through symlinks: a hub cache's snapshot, a folder of links): cheap for a Stable Diffusion folder,
+independent of modification times (a folder copied with `cp -r` is the same model), and different for weights trained
+again into the same architecture. A hub id's is the commit it loads (`models.hub_revision`: offline, the one in the local
+cache), so that a resume after the repo moved on (a new commit pushed, downloaded since) is refused too.
 """
 
 from __future__ import annotations
@@ -16,22 +17,27 @@ from pathlib import Path
 
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.table import MODEL_FILE_SUFFIXES
+from latent_consistency.models import hub_revision, model_files
 from latent_consistency.outputs import write_json_atomic
 
 FILE = "sources.json"
 SAMPLES, SAMPLE_BYTES = 8, 64 * 1024
 # The config fields that name a model a run reads
 MODEL_FIELDS = ("teacher", "model", "lora", "student_init")
+HUB_COMMIT = "commit "  # a hub id's identity: the commit it loads
 
 
 def model_digest(name_or_path: str) -> str | None:
-    """The identity of a local model folder or file (see the module's docstring); None for a hub id or nothing."""
+    """The identity of a local model folder or file, or of a hub id (see the module's docstring); None for nothing, or a
+    hub id that cannot be resolved."""
     path = Path(name_or_path)
-    if not name_or_path or not path.exists():
+    if not name_or_path:
         return None
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(MODEL_FILE_SUFFIXES))
+    if not path.exists():
+        revision = hub_revision(name_or_path)
+        return None if revision is None else f"{HUB_COMMIT}{revision}"
     digest = hashlib.sha256()
-    for file in files:
+    for file in model_files(path, MODEL_FILE_SUFFIXES):
         size = file.stat().st_size
         digest.update(json.dumps([file.name if file == path else file.relative_to(path).as_posix(), size]).encode())
         with open(file, "rb") as f:
@@ -54,7 +60,8 @@ def record_sources(out: Path, config) -> None:
 
 
 def check_sources(out: Path, config) -> None:
-    """A UserError when a model the run in `out` started with (its `sources.json`) is another model now at the same path."""
+    """A UserError when a model the run in `out` started with (its `sources.json`) is another model now at the same path or
+    hub id."""
     try:
         saved = json.loads((out / FILE).read_text())
     except (OSError, ValueError):
@@ -62,6 +69,9 @@ def check_sources(out: Path, config) -> None:
     now = run_sources(config)  # a model no longer there is not compared: --student-init's may be cleared away after the start
     for field, digest in (saved.items() if isinstance(saved, dict) else []):
         if field in now and now[field] != digest:
-            flag = "--" + field.replace("_", "-")
-            raise UserError(f"{flag} {getattr(config, field, '')} is not the model this run started with (its weight files changed "
+            flag, name = "--" + field.replace("_", "-"), getattr(config, field, "")
+            if str(digest).startswith(HUB_COMMIT):  # the repo moved on: the run's config names the hub id, not a folder to go back to
+                raise UserError(f"{flag} {name} is not the model this run started with: the hub id loads {now[field]} now, the run "
+                                f"started from {digest} ({FILE} says); start a new run with another --out")
+            raise UserError(f"{flag} {name} is not the model this run started with (its weight files changed "
                             f"since, {FILE} says); put that model back to resume, or start a new run with another --out")

@@ -148,15 +148,15 @@ def _initial_unet(path: str, base: DiffusionModel, prediction_type: str):
     the student's parameterisation: its output means what the loss reads it as)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    check_hub_id(path, "the student's starting UNet from")
+    folder = check_hub_id(path, "the student's starting UNet from")  # offline, a hub id's cached snapshot
     try:
-        scheduler_config = DDIMScheduler.load_config(path, subfolder="scheduler")
+        scheduler_config = DDIMScheduler.load_config(folder, subfolder="scheduler")
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the student's starting UNet from {path}: give a diffusers folder with unet/ and scheduler/") from err
     if not isinstance(scheduler_config, dict):
         raise UserError(f"the scheduler config of {path} is not a JSON object; give a diffusers folder with unet/ and scheduler/")
     predicts = prediction_type_of(scheduler_config)
-    unet = load_component(UNet2DConditionModel, path, "unet", use_safetensors=True)
+    unet = load_component(UNet2DConditionModel, folder, "unet", use_safetensors=True)
     if predicts != prediction_type:
         raise UserError(f"the UNet of {path} predicts {predicts} and the student {prediction_type}: "
                         f"set --student-prediction {predicts}")
