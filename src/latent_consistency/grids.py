@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
+
+from latent_consistency.outputs import write_atomic
 
 CHAR_WIDTH, LINE_HEIGHT = 6, 11  # px of PIL's default bitmap font
 
@@ -20,19 +21,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def save_png(image: Image.Image, path: Path, text: dict[str, str] | None = None) -> None:
-    """Write atomically: a temporary file in the same folder, then rename; the temporary file goes if writing fails or
-    is interrupted (Ctrl-C). `text`: UTF-8 text chunks to write in the PNG, {keyword: text}."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write atomically (`write_atomic`: whole or not at all, even when interrupted, and a full disk names the file).
+    `text`: UTF-8 text chunks to write in the PNG, {keyword: text}."""
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_itxt(key, value)
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def wrap_caption(text: str, width: int) -> list[str]:

@@ -1,13 +1,19 @@
-"""Output folders a command writes into, checked before any work is done."""
+"""Output folders a command writes into, checked before any work is done, and the writes into them: whole or not at all,
+and a write that fails (a full disk) names its file."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from latent_consistency.errors import UserError
 
@@ -67,14 +73,59 @@ def savefig_atomic(fig, path: Path, **kwargs) -> Path:
 
 def write_atomic(path: Path, write) -> None:
     """`write(tmp)` a temporary file beside `path`, then move it over `path`, so that a reader (or a rerun after a kill)
-    sees the old file or the new one, never half of one; the temporary file goes if `write` fails."""
+    sees the old file or the new one, never half of one; the temporary file goes if `write` fails, and a failure to
+    write (a full disk) names `path` (`written`)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        write(tmp)
+        with written(path):
+            write(tmp)
+            with open(tmp, "rb") as f:  # on disk before the rename: after a power cut, not an empty file under `path`
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """`torch.save(obj, path)` through a Python file, so that a write that fails (a full disk) raises Python's OSError,
+    which `written` finds behind torch's RuntimeError: given a path, torch's own writer reports only "unexpected pos"."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+# Where the libraries that write files put the OSError of a write that failed: Python's own has no file name (a write() or
+# close(), not the open()), torch.save's RuntimeError is raised while handling it, safetensors' and tokenizers' (Rust) end
+# their message in "(os error N)", shutil.Error quotes "[Errno N]"
+_ERRNO_IN_MESSAGE = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+
+
+def os_error_of(err: BaseException | None) -> OSError | None:
+    """The OSError behind `err`: `err` itself, one it was raised from or while handling, or the one its message quotes
+    (`_ERRNO_IN_MESSAGE`); None when there is none."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        match = _ERRNO_IN_MESSAGE.search(str(err))
+        if match:
+            number = int(match.group(1) or match.group(2))
+            return OSError(number, os.strerror(number))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextmanager
+def written(path: str | Path) -> Iterator[None]:
+    """Name `path` in a failure to write it: the OSError behind it (`os_error_of`) raised again with `path` as its file
+    name, which the CLI prints in one line (exit 2). Without it a full disk, met in a write() and not in the open(), was
+    a traceback. An OSError that names its file already goes on as it is."""
+    try:
+        yield
+    except Exception as err:
+        cause = os_error_of(err)
+        if cause is None or (isinstance(err, OSError) and err.filename is not None):
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from err
 
 
 def replace_folder(new: Path, path: Path) -> Path:

@@ -46,9 +46,12 @@ def quiet_libraries() -> None:
 
 
 # OSErrors that a path from the command line or the machine causes. Not ENOENT: a user's missing path is checked where it is
-# read, and a missing file of ours is a defect whose traceback must show.
+# read, and a missing file of ours is a defect whose traceback must show. EFBIG: a file larger than its file system takes
+# (a checkpoint of over 4 GB on FAT32).
 USER_PATH_ERRORS = {errno.ENAMETOOLONG, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
-                    errno.EDQUOT}
+                    errno.EDQUOT, errno.EFBIG}
+# Of those, the ones of a write that did not fit: about the file written, even where a library names no file
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class Terminated(KeyboardInterrupt):
@@ -62,6 +65,22 @@ def _terminated(signum, frame) -> None:
 def stopped(stop: KeyboardInterrupt) -> tuple[str, int]:
     """The word and exit code of a stop: 130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as a shell reports them)."""
     return ("terminated", 128 + signal.SIGTERM) if isinstance(stop, Terminated) else ("interrupted", 130)
+
+
+def path_error(err: Exception) -> str | None:
+    """The one line of an error that a path or the disk caused: an OSError of `USER_PATH_ERRORS` that names its file, or
+    one of `DISK_FULL` behind any error (`os_error_of`: libraries' own errors over one, which name no file), naming the
+    file written (a copy's OSError names its source first). None for anything else: a defect whose traceback must show."""
+    from latent_consistency.outputs import os_error_of
+
+    cause = os_error_of(err)
+    full = cause is not None and cause.errno in DISK_FULL
+    if not full and (cause is not err or cause.errno not in USER_PATH_ERRORS or cause.filename is None):
+        return None
+    if cause.filename is None:
+        return f"{cause.strerror} while writing the output; free some space, or write to another disk"
+    name = str(cause.filename2 if full and cause.filename2 is not None else cause.filename)
+    return f"{cause.strerror}: {name if len(name) <= 120 else name[:120] + '…'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"lcm {command}: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
-        if err.filename is None or err.errno not in USER_PATH_ERRORS:
+    except Exception as err:  # an OSError about a path, or a library's error over one
+        message = path_error(err)
+        if message is None:
             raise
-        name = str(err.filename)
-        print(f"lcm {command}: error: {err.strerror}: {name if len(name) <= 120 else name[:120] + '…'}", file=sys.stderr)
+        print(f"lcm {command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         word, code = stopped(stop)

@@ -12,7 +12,9 @@ it had never stopped:
     state.json            step, counters, the data position of every rank, the resolved config
 
 It is written into `step-NNNNNNN.tmp/` and renamed when complete, so a folder without `.tmp` is
-always whole: a run killed half-way leaves only a `.tmp` folder, which resume ignores and removes.
+always whole: a run killed half-way leaves only a `.tmp` folder, which resume ignores and removes. A write that fails
+(a full disk) removes it and is an OSError naming the checkpoint, which the CLI prints in one line; the checkpoints
+before it stay whole, and a resume continues from the latest.
 state.json also lists the files written with it, so a `step-NNNNNNN/` folder damaged by hand since (a file cut short or
 deleted, state.json itself missing: `damaged_checkpoints`) or copied from another run (its config is not its run folder's)
 is refused in one line, and kept: never skipped, restarted over or overwritten.
@@ -31,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from latent_consistency.errors import UserError, first_line
+from latent_consistency.outputs import save_torch, written
 
 CHECKPOINT_DIR = "checkpoints"
 STATE = "state.json"
@@ -57,28 +60,54 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
                     objects: dict[str, dict], state: dict, keep: int) -> Path:
-    """Write a checkpoint atomically and keep only the `keep` most recent ones."""
+    """Write a checkpoint atomically and keep only the `keep` most recent ones. A write that fails (a full disk) is an
+    OSError naming the checkpoint (`written`), removes its half-written folder and leaves the checkpoints before it whole."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, sd in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
-    for name, obj in objects.items():
-        torch.save(obj, tmp / f"{name}.pt")
-    (tmp / STATE).write_text(json.dumps({**state, FILES: sorted(f.name for f in tmp.iterdir())}, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
+    try:
+        with written(final):
+            _write_files(tmp, tensors, objects, state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # One of the same step (a run stopped by non-finite losses where it last saved) is set aside whole, not removed, until
+    # the new one is in its place: a kill between the two renames leaves the new one whole as `.tmp`, which
+    # `remove_partial_checkpoints` moves into place
+    replaced = _set_aside(final) if final.exists() else None
     os.replace(tmp, final)
     _fsync_dir(root)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_set_aside(old), ignore_errors=True)
     return final
+
+
+def _write_files(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, dict], state: dict) -> None:
+    """A checkpoint's files into the new `folder`, state.json (listing the others) last, all of them on disk when it returns."""
+    folder.mkdir()
+    for name, sd in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(folder / f"{name}.safetensors"))
+    for name, obj in objects.items():
+        save_torch(obj, folder / f"{name}.pt")
+    (folder / STATE).write_text(json.dumps({**state, FILES: sorted(f.name for f in folder.iterdir())}, indent=1))
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename the checkpoint folder `path` to a `.tmp` name, which is no checkpoint, before it is removed: a removal cut
+    short (a kill, a file that cannot be removed) leaves no `step-NNNNNNN` without its state.json, which a resume would
+    refuse as damaged, only a folder that resume removes. Returns the new name."""
+    aside = path.with_name(path.name + ".old.tmp")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    return aside
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -101,9 +130,17 @@ def _step_folders(run_dir: Path) -> list[Path]:
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Remove the `.tmp` folders of checkpoints being written or removed when a run stopped. One that is whole (`read_state`)
+    with no checkpoint of its step beside it was stopped as it replaced one of its own step (`save_checkpoint`): it is
+    moved into place, so that neither is lost."""
     root = Path(run_dir) / CHECKPOINT_DIR
-    if root.is_dir():
-        for p in root.glob("*.tmp"):
+    if not root.is_dir():
+        return
+    for p in sorted(root.glob("*.tmp")):
+        final = p.with_name(p.name.removesuffix(".tmp"))
+        if _NAME.match(final.name) and not final.exists() and read_state(p)[1] is None:
+            os.replace(p, final)
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -124,19 +161,27 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
 def check_whole(path: Path) -> dict:
     """The state of the checkpoint folder `path`, once it is known to hold its state.json and every file that state.json
     lists (checkpoints written before that list: the files there). A file cut short is refused as it is read."""
+    state, damage = read_state(path)
+    if damage:
+        raise UserError(damaged_message(path, damage))
+    return state
+
+
+def read_state(path: Path) -> tuple[dict | None, str | None]:
+    """(the state of the checkpoint folder `path`, None) when it is whole as `check_whole` knows it; else (None, why not)."""
     try:
         state = json.loads((path / STATE).read_text())
     except FileNotFoundError:
-        raise UserError(damaged_message(path, f"it has no {STATE}")) from None
+        return None, f"it has no {STATE}"
     except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError among them
-        raise UserError(damaged_message(path, f"its {STATE} cannot be read: {first_line(err)}")) from None
+        return None, f"its {STATE} cannot be read: {first_line(err)}"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise UserError(damaged_message(path, f"its {STATE} is not a checkpoint's"))
-    written = state.get(FILES)
-    missing = [name for name in (written if isinstance(written, list) else []) if not (path / str(name)).is_file()]
+        return None, f"its {STATE} is not a checkpoint's"
+    listed = state.get(FILES)
+    missing = [name for name in (listed if isinstance(listed, list) else []) if not (path / str(name)).is_file()]
     if missing:
-        raise UserError(damaged_message(path, f"its {', '.join(map(str, missing))} {'is' if len(missing) == 1 else 'are'} missing"))
-    return state
+        return None, f"its {', '.join(map(str, missing))} {'is' if len(missing) == 1 else 'are'} missing"
+    return state, None
 
 
 def check_of_this_run(path: Path, state: dict) -> None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
-from latent_consistency.outputs import write_atomic
+from latent_consistency.outputs import save_torch, write_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.schedule import skipping_grid
 from latent_consistency.training.config import canonical_source
@@ -68,7 +68,7 @@ class ODETargets:
 
     def save(self, path: Path) -> None:
         """Atomically: a temporary file beside `path`, then rename (a killed build leaves no bank behind)."""
-        write_atomic(path, lambda tmp: torch.save({name: getattr(self, name).cpu() for name in TENSORS} | {"settings": self.settings}, tmp))
+        write_atomic(path, lambda tmp: save_torch({name: getattr(self, name).cpu() for name in TENSORS} | {"settings": self.settings}, tmp))
 
     @classmethod
     def load(cls, path: Path, device="cpu", settings: str | None = None) -> ODETargets:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from latent_consistency.models import (
     inference_timesteps,
     is_lcm_config,
 )
-from latent_consistency.outputs import check_writable, replace_folder, write_json_atomic
+from latent_consistency.outputs import check_writable, replace_folder, write_json_atomic, write_text_atomic, written
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
@@ -416,7 +415,8 @@ class RunFolder:
             # folder that looks finished (the demo and `lcm evaluate` take one that is there); a resumed run exports again
             staging = self.out / EXPORT_STAGING
             shutil.rmtree(staging, ignore_errors=True)
-            staged = student.export(staging, unwrapped, self.base)
+            with written(staging):  # diffusers' writes, on a full disk, name no file
+                staged = student.export(staging, unwrapped, self.base)
             if self.exports_full_lcm() or self.exports_guided_model():
                 write_record(staged, recorded_guidance(self.config, self.base.guidance_record, response))
             exported = replace_folder(staged, self.out / staged.name)
@@ -448,7 +448,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.active:
             return
-        with open(self.path, "a") as f:
+        with written(self.path), open(self.path, "a") as f:  # a line cut short by a full disk goes on resume (`drop_records_after`)
             f.write(json.dumps(record) + "\n")
         tb = self.tensorboard()
         if tb is not None:
@@ -471,19 +471,13 @@ class MetricsWriter:
 def drop_records_after(path: Path, step: int) -> None:
     """Remove from metrics.jsonl the records of steps after `step`, and an unfinished last line (a run killed while writing
     it), so that a run resumed from its checkpoint at `step` leaves the log the uninterrupted run writes. Every other line
-    is kept as it is; the file is rewritten atomically (a temporary file, then os.replace), and only when a line goes."""
+    is kept as it is; the file is rewritten atomically (`write_text_atomic`), and only when a line goes."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.endswith("\n") and not logged_after(line, step)]
-    if len(kept) == len(lines):
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("".join(kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
 
 
 def logged_after(line: str, step: int) -> bool:
