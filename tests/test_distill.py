@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from latent_consistency.cli import main
 from latent_consistency.errors import UserError
 from latent_consistency.training.config import DistillConfig, resolve_config
+from tiny_models import sample_as_its_model_card_says
 from two_processes import DATA_PARALLEL, launch
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -75,6 +76,9 @@ def test_distill_exports_an_lcm_diffusers_runs(tiny_sd, image_folder, tmp_path):
     assert pipe.scheduler.config.original_inference_steps == 50
     image = pipe("a red star", num_inference_steps=2, height=16, width=16, output_type="np").images
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+    card, image = sample_as_its_model_card_says(out / "lcm")  # its model card's usage runs as written
+    assert card.data.base_model is None and "ω response at t = 999 / 759 / 499 / 259 / 99" in card.text  # a local teacher
+    assert np.isfinite(np.asarray(image)).all()
 
 
 def test_v_prediction_student_of_an_epsilon_teacher_exports_and_runs_in_diffusers(tiny_sd, image_folder, tmp_path):
@@ -183,6 +187,8 @@ def test_lora_export_loads_with_load_lora_weights(tiny_sd, image_folder, tmp_pat
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     image = pipe("a red star", num_inference_steps=2, guidance_scale=1.0, height=16, width=16, output_type="np").images
     assert np.isfinite(image).all()
+    card, image = sample_as_its_model_card_says(out / "lora")  # its model card's usage runs as written
+    assert "lcm-lora" in card.data.tags and np.isfinite(np.asarray(image)).all()
 
 
 def test_nonfinite_losses_stop_with_a_checkpoint(tiny_sd, image_folder, tmp_path, monkeypatch):

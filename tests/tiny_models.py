@@ -252,3 +252,15 @@ def write_run(folder: Path, command: str = "distill", checkpoint: bool = True, *
         (folder / "checkpoints" / "step-0000002").mkdir(parents=True)
         (folder / "checkpoints" / "step-0000002" / "state.json").write_text(json.dumps({"step": 2}))
     return folder
+
+
+def sample_as_its_model_card_says(folder: Path):
+    """Run the diffusers snippet of the model card (README.md) an export carries, as a user copies it, and return its image:
+    the card's usage is checked against diffusers, not only written."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    snippet = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(snippet.replace("pipe(", "pipe.set_progress_bar_config(disable=True) or pipe(", 1), scope)
+    return card, scope["image"]

@@ -40,6 +40,7 @@ from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training import omega_response, sources
 from latent_consistency.training.batches import merged_skipped_summary
 from latent_consistency.training.config import CONFIGS, TrainConfig, config_from_dict
+from latent_consistency.training.model_card import write_model_card
 from latent_consistency.training.ode_targets import FILE as ODE_BANK
 from latent_consistency.training.sharding import exportable, full_training_state, is_sharded, load_optimizer_state
 
@@ -396,7 +397,7 @@ class RunFolder:
     def finish(self) -> Path | None:
         """The final ω response (unless the metrics hold it: a run resumed after it), then the target θ⁻ exported in
         diffusers format (main process, `Student.export`), with an LCM's guidance record beside it (`guidance_record`:
-        its range, default g and that response); returns its path."""
+        its range, default g and that response) and a model card (`model_card`); returns its path."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         # Every process decides after the barrier: under FSDP the response's forwards are collective, and the main process
@@ -417,8 +418,11 @@ class RunFolder:
             shutil.rmtree(staging, ignore_errors=True)
             with written(staging):  # diffusers' writes, on a full disk, name no file
                 staged = student.export(staging, unwrapped, self.base)
+            record = None
             if self.exports_full_lcm() or self.exports_guided_model():
-                write_record(staged, recorded_guidance(self.config, self.base.guidance_record, response))
+                record = recorded_guidance(self.config, self.base.guidance_record, response)
+                write_record(staged, record)
+            write_model_card(staged, self.out / staged.name, self.config, record)
             exported = replace_folder(staged, self.out / staged.name)
             staging.rmdir()
             summary = merged_skipped_summary(skips)

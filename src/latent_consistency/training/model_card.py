@@ -1,0 +1,107 @@
+"""The model card an exported model folder carries: README.md in the Hugging Face Hub's format (a YAML header of metadata,
+then text), as diffusers' training scripts write beside their exports. It says what the model is, what it was made from
+and how, how much of its teacher's guidance it follows (the ω response), and how to sample it, in diffusers and with
+`lcm generate`. The loaders ignore it; a user who uploads the folder shares it, with the paths of its usage lines (the
+folder and the base model as the run was given them) replaced by hub ids.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from latent_consistency.guidance_record import GuidanceRecord
+from latent_consistency.models import looks_like_hub_id
+from latent_consistency.outputs import write_atomic
+from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
+
+CARD = "README.md"
+PROMPT = "a photo of a cat"
+# What each exported folder (`Student.export`) holds
+WHAT = {"lcm": "A latent consistency model (LCM): it samples in 1-8 steps, with the guidance scale g as an input.",
+        "lora": "LCM-LoRA adapters: with them their base model samples in 1-8 steps.",
+        "guided": "A guidance-distilled diffusion model: one network pass per step in place of classifier-free guidance's two."}
+TITLES = {"lcm": "LCM of {}", "lora": "LCM-LoRA for {}", "guided": "Guidance-distilled {}"}
+METHODS = {
+    "lcd": "latent consistency distillation (LCD, Algorithm 1 of Luo et al. 2023)",
+    "ode": "regression of the consistency function on its teacher's guided ODE solutions (`lcm distill --method ode`)",
+    "guidance": "guidance distillation (stage one of Meng et al. 2023): one ω-conditioned pass in place of classifier-free guidance",
+    "progressive": "a round of progressive distillation of a guidance-distilled model (stage two of Meng et al. 2023)",
+    "lcf": "latent consistency fine-tuning (LCF, Algorithm 4 of Luo et al. 2023)",
+}
+GUIDED_STEPS = 25  # a stage-one model samples as its teacher did: DDIM, here at 25 steps
+
+
+def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: str | None = None) -> str:
+    """The card of the model that the run of `config` exported to `folder` (lcm/, lora/ or guided/), with its guidance
+    record (None for LoRA adapters, whose guidance is the sampler's) and its diffusers pipeline class (model_index.json's)."""
+    from huggingface_hub import ModelCardData
+
+    kind = Path(folder).name
+    lcf = config.objective == "lcf"
+    base = config.model if lcf else config.teacher  # what the model was made from, and what LoRA adapters go on
+    tags = ["text-to-image", "diffusers", "guidance-distillation" if kind == "guided" else "latent-consistency-model"]
+    header = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags + ["lcm-lora"] * (kind == "lora"),
+                           base_model=base if looks_like_hub_id(base) else None)
+    title = TITLES[kind].format(base) + (", fine-tuned with LCF" if lcf else "")
+    lines = [f"# {title}", "", WHAT[kind], "", "## How it was made", "",
+             f"- From: {'the LCM' if lcf else 'the teacher'} `{base}`" + (f" with the LCM-LoRA `{config.lora}`" if lcf and config.lora else ""),
+             f"- Method: {METHODS['lcf' if lcf else config.method]}",
+             f"- Data: `{config.data}`",
+             f"- {config.steps} steps at batch {config.batch_size}, learning rate {config.lr:g}, seed {config.seed}"]
+    if not lcf and config.method in ("lcd", "ode"):
+        lines.append(f"- Teacher ODE solver {config.solver}, skipping step k = {config.skip}")
+    lines += _guidance(kind, record) + ["", "## Sampling it", ""] + _usage(Path(folder), kind, base, record, config, pipeline)
+    return f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def _guidance(kind: str, record: GuidanceRecord | None) -> list[str]:
+    """The guidance range and, where the run measured it, the ω response per t: the fraction of the teacher's guidance
+    effect the model reproduces (1: all of it; `training.omega_response`)."""
+    if record is None:
+        return ["- Guidance: classifier-free guidance in the sampler, as the base model's (g 1-2 is usual for LCM-LoRA)"]
+    lines = [f"- Guidance scale g trained on [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}], "
+             f"sampled at {record.guidance_scale:g} by default"]
+    if record.omega_response:
+        ts = sorted(record.omega_response, reverse=True)
+        lines.append(f"- ω response at t = {' / '.join(map(str, ts))}: {' / '.join(f'{record.omega_response[t]:.2f}' for t in ts)} "
+                     "(the fraction of the teacher's guidance effect it reproduces; 1 is all of it)")
+        if record.ignores_guidance():
+            lines.append("- **It ignores its guidance scale**: its images hardly change with g.")
+    return lines
+
+
+def _usage(folder: Path, kind: str, base: str, record: GuidanceRecord | None, config, pipeline: str | None) -> list[str]:
+    """A diffusers snippet and an `lcm generate` line that sample the model from where it was written. A PixArt LCM has no
+    ω input: its diffusers pipeline would apply classifier-free guidance at g > 1 (PixArt-LCM samples at 0)."""
+    where, prompt = str(folder), json.dumps(PROMPT)
+    if kind == "lora":
+        python = ["from diffusers import DiffusionPipeline, LCMScheduler", "",
+                  f"pipe = DiffusionPipeline.from_pretrained({json.dumps(base)})",
+                  f"pipe.scheduler = LCMScheduler.from_pretrained({json.dumps(where)})",
+                  f"pipe.load_lora_weights({json.dumps(where)})",
+                  f"image = pipe({prompt}, num_inference_steps=4, guidance_scale={DEFAULT_GUIDANCE_SCALE['lora']:g}).images[0]"]
+        command = ["lcm", "generate", PROMPT, "--model", base, "--lora", where, "--steps", "4"]
+    else:
+        # a progressive round is right only on its own N-step DDIM grid (`lcm generate` samples it there by default)
+        steps = (config.student_steps if config.method == "progressive" else GUIDED_STEPS) if kind == "guided" else 4
+        g = record.guidance_scale if record else DEFAULT_GUIDANCE_SCALE["lcm"]
+        g = 0.0 if (pipeline or "").startswith("PixArt") else g
+        python = ["from diffusers import DiffusionPipeline" + (", DDIMScheduler" if kind == "guided" else ""), "",
+                  f"pipe = DiffusionPipeline.from_pretrained({json.dumps(where)})"]
+        if kind == "guided":
+            python.append("pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
+        python.append(f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale={g:g}).images[0]")
+        command = ["lcm", "generate", PROMPT, "--model", where, *(["--sampler", "ddim"] if kind == "guided" else []),
+                   "--steps", str(steps)]
+    return ["```python", *python, "```", "", "```sh", shlex.join(command), "```"]
+
+
+def write_model_card(staged: Path, folder: Path, config, record: GuidanceRecord | None) -> Path:
+    """The card of the model staged in `staged`, written there, for the folder `folder` it is then moved to."""
+    index = Path(staged) / "model_index.json"
+    pipeline = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    path = Path(staged) / CARD
+    write_atomic(path, lambda tmp: tmp.write_text(model_card(folder, config, record, pipeline), encoding="utf-8"))
+    return path
