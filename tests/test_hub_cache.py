@@ -1,7 +1,7 @@
 """Hub ids (org/name) read from the local Hugging Face cache with the hub offline, as a user with a populated cache gives
 them: every command reads one as it reads the same model's local folder (the same images, the same records beside the
 weights), records name the hub id, a resume knows the commit it started from, and a hub id that cannot be had is one line
-and exit code 2 (`models.check_hub_id`). The cache is built here in its real layout: models--org--name/ with blobs/,
+and exit code 2 (`hub.check_hub_id`). The cache is built here in its real layout: models--org--name/ with blobs/,
 refs/main and snapshots/<commit>/ whose files are symlinks to the blobs."""
 
 import hashlib
@@ -249,3 +249,18 @@ def test_a_student_init_hub_id_is_read_from_the_cache(hub):
 
     unet = _initial_unet("org/tiny-lcm", load_diffusion_model("org/tiny-sd"), "epsilon")
     assert unet.config.time_cond_proj_dim == 32 and hub.warnings == []
+
+
+def test_a_preview_decoder_hub_id_is_read_from_the_cache(hub, tmp_path):
+    """`--preview-decoder madebyollin/taesd` offline: the cached TAESD loads as its folder does, with no hub-client lines."""
+    import torch
+
+    from latent_consistency.preview import load_preview_decoder
+    from test_preview_decoder import save_tiny_autoencoder
+
+    folder = save_tiny_autoencoder(tmp_path / "taesd")
+    cache_model(hub.cache, "org/taesd", folder)
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(load_preview_decoder("org/taesd").decode(latents), load_preview_decoder(str(folder)).decode(latents),
+                               rtol=0, atol=0)
+    assert hub.warnings == []

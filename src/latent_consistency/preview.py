@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
 from pathlib import Path
 
 import torch
 
 from latent_consistency.errors import UserError, first_line
+from latent_consistency.hub import check_hub_id, looks_like_hub_id
 
 TINY_CLASS = "AutoencoderTiny"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # a diffusers model folder's weights, as save_pretrained names them
@@ -64,23 +64,20 @@ class PreviewDecoder:
         return self
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return not os.path.isabs(name) and name.count("/") == 1 and not name.startswith(".") and not Path(name).exists()
-
-
 def load_preview_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PreviewDecoder:
     """An `AutoencoderTiny` from a folder (saved by `save_pretrained` or `lcm world preview-decoder`) or a hub id
     (`madebyollin/taesd`), safetensors weights only, in eval mode without gradients on `device`."""
     from diffusers import AutoencoderTiny
 
-    path = Path(name_or_path)
-    if not path.exists() and not _looks_like_hub_id(name_or_path):
+    folder = check_hub_id(name_or_path, "the preview decoder")  # offline, a hub id's snapshot in the local cache
+    path = Path(folder)
+    if not path.exists() and not looks_like_hub_id(name_or_path):
         raise UserError(f"preview decoder {name_or_path} does not exist; give an AutoencoderTiny folder (`lcm world preview-decoder` "
                         "makes one for the world) or a hub id such as madebyollin/taesd")
     if path.exists() and not (path / "config.json").is_file():
         raise UserError(f"preview decoder {name_or_path} is not a diffusers model folder (no config.json); give an AutoencoderTiny folder")
     try:
-        config = AutoencoderTiny.load_config(name_or_path)
+        config = AutoencoderTiny.load_config(folder)
         if not isinstance(config, dict):
             raise UserError(f"preview decoder {name_or_path}: its config.json holds a JSON {type(config).__name__}, not an object; "
                             "save the decoder again")
@@ -91,7 +88,7 @@ def load_preview_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, 
             raise UserError(f"preview decoder {name_or_path} holds no {WEIGHTS_FILE} (weights as PyTorch pickles are not loaded here); "
                             "save it again with save_pretrained(FOLDER, safe_serialization=True)")
         _check_config_numbers(name_or_path, config)
-        tiny, info = AutoencoderTiny.from_pretrained(name_or_path, torch_dtype=dtype, use_safetensors=True, output_loading_info=True)
+        tiny, info = AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError, TypeError) as err:  # TypeError: a config value of the wrong type, met by a layer's constructor
         hint = "" if path.exists() else " (a hub id needs the hub, or its files in the cache: offline, give a local folder)"
         raise UserError(f"cannot load the preview decoder {name_or_path}: {first_line(err)}{hint}") from err

@@ -31,7 +31,8 @@ from latent_consistency.evaluation.compare import sample_consistency, sample_gui
 from latent_consistency.evaluation.fid import feature_rms, fid_score, kid_score
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.grids import CHAR_WIDTH, image_grid, save_png
-from latent_consistency.models import DiffusionModel, hub_revision, model_files
+from latent_consistency.hub import hub_revision
+from latent_consistency.models import DiffusionModel, model_files
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.solvers import get_solver
 

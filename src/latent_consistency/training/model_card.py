@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 
 from latent_consistency.guidance_record import GuidanceRecord
-from latent_consistency.models import looks_like_hub_id
+from latent_consistency.hub import looks_like_hub_id
 from latent_consistency.outputs import write_atomic
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
 

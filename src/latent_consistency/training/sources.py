@@ -5,7 +5,7 @@ it would go on training the student towards a model it did not start with.
 A local model's identity is a digest of its weight and config files' names and sizes and of 8 samples of 64 KiB spread
 over each file (through symlinks: a hub cache's snapshot, a folder of links): cheap for a Stable Diffusion folder,
 independent of modification times (a folder copied with `cp -r` is the same model), and different for weights trained
-again into the same architecture. A hub id's is the commit it loads (`models.hub_revision`: offline, the one in the local
+again into the same architecture. A hub id's is the commit it loads (`hub.hub_revision`: offline, the one in the local
 cache), so that a resume after the repo moved on (a new commit pushed, downloaded since) is refused too.
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.table import MODEL_FILE_SUFFIXES
-from latent_consistency.models import hub_revision, model_files
+from latent_consistency.hub import hub_revision
+from latent_consistency.models import model_files
 from latent_consistency.outputs import write_json_atomic
 
 FILE = "sources.json"

@@ -21,9 +21,9 @@ import torch
 
 from latent_consistency.denoisers import ConsistencyModel, denoising_network
 from latent_consistency.errors import UserError
+from latent_consistency.hub import check_hub_id
 from latent_consistency.models import (
     DiffusionModel,
-    check_hub_id,
     consistency_model,
     is_lcm_config,
     load_component,
