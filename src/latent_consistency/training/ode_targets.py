@@ -113,20 +113,19 @@ def build_ode_targets(exact: TeacherConsistencyFunction, batches, rows: int, gui
     grid = skipping_grid(exact.schedule.num_train_timesteps, exact.skip)
     w_min, w_max = (omega_from_guidance_scale(g) for g in guidance_scale_range)
     parts, done = [], 0
-    bar = tqdm(total=rows, desc="teacher ODE targets", disable=not progress)
-    while done < rows:
-        batch = next(batches)
-        x0, cond = batch["latents"][:rows - done].float(), batch["cond"][:rows - done]
-        b, device = len(x0), x0.device
-        t = grid.to(device)[torch.randint(len(grid), (b,), generator=generator, device=device)]
-        omega = w_min + (w_max - w_min) * torch.rand(b, 2, generator=generator, device=device)
-        noise = torch.randn(x0.shape, generator=generator, device=device)
-        z = exact.schedule.add_noise(x0, noise, t)
-        both = exact(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, cond]), torch.cat([omega[:, 0], omega[:, 1]]))
-        parts.append((z, t, cond, omega, torch.stack(both.chunk(2), dim=1)))
-        done += b
-        bar.update(b)
-    bar.close()
+    with tqdm(total=rows, desc="teacher ODE targets", disable=not progress) as bar:  # closed before a stop's one line
+        while done < rows:
+            batch = next(batches)
+            x0, cond = batch["latents"][:rows - done].float(), batch["cond"][:rows - done]
+            b, device = len(x0), x0.device
+            t = grid.to(device)[torch.randint(len(grid), (b,), generator=generator, device=device)]
+            omega = w_min + (w_max - w_min) * torch.rand(b, 2, generator=generator, device=device)
+            noise = torch.randn(x0.shape, generator=generator, device=device)
+            z = exact.schedule.add_noise(x0, noise, t)
+            both = exact(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, cond]), torch.cat([omega[:, 0], omega[:, 1]]))
+            parts.append((z, t, cond, omega, torch.stack(both.chunk(2), dim=1)))
+            done += b
+            bar.update(b)
     return ODETargets(*(torch.cat(column) for column in zip(*parts)))
 
 
