@@ -1,8 +1,9 @@
 """Webdataset tar shards in img2dataset's layout, streamed, resampled and exactly resumable.
 
 A shard is an uncompressed tar (`00000.tar`) whose consecutive members share a key: `key.jpg` (or .png, .webp, ...: the
-formats an image folder reads, `images.IMAGE_EXTENSIONS`) and its caption in `key.txt`, or in `key.json` under "caption"
-(or "text").
+formats an image folder reads, `images.IMAGE_EXTENSIONS`) and its caption in `key.txt` or `key.caption`, or in `key.json`
+under "caption" (or "text", in any case: LAION's column is "TEXT"). The key is webdataset's, the name up to the first dot of
+its base name, except where a key holds dots itself (`cat.01.jpg`, `cat.01.txt`): see `_sample_key`.
 `ShardStream` is an infinite stream:
   1. resampling: shard after shard is drawn with replacement; draw d is chosen by an RNG seeded from
      (seed, rank, d) alone, so the sequence of shards needs no RNG state;
@@ -43,7 +44,7 @@ import os
 import random
 import re
 import tarfile
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,10 +58,13 @@ from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, captio
 from latent_consistency.errors import UserError
 
 IMAGE_KEYS = tuple(extension.removeprefix(".") for extension in IMAGE_EXTENSIONS)  # what an image folder reads
-CAPTION_KEYS = ("txt", "json")
+CAPTION_KEYS = ("txt", "caption", "json")
 
 # The most shards a brace pattern may name: far above the largest public datasets' (about a million).
 MAX_SHARDS = 10_000_000
+
+# Compressed tars, which webdataset reads and this stream does not (`check_uncompressed`).
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
 # Settings a saved position only makes sense for.
 _IDENTITY = ("seed", "rank", "world_size", "num_shards", "shuffle_buffer")
@@ -83,7 +87,19 @@ def expand_urls(urls: str | Path | list[str | Path]) -> list[str]:
                 raise UserError(f"shard {path} does not exist; check the path or brace pattern")
     if not paths:
         raise UserError("no shards given; pass .tar paths, a brace pattern like data/{00000..00009}.tar, or a glob")
+    check_uncompressed(paths)
     return list(dict.fromkeys(paths))
+
+
+def check_uncompressed(paths: list[str]) -> None:
+    """UserError for compressed shards (00000.tar.gz), before a run starts: a position in one is a byte offset into its
+    decompressed stream, which only decompressing the shard from its start reaches, for every buffered image after a
+    resume. webdataset reads them; here they are decompressed once, beside the originals."""
+    compressed = [path for path in paths if path.lower().endswith(COMPRESSED_SUFFIXES)]
+    if compressed:
+        raise UserError(f"{compressed[0]} is a compressed shard{f' (and {len(compressed) - 1} more)' if len(compressed) > 1 else ''}; "
+                        "shards are read as uncompressed .tar files (exact resume seeks in them): decompress them, e.g. "
+                        "gunzip -k *.tar.gz, and pass the .tar files")
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -231,7 +247,8 @@ class ShardStream(IterableDataset):
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
-        """The position just after the last sample yielded."""
+        """The position just after the last sample yielded, and what was skipped until then: a shard's skips are found as it
+        is read, so a resumed run's data summary would leave out those found before the resume."""
         return {
             **self._identity(),
             "draws": self._draws,
@@ -240,6 +257,8 @@ class ShardStream(IterableDataset):
             "buffer": [sample.address() for sample in self._buffer],
             "pending": [sample.address() for sample, _ in self._pending],
             "usable": self._usable,
+            "skipped_counts": dict(self.skipped.counts),
+            "skipped_seen": sorted([reason, detail] for reason, detail in self.skipped.seen),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -254,6 +273,8 @@ class ShardStream(IterableDataset):
         self._buffer = [_Sample(*address) for address in state["buffer"]]
         self._pending = deque((_Sample(*address), None) for address in state["pending"])
         self._usable = state["usable"]
+        self.skipped.counts = Counter(state.get("skipped_counts", {}))  # a position saved by an earlier version has none
+        self.skipped.seen = {(reason, detail) for reason, detail in state.get("skipped_seen", [])}
 
     # --- iteration ----------------------------------------------------------------------------------
 
@@ -290,26 +311,34 @@ class ShardStream(IterableDataset):
         """Each usable sample of each shard once, shard after shard in order, in this thread: what an evaluation reads as
         its prompts and reference images, where the endless resampled stream would repeat some and leave others out.
         Skipped samples and damaged shards are counted as the stream counts them; the stream's position is untouched."""
+        for data, caption, where in self._captioned_once(self.skipped):
+            image, reasons = decode_rgb_reasons(data, self.resolution)
+            if image is None:
+                self.skipped.add(reasons[0], where)
+                continue
+            for reason in reasons:
+                self.skipped.add(reason)
+            yield {"image": image, "caption": caption}
+
+    def first_captions(self, n: int) -> list[str]:
+        """The captions of the first `n` samples with an image and a caption, shard after shard in order (no image decoded):
+        a run's validation prompts where it names none, as an image folder's first captions are. The stream's position and
+        counts are untouched."""
+        skipped = SkipCounter(name=f"validation prompts of {self.skipped.name}")
+        return [caption for _, caption, _ in itertools.islice(self._captioned_once(skipped), n)]
+
+    def _captioned_once(self, skipped: SkipCounter) -> Iterator[tuple[bytes, str, str]]:
+        """(image bytes, caption, where) of each sample with an image and a caption, shard after shard in order; what is
+        skipped, and damaged shards, counted in `skipped`."""
         for shard in self.shards:
             try:
                 with tarfile.open(shard, mode="r:") as tar:
-                    for key, group in itertools.groupby((m for m in tar if _split_name(m.name)), lambda m: _split_name(m.name)[0]):
-                        members: dict[str, tarfile.TarInfo] = {}
-                        for member in group:
-                            if member.isfile():
-                                members.setdefault(_split_name(member.name)[1], member)
-                        picked = _image_and_caption(tar, members, f"{shard}:{key}", self.skipped)
-                        if picked is None:
-                            continue
-                        image, reasons = decode_rgb_reasons(tar.extractfile(picked[0]).read(), self.resolution)
-                        if image is None:
-                            self.skipped.add(reasons[0], f"{shard}:{key}")
-                            continue
-                        for reason in reasons:
-                            self.skipped.add(reason)
-                        yield {"image": image, "caption": picked[1]}
+                    for group in _groups(tar):
+                        picked = _image_and_caption(tar, group, shard, skipped)
+                        if picked is not None:
+                            yield tar.extractfile(picked[0]).read(), picked[1], f"{shard}:{_sample_key(group)}"
             except (tarfile.TarError, OSError) as error:
-                self.skipped.add("truncated_shard", f"{shard}: {error}")
+                skipped.add("truncated_shard", f"{shard}: {error}")
 
     def _pop_buffer(self, cursor: _Cursor) -> _Sample:
         """Fill the shuffle buffer, then swap a new sample in for a seeded-random one and return that."""
@@ -340,7 +369,7 @@ class ShardStream(IterableDataset):
             raise UserError(
                 f"no usable sample in {len(self.shards)} shard(s) ({', '.join(self.shards[:3])}"
                 f"{', ...' if len(self.shards) > 3 else ''}; {self.skipped.summary()}); shards need "
-                "key.jpg/.png/.webp with a caption in key.txt or key.json"
+                "key.jpg/.png/.webp with a caption in key.txt, key.caption or key.json"
             )
 
 
@@ -434,21 +463,16 @@ class _Cursor:
         stream = self.stream
         if self.lookahead is None:
             return _END
-        split = _split_name(self.lookahead.name)
-        members: dict[str, tarfile.TarInfo] = {}
-        if split is None:  # a directory entry or a stray member without an extension: not a sample
+        group: list[tarfile.TarInfo] = []
+        if _split_name(self.lookahead.name) is None:  # a directory entry or a stray member without an extension: not a sample
             self._advance()
-        while split is not None and self.lookahead is not None:
-            member_split = _split_name(self.lookahead.name)
-            if member_split is None or member_split[0] != split[0]:
-                break
-            if self.lookahead.isfile():
-                members.setdefault(member_split[1], self.lookahead)
+        while self.lookahead is not None and _split_name(self.lookahead.name) is not None and _joins(group, self.lookahead):
+            group.append(self.lookahead)
             self._advance()
         stream._offset = self.lookahead.offset if self.lookahead is not None else self.tar.offset
-        if split is None:
+        if not group:
             return None
-        picked = _image_and_caption(self.tar, members, f"{stream.shards[self.shard]}:{split[0]}", stream.skipped)
+        picked = _image_and_caption(self.tar, group, stream.shards[self.shard], stream.skipped)
         if picked is None:
             return None
         image, caption = picked
@@ -456,10 +480,52 @@ class _Cursor:
         return _Sample(self.shard, image.offset_data, image.size, caption, self.first_read, data)
 
 
-def _image_and_caption(tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo], where: str,
+def _groups(members: Iterator[tarfile.TarInfo]) -> Iterator[list[tarfile.TarInfo]]:
+    """The samples of a shard read in order, each as the list of its consecutive members (`_joins`)."""
+    group: list[tarfile.TarInfo] = []
+    for member in members:
+        if _split_name(member.name) is None:
+            continue
+        if not _joins(group, member):
+            yield group
+            group = []
+        group.append(member)
+    if group:
+        yield group
+
+
+def _joins(group: list[tarfile.TarInfo], member: tarfile.TarInfo) -> bool:
+    """Whether `member` (a name with an extension) belongs to the sample whose members so far are `group`: it has the
+    sample's webdataset key and, in a sample keyed by a name with dots (`_sample_key`), that whole key too."""
+    if not group:
+        return True
+    key, extension = _split_name(member.name)
+    if key != _split_name(group[0].name)[0]:
+        return False
+    return "." not in extension or _sample_key(group) in (key, member.name.rpartition(".")[0])
+
+
+def _sample_key(group: list[tarfile.TarInfo]) -> str:
+    """The key of the sample whose members are `group`: webdataset's (the name up to the first dot of its base name) where
+    a member has a one-part extension (`k.jpg`, `k.seg.png`: webdataset's key "k"); where every member's extension has a
+    dot (`cat.01.jpg`, `cat.01.txt`), the first member's name up to its last dot ("cat.01"). webdataset itself makes one
+    sample of every `cat.*` member in a row: a shard whose keys hold dots would be one sample without an image."""
+    splits = [_split_name(member.name) for member in group]
+    if any("." not in extension for _, extension in splits):
+        return splits[0][0]
+    return group[0].name.rpartition(".")[0]
+
+
+def _image_and_caption(tar: tarfile.TarFile, group: list[tarfile.TarInfo], shard: str,
                        skipped: SkipCounter) -> tuple[tarfile.TarInfo, str] | None:
-    """A sample's image member and caption, from its members by extension; None, counted in `skipped`, for a sample
-    without an image or a usable caption."""
+    """A sample's image member and caption, from its members (`group`, of `shard`) by extension; None, counted in
+    `skipped`, for a sample without an image or a usable caption."""
+    key = _sample_key(group)
+    where = f"{shard}:{key}"
+    members: dict[str, tarfile.TarInfo] = {}
+    for member in group:
+        if member.isfile():
+            members.setdefault(member.name[len(key) + 1 :].lower(), member)
     image = next((members[key] for key in IMAGE_KEYS if key in members), None)
     if image is None:
         skipped.add("no_image", where)
@@ -485,17 +551,20 @@ _END = object()
 
 
 def _read_caption(raw: bytes, key: str) -> str | None:
-    """The caption of a sample's .txt or .json member (None: it has none); UTF-8 with or without a byte-order mark. Text
+    """The caption of a sample's .txt, .caption or .json member (None: it has none); UTF-8 with or without a byte-order
+    mark. A JSON object's caption is its "caption" or, where that is missing or blank, its "text", in any case (LAION's
+    parquet column is "TEXT"). Text
     that is not UTF-8, or a JSON caption escaping a lone surrogate, raises UnicodeError: the sample is skipped as a bad
     caption rather than trained on replacement characters."""
     text = raw.decode("utf-8-sig")
-    if key == "txt":
+    if key != "json":
         return clean_caption(text)
     try:
         row = json.loads(text)
     except ValueError:
         return None
-    caption = clean_caption(row.get("caption", row.get("text"))) if isinstance(row, dict) else None
+    fields = {str(name).lower(): value for name, value in row.items()} if isinstance(row, dict) else {}
+    caption = clean_caption(fields.get("caption")) or clean_caption(fields.get("text"))
     if caption is not None:
         caption.encode("utf-8")  # UnicodeEncodeError on a lone surrogate ("\\ud800")
     return caption

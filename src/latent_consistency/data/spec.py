@@ -8,8 +8,9 @@ Accepted forms, checked in this order:
                                      world registers world:shapes and world:digits, its training splits)
   DIR with manifest.json             a latent cache (precomputed VAE latents)
   DIR with images                    an image folder with metadata.jsonl, metadata.csv or .txt captions
-  DIR with .tar files (no images)    webdataset shards, e.g. img2dataset's output folder
-  FILE.tar, a brace pattern such as data/{00000..00009}.tar, or a glob such as data/*.tar
+  DIR with .tar files (no images)    webdataset shards at any depth, e.g. img2dataset's output folder
+  FILE.tar, a brace pattern such as data/{00000..00009}.tar, or a glob such as data/*.tar (.TAR alike)
+Compressed shards (.tar.gz, .tgz, ...) are refused in one line saying to decompress them (`shards.check_uncompressed`).
 Hidden files and folders (a name starting with ".", as macOS's ._00000.tar) are no part of a folder's data.
 """
 
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset, visible_files
 from latent_consistency.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
-from latent_consistency.data.shards import ShardStream, expand_urls
+from latent_consistency.data.shards import COMPRESSED_SUFFIXES, ShardStream, check_uncompressed, expand_urls
 from latent_consistency.errors import UserError
 
 # Named dataset schemes: "world" -> (a function of (name, resolution) giving that dataset, the names it knows).
@@ -75,7 +76,7 @@ def open_dataset(
 
             return LatentCache(path, holdout)
         has_images = _holds(path, IMAGE_EXTENSIONS)
-        shards = sorted(str(p) for p in path.glob("*.tar") if not p.name.startswith("."))  # not macOS's ._00000.tar
+        shards = sorted(str(p) for p in visible_files(path) if p.suffix.lower() == ".tar")  # not macOS's ._00000.tar
         if has_images and shards:
             raise UserError(f"{path} holds both images and .tar shards; point the data spec at one kind of data")
         if has_images:
@@ -84,9 +85,12 @@ def open_dataset(
             return _shard_stream(shards, resolution, seed, rank, world_size, holdout)
         if _holds(path, UNSUPPORTED_IMAGE_EXTENSIONS):
             return ImageFolderDataset(path, resolution, holdout)  # refused, saying what to do with the .heic photos
+        check_uncompressed([str(p) for p in visible_files(path)])  # a folder of .tar.gz shards, refused saying why
         raise UserError(f"{path} holds no images, .tar shards or manifest.json; the data spec can be {accepted()}")
-    if spec.endswith(".tar") and (path.is_file() or any(ch in spec for ch in "{*?[")):
+    if spec.lower().endswith(".tar") and (path.is_file() or any(ch in spec for ch in "{*?[")):
         return _shard_stream(spec, resolution, seed, rank, world_size, holdout)
+    if spec.lower().endswith(COMPRESSED_SUFFIXES):
+        check_uncompressed([spec])
     raise UserError(f"cannot read data spec {spec!r}; it can be {accepted()}")
 
 

@@ -103,9 +103,9 @@ class TrainingBatches:
         return self.model.prompts.uncond(self.device, (self.resolution, self.resolution))
 
     def first_captions(self, n: int) -> list[str]:
-        """The captions of the first `n` samples (none for a shard stream, which has no first samples to look at)."""
+        """The captions of the first `n` samples (of a shard stream: of its shards in order, `ShardStream.first_captions`)."""
         if isinstance(self.dataset, ShardStream):
-            return []
+            return self.dataset.first_captions(n)
         return [self.dataset[i]["caption"] for i in range(min(n, len(self.dataset)))]
 
     def _batches(self):
