@@ -672,7 +672,7 @@ def test_a_retried_step_draws_anew_and_an_unretried_one_as_before():
         return torch.rand(4, generator=g)
 
     legacy = torch.Generator().manual_seed(int(np.random.SeedSequence([0, 0, 4, 0]).generate_state(1, np.uint64)[0] >> 1))
-    assert torch.equal(first(step_generator(0, 0, 4, 0, "cpu")), first(legacy))
-    draws = [first(step_generator(0, 0, 4, 0, "cpu", attempt=a)) for a in range(3)]
+    assert torch.equal(first(step_generator(0, 0, 4, "cpu")), first(legacy))
+    draws = [first(step_generator(0, 0, 4, "cpu", attempt=a)) for a in range(3)]
     assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
-    assert torch.equal(draws[1], first(step_generator(0, 0, 4, 0, "cpu", attempt=1)))
+    assert torch.equal(draws[1], first(step_generator(0, 0, 4, "cpu", attempt=1)))

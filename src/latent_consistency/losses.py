@@ -17,6 +17,7 @@ paper's uniform weighting, `consistency_weight` for iCT's), so they share one tr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -98,6 +99,27 @@ class TrainingPoint:
     weight: torch.Tensor  # λ(t_n) of the loss weighting; ones for "uniform"
 
 
+@dataclass(frozen=True)
+class MicroBatchDraws:
+    """The random draws of micro-batch `index` of the `count` equal ones a batch is split into: each draw is made for the
+    whole batch from `generator` (one seeded alike for every micro-batch) and sliced to this micro-batch's rows, so that
+    an example draws the same n, ω and ε however its batch is split (--grad-accumulation, `training.loop`)."""
+
+    generator: torch.Generator
+    index: int
+    count: int
+
+
+def draw(sample, size: tuple[int, ...], generator: torch.Generator | MicroBatchDraws | None, **kwargs) -> torch.Tensor:
+    """`sample(size, generator=generator, **kwargs)` (torch.rand, torch.randn, torch.randint with its range bound); for
+    `MicroBatchDraws`, the micro-batch's rows of that draw for the whole batch."""
+    if not isinstance(generator, MicroBatchDraws):
+        return sample(size, generator=generator, **kwargs)
+    rows = size[0]
+    whole = sample((rows * generator.count, *size[1:]), generator=generator.generator, **kwargs)
+    return whole[generator.index * rows:(generator.index + 1) * rows]
+
+
 @dataclass
 class ConsistencyObjective:
     """What LCD and LCF share: the schedule, the skipping step k, the ω range and the distance."""
@@ -117,19 +139,19 @@ class ConsistencyObjective:
         weights = WEIGHTINGS[check_weighting(self.weighting)](self.schedule, *consistency_pairs(self.grid, torch.arange(len(self.grid)), self.skip))
         self.grid_weights = weights.float() / weights.float().mean()
 
-    def draw_point(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> TrainingPoint:
+    def draw_point(self, latents: torch.Tensor, generator: torch.Generator | MicroBatchDraws | None = None) -> TrainingPoint:
         """n ~ U{grid}, ω ~ U[ω_min, ω_max], ε ~ N(0, I), all from `generator` (on the latents' device)."""
         b, device = latents.shape[0], latents.device
-        index = torch.randint(0, len(self.grid), (b,), generator=generator, device=device)
+        index = draw(partial(torch.randint, 0, len(self.grid)), (b,), generator, device=device)
         t_n_plus_k, t_n = consistency_pairs(self.grid.to(device), index, self.skip)
         omega = self.draw_omega(b, device, generator)
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        noise = draw(torch.randn, latents.shape, generator, device=device, dtype=latents.dtype)
         return TrainingPoint(t_n_plus_k, t_n, omega, noise, self.grid_weights.to(device)[index])
 
-    def draw_omega(self, b: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    def draw_omega(self, b: int, device, generator: torch.Generator | MicroBatchDraws | None = None) -> torch.Tensor:
         """ω ~ U[ω_min, ω_max] per example (ω = g − 1 of the guidance scale range)."""
         w_min, w_max = (omega_from_guidance_scale(g) for g in self.guidance_scale_range)
-        return w_min + (w_max - w_min) * torch.rand(b, generator=generator, device=device)
+        return w_min + (w_max - w_min) * draw(torch.rand, (b,), generator, device=device)
 
     def d(self, pred: torch.Tensor, target: torch.Tensor, point: TrainingPoint) -> torch.Tensor:
         """λ(t_n)·d(pred, target) per sample."""
@@ -258,10 +280,10 @@ class GuidanceDistillationLoss:
 
     def __call__(self, student, target, latents, cond, uncond, generator=None) -> torch.Tensor:
         b, device = latents.shape[0], latents.device
-        t = torch.randint(0, self.schedule.num_train_timesteps, (b,), generator=generator, device=device)
+        t = draw(partial(torch.randint, 0, self.schedule.num_train_timesteps), (b,), generator, device=device)
         w_min, w_max = (omega_from_guidance_scale(g) for g in self.guidance_scale_range)
-        omega = w_min + (w_max - w_min) * torch.rand(b, generator=generator, device=device)
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        omega = w_min + (w_max - w_min) * draw(torch.rand, (b,), generator, device=device)
+        noise = draw(torch.randn, latents.shape, generator, device=device, dtype=latents.dtype)
         z = self.schedule.add_noise(latents, noise, t)
         with torch.no_grad():
             # The teacher's guided output, as the student's parameterisation
@@ -307,12 +329,12 @@ class ProgressiveDistillationLoss:
 
     def __call__(self, student, target, latents, cond, uncond, generator=None) -> torch.Tensor:
         b, device = latents.shape[0], latents.device
-        k = torch.randint(0, self.student_steps, (b,), generator=generator, device=device)
+        k = draw(partial(torch.randint, 0, self.student_steps), (b,), generator, device=device)
         path = self.path.to(device)
         t, m, s = path[2 * k], path[2 * k + 1], path[2 * k + 2]
         w_min, w_max = (omega_from_guidance_scale(g) for g in self.guidance_scale_range)
-        omega = w_min + (w_max - w_min) * torch.rand(b, generator=generator, device=device)
-        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        omega = w_min + (w_max - w_min) * draw(torch.rand, (b,), generator, device=device)
+        noise = draw(torch.randn, latents.shape, generator, device=device, dtype=latents.dtype)
         z = self.schedule.add_noise(latents, noise, t)
         with torch.no_grad():
             # The teacher's two DDIM steps t -> m -> s, guided by ω
@@ -353,7 +375,7 @@ class ODERegressionLoss:
 
     def __call__(self, student, target, latents, cond=None, uncond=None, generator=None) -> torch.Tensor:
         bank = self.bank  # on the run's device (`training.ode_targets.ode_targets_for_run`)
-        rows = torch.randint(0, len(bank), (max(1, latents.shape[0] // 2),), generator=generator, device=bank.z.device)
+        rows = draw(partial(torch.randint, 0, len(bank)), (max(1, latents.shape[0] // 2),), generator, device=bank.z.device)
         z, t, c, omega, psi = (x[rows] for x in (bank.z, bank.t, bank.cond, bank.omega, bank.solution))
         pred = student(_twice(z), _twice(t), _twice(c), torch.cat([omega[:, 0], omega[:, 1]]))
         pred, pred_pair = pred.chunk(2)

@@ -20,6 +20,7 @@ from latent_consistency.compilation import compiler_problem
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
+from latent_consistency.losses import MicroBatchDraws
 from latent_consistency.models import DiffusionModel, guidance_record_of
 from latent_consistency.solvers import get_solver
 from latent_consistency.training import checkpoint as ckpt
@@ -33,11 +34,13 @@ from latent_consistency.training.sharding import check_sharding, is_sharded, sha
 from latent_consistency.training.students import make_student
 
 
-def step_generator(seed: int, rank: int, step: int, micro: int, device: torch.device, attempt: int = 0) -> torch.Generator:
-    """The generator of one micro-step's (n, ω, ε) draws: a pure function of (seed, rank, step, micro), so a resumed run
+def step_generator(seed: int, rank: int, step: int, device: torch.device, attempt: int = 0) -> torch.Generator:
+    """The generator of one step's (n, ω, ε) draws on one process: a pure function of (seed, rank, step), so a resumed run
     draws exactly what the uninterrupted run would have drawn; a step retried after a non-finite loss (`attempt` > 0)
-    draws anew rather than repeating the draw that failed."""
-    entropy = [seed, rank, step, micro] + ([attempt] if attempt else [])
+    draws anew rather than repeating the draw that failed. Each micro-batch takes its rows of the draws for the process's
+    whole batch (`MicroBatchDraws`), so --grad-accumulation changes no example's draws. (The entropy's 0 stands where
+    each micro-batch had its own generator: a step without accumulation draws what it drew then.)"""
+    entropy = [seed, rank, step, 0] + ([attempt] if attempt else [])
     state = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator(device).manual_seed(state)
 
@@ -97,6 +100,14 @@ def lr_lambda(config: TrainConfig):
             return max(0.0, 1 - progress)
         return 1.0
     return factor
+
+
+def rate_at(optimizer, lr_scheduler, step: int) -> None:
+    """Set each parameter group's rate to this run's schedule at `step`. A resumed optimiser's state holds the rate the
+    checkpoint's run gave its next step, which is another one where the resumed run's --steps reshapes a decaying schedule
+    (`resumed_schedule_note`): its first step would go at the old rate, while the metrics log the new one."""
+    for group, base_lr, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(step)
 
 
 def build_loss(config: TrainConfig, base: DiffusionModel, scheduler_config: dict, ode_targets=None):
@@ -236,48 +247,49 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     shard_target(accelerator, student)  # under FSDP, θ⁻ sharded as θ is: the target update is local to each process
     if resume:
         run.resume_optimizer(student.unet, optimizer)  # after prepare: under FSDP the saved full state is sharded as it loads
+        rate_at(optimizer, lr_scheduler, state.step)
     if config.compile:  # LCF has no teacher: the model it starts from only draws the validation grid's first row
         student.compile(accelerator.unwrap_model(student.unet), base.unet if config.objective == "lcd" else None)
     sharded = is_sharded(accelerator)
     f_student, f_target = student.consistency_model(student.unet), student.consistency_model(student.target_unet)
     uncond = batches.uncond
 
-    bar = tqdm(total=config.steps, initial=state.step, desc=f"{getattr(config, 'method', config.objective)} {config.adapter}",
-               disable=not (progress and accelerator.is_main_process))
-    while state.step < config.steps:
-        student.unet.train()
-        # Consistency loss over the micro-batches: teacher jump (LCD) or same-noise pair (LCF), target f_θ⁻, student f_θ
-        total = torch.zeros((), device=device)
-        if hasattr(loss_fn, "step"):  # a loss that changes over training (`GuidancePairLCDLoss.pair_steps`)
-            loss_fn.step = state.step
-        for micro in range(config.grad_accumulation):
-            batch = next(batches)
-            generator = step_generator(config.seed, rank, state.step, micro, device, attempt=state.nonfinite_run)
-            # Sharded, gradients are reduce-scattered at every micro-step: FSDP2's no_sync would hold them unsharded
-            sync = accelerator.no_sync(student.unet) if micro + 1 < config.grad_accumulation and not sharded else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                loss = loss_fn(f_student, f_target, batch["latents"], batch["cond"], uncond.expand(len(batch["latents"]), -1, -1),
-                               generator).mean()
-                accelerator.backward(loss / config.grad_accumulation)
-            total += loss.detach() / config.grad_accumulation
-        mean_loss = accelerator.reduce(total, "mean").item()
-        if not math.isfinite(mean_loss):
-            skip_nonfinite_step(state, optimizer, config, run)
-            continue
-        state.nonfinite_run = 0
-        # Optimiser step
-        grad_norm = accelerator.clip_grad_norm_(student.trainable_parameters(), config.max_grad_norm) if config.max_grad_norm > 0 else None
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        # Update target θ⁻ <- μ θ⁻ + (1-μ) θ
-        if student.has_separate_target:
-            ema_update(student.target_unet, accelerator.unwrap_model(student.unet), config.target_decay)
-        state.step += 1
-        bar.update(1)
-        # Log, validate, checkpoint
-        run.after_step(state, mean_loss, grad_norm, f_target, bar)
-    bar.close()
+    with tqdm(total=config.steps, initial=state.step, desc=f"{getattr(config, 'method', config.objective)} {config.adapter}",
+              disable=not (progress and accelerator.is_main_process)) as bar:  # closed when a stop or an error passes, before its one line
+        while state.step < config.steps:
+            student.unet.train()
+            # Consistency loss over the micro-batches: teacher jump (LCD) or same-noise pair (LCF), target f_θ⁻, student f_θ
+            total = torch.zeros((), device=device)
+            if hasattr(loss_fn, "step"):  # a loss that changes over training (`GuidancePairLCDLoss.pair_steps`)
+                loss_fn.step = state.step
+            for micro in range(config.grad_accumulation):
+                batch = next(batches)
+                generator = MicroBatchDraws(step_generator(config.seed, rank, state.step, device, attempt=state.nonfinite_run), micro,
+                                            config.grad_accumulation)
+                # Sharded, gradients are reduce-scattered at every micro-step: FSDP2's no_sync would hold them unsharded
+                sync = accelerator.no_sync(student.unet) if micro + 1 < config.grad_accumulation and not sharded else contextlib.nullcontext()
+                with sync, accelerator.autocast():
+                    loss = loss_fn(f_student, f_target, batch["latents"], batch["cond"], uncond.expand(len(batch["latents"]), -1, -1),
+                                   generator).mean()
+                    accelerator.backward(loss / config.grad_accumulation)
+                total += loss.detach() / config.grad_accumulation
+            mean_loss = accelerator.reduce(total, "mean").item()
+            if not math.isfinite(mean_loss):
+                skip_nonfinite_step(state, optimizer, config, run)
+                continue
+            state.nonfinite_run = 0
+            # Optimiser step
+            grad_norm = accelerator.clip_grad_norm_(student.trainable_parameters(), config.max_grad_norm) if config.max_grad_norm > 0 else None
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            # Update target θ⁻ <- μ θ⁻ + (1-μ) θ
+            if student.has_separate_target:
+                ema_update(student.target_unet, accelerator.unwrap_model(student.unet), config.target_decay)
+            state.step += 1
+            bar.update(1)
+            # Log, validate, checkpoint
+            run.after_step(state, mean_loss, grad_norm, f_target, bar)
     return run.finish()
 
 
