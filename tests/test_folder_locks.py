@@ -5,6 +5,7 @@ no two processes race on timing."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,18 @@ HOLDER = textwrap.dedent("""
 
     with hold(sys.argv[1]):
         print("held", flush=True)
+        sys.stdin.read()
+""")
+
+# A holder that forks a worker, as a training run's DataLoader does, and prints the worker's process id
+HOLDER_WITH_WORKER = textwrap.dedent("""
+    import multiprocessing, sys, time
+    from latent_consistency.folder_lock import hold
+
+    with hold(sys.argv[1]):
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+        worker.start()
+        print(worker.pid, flush=True)
         sys.stdin.read()
 """)
 
@@ -115,6 +128,22 @@ def test_a_killed_holder_holds_nothing(tiny_lcm, tmp_path, run_error):
     code, err = run_error(argv)
     assert code == 0, err
     assert [p.name for p in out.iterdir()] == ["0000-a-red-star.png"] and not lock_file(out).exists()
+
+
+def test_the_forked_workers_of_a_killed_holder_hold_nothing(tmp_path):
+    """A run with --num-workers killed with kill -9: its DataLoader workers live on for seconds (they notice only then that
+    their parent is gone) and held the lock through the descriptor they were forked with, so that --resume right after
+    the kill was refused as "in use"; a forked child now closes it."""
+    out = tmp_path / "run"
+    with subprocess.Popen([sys.executable, "-c", HOLDER_WITH_WORKER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as holder:
+        worker = int(holder.stdout.readline())
+        holder.kill()
+    try:
+        with hold(out):
+            pass
+    finally:
+        os.kill(worker, signal.SIGKILL)
 
 
 def test_every_spelling_of_a_folder_is_one_lock(tmp_path, monkeypatch):

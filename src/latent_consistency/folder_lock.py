@@ -20,6 +20,9 @@ from pathlib import Path
 
 from latent_consistency.errors import UserError
 
+# The descriptors of the locks this process holds, which a child it forks closes (`_close_held_in_child`)
+_HELD: set[int] = set()
+
 
 def lock_file(folder: str | Path) -> Path | None:
     """The lock file of `folder`: one for every spelling of it (relative, absolute, through a symbolic link); None for the
@@ -35,12 +38,27 @@ def hold(folder: str | Path | None) -> Iterator[None]:
     than its first (`first_process`). The lock file is removed on leaving."""
     path = lock_file(folder) if str(folder or "").strip() and first_process() else None  # no lock at the root either
     fd = None if path is None else acquire(path, folder)
+    if fd is not None:
+        _HELD.add(fd)
     try:
         yield
     finally:
         if fd is not None:
             path.unlink(missing_ok=True)  # before closing: a process that opened this file meanwhile sees it go (`acquire`)
+            _HELD.discard(fd)
             os.close(fd)
+
+
+def _close_held_in_child() -> None:
+    """A forked child (a training run's DataLoader worker) closes its copies of the held locks' descriptors: a lock is released
+    when every descriptor of it is closed, and a worker outlives a command killed with kill -9 by seconds (it notices only
+    then that its parent is gone), during which `--resume` was refused as "in use by another lcm command"."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def acquire(path: Path, folder: str | Path) -> int | None:

@@ -15,8 +15,9 @@ without a caption, captions that are not UTF-8 (or hold NUL characters, as UTF-1
 not parse or name a missing file, dangling symlinks and images in formats not read here (.heic, .jxl, camera raw, ...) are
 skipped and counted in `skipped`. Decoding happens in `__getitem__`;
 a file that turns out corrupt there is counted and the next usable sample is returned instead, so one
-bad file never stops a training run. Counts made in DataLoader worker processes stay in the workers
-(they are logged there); the scan counts are in the main process's `skipped`.
+bad file never stops a training run. Counts made in DataLoader worker processes are made in the workers' copies of
+`skipped` (and logged there), which send them back with each batch (`SkipCounter.take_pending`, collected by
+`training.batches`); the scan counts are in the main process's `skipped`.
 """
 
 from __future__ import annotations

@@ -7,9 +7,12 @@ sample. The data position is a `ResumableSampler` state (map-style data) or a `S
 
 from __future__ import annotations
 
+import os
+import signal
 from collections import Counter
 
 import torch
+from torch.utils.data import Dataset
 
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset
@@ -119,14 +122,17 @@ class TrainingBatches:
         if self.num_workers and counter is not None:
             counter.pending = []  # each worker's copy keeps what it counts, for `_collate` to send back
         loader = torch.utils.data.DataLoader(
-            self.dataset,
+            _ErrorsAsValues(self.dataset) if self.num_workers else self.dataset,
             batch_size=self.micro_batch,
             sampler=self.sampler,
             num_workers=self.num_workers,
             collate_fn=_collate,
+            worker_init_fn=_end_quietly_on_sigterm,
         )
-        for images, captions, worker in loader:
+        for images, captions, worker, error in loader:
             self._worker_skips += worker
+            if error is not None:
+                raise UserError(error)
             latents = self.model.codec.encode(images.to(self.device))
             cond = self.model.prompts.encode(captions, self.device, (self.resolution, self.resolution))
             yield {"latents": latents.float(), "cond": cond.float()}
@@ -214,10 +220,41 @@ def earlier_fingerprint(dataset) -> str | None:
     return dataset.size_fingerprint() if isinstance(dataset, ImageFolderDataset) else None
 
 
-def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
-    """The micro-batch, and in a DataLoader worker what its copy of the dataset's `SkipCounter` counted since its last
-    batch (`take_pending`), which would stay in its process otherwise; [] in the main process."""
+class _ErrorsAsValues(Dataset):
+    """A map-style `dataset` as DataLoader worker processes read it: a UserError raised by a sample comes back as {"error": its
+    message}, for the main process to raise (`_collate`). DataLoader re-raises a worker's exception with "Caught UserError
+    in DataLoader worker process 0" and the worker's traceback in its message, which the user would read where one line
+    belongs."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except UserError as err:
+            return {"error": str(err)}
+
+
+def _collate(items: list[dict]) -> tuple[torch.Tensor | None, list[str], list[tuple[str, str]], str | None]:
+    """The micro-batch; in a DataLoader worker what its copy of the dataset's `SkipCounter` counted since its last batch
+    (`take_pending`), which would stay in its process otherwise ([] in the main process); and the message of a sample's
+    UserError (`_ErrorsAsValues`), None without one."""
     info = torch.utils.data.get_worker_info()
-    skipped = getattr(info.dataset, "skipped", None) if info is not None else None
+    skipped = getattr(info.dataset.dataset, "skipped", None) if info is not None else None
     events = skipped.take_pending() if skipped is not None else []
-    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items], events
+    error = next((item["error"] for item in items if "error" in item), None)
+    if error is not None:
+        return None, [], events, error
+    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items], events, None
+
+
+def _end_quietly_on_sigterm(worker_id: int) -> None:
+    """A DataLoader worker ends at once on SIGTERM, as torch's own handler ends it on the main process's SIGTERM: a stop of the
+    whole process group (a scheduler's, `timeout`'s, `kill -- -PGID`) reaches the main process too, which ends the run with
+    its one line. torch's handler re-raised a SIGTERM from any other sender, and the main process then stopped with
+    "DataLoader worker (pid N) is killed by signal: Terminated" and a traceback before it handled its own SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
