@@ -1,18 +1,21 @@
-"""`lcm cache`: a folder of captioned images (or a registered dataset) encoded once into a latent cache, the paper's
+"""`lcm cache`: a folder of captioned images, webdataset shards or a registered dataset encoded once into a latent cache, the paper's
 D_z = {E(x)} (Section 4.3): the VAE's latents at the model's native size and each distinct caption's text embedding,
 so that `lcm distill` and `lcm finetune` with `--data CACHE` run no VAE or text encoder in their steps.
 
 The cache is written with the model the runs train (the teacher for `distill`, the LCM for `finetune`): a run on
 another model's cache is refused. Its images are read as a run reads them (`--data` of the same folder): upright,
-8-bit RGB, the shorter side scaled to the model's size and the central square kept. The folder is written as
-`OUT.partial` and renamed when whole: a killed `lcm cache` leaves no cache that looks finished.
+8-bit RGB, the shorter side scaled to the model's size and the central square kept. Each usable sample is written once
+(`data.latent_cache.usable_batches`): a corrupt image or a sample without a caption is counted and left out, and shards are
+read once each, shard after shard. The folder is written as `OUT.partial` and renamed when whole: a stopped `lcm cache`
+(Ctrl-C, SIGTERM) leaves no cache that looks finished, and a rerun starts the cache again.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
-from latent_consistency.cli.arguments import positive_int
+from latent_consistency.cli.arguments import nonnegative_int, positive_int
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
@@ -28,8 +31,7 @@ def run(args) -> None:
 def write_cache(args) -> None:
     import torch
 
-    from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
-    from latent_consistency.data.shards import ShardStream
+    from latent_consistency.data.latent_cache import MANIFEST, LatentCache, write_latent_cache
     from latent_consistency.data.spec import open_dataset
     from latent_consistency.models import load_diffusion_model
 
@@ -39,25 +41,25 @@ def write_cache(args) -> None:
     dataset = open_dataset(args.data, resolution)
     if isinstance(dataset, LatentCache):
         raise UserError(f"--data {args.data} is a latent cache already; give the images it was made from")
-    if isinstance(dataset, ShardStream):
-        raise UserError(f"--data {args.data} is webdataset shards, which a run streams without end; cache an image folder, or "
-                        "train on the shards themselves")
     source = {"data": args.data, "model": args.model, "resolution": resolution}
     out = write_latent_cache(dataset, args.out, model.codec, model.prompts, source, device, batch_size=args.batch_size,
-                             progress=sys.stderr.isatty())
+                             num_workers=args.num_workers, progress=sys.stderr.isatty())
     summary = getattr(dataset, "skipped", None)
     if summary is not None and summary.summary():
         print(f"data: {summary.summary()}")
-    print(f"wrote a latent cache of {len(dataset)} samples at {resolution} px to {out}; train on it with --data {out}")
+    samples = json.loads((out / MANIFEST).read_text())["num_samples"]  # the usable ones: the data's, less those skipped
+    print(f"wrote a latent cache of {samples} samples at {resolution} px to {out}; train on it with --data {out}")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("cache", help="encode captioned images once into a latent cache for distill and finetune (--data)",
                               description=__doc__)
     p.add_argument("--model", required=True, help="the model the runs train: a teacher (distill) or an LCM (finetune), folder or hub id")
-    p.add_argument("--data", required=True, help="captioned images: an image folder (metadata.jsonl, metadata.csv or .txt captions) "
-                   "or a registered dataset such as world:shapes")
+    p.add_argument("--data", required=True, help="captioned images: an image folder (metadata.jsonl, metadata.csv or .txt captions), "
+                   "webdataset .tar shards, or a registered dataset such as world:shapes")
     p.add_argument("--out", required=True, help="the cache folder to write (it must not exist)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per VAE batch (default 64)")
+    p.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader worker processes that decode an image "
+                   "folder's images beside the encoding (default 0: in this process; shards decode on threads)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.set_defaults(run=run)

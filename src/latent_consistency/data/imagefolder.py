@@ -15,7 +15,8 @@ without a caption, captions that are not UTF-8 (or hold NUL characters, as UTF-1
 not parse or name a missing file, dangling symlinks and images in formats not read here (.heic, .jxl, camera raw, ...) are
 skipped and counted in `skipped`. Decoding happens in `__getitem__`;
 a file that turns out corrupt there is counted and the next usable sample is returned instead, so one
-bad file never stops a training run. Counts made in DataLoader worker processes are made in the workers' copies of
+bad file never stops a training run (`read` returns None for it: each usable sample once, for a latent cache).
+Counts made in DataLoader worker processes are made in the workers' copies of
 `skipped` (and logged there), which send them back with each batch (`SkipCounter.take_pending`, collected by
 `training.batches`); the scan counts are in the main process's `skipped`.
 """
@@ -178,12 +179,18 @@ class ImageFolderDataset(Dataset):
             j = (index + offset) % n
             if j in self._corrupt:
                 continue
-            file_name, caption = self.samples[j]
-            image = load_rgb(self.root / file_name, self.resolution, self.skipped)
-            if image is not None:
-                return {"image": image, "caption": caption}
+            sample = self.read(j)
+            if sample is not None:
+                return sample
             self._corrupt.add(j)
         raise UserError(f"no image in {self.root} could be decoded ({self.skipped.summary()}); check the files")
+
+    def read(self, index: int) -> dict[str, torch.Tensor | str] | None:
+        """Sample `index` itself, None when its image is corrupt (counted in `skipped`): what a latent cache writes, each usable
+        sample once, where `__getitem__`'s stand-in would be a second copy of the next sample."""
+        file_name, caption = self.samples[index]
+        image = load_rgb(self.root / file_name, self.resolution, self.skipped)
+        return None if image is None else {"image": image, "caption": caption}
 
 
 def _jsonl_rows(lines) -> Iterator[tuple[int, object]]:

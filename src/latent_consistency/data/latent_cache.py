@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
 from latent_consistency.data.holdout import Holdout
+from latent_consistency.data.imagefolder import ImageFolderDataset
+from latent_consistency.data.shards import ShardStream
+from latent_consistency.data.workers import ErrorsAsValues, collate, end_quietly_on_sigterm
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import LatentCodec
 from latent_consistency.outputs import partial_folder, start_partial
@@ -32,10 +36,6 @@ FORMAT = "latent-cache/1"
 MANIFEST = "manifest.json"
 CAPTIONS = "captions.safetensors"
 PARTIAL_MARK = ".lcm-latent-cache"  # in `<cache>.partial` while it is written
-
-
-def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
-    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items]
 
 
 @torch.no_grad()
@@ -51,9 +51,10 @@ def write_latent_cache(
     num_workers: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Encode `dataset` (items {"image" in [-1, 1], "caption"}) into a cache at `out_dir`: latents with `codec`, each
-    distinct caption and ∅ once with the prompt encoder `prompts` (`models.DiffusionModel.prompts`; an SDXL condition
-    carries the images' size as its micro-conditioning).
+    """Encode each usable sample of `dataset` (items {"image" in [-1, 1], "caption"}; an image folder, webdataset shards or a
+    map-style dataset, `usable_batches`) once into a cache at `out_dir`: latents with `codec`, each distinct caption and ∅
+    once with the prompt encoder `prompts` (`models.DiffusionModel.prompts`; an SDXL condition carries the images' size as
+    its micro-conditioning).
 
     `source` (e.g. dataset name, split, resolution, seed) is recorded in the manifest. The folder is
     written as `<out_dir>.partial` and renamed when complete.
@@ -61,10 +62,9 @@ def write_latent_cache(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder")
-    if len(dataset) == 0:
+    if not isinstance(dataset, ShardStream) and len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
     partial = start_partial(partial_folder(out_dir, "runs/latents"), PARTIAL_MARK, "a latent cache")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     caption_ids: dict[str, int] = {}
     shards: list[dict] = []
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latents, caption_index) not yet in a shard
@@ -76,19 +76,25 @@ def write_latent_cache(
         shards.append({"file": name, "num_samples": len(index)})
         pending.clear()
 
-    for images, captions in tqdm(loader, desc="latent cache", disable=not progress):
-        encoded = codec.encode(images)
-        latents = encoded.float().cpu()
-        _check_encoded(out_dir, {"latents": latents}, encoded.dtype)
-        index = torch.tensor([caption_ids.setdefault(c, len(caption_ids)) for c in captions], dtype=torch.int64)
-        pending.append((latents, index))
-        if sum(len(p[1]) for p in pending) >= shard_size:
-            flush()
+    total = None if isinstance(dataset, ShardStream) else len(dataset)
+    with tqdm(total=total, desc="latent cache", disable=not progress) as bar:  # closed before a stop's one line
+        for images, captions in usable_batches(dataset, batch_size, num_workers):
+            encoded = codec.encode(images)
+            latents = encoded.float().cpu()
+            _check_encoded(out_dir, {"latents": latents}, encoded.dtype)
+            index = torch.tensor([caption_ids.setdefault(c, len(caption_ids)) for c in captions], dtype=torch.int64)
+            pending.append((latents, index))
+            if sum(len(p[1]) for p in pending) >= shard_size:
+                flush()
+            bar.update(len(captions))  # samples written: short of the total by those skipped
     if pending:
         flush()
+    if not shards:
+        skipped = getattr(dataset, "skipped", None)
+        raise UserError(f"no usable sample in the data ({skipped.summary() if skipped else 'none given'}); check the files")
 
     captions = list(caption_ids)
-    size = tuple(images.shape[-2:])
+    size = tuple(images.shape[-2:])  # the last batch's: every image is resolution x resolution
     embeddings = torch.cat([prompts.encode(captions[i : i + batch_size], device, size) for i in range(0, len(captions), batch_size)])
     uncond = prompts.uncond(device, size)[0]
     _check_encoded(out_dir, {"text embeddings": embeddings, "empty prompt's embedding": uncond}, embeddings.dtype)
@@ -174,6 +180,57 @@ class LatentCache(torch.utils.data.Dataset):
         return CachedLatents(
             self.latents.to(device), self.caption_index.to(device), self.text_embeddings.to(device), self.uncond_embedding.to(device)
         )
+
+
+def usable_batches(dataset, batch_size: int, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Batches (images, captions) of each usable sample of `dataset` once, in order: an image folder's corrupt image is left
+    out (`ImageFolderDataset.read`), where its `__getitem__`, for a training run that draws without end, stands the next
+    sample in for it and the cache would hold that sample twice; shards are read shard after shard
+    (`ShardStream.samples_once`), where their stream resamples without end. `num_workers` DataLoader worker processes read
+    a map-style dataset (shards decode on threads in this process), with training's handling of their errors, skip counts
+    and stops (`data.workers`); what they skipped is counted into `dataset.skipped` at the end."""
+    if isinstance(dataset, ShardStream):
+        samples, num_workers = _SamplesOnce(dataset), 0
+    else:
+        samples = _Read(dataset) if isinstance(dataset, ImageFolderDataset) else dataset
+    counter = getattr(dataset, "skipped", None)
+    if num_workers and counter is not None:
+        counter.pending = []  # each worker's copy keeps what it counts, for `collate` to send back
+    loader = torch.utils.data.DataLoader(ErrorsAsValues(samples) if num_workers else samples, batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=collate, worker_init_fn=end_quietly_on_sigterm)
+    counted = []
+    for images, captions, events, error in loader:
+        counted += events
+        if error is not None:
+            raise UserError(error)
+        if images is not None:
+            yield images, captions
+    if counter is not None and counted:
+        merged = counter.with_counted(counted)
+        counter.counts, counter.seen = merged.counts, merged.seen
+
+
+class _Read(torch.utils.data.Dataset):
+    """An image folder's samples each as itself, None for a corrupt one (`ImageFolderDataset.read`)."""
+
+    def __init__(self, folder: ImageFolderDataset):
+        self.folder, self.skipped = folder, folder.skipped  # `skipped`: what `collate` sends back from a worker
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> dict | None:
+        return self.folder.read(index)
+
+
+class _SamplesOnce(torch.utils.data.IterableDataset):
+    """Shards' usable samples, each once (`ShardStream.samples_once`)."""
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.stream.samples_once()
 
 
 def _read_manifest(path: Path) -> dict:

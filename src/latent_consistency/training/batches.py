@@ -7,12 +7,9 @@ sample. The data position is a `ResumableSampler` state (map-style data) or a `S
 
 from __future__ import annotations
 
-import os
-import signal
 from collections import Counter
 
 import torch
-from torch.utils.data import Dataset
 
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset
@@ -21,6 +18,7 @@ from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.data.sampler import ResumableSampler
 from latent_consistency.data.shards import ShardStream, check_usable
 from latent_consistency.data.spec import open_dataset
+from latent_consistency.data.workers import ErrorsAsValues, collate, end_quietly_on_sigterm
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel
 from latent_consistency.pipelines import MAX_SIZE_FACTOR
@@ -111,35 +109,10 @@ class TrainingBatches:
             return self.dataset.first_captions(n)
         return [self.dataset[i]["caption"] for i in range(min(n, len(self.dataset)))]
 
-    def _batches(self):
-        if isinstance(self.dataset, LatentCache):
-            tensors = self.dataset.tensors(self.device)
-            indices = iter(self.sampler)
-            while True:
-                idx = torch.tensor([next(indices) for _ in range(self.micro_batch)], device=self.device)
-                yield {"latents": tensors.latents[idx], "cond": tensors.text_embeddings[tensors.caption_index[idx]]}
-        counter = getattr(self.dataset, "skipped", None)
-        if self.num_workers and counter is not None:
-            counter.pending = []  # each worker's copy keeps what it counts, for `_collate` to send back
-        loader = torch.utils.data.DataLoader(
-            _ErrorsAsValues(self.dataset) if self.num_workers else self.dataset,
-            batch_size=self.micro_batch,
-            sampler=self.sampler,
-            num_workers=self.num_workers,
-            collate_fn=_collate,
-            worker_init_fn=_end_quietly_on_sigterm,
-        )
-        for images, captions, worker, error in loader:
-            self._worker_skips += worker
-            if error is not None:
-                raise UserError(error)
-            latents = self.model.codec.encode(images.to(self.device))
-            cond = self.model.prompts.encode(captions, self.device, (self.resolution, self.resolution))
-            yield {"latents": latents.float(), "cond": cond.float()}
-
     def __next__(self) -> dict:
         if self._iterator is None:
-            self._iterator = self._batches()
+            self._iterator = _micro_batches(self.dataset, self.sampler, self.model, self.device, self.resolution, self.micro_batch,
+                                            self.num_workers, self._worker_skips)
         return next(self._iterator)
 
     def __iter__(self):
@@ -205,6 +178,38 @@ def merged_skipped_summary(records: list) -> str:
     return merged.summary()
 
 
+def _micro_batches(dataset, sampler, model: DiffusionModel, device, resolution: int, micro_batch: int, num_workers: int,
+                   worker_skips: list[tuple[str, str]]):
+    """The micro-batches {"latents", "cond"} of `dataset` in `sampler`'s order, encoded by `model`; what DataLoader workers
+    skipped goes into `worker_skips`. A function of its own, not a method: a generator that held its `TrainingBatches`
+    would make a reference cycle, freed only by the cyclic garbage collector, whose order of finalisation closed the
+    DataLoader's queues before it could tell its workers to stop (each then took 5 s to be given up on)."""
+    if isinstance(dataset, LatentCache):
+        tensors = dataset.tensors(device)
+        indices = iter(sampler)
+        while True:
+            idx = torch.tensor([next(indices) for _ in range(micro_batch)], device=device)
+            yield {"latents": tensors.latents[idx], "cond": tensors.text_embeddings[tensors.caption_index[idx]]}
+    counter = getattr(dataset, "skipped", None)
+    if num_workers and counter is not None:
+        counter.pending = []  # each worker's copy keeps what it counts, for `collate` to send back
+    loader = torch.utils.data.DataLoader(
+        ErrorsAsValues(dataset) if num_workers else dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        worker_init_fn=end_quietly_on_sigterm,
+    )
+    for images, captions, worker, error in loader:
+        worker_skips += worker
+        if error is not None:
+            raise UserError(error)
+        latents = model.codec.encode(images.to(device))
+        cond = model.prompts.encode(captions, device, (resolution, resolution))
+        yield {"latents": latents.float(), "cond": cond.float()}
+
+
 def data_fingerprint(dataset) -> str | None:
     """A digest of `dataset`'s samples in order, that a checkpoint records with its data position: an image folder's
     captions, file sizes and samples of each image file's bytes, a latent cache's captions and latents, shards' names,
@@ -218,43 +223,3 @@ def earlier_fingerprint(dataset) -> str | None:
     one: an image folder's captions and file sizes (`ImageFolderDataset.size_fingerprint`). A run upgraded mid-way resumes
     on its unchanged data instead of being told that every image changed. None for other data, whose digest is unchanged."""
     return dataset.size_fingerprint() if isinstance(dataset, ImageFolderDataset) else None
-
-
-class _ErrorsAsValues(Dataset):
-    """A map-style `dataset` as DataLoader worker processes read it: a UserError raised by a sample comes back as {"error": its
-    message}, for the main process to raise (`_collate`). DataLoader re-raises a worker's exception with "Caught UserError
-    in DataLoader worker process 0" and the worker's traceback in its message, which the user would read where one line
-    belongs."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            return self.dataset[index]
-        except UserError as err:
-            return {"error": str(err)}
-
-
-def _collate(items: list[dict]) -> tuple[torch.Tensor | None, list[str], list[tuple[str, str]], str | None]:
-    """The micro-batch; in a DataLoader worker what its copy of the dataset's `SkipCounter` counted since its last batch
-    (`take_pending`), which would stay in its process otherwise ([] in the main process); and the message of a sample's
-    UserError (`_ErrorsAsValues`), None without one."""
-    info = torch.utils.data.get_worker_info()
-    skipped = getattr(info.dataset.dataset, "skipped", None) if info is not None else None
-    events = skipped.take_pending() if skipped is not None else []
-    error = next((item["error"] for item in items if "error" in item), None)
-    if error is not None:
-        return None, [], events, error
-    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items], events, None
-
-
-def _end_quietly_on_sigterm(worker_id: int) -> None:
-    """A DataLoader worker ends at once on SIGTERM, as torch's own handler ends it on the main process's SIGTERM: a stop of the
-    whole process group (a scheduler's, `timeout`'s, `kill -- -PGID`) reaches the main process too, which ends the run with
-    its one line. torch's handler re-raised a SIGTERM from any other sender, and the main process then stopped with
-    "DataLoader worker (pid N) is killed by signal: Terminated" and a traceback before it handled its own SIGTERM."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from latent_consistency.conditioning import TIME_IDS, AddedConditioning
 from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
+from latent_consistency.data.workers import end_quietly_on_sigterm
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
@@ -115,14 +116,16 @@ def _stack_items(items: list[dict]) -> tuple[torch.Tensor, list[str], list]:
 def _render(dataset, progress: bool) -> _Images:
     """Render every item of `dataset` once, in worker processes when there are cores to spare."""
     workers = min(15, (os.cpu_count() or 1) - 1)
-    # Items depend on (split, seed, index) only; a generator of its own keeps the loader off torch's global one
+    # Items depend on (split, seed, index) only; a generator of its own keeps the loader off torch's global one. A stop of
+    # the process group ends the workers quietly (`end_quietly_on_sigterm`), and the build in its one line
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=max(workers, 0), collate_fn=_stack_items,
-                                         generator=torch.Generator().manual_seed(0))
+                                         generator=torch.Generator().manual_seed(0), worker_init_fn=end_quietly_on_sigterm)
     images, captions, attributes = [], [], []
-    for batch_images, batch_captions, batch_attributes in tqdm(loader, desc="render images", disable=not progress):
-        images.append(batch_images)
-        captions += batch_captions
-        attributes += batch_attributes
+    with tqdm(loader, desc="render images", disable=not progress) as batches:  # closed before a stop's one line
+        for batch_images, batch_captions, batch_attributes in batches:
+            images.append(batch_images)
+            captions += batch_captions
+            attributes += batch_attributes
     return _Images(torch.cat(images), captions, attributes)
 
 

@@ -1,0 +1,55 @@
+"""DataLoader worker processes that read as the main process reads: a data error is its one line, what the data skipped
+is counted once, and a stop of the whole process group ends the command in its own one line. Used by training
+(`training.batches`) and by the commands that encode data in bulk (`data.latent_cache`, `lcm world build`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+from torch.utils.data import Dataset
+
+from latent_consistency.errors import UserError
+
+
+class ErrorsAsValues(Dataset):
+    """A map-style `dataset` as DataLoader worker processes read it: a UserError raised by a sample comes back as {"error": its
+    message}, for the main process to raise (`collate`). DataLoader re-raises a worker's exception with "Caught UserError
+    in DataLoader worker process 0" and the worker's traceback in its message, which the user would read where one line
+    belongs."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            return self.dataset[index]
+        except UserError as err:
+            return {"error": str(err)}
+
+
+def collate(items: list[dict | None]) -> tuple[torch.Tensor | None, list[str], list[tuple[str, str]], str | None]:
+    """The batch of the items that are not None (None: a sample left out, a corrupt image that a latent cache does not
+    write), or None for the images when every item is; in a DataLoader worker what its copy of the dataset's `SkipCounter`
+    counted since its last batch (`take_pending`), which would stay in its process otherwise ([] in the main process); and
+    the message of a sample's UserError (`ErrorsAsValues`), None without one."""
+    info = torch.utils.data.get_worker_info()
+    skipped = getattr(info.dataset.dataset, "skipped", None) if info is not None else None
+    events = skipped.take_pending() if skipped is not None else []
+    items = [item for item in items if item is not None]
+    error = next((item["error"] for item in items if "error" in item), None)
+    if error is not None or not items:
+        return None, [], events, error
+    return torch.stack([item["image"] for item in items]), [item["caption"] for item in items], events, None
+
+
+def end_quietly_on_sigterm(worker_id: int) -> None:
+    """A DataLoader worker ends at once on SIGTERM, as torch's own handler ends it on the main process's SIGTERM: a stop of the
+    whole process group (a scheduler's, `timeout`'s, `kill -- -PGID`) reaches the main process too, which ends the command
+    with its one line. torch's handler re-raised a SIGTERM from any other sender, and the main process then stopped with
+    "DataLoader worker (pid N) is killed by signal: Terminated" and a traceback before it handled its own SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
