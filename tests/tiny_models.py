@@ -254,13 +254,17 @@ def write_run(folder: Path, command: str = "distill", checkpoint: bool = True, *
     return folder
 
 
-def sample_as_its_model_card_says(folder: Path):
+def sample_as_its_model_card_says(folder: Path, **call):
     """Run the diffusers snippet of the model card (README.md) an export carries, as a user copies it, and return its image:
-    the card's usage is checked against diffusers, not only written."""
+    the card's usage is checked against diffusers, not only written. `call`: keyword arguments added to the pipeline call
+    that a tiny model needs (a tiny PixArt's sample size is in none of its pipeline's resolution bins)."""
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(folder / "README.md")
     snippet = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    extra = "".join(f", {name}={value!r}" for name, value in call.items())
+    assert snippet.count(").images[0]") == 1, snippet
+    snippet = snippet.replace(").images[0]", f"{extra}).images[0]").replace("pipe(", "pipe.set_progress_bar_config(disable=True) or pipe(", 1)
     scope: dict = {}
-    exec(snippet.replace("pipe(", "pipe.set_progress_bar_config(disable=True) or pipe(", 1), scope)
+    exec(snippet, scope)
     return card, scope["image"]

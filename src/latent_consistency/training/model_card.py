@@ -13,6 +13,7 @@ from pathlib import Path
 
 from latent_consistency.guidance_record import GuidanceRecord
 from latent_consistency.hub import looks_like_hub_id
+from latent_consistency.models import DiffusionModel
 from latent_consistency.outputs import write_atomic
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
 
@@ -20,9 +21,13 @@ CARD = "README.md"
 PROMPT = "a photo of a cat"
 # What each exported folder (`Student.export`) holds
 WHAT = {"lcm": "A latent consistency model (LCM): it samples in 1-8 steps, with the guidance scale g as an input.",
+        "pixart": "A latent consistency model (LCM) of PixArt-α: it samples in 1-8 steps, at the one guidance scale it was "
+                  "distilled at (a PixArt transformer has no ω input: no g to give it).",
         "lora": "LCM-LoRA adapters: with them their base model samples in 1-8 steps.",
+        "lcm-lora": "LoRA adapters fine-tuned on an LCM: with them that LCM samples in 1-8 steps, with the guidance scale g as "
+                    "its input.",
         "guided": "A guidance-distilled diffusion model: one network pass per step in place of classifier-free guidance's two."}
-TITLES = {"lcm": "LCM of {}", "lora": "LCM-LoRA for {}", "guided": "Guidance-distilled {}"}
+TITLES = {"lcm": "LCM of {}", "pixart": "LCM of {}", "lora": "LCM-LoRA for {}", "lcm-lora": "LoRA for the LCM {}", "guided": "Guidance-distilled {}"}
 METHODS = {
     "lcd": "latent consistency distillation (LCD, Algorithm 1 of Luo et al. 2023)",
     "ode": "regression of the consistency function on its teacher's guided ODE solutions (`lcm distill --method ode`)",
@@ -33,34 +38,61 @@ METHODS = {
 GUIDED_STEPS = 25  # a stage-one model samples as its teacher did: DDIM, here at 25 steps
 
 
-def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: str | None = None) -> str:
+def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: str | None = None,
+               base: DiffusionModel | None = None) -> str:
     """The card of the model that the run of `config` exported to `folder` (lcm/, lora/ or guided/), with its guidance
-    record (None for LoRA adapters, whose guidance is the sampler's) and its diffusers pipeline class (model_index.json's)."""
+    record (None for LoRA adapters, whose guidance is the sampler's or their LCM's), its diffusers pipeline class
+    (model_index.json's) and the run's `base` model (its teacher, or the model LCF fine-tuned): LoRA adapters on a base
+    with an ω input keep it (None: a base without one, as a teacher of LCM-LoRA is)."""
     from huggingface_hub import ModelCardData
 
     kind = Path(folder).name
     lcf = config.objective == "lcf"
-    base = config.model if lcf else config.teacher  # what the model was made from, and what LoRA adapters go on
+    source = config.model if lcf else config.teacher  # what the model was made from, and what LoRA adapters go on
+    what = _what(kind, pipeline, base)
+    base_record = base.guidance_record if base is not None else None
     tags = ["text-to-image", "diffusers", "guidance-distillation" if kind == "guided" else "latent-consistency-model"]
-    header = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags + ["lcm-lora"] * (kind == "lora"),
-                           base_model=base if looks_like_hub_id(base) else None)
-    title = TITLES[kind].format(base) + (", fine-tuned with LCF" if lcf else "")
-    lines = [f"# {title}", "", WHAT[kind], "", "## How it was made", "",
-             f"- From: {'the LCM' if lcf else 'the teacher'} `{base}`" + (f" with the LCM-LoRA `{config.lora}`" if lcf and config.lora else ""),
+    header = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags + ["lora", "lcm-lora"] * (kind == "lora"),
+                           base_model=source if looks_like_hub_id(source) else None)
+    title = TITLES[what].format(source) + (", fine-tuned with LCF" if lcf else "")
+    made_from = "the LCM" if what in ("lcm", "pixart", "lcm-lora") and lcf else "the model" if lcf else "the teacher"
+    lines = [f"# {title}", "", WHAT[what], "", "## How it was made", "",
+             f"- From: {made_from} `{source}`" + (f" with the LCM-LoRA `{config.lora}`" if lcf and config.lora else ""),
              f"- Method: {METHODS['lcf' if lcf else config.method]}",
              f"- Data: `{config.data}`",
              f"- {config.steps} steps at batch {config.batch_size}, learning rate {config.lr:g}, seed {config.seed}"]
     if not lcf and config.method in ("lcd", "ode"):
         lines.append(f"- Teacher ODE solver {config.solver}, skipping step k = {config.skip}")
-    lines += _guidance(kind, record) + ["", "## Sampling it", ""] + _usage(Path(folder), kind, base, record, config, pipeline)
+    lines += _guidance(what, record, base_record, lcf) + ["", "## Sampling it", ""]
+    lines += _usage(Path(folder), what, source, record, base_record, config)
     return f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 
 
-def _guidance(kind: str, record: GuidanceRecord | None) -> list[str]:
+def _what(kind: str, pipeline: str | None, base: DiffusionModel | None) -> str:
+    """The kind of export as its guidance goes (a key of `WHAT`): a PixArt LCM has no ω input, and LoRA adapters on a
+    model with one (an LCM, fine-tuned with LCF) keep it."""
+    if (pipeline or "").startswith("PixArt"):
+        return "pixart"
+    if kind == "lora" and base is not None and base.time_cond_proj_dim is not None:
+        return "lcm-lora"
+    return kind
+
+
+def _guidance(what: str, record: GuidanceRecord | None, base_record: GuidanceRecord | None, lcf: bool) -> list[str]:
     """The guidance range and, where the run measured it, the ω response per t: the fraction of the teacher's guidance
-    effect the model reproduces (1: all of it; `training.omega_response`)."""
-    if record is None:
+    effect the model reproduces (1: all of it; `training.omega_response`). LCF teaches no guidance (Algorithm 4 has no
+    teacher): a fine-tuned model's range is its LCM's (`base_record`, for LoRA adapters on it)."""
+    if what == "lora":
         return ["- Guidance: classifier-free guidance in the sampler, as the base model's (g 1-2 is usual for LCM-LoRA)"]
+    if what == "pixart":
+        return [f"- Distilled at guidance scale g = {record.guidance_scale:g}, built into the model: it samples without "
+                "classifier-free guidance (g 0 in diffusers' pipeline, as PixArt-LCM)"]
+    if what == "lcm-lora" and base_record is None:
+        return [f"- Guidance: the LCM's ω input (g, {DEFAULT_GUIDANCE_SCALE['lcm']:g} when none is given), which LCF does not train"]
+    if lcf:
+        record = base_record if what == "lcm-lora" else record
+        return [f"- Guidance scale g on [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}] (its LCM's ω input: LCF "
+                f"teaches no guidance), sampled at {record.guidance_scale:g} by default"]
     lines = [f"- Guidance scale g trained on [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}], "
              f"sampled at {record.guidance_scale:g} by default"]
     if record.omega_response:
@@ -72,36 +104,39 @@ def _guidance(kind: str, record: GuidanceRecord | None) -> list[str]:
     return lines
 
 
-def _usage(folder: Path, kind: str, base: str, record: GuidanceRecord | None, config, pipeline: str | None) -> list[str]:
-    """A diffusers snippet and an `lcm generate` line that sample the model from where it was written. A PixArt LCM has no
-    ω input: its diffusers pipeline would apply classifier-free guidance at g > 1 (PixArt-LCM samples at 0)."""
+def _usage(folder: Path, what: str, source: str, record: GuidanceRecord | None, base_record: GuidanceRecord | None,
+           config) -> list[str]:
+    """A diffusers snippet and an `lcm generate` line that sample the model from where it was written, at the g `lcm
+    generate` takes by default. A PixArt LCM has no ω input: its diffusers pipeline would apply classifier-free guidance at
+    g > 1 (PixArt-LCM samples at 0). LoRA adapters on an LCM keep its ω input: g 1 there is ω = 0, no guidance at all."""
     where, prompt = str(folder), json.dumps(PROMPT)
-    if kind == "lora":
+    if what in ("lora", "lcm-lora"):
+        g = DEFAULT_GUIDANCE_SCALE["lora"] if what == "lora" else base_record.guidance_scale if base_record else DEFAULT_GUIDANCE_SCALE["lcm"]
         python = ["from diffusers import DiffusionPipeline, LCMScheduler", "",
-                  f"pipe = DiffusionPipeline.from_pretrained({json.dumps(base)})",
+                  f"pipe = DiffusionPipeline.from_pretrained({json.dumps(source)})",
                   f"pipe.scheduler = LCMScheduler.from_pretrained({json.dumps(where)})",
                   f"pipe.load_lora_weights({json.dumps(where)})",
-                  f"image = pipe({prompt}, num_inference_steps=4, guidance_scale={DEFAULT_GUIDANCE_SCALE['lora']:g}).images[0]"]
-        command = ["lcm", "generate", PROMPT, "--model", base, "--lora", where, "--steps", "4"]
+                  f"image = pipe({prompt}, num_inference_steps=4, guidance_scale={g:g}).images[0]"]
+        command = ["lcm", "generate", PROMPT, "--model", source, "--lora", where, "--steps", "4"]
     else:
         # a progressive round is right only on its own N-step DDIM grid (`lcm generate` samples it there by default)
-        steps = (config.student_steps if config.method == "progressive" else GUIDED_STEPS) if kind == "guided" else 4
-        g = record.guidance_scale if record else DEFAULT_GUIDANCE_SCALE["lcm"]
-        g = 0.0 if (pipeline or "").startswith("PixArt") else g
-        python = ["from diffusers import DiffusionPipeline" + (", DDIMScheduler" if kind == "guided" else ""), "",
+        steps = (config.student_steps if config.method == "progressive" else GUIDED_STEPS) if what == "guided" else 4
+        g = 0.0 if what == "pixart" else record.guidance_scale
+        python = ["from diffusers import DiffusionPipeline" + (", DDIMScheduler" if what == "guided" else ""), "",
                   f"pipe = DiffusionPipeline.from_pretrained({json.dumps(where)})"]
-        if kind == "guided":
+        if what == "guided":
             python.append("pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
         python.append(f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale={g:g}).images[0]")
-        command = ["lcm", "generate", PROMPT, "--model", where, *(["--sampler", "ddim"] if kind == "guided" else []),
+        command = ["lcm", "generate", PROMPT, "--model", where, *(["--sampler", "ddim"] if what == "guided" else []),
                    "--steps", str(steps)]
     return ["```python", *python, "```", "", "```sh", shlex.join(command), "```"]
 
 
-def write_model_card(staged: Path, folder: Path, config, record: GuidanceRecord | None) -> Path:
-    """The card of the model staged in `staged`, written there, for the folder `folder` it is then moved to."""
+def write_model_card(staged: Path, folder: Path, config, record: GuidanceRecord | None, base: DiffusionModel) -> Path:
+    """The card of the model staged in `staged` by the run of `config` (from `base`: `model_card`), written there, for
+    the folder `folder` it is then moved to."""
     index = Path(staged) / "model_index.json"
     pipeline = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     path = Path(staged) / CARD
-    write_atomic(path, lambda tmp: tmp.write_text(model_card(folder, config, record, pipeline), encoding="utf-8"))
+    write_atomic(path, lambda tmp: tmp.write_text(model_card(folder, config, record, pipeline, base), encoding="utf-8"))
     return path
