@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from latent_consistency.cli import main
 from latent_consistency.training.config import MAX_SEED
@@ -231,7 +232,8 @@ def test_pair_steps_as_long_as_the_run_train_with_a_note(distill, run_error, tmp
 
 def test_a_run_resumed_with_its_teacher_and_data_spelled_another_way_is_the_same_run(tiny_sd, image_folder, tmp_path, run_error):
     """`w` and `./w/` name one folder (and world:shapes one dataset): a resume (the demo's rerun too) that spells them
-    otherwise is not refused as a different config; another folder still is."""
+    otherwise is not refused as a different config; another model in another folder still is (a copy of the same model
+    is the same teacher moved: tests/test_moved_inputs.py)."""
     out = tmp_path / "run"
     args = ["distill", "--preset", "tiny", "--out", str(out), "--steps", "2"]
     assert run_error(args + ["--teacher", str(tiny_sd), "--data", str(image_folder)])[0] == 0
@@ -239,6 +241,10 @@ def test_a_run_resumed_with_its_teacher_and_data_spelled_another_way_is_the_same
     assert run_error([*args[:-1], "4", *again, "--resume"])[0] == 0
     other = tmp_path / "other-teacher"
     shutil.copytree(tiny_sd, other)
+    weights = other / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    tensors = {k: v + 1e-3 if i == 0 else v for i, (k, v) in enumerate(sorted(tensors.items()))}
+    save_file(tensors, str(weights))
     refused(run_error, [*args[:-1], "6", "--teacher", str(other), "--data", str(image_folder), "--resume"], "different config (teacher:")
 
 

@@ -186,14 +186,18 @@ def read_state(path: Path) -> tuple[dict | None, str | None]:
 
 def check_of_this_run(path: Path, state: dict) -> None:
     """A UserError when the checkpoint at `path` recorded a config (a training run's) that is not its run folder's
-    config.json but for the fields a resumed run may change: a checkpoint copied there from another run."""
-    from latent_consistency.training.config import config_from_dict
+    config.json but for the fields a resumed run may change and the models and data that moved since with the same
+    content (`sources.proven_moves`: a checkpoint from before a move names their old places): a checkpoint copied there
+    from another run."""
+    from latent_consistency.training.config import RESUMABLE_CHANGES, config_from_dict
+    from latent_consistency.training.sources import proven_moves
 
-    saved = path.parent.parent / "config.json"
+    run_dir, saved = path.parent.parent, path.parent.parent / "config.json"
     if not isinstance(state.get("config"), dict) or not saved.is_file():
         return
     try:
-        diffs = config_from_dict(json.loads(saved.read_text())).differences(config_from_dict(state["config"]))
+        run, written_by = config_from_dict(json.loads(saved.read_text())), config_from_dict(state["config"])
+        diffs = run.differences(written_by, ignore=(*RESUMABLE_CHANGES, *proven_moves(run_dir, run, written_by, state, of_checkpoint=True)))
     except (OSError, ValueError, TypeError, KeyError, UserError):
         return  # the run's config.json is the run folder's to refuse (`run_folder.saved_config`)
     if diffs:

@@ -195,6 +195,14 @@ class TrainConfig:
 
         return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if k not in ignore and not same(k)]
 
+    def moved_sources(self, other: TrainConfig) -> dict[str, tuple[str, str]]:
+        """{field: (this path, the other's)} of the sources (`SOURCE_FIELDS`) that both configs name, at other places: the
+        candidates of a moved model or data, which a resume accepts where their content is provably the run's
+        (`sources.proven_moves`)."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in SOURCE_FIELDS if isinstance(a.get(k), str) and isinstance(b.get(k), str) and a[k] and b[k]
+                and not _same_data(a[k], b[k])}
+
 
 @dataclass
 class DistillConfig(TrainConfig):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from latent_consistency.sampling import sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training import omega_response, sources
 from latent_consistency.training.batches import merged_skipped_summary
-from latent_consistency.training.config import CONFIGS, TrainConfig, config_from_dict
+from latent_consistency.training.config import CONFIGS, RESUMABLE_CHANGES, TrainConfig, config_from_dict
 from latent_consistency.training.model_card import write_model_card
 from latent_consistency.training.ode_targets import FILE as ODE_BANK
 from latent_consistency.training.sharding import exportable, full_training_state, is_sharded, load_optimizer_state
@@ -77,11 +78,14 @@ def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> 
 
 def check_resumable(out: Path, config: TrainConfig) -> None:
     """A UserError unless the run in `out` can be resumed with `config`: its config.json is the same but for
-    `RESUMABLE_CHANGES`, and its latest checkpoint's step is at most --steps. Each message names what would work."""
+    `RESUMABLE_CHANGES` and models or data moved since with the same content (`sources.proven_moves`), and its latest
+    checkpoint's step is at most --steps. Each message names what would work."""
     saved = out / "config.json"
     if not saved.is_file():
         raise UserError(f"nothing to resume in {out} (no config.json); start a run there without --resume")
-    diffs = saved_config(saved).differences(config)
+    run, found = saved_config(saved), ckpt.list_checkpoints(out)
+    moved = sources.proven_moves(out, run, config, ckpt.read_state(found[-1])[0] if found else None)
+    diffs = run.differences(config, ignore=(*RESUMABLE_CHANGES, *moved))
     if diffs:
         if stopped_before_first_step(out, config):
             hint = "; it has no checkpoint yet, so start it again without --resume"
@@ -95,7 +99,6 @@ def check_resumable(out: Path, config: TrainConfig) -> None:
     damaged = ckpt.damaged_checkpoints(out)
     if damaged:
         raise UserError(ckpt.damaged_message(damaged[-1], f"it has no {ckpt.STATE}"))
-    found = ckpt.list_checkpoints(out)
     reached = ckpt.checkpoint_step(found[-1]) if found else 0
     if config.steps < reached:
         raise UserError(f"the checkpoint in {out} is at step {reached}; --steps must be at least {reached} to resume it, "
@@ -193,10 +196,15 @@ class RunFolder:
         # Under FSDP the target θ⁻ is sharded: every process takes part in its forward passes (validation, ω response)
         self.runs_target = self.main or is_sharded(accelerator)
         self.saved_optimizer_state = None  # read by `resume`, loaded by `resume_optimizer` once the optimiser is prepared
+        # A resumed run's config.json is rewritten (its --steps, the new places of moved sources: `check_resumable`) once
+        # `resume` has loaded the checkpoint, whose data fingerprint proves moved data: a refused resume leaves it as it was
+        resumed = self.main and (out / "config.json").is_file()
+        self.moves = saved_config(out / "config.json").moved_sources(config) if resumed else {}
         if self.main:
             try:
                 out.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(out / "config.json", config.to_dict())
+                if not resumed:
+                    write_json_atomic(out / "config.json", config.to_dict())
                 sources.record_sources(out, config)
             except OSError as err:
                 raise UserError(f"cannot write the run folder {out}: {err.strerror or err}") from None
@@ -211,6 +219,13 @@ class RunFolder:
             ckpt.remove_partial_checkpoints(self.out)
         found = ckpt.list_checkpoints(self.out)
         progress = self.load_checkpoint(found[-1]) if found else Progress()
+        if self.main:
+            try:
+                write_json_atomic(self.out / "config.json", self.config.to_dict())
+            except OSError as err:
+                raise UserError(f"cannot write the run folder {self.out}: {err.strerror or err}") from None
+        if self.moves:
+            print(sources.moved_note(self.moves), file=sys.stderr, flush=True)
         self.writer.resume_at(progress.step)
         return progress
 
@@ -244,6 +259,7 @@ class RunFolder:
         if not self.main:
             return None
         state = dict(step=progress.step, nonfinite_total=progress.nonfinite_total, data=data_states, config=self.config.to_dict())
+        state[sources.CHECKPOINT_KEY] = sources.recorded_sources(self.out)  # what its models are, wherever they move (`proven_moves`)
         if getattr(self.config, "student_init", ""):  # the architecture a resumed run makes its student in (`resumed_student_unet`)
             state[STUDENT_UNET] = dict(self.accelerator.unwrap_model(self.student.unet).config)
         objects = dict(optimizer=optimizer_state, lr_scheduler=self.lr_scheduler.state_dict(), rng={"torch": torch.get_rng_state()})

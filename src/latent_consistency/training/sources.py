@@ -7,6 +7,9 @@ over each file (through symlinks: a hub cache's snapshot, a folder of links): ch
 independent of modification times (a folder copied with `cp -r` is the same model), and different for weights trained
 again into the same architecture. A hub id's is the commit it loads (`hub.hub_revision`: offline, the one in the local
 cache), so that a resume after the repo moved on (a new commit pushed, downloaded since) is refused too.
+
+The same identities let a run resume from models and data moved since (`proven_moves`): a model folder at another path
+whose identity is the recorded one, the data at another path where the checkpoint records its fingerprint.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ SAMPLES, SAMPLE_BYTES = 8, 64 * 1024
 # The config fields that name a model a run reads
 MODEL_FIELDS = ("teacher", "model", "lora", "student_init")
 HUB_COMMIT = "commit "  # a hub id's identity: the commit it loads
+CHECKPOINT_KEY = "sources"  # a checkpoint's state.json record of the run's model identities (`RunFolder.save`)
+DATA_FIELD = "data"  # the one data field whose identity a checkpoint records: each process's data fingerprint
 
 
 def model_digest(name_or_path: str) -> str | None:
@@ -60,15 +65,22 @@ def record_sources(out: Path, config) -> None:
         write_json_atomic(out / FILE, run_sources(config))
 
 
-def check_sources(out: Path, config) -> None:
-    """A UserError when a model the run in `out` started with (its `sources.json`) is another model now at the same path or
-    hub id."""
+def recorded_sources(out: Path) -> dict:
+    """The identities of the models the run in `out` started with (its `sources.json`); {} for a run from before the
+    record, or none yet."""
     try:
         saved = json.loads((out / FILE).read_text())
     except (OSError, ValueError):
-        return  # a run from before the record, or none yet: nothing to compare
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def check_sources(out: Path, config) -> None:
+    """A UserError when a model the run in `out` started with (its `sources.json`) is another model now at the same path or
+    hub id."""
+    saved = recorded_sources(out)
     now = run_sources(config)  # a model no longer there is not compared: --student-init's may be cleared away after the start
-    for field, digest in (saved.items() if isinstance(saved, dict) else []):
+    for field, digest in saved.items():
         if field in now and now[field] != digest:
             flag, name = "--" + field.replace("_", "-"), getattr(config, field, "")
             if str(digest).startswith(HUB_COMMIT):  # the repo moved on: the run's config names the hub id, not a folder to go back to
@@ -76,3 +88,38 @@ def check_sources(out: Path, config) -> None:
                                 f"started from {digest} ({FILE} says); start a new run with another --out")
             raise UserError(f"{flag} {name} is not the model this run started with (its weight files changed "
                             f"since, {FILE} says); put that model back to resume, or start a new run with another --out")
+
+
+def proven_moves(out: Path, run, other, state: dict | None, of_checkpoint: bool = False) -> dict[str, tuple[str, str]]:
+    """{field: (old path, new path)} of the sources that the run in `out`'s config (`run`, its config.json) and `other` (a
+    resume's config, or the config of the checkpoint `state`: `of_checkpoint`) name at other places (`TrainConfig.moved_sources`)
+    and whose content is provably the run's: a model whose identity at `other`'s path (as that checkpoint recorded it,
+    else read there) is the one in the run's sources.json; the data where the checkpoint `state` records its fingerprint
+    for every process, which `TrainingBatches.load_state_dict` compares with the data at the new path before the run
+    rewrites config.json (`RunFolder.resume`). A source moved and changed is not among them: it differs, as before."""
+    identities, given = recorded_sources(out), (state or {}).get(CHECKPOINT_KEY) if of_checkpoint else None
+    given = given if isinstance(given, dict) else {}
+    proven = {}
+    for field, paths in run.moved_sources(other).items():
+        if field in MODEL_FIELDS:
+            identity = given.get(field) or model_digest(paths[1])
+            same = identity is not None and identity == identities.get(field)
+        else:
+            same = field == DATA_FIELD and records_data_fingerprints(state)
+        if same:
+            proven[field] = paths
+    return proven
+
+
+def records_data_fingerprints(state: dict | None) -> bool:
+    """Whether a checkpoint's `state` holds the data fingerprint of every process (`TrainingBatches.state_dict`): a
+    registered dataset's (the built-in world's) has none, nor has a checkpoint of an older version."""
+    data = (state or {}).get("data")
+    return isinstance(data, list) and bool(data) and all(isinstance(d, dict) and d.get("fingerprint") for d in data)
+
+
+def moved_note(moves: dict[str, tuple[str, str]]) -> str:
+    """The one line that says which sources a resumed run reads at new paths."""
+    return ("note: " + "; ".join(f"--{field.replace('_', '-')} moved from {old} to {new}" for field, (old, new) in moves.items())
+            + ": the same content as this run's (sources.json, the checkpoint's data fingerprint); its config.json now names the new "
+            "place")
