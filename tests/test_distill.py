@@ -78,6 +78,7 @@ def test_distill_exports_an_lcm_diffusers_runs(tiny_sd, image_folder, tmp_path):
     assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
     card, image = sample_as_its_model_card_says(out / "lcm")  # its model card's usage runs as written
     assert card.data.base_model is None and "ω response at t = 999 / 759 / 499 / 259 / 99" in card.text  # a local teacher
+    assert "pipe(\"a red star number" in card.text  # its usage samples a prompt of the run's own (a validation prompt)
     assert np.isfinite(np.asarray(image)).all()
 
 

@@ -18,7 +18,7 @@ from latent_consistency.outputs import write_atomic
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
 
 CARD = "README.md"
-PROMPT = "a photo of a cat"
+PROMPT = "a photo of a cat"  # the usage lines' prompt where the run had no validation prompt
 # What each exported folder (`Student.export`) holds
 WHAT = {"lcm": "A latent consistency model (LCM): it samples in 1-8 steps, with the guidance scale g as an input.",
         "pixart": "A latent consistency model (LCM) of PixArt-α: it samples in 1-8 steps, at the one guidance scale it was "
@@ -39,11 +39,11 @@ GUIDED_STEPS = 25  # a stage-one model samples as its teacher did: DDIM, here at
 
 
 def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: str | None = None,
-               base: DiffusionModel | None = None) -> str:
+               base: DiffusionModel | None = None, prompt: str = PROMPT) -> str:
     """The card of the model that the run of `config` exported to `folder` (lcm/, lora/ or guided/), with its guidance
     record (None for LoRA adapters, whose guidance is the sampler's or their LCM's), its diffusers pipeline class
     (model_index.json's) and the run's `base` model (its teacher, or the model LCF fine-tuned): LoRA adapters on a base
-    with an ω input keep it (None: a base without one, as a teacher of LCM-LoRA is)."""
+    with an ω input keep it (None: a base without one, as a teacher of LCM-LoRA is). Its usage lines sample `prompt`."""
     from huggingface_hub import ModelCardData
 
     kind = Path(folder).name
@@ -64,7 +64,7 @@ def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: st
     if not lcf and config.method in ("lcd", "ode"):
         lines.append(f"- Teacher ODE solver {config.solver}, skipping step k = {config.skip}")
     lines += _guidance(what, record, base_record, lcf) + ["", "## Sampling it", ""]
-    lines += _usage(Path(folder), what, source, record, base_record, config)
+    lines += _usage(Path(folder), what, source, record, base_record, config, prompt)
     return f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 
 
@@ -105,11 +105,12 @@ def _guidance(what: str, record: GuidanceRecord | None, base_record: GuidanceRec
 
 
 def _usage(folder: Path, what: str, source: str, record: GuidanceRecord | None, base_record: GuidanceRecord | None,
-           config) -> list[str]:
+           config, prompt: str) -> list[str]:
     """A diffusers snippet and an `lcm generate` line that sample the model from where it was written, at the g `lcm
     generate` takes by default. A PixArt LCM has no ω input: its diffusers pipeline would apply classifier-free guidance at
     g > 1 (PixArt-LCM samples at 0). LoRA adapters on an LCM keep its ω input: g 1 there is ω = 0, no guidance at all."""
-    where, prompt = str(folder), json.dumps(PROMPT)
+    where, text = str(folder), prompt
+    prompt = json.dumps(text)
     if what in ("lora", "lcm-lora"):
         g = DEFAULT_GUIDANCE_SCALE["lora"] if what == "lora" else base_record.guidance_scale if base_record else DEFAULT_GUIDANCE_SCALE["lcm"]
         python = ["from diffusers import DiffusionPipeline, LCMScheduler", "",
@@ -117,7 +118,7 @@ def _usage(folder: Path, what: str, source: str, record: GuidanceRecord | None, 
                   f"pipe.scheduler = LCMScheduler.from_pretrained({json.dumps(where)})",
                   f"pipe.load_lora_weights({json.dumps(where)})",
                   f"image = pipe({prompt}, num_inference_steps=4, guidance_scale={g:g}).images[0]"]
-        command = ["lcm", "generate", PROMPT, "--model", source, "--lora", where, "--steps", "4"]
+        command = ["lcm", "generate", text, "--model", source, "--lora", where, "--steps", "4"]
     else:
         # a progressive round is right only on its own N-step DDIM grid (`lcm generate` samples it there by default)
         steps = (config.student_steps if config.method == "progressive" else GUIDED_STEPS) if what == "guided" else 4
@@ -127,16 +128,19 @@ def _usage(folder: Path, what: str, source: str, record: GuidanceRecord | None, 
         if what == "guided":
             python.append("pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
         python.append(f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale={g:g}).images[0]")
-        command = ["lcm", "generate", PROMPT, "--model", where, *(["--sampler", "ddim"] if what == "guided" else []),
+        command = ["lcm", "generate", text, "--model", where, *(["--sampler", "ddim"] if what == "guided" else []),
                    "--steps", str(steps)]
     return ["```python", *python, "```", "", "```sh", shlex.join(command), "```"]
 
 
-def write_model_card(staged: Path, folder: Path, config, record: GuidanceRecord | None, base: DiffusionModel) -> Path:
+def write_model_card(staged: Path, folder: Path, config, record: GuidanceRecord | None, base: DiffusionModel,
+                     prompts: list[str]) -> Path:
     """The card of the model staged in `staged` by the run of `config` (from `base`: `model_card`), written there, for
-    the folder `folder` it is then moved to."""
+    the folder `folder` it is then moved to; its usage lines sample the first of the run's validation `prompts` (a prompt
+    of what the model was trained on: the world's shapes, a user's own captions), else `PROMPT`."""
     index = Path(staged) / "model_index.json"
     pipeline = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     path = Path(staged) / CARD
-    write_atomic(path, lambda tmp: tmp.write_text(model_card(folder, config, record, pipeline, base), encoding="utf-8"))
+    write_atomic(path, lambda tmp: tmp.write_text(model_card(folder, config, record, pipeline, base, (prompts or [PROMPT])[0]),
+                                                        encoding="utf-8"))
     return path

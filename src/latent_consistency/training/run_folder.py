@@ -438,7 +438,7 @@ class RunFolder:
             if self.exports_full_lcm() or self.exports_guided_model():
                 record = recorded_guidance(self.config, self.base.guidance_record, response)
                 write_record(staged, record)
-            write_model_card(staged, self.out / staged.name, self.config, record, self.base)
+            write_model_card(staged, self.out / staged.name, self.config, record, self.base, self.validation_prompts)
             exported = replace_folder(staged, self.out / staged.name)
             staging.rmdir()
             summary = merged_skipped_summary(skips)
