@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.shards import ShardStream
-from latent_consistency.data.workers import ErrorsAsValues, collate, end_quietly_on_sigterm
+from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import LatentCodec
 from latent_consistency.outputs import partial_folder, start_partial
@@ -193,18 +193,8 @@ def usable_batches(dataset, batch_size: int, num_workers: int = 0) -> Iterator[t
         samples, num_workers = _SamplesOnce(dataset), 0
     else:
         samples = _Read(dataset) if isinstance(dataset, ImageFolderDataset) else dataset
-    counter = getattr(dataset, "skipped", None)
-    if num_workers and counter is not None:
-        counter.pending = []  # each worker's copy keeps what it counts, for `collate` to send back
-    loader = torch.utils.data.DataLoader(ErrorsAsValues(samples) if num_workers else samples, batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=collate, worker_init_fn=end_quietly_on_sigterm)
-    counted = []
-    for images, captions, events, error in loader:
-        counted += events
-        if error is not None:
-            raise UserError(error)
-        if images is not None:
-            yield images, captions
+    counter, counted = getattr(dataset, "skipped", None), []
+    yield from read_batches(samples, batch_size, num_workers, counted)
     if counter is not None and counted:
         merged = counter.with_counted(counted)
         counter.counts, counter.seen = merged.counts, merged.seen

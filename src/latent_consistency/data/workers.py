@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset
@@ -53,3 +54,22 @@ def end_quietly_on_sigterm(worker_id: int) -> None:
     with its one line. torch's handler re-raised a SIGTERM from any other sender, and the main process then stopped with
     "DataLoader worker (pid N) is killed by signal: Terminated" and a traceback before it handled its own SIGTERM."""
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def read_batches(dataset, batch_size: int, num_workers: int, worker_skips: list[tuple[str, str]],
+                 sampler=None) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Batches (images, captions) of `dataset` in `sampler`'s order (its own without one), read by `num_workers` DataLoader
+    worker processes (none: this one) as this process reads: a sample's UserError raised here in its one line, what the
+    workers skipped appended to `worker_skips` (for the dataset's `SkipCounter.with_counted`), a group SIGTERM ending them
+    quietly, a batch of left-out samples (None) skipped."""
+    counter = getattr(dataset, "skipped", None)
+    if num_workers and counter is not None:
+        counter.pending = []  # each worker's copy keeps what it counts, for `collate` to send back
+    loader = torch.utils.data.DataLoader(ErrorsAsValues(dataset) if num_workers else dataset, batch_size=batch_size, sampler=sampler,
+                                         num_workers=num_workers, collate_fn=collate, worker_init_fn=end_quietly_on_sigterm)
+    for images, captions, events, error in loader:
+        worker_skips += events
+        if error is not None:
+            raise UserError(error)
+        if images is not None:
+            yield images, captions

@@ -18,7 +18,7 @@ from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.data.sampler import ResumableSampler
 from latent_consistency.data.shards import ShardStream, check_usable
 from latent_consistency.data.spec import open_dataset
-from latent_consistency.data.workers import ErrorsAsValues, collate, end_quietly_on_sigterm
+from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel
 from latent_consistency.pipelines import MAX_SIZE_FACTOR
@@ -190,21 +190,7 @@ def _micro_batches(dataset, sampler, model: DiffusionModel, device, resolution: 
         while True:
             idx = torch.tensor([next(indices) for _ in range(micro_batch)], device=device)
             yield {"latents": tensors.latents[idx], "cond": tensors.text_embeddings[tensors.caption_index[idx]]}
-    counter = getattr(dataset, "skipped", None)
-    if num_workers and counter is not None:
-        counter.pending = []  # each worker's copy keeps what it counts, for `collate` to send back
-    loader = torch.utils.data.DataLoader(
-        ErrorsAsValues(dataset) if num_workers else dataset,
-        batch_size=micro_batch,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        worker_init_fn=end_quietly_on_sigterm,
-    )
-    for images, captions, worker, error in loader:
-        worker_skips += worker
-        if error is not None:
-            raise UserError(error)
+    for images, captions in read_batches(dataset, micro_batch, num_workers, worker_skips, sampler):
         latents = model.codec.encode(images.to(device))
         cond = model.prompts.encode(captions, device, (resolution, resolution))
         yield {"latents": latents.float(), "cond": cond.float()}
