@@ -18,7 +18,7 @@ a file that turns out corrupt there is counted and the next usable sample is ret
 bad file never stops a training run (`read` returns None for it: each usable sample once, for a latent cache).
 Counts made in DataLoader worker processes are made in the workers' copies of
 `skipped` (and logged there), which send them back with each batch (`SkipCounter.take_pending`, collected by
-`training.batches`); the scan counts are in the main process's `skipped`.
+`data.workers.read_batches`); the scan counts are in the main process's `skipped`.
 """
 
 from __future__ import annotations
