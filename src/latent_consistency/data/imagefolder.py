@@ -13,7 +13,8 @@ Images are found recursively (`images.IMAGE_EXTENSIONS`: .jpg .jpeg .png .webp .
 Captions are UTF-8, with or without a byte-order mark. The folder is scanned once, without decoding: images
 without a caption, captions that are not UTF-8 (or hold NUL characters, as UTF-16 text does), metadata lines that do
 not parse or name a missing file, dangling symlinks and images in formats not read here (.heic, .jxl, camera raw, ...) are
-skipped and counted in `skipped`. Decoding happens in `__getitem__`;
+skipped and counted in `skipped`, as are metadata lines naming a file outside the folder (an absolute path, ../x.png).
+Decoding happens in `__getitem__`;
 a file that turns out corrupt there is counted and the next usable sample is returned instead, so one
 bad file never stops a training run (`read` returns None for it: each usable sample once, for a latent cache).
 Counts made in DataLoader worker processes are made in the workers' copies of
@@ -108,7 +109,10 @@ class ImageFolderDataset(Dataset):
                 except (KeyError, TypeError):  # a line that is not JSON (or not UTF-8) is one bad line, not an error for the file
                     self.skipped.add("bad_metadata", f"{metadata}:{number}")
                     continue
-                if not (self.root / file_name).is_file():
+                if _outside(file_name):
+                    self.skipped.add("outside_folder", f"{metadata}:{number} names {file_name}, not a path inside {self.root}")
+                    continue
+                if not os.path.isfile(self.root / file_name):  # False, not an OSError, for a name too long for the disk
                     self.skipped.add("missing_file", f"{metadata}:{number} names {file_name}")
                     continue
                 caption = clean_caption(row.get("text", row.get("caption")))
@@ -191,6 +195,13 @@ class ImageFolderDataset(Dataset):
         file_name, caption = self.samples[index]
         image = load_rgb(self.root / file_name, self.resolution, self.skipped)
         return None if image is None else {"image": image, "caption": caption}
+
+
+def _outside(file_name: str) -> bool:
+    """Whether a metadata file_name leaves the folder (absolute, or up through ".."): Hugging Face imagefolder reads the
+    files under its data folder only, and a metadata file downloaded with a dataset must not make a run train on (and a
+    shared model learn) other images of the machine, such as /home/me/Pictures/id.jpg."""
+    return os.path.isabs(file_name) or os.path.normpath(file_name).split(os.sep)[0] == ".."
 
 
 def _jsonl_rows(lines) -> Iterator[tuple[int, object]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +200,13 @@ def load_rgb(
     """`decode_rgb` without the reason: None for undecodable, truncated or too large images, never raises for them.
 
     If counter is given, each reason (`decode_rgb_reasons`: the conversions, "corrupt" or "too_large") is counted in it.
+    A path that is not a regular file (a named pipe or a device called x.png in a folder of images, a dangling link) is
+    not opened, for opening a pipe waits for a writer forever: None, counted as "missing_file".
     """
+    if not isinstance(source, bytes) and not os.path.isfile(source):
+        if counter is not None:
+            counter.add("missing_file", f"{source} is not a file (a pipe, a device or a dangling symlink?)")
+        return None
     image, reasons = decode_rgb_reasons(source, resolution)
     if counter is not None:
         for reason in reasons:

@@ -28,10 +28,10 @@ the stream and its position live in the training process: use it with a DataLoad
 in a worker process each worker would hold its own copy of the position, and iterating there is refused.
 
 Skipped and converted samples are counted in `skipped`: corrupt images, samples without a caption or
-without an image, captions that are not UTF-8 (or hold NUL characters, as UTF-16 text does), and truncated
-shards (the complete samples before the damage are used, then the stream moves to the next shard). If every
-shard of a rank has been read and every sample in it tried without a single usable one, the stream raises
-UserError instead of looping forever.
+without an image (a link, device or folder member is none), samples with a sparse member, captions that are not UTF-8
+(or hold NUL characters, as UTF-16 text does), and truncated shards (the complete samples before the damage are used,
+then the stream moves to the next shard). If every shard of a rank has been read and every sample in it tried without a
+single usable one, the stream raises UserError instead of looping forever.
 """
 
 from __future__ import annotations
@@ -82,13 +82,24 @@ def expand_urls(urls: str | Path | list[str | Path]) -> list[str]:
                 matches = sorted(glob.glob(path))
                 if not matches:
                     raise UserError(f"no shard matches {path}; check the glob pattern")
+                _check_files(matches, path)
                 paths.extend(matches)
+            elif os.path.exists(path):
+                raise UserError(f"shard {path} is not a file (a folder, pipe or device); give the .tar files")
             else:
                 raise UserError(f"shard {path} does not exist; check the path or brace pattern")
     if not paths:
         raise UserError("no shards given; pass .tar paths, a brace pattern like data/{00000..00009}.tar, or a glob")
     check_uncompressed(paths)
     return list(dict.fromkeys(paths))
+
+
+def _check_files(matches: list[str], pattern: str) -> None:
+    """UserError for a glob match that is not a file (a folder, a named pipe, a device called x.tar): reading a pipe
+    would wait forever for a writer, and a folder is no shard; a path given as it is was checked to be a file."""
+    odd = next((match for match in matches if not os.path.isfile(match)), None)
+    if odd is not None:
+        raise UserError(f"{odd}, matched by {pattern}, is not a file (a folder, pipe or device); move it away or narrow the pattern")
 
 
 def check_uncompressed(paths: list[str]) -> None:
@@ -519,9 +530,13 @@ def _sample_key(group: list[tarfile.TarInfo]) -> str:
 def _image_and_caption(tar: tarfile.TarFile, group: list[tarfile.TarInfo], shard: str,
                        skipped: SkipCounter) -> tuple[tarfile.TarInfo, str] | None:
     """A sample's image member and caption, from its members (`group`, of `shard`) by extension; None, counted in
-    `skipped`, for a sample without an image or a usable caption."""
+    `skipped`, for a sample without an image or a usable caption, or with a sparse member (GNU tar --sparse, never
+    written by img2dataset): a few KiB of shard can claim gigabytes of zeros, which reading the member would allocate."""
     key = _sample_key(group)
     where = f"{shard}:{key}"
+    if any(member.issparse() for member in group):
+        skipped.add("sparse_member", where)
+        return None
     members: dict[str, tarfile.TarInfo] = {}
     for member in group:
         if member.isfile():
