@@ -32,12 +32,13 @@ def lock_file(folder: str | Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def hold(folder: str | Path | None) -> Iterator[None]:
-    """Hold `folder`'s lock for the `with` block; a UserError naming the holder when another process holds it. No folder
-    (an empty --out, refused by the command itself) takes no lock, and neither does a process of a launched group other
-    than its first (`first_process`). The lock file is removed on leaving."""
+def hold(folder: str | Path | None, what: str = "") -> Iterator[None]:
+    """Hold `folder`'s lock for the `with` block; a UserError naming the holder when another process holds it, and `what`
+    it guards (default: the --out `folder`). No folder (an empty --out, refused by the command itself) takes no lock, and
+    neither does a process of a launched group other than its first (`first_process`). The lock file is removed on
+    leaving."""
     path = lock_file(folder) if str(folder or "").strip() and first_process() else None  # no lock at the root either
-    fd = None if path is None else acquire(path, folder)
+    fd = None if path is None else acquire(path, folder, what)
     if fd is not None:
         _HELD.add(fd)
     try:
@@ -61,9 +62,10 @@ def _close_held_in_child() -> None:
 os.register_at_fork(after_in_child=_close_held_in_child)
 
 
-def acquire(path: Path, folder: str | Path) -> int | None:
-    """An open descriptor of `path` holding its exclusive lock, None where none can be taken. A holder may remove the file
-    between this process opening it and locking it: the lock then guards a file no longer there, so it is taken again."""
+def acquire(path: Path, folder: str | Path, what: str = "") -> int | None:
+    """An open descriptor of `path` holding its exclusive lock, None where none can be taken; held by another process, a
+    UserError naming `what` it guards (default: the --out `folder`). A holder may remove the file between this process
+    opening it and locking it: the lock then guards a file no longer there, so it is taken again."""
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -74,8 +76,9 @@ def acquire(path: Path, folder: str | Path) -> int | None:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise UserError(f"--out {folder} is in use by another lcm command ({holder}); wait for it to end or stop it (a "
-                            "command that was killed holds nothing), or choose another --out") from None
+            otherwise = "" if what else ", or choose another --out"
+            raise UserError(f"{what or f'--out {folder}'} is in use by another lcm command ({holder}); wait for it to end or stop it "
+                            f"(a command that was killed holds nothing){otherwise}") from None
         except OSError:  # no flock on this file system (some NFS and Lustre mounts)
             os.close(fd)
             return None

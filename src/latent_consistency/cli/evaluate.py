@@ -8,6 +8,7 @@ score and FID in CLIP features) and the usual Inception FID (`--inception FILE`)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -314,7 +315,7 @@ def run_sweep(args) -> None:
     from latent_consistency.evaluation.fid import check_image_count
     from latent_consistency.outputs import check_writable, writable_folder, write_json_atomic
     from latent_consistency.world.artifact import default_world_path, load_world
-    from latent_consistency.world.over_training import check_run, evaluate_run, run_guidance_scale, world_timesteps, write_report, write_sweep
+    from latent_consistency.world.over_training import check_run, evaluate_run, holding_scores, run_guidance_scale, world_timesteps, write_report, write_sweep
 
     names = [Path(run_dir).resolve().name for run_dir in args.runs]
     twice = [name for i, name in enumerate(names) if name in names[:i]]
@@ -333,14 +334,17 @@ def run_sweep(args) -> None:
         scales[run_dir.resolve().name] = run_guidance_scale(config) if args.guidance_scale is None else args.guidance_scale
         if config.adapter != "full":
             loras.append(run_dir.resolve().name)
-    device = resolve_device(args.device)
-    keep_freed_memory(device)
-    world = load_world(world_path, device)
-    curves = {}
-    for run_dir in map(Path, args.runs):
-        rows = evaluate_run(run_dir, world, args.samples, scales[run_dir.resolve().name], device, steps, ode=args.ode_error)
-        write_report(run_dir, rows, steps)
-        curves[run_dir.resolve().name] = rows
+    with contextlib.ExitStack() as held:  # every run's scores, before the world loads: another sweep of one is refused at once
+        for run_dir in map(Path, args.runs):
+            held.enter_context(holding_scores(run_dir))
+        device = resolve_device(args.device)
+        keep_freed_memory(device)
+        world = load_world(world_path, device)
+        curves = {}
+        for run_dir in map(Path, args.runs):
+            rows = evaluate_run(run_dir, world, args.samples, scales[run_dir.resolve().name], device, steps, ode=args.ode_error)
+            write_report(run_dir, rows, steps)
+            curves[run_dir.resolve().name] = rows
     out = writable_folder(args.out, "--out")
     write_json_atomic(out / "sweep.json", curves)
     settings = (f"Checkpoints (θ⁻) sampled for the first {args.samples} reference prompts of the world `{world_path}`, the same noise "

@@ -13,7 +13,9 @@ One row costs about 2·⌈t/k⌉ teacher passes per ω (cond and uncond), i.e. T
 once, into the run folder (`ode_targets.pt`, written atomically by the main process with the settings that made it), and
 a resumed run reads it back: one that cannot be read, or that records other settings (another run's), is refused, and
 left as it is (one that records none, from an older version, is read with a note). Its rows are drawn from the data
-with the run's seed alone, so the bank does not depend on the process count.
+with the run's seed alone, so the bank does not depend on the process count. A run whose teacher or data moved with the
+same content (`sources.proven_moves`) reads its bank at their old places, and once the move is proven the bank records
+the new ones, as config.json does (`follow_moves`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.outputs import save_torch, write_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.schedule import skipping_grid
-from latent_consistency.training.config import canonical_source
+from latent_consistency.training.config import canonical_source, config_from_dict
 
 FILE = "ode_targets.pt"
 # The config fields a bank is a function of, recorded in its file: a bank recording other values is another run's
@@ -71,9 +73,10 @@ class ODETargets:
         write_atomic(path, lambda tmp: save_torch({name: getattr(self, name).cpu() for name in TENSORS} | {"settings": self.settings}, tmp))
 
     @classmethod
-    def load(cls, path: Path, device="cpu", settings: str | None = None) -> ODETargets:
+    def load(cls, path: Path, device="cpu", settings: str | None = None, before_moves: str | None = None) -> ODETargets:
         """The bank in `path`; a UserError, the file left as it is, unless it is a whole bank (and, given `settings`, one
-        solved with them: not another run's)."""
+        solved with them or with `before_moves`, the same run's settings at the places its teacher and data were moved
+        from: not another run's)."""
         again = "move it away and resume to solve the run's bank again"
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,7 +89,7 @@ class ODETargets:
         if settings is not None and not bank.settings:  # written before banks recorded their settings: nothing to compare
             print(f"note: the ODE bank {path} records no settings (written by an older version); it is read as this run's",
                   file=sys.stderr)
-        elif settings is not None and bank.settings != settings:
+        elif settings is not None and bank.settings not in (settings, before_moves):
             raise UserError(f"the ODE bank {path} was not solved with this run's settings ({_changes(bank.settings, settings)}); "
                             f"it is another run's: {again}")
         return bank.to(device)
@@ -130,12 +133,36 @@ def build_ode_targets(exact: TeacherConsistencyFunction, batches, rows: int, gui
 
 
 def ode_targets_for_run(out: Path, accelerator, make: callable, settings: str) -> ODETargets:
-    """The run's bank: read from the run folder (checked to be solved with `settings`), or built by the main process with
-    `make()` and written there first."""
+    """The run's bank: read from the run folder (checked to be solved with `settings`, or with those of the run's
+    config.json, which a resume whose teacher or data moved rewrites only once the move is proven: `run_settings`), or
+    built by the main process with `make()` and written there first."""
     path = out / FILE
     if path.exists() and not path.is_file():
         raise UserError(f"{path} is not a file; the run keeps its ODE bank there: move it away and resume")
     if accelerator.is_main_process and not path.is_file():
         replace(make(), settings=settings).save(path)
     accelerator.wait_for_everyone()
-    return ODETargets.load(path, accelerator.device, settings)
+    return ODETargets.load(path, accelerator.device, settings, run_settings(out))
+
+
+def run_settings(out: Path) -> str | None:
+    """The bank settings of the run's config.json; None where it cannot be read. A resume differs from them only in what
+    `run_folder.check_resumable` lets differ: no setting of a bank, but the teacher and data moved with the same content."""
+    try:
+        return bank_settings(config_from_dict(json.loads((out / "config.json").read_text())))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, UserError):
+        return None
+
+
+def follow_moves(out: Path, moves: dict[str, tuple[str, str]], config) -> None:
+    """Record the settings of `config` in the run's bank once a resume proved that the teacher or data it was solved from
+    moved with the same content (`moves`: `RunFolder.resume`), so that it names their new places as config.json does and
+    the next resume reads it. Written atomically and before config.json: a run killed between the two resumes with either.
+    A run without a bank (any other method, LCF) has nothing to follow."""
+    path = out / FILE
+    if not path.is_file() or not {"teacher", "data"} & moves.keys():
+        return
+    settings = bank_settings(config)
+    bank = ODETargets.load(path)
+    if bank.settings and bank.settings != settings:
+        replace(bank, settings=settings).save(path)

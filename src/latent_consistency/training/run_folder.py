@@ -43,6 +43,7 @@ from latent_consistency.training.batches import merged_skipped_summary
 from latent_consistency.training.config import CONFIGS, RESUMABLE_CHANGES, TrainConfig, config_from_dict
 from latent_consistency.training.model_card import write_model_card
 from latent_consistency.training.ode_targets import FILE as ODE_BANK
+from latent_consistency.training.ode_targets import follow_moves
 from latent_consistency.training.sharding import exportable, full_training_state, is_sharded, load_optimizer_state
 
 VALIDATION_STEPS = (1, 2, 4)
@@ -106,12 +107,12 @@ def check_resumable(out: Path, config: TrainConfig) -> None:
 
 
 def resumed_student_unet(out: Path, config: TrainConfig, resume: bool) -> dict | None:
-    """The UNet config a --student-init run's latest checkpoint recorded (`RunFolder.save`), when resuming one: its
-    student is made in it (`make_student`), not read again from the folder it started from. None otherwise."""
+    """The UNet config a --student-init run's latest checkpoint recorded (`RunFolder.save`), when resuming one or scoring
+    its checkpoints (`over_training.evaluate_run`): its student is made in it (`make_student`), not read again from the
+    folder it started from, which may have moved or been cleared away since. None otherwise."""
     found = ckpt.list_checkpoints(out) if resume and getattr(config, "student_init", "") else []
-    if not found:
-        return None
-    return json.loads((found[-1] / "state.json").read_text()).get(STUDENT_UNET)
+    recorded = (ckpt.read_state(found[-1])[0] or {}).get(STUDENT_UNET) if found else None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def saved_config(path: Path, otherwise: str = "use a new --out") -> TrainConfig:
@@ -221,6 +222,7 @@ class RunFolder:
         progress = self.load_checkpoint(found[-1]) if found else Progress()
         if self.main:
             try:
+                follow_moves(self.out, self.moves, self.config)  # --method ode's bank names the new places too
                 write_json_atomic(self.out / "config.json", self.config.to_dict())
             except OSError as err:
                 raise UserError(f"cannot write the run folder {self.out}: {err.strerror or err}") from None
@@ -237,12 +239,23 @@ class RunFolder:
             raise UserError(f"checkpoint {path} was written by a run of {processes} process(es) and this one has {now}: each process "
                             f"keeps its own data position; resume it with {processes} (accelerate launch --num_processes {processes}), "
                             "or start a new run with another --out")
+        self.check_eval_data(state.get(sources.EVAL_FINGERPRINT))
         self.student.load_state(tensors, path)
         self.saved_optimizer_state = objects["optimizer"]
         self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
         torch.set_rng_state(objects["rng"]["torch"])
         self.batches.load_state_dict(state["data"][self.accelerator.process_index])
         return Progress(step=state["step"], nonfinite_total=state["nonfinite_total"])
+
+    def check_eval_data(self, recorded: str | None) -> None:
+        """A UserError when a checkpoint `recorded` the fingerprint of other held-out data than --eval-data reads now (moved
+        and changed, or changed in place): its eval_loss would not continue the run's curve, and a move is accepted only
+        as the same content (`sources.proven_moves`)."""
+        if recorded is None or not self.config.eval_data or self.eval_batches is None or self.eval_batches.fingerprint() == recorded:
+            return
+        raise UserError(f"the held-out data {self.config.eval_data} (--eval-data) changed since this run's checkpoint (images added, "
+                        "removed, replaced or recaptioned): its eval_loss would not continue the run's; put it back as it was to "
+                        "resume, or start a new run with another --out")
 
     def resume_optimizer(self, model, optimizer) -> None:
         """Load the optimiser state `resume` read into the prepared (under FSDP: sharded) optimiser."""
@@ -260,6 +273,9 @@ class RunFolder:
             return None
         state = dict(step=progress.step, nonfinite_total=progress.nonfinite_total, data=data_states, config=self.config.to_dict())
         state[sources.CHECKPOINT_KEY] = sources.recorded_sources(self.out)  # what its models are, wherever they move (`proven_moves`)
+        held_out = self.eval_batches.fingerprint() if self.config.eval_data and self.eval_batches is not None else None
+        if held_out is not None:  # what its --eval-data is, wherever it moves (`proven_moves`, `check_eval_data`)
+            state[sources.EVAL_FINGERPRINT] = held_out
         if getattr(self.config, "student_init", ""):  # the architecture a resumed run makes its student in (`resumed_student_unet`)
             state[STUDENT_UNET] = dict(self.accelerator.unwrap_model(self.student.unet).config)
         objects = dict(optimizer=optimizer_state, lr_scheduler=self.lr_scheduler.state_dict(), rng={"torch": torch.get_rng_state()})

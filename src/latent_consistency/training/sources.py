@@ -9,7 +9,7 @@ again into the same architecture. A hub id's is the commit it loads (`hub.hub_re
 cache), so that a resume after the repo moved on (a new commit pushed, downloaded since) is refused too.
 
 The same identities let a run resume from models and data moved since (`proven_moves`): a model folder at another path
-whose identity is the recorded one, the data at another path where the checkpoint records its fingerprint.
+whose identity is the recorded one, the data or --eval-data at another path where the checkpoint records its fingerprint.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ SAMPLES, SAMPLE_BYTES = 8, 64 * 1024
 MODEL_FIELDS = ("teacher", "model", "lora", "student_init")
 HUB_COMMIT = "commit "  # a hub id's identity: the commit it loads
 CHECKPOINT_KEY = "sources"  # a checkpoint's state.json record of the run's model identities (`RunFolder.save`)
-DATA_FIELD = "data"  # the one data field whose identity a checkpoint records: each process's data fingerprint
+DATA_FIELD = "data"  # a checkpoint records its identity as each process's data fingerprint (`TrainingBatches.state_dict`)
+EVAL_DATA_FIELD = "eval_data"  # a checkpoint records its identity under `EVAL_FINGERPRINT` (`RunFolder.save`)
+EVAL_FINGERPRINT = "eval_data_fingerprint"
 
 
 def model_digest(name_or_path: str) -> str | None:
@@ -94,9 +96,10 @@ def proven_moves(out: Path, run, other, state: dict | None, of_checkpoint: bool 
     """{field: (old path, new path)} of the sources that the run in `out`'s config (`run`, its config.json) and `other` (a
     resume's config, or the config of the checkpoint `state`: `of_checkpoint`) name at other places (`TrainConfig.moved_sources`)
     and whose content is provably the run's: a model whose identity at `other`'s path (as that checkpoint recorded it,
-    else read there) is the one in the run's sources.json; the data where the checkpoint `state` records its fingerprint
-    for every process, which `TrainingBatches.load_state_dict` compares with the data at the new path before the run
-    rewrites config.json (`RunFolder.resume`). A source moved and changed is not among them: it differs, as before."""
+    else read there) is the one in the run's sources.json; the data or --eval-data where the checkpoint `state` records
+    its fingerprint (`records_fingerprint`), which `RunFolder.load_checkpoint` compares with the data at the new path
+    before the run rewrites config.json (`RunFolder.resume`). A source moved and changed is not among them: it differs,
+    as before."""
     identities, given = recorded_sources(out), (state or {}).get(CHECKPOINT_KEY) if of_checkpoint else None
     given = given if isinstance(given, dict) else {}
     proven = {}
@@ -105,16 +108,20 @@ def proven_moves(out: Path, run, other, state: dict | None, of_checkpoint: bool 
             identity = given.get(field) or model_digest(paths[1])
             same = identity is not None and identity == identities.get(field)
         else:
-            same = field == DATA_FIELD and records_data_fingerprints(state)
+            same = records_fingerprint(field, state)
         if same:
             proven[field] = paths
     return proven
 
 
-def records_data_fingerprints(state: dict | None) -> bool:
-    """Whether a checkpoint's `state` holds the data fingerprint of every process (`TrainingBatches.state_dict`): a
-    registered dataset's (the built-in world's) has none, nor has a checkpoint of an older version."""
-    data = (state or {}).get("data")
+def records_fingerprint(field: str, state: dict | None) -> bool:
+    """Whether a checkpoint's `state` holds the fingerprint of the data field `field` names: --data's for every process
+    (`TrainingBatches.state_dict`), --eval-data's (`EVAL_FINGERPRINT`). A registered dataset's (the built-in world's) has
+    none, nor has a checkpoint of an older version."""
+    state = state or {}
+    if field == EVAL_DATA_FIELD:
+        return isinstance(state.get(EVAL_FINGERPRINT), str)
+    data = state.get("data") if field == DATA_FIELD else None
     return isinstance(data, list) and bool(data) and all(isinstance(d, dict) and d.get("fingerprint") for d in data)
 
 

@@ -7,7 +7,8 @@ and noise and scored with the world's judge, and its distance from the teacher's
 at the 4-step sampler's timesteps and one small t (`ode_error`: where on the trajectory it is accurate),
 as is how much of the teacher's guidance effect between the ends of the trained guidance range it
 reproduces (`guidance_response`: 1 = the ω input is learned, 0 = ignored). Writes `over_training.json`,
-`.md` and `.png` into the run, and keeps every row it scores in `over_training.cache.json` (a rerun resumes).
+`.md` and `.png` into the run, and keeps every row it scores in `over_training.cache.json` (a rerun resumes), holding
+the run's scores lock (`holding_scores`) while it does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency
 from latent_consistency.evaluation.ode_error import ODESolutions, error_timesteps, guidance_response, ode_error, ode_solution_sets
+from latent_consistency.folder_lock import hold
 from latent_consistency.models import inference_timesteps
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
@@ -28,7 +30,7 @@ from latent_consistency.solvers import get_solver
 from latent_consistency.training.checkpoint import list_checkpoints
 from latent_consistency.training.config import LCM_METHODS, DistillConfig, TrainConfig
 from latent_consistency.training.objectives import objective_of
-from latent_consistency.training.run_folder import recorded_guidance, saved_config
+from latent_consistency.training.run_folder import recorded_guidance, resumed_student_unet, saved_config
 from latent_consistency.training.students import make_student
 from latent_consistency.world.artifact import World
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -51,6 +53,15 @@ def reference_solutions(world: World, config, items: list[dict], guidance_scales
 
 
 CACHE_FILE = "over_training.cache.json"
+SCORES = "over_training"  # the name of what a sweep writes into a run (`CACHE_FILE`, .json, .md, .png) and of its lock
+
+
+def holding_scores(run: Path):
+    """Hold the lock of what a sweep writes into `run` (`folder_lock.hold` of `run/SCORES`: `run/.over_training.lock`).
+    Two sweeps of one run with other --out (other runs beside it, another --guidance-scale) each wrote the run's cache and
+    report over the other's: rows scored again, a report of one sweep's rows headed by the other's settings. Not the
+    run's own lock: a run still training is swept as its checkpoints appear."""
+    return hold(run / SCORES, f"the over-training record of {run} ({SCORES}.*)")
 
 
 def check_run(run: Path, steps: tuple[int, ...] = STEPS, guidance_scale: float | None = None,
@@ -142,7 +153,9 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
         if not (keep <= row.keys() and (not ode or _has_ode_error(row))):
             if student is None:
                 # A full UNet with the ω input, or LoRA adapters on (a copy of) the teacher's, under the run's LCMScheduler config
-                student = make_student(config, world.model, objective_of(config).scheduler_config(config, world.model))
+                # (a --student-init run's in the architecture its checkpoints recorded: its starting model may be gone)
+                student = make_student(config, world.model, objective_of(config).scheduler_config(config, world.model),
+                                       resumed_unet=resumed_student_unet(run, config, resume=True))
                 student.target_unet.eval()  # θ⁻, the network that is exported (the student itself when there is no copy)
                 f = student.consistency_model(student.target_unet)
             if ode and solutions is None:
