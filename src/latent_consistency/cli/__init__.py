@@ -3,12 +3,14 @@ lives here.
 
 Each command module exposes `register(subparsers)`, which adds its parser and sets `run`, a function of
 the parsed arguments. A `UserError` anywhere becomes one line on stderr and exit code 2, and so does an OSError
-about a path (a name too long, no permission, a full or read-only disk).
+about a path (a name too long, no permission, a full or read-only disk) and a data worker process killed (out of
+memory). A process of a multi-process run that stops because another one did says so in one line, exit code 1.
 """
 
 from __future__ import annotations
 
 import errno
+import re
 import signal
 import sys
 import threading
@@ -83,6 +85,38 @@ def path_error(err: Exception) -> str | None:
     return f"{cause.strerror}: {name if len(name) <= 120 else name[:120] + '…'}"
 
 
+# The words of gloo's errors (the collective transport of multi-process runs on CPUs): its source path heads each one
+_TRANSPORT = "gloo/transport/"
+_TIMED_OUT = re.compile(r"Timed out waiting (\d+)ms")
+
+
+def other_process_stopped(err: Exception) -> str | None:
+    """The one line of a process of a multi-process run whose collective failed because another process had ended (its
+    error, a kill) or did not come to it within the process group's timeout (it hangs): that process's own message says
+    why, and this one's traceback ("Connection closed by peer" inside the backward pass) tells nothing. None for any
+    other error. (A launcher that sees the other process end first stops this one, which then ends as on SIGTERM.)"""
+    message = str(err)
+    if _TRANSPORT not in message:
+        return None
+    if waited := _TIMED_OUT.search(message):
+        return (f"another process of this run did not reach the same point within {int(waited.group(1)) / 1000:g} s: it hangs "
+                "or is much slower; its own output says where")
+    return "another process of this run stopped; its message, or the launcher's report, says why"
+
+
+def failure_line(err: Exception, args) -> tuple[str, int] | None:
+    """What a command prints after "lcm COMMAND: " for an error that is not a defect, and its exit code: a path's or the
+    disk's error and a killed data worker (`worker_death`) as a user's error, `other_process_stopped`; None for anything
+    else, a defect whose traceback must show."""
+    from latent_consistency.data.workers import worker_death
+
+    message = path_error(err) or worker_death(err, "--num-workers" if hasattr(args, "num_workers") else None)
+    if message is not None:
+        return f"error: {message}", 2
+    message = other_process_stopped(err)
+    return (f"stopped: {message}", 1) if message is not None else None
+
+
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)  # not over a handler someone else set (a test runner, a launcher)
@@ -100,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"lcm {command}: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # an OSError about a path, or a library's error over one
-        message = path_error(err)
-        if message is None:
+    except Exception as err:  # an OSError about a path, a library's error over one, a killed worker, another process's end
+        failure = failure_line(err, args)
+        if failure is None:
             raise
-        print(f"lcm {command}: error: {message}", file=sys.stderr)
-        return 2
+        print(f"lcm {command}: {failure[0]}", file=sys.stderr)
+        return failure[1]
     except KeyboardInterrupt as stop:
         word, code = stopped(stop)
         print(f"lcm {command}: {word}", file=sys.stderr)

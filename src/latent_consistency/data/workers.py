@@ -1,10 +1,12 @@
 """DataLoader worker processes that read as the main process reads: a data error is its one line, what the data skipped
-is counted once, and a stop of the whole process group ends the command in its own one line. Used by training
-(`training.batches`) and by the commands that encode data in bulk (`data.latent_cache`, `lcm world build`)."""
+is counted once, a stop of the whole process group ends the command in its own one line, and so does a worker killed
+(`worker_death`). Used by training (`training.batches`) and by the commands that encode data in bulk (`data.latent_cache`,
+`lcm world build`)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 
@@ -54,6 +56,35 @@ def end_quietly_on_sigterm(worker_id: int) -> None:
     with its one line. torch's handler re-raised a SIGTERM from any other sender, and the main process then stopped with
     "DataLoader worker (pid N) is killed by signal: Terminated" and a traceback before it handled its own SIGTERM."""
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+# torch's words for a worker that died: killed by a signal (named as strsignal names it), or ended without one
+_KILLED = re.compile(r"DataLoader worker \(pid (\d+)\) is killed by signal: ([^.]+)\.")
+_ENDED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) exited unexpectedly")
+_SIGNALS = {signal.strsignal(s): s.name for s in signal.Signals if signal.strsignal(s)}
+# Why the kernel kills a worker with these signals: the out-of-memory killer, and a full /dev/shm where workers pass tensors
+_LIKELY = {"SIGKILL": ", most likely for lack of memory", "SIGBUS": ", most likely for lack of shared memory (/dev/shm)"}
+
+
+def worker_death(err: BaseException, option: str | None) -> str | None:
+    """The one line of a DataLoader worker process that died (None for any other error): killed by the out-of-memory killer,
+    say. torch raises it from its SIGCHLD handler wherever the main process then is (inside the optimiser's step, say), so
+    its traceback tells nothing about the worker, where the signal and what to do would. `option`: the command's option that sets
+    the number of workers (None where it has none). The error may be chained under torch's "exited unexpectedly"."""
+    messages = []
+    while err is not None:
+        messages.append(str(err))
+        err = err.__cause__ or err.__context__
+    fewer = f"use fewer {option} (0 reads the data in this process) or free memory" if option else "free memory and run it again"
+    for message in messages:
+        if killed := _KILLED.search(message):
+            name = _SIGNALS.get(killed.group(2), killed.group(2))
+            return f"a data worker process (pid {killed.group(1)}) was killed by {name}{_LIKELY.get(name, '')}: {fewer}"
+    for message in messages:
+        if ended := _ENDED.search(message):
+            see = f"rerun with {option} 0, which reads the data in this process, to see why" if option else fewer
+            return f"a data worker process (pid {ended.group(1)}) ended unexpectedly: {see}"
+    return None
 
 
 def read_batches(dataset, batch_size: int, num_workers: int, worker_skips: list[tuple[str, str]],
