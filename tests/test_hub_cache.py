@@ -201,7 +201,7 @@ MODEL_PLACES = {
 # A name that cannot be had as given, and a word its message must hold
 UNUSABLE = {
     "not in the cache": ("someone/not-cached", "not in the local cache"),
-    "a revision": ("org/tiny-lcm@main", "takes no revision"),
+    "a revision not in the cache": ("org/tiny-lcm@v9", "at revision v9 it is not in the local cache"),
     "a folder in a repo": ("org/tiny-sd/unet", "give its hub id, org/tiny-sd"),
     "the repo's address": ("https://huggingface.co/org/tiny-lcm", "give its hub id, org/tiny-lcm"),
     "not a hub id": ("org/no such model", "nor a valid hub id"),

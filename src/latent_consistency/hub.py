@@ -1,58 +1,120 @@
-"""Hugging Face Hub ids (`org/name`) where a model goes: which names are hub ids, where one is read from (offline: its
-snapshot in the local cache, read as a local folder is), the commit it loads, and the one-line refusals of the names that
-cannot be had (not in the cache offline, not valid, a revision, a hub page's address, a folder inside a repo).
+"""Hugging Face Hub ids (`org/name`, or `org/name@rev` pinned to a branch, tag or commit) where a model goes: which names
+are hub ids, where one is read from, the commit it loads, and the one-line refusals of the names that cannot be had (not
+on the hub or in the cache, not valid, a hub page's address, a folder inside a repo).
 
-A local folder of the same relative path is read instead, as diffusers reads it.
+A hub id is read as a local folder is: from its snapshot in the local cache, into which, online, the files its loader
+reads are downloaded first (`hub_snapshot`). So what the loaders read beside the weights (a guidance record, a
+progressively distilled model's step count, a LoRA's scheduler config) is read for it online as offline, all of it from
+one commit. A local folder of the same relative path is read instead, as diffusers reads it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 from pathlib import Path
 
-from latent_consistency.errors import UserError
+from latent_consistency.errors import UserError, first_line
+
+# The files of a hub repo its loader reads (fnmatch patterns, whose `*` crosses folders), and those it never does. A
+# diffusers pipeline: its configs, records and tokenizers, and the weights of the components loaded (not its safety
+# checker, nor a single-file checkpoint at its top); no variant's weights (unet/diffusion_pytorch_model.fp16.safetensors),
+# as none is loaded here.
+PIPELINE_FILES = ("*.json", "*.txt", "*.model", *(f"{part}/*.safetensors" for part in
+                                                  ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")))
+PIPELINE_IGNORED = ("*.*.safetensors",)
+# A LoRA's or a single model's (TAESD's): the weights and configs at its top
+TOP_FILES, TOP_IGNORED = ("*.json", "*.safetensors"), ("*/*",)
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """A hub id's repo and the revision after its @ (a branch, tag or commit; "" for a bare @), None without one."""
+    repo, at, revision = name.partition("@")
+    return repo, revision if at else None
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """A name that is no path here and has the hub's org/name form: a local folder of that relative path, where there is
-    one, is read instead (as diffusers reads it)."""
-    return not os.path.isabs(name) and name.count("/") == 1 and not name.startswith(".") and not Path(name).exists()
+    """A name that is no path here and has the hub's org/name form, with or without @rev: a local folder of that relative
+    path, where there is one, is read instead (as diffusers reads it)."""
+    repo = split_revision(name)[0]
+    return not os.path.isabs(name) and repo.count("/") == 1 and not name.startswith(".") and not Path(name).exists()
+
+
+@contextlib.contextmanager
+def _no_match_unlogged():
+    """huggingface_hub's warning that no file of a repo matched the patterns off for the duration: said once, here."""
+    logger = logging.getLogger("huggingface_hub._snapshot_download")
+
+    def other(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No files matched")
+
+    logger.addFilter(other)
+    try:
+        yield
+    finally:
+        logger.removeFilter(other)
+
+
+def hub_snapshot(name: str, what: str, files: tuple[str, ...] = PIPELINE_FILES, ignored: tuple[str, ...] = PIPELINE_IGNORED) -> Path:
+    """The snapshot folder of the hub id `name` in the local cache, holding the `files` of its repo (less `ignored`) at its
+    revision: online, downloaded first where missing; offline (HF_HUB_OFFLINE), the cached one. A snapshot that another
+    download left without some of them (diffusers', `hf download --include`) is read as it is offline: its loader says
+    what it lacks. A repo, revision or cache that cannot be had is a UserError "cannot load `what` `name`: ...". The folder
+    need not exist: a repo may hold none of the files."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, revision = split_revision(name)
+    at = "" if revision is None else f" at revision {revision}"
+    try:
+        with _no_match_unlogged():
+            return Path(snapshot_download(repo, revision=revision, allow_patterns=list(files), ignore_patterns=list(ignored),
+                                          local_files_only=constants.HF_HUB_OFFLINE))
+    except IncompleteSnapshotError as err:
+        return Path(err.snapshot_path)
+    except LocalEntryNotFoundError:
+        why = ("(HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else
+               "and the hub cannot be reached")
+        raise UserError(f"cannot load {what} {name}: it is not a folder here, and as a hub id{at} it is not in the local cache {why}; "
+                        f"give a local folder, or download it first (`hf download {repo}"
+                        f"{'' if revision is None else f' --revision {revision}'}`)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"cannot load {what} {name}: the hub repo {repo} has no revision {revision} (a branch, tag or commit); "
+                        f"give one it has, or {repo} for its latest") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"cannot load {what} {name}: it is not a folder here, and the hub has no repo {repo} (or it is private or "
+                        "gated: log in with `hf auth login`, and accept its terms on its page)") from None
+    except (OSError, HfHubHTTPError, ValueError) as err:
+        raise UserError(f"cannot load {what} {name} from the hub: {first_line(err)}") from err
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
     """The folder of a hub repo's snapshot in the local cache (the revision its refs/main names; its files are symlinks
     to the cache's blobs), None when the cache has none."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
+    except IncompleteSnapshotError as err:  # downloaded in part (`hub_snapshot`): it is in the cache all the same
+        return Path(err.snapshot_path)
     except (OSError, ValueError):
         return None
 
 
-def offline_snapshot(name: str) -> Path | None:
-    """Where a hub id is read from with the hub offline (HF_HUB_OFFLINE): its cached snapshot folder, read as a local
-    folder is, so that what the loaders read beside the weights (a guidance record, a LoRA's scheduler config) is read for
-    it too and the hub client has no revision to ask for; None for a local path, a hub id online (the hub says its latest
-    revision then) or one not in the cache."""
-    from huggingface_hub import constants
-
-    if not looks_like_hub_id(name) or not constants.HF_HUB_OFFLINE:
-        return None
-    return _cached_snapshot(name)
-
-
 def hub_revision(name: str) -> str | None:
-    """The commit of the hub repo a hub id loads: online the hub's latest, offline the one in the local cache (the
-    revision `offline_snapshot` reads); None for a local path or a hub id that cannot be resolved."""
+    """The commit of the hub repo a hub id loads (at its @rev, if it has one): online the hub's latest, offline the one in
+    the local cache (the revision `hub_snapshot` reads); None for a local path or a hub id that cannot be resolved."""
     from huggingface_hub import constants, resolve_revision
     from huggingface_hub.errors import HfHubHTTPError, RevisionResolutionError
 
     if not looks_like_hub_id(name):
         return None
+    repo, revision = split_revision(name)
     try:
-        return resolve_revision(name, local_files_only=constants.HF_HUB_OFFLINE).resolved
+        return resolve_revision(repo, revision=revision, local_files_only=constants.HF_HUB_OFFLINE).resolved
     except (OSError, ValueError, HfHubHTTPError, RevisionResolutionError):
         return None
 
@@ -62,13 +124,9 @@ HUB_ADDRESS = re.compile(r"^(https?://(www[.])?(huggingface|hf)[.]co/|hf://)")
 
 
 def _hub_repo_hint(name: str) -> str:
-    """What to give for a name that is no folder here but names something of a hub repo: a revision of it (org/name@rev),
-    its address (https://huggingface.co/org/name), or a folder or file in it (org/name/unet, where org/name is in the
-    local cache); "" for any other name."""
-    if "@" in name and looks_like_hub_id(name):
-        repo, revision = name.split("@", 1)
-        return (f"a hub id takes no revision (@{revision}): download that revision into a folder (`hf download {repo} "
-                f"--revision {revision} --local-dir FOLDER`) and give the folder")
+    """What to give for a name that is no folder here but names something of a hub repo: its address
+    (https://huggingface.co/org/name), or a folder or file in it (org/name/unet, where org/name is in the local cache);
+    "" for any other name."""
     address = HUB_ADDRESS.sub("", name)
     parts = address.strip("/").split("/")
     repo = "/".join(parts[:2])
@@ -79,13 +137,12 @@ def _hub_repo_hint(name: str) -> str:
     return f"it names {what}: give its hub id, {repo}"
 
 
-def check_hub_id(name: str, what: str) -> str:
-    """Where to load `what` `name` from: a local path (or a name that is no hub id) as given, for its loader; a hub id
-    online as given, for diffusers to download; offline (HF_HUB_OFFLINE) its snapshot in the local cache
-    (`offline_snapshot`). A hub id that is not valid, or offline not in the cache, is a UserError at once ("cannot load
-    `what` `name`: ..."), which also covers a mistyped local path (runs/lcm), rather than the hub client's messages; so
-    is a name that is no folder here but names a hub repo's revision, address or folder (`_hub_repo_hint`)."""
-    from huggingface_hub import constants
+def check_hub_id(name: str, what: str, files: tuple[str, ...] = PIPELINE_FILES, ignored: tuple[str, ...] = PIPELINE_IGNORED) -> str:
+    """Where to load `what` `name` from: a local path (or a name that is no hub id) as given, for its loader; a hub id, its
+    snapshot folder (`hub_snapshot`: online, downloaded first). A hub id that is not valid, or cannot be had, is a
+    UserError at once ("cannot load `what` `name`: ..."), which also covers a mistyped local path (runs/lcm), rather than
+    the hub client's messages; so is a name that is no folder here but names a hub repo's address or folder
+    (`_hub_repo_hint`), and a repo that holds none of the files `what` is read from."""
     from huggingface_hub.utils import validate_repo_id
 
     if not looks_like_hub_id(name):
@@ -93,15 +150,16 @@ def check_hub_id(name: str, what: str) -> str:
         if hint:
             raise UserError(f"cannot load {what} {name}: it is not a folder here; {hint}")
         return name
+    repo, revision = split_revision(name)
     try:
-        validate_repo_id(name)
+        validate_repo_id(repo)
     except ValueError:
         hint = _hub_repo_hint(name) or "a hub id is org/name, of letters, digits, '-', '_' and '.'"
         raise UserError(f"cannot load {what} {name}: it is not a folder here, nor a valid hub id; {hint}") from None
-    if not constants.HF_HUB_OFFLINE:
-        return name
-    snapshot = offline_snapshot(name)
-    if snapshot is None:
-        raise UserError(f"cannot load {what} {name}: it is not a folder here, and as a hub id it is not in the local cache (HF_HUB_OFFLINE "
-                        f"is set); give a local folder, or download it first (`hf download {name}`)")
+    if revision == "":
+        raise UserError(f"cannot load {what} {name}: nothing follows its @; give {repo}@REVISION (a branch, tag or commit), or {repo}")
+    snapshot = hub_snapshot(name, what, files, ignored)
+    if not snapshot.is_dir() or not any(snapshot.iterdir()):
+        raise UserError(f"cannot load {what} {name}: the hub repo {repo} holds none of the files it is read from "
+                        f"({', '.join(files)}); is it another kind of model?")
     return str(snapshot)

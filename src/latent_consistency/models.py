@@ -32,8 +32,8 @@ from latent_consistency.denoisers import (
 )
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError, first_line
-from latent_consistency.guidance_record import GuidanceRecord, read_record
-from latent_consistency.hub import check_hub_id, looks_like_hub_id, offline_snapshot
+from latent_consistency.guidance_record import RECORD, GuidanceRecord, read_record
+from latent_consistency.hub import TOP_FILES, TOP_IGNORED, check_hub_id, hub_snapshot, looks_like_hub_id
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder, T5PromptEncoder
 from latent_consistency.sampling import lcm_timesteps
@@ -288,13 +288,15 @@ class DiffusionModel:
         return self
 
 
-def _check_model_folder(path: str) -> None:
+def _check_model_folder(path: str, name: str) -> None:
+    """`path`, where the model `name` is read from (`check_hub_id`: a hub id's snapshot), is a pipeline folder."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"model folder {path} does not exist; give a diffusers pipeline folder or a hub id")
     if not (p / "model_index.json").is_file() or not ((p / "unet").is_dir() or (p / "transformer").is_dir()):
-        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json and unet/ or transformer/); "
-                        + (_what_the_folder_is(p) or "give a folder saved by save_pretrained or by `lcm distill`"))
+        where = "folder" if path == name else "hub repo"
+        raise UserError(f"{name} is not a diffusers pipeline {where} (no model_index.json and unet/ or transformer/); "
+                        + (_what_the_folder_is(p) or f"give a {where} saved by save_pretrained or by `lcm distill`"))
 
 
 # The folders a training run exports its model to (`training.run_folder`): an LCM, an LCM-LoRA, a guidance-distilled model
@@ -395,9 +397,15 @@ def _check_components(path: str, index: dict, pixart: bool) -> None:
 
 
 def guidance_record_of(name_or_path: str) -> GuidanceRecord | None:
-    """The guidance record (`guidance_record`) beside a model's weights: in its folder, or offline in a hub id's cached
-    snapshot; None where there is none (online, a hub id's is not read)."""
-    return read_record(offline_snapshot(name_or_path) or name_or_path)
+    """The guidance record (`guidance_record`) beside a model's weights: in its folder, or in a hub id's snapshot (online,
+    downloaded first: the record alone, for a config resolved before the model loads); None where there is none, or for a
+    hub id that cannot be had (its loader says why)."""
+    if not looks_like_hub_id(name_or_path):
+        return read_record(name_or_path)
+    try:
+        return read_record(hub_snapshot(name_or_path, "the guidance record of", (RECORD,), ()))
+    except UserError:
+        return None
 
 
 def model_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -497,26 +505,22 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     (`StableDiffusionXLPipeline`: a second text encoder and tokenizer), LCM folders of either (a UNet with
     `time_cond_proj_dim`), and PixArt-α folders (`PixArtAlphaPipeline`: a transformer/ and a T5 text encoder, no unet/;
     PixArt-LCM's too, an LCMScheduler config). Only safetensors weights are accepted. An SDXL VAE that asks to be upcast
-    (it overflows in float16) stays in float32 (`DiffusionModel.upcasts_vae`). A local folder's components are checked
-    before any weights load (`_check_components`).
+    (it overflows in float16) stays in float32 (`DiffusionModel.upcasts_vae`). The folder's components (a hub id's: its
+    snapshot's, `check_hub_id`) are checked before any weights load (`_check_components`).
     """
     from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
     device = resolve_device(device)  # "cuda" on a machine without one is a one-line error here, not torch's assertion later
-    # Read from here: the folder, or a hub id's snapshot in the cache offline; online, the hub id for diffusers to download
+    # Read from here: the folder, or a hub id's snapshot in the cache (online, downloaded first)
     folder = check_hub_id(name_or_path, "a diffusers model from")
-    if not looks_like_hub_id(name_or_path):
-        _check_model_folder(name_or_path)
-    local = Path(folder).is_dir()
-    if local:
-        read_json_object(Path(folder) / "model_index.json", "a pipeline folder")
+    _check_model_folder(folder, name_or_path)
+    read_json_object(Path(folder) / "model_index.json", "a pipeline folder")
     kwargs = dict(torch_dtype=dtype, use_safetensors=True)
     try:
         index = dict(DiffusionPipeline.load_config(folder))
         pixart = _is_pixart(name_or_path, index)
-        if local:
-            _check_components(folder, index, pixart)
+        _check_components(folder, index, pixart)
         scheduler_config = _read_scheduler_config(name_or_path, folder)  # before any weights: what it says may refuse the model
         if scheduler_config.get("rescale_betas_zero_snr") and prediction_type_of(scheduler_config) == "epsilon":
             raise UserError(f"{name_or_path} predicts ε on a zero-terminal-SNR schedule (rescale_betas_zero_snr), where ε says nothing "
@@ -876,8 +880,8 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     """
     from safetensors import SafetensorError
 
-    path = Path(check_hub_id(lora, "the LoRA"))
-    if not path.exists() and not looks_like_hub_id(lora):
+    path = Path(check_hub_id(lora, "the LoRA", TOP_FILES, TOP_IGNORED))
+    if not path.exists():
         raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
     _check_lora_path(path, lora)
     # Read before the model loads: a broken file is known at once. A weights file given in its LoRA folder (lora/

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from latent_consistency.errors import UserError, first_line
-from latent_consistency.hub import check_hub_id, looks_like_hub_id
+from latent_consistency.hub import TOP_FILES, TOP_IGNORED, check_hub_id
 
 TINY_CLASS = "AutoencoderTiny"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # a diffusers model folder's weights, as save_pretrained names them
@@ -69,12 +69,12 @@ def load_preview_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, 
     (`madebyollin/taesd`), safetensors weights only, in eval mode without gradients on `device`."""
     from diffusers import AutoencoderTiny
 
-    folder = check_hub_id(name_or_path, "the preview decoder")  # offline, a hub id's snapshot in the local cache
+    folder = check_hub_id(name_or_path, "the preview decoder", TOP_FILES, TOP_IGNORED)  # a hub id's snapshot in the cache
     path = Path(folder)
-    if not path.exists() and not looks_like_hub_id(name_or_path):
+    if not path.exists():
         raise UserError(f"preview decoder {name_or_path} does not exist; give an AutoencoderTiny folder (`lcm world preview-decoder` "
                         "makes one for the world) or a hub id such as madebyollin/taesd")
-    if path.exists() and not (path / "config.json").is_file():
+    if not (path / "config.json").is_file():
         raise UserError(f"preview decoder {name_or_path} is not a diffusers model folder (no config.json); give an AutoencoderTiny folder")
     try:
         config = AutoencoderTiny.load_config(folder)
@@ -84,14 +84,13 @@ def load_preview_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, 
         if config.get("_class_name") != TINY_CLASS:
             raise UserError(f"preview decoder {name_or_path} is not an {TINY_CLASS} (TAESD) folder: its config names {config.get('_class_name')}; "
                             "give a tiny decoder such as madebyollin/taesd or one made by `lcm world preview-decoder`")
-        if path.exists() and not (path / WEIGHTS_FILE).is_file():  # diffusers would log its own error before raising one
+        if not (path / WEIGHTS_FILE).is_file():  # diffusers would log its own error before raising one
             raise UserError(f"preview decoder {name_or_path} holds no {WEIGHTS_FILE} (weights as PyTorch pickles are not loaded here); "
                             "save it again with save_pretrained(FOLDER, safe_serialization=True)")
         _check_config_numbers(name_or_path, config)
         tiny, info = AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError, TypeError) as err:  # TypeError: a config value of the wrong type, met by a layer's constructor
-        hint = "" if path.exists() else " (a hub id needs the hub, or its files in the cache: offline, give a local folder)"
-        raise UserError(f"cannot load the preview decoder {name_or_path}: {first_line(err)}{hint}") from err
+        raise UserError(f"cannot load the preview decoder {name_or_path}: {first_line(err)}") from err
     _check_loaded_tensors(name_or_path, info)
     return PreviewDecoder(tiny.to(device).eval().requires_grad_(False), name_or_path)
 

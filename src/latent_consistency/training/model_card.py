@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 
 from latent_consistency.guidance_record import GuidanceRecord
-from latent_consistency.hub import looks_like_hub_id
+from latent_consistency.hub import looks_like_hub_id, split_revision
 from latent_consistency.models import DiffusionModel
 from latent_consistency.outputs import write_atomic
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
@@ -53,7 +53,7 @@ def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: st
     base_record = base.guidance_record if base is not None else None
     tags = ["text-to-image", "diffusers", "guidance-distillation" if kind == "guided" else "latent-consistency-model"]
     header = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags + ["lora", "lcm-lora"] * (kind == "lora"),
-                           base_model=source if looks_like_hub_id(source) else None)
+                           base_model=split_revision(source)[0] if looks_like_hub_id(source) else None)  # org/name of org/name@rev
     title = TITLES[what].format(source) + (", fine-tuned with LCF" if lcf else "")
     made_from = "the LCM" if what in ("lcm", "pixart", "lcm-lora") and lcf else "the model" if lcf else "the teacher"
     lines = [f"# {title}", "", WHAT[what], "", "## How it was made", "",
@@ -104,6 +104,12 @@ def _guidance(what: str, record: GuidanceRecord | None, base_record: GuidanceRec
     return lines
 
 
+def _pretrained(source: str) -> str:
+    """`from_pretrained`'s arguments for `source`: a hub id pinned to a revision (org/name@rev) as diffusers takes it."""
+    repo, revision = split_revision(source) if looks_like_hub_id(source) else (source, None)
+    return json.dumps(repo) + ("" if revision is None else f", revision={json.dumps(revision)}")
+
+
 def _usage(folder: Path, what: str, source: str, record: GuidanceRecord | None, base_record: GuidanceRecord | None,
            config, prompt: str) -> list[str]:
     """A diffusers snippet and an `lcm generate` line that sample the model from where it was written, at the g `lcm
@@ -114,7 +120,7 @@ def _usage(folder: Path, what: str, source: str, record: GuidanceRecord | None, 
     if what in ("lora", "lcm-lora"):
         g = DEFAULT_GUIDANCE_SCALE["lora"] if what == "lora" else base_record.guidance_scale if base_record else DEFAULT_GUIDANCE_SCALE["lcm"]
         python = ["from diffusers import DiffusionPipeline, LCMScheduler", "",
-                  f"pipe = DiffusionPipeline.from_pretrained({json.dumps(source)})",
+                  f"pipe = DiffusionPipeline.from_pretrained({_pretrained(source)})",
                   f"pipe.scheduler = LCMScheduler.from_pretrained({json.dumps(where)})",
                   f"pipe.load_lora_weights({json.dumps(where)})",
                   f"image = pipe({prompt}, num_inference_steps=4, guidance_scale={g:g}).images[0]"]
