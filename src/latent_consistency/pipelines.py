@@ -237,6 +237,8 @@ class LCMGenerator(Generator):
         if negative_prompts is None:
             if negative_scale is not None:
                 raise UserError("a negative scale applies to a negative prompt: give one, or leave the scale out")
+            if self.kind == "lora" and guidance_scale > 1:  # ∅ of its CFG from the cache, not the text encoder at every call
+                return self.model.consistency_model(guidance_scale, self.prompt_cache.uncond(self.model.prompts, self.device, size), size)
             return self.model.consistency_model(guidance_scale, size=size)
         check_prompts(negative_prompts, "negative_prompts")
         if len(negative_prompts) not in (1, num_prompts):

@@ -221,8 +221,7 @@ class PromptCache:
             for key in keys:
                 self.rows.move_to_end(key)
             c = torch.stack([self.rows[k] for k in keys])
-            while len(self.rows) > self.capacity:
-                self.rows.popitem(last=False)
+            self._evict()
         return c
 
     def uncond(self, encoder, device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -232,4 +231,11 @@ class PromptCache:
             if key not in self.rows:
                 self.rows[key] = encoder.uncond(device, size)[0]
             self.rows.move_to_end(key)
-            return self.rows[key][None]
+            uncond = self.rows[key][None]
+            self._evict()
+            return uncond
+
+    def _evict(self) -> None:
+        """Drop the least recently used rows past `capacity` (the lock held): ∅ of each size counts as a prompt."""
+        while len(self.rows) > self.capacity:
+            self.rows.popitem(last=False)

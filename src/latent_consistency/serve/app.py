@@ -4,12 +4,14 @@ the page at `/`. OpenAPI description at `/openapi.json`.
 Every request a client can get wrong is answered with a 4xx and a one-line `{"error": ...}`: 413 for a body over the
 limit, 415 for a body not sent as JSON (content-type), 422 for anything invalid (malformed JSON or JSON Python cannot read, a
 key given twice, a value of the wrong JSON type, a field out of range, a size the model cannot make, an upload that is
-not an image), 429 when the queue is full; 404 and 405 come in the same shape. A client that goes away while its request waits is dropped from the queue.
+not an image), 429 when the queue is full; 404 and 405 come in the same shape. A client that goes away while its request waits
+(to be decoded, or in the queue) is dropped: its image is not made.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import time
@@ -239,21 +241,30 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
                              "longer than the text encoder reads (its end is dropped), and X-Guidance-Note when the guidance "
                              "scale is outside the range the LCM was distilled on, or the LCM ignores it"}
 
+    def left() -> Response:
+        """The answer (read by no one) to a client that went away before its image was made: counted as cancelled."""
+        metrics.cancel()
+        return Response(status_code=499)
+
     @app.post(IMAGE_PATH, response_class=Response, responses={200: answer})
     async def images(body: ImageRequest, request: Request) -> Response:
         """Generate one image (text-to-image, or image-to-image with `init_image`)."""
         start = time.perf_counter()
-        # in a thread: decoding an upload takes a while; a few at a time, as each may take hundreds of MB
-        job = await anyio.to_thread.run_sync(prepare, body, generator, limits, default_guidance,
-                                             limiter=decoding if body.init_image is not None else None)
+        # in a thread: decoding an upload takes a while; a few at a time, as each may take hundreds of MB. A client that left
+        # meanwhile (the page aborts a request at each keystroke) is dropped before its turn to decode, and before it queues,
+        # where an idle worker would take it before the next poll
+        async with decoding if body.init_image is not None else contextlib.nullcontext():
+            if await request.is_disconnected():
+                return left()
+            job = await anyio.to_thread.run_sync(prepare, body, generator, limits, default_guidance)
+        if await request.is_disconnected():
+            return left()
         future = batcher.submit(job)
         waiting = asyncio.wrap_future(future)
         try:
             while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
                 if await request.is_disconnected():
-                    if batcher.cancel(future):
-                        metrics.cancel()
-                    return Response(status_code=499)
+                    return left() if batcher.cancel(future) else Response(status_code=499)  # running: its image is dropped
         except asyncio.CancelledError:  # a forced exit (a second Ctrl-C) cancels the waiting requests: answered as at shutdown
             batcher.cancel(future)
             return error(503, "the server is shutting down; send the request again once it is back")
