@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import sys
@@ -179,9 +180,22 @@ def scorers_for(args, device, resolution: int = 64):
     return scorers
 
 
+class EvaluationOption(argparse.Action):
+    """An option of the evaluation itself, stored and remembered as given (`args.evaluation_options`): given before `sweep`,
+    which reads only its own, it would do nothing, or (--out, --world, --samples, ...) be replaced by sweep's default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        namespace.evaluation_options = [*getattr(namespace, "evaluation_options", []), option_string]
+
+
 def run(args) -> None:
     """The evaluation or the sweep holding --out's lock (`folder_lock.hold`): a second one continuing the same folder at
     once would write its results over the first's (each keeps the rows it read before the other wrote)."""
+    given = getattr(args, "evaluation_options", [])
+    if args.evaluate_command == "sweep" and given:
+        raise UserError(f"{given[0]} is an option of `lcm evaluate` itself, given before `sweep`, which does not read it: give "
+                        "sweep's own options after `sweep` (see lcm evaluate sweep --help)")
     with hold(args.out):
         return run_sweep(args) if args.evaluate_command == "sweep" else run_evaluation(args)
 
@@ -197,6 +211,9 @@ def run_evaluation(args) -> None:
             raise UserError(f"--{name} is required (or `lcm evaluate sweep --runs ...`)")
     if args.guidance_scales and args.guidance_scale is not None:
         raise UserError("give --guidance-scale G or --guidance-scales G1,G2,..., not both")
+    if args.world and not args.prompts.startswith("world:"):
+        raise UserError(f"--world {args.world} gives the judge of world:NAME prompts, and --prompts {args.prompts} are none: leave "
+                        "--world out (or give --prompts world:NAME)")
     check_out(args.out)
     device = resolve_device(args.device)
     keep_freed_memory(device)
@@ -358,34 +375,35 @@ def run_sweep(args) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="Table 1 and Figures 2, 4, 5 of an LCM against its teacher's samplers; `sweep`: Figure 3",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lcm", help="the LCM: a diffusers folder or hub id (with --lora: the model the LCM-LoRA belongs to)")
-    p.add_argument("--lora", help="an LCM-LoRA on --lcm")
-    p.add_argument("--teacher", help="the teacher: its DDIM, DPM-Solver and DPM-Solver++ rows with classifier-free guidance")
-    p.add_argument("--guided-distill", nargs="+", help="Guided-Distill models (`lcm distill --method progressive` rounds, each at its "
-                   "step count; or a stage-one model, at every step count), sampled with DDIM")
-    p.add_argument("--exact", action="store_true", help="also the exact LCM of --teacher at every step count and scale: Algorithm 3 "
-                   "with the teacher's ODE solution (DDIM jumps of the LCM's k down to 0) as the consistency function, what a "
-                   "perfect student would score; costs about T/k teacher CFG passes per step")
-    p.add_argument("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file "
-                   "(one prompt per line; blank lines and lines starting with # skipped)")
-    p.add_argument("--reference", help="real images for FID: an image folder (subfolders included, no captions needed, each image once), "
-                   "shards or world:NAME (default: the images of --prompts)")
-    p.add_argument("--out", help="folder for report.md, results.json, steps.png, grid.png and (several scales) guidance.png and guidance_grid.png; "
-                   "a rerun continues the evaluation there, another evaluation's results are refused, not overwritten")
-    p.add_argument("--steps", type=number_list(positive_int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")
-    p.add_argument("--guidance-scale", type=guidance_scale, help="guidance scale g, diffusers' (default: the g the LCM's distillation "
-                   f"recorded in guidance.json, else {DEFAULT_GUIDANCE_SCALE['lcm']:g}, the paper's ω = 7; for an LCM without an ω input, "
-                   f"an LCM-LoRA, {DEFAULT_GUIDANCE_SCALE['lora']:g}, as `lcm generate`)")
-    p.add_argument("--guidance-scales", type=number_list(guidance_scale), help="several guidance scales (Figures 4-5), instead of --guidance-scale; "
-                   "grid.png is drawn at the LCM's own g (its record's, else lcm generate's) or the listed scale nearest it")
-    p.add_argument("--samples", type=positive_int, default=1000, help="prompts (default 1000)")
-    p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--world", help="world folder whose judge scores world:NAME prompts (default: the shipped one)")
-    p.add_argument("--clip", help="a CLIP model folder or hub id: CLIP score and FID in CLIP features")
-    p.add_argument("--inception", help="the TorchScript FID Inception file (inception-2015-12-05.pt): Inception FID")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="image i starts from seed SEED+i (default 0)")
-    p.add_argument("--grid-columns", type=positive_int, default=8, help="prompts in the Figure-2 grid (default 8)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    option = functools.partial(p.add_argument, action=EvaluationOption)  # one of the evaluation's own, which `sweep` refuses
+    option("--lcm", help="the LCM: a diffusers folder or hub id (with --lora: the model the LCM-LoRA belongs to)")
+    option("--lora", help="an LCM-LoRA on --lcm")
+    option("--teacher", help="the teacher: its DDIM, DPM-Solver and DPM-Solver++ rows with classifier-free guidance")
+    option("--guided-distill", nargs="+", help="Guided-Distill models (`lcm distill --method progressive` rounds, each at its "
+           "step count; or a stage-one model, at every step count), sampled with DDIM")
+    option("--exact", nargs=0, const=True, default=False, help="also the exact LCM of --teacher at every step count and scale: Algorithm 3 "
+           "with the teacher's ODE solution (DDIM jumps of the LCM's k down to 0) as the consistency function, what a "
+           "perfect student would score; costs about T/k teacher CFG passes per step")
+    option("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file "
+           "(one prompt per line; blank lines and lines starting with # skipped)")
+    option("--reference", help="real images for FID: an image folder (subfolders included, no captions needed, each image once), "
+           "shards or world:NAME (default: the images of --prompts)")
+    option("--out", help="folder for report.md, results.json, steps.png, grid.png and (several scales) guidance.png and guidance_grid.png; "
+           "a rerun continues the evaluation there, another evaluation's results are refused, not overwritten")
+    option("--steps", type=number_list(positive_int), default=[1, 2, 4, 8], help="step counts (default 1,2,4,8)")
+    option("--guidance-scale", type=guidance_scale, help="guidance scale g, diffusers' (default: the g the LCM's distillation "
+           f"recorded in guidance.json, else {DEFAULT_GUIDANCE_SCALE['lcm']:g}, the paper's ω = 7; for an LCM without an ω input, "
+           f"an LCM-LoRA, {DEFAULT_GUIDANCE_SCALE['lora']:g}, as `lcm generate`)")
+    option("--guidance-scales", type=number_list(guidance_scale), help="several guidance scales (Figures 4-5), instead of --guidance-scale; "
+           "grid.png is drawn at the LCM's own g (its record's, else lcm generate's) or the listed scale nearest it")
+    option("--samples", type=positive_int, default=1000, help="prompts (default 1000)")
+    option("--images-per-prompt", type=positive_int, default=1, help="images per prompt (default 1)")
+    option("--world", help="world folder whose judge scores world:NAME prompts (default: the shipped one)")
+    option("--clip", help="a CLIP model folder or hub id: CLIP score and FID in CLIP features")
+    option("--inception", help="the TorchScript FID Inception file (inception-2015-12-05.pt): Inception FID")
+    option("--seed", type=nonnegative_int, default=0, help="image i starts from seed SEED+i (default 0)")
+    option("--grid-columns", type=positive_int, default=8, help="prompts in the Figure-2 grid (default 8)")
+    option("--device", default="auto", help="auto, cpu, cuda or mps")
     commands = p.add_subparsers(dest="evaluate_command", metavar="sweep")
     s = commands.add_parser("sweep", help="FID over training of several runs on one plot (Figure 3)")
     s.add_argument("--runs", nargs="+", required=True, help="distillation run folders with checkpoints")

@@ -179,13 +179,11 @@ class TrainConfig:
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
         """'field: a -> b' for each field that differs, except those a resumed run may change; a model or data named
-        another way (`SOURCE_FIELDS`: `w` and `./w/`) does not differ, nor between two LoRA runs a full student's setting
-        (`PRESET_FULL_STUDENT_FIELDS`), which a LoRA does not use: a LoRA run started before a preset's full-student
-        settings were left out for LoRA (its config.json holds the tiny preset's ω embedding size) resumes, where no flag
-        could give that value back."""
+        another way (`SOURCE_FIELDS`: `w` and `./w/`) does not differ, nor a setting that neither run uses
+        (`unused_fields`): a LoRA or PixArt run started before a preset's full-student settings were left out for it (its
+        config.json holds the tiny preset's ω embedding size) resumes, where no flag could give that value back."""
         a, b = self.to_dict(), other.to_dict()
-        if self.adapter == other.adapter == "lora":
-            ignore = (*ignore, *PRESET_FULL_STUDENT_FIELDS)
+        ignore = (*ignore, *(self.unused_fields() & other.unused_fields()))
 
         def same(k) -> bool:
             x, y = a.get(k), b.get(k)
@@ -194,6 +192,17 @@ class TrainConfig:
             return x == y or (k in SOURCE_FIELDS and isinstance(x, str) and isinstance(y, str) and bool(x) and bool(y) and _same_data(x, y))
 
         return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if k not in ignore and not same(k)]
+
+    def unused_fields(self) -> set[str]:
+        """The settings of an ω input that this run's student lacks (`_omega_less_student`: a LoRA's or a PixArt
+        transformer's; LCF of an LCM without one, its guidance range), and the ω response count of a run at one guidance
+        scale, where there is no response to measure."""
+        unused = {"omega_response_samples"} if self.guidance_scale_min == self.guidance_scale_max else set()
+        if self.objective == "lcf":
+            return unused | (GUIDANCE_RANGE if _lcm_without_omega_input(getattr(self, "model", None)) else set())
+        if self.adapter != "full":
+            return unused | PRESET_FULL_STUDENT_FIELDS
+        return unused | (set(FULL_STUDENT_FLAGS) if _omega_less_student(type(self), self.adapter, getattr(self, "teacher", None)) else set())
 
     def moved_sources(self, other: TrainConfig) -> dict[str, tuple[str, str]]:
         """{field: (this path, the other's)} of the sources (`SOURCE_FIELDS`) that both configs name, at other places: the
@@ -441,6 +450,8 @@ FULL_STUDENT_FLAGS = {"time_cond_proj_dim": "sets the size of a full student's �
                       "omega_response_samples": "sets the latents a full student's ω response is measured on"}
 # A preset's settings of a full student, left at their defaults when the preset trains a LoRA (`--preset world --adapter lora`):
 # a LoRA keeps the teacher's parameterisation and has no ω input (given on the command line, they are refused: `check`)
+# The guidance range ω is drawn from, which an LCM without an ω input does not read in fine-tuning (`resolve_config`)
+GUIDANCE_RANGE = {"guidance_scale_min", "guidance_scale_max"}
 PRESET_FULL_STUDENT_FIELDS = {"student_prediction", "omega_lr_scale", "guidance_pair_weight", "guidance_pair_steps", *FULL_STUDENT_FLAGS}
 
 
@@ -474,12 +485,14 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
             return f"config field {name} {from_file[name]!r}"
         return None
 
+    omega_less = _omega_less_student(cls, adapter, values.get("teacher"))
     for name in sorted(FULL_STUDENT_FLAGS):
-        asked = requested(name) if adapter != "full" and name in field_help(cls) else None
+        asked = requested(name) if omega_less and name in field_help(cls) else None
         if asked:
-            raise UserError(f"{asked} {FULL_STUDENT_FLAGS[name]}; a LoRA student (--adapter {adapter}) has no ω input")
-    if adapter != "full" and preset:  # a preset's full-student settings (the world's v-prediction student) are no request either
-        for name in PRESET_FULL_STUDENT_FIELDS & set(PRESETS[cls][preset]) - set(given):
+            raise UserError(f"{asked} {FULL_STUDENT_FLAGS[name]}; {omega_less}: leave it out")
+    if omega_less and preset:  # a preset's full-student settings (the world's v-prediction student) are no request either
+        fields_of_omega = PRESET_FULL_STUDENT_FIELDS if adapter != "full" else set(FULL_STUDENT_FLAGS)  # a PixArt student is full
+        for name in fields_of_omega & set(PRESETS[cls][preset]) - set(given):
             values.pop(name, None)
     chosen = set(given) | set(from_file)
     if preset and values.get("eval_data") and "eval_data" in chosen and "eval_fraction" in set(PRESETS[cls][preset]) - chosen:
@@ -489,6 +502,22 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
         if asked:
             raise UserError(f"{asked} sets the latents an LCM's ω response is measured on; --method {method} makes no LCM: "
                             "leave it out")
+        if preset and "omega_response_samples" in PRESETS[cls][preset]:  # the tiny preset's 4: no request
+            values.pop("omega_response_samples", None)
+    if cls.objective == "lcf" and _lcm_without_omega_input(values.get("model")):
+        for name in GUIDANCE_RANGE:
+            asked = requested(name)
+            if asked:
+                raise UserError(f"{asked} sets the guidance scales whose ω fine-tuning feeds the LCM's ω input, and {values['model']} "
+                                "has none (an LCM-LoRA's base model, PixArt-LCM): leave it out")
+        for name in GUIDANCE_RANGE & set(PRESETS[cls][preset] if preset else ()) - set(given):  # the world preset's [1, 2]: no request
+            values.pop(name, None)
+    if _single_guidance_scale(cls, values) and "omega_response_samples" in field_help(cls):  # nothing for ω to respond over
+        asked = requested("omega_response_samples")
+        if asked:
+            raise UserError(f"{asked} sets the latents the ω response is measured on, between the ends of the guidance range; "
+                            f"--guidance-scale-min and --guidance-scale-max are both {values['guidance_scale_min']:g}: give a range, "
+                            "or leave it out")
         if preset and "omega_response_samples" in PRESETS[cls][preset]:  # the tiny preset's 4: no request
             values.pop("omega_response_samples", None)
     if preset in CONTINUES and not values.get("student_init"):
@@ -509,6 +538,59 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(unknown)}; see `{COMMANDS[cls]} --help`")
     return cls(**{name: _typed(cls, name, value) for name, value in values.items()})
+
+
+def _omega_less_student(cls: type[TrainConfig], adapter: str, teacher: Any) -> str | None:
+    """Why a distillation's student has no ω input (what the full-student settings `FULL_STUDENT_FLAGS` act on), or None:
+    LoRA adapters leave the teacher's UNet as it is (`students.make_student`), and a PixArt-α transformer has no
+    time_cond_proj_dim to add (`objectives._check_transformer_student`)."""
+    if adapter != "full":
+        return f"a LoRA student (--adapter {adapter}) has no ω input"
+    if cls.objective == "lcd" and isinstance(teacher, str) and _is_transformer_pipeline(teacher):
+        return f"the teacher {teacher} is a PixArt transformer, which has no ω input (its student is distilled at one guidance scale)"
+    return None
+
+
+def _lcm_without_omega_input(model: Any) -> bool:
+    """Whether the LCM a fine-tuning starts from (--model; with --lora, the model the LCM-LoRA goes on) has no ω input, so
+    that the ω LCF draws does nothing: a diffusion model's UNet (an LCM-LoRA's base) or PixArt-LCM's transformer. False
+    where its configs cannot be read (its loader says why)."""
+    if not isinstance(model, str) or not model:
+        return False
+    if _is_transformer_pipeline(model):
+        return True
+    unet = _model_json(model, "unet/config.json")
+    return unet is not None and unet.get("time_cond_proj_dim") is None
+
+
+def _is_transformer_pipeline(name: str) -> bool:
+    """Whether the model `name` is a pipeline of a transformer and no UNet (PixArt-α), by its model_index.json."""
+    index = _model_json(name, "model_index.json") or {}
+
+    def names(part: str) -> bool:
+        entry = index.get(part)
+        return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+    return names("transformer") and not names("unet")
+
+
+def _model_json(name: str, relative: str) -> dict | None:
+    """The JSON object in file `relative` of the model `name`: in its folder, or in a hub id's snapshot (online, that file
+    downloaded first); None where there is none to read, for a config resolved before the model loads."""
+    from latent_consistency.hub import hub_snapshot, looks_like_hub_id
+
+    try:
+        folder = hub_snapshot(name, "the configs of", (relative,), ()) if looks_like_hub_id(name) else Path(name)
+        value = json.loads((folder / relative).read_text(encoding="utf-8"))
+    except (UserError, OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _single_guidance_scale(cls: type[TrainConfig], values: dict[str, Any]) -> bool:
+    """Whether the resolved `values` distil at one guidance scale (--guidance-scale-min = --guidance-scale-max)."""
+    low, high = (values.get(name, field_default(cls, name)) for name in ("guidance_scale_min", "guidance_scale_max"))
+    return low == high
 
 
 # The fields an LCM's guidance record (`guidance_record`) gives a fine-tuning run of it
