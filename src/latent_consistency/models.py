@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -803,12 +804,13 @@ def _diffusers_errors_unlogged():
             handler.removeFilter(below_error)
 
 
-def _unloaded_lora_tensors(state_dict: dict, components: dict) -> list[str]:
+def _unloaded_lora_tensors(state_dict: dict, components: dict, adapter_name: str | None = None) -> list[str]:
     """The keys of a LoRA state dict (`lora_state_dict`'s, "<component>.<module>...") that did not load into the model's
     `components` (by name: "unet", "text_encoder", ...) with their shape, in order. diffusers loads a LoRA's layers for
     which the model has a module and only logs the rest (`_maybe_warn_for_unhandled_keys`); a tensor whose component the
     model lacks is not even logged. Each key is mapped as diffusers maps it before loading (`PeftAdapterMixin.load_lora_adapter`,
-    `_load_lora_into_text_encoder`) and looked up in the adapter's state dict as peft reads it back."""
+    `_load_lora_into_text_encoder`) and looked up in the adapter's state dict (`adapter_name`'s, else the last loaded) as peft
+    reads it back."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from peft.utils import get_peft_model_state_dict
 
@@ -826,7 +828,8 @@ def _unloaded_lora_tensors(state_dict: dict, components: dict) -> list[str]:
             if not hasattr(module, "text_model"):
                 part = {key.removeprefix("text_model."): value for key, value in part.items()}
         adapters = list(getattr(module, "peft_config", {}))
-        loaded = get_peft_model_state_dict(module, adapter_name=adapters[-1]) if adapters else {}
+        adapter = adapter_name or (adapters[-1] if adapters else None)
+        loaded = get_peft_model_state_dict(module, adapter_name=adapter) if adapter in adapters else {}
         if len(part) != len(keys):  # two keys mapped onto one: name them as mapped
             keys = [f"{name}.{key}" for key in part]
         unmatched += [original for original, (key, value) in zip(keys, part.items())
@@ -836,6 +839,10 @@ def _unloaded_lora_tensors(state_dict: dict, components: dict) -> list[str]:
 
 LORA_SCHEDULER_FILE = "scheduler_config.json"  # the LCMScheduler config `lcm distill --adapter lora` saves next to the weights
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the weights file of a LoRA folder, as diffusers' `save_lora_weights` names it
+# A PEFT adapter folder, as peft's `save_pretrained` writes one: its LoraConfig and its weights, keyed "base_model.model.<module>"
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PEFT_KEY_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+# The components a pipeline's LoRA file names its tensors by (`save_lora_weights`)
+LORA_COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
 # The keys of a LoRA folder's scheduler config that are the model's to say, not the LoRA's: its noise schedule and what it predicts
 LORA_MODEL_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "rescale_betas_zero_snr",
                             "prediction_type")
@@ -869,6 +876,120 @@ def _check_lora_path(path: Path, lora: str) -> None:
                         f"config): give the LoRA its run exported, {checkpoint.parent.parent / 'lora'} (`--resume` the run to finish it)")
 
 
+def _one_networks_lora(state_dict: dict, metadata: dict | None, unet) -> tuple[dict, dict | None]:
+    """The tensors (and adapter config) of a LoRA that holds one network's layers without the pipeline's "unet." prefix, as
+    diffusers' `unet.save_lora_adapter`, its older `save_attn_procs` and peft's `save_pretrained` ("base_model.model.") save
+    them, prefixed as `load_lora_into_unet` reads them. diffusers' `load_lora_weights` loads none of such a file's layers,
+    silently; `unet.load_lora_adapter(prefix=None)` loads them all. Any other state dict is returned as it is."""
+    if any(key.startswith(LORA_COMPONENT_PREFIXES) for key in state_dict):
+        return state_dict, metadata
+    unprefixed = {key.removeprefix(PEFT_KEY_PREFIX): value for key, value in state_dict.items()}
+    children = dict(unet.named_children())
+    if not all(key.split(".")[0] in children for key in unprefixed):
+        return state_dict, metadata
+    metadata = {f"unet.{key}": value for key, value in metadata.items()} if metadata else None
+    return {f"unet.{key}": value for key, value in unprefixed.items()}, metadata
+
+
+def _peft_adapter_config(path: Path, lora: str) -> dict | None:
+    """The LoraConfig of a PEFT adapter folder (peft's `save_pretrained`: adapter_config.json beside adapter_model.safetensors),
+    as diffusers reads a LoRA's adapter metadata; None for any other LoRA. An adapter of another PEFT method is refused."""
+    if not (path.is_dir() and (path / PEFT_CONFIG_FILE).is_file() and (path / PEFT_WEIGHTS_FILE).is_file()):
+        return None
+    from peft import LoraConfig
+
+    config = read_json_object(path / PEFT_CONFIG_FILE, "a PEFT adapter folder")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"the LoRA {lora} is a PEFT {config['peft_type']} adapter, not a LoRA; only LoRA adapters load here")
+    return LoraConfig.from_pretrained(str(path)).to_dict()
+
+
+def _lora_state_dict(family, path: Path, lora: str, model: DiffusionModel) -> tuple[dict, dict | None, dict | None]:
+    """A LoRA file's or folder's tensors, network alphas and adapter metadata, keyed by component ("unet.", "text_encoder.")
+    as diffusers' loaders take them: diffusers' own formats, kohya's and A1111's (lora_unet_/lora_te_ keys, alphas), in
+    SDXL's SGM block names too (input_blocks, output_blocks: diffusers' SDXL pipeline maps them by the UNet's config; so
+    does this for every family), one network's LoRA (`_one_networks_lora`) and a PEFT adapter folder."""
+    source, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (str(path), {})
+    peft_config = _peft_adapter_config(path, lora)
+    if peft_config is not None:
+        kwargs["weight_name"] = PEFT_WEIGHTS_FILE
+    state_dict, alphas, metadata = family.lora_state_dict(source, return_lora_metadata=True, use_safetensors=True,
+                                                          unet_config=model.unet.config, **kwargs)
+    state_dict, metadata = _one_networks_lora(state_dict, peft_config or metadata, model.unet)
+    return state_dict, alphas, metadata
+
+
+def _lora_does_not_fit(lora: str, name_or_path: str, unmatched: list[str], total: int) -> UserError:
+    return UserError(f"the LoRA {lora} does not fit {name_or_path}: {len(unmatched)} of its {total} tensors have no layer of that "
+                     f"name and shape in the model to load into (e.g. {unmatched[0]}): a LoRA of another model (other layers or layer "
+                     "names, e.g. SDXL's on SD 1.5)? Give a LoRA made for this model's family")
+
+
+def _load_lora(model: DiffusionModel, path: Path, lora: str, name_or_path: str, adapter_name: str | None = None) -> None:
+    """Load the LoRA at `path` onto the model's UNet and text encoders (those it has layers for), as diffusers'
+    `load_lora_weights` loads it, under `adapter_name` (None: diffusers' default name); a LoRA that does not load whole is a
+    UserError saying why."""
+    from safetensors import SafetensorError
+
+    family = lora_pipeline_class(model)
+    components = {"unet": model.unet} | dict(zip(("text_encoder", "text_encoder_2"), model.text_encoders))
+    state_dict, loading = {}, "unet"
+    try:
+        with _diffusers_errors_unlogged():  # diffusers logs a failed load as well as raising it: the message below says it once
+            state_dict, alphas, metadata = _lora_state_dict(family, path, lora, model)
+            if not state_dict or not all("lora" in key for key in state_dict):
+                raise ValueError("not a LoRA state dict (every key must name a lora layer)")
+            family.load_lora_into_unet(state_dict, alphas, model.unet, adapter_name=adapter_name, metadata=metadata)
+            for loading, text_encoder in list(components.items())[1:]:
+                family.load_lora_into_text_encoder(state_dict, alphas, text_encoder, prefix=loading, adapter_name=adapter_name,
+                                                   metadata=metadata)
+    except RuntimeError as err:
+        if "size mismatch" in str(err):  # the UNet's (torch's load_state_dict): every such tensor, "<module>.lora_A.<adapter>.weight"
+            keys = [f"{loading}.{re.sub(r'[.][^.]+(?=[.][a-z]+$)', '', key)}"
+                    for key in re.findall(r"size mismatch for (\S+?):", str(err))]
+        elif "ignore_mismatched_sizes" in str(err):  # a text encoder's (transformers'): its adapter stays, in the model's shapes
+            tried = list(components)[:list(components).index(loading) + 1]
+            keys = _unloaded_lora_tensors({k: v for k, v in state_dict.items() if k.split(".")[0] in tried}, components, adapter_name)
+        else:
+            raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
+        which = f"{len(keys)} of its {len(state_dict)} tensors have" if keys else "its layers have"
+        example = f" (e.g. {keys[0]})" if keys else ""
+        raise UserError(f"the LoRA {lora} does not fit {name_or_path}: {which} other shapes than the model's layers{example}: a LoRA "
+                        "of another model family or size, e.g. SDXL's on SD 1.5? Give the LoRA distilled from this model") from err
+    except (OSError, ValueError, KeyError, IndexError, SafetensorError) as err:  # IndexError: a part with lora_A but no lora_B
+        if "not found in the base model" in str(err):  # peft: none of a component's layers is the model's
+            raise _lora_does_not_fit(lora, name_or_path, [k for k in state_dict if k.startswith(f"{loading}.")], len(state_dict)) from err
+        if "not been correctly renamed" in str(err):  # diffusers' converter of kohya's format met keys of no LoRA layer
+            keys = [key.strip() for key in str(err).split(":", 1)[1].split(",")]
+            example = next((key for key in keys if not key.endswith(".alpha")), keys[0])
+            raise UserError(f"cannot load the LoRA {lora}: its tensors are not all LoRA layers (e.g. {example}): a LyCORIS LoHa, "
+                            "LoKr or other adapter, which diffusers does not load? Give a LoRA (lora_down/lora_up or lora_A/lora_B "
+                            "layers)") from err
+        raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
+    unmatched = _unloaded_lora_tensors(state_dict, components, adapter_name)
+    if unmatched:
+        raise _lora_does_not_fit(lora, name_or_path, unmatched, len(state_dict))
+
+
+def _local_lora(lora: str) -> Path:
+    """A LoRA argument (a local file or folder, or a hub id: downloaded) as a local path, checked (`_check_lora_path`)."""
+    path = Path(check_hub_id(lora, "the LoRA", TOP_FILES, TOP_IGNORED))
+    if not path.exists():
+        raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
+    _check_lora_path(path, lora)
+    return path
+
+
+def _settle_adapters(model: DiffusionModel, dtype: torch.dtype, device: str | torch.device) -> None:
+    """The model's networks on its device and dtype, in eval mode, after LoRA layers were loaded onto them."""
+    for module in (model.unet, *model.text_encoders):  # the LoRA layers need not be made on the model's device and dtype
+        module.to(device=device, dtype=dtype)
+        # ... and peft makes them in training mode: a LoRA whose config has lora_dropout > 0 (diffusers' LCM-LoRA scripts
+        # take --lora_dropout, and save it in the file's metadata) would drop activations at random from torch's global
+        # generator, so that a seed no longer fixes the image. Eval mode, as from_pretrained leaves the model
+        module.eval()
+
+
 def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
     """A diffusion model with an LCM-LoRA (Luo et al. 2023b) loaded onto its UNet (and text encoder, if the file has
     layers for it), as diffusers' `load_lora_weights` loads it; the result samples as an LCM without an ω input.
@@ -878,12 +999,7 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     the LCMScheduler one `lcm distill`/`lcm finetune` save in the folder, else an LCM's own, else diffusers' default
     (original_inference_steps 50) over the model's noise schedule; the parameterisation is the model's either way.
     """
-    from safetensors import SafetensorError
-
-    path = Path(check_hub_id(lora, "the LoRA", TOP_FILES, TOP_IGNORED))
-    if not path.exists():
-        raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
-    _check_lora_path(path, lora)
+    path = _local_lora(lora)
     # Read before the model loads: a broken file is known at once. A weights file given in its LoRA folder (lora/
     # pytorch_lora_weights.safetensors) samples under the LCMScheduler config beside it, as the folder does
     saved = (path.parent if path.is_file() else path) / LORA_SCHEDULER_FILE
@@ -891,44 +1007,8 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     if path.is_file() and saved_config is not None and not is_lcm_config(saved_config):
         saved_config = None  # another scheduler's config that happens to lie beside the file: not the LoRA's
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
-    family = lora_pipeline_class(model)
-    source, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (str(path), {})
-    components = {"unet": model.unet} | dict(zip(("text_encoder", "text_encoder_2"), model.text_encoders))
-    state_dict, loading = {}, "unet"
-    try:
-        with _diffusers_errors_unlogged():  # diffusers logs a failed load as well as raising it: the message below says it once
-            state_dict, alphas, metadata = family.lora_state_dict(source, return_lora_metadata=True, use_safetensors=True, **kwargs)
-            if not state_dict or not all("lora" in key for key in state_dict):
-                raise ValueError("not a LoRA state dict (every key must name a lora layer)")
-            family.load_lora_into_unet(state_dict, alphas, model.unet, metadata=metadata)
-            for loading, text_encoder in list(components.items())[1:]:
-                family.load_lora_into_text_encoder(state_dict, alphas, text_encoder, prefix=loading, metadata=metadata)
-    except RuntimeError as err:
-        if "size mismatch" in str(err):  # the UNet's (torch's load_state_dict): every such tensor, "<module>.lora_A.<adapter>.weight"
-            keys = [f"{loading}.{re.sub(r'[.]default(_[0-9]+)?(?=[.][a-z]+$)', '', key)}"
-                    for key in re.findall(r"size mismatch for (\S+?):", str(err))]
-        elif "ignore_mismatched_sizes" in str(err):  # a text encoder's (transformers'): its adapter stays, in the model's shapes
-            tried = list(components)[:list(components).index(loading) + 1]
-            keys = _unloaded_lora_tensors({k: v for k, v in state_dict.items() if k.split(".")[0] in tried}, components)
-        else:
-            raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
-        which = f"{len(keys)} of its {len(state_dict)} tensors have" if keys else "its layers have"
-        example = f" (e.g. {keys[0]})" if keys else ""
-        raise UserError(f"the LoRA {lora} does not fit {name_or_path}: {which} other shapes than the model's layers{example}: a LoRA "
-                        "of another model family or size, e.g. SDXL's on SD 1.5? Give the LoRA distilled from this model") from err
-    except (OSError, ValueError, KeyError, IndexError, SafetensorError) as err:  # IndexError: a part with lora_A but no lora_B
-        raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
-    unmatched = _unloaded_lora_tensors(state_dict, components)
-    if unmatched:
-        raise UserError(f"the LoRA {lora} does not fit {name_or_path}: {len(unmatched)} of its {len(state_dict)} tensors have no layer "
-                        f"of that name and shape in the model to load into (e.g. {unmatched[0]}): a LoRA of another model (other layers "
-                        "or layer names)? Give the LoRA distilled from this model")
-    for module in (model.unet, *model.text_encoders):  # the LoRA layers need not be made on the model's device and dtype
-        module.to(device=device, dtype=dtype)
-        # ... and peft makes them in training mode: a LoRA whose config has lora_dropout > 0 (diffusers' LCM-LoRA scripts
-        # take --lora_dropout, and save it in the file's metadata) would drop activations at random from torch's global
-        # generator, so that a seed no longer fixes the image. Eval mode, as from_pretrained leaves the model
-        module.eval()
+    _load_lora(model, path, lora, name_or_path)
+    _settle_adapters(model, dtype, device)
     if saved_config is not None:  # its sampler settings (T/k, timestep scaling, clipping) over the model's noise schedule and
         # parameterisation, as diffusers' recipe LCMScheduler.from_config(pipe.scheduler.config) takes them: an LCM-LoRA applied
         # to a fine-tune of its teacher (a v-prediction one, say) reads the fine-tune's output as what it is
@@ -944,4 +1024,37 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
                         "from, as the model")
     if model.time_cond_proj_dim is not None:  # an LCM with a LoRA fine-tuned on it: its ω input is the LCM's, and so is its record
         model.guidance_record = guidance_record_of(name_or_path)
+    return model
+
+
+def add_style_loras(model: DiffusionModel, styles: list[tuple[str, float]], dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> DiffusionModel:
+    """Style LoRAs, each (a .safetensors file, a LoRA folder or a hub id; its weight), loaded beside the adapters the LCM
+    already carries (an LCM-LoRA's: weight 1) and mixed as diffusers' `load_lora_weights(..., adapter_name=...)` and
+    `set_adapters(names, adapter_weights)` mix them: each adapter's output scaled by its weight, in the UNet and the text
+    encoders. This is the LCM-LoRA's use as an acceleration module beside style LoRAs (Luo et al. 2023b, Sec. 3); on a
+    full LCM the style LoRA adapts its network as it does its teacher's (the LCM keeps its ω input). `model` is an LCM as
+    `load_lcm` or `load_lcm_lora` gave it, on `device` in `dtype`; its sampler settings are its own. No styles: the model
+    as it is."""
+    if not styles:
+        return model
+    if model.is_transformer:
+        raise UserError(f"{model.source} is a PixArt-α model; diffusers' PixArtAlphaPipeline loads no LoRA weights, so no style LoRA "
+                        "goes with it")
+    for lora, weight in styles:
+        if not math.isfinite(weight):
+            raise UserError(f"the weight {weight} of the style LoRA {lora} must be a finite number (1: as trained, 0: off)")
+    paths = [_local_lora(lora) for lora, _ in styles]  # all checked before any loads
+    networks = [model.unet, *model.text_encoders]
+    weights = dict.fromkeys((name for network in networks for name in getattr(network, "peft_config", {})), 1.0)
+    for i, (path, (lora, weight)) in enumerate(zip(paths, styles)):
+        name = f"style_{i}"
+        _load_lora(model, path, lora, model.source, adapter_name=name)
+        weights[name] = weight
+    from diffusers.loaders.lora_base import set_adapters_for_text_encoder
+
+    model.unet.set_adapters(list(weights), list(weights.values()))
+    for text_encoder in model.text_encoders:
+        set_adapters_for_text_encoder(list(weights), text_encoder, list(weights.values()))
+    _settle_adapters(model, dtype, device)
     return model

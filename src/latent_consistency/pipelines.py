@@ -17,7 +17,7 @@ import torch
 from latent_consistency.compilation import compile_for_sampling
 from latent_consistency.denoisers import NegativePromptGuidance
 from latent_consistency.errors import UserError
-from latent_consistency.models import DiffusionModel, guidance_record_of, load_diffusion_model, load_lcm, load_lcm_lora
+from latent_consistency.models import DiffusionModel, add_style_loras, guidance_record_of, load_diffusion_model, load_lcm, load_lcm_lora
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.preview import load_preview_decoder
 from latent_consistency.prompts import PromptCache
@@ -170,9 +170,12 @@ class LCMGenerator(Generator):
     """An LCM (or a diffusion model with an LCM-LoRA), sampled with Algorithm 3."""
 
     @classmethod
-    def load(cls, path: str, device: torch.device, dtype: torch.dtype, lora: str | None = None) -> LCMGenerator:
+    def load(cls, path: str, device: torch.device, dtype: torch.dtype, lora: str | None = None,
+             style_loras: Sequence[tuple[str, float]] = ()) -> LCMGenerator:
+        """An LCM, or a diffusion model with the LCM-LoRA `lora`; `style_loras` (a file, folder or hub id and its weight
+        each) are mixed in beside it as diffusers' `set_adapters` mixes LoRAs (`models.add_style_loras`)."""
         model = load_lcm(path, dtype, device) if lora is None else load_lcm_lora(path, lora, dtype, device)
-        return cls(model, device, dtype)
+        return cls(add_style_loras(model, list(style_loras), dtype, device), device, dtype)
 
     @property
     def kind(self) -> str:

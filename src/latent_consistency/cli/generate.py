@@ -1,6 +1,7 @@
 """`lcm generate`: prompts -> PNG files with a latent consistency model (Algorithm 3): a full LCM (its guidance
 scale is the ω input), or a diffusion model with an LCM-LoRA (`--lora`; no ω input, so g > 1 is classifier-free
-guidance, as in diffusers).
+guidance, as in diffusers). `--style-lora FILE[:W]` (repeatable) adds style LoRAs beside it at weights W, as diffusers'
+`set_adapters` mixes adapters (`models.add_style_loras`).
 
 `--gamma G` samples with TCD's strategic stochastic sampling instead (Zheng et al. 2024; diffusers' TCDScheduler with
 eta = G); without it Algorithm 3 is exactly LCMScheduler's. `--init-image FILE --strength S` is img2img: the image is
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -149,6 +151,25 @@ RECORD_KEY = "lcm-generate"
 PATH_SETTINGS = ("model", "lora", "preview_decoder")
 
 
+def parse_style_lora(text: str) -> tuple[str, float]:
+    """--style-lora FILE[:WEIGHT] as (FILE, WEIGHT), weight 1 without one. A path that exists is taken whole (a file name with
+    a colon in it); FILE may be a hub id."""
+    if not text.strip():
+        raise UserError("--style-lora is empty; give a LoRA file, folder or hub id, with :WEIGHT to scale it, e.g. --style-lora style.safetensors:0.8")
+    if Path(text).exists() or ":" not in text:
+        return text, 1.0
+    path, _, weight = text.rpartition(":")
+    try:
+        value = float(weight)
+    except ValueError:
+        if Path(path).exists():
+            raise UserError(f"--style-lora {text}: {weight!r} after the colon is not a weight; give FILE:WEIGHT, e.g. {path}:0.8") from None
+        return text, 1.0  # no weight: a missing path is said as such when the LoRA loads
+    if not math.isfinite(value):
+        raise UserError(f"--style-lora {text}: the weight must be a finite number (1: as trained, 0: off)")
+    return path, value
+
+
 def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -156,6 +177,8 @@ def _file_digest(path: str) -> str:
 def run_settings(args, generator, timesteps, guidance_scale: float, height: int, width: int, options: dict) -> dict:
     """Every setting of this run that decides an image's pixels, beside its prompt and seed (`image_record`)."""
     settings = {"model": args.model, "lora": args.lora, "sampler": args.sampler}
+    if args.style_lora:  # recorded only when given: the records of images made without keep their settings
+        settings["style_loras"] = [[path, weight] for path, weight in map(parse_style_lora, args.style_lora)]
     if args.sampler == "lcm":
         settings["timesteps"] = [int(t) for t in timesteps]
     else:
@@ -193,6 +216,9 @@ def read_record(path: Path) -> dict | None:
 
 
 def _same(key: str, old, new) -> bool:
+    if key == "style_loras" and isinstance(old, list) and isinstance(new, list):  # [[path, weight], ...]
+        return len(old) == len(new) and all(isinstance(o, list) and len(o) == 2 and _same("lora", o[0], n[0]) and o[1] == n[1]
+                                            for o, n in zip(old, new))
     if key in PATH_SETTINGS and isinstance(old, str) and isinstance(new, str) and old != new:
         return os.path.abspath(old) == os.path.abspath(new)
     return key == "init_image" or old == new  # an init image is compared by its contents (init_image_sha256)
@@ -259,10 +285,11 @@ def generate(args) -> None:
     device = resolve_device(args.device)
     keep_freed_memory(device)
     dtype = resolve_dtype(args.dtype, device)
+    styles = [parse_style_lora(text) for text in args.style_lora]
     if args.sampler == "lcm":
-        generator = LCMGenerator.load(args.model, device, dtype, args.lora)
-    elif args.lora:
-        raise UserError("--lora is an LCM-LoRA: sample it with --sampler lcm")
+        generator = LCMGenerator.load(args.model, device, dtype, args.lora, styles)
+    elif args.lora or styles:
+        raise UserError("--lora is an LCM-LoRA and --style-lora goes beside an LCM: sample them with --sampler lcm")
     else:
         generator = SolverGenerator.load(args.model, device, dtype, args.sampler)
     if args.preview_decoder is not None:
@@ -354,6 +381,10 @@ def register(subparsers) -> None:
                    "with --lora, the diffusion model the LoRA was distilled from")
     p.add_argument("--lora", help="an LCM-LoRA to load onto --model: the lora/ folder of `lcm distill --adapter lora`, "
                    "a .safetensors file or a hub id")
+    p.add_argument("--style-lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="a style LoRA (a .safetensors file, folder or hub id) added beside the LCM-LoRA, or onto a full LCM, scaled by "
+                   "WEIGHT (default 1; repeatable), as diffusers' set_adapters mixes LoRAs: e.g. --lora LCM_LORA --style-lora "
+                   "papercut.safetensors:0.8. diffusers', kohya's/A1111's and PEFT's LoRA formats load")
     p.add_argument("--sampler", default="lcm", choices=["lcm", *TEACHER_SAMPLERS],
                    help="lcm: Algorithm 3 (an LCM or LCM-LoRA); ddim, dpm, dpm++: an ODE solver for a diffusion model, with CFG, or "
                    "for a guidance-distilled model (`lcm distill --method guidance`) its ω input (default lcm)")
