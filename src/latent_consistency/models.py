@@ -1007,6 +1007,12 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     if path.is_file() and saved_config is not None and not is_lcm_config(saved_config):
         saved_config = None  # another scheduler's config that happens to lie beside the file: not the LoRA's
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
+    if model.is_transformer:  # said here for loading: `_load_lora`'s refusal (`lora_pipeline_class`) is advice for distillation
+        then = ": a PixArt-LCM samples as it is" if model.is_lcm else (
+            f", and distil it into a PixArt-LCM first: `lcm distill --teacher {name_or_path} --guidance-scale-min 4.5 "
+            "--guidance-scale-max 4.5` (a full student, one guidance scale)")
+        raise UserError(f"{name_or_path} is a PixArt-α model, which takes no LoRA (diffusers' PixArtAlphaPipeline loads none): leave "
+                        f"--lora {lora} out{then}")
     _load_lora(model, path, lora, name_or_path)
     _settle_adapters(model, dtype, device)
     if saved_config is not None:  # its sampler settings (T/k, timestep scaling, clipping) over the model's noise schedule and

@@ -32,6 +32,7 @@ def write_cache(args) -> None:
     import torch
 
     from latent_consistency.data.latent_cache import MANIFEST, LatentCache, write_latent_cache
+    from latent_consistency.data.shards import ShardStream
     from latent_consistency.data.spec import open_dataset
     from latent_consistency.models import load_diffusion_model
 
@@ -41,6 +42,9 @@ def write_cache(args) -> None:
     dataset = open_dataset(args.data, resolution)
     if isinstance(dataset, LatentCache):
         raise UserError(f"--data {args.data} is a latent cache already; give the images it was made from")
+    if isinstance(dataset, ShardStream) and args.num_workers:  # `usable_batches` reads shards in this process: the workers went unused
+        raise UserError(f"--num-workers {args.num_workers} starts processes that decode an image folder's images; --data {args.data} "
+                        "is webdataset shards, which decode on threads in this process: leave --num-workers out")
     source = {"data": args.data, "model": args.model, "resolution": resolution}
     out = write_latent_cache(dataset, args.out, model.codec, model.prompts, source, device, batch_size=args.batch_size,
                              num_workers=args.num_workers, progress=sys.stderr.isatty())
@@ -60,6 +64,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="the cache folder to write (it must not exist)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per VAE batch (default 64)")
     p.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader worker processes that decode an image "
-                   "folder's images beside the encoding (default 0: in this process; shards decode on threads)")
+                   "folder's (or a registered dataset's) images beside the encoding (default 0: in this process; shards decode on "
+                   "threads, and take none)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.set_defaults(run=run)

@@ -170,6 +170,12 @@ def parse_style_lora(text: str) -> tuple[str, float]:
     return path, value
 
 
+# --style-lora's help, in `lcm generate` and `lcm serve`
+STYLE_LORA_HELP = ("a style LoRA (a .safetensors file, folder or hub id) added beside the LCM-LoRA, or onto a full LCM, scaled by WEIGHT "
+                   "(default 1; repeatable), as diffusers' set_adapters mixes LoRAs: e.g. --lora LCM_LORA --style-lora "
+                   "papercut.safetensors:0.8. diffusers', kohya's/A1111's and PEFT's LoRA formats load")
+
+
 def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -261,6 +267,10 @@ def generate(args) -> None:
         raise UserError("--strength applies to img2img: give --init-image FILE")
     if args.sampler != "lcm" and (args.gamma is not None or args.init_image is not None):
         raise UserError(f"--gamma and --init-image apply to --sampler lcm, not {args.sampler}")
+    if args.gamma is not None and (len(custom) if custom else steps) == 1:
+        # TCD re-injects noise between steps (`sampling.sample_tcd`) and none after the last: one step is the same at every γ
+        raise UserError("--gamma is TCD's share of fresh noise between steps, and one step has no next one: every --gamma makes "
+                        "the same image; give --steps 2 or more (or 2 --timesteps), or leave --gamma out")
     if args.negative_scale is not None and args.negative_prompt is None:
         raise UserError("--negative-scale applies to a negative prompt: give --negative-prompt TEXT")
     if args.negative_prompt is not None:
@@ -381,10 +391,7 @@ def register(subparsers) -> None:
                    "with --lora, the diffusion model the LoRA was distilled from")
     p.add_argument("--lora", help="an LCM-LoRA to load onto --model: the lora/ folder of `lcm distill --adapter lora`, "
                    "a .safetensors file or a hub id")
-    p.add_argument("--style-lora", action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="a style LoRA (a .safetensors file, folder or hub id) added beside the LCM-LoRA, or onto a full LCM, scaled by "
-                   "WEIGHT (default 1; repeatable), as diffusers' set_adapters mixes LoRAs: e.g. --lora LCM_LORA --style-lora "
-                   "papercut.safetensors:0.8. diffusers', kohya's/A1111's and PEFT's LoRA formats load")
+    p.add_argument("--style-lora", action="append", default=[], metavar="FILE[:WEIGHT]", help=STYLE_LORA_HELP)
     p.add_argument("--sampler", default="lcm", choices=["lcm", *TEACHER_SAMPLERS],
                    help="lcm: Algorithm 3 (an LCM or LCM-LoRA); ddim, dpm, dpm++: an ODE solver for a diffusion model, with CFG, or "
                    "for a guidance-distilled model (`lcm distill --method guidance`) its ω input (default lcm)")
@@ -401,7 +408,8 @@ def register(subparsers) -> None:
     p.add_argument("--negative-scale", type=finite_float, help=f"λ of an LCM's negative prompt (default {DEFAULT_NEGATIVE_SCALE:g}; "
                    f"0 to {MAX_NEGATIVE_SCALE:g}, 0.5 and more over-guide: artefacts, worse FID)")
     p.add_argument("--gamma", type=finite_float, help="sample with TCD's strategic stochastic sampling (Zheng et al. 2024; diffusers' "
-                   "TCDScheduler, eta = GAMMA): GAMMA in [0, 1] is the share of fresh noise per step, 0 deterministic; without it, "
+                   "TCDScheduler, eta = GAMMA): GAMMA in [0, 1] is the share of fresh noise between steps (so 2 or more of them), 0 "
+                   "deterministic; without it, "
                    "Algorithm 3 (LCMScheduler's sampler)")
     p.add_argument("--init-image", help="img2img: an image file, encoded and noised to the --strength start timestep for every prompt; "
                    "its own size unless --height/--width resize it")

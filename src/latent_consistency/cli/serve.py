@@ -1,5 +1,6 @@
-"""`lcm serve`: an LCM (or a diffusion model with an LCM-LoRA) behind an HTTP API and a page that draws as you type
-(`latent_consistency.serve`). Binds to localhost unless --host says otherwise."""
+"""`lcm serve`: an LCM (or a diffusion model with an LCM-LoRA), with style LoRAs beside it as `lcm generate --style-lora` mixes
+them, behind an HTTP API and a page that draws as you type (`latent_consistency.serve`). Binds to localhost unless --host
+says otherwise."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import positive_int
+from latent_consistency.cli.generate import STYLE_LORA_HELP, parse_style_lora
 from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 
@@ -53,9 +55,10 @@ def build_app(args):
     from latent_consistency.serve.app import create_app
     from latent_consistency.serve.request import Limits
 
+    styles = [parse_style_lora(text) for text in args.style_lora]
     device = resolve_device(args.device)
     keep_freed_memory(device)
-    generator = LCMGenerator.load(args.model, device, resolve_dtype(args.dtype, device), args.lora)
+    generator = LCMGenerator.load(args.model, device, resolve_dtype(args.dtype, device), args.lora, styles)
     if args.preview_decoder is not None:
         generator.use_preview_decoder(args.preview_decoder)
     if args.max_side is not None and args.max_side < generator.default_size():
@@ -68,7 +71,8 @@ def build_app(args):
         warm_up(generator)
     limits = Limits(max_side=args.max_side or 2 * generator.default_size(), max_prompt_chars=args.max_prompt_chars,
                     max_upload_bytes=args.max_upload_mb * 2**20, max_body_bytes=(args.max_upload_mb * 4 // 3 + 1) * 2**20)
-    return create_app(generator, limits, model_name=args.model, max_batch=args.max_batch, max_queue=args.max_queue)
+    return create_app(generator, limits, model_name=args.model, max_batch=args.max_batch, max_queue=args.max_queue, lora=args.lora,
+                      style_loras=styles)
 
 
 def run(args) -> None:
@@ -123,6 +127,7 @@ def register(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--model", required=True, help="an LCM folder or hub id; with --lora, the diffusion model the LoRA was distilled from")
     p.add_argument("--lora", help="an LCM-LoRA to load onto --model")
+    p.add_argument("--style-lora", action="append", default=[], metavar="FILE[:WEIGHT]", help=STYLE_LORA_HELP)
     p.add_argument("--preview-decoder", help="decode with a tiny TAESD-style decoder (an AutoencoderTiny folder or hub id, e.g. "
                    "madebyollin/taesd; `lcm world preview-decoder` makes one for the world): faster, approximate images")
     p.add_argument("--compile", action="store_true", help="torch.compile the text encoder, network and decoder before serving (about a minute "

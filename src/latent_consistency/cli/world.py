@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from latent_consistency.cli.arguments import nonnegative_int, positive_int
+from latent_consistency.errors import UserError
 from latent_consistency.world.presets import PRESETS, WorldPreset, get_preset
 
 
@@ -21,7 +22,6 @@ def _preset_from_args(args) -> WorldPreset:
 
 def _world_arg(world: str | None) -> str | Path:
     """--world: a folder, or the built-in world when it is left out; an empty name is neither (nor the current folder)."""
-    from latent_consistency.errors import UserError
     from latent_consistency.world.artifact import default_world_path
 
     if world is None:
@@ -45,11 +45,29 @@ def _run_build(args) -> None:
         from latent_consistency.world.artifact import default_world_path
 
         parts_from = default_world_path()
+    if parts_from is not None and args.out.strip():  # an empty --out is refused by `build_world`
+        _check_parts_go_in(args.out, parts_from, args.parts_from)
     out = build_world(preset, args.out, args.device, progress=not args.no_progress, prediction_type=prediction_type,
                       parts_from=parts_from)
     report = json.loads((out / "quality" / "quality.json").read_text())
     print(json.dumps(report["summary"], indent=2))
     print(f"world written to {out}")
+
+
+def _check_parts_go_in(out: str, parts_from: str | Path, given: str) -> None:
+    """--parts-from copies phases into a build that has not started (`build_world`): into a started one it was ignored, and the
+    phases it names were trained again (an hour for the shipped VAE). Resuming a build that took its parts from that world
+    (the same command run again) stays accepted."""
+    from latent_consistency.world.build import STATE_FILE, finished_phases
+
+    done = finished_phases(Path(out))
+    if not done:
+        return
+    reused_from = json.loads((Path(out) / STATE_FILE).read_text()).get("reused_from") or {}
+    if any(Path(src).resolve() == Path(parts_from).resolve() for src in reused_from.values()):
+        return
+    raise UserError(f"--parts-from {given}: the build in {out} has started without parts of that world ({', '.join(done)} done), and "
+                    "parts are copied only into a build that has not; leave --parts-from out to resume it, or give a new --out")
 
 
 def _run_export(args) -> None:
@@ -60,7 +78,6 @@ def _run_export(args) -> None:
 
 def _run_check(args) -> None:
     from latent_consistency.devices import resolve_device
-    from latent_consistency.errors import UserError
     from latent_consistency.outputs import check_writable
     from latent_consistency.world.artifact import load_world
     from latent_consistency.world.quality import check_samples, measure_quality
@@ -112,8 +129,8 @@ def register(subparsers) -> None:
                    help="rescale the teacher's noise schedule to zero SNR at t = T-1 (Lin et al. 2023; needs --v-prediction)")
     b.add_argument("--parts-from", metavar="WORLD",
                    help="copy the first phases from another world (a build, an export or 'default' for the shipped world) "
-                        "where the settings they depend on are equal, instead of training them: e.g. the shipped VAE for "
-                        "default-sdxl")
+                        "where the settings they depend on are equal, instead of training them, into a build that has not "
+                        "started: e.g. the shipped VAE for default-sdxl")
     b.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--dry-run", action="store_true", help="print the resolved settings and stop")

@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import time
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -183,7 +184,9 @@ def header_value(text: str) -> str:
 
 
 def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", max_batch: int = 8, max_queue: int = 32,
-               max_wait_s: float = 0.005) -> FastAPI:
+               max_wait_s: float = 0.005, lora: str | None = None, style_loras: Sequence[tuple[str, float]] = ()) -> FastAPI:
+    """The app serving `generator`; `model_name`, `lora` and `style_loras` (path, weight each) are what it was loaded from, which
+    /v1/config describes."""
     metrics = Metrics()
     batcher = Batcher(lambda jobs: run_jobs(generator, jobs), max_batch, max_queue, max_wait_s, metrics)
     default_guidance = generator.default_guidance_scale()
@@ -281,9 +284,10 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
 
     @app.get("/v1/config")
     async def config() -> dict:
-        """The model and the limits: what the page needs to set its controls."""
+        """The model (with the LoRAs loaded onto it) and the limits: what the page needs to set its controls."""
         record = generator.model.guidance_record  # the LCM's distilled range (`guidance_record`), null without one
-        return {"model": model_name, "kind": generator.kind, "default_guidance_scale": default_guidance,
+        return {"model": model_name, "lora": lora, "style_loras": [[path, weight] for path, weight in style_loras],
+                "kind": generator.kind, "default_guidance_scale": default_guidance,
                 "guidance_scale_range": None if record is None else [record.guidance_scale_min, record.guidance_scale_max],
                 "default_size": generator.default_size(), "max_side": limits.max_side, "max_steps": MAX_STEPS,
                 "max_prompt_chars": limits.max_prompt_chars, "max_upload_bytes": limits.max_upload_bytes,

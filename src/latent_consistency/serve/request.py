@@ -57,7 +57,7 @@ class ImageRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="noise seed; random when absent (returned in X-Seed)")
     width: int | None = Field(None, ge=1, description="pixels, a multiple of the VAE factor")
     height: int | None = Field(None, ge=1, description="pixels, a multiple of the VAE factor")
-    gamma: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="TCD's γ (fresh noise per step); absent: Algorithm 3")
+    gamma: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="TCD's γ (fresh noise between steps, so steps >= 2); absent: Algorithm 3")
     init_image: str | None = Field(None, description="image-to-image start: a base64 PNG/JPEG or data: URL")
     strength: float = Field(0.8, gt=0, le=1, allow_inf_nan=False, description="with init_image: how much of it to redraw")
     format: Literal["png", "jpeg"] = Field("png", description="response image format")
@@ -109,6 +109,9 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
         raise UserError("negative_scale applies to a negative prompt: give negative_prompt")
     if "strength" in request.model_fields_set and request.init_image is None:
         raise UserError("strength applies to image-to-image: give init_image")
+    if request.gamma is not None and request.steps == 1:  # TCD re-injects noise between steps (`sampling.sample_tcd`), none after the last
+        raise UserError("gamma is TCD's share of fresh noise between steps, and one step has no next one: every gamma makes the same "
+                        "image; give steps of 2 or more, or leave gamma out")
     g = default_guidance_scale if request.guidance_scale is None else request.guidance_scale
     if g > limits.max_guidance_scale:
         raise UserError(f"guidance_scale {g:g} is above {limits.max_guidance_scale:g}")
