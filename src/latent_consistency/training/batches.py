@@ -33,7 +33,8 @@ class TrainingBatches:
         self.model, self.micro_batch, self.device, self.spec = model, micro_batch, torch.device(device), spec
         self.dataset = open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size, holdout=holdout)
         self.resolution = resolution
-        self.num_workers = num_workers if not isinstance(self.dataset, (ShardStream, LatentCache)) else 0
+        self.num_workers = num_workers
+        self._check_workers_apply()
         self._check_fits_model()
         self._check_usable()
         if isinstance(self.dataset, ShardStream):
@@ -45,6 +46,14 @@ class TrainingBatches:
         self._iterator = None
         self._fingerprint: str | None = None  # `fingerprint`, computed once
         self._worker_skips: list[tuple[str, str]] = []  # what the DataLoader workers counted (`SkipCounter.take_pending`)
+
+    def _check_workers_apply(self) -> None:
+        """A UserError for --num-workers with data that no worker process reads: a latent cache is indexed in memory and
+        shards stream in this process, so the option would be accepted and do nothing."""
+        if self.num_workers and isinstance(self.dataset, (ShardStream, LatentCache)):
+            what = "a latent cache, indexed in memory" if isinstance(self.dataset, LatentCache) else "shards, streamed in this process"
+            raise UserError(f"--num-workers {self.num_workers} decodes an image folder in worker processes; the data {self.spec} is "
+                            f"{what}, which no worker reads: give --num-workers 0 (the default)")
 
     def _check_fits_model(self) -> None:
         """Model and data must agree on latent channels, latent size and text encoder."""

@@ -95,10 +95,12 @@ class TrainConfig:
     log_every: int = doc("write a metrics line every N steps", default=10)
     validate_every: int = doc("write a validation sample grid every N steps (0: only at the end)", default=250)
     validation_prompts: list[str] = doc("prompts of the validation grid (empty: the first captions of the data)", default_factory=list)
-    validation_guidance_scale: float = doc("guidance scale of the validation grid", default=8.0)
+    validation_guidance_scale: float = doc("guidance scale of the validation grid (of a full LCM: its recorded default; an LCM "
+                                           "without an ω input is shown at g = 1, as `lcm generate` samples it)", default=8.0)
     checkpoint_every: int = doc("write a checkpoint every N steps (0: only at the end)", default=500)
     keep_checkpoints: int = doc("how many recent checkpoints to keep", default=2)
-    num_workers: int = doc("DataLoader worker processes for image data (shards stream in-process)", default=0)
+    num_workers: int = doc("DataLoader worker processes decoding an image folder (refused with shards or a latent cache, read "
+                            "in-process)", default=0)
 
     def check(self) -> TrainConfig:
         """Raise UserError for values that cannot work, before anything is loaded. The one place a config is

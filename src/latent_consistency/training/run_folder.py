@@ -26,6 +26,7 @@ from accelerate.utils import gather_object
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.guidance_record import IGNORED_BELOW, GuidanceRecord, write_record
+from latent_consistency.losses import MicroBatchDraws
 from latent_consistency.models import (
     PROGRESSIVE_STEPS,
     DiffusionModel,
@@ -36,7 +37,8 @@ from latent_consistency.models import (
 )
 from latent_consistency.outputs import check_writable, replace_folder, write_json_atomic, write_text_atomic, written
 from latent_consistency.parameterization import omega_from_guidance_scale
-from latent_consistency.sampling import sample_lcm, sample_teacher
+from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
+from latent_consistency.sampling import randn, sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training import omega_response, sources
 from latent_consistency.training.batches import merged_skipped_summary
@@ -48,7 +50,7 @@ from latent_consistency.training.sharding import exportable, full_training_state
 
 VALIDATION_STEPS = (1, 2, 4)
 VALIDATION_PROMPTS = 6  # validation grid columns when no prompts are given: the first held-out (or training) captions
-EVAL_MICRO_BATCHES = 4  # held-out micro-batches whose loss is logged at every validation
+EVAL_BATCHES = 4  # held-out batches (of --batch-size samples) whose loss is logged at every validation
 EXPORT_STAGING = "export.partial"  # where `RunFolder.finish` exports the model before renaming it into the run folder
 STUDENT_UNET = "student_unet_config"  # state.json's record of a --student-init run's UNet architecture
 # All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, but a bank
@@ -190,8 +192,9 @@ class RunFolder:
         self.out, self.config, self.accelerator = out, config, accelerator
         self.base, self.student, self.optimizer, self.lr_scheduler, self.batches = base, student, optimizer, lr_scheduler, batches
         self.loss_fn = None  # the run's loss, for the held-out loss: set by the loop once built (after config.json is written)
-        # A fixed held-out set: its first micro-batches, drawn once
-        self.eval_set = [next(eval_batches) for _ in range(EVAL_MICRO_BATCHES)] if eval_batches is not None else []
+        # A fixed held-out set, drawn once: its first `EVAL_BATCHES` batches, in micro-batches (`eval_loss`)
+        self.eval_split = accelerator.num_processes * config.grad_accumulation  # the micro-batches of one batch
+        self.eval_set = [next(eval_batches) for _ in range(EVAL_BATCHES * self.eval_split)] if eval_batches is not None else []
         self.eval_batches = eval_batches  # the held-out micro-batches after `eval_set`, for an ω response on more latents
         self.main = accelerator.is_main_process
         # Under FSDP the target θ⁻ is sharded: every process takes part in its forward passes (validation, ω response)
@@ -211,7 +214,10 @@ class RunFolder:
                 raise UserError(f"cannot write the run folder {out}: {err.strerror or err}") from None
         self.writer = MetricsWriter(out, self.main)
         self.validation_prompts = config.validation_prompts or (eval_batches or batches).first_captions(VALIDATION_PROMPTS)
-        self.t_last, self.samples_since = time.perf_counter(), 0
+        # The throughput's clock and the samples trained since it was read. It starts at the end of the first step of this
+        # process: what came before that step (an ODE bank solved, a checkpoint loaded, the first call of a compiled network)
+        # is no training throughput; a first log line at that step has none (null)
+        self.t_last, self.samples_since = None, 0
 
     def resume(self) -> Progress:
         """Load the latest complete checkpoint (if any) into the student, LR schedule, RNG and data position; the optimiser
@@ -283,19 +289,24 @@ class RunFolder:
 
     def after_step(self, progress: Progress, loss: float, grad_norm, f_target, bar) -> None:
         """Every `log_every` steps a metrics line; every `validate_every` a grid; every `checkpoint_every` a checkpoint;
-        all three at the last step."""
+        all three at the last step. samples_per_s is the training's throughput: the time of the held-out loss, the grids and
+        the checkpoints is left out of it."""
         config, step = self.config, progress.step
         last = step == config.steps
-        self.samples_since += config.batch_size
+        if self.t_last is None:  # this process's first step: the clock starts at its end (`samples_since`)
+            self.t_last, self.samples_since = time.perf_counter(), 0
+        else:
+            self.samples_since += config.batch_size
         if step % config.log_every == 0 or last:
             now = time.perf_counter()
-            rate = self.samples_since / (now - self.t_last)
+            rate = self.samples_since / (now - self.t_last) if self.samples_since else None
             self.t_last, self.samples_since = now, 0
-            bar.set_postfix(loss=f"{loss:.4g}", samples_per_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{loss:.4g}", **({} if rate is None else {"samples_per_s": f"{rate:.1f}"}))
             # the rate the step just done used (the scheduler has moved on to the next step's)
             lr = self.lr_scheduler.base_lrs[0] * self.lr_scheduler.lr_lambdas[0](step - 1)
             self.writer.write(dict(step=step, loss=loss, lr=lr, samples_per_s=rate,
                                    grad_norm=None if grad_norm is None else float(grad_norm), nonfinite_skipped=progress.nonfinite_total))
+        started = time.perf_counter()
         if (config.validate_every and step % config.validate_every == 0) or last:
             if self.eval_set:
                 self.writer.write(dict(step=step, eval_loss=self.eval_loss(f_target)))
@@ -303,6 +314,7 @@ class RunFolder:
                 self.validate(step, f_target)
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
             self.save(progress)
+        self.t_last += time.perf_counter() - started
 
     def omega_response_batch(self) -> dict[str, torch.Tensor]:
         """`omega_response_samples` latents and their conditions: held-out ones (else the next training ones, drawn after the
@@ -351,37 +363,44 @@ class RunFolder:
 
     @torch.no_grad()
     def eval_loss(self, f_target) -> float:
-        """The run's loss on the fixed held-out micro-batches, with the target θ⁻ on both sides and fixed draws."""
-        uncond, device = self.batches.uncond, self.accelerator.device
-        losses = []
-        with self.accelerator.autocast():
-            for i, batch in enumerate(self.eval_set):
-                generator = torch.Generator(device).manual_seed(self.config.seed + i)
-                losses.append(self.loss_fn(f_target, f_target, batch["latents"], batch["cond"], uncond.expand(len(batch["latents"]), -1, -1),
-                                           generator).mean())
-        return float(torch.stack(losses).mean())
+        """The run's loss on the fixed held-out set, with the target θ⁻ on both sides and fixed draws: the mean over its
+        first `EVAL_BATCHES` × --batch-size samples, each drawing its n, ω and ε as an example of a training batch does
+        (`losses.MicroBatchDraws`, batch j from seed + j), so that it is the same number with any --grad-accumulation and
+        process count. The processes share its micro-batches and sum their losses."""
+        uncond, device, accelerator = self.batches.uncond, self.accelerator.device, self.accelerator
+        total, samples = torch.zeros((), device=device), sum(len(batch["latents"]) for batch in self.eval_set)
+        with accelerator.autocast():
+            for i in range(accelerator.process_index, len(self.eval_set), accelerator.num_processes):
+                latents, cond = self.eval_set[i]["latents"], self.eval_set[i]["cond"]
+                draws = MicroBatchDraws(torch.Generator(device).manual_seed(self.config.seed + i // self.eval_split), i % self.eval_split,
+                                        self.eval_split)
+                total += self.loss_fn(f_target, f_target, latents, cond, uncond.expand(len(latents), -1, -1), draws).float().sum()
+        if accelerator.num_processes > 1:
+            total = accelerator.reduce(total, "sum")
+        return float(total) / samples
 
     @torch.no_grad()
     def validate(self, step: int, f_target) -> Path | None:
-        """A grid of the validation prompts (columns, captioned), all from the same noise: the starting model's 4-step
-        samples, then the target's 1-, 2- and 4-step samples at this step (Algorithm 3); for a guidance-distilled
-        student, the teacher's 25-step DDIM with CFG, then the target's DDIM at 4, 8 and 25 steps."""
+        """A grid of the validation prompts (columns, captioned): the starting model's 4-step samples, then the target's 1-,
+        2- and 4-step samples at this step (Algorithm 3); for a guidance-distilled student, the teacher's 25-step DDIM with
+        CFG, then the target's DDIM at 4, 8 and 25 steps. Each image of the target's rows is the one `lcm generate` makes of
+        the exported model with its prompt and step count, at the g it samples at by default (`validation_guidance_scale`)
+        and --seed `seed`: image i from seed + i (`pipelines.Generator.start`)."""
         config, base, device = self.config, self.base, self.accelerator.device
         cond = base.prompts.encode(self.validation_prompts, device)
         codec, size = base.codec, base.unet.config.sample_size
-        noise = torch.randn(len(self.validation_prompts), codec.latent_channels, size, size,
-                            generator=torch.Generator("cpu").manual_seed(config.seed)).to(device)
+        seeds = [config.seed + i for i in range(len(self.validation_prompts))]
         g = self.validation_guidance_scale()
         scheduler_config = self.student.scheduler_config
+        uncond = base.prompts.uncond(device)  # ∅ of the validation images' size: the data's carries --resolution's (SDXL's time ids)
 
         def samples(f, n: int) -> torch.Tensor:
+            generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+            noise = randn((len(seeds), codec.latent_channels, size, size), generators, device, torch.float32)
             if not is_lcm_config(scheduler_config):  # f: a guided teacher
-                # ∅ of the validation images' size, as cond: the data's ∅ carries --resolution's (SDXL's time ids)
-                uncond = base.prompts.uncond(device).expand(len(noise), -1, -1)
-                return codec.decode(sample_teacher(f, "ddim", noise, cond, uncond, g, n, scheduler_config))
+                return codec.decode(sample_teacher(f, "ddim", noise, cond, uncond.expand(len(noise), -1, -1), g, n, scheduler_config))
             timesteps = inference_timesteps(scheduler_config, n)
-            return codec.decode(sample_lcm(f, noise, timesteps, cond, omega_from_guidance_scale(g), f.schedule,
-                                           torch.Generator("cpu").manual_seed(config.seed + 1)))
+            return codec.decode(sample_lcm(f, noise, timesteps, cond, omega_from_guidance_scale(g), f.schedule, generators))
 
         target_unet = self.student.target_unet
         was_training = target_unet.training
@@ -414,11 +433,16 @@ class RunFolder:
         return self.student.adapter == "full" and not is_lcm_config(self.student.scheduler_config)
 
     def validation_guidance_scale(self) -> float:
-        """g of the validation grid. For a full LCM its record's default g: the preset's, moved into the range the record
-        holds, so the grid shows the g the model is sampled at when none is given (not an extrapolation outside a
-        fine-tuned LCM's distilled range, or a run's --guidance-scale-max). For LoRA adapters fine-tuned on an LCM with a
+        """g of the validation grid: the g `lcm generate` samples the exported model at when none is given. For a full LCM
+        with an ω input, its record's default g: the preset's, moved into the range the record holds (not an extrapolation
+        outside a fine-tuned LCM's distilled range, or a run's --guidance-scale-max). An LCM without an ω input (an
+        LCM-LoRA, PixArt) has its guidance distilled in: `lcm generate` samples it without classifier-free guidance
+        (`DEFAULT_GUIDANCE_SCALE`), where --validation-guidance-scale would guide it a second time (for an LCM-LoRA run that
+        value is the teacher's g `lcm evaluate sweep` compares it with). For LoRA adapters fine-tuned on an LCM with a
         record, that LCM's recorded g: the adapters keep its ω input and its record (`models.load_lcm_lora`), so `lcm
-        generate --model LCM --lora RUN/lora` samples at it. Otherwise the preset's."""
+        generate --model LCM --lora RUN/lora` samples at it. Otherwise (a guidance-distilled model) the run's."""
+        if is_lcm_config(self.student.scheduler_config) and self.student.target_unet.config.get("time_cond_proj_dim") is None:
+            return DEFAULT_GUIDANCE_SCALE["lora"]
         if self.exports_full_lcm() or self.exports_guided_model():
             return recorded_guidance(self.config, self.base.guidance_record, None).guidance_scale
         record = self.base.guidance_record  # set only for an LCM with an ω input (`load_lcm`, `load_lcm_lora`), never a teacher
