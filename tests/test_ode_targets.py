@@ -88,8 +88,8 @@ def test_regression_onto_the_bank_is_zero_for_the_exact_consistency_function_and
     assert loss(guided_flow(), 10.0).shape == (32,) and loss(guided_flow(), 10.0).max() < 1e-10
     rows = torch.randint(0, len(bank), (32,), generator=torch.Generator().manual_seed(0))  # the draw the loss makes
     delta_sq = ((bank.solution[rows, 0] - bank.solution[rows, 1]) ** 2).mean(1)
-    for s in (0.0, 0.5):
-        assert torch.allclose(loss(guided_flow(s), 1.0) - loss(guided_flow(s), 0.0), (1 - s) ** 2 * delta_sq, rtol=1e-4, atol=1e-9)
+    for s in (0.0, 0.5):  # a difference of float32 losses near 1: good to about 1e-7 (a row whose two ω nearly agree)
+        assert torch.allclose(loss(guided_flow(s), 1.0) - loss(guided_flow(s), 0.0), (1 - s) ** 2 * delta_sq, rtol=1e-4, atol=1e-6)
     assert loss(guided_flow(0.0), 0.0).mean() > loss(guided_flow(0.5), 0.0).mean() > loss(guided_flow(0.9), 0.0).mean()
     assert torch.equal(loss(guided_flow(0.5), 1.0, seed=7), loss(guided_flow(0.5), 1.0, seed=7))
 

@@ -28,7 +28,7 @@ from latent_consistency.training.batches import TrainingBatches
 from latent_consistency.training.config import TrainConfig
 from latent_consistency.training.ema import ema_update
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
-from latent_consistency.training.ode_targets import ODETargets, bank_settings, build_ode_targets, ode_targets_for_run
+from latent_consistency.training.ode_targets import ODETargets, bank_settings, build_ode_targets, chunk_rows, ode_targets_for_run
 from latent_consistency.training.run_folder import Progress, RunFolder, prepare_run_folder, resumed_student_unet, saved_config
 from latent_consistency.training.sharding import check_sharding, is_sharded, shard_target
 from latent_consistency.training.students import make_student
@@ -125,20 +125,23 @@ def training_batches(config: TrainConfig, base: DiffusionModel, micro_batch: int
                            config.num_workers, holdout)
 
 
-def run_ode_targets(config: TrainConfig, base: DiffusionModel, out: Path, accelerator, micro_batch: int, progress: bool):
+def run_ode_targets(config: TrainConfig, base: DiffusionModel, out: Path, accelerator, progress: bool):
     """`--method ode`: the run's bank of teacher ODE solutions, read from the run folder or built there (from the data as one
-    process would draw it with the run's seed, in micro-batches of the run's size, the teacher under the run's autocast as in
-    LCD's jumps: with mixed precision it is frozen in half precision); None for every other method."""
+    process would draw it with the run's seed, every process solving its share of the rows in chunks that do not depend on
+    the process count (`chunk_rows`), the teacher under the run's autocast as in LCD's jumps: with mixed precision it is
+    frozen in half precision); None for every other method."""
     if getattr(config, "method", None) != "ode":
         return None
 
     def make() -> ODETargets:
-        data = training_batches(config, base, micro_batch, 0, 1, accelerator.device)
+        side = (config.resolution or base.native_size) // base.codec.downsampling_factor
+        chunk = chunk_rows(config.ode_targets, base.codec.latent_channels * side * side, accelerator.device)
+        data = training_batches(config, base, chunk, 0, 1, accelerator.device)
         exact = TeacherConsistencyFunction(base.guided_teacher(), get_solver(config.solver), config.skip, data.uncond)
         generator = torch.Generator(accelerator.device).manual_seed(config.seed)
         with accelerator.autocast():
             return build_ode_targets(exact, data, config.ode_targets, (config.guidance_scale_min, config.guidance_scale_max), generator,
-                                     progress=progress)
+                                     chunk, (accelerator.process_index, accelerator.num_processes), accelerator.gather, progress)
 
     return ode_targets_for_run(out, accelerator, make, bank_settings(config))
 
@@ -240,7 +243,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches)  # writes config.json
-    ode_targets = run_ode_targets(config, base, out, accelerator, config.batch_size // per_step, progress and accelerator.is_main_process)
+    ode_targets = run_ode_targets(config, base, out, accelerator, progress and accelerator.is_main_process)
     loss_fn = run.loss_fn = build_loss(config, base, scheduler_config, ode_targets)
     state = run.resume() if resume else Progress()
     student.unet, optimizer = accelerator.prepare(student.unet, optimizer)

@@ -9,28 +9,36 @@ from t to 0, exactly the fixed point LCD trains towards), and the student regres
 (`losses.ODERegressionLoss`): knowledge distillation (Luhman & Luhman 2021) in the LCM's parameterisation, with its
 ω input. Each row is solved at two ω from the same z_t, so the loss sees the teacher's guidance effect Δψ directly.
 
-One row costs about 2·⌈t/k⌉ teacher passes per ω (cond and uncond), i.e. T/k of them on average: the bank is built
-once, into the run folder (`ode_targets.pt`, written atomically by the main process with the settings that made it), and
-a resumed run reads it back: one that cannot be read, or that records other settings (another run's), is refused, and
-left as it is (one that records none, from an older version, is read with a note). Its rows are drawn from the data
-with the run's seed alone, so the bank does not depend on the process count. A run whose teacher or data moved with the
-same content (`sources.proven_moves`) reads its bank at their old places, and once the move is proven the bank records
-the new ones, as config.json does (`follow_moves`).
+One row costs about 2·⌈t/k⌉ teacher passes per ω (cond and uncond), i.e. T/k of them on average: at Stable Diffusion
+scale (2,048 rows) hours of one GPU. Every process of a run solves its share of the rows (`build_ode_targets`), the
+solutions are gathered, and the main process writes the bank once, into the run folder (`ode_targets.pt`, atomically, with
+the settings that made it); a resumed run reads it back: one that cannot be read, or that records other settings (another
+run's), is refused, and left as it is (one that records none, from an older version, is read with a note).
+
+The bank is bitwise the same whatever the process count (on one kind of device, whose kernels are deterministic, as a
+rerun on one process needs): its rows are drawn from the data with the run's seed alone, after the data (which every
+process reads whole: free from a latent cache), the data read and the rows solved in chunks that depend on the bank's
+size, the latent size and the device type only (`chunk_rows`), each chunk solved whole by one process.
+
+A run whose teacher or data moved with the same content (`sources.proven_moves`) reads its bank at their old places, and
+once the move is proven the bank records the new ones, as config.json does (`follow_moves`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from latent_consistency.errors import UserError
-from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
+from latent_consistency.evaluation.ode_error import ELEMENTS_PER_CALL, TeacherConsistencyFunction
 from latent_consistency.outputs import save_torch, write_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.schedule import skipping_grid
@@ -106,43 +114,112 @@ def _changes(recorded: str, settings: str) -> str:
     return "; ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in json.loads(settings).items() if before.get(k) != v)
 
 
+# The bank is read and solved in chunks of rows, each solved whole by one process (`build_ode_targets`): a chunk's rows at
+# both ω are one teacher batch of at most ELEMENTS_PER_CALL latent elements on a CPU (256 latents of the built-in world),
+# GPU_CHUNK_ELEMENTS on a GPU (32 Stable Diffusion latents 4 x 64 x 64, which its cond-and-uncond call doubles, without
+# gradients: the run's own steps hold more); and there are at least MIN_CHUNKS chunks, so that as many processes share it.
+GPU_CHUNK_ELEMENTS = 2**19
+MIN_CHUNKS = 16
+
+
+def chunk_rows(rows: int, latent_elements: int, device: torch.device) -> int:
+    """The rows per chunk of a bank of `rows` rows, for latents of `latent_elements` elements on `device`: a function of
+    neither the process count nor the run's batch, so that each row's solution is bitwise the same whichever process solved
+    it (a network's arithmetic depends on the batch it is computed in)."""
+    budget = ELEMENTS_PER_CALL if torch.device(device).type == "cpu" else GPU_CHUNK_ELEMENTS
+    by_memory = budget // (2 * latent_elements)
+    return max(1, min(by_memory, math.ceil(rows / MIN_CHUNKS)))
+
+
 @torch.no_grad()
 def build_ode_targets(exact: TeacherConsistencyFunction, batches, rows: int, guidance_scale_range: tuple[float, float],
-                      generator: torch.Generator, progress: bool = False) -> ODETargets:
+                      generator: torch.Generator, chunk: int | None = None, share: tuple[int, int] = (0, 1), gather=None,
+                      progress: bool = False) -> ODETargets:
     """`rows` data latents from `batches` (micro-batches {"latents", "cond"}, taken in order), each noised to a grid
-    timestep t ~ U{k−1, 2k−1, …, T−1} and solved by `exact` at two ω ~ U[ω_min, ω_max] drawn independently."""
+    timestep t ~ U{k−1, 2k−1, …, T−1} and solved by `exact` at two ω ~ U[ω_min, ω_max] drawn independently.
+
+    The rows are solved in chunks of `chunk` rows of like t (`solve_chunks`; one chunk of all by default); process `rank`
+    of `world` (`share`) solves its share of them (`dealt`), and `gather` (every process's tensor of the same shape,
+    joined in rank order: accelerate's `gather`) brings every solution to every process."""
     if rows < 1:
         raise UserError(f"ode_targets must be at least 1, got {rows}")
-    grid = skipping_grid(exact.schedule.num_train_timesteps, exact.skip)
+    z, t, cond, omega = draw_rows(exact, batches, rows, guidance_scale_range, generator)
+    rank, world = share
+    chunks = [dealt(solve_chunks(t, chunk or rows), r, world) for r in range(world)]
+    shares = [torch.cat(mine) if mine else t.new_zeros(0) for mine in chunks]  # the rows of each process
+    longest = max(map(len, shares))
+    every = solve_share(exact, (z, t, cond, omega), chunks[rank], longest, progress)
+    if gather is not None:
+        every = gather(every)
+    solution = z.new_empty(len(z), 2, *z.shape[1:])
+    for r, index in enumerate(shares):
+        solution[index] = every[r * longest:r * longest + len(index)]
+    return ODETargets(z, t, cond, omega, solution)
+
+
+def solve_share(exact: TeacherConsistencyFunction, rows: tuple[torch.Tensor, ...], chunks: list[torch.Tensor], longest: int,
+                progress: bool) -> torch.Tensor:
+    """The solutions [longest, 2, ...] of the `rows` (z_t, t, c, ω) in `chunks`, each chunk at both ω in one batch, in order;
+    zeros after them, so that every process gives `gather` a tensor of the same shape."""
+    z, t, cond, omega = rows
+    solved, done = z.new_zeros(longest, 2, *z.shape[1:]), 0
+    with tqdm(total=sum(map(len, chunks)), desc="teacher ODE targets", disable=not progress) as bar:  # closed before a stop's line
+        for part in chunks:
+            both = exact(torch.cat([z[part], z[part]]), torch.cat([t[part], t[part]]), torch.cat([cond[part], cond[part]]),
+                         torch.cat([omega[part, 0], omega[part, 1]]))
+            solved[done:done + len(part)] = torch.stack(both.chunk(2), dim=1)
+            done += len(part)
+            bar.update(len(part))
+    return solved
+
+
+def draw_rows(exact: TeacherConsistencyFunction, batches, rows: int, guidance_scale_range: tuple[float, float],
+              generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(z_t, t, c, ω) of the bank's `rows` rows: the first `rows` data latents, then the draws of every row at once, so that
+    they are a function of the seed and the data alone, not of the micro-batches the data came in."""
+    x0, cond, done = [], [], 0
+    while done < rows:
+        batch = next(batches)
+        x0.append(batch["latents"][:rows - done].float())
+        cond.append(batch["cond"][:rows - done])
+        done += len(x0[-1])
+    x0, cond = torch.cat(x0), torch.cat(cond)
+    grid = skipping_grid(exact.schedule.num_train_timesteps, exact.skip).to(x0.device)
     w_min, w_max = (omega_from_guidance_scale(g) for g in guidance_scale_range)
-    parts, done = [], 0
-    with tqdm(total=rows, desc="teacher ODE targets", disable=not progress) as bar:  # closed before a stop's one line
-        while done < rows:
-            batch = next(batches)
-            x0, cond = batch["latents"][:rows - done].float(), batch["cond"][:rows - done]
-            b, device = len(x0), x0.device
-            t = grid.to(device)[torch.randint(len(grid), (b,), generator=generator, device=device)]
-            omega = w_min + (w_max - w_min) * torch.rand(b, 2, generator=generator, device=device)
-            noise = torch.randn(x0.shape, generator=generator, device=device)
-            z = exact.schedule.add_noise(x0, noise, t)
-            both = exact(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, cond]), torch.cat([omega[:, 0], omega[:, 1]]))
-            parts.append((z, t, cond, omega, torch.stack(both.chunk(2), dim=1)))
-            done += b
-            bar.update(b)
-    return ODETargets(*(torch.cat(column) for column in zip(*parts)))
+    t = grid[torch.randint(len(grid), (rows,), generator=generator, device=x0.device)]
+    omega = w_min + (w_max - w_min) * torch.rand(rows, 2, generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    return exact.schedule.add_noise(x0, noise, t), t, cond, omega
+
+
+def solve_chunks(t: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The row indices of each chunk: the rows in order of t (of index among equal t), `size` at a time. Rows of like t
+    share their teacher chain (`TeacherConsistencyFunction`), so a chunk costs few more passes than its rows need."""
+    return list(torch.argsort(t.cpu(), stable=True).to(t.device).split(size))
+
+
+def dealt(chunks: list, rank: int, world: int) -> list:
+    """Process `rank`'s chunks of `world`: dealt in order of t back and forth (0, 1, …, world − 1, world − 1, …, 1, 0, 0, …),
+    since a chunk's passes grow with its t, so that the processes wait for each other at the end about as little as they
+    can (taken in turn, the last process would be dealt the larger chunk of every round)."""
+    return [chunk for j, chunk in enumerate(chunks) if min(j % (2 * world), 2 * world - 1 - j % (2 * world)) == rank]
 
 
 def ode_targets_for_run(out: Path, accelerator, make: callable, settings: str) -> ODETargets:
     """The run's bank: read from the run folder (checked to be solved with `settings`, or with those of the run's
     config.json, which a resume whose teacher or data moved rewrites only once the move is proven: `run_settings`), or
-    built by the main process with `make()` and written there first."""
+    built by every process with `make()` (each its share, gathered) and written there by the main process. The main
+    process's folder decides which, for every process: two that decided apart would wait on each other for ever."""
     path = out / FILE
     if path.exists() and not path.is_file():
         raise UserError(f"{path} is not a file; the run keeps its ODE bank there: move it away and resume")
-    if accelerator.is_main_process and not path.is_file():
-        replace(make(), settings=settings).save(path)
-    accelerator.wait_for_everyone()
-    return ODETargets.load(path, accelerator.device, settings, run_settings(out))
+    if broadcast_object_list([path.is_file()])[0]:
+        return ODETargets.load(path, accelerator.device, settings, run_settings(out))
+    bank = replace(make(), settings=settings)
+    if accelerator.is_main_process:
+        bank.save(path)
+    accelerator.wait_for_everyone()  # the write only: the others have their bank already
+    return bank.to(accelerator.device)
 
 
 def run_settings(out: Path) -> str | None:
