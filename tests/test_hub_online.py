@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from fake_hub import FakeHub, serving
+from test_hub_cache import generated
 
 # The LCM's guidance record: its default g is not diffusers' 8, so a record left unread shows
 RECORD = {"guidance_scale_min": 1.5, "guidance_scale_max": 3.0, "guidance_scale": 2.0}
@@ -56,15 +56,6 @@ def hub(fake_hub, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     fake_hub.requests.clear()
     return fake_hub
-
-
-def generated(run_error, out, *argv):
-    """`lcm generate "a red star" ... --out out`: the pixels and the text record of its one image."""
-    code, err = run_error(["generate", "a red star", "--steps", "2", "--seed", "3", "--out", str(out), *argv])
-    assert code == 0, err
-    (png,) = out.glob("*.png")
-    image = Image.open(png)
-    return np.asarray(image), json.loads(image.text["lcm-generate"])
 
 
 def test_an_lcm_hub_id_samples_at_its_recorded_guidance_as_its_folder_does(hub, models, run_error, tmp_path):
