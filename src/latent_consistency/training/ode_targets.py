@@ -16,7 +16,8 @@ the settings that made it); a resumed run reads it back: one that cannot be read
 run's), is refused, and left as it is (one that records none, from an older version, is read with a note).
 
 The bank is bitwise the same whatever the process count (on one kind of device, whose kernels are deterministic, as a
-rerun on one process needs): its rows are drawn from the data with the run's seed alone, after the data (which every
+rerun on one process needs, and, on a CPU, with as many threads per process: the thread count changes a network's
+rounding): its rows are drawn from the data with the run's seed alone, after the data (which every
 process reads whole: free from a latent cache), the data read and the rows solved in chunks that depend on the bank's
 size, the latent size and the device type only (`chunk_rows`), each chunk solved whole by one process.
 
