@@ -144,7 +144,7 @@ def test_shutdown_with_requests_in_flight_answers_them_and_ends(generator):
         def not_listening():
             try:
                 httpx.get(f"{url}/health", timeout=1)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):  # refused, or closed by the shutdown
                 return True
             return False
 
