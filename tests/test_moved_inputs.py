@@ -59,6 +59,16 @@ def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def refused_resume(run_error, run: Path, teacher: Path, images: Path) -> str:
+    """The one-line error (exit 2) of `--resume` of `run` with `teacher` and `images`, which leaves every file of the run as
+    it was."""
+    before = files(run)
+    code, err = run_error(distill(teacher, images, run, "--resume"))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert files(run) == before
+    return err
+
+
 def test_a_run_moved_to_another_disk_with_its_teacher_and_data_resumes_exactly(started, tmp_path, run_error):
     """The run folder copied elsewhere, its teacher and image folder moved there: the resume is the uninterrupted run's,
     bit for bit, says once what moved, and leaves config.json naming the new places; killed again before its next
@@ -98,11 +108,8 @@ def test_a_teacher_moved_and_changed_is_refused_and_nothing_is_lost(started, tmp
     first = sorted(tensors)[0]
     tensors[first] = tensors[first] + 1e-3
     save_file(tensors, str(weights))
-    before = files(run)
-    code, err = run_error(distill(tmp_path / "teacher", root / "images", run, "--resume"))
-    assert code == 2 and len(err.splitlines()) == 1, err
+    err = refused_resume(run_error, run, tmp_path / "teacher", root / "images")
     assert f"was started with a different config (teacher: '{root / 'teacher'}' -> '{tmp_path / 'teacher'}')" in err
-    assert files(run) == before
 
 
 def test_data_moved_and_changed_is_refused_and_config_json_is_kept(started, tmp_path, run_error):
@@ -112,11 +119,8 @@ def test_data_moved_and_changed_is_refused_and_config_json_is_kept(started, tmp_
     run = stopped_copy(reference, tmp_path / "run")
     shutil.copytree(root / "images", tmp_path / "images")
     shutil.copyfile(root / "images" / "1.png", tmp_path / "images" / "0.png")
-    before = files(run)
-    code, err = run_error(distill(root / "teacher", tmp_path / "images", run, "--resume"))
-    assert code == 2 and len(err.splitlines()) == 1, err
+    err = refused_resume(run_error, run, root / "teacher", tmp_path / "images")
     assert f"the data {tmp_path / 'images'} changed since this run's checkpoint" in err
-    assert files(run) == before
 
 
 def test_a_checkpoint_of_a_run_on_another_teacher_elsewhere_is_still_refused(started, tmp_path, run_error):
@@ -129,8 +133,5 @@ def test_a_checkpoint_of_a_run_on_another_teacher_elsewhere_is_still_refused(sta
     state["config"]["teacher"] = str(tmp_path / "another-teacher")
     state["sources"] = {"teacher": "0123456789abcdef"}
     state_file.write_text(json.dumps(state))
-    before = files(run)
-    code, err = run_error(distill(root / "teacher", root / "images", run, "--resume"))
-    assert code == 2 and len(err.splitlines()) == 1, err
+    err = refused_resume(run_error, run, root / "teacher", root / "images")
     assert "is damaged or another run's (it was written by another run (teacher:" in err
-    assert files(run) == before
