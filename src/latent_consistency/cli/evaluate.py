@@ -3,6 +3,9 @@ training of several runs on one plot (Figure 3).
 
 Metrics: on the built-in world (`--prompts world:NAME[:SPLIT]`) its judge; for any model CLIP (`--clip MODEL`: CLIP
 score and FID in CLIP features) and the usual Inception FID (`--inception FILE`).
+
+`--style-lora FILE[:W]` (repeatable, as `lcm generate`'s) scores the LCM with style LoRAs beside it: the LCM rows sample
+what `lcm generate --style-lora` samples. The teacher's rows (and the exact LCM's, the teacher's ODE) stay the teacher's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int
+from latent_consistency.cli.generate import STYLE_LORA_HELP, parse_style_lora
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, lcm_kind
@@ -189,6 +193,14 @@ class EvaluationOption(argparse.Action):
         namespace.evaluation_options = [*getattr(namespace, "evaluation_options", []), option_string]
 
 
+class RepeatedEvaluationOption(EvaluationOption):
+    """An `EvaluationOption` given once per value (--style-lora A --style-lora B), its values kept in order as argparse's
+    "append" keeps them."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, [*(getattr(namespace, self.dest) or []), values], option_string)
+
+
 def run(args) -> None:
     """The evaluation or the sweep holding --out's lock (`folder_lock.hold`): a second one continuing the same folder at
     once would write its results over the first's (each keeps the rows it read before the other wrote)."""
@@ -203,7 +215,7 @@ def run(args) -> None:
 def run_evaluation(args) -> None:
     from latent_consistency.devices import resolve_device
     from latent_consistency.evaluation.table import model_identity, run_table, table_rows, write_grid, write_plots, write_report
-    from latent_consistency.models import load_diffusion_model, load_lcm, load_lcm_lora
+    from latent_consistency.models import add_style_loras, load_diffusion_model, load_lcm, load_lcm_lora
     from latent_consistency.outputs import writable_folder
 
     for name in ("lcm", "prompts", "out"):
@@ -215,9 +227,11 @@ def run_evaluation(args) -> None:
         raise UserError(f"--world {args.world} gives the judge of world:NAME prompts, and --prompts {args.prompts} are none: leave "
                         "--world out (or give --prompts world:NAME)")
     check_out(args.out)
+    styles = [parse_style_lora(text) for text in args.style_lora]
     device = resolve_device(args.device)
     keep_freed_memory(device)
     lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
+    lcm = add_style_loras(lcm, styles, device=device)  # the LCM's rows only: the teacher's are the teacher's
     for n in args.steps:  # the step counts the LCM has, before the other models load and --out is made
         lcm.timesteps(n)
     teacher = load_diffusion_model(args.teacher, device=device) if args.teacher else None
@@ -259,10 +273,11 @@ def run_evaluation(args) -> None:
     guided_steps = sorted(set(args.steps if 0 in guided else []) | {n for n in guided if n})
     rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=guided_steps, exact=args.exact)
     steps = sorted(set(args.steps) | set(guided_steps))
-    results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided,
-                        identities=(f"LoRA {model_identity(args.lora)}",) if args.lora else (), keep_other_results=True)
-    notes = [f"LCM `{args.lcm}`" + (f" with LoRA `{args.lora}`" if args.lora else "") + (f", teacher `{args.teacher}`" if teacher else "")
-             + f". {len(eval_set.prompts)} prompts of `{args.prompts}` × {eval_set.images_per_prompt} image(s), reference "
+    identities = ((f"LoRA {model_identity(args.lora)}",) if args.lora else ()) + style_identities(styles)
+    results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided, identities=identities, keep_other_results=True)
+    models = (f"LCM `{args.lcm}`" + (f" with LoRA `{args.lora}`" if args.lora else "") + style_note(styles, teacher is not None or bool(guided))
+              + (f", teacher `{args.teacher}`" if teacher else ""))
+    notes = [f"{models}. {len(eval_set.prompts)} prompts of `{args.prompts}` × {eval_set.images_per_prompt} image(s), reference "
              f"{len(eval_set.reference)} images of `{args.reference or args.prompts}` at {resolution} px (resized and centre-cropped "
              f"to it), seeds from {args.seed}. Metrics: {', '.join(s.name for s in scorers)}; KID and every number in `results.json`."]
     print(write_report(results, steps, out, "Evaluation", notes))
@@ -275,6 +290,24 @@ def run_evaluation(args) -> None:
         write_grid([r for r in rows if r.sampler == "lcm" and r.steps == n], lcm, teacher, eval_set, out, device, args.grid_columns,
                    name="guidance_grid.png")
     print(f"report, results.json, plots and grid(s) in {out}")
+
+
+def style_identities(styles: list[tuple[str, float]]) -> tuple[str, ...]:
+    """The style LoRAs (`parse_style_lora`'s (path, weight) each) as part of the evaluation's fingerprint: which file
+    (`model_identity`) at which weight, in order, so that a rerun with other style LoRAs or weights does not reuse the rows
+    sampled with these. None given: nothing, and an evaluation's fingerprint is the one it had before --style-lora was."""
+    from latent_consistency.evaluation.table import model_identity
+
+    return tuple(f"style LoRA {model_identity(path)} at weight {weight!r}" for path, weight in styles)
+
+
+def style_note(styles: list[tuple[str, float]], other_rows: bool) -> str:
+    """The report's words for the style LoRAs and weights on the LCM, and (`other_rows`: teacher or Guided-Distill rows
+    beside it) that they are on the LCM's rows only."""
+    if not styles:
+        return ""
+    loras = ", ".join(f"`{path}` at weight {weight:g}" for path, weight in styles)
+    return f" and style LoRA{'s' if len(styles) > 1 else ''} {loras}" + (" (on the LCM's rows only)" if other_rows else "")
 
 
 def grid_guidance_scale(scales: list[float], preferred: float) -> float:
@@ -378,6 +411,9 @@ def register(subparsers) -> None:
     option = functools.partial(p.add_argument, action=EvaluationOption)  # one of the evaluation's own, which `sweep` refuses
     option("--lcm", help="the LCM: a diffusers folder or hub id (with --lora: the model the LCM-LoRA belongs to)")
     option("--lora", help="an LCM-LoRA on --lcm")
+    option("--style-lora", action=RepeatedEvaluationOption, default=[], metavar="FILE[:WEIGHT]",
+           help=f"{STYLE_LORA_HELP}. Applied to the LCM's rows only (the teacher's, Guided-Distill's and the exact LCM's sample "
+                "their models as they are) and part of what a rerun must match to continue")
     option("--teacher", help="the teacher: its DDIM, DPM-Solver and DPM-Solver++ rows with classifier-free guidance")
     option("--guided-distill", nargs="+", help="Guided-Distill models (`lcm distill --method progressive` rounds, each at its "
            "step count; or a stage-one model, at every step count), sampled with DDIM")

@@ -252,8 +252,8 @@ def saved_results(path: Path, fingerprint: str, keep_other: bool) -> dict[str, d
                         "evaluate (whose record of the models cannot be matched to this version's); choose another --out, or move "
                         "them away to score the rows again")
     if keep_other:
-        raise UserError(f"{path.parent} holds the results of another evaluation (other models, prompts, seed, reference images or "
-                        "metrics); choose another --out, or move them away to start over")
+        raise UserError(f"{path.parent} holds the results of another evaluation (other models or LoRAs, prompts, seed, reference "
+                        "images or metrics); choose another --out, or move them away to start over")
     return {}
 
 
