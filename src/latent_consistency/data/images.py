@@ -9,12 +9,22 @@ Conversions to 8-bit RGB:
   - grayscale ("1", "L") is replicated to three channels;
   - images with alpha ("LA", "RGBA", "PA", palette with transparency) are composited on white, so a
     transparent background becomes white, not the arbitrary colour stored under alpha = 0;
-  - 16-bit grayscale ("I;16*", and "I", which 16-bit TIFF/PNG decoders produce) is scaled by
+  - 16-bit grayscale ("I;16*", and "I" holding values in 0..65535, as Pillow reads a 16-bit PGM) is scaled by
     255/65535 with rounding, not clipped at 255 (clipping turns nearly every 16-bit image white);
+  - 32-bit float grayscale ("F", a float TIFF) holding values in [0, 1], the scale float images have in scikit-image and
+    OpenCV, is scaled by 255 with rounding (Pillow's own conversion reads it on a 0-255 scale: a black image);
   - palette, CMYK and the other modes go through Pillow's own conversion.
-Each conversion is reported as a reason ("converted_grayscale", "converted_alpha", "converted_16bit",
+Each conversion is reported as a reason ("converted_grayscale", "converted_alpha", "converted_16bit", "converted_float",
 "converted_palette", "converted_cmyk", ...) so datasets can count them in the log; so is an image whose shorter side is
 below the training resolution, which is upscaled to it ("converted_upscaled": blurrier than the rest of the data).
+A float image with values outside [0, 1] (depth in metres, linear HDR light) or an "I" image beyond 16 bits (a 32-bit
+integer TIFF) has no scale the file states: it is refused (`UnknownScale`), and a dataset skips it as "unknown_scale".
+
+Images of Pillow's `Image.MAX_IMAGE_PIXELS` (89 M pixels) to twice that (a medium-format photo, a scan) are decoded
+without Pillow's DecompressionBombWarning, which the process that decodes here ignores from then on (Python before 3.14
+has no thread-safe way to silence one warning around a call, and decoding runs on threads): they are whole images, used
+downscaled to the training size (a JPEG decoded at 1/2 to 1/8 of its size already). Larger ones are refused as Pillow
+refuses them ("too_large").
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +52,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 UNSUPPORTED_IMAGE_EXTENSIONS = tuple(extension for extension in _OTHER_EXTENSIONS if extension not in IMAGE_EXTENSIONS)
 
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit, 16-bit data in it (`_scaled_gray`)
 
 
 @dataclass
@@ -122,6 +133,11 @@ class TooManyPixels(UndecodableImage):
     """An image with more pixels than its reader allows, refused from its header before it is decoded."""
 
 
+class UnknownScale(UndecodableImage):
+    """A float or 32-bit integer image whose values fit no scale its file states (a float outside [0, 1], an integer beyond
+    16 bits), refused after decoding: which value is white is a guess."""
+
+
 def open_rgb8(source: bytes | str | Path, draft_size: tuple[int, int] | None = None,
               max_pixels: int | None = None) -> tuple[Image.Image, str | None]:
     """Decode an image as every reader of images does (training data and init images): turned upright by its EXIF
@@ -130,8 +146,9 @@ def open_rgb8(source: bytes | str | Path, draft_size: tuple[int, int] | None = N
     Returns (image, reason): reason names the conversion, None for an 8-bit RGB image. `draft_size` lets a JPEG decoder
     downscale while decoding (both sides stay at least that size). Raises `TooManyPixels` for an image over `max_pixels`
     or over Pillow's own limit (twice `Image.MAX_IMAGE_PIXELS`), `UndecodableImage` for anything Pillow cannot decode in
-    full (a truncated file included).
+    full (a truncated file included), `UnknownScale` for a float or 32-bit image without a known scale (`_to_rgb8`).
     """
+    _ignore_bomb_warning()
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
@@ -150,6 +167,17 @@ def open_rgb8(source: bytes | str | Path, draft_size: tuple[int, int] | None = N
         raise UndecodableImage(f"not an image file Pillow can decode ({err.__class__.__name__})") from err
 
 
+_BOMB_WARNING_FILTER = ("ignore", None, Image.DecompressionBombWarning, None, 0)  # as warnings.filterwarnings stores it
+
+
+def _ignore_bomb_warning() -> None:
+    """Ignore Pillow's DecompressionBombWarning in this process, if not yet (or no longer: a `warnings.catch_warnings` block
+    around a call restores the filters it found): an image up to twice Pillow's limit is decoded, and its two-line warning
+    on the user's terminal says nothing to act on. Checked per image, so the filter list is changed once, not per image."""
+    if _BOMB_WARNING_FILTER not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def _upright(image: Image.Image) -> Image.Image:
     """`image` turned by its EXIF orientation; as stored (as a browser shows it) when its EXIF block is unreadable, for
     only the orientation is lost then, not the pixels."""
@@ -162,19 +190,20 @@ def _upright(image: Image.Image) -> Image.Image:
 def decode_rgb(source: bytes | str | Path, resolution: int) -> tuple[torch.Tensor | None, str | None]:
     """Decode an image to float32 [3, resolution, resolution] in [-1, 1].
 
-    Returns (image, reason): image is None and reason "corrupt" when the bytes are not a complete image
-    Pillow can decode, "too_large" when it has more pixels than Pillow decodes; otherwise reason names the mode conversion
-    applied ("converted_grayscale", ...), or "converted_upscaled" for an 8-bit RGB image smaller than `resolution`, or is
-    None. `decode_rgb_reasons` gives every reason of an image. Pure function of its input, safe to call from several
-    threads.
+    Returns (image, reason): image is None and reason "corrupt" when the bytes are not a complete image Pillow can decode,
+    "too_large" when it has more pixels than Pillow decodes, "unknown_scale" for a float or 32-bit image without a known
+    scale (`UnknownScale`); otherwise reason names the mode conversion applied ("converted_grayscale", ...), or
+    "converted_upscaled" for an 8-bit RGB image smaller than `resolution`, or is None. `decode_rgb_reasons` gives every
+    reason of an image. Pure function of its input, safe to call from several threads.
     """
     image, reasons = decode_rgb_reasons(source, resolution)
     return image, reasons[0] if reasons else None
 
 
 def decode_rgb_reasons(source: bytes | str | Path, resolution: int) -> tuple[torch.Tensor | None, list[str]]:
-    """`decode_rgb` with all its reasons: ["corrupt"] or ["too_large"] with None, else the mode conversion (if any) and
-    "converted_upscaled" when the image's shorter side is below `resolution` (if so), which a dataset counts each."""
+    """`decode_rgb` with all its reasons: ["corrupt"], ["too_large"] or ["unknown_scale"] with None, else the mode
+    conversion (if any) and "converted_upscaled" when the image's shorter side is below `resolution` (if so), which a
+    dataset counts each."""
     image, reason = _decode_rgb(source, resolution)
     return image, [r for r in reason if r is not None]
 
@@ -186,6 +215,8 @@ def _decode_rgb(source: bytes | str | Path, resolution: int) -> tuple[torch.Tens
         image, reason = open_rgb8(source, draft_size=(resolution, resolution))
     except TooManyPixels:
         return None, ("too_large",)
+    except UnknownScale:
+        return None, ("unknown_scale",)
     except UndecodableImage:  # bad bytes of any kind mean "skip this sample", never a crash of the training run
         return None, ("corrupt",)
     upscaled = "converted_upscaled" if min(image.size) < resolution else None
@@ -199,7 +230,8 @@ def load_rgb(
 ) -> torch.Tensor | None:
     """`decode_rgb` without the reason: None for undecodable, truncated or too large images, never raises for them.
 
-    If counter is given, each reason (`decode_rgb_reasons`: the conversions, "corrupt" or "too_large") is counted in it.
+    If counter is given, each reason (`decode_rgb_reasons`: the conversions, "corrupt", "too_large" or "unknown_scale") is
+    counted in it.
     A path that is not a regular file (a named pipe or a device called x.png in a folder of images, a dangling link) is
     not opened, for opening a pipe waits for a writer forever: None, counted as "missing_file".
     """
@@ -241,11 +273,21 @@ def _to_rgb8(image: Image.Image) -> tuple[Image.Image, str | None]:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB"), "converted_alpha"
     if mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.float32)
-        gray = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB"), "converted_16bit"
+        return _scaled_gray(np.asarray(image), 65535, "32-bit integer"), "converted_16bit"
+    if mode == "F":
+        return _scaled_gray(np.asarray(image), 1.0, "float"), "converted_float"
     reason = {"1": "grayscale", "L": "grayscale", "P": "palette"}.get(mode, mode.lower().replace(";", "_"))
     return image.convert("RGB"), f"converted_{reason}"
+
+
+def _scaled_gray(values: np.ndarray, white: float, kind: str) -> Image.Image:
+    """Gray `values` on a 0..`white` scale as 8-bit RGB, rounded; `UnknownScale` if a value (NaN included) is off that scale,
+    for then the image has another scale that its file does not state ("I" beyond 16 bits, "F" outside [0, 1])."""
+    if values.size and not (values.min() >= 0 and values.max() <= white):
+        raise UnknownScale(f"a {kind} image with values from {values.min()} to {values.max()}, not 0 to {white:g}: its "
+                           "scale is unknown; save it as an 8- or 16-bit image")
+    gray = np.rint(values.astype(np.float32) * np.float32(255.0 / white)).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
 
 
 def _resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:

@@ -30,8 +30,11 @@ in a worker process each worker would hold its own copy of the position, and ite
 Skipped and converted samples are counted in `skipped`: corrupt images, samples without a caption or
 without an image (a link, device or folder member is none), samples with a sparse member, captions that are not UTF-8
 (or hold NUL characters, as UTF-16 text does), and truncated shards (the complete samples before the damage are used,
-then the stream moves to the next shard). If every shard of a rank has been read and every sample in it tried without a
-single usable one, the stream raises UserError instead of looping forever.
+then the stream moves to the next shard). A sample is complete once the shard shows its end: the next sample's member
+header or tar's end-of-archive block. A download cut at a member boundary or inside a header ends a shard whose last
+sample may lack members (a caption after its image, or the reverse): that sample is part of the damage, neither used nor
+counted as a sample without a caption or an image. If every shard of a rank has been read and every sample in it tried
+without a single usable one, the stream raises UserError instead of looping forever.
 """
 
 from __future__ import annotations
@@ -344,7 +347,7 @@ class ShardStream(IterableDataset):
         for shard in self.shards:
             try:
                 with tarfile.open(shard, mode="r:") as tar:
-                    for group in _groups(tar):
+                    for group in _complete_groups(tar):
                         picked = _image_and_caption(tar, group, shard, skipped)
                         if picked is not None:
                             yield tar.extractfile(picked[0]).read(), picked[1], f"{shard}:{_sample_key(group)}"
@@ -405,7 +408,6 @@ class _Cursor:
         self.shard = -1
         self.lookahead: tarfile.TarInfo | None = None  # first member of the next sample
         self.first_read = False
-        self.truncated = False
 
     def close(self) -> None:
         if self.tar is not None:
@@ -431,7 +433,7 @@ class _Cursor:
             if sample is None:
                 continue
             if sample is _END:
-                self._finish_shard(f"{stream.shards[self.shard]}: no end-of-archive block" if self.truncated else None)
+                self._finish_shard(None)
                 continue
             stream._first_untried += sample.first_read
             return sample
@@ -446,7 +448,6 @@ class _Cursor:
         self.shard = stream._shard_of_draw(stream._draws - 1)
         stream._offset = resume_at
         self.first_read = self.shard not in stream._seen
-        self.truncated = False
         self.file = open(stream.shards[self.shard], "rb")  # noqa: SIM115 (open while the stream reads the shard; closed by close())
         self.tar = tarfile.open(fileobj=self.file, mode="r:")  # noqa: SIM115 (as above)
         self._advance()
@@ -454,11 +455,11 @@ class _Cursor:
             self._advance()
 
     def _advance(self) -> None:
-        """Read the next member header; note a shard that stops without tar's end-of-archive zero block."""
+        """Read the next member header; a shard that stops without tar's end-of-archive block raises ReadError
+        (`_check_end`), so the sample being read, whose end the shard does not show, is dropped with the damage."""
         self.lookahead = self.tar.next()
         if self.lookahead is None:
-            self.file.seek(self.tar.offset)
-            self.truncated = self.file.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE)
+            _check_end(self.tar)
 
     def _finish_shard(self, truncation: str | None) -> None:
         stream = self.stream
@@ -491,18 +492,30 @@ class _Cursor:
         return _Sample(self.shard, image.offset_data, image.size, caption, self.first_read, data)
 
 
-def _groups(members: Iterator[tarfile.TarInfo]) -> Iterator[list[tarfile.TarInfo]]:
-    """The samples of a shard read in order, each as the list of its consecutive members (`_joins`)."""
+def _complete_groups(tar: tarfile.TarFile) -> Iterator[list[tarfile.TarInfo]]:
+    """The samples of a shard read in order, each as the list of its consecutive members (`_joins`); each once the shard
+    shows its end, so a shard cut off raises ReadError (`_check_end`) instead of giving a last sample that lacks members."""
     group: list[tarfile.TarInfo] = []
-    for member in members:
+    for member in tar:
         if _split_name(member.name) is None:
             continue
         if not _joins(group, member):
             yield group
             group = []
         group.append(member)
+    _check_end(tar)
     if group:
         yield group
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    """ReadError unless the members of `tar`, which stopped (its `next()` gave None), stop at tar's end-of-archive block:
+    tarfile takes a header cut short, or none at all, for the end of the archive, so a shard cut at a member boundary or
+    inside a header would look whole. A cut inside the end-of-archive block itself (zeros) loses no member."""
+    tar.fileobj.seek(tar.offset)
+    rest = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if not rest or any(rest):
+        raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset}: the shard is cut off")
 
 
 def _joins(group: list[tarfile.TarInfo], member: tarfile.TarInfo) -> bool:
