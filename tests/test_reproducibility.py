@@ -130,7 +130,7 @@ const html = fs.readFileSync(process.argv[2], "utf8");
 const script = html.slice(html.indexOf("<script>") + "<script>".length, html.indexOf("</script>"));
 const elements = {};
 const element = (id) => elements[id] ??= { value: "", checked: false, disabled: false, textContent: "", className: "", src: "",
-                                           addEventListener() {}, focus() {} };
+                                           validity: { badInput: false }, addEventListener() {}, focus() {} };
 const sent = [];
 const fetch = (url, options) => {
   if (!options) return new Promise(() => {});  // /v1/config: never answers
@@ -177,4 +177,5 @@ def test_the_page_sends_the_seed_its_box_shows(tmp_path):
     for drawn in (blank, unlocked):
         assert drawn["box"] != "" and json.loads(drawn["sent"])["seed"] == int(drawn["box"])
     assert fraction["sent"] is None and "seed must be a whole number" in fraction["status"]
-    assert json.loads(plain["sent"]) == {"prompt": "a red star", "steps": 2, "guidance_scale": 0, "seed": 12}
+    # /v1/config has not answered (the stand-in never does): no guidance scale, the server's default
+    assert json.loads(plain["sent"]) == {"prompt": "a red star", "steps": 2, "seed": 12}

@@ -284,11 +284,13 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
 
     @app.get("/v1/config")
     async def config() -> dict:
-        """The model (with the LoRAs loaded onto it) and the limits: what the page needs to set its controls."""
+        """The model (with the LoRAs loaded onto it) and the limits: what the page needs to set its controls (`ignores_guidance`:
+        the LCM's record measured it hardly responding to g, `GuidanceRecord.ignores_guidance`)."""
         record = generator.model.guidance_record  # the LCM's distilled range (`guidance_record`), null without one
         return {"model": model_name, "lora": lora, "style_loras": [[path, weight] for path, weight in style_loras],
                 "kind": generator.kind, "default_guidance_scale": default_guidance,
                 "guidance_scale_range": None if record is None else [record.guidance_scale_min, record.guidance_scale_max],
+                "ignores_guidance": record is not None and record.ignores_guidance(),
                 "default_size": generator.default_size(), "max_side": limits.max_side, "max_steps": MAX_STEPS,
                 "max_prompt_chars": limits.max_prompt_chars, "max_upload_bytes": limits.max_upload_bytes,
                 "vae_factor": generator.model.codec.downsampling_factor}
