@@ -523,10 +523,7 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
         pixart = _is_pixart(name_or_path, index)
         _check_components(folder, index, pixart)
         scheduler_config = _read_scheduler_config(name_or_path, folder)  # before any weights: what it says may refuse the model
-        if scheduler_config.get("rescale_betas_zero_snr") and prediction_type_of(scheduler_config) == "epsilon":
-            raise UserError(f"{name_or_path} predicts ε on a zero-terminal-SNR schedule (rescale_betas_zero_snr), where ε says nothing "
-                            "about the image at t = T-1 (x̂0 = (z - σ·ε̂)/α with α = 0: its first step makes NaN or noise); such models "
-                            "predict v (Lin et al. 2024): set its scheduler config to what it was trained with")
+        _check_terminal_prediction(name_or_path, scheduler_config)
         vae = load_component(AutoencoderKL, folder, "vae", **kwargs)
         if pixart:
             unet = load_component(PixArtTransformer2DModel, folder, "transformer", **kwargs)
@@ -607,6 +604,18 @@ def _read_scheduler_config(name_or_path: str, folder: str) -> dict:
     progressive = Path(folder) / PROGRESSIVE_FILE
     extra = read_json_object(progressive, "a progressively distilled model") if progressive.is_file() else {}
     return {k: v for k, v in config.items() if not k.startswith("_")} | extra | {"_class_name": config.get("_class_name")}
+
+
+def _check_terminal_prediction(name_or_path: str, scheduler_config: dict) -> None:
+    """A UserError for a model that predicts ε on a schedule ending at zero SNR (`NoiseSchedule.ends_at_zero_snr`: the flag
+    rescale_betas_zero_snr, or trained betas ending at β = 1): at t = T-1 it gives no x̂0 (diffusers' schedulers divide by α
+    = 0 there, with no defined result), so every command refuses it when it loads, before any weights."""
+    if prediction_type_of(scheduler_config) != "epsilon" or not NoiseSchedule.from_config(scheduler_config).ends_at_zero_snr:
+        return
+    how = "rescale_betas_zero_snr" if scheduler_config.get("rescale_betas_zero_snr") else "its betas end at β = 1"
+    raise UserError(f"{name_or_path} predicts ε on a zero-terminal-SNR schedule ({how}), where ε says nothing about the image at "
+                    "t = T-1 (x̂0 = (z - σ·ε̂)/α with α = 0: its first step makes NaN or noise); such models predict v (Lin et al. 2024): "
+                    "set its scheduler config to what it was trained with (prediction_type \"v_prediction\")")
 
 
 # What a scheduler config says about the noise process and, for an LCM, its timesteps. A config that leaves one out means its

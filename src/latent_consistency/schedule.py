@@ -127,6 +127,14 @@ class NoiseSchedule:
         return bool(self.alphas_cumprod[-1] <= self.MIN_ALPHA_CUMPROD)
 
     @property
+    def ends_at_zero_snr(self) -> bool:
+        """ᾱ_{T-1} is 0 (raised to MIN_ALPHA_CUMPROD, which `from_betas` gives only a 0): betas ending at β = 1, as
+        `rescale_betas_zero_snr` or trained betas make them. There an ε-prediction network has no x̂0 = (z - σ·ε̂)/α: diffusers'
+        DDIM and LCM schedulers divide by α = 0, ours by 2^-12. (A cosine schedule's α_{T-1} = 4.9e-5 is diffusers' own, and
+        both sample an ε-prediction model on it alike.)"""
+        return bool(self.alphas_cumprod[-1] == self.MIN_ALPHA_CUMPROD)
+
+    @property
     def lambdas(self) -> torch.Tensor:
         """λ_t = log α_t - log σ_t at the integer timesteps 0..T-1 (decreasing)."""
         a = self.alphas_cumprod

@@ -23,6 +23,11 @@ from latent_consistency.errors import UserError
 from latent_consistency.models import DiffusionModel
 from latent_consistency.pipelines import MAX_SIZE_FACTOR
 
+# What a process's data skipped or converted: (counts per reason, the (reason, detail) pairs counted), `skipped_record`
+SkipRecord = tuple[dict[str, int], list[tuple[str, str]]]
+# The keys of those two in a checkpoint's data position, as a shard stream's position names them (`ShardStream.state_dict`)
+SKIPPED_COUNTS, SKIPPED_SEEN = "skipped_counts", "skipped_seen"
+
 
 class TrainingBatches:
     """An endless iterator of micro-batches {"latents", "cond", "captions"} for rank `rank` of `world_size`."""
@@ -46,6 +51,7 @@ class TrainingBatches:
         self._iterator = None
         self._fingerprint: str | None = None  # `fingerprint`, computed once
         self._worker_skips: list[tuple[str, str]] = []  # what the DataLoader workers counted (`SkipCounter.take_pending`)
+        self._earlier_skips: SkipRecord | None = None  # what a resumed run's data counted before its checkpoint (`load_state_dict`)
 
     def _check_workers_apply(self) -> None:
         """A UserError for --num-workers with data that no worker process reads: a latent cache is indexed in memory and
@@ -140,7 +146,10 @@ class TrainingBatches:
         in_flight = 0
         if self._iterator is not None and self.num_workers > 0:
             in_flight = 2 * self.num_workers * self.micro_batch  # DataLoader's default prefetch_factor is 2
-        return {"sampler": self.sampler.state_dict(in_flight=in_flight)} | fingerprint
+        # What the data counted so far goes with the position, as a shard stream's state holds its own (`ShardStream.state_dict`)
+        record = self.skipped_record()
+        skips = {} if record is None else {SKIPPED_COUNTS: record[0], SKIPPED_SEEN: [list(pair) for pair in record[1]]}
+        return {"sampler": self.sampler.state_dict(in_flight=in_flight)} | skips | fingerprint
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at the saved position; a UserError when the data is not the data it was saved for (its `fingerprint`,
@@ -149,6 +158,8 @@ class TrainingBatches:
             self.dataset.load_state_dict(state["shards"])
         else:
             self.sampler.load_state_dict(state["sampler"])
+            # a position saved by an earlier version has no counts: the summary then covers the steps since the resume
+            self._earlier_skips = (state[SKIPPED_COUNTS], state[SKIPPED_SEEN]) if SKIPPED_COUNTS in state else None
         saved = state.get("fingerprint")
         if saved is not None and saved not in (self.fingerprint(), earlier_fingerprint(self.dataset)):
             raise UserError(f"the data {self.spec} changed since this run's checkpoint (images or shards added, removed, reordered, "
@@ -156,24 +167,31 @@ class TrainingBatches:
                             "samples than the run's; put the data back as it was to resume, or start a new run with another --out")
         self._iterator = None
 
-    def skipped_record(self) -> tuple[dict[str, int], list[tuple[str, str]]] | None:
-        """What this process's data (its DataLoader workers' included) skipped or converted, as (counts per reason, the
-        (reason, detail) pairs counted): for `merged_skipped_summary` over every process of a run, each of which reads its
-        own share of the data. None for data that counts nothing."""
+    def skipped_record(self) -> SkipRecord | None:
+        """What this process's data (its DataLoader workers' included) skipped or converted in the whole run, before a
+        resume too (`load_state_dict`), as (counts per reason, the (reason, detail) pairs counted): for
+        `merged_skipped_summary` over every process of a run, each of which reads its own share of the data. None for data
+        that counts nothing."""
         counter = getattr(self.dataset, "skipped", None)
         if counter is None:
             return None
         counted = counter.with_counted(self._worker_skips)
+        if self._earlier_skips is not None:  # a sample named by its detail, read again since the resume, counts once
+            counted = merged_skips([self._earlier_skips, (counted.counts, counted.seen)])
         return dict(counted.counts), sorted(counted.seen)
 
 
 def merged_skipped_summary(records: list) -> str:
-    """What the data skipped or converted, over the `TrainingBatches.skipped_record`s of every process: a sample named by its detail counts once
-    however many processes counted it (an image folder's first images, read by each), one without a detail once per time
-    it was counted. "" when no process's data counts."""
+    """What the data skipped or converted, over the `TrainingBatches.skipped_record`s of every process (`merged_skips`).
+    "" when no process's data counts."""
     records = [record for record in records if record is not None]
-    if not records:
-        return ""
+    return merged_skips(records).summary() if records else ""
+
+
+def merged_skips(records: list[SkipRecord]) -> SkipCounter:
+    """The counts of several `SkipRecord`s (every process's, or a run's before and after a resume): a sample named by its
+    detail counts once however many of them counted it (an image folder's first images, read by each), one without a
+    detail once per time it was counted."""
     merged = SkipCounter()
     for counts, seen in records:
         detailed = Counter(reason for reason, _ in seen)
@@ -184,7 +202,7 @@ def merged_skipped_summary(records: list) -> str:
         for reason, n in counts.items():
             if n > detailed[reason]:
                 merged.counts[reason] += n - detailed[reason]
-    return merged.summary()
+    return merged
 
 
 def _micro_batches(dataset, sampler, model: DiffusionModel, device, resolution: int, micro_batch: int, num_workers: int,

@@ -60,12 +60,18 @@ def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: st
              f"- From: {made_from} `{source}`" + (f" with the LCM-LoRA `{config.lora}`" if lcf and config.lora else ""),
              f"- Method: {METHODS['lcf' if lcf else config.method]}",
              f"- Data: `{config.data}`",
-             f"- {config.steps} steps at batch {config.batch_size}, learning rate {config.lr:g}, seed {config.seed}"]
+             f"- {config.steps} steps at batch {config.batch_size}, learning rate {config.lr:g}{_omega_rate(config)}, seed {config.seed}"]
     if not lcf and config.method in ("lcd", "ode"):
         lines.append(f"- Teacher ODE solver {config.solver}, skipping step k = {config.skip}")
     lines += _guidance(what, record, base_record, lcf) + ["", "## Sampling it", ""]
     lines += _usage(Path(folder), what, source, record, base_record, config, prompt)
     return f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def _omega_rate(config) -> str:
+    """The ω projection's learning rate where --omega-lr-scale gave it its own (`Student.parameter_groups`); "" otherwise."""
+    scale = getattr(config, "omega_lr_scale", 1.0)
+    return "" if scale == 1 else f" (the ω projection's {config.lr * scale:g})"
 
 
 def _what(kind: str, pipeline: str | None, base: DiffusionModel | None) -> str:

@@ -43,8 +43,9 @@ def _check_schedule(schedule: NoiseSchedule, prediction_types: dict[str, str], s
     """k must divide T and leave the validation grid its steps (when the objective has a k), and ε cannot be predicted at
     zero terminal SNR."""
     if schedule.zero_terminal_snr:
-        # At zero terminal SNR, x̂0 = (z - σ·ε̂)/α divides by α_{T-1} = 2^-12 (squaredcos_cap_v2's: 4.9e-5): ε̂ carries no image there.
-        alpha = float(schedule.alphas_cumprod[-1]) ** 0.5
+        # At zero terminal SNR, x̂0 = (z - σ·ε̂)/α divides by α_{T-1} = 0 (raised to 2^-12; squaredcos_cap_v2's: 4.9e-5): ε̂
+        # carries no image there. The message says the schedule's own α, not the raised one
+        alpha = 0.0 if schedule.ends_at_zero_snr else float(schedule.alphas_cumprod[-1]) ** 0.5
         for who, prediction in prediction_types.items():
             if prediction == "epsilon":
                 raise UserError(f"the {who} would predict ε on a zero-terminal-SNR schedule or one as good as it (α at t = T-1 is "

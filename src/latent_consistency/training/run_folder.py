@@ -52,6 +52,10 @@ VALIDATION_STEPS = (1, 2, 4)
 VALIDATION_PROMPTS = 6  # validation grid columns when no prompts are given: the first held-out (or training) captions
 EVAL_BATCHES = 4  # held-out batches (of --batch-size samples) whose loss is logged at every validation
 EXPORT_STAGING = "export.partial"  # where `RunFolder.finish` exports the model before renaming it into the run folder
+# The metrics names of the optimiser's parameter groups' rates, in `Student.parameter_groups`' order: `lr` the first's (the
+# whole network, or all of it but the ω projection; the name metrics readers know), `omega_lr` the ω projection's when
+# --omega-lr-scale gives it a group of its own
+GROUP_RATES = ("lr", "omega_lr")
 STUDENT_UNET = "student_unet_config"  # state.json's record of a --student-init run's UNet architecture
 # All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, but a bank
 # whose write was killed, its temporary file, is not)
@@ -302,9 +306,7 @@ class RunFolder:
             rate = self.samples_since / (now - self.t_last) if self.samples_since else None
             self.t_last, self.samples_since = now, 0
             bar.set_postfix(loss=f"{loss:.4g}", **({} if rate is None else {"samples_per_s": f"{rate:.1f}"}))
-            # the rate the step just done used (the scheduler has moved on to the next step's)
-            lr = self.lr_scheduler.base_lrs[0] * self.lr_scheduler.lr_lambdas[0](step - 1)
-            self.writer.write(dict(step=step, loss=loss, lr=lr, samples_per_s=rate,
+            self.writer.write(dict(step=step, loss=loss, **self.group_rates(step), samples_per_s=rate,
                                    grad_norm=None if grad_norm is None else float(grad_norm), nonfinite_skipped=progress.nonfinite_total))
         started = time.perf_counter()
         if (config.validate_every and step % config.validate_every == 0) or last:
@@ -315,6 +317,13 @@ class RunFolder:
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
             self.save(progress)
         self.t_last += time.perf_counter() - started
+
+    def group_rates(self, step: int) -> dict[str, float]:
+        """The rate each of the optimiser's parameter groups went at in `step` (the scheduler has moved on to the next
+        step's), by its metrics name (`GROUP_RATES`): with --omega-lr-scale the ω projection's is not the logged `lr`."""
+        scheduler = self.lr_scheduler
+        rates = [base_lr * factor(step - 1) for base_lr, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+        return dict(zip(GROUP_RATES[:len(rates)], rates, strict=True))  # a group without a name here fails, never goes unlogged
 
     def omega_response_batch(self) -> dict[str, torch.Tensor]:
         """`omega_response_samples` latents and their conditions: held-out ones (else the next training ones, drawn after the
