@@ -137,16 +137,18 @@ const fetch = (url, options) => {
   sent.push(options.body);
   return Promise.reject(Object.assign(new Error("aborted"), { name: "AbortError" }));
 };
-const context = vm.createContext({ document: { getElementById: element }, fetch, setTimeout, clearTimeout, performance,
+const document = { getElementById: element, activeElement: null };
+const context = vm.createContext({ document, fetch, setTimeout, clearTimeout, performance,
                                    AbortController, URL, console });
 vm.runInContext(script, context);
 (async () => {
   const out = [];
-  for (const [seed, lock] of JSON.parse(process.argv[3])) {
+  for (const [seed, lock, focused] of JSON.parse(process.argv[3])) {
     Object.assign(element("prompt"), { value: "a red star" });
     Object.assign(element("steps"), { value: "2" });
     Object.assign(element("seed"), { value: seed });
     Object.assign(element("lock"), { checked: lock });
+    document.activeElement = focused ? element("seed") : null;
     sent.length = 0;
     await context.generate();
     out.push({ sent: sent.length ? sent[0] : null, box: element("seed").value, status: element("status").textContent });
@@ -160,22 +162,25 @@ vm.runInContext(script, context);
 def test_the_page_sends_the_seed_its_box_shows(tmp_path):
     """was: the page sent `+box.value`, a JavaScript number: a locked seed above 2^53 went out rounded (9007199254740993 as
     ...992, which X-Seed then named, while the box still showed ...993, the seed a user would note down), and a blank box
-    sent seed 0. Now the box's digits go out as typed; a blank box gets a new seed written into it, as unlocked does; a
-    box that holds no seed is said so, and nothing is sent."""
+    sent seed 0. Now the box's digits go out as typed; a blank box gets a new seed written into it, as unlocked does, but
+    not while it has the focus and is locked (the user is typing a seed: the new one would have their digits appended);
+    a box that holds no seed is said so, and nothing is sent."""
     from importlib import resources
 
     page = tmp_path / "page.html"
     page.write_text(resources.files("latent_consistency.serve").joinpath("page.html").read_text(encoding="utf-8"), encoding="utf-8")
     harness = tmp_path / "harness.js"
     harness.write_text(PAGE_HARNESS)
-    cases = [["9007199254740993", True], ["9223372036854775807", True], ["", True], ["", False], ["1.5", True], ["12", True]]
+    cases = [["9007199254740993", True], ["9223372036854775807", True], ["", True], ["", False], ["1.5", True], ["12", True],
+             ["", True, True], ["", False, True]]
     run = subprocess.run(["node", str(harness), str(page), json.dumps(cases)], capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
-    big, largest, blank, unlocked, fraction, plain = json.loads(run.stdout)
+    big, largest, blank, unlocked, fraction, plain, typing, typing_unlocked = json.loads(run.stdout)
     assert json.loads(big["sent"])["seed"] == 9007199254740993
     assert json.loads(largest["sent"])["seed"] == 2**63 - 1
-    for drawn in (blank, unlocked):
+    for drawn in (blank, unlocked, typing_unlocked):
         assert drawn["box"] != "" and json.loads(drawn["sent"])["seed"] == int(drawn["box"])
     assert fraction["sent"] is None and "seed must be a whole number" in fraction["status"]
     # /v1/config has not answered (the stand-in never does): no guidance scale, the server's default
     assert json.loads(plain["sent"]) == {"prompt": "a red star", "steps": 2, "seed": 12}
+    assert typing["sent"] is None and typing["box"] == "" and "Type a seed" in typing["status"]
