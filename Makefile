@@ -14,6 +14,7 @@ DEMO_OUT ?= runs/demo$(if $(filter default,$(WORLD_PRESET)),,-$(WORLD_PRESET))
 .PHONY: env demo test serve clean
 
 $(BIN)/python:
+	@$(PY) -c 'import sys; sys.exit(None if sys.version_info >= (3, 11) else f"$(PY) is Python {sys.version.split()[0]}; the pinned dependencies need 3.11 or later: make PY=python3.11 ...")'
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))

@@ -61,7 +61,7 @@ class Generator:
         weights, device = self.model.unet.dtype, torch.device(self.device)
         if weights != self.dtype:
             raise UserError(f"the model's weights are {weights} but the generator's dtype is {self.dtype}: load the model in that dtype "
-                            "(Generator.load(path, device, dtype)), or give the generator the model's")
+                            f"({type(self).__name__}.load(path, device, dtype, ...)), or give the generator the model's")
         on = self.model.unet.device
         if on.type != device.type or (device.index is not None and on.index is not None and on.index != device.index):
             raise UserError(f"the model is on {on} but the generator's device is {device}: load the model there, or give the "
