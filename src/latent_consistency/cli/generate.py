@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int
@@ -36,6 +35,7 @@ from latent_consistency.folder_lock import hold
 from latent_consistency.grids import save_png, to_pil
 from latent_consistency.outputs import writable_folder
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, LCMGenerator, SolverGenerator
+from latent_consistency.progress import progress_bar
 from latent_consistency.prompts import check_prompt, read_prompt_file, truncated_prompts
 from latent_consistency.sampling import TEACHER_SAMPLERS
 
@@ -358,7 +358,7 @@ def generate(args) -> None:
     todo = [i for i in range(len(prompts)) if i not in kept]
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
     written = 0
-    for batch in tqdm(batches, desc="generate", unit="batch", disable=len(batches) < 2):
+    for batch in progress_bar(batches, desc="generate", unit="batch", disable=len(batches) < 2):
         images = generator([prompts[i] for i in batch], timesteps, guidance_scale, [args.seed + i for i in batch], height, width, **options)
         finite = torch.isfinite(images.float()).flatten(1).all(dim=1).tolist()
         for i, image, ok in zip(batch, to_pil(images), finite):

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
-from tqdm.auto import tqdm
 
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset
@@ -31,6 +30,7 @@ from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import LatentCodec
 from latent_consistency.outputs import partial_folder, start_partial
+from latent_consistency.progress import progress_bar
 
 FORMAT = "latent-cache/1"
 MANIFEST = "manifest.json"
@@ -77,7 +77,7 @@ def write_latent_cache(
         pending.clear()
 
     total = None if isinstance(dataset, ShardStream) else len(dataset)
-    with tqdm(total=total, desc="latent cache", disable=not progress) as bar:  # closed before a stop's one line
+    with progress_bar(total=total, desc="latent cache", unit="sample", disable=not progress) as bar:  # closed before a stop's one line
         for images, captions in usable_batches(dataset, batch_size, num_workers):
             encoded = codec.encode(images)
             latents = encoded.float().cpu()

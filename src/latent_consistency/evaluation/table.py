@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency, sample_guided
@@ -34,6 +33,7 @@ from latent_consistency.grids import CHAR_WIDTH, image_grid, save_png
 from latent_consistency.hub import hub_revision
 from latent_consistency.models import DiffusionModel, model_files
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
+from latent_consistency.progress import progress_bar
 from latent_consistency.solvers import get_solver
 
 TEACHER_SOLVERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpm++": "DPM-Solver++"}
@@ -268,7 +268,7 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
     fingerprint = eval_set.fingerprint(*models, *identities, *(s.identity for s in scorers))
     results = saved_results(path, fingerprint, keep_other_results)
     todo = [row for row in rows if row.key not in results]
-    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress) as bar:
+    with progress_bar(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress) as bar:
         for row in todo:
             if torch.device(device).type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)

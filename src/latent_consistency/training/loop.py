@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from latent_consistency.compilation import compiler_problem
 from latent_consistency.data.holdout import Holdout
@@ -22,6 +21,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.losses import MicroBatchDraws
 from latent_consistency.models import DiffusionModel, guidance_record_of
+from latent_consistency.progress import progress_bar
 from latent_consistency.solvers import get_solver
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training.batches import TrainingBatches
@@ -257,8 +257,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     f_student, f_target = student.consistency_model(student.unet), student.consistency_model(student.target_unet)
     uncond = batches.uncond
 
-    with tqdm(total=config.steps, initial=state.step, desc=f"{getattr(config, 'method', config.objective)} {config.adapter}",
-              disable=not (progress and accelerator.is_main_process)) as bar:  # closed when a stop or an error passes, before its one line
+    with progress_bar(total=config.steps, initial=state.step, desc=f"{getattr(config, 'method', config.objective)} {config.adapter}",
+                      unit="step", disable=not (progress and accelerator.is_main_process)) as bar:  # closed when a stop or an error passes, before its one line
         while state.step < config.steps:
             student.unet.train()
             # Consistency loss over the micro-batches: teacher jump (LCD) or same-noise pair (LCF), target f_θ⁻, student f_θ

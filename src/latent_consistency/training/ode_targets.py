@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
-from tqdm.auto import tqdm
 
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import ELEMENTS_PER_CALL, TeacherConsistencyFunction
 from latent_consistency.outputs import save_torch, write_atomic
 from latent_consistency.parameterization import omega_from_guidance_scale
+from latent_consistency.progress import progress_bar
 from latent_consistency.schedule import skipping_grid
 from latent_consistency.training.config import canonical_source, config_from_dict
 
@@ -164,7 +164,7 @@ def solve_share(exact: TeacherConsistencyFunction, rows: tuple[torch.Tensor, ...
     zeros after them, so that every process gives `gather` a tensor of the same shape."""
     z, t, cond, omega = rows
     solved, done = z.new_zeros(longest, 2, *z.shape[1:]), 0
-    with tqdm(total=sum(map(len, chunks)), desc="teacher ODE targets", disable=not progress) as bar:  # closed before a stop's line
+    with progress_bar(total=sum(map(len, chunks)), desc="teacher ODE targets", unit="row", disable=not progress) as bar:  # closed before a stop's line
         for part in chunks:
             both = exact(torch.cat([z[part], z[part]]), torch.cat([t[part], t[part]]), torch.cat([cond[part], cond[part]]),
                          torch.cat([omega[part, 0], omega[part, 1]]))

@@ -31,7 +31,6 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from latent_consistency.conditioning import TIME_IDS, AddedConditioning
 from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
@@ -41,6 +40,7 @@ from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
 from latent_consistency.outputs import partial_folder, start_partial, write_json_atomic
 from latent_consistency.pipelines import MAX_SEED
+from latent_consistency.progress import progress_bar
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
 from latent_consistency.world.artifact import WORLD_FILE, load_world, read_world_spec
 from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
@@ -121,7 +121,7 @@ def _render(dataset, progress: bool) -> _Images:
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=max(workers, 0), collate_fn=_stack_items,
                                          generator=torch.Generator().manual_seed(0), worker_init_fn=end_quietly_on_sigterm)
     images, captions, attributes = [], [], []
-    with tqdm(loader, desc="render images", disable=not progress) as batches:  # closed before a stop's one line
+    with progress_bar(loader, desc="render images", unit="batch", disable=not progress) as batches:  # closed before a stop's one line
         for batch_images, batch_captions, batch_attributes in batches:
             images.append(batch_images)
             captions += batch_captions

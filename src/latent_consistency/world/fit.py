@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from latent_consistency.progress import progress_bar
 from latent_consistency.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 
 
@@ -87,7 +87,7 @@ class Phase:
         """
         checkpointer, generator = self.checkpointer, self.generator
         start = checkpointer.resume(modules, optimizer, scheduler, generator)
-        for step in tqdm(range(start, steps), desc=desc, disable=not self.progress, initial=start, total=steps):
+        for step in progress_bar(range(start, steps), desc=desc, unit="step", disable=not self.progress, initial=start, total=steps):
             loss = loss_fn()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.outputs import check_partial, partial_folder, write_atomic, write_json_atomic
 from latent_consistency.preview import PreviewDecoder
+from latent_consistency.progress import progress_bar
 from latent_consistency.world.artifact import World, load_world
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
 from latent_consistency.world.fit import Checkpointer, Phase
@@ -87,7 +87,7 @@ def encode_decode(world: World, images: torch.Tensor, progress: bool = False) ->
     """(z = E(x), D(z) clamped to [-1, 1]) of images in [-1, 1], on the CPU."""
     codec, device = world.codec, world.model.vae.device
     latents, decoded = [], []
-    for start in tqdm(range(0, len(images), BATCH), desc="encode and decode", disable=not progress):
+    for start in progress_bar(range(0, len(images), BATCH), desc="encode and decode", unit="batch", disable=not progress):
         z = codec.encode(images[start : start + BATCH].to(device))
         latents.append(z.float().cpu())
         decoded.append(codec.decode(z).clamp(-1, 1).float().cpu())

@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from latent_consistency.evaluation.fid import check_image_count, fid_score
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.outputs import writable_folder, write_json_atomic
+from latent_consistency.progress import progress_bar
 from latent_consistency.sampling import randn, sample_teacher
 from latent_consistency.world.artifact import World
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -48,7 +48,7 @@ def sample_images(
     generator = torch.Generator(device).manual_seed(seed)
     shape = (model.unet.config.in_channels, world.preset.latent_size, world.preset.latent_size)
     images = []
-    for start in tqdm(range(0, len(prompts), BATCH), desc=f"teacher samples g={guidance_scale:g}", disable=not progress):
+    for start in progress_bar(range(0, len(prompts), BATCH), desc=f"teacher samples g={guidance_scale:g}", unit="batch", disable=not progress):
         chunk = prompts[start : start + BATCH]
         cond = model.prompts.encode(chunk, device)
         z_T = randn((len(chunk), *shape), generator, device, torch.float32)
