@@ -8,26 +8,30 @@ On disk (safetensors, no pickles):
     shard-00000.safetensors    latents [n,C,h,w] (scaled: z = E(x), see `models.LatentCodec`),
     ...                        caption_index [n] (rows of text_embeddings)
 
-Captions repeat in a captioned toy dataset, so each distinct caption is encoded and stored once.
+Captions repeat in a captioned toy dataset, so each distinct caption is encoded and stored once. The files are read
+memory-mapped (`_read_tensors`): a cache of LAION size (650K samples of SD 1.5 at 512 px, ~190 GB in float32) is never
+copied into memory, and its pages come from the OS page cache, shared by every training process on the machine.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.shards import ShardStream
 from latent_consistency.data.workers import read_batches
-from latent_consistency.errors import UserError, first_line
+from latent_consistency.errors import UserError
 from latent_consistency.models import LatentCodec
 from latent_consistency.outputs import partial_folder, start_partial
 from latent_consistency.progress import progress_bar
@@ -36,6 +40,13 @@ FORMAT = "latent-cache/1"
 MANIFEST = "manifest.json"
 CAPTIONS = "captions.safetensors"
 PARTIAL_MARK = ".lcm-latent-cache"  # in `<cache>.partial` while it is written
+# A cache of at most this many bytes of latents and text embeddings is small: it is scanned whole for NaN and infinity when
+# read and moved whole to the training device, once (the built-in world's: 20k samples of 8x8x4 latents, a few MB). A larger
+# one stays memory-mapped: each micro-batch is gathered on the CPU, checked, and only it moves to the device.
+SMALL_CACHE_BYTES = 1 << 30
+# The tensors of each file as `write_latent_cache` writes them: safetensors' dtype name and number of dimensions
+LAYOUT = {"latents": ("F32", 4), "caption_index": ("I64", 1), "text_embeddings": ("F32", 3), "uncond_embedding": ("F32", 2)}
+DTYPES = {"F32": torch.float32, "I64": torch.int64}
 
 
 @torch.no_grad()
@@ -95,14 +106,12 @@ def write_latent_cache(
 
     captions = list(caption_ids)
     size = tuple(images.shape[-2:])  # the last batch's: every image is resolution x resolution
-    embeddings = torch.cat([prompts.encode(captions[i : i + batch_size], device, size) for i in range(0, len(captions), batch_size)])
+    embeddings = _encoded_captions(out_dir, prompts, captions, device, size, batch_size)
+    first = next(embeddings)
     uncond = prompts.uncond(device, size)[0]
-    _check_encoded(out_dir, {"text embeddings": embeddings, "empty prompt's embedding": uncond}, embeddings.dtype)
-    save_file(
-        {"text_embeddings": embeddings.float().cpu().contiguous(), "uncond_embedding": uncond.float().cpu().contiguous()},
-        str(partial / CAPTIONS),
-        metadata={"captions": json.dumps(captions)},
-    )
+    _check_encoded(out_dir, {"empty prompt's embedding": uncond}, uncond.dtype)
+    _write_captions(partial / CAPTIONS, captions, [len(captions), *first.shape[1:]], itertools.chain([first], embeddings),
+                    uncond.float().cpu())
     manifest = {
         "format": FORMAT,
         "num_samples": sum(s["num_samples"] for s in shards),
@@ -111,14 +120,50 @@ def write_latent_cache(
         "latent_size": list(latents.shape[2:]),
         "scaling_factor": codec.scaling_factor,
         "num_captions": len(captions),
-        "text_hidden_size": int(embeddings.shape[-1]),
-        "max_length": int(embeddings.shape[1]),
+        "text_hidden_size": int(first.shape[-1]),
+        "max_length": int(first.shape[1]),
         "source": source,
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     partial.rename(out_dir)  # marked until renamed: a kill before this leaves a `.partial` that a rerun may replace
     (out_dir / PARTIAL_MARK).unlink()
     return out_dir
+
+
+def _encoded_captions(out_dir: Path, prompts, captions: list[str], device, size: tuple[int, int],
+                      batch_size: int) -> Iterator[torch.Tensor]:
+    """The text embeddings of `captions`, `batch_size` at a time, in float32 on the CPU; a UserError at the first batch that
+    comes out NaN or infinite (`_check_encoded`)."""
+    for i in range(0, len(captions), batch_size):
+        batch = prompts.encode(captions[i : i + batch_size], device, size)
+        _check_encoded(out_dir, {"text embeddings": batch}, batch.dtype)
+        yield batch.float().cpu()
+
+
+def _write_captions(target: Path, captions: list[str], shape: list[int], embeddings: Iterator[torch.Tensor],
+                    uncond: torch.Tensor) -> None:
+    """CAPTIONS written batch by batch as `embeddings` arrive, byte for byte the file that `save_file` writes of
+    {"text_embeddings" [U,L,D] (`shape`), "uncond_embedding"} with the caption strings in its metadata, without holding
+    every caption's embedding at once: 236 KB each in SD 1.5, 150 GB for LAION's 650K distinct captions.
+
+    save_file's layout (safetensors' spec): an 8-byte little-endian header length, the header as compact JSON
+    ("__metadata__" first, then the tensors in the order of their data: by dtype, then name) padded with spaces to a
+    multiple of 8 bytes, then each tensor's little-endian bytes."""
+    table = shape[0] * math.prod(shape[1:]) * 4
+    header = {
+        "__metadata__": {"captions": json.dumps(captions)},
+        "text_embeddings": {"dtype": "F32", "shape": shape, "data_offsets": [0, table]},
+        "uncond_embedding": {"dtype": "F32", "shape": list(uncond.shape), "data_offsets": [table, table + uncond.numel() * 4]},
+    }
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # serde_json's compact form, as save_file's
+    text += b" " * (-len(text) % 8)
+    with open(target, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for batch in embeddings:
+            if list(batch.shape[1:]) != shape[1:]:
+                raise ValueError(f"the prompt encoder gave conditions of shape {list(batch.shape[1:])} after {shape[1:]}")
+            f.write(batch.contiguous().numpy().tobytes())
+        f.write(uncond.contiguous().numpy().tobytes())
 
 
 @dataclass
@@ -132,54 +177,100 @@ class CachedLatents:
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """A latent cache read back; items {"latents" [C,h,w], "text_embedding" [L,D], "caption"}."""
+    """A latent cache read back; items {"latents" [C,h,w], "text_embedding" [L,D], "caption"}.
+
+    Its files are mapped, not read (`_read_tensors`): `shards` are zero-copy views of each shard's latents, `text_embeddings`
+    of the captions file's; only the caption index (8 bytes a sample) is copied. `rows` are the samples' rows in the
+    shards, end to end (those of one side of a held-out split). `small`: at most SMALL_CACHE_BYTES, scanned whole for NaN
+    when read and moved whole to a training device; a larger cache is checked micro-batch by micro-batch (`gather`)."""
 
     def __init__(self, path: str | Path, holdout: Holdout | None = None):
-        path = Path(path)
+        self.path = path = Path(path)
         self.manifest = _read_manifest(path)
-        shards = [_read_tensors(path, s["file"], ("latents", "caption_index")) for s in self.manifest["shards"]]
-        table = _read_tensors(path, CAPTIONS, ("text_embeddings", "uncond_embedding"))
+        shards = [_read_tensors(path, s["file"], ("latents", "caption_index"))[0] for s in self.manifest["shards"]]
+        table, metadata = _read_tensors(path, CAPTIONS, ("text_embeddings", "uncond_embedding"))
+        self.shards = [s["latents"] for s in shards]
         try:
-            self.latents = torch.cat([s["latents"] for s in shards])
-            self.caption_index = torch.cat([s["caption_index"] for s in shards])
-            with safe_open(str(path / CAPTIONS), framework="pt") as f:
-                self.captions = json.loads((f.metadata() or {})["captions"])
-        except (RuntimeError, KeyError, ValueError):  # shards of different latent shapes, no caption strings
+            if len({s.shape[1:] for s in self.shards}) != 1:
+                raise ValueError("shards of different latent shapes")
+            self.captions = json.loads(metadata["captions"])
+        except (KeyError, TypeError, ValueError):  # shards of different latent shapes, no caption strings
             raise UserError(f"latent cache {path} is damaged (its shards or captions do not fit together); rebuild it") from None
+        index = torch.cat([s["caption_index"] for s in shards])
         self.text_embeddings, self.uncond_embedding = table["text_embeddings"], table["uncond_embedding"]
-        index = self.caption_index
-        if (len(self.latents) != self.manifest["num_samples"] or not isinstance(self.captions, list)
-                or len(self.captions) != len(self.text_embeddings) or len(index) != len(self.latents)
+        self._starts = torch.tensor([0] + [len(s) for s in self.shards]).cumsum(0)[:-1]  # each shard's first row
+        rows = sum(len(s) for s in self.shards)
+        if (rows != self.manifest["num_samples"] or not isinstance(self.captions, list)
+                or len(self.captions) != len(self.text_embeddings) or len(index) != rows
                 or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self.captions))):
             raise UserError(f"latent cache {path} is inconsistent with its manifest; rebuild it")
-        bad = _non_finite({"latents": self.latents, "text_embeddings": self.text_embeddings, "uncond_embedding": self.uncond_embedding})
-        if bad:
-            raise UserError(f"latent cache {path} is damaged: its {bad} hold NaN or infinite values (a float16 VAE or text encoder "
-                            "overflows on some inputs); rebuild the cache with the model in float32")
+        self.small = sum(s.nbytes for s in self.shards) + self.text_embeddings.nbytes <= SMALL_CACHE_BYTES
+        scanned = [{"latents": s} for s in self.shards] + [{"text_embeddings": self.text_embeddings}] if self.small else []
+        for tensors in scanned + [{"uncond_embedding": self.uncond_embedding}]:  # a large cache's are checked as drawn (`gather`)
+            self._check_finite(tensors)
+        self.rows = torch.arange(rows)
         if holdout is not None:  # a cache has no files: samples are held out by index
-            keep = torch.tensor(holdout.select([str(i) for i in range(len(self.latents))], "samples"))
-            self.latents, self.caption_index = self.latents[keep], self.caption_index[keep]
+            self.rows = torch.tensor(holdout.select([str(i) for i in range(rows)], "samples"))
+        self.caption_index = index[self.rows]
 
     def __len__(self) -> int:
-        return len(self.latents)
+        return len(self.rows)
+
+    @property
+    def latent_shape(self) -> torch.Size:
+        """[C, h, w] of each sample's latents."""
+        return self.shards[0].shape[1:]
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """Every sample's latents in one tensor: a copy of the whole cache, for a small one (`SMALL_CACHE_BYTES`)."""
+        return self._latents(torch.arange(len(self)))
 
     def fingerprint(self) -> str:
         """A digest of the samples in order: the latents' shape, each sample's caption and its first 16 latent values, exactly
         (a cache rebuilt from the same images with the same models has the same one, from other images or models another).
         A training checkpoint records it, so that a run is not resumed on a rebuilt cache of other data of the same size."""
-        digest = hashlib.sha256(json.dumps([list(self.latents.shape), [self.captions[int(c)] for c in self.caption_index]]).encode())
-        digest.update(self.latents.reshape(len(self.latents), -1)[:, :16].float().contiguous().numpy().tobytes())
+        shape = [len(self), *self.latent_shape]
+        digest = hashlib.sha256(json.dumps([shape, [self.captions[int(c)] for c in self.caption_index]]).encode())
+        heads = torch.cat([s.reshape(len(s), -1)[:, :16] for s in self.shards])[self.rows]  # one page of each sample read
+        digest.update(heads.float().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def __getitem__(self, i: int) -> dict:
         c = int(self.caption_index[i])
-        return {"latents": self.latents[i], "text_embedding": self.text_embeddings[c], "caption": self.captions[c]}
+        return {"latents": self._latents(torch.tensor([i]))[0], "text_embedding": self.text_embeddings[c], "caption": self.captions[c]}
 
     def tensors(self, device: torch.device | str = "cpu") -> CachedLatents:
-        """The whole cache on `device`, for training loops that index batches themselves."""
+        """The whole cache on `device`, for training loops that index batches themselves: a small cache's
+        (`SMALL_CACHE_BYTES`)."""
         return CachedLatents(
             self.latents.to(device), self.caption_index.to(device), self.text_embeddings.to(device), self.uncond_embedding.to(device)
         )
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, text embeddings) of the samples `idx`, copied out of the mapped files on the CPU, the same values as
+        `tensors` indexed by `idx`: a micro-batch of a cache too large to move whole to the device. A UserError when they
+        hold NaN or infinity: a large cache is checked as it is drawn, not read whole at every start."""
+        latents, cond = self._latents(idx), self.text_embeddings[self.caption_index[idx]]
+        self._check_finite({"latents": latents, "text_embeddings": cond})
+        return latents, cond
+
+    def _latents(self, idx: torch.Tensor) -> torch.Tensor:
+        """The latents of the samples `idx`, gathered from the shards that hold them."""
+        rows = self.rows[idx]
+        shard = torch.searchsorted(self._starts, rows, right=True) - 1
+        out = torch.empty((len(rows), *self.latent_shape), dtype=self.shards[0].dtype)
+        for s in shard.unique().tolist():
+            at = shard == s
+            out[at] = self.shards[s][rows[at] - self._starts[s]]
+        return out
+
+    def _check_finite(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A UserError naming the first of `tensors` that holds NaN or infinity (`_non_finite`)."""
+        bad = _non_finite(tensors)
+        if bad:
+            raise UserError(f"latent cache {self.path} is damaged: its {bad} hold NaN or infinite values (a float16 VAE or text "
+                            "encoder overflows on some inputs); rebuild the cache with the model in float32")
 
 
 def usable_batches(dataset, batch_size: int, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
@@ -250,8 +341,9 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     """The name of the first tensor that holds NaN or infinity (what a float16 VAE or text encoder gives where it
     overflows: not data to train on), or None."""
     for name, tensor in tensors.items():
-        # in chunks of 16M values: a mask of a whole large cache at once would take a quarter of its memory again
-        if not all(bool(torch.isfinite(chunk).all()) for chunk in tensor.reshape(-1).split(1 << 24)):
+        # its extremes (NaN makes both NaN, an infinity one of them): one read and no mask as large as the tensor, which for
+        # a whole cache would take a quarter of its memory again
+        if tensor.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
             return name
     return None
 
@@ -264,16 +356,68 @@ def _check_encoded(out_dir: Path, tensors: dict[str, torch.Tensor], dtype: torch
                         "(a float16 VAE or text encoder overflows on some inputs); encode with the model in float32")
 
 
-def _read_tensors(path: Path, file: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The tensors `keys` of the cache file `file` in `path`; a missing, unreadable or incomplete file is a UserError."""
+def _read_tensors(path: Path, file: str, keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors `keys` of the cache file `file` in `path`, of their `LAYOUT`, as zero-copy views of the file mapped into
+    memory, and the file's metadata; a missing, unreadable or incomplete file is a UserError.
+
+    The file is safetensors: an 8-byte little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}, "__metadata__": {...}}, then the little-endian data, offsets counted from its start.
+    The mapping (private: nothing is written back) reads pages on demand from the OS page cache, shared by every process
+    that maps the file; the header is checked here, as the data is not read whole."""
     target = path / file
     if not target.is_file():
         raise UserError(f"latent cache {path} is missing its file {file}; rebuild the cache")
+    header, start = _read_header(target)
+    size = target.stat().st_size
+    spans = {}
+    for key in keys:
+        if key not in header:
+            raise UserError(f"latent cache file {target} has no {key}; rebuild the cache")
+        spans[key] = _span(target, key, header[key], size - start)
+    mapped = torch.from_file(str(target), shared=False, size=size, dtype=torch.uint8)
+    tensors = {}
+    for key, (dtype, shape, begin, end) in spans.items():
+        data = mapped[start + begin : start + end]
+        if (start + begin) % dtype.itemsize:  # safetensors aligns each tensor; a view needs it: another writer's file is copied
+            data = data.clone()
+        tensors[key] = data.view(dtype).reshape(shape)
+    return tensors, header.get("__metadata__") or {}
+
+
+def _read_header(target: Path) -> tuple[dict, int]:
+    """The JSON header of the safetensors file `target` and where its data starts."""
+    with open(target, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if f.seek(0, 2) < 8 + length:
+            _unreadable(target, "its header is cut short")
+        f.seek(8)
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, ValueError):
+            _unreadable(target, "its header is not JSON")
+    if not isinstance(header, dict):
+        _unreadable(target, "its header is not a JSON object")
+    return header, 8 + length
+
+
+def _span(target: Path, key: str, entry, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, begin, end) of the tensor `key` from its header `entry`, checked against its `LAYOUT` and the
+    `data_size` bytes of data the file holds."""
     try:
-        tensors = load_file(str(target))
-    except SafetensorError as err:
-        raise UserError(f"latent cache file {target} is unreadable ({first_line(err)}); rebuild the cache") from None
-    missing = [key for key in keys if key not in tensors]
-    if missing:
-        raise UserError(f"latent cache file {target} has no {', '.join(missing)}; rebuild the cache")
-    return tensors
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not all(isinstance(n, int) and n >= 0 for n in [*shape, begin, end]):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        _unreadable(target, f"its header entry of {key} is malformed")
+    want, ndim = LAYOUT[key]
+    if dtype != want or len(shape) != ndim:
+        raise UserError(f"latent cache file {target} holds {key} as {dtype} of shape {shape}, where a latent cache has {want} "
+                        f"of {ndim} dimensions; rebuild the cache")
+    if not begin <= end <= data_size or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
+        _unreadable(target, f"its {key} tensor does not fit in the file where its header places it")
+    return DTYPES[dtype], shape, begin, end
+
+
+def _unreadable(target: Path, why: str) -> NoReturn:
+    """The one line for a cache file that is not a whole safetensors file (cut short by a copy, overwritten)."""
+    raise UserError(f"latent cache file {target} is unreadable ({why}); rebuild the cache")

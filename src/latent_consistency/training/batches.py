@@ -1,8 +1,9 @@
 """Training batches (z, c) = (E(x), text embedding) for one process, with an exact data position.
 
-A latent cache is indexed in memory (the paper's D_z = {E(x)}, encoded once). Image data (folders, world
-datasets, shards) is encoded on the fly, one batched VAE and text-encoder call per batch, never per
-sample. The data position is a `ResumableSampler` state (map-style data) or a `ShardStream` state.
+A latent cache (the paper's D_z = {E(x)}, encoded once) is indexed: moved whole to the device when small, else each
+micro-batch gathered from its memory-mapped files. Image data (folders, world datasets, shards) is encoded on the fly,
+one batched VAE and text-encoder call per batch, never per sample. The data position is a `ResumableSampler` state
+(map-style data) or a `ShardStream` state.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class TrainingBatches:
         unet = self.model.unet.config
         if isinstance(self.dataset, LatentCache):
             m = self.dataset.manifest
-            c, h = self.dataset.latents.shape[1], self.dataset.latents.shape[-1]
+            c, h = self.dataset.latent_shape[0], self.dataset.latent_shape[-1]
             if c != unet.in_channels:
                 raise UserError(f"latent cache has {c} latent channels but the model's UNet takes {unet.in_channels}; encode the data with the model's VAE")
             cached, expected = list(self.dataset.uncond_embedding.shape), list(self.model.prompts.uncond(self.device).shape[1:])
@@ -212,15 +213,27 @@ def _micro_batches(dataset, sampler, model: DiffusionModel, device, resolution: 
     would make a reference cycle, freed only by the cyclic garbage collector, whose order of finalisation closed the
     DataLoader's queues before it could tell its workers to stop (each then took 5 s to be given up on)."""
     if isinstance(dataset, LatentCache):
-        tensors = dataset.tensors(device)
-        indices = iter(sampler)
-        while True:
-            idx = torch.tensor([next(indices) for _ in range(micro_batch)], device=device)
-            yield {"latents": tensors.latents[idx], "cond": tensors.text_embeddings[tensors.caption_index[idx]]}
+        yield from _cached_micro_batches(dataset, sampler, device, micro_batch)
     for images, captions in read_batches(dataset, micro_batch, num_workers, worker_skips, sampler):
         latents = model.codec.encode(images.to(device))
         cond = model.prompts.encode(captions, device, (resolution, resolution))
         yield {"latents": latents.float(), "cond": cond.float()}
+
+
+def _cached_micro_batches(cache: LatentCache, sampler, device, micro_batch: int):
+    """The micro-batches of a latent cache in `sampler`'s order, without end. A small cache (`LatentCache.small`) moves to
+    the device once and is indexed there; a larger one stays mapped, each micro-batch gathered on the CPU
+    (`LatentCache.gather`) and moved alone: the same samples and the same values either way, bit for bit."""
+    whole = cache.tensors(device) if cache.small else None
+    indices = iter(sampler)
+    while True:
+        idx = torch.tensor([next(indices) for _ in range(micro_batch)])
+        if whole is None:
+            latents, cond = cache.gather(idx)
+            yield {"latents": latents.to(device), "cond": cond.to(device)}
+        else:
+            idx = idx.to(device)
+            yield {"latents": whole.latents[idx], "cond": whole.text_embeddings[whole.caption_index[idx]]}
 
 
 def data_fingerprint(dataset) -> str | None:
