@@ -110,7 +110,7 @@ def test_a_pixart_lcms_grid_is_what_lcm_generate_makes_of_it_by_default(tiny_pix
 
 
 def test_num_workers_with_a_latent_cache_is_refused_in_one_line_before_the_run_writes(tiny_sd, image_folder, tmp_path, run_error):
-    """A latent cache is indexed in memory: --num-workers N with one was silently 0, while `--help` said so of shards only."""
+    """A latent cache is indexed in the training process: --num-workers N with one was silently 0, while `--help` said so of shards only."""
     cache = tmp_path / "cache"
     assert run_error(["cache", "--model", str(tiny_sd), "--data", str(image_folder), "--out", str(cache)])[0] == 0
     out = tmp_path / "run"

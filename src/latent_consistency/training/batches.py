@@ -55,10 +55,10 @@ class TrainingBatches:
         self._earlier_skips: SkipRecord | None = None  # what a resumed run's data counted before its checkpoint (`load_state_dict`)
 
     def _check_workers_apply(self) -> None:
-        """A UserError for --num-workers with data that no worker process reads: a latent cache is indexed in memory and
-        shards stream in this process, so the option would be accepted and do nothing."""
+        """A UserError for --num-workers with data that no worker process reads: a latent cache is indexed (whole on the device, or
+        mapped and gathered here) and shards stream in this process, so the option would be accepted and do nothing."""
         if self.num_workers and isinstance(self.dataset, (ShardStream, LatentCache)):
-            what = "a latent cache, indexed in memory" if isinstance(self.dataset, LatentCache) else "shards, streamed in this process"
+            what = "a latent cache, indexed in this process" if isinstance(self.dataset, LatentCache) else "shards, streamed in this process"
             raise UserError(f"--num-workers {self.num_workers} decodes an image folder in worker processes; the data {self.spec} is "
                             f"{what}, which no worker reads: give --num-workers 0 (the default)")
 
