@@ -70,7 +70,7 @@ def test_a_reference_folder_of_plain_images_needs_no_captions(user, tmp_path, ru
     assert "3 prompts of" in report and "reference 5 images of" in report
     row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]["lcm|1|8"]
     lcm, network = load_lcm(str(user["lcm"])), InceptionFeatures.load(user["inception"])
-    references = torch.stack(read_reference(str(reference), 16, 10))
+    references = torch.stack(list(read_reference(str(reference), 16, 10)))  # read one by one, never held
     assert references.shape == (5, 3, 16, 16) and references.min() >= -1 and references.max() <= 1
     assert references[4].std() > 0.2  # the 16-bit image scaled to 8 bits, not clipped to white
     fake = generate(Row("lcm", 1, 8.0), lcm, None, EvalSet(["a red star", "café ☕", "a red star"], None, references, 2), "cpu")
@@ -91,7 +91,8 @@ def test_a_coco_style_folder_gives_each_reference_image_once(tmp_path):
                                                    + "\n" for row in lines for c in range(5)))
     eval_set = load_eval_set(SimpleNamespace(prompts=str(folder), reference=None, samples=15, images_per_prompt=1, seed=0), 16)
     assert len(eval_set.prompts) == 15 and len(set(eval_set.prompts)) == 15
-    assert len(eval_set.reference) == 3 and len(torch.unique(eval_set.reference.flatten(1), dim=0)) == 3
+    reference = torch.stack(list(eval_set.reference))  # read one by one: the EvalSet holds none of them
+    assert len(eval_set.reference) == 3 and len(torch.unique(reference.flatten(1), dim=0)) == 3
 
 
 class BySize(torch.nn.Module):
@@ -122,7 +123,7 @@ def test_a_feature_network_is_measured_at_the_size_it_scores(user, tmp_path, run
     code, err = run_error(evaluate(user, tmp_path / "out", reference=images, inception=tmp_path / "by-size.pt"))
     assert code == 0, err
     row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]["lcm|1|8"]
-    references = torch.stack(read_reference(str(images), 16, 3))
+    references = torch.stack(list(read_reference(str(images), 16, 3)))
     fake = generate(Row("lcm", 1, 8.0), load_lcm(str(user["lcm"])), None, EvalSet(["a red star", "café ☕", "a red star"], None, references), "cpu")
     network = torch.jit.load(str(tmp_path / "by-size.pt"))
     features = [network(((x + 1) * 127.5).round(), return_features=True).double().numpy() for x in (references, fake)]

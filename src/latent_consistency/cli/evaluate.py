@@ -16,6 +16,7 @@ import functools
 import itertools
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -56,35 +57,48 @@ def number_list(parse_one):
 
 
 def read_items(spec: str, resolution: int, n: int) -> list[dict]:
-    """The first `n` items {"caption", "image"?, "attributes"?} of a data spec, or prompts of a text file (.txt)."""
+    """The first `n` items {"caption", "attributes"?} of a data spec, or prompts of a text file (.txt): what a row
+    samples. Their images are not kept (30,000 at 512 px are 94 GB): FID reads the real ones a batch at a time
+    (`read_reference`)."""
+    return [{key: value for key, value in item.items() if key != "image"} for item in iter_items(spec, resolution, n)]
+
+
+def iter_items(spec: str, resolution: int, n: int) -> Iterator[dict]:
+    """The first `n` items {"caption", "image"?, "attributes"?} of a data spec, or prompts of a text file (.txt), one at
+    a time."""
     from latent_consistency.data.shards import ShardStream
     from latent_consistency.data.spec import open_dataset
 
     path = Path(spec)
     if path.suffix.lower() == ".txt" and not path.is_dir():  # a folder named x.txt is an image folder or shards
-        return [{"caption": p} for p in read_prompt_file(spec)[:n]]
+        yield from ({"caption": p} for p in read_prompt_file(spec)[:n])
+        return
     dataset = open_dataset(spec, resolution)
     if isinstance(dataset, ShardStream):  # each sample once, in order: the training stream resamples shards
-        return list(itertools.islice(dataset.samples_once(), n))
-    items, skipped = [], skipped_samples(dataset)
+        yield from itertools.islice(dataset.samples_once(), n)
+        return
+    count, skipped = 0, skipped_samples(dataset)
     for i in range(len(dataset)):
-        if len(items) == n:
+        if count == n:
             break
         item = dataset[i]
         if skipped_samples(dataset) == skipped:  # not the next usable sample standing in for a corrupt one, read again at its index
-            items.append(item)
+            count += 1
+            yield item
         skipped = skipped_samples(dataset)
-    return items
 
 
-def read_reference(spec: str, resolution: int, n: int, captioned: bool = False) -> list[torch.Tensor]:
-    """The first `n` real images of a data spec for FID, each image once. An image folder gives its image files (sorted,
+def read_reference(spec: str, resolution: int, n: int, captioned: bool = False):
+    """The first `n` real images of a data spec for FID, each image once, as `evaluation.table.ReferenceImages`: read
+    again, a batch at a time, on each pass over them, never all held. An image folder gives its image files (sorted,
     nested folders included) whether captioned or not, for FID reads no captions; with `captioned` (the folder is also
     --prompts) those of its captioned samples, in their order: the images of the prompts evaluated first. A folder
     captioned by metadata.jsonl lists an image once per caption (COCO's five), each of them one image here, not five.
-    Undecodable files are skipped and counted in the log. Any other spec gives the images of `read_items`."""
+    Undecodable files are skipped and counted in the log (once, whatever the passes). Any other spec gives the images of
+    `iter_items`."""
     from latent_consistency.data.imagefolder import ImageFolderDataset, visible_files
     from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, load_rgb
+    from latent_consistency.evaluation.table import ReferenceImages
 
     path = Path(spec).expanduser()
     files = []
@@ -97,15 +111,12 @@ def read_reference(spec: str, resolution: int, n: int, captioned: bool = False) 
                            key=lambda p: p.relative_to(path).as_posix())
             skipped = SkipCounter(name=f"image folder {path}")
     if not files:  # shards, a latent cache, world:NAME, a .txt file, a folder of .heic photos alone (refused, saying why)
-        return [it["image"] for it in read_items(spec, resolution, n) if "image" in it]
-    images = []
-    for file in files:
-        if len(images) == n:
-            break
-        image = load_rgb(file, resolution, skipped)
-        if image is not None:
-            images.append(image)
-    return images
+        return ReferenceImages(lambda: (it["image"] for it in iter_items(spec, resolution, n) if "image" in it))
+
+    def usable() -> Iterator[torch.Tensor]:  # a file decoded as a pass reaches it
+        return itertools.islice((image for image in (load_rgb(file, resolution, skipped) for file in files) if image is not None), n)
+
+    return ReferenceImages(usable)
 
 
 def skipped_samples(dataset) -> int:
@@ -139,12 +150,13 @@ def load_eval_set(args, resolution: int):
     if not items:
         raise UserError(f"--prompts {args.prompts} holds no prompts")
     images = len(items) * args.images_per_prompt  # each row's generated images, and the real images FID compares them to
-    references = read_reference(args.reference or args.prompts, resolution, max(images, MIN_IMAGES), captioned=args.reference is None)
-    if len(references) < MIN_IMAGES and args.reference is None:
-        raise UserError(f"--prompts {args.prompts} holds {len(references)} real images, and FID needs real images (at least "
+    reference = read_reference(args.reference or args.prompts, resolution, max(images, MIN_IMAGES), captioned=args.reference is None)
+    found = sum(1 for _ in itertools.islice(reference, MIN_IMAGES))  # the first two: all of them are read when the rows are scored
+    if found < MIN_IMAGES and args.reference is None:
+        raise UserError(f"--prompts {args.prompts} holds {found} real images, and FID needs real images (at least "
                         f"{MIN_IMAGES}): give --reference DATA (an image folder, shards or world:NAME)")
-    if len(references) < MIN_IMAGES:
-        raise UserError(f"--reference {args.reference} holds {len(references)} usable image(s); FID needs at least {MIN_IMAGES} real "
+    if found < MIN_IMAGES:
+        raise UserError(f"--reference {args.reference} holds {found} usable image(s); FID needs at least {MIN_IMAGES} real "
                         "images (an image folder, shards or world:NAME)")
     if images < MIN_IMAGES:
         raise UserError(f"FID needs at least 2 generated images, and {len(items)} prompt(s) of --prompts {args.prompts} × "
@@ -152,8 +164,7 @@ def load_eval_set(args, resolution: int):
     if args.seed + images > MAX_SEED:
         raise UserError(f"--seed {args.seed} is too large: image i starts from seed SEED+i, which must stay below 2^63")
     attributes = [it["attributes"] for it in items] if all("attributes" in it for it in items) else None
-    return EvalSet([it["caption"] for it in items], attributes, torch.stack(references),
-                   args.images_per_prompt, args.seed)
+    return EvalSet([it["caption"] for it in items], attributes, reference, args.images_per_prompt, args.seed)
 
 
 def scorers_for(args, device, resolution: int = 64):

@@ -75,16 +75,26 @@ class ClipModel(torch.nn.Module):
         return self.model.get_text_features(**tokens).pooler_output
 
     @torch.no_grad()
+    def scores(self, image_features: torch.Tensor, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """The CLIP score of each image, given by its projected embedding (`features`: the FID features, so that an
+        evaluation runs the image tower once per image), with its prompt: 100 · max(cos, 0), [B]."""
+        check_pairs(len(image_features), prompts)
+        text = torch.cat([self.text_features(prompts[start:start + batch_size]) for start in range(0, len(prompts), batch_size)])
+        cosine = (F.normalize(image_features.to(text.device), dim=-1) * F.normalize(text, dim=-1)).sum(-1)
+        return 100 * cosine.clamp(min=0)
+
+    @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: list[str], batch_size: int = 64) -> float:
         """The mean CLIP score of image i with prompt i."""
-        if len(images) != len(prompts) or not len(prompts):
-            raise UserError(f"CLIP score needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
-        scores = []
-        for start in range(0, len(prompts), batch_size):
-            image = F.normalize(self.features(images[start:start + batch_size]), dim=-1)
-            text = F.normalize(self.text_features(prompts[start:start + batch_size]), dim=-1)
-            scores.append(100 * (image * text).sum(-1).clamp(min=0))
-        return float(torch.cat(scores).mean())
+        check_pairs(len(images), prompts)
+        features = torch.cat([self.features(images[start:start + batch_size]) for start in range(0, len(images), batch_size)])
+        return float(self.scores(features, prompts, batch_size).mean())
+
+
+def check_pairs(images: int, prompts: list[str]) -> None:
+    """A UserError unless there is one prompt per image, and at least one: a CLIP score pairs them."""
+    if images != len(prompts) or not prompts:
+        raise UserError(f"CLIP score needs one prompt per image, got {images} images and {len(prompts)} prompts")
 
 
 def image_stats(config: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -15,7 +15,7 @@ from latent_consistency.models import DiffusionModel
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import randn, sample_lcm, sample_teacher
 
-BATCH = 250
+BATCH = 250  # images sampled at once; `lcm evaluate` samples and scores a row this many at a time (`table.score_row`)
 
 
 @dataclass(frozen=True)

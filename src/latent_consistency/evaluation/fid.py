@@ -2,8 +2,10 @@
 
 The paper reports FID with Inception features (Section 5.1 of Luo et al. 2023). Here the features come
 from any *feature network*: an object with `features(images) -> [B, F]` for [-1, 1] images and an int
-`feature_dim` (the built-in world's judge is one), plugged into torchmetrics' metrics (imported when first used: importing
-torchmetrics takes about 2 s, which every `lcm` command would otherwise pay at start).
+`feature_dim` (the built-in world's judge is one), fed to torchmetrics' metrics (imported when first used: importing
+torchmetrics takes about 2 s, which every `lcm` command would otherwise pay at start). The metrics are computed from the
+features (`fid_of_features`, `kid_of_features`), so that an evaluation computes the reference images' features once and
+scores each row's images a batch at a time (`evaluation.table.FeatureScorer`) without holding any set of images whole.
 """
 
 from __future__ import annotations
@@ -16,20 +18,15 @@ from torch import nn
 from latent_consistency.errors import UserError
 
 
-class FeatureAdapter(nn.Module):
-    """A feature network as torchmetrics takes one: `forward` gives the features (divided by `scale`),
-    `num_features` their width; `finite` says whether every feature it gave was finite."""
+class GivenFeatures(nn.Module):
+    """Features already computed, as torchmetrics takes a feature network: `forward` passes them through,
+    `num_features` is their width."""
 
-    def __init__(self, network, scale: float = 1.0):
+    def __init__(self, width: int):
         super().__init__()
-        self.network = network
-        self.num_features = network.feature_dim
-        self.scale = scale
-        self.finite = True
+        self.num_features = width
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.network.features(images) / self.scale
-        self.finite = self.finite and bool(torch.isfinite(features).all())
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
 
 
@@ -43,38 +40,68 @@ def check_image_count(n: int, flag: str, each: str = "") -> None:
         raise UserError(f"{flag} {n}: FID needs at least {MIN_IMAGES} images{each and ' ' + each}; give {flag} {MIN_IMAGES} or more")
 
 
-def _update(metric, real: torch.Tensor, fake: torch.Tensor, batch_size: int) -> None:
-    for images, is_real in ((real, True), (fake, False)):
-        if len(images) < MIN_IMAGES:
-            raise UserError(f"FID/KID needs at least {MIN_IMAGES} real and {MIN_IMAGES} generated images, got {len(real)} and {len(fake)}")
-        if not torch.isfinite(images).all():  # the score would be NaN, with a LAPACK complaint on stderr
-            raise UserError(f"the {'real' if is_real else 'generated'} images hold NaN or infinite values; FID/KID cannot score them")
-        for start in range(0, len(images), batch_size):
-            metric.update(images[start : start + batch_size], real=is_real)
+def _check_counts(real: int, fake: int) -> None:
+    if real < MIN_IMAGES or fake < MIN_IMAGES:
+        raise UserError(f"FID/KID needs at least {MIN_IMAGES} real and {MIN_IMAGES} generated images, got {real} and {fake}")
 
 
-def _device(network) -> torch.device:
-    param = next(iter(network.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
+def network_features(network, images: torch.Tensor, batch_size: int = 256, real: bool = False) -> torch.Tensor:
+    """The feature network's features [N, F] of [-1, 1] images [N, 3, H, W], `batch_size` at a time, on its device; a
+    UserError when an image holds NaN or infinite values (`real`: the reference images'; else generated ones')."""
+    if not torch.isfinite(images).all():  # the score would be NaN, with a LAPACK complaint on stderr
+        raise UserError(f"the {'real' if real else 'generated'} images hold NaN or infinite values; FID/KID cannot score them")
+    with torch.no_grad():
+        return torch.cat([network.features(images[start : start + batch_size]) for start in range(0, len(images), batch_size)])
+
+
+def fid_of_features(real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256) -> float:
+    """FID between two sets of features [N, F] (on one device); NaN when one holds a NaN or infinite value (a broken
+    network, NaN weights: LAPACK may abort the process on a NaN covariance)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance  # here, not at import: torchmetrics takes 2 s to import
+
+    _check_counts(len(real), len(fake))
+    if not (torch.isfinite(real).all() and torch.isfinite(fake).all()):
+        return float("nan")
+    metric = FrechetInceptionDistance(feature=GivenFeatures(real.shape[1])).to(real.device)
+    for features, is_real in ((real, True), (fake, False)):
+        for start in range(0, len(features), batch_size):  # the sums in float64, a batch at a time
+            metric.update(features[start : start + batch_size], real=is_real)
+    return float(metric.compute())
+
+
+def feature_rms_of(features: torch.Tensor) -> float:
+    """√(mean over images of ‖x‖²/F) of features [N, F]: the root mean square of one feature coordinate."""
+    return float(features.double().pow(2).mean(1).mean().sqrt())
+
+
+def kid_of_features(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, seed: int = 0, feature_scale: float = 1.0) -> float:
+    """Mean KID over `subsets` random subsets of min(1000, N_real, N_fake) features, drawn with `seed` (`kid_score`),
+    both sets divided by `feature_scale`."""
+    _check_counts(len(real), len(fake))
+    with warnings.catch_warnings():  # that features are kept in memory: they are given here
+        warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all extracted features")
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        metric = KernelInceptionDistance(feature=GivenFeatures(real.shape[1]), subsets=subsets,
+                                         subset_size=min(1000, len(real), len(fake)))
+    metric = metric.to(real.device)
+    metric.update(real / feature_scale, real=True)
+    metric.update(fake / feature_scale, real=False)
+    with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator
+        torch.manual_seed(seed)
+        mean, _ = metric.compute()
+    return float(mean)
 
 
 def fid_score(network, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256) -> float:
     """FID between two sets of [-1, 1] images [N, 3, H, W], in the feature network's space."""
-    from torchmetrics.image.fid import FrechetInceptionDistance  # here, not at import: torchmetrics takes 2 s to import
-
-    adapter = FeatureAdapter(network)
-    metric = FrechetInceptionDistance(feature=adapter).to(_device(network))
-    _update(metric, real, fake, batch_size)
-    if not adapter.finite:  # a broken network (NaN weights): no score, and LAPACK may abort the process on a NaN covariance
-        return float("nan")
-    return float(metric.compute())
+    _check_counts(len(real), len(fake))
+    return fid_of_features(network_features(network, real, batch_size, real=True), network_features(network, fake, batch_size), batch_size)
 
 
 def feature_rms(network, images: torch.Tensor, batch_size: int = 256) -> float:
     """√(mean over `images` of ‖x‖²/F): the root mean square of one feature coordinate."""
-    with torch.no_grad():
-        squares = [network.features(images[i : i + batch_size]).double().pow(2).mean(1) for i in range(0, len(images), batch_size)]
-    return float(torch.cat(squares).mean().sqrt())
+    return feature_rms_of(network_features(network, images, batch_size, real=True))
 
 
 def kid_score(
@@ -89,15 +116,6 @@ def kid_score(
     has x·y/F ≈ 26: its raw KIDs between real halves and against noise are 207 and 3,753, on unit features
     0.021 and 0.31); 1 (raw features) for Inception, to match the usual tools.
     """
-    subset_size = min(1000, len(real), len(fake))
-    with warnings.catch_warnings():  # that features are kept in memory: so are the images given here
-        warnings.filterwarnings("ignore", "Metric `Kernel Inception Distance` will save all extracted features")
-        from torchmetrics.image.kid import KernelInceptionDistance
-
-        metric = KernelInceptionDistance(feature=FeatureAdapter(network, feature_scale), subsets=subsets, subset_size=max(subset_size, 1))
-    metric = metric.to(_device(network))
-    _update(metric, real, fake, batch_size)
-    with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator
-        torch.manual_seed(seed)
-        mean, _ = metric.compute()
-    return float(mean)
+    _check_counts(len(real), len(fake))
+    return kid_of_features(network_features(network, real, batch_size, real=True), network_features(network, fake, batch_size),
+                           subsets, seed, feature_scale)

@@ -16,18 +16,20 @@ every FID: unbiased, and better behaved than FID at the few hundred images of a 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from latent_consistency.errors import UserError
+from latent_consistency.evaluation import compare
 from latent_consistency.evaluation.compare import sample_consistency, sample_guided
-from latent_consistency.evaluation.fid import feature_rms, fid_score, kid_score
+from latent_consistency.evaluation.fid import feature_rms_of, fid_of_features, kid_of_features, network_features
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.grids import CHAR_WIDTH, image_grid, save_png
 from latent_consistency.hub import hub_revision
@@ -98,16 +100,55 @@ def table_rows(steps: list[int], guidance_scales: list[float], teacher: bool, re
     return rows
 
 
+class ReferenceImages:
+    """The real images FID compares generated ones with, read again a batch at a time on each pass over them (`batches`),
+    never all held: at 512 px the 30,000 of a paper-sized evaluation are 94 GB as float32. An evaluation reads them once
+    for its fingerprint and once per feature network (`FeatureScorer.reference_features`)."""
+
+    def __init__(self, read: Callable[[], Iterable[torch.Tensor]]):
+        self.read = read  # each call gives the images one by one, the same ones in the same order
+        self.count: int | None = None  # known after a whole pass
+
+    @classmethod
+    def of(cls, images: torch.Tensor) -> ReferenceImages:
+        """Images a caller already holds (the built-in world's demo: a few hundred small ones)."""
+        reference = cls(lambda: iter(images))
+        reference.count = len(images)
+        return reference
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        count = 0
+        for image in self.read():
+            yield image
+            count += 1
+        self.count = count
+
+    def __len__(self) -> int:
+        if self.count is None:
+            self.count = sum(1 for _ in self.read())
+        return self.count
+
+    def batches(self, size: int) -> Iterator[torch.Tensor]:
+        """The images [B, 3, H, W], `size` at a time, in order."""
+        images = iter(self)
+        while batch := list(itertools.islice(images, size)):
+            yield torch.stack(batch)
+
+
 @dataclass
 class EvalSet:
     """What every row is scored on: prompts (each repeated `images_per_prompt` times), their attributes when a world
-    judge reads them, and the real reference images."""
+    judge reads them, and the real reference images (a tensor given is read from as `ReferenceImages.of`)."""
 
     prompts: list[str]
     attributes: list | None
-    reference: torch.Tensor
+    reference: ReferenceImages
     images_per_prompt: int = 1
     seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.reference, torch.Tensor):
+            self.reference = ReferenceImages.of(self.reference)
 
     @property
     def all_prompts(self) -> list[str]:
@@ -117,16 +158,27 @@ class EvalSet:
     def all_attributes(self) -> list | None:
         return None if self.attributes is None else [a for a in self.attributes for _ in range(self.images_per_prompt)]
 
+    def parts(self, size: int) -> Iterator[EvalSet]:
+        """The set's images `size` at a time, each part an EvalSet of its own: its prompts and attributes one image each,
+        its seeds from `seed + start`, so that image i starts from the noise it has in the whole set (`generate`)."""
+        prompts, attributes = self.all_prompts, self.all_attributes
+        for start in range(0, len(prompts), size):
+            yield EvalSet(prompts[start:start + size], None if attributes is None else attributes[start:start + size], self.reference,
+                          1, self.seed + start)
+
     def fingerprint(self, *identities: str) -> str:
         """What a saved row must have been scored on to be reused: these prompts, noise and reference images, and the
-        `identities` of the models and metrics."""
+        `identities` of the models and metrics. The reference images' float32 bytes are hashed an image at a time, in
+        order: the digest of them stacked, as results.json was fingerprinted when they were held whole."""
         digest = hashlib.sha256(json.dumps([self.prompts, self.images_per_prompt, self.seed, *identities]).encode())
-        digest.update(self.reference.float().numpy().tobytes())
+        for image in self.reference:
+            digest.update(image.float().contiguous().numpy())
         return digest.hexdigest()[:16]
 
 
 class Scorer:
-    """A metric plug-in: named numbers for a set of generated images."""
+    """A metric plug-in: named numbers for a row's generated images, handed to it a batch at a time (`update`) between
+    `reset` and `compute`, so that no row's images are ever held whole."""
 
     name: str
 
@@ -135,57 +187,97 @@ class Scorer:
         """What a saved result must have been scored with to be reused (`run_table`)."""
         return self.name
 
-    def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
+    def reset(self) -> None:
+        """Forget the images of the row before: a row starts."""
+
+    def update(self, images: torch.Tensor, part: EvalSet) -> None:
+        """A batch of the row's images, those of `part` (`EvalSet.parts`: their prompts and attributes)."""
+        raise NotImplementedError
+
+    def compute(self, eval_set: EvalSet) -> dict[str, float]:
+        """The row's scores, from the batches given since `reset`."""
         raise NotImplementedError
 
 
 class FeatureScorer(Scorer):
     """FID and KID in a feature network's space against the reference images; `unit_kid_features`: KID on
     features scaled to unit RMS (`fid.kid_score`), for any network but Inception. `source`: which network it is (its
-    `model_identity`), so that results scored with another one are not reused."""
+    `model_identity`), so that results scored with another one are not reused. The reference images' features are
+    computed once, at the first row, and kept for every row (N x F floats: 245 MB for 30,000 Inception features); a
+    row's are kept until it is scored."""
 
     def __init__(self, name: str, network, unit_kid_features: bool = True, source: str = ""):
         self.name, self.network, self.unit_kid_features, self.source = name, network, unit_kid_features, source
-        self._kid_scale: tuple[torch.Tensor, float] | None = None  # (reference, its feature RMS): the same for every row
+        self._reference: tuple[ReferenceImages, torch.Tensor] | None = None  # (reference, its features): the same for every row
+        self._features: list[torch.Tensor] = []  # the row's, a batch each
 
     @property
     def identity(self) -> str:
         identity = f"{self.name}, KID on unit features" if self.unit_kid_features else self.name
         return f"{identity} of {self.source}" if self.source else identity
 
-    def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
-        return {"fid": fid_score(self.network, eval_set.reference, images),
-                "kid": kid_score(self.network, eval_set.reference, images, subsets=50, feature_scale=self._kid_feature_scale(eval_set))}
+    def reset(self) -> None:
+        self._features = []
 
-    def _kid_feature_scale(self, eval_set: EvalSet) -> float:
-        if not self.unit_kid_features:
-            return 1.0
-        if self._kid_scale is None or self._kid_scale[0] is not eval_set.reference:
-            self._kid_scale = (eval_set.reference, feature_rms(self.network, eval_set.reference))
-        return self._kid_scale[1]
+    def update(self, images: torch.Tensor, part: EvalSet) -> None:
+        self._features.append(network_features(self.network, images))
+
+    def compute(self, eval_set: EvalSet) -> dict[str, float]:
+        real, fake = self.reference_features(eval_set.reference), torch.cat(self._features)
+        scale = feature_rms_of(real) if self.unit_kid_features else 1.0
+        return {"fid": fid_of_features(real, fake), "kid": kid_of_features(real, fake, subsets=50, feature_scale=scale)}
+
+    def reference_features(self, reference: ReferenceImages) -> torch.Tensor:
+        """The network's features of the reference images, read a batch at a time on the first call for them."""
+        if self._reference is None or self._reference[0] is not reference:
+            features = [network_features(self.network, images, real=True) for images in reference.batches(compare.BATCH)]
+            self._reference = (reference, torch.cat(features))
+        return self._reference[1]
 
 
 class JudgeScorer(FeatureScorer):
-    """The built-in world's judge: FID and KID in its features, and how much of each prompt it reads back."""
+    """The built-in world's judge: FID and KID in its features, and how much of each prompt it reads back (`alignment`:
+    the fraction of images showing each attribute of their prompt, and their "mean", as `world.judge.prompt_alignment`)."""
 
     def __init__(self, judge, alignment: Callable, source: str = ""):
         super().__init__("judge", judge, source=source)
         self.alignment = alignment
+        self._read_back: dict[str, int] = {}  # per attribute, the row's images showing it
 
-    def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
-        scores = super().__call__(images, eval_set)
-        return scores | {f"alignment_{k}" if k != "mean" else "alignment": v
-                         for k, v in self.alignment(self.network, images, eval_set.all_attributes).items()}
+    def reset(self) -> None:
+        super().reset()
+        self._read_back = {}
+
+    def update(self, images: torch.Tensor, part: EvalSet) -> None:
+        super().update(images, part)
+        for name, fraction in self.alignment(self.network, images, part.all_attributes).items():
+            if name != "mean":  # the batch's fraction × its size: a count, up to the float's rounding
+                self._read_back[name] = self._read_back.get(name, 0) + round(fraction * len(images))
+
+    def compute(self, eval_set: EvalSet) -> dict[str, float]:
+        images = sum(map(len, self._features))
+        alignment = {name: count / images for name, count in self._read_back.items()}
+        alignment["mean"] = sum(alignment.values()) / len(alignment)
+        return super().compute(eval_set) | {f"alignment_{k}" if k != "mean" else "alignment": v for k, v in alignment.items()}
 
 
 class ClipScorer(FeatureScorer):
-    """CLIP score of each image with its prompt, and FID and KID in CLIP image features."""
+    """CLIP score of each image with its prompt, and FID and KID in CLIP image features (the same embeddings)."""
 
     def __init__(self, clip, source: str = ""):
         super().__init__("clip", clip, source=source)
+        self._scores: list[torch.Tensor] = []  # the row's, a batch each
 
-    def __call__(self, images: torch.Tensor, eval_set: EvalSet) -> dict[str, float]:
-        return super().__call__(images, eval_set) | {"clip_score": self.network.score(images, eval_set.all_prompts)}
+    def reset(self) -> None:
+        super().reset()
+        self._scores = []
+
+    def update(self, images: torch.Tensor, part: EvalSet) -> None:
+        super().update(images, part)
+        self._scores.append(self.network.scores(self._features[-1], part.all_prompts))
+
+    def compute(self, eval_set: EvalSet) -> dict[str, float]:
+        return super().compute(eval_set) | {"clip_score": float(torch.cat(self._scores).mean())}
 
 
 def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | None, eval_set: EvalSet, device,
@@ -207,8 +299,9 @@ def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | Non
 
 
 def _peak_memory_mb(device) -> float | None:
-    """The row's peak memory on a CUDA device (its allocator's high-water mark since the row started); None elsewhere:
-    a CPU process's resident-set peak only grows, so it would not tell one row from another."""
+    """The peak memory of a batch of a row on a CUDA device (its allocator's high-water mark since the batch started; the
+    row's is the largest of its batches'); None elsewhere: a CPU process's resident-set peak only grows, so it would not
+    tell one row from another."""
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return None
@@ -270,29 +363,46 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
     todo = [row for row in rows if row.key not in results]
     with progress_bar(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress) as bar:
         for row in todo:
-            if torch.device(device).type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            images = generate(row, lcm, teacher, eval_set, device, guided)
-            check_finite(images, row, teacher)
-            ms_per_image = 1000 * (time.perf_counter() - start) / len(images)
-            record = asdict(row) | {"method": row.method(teacher), "network_evaluations": row.network_evaluations(lcm, teacher),
-                                    "ms_per_image": ms_per_image,
-                                    "peak_memory_mb": _peak_memory_mb(device), "images": len(images)}
-            for scorer in scorers:
-                record |= {f"{scorer.name}_{k}": v for k, v in finite_scores(scorer, scorer(images, eval_set), row, teacher).items()}
-            results[row.key] = record
+            results[row.key] = score_row(row, lcm, teacher, eval_set, scorers, device, guided)
             write_json_atomic(path, {"format": RESULTS_FORMAT, "fingerprint": fingerprint, "rows": results})
             bar.update(1)
     return {row.key: results[row.key] for row in rows}
 
 
-def check_finite(images: torch.Tensor, row: Row, teacher: DiffusionModel | None = None) -> None:
-    """A UserError when any of a row's images holds NaN or infinite pixels (a model with broken weights, or overflow in
-    half precision): their FID and KID would be NaN, not a score; the rows scored before it stay in results.json."""
+def score_row(row: Row, lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, scorers: list[Scorer], device,
+              guided: dict[int, DiffusionModel] | None = None) -> dict:
+    """The row's record: its images sampled `compare.BATCH` at a time (`EvalSet.parts`), each batch handed to every
+    scorer and dropped, so that memory holds one batch of images whatever the number of prompts; what the row costs
+    (the sampling's time and peak memory, not the scoring's); then its scores."""
+    for scorer in scorers:
+        scorer.reset()
+    seconds, peaks = 0.0, []
+    for part in eval_set.parts(compare.BATCH):
+        if torch.device(device).type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        images = generate(row, lcm, teacher, part, device, guided)
+        seconds += time.perf_counter() - start
+        peaks.append(_peak_memory_mb(device))
+        check_finite(images, row, teacher, first=part.seed - eval_set.seed, total=len(eval_set.all_prompts))
+        for scorer in scorers:
+            scorer.update(images, part)
+    count = len(eval_set.all_prompts)
+    record = asdict(row) | {"method": row.method(teacher), "network_evaluations": row.network_evaluations(lcm, teacher),
+                            "ms_per_image": 1000 * seconds / count, "peak_memory_mb": None if None in peaks else max(peaks), "images": count}
+    for scorer in scorers:
+        record |= {f"{scorer.name}_{k}": v for k, v in finite_scores(scorer, scorer.compute(eval_set), row, teacher).items()}
+    return record
+
+
+def check_finite(images: torch.Tensor, row: Row, teacher: DiffusionModel | None = None, first: int = 0, total: int | None = None) -> None:
+    """A UserError when any of a batch of a row's images (its images `first`.. of `total`) holds NaN or infinite pixels (a
+    model with broken weights, or overflow in half precision): their FID and KID would be NaN, not a score; the rows scored
+    before it stay in results.json."""
     broken = int((~torch.isfinite(images.flatten(1).sum(1))).sum())  # an image's sum is NaN or infinite if a pixel is
     if broken:
-        raise UserError(f"{row.method(teacher)} at {row.steps} step(s), g = {row.guidance_scale:g}, made {broken} of {len(images)} images with "
+        which = "" if total in (None, len(images)) else f" (its images {first + 1} to {first + len(images)} of {total})"
+        raise UserError(f"{row.method(teacher)} at {row.steps} step(s), g = {row.guidance_scale:g}, made {broken} of {len(images)} images{which} with "
                         "NaN or infinite pixels: its model is broken (NaN weights, or overflow in half precision); the rows scored "
                         f"before it are kept in {RESULTS_FILE}")
 
@@ -518,8 +628,8 @@ def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | N
                columns: int = 8, real_row: bool = False, guided: dict[int, DiffusionModel] | None = None, name: str = "grid.png") -> Path:
     """Figure 2: the first prompts (columns, captioned) under every row, from the same noise; with `real_row`, the
     reference images first (when reference image i is prompt i's). Written as out/`name`."""
-    few = EvalSet(eval_set.prompts[:columns], None, eval_set.reference[:columns], 1, eval_set.seed)
-    images = ([few.reference] if real_row else []) + [generate(row, lcm, teacher, few, device, guided) for row in rows]
+    few = EvalSet(eval_set.prompts[:columns], None, eval_set.reference, 1, eval_set.seed)
+    images = ([next(eval_set.reference.batches(columns))] if real_row else []) + [generate(row, lcm, teacher, few, device, guided) for row in rows]
     labels = (["real"] if real_row else []) + [grid_label(row, teacher) for row in rows]
     path = out / name
     label_width = max(170, CHAR_WIDTH * max(map(len, labels)) + 8)  # the longest label whole, not run under the first image
