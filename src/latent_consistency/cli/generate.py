@@ -79,7 +79,7 @@ def output_files(out: str, prompts: list[str], skip_existing: bool = False) -> t
     if folder.suffix.lower() in IMAGE_SUFFIXES and not folder.is_dir():
         raise UserError(f"--out {out} looks like an image file name; --out is the folder the PNG files go in, e.g. --out images/")
     files = [folder / image_filename(i, p) for i, p in enumerate(prompts)]
-    taken = [i for i, f in enumerate(files) if f.exists() or f.is_symlink()] if folder.is_dir() else []
+    taken = _taken(folder, files) if folder.is_dir() else []
     if skip_existing:
         odd = [files[i].name for i in taken if not files[i].is_file()]
         if odd:
@@ -90,6 +90,17 @@ def output_files(out: str, prompts: list[str], skip_existing: bool = False) -> t
         raise UserError(f"--out {out} already holds {files[taken[0]].name}{more}; choose another folder, move the earlier images "
                         "away, or give --skip-existing to keep them and make only the missing ones")
     return files, set()
+
+
+def _taken(folder: Path, files: list[Path]) -> list[int]:
+    """The positions of `files` (in `folder`) already there, a link included: the folder listed once, then only the names
+    it holds checked, not two stats per prompt (a prompt file of 50,000 lines over a network disk). Names are matched
+    case-insensitively and then checked, as a case-insensitive disk (macOS, Windows) finds 0001-CAT.PNG for 0001-cat.png."""
+    try:
+        listed = {name.casefold() for name in os.listdir(folder)}
+    except OSError as err:
+        raise UserError(f"cannot list --out {folder} ({err.strerror}); make it readable") from None
+    return [i for i, f in enumerate(files) if f.name.casefold() in listed and (f.exists() or f.is_symlink())]
 
 
 def parse_timesteps(text: str | None) -> list[int] | None:
@@ -209,12 +220,17 @@ def image_record(prompt: str, seed: int, settings: dict) -> dict:
 
 
 def read_record(path: Path) -> dict | None:
-    """The record `lcm generate` wrote in an image, None if it has none (or is not a PNG)."""
+    """The record `lcm generate` wrote in an image, None if it has none (or is not a PNG). `save_png` writes it before the
+    pixels, where opening the file finds it (`info`) without decoding them: `--skip-existing` reads one per kept image,
+    tens of thousands for an FID set. Pillow's `text`, which decodes the whole image for chunks after the pixels, is
+    read only for a PNG with no record before them (a record moved there by another tool)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            text = getattr(image, "text", {}).get(RECORD_KEY)
+            text = image.info.get(RECORD_KEY)
+            if text is None:
+                text = getattr(image, "text", {}).get(RECORD_KEY)
         record = None if text is None else json.loads(text)
     except (OSError, ValueError):
         return None

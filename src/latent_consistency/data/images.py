@@ -64,12 +64,14 @@ class SkipCounter:
     was skipped. The first occurrence of each reason is logged with its detail (a file name), then
     the running count at 10, 100, 1000, ... so a large dataset does not flood the log. A sample named by its detail
     counts once however often it is drawn (an image folder is read once per epoch); one without a detail counts
-    each time.
+    each time. The first NAMED_PER_REASON samples of a reason are remembered by name; later ones are counted as
+    samples without a detail, for `seen` goes into every training checkpoint: a million images of which 5% are grayscale
+    would list 50,000 paths in each. Past that many, a sample read again in a later epoch counts again.
     """
 
     name: str = "dataset"
     counts: Counter = field(default_factory=Counter)
-    seen: set = field(default_factory=set)  # (reason, detail) already counted
+    seen: set = field(default_factory=set)  # (reason, detail) already counted, at most NAMED_PER_REASON of each reason
     # (reason, detail) counted since the last `take_pending`; None: not kept (a counter nobody collects from)
     pending: list | None = None
 
@@ -77,7 +79,11 @@ class SkipCounter:
         if detail:
             if (reason, detail) in self.seen:
                 return
-            self.seen.add((reason, detail))
+            if self._named()[reason] < NAMED_PER_REASON:
+                self.seen.add((reason, detail))
+                self._named()[reason] += 1
+            else:
+                detail = ""
         if self.pending is not None:
             self.pending.append((reason, detail))
         self.counts[reason] += 1
@@ -86,6 +92,13 @@ class SkipCounter:
             level = logging.INFO if reason.startswith("converted_") else logging.WARNING
             where = f" ({detail})" if detail and count == 1 else ""
             logger.log(level, "%s: %s x%d%s", self.name, reason, count, where)
+
+    def _named(self) -> Counter:
+        """The number of (reason, detail) pairs of each reason in `seen`, counted once from `seen` as it was set (a copy,
+        a checkpoint's) and kept up to date by `add`."""
+        if getattr(self, "_named_of", None) is not self.seen:
+            self._named_of, self._named_counts = self.seen, Counter(reason for reason, _ in self.seen)
+        return self._named_counts
 
     def take_pending(self) -> list[tuple[str, str]]:
         """The (reason, detail) counted since the last call: what a copy of this counter in a DataLoader worker sends
@@ -117,6 +130,10 @@ class SkipCounter:
             if group
         ]
         return "; ".join(parts) if parts else "nothing skipped or converted"
+
+
+# The samples of one reason a `SkipCounter` names (and a checkpoint lists); the log names the first of them
+NAMED_PER_REASON = 1000
 
 
 def _is_power_of_ten(n: int) -> bool:
