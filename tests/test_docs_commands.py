@@ -77,21 +77,25 @@ def _split_comment(line: str) -> tuple[str, str]:
     return line.rstrip(), ""
 
 
-def _block_commands(file: str, text: str) -> list[DocCommand]:
-    commands = []
-    lines = text.splitlines()
-    i = 0
+def fenced_blocks(text: str) -> list[tuple[str, int, list[str]]]:
+    """Each fenced (```) block of a Markdown text: its language ("" for none), the index of its first line, its lines."""
+    blocks, lines, i = [], text.splitlines(), 0
     while i < len(lines):
         fence = re.match(r"\s*```(\w*)", lines[i])
         if not fence:
             i += 1
             continue
-        start, lang = i + 1, fence.group(1)
-        end = next(j for j in range(start, len(lines)) if lines[j].strip().startswith("```"))
+        end = next(j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("```"))
+        blocks.append((fence.group(1), i + 1, lines[i + 1:end]))
         i = end + 1
+    return blocks
+
+
+def _block_commands(file: str, text: str) -> list[DocCommand]:
+    commands = []
+    for lang, start, block in fenced_blocks(text):
         if lang not in ("", "bash", "sh", "shell", "console"):
             continue
-        block = lines[start:end]
         loops = tuple((name, tuple(values.split())) for name, values in re.findall(r"\bfor\s+(\w+)\s+in\s+([^;]+);\s*do\b", "\n".join(block)))
         j = 0
         while j < len(block):

@@ -26,6 +26,8 @@ import pytest
 import torch
 from packaging.specifiers import SpecifierSet
 
+from test_docs_commands import fenced_blocks
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "latent_consistency"
 DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
@@ -48,20 +50,8 @@ class Block:
 
 
 def _python_blocks() -> list[Block]:
-    blocks = []
-    for file in DOCS:
-        lines = (ROOT / file).read_text().splitlines()
-        i = 0
-        while i < len(lines):
-            fence = re.match(r"\s*```(\w*)", lines[i])
-            if not fence:
-                i += 1
-                continue
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("```"))
-            if fence.group(1) in ("python", "py"):
-                blocks.append(Block(file, i + 2, "\n".join(lines[i + 1:end]) + "\n"))
-            i = end + 1
-    return blocks
+    return [Block(file, start + 1, "\n".join(lines) + "\n") for file in DOCS
+            for lang, start, lines in fenced_blocks((ROOT / file).read_text()) if lang in ("python", "py")]
 
 
 BLOCKS = _python_blocks()
