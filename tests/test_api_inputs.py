@@ -23,6 +23,13 @@ def solver(tiny_sd):
     return SolverGenerator.load(str(tiny_sd), CPU, torch.float32, "ddim")
 
 
+def test_load_defaults_to_float32_on_the_cpu_as_load_lcm_does(lcm, tiny_lcm):
+    """was: `LCMGenerator.load(path)` was a TypeError (device and dtype had no defaults, where `load_lcm`'s do)."""
+    plain = LCMGenerator.load(str(tiny_lcm))
+    assert (plain.device, plain.dtype) == (CPU, torch.float32)
+    assert torch.equal(call(plain), call(lcm))
+
+
 def call(generator, **changes):
     """A one-step call of `generator` with `changes` to the arguments of a valid one."""
     args = dict(prompts=PROMPTS, seeds=[0], guidance_scale=2.0, height=16, width=16)

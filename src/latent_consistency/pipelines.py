@@ -170,10 +170,12 @@ class LCMGenerator(Generator):
     """An LCM (or a diffusion model with an LCM-LoRA), sampled with Algorithm 3."""
 
     @classmethod
-    def load(cls, path: str, device: torch.device, dtype: torch.dtype, lora: str | None = None,
+    def load(cls, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, lora: str | None = None,
              style_loras: Sequence[tuple[str, float]] = ()) -> LCMGenerator:
-        """An LCM, or a diffusion model with the LCM-LoRA `lora`; `style_loras` (a file, folder or hub id and its weight
-        each) are mixed in beside it as diffusers' `set_adapters` mixes LoRAs (`models.add_style_loras`)."""
+        """An LCM, or a diffusion model with the LCM-LoRA `lora`, on `device` in `dtype` (by default float32 on the CPU, as
+        `models.load_lcm`); `style_loras` (a file, folder or hub id and its weight each) are mixed in beside it as diffusers'
+        `set_adapters` mixes LoRAs (`models.add_style_loras`)."""
+        device = torch.device(device)
         model = load_lcm(path, dtype, device) if lora is None else load_lcm_lora(path, lora, dtype, device)
         return cls(add_style_loras(model, list(style_loras), dtype, device), device, dtype)
 
