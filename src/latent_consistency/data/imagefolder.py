@@ -275,13 +275,20 @@ FINGERPRINT_THREADS, FINGERPRINT_CHUNK = 8, 256
 
 
 def _rows_digest(rows: Iterable[tuple]) -> str:
-    """The first 16 hex digits of the SHA-256 of `json.dumps(list(rows))`, hashed row by row: the digest checkpoints have
-    always recorded, without the JSON text of every sample in memory at once (about 2 GB for 12 million captions)."""
-    digest = hashlib.sha256(b"[")
-    for i, row in enumerate(rows):
-        digest.update(((", " if i else "") + json.dumps(row)).encode())
-    digest.update(b"]")
+    """The first 16 hex digits of the SHA-256 of `json.dumps(list(rows))` (`hash_json_list`): the digest checkpoints have
+    always recorded."""
+    digest = hashlib.sha256()
+    hash_json_list(digest, rows)
     return digest.hexdigest()[:16]
+
+
+def hash_json_list(digest, items: Iterable) -> None:
+    """Feed `digest` the bytes of `json.dumps(list(items))` item by item, without the JSON text of every sample in memory
+    at once (about 2 GB for 12 million captions)."""
+    digest.update(b"[")
+    for i, item in enumerate(items):
+        digest.update(((", " if i else "") + json.dumps(item)).encode())
+    digest.update(b"]")
 
 
 def _in_order(function: Callable, items: Iterable) -> Iterator:

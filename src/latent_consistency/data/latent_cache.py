@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from latent_consistency.data.holdout import Holdout
-from latent_consistency.data.imagefolder import ImageFolderDataset
+from latent_consistency.data.imagefolder import ImageFolderDataset, hash_json_list
 from latent_consistency.data.shards import ShardStream
 from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
@@ -230,8 +230,10 @@ class LatentCache(torch.utils.data.Dataset):
         """A digest of the samples in order: the latents' shape, each sample's caption and its first 16 latent values, exactly
         (a cache rebuilt from the same images with the same models has the same one, from other images or models another).
         A training checkpoint records it, so that a run is not resumed on a rebuilt cache of other data of the same size."""
-        shape = [len(self), *self.latent_shape]
-        digest = hashlib.sha256(json.dumps([shape, [self.captions[int(c)] for c in self.caption_index]]).encode())
+        shape = [len(self), *self.latent_shape]  # the JSON of [shape, every sample's caption], hashed caption by caption
+        digest = hashlib.sha256(f"[{json.dumps(shape)}, ".encode())
+        hash_json_list(digest, (self.captions[c] for c in self.caption_index.tolist()))
+        digest.update(b"]")
         heads = torch.cat([s.reshape(len(s), -1)[:, :16] for s in self.shards])[self.rows]  # one page of each sample read
         digest.update(heads.float().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
