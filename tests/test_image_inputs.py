@@ -93,7 +93,7 @@ def test_unreadable_init_images_are_one_line_errors(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(UserError, match="cannot read init image .*empty.png: not an image file"):
         read_init_image(str(tmp_path / "empty.png"), None, None, 8)
-    with pytest.raises(UserError, match="init_image is not a PNG"):
+    with pytest.raises(UserError, match="cannot read init_image: not an image file"):
         decode_image(base64.b64encode(b"not a picture").decode(), 16, 16, Limits(max_side=64))
 
 

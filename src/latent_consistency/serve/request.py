@@ -58,7 +58,8 @@ class ImageRequest(BaseModel):
     width: int | None = Field(None, ge=1, description="pixels, a multiple of the VAE factor")
     height: int | None = Field(None, ge=1, description="pixels, a multiple of the VAE factor")
     gamma: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="TCD's γ (fresh noise between steps, so steps >= 2); absent: Algorithm 3")
-    init_image: str | None = Field(None, description="image-to-image start: a base64 PNG/JPEG or data: URL")
+    init_image: str | None = Field(None, description="image-to-image start: an image file (PNG, JPEG, WebP, TIFF, ...: what "
+                                                     "`lcm generate --init-image` reads) as base64 or a data: URL")
     strength: float = Field(0.8, gt=0, le=1, allow_inf_nan=False, description="with init_image: how much of it to redraw")
     format: Literal["png", "jpeg"] = Field("png", description="response image format")
 
@@ -140,8 +141,10 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
 
 
 def decode_image(data: str, width: int, height: int, limits: Limits) -> torch.Tensor:
-    """A base64 (or data: URL; line breaks allowed) PNG/JPEG/WebP as [3, height, width] in [-1, 1], resized to the
-    request's size; decoded as training images are (`data.images.open_rgb8`: EXIF orientation, 16-bit depth, alpha)."""
+    """A base64 (or data: URL; line breaks allowed) image file as [3, height, width] in [-1, 1], resized to the request's
+    size; decoded as training images and `lcm generate --init-image` are (`data.images.open_rgb8`: EXIF orientation, 16-bit
+    depth, alpha, a float TIFF in [0, 1]), and refused with the same reason (a float image off that scale is a TIFF, not
+    "not an image")."""
     from PIL import Image
 
     payload = "".join((data.split(",", 1)[1] if data.startswith("data:") else data).split())  # base64 wrapped at 76 columns
@@ -155,8 +158,8 @@ def decode_image(data: str, width: int, height: int, limits: Limits) -> torch.Te
         image, _ = open_rgb8(raw, max_pixels=MAX_INIT_PIXELS)
     except TooManyPixels as err:
         raise UserError(f"init_image is {err}") from None
-    except UndecodableImage:
-        raise UserError("init_image is not a PNG, JPEG or WebP image") from None
+    except UndecodableImage as err:  # `UnknownScale` among them
+        raise UserError(f"cannot read init_image: {err}") from None
     image = image.resize((width, height), Image.Resampling.LANCZOS)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
