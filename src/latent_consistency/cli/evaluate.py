@@ -295,11 +295,11 @@ def run_evaluation(args) -> None:
     write_plots(results, out)
     figure_scale = grid_guidance_scale(scales, preferred)
     write_grid([r for r in rows if r.guidance_scale == figure_scale], lcm, teacher, eval_set, out, device, args.grid_columns,
-               guided=guided)
+               guided=guided, lcm_label=style_label(styles))
     if len(scales) > 1:  # Figures 4-5's grid: the LCM at its step count nearest 4, one row per ω, the same noise
         n = min(args.steps, key=lambda s: (abs(s - 4), s))
         write_grid([r for r in rows if r.sampler == "lcm" and r.steps == n], lcm, teacher, eval_set, out, device, args.grid_columns,
-                   name="guidance_grid.png")
+                   name="guidance_grid.png", lcm_label=style_label(styles))
     print(f"report, results.json, plots and grid(s) in {out}")
 
 
@@ -319,6 +319,20 @@ def style_note(styles: list[tuple[str, float]], other_rows: bool) -> str:
         return ""
     loras = ", ".join(f"`{path}` at weight {weight:g}" for path, weight in styles)
     return f" and style LoRA{'s' if len(styles) > 1 else ''} {loras}" + (" (on the LCM's rows only)" if other_rows else "")
+
+
+def style_label(styles: list[tuple[str, float]]) -> str:
+    """The LCM's rows' label in the grids: "LCM", with each style LoRA by name and weight ("LCM + papercut at 0.8"), so that a
+    grid read without the report does not show styled images as the plain LCM's. A LoRA folder's weights file
+    (`pytorch_lora_weights.safetensors`) is named by its folder."""
+    from latent_consistency.models import LORA_WEIGHTS_FILE
+
+    names = []
+    for path, weight in styles:
+        file = Path(path)
+        name = file.parent.name if file.name == LORA_WEIGHTS_FILE else file.stem if file.suffix == ".safetensors" else file.name
+        names.append(f" + {name} at {weight:g}")
+    return "LCM" + "".join(names)
 
 
 def grid_guidance_scale(scales: list[float], preferred: float) -> float:

@@ -619,18 +619,22 @@ def write_plots(results: dict[str, dict], out: Path) -> list[Path]:
     return written
 
 
-def grid_label(row: Row, teacher: DiffusionModel | None = None) -> str:
-    """A grid row's label: method, step count with its unit, guidance scale."""
-    return f"{row.method(teacher)}, {row.steps} step{'s' if row.steps > 1 else ''}, g = {row.guidance_scale:g}"
+def grid_label(row: Row, teacher: DiffusionModel | None = None, lcm_label: str = "LCM") -> str:
+    """A grid row's label: method (the LCM's as `lcm_label`: with the style LoRAs it samples with), step count with its
+    unit, guidance scale."""
+    method = lcm_label if row.sampler == "lcm" else row.method(teacher)
+    return f"{method}, {row.steps} step{'s' if row.steps > 1 else ''}, g = {row.guidance_scale:g}"
 
 
 def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, out: Path, device,
-               columns: int = 8, real_row: bool = False, guided: dict[int, DiffusionModel] | None = None, name: str = "grid.png") -> Path:
+               columns: int = 8, real_row: bool = False, guided: dict[int, DiffusionModel] | None = None, name: str = "grid.png",
+               lcm_label: str = "LCM") -> Path:
     """Figure 2: the first prompts (columns, captioned) under every row, from the same noise; with `real_row`, the
-    reference images first (when reference image i is prompt i's). Written as out/`name`."""
+    reference images first (when reference image i is prompt i's). Written as out/`name`; the LCM's rows are labelled
+    `lcm_label` (`grid_label`)."""
     few = EvalSet(eval_set.prompts[:columns], None, eval_set.reference, 1, eval_set.seed)
     images = ([next(eval_set.reference.batches(columns))] if real_row else []) + [generate(row, lcm, teacher, few, device, guided) for row in rows]
-    labels = (["real"] if real_row else []) + [grid_label(row, teacher) for row in rows]
+    labels = (["real"] if real_row else []) + [grid_label(row, teacher, lcm_label) for row in rows]
     path = out / name
     label_width = max(170, CHAR_WIDTH * max(map(len, labels)) + 8)  # the longest label whole, not run under the first image
     save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=label_width, column_labels=few.prompts), path)
