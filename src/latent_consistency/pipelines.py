@@ -17,7 +17,7 @@ import torch
 from latent_consistency.compilation import compile_for_sampling
 from latent_consistency.denoisers import NegativePromptGuidance
 from latent_consistency.errors import UserError
-from latent_consistency.models import DiffusionModel, add_style_loras, guidance_record_of, load_diffusion_model, load_lcm, load_lcm_lora
+from latent_consistency.models import DiffusionModel, LatentCodec, add_style_loras, guidance_record_of, load_diffusion_model, load_lcm, load_lcm_lora
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.preview import load_preview_decoder
 from latent_consistency.prompts import PromptCache
@@ -124,10 +124,11 @@ class Generator:
 
     def use_preview_decoder(self, name_or_path: str) -> None:
         """Decode with a tiny preview decoder (`preview`: an AutoencoderTiny folder or hub id, e.g. madebyollin/taesd) instead of
-        the VAE's decoder: faster, approximate images. Encoding (img2img) stays the VAE's."""
-        codec = self.model.codec
+        the VAE's decoder: faster, approximate images. Encoding (img2img) stays the VAE's. Refused when made for another VAE
+        (`PreviewDecoder.check_fits`, and `check_colours` against the VAE's own decoder, also when a preview decoder is in use)."""
+        codec = LatentCodec(self.model.vae)
         preview = load_preview_decoder(name_or_path, self.dtype, self.device)
-        self.model.preview_decoder = preview.check_fits(codec.latent_channels, codec.downsampling_factor)
+        self.model.preview_decoder = preview.check_fits(codec.latent_channels, codec.downsampling_factor).check_colours(codec)
 
     def compile(self) -> None:
         """`torch.compile` the text encoder, network and decoder in place (`compilation.compile_for_sampling`): the first call of each

@@ -9,6 +9,16 @@ Which latents it takes: TAESD decodes the latents the diffusion model sees (SD's
 its config says `scaling_factor` 1.0, and a diffusers pipeline whose `vae` is an AutoencoderTiny decodes with
 `vae.decode(latents / vae.config.scaling_factor)`. Our latents are already scaled that way (`models.LatentCodec`), so
 `PreviewDecoder.decode` makes exactly that call on them.
+
+Which VAE it was made for: nothing in the files says. taesd (SD 1.x/2.x) and taesdxl (SDXL) have the same config (4
+latent channels, 8x, `scaling_factor` 1.0, `latent_magnitude` 3, `latent_shift` 0.5); only their weights differ, and
+so do the two VAEs' latent spaces (the 0.18215 and 0.13025 scaling factors are the VAEs', applied before either tiny
+decoder sees a latent). So `PreviewDecoder.check_colours` decodes a probe, flat colour patches encoded by the model's
+own VAE, with both decoders, and says so in one line when the tiny one's colours are grossly off the VAE's
+(`GROSSLY_OFF`). A note, not a refusal: the thresholds were set on the world's decoders and estimated for the released
+ones, not measured on them (their weights cannot be fetched here), and a preview is only a preview. A VAE that
+does not itself give the probe's colours back (the world's, which knows only its shapes and digits; a test's random one)
+cannot judge it: then nothing is checked.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +35,14 @@ from latent_consistency.errors import UserError, first_line
 from latent_consistency.hub import TOP_FILES, TOP_IGNORED, check_hub_id
 
 TINY_CLASS = "AutoencoderTiny"
+# `check_colours`' probe: the 8 corners of the RGB cube at 0.1 and 0.9, each a patch of PROBE_PATCH x PROBE_PATCH latent pixels
+PROBE_PATCH = 4
+# Mean |colour error| of the probe's patches, on a 0-1 scale: a VAE within VAE_GIVES_BACK of the probe judges the tiny
+# decoder, which is refused beyond GROSSLY_OFF of the VAE. Measured (docs/guide.md, "Fast previews"; 8x8-pixel block
+# colours): 0.017 for a world preview decoder on its VAE's latents of reference images, 0.27-0.50 for it on the same latents
+# with channels swapped or negated; 0.33 and 0.39 estimated for SD latents into an SDXL decoder and the reverse, from the
+# two VAEs' linear latent-to-RGB maps
+VAE_GIVES_BACK, GROSSLY_OFF = 0.05, 0.2
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # a diffusers model folder's weights, as save_pretrained names them
 
 
@@ -62,6 +81,43 @@ class PreviewDecoder:
             raise UserError(f"preview decoder {self.source} decodes a shifted latent space (shift_factor "
                             f"{self.tiny.config.shift_factor}, as SD3's and FLUX's); this model's latents are only scaled")
         return self
+
+    @torch.no_grad()
+    def check_colours(self, codec) -> PreviewDecoder:
+        """Say (one line on stderr) when the decoder looks made for another VAE's latents of the same shape (taesdxl for an
+        SD 1.5 model, taesd for SDXL), which `check_fits` cannot tell apart: its colours on the probe (`probe_image`, encoded
+        by `codec`, the model's VAE without a preview decoder) against the VAE's own decode of the same latents. One small
+        encode and two decodes. Returns the decoder: used either way."""
+        factor = codec.downsampling_factor
+        probe = probe_image(factor)
+        latents = codec.encode(probe)
+        vae = patch_colours(codec.decode(latents).float().cpu(), factor)
+        if not (vae - patch_colours(probe, factor)).abs().mean() / 2 < VAE_GIVES_BACK:  # NaN too: no verdict
+            return self
+        off = float((patch_colours(self.decode(latents).float().cpu(), factor) - vae).abs().mean() / 2)
+        if off > GROSSLY_OFF:
+            print(f"note: preview decoder {self.source} draws colours {off:.0%} off the model's VAE on flat colour patches: it looks "
+                  "made for another VAE's latents (madebyollin/taesd is SD 1.x/2.x's, madebyollin/taesdxl the SDXL family's)",
+                  file=sys.stderr, flush=True)
+        return self
+
+
+def probe_image(factor: int) -> torch.Tensor:
+    """`check_colours`' probe, [1, 3, H, W] in [-1, 1]: the 8 corners of the RGB cube at 0.1 and 0.9 as flat patches of
+    `PROBE_PATCH` latent pixels a side, in 2 rows of 4: colours any VAE of natural images gives back."""
+    side = PROBE_PATCH * factor
+    corners = torch.tensor([[r, g, b] for r in (-0.8, 0.8) for g in (-0.8, 0.8) for b in (-0.8, 0.8)])
+    patches = corners.view(2, 4, 3, 1, 1).expand(2, 4, 3, side, side)
+    return patches.permute(2, 0, 3, 1, 4).reshape(1, 3, 2 * side, 4 * side)
+
+
+def patch_colours(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """The mean colour [8, 3] of the central half of each of `probe_image`'s patches in `images`: away from the edges,
+    where a decoder blends neighbours."""
+    side = PROBE_PATCH * factor
+    margin = side // 4
+    patches = images[0].reshape(3, 2, side, 4, side)[:, :, margin:side - margin, :, margin:side - margin]
+    return patches.mean((2, 4)).permute(1, 2, 0).reshape(8, 3)
 
 
 def load_preview_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PreviewDecoder:
