@@ -420,7 +420,8 @@ def finished_run(tiny_sd, image_folder, tmp_path_factory):
 
 def test_resume_drops_what_a_killed_run_logged_after_its_checkpoint(finished_run, tmp_path, monkeypatch):
     """Killed after logging step 3 (and half of step 4's line), before the step-4 checkpoint: the resumed run's
-    metrics.jsonl reads as the uninterrupted run's, and TensorBoard is told to hide the events after step 2."""
+    metrics.jsonl reads as the uninterrupted run's, and TensorBoard is told to hide the events after step 2 (and is closed at
+    the end, which writes its last events out)."""
     import types
 
     reference, args = finished_run
@@ -430,14 +431,17 @@ def test_resume_drops_what_a_killed_run_logged_after_its_checkpoint(finished_run
     shutil.rmtree(out / "lcm")
     lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
     (out / "metrics.jsonl").write_text("".join(line for line in lines if json.loads(line)["step"] <= 3) + '{"step": 4, "lo')
-    opened = []
+    opened, closed = [], []
 
-    class SummaryWriter:  # TensorBoard is not installed here: a stand-in that records how it was opened
+    class SummaryWriter:  # TensorBoard is not installed here: a stand-in that records how it was opened and closed
         def __init__(self, log_dir, purge_step=None):
             opened.append(purge_step)
 
         def add_scalar(self, *args):
             pass
+
+        def close(self):  # was never called: the last scalars stayed in the writer's buffer at exit
+            closed.append(True)
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
     assert main([a if a != str(reference) else str(out) for a in args] + ["--resume"]) == 0
@@ -446,7 +450,7 @@ def test_resume_drops_what_a_killed_run_logged_after_its_checkpoint(finished_run
         return [(m["step"], m.get("loss"), m.get("omega_response_999")) for m in read_metrics(run, "step")]
 
     assert log(out) == log(reference) and [step for step, *_ in log(out)] == [1, 2, 3, 4, 4]
-    assert opened == [3] and sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert opened == [3] and closed == [True] and sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
 
 
 def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(finished_run, capsys):

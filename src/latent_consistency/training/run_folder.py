@@ -493,6 +493,7 @@ class RunFolder:
             summary = merged_skipped_summary(skips)
             if summary:
                 print(f"data: {summary}")
+            self.writer.close()
         # Every process tears the process group down together: a process that destroys it while the main one is still
         # exporting has aborted in gloo's teardown ("terminate called without an active exception", seen once in CI)
         accelerator.wait_for_everyone()
@@ -524,6 +525,13 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and v is not None:
                     tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        """Write out and close the TensorBoard writer: it flushes on its own only every 120 s, so a run's last scalars (its
+        final ω response among them) were left unwritten at exit."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def tensorboard(self):
         """The TensorBoard writer, opened on first use (with `purge_step` when resumed); None when it is not installed."""
