@@ -138,7 +138,8 @@ const fetch = (url, options) => {
   return Promise.reject(Object.assign(new Error("aborted"), { name: "AbortError" }));
 };
 const document = { getElementById: element, activeElement: null };
-const context = vm.createContext({ document, fetch, setTimeout, clearTimeout, performance,
+const location = { pathname: "/" };  // the page served at the root
+const context = vm.createContext({ document, fetch, location, setTimeout, clearTimeout, performance,
                                    AbortController, URL, console });
 vm.runInContext(script, context);
 (async () => {
