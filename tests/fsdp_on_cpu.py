@@ -51,6 +51,6 @@ if kill_after:
     checkpoint.save_checkpoint = _save_then_die
 
 if __name__ == "__main__":
-    from latent_consistency.cli import main
+    from latent_consistency.cli import end_process, main
 
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(end_process(main(sys.argv[1:])))

@@ -149,3 +149,14 @@ def test_a_process_left_waiting_by_a_hung_one_ends_in_one_line(monkeypatch, tmp_
         peer.wait()
     assert (code, err) == (1, "lcm distill: stopped: another process of this run did not reach the same point within 1 s: it "
                               "hangs or is much slower; its own output says where")
+
+
+@pytest.mark.parametrize("world_size", [None, "1", "2"])
+def test_a_process_of_a_multi_process_run_ends_without_finalizing_once_its_command_returned(world_size):
+    """`cli.end_process`: under a launcher (WORLD_SIZE > 1) the process ends with the command's code and its output, before
+    the interpreter's exit callbacks and finalization, where gloo's process group has aborted a finished run (exit -6)."""
+    program = ("import atexit; atexit.register(lambda: print('finalized')); from latent_consistency.cli import end_process; "
+               "print('written', end=''); raise SystemExit(end_process(3))")
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | ({"WORLD_SIZE": world_size} if world_size else {})
+    done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and done.stdout == ("written" if world_size == "2" else "writtenfinalized\n"), done

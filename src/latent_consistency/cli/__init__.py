@@ -10,6 +10,7 @@ memory). A process of a multi-process run that stops because another one did say
 from __future__ import annotations
 
 import errno
+import os
 import re
 import signal
 import sys
@@ -153,8 +154,22 @@ def entry() -> int:
     SIGTERM after the one-line stop) ends the process at once instead of printing "Exception ignored in atexit
     callback" with a traceback. Not in `main`: a caller that runs `main` in its own process keeps its handlers."""
     try:
-        return main()
+        return end_process(main())
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def end_process(code: int) -> int:
+    """`code`, or for a process of a multi-process run (`accelerate launch`, torchrun: WORLD_SIZE > 1) the end of the
+    process with it at once: output flushed, without the interpreter's finalization and C++'s static destructors. Its gloo
+    process group outlives `destroy_process_group` (DTensor's caches, FSDP2's, keep its device mesh), so it was torn down
+    there, after the run's last file, and has aborted ("terminate called without an active exception", exit -6; seen in
+    CI twice), which failed the launch of a finished run. Everything the command writes is
+    written and closed before it returns."""
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
