@@ -219,6 +219,24 @@ def usable_steps(scheduler, num_steps: int) -> bool:
     return len(ts) == num_steps and len(set(ts)) == num_steps and max(ts) < int(scheduler.config.num_train_timesteps)
 
 
+def check_teacher_steps(sampler: str, scheduler_config: dict, num_steps: int):
+    """`sampler`'s diffusers scheduler (`teacher_scheduler`) with its `num_steps` timesteps set; a UserError, naming the most
+    steps that work, where they are not distinct timesteps in [0, T). Front ends call it before they write anything."""
+    if not is_integer(num_steps):
+        raise UserError(f"steps must be an integer number of sampling steps, e.g. 4, got {num_steps!r}")
+    if num_steps < 1:
+        raise UserError(f"steps must be at least 1, got {num_steps}")
+    scheduler = teacher_scheduler(sampler, scheduler_config)
+    if not usable_steps(scheduler, num_steps):
+        # "leading" spacing adds steps_offset (SD's 1) to the timesteps: near T steps they start past T-1 (DDIM would index ᾱ_T
+        # and fail; DPM-Solver clamps σ, repeats it and divides by the zero step: NaN) or repeat one timestep (DPM-Solver at T)
+        most = next(n for n in range(num_steps - 1, 0, -1) if usable_steps(scheduler, n))
+        raise UserError(f"{num_steps} {sampler} steps under this model's scheduler config (timestep_spacing "
+                        f"{scheduler.config.timestep_spacing!r}, steps_offset {scheduler.config.steps_offset}) are not distinct timesteps "
+                        f"in 0..{int(scheduler.config.num_train_timesteps) - 1}: use at most {most}")
+    return scheduler
+
+
 @torch.no_grad()
 def sample_teacher(
     teacher,
@@ -234,19 +252,8 @@ def sample_teacher(
 
     The three samplers are deterministic given the starting noise `latents`; returns the final latents.
     """
-    if not is_integer(num_steps):
-        raise UserError(f"steps must be an integer number of sampling steps, e.g. 4, got {num_steps!r}")
-    if num_steps < 1:
-        raise UserError(f"steps must be at least 1, got {num_steps}")
     # the scheduler reads the network's output as the teacher does
-    scheduler = teacher_scheduler(sampler, dict(scheduler_config) | {"prediction_type": teacher.prediction_type})
-    if not usable_steps(scheduler, num_steps):
-        # "leading" spacing adds steps_offset (SD's 1) to the timesteps: near T steps they start past T-1 (DDIM would index ᾱ_T
-        # and fail; DPM-Solver clamps σ, repeats it and divides by the zero step: NaN) or repeat one timestep (DPM-Solver at T)
-        most = next(n for n in range(num_steps - 1, 0, -1) if usable_steps(scheduler, n))
-        raise UserError(f"{num_steps} {sampler} steps under this model's scheduler config (timestep_spacing "
-                        f"{scheduler.config.timestep_spacing!r}, steps_offset {scheduler.config.steps_offset}) are not distinct timesteps "
-                        f"in 0..{int(scheduler.config.num_train_timesteps) - 1}: use at most {most}")
+    scheduler = check_teacher_steps(sampler, dict(scheduler_config) | {"prediction_type": teacher.prediction_type}, num_steps)
     scheduler.set_timesteps(num_steps, device=latents.device)
     z = latents * scheduler.init_noise_sigma
     # g <= 1 runs no unconditional pass, as diffusers' pipelines (`do_classifier_free_guidance` is g > 1): the conditional

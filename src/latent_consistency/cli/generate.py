@@ -37,7 +37,7 @@ from latent_consistency.outputs import writable_folder
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, LCMGenerator, SolverGenerator
 from latent_consistency.progress import progress_bar
 from latent_consistency.prompts import check_prompt, read_prompt_file, truncated_prompts
-from latent_consistency.sampling import TEACHER_SAMPLERS
+from latent_consistency.sampling import TEACHER_SAMPLERS, check_teacher_steps, teacher_scheduler, usable_steps
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -55,7 +55,8 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
             raise UserError("--prompt-file is empty; give a text file with one prompt per line (a prompt itself goes in --prompt)")
         prompts += read_prompt_file(prompt_file)
     if not prompts:
-        raise UserError("no prompts given; pass prompts as arguments, --prompt TEXT or --prompt-file FILE")
+        why = f": prompt {blank[0]} is blank" if blank else ""  # `lcm generate "$PROMPT"` with the variable unset
+        raise UserError(f"no prompts given{why}; pass prompts as arguments, --prompt TEXT or --prompt-file FILE")
     return prompts
 
 
@@ -152,6 +153,50 @@ def read_init_image(path: str, height: int | None, width: int | None, factor: in
         image = image.resize(size, Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)[None]
     return pixels / 127.5 - 1, size[1], size[0]
+
+
+# torch's CPU generator (mt19937, which draws every image's noise, as in diffusers) keeps a seed's low 32 bits: seed S draws
+# the noise of S mod 2^32, so the seeds from here up repeat the images of smaller ones
+DISTINCT_SEEDS = 2**32
+
+
+def repeated_seed_note(seed: int, count: int) -> str | None:
+    """A note when images SEED..SEED+count-1 take seeds of 2^32 or more: their images are those of smaller seeds, though
+    the API takes seeds up to 2^63 - 1 (`pipelines.MAX_SEED`)."""
+    last = seed + count - 1
+    if last < DISTINCT_SEEDS:
+        return None
+    first = max(seed, DISTINCT_SEEDS)
+    return (f"seed {first} makes the image of seed {first % DISTINCT_SEEDS}: torch's CPU generator keeps the low 32 bits of a seed "
+            f"(diffusers' too), so seeds from 2^32 = {DISTINCT_SEEDS} up repeat smaller ones; give --seed at most "
+            f"{DISTINCT_SEEDS - count} for {count} image(s) of their own")
+
+
+# An ODE solver's start timestep with ᾱ above this reads the starting noise as more signal than noise (SNR > 1)
+CLEAN_START_ALPHA_CUMPROD = 0.5
+
+
+def solver_start_note(model, sampler: str, steps: int) -> str | None:
+    """A note when `steps` steps of `sampler` start where the model reads pure noise as a nearly clean latent: SD's "leading"
+    spacing puts one DDIM step at timestep 1, so the image is the starting noise itself (diffusers' pipelines do the same)."""
+    schedule = model.schedule
+
+    def clean_start(n: int) -> int | None:
+        scheduler = teacher_scheduler(sampler, model.scheduler_config)
+        if not usable_steps(scheduler, n):  # sets its n timesteps; counts that are no distinct timesteps are refused elsewhere
+            return None
+        t = int(scheduler.timesteps[0])
+        return t if float(schedule.alphas_cumprod[t]) > CLEAN_START_ALPHA_CUMPROD else None
+
+    start = clean_start(steps)
+    if start is None:
+        return None
+    fewest = next((n for n in range(steps + 1, schedule.num_train_timesteps + 1) if clean_start(n) is None), None)
+    config = model.scheduler_config
+    return (f"{steps} {sampler} step(s) under this model's scheduler config (timestep_spacing {config.get('timestep_spacing')!r}, "
+            f"steps_offset {config.get('steps_offset')}) start at timestep {start}, where the network reads the starting noise as a "
+            f"nearly clean latent (ᾱ = {float(schedule.alphas_cumprod[start]):.3f}), so the images keep that noise, as in diffusers' "
+            "pipelines" + (f"; give --steps {fewest} or more" if fewest else ""))
 
 
 # The PNG text chunk in which `lcm generate` records what made each image: its prompt, its seed (SEED+i) and every setting
@@ -263,6 +308,28 @@ def check_kept(files: list[Path], kept: set[int], records: list[dict]) -> None:
                                 "--out folder")
 
 
+def print_notes(args, generator, prompts: list[str], guidance_scale: float, steps: int, custom: list[int] | None) -> None:
+    """What a user should know about this run's settings, a `note:` line each on stderr. Printed once every input has passed
+    its checks: a user's mistake is the one line of its error, not notes about a run that does not happen."""
+    note_truncated_prompts("generate", generator.model, prompts)
+    notes = list(generator.guidance_notes(guidance_scale, given=args.guidance_scale is not None))
+    distilled = generator.model.distilled_steps if args.sampler != "lcm" else None
+    if distilled and (steps != distilled or args.sampler != "ddim"):
+        notes.append(f"{args.model} was progressively distilled for {distilled} DDIM steps on its own grid; {steps} {args.sampler} "
+                     f"steps follow no teacher's ODE (give --sampler ddim --steps {distilled})")
+    if args.negative_prompt is not None:
+        notes += [f"--negative-prompt is {count} tokens, more than the {limit} the text encoder reads: its end is dropped; shorten it "
+                  "to use all of it" for _, count, limit in truncated_prompts(generator.model.prompts, [args.negative_prompt])]
+    notes += [repeated_seed_note(args.seed, len(prompts)),
+              solver_start_note(generator.model, args.sampler, steps) if args.sampler != "lcm" else None]
+    top = int(generator.model.timesteps(1)[0]) if custom else None  # as diffusers' LCMScheduler warns for custom timesteps below T - 1
+    if custom and args.init_image is None and custom[0] < top:
+        notes.append(f"--timesteps start at {custom[0]}, not {top}: text to image starts from pure noise, which the model reads as a "
+                     f"latent at timestep {custom[0]}, so the images keep that noise; start at {top} (img2img: --init-image)")
+    for note in filter(None, notes):
+        print(f"lcm generate: note: {note}", file=sys.stderr)
+
+
 def run(args) -> None:
     """`generate` holding --out's lock (`folder_lock.hold`): a second command writing the folder at once would overwrite
     its images, which the checks before the first write had found free."""
@@ -326,15 +393,9 @@ def generate(args) -> None:
     if generator.model.time_cond_proj_dim is not None and guidance_scale < 1:
         raise UserError(f"--guidance-scale {guidance_scale:g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
                         "which was trained on ω >= 0")
-    note_truncated_prompts("generate", generator.model, prompts)
-    for note in generator.guidance_notes(guidance_scale, given=args.guidance_scale is not None):
-        print(f"lcm generate: note: {note}", file=sys.stderr)
     distilled = generator.model.distilled_steps if args.sampler != "lcm" else None  # a progressive round's DDIM steps
     if distilled and args.steps is None and not custom:
         steps = distilled  # not DEFAULT_STEPS: a round samples in the steps it was distilled for
-    if distilled and (steps != distilled or args.sampler != "ddim"):
-        print(f"lcm generate: note: {args.model} was progressively distilled for {distilled} DDIM steps on its own grid; "
-              f"{steps} {args.sampler} steps follow no teacher's ODE (give --sampler ddim --steps {distilled})", file=sys.stderr)
     options = {}
     if args.gamma is not None:
         options["gamma"] = args.gamma
@@ -357,19 +418,13 @@ def generate(args) -> None:
         except UserError as err:
             raise UserError(f"init image {args.init_image} is {width}x{height} px: {err}; pass --height and --width to resize it") from None
     generator.check_size(height, width)
+    if args.sampler != "lcm":  # before a file is written: a step count whose timesteps are not distinct is refused
+        check_teacher_steps(args.sampler, generator.model.scheduler_config, timesteps)
     settings = run_settings(args, generator, timesteps, guidance_scale, height, width, options)
     records = [image_record(prompts[i], args.seed + i, settings) for i in range(len(prompts))]
     check_kept(files, kept, records)
     out = writable_folder(args.out)
-    if args.negative_prompt is not None:
-        for _, count, limit in truncated_prompts(generator.model.prompts, [args.negative_prompt]):
-            print(f"lcm generate: note: --negative-prompt is {count} tokens, more than the {limit} the text encoder reads: its end is "
-                  "dropped; shorten it to use all of it", file=sys.stderr)
-    top = int(generator.model.timesteps(1)[0]) if custom else None  # as diffusers' LCMScheduler warns for custom timesteps below T - 1
-    if custom and args.init_image is None and custom[0] < top:
-        print(f"lcm generate: note: --timesteps start at {custom[0]}, not {top}: text to image starts from pure noise, which the model "
-              f"reads as a latent at timestep {custom[0]}, so the images keep that noise; start at {top} (img2img: --init-image)",
-              file=sys.stderr)
+    print_notes(args, generator, prompts, guidance_scale, steps, custom)
 
     todo = [i for i in range(len(prompts)) if i not in kept]
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
