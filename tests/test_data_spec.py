@@ -119,6 +119,24 @@ def test_held_out_split_is_by_file_disjoint_and_stable(tmp_path):
     assert files("eval") >= held and files("train") >= train
 
 
+def test_a_file_name_that_is_not_utf8_is_held_out_by_its_bytes(tmp_path):
+    """A folder with a file name that is not UTF-8 (Latin-1 from an old camera, a zip of another system) stopped --eval-fraction
+    with a UnicodeEncodeError traceback; it is hashed as its bytes, and every other name as before."""
+    import hashlib
+    import os
+
+    from latent_consistency.data.holdout import Holdout
+
+    names = [os.fsdecode(b"caf\xe9.png"), os.fsdecode(b"\xff.png")] + [f"{i}.png" for i in range(8)]
+    for name in names:
+        png(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text("a cat")
+    sides = [{name for name, _ in open_dataset(str(tmp_path), R, holdout=Holdout(0.5, part)).samples} for part in ("train", "eval")]
+    assert not sides[0] & sides[1] and sides[0] | sides[1] == set(names)
+    held = {name for name in names if int.from_bytes(hashlib.sha256(os.fsencode(name)).digest()[:8], "big") / 2**64 < 0.5}
+    assert sides[1] == held
+
+
 def test_held_out_split_of_shards_and_named_datasets(tmp_path):
     import latent_consistency.world  # noqa: F401 (registers the world:NAME specs)
     from latent_consistency.data.holdout import Holdout

@@ -6,6 +6,7 @@ already written lost; never a traceback or a NaN scored as a number."""
 import json
 import shutil
 
+import PIL.Image
 import pytest
 import torch
 
@@ -148,17 +149,23 @@ def test_a_rerun_with_another_metric_network_does_not_reuse_its_scores(metric, e
 
 
 
-def test_a_corrupt_image_does_not_put_its_neighbour_in_twice(tmp_path):
-    """An image folder gives the next usable image in place of a corrupt one, for training; the evaluation's prompts and
-    reference images are each image once, the corrupt one left out."""
-    from latent_consistency.cli.evaluate import read_items
+def test_a_corrupt_image_does_not_put_its_neighbour_in_twice(tmp_path, monkeypatch):
+    """An image folder gives the next usable image in place of a corrupt one, for training; the evaluation's prompts are
+    each sample's caption once, read without decoding the images (a corrupt image's caption is a caption of the data all
+    the same), and its reference images each image once, the corrupt one left out."""
+    from latent_consistency.cli.evaluate import read_items, read_reference
     from tiny_models import write_captioned_images
 
     folder = write_captioned_images(tmp_path / "images", 5)
     (folder / "1.png").write_bytes((folder / "1.png").read_bytes()[:40])
-    assert [item["caption"] for item in read_items(str(folder), 16, 4)] == [f"a red star number {i}" for i in (0, 2, 3, 4)]
-    (folder / "4.png").write_bytes(b"")  # the last one: the first stands in for it
-    assert [item["caption"] for item in read_items(str(folder), 16, 10)] == [f"a red star number {i}" for i in (0, 2, 3)]
+    (folder / "4.png").write_bytes(b"")  # the last one: the first stands in for it in training
+    opened, real_open = [], PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda *args, **kwargs: opened.append(args) or real_open(*args, **kwargs))
+    assert [item["caption"] for item in read_items(str(folder), 16, 4)] == [f"a red star number {i}" for i in range(4)]
+    assert [item["caption"] for item in read_items(str(folder), 16, 10)] == [f"a red star number {i}" for i in range(5)]
+    assert opened == []  # was: every image decoded for its caption (30,000 for a paper-sized evaluation)
+    monkeypatch.undo()
+    assert len(read_reference(str(folder), 16, 10, captioned=True)) == 3
 
 
 def test_an_inception_network_of_nan_weights_is_refused_not_scored_nan(evaluation, tmp_path, run_error):
@@ -215,3 +222,28 @@ def test_prompts_longer_than_the_text_encoder_reads_get_a_note(evaluation, tmp_p
     assert main(args) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
     assert len(notes) == 1 and "prompt 2 is " in notes[0] and "more than the 16 the text encoder reads" in notes[0]
+
+
+@pytest.mark.parametrize("captioned", [True, False])
+def test_the_reference_images_of_a_large_folder_hold_no_path_per_file(tmp_path, captioned):
+    """FID's real images were a list of a Path per image file of the folder (about 270 bytes each: 3 GB for a 12-million-image
+    --prompts folder, of which the first 30,000 are read); now the folder's names, each made a path as a pass reaches it."""
+    import gc
+    import tracemalloc
+
+    from latent_consistency.cli.evaluate import read_reference
+
+    (tmp_path / "0").mkdir()
+    with open(tmp_path / "metadata.jsonl", "w") as f:
+        for i in range(2000):
+            (tmp_path / f"0/{i:06d}.png").write_bytes(b"x")
+            f.write(json.dumps({"file_name": f"0/{i:06d}.png", "text": "a red star"}) + "\n")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        reference = read_reference(str(tmp_path), 16, 30, captioned=captioned)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert reference is not None and kept < 2000 * 100, kept / 2000

@@ -110,3 +110,44 @@ def test_unusable_shards_of_one_process_stop_every_process_with_its_message(tiny
     assert "Connection closed" not in done.stderr and "[rank0]:" not in done.stderr, done.stderr[-3000:]
     assert "exitcode  : 2 " in done.stderr  # the first process to stop: a user's error (the launcher may stop the other first)
     assert not out.exists()
+
+
+# Runs `lcm` with every read of an image file for a fingerprint written to $READS_LOG as "process file" (`two_processes`)
+LOGGED_READS = textwrap.dedent("""
+    import os, sys
+    from latent_consistency.data import imagefolder
+
+    _digest = imagefolder._file_sample_digest
+
+    def digest(path):
+        with open(os.environ["READS_LOG"], "a") as log:
+            log.write(f"{os.environ['RANK']} {os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}\\n")
+        return _digest(path)
+
+    imagefolder._file_sample_digest = digest
+    from latent_consistency.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.slow
+def test_one_process_reads_the_image_folders_for_their_fingerprints(tiny_sd, tmp_path):
+    """Every process reads the whole image folder (the sampler splits it) and each computed its fingerprint, reading
+    samples of every file at the first checkpoint and again at a resume: N processes, N times the reads, and minutes each
+    at 12 million images. Now the first process computes it for all, --data's and --eval-data's, at the checkpoint and
+    at the resume, and the run resumes."""
+    from tiny_models import write_captioned_images
+
+    data, held_out = write_captioned_images(tmp_path / "data", 8), write_captioned_images(tmp_path / "held_out", 4)
+    script, log, out = tmp_path / "logged_reads.py", tmp_path / "reads.log", tmp_path / "run"
+    script.write_text(LOGGED_READS)
+    args = distill(tiny_sd, data, out, "--eval-data", str(held_out), "--validate-every", "0")
+    done = launch(DATA_PARALLEL, [str(script), *args, "--steps", "1"], {"OMP_NUM_THREADS": "1", "READS_LOG": str(log)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reads = log.read_text().splitlines()
+    assert sorted(reads) == sorted([f"0 data/{i}.png" for i in range(8)] + [f"0 held_out/{i}.png" for i in range(4)])
+    log.unlink()
+    done = launch(DATA_PARALLEL, [str(script), *args, "--steps", "2", "--resume"], {"OMP_NUM_THREADS": "1", "READS_LOG": str(log)},
+                  timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(log.read_text().splitlines()) == sorted(reads)  # the resume's check and the step-2 checkpoint: once each

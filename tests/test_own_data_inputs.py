@@ -226,9 +226,11 @@ def test_an_unreadable_subfolder_is_refused_not_left_out(tmp_path, monkeypatch):
 def test_unreadable_captions_are_counted_and_unreadable_metadata_refused(tmp_path, monkeypatch):
     from pathlib import Path
 
+    from latent_consistency.data import imagefolder
+
     captioned_png(tmp_path / "a.png", "a cat")
     captioned_png(tmp_path / "b.png", "a dog")
-    monkeypatch.setattr(Path, "read_bytes", _refuse([tmp_path / "a.txt"])(Path.read_bytes))
+    monkeypatch.setattr(imagefolder, "_read_bytes", _refuse([tmp_path / "a.txt"])(imagefolder._read_bytes))
     dataset = ImageFolderDataset(tmp_path, R)
     assert dataset.samples == [("b.png", "a dog")] and dataset.skipped.counts == {"bad_caption": 1}
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a cat"}) + "\n")

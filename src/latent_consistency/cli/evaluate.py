@@ -16,7 +16,7 @@ import functools
 import itertools
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -59,13 +59,15 @@ def number_list(parse_one):
 def read_items(spec: str, resolution: int, n: int) -> list[dict]:
     """The first `n` items {"caption", "attributes"?} of a data spec, or prompts of a text file (.txt): what a row
     samples. Their images are not kept (30,000 at 512 px are 94 GB): FID reads the real ones a batch at a time
-    (`read_reference`)."""
-    return [{key: value for key, value in item.items() if key != "image"} for item in iter_items(spec, resolution, n)]
+    (`read_reference`); an image folder's are not even decoded, its captions read as they are (each sample's once, a corrupt
+    image's included: it is a caption of the data all the same)."""
+    return [{key: value for key, value in item.items() if key != "image"} for item in iter_items(spec, resolution, n, images=False)]
 
 
-def iter_items(spec: str, resolution: int, n: int) -> Iterator[dict]:
+def iter_items(spec: str, resolution: int, n: int, images: bool = True) -> Iterator[dict]:
     """The first `n` items {"caption", "image"?, "attributes"?} of a data spec, or prompts of a text file (.txt), one at
-    a time."""
+    a time; without `images`, an image folder's are its captions alone, its images not decoded."""
+    from latent_consistency.data.imagefolder import ImageFolderDataset
     from latent_consistency.data.shards import ShardStream
     from latent_consistency.data.spec import open_dataset
 
@@ -76,6 +78,9 @@ def iter_items(spec: str, resolution: int, n: int) -> Iterator[dict]:
     dataset = open_dataset(spec, resolution)
     if isinstance(dataset, ShardStream):  # each sample once, in order: the training stream resamples shards
         yield from itertools.islice(dataset.samples_once(), n)
+        return
+    if isinstance(dataset, ImageFolderDataset) and not images:
+        yield from ({"caption": caption} for caption in itertools.islice(dataset.samples.captions, n))
         return
     count, skipped = 0, skipped_samples(dataset)
     for i in range(len(dataset)):
@@ -95,28 +100,39 @@ def read_reference(spec: str, resolution: int, n: int, captioned: bool = False):
     --prompts) those of its captioned samples, in their order: the images of the prompts evaluated first. A folder
     captioned by metadata.jsonl lists an image once per caption (COCO's five), each of them one image here, not five.
     Undecodable files are skipped and counted in the log (once, whatever the passes). Any other spec gives the images of
-    `iter_items`."""
-    from latent_consistency.data.imagefolder import ImageFolderDataset, visible_files
+    `iter_items`. The file names are the folder's own (`ImageFolderDataset.samples`, or strings sorted), each made a path as a
+    pass reaches it: a Path of each of a 12-million-image folder's files, for the first 30,000, held gigabytes."""
+    from latent_consistency.data.imagefolder import ImageFolderDataset, extension, visible_names
     from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, load_rgb
     from latent_consistency.evaluation.table import ReferenceImages
 
     path = Path(spec).expanduser()
-    files = []
+    names = []
     if path.is_dir() and not (path / "manifest.json").is_file() and not any(not p.name.startswith(".") for p in path.glob("*.tar")):
         if captioned:
             dataset = ImageFolderDataset(path, resolution)
-            files, skipped = [path / name for name in dict.fromkeys(name for name, _ in dataset.samples)], dataset.skipped
+            names, skipped = dataset.samples.files, dataset.skipped
         else:
-            files = sorted((p for p in visible_files(path) if p.suffix.lower() in IMAGE_EXTENSIONS),
-                           key=lambda p: p.relative_to(path).as_posix())
+            names = sorted(name for name in visible_names(path) if extension(name) in IMAGE_EXTENSIONS)
             skipped = SkipCounter(name=f"image folder {path}")
-    if not files:  # shards, a latent cache, world:NAME, a .txt file, a folder of .heic photos alone (refused, saying why)
+    if not names:  # shards, a latent cache, world:NAME, a .txt file, a folder of .heic photos alone (refused, saying why)
         return ReferenceImages(lambda: (it["image"] for it in iter_items(spec, resolution, n) if "image" in it))
 
     def usable() -> Iterator[torch.Tensor]:  # a file decoded as a pass reaches it
+        files = (path / name for name in each_once(names))
         return itertools.islice((image for image in (load_rgb(file, resolution, skipped) for file in files) if image is not None), n)
 
     return ReferenceImages(usable)
+
+
+def each_once(names: Iterable[str]) -> Iterator[str]:
+    """`names` in order, each at its first place only (an image that metadata.jsonl captions five times is one image), the
+    names met kept only as far as a pass reads."""
+    met = set()
+    for name in names:
+        if name not in met:
+            met.add(name)
+            yield name
 
 
 def skipped_samples(dataset) -> int:

@@ -28,8 +28,9 @@ class Holdout:
             raise ValueError(f"part {self.part!r} is not one of {PARTS}")
 
     def keeps(self, key: str) -> bool:
-        """Whether the file or sample named `key` is on this side of the split."""
-        held_out = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64 < self.fraction
+        """Whether the file or sample named `key` is on this side of the split. A file name that is not UTF-8 (os.walk's
+        surrogate escapes) is hashed as its bytes on the disk; any other as its UTF-8, as always."""
+        held_out = int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()[:8], "big") / 2**64 < self.fraction
         return held_out == (self.part == "eval")
 
     def select(self, keys: list[str], what: str) -> list[int]:

@@ -20,18 +20,24 @@ bad file never stops a training run (`read` returns None for it: each usable sam
 Counts made in DataLoader worker processes are made in the workers' copies of
 `skipped` (and logged there), which send them back with each batch (`SkipCounter.take_pending`, collected by
 `data.workers.read_batches`); the scan counts are in the main process's `skipped`.
+
+The samples are held as two UTF-8 buffers with offsets (`CaptionedFiles`), not a list of (file, caption) tuples: at the
+paper's scale (LAION-Aesthetics, 12 million captioned images) a list held 3 GB in each training process, which each of
+its DataLoader workers copied page by page as reading samples touched their reference counts.
 """
 
 from __future__ import annotations
 
+import array
 import csv
 import hashlib
 import io
 import itertools
 import json
 import os
+from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,9 +70,9 @@ class ImageFolderDataset(Dataset):
         self.skipped = SkipCounter(name=f"image folder {self.root}")
         if not self.root.is_dir():
             raise UserError(f"image folder {self.root} does not exist; pass a folder of images with captions")
-        files = sorted(path.relative_to(self.root).as_posix() for path in visible_files(self.root))
-        images = [name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
-        unsupported = [name for name in files if Path(name).suffix.lower() in UNSUPPORTED_IMAGE_EXTENSIONS]
+        files = sorted(visible_names(self.root))
+        images = [name for name in files if extension(name) in IMAGE_EXTENSIONS]
+        unsupported = [name for name in files if extension(name) in UNSUPPORTED_IMAGE_EXTENSIONS]
         if not images:
             raise UserError(
                 f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {self.root}{_unsupported_note(unsupported)}; "
@@ -76,10 +82,8 @@ class ImageFolderDataset(Dataset):
         if len(found) > 1:
             raise UserError(f"{self.root} holds both {METADATA_FILE} and {METADATA_CSV}: keep the one that holds the captions")
         metadata = found[0] if found else self.root / METADATA_FILE
-        self.samples: list[tuple[str, str]] = (
-            self._scan_metadata(metadata, images) if metadata.is_file() else self._scan_sidecars(images)
-        )
-        named = {file_name for file_name, _ in self.samples}  # metadata may name any file Pillow reads
+        self.samples = CaptionedFiles(self._scan_metadata(metadata, images) if metadata.is_file() else self._scan_sidecars(images))
+        named = set(self.samples.files) if unsupported else set()  # metadata may name any file Pillow reads
         for file_name in unsupported:
             if file_name not in named:
                 self.skipped.add("unsupported_format", f"{file_name}: convert it to .jpg or .png")
@@ -94,27 +98,30 @@ class ImageFolderDataset(Dataset):
                 "or a.txt next to a.png"
             )
         if holdout is not None:
-            self.samples = [self.samples[i] for i in holdout.select([file_name for file_name, _ in self.samples], "images")]
+            self.samples = self.samples.take(holdout.select(self.samples.files, "images"))
         self._corrupt: set[int] = set()
 
-    def _scan_metadata(self, metadata: Path, images: list[str]) -> list[tuple[str, str]]:
+    def _scan_metadata(self, metadata: Path, images: list[str]) -> Iterator[tuple[str, str]]:
+        """The (file name, caption) of each usable line of `metadata`; the images of `images` (sorted) that no line captions
+        are counted as "no_caption". Which ones a line names is marked by bisection in `images`, not kept as a set of the
+        names (a gigabyte at 12 million)."""
         try:
             lines = metadata.open("rb")  # closed by the with below: only opening it is a user's problem
         except OSError as err:
             raise UserError(f"cannot read {metadata} ({err.strerror}); make it readable") from None
-        samples, captioned = [], set()
+        captioned = bytearray(len(images))
         with lines:
             rows = _csv_rows(metadata, lines) if metadata.name == METADATA_CSV else _jsonl_rows(lines)
             for number, row in rows:
                 try:
-                    file_name = Path(row["file_name"]).as_posix()
+                    file_name = as_posix(row["file_name"])
                 except (KeyError, TypeError):  # a line that is not JSON (or not UTF-8) is one bad line, not an error for the file
                     self.skipped.add("bad_metadata", f"{metadata}:{number}")
                     continue
                 if _outside(file_name):
                     self.skipped.add("outside_folder", f"{metadata}:{number} names {file_name}, not a path inside {self.root}")
                     continue
-                if not os.path.isfile(self.root / file_name):  # False, not an OSError, for a name too long for the disk
+                if not os.path.isfile(os.path.join(self.root, file_name)):  # False, not an OSError, for a name too long for the disk
                     self.skipped.add("missing_file", f"{metadata}:{number} names {file_name}")
                     continue
                 caption = clean_caption(row.get("text", row.get("caption")))
@@ -124,22 +131,23 @@ class ImageFolderDataset(Dataset):
                 elif (problem := utf8_error(caption) or caption_problem(caption)) is not None:
                     self.skipped.add("bad_caption", f"{metadata}:{number}: {problem}")
                 else:
-                    samples.append((file_name, caption))
-                    captioned.add(file_name)
-        for file_name in images:
-            if file_name not in captioned:
+                    yield file_name, caption
+                    if (i := bisect_left(images, file_name)) < len(images) and images[i] == file_name:
+                        captioned[i] = True
+        for file_name, named in zip(images, captioned):
+            if not named:
                 self.skipped.add("no_caption", f"{file_name} is not in {metadata.name}")
-        return samples
 
-    def _scan_sidecars(self, images: list[str]) -> list[tuple[str, str]]:
-        samples = []
+    def _scan_sidecars(self, images: list[str]) -> Iterator[tuple[str, str]]:
+        """The (file name, caption) of each image of `images` whose .txt sidecar is a usable caption."""
         for file_name in images:
-            if not (self.root / file_name).is_file():
+            path = os.path.join(self.root, file_name)
+            if not os.path.isfile(path):
                 self.skipped.add("missing_file", f"{file_name} is not a file (a dangling symlink?)")
                 continue
-            sidecar = (self.root / file_name).with_suffix(".txt")
+            sidecar = os.path.splitext(path)[0] + ".txt"
             try:  # UTF-8, with or without a byte-order mark; anything else (UTF-16 from Notepad, Latin-1) is skipped
-                caption = clean_caption(sidecar.read_bytes().decode("utf-8-sig")) if sidecar.is_file() else None
+                caption = clean_caption(_read_bytes(sidecar).decode("utf-8-sig")) if os.path.isfile(sidecar) else None
             except UnicodeDecodeError as err:
                 self.skipped.add("bad_caption", f"{sidecar} is not UTF-8 (byte 0x{err.object[err.start]:02x})")
                 continue
@@ -151,8 +159,7 @@ class ImageFolderDataset(Dataset):
             elif (problem := caption_problem(caption)) is not None:
                 self.skipped.add("bad_caption", f"{sidecar} {problem}")
             else:
-                samples.append((file_name, caption))
-        return samples
+                yield file_name, caption
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -162,8 +169,8 @@ class ImageFolderDataset(Dataset):
         file (a small image is read whole; a file renamed in place does not count). A training checkpoint records it, so
         that a run is not resumed on a folder whose images were reordered, recaptioned or replaced since, even by an image
         of the very same byte size (an uncompressed format's edit is caught where it touches a sample)."""
-        stamps = _in_order(_file_sample_digest, (self.root / file_name for file_name, _ in self.samples))
-        return _rows_digest((caption, stamp) for (_, caption), stamp in zip(self.samples, stamps))
+        stamps = _in_order(_file_sample_digest, (os.path.join(self.root, file_name) for file_name in self.samples.files))
+        return _rows_digest(zip(self.samples.captions, stamps))
 
     def size_fingerprint(self) -> str:
         """The digest checkpoints recorded before `fingerprint` sampled the images' bytes: each sample's caption and image file
@@ -171,7 +178,7 @@ class ImageFolderDataset(Dataset):
         comparing it with `fingerprint` would call every image changed."""
         def size(file_name: str) -> int:
             try:
-                return (self.root / file_name).stat().st_size
+                return os.stat(os.path.join(self.root, file_name)).st_size
             except OSError:
                 return -1
 
@@ -196,6 +203,60 @@ class ImageFolderDataset(Dataset):
         file_name, caption = self.samples[index]
         image = load_rgb(self.root / file_name, self.resolution, self.skipped)
         return None if image is None else {"image": image, "caption": caption}
+
+
+class Strings(Sequence):
+    """Strings in one growing UTF-8 buffer with the end offset of each in an array of 64-bit integers: about the bytes of
+    the text and 8 more a string, where a list holds a Python object of 49 bytes and more a string, and pages that
+    DataLoader worker processes forked from this one share, where they copy a list's page by page as reading its items
+    touches their reference counts. Any Python string comes back as it went in, lone surrogates included (a file name
+    that is not UTF-8, as os.walk gives it)."""
+
+    ENCODING = ("utf-8", "surrogatepass")
+
+    def __init__(self, strings: Iterable[str] = ()):
+        self._text, self._ends = bytearray(), array.array("q")
+        for string in strings:
+            self.append(string)
+
+    def append(self, string: str) -> None:
+        self._text += string.encode(*self.ENCODING)
+        self._ends.append(len(self._text))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Strings(self[j] for j in range(len(self))[i])
+        i = range(len(self))[i]  # an IndexError past the end, as a list's
+        return self._text[self._ends[i - 1] if i else 0 : self._ends[i]].decode(*self.ENCODING)
+
+
+class CaptionedFiles(Sequence):
+    """An image folder's samples, (file name relative to the root, caption) each, in two `Strings`: `files` and `captions`.
+    Equal to any sequence of the same pairs (a list of tuples, as the samples were held before)."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]] = ()):
+        self.files, self.captions = Strings(), Strings()
+        for file_name, caption in pairs:
+            self.files.append(file_name)
+            self.captions.append(caption)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(len(self))[i])
+        return self.files[i], self.captions[i]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def take(self, indices: Iterable[int]) -> CaptionedFiles:
+        """The samples at `indices`, in their order (one side of a held-out split)."""
+        return CaptionedFiles(self[i] for i in indices)
 
 
 def _outside(file_name: str) -> bool:
@@ -241,9 +302,16 @@ def _csv_rows(metadata: Path, lines) -> Iterator[tuple[int, dict]]:
 
 
 def visible_files(root: Path) -> Iterator[Path]:
-    """Every file under `root` but hidden ones (a name, or a folder on the way, starting with "."), one folder after
-    another. Symlinked folders are followed, each real folder once, so a link back up the tree does not loop; dangling
-    symlinks are listed. A folder that cannot be read is a UserError."""
+    """Every file under `root` but hidden ones, one folder after another (`visible_names`)."""
+    return (root / name for name in visible_names(root))
+
+
+def visible_names(root: Path) -> Iterator[str]:
+    """The path relative to `root` ("a/b.png", "/" between parts) of every file under `root` but hidden ones (a name, or a
+    folder on the way, starting with "."), one folder after another. Symlinked folders are followed, each real folder
+    once, so a link back up the tree does not loop; dangling symlinks are listed. A folder that cannot be read is a
+    UserError. Strings, not Path objects: each training process scans the folder, and making a Path of each of 12
+    million files took most of the scan's time."""
     seen = set()
     for folder, folders, names in os.walk(root, onerror=_unreadable_folder, followlinks=True):
         real = os.path.realpath(folder)
@@ -252,7 +320,36 @@ def visible_files(root: Path) -> Iterator[Path]:
             continue
         seen.add(real)
         folders[:] = sorted(name for name in folders if not name.startswith("."))  # sorted: the same folder wins each time
-        yield from (Path(folder, name) for name in names if not name.startswith("."))
+        inside = os.path.relpath(folder, root)
+        prefix = "" if inside == os.curdir else inside.replace(os.sep, "/") + "/"
+        yield from (prefix + name for name in names if not name.startswith("."))
+
+
+def as_posix(file_name: str) -> str:
+    """`Path(file_name).as_posix()` without making a Path ("." and empty parts dropped, "a/b" as it is): pathlib interns
+    every part of every path it parses, and a metadata file naming 12 million files left the interpreter's table of
+    interned strings at their number (37 bytes a file) for the life of the process. Exactly Path's on POSIX; elsewhere
+    it is Path's (a drive, backslashes)."""
+    if os.sep != "/":
+        return Path(file_name).as_posix()
+    if not isinstance(file_name, str):
+        raise TypeError(f"a file name is a string, not {type(file_name).__name__}")
+    relative = file_name.lstrip("/")
+    slashes = len(file_name) - len(relative)  # POSIX keeps a leading "//" (and only two) as it is
+    root = "//" if slashes == 2 else "/" if slashes else ""
+    return root + "/".join(part for part in relative.split("/") if part and part != ".") or "."
+
+
+def extension(file_name: str) -> str:
+    """The lower-case extension of a file name, ".png": what `Path(file_name).suffix.lower()` gives for a name that is not
+    hidden, without making a Path (`visible_names`)."""
+    return os.path.splitext(file_name)[1].lower()
+
+
+def _read_bytes(path: str) -> bytes:
+    """A file's bytes, read without making a Path of it (`visible_names`): a folder of sidecars has one per image."""
+    with open(path, "rb") as file:
+        return file.read()
 
 
 def _unreadable_folder(error: OSError) -> None:
@@ -264,7 +361,7 @@ def _unsupported_note(unsupported: list[str]) -> str:
     """A note for the error of a folder without images, e.g. " (it holds 3 .heic files, ...)"; "" without such files."""
     if not unsupported:
         return ""
-    counts = Counter(Path(name).suffix.lower() for name in unsupported)
+    counts = Counter(extension(name) for name in unsupported)
     held = ", ".join(f"{count} {suffix}" for suffix, count in counts.most_common())
     return f" (it holds {held} file{'s' if len(unsupported) != 1 else ''}, a format not read here: convert them to .jpg or .png)"
 
@@ -295,9 +392,11 @@ def _in_order(function: Callable, items: Iterable) -> Iterator:
     """`function(item)` of each item, in order, computed on FINGERPRINT_THREADS threads, FINGERPRINT_CHUNK items a task and
     at most two tasks a thread ahead: a fingerprint opens every image of the folder (a million at the paper's scale, at
     the first checkpoint and at every resume), and one open after another waits out each one's latency on a network or
-    cold disk."""
+    cold disk. Stopped early (Ctrl-C, an error), the tasks not yet started are dropped: only those running are waited
+    for, not the 4,096 opens queued ahead."""
     items = iter(items)
-    with ThreadPoolExecutor(FINGERPRINT_THREADS, thread_name_prefix="fingerprint") as pool:
+    pool = ThreadPoolExecutor(FINGERPRINT_THREADS, thread_name_prefix="fingerprint")
+    try:
         ahead: deque[Future] = deque()
         while chunk := list(itertools.islice(items, FINGERPRINT_CHUNK)):
             ahead.append(pool.submit(lambda chunk: [function(item) for item in chunk], chunk))
@@ -305,6 +404,8 @@ def _in_order(function: Callable, items: Iterable) -> Iterator:
                 yield from ahead.popleft().result()
         while ahead:
             yield from ahead.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _file_sample_digest(path: Path) -> str:

@@ -30,10 +30,12 @@ refuses them ("too_large").
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +108,7 @@ class SkipCounter:
         taken, self.pending = self.pending or [], []
         return taken
 
-    def with_counted(self, events: list[tuple[str, str]]) -> SkipCounter:
+    def with_counted(self, events: Iterable[tuple[str, str]]) -> SkipCounter:
         """A copy with `events` (other copies' `take_pending`) counted too, without logging them again: a sample named by
         its detail counts once however many copies counted it, one without a detail once per event."""
         merged = SkipCounter(name=self.name, counts=self.counts.copy(), seen=set(self.seen))
@@ -134,6 +136,34 @@ class SkipCounter:
 
 # The samples of one reason a `SkipCounter` names (and a checkpoint lists); the log names the first of them
 NAMED_PER_REASON = 1000
+
+
+class SkipEvents:
+    """What copies of a `SkipCounter` in DataLoader worker processes counted (their `take_pending`, added with +=), for
+    `SkipCounter.with_counted`: each sample named by its detail once, and those without a detail (past NAMED_PER_REASON of
+    a reason, or never named) as a count per reason. A list kept one event per unnamed sample for the whole run: at the
+    paper's scale, millions of ("converted_grayscale", "") in each training process. Iterated, it gives the events that
+    count the same."""
+
+    def __init__(self):
+        self.named: set[tuple[str, str]] = set()
+        self.unnamed: Counter = Counter()
+
+    def __iadd__(self, events: Iterable[tuple[str, str]]) -> SkipEvents:
+        for reason, detail in events:
+            if detail:
+                self.named.add((reason, detail))
+            else:
+                self.unnamed[reason] += 1
+        return self
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        yield from self.named
+        for reason, count in self.unnamed.items():
+            yield from itertools.repeat((reason, ""), count)
+
+    def __bool__(self) -> bool:
+        return bool(self.named or self.unnamed)
 
 
 def _is_power_of_ten(n: int) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset
 
+from latent_consistency.data.images import SkipEvents
 from latent_consistency.errors import UserError
 
 
@@ -87,11 +88,11 @@ def worker_death(err: BaseException, option: str | None) -> str | None:
     return None
 
 
-def read_batches(dataset, batch_size: int, num_workers: int, worker_skips: list[tuple[str, str]],
+def read_batches(dataset, batch_size: int, num_workers: int, worker_skips: SkipEvents | list[tuple[str, str]],
                  sampler=None) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Batches (images, captions) of `dataset` in `sampler`'s order (its own without one), read by `num_workers` DataLoader
     worker processes (none: this one) as this process reads: a sample's UserError raised here in its one line, what the
-    workers skipped appended to `worker_skips` (for the dataset's `SkipCounter.with_counted`), a group SIGTERM ending them
+    workers skipped added to `worker_skips` (for the dataset's `SkipCounter.with_counted`), a group SIGTERM ending them
     quietly, a batch of left-out samples (None) skipped."""
     counter = getattr(dataset, "skipped", None)
     if num_workers and counter is not None:

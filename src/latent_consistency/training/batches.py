@@ -8,13 +8,15 @@ one batched VAE and text-encoder call per batch, never per sample. The data posi
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset
-from latent_consistency.data.images import SkipCounter
+from latent_consistency.data.images import SkipCounter, SkipEvents
 from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.data.sampler import ResumableSampler
 from latent_consistency.data.shards import ShardStream, check_usable
@@ -28,6 +30,8 @@ from latent_consistency.pipelines import MAX_SIZE_FACTOR
 SkipRecord = tuple[dict[str, int], list[tuple[str, str]]]
 # The keys of those two in a checkpoint's data position, as a shard stream's position names them (`ShardStream.state_dict`)
 SKIPPED_COUNTS, SKIPPED_SEEN = "skipped_counts", "skipped_seen"
+# Runs a digest's `compute` where the run wants it computed and gives its value (`TrainingBatches.share_fingerprints`)
+Sharer = Callable[[Callable[[], str | None]], str | None]
 
 
 class TrainingBatches:
@@ -50,8 +54,9 @@ class TrainingBatches:
                 raise UserError(f"data {spec} holds no usable samples")
             self.sampler = ResumableSampler(len(self.dataset), seed=seed, rank=rank, world_size=world_size)
         self._iterator = None
-        self._fingerprint: str | None = None  # `fingerprint`, computed once
-        self._worker_skips: list[tuple[str, str]] = []  # what the DataLoader workers counted (`SkipCounter.take_pending`)
+        self._digests: dict[str, str | None] = {}  # `fingerprint` and the earlier one, each computed once
+        self._share: Sharer = lambda compute: compute()  # `share_fingerprints`
+        self._worker_skips = SkipEvents()  # what the DataLoader workers counted (`SkipCounter.take_pending`)
         self._earlier_skips: SkipRecord | None = None  # what a resumed run's data counted before its checkpoint (`load_state_dict`)
 
     def _check_workers_apply(self) -> None:
@@ -120,9 +125,12 @@ class TrainingBatches:
         return self.model.prompts.uncond(self.device, (self.resolution, self.resolution))
 
     def first_captions(self, n: int) -> list[str]:
-        """The captions of the first `n` samples (of a shard stream: of its shards in order, `ShardStream.first_captions`)."""
+        """The captions of the first `n` samples (of a shard stream: of its shards in order, `ShardStream.first_captions`); an
+        image folder's without decoding its images."""
         if isinstance(self.dataset, ShardStream):
             return self.dataset.first_captions(n)
+        if isinstance(self.dataset, ImageFolderDataset):
+            return list(itertools.islice(self.dataset.samples.captions, n))
         return [self.dataset[i]["caption"] for i in range(min(n, len(self.dataset)))]
 
     def __next__(self) -> dict:
@@ -136,9 +144,21 @@ class TrainingBatches:
 
     def fingerprint(self) -> str | None:
         """A digest of the data this process reads (`data_fingerprint`), computed once; None for a named dataset."""
-        if self._fingerprint is None:
-            self._fingerprint = data_fingerprint(self.dataset)
-        return self._fingerprint
+        return self._digest("fingerprint", lambda: data_fingerprint(self.dataset))
+
+    def share_fingerprints(self, share: Sharer) -> None:
+        """Have the digests (`fingerprint`, and the earlier one a resume compares) of data that every process reads whole
+        computed by `share(compute)`: the run's `compute()` on its first process alone, given to every process, which then
+        all reach `state_dict` and `load_state_dict` together. An image folder or a latent cache is the same data in every
+        process (the sampler, not the dataset, splits it among them), and each of N processes reading a sample of every
+        file of a 12-million-image folder was N times the reads of one. A shard stream is each process's own shards."""
+        if not isinstance(self.dataset, ShardStream):
+            self._share = share
+
+    def _digest(self, name: str, compute: Callable[[], str | None]) -> str | None:
+        if name not in self._digests:
+            self._digests[name] = self._share(compute)
+        return self._digests[name]
 
     def state_dict(self) -> dict:
         fingerprint = {"fingerprint": self.fingerprint()} if self.fingerprint() is not None else {}
@@ -161,8 +181,8 @@ class TrainingBatches:
             self.sampler.load_state_dict(state["sampler"])
             # a position saved by an earlier version has no counts: the summary then covers the steps since the resume
             self._earlier_skips = (state[SKIPPED_COUNTS], state[SKIPPED_SEEN]) if SKIPPED_COUNTS in state else None
-        saved = state.get("fingerprint")
-        if saved is not None and saved not in (self.fingerprint(), earlier_fingerprint(self.dataset)):
+        saved = state.get("fingerprint")  # the earlier digest (reading every file's size) only where the digest differs
+        if saved is not None and saved != self.fingerprint() and saved != self._digest("earlier", lambda: earlier_fingerprint(self.dataset)):
             raise UserError(f"the data {self.spec} changed since this run's checkpoint (images or shards added, removed, reordered, "
                             "replaced or recaptioned, or a latent cache rebuilt from other data): resuming would train on other "
                             "samples than the run's; put the data back as it was to resume, or start a new run with another --out")
@@ -207,7 +227,7 @@ def merged_skips(records: list[SkipRecord]) -> SkipCounter:
 
 
 def _micro_batches(dataset, sampler, model: DiffusionModel, device, resolution: int, micro_batch: int, num_workers: int,
-                   worker_skips: list[tuple[str, str]]):
+                   worker_skips: SkipEvents):
     """The micro-batches {"latents", "cond"} of `dataset` in `sampler`'s order, encoded by `model`; what DataLoader workers
     skipped goes into `worker_skips`. A function of its own, not a method: a generator that held its `TrainingBatches`
     would make a reference cycle, freed only by the cyclic garbage collector, whose order of finalisation closed the

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
@@ -188,6 +188,15 @@ def recorded_guidance(config: TrainConfig, base_record: GuidanceRecord | None, r
     return GuidanceRecord.of_run(config.guidance_scale_min, config.guidance_scale_max, config.validation_guidance_scale, response)
 
 
+def first_process_value(accelerator, compute):
+    """`compute()` of the first process, on every process, which each call this at the same point: work that gives every
+    process the same value (an image folder's fingerprint) done once, not once per process."""
+    value = [compute() if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(value)
+    return value[0]
+
+
 class RunFolder:
     """The save / validate / log side of the training loop, and resume and export."""
 
@@ -200,6 +209,8 @@ class RunFolder:
         self.eval_split = accelerator.num_processes * config.grad_accumulation  # the micro-batches of one batch
         self.eval_set = [next(eval_batches) for _ in range(EVAL_BATCHES * self.eval_split)] if eval_batches is not None else []
         self.eval_batches = eval_batches  # the held-out micro-batches after `eval_set`, for an ω response on more latents
+        for data in filter(None, (batches, eval_batches)):  # an image folder's files read by one process, not by each
+            data.share_fingerprints(lambda compute: first_process_value(accelerator, compute))
         self.main = accelerator.is_main_process
         # Under FSDP the target θ⁻ is sharded: every process takes part in its forward passes (validation, ω response)
         self.runs_target = self.main or is_sharded(accelerator)
@@ -278,12 +289,13 @@ class RunFolder:
         accelerator = self.accelerator
         data = self.batches.state_dict()
         data_states = accelerator.gather_for_metrics([data], use_gather_object=True) if accelerator.num_processes > 1 else [data]
+        # on every process: the first one computes it for all (`share_fingerprints`)
+        held_out = self.eval_batches.fingerprint() if self.config.eval_data and self.eval_batches is not None else None
         tensors, optimizer_state = full_training_state(accelerator, self.student, self.optimizer)  # under FSDP, gathered
         if not self.main:
             return None
         state = dict(step=progress.step, nonfinite_total=progress.nonfinite_total, data=data_states, config=self.config.to_dict())
         state[sources.CHECKPOINT_KEY] = sources.recorded_sources(self.out)  # what its models are, wherever they move (`proven_moves`)
-        held_out = self.eval_batches.fingerprint() if self.config.eval_data and self.eval_batches is not None else None
         if held_out is not None:  # what its --eval-data is, wherever it moves (`proven_moves`, `check_eval_data`)
             state[sources.EVAL_FINGERPRINT] = held_out
         if getattr(self.config, "student_init", ""):  # the architecture a resumed run makes its student in (`resumed_student_unet`)
