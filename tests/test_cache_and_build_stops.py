@@ -34,7 +34,7 @@ def test_a_corrupt_image_is_counted_once_and_left_out_of_the_cache(tiny_sd, tmp_
     code, out, err = cache(argv, capsys)
     assert code == 0, err
     read = LatentCache(tmp_path / "cache")
-    assert read.captions == ["a red star number 0", "a red star number 2", "a red star number 3"]
+    assert list(read.captions) == ["a red star number 0", "a red star number 2", "a red star number 3"]
     assert read.caption_index.tolist() == [0, 1, 2]
     assert "data: skipped: corrupt=1\n" in out and "a latent cache of 3 samples" in out, out
 
@@ -86,4 +86,4 @@ def test_the_workers_of_the_cache_and_of_world_rendering_end_quietly_on_sigterm(
         cache = write_latent_cache(_SigtermHandlers(), tmp_path / "cache", model.codec, model.prompts, {}, num_workers=1, progress=False)
     finally:
         signal.signal(signal.SIGTERM, handler)
-    assert rendered.captions == ["quiet", "quiet"] and LatentCache(cache).captions == ["quiet"]
+    assert rendered.captions == ["quiet", "quiet"] and list(LatentCache(cache).captions) == ["quiet"]

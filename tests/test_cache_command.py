@@ -16,10 +16,10 @@ def test_cache_holds_the_models_latents_of_each_image_and_a_run_trains_on_it(tin
     assert code == 0, err
     model = load_diffusion_model(str(tiny_sd))
     read = LatentCache(cache)
-    assert len(read) == 5 and read.captions == [f"a red star number {i}" for i in range(5)]
+    assert len(read) == 5 and list(read.captions) == [f"a red star number {i}" for i in range(5)]
     pixels = torch.stack([load_rgb(images / f"{i}.png", model.native_size) for i in range(5)])  # as a run decodes them
     torch.testing.assert_close(read.latents, model.codec.encode(pixels), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(read.text_embeddings, model.prompts.encode(read.captions, "cpu"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(read.text_embeddings, model.prompts.encode(list(read.captions), "cpu"), rtol=1e-5, atol=1e-5)
     out = tmp_path / "run"
     code, err = run_error(["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(cache), "--out", str(out),
                            "--steps", "1"])

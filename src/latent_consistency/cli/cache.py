@@ -13,7 +13,6 @@ read once each, shard after shard. The folder is written as `OUT.partial` and re
 from __future__ import annotations
 
 import json
-import sys
 
 from latent_consistency.cli.arguments import nonnegative_int, positive_int
 from latent_consistency.devices import resolve_device
@@ -46,8 +45,10 @@ def write_cache(args) -> None:
         raise UserError(f"--num-workers {args.num_workers} starts processes that decode an image folder's images; --data {args.data} "
                         "is webdataset shards, which decode on threads in this process: leave --num-workers out")
     source = {"data": args.data, "model": args.model, "resolution": resolution}
+    # progress as every command shows it: a bar in a terminal, whole lines in a log (`progress`), where a cache of LAION's
+    # size is hours of encoding that showed nothing
     out = write_latent_cache(dataset, args.out, model.codec, model.prompts, source, device, batch_size=args.batch_size,
-                             num_workers=args.num_workers, progress=sys.stderr.isatty())
+                             num_workers=args.num_workers)
     summary = getattr(dataset, "skipped", None)
     if summary is not None and summary.summary():
         print(f"data: {summary.summary()}")

@@ -4,13 +4,17 @@ On disk (safetensors, no pickles):
 
     manifest.json              written last: a folder without it is not a cache
     captions.safetensors       text_embeddings [U,L,D] (one per distinct caption), uncond_embedding [L,D]
-                               (the embedding of ""); the caption strings are in its metadata
+                               (the embedding of ""), caption_bytes [B] (the caption strings' UTF-8, end to end) and
+                               caption_offsets [U+1] (caption u is caption_bytes[offsets[u]:offsets[u+1]])
     shard-00000.safetensors    latents [n,C,h,w] (scaled: z = E(x), see `models.LatentCodec`),
     ...                        caption_index [n] (rows of text_embeddings)
 
 Captions repeat in a captioned toy dataset, so each distinct caption is encoded and stored once. The files are read
 memory-mapped (`_read_tensors`): a cache of LAION size (650K samples of SD 1.5 at 512 px, ~190 GB in float32) is never
-copied into memory, and its pages come from the OS page cache, shared by every training process on the machine.
+copied into memory, and its pages come from the OS page cache, shared by every training process on the machine. The
+caption strings too (`CaptionTable`), decoded one at a time where a sample's is asked for: a cache of format
+HEADER_CAPTIONS (written before) held them as JSON in the captions file's header, which safetensors refuses past 100 MB
+(about 12M captions, LAION-Aesthetics' size) and which every process parsed whole into strings; it is still read.
 """
 
 from __future__ import annotations
@@ -19,16 +23,18 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset, hash_json_list
+from latent_consistency.data.images import SkipEvents
 from latent_consistency.data.shards import ShardStream
 from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
@@ -36,17 +42,23 @@ from latent_consistency.models import LatentCodec
 from latent_consistency.outputs import partial_folder, start_partial
 from latent_consistency.progress import progress_bar
 
-FORMAT = "latent-cache/1"
+FORMAT = "latent-cache/2"
+HEADER_CAPTIONS = "latent-cache/1"  # the earlier format: the caption strings as JSON in the captions file's metadata
 MANIFEST = "manifest.json"
 CAPTIONS = "captions.safetensors"
 PARTIAL_MARK = ".lcm-latent-cache"  # in `<cache>.partial` while it is written
+CAPTIONS_PER_WRITE = 1 << 16  # caption strings joined into one write of the captions file
 # A cache of at most this many bytes of latents and text embeddings is small: it is scanned whole for NaN and infinity when
 # read and moved whole to the training device, once (the built-in world's: 20k samples of 8x8x4 latents, a few MB). A larger
 # one stays memory-mapped: each micro-batch is gathered on the CPU, checked, and only it moves to the device.
 SMALL_CACHE_BYTES = 1 << 30
+FINGERPRINT_ROWS = 1 << 14  # samples fed to a fingerprint's digest at a time
 # The tensors of each file as `write_latent_cache` writes them: safetensors' dtype name and number of dimensions
-LAYOUT = {"latents": ("F32", 4), "caption_index": ("I64", 1), "text_embeddings": ("F32", 3), "uncond_embedding": ("F32", 2)}
-DTYPES = {"F32": torch.float32, "I64": torch.int64}
+LAYOUT = {"latents": ("F32", 4), "caption_index": ("I64", 1), "text_embeddings": ("F32", 3), "uncond_embedding": ("F32", 2),
+          "caption_bytes": ("U8", 1), "caption_offsets": ("I64", 1)}
+DTYPES = {"F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}
+TABLE = ("text_embeddings", "uncond_embedding")
+CAPTION_TENSORS = ("caption_bytes", "caption_offsets")
 
 
 @torch.no_grad()
@@ -98,15 +110,15 @@ def write_latent_cache(
             if sum(len(p[1]) for p in pending) >= shard_size:
                 flush()
             bar.update(len(captions))  # samples written: short of the total by those skipped
-    if pending:
-        flush()
-    if not shards:
-        skipped = getattr(dataset, "skipped", None)
-        raise UserError(f"no usable sample in the data ({skipped.summary() if skipped else 'none given'}); check the files")
+        if pending:
+            flush()
+        if not shards:  # in the bar's block: a log's end line would come before the one line of this stop
+            skipped = getattr(dataset, "skipped", None)
+            raise UserError(f"no usable sample in the data ({skipped.summary() if skipped else 'none given'}); check the files")
 
     captions = list(caption_ids)
     size = tuple(images.shape[-2:])  # the last batch's: every image is resolution x resolution
-    embeddings = _encoded_captions(out_dir, prompts, captions, device, size, batch_size)
+    embeddings = _encoded_captions(out_dir, prompts, captions, device, size, batch_size, progress)
     first = next(embeddings)
     uncond = prompts.uncond(device, size)[0]
     _check_encoded(out_dir, {"empty prompt's embedding": uncond}, uncond.dtype)
@@ -130,40 +142,87 @@ def write_latent_cache(
     return out_dir
 
 
-def _encoded_captions(out_dir: Path, prompts, captions: list[str], device, size: tuple[int, int],
-                      batch_size: int) -> Iterator[torch.Tensor]:
+def _encoded_captions(out_dir: Path, prompts, captions: list[str], device, size: tuple[int, int], batch_size: int,
+                      progress: bool) -> Iterator[torch.Tensor]:
     """The text embeddings of `captions`, `batch_size` at a time, in float32 on the CPU; a UserError at the first batch that
-    comes out NaN or infinite (`_check_encoded`)."""
-    for i in range(0, len(captions), batch_size):
-        batch = prompts.encode(captions[i : i + batch_size], device, size)
-        _check_encoded(out_dir, {"text embeddings": batch}, batch.dtype)
-        yield batch.float().cpu()
+    comes out NaN or infinite (`_check_encoded`). With its own progress: LAION's 650K distinct captions are a phase of
+    their own."""
+    with progress_bar(total=len(captions), desc="latent cache captions", unit="caption", disable=not progress) as bar:
+        for i in range(0, len(captions), batch_size):
+            batch = prompts.encode(captions[i : i + batch_size], device, size)
+            _check_encoded(out_dir, {"text embeddings": batch}, batch.dtype)
+            yield batch.float().cpu()
+            bar.update(len(batch))
 
 
 def _write_captions(target: Path, captions: list[str], shape: list[int], embeddings: Iterator[torch.Tensor],
                     uncond: torch.Tensor) -> None:
     """CAPTIONS written batch by batch as `embeddings` arrive, byte for byte the file that `save_file` writes of
-    {"text_embeddings" [U,L,D] (`shape`), "uncond_embedding"} with the caption strings in its metadata, without holding
-    every caption's embedding at once: 236 KB each in SD 1.5, 150 GB for LAION's 650K distinct captions.
+    {"text_embeddings" [U,L,D] (`shape`), "uncond_embedding", "caption_bytes", "caption_offsets"} (`CaptionTable`), without
+    holding every caption's embedding at once (236 KB each in SD 1.5, 150 GB for LAION's 650K distinct captions) nor
+    every caption's bytes.
 
-    save_file's layout (safetensors' spec): an 8-byte little-endian header length, the header as compact JSON
-    ("__metadata__" first, then the tensors in the order of their data: by dtype, then name) padded with spaces to a
-    multiple of 8 bytes, then each tensor's little-endian bytes."""
-    table = shape[0] * math.prod(shape[1:]) * 4
-    header = {
-        "__metadata__": {"captions": json.dumps(captions)},
-        "text_embeddings": {"dtype": "F32", "shape": shape, "data_offsets": [0, table]},
-        "uncond_embedding": {"dtype": "F32", "shape": list(uncond.shape), "data_offsets": [table, table + uncond.numel() * 4]},
-    }
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # serde_json's compact form, as save_file's
+    save_file's layout (safetensors' spec): an 8-byte little-endian header length, the header as compact JSON (the
+    tensors in the order of their data: by dtype, widest first, then name) padded with spaces to a multiple of 8 bytes,
+    then each tensor's little-endian bytes."""
+    lengths = np.fromiter((len(c.encode()) for c in captions), dtype=np.int64, count=len(captions))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
+    sizes = {"caption_offsets": offsets.nbytes, "text_embeddings": shape[0] * math.prod(shape[1:]) * 4,
+             "uncond_embedding": uncond.numel() * 4, "caption_bytes": int(offsets[-1])}
+    shapes = {"caption_offsets": [len(offsets)], "text_embeddings": shape, "uncond_embedding": list(uncond.shape),
+              "caption_bytes": [int(offsets[-1])]}
+    header, end = {}, 0
+    for name, size in sizes.items():  # safetensors' order: I64, then F32 by name, then U8
+        header[name] = {"dtype": LAYOUT[name][0], "shape": shapes[name], "data_offsets": [end, end + size]}
+        end += size
+    text = json.dumps(header, separators=(",", ":")).encode()  # serde_json's compact form, as save_file's
     text += b" " * (-len(text) % 8)
     with open(target, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
+        f.write(len(text).to_bytes(8, "little") + text + offsets.tobytes())
         for batch in embeddings:
             if list(batch.shape[1:]) != shape[1:]:
                 raise ValueError(f"the prompt encoder gave conditions of shape {list(batch.shape[1:])} after {shape[1:]}")
             f.write(batch.contiguous().numpy().tobytes())
         f.write(uncond.contiguous().numpy().tobytes())
+        for i in range(0, len(captions), CAPTIONS_PER_WRITE):
+            f.write(b"".join(c.encode() for c in captions[i : i + CAPTIONS_PER_WRITE]))
+
+
+class CaptionTable(Sequence):
+    """The distinct caption strings of a cache, each decoded from UTF-8 bytes when it is asked for: caption u is
+    `data[offsets[u]:offsets[u + 1]]`, views of the captions file's mapped body (format FORMAT). Nothing is read at open,
+    so a cache of 12M captions opens at once in every training process and holds no string it does not use."""
+
+    def __init__(self, target: Path, data: np.ndarray, offsets: np.ndarray):
+        self.target, self._data, self._offsets = target, memoryview(data), offsets  # a memoryview slices without a copy
+        if not len(offsets) or offsets[0] != 0 or offsets[-1] != len(data):
+            _unreadable(target, "its caption_offsets do not span its caption_bytes")
+
+    @classmethod
+    def of(cls, target: Path, captions: list[str]) -> CaptionTable:
+        """The table of `captions` in memory: those of a cache of format HEADER_CAPTIONS, read as one written now is."""
+        encoded = [c.encode() for c in captions]
+        return cls(target, np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum([0, *map(len, encoded)], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, u):
+        if isinstance(u, slice):
+            return self.take(range(len(self))[u])
+        return self.take([range(len(self))[u]])[0]  # an IndexError past the end, as a list's
+
+    def take(self, ids) -> list[str]:
+        """The captions `ids` (caption indices: a sequence, an array or a tensor), in one pass: a fingerprint decodes every
+        sample's, at twice the speed of one `self[u]` after another."""
+        ids = np.asarray(ids, dtype=np.int64)
+        begins, ends = self._offsets[ids], self._offsets[ids + 1]
+        if len(ids) and not (begins.min() >= 0 and (begins <= ends).all() and ends.max() <= len(self._data)):
+            _unreadable(self.target, "its caption_offsets place captions outside its caption_bytes")
+        try:
+            return [str(self._data[b:e], "utf-8") for b, e in zip(begins.tolist(), ends.tolist())]
+        except UnicodeDecodeError:
+            _unreadable(self.target, "its caption_bytes are not UTF-8 text where its caption_offsets place them")
 
 
 @dataclass
@@ -180,28 +239,24 @@ class LatentCache(torch.utils.data.Dataset):
     """A latent cache read back; items {"latents" [C,h,w], "text_embedding" [L,D], "caption"}.
 
     Its files are mapped, not read (`_read_tensors`): `shards` are zero-copy views of each shard's latents, `text_embeddings`
-    of the captions file's; only the caption index (8 bytes a sample) is copied. `rows` are the samples' rows in the
-    shards, end to end (those of one side of a held-out split). `small`: at most SMALL_CACHE_BYTES, scanned whole for NaN
-    when read and moved whole to a training device; a larger cache is checked micro-batch by micro-batch (`gather`)."""
+    of the captions file's, `captions` of its distinct caption strings, decoded as they are asked for (`CaptionTable`);
+    only the caption index (8 bytes a sample) is copied. `rows` are the samples' rows in the shards, end to end (those of
+    one side of a held-out split). `small`: at most SMALL_CACHE_BYTES, scanned whole for NaN when read and moved whole to
+    a training device; a larger cache is checked micro-batch by micro-batch (`gather`)."""
 
     def __init__(self, path: str | Path, holdout: Holdout | None = None):
         self.path = path = Path(path)
         self.manifest = _read_manifest(path)
         shards = [_read_tensors(path, s["file"], ("latents", "caption_index"))[0] for s in self.manifest["shards"]]
-        table, metadata = _read_tensors(path, CAPTIONS, ("text_embeddings", "uncond_embedding"))
         self.shards = [s["latents"] for s in shards]
-        try:
-            if len({s.shape[1:] for s in self.shards}) != 1:
-                raise ValueError("shards of different latent shapes")
-            self.captions = json.loads(metadata["captions"])
-        except (KeyError, TypeError, ValueError):  # shards of different latent shapes, no caption strings
-            raise UserError(f"latent cache {path} is damaged (its shards or captions do not fit together); rebuild it") from None
+        if len({s.shape[1:] for s in self.shards}) != 1:
+            raise UserError(f"latent cache {path} is damaged (its shards or captions do not fit together); rebuild it")
+        table, self.captions = _read_captions(path, self.manifest["format"])
         index = torch.cat([s["caption_index"] for s in shards])
         self.text_embeddings, self.uncond_embedding = table["text_embeddings"], table["uncond_embedding"]
         self._starts = torch.tensor([0] + [len(s) for s in self.shards]).cumsum(0)[:-1]  # each shard's first row
         rows = sum(len(s) for s in self.shards)
-        if (rows != self.manifest["num_samples"] or not isinstance(self.captions, list)
-                or len(self.captions) != len(self.text_embeddings) or len(index) != rows
+        if (rows != self.manifest["num_samples"] or len(self.captions) != len(self.text_embeddings) or len(index) != rows
                 or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self.captions))):
             raise UserError(f"latent cache {path} is inconsistent with its manifest; rebuild it")
         self.small = sum(s.nbytes for s in self.shards) + self.text_embeddings.nbytes <= SMALL_CACHE_BYTES
@@ -210,7 +265,7 @@ class LatentCache(torch.utils.data.Dataset):
             self._check_finite(tensors)
         self.rows = torch.arange(rows)
         if holdout is not None:  # a cache has no files: samples are held out by index
-            self.rows = torch.tensor(holdout.select([str(i) for i in range(rows)], "samples"))
+            self.rows = torch.tensor(holdout.select(_SampleNames(rows), "samples"))
         self.caption_index = index[self.rows]
 
     def __len__(self) -> int:
@@ -229,13 +284,18 @@ class LatentCache(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         """A digest of the samples in order: the latents' shape, each sample's caption and its first 16 latent values, exactly
         (a cache rebuilt from the same images with the same models has the same one, from other images or models another).
-        A training checkpoint records it, so that a run is not resumed on a rebuilt cache of other data of the same size."""
+        A training checkpoint records it, so that a run is not resumed on a rebuilt cache of other data of the same size.
+
+        Fed to the digest FINGERPRINT_ROWS samples at a time, the same bytes as whole: every process of a run computes it,
+        and at LAION-Aesthetics' 12M samples the whole caption index as Python ints and three copies of every head took
+        1.5 GB in each."""
         shape = [len(self), *self.latent_shape]  # the JSON of [shape, every sample's caption], hashed caption by caption
         digest = hashlib.sha256(f"[{json.dumps(shape)}, ".encode())
-        hash_json_list(digest, (self.captions[c] for c in self.caption_index.tolist()))
+        chunks = torch.arange(len(self)).split(FINGERPRINT_ROWS)
+        hash_json_list(digest, (c for idx in chunks for c in self.captions.take(self.caption_index[idx])))
         digest.update(b"]")
-        heads = torch.cat([s.reshape(len(s), -1)[:, :16] for s in self.shards])[self.rows]  # one page of each sample read
-        digest.update(heads.float().contiguous().numpy().tobytes())
+        for idx in chunks:  # one page of each sample read
+            digest.update(self._latents(idx, head=16).numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def __getitem__(self, i: int) -> dict:
@@ -257,14 +317,17 @@ class LatentCache(torch.utils.data.Dataset):
         self._check_finite({"latents": latents, "text_embeddings": cond})
         return latents, cond
 
-    def _latents(self, idx: torch.Tensor) -> torch.Tensor:
-        """The latents of the samples `idx`, gathered from the shards that hold them."""
+    def _latents(self, idx: torch.Tensor, head: int | None = None) -> torch.Tensor:
+        """The latents of the samples `idx`, gathered from the shards that hold them; given `head`, only each one's first
+        `head` values (flattened), which are all that is read of it."""
         rows = self.rows[idx]
         shard = torch.searchsorted(self._starts, rows, right=True) - 1
-        out = torch.empty((len(rows), *self.latent_shape), dtype=self.shards[0].dtype)
+        shape = self.latent_shape if head is None else (min(head, math.prod(self.latent_shape)),)
+        out = torch.empty((len(rows), *shape), dtype=self.shards[0].dtype)
         for s in shard.unique().tolist():
             at = shard == s
-            out[at] = self.shards[s][rows[at] - self._starts[s]]
+            values = self.shards[s] if head is None else self.shards[s].reshape(len(self.shards[s]), -1)[:, :head]
+            out[at] = values[rows[at] - self._starts[s]]
         return out
 
     def _check_finite(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -273,6 +336,20 @@ class LatentCache(torch.utils.data.Dataset):
         if bad:
             raise UserError(f"latent cache {self.path} is damaged: its {bad} hold NaN or infinite values (a float16 VAE or text "
                             "encoder overflows on some inputs); rebuild the cache with the model in float32")
+
+
+class _SampleNames(Sequence):
+    """The names a held-out split hashes for a cache's `count` samples, their indices as text (`Holdout.select`), each
+    made as it is asked for: every process opens the cache, and at 12M samples a list of them took 800 MB in each."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> str:
+        return str(range(self.count)[i])
 
 
 def usable_batches(dataset, batch_size: int, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
@@ -286,7 +363,7 @@ def usable_batches(dataset, batch_size: int, num_workers: int = 0) -> Iterator[t
         samples, num_workers = _SamplesOnce(dataset), 0
     else:
         samples = _Read(dataset) if isinstance(dataset, ImageFolderDataset) else dataset
-    counter, counted = getattr(dataset, "skipped", None), []
+    counter, counted = getattr(dataset, "skipped", None), SkipEvents()
     yield from read_batches(samples, batch_size, num_workers, counted)
     if counter is not None and counted:
         merged = counter.with_counted(counted)
@@ -317,7 +394,8 @@ class _SamplesOnce(torch.utils.data.IterableDataset):
 
 
 def _read_manifest(path: Path) -> dict:
-    """The manifest of the cache at `path`: a JSON object of format FORMAT that lists at least one shard file."""
+    """The manifest of the cache at `path`: a JSON object of format FORMAT (or HEADER_CAPTIONS) that lists at least one
+    shard file."""
     if not (path / MANIFEST).is_file():
         raise UserError(f"{path} is not a latent cache (no {MANIFEST}); write one with write_latent_cache")
     try:
@@ -330,13 +408,29 @@ def _read_manifest(path: Path) -> dict:
     if not (isinstance(made, str) and made.startswith("latent-cache/")):  # another tool's manifest.json
         raise UserError(f'{path / MANIFEST} is not a latent cache\'s (it has no "format": "{FORMAT}"), and a folder with a '
                         "manifest.json is read as a latent cache: to train on the images in it, move manifest.json out of the folder")
-    if made != FORMAT:
+    if made not in (FORMAT, HEADER_CAPTIONS):
         raise UserError(f"{path} holds a latent cache of format {made!r}, not {FORMAT!r}; rebuild it")
     shards = manifest.get("shards")
     if (not isinstance(shards, list) or not shards or not isinstance(manifest.get("num_samples"), int)
             or not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in shards)):
         raise UserError(f"{path / MANIFEST} lists no shard files or no sample count; rebuild the latent cache")
     return manifest
+
+
+def _read_captions(path: Path, made: str) -> tuple[dict[str, torch.Tensor], CaptionTable]:
+    """The captions file's tensors `TABLE`, and its caption strings: its body's, or, in a cache of format HEADER_CAPTIONS,
+    the list in its header's metadata (the strings of a cache of the same data written now)."""
+    if made != HEADER_CAPTIONS:
+        tensors, _ = _read_tensors(path, CAPTIONS, TABLE + CAPTION_TENSORS)
+        return tensors, CaptionTable(path / CAPTIONS, tensors["caption_bytes"].numpy(), tensors["caption_offsets"].numpy())
+    tensors, metadata = _read_tensors(path, CAPTIONS, TABLE)
+    try:
+        captions = json.loads(metadata["captions"])
+    except (KeyError, TypeError, ValueError):
+        captions = None
+    if not (isinstance(captions, list) and all(isinstance(c, str) for c in captions)):
+        raise UserError(f"latent cache {path} is damaged (its shards or captions do not fit together); rebuild it")
+    return tensors, CaptionTable.of(path / CAPTIONS, captions)
 
 
 def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -376,6 +470,7 @@ def _read_tensors(path: Path, file: str, keys: tuple[str, ...]) -> tuple[dict[st
         if key not in header:
             raise UserError(f"latent cache file {target} has no {key}; rebuild the cache")
         spans[key] = _span(target, key, header[key], size - start)
+    _check_apart(target, spans)
     mapped = torch.from_file(str(target), shared=False, size=size, dtype=torch.uint8)
     tensors = {}
     for key, (dtype, shape, begin, end) in spans.items():
@@ -387,19 +482,29 @@ def _read_tensors(path: Path, file: str, keys: tuple[str, ...]) -> tuple[dict[st
 
 
 def _read_header(target: Path) -> tuple[dict, int]:
-    """The JSON header of the safetensors file `target` and where its data starts."""
-    with open(target, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        if f.seek(0, 2) < 8 + length:
-            _unreadable(target, "its header is cut short")
-        f.seek(8)
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, ValueError):
-            _unreadable(target, "its header is not JSON")
+    """The JSON header of the safetensors file `target` and where its data starts. A file this user may not read is a
+    UserError too: safetensors writes its files readable by their owner alone, so a cache written by another user of a
+    shared machine is one."""
+    try:
+        with open(target, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if f.seek(0, 2) < 8 + length:
+                _unreadable(target, "its header is cut short")
+            f.seek(8)
+            text = f.read(length)
+    except OSError as err:
+        raise UserError(f"cannot read latent cache file {target} ({err.strerror or err}); give this user read access to the "
+                        "cache's files (chmod -R a+r CACHE on a cache shared between users)") from None
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError):
+        _unreadable(target, "its header is not JSON")
     if not isinstance(header, dict):
         _unreadable(target, "its header is not a JSON object")
     return header, 8 + length
+
+
+INT64_MAX = torch.iinfo(torch.int64).max  # the largest size or offset a tensor has
 
 
 def _span(target: Path, key: str, entry, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
@@ -407,7 +512,7 @@ def _span(target: Path, key: str, entry, data_size: int) -> tuple[torch.dtype, l
     `data_size` bytes of data the file holds."""
     try:
         dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not all(isinstance(n, int) and n >= 0 for n in [*shape, begin, end]):
+        if not all(type(n) is int and 0 <= n <= INT64_MAX for n in [*shape, begin, end]):  # JSON's true is no size
             raise ValueError
     except (KeyError, TypeError, ValueError):
         _unreadable(target, f"its header entry of {key} is malformed")
@@ -418,6 +523,15 @@ def _span(target: Path, key: str, entry, data_size: int) -> tuple[torch.dtype, l
     if not begin <= end <= data_size or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
         _unreadable(target, f"its {key} tensor does not fit in the file where its header places it")
     return DTYPES[dtype], shape, begin, end
+
+
+def _check_apart(target: Path, spans: dict[str, tuple[torch.dtype, list[int], int, int]]) -> None:
+    """`_unreadable` when the tensors `spans` (`_span`'s) overlap in the file: a header edited or overwritten, where each
+    tensor of a safetensors file has bytes of its own (safetensors refuses such a file; a view of it would read one tensor's
+    values as another's)."""
+    ordered = sorted((begin, end) for _, _, begin, end in spans.values())
+    if any(begin < end_before for (_, end_before), (begin, _) in zip(ordered, ordered[1:])):
+        _unreadable(target, f"its header places {' and '.join(spans)} on the same bytes")
 
 
 def _unreadable(target: Path, why: str) -> NoReturn:

@@ -12,8 +12,9 @@ from t to 0, exactly the fixed point LCD trains towards), and the student regres
 One row costs about 2·⌈t/k⌉ teacher passes per ω (cond and uncond), i.e. T/k of them on average: at Stable Diffusion
 scale (2,048 rows) hours of one GPU. Every process of a run solves its share of the rows (`build_ode_targets`), the
 solutions are gathered, and the main process writes the bank once, into the run folder (`ode_targets.pt`, atomically, with
-the settings that made it); a resumed run reads it back: one that cannot be read, or that records other settings (another
-run's), is refused, and left as it is (one that records none, from an older version, is read with a note).
+the settings that made it); a resumed run maps it back (`ODETargets.load`): one that cannot be read, or that records
+other settings (another run's), is refused, and left as it is (one that records none, from an older version, is read with
+a note).
 
 The bank is bitwise the same whatever the process count (on one kind of device, whose kernels are deterministic, as a
 rerun on one process needs, and, on a CPU, with as many threads per process: the thread count changes a network's
@@ -85,10 +86,15 @@ class ODETargets:
     def load(cls, path: Path, device="cpu", settings: str | None = None, before_moves: str | None = None) -> ODETargets:
         """The bank in `path`; a UserError, the file left as it is, unless it is a whole bank (and, given `settings`, one
         solved with them or with `before_moves`, the same run's settings at the places its teacher and data were moved
-        from: not another run's)."""
+        from: not another run's).
+
+        The file is mapped, not read (`mmap`): every process of a run loads the whole bank (its loss draws from every row),
+        0.9 GB at Stable Diffusion scale, 2.8 GB at SDXL's; mapped, its pages are read as rows are drawn and shared through
+        the OS page cache by the processes on a machine, where each read held a private copy of all of it (on the CPU
+        until a GPU run moved it to its device; for good in a run on the CPU)."""
         again = "move it away and resume to solve the run's bank again"
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except UNREADABLE:  # torch's own message would suggest weights_only=False: a pickle's code run
             raise UserError(f"the ODE bank {path} cannot be read (a damaged file, or not one this tool wrote); {again}") from None
         if not isinstance(saved, dict) or not all(isinstance(saved.get(name), torch.Tensor) for name in TENSORS):
