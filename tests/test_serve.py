@@ -267,7 +267,8 @@ BAD_REQUESTS = {
     "negative prompt not Unicode": (b'{"prompt": "x", "negative_prompt": "a \\udc80"}', 422, "negative_prompt: Value error, not Unicode"),
     "unknown format": (b'{"prompt": "x", "format": "gif"}', 422, "format"),
     "init image not base64": (b'{"prompt": "x", "init_image": "%%%"}', 422, "base64"),
-    "init image not an image": (b'{"prompt": "x", "init_image": "' + base64.b64encode(b"hello, not a picture") + b'"}', 422, "cannot read init_image: not an image file"),
+    "init image not an image": (b'{"prompt": "x", "init_image": "' + base64.b64encode(b"hello, not a picture") + b'"}', 422,
+                                "cannot read init_image: not an image file"),
     "prompt over the length limit": (b'{"prompt": "' + b"x" * 5000 + b'"}', 422, "characters"),
     "10 MB prompt": (b'{"prompt": "' + b"x" * (10 * 2**20) + b'"}', 413, "over"),
 }
