@@ -310,18 +310,31 @@ def _what_the_folder_is(folder: Path) -> str:
     diffusers folder made from it); "" for any other."""
     if folder.is_file():
         return _what_the_file_is(folder)
-    if (folder / "config.json").is_file() and (folder / "checkpoints").is_dir():
-        exports = [folder / name for name in RUN_EXPORTS if (folder / name).is_dir() and any((folder / name).iterdir())]
-        if not exports:
-            return "it is a training run, which has exported no model yet: it exports lcm/ (or lora/, guided/) when it finishes"
-        if exports[0].name == "lora":
-            return f"it is a training run: give the LoRA it exported, {exports[0]}, as --lora, with the model it was distilled from as --model"
-        return f"it is a training run: give the model it exported, {exports[0]}"
+    if _is_run(folder):
+        return f"it is a training run: {_run_export(folder)}"
+    if folder.parent.name == "checkpoints" and _is_run(folder.parent.parent):
+        return (f"it is the checkpoint {folder.name} of the training run {folder.parent.parent}, its training state (no command "
+                f"exports a checkpoint as a model): {_run_export(folder.parent.parent)}")
     if (folder / LORA_WEIGHTS_FILE).is_file():
         return "it is a LoRA: give it as --lora, with the model it was distilled from as --model"
     if (folder.parent / "model_index.json").is_file():
         return f"it is the {folder.name}/ folder of a pipeline: give the pipeline folder {folder.parent}"
     return ""
+
+
+def _is_run(folder: Path) -> bool:
+    """Whether `folder` is a training run's folder (`training.run_folder`: its config and checkpoints)."""
+    return (folder / "config.json").is_file() and (folder / "checkpoints").is_dir()
+
+
+def _run_export(run: Path) -> str:
+    """What to give for the model of the training run `run`: the model it exported (`RUN_EXPORTS`), or when it exports one."""
+    exports = [run / name for name in RUN_EXPORTS if (run / name).is_dir() and any((run / name).iterdir())]
+    if not exports:
+        return "it has exported no model yet; it exports lcm/ (or lora/, guided/) when it finishes: run its command again with --resume"
+    if exports[0].name == "lora":
+        return f"give the LoRA it exported, {exports[0]}, as --lora, with the model it was distilled from as --model"
+    return f"give the model it exported, {exports[0]}"
 
 
 def _what_the_file_is(file: Path) -> str:
@@ -769,6 +782,11 @@ def lora_pipeline_class(model: DiffusionModel):
     return StableDiffusionXLPipeline if model.is_sdxl else StableDiffusionPipeline
 
 
+class NotAnLCM(UserError):
+    """A diffusion model (a teacher: no ω input, no LCMScheduler) given where an LCM is loaded. Its message says how to make an
+    LCM of it; a command that can also sample it as it is (`lcm generate --sampler`) adds that."""
+
+
 def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
     """Load an LCM in diffusers format (ours, any LatentConsistencyModelPipeline folder, or a pipeline folder with an
     LCMScheduler: LCM-SDXL, PixArt-LCM).
@@ -778,11 +796,11 @@ def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str 
     """
     model = load_diffusion_model(name_or_path, dtype=dtype, device=device)
     if model.is_transformer and not model.is_lcm:  # no ω input and no LoRA loader: the hint below would send it to --lora
-        raise UserError(f"{name_or_path} is a PixArt-α diffusion model (its scheduler is no LCMScheduler), not an LCM; distil it first with "
-                        f"`lcm distill --teacher {name_or_path} --guidance-scale-min 4.5 --guidance-scale-max 4.5` (one guidance scale: "
-                        "a PixArt transformer has no ω input, and PixArtAlphaPipeline loads no LCM-LoRA)")
+        raise NotAnLCM(f"{name_or_path} is a PixArt-α diffusion model (its scheduler is no LCMScheduler), not an LCM; distil it first with "
+                       f"`lcm distill --teacher {name_or_path} --guidance-scale-min 4.5 --guidance-scale-max 4.5` (one guidance scale: "
+                       "a PixArt transformer has no ω input, and PixArtAlphaPipeline loads no LCM-LoRA)")
     if model.time_cond_proj_dim is None and not model.is_lcm:
-        raise UserError(
+        raise NotAnLCM(
             f"{name_or_path} is a diffusion model without the guidance input of an LCM "
             "(its UNet has no time_cond_proj_dim); distil it first with `lcm distill --teacher ...`, or load its LCM-LoRA (--lora)"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,16 +29,40 @@ from latent_consistency.upsampling import use_subpixel_upsampling
 MAX_SIZE_FACTOR = 8
 # The paper trains ω ∈ [2, 14] (g ∈ [3, 15]); far outside the trained range the ω embedding is meaningless.
 MAX_GUIDANCE_SCALE = 30.0
+# What g a model of each `Generator.kind` is sampled at (for one without a guidance record), said with a g far from it
+USUAL_GUIDANCE = {"lcm": "LCMs are distilled with guidance scales around 3-15 (paper ω ∈ [2, 14])",
+                  "lora": "an LCM-LoRA has its guidance distilled in and samples at guidance scales of 1-2 (diffusers' advice)",
+                  "solver": "a diffusion model's classifier-free guidance is usually 5-10 (Stable Diffusion's default 7.5)"}
 # Default g by `Generator.kind`: an LCM's ω input (the paper's ω = 7), an LCM-LoRA's classifier-free guidance (none:
 # its guidance was distilled in; diffusers recommends 1-2 for LCM-LoRA), a diffusion model's CFG or ω input.
 DEFAULT_GUIDANCE_SCALE = {"lcm": 8.0, "lora": 1.0, "solver": 7.5}
 # Seeds seed torch.Generator, which takes up to 2^63 - 1
 MAX_SEED = 2**63 - 1
+# torch's CPU generator (mt19937, which draws every image's noise, as in diffusers) keeps a seed's low 32 bits: seed S draws
+# the noise of S mod 2^32, so the seeds from here up repeat the images of smaller ones
+DISTINCT_SEEDS = 2**32
 # λ of an LCM's negative prompt (`NegativePromptGuidance`, every step): on the world it cut the negated shape from 6.0 %
 # to 1.2 % (2 steps) and 2.3 % (4 steps) at an FID cost of +6 to +8; λ >= 0.5 over-guides (docs/guide.md, Negative prompts).
 DEFAULT_NEGATIVE_SCALE = 0.25
 # Init images are in [-1, 1]; this much past it is rounding (a float16 image, a resampling filter), more is another range
 INIT_IMAGE_TOLERANCE = 1e-3
+
+
+class RepeatedSeedWarning(UserWarning):
+    """A seed of 2^32 or more, taken as diffusers takes it, whose image is a smaller seed's (`repeated_seed_note`). The
+    commands say it their own way (`lcm generate`'s note, `lcm serve`'s X-Seed-Note header) and ignore this warning."""
+
+
+def repeated_seed_note(seed: int, count: int = 1, flag: str = "--seed") -> str | None:
+    """A note when images SEED..SEED+count-1 take seeds of 2^32 or more: their images are those of smaller seeds, though
+    seeds up to 2^63 - 1 are taken (`MAX_SEED`). `flag` names the seed where the user gave it (`--seed`, the API's `seed`)."""
+    last = seed + count - 1
+    if last < DISTINCT_SEEDS:
+        return None
+    first = max(seed, DISTINCT_SEEDS)
+    return (f"seed {first} makes the image of seed {first % DISTINCT_SEEDS}: torch's CPU generator keeps the low 32 bits of a seed "
+            f"(diffusers' too), so seeds from 2^32 = {DISTINCT_SEEDS} up repeat smaller ones; give {flag} at most "
+            f"{DISTINCT_SEEDS - count}" + (f" for {count} image(s) of their own" if count > 1 else ""))
 
 
 def check_prompts(prompts, what: str = "prompts") -> None:
@@ -77,6 +102,14 @@ class Generator:
         """The g to sample at when none is given: the one an LCM's run recorded (`guidance_record`), else the kind's."""
         record = self.model.guidance_record
         return DEFAULT_GUIDANCE_SCALE[self.kind] if record is None else record.guidance_scale
+
+    def usual_guidance(self) -> str:
+        """The guidance scales this model samples at, for a message about a g far from them: the range its guidance record
+        says it was distilled on (an LCM, a guidance-distilled model), else its kind's usual ones (`USUAL_GUIDANCE`)."""
+        record = self.model.guidance_record
+        if record is None:
+            return USUAL_GUIDANCE[self.kind]
+        return f"this model was distilled on guidance scales [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}]"
 
     def guidance_notes(self, guidance_scale: float, given: bool) -> list[str]:
         """Notes for sampling at `guidance_scale` (`GuidanceRecord.notes`; none for a model without a record)."""
@@ -147,6 +180,9 @@ class Generator:
                 shown = repr(seed) if isinstance(seed, numbers.Number) else f"a {type(seed).__name__}"
                 raise UserError(f"seeds must be integers in [0, 2^63 - 1], got {shown}: image i's noise is drawn from "
                                 "torch.Generator().manual_seed(seeds[i])")
+        repeated = next((int(seed) for seed in seeds if seed >= DISTINCT_SEEDS), None)
+        if repeated is not None:  # taken, as diffusers takes it, but not in silence
+            warnings.warn(repeated_seed_note(repeated, flag="seeds"), RepeatedSeedWarning, stacklevel=4)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
             raise UserError(f"guidance scale {guidance_scale!r:.40} must be a finite number (diffusers' guidance_scale g; ω = g - 1)")
         self.check_size(height, width, flag="")

@@ -26,7 +26,7 @@ from latent_consistency.cli.arguments import finite_float, nonnegative_int, note
 from latent_consistency.cli.generate import STYLE_LORA_HELP, parse_style_lora
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
-from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, lcm_kind
+from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, lcm_kind, repeated_seed_note
 from latent_consistency.prompts import read_prompt_file
 
 
@@ -56,51 +56,66 @@ def number_list(parse_one):
     return parse
 
 
-def read_items(spec: str, resolution: int, n: int) -> list[dict]:
+def read_items(spec: str, resolution: int, n: int, items: DataItems | None = None) -> list[dict]:
     """The first `n` items {"caption", "attributes"?} of a data spec, or prompts of a text file (.txt): what a row
-    samples. Their images are not kept (30,000 at 512 px are 94 GB): FID reads the real ones a batch at a time
-    (`read_reference`); an image folder's are not even decoded, its captions read as they are (each sample's once, a corrupt
-    image's included: it is a caption of the data all the same)."""
-    return [{key: value for key, value in item.items() if key != "image"} for item in iter_items(spec, resolution, n, images=False)]
+    samples (`items`: the spec as the evaluation opened it, its passes sharing one skip count). Their images are not kept
+    (30,000 at 512 px are 94 GB): FID reads the real ones a batch at a time (`read_reference`); an image folder's are not
+    even decoded, its captions read as they are (each sample's once, a corrupt image's included: it is a caption of the
+    data all the same)."""
+    items = items or DataItems(spec, resolution)
+    return [{key: value for key, value in item.items() if key != "image"} for item in items.first(n, images=False)]
 
 
-def iter_items(spec: str, resolution: int, n: int, images: bool = True) -> Iterator[dict]:
-    """The first `n` items {"caption", "image"?, "attributes"?} of a data spec, or prompts of a text file (.txt), one at
-    a time; without `images`, an image folder's are its captions alone, its images not decoded."""
-    from latent_consistency.data.imagefolder import ImageFolderDataset
-    from latent_consistency.data.shards import ShardStream
-    from latent_consistency.data.spec import open_dataset
+class DataItems:
+    """A data spec's items {"caption", "image"?, "attributes"?}, or the prompts of a text file (.txt), read again in order on
+    each pass (`first`). Shards are opened once for every pass: their skip counter logs a corrupt sample or a damaged shard
+    once per evaluation, not once per pass (the prompts, the reference's size check, its fingerprint, each feature network).
+    A map-style dataset is opened per pass, as it gives the next usable sample in a corrupt one's place, told from it by its
+    skip count rising, which a counter that has seen the corrupt one already would not do."""
 
-    path = Path(spec)
-    if path.suffix.lower() == ".txt" and not path.is_dir():  # a folder named x.txt is an image folder or shards
-        yield from ({"caption": p} for p in read_prompt_file(spec)[:n])
-        return
-    dataset = open_dataset(spec, resolution)
-    if isinstance(dataset, ShardStream):  # each sample once, in order: the training stream resamples shards
-        yield from itertools.islice(dataset.samples_once(), n)
-        return
-    if isinstance(dataset, ImageFolderDataset) and not images:
-        yield from ({"caption": caption} for caption in itertools.islice(dataset.samples.captions, n))
-        return
-    count, skipped = 0, skipped_samples(dataset)
-    for i in range(len(dataset)):
-        if count == n:
-            break
-        item = dataset[i]
-        if skipped_samples(dataset) == skipped:  # not the next usable sample standing in for a corrupt one, read again at its index
-            count += 1
-            yield item
-        skipped = skipped_samples(dataset)
+    def __init__(self, spec: str, resolution: int):
+        self.spec, self.resolution = spec, resolution
+        self.shards = None  # the `ShardStream`, once a pass opened the spec and found shards
+
+    def first(self, n: int, images: bool = True) -> Iterator[dict]:
+        """The first `n` items, one at a time; without `images`, an image folder's are its captions alone, its images not
+        decoded."""
+        from latent_consistency.data.imagefolder import ImageFolderDataset
+        from latent_consistency.data.shards import ShardStream
+        from latent_consistency.data.spec import open_dataset
+
+        path = Path(self.spec)
+        if path.suffix.lower() == ".txt" and not path.is_dir():  # a folder named x.txt is an image folder or shards
+            yield from ({"caption": p} for p in read_prompt_file(self.spec)[:n])
+            return
+        dataset = open_dataset(self.spec, self.resolution) if self.shards is None else self.shards
+        if isinstance(dataset, ShardStream):  # each sample once, in order: the training stream resamples shards
+            self.shards = dataset
+            yield from itertools.islice(dataset.samples_once(), n)
+            return
+        if isinstance(dataset, ImageFolderDataset) and not images:
+            yield from ({"caption": caption} for caption in itertools.islice(dataset.samples.captions, n))
+            return
+        count, skipped = 0, skipped_samples(dataset)
+        for i in range(len(dataset)):
+            if count == n:
+                break
+            item = dataset[i]
+            if skipped_samples(dataset) == skipped:  # not the next usable sample standing in for a corrupt one, read again at its index
+                count += 1
+                yield item
+            skipped = skipped_samples(dataset)
 
 
-def read_reference(spec: str, resolution: int, n: int, captioned: bool = False):
+def read_reference(spec: str, resolution: int, n: int, captioned: bool = False, items: DataItems | None = None):
     """The first `n` real images of a data spec for FID, each image once, as `evaluation.table.ReferenceImages`: read
     again, a batch at a time, on each pass over them, never all held. An image folder gives its image files (sorted,
     nested folders included) whether captioned or not, for FID reads no captions; with `captioned` (the folder is also
     --prompts) those of its captioned samples, in their order: the images of the prompts evaluated first. A folder
     captioned by metadata.jsonl lists an image once per caption (COCO's five), each of them one image here, not five.
     Undecodable files are skipped and counted in the log (once, whatever the passes). Any other spec gives the images of
-    `iter_items`. The file names are the folder's own (`ImageFolderDataset.samples`, or strings sorted), each made a path as a
+    `DataItems` (`items`: the spec as the evaluation opened it for its prompts), shards' skips logged once too. The file
+    names are the folder's own (`ImageFolderDataset.samples`, or strings sorted), each made a path as a
     pass reaches it: a Path of each of a 12-million-image folder's files, for the first 30,000, held gigabytes."""
     from latent_consistency.data.imagefolder import ImageFolderDataset, extension, visible_names
     from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, load_rgb
@@ -116,7 +131,8 @@ def read_reference(spec: str, resolution: int, n: int, captioned: bool = False):
             names = sorted(name for name in visible_names(path) if extension(name) in IMAGE_EXTENSIONS)
             skipped = SkipCounter(name=f"image folder {path}")
     if not names:  # shards, a latent cache, world:NAME, a .txt file, a folder of .heic photos alone (refused, saying why)
-        return ReferenceImages(lambda: (it["image"] for it in iter_items(spec, resolution, n) if "image" in it))
+        items = items or DataItems(spec, resolution)
+        return ReferenceImages(lambda: (it["image"] for it in items.first(n) if "image" in it))
 
     def usable() -> Iterator[torch.Tensor]:  # a file decoded as a pass reaches it
         files = (path / name for name in each_once(names))
@@ -162,11 +178,13 @@ def load_eval_set(args, resolution: int):
     from latent_consistency.evaluation.fid import MIN_IMAGES
     from latent_consistency.evaluation.table import EvalSet
 
-    items = read_items(args.prompts, resolution, args.samples)
+    prompts = DataItems(args.prompts, resolution)  # shards opened once: their skips logged once, not once per pass
+    items = read_items(args.prompts, resolution, args.samples, prompts)
     if not items:
         raise UserError(f"--prompts {args.prompts} holds no prompts")
     images = len(items) * args.images_per_prompt  # each row's generated images, and the real images FID compares them to
-    reference = read_reference(args.reference or args.prompts, resolution, max(images, MIN_IMAGES), captioned=args.reference is None)
+    reference = read_reference(args.reference or args.prompts, resolution, max(images, MIN_IMAGES), captioned=args.reference is None,
+                               items=None if args.reference else prompts)
     found = sum(1 for _ in itertools.islice(reference, MIN_IMAGES))  # the first two: all of them are read when the rows are scored
     if found < MIN_IMAGES and args.reference is None:
         raise UserError(f"--prompts {args.prompts} holds {found} real images, and FID needs real images (at least "
@@ -242,7 +260,7 @@ def run(args) -> None:
 def run_evaluation(args) -> None:
     from latent_consistency.devices import resolve_device
     from latent_consistency.evaluation.table import model_identity, run_table, table_rows, write_grid, write_plots, write_report
-    from latent_consistency.models import add_style_loras, load_diffusion_model, load_lcm, load_lcm_lora
+    from latent_consistency.models import NotAnLCM, add_style_loras, load_diffusion_model, load_lcm, load_lcm_lora
     from latent_consistency.outputs import writable_folder
 
     for name in ("lcm", "prompts", "out"):
@@ -257,7 +275,10 @@ def run_evaluation(args) -> None:
     styles = [parse_style_lora(text) for text in args.style_lora]
     device = resolve_device(args.device)
     keep_freed_memory(device)
-    lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
+    try:
+        lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
+    except NotAnLCM as err:  # a teacher given as --lcm: its rows are the baselines
+        raise UserError(f"{err}; to score it as the teacher of the baseline rows, give it as --teacher beside an LCM as --lcm") from None
     lcm = add_style_loras(lcm, styles, device=device)  # the LCM's rows only: the teacher's are the teacher's
     for n in args.steps:  # the step counts the LCM has, before the other models load and --out is made
         lcm.timesteps(n)
@@ -296,6 +317,9 @@ def run_evaluation(args) -> None:
     scorers = scorers_for(args, device, resolution)
     out = writable_folder(args.out, "--out")
     note_truncated_prompts("evaluate", lcm, eval_set.prompts)  # after every check: a refused evaluation says one line
+    seed_note = repeated_seed_note(args.seed, len(eval_set.all_prompts))  # as `lcm generate` notes it: taken, as diffusers takes it
+    if seed_note:
+        print(f"lcm evaluate: note: {seed_note}", file=sys.stderr)
     # A stage-one model samples at every step count; a progressive round at the one it was distilled for
     guided_steps = sorted(set(args.steps if 0 in guided else []) | {n for n in guided if n})
     rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=guided_steps, exact=args.exact)

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,8 +34,18 @@ from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
 from latent_consistency.grids import save_png, to_pil
+from latent_consistency.models import NotAnLCM
 from latent_consistency.outputs import writable_folder
-from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE, DEFAULT_NEGATIVE_SCALE, MAX_GUIDANCE_SCALE, MAX_SEED, LCMGenerator, SolverGenerator
+from latent_consistency.pipelines import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_NEGATIVE_SCALE,
+    MAX_GUIDANCE_SCALE,
+    MAX_SEED,
+    LCMGenerator,
+    RepeatedSeedWarning,
+    SolverGenerator,
+    repeated_seed_note,
+)
 from latent_consistency.progress import progress_bar
 from latent_consistency.prompts import check_prompt, read_prompt_file, truncated_prompts
 from latent_consistency.sampling import TEACHER_SAMPLERS, check_teacher_steps, teacher_scheduler, usable_steps
@@ -153,23 +164,6 @@ def read_init_image(path: str, height: int | None, width: int | None, factor: in
         image = image.resize(size, Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)[None]
     return pixels / 127.5 - 1, size[1], size[0]
-
-
-# torch's CPU generator (mt19937, which draws every image's noise, as in diffusers) keeps a seed's low 32 bits: seed S draws
-# the noise of S mod 2^32, so the seeds from here up repeat the images of smaller ones
-DISTINCT_SEEDS = 2**32
-
-
-def repeated_seed_note(seed: int, count: int) -> str | None:
-    """A note when images SEED..SEED+count-1 take seeds of 2^32 or more: their images are those of smaller seeds, though
-    the API takes seeds up to 2^63 - 1 (`pipelines.MAX_SEED`)."""
-    last = seed + count - 1
-    if last < DISTINCT_SEEDS:
-        return None
-    first = max(seed, DISTINCT_SEEDS)
-    return (f"seed {first} makes the image of seed {first % DISTINCT_SEEDS}: torch's CPU generator keeps the low 32 bits of a seed "
-            f"(diffusers' too), so seeds from 2^32 = {DISTINCT_SEEDS} up repeat smaller ones; give --seed at most "
-            f"{DISTINCT_SEEDS - count} for {count} image(s) of their own")
 
 
 # An ODE solver's start timestep with ᾱ above this reads the starting noise as more signal than noise (SNR > 1)
@@ -330,10 +324,22 @@ def print_notes(args, generator, prompts: list[str], guidance_scale: float, step
         print(f"lcm generate: note: {note}", file=sys.stderr)
 
 
+def load_lcm_generator(args, device, dtype, styles) -> LCMGenerator:
+    """The LCM (or LCM-LoRA) --model names; a teacher given without --sampler is also sampled as it is by an ODE solver,
+    which the error adds to `load_lcm`'s hints."""
+    try:
+        return LCMGenerator.load(args.model, device, dtype, args.lora, styles)
+    except NotAnLCM as err:
+        raise UserError(f"{err}; or sample it as it is with an ODE solver and classifier-free guidance: --sampler dpm++ "
+                        "(e.g. --steps 25)") from None
+
+
 def run(args) -> None:
     """`generate` holding --out's lock (`folder_lock.hold`): a second command writing the folder at once would overwrite
-    its images, which the checks before the first write had found free."""
-    with hold(args.out):
+    its images, which the checks before the first write had found free. A seed past 2^32 is said in a note
+    (`print_notes`), not again as the library's warning."""
+    with hold(args.out), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RepeatedSeedWarning)
         generate(args)
 
 
@@ -367,11 +373,6 @@ def generate(args) -> None:
         raise UserError(f"--negative-prompt applies to --sampler lcm, not {args.sampler}")
     if args.init_image is not None and custom and args.strength is not None:
         raise UserError("--timesteps already sets where img2img starts (its first timestep); give --strength or --timesteps, not both")
-    if args.guidance_scale is not None and not 0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE:
-        raise UserError(
-            f"--guidance-scale {args.guidance_scale} is outside [0, {MAX_GUIDANCE_SCALE:g}]; "
-            "LCMs are distilled with guidance scales around 3-15 (paper ω ∈ [2, 14])"
-        )
     if args.seed + len(prompts) - 1 > MAX_SEED:  # the last image's seed may be 2^63 - 1, as the API's and the server's
         raise UserError(f"--seed {args.seed} is too large: image i uses seed SEED+i, which must stay below 2^63 "
                         f"(at most {MAX_SEED - len(prompts) + 1} for {len(prompts)} image(s))")
@@ -380,11 +381,13 @@ def generate(args) -> None:
     dtype = resolve_dtype(args.dtype, device)
     styles = [parse_style_lora(text) for text in args.style_lora]
     if args.sampler == "lcm":
-        generator = LCMGenerator.load(args.model, device, dtype, args.lora, styles)
+        generator = load_lcm_generator(args, device, dtype, styles)
     elif args.lora or styles:
         raise UserError("--lora is an LCM-LoRA and --style-lora goes beside an LCM: sample them with --sampler lcm")
     else:
         generator = SolverGenerator.load(args.model, device, dtype, args.sampler)
+    if args.guidance_scale is not None and not 0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE:  # said of what is sampled
+        raise UserError(f"--guidance-scale {args.guidance_scale:g} is outside [0, {MAX_GUIDANCE_SCALE:g}]; {generator.usual_guidance()}")
     if args.preview_decoder is not None:
         generator.use_preview_decoder(args.preview_decoder)
     if args.compile:

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 
 from latent_consistency.allocator import keep_freed_memory
 from latent_consistency.cli.arguments import positive_int
@@ -82,6 +83,9 @@ def run(args) -> None:
         raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
     if not args.host.strip():  # bind("") is every interface: an unset variable must not open the server to the network
         raise UserError("--host is empty; leave it out for 127.0.0.1, or give 0.0.0.0 (or ::) to listen on every interface")
+    from latent_consistency.pipelines import RepeatedSeedWarning
+
+    warnings.filterwarnings("ignore", category=RepeatedSeedWarning)  # said to the client, in the response's X-Seed-Note
     with bind(args.host, args.port) as sock:  # before the model loads: a port in use is known at once
         app = build_app(args)
         if not is_loopback(args.host):

@@ -4,8 +4,9 @@ the page at `/`. OpenAPI description at `/openapi.json`.
 Every request a client can get wrong is answered with a 4xx and a one-line `{"error": ...}`: 413 for a body over the
 limit, 415 for a body not sent as JSON (content-type), 422 for anything invalid (malformed JSON or JSON Python cannot read, a
 key given twice, a value of the wrong JSON type, a field out of range, a size the model cannot make, an upload that is
-not an image), 429 when the queue is full; 404 and 405 come in the same shape. A client that goes away while its request waits
-(to be decoded, or in the queue) is dropped: its image is not made.
+not an image), 429 when the queue is full; 404 and 405 come in the same shape. Every GET route answers HEAD too (a proxy's
+health check). A client that goes away while its request waits (to be decoded, or in the queue) is dropped: its image is
+not made.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from starlette.exceptions import HTTPException
 from latent_consistency import __version__
 from latent_consistency.errors import UserError
 from latent_consistency.grids import to_pil
-from latent_consistency.pipelines import LCMGenerator
+from latent_consistency.pipelines import LCMGenerator, repeated_seed_note
 from latent_consistency.prompts import truncated_prompts
 from latent_consistency.serve.batcher import Batcher, QueueFull
 from latent_consistency.serve.metrics import Metrics
@@ -165,6 +166,8 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        if scope["method"] == "HEAD":  # a proxy's health check: a GET route answers HEAD with its status and headers (RFC 9110)
+            scope, send_counted = dict(scope, method="GET"), headers_only(send_counted)
         try:
             body = await self.read_body(receive)
             if body is None:  # over the limit
@@ -176,6 +179,19 @@ class Guard:
         finally:  # an unexpected exception too, as the 500 it becomes
             if scope["path"] == IMAGE_PATH:
                 self.metrics.response(status[0], time.perf_counter() - start if status[0] == 200 else None)
+
+
+def headers_only(send):
+    """An ASGI send that passes a response's start (its status and headers, Content-Length included) and ends it with an
+    empty body: the answer to HEAD."""
+
+    async def send_headers(message):
+        if message["type"] != "http.response.body":
+            await send(message)
+        elif not message.get("more_body", False):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return send_headers
 
 
 def header_value(text: str) -> str:
@@ -241,8 +257,9 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
 
     answer = {"content": {t: {} for t in MEDIA_TYPES.values()},
               "description": "the image; X-Seed, X-Latency-Ms, X-Batch-Size headers, X-Prompt-Truncated when the prompt is "
-                             "longer than the text encoder reads (its end is dropped), and X-Guidance-Note when the guidance "
-                             "scale is outside the range the LCM was distilled on, or the LCM ignores it"}
+                             "longer than the text encoder reads (its end is dropped), X-Guidance-Note when the guidance scale is "
+                             "outside the range the LCM was distilled on, or the LCM ignores it, and X-Seed-Note when the seed is "
+                             "2^32 or more (its image is a smaller seed's)"}
 
     def left() -> Response:
         """The answer (read by no one) to a client that went away before its image was made: counted as cancelled."""
@@ -280,6 +297,9 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         notes = generator.guidance_notes(job.guidance_scale, given=body.guidance_scale is not None)
         if notes:
             headers["X-Guidance-Note"] = header_value("; ".join(notes))
+        seed_note = repeated_seed_note(job.seed, flag="seed")  # as `lcm generate` notes it: taken, as diffusers takes it
+        if seed_note:
+            headers["X-Seed-Note"] = seed_note
         return Response(data, media_type=MEDIA_TYPES[job.format], headers=headers)
 
     @app.get("/v1/config")

@@ -115,7 +115,7 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
                         "image; give steps of 2 or more, or leave gamma out")
     g = default_guidance_scale if request.guidance_scale is None else request.guidance_scale
     if g > limits.max_guidance_scale:
-        raise UserError(f"guidance_scale {g:g} is above {limits.max_guidance_scale:g}")
+        raise UserError(f"guidance_scale {g:g} is above {limits.max_guidance_scale:g}; {generator.usual_guidance()}")
     if generator.kind == "lcm" and g < 1:
         raise UserError(f"guidance_scale {g:g} is below 1: this LCM takes g through its ω input (ω = g - 1 >= 0)")
     if generator.kind == "lora" and request.negative_prompt is not None:  # before it queues (`LCMGenerator.consistency_function`)
