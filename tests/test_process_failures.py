@@ -160,3 +160,22 @@ def test_a_process_of_a_multi_process_run_ends_without_finalizing_once_its_comma
     env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | ({"WORLD_SIZE": world_size} if world_size else {})
     done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 3 and done.stdout == ("written" if world_size == "2" else "writtenfinalized\n"), done
+
+
+def test_a_process_of_a_multi_process_run_ends_its_data_workers_before_it_ends():
+    """Daemonic children (DataLoader workers) are ended with it, as multiprocessing's exit callback, which `end_process`
+    skips, would end them: left alone they lingered until their watchdog saw the parent gone, holding the output pipes."""
+    program = textwrap.dedent("""
+        import multiprocessing, time
+        from latent_consistency.cli import end_process
+        if __name__ == "__main__":
+            worker = multiprocessing.Process(target=time.sleep, args=(60,), daemon=True)
+            worker.start()
+            print(worker.pid, flush=True)
+            raise SystemExit(end_process(0))
+    """)
+    done = subprocess.run([sys.executable, "-c", program], env=os.environ | {"WORLD_SIZE": "2"}, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(done.stdout), 0)

@@ -167,8 +167,16 @@ def end_process(code: int) -> int:
     process group outlives `destroy_process_group` (DTensor's caches, FSDP2's, keep its device mesh), so it was torn down
     there, after the run's last file, and has aborted ("terminate called without an active exception", exit -6; seen in
     CI twice), which failed the launch of a finished run. Everything the command writes is
-    written and closed before it returns."""
+    written and closed before it returns. Its daemonic child processes (DataLoader workers) are ended first, as
+    multiprocessing's exit callback ends them: left alone they linger until their watchdog sees the parent gone."""
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        import multiprocessing
+
+        workers = [child for child in multiprocessing.active_children() if child.daemon]
+        for child in workers:
+            child.terminate()
+        for child in workers:
+            child.join(timeout=5)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
