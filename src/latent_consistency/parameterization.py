@@ -13,7 +13,7 @@ import math
 import torch
 
 from latent_consistency.errors import UserError
-from latent_consistency.schedule import append_dims
+from latent_consistency.schedule import append_dims, float64_on_host
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -77,6 +77,7 @@ def model_output_from(
     raise AssertionError  # unreachable
 
 
+@float64_on_host
 def boundary_scalings(
     t: torch.Tensor,
     sigma_data: float = SIGMA_DATA,
@@ -84,7 +85,8 @@ def boundary_scalings(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(c_skip(t), c_out(t)) of Eq. 9 with c_skip(0) = 1, c_out(0) = 0.
 
-    c_skip = σ_d² / (s² + σ_d²), c_out = s / √(s² + σ_d²), s = timestep_scaling·t (diffusers' LCMScheduler).
+    c_skip = σ_d² / (s² + σ_d²), c_out = s / √(s² + σ_d²), s = timestep_scaling·t (diffusers' LCMScheduler). In float64
+    (float32 on MPS, `float64_on_host`).
     """
     s = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
     c_skip = sigma_data**2 / (s**2 + sigma_data**2)

@@ -7,12 +7,16 @@ with any diffusers scheduler sees the same α_t, σ_t here.
 Timesteps are integers 0..T-1 for the network, but second-order solvers need points between them. As
 DPM-Solver does for discrete-time models, the schedule is extended to real t by interpolating the
 half-log-SNR λ_t = log(α_t/σ_t) linearly between integers; at integer t the values are exact.
+
+The schedule's arithmetic is float64 (`NoiseSchedule`), which Apple's MPS devices do not have: for their tensors it runs on
+the CPU and its values go back in float32 (`float64_on_host`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +25,31 @@ import torch
 from latent_consistency.errors import UserError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+# Devices without float64: MPS refuses every float64 tensor ("the MPS framework doesn't support float64")
+NO_FLOAT64_DEVICES = ("mps",)
+
+
+def float64_on_host(function: Callable) -> Callable:
+    """`function` of tensors (its positional arguments) whose float64 arithmetic runs on the CPU when a tensor is on a device
+    without float64 (`NO_FLOAT64_DEVICES`), the tensors it returns (alone or in a tuple) moved back to that device, float64
+    ones as float32: the values the callers cast to the latents' dtype anyway, computed as precisely as on a CPU or a CUDA
+    GPU. A timestep on an Apple GPU otherwise stopped every training and sampling step with "Cannot convert a MPS Tensor to
+    float64 dtype"."""
+
+    @functools.wraps(function)
+    def on_host(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type in NO_FLOAT64_DEVICES), None)
+        if device is None:
+            return function(*args, **kwargs)
+        out = function(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
+
+        def back(x):
+            return x.to(device, torch.float32 if x.dtype == torch.float64 else x.dtype) if isinstance(x, torch.Tensor) else x
+
+        return tuple(map(back, out)) if isinstance(out, tuple) else back(out)
+
+    return on_host
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -79,7 +108,8 @@ class NoiseSchedule:
     """ᾱ_t of a discrete variance-preserving diffusion, with α_t, σ_t, λ_t for real t ∈ [0, T-1].
 
     `alphas_cumprod` is kept in float64: the solvers' exponentials of λ differences lose accuracy in
-    float32 near t = 0. Values are returned in float64; callers cast to their working dtype.
+    float32 near t = 0. Values are returned in float64 (float32 on MPS, `float64_on_host`); callers cast to their working
+    dtype.
     """
 
     alphas_cumprod: torch.Tensor
@@ -140,6 +170,7 @@ class NoiseSchedule:
         a = self.alphas_cumprod
         return 0.5 * (torch.log(a) - torch.log1p(-a))
 
+    @float64_on_host
     def lambda_(self, t: torch.Tensor | float) -> torch.Tensor:
         """λ at real t, linear between integers."""
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -149,6 +180,7 @@ class NoiseSchedule:
         lam = self.lambdas.to(t.device)
         return lam[lo] + frac * (lam[lo + 1] - lam[lo])
 
+    @float64_on_host
     def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         """(α_t, σ_t) at real t; exact at integers: α² = sigmoid(2λ), σ² = sigmoid(-2λ)."""
         t = torch.as_tensor(t)
@@ -162,6 +194,7 @@ class NoiseSchedule:
         lam = self.lambda_(t)
         return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
 
+    @float64_on_host
     def t_of_lambda(self, lam: torch.Tensor) -> torch.Tensor:
         """The inverse of `lambda_`: the real t where λ_t = lam (λ is decreasing in t)."""
         lam = torch.as_tensor(lam, dtype=torch.float64)

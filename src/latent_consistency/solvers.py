@@ -24,21 +24,20 @@ from dataclasses import dataclass
 import torch
 
 from latent_consistency.errors import UserError
-from latent_consistency.schedule import NoiseSchedule, append_dims, batch_rows, batch_timesteps
+from latent_consistency.schedule import NoiseSchedule, append_dims, batch_rows, batch_timesteps, float64_on_host
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _coefficients(schedule: NoiseSchedule, t: torch.Tensor, ndim: int, like: torch.Tensor):
-    alpha, sigma = schedule.alpha_sigma(t)
-    lam = torch.log(alpha) - torch.log(sigma)
-    return [append_dims(v, ndim).to(like) for v in (alpha, sigma)], lam
+def _alpha_sigma(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor) -> list[torch.Tensor]:
+    """(α_t, σ_t) broadcast over `like` and in its dtype and device."""
+    return [append_dims(v, like.ndim).to(like) for v in schedule.alpha_sigma(t)]
 
 
 def ddim_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, first=None) -> torch.Tensor:
     """DDIM (η = 0): z_s = α_s·x̂0(z_t) + σ_s·ε̂(z_t)."""
     x0, eps = denoise(z, t) if first is None else first
-    (alpha_s, sigma_s), _ = _coefficients(schedule, s, z.ndim, z)
+    alpha_s, sigma_s = _alpha_sigma(schedule, s, z)
     return alpha_s * x0 + sigma_s * eps
 
 
@@ -58,16 +57,22 @@ class _Singlestep:
 
     @classmethod
     def of(cls, schedule: NoiseSchedule, z: torch.Tensor, t, s, r: float) -> _Singlestep:
-        lam_t, lam_s = schedule.lambda_(t), schedule.lambda_(s)
-        u = schedule.t_of_lambda(lam_t + r * (lam_s - lam_t))
-        (alpha_t, sigma_t), lam_t = _coefficients(schedule, t, z.ndim, z)
-        (alpha_u, sigma_u), lam_u = _coefficients(schedule, u, z.ndim, z)
-        (alpha_s, sigma_s), lam_s = _coefficients(schedule, s, z.ndim, z)
-        h = append_dims(lam_s - lam_t, z.ndim).to(z)
-        # A zero-length jump (t = s: skip k = 1's first pair, t_{n+k} = t_n = 0) has no r to measure; any finite r makes
-        # the jump the identity there (e^{r·0} - 1 = 0), which the exact ODE solution is
-        r_actual = append_dims(torch.where(lam_s == lam_t, torch.full_like(lam_t, r), (lam_u - lam_t) / (lam_s - lam_t)), z.ndim).to(z)
-        return cls(u, alpha_t, sigma_t, alpha_u, sigma_u, alpha_s, sigma_s, h, r_actual)
+        u, *coefficients = _singlestep_coefficients(schedule, t, s, r)
+        return cls(u, *(append_dims(v, z.ndim).to(z) for v in coefficients))
+
+
+@float64_on_host
+def _singlestep_coefficients(schedule: NoiseSchedule, t: torch.Tensor, s: torch.Tensor, r: float) -> tuple[torch.Tensor, ...]:
+    """u, α_t, σ_t, α_u, σ_u, α_s, σ_s, h and r as u lands, per row, in float64 (on the CPU for MPS): e^{r·h} - 1 of a small
+    h loses its digits in float32."""
+    lam_t, lam_s = schedule.lambda_(t), schedule.lambda_(s)
+    u = schedule.t_of_lambda(lam_t + r * (lam_s - lam_t))
+    (alpha_t, sigma_t), (alpha_u, sigma_u), (alpha_s, sigma_s) = pairs = [schedule.alpha_sigma(x) for x in (t, u, s)]
+    lam_t, lam_u, lam_s = (torch.log(alpha) - torch.log(sigma) for alpha, sigma in pairs)
+    # A zero-length jump (t = s: skip k = 1's first pair, t_{n+k} = t_n = 0) has no r to measure; any finite r makes
+    # the jump the identity there (e^{r·0} - 1 = 0), which the exact ODE solution is
+    r_actual = torch.where(lam_s == lam_t, torch.full_like(lam_t, r), (lam_u - lam_t) / (lam_s - lam_t))
+    return u, alpha_t, sigma_t, alpha_u, sigma_u, alpha_s, sigma_s, lam_s - lam_t, r_actual
 
 
 def dpm_solver_2_jump(denoise: Denoise, z, t, s, schedule: NoiseSchedule, first=None, r: float = 0.5) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from latent_consistency.errors import UserError
+from latent_consistency.schedule import float64_on_host
 
 
 class GivenFeatures(nn.Module):
@@ -54,6 +55,7 @@ def network_features(network, images: torch.Tensor, batch_size: int = 256, real:
         return torch.cat([network.features(images[start : start + batch_size]) for start in range(0, len(images), batch_size)])
 
 
+@float64_on_host
 def fid_of_features(real: torch.Tensor, fake: torch.Tensor, batch_size: int = 256) -> float:
     """FID between two sets of features [N, F] (on one device); NaN when one holds a NaN or infinite value (a broken
     network, NaN weights: LAPACK may abort the process on a NaN covariance)."""
@@ -69,11 +71,13 @@ def fid_of_features(real: torch.Tensor, fake: torch.Tensor, batch_size: int = 25
     return float(metric.compute())
 
 
+@float64_on_host
 def feature_rms_of(features: torch.Tensor) -> float:
     """√(mean over images of ‖x‖²/F) of features [N, F]: the root mean square of one feature coordinate."""
     return float(features.double().pow(2).mean(1).mean().sqrt())
 
 
+@float64_on_host
 def kid_of_features(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, seed: int = 0, feature_scale: float = 1.0) -> float:
     """Mean KID over `subsets` random subsets of min(1000, N_real, N_fake) features, drawn with `seed` (`kid_score`),
     both sets divided by `feature_scale`."""

@@ -135,7 +135,8 @@ def guidance_response(f, low: ODESolutions, high: ODESolutions) -> dict[int, flo
     response = {}
     for t, z in low.z.items():
         tt = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-        delta_f = (f(z, tt, high.cond, high.omega) - f(z, tt, low.cond, low.omega)).double()
-        delta_psi = (high.solution[t] - low.solution[t]).double()
+        # the sums in float64, on the CPU: an Apple GPU (MPS) has no float64
+        delta_f = (f(z, tt, high.cond, high.omega) - f(z, tt, low.cond, low.omega)).cpu().double()
+        delta_psi = (high.solution[t] - low.solution[t]).cpu().double()
         response[t] = float((delta_f * delta_psi).sum() / (delta_psi * delta_psi).sum())
     return response
