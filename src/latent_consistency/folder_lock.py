@@ -6,19 +6,24 @@ The lock is `flock` on a file beside the folder, `.NAME.lock`: the kernel releas
 ends (kill -9 and crashes included), so a run resumed after a crash is never refused, and the file such a process leaves is
 taken over by the next command. Beside the folder, not in it: `lcm cache` needs its folder not to exist yet, and a run
 folder must hold only a run's own files. Hidden, so that `runs/*` does not name it. Where no lock can be taken (the
-parent folder missing or read-only, a file system without flock) the command runs unguarded, as it did before this lock.
+parent folder missing or read-only, a file system without flock, Windows, which has no flock) the command runs unguarded,
+as it did before this lock.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from latent_consistency.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, and the import stopped every lcm command there, --help included
+    fcntl = None
 
 # The descriptors of the locks this process holds, which a child it forks closes (`_close_held_in_child`)
 _HELD: set[int] = set()
@@ -59,14 +64,15 @@ def _close_held_in_child() -> None:
     _HELD.clear()
 
 
-os.register_at_fork(after_in_child=_close_held_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows, whose processes start without fork (nor any lock held, `acquire`)
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def acquire(path: Path, folder: str | Path, what: str = "") -> int | None:
     """An open descriptor of `path` holding its exclusive lock, None where none can be taken; held by another process, a
     UserError naming `what` it guards (default: the --out `folder`). A holder may remove the file between this process
     opening it and locking it: the lock then guards a file no longer there, so it is taken again."""
-    while True:
+    while fcntl is not None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:
@@ -87,6 +93,7 @@ def acquire(path: Path, folder: str | Path, what: str = "") -> int | None:
             os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
             return fd
         os.close(fd)
+    return None
 
 
 def is_file_at(fd: int, path: Path) -> bool:

@@ -4,6 +4,8 @@ Captions come from one of two places, chosen once per folder:
   - a metadata file at the root (preferred when present), as Hugging Face `imagefolder` reads them: `metadata.jsonl`,
     one JSON object per line with "file_name" (path relative to the root) and the caption under "text" or "caption",
     or `metadata.csv`, a header row naming the columns "file_name" and "text" (or "caption") and a row per sample.
+    A file_name written on Windows ("images\\a.png", `str` of a Windows path) names the same file on every system: its
+    backslashes are folder separators where no file has the name as written (`_windows_separators`).
     Each line or row is a sample, so an image listed twice with two captions is two samples; a folder with both files
     is refused (which one holds the captions?);
   - otherwise a sidecar next to each image: `cat.png` is captioned by `cat.txt`.
@@ -34,6 +36,7 @@ import hashlib
 import io
 import itertools
 import json
+import ntpath
 import os
 from bisect import bisect_left
 from collections import Counter, deque
@@ -118,6 +121,7 @@ class ImageFolderDataset(Dataset):
                 except (KeyError, TypeError):  # a line that is not JSON (or not UTF-8) is one bad line, not an error for the file
                     self.skipped.add("bad_metadata", f"{metadata}:{number}")
                     continue
+                file_name = _windows_separators(self.root, file_name)
                 if _outside(file_name):
                     self.skipped.add("outside_folder", f"{metadata}:{number} names {file_name}, not a path inside {self.root}")
                     continue
@@ -262,8 +266,19 @@ class CaptionedFiles(Sequence):
 def _outside(file_name: str) -> bool:
     """Whether a metadata file_name leaves the folder (absolute, or up through ".."): Hugging Face imagefolder reads the
     files under its data folder only, and a metadata file downloaded with a dataset must not make a run train on (and a
-    shared model learn) other images of the machine, such as /home/me/Pictures/id.jpg."""
-    return os.path.isabs(file_name) or os.path.normpath(file_name).split(os.sep)[0] == ".."
+    shared model learn) other images of the machine, such as /home/me/Pictures/id.jpg, or C:\\Users\\me\\id.jpg of a
+    metadata file written on Windows, on any system."""
+    return os.path.isabs(file_name) or ntpath.isabs(file_name) or os.path.normpath(file_name).split(os.sep)[0] == ".."
+
+
+def _windows_separators(root: Path, file_name: str) -> str:
+    """A metadata file_name with its backslashes read as folder separators, as Windows reads them, where no file under
+    `root` has the name as written: a metadata file written on Windows names "images\\a.png", which named a missing file
+    elsewhere, and each image was skipped twice over ("missing_file" for its line, "no_caption" for its file). A file whose
+    own name holds a backslash (legal off Windows) is still the one it names."""
+    if "\\" not in file_name or os.path.lexists(os.path.join(root, file_name)):
+        return file_name
+    return as_posix(file_name.replace("\\", "/"))
 
 
 def _jsonl_rows(lines) -> Iterator[tuple[int, object]]:
