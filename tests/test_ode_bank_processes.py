@@ -60,7 +60,10 @@ SOLVING = textwrap.dedent("""
     _solve, _build, _save = ode_error.TeacherConsistencyFunction.__call__, loop.build_ode_targets, ode_targets.save_torch
 
     def solve(self, z, t, cond, omega):
-        print(f"rank {os.environ['RANK']} solves {len(z) // 2}", flush=True)  # each row at its two ω
+        # one write of the whole line, each row at its two ω: print's text and newline are two writes under PYTHONUNBUFFERED,
+        # and the other process's line once landed between them ("rank 0 solves 1rank 1 solves 1")
+        sys.stdout.write(f"rank {os.environ['RANK']} solves {len(z) // 2}\n")
+        sys.stdout.flush()
         return _solve(self, z, t, cond, omega)
 
     def killed_save(obj, path):
