@@ -62,7 +62,7 @@ SOLVING = textwrap.dedent("""
     def solve(self, z, t, cond, omega):
         # one write of the whole line, each row at its two ω: print's text and newline are two writes under PYTHONUNBUFFERED,
         # and the other process's line once landed between them ("rank 0 solves 1rank 1 solves 1")
-        sys.stdout.write(f"rank {os.environ['RANK']} solves {len(z) // 2}\n")
+        sys.stdout.write(f"rank {os.environ['RANK']} solves {len(z) // 2}\\n")
         sys.stdout.flush()
         return _solve(self, z, t, cond, omega)
 
