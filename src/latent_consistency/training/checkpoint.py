@@ -7,8 +7,8 @@ it had never stopped:
     target.safetensors    the EMA target θ⁻ (when it is a separate network)
     optimizer.pt          AdamW state; lr_scheduler.pt the LR schedule (tensors and numbers only:
                           read with torch.load(weights_only=True))
-    rng.pt                torch's global RNG states (the per-step training draws are reseeded from
-                          (seed, rank, step) and need no state)
+    rng.pt                torch's CPU RNG state (every draw of a step, the loss's and the networks' own (dropout),
+                          is seeded from (seed, rank, step) and needs no state: `training.loop.seed_network_draws`)
     state.json            step, counters, the data position of every rank, the resolved config
 
 It is written into `step-NNNNNNN.tmp/` and renamed when complete, so a folder without `.tmp` is

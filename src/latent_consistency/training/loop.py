@@ -40,9 +40,25 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device, attemp
     draws anew rather than repeating the draw that failed. Each micro-batch takes its rows of the draws for the process's
     whole batch (`MicroBatchDraws`), so --grad-accumulation changes no example's draws. (The entropy's 0 stands where
     each micro-batch had its own generator: a step without accumulation draws what it drew then.)"""
-    entropy = [seed, rank, step, 0] + ([attempt] if attempt else [])
-    state = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator(device).manual_seed(state)
+    return torch.Generator(device).manual_seed(_seed_of(_step_entropy(seed, rank, step, attempt)))
+
+
+def seed_network_draws(seed: int, rank: int, step: int, micro: int, attempt: int = 0) -> None:
+    """Seed torch's global generators (the CPU's and every GPU's) for one micro-batch's forward and backward passes from
+    (seed, rank, step, micro-batch): what the networks draw from them there (the dropout of a UNet or LoRA whose config
+    asks for it) is then the uninterrupted run's in a resumed one, as the loss's own draws are (`step_generator`). Left to
+    the process's history it was not: a resumed run's DataLoader draws its base seed from the CPU's generator where the
+    uninterrupted run did not, and a checkpoint holds no GPU generator's state."""
+    torch.manual_seed(_seed_of(_step_entropy(seed, rank, step, attempt), spawn_key=(micro,)))
+
+
+def _step_entropy(seed: int, rank: int, step: int, attempt: int) -> list[int]:
+    return [seed, rank, step, 0] + ([attempt] if attempt else [])
+
+
+def _seed_of(entropy: list[int], spawn_key: tuple[int, ...] = ()) -> int:
+    """A 63-bit seed of `entropy`; a `spawn_key` gives an independent stream of the same entropy."""
+    return int(np.random.SeedSequence(entropy, spawn_key=spawn_key).generate_state(1, np.uint64)[0] >> 1)
 
 
 def warmup_note(config: TrainConfig) -> str | None:
@@ -271,6 +287,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
                                             config.grad_accumulation)
                 # Sharded, gradients are reduce-scattered at every micro-step: FSDP2's no_sync would hold them unsharded
                 sync = accelerator.no_sync(student.unet) if micro + 1 < config.grad_accumulation and not sharded else contextlib.nullcontext()
+                seed_network_draws(config.seed, rank, state.step, micro, attempt=state.nonfinite_run)
                 with sync, accelerator.autocast():
                     loss = loss_fn(f_student, f_target, batch["latents"], batch["cond"], uncond.expand(len(batch["latents"]), -1, -1),
                                    generator).mean()
