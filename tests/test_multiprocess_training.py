@@ -47,8 +47,8 @@ SLOW_CLEARING = textwrap.dedent("""
         _clear(out)
 
     loop.prepare_run_folder, run_folder.clear_early_run = prepare, clear
-    from latent_consistency.cli import main
-    sys.exit(main(sys.argv[1:]))
+    from latent_consistency.cli import end_process, main
+    sys.exit(end_process(main(sys.argv[1:])))
 """)
 
 
@@ -125,8 +125,8 @@ LOGGED_READS = textwrap.dedent("""
         return _digest(path)
 
     imagefolder._file_sample_digest = digest
-    from latent_consistency.cli import main
-    sys.exit(main(sys.argv[1:]))
+    from latent_consistency.cli import end_process, main
+    sys.exit(end_process(main(sys.argv[1:])))
 """)
 
 

@@ -72,8 +72,8 @@ SOLVING = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)
 
     ode_error.TeacherConsistencyFunction.__call__, ode_targets.save_torch = solve, killed_save
-    from latent_consistency.cli import main
-    sys.exit(main(sys.argv[1:]))
+    from latent_consistency.cli import end_process, main
+    sys.exit(end_process(main(sys.argv[1:])))
 """)
 
 

@@ -163,10 +163,11 @@ def entry() -> int:
 
 def end_process(code: int) -> int:
     """`code`, or for a process of a multi-process run (`accelerate launch`, torchrun: WORLD_SIZE > 1) the end of the
-    process with it at once: output flushed, without the interpreter's finalization and C++'s static destructors. Its gloo
-    process group outlives `destroy_process_group` (DTensor's caches, FSDP2's, keep its device mesh), so it was torn down
-    there, after the run's last file, and has aborted ("terminate called without an active exception", exit -6; seen in
-    CI twice), which failed the launch of a finished run. Everything the command writes is
+    process with it at once: output flushed, without the interpreter's finalization and C++'s static destructors. A
+    gloo process group torn down there has aborted ("terminate called without an active exception", exit -6, seen in
+    CI) and, freed while gloo's worker thread still released its last collective, deadlocked; so a run keeps its group
+    (`training.sharding.end_process_group`) and the process ends here, with nothing to tear down. A script of its own
+    that trains under a launcher ends the same way: `sys.exit(end_process(code))`. Everything the command writes is
     written and closed before it returns. Its daemonic child processes (DataLoader workers) are ended first, as
     multiprocessing's exit callback ends them: left alone they linger until their watchdog sees the parent gone."""
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:

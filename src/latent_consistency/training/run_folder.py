@@ -46,7 +46,7 @@ from latent_consistency.training.config import CONFIGS, RESUMABLE_CHANGES, Train
 from latent_consistency.training.model_card import write_model_card
 from latent_consistency.training.ode_targets import FILE as ODE_BANK
 from latent_consistency.training.ode_targets import follow_moves
-from latent_consistency.training.sharding import exportable, full_training_state, is_sharded, load_optimizer_state
+from latent_consistency.training.sharding import end_process_group, exportable, full_training_state, is_sharded, load_optimizer_state
 
 VALIDATION_STEPS = (1, 2, 4)
 VALIDATION_PROMPTS = 6  # validation grid columns when no prompts are given: the first held-out (or training) captions
@@ -509,7 +509,7 @@ class RunFolder:
         # Every process tears the process group down together: a process that destroys it while the main one is still
         # exporting has aborted in gloo's teardown ("terminate called without an active exception", seen once in CI)
         accelerator.wait_for_everyone()
-        accelerator.end_training()
+        end_process_group(accelerator)
         return exported
 
 

@@ -24,6 +24,23 @@ import torch
 
 from latent_consistency.errors import UserError
 
+# The process groups of ended runs, never freed: `end_process_group`
+_ENDED_GROUPS: list = []
+
+
+def end_process_group(accelerator) -> None:
+    """`accelerator.end_training()` (which destroys the process group), with the group itself kept until the process
+    ends. Freed as the run's objects go (DDP's reducer holds it), its destructor waits, holding the GIL, for gloo's
+    worker thread, which may still be releasing the last collective it ran (the final barrier, holding `gather_object`'s
+    tensors), and that release needs the GIL: a deadlock, seen as a finished two-process run that never exited (gdb:
+    ~ProcessGroupGloo on the main thread, ~AsyncBarrierWork -> decref_pyobject on `pt_gloo_runloop`). Kept, it goes
+    with the process: `cli.end_process` ends a multi-process run's process without destructors."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        _ENDED_GROUPS.append(dist.group.WORLD)
+    accelerator.end_training()
+
 
 def is_sharded(accelerator) -> bool:
     """Whether the student is sharded (accelerate's FSDP distributed type)."""
