@@ -8,3 +8,25 @@ def test_captions_break_between_words_and_a_word_longer_than_the_column_with_a_h
     assert wrap_caption("a red star at the top", 10) == ["a red star", "at the top"]
     assert all(len(line) <= 4 for line in wrap_caption("extraordinarily long", 4))
     assert "".join(wrap_caption("abcdefghij", 4)).replace("-", "") == "abcdefghij"
+
+
+def test_words_of_a_drawn_caption_stay_apart_and_a_long_row_label_stays_left_of_the_images():
+    """Pillow >= 10.1 drew the labels in a FreeType font whose space after a "t" is a pixel wide ("digitsix" in the demo's
+    digits grid) and narrower than the wrapping counts; the grid draws in PIL's bitmap font, every character 6 px."""
+    import numpy as np
+    import torch
+
+    from latent_consistency.grids import CHAR_WIDTH, image_grid
+
+    white = torch.ones(1, 3, 64, 64)  # 10 characters wide: "digit six" on one line
+    grid = np.asarray(image_grid([white], ["x"], scale=1, label_width=4, column_labels=["digit six"]).convert("L"))
+    ink = (grid[:13, 4:] < 128).any(axis=0)  # the caption line: which pixel columns right of the row label hold text
+    start = int(np.argmax(ink))
+    assert not ink[start + 5 * CHAR_WIDTH: start + 6 * CHAR_WIDTH].any()  # the space's 6 px column, between "digit" and "six"
+    assert ink[start + 6 * CHAR_WIDTH: start + 9 * CHAR_WIDTH].any()
+
+    label = "a row label of forty-two characters, long"
+    dark = torch.full((1, 3, 8, 8), -1.0)
+    grid = np.asarray(image_grid([dark], [label], scale=1, label_width=10).convert("L"))
+    assert grid.shape[1] >= CHAR_WIDTH * len(label) + 8  # the images start after the label
+    assert (grid[:, -8:] == 0).all() and (grid[:, : CHAR_WIDTH * len(label)] > 0).any()

@@ -6,12 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from latent_consistency.outputs import write_atomic
 
-CHAR_WIDTH, LINE_HEIGHT = 6, 11  # px of PIL's default bitmap font
+CHAR_WIDTH, LINE_HEIGHT = 6, 11  # px of PIL's bitmap font (`label_font`)
+
+
+def label_font() -> ImageFont.ImageFont:
+    """PIL's built-in bitmap font, every character `CHAR_WIDTH` px wide, as the wrapping counts. Pillow 10.1 made a
+    FreeType font the default where FreeType is installed, whose space after a "t" is a pixel wide: "digit six" read
+    "digitsix" in the digits grid."""
+    return getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()  # load_default is the bitmap one before 10.1
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -58,18 +65,20 @@ def _at_most(lines: list[str], n: int) -> list[str]:
 def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, label_width: int = 90,
                column_labels: list[str] | None = None) -> Image.Image:
     """A grid with one row per tensor [B,3,H,W] (same B, H, W), a text label left of each row and, when given, a
-    caption above each column (wrapped to the column's width)."""
+    caption above each column (wrapped to the column's width). `label_width`: px left of the images, widened to the
+    longest row label."""
+    label_width = max(label_width, CHAR_WIDTH * max(map(len, row_labels), default=0) + 8)  # a label never runs under an image
     tiles = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(r)] for r in rows]
     h, w = tiles[0][0].height, tiles[0][0].width
     captions = [_at_most(wrap_caption(text, max(1, w // CHAR_WIDTH)), MAX_CAPTION_LINES) for text in column_labels or []]
     top = LINE_HEIGHT * max((len(c) for c in captions), default=0) + (4 if captions else 0)
     grid = Image.new("RGB", (label_width + w * len(tiles[0]), top + h * len(tiles)), "white")
-    draw = ImageDraw.Draw(grid)
+    draw, font = ImageDraw.Draw(grid), label_font()
     for j, lines in enumerate(captions):
         for k, line in enumerate(lines):
-            draw.text((label_width + j * w + 2, 2 + k * LINE_HEIGHT), line, fill="black")
+            draw.text((label_width + j * w + 2, 2 + k * LINE_HEIGHT), line, fill="black", font=font)
     for i, (row, label) in enumerate(zip(tiles, row_labels)):
-        draw.text((4, top + i * h + h // 2 - 5), label, fill="black")
+        draw.text((4, top + i * h + h // 2 - 5), label, fill="black", font=font)
         for j, tile in enumerate(row):
             grid.paste(tile, (label_width + j * w, top + i * h))
     return grid

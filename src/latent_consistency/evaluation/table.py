@@ -31,7 +31,7 @@ from latent_consistency.evaluation import compare
 from latent_consistency.evaluation.compare import sample_consistency, sample_guided
 from latent_consistency.evaluation.fid import feature_rms_of, fid_of_features, kid_of_features, network_features
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
-from latent_consistency.grids import CHAR_WIDTH, image_grid, save_png
+from latent_consistency.grids import image_grid, save_png
 from latent_consistency.hub import hub_revision
 from latent_consistency.models import DiffusionModel, model_files
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
@@ -636,6 +636,5 @@ def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | N
     images = ([next(eval_set.reference.batches(columns))] if real_row else []) + [generate(row, lcm, teacher, few, device, guided) for row in rows]
     labels = (["real"] if real_row else []) + [grid_label(row, teacher, lcm_label) for row in rows]
     path = out / name
-    label_width = max(170, CHAR_WIDTH * max(map(len, labels)) + 8)  # the longest label whole, not run under the first image
-    save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=label_width, column_labels=few.prompts), path)
+    save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=170, column_labels=few.prompts), path)
     return path

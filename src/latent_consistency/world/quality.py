@@ -28,7 +28,7 @@ from latent_consistency.world.presets import QualityConfig
 
 ALIGNMENT_MEAN, ALIGNMENT_MIN, GUIDANCE_GAP, VAE_ACCURACY_GAP = 0.85, 0.7, 0.05, 0.02
 BATCH = 250
-GRID_LABEL_WIDTH = 340  # px: a shapes caption in PIL's default font
+GRID_LABEL_WIDTH = 340  # px at least: a shapes caption (`image_grid` widens it to the longest)
 
 
 @torch.no_grad()
