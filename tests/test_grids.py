@@ -30,3 +30,16 @@ def test_words_of_a_drawn_caption_stay_apart_and_a_long_row_label_stays_left_of_
     grid = np.asarray(image_grid([dark], [label], scale=1, label_width=10).convert("L"))
     assert grid.shape[1] >= CHAR_WIDTH * len(label) + 8  # the images start after the label
     assert (grid[:, -8:] == 0).all() and (grid[:, : CHAR_WIDTH * len(label)] > 0).any()
+
+
+def test_a_caption_outside_latin1_is_drawn():
+    """PIL's bitmap font has Latin-1 only: a caption with "☕" or Chinese raised UnicodeEncodeError from the grid (the
+    first fix's, caught by the tests of users' own data); such a line is drawn in the FreeType font where there is one."""
+    import numpy as np
+    import torch
+
+    from latent_consistency.grids import drawable, image_grid
+
+    grid = image_grid([torch.ones(1, 3, 64, 64)], ["行 ☕"], scale=1, column_labels=["a ☕ on a table", "一只猫"])
+    assert (np.asarray(grid.convert("L"))[:13] < 128).any()
+    assert drawable("digit six")[0] == "digit six"

@@ -11,14 +11,23 @@ from PIL.PngImagePlugin import PngInfo
 
 from latent_consistency.outputs import write_atomic
 
-CHAR_WIDTH, LINE_HEIGHT = 6, 11  # px of PIL's bitmap font (`label_font`)
+CHAR_WIDTH, LINE_HEIGHT = 6, 11  # px of PIL's bitmap font (`drawable`)
 
 
-def label_font() -> ImageFont.ImageFont:
-    """PIL's built-in bitmap font, every character `CHAR_WIDTH` px wide, as the wrapping counts. Pillow 10.1 made a
-    FreeType font the default where FreeType is installed, whose space after a "t" is a pixel wide: "digit six" read
-    "digitsix" in the digits grid."""
-    return getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()  # load_default is the bitmap one before 10.1
+def drawable(text: str) -> tuple[str, ImageFont.ImageFont | ImageFont.FreeTypeFont]:
+    """`text` and the font to draw it in: PIL's built-in bitmap font, every character `CHAR_WIDTH` px wide as the
+    wrapping counts, for text it has (Latin-1). Pillow 10.1 made a FreeType font the default where FreeType is
+    installed, whose space after a "t" is a pixel wide ("digit six" read "digitsix" in the digits grid); it draws the
+    rest ("a ☕ on a table"), narrower than the bitmap font. Without FreeType, what Latin-1 lacks is drawn as "?"."""
+    bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()  # load_default is the bitmap one before 10.1
+    try:
+        text.encode("latin-1")
+        return text, bitmap
+    except UnicodeEncodeError:
+        font = ImageFont.load_default()
+        if isinstance(font, ImageFont.FreeTypeFont):
+            return text, font
+        return text.encode("latin-1", "replace").decode("latin-1"), font
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -73,11 +82,13 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, 
     captions = [_at_most(wrap_caption(text, max(1, w // CHAR_WIDTH)), MAX_CAPTION_LINES) for text in column_labels or []]
     top = LINE_HEIGHT * max((len(c) for c in captions), default=0) + (4 if captions else 0)
     grid = Image.new("RGB", (label_width + w * len(tiles[0]), top + h * len(tiles)), "white")
-    draw, font = ImageDraw.Draw(grid), label_font()
+    draw = ImageDraw.Draw(grid)
     for j, lines in enumerate(captions):
         for k, line in enumerate(lines):
+            line, font = drawable(line)
             draw.text((label_width + j * w + 2, 2 + k * LINE_HEIGHT), line, fill="black", font=font)
     for i, (row, label) in enumerate(zip(tiles, row_labels)):
+        label, font = drawable(label)
         draw.text((4, top + i * h + h // 2 - 5), label, fill="black", font=font)
         for j, tile in enumerate(row):
             grid.paste(tile, (label_width + j * w, top + i * h))
