@@ -71,26 +71,27 @@ class DataItems:
     each pass (`first`). Shards are opened once for every pass: their skip counter logs a corrupt sample or a damaged shard
     once per evaluation, not once per pass (the prompts, the reference's size check, its fingerprint, each feature network).
     A map-style dataset is opened per pass, as it gives the next usable sample in a corrupt one's place, told from it by its
-    skip count rising, which a counter that has seen the corrupt one already would not do."""
+    skip count rising, which a counter that has seen the corrupt one already would not do; an image folder's scan is made
+    once all the same, for the passes that decode no image (the prompts) and the reference images (`image_folder`): a walk
+    of a LAION-sized folder takes minutes."""
 
     def __init__(self, spec: str, resolution: int):
         self.spec, self.resolution = spec, resolution
         self.shards = None  # the `ShardStream`, once a pass opened the spec and found shards
+        self.folder = None  # the `ImageFolderDataset`, once a pass opened the spec and found an image folder
 
     def first(self, n: int, images: bool = True) -> Iterator[dict]:
         """The first `n` items, one at a time; without `images`, an image folder's are its captions alone, its images not
         decoded."""
         from latent_consistency.data.imagefolder import ImageFolderDataset
         from latent_consistency.data.shards import ShardStream
-        from latent_consistency.data.spec import open_dataset
 
         path = Path(self.spec)
         if path.suffix.lower() == ".txt" and not path.is_dir():  # a folder named x.txt is an image folder or shards
             yield from ({"caption": p} for p in read_prompt_file(self.spec)[:n])
             return
-        dataset = open_dataset(self.spec, self.resolution) if self.shards is None else self.shards
+        dataset = self._open(images)
         if isinstance(dataset, ShardStream):  # each sample once, in order: the training stream resamples shards
-            self.shards = dataset
             yield from itertools.islice(dataset.samples_once(), n)
             return
         if isinstance(dataset, ImageFolderDataset) and not images:
@@ -106,6 +107,35 @@ class DataItems:
                 yield item
             skipped = skipped_samples(dataset)
 
+    def image_folder(self):
+        """The spec's `ImageFolderDataset`, scanned by the first pass that opened it (or now), None where the spec is no
+        image folder: its samples are the prompts and, in their order, the reference images (`read_reference`)."""
+        from latent_consistency.data.imagefolder import ImageFolderDataset
+
+        path = Path(self.spec).expanduser()
+        if not path.is_dir() or (path / "manifest.json").is_file():  # a latent cache is opened by a pass that reads it
+            return None
+        dataset = self._open(images=False)
+        return dataset if isinstance(dataset, ImageFolderDataset) else None
+
+    def _open(self, images: bool):
+        """The spec's dataset for a pass: shards as the first pass opened them; an image folder as the first pass scanned it
+        where this pass decodes no image (`images` False); else opened afresh (see the class)."""
+        from latent_consistency.data.imagefolder import ImageFolderDataset
+        from latent_consistency.data.shards import ShardStream
+        from latent_consistency.data.spec import open_dataset
+
+        if self.shards is not None:
+            return self.shards
+        if self.folder is not None and not images:
+            return self.folder
+        dataset = open_dataset(self.spec, self.resolution)
+        if isinstance(dataset, ShardStream):
+            self.shards = dataset
+        elif isinstance(dataset, ImageFolderDataset):
+            self.folder = dataset
+        return dataset
+
 
 def read_reference(spec: str, resolution: int, n: int, captioned: bool = False, items: DataItems | None = None):
     """The first `n` real images of a data spec for FID, each image once, as `evaluation.table.ReferenceImages`: read
@@ -116,22 +146,19 @@ def read_reference(spec: str, resolution: int, n: int, captioned: bool = False, 
     Undecodable files are skipped and counted in the log (once, whatever the passes). Any other spec gives the images of
     `DataItems` (`items`: the spec as the evaluation opened it for its prompts), shards' skips logged once too. The file
     names are the folder's own (`ImageFolderDataset.samples`, or strings sorted), each made a path as a
-    pass reaches it: a Path of each of a 12-million-image folder's files, for the first 30,000, held gigabytes."""
-    from latent_consistency.data.imagefolder import ImageFolderDataset, extension, visible_names
-    from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, load_rgb
+    pass reaches it: a Path of each of a 12-million-image folder's files, for the first 30,000, held gigabytes. The folder
+    is walked once: a captioned one's scan is that of its prompts (`DataItems.image_folder`)."""
+    from latent_consistency.data.images import SkipCounter, load_rgb
     from latent_consistency.evaluation.table import ReferenceImages
 
     path = Path(spec).expanduser()
-    names = []
-    if path.is_dir() and not (path / "manifest.json").is_file() and not any(not p.name.startswith(".") for p in path.glob("*.tar")):
-        if captioned:
-            dataset = ImageFolderDataset(path, resolution)
-            names, skipped = dataset.samples.files, dataset.skipped
-        else:
-            names = sorted(name for name in visible_names(path) if extension(name) in IMAGE_EXTENSIONS)
-            skipped = SkipCounter(name=f"image folder {path}")
+    items = items or DataItems(spec, resolution)
+    if captioned:
+        folder = items.image_folder()
+        names, skipped = ([], None) if folder is None else (folder.samples.files, folder.skipped)
+    else:
+        names, skipped = image_files(path), SkipCounter(name=f"image folder {path}")
     if not names:  # shards, a latent cache, world:NAME, a .txt file, a folder of .heic photos alone (refused, saying why)
-        items = items or DataItems(spec, resolution)
         return ReferenceImages(lambda: (it["image"] for it in items.first(n) if "image" in it))
 
     def usable() -> Iterator[torch.Tensor]:  # a file decoded as a pass reaches it
@@ -139,6 +166,22 @@ def read_reference(spec: str, resolution: int, n: int, captioned: bool = False, 
         return itertools.islice((image for image in (load_rgb(file, resolution, skipped) for file in files) if image is not None), n)
 
     return ReferenceImages(usable)
+
+
+def image_files(path: Path) -> list[str]:
+    """The image files of the folder `path` (sorted, nested folders included), found in one walk of it; none where `path` is
+    no folder, a latent cache, or a folder of .tar shards at its top (read as a data spec, by `DataItems`)."""
+    from latent_consistency.data.imagefolder import extension, visible_names
+    from latent_consistency.data.images import IMAGE_EXTENSIONS
+
+    if not path.is_dir() or (path / "manifest.json").is_file():
+        return []
+    images, shards = [], False
+    for name in visible_names(path):
+        if extension(name) in IMAGE_EXTENSIONS:
+            images.append(name)
+        shards = shards or ("/" not in name and name.endswith(".tar"))
+    return [] if shards else sorted(images)
 
 
 def each_once(names: Iterable[str]) -> Iterator[str]:
