@@ -122,7 +122,7 @@ def test_serve_refuses_a_style_lora_weight_that_is_no_number(tiny_lcm, style_lor
 # --- lcm cache --num-workers with shards ---
 
 def test_cache_of_shards_refuses_num_workers(tiny_sd, run_error, tmp_path):
-    # was: exit 0, and the shards read in this process, as without --num-workers (`usable_batches` sets it to 0)
+    # was: exit 0, and the shards read in this process, as without --num-workers (`UsableBatches` sets it to 0)
     write_shard(tmp_path / "shards" / "00000.tar", img2dataset_sample("a", "a red one"))
     out = tmp_path / "cache"
     refused(run_error, ["cache", "--model", str(tiny_sd), "--data", str(tmp_path / "shards"), "--num-workers", "2", "--out", str(out)],

@@ -5,14 +5,18 @@ so that `lcm distill` and `lcm finetune` with `--data CACHE` run no VAE or text 
 The cache is written with the model the runs train (the teacher for `distill`, the LCM for `finetune`): a run on
 another model's cache is refused. Its images are read as a run reads them (`--data` of the same folder): upright,
 8-bit RGB, the shorter side scaled to the model's size and the central square kept. Each usable sample is written once
-(`data.latent_cache.usable_batches`): a corrupt image or a sample without a caption is counted and left out, and shards are
+(`data.latent_cache.UsableBatches`): a corrupt image or a sample without a caption is counted and left out, and shards are
 read once each, shard after shard. The folder is written as `OUT.partial` and renamed when whole: a stopped `lcm cache`
-(Ctrl-C, SIGTERM) leaves no cache that looks finished, and a rerun starts the cache again.
+(Ctrl-C, SIGTERM, a kill, a full disk) leaves no cache that looks finished, and the same command run again goes on from the
+last whole shard in OUT.partial, writing the very cache an uninterrupted run writes. It resumes an image folder read with
+the same --model, images, captions and --batch-size; webdataset shards, other data or other settings start OUT.partial
+again, with a note saying why.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 
 from latent_consistency.cli.arguments import nonnegative_int, positive_int
 from latent_consistency.devices import resolve_device
@@ -21,8 +25,8 @@ from latent_consistency.folder_lock import hold
 
 
 def run(args) -> None:
-    """`write_cache` holding --out's lock (`folder_lock.hold`): a second `lcm cache` to the same --out would clear the first's
-    OUT.partial as an unfinished cache and write its own there, under the first."""
+    """`write_cache` holding --out's lock (`folder_lock.hold`): a second `lcm cache` to the same --out would take the first's
+    OUT.partial for an unfinished cache, resume or clear it and write its own shards there, under the first."""
     with hold(args.out):
         write_cache(args)
 
@@ -41,14 +45,14 @@ def write_cache(args) -> None:
     dataset = open_dataset(args.data, resolution)
     if isinstance(dataset, LatentCache):
         raise UserError(f"--data {args.data} is a latent cache already; give the images it was made from")
-    if isinstance(dataset, ShardStream) and args.num_workers:  # `usable_batches` reads shards in this process: the workers went unused
+    if isinstance(dataset, ShardStream) and args.num_workers:  # `UsableBatches` reads shards in this process: the workers went unused
         raise UserError(f"--num-workers {args.num_workers} starts processes that decode an image folder's images; --data {args.data} "
                         "is webdataset shards, which decode on threads in this process: leave --num-workers out")
     source = {"data": args.data, "model": args.model, "resolution": resolution}
     # progress as every command shows it: a bar in a terminal, whole lines in a log (`progress`), where a cache of LAION's
     # size is hours of encoding that showed nothing
     out = write_latent_cache(dataset, args.out, model.codec, model.prompts, source, device, batch_size=args.batch_size,
-                             num_workers=args.num_workers)
+                             num_workers=args.num_workers, say=lambda line: print(f"lcm cache: {line}", file=sys.stderr, flush=True))
     summary = getattr(dataset, "skipped", None)
     if summary is not None and summary.summary():
         print(f"data: {summary.summary()}")

@@ -15,6 +15,11 @@ copied into memory, and its pages come from the OS page cache, shared by every t
 caption strings too (`CaptionTable`), decoded one at a time where a sample's is asked for: a cache of format
 HEADER_CAPTIONS (written before) held them as JSON in the captions file's header, which safetensors refuses past 100 MB
 (about 12M captions, LAION-Aesthetics' size) and which every process parsed whole into strings; it is still read.
+
+A cache is written in `<cache>.partial` (marked PARTIAL_MARK) and renamed when whole. Beside each shard written there
+lies the file of the captions first seen in it, and PROGRESS records the whole shards and where the reading of the data
+got to, so that a rerun of the same job after a kill goes on from its last whole shard (`write_latent_cache`). Encoding
+LAION is hours: a kill (Ctrl-C, a scheduler's, a full disk) cost them all.
 """
 
 from __future__ import annotations
@@ -23,8 +28,12 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import os
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,12 +43,12 @@ from safetensors.torch import save_file
 
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset, hash_json_list
-from latent_consistency.data.images import SkipEvents
+from latent_consistency.data.images import SkipCounter, SkipEvents
 from latent_consistency.data.shards import ShardStream
 from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
 from latent_consistency.models import LatentCodec
-from latent_consistency.outputs import partial_folder, start_partial
+from latent_consistency.outputs import check_partial, partial_folder, start_partial, write_json_atomic
 from latent_consistency.progress import progress_bar
 
 FORMAT = "latent-cache/2"
@@ -47,6 +56,7 @@ HEADER_CAPTIONS = "latent-cache/1"  # the earlier format: the caption strings as
 MANIFEST = "manifest.json"
 CAPTIONS = "captions.safetensors"
 PARTIAL_MARK = ".lcm-latent-cache"  # in `<cache>.partial` while it is written
+PROGRESS = "progress.json"  # in `<cache>.partial`: its whole shards and where the reading of the data got to (`_Written`)
 CAPTIONS_PER_WRITE = 1 << 16  # caption strings joined into one write of the captions file
 # A cache of at most this many bytes of latents and text embeddings is small: it is scanned whole for NaN and infinity when
 # read and moved whole to the training device, once (the built-in world's: 20k samples of 8x8x4 latents, a few MB). A larger
@@ -73,51 +83,51 @@ def write_latent_cache(
     shard_size: int = 8192,
     num_workers: int = 0,
     progress: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> Path:
     """Encode each usable sample of `dataset` (items {"image" in [-1, 1], "caption"}; an image folder, webdataset shards or a
-    map-style dataset, `usable_batches`) once into a cache at `out_dir`: latents with `codec`, each distinct caption and ∅
+    map-style dataset, `UsableBatches`) once into a cache at `out_dir`: latents with `codec`, each distinct caption and ∅
     once with the prompt encoder `prompts` (`models.DiffusionModel.prompts`; an SDXL condition carries the images' size as
     its micro-conditioning).
 
-    `source` (e.g. dataset name, split, resolution, seed) is recorded in the manifest. The folder is
-    written as `<out_dir>.partial` and renamed when complete.
-    """
+    `source` (e.g. dataset name, split, resolution, seed) is recorded in the manifest. The folder is written as
+    `<out_dir>.partial` and renamed when complete. A call that finds a `<out_dir>.partial` of the same job, killed part way
+    (an image folder read with the same `source`, VAE, batch and shard size), goes on from its last whole shard
+    (`_resumable`) and writes the very cache an uninterrupted call writes; any other is started again. `say` prints
+    its one-line notes (resuming, or why not), to stderr by default."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder")
     if not isinstance(dataset, ShardStream) and len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
-    partial = start_partial(partial_folder(out_dir, "runs/latents"), PARTIAL_MARK, "a latent cache")
-    caption_ids: dict[str, int] = {}
-    shards: list[dict] = []
+    say = say or _say
+    job = _job(dataset, codec, source, batch_size, shard_size)
+    partial = partial_folder(out_dir, "runs/latents")
+    record = _resumable(partial, dataset, job, say)
+    written = _Written.resumed(partial, job, dataset, record, say) if record else _Written.started(partial, job)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latents, caption_index) not yet in a shard
-
-    def flush() -> None:
-        name = f"shard-{len(shards):05d}.safetensors"
-        latents, index = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
-        save_file({"latents": latents.contiguous(), "caption_index": index}, str(partial / name))
-        shards.append({"file": name, "num_samples": len(index)})
-        pending.clear()
+    batches = UsableBatches(dataset, batch_size, num_workers, start=written.items)
 
     total = None if isinstance(dataset, ShardStream) else len(dataset)
-    with progress_bar(total=total, desc="latent cache", unit="sample", disable=not progress) as bar:  # closed before a stop's one line
-        for images, captions in usable_batches(dataset, batch_size, num_workers):
+    done = sum(s["num_samples"] for s in written.shards)
+    with progress_bar(total=total, initial=done, desc="latent cache", unit="sample", disable=not progress) as bar:  # closed before a stop's one line
+        for images, captions in batches:
             encoded = codec.encode(images)
             latents = encoded.float().cpu()
             _check_encoded(out_dir, {"latents": latents}, encoded.dtype)
-            index = torch.tensor([caption_ids.setdefault(c, len(caption_ids)) for c in captions], dtype=torch.int64)
-            pending.append((latents, index))
+            pending.append((latents, written.index(captions)))
+            written.image_size, written.latent_shape = list(images.shape[-2:]), list(latents.shape[1:])
             if sum(len(p[1]) for p in pending) >= shard_size:
-                flush()
+                written.add_shard(pending, batches)
             bar.update(len(captions))  # samples written: short of the total by those skipped
         if pending:
-            flush()
-        if not shards:  # in the bar's block: a log's end line would come before the one line of this stop
+            written.add_shard(pending, batches)
+        if not written.shards:  # in the bar's block: a log's end line would come before the one line of this stop
             skipped = getattr(dataset, "skipped", None)
             raise UserError(f"no usable sample in the data ({skipped.summary() if skipped else 'none given'}); check the files")
 
-    captions = list(caption_ids)
-    size = tuple(images.shape[-2:])  # the last batch's: every image is resolution x resolution
+    captions = list(written.caption_ids)
+    size = tuple(written.image_size)  # every image is resolution x resolution
     embeddings = _encoded_captions(out_dir, prompts, captions, device, size, batch_size, progress)
     first = next(embeddings)
     uncond = prompts.uncond(device, size)[0]
@@ -126,10 +136,10 @@ def write_latent_cache(
                     uncond.float().cpu())
     manifest = {
         "format": FORMAT,
-        "num_samples": sum(s["num_samples"] for s in shards),
-        "shards": shards,
-        "latent_channels": int(latents.shape[1]),
-        "latent_size": list(latents.shape[2:]),
+        "num_samples": sum(s["num_samples"] for s in written.shards),
+        "shards": written.shards,
+        "latent_channels": written.latent_shape[0],
+        "latent_size": written.latent_shape[1:],
         "scaling_factor": codec.scaling_factor,
         "num_captions": len(captions),
         "text_hidden_size": int(first.shape[-1]),
@@ -137,9 +147,174 @@ def write_latent_cache(
         "source": source,
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    partial.rename(out_dir)  # marked until renamed: a kill before this leaves a `.partial` that a rerun may replace
+    partial.rename(out_dir)  # marked until renamed: a kill before this leaves a `.partial` that a rerun resumes or replaces
+    for shard in written.shards:  # the record of the progress, which a cache does not hold: a kill here leaves a whole cache
+        (out_dir / _captions_file(shard["file"])).unlink()
+    (out_dir / PROGRESS).unlink()
     (out_dir / PARTIAL_MARK).unlink()
     return out_dir
+
+
+def _say(line: str) -> None:
+    """A note of `write_latent_cache` on stderr, where a caller gives no `say`."""
+    print(f"latent cache: {line}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Written:
+    """What `<cache>.partial`, written by `job` (`_job`), holds: its whole shards (`shards`, each recorded in PROGRESS once
+    on disk), the distinct captions in the order they were first seen (caption u is row u of the text embeddings), the
+    number of the dataset's items read into those shards (`items`), and the size of the images and their latents."""
+
+    partial: Path
+    job: dict
+    shards: list[dict] = field(default_factory=list)
+    caption_ids: dict[str, int] = field(default_factory=dict)
+    fresh: list[str] = field(default_factory=list)  # the captions first seen since the last shard
+    items: int = 0
+    image_size: list[int] = field(default_factory=list)
+    latent_shape: list[int] = field(default_factory=list)
+
+    @classmethod
+    def started(cls, partial: Path, job: dict) -> _Written:
+        """A new, empty `partial` (`start_partial`)."""
+        return cls(start_partial(partial, PARTIAL_MARK, "a latent cache"), job)
+
+    @classmethod
+    def resumed(cls, partial: Path, job: dict, dataset, record: dict, say: Callable[[str], None]) -> _Written:
+        """`partial` as its PROGRESS `record` left it, everything it does not name removed (a shard or the captions file
+        half-written when the writer was killed); `dataset`'s skip counts set to those the record counted, so that the
+        data's summary at the end is the uninterrupted run's. The caption table is rebuilt shard by shard from each
+        shard's first-seen captions."""
+        shards = [{"file": s["file"], "num_samples": s["num_samples"]} for s in record["shards"]]
+        keep = {PARTIAL_MARK, PROGRESS} | {s["file"] for s in shards} | {_captions_file(s["file"]) for s in shards}
+        for path in partial.iterdir():
+            if path.name in keep:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        caption_ids: dict[str, int] = {}
+        for shard in shards:
+            for caption in json.loads((partial / _captions_file(shard["file"])).read_text()):
+                caption_ids[caption] = len(caption_ids)
+        counter = getattr(dataset, "skipped", None)
+        if counter is not None:
+            counter.counts = Counter(record["skipped"]["counts"])
+            counter.seen = {(reason, detail) for reason, detail in record["skipped"]["seen"]}
+        say(f"resuming {partial} at sample {record['items']} of {len(dataset)} ({len(shards)} shards written)")
+        return cls(partial, job, shards, caption_ids, [], record["items"], record["image_size"], record["latent_shape"])
+
+    def index(self, captions: list[str]) -> torch.Tensor:
+        """The caption index of `captions`, each new one added to the table."""
+        ids = []
+        for caption in captions:
+            u = self.caption_ids.get(caption)
+            if u is None:
+                u = self.caption_ids[caption] = len(self.caption_ids)
+                self.fresh.append(caption)
+            ids.append(u)
+        return torch.tensor(ids, dtype=torch.int64)
+
+    def add_shard(self, pending: list[tuple[torch.Tensor, torch.Tensor]], batches: UsableBatches) -> None:
+        """Write `pending` as the next shard, then record it in PROGRESS with where `batches` got to: the shard file and its
+        first-seen captions are on disk before the record names them, and the record is replaced whole, so that a kill
+        at any moment leaves a record of whole shards only. Each shard's first-seen captions are a file of their own:
+        the whole table rewritten with each shard would be 45 MB a shard at LAION's 650K distinct captions."""
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        latents, index = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+        save_file({"latents": latents.contiguous(), "caption_index": index}, str(self.partial / name))
+        with open(self.partial / name, "rb") as f:  # on disk before the record names it: a power cut keeps no record of a hole
+            os.fsync(f.fileno())
+        write_json_atomic(self.partial / _captions_file(name), self.fresh, indent=None)
+        self.shards.append({"file": name, "num_samples": len(index)})
+        self.fresh, self.items = [], batches.items
+        pending.clear()
+        skipped = batches.skipped()
+        write_json_atomic(self.partial / PROGRESS, {
+            "job": self.job, "shards": self.shards, "items": self.items, "image_size": self.image_size, "latent_shape": self.latent_shape,
+            "skipped": None if skipped is None else {"counts": dict(skipped.counts), "seen": sorted(map(list, skipped.seen))},
+        })
+
+
+def _captions_file(shard: str) -> str:
+    """The file beside a shard in `<cache>.partial` that holds the captions first seen in it, in order."""
+    return shard.removesuffix(".safetensors") + ".captions.json"
+
+
+# What a job's part (`_job`) differs in when another job wrote a `<cache>.partial`, in the note that starts it again
+_JOB_PARTS = {"format": "version of lcm (cache format)", "source": "source (--data, --model or resolution)",
+              "data": "data (other image files or captions)", "encoder": "VAE (other weights)",
+              "batch_size": "batch size", "shard_size": "shard size"}
+
+
+def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size: int) -> dict:
+    """What a `<cache>.partial` must have been written by for a rerun to go on with it: the same `source`, data, VAE, and
+    batch and shard size (they place the shard boundaries). The data is an image folder's count of samples, resolution
+    and digest of their file names and captions, which its scan holds: a stat of each file (let alone the 32 KiB of each
+    that a training run's fingerprint reads) is minutes at 12 million files on a network disk, at every start of every
+    cache. None for other data, whose reading does not resume."""
+    data = None
+    if isinstance(dataset, ImageFolderDataset):
+        names = hashlib.sha256()
+        hash_json_list(names, ([file_name, caption] for file_name, caption in dataset.samples))
+        data = {"samples": len(dataset), "resolution": dataset.resolution, "fingerprint": names.hexdigest()[:16]}
+    job = {"format": FORMAT, "source": source, "data": data, "encoder": _encoder_digest(codec), "batch_size": batch_size,
+           "shard_size": shard_size}
+    return json.loads(json.dumps(job))  # as PROGRESS holds it: a tuple in `source` compares as the list it is read back as
+
+
+def _encoder_digest(codec: LatentCodec) -> str:
+    """A digest of the VAE's weights, their names, dtypes and shapes, and its scaling factor: the latents of a shard
+    depend on nothing else of the model (the captions are encoded at the end). A second for SD's 84M parameters."""
+    digest = hashlib.sha256(str(codec.scaling_factor).encode())
+    for name, tensor in codec.vae.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
+        digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()[:16]
+
+
+def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) -> dict | None:
+    """The PROGRESS record of `partial` where a rerun can go on from it: written by this `job`, its shards there, `dataset`
+    an image folder. Otherwise None, and, where `partial` holds anything to lose, a note saying why it is started again.
+    `partial` must be an unfinished cache or nothing (`check_partial`)."""
+    check_partial(partial, PARTIAL_MARK, "a latent cache")
+    if not partial.is_dir() or not any(p.name != PARTIAL_MARK for p in partial.iterdir()):
+        return None
+    if job["data"] is None:  # shards' `samples_once` has no position to go on from, other data no identity to check
+        record, why = None, ("webdataset shards are read again from their start (only an image folder's reading resumes)"
+                             if isinstance(dataset, ShardStream) else "only an image folder's reading resumes")
+    else:
+        record, why = _read_progress(partial)
+    if record is not None:
+        differs = next((part for part in _JOB_PARTS if record["job"].get(part) != job[part]), None)
+        if differs is not None:
+            record, why = None, f"it was written with another {_JOB_PARTS[differs]}"
+    if record is not None:
+        missing = [f for s in record["shards"] for f in (s["file"], _captions_file(s["file"])) if not (partial / f).is_file()]
+        if missing:
+            record, why = None, f"its file {missing[0]} is missing"
+    if record is None:
+        say(f"note: {partial} is started again: {why}")
+    return record
+
+
+def _read_progress(partial: Path) -> tuple[dict | None, str]:
+    """`partial`'s PROGRESS record, or None and why there is none to go on from."""
+    try:
+        record = json.loads((partial / PROGRESS).read_text())
+    except FileNotFoundError:
+        return None, "it holds no whole shard"
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None, f"its {PROGRESS} is unreadable"
+    fields = ("job", "shards", "items", "image_size", "latent_shape", "skipped")
+    if not (isinstance(record, dict) and all(f in record for f in fields) and isinstance(record["job"], dict)
+            and isinstance(record["shards"], list) and isinstance(record["items"], int)
+            and all(isinstance(s, dict) and s.get("file") == f"shard-{k:05d}.safetensors" and isinstance(s.get("num_samples"), int)
+                    for k, s in enumerate(record["shards"]))):
+        return None, f"its {PROGRESS} is not one this version writes"
+    return record, ""
 
 
 def _encoded_captions(out_dir: Path, prompts, captions: list[str], device, size: tuple[int, int], batch_size: int,
@@ -352,22 +527,63 @@ class _SampleNames(Sequence):
         return str(range(self.count)[i])
 
 
-def usable_batches(dataset, batch_size: int, num_workers: int = 0) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Batches (images, captions) of each usable sample of `dataset` once, in order: an image folder's corrupt image is left
-    out (`ImageFolderDataset.read`), where its `__getitem__`, for a training run that draws without end, stands the next
-    sample in for it and the cache would hold that sample twice; shards are read shard after shard
-    (`ShardStream.samples_once`), where their stream resamples without end. `num_workers` DataLoader worker processes read
-    a map-style dataset (shards decode on threads in this process), with training's handling of their errors, skip counts
-    and stops (`data.workers`); what they skipped is counted into `dataset.skipped` at the end."""
-    if isinstance(dataset, ShardStream):
-        samples, num_workers = _SamplesOnce(dataset), 0
-    else:
-        samples = _Read(dataset) if isinstance(dataset, ImageFolderDataset) else dataset
-    counter, counted = getattr(dataset, "skipped", None), SkipEvents()
-    yield from read_batches(samples, batch_size, num_workers, counted)
-    if counter is not None and counted:
-        merged = counter.with_counted(counted)
-        counter.counts, counter.seen = merged.counts, merged.seen
+class UsableBatches:
+    """Batches (images, captions) of each usable sample of `dataset` once, in order, from its item `start` on (a map-style
+    dataset's; 0 for shards): an image folder's corrupt image is left out (`ImageFolderDataset.read`), where its
+    `__getitem__`, for a training run that draws without end, stands the next sample in for it and the cache would hold
+    that sample twice; shards are read shard after shard (`ShardStream.samples_once`), where their stream resamples without
+    end. `num_workers` DataLoader worker processes read a map-style dataset (shards decode on threads in this process), with
+    training's handling of their errors, skip counts and stops (`data.workers`); what they skipped is counted into
+    `dataset.skipped` at the end.
+
+    The DataLoader's batches are items [start + j·batch_size, start + (j+1)·batch_size), less those left out, so a
+    reading from a `start` that is a multiple of `batch_size` forms the batches a reading from 0 forms there. Where the
+    reading is (`items`, `skipped`) is what a resumed `write_latent_cache` goes on from."""
+
+    def __init__(self, dataset, batch_size: int, num_workers: int = 0, start: int = 0):
+        self.dataset, self.batch_size, self.start = dataset, batch_size, start
+        self.num_workers = 0 if isinstance(dataset, ShardStream) else num_workers
+        self.counted = _Counted()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        if isinstance(self.dataset, ShardStream):
+            samples, sampler = _SamplesOnce(self.dataset), None
+        else:
+            samples = _Read(self.dataset) if isinstance(self.dataset, ImageFolderDataset) else self.dataset
+            sampler = range(self.start, len(self.dataset))
+        yield from read_batches(samples, self.batch_size, self.num_workers, self.counted, sampler)
+        counter = getattr(self.dataset, "skipped", None)
+        if counter is not None and self.counted:
+            merged = counter.with_counted(self.counted)
+            counter.counts, counter.seen = merged.counts, merged.seen
+            self.counted.named, self.counted.unnamed = set(), Counter()  # in `counter` now
+
+    @property
+    def items(self) -> int | None:
+        """The dataset's items read so far, a map-style dataset's (those left out included); None for shards."""
+        if isinstance(self.dataset, ShardStream):
+            return None
+        return min(self.start + self.counted.batches * self.batch_size, len(self.dataset))
+
+    def skipped(self) -> SkipCounter | None:
+        """The dataset's skip counts so far, what the workers counted included; None for data that counts none."""
+        counter = getattr(self.dataset, "skipped", None)
+        return None if counter is None else counter.with_counted(self.counted)
+
+
+class _Counted(SkipEvents):
+    """What DataLoader workers skipped (`read_batches`' `worker_skips`), and the number of the loader's batches read:
+    `read_batches` adds each batch's events here once, a batch of nothing but left-out samples (which it does not
+    yield) included, so `batches` says how far into the data the reading got."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def __iadd__(self, events: Iterable[tuple[str, str]]) -> _Counted:
+        self.batches += 1
+        super().__iadd__(events)
+        return self
 
 
 class _Read(torch.utils.data.Dataset):
