@@ -186,7 +186,8 @@ def test_a_partial_without_a_whole_shard_or_with_a_damaged_record_starts_again(m
     data = images(tmp_path / "images", 6)
     write(model, data, tmp_path / "whole")
     partial = tmp_path / "cache.partial"
-    for damage, why in [("first shard", "it holds no whole shard"), ("record", "its progress.json is unreadable"), ("mark", None)]:
+    no_record = "it holds no record of a whole shard (progress.json; an earlier version of lcm wrote none)"
+    for damage, why in [("first shard", no_record), ("record", "its progress.json is unreadable"), ("mark", None)]:
         partial.mkdir()
         (partial / latent_cache.PARTIAL_MARK).touch()
         if damage != "mark":

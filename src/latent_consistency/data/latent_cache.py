@@ -104,7 +104,7 @@ def write_latent_cache(
     job = _job(dataset, codec, source, batch_size, shard_size)
     partial = partial_folder(out_dir, "runs/latents")
     record = _resumable(partial, dataset, job, say)
-    written = _Written.resumed(partial, job, dataset, record, say) if record else _Written.started(partial, job)
+    written = _Written.resumed(partial, job, dataset, record, say) if record else _Written.started(partial, job, dataset)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latents, caption_index) not yet in a shard
     batches = UsableBatches(dataset, batch_size, num_workers, start=written.items)
 
@@ -174,18 +174,20 @@ class _Written:
     items: int = 0
     image_size: list[int] = field(default_factory=list)
     latent_shape: list[int] = field(default_factory=list)
+    scanned: SkipCounter | None = None  # the data's skip counts before its reading (an image folder's scan), if it counts
 
     @classmethod
-    def started(cls, partial: Path, job: dict) -> _Written:
+    def started(cls, partial: Path, job: dict, dataset) -> _Written:
         """A new, empty `partial` (`start_partial`)."""
-        return cls(start_partial(partial, PARTIAL_MARK, "a latent cache"), job)
+        return cls(start_partial(partial, PARTIAL_MARK, "a latent cache"), job, scanned=_skip_copy(dataset))
 
     @classmethod
     def resumed(cls, partial: Path, job: dict, dataset, record: dict, say: Callable[[str], None]) -> _Written:
         """`partial` as its PROGRESS `record` left it, everything it does not name removed (a shard or the captions file
-        half-written when the writer was killed); `dataset`'s skip counts set to those the record counted, so that the
-        data's summary at the end is the uninterrupted run's. The caption table is rebuilt shard by shard from each
-        shard's first-seen captions."""
+        half-written when the writer was killed); the skips the record counted in the reading added to `dataset`'s own
+        (its scan's, made again: images added or removed without a caption count as they are now), so that the data's
+        summary at the end is the uninterrupted run's. The caption table is the one `_resumable` rebuilt from each shard's
+        first-seen captions (`_first_seen`)."""
         shards = [{"file": s["file"], "num_samples": s["num_samples"]} for s in record["shards"]]
         keep = {PARTIAL_MARK, PROGRESS} | {s["file"] for s in shards} | {_captions_file(s["file"]) for s in shards}
         for path in partial.iterdir():
@@ -195,16 +197,13 @@ class _Written:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        caption_ids: dict[str, int] = {}
-        for shard in shards:
-            for caption in json.loads((partial / _captions_file(shard["file"])).read_text()):
-                caption_ids[caption] = len(caption_ids)
-        counter = getattr(dataset, "skipped", None)
+        caption_ids = {caption: u for u, caption in enumerate(record["captions"])}
+        scanned, counter = _skip_copy(dataset), getattr(dataset, "skipped", None)
         if counter is not None:
-            counter.counts = Counter(record["skipped"]["counts"])
-            counter.seen = {(reason, detail) for reason, detail in record["skipped"]["seen"]}
+            counter.counts = counter.counts + Counter(record["skipped"]["counts"])
+            counter.seen = counter.seen | {(reason, detail) for reason, detail in record["skipped"]["seen"]}
         say(f"resuming {partial} at sample {record['items']} of {len(dataset)} ({len(shards)} shards written)")
-        return cls(partial, job, shards, caption_ids, [], record["items"], record["image_size"], record["latent_shape"])
+        return cls(partial, job, shards, caption_ids, [], record["items"], record["image_size"], record["latent_shape"], scanned)
 
     def index(self, captions: list[str]) -> torch.Tensor:
         """The caption index of `captions`, each new one added to the table."""
@@ -234,8 +233,16 @@ class _Written:
         skipped = batches.skipped()
         write_json_atomic(self.partial / PROGRESS, {
             "job": self.job, "shards": self.shards, "items": self.items, "image_size": self.image_size, "latent_shape": self.latent_shape,
-            "skipped": None if skipped is None else {"counts": dict(skipped.counts), "seen": sorted(map(list, skipped.seen))},
+            "skipped": None if skipped is None else {"counts": dict(skipped.counts - self.scanned.counts),
+                                                     "seen": sorted(map(list, skipped.seen - self.scanned.seen))},
         })
+
+
+def _skip_copy(dataset) -> SkipCounter | None:
+    """A copy of `dataset`'s skip counts as they are now; None for data that counts none. PROGRESS records the reading's
+    skips, those counted since the scan: a resume scans the folder again, and counts what the scan finds now."""
+    counter = getattr(dataset, "skipped", None)
+    return None if counter is None else counter.with_counted(())
 
 
 def _captions_file(shard: str) -> str:
@@ -250,19 +257,33 @@ _JOB_PARTS = {"format": "version of lcm (cache format)", "source": "source (--da
 
 
 def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size: int) -> dict:
-    """What a `<cache>.partial` must have been written by for a rerun to go on with it: the same `source`, data, VAE, and
-    batch and shard size (they place the shard boundaries). The data is an image folder's count of samples, resolution
-    and digest of their file names and captions, which its scan holds: a stat of each file (let alone the 32 KiB of each
-    that a training run's fingerprint reads) is minutes at 12 million files on a network disk, at every start of every
-    cache. None for other data, whose reading does not resume."""
+    """What a `<cache>.partial` must have been written by for a rerun to go on with it: the same `source` (the files it
+    names, `_as_real_paths`), data, VAE, and batch and shard size (they place the shard boundaries). The data is an image
+    folder's count of samples, resolution and digest of their file names and captions, which its scan holds: a stat of
+    each file (let alone the 32 KiB of each that a training run's fingerprint reads) is minutes at 12 million files on a
+    network disk, at every start of every cache. None for other data, whose reading does not resume."""
     data = None
     if isinstance(dataset, ImageFolderDataset):
         names = hashlib.sha256()
         hash_json_list(names, ([file_name, caption] for file_name, caption in dataset.samples))
         data = {"samples": len(dataset), "resolution": dataset.resolution, "fingerprint": names.hexdigest()[:16]}
-    job = {"format": FORMAT, "source": source, "data": data, "encoder": _encoder_digest(codec), "batch_size": batch_size,
-           "shard_size": shard_size}
+    job = {"format": FORMAT, "source": _as_real_paths(source), "data": data, "encoder": _encoder_digest(codec),
+           "batch_size": batch_size, "shard_size": shard_size}
     return json.loads(json.dumps(job))  # as PROGRESS holds it: a tuple in `source` compares as the list it is read back as
+
+
+def _as_real_paths(source: dict) -> dict:
+    """`source` with each string that names an existing file or folder (--data, --model) as its real path: the rerun of a
+    job spelled another way (`images/` as a shell completes it, then `images`; a relative path from another folder) is the
+    same job, and hours of encoding are not started again for a spelling. The manifest keeps `source` as given."""
+    return {key: _real_path(value) if isinstance(value, str) else value for key, value in source.items()}
+
+
+def _real_path(value: str) -> str:
+    """The real path of the file or folder `value` names (`~` expanded, links resolved), or `value` where it names none (a
+    hub id, world:NAME)."""
+    path = os.path.expanduser(value)
+    return os.path.realpath(path) if os.path.exists(path) else value
 
 
 def _encoder_digest(codec: LatentCodec) -> str:
@@ -276,9 +297,10 @@ def _encoder_digest(codec: LatentCodec) -> str:
 
 
 def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) -> dict | None:
-    """The PROGRESS record of `partial` where a rerun can go on from it: written by this `job`, its shards there, `dataset`
-    an image folder. Otherwise None, and, where `partial` holds anything to lose, a note saying why it is started again.
-    `partial` must be an unfinished cache or nothing (`check_partial`)."""
+    """The PROGRESS record of `partial` where a rerun can go on from it, with the caption table so far ("captions"): written
+    by this `job`, its shards and their readable first-seen captions there, `dataset` an image folder. Otherwise None,
+    and, where `partial` holds anything to lose, a note saying why it is started again. `partial` must be an unfinished
+    cache or nothing (`check_partial`)."""
     check_partial(partial, PARTIAL_MARK, "a latent cache")
     if not partial.is_dir() or not any(p.name != PARTIAL_MARK for p in partial.iterdir()):
         return None
@@ -295,9 +317,31 @@ def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) ->
         missing = [f for s in record["shards"] for f in (s["file"], _captions_file(s["file"])) if not (partial / f).is_file()]
         if missing:
             record, why = None, f"its file {missing[0]} is missing"
+    if record is not None:
+        captions, why = _first_seen(partial, record["shards"])
+        record = None if captions is None else record | {"captions": captions}  # the table `_Written.resumed` goes on with
     if record is None:
         say(f"note: {partial} is started again: {why}")
     return record
+
+
+def _first_seen(partial: Path, shards: list[dict]) -> tuple[list[str] | None, str]:
+    """The captions of `partial`'s `shards` in the order they were first seen (the caption table so far), read from each
+    shard's file of them; or None and why, where one is not a list of captions new to the table (damaged by hand or by
+    the disk): a table read wrong would pair each later sample with another's caption."""
+    captions: list[str] = []
+    for shard in shards:
+        name = _captions_file(shard["file"])
+        try:
+            fresh = json.loads((partial / name).read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            fresh = None
+        if not isinstance(fresh, list) or not all(isinstance(caption, str) for caption in fresh):
+            return None, f"its file {name} is unreadable"
+        captions += fresh
+    if len(set(captions)) < len(captions):
+        return None, "its files of first-seen captions name a caption twice"
+    return captions, ""
 
 
 def _read_progress(partial: Path) -> tuple[dict | None, str]:
@@ -305,7 +349,7 @@ def _read_progress(partial: Path) -> tuple[dict | None, str]:
     try:
         record = json.loads((partial / PROGRESS).read_text())
     except FileNotFoundError:
-        return None, "it holds no whole shard"
+        return None, f"it holds no record of a whole shard ({PROGRESS}; an earlier version of lcm wrote none)"
     except (OSError, UnicodeDecodeError, ValueError):
         return None, f"its {PROGRESS} is unreadable"
     fields = ("job", "shards", "items", "image_size", "latent_shape", "skipped")
