@@ -234,3 +234,27 @@ def test_a_record_whose_files_are_gone_starts_again(model, tmp_path, monkeypatch
     write(model, data, tmp_path / "cache", notes)
     assert notes == [f"note: {partial} is started again: its file shard-00001.captions.json is missing"] and encoded[0] == 10
     assert snapshot(tmp_path / "cache") == snapshot(tmp_path / "whole")
+
+
+def test_a_cache_stopped_between_its_rename_and_its_tidying_is_tidied_by_a_rerun(model, tmp_path, monkeypatch):
+    """A stop right after OUT.partial became OUT left the record of its writing in a whole cache, and a rerun said "already
+    exists; remove it": a user would delete hours of encoding. The rerun now tidies it, saying so."""
+    data = images(tmp_path / "images")
+    write(model, data, tmp_path / "whole")
+    tidy = latent_cache._tidy
+
+    def stopped(cache):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(latent_cache, "_tidy", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            write(model, data, tmp_path / "cache")
+    assert (tmp_path / "cache" / latent_cache.PROGRESS).is_file() and not (tmp_path / "cache.partial").exists()
+    monkeypatch.setattr(latent_cache, "_tidy", tidy)
+    notes = []
+    write(model, data, tmp_path / "cache", notes)
+    assert notes == [f"{tmp_path / 'cache'} was whole, renamed when the writer was stopped: its progress record is removed"]
+    assert snapshot(tmp_path / "cache") == snapshot(tmp_path / "whole")
+    with pytest.raises(latent_cache.UserError, match="already exists"):
+        write(model, data, tmp_path / "cache")

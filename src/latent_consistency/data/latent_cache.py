@@ -96,11 +96,15 @@ def write_latent_cache(
     (`_resumable`) and writes the very cache an uninterrupted call writes; any other is started again. `say` prints
     its one-line notes (resuming, or why not), to stderr by default."""
     out_dir = Path(out_dir)
+    say = say or _say
+    if (out_dir / PARTIAL_MARK).is_file() and (out_dir / MANIFEST).is_file():  # killed between its rename and `_tidy`
+        _tidy(out_dir)
+        say(f"{out_dir} was whole, renamed when the writer was stopped: its progress record is removed")
+        return out_dir
     if out_dir.exists():
         raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder")
     if not isinstance(dataset, ShardStream) and len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
-    say = say or _say
     job = _job(dataset, codec, source, batch_size, shard_size)
     partial = partial_folder(out_dir, "runs/latents")
     record = _resumable(partial, dataset, job, say)
@@ -148,11 +152,17 @@ def write_latent_cache(
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     partial.rename(out_dir)  # marked until renamed: a kill before this leaves a `.partial` that a rerun resumes or replaces
-    for shard in written.shards:  # the record of the progress, which a cache does not hold: a kill here leaves a whole cache
-        (out_dir / _captions_file(shard["file"])).unlink()
-    (out_dir / PROGRESS).unlink()
-    (out_dir / PARTIAL_MARK).unlink()
+    _tidy(out_dir)
     return out_dir
+
+
+def _tidy(cache: Path) -> None:
+    """Remove from a whole cache, just renamed, the record of its writing (PROGRESS, the shards' first-seen captions), then
+    its mark: a kill before the mark goes leaves a whole cache that a rerun of `write_latent_cache` tidies."""
+    for path in cache.glob("shard-*.captions.json"):
+        path.unlink()
+    (cache / PROGRESS).unlink(missing_ok=True)
+    (cache / PARTIAL_MARK).unlink()
 
 
 def _say(line: str) -> None:
