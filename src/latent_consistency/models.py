@@ -776,8 +776,9 @@ def lora_pipeline_class(model: DiffusionModel):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if model.is_transformer:
-        raise UserError(f"{model.source} is a PixArt-α model; diffusers' PixArtAlphaPipeline cannot load LoRA weights: distil a full student "
-                        "(no --adapter lora)")
+        # `lcm distill` and `lcm finetune` both ask here: the advice fits either
+        raise UserError(f"{model.source} is a PixArt-α model; diffusers' PixArtAlphaPipeline cannot load LoRA weights: train the whole "
+                        "transformer (leave --adapter lora out)")
 
     return StableDiffusionXLPipeline if model.is_sdxl else StableDiffusionPipeline
 
