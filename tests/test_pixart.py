@@ -122,7 +122,7 @@ def image_folder(tmp_path_factory):
     return write_captioned_images(tmp_path_factory.mktemp("pixart-images"), 8)
 
 
-def test_distill_a_pixart_teacher_exports_a_pixart_lcm_diffusers_samples_as_we_do(tiny_pixart, image_folder, tmp_path):
+def test_distill_a_pixart_teacher_exports_a_pixart_lcm_diffusers_samples_as_we_do(tiny_pixart, image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["distill", "--preset", "tiny", "--teacher", str(tiny_pixart), "--data", str(image_folder), "--out", str(out),
                  "--guidance-scale-min", "4.5", "--guidance-scale-max", "4.5"]) == 0
@@ -138,6 +138,13 @@ def test_distill_a_pixart_teacher_exports_a_pixart_lcm_diffusers_samples_as_we_d
     assert_close_to_scale(ours, ref)
     assert main(["generate", "a red star", "--model", str(out / "lcm"), "--steps", "2", "--out", str(tmp_path / "images")]) == 0
     assert Image.open(tmp_path / "images" / "0000-a-red-star.png").size == (16, 16)
+    # `lcm evaluate` against the teacher names the g distilled into it (its guidance record) for the teacher's guided rows
+    from test_guided_distill import inception_stand_in
+
+    capsys.readouterr()
+    assert main(["evaluate", "--lcm", str(out / "lcm"), "--teacher", str(tiny_pixart), "--prompts", str(image_folder), "--steps", "1",
+                 "--samples", "2", "--inception", str(inception_stand_in(tmp_path)), "--out", str(tmp_path / "table"), "--device", "cpu"]) == 0
+    assert "give --guidance-scales 1,4.5 to score the teacher guided" in capsys.readouterr().err  # was 1,7.5: SD's, not this LCM's
 
 
 def test_finetune_a_pixart_lcm_and_sample_the_teacher_with_a_solver(tiny_pixart, tiny_pixart_lcm, image_folder, tmp_path):

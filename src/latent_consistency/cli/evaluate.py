@@ -303,7 +303,7 @@ def run(args) -> None:
 def run_evaluation(args) -> None:
     from latent_consistency.devices import resolve_device
     from latent_consistency.evaluation.table import model_identity, run_table, table_rows, write_grid, write_plots, write_report
-    from latent_consistency.models import NotAnLCM, add_style_loras, load_diffusion_model, load_lcm, load_lcm_lora
+    from latent_consistency.models import NotAnLCM, add_style_loras, guidance_record_of, load_diffusion_model, load_lcm, load_lcm_lora
     from latent_consistency.outputs import writable_folder
 
     for name in ("lcm", "prompts", "out"):
@@ -347,8 +347,11 @@ def run_evaluation(args) -> None:
     preferred = DEFAULT_GUIDANCE_SCALE[kind] if record is None else record.guidance_scale
     scales = given or [preferred]
     if not given and kind == "lora" and teacher is not None:
+        # a PixArt-LCM's run records the one g distilled into it (guidance.json): the teacher's comparable rows are at that g
+        distilled = guidance_record_of(args.lcm) if not args.lora else None
+        teacher_g = 7.5 if distilled is None else distilled.guidance_scale
         print(f"lcm evaluate: note: the default g = {scales[0]:g} (no classifier-free guidance, as `lcm generate` samples an LCM without "
-              "an ω input) applies to the teacher's rows too; give --guidance-scales 1,7.5 to score the teacher guided as well",
+              f"an ω input) applies to the teacher's rows too; give --guidance-scales 1,{teacher_g:g} to score the teacher guided as well",
               file=sys.stderr)
     omega_teacher = teacher is not None and teacher.time_cond_proj_dim is not None  # a guidance-distilled teacher
     if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided or omega_teacher):
