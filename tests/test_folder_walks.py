@@ -17,6 +17,7 @@ from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.shards import ShardStream
 from latent_consistency.data.spec import open_dataset
 from latent_consistency.errors import UserError
+from test_evaluate_inputs import Linear
 
 R = 16
 
@@ -107,17 +108,6 @@ def test_a_folder_of_no_data_is_refused_as_it_was_in_one_walk(files, message, tm
         open_dataset(str(tmp_path), R)
     assert "\n" not in str(error.value)
     assert set(listings.values()) == {1}
-
-
-class Linear(torch.nn.Module):
-    """A TorchScript stand-in of the FID Inception network: [0, 255] images -> 4 features."""
-
-    def __init__(self):
-        super().__init__()
-        self.project = torch.nn.Linear(3, 4)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        return self.project(x.mean((2, 3)) / 255)
 
 
 @pytest.mark.parametrize("role", ["--prompts", "--reference"])
