@@ -43,3 +43,17 @@ def test_a_caption_outside_latin1_is_drawn():
     grid = image_grid([torch.ones(1, 3, 64, 64)], ["行 ☕"], scale=1, column_labels=["a ☕ on a table", "一只猫"])
     assert (np.asarray(grid.convert("L"))[:13] < 128).any()
     assert drawable("digit six")[0] == "digit six"
+
+
+def test_neighbouring_columns_captions_do_not_run_together():
+    """A line as wide as its column ("black background" over 96 px, 16 bitmap characters) ran into the next column's
+    ("black backgroundblack background" in the demo's grid.png): a line now ends short of the column's edge."""
+    import numpy as np
+    import torch
+
+    from latent_consistency.grids import image_grid
+
+    grid = image_grid([torch.ones(2, 3, 96, 96)], ["x"], scale=1, label_width=10, column_labels=["black background"] * 2)
+    left = grid.width - 2 * 96  # the first column's left edge
+    ink = (np.asarray(grid.convert("L"))[: 4 * 11] < 128).any(axis=0)
+    assert not ink[left + 96 - 2: left + 96 + 2].any()  # blank either side of the edge between the two columns

@@ -79,7 +79,8 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, 
     label_width = max(label_width, CHAR_WIDTH * max(map(len, row_labels), default=0) + 8)  # a label never runs under an image
     tiles = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(r)] for r in rows]
     h, w = tiles[0][0].height, tiles[0][0].width
-    captions = [_at_most(wrap_caption(text, max(1, w // CHAR_WIDTH)), MAX_CAPTION_LINES) for text in column_labels or []]
+    # a line ends 2 px short of the next column at least (it starts 2 px into its own): no two columns' words run together
+    captions = [_at_most(wrap_caption(text, max(1, (w - 4) // CHAR_WIDTH)), MAX_CAPTION_LINES) for text in column_labels or []]
     top = LINE_HEIGHT * max((len(c) for c in captions), default=0) + (4 if captions else 0)
     grid = Image.new("RGB", (label_width + w * len(tiles[0]), top + h * len(tiles)), "white")
     draw = ImageDraw.Draw(grid)
