@@ -145,3 +145,30 @@ sys.exit(cli.entry())
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120,
                           env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert done.returncode == -signal.SIGINT and "Traceback" not in done.stderr, (done.returncode, done.stderr)
+
+
+def test_a_second_stop_while_main_handles_the_first_is_one_line():
+    """A second SIGTERM that lands while `main` handles the first (its `except KeyboardInterrupt` printing the one line,
+    after the command's own clean-up) escapes `main`; `entry` ends it with the same line and 143, not a traceback
+    (seen once in a review: a `Terminated` traceback, exit 143, from a stop of a run with DataLoader workers)."""
+    import os
+    import subprocess
+    import sys
+
+    program = """
+import sys
+import latent_consistency.cli as cli
+
+def main():
+    try:
+        raise cli.Terminated
+    except KeyboardInterrupt:
+        raise cli.Terminated  # the second stop, inside the handler of the first
+
+cli.main = main
+sys.exit(cli.entry())
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 143 and "Traceback" not in done.stderr and "lcm: terminated" in done.stderr, (done.returncode,
+                                                                                                          done.stderr)

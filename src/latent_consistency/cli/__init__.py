@@ -152,9 +152,16 @@ def entry() -> int:
     """The `lcm` program (console script and `python -m latent_consistency.cli`): `main`, then the default signal
     actions for the interpreter's exit. A stop that comes while Python runs its exit callbacks (a second Ctrl-C or
     SIGTERM after the one-line stop) ends the process at once instead of printing "Exception ignored in atexit
-    callback" with a traceback. Not in `main`: a caller that runs `main` in its own process keeps its handlers."""
+    callback" with a traceback; and one that lands while `main` handles the first (printing its one line, after the
+    command's own clean-up) is the same one line, not a traceback out of `main`. Not in `main`: a caller that runs
+    `main` in its own process keeps its handlers."""
     try:
-        return end_process(main())
+        try:
+            code = main()
+        except KeyboardInterrupt as stop:  # a second stop inside `main`'s handler of the first
+            word, code = stopped(stop)
+            print(f"lcm: {word}", file=sys.stderr)
+        return end_process(code)
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_DFL)
