@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +20,26 @@ def drawable(text: str) -> tuple[str, ImageFont.ImageFont | ImageFont.FreeTypeFo
     wrapping counts, for text it has (Latin-1). Pillow 10.1 made a FreeType font the default where FreeType is
     installed, whose space after a "t" is a pixel wide ("digit six" read "digitsix" in the digits grid); it draws the
     rest ("a ☕ on a table"), narrower than the bitmap font. Without FreeType, what Latin-1 lacks is drawn as "?"."""
-    bitmap = getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()  # load_default is the bitmap one before 10.1
     try:
         text.encode("latin-1")
-        return text, bitmap
+        return text, _bitmap_font()
     except UnicodeEncodeError:
-        font = ImageFont.load_default()
+        font = _default_font()
         if isinstance(font, ImageFont.FreeTypeFont):
             return text, font
         return text.encode("latin-1", "replace").decode("latin-1"), font
+
+
+@functools.cache
+def _bitmap_font() -> ImageFont.ImageFont:
+    """PIL's built-in bitmap font, loaded once (`load_default` is the bitmap one before Pillow 10.1)."""
+    return getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+
+
+@functools.cache
+def _default_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's default font (FreeType's where installed, from Pillow 10.1), loaded once."""
+    return ImageFont.load_default()
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
