@@ -207,7 +207,7 @@ def test_image_equals_the_library_sampler(client, generator):
                                      {"init_image": "png", "strength": 0.5}], ids=["tcd", "negative", "img2img"])
 def test_sampling_options_equal_the_library(client, generator, options):
     from latent_consistency.grids import to_pil
-    from latent_consistency.serve.request import Limits, decode_image
+    from latent_consistency.serve.request import Limits, decode_image, resized_pixels
 
     size = generator.default_size()
     body = {"prompt": "a red star", "seed": 2, "steps": 2, "guidance_scale": 3.0} | options
@@ -215,8 +215,8 @@ def test_sampling_options_equal_the_library(client, generator, options):
     if "negative_prompt" in options:
         kwargs["negative_prompts"] = [options["negative_prompt"]]
     if "init_image" in options:
-        body["init_image"] = png_base64()
-        kwargs["init_images"] = decode_image(body["init_image"], size, size, Limits(max_side=size))[None]
+        body |= {"init_image": png_base64(), "width": size, "height": size}  # resized to them (else 20 x 12, its own size)
+        kwargs["init_images"] = resized_pixels(decode_image(body["init_image"], Limits(max_side=size)), size, size)[None]
     response = client.post("/v1/images", json=body)
     assert response.status_code == 200, response.text
     timesteps = generator.timesteps(2, strength=kwargs.get("strength", 1.0))

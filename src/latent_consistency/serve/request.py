@@ -3,8 +3,9 @@ forward pass.
 
 The JSON body is validated in two stages: `ImageRequest` (pydantic) checks what does not depend on the model (types,
 finite numbers, step range, prompt length); `prepare` checks the rest against the loaded model and the `Limits`
-(size, guidance range of an ω input, the init image) and returns a `Job` ready for the batcher. Every failure is a
-`UserError` with one line that names the field: the app answers it with 422.
+(guidance range of an ω input, the init image, the size: by default an init image's, `init_image_size`) and returns a
+`Job` ready for the batcher. Every failure is a `UserError` with one line that names the field: the app answers it
+with 422.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from latent_consistency.data.images import TooManyPixels, UndecodableImage, open_rgb8
 from latent_consistency.errors import UserError
-from latent_consistency.pipelines import MAX_SEED, LCMGenerator
+from latent_consistency.pipelines import MAX_SEED, MAX_SIZE_FACTOR, LCMGenerator
 from latent_consistency.prompts import utf8_error
 
 MAX_STEPS = 8  # an LCM's useful range (Algorithm 3 with 1-8 steps)
@@ -42,8 +43,13 @@ class Limits:
             raise UserError("server limits must be positive")
 
 
+DEFAULT_SIZE_DOC = ("the model's size; with init_image, the image's own size (shrunk to fit the limits, rounded down to "
+                    "the model's grid), or the other side times its aspect")  # width's and height's, in /openapi.json
+
+
 class ImageRequest(BaseModel):
-    """A text-to-image (or, with `init_image`, image-to-image) request; sizes default to the model's own."""
+    """A text-to-image (or, with `init_image`, image-to-image) request; sizes default to the model's own, or to the init
+    image's aspect (`init_image_size`)."""
 
     # strict: a JSON value of the wrong type is refused, not coerced ("5" or true as a seed, 2.0 as steps); an integer
     # still goes where a float does (JSON has one number type)
@@ -55,8 +61,8 @@ class ImageRequest(BaseModel):
     steps: int = Field(4, ge=1, le=MAX_STEPS, description="sampling steps (Algorithm 3)")
     guidance_scale: float | None = Field(None, ge=0, allow_inf_nan=False, description="g = ω + 1; default: the model's")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="noise seed; random when absent (returned in X-Seed)")
-    width: int | None = Field(None, ge=1, description="pixels, a multiple of the VAE factor")
-    height: int | None = Field(None, ge=1, description="pixels, a multiple of the VAE factor")
+    width: int | None = Field(None, ge=1, description=f"pixels, a multiple of the VAE factor; default: {DEFAULT_SIZE_DOC}")
+    height: int | None = Field(None, ge=1, description=f"pixels, a multiple of the VAE factor; default: {DEFAULT_SIZE_DOC}")
     gamma: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="TCD's γ (fresh noise between steps, so steps >= 2); absent: Algorithm 3")
     init_image: str | None = Field(None, description="image-to-image start: an image file (PNG, JPEG, WebP, TIFF, ...: what "
                                                      "`lcm generate --init-image` reads) as base64 or a data: URL")
@@ -127,12 +133,9 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
             raise UserError(f"negative_prompt on this LCM without an ω input (an LCM-LoRA or PixArt-LCM) needs guidance_scale above 1 "
                             f"(classifier-free guidance; got {g:g}): "
                             "give e.g. 1.5")
-    width, height = request.width or generator.default_size(), request.height or generator.default_size()
-    for name, value in (("width", width), ("height", height)):
-        if value > limits.max_side:
-            raise UserError(f"{name} {value} is above this server's limit of {limits.max_side} px")
-    generator.check_size(height, width, flag="")
-    init = decode_image(request.init_image, width, height, limits) if request.init_image is not None else None
+    image = decode_image(request.init_image, limits) if request.init_image is not None else None  # decoded once
+    width, height = request_size(request, image, generator, limits)
+    init = resized_pixels(image, width, height) if image is not None else None
     generator.timesteps(request.steps, strength=request.strength if init is not None else 1.0)  # a strength that leaves too few steps
     return Job(prompt=request.prompt, seed=secrets.randbelow(2**31) if request.seed is None else request.seed, steps=request.steps,
                guidance_scale=float(g), width=width, height=height, format=request.format, gamma=request.gamma,
@@ -140,13 +143,54 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
                negative_scale=request.negative_scale)
 
 
-def decode_image(data: str, width: int, height: int, limits: Limits) -> torch.Tensor:
-    """A base64 (or data: URL; line breaks allowed) image file as [3, height, width] in [-1, 1], resized to the request's
-    size; decoded as training images and `lcm generate --init-image` are (`data.images.open_rgb8`: EXIF orientation, 16-bit
-    depth, alpha, a float TIFF in [0, 1]), and refused with the same reason (a float image off that scale is a TIFF, not
-    "not an image")."""
-    from PIL import Image
+def request_size(request: ImageRequest, image, generator: LCMGenerator, limits: Limits) -> tuple[int, int]:
+    """The (width, height) a request makes, checked against the model and the limits: the sides given, the model's square
+    size for those missing, or with an init image (`image`, decoded upright) sides at its aspect (`init_image_size`). An
+    error about a side chosen from the init image says so, as the client did not name it."""
+    if image is None:
+        width, height = request.width or generator.default_size(), request.height or generator.default_size()
+    else:
+        step = generator.model.codec.downsampling_factor * generator.model.patch_size
+        largest = min(limits.max_side, MAX_SIZE_FACTOR * generator.default_size())  # what the server and `check_size` allow
+        width, height = init_image_size(image.size, request.width, request.height, step, largest)
+    try:
+        for name, value in (("width", width), ("height", height)):
+            if value > limits.max_side:
+                raise UserError(f"{name} {value} is above this server's limit of {limits.max_side} px")
+        generator.check_size(height, width, flag="")
+    except UserError as err:
+        if image is None or (request.width is not None and request.height is not None):
+            raise
+        raise UserError(f"{err}; {width}x{height} keeps init_image's {image.width}x{image.height} px aspect: give width and "
+                        "height for another size") from None
+    return width, height
 
+
+def init_image_size(size: tuple[int, int], width: int | None, height: int | None, step: int, largest: int) -> tuple[int, int]:
+    """The (width, height) of an image-to-image request whose init image is `size` (upright): the sides given; one side
+    missing is the other at the image's aspect, to the nearest multiple of `step`; both missing, the image's own size,
+    scaled down (never up) until both sides fit `largest`, each rounded down to a multiple of `step`. Every side made here
+    is at least one `step`.
+
+    So a photo keeps its shape, as `lcm generate --init-image` and diffusers' img2img pipelines keep it, instead of being
+    stretched to the model's square, and a client need not know the model's grid (the VAE factor times a transformer's
+    patch size) or the server's limits to send one: a 4032x3024 phone photo becomes 1024x768 under a 1024 px limit."""
+    own_width, own_height = size
+    if width is not None and height is not None:
+        return width, height
+    if width is not None:
+        return width, max(step, (2 * width * own_height + own_width * step) // (2 * own_width * step) * step)
+    if height is not None:
+        return max(step, (2 * height * own_width + own_height * step) // (2 * own_height * step) * step), height
+    longest = max(own_width, own_height)
+    scaled = (own_width, own_height) if longest <= largest else (own_width * largest // longest, own_height * largest // longest)
+    return max(step, scaled[0] - scaled[0] % step), max(step, scaled[1] - scaled[1] % step)
+
+
+def decode_image(data: str, limits: Limits):
+    """A base64 (or data: URL; line breaks allowed) image file as an upright 8-bit RGB PIL image; decoded as training images
+    and `lcm generate --init-image` are (`data.images.open_rgb8`: EXIF orientation, 16-bit depth, alpha, a float TIFF in
+    [0, 1]), and refused with the same reason (a float image off that scale is a TIFF, not "not an image")."""
     payload = "".join((data.split(",", 1)[1] if data.startswith("data:") else data).split())  # base64 wrapped at 76 columns
     if len(payload) * 3 // 4 > limits.max_upload_bytes:
         raise UserError(f"init_image is larger than {limits.max_upload_bytes // 2**20} MiB")
@@ -160,6 +204,13 @@ def decode_image(data: str, width: int, height: int, limits: Limits) -> torch.Te
         raise UserError(f"init_image is {err}") from None
     except UndecodableImage as err:  # `UnknownScale` among them
         raise UserError(f"cannot read init_image: {err}") from None
+    return image
+
+
+def resized_pixels(image, width: int, height: int) -> torch.Tensor:
+    """An RGB PIL image resized to (width, height) as [3, height, width] in [-1, 1]: the init image of a `Job`."""
+    from PIL import Image
+
     image = image.resize((width, height), Image.Resampling.LANCZOS)
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
     return pixels.permute(2, 0, 1).float() / 127.5 - 1
