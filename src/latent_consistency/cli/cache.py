@@ -2,15 +2,17 @@
 D_z = {E(x)} (Section 4.3): the VAE's latents at the model's native size and each distinct caption's text embedding,
 so that `lcm distill` and `lcm finetune` with `--data CACHE` run no VAE or text encoder in their steps.
 
-The cache is written with the model the runs train (the teacher for `distill`, the LCM for `finetune`): a run on
-another model's cache is refused. Its images are read as a run reads them (`--data` of the same folder): upright,
-8-bit RGB, the shorter side scaled to the model's size and the central square kept. Each usable sample is written once
-(`data.latent_cache.UsableBatches`): a corrupt image or a sample without a caption is counted and left out, and shards are
-read once each, shard after shard. The folder is written as `OUT.partial` and renamed when whole: a stopped `lcm cache`
-(Ctrl-C, SIGTERM, a kill, a full disk) leaves no cache that looks finished, and the same command run again goes on from the
-last whole shard in OUT.partial, writing the very cache an uninterrupted run writes. It resumes an image folder read with
-the same --model, images, captions and --batch-size; webdataset shards, other data or other settings start OUT.partial
-again, with a note saying why.
+The cache is written with the model the runs train (the teacher for `distill`, the LCM for `finetune`), and records a
+digest of its VAE and text encoder(s): a run whose model has another VAE or text encoder is refused, and any model that
+shares them (an LCM distilled from the teacher, a fine-tune that kept them) trains on the same cache. Its images are
+read as a run reads them (`--data` of the same folder): upright, 8-bit RGB, the shorter side scaled to the model's size
+and the central square kept. Each usable sample is written once (`data.latent_cache.UsableBatches`): a corrupt image or
+a sample without a caption is counted and left out, and shards are read once each, shard after shard. The folder is
+written as `OUT.partial` and renamed when whole: a stopped `lcm cache` (Ctrl-C, SIGTERM, a kill, a full disk) leaves no
+cache that looks finished, and the same command run again goes on from the last whole shard in OUT.partial, writing the
+very cache an uninterrupted run writes. It resumes an image folder read with the same --model, images, captions,
+--batch-size and type of --device (cpu, cuda or mps: each rounds its own way); webdataset shards, other data or other
+settings start OUT.partial again, with a note saying why.
 """
 
 from __future__ import annotations

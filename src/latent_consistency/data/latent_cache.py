@@ -20,6 +20,12 @@ A cache is written in `<cache>.partial` (marked PARTIAL_MARK) and renamed when w
 lies the file of the captions first seen in it, and PROGRESS records the whole shards and where the reading of the data
 got to, so that a rerun of the same job after a kill goes on from its last whole shard (`write_latent_cache`). Encoding
 LAION is hours: a kill (Ctrl-C, a scheduler's, a full disk) cost them all.
+
+The manifest records what made the cache's contents (ENCODERS): a digest of the VAE's weights (the latents) and of each
+text encoder's (the text embeddings). A run whose model has another VAE or text encoder is refused (`LatentCache.
+check_encoders`), where comparing shapes and the VAE's scaling factor let a cache of another model of the same shapes
+through. The UNet (or transformer) is not among them: the cache serves every model that shares the VAE and text
+encoders, as each fine-tune of SD 1.5 that kept its VAE and CLIP does.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import math
 import os
 import shutil
 import sys
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +54,8 @@ from latent_consistency.data.images import SkipCounter, SkipEvents
 from latent_consistency.data.shards import ShardStream
 from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
-from latent_consistency.models import LatentCodec
+from latent_consistency.hub import check_hub_id
+from latent_consistency.models import DiffusionModel, LatentCodec, load_component
 from latent_consistency.outputs import check_partial, partial_folder, start_partial, write_json_atomic
 from latent_consistency.progress import progress_bar
 
@@ -69,6 +77,11 @@ LAYOUT = {"latents": ("F32", 4), "caption_index": ("I64", 1), "text_embeddings":
 DTYPES = {"F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}
 TABLE = ("text_embeddings", "uncond_embedding")
 CAPTION_TENSORS = ("caption_bytes", "caption_offsets")
+ENCODERS = "encoders"  # in the manifest: {part: digest} of the parts that made the cache (`LatentCache.check_encoders`)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # a pipeline folder's text encoders (SDXL's second makes the pooled one)
+# Each part ENCODERS names, as a note or an error names it, and what of the cache it made
+PARTS = {"vae": ("VAE", "latents"), "text_encoder": ("text encoder", "text embeddings"),
+         "text_encoder_2": ("second text encoder", "text embeddings")}
 
 
 @torch.no_grad()
@@ -94,7 +107,8 @@ def write_latent_cache(
     `<out_dir>.partial` and renamed when complete. A call that finds a `<out_dir>.partial` of the same job, killed part way
     (an image folder read with the same `source`, VAE, batch and shard size), goes on from its last whole shard
     (`_resumable`) and writes the very cache an uninterrupted call writes; any other is started again. `say` prints
-    its one-line notes (resuming, or why not), to stderr by default."""
+    its one-line notes (resuming, or why not), to stderr by default. The manifest records the digests (ENCODERS) of the
+    VAE's and text encoders' weights as given: in float32, as `lcm cache` loads them and a run compares them."""
     out_dir = Path(out_dir)
     say = say or _say
     if (out_dir / PARTIAL_MARK).is_file() and (out_dir / MANIFEST).is_file():  # killed between its rename and `_tidy`
@@ -149,6 +163,7 @@ def write_latent_cache(
         "text_hidden_size": int(first.shape[-1]),
         "max_length": int(first.shape[1]),
         "source": source,
+        ENCODERS: {"vae": job["encoder"]} | {name: _weights_digest(encoder) for name, encoder in _prompt_encoders(prompts).items()},
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     partial.rename(out_dir)  # marked until renamed: a kill before this leaves a `.partial` that a rerun resumes or replaces
@@ -263,12 +278,13 @@ def _captions_file(shard: str) -> str:
 # What a job's part (`_job`) differs in when another job wrote a `<cache>.partial`, in the note that starts it again
 _JOB_PARTS = {"format": "version of lcm (cache format)", "source": "source (--data, --model or resolution)",
               "data": "data (other image files or captions)", "encoder": "VAE (other weights)",
-              "batch_size": "batch size", "shard_size": "shard size"}
+              "device": "device type (--device)", "batch_size": "batch size", "shard_size": "shard size"}
 
 
 def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size: int) -> dict:
     """What a `<cache>.partial` must have been written by for a rerun to go on with it: the same `source` (the files it
-    names, `_as_real_paths`), data, VAE, and batch and shard size (they place the shard boundaries). The data is an image
+    names, `_as_real_paths`), data, VAE, type of device the VAE runs on (a GPU rounds otherwise than a CPU: shards of both
+    would make a cache that is neither's), and batch and shard size (they place the shard boundaries). The data is an image
     folder's count of samples, resolution and digest of their file names and captions, which its scan holds: a stat of
     each file (let alone the 32 KiB of each that a training run's fingerprint reads) is minutes at 12 million files on a
     network disk, at every start of every cache. None for other data, whose reading does not resume."""
@@ -278,7 +294,7 @@ def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size:
         hash_json_list(names, ([file_name, caption] for file_name, caption in dataset.samples))
         data = {"samples": len(dataset), "resolution": dataset.resolution, "fingerprint": names.hexdigest()[:16]}
     job = {"format": FORMAT, "source": _as_real_paths(source), "data": data, "encoder": _encoder_digest(codec),
-           "batch_size": batch_size, "shard_size": shard_size}
+           "device": codec.vae.device.type, "batch_size": batch_size, "shard_size": shard_size}
     return json.loads(json.dumps(job))  # as PROGRESS holds it: a tuple in `source` compares as the list it is read back as
 
 
@@ -297,13 +313,62 @@ def _real_path(value: str) -> str:
 
 
 def _encoder_digest(codec: LatentCodec) -> str:
-    """A digest of the VAE's weights, their names, dtypes and shapes, and its scaling factor: the latents of a shard
-    depend on nothing else of the model (the captions are encoded at the end). A second for SD's 84M parameters."""
-    digest = hashlib.sha256(str(codec.scaling_factor).encode())
-    for name, tensor in codec.vae.state_dict().items():
-        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
-        digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+    """A digest of the VAE's weights and its scaling factor (`_weights_digest`): the latents of a shard depend on nothing
+    else of the model (the captions are encoded at the end)."""
+    return _weights_digest(codec.vae, str(codec.scaling_factor))
+
+
+def _weights_digest(module: torch.nn.Module, salt: str = "") -> str:
+    """A digest of `salt` and `module`'s floating-point weights: their names, dtypes, shapes and bytes. Integer buffers
+    (CLIP's position ids, saved or not as transformers' version has it) are no weights. About 0.4 s for SD's 84M-parameter
+    VAE and 0.6 s for its 123M-parameter text encoder on one CPU core (sha256 at about 1.5 GB/s)."""
+    digest = hashlib.sha256(salt.encode())
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point():
+            digest.update(f"{name} {tensor.dtype} {list(tensor.shape)}".encode())
+            digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy())
     return digest.hexdigest()[:16]
+
+
+def _prompt_encoders(prompts) -> dict[str, torch.nn.Module]:
+    """The text encoder(s) of a prompt encoder (`models.DiffusionModel.prompts`) by their folder names: an SDXL one's two
+    (`pairs`), else its one (CLIP or T5)."""
+    encoders = [encoder for _, encoder in prompts.pairs] if hasattr(prompts, "pairs") else [prompts.text_encoder]
+    return dict(zip(TEXT_ENCODERS, encoders))
+
+
+_RUN_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a run's frozen part -> `_float32_digest`
+
+
+def _float32_digest(model: DiffusionModel, name: str, module: torch.nn.Module) -> str:
+    """The digest (`_weights_digest`; the VAE's `_encoder_digest`) of `model`'s part `name` (`module`) in float32, as
+    `lcm cache` loads it, computed once for the run's process (its training, held-out and ODE-bank batches each check
+    their cache). Where mixed precision froze the part in half precision (`training.objectives.freeze_in_half_precision`,
+    before the data is opened) its float32 weights are read again from the model's folder, as `models.
+    restore_frozen_parts_in_float32` reads them: a half-precision weight does not give back the float32 one it was rounded
+    from, and a digest of the rounded bytes would be another for each dtype a run may choose. For SD 1.5 that is about 1 s
+    at a run's start in float32, 1.1 s in half precision (its VAE and text encoder read again from the page cache)."""
+    if module not in _RUN_DIGESTS:
+        weights = module
+        if {t.dtype for t in module.state_dict().values() if t.is_floating_point()} != {torch.float32}:
+            folder = check_hub_id(model.source, "a diffusers model from")
+            weights = load_component(type(module), folder, name, torch_dtype=torch.float32, use_safetensors=True)
+        _RUN_DIGESTS[module] = _encoder_digest(LatentCodec(weights)) if name == "vae" else _weights_digest(weights)
+    return _RUN_DIGESTS[module]
+
+
+def _encoder_parts(model: DiffusionModel) -> dict[str, torch.nn.Module]:
+    """The parts of `model` that make a cache's contents, by the names ENCODERS records them under."""
+    return {"vae": model.vae, **dict(zip(TEXT_ENCODERS, model.text_encoders))}
+
+
+def digest_encoders_before_cast(model: DiffusionModel, specs: Iterable[str]) -> None:
+    """For a run whose data includes a latent cache: each part's `_float32_digest` while its weights are still float32,
+    called before mixed precision casts them (`training.objectives.freeze_in_half_precision`), so that the cache's check
+    does not read them again from the model's folder (PixArt's T5-XXL: 19 GB in float32)."""
+    if any(spec and (Path(spec).expanduser() / MANIFEST).is_file() for spec in specs):
+        for name, module in _encoder_parts(model).items():
+            _float32_digest(model, name, module)
 
 
 def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) -> dict | None:
@@ -321,8 +386,10 @@ def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) ->
         record, why = _read_progress(partial)
     if record is not None:
         differs = next((part for part in _JOB_PARTS if record["job"].get(part) != job[part]), None)
-        if differs is not None:
+        if differs in record["job"]:
             record, why = None, f"it was written with another {_JOB_PARTS[differs]}"
+        elif differs is not None:  # a part added since (the device type): an earlier version wrote the record
+            record, why = None, f"its {PROGRESS}, written by an earlier version of lcm, records no {differs}"
     if record is not None:
         missing = [f for s in record["shards"] for f in (s["file"], _captions_file(s["file"])) if not (partial / f).is_file()]
         if missing:
@@ -526,6 +593,23 @@ class LatentCache(torch.utils.data.Dataset):
         for idx in chunks:  # one page of each sample read
             digest.update(self._latents(idx, head=16).numpy().tobytes())
         return digest.hexdigest()[:16]
+
+    def check_encoders(self, model: DiffusionModel) -> str | None:
+        """A UserError when `model`'s VAE or a text encoder is not the one that made the cache (ENCODERS, `_float32_digest`):
+        its latents or text embeddings are another model's, which a comparison of shapes and scaling factor let through.
+        For a cache written before ENCODERS was recorded, a note that it cannot be checked; else None."""
+        recorded = self.manifest.get(ENCODERS)
+        if recorded is None:
+            return (f"latent cache {self.path} records no digest of the VAE and text encoder that wrote it (an earlier version of lcm "
+                    f"wrote it): it cannot be checked against {model.source}; write it again with lcm cache to have it checked")
+        if not isinstance(recorded, dict):
+            raise UserError(f"{self.path / MANIFEST} holds no digests of its encoders ({ENCODERS!r}); rebuild the latent cache")
+        for name, module in _encoder_parts(model).items():
+            if recorded.get(name) != _float32_digest(model, name, module):
+                what, made = PARTS[name]
+                raise UserError(f"latent cache {self.path} was written with another {what} than {model.source}'s (other weights), so its "
+                                f"{made} are not this model's: write a cache with it, lcm cache --model {model.source} --data IMAGES --out CACHE")
+        return None
 
     def __getitem__(self, i: int) -> dict:
         c = int(self.caption_index[i])

@@ -45,6 +45,7 @@ class TrainingBatches:
         self.resolution = resolution
         self.num_workers = num_workers
         self._check_workers_apply()
+        self.cache_note: str | None = None  # for a latent cache that cannot be checked against the model, a note saying so
         self._check_fits_model()
         self._check_usable()
         if isinstance(self.dataset, ShardStream):
@@ -68,7 +69,8 @@ class TrainingBatches:
                             f"{what}, which no worker reads: give --num-workers 0 (the default)")
 
     def _check_fits_model(self) -> None:
-        """Model and data must agree on latent channels, latent size and text encoder."""
+        """Model and data must agree on latent channels, latent size and text encoder; a latent cache must have been written
+        by the model's own VAE and text encoder(s) (`LatentCache.check_encoders`, last: it reads every weight of them)."""
         unet = self.model.unet.config
         if isinstance(self.dataset, LatentCache):
             m = self.dataset.manifest
@@ -90,6 +92,7 @@ class TrainingBatches:
             if self.resolution != pixels:
                 raise UserError(f"--resolution {self.resolution} does not apply to a latent cache: its latents are {pixels} px images "
                                 "encoded once; leave --resolution out, or train on the images themselves")
+            self.cache_note = self.dataset.check_encoders(self.model)
         else:
             factor, patch = self.model.codec.downsampling_factor, self.model.patch_size
             if self.resolution % (factor * patch):

@@ -17,6 +17,7 @@ from accelerate.utils import gather_object
 
 from latent_consistency.compilation import compiler_problem
 from latent_consistency.data.holdout import Holdout
+from latent_consistency.data.latent_cache import digest_encoders_before_cast
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.losses import MicroBatchDraws
@@ -247,13 +248,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     base = objective.load(config, device)
     scheduler_config = objective.scheduler_config(config, base)
     student = make_student(config, base, scheduler_config, share_unet=True, resumed_unet=resumed_student_unet(out, config, resume))
+    digest_encoders_before_cast(base, (config.data, config.eval_data))
     freeze_in_half_precision(config, base)
     # Each process opens its own share of the data (its own shards): a UserError in any of them stops every one, with its message
     batches, eval_batches = on_every_process(accelerator, lambda: training_and_eval_batches(config, base, config.batch_size // per_step,
                                                                                           rank, world, device))
     if accelerator.is_main_process:
         command = "distill" if config.objective == "lcd" else "finetune"
-        for note in filter(None, (batches.small_data_note(config.batch_size), warmup_note(config), pair_steps_note(config),
+        for note in filter(None, (batches.small_data_note(config.batch_size), batches.cache_note, warmup_note(config), pair_steps_note(config),
                                      guidance_range_note(config, base), resume and resumed_schedule_note(out, config))):
             print(f"lcm {command}: note: {note}", file=sys.stderr)
     optimizer = build_optimizer(config, student)
