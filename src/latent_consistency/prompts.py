@@ -17,6 +17,7 @@ prompt.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from collections import OrderedDict
@@ -73,7 +74,8 @@ def read_prompt_file(name: str) -> list[str]:
         line_number = err.object[:err.start].count(b"\n") + 1
         raise UserError(f"prompt file {name} is not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line_number}); "
                         "save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith(COMMENT)]
+    lines = re.split(r"\r\n|\r|\n", text)  # not str.splitlines: a U+2028, form feed or NEL inside a line would make it several prompts
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith(COMMENT)]
     if not prompts:
         raise UserError(f"prompt file {name} holds no prompts (blank and {COMMENT} comment lines are skipped); write one prompt per line")
     return prompts

@@ -238,7 +238,7 @@ def load_eval_set(args, resolution: int):
     if images < MIN_IMAGES:
         raise UserError(f"FID needs at least 2 generated images, and {len(items)} prompt(s) of --prompts {args.prompts} × "
                         f"--images-per-prompt {args.images_per_prompt} make {images}: give more prompts (--samples) or --images-per-prompt 2")
-    if args.seed + images > MAX_SEED:
+    if args.seed + images - 1 > MAX_SEED:  # the last image's seed may be 2^63 - 1, as `lcm generate`'s
         raise UserError(f"--seed {args.seed} is too large: image i starts from seed SEED+i, which must stay below 2^63")
     attributes = [it["attributes"] for it in items] if all("attributes" in it for it in items) else None
     return EvalSet([it["caption"] for it in items], attributes, reference, args.images_per_prompt, args.seed)

@@ -34,7 +34,7 @@ from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
 from latent_consistency.grids import save_png, to_pil
-from latent_consistency.models import NotAnLCM
+from latent_consistency.models import DEFAULT_ORIGINAL_INFERENCE_STEPS, NotAnLCM
 from latent_consistency.outputs import writable_folder
 from latent_consistency.pipelines import (
     DEFAULT_GUIDANCE_SCALE,
@@ -320,8 +320,22 @@ def print_notes(args, generator, prompts: list[str], guidance_scale: float, step
     if custom and args.init_image is None and custom[0] < top:
         notes.append(f"--timesteps start at {custom[0]}, not {top}: text to image starts from pure noise, which the model reads as a "
                      f"latent at timestep {custom[0]}, so the images keep that noise; start at {top} (img2img: --init-image)")
+    notes.append(off_grid_note(generator.model, custom) if custom else None)
     for note in filter(None, notes):
         print(f"lcm generate: note: {note}", file=sys.stderr)
+
+
+def off_grid_note(model, custom: list[int]) -> str | None:
+    """A note for custom timesteps off the LCM's skipping-step grid {k-1, 2k-1, ..., N·k-1} (Eq. 16-17: the t_n it was distilled
+    at, N = its scheduler's original_inference_steps): its consistency function was never trained there, and diffusers'
+    LCMScheduler warns of them."""
+    grid = model.timesteps(int(model.scheduler_config.get("original_inference_steps", DEFAULT_ORIGINAL_INFERENCE_STEPS))).tolist()
+    off = [t for t in custom if t not in grid]
+    if not off:
+        return None
+    return (f"--timesteps {','.join(map(str, off))} are off this LCM's distillation grid ({grid[-1]} to {grid[0]} in steps of "
+            f"{model.skip}: the timesteps it was trained at), so it may make worse images there, as diffusers' LCMScheduler warns; "
+            "give timesteps of the grid (--steps N picks N of them)")
 
 
 def load_lcm_generator(args, device, dtype, styles) -> LCMGenerator:
