@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import sys
@@ -302,7 +303,7 @@ def run(args) -> None:
 
 def run_evaluation(args) -> None:
     from latent_consistency.devices import resolve_device
-    from latent_consistency.evaluation.table import model_identity, run_table, table_rows, write_grid, write_plots, write_report
+    from latent_consistency.evaluation.table import OtherEvaluation, model_identity, run_table, table_rows, write_grid, write_plots, write_report
     from latent_consistency.models import NotAnLCM, add_style_loras, guidance_record_of, load_diffusion_model, load_lcm, load_lcm_lora
     from latent_consistency.outputs import writable_folder
 
@@ -363,15 +364,21 @@ def run_evaluation(args) -> None:
     scorers = scorers_for(args, device, resolution)
     out = writable_folder(args.out, "--out")
     note_truncated_prompts("evaluate", lcm, eval_set.prompts)  # after every check: a refused evaluation says one line
-    seed_note = repeated_seed_note(args.seed, len(eval_set.all_prompts))  # as `lcm generate` notes it: taken, as diffusers takes it
-    if seed_note:
-        print(f"lcm evaluate: note: {seed_note}", file=sys.stderr)
+    # The seed's note as `lcm generate` says it: a seed taken, as diffusers takes it
+    for note in (few_prompts_note(args, eval_set), repeated_seed_note(args.seed, len(eval_set.all_prompts))):
+        if note:
+            print(f"lcm evaluate: note: {note}", file=sys.stderr)
     # A stage-one model samples at every step count; a progressive round at the one it was distilled for
     guided_steps = sorted(set(args.steps if 0 in guided else []) | {n for n in guided if n})
     rows = table_rows(args.steps, scales, teacher is not None, guided_distill_steps=guided_steps, exact=args.exact)
     steps = sorted(set(args.steps) | set(guided_steps))
     identities = ((f"LoRA {model_identity(args.lora)}",) if args.lora else ()) + style_identities(styles)
-    results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided, identities=identities, keep_other_results=True)
+    settings = evaluation_settings(args, lcm, teacher, guided, styles, eval_set, scorers)
+    try:
+        results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided, identities=identities,
+                            keep_other_results=True, settings=settings)
+    except OtherEvaluation as other:
+        raise UserError(other_evaluation(args.out, other.settings, settings)) from None
     models = (f"LCM `{args.lcm}`" + (f" with LoRA `{args.lora}`" if args.lora else "") + style_note(styles, teacher is not None or bool(guided))
               + (f", teacher `{args.teacher}`" if teacher else ""))
     notes = [f"{models}. {len(eval_set.prompts)} prompts of `{args.prompts}` × {eval_set.images_per_prompt} image(s), reference "
@@ -387,6 +394,137 @@ def run_evaluation(args) -> None:
         write_grid([r for r in rows if r.sampler == "lcm" and r.steps == n], lcm, teacher, eval_set, out, device, args.grid_columns,
                    name="guidance_grid.png", lcm_label=style_label(styles))
     print(f"report, results.json, plots and grid(s) in {out}")
+
+
+def few_prompts_note(args, eval_set) -> str | None:
+    """A note where --prompts holds fewer prompts than --samples asks for: each row samples those there are, not --samples ×
+    --images-per-prompt images. None where --samples was not given: its default (1000) is a cap, not a request."""
+    count, per_prompt = len(eval_set.prompts), eval_set.images_per_prompt
+    if "--samples" not in getattr(args, "evaluation_options", []) or count >= args.samples:
+        return None
+    images = f", {count * per_prompt} images a row at --images-per-prompt {per_prompt}" if per_prompt > 1 else ""
+    return f"--prompts {args.prompts} holds {count} prompt(s), fewer than --samples {args.samples}: the evaluation uses those {count}{images}"
+
+
+# The option that picks each metric's network, by `Scorer.name`
+METRIC_OPTIONS = {"clip": "--clip", "inception": "--inception", "judge": "--world"}
+
+
+def evaluation_settings(args, lcm, teacher, guided: dict, styles: list[tuple[str, float]], eval_set, scorers) -> dict:
+    """What results.json records beside its fingerprint (`run_table`'s `settings`): each part the fingerprint digests
+    (`EvalSet.fingerprint`) but the reference images' pixels, readable, so that a rerun refused as another evaluation is
+    told which setting it changed (`setting_difference`). Models by `model_identity` and data by absolute path
+    (`spec_identity`): a setting spelled another way is the same setting."""
+    from latent_consistency.evaluation.table import model_identity
+
+    return {"lcm": model_identity(lcm.source), "lora": model_identity(args.lora) if args.lora else None,
+            "style_loras": [[model_identity(path), weight] for path, weight in styles],
+            "teacher": None if teacher is None else model_identity(teacher.source),
+            "guided_distill": [model_identity(model.source) for model in guided.values()],
+            "prompts": spec_identity(args.prompts), "samples": args.samples, "prompt_count": len(eval_set.prompts),
+            "prompt_digest": hashlib.sha256(json.dumps(eval_set.prompts).encode()).hexdigest()[:16],
+            "images_per_prompt": eval_set.images_per_prompt, "seed": eval_set.seed,
+            "reference": spec_identity(args.reference) if args.reference else None,
+            "metrics": {scorer.name: scorer.source for scorer in scorers}}
+
+
+def spec_identity(spec: str) -> str:
+    """A data spec as the same data however it is spelled: an existing path made absolute; world:NAME as it is."""
+    path = Path(spec).expanduser()
+    return path.resolve().as_posix() if path.exists() else spec
+
+
+def model_path(identity: str) -> str:
+    """The path (or hub id and commit) of a `model_identity`, less the digest of its files."""
+    return identity.rpartition(" ")[0] or identity
+
+
+def said_difference(option: str, old: list, new: list, show=str) -> str | None:
+    """`option`'s values in this evaluation (`new`) against those --out's was made with (`old`), in words, each value as
+    `show` writes it; None where they are the same. Values shown alike but not the same are a model's files changed."""
+    if old == new:
+        return None
+    was, now = " ".join(map(show, old)), " ".join(map(show, new))
+    if was == now:
+        return f"{option} {now}: its files changed since this folder was made"
+    if not now:
+        return f"no {option} (this folder was made with {option} {was})"
+    return f"{option} {now} (this folder was made {f'with {was}' if was else f'without {option}'})"
+
+
+def optional(value) -> list:
+    return [] if value is None else [value]
+
+
+def prompts_difference(old: dict, new: dict) -> str | None:
+    """The prompts' setting that differs, where the prompts do (a copy of the file elsewhere is the same prompts): --prompts;
+    else --samples where it changed how many are used (not where the file held fewer than either); else the file was edited."""
+    if old["prompt_count"] == new["prompt_count"] and old["prompt_digest"] == new["prompt_digest"]:
+        return None
+    if old["prompts"] != new["prompts"]:
+        return said_difference("--prompts", [old["prompts"]], [new["prompts"]])
+    if old["samples"] != new["samples"] and old["prompt_count"] != new["prompt_count"]:
+        return said_difference("--samples", [old["samples"]], [new["samples"]])
+    return f"the prompts of --prompts {new['prompts']} changed since this folder was made"
+
+
+def metrics_difference(old: dict, new: dict) -> str | None:
+    """The first metric whose network differs, given or left out (`METRIC_OPTIONS`)."""
+    for name in dict.fromkeys([*METRIC_OPTIONS, *old["metrics"], *new["metrics"]]):
+        said = said_difference(METRIC_OPTIONS.get(name, f"the {name} metric"), optional(old["metrics"].get(name)),
+                               optional(new["metrics"].get(name)), model_path)
+        if said:
+            return said
+    return None
+
+
+# `setting_difference`'s checks in order, each (the options it reads, the record's keys, the check): a change of models
+# before one of data, and --prompts before --samples before the reference images, which depend on them
+SETTING_CHECKS = (
+    ("--lcm", ("lcm",), lambda old, new: said_difference("--lcm", [old["lcm"]], [new["lcm"]], model_path)),
+    ("--lora", ("lora",), lambda old, new: said_difference("--lora", optional(old["lora"]), optional(new["lora"]), model_path)),
+    ("--style-lora", ("style_loras",), lambda old, new: said_difference("--style-lora", old["style_loras"], new["style_loras"],
+                                                                       lambda lora: f"{model_path(lora[0])}:{lora[1]}")),
+    ("--teacher", ("teacher",), lambda old, new: said_difference("--teacher", optional(old["teacher"]), optional(new["teacher"]), model_path)),
+    ("--guided-distill", ("guided_distill",), lambda old, new: said_difference("--guided-distill", old["guided_distill"],
+                                                                               new["guided_distill"], model_path)),
+    ("--prompts and --samples", ("prompts", "samples", "prompt_count", "prompt_digest"), prompts_difference),
+    ("--images-per-prompt", ("images_per_prompt",),
+     lambda old, new: said_difference("--images-per-prompt", [old["images_per_prompt"]], [new["images_per_prompt"]])),
+    ("--seed", ("seed",), lambda old, new: said_difference("--seed", [old["seed"]], [new["seed"]])),
+    ("--reference", ("reference",), lambda old, new: said_difference("--reference", optional(old["reference"]), optional(new["reference"]))),
+    ("metrics", ("metrics",), metrics_difference),
+)
+
+
+def setting_difference(old: dict, new: dict) -> str:
+    """The first setting (`SETTING_CHECKS`) in which this evaluation (`new`: `evaluation_settings`) differs from the one
+    whose results --out holds (`old`: their record), in words: "--samples 200 (this folder was made with 100)". A setting
+    the record lacks (an earlier version's) is said to be unknown, not claimed to differ; where every one is the same, what
+    is left of the fingerprint is the reference images' pixels."""
+    for options, keys, difference in SETTING_CHECKS:
+        if any(key not in old for key in keys):
+            return f"this folder's record, from an earlier version of lcm evaluate, does not say which {options} it was made with"
+        said = difference(old, new)
+        if said:
+            return said
+    spec = f"--reference {new['reference']}" if new["reference"] else f"--prompts {new['prompts']}"
+    return f"the reference images ({spec}) changed since this folder was made"
+
+
+def other_evaluation(out: str, saved: dict | None, settings: dict) -> str:
+    """The line refusing an --out that holds another evaluation's results: which setting differs (`setting_difference`,
+    from the `saved` record of them), or, where its results.json records none (an earlier version's), that it cannot say."""
+    from latent_consistency.evaluation.table import RESULTS_FILE
+
+    try:
+        which = None if saved is None else setting_difference(saved, settings)
+    except (TypeError, AttributeError):  # a record edited by hand into other types: not one to read settings from
+        which = None
+    which = which or (f"other models or LoRAs, prompts, seed, reference images or metrics (its {RESULTS_FILE}, written by an "
+                      "earlier version of lcm evaluate, does not record which)")
+    return (f"--out {out} holds the results of another evaluation: {which}; choose another --out, rerun with the settings it was "
+            "made with, or move them away to start over")
 
 
 def style_identities(styles: list[tuple[str, float]]) -> tuple[str, ...]:

@@ -325,10 +325,20 @@ def model_identity(name_or_path: str) -> str:
     return f"{path.resolve().as_posix()} {hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}"
 
 
+class OtherEvaluation(UserError):
+    """An --out holding another evaluation's results (`saved_results` with `keep_other`). `settings`: what its results.json
+    records of the settings its fingerprint digests (`run_table`'s `settings`), None where it records none (written
+    before results.json held them), so that a caller can say which of them this evaluation changes."""
+
+    def __init__(self, message: str, settings: dict | None):
+        super().__init__(message)
+        self.settings = settings
+
+
 def saved_results(path: Path, fingerprint: str, keep_other: bool) -> dict[str, dict]:
     """The rows of `path` (results.json) that an earlier run of the same evaluation scored, {} when there is none. A file
     there that is not an evaluation's results is a UserError, and so (with `keep_other`) are another evaluation's
-    results: they are not overwritten."""
+    results (`OtherEvaluation`): they are not overwritten."""
     if not path.exists():
         return {}
     try:
@@ -345,17 +355,21 @@ def saved_results(path: Path, fingerprint: str, keep_other: bool) -> dict[str, d
                         "evaluate (whose record of the models cannot be matched to this version's); choose another --out, or move "
                         "them away to score the rows again")
     if keep_other:
-        raise UserError(f"{path.parent} holds the results of another evaluation (other models or LoRAs, prompts, seed, reference "
-                        "images or metrics); choose another --out, or move them away to start over")
+        settings = saved.get("settings")
+        raise OtherEvaluation(f"{path.parent} holds the results of another evaluation (other models or LoRAs, prompts, seed, reference "
+                              "images or metrics); choose another --out, or move them away to start over",
+                              settings if isinstance(settings, dict) else None)
     return {}
 
 
 def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, scorers: list[Scorer],
               out: Path, device, progress: bool = True, guided: dict[int, DiffusionModel] | None = None,
-              identities: tuple[str, ...] = (), keep_other_results: bool = False) -> dict[str, dict]:
+              identities: tuple[str, ...] = (), keep_other_results: bool = False, settings: dict | None = None) -> dict[str, dict]:
     """Score every row, writing `results.json` after each; rows already there (same prompts, noise, reference, models
     and `identities`, e.g. a LoRA's) are kept, so a killed evaluation continues where it stopped. Another evaluation's
-    results there are replaced, or with `keep_other_results` refused (`saved_results`)."""
+    results there are replaced, or with `keep_other_results` refused (`saved_results`). `settings`: a readable record
+    of what the fingerprint digests, written beside it, from which a rerun refused as another evaluation is told which
+    setting it changed (`OtherEvaluation`)."""
     path = out / RESULTS_FILE
     models = [model_identity(m.source) for m in (lcm, teacher, *(guided or {}).values()) if m is not None]
     fingerprint = eval_set.fingerprint(*models, *identities, *(s.identity for s in scorers))
@@ -364,7 +378,8 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
     with progress_bar(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress) as bar:
         for row in todo:
             results[row.key] = score_row(row, lcm, teacher, eval_set, scorers, device, guided)
-            write_json_atomic(path, {"format": RESULTS_FORMAT, "fingerprint": fingerprint, "rows": results})
+            record = {"format": RESULTS_FORMAT, "fingerprint": fingerprint} | ({"settings": settings} if settings else {})
+            write_json_atomic(path, record | {"rows": results})
             bar.update(1)
     return {row.key: results[row.key] for row in rows}
 
