@@ -152,13 +152,19 @@ class TrainConfig:
         if self.eval_data and _inside(self.eval_data, self.data):
             raise UserError(f"--eval-data {self.eval_data} is inside --data {self.data}, whose subfolders are read too: its images "
                             "would be trained on and its loss not held out; move it out of that folder, or use --eval-fraction")
+        shared = _shared_data(self.eval_data, self.data) if self.eval_data else None
+        if shared is not None:
+            raise UserError(f"--eval-data {self.eval_data} and --data {self.data} both read {shared}: its loss would not be held out; "
+                            "give held-out data apart from --data, or --eval-fraction to hold out part of --data")
         if self.compile and self.adapter != "full":
             raise UserError("--compile applies to full students; a LoRA student shares its UNet with the teacher, which is not "
                             "verified compiled: leave --compile out")
         check_guidance_scale_range(self.guidance_scale_min, self.guidance_scale_max)
-        if self.lr <= 0 or self.huber_c <= 0 or self.validation_guidance_scale < 0:
-            raise UserError(f"lr and huber_c must be positive and validation_guidance_scale >= 0, got {self.lr}, {self.huber_c}, "
-                            f"{self.validation_guidance_scale}")
+        for name in ("lr", "huber_c"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.validation_guidance_scale < 0:
+            raise UserError(f"validation_guidance_scale must be 0 or more, got {self.validation_guidance_scale}")
         return self
 
     @property
@@ -445,6 +451,33 @@ def _inside(inner: str, outer: str) -> bool:
     if not (Path(inner).exists() and Path(outer).is_dir()):
         return False
     return Path(outer).resolve() in Path(inner).resolve().parents
+
+
+def _shared_data(a: str, b: str) -> str | None:
+    """A file or folder that both data specs read (a shard two shard patterns name, a folder of the one that holds the
+    other, which an image folder reads with its subfolders), or None: held-out data must share none with the training
+    data. Specs that are no paths (world:NAME) or name no shard share nothing here."""
+    paths_a, paths_b = set(_read_paths(a)), set(_read_paths(b))
+    for paths, others in ((paths_a, paths_b), (paths_b, paths_a)):  # a set lookup per folder above each path: 12,000 shards each
+        shared = next((path for path in sorted(paths) if others.intersection([path, *path.parents])), None)
+        if shared is not None:
+            return str(shared)
+    return None
+
+
+def _read_paths(spec: str) -> list[Path]:
+    """The resolved folder (an image folder, a folder of shards, a latent cache) or shard files a data spec reads; [] for a
+    spec that names neither (its own error comes when it is opened)."""
+    from latent_consistency.data.shards import expand_urls
+
+    if Path(spec).expanduser().is_dir():
+        return [Path(spec).expanduser().resolve()]
+    if not spec.lower().endswith(".tar"):
+        return []
+    try:
+        return [Path(url).resolve() for url in expand_urls(spec)]
+    except UserError:
+        return []
 
 
 # Flags that only a full student's ω input uses, refused with a LoRA when given on the command line (`resolve_config`)
