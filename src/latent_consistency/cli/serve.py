@@ -93,12 +93,26 @@ def run(args) -> None:
         sock.listen()  # connections wait from here until uvicorn accepts them
         host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
         print(f"lcm serve: {args.model} on http://{host}:{args.port}/ (API: POST /v1/images, description: /openapi.json)", flush=True)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        server = stoppable_server()(uvicorn.Config(app, log_level="warning"))
         try:
             with sigterm_stops(server):
                 server.run(sockets=[sock])
         finally:  # a forced exit (a second Ctrl-C) skips the lifespan's stop: the batcher's thread must not outlive torch
             app.state.batcher.stop()
+
+
+def stoppable_server():
+    """uvicorn's Server, whose second SIGTERM forces the stop as a second Ctrl-C does: the first waits for every open request,
+    and one whose client stalls in its upload would wait for ever."""
+    import uvicorn
+
+    class StoppableServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGTERM:
+                self.force_exit = True
+            super().handle_exit(sig, frame)
+
+    return StoppableServer
 
 
 @contextlib.contextmanager

@@ -2,7 +2,7 @@
 the page at `/`. OpenAPI description at `/openapi.json`.
 
 Every request a client can get wrong is answered with a 4xx and a one-line `{"error": ...}`: 413 for a body over the
-limit, 415 for a body not sent as JSON (content-type), 422 for anything invalid (malformed JSON or JSON Python cannot read, a
+limit, 415 for a body not sent as JSON (content-type) or compressed (content-encoding), 422 for anything invalid (malformed JSON or JSON Python cannot read, a
 key given twice, a value of the wrong JSON type, a field out of range, a size the model cannot make, an upload that is
 not an image), 429 when the queue is full; 404 and 405 come in the same shape. Every GET route answers HEAD too (a proxy's
 health check). A client that goes away while its request waits (to be decoded, or in the queue) is dropped: its image is
@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from latent_consistency import __version__
@@ -42,10 +43,12 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 DISCONNECT_POLL_S = 0.05
 # Init images decoded at once: one of 64 Mpx (a 200 kB PNG) takes ~250 MB and a second, before its request queues
 MAX_DECODING = 2
+SHUTTING_DOWN = "the server is shutting down; send the request again once it is back"
 
 
-def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int, tuple | None]]:
-    """One forward pass for jobs that share a key: (encoded image, batch size, `truncated_prompts` entry or None) per job.
+def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int, tuple | None, tuple | None]]:
+    """One forward pass for jobs that share a key: (encoded image, batch size, `truncated_prompts` entry of its prompt and of
+    its negative prompt, each None when it is read whole) per job.
 
     Only this worker thread touches the model, its tokenizers included: a tokenizer keeps its truncation and padding as
     state, so a call from the event loop in the middle of the worker's would leave the worker's prompts untruncated."""
@@ -64,14 +67,27 @@ def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int,
                        first.width, **options)
     if not torch.isfinite(images.float()).all():  # NaN pixels would be sent as a black image (uint8 0); a model fault, a 500
         raise RuntimeError("the model made NaN or infinite pixels (its weights may hold NaN, or its dtype overflowed); no image sent")
-    long = {i: (tokens, limit) for i, tokens, limit in truncated_prompts(generator.model.prompts, [job.prompt for job in jobs])}
-    return [(encode(image, job.format), len(jobs), long.get(i)) for i, (image, job) in enumerate(zip(to_pil(images), jobs))]
+    long = truncations(generator, [job.prompt for job in jobs])
+    long_negative = truncations(generator, options.get("negative_prompts", []))
+    return [(encode(image, job.format), len(jobs), long.get(i), long_negative.get(i))
+            for i, (image, job) in enumerate(zip(to_pil(images), jobs))]
+
+
+def truncations(generator: LCMGenerator, prompts: list[str]) -> dict[int, tuple[int, int]]:
+    """{index: (tokens, the most the text encoder reads)} of the prompts it truncates (`truncated_prompts`)."""
+    return {i: (tokens, limit) for i, tokens, limit in truncated_prompts(generator.model.prompts, prompts)} if prompts else {}
 
 
 def encode(image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=92) if fmt == "jpeg" else image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+class ErrorAnswer(BaseModel):
+    """Every refusal's body (4xx, 500, 503), as /openapi.json describes it."""
+
+    error: str = Field(description="what is wrong, in one line")
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -168,8 +184,16 @@ class Guard:
 
         if scope["method"] == "HEAD":  # a proxy's health check: a GET route answers HEAD with its status and headers (RFC 9110)
             scope, send_counted = dict(scope, method="GET"), headers_only(send_counted)
+        coding = dict(scope["headers"]).get(b"content-encoding", b"identity").decode("latin-1").strip()
         try:
-            body = await self.read_body(receive)
+            if coding.lower() not in ("", "identity"):  # RFC 9110 15.5.16: a content coding the server does not decode is a 415
+                await error(415, f"content-encoding {coding} is not supported: send the body uncompressed")(scope, receive, send_counted)
+                return
+            try:
+                body = await self.read_body(receive)
+            except asyncio.CancelledError:  # a forced stop (a second Ctrl-C or SIGTERM) as the body arrives: answered as at shutdown
+                await error(503, SHUTTING_DOWN)(scope, receive, send_counted)
+                return
             if body is None:  # over the limit
                 await error(413, f"request body is over {self.max_body_bytes // 2**20} MiB")(scope, receive, send_counted)
             elif body is False:  # the client left before sending it: nobody to answer
@@ -255,10 +279,15 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         after the response, so the server (uvicorn) logs its traceback."""
         return error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
 
+    refused = {status: {"model": ErrorAnswer, "description": why} for status, why in (
+        (413, "the body is over the limit"), (415, "the body is not JSON (content-type), or is compressed (content-encoding)"),
+        (422, "an invalid request: malformed JSON, a wrong type, a value out of range, an unreadable init image"),
+        (429, "the queue is full (Retry-After)"), (500, "the model failed"), (503, "the server is shutting down"))}
     answer = {"content": {t: {} for t in MEDIA_TYPES.values()},
               "description": "the image; X-Seed, X-Latency-Ms, X-Batch-Size headers, X-Prompt-Truncated when the prompt is "
-                             "longer than the text encoder reads (its end is dropped), X-Guidance-Note when the guidance scale is "
-                             "outside the range the LCM was distilled on, or the LCM ignores it, and X-Seed-Note when the seed is "
+                             "longer than the text encoder reads (its end is dropped), X-Negative-Prompt-Truncated the same for "
+                             "negative_prompt, X-Guidance-Note when the guidance scale is outside the range the LCM was distilled on, "
+                             "or the LCM ignores it, and X-Seed-Note when the seed is "
                              "2^32 or more (its image is a smaller seed's)"}
 
     def left() -> Response:
@@ -266,7 +295,7 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         metrics.cancel()
         return Response(status_code=499)
 
-    @app.post(IMAGE_PATH, response_class=Response, responses={200: answer})
+    @app.post(IMAGE_PATH, response_class=Response, responses={200: answer} | refused)
     async def images(body: ImageRequest, request: Request) -> Response:
         """Generate one image (text-to-image, or image-to-image with `init_image`)."""
         start = time.perf_counter()
@@ -287,13 +316,15 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
                     return left() if batcher.cancel(future) else Response(status_code=499)  # running: its image is dropped
         except asyncio.CancelledError:  # a forced exit (a second Ctrl-C) cancels the waiting requests: answered as at shutdown
             batcher.cancel(future)
-            return error(503, "the server is shutting down; send the request again once it is back")
+            return error(503, SHUTTING_DOWN)
         if future.cancelled():  # the batcher stopped with it queued: the server is shutting down
-            return error(503, "the server is shutting down; send the request again once it is back")
-        data, batch_size, truncated = waiting.result()
+            return error(503, SHUTTING_DOWN)
+        data, batch_size, truncated, negative_truncated = waiting.result()
         headers = {"X-Seed": str(job.seed), "X-Batch-Size": str(batch_size), "X-Latency-Ms": f"{(time.perf_counter() - start) * 1e3:.1f}"}
         if truncated:  # as `lcm generate` notes it: the end was not read
             headers["X-Prompt-Truncated"] = f"{truncated[0]} tokens, the text encoder reads {truncated[1]}"
+        if negative_truncated:  # as `lcm generate` notes it for --negative-prompt
+            headers["X-Negative-Prompt-Truncated"] = f"{negative_truncated[0]} tokens, the text encoder reads {negative_truncated[1]}"
         notes = generator.guidance_notes(job.guidance_scale, given=body.guidance_scale is not None)
         if notes:
             headers["X-Guidance-Note"] = header_value("; ".join(notes))

@@ -121,9 +121,9 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
                         "image; give steps of 2 or more, or leave gamma out")
     g = default_guidance_scale if request.guidance_scale is None else request.guidance_scale
     if g > limits.max_guidance_scale:
-        raise UserError(f"guidance_scale {g:g} is above {limits.max_guidance_scale:g}; {generator.usual_guidance()}")
+        raise UserError(f"guidance_scale {g:.15g} is above {limits.max_guidance_scale:g}; {generator.usual_guidance()}")
     if generator.kind == "lcm" and g < 1:
-        raise UserError(f"guidance_scale {g:g} is below 1: this LCM takes g through its ω input (ω = g - 1 >= 0)")
+        raise UserError(f"guidance_scale {g:.15g} is below 1: this LCM takes g through its ω input (ω = g - 1 >= 0)")
     if generator.kind == "lora" and request.negative_prompt is not None:  # before it queues (`LCMGenerator.consistency_function`)
         if request.negative_scale is not None:
             raise UserError("negative_scale applies to an LCM with an ω input; this one (an LCM-LoRA or PixArt-LCM) takes negative_prompt "
@@ -159,7 +159,8 @@ def request_size(request: ImageRequest, image, generator: LCMGenerator, limits: 
                 raise UserError(f"{name} {value} is above this server's limit of {limits.max_side} px")
         generator.check_size(height, width, flag="")
     except UserError as err:
-        if image is None or (request.width is not None and request.height is not None):
+        given = [f"{name} {value} " for name, value in (("width", request.width), ("height", request.height)) if value is not None]
+        if image is None or len(given) == 2 or any(str(err).startswith(side) for side in given):  # about a side the client named
             raise
         raise UserError(f"{err}; {width}x{height} keeps init_image's {image.width}x{image.height} px aspect: give width and "
                         "height for another size") from None
@@ -191,7 +192,11 @@ def decode_image(data: str, limits: Limits):
     """A base64 (or data: URL; line breaks allowed) image file as an upright 8-bit RGB PIL image; decoded as training images
     and `lcm generate --init-image` are (`data.images.open_rgb8`: EXIF orientation, 16-bit depth, alpha, a float TIFF in
     [0, 1]), and refused with the same reason (a float image off that scale is a TIFF, not "not an image")."""
-    payload = "".join((data.split(",", 1)[1] if data.startswith("data:") else data).split())  # base64 wrapped at 76 columns
+    if data[:5].lower() == "data:":  # a data: URL (RFC 2397; its scheme in any case): its data follows the first comma
+        if "," not in data:
+            raise UserError("init_image is a data: URL without a comma before its data: send data:MIME;base64,DATA")
+        data = data.split(",", 1)[1]
+    payload = "".join(data.split())  # base64 wrapped at 76 columns
     if len(payload) * 3 // 4 > limits.max_upload_bytes:
         raise UserError(f"init_image is larger than {limits.max_upload_bytes // 2**20} MiB")
     try:
