@@ -44,3 +44,11 @@ def test_evaluate_takes_the_largest_seed_its_last_image_can_have(tmp_path):
         Image.new("RGB", (16, 16), (200 * i, 0, 0)).save(reference / f"{i}.png")
     args = argparse.Namespace(prompts=str(prompts), samples=2, images_per_prompt=1, reference=str(reference), seed=MAX_SEED - 1)
     assert load_eval_set(args, 16).seed == MAX_SEED - 1
+
+
+def test_a_refused_guidance_scale_is_quoted_as_given(tiny_lcm, tmp_path, run_error):
+    # defect: `{:g}` rounded to 6 digits, so --guidance-scale 0.9999999 was refused as "--guidance-scale 1 is below 1"
+    code, err = run_error(["generate", "a red star", "--model", str(tiny_lcm), "--guidance-scale", "0.9999999", "--out", str(tmp_path / "a")])
+    assert code == 2 and "--guidance-scale 0.9999999 is below 1" in err, err
+    code, err = run_error(["generate", "a red star", "--model", str(tiny_lcm), "--guidance-scale", "30.000001", "--out", str(tmp_path / "b")])
+    assert code == 2 and "--guidance-scale 30.000001 is outside" in err, err

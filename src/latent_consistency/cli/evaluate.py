@@ -356,7 +356,7 @@ def run_evaluation(args) -> None:
               file=sys.stderr)
     omega_teacher = teacher is not None and teacher.time_cond_proj_dim is not None  # a guidance-distilled teacher
     if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided or omega_teacher):
-        raise UserError(f"guidance scale {min(scales):g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
+        raise UserError(f"guidance scale {min(scales):.15g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
     for note in dict.fromkeys(n for g in scales for n in ([] if record is None else record.notes(g, bool(given)))):
         print(f"lcm evaluate: note: {note}", file=sys.stderr)
     resolution = lcm.native_size

@@ -379,9 +379,9 @@ def generate(args) -> None:
     if args.negative_prompt is not None:
         check_prompt(args.negative_prompt, "--negative-prompt")
     if args.negative_scale is not None and args.negative_scale < 0:
-        raise UserError(f"--negative-scale {args.negative_scale:g} is below 0: it is λ in f + λ·(f - f_negative), 0 turns it off")
+        raise UserError(f"--negative-scale {args.negative_scale:.15g} is below 0: it is λ in f + λ·(f - f_negative), 0 turns it off")
     if args.negative_scale is not None and args.negative_scale > MAX_NEGATIVE_SCALE:
-        raise UserError(f"--negative-scale {args.negative_scale:g} is above {MAX_NEGATIVE_SCALE:g}: it is λ in f + λ·(f - f_negative), "
+        raise UserError(f"--negative-scale {args.negative_scale:.15g} is above {MAX_NEGATIVE_SCALE:g}: it is λ in f + λ·(f - f_negative), "
                         "and 0.5 already over-guides")
     if args.sampler != "lcm" and args.negative_prompt is not None:
         raise UserError(f"--negative-prompt applies to --sampler lcm, not {args.sampler}")
@@ -401,14 +401,14 @@ def generate(args) -> None:
     else:
         generator = SolverGenerator.load(args.model, device, dtype, args.sampler)
     if args.guidance_scale is not None and not 0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE:  # said of what is sampled
-        raise UserError(f"--guidance-scale {args.guidance_scale:g} is outside [0, {MAX_GUIDANCE_SCALE:g}]; {generator.usual_guidance()}")
+        raise UserError(f"--guidance-scale {args.guidance_scale:.15g} is outside [0, {MAX_GUIDANCE_SCALE:g}]; {generator.usual_guidance()}")
     if args.preview_decoder is not None:
         generator.use_preview_decoder(args.preview_decoder)
     if args.compile:
         generator.compile()
     guidance_scale = generator.default_guidance_scale() if args.guidance_scale is None else args.guidance_scale
     if generator.model.time_cond_proj_dim is not None and guidance_scale < 1:
-        raise UserError(f"--guidance-scale {guidance_scale:g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
+        raise UserError(f"--guidance-scale {guidance_scale:.15g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
                         "which was trained on ω >= 0")
     distilled = generator.model.distilled_steps if args.sampler != "lcm" else None  # a progressive round's DDIM steps
     if distilled and args.steps is None and not custom:
