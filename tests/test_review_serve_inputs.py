@@ -9,15 +9,13 @@ import gzip
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from test_serve import free_port, make_app, png_base64, wait_until
+from test_serve import make_app, png_base64, started_server
 
 
 @pytest.fixture(scope="module")
@@ -107,21 +105,8 @@ def test_openapi_describes_the_error_shape_the_api_answers(api):
 @pytest.mark.slow
 @pytest.mark.parametrize("stop, code, words", [(signal.SIGTERM, 143, "terminated")], ids=["SIGTERM"])
 def test_a_second_stop_signal_ends_a_server_held_by_a_stalled_upload_in_one_line(tiny_lcm, stop, code, words):
-    import httpx
-
-    port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    process = subprocess.Popen([sys.executable, "-m", "latent_consistency.cli", "serve", "--model", str(tiny_lcm), "--port", str(port),
-                                "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process, port = started_server(tiny_lcm, env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
-        def up():
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                assert process.poll() is None, process.stderr.read()
-                return False
-
-        wait_until(up, timeout=120)
         with socket.create_connection(("127.0.0.1", port)) as stalled:
             stalled.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
                             b'{"prompt": ')

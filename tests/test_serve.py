@@ -402,22 +402,37 @@ def test_serve_command_that_cannot_listen_says_so_in_one_line(where, tiny_lcm, c
     assert "http://" not in out  # never said it was serving
 
 
+def started_server(model, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """`lcm serve --model MODEL` in a process of its own on a free port, once it answers /health: (process, port). The
+    caller ends the process."""
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "latent_consistency.cli", "serve", "--model", str(model), "--port", str(port),
+                                "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def up():
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            assert process.poll() is None, process.stderr.read()
+            return False
+
+    try:
+        wait_until(up, timeout=120)
+    except BaseException:
+        process.kill()
+        process.wait(10)
+        raise
+    return process, port
+
+
 @pytest.mark.slow
 def test_serve_command_starts_on_localhost_and_answers(tiny_lcm):
     import httpx
 
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "latent_consistency.cli", "serve", "--model", str(tiny_lcm), "--port", str(port),
-                                "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process, port = started_server(tiny_lcm)
     try:
-        def up():
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-            except httpx.TransportError:
-                assert process.poll() is None, process.stderr.read()
-                return False
-
-        wait_until(up, timeout=120)
         response = httpx.post(f"http://127.0.0.1:{port}/v1/images", json={"prompt": "a red star", "seed": 1}, timeout=60)
         assert response.status_code == 200 and response.content.startswith(b"\x89PNG")
     finally:
