@@ -43,6 +43,28 @@ def tiny_pixart(tmp_path_factory):
     return save_tiny_pixart(tmp_path_factory.mktemp("models") / "tiny-pixart")
 
 
+@pytest.fixture(scope="module")
+def lcm(tiny_lcm):
+    """The tiny LCM as an `LCMGenerator` on the CPU, once per test module (the serve tests' model)."""
+    import torch
+
+    from latent_consistency.pipelines import LCMGenerator
+
+    return LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def api(lcm):
+    """A test client of `lcm serve`'s app on `lcm` (`test_serve.make_app`), once per test module; an exception in the app
+    comes back as the 500 a client gets, not raised in the test."""
+    from fastapi.testclient import TestClient
+
+    from test_serve import make_app
+
+    with TestClient(make_app(lcm), raise_server_exceptions=False) as client:
+        yield client
+
+
 @pytest.fixture
 def run_error(capsys):
     """Run the `lcm` command line; (exit code, standard error), argparse's own exits included."""

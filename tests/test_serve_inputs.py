@@ -16,19 +16,6 @@ from fastapi.testclient import TestClient
 from test_serve import GatedGenerator, free_port, make_app, png_base64
 
 
-@pytest.fixture(scope="module")
-def lcm(tiny_lcm):
-    from latent_consistency.pipelines import LCMGenerator
-
-    return LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), torch.float32)
-
-
-@pytest.fixture(scope="module")
-def api(lcm):
-    with TestClient(make_app(lcm), raise_server_exceptions=False) as c:
-        yield c
-
-
 def post(client, body: bytes, content_type: str | None = "application/json"):
     return client.post("/v1/images", content=body, headers={"content-type": content_type} if content_type else {})
 

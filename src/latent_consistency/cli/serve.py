@@ -93,7 +93,7 @@ def run(args) -> None:
         sock.listen()  # connections wait from here until uvicorn accepts them
         host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
         print(f"lcm serve: {args.model} on http://{host}:{args.port}/ (API: POST /v1/images, description: /openapi.json)", flush=True)
-        server = stoppable_server()(uvicorn.Config(app, log_level="warning"))
+        server = stoppable_server(uvicorn.Config(app, log_level="warning"), app.state.uploads)
         try:
             with sigterm_stops(server):
                 server.run(sockets=[sock])
@@ -101,9 +101,13 @@ def run(args) -> None:
             app.state.batcher.stop()
 
 
-def stoppable_server():
-    """uvicorn's Server, whose second SIGTERM forces the stop as a second Ctrl-C does: the first waits for every open request,
-    and one whose client stalls in its upload would wait for ever."""
+def stoppable_server(config, uploads):
+    """uvicorn's Server for `config`, whose graceful stop (the first Ctrl-C or SIGTERM) closes `uploads` (the app's
+    `serve.app.Uploads`): a request whose body has not arrived within `Uploads.grace_s` is answered 503, while requests
+    already being made finish. A second SIGTERM forces the stop as a second Ctrl-C does, for a request whose image takes
+    longer than one will wait.
+
+    Not uvicorn's `timeout_graceful_shutdown`: past it, uvicorn cancels every request, those generating too."""
     import uvicorn
 
     class StoppableServer(uvicorn.Server):
@@ -112,7 +116,11 @@ def stoppable_server():
                 self.force_exit = True
             super().handle_exit(sig, frame)
 
-    return StoppableServer
+        async def shutdown(self, sockets=None) -> None:
+            uploads.close()
+            await super().shutdown(sockets)
+
+    return StoppableServer(config)
 
 
 @contextlib.contextmanager

@@ -4,9 +4,10 @@ the page at `/`. OpenAPI description at `/openapi.json`.
 Every request a client can get wrong is answered with a 4xx and a one-line `{"error": ...}`: 413 for a body over the
 limit, 415 for a body not sent as JSON (content-type) or compressed (content-encoding), 422 for anything invalid (malformed JSON or JSON Python cannot read, a
 key given twice, a value of the wrong JSON type, a field out of range, a size the model cannot make, an upload that is
-not an image), 429 when the queue is full; 404 and 405 come in the same shape. Every GET route answers HEAD too (a proxy's
-health check). A client that goes away while its request waits (to be decoded, or in the queue) is dropped: its image is
-not made.
+not an image), 429 when the queue is full; 404 and 405 come in the same shape (a route's path with a trailing slash too,
+`not_found`). Every GET route answers HEAD too (a proxy's health check). A client that goes away while its request waits
+(to be decoded, or in the queue) is dropped: its image is not made. Once the server stops, a body still arriving is
+answered 503 after a short wait (`Uploads`); requests whose body has arrived are made to the end.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from starlette.datastructures import URL
 from starlette.exceptions import HTTPException
 
 from latent_consistency import __version__
@@ -44,6 +46,7 @@ DISCONNECT_POLL_S = 0.05
 # Init images decoded at once: one of 64 Mpx (a 200 kB PNG) takes ~250 MB and a second, before its request queues
 MAX_DECODING = 2
 SHUTTING_DOWN = "the server is shutting down; send the request again once it is back"
+UPLOAD_GRACE_S = 3.0  # once the server stops, how long a request body still arriving may take before it is answered 503
 
 
 def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int, tuple | None, tuple | None]]:
@@ -152,18 +155,55 @@ def replayed(body: bytes, receive):
     return receive_again
 
 
-class Guard:
-    """ASGI middleware: refuses bodies over the limit with 413 (read before the app sees them), and counts the image
-    requests' responses by status, with the latency of the successful ones."""
+class UploadsClosed(Exception):
+    """The server stopped taking request bodies (`Uploads`)."""
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
-        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+class Uploads:
+    """Whether the server still takes request bodies: until `close` (as a stop begins), and `grace_s` after it.
+
+    A graceful stop (uvicorn's, at the first Ctrl-C or SIGTERM) waits for every open request, and a client stalled in its
+    upload would hold it for ever. A request whose body has not arrived has cost the server nothing yet, so it gets a short
+    bounded wait and then a 503; one whose body has arrived (decoded, queued or generating) is made to the end."""
+
+    def __init__(self, grace_s: float = UPLOAD_GRACE_S):
+        self.grace_s, self.deadline = grace_s, None
+
+    def close(self) -> None:
+        """Take no body after `grace_s` from now (the first call's; a stop begins once)."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.grace_s
+
+    def closed(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+class Guard:
+    """ASGI middleware: refuses bodies over the limit with 413 (read before the app sees them), answers 503 to a body
+    still arriving when the server stops taking them (`Uploads`), and counts the image requests' responses by status, with
+    the latency of the successful ones."""
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics, uploads: Uploads):
+        self.app, self.max_body_bytes, self.metrics, self.uploads = app, max_body_bytes, metrics, uploads
+
+    async def receive_upload(self, receive):
+        """The client's next message; `UploadsClosed` once the server takes no more bodies (looked at every
+        `DISCONNECT_POLL_S` while the message is awaited)."""
+        arriving = asyncio.ensure_future(receive())
+        try:
+            while not (await asyncio.wait({arriving}, timeout=DISCONNECT_POLL_S))[0]:
+                if self.uploads.closed():
+                    raise UploadsClosed
+            return arriving.result()
+        finally:  # closed, or a forced stop cancelling this request: the message is awaited no longer
+            arriving.cancel()
 
     async def read_body(self, receive) -> bytes | None | bool:
-        """The whole body; None once it passes the limit; False if the client disconnected."""
+        """The whole body; None once it passes the limit; False if the client disconnected; `UploadsClosed` once the
+        server takes no more bodies."""
         body, more = bytearray(), True
         while more:
-            message = await receive()
+            message = await self.receive_upload(receive)
             if message["type"] == "http.disconnect":
                 return False
             body += message.get("body", b"")
@@ -191,7 +231,7 @@ class Guard:
                 return
             try:
                 body = await self.read_body(receive)
-            except asyncio.CancelledError:  # a forced stop (a second Ctrl-C or SIGTERM) as the body arrives: answered as at shutdown
+            except (asyncio.CancelledError, UploadsClosed):  # a stop (forced, or past `Uploads.grace_s`) as the body arrives
                 await error(503, SHUTTING_DOWN)(scope, receive, send_counted)
                 return
             if body is None:  # over the limit
@@ -216,6 +256,21 @@ def headers_only(send):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return send_headers
+
+
+def not_found(request: Request) -> Response:
+    """The answer for a path that no route has: a 404, which names the route when the path is a route's with a trailing
+    slash (`POST /v1/images/`). Starlette redirected it (307, empty body): a client that does not follow redirects read
+    nothing, and one that does sent its body twice. Serving it as well would give an operation a second path that
+    /openapi.json and the metrics (counted by path) do not know. The one redirect kept is the app's root named without
+    its slash under a root path (`/lcm` to `/lcm/`), where the page's relative URLs need the slash."""
+    root, path = request.scope.get("root_path", ""), request.scope["path"]
+    if root and path == root:
+        return RedirectResponse(str(URL(scope=dict(request.scope, path=path + "/"))))
+    route_path = path.removeprefix(root).rstrip("/")
+    if route_path != path.removeprefix(root) and any(getattr(route, "path", None) == route_path for route in request.app.routes):
+        return error(404, f"Not Found: the path is {path.rstrip('/')}, without the trailing slash")
+    return error(404, "Not Found")
 
 
 def header_value(text: str) -> str:
@@ -243,10 +298,11 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
             batcher.stop()
 
     app = FastAPI(title="latent-consistency", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Few-step text-to-image and image-to-image with a latent consistency model (Luo et al. 2023).")
+                  redirect_slashes=False, description="Few-step text-to-image and image-to-image with a latent consistency model "
+                                                      "(Luo et al. 2023).")
     app.router.route_class = JSONRoute
-    app.state.batcher, app.state.metrics = batcher, metrics
-    app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, metrics=metrics)
+    app.state.batcher, app.state.metrics, app.state.uploads = batcher, metrics, Uploads()
+    app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, metrics=metrics, uploads=app.state.uploads)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -263,6 +319,8 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         """Starlette's and FastAPI's own answers (404, 405, a body it cannot parse) in the same one-line shape."""
+        if exc.status_code == 404:
+            return not_found(request)
         return error(exc.status_code, str(exc.detail).splitlines()[0] if exc.detail else "error", headers=exc.headers)
 
     @app.exception_handler(UserError)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,6 +27,10 @@ from latent_consistency.prompts import utf8_error
 
 MAX_STEPS = 8  # an LCM's useful range (Algorithm 3 with 1-8 steps)
 MAX_INIT_PIXELS = 64 * 2**20  # an init image's width x height, refused from its header before it is decoded
+# base64 as clients send it (RFC 4648): the standard alphabet (section 4) or the URL-safe one (section 5: - and _ for + and
+# /), one of them, with its = padding or without (many clients strip it)
+BASE64 = re.compile(r"(?:[A-Za-z0-9+/]*|[A-Za-z0-9_-]*)={0,2}")
+URL_SAFE = str.maketrans("-_", "+/")
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,8 @@ class ImageRequest(BaseModel):
     height: int | None = Field(None, ge=1, description=f"pixels, a multiple of the VAE factor; default: {DEFAULT_SIZE_DOC}")
     gamma: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="TCD's γ (fresh noise between steps, so steps >= 2); absent: Algorithm 3")
     init_image: str | None = Field(None, description="image-to-image start: an image file (PNG, JPEG, WebP, TIFF, ...: what "
-                                                     "`lcm generate --init-image` reads) as base64 or a data: URL")
+                                                     "`lcm generate --init-image` reads) as base64 (standard or URL-safe, "
+                                                     "= padding optional) or a data: URL")
     strength: float = Field(0.8, gt=0, le=1, allow_inf_nan=False, description="with init_image: how much of it to redraw")
     format: Literal["png", "jpeg"] = Field("png", description="response image format")
 
@@ -189,9 +195,10 @@ def init_image_size(size: tuple[int, int], width: int | None, height: int | None
 
 
 def decode_image(data: str, limits: Limits):
-    """A base64 (or data: URL; line breaks allowed) image file as an upright 8-bit RGB PIL image; decoded as training images
-    and `lcm generate --init-image` are (`data.images.open_rgb8`: EXIF orientation, 16-bit depth, alpha, a float TIFF in
-    [0, 1]), and refused with the same reason (a float image off that scale is a TIFF, not "not an image")."""
+    """A base64 image file (`base64_bytes`: standard or URL-safe, padded or not; line breaks allowed; or a data: URL) as an
+    upright 8-bit RGB PIL image; decoded as training images and `lcm generate --init-image` are (`data.images.open_rgb8`:
+    EXIF orientation, 16-bit depth, alpha, a float TIFF in [0, 1]), and refused with the same reason (a float image off
+    that scale is a TIFF, not "not an image")."""
     if data[:5].lower() == "data:":  # a data: URL (RFC 2397; its scheme in any case): its data follows the first comma
         if "," not in data:
             raise UserError("init_image is a data: URL without a comma before its data: send data:MIME;base64,DATA")
@@ -200,16 +207,24 @@ def decode_image(data: str, limits: Limits):
     if len(payload) * 3 // 4 > limits.max_upload_bytes:
         raise UserError(f"init_image is larger than {limits.max_upload_bytes // 2**20} MiB")
     try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise UserError("init_image is not base64") from None
-    try:
-        image, _ = open_rgb8(raw, max_pixels=MAX_INIT_PIXELS)
+        image, _ = open_rgb8(base64_bytes(payload), max_pixels=MAX_INIT_PIXELS)
     except TooManyPixels as err:
         raise UserError(f"init_image is {err}") from None
     except UndecodableImage as err:  # `UnknownScale` among them
         raise UserError(f"cannot read init_image: {err}") from None
     return image
+
+
+def base64_bytes(payload: str) -> bytes:
+    """The bytes `payload` spells in standard or URL-safe base64, padded or not (`BASE64`); a `UserError` for a character
+    outside the alphabet, the two alphabets mixed, or a length no base64 has (4n + 1 characters)."""
+    if BASE64.fullmatch(payload) is None:
+        raise UserError("init_image is not base64")
+    data = payload.rstrip("=").translate(URL_SAFE)
+    try:
+        return base64.b64decode(data + "=" * (-len(data) % 4), validate=True)
+    except binascii.Error:
+        raise UserError("init_image is not base64") from None
 
 
 def resized_pixels(image, width: int, height: int) -> torch.Tensor:
