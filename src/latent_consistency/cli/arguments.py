@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
+
+# A command-line word that is a value, never an option, though it starts with "-": a number of any spelling Python reads
+# (-1e-4, -.5, -inf, -nan) and a list of them (--timesteps -3,999). No option of `lcm` starts with "-" and a digit.
+NEGATIVE_VALUE = re.compile(r"^-(\.?\d|(inf|infinity|nan)$)", re.IGNORECASE)
 
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: what is wrong, and where to look.
 
     Options are not matched by prefix (argparse's default, here off in every command): `lcm distill --ema 0.9` set
-    --ema-decay, and `lcm generate --prompt TEXT` read TEXT as a prompt file before --prompt existed."""
+    --ema-decay, and `lcm generate --prompt TEXT` read TEXT as a prompt file before --prompt existed.
+
+    A negative value is the value of its flag however it is spelled (`NEGATIVE_VALUE`): argparse takes only -5 and -0.5
+    for numbers, and read `--lr -1e-4`, `--timesteps -3,999` or `--lr -inf` as a flag without its value ("expected one
+    argument"), where `--lr=-1e-4` reached the flag's own check ("lr must be positive"). Subcommands' parsers are made of
+    this class too (`add_subparsers`), so the one matcher serves every command."""
 
     def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
         super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+        self._negative_number_matcher = NEGATIVE_VALUE  # argparse's own test of "a negative number, not an option"
 
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)

@@ -72,8 +72,19 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
 
 
 def image_filename(index: int, prompt: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "image"
-    return f"{index:04d}-{slug}.png"
+    """Image `index`'s file name: its number, then the prompt in lower-case letters and digits with a "-" for each run of
+    anything else, cut to 60 characters and not ending in "-" where the cut lands after one ("0000-a-red-star.png")."""
+    return f"{index:04d}-{_prompt_slug(prompt).rstrip('-') or 'image'}.png"
+
+
+def earlier_image_filename(index: int, prompt: str) -> str:
+    """The name earlier versions gave image `index`: the cut prompt as it fell, a "-" after it included ("0000-aaa-.png"),
+    which `output_files` still finds as this image (a --skip-existing rerun keeps it, not a second copy of a new name)."""
+    return f"{index:04d}-{_prompt_slug(prompt) or 'image'}.png"
+
+
+def _prompt_slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60]
 
 
 # --out names a folder; a name with one of these suffixes was meant as one image file
@@ -90,8 +101,10 @@ def output_files(out: str, prompts: list[str], skip_existing: bool = False) -> t
     folder = Path(out)
     if folder.suffix.lower() in IMAGE_SUFFIXES and not folder.is_dir():
         raise UserError(f"--out {out} looks like an image file name; --out is the folder the PNG files go in, e.g. --out images/")
-    files = [folder / image_filename(i, p) for i, p in enumerate(prompts)]
-    taken = _taken(folder, files) if folder.is_dir() else []
+    listed = _listing(folder) if folder.is_dir() else set()
+    found = [_found(folder, listed, i, p) for i, p in enumerate(prompts)]
+    files = [folder / name for name, _ in found]
+    taken = [i for i, (_, there) in enumerate(found) if there]
     if skip_existing:
         odd = [files[i].name for i in taken if not files[i].is_file()]
         if odd:
@@ -104,15 +117,29 @@ def output_files(out: str, prompts: list[str], skip_existing: bool = False) -> t
     return files, set()
 
 
-def _taken(folder: Path, files: list[Path]) -> list[int]:
-    """The positions of `files` (in `folder`) already there, a link included: the folder listed once, then only the names
-    it holds checked, not two stats per prompt (a prompt file of 50,000 lines over a network disk). Names are matched
-    case-insensitively and then checked, as a case-insensitive disk (macOS, Windows) finds 0001-CAT.PNG for 0001-cat.png."""
+def _listing(folder: Path) -> set[str]:
+    """The names in `folder`, case-folded: listed once, then only the names it holds checked, not two stats per prompt (a
+    prompt file of 50,000 lines over a network disk)."""
     try:
-        listed = {name.casefold() for name in os.listdir(folder)}
+        return {name.casefold() for name in os.listdir(folder)}
     except OSError as err:
         raise UserError(f"cannot list --out {folder} ({err.strerror}); make it readable") from None
-    return [i for i, f in enumerate(files) if f.name.casefold() in listed and (f.exists() or f.is_symlink())]
+
+
+def _there(folder: Path, listed: set[str], name: str) -> bool:
+    """Whether `folder` (its names `listed`) holds a file of `name`, a link included. Names are matched case-insensitively
+    and then checked, as a case-insensitive disk (macOS, Windows) finds 0001-CAT.PNG for 0001-cat.png."""
+    return name.casefold() in listed and ((folder / name).exists() or (folder / name).is_symlink())
+
+
+def _found(folder: Path, listed: set[str], index: int, prompt: str) -> tuple[str, bool]:
+    """Image `index`'s name in `folder` and whether the folder holds it: `image_filename`, or, where only that one is there,
+    the name an earlier version gave it (`earlier_image_filename`), so that a rerun finds the image it wrote."""
+    name = image_filename(index, prompt)
+    if _there(folder, listed, name):
+        return name, True
+    earlier = earlier_image_filename(index, prompt)
+    return (earlier, True) if earlier != name and _there(folder, listed, earlier) else (name, False)
 
 
 def parse_timesteps(text: str | None) -> list[int] | None:

@@ -50,6 +50,7 @@ from torch.utils.data import Dataset
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.images import (
     IMAGE_EXTENSIONS,
+    NAMED_PER_REASON,
     UNSUPPORTED_IMAGE_EXTENSIONS,
     SkipCounter,
     caption_problem,
@@ -88,29 +89,33 @@ class ImageFolderDataset(Dataset):
         if len(found) > 1:
             raise UserError(f"{self.root} holds both {METADATA_FILE} and {METADATA_CSV}: keep the one that holds the captions")
         metadata = found[0] if found else self.root / METADATA_FILE
-        self.samples = CaptionedFiles(self._scan_metadata(metadata, images) if metadata.is_file() else self._scan_sidecars(images))
+        scan = ScanSkips()
+        self.samples = CaptionedFiles(self._scan_metadata(metadata, images, scan) if metadata.is_file() else self._scan_sidecars(images, scan))
         named = set(self.samples.files) if unsupported else set()  # metadata may name any file Pillow reads
         for file_name in unsupported:
             if file_name not in named:
-                self.skipped.add("unsupported_format", f"{file_name}: convert it to .jpg or .png")
+                scan.add("unsupported_format", f"{file_name}: convert it to .jpg or .png")
         if not self.samples:
             source = metadata.name if metadata.is_file() else ".txt sidecar captions"
             nested = [name for name in files if Path(name).name in METADATA_FILES and "/" in name]
             where = (f"; {nested[0]} is read only at the root of the data: pass its folder as the data"
                      if nested and not metadata.is_file() else "")
+            skips = self.skipped.with_counted(scan).summary()
             raise UserError(
-                f"no usable captioned image in {self.root} (captions from {source}; {self.skipped.summary()}{where}); "
+                f"no usable captioned image in {self.root} (captions from {source}; {skips}{where}); "
                 f'give each image a caption: a {METADATA_FILE} line {{"file_name": "a.png", "text": "..."}} '
                 "or a.txt next to a.png"
             )
+        for reason, detail in scan:  # counted, and logged, now that the folder is known usable (`ScanSkips`)
+            self.skipped.add(reason, detail)
         if holdout is not None:
             self.samples = self.samples.take(holdout.select(self.samples.files, "images"))
         self._corrupt: set[int] = set()
 
-    def _scan_metadata(self, metadata: Path, images: list[str]) -> Iterator[tuple[str, str]]:
-        """The (file name, caption) of each usable line of `metadata`; the images of `images` (sorted) that no line captions
-        are counted as "no_caption". Which ones a line names is marked by bisection in `images`, not kept as a set of the
-        names (a gigabyte at 12 million)."""
+    def _scan_metadata(self, metadata: Path, images: list[str], scan: ScanSkips) -> Iterator[tuple[str, str]]:
+        """The (file name, caption) of each usable line of `metadata`; what it skips goes into `scan`, the images of `images`
+        (sorted) that no line captions as "no_caption". Which ones a line names is marked by bisection in `images`, not kept
+        as a set of the names (a gigabyte at 12 million)."""
         try:
             lines = metadata.open("rb")  # closed by the with below: only opening it is a user's problem
         except OSError as err:
@@ -122,49 +127,50 @@ class ImageFolderDataset(Dataset):
                 try:
                     file_name = as_posix(row["file_name"])
                 except (KeyError, TypeError):  # a line that is not JSON (or not UTF-8) is one bad line, not an error for the file
-                    self.skipped.add("bad_metadata", f"{metadata}:{number}")
+                    scan.add("bad_metadata", f"{metadata}:{number}")
                     continue
                 file_name = _windows_separators(self.root, file_name)
                 if _outside(file_name):
-                    self.skipped.add("outside_folder", f"{metadata}:{number} names {file_name}, not a path inside {self.root}")
+                    scan.add("outside_folder", f"{metadata}:{number} names {file_name}, not a path inside {self.root}")
                     continue
                 if not os.path.isfile(os.path.join(self.root, file_name)):  # False, not an OSError, for a name too long for the disk
-                    self.skipped.add("missing_file", f"{metadata}:{number} names {file_name}")
+                    scan.add("missing_file", f"{metadata}:{number} names {file_name}")
                     continue
                 caption = clean_caption(row.get("text", row.get("caption")))
                 if caption is None:
-                    self.skipped.add("no_caption", file_name)
+                    scan.add("no_caption", file_name)
                 # a JSON escape such as "\ud800", which no tokenizer takes, or "\u0000"
                 elif (problem := utf8_error(caption) or caption_problem(caption)) is not None:
-                    self.skipped.add("bad_caption", f"{metadata}:{number}: {problem}")
+                    scan.add("bad_caption", f"{metadata}:{number}: {problem}")
                 else:
                     yield file_name, caption
                     if (i := bisect_left(images, file_name)) < len(images) and images[i] == file_name:
                         captioned[i] = True
         for file_name, named in zip(images, captioned):
             if not named:
-                self.skipped.add("no_caption", f"{file_name} is not in {metadata.name}")
+                scan.add("no_caption", f"{file_name} is not in {metadata.name}")
 
-    def _scan_sidecars(self, images: list[str]) -> Iterator[tuple[str, str]]:
-        """The (file name, caption) of each image of `images` whose .txt sidecar is a usable caption."""
+    def _scan_sidecars(self, images: list[str], scan: ScanSkips) -> Iterator[tuple[str, str]]:
+        """The (file name, caption) of each image of `images` whose .txt sidecar is a usable caption; the others go into
+        `scan`."""
         for file_name in images:
             path = os.path.join(self.root, file_name)
             if not os.path.isfile(path):
-                self.skipped.add("missing_file", f"{file_name} is not a file (a dangling symlink?)")
+                scan.add("missing_file", f"{file_name} is not a file (a dangling symlink?)")
                 continue
             sidecar = os.path.splitext(path)[0] + ".txt"
             try:  # UTF-8, with or without a byte-order mark; anything else (UTF-16 from Notepad, Latin-1) is skipped
                 caption = clean_caption(_read_bytes(sidecar).decode("utf-8-sig")) if os.path.isfile(sidecar) else None
             except UnicodeDecodeError as err:
-                self.skipped.add("bad_caption", f"{sidecar} is not UTF-8 (byte 0x{err.object[err.start]:02x})")
+                scan.add("bad_caption", f"{sidecar} is not UTF-8 (byte 0x{err.object[err.start]:02x})")
                 continue
             except OSError as err:  # permission denied, an I/O error: this caption is lost, not the whole folder
-                self.skipped.add("bad_caption", f"{sidecar} cannot be read ({err.strerror})")
+                scan.add("bad_caption", f"{sidecar} cannot be read ({err.strerror})")
                 continue
             if caption is None:
-                self.skipped.add("no_caption", file_name)
+                scan.add("no_caption", file_name)
             elif (problem := caption_problem(caption)) is not None:
-                self.skipped.add("bad_caption", f"{sidecar} {problem}")
+                scan.add("bad_caption", f"{sidecar} {problem}")
             else:
                 yield file_name, caption
 
@@ -210,6 +216,32 @@ class ImageFolderDataset(Dataset):
         file_name, caption = self.samples[index]
         image = load_rgb(self.root / file_name, self.resolution, self.skipped)
         return None if image is None else {"image": image, "caption": caption}
+
+
+class ScanSkips:
+    """What an image folder's scan skipped, held until the folder is known usable and then counted in its `SkipCounter`,
+    which logs each reason's first one: a folder refused for want of a usable caption (or mid-scan, a metadata.csv that is
+    not UTF-8) is the one line of its error, which sums the skips up, not a log line per reason above it. Each reason's
+    first NAMED_PER_REASON details are kept in order, as a SkipCounter names them, and the rest only counted: a refused
+    folder of 12 million uncaptioned images holds no 12 million names. Iterated, it gives (reason, detail) events that
+    count the same (`SkipCounter.with_counted`)."""
+
+    def __init__(self):
+        self.named: dict[str, list[str]] = {}
+        self.unnamed: Counter = Counter()
+
+    def add(self, reason: str, detail: str) -> None:
+        details = self.named.setdefault(reason, [])
+        if len(details) < NAMED_PER_REASON:
+            details.append(detail)
+        else:
+            self.unnamed[reason] += 1
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for reason, details in self.named.items():
+            yield from ((reason, detail) for detail in details)
+        for reason, count in self.unnamed.items():
+            yield from itertools.repeat((reason, ""), count)
 
 
 class Strings(Sequence):
@@ -336,6 +368,33 @@ def visible_names(root: Path) -> Iterator[str]:
         inside = os.path.relpath(folder, root)
         prefix = "" if inside == os.curdir else inside.replace(os.sep, "/") + "/"
         yield from (prefix + name for name in names if not name.startswith("."))
+
+
+def linked_paths(root: Path, suffixes: tuple[str, ...]) -> Iterator[tuple[Path, str]]:
+    """(real path, the link's own path) of each symlink under `root` that reading it as data follows, as `visible_names`
+    walks it: a symlinked folder, and a symlinked file of `suffixes` (images, .tar shards). Held-out data is checked
+    against these (`spec.read_paths`): a link in --data into --eval-data reads held-out images. One listing of each
+    folder, each real one once, hidden names left out, without a stat of each file (a directory entry says whether it is a
+    link): a folder of 12,000 images takes milliseconds. A folder that cannot be listed is passed over: reading the data
+    refuses it."""
+    seen, folders = set(), [str(root)]
+    while folders:
+        folder = folders.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(folder) as listing:
+                entries = [entry for entry in listing if not entry.name.startswith(".")]
+        except OSError:
+            continue
+        for entry in entries:
+            is_folder = entry.is_dir()  # through a link, as os.walk(followlinks=True) goes
+            if is_folder:
+                folders.append(entry.path)
+            if entry.is_symlink() and (is_folder or extension(entry.name) in suffixes):
+                yield Path(os.path.realpath(entry.path)), entry.path
 
 
 def as_posix(file_name: str) -> str:

@@ -76,6 +76,7 @@ class SkipCounter:
     seen: set = field(default_factory=set)  # (reason, detail) already counted, at most NAMED_PER_REASON of each reason
     # (reason, detail) counted since the last `take_pending`; None: not kept (a counter nobody collects from)
     pending: list | None = None
+    quiet: bool = False  # counted without a log line: a throwaway reader's (`shards.check_usable`), whose samples are read again
 
     def add(self, reason: str, detail: str = "") -> None:
         if detail:
@@ -90,7 +91,7 @@ class SkipCounter:
             self.pending.append((reason, detail))
         self.counts[reason] += 1
         count = self.counts[reason]
-        if count == 1 or _is_power_of_ten(count):
+        if not self.quiet and (count == 1 or _is_power_of_ten(count)):
             level = logging.INFO if reason.startswith("converted_") else logging.WARNING
             where = f" ({detail})" if detail and count == 1 else ""
             logger.log(level, "%s: %s x%d%s", self.name, reason, count, where)

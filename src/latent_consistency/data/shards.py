@@ -391,6 +391,7 @@ def check_usable(stream: ShardStream) -> None:
     """UserError now, not at the first training step, if no shard of `stream` holds a usable sample: a throwaway stream
     over the same shards reads until it yields one (or has tried every sample), so `stream`'s own position is untouched."""
     probe = ShardStream(stream.shards, stream.resolution, seed=stream.seed, shuffle_buffer=1, decode_threads=1)
+    probe.skipped.quiet = True  # `stream` logs what it skips as it reads it; a refusal is its one line, which sums them up
     samples = iter(probe)
     try:
         next(samples)

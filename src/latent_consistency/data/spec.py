@@ -22,7 +22,7 @@ from pathlib import Path
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from latent_consistency.data.holdout import Holdout
-from latent_consistency.data.imagefolder import ImageFolderDataset, extension, visible_names
+from latent_consistency.data.imagefolder import ImageFolderDataset, extension, linked_paths, visible_names
 from latent_consistency.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 from latent_consistency.data.shards import COMPRESSED_SUFFIXES, ShardStream, check_uncompressed, expand_urls
 from latent_consistency.errors import UserError
@@ -81,6 +81,26 @@ def open_dataset(
     if spec.lower().endswith(COMPRESSED_SUFFIXES):
         check_uncompressed([spec])
     raise UserError(f"cannot read data spec {spec!r}; it can be {accepted()}")
+
+
+def read_paths(spec: str) -> dict[Path, str | None]:
+    """The resolved files and folders that data spec `spec` reads, each with the symlink it is read through (None where
+    the spec names it itself): its folder and, unless it is a latent cache (which reads its own files only), the targets
+    of the symlinked folders, images and shards inside it (`linked_paths`); or the shards of a shard pattern. Empty for a
+    spec that names neither (a registered dataset; a missing path, whose own error comes when it is opened)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        reads: dict[Path, str | None] = {path.resolve(): None}
+        if not (path / "manifest.json").is_file():
+            for real, link in linked_paths(path, (*IMAGE_EXTENSIONS, ".tar")):
+                reads.setdefault(real, link)
+        return reads
+    if not spec.lower().endswith(".tar"):
+        return {}
+    try:
+        return {Path(url).resolve(): None for url in expand_urls(spec)}
+    except UserError:
+        return {}
 
 
 def _open_folder(path: Path, resolution: int, seed: int, rank: int, world_size: int, holdout: Holdout | None):

@@ -454,30 +454,20 @@ def _inside(inner: str, outer: str) -> bool:
 
 
 def _shared_data(a: str, b: str) -> str | None:
-    """A file or folder that both data specs read (a shard two shard patterns name, a folder of the one that holds the
-    other, which an image folder reads with its subfolders), or None: held-out data must share none with the training
-    data. Specs that are no paths (world:NAME) or name no shard share nothing here."""
-    paths_a, paths_b = set(_read_paths(a)), set(_read_paths(b))
-    for paths, others in ((paths_a, paths_b), (paths_b, paths_a)):  # a set lookup per folder above each path: 12,000 shards each
-        shared = next((path for path in sorted(paths) if others.intersection([path, *path.parents])), None)
-        if shared is not None:
-            return str(shared)
+    """A file or folder that both data specs read (`spec.read_paths`: a shard two shard patterns name, a folder of the one
+    that holds the other, which an image folder reads with its subfolders, a symlinked folder, image or shard in one that
+    leads into the other), said with the link it is read through, or None: held-out data must share none with the
+    training data. Specs that are no paths (world:NAME) or name no shard share nothing here."""
+    from latent_consistency.data.spec import read_paths
+
+    reads_a, reads_b = read_paths(a), read_paths(b)
+    for reads, others in ((reads_a, reads_b), (reads_b, reads_a)):
+        for path in sorted(reads):  # a dict lookup per folder above each path: 12,000 shards each
+            match = next((above for above in (path, *path.parents) if above in others), None)
+            if match is not None:
+                link = reads[path] or others[match]
+                return str(path) if link is None else f"{path} (through the link {link})"
     return None
-
-
-def _read_paths(spec: str) -> list[Path]:
-    """The resolved folder (an image folder, a folder of shards, a latent cache) or shard files a data spec reads; [] for a
-    spec that names neither (its own error comes when it is opened)."""
-    from latent_consistency.data.shards import expand_urls
-
-    if Path(spec).expanduser().is_dir():
-        return [Path(spec).expanduser().resolve()]
-    if not spec.lower().endswith(".tar"):
-        return []
-    try:
-        return [Path(url).resolve() for url in expand_urls(spec)]
-    except UserError:
-        return []
 
 
 # Flags that only a full student's ω input uses, refused with a LoRA when given on the command line (`resolve_config`)
