@@ -28,6 +28,9 @@ env: $(VENV)/.installed
 demo: env
 	HF_HUB_OFFLINE=1 $(BIN)/lcm demo --out $(DEMO_OUT) --device $(DEVICE) --world-preset $(WORLD_PRESET)
 
+# Two pytest workers of one thread each (a file's tests on one worker, so a module's fixtures are built once): most of the
+# suite's time is Python around tiny models, which one thread runs about as fast as two (docs/benchmarks.md, "The test
+# suite's time"). Two workers of two threads each oversubscribe the cores and take far longer.
 # The page's end-to-end test drives Debian's chromium; installed here when missing and apt is ours to use
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends
 test: env
@@ -35,7 +38,7 @@ test: env
 	  { $(APT_INSTALL) chromium >/dev/null 2>&1 || \
 	    { timeout 300 apt-get update -qq >/dev/null 2>&1 && $(APT_INSTALL) chromium >/dev/null 2>&1; }; }; } || \
 	  echo "chromium is not installed: the page's browser test will be skipped"
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 # The demo's LCM behind `lcm serve`: http://127.0.0.1:8000/ (run `make demo` first)
 SERVE_MODEL ?= $(DEMO_OUT)/distill/lcm

@@ -94,10 +94,27 @@ def lcd_loss_and_gradients(model, student_unet, target_unet, compiled: bool):
     return loss.detach(), {name: p.grad.clone() for name, p in student_unet.named_parameters()}
 
 
+@pytest.fixture
+def traced_not_built(monkeypatch):
+    """`nn.Module.compile` with the backend asked for recorded and AOT autograd's eager backend run in its place: dynamo
+    traces the module and AOT autograd builds its forward and backward graphs as inductor's do, without generating C++
+    (inductor's kernels for a training step take about two minutes of gcc on a 2-core CPU; inductor's code generation is
+    checked for sampling above). Returns the backends asked for."""
+    compile_module, asked = torch.nn.Module.compile, []
+
+    def compile_traced(module, *args, backend="inductor", **kwargs):
+        asked.append(backend)
+        compile_module(module, *args, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_traced)
+    return asked
+
+
 @pytest.mark.slow
-def test_compiled_student_target_and_teacher_give_the_plain_loss_and_gradients(tiny_sd):
+def test_compiled_student_target_and_teacher_give_the_plain_loss_and_gradients(tiny_sd, traced_not_built):
     """`lcm distill --compile` (`Student.compile`: student, EMA target and teacher) changes how they run, not what they
-    compute: one LCD step's loss and every gradient equal the plain ones."""
+    compute: one LCD step's loss and every gradient equal the plain ones, through the graphs that dynamo and AOT autograd
+    make of the three networks (`traced_not_built`)."""
     import copy
 
     from latent_consistency.models import load_diffusion_model, make_student_unet
@@ -109,6 +126,7 @@ def test_compiled_student_target_and_teacher_give_the_plain_loss_and_gradients(t
     plain_loss, plain = lcd_loss_and_gradients(model, student, target, compiled=False)
     loss, gradients = lcd_loss_and_gradients(model, student, target, compiled=True)
     assert student._compiled_call_impl is not None and target._compiled_call_impl is not None and model.unet._compiled_call_impl is not None
+    assert traced_not_built == ["inductor"] * 3  # what `lcm distill --compile` asks for
     assert torch.isclose(loss, plain_loss, rtol=1e-5) and plain_loss > 0
     # float32 rounding through the network and back, relative to each tensor's gradient and, for those that are zero up to
     # rounding (a convolution's bias before a group norm), to the whole gradient's size
