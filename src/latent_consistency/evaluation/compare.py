@@ -33,10 +33,13 @@ class SamplerSpec:
         return f"{name} {self.steps}-step g={self.guidance_scale:g}"
 
 
-def _noise(model: DiffusionModel, n: int, seeds: range, device) -> torch.Tensor:
+def _noise(model: DiffusionModel, seeds: range, device) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """z_T of image i from its own generator seeded with `seeds[i]`, as `lcm generate` draws it, and the generators, which
+    go on to draw an LCM's noise between its steps as `lcm generate`'s do: image i is the one `lcm generate --seed` makes
+    from that seed."""
     c, s = model.unet.config.in_channels, model.unet.config.sample_size
     generators = [torch.Generator("cpu").manual_seed(i) for i in seeds]
-    return randn((n, c, s, s), generators, device, torch.float32)
+    return randn((len(seeds), c, s, s), generators, device, torch.float32), generators
 
 
 def sample(spec: SamplerSpec, lcm: DiffusionModel | None, teacher: DiffusionModel, prompts: list[str], seed: int = 0,
@@ -52,13 +55,13 @@ def sample(spec: SamplerSpec, lcm: DiffusionModel | None, teacher: DiffusionMode
 def sample_consistency(f: ConsistencyModel, timesteps: torch.Tensor, parts: DiffusionModel, prompts: list[str], guidance_scale: float,
                        seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     """Algorithm 3 with the consistency model f at `timesteps`; `parts` (an LCM or its teacher) encodes the prompts,
-    shapes the noise and decodes. Images in [-1, 1] on the CPU; image i starts from seed `seed + i`."""
+    shapes the noise and decodes. Images in [-1, 1] on the CPU; image i is drawn from seed `seed + i`, its z_T and its
+    noise between steps, as `lcm generate` draws it (`_noise`)."""
     out = []
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start:start + BATCH]
-        z_T = _noise(parts, len(chunk), range(seed + start, seed + start + len(chunk)), device)
+        z_T, generators = _noise(parts, range(seed + start, seed + start + len(chunk)), device)
         cond = parts.prompts.encode(chunk, device)
-        generators = [torch.Generator("cpu").manual_seed(10**6 + seed + start + i) for i in range(len(chunk))]
         z0 = sample_lcm(f, z_T, timesteps, cond, omega_from_guidance_scale(guidance_scale), f.schedule, generators)
         out.append(parts.codec.decode(z0).clamp(-1, 1).float().cpu())
     return torch.cat(out)
@@ -73,7 +76,7 @@ def sample_guided(teacher: DiffusionModel, sampler: str, steps: int, prompts: li
     out = []
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start:start + BATCH]
-        z_T = _noise(teacher, len(chunk), range(seed + start, seed + start + len(chunk)), device)
+        z_T, _ = _noise(teacher, range(seed + start, seed + start + len(chunk)), device)
         cond = teacher.prompts.encode(chunk, device)
         uncond = teacher.prompts.uncond(device).expand(len(chunk), -1, -1)
         z0 = sample_teacher(guided, sampler, z_T, cond, uncond, guidance_scale, steps, teacher.scheduler_config)

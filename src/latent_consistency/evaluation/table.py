@@ -45,8 +45,10 @@ EXACT_SOLVER = "ddim"  # the solver of f*: the paper's LCD solver
 REFERENCE_STEPS = (25, 50)  # the teacher's DPM-Solver++ at these step counts: what few-step samplers are measured against
 RESULTS_FILE = "results.json"
 # results.json's "format": 2 names each model by its absolute path (`model_identity`); a file without it was written before,
-# naming models as given, and its fingerprint cannot be matched to this evaluation's
-RESULTS_FORMAT = 2
+# naming models as given, and its fingerprint cannot be matched to this evaluation's. 3: an LCM's noise between steps comes
+# from image i's own generator, as `lcm generate` draws it (`compare.sample_consistency`; format 2 seeded it with 10^6 +
+# SEED + i), so no earlier file's LCM rows are this version's images
+RESULTS_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -348,12 +350,12 @@ def saved_results(path: Path, fingerprint: str, keep_other: bool) -> dict[str, d
                         "choose another --out") from None
     if not isinstance(saved, dict) or not isinstance(saved.get("rows"), dict):
         raise UserError(f"{path} is not the results of an evaluation (a JSON object with rows): move it away or choose another --out")
-    if saved.get("fingerprint") == fingerprint:
+    if saved.get("format") == RESULTS_FORMAT and saved.get("fingerprint") == fingerprint:
         return saved["rows"]
-    if keep_other and "format" not in saved:
+    if keep_other and saved.get("format") != RESULTS_FORMAT:
         raise UserError(f"{path.parent} holds the results of another evaluation, or of this one written by an earlier version of lcm "
-                        "evaluate (whose record of the models cannot be matched to this version's); choose another --out, or move "
-                        "them away to score the rows again")
+                        "evaluate (which named the models or drew the LCM's images otherwise: its rows are not this version's); "
+                        "choose another --out, or move them away to score the rows again")
     if keep_other:
         settings = saved.get("settings")
         raise OtherEvaluation(f"{path.parent} holds the results of another evaluation (other models or LoRAs, prompts, seed, reference "
