@@ -218,3 +218,17 @@ def test_a_vae_that_does_not_give_the_probe_back_judges_no_preview_decoder(gener
 
     preview = load_preview_decoder(str(save_tiny_autoencoder(tmp_path / "taesd")))
     assert preview.check_colours(LatentCodec(generator.model.vae)) is preview
+
+
+def test_an_app_under_a_root_path_counts_its_image_requests(lcm):
+    """uvicorn's --root-path (or a Mount) puts the prefix in the request's path (/lcm/v1/images): the metrics counted an
+    image request only at the path /v1/images, so an app served under a prefix reported none."""
+    from fastapi.testclient import TestClient
+
+    from test_serve import make_app
+
+    with TestClient(make_app(lcm), root_path="/lcm") as client:
+        assert client.post("/lcm/v1/images", json={"prompt": "a red star", "steps": 1}).status_code == 200
+        assert client.post("/lcm/v1/images", json={"prompt": "a red star", "steps": 0}).status_code == 422
+        metrics = client.get("/lcm/metrics").text
+    assert 'lcm_requests_total{code="200"} 1' in metrics and 'lcm_requests_total{code="422"} 1' in metrics, metrics

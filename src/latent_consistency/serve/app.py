@@ -241,8 +241,14 @@ class Guard:
             else:
                 await self.app(scope, replayed(body, receive), send_counted)
         finally:  # an unexpected exception too, as the 500 it becomes
-            if scope["path"] == IMAGE_PATH:
+            if route_path(scope) == IMAGE_PATH:
                 self.metrics.response(status[0], time.perf_counter() - start if status[0] == 200 else None)
+
+
+def route_path(scope) -> str:
+    """A request's path as the app's routes name it: without the prefix the app is served under (uvicorn's --root-path, a
+    Mount), which the ASGI scope's path includes."""
+    return scope["path"].removeprefix(scope.get("root_path", ""))
 
 
 def headers_only(send):
@@ -267,8 +273,8 @@ def not_found(request: Request) -> Response:
     root, path = request.scope.get("root_path", ""), request.scope["path"]
     if root and path == root:
         return RedirectResponse(str(URL(scope=dict(request.scope, path=path + "/"))))
-    route_path = path.removeprefix(root).rstrip("/")
-    if route_path != path.removeprefix(root) and any(getattr(route, "path", None) == route_path for route in request.app.routes):
+    asked = route_path(request.scope)
+    if asked.endswith("/") and any(getattr(route, "path", None) == asked.rstrip("/") for route in request.app.routes):
         return error(404, f"Not Found: the path is {path.rstrip('/')}, without the trailing slash")
     return error(404, "Not Found")
 
