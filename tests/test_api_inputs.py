@@ -14,11 +14,6 @@ PROMPTS = ["a red star"]
 
 
 @pytest.fixture(scope="module")
-def lcm(tiny_lcm):
-    return LCMGenerator.load(str(tiny_lcm), CPU, torch.float32)
-
-
-@pytest.fixture(scope="module")
 def solver(tiny_sd):
     return SolverGenerator.load(str(tiny_sd), CPU, torch.float32, "ddim")
 

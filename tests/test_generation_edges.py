@@ -19,11 +19,6 @@ def generate(model, out, *argv):
     return ["generate", *argv, "--model", str(model), "--out", str(out)]
 
 
-@pytest.fixture(scope="module")
-def lcm(tiny_lcm):
-    return LCMGenerator.load(str(tiny_lcm), CPU, torch.float32)
-
-
 # --- the smallest sizes ----------------------------------------------------------------------------------------------------------
 
 def test_an_image_too_small_for_the_networks_group_norms_is_one_line(tiny_lcm, tmp_path, run_error):

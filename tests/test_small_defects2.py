@@ -25,11 +25,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def lcm(tiny_lcm):
-    return LCMGenerator.load(str(tiny_lcm), CPU, torch.float32)
-
-
-@pytest.fixture(scope="module")
 def client(lcm):
     with TestClient(make_app(lcm)) as c:
         yield c

@@ -17,13 +17,6 @@ from test_reproducibility import library_pixels, pixels
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def lcm(tiny_lcm):
-    from latent_consistency.pipelines import LCMGenerator
-
-    return LCMGenerator.load(str(tiny_lcm), CPU, torch.float32)
-
-
 def test_a_seed_of_2_to_the_32_or_more_is_said_to_repeat_a_smaller_seeds_image(lcm, tiny_lcm, tmp_path, run_error):
     # was: `--seed 4294967296` (2^32) wrote seed 0's image without a word (torch's CPU generator keeps a seed's low 32 bits),
     # though seeds up to 2^63 - 1 are taken; a user drawing "new" images from large seeds got copies of small seeds' ones
