@@ -29,15 +29,16 @@ PIPELINE_IGNORED = ("*.*.safetensors",)
 TOP_FILES, TOP_IGNORED = ("*.json", "*.safetensors"), ("*/*",)
 
 
-def split_revision(name: str) -> tuple[str, str | None]:
+def split_revision(name: str | os.PathLike) -> tuple[str, str | None]:
     """A hub id's repo and the revision after its @ (a branch, tag or commit; "" for a bare @), None without one."""
-    repo, at, revision = name.partition("@")
+    repo, at, revision = os.fsdecode(name).partition("@")
     return repo, revision if at else None
 
 
-def looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str | os.PathLike) -> bool:
     """A name that is no path here and has the hub's org/name form, with or without @rev: a local folder of that relative
-    path, where there is one, is read instead (as diffusers reads it)."""
+    path, where there is one, is read instead (as diffusers reads it). A `pathlib.Path` is taken as its text."""
+    name = os.fsdecode(name)
     repo = split_revision(name)[0]
     return not os.path.isabs(name) and repo.count("/") == 1 and not name.startswith(".") and not Path(name).exists()
 
@@ -142,9 +143,10 @@ def check_hub_id(name: str, what: str, files: tuple[str, ...] = PIPELINE_FILES, 
     snapshot folder (`hub_snapshot`: online, downloaded first). A hub id that is not valid, or cannot be had, is a
     UserError at once ("cannot load `what` `name`: ..."), which also covers a mistyped local path (runs/lcm), rather than
     the hub client's messages; so is a name that is no folder here but names a hub repo's address or folder
-    (`_hub_repo_hint`), and a repo that holds none of the files `what` is read from."""
+    (`_hub_repo_hint`), and a repo that holds none of the files `what` is read from. A `pathlib.Path` is taken as its text."""
     from huggingface_hub.utils import validate_repo_id
 
+    name = os.fsdecode(name)
     if not looks_like_hub_id(name):
         hint = "" if Path(name).exists() else _hub_repo_hint(name)
         if hint:

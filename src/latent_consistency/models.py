@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -512,6 +513,14 @@ def restore_frozen_parts_in_float32(model: DiffusionModel) -> None:
         module.load_state_dict(load_component(type(module), folder, subfolder, torch_dtype=torch.float32, use_safetensors=True).state_dict())
 
 
+def check_dtype(dtype) -> None:
+    """The weights' dtype is a floating-point torch.dtype: diffusers would load a model asked for in "float16" (a string) in
+    float32, with only a logged warning, and one in torch.int8 fail in its first component."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UserError(f"dtype must be a floating-point torch.dtype such as torch.float32, torch.float16 or torch.bfloat16, "
+                        f"got {dtype!r}")
+
+
 def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
     """A text-to-image latent diffusion model and its scheduler config from a diffusers folder or hub id.
 
@@ -526,6 +535,8 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
     device = resolve_device(device)  # "cuda" on a machine without one is a one-line error here, not torch's assertion later
+    check_dtype(dtype)
+    name_or_path = os.fsdecode(name_or_path)  # a pathlib.Path as its text: the model's `source`, and a hub id's test
     # Read from here: the folder, or a hub id's snapshot in the cache (online, downloaded first)
     folder = check_hub_id(name_or_path, "a diffusers model from")
     _check_model_folder(folder, name_or_path)
@@ -736,6 +747,7 @@ def save_pipeline(out_dir: str | Path, unet, base: DiffusionModel, scheduler_con
         StableDiffusionXLPipeline,
     )
 
+    _check_no_adapters({"unet": unet, "text_encoder": base.text_encoder, "text_encoder_2": base.text_encoder_2})
     # a progressive round's step count goes to PROGRESSIVE_FILE: in the scheduler's config diffusers warns of it at every load
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_") and k != PROGRESSIVE_STEPS}
     lcm = is_lcm_config(scheduler_config)
@@ -754,6 +766,18 @@ def save_pipeline(out_dir: str | Path, unet, base: DiffusionModel, scheduler_con
     if PROGRESSIVE_STEPS in scheduler_config:
         (Path(out_dir) / PROGRESSIVE_FILE).write_text(json.dumps({PROGRESSIVE_STEPS: scheduler_config[PROGRESSIVE_STEPS]}))
     return Path(out_dir)
+
+
+def _check_no_adapters(networks: dict) -> None:
+    """No network to be saved in a pipeline folder carries LoRA adapters: peft's layers would be saved under their own names
+    (`to_q.base_layer.weight`, `to_q.lora_A.<adapter>.weight`), which no diffusers loader reads back as the model's layers."""
+    for name, network in networks.items():
+        adapters = list(getattr(network, "peft_config", None) or {})
+        if adapters:
+            how = ("unet.fuse_lora(); unet.unload_lora()" if name == "unet" else
+                   f"a diffusers pipeline's fuse_lora(components=[\"{name}\"]); unload_lora_weights()")
+            raise UserError(f"the {name} carries LoRA adapters ({', '.join(adapters)}), which a pipeline folder does not hold: fuse them "
+                            f"into its weights first ({how}), or save the LoRA on its own")
 
 
 def save_diffusion_pipeline(out_dir: str | Path, unet, vae, text_encoder, tokenizer, scheduler_config: dict) -> Path:
@@ -1001,6 +1025,7 @@ def _load_lora(model: DiffusionModel, path: Path, lora: str, name_or_path: str, 
 
 def _local_lora(lora: str) -> Path:
     """A LoRA argument (a local file or folder, or a hub id: downloaded) as a local path, checked (`_check_lora_path`)."""
+    lora = os.fsdecode(lora)  # a pathlib.Path as its text
     path = Path(check_hub_id(lora, "the LoRA", TOP_FILES, TOP_IGNORED))
     if not path.exists():
         raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
@@ -1061,6 +1086,20 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     return model
 
 
+def check_style_loras(styles) -> None:
+    """Style LoRAs as `add_style_loras` takes them: a list of (LoRA, weight) pairs, each weight a finite number. A single pair
+    (`style_loras=("papercut.safetensors", 0.8)`), a bare name or a pair without its weight is refused, not unpacked wrongly."""
+    example = "e.g. [(\"papercut.safetensors\", 0.8)]"
+    if isinstance(styles, (str, bytes, os.PathLike)) or not isinstance(styles, (list, tuple)):
+        raise UserError(f"style LoRAs must be a list of (LoRA, weight) pairs, {example}, got {styles!r:.80}")
+    for style in styles:
+        if not isinstance(style, (list, tuple)) or len(style) != 2:
+            raise UserError(f"each style LoRA must be a (LoRA, weight) pair, {example}, got {style!r:.80}")
+        lora, weight = style
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+            raise UserError(f"the weight {weight!r:.40} of the style LoRA {lora} must be a finite number (1: as trained, 0: off)")
+
+
 def add_style_loras(model: DiffusionModel, styles: list[tuple[str, float]], dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> DiffusionModel:
     """Style LoRAs, each (a .safetensors file, a LoRA folder or a hub id; its weight), loaded beside the adapters the LCM
@@ -1070,16 +1109,18 @@ def add_style_loras(model: DiffusionModel, styles: list[tuple[str, float]], dtyp
     full LCM the style LoRA adapts its network as it does its teacher's (the LCM keeps its ω input). `model` is an LCM as
     `load_lcm` or `load_lcm_lora` gave it, on `device` in `dtype`; its sampler settings are its own. No styles: the model
     as it is."""
+    check_style_loras(styles)
     if not styles:
         return model
     if model.is_transformer:
         raise UserError(f"{model.source} is a PixArt-α model; diffusers' PixArtAlphaPipeline loads no LoRA weights, so no style LoRA "
                         "goes with it")
-    for lora, weight in styles:
-        if not math.isfinite(weight):
-            raise UserError(f"the weight {weight} of the style LoRA {lora} must be a finite number (1: as trained, 0: off)")
-    paths = [_local_lora(lora) for lora, _ in styles]  # all checked before any loads
     networks = [model.unet, *model.text_encoders]
+    carried = sorted({name for network in networks for name in getattr(network, "peft_config", {}) if name.startswith("style_")})
+    if carried:  # set_adapters below would set their weights back to 1: their own weights are not read back from peft's layers
+        raise UserError(f"{model.source} already carries style LoRAs ({', '.join(carried)}); give every style LoRA in one call "
+                        "(add_style_loras(model, [(lora, weight), ...]), LCMGenerator.load(..., style_loras=[...])) on a freshly loaded model")
+    paths = [_local_lora(lora) for lora, _ in styles]  # all checked before any loads
     weights = dict.fromkeys((name for network in networks for name in getattr(network, "peft_config", {})), 1.0)
     for i, (path, (lora, weight)) in enumerate(zip(paths, styles)):
         name = f"style_{i}"

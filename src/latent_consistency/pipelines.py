@@ -18,11 +18,29 @@ import torch
 from latent_consistency.compilation import compile_for_sampling
 from latent_consistency.denoisers import NegativePromptGuidance
 from latent_consistency.errors import UserError
-from latent_consistency.models import DiffusionModel, LatentCodec, add_style_loras, guidance_record_of, load_diffusion_model, load_lcm, load_lcm_lora
+from latent_consistency.models import (
+    DiffusionModel,
+    LatentCodec,
+    add_style_loras,
+    check_style_loras,
+    guidance_record_of,
+    load_diffusion_model,
+    load_lcm,
+    load_lcm_lora,
+)
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.preview import load_preview_decoder
-from latent_consistency.prompts import PromptCache
-from latent_consistency.sampling import check_custom_timesteps, check_gamma, is_integer, randn, sample_lcm, sample_tcd, sample_teacher
+from latent_consistency.prompts import PromptCache, utf8_error
+from latent_consistency.sampling import (
+    TEACHER_SAMPLERS,
+    check_custom_timesteps,
+    check_gamma,
+    is_integer,
+    randn,
+    sample_lcm,
+    sample_tcd,
+    sample_teacher,
+)
 from latent_consistency.upsampling import use_subpixel_upsampling
 
 # Images larger than this multiple of the model's native size are refused (SD 1.5: 4096 px).
@@ -66,9 +84,20 @@ def repeated_seed_note(seed: int, count: int = 1, flag: str = "--seed") -> str |
 
 
 def check_prompts(prompts, what: str = "prompts") -> None:
-    """A list of strings: a str is a sequence of characters, which would make one image per character."""
+    """A list of strings: a str is a sequence of characters, which would make one image per character. Each is UTF-8
+    text (`prompts.utf8_error`): a lone surrogate, which no tokenizer takes, is refused naming the prompt."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
         raise UserError(f"{what} must be a list of strings, e.g. ['a red star'], got {prompts!r:.80}")
+    for i, prompt in enumerate(prompts):
+        problem = utf8_error(prompt)
+        if problem is not None:
+            raise UserError(f"{what}[{i}] is not UTF-8 text ({problem}); give prompts as text that encodes to UTF-8")
+
+
+def check_real(value, name: str, meaning: str) -> None:
+    """A real number (a Python or numpy one, not a bool or a string): `meaning` says what `name` is, for the message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UserError(f"{name} must be a number ({meaning}), got {value!r:.40}")
 
 
 @dataclass
@@ -83,17 +112,25 @@ class Generator:
     def __post_init__(self):
         if not isinstance(self.dtype, torch.dtype):
             raise UserError(f"dtype must be a torch.dtype such as torch.float32, got {self.dtype!r}")
-        weights, device = self.model.unet.dtype, torch.device(self.device)
-        if weights != self.dtype:
-            raise UserError(f"the model's weights are {weights} but the generator's dtype is {self.dtype}: load the model in that dtype "
-                            f"({type(self).__name__}.load(path, device, dtype, ...)), or give the generator the model's")
-        on = self.model.unet.device
-        if on.type != device.type or (device.index is not None and on.index is not None and on.index != device.index):
-            raise UserError(f"the model is on {on} but the generator's device is {device}: load the model there, or give the "
-                            "generator the model's device")
+        self.check_placement()
         # The same images, faster: nearest-2x-then-3x3-convolution upsamplers as one small convolution (`upsampling`)
         for network in (self.model.unet, self.model.vae):
             use_subpixel_upsampling(network)
+
+    def check_placement(self) -> None:
+        """The model's networks are on the generator's device, and its UNet and text encoders in its dtype (the VAE may stay in
+        float32, `DiffusionModel.upcasts_vae`): checked when the generator is made and at every call, since a model moved
+        after that (`model.to("cuda")`) would fail deep in the first layer, on latents made on the generator's device."""
+        device = torch.device(self.device)
+        weights = next((module.dtype for module in (self.model.unet, *self.model.text_encoders) if module.dtype != self.dtype), None)
+        if weights is not None:
+            raise UserError(f"the model's weights are {weights} but the generator's dtype is {self.dtype}: load the model in that dtype "
+                            f"({type(self).__name__}.load(path, device, dtype, ...)), or make the generator with the model's")
+        for module in (self.model.unet, self.model.vae, *self.model.text_encoders):
+            on = module.device
+            if on.type != device.type or (device.index is not None and on.index is not None and on.index != device.index):
+                raise UserError(f"the model is on {on} but the generator's device is {device}: load the model there (or move all "
+                                "of it back), or make the generator with the model's device")
 
     def default_size(self) -> int:
         return self.model.native_size
@@ -169,7 +206,9 @@ class Generator:
         compile_for_sampling(self.model, self.dtype)
 
     def check_call(self, prompts: list[str], seeds: list[int], guidance_scale: float, height: int, width: int) -> None:
-        """The arguments every call takes, checked before any work: one seed per prompt, a finite g, a size the model makes."""
+        """The arguments every call takes, checked before any work: one seed per prompt, a finite g, a size the model makes,
+        and the model still where the generator runs (`check_placement`)."""
+        self.check_placement()
         check_prompts(prompts)
         if not prompts:
             raise UserError("prompts is empty; give at least one prompt")
@@ -212,6 +251,7 @@ class LCMGenerator(Generator):
         """An LCM, or a diffusion model with the LCM-LoRA `lora`, on `device` in `dtype` (by default float32 on the CPU, as
         `models.load_lcm`); `style_loras` (a file, folder or hub id and its weight each) are mixed in beside it as diffusers'
         `set_adapters` mixes LoRAs (`models.add_style_loras`)."""
+        check_style_loras(style_loras)  # before the model loads: a single (LoRA, weight) pair would be unpacked wrongly
         device = torch.device(device)
         model = load_lcm(path, dtype, device) if lora is None else load_lcm_lora(path, lora, dtype, device)
         return cls(add_style_loras(model, list(style_loras), dtype, device), device, dtype)
@@ -274,8 +314,10 @@ class LCMGenerator(Generator):
         at g > 1: the negative prompt takes the empty prompt's place in classifier-free guidance, as diffusers'
         `negative_prompt` does, at the guidance scale's strength; no λ applies to it.
         """
-        if negative_scale is not None and not (math.isfinite(negative_scale) and negative_scale >= 0):
-            raise UserError(f"negative scale {negative_scale} must be a finite number >= 0 (0: the negative prompt has no effect)")
+        if negative_scale is not None:
+            check_real(negative_scale, "negative_scale", "λ >= 0 of the negative prompt's guidance")
+            if not (math.isfinite(negative_scale) and negative_scale >= 0):
+                raise UserError(f"negative scale {negative_scale} must be a finite number >= 0 (0: the negative prompt has no effect)")
         if negative_prompts is None:
             if negative_scale is not None:
                 raise UserError("a negative scale applies to a negative prompt: give one, or leave the scale out")
@@ -311,6 +353,7 @@ class LCMGenerator(Generator):
         `negative_prompts` (one per prompt, or one for all) guide the images away from them (`consistency_function`).
         """
         self.check_call(prompts, seeds, guidance_scale, height, width)
+        check_real(strength, "strength", "img2img's fraction of the noise schedule, in (0, 1]")
         timesteps = check_custom_timesteps(timesteps, self.model.schedule.num_train_timesteps)
         f = self.consistency_function(guidance_scale, len(prompts), negative_prompts, negative_scale, (height, width))
         gamma = None if gamma is None else check_gamma(gamma)
@@ -335,7 +378,12 @@ class SolverGenerator(Generator):
     kind = "solver"
 
     @classmethod
-    def load(cls, path: str, device: torch.device, dtype: torch.dtype, sampler: str) -> SolverGenerator:
+    def load(cls, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, sampler: str = "ddim") -> SolverGenerator:
+        """A diffusion model on `device` in `dtype` (by default float32 on the CPU, as `LCMGenerator.load`), sampled with
+        `sampler` (one of `sampling.TEACHER_SAMPLERS`, checked before the model loads)."""
+        if sampler not in TEACHER_SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(TEACHER_SAMPLERS)}")
+        device = torch.device(device)
         model = load_diffusion_model(path, dtype, device)
         if model.is_lcm:
             raise UserError(f"{path} is an LCM: sample it with --sampler lcm")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -79,8 +79,18 @@ def lcm_timesteps(
 
 
 def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> torch.Tensor:
-    """Validate user-given inference timesteps (a sequence or a 1-D tensor): strictly decreasing integers in [0, T)."""
-    values = timesteps.reshape(-1).tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+    """Validate user-given inference timesteps (a sequence, or a 1-D or 0-d tensor or array on any device): strictly
+    decreasing integers in [0, T). A bare number is refused, not read as one timestep: `timesteps=4` is most likely meant
+    as 4 steps, which are `generator.timesteps(4)`."""
+    if isinstance(timesteps, (torch.Tensor, np.ndarray)):
+        if timesteps.ndim > 1:
+            raise UserError(f"custom timesteps must be one timestep per step (a 1-D tensor), got shape {list(timesteps.shape)}")
+        values = timesteps.reshape(-1).tolist()
+    elif isinstance(timesteps, (str, bytes)) or not isinstance(timesteps, Iterable):
+        raise UserError(f"timesteps must be a list or 1-D tensor of timesteps, e.g. generator.timesteps(4) for 4 steps, "
+                        f"got {timesteps!r:.40}")
+    else:
+        values = list(timesteps)
     if any(isinstance(t, bool) or not isinstance(t, numbers.Real) or not float(t).is_integer() for t in values):
         raise UserError(f"custom timesteps must be integers, got {values}")
     ts = [int(t) for t in values]
@@ -134,8 +144,11 @@ def tcd_timestep(tau_next: int, gamma: float) -> int:
 
 
 def check_gamma(gamma: float) -> float:
+    """γ of strategic stochastic sampling (`sample_tcd`) as a float: a real number in [0, 1] (NaN and bools refused)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise UserError(f"gamma must be a number in [0, 1] (0: deterministic, 1: fresh noise every step), got {gamma!r:.40}")
     if not 0 <= gamma <= 1:
-        raise UserError(f"gamma must be in [0, 1] (0: deterministic, 1: fresh noise every step), got {gamma:g}")
+        raise UserError(f"gamma must be in [0, 1] (0: deterministic, 1: fresh noise every step), got {gamma:.15g}")
     return float(gamma)
 
 
