@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from latent_consistency.cli.arguments import nonnegative_int, positive_int
 from latent_consistency.devices import resolve_device
@@ -41,6 +42,7 @@ def write_cache(args) -> None:
     from latent_consistency.data.spec import open_dataset
     from latent_consistency.models import load_diffusion_model
 
+    check_out(args.out)
     device = resolve_device(args.device)
     model = load_diffusion_model(args.model, torch.float32, device)
     resolution = model.native_size
@@ -60,6 +62,26 @@ def write_cache(args) -> None:
         print(f"data: {summary.summary()}")
     samples = json.loads((out / MANIFEST).read_text())["num_samples"]  # the usable ones: the data's, less those skipped
     print(f"wrote a latent cache of {samples} samples at {resolution} px to {out}; train on it with --data {out}")
+
+
+def check_out(out: str) -> None:
+    """--out before the model loads and the data is scanned (SD's model and a folder of a million images: minutes), where
+    `write_latent_cache` refused it only after them: a name of blanks or none (which named the current folder, "already
+    exists; remove it"), an existing folder, or a place this user cannot make it in. A whole cache whose writer was
+    stopped before it removed its progress record (`latent_cache.PARTIAL_MARK` beside its manifest) is let through:
+    `write_latent_cache` finishes it."""
+    from latent_consistency.data.latent_cache import MANIFEST, PARTIAL_MARK
+    from latent_consistency.outputs import check_writable, partial_folder
+
+    if not out.strip():
+        raise UserError(f"--out {out!r} names no folder; give the cache folder by its name (e.g. runs/latents)")
+    path = Path(out)
+    if (path / PARTIAL_MARK).is_file() and (path / MANIFEST).is_file():
+        return
+    if path.exists() or path.is_symlink():
+        raise UserError(f"latent cache folder {out} already exists; remove it or pick another folder")
+    partial_folder(out, "runs/latents")  # a name such as "a/..", which leaves no folder name for OUT.partial
+    check_writable(out, "--out")
 
 
 def register(subparsers) -> None:

@@ -57,6 +57,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.hub import check_hub_id
 from latent_consistency.models import DiffusionModel, LatentCodec, load_component
 from latent_consistency.outputs import check_partial, partial_folder, start_partial, write_json_atomic
+from latent_consistency.outputs import written as naming_failures
 from latent_consistency.progress import progress_bar
 
 FORMAT = "latent-cache/2"
@@ -150,8 +151,9 @@ def write_latent_cache(
     first = next(embeddings)
     uncond = prompts.uncond(device, size)[0]
     _check_encoded(out_dir, {"empty prompt's embedding": uncond}, uncond.dtype)
-    _write_captions(partial / CAPTIONS, captions, [len(captions), *first.shape[1:]], itertools.chain([first], embeddings),
-                    uncond.float().cpu())
+    with naming_failures(partial / CAPTIONS):  # a full disk names the file: its write() errors name none
+        _write_captions(partial / CAPTIONS, captions, [len(captions), *first.shape[1:]], itertools.chain([first], embeddings),
+                        uncond.float().cpu())
     manifest = {
         "format": FORMAT,
         "num_samples": sum(s["num_samples"] for s in written.shards),
@@ -248,7 +250,9 @@ class _Written:
         the whole table rewritten with each shard would be 45 MB a shard at LAION's 650K distinct captions."""
         name = f"shard-{len(self.shards):05d}.safetensors"
         latents, index = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
-        save_file({"latents": latents.contiguous(), "caption_index": index}, str(self.partial / name))
+        with naming_failures(self.partial / name):  # a full disk names the shard, where safetensors' error names no file
+            save_file({"latents": latents.contiguous(), "caption_index": index}, str(self.partial / name))
+        _permit_as_umask(self.partial / name)
         with open(self.partial / name, "rb") as f:  # on disk before the record names it: a power cut keeps no record of a hole
             os.fsync(f.fileno())
         write_json_atomic(self.partial / _captions_file(name), self.fresh, indent=None)
@@ -261,6 +265,15 @@ class _Written:
             "skipped": None if skipped is None else {"counts": dict(skipped.counts - self.scanned.counts),
                                                      "seen": sorted(map(list, skipped.seen - self.scanned.seen))},
         })
+
+
+def _permit_as_umask(path: Path) -> None:
+    """Give a file that safetensors wrote the permissions of every other file written here, 0o666 less the umask:
+    `save_file` writes its files readable by their owner alone (0o600), so a cache written on a team's shared disk had its
+    manifest and captions readable by all and its shards by their writer only, refused to everyone else's runs."""
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _skip_copy(dataset) -> SkipCounter | None:
@@ -837,8 +850,8 @@ def _read_tensors(path: Path, file: str, keys: tuple[str, ...]) -> tuple[dict[st
 
 def _read_header(target: Path) -> tuple[dict, int]:
     """The JSON header of the safetensors file `target` and where its data starts. A file this user may not read is a
-    UserError too: safetensors writes its files readable by their owner alone, so a cache written by another user of a
-    shared machine is one."""
+    UserError too: a cache written by another user of a shared machine under a umask of 077, or by an earlier version of
+    lcm (its shards as safetensors writes them, readable by their owner alone: `_permit_as_umask`), is one."""
     try:
         with open(target, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
