@@ -9,6 +9,7 @@ from pathlib import Path
 
 from latent_consistency.cli.arguments import nonnegative_int, positive_int
 from latent_consistency.errors import UserError
+from latent_consistency.folder_lock import hold
 from latent_consistency.world.presets import PRESETS, WorldPreset, get_preset
 
 
@@ -31,6 +32,18 @@ def _world_arg(world: str | None) -> str | Path:
     return world
 
 
+def _holding_out(run):
+    """`run` holding --out's lock (`folder_lock.hold`), as every command that writes a folder does: two `lcm world build`
+    into one folder trained the same phase into the same .work/ folder, one clearing or moving away what the other wrote
+    (the second stopped in a traceback, the world left of both); two exports or preview decoders shared one OUT.partial.
+    A --dry-run writes nothing, and takes no lock."""
+    def holding(args) -> None:
+        with hold(None if getattr(args, "dry_run", False) else args.out):
+            run(args)
+
+    return holding
+
+
 def _run_build(args) -> None:
     from latent_consistency.world.build import build_world, check_world_spec, world_spec
 
@@ -41,6 +54,8 @@ def _run_build(args) -> None:
         print(json.dumps(world_spec(preset, prediction_type), indent=2))
         return
     parts_from = args.parts_from
+    if parts_from is not None and not parts_from.strip():  # Path("") is the current folder
+        raise UserError(f"--parts-from {parts_from!r} names no world; give a world folder, or 'default' for the shipped world")
     if parts_from == "default" and not Path(parts_from).exists():
         from latent_consistency.world.artifact import default_world_path
 
@@ -134,13 +149,13 @@ def register(subparsers) -> None:
     b.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--dry-run", action="store_true", help="print the resolved settings and stop")
-    b.set_defaults(run=_run_build)
+    b.set_defaults(run=_holding_out(_run_build))
 
     e = commands.add_parser("export", help="copy a finished world with fp16 weights (for shipping)")
     e.add_argument("--from", dest="src", required=True, help="a finished world folder")
     e.add_argument("--out", required=True, help="new or empty folder for the copy, outside --from (written into OUT.partial first; "
                    "an OUT.partial that is not an unfinished export is refused, not replaced)")
-    e.set_defaults(run=_run_export)
+    e.set_defaults(run=_holding_out(_run_export))
 
     c = commands.add_parser("check", help="measure a world's teacher and VAE against the quality bar")
     c.add_argument("--world", required=True, help="a world folder (a build or an export)")
@@ -148,7 +163,7 @@ def register(subparsers) -> None:
     c.add_argument("--samples", type=positive_int, help="generated images per guidance scale (default: the preset's)")
     c.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    c.set_defaults(run=_run_check)
+    c.set_defaults(run=_holding_out(_run_check))
 
     v = commands.add_parser("preview-decoder", help="distil a tiny TAESD-style preview decoder from a world's VAE (resumable)",
                             description="Distil a tiny AutoencoderTiny (TAESD-style) from a world VAE's decoder, for fast approximate "
@@ -162,4 +177,4 @@ def register(subparsers) -> None:
                    "to the VAE)")
     v.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
-    v.set_defaults(run=_run_preview_decoder)
+    v.set_defaults(run=_holding_out(_run_preview_decoder))

@@ -319,8 +319,20 @@ def _check_out_dir(out: Path, spec: dict) -> None:
     if {k: existing.get(k) for k in spec} != spec:
         raise UserError(
             f"--out {out} holds a world built with other settings (preset {existing['preset'].get('name')!r}, "
-            f"{existing.get('prediction_type')}); give the same settings to resume it, or a new folder"
+            f"{existing.get('prediction_type')}; {_differences(existing, spec)}); give the same settings to resume it, or a new folder"
         )
+
+
+def _differences(existing: dict, spec: dict) -> str:
+    """Where the world spec `existing` differs from `spec`, e.g. "seed 0, not 3; teacher.architecture 'sd', not 'sdxl'":
+    a build resumed with --seed 3 was refused naming only the preset and the prediction type, which it had given alike."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k: v for key, value in d.items() for k, v in
+                (flat(value, f"{prefix}{key}.").items() if isinstance(value, dict) else [(prefix + key, value)])}
+
+    theirs, ours = flat(existing.get("preset") or {}) | {"prediction_type": existing.get("prediction_type")}, flat(spec["preset"])
+    ours["prediction_type"] = spec["prediction_type"]
+    return "; ".join(f"{key} {theirs.get(key)!r}, not {value!r}" for key, value in ours.items() if theirs.get(key) != value)
 
 
 def finished_phases(out: Path) -> list[str]:

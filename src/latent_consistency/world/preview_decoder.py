@@ -96,7 +96,10 @@ def encode_decode(world: World, images: torch.Tensor, progress: bool = False) ->
 
 @torch.no_grad()
 def distillation_data(world: World, config: PreviewDecoderConfig, progress: bool = False) -> dict[str, torch.Tensor]:
-    """The training set: images x of the world's training split, z = E(x) and z + σ·ε, and D of each."""
+    """The training set: images x of the world's training split, z = E(x) and z + σ·ε, and D of each; contiguous, as a
+    rerun reads them back from DATA_FILE: the VAE gives channels-last tensors, and the convolutions of a run that trained
+    on those and of a rerun that trained on the file's came out apart in the last bits, so that a run stopped and run
+    again ended on other weights than one left to finish."""
     p = world.preset
     dataset = get_dataset(p.dataset, "train", p.resolution, seed=p.seed, size=min(config.images, p.train_size))
     images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
@@ -106,8 +109,9 @@ def distillation_data(world: World, config: PreviewDecoderConfig, progress: bool
     perturbed = latents + sigma * torch.randn(latents.shape, generator=generator)
     perturbed_targets = torch.cat([world.codec.decode(perturbed[i : i + BATCH].to(world.model.vae.device)).clamp(-1, 1).float().cpu()
                                    for i in range(0, len(perturbed), BATCH)])
-    return {"images": images, "image_latents": latents, "latents": torch.cat([latents, perturbed]),
+    data = {"images": images, "image_latents": latents, "latents": torch.cat([latents, perturbed]),
             "targets": torch.cat([targets, perturbed_targets])}
+    return {name: tensor.contiguous() for name, tensor in data.items()}
 
 
 def train_preview_decoder(tiny, data: dict[str, torch.Tensor], config: PreviewDecoderConfig, phase: Phase) -> list[float]:
@@ -188,7 +192,7 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
         data = None
     if data is None:
         data = distillation_data(world, config, progress)
-        write_atomic(work / DATA_FILE, lambda tmp: save_file({k: v.contiguous() for k, v in data.items()}, str(tmp)))
+        write_atomic(work / DATA_FILE, lambda tmp: save_file(data, str(tmp)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         tiny = make_preview_decoder(world.codec.latent_channels, world.codec.downsampling_factor, config)
