@@ -311,3 +311,19 @@ def test_training_batches_report_what_their_dataloader_workers_skipped(tiny_sd, 
     for _ in range(6):  # three epochs: each file counted once however often it is drawn
         next(batches)
     assert merged_skipped_summary([batches.skipped_record()]) == "skipped: corrupt=1; converted: grayscale=1"
+
+
+@pytest.mark.parametrize("line", [{"file_name": "a.png", "text": "  "}, {"file_name": "a.png"}, {"file_name": "a.png", "text": "\u0000"},
+                                  {"file_name": "link.png", "text": "a dangling link"}])
+def test_an_image_whose_line_gives_no_sample_is_counted_once(tmp_path, line):
+    """Was counted twice: once for its line (no caption, a bad caption, a missing file) and once more as "a.png is not in
+    metadata.jsonl", so that a folder's summary counted twice the images it left out."""
+    (tmp_path / "a.png").write_bytes(png_bytes(Image.new("RGB", (R, R))))
+    (tmp_path / "b.png").write_bytes(png_bytes(Image.new("RGB", (R, R))))
+    lines = [line, {"file_name": "b.png", "text": "a black square"}]
+    if line["file_name"] == "link.png":
+        (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")
+        lines.append({"file_name": "a.png", "text": "a black square too"})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(item) + "\n" for item in lines))
+    dataset = ImageFolderDataset(tmp_path, R)
+    assert sum(dataset.skipped.counts.values()) == 1, dataset.skipped.counts

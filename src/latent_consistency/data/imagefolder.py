@@ -114,13 +114,15 @@ class ImageFolderDataset(Dataset):
 
     def _scan_metadata(self, metadata: Path, images: list[str], scan: ScanSkips) -> Iterator[tuple[str, str]]:
         """The (file name, caption) of each usable line of `metadata`; what it skips goes into `scan`, the images of `images`
-        (sorted) that no line captions as "no_caption". Which ones a line names is marked by bisection in `images`, not kept
-        as a set of the names (a gigabyte at 12 million)."""
+        (sorted) that no line names as "no_caption". Which ones a line names is marked by bisection in `images`, not kept
+        as a set of the names (a gigabyte at 12 million). An image named by a line that gives no sample (no caption, a
+        dangling link) is counted once, for that line: it was counted again as "not in metadata.jsonl", and a folder of 6
+        such images summed up as 12 skipped."""
         try:
             lines = metadata.open("rb")  # closed by the with below: only opening it is a user's problem
         except OSError as err:
             raise UserError(f"cannot read {metadata} ({err.strerror}); make it readable") from None
-        captioned = bytearray(len(images))
+        named = bytearray(len(images))
         with lines:
             rows = _csv_rows(metadata, lines) if metadata.name == METADATA_CSV else _jsonl_rows(lines)
             for number, row in rows:
@@ -133,6 +135,8 @@ class ImageFolderDataset(Dataset):
                 if _outside(file_name):
                     scan.add("outside_folder", f"{metadata}:{number} names {file_name}, not a path inside {self.root}")
                     continue
+                if (i := bisect_left(images, file_name)) < len(images) and images[i] == file_name:
+                    named[i] = True
                 if not os.path.isfile(os.path.join(self.root, file_name)):  # False, not an OSError, for a name too long for the disk
                     scan.add("missing_file", f"{metadata}:{number} names {file_name}")
                     continue
@@ -144,10 +148,8 @@ class ImageFolderDataset(Dataset):
                     scan.add("bad_caption", f"{metadata}:{number}: {problem}")
                 else:
                     yield file_name, caption
-                    if (i := bisect_left(images, file_name)) < len(images) and images[i] == file_name:
-                        captioned[i] = True
-        for file_name, named in zip(images, captioned):
-            if not named:
+        for file_name, is_named in zip(images, named):
+            if not is_named:
                 scan.add("no_caption", f"{file_name} is not in {metadata.name}")
 
     def _scan_sidecars(self, images: list[str], scan: ScanSkips) -> Iterator[tuple[str, str]]:
