@@ -25,13 +25,13 @@ def test_load_defaults_to_float32_on_the_cpu_as_load_lcm_does(lcm, tiny_lcm):
     assert torch.equal(call(plain), call(lcm))
 
 
-def call(generator, **changes):
-    """A one-step call of `generator` with `changes` to the arguments of a valid one."""
+def call(generator, *, steps: int = 1, **changes):
+    """A `steps`-step call of `generator` with `changes` to the arguments of a valid one."""
     args = dict(prompts=PROMPTS, seeds=[0], guidance_scale=2.0, height=16, width=16)
     if isinstance(generator, LCMGenerator):
-        args["timesteps"] = generator.timesteps(1)
+        args["timesteps"] = generator.timesteps(steps)
     else:
-        args["steps"] = 1
+        args["steps"] = steps
     args |= changes
     return generator(**args)
 

@@ -11,6 +11,7 @@ import torch
 from latent_consistency.errors import UserError
 from latent_consistency.models import add_style_loras, load_diffusion_model, load_lcm, load_lcm_lora, save_pipeline
 from latent_consistency.pipelines import LCMGenerator, SolverGenerator
+from test_api_inputs import call as api_call
 from tiny_models import save_tiny_lora
 
 PROMPTS = ["a red star"]
@@ -28,13 +29,8 @@ def lora(tiny_sd, tmp_path_factory):
 
 
 def call(generator, **changes):
-    """A two-step call of `generator` with `changes` to the arguments of a valid one."""
-    args = dict(prompts=PROMPTS, seeds=[0], guidance_scale=2.0, height=16, width=16)
-    if isinstance(generator, LCMGenerator):
-        args["timesteps"] = generator.timesteps(2)
-    else:
-        args["steps"] = 2
-    return generator(**args | changes)
+    """A two-step call of `generator` with `changes` to the arguments of a valid one (`test_api_inputs.call`)."""
+    return api_call(generator, steps=2, **changes)
 
 
 @pytest.mark.parametrize("changes", [dict(prompts=["a \ud800 star"]), dict(negative_prompts=["\udcff"])])
