@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from latent_consistency.guidance_record import RECORD, GuidanceRecord, read_reco
 from latent_consistency.hub import TOP_FILES, TOP_IGNORED, check_hub_id, hub_snapshot, looks_like_hub_id
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder, T5PromptEncoder
-from latent_consistency.sampling import lcm_timesteps
+from latent_consistency.sampling import is_real, lcm_timesteps
 from latent_consistency.schedule import NoiseSchedule
 
 DEFAULT_TIME_COND_PROJ_DIM = 256
@@ -1096,7 +1095,7 @@ def check_style_loras(styles) -> None:
         if not isinstance(style, (list, tuple)) or len(style) != 2:
             raise UserError(f"each style LoRA must be a (LoRA, weight) pair, {example}, got {style!r:.80}")
         lora, weight = style
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+        if not is_real(weight) or not math.isfinite(weight):
             raise UserError(f"the weight {weight!r:.40} of the style LoRA {lora} must be a finite number (1: as trained, 0: off)")
 
 

@@ -36,6 +36,7 @@ from latent_consistency.sampling import (
     check_custom_timesteps,
     check_gamma,
     is_integer,
+    is_real,
     randn,
     sample_lcm,
     sample_tcd,
@@ -96,7 +97,7 @@ def check_prompts(prompts, what: str = "prompts") -> None:
 
 def check_real(value, name: str, meaning: str) -> None:
     """A real number (a Python or numpy one, not a bool or a string): `meaning` says what `name` is, for the message."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise UserError(f"{name} must be a number ({meaning}), got {value!r:.40}")
 
 

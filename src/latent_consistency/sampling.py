@@ -34,6 +34,11 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_real(value) -> bool:
+    """A real number (numpy's included), not a bool: a scale, strength or weight a user gave."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def lcm_timesteps(
     num_steps: int,
     num_train_timesteps: int = 1000,
@@ -145,7 +150,7 @@ def tcd_timestep(tau_next: int, gamma: float) -> int:
 
 def check_gamma(gamma: float) -> float:
     """γ of strategic stochastic sampling (`sample_tcd`) as a float: a real number in [0, 1] (NaN and bools refused)."""
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+    if not is_real(gamma):
         raise UserError(f"gamma must be a number in [0, 1] (0: deterministic, 1: fresh noise every step), got {gamma!r:.40}")
     if not 0 <= gamma <= 1:
         raise UserError(f"gamma must be in [0, 1] (0: deterministic, 1: fresh noise every step), got {gamma:.15g}")

@@ -30,6 +30,7 @@ encoders, as each fine-tune of SD 1.5 that kept its VAE and CLIP does.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -271,9 +272,16 @@ def _permit_as_umask(path: Path) -> None:
     """Give a file that safetensors wrote the permissions of every other file written here, 0o666 less the umask:
     `save_file` writes its files readable by their owner alone (0o600), so a cache written on a team's shared disk had its
     manifest and captions readable by all and its shards by their writer only, refused to everyone else's runs."""
-    mask = os.umask(0)  # the only way to read it; set back at once
+    os.chmod(path, 0o666 & ~_umask())
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (setting it is the only way to read it, and for that instant it is 0 for every
+    thread of the process)."""
+    mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+    return mask
 
 
 def _skip_copy(dataset) -> SkipCounter | None:
