@@ -100,6 +100,8 @@ def test_custom_timesteps_as_a_tensor(lcm):
     assert check_custom_timesteps(torch.tensor(999), 1000).tolist() == [999]
     with pytest.raises(UserError, match="must be an integer"):
         lcm_timesteps(2.0)
+    with pytest.raises(UserError, match="meta device"):  # was: torch's NotImplementedError from .tolist()
+        check_custom_timesteps(torch.tensor([999, 499], device="meta"), 1000)
 
 
 @pytest.mark.parametrize(("steps", "message"), [(2000, "between 1 and 1000"), (torch.tensor(2), "must be an integer")])
@@ -117,6 +119,14 @@ def test_solver_call_checks_steps(solver, steps, message):
 def test_init_images_are_checked(lcm, image, message):
     with pytest.raises(UserError, match=message):
         call(lcm, timesteps=lcm.timesteps(1, strength=0.5), init_images=image, strength=0.5)
+
+
+@pytest.mark.parametrize("strength", [float("nan"), 0.0, 1.5])
+def test_strength_out_of_range_with_or_without_init_images(lcm, strength):
+    image = torch.zeros(1, 3, 16, 16)
+    for init_images in (None, image):  # was, without init images: "strength nan applies to img2img"
+        with pytest.raises(UserError, match=r"strength must be in \(0, 1\]"):
+            call(lcm, init_images=init_images, strength=strength)
 
 
 def test_init_images_in_range_still_work(lcm):

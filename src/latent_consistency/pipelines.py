@@ -35,6 +35,7 @@ from latent_consistency.sampling import (
     TEACHER_SAMPLERS,
     check_custom_timesteps,
     check_gamma,
+    check_strength,
     is_integer,
     is_real,
     randn,
@@ -355,6 +356,7 @@ class LCMGenerator(Generator):
         """
         self.check_call(prompts, seeds, guidance_scale, height, width)
         check_real(strength, "strength", "img2img's fraction of the noise schedule, in (0, 1]")
+        check_strength(strength)
         timesteps = check_custom_timesteps(timesteps, self.model.schedule.num_train_timesteps)
         f = self.consistency_function(guidance_scale, len(prompts), negative_prompts, negative_scale, (height, width))
         gamma = None if gamma is None else check_gamma(gamma)

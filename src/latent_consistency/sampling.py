@@ -39,6 +39,12 @@ def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def check_strength(strength: float) -> None:
+    """img2img's strength s ∈ (0, 1], NaN refused."""
+    if not 0 < strength <= 1:
+        raise UserError(f"strength must be in (0, 1] (the fraction of the noise schedule the init image is noised to), got {strength:g}")
+
+
 def lcm_timesteps(
     num_steps: int,
     num_train_timesteps: int = 1000,
@@ -62,8 +68,7 @@ def lcm_timesteps(
         raise UserError(f"steps must be an integer number of sampling steps, e.g. 4, got {num_steps!r}")
     if original_inference_steps < 1 or original_inference_steps > num_train_timesteps:
         raise UserError(f"original_inference_steps must be in 1..{num_train_timesteps}, got {original_inference_steps}")
-    if not 0 < strength <= 1:
-        raise UserError(f"strength must be in (0, 1] (the fraction of the noise schedule the init image is noised to), got {strength:g}")
+    check_strength(strength)
     k = num_train_timesteps // original_inference_steps
     kept = floor_of_product(original_inference_steps, strength)
     if kept < 1:
@@ -88,6 +93,8 @@ def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -
     decreasing integers in [0, T). A bare number is refused, not read as one timestep: `timesteps=4` is most likely meant
     as 4 steps, which are `generator.timesteps(4)`."""
     if isinstance(timesteps, (torch.Tensor, np.ndarray)):
+        if isinstance(timesteps, torch.Tensor) and timesteps.is_meta:
+            raise UserError("custom timesteps are a tensor on the meta device, which holds no values: give them on the CPU")
         if timesteps.ndim > 1:
             raise UserError(f"custom timesteps must be one timestep per step (a 1-D tensor), got shape {list(timesteps.shape)}")
         values = timesteps.reshape(-1).tolist()
