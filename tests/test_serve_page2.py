@@ -46,7 +46,8 @@ def serving(app, port: int | None = None) -> ServerThread:
 
 @pytest.fixture(scope="module")
 def apps(tiny_lcm, tiny_sd, tmp_path_factory):
-    """An LCM whose record says it ignores g (gated: a test holds its batches), and an LCM-LoRA (no ω input)."""
+    """An LCM whose record says it ignores g (gated: a test holds its batches), an LCM-LoRA (no ω input), and an LCM
+    that responds to g, distilled on g ∈ [1, 2]."""
     from latent_consistency.guidance_record import GuidanceRecord, write_record
     from latent_consistency.pipelines import LCMGenerator
     from tiny_models import save_tiny_lora
@@ -56,7 +57,10 @@ def apps(tiny_lcm, tiny_sd, tmp_path_factory):
     gated = GatedGenerator(LCMGenerator.load(str(lcm), torch.device("cpu"), torch.float32))
     gated.gate.set()
     lora = save_tiny_lora(tmp_path_factory.mktemp("lora"), tiny_sd)
-    served = {"/lcm": make_app(gated), "/lora": make_app(LCMGenerator.load(str(tiny_sd), torch.device("cpu"), torch.float32, str(lora)))}
+    ranged = shutil.copytree(tiny_lcm, tmp_path_factory.mktemp("models") / "ranged")
+    write_record(ranged, GuidanceRecord(1.0, 2.0, 2.0, {499: 0.9}))
+    served = {"/lcm": make_app(gated), "/lora": make_app(LCMGenerator.load(str(tiny_sd), torch.device("cpu"), torch.float32, str(lora))),
+              "/ranged": make_app(LCMGenerator.load(str(ranged), torch.device("cpu"), torch.float32))}
     for app in served.values():
         app.state.batcher.start()
     yield gated, served
@@ -153,6 +157,18 @@ def test_page_under_a_prefix_through_stale_requests_bad_input_and_a_server_resta
         assert js("document.getElementById('guidance').min") == "1"
         assert js("document.getElementById('guidance').disabled") is False  # classifier-free guidance: g does something
         assert "classifier-free, 1 is none" in js("document.getElementById('guidance-range').textContent")
+
+        # the server's X-Guidance-Note shown beside the image: a g moved outside the range the LCM was distilled on
+        browser.call("Page.navigate", url=url + "/ranged/")
+        wait_until(lambda: js("location.pathname === '/ranged/' && document.readyState") == "complete", 60)
+        wait_until(lambda: "distilled on 1 to 2" in js("document.getElementById('guidance-range').textContent"), 60)
+        js("document.getElementById('prompt').focus()")
+        browser.call("Input.insertText", text="a red star")
+        wait_until(lambda: js("document.getElementById('image').alt") == "image drawn from the prompt: a red star", 60)
+        assert js("document.getElementById('status').textContent") == ""  # the default g, inside the range: no note
+        js("const g = document.getElementById('guidance'); g.value = 8; g.dispatchEvent(new Event('input'))")
+        wait_until(lambda: "outside [1, 2], the range this model's omega input was distilled on"
+                   in js("document.getElementById('status').textContent"), 60)
     finally:
         browser.close()
         server.__exit__(None, None, None)
