@@ -98,6 +98,14 @@ def test_errors_name_the_accepted_forms(tmp_path):
         open_dataset(str(tmp_path / "{0..1}.tar"), R)
 
 
+@pytest.mark.parametrize("spec", ["", "  "])
+def test_a_blank_spec_is_not_the_current_folder(tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    png(tmp_path / "a.png")  # was: the current folder read as the data
+    with pytest.raises(UserError, match="names no data"):
+        open_dataset(spec, R)
+
+
 def test_held_out_split_is_by_file_disjoint_and_stable(tmp_path):
     """Each image file lands on one side by its name alone: the sides are disjoint, cover the folder, are the same on
     every call, and adding files never moves an existing file to the other side."""

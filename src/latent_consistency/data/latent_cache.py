@@ -9,6 +9,12 @@ On disk (safetensors, no pickles):
     shard-00000.safetensors    latents [n,C,h,w] (scaled: z = E(x), see `models.LatentCodec`),
     ...                        caption_index [n] (rows of text_embeddings)
 
+A captions-only cache (`write_latent_cache(captions_only=True)`, `lcm cache --captions-only`; CAPTIONS_ONLY true in its
+manifest) has no text_embeddings or uncond_embedding in its captions file: a run encodes each micro-batch's captions and
+∅ with its own model, as it does an image folder's (diffusers' training scripts encode captions in the loop too).
+LAION's captions are all distinct, and a full cache of them is ~80 % text embeddings: in SD 1.5 a caption's is 77x768
+float32 (231 KiB), a 512 px sample's latents 4x64x64 (64 KiB).
+
 Captions repeat in a captioned toy dataset, so each distinct caption is encoded and stored once. The files are read
 memory-mapped (`_read_tensors`): a cache of LAION size (650K samples of SD 1.5 at 512 px, ~190 GB in float32) is never
 copied into memory, and its pages come from the OS page cache, shared by every training process on the machine. The
@@ -22,10 +28,11 @@ got to, so that a rerun of the same job after a kill goes on from its last whole
 LAION is hours: a kill (Ctrl-C, a scheduler's, a full disk) cost them all.
 
 The manifest records what made the cache's contents (ENCODERS): a digest of the VAE's weights (the latents) and of each
-text encoder's (the text embeddings). A run whose model has another VAE or text encoder is refused (`LatentCache.
-check_encoders`), where comparing shapes and the VAE's scaling factor let a cache of another model of the same shapes
-through. The UNet (or transformer) is not among them: the cache serves every model that shares the VAE and text
-encoders, as each fine-tune of SD 1.5 that kept its VAE and CLIP does.
+text encoder's (the text embeddings; a captions-only cache records the VAE's alone, as no text encoder made any of it).
+A run whose model has another VAE or text encoder is refused (`LatentCache.check_encoders`), where comparing shapes and
+the VAE's scaling factor let a cache of another model of the same shapes through. The UNet (or transformer) is not
+among them: the cache serves every model that shares the VAE and text encoders, as each fine-tune of SD 1.5 that kept
+its VAE and CLIP does; a captions-only cache, every model that shares the VAE.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ LAYOUT = {"latents": ("F32", 4), "caption_index": ("I64", 1), "text_embeddings":
 DTYPES = {"F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}
 TABLE = ("text_embeddings", "uncond_embedding")
 CAPTION_TENSORS = ("caption_bytes", "caption_offsets")
+CAPTIONS_ONLY = "captions_only"  # in the manifest and a job: true where the cache holds no text embeddings (`captions_only`)
 ENCODERS = "encoders"  # in the manifest: {part: digest} of the parts that made the cache (`LatentCache.check_encoders`)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # a pipeline folder's text encoders (SDXL's second makes the pooled one)
 # Each part ENCODERS names, as a note or an error names it, and what of the cache it made
@@ -99,6 +107,7 @@ def write_latent_cache(
     num_workers: int = 0,
     progress: bool = True,
     say: Callable[[str], None] | None = None,
+    captions_only: bool = False,
 ) -> Path:
     """Encode each usable sample of `dataset` (items {"image" in [-1, 1], "caption"}; an image folder, webdataset shards or a
     map-style dataset, `UsableBatches`) once into a cache at `out_dir`: latents with `codec`, each distinct caption and ∅
@@ -110,7 +119,10 @@ def write_latent_cache(
     (an image folder read with the same `source`, VAE, batch and shard size), goes on from its last whole shard
     (`_resumable`) and writes the very cache an uninterrupted call writes; any other is started again. `say` prints
     its one-line notes (resuming, or why not), to stderr by default. The manifest records the digests (ENCODERS) of the
-    VAE's and text encoders' weights as given: in float32, as `lcm cache` loads them and a run compares them."""
+    VAE's and text encoders' weights as given: in float32, as `lcm cache` loads them and a run compares them.
+
+    `captions_only`: the cache holds the caption strings and no text embeddings (nor ∅'s), and records the VAE's digest
+    alone; `prompts` is not run (None will do). A `<out_dir>.partial` of the other kind is started again, not resumed."""
     out_dir = Path(out_dir)
     say = say or _say
     if (out_dir / PARTIAL_MARK).is_file() and (out_dir / MANIFEST).is_file():  # killed between its rename and `_tidy`
@@ -121,7 +133,7 @@ def write_latent_cache(
         raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder")
     if not isinstance(dataset, ShardStream) and len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
-    job = _job(dataset, codec, source, batch_size, shard_size)
+    job = _job(dataset, codec, source, batch_size, shard_size, captions_only)
     partial = partial_folder(out_dir, "runs/latents")
     record = _resumable(partial, dataset, job, say)
     written = _Written.resumed(partial, job, dataset, record, say) if record else _Written.started(partial, job, dataset)
@@ -147,14 +159,12 @@ def write_latent_cache(
             raise UserError(f"no usable sample in the data ({skipped.summary() if skipped else 'none given'}); check the files")
 
     captions = list(written.caption_ids)
-    size = tuple(written.image_size)  # every image is resolution x resolution
-    embeddings = _encoded_captions(out_dir, prompts, captions, device, size, batch_size, progress)
-    first = next(embeddings)
-    uncond = prompts.uncond(device, size)[0]
-    _check_encoded(out_dir, {"empty prompt's embedding": uncond}, uncond.dtype)
-    with naming_failures(partial / CAPTIONS):  # a full disk names the file: its write() errors name none
-        _write_captions(partial / CAPTIONS, captions, [len(captions), *first.shape[1:]], itertools.chain([first], embeddings),
-                        uncond.float().cpu())
+    if captions_only:
+        with naming_failures(partial / CAPTIONS):  # a full disk names the file: its write() errors name none
+            _write_captions(partial / CAPTIONS, captions, None)
+        text = {CAPTIONS_ONLY: True}
+    else:
+        text = _write_text_embeddings(partial, out_dir, prompts, captions, device, tuple(written.image_size), batch_size, progress)
     manifest = {
         "format": FORMAT,
         "num_samples": sum(s["num_samples"] for s in written.shards),
@@ -163,15 +173,30 @@ def write_latent_cache(
         "latent_size": written.latent_shape[1:],
         "scaling_factor": codec.scaling_factor,
         "num_captions": len(captions),
-        "text_hidden_size": int(first.shape[-1]),
-        "max_length": int(first.shape[1]),
+        **{key: value for key, value in text.items() if key != ENCODERS},
         "source": source,
-        ENCODERS: {"vae": job["encoder"]} | {name: _weights_digest(encoder) for name, encoder in _prompt_encoders(prompts).items()},
+        ENCODERS: {"vae": job["encoder"]} | text.get(ENCODERS, {}),
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     partial.rename(out_dir)  # marked until renamed: a kill before this leaves a `.partial` that a rerun resumes or replaces
     _tidy(out_dir)
     return out_dir
+
+
+def _write_text_embeddings(partial: Path, out_dir: Path, prompts, captions: list[str], device, size: tuple[int, int],
+                           batch_size: int, progress: bool) -> dict:
+    """CAPTIONS of a full cache in `partial`: `captions` and their text embeddings, encoded by `prompts` at the images' `size`
+    (an SDXL condition's micro-conditioning), and ∅'s. What the manifest records of them: the embeddings' width and
+    length, and the digests (ENCODERS) of the text encoders that made them."""
+    embeddings = _encoded_captions(out_dir, prompts, captions, device, size, batch_size, progress)
+    first = next(embeddings)
+    uncond = prompts.uncond(device, size)[0]
+    _check_encoded(out_dir, {"empty prompt's embedding": uncond}, uncond.dtype)
+    with naming_failures(partial / CAPTIONS):  # a full disk names the file: its write() errors name none
+        _write_captions(partial / CAPTIONS, captions, ([len(captions), *first.shape[1:]], itertools.chain([first], embeddings),
+                                                       uncond.float().cpu()))
+    return {"text_hidden_size": int(first.shape[-1]), "max_length": int(first.shape[1]),
+            ENCODERS: {name: _weights_digest(encoder) for name, encoder in _prompt_encoders(prompts).items()}}
 
 
 def _tidy(cache: Path) -> None:
@@ -297,25 +322,30 @@ def _captions_file(shard: str) -> str:
 
 
 # What a job's part (`_job`) differs in when another job wrote a `<cache>.partial`, in the note that starts it again
-_JOB_PARTS = {"format": "version of lcm (cache format)", "source": "source (--data, --model or resolution)",
-              "data": "data (other image files or captions)", "encoder": "VAE (other weights)",
+_JOB_PARTS = {"format": "version of lcm (cache format)",
+              CAPTIONS_ONLY: "choice of --captions-only (caption strings, or their text embeddings)",
+              "source": "source (--data, --model or resolution)", "data": "data (other image files or captions)", "encoder": "VAE (other weights)",
               "device": "device type (--device)", "batch_size": "batch size", "shard_size": "shard size"}
+# What a record written before a part was added to the job means by its absence: every earlier version wrote full caches
+_EARLIER_JOB = {CAPTIONS_ONLY: False}
 
 
-def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size: int) -> dict:
-    """What a `<cache>.partial` must have been written by for a rerun to go on with it: the same `source` (the files it
-    names, `_as_real_paths`), data, VAE, type of device the VAE runs on (a GPU rounds otherwise than a CPU: shards of both
-    would make a cache that is neither's), and batch and shard size (they place the shard boundaries). The data is an image
-    folder's count of samples, resolution and digest of their file names and captions, which its scan holds: a stat of
-    each file (let alone the 32 KiB of each that a training run's fingerprint reads) is minutes at 12 million files on a
-    network disk, at every start of every cache. None for other data, whose reading does not resume."""
+def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size: int, captions_only: bool) -> dict:
+    """What a `<cache>.partial` must have been written by for a rerun to go on with it: the same kind of cache
+    (`captions_only` or not: a rerun that changed it is started again, not finished as the other kind), `source` (the
+    files it names, `_as_real_paths`), data, VAE, type of device the VAE runs on (a GPU rounds otherwise than a CPU:
+    shards of both would make a cache that is neither's), and batch and shard size (they place the shard boundaries).
+    The data is an image folder's count of samples, resolution and digest of their file names and captions, which its
+    scan holds: a stat of each file (let alone the 32 KiB of each that a training run's fingerprint reads) is minutes at
+    12 million files on a network disk, at every start of every cache. None for other data, whose reading does not
+    resume."""
     data = None
     if isinstance(dataset, ImageFolderDataset):
         names = hashlib.sha256()
         hash_json_list(names, ([file_name, caption] for file_name, caption in dataset.samples))
         data = {"samples": len(dataset), "resolution": dataset.resolution, "fingerprint": names.hexdigest()[:16]}
-    job = {"format": FORMAT, "source": _as_real_paths(source), "data": data, "encoder": _encoder_digest(codec),
-           "device": codec.vae.device.type, "batch_size": batch_size, "shard_size": shard_size}
+    job = {"format": FORMAT, CAPTIONS_ONLY: captions_only, "source": _as_real_paths(source), "data": data,
+           "encoder": _encoder_digest(codec), "device": codec.vae.device.type, "batch_size": batch_size, "shard_size": shard_size}
     return json.loads(json.dumps(job))  # as PROGRESS holds it: a tuple in `source` compares as the list it is read back as
 
 
@@ -378,18 +408,31 @@ def _float32_digest(model: DiffusionModel, name: str, module: torch.nn.Module) -
     return _RUN_DIGESTS[module]
 
 
-def _encoder_parts(model: DiffusionModel) -> dict[str, torch.nn.Module]:
-    """The parts of `model` that make a cache's contents, by the names ENCODERS records them under."""
-    return {"vae": model.vae, **dict(zip(TEXT_ENCODERS, model.text_encoders))}
+def _encoder_parts(model: DiffusionModel, captions_only: bool = False) -> dict[str, torch.nn.Module]:
+    """The parts of `model` that make a cache's contents, by the names ENCODERS records them under: the VAE and the text
+    encoder(s), or the VAE alone for a `captions_only` cache (its captions are encoded by the run's own model)."""
+    return {"vae": model.vae, **({} if captions_only else dict(zip(TEXT_ENCODERS, model.text_encoders)))}
 
 
 def digest_encoders_before_cast(model: DiffusionModel, specs: Iterable[str]) -> None:
     """For a run whose data includes a latent cache: each part's `_float32_digest` while its weights are still float32,
     called before mixed precision casts them (`training.objectives.freeze_in_half_precision`), so that the cache's check
-    does not read them again from the model's folder (PixArt's T5-XXL: 19 GB in float32)."""
-    if any(spec and (Path(spec).expanduser() / MANIFEST).is_file() for spec in specs):
-        for name, module in _encoder_parts(model).items():
-            _float32_digest(model, name, module)
+    does not read them again from the model's folder (PixArt's T5-XXL: 19 GB in float32). Of a captions-only cache, the
+    VAE's alone: the text encoders are not checked, and T5-XXL's digest is 13 s."""
+    for spec in specs:
+        cache = Path(spec).expanduser()
+        if spec and (cache / MANIFEST).is_file():
+            for name, module in _encoder_parts(model, _captions_only(cache)).items():
+                _float32_digest(model, name, module)
+
+
+def _captions_only(cache: Path) -> bool:
+    """Whether the manifest of the cache at `cache` says it is captions-only; False where it is not readable, refused with
+    its one line where the cache is opened (`_read_manifest`)."""
+    try:
+        return _read_manifest(cache).get(CAPTIONS_ONLY) is True
+    except UserError:
+        return False
 
 
 def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) -> dict | None:
@@ -406,8 +449,9 @@ def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) ->
     else:
         record, why = _read_progress(partial)
     if record is not None:
-        differs = next((part for part in _JOB_PARTS if record["job"].get(part) != job[part]), None)
-        if differs in record["job"]:
+        recorded = _EARLIER_JOB | record["job"]
+        differs = next((part for part in _JOB_PARTS if recorded.get(part) != job[part]), None)
+        if differs in recorded:
             record, why = None, f"it was written with another {_JOB_PARTS[differs]}"
         elif differs is not None:  # a part added since (the device type): an earlier version wrote the record
             record, why = None, f"its {PROGRESS}, written by an earlier version of lcm, records no {differs}"
@@ -472,35 +516,38 @@ def _encoded_captions(out_dir: Path, prompts, captions: list[str], device, size:
             bar.update(len(batch))
 
 
-def _write_captions(target: Path, captions: list[str], shape: list[int], embeddings: Iterator[torch.Tensor],
-                    uncond: torch.Tensor) -> None:
-    """CAPTIONS written batch by batch as `embeddings` arrive, byte for byte the file that `save_file` writes of
-    {"text_embeddings" [U,L,D] (`shape`), "uncond_embedding", "caption_bytes", "caption_offsets"} (`CaptionTable`), without
-    holding every caption's embedding at once (236 KB each in SD 1.5, 150 GB for LAION's 650K distinct captions) nor
-    every caption's bytes.
+def _write_captions(target: Path, captions: list[str], text: tuple[list[int], Iterator[torch.Tensor], torch.Tensor] | None) -> None:
+    """CAPTIONS written batch by batch as its text embeddings arrive, byte for byte the file that `save_file` writes of
+    {"text_embeddings" [U,L,D], "uncond_embedding", "caption_bytes", "caption_offsets"} (`CaptionTable`), without holding
+    every caption's embedding at once (236 KB each in SD 1.5, 150 GB for LAION's 650K distinct captions) nor every
+    caption's bytes. `text` is (the embeddings' shape [U,L,D], the embeddings in batches, ∅'s), or None for a
+    captions-only cache, whose file holds caption_bytes and caption_offsets alone.
 
     save_file's layout (safetensors' spec): an 8-byte little-endian header length, the header as compact JSON (the
     tensors in the order of their data: by dtype, widest first, then name) padded with spaces to a multiple of 8 bytes,
     then each tensor's little-endian bytes."""
     lengths = np.fromiter((len(c.encode()) for c in captions), dtype=np.int64, count=len(captions))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype("<i8")
-    sizes = {"caption_offsets": offsets.nbytes, "text_embeddings": shape[0] * math.prod(shape[1:]) * 4,
-             "uncond_embedding": uncond.numel() * 4, "caption_bytes": int(offsets[-1])}
-    shapes = {"caption_offsets": [len(offsets)], "text_embeddings": shape, "uncond_embedding": list(uncond.shape),
-              "caption_bytes": [int(offsets[-1])]}
+    shapes = {"caption_offsets": [len(offsets)]}  # safetensors' order: I64, then F32 by name, then U8
+    if text is not None:
+        shape, embeddings, uncond = text
+        shapes |= {"text_embeddings": shape, "uncond_embedding": list(uncond.shape)}
+    shapes["caption_bytes"] = [int(offsets[-1])]
     header, end = {}, 0
-    for name, size in sizes.items():  # safetensors' order: I64, then F32 by name, then U8
-        header[name] = {"dtype": LAYOUT[name][0], "shape": shapes[name], "data_offsets": [end, end + size]}
+    for name, dims in shapes.items():
+        size = math.prod(dims) * DTYPES[LAYOUT[name][0]].itemsize
+        header[name] = {"dtype": LAYOUT[name][0], "shape": dims, "data_offsets": [end, end + size]}
         end += size
-    text = json.dumps(header, separators=(",", ":")).encode()  # serde_json's compact form, as save_file's
-    text += b" " * (-len(text) % 8)
+    head = json.dumps(header, separators=(",", ":")).encode()  # serde_json's compact form, as save_file's
+    head += b" " * (-len(head) % 8)
     with open(target, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text + offsets.tobytes())
-        for batch in embeddings:
-            if list(batch.shape[1:]) != shape[1:]:
-                raise ValueError(f"the prompt encoder gave conditions of shape {list(batch.shape[1:])} after {shape[1:]}")
-            f.write(batch.contiguous().numpy().tobytes())
-        f.write(uncond.contiguous().numpy().tobytes())
+        f.write(len(head).to_bytes(8, "little") + head + offsets.tobytes())
+        if text is not None:
+            for batch in embeddings:
+                if list(batch.shape[1:]) != shape[1:]:
+                    raise ValueError(f"the prompt encoder gave conditions of shape {list(batch.shape[1:])} after {shape[1:]}")
+                f.write(batch.contiguous().numpy().tobytes())
+            f.write(uncond.contiguous().numpy().tobytes())
         for i in range(0, len(captions), CAPTIONS_PER_WRITE):
             f.write(b"".join(c.encode() for c in captions[i : i + CAPTIONS_PER_WRITE]))
 
@@ -544,16 +591,18 @@ class CaptionTable(Sequence):
 
 @dataclass
 class CachedLatents:
-    """A whole cache as tensors: sample i is (latents[i], text_embeddings[caption_index[i]])."""
+    """A whole cache as tensors: sample i is (latents[i], text_embeddings[caption_index[i]]); a captions-only cache has no
+    text embeddings (None), its sample i's caption being `LatentCache.captions_of`."""
 
     latents: torch.Tensor
     caption_index: torch.Tensor
-    text_embeddings: torch.Tensor
-    uncond_embedding: torch.Tensor
+    text_embeddings: torch.Tensor | None
+    uncond_embedding: torch.Tensor | None
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """A latent cache read back; items {"latents" [C,h,w], "text_embedding" [L,D], "caption"}.
+    """A latent cache read back; items {"latents" [C,h,w], "text_embedding" [L,D], "caption"} (no "text_embedding" in a
+    `captions_only` cache, whose `text_embeddings` and `uncond_embedding` are None: a run encodes its captions).
 
     Its files are mapped, not read (`_read_tensors`): `shards` are zero-copy views of each shard's latents, `text_embeddings`
     of the captions file's, `captions` of its distinct caption strings, decoded as they are asked for (`CaptionTable`);
@@ -568,17 +617,20 @@ class LatentCache(torch.utils.data.Dataset):
         self.shards = [s["latents"] for s in shards]
         if len({s.shape[1:] for s in self.shards}) != 1:
             raise UserError(f"latent cache {path} is damaged (its shards or captions do not fit together); rebuild it")
-        table, self.captions = _read_captions(path, self.manifest["format"])
+        self.captions_only = self.manifest.get(CAPTIONS_ONLY) is True
+        table, self.captions = _read_captions(path, self.manifest["format"], self.captions_only)
         index = torch.cat([s["caption_index"] for s in shards])
-        self.text_embeddings, self.uncond_embedding = table["text_embeddings"], table["uncond_embedding"]
+        self.text_embeddings, self.uncond_embedding = table.get("text_embeddings"), table.get("uncond_embedding")
         self._starts = torch.tensor([0] + [len(s) for s in self.shards]).cumsum(0)[:-1]  # each shard's first row
         rows = sum(len(s) for s in self.shards)
-        if (rows != self.manifest["num_samples"] or len(self.captions) != len(self.text_embeddings) or len(index) != rows
+        text = {} if self.captions_only else {"text_embeddings": self.text_embeddings}
+        uncond = {} if self.captions_only else {"uncond_embedding": self.uncond_embedding}
+        if (rows != self.manifest["num_samples"] or any(len(t) != len(self.captions) for t in text.values()) or len(index) != rows
                 or (len(index) and not 0 <= int(index.min()) <= int(index.max()) < len(self.captions))):
             raise UserError(f"latent cache {path} is inconsistent with its manifest; rebuild it")
-        self.small = sum(s.nbytes for s in self.shards) + self.text_embeddings.nbytes <= SMALL_CACHE_BYTES
-        scanned = [{"latents": s} for s in self.shards] + [{"text_embeddings": self.text_embeddings}] if self.small else []
-        for tensors in scanned + [{"uncond_embedding": self.uncond_embedding}]:  # a large cache's are checked as drawn (`gather`)
+        self.small = sum(t.nbytes for t in [*self.shards, *text.values()]) <= SMALL_CACHE_BYTES
+        scanned = [{"latents": s} for s in self.shards] + [text] if self.small else []
+        for tensors in scanned + [uncond]:  # a large cache's are checked as drawn (`gather`)
             self._check_finite(tensors)
         self.rows = torch.arange(rows)
         if holdout is not None:  # a cache has no files: samples are held out by index
@@ -609,7 +661,7 @@ class LatentCache(torch.utils.data.Dataset):
         shape = [len(self), *self.latent_shape]  # the JSON of [shape, every sample's caption], hashed caption by caption
         digest = hashlib.sha256(f"[{json.dumps(shape)}, ".encode())
         chunks = torch.arange(len(self)).split(FINGERPRINT_ROWS)
-        hash_json_list(digest, (c for idx in chunks for c in self.captions.take(self.caption_index[idx])))
+        hash_json_list(digest, (c for idx in chunks for c in self.captions_of(idx)))
         digest.update(b"]")
         for idx in chunks:  # one page of each sample read
             digest.update(self._latents(idx, head=16).numpy().tobytes())
@@ -625,31 +677,44 @@ class LatentCache(torch.utils.data.Dataset):
                     f"wrote it): it cannot be checked against {model.source}; write it again with lcm cache to have it checked")
         if not isinstance(recorded, dict):
             raise UserError(f"{self.path / MANIFEST} holds no digests of its encoders ({ENCODERS!r}); rebuild the latent cache")
-        for name, module in _encoder_parts(model).items():
+        for name, module in _encoder_parts(model, self.captions_only).items():
             if recorded.get(name) != _float32_digest(model, name, module):
                 what, made = PARTS[name]
+                again = " --captions-only" if self.captions_only else ""
                 raise UserError(f"latent cache {self.path} was written with another {what} than {model.source}'s (other weights), so its "
-                                f"{made} are not this model's: write a cache with it, lcm cache --model {model.source} --data IMAGES --out CACHE")
+                                f"{made} are not this model's: write a cache with it, lcm cache --model {model.source} --data IMAGES "
+                                f"--out CACHE{again}")
         return None
 
     def __getitem__(self, i: int) -> dict:
         c = int(self.caption_index[i])
-        return {"latents": self._latents(torch.tensor([i]))[0], "text_embedding": self.text_embeddings[c], "caption": self.captions[c]}
+        item = {"latents": self._latents(torch.tensor([i]))[0], "caption": self.captions[c]}
+        return item if self.captions_only else item | {"text_embedding": self.text_embeddings[c]}
+
+    def captions_of(self, idx: torch.Tensor) -> list[str]:
+        """The captions of the samples `idx` (a CPU tensor), in order: what a run encodes of a captions-only cache."""
+        return self.captions.take(self.caption_index[idx])
 
     def tensors(self, device: torch.device | str = "cpu") -> CachedLatents:
         """The whole cache on `device`, for training loops that index batches themselves: a small cache's
         (`SMALL_CACHE_BYTES`)."""
-        return CachedLatents(
-            self.latents.to(device), self.caption_index.to(device), self.text_embeddings.to(device), self.uncond_embedding.to(device)
-        )
+        text = (None, None) if self.captions_only else (self.text_embeddings.to(device), self.uncond_embedding.to(device))
+        return CachedLatents(self.latents.to(device), self.caption_index.to(device), *text)
 
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(latents, text embeddings) of the samples `idx`, copied out of the mapped files on the CPU, the same values as
-        `tensors` indexed by `idx`: a micro-batch of a cache too large to move whole to the device. A UserError when they
-        hold NaN or infinity: a large cache is checked as it is drawn, not read whole at every start."""
-        latents, cond = self._latents(idx), self.text_embeddings[self.caption_index[idx]]
-        self._check_finite({"latents": latents, "text_embeddings": cond})
+        """(latents, text embeddings) of the samples `idx` of a full cache (`gather_latents`), the same values as `tensors`
+        indexed by `idx`. A UserError when they hold NaN or infinity."""
+        latents, cond = self.gather_latents(idx), self.text_embeddings[self.caption_index[idx]]
+        self._check_finite({"text_embeddings": cond})
         return latents, cond
+
+    def gather_latents(self, idx: torch.Tensor) -> torch.Tensor:
+        """The latents of the samples `idx`, copied out of the mapped files on the CPU: a micro-batch of a cache too large to
+        move whole to the device. A UserError when they hold NaN or infinity: a large cache is checked as it is drawn, not
+        read whole at every start."""
+        latents = self._latents(idx)
+        self._check_finite({"latents": latents})
+        return latents
 
     def _latents(self, idx: torch.Tensor, head: int | None = None) -> torch.Tensor:
         """The latents of the samples `idx`, gathered from the shards that hold them; given `head`, only each one's first
@@ -792,11 +857,12 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _read_captions(path: Path, made: str) -> tuple[dict[str, torch.Tensor], CaptionTable]:
-    """The captions file's tensors `TABLE`, and its caption strings: its body's, or, in a cache of format HEADER_CAPTIONS,
-    the list in its header's metadata (the strings of a cache of the same data written now)."""
+def _read_captions(path: Path, made: str, captions_only: bool) -> tuple[dict[str, torch.Tensor], CaptionTable]:
+    """The captions file's tensors `TABLE` (none of a `captions_only` cache), and its caption strings: its body's, or, in a
+    cache of format HEADER_CAPTIONS, the list in its header's metadata (the strings of a cache of the same data written
+    now)."""
     if made != HEADER_CAPTIONS:
-        tensors, _ = _read_tensors(path, CAPTIONS, TABLE + CAPTION_TENSORS)
+        tensors, _ = _read_tensors(path, CAPTIONS, CAPTION_TENSORS if captions_only else TABLE + CAPTION_TENSORS)
         return tensors, CaptionTable(path / CAPTIONS, tensors["caption_bytes"].numpy(), tensors["caption_offsets"].numpy())
     tensors, metadata = _read_tensors(path, CAPTIONS, TABLE)
     try:

@@ -65,6 +65,8 @@ def open_dataset(
     seed, rank and world_size apply to shard streams, which shuffle and split themselves; map-style
     datasets are shuffled and split by `ResumableSampler`.
     """
+    if not spec.strip():  # Path("") is ".": the current folder was scanned as the data
+        raise UserError(f"data spec {spec!r} names no data; it can be {accepted()}")
     scheme, _, name = spec.partition(":")
     if name and scheme in SCHEMES:
         dataset = SCHEMES[scheme][0](name, resolution)

@@ -1,8 +1,9 @@
 """Training batches (z, c) = (E(x), text embedding) for one process, with an exact data position.
 
 A latent cache (the paper's D_z = {E(x)}, encoded once) is indexed: moved whole to the device when small, else each
-micro-batch gathered from its memory-mapped files. Image data (folders, world datasets, shards) is encoded on the fly,
-one batched VAE and text-encoder call per batch, never per sample. The data position is a `ResumableSampler` state
+micro-batch gathered from its memory-mapped files; a captions-only cache's captions are encoded per micro-batch by the
+run's model, as an image folder's are. Image data (folders, world datasets, shards) is encoded on the fly, one batched
+VAE and text-encoder call per batch, never per sample. The data position is a `ResumableSampler` state
 (map-style data) or a `ShardStream` state.
 """
 
@@ -70,17 +71,19 @@ class TrainingBatches:
 
     def _check_fits_model(self) -> None:
         """Model and data must agree on latent channels, latent size and text encoder; a latent cache must have been written
-        by the model's own VAE and text encoder(s) (`LatentCache.check_encoders`, last: it reads every weight of them)."""
+        by the model's own VAE and text encoder(s) (`LatentCache.check_encoders`, last: it reads every weight of them), a
+        captions-only one by its VAE (the run's model encodes its captions)."""
         unet = self.model.unet.config
         if isinstance(self.dataset, LatentCache):
             m = self.dataset.manifest
             c, h = self.dataset.latent_shape[0], self.dataset.latent_shape[-1]
             if c != unet.in_channels:
                 raise UserError(f"latent cache has {c} latent channels but the model's UNet takes {unet.in_channels}; encode the data with the model's VAE")
-            cached, expected = list(self.dataset.uncond_embedding.shape), list(self.model.prompts.uncond(self.device).shape[1:])
-            if cached != expected:  # tokens x width; an SDXL condition has one more row (conditioning.AddedConditioning)
-                raise UserError(f"latent cache conditions are {cached} (tokens x width) but the model's prompt encoder makes {expected}; "
-                                "encode the captions with the model's text encoder(s): write the cache with this model")
+            if not self.dataset.captions_only:  # a captions-only cache holds no conditions: the model encodes its captions
+                cached, expected = list(self.dataset.uncond_embedding.shape), list(self.model.prompts.uncond(self.device).shape[1:])
+                if cached != expected:  # tokens x width; an SDXL condition has one more row (conditioning.AddedConditioning)
+                    raise UserError(f"latent cache conditions are {cached} (tokens x width) but the model's prompt encoder makes "
+                                    f"{expected}; encode the captions with the model's text encoder(s): write the cache with this model")
             scale = m.get("scaling_factor")
             if scale is not None and abs(float(scale) - float(self.model.vae.config.scaling_factor)) > 1e-6:
                 raise UserError(f"latent cache was made with VAE scaling factor {scale}, the model's VAE has "
@@ -122,8 +125,8 @@ class TrainingBatches:
 
     @property
     def uncond(self) -> torch.Tensor:
-        """The unconditional embedding ∅ (the empty caption), [1, L, D]."""
-        if isinstance(self.dataset, LatentCache):
+        """The unconditional embedding ∅ (the empty caption), [1, L, D]: a full latent cache's, else the model's."""
+        if isinstance(self.dataset, LatentCache) and not self.dataset.captions_only:
             return self.dataset.uncond_embedding[None].to(self.device)
         return self.model.prompts.uncond(self.device, (self.resolution, self.resolution))
 
@@ -236,22 +239,26 @@ def _micro_batches(dataset, sampler, model: DiffusionModel, device, resolution: 
     would make a reference cycle, freed only by the cyclic garbage collector, whose order of finalisation closed the
     DataLoader's queues before it could tell its workers to stop (each then took 5 s to be given up on)."""
     if isinstance(dataset, LatentCache):
-        yield from _cached_micro_batches(dataset, sampler, device, micro_batch)
+        yield from _cached_micro_batches(dataset, sampler, model, device, resolution, micro_batch)
     for images, captions in read_batches(dataset, micro_batch, num_workers, worker_skips, sampler):
         latents = model.codec.encode(images.to(device))
         cond = model.prompts.encode(captions, device, (resolution, resolution))
         yield {"latents": latents.float(), "cond": cond.float()}
 
 
-def _cached_micro_batches(cache: LatentCache, sampler, device, micro_batch: int):
+def _cached_micro_batches(cache: LatentCache, sampler, model: DiffusionModel, device, resolution: int, micro_batch: int):
     """The micro-batches of a latent cache in `sampler`'s order, without end. A small cache (`LatentCache.small`) moves to
     the device once and is indexed there; a larger one stays mapped, each micro-batch gathered on the CPU
-    (`LatentCache.gather`) and moved alone: the same samples and the same values either way, bit for bit."""
+    (`LatentCache.gather`) and moved alone: the same samples and the same values either way, bit for bit. A captions-only
+    cache's conditions are its captions encoded by `model`, as an image folder's are (`_micro_batches`)."""
     whole = cache.tensors(device) if cache.small else None
     indices = iter(sampler)
     while True:
         idx = torch.tensor([next(indices) for _ in range(micro_batch)])
-        if whole is None:
+        if cache.captions_only:
+            latents = cache.gather_latents(idx).to(device) if whole is None else whole.latents[idx.to(device)]
+            yield {"latents": latents, "cond": model.prompts.encode(cache.captions_of(idx), device, (resolution, resolution)).float()}
+        elif whole is None:
             latents, cond = cache.gather(idx)
             yield {"latents": latents.to(device), "cond": cond.to(device)}
         else:
