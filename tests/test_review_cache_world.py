@@ -34,9 +34,14 @@ def assert_one_line(code, err, message):
 
 @pytest.fixture
 def umask_022():
+    """A umask of 022, which `outputs.permit_as_umask` reads afresh (it reads the process's once)."""
+    from latent_consistency import outputs
+
     mask = os.umask(0o022)
+    outputs._umask.cache_clear()
     yield
     os.umask(mask)
+    outputs._umask.cache_clear()
 
 
 def test_a_caches_shards_are_as_readable_as_its_other_files(tiny_sd, images, tmp_path, run_error, umask_022):

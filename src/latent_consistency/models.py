@@ -35,6 +35,7 @@ from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.guidance_record import RECORD, GuidanceRecord, read_record
 from latent_consistency.hub import TOP_FILES, TOP_IGNORED, check_hub_id, hub_snapshot, looks_like_hub_id
+from latent_consistency.outputs import permit_as_umask
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder, T5PromptEncoder
 from latent_consistency.sampling import is_real, lcm_timesteps
@@ -764,7 +765,7 @@ def save_pipeline(out_dir: str | Path, unet, base: DiffusionModel, scheduler_con
     pipe.save_pretrained(out_dir, safe_serialization=True)
     if PROGRESSIVE_STEPS in scheduler_config:
         (Path(out_dir) / PROGRESSIVE_FILE).write_text(json.dumps({PROGRESSIVE_STEPS: scheduler_config[PROGRESSIVE_STEPS]}))
-    return Path(out_dir)
+    return permit_as_umask(out_dir)  # safetensors writes the weights readable by their owner alone
 
 
 def _check_no_adapters(networks: dict) -> None:

@@ -3,10 +3,12 @@ and a write that fails (a full disk) names its file."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,6 +128,42 @@ def written(path: str | Path) -> Iterator[None]:
         if cause is None or (isinstance(err, OSError) and err.filename is not None):
             raise
         raise OSError(cause.errno, cause.strerror, str(path)) from err
+
+
+def permit_as_umask(path: str | Path) -> Path:
+    """Give the file `path`, or the folder `path` and everything in it, the permissions of what this process makes itself:
+    0o666 (a folder 0o777) less the umask. safetensors (0.8) writes its files readable by their owner alone (0o600)
+    whatever the umask, and diffusers' `save_pretrained` and `save_lora_weights` write through it, so a model written on
+    a team's shared disk had its JSON files readable by all and its weights by their writer only; a folder copied with
+    `shutil.copytree` keeps its source's modes. Called on an output once it is whole, before it is renamed into place, so
+    that no reader finds it readable by its writer alone there. Links are left as they are (a chmod would follow them out
+    of the output). Returns `path`."""
+    path = Path(path)
+    _permit(path)
+    if path.is_dir() and not path.is_symlink():
+        for folder, folders, files in os.walk(path):  # not into linked folders
+            for name in folders + files:
+                _permit(Path(folder, name))
+    return path
+
+
+def _permit(item: Path) -> None:
+    """`permit_as_umask` of one file or folder (not of what the folder holds); a link is left as it is."""
+    if item.is_symlink():
+        return
+    if item.is_dir():  # its set-group-ID bit kept: on a team's disk, what is made in it takes the folder's group
+        os.chmod(item, (item.stat().st_mode & stat.S_ISGID) | (0o777 & ~_umask()))
+    else:
+        os.chmod(item, 0o666 & ~_umask())
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once (setting it is the only way to read it, and for that instant it is 0 for every
+    thread of the process)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def replace_folder(new: Path, path: Path) -> Path:

@@ -124,6 +124,8 @@ def _run_preview_decoder(args) -> None:
 
 
 def register(subparsers) -> None:
+    from latent_consistency.world.preview_decoder import MAX_CHANNELS
+
     world = subparsers.add_parser(
         "world",
         help="build, export or check the built-in toy text-to-image world",
@@ -174,7 +176,7 @@ def register(subparsers) -> None:
     v.add_argument("--steps", type=positive_int, help="training steps (default 2000)")
     v.add_argument("--images", type=positive_int, help="training images encoded once, as many perturbed latents again (default 2048)")
     v.add_argument("--channels", type=positive_int, help="the tiny decoder's width (default 16; 32 decodes about 3x slower, closer "
-                   "to the VAE)")
+                   f"to the VAE; at most {MAX_CHANNELS})")
     v.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
     v.set_defaults(run=_holding_out(_run_preview_decoder))

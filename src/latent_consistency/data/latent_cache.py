@@ -37,7 +37,6 @@ its VAE and CLIP does; a captions-only cache, every model that shares the VAE.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -64,7 +63,7 @@ from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
 from latent_consistency.hub import check_hub_id
 from latent_consistency.models import DiffusionModel, LatentCodec, load_component
-from latent_consistency.outputs import check_partial, partial_folder, start_partial, write_json_atomic
+from latent_consistency.outputs import check_partial, partial_folder, permit_as_umask, start_partial, write_json_atomic
 from latent_consistency.outputs import written as naming_failures
 from latent_consistency.progress import progress_bar
 
@@ -278,7 +277,7 @@ class _Written:
         latents, index = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
         with naming_failures(self.partial / name):  # a full disk names the shard, where safetensors' error names no file
             save_file({"latents": latents.contiguous(), "caption_index": index}, str(self.partial / name))
-        _permit_as_umask(self.partial / name)
+        permit_as_umask(self.partial / name)
         with open(self.partial / name, "rb") as f:  # on disk before the record names it: a power cut keeps no record of a hole
             os.fsync(f.fileno())
         write_json_atomic(self.partial / _captions_file(name), self.fresh, indent=None)
@@ -291,22 +290,6 @@ class _Written:
             "skipped": None if skipped is None else {"counts": dict(skipped.counts - self.scanned.counts),
                                                      "seen": sorted(map(list, skipped.seen - self.scanned.seen))},
         })
-
-
-def _permit_as_umask(path: Path) -> None:
-    """Give a file that safetensors wrote the permissions of every other file written here, 0o666 less the umask:
-    `save_file` writes its files readable by their owner alone (0o600), so a cache written on a team's shared disk had its
-    manifest and captions readable by all and its shards by their writer only, refused to everyone else's runs."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
-@functools.cache
-def _umask() -> int:
-    """The process's umask, read once (setting it is the only way to read it, and for that instant it is 0 for every
-    thread of the process)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _skip_copy(dataset) -> SkipCounter | None:
@@ -925,7 +908,7 @@ def _read_tensors(path: Path, file: str, keys: tuple[str, ...]) -> tuple[dict[st
 def _read_header(target: Path) -> tuple[dict, int]:
     """The JSON header of the safetensors file `target` and where its data starts. A file this user may not read is a
     UserError too: a cache written by another user of a shared machine under a umask of 077, or by an earlier version of
-    lcm (its shards as safetensors writes them, readable by their owner alone: `_permit_as_umask`), is one."""
+    lcm (its shards as safetensors writes them, readable by their owner alone: `permit_as_umask`), is one."""
     try:
         with open(target, "rb") as f:
             length = int.from_bytes(f.read(8), "little")

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from latent_consistency.errors import UserError, first_line
-from latent_consistency.outputs import save_torch, written
+from latent_consistency.outputs import permit_as_umask, save_torch, written
 
 CHECKPOINT_DIR = "checkpoints"
 STATE = "state.json"
@@ -87,13 +87,15 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch
 
 
 def _write_files(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, dict], state: dict) -> None:
-    """A checkpoint's files into the new `folder`, state.json (listing the others) last, all of them on disk when it returns."""
+    """A checkpoint's files into the new `folder`, state.json (listing the others) last, all of them on disk when it returns,
+    with the umask's permissions (`permit_as_umask`: safetensors writes its own readable by their owner alone)."""
     folder.mkdir()
     for name, sd in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(folder / f"{name}.safetensors"))
     for name, obj in objects.items():
         save_torch(obj, folder / f"{name}.pt")
     (folder / STATE).write_text(json.dumps({**state, FILES: sorted(f.name for f in folder.iterdir())}, indent=1))
+    permit_as_umask(folder)
     for f in folder.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -34,6 +34,7 @@ from latent_consistency.models import (
     save_lcm_pipeline,
     save_pipeline,
 )
+from latent_consistency.outputs import permit_as_umask
 from latent_consistency.training.checkpoint import load_checkpoint
 from latent_consistency.training.objectives import cast_keeping_adapters, half_precision
 
@@ -117,7 +118,8 @@ class Student:
     def export(self, out: Path, unwrapped_unet, base: DiffusionModel) -> Path:
         """Write the target θ⁻ (the EMA, or the student when there is none) in diffusers format; the frozen VAE and text
         encoder go out in float32 like the student, as the model's folder holds them, whatever precision they ran in
-        (`models.restore_frozen_parts_in_float32`)."""
+        (`models.restore_frozen_parts_in_float32`). Its files get the umask's permissions (`permit_as_umask`, also in
+        `save_pipeline`): diffusers' safetensors files are readable by their owner alone."""
         unet = self.target_unet if self.has_separate_target else unwrapped_unet
         if self.adapter == "lora":
             from diffusers import LCMScheduler
@@ -136,7 +138,7 @@ class Student:
             lora_pipeline_class(base).save_lora_weights(folder, safe_serialization=True, **kwargs)
             # Beside the weights, the sampler settings they were distilled for (read by `models.load_lcm_lora`)
             LCMScheduler.from_config(self.scheduler_config).save_config(folder)
-            return folder
+            return permit_as_umask(folder)
         restore_frozen_parts_in_float32(base)
         if not is_lcm_config(self.scheduler_config):  # a guidance-distilled diffusion model
             return save_pipeline(Path(out) / "guided", unet, base, self.scheduler_config)

@@ -38,7 +38,7 @@ from latent_consistency.data.workers import end_quietly_on_sigterm
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
-from latent_consistency.outputs import partial_folder, start_partial, write_json_atomic
+from latent_consistency.outputs import partial_folder, permit_as_umask, start_partial, write_json_atomic
 from latent_consistency.pipelines import MAX_SEED
 from latent_consistency.progress import progress_bar
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
@@ -394,6 +394,7 @@ def _reuse_phases(src: Path, out: Path, preset: WorldPreset, phases: list[str]) 
                 (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, out / entry)
                 if (out / entry).is_dir():
                     _cast_weights(out / entry, torch.float32)
+                permit_as_umask(out / entry)  # not the modes of `src` (another user's world) nor of `_cast_weights`'s writes
     state = {"done": phases, "seconds": dict.fromkeys(phases, 0.0), "reused_from": {phase: str(src) for phase in phases}}
     write_json_atomic(out / STATE_FILE, state, indent=2)
 
@@ -450,6 +451,7 @@ def build_world(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(build.seed(phase))
             getattr(build, phase)(stage)
+        permit_as_umask(stage)  # safetensors writes the weights readable by their owner alone
         for entry in phase_outputs(phase, preset):
             target = out / entry
             if target.is_dir():
@@ -486,6 +488,7 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     _cast_weights(partial, dtype)
     spec = json.loads((partial / WORLD_FILE).read_text())
     write_json_atomic(partial / WORLD_FILE, spec | {"weights_dtype": str(dtype).removeprefix("torch.")}, indent=2)
+    permit_as_umask(partial)  # not the modes of `src` (another user's world) nor of `_cast_weights`'s writes
     partial.rename(dst)  # onto a missing or empty folder
     (dst / EXPORT_MARKER).unlink()
     return dst

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.outputs import check_partial, partial_folder, write_atomic, write_json_atomic
+from latent_consistency.outputs import check_partial, partial_folder, permit_as_umask, write_atomic, write_json_atomic
 from latent_consistency.preview import PreviewDecoder
 from latent_consistency.progress import progress_bar
 from latent_consistency.world.artifact import World, load_world
@@ -40,6 +40,9 @@ from latent_consistency.world.vae import foreground_weights
 
 QUALITY_FILE, GRID_FILE, DATA_FILE = "preview_quality.json", "preview_grid.png", "data.safetensors"
 BATCH = 256  # latents per call of the world's VAE while the targets are made
+# The widest preview decoder made: 4x TAESD's 64, already ~250x the default's weights (they grow as the width squared);
+# --channels 100000 asked for ~10^11 weights and ended in the memory allocator's traceback
+MAX_CHANNELS = 256
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,16 @@ def _read_settings(path: Path) -> dict | None:
         return None
 
 
+def check_config(config: PreviewDecoderConfig) -> None:
+    """A UserError for settings no run can use, before the world loads or a weight is made: a count below 1, or a width
+    outside 1 to MAX_CHANNELS."""
+    if config.steps < 1 or config.images < 1 or config.batch_size < 1:
+        raise UserError("--steps, --images and --batch-size must be at least 1")
+    if not 1 <= config.channels <= MAX_CHANNELS:
+        raise UserError(f"--channels {config.channels} is outside 1 to {MAX_CHANNELS}: a preview decoder is a small, fast one "
+                        f"(the default is {PreviewDecoderConfig.channels}, TAESD's 64); give at most {MAX_CHANNELS}")
+
+
 def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: PreviewDecoderConfig = PreviewDecoderConfig(),
                           device: str | torch.device = "cpu", progress: bool = True) -> Path:
     """Distil the world's preview decoder into `out_dir` (new or empty; resumes from `<out_dir>.partial`); returns it."""
@@ -175,8 +188,7 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
         return out
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} is a file or a folder that is not empty; give a new or empty folder")
-    if config.steps < 1 or config.images < 1 or config.batch_size < 1:
-        raise UserError("--steps, --images and --batch-size must be at least 1")
+    check_config(config)
     check_partial(work, "settings.json", "`lcm world preview-decoder`")  # resumed from its settings, data and checkpoints
     start = time.perf_counter()
     world = load_world(world_dir, device)
@@ -208,6 +220,7 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
               "first_loss": losses[0], "last_loss": losses[-1],
               "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
     (stage / QUALITY_FILE).write_text(json.dumps(report, indent=2))
+    permit_as_umask(stage)  # safetensors writes the weights readable by their owner alone
     if out.exists():
         out.rmdir()  # empty, checked above
     out.parent.mkdir(parents=True, exist_ok=True)
