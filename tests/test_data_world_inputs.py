@@ -119,6 +119,20 @@ def test_a_resolution_far_above_the_models_is_refused(tiny_sd, tmp_path, run_err
     assert_refused(code, err, tmp_path / "run", "more than 8x the model's 16 px")
 
 
+def test_world_data_at_the_models_size_says_the_size_is_the_models(tiny_sd, tiny_lcm, tmp_path, run_error):
+    """The tiny models are 16 px, the world's datasets 32 or 64: `lcm cache`, `lcm distill` (without --resolution) and `lcm
+    evaluate` of world data said "resolution 16 is not supported", a number their command lines held nowhere."""
+    code, err = run_error(["cache", "--model", str(tiny_sd), "--data", "world:shapes", "--out", str(tmp_path / "cache")])
+    assert_refused(code, err, tmp_path / "cache", f"not at 16 px, the native size of --model {tiny_sd}")
+    code, err = distill(run_error, tiny_sd, "world:shapes", tmp_path / "run")
+    assert_refused(code, err, tmp_path / "run", "not at 16 px, the model's native size (--resolution sets another)")
+    code, err = run_error(["evaluate", "--lcm", str(tiny_lcm), "--prompts", "world:shapes:reference", "--samples", "2",
+                           "--steps", "1", "--out", str(tmp_path / "eval")])
+    assert_refused(code, err, tmp_path / "eval", "not at 16 px, the native size of the model evaluated")
+    code, err = distill(run_error, tiny_sd, "world:shapes", tmp_path / "run", "--resolution", "24")  # a size the user gave
+    assert_refused(code, err, tmp_path / "run", "resolution 24 is not supported; use one of 32, 64")
+
+
 FOREIGN_WORLD_FILES = {"not JSON": "{", "a list": "[1]", "no preset": '{"name": "mine"}'}
 
 

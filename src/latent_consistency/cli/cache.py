@@ -54,7 +54,7 @@ def write_cache(args) -> None:
     device = resolve_device(args.device)
     model = load_diffusion_model(args.model, torch.float32, device)
     resolution = model.native_size
-    dataset = open_dataset(args.data, resolution)
+    dataset = open_dataset(args.data, resolution, size_from=f"the native size of --model {args.model}")
     if isinstance(dataset, LatentCache):
         raise UserError(f"--data {args.data} is a latent cache already; give the images it was made from")
     if isinstance(dataset, ShardStream) and args.num_workers:  # `UsableBatches` reads shards in this process: the workers went unused

@@ -130,7 +130,7 @@ class DataItems:
             return self.shards
         if self.folder is not None and not images:
             return self.folder
-        dataset = open_dataset(self.spec, self.resolution)
+        dataset = open_dataset(self.spec, self.resolution, size_from="the native size of the model evaluated")  # `run`'s
         if isinstance(dataset, ShardStream):
             self.shards = dataset
         elif isinstance(dataset, ImageFolderDataset):

@@ -192,6 +192,12 @@ class _Sample:
         return [self.shard, self.offset, self.size, self.caption]
 
 
+def _shards_name(shards: list[str], rank: int, world_size: int) -> str:
+    """How the log names a stream's shards: by the first of them, and by the rank that reads them where there are several."""
+    ranks = f" of rank {rank}/{world_size}" if world_size > 1 else ""
+    return f"shards{ranks} ({shards[0]}, ...)"
+
+
 class ShardStream(IterableDataset):
     """Infinite stream of {"image": float32 [3, resolution, resolution] in [-1, 1], "caption": str}."""
 
@@ -222,7 +228,7 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.decode_threads = decode_threads
-        self.skipped = SkipCounter(name=f"shards of rank {rank}/{world_size} ({self.shards[0]}, ...)")
+        self.skipped = SkipCounter(name=_shards_name(self.shards, rank, world_size))
         # The position (see state_dict).
         self._draws = 0  # shards drawn so far; the current shard is draw _draws - 1
         self._offset: int | None = None  # header offset of the next member in the current shard; None: draw next

@@ -27,17 +27,17 @@ from latent_consistency.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_E
 from latent_consistency.data.shards import COMPRESSED_SUFFIXES, ShardStream, check_uncompressed, expand_urls
 from latent_consistency.errors import UserError
 
-# Named dataset schemes: "world" -> (a function of (name, resolution) giving that dataset, the names it knows).
+# Named dataset schemes: "world" -> (a function of (name, resolution, size_from) giving that dataset, the names it knows).
 # The library knows none; the built-in world registers its own when imported (`latent_consistency.world`).
-SCHEMES: dict[str, tuple[Callable[[str, int], Dataset], tuple[str, ...]]] = {}
+SCHEMES: dict[str, tuple[Callable[[str, int, str | None], Dataset], tuple[str, ...]]] = {}
 # Each scheme's one spelling of a NAME that has several ("shapes" and "shapes:train"), for `canonical_spec`.
 CANONICAL_NAMES: dict[str, Callable[[str], str]] = {}
 
 
-def register_scheme(scheme: str, open_named: Callable[[str, int], Dataset], names: tuple[str, ...],
+def register_scheme(scheme: str, open_named: Callable[[str, int, str | None], Dataset], names: tuple[str, ...],
                     canonical: Callable[[str], str] | None = None) -> None:
-    """Let data specs `SCHEME:NAME` name the datasets `names` that `open_named(NAME, resolution)` opens; `canonical(NAME)`
-    spells alike the NAMEs that open the same data."""
+    """Let data specs `SCHEME:NAME` name the datasets `names` that `open_named(NAME, resolution, size_from)` opens (see
+    `open_dataset` for `size_from`); `canonical(NAME)` spells alike the NAMEs that open the same data."""
     SCHEMES[scheme] = (open_named, names)
     if canonical is not None:
         CANONICAL_NAMES[scheme] = canonical
@@ -58,18 +58,20 @@ def accepted() -> str:
 
 
 def open_dataset(
-    spec: str, resolution: int, seed: int = 0, rank: int = 0, world_size: int = 1, holdout: Holdout | None = None
+    spec: str, resolution: int, seed: int = 0, rank: int = 0, world_size: int = 1, holdout: Holdout | None = None,
+    size_from: str | None = None,
 ) -> Dataset | IterableDataset:
     """The dataset `spec` names (see the module docstring), or one side of a held-out split of it (`holdout`).
 
     seed, rank and world_size apply to shard streams, which shuffle and split themselves; map-style
-    datasets are shuffled and split by `ResumableSampler`.
+    datasets are shuffled and split by `ResumableSampler`. `size_from` says where `resolution` came from when the user did
+    not give it ("the native size of --model M"), for a registered dataset that does not come in that size to say so.
     """
     if not spec.strip():  # Path("") is ".": the current folder was scanned as the data
         raise UserError(f"data spec {spec!r} names no data; it can be {accepted()}")
     scheme, _, name = spec.partition(":")
     if name and scheme in SCHEMES:
-        dataset = SCHEMES[scheme][0](name, resolution)
+        dataset = SCHEMES[scheme][0](name, resolution, size_from)
         return dataset if holdout is None else Subset(dataset, holdout.select([str(i) for i in range(len(dataset))], "samples"))
     path = Path(spec).expanduser()
     if path.is_dir():

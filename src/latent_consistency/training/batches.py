@@ -42,7 +42,8 @@ class TrainingBatches:
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", num_workers: int = 0,
                  holdout: Holdout | None = None):
         self.model, self.micro_batch, self.device, self.spec = model, micro_batch, torch.device(device), spec
-        self.dataset = open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size, holdout=holdout)
+        size_from = "the model's native size (--resolution sets another)" if resolution == model.native_size else None
+        self.dataset = open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size, holdout=holdout, size_from=size_from)
         self.resolution = resolution
         self.num_workers = num_workers
         self._check_workers_apply()

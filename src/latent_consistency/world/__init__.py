@@ -6,9 +6,9 @@ from latent_consistency.data.spec import register_scheme
 from latent_consistency.world.datasets import DATASETS, get_dataset
 
 
-def _open(name: str, resolution: int):
+def _open(name: str, resolution: int, size_from: str | None = None):
     dataset, _, split = name.partition(":")
-    return get_dataset(dataset, split or "train", resolution)
+    return get_dataset(dataset, split or "train", resolution, size_from=size_from)
 
 
 def _canonical(name: str) -> str:

@@ -27,15 +27,27 @@ def check_dataset(name: str) -> str:
     return name
 
 
+def check_resolution(resolution: int, size_from: str | None = None) -> None:
+    """A UserError unless the world's datasets come at `resolution` px. `size_from` says where that size came from when the
+    user did not give it ("the native size of --model M"): `lcm cache --data world:shapes` with a 16 px model was refused
+    as "resolution 16 is not supported", a number that the command line held nowhere."""
+    if resolution in RESOLUTIONS:
+        return
+    if size_from is None:
+        raise UserError(f"resolution {resolution} is not supported; use one of {', '.join(map(str, RESOLUTIONS))}")
+    sizes = " or ".join(map(str, RESOLUTIONS))
+    raise UserError(f"the world's datasets come at {sizes} px, not at {resolution} px, {size_from}; use a model made for {sizes} px images")
+
+
 def get_dataset(
-    name: str, split: str, resolution: int = 32, seed: int = 0, size: int | None = None
+    name: str, split: str, resolution: int = 32, seed: int = 0, size: int | None = None, size_from: str | None = None
 ) -> torch.utils.data.Dataset:
-    """The `split` of dataset `name` at `resolution` px; items {"image", "caption", "attributes"}."""
+    """The `split` of dataset `name` at `resolution` px; items {"image", "caption", "attributes"}. `size_from`: where
+    `resolution` came from, for its refusal (`check_resolution`)."""
     check_dataset(name)
     if split not in SPLITS[name]:
         raise UserError(f"unknown {name} split {split!r}; use one of {', '.join(SPLITS[name])}")
-    if resolution not in RESOLUTIONS:
-        raise UserError(f"resolution {resolution} is not supported; use one of {', '.join(map(str, RESOLUTIONS))}")
+    check_resolution(resolution, size_from)
     if name == "shapes":
         return shapes.ShapesDataset(split, resolution=resolution, size=size, seed=seed)
     return digits.DigitsDataset(split, resolution=resolution, seed=seed, size=size)
