@@ -1,6 +1,7 @@
 """`lcm cache` (`write_latent_cache`) stopped part way resumes: a rerun of the same job goes on from the last whole shard
 recorded in OUT.partial and writes, byte for byte, the cache an uninterrupted run writes, encoding only the samples left.
-A rerun of another job, or of data whose reading has no position to go on from, starts OUT.partial again, saying why."""
+A rerun of another job, or of data whose reading has no position to go on from, starts OUT.partial again, saying why.
+(Webdataset shards: `test_cache_shard_resume`.)"""
 
 import functools
 import json
@@ -13,7 +14,6 @@ from latent_consistency.data import latent_cache
 from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.shards import ShardStream
 from latent_consistency.models import LatentCodec, load_diffusion_model
-from test_shard_journeys import img2dataset_sample, write_shard
 from tiny_models import write_captioned_images
 
 # Captions that repeat, some first seen in a later shard: the caption table rebuilt on a resume must keep their order
@@ -162,22 +162,16 @@ def test_a_rerun_of_another_job_starts_again_saying_why(model, tmp_path, monkeyp
     assert snapshot(tmp_path / "cache") == snapshot(tmp_path / "whole")
 
 
-def test_shards_and_other_data_are_read_again_from_their_start_saying_so(model, tmp_path, monkeypatch, encoded):
-    """Webdataset shards' reading once (`ShardStream.samples_once`) keeps no position to go on from, nor has a list of samples
-    an identity to check: a rerun starts their OUT.partial again, with a note, and writes the uninterrupted cache."""
-    for k in range(3):
-        write_shard(tmp_path / "shards" / f"0000{k}.tar", [m for i in range(4) for m in img2dataset_sample(f"s{k}{i}", CAPTIONS[4 * k + i])])
+def test_other_data_is_read_again_from_its_start_saying_so(model, tmp_path, monkeypatch, encoded):
+    """A list of samples (other data than an image folder or shards, whose resume `test_cache_shard_resume` checks) has no
+    identity to check: a rerun starts its OUT.partial again, with a note, and writes the uninterrupted cache."""
     samples = [{"image": torch.rand(3, 16, 16) * 2 - 1, "caption": c} for c in CAPTIONS[:12]]
-    shards = [str(tmp_path / "shards" / f"0000{k}.tar") for k in range(3)]
-    for name, data in {"shards": lambda: ShardStream(shards, 16), "list": lambda: samples}.items():
-        write(model, data(), tmp_path / f"{name}-whole", source={})
-        partial = killed(model, data(), tmp_path / f"{name}-cache", monkeypatch, source={})
-        encoded[0], notes = 0, []
-        write(model, data(), tmp_path / f"{name}-cache", notes, source={})
-        why = "webdataset shards are read again from their start (only an image folder's reading resumes)" if name == "shards" else \
-            "only an image folder's reading resumes"
-        assert notes == [f"note: {partial} is started again: {why}"] and encoded[0] == 12, name
-        assert snapshot(tmp_path / f"{name}-cache") == snapshot(tmp_path / f"{name}-whole"), name
+    write(model, samples, tmp_path / "whole", source={})
+    partial = killed(model, samples, tmp_path / "cache", monkeypatch, source={})
+    encoded[0], notes = 0, []
+    write(model, samples, tmp_path / "cache", notes, source={})
+    assert notes == [f"note: {partial} is started again: only the reading of an image folder or of webdataset shards resumes"]
+    assert encoded[0] == 12 and snapshot(tmp_path / "cache") == snapshot(tmp_path / "whole")
 
 
 def test_a_partial_without_a_whole_shard_or_with_a_damaged_record_starts_again(model, tmp_path, monkeypatch, encoded):

@@ -126,7 +126,7 @@ def test_cache_of_shards_refuses_num_workers(tiny_sd, run_error, tmp_path):
     write_shard(tmp_path / "shards" / "00000.tar", img2dataset_sample("a", "a red one"))
     out = tmp_path / "cache"
     refused(run_error, ["cache", "--model", str(tiny_sd), "--data", str(tmp_path / "shards"), "--num-workers", "2", "--out", str(out)],
-            "is webdataset shards, which decode on threads in this process: leave --num-workers out", out)
+            "is webdataset shards, which are read and decoded in this process: leave --num-workers out", out)
 
 
 # --- lcm world build --parts-from into a started build ---

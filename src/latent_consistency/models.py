@@ -531,23 +531,15 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     (it overflows in float16) stays in float32 (`DiffusionModel.upcasts_vae`). The folder's components (a hub id's: its
     snapshot's, `check_hub_id`) are checked before any weights load (`_check_components`).
     """
-    from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
     device = resolve_device(device)  # "cuda" on a machine without one is a one-line error here, not torch's assertion later
     check_dtype(dtype)
     name_or_path = os.fsdecode(name_or_path)  # a pathlib.Path as its text: the model's `source`, and a hub id's test
-    # Read from here: the folder, or a hub id's snapshot in the cache (online, downloaded first)
-    folder = check_hub_id(name_or_path, "a diffusers model from")
-    _check_model_folder(folder, name_or_path)
-    read_json_object(Path(folder) / "model_index.json", "a pipeline folder")
+    folder, index, pixart, scheduler_config = _read_pipeline_folder(name_or_path)
     kwargs = dict(torch_dtype=dtype, use_safetensors=True)
     try:
-        index = dict(DiffusionPipeline.load_config(folder))
-        pixart = _is_pixart(name_or_path, index)
-        _check_components(folder, index, pixart)
-        scheduler_config = _read_scheduler_config(name_or_path, folder)  # before any weights: what it says may refuse the model
-        _check_terminal_prediction(name_or_path, scheduler_config)
         vae = load_component(AutoencoderKL, folder, "vae", **kwargs)
         if pixart:
             unet = load_component(PixArtTransformer2DModel, folder, "transformer", **kwargs)
@@ -576,16 +568,74 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     return model.to(device)
 
 
+def _read_pipeline_folder(name_or_path: str) -> tuple[str, dict, bool, dict]:
+    """Where the model `name_or_path` is read from (the folder, or a hub id's snapshot in the cache, downloaded first when
+    online: `check_hub_id`), its model_index.json, whether it is PixArt-α, and its scheduler config: all checked before any
+    weights load, since what they say may refuse the model (`_check_components`, `_check_terminal_prediction`)."""
+    from diffusers import DiffusionPipeline
+
+    folder = check_hub_id(name_or_path, "a diffusers model from")
+    _check_model_folder(folder, name_or_path)
+    read_json_object(Path(folder) / "model_index.json", "a pipeline folder")
+    try:
+        index = dict(DiffusionPipeline.load_config(folder))
+        pixart = _is_pixart(name_or_path, index)
+        _check_components(folder, index, pixart)
+        scheduler_config = _read_scheduler_config(name_or_path, folder)
+        _check_terminal_prediction(name_or_path, scheduler_config)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a diffusers model from {name_or_path}: {first_line(err)}") from err
+    return folder, index, pixart, scheduler_config
+
+
+def load_latent_codec(name_or_path: str, device: str | torch.device = "cpu") -> tuple[LatentCodec, int]:
+    """The VAE of the model `name_or_path` in float32 as its `LatentCodec`, and the model's native size (px), without its
+    denoising network's or text encoders' weights: all that a captions-only latent cache needs (`lcm cache
+    --captions-only`), where loading the whole model took SD 1.5's UNet and text encoder (3.9 GB more in float32) and
+    PixArt-α's T5-XXL (19 GB) to leave them unused. The folder is checked as `load_diffusion_model` checks it and the VAE
+    loaded as it loads it, so the latents are the whole model's; the size comes from the denoising network's config, which
+    must take the VAE's latents (`_check_latent_channels`)."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
+
+    device = resolve_device(device)
+    name_or_path = os.fsdecode(name_or_path)
+    folder, _, pixart, _ = _read_pipeline_folder(name_or_path)
+    name, network = ("transformer", PixArtTransformer2DModel) if pixart else ("unet", UNet2DConditionModel)
+    try:
+        config = _config_with_defaults(network, folder, name)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a diffusers model from {name_or_path}: {first_line(err)}") from err
+    vae = load_component(AutoencoderKL, folder, "vae", torch_dtype=torch.float32, use_safetensors=True)
+    codec = LatentCodec(vae.requires_grad_(False).eval().to(device))
+    _check_latent_channels(name_or_path, codec, config, name)
+    return codec, int(config["sample_size"]) * codec.downsampling_factor
+
+
+def _config_with_defaults(cls, folder: str, subfolder: str) -> dict:
+    """The config of the `cls` model in `folder`/`subfolder` as loading it makes it, its weights left on disk: the
+    config.json's keys over the defaults of `cls`'s arguments (a key the file leaves out takes its default)."""
+    import inspect
+
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+    return defaults | dict(cls.load_config(folder, subfolder=subfolder))
+
+
+def _check_latent_channels(source: str, codec: LatentCodec, config, name: str) -> None:
+    """The denoising network `name` (its `config`) of the model `source` takes the latents its VAE makes."""
+    if codec.latent_channels != int(config["in_channels"]):
+        raise UserError(f"{source}: its vae makes {codec.latent_channels}-channel latents, but its {name} takes "
+                        f"{config['in_channels']}-channel ones: parts of different models (or an inpainting or depth {name}, which takes more "
+                        f"than latents and is not supported here); put the vae of the {name}'s model in vae/")
+
+
 def _check_parts_fit(model: DiffusionModel) -> None:
     """The parts of a pipeline folder are of one model: the VAE makes the latents the denoising network takes, and the text
     encoder(s) make embeddings as wide as it attends to (an SDXL UNet: the two side by side) and the pooled embedding it takes,
     of the tokens their tokenizers make. Parts of another family (SD3's
     16-channel VAE, SD 2's text encoder on SD 1.5) would fail only when the first image is made, after the output folder."""
     config, name = model.unet.config, "transformer" if model.is_transformer else "unet"
-    if model.codec.latent_channels != int(config.in_channels):
-        raise UserError(f"{model.source}: its vae makes {model.codec.latent_channels}-channel latents, but its {name} takes "
-                        f"{config.in_channels}-channel ones: parts of different models (or an inpainting or depth {name}, which takes more "
-                        f"than latents and is not supported here); put the vae of the {name}'s model in vae/")
+    _check_latent_channels(model.source, model.codec, config, name)
     width = config.get("caption_channels") if model.is_transformer else config.get("encoder_hid_dim") or config.get("cross_attention_dim")
     made = sum(int(encoder.config.hidden_size) for encoder in model.text_encoders)
     if isinstance(width, int) and made != width:

@@ -10,16 +10,18 @@ and the central square kept. Each usable sample is written once (`data.latent_ca
 a sample without a caption is counted and left out, and shards are read once each, shard after shard. The folder is
 written as `OUT.partial` and renamed when whole: a stopped `lcm cache` (Ctrl-C, SIGTERM, a kill, a full disk) leaves no
 cache that looks finished, and the same command run again goes on from the last whole shard in OUT.partial, writing the
-very cache an uninterrupted run writes. It resumes an image folder read with the same --model, images, captions,
---batch-size, type of --device (cpu, cuda or mps: each rounds its own way) and choice of --captions-only; webdataset
-shards, other data or other settings start OUT.partial again, with a note saying why.
+very cache an uninterrupted run writes. It resumes an image folder or webdataset shards read with the same --model,
+images and captions (of shards: the same .tar files, by their names, sizes and first bytes), --batch-size, type of
+--device (cpu, cuda or mps: each rounds its own way) and choice of --captions-only; other data (a registered dataset)
+or other settings start OUT.partial again, with a note saying why.
 
 With --captions-only the cache holds the caption strings instead of their text embeddings, and each run encodes its
 micro-batches' captions with its own model, as it does an image folder's (diffusers' training scripts do the same). In
 Stable Diffusion 1.5 at 512 px a sample's latents are 64 KiB and a distinct caption's text embedding 231 KiB: where
 every caption is distinct (LAION), a full cache is ~80 % text embeddings, and a captions-only one a fifth of its size.
-The text encoder(s) are loaded with the model but not run, and the cache records the VAE's digest alone: any model that
-shares the VAE trains on it, whatever its text encoder(s). The summary line gives the cache's size.
+Only the model's VAE is loaded (its UNet's or transformer's config gives the native size), and the cache records the
+VAE's digest alone: any model that shares the VAE trains on it, whatever its text encoder(s). The summary line gives the
+cache's size.
 """
 
 from __future__ import annotations
@@ -42,28 +44,24 @@ def run(args) -> None:
 
 
 def write_cache(args) -> None:
-    import torch
-
     from latent_consistency.data.latent_cache import MANIFEST, LatentCache, write_latent_cache
     from latent_consistency.data.shards import ShardStream
     from latent_consistency.data.spec import open_dataset
-    from latent_consistency.models import load_diffusion_model
 
     check_out(args.out)
     check_data(args.data)
     device = resolve_device(args.device)
-    model = load_diffusion_model(args.model, torch.float32, device)
-    resolution = model.native_size
+    codec, prompts, resolution = load_encoders(args.model, device, args.captions_only)
     dataset = open_dataset(args.data, resolution, size_from=f"the native size of --model {args.model}")
     if isinstance(dataset, LatentCache):
         raise UserError(f"--data {args.data} is a latent cache already; give the images it was made from")
     if isinstance(dataset, ShardStream) and args.num_workers:  # `UsableBatches` reads shards in this process: the workers went unused
         raise UserError(f"--num-workers {args.num_workers} starts processes that decode an image folder's images; --data {args.data} "
-                        "is webdataset shards, which decode on threads in this process: leave --num-workers out")
+                        "is webdataset shards, which are read and decoded in this process: leave --num-workers out")
     source = {"data": args.data, "model": args.model, "resolution": resolution}
     # progress as every command shows it: a bar in a terminal, whole lines in a log (`progress`), where a cache of LAION's
     # size is hours of encoding that showed nothing
-    out = write_latent_cache(dataset, args.out, model.codec, model.prompts, source, device, batch_size=args.batch_size,
+    out = write_latent_cache(dataset, args.out, codec, prompts, source, device, batch_size=args.batch_size,
                              num_workers=args.num_workers, say=lambda line: print(f"lcm cache: {line}", file=sys.stderr, flush=True),
                              captions_only=args.captions_only)
     summary = getattr(dataset, "skipped", None)
@@ -73,6 +71,20 @@ def write_cache(args) -> None:
     samples = manifest["num_samples"]  # the usable ones: the data's, less those skipped
     print(f"wrote a latent cache of {samples} samples at {resolution} px ({size_note(out, manifest)}) to {out}; "
           f"train on it with --data {out}")
+
+
+def load_encoders(model: str, device, captions_only: bool):
+    """(codec, prompt encoder, native size) of --model in float32, as the cache records their digests: the VAE alone for
+    --captions-only, whose text encoder(s) would not run (`models.load_latent_codec`; prompts None), else the whole model."""
+    import torch
+
+    from latent_consistency.models import load_diffusion_model, load_latent_codec
+
+    if captions_only:
+        codec, size = load_latent_codec(model, device)
+        return codec, None, size
+    loaded = load_diffusion_model(model, torch.float32, device)
+    return loaded.codec, loaded.prompts, loaded.native_size
 
 
 def size_note(out: Path, manifest: dict) -> str:
@@ -134,8 +146,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="the cache folder to write (it must not exist)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per VAE batch (default 64)")
     p.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader worker processes that decode an image "
-                   "folder's (or a registered dataset's) images beside the encoding (default 0: in this process; shards decode on "
-                   "threads, and take none)")
+                   "folder's (or a registered dataset's) images beside the encoding (default 0: in this process; shards are read and "
+                   "decoded in this process, and take none)")
     p.add_argument("--captions-only", action="store_true", help="store the caption strings instead of their text embeddings, "
                    "without running the text encoder(s); each run encodes its micro-batches' captions with its own model. In SD 1.5 "
                    "at 512 px a sample's latents are 64 KiB and a distinct caption's text embedding 231 KiB: with every caption "

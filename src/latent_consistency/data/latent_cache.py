@@ -58,7 +58,7 @@ from safetensors.torch import save_file
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset, hash_json_list
 from latent_consistency.data.images import SkipCounter, SkipEvents
-from latent_consistency.data.shards import ShardStream
+from latent_consistency.data.shards import OncePosition, ShardStream
 from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
 from latent_consistency.hub import check_hub_id
@@ -115,9 +115,9 @@ def write_latent_cache(
 
     `source` (e.g. dataset name, split, resolution, seed) is recorded in the manifest. The folder is written as
     `<out_dir>.partial` and renamed when complete. A call that finds a `<out_dir>.partial` of the same job, killed part way
-    (an image folder read with the same `source`, VAE, batch and shard size), goes on from its last whole shard
-    (`_resumable`) and writes the very cache an uninterrupted call writes; any other is started again. `say` prints
-    its one-line notes (resuming, or why not), to stderr by default. The manifest records the digests (ENCODERS) of the
+    (an image folder or webdataset shards read with the same `source`, VAE, batch and shard size), goes on from its last
+    whole shard (`_resumable`) and writes the very cache an uninterrupted call writes; any other is started again. `say`
+    prints its one-line notes (resuming, or why not), to stderr by default. The manifest records the digests (ENCODERS) of the
     VAE's and text encoders' weights as given: in float32, as `lcm cache` loads them and a run compares them.
 
     `captions_only`: the cache holds the caption strings and no text embeddings (nor ∅'s), and records the VAE's digest
@@ -215,15 +215,16 @@ def _say(line: str) -> None:
 @dataclass
 class _Written:
     """What `<cache>.partial`, written by `job` (`_job`), holds: its whole shards (`shards`, each recorded in PROGRESS once
-    on disk), the distinct captions in the order they were first seen (caption u is row u of the text embeddings), the
-    number of the dataset's items read into those shards (`items`), and the size of the images and their latents."""
+    on disk), the distinct captions in the order they were first seen (caption u is row u of the text embeddings), where
+    the reading of the data got to with those shards (`items`, `UsableBatches.items`: a map-style dataset's items read, or
+    shards' [shard, after], `shards.OncePosition`), and the size of the images and their latents."""
 
     partial: Path
     job: dict
     shards: list[dict] = field(default_factory=list)
     caption_ids: dict[str, int] = field(default_factory=dict)
     fresh: list[str] = field(default_factory=list)  # the captions first seen since the last shard
-    items: int = 0
+    items: int | list[int] = 0
     image_size: list[int] = field(default_factory=list)
     latent_shape: list[int] = field(default_factory=list)
     scanned: SkipCounter | None = None  # the data's skip counts before its reading (an image folder's scan), if it counts
@@ -254,7 +255,7 @@ class _Written:
         if counter is not None:
             counter.counts = counter.counts + Counter(record["skipped"]["counts"])
             counter.seen = counter.seen | {(reason, detail) for reason, detail in record["skipped"]["seen"]}
-        say(f"resuming {partial} at sample {record['items']} of {len(dataset)} ({len(shards)} shards written)")
+        say(f"resuming {partial} at {_reading_at(dataset, record['items'])} ({len(shards)} shards written)")
         return cls(partial, job, shards, caption_ids, [], record["items"], record["image_size"], record["latent_shape"], scanned)
 
     def index(self, captions: list[str]) -> torch.Tensor:
@@ -292,6 +293,15 @@ class _Written:
         })
 
 
+def _reading_at(dataset, items: int | list[int]) -> str:
+    """Where a resumed reading of `dataset` goes on, in a note: at an item of a map-style dataset, or in a .tar shard
+    (`OncePosition` [shard, after]), numbered from 1 as a user counts them."""
+    if not isinstance(dataset, ShardStream):
+        return f"sample {items} of {len(dataset)}"
+    shard, count = items[0], len(dataset.shards)
+    return "the end of the webdataset shards" if shard == count else f"webdataset shard {shard + 1} of {count} ({dataset.shards[shard]})"
+
+
 def _skip_copy(dataset) -> SkipCounter | None:
     """A copy of `dataset`'s skip counts as they are now; None for data that counts none. PROGRESS records the reading's
     skips, those counted since the scan: a resume scans the folder again, and counts what the scan finds now."""
@@ -309,6 +319,7 @@ _JOB_PARTS = {"format": "version of lcm (cache format)",
               CAPTIONS_ONLY: "choice of --captions-only (caption strings, or their text embeddings)",
               "source": "source (--data, --model or resolution)", "data": "data (other image files or captions)", "encoder": "VAE (other weights)",
               "device": "device type (--device)", "batch_size": "batch size", "shard_size": "shard size"}
+_SHARDS_DATA = "data (other .tar shards: names, sizes or first bytes)"  # `_JOB_PARTS["data"]` of webdataset shards
 # What a record written before a part was added to the job means by its absence: every earlier version wrote full caches
 _EARLIER_JOB = {CAPTIONS_ONLY: False}
 
@@ -320,13 +331,17 @@ def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size:
     shards of both would make a cache that is neither's), and batch and shard size (they place the shard boundaries).
     The data is an image folder's count of samples, resolution and digest of their file names and captions, which its
     scan holds: a stat of each file (let alone the 32 KiB of each that a training run's fingerprint reads) is minutes at
-    12 million files on a network disk, at every start of every cache. None for other data, whose reading does not
-    resume."""
+    12 million files on a network disk, at every start of every cache. Of webdataset shards, their count, resolution and
+    fingerprint (`ShardStream.fingerprint`: each one's name, size and first 16 KiB, as a training checkpoint records
+    them): a position in them is a shard's index and a byte offset, which in another file are other samples. None for
+    other data, whose reading does not resume."""
     data = None
     if isinstance(dataset, ImageFolderDataset):
         names = hashlib.sha256()
         hash_json_list(names, ([file_name, caption] for file_name, caption in dataset.samples))
         data = {"samples": len(dataset), "resolution": dataset.resolution, "fingerprint": names.hexdigest()[:16]}
+    elif isinstance(dataset, ShardStream):
+        data = {"shards": len(dataset.shards), "resolution": dataset.resolution, "fingerprint": dataset.fingerprint()}
     job = {"format": FORMAT, CAPTIONS_ONLY: captions_only, "source": _as_real_paths(source), "data": data,
            "encoder": _encoder_digest(codec), "device": codec.vae.device.type, "batch_size": batch_size, "shard_size": shard_size}
     return json.loads(json.dumps(job))  # as PROGRESS holds it: a tuple in `source` compares as the list it is read back as
@@ -420,22 +435,22 @@ def _captions_only(cache: Path) -> bool:
 
 def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) -> dict | None:
     """The PROGRESS record of `partial` where a rerun can go on from it, with the caption table so far ("captions"): written
-    by this `job`, its shards and their readable first-seen captions there, `dataset` an image folder. Otherwise None,
-    and, where `partial` holds anything to lose, a note saying why it is started again. `partial` must be an unfinished
-    cache or nothing (`check_partial`)."""
+    by this `job`, its shards and their readable first-seen captions there, `dataset` an image folder or webdataset
+    shards. Otherwise None, and, where `partial` holds anything to lose, a note saying why it is started again. `partial`
+    must be an unfinished cache or nothing (`check_partial`)."""
     check_partial(partial, PARTIAL_MARK, "a latent cache")
     if not partial.is_dir() or not any(p.name != PARTIAL_MARK for p in partial.iterdir()):
         return None
-    if job["data"] is None:  # shards' `samples_once` has no position to go on from, other data no identity to check
-        record, why = None, ("webdataset shards are read again from their start (only an image folder's reading resumes)"
-                             if isinstance(dataset, ShardStream) else "only an image folder's reading resumes")
+    if job["data"] is None:  # other data has no identity to check
+        record, why = None, "only the reading of an image folder or of webdataset shards resumes"
     else:
-        record, why = _read_progress(partial)
+        record, why = _read_progress(partial, isinstance(dataset, ShardStream))
     if record is not None:
         recorded = _EARLIER_JOB | record["job"]
         differs = next((part for part in _JOB_PARTS if recorded.get(part) != job[part]), None)
         if differs in recorded:
-            record, why = None, f"it was written with another {_JOB_PARTS[differs]}"
+            what = _SHARDS_DATA if differs == "data" and isinstance(dataset, ShardStream) else _JOB_PARTS[differs]
+            record, why = None, f"it was written with another {what}"
         elif differs is not None:  # a part added since (the device type): an earlier version wrote the record
             record, why = None, f"its {PROGRESS}, written by an earlier version of lcm, records no {differs}"
     if record is not None:
@@ -469,8 +484,9 @@ def _first_seen(partial: Path, shards: list[dict]) -> tuple[list[str] | None, st
     return captions, ""
 
 
-def _read_progress(partial: Path) -> tuple[dict | None, str]:
-    """`partial`'s PROGRESS record, or None and why there is none to go on from."""
+def _read_progress(partial: Path, shards: bool) -> tuple[dict | None, str]:
+    """`partial`'s PROGRESS record, or None and why there is none to go on from. Its reading position ("items") is
+    [shard, after] of webdataset `shards` (`OncePosition`), else an item's index."""
     try:
         record = json.loads((partial / PROGRESS).read_text())
     except FileNotFoundError:
@@ -479,11 +495,18 @@ def _read_progress(partial: Path) -> tuple[dict | None, str]:
         return None, f"its {PROGRESS} is unreadable"
     fields = ("job", "shards", "items", "image_size", "latent_shape", "skipped")
     if not (isinstance(record, dict) and all(f in record for f in fields) and isinstance(record["job"], dict)
-            and isinstance(record["shards"], list) and isinstance(record["items"], int)
+            and isinstance(record["shards"], list) and _is_position(record["items"], shards)
             and all(isinstance(s, dict) and s.get("file") == f"shard-{k:05d}.safetensors" and isinstance(s.get("num_samples"), int)
                     for k, s in enumerate(record["shards"]))):
         return None, f"its {PROGRESS} is not one this version writes"
     return record, ""
+
+
+def _is_position(items, shards: bool) -> bool:
+    """Whether `items` is a reading position as PROGRESS records it: [shard, after] for webdataset `shards`, else an int."""
+    if shards:
+        return isinstance(items, list) and len(items) == 2 and all(type(n) is int for n in items)
+    return type(items) is int
 
 
 def _encoded_captions(out_dir: Path, prompts, captions: list[str], device, size: tuple[int, int], batch_size: int,
@@ -735,26 +758,29 @@ class _SampleNames(Sequence):
 
 
 class UsableBatches:
-    """Batches (images, captions) of each usable sample of `dataset` once, in order, from its item `start` on (a map-style
-    dataset's; 0 for shards): an image folder's corrupt image is left out (`ImageFolderDataset.read`), where its
-    `__getitem__`, for a training run that draws without end, stands the next sample in for it and the cache would hold
-    that sample twice; shards are read shard after shard (`ShardStream.samples_once`), where their stream resamples without
-    end. `num_workers` DataLoader worker processes read a map-style dataset (shards decode on threads in this process), with
-    training's handling of their errors, skip counts and stops (`data.workers`); what they skipped is counted into
-    `dataset.skipped` at the end.
+    """Batches (images, captions) of each usable sample of `dataset` once, in order, from `start` on (a map-style dataset's
+    item, or shards' [shard, after], `shards.OncePosition`; 0: from the beginning): an image folder's corrupt image is left
+    out (`ImageFolderDataset.read`), where its `__getitem__`, for a training run that draws without end, stands the next
+    sample in for it and the cache would hold that sample twice; shards are read shard after shard
+    (`ShardStream.samples_once`), where their stream resamples without end. `num_workers` DataLoader worker processes read
+    a map-style dataset (shards are read and decoded in this process), with training's handling of their errors, skip
+    counts and stops (`data.workers`); what they skipped is counted into `dataset.skipped` at the end.
 
     The DataLoader's batches are items [start + j·batch_size, start + (j+1)·batch_size), less those left out, so a
-    reading from a `start` that is a multiple of `batch_size` forms the batches a reading from 0 forms there. Where the
-    reading is (`items`, `skipped`) is what a resumed `write_latent_cache` goes on from."""
+    reading from a `start` that is a multiple of `batch_size` forms the batches a reading from 0 forms there. Shards'
+    batches are their usable samples `batch_size` at a time, in this process with no loader reading ahead, so the reading
+    is held at each batch's last sample as the batch is given (`OncePosition`). Where the reading is (`items`, `skipped`)
+    is what a resumed `write_latent_cache` goes on from."""
 
-    def __init__(self, dataset, batch_size: int, num_workers: int = 0, start: int = 0):
+    def __init__(self, dataset, batch_size: int, num_workers: int = 0, start: int | list[int] = 0):
         self.dataset, self.batch_size, self.start = dataset, batch_size, start
         self.num_workers = 0 if isinstance(dataset, ShardStream) else num_workers
         self.counted = _Counted()
+        self.once = OncePosition(*start) if isinstance(start, list) else OncePosition()  # shards': moved by their reading
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         if isinstance(self.dataset, ShardStream):
-            samples, sampler = _SamplesOnce(self.dataset), None
+            samples, sampler = _SamplesOnce(self.dataset, self.once), None
         else:
             samples = _Read(self.dataset) if isinstance(self.dataset, ImageFolderDataset) else self.dataset
             sampler = range(self.start, len(self.dataset))
@@ -766,10 +792,11 @@ class UsableBatches:
             self.counted.named, self.counted.unnamed = set(), Counter()  # in `counter` now
 
     @property
-    def items(self) -> int | None:
-        """The dataset's items read so far, a map-style dataset's (those left out included); None for shards."""
+    def items(self) -> int | list[int]:
+        """Where the reading is: the dataset's items read so far, a map-style dataset's (those left out included), or
+        shards' [shard, after] (`OncePosition`)."""
         if isinstance(self.dataset, ShardStream):
-            return None
+            return [self.once.shard, self.once.after]
         return min(self.start + self.counted.batches * self.batch_size, len(self.dataset))
 
     def skipped(self) -> SkipCounter | None:
@@ -807,13 +834,13 @@ class _Read(torch.utils.data.Dataset):
 
 
 class _SamplesOnce(torch.utils.data.IterableDataset):
-    """Shards' usable samples, each once (`ShardStream.samples_once`)."""
+    """Shards' usable samples, each once, from `position` on, which the reading moves along (`ShardStream.samples_once`)."""
 
-    def __init__(self, stream: ShardStream):
-        self.stream = stream
+    def __init__(self, stream: ShardStream, position: OncePosition):
+        self.stream, self.position = stream, position
 
     def __iter__(self) -> Iterator[dict]:
-        return self.stream.samples_once()
+        return self.stream.samples_once(self.position)
 
 
 def _read_manifest(path: Path) -> dict:

@@ -177,6 +177,19 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
+@dataclass
+class OncePosition:
+    """Where a reading of each usable sample once (`ShardStream.samples_once`) is: past the sample whose first member's
+    header lies at byte `after` of shard `shard` (an index into `ShardStream.shards`; `after` -1: before the shard's first
+    sample; `shard` len(shards): every shard read). `samples_once` moves it to each sample as it hands it out, and to the end
+    once the last shard is read: at those moments the reading has counted the skips of exactly the samples before it, so
+    a latent cache's progress record keeps it beside its whole shards and their skip counts, and a rerun goes on from it
+    (`latent_cache.UsableBatches`). Headers are read again up to it, the images and captions before it not."""
+
+    shard: int = 0
+    after: int = -1
+
+
 @dataclass(slots=True)
 class _Sample:
     """One sample's address in its shard, its caption and (until decoded) its image bytes."""
@@ -327,36 +340,45 @@ class ShardStream(IterableDataset):
             cursor.close()
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def samples_once(self) -> Iterator[dict[str, torch.Tensor | str]]:
+    def samples_once(self, position: OncePosition | None = None) -> Iterator[dict[str, torch.Tensor | str]]:
         """Each usable sample of each shard once, shard after shard in order, in this thread: what an evaluation reads as
-        its prompts and reference images, where the endless resampled stream would repeat some and leave others out.
-        Skipped samples and damaged shards are counted as the stream counts them; the stream's position is untouched."""
-        for data, caption, where in self._captioned_once(self.skipped):
+        its prompts and reference images, where the endless resampled stream would repeat some and leave others out, and
+        what a latent cache encodes. Skipped samples and damaged shards are counted as the stream counts them; the stream's
+        position is untouched. Given `position`, the reading starts there and moves it along (`OncePosition`): decoding
+        runs here, not ahead on threads, so it is that of the samples handed out."""
+        position = OncePosition() if position is None else position
+        for data, caption, where, at in self._captioned_once(self.skipped, position.shard, position.after):
             image, reasons = decode_rgb_reasons(data, self.resolution)
             if image is None:
                 self.skipped.add(reasons[0], where)
                 continue
             for reason in reasons:
                 self.skipped.add(reason)
+            position.shard, position.after = at
             yield {"image": image, "caption": caption}
+        position.shard, position.after = len(self.shards), -1
 
     def first_captions(self, n: int) -> list[str]:
         """The captions of the first `n` samples with an image and a caption, shard after shard in order (no image decoded):
         a run's validation prompts where it names none, as an image folder's first captions are. The stream's position and
         counts are untouched."""
         skipped = SkipCounter(name=f"validation prompts of {self.skipped.name}")
-        return [caption for _, caption, _ in itertools.islice(self._captioned_once(skipped), n)]
+        return [caption for _, caption, _, _ in itertools.islice(self._captioned_once(skipped), n)]
 
-    def _captioned_once(self, skipped: SkipCounter) -> Iterator[tuple[bytes, str, str]]:
-        """(image bytes, caption, where) of each sample with an image and a caption, shard after shard in order; what is
-        skipped, and damaged shards, counted in `skipped`."""
-        for shard in self.shards:
+    def _captioned_once(self, skipped: SkipCounter, first: int = 0, after: int = -1) -> Iterator[tuple[bytes, str, str, tuple[int, int]]]:
+        """(image bytes, caption, where, (shard index, byte offset of its first member's header)) of each sample with an
+        image and a caption, shard after shard in order, from shard `first` on, past its sample at byte `after`
+        (`OncePosition`); what is skipped, and damaged shards, counted in `skipped`."""
+        for k in range(first, len(self.shards)):
+            shard = self.shards[k]
             try:
                 with tarfile.open(shard, mode="r:") as tar:
                     for group in _complete_groups(tar):
+                        if k == first and group[0].offset <= after:  # read before: its headers alone are read again
+                            continue
                         picked = _image_and_caption(tar, group, shard, skipped)
                         if picked is not None:
-                            yield tar.extractfile(picked[0]).read(), picked[1], f"{shard}:{_sample_key(group)}"
+                            yield tar.extractfile(picked[0]).read(), picked[1], f"{shard}:{_sample_key(group)}", (k, group[0].offset)
             except (tarfile.TarError, OSError) as error:
                 skipped.add("truncated_shard", f"{shard}: {error}")
 
