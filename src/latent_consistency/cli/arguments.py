@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 
 # A command-line word that is a value, never an option, though it starts with "-": a number of any spelling Python reads
 # (-1e-4, -.5, -inf, -nan) and a list of them (--timesteps -3,999). No option of `lcm` starts with "-" and a digit.
 NEGATIVE_VALUE = re.compile(r"^-(\.?\d|(inf|infinity|nan)$)", re.IGNORECASE)
+# The arguments that are text, not a path: their "~" is the user's (`OneLineParser.expand_home`). Generate's positional
+# prompts are by their dest with no option string; evaluate's --prompts is a file or dataset spec, a path.
+TEXT_DESTS = {"prompt", "negative_prompt", "validation_prompts"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -30,6 +34,25 @@ class OneLineParser(argparse.ArgumentParser):
     def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
         super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
         self._negative_number_matcher = NEGATIVE_VALUE  # argparse's own test of "a negative number, not an option"
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        self.expand_home(namespace)
+        return namespace, extras
+
+    def expand_home(self, namespace: argparse.Namespace) -> None:
+        """A path given as `~/...` (or `~user/...`) is the home folder's, in every flag, as the shell expands it unquoted and
+        `--data` read it already: quoted, `--out "~/run"` wrote into a folder named "~" under the current one (which a
+        later `rm -rf ~` meant to remove it takes the home folder with) and `--model "~/lcm"` did not exist. Prompts and
+        other text (`TEXT_DESTS`) are left as typed."""
+        for action in self._actions:
+            if action.dest in TEXT_DESTS or (action.dest == "prompts" and not action.option_strings):
+                continue
+            value = getattr(namespace, action.dest, None)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(namespace, action.dest, os.path.expanduser(value))
+            elif isinstance(value, list) and any(isinstance(v, str) and v.startswith("~") for v in value):
+                setattr(namespace, action.dest, [os.path.expanduser(v) if isinstance(v, str) else v for v in value])
 
     def error(self, message: str):
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
