@@ -140,8 +140,9 @@ def test_lcm_cache_captions_only_trains_a_model_with_the_same_vae_and_another_te
     kib = r"\d+\.\d KiB"
     assert re.fullmatch(rf"wrote a latent cache of 5 samples at 16 px \({kib}, captions only: each run encodes them\) to "
                         rf"{re.escape(str(tmp_path / 'captions'))}; train on it with --data .*", out.splitlines()[-1]), out
-    code, out, err = run([*command, "--out", str(tmp_path / "full")], capsys)
-    assert code == 0 and re.search(rf"\({kib}, of which {kib} text embeddings, left out by --captions-only\)", out), out
+    code, out, err = run([*command, "--out", str(tmp_path / "full cache")], capsys)
+    assert code == 0 and re.search(rf"\({kib}; its text embeddings are {kib}, which --captions-only would leave out\)", out), out
+    assert out.rstrip().endswith(f"train on it with --data '{tmp_path / 'full cache'}'"), out  # was: unquoted, broken by its space
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_sd, teacher)
     shutil.rmtree(teacher / "text_encoder")

@@ -27,6 +27,7 @@ cache's size.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def write_cache(args) -> None:
     manifest = json.loads((out / MANIFEST).read_text())
     samples = manifest["num_samples"]  # the usable ones: the data's, less those skipped
     print(f"wrote a latent cache of {samples} samples at {resolution} px ({size_note(out, manifest)}) to {out}; "
-          f"train on it with --data {out}")
+          f"train on it with --data {shlex.quote(str(out))}")
 
 
 def load_encoders(model: str, device, captions_only: bool):
@@ -96,7 +97,7 @@ def size_note(out: Path, manifest: dict) -> str:
     if manifest.get(CAPTIONS_ONLY):
         return f"{size}, captions only: each run encodes them"
     text = manifest["num_captions"] * manifest["max_length"] * manifest["text_hidden_size"] * 4
-    return f"{size}, of which {byte_size(text)} text embeddings, left out by --captions-only"
+    return f"{size}; its text embeddings are {byte_size(text)}, which --captions-only would leave out"
 
 
 def byte_size(n: int) -> str:
