@@ -113,3 +113,14 @@ def test_demo_end_to_end_on_the_tiny_world(tmp_path, monkeypatch):
     assert lcm(sweep + ["--runs", str(lora), "--steps", "4", "--no-ode-error"]) == 0 and calls == []
     assert json.loads((lora / "over_training.json").read_text()) == rows
     assert lcm(sweep + ["--runs", str(lora), "--steps", "4", "--no-ode-error", "--samples", "3"]) == 0 and len(calls) == 1
+
+
+def test_the_demo_table_has_attribute_columns_only_where_there_are_several():
+    from latent_consistency.world.demo import _table
+
+    digits = _table([("LCM", {"fid": 1.0, "alignment": {"digit": 0.5, "mean": 0.5}})])
+    # was: a "digit" column, equal to the alignment column
+    assert digits.splitlines() == ["| sampler | FID (judge) | alignment |", "|---|---|---|", "| LCM | 1.00 | 0.500 |"]
+    shapes = _table([("LCM", {"fid": 1.0, "alignment": {"shape": 0.5, "colour": 1.0, "mean": 0.75}})])
+    assert shapes.splitlines() == ["| sampler | FID (judge) | alignment | shape | colour |", "|---|---|---|---|---|",
+                                   "| LCM | 1.00 | 0.750 | 0.50 | 1.00 |"]

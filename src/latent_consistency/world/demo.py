@@ -43,11 +43,14 @@ from latent_consistency.world.presets import get_preset
 
 
 def _table(rows: list[tuple[str, dict]]) -> str:
+    """The demo's markdown table: FID and alignment per sampler, and each attribute's alignment where there are several
+    (a digit's only attribute, the digit, is the alignment itself)."""
     attrs = [a for a in rows[0][1]["alignment"] if a != "mean"]
-    lines = ["| sampler | FID (judge) | alignment | " + " | ".join(attrs) + " |", "|---" * (3 + len(attrs)) + "|"]
+    attrs = attrs if len(attrs) > 1 else []
+    lines = ["| " + " | ".join(["sampler", "FID (judge)", "alignment", *attrs]) + " |", "|---" * (3 + len(attrs)) + "|"]
     for label, r in rows:
         a = r["alignment"]
-        lines.append(f"| {label} | {r['fid']:.2f} | {a['mean']:.3f} | " + " | ".join(f"{a[k]:.2f}" for k in attrs) + " |")
+        lines.append("| " + " | ".join([label, f"{r['fid']:.2f}", f"{a['mean']:.3f}", *(f"{a[k]:.2f}" for k in attrs)]) + " |")
     return "\n".join(lines)
 
 
