@@ -304,7 +304,7 @@ def run(args) -> None:
 def run_evaluation(args) -> None:
     from latent_consistency.devices import resolve_device
     from latent_consistency.evaluation.table import OtherEvaluation, model_identity, run_table, table_rows, write_grid, write_plots, write_report
-    from latent_consistency.models import NotAnLCM, add_style_loras, guidance_record_of, load_diffusion_model, load_lcm, load_lcm_lora
+    from latent_consistency.models import add_style_loras, guidance_record_of, load_diffusion_model
     from latent_consistency.outputs import writable_folder
 
     for name in ("lcm", "prompts", "out"):
@@ -319,10 +319,7 @@ def run_evaluation(args) -> None:
     styles = [parse_style_lora(text) for text in args.style_lora]
     device = resolve_device(args.device)
     keep_freed_memory(device)
-    try:
-        lcm = load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
-    except NotAnLCM as err:  # a teacher given as --lcm: its rows are the baselines
-        raise UserError(f"{err}; to score it as the teacher of the baseline rows, give it as --teacher beside an LCM as --lcm") from None
+    lcm = load_evaluated_lcm(args, device)
     lcm = add_style_loras(lcm, styles, device=device)  # the LCM's rows only: the teacher's are the teacher's
     for n in args.steps:  # the step counts the LCM has, before the other models load and --out is made
         lcm.timesteps(n)
@@ -357,7 +354,9 @@ def run_evaluation(args) -> None:
     omega_teacher = teacher is not None and teacher.time_cond_proj_dim is not None  # a guidance-distilled teacher
     if min(scales) < 1 and (lcm.time_cond_proj_dim is not None or guided or omega_teacher):
         raise UserError(f"guidance scale {min(scales):.15g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
-    for note in dict.fromkeys(n for g in scales for n in ([] if record is None else record.notes(g, bool(given)))):
+    others = guidance_records(args, teacher if omega_teacher else None, guided)
+    range_notes = guidance_notes(({f"--lcm {args.lcm}": record} if record else {}) | others, scales, bool(given))
+    for note in range_notes + ([] if given else own_scales_hint(others, preferred)):
         print(f"lcm evaluate: note: {note}", file=sys.stderr)
     resolution = lcm.native_size
     eval_set = load_eval_set(args, resolution)
@@ -384,6 +383,8 @@ def run_evaluation(args) -> None:
     notes = [f"{models}. {len(eval_set.prompts)} prompts of `{args.prompts}` × {eval_set.images_per_prompt} image(s), reference "
              f"{len(eval_set.reference)} images of `{args.reference or args.prompts}` at {resolution} px (resized and centre-cropped "
              f"to it), seeds from {args.seed}. Metrics: {', '.join(s.name for s in scorers)}; KID and every number in `results.json`."]
+    notes += [paragraph for note in (guided_distill_note(guided, args.steps), lineage_note(guided), *range_notes) if note
+              for paragraph in ("", note)]
     print(write_report(results, steps, out, "Evaluation", notes))
     write_plots(results, out)
     figure_scale = grid_guidance_scale(scales, preferred)
@@ -394,6 +395,121 @@ def run_evaluation(args) -> None:
         write_grid([r for r in rows if r.sampler == "lcm" and r.steps == n], lcm, teacher, eval_set, out, device, args.grid_columns,
                    name="guidance_grid.png", lcm_label=style_label(styles))
     print(f"report, results.json, plots and grid(s) in {out}")
+
+
+def load_evaluated_lcm(args, device):
+    """The LCM (or LCM-LoRA) --lcm names. A diffusion model given there is told what `lcm evaluate` does with it: a teacher
+    scores the baseline rows (--teacher); a guidance-distilled one (ω input, no LCMScheduler) a Guided-Distill row
+    (--guided-distill), or, a stage-one model, the baseline rows too. The latter is told by its configs, before its
+    weights load: `load_lcm` would tell it to `lcm generate --sampler ddim` the model, which is no option here."""
+    from latent_consistency.models import PROGRESSIVE_FILE, NotAnLCM, load_lcm, load_lcm_lora
+
+    if not args.lora and is_guidance_distilled(args.lcm):
+        teacher = "" if (Path(args.lcm) / PROGRESSIVE_FILE).is_file() else f", or the teacher of the baseline rows with --teacher {args.lcm}"
+        raise UserError(f"--lcm {args.lcm} is a guidance-distilled diffusion model (ω input, no LCMScheduler), not an LCM: score it as "
+                        f"a Guided-Distill row with --guided-distill {args.lcm}{teacher}, beside an LCM as --lcm")
+    try:
+        return load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
+    except NotAnLCM as err:  # a teacher given as --lcm: its rows are the baselines
+        raise UserError(f"{err}; to score it as the teacher of the baseline rows, give it as --teacher beside an LCM as --lcm") from None
+
+
+def is_guidance_distilled(path: str) -> bool:
+    """Whether the local model folder `path` is a guidance-distilled diffusion model, by its configs alone: a UNet with an ω
+    input (`time_cond_proj_dim`) and a scheduler that is no LCMScheduler (`is_lcm_config`)."""
+    from latent_consistency.models import is_lcm_config
+
+    try:
+        unet = json.loads((Path(path) / "unet" / "config.json").read_text(encoding="utf-8"))
+        scheduler = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(unet, dict) and isinstance(scheduler, dict) and unet.get("time_cond_proj_dim") is not None and not is_lcm_config(scheduler)
+
+
+def guidance_records(args, omega_teacher, guided: dict) -> dict:
+    """{the option and path that name a model: its guidance record} of each model beside the LCM with an ω input and a
+    record (`guidance_record`): a guidance-distilled --teacher (`omega_teacher`, else None) and each --guided-distill
+    model. An ω input extrapolates outside the range it was distilled on, whichever row samples it."""
+    from latent_consistency.models import guidance_record_of
+
+    records = {}
+    if omega_teacher is not None:
+        records[f"--teacher {args.teacher}"] = guidance_record_of(args.teacher)
+    for steps in sorted(guided):
+        records[f"--guided-distill {guided[steps].source}"] = guidance_record_of(guided[steps].source)
+    return {name: record for name, record in records.items() if record is not None}
+
+
+def guidance_notes(records: dict, scales: list[float], given: bool) -> list[str]:
+    """What `lcm generate` notes of each model (`GuidanceRecord.notes`) at each evaluated g, said of the model by the option
+    that names it (`guidance_records`): in an evaluation "this model" is one of several."""
+    return list(dict.fromkeys(f"{name}: {note}" for name, record in records.items() for g in scales for note in record.notes(g, given)))
+
+
+def own_scales_hint(records: dict, preferred: float) -> list[str]:
+    """Where the default g (`preferred`, the LCM's) lies outside the range of another model's record (`guidance_records`):
+    every row stays at that one g, so that the rows compare (Table 1 compares its methods at one g); this says how to also
+    score that model at its own default."""
+    outside = {name: record.guidance_scale for name, record in records.items()
+               if not record.guidance_scale_min <= preferred <= record.guidance_scale_max}
+    if not outside:
+        return []
+    scales = ",".join(f"{g:g}" for g in dict.fromkeys([preferred, *outside.values()]))
+    return [f"every row is at g = {preferred:g}, the LCM's default, so that the rows compare; give --guidance-scales {scales} to also "
+            f"score {' and '.join(outside)} at the g {'their records give' if len(outside) > 1 else 'its record gives'}"]
+
+
+def guided_distill_note(guided: dict, steps: list[int]) -> str | None:
+    """The report's words for the Guided-Distill row: each model and the step counts it samples (a progressive round its
+    own; a stage-one model every other one of --steps), so that the row's columns can be traced to their models."""
+    if not guided:
+        return None
+    parts = []
+    for n, model in sorted(guided.items()):
+        own = [n] if n else [m for m in steps if m not in guided]
+        counts = f"{', '.join(map(str, own))} step{'s' if own != [1] else ''}" if own else "no row: a round takes each step count"
+        parts.append(f"`{model.source}` ({'a progressive round' if n else 'stage one'}: {counts})")
+    return f"Guided-Distill (DDIM): {', '.join(parts)}."
+
+
+def lineage_note(guided: dict) -> str | None:
+    """A note where the Guided-Distill models trace back (`distilled_from`) to different classifier-free-guided teachers: their
+    row is then no one chain of Meng et al.'s distillation (stage one, then its rounds). A note, not a refusal: each column
+    still measures its own model, and the trace reads run folders, which may have been moved or edited."""
+    origins = {model.source: distilled_from(model.source) for _, model in sorted(guided.items())}
+    known = {source: origin for source, origin in origins.items() if origin is not None}
+    if len({identity for _, identity in known.values()}) < 2:
+        return None
+    froms = "; ".join(f"`{source}` from `{teacher}`" for source, (teacher, _) in known.items())
+    return (f"The Guided-Distill models come from different teachers ({froms}, as their run folders record): their row is "
+            "no one distillation's, so read its columns as separate models'.")
+
+
+def distilled_from(path: str) -> tuple[str, str] | None:
+    """The teacher with classifier-free guidance whose Guided-Distill chain the model at `path` ends (stage one, then
+    progressive rounds, each exported to `guided/` in its run folder): (its path as the stage-one run's config.json names it,
+    its identity as that run's sources.json recorded it). Each round's teacher is followed only while it is still the model
+    its run recorded (`model_digest`). None where a link cannot be read: a model without its run folder, an older run."""
+    from latent_consistency.training.sources import model_digest, recorded_sources
+
+    model, seen = Path(path), set()
+    while model.name == "guided" and model.resolve() not in seen:
+        seen.add(model.resolve())
+        run = model.parent
+        try:
+            config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        teacher, identity = (config.get("teacher"), recorded_sources(run).get("teacher")) if isinstance(config, dict) else (None, None)
+        if not isinstance(teacher, str) or not isinstance(identity, str):
+            return None
+        if config.get("method") == "guidance":
+            return teacher, identity
+        if config.get("method") != "progressive" or model_digest(teacher) != identity:
+            return None
+        model = Path(teacher)
+    return None
 
 
 def few_prompts_note(args, eval_set) -> str | None:
