@@ -33,7 +33,7 @@ PACKAGE = ROOT / "src" / "latent_consistency"
 DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
 # The docs' placeholder paths, and the fixtures (tests/conftest.py) that stand in for them when a block runs. The README's
 # example runs on a tiny SD LCM in tests/test_readme.py; here on the SDXL family its comment also names.
-SUBSTITUTIONS = {"runs/lcd/lcm": ["tiny_sdxl_lcm"]}
+SUBSTITUTIONS = {"runs/lcd/lcm": ["tiny_sdxl_lcm"], "runs/demo/distill/lcm": ["tiny_sdxl_lcm"]}
 # Names the docs give to objects rather than modules: `model` is a loaded model (`models.load_lcm` and its kin)
 ALIASES = {"model": "models.DiffusionModel"}
 
@@ -91,7 +91,7 @@ TOP_LEVEL = _top_level_names()
 # --- the ```python blocks ------------------------------------------------------------------------------------------------
 
 def test_the_docs_have_python_blocks():
-    assert [b.file for b in BLOCKS].count("README.md") == 1, "the README's Python example was not found"
+    assert [b.file for b in BLOCKS].count("README.md") == 2, "the README's two Python examples were not found"
 
 
 def _attribute_chains(tree: ast.AST) -> list[list[str]]:
@@ -143,7 +143,8 @@ def _runs() -> list:
 
 
 @pytest.mark.parametrize(("block", "stand_ins"), _runs())
-def test_a_python_block_runs_on_its_stand_ins(block, stand_ins, request):
+def test_a_python_block_runs_on_its_stand_ins(block, stand_ins, request, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a block may save an image where it runs
     source = block.source
     for path, fixture in stand_ins.items():
         source = re.sub(rf"([\"']){re.escape(path)}\1", repr(str(request.getfixturevalue(fixture))), source)
@@ -153,9 +154,10 @@ def test_a_python_block_runs_on_its_stand_ins(block, stand_ins, request):
     assert tensors, "the block computes no tensor"
     for name, value in tensors.items():
         assert torch.isfinite(value).all(), f"{name} is not finite"
-    if "images" in namespace and "model" in namespace:  # the README's: decoded images of the model's native size
-        size = namespace["model"].native_size
-        assert namespace["images"].shape == (1, 3, size, size)
+    model = namespace["generator"].model if "generator" in namespace else namespace.get("model")
+    if "images" in namespace and model is not None:  # the README's and the guide's: decoded images of the model's native size
+        size = model.native_size
+        assert namespace["images"].shape[1:] == (3, size, size)
 
 
 # --- inline code spans -----------------------------------------------------------------------------------------------------

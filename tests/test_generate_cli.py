@@ -92,7 +92,7 @@ def bad_inputs(tiny_lcm, tiny_sd, tmp_path):
         "prompt file is a folder": (["--model", m, "--prompt-file", str(junk)], "is a folder"),
         "prompt file name too long": (["--model", m, "--prompt-file", "star " * 100], "File name too long"),
         "prompt file empty name": (["--model", m, "--prompt-file", ""], "--prompt-file is empty"),
-        "only blank --prompt": (["--model", m, "--prompt", " "], "no prompts given"),
+        "only blank --prompt": (["--model", m, "--prompt", " "], "prompt 1 is blank"),
         "output is a file": (["a", "--model", m, "--out", str(blocked / "sub")], "cannot write to output folder"),
         "unwritable output": (["a", "--model", m, "--out", locked], "cannot write to output folder"),
         "bad timesteps": (["a", "--model", m, "--timesteps", "10,999"], "strictly decreasing"),

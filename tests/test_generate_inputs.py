@@ -66,7 +66,7 @@ def test_generate_refuses(case, tiny_lcm, tmp_path, run_error, monkeypatch):
 def test_a_prompt_longer_than_the_text_encoder_reads_gets_a_note(tiny_lcm, tmp_path, run_error):
     """The tiny tokenizer reads 16 tokens (one a letter, and the start and end tokens); the end of a longer prompt is dropped, and said so."""
     code, err = run_error(generate(tiny_lcm, tmp_path / "out", "a red star", "a large red star at the top left"))
-    assert code == 0 and "note: prompt 2 is 27 tokens, more than the 16 the text encoder reads" in err, err
+    assert code == 0 and "note: the prompt of 0001-a-large-red-star-at-the-top-left.png is 27 tokens, more than the 16 the text encoder reads" in err, err
     assert len(list((tmp_path / "out").iterdir())) == 2
 
 

@@ -56,6 +56,10 @@ USUAL_GUIDANCE = {"lcm": "LCMs are distilled with guidance scales around 3-15 (p
 # Default g by `Generator.kind`: an LCM's ω input (the paper's ω = 7), an LCM-LoRA's classifier-free guidance (none:
 # its guidance was distilled in; diffusers recommends 1-2 for LCM-LoRA), a diffusion model's CFG or ω input.
 DEFAULT_GUIDANCE_SCALE = {"lcm": 8.0, "lora": 1.0, "solver": 7.5}
+# Sampling steps of a call that names none (`lcm generate --steps`): the paper's 4-step LCM
+DEFAULT_STEPS = 4
+# Image i of a call that names no seeds is drawn at seed DEFAULT_SEED + i (`lcm generate --seed`)
+DEFAULT_SEED = 0
 # Seeds seed torch.Generator, which takes up to 2^63 - 1
 MAX_SEED = 2**63 - 1
 # torch's CPU generator (mt19937, which draws every image's noise, as in diffusers) keeps a seed's low 32 bits: seed S draws
@@ -137,6 +141,10 @@ class Generator:
     def default_size(self) -> int:
         return self.model.native_size
 
+    def default_steps(self) -> int:
+        """The steps to sample in when none are given: `DEFAULT_STEPS` (a progressive round's own, `SolverGenerator`)."""
+        return DEFAULT_STEPS
+
     def default_guidance_scale(self) -> float:
         """The g to sample at when none is given: the one an LCM's run recorded (`guidance_record`), else the kind's."""
         record = self.model.guidance_record
@@ -207,6 +215,18 @@ class Generator:
         input shape compiles, later ones run faster. Call it after `use_preview_decoder`, which swaps the decoder."""
         compile_for_sampling(self.model, self.dtype)
 
+    def call_defaults(self, prompts: list[str], guidance_scale: float | None, seeds: list[int] | None, height: int | None,
+                      width: int | None) -> tuple[float, list[int], int, int]:
+        """A call's guidance scale, seeds and size, each one left out as `lcm generate` leaves it: the model's own g
+        (`default_guidance_scale`: its guidance record's), image i at seed `DEFAULT_SEED` + i, the model's native size.
+        The prompts are checked first, since the seeds are counted from them."""
+        check_prompts(prompts)
+        guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
+        seeds = [DEFAULT_SEED + i for i in range(len(prompts))] if seeds is None else seeds
+        height = self.default_size() if height is None else height
+        width = self.default_size() if width is None else width
+        return guidance_scale, seeds, height, width
+
     def check_call(self, prompts: list[str], seeds: list[int], guidance_scale: float, height: int, width: int) -> None:
         """The arguments every call takes, checked before any work: one seed per prompt, a finite g, a size the model makes,
         and the model still where the generator runs (`check_placement`)."""
@@ -276,6 +296,15 @@ class LCMGenerator(Generator):
             return check_custom_timesteps(custom, self.model.schedule.num_train_timesteps)
         return self.model.timesteps(steps, strength)
 
+    def call_timesteps(self, timesteps, steps: int | None, strength: float) -> torch.Tensor:
+        """A call's timesteps: the custom ones given, else `steps` (`default_steps` without either) of the model's, which
+        start at `strength`'s start timestep for img2img. Both at once would say the step count twice."""
+        if timesteps is None:
+            return self.timesteps(self.default_steps() if steps is None else steps, strength=strength)
+        if steps is not None:
+            raise UserError("give steps or timesteps, not both: custom timesteps set the steps (steps=N picks N of the model's)")
+        return check_custom_timesteps(timesteps, self.model.schedule.num_train_timesteps)
+
     def img2img_start(self, latents: torch.Tensor, timesteps: torch.Tensor, init_images: torch.Tensor, strength: float) -> torch.Tensor:
         """z_{τ_1} = α_{τ_1}·E(x) + σ_{τ_1}·ε: the init images encoded (the posterior mean) and noised to the first
         timestep with ε = `latents`, each image's seeded noise (the draw that is z_T without an init image).
@@ -343,10 +372,15 @@ class LCMGenerator(Generator):
         return NegativePromptGuidance(self.model.consistency_model(guidance_scale, size=size), negative, scale)
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], timesteps: torch.Tensor, guidance_scale: float, seeds: list[int], height: int, width: int, *,
+    def __call__(self, prompts: list[str], timesteps: torch.Tensor | None = None, guidance_scale: float | None = None,
+                 seeds: list[int] | None = None, height: int | None = None, width: int | None = None, *, steps: int | None = None,
                  gamma: float | None = None, init_images: torch.Tensor | None = None, strength: float = 1.0,
                  negative_prompts: list[str] | None = None, negative_scale: float | None = None) -> torch.Tensor:
-        """Images in [-1, 1] for `prompts`, one generator per image.
+        """Images in [-1, 1] for `prompts`, one generator per image: `generator(["a prompt"], steps=4)`, and
+        `grids.to_pil` makes them PIL images.
+
+        `timesteps` (custom ones) or `steps` (N of the model's; 4 without either) set the steps. What is left out is
+        what `lcm generate` takes (`call_defaults`): the model's recorded g, image i at seed i, the model's native size.
 
         `gamma` None samples with Algorithm 3 (`sample_lcm`, as LCMScheduler); γ ∈ [0, 1] with TCD's strategic stochastic
         sampling (`sample_tcd`, as TCDScheduler with eta = γ). `init_images` ([B, 3, H, W] in [-1, 1], or [1, 3, H, W]
@@ -354,10 +388,11 @@ class LCMGenerator(Generator):
         (`img2img_start`), which `timesteps(steps, strength=strength)` puts at `strength`'s start timestep.
         `negative_prompts` (one per prompt, or one for all) guide the images away from them (`consistency_function`).
         """
+        guidance_scale, seeds, height, width = self.call_defaults(prompts, guidance_scale, seeds, height, width)
         self.check_call(prompts, seeds, guidance_scale, height, width)
         check_real(strength, "strength", "img2img's fraction of the noise schedule, in (0, 1]")
         check_strength(strength)
-        timesteps = check_custom_timesteps(timesteps, self.model.schedule.num_train_timesteps)
+        timesteps = self.call_timesteps(timesteps, steps, strength)
         f = self.consistency_function(guidance_scale, len(prompts), negative_prompts, negative_scale, (height, width))
         gamma = None if gamma is None else check_gamma(gamma)
         if init_images is None and strength != 1:
@@ -396,6 +431,11 @@ class SolverGenerator(Generator):
         generator.sampler = sampler
         return generator
 
+    def default_steps(self) -> int:
+        """A progressive round's own DDIM steps (`DiffusionModel.distilled_steps`: it samples in the steps it was distilled
+        for), else `DEFAULT_STEPS`."""
+        return self.model.distilled_steps or DEFAULT_STEPS
+
     def timesteps(self, steps: int, custom: list[int] | None = None) -> int:
         if custom is not None:
             raise UserError("--timesteps applies to LCMs; an ODE solver takes --steps")
@@ -404,9 +444,13 @@ class SolverGenerator(Generator):
         return steps
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], steps: int, guidance_scale: float, seeds: list[int], height: int, width: int) -> torch.Tensor:
+    def __call__(self, prompts: list[str], steps: int | None = None, guidance_scale: float | None = None, seeds: list[int] | None = None,
+                 height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """Images in [-1, 1] for `prompts`, one generator per image: `generator(["a prompt"], steps=25)`. What is left out is
+        what `lcm generate --sampler` takes (`default_steps`, `call_defaults`)."""
+        guidance_scale, seeds, height, width = self.call_defaults(prompts, guidance_scale, seeds, height, width)
         self.check_call(prompts, seeds, guidance_scale, height, width)
-        steps = self.timesteps(steps)
+        steps = self.timesteps(self.default_steps() if steps is None else steps)
         latents, cond, _ = self.start(prompts, seeds, height, width)
         uncond = self.prompt_cache.uncond(self.model.prompts, self.device, (height, width)).to(self.dtype).expand(len(prompts), -1, -1)
         z0 = sample_teacher(self.model.guided_teacher(), self.sampler, latents, cond, uncond, guidance_scale, steps, self.model.scheduler_config)

@@ -29,16 +29,19 @@ from pathlib import Path
 import torch
 
 from latent_consistency.allocator import keep_freed_memory
-from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int
+from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
 from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
 from latent_consistency.grids import save_png, to_pil
+from latent_consistency.hub import looks_like_hub_id
 from latent_consistency.models import DEFAULT_ORIGINAL_INFERENCE_STEPS, NotAnLCM
 from latent_consistency.outputs import writable_folder
 from latent_consistency.pipelines import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE_SCALE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
     MAX_GUIDANCE_SCALE,
     MAX_SEED,
     LCMGenerator,
@@ -55,19 +58,19 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
     """Prompts from the command line, then from a file ('-': standard input; one per line, blank and # comment lines
     ignored: `read_prompt_file`).
 
-    A blank prompt on the command line next to others is refused: dropping it would number the images after it as if
-    it had not been given."""
+    A blank prompt on the command line is refused, named: dropping it would number the images after it as if it had not
+    been given, and a lone one (`lcm generate "$PROMPT"` with the variable unset) was given, not missing."""
     blank = [i for i, p in enumerate(prompts, start=1) if not p.strip()]
-    if blank and (len(blank) < len(prompts) or prompt_file is not None):
-        raise UserError(f"prompt {blank[0]} is blank; give text for every prompt, or leave the blank one out")
-    prompts = [check_prompt(p, f"prompt {i}") for i, p in enumerate(prompts, start=1) if p.strip()]
+    if blank:
+        others = len(blank) < len(prompts) or prompt_file is not None
+        raise UserError(f"prompt {blank[0]} is blank; give text for every prompt" + (", or leave the blank one out" if others else ""))
+    prompts = [check_prompt(p, f"prompt {i}") for i, p in enumerate(prompts, start=1)]
     if prompt_file is not None:
         if not prompt_file.strip():
             raise UserError("--prompt-file is empty; give a text file with one prompt per line (a prompt itself goes in --prompt)")
         prompts += read_prompt_file(prompt_file)
     if not prompts:
-        why = f": prompt {blank[0]} is blank" if blank else ""  # `lcm generate "$PROMPT"` with the variable unset
-        raise UserError(f"no prompts given{why}; pass prompts as arguments, --prompt TEXT or --prompt-file FILE")
+        raise UserError("no prompts given; pass prompts as arguments, --prompt TEXT or --prompt-file FILE")
     return prompts
 
 
@@ -155,9 +158,6 @@ def parse_timesteps(text: str | None) -> list[int] | None:
 
 # The largest --negative-scale, as the HTTP API's (`serve.request`): λ = 0.5 already over-guides.
 MAX_NEGATIVE_SCALE = 30.0
-
-# --steps without --timesteps
-DEFAULT_STEPS = 4
 
 # img2img's default strength, as diffusers' LatentConsistencyModelImg2ImgPipeline: start at timestep 799 of 1000.
 DEFAULT_STRENGTH = 0.8
@@ -253,21 +253,28 @@ STYLE_LORA_HELP = ("a style LoRA (a .safetensors file, folder or hub id) added b
                    "papercut.safetensors:0.8. diffusers', kohya's/A1111's and PEFT's LoRA formats load")
 
 
+def recorded_path(name: str | None) -> str | None:
+    """A file, folder or hub id as an image's record holds it: a local path made absolute, so that the record remakes the
+    image from any folder; a hub id (`hub.looks_like_hub_id`) as given."""
+    return name if name is None or looks_like_hub_id(name) else os.path.abspath(name)
+
+
 def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run_settings(args, generator, timesteps, guidance_scale: float, height: int, width: int, options: dict) -> dict:
-    """Every setting of this run that decides an image's pixels, beside its prompt and seed (`image_record`)."""
-    settings = {"model": args.model, "lora": args.lora, "sampler": args.sampler}
+    """Every setting of this run that decides an image's pixels, beside its prompt and seed (`image_record`); its files
+    and folders as absolute paths (`recorded_path`)."""
+    settings = {"model": recorded_path(args.model), "lora": recorded_path(args.lora), "sampler": args.sampler}
     if args.style_lora:  # recorded only when given: the records of images made without keep their settings
-        settings["style_loras"] = [[path, weight] for path, weight in map(parse_style_lora, args.style_lora)]
+        settings["style_loras"] = [[recorded_path(path), weight] for path, weight in map(parse_style_lora, args.style_lora)]
     if args.sampler == "lcm":
         settings["timesteps"] = [int(t) for t in timesteps]
     else:
         settings["steps"] = int(timesteps)
     settings |= {"guidance_scale": float(guidance_scale), "height": int(height), "width": int(width), "dtype": args.dtype,
-                 "preview_decoder": args.preview_decoder}
+                 "preview_decoder": recorded_path(args.preview_decoder)}
     if "gamma" in options:
         settings["gamma"] = float(options["gamma"])
     if "negative_prompts" in options:
@@ -276,7 +283,7 @@ def run_settings(args, generator, timesteps, guidance_scale: float, height: int,
             scale = DEFAULT_NEGATIVE_SCALE
         settings |= {"negative_prompt": options["negative_prompts"][0], "negative_scale": None if scale is None else float(scale)}
     if "init_images" in options:
-        settings |= {"init_image": args.init_image, "init_image_sha256": _file_digest(args.init_image),
+        settings |= {"init_image": recorded_path(args.init_image), "init_image_sha256": _file_digest(args.init_image),
                      "strength": float(options["strength"])}
     return settings
 
@@ -329,11 +336,25 @@ def check_kept(files: list[Path], kept: set[int], records: list[dict]) -> None:
                                 "--out folder")
 
 
-def print_notes(args, generator, prompts: list[str], guidance_scale: float, steps: int, custom: list[int] | None) -> None:
+def truncated_prompt_note(model, prompts: list[str], files: list[Path]) -> str | None:
+    """A note for the prompts longer than `model`'s text encoder reads (their end is dropped, as diffusers drops it), naming
+    the first by its image file: the files are numbered from 0, and a prompt numbered apart from them was read as the next
+    image's."""
+    long = truncated_prompts(model.prompts, prompts)
+    if not long:
+        return None
+    i, count, limit = long[0]
+    more = f" (so is that of {len(long) - 1} more prompt(s))" if len(long) > 1 else ""
+    return (f"the prompt of {files[i].name} is {count} tokens, more than the {limit} the text encoder reads: its end is "
+            f"dropped{more}; shorten it to use all of it")
+
+
+def print_notes(args, generator, prompts: list[str], files: list[Path], guidance_scale: float, steps: int,
+                custom: list[int] | None) -> None:
     """What a user should know about this run's settings, a `note:` line each on stderr. Printed once every input has passed
     its checks: a user's mistake is the one line of its error, not notes about a run that does not happen."""
-    note_truncated_prompts("generate", generator.model, prompts)
-    notes = list(generator.guidance_notes(guidance_scale, given=args.guidance_scale is not None))
+    notes = [truncated_prompt_note(generator.model, prompts, files)]
+    notes += generator.guidance_notes(guidance_scale, given=args.guidance_scale is not None)
     distilled = generator.model.distilled_steps if args.sampler != "lcm" else None
     if distilled and (steps != distilled or args.sampler != "ddim"):
         notes.append(f"{args.model} was progressively distilled for {distilled} DDIM steps on its own grid; {steps} {args.sampler} "
@@ -437,9 +458,8 @@ def generate(args) -> None:
     if generator.model.time_cond_proj_dim is not None and guidance_scale < 1:
         raise UserError(f"--guidance-scale {guidance_scale:.15g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
                         "which was trained on ω >= 0")
-    distilled = generator.model.distilled_steps if args.sampler != "lcm" else None  # a progressive round's DDIM steps
-    if distilled and args.steps is None and not custom:
-        steps = distilled  # not DEFAULT_STEPS: a round samples in the steps it was distilled for
+    if args.steps is None and not custom:
+        steps = generator.default_steps()  # a progressive round samples in the steps it was distilled for
     options = {}
     if args.gamma is not None:
         options["gamma"] = args.gamma
@@ -468,7 +488,7 @@ def generate(args) -> None:
     records = [image_record(prompts[i], args.seed + i, settings) for i in range(len(prompts))]
     check_kept(files, kept, records)
     out = writable_folder(args.out)
-    print_notes(args, generator, prompts, guidance_scale, steps, custom)
+    print_notes(args, generator, prompts, files, guidance_scale, steps, custom)
 
     todo = [i for i in range(len(prompts)) if i not in kept]
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
@@ -536,7 +556,7 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the text encoder, network and decoder first: about a minute per batch "
                    "shape on a CPU, then faster batches (worth it for many prompts; with --dtype bfloat16 the weights are frozen "
                    "into the graph, the fast path for large CPU batches)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="image i uses seed SEED+i (default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=DEFAULT_SEED, help=f"image i uses seed SEED+i (default {DEFAULT_SEED})")
     p.add_argument("--height", type=positive_int, help="image height in pixels, a multiple of the VAE factor (default: the model's)")
     p.add_argument("--width", type=positive_int, help="image width in pixels, a multiple of the VAE factor (default: the model's)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
