@@ -76,7 +76,7 @@ def test_a_negative_student_step_count_is_refused(run_error, tmp_path):
 
 
 @pytest.mark.parametrize("extra, fix", [(["--skip", "50"], "set --skip 20"), (["--solver", "dpm"], "set --solver ddim"),
-                                        (["--preset", "world"], "set --loss-weighting uniform")])
+                                        (["--loss-weighting", "ict"], "set --loss-weighting uniform")])
 def test_dry_run_refuses_lcd_settings_of_guided_distill_as_the_run_does(run_error, tmp_path, extra, fix):
     # was: --dry-run printed the config with exit 0; the run itself refused it only after loading the teacher
     refused(run_error, [*DISTILL, "--out", str(tmp_path / "run"), "--method", "guidance", *extra, "--dry-run"], fix)

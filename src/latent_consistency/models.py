@@ -303,6 +303,10 @@ def _check_model_folder(path: str, name: str) -> None:
 
 # The folders a training run exports its model to (`training.run_folder`): an LCM, an LCM-LoRA, a guidance-distilled model
 RUN_EXPORTS = ("lcm", "lora", "guided")
+# What to give for a LoRA given as a model, in words that fit every command that loads a model (`lcm distill` takes no LoRA;
+# `lcm evaluate` names the model --lcm)
+LORA_HINT = ("adapters for the model it was distilled from, no model of its own: give that model, and the LoRA as --lora beside "
+             "it where the command takes one (lcm generate, serve, evaluate, finetune)")
 
 
 def _what_the_folder_is(folder: Path) -> str:
@@ -317,7 +321,7 @@ def _what_the_folder_is(folder: Path) -> str:
         return (f"it is the checkpoint {folder.name} of the training run {folder.parent.parent}, its training state (no command "
                 f"exports a checkpoint as a model): {_run_export(folder.parent.parent)}")
     if (folder / LORA_WEIGHTS_FILE).is_file():
-        return "it is a LoRA: give it as --lora, with the model it was distilled from as --model"
+        return f"it is a LoRA: {LORA_HINT}"
     if (folder.parent / "model_index.json").is_file():
         return f"it is the {folder.name}/ folder of a pipeline: give the pipeline folder {folder.parent}"
     return ""
@@ -334,7 +338,7 @@ def _run_export(run: Path) -> str:
     if not exports:
         return "it has exported no model yet; it exports lcm/ (or lora/, guided/) when it finishes: run its command again with --resume"
     if exports[0].name == "lora":
-        return f"give the LoRA it exported, {exports[0]}, as --lora, with the model it was distilled from as --model"
+        return f"it exported the LoRA {exports[0]}, {LORA_HINT}"
     return f"give the model it exported, {exports[0]}"
 
 
@@ -352,7 +356,7 @@ def _what_the_file_is(file: Path) -> str:
         except (OSError, SafetensorError):
             return ""
         if any("lora" in name for name in names):
-            return "it is a LoRA file: give it as --lora, with the model it was distilled from as --model"
+            return f"it is a LoRA file: {LORA_HINT}"
     return (f"it is a single-file checkpoint: make a diffusers folder of it, e.g. StableDiffusionPipeline.from_single_file(\"{file}\")"
             ".save_pretrained(FOLDER) (StableDiffusionXLPipeline for SDXL), and give that folder")
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 from latent_consistency.errors import UserError
-from latent_consistency.models import guidance_record_of
+from latent_consistency.models import DEFAULT_TIME_COND_PROJ_DIM, guidance_record_of, is_lcm_config
 
 ADAPTERS = ("full", "lora")
 METHODS = ("lcd", "ode", "guidance", "progressive")
@@ -176,20 +177,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """The fields, after the objective that says which config this is (`config_from_dict` reads it back). A source
-        (`SOURCE_FIELDS`) that is a local file or folder is its absolute path: the run's config.json and checkpoints then
-        name the same data and models from any working directory a run is resumed in."""
+        (`SOURCE_FIELDS`) that is a local file or folder is its absolute path (`local_path`), also where it is gone (a
+        --student-init cleared away before a resume): the run's config.json and checkpoints then name the same data and
+        models from any working directory a run is resumed in."""
         values = dataclasses.asdict(self)
         for name in SOURCE_FIELDS:
             value = values.get(name)
-            if isinstance(value, str) and value and Path(value).exists():
-                values[name] = str(Path(value).resolve())
+            path = local_path(value) if isinstance(value, str) else None
+            if path is not None:
+                values[name] = path
         return {"objective": self.objective} | values
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
         """'field: a -> b' for each field that differs, except those a resumed run may change; a model or data named
         another way (`SOURCE_FIELDS`: `w` and `./w/`) does not differ, nor a setting that neither run uses
         (`unused_fields`): a LoRA or PixArt run started before a preset's full-student settings were left out for it (its
-        config.json holds the tiny preset's ω embedding size) resumes, where no flag could give that value back."""
+        config.json holds the tiny preset's ω embedding size) resumes, where no flag could give that value back. An ω embedding
+        size left to a --student-init that cannot be read (None: cleared away since the run started) is the one the run
+        recorded: the resumed student is made in the checkpoint's UNet config (`resumed_student_unet`)."""
         a, b = self.to_dict(), other.to_dict()
         ignore = (*ignore, *(self.unused_fields() & other.unused_fields()))
 
@@ -197,6 +202,8 @@ class TrainConfig:
             x, y = a.get(k), b.get(k)
             if k == "ema_decay" and self.adapter == other.adapter:  # unset is the adapter's default: 0.95 full, 0 lora
                 return self.target_decay == other.target_decay
+            if k == "time_cond_proj_dim" and None in (x, y) and getattr(self, "student_init", "") and getattr(other, "student_init", ""):
+                return True
             return x == y or (k in SOURCE_FIELDS and isinstance(x, str) and isinstance(y, str) and bool(x) and bool(y) and _same_data(x, y))
 
         return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if k not in ignore and not same(k)]
@@ -240,7 +247,9 @@ class DistillConfig(TrainConfig):
     student_steps: int = doc("progressive: the DDIM steps the student samples in (its teacher: twice as many)", default=0)
     student_init: str = doc("a diffusers folder whose UNet (with the ω input) a full student starts from instead of the teacher's, "
                             "e.g. a teacher distilled with --method guidance", default="")
-    time_cond_proj_dim: int = doc("size of the ω embedding fed to a full student (diffusers' time_cond_proj_dim)", default=256)
+    time_cond_proj_dim: int | None = doc("size of the ω embedding fed to a full student (diffusers' time_cond_proj_dim). Default: "
+                                         "the size of the UNet it starts from (--student-init's, or a guidance-distilled teacher's), "
+                                         f"which it cannot change; else {DEFAULT_TIME_COND_PROJ_DIM}", default=None)
     student_prediction: str = doc("what a full student's network predicts: teacher (the teacher's parameterisation, as the paper "
                                   "and diffusers), epsilon, v_prediction or sample; the boundary scalings of Eq. 9 wrap it either way",
                                   default="teacher")
@@ -266,10 +275,8 @@ class DistillConfig(TrainConfig):
         get_solver(self.solver)
         if self.method not in METHODS:
             raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
-        if self.method not in LCM_METHODS and (self.adapter != "full" or self.guidance_pair_weight or self.student_init):
-            raise UserError(f"--method {self.method} trains a full student from the teacher; "
-                            "--adapter lora, --guidance-pair-weight and --student-init apply to --method lcd (and the last two to ode)")
         if self.method not in LCM_METHODS:  # Guided-Distill has none of LCD's settings: refused at --dry-run as in the run
+            self._check_guided_distill_student()
             skip = field_default(DistillConfig, "skip")
             refused = [flag for flag, on in (("--solver ddim", self.solver != "ddim"), ("no --guide-increments", self.guide_increments),
                                              ("--loss-weighting uniform", self.loss_weighting != "uniform"),
@@ -302,7 +309,8 @@ class DistillConfig(TrainConfig):
             raise UserError(f"student_prediction {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
         if self.skip < 1:
             raise UserError(f"skip must be at least 1, got {self.skip}")
-        check_guidance_embedding_dim(self.time_cond_proj_dim)  # its sinusoids need at least 4 dimensions
+        if self.time_cond_proj_dim is not None:  # None: the starting UNet's own (`resolve_config`, `students.make_student`)
+            check_guidance_embedding_dim(self.time_cond_proj_dim)  # its sinusoids need at least 4 dimensions
         if self.guidance_pair_weight < 0:
             raise UserError(f"guidance_pair_weight must be 0 or more, got {self.guidance_pair_weight}")
         if self.omega_lr_scale <= 0:
@@ -320,6 +328,16 @@ class DistillConfig(TrainConfig):
         if self.guidance_pair_weight > 0 and self.guidance_scale_min == self.guidance_scale_max:
             raise UserError("guidance_pair_weight needs a guidance range (guidance_scale_min < guidance_scale_max)")
         return self
+
+    def _check_guided_distill_student(self) -> None:
+        """Guided-Distill's stages train a full student that starts as the teacher: a UserError naming the one setting that
+        says otherwise (a preset's LCD-only settings are left out for them: `resolve_config`)."""
+        offending = [(f"--adapter {self.adapter}", self.adapter != "full", "--method lcd"),
+                     (f"--guidance-pair-weight {self.guidance_pair_weight:g}", self.guidance_pair_weight > 0, "--method lcd and ode"),
+                     (f"--student-init {self.student_init}", bool(self.student_init), "--method lcd and ode")]
+        for flag, on, applies in offending:
+            if on:
+                raise UserError(f"--method {self.method} trains a full student from the teacher; {flag} applies to {applies}: leave it out")
 
     def student_prediction_type(self, teacher_prediction_type: str) -> str:
         """What the student's network predicts, given the teacher's parameterisation."""
@@ -434,16 +452,40 @@ def field_default(cls: type[TrainConfig], name: str) -> Any:
 
 
 def canonical_source(spec: str) -> str:
-    """A data spec or model named as every spelling of it is: the absolute path of an existing file or folder (`w`,
-    `./w/`), else the canonical name of a registered dataset (world:shapes and world:shapes:train), else as given (a hub id)."""
+    """A data spec or model named as every spelling of it is: the absolute path of a file or folder (`local_path`: `w`,
+    `./w/`), else the canonical name of a registered dataset (world:shapes and world:shapes:train), else as given (a hub id,
+    a shard pattern)."""
     from latent_consistency.data.spec import canonical_spec
 
-    return str(Path(spec).resolve()) if spec and Path(spec).exists() else canonical_spec(spec)
+    return local_path(spec) or canonical_spec(spec)
+
+
+def local_path(spec: str) -> str | None:
+    """The absolute path of the file or folder `spec` names: an existing one's, resolved, or a missing one's, where `spec`
+    can only be a path (no dataset's scheme:name, no shard pattern, no hub id's org/name form): a --student-init cleared
+    away before a resume, named relative to the working directory, is the folder the run started from. None for anything
+    else."""
+    from latent_consistency.hub import looks_like_hub_id
+
+    if not spec:
+        return None
+    if Path(spec).exists():
+        return str(Path(spec).resolve())
+    no_path = any(char in spec for char in ":*?[{") or looks_like_hub_id(spec)
+    return None if no_path else os.path.abspath(os.path.expanduser(spec))
 
 
 def _same_data(a: str, b: str) -> bool:
-    """Whether two data specs (or models) name the same source (`canonical_source`)."""
-    return canonical_source(a) == canonical_source(b)
+    """Whether two data specs (or models) name the same source (`canonical_source`); a missing model named in the hub's
+    org/name form is the same as the folder of that relative path it was read from when it was there."""
+    if canonical_source(a) == canonical_source(b):
+        return True
+    return any(_relative_path_of(x, y) for x, y in ((a, b), (b, a)))
+
+
+def _relative_path_of(spec: str, other: str) -> bool:
+    """Whether `spec`, relative and gone, is the relative path of the absolute path `other` (a run's recorded source)."""
+    return not Path(spec).exists() and not os.path.isabs(spec) and os.path.isabs(other) and os.path.abspath(spec) == other
 
 
 def _inside(inner: str, outer: str) -> bool:
@@ -478,6 +520,12 @@ FULL_STUDENT_FLAGS = {"time_cond_proj_dim": "sets the size of a full student's �
 # The guidance range ω is drawn from, which an LCM without an ω input does not read in fine-tuning (`resolve_config`)
 GUIDANCE_RANGE = {"guidance_scale_min", "guidance_scale_max"}
 PRESET_FULL_STUDENT_FIELDS = {"student_prediction", "omega_lr_scale", "guidance_pair_weight", "guidance_pair_steps", *FULL_STUDENT_FLAGS}
+# A preset's settings of LCD alone (its solver, skipping step, grid weighting, pair loss), left at their defaults for
+# Guided-Distill's stages, which have none of them (`--preset world --method guidance`; given, they are refused: `check`)
+PRESET_LCD_FIELDS = {"solver", "skip", "guide_increments", "loss_weighting", "guidance_pair_weight", "guidance_pair_steps", "ode_targets"}
+# Defaults of earlier versions that their config.json files hold, no request either where the field does not apply (a LoRA
+# run's config.json of before the ω embedding size defaulted to the starting UNet's holds 256)
+FORMER_DEFAULTS = {"time_cond_proj_dim": (DEFAULT_TIME_COND_PROJ_DIM,)}
 
 
 def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_file: str | None = None,
@@ -506,7 +554,7 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
         apply); a preset's value (the tiny one's 32) is no request."""
         if name in given:
             return f"--{name.replace('_', '-')}" if given[name] != 0 else None
-        if name in from_file and from_file[name] not in (0, field_default(cls, name)):
+        if name in from_file and from_file[name] not in (0, field_default(cls, name), *FORMER_DEFAULTS.get(name, ())):
             return f"config field {name} {from_file[name]!r}"
         return None
 
@@ -527,8 +575,15 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
         if asked:
             raise UserError(f"{asked} sets the latents an LCM's ω response is measured on; --method {method} makes no LCM: "
                             "leave it out")
-        if preset and "omega_response_samples" in PRESETS[cls][preset]:  # the tiny preset's 4: no request
-            values.pop("omega_response_samples", None)
+        values["omega_response_samples"] = 0  # none measured, as --dry-run and config.json then say (a preset's 4: no request)
+        if preset:
+            _check_full_student_preset(preset, PRESETS[cls][preset], chosen, method)
+            for name in PRESET_LCD_FIELDS & set(PRESETS[cls][preset]) - chosen:
+                values.pop(name)
+    if "time_cond_proj_dim" in field_help(cls) and not omega_less:
+        how = ("--time-cond-proj-dim" if "time_cond_proj_dim" in given else
+               "config field time_cond_proj_dim" if from_file.get("time_cond_proj_dim") is not None else None)
+        values.update(_starting_omega_size(values, how))
     if cls.objective == "lcf" and _lcm_without_omega_input(values.get("model")):
         for name in GUIDANCE_RANGE:
             asked = requested(name)
@@ -548,6 +603,8 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
     if preset in CONTINUES and not values.get("student_init"):
         raise UserError(f"--preset {preset} continues a `--preset {CONTINUES[preset]}` run: give that run's LCM as --student-init "
                         "RUN/lcm")
+    if preset in CONTINUES:
+        _check_continued_lcm(preset, values["student_init"])
     objective = values.pop("objective", cls.objective)  # a saved config.json names its objective
     if objective != cls.objective:
         known_objective = isinstance(objective, str) and objective in CONFIGS
@@ -563,6 +620,48 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(unknown)}; see `{COMMANDS[cls]} --help`")
     return cls(**{name: _typed(cls, name, value) for name, value in values.items()})
+
+
+def _check_full_student_preset(preset: str, preset_values: dict[str, Any], chosen: set[str], method: str) -> None:
+    """A UserError, naming the preset, for a preset of LoRA adapters (`sdxl-lora`) under a Guided-Distill stage, which
+    trains a full student (`DistillConfig.check` would blame an --adapter the user never gave)."""
+    adapter = preset_values.get("adapter", "full")
+    if adapter != "full" and "adapter" not in chosen:
+        raise UserError(f"--preset {preset} trains LoRA adapters (adapter {adapter}); --method {method} trains a full student: "
+                        "give --adapter full, or use a preset of a full student")
+
+
+def _starting_omega_size(values: dict[str, Any], given: str | None) -> dict[str, int | None]:
+    """A full LCD student's ω embedding size where the user gave none (`given`: how they gave one, else None): the size of
+    the ω input of the UNet it starts from (--student-init's, else a guidance-distilled teacher's), which it keeps
+    (`students.make_student`); a preset's size is for a teacher without one, whose student gets the preset's, else
+    `DEFAULT_TIME_COND_PROJ_DIM`. None for a --student-init whose config cannot be read before it loads (cleared away
+    since the run started: a resume makes the student in its checkpoint's UNet config). A size the user gave that is not
+    the starting UNet's is refused: the student cannot change it."""
+    start = values.get("student_init") or values.get("teacher")
+    unet = _model_json(start, "unet/config.json") if isinstance(start, str) and start else None
+    own = unet.get("time_cond_proj_dim") if unet is not None else None
+    if given and own is not None and values["time_cond_proj_dim"] != own:
+        raise UserError(f"the student starts from {start}, whose ω embedding has size {own}: {given} {values['time_cond_proj_dim']} "
+                        "cannot change it; leave it out (the student keeps its starting UNet's size)")
+    if given:
+        return {}
+    if unet is None:
+        return {"time_cond_proj_dim": None} if values.get("student_init") else {}
+    if own is None:
+        return {"time_cond_proj_dim": values.get("time_cond_proj_dim") or DEFAULT_TIME_COND_PROJ_DIM}
+    return {"time_cond_proj_dim": own}
+
+
+def _check_continued_lcm(preset: str, student_init: str) -> None:
+    """A UserError when the --student-init of a preset that continues another preset's LCM (`CONTINUES`) is no LCM (a model
+    distilled with --method guidance): the preset's recipe (the `world-guided` one's learning rate 3e-6) fine-tunes an LCM's
+    ω input, and would not make an LCM of a diffusion model. Nothing where its scheduler config cannot be read here."""
+    scheduler = _model_json(student_init, "scheduler/scheduler_config.json")
+    if scheduler is not None and not is_lcm_config(scheduler):
+        raise UserError(f"--preset {preset} continues the LCM of a `--preset {CONTINUES[preset]}` run, and --student-init {student_init} "
+                        f"is no LCM (a guidance-distilled diffusion model): give that run's RUN/lcm, or train one with --preset "
+                        f"{CONTINUES[preset]}")
 
 
 def _omega_less_student(cls: type[TrainConfig], adapter: str, teacher: Any) -> str | None:

@@ -7,6 +7,7 @@ logs, validates and checkpoints (`training.run_folder`). Only the main process w
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 from pathlib import Path
@@ -25,12 +26,20 @@ from latent_consistency.models import DiffusionModel, guidance_record_of
 from latent_consistency.progress import progress_bar
 from latent_consistency.solvers import get_solver
 from latent_consistency.training import checkpoint as ckpt
+from latent_consistency.training import sources
 from latent_consistency.training.batches import TrainingBatches
-from latent_consistency.training.config import TrainConfig
+from latent_consistency.training.config import TrainConfig, field_default
 from latent_consistency.training.ema import ema_update
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
 from latent_consistency.training.ode_targets import ODETargets, bank_settings, build_ode_targets, chunk_rows, ode_targets_for_run
-from latent_consistency.training.run_folder import Progress, RunFolder, prepare_run_folder, resumed_student_unet, saved_config
+from latent_consistency.training.run_folder import (
+    Progress,
+    RunFolder,
+    prepare_run_folder,
+    recorded_guidance,
+    resumed_student_unet,
+    saved_config,
+)
 from latent_consistency.training.sharding import check_sharding, is_sharded, shard_target
 from latent_consistency.training.students import make_student
 
@@ -90,6 +99,72 @@ def guidance_range_note(config: TrainConfig, base: DiffusionModel) -> str | None
         return record.fine_tuning_note(config.guidance_scale_min, config.guidance_scale_max) if record is not None else None
     record = guidance_record_of(config.teacher) if base.time_cond_proj_dim is not None and not base.is_lcm else None
     return record.teacher_note(config.guidance_scale_min, config.guidance_scale_max) if record is not None else None
+
+
+def student_init_range_note(config: TrainConfig) -> str | None:
+    """A note when distilling over guidance scales outside the range the --student-init's ω input learned (its guidance
+    record, `guidance_record`): the student starts where that input extrapolates."""
+    init = getattr(config, "student_init", "")
+    record = guidance_record_of(init) if init else None
+    if record is None:
+        return None
+    low, high = record.guidance_scale_min, record.guidance_scale_max
+    if low <= config.guidance_scale_min and config.guidance_scale_max <= high:
+        return None
+    return (f"the guidance range [{config.guidance_scale_min:g}, {config.guidance_scale_max:g}] reaches outside [{low:g}, {high:g}], "
+            f"the range the ω input of --student-init {init} learned: the student starts where that input extrapolates")
+
+
+def student_init_teacher_note(config: TrainConfig) -> str | None:
+    """A note when --student-init is a model distilled here from other teachers than --teacher: none of the teachers it
+    descends from (`teacher_line`) is --teacher, by identity (`sources.model_digest`: a teacher moved or copied since is the
+    same). Its weights and ω input then follow another model's guidance. None for a model that is no run's export."""
+    init = getattr(config, "student_init", "")
+    line = teacher_line(init) if init else []
+    if not line or sources.model_digest(config.teacher) in line:
+        return None
+    return (f"--student-init {init} was distilled from another teacher than --teacher {config.teacher} (its run's {sources.FILE}): "
+            "the student starts from a model of another teacher's guidance")
+
+
+def teacher_line(model: str) -> list[str]:
+    """The identities of the teachers the exported `model` descends from, nearest first: the teacher its run folder (the
+    folder above it) records in sources.json, then the one that teacher's run records (a progressive round's stage-one
+    model, then its classifier-free-guided teacher), as far as run folders go; [] for a model that is no run's export."""
+    line, path = [], Path(model)
+    while path.is_dir() and len(line) < MAX_TEACHER_LINE:
+        run = path.resolve().parent
+        identity = sources.recorded_sources(run).get("teacher")
+        try:
+            teacher = json.loads((run / "config.json").read_text()).get("teacher")
+        except (OSError, ValueError, AttributeError):
+            teacher = None
+        if not isinstance(identity, str):
+            break
+        line.append(identity)
+        if not isinstance(teacher, str) or not teacher:
+            break
+        path = Path(teacher)
+    return line
+
+
+# At most this many teachers up a model's line (`teacher_line`): rounds of progressive distillation, a stage one, its teacher
+MAX_TEACHER_LINE = 16
+
+
+def validation_scale_note(config: TrainConfig, base: DiffusionModel, student) -> str | None:
+    """A note when a --validation-guidance-scale other than the default lies outside the range of the guidance record the
+    run exports (a full student's ω input: `RunFolder.validation_guidance_scale`): the grid, and the model's default g, are
+    at the nearest end of that range instead (`GuidanceRecord.of_run`), which the user who set it may not expect."""
+    given = config.validation_guidance_scale
+    omega_input = student.adapter == "full" and student.target_unet.config.get("time_cond_proj_dim") is not None
+    if not omega_input or given == field_default(type(config), "validation_guidance_scale"):
+        return None
+    record = recorded_guidance(config, base.guidance_record, None)
+    if record.guidance_scale == given:
+        return None
+    return (f"--validation-guidance-scale {given:g} is outside [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}], the "
+            f"guidance range of the exported model's record: the validation grid and the model's default g are {record.guidance_scale:g}")
 
 
 def resumed_schedule_note(out: Path, config: TrainConfig) -> str | None:
@@ -256,7 +331,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     if accelerator.is_main_process:
         command = "distill" if config.objective == "lcd" else "finetune"
         for note in filter(None, (batches.small_data_note(config.batch_size), batches.cache_note, warmup_note(config), pair_steps_note(config),
-                                     guidance_range_note(config, base), resume and resumed_schedule_note(out, config))):
+                                     guidance_range_note(config, base), student_init_range_note(config), student_init_teacher_note(config),
+                                     validation_scale_note(config, base, student), resume and resumed_schedule_note(out, config))):
             print(f"lcm {command}: note: {note}", file=sys.stderr)
     optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))

@@ -54,18 +54,27 @@ def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: st
     tags = ["text-to-image", "diffusers", "guidance-distillation" if kind == "guided" else "latent-consistency-model"]
     header = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags + ["lora", "lcm-lora"] * (kind == "lora"),
                            base_model=split_revision(source)[0] if looks_like_hub_id(source) else None)  # org/name of org/name@rev
-    title = TITLES[what].format(source) + (", fine-tuned with LCF" if lcf else "")
+    title = _title(what, source, config) + (", fine-tuned with LCF" if lcf else "")
     made_from = "the LCM" if what in ("lcm", "pixart", "lcm-lora") and lcf else "the model" if lcf else "the teacher"
+    recorded = config.to_dict()  # its sources as the run's config.json names them: absolute paths, from any folder
     lines = [f"# {title}", "", WHAT[what], "", "## How it was made", "",
-             f"- From: {made_from} `{source}`" + (f" with the LCM-LoRA `{config.lora}`" if lcf and config.lora else ""),
+             f"- From: {made_from} `{recorded[config.model_field]}`" + (f" with the LCM-LoRA `{recorded['lora']}`" if lcf and config.lora else ""),
              f"- Method: {METHODS['lcf' if lcf else config.method]}",
-             f"- Data: `{config.data}`",
+             f"- Data: `{recorded['data']}`",
              f"- {config.steps} steps at batch {config.batch_size}, learning rate {config.lr:g}{_omega_rate(config)}, seed {config.seed}"]
     if not lcf and config.method in ("lcd", "ode"):
         lines.append(f"- Teacher ODE solver {config.solver}, skipping step k = {config.skip}")
     lines += _guidance(what, record, base_record, lcf) + ["", "## Sampling it", ""]
     lines += _usage(Path(folder), what, source, record, base_record, config, prompt)
     return f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def _title(what: str, source: str, config) -> str:
+    """The card's title: what the model is (`TITLES`) of the model it was made from, as the run was given it; a progressive
+    round says so, and the DDIM steps it samples in (its teacher, too, is a guidance-distilled model)."""
+    if what == "guided" and getattr(config, "method", None) == "progressive":
+        return f"{config.student_steps}-step progressive distillation of {source}"
+    return TITLES[what].format(source)
 
 
 def _omega_rate(config) -> str:

@@ -23,6 +23,9 @@ from latent_consistency.denoisers import ConsistencyModel, denoising_network
 from latent_consistency.errors import UserError
 from latent_consistency.hub import check_hub_id
 from latent_consistency.models import (
+    DEFAULT_TIME_COND_PROJ_DIM,
+    LORA_WEIGHTS_FILE,
+    RUN_EXPORTS,
     DiffusionModel,
     consistency_model,
     is_lcm_config,
@@ -151,6 +154,8 @@ def _initial_unet(path: str, base: DiffusionModel, prediction_type: str):
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     folder = check_hub_id(path, "the student's starting UNet from")  # offline, a hub id's cached snapshot
+    if not (Path(folder) / "unet").is_dir():
+        raise UserError(_no_starting_unet(path, Path(folder)))
     try:
         scheduler_config = DDIMScheduler.load_config(folder, subfolder="scheduler")
     except (OSError, ValueError) as err:
@@ -169,6 +174,19 @@ def _initial_unet(path: str, base: DiffusionModel, prediction_type: str):
     if mismatch:
         raise UserError(f"the UNet of {path} does not fit the teacher's ({', '.join(mismatch)} differ)")
     return unet.to(device=base.unet.device, dtype=torch.float32).requires_grad_(True)
+
+
+def _no_starting_unet(path: str, folder: Path) -> str:
+    """Why the folder `path` (read at `folder`), which has no unet/, gives a full student no starting UNet, and what to give:
+    an LCM-LoRA has LoRA adapters and no UNet of its own; a training run holds its exported model in a subfolder."""
+    takes = "--student-init takes a full LCM (RUN/lcm) or a model distilled with --method guidance (RUN/guided)"
+    if (folder / LORA_WEIGHTS_FILE).is_file():
+        return f"--student-init {path} is an LCM-LoRA (LoRA adapters, no UNet of their own); {takes}"
+    exports = [folder / name for name in RUN_EXPORTS if (folder / name / "unet").is_dir()]
+    if (folder / "config.json").is_file() and (folder / "checkpoints").is_dir():
+        found = f"give the model it exported, {exports[0]}" if exports else "it has exported no LCM or guided model"
+        return f"--student-init {path} is a training run's folder: {found}; {takes}"
+    return f"cannot load the student's starting UNet from {path}: give a diffusers folder with unet/ and scheduler/"
 
 
 def _check_lora_rank(unet, targets: list[str], rank: int) -> None:
@@ -198,13 +216,14 @@ def _check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor
 
 
 def _check_omega_size(unet, config, source: str) -> None:
-    """A full LCD student that starts with an ω input (--student-init, or a guidance-distilled teacher's) keeps its size,
-    which --time-cond-proj-dim (recorded in config.json) must then state rather than be ignored."""
+    """A full LCD student that starts with an ω input (--student-init, or a guidance-distilled teacher's) keeps its size: a
+    --time-cond-proj-dim given (recorded in config.json) must be that size rather than be ignored. The command line resolves
+    an unset one to it (`config.resolve_config`); None here is that size too."""
     size = unet.config.get("time_cond_proj_dim")
     wanted = getattr(config, "time_cond_proj_dim", None)
     if size is not None and wanted is not None and size != wanted:
         raise UserError(f"the student starts from {source}, whose ω embedding has size {size}: --time-cond-proj-dim {wanted} "
-                        f"cannot change it; set --time-cond-proj-dim {size}")
+                        "cannot change it; leave it out (the student keeps its starting UNet's size)")
 
 
 def _adapter(unet) -> str:
@@ -271,7 +290,8 @@ def make_student(config, base: DiffusionModel, scheduler_config: dict, share_une
         _check_omega_size(unet, config, config.student_init)
     else:
         adds_omega = base.time_cond_proj_dim is None and not base.is_transformer  # a transformer has no time_cond_proj_dim
-        unet = make_student_unet(base.unet, config.time_cond_proj_dim) if adds_omega else copy.deepcopy(base.unet)
+        size = getattr(config, "time_cond_proj_dim", None) or DEFAULT_TIME_COND_PROJ_DIM
+        unet = make_student_unet(base.unet, size) if adds_omega else copy.deepcopy(base.unet)
         unet.requires_grad_(True)
         _check_omega_size(unet, config, getattr(config, config.model_field))
     if config.gradient_checkpointing:
