@@ -488,28 +488,13 @@ def lineage_note(guided: dict) -> str | None:
 
 def distilled_from(path: str) -> tuple[str, str] | None:
     """The teacher with classifier-free guidance whose Guided-Distill chain the model at `path` ends (stage one, then
-    progressive rounds, each exported to `guided/` in its run folder): (its path as the stage-one run's config.json names it,
-    its identity as that run's sources.json recorded it). Each round's teacher is followed only while it is still the model
-    its run recorded (`model_digest`). None where a link cannot be read: a model without its run folder, an older run."""
-    from latent_consistency.training.sources import model_digest, recorded_sources
+    progressive rounds, each exported by its run): (its path as the stage-one run's config.json names it, its identity as
+    that run's sources.json recorded it), the far end of `sources.teacher_line`. None where the line cannot be read to its
+    end: a model without its run folder, an older run, a teacher distilled again since."""
+    from latent_consistency.training.sources import teacher_line
 
-    model, seen = Path(path), set()
-    while model.name == "guided" and model.resolve() not in seen:
-        seen.add(model.resolve())
-        run = model.parent
-        try:
-            config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        teacher, identity = (config.get("teacher"), recorded_sources(run).get("teacher")) if isinstance(config, dict) else (None, None)
-        if not isinstance(teacher, str) or not isinstance(identity, str):
-            return None
-        if config.get("method") == "guidance":
-            return teacher, identity
-        if config.get("method") != "progressive" or model_digest(teacher) != identity:
-            return None
-        model = Path(teacher)
-    return None
+    line = teacher_line(path)
+    return line[-1] if line else None
 
 
 def few_prompts_note(args, eval_set) -> str | None:

@@ -7,7 +7,6 @@ logs, validates and checkpoints (`training.run_folder`). Only the main process w
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 from pathlib import Path
@@ -117,39 +116,17 @@ def student_init_range_note(config: TrainConfig) -> str | None:
 
 def student_init_teacher_note(config: TrainConfig) -> str | None:
     """A note when --student-init is a model distilled here from other teachers than --teacher: none of the teachers it
-    descends from (`teacher_line`) is --teacher, by identity (`sources.model_digest`: a teacher moved or copied since is the
-    same). Its weights and ω input then follow another model's guidance. None for a model that is no run's export."""
+    descends from (`sources.teacher_line`) is --teacher, by identity (`sources.model_digest`: a teacher moved or copied since
+    is the same). Its weights and ω input then follow another model's guidance. None for a model that is no run's export,
+    or whose line is broken."""
     init = getattr(config, "student_init", "")
-    line = teacher_line(init) if init else []
-    if not line or sources.model_digest(config.teacher) in line:
+    line = sources.teacher_line(init) if init else None
+    if not line or sources.model_digest(config.teacher) in [identity for _, identity in line]:
         return None
     return (f"--student-init {init} was distilled from another teacher than --teacher {config.teacher} (its run's {sources.FILE}): "
             "the student starts from a model of another teacher's guidance")
 
 
-def teacher_line(model: str) -> list[str]:
-    """The identities of the teachers the exported `model` descends from, nearest first: the teacher its run folder (the
-    folder above it) records in sources.json, then the one that teacher's run records (a progressive round's stage-one
-    model, then its classifier-free-guided teacher), as far as run folders go; [] for a model that is no run's export."""
-    line, path = [], Path(model)
-    while path.is_dir() and len(line) < MAX_TEACHER_LINE:
-        run = path.resolve().parent
-        identity = sources.recorded_sources(run).get("teacher")
-        try:
-            teacher = json.loads((run / "config.json").read_text()).get("teacher")
-        except (OSError, ValueError, AttributeError):
-            teacher = None
-        if not isinstance(identity, str):
-            break
-        line.append(identity)
-        if not isinstance(teacher, str) or not teacher:
-            break
-        path = Path(teacher)
-    return line
-
-
-# At most this many teachers up a model's line (`teacher_line`): rounds of progressive distillation, a stage one, its teacher
-MAX_TEACHER_LINE = 16
 
 
 def validation_scale_note(config: TrainConfig, base: DiffusionModel, student) -> str | None:

@@ -77,6 +77,40 @@ def recorded_sources(out: Path) -> dict:
     return saved if isinstance(saved, dict) else {}
 
 
+def teacher_line(model: str) -> list[tuple[str, str]] | None:
+    """The teachers the exported `model` descends from, nearest first, each as (its path as its run's config.json names it,
+    its identity as that run's sources.json recorded it): the teacher of the run folder above `model`, then, where that
+    teacher is itself a run's export (a progressive round's stage-one model, an LCM's --student-init), its run's teacher,
+    up to a teacher that is no run's export (the classifier-free-guided one). [] for a model that is no run's export;
+    None where a link is broken: a teacher no longer the model its run recorded (`model_digest`; distilled again into its
+    folder), whose run folder tells of another model."""
+    line, path = [], Path(model)
+    while path.is_dir() and len(line) < MAX_TEACHER_LINE:
+        run = path.resolve().parent
+        identity, teacher = recorded_sources(run).get("teacher"), _config_teacher(run)
+        if not isinstance(identity, str) or teacher is None:
+            return line
+        if line and model_digest(str(path)) != line[-1][1]:
+            return None
+        line.append((teacher, identity))
+        path = Path(teacher)
+    return line
+
+
+# At most this many teachers up a model's line (`teacher_line`): rounds of progressive distillation, a stage one, its teacher
+MAX_TEACHER_LINE = 16
+
+
+def _config_teacher(run: Path) -> str | None:
+    """The teacher the run in `run` names in its config.json; None where there is none to read."""
+    try:
+        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    teacher = config.get("teacher") if isinstance(config, dict) else None
+    return teacher if isinstance(teacher, str) and teacher else None
+
+
 def check_sources(out: Path, config) -> None:
     """A UserError when a model the run in `out` started with (its `sources.json`) is another model now at the same path or
     hub id."""
