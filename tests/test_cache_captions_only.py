@@ -202,6 +202,16 @@ def test_lcm_cache_of_no_data_is_one_line_before_the_model_loads(tiny_sd, tmp_pa
     assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.partial").exists()
 
 
+def test_lcm_cache_under_a_launcher_is_one_line(tiny_sd, tmp_path, capsys, monkeypatch):
+    """Was: under `accelerate launch` every process encoded the data into one OUT.partial, and all but one ended in a
+    FileNotFoundError traceback."""
+    write_captioned_images(tmp_path / "data", 3)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = run(["cache", "--model", str(tiny_sd), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache")], capsys)
+    assert code == 2 and err.startswith("lcm cache: error: lcm cache runs in one process"), err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.partial").exists()
+
+
 def test_lcm_cache_help_says_what_captions_only_saves(capsys):
     code, out, _ = run(["cache", "--help"], capsys)
     text = " ".join(out.split())

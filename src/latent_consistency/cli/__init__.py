@@ -176,9 +176,15 @@ def end_process(code: int) -> int:
     (`training.sharding.end_process_group`) and the process ends here, with nothing to tear down. A script of its own
     that trains under a launcher ends the same way: `sys.exit(end_process(code))`. Everything the command writes is
     written and closed before it returns. Its daemonic child processes (DataLoader workers) are ended first, as
-    multiprocessing's exit callback ends them: left alone they linger until their watchdog sees the parent gone."""
+    multiprocessing's exit callback ends them: left alone they linger until their watchdog sees the parent gone. A stop
+    arriving now (the launcher's SIGTERM to the other processes once one has ended) is ignored: the command's one line
+    is printed, and `Terminated` raised in the clean-up printed a traceback under it ("Exception ignored in ...")."""
     if int(os.environ.get("WORLD_SIZE") or 1) > 1:
         import multiprocessing
+
+        if threading.current_thread() is threading.main_thread():
+            for stop in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(stop, signal.SIG_IGN)
 
         workers = [child for child in multiprocessing.active_children() if child.daemon]
         for child in workers:
