@@ -158,3 +158,20 @@ def test_held_out_split_of_shards_and_named_datasets(tmp_path):
     assert not set(digits["train"].indices) & set(digits["eval"].indices)
     with pytest.raises(UserError, match="leaves the eval split empty"):
         open_dataset(str(tmp_path / "00000.tar"), R, holdout=Holdout(0.01, "eval"))
+
+
+def test_only_the_first_process_logs_an_image_folders_scan(tmp_path, caplog):
+    # was: a bad caption logged once per process of a multi-process run (each scans the same folder): 8 times on 8 GPUs
+    png(tmp_path / "a.png")
+    png(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text("a red one")
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe bad")
+    logged = {}
+    for rank in (0, 1):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="latent_consistency.data"):
+            dataset = open_dataset(str(tmp_path), R, rank=rank, world_size=2)
+        logged[rank] = [r.getMessage() for r in caplog.records]
+        assert sum(dataset.skipped.counts.values()) == 1  # counted on every process: the run's summary merges them
+    assert len(logged[0]) == 1 and "bad_caption" in logged[0][0] and logged[1] == []
+

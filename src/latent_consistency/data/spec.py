@@ -119,7 +119,7 @@ def _open_folder(path: Path, resolution: int, seed: int, rank: int, world_size: 
     if shards:
         return _shard_stream(shards, resolution, seed, rank, world_size, holdout)
     if has_images or any(extension(name) in UNSUPPORTED_IMAGE_EXTENSIONS for name in files):
-        return ImageFolderDataset(path, resolution, holdout, files=files)  # .heic photos alone: refused, saying what to do
+        return ImageFolderDataset(path, resolution, holdout, files=files, quiet_scan=rank > 0)  # .heic alone: refused, saying what to do
     check_uncompressed([str(path / name) for name in files])  # a folder of .tar.gz shards, refused saying why
     raise UserError(f"{path} holds no images, .tar shards or manifest.json; the data spec can be {accepted()}")
 
