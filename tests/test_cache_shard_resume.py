@@ -124,7 +124,9 @@ def test_shards_changed_since_the_stop_start_again_saying_why(model, tmp_path, m
 # `lcm cache` in its own process, its cache shards of 4 samples, paused in its sixth VAE batch (the third cache shard's
 # second: the first in memory, not yet written) after touching the file $PAUSED, for the test to stop it there
 PAUSING_CACHE = """
-import functools, os, sys, time
+import functools, os, signal, sys, time
+# Ctrl-C as in a terminal: a pytest-xdist worker ignores SIGINT, and a child process inherits that
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from latent_consistency.cli import main
 from latent_consistency.data import latent_cache
 from latent_consistency.models import LatentCodec
