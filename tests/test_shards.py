@@ -171,6 +171,17 @@ def test_ranks_read_disjoint_deterministic_streams(tmp_path):
         ShardStream(pattern, R, rank=0, world_size=5)
 
 
+def test_shards_that_split_unevenly_over_processes_are_noted(tmp_path):
+    # was: 3 shards on 2 processes trained on one shard's samples twice as often as the others', without a word
+    for shard in range(4):
+        write_shard(tmp_path / f"{shard:05d}.tar", good(shard, 3))
+    four, three = str(tmp_path / "*.tar"), str(tmp_path / "{00000..00002}.tar")
+    assert ShardStream(four, R, rank=1, world_size=2).uneven_note() is None
+    assert ShardStream(three, R).uneven_note() is None  # one process reads them all
+    note = ShardStream(three, R, rank=1, world_size=2).uneven_note()
+    assert note.startswith("3 shards over 2 processes: 1 of the processes read 2 shards, the others 1") and "multiple of 2" in note
+
+
 def test_nothing_usable_is_a_clear_error(tmp_path):
     write_shard(tmp_path / "a.tar", [("k", {"jpg": image_bytes("RGB", (0, 0, 0), "JPEG")})])
     write_shard(tmp_path / "b.tar", [("k", {"jpg": b"corrupt", "txt": b"caption"})])

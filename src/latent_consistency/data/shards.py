@@ -235,6 +235,7 @@ class ShardStream(IterableDataset):
                 f"write at least {world_size} shards (img2dataset --number_sample_per_shard) or use fewer ranks"
             )
         self.shards = all_shards[rank::world_size]
+        self.total_shards = len(all_shards)
         self.resolution = resolution
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
@@ -339,6 +340,17 @@ class ShardStream(IterableDataset):
         finally:
             cursor.close()
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def uneven_note(self) -> str | None:
+        """A note where the shards do not split evenly over the processes (shard i goes to process i mod N): each process
+        draws the same share of every batch from its own shards, so the samples of a process with fewer shards are seen
+        more often (3 shards on 2 processes: one shard is half of the training). None where they split evenly."""
+        n, w = self.total_shards, self.world_size
+        if n % w == 0:
+            return None
+        return (f"{n} shards over {w} processes: {n % w} of the processes read {n // w + 1} shards, the others {n // w}, and each draws "
+                f"the same share of every batch from its own, so the samples of the processes with fewer shards are seen more "
+                f"often; a multiple of {w} shards of like sizes trains on every sample alike")
 
     def samples_once(self, position: OncePosition | None = None) -> Iterator[dict[str, torch.Tensor | str]]:
         """Each usable sample of each shard once, shard after shard in order, in this thread: what an evaluation reads as

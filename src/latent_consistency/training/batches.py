@@ -114,11 +114,18 @@ class TrainingBatches:
         elif not isinstance(self.dataset, LatentCache) and len(self.dataset):
             self.dataset[0]  # an image folder skips corrupt images and raises UserError when none decodes
 
+    @property
+    def encodes_images(self) -> bool:
+        """Whether each batch's images are encoded by the model's VAE as the batch is drawn: image data, not a latent cache."""
+        return not isinstance(self.dataset, LatentCache)
+
     def small_data_note(self, batch_size: int) -> str | None:
         """A note when the data holds fewer samples than one step's batch: every batch then repeats samples (the sampler's
-        epochs roll over inside it), which a user with a handful of images may not expect. None for a shard stream, whose
-        size is unknown."""
-        if isinstance(self.dataset, ShardStream) or len(self.dataset) >= batch_size:
+        epochs roll over inside it), which a user with a handful of images may not expect. A shard stream's size is unknown:
+        its note is of shards split unevenly over the processes (`ShardStream.uneven_note`)."""
+        if isinstance(self.dataset, ShardStream):
+            return self.dataset.uneven_note()
+        if len(self.dataset) >= batch_size:
             return None
         n = len(self.dataset)
         return (f"the data holds {n} sample{'s' if n != 1 else ''}, fewer than the batch of {batch_size}: every batch repeats each "
