@@ -72,7 +72,7 @@ def test_an_omega_response_count_for_guided_distill_is_refused(run_error, capsys
 def test_a_negative_student_step_count_is_refused(run_error, tmp_path):
     # was: exit 0 with student_steps -3 in the printed config (a negative count, ignored by --method lcd)
     refused(run_error, [*DISTILL, "--out", str(tmp_path / "run"), "--student-steps", "-3", "--dry-run"],
-            "student_steps must be 0 or more, got -3")
+            "--student-steps must be 0 or more, got -3")
 
 
 @pytest.mark.parametrize("extra, fix", [(["--skip", "50"], "set --skip 20"), (["--solver", "dpm"], "set --solver ddim"),

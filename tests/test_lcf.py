@@ -184,7 +184,7 @@ def test_finetune_bad_input(case, tiny_sd, tiny_lcm, image_folder, tmp_path, run
         "lora without adapter": (finetune_args(tiny_sd, image_folder, out, "--lora", str(tmp_path)), "use --adapter lora"),
         "eval data and fraction": (finetune_args(tiny_lcm, image_folder, out, "--eval-fraction", "0.1", "--eval-data", str(image_folder)),
                                    "not both"),
-        "eval fraction out of range": (finetune_args(tiny_lcm, image_folder, out, "--eval-fraction", "1.5"), "eval_fraction must be in [0, 1)"),
+        "eval fraction out of range": (finetune_args(tiny_lcm, image_folder, out, "--eval-fraction", "1.5"), "--eval-fraction must be in [0, 1)"),
     }
     argv, message = cases[case]
     code, err = run_error(argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import shlex
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +42,7 @@ def test_an_lcm_of_a_hub_teacher_names_it_as_its_base_model_with_its_omega_respo
     assert "[1, 4], sampled at 2 by default" in card.text and "ignores" not in card.text
     python, command = snippets(card)
     assert 'from_pretrained("runs/x/lcm")' in python and "num_inference_steps=4, guidance_scale=2)" in python
-    assert command[:5] == ["lcm", "generate", "a photo of a cat", "--model", "runs/x/lcm"]
+    assert command[:5] == ["lcm", "generate", "a photo of a cat", "--model", os.path.abspath("runs/x/lcm")]
 
 
 def test_a_local_teacher_is_no_base_model_and_an_lcm_that_ignores_guidance_says_so():
@@ -59,7 +60,7 @@ def test_lora_adapters_are_sampled_on_their_base_model_with_their_scheduler():
     python, command = snippets(card)
     assert 'DiffusionPipeline.from_pretrained("org/sd-model")' in python and 'LCMScheduler.from_pretrained("o/lora")' in python
     assert 'load_lora_weights("o/lora")' in python and "guidance_scale=1)" in python
-    assert command[command.index("--model") + 1] == "org/sd-model" and command[command.index("--lora") + 1] == "o/lora"
+    assert command[command.index("--model") + 1] == "org/sd-model" and command[command.index("--lora") + 1] == os.path.abspath("o/lora")
 
 
 @pytest.mark.parametrize("method, steps", [("guidance", 25), ("progressive", 8)])
@@ -84,7 +85,7 @@ def test_paths_with_quotes_and_spaces_stay_one_argument_and_one_string():
     config = DistillConfig(teacher="t", data="d", out=out)
     python, command = snippets(card_of(f"{out}/lcm", config, GuidanceRecord(1.0, 2.0, 2.0, None)))
     call = next(node for node in ast.walk(ast.parse(python)) if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained")
-    assert call.args[0].value == f"{out}/lcm" and command[command.index("--model") + 1] == f"{out}/lcm"
+    assert call.args[0].value == f"{out}/lcm" and command[command.index("--model") + 1] == os.path.abspath(f"{out}/lcm")
 
 
 def test_a_pixart_lcm_card_says_its_guidance_is_built_in_not_an_input():

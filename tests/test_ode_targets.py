@@ -149,7 +149,7 @@ def test_method_ode_refuses_what_it_has_no_use_for(tiny_sd, image_folder, tmp_pa
         "eval fraction": (["--eval-fraction", "0.2"], "no --eval-data or --eval-fraction"),
         "increments": (["--guide-increments"], "no --guide-increments"),
         "pair steps": (["--guidance-pair-weight", "1", "--guidance-pair-steps", "3"], "no --guidance-pair-steps"),
-        "no rows": (["--ode-targets", "0"], "ode_targets must be at least 1"),
+        "no rows": (["--ode-targets", "0"], "--ode-targets must be at least 1"),
     }[case]
     assert main(ode_args(tiny_sd, image_folder, tmp_path / "run", *extra)) == 2
     err = capsys.readouterr().err.strip()

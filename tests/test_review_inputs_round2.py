@@ -61,9 +61,9 @@ def test_a_negative_learning_rate_in_exponent_form_gets_its_own_message(tiny_sd,
             "--dry-run"]
     for spelling in (["--lr", "-1e-4"], ["--lr=-1e-4"]):
         code, err = run_error([*argv, *spelling])
-        assert code == 2 and err == "lcm distill: error: lr must be positive, got -0.0001", (spelling, code, err)
+        assert code == 2 and err == "lcm distill: error: --lr must be positive, got -0.0001", (spelling, code, err)
     code, err = run_error([*argv, "--lr", "-inf"])
-    assert code == 2 and err == "lcm distill: error: lr must be a finite number, got -inf", err
+    assert code == 2 and err == "lcm distill: error: --lr must be a finite number, got -inf", err
     assert not (tmp_path / "run").exists()
 
 

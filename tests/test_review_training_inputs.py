@@ -74,10 +74,10 @@ def test_a_held_out_shard_folder_that_holds_the_training_shard_is_refused(tiny_s
     refused(run_error, distill(tiny_sd, tmp_path / "run", shards / "00001.tar", shards), tmp_path / "run")
 
 
-@pytest.mark.parametrize("flag, value, message", [("--lr", "0", "lr must be positive, got 0.0"),
-                                                  ("--lr", "-0.5", "lr must be positive, got -0.5"),
-                                                  ("--huber-c", "0", "huber_c must be positive, got 0.0"),
-                                                  ("--validation-guidance-scale", "-1", "validation_guidance_scale must be 0 or more, got -1.0")])
+@pytest.mark.parametrize("flag, value, message", [("--lr", "0", "--lr must be positive, got 0.0"),
+                                                  ("--lr", "-0.5", "--lr must be positive, got -0.5"),
+                                                  ("--huber-c", "0", "--huber-c must be positive, got 0.0"),
+                                                  ("--validation-guidance-scale", "-1", "--validation-guidance-scale must be 0 or more, got -1.0")])
 def test_a_bad_learning_rate_is_named_alone(tiny_sd, run_error, tmp_path, flag, value, message):
     # defect: `lcm distill --lr 0` said "lr and huber_c must be positive and validation_guidance_scale >= 0, got 0.0, 0.001,
     # 8.0": three fields and three numbers, for one wrong flag

@@ -66,8 +66,11 @@ def _terminated(signum, frame) -> None:
 
 
 def stopped(stop: KeyboardInterrupt) -> tuple[str, int]:
-    """The word and exit code of a stop: 130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as a shell reports them)."""
-    return ("terminated", 128 + signal.SIGTERM) if isinstance(stop, Terminated) else ("interrupted", 130)
+    """The words and exit code of a stop: 130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as a shell reports them). The
+    word, then the stop's message where it has one: a training run's says which steps it kept and how to go on
+    (`training.run_folder.saying_what_a_stop_keeps`)."""
+    word, code = ("terminated", 128 + signal.SIGTERM) if isinstance(stop, Terminated) else ("interrupted", 130)
+    return (f"{word} {stop}" if stop.args else word), code
 
 
 def path_error(err: Exception) -> str | None:

@@ -12,7 +12,7 @@ import json
 import sys
 import typing
 
-from latent_consistency.training.config import COMMANDS, CONFIGS, PRESETS, TrainConfig, field_help, resolve_config
+from latent_consistency.training.config import COMMANDS, CONFIGS, PRESETS, TrainConfig, field_help, flag_of, resolve_config
 
 
 def _flag_type(annotation: str):
@@ -50,7 +50,7 @@ def add_training_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], 
     group = parser.add_argument_group("training configuration (defaults: the preset, then --config FILE)")
     for f in dataclasses.fields(cls):
         kind = _flag_type(str(hints[f.name]))
-        name = "--" + f.name.replace("_", "-")
+        name = flag_of(f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{help_texts[f.name]} (default: {default!r})"
         if kind == "bool":
@@ -69,7 +69,7 @@ def add_training_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], 
             if f.name not in help_texts:
                 refused.setdefault(f.name, f"belongs to {COMMANDS[other]}{why}")
     for field_name, reason in refused.items():
-        flag = "--" + field_name.replace("_", "-")
+        flag = flag_of(field_name)
         parser.add_argument(flag, *([f"--no-{field_name.replace('_', '-')}"] if field_name in booleans else []),
                             dest=f"refused_{field_name}", action=_Refuse, reason=reason)
 
@@ -77,6 +77,7 @@ def add_training_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], 
 def run_training(args, cls: type[TrainConfig]) -> None:
     from latent_consistency.folder_lock import hold
     from latent_consistency.training.loop import machine_problem, train
+    from latent_consistency.training.run_folder import continued_by
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
     config = resolve_config(cls, args.preset, args.config, overrides)
@@ -86,7 +87,8 @@ def run_training(args, cls: type[TrainConfig]) -> None:
         if problem is not None:
             print(f"note: not on this machine: {problem}", file=sys.stderr)
         return
-    with hold(config.out):  # a second run, or --resume, on this folder is refused while this one writes it
+    # A second run, or --resume, on this folder is refused while this one writes it; a stop says how to go on from where it was
+    with hold(config.out), continued_by("to continue, run the same command with --resume"):
         path = train(config, resume=args.resume)
     if path is not None:
         print(f"exported {path}")

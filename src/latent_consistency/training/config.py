@@ -111,7 +111,7 @@ class TrainConfig:
 
         for name, allowed in dict(adapter=ADAPTERS, lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISION, optimizer=OPTIMIZERS).items():
             if getattr(self, name) not in allowed:
-                raise UserError(f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+                raise UserError(f"{self.flag(name)} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         check_distance(self.loss)
         if self.loss != "huber" and self.huber_c != field_default(type(self), "huber_c"):
             raise UserError(f"--huber-c {self.huber_c:g} is the constant of the pseudo-Huber distance: it applies to --loss huber, "
@@ -123,28 +123,29 @@ class TrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{f.name} must be a finite number, got {value}")
+                raise UserError(f"{self.flag(f.name)} must be a finite number, got {value}")
         for name in ("steps", "batch_size", "grad_accumulation", "log_every", "lora_rank", "max_nonfinite_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"{self.flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("seed", "resolution", "skip", "lr_warmup_steps", "validate_every", "checkpoint_every", "num_workers",
                      "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
-                raise UserError(f"{name} must be 0 or more, got {getattr(self, name)}")
+                raise UserError(f"{self.flag(name)} must be 0 or more, got {getattr(self, name)}")
         if self.seed > MAX_SEED:
-            raise UserError(f"seed must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
+            raise UserError(f"{self.flag('seed')} must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
         if self.batch_size > MAX_BATCH_SIZE:
-            raise UserError(f"batch_size {self.batch_size} is above {MAX_BATCH_SIZE:,} images a step, more than any accelerator holds; "
+            raise UserError(f"{self.flag('batch_size')} {self.batch_size} is above {MAX_BATCH_SIZE:,} images a step, more than any accelerator holds; "
                             "give a smaller --batch-size (and --grad-accumulation for a larger effective batch)")
         if self.batch_size % self.grad_accumulation:
-            raise UserError(f"batch_size {self.batch_size} must be a multiple of grad_accumulation {self.grad_accumulation}")
+            raise UserError(f"{self.flag('batch_size')} {self.batch_size} must be a multiple of {self.flag('grad_accumulation')} "
+                            f"{self.grad_accumulation}")
         if self.lora_rank != field_default(type(self), "lora_rank") and self.adapter != "lora":
             raise UserError(f"--lora-rank {self.lora_rank} sets the rank of new LoRA adapters: it applies to --adapter lora")
         for name in ("adam_beta1", "adam_beta2", "eval_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise UserError(f"{self.flag(name)} must be in [0, 1), got {getattr(self, name)}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise UserError(f"{self.flag('ema_decay')} must be in [0, 1), got {self.ema_decay}")
         if self.eval_data and self.eval_fraction:
             raise UserError("give --eval-data or --eval-fraction, not both")
         if self.eval_data and _same_data(self.eval_data, self.data):
@@ -163,9 +164,20 @@ class TrainConfig:
         check_guidance_scale_range(self.guidance_scale_min, self.guidance_scale_max)
         for name in ("lr", "huber_c"):
             if getattr(self, name) <= 0:
-                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+                raise UserError(f"{self.flag(name)} must be positive, got {getattr(self, name)}")
         if self.validation_guidance_scale < 0:
-            raise UserError(f"validation_guidance_scale must be 0 or more, got {self.validation_guidance_scale}")
+            raise UserError(f"{self.flag('validation_guidance_scale')} must be 0 or more, got {self.validation_guidance_scale}")
+        return self
+
+    def flag(self, name: str) -> str:
+        """How this run's messages name field `name`: as its user set it. The command-line flag (`flag_of`: --batch-size),
+        unless the program that drives the run named its fields otherwise (`named_as`: `lcm demo` sets --steps with
+        --distill-steps, and has no flag for the rest)."""
+        return getattr(self, "_names", {}).get(name) or flag_of(name)
+
+    def named_as(self, names: dict[str, str]) -> TrainConfig:
+        """This config, its messages naming each field of `names` as that gives it (`flag`); the fields are unchanged."""
+        self._names = dict(names)
         return self
 
     @property
@@ -274,7 +286,7 @@ class DistillConfig(TrainConfig):
         super().check()
         get_solver(self.solver)
         if self.method not in METHODS:
-            raise UserError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+            raise UserError(f"{self.flag('method')} {self.method!r} is not one of {', '.join(METHODS)}")
         if self.method not in LCM_METHODS:  # Guided-Distill has none of LCD's settings: refused at --dry-run as in the run
             self._check_guided_distill_student()
             skip = field_default(DistillConfig, "skip")
@@ -293,40 +305,42 @@ class DistillConfig(TrainConfig):
                 raise UserError(f"--method ode regresses a full student (its ω input) onto a bank of whole ODE solutions, with no grid "
                                 f"pairs to weight or schedule and no held-out loss: set {', '.join(refused)}")
             if self.ode_targets < 1:
-                raise UserError(f"ode_targets must be at least 1, got {self.ode_targets}")
+                raise UserError(f"{self.flag('ode_targets')} must be at least 1, got {self.ode_targets}")
         if self.method != "ode" and self.ode_targets != field_default(DistillConfig, "ode_targets"):
             raise UserError(f"--ode-targets {self.ode_targets} sets the rows of the bank that --method ode regresses onto: it applies to "
                             f"--method ode, not {self.method}")
         if self.omega_response_samples < 0:
-            raise UserError(f"omega_response_samples must be 0 or more, got {self.omega_response_samples}")
+            raise UserError(f"{self.flag('omega_response_samples')} must be 0 or more, got {self.omega_response_samples}")
         if self.student_steps < 0:
-            raise UserError(f"student_steps must be 0 or more, got {self.student_steps}")
+            raise UserError(f"{self.flag('student_steps')} must be 0 or more, got {self.student_steps}")
         if (self.method == "progressive") != (self.student_steps > 0):
             raise UserError("--method progressive needs --student-steps N (N >= 1), and --student-steps applies to it alone")
         if self.student_init and self.adapter != "full":
             raise UserError("--student-init gives a full student its starting weights; a LoRA student starts from the teacher")
         if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
-            raise UserError(f"student_prediction {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
+            raise UserError(f"{self.flag('student_prediction')} {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
         if self.skip < 1:
-            raise UserError(f"skip must be at least 1, got {self.skip}")
+            raise UserError(f"{self.flag('skip')} must be at least 1, got {self.skip}")
         if self.time_cond_proj_dim is not None:  # None: the starting UNet's own (`resolve_config`, `students.make_student`)
             check_guidance_embedding_dim(self.time_cond_proj_dim)  # its sinusoids need at least 4 dimensions
         if self.guidance_pair_weight < 0:
-            raise UserError(f"guidance_pair_weight must be 0 or more, got {self.guidance_pair_weight}")
+            raise UserError(f"{self.flag('guidance_pair_weight')} must be 0 or more, got {self.guidance_pair_weight}")
         if self.omega_lr_scale <= 0:
-            raise UserError(f"omega_lr_scale must be above 0, got {self.omega_lr_scale}")
+            raise UserError(f"{self.flag('omega_lr_scale')} must be above 0, got {self.omega_lr_scale}")
         if self.omega_lr_scale != 1 and self.adapter != "full":
-            raise UserError("omega_lr_scale applies to full students; a LoRA student has no ω input")
+            raise UserError(f"{self.flag('omega_lr_scale')} applies to full students; a LoRA student has no ω input")
         if self.student_prediction != "teacher" and self.adapter != "full":
-            raise UserError("student_prediction applies to full students; a LoRA keeps the teacher's parameterisation")
+            raise UserError(f"{self.flag('student_prediction')} applies to full students; a LoRA keeps the teacher's parameterisation")
         if self.guidance_pair_weight > 0 and self.adapter != "full":
-            raise UserError("guidance_pair_weight applies to full students; a LoRA student has no ω input")
+            raise UserError(f"{self.flag('guidance_pair_weight')} applies to full students; a LoRA student has no ω input")
         if self.guidance_pair_steps < 0:
-            raise UserError(f"guidance_pair_steps must be 0 or more, got {self.guidance_pair_steps}")
+            raise UserError(f"{self.flag('guidance_pair_steps')} must be 0 or more, got {self.guidance_pair_steps}")
         if self.guidance_pair_steps and not self.guidance_pair_weight > 0:
-            raise UserError("guidance_pair_steps sets how long the pair term applies: it needs guidance_pair_weight > 0")
+            raise UserError(f"{self.flag('guidance_pair_steps')} sets how long the pair term applies: it needs "
+                            f"{self.flag('guidance_pair_weight')} > 0")
         if self.guidance_pair_weight > 0 and self.guidance_scale_min == self.guidance_scale_max:
-            raise UserError("guidance_pair_weight needs a guidance range (guidance_scale_min < guidance_scale_max)")
+            raise UserError(f"{self.flag('guidance_pair_weight')} needs a guidance range ({self.flag('guidance_scale_min')} < "
+                            f"{self.flag('guidance_scale_max')})")
         return self
 
     def _check_guided_distill_student(self) -> None:
@@ -446,6 +460,12 @@ def field_help(cls: type[TrainConfig]) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of config field `name` (`--batch-size` of batch_size): the flag `lcm distill` and `lcm finetune`
+    make of it (`cli.training_flags`), and how a run's messages name it (`TrainConfig.flag`)."""
+    return "--" + name.replace("_", "-")
+
+
 def field_default(cls: type[TrainConfig], name: str) -> Any:
     """The default of field `name` of a config class (before any preset)."""
     return next(f.default for f in fields(cls) if f.name == name)
@@ -553,7 +573,7 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
         not 0 (no response to measure), or in the file and neither 0 nor the default (what --dry-run prints where it does not
         apply); a preset's value (the tiny one's 32) is no request."""
         if name in given:
-            return f"--{name.replace('_', '-')}" if given[name] != 0 else None
+            return flag_of(name) if given[name] != 0 else None
         if name in from_file and from_file[name] not in (0, field_default(cls, name), *FORMER_DEFAULTS.get(name, ())):
             return f"config field {name} {from_file[name]!r}"
         return None

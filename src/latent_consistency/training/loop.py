@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from latent_consistency.training.run_folder import (
     recorded_guidance,
     resumed_student_unet,
     saved_config,
+    say_resumed,
+    saying_what_a_stop_keeps,
 )
 from latent_consistency.training.sharding import check_sharding, is_sharded, shard_target
 from latent_consistency.training.students import make_student
@@ -75,8 +78,21 @@ def warmup_note(config: TrainConfig) -> str | None:
     preset, say), which a user may not expect."""
     if config.lr_warmup_steps <= config.steps:
         return None
-    return (f"--lr-warmup-steps {config.lr_warmup_steps} is more than --steps {config.steps}: the learning rate rises to "
-            f"{config.steps / config.lr_warmup_steps:.2g} × --lr and never reaches it")
+    return (f"{config.flag('lr_warmup_steps')} {config.lr_warmup_steps} is more than {config.flag('steps')} {config.steps}: the learning "
+            f"rate rises to {config.steps / config.lr_warmup_steps:.2g} × {config.flag('lr')} and never reaches it")
+
+
+def encoding_note(config: TrainConfig, base: DiffusionModel, batches: TrainingBatches) -> str | None:
+    """A note when the run encodes its data at every step (an image folder, shards, a registered dataset such as
+    world:shapes): the VAE and text encoder(s) then run on every batch, where a latent cache (the paper's D_z = {E(x)},
+    Section 4.3) encodes each image once; `lcm cache` writes one of this data with this model. None for a latent cache, and
+    for images at another --resolution than the model's native size, at which `lcm cache` does not encode."""
+    if not batches.encodes_images or (config.resolution or base.native_size) != base.native_size:
+        return None
+    cache = f"{Path(config.out)}-latents"
+    command = shlex.join(["lcm", "cache", "--model", getattr(config, config.model_field), "--data", config.data, "--out", cache])
+    return (f"{config.flag('data')} {config.data} is encoded by the VAE and text encoder at every step; encode it once with `{command}` "
+            f"and train with {config.flag('data')} {shlex.quote(cache)} for faster steps")
 
 
 def pair_steps_note(config: TrainConfig) -> str | None:
@@ -85,8 +101,8 @@ def pair_steps_note(config: TrainConfig) -> str | None:
     pair_steps = getattr(config, "guidance_pair_steps", 0)
     if not pair_steps or pair_steps < config.steps:
         return None
-    return (f"--guidance-pair-steps {pair_steps} is not less than --steps {config.steps}: the λ_Δ term applies to every step, and "
-            "the plain loss after it never comes")
+    return (f"{config.flag('guidance_pair_steps')} {pair_steps} is not less than {config.flag('steps')} {config.steps}: the λ_Δ term "
+            "applies to every step, and the plain loss after it never comes")
 
 
 def guidance_range_note(config: TrainConfig, base: DiffusionModel) -> str | None:
@@ -140,7 +156,7 @@ def validation_scale_note(config: TrainConfig, base: DiffusionModel, student) ->
     record = recorded_guidance(config, base.guidance_record, None)
     if record.guidance_scale == given:
         return None
-    return (f"--validation-guidance-scale {given:g} is outside [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}], the "
+    return (f"{config.flag('validation_guidance_scale')} {given:g} is outside [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}], the "
             f"guidance range of the exported model's record: the validation grid and the model's default g are {record.guidance_scale:g}")
 
 
@@ -154,8 +170,8 @@ def resumed_schedule_note(out: Path, config: TrainConfig) -> str | None:
     before, after = lr_lambda(saved)(step), lr_lambda(config)(step)
     if math.isclose(before, after):
         return None
-    return (f"--steps {config.steps} stretches the {config.lr_schedule} learning-rate schedule this run followed over {saved.steps} steps: "
-            f"at step {step} the rate jumps from {before:.3g} to {after:.3g} × --lr")
+    return (f"{config.flag('steps')} {config.steps} stretches the {config.lr_schedule} learning-rate schedule this run followed over "
+            f"{saved.steps} steps: at step {step} the rate jumps from {before:.3g} to {after:.3g} × {config.flag('lr')}")
 
 
 def lr_lambda(config: TrainConfig):
@@ -292,7 +308,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
         out = prepare_run_folder(config, resume, accelerator.is_main_process)
     per_step = world * config.grad_accumulation
     if config.batch_size % per_step:
-        raise UserError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accumulation = {per_step}")
+        raise UserError(f"{config.flag('batch_size')} {config.batch_size} must be a multiple of processes x {config.flag('grad_accumulation')} "
+                        f"= {per_step}")
     torch.manual_seed(config.seed)
 
     # Models: the frozen teacher (LCD) or the LCM to fine-tune (LCF); student θ; target θ⁻
@@ -305,9 +322,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     # Each process opens its own share of the data (its own shards): a UserError in any of them stops every one, with its message
     batches, eval_batches = on_every_process(accelerator, lambda: training_and_eval_batches(config, base, config.batch_size // per_step,
                                                                                           rank, world, device))
+    command = "distill" if config.objective == "lcd" else "finetune"
     if accelerator.is_main_process:
-        command = "distill" if config.objective == "lcd" else "finetune"
-        for note in filter(None, (batches.small_data_note(config.batch_size), batches.cache_note, warmup_note(config), pair_steps_note(config),
+        for note in filter(None, (encoding_note(config, base, batches), batches.small_data_note(config.batch_size), batches.cache_note,
+                                  warmup_note(config), pair_steps_note(config),
                                      guidance_range_note(config, base), student_init_range_note(config), student_init_teacher_note(config),
                                      validation_scale_note(config, base, student), resume and resumed_schedule_note(out, config))):
             print(f"lcm {command}: note: {note}", file=sys.stderr)
@@ -317,55 +335,59 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     ode_targets = run_ode_targets(config, base, out, accelerator, progress and accelerator.is_main_process)
     loss_fn = run.loss_fn = build_loss(config, base, scheduler_config, ode_targets)
     state = run.resume() if resume else Progress()
-    student.unet, optimizer = accelerator.prepare(student.unet, optimizer)
-    shard_target(accelerator, student)  # under FSDP, θ⁻ sharded as θ is: the target update is local to each process
-    if resume:
-        run.resume_optimizer(student.unet, optimizer)  # after prepare: under FSDP the saved full state is sharded as it loads
-        rate_at(optimizer, lr_scheduler, state.step)
-    if config.compile:  # LCF has no teacher: the model it starts from only draws the validation grid's first row
-        student.compile(accelerator.unwrap_model(student.unet), base.unet if config.objective == "lcd" else None)
-    sharded = is_sharded(accelerator)
-    f_student, f_target = student.consistency_model(student.unet), student.consistency_model(student.target_unet)
-    uncond = batches.uncond
+    if resume and accelerator.is_main_process:
+        say_resumed(out, state, config.steps, command)
+    with saying_what_a_stop_keeps(out, state, config.steps):  # a stop says which steps it keeps and which are lost
+        student.unet, optimizer = accelerator.prepare(student.unet, optimizer)
+        shard_target(accelerator, student)  # under FSDP, θ⁻ sharded as θ is: the target update is local to each process
+        if resume:
+            run.resume_optimizer(student.unet, optimizer)  # after prepare: under FSDP the saved full state is sharded as it loads
+            rate_at(optimizer, lr_scheduler, state.step)
+        if config.compile:  # LCF has no teacher: the model it starts from only draws the validation grid's first row
+            student.compile(accelerator.unwrap_model(student.unet), base.unet if config.objective == "lcd" else None)
+        sharded = is_sharded(accelerator)
+        f_student, f_target = student.consistency_model(student.unet), student.consistency_model(student.target_unet)
+        uncond = batches.uncond
 
-    with progress_bar(total=config.steps, initial=state.step, desc=f"{getattr(config, 'method', config.objective)} {config.adapter}",
-                      unit="step", disable=not (progress and accelerator.is_main_process)) as bar:  # closed when a stop or an error passes, before its one line
-        while state.step < config.steps:
-            student.unet.train()
-            # Consistency loss over the micro-batches: teacher jump (LCD) or same-noise pair (LCF), target f_θ⁻, student f_θ
-            total = torch.zeros((), device=device)
-            if hasattr(loss_fn, "step"):  # a loss that changes over training (`GuidancePairLCDLoss.pair_steps`)
-                loss_fn.step = state.step
-            for micro in range(config.grad_accumulation):
-                batch = next(batches)
-                generator = MicroBatchDraws(step_generator(config.seed, rank, state.step, device, attempt=state.nonfinite_run), micro,
-                                            config.grad_accumulation)
-                # Sharded, gradients are reduce-scattered at every micro-step: FSDP2's no_sync would hold them unsharded
-                sync = accelerator.no_sync(student.unet) if micro + 1 < config.grad_accumulation and not sharded else contextlib.nullcontext()
-                seed_network_draws(config.seed, rank, state.step, micro, attempt=state.nonfinite_run)
-                with sync, accelerator.autocast():
-                    loss = loss_fn(f_student, f_target, batch["latents"], batch["cond"], uncond.expand(len(batch["latents"]), -1, -1),
-                                   generator).mean()
-                    accelerator.backward(loss / config.grad_accumulation)
-                total += loss.detach() / config.grad_accumulation
-            mean_loss = accelerator.reduce(total, "mean").item()
-            if not math.isfinite(mean_loss):
-                skip_nonfinite_step(state, optimizer, config, run)
-                continue
-            state.nonfinite_run = 0
-            # Optimiser step
-            grad_norm = accelerator.clip_grad_norm_(student.trainable_parameters(), config.max_grad_norm) if config.max_grad_norm > 0 else None
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            # Update target θ⁻ <- μ θ⁻ + (1-μ) θ
-            if student.has_separate_target:
-                ema_update(student.target_unet, accelerator.unwrap_model(student.unet), config.target_decay)
-            state.step += 1
-            bar.update(1)
-            # Log, validate, checkpoint
-            run.after_step(state, mean_loss, grad_norm, f_target, bar)
-    return run.finish()
+        # The bar is closed when a stop or an error passes, before its one line
+        with progress_bar(total=config.steps, initial=state.step, desc=f"{getattr(config, 'method', config.objective)} {config.adapter}",
+                          unit="step", disable=not (progress and accelerator.is_main_process)) as bar:
+            while state.step < config.steps:
+                student.unet.train()
+                # Consistency loss over the micro-batches: teacher jump (LCD) or same-noise pair (LCF), target f_θ⁻, student f_θ
+                total = torch.zeros((), device=device)
+                if hasattr(loss_fn, "step"):  # a loss that changes over training (`GuidancePairLCDLoss.pair_steps`)
+                    loss_fn.step = state.step
+                for micro in range(config.grad_accumulation):
+                    batch = next(batches)
+                    generator = MicroBatchDraws(step_generator(config.seed, rank, state.step, device, attempt=state.nonfinite_run), micro,
+                                                config.grad_accumulation)
+                    # Sharded, gradients are reduce-scattered at every micro-step: FSDP2's no_sync would hold them unsharded
+                    sync = accelerator.no_sync(student.unet) if micro + 1 < config.grad_accumulation and not sharded else contextlib.nullcontext()
+                    seed_network_draws(config.seed, rank, state.step, micro, attempt=state.nonfinite_run)
+                    with sync, accelerator.autocast():
+                        loss = loss_fn(f_student, f_target, batch["latents"], batch["cond"], uncond.expand(len(batch["latents"]), -1, -1),
+                                       generator).mean()
+                        accelerator.backward(loss / config.grad_accumulation)
+                    total += loss.detach() / config.grad_accumulation
+                mean_loss = accelerator.reduce(total, "mean").item()
+                if not math.isfinite(mean_loss):
+                    skip_nonfinite_step(state, optimizer, config, run)
+                    continue
+                state.nonfinite_run = 0
+                # Optimiser step
+                grad_norm = accelerator.clip_grad_norm_(student.trainable_parameters(), config.max_grad_norm) if config.max_grad_norm > 0 else None
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                # Update target θ⁻ <- μ θ⁻ + (1-μ) θ
+                if student.has_separate_target:
+                    ema_update(student.target_unet, accelerator.unwrap_model(student.unet), config.target_decay)
+                state.step += 1
+                bar.update(1)
+                # Log, validate, checkpoint
+                run.after_step(state, mean_loss, grad_norm, f_target, bar)
+        return run.finish()
 
 
 def skip_nonfinite_step(state: Progress, optimizer, config: TrainConfig, run: RunFolder) -> None:

@@ -2,12 +2,13 @@
 then text), as diffusers' training scripts write beside their exports. It says what the model is, what it was made from
 and how, how much of its teacher's guidance it follows (the ω response), and how to sample it, in diffusers and with
 `lcm generate`. The loaders ignore it; a user who uploads the folder shares it, with the paths of its usage lines (the
-folder and the base model as the run was given them) replaced by hub ids.
+folder and the base model: as the run was given them in the snippet, absolute in the command) replaced by hub ids.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
 
 CARD = "README.md"
 PROMPT = "a photo of a cat"  # the usage lines' prompt where the run had no validation prompt
+IMAGES = "lcm-images"  # the folder the card's `lcm generate` line writes its images in (its required --out)
 # What each exported folder (`Student.export`) holds
 WHAT = {"lcm": "A latent consistency model (LCM): it samples in 1-8 steps, with the guidance scale g as an input.",
         "pixart": "A latent consistency model (LCM) of PixArt-α: it samples in 1-8 steps, at the one guidance scale it was "
@@ -128,9 +130,12 @@ def _pretrained(source: str) -> str:
 def _usage(folder: Path, what: str, source: str, record: GuidanceRecord | None, base_record: GuidanceRecord | None,
            config, prompt: str) -> list[str]:
     """A diffusers snippet and an `lcm generate` line that sample the model from where it was written, at the g `lcm
-    generate` takes by default. A PixArt LCM has no ω input: its diffusers pipeline would apply classifier-free guidance at
-    g > 1 (PixArt-LCM samples at 0). LoRA adapters on an LCM keep its ω input: g 1 there is ω = 0, no guidance at all."""
+    generate` takes by default. The command runs as written from any folder: its model (and base model) by their absolute
+    paths (config.json's, for the base), its images into `IMAGES`. A PixArt LCM has no ω input: its diffusers pipeline would
+    apply classifier-free guidance at g > 1 (PixArt-LCM samples at 0). LoRA adapters on an LCM keep its ω input: g 1 there
+    is ω = 0, no guidance at all."""
     where, text = str(folder), prompt
+    exported, recorded_source = os.path.abspath(folder), config.to_dict()[config.model_field]
     prompt = json.dumps(text)
     if what in ("lora", "lcm-lora"):
         g = DEFAULT_GUIDANCE_SCALE["lora"] if what == "lora" else base_record.guidance_scale if base_record else DEFAULT_GUIDANCE_SCALE["lcm"]
@@ -139,7 +144,7 @@ def _usage(folder: Path, what: str, source: str, record: GuidanceRecord | None, 
                   f"pipe.scheduler = LCMScheduler.from_pretrained({json.dumps(where)})",
                   f"pipe.load_lora_weights({json.dumps(where)})",
                   f"image = pipe({prompt}, num_inference_steps=4, guidance_scale={g:g}).images[0]"]
-        command = ["lcm", "generate", text, "--model", source, "--lora", where, "--steps", "4"]
+        command = ["lcm", "generate", text, "--model", recorded_source, "--lora", exported, "--out", IMAGES, "--steps", "4"]
     else:
         # a progressive round is right only on its own N-step DDIM grid (`lcm generate` samples it there by default)
         steps = (config.student_steps if config.method == "progressive" else GUIDED_STEPS) if what == "guided" else 4
@@ -149,7 +154,7 @@ def _usage(folder: Path, what: str, source: str, record: GuidanceRecord | None, 
         if what == "guided":
             python.append("pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
         python.append(f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale={g:g}).images[0]")
-        command = ["lcm", "generate", text, "--model", where, *(["--sampler", "ddim"] if what == "guided" else []),
+        command = ["lcm", "generate", text, "--model", exported, "--out", IMAGES, *(["--sampler", "ddim"] if what == "guided" else []),
                    "--steps", str(steps)]
     return ["```python", *python, "```", "", "```sh", shlex.join(command), "```"]
 

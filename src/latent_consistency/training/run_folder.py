@@ -12,6 +12,7 @@ checkpoints with exact resume, and the exported model. Only the main process wri
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
@@ -177,6 +178,54 @@ class Progress:
     step: int = 0
     nonfinite_total: int = 0
     nonfinite_run: int = 0
+
+
+def say_resumed(out: Path, progress: Progress, steps: int, command: str) -> None:
+    """What a resumed run says once it has read its checkpoint (main process): the step it goes on from, or a note that there
+    was none (the run stopped before its first), so that it starts again from step 0."""
+    if ckpt.list_checkpoints(out):
+        print(f"resuming {out} at step {progress.step} of {steps}", flush=True)
+    else:
+        print(f"lcm {command}: note: {out} has no checkpoint to resume from: starting the run from step 0 of {steps}", file=sys.stderr,
+              flush=True)
+
+
+def kept_at_stop(out: Path, step: int, steps: int) -> str:
+    """Where a run stopped at `step` stands: its latest complete checkpoint is kept, and the steps since are lost (a resumed
+    run does them again). Checkpoints are renamed into place whole, so one half-written by the stop is not counted."""
+    found = ckpt.list_checkpoints(out)
+    if not found:
+        return f"at step {step} of {steps}, before its first checkpoint: " + (_lost(step, "") if step else "no step was done")
+    kept = ckpt.checkpoint_step(found[-1])
+    return f"at step {step} of {steps}: the checkpoint of step {kept} is kept, " + _lost(step - kept, " since then")
+
+
+def _lost(n: int, since: str) -> str:
+    """'no step is lost', '1 step{since} is lost' or 'n steps{since} are lost'."""
+    return "no step is lost" if n == 0 else f"1 step{since} is lost" if n == 1 else f"{n} steps{since} are lost"
+
+
+@contextlib.contextmanager
+def saying_what_a_stop_keeps(out: Path, progress: Progress, steps: int):
+    """Inside it, a stop (Ctrl-C's KeyboardInterrupt, SIGTERM's `cli.Terminated`) goes on carrying where the run stood
+    (`kept_at_stop`) as its message, which the stop's one line (`cli.stopped`) adds to its word."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        stop.args = (kept_at_stop(out, progress.step, steps),)
+        raise
+
+
+@contextlib.contextmanager
+def continued_by(how: str):
+    """Inside it, a stop that says where its run stood (`saying_what_a_stop_keeps`) also says `how` to go on from there: a
+    command line's own rerun with --resume, the demo's rerun."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        if stop.args:
+            stop.args = (f"{stop.args[0]}; {how}",)
+        raise
 
 
 def recorded_guidance(config: TrainConfig, base_record: GuidanceRecord | None, response: dict[int, float] | None) -> GuidanceRecord:

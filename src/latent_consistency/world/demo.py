@@ -18,6 +18,7 @@ Rerunning continues an interrupted run and reuses finished parts.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from latent_consistency.models import consistency_model, load_lcm, make_student_
 from latent_consistency.outputs import writable_folder, write_json_atomic, write_text_atomic
 from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig, resolve_config
 from latent_consistency.training.loop import train
-from latent_consistency.training.run_folder import saved_config
+from latent_consistency.training.run_folder import continued_by, saved_config
 from latent_consistency.world.artifact import default_world_path, load_world
 from latent_consistency.world.build import build_world, reusable_phases, world_spec
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -108,13 +109,14 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     # 2. Distillation
     run = out / "distill"
     overrides = dict(teacher=str(world_dir), data=str(cache), out=str(run), steps=distill_steps)
-    config = finished_run_config(run) or resolve_config(DistillConfig, "world", overrides=overrides)
+    config = finished_run_config(run) or demo_config(DistillConfig, overrides, "--distill-steps")
     # Every sampler is compared at the guidance scale of the preset's validation grid, inside its ω range
     guidance = config.validation_guidance_scale
     lcm_dir = run / "lcm"
     if not exported(run):
         print(f"[demo] distilling {config.steps} steps into {run}", flush=True)
-        train(config, resume=(run / "config.json").is_file(), cpu=dev.type == "cpu")
+        with continued_by(RERUN):
+            train(config, resume=(run / "config.json").is_file(), cpu=dev.type == "cpu")
     lcm = load_lcm(str(lcm_dir), device=dev)
 
     # 3. Table 1 on the world: the LCM and the teacher's DDIM, DPM-Solver and DPM-Solver++ (CFG) at 1/2/4/8 steps, and
@@ -167,6 +169,15 @@ DISTILL_IMAGES = 20_000
 FINETUNE_DATASET = "digits"  # a pretraining dataset of the world: its VAE and text encoder know it, its teacher does not
 # What the demo writes at the top of --out
 REPORT_FILES = ("report.md", "report.json", "grid.png", f"{FINETUNE_DATASET}_grid.png")
+RERUN = "to continue, run the same `lcm demo` command again"  # what a stopped run of the demo says (`run_folder.continued_by`)
+
+
+def demo_config(cls: type[TrainConfig], overrides: dict, steps_flag: str) -> TrainConfig:
+    """The `world` preset's config of a run the demo drives, its notes and errors naming the fields as the demo's user knows
+    them (`TrainConfig.named_as`): --steps as the demo's own flag that sets it (`steps_flag`), every other field as the demo's
+    setting, which that user gives no flag for (a note of `lcm distill`'s --lr-warmup-steps named a flag the demo lacks)."""
+    names = {f.name: f"the demo's {f.name}" for f in dataclasses.fields(cls)} | {"steps": steps_flag}
+    return resolve_config(cls, "world", overrides=overrides).named_as(names)
 
 
 def guidance_section(record) -> str:
@@ -193,10 +204,11 @@ def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int
     run = out / "finetune"
     overrides = dict(model=str(out / "distill" / "lcm"), data=str(ensure_latent_cache(world, out / f"{dataset}-latents", dev, dataset)),
                      eval_data=f"world:{dataset}:{REFERENCE_SPLITS[dataset]}", out=str(run), steps=steps)
-    config = finished_run_config(run) or resolve_config(FinetuneConfig, "world", overrides=overrides)
+    config = finished_run_config(run) or demo_config(FinetuneConfig, overrides, "--finetune-steps")
     if not exported(run):
         print(f"[demo] fine-tuning the LCM on {dataset} for {config.steps} steps into {run}", flush=True)
-        train(config, resume=(run / "config.json").is_file(), cpu=dev.type == "cpu")
+        with continued_by(RERUN):
+            train(config, resume=(run / "config.json").is_file(), cpu=dev.type == "cpu")
     tuned = load_lcm(str(run / "lcm"), device=dev)
     prompts, attributes, real = reference_set(world, dataset, 10**9)
     judge = world.judges[dataset]
