@@ -141,6 +141,8 @@ def test_lcm_distill_into_a_log_ends_with_the_last_steps_loss(tiny_sd, tmp_path,
     data = write_captioned_images(tmp_path / "images", 4)
     assert main(["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(run), "--steps", "2"]) == 0
     err = capsys.readouterr().err
+    assert err.startswith("lcm distill: note: --data "), err  # its one note: the images are encoded at every step (`lcm cache`)
+    err = err.split("\n", 1)[1]
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
     assert last["step"] == 2 and "\r" not in err, err
     assert re.fullmatch(rf"lcd full: 2/2 \(100 %\), loss {last['loss']:.4g}, samples_per_s [\d.]+, done in 0.0 s\n", err), err

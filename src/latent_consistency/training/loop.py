@@ -323,18 +323,20 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     batches, eval_batches = on_every_process(accelerator, lambda: training_and_eval_batches(config, base, config.batch_size // per_step,
                                                                                           rank, world, device))
     command = "distill" if config.objective == "lcd" else "finetune"
-    if accelerator.is_main_process:
-        for note in filter(None, (encoding_note(config, base, batches), batches.small_data_note(config.batch_size), batches.cache_note,
-                                  warmup_note(config), pair_steps_note(config),
-                                     guidance_range_note(config, base), student_init_range_note(config), student_init_teacher_note(config),
-                                     validation_scale_note(config, base, student), resume and resumed_schedule_note(out, config))):
-            print(f"lcm {command}: note: {note}", file=sys.stderr)
+    # What the user should know of the run's settings, made before the run folder's config.json is rewritten by a resume
+    notes = list(filter(None, (encoding_note(config, base, batches), batches.small_data_note(config.batch_size), batches.cache_note,
+                               warmup_note(config), pair_steps_note(config), guidance_range_note(config, base),
+                               student_init_range_note(config), student_init_teacher_note(config),
+                               validation_scale_note(config, base, student), resume and resumed_schedule_note(out, config)))
+                 ) if accelerator.is_main_process else []
     optimizer = build_optimizer(config, student)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches)  # writes config.json
     ode_targets = run_ode_targets(config, base, out, accelerator, progress and accelerator.is_main_process)
     loss_fn = run.loss_fn = build_loss(config, base, scheduler_config, ode_targets)
     state = run.resume() if resume else Progress()
+    for note in notes:  # once every check of the run has passed (a resume's too): a refusal is its one line, no notes above it
+        print(f"lcm {command}: note: {note}", file=sys.stderr)
     if resume and accelerator.is_main_process:
         say_resumed(out, state, config.steps, command)
     with saying_what_a_stop_keeps(out, state, config.steps):  # a stop says which steps it keeps and which are lost
