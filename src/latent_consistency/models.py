@@ -370,6 +370,17 @@ TEXT_ENCODER_TYPES = {"clip": "clip_text_model", "t5": "t5"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
 
 
+def model_json(name: str, relative: str) -> dict | None:
+    """The JSON object in file `relative` of the model `name`: in its folder, or in a hub id's snapshot (online, that file
+    downloaded first); None where there is none to read, for a check made before the model loads."""
+    try:
+        folder = hub_snapshot(name, "the configs of", (relative,), ()) if looks_like_hub_id(name) else Path(name)
+        value = json.loads((folder / relative).read_text(encoding="utf-8"))
+    except (UserError, OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def read_json_object(path: Path, what: str) -> dict:
     """The JSON object in `path`, a file of a model folder (`what` says which, for the message); a UserError when it is
     missing, not JSON or not an object."""

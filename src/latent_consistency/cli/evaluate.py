@@ -415,16 +415,12 @@ def load_evaluated_lcm(args, device):
 
 
 def is_guidance_distilled(path: str) -> bool:
-    """Whether the local model folder `path` is a guidance-distilled diffusion model, by its configs alone: a UNet with an ω
-    input (`time_cond_proj_dim`) and a scheduler that is no LCMScheduler (`is_lcm_config`)."""
-    from latent_consistency.models import is_lcm_config
+    """Whether the model `path` is a guidance-distilled diffusion model, by its configs alone (`models.model_json`): a UNet
+    with an ω input (`time_cond_proj_dim`) and a scheduler that is no LCMScheduler (`is_lcm_config`)."""
+    from latent_consistency.models import is_lcm_config, model_json
 
-    try:
-        unet = json.loads((Path(path) / "unet" / "config.json").read_text(encoding="utf-8"))
-        scheduler = json.loads((Path(path) / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(unet, dict) and isinstance(scheduler, dict) and unet.get("time_cond_proj_dim") is not None and not is_lcm_config(scheduler)
+    unet, scheduler = model_json(path, "unet/config.json"), model_json(path, "scheduler/scheduler_config.json")
+    return unet is not None and scheduler is not None and unet.get("time_cond_proj_dim") is not None and not is_lcm_config(scheduler)
 
 
 def guidance_records(args, omega_teacher, guided: dict) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from latent_consistency.errors import UserError
-from latent_consistency.models import DEFAULT_TIME_COND_PROJ_DIM, guidance_record_of, is_lcm_config
+from latent_consistency.models import DEFAULT_TIME_COND_PROJ_DIM, guidance_record_of, is_lcm_config, model_json
 
 ADAPTERS = ("full", "lora")
 METHODS = ("lcd", "ode", "guidance", "progressive")
@@ -659,7 +659,7 @@ def _starting_omega_size(values: dict[str, Any], given: str | None) -> dict[str,
     since the run started: a resume makes the student in its checkpoint's UNet config). A size the user gave that is not
     the starting UNet's is refused: the student cannot change it."""
     start = values.get("student_init") or values.get("teacher")
-    unet = _model_json(start, "unet/config.json") if isinstance(start, str) and start else None
+    unet = model_json(start, "unet/config.json") if isinstance(start, str) and start else None
     own = unet.get("time_cond_proj_dim") if unet is not None else None
     if given and own is not None and values["time_cond_proj_dim"] != own:
         raise UserError(f"the student starts from {start}, whose ω embedding has size {own}: {given} {values['time_cond_proj_dim']} "
@@ -677,7 +677,7 @@ def _check_continued_lcm(preset: str, student_init: str) -> None:
     """A UserError when the --student-init of a preset that continues another preset's LCM (`CONTINUES`) is no LCM (a model
     distilled with --method guidance): the preset's recipe (the `world-guided` one's learning rate 3e-6) fine-tunes an LCM's
     ω input, and would not make an LCM of a diffusion model. Nothing where its scheduler config cannot be read here."""
-    scheduler = _model_json(student_init, "scheduler/scheduler_config.json")
+    scheduler = model_json(student_init, "scheduler/scheduler_config.json")
     if scheduler is not None and not is_lcm_config(scheduler):
         raise UserError(f"--preset {preset} continues the LCM of a `--preset {CONTINUES[preset]}` run, and --student-init {student_init} "
                         f"is no LCM (a guidance-distilled diffusion model): give that run's RUN/lcm, or train one with --preset "
@@ -703,32 +703,19 @@ def _lcm_without_omega_input(model: Any) -> bool:
         return False
     if _is_transformer_pipeline(model):
         return True
-    unet = _model_json(model, "unet/config.json")
+    unet = model_json(model, "unet/config.json")
     return unet is not None and unet.get("time_cond_proj_dim") is None
 
 
 def _is_transformer_pipeline(name: str) -> bool:
     """Whether the model `name` is a pipeline of a transformer and no UNet (PixArt-α), by its model_index.json."""
-    index = _model_json(name, "model_index.json") or {}
+    index = model_json(name, "model_index.json") or {}
 
     def names(part: str) -> bool:
         entry = index.get(part)
         return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
     return names("transformer") and not names("unet")
-
-
-def _model_json(name: str, relative: str) -> dict | None:
-    """The JSON object in file `relative` of the model `name`: in its folder, or in a hub id's snapshot (online, that file
-    downloaded first); None where there is none to read, for a config resolved before the model loads."""
-    from latent_consistency.hub import hub_snapshot, looks_like_hub_id
-
-    try:
-        folder = hub_snapshot(name, "the configs of", (relative,), ()) if looks_like_hub_id(name) else Path(name)
-        value = json.loads((folder / relative).read_text(encoding="utf-8"))
-    except (UserError, OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _single_guidance_scale(cls: type[TrainConfig], values: dict[str, Any]) -> bool:
