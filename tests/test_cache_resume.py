@@ -163,14 +163,16 @@ def test_a_rerun_of_another_job_starts_again_saying_why(model, tmp_path, monkeyp
 
 
 def test_other_data_is_read_again_from_its_start_saying_so(model, tmp_path, monkeypatch, encoded):
-    """A list of samples (other data than an image folder or shards, whose resume `test_cache_shard_resume` checks) has no
-    identity to check: a rerun starts its OUT.partial again, with a note, and writes the uninterrupted cache."""
+    """A list of samples (other data than an image folder, shards or a registered dataset, whose resumes
+    `test_cache_shard_resume` and `test_cache_review_fixes` check) has no identity to check: a rerun starts its OUT.partial
+    again, with a note, and writes the uninterrupted cache."""
     samples = [{"image": torch.rand(3, 16, 16) * 2 - 1, "caption": c} for c in CAPTIONS[:12]]
     write(model, samples, tmp_path / "whole", source={})
     partial = killed(model, samples, tmp_path / "cache", monkeypatch, source={})
     encoded[0], notes = 0, []
     write(model, samples, tmp_path / "cache", notes, source={})
-    assert notes == [f"note: {partial} is started again: only the reading of an image folder or of webdataset shards resumes"]
+    assert notes == [f"note: {partial} is started again: only the reading of an image folder, of webdataset shards or of a registered "
+                     "dataset resumes"]
     assert encoded[0] == 12 and snapshot(tmp_path / "cache") == snapshot(tmp_path / "whole")
 
 

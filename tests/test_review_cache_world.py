@@ -96,7 +96,8 @@ def test_an_out_that_names_no_new_folder_is_refused_before_the_model_loads(image
     def load_diffusion_model(*args, **kwargs):
         raise AssertionError("the model loaded before --out was checked")
 
-    monkeypatch.setattr(latent_consistency.models, "load_diffusion_model", load_diffusion_model)
+    for loader in ("load_diffusion_model", "load_latent_and_prompt_encoders", "load_latent_codec"):
+        monkeypatch.setattr(latent_consistency.models, loader, load_diffusion_model)
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     code, err = run_error(cache_command("no-model-needed", images, out.format(images=images)))

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -546,22 +547,53 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     (it overflows in float16) stays in float32 (`DiffusionModel.upcasts_vae`). The folder's components (a hub id's: its
     snapshot's, `check_hub_id`) are checked before any weights load (`_check_components`).
     """
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
-
     device = resolve_device(device)  # "cuda" on a machine without one is a one-line error here, not torch's assertion later
     check_dtype(dtype)
     name_or_path = os.fsdecode(name_or_path)  # a pathlib.Path as its text: the model's `source`, and a hub id's test
     folder, index, pixart, scheduler_config = _read_pipeline_folder(name_or_path)
+    subfolder, network = _network_class(pixart)
+    model = _load_parts(name_or_path, folder, index, pixart, scheduler_config, dtype,
+                        lambda: load_component(network, folder, subfolder, torch_dtype=dtype, use_safetensors=True))
+    return model.to(device)
+
+
+def load_latent_and_prompt_encoders(
+    name_or_path: str, device: str | torch.device = "cpu"
+) -> tuple[LatentCodec, CLIPPromptEncoder | SDXLPromptEncoder | T5PromptEncoder, int]:
+    """The encoders of the model `name_or_path` in float32, its VAE as a `LatentCodec` and its prompt encoder
+    (`DiffusionModel.prompts`), and its native size (px), without its denoising network's weights: all that a full latent
+    cache needs (`lcm cache`), where loading the whole model read SD 1.5's UNet (3.4 GB in float32) or SDXL's (10 GB) to
+    leave it unused. The folder is checked, and its VAE, text encoder(s) and tokenizer(s) loaded, as `load_diffusion_model`
+    checks and loads them, so the latents and text embeddings are the whole model's; the network is made from its config
+    alone (`_network_without_weights`), which gives what the prompt encoder and the checks read of it: SDXL's pooled
+    embedding and micro-conditioning, PixArt-α's additional conditions, the width the text encoders must make, the sample
+    size."""
+    device = resolve_device(device)
+    name_or_path = os.fsdecode(name_or_path)
+    folder, index, pixart, scheduler_config = _read_pipeline_folder(name_or_path)
+    subfolder, network = _network_class(pixart)
+    model = _load_parts(name_or_path, folder, index, pixart, scheduler_config, torch.float32,
+                        lambda: _network_without_weights(network, folder, subfolder))
+    for module in (model.vae, *model.text_encoders):
+        module.to(device)
+    return model.codec, model.prompts, model.native_size
+
+
+def _load_parts(name_or_path: str, folder: str, index: dict, pixart: bool, scheduler_config: dict, dtype: torch.dtype,
+                load_network: Callable[[], Any]) -> DiffusionModel:
+    """The model `name_or_path` (read from `folder`, its model_index.json `index`: `_read_pipeline_folder`) in `dtype` on the
+    CPU, frozen, its parts checked to fit together (`_check_parts_fit`); its denoising network is what `load_network()` gives."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
     kwargs = dict(torch_dtype=dtype, use_safetensors=True)
     try:
         vae = load_component(AutoencoderKL, folder, "vae", **kwargs)
+        unet = load_network()
         if pixart:
-            unet = load_component(PixArtTransformer2DModel, folder, "transformer", **kwargs)
             text_encoder = load_component(T5EncoderModel, folder, "text_encoder", **kwargs)
             tokenizer = _load_tokenizer(AutoTokenizer, folder, "tokenizer")
         else:
-            unet = load_component(UNet2DConditionModel, folder, "unet", **kwargs)
             text_encoder = load_component(CLIPTextModel, folder, "text_encoder", **kwargs)
             tokenizer = _load_tokenizer(CLIPTokenizer, folder, "tokenizer")
         second = {}
@@ -580,7 +612,22 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     _check_parts_fit(model)
     for module in (unet, vae, *model.text_encoders):
         module.requires_grad_(False).eval()
-    return model.to(device)
+    return model
+
+
+def _network_class(pixart: bool) -> tuple[str, type]:
+    """The subfolder and diffusers class of a pipeline folder's denoising network: PixArt-α's transformer, else a UNet."""
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+
+    return ("transformer", PixArtTransformer2DModel) if pixart else ("unet", UNet2DConditionModel)
+
+
+def _network_without_weights(cls, folder: str, subfolder: str):
+    """The `cls` network of `folder`/`subfolder` made from its config.json on the meta device: its config and attributes
+    as loading gives them, no weights read and no memory taken (SDXL's UNet in 0.3 s). It cannot run: only what a
+    model's encoders read of their network (`load_latent_and_prompt_encoders`) is asked of it."""
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(folder, subfolder=subfolder))
 
 
 def _read_pipeline_folder(name_or_path: str) -> tuple[str, dict, bool, dict]:
@@ -610,12 +657,12 @@ def load_latent_codec(name_or_path: str, device: str | torch.device = "cpu") -> 
     PixArt-α's T5-XXL (19 GB) to leave them unused. The folder is checked as `load_diffusion_model` checks it and the VAE
     loaded as it loads it, so the latents are the whole model's; the size comes from the denoising network's config, which
     must take the VAE's latents (`_check_latent_channels`)."""
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     device = resolve_device(device)
     name_or_path = os.fsdecode(name_or_path)
     folder, _, pixart, _ = _read_pipeline_folder(name_or_path)
-    name, network = ("transformer", PixArtTransformer2DModel) if pixart else ("unet", UNet2DConditionModel)
+    name, network = _network_class(pixart)
     try:
         config = _config_with_defaults(network, folder, name)
     except (OSError, ValueError) as err:

@@ -2,18 +2,20 @@
 D_z = {E(x)} (Section 4.3): the VAE's latents at the model's native size and each distinct caption's text embedding,
 so that `lcm distill` and `lcm finetune` with `--data CACHE` run no VAE or text encoder in their steps.
 
-The cache is written with the model the runs train (the teacher for `distill`, the LCM for `finetune`), and records a
-digest of its VAE and text encoder(s): a run whose model has another VAE or text encoder is refused, and any model that
-shares them (an LCM distilled from the teacher, a fine-tune that kept them) trains on the same cache. Its images are
-read as a run reads them (`--data` of the same folder): upright, 8-bit RGB, the shorter side scaled to the model's size
-and the central square kept. Each usable sample is written once (`data.latent_cache.UsableBatches`): a corrupt image or
-a sample without a caption is counted and left out, and shards are read once each, shard after shard. The folder is
-written as `OUT.partial` and renamed when whole: a stopped `lcm cache` (Ctrl-C, SIGTERM, a kill, a full disk) leaves no
+The cache is written with the model the runs train (the teacher for `distill`, the LCM for `finetune`), of which only the
+VAE and text encoder(s) load (its UNet's or transformer's config gives the native size and the width the text encoders
+must make; its weights, 3.4 GB in SD 1.5 and 10 GB in SDXL, are not read), and records a digest of its VAE and text
+encoder(s): a run whose model has another VAE or text encoder is refused, and any model that shares them (an LCM
+distilled from the teacher, a fine-tune that kept them) trains on the same cache. Its images are read as a run reads
+them (`--data` of the same folder): upright, 8-bit RGB, the shorter side scaled to the model's size and the central
+square kept. Each usable sample is written once (`data.latent_cache.UsableBatches`): a corrupt image or a sample without
+a caption is counted and left out, and shards are read once each, shard after shard. The folder is written as
+`OUT.partial` and renamed when whole: a stopped `lcm cache` (Ctrl-C, SIGTERM, a kill, a full disk) leaves no
 cache that looks finished, and the same command run again goes on from the last whole shard in OUT.partial, writing the
-very cache an uninterrupted run writes. It resumes an image folder or webdataset shards read with the same --model,
-images and captions (of shards: the same .tar files, by their names, sizes and first bytes), --batch-size, type of
---device (cpu, cuda or mps: each rounds its own way) and choice of --captions-only; other data (a registered dataset)
-or other settings start OUT.partial again, with a note saying why.
+very cache an uninterrupted run writes. It resumes an image folder, webdataset shards or a registered dataset read with
+the same --model, images and captions (of shards: the same .tar files, by their names, sizes and first bytes; a
+registered dataset such as world:shapes is drawn alike at every run), --batch-size, type of --device (cpu, cuda or mps:
+each rounds its own way) and choice of --captions-only; other settings start OUT.partial again, with a note saying why.
 
 With --captions-only the cache holds the caption strings instead of their text embeddings, and each run encodes its
 micro-batches' captions with its own model, as it does an image folder's (diffusers' training scripts do the same). In
@@ -77,17 +79,16 @@ def write_cache(args) -> None:
 
 
 def load_encoders(model: str, device, captions_only: bool):
-    """(codec, prompt encoder, native size) of --model in float32, as the cache records their digests: the VAE alone for
-    --captions-only, whose text encoder(s) would not run (`models.load_latent_codec`; prompts None), else the whole model."""
-    import torch
-
-    from latent_consistency.models import load_diffusion_model, load_latent_codec
+    """(codec, prompt encoder, native size) of --model in float32, as the cache records their digests, none of its UNet's
+    (or transformer's) weights loaded: the VAE alone for --captions-only, whose text encoder(s) would not run
+    (`models.load_latent_codec`; prompts None), else the VAE and text encoder(s) (`models.load_latent_and_prompt_encoders`:
+    SD 1.5's UNet was 3.4 GB read for nothing, SDXL's 10 GB)."""
+    from latent_consistency.models import load_latent_and_prompt_encoders, load_latent_codec
 
     if captions_only:
         codec, size = load_latent_codec(model, device)
         return codec, None, size
-    loaded = load_diffusion_model(model, torch.float32, device)
-    return loaded.codec, loaded.prompts, loaded.native_size
+    return load_latent_and_prompt_encoders(model, device)
 
 
 def size_note(out: Path, manifest: dict) -> str:

@@ -59,6 +59,7 @@ from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset, hash_json_list
 from latent_consistency.data.images import SkipCounter, SkipEvents
 from latent_consistency.data.shards import OncePosition, ShardStream
+from latent_consistency.data.spec import SCHEMES, canonical_spec
 from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
 from latent_consistency.hub import check_hub_id
@@ -115,8 +116,9 @@ def write_latent_cache(
 
     `source` (e.g. dataset name, split, resolution, seed) is recorded in the manifest. The folder is written as
     `<out_dir>.partial` and renamed when complete. A call that finds a `<out_dir>.partial` of the same job, killed part way
-    (an image folder or webdataset shards read with the same `source`, VAE, batch and shard size), goes on from its last
-    whole shard (`_resumable`) and writes the very cache an uninterrupted call writes; any other is started again. `say`
+    (an image folder, webdataset shards or a registered dataset that `source["data"]` names, read with the same `source`,
+    VAE, batch and shard size), goes on from its last whole shard (`_resumable`) and writes the very cache an
+    uninterrupted call writes; any other is started again. `say`
     prints its one-line notes (resuming, or why not), to stderr by default. The manifest records the digests (ENCODERS) of the
     VAE's and text encoders' weights as given: in float32, as `lcm cache` loads them and a run compares them.
 
@@ -320,6 +322,7 @@ _JOB_PARTS = {"format": "version of lcm (cache format)",
               "source": "source (--data, --model or resolution)", "data": "data (other image files or captions)", "encoder": "VAE (other weights)",
               "device": "device type (--device)", "batch_size": "batch size", "shard_size": "shard size"}
 _SHARDS_DATA = "data (other .tar shards: names, sizes or first bytes)"  # `_JOB_PARTS["data"]` of webdataset shards
+_NAMED_DATA = "data (the registered dataset drawn otherwise, by another version of lcm)"  # ... of a registered dataset
 # What a record written before a part was added to the job means by its absence: every earlier version wrote full caches
 _EARLIER_JOB = {CAPTIONS_ONLY: False}
 
@@ -333,10 +336,12 @@ def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size:
     scan holds: a stat of each file (let alone the 32 KiB of each that a training run's fingerprint reads) is minutes at
     12 million files on a network disk, at every start of every cache. Of webdataset shards, their count, resolution and
     fingerprint (`ShardStream.fingerprint`: each one's name, size and first 16 KiB, as a training checkpoint records
-    them): a position in them is a shard's index and a byte offset, which in another file are other samples. None for
-    other data, whose reading does not resume."""
-    data = None
-    if isinstance(dataset, ImageFolderDataset):
+    them): a position in them is a shard's index and a byte offset, which in another file are other samples. Of a
+    registered dataset, `_named_data`'s. None for other data, whose reading does not resume."""
+    data, named = None, _registered_spec(source.get("data"))
+    if named is not None:
+        data = _named_data(dataset, named)
+    elif isinstance(dataset, ImageFolderDataset):
         names = hashlib.sha256()
         hash_json_list(names, ([file_name, caption] for file_name, caption in dataset.samples))
         data = {"samples": len(dataset), "resolution": dataset.resolution, "fingerprint": names.hexdigest()[:16]}
@@ -347,16 +352,42 @@ def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size:
     return json.loads(json.dumps(job))  # as PROGRESS holds it: a tuple in `source` compares as the list it is read back as
 
 
+def _registered_spec(spec) -> str | None:
+    """The registered dataset (`data.spec.register_scheme`: world:shapes) that the data spec `spec` names, spelled as every
+    spelling of it is (`canonical_spec`: world:shapes and world:shapes:train alike); None where it names none."""
+    if not isinstance(spec, str):
+        return None
+    scheme, _, name = spec.partition(":")
+    return canonical_spec(spec) if name and scheme in SCHEMES else None
+
+
+def _named_data(dataset, spec: str) -> dict:
+    """What a `<cache>.partial` of the registered dataset `spec` must have read for a rerun to go on with it: a registered
+    dataset is made by code, item i the same at every opening (the world's shapes drawn from a generator seeded by the
+    split and i, its digits fixed scans split with a fixed seed), so a resume reads it from an item as it reads an image
+    folder; its name and number of samples, and a digest of its first sample's image and caption, which a version of lcm
+    that draws the dataset otherwise changes (a cache of both would be neither's)."""
+    first = dataset[0]
+    digest = hashlib.sha256(first["caption"].encode())
+    digest.update(first["image"].contiguous().numpy().tobytes())
+    return {"named": spec, "samples": len(dataset), "fingerprint": digest.hexdigest()[:16]}
+
+
 def _as_real_paths(source: dict) -> dict:
-    """`source` with each string that names an existing file or folder (--data, --model) as its real path: the rerun of a
-    job spelled another way (`images/` as a shell completes it, then `images`; a relative path from another folder) is the
-    same job, and hours of encoding are not started again for a spelling. The manifest keeps `source` as given."""
+    """`source` with each string that names an existing file or folder (--data, --model) as its real path, and a registered
+    dataset by its one spelling: the rerun of a job spelled another way (`images/` as a shell completes it, then `images`; a
+    relative path from another folder; world:shapes:train for world:shapes) is the same job, and hours of encoding are not
+    started again for a spelling. The manifest keeps `source` as given."""
     return {key: _real_path(value) if isinstance(value, str) else value for key, value in source.items()}
 
 
 def _real_path(value: str) -> str:
-    """The real path of the file or folder `value` names (`~` expanded, links resolved), or `value` where it names none (a
-    hub id, world:NAME)."""
+    """The registered dataset `value` names, spelled canonically (`_registered_spec`: a data spec names it before any
+    file), else the real path of the file or folder it names (`~` expanded, links resolved), or `value` where it names
+    none (a hub id)."""
+    named = _registered_spec(value)
+    if named is not None:
+        return named
     path = os.path.expanduser(value)
     return os.path.realpath(path) if os.path.exists(path) else value
 
@@ -442,14 +473,14 @@ def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) ->
     if not partial.is_dir() or not any(p.name != PARTIAL_MARK for p in partial.iterdir()):
         return None
     if job["data"] is None:  # other data has no identity to check
-        record, why = None, "only the reading of an image folder or of webdataset shards resumes"
+        record, why = None, "only the reading of an image folder, of webdataset shards or of a registered dataset resumes"
     else:
         record, why = _read_progress(partial, isinstance(dataset, ShardStream))
     if record is not None:
         recorded = _EARLIER_JOB | record["job"]
         differs = next((part for part in _JOB_PARTS if recorded.get(part) != job[part]), None)
         if differs in recorded:
-            what = _SHARDS_DATA if differs == "data" and isinstance(dataset, ShardStream) else _JOB_PARTS[differs]
+            what = _data_part(job) if differs == "data" else _JOB_PARTS[differs]
             record, why = None, f"it was written with another {what}"
         elif differs is not None:  # a part added since (the device type): an earlier version wrote the record
             record, why = None, f"its {PROGRESS}, written by an earlier version of lcm, records no {differs}"
@@ -463,6 +494,14 @@ def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) ->
     if record is None:
         say(f"note: {partial} is started again: {why}")
     return record
+
+
+def _data_part(job: dict) -> str:
+    """The job's data, as the note that starts a `<cache>.partial` of other data again names it: of webdataset shards, of a
+    registered dataset or of an image folder."""
+    if "shards" in job["data"]:
+        return _SHARDS_DATA
+    return _NAMED_DATA if "named" in job["data"] else _JOB_PARTS["data"]
 
 
 def _first_seen(partial: Path, shards: list[dict]) -> tuple[list[str] | None, str]:
