@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from fake_hub import FakeHub, serving
 from test_hub_cache import generated
@@ -178,3 +179,20 @@ def test_an_unreachable_hub_is_one_line(hub, fake_hub, run_error, tmp_path, monk
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
     code, err = run_error(["generate", "a", "--model", "org/lcm", "--out", str(tmp_path / "out")])
     assert code == 2 and len(err.splitlines()) == 1 and "the hub cannot be reached" in err, err
+
+
+@pytest.mark.parametrize("flags, read", [((), ("vae/", "text_encoder/")), (("--captions-only",), ("vae/",))])
+def test_a_cache_from_a_hub_id_downloads_only_the_weights_it_reads(hub, models, run_error, tmp_path, flags, read):
+    """`lcm cache` reads the VAE and text encoder(s) (with --captions-only the VAE alone): a hub id's UNet weights, SD 1.5's
+    3.4 GB, are not downloaded either (before: the whole pipeline came down, to be left unread), and the cache is the
+    local folder's."""
+    from latent_consistency.data.latent_cache import LatentCache
+
+    for model, out in (("org/sd", tmp_path / "hub"), (str(models.sd), tmp_path / "local")):
+        code, err = run_error(["cache", "--model", model, "--data", str(models.images), "--out", str(out), *flags])
+        assert code == 0, err
+    weights = [r for r in hub.requests if r.endswith(".safetensors")]
+    assert sorted(part for part in ("vae/", "text_encoder/", "unet/") if any(part in r for r in weights)) == sorted(read), weights
+    hub_cache, local_cache = LatentCache(tmp_path / "hub"), LatentCache(tmp_path / "local")
+    assert len(hub_cache) == len(local_cache) == 4
+    assert all(torch.equal(hub_cache[i]["latents"], local_cache[i]["latents"]) for i in range(4))

@@ -22,9 +22,17 @@ from latent_consistency.errors import UserError, first_line
 # diffusers pipeline: its configs, records and tokenizers, and the weights of the components loaded (not its safety
 # checker, nor a single-file checkpoint at its top); no variant's weights (unet/diffusion_pytorch_model.fp16.safetensors),
 # as none is loaded here.
-PIPELINE_FILES = ("*.json", "*.txt", "*.model", *(f"{part}/*.safetensors" for part in
-                                                  ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")))
+PIPELINE_WEIGHTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
+PIPELINE_FILES = ("*.json", "*.txt", "*.model", *(f"{part}/*.safetensors" for part in PIPELINE_WEIGHTS))
 PIPELINE_IGNORED = ("*.*.safetensors",)
+
+
+def pipeline_files(weights: tuple[str, ...] = PIPELINE_WEIGHTS) -> tuple[str, ...]:
+    """`PIPELINE_FILES` with the weights of the components `weights` alone: what a loader that reads only some of a pipeline
+    downloads (`lcm cache`: the VAE and text encoder(s), not SD 1.5's 3.4 GB UNet; the VAE alone with --captions-only)."""
+    return ("*.json", "*.txt", "*.model", *(f"{part}/*.safetensors" for part in weights))
+
+
 # A LoRA's or a single model's (TAESD's): the weights and configs at its top
 TOP_FILES, TOP_IGNORED = ("*.json", "*.safetensors"), ("*/*",)
 

@@ -35,7 +35,7 @@ from latent_consistency.denoisers import (
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.guidance_record import RECORD, GuidanceRecord, read_record
-from latent_consistency.hub import TOP_FILES, TOP_IGNORED, check_hub_id, hub_snapshot, looks_like_hub_id
+from latent_consistency.hub import PIPELINE_WEIGHTS, TOP_FILES, TOP_IGNORED, check_hub_id, hub_snapshot, looks_like_hub_id, pipeline_files
 from latent_consistency.outputs import permit_as_umask
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder, T5PromptEncoder
@@ -567,10 +567,10 @@ def load_latent_and_prompt_encoders(
     checks and loads them, so the latents and text embeddings are the whole model's; the network is made from its config
     alone (`_network_without_weights`), which gives what the prompt encoder and the checks read of it: SDXL's pooled
     embedding and micro-conditioning, PixArt-α's additional conditions, the width the text encoders must make, the sample
-    size."""
+    size. Of a hub id, the network's weights are not downloaded either."""
     device = resolve_device(device)
     name_or_path = os.fsdecode(name_or_path)
-    folder, index, pixart, scheduler_config = _read_pipeline_folder(name_or_path)
+    folder, index, pixart, scheduler_config = _read_pipeline_folder(name_or_path, ("vae", "text_encoder", "text_encoder_2"))
     subfolder, network = _network_class(pixart)
     model = _load_parts(name_or_path, folder, index, pixart, scheduler_config, torch.float32,
                         lambda: _network_without_weights(network, folder, subfolder))
@@ -630,13 +630,14 @@ def _network_without_weights(cls, folder: str, subfolder: str):
         return cls.from_config(cls.load_config(folder, subfolder=subfolder))
 
 
-def _read_pipeline_folder(name_or_path: str) -> tuple[str, dict, bool, dict]:
+def _read_pipeline_folder(name_or_path: str, weights: tuple[str, ...] = PIPELINE_WEIGHTS) -> tuple[str, dict, bool, dict]:
     """Where the model `name_or_path` is read from (the folder, or a hub id's snapshot in the cache, downloaded first when
-    online: `check_hub_id`), its model_index.json, whether it is PixArt-α, and its scheduler config: all checked before any
-    weights load, since what they say may refuse the model (`_check_components`, `_check_terminal_prediction`)."""
+    online with the weights of the components `weights`: `check_hub_id`), its model_index.json, whether it is PixArt-α,
+    and its scheduler config: all checked before any weights load, since what they say may refuse the model
+    (`_check_components`, `_check_terminal_prediction`)."""
     from diffusers import DiffusionPipeline
 
-    folder = check_hub_id(name_or_path, "a diffusers model from")
+    folder = check_hub_id(name_or_path, "a diffusers model from", pipeline_files(weights))
     _check_model_folder(folder, name_or_path)
     read_json_object(Path(folder) / "model_index.json", "a pipeline folder")
     try:
@@ -656,12 +657,12 @@ def load_latent_codec(name_or_path: str, device: str | torch.device = "cpu") -> 
     --captions-only`), where loading the whole model took SD 1.5's UNet and text encoder (3.9 GB more in float32) and
     PixArt-α's T5-XXL (19 GB) to leave them unused. The folder is checked as `load_diffusion_model` checks it and the VAE
     loaded as it loads it, so the latents are the whole model's; the size comes from the denoising network's config, which
-    must take the VAE's latents (`_check_latent_channels`)."""
+    must take the VAE's latents (`_check_latent_channels`). Of a hub id, only the VAE's weights are downloaded."""
     from diffusers import AutoencoderKL
 
     device = resolve_device(device)
     name_or_path = os.fsdecode(name_or_path)
-    folder, _, pixart, _ = _read_pipeline_folder(name_or_path)
+    folder, _, pixart, _ = _read_pipeline_folder(name_or_path, ("vae",))
     name, network = _network_class(pixart)
     try:
         config = _config_with_defaults(network, folder, name)
