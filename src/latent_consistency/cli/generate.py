@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -75,19 +76,49 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
 
 
 def image_filename(index: int, prompt: str) -> str:
-    """Image `index`'s file name: its number, then the prompt in lower-case letters and digits with a "-" for each run of
-    anything else, cut to 60 characters and not ending in "-" where the cut lands after one ("0000-a-red-star.png")."""
+    """Image `index`'s file name: its number, then the prompt's words (`_prompt_slug`), not ending in "-" where the cut
+    lands after one ("0000-a-red-star.png", "0001-ein-hund-über-der-brücke.png", "0002-猫が座っている.png")."""
     return f"{index:04d}-{_prompt_slug(prompt).rstrip('-') or 'image'}.png"
 
 
+def earlier_image_filenames(index: int, prompt: str) -> list[str]:
+    """The names earlier versions gave image `index` where they differ from `image_filename`, which `output_files` still
+    finds as this image (a --skip-existing rerun keeps it, not a second copy of a new name): the prompt's ASCII letters
+    and digits alone ("0000-ein-hund-ber-der-br-cke.png", "0000-image.png"), and before that with the "-" a cut fell
+    after (`earlier_image_filename`)."""
+    names = [f"{index:04d}-{_ascii_slug(prompt).rstrip('-') or 'image'}.png", earlier_image_filename(index, prompt)]
+    return [name for name in dict.fromkeys(names) if name != image_filename(index, prompt)]
+
+
 def earlier_image_filename(index: int, prompt: str) -> str:
-    """The name earlier versions gave image `index`: the cut prompt as it fell, a "-" after it included ("0000-aaa-.png"),
-    which `output_files` still finds as this image (a --skip-existing rerun keeps it, not a second copy of a new name)."""
-    return f"{index:04d}-{_prompt_slug(prompt) or 'image'}.png"
+    """The name the first versions gave image `index`: ASCII letters and digits, the cut prompt as it fell, a "-" after it
+    included ("0000-aaa-.png")."""
+    return f"{index:04d}-{_ascii_slug(prompt) or 'image'}.png"
+
+
+# A prompt's part of a file name: at most this many characters, and this many bytes of UTF-8 (3 a CJK character), so that
+# the whole name ("0000-" and ".png" around it) stays far below the 255 bytes most file systems allow a name, and below
+# the 143 of an encrypted home folder (eCryptfs)
+SLUG_CHARACTERS = 60
+SLUG_BYTES = 120
 
 
 def _prompt_slug(prompt: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60]
+    """The prompt's words in lower case, joined by "-": NFKC-normalised (full-width letters and ligatures as their plain
+    forms, one spelling of "ü" however it was typed), letters and digits of any script kept with their combining marks
+    (the vowel signs of Devanagari), and each run of anything else, a character a file system forbids (/ \\ : * ? " < > |,
+    control characters) or whitespace included, one "-". Cut to SLUG_CHARACTERS characters and SLUG_BYTES bytes, at a
+    character's end. An ASCII prompt's is `_ascii_slug`'s, byte for byte: its images keep their names."""
+    text = unicodedata.normalize("NFKC", prompt).lower()
+    kept = "".join(c if c.isalnum() or unicodedata.category(c).startswith("M") else "-" for c in text)
+    slug = re.sub("-+", "-", kept).strip("-")[:SLUG_CHARACTERS]
+    return slug.encode()[:SLUG_BYTES].decode("utf-8", "ignore")
+
+
+def _ascii_slug(prompt: str) -> str:
+    """The earlier versions' part of a file name: the prompt's ASCII letters and digits in lower case, each run of anything
+    else a "-", cut to 60 characters."""
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:SLUG_CHARACTERS]
 
 
 # --out names a folder; a name with one of these suffixes was meant as one image file
@@ -121,28 +152,34 @@ def output_files(out: str, prompts: list[str], skip_existing: bool = False) -> t
 
 
 def _listing(folder: Path) -> set[str]:
-    """The names in `folder`, case-folded: listed once, then only the names it holds checked, not two stats per prompt (a
-    prompt file of 50,000 lines over a network disk)."""
+    """The names in `folder` as `_there` matches them (`_name_key`): listed once, then only the names it holds checked, not
+    two stats per prompt (a prompt file of 50,000 lines over a network disk)."""
     try:
-        return {name.casefold() for name in os.listdir(folder)}
+        return {_name_key(name) for name in os.listdir(folder)}
     except OSError as err:
         raise UserError(f"cannot list --out {folder} ({err.strerror}); make it readable") from None
 
 
 def _there(folder: Path, listed: set[str], name: str) -> bool:
-    """Whether `folder` (its names `listed`) holds a file of `name`, a link included. Names are matched case-insensitively
-    and then checked, as a case-insensitive disk (macOS, Windows) finds 0001-CAT.PNG for 0001-cat.png."""
-    return name.casefold() in listed and ((folder / name).exists() or (folder / name).is_symlink())
+    """Whether `folder` (its names `listed`) holds a file of `name`, a link included. Names are matched as `_name_key`s and
+    then checked on the disk."""
+    return _name_key(name) in listed and ((folder / name).exists() or (folder / name).is_symlink())
+
+
+def _name_key(name: str) -> str:
+    """`name` case-folded and composed (NFC): a case-insensitive disk (macOS, Windows) finds 0001-CAT.PNG for 0001-cat.png,
+    and macOS's HFS+ lists the "ü" of 0000-über.png decomposed (NFD), a name `image_filename` writes composed."""
+    return unicodedata.normalize("NFC", name.casefold())
 
 
 def _found(folder: Path, listed: set[str], index: int, prompt: str) -> tuple[str, bool]:
     """Image `index`'s name in `folder` and whether the folder holds it: `image_filename`, or, where only that one is there,
-    the name an earlier version gave it (`earlier_image_filename`), so that a rerun finds the image it wrote."""
+    a name an earlier version gave it (`earlier_image_filenames`), so that a rerun finds the image it wrote."""
     name = image_filename(index, prompt)
     if _there(folder, listed, name):
         return name, True
-    earlier = earlier_image_filename(index, prompt)
-    return (earlier, True) if earlier != name and _there(folder, listed, earlier) else (name, False)
+    earlier = next((e for e in earlier_image_filenames(index, prompt) if _there(folder, listed, e)), None)
+    return (earlier, True) if earlier is not None else (name, False)
 
 
 def parse_timesteps(text: str | None) -> list[int] | None:

@@ -59,13 +59,15 @@ def accepted() -> str:
 
 def open_dataset(
     spec: str, resolution: int, seed: int = 0, rank: int = 0, world_size: int = 1, holdout: Holdout | None = None,
-    size_from: str | None = None,
+    size_from: str | None = None, quiet_scan: bool = False,
 ) -> Dataset | IterableDataset:
     """The dataset `spec` names (see the module docstring), or one side of a held-out split of it (`holdout`).
 
     seed, rank and world_size apply to shard streams, which shuffle and split themselves; map-style
     datasets are shuffled and split by `ResumableSampler`. `size_from` says where `resolution` came from when the user did
     not give it ("the native size of --model M"), for a registered dataset that does not come in that size to say so.
+    `quiet_scan`: an image folder's scan is counted without its log lines, for a reader of a folder that another one logs
+    (`_logs_scan`): the held-out data that every process of a multi-process run reads whole, as rank 0 of 1.
     """
     if not spec.strip():  # Path("") is ".": the current folder was scanned as the data
         raise UserError(f"data spec {spec!r} names no data; it can be {accepted()}")
@@ -79,7 +81,7 @@ def open_dataset(
             from latent_consistency.data.latent_cache import LatentCache
 
             return LatentCache(path, holdout)
-        return _open_folder(path, resolution, seed, rank, world_size, holdout)
+        return _open_folder(path, resolution, seed, rank, world_size, holdout, quiet_scan)
     if spec.lower().endswith(".tar") and (path.is_file() or any(ch in spec for ch in "{*?[")):
         return _shard_stream(spec, resolution, seed, rank, world_size, holdout)
     if spec.lower().endswith(COMPRESSED_SUFFIXES):
@@ -107,7 +109,7 @@ def read_paths(spec: str) -> dict[Path, str | None]:
         return {}
 
 
-def _open_folder(path: Path, resolution: int, seed: int, rank: int, world_size: int, holdout: Holdout | None):
+def _open_folder(path: Path, resolution: int, seed: int, rank: int, world_size: int, holdout: Holdout | None, quiet_scan: bool):
     """The image folder or the shards of folder `path`, told apart by one listing of its files, which the image folder
     takes as its own: a walk of a LAION-sized folder (12 million files) takes minutes, and every process of a run makes
     it. A folder of neither is refused, saying why (.heic photos alone, compressed shards, nothing of either)."""
@@ -119,9 +121,17 @@ def _open_folder(path: Path, resolution: int, seed: int, rank: int, world_size: 
     if shards:
         return _shard_stream(shards, resolution, seed, rank, world_size, holdout)
     if has_images or any(extension(name) in UNSUPPORTED_IMAGE_EXTENSIONS for name in files):
-        return ImageFolderDataset(path, resolution, holdout, files=files, quiet_scan=rank > 0)  # .heic alone: refused, saying what to do
+        quiet = quiet_scan or not _logs_scan(rank, holdout)
+        return ImageFolderDataset(path, resolution, holdout, files=files, quiet_scan=quiet)  # .heic alone: refused, saying what to do
     check_uncompressed([str(path / name) for name in files])  # a folder of .tar.gz shards, refused saying why
     raise UserError(f"{path} holds no images, .tar shards or manifest.json; the data spec can be {accepted()}")
+
+
+def _logs_scan(rank: int, holdout: Holdout | None) -> bool:
+    """Whether this reader of an image folder logs what the folder's scan skipped, which every reader of it finds alike:
+    the first process's, and of a held-out split (--eval-fraction) its training side's, which a run always opens; the
+    folder is then named once in the log, not once per process or twice for its two sides."""
+    return rank == 0 and (holdout is None or holdout.part == "train")
 
 
 def _shard_stream(urls, resolution: int, seed: int, rank: int, world_size: int, holdout: Holdout | None) -> ShardStream:
