@@ -31,7 +31,7 @@ from latent_consistency.training.batches import TrainingBatches
 from latent_consistency.training.config import TrainConfig, field_default
 from latent_consistency.training.ema import ema_update
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
-from latent_consistency.training.ode_targets import ODETargets, bank_settings, build_ode_targets, chunk_rows, ode_targets_for_run
+from latent_consistency.training.ode_targets import ODETargets, SolvedChunks, bank_settings, build_ode_targets, chunk_rows, ode_targets_for_run
 from latent_consistency.training.run_folder import (
     Progress,
     RunFolder,
@@ -214,11 +214,12 @@ def run_ode_targets(config: TrainConfig, base: DiffusionModel, out: Path, accele
     """`--method ode`: the run's bank of teacher ODE solutions, read from the run folder or built there (from the data as one
     process would draw it with the run's seed, every process solving its share of the rows in chunks that do not depend on
     the process count (`chunk_rows`), the teacher under the run's autocast as in LCD's jumps: with mixed precision it is
-    frozen in half precision); None for every other method."""
+    frozen in half precision), going on from the chunks a stopped run solved (`solved`: `SolvedChunks`); None for every
+    other method."""
     if getattr(config, "method", None) != "ode":
         return None
 
-    def make() -> ODETargets:
+    def make(solved: SolvedChunks) -> ODETargets:
         side = (config.resolution or base.native_size) // base.codec.downsampling_factor
         chunk = chunk_rows(config.ode_targets, base.codec.latent_channels * side * side, accelerator.device)
         data = training_batches(config, base, chunk, 0, 1, accelerator.device)
@@ -226,7 +227,8 @@ def run_ode_targets(config: TrainConfig, base: DiffusionModel, out: Path, accele
         generator = torch.Generator(accelerator.device).manual_seed(config.seed)
         with accelerator.autocast():
             return build_ode_targets(exact, data, config.ode_targets, (config.guidance_scale_min, config.guidance_scale_max), generator,
-                                     chunk, (accelerator.process_index, accelerator.num_processes), accelerator.gather, progress)
+                                     chunk, (accelerator.process_index, accelerator.num_processes), accelerator.gather, progress,
+                                     solved)
 
     return ode_targets_for_run(out, accelerator, make, bank_settings(config))
 

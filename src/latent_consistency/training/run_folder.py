@@ -46,6 +46,7 @@ from latent_consistency.training.batches import merged_skipped_summary
 from latent_consistency.training.config import CONFIGS, RESUMABLE_CHANGES, TrainConfig, config_from_dict
 from latent_consistency.training.model_card import write_model_card
 from latent_consistency.training.ode_targets import FILE as ODE_BANK
+from latent_consistency.training.ode_targets import PARTIAL as ODE_PARTIAL
 from latent_consistency.training.ode_targets import follow_moves
 from latent_consistency.training.sharding import end_process_group, exportable, full_training_state, is_sharded, load_optimizer_state
 
@@ -58,8 +59,8 @@ EXPORT_STAGING = "export.partial"  # where `RunFolder.finish` exports the model 
 # --omega-lr-scale gives it a group of its own
 GROUP_RATES = ("lr", "omega_lr")
 STUDENT_UNET = "student_unet_config"  # state.json's record of a --student-init run's UNet architecture
-# All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, but a bank
-# whose write was killed, its temporary file, is not)
+# All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, as are the
+# chunks of one stopped while it was solved, ODE_PARTIAL; but a bank whose write was killed, its temporary file, is not)
 EARLY_RUN_FILES = frozenset({"config.json", sources.FILE, "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR, ODE_BANK + ".tmp"})
 
 
@@ -99,6 +100,8 @@ def check_resumable(out: Path, config: TrainConfig) -> None:
             hint = "; it has no checkpoint yet, so start it again without --resume"
         elif (out / ODE_BANK).is_file():
             hint = f" (resuming with the same settings reuses its ODE bank, {ODE_BANK})"
+        elif (out / ODE_PARTIAL).is_dir():
+            hint = f" (resuming with the same settings goes on solving its ODE bank from the chunks in {ODE_PARTIAL})"
         else:
             hint = ""
         raise UserError(f"{out} was started with a different config ({'; '.join(diffs)}); resume with the same settings or use a "
