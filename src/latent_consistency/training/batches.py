@@ -36,14 +36,16 @@ Sharer = Callable[[Callable[[], str | None]], str | None]
 
 
 class TrainingBatches:
-    """An endless iterator of micro-batches {"latents", "cond", "captions"} for rank `rank` of `world_size`."""
+    """An endless iterator of micro-batches {"latents", "cond", "captions"} for rank `rank` of `world_size`. `quiet_scan`: an
+    image folder's scan is logged by another process (`open_dataset`)."""
 
     def __init__(self, spec: str, model: DiffusionModel, resolution: int, micro_batch: int, seed: int,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", num_workers: int = 0,
-                 holdout: Holdout | None = None):
+                 holdout: Holdout | None = None, quiet_scan: bool = False):
         self.model, self.micro_batch, self.device, self.spec = model, micro_batch, torch.device(device), spec
         size_from = "the model's native size (--resolution sets another)" if resolution == model.native_size else None
-        self.dataset = open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size, holdout=holdout, size_from=size_from)
+        self.dataset = open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size, holdout=holdout, size_from=size_from,
+                                    quiet_scan=quiet_scan)
         self.resolution = resolution
         self.num_workers = num_workers
         self._check_workers_apply()

@@ -239,7 +239,9 @@ def training_and_eval_batches(config: TrainConfig, base: DiffusionModel, micro_b
     eval_part = Holdout(config.eval_fraction, "eval") if config.eval_fraction else None
     batches = training_batches(config, base, micro_batch, rank, world, device)
     eval_spec = config.eval_data or (config.data if config.eval_fraction else "")
-    eval_batches = TrainingBatches(eval_spec, base, resolution, micro_batch, config.seed, 0, 1, device, 0, eval_part) if eval_spec else None
+    # every process reads the held-out data whole, as rank 0 of 1; the first logs what its scan skipped
+    eval_batches = (TrainingBatches(eval_spec, base, resolution, micro_batch, config.seed, 0, 1, device, 0, eval_part, quiet_scan=rank > 0)
+                    if eval_spec else None)
     return batches, eval_batches
 
 
