@@ -4,7 +4,9 @@ lives here.
 Each command module exposes `register(subparsers)`, which adds its parser and sets `run`, a function of
 the parsed arguments. A `UserError` anywhere becomes one line on stderr and exit code 2, and so does an OSError
 about a path (a name too long, no permission, a full or read-only disk) and a data worker process killed (out of
-memory). A process of a multi-process run that stops because another one did says so in one line, exit code 1.
+memory). A process of a multi-process run that stops because another one did says so in one line, exit code 1. Under a
+launcher, a stop (Ctrl-C, SIGTERM), which reaches every process, and a refusal every process raises alike
+(`training.loop.on_every_process`) are said once, by the first process.
 """
 
 from __future__ import annotations
@@ -73,6 +75,41 @@ def stopped(stop: KeyboardInterrupt) -> tuple[str, int]:
     return (f"{word} {stop}" if stop.args else word), code
 
 
+def speaks_for_its_run() -> bool:
+    """Whether this process says what befalls every process of its run alike: the process of a command run alone, or the first
+    of a launched group (WORLD_SIZE > 1, as `end_process` reads it; then `folder_lock.first_process`). A stop reaches every
+    process of a launched run (the launcher forwards Ctrl-C to each), and printed by each its line came once per process.
+    A command run alone imports nothing here: its stop's line comes at once."""
+    if int(os.environ.get("WORLD_SIZE") or 1) == 1:
+        return True
+    from latent_consistency.folder_lock import first_process
+
+    return first_process()
+
+
+def say_stop(prefix: str, stop: KeyboardInterrupt) -> int:
+    """Print a stop's one line after `prefix` (`stopped`), where this process speaks for its run (`speaks_for_its_run`);
+    its exit code."""
+    word, code = stopped(stop)
+    if speaks_for_its_run():
+        print(f"{prefix}: {word}", file=sys.stderr)
+    return code
+
+
+def say_refusal(prefix: str, err: UserError) -> None:
+    """Print a UserError's one line after `prefix`; one that every process of a launched run raised alike (`every_process`,
+    set by `training.loop.on_every_process`) only on its first process, and every process then waits for the others: one
+    that ended first had the launcher stop the first, maybe before it had printed the line."""
+    if not getattr(err, "every_process", False):
+        print(f"{prefix}: error: {err}", file=sys.stderr)
+        return
+    if speaks_for_its_run():
+        print(f"{prefix}: error: {err}", file=sys.stderr, flush=True)
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
 def path_error(err: Exception) -> str | None:
     """The one line of an error that a path or the disk caused: an OSError of `USER_PATH_ERRORS` that names its file, or
     one of `DISK_FULL` behind any error (`os_error_of`: libraries' own errors over one, which name no file), naming the
@@ -129,14 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         quiet_libraries()
     except KeyboardInterrupt as stop:
-        word, code = stopped(stop)
-        print(f"lcm: {word}", file=sys.stderr)
-        return code
+        return say_stop("lcm", stop)
     command = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))  # `lcm world export`
     try:
         args.run(args)
     except UserError as err:
-        print(f"lcm {command}: error: {err}", file=sys.stderr)
+        say_refusal(f"lcm {command}", err)
         return 2
     except Exception as err:  # an OSError about a path, a library's error over one, a killed worker, another process's end
         failure = failure_line(err, args)
@@ -145,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lcm {command}: {failure[0]}", file=sys.stderr)
         return failure[1]
     except KeyboardInterrupt as stop:
-        word, code = stopped(stop)
-        print(f"lcm {command}: {word}", file=sys.stderr)
-        return code
+        return say_stop(f"lcm {command}", stop)
     return 0
 
 
@@ -162,8 +195,7 @@ def entry() -> int:
         try:
             code = main()
         except KeyboardInterrupt as stop:  # a second stop inside `main`'s handler of the first
-            word, code = stopped(stop)
-            print(f"lcm: {word}", file=sys.stderr)
+            code = say_stop("lcm", stop)
         return end_process(code)
     finally:
         if threading.current_thread() is threading.main_thread():

@@ -75,8 +75,7 @@ def add_training_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], 
 
 
 def run_training(args, cls: type[TrainConfig]) -> None:
-    from latent_consistency.folder_lock import hold
-    from latent_consistency.training.loop import machine_problem, train
+    from latent_consistency.training.loop import holding_out, machine_problem, train
     from latent_consistency.training.run_folder import continued_by
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
@@ -87,8 +86,9 @@ def run_training(args, cls: type[TrainConfig]) -> None:
         if problem is not None:
             print(f"note: not on this machine: {problem}", file=sys.stderr)
         return
-    # A second run, or --resume, on this folder is refused while this one writes it; a stop says how to go on from where it was
-    with hold(config.out), continued_by("to continue, run the same command with --resume"):
+    # A second run, or --resume, on this folder is refused while this one writes it (under a launcher, on every process at
+    # once); a stop says how to go on from where it was
+    with holding_out(config), continued_by("to continue, run the same command with --resume"):
         path = train(config, resume=args.resume)
     if path is not None:
         print(f"exported {path}")

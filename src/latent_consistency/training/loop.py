@@ -21,6 +21,7 @@ from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.latent_cache import digest_encoders_before_cast
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
+from latent_consistency.folder_lock import hold
 from latent_consistency.losses import MicroBatchDraws
 from latent_consistency.models import DiffusionModel, guidance_record_of
 from latent_consistency.progress import progress_bar
@@ -35,6 +36,7 @@ from latent_consistency.training.ode_targets import ODETargets, SolvedChunks, ba
 from latent_consistency.training.run_folder import (
     Progress,
     RunFolder,
+    check_process_count,
     prepare_run_folder,
     recorded_guidance,
     resumed_student_unet,
@@ -42,7 +44,7 @@ from latent_consistency.training.run_folder import (
     say_resumed,
     saying_what_a_stop_keeps,
 )
-from latent_consistency.training.sharding import check_sharding, is_sharded, shard_target
+from latent_consistency.training.sharding import check_sharding, is_sharded, shard_target, sharding_note
 from latent_consistency.training.students import make_student
 
 
@@ -248,7 +250,8 @@ def training_and_eval_batches(config: TrainConfig, base: DiffusionModel, micro_b
 def on_every_process(accelerator, make):
     """`make()` on every process; a UserError raised on any of them is raised on every one (the first process's, in rank
     order), where the others would go on to their next collective and end there with the transport's traceback when the
-    launcher stops them."""
+    launcher stops them. Raised alike on several processes, it is marked `every_process`: the CLI prints it once
+    (`cli.say_refusal`). `accelerator`: the run's, or accelerate's `PartialState` before there is one (`holding_out`)."""
     error, result = None, None
     try:
         result = make()
@@ -257,8 +260,37 @@ def on_every_process(accelerator, make):
     if accelerator.num_processes > 1:
         error = next((message for message in gather_object([error]) if message is not None), None)
     if error is not None:
-        raise UserError(error)
+        refusal = UserError(error)
+        refusal.every_process = accelerator.num_processes > 1
+        raise refusal
     return result
+
+
+def in_turn(accelerator, make):
+    """`make()` on the main process, then on the others (`make` may change what they find: a run folder cleared), each turn
+    under `on_every_process`: a refusal in either turn is raised on every process, where accelerate's `main_process_first`
+    left the others waiting for the main one at its barrier until the launcher killed them."""
+    main = accelerator.is_main_process
+    first = on_every_process(accelerator, lambda: make() if main else None)
+    later = on_every_process(accelerator, lambda: None if main else make())
+    return first if main else later
+
+
+@contextlib.contextmanager
+def holding_out(config: TrainConfig, cpu: bool = False):
+    """Hold the run's --out for the `with` block (`folder_lock.hold`). Under a launcher only the first process takes the lock
+    (the others write with it), so the process group is made first (accelerate's `PartialState`, which the run's
+    `Accelerator` then joins) and a refusal reaches every process (`on_every_process`): the others went on into
+    `Accelerator()` and waited there for the first, which had ended, until the launcher killed them 30 s later."""
+    from accelerate import PartialState
+    from accelerate.utils.environment import get_cpu_distributed_information
+
+    with contextlib.ExitStack() as held:
+        if get_cpu_distributed_information().world_size > 1:
+            on_every_process(PartialState(cpu=cpu or not has_gpu()), lambda: held.enter_context(hold(config.out)))
+        else:
+            held.enter_context(hold(config.out))
+        yield
 
 
 def build_optimizer(config: TrainConfig, student) -> torch.optim.Optimizer:
@@ -308,8 +340,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
     check_sharding(accelerator, config)  # FSDP2 from `accelerate launch --config_file configs/accelerate/fsdp.yaml`
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     # The main process first: it may clear a run that stopped before its first step, which the others must not see half-cleared
-    with accelerator.main_process_first():
-        out = prepare_run_folder(config, resume, accelerator.is_main_process)
+    out = in_turn(accelerator, lambda: prepare_run_folder(config, resume, accelerator.is_main_process))
+    if resume:  # each process reads the data position it resumes from (`RunFolder.load_checkpoint`)
+        on_every_process(accelerator, lambda: check_process_count(out, world))
     per_step = world * config.grad_accumulation
     if config.batch_size % per_step:
         raise UserError(f"{config.flag('batch_size')} {config.batch_size} must be a multiple of processes x {config.flag('grad_accumulation')} "
@@ -328,7 +361,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
                                                                                           rank, world, device))
     command = "distill" if config.objective == "lcd" else "finetune"
     # What the user should know of the run's settings, made before the run folder's config.json is rewritten by a resume
-    notes = list(filter(None, (encoding_note(config, base, batches), batches.small_data_note(config.batch_size), batches.cache_note,
+    notes = list(filter(None, (sharding_note(accelerator), encoding_note(config, base, batches), batches.small_data_note(config.batch_size), batches.cache_note,
                                warmup_note(config), pair_steps_note(config), guidance_range_note(config, base),
                                student_init_range_note(config), student_init_teacher_note(config),
                                validation_scale_note(config, base, student), resume and resumed_schedule_note(out, config)))

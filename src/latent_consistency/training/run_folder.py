@@ -42,7 +42,7 @@ from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
 from latent_consistency.sampling import randn, sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training import omega_response, sources
-from latent_consistency.training.batches import merged_skipped_summary
+from latent_consistency.training.batches import SKIPPED_COUNTS, SKIPPED_SEEN, merged_skipped_summary, merged_skips
 from latent_consistency.training.config import CONFIGS, RESUMABLE_CHANGES, TrainConfig, config_from_dict
 from latent_consistency.training.model_card import write_model_card
 from latent_consistency.training.ode_targets import FILE as ODE_BANK
@@ -114,6 +114,37 @@ def check_resumable(out: Path, config: TrainConfig) -> None:
     if config.steps < reached:
         raise UserError(f"the checkpoint in {out} is at step {reached}; --steps must be at least {reached} to resume it, "
                         f"not {config.steps}")
+
+
+def check_process_count(out: Path, processes: int) -> None:
+    """A UserError when the latest checkpoint in `out` reads webdataset shards with another number of processes than
+    `processes`: shard i goes to process i mod N, and each process keeps its own place in its own shards, which another
+    count cannot take up. The position in an image folder, a latent cache or a registered dataset is one place in the
+    run's global sample order, the same on every process (`data.sampler.ResumableSampler`): those resume with any count,
+    their global batches going on where they stood (`data_position`)."""
+    found = ckpt.list_checkpoints(out)
+    saved = (ckpt.read_state(found[-1])[0] or {}).get("data") if found else None
+    if not saved or len(saved) == processes or "shards" not in saved[0]:
+        return
+    raise UserError(f"checkpoint {found[-1]} was written by a run of {len(saved)} process(es) on webdataset shards and this one has "
+                    f"{processes}: each process reads its own shards (shard i: process i mod {len(saved)}) and keeps its place in "
+                    f"them; resume it with {len(saved)} (accelerate launch --num_processes {len(saved)}), or start a new run with "
+                    "another --out")
+
+
+def data_position(saved: list[dict], rank: int, processes: int) -> dict:
+    """Process `rank`'s data position in a checkpoint's positions of every process (`saved`, in rank order). With as many
+    processes, its own. With another count (map-style data only: `check_process_count`), the global position they all
+    share, and on the first process what every saved process's data skipped (`merged_skips`), so that the run's summary
+    still counts it once."""
+    if len(saved) == processes:
+        return saved[rank]
+    shared = {key: value for key, value in saved[0].items() if key not in (SKIPPED_COUNTS, SKIPPED_SEEN)}
+    counted = [(position[SKIPPED_COUNTS], position[SKIPPED_SEEN]) for position in saved if SKIPPED_COUNTS in position]
+    if rank > 0 or not counted:
+        return shared
+    merged = merged_skips(counted)
+    return shared | {SKIPPED_COUNTS: dict(merged.counts), SKIPPED_SEEN: sorted([reason, detail] for reason, detail in merged.seen)}
 
 
 def resumed_student_unet(out: Path, config: TrainConfig, resume: bool) -> dict | None:
@@ -307,17 +338,12 @@ class RunFolder:
     def load_checkpoint(self, path: Path) -> Progress:
         """Load the checkpoint at `path` (but for the optimiser state, kept for `resume_optimizer`); where it stands."""
         tensors, objects, state = ckpt.load_checkpoint(path)
-        processes, now = len(state["data"]), self.accelerator.num_processes
-        if processes != now:  # a data position per process: another count would read other samples, or none
-            raise UserError(f"checkpoint {path} was written by a run of {processes} process(es) and this one has {now}: each process "
-                            f"keeps its own data position; resume it with {processes} (accelerate launch --num_processes {processes}), "
-                            "or start a new run with another --out")
         self.check_eval_data(state.get(sources.EVAL_FINGERPRINT))
         self.student.load_state(tensors, path)
         self.saved_optimizer_state = objects["optimizer"]
         self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
         torch.set_rng_state(objects["rng"]["torch"])
-        self.batches.load_state_dict(state["data"][self.accelerator.process_index])
+        self.batches.load_state_dict(data_position(state["data"], self.accelerator.process_index, self.accelerator.num_processes))
         return Progress(step=state["step"], nonfinite_total=state["nonfinite_total"])
 
     def check_eval_data(self, recorded: str | None) -> None:
@@ -340,7 +366,7 @@ class RunFolder:
         """A checkpoint of everything resume needs, the data position of every process included."""
         accelerator = self.accelerator
         data = self.batches.state_dict()
-        data_states = accelerator.gather_for_metrics([data], use_gather_object=True) if accelerator.num_processes > 1 else [data]
+        data_states = gather_object([data]) if accelerator.num_processes > 1 else [data]  # one per process, in rank order
         # on every process: the first one computes it for all (`share_fingerprints`)
         held_out = self.eval_batches.fingerprint() if self.config.eval_data and self.eval_batches is not None else None
         tensors, optimizer_state = full_training_state(accelerator, self.student, self.optimizer)  # under FSDP, gathered

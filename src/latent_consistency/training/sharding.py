@@ -67,6 +67,20 @@ def check_sharding(accelerator, config) -> None:
                         "(the moments are sharded already, docs/scale.md)")
 
 
+def sharding_note(accelerator) -> str | None:
+    """A note when the launcher's accelerate config asks for FSDP (`accelerate launch` sets ACCELERATE_USE_FSDP from its
+    distributed_type) and the student is not sharded: accelerate turns FSDP on only on accelerators (GPUs) and leaves
+    processes on CPUs (gloo) in plain data parallelism, dropping the plugin (docs/scale.md, "What is tested"). The run
+    trains as it would there, but each process holds the whole student, θ⁻ and optimiser state, which a user who chose
+    FSDP for its memory expects to be split."""
+    from accelerate.utils import parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP") or is_sharded(accelerator):
+        return None
+    return ("the accelerate config asks for FSDP, which accelerate applies only on GPUs: on these CPU processes the student is not "
+            "sharded; each process holds all of it, its target and its optimiser state (plain data parallelism)")
+
+
 def shard_target(accelerator, student) -> None:
     """Shard a separate target θ⁻ exactly as accelerate sharded the student (same plugin: wrapping, mesh, precision)."""
     if is_sharded(accelerator) and student.has_separate_target:
