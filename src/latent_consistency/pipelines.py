@@ -376,8 +376,8 @@ class LCMGenerator(Generator):
                  seeds: list[int] | None = None, height: int | None = None, width: int | None = None, *, steps: int | None = None,
                  gamma: float | None = None, init_images: torch.Tensor | None = None, strength: float = 1.0,
                  negative_prompts: list[str] | None = None, negative_scale: float | None = None) -> torch.Tensor:
-        """Images in [-1, 1] for `prompts`, one generator per image: `generator(["a prompt"], steps=4)`, and
-        `grids.to_pil` makes them PIL images.
+        """Images in [-1, 1] for `prompts` (the VAE's output clamped, as diffusers' postprocessing clamps it), one generator
+        per image: `generator(["a prompt"], steps=4)`, and `grids.to_pil` makes them PIL images.
 
         `timesteps` (custom ones) or `steps` (N of the model's; 4 without either) set the steps. What is left out is
         what `lcm generate` takes (`call_defaults`): the model's recorded g, image i at seed i, the model's native size.
@@ -405,7 +405,7 @@ class LCMGenerator(Generator):
             x0 = sample_lcm(f, latents, timesteps, cond, omega, f.schedule, generators)
         else:
             x0 = sample_tcd(f, latents, timesteps, cond, omega, f.schedule, gamma, generators)
-        return self.model.codec.decode(x0)
+        return self.model.codec.decode(x0).clamp(-1, 1)  # the VAE's output overshoots; diffusers' postprocess clamps too
 
 
 class SolverGenerator(Generator):
@@ -454,4 +454,4 @@ class SolverGenerator(Generator):
         latents, cond, _ = self.start(prompts, seeds, height, width)
         uncond = self.prompt_cache.uncond(self.model.prompts, self.device, (height, width)).to(self.dtype).expand(len(prompts), -1, -1)
         z0 = sample_teacher(self.model.guided_teacher(), self.sampler, latents, cond, uncond, guidance_scale, steps, self.model.scheduler_config)
-        return self.model.codec.decode(z0)
+        return self.model.codec.decode(z0).clamp(-1, 1)  # as `LCMGenerator.__call__`
