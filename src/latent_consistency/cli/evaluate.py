@@ -303,7 +303,16 @@ def run(args) -> None:
 
 def run_evaluation(args) -> None:
     from latent_consistency.devices import resolve_device
-    from latent_consistency.evaluation.table import OtherEvaluation, model_identity, run_table, table_rows, write_grid, write_plots, write_report
+    from latent_consistency.evaluation.table import (
+        OtherEvaluation,
+        model_identity,
+        run_table,
+        table_rows,
+        teacher_start_notes,
+        write_grid,
+        write_plots,
+        write_report,
+    )
     from latent_consistency.models import add_style_loras, guidance_record_of, load_diffusion_model
     from latent_consistency.outputs import writable_folder
 
@@ -356,6 +365,7 @@ def run_evaluation(args) -> None:
         raise UserError(f"guidance scale {min(scales):.15g} is below 1: an ω input (ω = g - 1) is trained on ω >= 0")
     others = guidance_records(args, teacher if omega_teacher else None, guided)
     range_notes = guidance_notes(({f"--lcm {args.lcm}": record} if record else {}) | others, scales, bool(given))
+    range_notes += teacher_start_notes(teacher, args.steps)
     for note in range_notes + ([] if given else own_scales_hint(others, preferred)):
         print(f"lcm evaluate: note: {note}", file=sys.stderr)
     resolution = lcm.native_size

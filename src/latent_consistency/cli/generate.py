@@ -52,7 +52,7 @@ from latent_consistency.pipelines import (
 )
 from latent_consistency.progress import progress_bar
 from latent_consistency.prompts import check_prompt, read_prompt_file, truncated_prompts
-from latent_consistency.sampling import TEACHER_SAMPLERS, check_teacher_steps, teacher_scheduler, usable_steps
+from latent_consistency.sampling import TEACHER_SAMPLERS, check_teacher_steps, solver_start_note
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -228,33 +228,6 @@ def read_init_image(path: str, height: int | None, width: int | None, factor: in
         image = image.resize(size, Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)[None]
     return pixels / 127.5 - 1, size[1], size[0]
-
-
-# An ODE solver's start timestep with ᾱ above this reads the starting noise as more signal than noise (SNR > 1)
-CLEAN_START_ALPHA_CUMPROD = 0.5
-
-
-def solver_start_note(model, sampler: str, steps: int) -> str | None:
-    """A note when `steps` steps of `sampler` start where the model reads pure noise as a nearly clean latent: SD's "leading"
-    spacing puts one DDIM step at timestep 1, so the image is the starting noise itself (diffusers' pipelines do the same)."""
-    schedule = model.schedule
-
-    def clean_start(n: int) -> int | None:
-        scheduler = teacher_scheduler(sampler, model.scheduler_config)
-        if not usable_steps(scheduler, n):  # sets its n timesteps; counts that are no distinct timesteps are refused elsewhere
-            return None
-        t = int(scheduler.timesteps[0])
-        return t if float(schedule.alphas_cumprod[t]) > CLEAN_START_ALPHA_CUMPROD else None
-
-    start = clean_start(steps)
-    if start is None:
-        return None
-    fewest = next((n for n in range(steps + 1, schedule.num_train_timesteps + 1) if clean_start(n) is None), None)
-    config = model.scheduler_config
-    return (f"{steps} {sampler} step(s) under this model's scheduler config (timestep_spacing {config.get('timestep_spacing')!r}, "
-            f"steps_offset {config.get('steps_offset')}) start at timestep {start}, where the network reads the starting noise as a "
-            f"nearly clean latent (ᾱ = {float(schedule.alphas_cumprod[start]):.3f}), so the images keep that noise, as in diffusers' "
-            "pipelines" + (f"; give --steps {fewest} or more" if fewest else ""))
 
 
 # The PNG text chunk in which `lcm generate` records what made each image: its prompt, its seed (SEED+i) and every setting

@@ -36,6 +36,7 @@ from latent_consistency.hub import hub_revision
 from latent_consistency.models import DiffusionModel, model_files
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.progress import progress_bar
+from latent_consistency.sampling import solver_start_note
 from latent_consistency.solvers import get_solver
 
 TEACHER_SOLVERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "dpm++": "DPM-Solver++"}
@@ -100,6 +101,16 @@ def table_rows(steps: list[int], guidance_scales: list[float], teacher: bool, re
         rows += [Row(s, n, g) for g in guidance_scales for s in TEACHER_SOLVERS for n in steps]
         rows += [Row("dpm++", n, g) for g in guidance_scales for n in reference_steps if n not in steps]
     return rows
+
+
+def teacher_start_notes(teacher, steps: list[int]) -> list[str]:
+    """What `lcm generate --sampler` notes of each of the teacher's rows (`sampling.solver_start_note`), which `lcm evaluate`
+    and the demo say under their table: under SD's scheduler config (the built-in world's as well) one DDIM step starts
+    at timestep 1, and its row scores the starting noise, not a 1-step sample (the world's DDIM FID of about 420)."""
+    if teacher is None:
+        return []
+    found = (solver_start_note(teacher, sampler, n) for sampler in TEACHER_SOLVERS for n in steps)
+    return [f"The teacher's rows: {note}" for note in found if note]
 
 
 class ReferenceImages:

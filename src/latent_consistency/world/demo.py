@@ -29,7 +29,7 @@ from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import SamplerSpec, sample, sample_consistency
 from latent_consistency.evaluation.fid import check_image_count, fid_score
-from latent_consistency.evaluation.table import EvalSet, JudgeScorer, run_table, table_rows, write_grid, write_plots, write_report
+from latent_consistency.evaluation.table import EvalSet, JudgeScorer, run_table, table_rows, teacher_start_notes, write_grid, write_plots, write_report
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
 from latent_consistency.outputs import writable_folder, write_json_atomic, write_text_atomic
@@ -141,7 +141,8 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
         f"World: `{world_dir}` ({world.dataset}, {world.resolution}px). Distillation: {config.steps} steps, solver {config.solver}, "
         f"skip {config.skip}, g in [{config.guidance_scale_min:g}, {config.guidance_scale_max:g}]. Evaluation: {len(prompts)} reference "
         f"prompts at g = {guidance:g}, FID in the judge's features, alignment = the fraction of prompt attributes the judge reads back "
-        "(`table/results.json` has KID and every attribute). Grid: `grid.png` (Figure 2: real images, then each sampler)."])
+        "(`table/results.json` has KID and every attribute). Grid: `grid.png` (Figure 2: real images, then each sampler).",
+        *(paragraph for note in teacher_start_notes(world.model, list(TABLE_STEPS)) for paragraph in ("", note))])
     report += guidance_section(lcm.guidance_record)
     report += (f"\nThe undistilled starting point (the teacher's weights through the consistency sampler), 1 step: FID "
                f"{undistilled['fid']:.2f}, alignment {undistilled['alignment']['mean']:.3f}.\n\nFID of {len(prompts)} real training "
