@@ -75,11 +75,12 @@ def add_training_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig], 
 
 
 def run_training(args, cls: type[TrainConfig]) -> None:
-    from latent_consistency.training.loop import holding_out, machine_problem, train
+    from latent_consistency.training.loop import holding_out, machine_problem, on_every_launched_process, train
     from latent_consistency.training.run_folder import continued_by
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-    config = resolve_config(cls, args.preset, args.config, overrides)
+    # Under a launcher every process resolves the config alike: a refusal is said once (`on_every_process`)
+    config = on_every_launched_process(lambda: resolve_config(cls, args.preset, args.config, overrides))
     if args.dry_run:  # the config as it would run; one that only another machine can run is printed with a note
         print(json.dumps(config.check().to_dict(), indent=1))
         problem = machine_problem(config)

@@ -282,15 +282,21 @@ def holding_out(config: TrainConfig, cpu: bool = False):
     (the others write with it), so the process group is made first (accelerate's `PartialState`, which the run's
     `Accelerator` then joins) and a refusal reaches every process (`on_every_process`): the others went on into
     `Accelerator()` and waited there for the first, which had ended, until the launcher killed them 30 s later."""
+    with contextlib.ExitStack() as held:
+        on_every_launched_process(lambda: held.enter_context(hold(config.out)), cpu)
+        yield
+
+
+def on_every_launched_process(make, cpu: bool = False):
+    """`make()`, before the run's `Accelerator` is made; under a launcher (more than one process) through `on_every_process`
+    over accelerate's `PartialState`, the process group the `Accelerator` then joins: a refusal every process raises alike
+    (a setting `check_here` refuses) is said once, and one that a single process raises ends every process at once."""
     from accelerate import PartialState
     from accelerate.utils.environment import get_cpu_distributed_information
 
-    with contextlib.ExitStack() as held:
-        if get_cpu_distributed_information().world_size > 1:
-            on_every_process(PartialState(cpu=cpu or not has_gpu()), lambda: held.enter_context(hold(config.out)))
-        else:
-            held.enter_context(hold(config.out))
-        yield
+    if get_cpu_distributed_information().world_size > 1:
+        return on_every_process(PartialState(cpu=cpu or not has_gpu()), make)
+    return make()
 
 
 def build_optimizer(config: TrainConfig, student) -> torch.optim.Optimizer:
@@ -329,49 +335,75 @@ def check_here(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu: bool = False) -> Path | None:
-    """Run (or resume) a distillation/fine-tuning run; returns the exported model's path (None on
-    processes other than the main one). It runs on the GPU where there is one, unless `cpu` (`lcm demo --device cpu`)."""
-    from accelerate import Accelerator
-
-    check_here(config)
-    # Without a GPU, `cpu=True` lets accelerate join torchrun-launched processes over gloo (MULTI_CPU).
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu or not has_gpu())
-    check_sharding(accelerator, config)  # FSDP2 from `accelerate launch --config_file configs/accelerate/fsdp.yaml`
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    # The main process first: it may clear a run that stopped before its first step, which the others must not see half-cleared
-    out = in_turn(accelerator, lambda: prepare_run_folder(config, resume, accelerator.is_main_process))
-    if resume:  # each process reads the data position it resumes from (`RunFolder.load_checkpoint`)
-        on_every_process(accelerator, lambda: check_process_count(out, world))
-    per_step = world * config.grad_accumulation
+def check_processes(accelerator, config: TrainConfig) -> None:
+    """A UserError when the launch does not fit the run: sharded settings FSDP2 does not take (`check_sharding`), or a
+    --batch-size that the processes and accumulation steps do not split evenly."""
+    check_sharding(accelerator, config)
+    per_step = accelerator.num_processes * config.grad_accumulation
     if config.batch_size % per_step:
         raise UserError(f"{config.flag('batch_size')} {config.batch_size} must be a multiple of processes x {config.flag('grad_accumulation')} "
                         f"= {per_step}")
-    torch.manual_seed(config.seed)
 
-    # Models: the frozen teacher (LCD) or the LCM to fine-tune (LCF); student θ; target θ⁻
+
+def load_models(config: TrainConfig, device, out: Path, resume: bool):
+    """The run's frozen model (LCD's teacher, the LCM that LCF fine-tunes), the student's scheduler config, and the student
+    θ with its target θ⁻ (a resumed --student-init run's in its checkpoint's UNet config: `resumed_student_unet`); the
+    frozen networks in the run's half precision, their latent caches' digests taken before (`digest_encoders_before_cast`)."""
     objective = objective_of(config)
     base = objective.load(config, device)
     scheduler_config = objective.scheduler_config(config, base)
     student = make_student(config, base, scheduler_config, share_unet=True, resumed_unet=resumed_student_unet(out, config, resume))
     digest_encoders_before_cast(base, (config.data, config.eval_data))
     freeze_in_half_precision(config, base)
+    return base, scheduler_config, student
+
+
+def run_notes(config: TrainConfig, accelerator, base: DiffusionModel, batches: TrainingBatches, student, out: Path,
+              resume: bool) -> list[str]:
+    """What the user should know of the run's settings (main process). Reading them may refuse, on the main process alone:
+    a damaged guidance record of --student-init (`guidance_record.read_record`)."""
+    return list(filter(None, (sharding_note(accelerator), encoding_note(config, base, batches), batches.small_data_note(config.batch_size),
+                              batches.cache_note, warmup_note(config), pair_steps_note(config), guidance_range_note(config, base),
+                              student_init_range_note(config), student_init_teacher_note(config),
+                              validation_scale_note(config, base, student), resume and resumed_schedule_note(out, config))))
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu: bool = False) -> Path | None:
+    """Run (or resume) a distillation/fine-tuning run; returns the exported model's path (None on
+    processes other than the main one). It runs on the GPU where there is one, unless `cpu` (`lcm demo --device cpu`)."""
+    from accelerate import Accelerator
+
+    # Every refusal before the first step that every process raises alike goes through `on_every_process`: said once, by the
+    # first process, and every process ends at once (one raised by a single process, too)
+    on_every_launched_process(lambda: check_here(config), cpu)
+    # Without a GPU, `cpu=True` lets accelerate join torchrun-launched processes over gloo (MULTI_CPU).
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu or not has_gpu())
+    # FSDP2 from `accelerate launch --config_file configs/accelerate/fsdp.yaml`; the batch split over the processes
+    on_every_process(accelerator, lambda: check_processes(accelerator, config))
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    # The main process first: it may clear a run that stopped before its first step, which the others must not see half-cleared
+    out = in_turn(accelerator, lambda: prepare_run_folder(config, resume, accelerator.is_main_process))
+    if resume:  # each process reads the data position it resumes from (`RunFolder.load_checkpoint`)
+        on_every_process(accelerator, lambda: check_process_count(out, world))
+    per_step = world * config.grad_accumulation
+    torch.manual_seed(config.seed)
+
+    # Models: the frozen teacher (LCD) or the LCM to fine-tune (LCF); student θ; target θ⁻
+    base, scheduler_config, student = on_every_process(accelerator, lambda: load_models(config, device, out, resume))
     # Each process opens its own share of the data (its own shards): a UserError in any of them stops every one, with its message
     batches, eval_batches = on_every_process(accelerator, lambda: training_and_eval_batches(config, base, config.batch_size // per_step,
                                                                                           rank, world, device))
     command = "distill" if config.objective == "lcd" else "finetune"
     # What the user should know of the run's settings, made before the run folder's config.json is rewritten by a resume
-    notes = list(filter(None, (sharding_note(accelerator), encoding_note(config, base, batches), batches.small_data_note(config.batch_size), batches.cache_note,
-                               warmup_note(config), pair_steps_note(config), guidance_range_note(config, base),
-                               student_init_range_note(config), student_init_teacher_note(config),
-                               validation_scale_note(config, base, student), resume and resumed_schedule_note(out, config)))
-                 ) if accelerator.is_main_process else []
-    optimizer = build_optimizer(config, student)
+    notes = on_every_process(accelerator, lambda: run_notes(config, accelerator, base, batches, student, out, resume)
+                             if accelerator.is_main_process else [])
+    optimizer = on_every_process(accelerator, lambda: build_optimizer(config, student))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    run = RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches, eval_batches)  # writes config.json
-    ode_targets = run_ode_targets(config, base, out, accelerator, progress and accelerator.is_main_process)
-    loss_fn = run.loss_fn = build_loss(config, base, scheduler_config, ode_targets)
-    state = run.resume() if resume else Progress()
+    run = on_every_process(accelerator, lambda: RunFolder(out, config, accelerator, base, student, optimizer, lr_scheduler, batches,
+                                                          eval_batches))  # writes config.json
+    ode_targets = on_every_process(accelerator, lambda: run_ode_targets(config, base, out, accelerator, progress and accelerator.is_main_process))
+    loss_fn = run.loss_fn = on_every_process(accelerator, lambda: build_loss(config, base, scheduler_config, ode_targets))
+    state = on_every_process(accelerator, run.resume) if resume else Progress()
     for note in notes:  # once every check of the run has passed (a resume's too): a refusal is its one line, no notes above it
         print(f"lcm {command}: note: {note}", file=sys.stderr)
     if resume and accelerator.is_main_process:

@@ -18,6 +18,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,17 @@ def saved_config(path: Path, otherwise: str = "use a new --out") -> TrainConfig:
                         f"{otherwise}") from None
 
 
+def resumed_record(started: TrainConfig, config: TrainConfig, moved: Iterable[str]) -> dict:
+    """The config a resumed run records (config.json, its checkpoints): the one its start recorded (`started`), but for the
+    fields a resume may change (`RESUMABLE_CHANGES`) and the sources proven moved (`moved`: `sources.proven_moves`), as the
+    resumed `config` gives them (those of its class: LCF has no ω response to measure). Every other field means what it
+    meant at the start, and keeps the start's record where the resume's own reads otherwise: a --student-init `ode/lcm` (a
+    relative folder of the hub's org/name form), recorded as that folder's absolute path (`local_path`) and gone since,
+    would read back as a hub id, its ω embedding size as None."""
+    given = config.to_dict()
+    return started.to_dict() | {name: given[name] for name in (*RESUMABLE_CHANGES, *moved) if name in given}
+
+
 def stopped_before_first_step(out: Path, config: TrainConfig) -> bool:
     """Whether `out` holds a config.json this tool wrote for a run there (`written_by_a_run`), nothing a run does not write
     before its first step (`EARLY_RUN_FILES`), an empty metrics.jsonl if any, and no checkpoint."""
@@ -301,7 +313,9 @@ class RunFolder:
         # A resumed run's config.json is rewritten (its --steps, the new places of moved sources: `check_resumable`) once
         # `resume` has loaded the checkpoint, whose data fingerprint proves moved data: a refused resume leaves it as it was
         resumed = self.main and (out / "config.json").is_file()
-        self.moves = saved_config(out / "config.json").moved_sources(config) if resumed else {}
+        self.started = saved_config(out / "config.json") if resumed else None  # the config the run's start recorded
+        self.moves = self.started.moved_sources(config) if resumed else {}
+        self.record = config.to_dict()  # the config config.json and the checkpoints record (`resume`: `resumed_record`)
         if self.main:
             try:
                 out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +341,8 @@ class RunFolder:
         if self.main:
             try:
                 follow_moves(self.out, self.moves, self.config)  # --method ode's bank names the new places too
-                write_json_atomic(self.out / "config.json", self.config.to_dict())
+                self.record = resumed_record(self.started, self.config, self.moves)
+                write_json_atomic(self.out / "config.json", self.record)
             except OSError as err:
                 raise UserError(f"cannot write the run folder {self.out}: {err.strerror or err}") from None
         if self.moves:
@@ -372,7 +387,7 @@ class RunFolder:
         tensors, optimizer_state = full_training_state(accelerator, self.student, self.optimizer)  # under FSDP, gathered
         if not self.main:
             return None
-        state = dict(step=progress.step, nonfinite_total=progress.nonfinite_total, data=data_states, config=self.config.to_dict())
+        state = dict(step=progress.step, nonfinite_total=progress.nonfinite_total, data=data_states, config=self.record)
         state[sources.CHECKPOINT_KEY] = sources.recorded_sources(self.out)  # what its models are, wherever they move (`proven_moves`)
         if held_out is not None:  # what its --eval-data is, wherever it moves (`proven_moves`, `check_eval_data`)
             state[sources.EVAL_FINGERPRINT] = held_out
