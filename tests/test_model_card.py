@@ -41,7 +41,7 @@ def test_an_lcm_of_a_hub_teacher_names_it_as_its_base_model_with_its_omega_respo
     assert "ω response at t = 999 / 759 / 499 / 259 / 99: 0.42 / 0.71 / 0.81 / 0.80 / 0.59" in card.text
     assert "[1, 4], sampled at 2 by default" in card.text and "ignores" not in card.text
     python, command = snippets(card)
-    assert 'from_pretrained("runs/x/lcm")' in python and "num_inference_steps=4, guidance_scale=2)" in python
+    assert f'from_pretrained("{os.path.abspath("runs/x/lcm")}")' in python and "num_inference_steps=4, guidance_scale=2)" in python
     assert command[:5] == ["lcm", "generate", "a photo of a cat", "--model", os.path.abspath("runs/x/lcm")]
 
 
@@ -58,8 +58,9 @@ def test_lora_adapters_are_sampled_on_their_base_model_with_their_scheduler():
     assert "lcm-lora" in card.data.tags and card.data.base_model == "org/sd-model"
     assert "latent consistency fine-tuning (LCF" in card.text and "with the LCM-LoRA `org/lcm-lora`" in card.text
     python, command = snippets(card)
-    assert 'DiffusionPipeline.from_pretrained("org/sd-model")' in python and 'LCMScheduler.from_pretrained("o/lora")' in python
-    assert 'load_lora_weights("o/lora")' in python and "guidance_scale=1)" in python
+    lora = os.path.abspath("o/lora")  # as the `lcm generate` line names it: the snippet runs from any working directory
+    assert 'DiffusionPipeline.from_pretrained("org/sd-model")' in python and f'LCMScheduler.from_pretrained("{lora}")' in python
+    assert f'load_lora_weights("{lora}")' in python and "guidance_scale=1)" in python
     assert command[command.index("--model") + 1] == "org/sd-model" and command[command.index("--lora") + 1] == os.path.abspath("o/lora")
 
 
@@ -85,7 +86,7 @@ def test_paths_with_quotes_and_spaces_stay_one_argument_and_one_string():
     config = DistillConfig(teacher="t", data="d", out=out)
     python, command = snippets(card_of(f"{out}/lcm", config, GuidanceRecord(1.0, 2.0, 2.0, None)))
     call = next(node for node in ast.walk(ast.parse(python)) if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained")
-    assert call.args[0].value == f"{out}/lcm" and command[command.index("--model") + 1] == os.path.abspath(f"{out}/lcm")
+    assert call.args[0].value == os.path.abspath(f"{out}/lcm") and command[command.index("--model") + 1] == os.path.abspath(f"{out}/lcm")
 
 
 def test_a_pixart_lcm_card_says_its_guidance_is_built_in_not_an_input():

@@ -721,13 +721,18 @@ def run_sweep(args) -> None:
     from latent_consistency.evaluation.fid import check_image_count
     from latent_consistency.outputs import check_writable, writable_folder, write_json_atomic
     from latent_consistency.world.artifact import default_world_path, load_world
-    from latent_consistency.world.over_training import check_run, evaluate_run, holding_scores, run_guidance_scale, world_timesteps, write_report, write_sweep
+    from latent_consistency.world.over_training import (
+        check_run,
+        evaluate_run,
+        holding_scores,
+        run_guidance_scale,
+        run_names,
+        world_timesteps,
+        write_report,
+        write_sweep,
+    )
 
-    names = [Path(run_dir).resolve().name for run_dir in args.runs]
-    twice = [name for i, name in enumerate(names) if name in names[:i]]
-    if twice:
-        raise UserError(f"two --runs are folders named {twice[0]}: their curves would share one name in sweep.json and the plot; "
-                        "give each run once, in folders of different names")
+    names = run_names(args.runs)  # as given: a symbolic link's own name
     check_sweep_out(args.out)
     check_writable(args.out, "--out")  # made only when the sweep is written: a refused sweep leaves no folder
     check_image_count(args.samples, "--samples", "per checkpoint")
@@ -735,11 +740,11 @@ def run_sweep(args) -> None:
     steps = tuple(args.steps)
     timesteps = world_timesteps(world_path)
     scales, loras = {}, []
-    for run_dir in map(Path, args.runs):  # every run, before the world loads and the first one is scored
+    for name, run_dir in zip(names, map(Path, args.runs)):  # every run, before the world loads and the first one is scored
         config = check_run(run_dir, steps, args.guidance_scale, timesteps, Path(world_path))
-        scales[run_dir.resolve().name] = run_guidance_scale(config) if args.guidance_scale is None else args.guidance_scale
+        scales[name] = run_guidance_scale(config) if args.guidance_scale is None else args.guidance_scale
         if config.adapter != "full":
-            loras.append(run_dir.resolve().name)
+            loras.append(name)
     with contextlib.ExitStack() as held:  # every run's scores, before the world loads: another sweep of one is refused at once
         for run_dir in map(Path, args.runs):
             held.enter_context(holding_scores(run_dir))
@@ -747,10 +752,10 @@ def run_sweep(args) -> None:
         keep_freed_memory(device)
         world = load_world(world_path, device)
         curves = {}
-        for run_dir in map(Path, args.runs):
-            rows = evaluate_run(run_dir, world, args.samples, scales[run_dir.resolve().name], device, steps, ode=args.ode_error)
+        for name, run_dir in zip(names, map(Path, args.runs)):
+            rows = evaluate_run(run_dir, world, args.samples, scales[name], device, steps, ode=args.ode_error)
             write_report(run_dir, rows, steps)
-            curves[run_dir.resolve().name] = rows
+            curves[name] = rows
     out = writable_folder(args.out, "--out")
     write_json_atomic(out / "sweep.json", curves)
     settings = (f"Checkpoints (θ⁻) sampled for the first {args.samples} reference prompts of the world `{world_path}`, the same noise "

@@ -5,7 +5,9 @@ Captions come from one of two places, chosen once per folder:
     one JSON object per line with "file_name" (path relative to the root) and the caption under "text" or "caption",
     or `metadata.csv`, a header row naming the columns "file_name" and "text" (or "caption") and a row per sample.
     A file_name written on Windows ("images\\a.png", `str` of a Windows path) names the same file on every system: its
-    backslashes are folder separators where no file has the name as written (`_windows_separators`).
+    backslashes are folder separators where no file has the name as written (`_windows_separators`); a file_name in one
+    Unicode normalisation names a file spelled in another (NFC in the metadata, NFD on a disk of macOS) where it spells no
+    file exactly (`Spellings`).
     Each line or row is a sample, so an image listed twice with two captions is two samples; a folder with both files
     is refused (which one holds the captions?);
   - otherwise a sidecar next to each image: `cat.png` is captioned by `cat.txt`.
@@ -38,6 +40,7 @@ import itertools
 import json
 import ntpath
 import os
+import unicodedata
 from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -122,12 +125,13 @@ class ImageFolderDataset(Dataset):
         (sorted) that no line names as "no_caption". Which ones a line names is marked by bisection in `images`, not kept
         as a set of the names (a gigabyte at 12 million). An image named by a line that gives no sample (no caption, a
         dangling link) is counted once, for that line: it was counted again as "not in metadata.jsonl", and a folder of 6
-        such images summed up as 12 skipped."""
+        such images summed up as 12 skipped. A line names an image as spelled exactly, else in another Unicode normalisation
+        (`Spellings`)."""
         try:
             lines = metadata.open("rb")  # closed by the with below: only opening it is a user's problem
         except OSError as err:
             raise UserError(f"cannot read {metadata} ({err.strerror}); make it readable") from None
-        named = bytearray(len(images))
+        named, spellings = bytearray(len(images)), Spellings(images)
         with lines:
             rows = _csv_rows(metadata, lines) if metadata.name == METADATA_CSV else _jsonl_rows(lines)
             for number, row in rows:
@@ -140,8 +144,14 @@ class ImageFolderDataset(Dataset):
                 if _outside(file_name):
                     scan.add("outside_folder", f"{metadata}:{number} names {file_name}, not a path inside {self.root}")
                     continue
-                if (i := bisect_left(images, file_name)) < len(images) and images[i] == file_name:
-                    named[i] = True
+                found = spellings.find(file_name)
+                if isinstance(found, list):
+                    scan.add("ambiguous_name", f"{metadata}:{number} names {file_name}, spelled as none of the files {', '.join(found)}, "
+                             "which it names each in another Unicode normalisation; spell the one it means as its name on disk")
+                    continue
+                if found is not None:
+                    named[found] = True
+                    file_name = images[found]  # as the disk spells it: a folder made on macOS names files in NFD
                 if not os.path.isfile(os.path.join(self.root, file_name)):  # False, not an OSError, for a name too long for the disk
                     scan.add("missing_file", f"{metadata}:{number} names {file_name}")
                     continue
@@ -223,6 +233,38 @@ class ImageFolderDataset(Dataset):
         file_name, caption = self.samples[index]
         image = load_rgb(self.root / file_name, self.resolution, self.skipped)
         return None if image is None else {"image": image, "caption": caption}
+
+
+class Spellings:
+    """Which of an image folder's files (`images`, sorted) a metadata file_name names: the one spelled exactly so, else the
+    one whose name is the same text in another Unicode normalisation. A folder made on macOS names its files in NFD
+    ("e" and a combining accent) and a metadata file typed or written by a program names them in NFC ("é"): the images
+    were skipped, each line as "missing_file" and each image as "not in metadata.jsonl", two names that print alike.
+    Names compare by their NFC form; two files whose names differ only in normalisation are both kept, each named only by
+    its exact spelling (`find` gives a list of both for a line that spells neither). Only the names that are not in NFC
+    are held a second time: on a folder of 12 million ASCII names, none."""
+
+    def __init__(self, images: list[str]):
+        self.images = images
+        self.other_forms: dict[str, list[int]] = {}  # NFC form of each name that is not in NFC: the indices of its files
+        for i, name in enumerate(images):
+            if not unicodedata.is_normalized("NFC", name):
+                self.other_forms.setdefault(unicodedata.normalize("NFC", name), []).append(i)
+
+    def find(self, file_name: str) -> int | list[str] | None:
+        """The index in `images` of the file `file_name` names; None for no image (a missing file, one not listed as an
+        image); the names of the files it could name where it spells none of them exactly and two or more alike."""
+        if (i := self._exact(file_name)) is not None:
+            return i
+        nfc = unicodedata.normalize("NFC", file_name)
+        alike = [i for i in [self._exact(nfc), *self.other_forms.get(nfc, ())] if i is not None]
+        if len(alike) > 1:
+            return [self.images[i] for i in alike]
+        return alike[0] if alike else None
+
+    def _exact(self, file_name: str) -> int | None:
+        i = bisect_left(self.images, file_name)
+        return i if i < len(self.images) and self.images[i] == file_name else None
 
 
 class ScanSkips:

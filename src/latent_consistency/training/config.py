@@ -746,7 +746,8 @@ def _read_config_file(config_file: str) -> dict:
     if not path.is_file():
         raise UserError(f"config file {config_file} is not a file; give a JSON file of config fields")
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicates)
+        # with or without a byte-order mark, as captions and prompt files are read (Notepad writes one)
+        loaded = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_refuse_duplicates)
     except _DuplicateField as dup:
         raise UserError(f"config file {config_file} gives field {dup.args[0]} twice; keep one") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -31,6 +31,7 @@ from latent_consistency.training import sources
 from latent_consistency.training.batches import TrainingBatches
 from latent_consistency.training.config import TrainConfig, field_default
 from latent_consistency.training.ema import ema_update
+from latent_consistency.training.model_card import flag_words
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
 from latent_consistency.training.ode_targets import ODETargets, SolvedChunks, bank_settings, build_ode_targets, chunk_rows, ode_targets_for_run
 from latent_consistency.training.run_folder import (
@@ -92,9 +93,11 @@ def encoding_note(config: TrainConfig, base: DiffusionModel, batches: TrainingBa
     if not batches.encodes_images or (config.resolution or base.native_size) != base.native_size:
         return None
     cache = f"{Path(config.out)}-latents"
-    command = shlex.join(["lcm", "cache", "--model", getattr(config, config.model_field), "--data", config.data, "--out", cache])
+    # --data=-c1 where a value starts with "-": `--data -c1` is no value to argparse (`flag_words`)
+    command = shlex.join(["lcm", "cache", *flag_words("--model", getattr(config, config.model_field)), *flag_words("--data", config.data),
+                          *flag_words("--out", cache)])
     return (f"{config.flag('data')} {config.data} is encoded by the VAE and text encoder at every step; encode it once with `{command}` "
-            f"and train with {config.flag('data')} {shlex.quote(cache)} for faster steps")
+            f"and train with {shlex.join(flag_words(config.flag('data'), cache))} for faster steps")
 
 
 def pair_steps_note(config: TrainConfig) -> str | None:

@@ -2,7 +2,7 @@
 then text), as diffusers' training scripts write beside their exports. It says what the model is, what it was made from
 and how, how much of its teacher's guidance it follows (the ω response), and how to sample it, in diffusers and with
 `lcm generate`. The loaders ignore it; a user who uploads the folder shares it, with the paths of its usage lines (the
-folder and the base model: as the run was given them in the snippet, absolute in the command) replaced by hub ids.
+folder and the base model, absolute: they run from any working directory) replaced by hub ids.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: st
     if not lcf and config.method in ("lcd", "ode"):
         lines.append(f"- Teacher ODE solver {config.solver}, skipping step k = {config.skip}")
     lines += _guidance(what, record, base_record, lcf) + ["", "## Sampling it", ""]
-    lines += _usage(Path(folder), what, source, record, base_record, config, prompt)
+    lines += _usage(Path(folder), what, record, base_record, config, prompt)
     return f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 
 
@@ -124,39 +124,59 @@ def _guidance(what: str, record: GuidanceRecord | None, base_record: GuidanceRec
 def _pretrained(source: str) -> str:
     """`from_pretrained`'s arguments for `source`: a hub id pinned to a revision (org/name@rev) as diffusers takes it."""
     repo, revision = split_revision(source) if looks_like_hub_id(source) else (source, None)
-    return json.dumps(repo) + ("" if revision is None else f", revision={json.dumps(revision)}")
+    return _literal(repo) + ("" if revision is None else f", revision={_literal(revision)}")
 
 
-def _usage(folder: Path, what: str, source: str, record: GuidanceRecord | None, base_record: GuidanceRecord | None,
-           config, prompt: str) -> list[str]:
+def _literal(text: str) -> str:
+    """A Python string literal of `text` in double quotes, read back as `text`: JSON's escapes (\\", \\\\, \\n, \\uXXXX) are
+    Python's, and characters beyond the Basic Multilingual Plane (an emoji) stay as they are, where json.dumps's default
+    ASCII wrote them as a UTF-16 surrogate pair ("\\ud83c\\udf89"), which Python reads as two lone surrogates: a path of
+    no file, a prompt no tokenizer takes."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def flag_words(flag: str, value: str) -> list[str]:
+    """The command-line words that give `value` to `flag` as argparse reads them back: `--data=-c1` for a value that starts
+    with "-", which after a space argparse takes for a flag ("--data: expected one argument"), else `--data VALUE`. For the
+    commands a message or card prints, to be pasted (`shlex.join` quotes each word)."""
+    return [f"{flag}={value}"] if value.startswith("-") else [flag, value]
+
+
+def _usage(folder: Path, what: str, record: GuidanceRecord | None, base_record: GuidanceRecord | None, config,
+           prompt: str) -> list[str]:
     """A diffusers snippet and an `lcm generate` line that sample the model from where it was written, at the g `lcm
-    generate` takes by default. The command runs as written from any folder: its model (and base model) by their absolute
-    paths (config.json's, for the base), its images into `IMAGES`. A PixArt LCM has no ω input: its diffusers pipeline would
-    apply classifier-free guidance at g > 1 (PixArt-LCM samples at 0). LoRA adapters on an LCM keep its ω input: g 1 there
-    is ω = 0, no guidance at all."""
-    where, text = str(folder), prompt
+    generate` takes by default. Both run as written from any folder: the model (and base model) by their absolute paths
+    (config.json's, for the base; a hub id as given), the command's images into `IMAGES`. A PixArt LCM has no ω input: its
+    diffusers pipeline would apply classifier-free guidance at g > 1 (PixArt-LCM samples at 0). LoRA adapters on an LCM
+    keep its ω input: g 1 there is ω = 0, no guidance at all."""
     exported, recorded_source = os.path.abspath(folder), config.to_dict()[config.model_field]
-    prompt = json.dumps(text)
+    where, said = _literal(exported), _literal(prompt)
     if what in ("lora", "lcm-lora"):
         g = DEFAULT_GUIDANCE_SCALE["lora"] if what == "lora" else base_record.guidance_scale if base_record else DEFAULT_GUIDANCE_SCALE["lcm"]
         python = ["from diffusers import DiffusionPipeline, LCMScheduler", "",
-                  f"pipe = DiffusionPipeline.from_pretrained({_pretrained(source)})",
-                  f"pipe.scheduler = LCMScheduler.from_pretrained({json.dumps(where)})",
-                  f"pipe.load_lora_weights({json.dumps(where)})",
-                  f"image = pipe({prompt}, num_inference_steps=4, guidance_scale={g:g}).images[0]"]
-        command = ["lcm", "generate", text, "--model", recorded_source, "--lora", exported, "--out", IMAGES, "--steps", "4"]
+                  f"pipe = DiffusionPipeline.from_pretrained({_pretrained(recorded_source)})",
+                  f"pipe.scheduler = LCMScheduler.from_pretrained({where})",
+                  f"pipe.load_lora_weights({where})",
+                  f"image = pipe({said}, num_inference_steps=4, guidance_scale={g:g}).images[0]"]
+        command = ["lcm", "generate", *_prompt_words(prompt), "--model", recorded_source, "--lora", exported, "--out", IMAGES, "--steps", "4"]
     else:
         # a progressive round is right only on its own N-step DDIM grid (`lcm generate` samples it there by default)
         steps = (config.student_steps if config.method == "progressive" else GUIDED_STEPS) if what == "guided" else 4
         g = 0.0 if what == "pixart" else record.guidance_scale
         python = ["from diffusers import DiffusionPipeline" + (", DDIMScheduler" if what == "guided" else ""), "",
-                  f"pipe = DiffusionPipeline.from_pretrained({json.dumps(where)})"]
+                  f"pipe = DiffusionPipeline.from_pretrained({where})"]
         if what == "guided":
             python.append("pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
-        python.append(f"image = pipe({prompt}, num_inference_steps={steps}, guidance_scale={g:g}).images[0]")
-        command = ["lcm", "generate", text, "--model", exported, "--out", IMAGES, *(["--sampler", "ddim"] if what == "guided" else []),
-                   "--steps", str(steps)]
+        python.append(f"image = pipe({said}, num_inference_steps={steps}, guidance_scale={g:g}).images[0]")
+        command = ["lcm", "generate", *_prompt_words(prompt), "--model", exported, "--out", IMAGES,
+                   *(["--sampler", "ddim"] if what == "guided" else []), "--steps", str(steps)]
     return ["```python", *python, "```", "", "```sh", shlex.join(command), "```"]
+
+
+def _prompt_words(prompt: str) -> list[str]:
+    """`lcm generate`'s words for one prompt: the prompt itself, or `--prompt=-...` for one that starts with "-", which as a
+    word of its own argparse takes for a flag (`flag_words`)."""
+    return flag_words("--prompt", prompt) if prompt.startswith("-") else [prompt]
 
 
 def write_model_card(staged: Path, folder: Path, config, record: GuidanceRecord | None, base: DiffusionModel,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -62,6 +63,23 @@ def holding_scores(run: Path):
     report over the other's: rows scored again, a report of one sweep's rows headed by the other's settings. Not the
     run's own lock: a run still training is swept as its checkpoints appear."""
     return hold(run / SCORES, f"the over-training record of {run} ({SCORES}.*)")
+
+
+def run_names(runs: list[str]) -> list[str]:
+    """The name of each run of a sweep in sweep.json, its table and its plot's legend: its folder's name as the user gave
+    it, "." and ".." taken as the shell takes them (a symbolic link "run link" is "run link", not the name of the folder it
+    points to). A UserError for two runs of one name (their curves would share it) or one folder given twice (under two
+    links: its checkpoints scored twice, its record's lock taken twice)."""
+    names = [Path(os.path.abspath(run)).name for run in runs]
+    twice = [name for i, name in enumerate(names) if name in names[:i]]
+    if twice:
+        raise UserError(f"two --runs are folders named {twice[0]}: their curves would share one name in sweep.json and the plot; "
+                        "give each run once, in folders of different names")
+    real = [os.path.realpath(run) for run in runs]
+    same = [(runs[real.index(path)], run) for i, (run, path) in enumerate(zip(runs, real)) if path in real[:i]]
+    if same:
+        raise UserError(f"--runs {same[0][0]} and {same[0][1]} are one run folder; give it once")
+    return names
 
 
 def check_run(run: Path, steps: tuple[int, ...] = STEPS, guidance_scale: float | None = None,
