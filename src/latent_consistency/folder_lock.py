@@ -2,7 +2,8 @@
 lock, and a second command on that folder is refused in one line instead of interleaving checkpoints, records or images
 with the first (a second terminal, a scheduler requeueing a job that still runs, two notebook cells).
 
-The lock is `flock` on a file beside the folder, `.NAME.lock`: the kernel releases it when its process ends, however it
+The lock is `flock` on a file beside the folder, `.NAME.lock` (for a NAME too long for that, its first bytes and a digest
+of it, `lock_name`): the kernel releases it when its process ends, however it
 ends (kill -9 and crashes included), so a run resumed after a crash is never refused, and the file such a process leaves is
 taken over by the next command. Beside the folder, not in it: `lcm cache` needs its folder not to exist yet, and a run
 folder must hold only a run's own files. Hidden, so that `runs/*` does not name it. Where no lock can be taken (the
@@ -13,17 +14,22 @@ as it did before this lock.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from latent_consistency.errors import UserError
+from latent_consistency.outputs import NAME_MAX
 
 try:
     import fcntl
 except ImportError:  # Windows: no flock, and the import stopped every lcm command there, --help included
     fcntl = None
+
+LOCK_PREFIX = 200  # the bytes of a folder's name that a lock file named by a digest keeps (`lock_name`)
 
 # The descriptors of the locks this process holds, which a child it forks closes (`_close_held_in_child`)
 _HELD: set[int] = set()
@@ -33,7 +39,19 @@ def lock_file(folder: str | Path) -> Path | None:
     """The lock file of `folder`: one for every spelling of it (relative, absolute, through a symbolic link); None for the
     file system's root, which has no folder beside it to hold one."""
     folder = Path(folder).resolve()
-    return folder.with_name(f".{folder.name}.lock") if folder.name else None
+    return folder.with_name(lock_name(folder.name)) if folder.name else None
+
+
+def lock_name(name: str) -> str:
+    """The name of the lock file of a folder named `name`: `.NAME.lock`, or, where that is longer than a file name may be
+    (a NAME over 249 bytes, whose lock the kernel refused, so that the command ran unguarded), the first LOCK_PREFIX bytes
+    of NAME (whole characters) and a digest of all of it."""
+    plain = f".{name}.lock"
+    if len(os.fsencode(plain)) <= NAME_MAX:
+        return plain
+    encoded = os.fsencode(name)
+    prefix = encoded[:LOCK_PREFIX].decode(sys.getfilesystemencoding(), errors="ignore")
+    return f".{prefix}-{hashlib.sha256(encoded).hexdigest()[:16]}.lock"
 
 
 @contextlib.contextmanager

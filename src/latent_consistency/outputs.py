@@ -19,6 +19,9 @@ import torch
 
 from latent_consistency.errors import UserError
 
+NAME_MAX = 255  # the most bytes a file name may have on Linux's file systems (ext4, XFS, Btrfs) and macOS's (APFS)
+PARTIAL_SUFFIX = ".partial"  # of OUT.partial, where a command builds its output OUT (`partial_folder`)
+
 
 def writable_folder(path: str | Path, what: str = "output folder") -> Path:
     """Create the folder if missing and prove it is writable; an empty name (not the current folder), a file in its place,
@@ -26,6 +29,7 @@ def writable_folder(path: str | Path, what: str = "output folder") -> Path:
     if not str(path).strip():
         raise UserError(f"{what} is empty; give a folder name")
     path = Path(path)
+    check_link(path, what)
     if path.exists() and not path.is_dir():
         raise UserError(f"{what} {path} is a file; give a folder")
     try:
@@ -44,7 +48,8 @@ def check_writable(path: str | Path, what: str = "output folder") -> None:
     if not str(path).strip() or Path(path).exists():
         writable_folder(path, what)  # refuses an empty name; an existing folder is only written a test file in
         return
-    parent = next(p for p in Path(os.path.abspath(path)).parents if p.exists() or p.is_symlink())
+    check_link(path, what)
+    parent = next(p for p in Path(os.path.abspath(path)).parents if p.exists())
     if not parent.is_dir():
         raise UserError(f"cannot make {what} {path}: {parent} is not a folder")
     try:
@@ -52,6 +57,18 @@ def check_writable(path: str | Path, what: str = "output folder") -> None:
             pass
     except OSError as err:
         raise UserError(f"cannot make {what} {path}: {err.strerror or err} in {parent}") from None
+
+
+def check_link(path: str | Path, what: str = "output folder") -> None:
+    """A UserError where `path`, or the folder it is to be made in, is a symbolic link to nothing (or a loop of links): the
+    folder cannot be made through it, and the failure said only "File exists" (mkdir makes no folder at a link), which
+    named neither the link nor what it points to."""
+    path = Path(path)
+    link = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), path)
+    if link.is_symlink() and not link.exists():
+        inside = "" if link == path else f" in {link},"
+        raise UserError(f"{what} {path} is{inside} a symbolic link to {os.path.realpath(link)}, which does not exist; make that "
+                        "folder, or remove the link")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -179,12 +196,38 @@ def replace_folder(new: Path, path: Path) -> Path:
 
 
 def partial_folder(out: str | Path, example: str) -> Path:
-    """`OUT.partial`, where a command builds its output `out` before renaming it; a UserError for an --out that names no
-    folder ("", ".", "..", "/"), which leaves no name to give it (`example`: a folder name to suggest)."""
+    """`OUT.partial`, where a command builds its output `out` before moving it into place (`move_into_place`): beside the
+    folder that a symbolic link `out` points to, on that folder's file system, where `move_into_place` renames it. A
+    UserError, before any work, for an --out that names no folder ("", ".", "..", "/"), which leaves no name to give it
+    (`example`: a folder name to suggest), a link to nothing (`check_link`), or a name too long for OUT.partial: the
+    command failed at its end with "File name too long" about a name the user never gave."""
     if Path(os.path.normpath(out)).name in ("", ".."):
         raise UserError(f"--out {str(out)!r} names no new folder; give the folder by its name (e.g. {example})")
-    out = Path(out)
-    return out.with_name(out.name + ".partial")
+    check_link(out, "--out")
+    target = output_target(out)
+    length = len(os.fsencode(target.name))
+    if length + len(PARTIAL_SUFFIX) > NAME_MAX:
+        link = "" if target == Path(out) else f" (a link to {target})"
+        raise UserError(f"--out {out}{link}: its folder name is {length} bytes long; at most {NAME_MAX - len(PARTIAL_SUFFIX)} "
+                        f"(OUT{PARTIAL_SUFFIX} is written first)")
+    return target.with_name(target.name + PARTIAL_SUFFIX)
+
+
+def output_target(out: str | Path) -> Path:
+    """The folder an output `out` is renamed onto: `out` itself, or the folder it points to where it is a symbolic link
+    (a folder renamed onto the link failed with "Not a directory", once the whole output was written)."""
+    return Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)
+
+
+def move_into_place(new: Path, out: str | Path) -> Path:
+    """Rename the complete folder `new` (`partial_folder`'s, or one in it) to the output `out`, a missing or empty folder
+    (the command checked), or onto the one that a symbolic link `out` points to (`output_target`); returns `out`."""
+    target = output_target(out)
+    if target.is_dir():
+        target.rmdir()  # empty: a folder is renamed onto nothing on Windows
+    target.parent.mkdir(parents=True, exist_ok=True)
+    new.rename(target)
+    return Path(out)
 
 
 def start_partial(partial: Path, mark: str, writer: str) -> Path:

@@ -51,6 +51,7 @@ def write_cache(args) -> None:
     from latent_consistency.data.latent_cache import MANIFEST, LatentCache, write_latent_cache
     from latent_consistency.data.shards import ShardStream
     from latent_consistency.data.spec import open_dataset
+    from latent_consistency.training.model_card import flag_words
 
     check_one_process()
     check_out(args.out)
@@ -75,7 +76,7 @@ def write_cache(args) -> None:
     manifest = json.loads((out / MANIFEST).read_text())
     samples = manifest["num_samples"]  # the usable ones: the data's, less those skipped
     print(f"wrote a latent cache of {samples} samples at {resolution} px ({size_note(out, manifest)}) to {out}; "
-          f"train on it with --data {shlex.quote(str(out))}")
+          f"train on it with {shlex.join(flag_words('--data', str(out)))}")  # --data=-c1: `--data -c1` is no value to argparse
 
 
 def load_encoders(model: str, device, captions_only: bool):
@@ -135,11 +136,12 @@ def check_out(out: str) -> None:
     stopped before it removed its progress record (`latent_cache.PARTIAL_MARK` beside its manifest) is let through:
     `write_latent_cache` finishes it."""
     from latent_consistency.data.latent_cache import MANIFEST, PARTIAL_MARK
-    from latent_consistency.outputs import check_writable, partial_folder
+    from latent_consistency.outputs import check_link, check_writable, partial_folder
 
     if not out.strip():
         raise UserError(f"--out {out!r} names no folder; give the cache folder by its name (e.g. runs/latents)")
     path = Path(out)
+    check_link(path, "--out")  # a link to nothing: not a folder that "already exists"
     if (path / PARTIAL_MARK).is_file() and (path / MANIFEST).is_file():
         return
     if path.exists() or path.is_symlink():

@@ -38,7 +38,7 @@ from latent_consistency.data.workers import end_quietly_on_sigterm
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
-from latent_consistency.outputs import partial_folder, permit_as_umask, start_partial, write_json_atomic
+from latent_consistency.outputs import move_into_place, partial_folder, permit_as_umask, start_partial, write_json_atomic
 from latent_consistency.pipelines import MAX_SEED
 from latent_consistency.progress import progress_bar
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
@@ -489,7 +489,7 @@ def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.fl
     spec = json.loads((partial / WORLD_FILE).read_text())
     write_json_atomic(partial / WORLD_FILE, spec | {"weights_dtype": str(dtype).removeprefix("torch.")}, indent=2)
     permit_as_umask(partial)  # not the modes of `src` (another user's world) nor of `_cast_weights`'s writes
-    partial.rename(dst)  # onto a missing or empty folder
+    move_into_place(partial, dst)  # onto a missing or empty folder, or the one a link --out points to
     (dst / EXPORT_MARKER).unlink()
     return dst
 

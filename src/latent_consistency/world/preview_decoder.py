@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from latent_consistency.errors import UserError
 from latent_consistency.grids import image_grid, save_png
-from latent_consistency.outputs import check_partial, partial_folder, permit_as_umask, write_atomic, write_json_atomic
+from latent_consistency.outputs import check_partial, move_into_place, partial_folder, permit_as_umask, write_atomic, write_json_atomic
 from latent_consistency.preview import PreviewDecoder
 from latent_consistency.progress import progress_bar
 from latent_consistency.world.artifact import World, load_world
@@ -221,9 +221,6 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
               "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
     (stage / QUALITY_FILE).write_text(json.dumps(report, indent=2))
     permit_as_umask(stage)  # safetensors writes the weights readable by their owner alone
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage.rename(out)
+    move_into_place(stage, out)  # empty, checked above, or missing
     shutil.rmtree(work)
     return out
