@@ -192,7 +192,8 @@ def test_a_run_whose_student_ignores_guidance_says_what_teaches_it(response, tin
     assert main(["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "ω response of the student" in out
-    assert ("The student ignores its guidance scale: the pair loss teaches it (--guidance-pair-weight" in out) == (response is IGNORED)
+    said = "The student ignores its guidance scale after 4 step(s). On the built-in world a loss on the ω-difference taught it"
+    assert (said in out and "at Stable Diffusion scale that is not measured" in out) == (response is IGNORED), out
     assert read_record(tmp_path / "run" / "lcm").omega_response == response
 
 
@@ -206,4 +207,4 @@ def test_a_pair_loss_run_whose_student_ignores_guidance_is_not_told_to_add_the_p
     assert main(["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(data), "--out", str(tmp_path / "run"),
                  "--guidance-scale-min", "1", "--guidance-scale-max", "4", "--guidance-pair-weight", "1"]) == 0
     out = capsys.readouterr().out
-    assert "the pair loss teaches it" not in out and "though its loss teaches it (--guidance-pair-weight 1)" in out, out
+    assert "a loss on the ω-difference taught it" not in out and "after 4 step(s), though its loss teaches it (--guidance-pair-weight 1)" in out, out

@@ -456,12 +456,15 @@ class RunFolder:
         print(f"ω response of the student (the fraction of the teacher's guidance effect between {scales} it reproduces; "
               "1: learned, 0: ignored): " + ", ".join(f"t={t} {r:.2f}" for t, r in response.items()), flush=True)
         if max(response.values()) < IGNORED_BELOW and getattr(self.config, "guidance_pair_weight", 0) > 0:
-            print(f"The student ignores its guidance scale so far, though its loss teaches it (--guidance-pair-weight "
+            print(f"The student ignores its guidance scale after {step} step(s), though its loss teaches it (--guidance-pair-weight "
                   f"{self.config.guidance_pair_weight:g}): it learns ω over hundreds of steps; train longer (docs/guide.md, \"The "
                   "guidance scale does nothing\").", flush=True)
         elif max(response.values()) < IGNORED_BELOW:
-            print("The student ignores its guidance scale: the pair loss teaches it (--guidance-pair-weight, with a faster "
-                  "--omega-lr-scale; docs/guide.md, \"The guidance scale does nothing\").", flush=True)
+            # its ω projection starts at zero: after a few steps every student's response is 0, and what teaches ω was
+            # measured on the built-in world only
+            print(f"The student ignores its guidance scale after {step} step(s). On the built-in world a loss on the ω-difference "
+                  "taught it (--guidance-pair-weight, with a faster --omega-lr-scale), at a cost in FID; at Stable Diffusion scale "
+                  "that is not measured (docs/guide.md, \"The guidance scale does nothing\").", flush=True)
         return response
 
     def logged_omega_response(self) -> dict[int, float] | None:
