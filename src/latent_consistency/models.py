@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -969,6 +970,16 @@ def _diffusers_errors_unlogged():
             handler.removeFilter(below_error)
 
 
+@contextlib.contextmanager
+def _beside_other_adapters():
+    """peft's warning that a network already has adapters ("Already found a `peft_config` attribute in the model. This will
+    lead to having multiple adapters ...") off for the duration, and no other warning: a style LoRA goes beside the LCM's
+    adapters on purpose (`add_style_loras`), and the CLI's output is one line per thing, not a library's warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model", category=UserWarning)
+        yield
+
+
 def _unloaded_lora_tensors(state_dict: dict, components: dict, adapter_name: str | None = None) -> list[str]:
     """The keys of a LoRA state dict (`lora_state_dict`'s, "<component>.<module>...") that did not load into the model's
     `components` (by name: "unet", "text_encoder", ...) with their shape, in order. diffusers loads a LoRA's layers for
@@ -1237,7 +1248,8 @@ def add_style_loras(model: DiffusionModel, styles: list[tuple[str, float]], dtyp
     weights = dict.fromkeys((name for network in networks for name in getattr(network, "peft_config", {})), 1.0)
     for i, (path, (lora, weight)) in enumerate(zip(paths, styles)):
         name = f"style_{i}"
-        _load_lora(model, path, lora, model.source, adapter_name=name)
+        with _beside_other_adapters():
+            _load_lora(model, path, lora, model.source, adapter_name=name)
         weights[name] = weight
     from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 

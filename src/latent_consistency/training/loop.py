@@ -465,11 +465,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, cpu:
 
 
 def skip_nonfinite_step(state: Progress, optimizer, config: TrainConfig, run: RunFolder) -> None:
-    """Drop the step's gradients; after `max_nonfinite_steps` in a row, stop with a checkpoint."""
+    """Drop the step's gradients; after `max_nonfinite_steps` in a row, stop with a checkpoint. The loss judged is the one
+    reduced over the processes, and the count in a row starts at 0 on each (a resume too): every process of a launched run
+    stops at the same step, after the same (collective) save, and the refusal is marked `every_process`, said once
+    (`cli.say_refusal`), not once per process."""
     optimizer.zero_grad(set_to_none=True)
     state.nonfinite_total += 1
     state.nonfinite_run += 1
     if state.nonfinite_run >= config.max_nonfinite_steps:
         path = run.save(state)
-        raise UserError(f"loss was not finite for {state.nonfinite_run} steps in a row at step {state.step}; "
-                        f"checkpoint saved in {path or run.out}; lower --lr or check the data")
+        refusal = UserError(f"loss was not finite for {state.nonfinite_run} steps in a row at step {state.step}; "
+                            f"checkpoint saved in {path or run.out}; lower --lr or check the data")
+        refusal.every_process = run.accelerator.num_processes > 1
+        raise refusal

@@ -43,7 +43,7 @@ from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
 from latent_consistency.sampling import randn, sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training import omega_response, sources
-from latent_consistency.training.batches import SKIPPED_COUNTS, SKIPPED_SEEN, merged_skipped_summary, merged_skips
+from latent_consistency.training.batches import SKIPPED_COUNTS, SKIPPED_SEEN, SkipRecord, merged_skipped_summary, merged_skips
 from latent_consistency.training.config import CONFIGS, RESUMABLE_CHANGES, TrainConfig, config_from_dict
 from latent_consistency.training.model_card import write_model_card
 from latent_consistency.training.ode_targets import FILE as ODE_BANK
@@ -598,15 +598,32 @@ class RunFolder:
             write_model_card(staged, self.out / staged.name, self.config, record, self.base, self.validation_prompts)
             exported = replace_folder(staged, self.out / staged.name)
             staging.rmdir()
-            summary = merged_skipped_summary(skips)
-            if summary:
-                print(f"data: {summary}")
+            held_out = self.eval_batches.skipped_record() if self.eval_batches is not None else None
+            for line in skipped_summary_lines(self.config, skips, held_out):
+                print(line)
             self.writer.close()
         # Every process tears the process group down together: a process that destroys it while the main one is still
         # exporting has aborted in gloo's teardown ("terminate called without an active exception", seen once in CI)
         accelerator.wait_for_everyone()
         end_process_group(accelerator)
         return exported
+
+
+def skipped_summary_lines(config: TrainConfig, training: list, held_out: SkipRecord | None) -> list[str]:
+    """The end-of-run lines of what the data skipped or converted: the training data's over every process (`training`, their
+    `TrainingBatches.skipped_record`s) and the held-out data's (`held_out`, the main process's record: every process reads
+    it whole, and the main one the most of it, for the ω response). --eval-data skipping nothing leaves the one line
+    "data: ..." as it was; skipping something, a line for each, naming its data (its skips are otherwise only logged once,
+    when first seen). --eval-fraction's held-out part is of --data: one line for both, each sample
+    named by its detail counted once (`merged_skips`: the part's scan is the whole folder's, as the training part's is)."""
+    records = [record for record in training if record is not None]
+    if held_out is not None and not config.eval_data:
+        return [f"data: {merged_skips([*records, held_out]).summary()}"]
+    held = merged_skips([held_out]) if held_out is not None else None
+    if held is None or not held.counts:
+        return [f"data: {merged_skipped_summary(records)}"] if records else []
+    lines = [f"data ({config.flag('data')} {config.data}): {merged_skipped_summary(records)}"] if records else []
+    return [*lines, f"data ({config.flag('eval_data')} {config.eval_data}): {held.summary()}"]
 
 
 class MetricsWriter:
