@@ -140,11 +140,13 @@ def test_distilling_from_images_names_the_cache_command_once_and_a_cache_run_doe
     assert "lcm cache" not in capsys.readouterr().err
 
 
-def test_no_cache_note_at_a_resolution_a_cache_does_not_hold():
+def test_the_cache_note_at_another_resolution_names_it():
+    """Was: no note at another size than the native one, which `lcm cache` did not encode at; `lcm cache --resolution`
+    now does, and a run at that size trains on the cache."""
     from types import SimpleNamespace
 
     config = DistillConfig(teacher="t", data="imgs", out="o", resolution=32)
     images = SimpleNamespace(encodes_images=True)
-    assert encoding_note(config, SimpleNamespace(native_size=16), images) is None
+    assert "lcm cache --model t --data imgs --out o-latents --resolution 32`" in encoding_note(config, SimpleNamespace(native_size=16), images)
     assert "lcm cache --model t --data imgs --out o-latents" in encoding_note(config, SimpleNamespace(native_size=32), images)
     assert encoding_note(config, SimpleNamespace(native_size=32), SimpleNamespace(encodes_images=False)) is None

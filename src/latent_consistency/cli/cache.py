@@ -1,21 +1,24 @@
 """`lcm cache`: a folder of captioned images, webdataset shards or a registered dataset encoded once into a latent cache, the paper's
-D_z = {E(x)} (Section 4.3): the VAE's latents at the model's native size and each distinct caption's text embedding,
-so that `lcm distill` and `lcm finetune` with `--data CACHE` run no VAE or text encoder in their steps.
+D_z = {E(x)} (Section 4.3): the VAE's latents at the model's native size (or --resolution's) and each distinct caption's
+text embedding, so that `lcm distill` and `lcm finetune` with `--data CACHE` run no VAE or text encoder in their steps.
 
 The cache is written with the model the runs train (the teacher for `distill`, the LCM for `finetune`), of which only the
 VAE and text encoder(s) load (its UNet's or transformer's config gives the native size and the width the text encoders
 must make; its weights, 3.4 GB in SD 1.5 and 10 GB in SDXL, are not read), and records a digest of its VAE and text
 encoder(s): a run whose model has another VAE or text encoder is refused, and any model that shares them (an LCM
 distilled from the teacher, a fine-tune that kept them) trains on the same cache. Its images are read as a run reads
-them (`--data` of the same folder): upright, 8-bit RGB, the shorter side scaled to the model's size and the central
-square kept. Each usable sample is written once (`data.latent_cache.UsableBatches`): a corrupt image or a sample without
-a caption is counted and left out, and shards are read once each, shard after shard. The folder is written as
-`OUT.partial` and renamed when whole: a stopped `lcm cache` (Ctrl-C, SIGTERM, a kill, a full disk) leaves no
-cache that looks finished, and the same command run again goes on from the last whole shard in OUT.partial, writing the
-very cache an uninterrupted run writes. It resumes an image folder, webdataset shards or a registered dataset read with
-the same --model, images and captions (of shards: the same .tar files, by their names, sizes and first bytes; a
-registered dataset such as world:shapes is drawn alike at every run), --batch-size, type of --device (cpu, cuda or mps:
-each rounds its own way) and choice of --captions-only; other settings start OUT.partial again, with a note saying why.
+them (`--data` of the same folder, and the same --resolution): upright, 8-bit RGB, the shorter side scaled to the
+model's native size (or --resolution's) and the central square kept. A cache at another size than the native one (SDXL
+at 512 px, say: the cheap way to train on much data at a smaller size) is trained on with that --resolution: its SDXL
+conditions carry that size as their micro-conditioning, as a run's at that size do. Each usable sample is written once
+(`data.latent_cache.UsableBatches`): a corrupt image or a sample without a caption is counted and left out, and shards
+are read once each, shard after shard. The folder is written as `OUT.partial` and renamed when whole: a stopped `lcm
+cache` (Ctrl-C, SIGTERM, a kill, a full disk) leaves no cache that looks finished, and the same command run again goes
+on from the last whole shard in OUT.partial, writing the very cache an uninterrupted run writes. It resumes an image
+folder, webdataset shards or a registered dataset read with the same --model, images and captions (of shards: the same
+.tar files, by their names, sizes and first bytes; a registered dataset such as world:shapes is drawn alike at every
+run), --resolution, --batch-size, type of --device (cpu, cuda or mps: each rounds its own way) and choice of
+--captions-only; other settings start OUT.partial again, with a note saying why.
 
 With --captions-only the cache holds the caption strings instead of their text embeddings, and each run encodes its
 micro-batches' captions with its own model, as it does an image folder's (diffusers' training scripts do the same). In
@@ -57,8 +60,10 @@ def write_cache(args) -> None:
     check_out(args.out)
     check_data(args.data)
     device = resolve_device(args.device)
-    codec, prompts, resolution = load_encoders(args.model, device, args.captions_only)
-    dataset = open_dataset(args.data, resolution, size_from=f"the native size of --model {args.model}")
+    codec, prompts, native = load_encoders(args.model, device, args.captions_only)
+    resolution = cache_resolution(args, codec, native)
+    size_from = f"the native size of --model {args.model}" if args.resolution is None else None
+    dataset = open_dataset(args.data, resolution, size_from=size_from)
     if isinstance(dataset, LatentCache):
         raise UserError(f"--data {args.data} is a latent cache already; give the images it was made from")
     if isinstance(dataset, ShardStream) and args.num_workers:  # `UsableBatches` reads shards in this process: the workers went unused
@@ -75,8 +80,9 @@ def write_cache(args) -> None:
         print(f"data: {summary.summary()}")
     manifest = json.loads((out / MANIFEST).read_text())
     samples = manifest["num_samples"]  # the usable ones: the data's, less those skipped
+    train = flag_words("--data", str(out)) + ([] if resolution == native else ["--resolution", str(resolution)])
     print(f"wrote a latent cache of {samples} samples at {resolution} px ({size_note(out, manifest)}) to {out}; "
-          f"train on it with {shlex.join(flag_words('--data', str(out)))}")  # --data=-c1: `--data -c1` is no value to argparse
+          f"train on it with {shlex.join(train)}")  # --data=-c1: `--data -c1` is no value to argparse
 
 
 def load_encoders(model: str, device, captions_only: bool):
@@ -90,6 +96,20 @@ def load_encoders(model: str, device, captions_only: bool):
         codec, size = load_latent_codec(model, device)
         return codec, None, size
     return load_latent_and_prompt_encoders(model, device)
+
+
+def cache_resolution(args, codec, native: int) -> int:
+    """The size (px) the images are read and encoded at: --resolution, checked as a run's is (`training.batches.
+    check_resolution`: a whole number of the network's latent patches, at most MAX_SIZE_FACTOR x the native size) before the
+    data is scanned; without it the model's `native` size, as every cache was written before --resolution."""
+    from latent_consistency.models import model_json
+    from latent_consistency.training.batches import check_resolution
+
+    if args.resolution is None:
+        return native
+    transformer = model_json(args.model, "transformer/config.json") or {}  # PixArt-α's patch; a UNet has none
+    check_resolution(args.resolution, codec.downsampling_factor, int(transformer.get("patch_size") or 1), native)
+    return args.resolution
 
 
 def size_note(out: Path, manifest: dict) -> str:
@@ -157,6 +177,9 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="captioned images: an image folder (metadata.jsonl, metadata.csv or .txt captions), "
                    "webdataset .tar shards, or a registered dataset such as world:shapes")
     p.add_argument("--out", required=True, help="the cache folder to write (it must not exist)")
+    p.add_argument("--resolution", type=positive_int, help="the size (px) the images are read at, as a run with --data IMAGES "
+                   "--resolution N reads them: the shorter side scaled to it and the central square kept (default: the model's "
+                   "native size). A run trains on the cache with the same --resolution (SDXL at 512 px, say)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per VAE batch (default 64)")
     p.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader worker processes that decode an image "
                    "folder's (or a registered dataset's) images beside the encoding (default 0: in this process; shards are read and "

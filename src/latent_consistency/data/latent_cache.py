@@ -337,7 +337,9 @@ def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size:
     12 million files on a network disk, at every start of every cache. Of webdataset shards, their count, resolution and
     fingerprint (`ShardStream.fingerprint`: each one's name, size and first 16 KiB, as a training checkpoint records
     them): a position in them is a shard's index and a byte offset, which in another file are other samples. Of a
-    registered dataset, `_named_data`'s. None for other data, whose reading does not resume."""
+    registered dataset, `_named_data`'s. None for other data, whose reading does not resume. The size the images are read
+    at (`lcm cache --resolution`) is in `source` and in the data's (a registered dataset's, in its first image): a rerun
+    at another size, whose latents are of other images, starts again."""
     data, named = None, _registered_spec(source.get("data"))
     if named is not None:
         data = _named_data(dataset, named)

@@ -73,13 +73,15 @@ class TrainingBatches:
                             f"{what}, which no worker reads: give --num-workers 0 (the default)")
 
     def _check_fits_model(self) -> None:
-        """Model and data must agree on latent channels, latent size and text encoder; a latent cache must have been written
-        by the model's own VAE and text encoder(s) (`LatentCache.check_encoders`, last: it reads every weight of them), a
-        captions-only one by its VAE (the run's model encodes its captions)."""
-        unet = self.model.unet.config
+        """Model and data must agree on latent channels, image size and text encoder: the run's resolution is one the model
+        takes (`check_resolution`), and a latent cache's latents are of images of that size (`_check_cache_size`); a latent
+        cache must have been written by the model's own VAE and text encoder(s) (`LatentCache.check_encoders`, last: it
+        reads every weight of them), a captions-only one by its VAE (the run's model encodes its captions)."""
+        check_resolution(self.resolution, self.model.codec.downsampling_factor, self.model.patch_size, self.model.native_size)
         if isinstance(self.dataset, LatentCache):
+            unet = self.model.unet.config
             m = self.dataset.manifest
-            c, h = self.dataset.latent_shape[0], self.dataset.latent_shape[-1]
+            c = self.dataset.latent_shape[0]
             if c != unet.in_channels:
                 raise UserError(f"latent cache has {c} latent channels but the model's UNet takes {unet.in_channels}; encode the data with the model's VAE")
             if not self.dataset.captions_only:  # a captions-only cache holds no conditions: the model encodes its captions
@@ -91,22 +93,25 @@ class TrainingBatches:
             if scale is not None and abs(float(scale) - float(self.model.vae.config.scaling_factor)) > 1e-6:
                 raise UserError(f"latent cache was made with VAE scaling factor {scale}, the model's VAE has "
                                 f"{self.model.vae.config.scaling_factor}; rebuild the cache with this model")
-            if h != unet.sample_size:
-                raise UserError(f"latent cache latents are {h}x{h} but the model was trained on {unet.sample_size}x{unet.sample_size}; "
-                                "use data at the model's resolution")
-            pixels = h * self.model.codec.downsampling_factor
-            if self.resolution != pixels:
-                raise UserError(f"--resolution {self.resolution} does not apply to a latent cache: its latents are {pixels} px images "
-                                "encoded once; leave --resolution out, or train on the images themselves")
+            self._check_cache_size()
             self.cache_note = self.dataset.check_encoders(self.model)
-        else:
-            factor, patch = self.model.codec.downsampling_factor, self.model.patch_size
-            if self.resolution % (factor * patch):
-                raise UserError(f"resolution {self.resolution} is not a multiple of the VAE factor {factor}"
-                                + (f" times the transformer's patch size {patch}" if patch > 1 else ""))
-            if self.resolution > MAX_SIZE_FACTOR * self.model.native_size:
-                raise UserError(f"resolution {self.resolution} is more than {MAX_SIZE_FACTOR}x the model's {self.model.native_size} px; "
-                                "train at a size near the model's own")
+
+    def _check_cache_size(self) -> None:
+        """A UserError unless the latent cache holds the latents of images of the run's resolution, which `lcm cache
+        --resolution N` reads as a run with --resolution N reads an image folder (an SDXL condition's micro-conditioning
+        encoded at N too). A run without --resolution trains at the model's native size: on a cache of another size it is
+        refused, not run at the cache's size, so that its config.json (resolution 0: the native size) says the size it
+        trained at."""
+        pixels = self.dataset.latent_shape[-1] * self.model.codec.downsampling_factor
+        if self.resolution == pixels:
+            return
+        native = self.model.native_size
+        if self.resolution == native:
+            raise UserError(f"latent cache {self.spec} holds the latents of {pixels} px images, not of the model's native {native} px: "
+                            f"train on it with --resolution {pixels}")
+        fix = "leave --resolution out" if pixels == native else f"give --resolution {pixels}"
+        raise UserError(f"--resolution {self.resolution} does not apply to a latent cache of {pixels} px images ({self.spec}): {fix}, "
+                        f"or write a cache at {self.resolution} px with lcm cache --resolution {self.resolution}")
 
     def _check_usable(self) -> None:
         """Read one sample now, so that data without a single readable one (every image corrupt, shards without a captioned
@@ -216,6 +221,19 @@ class TrainingBatches:
         if self._earlier_skips is not None:  # a sample named by its detail, read again since the resume, counts once
             counted = merged_skips([self._earlier_skips, (counted.counts, counted.seen)])
         return dict(counted.counts), sorted(counted.seen)
+
+
+def check_resolution(resolution: int, factor: int, patch: int, native_size: int) -> None:
+    """A UserError unless images of `resolution` px fit a model whose VAE downsamples by `factor`, whose transformer cuts
+    its latents into patches of `patch` (1 for a UNet) and whose native size is `native_size`: a side that is no whole
+    number of latent patches, or more than MAX_SIZE_FACTOR times the native size (as generation bounds it). The one check
+    of a run's --resolution and of `lcm cache --resolution`, which encodes the images a run at that size trains on."""
+    if resolution % (factor * patch):
+        raise UserError(f"resolution {resolution} is not a multiple of the VAE factor {factor}"
+                        + (f" times the transformer's patch size {patch}" if patch > 1 else ""))
+    if resolution > MAX_SIZE_FACTOR * native_size:
+        raise UserError(f"resolution {resolution} is more than {MAX_SIZE_FACTOR}x the model's {native_size} px; "
+                        "train at a size near the model's own")
 
 
 def merged_skipped_summary(records: list) -> str:

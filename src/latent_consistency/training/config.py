@@ -59,7 +59,8 @@ class TrainConfig:
     out: str = doc("run folder: config.json, metrics.jsonl, samples/, checkpoints/, exported model", default="")
     resolution: int = doc("image resolution for image data (0: the model's native size): each image's shorter side is scaled to "
                           "it and the central square cropped, the same crop every epoch, no flips (a smaller image is upscaled "
-                          "and counted in the data summary)", default=0)
+                          "and counted in the data summary); a latent cache's is the size it was written at (lcm cache "
+                          "--resolution), which a run on it must give", default=0)
     # --- The student ---
     adapter: str = doc("full: train the whole UNet; lora: peft LoRA adapters (LCM-LoRA)", default="full")
     lora_rank: int = doc("LoRA rank of new adapters (lora mode)", default=64)

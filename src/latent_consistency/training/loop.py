@@ -88,14 +88,15 @@ def warmup_note(config: TrainConfig) -> str | None:
 def encoding_note(config: TrainConfig, base: DiffusionModel, batches: TrainingBatches) -> str | None:
     """A note when the run encodes its data at every step (an image folder, shards, a registered dataset such as
     world:shapes): the VAE and text encoder(s) then run on every batch, where a latent cache (the paper's D_z = {E(x)},
-    Section 4.3) encodes each image once; `lcm cache` writes one of this data with this model. None for a latent cache, and
-    for images at another --resolution than the model's native size, at which `lcm cache` does not encode."""
-    if not batches.encodes_images or (config.resolution or base.native_size) != base.native_size:
+    Section 4.3) encodes each image once; `lcm cache` writes one of this data with this model, at the run's --resolution
+    where it is not the model's native size (a run at that size trains on it). None for a latent cache."""
+    if not batches.encodes_images:
         return None
     cache = f"{Path(config.out)}-latents"
+    size = [] if (config.resolution or base.native_size) == base.native_size else ["--resolution", str(config.resolution)]
     # --data=-c1 where a value starts with "-": `--data -c1` is no value to argparse (`flag_words`)
     command = shlex.join(["lcm", "cache", *flag_words("--model", getattr(config, config.model_field)), *flag_words("--data", config.data),
-                          *flag_words("--out", cache)])
+                          *flag_words("--out", cache), *size])
     return (f"{config.flag('data')} {config.data} is encoded by the VAE and text encoder at every step; encode it once with `{command}` "
             f"and train with {shlex.join(flag_words(config.flag('data'), cache))} for faster steps")
 
