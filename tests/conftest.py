@@ -78,3 +78,18 @@ def run_error(capsys):
         return code, capsys.readouterr().err.strip()
 
     return run
+
+
+@pytest.fixture
+def encoded(monkeypatch):
+    """The number of images the VAE encodes from here on (`LatentCodec.encode` counted)."""
+    from latent_consistency.models import LatentCodec
+
+    counted, encode = [0], LatentCodec.encode
+
+    def counting(codec, images, **kw):
+        counted[0] += len(images)
+        return encode(codec, images, **kw)
+
+    monkeypatch.setattr(LatentCodec, "encode", counting)
+    return counted

@@ -13,7 +13,7 @@ import torch
 from latent_consistency.data import latent_cache
 from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.shards import ShardStream
-from latent_consistency.models import LatentCodec, load_diffusion_model
+from latent_consistency.models import load_diffusion_model
 from tiny_models import write_captioned_images
 
 # Captions that repeat, some first seen in a later shard: the caption table rebuilt on a resume must keep their order
@@ -76,19 +76,6 @@ def killed(model, data, out, monkeypatch, when: str = "in the third shard's file
         with pytest.raises(KeyboardInterrupt):
             write(model, data, out, **settings)
     return out.with_name(out.name + ".partial")
-
-
-@pytest.fixture
-def encoded(monkeypatch):
-    """The number of images the VAE encodes from here on."""
-    counted, encode = [0], LatentCodec.encode
-
-    def counting(codec, images, **kw):
-        counted[0] += len(images)
-        return encode(codec, images, **kw)
-
-    monkeypatch.setattr(LatentCodec, "encode", counting)
-    return counted
 
 
 @pytest.mark.parametrize("when", ["in the third shard's file", "before the third shard's record"])

@@ -16,7 +16,7 @@ import torch
 
 from latent_consistency.data import latent_cache
 from latent_consistency.data.imagefolder import ImageFolderDataset
-from latent_consistency.models import LatentCodec, load_diffusion_model
+from latent_consistency.models import load_diffusion_model
 from tiny_models import write_captioned_images
 
 NETWORK_WEIGHTS = {"tiny_sd": "unet", "tiny_sdxl": "unet", "tiny_pixart": "transformer"}
@@ -111,19 +111,6 @@ def kill_after_first_shard(argv: list[str], ready) -> None:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL
-
-
-@pytest.fixture
-def encoded(monkeypatch):
-    """The number of images the VAE encodes from here on."""
-    counted, encode = [0], LatentCodec.encode
-
-    def counting(codec, images, **kw):
-        counted[0] += len(images)
-        return encode(codec, images, **kw)
-
-    monkeypatch.setattr(LatentCodec, "encode", counting)
-    return counted
 
 
 def test_a_world_dataset_cache_killed_after_its_first_shard_resumes_to_the_uninterrupted_cache(model_32px, tmp_path, monkeypatch,
