@@ -20,7 +20,7 @@ from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.models import load_diffusion_model
 from latent_consistency.training.batches import TrainingBatches
-from test_cache_resume import encoded, images, killed, snapshot, write  # noqa: F401 (encoded: a fixture)
+from test_cache_resume import images, killed, snapshot, write
 from tiny_models import save_tiny_sd, write_captioned_images
 
 AGAIN = "it was written with another choice of --captions-only (caption strings, or their text embeddings)"
@@ -167,7 +167,7 @@ RESUMES = {  # (the partial's kind, the rerun's): the rerun's note; None: an ear
 
 
 @pytest.mark.parametrize("case", list(RESUMES))
-def test_a_stopped_cache_resumes_a_partial_of_its_own_kind_only(sd, tmp_path, monkeypatch, encoded, case):  # noqa: F811
+def test_a_stopped_cache_resumes_a_partial_of_its_own_kind_only(sd, tmp_path, monkeypatch, encoded, case):
     """A rerun of a stopped `lcm cache` goes on from the last whole shard of a partial of the same kind, and starts one of
     the other kind again, saying why: either way the cache an uninterrupted run writes. A record written before
     --captions-only (no such part in its job) is a full cache's."""

@@ -19,7 +19,7 @@ from latent_consistency.data import latent_cache
 from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.spec import open_dataset
 from latent_consistency.models import load_diffusion_model
-from test_cache_resume import CAPTIONS, encoded, images, killed, snapshot, write  # noqa: F401 (encoded: a fixture)
+from test_cache_resume import CAPTIONS, images, killed, snapshot, write
 from test_shard_journeys import ENV, img2dataset_sample, write_shard
 
 # In .tar shard k, sample i: (shard, index) of a sample without a caption, and of one with a corrupt image
@@ -55,7 +55,7 @@ def stream(model, folder):
 
 
 @pytest.mark.parametrize("when", ["in the third shard's file", "before the third shard's record"])
-def test_shards_stopped_in_the_third_cache_shard_resume_to_the_uninterrupted_cache(model, tmp_path, monkeypatch, encoded, when):  # noqa: F811
+def test_shards_stopped_in_the_third_cache_shard_resume_to_the_uninterrupted_cache(model, tmp_path, monkeypatch, encoded, when):
     """Was: "webdataset shards are read again from their start" and all 15 samples encoded again. Now the rerun goes on
     in .tar shard 4 (cache shard 2 ended on its first sample, its other two not yet read): it encodes the 7 samples left,
     writes the bytes of an uninterrupted run, and counts each skipped sample once, those before the stop and after."""
@@ -70,7 +70,7 @@ def test_shards_stopped_in_the_third_cache_shard_resume_to_the_uninterrupted_cac
     assert resumed.skipped.summary() == whole.skipped.summary() == "skipped: corrupt=1, no_caption=2; converted: upscaled=15"
 
 
-def test_a_stop_after_the_last_cache_shard_is_recorded_resumes_at_the_end_of_the_shards(model, tmp_path, monkeypatch, encoded):  # noqa: F811
+def test_a_stop_after_the_last_cache_shard_is_recorded_resumes_at_the_end_of_the_shards(model, tmp_path, monkeypatch, encoded):
     """Stopped as the captions file is written, every sample in a recorded cache shard: the rerun reads no shard again
     (its position is the end) and counts the skips the record holds, once."""
     data, source = shards(tmp_path / "shards"), {"data": str(tmp_path / "shards")}
@@ -106,7 +106,7 @@ CHANGES = {
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_shards_changed_since_the_stop_start_again_saying_why(model, tmp_path, monkeypatch, encoded, change):  # noqa: F811
+def test_shards_changed_since_the_stop_start_again_saying_why(model, tmp_path, monkeypatch, encoded, change):
     """A position is a shard's index and a byte offset: in a shard rewritten (same name and size), renamed or added since, it
     names other samples. The rerun starts OUT.partial again with one note, and writes the uninterrupted cache of the shards
     as they are now."""

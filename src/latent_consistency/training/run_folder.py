@@ -515,9 +515,10 @@ class RunFolder:
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
             noise = randn((len(seeds), codec.latent_channels, size, size), generators, device, torch.float32)
             if not is_lcm_config(scheduler_config):  # f: a guided teacher
-                return codec.decode(sample_teacher(f, "ddim", noise, cond, uncond.expand(len(noise), -1, -1), g, n, scheduler_config))
-            timesteps = inference_timesteps(scheduler_config, n)
-            return codec.decode(sample_lcm(f, noise, timesteps, cond, omega_from_guidance_scale(g), f.schedule, generators))
+                z0 = sample_teacher(f, "ddim", noise, cond, uncond.expand(len(noise), -1, -1), g, n, scheduler_config)
+            else:
+                z0 = sample_lcm(f, noise, inference_timesteps(scheduler_config, n), cond, omega_from_guidance_scale(g), f.schedule, generators)
+            return codec.decode(z0).clamp(-1, 1)  # as the generators return their images
 
         target_unet = self.student.target_unet
         was_training = target_unet.training
