@@ -51,10 +51,10 @@ def run(args) -> None:
 
 
 def write_cache(args) -> None:
+    from latent_consistency.command_words import flag_words
     from latent_consistency.data.latent_cache import MANIFEST, LatentCache, write_latent_cache
     from latent_consistency.data.shards import ShardStream
     from latent_consistency.data.spec import open_dataset
-    from latent_consistency.training.model_card import flag_words
 
     check_one_process()
     check_out(args.out)

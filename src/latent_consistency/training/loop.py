@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
+from latent_consistency.command_words import flag_words
 from latent_consistency.compilation import compiler_problem
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.latent_cache import digest_encoders_before_cast
@@ -31,7 +32,6 @@ from latent_consistency.training import sources
 from latent_consistency.training.batches import TrainingBatches
 from latent_consistency.training.config import TrainConfig, field_default
 from latent_consistency.training.ema import ema_update
-from latent_consistency.training.model_card import flag_words
 from latent_consistency.training.objectives import freeze_in_half_precision, objective_of
 from latent_consistency.training.ode_targets import ODETargets, SolvedChunks, bank_settings, build_ode_targets, chunk_rows, ode_targets_for_run
 from latent_consistency.training.run_folder import (

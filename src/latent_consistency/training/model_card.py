@@ -12,6 +12,7 @@ import os
 import shlex
 from pathlib import Path
 
+from latent_consistency.command_words import flag_words
 from latent_consistency.guidance_record import GuidanceRecord
 from latent_consistency.hub import looks_like_hub_id, split_revision
 from latent_consistency.models import DiffusionModel
@@ -133,13 +134,6 @@ def _literal(text: str) -> str:
     ASCII wrote them as a UTF-16 surrogate pair ("\\ud83c\\udf89"), which Python reads as two lone surrogates: a path of
     no file, a prompt no tokenizer takes."""
     return json.dumps(text, ensure_ascii=False)
-
-
-def flag_words(flag: str, value: str) -> list[str]:
-    """The command-line words that give `value` to `flag` as argparse reads them back: `--data=-c1` for a value that starts
-    with "-", which after a space argparse takes for a flag ("--data: expected one argument"), else `--data VALUE`. For the
-    commands a message or card prints, to be pasted (`shlex.join` quotes each word)."""
-    return [f"{flag}={value}"] if value.startswith("-") else [flag, value]
 
 
 def _usage(folder: Path, what: str, record: GuidanceRecord | None, base_record: GuidanceRecord | None, config,
