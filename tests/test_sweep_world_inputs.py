@@ -197,3 +197,29 @@ def test_a_sweep_scores_a_run_at_its_lcms_default_g_not_outside_its_range():
     assert run_guidance_scale(DistillConfig(guidance_scale_min=1.0, guidance_scale_max=4.0, validation_guidance_scale=8.0)) == 4.0
     assert run_guidance_scale(DistillConfig(guidance_scale_min=1.0, guidance_scale_max=4.0, validation_guidance_scale=2.0)) == 2.0
     assert run_guidance_scale(DistillConfig(adapter="lora", guidance_scale_max=4.0, validation_guidance_scale=8.0)) == 8.0
+
+
+def test_the_sweep_plot_reads_plain_fid_ticks_and_names_runs_of_any_script(tmp_path, monkeypatch):
+    """Figure 3's FID axes were labelled 9×10^0 and 4×10^1 (matplotlib's log formatter; the evaluation's plots already
+    read 9 and 40), and a run named in another script got its legend in a font that has it (`fonts.for_texts`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from latent_consistency import fonts
+    from latent_consistency.world import over_training
+
+    seen = {}
+
+    def keep(fig, path, **kwargs):
+        fig.canvas.draw()
+        seen["ticks"] = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels(which="both")]
+        seen["family"] = list(plt.rcParams["font.family"])
+        return path
+
+    monkeypatch.setattr(over_training, "savefig_atomic", keep)
+    rows = [{"step": s, "fid_1": 10 - s / 100, "fid_2": 30 + s / 10, "fid_4": 6.0} for s in (100, 200)]
+    over_training.write_sweep({"кот-k20": rows, "猫-k20": rows}, tmp_path)
+    assert any(seen["ticks"]) and not any("^" in t or "times" in t for t in seen["ticks"])
+    assert seen["family"] == fonts.families_for(["猫"])

@@ -3,31 +3,41 @@
 from __future__ import annotations
 
 import functools
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, features
 from PIL.PngImagePlugin import PngInfo
 
+from latent_consistency import fonts
 from latent_consistency.outputs import write_atomic
 
-CHAR_WIDTH, LINE_HEIGHT = 6, 11  # px of PIL's bitmap font (`drawable`)
+CHAR_WIDTH, LINE_HEIGHT = 6, 11  # px of PIL's bitmap font (`draw_line`)
+FONT_SIZE = 9  # px of the FreeType fonts for text the bitmap font lacks: a line in LINE_HEIGHT, a letter in CHAR_WIDTH
 
 
-def drawable(text: str) -> tuple[str, ImageFont.ImageFont | ImageFont.FreeTypeFont]:
-    """`text` and the font to draw it in: PIL's built-in bitmap font, every character `CHAR_WIDTH` px wide as the
-    wrapping counts, for text it has (Latin-1). Pillow 10.1 made a FreeType font the default where FreeType is
-    installed, whose space after a "t" is a pixel wide ("digit six" read "digitsix" in the digits grid); it draws the
-    rest ("a ☕ on a table"), narrower than the bitmap font. Without FreeType, what Latin-1 lacks is drawn as "?"."""
-    try:
-        text.encode("latin-1")
-        return text, _bitmap_font()
-    except UnicodeEncodeError:
-        font = _default_font()
-        if isinstance(font, ImageFont.FreeTypeFont):
-            return text, font
-        return text.encode("latin-1", "replace").decode("latin-1"), font
+def draw_line(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str) -> None:
+    """Draw one line of `text` at `xy`: in PIL's built-in bitmap font, every character `CHAR_WIDTH` px wide as the
+    wrapping counts, when the text is Latin-1; otherwise run by run in the installed fonts that have its characters
+    (`fonts.runs`: "猫が座っている" in a CJK font where one is installed, "кот" and "ω" in DejaVu Sans, which matplotlib
+    ships). PIL's default FreeType font (Pillow 10.1+) has Latin only: everything else came out as boxes. Without
+    FreeType, what Latin-1 lacks is drawn as "?"."""
+    latin1 = text.encode("latin-1", "replace").decode("latin-1")
+    if latin1 == text or not features.check("freetype2"):
+        draw.text(xy, latin1, fill="black", font=_bitmap_font())
+        return
+    x, y = xy
+    for part, path in fonts.runs(text):
+        font = _truetype(path) or _truetype(fonts.font_for("A")[1])
+        draw.text((x, y), part, fill="black", font=font)
+        x += round(font.getlength(part))
+
+
+def text_units(text: str) -> int:
+    """Width of `text` in `CHAR_WIDTH` units: 2 for a wide character (CJK, emoji: East Asian width W or F), 1 else."""
+    return sum(2 if _wide(c) else 1 for c in text)
 
 
 @functools.cache
@@ -37,9 +47,13 @@ def _bitmap_font() -> ImageFont.ImageFont:
 
 
 @functools.cache
-def _default_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """PIL's default font (FreeType's where installed, from Pillow 10.1), loaded once."""
-    return ImageFont.load_default()
+def _truetype(path: str | None) -> ImageFont.FreeTypeFont | None:
+    """The font file at `path` at `FONT_SIZE`, loaded once; None for no file or one FreeType cannot scale to that
+    size (a bitmap-only font such as Noto Color Emoji)."""
+    try:
+        return ImageFont.truetype(path, FONT_SIZE) if path else None
+    except OSError:
+        return None
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -58,21 +72,49 @@ def save_png(image: Image.Image, path: Path, text: dict[str, str] | None = None)
 
 
 def wrap_caption(text: str, width: int) -> list[str]:
-    """`text` in lines of at most `width` characters, broken between words; a word longer than a line is broken with a
-    hyphen ("handwritt-", "en"), not silently ("handwrit", "ten" read as two words)."""
-    words = []
+    """`text` in lines of at most `width` units (`text_units`: a CJK character or an emoji is two), broken between
+    words; a word longer than a line is broken with a hyphen ("handwritt-", "en"), not silently ("handwrit", "ten"
+    read as two words), and between any two characters without one where either is wide, as CJK text breaks."""
+    pieces: list[tuple[str, bool]] = []  # (piece, whether the next piece continues its word)
     for word in text.split():
-        while len(word) > width > 1:
-            words.append(word[: width - 1] + "-")
-            word = word[width - 1 :]
-        words.append(word)
+        while text_units(word) > width > 1:
+            head, word = _break_word(word, width)
+            pieces.append((head, True))
+        pieces.append((word, False))
     lines: list[str] = []
-    for word in words:
-        if lines and not lines[-1].endswith("-") and len(lines[-1]) + 1 + len(word) <= width:
-            lines[-1] += " " + word
+    continued = False
+    for piece, continues in pieces:
+        if lines and not continued and text_units(lines[-1]) + 1 + text_units(piece) <= width:
+            lines[-1] += " " + piece
         else:
-            lines.append(word)
+            lines.append(piece)
+        continued = continues
     return lines
+
+
+def _break_word(word: str, width: int) -> tuple[str, str]:
+    """The first line's part of a word wider than `width` units, and the rest: a hyphenated head of `width` − 1
+    units, or, where the break falls beside a wide character, a head of `width` units without a hyphen. At least one
+    character, so that every call shortens the word."""
+    n = _fitting(word, width)
+    if _wide(word[n - 1]) or _wide(word[n]):
+        return word[:n], word[n:]
+    n = _fitting(word, width - 1)
+    return word[:n] + "-", word[n:]
+
+
+def _fitting(word: str, width: int) -> int:
+    """How many of `word`'s first characters fit in `width` units (at least one)."""
+    n, used = 0, 0
+    while n < len(word) and used + text_units(word[n]) <= width:
+        used += text_units(word[n])
+        n += 1
+    return max(n, 1)
+
+
+def _wide(char: str) -> bool:
+    """A character two units wide (East Asian width W or F: CJK, most emoji)."""
+    return unicodedata.east_asian_width(char) in "WF"
 
 
 MAX_CAPTION_LINES = 6  # a caption of a paragraph (a data caption) would make the grid a column of text over a strip of images
@@ -88,7 +130,7 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, 
     """A grid with one row per tensor [B,3,H,W] (same B, H, W), a text label left of each row and, when given, a
     caption above each column (wrapped to the column's width). `label_width`: px left of the images, widened to the
     longest row label."""
-    label_width = max(label_width, CHAR_WIDTH * max(map(len, row_labels), default=0) + 8)  # a label never runs under an image
+    label_width = max(label_width, CHAR_WIDTH * max(map(text_units, row_labels), default=0) + 8)  # a label never runs under an image
     tiles = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(r)] for r in rows]
     h, w = tiles[0][0].height, tiles[0][0].width
     # a line ends 2 px short of the next column at least (it starts 2 px into its own): no two columns' words run together
@@ -98,11 +140,9 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, 
     draw = ImageDraw.Draw(grid)
     for j, lines in enumerate(captions):
         for k, line in enumerate(lines):
-            line, font = drawable(line)
-            draw.text((label_width + j * w + 2, 2 + k * LINE_HEIGHT), line, fill="black", font=font)
+            draw_line(draw, (label_width + j * w + 2, 2 + k * LINE_HEIGHT), line)
     for i, (row, label) in enumerate(zip(tiles, row_labels)):
-        label, font = drawable(label)
-        draw.text((4, top + i * h + h // 2 - 5), label, fill="black", font=font)
+        draw_line(draw, (4, top + i * h + h // 2 - 5), label)
         for j, tile in enumerate(row):
             grid.paste(tile, (label_width + j * w, top + i * h))
     return grid

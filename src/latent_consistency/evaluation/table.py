@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from latent_consistency import fonts
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation import compare
 from latent_consistency.evaluation.compare import sample_consistency, sample_guided
@@ -534,7 +535,7 @@ def _method_styles(methods: list[str]) -> dict[str, dict]:
     return {m: dict(color=f"C{i % 10}", marker=METHOD_MARKERS[i % len(METHOD_MARKERS)]) for i, m in enumerate(methods)}
 
 
-def _plain_ticks(ax, axis: str, values: list[float] | None = None) -> None:
+def plain_ticks(ax, axis: str, values: list[float] | None = None) -> None:
     """Ticks in plain numbers (1, 2, 4, 8 steps; 20, 30 FID), not matplotlib's 2^n or 2×10^1 on log axes: at `values`
     when given, else where matplotlib's log formatter puts a label."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, NullFormatter
@@ -580,13 +581,13 @@ def steps_figure(results: dict[str, dict]):
                 if references:
                     ax.plot(*zip(*references), linestyle="--", fillstyle="none", label=reference_label[method], **styles[method])
             ax.set_xscale("log", base=2)
-            _plain_ticks(ax, "x", sorted({r["steps"] for r in at_g}))
+            plain_ticks(ax, "x", sorted({r["steps"] for r in at_g}))
             ax.set_xlabel("sampling steps")
             ax.set_ylabel(metric_label(key))
             ax.set_title(f"g = {g:g} (ω = {g - 1:g})", fontsize=9)
             if key == fid_key:
                 ax.set_yscale("log")
-                _plain_ticks(ax, "y")
+                plain_ticks(ax, "y")
     handles = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -619,10 +620,10 @@ def guidance_figure(results: dict[str, dict]):
                             label=f"{method}, {n} step{'s' if n > 1 else ''}", **styles[method])
         ax.set_xlabel("guidance ω = g − 1")
         ax.set_ylabel(metric_label(key))
-        _plain_ticks(ax, "x", omegas)
+        plain_ticks(ax, "x", omegas)
         if key == fid_key:
             ax.set_yscale("log")
-            _plain_ticks(ax, "y")
+            plain_ticks(ax, "y")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=7, ncol=1 + len(labels) // 18)
     return fig
@@ -637,13 +638,14 @@ def write_plots(results: dict[str, dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    fig = steps_figure(results)
-    written.append(savefig_atomic(fig, out / "steps.png", dpi=110))
-    plt.close(fig)
-    if len({r["guidance_scale"] for r in results.values()}) > 1:
-        fig = guidance_figure(results)
-        written.append(savefig_atomic(fig, out / "guidance.png", dpi=110))
+    with fonts.for_texts([r["method"] for r in results.values()]):  # a style LoRA's file name of any script
+        fig = steps_figure(results)
+        written.append(savefig_atomic(fig, out / "steps.png", dpi=110))
         plt.close(fig)
+        if len({r["guidance_scale"] for r in results.values()}) > 1:
+            fig = guidance_figure(results)
+            written.append(savefig_atomic(fig, out / "guidance.png", dpi=110))
+            plt.close(fig)
     return written
 
 

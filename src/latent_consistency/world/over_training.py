@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 
+from latent_consistency import fonts
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import sample_consistency
 from latent_consistency.evaluation.ode_error import ODESolutions, error_timesteps, guidance_response, ode_error, ode_solution_sets
+from latent_consistency.evaluation.table import plain_ticks
 from latent_consistency.folder_lock import hold
 from latent_consistency.models import inference_timesteps
 from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
@@ -266,6 +268,7 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
     ax.set_xlabel("training step")
     ax.set_ylabel("FID (judge features)")
     ax.set_yscale("log")  # a v student's relearning phase scores in the thousands
+    plain_ticks(ax, "y")
     ax.legend()
     if error_keys:
         ax_err = others.pop(0)
@@ -274,6 +277,7 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
         ax_err.set_xlabel("training step")
         ax_err.set_ylabel("MSE to the teacher's ODE solution")
         ax_err.set_yscale("log")
+        plain_ticks(ax_err, "y")
     if response_keys:
         ax_response = others.pop(0)
         for k in response_keys:
@@ -299,19 +303,21 @@ def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = _line_styles(list(curves))
-    fig, axes = plt.subplots(1, len(steps), figsize=(4.5 * len(steps) + 1.6, 3.4), squeeze=False, layout="constrained")
-    for ax, n in zip(axes[0], steps):
-        for name, rows in curves.items():
-            ax.plot([r["step"] for r in rows], [r[f"fid_{n}"] for r in rows], label=name, **styles[name])
-        ax.set_xlabel("training iteration")
-        ax.set_ylabel(f"FID, judge features, {n}-step (lower is better)")
-        ax.set_title(f"{n}-step sampling", fontsize=9)
-        ax.set_yscale("log")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize=7, ncol=1 + len(curves) // 16)
-    savefig_atomic(fig, out / "sweep.png", dpi=120)
-    plt.close(fig)
+    with fonts.for_texts(list(curves)):  # run names of any script in the legend
+        styles = _line_styles(list(curves))
+        fig, axes = plt.subplots(1, len(steps), figsize=(4.5 * len(steps) + 1.6, 3.4), squeeze=False, layout="constrained")
+        for ax, n in zip(axes[0], steps):
+            for name, rows in curves.items():
+                ax.plot([r["step"] for r in rows], [r[f"fid_{n}"] for r in rows], label=name, **styles[name])
+            ax.set_xlabel("training iteration")
+            ax.set_ylabel(f"FID, judge features, {n}-step (lower is better)")
+            ax.set_title(f"{n}-step sampling", fontsize=9)
+            ax.set_yscale("log")
+            plain_ticks(ax, "y")  # 20, 30 FID, not 2×10^1
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", fontsize=7, ncol=1 + len(curves) // 16)
+        savefig_atomic(fig, out / "sweep.png", dpi=120)
+        plt.close(fig)
     scales = scales or {}
     lines = ([settings, ""] if settings else []) + [
         "| run | g | " + " | ".join(f"{n}-step FID final / best" for n in steps) + " |", "|---" * (2 + len(steps)) + "|"]
