@@ -153,6 +153,39 @@ def test_network_evaluations_per_image_count_cfg_passes():
     # the exact LCM: cond and uncond per DDIM jump of k = 1000 / 50 = 20 from each timestep down to 0
     exact_of = SimpleNamespace(skip=1000 // 50, timesteps=lambda n: torch.tensor([999, 499][:n]))
     assert Row(EXACT, 2, 8.0).network_evaluations(exact_of) == 2 * (50 + 25) and Row(EXACT, 1, 8.0).network_evaluations(exact_of) == 100
+    # below g = 1 CFG runs the conditional pass alone (an LCM-LoRA's evaluation may go there): one pass, not two
+    assert Row("ddim", 4, 0.5).network_evaluations() == 4 and Row(EXACT, 1, 0.5).network_evaluations(exact_of) == 50
+
+
+def test_the_exact_row_below_g_1_solves_the_conditional_ode_as_the_teachers_rows_do():
+    """At g < 1 the teacher's rows and an LCM-LoRA's run the conditional model alone; the exact LCM's ODE ran CFG at
+    ω = g − 1 < 0 (towards the unconditional model), so it was not the ceiling of the row beside it."""
+    from types import SimpleNamespace
+
+    from latent_consistency.evaluation.table import teacher_guidance_scale
+
+    cfg = SimpleNamespace(time_cond_proj_dim=None, is_lcm=False)
+    omega_input = SimpleNamespace(time_cond_proj_dim=64, is_lcm=False)  # a guidance-distilled teacher
+    assert teacher_guidance_scale(0.5, cfg) == 1.0 and teacher_guidance_scale(3.0, cfg) == 3.0
+    assert teacher_guidance_scale(0.5, omega_input) == 0.5
+
+
+def test_the_exact_row_samples_at_the_teachers_guidance_scale(monkeypatch):
+    """`generate` runs the exact row's ODE at `teacher_guidance_scale`, not at the row's g."""
+    from types import SimpleNamespace
+
+    from latent_consistency.evaluation import table
+
+    seen = []
+    monkeypatch.setattr(table, "sample_consistency", lambda f, timesteps, model, prompts, g, seed, device: seen.append(g))
+    monkeypatch.setattr(table, "TeacherConsistencyFunction", lambda *args: None)
+    teacher = SimpleNamespace(time_cond_proj_dim=None, is_lcm=False, guided_teacher=lambda: None,
+                              prompts=SimpleNamespace(uncond=lambda device: None))
+    lcm = SimpleNamespace(skip=20, timesteps=lambda n: torch.tensor([999]))
+    eval_set = SimpleNamespace(all_prompts=["a red square"], seed=0)
+    table.generate(table.Row(table.EXACT, 1, 0.5), lcm, teacher, eval_set, "cpu")
+    table.generate(table.Row(table.EXACT, 1, 2.0), lcm, teacher, eval_set, "cpu")
+    assert seen == [1.0, 2.0]
 
 
 def test_sweep_lines_are_distinguishable():

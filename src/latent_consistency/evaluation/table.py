@@ -75,14 +75,21 @@ class Row:
         """UNet passes per image: one per step for an LCM with an ω input and Guided-Distill; two (cond and uncond) for
         the teacher with CFG and for an LCM-LoRA guided at g > 1; for the exact LCM two per teacher jump of k from each
         of the LCM's timesteps down to 0 (DDIM: one evaluation per jump). A guidance-distilled teacher's (ω input) take
-        one pass where CFG takes two (`guided_passes`), and so does CFG at g = 1 (no unconditional pass:
-        `GuidedTeacher.guided_output`)."""
-        passes = 1 if self.guidance_scale == 1 else guided_passes(teacher)
+        one pass where CFG takes two (`guided_passes`), and so does CFG at g ≤ 1 (no unconditional pass:
+        `GuidedTeacher.guided_output`, `sampling.sample_teacher`, `teacher_guidance_scale`)."""
+        passes = 1 if self.guidance_scale <= 1 else guided_passes(teacher)
         if self.sampler == EXACT:
             return sum(passes * -(-int(t) // lcm.skip) for t in lcm.timesteps(self.steps))
         if self.sampler == GUIDED_DISTILL or (self.sampler == "lcm" and (lcm.time_cond_proj_dim is not None or self.guidance_scale <= 1)):
             return self.steps
         return passes * self.steps
+
+
+def teacher_guidance_scale(guidance_scale: float, teacher: DiffusionModel) -> float:
+    """The g the teacher's ODE runs at for a row at `guidance_scale`: at g ≤ 1 classifier-free guidance runs the
+    conditional pass alone (g = 1), as `sampling.sample_teacher` and diffusers' pipelines do, not (1+ω)·ε_c − ω·ε_u with
+    ω < 0, which moves towards the unconditional model; a guidance-distilled teacher takes its ω input as given."""
+    return max(guidance_scale, 1.0) if guided_passes(teacher) == 2 else guidance_scale
 
 
 def guided_passes(teacher: DiffusionModel | None) -> int:
@@ -305,7 +312,8 @@ def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | Non
     if row.sampler == EXACT:  # the teacher's f* on the LCM's timesteps, prompts encoded and images decoded by the teacher
         uncond = teacher.prompts.uncond(device)
         f = TeacherConsistencyFunction(teacher.guided_teacher(), get_solver(EXACT_SOLVER), lcm.skip, uncond)
-        return sample_consistency(f, lcm.timesteps(row.steps), teacher, prompts, row.guidance_scale, eval_set.seed, device)
+        g = teacher_guidance_scale(row.guidance_scale, teacher)
+        return sample_consistency(f, lcm.timesteps(row.steps), teacher, prompts, g, eval_set.seed, device)
     if row.sampler == GUIDED_DISTILL:
         model = guided.get(row.steps) or guided[0]
         return sample_guided(model, "ddim", row.steps, prompts, row.guidance_scale, eval_set.seed, device)

@@ -389,9 +389,10 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
                validate_every=500, checkpoint_every=500),
     # diffusers' published SDXL recipes (examples/consistency_distillation README: train_lcm_distill_sdxl_wds.py and its
     # LoRA twin): 1024 px with the size/crop micro-conditioning fixed at the resolution (their --use_fix_crop_and_size,
-    # which is what our latent cache and image data give an SDXL condition), ω ∈ [2, 14], k = 20, pseudo-Huber, fp16,
+    # which is what our latent cache and image data give an SDXL condition), k = 20, pseudo-Huber, fp16,
     # gradient checkpointing, 1,000 steps; full: lr 1e-6, μ = 0.95; LoRA: rank 64, lr 1e-4. Their batch is 12 per GPU:
-    # --batch-size is global here, so set it to 12 x your GPUs.
+    # --batch-size is global here, so set it to 12 x your GPUs. The guidance range is the paper's, ω ∈ [2, 14]: their
+    # scripts use their w ∈ [3, 15] as ω (c + w(c - u)), g ∈ [4, 16] (docs/guide.md says so).
     "sdxl": dict(solver="ddim", skip=20, guidance_scale_min=3.0, guidance_scale_max=15.0, lr=1e-6, batch_size=12, resolution=1024,
                  steps=1000, loss="huber", ema_decay=0.95, weight_decay=0.0, mixed_precision="fp16", gradient_checkpointing=True,
                  validate_every=200, checkpoint_every=200, keep_checkpoints=10),
