@@ -125,3 +125,17 @@ def test_lcm_evaluate_walks_its_image_folder_once(role, tiny_lcm, tmp_path, list
                  "--samples", "2", "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     assert (tmp_path / "out" / "results.json").is_file()
     assert {folder: listings[folder] for folder in folders} == dict.fromkeys(folders, 1)
+
+
+def test_eval_fraction_walks_the_data_folder_once(tiny_sd, tmp_path, listings):
+    """--eval-fraction opened --data once a side, walking the folder (and reading its captions) twice; its held-out side
+    is now the other side of the training side's scan (`TrainingBatches.held_out`)."""
+    from latent_consistency.models import load_diffusion_model
+    from latent_consistency.training.config import DistillConfig
+    from latent_consistency.training.loop import training_and_eval_batches
+
+    folders = captioned_tree(tmp_path / "data", folders=2, per_folder=4, decodable=True)
+    config = DistillConfig(data=str(tmp_path / "data"), eval_fraction=0.5)
+    batches, held_out = training_and_eval_batches(config, load_diffusion_model(str(tiny_sd)), 2, 0, 1, "cpu")
+    assert len(batches.dataset) + len(held_out.dataset) == 8 and held_out.sampler.world_size == 1
+    assert {folder: listings[folder] for folder in folders} == dict.fromkeys(folders, 1)

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,9 +195,9 @@ class DiffusionModel:
 
     @property
     def patch_size(self) -> int:
-        """The latent patch a transformer cuts its input into (PixArt-α: 2); 1 for a UNet. Image sides are multiples of
-        the VAE factor times this."""
-        return int(self.unet.config.get("patch_size") or 1) if self.is_transformer else 1
+        """The latent patch a transformer cuts its input into (PixArt-α: 2); 1 for a UNet (`transformer_patch_size`). Image
+        sides are multiples of the VAE factor times this."""
+        return transformer_patch_size(self.unet.config if self.is_transformer else None)
 
     @property
     def native_size(self) -> int:
@@ -370,6 +370,14 @@ TEXT_ENCODER_TYPES = {"clip": "clip_text_model", "t5": "t5"}
 # A tokenizer folder holds at least one of these (a fast tokenizer's, CLIP's BPE vocabulary, T5's sentencepiece model);
 # without one, transformers makes an empty tokenizer that fails only when a prompt is encoded
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
+
+
+def transformer_patch_size(config: Mapping | None) -> int:
+    """The latent patch a denoising transformer of `config` cuts its input into (PixArt-α: 2), 1 where the config gives
+    none; 1 for None, a model without a transformer (a UNet's latents are not cut). `config`: the loaded network's
+    (`DiffusionModel.patch_size`) or its transformer/config.json read before any weights load (`model_json`: `lcm cache
+    --resolution`), the one rule for both."""
+    return int((config or {}).get("patch_size") or 1)
 
 
 def model_json(name: str, relative: str) -> dict | None:

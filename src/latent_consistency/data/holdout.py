@@ -36,7 +36,25 @@ class Holdout:
     def select(self, keys: list[str], what: str) -> list[int]:
         """The positions of `keys` on this side; an empty side is a user error."""
         kept = [i for i, key in enumerate(keys) if self.keeps(key)]
-        if not kept:
-            raise UserError(f"holding out {self.fraction:g} of {len(keys)} {what} leaves the {self.part} split empty; "
-                            "give more data, another --eval-fraction, or --eval-data")
+        self.check_filled(len(kept), len(keys), what)
         return kept
+
+    def split(self, keys: list[str], what: str) -> tuple[list[int], list[int]]:
+        """The positions of `keys` on this side (`select`: an empty one is a user error) and on the other side (`other`,
+        checked by whoever takes it: `check_filled`), each key hashed once: an image folder's training side keeps its
+        held-out side (`ImageFolderDataset.take_other_side`), where opening the folder again for it walked it again."""
+        sides: tuple[list[int], list[int]] = ([], [])
+        for i, key in enumerate(keys):
+            sides[not self.keeps(key)].append(i)
+        self.check_filled(len(sides[0]), len(keys), what)
+        return sides
+
+    def other(self) -> Holdout:
+        """The other side of the same split."""
+        return Holdout(self.fraction, PARTS[1 - PARTS.index(self.part)])
+
+    def check_filled(self, kept: int, total: int, what: str) -> None:
+        """A UserError when this side keeps none (`kept`) of the `total` `what` ("images", "shards") split."""
+        if not kept:
+            raise UserError(f"holding out {self.fraction:g} of {total} {what} leaves the {self.part} split empty; "
+                            "give more data, another --eval-fraction, or --eval-data")

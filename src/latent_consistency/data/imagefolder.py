@@ -33,6 +33,7 @@ its DataLoader workers copied page by page as reading samples touched their refe
 from __future__ import annotations
 
 import array
+import copy
 import csv
 import hashlib
 import io
@@ -74,7 +75,8 @@ class ImageFolderDataset(Dataset):
     `files`: the folder's `visible_names`, sorted, where the caller listed them already (`spec.open_dataset`, which tells
     images from shards by them), so that the folder is walked once: a walk of 12 million files takes minutes.
     `quiet_scan`: the scan's skips are counted without their log lines, in every process of a multi-process run but the
-    first, which scan the same folder (a bad caption was logged once per process: 8 times on 8 GPUs)."""
+    first, which scan the same folder (a bad caption was logged once per process: 8 times on 8 GPUs).
+    `holdout`: the samples are one side of a held-out split (`Holdout`), the other side's kept for `take_other_side`."""
 
     def __init__(self, root: str | Path, resolution: int, holdout: Holdout | None = None, files: list[str] | None = None,
                  quiet_scan: bool = False):
@@ -112,13 +114,27 @@ class ImageFolderDataset(Dataset):
                 f'give each image a caption: a {METADATA_FILE} line {{"file_name": "a.png", "text": "..."}} '
                 "or a.txt next to a.png"
             )
-        self.skipped.quiet = quiet_scan
-        for reason, detail in scan:  # counted, and logged, now that the folder is known usable (`ScanSkips`)
-            self.skipped.add(reason, detail)
-        self.skipped.quiet = False
+        _count_scan(self.skipped, scan, quiet_scan)  # counted, and logged, now that the folder is known usable (`ScanSkips`)
+        self._other_side: tuple[Holdout, CaptionedFiles, ScanSkips] | None = None  # `take_other_side`
         if holdout is not None:
-            self.samples = self.samples.take(holdout.select(self.samples.files, "images"))
+            kept, apart = holdout.split(self.samples.files, "images")
+            self._other_side = (holdout.other(), self.samples.take(apart), scan)
+            self.samples = self.samples.take(kept)
         self._corrupt: set[int] = set()
+
+    def take_other_side(self) -> ImageFolderDataset:
+        """The other side of this folder's held-out split (of the training side: the held-out images of --eval-fraction), from
+        the listing and scan this side made: opening the folder again for it walked and scanned it a second time, minutes
+        at 12 million files. Its `skipped` counts the scan's skips without their log lines, which this side logged. Taken
+        once: this side then holds no reference to those samples, which each DataLoader worker would carry."""
+        if self._other_side is None:
+            raise ValueError(f"image folder {self.root} has no other side to take: it was opened without a held-out split, or it was taken")
+        holdout, samples, scan = self._other_side
+        self._other_side = None
+        holdout.check_filled(len(samples), len(samples) + len(self.samples), "images")
+        other = copy.copy(self)
+        other.samples, other.skipped, other._corrupt = samples, _count_scan(SkipCounter(name=self.skipped.name), scan, quiet=True), set()
+        return other
 
     def _scan_metadata(self, metadata: Path, images: list[str], scan: ScanSkips) -> Iterator[tuple[str, str]]:
         """The (file name, caption) of each usable line of `metadata`; what it skips goes into `scan`, the images of `images`
@@ -345,6 +361,15 @@ class CaptionedFiles(Sequence):
     def take(self, indices: Iterable[int]) -> CaptionedFiles:
         """The samples at `indices`, in their order (one side of a held-out split)."""
         return CaptionedFiles(self[i] for i in indices)
+
+
+def _count_scan(counter: SkipCounter, scan: ScanSkips, quiet: bool) -> SkipCounter:
+    """`counter`, with what a folder's scan skipped counted in it, each reason's first one logged unless `quiet`."""
+    counter.quiet = quiet
+    for reason, detail in scan:
+        counter.add(reason, detail)
+    counter.quiet = False
+    return counter
 
 
 def _outside(file_name: str) -> bool:

@@ -37,15 +37,16 @@ Sharer = Callable[[Callable[[], str | None]], str | None]
 
 class TrainingBatches:
     """An endless iterator of micro-batches {"latents", "cond", "captions"} for rank `rank` of `world_size`. `quiet_scan`: an
-    image folder's scan is logged by another process (`open_dataset`)."""
+    image folder's scan is logged by another process (`open_dataset`). `dataset`: `spec`'s, opened already (`held_out`)."""
 
     def __init__(self, spec: str, model: DiffusionModel, resolution: int, micro_batch: int, seed: int,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", num_workers: int = 0,
-                 holdout: Holdout | None = None, quiet_scan: bool = False):
+                 holdout: Holdout | None = None, quiet_scan: bool = False, dataset: ImageFolderDataset | None = None):
         self.model, self.micro_batch, self.device, self.spec = model, micro_batch, torch.device(device), spec
+        self.seed, self.holdout = seed, holdout
         size_from = "the model's native size (--resolution sets another)" if resolution == model.native_size else None
-        self.dataset = open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size, holdout=holdout, size_from=size_from,
-                                    quiet_scan=quiet_scan)
+        self.dataset = dataset if dataset is not None else open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size,
+                                                                        holdout=holdout, size_from=size_from, quiet_scan=quiet_scan)
         self.resolution = resolution
         self.num_workers = num_workers
         self._check_workers_apply()
@@ -63,6 +64,16 @@ class TrainingBatches:
         self._share: Sharer = lambda compute: compute()  # `share_fingerprints`
         self._worker_skips = SkipEvents()  # what the DataLoader workers counted (`SkipCounter.take_pending`)
         self._earlier_skips: SkipRecord | None = None  # what a resumed run's data counted before its checkpoint (`load_state_dict`)
+
+    def held_out(self) -> TrainingBatches:
+        """The batches of the other side of this --data's held-out split (--eval-fraction), which every process reads whole,
+        as rank 0 of 1 (`skipped_record`). An image folder's is the other side of the scan this side made
+        (`ImageFolderDataset.take_other_side`): opening --data again for it walked and scanned the folder a second time,
+        minutes at 12 million files. Other data is opened again: a latent cache reads its manifest, a folder of shards
+        lists its .tar files (thousands, not millions)."""
+        dataset = self.dataset.take_other_side() if isinstance(self.dataset, ImageFolderDataset) else None
+        return TrainingBatches(self.spec, self.model, self.resolution, self.micro_batch, self.seed, device=self.device,
+                               holdout=self.holdout.other(), dataset=dataset)
 
     def _check_workers_apply(self) -> None:
         """A UserError for --num-workers with data that no worker process reads: a latent cache is indexed (whole on the device, or
@@ -213,7 +224,13 @@ class TrainingBatches:
         """What this process's data (its DataLoader workers' included) skipped or converted in the whole run, before a
         resume too (`load_state_dict`), as (counts per reason, the (reason, detail) pairs counted): for
         `merged_skipped_summary` over every process of a run, each of which reads its own share of the data. None for data
-        that counts nothing."""
+        that counts nothing.
+
+        Held-out data (--eval-data, `held_out`) is read by every process whole, as rank 0 of 1: the same scan, the same
+        samples in the same order, and no DataLoader workers. The processes differ only in how far they read it: all of
+        them the fixed held-out set, the main one (under FSDP every one) on for the ω response. The main process's record
+        therefore holds every other one's: the run summary's held-out line, from it alone, is whole, and merging the records
+        would count once per process each skip past the details kept by name (`NAMED_PER_REASON`)."""
         counter = getattr(self.dataset, "skipped", None)
         if counter is None:
             return None

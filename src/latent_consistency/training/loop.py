@@ -240,14 +240,14 @@ def run_ode_targets(config: TrainConfig, base: DiffusionModel, out: Path, accele
 
 
 def training_and_eval_batches(config: TrainConfig, base: DiffusionModel, micro_batch: int, rank: int, world: int, device):
-    """The training batches, and the held-out ones (--eval-data, or --eval-fraction of --data; None without either)."""
-    resolution = config.resolution or base.native_size
-    eval_part = Holdout(config.eval_fraction, "eval") if config.eval_fraction else None
+    """The training batches, and the held-out ones: --eval-fraction of --data, from the one opening of --data that the
+    training side made (`TrainingBatches.held_out`: a folder walked and scanned once), or --eval-data; None without either."""
     batches = training_batches(config, base, micro_batch, rank, world, device)
-    eval_spec = config.eval_data or (config.data if config.eval_fraction else "")
+    if config.eval_fraction:
+        return batches, batches.held_out()
     # every process reads the held-out data whole, as rank 0 of 1; the first logs what its scan skipped
-    eval_batches = (TrainingBatches(eval_spec, base, resolution, micro_batch, config.seed, 0, 1, device, 0, eval_part, quiet_scan=rank > 0)
-                    if eval_spec else None)
+    eval_batches = (TrainingBatches(config.eval_data, base, config.resolution or base.native_size, micro_batch, config.seed, 0, 1, device,
+                                    quiet_scan=rank > 0) if config.eval_data else None)
     return batches, eval_batches
 
 
