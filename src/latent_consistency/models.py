@@ -12,8 +12,9 @@ import json
 import math
 import os
 import re
+import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1033,13 +1034,38 @@ LORA_MODEL_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "be
 
 
 def _pickled_lora(path: Path) -> Path | None:
-    """The pickled weights file a local LoRA is (a file of another suffix than .safetensors) or holds in place of safetensors
-    weights (a folder); None for any other."""
+    """The pickled weights file a local LoRA is (a file that is no safetensors file: `_holds_safetensors`) or holds in place
+    of safetensors weights (a folder); None for any other."""
     if path.is_file():
-        return None if path.suffix == ".safetensors" else path
+        return None if path.suffix == ".safetensors" or _holds_safetensors(path) else path
     if not path.is_dir() or any(path.glob("*.safetensors")):
         return None
     return next((f for f in sorted(path.iterdir()) if f.name.endswith(PICKLE_SUFFIXES)), None)
+
+
+def _holds_safetensors(path: Path) -> bool:
+    """Whether the file `path` is a safetensors file by its content, whatever its name: `--style-lora s.safetensors:0.5`
+    names a file of that very name where one exists, which was refused as "a PyTorch pickle" by its suffix."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            return True
+    except (OSError, SafetensorError):
+        return False
+
+
+@contextlib.contextmanager
+def _safetensors_named(path: Path) -> Iterator[Path]:
+    """`path`, or, for a safetensors file named otherwise (`s.safetensors:0.5`), a link to it named LORA_WEIGHTS_FILE in a
+    temporary folder: diffusers goes by the name, and unpickled such a file (a failure, under `weights_only`)."""
+    if not path.is_file() or path.suffix == ".safetensors":
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="lcm-lora-") as folder:
+        link = Path(folder) / LORA_WEIGHTS_FILE
+        link.symlink_to(path.resolve())
+        yield link
 
 
 def _check_lora_path(path: Path, lora: str) -> None:
@@ -1093,12 +1119,13 @@ def _lora_state_dict(family, path: Path, lora: str, model: DiffusionModel) -> tu
     as diffusers' loaders take them: diffusers' own formats, kohya's and A1111's (lora_unet_/lora_te_ keys, alphas), in
     SDXL's SGM block names too (input_blocks, output_blocks: diffusers' SDXL pipeline maps them by the UNet's config; so
     does this for every family), one network's LoRA (`_one_networks_lora`) and a PEFT adapter folder."""
-    source, kwargs = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (str(path), {})
     peft_config = _peft_adapter_config(path, lora)
-    if peft_config is not None:
-        kwargs["weight_name"] = PEFT_WEIGHTS_FILE
-    state_dict, alphas, metadata = family.lora_state_dict(source, return_lora_metadata=True, use_safetensors=True,
-                                                          unet_config=model.unet.config, **kwargs)
+    with _safetensors_named(path) as named:
+        source, kwargs = (str(named.parent), {"weight_name": named.name}) if named.is_file() else (str(named), {})
+        if peft_config is not None:
+            kwargs["weight_name"] = PEFT_WEIGHTS_FILE
+        state_dict, alphas, metadata = family.lora_state_dict(source, return_lora_metadata=True, use_safetensors=True,
+                                                              unet_config=model.unet.config, **kwargs)
     state_dict, metadata = _one_networks_lora(state_dict, peft_config or metadata, model.unet)
     return state_dict, alphas, metadata
 

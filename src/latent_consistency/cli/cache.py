@@ -102,13 +102,13 @@ def cache_resolution(args, codec, native: int) -> int:
     """The size (px) the images are read and encoded at: --resolution, checked as a run's is (`training.batches.
     check_resolution`: a whole number of the network's latent patches, at most MAX_SIZE_FACTOR x the native size) before the
     data is scanned; without it the model's `native` size, as every cache was written before --resolution."""
-    from latent_consistency.models import model_json
+    from latent_consistency.models import model_json, transformer_patch_size
     from latent_consistency.training.batches import check_resolution
 
     if args.resolution is None:
         return native
-    transformer = model_json(args.model, "transformer/config.json") or {}  # PixArt-α's patch; a UNet has none
-    check_resolution(args.resolution, codec.downsampling_factor, int(transformer.get("patch_size") or 1), native)
+    patch = transformer_patch_size(model_json(args.model, "transformer/config.json"))  # PixArt-α's; a UNet model has none: 1
+    check_resolution(args.resolution, codec.downsampling_factor, patch, native)
     return args.resolution
 
 
@@ -152,8 +152,10 @@ def check_data(data: str) -> None:
 def check_out(out: str) -> None:
     """--out before the model loads and the data is scanned (SD's model and a folder of a million images: minutes), where
     `write_latent_cache` refused it only after them: a name of blanks or none (which named the current folder, "already
-    exists; remove it"), an existing folder, or a place this user cannot make it in. A whole cache whose writer was
-    stopped before it removed its progress record (`latent_cache.PARTIAL_MARK` beside its manifest) is let through:
+    exists; remove it"), an existing folder that holds anything, or a place this user cannot make it in. An empty folder
+    (or a link to one), which a user made for the cache (mkdir), is the cache's: written as OUT.partial beside it, which a
+    rerun resumes, and renamed onto it when whole (`outputs.move_into_place`). A whole cache whose writer was stopped
+    before it removed its progress record (`latent_cache.PARTIAL_MARK` beside its manifest) is let through:
     `write_latent_cache` finishes it."""
     from latent_consistency.data.latent_cache import MANIFEST, PARTIAL_MARK
     from latent_consistency.outputs import check_link, check_writable, partial_folder
@@ -164,10 +166,19 @@ def check_out(out: str) -> None:
     check_link(path, "--out")  # a link to nothing: not a folder that "already exists"
     if (path / PARTIAL_MARK).is_file() and (path / MANIFEST).is_file():
         return
-    if path.exists() or path.is_symlink():
-        raise UserError(f"latent cache folder {out} already exists; remove it or pick another folder")
+    if (path.exists() or path.is_symlink()) and not is_empty_folder(path):
+        raise UserError(f"latent cache folder {out} already exists; remove it or pick another folder (an empty one is used)")
     partial_folder(out, "runs/latents")  # a name such as "a/..", which leaves no folder name for OUT.partial
     check_writable(out, "--out")
+
+
+def is_empty_folder(path: Path) -> bool:
+    """Whether `path` is a folder (or a symbolic link to one) that holds nothing: a free --out, as a missing one is. One
+    that cannot be listed is not known to be empty."""
+    try:
+        return path.is_dir() and not any(path.iterdir())
+    except OSError:
+        return False
 
 
 def register(subparsers) -> None:
@@ -176,7 +187,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="the model the runs train: a teacher (distill) or an LCM (finetune), folder or hub id")
     p.add_argument("--data", required=True, help="captioned images: an image folder (metadata.jsonl, metadata.csv or .txt captions), "
                    "webdataset .tar shards, or a registered dataset such as world:shapes")
-    p.add_argument("--out", required=True, help="the cache folder to write (it must not exist)")
+    p.add_argument("--out", required=True, help="the cache folder to write: a new one, or an empty folder")
     p.add_argument("--resolution", type=positive_int, help="the size (px) the images are read at, as a run with --data IMAGES "
                    "--resolution N reads them: the shorter side scaled to it and the central square kept (default: the model's "
                    "native size). A run trains on the cache with the same --resolution (SDXL at 512 px, say)")

@@ -64,7 +64,7 @@ from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
 from latent_consistency.hub import check_hub_id
 from latent_consistency.models import DiffusionModel, LatentCodec, load_component
-from latent_consistency.outputs import check_partial, partial_folder, permit_as_umask, start_partial, write_json_atomic
+from latent_consistency.outputs import check_partial, move_into_place, partial_folder, permit_as_umask, start_partial, write_json_atomic
 from latent_consistency.outputs import written as naming_failures
 from latent_consistency.progress import progress_bar
 
@@ -115,7 +115,8 @@ def write_latent_cache(
     its micro-conditioning).
 
     `source` (e.g. dataset name, split, resolution, seed) is recorded in the manifest. The folder is written as
-    `<out_dir>.partial` and renamed when complete. A call that finds a `<out_dir>.partial` of the same job, killed part way
+    `<out_dir>.partial` and renamed when complete, onto an empty `out_dir` (a folder a user made for it, or a link to one:
+    `outputs.move_into_place`) or into its place. A call that finds a `<out_dir>.partial` of the same job, killed part way
     (an image folder, webdataset shards or a registered dataset that `source["data"]` names, read with the same `source`,
     VAE, batch and shard size), goes on from its last whole shard (`_resumable`) and writes the very cache an
     uninterrupted call writes; any other is started again. `say`
@@ -130,8 +131,8 @@ def write_latent_cache(
         _tidy(out_dir)
         say(f"{out_dir} was whole, renamed when the writer was stopped: its progress record is removed")
         return out_dir
-    if out_dir.exists():
-        raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # an empty folder (a user's mkdir) is the cache's
+        raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder (an empty one is used)")
     if not isinstance(dataset, ShardStream) and len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
     job = _job(dataset, codec, source, batch_size, shard_size, captions_only)
@@ -179,7 +180,7 @@ def write_latent_cache(
         ENCODERS: {"vae": job["encoder"]} | text.get(ENCODERS, {}),
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    partial.rename(out_dir)  # marked until renamed: a kill before this leaves a `.partial` that a rerun resumes or replaces
+    move_into_place(partial, out_dir)  # marked until renamed: a kill before this leaves a `.partial` that a rerun resumes or replaces
     _tidy(out_dir)
     return out_dir
 

@@ -192,13 +192,16 @@ class TrainConfig:
         """The fields, after the objective that says which config this is (`config_from_dict` reads it back). A source
         (`SOURCE_FIELDS`) that is a local file or folder is its absolute path (`local_path`), also where it is gone (a
         --student-init cleared away before a resume): the run's config.json and checkpoints then name the same data and
-        models from any working directory a run is resumed in."""
+        models from any working directory a run is resumed in. So does `out`: the run folder's absolute, resolved path
+        (`os.path.realpath`: through a symbolic link, without a trailing slash), where it was recorded as typed."""
         values = dataclasses.asdict(self)
         for name in SOURCE_FIELDS:
             value = values.get(name)
             path = local_path(value) if isinstance(value, str) else None
             if path is not None:
                 values[name] = path
+        if values["out"]:  # "" (no run folder given, refused by `check`) names none: realpath would make it the working directory
+            values["out"] = os.path.realpath(values["out"])
         return {"objective": self.objective} | values
 
     def differences(self, other: TrainConfig, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:

@@ -57,13 +57,14 @@ def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: st
     tags = ["text-to-image", "diffusers", "guidance-distillation" if kind == "guided" else "latent-consistency-model"]
     header = ModelCardData(library_name="diffusers", pipeline_tag="text-to-image", tags=tags + ["lora", "lcm-lora"] * (kind == "lora"),
                            base_model=split_revision(source)[0] if looks_like_hub_id(source) else None)  # org/name of org/name@rev
-    title = _title(what, source, config) + (", fine-tuned with LCF" if lcf else "")
+    title = _shown(_title(what, source, config)) + (", fine-tuned with LCF" if lcf else "")
     made_from = "the LCM" if what in ("lcm", "pixart", "lcm-lora") and lcf else "the model" if lcf else "the teacher"
     recorded = config.to_dict()  # its sources as the run's config.json names them: absolute paths, from any folder
     lines = [f"# {title}", "", WHAT[what], "", "## How it was made", "",
-             f"- From: {made_from} `{recorded[config.model_field]}`" + (f" with the LCM-LoRA `{recorded['lora']}`" if lcf and config.lora else ""),
+             f"- From: {made_from} `{_shown(recorded[config.model_field])}`"
+             + (f" with the LCM-LoRA `{_shown(recorded['lora'])}`" if lcf and config.lora else ""),
              f"- Method: {METHODS['lcf' if lcf else config.method]}",
-             f"- Data: `{recorded['data']}`",
+             f"- Data: `{_shown(recorded['data'])}`",
              f"- {config.steps} steps at batch {config.batch_size}, learning rate {config.lr:g}{_omega_rate(config)}, seed {config.seed}"]
     if not lcf and config.method in ("lcd", "ode"):
         lines.append(f"- Teacher ODE solver {config.solver}, skipping step k = {config.skip}")
@@ -132,8 +133,9 @@ def _literal(text: str) -> str:
     """A Python string literal of `text` in double quotes, read back as `text`: JSON's escapes (\\", \\\\, \\n, \\uXXXX) are
     Python's, and characters beyond the Basic Multilingual Plane (an emoji) stay as they are, where json.dumps's default
     ASCII wrote them as a UTF-16 surrogate pair ("\\ud83c\\udf89"), which Python reads as two lone surrogates: a path of
-    no file, a prompt no tokenizer takes."""
-    return json.dumps(text, ensure_ascii=False)
+    no file, a prompt no tokenizer takes. A lone surrogate (a non-UTF-8 file name as `os.fsdecode` gives it) is written as
+    its escape, \\udcXX, which Python reads back as that name: in the card as it is, no UTF-8 file could hold it."""
+    return json.dumps(text, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _usage(folder: Path, what: str, record: GuidanceRecord | None, base_record: GuidanceRecord | None, config,
@@ -164,7 +166,32 @@ def _usage(folder: Path, what: str, record: GuidanceRecord | None, base_record: 
         python.append(f"image = pipe({said}, num_inference_steps={steps}, guidance_scale={g:g}).images[0]")
         command = ["lcm", "generate", *_prompt_words(prompt), "--model", exported, "--out", IMAGES,
                    *(["--sampler", "ddim"] if what == "guided" else []), "--steps", str(steps)]
-    return ["```python", *python, "```", "", "```sh", shlex.join(command), "```"]
+    return ["```python", *python, "```", "", "```sh", " ".join(map(_shell_word, command)), "```"]
+
+
+def _name_bytes(text: str) -> bytes:
+    """The bytes `text` stands for: a file name's that is no UTF-8 (Linux takes any bytes), which `os.fsdecode` gave as
+    lone surrogates (U+DC80-U+DCFF), as those bytes; any other lone surrogate (half of a UTF-16 pair) as its escape."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
+
+
+def _shown(text: str) -> str:
+    """`text` as the card's prose shows it: a name's bytes that are no UTF-8 as backslash escapes (`caf\\xe9`,
+    `_name_bytes`), which a card written as UTF-8 can hold (it crashed on them); any other text as it is."""
+    return _name_bytes(text).decode("utf-8", "backslashreplace")
+
+
+def _shell_word(word: str) -> str:
+    """`word` quoted for the card's shell line as `shlex.join` quotes it; a name whose bytes are no UTF-8 in bash's
+    $'...' quoting, each such byte (and ', \\, control characters) as \\xNN: the line stays UTF-8 and names that file."""
+    raw = _name_bytes(word)
+    try:
+        return shlex.quote(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "$'" + "".join(chr(b) if 0x20 <= b < 0x7F and b not in b"'\\" else f"\\x{b:02x}" for b in raw) + "'"
 
 
 def _prompt_words(prompt: str) -> list[str]:
