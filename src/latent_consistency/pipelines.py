@@ -246,7 +246,18 @@ class Generator:
             warnings.warn(repeated_seed_note(repeated, flag="seeds"), RepeatedSeedWarning, stacklevel=4)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
             raise UserError(f"guidance scale {guidance_scale!r:.40} must be a finite number (diffusers' guidance_scale g; ω = g - 1)")
+        self.check_guidance_scale(guidance_scale)
         self.check_size(height, width, flag="")
+
+    def check_guidance_scale(self, guidance_scale: float, flag: str = "guidance scale") -> None:
+        """A UserError (naming `flag`) for a g this model is not sampled at: outside [0, MAX_GUIDANCE_SCALE], or below 1 for
+        a model that takes g through its ω input (ω = g − 1), which was trained on ω ≥ 0. The one rule of `lcm generate`,
+        the server and the Python call."""
+        if not 0 <= guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise UserError(f"{flag} {guidance_scale:.15g} is outside [0, {MAX_GUIDANCE_SCALE:g}]; {self.usual_guidance()}")
+        if self.model.time_cond_proj_dim is not None and guidance_scale < 1:
+            raise UserError(f"{flag} {guidance_scale:.15g} is below 1: {self.model.source} takes g through its ω input (ω = g - 1), "
+                            "which was trained on ω >= 0")
 
     def start(self, prompts: list[str], seeds: list[int], height: int, width: int):
         """(z_T, prompt embeddings, per-image generators): image i's noise from its own seed."""

@@ -43,7 +43,6 @@ from latent_consistency.pipelines import (
     DEFAULT_NEGATIVE_SCALE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
-    MAX_GUIDANCE_SCALE,
     MAX_SEED,
     LCMGenerator,
     RepeatedSeedWarning,
@@ -239,13 +238,16 @@ PATH_SETTINGS = ("model", "lora", "preview_decoder")
 
 
 def parse_style_lora(text: str) -> tuple[str, float]:
-    """--style-lora FILE[:WEIGHT] as (FILE, WEIGHT), weight 1 without one. A path that exists is taken whole (a file name with
-    a colon in it); FILE may be a hub id."""
+    """--style-lora FILE[:WEIGHT] as (FILE, WEIGHT), weight 1 without one. Text that names an existing file or folder is that
+    LoRA whole, at weight 1 (a file named `s.safetensors:0.5`); so is text whose last colon is followed by a path, not a
+    weight (Windows' `C:\\loras\\s.safetensors`). FILE may be a hub id (org/name[@rev]:WEIGHT)."""
     if not text.strip():
         raise UserError("--style-lora is empty; give a LoRA file, folder or hub id, with :WEIGHT to scale it, e.g. --style-lora style.safetensors:0.8")
-    if Path(text).exists() or ":" not in text:
+    path, colon, weight = text.rpartition(":")
+    if Path(text).exists() or not colon or "/" in weight or "\\" in weight:
         return text, 1.0
-    path, _, weight = text.rpartition(":")
+    if not path.strip():  # Path("") is the working directory, which was taken for the LoRA folder
+        raise UserError(f"--style-lora {text}: no LoRA before the colon; give FILE:WEIGHT, e.g. style.safetensors{text}")
     try:
         value = float(weight)
     except ValueError:
@@ -458,16 +460,13 @@ def generate(args) -> None:
         raise UserError("--lora is an LCM-LoRA and --style-lora goes beside an LCM: sample them with --sampler lcm")
     else:
         generator = SolverGenerator.load(args.model, device, dtype, args.sampler)
-    if args.guidance_scale is not None and not 0 <= args.guidance_scale <= MAX_GUIDANCE_SCALE:  # said of what is sampled
-        raise UserError(f"--guidance-scale {args.guidance_scale:.15g} is outside [0, {MAX_GUIDANCE_SCALE:g}]; {generator.usual_guidance()}")
+    if args.guidance_scale is not None:  # said of what is sampled, before any compile
+        generator.check_guidance_scale(args.guidance_scale, "--guidance-scale")
     if args.preview_decoder is not None:
         generator.use_preview_decoder(args.preview_decoder)
     if args.compile:
         generator.compile()
     guidance_scale = generator.default_guidance_scale() if args.guidance_scale is None else args.guidance_scale
-    if generator.model.time_cond_proj_dim is not None and guidance_scale < 1:
-        raise UserError(f"--guidance-scale {guidance_scale:.15g} is below 1: {args.model} takes g through its ω input (ω = g - 1), "
-                        "which was trained on ω >= 0")
     if args.steps is None and not custom:
         steps = generator.default_steps()  # a progressive round samples in the steps it was distilled for
     options = {}
