@@ -48,6 +48,40 @@ def test_skip_existing_resumes_a_killed_run_with_the_same_images(tiny_lcm, tmp_p
     assert code == 2 and len(err.splitlines()) == 1 and "0003-a-red-star.png, which is not an image file" in err, err
 
 
+def test_skip_existing_refuses_images_of_weights_saved_again_at_the_same_path(tiny_lcm, tmp_path, run_error):
+    """A model saved again at its path (a resumed `lcm distill` exports anew) is other weights under the same name: its
+    old images were kept as this run's by --skip-existing, since the record held the path alone. An image whose record
+    predates the weights' digests (an earlier version's) is kept as before."""
+    import shutil
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(tiny_lcm, tmp_path / "lcm")
+    out = tmp_path / "images"
+    assert run_error(generate(model, out, "a red star"))[0] == 0
+    image = out / "0000-a-red-star.png"
+    code, err = run_error(generate(model, out, "a red star", "a blue ring", "--skip-existing"))
+    assert code == 0, err  # the same weights: kept
+    weights = next((model / "unet").glob("*.safetensors"))
+    save_file({k: v + 0.01 for k, v in load_file(weights).items()}, weights)  # "distilled again"
+    before = image.read_bytes()
+    code, err = run_error(generate(model, out, "a red star", "a blue ring", "--skip-existing"))
+    assert code == 2 and len(err.splitlines()) == 1 and "other weights under the same name (model:" in err, err
+    assert image.read_bytes() == before
+    for made in out.iterdir():  # as an earlier version wrote them: no "weights"
+        png = Image.open(made)
+        png.load()
+        record = json.loads(png.text["lcm-generate"])
+        record.pop("weights")
+        info = PngInfo()
+        info.add_itxt("lcm-generate", json.dumps(record))
+        png.save(made, pnginfo=info)
+    code, err = run_error(generate(model, out, "a red star", "a blue ring", "--skip-existing"))
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("case", ["image file name", "empty name", "steps and timesteps", "empty timesteps", "blank prompt"])
 def test_generate_refuses(case, tiny_lcm, tmp_path, run_error, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an empty --out wrote into the current folder

@@ -297,7 +297,20 @@ def run_settings(args, generator, timesteps, guidance_scale: float, height: int,
     if "init_images" in options:
         settings |= {"init_image": recorded_path(args.init_image), "init_image_sha256": _file_digest(args.init_image),
                      "strength": float(options["strength"])}
+    settings["weights"] = weights_digests(args)
     return settings
+
+
+def weights_digests(args) -> dict:
+    """{setting: digest} of the weights the run's paths name (`training.sources.model_digest`: file names, sizes and
+    sampled bytes; a hub id's commit): a model saved again at its path (a resumed `lcm distill` exporting anew) is other
+    weights under the same name, whose images `--skip-existing` kept as this run's (the record held the path alone)."""
+    from latent_consistency.training.sources import model_digest
+
+    digests = {name: model_digest(value) for name in PATH_SETTINGS if (value := getattr(args, name))}
+    if args.style_lora:
+        digests["style_loras"] = [model_digest(path) for path, _ in map(parse_style_lora, args.style_lora)]
+    return digests
 
 
 def image_record(prompt: str, seed: int, settings: dict) -> dict:
@@ -328,6 +341,8 @@ def _same(key: str, old, new) -> bool:
                                             for o, n in zip(old, new))
     if key in PATH_SETTINGS and isinstance(old, str) and isinstance(new, str) and old != new:
         return os.path.abspath(old) == os.path.abspath(new)
+    if key == "weights" and old is None:  # an image of an earlier version, which recorded paths alone: kept as before
+        return True
     return key == "init_image" or old == new  # an init image is compared by its contents (init_image_sha256)
 
 
@@ -342,6 +357,12 @@ def check_kept(files: list[Path], kept: set[int], records: list[dict]) -> None:
                             "generate writes one in each image), so it cannot be kept as this run's; move it away, or choose "
                             "another --out folder")
         for key in dict.fromkeys([*records[i], *old]):
+            if key == "weights" and not _same(key, old.get(key), records[i].get(key)):
+                changed = ", ".join(name for name in dict.fromkeys([*old[key], *records[i][key]])
+                                    if old[key].get(name) != records[i][key].get(name))
+                raise UserError(f"--skip-existing: {files[i]} was made with other weights under the same name ({changed}: saved "
+                                "again since, e.g. a resumed lcm distill exporting anew); move the old images away, or choose "
+                                "another --out folder")
             if not _same(key, old.get(key), records[i].get(key)):
                 raise UserError(f"--skip-existing: {files[i]} was made with {key} {old.get(key)!r}, this run's image {i} takes "
                                 f"{records[i].get(key)!r}; resume with the settings of the run that made it, or choose another "
