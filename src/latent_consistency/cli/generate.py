@@ -10,7 +10,8 @@ encoded, noised to the strength's start timestep with each image's seeded noise,
 `--preview-decoder DIR_OR_HUB_ID` decodes with a tiny approximate decoder (`latent_consistency.preview`).
 
 Each PNG records its prompt, its seed (SEED+i) and the settings that decide its pixels, as JSON in a text chunk
-(`RECORD_KEY`): `lcm generate PROMPT --seed SEED` with them makes the same image alone or in any batch.
+(`RECORD_KEY`), with a digest of the weights each path held: `lcm generate PROMPT --seed SEED` with them makes the same
+image alone or in any batch (in float32; to rounding in bfloat16, with --compile or on another device).
 
 Every input is checked before the first file is written.
 """
