@@ -247,3 +247,22 @@ def test_the_reference_images_of_a_large_folder_hold_no_path_per_file(tmp_path, 
     finally:
         tracemalloc.stop()
     assert reference is not None and kept < 2000 * 100, kept / 2000
+
+
+def test_a_reference_folder_larger_than_the_evaluation_is_read_across_its_subfolders(tmp_path):
+    """--reference FOLDER: an evaluation reads as many real images as it generates, and they were the first of the sorted
+    folder, cats/ before dogs/: FID's reference statistics of one class. They are now taken in a fixed shuffle of the
+    whole folder, the same on every run."""
+    from PIL import Image
+
+    from latent_consistency.cli.evaluate import read_reference
+
+    for sub, colour in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
+        (tmp_path / sub).mkdir()
+        for i in range(10):
+            Image.new("RGB", (16, 16), colour).save(tmp_path / sub / f"{i:02d}.png")
+    first = torch.stack(list(read_reference(str(tmp_path), 16, 6)))
+    reds = int((first[:, 0].mean((1, 2)) > 0).sum())
+    assert 0 < reds < 6  # both subfolders
+    assert torch.equal(first, torch.stack(list(read_reference(str(tmp_path), 16, 6))))  # the same images every run
+    assert len(list(read_reference(str(tmp_path), 16, 50))) == 20

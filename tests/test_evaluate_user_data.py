@@ -58,7 +58,7 @@ def test_a_reference_folder_of_plain_images_needs_no_captions(user, tmp_path, ru
     images without captions (what FID tools take) was refused, "no usable captioned image ... give each image a
     caption", exit 2. Now every image of the folder and its subfolders is a reference image, and the FID written is the
     one computed directly from the images."""
-    from latent_consistency.cli.evaluate import read_reference
+    from latent_consistency.cli.evaluate import image_files, read_reference, reference_order
     from latent_consistency.evaluation.inception import InceptionFeatures
     from latent_consistency.evaluation.table import EvalSet, Row, generate
     from latent_consistency.models import load_lcm
@@ -72,7 +72,8 @@ def test_a_reference_folder_of_plain_images_needs_no_captions(user, tmp_path, ru
     lcm, network = load_lcm(str(user["lcm"])), InceptionFeatures.load(user["inception"])
     references = torch.stack(list(read_reference(str(reference), 16, 10)))  # read one by one, never held
     assert references.shape == (5, 3, 16, 16) and references.min() >= -1 and references.max() <= 1
-    assert references[4].std() > 0.2  # the 16-bit image scaled to 8 bits, not clipped to white
+    sixteen_bit = reference_order(image_files(reference)).index("e.png")
+    assert references[sixteen_bit].std() > 0.2  # the 16-bit image scaled to 8 bits, not clipped to white
     fake = generate(Row("lcm", 1, 8.0), lcm, None, EvalSet(["a red star", "café ☕", "a red star"], None, references, 2), "cpu")
     features = [network.features(x).double().numpy() for x in (references, fake)]
     assert row["images"] == 6 and row["inception_fid"] == pytest.approx(fid(*features), rel=1e-4)

@@ -215,11 +215,34 @@ def test_the_sweep_plot_reads_plain_fid_ticks_and_names_runs_of_any_script(tmp_p
     def keep(fig, path, **kwargs):
         fig.canvas.draw()
         seen["ticks"] = [t.get_text() for ax in fig.axes for t in ax.get_yticklabels(which="both")]
+        seen["steps"] = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels() if t.get_text()]
         seen["family"] = list(plt.rcParams["font.family"])
         return path
 
     monkeypatch.setattr(over_training, "savefig_atomic", keep)
-    rows = [{"step": s, "fid_1": 10 - s / 100, "fid_2": 30 + s / 10, "fid_4": 6.0} for s in (100, 200)]
+    rows = [{"step": s, "fid_1": 10 - s / 100, "fid_2": 30 + s / 10, "fid_4": 6.0} for s in (20, 40)]
     over_training.write_sweep({"кот-k20": rows, "猫-k20": rows}, tmp_path)
     assert any(seen["ticks"]) and not any("^" in t or "times" in t for t in seen["ticks"])
+    assert seen["steps"] and all(t.lstrip("−-").isdigit() for t in seen["steps"])  # whole steps: no 22.5
     assert seen["family"] == fonts.families_for(["猫"])
+
+
+def test_fid_ticks_that_close_read_apart():
+    """A student that ignores ω draws Figures 4-5 with FID 1160.895 to 1160.897: eight ticks all read "1160.9" (six
+    significant digits), and a flat line looked like a steep climb. The ticks get the digits that tell them apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from latent_consistency.evaluation.table import plain_ticks
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [1160.895, 1160.896, 1160.897])
+    ax.set_yscale("log")
+    plain_ticks(ax, "y")
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    shown = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text() and low <= t.get_position()[1] <= high]
+    plt.close(fig)
+    assert len(shown) > 2 and len(set(shown)) == len(shown), shown

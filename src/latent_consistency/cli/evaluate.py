@@ -16,6 +16,7 @@ import functools
 import hashlib
 import itertools
 import json
+import random
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -140,9 +141,10 @@ class DataItems:
 
 def read_reference(spec: str, resolution: int, n: int, captioned: bool = False, items: DataItems | None = None):
     """The first `n` real images of a data spec for FID, each image once, as `evaluation.table.ReferenceImages`: read
-    again, a batch at a time, on each pass over them, never all held. An image folder gives its image files (sorted,
-    nested folders included) whether captioned or not, for FID reads no captions; with `captioned` (the folder is also
-    --prompts) those of its captioned samples, in their order: the images of the prompts evaluated first. A folder
+    again, a batch at a time, on each pass over them, never all held. An image folder gives its image files (nested
+    folders included) whether captioned or not, for FID reads no captions, in `reference_order` (a fixed shuffle: `n` of
+    them from the whole folder); with `captioned` (the folder is also --prompts) those of its captioned samples, in their
+    order: the images of the prompts evaluated first. A folder
     captioned by metadata.jsonl lists an image once per caption (COCO's five), each of them one image here, not five.
     Undecodable files are skipped and counted in the log (once, whatever the passes). Any other spec gives the images of
     `DataItems` (`items`: the spec as the evaluation opened it for its prompts), shards' skips logged once too. The file
@@ -158,7 +160,7 @@ def read_reference(spec: str, resolution: int, n: int, captioned: bool = False, 
         folder = items.image_folder()
         names, skipped = ([], None) if folder is None else (folder.samples.files, folder.skipped)
     else:
-        names, skipped = image_files(path), SkipCounter(name=f"image folder {path}")
+        names, skipped = reference_order(image_files(path)), SkipCounter(name=f"image folder {path}")
     if not names:  # shards, a latent cache, world:NAME, a .txt file, a folder of .heic photos alone (refused, saying why)
         return ReferenceImages(lambda: (it["image"] for it in items.first(n) if "image" in it))
 
@@ -167,6 +169,18 @@ def read_reference(spec: str, resolution: int, n: int, captioned: bool = False, 
         return itertools.islice((image for image in (load_rgb(file, resolution, skipped) for file in files) if image is not None), n)
 
     return ReferenceImages(usable)
+
+
+REFERENCE_ORDER_SEED = 0  # one order of a --reference folder for every evaluation, whatever its --seed
+
+
+def reference_order(names: list[str]) -> list[str]:
+    """The order in which an uncaptioned --reference folder's images (`image_files`, sorted) are read: a shuffle, the same
+    on every run. An evaluation reads as many as it generates, and the first of a sorted folder were those of its first
+    subfolders alone (cats/ of cats/ and dogs/): the reference statistics of one class, and FID biased without a word."""
+    order = list(names)
+    random.Random(REFERENCE_ORDER_SEED).shuffle(order)
+    return order
 
 
 def image_files(path: Path) -> list[str]:

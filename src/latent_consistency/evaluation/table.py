@@ -549,8 +549,16 @@ def plain_ticks(ax, axis: str, values: list[float] | None = None) -> None:
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, NullFormatter
 
     class PlainLog(LogFormatterSciNotation):
+        digits = 6  # `format_ticks` raises it where ticks that close would read alike (FID 1160.895 to 1160.897)
+
         def __call__(self, x, pos=None):
-            return f"{x:g}" if super().__call__(x, pos) else ""
+            return f"{x:.{self.digits}g}" if super().__call__(x, pos) else ""
+
+        def format_ticks(self, values):
+            self.set_locs(values)
+            shown = [x for x in values if super(PlainLog, self).__call__(x)]
+            self.digits = next((d for d in range(6, 16) if len({f"{x:.{d}g}" for x in shown}) == len(shown)), 16)
+            return [self(x, i) for i, x in enumerate(values)]
 
     target = ax.xaxis if axis == "x" else ax.yaxis
     if values is not None:

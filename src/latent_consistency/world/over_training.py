@@ -233,6 +233,7 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     write_json_atomic(run / "over_training.json", rows)
     error_keys = [k for k in rows[0] if k.startswith("ode_error_")]
@@ -266,6 +267,8 @@ def write_report(run: Path, rows: list[dict], steps: tuple[int, ...] = STEPS) ->
     for n in steps:
         ax.plot(iterations, [r[f"fid_{n}"] for r in rows], marker="o", label=f"{n}-step")
     ax.set_xlabel("training step")
+    for panel in axes[0]:
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 22.5
     ax.set_ylabel("FID (judge features)")
     ax.set_yscale("log")  # a v student's relearning phase scores in the thousands
     plain_ticks(ax, "y")
@@ -302,6 +305,7 @@ def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     with fonts.for_texts(list(curves)):  # run names of any script in the legend
         styles = _line_styles(list(curves))
@@ -310,6 +314,7 @@ def write_sweep(curves: dict[str, list[dict]], out: Path, steps: tuple[int, ...]
             for name, rows in curves.items():
                 ax.plot([r["step"] for r in rows], [r[f"fid_{n}"] for r in rows], label=name, **styles[name])
             ax.set_xlabel("training iteration")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 22.5
             ax.set_ylabel(f"FID, judge features, {n}-step (lower is better)")
             ax.set_title(f"{n}-step sampling", fontsize=9)
             ax.set_yscale("log")
