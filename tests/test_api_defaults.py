@@ -155,3 +155,15 @@ def test_a_hub_id_is_recorded_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no folder org/lcm here: the name is a hub id
     assert recorded_path("org/lcm") == "org/lcm" and recorded_path("org/lcm@v1") == "org/lcm@v1"
     assert recorded_path("models/lcm/") == str(tmp_path / "models" / "lcm") and recorded_path(None) is None
+
+
+def test_load_takes_device_and_dtype_as_the_flags_do(tiny_lcm):
+    """The guide says `device=, dtype=` take what `--device` and `--dtype` take: "auto" raised torch's own RuntimeError
+    and "bfloat16" was refused for a str."""
+    import torch
+
+    from latent_consistency.pipelines import LCMGenerator
+
+    generator = LCMGenerator.load(str(tiny_lcm), device="auto", dtype="bfloat16")
+    assert generator.device.type in ("cpu", "cuda", "mps") and generator.dtype == torch.bfloat16
+    assert generator.model.unet.dtype == torch.bfloat16

@@ -219,13 +219,18 @@ def test_the_guidance_distilled_model_records_the_range_its_omega_input_learned(
     assert "guidance scale 7.5 is outside [1, 4], the range this model's ω input was distilled on" in capsys.readouterr().err
 
 
-def test_distilling_from_the_guidance_distilled_model_outside_its_range_gets_a_note(guided, image_folder, tmp_path, capsys):
-    """LCD from a stage-one model learned on [1, 4] over the preset's [3, 15]: its guidance extrapolates above 4, and the
-    run says so (as LCF of an LCM does); inside [1, 4] there is no note."""
+def test_distilling_from_the_guidance_distilled_model_takes_its_range_and_notes_one_outside(guided, image_folder, tmp_path, capsys):
+    """LCD from a stage-one model learned on [1, 4]: without a range it distils on [1, 4], its record's (it took the
+    preset's [3, 15], where the teacher's guidance extrapolates above 4, as the guide's own commands did); a range given
+    outside [1, 4] gets a note (as LCF of an LCM does)."""
+    import json
+
     common = ["distill", "--preset", "tiny", "--teacher", str(guided), "--data", str(image_folder), "--steps", "1",
               "--omega-response-samples", "0"]
-    assert main([*common, "--out", str(tmp_path / "outside")]) == 0
-    notes = [line for line in capsys.readouterr().err.splitlines() if "ω input learned" in line]
-    assert len(notes) == 1 and "[3, 15] reaches outside [1, 4]" in notes[0], notes
-    assert main([*common, "--out", str(tmp_path / "inside"), "--guidance-scale-min", "1", "--guidance-scale-max", "4"]) == 0
+    assert main([*common, "--out", str(tmp_path / "default")]) == 0
     assert "ω input learned" not in capsys.readouterr().err
+    config = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert (config["guidance_scale_min"], config["guidance_scale_max"]) == (1.0, 4.0)
+    assert main([*common, "--out", str(tmp_path / "outside"), "--guidance-scale-max", "8"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "ω input learned" in line]
+    assert len(notes) == 1 and "[1, 8] reaches outside [1, 4]" in notes[0], notes

@@ -17,6 +17,7 @@ import torch
 
 from latent_consistency.compilation import compile_for_sampling
 from latent_consistency.denoisers import NegativePromptGuidance
+from latent_consistency.devices import resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 from latent_consistency.models import (
     DiffusionModel,
@@ -104,6 +105,14 @@ def check_real(value, name: str, meaning: str) -> None:
     """A real number (a Python or numpy one, not a bool or a string): `meaning` says what `name` is, for the message."""
     if not is_real(value):
         raise UserError(f"{name} must be a number ({meaning}), got {value!r:.40}")
+
+
+def placement(device: torch.device | str, dtype: torch.dtype | str) -> tuple[torch.device, torch.dtype]:
+    """`device` and `dtype` of a `load`, also as `--device` and `--dtype` take them (`devices.resolve_device`,
+    `resolve_dtype`): "auto" (the accelerator this machine has), "cuda:1", "bfloat16". `torch.device("auto")` raised
+    torch's own RuntimeError, and "bfloat16" was refused for a str."""
+    device = resolve_device(device)
+    return device, resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
 
 
 @dataclass
@@ -279,13 +288,13 @@ class LCMGenerator(Generator):
     """An LCM (or a diffusion model with an LCM-LoRA), sampled with Algorithm 3."""
 
     @classmethod
-    def load(cls, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, lora: str | None = None,
+    def load(cls, path: str, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32, lora: str | None = None,
              style_loras: Sequence[tuple[str, float]] = ()) -> LCMGenerator:
         """An LCM, or a diffusion model with the LCM-LoRA `lora`, on `device` in `dtype` (by default float32 on the CPU, as
         `models.load_lcm`); `style_loras` (a file, folder or hub id and its weight each) are mixed in beside it as diffusers'
         `set_adapters` mixes LoRAs (`models.add_style_loras`)."""
         check_style_loras(style_loras)  # before the model loads: a single (LoRA, weight) pair would be unpacked wrongly
-        device = torch.device(device)
+        device, dtype = placement(device, dtype)
         model = load_lcm(path, dtype, device) if lora is None else load_lcm_lora(path, lora, dtype, device)
         return cls(add_style_loras(model, list(style_loras), dtype, device), device, dtype)
 
@@ -427,12 +436,13 @@ class SolverGenerator(Generator):
     kind = "solver"
 
     @classmethod
-    def load(cls, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, sampler: str = "ddim") -> SolverGenerator:
+    def load(cls, path: str, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
+             sampler: str = "ddim") -> SolverGenerator:
         """A diffusion model on `device` in `dtype` (by default float32 on the CPU, as `LCMGenerator.load`), sampled with
         `sampler` (one of `sampling.TEACHER_SAMPLERS`, checked before the model loads)."""
         if sampler not in TEACHER_SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(TEACHER_SAMPLERS)}")
-        device = torch.device(device)
+        device, dtype = placement(device, dtype)
         model = load_diffusion_model(path, dtype, device)
         if model.is_lcm:
             raise UserError(f"{path} is an LCM: sample it with --sampler lcm")

@@ -555,8 +555,9 @@ FORMER_DEFAULTS = {"time_cond_proj_dim": (DEFAULT_TIME_COND_PROJ_DIM,)}
 
 def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_file: str | None = None,
                    overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- preset <- JSON file <- overrides (None values are skipped); for LCF of an LCM with a guidance record, the
-    record's range and default g where neither the file nor the overrides give them (`recorded_guidance_fields`)."""
+    """Defaults <- preset <- JSON file <- overrides (None values are skipped); for LCF of an LCM with a guidance record, or
+    distillation from a guidance-distilled teacher with one, the record's range and default g where neither the file nor
+    the overrides give them (`recorded_guidance_fields`)."""
     values: dict[str, Any] = {}
     if preset:
         if preset not in PRESETS[cls]:
@@ -568,8 +569,11 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
     values.update(from_file)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     values.update(given)
-    if cls.objective == "lcf":  # what the LCM's guidance record says, where the user's flags and config file say nothing
-        values.update(recorded_guidance_fields(values.get("model"), set(given) | set(from_file)))
+    # what the model's guidance record says, where the user's flags and config file say nothing: LCF of an LCM, and
+    # distillation from a guidance-distilled teacher (Guided-Distill's stage one, a progressive round), whose ω input
+    # learned that range: the preset's or default's range reached outside it, where the targets extrapolate
+    source = "model" if cls.objective == "lcf" else "teacher"
+    values.update(recorded_guidance_fields(values.get(source), set(given) | set(from_file)))
     adapter = values.get("adapter", field_default(cls, "adapter"))
     method = values.get("method", field_default(cls, "method")) if "method" in field_help(cls) else None
 
@@ -734,9 +738,11 @@ RECORDED_GUIDANCE_FIELDS = ("guidance_scale_min", "guidance_scale_max", "validat
 
 
 def recorded_guidance_fields(model: str | None, chosen: set[str]) -> dict[str, float]:
-    """LCF of an LCM with a guidance record: the range its ω input was distilled on and its default g, for the fields the
-    user did not choose (`chosen`) — a preset's range or g would move the fine-tuned LCM's default g, or draw ω where it
-    extrapolates, though LCF teaches no guidance. Nothing for an LCM without a record (from elsewhere, a hub id online)."""
+    """LCF of an LCM with a guidance record, or distillation from a guidance-distilled teacher with one: the range its ω
+    input was distilled on and its default g, for the fields the user did not choose (`chosen`) — a preset's range or g
+    would move the fine-tuned LCM's default g, or draw ω where it extrapolates (LCF teaches no guidance; a teacher's ω
+    input gives its targets no guidance it did not learn). Nothing for a model without a record (a CFG teacher, an LCM
+    from elsewhere, a hub id online)."""
     record = guidance_record_of(model) if isinstance(model, str) and model else None
     if record is None:
         return {}
