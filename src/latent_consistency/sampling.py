@@ -266,10 +266,12 @@ def check_teacher_steps(sampler: str, scheduler_config: dict, num_steps: int):
 CLEAN_START_ALPHA_CUMPROD = 0.5
 
 
-def solver_start_note(model, sampler: str, steps: int) -> str | None:
+def solver_start_note(model, sampler: str, steps: int, steps_flag: str | None = "--steps") -> str | None:
     """A note when `steps` steps of `sampler` start where the model reads pure noise as a nearly clean latent: SD's "leading"
     spacing puts one DDIM step at timestep 1, so the image is the starting noise itself (diffusers' pipelines do the same).
-    `lcm generate --sampler` and the teacher's rows of `lcm evaluate` say it."""
+    `lcm generate --sampler` and the teacher's rows of `lcm evaluate` say it, with the fewest steps that start elsewhere
+    as a value of their `steps_flag`; a caller with no such flag (`lcm demo`, whose table is fixed at 1/2/4/8 steps) gives
+    None and the note names no flag."""
     schedule = model.schedule
 
     def clean_start(n: int) -> int | None:
@@ -287,7 +289,7 @@ def solver_start_note(model, sampler: str, steps: int) -> str | None:
     return (f"{steps} {sampler} step(s) under this model's scheduler config (timestep_spacing {config.get('timestep_spacing')!r}, "
             f"steps_offset {config.get('steps_offset')}) start at timestep {start}, where the network reads the starting noise as a "
             f"nearly clean latent (ᾱ = {float(schedule.alphas_cumprod[start]):.3f}), so the images keep that noise, as in diffusers' "
-            "pipelines" + (f"; give --steps {fewest} or more" if fewest else ""))
+            "pipelines" + (f"; give {steps_flag} {fewest} or more" if fewest and steps_flag else ""))
 
 
 @torch.no_grad()

@@ -111,13 +111,15 @@ def table_rows(steps: list[int], guidance_scales: list[float], teacher: bool, re
     return rows
 
 
-def teacher_start_notes(teacher, steps: list[int]) -> list[str]:
+def teacher_start_notes(teacher, steps: list[int], steps_flag: str | None = "--steps") -> list[str]:
     """What `lcm generate --sampler` notes of each of the teacher's rows (`sampling.solver_start_note`), which `lcm evaluate`
     and the demo say under their table: under SD's scheduler config (the built-in world's as well) one DDIM step starts
-    at timestep 1, and its row scores the starting noise, not a 1-step sample (the world's DDIM FID of about 420)."""
+    at timestep 1, and its row scores the starting noise, not a 1-step sample (the world's DDIM FID of about 420). The
+    fewest steps that start elsewhere are named as a value of `steps_flag`, where the caller has that flag (the demo has
+    none: None)."""
     if teacher is None:
         return []
-    found = (solver_start_note(teacher, sampler, n) for sampler in TEACHER_SOLVERS for n in steps)
+    found = (solver_start_note(teacher, sampler, n, steps_flag) for sampler in TEACHER_SOLVERS for n in steps)
     return [f"The teacher's rows: {note}" for note in found if note]
 
 

@@ -13,29 +13,36 @@
 6. The LCM before and after fine-tuning, at 1/2/4 steps on the held-out digit prompts, scored with the digits judge;
    a before/after grid.
 
-Rerunning continues an interrupted run and reuses finished parts.
+Rerunning continues an interrupted run (a latent cache from its last whole shard) and reuses finished parts; the report's
+wall time is the sum of each phase's time over the runs that made the folder. A second demo into an --out that one is
+writing is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from latent_consistency.data.latent_cache import write_latent_cache
+from latent_consistency.data.latent_cache import MANIFEST, write_latent_cache
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.evaluation.compare import SamplerSpec, sample, sample_consistency
 from latent_consistency.evaluation.fid import check_image_count, fid_score
 from latent_consistency.evaluation.table import EvalSet, JudgeScorer, run_table, table_rows, teacher_start_notes, write_grid, write_plots, write_report
+from latent_consistency.folder_lock import hold
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.models import consistency_model, load_lcm, make_student_unet
 from latent_consistency.outputs import writable_folder, write_json_atomic, write_text_atomic
 from latent_consistency.training.config import DistillConfig, FinetuneConfig, TrainConfig, resolve_config
-from latent_consistency.training.loop import train
+from latent_consistency.training.loop import holding_out, train
 from latent_consistency.training.run_folder import continued_by, saved_config
+from latent_consistency.training.sources import model_digest, recorded_sources
 from latent_consistency.world.artifact import default_world_path, load_world
 from latent_consistency.world.build import build_world, reusable_phases, world_spec
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
@@ -57,14 +64,17 @@ def _table(rows: list[tuple[str, dict]]) -> str:
 
 def ensure_latent_cache(world, cache: Path, device, dataset: str | None = None) -> Path:
     """D_z = {E(x)}: a training split of the world (its own dataset by default) encoded once into a latent cache
-    (reused when present)."""
+    (reused when present). Its source names the registered dataset (`source["data"]`, as `lcm cache --data world:shapes`
+    does), so a cache stopped part way resumes from its last whole shard (`write_latent_cache`), where it was encoded again
+    from the start; the job's data identity holds the split's size (the demo's first DISTILL_IMAGES of its own dataset),
+    and the source the seed and size too, so that a cache of another size or world's draw is started again, not finished."""
     dataset = dataset or world.dataset
-    if not (cache / "manifest.json").is_file():
+    if not (cache / MANIFEST).is_file():
         size = min(DISTILL_IMAGES, world.preset.train_size) if dataset == world.dataset else None
         train_split = get_dataset(dataset, "train", world.resolution, seed=world.preset.seed, size=size)
         print(f"[demo] encoding {len(train_split)} {dataset} training images into {cache}", flush=True)
-        write_latent_cache(train_split, cache, world.codec, world.model.prompts,
-                           source={"dataset": dataset, "split": "train", "resolution": world.resolution}, device=device)
+        source = {"data": f"world:{dataset}:train", "resolution": world.resolution, "seed": world.preset.seed, "size": len(train_split)}
+        write_latent_cache(train_split, cache, world.codec, world.model.prompts, source=source, device=device)
     return cache
 
 
@@ -77,34 +87,52 @@ def reference_set(world, dataset: str, n: int) -> tuple[list[str], list, torch.T
 
 def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_samples: int, device: str,
              world_preset: str = "default", finetune_steps: int | None = None) -> Path:
-    t0 = time.perf_counter()
+    """The demo into `out` (the module's docstring), holding its lock throughout (`folder_lock.hold`): a second demo into
+    the same --out is refused in one line, where it cleared the first's unfinished latent cache and trained its runs beside
+    it. A stop anywhere says how to go on (`continued_by_rerun`)."""
     check_image_count(eval_samples, "--eval-samples")  # known now, not after the distillation
     if world_dir is not None and world_preset != "default":
         raise UserError(f"--world {world_dir} is the world to use and --world-preset {world_preset} one to build: give one of them")
-    build_reason = None
-    if world_dir is None:
-        get_preset(world_preset)  # an unknown preset is refused before anything is made
-        try:
-            if world_preset != "default":
-                raise UserError("only the default world is shipped")
-            world_dir = default_world_path()
-        except UserError as reason:
-            build_reason, world_dir = reason, out / f"world-{world_preset}"
-    for flag, run, steps in (("--distill-steps", out / "distill", distill_steps), ("--finetune-steps", out / "finetune", finetune_steps)):
-        _check_finished_steps(flag, run, steps)
-    _check_own_runs(out, Path(world_dir))
-    _check_out(out)
-    dev = resolve_device(device)
-    writable_folder(out, "--out")
-    if build_reason is not None:
-        # Build the world here (resumable; the default preset takes about 55 minutes on a 2-core CPU)
-        print(f"[demo] {build_reason}; building the {world_preset!r} world into {world_dir} "
-              "(resumable: rerun to continue)", flush=True)
-        build_world(world_preset, world_dir, dev, parts_from=_shipped_parts_for(world_preset))
-    world = load_world(Path(world_dir), dev)
+    world_dir, build_reason = _world_to_use(out, world_dir, world_preset)
+    _check_out_name(out)
+    writable_folder(out, "--out")  # before the lock, which lies beside it: a missing parent would leave the demo unguarded
+    with hold(out), continued_by_rerun():
+        for flag, run, steps in (("--distill-steps", out / "distill", distill_steps), ("--finetune-steps", out / "finetune", finetune_steps)):
+            _check_finished_steps(flag, run, steps)
+        _check_own_runs(out, world_dir)
+        _check_out(out)
+        dev = resolve_device(device)
+        clock = PhaseClock(out)
+        with clock.phase("the world"):
+            if build_reason is not None:
+                # Build the world here (resumable; the default preset takes about 55 minutes on a 2-core CPU)
+                print(f"[demo] {build_reason}; building the {world_preset!r} world into {world_dir} "
+                      "(resumable: rerun to continue)", flush=True)
+                build_world(world_preset, world_dir, dev, parts_from=_shipped_parts_for(world_preset))
+            world = load_world(world_dir, dev)
+        return _distil_and_compare(out, world, world_dir, distill_steps, eval_samples, dev, finetune_steps, clock)
 
+
+def _world_to_use(out: Path, world_dir: Path | None, world_preset: str) -> tuple[Path, UserError | None]:
+    """The world's folder, and why it is to be built there (None for a world that is there: --world, the shipped one)."""
+    if world_dir is not None:
+        return Path(world_dir), None
+    get_preset(world_preset)  # an unknown preset is refused before anything is made
+    try:
+        if world_preset != "default":
+            raise UserError("only the default world is shipped")
+        return Path(default_world_path()), None
+    except UserError as reason:
+        return out / f"world-{world_preset}", reason
+
+
+def _distil_and_compare(out: Path, world, world_dir: Path, distill_steps: int | None, eval_samples: int, dev,
+                        finetune_steps: int | None, clock: PhaseClock) -> Path:
+    """Phases 1-6 of the demo (the module's docstring) on the loaded `world`, each timed or noted as reused by `clock`."""
     # 1. Latent cache of the training split
-    cache = ensure_latent_cache(world, out / "latents", dev)
+    cache = out / "latents"
+    with clock.phase("the latent cache", reused=(cache / MANIFEST).is_file()):
+        ensure_latent_cache(world, cache, dev)
 
     # 2. Distillation
     run = out / "distill"
@@ -112,13 +140,30 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     config = finished_run_config(run) or demo_config(DistillConfig, overrides, "--distill-steps")
     # Every sampler is compared at the guidance scale of the preset's validation grid, inside its ω range
     guidance = config.validation_guidance_scale
-    lcm_dir = run / "lcm"
-    if not exported(run):
-        print(f"[demo] distilling {config.steps} steps into {run}", flush=True)
-        with continued_by(RERUN):
-            train(config, resume=(run / "config.json").is_file(), cpu=dev.type == "cpu")
-    lcm = load_lcm(str(lcm_dir), device=dev)
+    with clock.phase("the distillation", reused=exported(run)):
+        train_once(config, run, dev, f"[demo] distilling {config.steps} steps into {run}")
+    lcm = load_lcm(str(run / "lcm"), device=dev)
 
+    with clock.phase("the table"):
+        report, summary = compare_samplers(out, world, world_dir, lcm, config, guidance, eval_samples, dev)
+
+    # 5-6. Latent consistency fine-tuning of the LCM on digits, which its teacher never saw; scored on held-out digits
+    if FINETUNE_DATASET in world.judges:
+        section, finetuned = finetune_on_new_data(world, lcm, out, dev, guidance, finetune_steps, clock)
+        report += section
+        summary["finetune"] = finetuned
+    line, timing = clock.summary()
+    report += f"\n{line}\n"
+    write_text_atomic(out / "report.md", report)
+    write_json_atomic(out / "report.json", summary | timing)
+    print(report)
+    return out
+
+
+def compare_samplers(out: Path, world, world_dir: Path, lcm, config: TrainConfig, guidance: float, eval_samples: int,
+                     dev) -> tuple[str, dict]:
+    """Phases 3-4: the report's Table 1, its grid and its note on the undistilled starting point; the report so far and
+    report.json's numbers."""
     # 3. Table 1 on the world: the LCM and the teacher's DDIM, DPM-Solver and DPM-Solver++ (CFG) at 1/2/4/8 steps, and
     # DPM-Solver++ at 25 as the reference, on the same reference prompts and noise, scored by the judge; Figure 2's grid
     prompts, attributes, real = reference_set(world, world.dataset, eval_samples)
@@ -137,31 +182,32 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
     # Real images of other prompts against the reference: a scale for FID, not a floor (samples made for the
     # reference's own prompts share its attribute mix and can score below it)
     fid_unpaired = fid_score(world.judge, real, real_training_images(world, world.dataset, len(real)))
+    # The teacher's 1-step note names no flag: the demo's table is fixed at TABLE_STEPS
+    start_notes = [f"{note}." for note in teacher_start_notes(world.model, list(TABLE_STEPS), steps_flag=None)]
     report = write_report(results, list(TABLE_STEPS), None, "Demo report", [
         f"World: `{world_dir}` ({world.dataset}, {world.resolution}px). Distillation: {config.steps} steps, solver {config.solver}, "
         f"skip {config.skip}, g in [{config.guidance_scale_min:g}, {config.guidance_scale_max:g}]. Evaluation: {len(prompts)} reference "
         f"prompts at g = {guidance:g}, FID in the judge's features, alignment = the fraction of prompt attributes the judge reads back "
         "(`table/results.json` has KID and every attribute). Grid: `grid.png` (Figure 2: real images, then each sampler).",
-        *(paragraph for note in teacher_start_notes(world.model, list(TABLE_STEPS)) for paragraph in ("", note))])
+        *(paragraph for note in start_notes for paragraph in ("", note))])
     report += guidance_section(lcm.guidance_record)
     report += (f"\nThe undistilled starting point (the teacher's weights through the consistency sampler), 1 step: FID "
                f"{undistilled['fid']:.2f}, alignment {undistilled['alignment']['mean']:.3f}.\n\nFID of {len(prompts)} real training "
                f"images (other prompts) against the reference: {fid_unpaired:.2f} (a scale, not a floor: samples for the reference's "
                "own prompts can score below it).\n")
-    summary = {"table": results, "undistilled": undistilled, "fid_real_unpaired": fid_unpaired}
+    return report, {"table": results, "undistilled": undistilled, "fid_real_unpaired": fid_unpaired}
 
-    # 5-6. Latent consistency fine-tuning of the LCM on digits, which its teacher never saw; scored on held-out digits
-    if FINETUNE_DATASET in world.judges:
-        section, finetuned = finetune_on_new_data(world, lcm, out, dev, guidance, finetune_steps)
-        report += section
-        summary["finetune"] = finetuned
-    minutes = (time.perf_counter() - t0) / 60
-    report += f"\nWall time: {minutes:.1f} min.\n"
-    write_text_atomic(out / "report.md", report)
-    write_json_atomic(out / "report.json", summary | {"minutes": minutes})
-    print(report)
-    return out
 
+def train_once(config: TrainConfig, run: Path, dev, announce: str) -> None:
+    """Train (or continue) the demo's run `config` into `run` unless its LCM is exported, holding the run folder's own lock
+    (`training.loop.holding_out`, as `lcm distill` and `lcm finetune` do: `run/../.NAME.lock`, another file than the demo's
+    beside --out): an `lcm distill --resume` of that folder meanwhile is refused."""
+    if exported(run):
+        return
+    print(announce, flush=True)
+    cpu = dev.type == "cpu"
+    with holding_out(config, cpu):
+        train(config, resume=(run / "config.json").is_file(), cpu=cpu)
 
 TABLE_STEPS = (1, 2, 4, 8)
 # The distillation's training images: 1,000 steps at batch 64 see each of 20,000 about three times; encoding them
@@ -171,6 +217,67 @@ FINETUNE_DATASET = "digits"  # a pretraining dataset of the world: its VAE and t
 # What the demo writes at the top of --out
 REPORT_FILES = ("report.md", "report.json", "grid.png", f"{FINETUNE_DATASET}_grid.png")
 RERUN = "to continue, run the same `lcm demo` command again"  # what a stopped run of the demo says (`run_folder.continued_by`)
+UNFINISHED = "before the demo ended"  # where a stop outside training stood, which says nothing of its own (`continued_by_rerun`)
+TIMES = "phase_minutes.json"  # in --out: the minutes each phase took, over the runs that made the folder (`PhaseClock`)
+
+
+@contextlib.contextmanager
+def continued_by_rerun():
+    """A stop anywhere in the demo says how to go on: the same command again (RERUN), after where a training run stood
+    (`run_folder.continued_by`) or, outside training (the cache, the table, the grids), after UNFINISHED, where it said only
+    "interrupted"."""
+    with continued_by(RERUN):
+        try:
+            yield
+        except KeyboardInterrupt as stop:
+            stop.args = stop.args or (UNFINISHED,)
+            raise
+
+
+class PhaseClock:
+    """The demo's wall time, true after a stop and a rerun: the minutes each phase took when it ran, kept in --out (TIMES) and
+    added to by every run that works in it (a phase stopped by Ctrl-C or SIGTERM too; a kill -9 loses that phase's time
+    since it began), and the phases this run reused whole. The report states their sum, where it stated the last run's
+    time alone (0.3 min after a rerun of a finished 6.4-minute demo)."""
+
+    def __init__(self, out: Path):
+        self.path, self.start, self.reused = out / TIMES, time.perf_counter(), []
+        self.minutes = _read_minutes(self.path)
+        self.earlier = bool(self.minutes)  # phases timed by runs before this one
+
+    @contextlib.contextmanager
+    def phase(self, name: str, reused: bool = False):
+        """Time the `with` block as the phase `name` and record it; `reused`, note that this run reused the phase whole."""
+        if reused:
+            self.reused.append(name)
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.minutes[name] = self.minutes.get(name, 0.0) + (time.perf_counter() - start) / 60
+            write_json_atomic(self.path, self.minutes)
+
+    def summary(self) -> tuple[str, dict]:
+        """The report's wall-time line, and report.json's: the phases' sum ("minutes"), this run's own time and what it reused.
+        The line says this run's time only where runs before it did part of the work."""
+        total, this_run = sum(self.minutes.values()), (time.perf_counter() - self.start) / 60
+        line = f"Wall time: {total:.1f} min"
+        if self.earlier:
+            reused = f"; reused: {', '.join(self.reused)}" if self.reused else ""
+            line += f", each phase's time over the runs that made this folder (this run: {this_run:.1f} min{reused})"
+        return line + ".", {"minutes": total, "minutes_this_run": this_run, "reused": self.reused}
+
+
+def _read_minutes(path: Path) -> dict[str, float]:
+    """TIMES as a run wrote it; {} where there is none, or it is not one (an earlier version wrote none)."""
+    try:
+        minutes = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    valid = isinstance(minutes, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in minutes.values())
+    return minutes if valid else {}
 
 
 def demo_config(cls: type[TrainConfig], overrides: dict, steps_flag: str) -> TrainConfig:
@@ -198,19 +305,27 @@ def real_training_images(world, dataset: str, n: int) -> torch.Tensor:
     return torch.stack([items[i]["image"] for i in range(n)])
 
 
-def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int | None) -> tuple[str, dict]:
+def finetune_on_new_data(world, lcm, out: Path, dev, guidance: float, steps: int | None, clock: PhaseClock) -> tuple[str, dict]:
     """LCF (Algorithm 4) of the demo's LCM on the world's digits training split (the `world` fine-tuning preset), the
-    held-out test split as its eval data; then both LCMs scored on the test prompts at 1/2/4 steps with the digits judge."""
+    held-out test split as its eval data; then both LCMs scored on the test prompts at 1/2/4 steps with the digits judge.
+    Each phase timed or noted as reused by `clock`."""
     dataset = FINETUNE_DATASET
-    run = out / "finetune"
-    overrides = dict(model=str(out / "distill" / "lcm"), data=str(ensure_latent_cache(world, out / f"{dataset}-latents", dev, dataset)),
-                     eval_data=f"world:{dataset}:{REFERENCE_SPLITS[dataset]}", out=str(run), steps=steps)
+    run, cache = out / "finetune", out / f"{dataset}-latents"
+    with clock.phase(f"the {dataset} latent cache", reused=(cache / MANIFEST).is_file()):
+        ensure_latent_cache(world, cache, dev, dataset)
+    overrides = dict(model=str(out / "distill" / "lcm"), data=str(cache), eval_data=f"world:{dataset}:{REFERENCE_SPLITS[dataset]}",
+                     out=str(run), steps=steps)
     config = finished_run_config(run) or demo_config(FinetuneConfig, overrides, "--finetune-steps")
-    if not exported(run):
-        print(f"[demo] fine-tuning the LCM on {dataset} for {config.steps} steps into {run}", flush=True)
-        with continued_by(RERUN):
-            train(config, resume=(run / "config.json").is_file(), cpu=dev.type == "cpu")
-    tuned = load_lcm(str(run / "lcm"), device=dev)
+    with clock.phase("the fine-tuning", reused=exported(run)):
+        train_once(config, run, dev, f"[demo] fine-tuning the LCM on {dataset} for {config.steps} steps into {run}")
+    with clock.phase("the before and after"):
+        return _before_and_after(world, lcm, load_lcm(str(run / "lcm"), device=dev), out, dev, guidance, config)
+
+
+def _before_and_after(world, lcm, tuned, out: Path, dev, guidance: float, config: TrainConfig) -> tuple[str, dict]:
+    """Phase 6: the LCM before and after LCF (`tuned`, fine-tuned with `config`) on the held-out digits; the report's section
+    and its numbers."""
+    dataset = FINETUNE_DATASET
     prompts, attributes, real = reference_set(world, dataset, 10**9)
     judge = world.judges[dataset]
     models = {"LCM before LCF": lcm, "LCM after LCF": tuned}
@@ -253,20 +368,52 @@ def _check_out(out: Path) -> None:
                         "or move it away")
 
 
+def _check_out_name(out: Path) -> None:
+    """An --out that names no new folder ("/", "..") is a UserError, as `outputs.partial_folder` refuses it for other
+    commands: the demo wrote its folders into the root of the file system. "." (the current folder) is one to write in."""
+    normal = os.path.normpath(out)
+    if normal != "." and Path(normal).name in ("", ".."):
+        raise UserError(f"--out {str(out)!r} names no new folder; give the folder by its name (e.g. runs/demo)")
+
+
 def _check_own_runs(out: Path, world_dir: Path) -> None:
     """A rerun continues or reuses the runs in `out`: its distillation must be of this demo's world (the teacher), its
     fine-tuning of that distillation's LCM; not runs of another world (a rerun with another --world or --world-preset
-    into the same --out) or the user's own runs in folders of those names."""
+    into the same --out) or the user's own runs in folders of those names. A run recorded from another place whose model
+    there is still the one it was made from (`_same_model`: a demo folder copied with `cp -a`) is this demo's; a copy whose
+    model differs is refused as the copy it is (`_copied_from`)."""
     for run, field, source, hint in ((out / "distill", "teacher", world_dir, "rerun with that world or "),
                                      (out / "finetune", "model", out / "distill" / "lcm", "")):
         saved = run / "config.json"
         if not saved.is_file():
             continue
-        recorded = getattr(saved_config(saved), field, "")
+        config = saved_config(saved)
+        recorded = getattr(config, field, "")
         if recorded and not Path(recorded).exists():
             continue  # a folder named from where the demo first ran, or since moved (a renamed checkout): nothing to tell
-        if not recorded or Path(recorded).resolve() != source.resolve():
-            raise UserError(f"{run} holds a run from {recorded or 'no --' + field}, not from this demo's {source}: {hint}use a new --out")
+        if recorded and (Path(recorded).resolve() == source.resolve() or _same_model(run, field, source)):
+            continue
+        copied = _copied_from(run, config)
+        where = f"{out} is a copy of the demo folder {copied}, and " if copied else ""
+        raise UserError(f"{where}{run} holds a run from {recorded or 'no --' + field}, not from this demo's {source}"
+                        f"{' (other weights)' if copied else ''}: {hint}use a new --out")
+
+
+def _same_model(run: Path, field: str, source: Path) -> bool:
+    """Whether the model `source` is the one the run in `run` recorded for `field` when it started (its sources.json,
+    `training.sources.model_digest`): a run copied with its demo folder, made from the original's LCM, which the copy's
+    LCM is byte for byte."""
+    recorded = recorded_sources(run).get(field)
+    return recorded is not None and recorded == model_digest(str(source))
+
+
+def _copied_from(run: Path, config: TrainConfig) -> Path | None:
+    """The demo folder that `run` was copied from: the one its config.json recorded it in (`out`, made absolute when the
+    run started), where that is another folder that is still there; None for a run made in place."""
+    recorded = Path(config.out) if config.out else None
+    if recorded is None or not recorded.exists() or recorded.resolve() == run.resolve():
+        return None
+    return recorded.parent
 
 
 def _check_finished_steps(flag: str, run: Path, steps: int | None) -> None:
