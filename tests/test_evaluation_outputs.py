@@ -100,6 +100,18 @@ def test_report_says_what_it_measured_and_orders_costs_by_scale():
     assert f"| DPM-Solver (CFG) | {results['dpm|1|2']['judge_fid']:.2f} | {r['judge_fid']:.2f} |" in text
 
 
+def test_the_cost_table_orders_step_counts_as_the_tables_above():
+    """--steps 8,1,4: the FID columns read 1, 4, 8 and the cost table's rows 8, 1, 4 (the order given); within a scale
+    and a method they are by step count now."""
+    results = dict(reversed(list(fake_results().items())))  # rows made in another order
+    cost = table.write_report(results, [1, 2, 4], None, "Evaluation", ["notes"]).split("## Cost per image")[1].splitlines()
+    rows = [[cell.strip() for cell in line.split("|")[1:4]] for line in cost if line.startswith("| ") and "method" not in line]
+    for g in {row[2] for row in rows}:
+        for method in {row[0] for row in rows}:
+            steps = [int(row[1]) for row in rows if row[0] == method and row[2] == g]
+            assert steps == sorted(steps), (method, g, steps)
+
+
 def test_grid_rows_say_steps_and_labels_fit(tmp_path, monkeypatch):
     """grid.png: a row label says "4 steps, g = 1.5" (not "4 g=1.5"), and the label column is wide enough for the
     longest label, so that it does not run under the first image."""
