@@ -1,4 +1,5 @@
 import os
+from collections import Counter
 
 # A hub lookup hangs ~23 s before failing when offline; every test runs without the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,3 +94,17 @@ def encoded(monkeypatch):
 
     monkeypatch.setattr(LatentCodec, "encode", counting)
     return counted
+
+
+@pytest.fixture
+def listings(monkeypatch):
+    """The folders listed from here on (real paths), each with the number of times it was listed (`os.scandir`, which
+    `os.walk` lists with)."""
+    listed, scandir = Counter(), os.scandir
+
+    def counted(path="."):
+        listed[os.path.realpath(path)] += 1
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counted)
+    return listed

@@ -22,19 +22,6 @@ from test_evaluate_inputs import Linear
 R = 16
 
 
-@pytest.fixture
-def listings(monkeypatch):
-    """The folders listed from here on (real paths), each with the number of times it was listed."""
-    listed, scandir = Counter(), os.scandir
-
-    def counted(path="."):
-        listed[os.path.realpath(path)] += 1
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", counted)
-    return listed
-
-
 def captioned_tree(root, folders: int = 3, per_folder: int = 100, decodable: bool = False):
     """`folders` subfolders of `per_folder` .png files each (empty ones: a scan decodes none; or `decodable` 8-pixel
     images), captioned by a metadata.jsonl at the root; the real paths of the tree's folders."""

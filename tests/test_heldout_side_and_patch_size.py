@@ -4,8 +4,6 @@ size (`models.transformer_patch_size`); why the run summary's held-out line is t
 (`TrainingBatches.skipped_record`)."""
 
 import logging
-import os
-from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -26,20 +24,6 @@ R, FRACTION = 16, 0.5
 @pytest.fixture(scope="module")
 def model(tiny_sd):
     return load_diffusion_model(str(tiny_sd))
-
-
-@pytest.fixture
-def listings(monkeypatch):
-    """The folders listed from here on (real paths), each with the number of times it was listed (`os.scandir`, which
-    `os.walk` lists with)."""
-    listed, scandir = Counter(), os.scandir
-
-    def counted(path="."):
-        listed[os.path.realpath(path)] += 1
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", counted)
-    return listed
 
 
 @pytest.fixture
