@@ -108,9 +108,17 @@ def write_atomic(path: Path, write) -> None:
 
 def save_torch(obj: Any, path: Path) -> None:
     """`torch.save(obj, path)` through a Python file, so that a write that fails (a full disk) raises Python's OSError,
-    which `written` finds behind torch's RuntimeError: given a path, torch's own writer reports only "unexpected pos"."""
+    which `written` finds behind torch's RuntimeError: given a path, torch's own writer reports only "unexpected pos". A
+    Ctrl-C or SIGTERM (`KeyboardInterrupt`, `SystemExit`) that lands inside the write is raised as itself: torch's writer
+    closing the zip after it raised "unexpected pos" in its place, and a stopped run printed a traceback."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:
+            stop = err.__context__
+            if isinstance(stop, (KeyboardInterrupt, SystemExit)):
+                raise stop from None
+            raise
 
 
 # Where the libraries that write files put the OSError of a write that failed: Python's own has no file name (a write() or

@@ -572,8 +572,10 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
     # what the model's guidance record says, where the user's flags and config file say nothing: LCF of an LCM, and
     # distillation from a guidance-distilled teacher (Guided-Distill's stage one, a progressive round), whose ω input
     # learned that range: the preset's or default's range reached outside it, where the targets extrapolate
-    source = "model" if cls.objective == "lcf" else "teacher"
-    values.update(recorded_guidance_fields(values.get(source), set(given) | set(from_file)))
+    if cls.objective == "lcf":
+        values.update(recorded_guidance_fields(values.get("model"), set(given) | set(from_file)))
+    elif _guidance_distilled(values.get("teacher")):  # an LCM given as teacher is refused with its own message, later
+        values.update(recorded_guidance_fields(values.get("teacher"), set(given) | set(from_file)))
     adapter = values.get("adapter", field_default(cls, "adapter"))
     method = values.get("method", field_default(cls, "method")) if "method" in field_help(cls) else None
 
@@ -680,6 +682,15 @@ def _starting_omega_size(values: dict[str, Any], given: str | None) -> dict[str,
     if own is None:
         return {"time_cond_proj_dim": values.get("time_cond_proj_dim") or DEFAULT_TIME_COND_PROJ_DIM}
     return {"time_cond_proj_dim": own}
+
+
+def _guidance_distilled(teacher: Any) -> bool:
+    """Whether the model `teacher` names is a diffusion model with an ω input (Guided-Distill's stage one, a progressive
+    round: a guidance record and a scheduler config that is no LCM's), by its files, before any weights load."""
+    if not isinstance(teacher, str) or not teacher:
+        return False
+    scheduler = model_json(teacher, "scheduler/scheduler_config.json")
+    return scheduler is not None and not is_lcm_config(scheduler) and guidance_record_of(teacher) is not None
 
 
 def _check_continued_lcm(preset: str, student_init: str) -> None:
