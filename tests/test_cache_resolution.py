@@ -15,6 +15,7 @@ from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.latent_cache import LatentCache
 from latent_consistency.models import load_diffusion_model, load_latent_and_prompt_encoders
 from latent_consistency.training.batches import TrainingBatches
+from test_cache_resume import stop_at_save
 from tiny_models import write_captioned_images
 
 SIZE = 24  # a cache's --resolution: not the tiny models' native 16 px
@@ -130,15 +131,8 @@ def test_a_transformers_patch_is_checked_too(tiny_pixart, images, tmp_path, run_
 def test_a_rerun_at_another_resolution_starts_the_partial_cache_again(tiny_sd, images, tmp_path, monkeypatch, capsys):
     """A cache stopped part way at 24 px, run again at the native size: OUT.partial is started again (its latents are of
     other images), saying why, and the cache is the one an uninterrupted run at the native size writes."""
-    save, calls = latent_cache.save_file, []
-
-    def stop_after_first_shard(tensors, path):
-        save(tensors, path)
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(latent_cache, "save_file", stop_after_first_shard)
+    save = latent_cache.save_file
+    calls = stop_at_save(monkeypatch, 2)
     monkeypatch.setattr(latent_cache, "write_latent_cache", _in_shards_of_two(latent_cache.write_latent_cache))
     argv = ["cache", "--model", str(tiny_sd), "--data", str(images), "--batch-size", "2", "--out"]
     assert main([*argv, str(tmp_path / "cache"), "--resolution", str(SIZE)]) == 130

@@ -49,6 +49,23 @@ def snapshot(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def stop_at_save(patch, n: int, written: bool = True) -> list:
+    """Have `latent_cache.save_file`'s `n`-th call raise KeyboardInterrupt, as a Ctrl-C between a cache's shards: after its
+    file is `written`, or before it is; the paths saved or asked for so far."""
+    save, calls = latent_cache.save_file, []
+
+    def save_then_stop(tensors, path):
+        calls.append(path)
+        if len(calls) == n and not written:
+            raise KeyboardInterrupt
+        save(tensors, path)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+
+    patch.setattr(latent_cache, "save_file", save_then_stop)
+    return calls
+
+
 def stop_in_third_shard(patch, when: str = "in the third shard's file") -> None:
     """Have the third shard's write stop as Ctrl-C or a kill stops it: in the middle of its file (half of it on disk), or
     with the file whole on disk but not yet recorded."""

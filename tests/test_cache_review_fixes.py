@@ -17,6 +17,7 @@ import torch
 from latent_consistency.data import latent_cache
 from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.models import load_diffusion_model
+from test_cache_resume import stop_at_save
 from tiny_models import write_captioned_images
 
 NETWORK_WEIGHTS = {"tiny_sd": "unet", "tiny_sdxl": "unet", "tiny_pixart": "transformer"}
@@ -162,16 +163,8 @@ def test_a_world_dataset_drawn_otherwise_starts_again_and_one_spelled_otherwise_
         latent_cache.write_latent_cache(data, out, model.codec, model.prompts, {"data": "world:shapes:heldout", "resolution": 32},
                                         batch_size=16, shard_size=SHARD_SIZE, progress=False, say=(notes if notes is not None else []).append)
 
-    save, calls = latent_cache.save_file, []
-
-    def save_then_stop(tensors, path):
-        save(tensors, path)
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(latent_cache, "save_file", save_then_stop)
+        stop_at_save(patch, 2)
         write(heldout, tmp_path / "cache")
     notes = []
     write(Redrawn(heldout), tmp_path / "cache", notes)

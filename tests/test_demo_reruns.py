@@ -15,6 +15,7 @@ from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
 from latent_consistency.world import demo
 from latent_consistency.world.artifact import default_world_path, load_world
+from test_cache_resume import snapshot, stop_at_save
 
 
 def refused(run_error, argv, message):
@@ -105,10 +106,6 @@ def small_caches(monkeypatch, images: int, notes: list[str]):
                                                                      progress=False, say=notes.append))
 
 
-def snapshot(folder) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 def test_a_demo_cache_stopped_after_its_first_shard_resumes(world, tmp_path, monkeypatch, encoded):
     """Was: "started again: only the reading of an image folder, of webdataset shards or of a registered dataset resumes",
     and all 20,000 images encoded again. Now the rerun goes on at its second shard and writes the uninterrupted cache, byte
@@ -116,16 +113,8 @@ def test_a_demo_cache_stopped_after_its_first_shard_resumes(world, tmp_path, mon
     notes = []
     small_caches(monkeypatch, 20, notes)
     demo.ensure_latent_cache(world, tmp_path / "whole", "cpu")
-    save, calls = latent_cache.save_file, []
-
-    def save_then_stop(tensors, path):
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        save(tensors, path)
-
     with monkeypatch.context() as patch:
-        patch.setattr(latent_cache, "save_file", save_then_stop)
+        stop_at_save(patch, 2, written=False)
         with pytest.raises(KeyboardInterrupt):
             demo.ensure_latent_cache(world, tmp_path / "latents", "cpu")
     partial = tmp_path / "latents.partial"
@@ -135,8 +124,7 @@ def test_a_demo_cache_stopped_after_its_first_shard_resumes(world, tmp_path, mon
     assert snapshot(tmp_path / "latents") == snapshot(tmp_path / "whole")
 
     with monkeypatch.context() as patch:  # a partial of 20 images is no start for 24
-        patch.setattr(latent_cache, "save_file", save_then_stop)
-        calls.clear()
+        stop_at_save(patch, 2, written=False)
         with pytest.raises(KeyboardInterrupt):
             demo.ensure_latent_cache(world, tmp_path / "other", "cpu")
     small_caches(monkeypatch, 24, notes)
