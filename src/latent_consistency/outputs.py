@@ -106,6 +106,15 @@ def write_atomic(path: Path, write) -> None:
         raise
 
 
+def is_empty_folder(path: Path) -> bool:
+    """Whether `path` is a folder (or a symbolic link to one) that holds nothing: a free output folder, as a missing one
+    is (a user's mkdir for it). One that cannot be listed is not known to be empty."""
+    try:
+        return path.is_dir() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
 def save_torch(obj: Any, path: Path) -> None:
     """`torch.save(obj, path)` through a Python file, so that a write that fails (a full disk) raises Python's OSError,
     which `written` finds behind torch's RuntimeError: given a path, torch's own writer reports only "unexpected pos". A

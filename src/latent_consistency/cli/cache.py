@@ -158,7 +158,7 @@ def check_out(out: str) -> None:
     before it removed its progress record (`latent_cache.PARTIAL_MARK` beside its manifest) is let through:
     `write_latent_cache` finishes it."""
     from latent_consistency.data.latent_cache import MANIFEST, PARTIAL_MARK
-    from latent_consistency.outputs import check_link, check_writable, partial_folder
+    from latent_consistency.outputs import check_link, check_writable, is_empty_folder, partial_folder
 
     if not out.strip():
         raise UserError(f"--out {out!r} names no folder; give the cache folder by its name (e.g. runs/latents)")
@@ -170,15 +170,6 @@ def check_out(out: str) -> None:
         raise UserError(f"latent cache folder {out} already exists; remove it or pick another folder (an empty one is used)")
     partial_folder(out, "runs/latents")  # a name such as "a/..", which leaves no folder name for OUT.partial
     check_writable(out, "--out")
-
-
-def is_empty_folder(path: Path) -> bool:
-    """Whether `path` is a folder (or a symbolic link to one) that holds nothing: a free --out, as a missing one is. One
-    that cannot be listed is not known to be empty."""
-    try:
-        return path.is_dir() and not any(path.iterdir())
-    except OSError:
-        return False
 
 
 def register(subparsers) -> None:

@@ -64,7 +64,7 @@ from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
 from latent_consistency.hub import check_hub_id
 from latent_consistency.models import DiffusionModel, LatentCodec, load_component
-from latent_consistency.outputs import check_partial, move_into_place, partial_folder, permit_as_umask, start_partial, write_json_atomic
+from latent_consistency.outputs import check_partial, is_empty_folder, move_into_place, partial_folder, permit_as_umask, start_partial, write_json_atomic
 from latent_consistency.outputs import written as naming_failures
 from latent_consistency.progress import progress_bar
 
@@ -131,7 +131,7 @@ def write_latent_cache(
         _tidy(out_dir)
         say(f"{out_dir} was whole, renamed when the writer was stopped: its progress record is removed")
         return out_dir
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # an empty folder (a user's mkdir) is the cache's
+    if out_dir.exists() and not is_empty_folder(out_dir):  # an empty folder (a user's mkdir) is the cache's
         raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder (an empty one is used)")
     if not isinstance(dataset, ShardStream) and len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
