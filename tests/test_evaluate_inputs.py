@@ -100,6 +100,14 @@ def test_guidance_scales_that_print_alike_are_refused(evaluation, tmp_path, run_
     assert code == 2 and len(err.splitlines()) == 1 and "listed twice" in err, err
 
 
+@pytest.mark.parametrize("scales", ["1, ,2", "1,2,", ","])
+def test_an_empty_item_of_a_list_is_refused(evaluation, tmp_path, run_error, scales):
+    """A value left out of --guidance-scales ("1, ,2") is a typo to show, not a separator to skip, as --timesteps refuses."""
+    code, err = run_error(evaluate(evaluation, tmp_path / "out", "--guidance-scales", scales))
+    assert code == 2 and len(err.splitlines()) == 1 and ("empty item" in err or "at least one" in err), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_model_of_nan_images_is_refused_not_scored_nan(evaluation, tmp_path, run_error):
     """A broken LCM (NaN weights, or half-precision overflow) makes NaN images: their FID is NaN, not a number to report."""
     from safetensors.torch import load_file, save_file

@@ -41,14 +41,17 @@ def guidance_scale(text: str) -> float:
 
 
 def number_list(parse_one):
-    """A comma-separated list of values, each checked by `parse_one` (`positive_int` for steps, `guidance_scale`); a value
-    listed twice is refused (its rows would be scored twice, and drawn twice in the grids), and so are two that print
-    alike to 6 digits, as a row is keyed by its value so printed (`Row.key`): the second would take the first's scores."""
+    """A comma-separated list of values, each checked by `parse_one` (`positive_int` for steps, `guidance_scale`). Refused: an
+    empty item (a value left out), a value listed twice (its rows would be scored twice, and drawn twice in the grids) and
+    two that print alike to 6 digits, as a row is keyed by its value so printed (`Row.key`): the second would take the first's scores."""
 
     def parse(text: str):
-        values = [parse_one(v.strip()) for v in text.split(",") if v.strip()]
-        if not values:
+        items = [v.strip() for v in text.split(",")]
+        if not any(items):
             raise argparse.ArgumentTypeError("give at least one value")
+        if not all(items):  # "1, ,2": a value left out, not a separator to skip (as --timesteps refuses it)
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty item; give comma-separated values, e.g. 1,2,4")
+        values = [parse_one(v) for v in items]
         printed = [f"{v:g}" for v in values]
         twice = [v for i, v in enumerate(values) if printed[i] in printed[:i]]
         if twice:
