@@ -98,18 +98,50 @@ def inference_timesteps(scheduler_config: dict, steps: int, strength: float = 1.
                          int(scheduler_config.get("original_inference_steps", DEFAULT_ORIGINAL_INFERENCE_STEPS)), strength)
 
 
+def _latent_statistics(vae_config) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+    """The per-channel mean μ and standard deviation σ of the VAE's latents that its config gives (`latents_mean`,
+    `latents_std`: Playground v2.5's), or (None, None) unless it gives both, where diffusers' SDXL pipelines use neither."""
+    mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
+    if mean is None or std is None:
+        return None, None
+    return torch.tensor(mean), torch.tensor(std)
+
+
 class LatentCodec:
     """The encoder E and decoder D of the paper's latent space, z = E(x) (Section 3).
 
-    The VAE's `scaling_factor` is applied here and nowhere else: latents handed to the rest of the
-    library are already scaled to about unit variance. On a CPU both run in parts of the batch whose feature
-    maps fit malloc's heap (`batch_parts`). With a `preview` decoder (`preview.PreviewDecoder`, a TAESD-style
-    tiny decoder) `decode` is its fast approximation of D; `encode` is always the VAE's.
+    The VAE's `scaling_factor` s is applied here and nowhere else: latents handed to the rest of the
+    library are already scaled to about unit variance, z = s·E(x). A VAE config with per-channel `latents_mean` μ and
+    `latents_std` σ (Playground v2.5's SDXL VAE) standardises them instead, z = (E(x) − μ)·s/σ, as diffusers' SDXL
+    pipelines do when it has both (with one of the two they use s alone, and so does this). On a CPU both run in parts
+    of the batch whose feature maps fit malloc's heap (`batch_parts`). With a `preview` decoder
+    (`preview.PreviewDecoder`, a TAESD-style tiny decoder) `decode` is its fast approximation of D; `encode` is always
+    the VAE's.
     """
 
     def __init__(self, vae, preview=None):
         self.vae, self.preview = vae, preview
         self.scaling_factor = float(vae.config.scaling_factor)
+        self.latents_mean, self.latents_std = _latent_statistics(vae.config)
+
+    def scale(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents E(x) -> z: s·E(x), or (E(x) − μ)·s/σ in diffusers' StableDiffusionXLImg2ImgPipeline's order
+        of operations."""
+        if self.latents_mean is None:
+            return latents * self.scaling_factor
+        mean, std = self._statistics_like(latents)
+        return (latents - mean) * self.scaling_factor / std
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """z -> the VAE's latents, the inverse of `scale`: z/s, or z·σ/s + μ as diffusers' SDXL pipelines decode."""
+        if self.latents_mean is None:
+            return latents / self.scaling_factor
+        mean, std = self._statistics_like(latents)
+        return latents * std / self.scaling_factor + mean
+
+    def _statistics_like(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """μ and σ as [1, C, 1, 1] in the dtype and on the device of `latents`, as diffusers casts them."""
+        return tuple(v.view(1, -1, 1, 1).to(latents) for v in (self.latents_mean, self.latents_std))
 
     @property
     def downsampling_factor(self) -> int:
@@ -121,7 +153,7 @@ class LatentCodec:
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
-        """Images in [-1, 1], [B,3,H,W] -> scaled latents. The posterior mean unless `sample`."""
+        """Images in [-1, 1], [B,3,H,W] -> latents z (`scale`). The posterior mean unless `sample`."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # diffusers is imported when a model loads
 
         images = images.to(self.vae.device, self.vae.dtype)
@@ -129,14 +161,14 @@ class LatentCodec:
         # The posterior's moments in parts; one draw for the whole batch, as from one call
         posterior = DiagonalGaussianDistribution(in_parts(lambda x: self.vae.encode(x).latent_dist.parameters, images, parts))
         latents = posterior.sample(generator) if sample else posterior.mean
-        return latents * self.scaling_factor
+        return self.scale(latents)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1] (not clamped): D(z), or the preview decoder's approximation of it."""
+        """Latents z -> images in [-1, 1] (not clamped): D(z) (`unscale`), or the preview decoder's approximation of it."""
         if self.preview is not None:
             return self.preview.decode(latents)
-        latents = latents.to(self.vae.device, self.vae.dtype) / self.scaling_factor
+        latents = self.unscale(latents.to(self.vae.device, self.vae.dtype))
         height, width = (self.downsampling_factor * n for n in latents.shape[-2:])
         return in_parts(lambda z: self.vae.decode(z).sample, latents, part_size(self.feature_map_bytes(height, width), latents.device))
 
@@ -700,6 +732,16 @@ def _check_latent_channels(source: str, codec: LatentCodec, config, name: str) -
         raise UserError(f"{source}: its vae makes {codec.latent_channels}-channel latents, but its {name} takes "
                         f"{config['in_channels']}-channel ones: parts of different models (or an inpainting or depth {name}, which takes more "
                         f"than latents and is not supported here); put the vae of the {name}'s model in vae/")
+    _check_latent_statistics(source, codec)
+
+
+def _check_latent_statistics(source: str, codec: LatentCodec) -> None:
+    """The VAE config's `latents_mean` and `latents_std` (`LatentCodec`), where it gives both, hold one value per latent
+    channel: else they would fail to broadcast only when the first image is decoded."""
+    for key, values in (("latents_mean", codec.latents_mean), ("latents_std", codec.latents_std)):
+        if values is not None and tuple(values.shape) != (codec.latent_channels,):
+            raise UserError(f"{source}: its vae config's {key} is {values.tolist()}, not one number for each of its "
+                            f"{codec.latent_channels} latent channels; give the values its latents were standardised with")
 
 
 def _check_parts_fit(model: DiffusionModel) -> None:
@@ -801,9 +843,9 @@ def _check_noise_schedule(name_or_path: str, class_name: str | None) -> None:
     parameters = inspect.signature(scheduler.__init__).parameters.values()
     variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters)
     if not variadic and "beta_schedule" not in [p.name for p in parameters]:
-        raise UserError(f"{name_or_path}: its scheduler is a {class_name}, which has no beta schedule: the model was trained on "
-                        "another noise schedule than the DDPM-type α_t, σ_t this library samples (flow matching: SD3, FLUX); give a "
-                        "Stable Diffusion, SDXL or PixArt-α model")
+        raise UserError(f"{name_or_path}: its scheduler, {class_name}, has no beta schedule: the model was trained on another "
+                        "noise schedule than the DDPM-type α_t, σ_t this library samples (flow matching: SD3, FLUX; EDM: Playground "
+                        "v2.5); give a Stable Diffusion, SDXL or PixArt-α model")
 
 
 def make_student_unet(teacher_unet, time_cond_proj_dim: int = DEFAULT_TIME_COND_PROJ_DIM):

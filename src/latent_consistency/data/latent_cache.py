@@ -396,9 +396,13 @@ def _real_path(value: str) -> str:
 
 
 def _encoder_digest(codec: LatentCodec) -> str:
-    """A digest of the VAE's weights and its scaling factor (`_weights_digest`): the latents of a shard depend on nothing
-    else of the model (the captions are encoded at the end)."""
-    return _weights_digest(codec.vae, str(codec.scaling_factor))
+    """A digest of the VAE's weights, its scaling factor and, where its config gives them, the latent statistics μ and σ
+    it standardises with (`_weights_digest`; `models.LatentCodec`): the latents of a shard depend on nothing else of the
+    model (the captions are encoded at the end). Without statistics the salt is the scaling factor alone, as before they
+    were applied, so that the caches of other VAEs stay valid; a cache written from a VAE with statistics before then
+    holds latents that were not standardised, and is refused."""
+    statistics = "" if codec.latents_mean is None else f" {codec.latents_mean.tolist()} {codec.latents_std.tolist()}"
+    return _weights_digest(codec.vae, str(codec.scaling_factor) + statistics)
 
 
 def _weights_digest(module: torch.nn.Module, salt: str = "") -> str:
