@@ -146,13 +146,11 @@ def test_world_outputs_need_a_folder_name(command, out, finished_world, tmp_path
 def preview_partial(tmp_path):
     """An unfinished `lcm world preview-decoder --steps 1 --images 2` of the shipped world: its settings and a data file
     cut short when the run was killed."""
-    from dataclasses import asdict, replace
-
-    from latent_consistency.world.preview_decoder import DATA_FILE, PreviewDecoderConfig
+    from latent_consistency.world.preview_decoder import DATA_FILE, PreviewDecoderConfig, run_settings
 
     partial = tmp_path / "preview.partial"
     partial.mkdir()
-    settings = {"world": str(default_world_path().resolve()), "config": asdict(replace(PreviewDecoderConfig(), steps=1, images=2))}
+    settings = run_settings(default_world_path(), PreviewDecoderConfig(steps=1, images=2))
     (partial / "settings.json").write_text(json.dumps(settings))
     (partial / DATA_FILE).write_bytes(b"\x10\x00\x00")
     return partial

@@ -174,7 +174,7 @@ def _without_a_decoder_tensor(file):
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize(("edit", "words"), [(_pickled, ["holds no diffusion_pytorch_model.safetensors", "pickles"]),
+@pytest.mark.parametrize(("edit", "words"), [(_pickled, ["holds its weights only as diffusion_pytorch_model.bin, a PyTorch pickle", "safetensors"]),
                                              (_without_a_decoder_tensor, ["lack 1 tensor(s)", "decoder.layers.6.weight"])],
                          ids=["weights only as a .bin", "weights without a tensor"])
 def test_a_preview_decoder_whose_weights_do_not_load(edit, words, tiny_lcm, tmp_path, run_error):

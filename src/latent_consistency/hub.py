@@ -35,6 +35,28 @@ def pipeline_files(weights: tuple[str, ...] = PIPELINE_WEIGHTS) -> tuple[str, ..
 
 # A LoRA's or a single model's (TAESD's): the weights and configs at its top
 TOP_FILES, TOP_IGNORED = ("*.json", "*.safetensors"), ("*/*",)
+# Weights files a model folder may hold that are not loaded here: PyTorch pickles, and variants (name.fp16.safetensors)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+VARIANT_WEIGHTS = re.compile(r"[.]([A-Za-z0-9_]+)(-[0-9]+-of-[0-9]+)?[.]safetensors$")
+
+
+def weights_hint(folder: Path, loader: str) -> str:
+    """What a local model folder whose weights did not load holds in place of plain safetensors weights, and what to do
+    about it, `loader` being the class that loads it (DiffusionPipeline for a model's components, AutoencoderTiny for a
+    preview decoder); "" when it holds neither pickles nor variant weights (or is no local folder)."""
+    names = sorted(f.name for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+    if any(name.endswith(".safetensors") and not VARIANT_WEIGHTS.search(name) for name in names):
+        return ""
+    variants = [name for name in names if VARIANT_WEIGHTS.search(name)]
+    if variants:
+        variant = VARIANT_WEIGHTS.search(variants[0]).group(1)
+        return (f"{folder} holds only {variants[0]}, weights of the {variant} variant; save the model without a variant, e.g. "
+                f"{loader}.from_pretrained(FOLDER, variant=\"{variant}\").save_pretrained(NEW_FOLDER)")
+    pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        return (f"{folder} holds its weights only as {pickles[0]}, a PyTorch pickle, which is not loaded here; convert the folder to "
+                f"safetensors, e.g. {loader}.from_pretrained(FOLDER).save_pretrained(NEW_FOLDER, safe_serialization=True)")
+    return ""
 
 
 def split_revision(name: str | os.PathLike) -> tuple[str, str | None]:

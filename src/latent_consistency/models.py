@@ -37,7 +37,17 @@ from latent_consistency.denoisers import (
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.guidance_record import RECORD, GuidanceRecord, read_record
-from latent_consistency.hub import PIPELINE_WEIGHTS, TOP_FILES, TOP_IGNORED, check_hub_id, hub_snapshot, looks_like_hub_id, pipeline_files
+from latent_consistency.hub import (
+    PICKLE_SUFFIXES,
+    PIPELINE_WEIGHTS,
+    TOP_FILES,
+    TOP_IGNORED,
+    check_hub_id,
+    hub_snapshot,
+    looks_like_hub_id,
+    pipeline_files,
+    weights_hint,
+)
 from latent_consistency.outputs import permit_as_umask
 from latent_consistency.parameterization import SIGMA_DATA, TIMESTEP_SCALING, check_prediction_type, omega_from_guidance_scale
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder, T5PromptEncoder
@@ -497,29 +507,6 @@ def model_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(files)
 
 
-# Weights files a component folder may hold that are not loaded here: PyTorch pickles, and variants (name.fp16.safetensors)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-VARIANT_WEIGHTS = re.compile(r"[.]([A-Za-z0-9_]+)(-[0-9]+-of-[0-9]+)?[.]safetensors$")
-
-
-def _weights_hint(folder: Path) -> str:
-    """What a local component folder whose weights did not load holds in place of plain safetensors weights, and what to do
-    about it; "" when it holds neither pickles nor variant weights (or is no local folder)."""
-    names = sorted(f.name for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
-    if any(name.endswith(".safetensors") and not VARIANT_WEIGHTS.search(name) for name in names):
-        return ""
-    variants = [name for name in names if VARIANT_WEIGHTS.search(name)]
-    if variants:
-        variant = VARIANT_WEIGHTS.search(variants[0]).group(1)
-        return (f"{folder} holds only {variants[0]}, weights of the {variant} variant; save the model without a variant, e.g. "
-                f"DiffusionPipeline.from_pretrained(FOLDER, variant=\"{variant}\").save_pretrained(NEW_FOLDER)")
-    pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES)]
-    if pickles:
-        return (f"{folder} holds its weights only as {pickles[0]}, a PyTorch pickle, which is not loaded here; convert the folder to "
-                "safetensors, e.g. DiffusionPipeline.from_pretrained(FOLDER).save_pretrained(NEW_FOLDER, safe_serialization=True)")
-    return ""
-
-
 def load_component(cls, name_or_path: str, subfolder: str, **kwargs):
     """`cls.from_pretrained` of one weighted component of a model folder (a UNet, VAE, transformer or text encoder), with a
     UserError naming the component when its files do not load (truncated or corrupt weights, a config that does not fit
@@ -535,7 +522,7 @@ def load_component(cls, name_or_path: str, subfolder: str, **kwargs):
         with _diffusers_errors_unlogged():  # diffusers logs a missing weights file as well as raising it
             model, info = cls.from_pretrained(name_or_path, subfolder=subfolder, output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # RuntimeError: transformers' size mismatches
-        hint = _weights_hint(Path(name_or_path) / subfolder) if isinstance(err, OSError) else ""
+        hint = weights_hint(Path(name_or_path) / subfolder, "DiffusionPipeline") if isinstance(err, OSError) else ""
         raise UserError(f"cannot load the {subfolder} of {name_or_path}: {hint or first_line(err)}") from err
     missing = sorted(info.get("missing_keys") or [])
     if missing:

@@ -213,8 +213,10 @@ class Generator:
 
     def use_preview_decoder(self, name_or_path: str) -> None:
         """Decode with a tiny preview decoder (`preview`: an AutoencoderTiny folder or hub id, e.g. madebyollin/taesd) instead of
-        the VAE's decoder: faster, approximate images. Encoding (img2img) stays the VAE's. Refused when made for another VAE
-        (`PreviewDecoder.check_fits`, and `check_colours` against the VAE's own decoder, also when a preview decoder is in use)."""
+        the VAE's decoder: faster, approximate images. Encoding (img2img) stays the VAE's. Refused when made for latents of
+        another shape (`PreviewDecoder.check_fits`: other channels, size factor or a shifted space); one made for another VAE's
+        latents of the same shape gets a note on stderr and is used all the same (`check_colours`, against the VAE's own
+        decoder, also when a preview decoder is in use)."""
         codec = LatentCodec(self.model.vae)
         preview = load_preview_decoder(name_or_path, self.dtype, self.device)
         self.model.preview_decoder = preview.check_fits(codec.latent_channels, codec.downsampling_factor).check_colours(codec)

@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 
 from latent_consistency.errors import UserError, first_line
-from latent_consistency.hub import TOP_FILES, TOP_IGNORED, check_hub_id
+from latent_consistency.hub import TOP_FILES, TOP_IGNORED, check_hub_id, weights_hint
 
 TINY_CLASS = "AutoencoderTiny"
 # `check_colours`' probe: the 8 corners of the RGB cube at 0.1 and 0.9, each a patch of PROBE_PATCH x PROBE_PATCH latent pixels
 PROBE_PATCH = 4
 # Mean |colour error| of the probe's patches, on a 0-1 scale: a VAE within VAE_GIVES_BACK of the probe judges the tiny
-# decoder, which is refused beyond GROSSLY_OFF of the VAE. Measured (docs/guide.md, "Fast previews"; 8x8-pixel block
+# decoder, which gets a note (used all the same) beyond GROSSLY_OFF of the VAE. Measured (docs/guide.md, "Fast previews"; 8x8-pixel block
 # colours): 0.017 for a world preview decoder on its VAE's latents of reference images, 0.27-0.50 for it on the same latents
 # with channels swapped or negated; 0.33 and 0.39 estimated for SD latents into an SDXL decoder and the reverse, from the
 # two VAEs' linear latent-to-RGB maps
@@ -141,8 +141,8 @@ def load_preview_decoder(name_or_path: str, dtype: torch.dtype = torch.float32, 
             raise UserError(f"preview decoder {name_or_path} is not an {TINY_CLASS} (TAESD) folder: its config names {config.get('_class_name')}; "
                             "give a tiny decoder such as madebyollin/taesd or one made by `lcm world preview-decoder`")
         if not (path / WEIGHTS_FILE).is_file():  # diffusers would log its own error before raising one
-            raise UserError(f"preview decoder {name_or_path} holds no {WEIGHTS_FILE} (weights as PyTorch pickles are not loaded here); "
-                            "save it again with save_pretrained(FOLDER, safe_serialization=True)")
+            hint = weights_hint(path, TINY_CLASS) or f"{path} holds no {WEIGHTS_FILE}; give the folder {TINY_CLASS}.save_pretrained writes"
+            raise UserError(f"cannot load the preview decoder {name_or_path}: {hint}")
         _check_config_numbers(name_or_path, config)
         tiny, info = AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError, TypeError) as err:  # TypeError: a config value of the wrong type, met by a layer's constructor

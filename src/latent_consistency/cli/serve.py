@@ -155,7 +155,8 @@ def register(subparsers) -> None:
     p.add_argument("--lora", help="an LCM-LoRA to load onto --model")
     p.add_argument("--style-lora", action="append", default=[], metavar="FILE[:WEIGHT]", help=STYLE_LORA_HELP)
     p.add_argument("--preview-decoder", help="decode with a tiny TAESD-style decoder (an AutoencoderTiny folder or hub id, e.g. "
-                   "madebyollin/taesd; `lcm world preview-decoder` makes one for the world): faster, approximate images")
+                   "madebyollin/taesd; `lcm world preview-decoder` makes one for the world): faster, approximate images, "
+                   "said in /v1/config's preview_decoder and each image's X-Preview-Decoder header")
     p.add_argument("--compile", action="store_true", help="torch.compile the text encoder, network and decoder before serving (about a minute "
                    "per batch size on a CPU, then faster requests; with --dtype bfloat16 the fast path for large CPU batches)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -284,10 +284,17 @@ def header_value(text: str) -> str:
     return text.replace("ω", "omega").encode("latin-1", "replace").decode("latin-1")
 
 
+def preview_decoder_name(generator: LCMGenerator) -> str | None:
+    """The path or hub id of the preview decoder `generator` decodes with (`preview.PreviewDecoder.source`), None for the
+    VAE's own decoder: read from the generator at each answer, so that the app names the decoder its images come from."""
+    preview = generator.model.preview_decoder
+    return None if preview is None else preview.source
+
+
 def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", max_batch: int = 8, max_queue: int = 32,
                max_wait_s: float = 0.005, lora: str | None = None, style_loras: Sequence[tuple[str, float]] = ()) -> FastAPI:
     """The app serving `generator`; `model_name`, `lora` and `style_loras` (path, weight each) are what it was loaded from, which
-    /v1/config describes."""
+    /v1/config describes, with the preview decoder the generator decodes with (`LCMGenerator.use_preview_decoder`), if any."""
     metrics = Metrics()
     batcher = Batcher(lambda jobs: run_jobs(generator, jobs), max_batch, max_queue, max_wait_s, metrics)
     default_guidance = generator.default_guidance_scale()
@@ -351,8 +358,10 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
               "description": "the image; X-Seed, X-Latency-Ms, X-Batch-Size headers, X-Prompt-Truncated when the prompt is "
                              "longer than the text encoder reads (its end is dropped), X-Negative-Prompt-Truncated the same for "
                              "negative_prompt, X-Guidance-Note when the guidance scale is outside the range the LCM was distilled on, "
-                             "or the LCM ignores it, and X-Seed-Note when the seed is "
-                             "2^32 or more (its image is a smaller seed's)"}
+                             "or the LCM ignores it, X-Seed-Note when the seed is "
+                             "2^32 or more (its image is a smaller seed's), and X-Preview-Decoder when the server decodes with a "
+                             "tiny preview decoder (`lcm serve --preview-decoder`: approximate images, not for measuring the model; "
+                             "its path or hub id)"}
 
     def left() -> Response:
         """The answer (read by no one) to a client that went away before its image was made: counted as cancelled."""
@@ -395,14 +404,19 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         seed_note = repeated_seed_note(job.seed, flag="seed")  # as `lcm generate` notes it: taken, as diffusers takes it
         if seed_note:
             headers["X-Seed-Note"] = seed_note
+        preview = preview_decoder_name(generator)
+        if preview is not None:  # as `lcm generate` records it in each PNG: the image is an approximate preview
+            headers["X-Preview-Decoder"] = header_value(preview)
         return Response(data, media_type=MEDIA_TYPES[job.format], headers=headers)
 
     @app.get("/v1/config")
     async def config() -> dict:
-        """The model (with the LoRAs loaded onto it) and the limits: what the page needs to set its controls (`ignores_guidance`:
-        the LCM's record measured it hardly responding to g, `GuidanceRecord.ignores_guidance`)."""
+        """The model (with the LoRAs loaded onto it, and the preview decoder its images are decoded with: null for the VAE's
+        decoder) and the limits: what the page needs to set its controls (`ignores_guidance`: the LCM's record measured it
+        hardly responding to g, `GuidanceRecord.ignores_guidance`)."""
         record = generator.model.guidance_record  # the LCM's distilled range (`guidance_record`), null without one
         return {"model": model_name, "lora": lora, "style_loras": [[path, weight] for path, weight in style_loras],
+                "preview_decoder": preview_decoder_name(generator),
                 "kind": generator.kind, "default_guidance_scale": default_guidance,
                 "guidance_scale_range": None if record is None else [record.guidance_scale_min, record.guidance_scale_max],
                 "ignores_guidance": record is not None and record.ignores_guidance(),

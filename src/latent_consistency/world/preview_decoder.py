@@ -10,7 +10,9 @@ preview's PSNR against D on the world's teacher samples from 25.8 to 27.3 dB). I
 previews use; the encoder makes the folder a whole AutoencoderTiny that diffusers can also encode with).
 
 The latents and targets are computed once, into `<out>.partial/`, with the training's checkpoints (`world.fit`): a
-rerun resumes; the finished folder is `AutoencoderTiny.save_pretrained`'s plus `preview_quality.json` (PSNR against D
+rerun resumes, of the same settings and the same world VAE only (its weights' digest is recorded, as a training run
+records its models': a resume on another VAE at the world's path is refused, where it would train on the old VAE's
+targets); the finished folder is `AutoencoderTiny.save_pretrained`'s plus `preview_quality.json` (PSNR against D
 on held-out latents) and `preview_grid.png` (real, VAE, preview rows).
 """
 
@@ -32,6 +34,7 @@ from latent_consistency.grids import image_grid, save_png
 from latent_consistency.outputs import check_partial, move_into_place, partial_folder, permit_as_umask, write_atomic, write_json_atomic
 from latent_consistency.preview import PreviewDecoder
 from latent_consistency.progress import progress_bar
+from latent_consistency.training.sources import model_digest
 from latent_consistency.world.artifact import World, load_world
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
 from latent_consistency.world.fit import Checkpointer, Phase
@@ -167,6 +170,28 @@ def _read_settings(path: Path) -> dict | None:
         return None
 
 
+def run_settings(world_dir: str | Path, config: PreviewDecoderConfig) -> dict:
+    """What a run's data and weights depend on, recorded in its work folder: the world (its folder, and its VAE's weights
+    and config as `training.sources.model_digest` reads them: D(z) and E(x) are that VAE's) and the config."""
+    world = Path(world_dir).resolve()
+    return {"world": str(world), "world_vae": model_digest(str(world / "vae")), "config": asdict(config)}
+
+
+def check_resume(work: Path, settings: dict, world_dir: str | Path) -> None:
+    """A UserError unless the unfinished run in `work` (if any) has `settings`: other settings, or the same world folder
+    with another VAE in it (trained again, or another world built there), whose data and checkpoints would go on from
+    the old VAE's targets. Refused, as a training run on another model at the same path is (`training.sources`): its
+    work stays to resume once the world is put back."""
+    saved = _read_settings(work / "settings.json") if (work / "settings.json").is_file() else settings
+    if saved == settings:
+        return
+    if isinstance(saved, dict) and "world_vae" in saved and saved | {"world_vae": settings["world_vae"]} == settings:
+        raise UserError(f"the world {world_dir} is not the one {work} started from: its VAE's weights or config changed since (its "
+                        "settings.json says); put that world back to resume, or remove that folder to start again")
+    raise UserError(f"{work} holds an unfinished preview decoder of other settings; give the same settings to resume it, "
+                    "or remove that folder")
+
+
 def check_config(config: PreviewDecoderConfig) -> None:
     """A UserError for settings no run can use, before the world loads or a weight is made: a count below 1, or a width
     outside 1 to MAX_CHANNELS."""
@@ -182,7 +207,7 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
     """Distil the world's preview decoder into `out_dir` (new or empty; resumes from `<out_dir>.partial`); returns it."""
     work = partial_folder(out_dir, "../preview")
     out = Path(out_dir)
-    settings = {"world": str(Path(world_dir).resolve()), "config": asdict(config)}
+    settings = run_settings(world_dir, config)
     if (out / QUALITY_FILE).is_file() and (work / "settings.json").is_file() and _read_settings(work / "settings.json") == settings:
         shutil.rmtree(work)  # a run of these settings killed after it moved its decoder into `out`: only this was left to do
         return out
@@ -190,13 +215,11 @@ def build_preview_decoder(world_dir: str | Path, out_dir: str | Path, config: Pr
         raise UserError(f"--out {out} is a file or a folder that is not empty; give a new or empty folder")
     check_config(config)
     check_partial(work, "settings.json", "`lcm world preview-decoder`")  # resumed from its settings, data and checkpoints
+    check_resume(work, settings, world_dir)
     start = time.perf_counter()
     world = load_world(world_dir, device)
     device = world.model.vae.device
     work.mkdir(parents=True, exist_ok=True)
-    if (work / "settings.json").is_file() and _read_settings(work / "settings.json") != settings:
-        raise UserError(f"{work} holds an unfinished preview decoder of other settings; give the same settings to resume it, "
-                        "or remove that folder")
     write_json_atomic(work / "settings.json", settings, indent=2)
     try:
         data = load_file(str(work / DATA_FILE)) if (work / DATA_FILE).is_file() else None
