@@ -40,8 +40,11 @@ def test_world_build_parts_from_redone_after_a_kill_mid_copy(tmp_path, monkeypat
         raise _Stop
 
     monkeypatch.setattr(build._Build, "judge", stop)
+    checked = []  # the copied phase's outputs are checked before any work (`_check_phase_outputs`): these stand-ins load no tokenizer
+    monkeypatch.setattr(build, "_load_outputs", lambda _, phase: checked.append(phase))
     with pytest.raises(_Stop):
         build_world("tiny", out, device="cpu", progress=False, parts_from=src)
+    assert checked == ["tokenizer"]
     assert (out / "tokenizer" / "vocab.json").read_text() == "{}" and (out / "tokenizer" / "merges.txt").read_text() == "whole"
     assert json.loads((out / STATE_FILE).read_text())["done"] == ["tokenizer"]
 

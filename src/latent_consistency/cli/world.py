@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 from latent_consistency.cli.arguments import nonnegative_int, positive_int
@@ -14,8 +15,15 @@ from latent_consistency.world.presets import PRESETS, WorldPreset, get_preset
 
 
 def _preset_from_args(args) -> WorldPreset:
+    """The preset with the options' overrides. A --dataset that is one of the preset's pretraining datasets (digits, in every
+    preset but `large`) leaves it out of them, with a note: a world's own dataset is never its pretraining data
+    (`check_world_spec`), and `large` shows the combination, digits with no pretraining data."""
     preset = get_preset(args.preset)
     overrides = {k: v for k, v in (("dataset", args.dataset), ("resolution", args.resolution), ("seed", args.seed)) if v is not None}
+    if args.dataset in preset.pretraining_datasets:
+        overrides["pretraining_datasets"] = tuple(name for name in preset.pretraining_datasets if name != args.dataset)
+        print(f"note: {args.dataset} is the world's own dataset, so it is left out of the {preset.name} preset's pretraining datasets",
+              file=sys.stderr)
     if args.zero_terminal_snr:
         overrides["teacher"] = dataclasses.replace(preset.teacher, zero_terminal_snr=True)
     return dataclasses.replace(preset, **overrides)
@@ -62,8 +70,13 @@ def _run_build(args) -> None:
         parts_from = default_world_path()
     if parts_from is not None and args.out.strip():  # an empty --out is refused by `build_world`
         _check_parts_go_in(args.out, parts_from, args.parts_from)
-    out = build_world(preset, args.out, args.device, progress=not args.no_progress, prediction_type=prediction_type,
-                      parts_from=parts_from)
+    try:
+        out = build_world(preset, args.out, args.device, progress=not args.no_progress, prediction_type=prediction_type,
+                          parts_from=parts_from)
+    except KeyboardInterrupt as stop:  # its one line (`cli.stopped`) says how to go on
+        stop.args = ("(run the same command again to resume the build: finished phases are kept, the stopped one goes on from "
+                     "its last checkpoint where it has one)",)
+        raise
     report = json.loads((out / "quality" / "quality.json").read_text())
     print(json.dumps(report["summary"], indent=2))
     print(f"world written to {out}")
@@ -72,7 +85,8 @@ def _run_build(args) -> None:
 def _check_parts_go_in(out: str, parts_from: str | Path, given: str) -> None:
     """--parts-from copies phases into a build that has not started (`build_world`): into a started one it was ignored, and the
     phases it names were trained again (an hour for the shipped VAE). Resuming a build that took its parts from that world
-    (the same command run again) stays accepted."""
+    (the same command run again, from any folder: the record holds the world's resolved path) stays accepted; a record
+    of an earlier version, the path as it was typed, is read against the current folder as it always was."""
     from latent_consistency.world.build import STATE_FILE, finished_phases
 
     done = finished_phases(Path(out))
@@ -138,7 +152,8 @@ def register(subparsers) -> None:
     b = commands.add_parser("build", help="train every part of a world into a folder (resumable)")
     b.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: default)")
     b.add_argument("--out", required=True, help="world folder: new, empty, or an unfinished build of the same settings")
-    b.add_argument("--dataset", help="override the preset's dataset (shapes or digits)")
+    b.add_argument("--dataset", help="override the preset's dataset (shapes or digits; one the preset pretrains on, digits, is left "
+                   "out of its pretraining datasets)")
     b.add_argument("--resolution", type=positive_int, help="override the preset's image resolution in px (32 or 64)")
     b.add_argument("--seed", type=nonnegative_int, help="override the preset's seed")
     b.add_argument("--v-prediction", action="store_true", help="train a v-prediction teacher instead of ε-prediction")

@@ -47,9 +47,9 @@ def load_world(path: str | Path, device: str | torch.device = "cpu") -> World:
     path = Path(path)
     if not (path / WORLD_FILE).is_file():
         raise UserError(f"{path} is not a world folder (no {WORLD_FILE}); build one with `lcm world build`")
-    if not (path / "model_index.json").is_file() or not (path / "judge").is_dir():
-        raise UserError(f"the world in {path} is not finished; run `lcm world build` on it again to finish it")
     spec = read_world_spec(path)
+    if not (path / "model_index.json").is_file() or not (path / "judge").is_dir():
+        raise _unfinished(path, spec)
     try:
         preset = WorldPreset.from_dict(spec["preset"])
     except (TypeError, ValueError, AttributeError):
@@ -58,6 +58,16 @@ def load_world(path: str | Path, device: str | torch.device = "cpu") -> World:
     judge = load_judge(path / "judge", device)
     judges = {preset.dataset: judge} | {name: load_judge(path / "judges" / name, device) for name in preset.pretraining_datasets}
     return World(path, preset, spec.get("prediction_type", "epsilon"), model, judge, judges)
+
+
+def _unfinished(path: Path, spec: dict) -> UserError:
+    """The refusal of a world folder without its pipeline or judge: a build is finished by running `lcm world build` on it
+    again; an export (its world.json records its `weights_dtype`) has lost a part, which only its export can give back."""
+    missing = "model_index.json" if not (path / "model_index.json").is_file() else "judge/"
+    if spec.get("weights_dtype"):
+        return UserError(f"the exported world in {path} lacks {missing}; export it again from the world it was built in "
+                         "(`lcm world export --from BUILD --out NEW`)")
+    return UserError(f"the world in {path} is not finished; run `lcm world build` on it again to finish it")
 
 
 def read_world_spec(path: Path) -> dict:

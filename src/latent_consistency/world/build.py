@@ -4,7 +4,7 @@ A world folder is a diffusers `StableDiffusionPipeline` folder (the teacher; a `
 text_encoder_2/ and tokenizer_2/, for an SDXL-architecture preset) with the world's extras:
 
     world.json           the resolved preset and prediction type it was built with
-    build_state.json     the phases finished so far, in order, and the seconds each took
+    build_state.json     the phases finished so far, in order, the seconds each took and the type of device it ran on
     model_index.json, unet/, scheduler/, vae/, text_encoder/, tokenizer/     the teacher pipeline
     judge/               the evaluation judge (`world.judge`)
     latents/             the latent cache of the training images (`data.latent_cache`)
@@ -16,7 +16,12 @@ teacher comes after the latent cache because it trains from it (the paper's D_z)
 into `.work/<phase>/` and its outputs are renamed into the world folder when it is done; only then is
 it recorded in `build_state.json`. A rerun skips recorded phases and redoes the first unrecorded one
 (a phase's half-written outputs are never trusted), resuming its training from the last checkpoint,
-which training phases save every `checkpoint_every` steps.
+which training phases save every `checkpoint_every` steps (the latent cache: from its last whole shard), on
+the device type that checkpoint was trained on only (`_check_resume_device`).
+
+Before any work a rerun checks the recorded phases: one whose outputs are gone (a folder removed) is built again, and
+with it every phase after it, since each reads what the phases before it made (`_phases_kept`); one whose outputs do not
+load is refused, saying which folder to remove so that it is built again (`_check_phase_outputs`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,19 +39,19 @@ from pathlib import Path
 import torch
 
 from latent_consistency.conditioning import TIME_IDS, AddedConditioning
-from latent_consistency.data.latent_cache import LatentCache, write_latent_cache
-from latent_consistency.data.workers import end_quietly_on_sigterm
+from latent_consistency.data.latent_cache import MANIFEST, LatentCache, write_latent_cache
+from latent_consistency.data.workers import end_quietly_on_sigterm, started
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError, first_line
-from latent_consistency.models import DiffusionModel, LatentCodec, save_pipeline
-from latent_consistency.outputs import move_into_place, partial_folder, permit_as_umask, start_partial, write_json_atomic
+from latent_consistency.models import DiffusionModel, LatentCodec, load_component, save_pipeline
+from latent_consistency.outputs import move_into_place, partial_folder, permit_as_umask, start_partial, write_json_atomic, write_text_atomic
 from latent_consistency.pipelines import MAX_SEED
 from latent_consistency.progress import progress_bar
 from latent_consistency.prompts import CLIPPromptEncoder, SDXLPromptEncoder
 from latent_consistency.world.artifact import WORLD_FILE, load_world, read_world_spec
 from latent_consistency.world.datasets import RESOLUTIONS, attribute_names, attribute_values, check_dataset, get_dataset
 from latent_consistency.world.fit import Checkpointer, Phase
-from latent_consistency.world.judge import attribute_targets, save_judge, train_judge
+from latent_consistency.world.judge import attribute_targets, load_judge, save_judge, train_judge
 from latent_consistency.world.presets import ARCHITECTURES, WorldPreset, get_preset
 from latent_consistency.world.quality import measure_quality
 from latent_consistency.world.teacher import make_teacher_unet, teacher_scheduler_config, train_teacher
@@ -117,11 +123,12 @@ def _render(dataset, progress: bool) -> _Images:
     """Render every item of `dataset` once, in worker processes when there are cores to spare."""
     workers = min(15, (os.cpu_count() or 1) - 1)
     # Items depend on (split, seed, index) only; a generator of its own keeps the loader off torch's global one. A stop of
-    # the process group ends the workers quietly (`end_quietly_on_sigterm`), and the build in its one line
+    # the process group ends the workers quietly (`end_quietly_on_sigterm`), and the build in its one line, also while
+    # they start (`started`)
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=max(workers, 0), collate_fn=_stack_items,
                                          generator=torch.Generator().manual_seed(0), worker_init_fn=end_quietly_on_sigterm)
     images, captions, attributes = [], [], []
-    with progress_bar(loader, desc="render images", unit="batch", disable=not progress) as batches:  # closed before a stop's one line
+    with progress_bar(started(loader), desc="render images", unit="batch", disable=not progress) as batches:  # closed before a stop's one line
         for batch_images, batch_captions, batch_attributes in batches:
             images.append(batch_images)
             captions += batch_captions
@@ -201,11 +208,11 @@ class _Build:
         from diffusers import AutoencoderKL
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        path = str(self.out / component)
         if component.startswith("tokenizer"):
-            return CLIPTokenizer.from_pretrained(path)
+            return CLIPTokenizer.from_pretrained(str(self.out / component))
         cls = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}[component]
-        return cls.from_pretrained(path, use_safetensors=True).to(self.device).eval().requires_grad_(False)
+        # as `lcm world check` loads it (`load_diffusion_model`): a damaged file is a UserError naming the component
+        return load_component(cls, str(self.out), component, use_safetensors=True).to(self.device).eval().requires_grad_(False)
 
     def prompt_encoder(self) -> CLIPPromptEncoder | SDXLPromptEncoder:
         """c and ∅ as the teacher's pipeline will make them; an SDXL one's ∅ is zeros (`force_zeros_for_empty_prompt`), with
@@ -258,10 +265,18 @@ class _Build:
         write_json_atomic(stage / "logs" / "text_encoder.json", {"loss": losses}, indent=2)
 
     def latents(self, stage: Path) -> None:
+        """D_z = {E(x)} of the training images. The cache is written in `.work/latents/cache`, whose `cache.partial` a rerun
+        keeps (the stage it does not), and its source names the registered dataset the images are ("data", as `lcm cache
+        --data world:shapes`): so a stopped one goes on from its last whole shard (`write_latent_cache`). The finished
+        manifest's source is then written back as worlds record it (`_record_source`)."""
         p = self.preset
         source = {"dataset": p.dataset, "split": "train", "resolution": p.resolution, "seed": p.seed, "size": p.train_size}
-        write_latent_cache(self.images, stage / "latents", LatentCodec(self.load("vae")), self.prompt_encoder(), source, self.device,
-                           progress=self.progress)
+        cache = stage.parent / "cache"
+        shutil.rmtree(cache, ignore_errors=True)  # whole but not yet moved when a run stopped: its manifest may name the data
+        write_latent_cache(self.images, cache, LatentCodec(self.load("vae")), self.prompt_encoder(),
+                           {"data": f"world:{p.dataset}:train"} | source, self.device, progress=self.progress)
+        _record_source(cache, source)
+        os.replace(cache, stage / "latents")
 
     def teacher(self, stage: Path) -> None:
         cache = LatentCache(self.out / "latents")
@@ -283,6 +298,14 @@ class _Build:
 
     def quality(self, stage: Path) -> None:
         measure_quality(load_world(self.out, self.device), self.preset.quality, stage / "quality", self.device, self.progress)
+
+
+def _record_source(cache: Path, source: dict) -> None:
+    """The manifest of the finished latent cache `cache` with `source` as its source, written as `write_latent_cache`
+    writes it: the data key that lets a stopped cache resume is no part of a world's record, whose cache stays byte for
+    byte what an uninterrupted build of an earlier version wrote."""
+    manifest = json.loads((cache / MANIFEST).read_text())
+    write_text_atomic(cache / MANIFEST, json.dumps(manifest | {"source": source}, indent=2))
 
 
 def caption_labels(parts: list[tuple[str, list[str], list]]) -> tuple[list[str], torch.Tensor, list[int]]:
@@ -395,8 +418,79 @@ def _reuse_phases(src: Path, out: Path, preset: WorldPreset, phases: list[str]) 
                 if (out / entry).is_dir():
                     _cast_weights(out / entry, torch.float32)
                 permit_as_umask(out / entry)  # not the modes of `src` (another user's world) nor of `_cast_weights`'s writes
-    state = {"done": phases, "seconds": dict.fromkeys(phases, 0.0), "reused_from": {phase: str(src) for phase in phases}}
-    write_json_atomic(out / STATE_FILE, state, indent=2)
+    # resolved: the record names that world from any folder, and a rerun from another one compares it (`cli.world`)
+    _write_state(out, phases, {"seconds": dict.fromkeys(phases, 0.0), "reused_from": dict.fromkeys(phases, str(src.resolve()))})
+
+
+def _write_state(out: Path, done: list[str], state: dict) -> None:
+    """build_state.json: the phases `done`, and what `state` records of each (its seconds, the type of device it ran on
+    and the world it was copied from)."""
+    records = {key: {phase: v for phase, v in state.get(key, {}).items() if phase in done} for key in ("seconds", "devices", "reused_from")}
+    write_json_atomic(out / STATE_FILE, {"done": done} | {key: v for key, v in records.items() if v or key == "seconds"}, indent=2)
+
+
+def _phases_kept(out: Path, preset: WorldPreset) -> list[str]:
+    """The recorded phases (`finished_phases`) that stand, before any work: up to the first whose outputs (logs aside) are
+    gone. That phase is built again, and so is every phase after it: each reads what the ones before it made (the text
+    encoder the tokenizer, the latents the VAE and text encoder, the teacher the latents, the quality report all of them),
+    and a phase built again is the same to the bit only on the same device type and torch build, so a teacher kept from
+    before could be one trained on another VAE's latents. build_state.json is rewritten to list the phases kept, and the
+    checkpoints in .work/, of phases after them, removed."""
+    done = finished_phases(out)
+    gone = next(((phase, entry) for phase in done for entry in phase_outputs(phase, preset)
+                 if not entry.startswith("logs/") and not (out / entry).exists()), None)
+    if gone is None:
+        return done
+    phase, entry = gone
+    kept = done[: done.index(phase)]
+    print(f"note: {out / entry} is missing: building the {phase} phase again, and those after it ({', '.join(PHASES[len(kept) + 1 :])})",
+          file=sys.stderr)
+    _write_state(out, kept, json.loads((out / STATE_FILE).read_text()))
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    return kept
+
+
+def _check_phase_outputs(build: _Build, phases: list[str]) -> None:
+    """Load the outputs of the recorded `phases` as the phases after them and `lcm world check` load them (`load_component`,
+    `load_judge`, `LatentCache`): a damaged one is refused now, naming the folder to remove so that a rerun builds its
+    phase again (`_phases_kept`), not after the next phase has trained to its end."""
+    for phase in phases:
+        try:
+            _load_outputs(build, phase)
+        except (UserError, OSError, ValueError) as err:  # OSError, ValueError: a tokenizer's files
+            later = PHASES[PHASES.index(phase) + 1 :]
+            raise UserError(f"{first_line(err)}: the {phase} phase's output is damaged; remove {build.out / phase_outputs(phase, build.preset)[0]} "
+                            f"and run the same command again to build that phase again{', and ' + ', '.join(later) if later else ''}") from None
+
+
+def _load_outputs(build: _Build, phase: str) -> None:
+    """Load what `phase` committed into the world (see `_check_phase_outputs`)."""
+    from diffusers import UNet2DConditionModel
+
+    out, preset = build.out, build.preset
+    if phase == "judge":
+        for folder in [out / "judge"] + [out / "judges" / name for name in preset.pretraining_datasets]:
+            load_judge(folder)
+    elif phase == "latents":
+        LatentCache(out / "latents")
+    elif phase == "teacher":
+        load_component(UNet2DConditionModel, str(out), "unet", use_safetensors=True)
+    elif phase == "quality":
+        if "summary" not in json.loads((out / "quality" / "quality.json").read_text()):  # what `lcm world build` prints
+            raise ValueError(f"{out / 'quality' / 'quality.json'} holds no summary")
+    else:  # tokenizer, vae, text_encoder (and an SDXL world's second ones)
+        for component in phase_outputs(phase, preset):
+            if not component.startswith("logs/"):
+                build.load(component)
+
+
+def _check_resume_device(out: Path, phase: str, device: torch.device) -> None:
+    """A phase stopped with a checkpoint resumes on the type of device that trained it (`fit.Checkpointer.saved_device`): its
+    generator state is that device's, and a phase trained partly on each would be neither's. Refused before any work."""
+    saved = Checkpointer(out / WORK_DIR / phase).saved_device()
+    if saved not in (None, device.type):
+        raise UserError(f"the {phase} phase of {out} was stopped with a checkpoint trained on {saved}, and this run is on {device.type}: "
+                        f"resume it with --device {saved}, or remove {out / WORK_DIR / phase} to build that phase again from its start")
 
 
 def build_world(
@@ -437,9 +531,11 @@ def build_world(
     if reused:
         _reuse_phases(Path(parts_from), out, preset, reused)
         print(f"reused from {parts_from}: {', '.join(reused)}")
-    done = finished_phases(out)
+    done = _phases_kept(out, preset)
+    _check_phase_outputs(build, done)
+    if len(done) < len(PHASES):
+        _check_resume_device(out, PHASES[len(done)], device)
     state = json.loads((out / STATE_FILE).read_text()) if done else {}
-    seconds, reused_from = state.get("seconds", {}), state.get("reused_from", {})
     for phase in PHASES[len(done) :]:
         start = time.perf_counter()
         work = out / WORK_DIR / phase
@@ -459,9 +555,9 @@ def build_world(
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(stage / entry, target)
         done.append(phase)
-        seconds[phase] = round(time.perf_counter() - start, 1)
-        write_json_atomic(out / STATE_FILE, {"done": done, "seconds": seconds, "device": str(device)}
-                          | ({"reused_from": reused_from} if reused_from else {}), indent=2)
+        state.setdefault("seconds", {})[phase] = round(time.perf_counter() - start, 1)
+        state.setdefault("devices", {})[phase] = device.type
+        _write_state(out, done, state)
         shutil.rmtree(work)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return out

@@ -2,8 +2,10 @@
 
 Each part supplies its modules, optimiser, LR schedule and a `loss_fn()` that draws its own batch; `Phase.fit`
 runs the steps, and a `Checkpointer` saves everything every `every` steps with `training.checkpoint`
-(atomic; weights in safetensors, the rest read with `torch.load(weights_only=True)`). Losses stay on the
-device between saves, so a training step never waits for the GPU.
+(atomic; weights in safetensors, the rest read with `torch.load(weights_only=True)`), and the type of device it trained on:
+a generator's state is its device type's (a CUDA generator's is 16 bytes, a CPU one's 5056), and the numbers a GPU makes
+are not a CPU's, so a checkpoint resumes on its own device type only (`saved_device`). Losses stay on the device between
+saves, so a training step never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from latent_consistency.errors import UserError
 from latent_consistency.progress import progress_bar
-from latent_consistency.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from latent_consistency.training.checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint
 
 
 class Checkpointer:
@@ -35,13 +38,31 @@ class Checkpointer:
         if not checkpoints:
             return 0
         tensors, objects, state = load_checkpoint(checkpoints[-1])
+        saved = state.get("device")
+        if saved not in (None, generator.device.type):  # `build_world` refuses it before any work; other callers here
+            raise self._other_device(checkpoints[-1], saved, generator)
         for name, module in modules.items():
             module.load_state_dict(tensors[name])
         optimizer.load_state_dict(objects["optimizer"])
         scheduler.load_state_dict(objects["scheduler"])
-        generator.set_state(objects["generator"]["state"])
+        try:
+            generator.set_state(objects["generator"]["state"])
+        except RuntimeError:  # a checkpoint from before the device was recorded, with another device type's generator state
+            raise self._other_device(checkpoints[-1], "another type of device", generator) from None
         self._losses = list(state["losses"])
         return int(state["step"])
+
+    def _other_device(self, checkpoint: Path, saved: str, generator: torch.Generator) -> UserError:
+        """The refusal of a checkpoint trained on `saved`, resumed with a generator of another device type."""
+        return UserError(f"the checkpoint {checkpoint} was trained on {saved}, not {generator.device.type}: resume it there, or remove "
+                         f"{self.run_dir} to train from the start")
+
+    def saved_device(self) -> str | None:
+        """The type of device (cpu, cuda, mps) the last checkpoint was trained on; None where there is none, or where it
+        records none (written before the device was recorded) or cannot be read (`resume` refuses it then)."""
+        checkpoints = list_checkpoints(self.run_dir) if self.run_dir is not None else []
+        state = read_state(checkpoints[-1])[0] if checkpoints else None
+        return state.get("device") if state is not None else None
 
     @property
     def losses(self) -> list[float]:
@@ -57,7 +78,7 @@ class Checkpointer:
             save_checkpoint(
                 self.run_dir, step, {name: m.state_dict() for name, m in modules.items()},
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": {"state": generator.get_state()}},
-                {"step": step, "losses": self.losses}, keep=1,
+                {"step": step, "losses": self.losses, "device": generator.device.type}, keep=1,
             )  # fmt: skip
 
 
