@@ -1,13 +1,14 @@
 """DataLoader worker processes that read as the main process reads: a data error is its one line, what the data skipped
 is counted once, a stop of the whole process group ends the command in its own one line, and so does a worker killed
-(`worker_death`). Used by training (`training.batches`) and by the commands that encode data in bulk (`data.latent_cache`,
-`lcm world build`)."""
+(`worker_death`), and a stop while they start ends it too (`started`). Used by training (`training.batches`) and by the
+commands that encode data in bulk (`data.latent_cache`, `lcm world build`)."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -51,12 +52,50 @@ def collate(items: list[dict | None]) -> tuple[torch.Tensor | None, list[str], l
     return torch.stack([item["image"] for item in items]), [item["caption"] for item in items], events, None
 
 
+# The stops a user or a scheduler sends (Ctrl-C, SIGTERM: `cli.Terminated`); their handlers while `started` holds them
+STOPS = (signal.SIGINT, signal.SIGTERM)
+_handlers_before_hold: dict[int, object] = {}
+
+
 def end_quietly_on_sigterm(worker_id: int) -> None:
     """A DataLoader worker ends at once on SIGTERM, as torch's own handler ends it on the main process's SIGTERM: a stop of the
     whole process group (a scheduler's, `timeout`'s, `kill -- -PGID`) reaches the main process too, which ends the command
     with its one line. torch's handler re-raised a SIGTERM from any other sender, and the main process then stopped with
-    "DataLoader worker (pid N) is killed by signal: Terminated" and a traceback before it handled its own SIGTERM."""
+    "DataLoader worker (pid N) is killed by signal: Terminated" and a traceback before it handled its own SIGTERM.
+    A worker forked while `started` held the stops first takes back the handlers the main process had before: Ctrl-C's
+    KeyboardInterrupt ends it quietly, as torch's worker loop ends on it."""
+    for stop, handler in _handlers_before_hold.items():
+        signal.signal(stop, handler)
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def started(loader: torch.utils.data.DataLoader) -> Iterator:
+    """`loader`'s iterator, its worker processes forked while a stop is held: noted, then raised here once they run.
+    Unheld, its Python handler ran wherever the main thread then was: inside the fork, in an at-fork hook (logging's
+    `_releaseLock`), where CPython prints "Exception ignored" and drops the exception, so that `lcm world build` ran every
+    phase and exited 0; or inside the iterator's `__init__`, whose `__del__` then printed an AttributeError ("no attribute
+    '_shutdown'") under the stop's one line. Held by a handler that only notes the signal, not blocked with
+    `signal.pthread_sigmask`: that blocks it in this thread alone, and a thread that does not block it (tqdm's monitor) then
+    takes it, its Python handler still running in the main thread, inside the fork. Python runs handlers (and sets them)
+    in the main thread only: in any other thread a stop cannot raise inside the fork, and nothing is held. A stop whose
+    handler Python did not set (None: C code's) is not held."""
+    if not loader.num_workers or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    held = []
+    try:
+        for stop in STOPS:
+            if signal.getsignal(stop) is not None:
+                _handlers_before_hold[stop] = signal.signal(stop, lambda signum, frame: held.append(signum))
+        return iter(loader)
+    finally:
+        # SIGTERM's set back first: a stop raised by its handler set back (`signal.signal` runs pending handlers before it
+        # sets one) leaves the next one held. Ctrl-C's raises in every process, SIGTERM's where one was set (`lcm`, which
+        # then ends): held SIGTERM would be lost where a caller goes on after Ctrl-C (a notebook)
+        for stop, handler in reversed(_handlers_before_hold.items()):
+            signal.signal(stop, handler)
+        _handlers_before_hold.clear()
+        for stop in held:
+            signal.raise_signal(stop)  # its own handler, now where its exception reaches the caller
 
 
 # torch's words for a worker that died: killed by a signal (named as strsignal names it), or ended without one
@@ -93,13 +132,13 @@ def read_batches(dataset, batch_size: int, num_workers: int, worker_skips: SkipE
     """Batches (images, captions) of `dataset` in `sampler`'s order (its own without one), read by `num_workers` DataLoader
     worker processes (none: this one) as this process reads: a sample's UserError raised here in its one line, what the
     workers skipped added to `worker_skips` (for the dataset's `SkipCounter.with_counted`), a group SIGTERM ending them
-    quietly, a batch of left-out samples (None) skipped."""
+    quietly, a stop while they start raised (`started`), a batch of left-out samples (None) skipped."""
     counter = getattr(dataset, "skipped", None)
     if num_workers and counter is not None:
         counter.pending = []  # each worker's copy keeps what it counts, for `collate` to send back
     loader = torch.utils.data.DataLoader(ErrorsAsValues(dataset) if num_workers else dataset, batch_size=batch_size, sampler=sampler,
                                          num_workers=num_workers, collate_fn=collate, worker_init_fn=end_quietly_on_sigterm)
-    for images, captions, events, error in loader:
+    for images, captions, events, error in started(loader):
         worker_skips += events
         if error is not None:
             raise UserError(error)
