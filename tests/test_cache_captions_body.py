@@ -202,4 +202,5 @@ def test_lcm_cache_into_a_log_writes_the_progress_of_each_phase(tiny_sd, tmp_pat
     monkeypatch.setattr(progress, "monotonic", lambda: 0.0)  # no time passes: the lines are known
     images = write_captioned_images(tmp_path / "images", 3)
     code, err = run_error(["cache", "--model", str(tiny_sd), "--data", str(images), "--out", str(tmp_path / "cache")])
-    assert code == 0 and err.splitlines() == ["latent cache: 3/3 (100 %), done in 0.0 s", "latent cache captions: 3/3 (100 %), done in 0.0 s"], err
+    progress_lines = [line for line in err.splitlines() if not line.startswith("lcm cache: note:")]  # the tiny encoder cuts captions
+    assert code == 0 and progress_lines == ["latent cache: 3/3 (100 %), done in 0.0 s", "latent cache captions: 3/3 (100 %), done in 0.0 s"], err

@@ -168,8 +168,9 @@ def test_a_world_dataset_drawn_otherwise_starts_again_and_one_spelled_otherwise_
         write(heldout, tmp_path / "cache")
     notes = []
     write(Redrawn(heldout), tmp_path / "cache", notes)
-    assert notes == [f"note: {tmp_path / 'cache.partial'} is started again: it was written with another data (the registered dataset "
-                     "drawn otherwise, by another version of lcm)"], notes
+    started = [note for note in notes if "started again" in note]  # not the note of the captions the tiny text encoder cuts
+    assert started == [f"note: {tmp_path / 'cache.partial'} is started again: it was written with another data (the registered dataset "
+                       "drawn otherwise, by another version of lcm)"], notes
     write(Redrawn(heldout), tmp_path / "whole")
     assert snapshot(tmp_path / "cache") == snapshot(tmp_path / "whole")
     train = get_dataset("shapes", "train", 32)

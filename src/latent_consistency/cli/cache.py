@@ -12,13 +12,15 @@ model's native size (or --resolution's) and the central square kept. A cache at 
 at 512 px, say: the cheap way to train on much data at a smaller size) is trained on with that --resolution: its SDXL
 conditions carry that size as their micro-conditioning, as a run's at that size do. Each usable sample is written once
 (`data.latent_cache.UsableBatches`): a corrupt image or a sample without a caption is counted and left out, and shards
-are read once each, shard after shard. The folder is written as `OUT.partial` and renamed when whole: a stopped `lcm
-cache` (Ctrl-C, SIGTERM, a kill, a full disk) leaves no cache that looks finished, and the same command run again goes
-on from the last whole shard in OUT.partial, writing the very cache an uninterrupted run writes. It resumes an image
-folder, webdataset shards or a registered dataset read with the same --model, images and captions (of shards: the same
-.tar files, by their names, sizes and first bytes; a registered dataset such as world:shapes is drawn alike at every
-run), --resolution, --batch-size, type of --device (cpu, cuda or mps: each rounds its own way) and choice of
---captions-only; other settings start OUT.partial again, with a note saying why.
+are read once each, shard after shard; data without a usable sample is refused with one line, leaving no OUT.partial.
+Captions longer than the text encoder reads are cut, as diffusers cuts them, with a note saying how many. The folder is
+written as `OUT.partial` and renamed when whole: a stopped `lcm cache` (Ctrl-C, SIGTERM, a kill, a full disk) leaves no
+cache that looks finished, and the same command run again goes on from the last whole shard in OUT.partial, writing the
+very cache an uninterrupted run writes. It resumes an image folder, webdataset shards or a registered dataset read with
+the same --model, images and captions (of shards: the same .tar files, by their names, sizes and first bytes; a
+registered dataset such as world:shapes is drawn alike at every run), --resolution, --batch-size, type of --device (cpu,
+cuda or mps: each rounds its own way) and choice of --captions-only; other settings start OUT.partial again, with a note
+saying why.
 
 With --captions-only the cache holds the caption strings instead of their text embeddings, and each run encodes its
 micro-batches' captions with its own model, as it does an image folder's (diffusers' training scripts do the same). In

@@ -1,8 +1,9 @@
-"""A folder of captioned images, laid out as Hugging Face `imagefolder` or with `.txt` sidecars.
+"""A folder of captioned images, laid out as Hugging Face `imagefolder` or with `.txt` (or `.caption`) sidecars.
 
 Captions come from one of two places, chosen once per folder:
   - a metadata file at the root (preferred when present), as Hugging Face `imagefolder` reads them: `metadata.jsonl`,
-    one JSON object per line with "file_name" (path relative to the root) and the caption under "text" or "caption",
+    one JSON object per line with "file_name" (path relative to the root) and the caption under "text" or, where that is
+    missing, null or blank, "caption" (a list of captions, COCO's layout, gives its first: `images.listed_caption`),
     or `metadata.csv`, a header row naming the columns "file_name" and "text" (or "caption") and a row per sample.
     A file_name written on Windows ("images\\a.png", `str` of a Windows path) names the same file on every system: its
     backslashes are folder separators where no file has the name as written (`_windows_separators`); a file_name in one
@@ -10,13 +11,16 @@ Captions come from one of two places, chosen once per folder:
     file exactly (`Spellings`).
     Each line or row is a sample, so an image listed twice with two captions is two samples; a folder with both files
     is refused (which one holds the captions?);
-  - otherwise a sidecar next to each image: `cat.png` is captioned by `cat.txt`.
-Images are found recursively (`images.IMAGE_EXTENSIONS`: .jpg .jpeg .png .webp .bmp .gif .tif .tiff, and .avif .jfif
-.jp2 .psd where Pillow decodes them; hidden files and folders ignored, symlinked folders followed once each).
+  - otherwise a sidecar next to each image: `cat.png` is captioned by `cat.txt` (its suffix in any case, as an image's),
+    else by `cat.caption` (kohya's layout; `sidecar_of`).
+Images are found recursively (`images.IMAGE_EXTENSIONS`: .jpg .jpeg .png .webp .bmp .gif .tif .tiff, the other still
+formats Pillow decodes (.jpe, .ppm, .pgm, .tga, ...), and .avif .jfif .jp2 .psd where this Pillow decodes them; hidden files
+and folders ignored, symlinked folders followed once each).
 
-Captions are UTF-8, with or without a byte-order mark. The folder is scanned once, without decoding: images
-without a caption, captions that are not UTF-8 (or hold NUL characters, as UTF-16 text does), metadata lines that do
-not parse or name a missing file, dangling symlinks and images in formats not read here (.heic, .jxl, camera raw, ...) are
+Captions are UTF-8, with or without a byte-order mark (a metadata.jsonl or metadata.csv in UTF-16 is refused, saying
+so). The folder is scanned once, without decoding: images without a caption, captions that are not UTF-8 (or hold NUL
+characters, as UTF-16 text does), metadata lines that do not parse or name a missing file, dangling symlinks and images
+in formats not read here (.heic, .jxl, .ico, camera raw, `images.UNSUPPORTED_IMAGE_EXTENSIONS`) are
 skipped and counted in `skipped`, as are metadata lines naming a file outside the folder (an absolute path, ../x.png).
 Decoding happens in `__getitem__`;
 a file that turns out corrupt there is counted and the next usable sample is returned instead, so one
@@ -59,6 +63,7 @@ from latent_consistency.data.images import (
     SkipCounter,
     caption_problem,
     clean_caption,
+    listed_caption,
     load_rgb,
 )
 from latent_consistency.errors import UserError
@@ -90,7 +95,7 @@ class ImageFolderDataset(Dataset):
         unsupported = [name for name in files if extension(name) in UNSUPPORTED_IMAGE_EXTENSIONS]
         if not images:
             raise UserError(
-                f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {self.root}{_unsupported_note(unsupported)}; "
+                f"no images ({' '.join(IMAGE_EXTENSIONS[:8])} ...) in {self.root}{_unsupported_note(unsupported)}; "
                 "pass a folder of captioned images"
             )
         found = [self.root / name for name in METADATA_FILES if (self.root / name).is_file()]
@@ -98,13 +103,13 @@ class ImageFolderDataset(Dataset):
             raise UserError(f"{self.root} holds both {METADATA_FILE} and {METADATA_CSV}: keep the one that holds the captions")
         metadata = found[0] if found else self.root / METADATA_FILE
         scan = ScanSkips()
-        self.samples = CaptionedFiles(self._scan_metadata(metadata, images, scan) if metadata.is_file() else self._scan_sidecars(images, scan))
+        self.samples = CaptionedFiles(self._scan_metadata(metadata, images, scan) if metadata.is_file() else self._scan_sidecars(images, files, scan))
         named = set(self.samples.files) if unsupported else set()  # metadata may name any file Pillow reads
         for file_name in unsupported:
             if file_name not in named:
                 scan.add("unsupported_format", f"{file_name}: convert it to .jpg or .png")
         if not self.samples:
-            source = metadata.name if metadata.is_file() else ".txt sidecar captions"
+            source = metadata.name if metadata.is_file() else ".txt or .caption sidecar captions"
             nested = [name for name in files if Path(name).name in METADATA_FILES and "/" in name]
             where = (f"; {nested[0]} is read only at the root of the data: pass its folder as the data"
                      if nested and not metadata.is_file() else "")
@@ -112,7 +117,7 @@ class ImageFolderDataset(Dataset):
             raise UserError(
                 f"no usable captioned image in {self.root} (captions from {source}; {skips}{where}); "
                 f'give each image a caption: a {METADATA_FILE} line {{"file_name": "a.png", "text": "..."}} '
-                "or a.txt next to a.png"
+                "or a.txt (or a.caption) next to a.png"
             )
         _count_scan(self.skipped, scan, quiet_scan)  # counted, and logged, now that the folder is known usable (`ScanSkips`)
         self._other_side: tuple[Holdout, CaptionedFiles, ScanSkips] | None = None  # `take_other_side`
@@ -149,7 +154,7 @@ class ImageFolderDataset(Dataset):
             raise UserError(f"cannot read {metadata} ({err.strerror}); make it readable") from None
         named, spellings = bytearray(len(images)), Spellings(images)
         with lines:
-            rows = _csv_rows(metadata, lines) if metadata.name == METADATA_CSV else _jsonl_rows(lines)
+            rows = _csv_rows(metadata, lines) if metadata.name == METADATA_CSV else _jsonl_rows(metadata, lines)
             for number, row in rows:
                 try:
                     file_name = as_posix(row["file_name"])
@@ -171,7 +176,7 @@ class ImageFolderDataset(Dataset):
                 if not os.path.isfile(os.path.join(self.root, file_name)):  # False, not an OSError, for a name too long for the disk
                     scan.add("missing_file", f"{metadata}:{number} names {file_name}")
                     continue
-                caption = clean_caption(row.get("text", row.get("caption")))
+                caption = listed_caption(row.get("text")) or listed_caption(row.get("caption"))
                 if caption is None:
                     scan.add("no_caption", file_name)
                 # a JSON escape such as "\ud800", which no tokenizer takes, or "\u0000"
@@ -183,15 +188,16 @@ class ImageFolderDataset(Dataset):
             if not is_named:
                 scan.add("no_caption", f"{file_name} is not in {metadata.name}")
 
-    def _scan_sidecars(self, images: list[str], scan: ScanSkips) -> Iterator[tuple[str, str]]:
-        """The (file name, caption) of each image of `images` whose .txt sidecar is a usable caption; the others go into
-        `scan`."""
+    def _scan_sidecars(self, images: list[str], files: list[str], scan: ScanSkips) -> Iterator[tuple[str, str]]:
+        """The (file name, caption) of each image of `images` whose sidecar (`sidecar_of`, among the folder's sorted `files`)
+        is a usable caption; the others go into `scan`."""
         for file_name in images:
             path = os.path.join(self.root, file_name)
             if not os.path.isfile(path):
                 scan.add("missing_file", f"{file_name} is not a file (a dangling symlink?)")
                 continue
-            sidecar = os.path.splitext(path)[0] + ".txt"
+            sidecar = sidecar_of(files, file_name)
+            sidecar = os.path.join(self.root, sidecar) if sidecar is not None else ""
             try:  # UTF-8, with or without a byte-order mark; anything else (UTF-16 from Notepad, Latin-1) is skipped
                 caption = clean_caption(_read_bytes(sidecar).decode("utf-8-sig")) if os.path.isfile(sidecar) else None
             except UnicodeDecodeError as err:
@@ -380,6 +386,24 @@ def _outside(file_name: str) -> bool:
     return os.path.isabs(file_name) or ntpath.isabs(file_name) or os.path.normpath(file_name).split(os.sep)[0] == ".."
 
 
+# The suffixes of an image's sidecar caption, in the order they are looked for: .txt in any case, as image suffixes are
+# read in any case (a camera's IMG_0001.JPG is captioned by IMG_0001.TXT), then kohya's .caption (as webdataset shards'
+# key.caption)
+SIDECAR_SUFFIXES = (*dict.fromkeys("." + "".join(letters) for letters in itertools.product(*zip("txt", "TXT"))), ".caption", ".CAPTION")
+
+
+def sidecar_of(files: list[str], image: str) -> str | None:
+    """The sidecar caption file of `image` among `files` (a folder's `visible_names`, sorted): its name with the first of
+    SIDECAR_SUFFIXES that names one of `files` for its suffix; None where none does. Looked up by bisection, for a scan
+    of 12 million images holds no set of their names."""
+    stem = os.path.splitext(image)[0]
+    for suffix in SIDECAR_SUFFIXES:
+        i = bisect_left(files, stem + suffix)
+        if i < len(files) and files[i] == stem + suffix:
+            return files[i]
+    return None
+
+
 def _windows_separators(root: Path, file_name: str) -> str:
     """A metadata file_name with its backslashes read as folder separators, as Windows reads them, where no file under
     `root` has the name as written: a metadata file written on Windows names "images\\a.png", which named a missing file
@@ -390,16 +414,31 @@ def _windows_separators(root: Path, file_name: str) -> str:
     return as_posix(file_name.replace("\\", "/"))
 
 
-def _jsonl_rows(lines) -> Iterator[tuple[int, object]]:
+def _jsonl_rows(metadata: Path, lines) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON value) of each non-blank line of a metadata.jsonl; None for a line that is not JSON in
-    UTF-8."""
+    UTF-8. A file in UTF-16 is a UserError (`_check_not_utf16`)."""
     for number, line in enumerate(lines, start=1):
+        if number == 1:
+            _check_not_utf16(metadata, line)
         if not line.strip():
             continue
         try:
             yield number, json.loads(line.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             yield number, None
+
+
+def _check_not_utf16(metadata: Path, first_line: bytes) -> None:
+    """UserError for a metadata.jsonl whose first line is UTF-16 (a byte-order mark FF FE or FE FF, or the NUL bytes of
+    UTF-16 text without one: Windows PowerShell 5 writes files so with `>` or Out-File), as for a metadata.csv that is
+    not UTF-8: each of its lines was counted as a bad line, and one more for the NUL byte after the last line break."""
+    if first_line.startswith((b"\xff\xfe", b"\xfe\xff")):  # a byte-order mark, which no UTF-8 text starts with
+        start = 0
+    elif b"\x00" in first_line:
+        start = first_line.index(b"\x00")
+    else:
+        return
+    raise UserError(f"{metadata} is not UTF-8 text (byte 0x{first_line[start]:02x} at {start}: UTF-16?); save it as UTF-8")
 
 
 def _csv_rows(metadata: Path, lines) -> Iterator[tuple[int, dict]]:

@@ -7,8 +7,9 @@ raise there: they come back as `None` so a dataset can skip and count the sample
 
 Conversions to 8-bit RGB:
   - grayscale ("1", "L") is replicated to three channels;
-  - images with alpha ("LA", "RGBA", "PA", palette with transparency) are composited on white, so a
-    transparent background becomes white, not the arbitrary colour stored under alpha = 0;
+  - images with alpha ("LA", "RGBA", "PA") or a transparency key (a PNG's tRNS chunk in a palette, gray, 16-bit gray or RGB
+    image; a GIF's transparent index) are composited on white, so a transparent background becomes white, not the
+    arbitrary colour stored under alpha = 0;
   - 16-bit grayscale ("I;16*", and "I" holding values in 0..65535, as Pillow reads a 16-bit PGM) is scaled by
     255/65535 with rounding, not clipped at 255 (clipping turns nearly every 16-bit image white);
   - 32-bit float grayscale ("F", a float TIFF) holding values in [0, 1], the scale float images have in scikit-image and
@@ -49,12 +50,25 @@ logger = logging.getLogger("latent_consistency.data")
 # their extension: AVIF, JFIF, JPEG 2000 and PSD in Pillow 13; HEIC with the pillow-heif plugin); otherwise a folder's
 # files of these are counted as skipped ("unsupported_format"), not passed over without a word.
 _OTHER_EXTENSIONS = (".heic", ".heif", ".avif", ".jfif", ".jxl", ".jp2", ".psd", ".svg", ".dng", ".cr2", ".nef", ".arw")
+# Still images in formats Pillow itself decodes (`Image.registered_extensions()`): JPEG's other suffix and its multi-picture
+# form (a 3D camera's: the first picture), animated PNG (its first frame, as a GIF's), Netpbm (the .pgm of 16-bit gray
+# scans), Targa, device-independent bitmaps, QOI, PCX, SGI, Sun raster and JPEG 2000's other suffixes. Read where this
+# Pillow registers them; a file of one it does not is counted as unsupported.
+_PILLOW_EXTENSIONS = (".jpe", ".mpo", ".apng", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".dib", ".qoi", ".pcx", ".sgi", ".rgb",
+                      ".ras", ".j2k", ".j2c", ".jpc", ".jpf", ".jpx")
+# Image formats not read here: icons, textures, vector art, HDR (no scale to 8 bits a file states), JPEG XR and camera raw.
+# A folder's files of these are counted as "unsupported_format" too, so that the data summary names a captioned one
+# rather than say "nothing skipped".
+_UNREAD_EXTENSIONS = (".ico", ".icns", ".cur", ".dds", ".xbm", ".xpm", ".eps", ".exr", ".hdr", ".pfm", ".jxr", ".wdp", ".raw",
+                      ".orf", ".rw2", ".raf", ".pef", ".srw", ".crw", ".cr3")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff") + tuple(
-    extension for extension in _OTHER_EXTENSIONS if extension in Image.registered_extensions())
-UNSUPPORTED_IMAGE_EXTENSIONS = tuple(extension for extension in _OTHER_EXTENSIONS if extension not in IMAGE_EXTENSIONS)
+    extension for extension in _OTHER_EXTENSIONS + _PILLOW_EXTENSIONS if extension in Image.registered_extensions())
+UNSUPPORTED_IMAGE_EXTENSIONS = tuple(
+    extension for extension in _OTHER_EXTENSIONS + _PILLOW_EXTENSIONS + _UNREAD_EXTENSIONS if extension not in IMAGE_EXTENSIONS)
 
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 32-bit, 16-bit data in it (`_scaled_gray`)
+_KEYED_MODES = ("P", "1", "L", "RGB", *_SIXTEEN_BIT_MODES)  # modes whose transparency may be a key (`_keyed_rgba`)
 
 
 @dataclass
@@ -301,6 +315,16 @@ def clean_caption(value: object) -> str | None:
     return None
 
 
+def listed_caption(value: object) -> str | None:
+    """A metadata caption that may be a list (COCO's layout: an image's five captions in one "text"): a usable string
+    (`clean_caption`), or the first usable string of a list. diffusers' train_text_to_image draws one of the list at random
+    each time it reads the image, which neither a resumed run nor a latent cache can reproduce; the first is the same at
+    every reading. To train on every caption of an image, give it a line (a sample) per caption."""
+    if isinstance(value, list):
+        return next((caption for caption in map(clean_caption, value) if caption is not None), None)
+    return clean_caption(value)
+
+
 def caption_problem(caption: str) -> str | None:
     """Why a decoded caption is not text to train on, or None: NUL characters, which UTF-16 text without a byte-order
     mark is full of and still decodes as UTF-8."""
@@ -312,20 +336,39 @@ def caption_problem(caption: str) -> str | None:
 def _to_rgb8(image: Image.Image) -> tuple[Image.Image, str | None]:
     """Convert any Pillow mode to 8-bit RGB; returns the image and the conversion reason (None if none)."""
     mode = image.mode
+    if "transparency" in image.info and mode in _KEYED_MODES:
+        return _on_white(_keyed_rgba(image)), "converted_alpha"
     if mode == "RGB":
         return image, None
-    if mode == "P" and "transparency" in image.info:
-        image, mode = image.convert("RGBA"), "RGBA"
     if mode in _ALPHA_MODES:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB"), "converted_alpha"
+        return _on_white(image.convert("RGBA")), "converted_alpha"
     if mode in _SIXTEEN_BIT_MODES:
         return _scaled_gray(np.asarray(image), 65535, "32-bit integer"), "converted_16bit"
     if mode == "F":
         return _scaled_gray(np.asarray(image), 1.0, "float"), "converted_float"
     reason = {"1": "grayscale", "L": "grayscale", "P": "palette"}.get(mode, mode.lower().replace(";", "_"))
     return image.convert("RGB"), f"converted_{reason}"
+
+
+def _keyed_rgba(image: Image.Image) -> Image.Image:
+    """An image whose transparency is a key (a PNG's tRNS chunk, a GIF's transparent index: one palette entry, gray level
+    or RGB colour marks the transparent pixels) as RGBA. PNG optimisers (optipng, oxipng) write a cut-out whose alpha is only
+    0 or 255 as RGB with a tRNS colour, which read as RGB kept the colour stored under the transparency (black, typically).
+    Pillow's own conversion to RGBA honours the key of a palette, 1-bit, 8-bit gray or RGB image; a 16-bit gray one's it
+    drops, clipping the gray at 255, so its alpha is the pixels that differ from the key and its gray is scaled as
+    `_scaled_gray` scales it."""
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return image.convert("RGBA")
+    values = np.asarray(image)
+    rgba = _scaled_gray(values, 65535, "32-bit integer").convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)))
+    return rgba
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    """An RGBA image composited on white, as RGB: a transparent background becomes white, not the colour stored under it."""
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
 def _scaled_gray(values: np.ndarray, white: float, kind: str) -> Image.Image:

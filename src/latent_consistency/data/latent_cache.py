@@ -47,6 +47,7 @@ import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -58,7 +59,7 @@ from safetensors.torch import save_file
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset, hash_json_list
 from latent_consistency.data.images import SkipCounter, SkipEvents
-from latent_consistency.data.shards import OncePosition, ShardStream
+from latent_consistency.data.shards import CAPTION_MEMBERS, OncePosition, ShardStream
 from latent_consistency.data.spec import SCHEMES, canonical_spec
 from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
@@ -67,6 +68,7 @@ from latent_consistency.models import DiffusionModel, LatentCodec, load_componen
 from latent_consistency.outputs import check_partial, is_empty_folder, move_into_place, partial_folder, permit_as_umask, start_partial, write_json_atomic
 from latent_consistency.outputs import written as naming_failures
 from latent_consistency.progress import progress_bar
+from latent_consistency.prompts import truncated_prompts
 
 FORMAT = "latent-cache/2"
 HEADER_CAPTIONS = "latent-cache/1"  # the earlier format: the caption strings as JSON in the captions file's metadata
@@ -144,7 +146,8 @@ def write_latent_cache(
 
     total = None if isinstance(dataset, ShardStream) else len(dataset)
     done = sum(s["num_samples"] for s in written.shards)
-    with progress_bar(total=total, initial=done, desc="latent cache", unit="sample", disable=not progress) as bar:  # closed before a stop's one line
+    with progress_bar(total=total, initial=done, desc="latent cache", unit="sample", disable=not progress) as bar, \
+            _nothing_left_on_refusal(written):  # the bar closed before a stop's one line
         for images, captions in batches:
             encoded = codec.encode(images)
             latents = encoded.float().cpu()
@@ -157,8 +160,7 @@ def write_latent_cache(
         if pending:
             written.add_shard(pending, batches)
         if not written.shards:  # in the bar's block: a log's end line would come before the one line of this stop
-            skipped = getattr(dataset, "skipped", None)
-            raise UserError(f"no usable sample in the data ({skipped.summary() if skipped else 'none given'}); check the files")
+            raise UserError(_no_usable_sample(dataset))
 
     captions = list(written.caption_ids)
     if captions_only:
@@ -166,7 +168,7 @@ def write_latent_cache(
             _write_captions(partial / CAPTIONS, captions, None)
         text = {CAPTIONS_ONLY: True}
     else:
-        text = _write_text_embeddings(partial, out_dir, prompts, captions, device, tuple(written.image_size), batch_size, progress)
+        text = _write_text_embeddings(partial, out_dir, prompts, captions, device, tuple(written.image_size), batch_size, progress, say)
     manifest = {
         "format": FORMAT,
         "num_samples": sum(s["num_samples"] for s in written.shards),
@@ -185,18 +187,45 @@ def write_latent_cache(
     return out_dir
 
 
+@contextmanager
+def _nothing_left_on_refusal(written: _Written) -> Iterator[None]:
+    """Remove `<cache>.partial` where the data is refused (a UserError: no usable sample, latents that come out NaN) before a
+    shard was written: it holds nothing to resume, and a refused input writes nothing (docs/guide.md). A partial with
+    whole shards is kept for the rerun to go on from."""
+    try:
+        yield
+    except UserError:
+        if not written.shards:
+            shutil.rmtree(written.partial, ignore_errors=True)
+        raise
+
+
+def _no_usable_sample(dataset) -> str:
+    """The one line of a cache of data without a usable sample: what the data skipped, and for webdataset shards whose
+    samples lacked a caption the members a sample needs."""
+    skipped = getattr(dataset, "skipped", None)
+    uncaptioned = skipped is not None and skipped.counts["no_caption"] > 0  # not for images that did not decode
+    what = (f"webdataset shards need key.jpg (or .png, .webp, ...) with a caption in {CAPTION_MEMBERS}"
+            if isinstance(dataset, ShardStream) and uncaptioned else "check the files")
+    return f"no usable sample in the data ({skipped.summary() if skipped else 'none given'}); {what}"
+
+
 def _write_text_embeddings(partial: Path, out_dir: Path, prompts, captions: list[str], device, size: tuple[int, int],
-                           batch_size: int, progress: bool) -> dict:
+                           batch_size: int, progress: bool, say: Callable[[str], None]) -> dict:
     """CAPTIONS of a full cache in `partial`: `captions` and their text embeddings, encoded by `prompts` at the images' `size`
-    (an SDXL condition's micro-conditioning), and ∅'s. What the manifest records of them: the embeddings' width and
-    length, and the digests (ENCODERS) of the text encoders that made them."""
-    embeddings = _encoded_captions(out_dir, prompts, captions, device, size, batch_size, progress)
+    (an SDXL condition's micro-conditioning), and ∅'s; `say` notes the captions the text encoder cut (`LongCaptions`).
+    What the manifest records of them: the embeddings' width and length, and the digests (ENCODERS) of the text encoders
+    that made them."""
+    long = LongCaptions(prompts)
+    embeddings = _encoded_captions(out_dir, prompts, captions, device, size, batch_size, progress, long)
     first = next(embeddings)
     uncond = prompts.uncond(device, size)[0]
     _check_encoded(out_dir, {"empty prompt's embedding": uncond}, uncond.dtype)
     with naming_failures(partial / CAPTIONS):  # a full disk names the file: its write() errors name none
         _write_captions(partial / CAPTIONS, captions, ([len(captions), *first.shape[1:]], itertools.chain([first], embeddings),
                                                        uncond.float().cpu()))
+    if (note := long.note("distinct captions")) is not None:
+        say(note)
     return {"text_hidden_size": int(first.shape[-1]), "max_length": int(first.shape[1]),
             ENCODERS: {name: _weights_digest(encoder) for name, encoder in _prompt_encoders(prompts).items()}}
 
@@ -376,12 +405,18 @@ def _named_data(dataset, spec: str) -> dict:
     return {"named": spec, "samples": len(dataset), "fingerprint": digest.hexdigest()[:16]}
 
 
+# The parts of a job's `source` that name a file or folder (`lcm cache --data`, `--model`)
+PATH_PARTS = ("data", "model")
+
+
 def _as_real_paths(source: dict) -> dict:
-    """`source` with each string that names an existing file or folder (--data, --model) as its real path, and a registered
-    dataset by its one spelling: the rerun of a job spelled another way (`images/` as a shell completes it, then `images`; a
-    relative path from another folder; world:shapes:train for world:shapes) is the same job, and hours of encoding are not
-    started again for a spelling. The manifest keeps `source` as given."""
-    return {key: _real_path(value) if isinstance(value, str) else value for key, value in source.items()}
+    """`source` with its --data and --model (PATH_PARTS) as the real path of the file or folder each names, and a
+    registered dataset by its one spelling: the rerun of a job spelled another way (`images/` as a shell completes it, then
+    `images`; a relative path from another folder; world:shapes:train for world:shapes) is the same job, and hours of
+    encoding are not started again for a spelling. Its other parts are no paths (a world build's {"dataset": "shapes",
+    "split": "train"}): as a real path, the job of a rerun from a folder holding a file called "train" was another. The
+    manifest keeps `source` as given."""
+    return {key: _real_path(value) if key in PATH_PARTS and isinstance(value, str) else value for key, value in source.items()}
 
 
 def _real_path(value: str) -> str:
@@ -556,16 +591,43 @@ def _is_position(items, shards: bool) -> bool:
 
 
 def _encoded_captions(out_dir: Path, prompts, captions: list[str], device, size: tuple[int, int], batch_size: int,
-                      progress: bool) -> Iterator[torch.Tensor]:
+                      progress: bool, long: LongCaptions) -> Iterator[torch.Tensor]:
     """The text embeddings of `captions`, `batch_size` at a time, in float32 on the CPU; a UserError at the first batch that
     comes out NaN or infinite (`_check_encoded`). With its own progress: LAION's 650K distinct captions are a phase of
     their own."""
     with progress_bar(total=len(captions), desc="latent cache captions", unit="caption", disable=not progress) as bar:
         for i in range(0, len(captions), batch_size):
+            long.add(captions[i : i + batch_size])
             batch = prompts.encode(captions[i : i + batch_size], device, size)
             _check_encoded(out_dir, {"text embeddings": batch}, batch.dtype)
             yield batch.float().cpu()
             bar.update(len(batch))
+
+
+@dataclass
+class LongCaptions:
+    """The captions of the data that a prompt encoder (`models.DiffusionModel.prompts`) cuts, counted as they are encoded
+    (`prompts.truncated_prompts`: tokens past CLIP's 77 or T5's 120 are dropped, as diffusers drops them), for one note
+    per run: diffusers' training scripts cut them without a word, and a recaptioned dataset (LLaVA's paragraphs) loses
+    most of each caption so, as a prompt to `lcm generate` is cut with a note."""
+
+    prompts: object
+    count: int = 0  # captions cut
+    seen: int = 0  # captions counted
+    longest: int = 0  # tokens of the longest
+    limit: int = 0  # the most tokens the text encoder reads
+
+    def add(self, captions: list[str]) -> None:
+        for _, tokens, limit in truncated_prompts(self.prompts, captions):
+            self.count, self.longest, self.limit = self.count + 1, max(self.longest, tokens), limit
+        self.seen += len(captions)
+
+    def note(self, what: str) -> str | None:
+        """The note of the captions cut so far (`what` they are: "distinct captions"), None where none was."""
+        if not self.count:
+            return None
+        return (f"note: the text encoder reads at most {self.limit} tokens of a caption, and cuts {self.count} of the {self.seen} {what} "
+                f"(the longest is {self.longest} tokens), as diffusers cuts them; shorten them to train on all of each")
 
 
 def _write_captions(target: Path, captions: list[str], text: tuple[list[int], Iterator[torch.Tensor], torch.Tensor] | None) -> None:

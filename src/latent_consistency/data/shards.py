@@ -1,8 +1,9 @@
 """Webdataset tar shards in img2dataset's layout, streamed, resampled and exactly resumable.
 
 A shard is an uncompressed tar (`00000.tar`) whose consecutive members share a key: `key.jpg` (or .png, .webp, ...: the
-formats an image folder reads, `images.IMAGE_EXTENSIONS`) and its caption in `key.txt` or `key.caption`, or in `key.json`
-under "caption" (or "text", in any case: LAION's column is "TEXT"). The key is webdataset's, the name up to the first dot of
+formats an image folder reads, `images.IMAGE_EXTENSIONS`) and its caption in `key.txt`, `key.text` (diffusers' webdataset scripts
+read it) or `key.caption`, or in `key.json` under "caption" (or "text", in any case: LAION's column is "TEXT"; a list of
+captions gives its first, `images.listed_caption`). The key is webdataset's, the name up to the first dot of
 its base name, except where a key holds dots itself (`cat.01.jpg`, `cat.01.txt`): see `_sample_key`.
 `ShardStream` is an infinite stream:
   1. resampling: shard after shard is drawn with replacement; draw d is chosen by an RNG seeded from
@@ -57,11 +58,13 @@ from typing import IO, Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, caption_problem, clean_caption, decode_rgb_reasons
+from latent_consistency.data.images import IMAGE_EXTENSIONS, SkipCounter, caption_problem, clean_caption, decode_rgb_reasons, listed_caption
 from latent_consistency.errors import UserError
 
 IMAGE_KEYS = tuple(extension.removeprefix(".") for extension in IMAGE_EXTENSIONS)  # what an image folder reads
-CAPTION_KEYS = ("txt", "caption", "json")
+CAPTION_KEYS = ("txt", "text", "caption", "json")  # diffusers' webdataset scripts read "text;txt;caption"
+# The members a sample's caption is read from, as messages name them
+CAPTION_MEMBERS = ", ".join(f"key.{key}" for key in CAPTION_KEYS[:-1]) + f" or key.{CAPTION_KEYS[-1]}"
 
 # The most shards a brace pattern may name: far above the largest public datasets' (about a million).
 MAX_SHARDS = 10_000_000
@@ -423,7 +426,7 @@ class ShardStream(IterableDataset):
             raise UserError(
                 f"no usable sample in {len(self.shards)} shard(s) ({', '.join(self.shards[:3])}"
                 f"{', ...' if len(self.shards) > 3 else ''}; {self.skipped.summary()}); shards need "
-                "key.jpg/.png/.webp with a caption in key.txt, key.caption or key.json"
+                f"key.jpg/.png/.webp with a caption in {CAPTION_MEMBERS}"
             )
 
 
@@ -620,9 +623,9 @@ _END = object()
 
 
 def _read_caption(raw: bytes, key: str) -> str | None:
-    """The caption of a sample's .txt, .caption or .json member (None: it has none); UTF-8 with or without a byte-order
-    mark. A JSON object's caption is its "caption" or, where that is missing or blank, its "text", in any case (LAION's
-    parquet column is "TEXT"). Text
+    """The caption of a sample's .txt, .text, .caption or .json member (None: it has none); UTF-8 with or without a
+    byte-order mark. A JSON object's caption is its "caption" or, where that is missing or blank, its "text", in any case
+    (LAION's parquet column is "TEXT"); a list of captions gives its first (`listed_caption`). Text
     that is not UTF-8, or a JSON caption escaping a lone surrogate, raises UnicodeError: the sample is skipped as a bad
     caption rather than trained on replacement characters."""
     text = raw.decode("utf-8-sig")
@@ -633,7 +636,7 @@ def _read_caption(raw: bytes, key: str) -> str | None:
     except ValueError:
         return None
     fields = {str(name).lower(): value for name, value in row.items()} if isinstance(row, dict) else {}
-    caption = clean_caption(fields.get("caption")) or clean_caption(fields.get("text"))
+    caption = listed_caption(fields.get("caption")) or listed_caption(fields.get("text"))
     if caption is not None:
         caption.encode("utf-8")  # UnicodeEncodeError on a lone surrogate ("\\ud800")
     return caption

@@ -10,6 +10,7 @@ VAE and text-encoder call per batch, never per sample. The data position is a `R
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import Counter
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ import torch
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset
 from latent_consistency.data.images import SkipCounter, SkipEvents
-from latent_consistency.data.latent_cache import LatentCache
+from latent_consistency.data.latent_cache import LatentCache, LongCaptions
 from latent_consistency.data.sampler import ResumableSampler
 from latent_consistency.data.shards import ShardStream, check_usable
 from latent_consistency.data.spec import open_dataset
@@ -285,10 +286,22 @@ def _micro_batches(dataset, sampler, model: DiffusionModel, device, resolution: 
     DataLoader's queues before it could tell its workers to stop (each then took 5 s to be given up on)."""
     if isinstance(dataset, LatentCache):
         yield from _cached_micro_batches(dataset, sampler, model, device, resolution, micro_batch)
+    long = LongCaptions(model.prompts)
     for images, captions in read_batches(dataset, micro_batch, num_workers, worker_skips, sampler):
         latents = model.codec.encode(images.to(device))
-        cond = model.prompts.encode(captions, device, (resolution, resolution))
+        cond = _encoded_captions(model, captions, device, resolution, long)
         yield {"latents": latents.float(), "cond": cond.float()}
+
+
+def _encoded_captions(model: DiffusionModel, captions: list[str], device, resolution: int, long: LongCaptions) -> torch.Tensor:
+    """The conditions of a micro-batch's `captions`; the first time the text encoder cuts some (`LongCaptions`), one note
+    in the log naming how many of the captions read so far it cut: a run encodes its captions step by step, and counting
+    them all first would tokenize a LAION-sized dataset's before the first step."""
+    if not long.count:
+        long.add(captions)
+        if (note := long.note("captions of the data read so far")) is not None:
+            logging.getLogger("latent_consistency.data").warning("%s", note)
+    return model.prompts.encode(captions, device, (resolution, resolution))
 
 
 def _cached_micro_batches(cache: LatentCache, sampler, model: DiffusionModel, device, resolution: int, micro_batch: int):
@@ -297,12 +310,12 @@ def _cached_micro_batches(cache: LatentCache, sampler, model: DiffusionModel, de
     (`LatentCache.gather`) and moved alone: the same samples and the same values either way, bit for bit. A captions-only
     cache's conditions are its captions encoded by `model`, as an image folder's are (`_micro_batches`)."""
     whole = cache.tensors(device) if cache.small else None
-    indices = iter(sampler)
+    indices, long = iter(sampler), LongCaptions(model.prompts)
     while True:
         idx = torch.tensor([next(indices) for _ in range(micro_batch)])
         if cache.captions_only:
             latents = cache.gather_latents(idx).to(device) if whole is None else whole.latents[idx.to(device)]
-            yield {"latents": latents, "cond": model.prompts.encode(cache.captions_of(idx), device, (resolution, resolution)).float()}
+            yield {"latents": latents, "cond": _encoded_captions(model, cache.captions_of(idx), device, resolution, long).float()}
         elif whole is None:
             latents, cond = cache.gather(idx)
             yield {"latents": latents.to(device), "cond": cond.to(device)}
