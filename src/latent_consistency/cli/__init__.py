@@ -203,9 +203,19 @@ def entry() -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+# Set where the process must end without the interpreter's finalization (`end_at_once`)
+_ENDING_AT_ONCE = threading.Event()
+
+
+def end_at_once() -> None:
+    """Make `end_process` end this process at once, as it ends one of a multi-process run: a command whose thread is still
+    inside torch (`lcm serve` forced to stop while a batch was made) aborted in the interpreter's finalization."""
+    _ENDING_AT_ONCE.set()
+
+
 def end_process(code: int) -> int:
-    """`code`, or for a process of a multi-process run (`accelerate launch`, torchrun: WORLD_SIZE > 1) the end of the
-    process with it at once: output flushed, without the interpreter's finalization and C++'s static destructors. A
+    """`code`, or for a process of a multi-process run (`accelerate launch`, torchrun: WORLD_SIZE > 1), or one that must
+    end at once (`end_at_once`), the end of the process with it at once: output flushed, without the interpreter's finalization and C++'s static destructors. A
     gloo process group torn down there has aborted ("terminate called without an active exception", exit -6, seen in
     CI) and, freed while gloo's worker thread still released its last collective, deadlocked; so a run keeps its group
     (`training.sharding.end_process_group`) and the process ends here, with nothing to tear down. A script of its own
@@ -214,7 +224,7 @@ def end_process(code: int) -> int:
     multiprocessing's exit callback ends them: left alone they linger until their watchdog sees the parent gone. A stop
     arriving now (the launcher's SIGTERM to the other processes once one has ended) is ignored: the command's one line
     is printed, and `Terminated` raised in the clean-up printed a traceback under it ("Exception ignored in ...")."""
-    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1 or _ENDING_AT_ONCE.is_set():
         import multiprocessing
 
         if threading.current_thread() is threading.main_thread():

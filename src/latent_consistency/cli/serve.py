@@ -97,8 +97,28 @@ def run(args) -> None:
         try:
             with sigterm_stops(server):
                 server.run(sockets=[sock])
-        finally:  # a forced exit (a second Ctrl-C) skips the lifespan's stop: the batcher's thread must not outlive torch
+        finally:
+            stop_batcher(app)
+
+
+def stop_batcher(app) -> None:
+    """End the app's batcher once uvicorn has returned: a forced exit (a second Ctrl-C) skips the lifespan's stop, and the
+    batcher's thread must not outlive torch. A further stop while it waits for the batch in flight (here, or in the
+    lifespan: `app.state.shutdown_stop`) is raised, for its one line, and the process then ends at once
+    (`cli.end_at_once`): the interpreter's exit with that thread still inside torch aborted ("terminate called without an
+    active exception", exit -6), and the stop in the lifespan was logged as a traceback."""
+    from latent_consistency.cli import end_at_once
+
+    stop = app.state.shutdown_stop
+    if stop is None:
+        try:
             app.state.batcher.stop()
+            return
+        except KeyboardInterrupt as further:
+            stop = further
+    app.state.batcher.stop(wait=False)
+    end_at_once()
+    raise stop
 
 
 def stoppable_server(config, uploads):

@@ -308,13 +308,17 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         except asyncio.CancelledError:  # a forced stop (a second Ctrl-C) cancels the lifespan as it waits: a stop, no failure to
             pass  # report (starlette would log the cancellation's traceback as "shutdown failed")
         finally:
-            batcher.stop()
+            try:
+                batcher.stop()
+            except KeyboardInterrupt as stop:  # a further stop while the batch in flight is made: kept for the server's runner
+                app.state.shutdown_stop = stop  # (`cli.serve.stop_batcher`) to say, not logged by starlette as a failed shutdown
 
     app = FastAPI(title="latent-consistency", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   redirect_slashes=False, description="Few-step text-to-image and image-to-image with a latent consistency model "
                                                       "(Luo et al. 2023).")
     app.router.route_class = JSONRoute
     app.state.batcher, app.state.metrics, app.state.uploads = batcher, metrics, Uploads()
+    app.state.shutdown_stop = None  # a Ctrl-C or SIGTERM that came while the lifespan waited for the batch in flight
     app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, metrics=metrics, uploads=app.state.uploads)
 
     @app.exception_handler(RequestValidationError)

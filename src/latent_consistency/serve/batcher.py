@@ -66,14 +66,16 @@ class Batcher:
         self.thread = threading.Thread(target=self._work, name="lcm-batcher", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Cancel the queued jobs and end the worker thread once the batch it is making (if any) is made: waited for, unless
+        not `wait` (a forced stop, which ends the process without it: `cli.end_at_once`)."""
         with self.ready:
             self.stopping = True
             for pending in self.queue:
                 pending.future.cancel()
             self.queue.clear()
             self.ready.notify_all()
-        if self.thread is not None:
+        if self.thread is not None and wait:
             self.thread.join()
 
     def _drop_cancelled(self) -> None:
