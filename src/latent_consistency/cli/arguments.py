@@ -86,6 +86,14 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def source(text: str) -> str:
+    """A folder, file or hub id to read (a model, a LoRA, a preview decoder, an init image): not blank, which every loader
+    took as the current folder (an unset shell variable in `--lora "$LORA"` loaded whatever was there)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?); give a path or a hub id")
+    return text
+
+
 def _int(text: str) -> int:
     try:
         return int(text)

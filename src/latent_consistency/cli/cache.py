@@ -39,7 +39,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from latent_consistency.cli.arguments import nonnegative_int, positive_int
+from latent_consistency.cli.arguments import nonnegative_int, positive_int, source
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
@@ -177,7 +177,7 @@ def check_out(out: str) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("cache", help="encode captioned images once into a latent cache for distill and finetune (--data)",
                               description=__doc__)
-    p.add_argument("--model", required=True, help="the model the runs train: a teacher (distill) or an LCM (finetune), folder or hub id")
+    p.add_argument("--model", required=True, type=source, help="the model the runs train: a teacher (distill) or an LCM (finetune), folder or hub id")
     p.add_argument("--data", required=True, help="captioned images: an image folder (metadata.jsonl, metadata.csv or .txt captions), "
                    "webdataset .tar shards, or a registered dataset such as world:shapes")
     p.add_argument("--out", required=True, help="the cache folder to write: a new one, or an empty folder")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from latent_consistency.allocator import keep_freed_memory
-from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int
+from latent_consistency.cli.arguments import finite_float, nonnegative_int, note_truncated_prompts, positive_int, source
 from latent_consistency.cli.generate import STYLE_LORA_HELP, parse_style_lora
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
@@ -787,12 +787,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("evaluate", help="Table 1 and Figures 2, 4, 5 of an LCM against its teacher's samplers; `sweep`: Figure 3",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     option = functools.partial(p.add_argument, action=EvaluationOption)  # one of the evaluation's own, which `sweep` refuses
-    option("--lcm", help="the LCM: a diffusers folder or hub id (with --lora: the model the LCM-LoRA belongs to)")
-    option("--lora", help="an LCM-LoRA on --lcm")
+    option("--lcm", type=source, help="the LCM: a diffusers folder or hub id (with --lora: the model the LCM-LoRA belongs to)")
+    option("--lora", type=source, help="an LCM-LoRA on --lcm")
     option("--style-lora", action=RepeatedEvaluationOption, default=[], metavar="FILE[:WEIGHT]",
            help=f"{STYLE_LORA_HELP}. Applied to the LCM's rows only (the teacher's, Guided-Distill's and the exact LCM's sample "
                 "their models as they are) and part of what a rerun must match to continue")
-    option("--teacher", help="the teacher: its DDIM, DPM-Solver and DPM-Solver++ rows with classifier-free guidance")
+    option("--teacher", type=source, help="the teacher: its DDIM, DPM-Solver and DPM-Solver++ rows with classifier-free guidance")
     option("--guided-distill", nargs="+", help="Guided-Distill models (`lcm distill --method progressive` rounds, each at its "
            "step count; or a stage-one model, at every step count), sampled with DDIM")
     option("--exact", nargs=0, const=True, default=False, help="also the exact LCM of --teacher at every step count and scale: Algorithm 3 "

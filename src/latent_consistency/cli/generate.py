@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from latent_consistency.allocator import keep_freed_memory
-from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int
+from latent_consistency.cli.arguments import finite_float, nonnegative_int, positive_int, source
 from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
@@ -553,9 +553,9 @@ def register(subparsers) -> None:
                    help="a prompt (repeatable; added after PROMPTS), as diffusers' prompt=")
     p.add_argument("--prompt-file", help="text file with one prompt per line, or - for standard input (added after PROMPTS); "
                    "blank lines and lines starting with # are skipped")
-    p.add_argument("--model", required=True, help="LCM as a diffusers LatentConsistencyModelPipeline folder or hub id; "
+    p.add_argument("--model", required=True, type=source, help="LCM as a diffusers LatentConsistencyModelPipeline folder or hub id; "
                    "with --lora, the diffusion model the LoRA was distilled from")
-    p.add_argument("--lora", help="an LCM-LoRA to load onto --model: the lora/ folder of `lcm distill --adapter lora`, "
+    p.add_argument("--lora", type=source, help="an LCM-LoRA to load onto --model: the lora/ folder of `lcm distill --adapter lora`, "
                    "a .safetensors file or a hub id")
     p.add_argument("--style-lora", action="append", default=[], metavar="FILE[:WEIGHT]", help=STYLE_LORA_HELP)
     p.add_argument("--sampler", default="lcm", choices=["lcm", *TEACHER_SAMPLERS],
@@ -577,11 +577,11 @@ def register(subparsers) -> None:
                    "TCDScheduler, eta = GAMMA): GAMMA in [0, 1] is the share of fresh noise between steps (so 2 or more of them), 0 "
                    "deterministic; without it, "
                    "Algorithm 3 (LCMScheduler's sampler)")
-    p.add_argument("--init-image", help="img2img: an image file, encoded and noised to the --strength start timestep for every prompt; "
+    p.add_argument("--init-image", type=source, help="img2img: an image file, encoded and noised to the --strength start timestep for every prompt; "
                    "its own size unless --height/--width resize it")
     p.add_argument("--strength", type=finite_float, help=f"img2img: how much noise the init image gets, in (0, 1] (default {DEFAULT_STRENGTH:g}): "
                    "the steps start at the model's grid timestep nearest below STRENGTH x T")
-    p.add_argument("--preview-decoder", help="decode with a tiny TAESD-style decoder (an AutoencoderTiny folder or hub id: "
+    p.add_argument("--preview-decoder", type=source, help="decode with a tiny TAESD-style decoder (an AutoencoderTiny folder or hub id: "
                    "madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL, `lcm world preview-decoder` for the world) instead "
                    "of the VAE's: faster, approximate images for previews; img2img still encodes with the VAE")
     p.add_argument("--compile", action="store_true", help="torch.compile the text encoder, network and decoder first: about a minute per batch "

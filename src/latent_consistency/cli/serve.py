@@ -13,7 +13,7 @@ import time
 import warnings
 
 from latent_consistency.allocator import keep_freed_memory
-from latent_consistency.cli.arguments import positive_int
+from latent_consistency.cli.arguments import positive_int, source
 from latent_consistency.cli.generate import STYLE_LORA_HELP, parse_style_lora
 from latent_consistency.devices import DTYPES, resolve_device, resolve_dtype
 from latent_consistency.errors import UserError
@@ -171,10 +171,10 @@ def sigterm_stops(server):
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="serve an LCM over HTTP, with a page that draws as you type",
                               description=__doc__)
-    p.add_argument("--model", required=True, help="an LCM folder or hub id; with --lora, the diffusion model the LoRA was distilled from")
-    p.add_argument("--lora", help="an LCM-LoRA to load onto --model")
+    p.add_argument("--model", required=True, type=source, help="an LCM folder or hub id; with --lora, the diffusion model the LoRA was distilled from")
+    p.add_argument("--lora", type=source, help="an LCM-LoRA to load onto --model")
     p.add_argument("--style-lora", action="append", default=[], metavar="FILE[:WEIGHT]", help=STYLE_LORA_HELP)
-    p.add_argument("--preview-decoder", help="decode with a tiny TAESD-style decoder (an AutoencoderTiny folder or hub id, e.g. "
+    p.add_argument("--preview-decoder", type=source, help="decode with a tiny TAESD-style decoder (an AutoencoderTiny folder or hub id, e.g. "
                    "madebyollin/taesd; `lcm world preview-decoder` makes one for the world): faster, approximate images, "
                    "said in /v1/config's preview_decoder and each image's X-Preview-Decoder header")
     p.add_argument("--compile", action="store_true", help="torch.compile the text encoder, network and decoder before serving (about a minute "
