@@ -127,8 +127,11 @@ def test_lcm_lora_negative_prompt_equals_diffusers_negative_prompt(tiny_sd, tmp_
         return sample_lcm(f, latents, generator.timesteps(steps), cond, 0.0, model.schedule, generators)
 
     negative = model.prompts.encode(negatives)
-    torch.testing.assert_close(ours(generator.consistency_function(g, 2, negatives)), reference(g), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours(NegativePromptGuidance(model.consistency_model(1.0), negative, g - 1)), reference(g), rtol=1e-5, atol=1e-5)
+    # latents about 50 in size, where float32 rounds by 4e-6: the LoRA fused into the UNet's weights (`LCMGenerator.load`) rounds
+    # otherwise than diffusers' unfused layers (up to 1.7e-5 here; 1.35e-5 with both unfused)
+    close = dict(rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(ours(generator.consistency_function(g, 2, negatives)), reference(g), **close)
+    torch.testing.assert_close(ours(NegativePromptGuidance(model.consistency_model(1.0), negative, g - 1)), reference(g), **close)
     # the negative prompt matters: against the empty prompt the same guidance gives something else
     assert (ours(model.consistency_model(g)) - reference(g)).abs().max() > 1e-4
     with pytest.raises(UserError, match="needs a guidance scale above 1"):

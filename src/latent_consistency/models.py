@@ -1018,6 +1018,18 @@ def _beside_other_adapters():
         yield
 
 
+@contextlib.contextmanager
+def _warnings_unless_refused():
+    """The warnings of the block shown after it only if it ends without an exception: a LoRA that does not fit makes peft
+    warn first (a RuntimeWarning listing every module of the LoRA the model lacks; a UserWarning that the adapter was
+    deleted), and the refusal raised here says it in one line (DESIGN.md: one line, no traceback). A load that succeeds
+    shows its warnings as it would have."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno, source=warning.source)
+
+
 def _unloaded_lora_tensors(state_dict: dict, components: dict, adapter_name: str | None = None) -> list[str]:
     """The keys of a LoRA state dict (`lora_state_dict`'s, "<component>.<module>...") that did not load into the model's
     `components` (by name: "unet", "text_encoder", ...) with their shape, in order. diffusers loads a LoRA's layers for
@@ -1062,11 +1074,15 @@ LORA_MODEL_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "be
                             "prediction_type")
 
 
+# The first bytes of what torch.save writes: a zip archive (torch >= 1.6), or a pickle (protocol 2-5) in the legacy format
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
 def _pickled_lora(path: Path) -> Path | None:
-    """The pickled weights file a local LoRA is (a file that is no safetensors file: `_holds_safetensors`) or holds in place
-    of safetensors weights (a folder); None for any other."""
+    """The pickled weights file a local LoRA is (a pickle by its suffix or first bytes, `_is_pickle`, that is no safetensors
+    file, `_holds_safetensors`) or holds in place of safetensors weights (a folder); None for any other."""
     if path.is_file():
-        return None if path.suffix == ".safetensors" or _holds_safetensors(path) else path
+        return path if _is_pickle(path) and not _holds_safetensors(path) else None
     if not path.is_dir() or any(path.glob("*.safetensors")):
         return None
     return next((f for f in sorted(path.iterdir()) if f.name.endswith(PICKLE_SUFFIXES)), None)
@@ -1081,6 +1097,18 @@ def _holds_safetensors(path: Path) -> bool:
         with safe_open(str(path), "pt"):
             return True
     except (OSError, SafetensorError):
+        return False
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file `path` is a PyTorch pickle: by its suffix (`hub.PICKLE_SUFFIXES`) or by its first bytes
+    (`PICKLE_MAGIC`), so that a pickle named `style.safetensors:0.5` is one and a README.md or a .json is not."""
+    if path.name.endswith(PICKLE_SUFFIXES):
+        return True
+    try:
+        with path.open("rb") as file:
+            return file.read(4).startswith(PICKLE_MAGIC)
+    except OSError:  # unreadable: not known to be one
         return False
 
 
@@ -1105,6 +1133,8 @@ def _check_lora_path(path: Path, lora: str) -> None:
         what = "is" if path.is_file() else "holds its weights only as"
         raise UserError(f"the LoRA {lora} {what} {pickle.name}, a PyTorch pickle, which is not loaded here (models are safetensors files); "
                         f"convert it: safetensors.torch.save_file(torch.load(\"{pickle.name}\"), \"{LORA_WEIGHTS_FILE}\")")
+    if path.is_file() and path.suffix != ".safetensors" and not _holds_safetensors(path):
+        raise UserError(f"the LoRA {lora} is not a LoRA weights file (give the lora/ folder or its .safetensors)")
     if (path / "model_index.json").is_file():
         raise UserError(f"the LoRA {lora} is a diffusers pipeline folder, not a LoRA: give it as --model (an LCM samples without --lora)")
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir() and (path / "lora").is_dir():
@@ -1159,6 +1189,42 @@ def _lora_state_dict(family, path: Path, lora: str, model: DiffusionModel) -> tu
     return state_dict, alphas, metadata
 
 
+# The names of a LoRA layer's two factors, down (A) and up (B), in peft's, diffusers' older and kohya's keys
+LORA_FACTOR_PAIRS = (("lora_A", "lora_B"), ("lora.down", "lora.up"), ("lora_linear_layer.down", "lora_linear_layer.up"),
+                     ("lora_down", "lora_up"))
+
+
+def _lacked_factor(key: str) -> str | None:
+    """What a LoRA lacks whose tensor `key`, one factor of a layer's update B·A (lora_A/down, lora_B/up), is missing:
+    "<layer> has lora_A but no lora_B"; None for a key that names no factor."""
+    for down, up in LORA_FACTOR_PAIRS:
+        for lack, have in ((up, down), (down, up)):
+            layer, found, _ = key.partition(f".{lack}.")
+            if found:
+                return f"{layer} has {have} but no {lack}"
+    return None
+
+
+def _incomplete_lora_layer(keys) -> str | None:
+    """What the first layer of a LoRA's tensor `keys` that has one factor of its update without the other lacks
+    (`_lacked_factor`); None when every layer has both. The factors' weights are paired, not their biases (peft's
+    `lora_bias` has lora_B.bias alone). diffusers fails on such a file with "list index out of range" (a LoRA without any
+    lora_B: no rank to read) or with another layer's shapes."""
+    keys = set(keys)
+    for key in sorted(key for key in keys if key.endswith(".weight")):
+        for down, up in LORA_FACTOR_PAIRS:
+            for have, lack in ((down, up), (up, down)):
+                partner = key.replace(f".{have}.", f".{lack}.", 1)
+                if partner != key and partner not in keys:
+                    return _lacked_factor(partner)
+    return None
+
+
+def _incomplete(lora: str, lacked: str) -> UserError:
+    return UserError(f"cannot load the LoRA {lora}: it is incomplete, its layer {lacked} (a truncated or damaged file?); give the "
+                     "whole LoRA file")
+
+
 def _lora_does_not_fit(lora: str, name_or_path: str, unmatched: list[str], total: int) -> UserError:
     return UserError(f"the LoRA {lora} does not fit {name_or_path}: {len(unmatched)} of its {total} tensors have no layer of that "
                      f"name and shape in the model to load into (e.g. {unmatched[0]}): a LoRA of another model (other layers or layer "
@@ -1174,41 +1240,47 @@ def _load_lora(model: DiffusionModel, path: Path, lora: str, name_or_path: str, 
     family = lora_pipeline_class(model)
     components = {"unet": model.unet} | dict(zip(("text_encoder", "text_encoder_2"), model.text_encoders))
     state_dict, loading = {}, "unet"
-    try:
-        with _diffusers_errors_unlogged():  # diffusers logs a failed load as well as raising it: the message below says it once
-            state_dict, alphas, metadata = _lora_state_dict(family, path, lora, model)
-            if not state_dict or not all("lora" in key for key in state_dict):
-                raise ValueError("not a LoRA state dict (every key must name a lora layer)")
-            family.load_lora_into_unet(state_dict, alphas, model.unet, adapter_name=adapter_name, metadata=metadata)
-            for loading, text_encoder in list(components.items())[1:]:
-                family.load_lora_into_text_encoder(state_dict, alphas, text_encoder, prefix=loading, adapter_name=adapter_name,
-                                                   metadata=metadata)
-    except RuntimeError as err:
-        if "size mismatch" in str(err):  # the UNet's (torch's load_state_dict): every such tensor, "<module>.lora_A.<adapter>.weight"
-            keys = [f"{loading}.{re.sub(r'[.][^.]+(?=[.][a-z]+$)', '', key)}"
-                    for key in re.findall(r"size mismatch for (\S+?):", str(err))]
-        elif "ignore_mismatched_sizes" in str(err):  # a text encoder's (transformers'): its adapter stays, in the model's shapes
-            tried = list(components)[:list(components).index(loading) + 1]
-            keys = _unloaded_lora_tensors({k: v for k, v in state_dict.items() if k.split(".")[0] in tried}, components, adapter_name)
-        else:
+    with _warnings_unless_refused():  # peft warns of a LoRA that does not fit (each module it lacks) before our refusal says it
+        try:
+            with _diffusers_errors_unlogged():  # diffusers logs a failed load as well as raising it: the message below says it once
+                state_dict, alphas, metadata = _lora_state_dict(family, path, lora, model)
+                if not state_dict or not all("lora" in key for key in state_dict):
+                    raise ValueError("not a LoRA state dict (every key must name a lora layer)")
+                # of the components the model has: a LoRA for another (text_encoder_2 on SD) does not fit (`_unloaded_lora_tensors`)
+                if (lacked := _incomplete_lora_layer(k for k in state_dict if k.split(".")[0] in components)) is not None:
+                    raise _incomplete(lora, lacked)
+                family.load_lora_into_unet(state_dict, alphas, model.unet, adapter_name=adapter_name, metadata=metadata)
+                for loading, text_encoder in list(components.items())[1:]:
+                    family.load_lora_into_text_encoder(state_dict, alphas, text_encoder, prefix=loading, adapter_name=adapter_name,
+                                                       metadata=metadata)
+        except RuntimeError as err:
+            if "size mismatch" in str(err):  # the UNet's (torch's load_state_dict): every such tensor, "<module>.lora_A.<adapter>.weight"
+                keys = [f"{loading}.{re.sub(r'[.][^.]+(?=[.][a-z]+$)', '', key)}"
+                        for key in re.findall(r"size mismatch for (\S+?):", str(err))]
+            elif "ignore_mismatched_sizes" in str(err):  # a text encoder's (transformers'): its adapter stays, in the model's shapes
+                tried = list(components)[:list(components).index(loading) + 1]
+                keys = _unloaded_lora_tensors({k: v for k, v in state_dict.items() if k.split(".")[0] in tried}, components, adapter_name)
+            else:
+                raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
+            which = f"{len(keys)} of its {len(state_dict)} tensors have" if keys else "its layers have"
+            example = f" (e.g. {keys[0]})" if keys else ""
+            raise UserError(f"the LoRA {lora} does not fit {name_or_path}: {which} other shapes than the model's layers{example}: a LoRA "
+                            "of another model family or size, e.g. SDXL's on SD 1.5? Give the LoRA distilled from this model") from err
+        except (OSError, ValueError, KeyError, IndexError, SafetensorError) as err:
+            if isinstance(err, KeyError) and (lacked := _lacked_factor(str(err.args[0]))) is not None:
+                raise _incomplete(lora, lacked) from err  # kohya's lora_down without its lora_up: diffusers' converter's KeyError
+            if "not found in the base model" in str(err):  # peft: none of a component's layers is the model's
+                raise _lora_does_not_fit(lora, name_or_path, [k for k in state_dict if k.startswith(f"{loading}.")], len(state_dict)) from err
+            if "not been correctly renamed" in str(err):  # diffusers' converter of kohya's format met keys of no LoRA layer
+                keys = [key.strip() for key in str(err).split(":", 1)[1].split(",")]
+                example = next((key for key in keys if not key.endswith(".alpha")), keys[0])
+                raise UserError(f"cannot load the LoRA {lora}: its tensors are not all LoRA layers (e.g. {example}): a LyCORIS LoHa, "
+                                "LoKr or other adapter, which diffusers does not load? Give a LoRA (lora_down/lora_up or lora_A/lora_B "
+                                "layers)") from err
             raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
-        which = f"{len(keys)} of its {len(state_dict)} tensors have" if keys else "its layers have"
-        example = f" (e.g. {keys[0]})" if keys else ""
-        raise UserError(f"the LoRA {lora} does not fit {name_or_path}: {which} other shapes than the model's layers{example}: a LoRA "
-                        "of another model family or size, e.g. SDXL's on SD 1.5? Give the LoRA distilled from this model") from err
-    except (OSError, ValueError, KeyError, IndexError, SafetensorError) as err:  # IndexError: a part with lora_A but no lora_B
-        if "not found in the base model" in str(err):  # peft: none of a component's layers is the model's
-            raise _lora_does_not_fit(lora, name_or_path, [k for k in state_dict if k.startswith(f"{loading}.")], len(state_dict)) from err
-        if "not been correctly renamed" in str(err):  # diffusers' converter of kohya's format met keys of no LoRA layer
-            keys = [key.strip() for key in str(err).split(":", 1)[1].split(",")]
-            example = next((key for key in keys if not key.endswith(".alpha")), keys[0])
-            raise UserError(f"cannot load the LoRA {lora}: its tensors are not all LoRA layers (e.g. {example}): a LyCORIS LoHa, "
-                            "LoKr or other adapter, which diffusers does not load? Give a LoRA (lora_down/lora_up or lora_A/lora_B "
-                            "layers)") from err
-        raise UserError(f"cannot load the LoRA {lora} onto {name_or_path}: {first_line(err)}") from err
-    unmatched = _unloaded_lora_tensors(state_dict, components, adapter_name)
-    if unmatched:
-        raise _lora_does_not_fit(lora, name_or_path, unmatched, len(state_dict))
+        unmatched = _unloaded_lora_tensors(state_dict, components, adapter_name)
+        if unmatched:
+            raise _lora_does_not_fit(lora, name_or_path, unmatched, len(state_dict))
 
 
 def _local_lora(lora: str) -> Path:
@@ -1321,4 +1393,33 @@ def add_style_loras(model: DiffusionModel, styles: list[tuple[str, float]], dtyp
     for text_encoder in model.text_encoders:
         set_adapters_for_text_encoder(list(weights), text_encoder, list(weights.values()))
     _settle_adapters(model, dtype, device)
+    return model
+
+
+def fuse_loras(model: DiffusionModel) -> DiffusionModel:
+    """The LoRA adapters on the model's UNet and text encoders (an LCM-LoRA's, style LoRAs' at their `add_style_loras`
+    weights) fused into the layers they adapt, W ← W + w·(α/r)·B·A, and peft's layers removed, as diffusers'
+    `fuse_lora(adapter_names=...)` and `unload_lora_weights()` leave a pipeline: the same function of the input (to float
+    rounding), without the cost of peft's extra layers (a rank-64 LCM-LoRA made a 4-step image 1.5× slower). For sampling
+    only: a fused model has no adapters to train, switch or save as a LoRA. Each layer is fused in float32 and rounded to
+    the model's dtype once, which keeps a bfloat16 model closer to the float32 one than diffusers' fusing in bfloat16
+    (docs/guide.md, "Sampling fuses the LoRAs"). A model without adapters is returned as it is."""
+    from diffusers.utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for network in (model.unet, *model.text_encoders):
+        if not getattr(network, "peft_config", None):
+            continue
+        for layer in [module for module in network.modules() if isinstance(module, BaseTunerLayer)]:
+            base = layer.get_base_layer()
+            dtype = base.weight.dtype
+            layer.to(torch.float32)
+            if base.bias is None and any(getattr(layer, "lora_bias", {}).get(name) for name in layer.active_adapters):
+                # peft's lora_bias adds B's bias to the output: fused into a zero bias (peft refuses a layer without one)
+                base.bias = torch.nn.Parameter(base.weight.new_zeros(base.weight.shape[0]), requires_grad=False)
+            layer.merge()  # its active adapters, each at the scale set_adapters gave it
+            base.to(dtype)
+        recurse_remove_peft_layers(network)
+        del network.peft_config
+        network._hf_peft_config_loaded = None  # as diffusers' unload_lora and _remove_text_encoder_monkey_patch leave it
     return model
