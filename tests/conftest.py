@@ -68,10 +68,12 @@ def api(lcm):
 
 @pytest.fixture
 def run_error(capsys):
-    """Run the `lcm` command line; (exit code, standard error), argparse's own exits included."""
+    """Run the `lcm` command line; (exit code, standard error), argparse's own exits included: the command's own, not what
+    the test wrote before it (a tiny model's loading bar, a cache's note)."""
     from latent_consistency.cli import main
 
     def run(argv):
+        capsys.readouterr()
         try:
             code = main(argv)
         except SystemExit as stop:
