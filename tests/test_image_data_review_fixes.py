@@ -172,6 +172,28 @@ def test_a_cache_notes_the_captions_the_text_encoder_cuts(tiny_sd, tmp_path):
         "as diffusers cuts them; shorten them to train on all of each"]
 
 
+def test_a_run_notes_its_first_cut_caption_once_and_checks_only_its_first_captions(tiny_sd, monkeypatch, caplog):
+    """A run without a latent cache encodes its captions step by step (`training.batches._encoded_captions`): one note at the
+    first cut, none after; and past CAPTIONS_CHECKED captions it tokenizes them no more than encoding does."""
+    from latent_consistency.data.latent_cache import LongCaptions
+    from latent_consistency.models import load_diffusion_model
+    from latent_consistency.training import batches
+
+    model = load_diffusion_model(str(tiny_sd))
+    long_caption = " ".join(["a red star on a gray background"] * 6)
+    monkeypatch.setattr(batches, "CAPTIONS_CHECKED", 4)
+    checked = LongCaptions(model.prompts)
+    for captions in (["a star", "a ring"], ["a cube", "a disc"], [long_caption, "a star"]):  # the cut one past the first 4
+        batches._encoded_captions(model, captions, "cpu", 16, checked)
+    assert checked.seen == 4 and not checked.count
+    cut = LongCaptions(model.prompts)
+    with caplog.at_level("WARNING", logger="latent_consistency.data"):
+        for captions in (["a star", long_caption], [long_caption, long_caption]):
+            batches._encoded_captions(model, captions, "cpu", 16, cut)
+    notes = [r.getMessage() for r in caplog.records if "cuts" in r.getMessage()]
+    assert len(notes) == 1 and "cuts 1 of the 2 captions of the data read so far" in notes[0], notes
+
+
 # --- the resume identity of a cache ------------------------------------------------------------------------------------
 
 def test_a_cache_source_that_names_no_path_does_not_depend_on_the_current_folder(tmp_path, monkeypatch):

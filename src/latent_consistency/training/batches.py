@@ -293,11 +293,16 @@ def _micro_batches(dataset, sampler, model: DiffusionModel, device, resolution: 
         yield {"latents": latents.float(), "cond": cond.float()}
 
 
+# Captions a run tokenizes a second time to look for ones the text encoder cuts: the start of a run, not every step of it
+CAPTIONS_CHECKED = 10_000
+
+
 def _encoded_captions(model: DiffusionModel, captions: list[str], device, resolution: int, long: LongCaptions) -> torch.Tensor:
     """The conditions of a micro-batch's `captions`; the first time the text encoder cuts some (`LongCaptions`), one note
     in the log naming how many of the captions read so far it cut: a run encodes its captions step by step, and counting
-    them all first would tokenize a LAION-sized dataset's before the first step."""
-    if not long.count:
+    them all first would tokenize a LAION-sized dataset's before the first step. Only the first CAPTIONS_CHECKED captions
+    are looked at: the check tokenizes them again, work a training step need not repeat to its end."""
+    if not long.count and long.seen < CAPTIONS_CHECKED:
         long.add(captions)
         if (note := long.note("captions of the data read so far")) is not None:
             logging.getLogger("latent_consistency.data").warning("%s", note)
