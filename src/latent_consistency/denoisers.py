@@ -20,6 +20,7 @@ import numbers
 import torch
 
 from latent_consistency.conditioning import AddedConditioning, PixArtConditioning
+from latent_consistency.errors import UserError
 from latent_consistency.parameterization import (
     SIGMA_DATA,
     TIMESTEP_SCALING,
@@ -209,9 +210,19 @@ class SampleClipping:
         return (rows.clamp(-s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
+def _autocasting(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (torch before 2.4 asks it of CUDA and the CPU by two functions)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 class ConsistencyModel:
     """The latent consistency function f_θ(z, ω, c, t) of Eq. 9 around a student network; `clipping` (an LCMScheduler
-    config's `SampleClipping`, None in ours) acts on x̂0 before the boundary scalings."""
+    config's `SampleClipping`, None in ours) acts on x̂0 before the boundary scalings. `module` is the network's diffusers
+    module (a UNet or PixArt-α transformer; `models.consistency_model` gives it), whose inputs `check_inputs` knows;
+    None for a network that is no such module (the analytic test models)."""
 
     def __init__(
         self,
@@ -222,14 +233,37 @@ class ConsistencyModel:
         sigma_data: float = SIGMA_DATA,
         timestep_scaling: float = TIMESTEP_SCALING,
         clipping: SampleClipping | None = None,
+        module=None,
     ):
         self.net = net
+        self.module = module
         self.clipping = clipping
         self.schedule = schedule
         self.prediction_type = check_prediction_type(prediction_type)
         self.time_cond_proj_dim = time_cond_proj_dim
         self.sigma_data = sigma_data
         self.timestep_scaling = timestep_scaling
+
+    def check_inputs(self, z: torch.Tensor, cond: torch.Tensor) -> None:
+        """A UserError for latents z or a condition c the network cannot take, said here rather than as torch's convolution
+        or dtype error deep inside it: z [B, C, h, w] with C its input channels, both in its dtype (noise drawn in float32
+        for a bfloat16 model, or in float64 from numpy, is not cast in silence). Under autocast, which casts for the
+        network, any float dtype. c's shape is the network's to check (`check_condition`)."""
+        if self.module is None:
+            return
+        module = getattr(self.module, "module", self.module)  # a network wrapped for distributed training
+        channels, dtype = int(module.config.in_channels), module.dtype
+        if z.ndim != 4 or z.shape[1] != channels:
+            raise UserError(f"the latents must be [B, {channels}, h, w] (the network's {channels} input channels), got "
+                            f"{list(z.shape)}; draw the noise in that shape, e.g. torch.randn(B, {channels}, h, w)")
+        if _autocasting(z.device.type):
+            return
+        if z.dtype != dtype:
+            raise UserError(f"the latents are {z.dtype} but the network's weights are {dtype}: draw the noise in the model's dtype "
+                            f"(torch.randn(..., dtype={dtype})) or convert it with .to({dtype})")
+        if isinstance(cond, torch.Tensor) and cond.dtype != dtype:
+            raise UserError(f"the condition c is {cond.dtype} but the network's weights are {dtype}: encode the prompts with the "
+                            f"model's own text encoder (model.prompts.encode) or convert c with .to({dtype})")
 
     def output(self, z, t, cond, omega) -> torch.Tensor:
         """The student network's raw output (ε, v or x0) with ω fed through its `timestep_cond`."""
@@ -270,6 +304,10 @@ class NegativePromptGuidance:
         self.negative_cond = negative_cond
         self.scale = float(scale)
         self.timesteps = None if timesteps is None else {int(t) for t in torch.as_tensor(timesteps).reshape(-1)}
+
+    def check_inputs(self, z: torch.Tensor, cond: torch.Tensor) -> None:
+        """The latents and condition the guided model's network takes (`ConsistencyModel.check_inputs`)."""
+        self.model.check_inputs(z, cond)
 
     def guides(self, t: torch.Tensor) -> bool:
         """Whether the step at timesteps t (one per row) is guided against the negative prompt."""

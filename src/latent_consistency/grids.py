@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from PIL.PngImagePlugin import PngInfo
 
 from latent_consistency import fonts
+from latent_consistency.errors import UserError
 from latent_consistency.outputs import write_atomic
 
 CHAR_WIDTH, LINE_HEIGHT = 6, 11  # px of PIL's bitmap font (`draw_line`)
@@ -57,7 +58,27 @@ def _truetype(path: str | None) -> ImageFont.FreeTypeFont | None:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Images in [-1, 1], [B,3,H,W] -> 8-bit RGB PIL images."""
+    """Images in [-1, 1], [B,3,H,W] -> 8-bit RGB PIL images. What is no such batch is a UserError, not a picture of it:
+    a tensor of other dimensions (one image [3, H, W]: `images[None]`) or channels (latents: decode them first), integer
+    pixels, and images with NaN or infinite pixels, which would come out black."""
+    if not isinstance(images, torch.Tensor):
+        raise UserError(f"images must be a tensor [B, 3, H, W] in [-1, 1], got a {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        hint = ("one image [3, H, W] is images[None]" if images.ndim == 3 and images.shape[0] == 3 else
+                "latents are decoded first: model.codec.decode(latents)" if images.ndim == 4 and images.shape[1] != 3 else
+                "pixels p in [0, 255] are p / 127.5 - 1" if images.ndim == 4 else "give a batch of RGB images")
+        raise UserError(f"images must be a floating-point tensor [B, 3, H, W] in [-1, 1], got {list(images.shape)} {images.dtype}; {hint}")
+    bad = [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(dim=1).tolist()) if not ok]
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise UserError(f"image(s) {shown} of the {len(images)} hold NaN or infinite pixels, which would come out black: the model's "
+                        "weights may hold NaN (a diverged run), or half precision overflowed (sample in float32)")
+    return _rgb8(images)
+
+
+def _rgb8(images: torch.Tensor) -> list[Image.Image]:
+    """[B,3,H,W] in [-1, 1] -> 8-bit RGB PIL images, unchecked: a grid (`image_grid`) shows a diverged run's NaN images as
+    they are (black) beside the others, where `to_pil` refuses them."""
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
@@ -131,7 +152,7 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 2, 
     caption above each column (wrapped to the column's width). `label_width`: px left of the images, widened to the
     longest row label."""
     label_width = max(label_width, CHAR_WIDTH * max(map(text_units, row_labels), default=0) + 8)  # a label never runs under an image
-    tiles = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(r)] for r in rows]
+    tiles = [[im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in _rgb8(r)] for r in rows]
     h, w = tiles[0][0].height, tiles[0][0].width
     # a line ends 2 px short of the next column at least (it starts 2 px into its own): no two columns' words run together
     captions = [_at_most(wrap_caption(text, max(1, (w - 4) // CHAR_WIDTH)), MAX_CAPTION_LINES) for text in column_labels or []]

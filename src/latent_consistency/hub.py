@@ -59,6 +59,19 @@ def weights_hint(folder: Path, loader: str) -> str:
     return ""
 
 
+def given_name(name: str | os.PathLike, what: str, give: str = "a folder or a hub id") -> str:
+    """A model's, LoRA's or preview decoder's name (or a data folder's) as the user gave it, a str or `pathlib.Path`, as
+    text with a leading `~` expanded as a shell expands it (a hub id never starts with one). A blank name is a UserError:
+    `Path("")` is the current folder, whose model, LoRA or cache would be read in silence; so is a name that is no text
+    (None, a number). `what` names the thing read, as `check_hub_id` takes it; `give`, what to give instead."""
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        raise UserError(f"cannot load {what} {name!r:.40}: give {give} (a str or pathlib.Path)")
+    name = os.fsdecode(name)
+    if not name.strip():
+        raise UserError(f"cannot load {what} {name!r}: the name is empty; give {give}")
+    return os.path.expanduser(name)
+
+
 def split_revision(name: str | os.PathLike) -> tuple[str, str | None]:
     """A hub id's repo and the revision after its @ (a branch, tag or commit; "" for a bare @), None without one."""
     repo, at, revision = os.fsdecode(name).partition("@")
@@ -173,10 +186,11 @@ def check_hub_id(name: str, what: str, files: tuple[str, ...] = PIPELINE_FILES, 
     snapshot folder (`hub_snapshot`: online, downloaded first). A hub id that is not valid, or cannot be had, is a
     UserError at once ("cannot load `what` `name`: ..."), which also covers a mistyped local path (runs/lcm), rather than
     the hub client's messages; so is a name that is no folder here but names a hub repo's address or folder
-    (`_hub_repo_hint`), and a repo that holds none of the files `what` is read from. A `pathlib.Path` is taken as its text."""
+    (`_hub_repo_hint`), and a repo that holds none of the files `what` is read from. A `pathlib.Path` is taken as its text,
+    `~` expanded; a blank name is refused (`given_name`)."""
     from huggingface_hub.utils import validate_repo_id
 
-    name = os.fsdecode(name)
+    name = given_name(name, what)
     if not looks_like_hub_id(name):
         hint = "" if Path(name).exists() else _hub_repo_hint(name)
         if hint:

@@ -36,13 +36,14 @@ from latent_consistency.denoisers import (
 )
 from latent_consistency.devices import resolve_device
 from latent_consistency.errors import UserError, first_line
-from latent_consistency.guidance_record import RECORD, GuidanceRecord, read_record
+from latent_consistency.guidance_record import RECORD, GuidanceRecord, read_record, write_record
 from latent_consistency.hub import (
     PICKLE_SUFFIXES,
     PIPELINE_WEIGHTS,
     TOP_FILES,
     TOP_IGNORED,
     check_hub_id,
+    given_name,
     hub_snapshot,
     looks_like_hub_id,
     pipeline_files,
@@ -89,7 +90,8 @@ def consistency_model(unet, scheduler_config: dict, network=None) -> Consistency
     `timestep_scaling`); the ω input is the UNet's `time_cond_proj_dim` (None: no ω input, an LCM-LoRA or a PixArt-α
     transformer).
 
-    `network`, when given, stands in for the UNet's own network contract (a guided wrapper, say).
+    `network`, when given, stands in for the UNet's own network contract (a guided wrapper, say). The UNet is the
+    module whose inputs a sampler checks its noise and condition against (`ConsistencyModel.check_inputs`).
     """
     return ConsistencyModel(
         network or denoising_network(unet),
@@ -98,6 +100,7 @@ def consistency_model(unet, scheduler_config: dict, network=None) -> Consistency
         unet.config.get("time_cond_proj_dim"),
         timestep_scaling=float(scheduler_config.get("timestep_scaling", TIMESTEP_SCALING)),
         clipping=SampleClipping.of_config(scheduler_config),
+        module=unet,
     )
 
 
@@ -578,7 +581,7 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     """
     device = resolve_device(device)  # "cuda" on a machine without one is a one-line error here, not torch's assertion later
     check_dtype(dtype)
-    name_or_path = os.fsdecode(name_or_path)  # a pathlib.Path as its text: the model's `source`, and a hub id's test
+    name_or_path = given_name(name_or_path, "a diffusers model from")  # a pathlib.Path as its text (`~` expanded): the model's `source`
     folder, index, pixart, scheduler_config = _read_pipeline_folder(name_or_path)
     subfolder, network = _network_class(pixart)
     model = _load_parts(name_or_path, folder, index, pixart, scheduler_config, dtype,
@@ -598,7 +601,7 @@ def load_latent_and_prompt_encoders(
     embedding and micro-conditioning, PixArt-α's additional conditions, the width the text encoders must make, the sample
     size. Of a hub id, the network's weights are not downloaded either."""
     device = resolve_device(device)
-    name_or_path = os.fsdecode(name_or_path)
+    name_or_path = given_name(name_or_path, "a diffusers model from")
     folder, index, pixart, scheduler_config = _read_pipeline_folder(name_or_path, ("vae", "text_encoder", "text_encoder_2"))
     subfolder, network = _network_class(pixart)
     model = _load_parts(name_or_path, folder, index, pixart, scheduler_config, torch.float32,
@@ -690,7 +693,7 @@ def load_latent_codec(name_or_path: str, device: str | torch.device = "cpu") -> 
     from diffusers import AutoencoderKL
 
     device = resolve_device(device)
-    name_or_path = os.fsdecode(name_or_path)
+    name_or_path = given_name(name_or_path, "a diffusers model from")
     folder, _, pixart, _ = _read_pipeline_folder(name_or_path, ("vae",))
     name, network = _network_class(pixart)
     try:
@@ -889,7 +892,11 @@ def save_pipeline(out_dir: str | Path, unet, base: DiffusionModel, scheduler_con
     safety checker or watermarker): an LCMScheduler config (an LCM) makes a `LatentConsistencyModelPipeline` (SD 1.x/2.x) or
     a `StableDiffusionXLPipeline` with an LCMScheduler (the SDXL family, as diffusers loads LCM-SDXL); any other a
     `StableDiffusion(XL)Pipeline` with a DDIM scheduler. A PixArt-α model's is a `PixArtAlphaPipeline` with the one
-    scheduler or the other (PixArt-LCM's is one with an LCMScheduler); `unet` is then its transformer."""
+    scheduler or the other (PixArt-LCM's is one with an LCMScheduler); `unet` is then its transformer.
+
+    A model saved as it was loaded (`unet` is base's own network: an LCM saved again, or with its LoRAs fused) keeps its
+    guidance record (`guidance.json`, the range and default g it was distilled with): without it, loaded again, it would
+    sample at its kind's default g. Another network (a student) gets none here: its run writes its own."""
     from diffusers import (
         DDIMScheduler,
         LatentConsistencyModelPipeline,
@@ -915,6 +922,8 @@ def save_pipeline(out_dir: str | Path, unet, base: DiffusionModel, scheduler_con
         family = LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
         pipe = family(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    if unet is base.unet and base.guidance_record is not None:
+        write_record(Path(out_dir), base.guidance_record)
     if PROGRESSIVE_STEPS in scheduler_config:
         (Path(out_dir) / PROGRESSIVE_FILE).write_text(json.dumps({PROGRESSIVE_STEPS: scheduler_config[PROGRESSIVE_STEPS]}))
     return permit_as_umask(out_dir)  # safetensors writes the weights readable by their owner alone
@@ -985,7 +994,7 @@ def load_lcm(name_or_path: str, dtype: torch.dtype = torch.float32, device: str 
         raise UserError(f"{name_or_path} is a guidance-distilled diffusion model (ω input, no LCMScheduler), not an LCM; sample it with "
                         "an ODE solver (`lcm generate --sampler ddim`), or distil it into an LCM with `lcm distill --teacher ...`")
     if model.time_cond_proj_dim is not None:
-        model.guidance_record = guidance_record_of(name_or_path)
+        model.guidance_record = guidance_record_of(model.source)  # the name as read (`~` expanded)
     return model
 
 
@@ -1285,7 +1294,7 @@ def _load_lora(model: DiffusionModel, path: Path, lora: str, name_or_path: str, 
 
 def _local_lora(lora: str) -> Path:
     """A LoRA argument (a local file or folder, or a hub id: downloaded) as a local path, checked (`_check_lora_path`)."""
-    lora = os.fsdecode(lora)  # a pathlib.Path as its text
+    lora = given_name(lora, "the LoRA", "a .safetensors file, a LoRA folder or a hub id")  # `~` expanded; "" is no current folder
     path = Path(check_hub_id(lora, "the LoRA", TOP_FILES, TOP_IGNORED))
     if not path.exists():
         raise UserError(f"LoRA {lora} does not exist; give the lora/ folder of `lcm distill --adapter lora`, a .safetensors file or a hub id")
@@ -1342,7 +1351,7 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
                         "no LCMScheduler config: together they are not an LCM; give an LCM, or the model an LCM-LoRA was distilled "
                         "from, as the model")
     if model.time_cond_proj_dim is not None:  # an LCM with a LoRA fine-tuned on it: its ω input is the LCM's, and so is its record
-        model.guidance_record = guidance_record_of(name_or_path)
+        model.guidance_record = guidance_record_of(model.source)
     return model
 
 

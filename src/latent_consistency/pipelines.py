@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from latent_consistency.compilation import compile_for_sampling
@@ -32,12 +33,13 @@ from latent_consistency.models import (
 )
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.preview import load_preview_decoder
-from latent_consistency.prompts import PromptCache, utf8_error
+from latent_consistency.prompts import PromptCache, check_prompts
 from latent_consistency.sampling import (
     TEACHER_SAMPLERS,
     check_custom_timesteps,
     check_gamma,
     check_strength,
+    check_tcd_steps,
     is_integer,
     is_real,
     randn,
@@ -70,6 +72,9 @@ DISTINCT_SEEDS = 2**32
 # λ of an LCM's negative prompt (`NegativePromptGuidance`, every step): on the world it cut the negated shape from 6.0 %
 # to 1.2 % (2 steps) and 2.3 % (4 steps) at an FID cost of +6 to +8; λ >= 0.5 over-guides (docs/guide.md, Negative prompts).
 DEFAULT_NEGATIVE_SCALE = 0.25
+# img2img's strength when none is given (the Python call, `lcm generate`, `lcm serve`), as diffusers'
+# LatentConsistencyModelImg2ImgPipeline: the init image noised to timestep 799 of 1000
+DEFAULT_STRENGTH = 0.8
 # Init images are in [-1, 1]; this much past it is rounding (a float16 image, a resampling filter), more is another range
 INIT_IMAGE_TOLERANCE = 1e-3
 
@@ -89,17 +94,6 @@ def repeated_seed_note(seed: int, count: int = 1, flag: str = "--seed") -> str |
     return (f"seed {first} makes the image of seed {first % DISTINCT_SEEDS}: torch's CPU generator keeps the low 32 bits of a seed "
             f"(diffusers' too), so seeds from 2^32 = {DISTINCT_SEEDS} up repeat smaller ones; give {flag} at most "
             f"{DISTINCT_SEEDS - count}" + (f" for {count} image(s) of their own" if count > 1 else ""))
-
-
-def check_prompts(prompts, what: str = "prompts") -> None:
-    """A list of strings: a str is a sequence of characters, which would make one image per character. Each is UTF-8
-    text (`prompts.utf8_error`): a lone surrogate, which no tokenizer takes, is refused naming the prompt."""
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
-        raise UserError(f"{what} must be a list of strings, e.g. ['a red star'], got {prompts!r:.80}")
-    for i, prompt in enumerate(prompts):
-        problem = utf8_error(prompt)
-        if problem is not None:
-            raise UserError(f"{what}[{i}] is not UTF-8 text ({problem}); give prompts as text that encodes to UTF-8")
 
 
 def check_real(value, name: str, meaning: str) -> None:
@@ -212,12 +206,15 @@ class Generator:
                     return False
         return True
 
-    def use_preview_decoder(self, name_or_path: str) -> None:
+    def use_preview_decoder(self, name_or_path: str | None) -> None:
         """Decode with a tiny preview decoder (`preview`: an AutoencoderTiny folder or hub id, e.g. madebyollin/taesd) instead of
-        the VAE's decoder: faster, approximate images. Encoding (img2img) stays the VAE's. Refused when made for latents of
-        another shape (`PreviewDecoder.check_fits`: other channels, size factor or a shifted space); one made for another VAE's
-        latents of the same shape gets a note on stderr and is used all the same (`check_colours`, against the VAE's own
-        decoder, also when a preview decoder is in use)."""
+        the VAE's decoder: faster, approximate images; None goes back to the VAE's decoder. Encoding (img2img) stays the VAE's.
+        Refused when made for latents of another shape (`PreviewDecoder.check_fits`: other channels, size factor or a shifted
+        space); one made for another VAE's latents of the same shape gets a note on stderr and is used all the same
+        (`check_colours`, against the VAE's own decoder, also when a preview decoder is in use)."""
+        if name_or_path is None:
+            self.model.preview_decoder = None
+            return
         codec = LatentCodec(self.model.vae)
         preview = load_preview_decoder(name_or_path, self.dtype, self.device)
         self.model.preview_decoder = preview.check_fits(codec.latent_channels, codec.downsampling_factor).check_colours(codec)
@@ -231,9 +228,12 @@ class Generator:
                       width: int | None) -> tuple[float, list[int], int, int]:
         """A call's guidance scale, seeds and size, each one left out as `lcm generate` leaves it: the model's own g
         (`default_guidance_scale`: its guidance record's), image i at seed `DEFAULT_SEED` + i, the model's native size.
-        The prompts are checked first, since the seeds are counted from them."""
+        The prompts are checked first, since the seeds are counted from them. Seeds given as a 1-D numpy array or tensor are
+        taken as the list of its values (`check_call` checks them)."""
         check_prompts(prompts)
         guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
+        if isinstance(seeds, (np.ndarray, torch.Tensor)) and seeds.ndim == 1:
+            seeds = seeds.tolist()
         seeds = [DEFAULT_SEED + i for i in range(len(prompts))] if seeds is None else seeds
         height = self.default_size() if height is None else height
         width = self.default_size() if width is None else width
@@ -398,7 +398,7 @@ class LCMGenerator(Generator):
     @torch.no_grad()
     def __call__(self, prompts: list[str], timesteps: torch.Tensor | None = None, guidance_scale: float | None = None,
                  seeds: list[int] | None = None, height: int | None = None, width: int | None = None, *, steps: int | None = None,
-                 gamma: float | None = None, init_images: torch.Tensor | None = None, strength: float = 1.0,
+                 gamma: float | None = None, init_images: torch.Tensor | None = None, strength: float | None = None,
                  negative_prompts: list[str] | None = None, negative_scale: float | None = None) -> torch.Tensor:
         """Images in [-1, 1] for `prompts` (the VAE's output clamped, as diffusers' postprocessing clamps it), one generator
         per image: `generator(["a prompt"], steps=4)`, and `grids.to_pil` makes them PIL images.
@@ -409,18 +409,24 @@ class LCMGenerator(Generator):
         `gamma` None samples with Algorithm 3 (`sample_lcm`, as LCMScheduler); γ ∈ [0, 1] with TCD's strategic stochastic
         sampling (`sample_tcd`, as TCDScheduler with eta = γ). `init_images` ([B, 3, H, W] in [-1, 1], or [1, 3, H, W]
         for every prompt; H, W = height, width) makes it img2img: the images are noised to `timesteps[0]`
-        (`img2img_start`), which `timesteps(steps, strength=strength)` puts at `strength`'s start timestep.
+        (`img2img_start`), which `timesteps(steps, strength=strength)` puts at `strength`'s start timestep; left out,
+        strength is `DEFAULT_STRENGTH` (0.8, as `lcm generate`, `lcm serve` and diffusers) with `steps`, 1 with custom
+        timesteps (their first says where img2img starts). `gamma` needs 2 steps or more (`sampling.check_tcd_steps`).
         `negative_prompts` (one per prompt, or one for all) guide the images away from them (`consistency_function`).
         """
         guidance_scale, seeds, height, width = self.call_defaults(prompts, guidance_scale, seeds, height, width)
         self.check_call(prompts, seeds, guidance_scale, height, width)
+        if strength is None:
+            strength = DEFAULT_STRENGTH if init_images is not None and timesteps is None else 1.0
         check_real(strength, "strength", "img2img's fraction of the noise schedule, in (0, 1]")
         check_strength(strength)
         timesteps = self.call_timesteps(timesteps, steps, strength)
+        if gamma is not None:
+            gamma = check_gamma(gamma)
+            check_tcd_steps(len(timesteps))
         f = self.consistency_function(guidance_scale, len(prompts), negative_prompts, negative_scale, (height, width))
-        gamma = None if gamma is None else check_gamma(gamma)
         if init_images is None and strength != 1:
-            raise UserError(f"strength {strength:g} applies to img2img: give init images, or leave strength at 1")
+            raise UserError(f"strength {strength:g} applies to img2img: give init images, or leave strength out")
         latents, cond, generators = self.start(prompts, seeds, height, width)
         if init_images is not None:
             latents = self.img2img_start(latents, timesteps, init_images, strength)
@@ -451,7 +457,7 @@ class SolverGenerator(Generator):
         if model.is_lcm:
             raise UserError(f"{path} is an LCM: sample it with --sampler lcm")
         if model.time_cond_proj_dim is not None:  # a guidance-distilled model: the range its ω input learned, and its default g
-            model.guidance_record = guidance_record_of(path)
+            model.guidance_record = guidance_record_of(model.source)
         generator = cls(model, device, dtype)
         generator.sampler = sampler
         return generator

@@ -7,12 +7,13 @@
 - `T5PromptEncoder`: PixArt-α, one T5 encoder's last hidden state with its attention mask (and a 1024-px model's
   resolution and aspect ratio), packed into c by `conditioning.PixArtConditioning`; ∅ is the empty prompt's encoding.
 
-All return c for `prompts` as one tensor [B, L', D] that every solver, loss, sampler and the latent cache handle alike.
-`PromptCache` keeps the c of prompts a sampler has seen, so that the text encoder runs once per distinct prompt.
+All return c for `prompts` (a list of one or more: `check_batch`) as one tensor [B, L', D] that every solver, loss,
+sampler and the latent cache handle alike. `PromptCache` keeps the c of prompts a sampler has seen, so that the text
+encoder runs once per distinct prompt.
 
-Prompts from a user pass `check_prompt` (command line) or `read_prompt_file` (a text file, `#` lines comments): text that
-is not UTF-8 is one line naming the input, not a tokenizer's TypeError; a file's byte-order mark is not part of its first
-prompt.
+Prompts from a user pass `check_prompt` (command line), `check_prompts` (a list from Python: a str would be one prompt
+per character) or `read_prompt_file` (a text file, `#` lines comments): text that is not UTF-8 is one line naming the
+input, not a tokenizer's TypeError; a file's byte-order mark is not part of its first prompt.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import re
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,6 +42,24 @@ def utf8_error(text: str) -> str | None:
         what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
         return f"{what} at character {err.start + 1}"
     return None
+
+
+def check_prompts(prompts, what: str = "prompts") -> None:
+    """A list of strings: a str is a sequence of characters, which would make one image per character. Each is UTF-8
+    text (`utf8_error`): a lone surrogate, which no tokenizer takes, is refused naming the prompt."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise UserError(f"{what} must be a list of strings, e.g. ['a red star'], got {prompts!r:.80}")
+    for i, prompt in enumerate(prompts):
+        problem = utf8_error(prompt)
+        if problem is not None:
+            raise UserError(f"{what}[{i}] is not UTF-8 text ({problem}); give prompts as text that encodes to UTF-8")
+
+
+def check_batch(prompts) -> None:
+    """What a prompt encoder's `encode` takes: a list of one string or more (`check_prompts`), one row of c each."""
+    check_prompts(prompts)
+    if not prompts:
+        raise UserError("prompts is empty; give at least one prompt")
 
 
 def check_prompt(text: str, source: str) -> str:
@@ -121,6 +141,7 @@ class CLIPPromptEncoder:
 
     def encode(self, prompts: list[str], device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
         """c for `prompts`, [B, L, D]; `size` does not enter a Stable Diffusion 1.x/2.x condition."""
+        check_batch(prompts)
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, device)
 
     def uncond(self, device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -144,6 +165,7 @@ class SDXLPromptEncoder:
     @torch.no_grad()
     def encode(self, prompts: list[str], device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
         """c for `prompts`: [B, L + 1, D], the L tokens and the packed row of pooled embedding and time ids."""
+        check_batch(prompts)
         device = device if device is not None else _device_of(self.pairs[-1][1])
         hidden, pooled = [], None
         for tokenizer, text_encoder in self.pairs:
@@ -184,6 +206,7 @@ class T5PromptEncoder:
     @torch.no_grad()
     def encode(self, prompts: list[str], device=None, size: tuple[int, int] | None = None) -> torch.Tensor:
         """c for `prompts`: [B, L (+ 1), D + 1], the L tokens with their mask (and the row of size conditions)."""
+        check_batch(prompts)
         device = device if device is not None else _device_of(self.text_encoder)
         inputs = self.tokenizer([p.lower().strip() for p in prompts], padding="max_length", max_length=self.max_sequence_length,
                                 truncation=True, add_special_tokens=True, return_tensors="pt")

@@ -115,6 +115,35 @@ def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -
     return torch.tensor(ts, dtype=torch.long)
 
 
+def check_start(model, latents: torch.Tensor, cond: torch.Tensor, generator) -> None:
+    """A sampler's starting noise, condition and generators, refused in one line where they would fail deep in the network
+    or in `randn`: floating-point latents and a condition the model's network takes (`ConsistencyModel.check_inputs`, where
+    the model knows its network), and a torch.Generator, None, or a list of them with one per latent (row i's noise is
+    drawn from the i-th)."""
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        what = latents.dtype if isinstance(latents, torch.Tensor) else f"a {type(latents).__name__}"
+        raise UserError(f"the latents must be a floating-point tensor (the starting noise z_T), got {what}")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != len(latents) or not all(isinstance(g, torch.Generator) for g in generator):
+            raise UserError(f"give one torch.Generator per latent ({len(latents)}), got {len(generator)} item(s): row i's noise is "
+                            "drawn from generator[i]")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise UserError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), a list of them, one per "
+                        f"latent, or None, got {generator!r:.40}")
+    check = getattr(model, "check_inputs", None)
+    if check is not None:
+        check(latents, cond)
+
+
+def check_tcd_steps(steps: int, gamma: str = "gamma", more: str = "2 or more steps (or 2 timesteps)") -> None:
+    """γ with one step, refused: TCD re-injects fresh noise between steps (`sample_tcd`), and one step has no next one,
+    so every γ makes the same image, which is not Algorithm 3's either (it keeps σ_0·ε̂). The one rule of the Python call,
+    `lcm generate` and `lcm serve`, each naming γ and the steps as its user gives them (`gamma`, `more`)."""
+    if steps == 1:
+        raise UserError(f"{gamma} is TCD's share of fresh noise between steps, and one step has no next one: every {gamma} makes "
+                        f"the same image; give {more}, or leave {gamma} out")
+
+
 def randn(shape, generator, device, dtype) -> torch.Tensor:
     """Standard normal noise drawn as diffusers' `randn_tensor` draws it (same generator, same values)."""
     from diffusers.utils.torch_utils import randn_tensor
@@ -138,6 +167,7 @@ def sample_lcm(
     `latents` is the starting noise z_T ~ N(0, I). Returns the last x̂0.
     """
     timesteps = check_custom_timesteps(timesteps, schedule.num_train_timesteps)  # a list too; decreasing ints in [0, T)
+    check_start(model, latents, cond, generator)
     z = latents
     x0 = z
     for i, tau in enumerate(timesteps):
@@ -204,6 +234,7 @@ def sample_tcd(
     """
     gamma = check_gamma(gamma)
     taus = check_custom_timesteps(timesteps, schedule.num_train_timesteps).tolist()
+    check_start(model, latents, cond, generator)
     z = latents
     for i, tau in enumerate(taus):
         x0 = model(z, torch.full((z.shape[0],), tau, dtype=torch.long, device=z.device), cond, omega)

@@ -44,6 +44,7 @@ from latent_consistency.pipelines import (
     DEFAULT_NEGATIVE_SCALE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
     MAX_SEED,
     LCMGenerator,
     RepeatedSeedWarning,
@@ -52,7 +53,7 @@ from latent_consistency.pipelines import (
 )
 from latent_consistency.progress import progress_bar
 from latent_consistency.prompts import check_prompt, read_prompt_file, truncated_prompts
-from latent_consistency.sampling import TEACHER_SAMPLERS, check_teacher_steps, solver_start_note
+from latent_consistency.sampling import TEACHER_SAMPLERS, check_tcd_steps, check_teacher_steps, solver_start_note
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
@@ -195,9 +196,6 @@ def parse_timesteps(text: str | None) -> list[int] | None:
 
 # The largest --negative-scale, as the HTTP API's (`serve.request`): λ = 0.5 already over-guides.
 MAX_NEGATIVE_SCALE = 30.0
-
-# img2img's default strength, as diffusers' LatentConsistencyModelImg2ImgPipeline: start at timestep 799 of 1000.
-DEFAULT_STRENGTH = 0.8
 
 
 def read_init_image(path: str, height: int | None, width: int | None, factor: int):
@@ -452,10 +450,8 @@ def generate(args) -> None:
         raise UserError("--strength applies to img2img: give --init-image FILE")
     if args.sampler != "lcm" and (args.gamma is not None or args.init_image is not None):
         raise UserError(f"--gamma and --init-image apply to --sampler lcm, not {args.sampler}")
-    if args.gamma is not None and (len(custom) if custom else steps) == 1:
-        # TCD re-injects noise between steps (`sampling.sample_tcd`) and none after the last: one step is the same at every γ
-        raise UserError("--gamma is TCD's share of fresh noise between steps, and one step has no next one: every --gamma makes "
-                        "the same image; give --steps 2 or more (or 2 --timesteps), or leave --gamma out")
+    if args.gamma is not None:
+        check_tcd_steps(len(custom) if custom else steps, "--gamma", "--steps 2 or more (or 2 --timesteps)")
     if args.negative_scale is not None and args.negative_prompt is None:
         raise UserError("--negative-scale applies to a negative prompt: give --negative-prompt TEXT")
     if args.negative_prompt is not None:
@@ -527,9 +523,10 @@ def generate(args) -> None:
     for batch in progress_bar(batches, desc="generate", unit="batch", disable=len(batches) < 2):
         images = generator([prompts[i] for i in batch], timesteps, guidance_scale, [args.seed + i for i in batch], height, width, **options)
         finite = torch.isfinite(images.float()).flatten(1).all(dim=1).tolist()
-        for i, image, ok in zip(batch, to_pil(images), finite):
-            if ok:  # a NaN pixel would be written as black (uint8 0), an infinite one as black or white
-                save_png(image, files[i], {RECORD_KEY: json.dumps(records[i], ensure_ascii=False)})
+        kept_images = iter(to_pil(images[[j for j, ok in enumerate(finite) if ok]]))  # to_pil refuses NaN: the rest are written
+        for i, ok in zip(batch, finite):
+            if ok:
+                save_png(next(kept_images), files[i], {RECORD_KEY: json.dumps(records[i], ensure_ascii=False)})
                 written += 1
         if not all(finite):
             bad = [i for i, ok in zip(batch, finite) if not ok]

@@ -67,6 +67,7 @@ from latent_consistency.data.images import (
     load_rgb,
 )
 from latent_consistency.errors import UserError
+from latent_consistency.hub import given_name
 from latent_consistency.prompts import utf8_error
 
 METADATA_FILE = "metadata.jsonl"
@@ -85,7 +86,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | Path, resolution: int, holdout: Holdout | None = None, files: list[str] | None = None,
                  quiet_scan: bool = False):
-        self.root = Path(root).expanduser()
+        self.root = Path(given_name(root, "the image folder", "a folder of captioned images"))  # "" is no current folder
         self.resolution = resolution
         self.skipped = SkipCounter(name=f"image folder {self.root}")
         if not self.root.is_dir():

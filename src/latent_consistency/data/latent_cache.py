@@ -63,7 +63,7 @@ from latent_consistency.data.shards import CAPTION_MEMBERS, OncePosition, ShardS
 from latent_consistency.data.spec import SCHEMES, canonical_spec
 from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
-from latent_consistency.hub import check_hub_id
+from latent_consistency.hub import check_hub_id, given_name
 from latent_consistency.models import DiffusionModel, LatentCodec, load_component
 from latent_consistency.outputs import check_partial, is_empty_folder, move_into_place, partial_folder, permit_as_umask, start_partial, write_json_atomic
 from latent_consistency.outputs import written as naming_failures
@@ -725,7 +725,7 @@ class LatentCache(torch.utils.data.Dataset):
     a training device; a larger cache is checked micro-batch by micro-batch (`gather`)."""
 
     def __init__(self, path: str | Path, holdout: Holdout | None = None):
-        self.path = path = Path(path)
+        self.path = path = Path(given_name(path, "the latent cache", "the folder `lcm cache` wrote"))  # "" is no current folder
         self.manifest = _read_manifest(path)
         shards = [_read_tensors(path, s["file"], ("latents", "caption_index"))[0] for s in self.manifest["shards"]]
         self.shards = [s["latents"] for s in shards]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from latent_consistency.errors import UserError
+from latent_consistency.hub import given_name
 
 # OpenAI CLIP's normalisation, for model folders without a preprocessor_config.json
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -33,10 +34,11 @@ class ClipModel(torch.nn.Module):
 
     @classmethod
     def load(cls, name_or_path: str, device: torch.device | str = "cpu") -> ClipModel:
-        """A CLIP model folder or hub id; offline, a hub id must be in the local cache."""
+        """A CLIP model folder (`~` expanded) or hub id; offline, a hub id must be in the local cache."""
         from safetensors import SafetensorError
         from transformers import CLIPModel, CLIPTokenizer
 
+        name_or_path = given_name(name_or_path, "a CLIP model from")  # "" would read the current folder
         try:
             model, info = CLIPModel.from_pretrained(name_or_path, use_safetensors=True, output_loading_info=True)
             tokenizer = CLIPTokenizer.from_pretrained(name_or_path)

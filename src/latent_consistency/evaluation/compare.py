@@ -34,12 +34,12 @@ class SamplerSpec:
 
 
 def _noise(model: DiffusionModel, seeds: range, device) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """z_T of image i from its own generator seeded with `seeds[i]`, as `lcm generate` draws it, and the generators, which
-    go on to draw an LCM's noise between its steps as `lcm generate`'s do: image i is the one `lcm generate --seed` makes
-    from that seed."""
+    """z_T of image i from its own generator seeded with `seeds[i]`, in the model's dtype, as `lcm generate` draws it, and
+    the generators, which go on to draw an LCM's noise between its steps as `lcm generate`'s do: image i is the one `lcm
+    generate --seed` makes from that seed."""
     c, s = model.unet.config.in_channels, model.unet.config.sample_size
     generators = [torch.Generator("cpu").manual_seed(i) for i in seeds]
-    return randn((len(seeds), c, s, s), generators, device, torch.float32), generators
+    return randn((len(seeds), c, s, s), generators, device, model.unet.dtype), generators
 
 
 def sample(spec: SamplerSpec, lcm: DiffusionModel | None, teacher: DiffusionModel, prompts: list[str], seed: int = 0,

@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from latent_consistency.data.images import TooManyPixels, UndecodableImage, open_rgb8
 from latent_consistency.errors import UserError
-from latent_consistency.pipelines import MAX_SEED, MAX_SIZE_FACTOR, LCMGenerator
+from latent_consistency.pipelines import DEFAULT_STRENGTH, MAX_SEED, MAX_SIZE_FACTOR, LCMGenerator
 from latent_consistency.prompts import utf8_error
+from latent_consistency.sampling import check_tcd_steps
 
 MAX_STEPS = 8  # an LCM's useful range (Algorithm 3 with 1-8 steps)
 MAX_INIT_PIXELS = 64 * 2**20  # an init image's width x height, refused from its header before it is decoded
@@ -72,7 +73,7 @@ class ImageRequest(BaseModel):
     init_image: str | None = Field(None, description="image-to-image start: an image file (PNG, JPEG, WebP, TIFF, ...: what "
                                                      "`lcm generate --init-image` reads) as base64 (standard or URL-safe, "
                                                      "= padding optional) or a data: URL")
-    strength: float = Field(0.8, gt=0, le=1, allow_inf_nan=False, description="with init_image: how much of it to redraw")
+    strength: float = Field(DEFAULT_STRENGTH, gt=0, le=1, allow_inf_nan=False, description="with init_image: how much of it to redraw")
     format: Literal["png", "jpeg"] = Field("png", description="response image format")
 
     @field_validator("prompt", "negative_prompt")
@@ -122,9 +123,8 @@ def prepare(request: ImageRequest, generator: LCMGenerator, limits: Limits, defa
         raise UserError("negative_scale applies to a negative prompt: give negative_prompt")
     if "strength" in request.model_fields_set and request.init_image is None:
         raise UserError("strength applies to image-to-image: give init_image")
-    if request.gamma is not None and request.steps == 1:  # TCD re-injects noise between steps (`sampling.sample_tcd`), none after the last
-        raise UserError("gamma is TCD's share of fresh noise between steps, and one step has no next one: every gamma makes the same "
-                        "image; give steps of 2 or more, or leave gamma out")
+    if request.gamma is not None:
+        check_tcd_steps(request.steps, "gamma", "steps of 2 or more")
     g = default_guidance_scale if request.guidance_scale is None else request.guidance_scale
     if g > limits.max_guidance_scale:
         raise UserError(f"guidance_scale {g:.15g} is above {limits.max_guidance_scale:g}; {generator.usual_guidance()}")
