@@ -208,7 +208,7 @@ def test_lcm_cache_under_a_launcher_is_one_line(tiny_sd, tmp_path, capsys, monke
     write_captioned_images(tmp_path / "data", 3)
     monkeypatch.setenv("WORLD_SIZE", "2")
     code, out, err = run(["cache", "--model", str(tiny_sd), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "cache")], capsys)
-    assert code == 2 and err.startswith("lcm cache: error: lcm cache runs in one process"), err
+    assert code == 2 and err.startswith("lcm cache: error: lcm cache runs in one process: run it without accelerate launch"), err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "cache.partial").exists()
 
 

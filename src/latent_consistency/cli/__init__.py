@@ -6,7 +6,8 @@ the parsed arguments. A `UserError` anywhere becomes one line on stderr and exit
 about a path (a name too long, no permission, a full or read-only disk) and a data worker process killed (out of
 memory). A process of a multi-process run that stops because another one did says so in one line, exit code 1. Under a
 launcher, a stop (Ctrl-C, SIGTERM), which reaches every process, and a refusal every process raises alike
-(`training.loop.on_every_process`) are said once, by the first process.
+(`training.loop.on_every_process`) are said once, by the first process. Only `lcm distill` and `lcm finetune` run as
+several processes; every other command under a launcher is refused in one line (`refuse_launch`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import warnings
 
 from latent_consistency import __version__
@@ -110,6 +112,29 @@ def say_refusal(prefix: str, err: UserError) -> None:
     PartialState().wait_for_everyone()
 
 
+# The commands that train as one process of several under `accelerate launch` or torchrun; every other runs as one
+LAUNCHED_COMMANDS = ("distill", "finetune")
+# Seconds a launched process that is not the first waits before it ends after `refuse_launch`: the launcher stops the
+# others once one has ended, and a first process stopped before it had printed would leave the user with no line
+REFUSAL_WAIT_S = 10.0
+
+
+def refuse_launch(command: str) -> int:
+    """Exit code 2 for a one-process command started under a launcher (WORLD_SIZE > 1), which every process would have run
+    whole: each `lcm generate` wrote the same files into one --out (the check that refuses existing images racing between
+    them), each `lcm cache` encoded the data into one OUT.partial. The first process says so in one line; the others wait
+    `REFUSAL_WAIT_S`, deaf to the launcher's stop, so that it does, and end silently."""
+    if speaks_for_its_run():
+        print(f"lcm {command}: error: lcm {command} runs in one process: run it without accelerate launch or torchrun (only "
+              f"{' and '.join(f'lcm {c}' for c in LAUNCHED_COMMANDS)} run over several processes)", file=sys.stderr)
+        return 2
+    if threading.current_thread() is threading.main_thread():
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, signal.SIG_IGN)
+    time.sleep(REFUSAL_WAIT_S)
+    return 2
+
+
 def path_error(err: Exception) -> str | None:
     """The one line of an error that a path or the disk caused: an OSError of `USER_PATH_ERRORS` that names its file, or
     one of `DISK_FULL` behind any error (`os_error_of`: libraries' own errors over one, which name no file), naming the
@@ -168,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:
         return say_stop("lcm", stop)
     command = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))  # `lcm world export`
+    if args.command not in LAUNCHED_COMMANDS and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        return refuse_launch(command)
     try:
         args.run(args)
     except UserError as err:

@@ -34,7 +34,6 @@ cache's size.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -58,7 +57,6 @@ def write_cache(args) -> None:
     from latent_consistency.data.shards import ShardStream
     from latent_consistency.data.spec import open_dataset
 
-    check_one_process()
     check_out(args.out)
     check_data(args.data)
     device = resolve_device(args.device)
@@ -134,13 +132,6 @@ def byte_size(n: int) -> str:
             break
         value, unit = value / 1024, larger
     return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def check_one_process() -> None:
-    """`lcm cache` is one process: under `accelerate launch` or torchrun (WORLD_SIZE > 1) every process encoded the whole
-    data into the same OUT.partial, and all but the one that renamed it ended in a traceback."""
-    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
-        raise UserError("lcm cache runs in one process: run it without accelerate launch or torchrun (it encodes on one device)")
 
 
 def check_data(data: str) -> None:

@@ -1,0 +1,59 @@
+"""A one-process command under `accelerate launch` or torchrun (WORLD_SIZE > 1) is refused in one line by its first
+process, before any work; the others end silently with the same exit code (`cli.refuse_launch`)."""
+
+from __future__ import annotations
+
+import pytest
+
+import latent_consistency.cli as cli
+from latent_consistency.cli import main
+
+
+def run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err.strip()
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """This process as one of two launched ones; the model loaders fail the test if reached."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "REFUSAL_WAIT_S", 0.0, raising=False)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr("latent_consistency.models.load_diffusion_model", no_loading)
+    monkeypatch.setattr("latent_consistency.pipelines.load_lcm", no_loading)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "a red star", "--model", "some/lcm", "--out", "OUT"],
+    ["evaluate", "--lcm", "some/lcm", "--out", "OUT"],
+    ["serve", "--model", "some/lcm"],
+    ["world", "export", "--from", "W", "--out", "OUT"],
+    ["demo", "--out", "OUT"],
+])
+def test_a_one_process_command_under_a_launcher_is_one_line_before_any_work(argv, launched, tmp_path, capsys):
+    """Was: `lcm generate` ran whole in every process, each writing the same files into one --out (both printed "wrote 2
+    image(s)"); `lcm cache` alone refused."""
+    launched.chdir(tmp_path)
+    launched.setattr("latent_consistency.folder_lock.first_process", lambda: True)
+    code, out, err = run(argv, capsys)
+    command = " ".join(argv[:2]) if argv[0] == "world" else argv[0]
+    assert code == 2 and err == (f"lcm {command}: error: lcm {command} runs in one process: run it without accelerate launch or "
+                                 "torchrun (only lcm distill and lcm finetune run over several processes)"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_other_processes_end_silently_with_the_same_code(launched, tmp_path, capsys):
+    launched.chdir(tmp_path)
+    launched.setattr("latent_consistency.folder_lock.first_process", lambda: False)
+    code, out, err = run(["generate", "a red star", "--model", "some/lcm", "--out", "OUT"], capsys)
+    assert (code, out, err) == (2, "", "")
+    assert list(tmp_path.iterdir()) == []
