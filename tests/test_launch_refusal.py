@@ -57,3 +57,14 @@ def test_the_other_processes_end_silently_with_the_same_code(launched, tmp_path,
     code, out, err = run(["generate", "a red star", "--model", "some/lcm", "--out", "OUT"], capsys)
     assert (code, out, err) == (2, "", "")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_launched_process_s_sigterm_is_said_to_be_the_launcher_s(monkeypatch):
+    """Was: after a kill -9 of one process the other, stopped by the launcher, said "lcm distill: terminated at step 12 of
+    40: ...", as if the user had stopped it."""
+    stop = cli.Terminated("at step 12 of 40: the checkpoint of step 10 is kept")
+    assert cli.stopped(stop) == ("terminated at step 12 of 40: the checkpoint of step 10 is kept", 143)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.stopped(stop) == ("terminated by the launcher (another process of this run ended, or the launcher was stopped) at "
+                                 "step 12 of 40: the checkpoint of step 10 is kept", 143)
+    assert cli.stopped(KeyboardInterrupt()) == ("interrupted", 130)

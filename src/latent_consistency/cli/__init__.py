@@ -72,8 +72,11 @@ def _terminated(signum, frame) -> None:
 def stopped(stop: KeyboardInterrupt) -> tuple[str, int]:
     """The words and exit code of a stop: 130 for Ctrl-C, 143 for SIGTERM (128 + the signal, as a shell reports them). The
     word, then the stop's message where it has one: a training run's says which steps it kept and how to go on
-    (`training.run_folder.saying_what_a_stop_keeps`)."""
+    (`training.run_folder.saying_what_a_stop_keeps`). In a launched run (WORLD_SIZE > 1) a SIGTERM is the launcher's, sent
+    when another process ended (a kill -9, an error) as when the launcher itself was stopped: said so, not as the user's stop."""
     word, code = ("terminated", 128 + signal.SIGTERM) if isinstance(stop, Terminated) else ("interrupted", 130)
+    if isinstance(stop, Terminated) and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        word = "terminated by the launcher (another process of this run ended, or the launcher was stopped)"
     return (f"{word} {stop}" if stop.args else word), code
 
 
