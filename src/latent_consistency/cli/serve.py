@@ -4,6 +4,7 @@ says otherwise."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ipaddress
 import signal
@@ -24,6 +25,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def root_path(text: str) -> str:
+    """--root-path: the path prefix a reverse proxy serves the app under and strips (uvicorn's root_path), without its
+    final slash; "" or "/" for none."""
+    if text and not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a URL path: give it with its leading slash, e.g. /lcm")
+    return text.rstrip("/")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -68,6 +77,10 @@ def build_app(args):
     if args.max_side is not None and args.max_side > MAX_SIZE_FACTOR * generator.default_size():
         raise UserError(f"--max-side {args.max_side} is more than {MAX_SIZE_FACTOR}x the model's {generator.default_size()} px, which "
                         f"no request may ask for: give at most {MAX_SIZE_FACTOR * generator.default_size()}")
+    grid = generator.model.codec.downsampling_factor * generator.model.patch_size  # the sides the model makes (`request_size`)
+    if args.max_side is not None and args.max_side % grid:  # /v1/config would publish a size that every request is refused
+        raise UserError(f"--max-side {args.max_side} is not a multiple of the model's grid {grid}: give "
+                        f"{args.max_side - args.max_side % grid}")
     if args.compile:
         warm_up(generator)
     limits = Limits(max_side=args.max_side or 2 * generator.default_size(), max_prompt_chars=args.max_prompt_chars,
@@ -93,7 +106,7 @@ def run(args) -> None:
         sock.listen()  # connections wait from here until uvicorn accepts them
         host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address in a URL
         print(f"lcm serve: {args.model} on http://{host}:{args.port}/ (API: POST /v1/images, description: /openapi.json)", flush=True)
-        server = stoppable_server(uvicorn.Config(app, log_level="warning"), app.state.uploads)
+        server = stoppable_server(uvicorn.Config(app, log_level="warning", root_path=args.root_path), app.state.uploads)
         try:
             with sigterm_stops(server):
                 server.run(sockets=[sock])
@@ -181,6 +194,9 @@ def register(subparsers) -> None:
                    "per batch size on a CPU, then faster requests; with --dtype bfloat16 the fast path for large CPU batches)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--root-path", type=root_path, default="", help="the path prefix a reverse proxy serves the app under and strips "
+                   "before passing requests on (e.g. /lcm for https://host/lcm/ passed on as /): uvicorn's --root-path, which "
+                   "/openapi.json then names as its server (default: none)")
     p.add_argument("--max-batch", type=positive_int, default=8, help="most requests run as one forward pass (default 8)")
     p.add_argument("--max-queue", type=positive_int, default=32, help="requests that may wait; more get 429 (default 32)")
     p.add_argument("--max-side", type=positive_int, help="largest width or height in pixels (default: twice the model's size)")

@@ -5,9 +5,12 @@ Every request a client can get wrong is answered with a 4xx and a one-line `{"er
 limit, 415 for a body not sent as JSON (content-type) or compressed (content-encoding), 422 for anything invalid (malformed JSON or JSON Python cannot read, a
 key given twice, a value of the wrong JSON type, a field out of range, a size the model cannot make, an upload that is
 not an image), 429 when the queue is full; 404 and 405 come in the same shape (a route's path with a trailing slash too,
-`not_found`). Every GET route answers HEAD too (a proxy's health check). A client that goes away while its request waits
-(to be decoded, or in the queue) is dropped: its image is not made. Once the server stops, a body still arriving is
-answered 503 after a short wait (`Uploads`); requests whose body has arrived are made to the end.
+`not_found`). Every GET route answers HEAD too (a proxy's health check). A request holds its place in the queue from
+the moment it is admitted (`Batcher.place`): a full queue answers 429 before an upload is decoded. A client that goes
+away while its request waits (to be decoded, or in the queue) is dropped: its image is not made. A failure that is no
+client's mistake is a 500 in the same shape, its traceback logged, on a connection that stays open (`Guard`). Once the
+server stops, a body still arriving is answered 503 after a short wait (`Uploads`); requests whose body has arrived are
+made to the end.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -35,7 +39,7 @@ from latent_consistency import __version__
 from latent_consistency.errors import UserError
 from latent_consistency.grids import to_pil
 from latent_consistency.pipelines import LCMGenerator, repeated_seed_note
-from latent_consistency.prompts import truncated_prompts
+from latent_consistency.prompts import truncated_prompts, utf8_error
 from latent_consistency.serve.batcher import Batcher, QueueFull
 from latent_consistency.serve.metrics import Metrics
 from latent_consistency.serve.request import MAX_STEPS, ImageRequest, Job, Limits, prepare
@@ -46,7 +50,10 @@ DISCONNECT_POLL_S = 0.05
 # Init images decoded at once: one of 64 Mpx (a 200 kB PNG) takes ~250 MB and a second, before its request queues
 MAX_DECODING = 2
 SHUTTING_DOWN = "the server is shutting down; send the request again once it is back"
+INTERNAL = "internal error ({}); the server's log has the details"
 UPLOAD_GRACE_S = 3.0  # once the server stops, how long a request body still arriving may take before it is answered 503
+
+logger = logging.getLogger("latent_consistency.serve")
 
 
 def run_jobs(generator: LCMGenerator, jobs: list[Job]) -> list[tuple[bytes, int, tuple | None, tuple | None]]:
@@ -180,11 +187,16 @@ class Uploads:
 
 class Guard:
     """ASGI middleware: refuses bodies over the limit with 413 (read before the app sees them), answers 503 to a body
-    still arriving when the server stops taking them (`Uploads`), and counts the image requests' responses by status, with
-    the latency of the successful ones."""
+    still arriving when the server stops taking them (`Uploads`), answers an unexpected exception with a one-line 500 and
+    logs its traceback, and counts the image requests' responses by status, with the latency of the successful ones.
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics, uploads: Uploads):
-        self.app, self.max_body_bytes, self.metrics, self.uploads = app, max_body_bytes, metrics, uploads
+    The 500 ends the exception here: let through, Starlette's ServerErrorMiddleware raised it on after its response, and
+    uvicorn then closed the connection without a `Connection: close`, so a client's pool reused a dead connection for its
+    next request (a `ReadError`)."""
+
+    def __init__(self, app, max_body_bytes: int, max_upload_bytes: int, metrics: Metrics, uploads: Uploads):
+        self.app, self.max_body_bytes, self.max_upload_bytes = app, max_body_bytes, max_upload_bytes
+        self.metrics, self.uploads = metrics, uploads
 
     async def receive_upload(self, receive):
         """The client's next message; `UploadsClosed` once the server takes no more bodies (looked at every
@@ -215,11 +227,12 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]  # 500 until a response starts: an exception goes on to ServerErrorMiddleware
+        start, status, started = time.perf_counter(), [500], []  # 500 until a response starts
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                started.append(True)
             await send(message)
 
         if scope["method"] == "HEAD":  # a proxy's health check: a GET route answers HEAD with its status and headers (RFC 9110)
@@ -234,13 +247,20 @@ class Guard:
             except (asyncio.CancelledError, UploadsClosed):  # a stop (forced, or past `Uploads.grace_s`) as the body arrives
                 await error(503, SHUTTING_DOWN)(scope, receive, send_counted)
                 return
-            if body is None:  # over the limit
-                await error(413, f"request body is over {self.max_body_bytes // 2**20} MiB")(scope, receive, send_counted)
+            if body is None:  # over the limit; what is large is an init image, whose own limit the server's operator sets
+                await error(413, f"request body is over {self.max_body_bytes // 2**20} MiB (an init_image may be at most "
+                                 f"{self.max_upload_bytes // 2**20} MiB on this server)")(scope, receive, send_counted)
             elif body is False:  # the client left before sending it: nobody to answer
                 status[0] = 499
             else:
-                await self.app(scope, replayed(body, receive), send_counted)
-        finally:  # an unexpected exception too, as the 500 it becomes
+                try:
+                    await self.app(scope, replayed(body, receive), send_counted)
+                except Exception as exc:
+                    if started:  # the answer is under way: only closing the connection tells the client it failed
+                        raise
+                    logger.exception("%s %s failed", scope["method"], scope["path"])
+                    await error(500, INTERNAL.format(type(exc).__name__))(scope, receive, send_counted)
+        finally:  # an unexpected exception raised on too, as the 500 it becomes
             if route_path(scope) == IMAGE_PATH:
                 self.metrics.response(status[0], time.perf_counter() - start if status[0] == 200 else None)
 
@@ -319,7 +339,8 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     app.router.route_class = JSONRoute
     app.state.batcher, app.state.metrics, app.state.uploads = batcher, metrics, Uploads()
     app.state.shutdown_stop = None  # a Ctrl-C or SIGTERM that came while the lifespan waited for the batch in flight
-    app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, metrics=metrics, uploads=app.state.uploads)
+    app.add_middleware(Guard, max_body_bytes=limits.max_body_bytes, max_upload_bytes=limits.max_upload_bytes, metrics=metrics,
+                       uploads=app.state.uploads)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -331,7 +352,9 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
             content_type = request.headers.get("content-type") or "missing"
             return error(415, f"content-type is {content_type}: send the body as JSON with content-type: application/json")
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-        return error(422, f"{where}: {first.get('msg', 'invalid')}")
+        if first.get("type") == "string_unicode":  # a lone surrogate in a str field, refused before its own validator runs
+            return error(422, f"{where}: not Unicode text ({utf8_error(first['input'])})")
+        return error(422, f"{where}: {first.get('msg', 'invalid').removeprefix('Value error, ')}")  # a validator's own words
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -347,12 +370,6 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     @app.exception_handler(QueueFull)
     async def queue_full(request, exc: QueueFull):
         return error(429, str(exc), headers={"Retry-After": "1"})
-
-    @app.exception_handler(Exception)
-    async def internal(request, exc: Exception):
-        """A failure that is no client's mistake: one-line JSON like every other error. Starlette raises the exception on
-        after the response, so the server (uvicorn) logs its traceback."""
-        return error(500, f"internal error ({type(exc).__name__}); the server's log has the details")
 
     refused = {status: {"model": ErrorAnswer, "description": why} for status, why in (
         (413, "the body is over the limit"), (415, "the body is not JSON (content-type), or is compressed (content-encoding)"),
@@ -376,16 +393,19 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     async def images(body: ImageRequest, request: Request) -> Response:
         """Generate one image (text-to-image, or image-to-image with `init_image`)."""
         start = time.perf_counter()
-        # in a thread: decoding an upload takes a while; a few at a time, as each may take hundreds of MB. A client that left
-        # meanwhile (the page aborts a request at each keystroke) is dropped before its turn to decode, and before it queues,
-        # where an idle worker would take it before the next poll
-        async with decoding if body.init_image is not None else contextlib.nullcontext():
+        # its place in the queue first: a full queue refuses at once (429), before an upload is decoded, and the requests
+        # being decoded count against --max-queue as queued ones do
+        with batcher.place() as place:
+            # in a thread: decoding an upload takes a while; a few at a time, as each may take hundreds of MB. A client that
+            # left meanwhile (the page aborts a request at each keystroke) is dropped before its turn to decode, and before
+            # it queues, where an idle worker would take it before the next poll
+            async with decoding if body.init_image is not None else contextlib.nullcontext():
+                if await request.is_disconnected():
+                    return left()
+                job = await anyio.to_thread.run_sync(prepare, body, generator, limits, default_guidance)
             if await request.is_disconnected():
                 return left()
-            job = await anyio.to_thread.run_sync(prepare, body, generator, limits, default_guidance)
-        if await request.is_disconnected():
-            return left()
-        future = batcher.submit(job)
+            future = batcher.submit(job, place)
         waiting = asyncio.wrap_future(future)
         try:
             while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
@@ -412,6 +432,16 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         if preview is not None:  # as `lcm generate` records it in each PNG: the image is an approximate preview
             headers["X-Preview-Decoder"] = header_value(preview)
         return Response(data, media_type=MEDIA_TYPES[job.format], headers=headers)
+
+    def openapi() -> dict:
+        """FastAPI's description, with ImageRequest's schema as pydantic writes it: FastAPI's model of a schema holds every
+        bound as a float, which made the seed's maximum 2^63 (9.223372036854776e+18, a seed the server refuses) and the
+        steps' 8.0."""
+        if app.openapi_schema is None:
+            FastAPI.openapi(app)["components"]["schemas"]["ImageRequest"] = ImageRequest.model_json_schema()
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/v1/config")
     async def config() -> dict:

@@ -4,7 +4,9 @@ The model runs on one thread (one forward at a time uses the whole device); the 
 worker takes a job it also takes every queued job with the same key (`request.Job.key`: same steps, guidance, size,
 ...) up to `max_batch`, waiting at most `max_wait_s` for more to arrive. A batch that fails is run again job by job, so
 only the job at fault fails. Jobs whose client went away are cancelled in the queue and never run. A full queue refuses
-new jobs (`QueueFull`; the app answers 429).
+new jobs (`QueueFull`; the app answers 429). A request holds its place (`place`) from the moment it is admitted, before
+its upload is decoded: the queue and the places held together never pass `max_queue`, so a full queue refuses at once,
+before any costly work.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from latent_consistency.serve.metrics import Metrics
@@ -21,6 +24,13 @@ from latent_consistency.serve.metrics import Metrics
 
 class QueueFull(Exception):
     pass
+
+
+@dataclass
+class Place:
+    """A place in the queue held for a request not yet queued (`Batcher.place`); `held` until its job is submitted."""
+
+    held: bool = True
 
 
 @dataclass
@@ -38,15 +48,35 @@ class Batcher:
         self.max_batch, self.max_queue, self.max_wait_s = max_batch, max_queue, max_wait_s
         self.metrics = metrics or Metrics()
         self.queue: deque[Pending] = deque()
+        self.held = 0  # places held by admitted requests not yet queued (`place`)
         self.ready = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
 
-    def submit(self, job) -> Future:
+    @contextmanager
+    def place(self) -> Iterator[Place]:
+        """Hold a place in the queue for a request while it is prepared (its upload decoded), for `submit(job, place)`;
+        `QueueFull` at once when the queue and the places held fill `max_queue`. Given back on leaving unless submitted."""
         with self.ready:
-            self._drop_cancelled()
-            if len(self.queue) >= self.max_queue:
-                raise QueueFull(f"{len(self.queue)} requests are waiting; try again shortly")
+            self._check_room()
+            self.held += 1
+        place = Place()
+        try:
+            yield place
+        finally:
+            with self.ready:
+                if place.held:
+                    self.held -= 1
+                    place.held = False
+
+    def submit(self, job, place: Place | None = None) -> Future:
+        """Queue `job`, in the place it holds (`place`) or in a free one (`QueueFull` if none)."""
+        with self.ready:
+            if place is not None and place.held:
+                self.held -= 1
+                place.held = False
+            else:
+                self._check_room()
             pending = Pending(job)
             self.queue.append(pending)
             self.metrics.set_queue_depth(len(self.queue))
@@ -77,6 +107,12 @@ class Batcher:
             self.ready.notify_all()
         if self.thread is not None and wait:
             self.thread.join()
+
+    def _check_room(self) -> None:
+        """`QueueFull` when the queued jobs and the places held fill `max_queue` (called holding the lock)."""
+        self._drop_cancelled()
+        if len(self.queue) + self.held >= self.max_queue:
+            raise QueueFull(f"{len(self.queue) + self.held} requests are waiting (queued, or their upload being read); try again shortly")
 
     def _drop_cancelled(self) -> None:
         self.queue = deque(p for p in self.queue if not p.future.cancelled())

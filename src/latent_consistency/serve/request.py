@@ -205,7 +205,7 @@ def decode_image(data: str, limits: Limits):
         data = data.split(",", 1)[1]
     payload = "".join(data.split())  # base64 wrapped at 76 columns
     if len(payload) * 3 // 4 > limits.max_upload_bytes:
-        raise UserError(f"init_image is larger than {limits.max_upload_bytes // 2**20} MiB")
+        raise UserError(f"init_image is larger than {limits.max_upload_bytes // 2**20} MiB, this server's limit; send a smaller image")
     try:
         image, _ = open_rgb8(base64_bytes(payload), max_pixels=MAX_INIT_PIXELS)
     except TooManyPixels as err:
