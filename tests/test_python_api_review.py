@@ -136,6 +136,15 @@ def test_img2img_from_python_defaults_to_the_commands_strength(lcm):
         lcm(PROMPT, steps=2, strength=0.5)
 
 
+def test_an_init_image_of_another_size_is_told_the_size_keywords(lcm):
+    # was: "resize it to the width and height", which named no keyword of the call
+    size = lcm.default_size()
+    init = torch.zeros(1, 3, size + 8, size)
+    with pytest.raises(UserError, match=rf"init image is {size}x{size + 8} px, not the {size}x{size} asked for; resize it, or ask "
+                                        rf"for its size \(height={size + 8}, width={size}\)"):
+        lcm(PROMPT, steps=2, init_images=init)
+
+
 def test_the_command_and_server_take_the_apis_default_strength():
     from latent_consistency.cli import generate
     from latent_consistency.serve.request import ImageRequest

@@ -347,7 +347,8 @@ class LCMGenerator(Generator):
         factor = self.model.codec.downsampling_factor
         if tuple(init_images.shape[2:]) != (latents.shape[2] * factor, latents.shape[3] * factor):
             raise UserError(f"init image is {init_images.shape[3]}x{init_images.shape[2]} px, not the {latents.shape[3] * factor}x"
-                            f"{latents.shape[2] * factor} asked for; resize it to the width and height")
+                            f"{latents.shape[2] * factor} asked for; resize it, or ask for its size (height={init_images.shape[2]}, "
+                            f"width={init_images.shape[3]})")
         lo, hi = (float(v) for v in torch.aminmax(init_images.float()))
         if not (lo >= -1 - INIT_IMAGE_TOLERANCE and hi <= 1 + INIT_IMAGE_TOLERANCE):  # NaN fails too
             raise UserError(f"init_images must hold values in [-1, 1], got values in [{lo:g}, {hi:g}]: pixels p in [0, 255] are "
