@@ -280,3 +280,12 @@ def test_use_preview_decoder_none_goes_back_to_the_vae(lcm):
         assert torch.equal(lcm(PROMPT, steps=1), expected)
     finally:
         lcm.model.preview_decoder = None
+
+
+def test_loading_a_lora_from_python_does_not_warn_of_float32_modules_the_model_has_none_of(tiny_sd, tiny_lora, caplog):
+    # was: diffusers' ModelMixin.to printed "There are modules in UNet2DConditionModel that should be kept in float32: [].
+    # Casting directly with `to()` can lead to inconsistent results" at every load of a LoRA
+    with caplog.at_level("WARNING"):
+        generator = LCMGenerator.load(str(tiny_sd), lora=str(tiny_lora), dtype=torch.bfloat16)
+    assert not [r for r in caplog.records if "should be kept in float32" in r.getMessage()]
+    assert {p.dtype for p in generator.model.unet.parameters()} == {torch.bfloat16}

@@ -548,6 +548,17 @@ def _load_tokenizer(cls, name_or_path: str, subfolder: str):
         raise UserError(f"cannot load the {subfolder} of {name_or_path}: {first_line(err)}") from err
 
 
+def cast(module, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """`module` moved to `device` and cast to `dtype`, as `module.to` does: diffusers' `ModelMixin.to` (0.42) warns at every
+    dtype cast that the model has modules "that should be kept in float32: []" and that the cast "can lead to inconsistent
+    results", also for a model that keeps none (every UNet, VAE and transformer we load), which a Python caller then read
+    at each load of a LoRA or fp16 model. Such a model is cast as torch casts it; one that keeps modules in float32, by
+    its own `to`."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(device=device, dtype=dtype)
+    return torch.nn.Module.to(module, device=device, dtype=dtype)
+
+
 def restore_frozen_parts_in_float32(model: DiffusionModel) -> None:
     """The VAE and text encoders back in float32, with the weights the model's folder holds: where mixed precision ran
     them in half precision (`training.objectives.freeze_in_half_precision`), they are read again from `model.source`,
@@ -557,7 +568,7 @@ def restore_frozen_parts_in_float32(model: DiffusionModel) -> None:
     for subfolder, module in parts.items():
         if module is None or module.dtype == torch.float32:
             continue
-        module.to(dtype=torch.float32)
+        cast(module, dtype=torch.float32)
         module.load_state_dict(load_component(type(module), folder, subfolder, torch_dtype=torch.float32, use_safetensors=True).state_dict())
 
 
@@ -637,7 +648,7 @@ def _load_parts(name_or_path: str, folder: str, index: dict, pixart: bool, sched
         raise UserError(f"cannot load a diffusers model from {name_or_path}: {first_line(err)}") from err
     model = DiffusionModel(unet, vae, text_encoder, tokenizer, scheduler_config, source=name_or_path, **second)
     if dtype == torch.float16 and model.upcasts_vae:
-        vae.to(torch.float32)
+        cast(vae, dtype=torch.float32)
     if model.is_sdxl != bool(second):
         raise UserError(f"{name_or_path}: its UNet {'takes' if model.is_sdxl else 'does not take'} SDXL's pooled text embedding but the "
                         f"folder has {'no' if model.is_sdxl else 'a'} second text encoder; give a complete StableDiffusion(XL)Pipeline folder")
@@ -855,7 +866,7 @@ def make_student_unet(teacher_unet, time_cond_proj_dim: int = DEFAULT_TIME_COND_
     if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
         raise UserError(f"teacher UNet does not fit a student UNet: missing {missing}, unexpected {unexpected}")
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    return student.to(device=teacher_unet.device, dtype=teacher_unet.dtype)
+    return cast(student, teacher_unet.device, teacher_unet.dtype)
 
 
 def lcm_scheduler_config(
@@ -1305,7 +1316,7 @@ def _local_lora(lora: str) -> Path:
 def _settle_adapters(model: DiffusionModel, dtype: torch.dtype, device: str | torch.device) -> None:
     """The model's networks on its device and dtype, in eval mode, after LoRA layers were loaded onto them."""
     for module in (model.unet, *model.text_encoders):  # the LoRA layers need not be made on the model's device and dtype
-        module.to(device=device, dtype=dtype)
+        cast(module, device, dtype)
         # ... and peft makes them in training mode: a LoRA whose config has lora_dropout > 0 (diffusers' LCM-LoRA scripts
         # take --lora_dropout, and save it in the file's metadata) would drop activations at random from torch's global
         # generator, so that a seed no longer fixes the image. Eval mode, as from_pretrained leaves the model
