@@ -226,7 +226,7 @@ def test_bad_input_one_line_exit_2(tiny_sd, image_folder, tmp_path, capsys, case
         "resolution": (distill_args(tiny_sd, image_folder, out, "--resolution", "15"), "not a multiple of the VAE factor"),
         "not empty": (distill_args(tiny_sd, image_folder, tmp_path / "full"), "is not empty"),
         "resume differs": (distill_args(tiny_sd, image_folder, out, "--lr", "5e-4", "--resume"), "lr: 0.0001 -> 0.0005"),
-        "resume nothing": (distill_args(tiny_sd, image_folder, tmp_path / "fresh", "--resume"), "nothing to resume"),
+        "resume nothing": (distill_args(tiny_sd, image_folder, tmp_path / "full", "--resume"), "nothing to resume"),
         "batch split": (distill_args(tiny_sd, image_folder, out, "--batch-size", "3", "--grad-accumulation", "2"), "multiple of"),
         "bad student prediction": (distill_args(tiny_sd, image_folder, out, "--student-prediction", "x0"), "--student-prediction 'x0'"),
         "lora student prediction": (distill_args(tiny_sd, image_folder, out, "--adapter", "lora", "--student-prediction", "sample"),

@@ -75,7 +75,7 @@ def test_a_mapped_cache_reads_the_values_and_fingerprint_of_a_whole_file_read(ca
     and text embeddings in the files' pages."""
     holdout = Holdout(0.3, part) if part else None
     read = LatentCache(cache, holdout)
-    keep = holdout.select([str(i) for i in range(10)], "samples") if holdout else None
+    keep = holdout.select([f"{i}.png" for i in range(10)], "samples") if holdout else None  # each sample's source file
     latents, captions, cond = whole_file_read(cache, keep)
     assert len(read) == len(latents) and [read[i]["caption"] for i in range(len(read))] == captions
     assert torch.equal(read.latents, latents) and torch.equal(read.text_embeddings[read.caption_index], cond)
@@ -182,7 +182,7 @@ def _unaligned(shard: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, message", [
-    (_cut_short, "is unreadable (its latents tensor does not fit in the file where its header places it)"),
+    (_cut_short, "tensor does not fit in the file where its header places it"),  # the last one's: a shard's source keys
     (_float16_latents, "holds latents as F16 of shape [4, 4, 8, 8], where a latent cache has F32 of 4 dimensions"),
     (_unaligned, None),
 ], ids=["cut-short", "float16", "unaligned"])

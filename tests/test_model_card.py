@@ -106,11 +106,16 @@ def test_lcf_of_an_lcm_says_its_range_is_its_lcms_not_trained():
     assert "From: the LCM `org/lcm`" in card.text and card.data.base_model == "org/lcm"
 
 
+def _base(**fields) -> SimpleNamespace:
+    """A stand-in for the run's base model with what a card reads of it: an LCF card also states its k and native size."""
+    return SimpleNamespace(skip=20, native_size=16, schedule=SimpleNamespace(num_train_timesteps=1000), **fields)
+
+
 def test_lcf_of_an_lcm_lora_names_its_base_a_model_not_an_lcm_and_tags_it_lora():
     """`finetune --model SD --lora LCM-LoRA`: SD is no LCM (the card said "From: the LCM `SD`"). The Hub knows LoRA
     adapters by the "lora" tag."""
     config = FinetuneConfig(model="org/sd", lora="org/lcm-lora", data="imgs", out="o", adapter="lora")
-    card = card_of("o/lora", config, base=SimpleNamespace(time_cond_proj_dim=None, guidance_record=None))
+    card = card_of("o/lora", config, base=_base(time_cond_proj_dim=None, guidance_record=None))
     assert "From: the model `org/sd` with the LCM-LoRA `org/lcm-lora`" in card.text and {"lora", "lcm-lora"} <= set(card.data.tags)
 
 
@@ -119,7 +124,7 @@ def test_lora_adapters_on_an_lcm_are_sampled_at_its_guidance_scale(base_record, 
     """`finetune --model LCM --adapter lora`: the LCM keeps its ω input, so its diffusers pipeline reads g as ω = g - 1 and
     the card's guidance_scale=1 sampled it unguided, while `lcm generate` samples at the LCM's recorded g (else 8)."""
     config = FinetuneConfig(model="org/lcm", data="imgs", out="o", adapter="lora")
-    card = card_of("o/lora", config, base=SimpleNamespace(time_cond_proj_dim=32, guidance_record=base_record))
+    card = card_of("o/lora", config, base=_base(time_cond_proj_dim=32, guidance_record=base_record))
     python, _ = snippets(card)
     assert f"guidance_scale={g:g})" in python and "classifier-free guidance" not in card.text
     assert "# LoRA for the LCM org/lcm, fine-tuned with LCF" in card.text

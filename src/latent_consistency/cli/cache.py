@@ -53,7 +53,7 @@ def run(args) -> None:
 
 def write_cache(args) -> None:
     from latent_consistency.command_words import flag_words
-    from latent_consistency.data.latent_cache import MANIFEST, LatentCache, write_latent_cache
+    from latent_consistency.data.latent_cache import MANIFEST, LatentCache, recorded_data, write_latent_cache
     from latent_consistency.data.shards import ShardStream
     from latent_consistency.data.spec import open_dataset
 
@@ -69,7 +69,8 @@ def write_cache(args) -> None:
     if isinstance(dataset, ShardStream) and args.num_workers:  # `UsableBatches` reads shards in this process: the workers went unused
         raise UserError(f"--num-workers {args.num_workers} starts processes that decode an image folder's images; --data {args.data} "
                         "is webdataset shards, which are read and decoded in this process: leave --num-workers out")
-    source = {"data": args.data, "model": args.model, "resolution": resolution}
+    # --data resolved, absolute (`recorded_data`): the runs' held-out checks read it from any folder (`training.config`)
+    source = {"data": recorded_data(args.data), "model": args.model, "resolution": resolution}
     # progress as every command shows it: a bar in a terminal, whole lines in a log (`progress`), where a cache of LAION's
     # size is hours of encoding that showed nothing
     out = write_latent_cache(dataset, args.out, codec, prompts, source, device, batch_size=args.batch_size,

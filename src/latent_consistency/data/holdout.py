@@ -1,7 +1,9 @@
 """A held-out split of a user's data, by file: the same on every machine and run, whatever else is in the folder.
 
 A file (an image of a folder, a .tar shard) or, where there are no files, a sample index is held out when a hash
-of its name falls below the held-out fraction; adding or removing other files never moves it to the other side.
+of its name falls below the held-out fraction; adding or removing other files never moves it to the other side. A latent
+cache's sample is held out by the name of the file, shard or item it was encoded from (its source key), as the data it
+was written from holds it out: a cache of a folder holds out the folder's images, with all their captions.
 """
 
 from __future__ import annotations

@@ -7,7 +7,13 @@ On disk (safetensors, no pickles):
                                (the embedding of ""), caption_bytes [B] (the caption strings' UTF-8, end to end) and
                                caption_offsets [U+1] (caption u is caption_bytes[offsets[u]:offsets[u+1]])
     shard-00000.safetensors    latents [n,C,h,w] (scaled: z = E(x), see `models.LatentCodec`),
-    ...                        caption_index [n] (rows of text_embeddings)
+    ...                        caption_index [n] (rows of text_embeddings), key_bytes [K] and key_offsets [n+1] (sample i's
+                               source key, key_bytes[offsets[i]:offsets[i+1]], in a cache whose manifest has SOURCE_KEYS)
+
+Each sample's source key is the name a held-out split of the data it was written from hashes for it (`Holdout`): an image
+folder's file name (relative to the folder), a .tar shard's name, a registered dataset's item index. A cache's held-out
+split (--eval-fraction) hashes it too, so that it holds out whole images (every caption line of one), and the very images
+the data's own split holds out; a cache written before the keys (none recorded) is split by sample index, with a note.
 
 A captions-only cache (`write_latent_cache(captions_only=True)`, `lcm cache --captions-only`; CAPTIONS_ONLY true in its
 manifest) has no text_embeddings or uncond_embedding in its captions file: a run encodes each micro-batch's captions and
@@ -50,7 +56,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -84,10 +90,12 @@ SMALL_CACHE_BYTES = 1 << 30
 FINGERPRINT_ROWS = 1 << 14  # samples fed to a fingerprint's digest at a time
 # The tensors of each file as `write_latent_cache` writes them: safetensors' dtype name and number of dimensions
 LAYOUT = {"latents": ("F32", 4), "caption_index": ("I64", 1), "text_embeddings": ("F32", 3), "uncond_embedding": ("F32", 2),
-          "caption_bytes": ("U8", 1), "caption_offsets": ("I64", 1)}
+          "caption_bytes": ("U8", 1), "caption_offsets": ("I64", 1), "key_bytes": ("U8", 1), "key_offsets": ("I64", 1)}
 DTYPES = {"F32": torch.float32, "I64": torch.int64, "U8": torch.uint8}
 TABLE = ("text_embeddings", "uncond_embedding")
 CAPTION_TENSORS = ("caption_bytes", "caption_offsets")
+SOURCE_KEYS = "source_keys"  # in the manifest and a job: true where each shard holds its samples' source keys (`_SourceKeys`)
+KEY_TENSORS = ("key_bytes", "key_offsets")
 CAPTIONS_ONLY = "captions_only"  # in the manifest and a job: true where the cache holds no text embeddings (`captions_only`)
 ENCODERS = "encoders"  # in the manifest: {part: digest} of the parts that made the cache (`LatentCache.check_encoders`)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # a pipeline folder's text encoders (SDXL's second makes the pooled one)
@@ -141,18 +149,18 @@ def write_latent_cache(
     partial = partial_folder(out_dir, "runs/latents")
     record = _resumable(partial, dataset, job, say)
     written = _Written.resumed(partial, job, dataset, record, say) if record else _Written.started(partial, job, dataset)
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latents, caption_index) not yet in a shard
+    pending: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []  # (latents, caption_index, source keys) not yet in a shard
     batches = UsableBatches(dataset, batch_size, num_workers, start=written.items)
 
     total = None if isinstance(dataset, ShardStream) else len(dataset)
     done = sum(s["num_samples"] for s in written.shards)
     with progress_bar(total=total, initial=done, desc="latent cache", unit="sample", disable=not progress) as bar, \
             _nothing_left_on_refusal(written):  # the bar closed before a stop's one line
-        for images, captions in batches:
+        for images, captions, keys in batches:
             encoded = codec.encode(images)
             latents = encoded.float().cpu()
             _check_encoded(out_dir, {"latents": latents}, encoded.dtype)
-            pending.append((latents, written.index(captions)))
+            pending.append((latents, written.index(captions), keys))
             written.image_size, written.latent_shape = list(images.shape[-2:]), list(latents.shape[1:])
             if sum(len(p[1]) for p in pending) >= shard_size:
                 written.add_shard(pending, batches)
@@ -178,6 +186,7 @@ def write_latent_cache(
         "scaling_factor": codec.scaling_factor,
         "num_captions": len(captions),
         **{key: value for key, value in text.items() if key != ENCODERS},
+        SOURCE_KEYS: True,
         "source": source,
         ENCODERS: {"vae": job["encoder"]} | text.get(ENCODERS, {}),
     }
@@ -301,15 +310,16 @@ class _Written:
             ids.append(u)
         return torch.tensor(ids, dtype=torch.int64)
 
-    def add_shard(self, pending: list[tuple[torch.Tensor, torch.Tensor]], batches: UsableBatches) -> None:
+    def add_shard(self, pending: list[tuple[torch.Tensor, torch.Tensor, list[str]]], batches: UsableBatches) -> None:
         """Write `pending` as the next shard, then record it in PROGRESS with where `batches` got to: the shard file and its
         first-seen captions are on disk before the record names them, and the record is replaced whole, so that a kill
         at any moment leaves a record of whole shards only. Each shard's first-seen captions are a file of their own:
         the whole table rewritten with each shard would be 45 MB a shard at LAION's 650K distinct captions."""
         name = f"shard-{len(self.shards):05d}.safetensors"
         latents, index = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+        keys = _key_tensors([key for p in pending for key in p[2]])
         with naming_failures(self.partial / name):  # a full disk names the shard, where safetensors' error names no file
-            save_file({"latents": latents.contiguous(), "caption_index": index}, str(self.partial / name))
+            save_file({"latents": latents.contiguous(), "caption_index": index} | keys, str(self.partial / name))
         permit_as_umask(self.partial / name)
         with open(self.partial / name, "rb") as f:  # on disk before the record names it: a power cut keeps no record of a hole
             os.fsync(f.fileno())
@@ -349,17 +359,19 @@ def _captions_file(shard: str) -> str:
 # What a job's part (`_job`) differs in when another job wrote a `<cache>.partial`, in the note that starts it again
 _JOB_PARTS = {"format": "version of lcm (cache format)",
               CAPTIONS_ONLY: "choice of --captions-only (caption strings, or their text embeddings)",
+              SOURCE_KEYS: "version of lcm (shards without their samples' source keys)",
               "source": "source (--data, --model or resolution)", "data": "data (other image files or captions)", "encoder": "VAE (other weights)",
               "device": "device type (--device)", "batch_size": "batch size", "shard_size": "shard size"}
 _SHARDS_DATA = "data (other .tar shards: names, sizes or first bytes)"  # `_JOB_PARTS["data"]` of webdataset shards
 _NAMED_DATA = "data (the registered dataset drawn otherwise, by another version of lcm)"  # ... of a registered dataset
 # What a record written before a part was added to the job means by its absence: every earlier version wrote full caches
-_EARLIER_JOB = {CAPTIONS_ONLY: False}
+_EARLIER_JOB = {CAPTIONS_ONLY: False, SOURCE_KEYS: False}
 
 
 def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size: int, captions_only: bool) -> dict:
     """What a `<cache>.partial` must have been written by for a rerun to go on with it: the same kind of cache
-    (`captions_only` or not: a rerun that changed it is started again, not finished as the other kind), `source` (the
+    (`captions_only` or not: a rerun that changed it is started again, not finished as the other kind; shards with their
+    samples' source keys, SOURCE_KEYS, which an earlier version's lack), `source` (the
     files it names, `_as_real_paths`), data, VAE, type of device the VAE runs on (a GPU rounds otherwise than a CPU:
     shards of both would make a cache that is neither's), and batch and shard size (they place the shard boundaries).
     The data is an image folder's count of samples, resolution and digest of their file names and captions, which its
@@ -379,7 +391,7 @@ def _job(dataset, codec: LatentCodec, source: dict, batch_size: int, shard_size:
         data = {"samples": len(dataset), "resolution": dataset.resolution, "fingerprint": names.hexdigest()[:16]}
     elif isinstance(dataset, ShardStream):
         data = {"shards": len(dataset.shards), "resolution": dataset.resolution, "fingerprint": dataset.fingerprint()}
-    job = {"format": FORMAT, CAPTIONS_ONLY: captions_only, "source": _as_real_paths(source), "data": data,
+    job = {"format": FORMAT, CAPTIONS_ONLY: captions_only, SOURCE_KEYS: True, "source": _as_real_paths(source), "data": data,
            "encoder": _encoder_digest(codec), "device": codec.vae.device.type, "batch_size": batch_size, "shard_size": shard_size}
     return json.loads(json.dumps(job))  # as PROGRESS holds it: a tuple in `source` compares as the list it is read back as
 
@@ -428,6 +440,32 @@ def _real_path(value: str) -> str:
         return named
     path = os.path.expanduser(value)
     return os.path.realpath(path) if os.path.exists(path) else value
+
+
+def recorded_data(spec: str) -> str:
+    """The data spec `spec` (`lcm cache --data`) as a manifest's source records it: a registered dataset by its one spelling
+    (`_registered_spec`), a file or folder by its absolute resolved path, a shard pattern (data/{00000..00009}.tar) with its
+    folder made absolute. An earlier version recorded it as typed, relative to the folder `lcm cache` ran in: a record
+    that only names the data where it was made (`source_data`)."""
+    named = _registered_spec(spec)
+    if named is not None:
+        return named
+    path = os.path.expanduser(spec)
+    return os.path.realpath(path) if os.path.exists(path) else os.path.abspath(path)
+
+
+def source_data(spec: str) -> str | None:
+    """The data the latent cache `spec` was written from, as its manifest's source records it (`recorded_data`; an earlier
+    version's relative record as it is); None where `spec` is no cache or its manifest records no data (a world's cache
+    records its dataset and split instead). Read for the held-out checks (`training.config`): a cache reads its own files
+    only, and is the images it was written from."""
+    try:
+        manifest = json.loads((Path(spec).expanduser() / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    source = manifest.get("source") if isinstance(manifest, dict) else None
+    data = source.get("data") if isinstance(source, dict) else None
+    return data if isinstance(data, str) and data.strip() else None
 
 
 def _encoder_digest(codec: LatentCodec) -> str:
@@ -727,8 +765,10 @@ class LatentCache(torch.utils.data.Dataset):
     def __init__(self, path: str | Path, holdout: Holdout | None = None):
         self.path = path = Path(given_name(path, "the latent cache", "the folder `lcm cache` wrote"))  # "" is no current folder
         self.manifest = _read_manifest(path)
-        shards = [_read_tensors(path, s["file"], ("latents", "caption_index"))[0] for s in self.manifest["shards"]]
+        keys = KEY_TENSORS if self.manifest.get(SOURCE_KEYS) is True else ()  # mapped, and checked against the file, as the rest
+        shards = [_read_tensors(path, s["file"], ("latents", "caption_index", *keys))[0] for s in self.manifest["shards"]]
         self.shards = [s["latents"] for s in shards]
+        self._keys = [{key: s[key] for key in keys} for s in shards] if keys else None
         if len({s.shape[1:] for s in self.shards}) != 1:
             raise UserError(f"latent cache {path} is damaged (its shards or captions do not fit together); rebuild it")
         self.captions_only = self.manifest.get(CAPTIONS_ONLY) is True
@@ -747,9 +787,22 @@ class LatentCache(torch.utils.data.Dataset):
         for tensors in scanned + [uncond]:  # a large cache's are checked as drawn (`gather`)
             self._check_finite(tensors)
         self.rows = torch.arange(rows)
-        if holdout is not None:  # a cache has no files: samples are held out by index
-            self.rows = torch.tensor(holdout.select(_SampleNames(rows), "samples"))
+        self.holdout_note: str | None = None  # for a held-out split of a cache without source keys, a note saying so
+        if holdout is not None:
+            self.rows = torch.tensor(holdout.select(self._source_keys(rows), "samples"))
         self.caption_index = index[self.rows]
+
+    def _source_keys(self, rows: int) -> Sequence[str]:
+        """What a held-out split hashes for each of the cache's `rows` samples: its source key (`_SourceKeys`: the image
+        file, .tar shard or item index it was encoded from), so that the split holds out whole images, as the data's own
+        split does. A cache written before the keys has its samples' indices as text (`_SampleNames`), with a note
+        (`holdout_note`): an image with several captions (a line each) may then be on both sides."""
+        if self._keys is not None:
+            return _SourceKeys(self.path, self._keys, rows)
+        self.holdout_note = (f"latent cache {self.path} records no source file of its samples (an earlier version of lcm wrote it): its "
+                             "held-out split is by sample, so an image with several captions can be on both sides, and other images "
+                             "than its data's own split; write it again with lcm cache to hold out whole images")
+        return _SampleNames(rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -852,8 +905,9 @@ class LatentCache(torch.utils.data.Dataset):
 
 
 class _SampleNames(Sequence):
-    """The names a held-out split hashes for a cache's `count` samples, their indices as text (`Holdout.select`), each
-    made as it is asked for: every process opens the cache, and at 12M samples a list of them took 800 MB in each."""
+    """The names a held-out split hashes for the `count` samples of a cache without source keys (an earlier version's),
+    their indices as text (`Holdout.select`), each made as it is asked for: every process opens the cache, and at 12M
+    samples a list of them took 800 MB in each."""
 
     def __init__(self, count: int):
         self.count = count
@@ -863,6 +917,53 @@ class _SampleNames(Sequence):
 
     def __getitem__(self, i: int) -> str:
         return str(range(self.count)[i])
+
+
+class _SourceKeys(Sequence):
+    """The source key of each of a cache's `count` samples (`Holdout.select`), decoded from its shard's key_bytes where
+    its key_offsets place it (`shards`: each shard file's KEY_TENSORS, mapped) as it is asked for, as `_SampleNames` makes
+    its names. A file name that is not UTF-8 (os.walk's surrogate escapes) is read back as the name it was written from."""
+
+    def __init__(self, path: Path, shards: list[dict[str, torch.Tensor]], count: int):
+        self.path, self.count = path, count
+        self._data = [memoryview(s["key_bytes"].numpy()) for s in shards]
+        self._offsets = [s["key_offsets"].numpy() for s in shards]
+        self._starts = np.cumsum([0] + [len(o) - 1 for o in self._offsets])
+        if self._starts[-1] != count or any(len(o) < 1 or o[0] != 0 or o[-1] != len(d) or (np.diff(o) < 0).any()
+                                            for o, d in zip(self._offsets, self._data)):
+            raise UserError(f"latent cache {path} is damaged (its source keys do not fit its samples); rebuild it")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> str:
+        i = range(self.count)[i]
+        shard = int(np.searchsorted(self._starts, i, side="right")) - 1
+        offsets, row = self._offsets[shard], i - int(self._starts[shard])
+        return str(self._data[shard][int(offsets[row]) : int(offsets[row + 1])], "utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        """Each sample's key in order, shard by shard: what a split reads, without a search for each sample's shard."""
+        for data, offsets in zip(self._data, self._offsets):
+            bounds = offsets.tolist()
+            for begin, end in zip(bounds, bounds[1:]):
+                yield str(data[begin:end], "utf-8", "surrogateescape")
+
+
+def _key_tensors(keys: list[str]) -> dict[str, torch.Tensor]:
+    """A shard's KEY_TENSORS of its samples' source `keys`: their bytes end to end (a file name that is not UTF-8 as its
+    bytes on the disk, as `Holdout.keeps` hashes it), and where each starts and ends."""
+    encoded = [key.encode("utf-8", "surrogateescape") for key in keys]
+    offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+    return {"key_bytes": torch.from_numpy(np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()), "key_offsets": torch.from_numpy(offsets)}
+
+
+class _Keyed(NamedTuple):
+    """A sample's caption with its source key, as `UsableBatches` gives it to `read_batches`, which gathers each item's
+    "caption" as it is: the key travels with its caption through the DataLoader and its worker processes."""
+
+    caption: str
+    key: str
 
 
 class UsableBatches:
@@ -878,7 +979,8 @@ class UsableBatches:
     reading from a `start` that is a multiple of `batch_size` forms the batches a reading from 0 forms there. Shards'
     batches are their usable samples `batch_size` at a time, in this process with no loader reading ahead, so the reading
     is held at each batch's last sample as the batch is given (`OncePosition`). Where the reading is (`items`, `skipped`)
-    is what a resumed `write_latent_cache` goes on from."""
+    is what a resumed `write_latent_cache` goes on from. Each batch is (images, captions, source keys): the name the
+    data's held-out split hashes for each sample (`_Read`, `_SamplesOnce`), which the cache keeps."""
 
     def __init__(self, dataset, batch_size: int, num_workers: int = 0, start: int | list[int] = 0):
         self.dataset, self.batch_size, self.start = dataset, batch_size, start
@@ -886,13 +988,13 @@ class UsableBatches:
         self.counted = _Counted()
         self.once = OncePosition(*start) if isinstance(start, list) else OncePosition()  # shards': moved by their reading
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], list[str]]]:
         if isinstance(self.dataset, ShardStream):
             samples, sampler = _SamplesOnce(self.dataset, self.once), None
         else:
-            samples = _Read(self.dataset) if isinstance(self.dataset, ImageFolderDataset) else self.dataset
-            sampler = range(self.start, len(self.dataset))
-        yield from read_batches(samples, self.batch_size, self.num_workers, self.counted, sampler)
+            samples, sampler = _Read(self.dataset), range(self.start, len(self.dataset))
+        for images, keyed in read_batches(samples, self.batch_size, self.num_workers, self.counted, sampler):
+            yield images, [k.caption for k in keyed], [k.key for k in keyed]
         counter = getattr(self.dataset, "skipped", None)
         if counter is not None and self.counted:
             merged = counter.with_counted(self.counted)
@@ -929,26 +1031,35 @@ class _Counted(SkipEvents):
 
 
 class _Read(torch.utils.data.Dataset):
-    """An image folder's samples each as itself, None for a corrupt one (`ImageFolderDataset.read`)."""
+    """A map-style dataset's samples, each with its source key (`_Keyed`): an image folder's each as itself, None for a
+    corrupt one (`ImageFolderDataset.read`), keyed by its file name (what its held-out split hashes); any other's item i
+    (a registered dataset's) keyed by i, as `spec.open_dataset` holds one out."""
 
-    def __init__(self, folder: ImageFolderDataset):
-        self.folder, self.skipped = folder, folder.skipped  # `skipped`: what `collate` sends back from a worker
+    def __init__(self, dataset):
+        self.dataset, self.skipped = dataset, getattr(dataset, "skipped", None)  # `skipped`: what `collate` sends back from a worker
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict | None:
-        return self.folder.read(index)
+        folder = isinstance(self.dataset, ImageFolderDataset)
+        item = self.dataset.read(index) if folder else self.dataset[index]
+        if item is None:
+            return None
+        key = self.dataset.samples.files[index] if folder else str(index)
+        return {"image": item["image"], "caption": _Keyed(item["caption"], key)}
 
 
 class _SamplesOnce(torch.utils.data.IterableDataset):
-    """Shards' usable samples, each once, from `position` on, which the reading moves along (`ShardStream.samples_once`)."""
+    """Shards' usable samples, each once, from `position` on, which the reading moves along (`ShardStream.samples_once`),
+    each keyed by the name of its .tar shard (`_Keyed`), which shards' held-out split hashes (`spec.open_dataset`)."""
 
     def __init__(self, stream: ShardStream, position: OncePosition):
         self.stream, self.position = stream, position
 
     def __iter__(self) -> Iterator[dict]:
-        return self.stream.samples_once(self.position)
+        for item in self.stream.samples_once(self.position):  # the position is at the sample handed out: its shard's
+            yield {"image": item["image"], "caption": _Keyed(item["caption"], Path(self.stream.shards[self.position.shard]).name)}
 
 
 def _read_manifest(path: Path) -> dict:

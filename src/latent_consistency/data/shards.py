@@ -332,12 +332,13 @@ class ShardStream(IterableDataset):
                 sample, future = self._pending.popleft()
                 image, reasons = future.result()
                 self._first_untried -= sample.first_read
+                where = f"{self.shards[sample.shard]} at byte {sample.offset}"  # the sample, each time the stream draws it
                 if image is None:  # reasons: ["corrupt"] or ["too_large"]
-                    self.skipped.add(reasons[0], f"{self.shards[sample.shard]} at byte {sample.offset}")
+                    self.skipped.add(reasons[0], where)
                     self._check_usable()
                     continue
-                for reason in reasons:
-                    self.skipped.add(reason)
+                for reason in reasons:  # a conversion named by its sample counts once, as an image folder's by its file
+                    self.skipped.add(reason, where)
                 self._usable = True
                 yield {"image": image, "caption": sample.caption}
         finally:
@@ -368,7 +369,7 @@ class ShardStream(IterableDataset):
                 self.skipped.add(reasons[0], where)
                 continue
             for reason in reasons:
-                self.skipped.add(reason)
+                self.skipped.add(reason, where)
             position.shard, position.after = at
             yield {"image": image, "caption": caption}
         position.shard, position.after = len(self.shards), -1

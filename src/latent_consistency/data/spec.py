@@ -1,7 +1,7 @@
 """One string names the training data (`lcm distill --data SPEC`); `open_dataset` turns it into a dataset.
 
 A held-out split (`Holdout`) keeps one side of a split by file: image files of a folder, .tar shards, samples of
-a latent cache or a named dataset.
+a named dataset, and a latent cache's samples by the file, shard or sample each was encoded from (as its data's split).
 
 Accepted forms, checked in this order:
   SCHEME:NAME                        a dataset of a registered scheme (`register_scheme`; the built-in

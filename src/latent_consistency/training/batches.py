@@ -38,12 +38,16 @@ Sharer = Callable[[Callable[[], str | None]], str | None]
 
 class TrainingBatches:
     """An endless iterator of micro-batches {"latents", "cond", "captions"} for rank `rank` of `world_size`. `quiet_scan`: an
-    image folder's scan is logged by another process (`open_dataset`). `dataset`: `spec`'s, opened already (`held_out`)."""
+    image folder's scan is logged by another process (`open_dataset`). `dataset`: `spec`'s, opened already (`held_out`).
+    `eval_flag`: the flag that named this data as held-out data apart from the training data (--eval-data), for the
+    messages that concern it; None for the training data (or its --eval-fraction)."""
 
     def __init__(self, spec: str, model: DiffusionModel, resolution: int, micro_batch: int, seed: int,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu", num_workers: int = 0,
-                 holdout: Holdout | None = None, quiet_scan: bool = False, dataset: ImageFolderDataset | None = None):
+                 holdout: Holdout | None = None, quiet_scan: bool = False, dataset: ImageFolderDataset | None = None,
+                 eval_flag: str | None = None):
         self.model, self.micro_batch, self.device, self.spec = model, micro_batch, torch.device(device), spec
+        self.eval_flag = eval_flag
         self.seed, self.holdout = seed, holdout
         size_from = "the model's native size (--resolution sets another)" if resolution == model.native_size else None
         self.dataset = dataset if dataset is not None else open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size,
@@ -51,7 +55,8 @@ class TrainingBatches:
         self.resolution = resolution
         self.num_workers = num_workers
         self._check_workers_apply()
-        self.cache_note: str | None = None  # for a latent cache that cannot be checked against the model, a note saying so
+        # for a latent cache that cannot be checked against the model, or is split by sample (`LatentCache.holdout_note`), a note
+        self.cache_note: str | None = None
         self._check_fits_model()
         self._check_usable()
         if isinstance(self.dataset, ShardStream):
@@ -106,17 +111,23 @@ class TrainingBatches:
                 raise UserError(f"latent cache was made with VAE scaling factor {scale}, the model's VAE has "
                                 f"{self.model.vae.config.scaling_factor}; rebuild the cache with this model")
             self._check_cache_size()
-            self.cache_note = self.dataset.check_encoders(self.model)
+            notes = (self.dataset.check_encoders(self.model), self.dataset.holdout_note)  # a cache of an earlier version of lcm
+            self.cache_note = "; ".join(note for note in notes if note) or None
 
     def _check_cache_size(self) -> None:
         """A UserError unless the latent cache holds the latents of images of the run's resolution, which `lcm cache
         --resolution N` reads as a run with --resolution N reads an image folder (an SDXL condition's micro-conditioning
         encoded at N too). A run without --resolution trains at the model's native size: on a cache of another size it is
         refused, not run at the cache's size, so that its config.json (resolution 0: the native size) says the size it
-        trained at."""
+        trained at. Held-out data (`eval_flag`) is read at the training data's size, which its message says: the training
+        data's advice (--resolution) would not fit the training data."""
         pixels = self.dataset.latent_shape[-1] * self.model.codec.downsampling_factor
         if self.resolution == pixels:
             return
+        if self.eval_flag is not None:
+            raise UserError(f"latent cache {self.spec} ({self.eval_flag}) holds the latents of {pixels} px images, and the run trains at "
+                            f"{self.resolution} px: held-out data must be at the training data's size; write its cache at "
+                            f"{self.resolution} px with lcm cache --resolution {self.resolution}")
         native = self.model.native_size
         if self.resolution == native:
             raise UserError(f"latent cache {self.spec} holds the latents of {pixels} px images, not of the model's native {native} px: "

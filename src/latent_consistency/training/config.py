@@ -55,7 +55,8 @@ class TrainConfig:
     data: str = doc("data spec: latent cache folder, image folder, .tar shards (brace pattern/glob), or world:NAME[:SPLIT]", default="")
     eval_data: str = doc("held-out data spec: its captions are the validation prompts, its loss is logged as eval_loss", default="")
     eval_fraction: float = doc("hold out this fraction of --data instead, split deterministically by file (image folders: "
-                               "image files; shards: .tar files; latent caches: samples)", default=0.0)
+                               "image files; shards: .tar files; latent caches: the image files or .tar files their samples were "
+                               "encoded from)", default=0.0)
     out: str = doc("run folder: config.json, metrics.jsonl, samples/, checkpoints/, exported model", default="")
     resolution: int = doc("image resolution for image data (0: the model's native size): each image's shorter side is scaled to "
                           "it and the central square cropped, the same crop every epoch, no flips (a smaller image is upscaled "
@@ -159,6 +160,10 @@ class TrainConfig:
         if shared is not None:
             raise UserError(f"--eval-data {self.eval_data} and --data {self.data} both read {shared}: its loss would not be held out; "
                             "give held-out data apart from --data, or --eval-fraction to hold out part of --data")
+        cached = _cached_overlap(self.eval_data, self.data) if self.eval_data else None
+        if cached is not None:
+            raise UserError(f"{cached}: its loss would not be held out; give held-out data apart from --data, or --eval-fraction to "
+                            "hold out part of --data")
         if self.compile and self.adapter != "full":
             raise UserError("--compile applies to full students; a LoRA student shares its UNet with the teacher, which is not "
                             "verified compiled: leave --compile out")
@@ -226,10 +231,12 @@ class TrainConfig:
 
     def unused_fields(self) -> set[str]:
         """The settings of an ω input that this run's student lacks (`_omega_less_student`: a LoRA's or a PixArt
-        transformer's; LCF of an LCM without one, its guidance range), and the ω response count of a run at one guidance
-        scale, where there is no response to measure."""
+        transformer's; LCF of an LCM without one, its guidance range), the ω response count of a run at one guidance
+        scale, where there is no response to measure, and the rank of new adapters in LCF of a loaded LCM-LoRA (--lora),
+        which keeps its own (the rank config.json records: `run_folder.run_record`)."""
         unused = {"omega_response_samples"} if self.guidance_scale_min == self.guidance_scale_max else set()
         if self.objective == "lcf":
+            unused |= {"lora_rank"} if getattr(self, "lora", "") else set()  # a loaded LCM-LoRA keeps its own rank
             return unused | (GUIDANCE_RANGE if _lcm_without_omega_input(getattr(self, "model", None)) else set())
         if self.adapter != "full":
             return unused | PRESET_FULL_STUDENT_FIELDS
@@ -537,6 +544,28 @@ def _shared_data(a: str, b: str) -> str | None:
     return None
 
 
+def _overlaps(a: str, b: str) -> bool:
+    """Whether data specs `a` (held out) and `b` (trained on) are the same data, `a` lies inside `b`, or they read a file or
+    folder in common (`_same_data`, `_inside`, `_shared_data`)."""
+    return _same_data(a, b) or _inside(a, b) or _shared_data(a, b) is not None
+
+
+def _cached_overlap(eval_data: str, data: str) -> str | None:
+    """Why held-out data `eval_data` and training data `data` are the same images through a latent cache, or None: one is
+    a cache of the other, or both are caches of the same data (`latent_cache.source_data`, the data a cache's manifest
+    says it was written from), where a cache otherwise reads its own files only."""
+    from latent_consistency.data.latent_cache import source_data
+
+    held, trained = source_data(eval_data), source_data(data)
+    if held is not None and _overlaps(held, data):
+        return f"--eval-data {eval_data} is a latent cache of {held}, whose images --data {data} reads"
+    if trained is not None and _overlaps(eval_data, trained):
+        return f"--data {data} is a latent cache of {trained}, whose images --eval-data {eval_data} reads"
+    if held is not None and trained is not None and _overlaps(held, trained):
+        return f"--eval-data {eval_data} and --data {data} are latent caches of the same data ({held}, {trained})"
+    return None
+
+
 # Flags that only a full student's ω input uses, refused with a LoRA when given on the command line (`resolve_config`)
 FULL_STUDENT_FLAGS = {"time_cond_proj_dim": "sets the size of a full student's ω embedding",
                       "omega_response_samples": "sets the latents a full student's ω response is measured on"}
@@ -598,6 +627,8 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
         fields_of_omega = PRESET_FULL_STUDENT_FIELDS if adapter != "full" else set(FULL_STUDENT_FLAGS)  # a PixArt student is full
         for name in fields_of_omega & set(PRESETS[cls][preset]) - set(given):
             values.pop(name, None)
+    if cls.objective == "lcf" and values.get("lora") and "lora_rank" in from_file and "lora_rank" not in given:
+        values.pop("lora_rank")  # a run's config.json records its LCM-LoRA's own rank (`run_folder.run_record`): no request
     chosen = set(given) | set(from_file)
     if preset and values.get("eval_data") and "eval_data" in chosen and "eval_fraction" in set(PRESETS[cls][preset]) - chosen:
         values.pop("eval_fraction")  # the user's held-out data replaces the preset's held-out fraction (`finetune --preset sd`)

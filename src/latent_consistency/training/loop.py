@@ -247,7 +247,7 @@ def training_and_eval_batches(config: TrainConfig, base: DiffusionModel, micro_b
         return batches, batches.held_out()
     # every process reads the held-out data whole, as rank 0 of 1; the first logs what its scan skipped
     eval_batches = (TrainingBatches(config.eval_data, base, config.resolution or base.native_size, micro_batch, config.seed, 0, 1, device,
-                                    quiet_scan=rank > 0) if config.eval_data else None)
+                                    quiet_scan=rank > 0, eval_flag=config.flag("eval_data")) if config.eval_data else None)
     return batches, eval_batches
 
 

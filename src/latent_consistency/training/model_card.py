@@ -68,9 +68,43 @@ def model_card(folder: Path, config, record: GuidanceRecord | None, pipeline: st
              f"- {config.steps} steps at batch {config.batch_size}, learning rate {config.lr:g}{_omega_rate(config)}, seed {config.seed}"]
     if not lcf and config.method in ("lcd", "ode"):
         lines.append(f"- Teacher ODE solver {config.solver}, skipping step k = {config.skip}")
+    if lcf and base is not None:
+        lines.append(_lcf_skip(config, base))
+    size = trained_size(config, base)
+    if size is not None:
+        lines.append(_size_line(size, base))
     lines += _guidance(what, record, base_record, lcf) + ["", "## Sampling it", ""]
-    lines += _usage(Path(folder), what, record, base_record, config, prompt)
+    lines += _usage(Path(folder), what, record, base_record, config, prompt, _sampled_size(size, base))
     return f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def _lcf_skip(config, base: DiffusionModel) -> str:
+    """The skipping step k LCF trained with (Eq. 16; --skip, else the LCM's own, `objectives.FineTuning.skip`) and the LCM's
+    own: a new k moves the model onto another grid of T/k points (its scheduler's original_inference_steps)."""
+    k, whose = config.skip or base.skip, "the LCM-LoRA's" if config.lora else "the LCM's"
+    own = f"{whose} own" if k == base.skip else f"{whose} own was {base.skip}"
+    return f"- Skipping step k = {k} ({own}): sampled on the grid of {base.schedule.num_train_timesteps // k} timesteps"
+
+
+def trained_size(config, base: DiffusionModel | None) -> int | None:
+    """The image size (px) the run trained at: --resolution, else its model's native size (None where neither is known)."""
+    return config.resolution or (base.native_size if base is not None else None)
+
+
+def _size_line(size: int, base: DiffusionModel | None) -> str:
+    """The card's line of the training resolution, and where it is not the model's native size (the size diffusers and `lcm
+    generate` sample at by default, the UNet's sample_size, which the export keeps: `run_folder.off_native_size_note`), that
+    its usage gives height and width."""
+    if base is None or size == base.native_size:
+        return f"- Trained on {size} px images" + ("" if base is None else ", its native size")
+    native = base.native_size
+    return (f"- Trained on {size} px images; its default size is still its model's native {native} px: sample it at "
+            f"{size} px (height and width, as below)")
+
+
+def _sampled_size(size: int | None, base: DiffusionModel | None) -> int | None:
+    """The size the card's usage lines give (height and width): the training size where it is not the native one."""
+    return size if base is not None and size is not None and size != base.native_size else None
 
 
 def _title(what: str, source: str, config) -> str:
@@ -139,22 +173,26 @@ def _literal(text: str) -> str:
 
 
 def _usage(folder: Path, what: str, record: GuidanceRecord | None, base_record: GuidanceRecord | None, config,
-           prompt: str) -> list[str]:
+           prompt: str, size: int | None = None) -> list[str]:
     """A diffusers snippet and an `lcm generate` line that sample the model from where it was written, at the g `lcm
     generate` takes by default. Both run as written from any folder: the model (and base model) by their absolute paths
     (config.json's, for the base; a hub id as given), the command's images into `IMAGES`. A PixArt LCM has no ω input: its
     diffusers pipeline would apply classifier-free guidance at g > 1 (PixArt-LCM samples at 0). LoRA adapters on an LCM
-    keep its ω input: g 1 there is ω = 0, no guidance at all."""
+    keep its ω input: g 1 there is ω = 0, no guidance at all. `size`: the images' height and width, where the model was
+    trained at another size than its default (`_sampled_size`)."""
     exported, recorded_source = os.path.abspath(folder), config.to_dict()[config.model_field]
     where, said = _literal(exported), _literal(prompt)
+    sized = "" if size is None else f", height={size}, width={size}"
+    size_words = [] if size is None else ["--height", str(size), "--width", str(size)]
     if what in ("lora", "lcm-lora"):
         g = DEFAULT_GUIDANCE_SCALE["lora"] if what == "lora" else base_record.guidance_scale if base_record else DEFAULT_GUIDANCE_SCALE["lcm"]
         python = ["from diffusers import DiffusionPipeline, LCMScheduler", "",
                   f"pipe = DiffusionPipeline.from_pretrained({_pretrained(recorded_source)})",
                   f"pipe.scheduler = LCMScheduler.from_pretrained({where})",
                   f"pipe.load_lora_weights({where})",
-                  f"image = pipe({said}, num_inference_steps=4, guidance_scale={g:g}).images[0]"]
-        command = ["lcm", "generate", *_prompt_words(prompt), "--model", recorded_source, "--lora", exported, "--out", IMAGES, "--steps", "4"]
+                  f"image = pipe({said}, num_inference_steps=4, guidance_scale={g:g}{sized}).images[0]"]
+        command = ["lcm", "generate", *_prompt_words(prompt), "--model", recorded_source, "--lora", exported, "--out", IMAGES, "--steps", "4",
+                   *size_words]
     else:
         # a progressive round is right only on its own N-step DDIM grid (`lcm generate` samples it there by default)
         steps = (config.student_steps if config.method == "progressive" else GUIDED_STEPS) if what == "guided" else 4
@@ -163,9 +201,9 @@ def _usage(folder: Path, what: str, record: GuidanceRecord | None, base_record: 
                   f"pipe = DiffusionPipeline.from_pretrained({where})"]
         if what == "guided":
             python.append("pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
-        python.append(f"image = pipe({said}, num_inference_steps={steps}, guidance_scale={g:g}).images[0]")
+        python.append(f"image = pipe({said}, num_inference_steps={steps}, guidance_scale={g:g}{sized}).images[0]")
         command = ["lcm", "generate", *_prompt_words(prompt), "--model", exported, "--out", IMAGES,
-                   *(["--sampler", "ddim"] if what == "guided" else []), "--steps", str(steps)]
+                   *(["--sampler", "ddim"] if what == "guided" else []), "--steps", str(steps), *size_words]
     return ["```python", *python, "```", "", "```sh", " ".join(map(_shell_word, command)), "```"]
 
 

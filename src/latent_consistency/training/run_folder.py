@@ -76,7 +76,8 @@ def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> 
     if not out.exists():  # a folder that cannot be made is known before the model loads (a test file in its parent)
         check_writable(out, "--out")
     if resume:
-        check_resumable(out, config)
+        if not has_nothing(out):  # a run stopped before its config.json, or none yet: --resume starts it (`say_resumed`)
+            check_resumable(out, config)
     elif out.exists() and any(out.iterdir()):
         if not stopped_before_first_step(out, config):
             raise UserError(f"run folder {out} is not empty; pass --resume to continue it or choose another --out")
@@ -86,13 +87,22 @@ def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> 
     return out
 
 
+def has_nothing(out: Path) -> bool:
+    """Whether the run folder `out` is missing or empty: what a run stopped before it wrote its config.json leaves (Ctrl-C
+    while its model loads), where `--resume` starts the run from step 0 (`say_resumed` notes it), as a requeued job that
+    always passes --resume expects (`lcm distill` and `lcm finetune` alike: both prepare their folder here)."""
+    return not out.exists() or (out.is_dir() and not any(out.iterdir()))
+
+
 def check_resumable(out: Path, config: TrainConfig) -> None:
     """A UserError unless the run in `out` can be resumed with `config`: its config.json is the same but for
     `RESUMABLE_CHANGES` and models or data moved since with the same content (`sources.proven_moves`), and its latest
-    checkpoint's step is at most --steps. Each message names what would work."""
+    checkpoint's step is at most --steps. Each message names what would work. A folder that holds files but no config.json
+    is no run's (a missing or empty one is started: `has_nothing`)."""
     saved = out / "config.json"
     if not saved.is_file():
-        raise UserError(f"nothing to resume in {out} (no config.json); start a run there without --resume")
+        raise UserError(f"nothing to resume in {out}: it holds no run's config.json, but other files; give the run's own --out, "
+                        "or another (empty) folder")
     run, found = saved_config(saved), ckpt.list_checkpoints(out)
     moved = sources.proven_moves(out, run, config, ckpt.read_state(found[-1])[0] if found else None)
     diffs = run.differences(config, ignore=(*RESUMABLE_CHANGES, *moved))
@@ -171,6 +181,17 @@ def saved_config(path: Path, otherwise: str = "use a new --out") -> TrainConfig:
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError among them
         raise UserError(f"{path} is not a run's config ({err}); restore it (each checkpoint's state.json holds the config) or "
                         f"{otherwise}") from None
+
+
+def run_record(config: TrainConfig, student) -> dict:
+    """The config a run records (config.json, its checkpoints): `config.to_dict()`, but for LCF of a loaded LCM-LoRA (--lora)
+    the rank of that LoRA, which the run trains as it is: --lora-rank sets the rank of new adapters only, and its default
+    recorded there said something false of the run."""
+    record = config.to_dict()
+    if getattr(config, "lora", ""):
+        unet = student.unet
+        record["lora_rank"] = unet.peft_config[unet.active_adapters()[0]].r
+    return record
 
 
 def resumed_record(started: TrainConfig, config: TrainConfig, moved: Iterable[str]) -> dict:
@@ -315,12 +336,12 @@ class RunFolder:
         resumed = self.main and (out / "config.json").is_file()
         self.started = saved_config(out / "config.json") if resumed else None  # the config the run's start recorded
         self.moves = self.started.moved_sources(config) if resumed else {}
-        self.record = config.to_dict()  # the config config.json and the checkpoints record (`resume`: `resumed_record`)
+        self.record = run_record(config, student)  # the config config.json and the checkpoints record (`resume`: `resumed_record`)
         if self.main:
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 if not resumed:
-                    write_json_atomic(out / "config.json", config.to_dict())
+                    write_json_atomic(out / "config.json", self.record)
                 sources.record_sources(out, config)
             except OSError as err:
                 raise UserError(f"cannot write the run folder {out}: {err.strerror or err}") from None
@@ -338,7 +359,7 @@ class RunFolder:
             ckpt.remove_partial_checkpoints(self.out)
         found = ckpt.list_checkpoints(self.out)
         progress = self.load_checkpoint(found[-1]) if found else Progress()
-        if self.main:
+        if self.main and self.started is not None:  # none: nothing to resume (`has_nothing`), the run starts as a new one
             try:
                 follow_moves(self.out, self.moves, self.config)  # --method ode's bank names the new places too
                 self.record = resumed_record(self.started, self.config, self.moves)
@@ -502,22 +523,29 @@ class RunFolder:
         2- and 4-step samples at this step (Algorithm 3); for a guidance-distilled student, the teacher's 25-step DDIM with
         CFG, then the target's DDIM at 4, 8 and 25 steps. Each image of the target's rows is the one `lcm generate` makes of
         the exported model with its prompt and step count, at the g it samples at by default (`validation_guidance_scale`)
-        and --seed `seed`: image i from seed + i (`pipelines.Generator.start`)."""
+        and --seed `seed`: image i from seed + i (`pipelines.Generator.start`), at the run's --resolution (the size it
+        trains at, `lcm generate --height/--width` of the exported model; the native size without it).
+
+        The start row of an LCM is the one `lcm generate --model START --steps 4` makes: LCF's starting LCM samples on its own
+        grid (`start_scheduler_config`: its own original_inference_steps, where --skip gave the student another k); LCD's
+        starting model is the teacher's UNet as the student starts, read under the student's LCMScheduler config."""
         config, base, device = self.config, self.base, self.accelerator.device
-        cond = base.prompts.encode(self.validation_prompts, device)
-        codec, size = base.codec, base.unet.config.sample_size
+        resolution = config.resolution or base.native_size
+        size = (resolution, resolution)
+        cond = base.prompts.encode(self.validation_prompts, device, size)
+        codec, side = base.codec, resolution // base.codec.downsampling_factor
         seeds = [config.seed + i for i in range(len(self.validation_prompts))]
         g = self.validation_guidance_scale()
         scheduler_config = self.student.scheduler_config
-        uncond = base.prompts.uncond(device)  # ∅ of the validation images' size: the data's carries --resolution's (SDXL's time ids)
+        uncond = base.prompts.uncond(device, size)  # ∅ of the validation images' size (an SDXL condition's time ids carry it)
 
-        def samples(f, n: int) -> torch.Tensor:
+        def samples(f, n: int, sampled_as: dict = scheduler_config) -> torch.Tensor:
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-            noise = randn((len(seeds), codec.latent_channels, size, size), generators, device, torch.float32)
-            if not is_lcm_config(scheduler_config):  # f: a guided teacher
-                z0 = sample_teacher(f, "ddim", noise, cond, uncond.expand(len(noise), -1, -1), g, n, scheduler_config)
+            noise = randn((len(seeds), codec.latent_channels, side, side), generators, device, torch.float32)
+            if not is_lcm_config(sampled_as):  # f: a guided teacher
+                z0 = sample_teacher(f, "ddim", noise, cond, uncond.expand(len(noise), -1, -1), g, n, sampled_as)
             else:
-                z0 = sample_lcm(f, noise, inference_timesteps(scheduler_config, n), cond, omega_from_guidance_scale(g), f.schedule, generators)
+                z0 = sample_lcm(f, noise, inference_timesteps(sampled_as, n), cond, omega_from_guidance_scale(g), f.schedule, generators)
             return codec.decode(z0).clamp(-1, 1)  # as the generators return their images
 
         target_unet = self.student.target_unet
@@ -526,7 +554,8 @@ class RunFolder:
         with self.accelerator.autocast():  # the frozen starting model may be in half precision
             if is_lcm_config(scheduler_config):
                 counts = VALIDATION_STEPS
-                rows = [samples(consistency_model(base.unet, scheduler_config, base.network()), 4)] + [samples(f_target, n) for n in counts]
+                own = self.start_scheduler_config()
+                rows = [samples(consistency_model(base.unet, own, base.network()), 4, own)] + [samples(f_target, n) for n in counts]
             else:  # a guidance-distilled student: against the teacher's DDIM (at twice a progressive student's steps)
                 n = scheduler_config.get(PROGRESSIVE_STEPS)
                 counts, start_steps = ((n,), 2 * n) if n else ((4, 8, 25), 25)
@@ -540,6 +569,13 @@ class RunFolder:
         labels = [f"start, {start} steps"] + [f"step {step}, {n} step{'s' * (n > 1)}" for n in counts]
         save_png(image_grid(rows, labels, label_width=130, column_labels=self.validation_prompts), path)
         return path
+
+    def start_scheduler_config(self) -> dict:
+        """The LCMScheduler config the validation grid's start row samples the starting model under: LCF's LCM (or LCM-LoRA
+        on its model) its own, as `lcm generate` samples it; a teacher (LCD) has none, and is read as the student starts,
+        under the student's."""
+        own = self.base.scheduler_config
+        return own if self.config.objective == "lcf" and is_lcm_config(own) else self.student.scheduler_config
 
     def exports_full_lcm(self) -> bool:
         """Whether the run exports a full LCM (read where it has an ω input), the model a guidance record goes with."""
@@ -599,6 +635,9 @@ class RunFolder:
             write_model_card(staged, self.out / staged.name, self.config, record, self.base, self.validation_prompts)
             exported = replace_folder(staged, self.out / staged.name)
             staging.rmdir()
+            note = off_native_size_note(self.config, self.base, exported)
+            if note is not None:
+                print(f"lcm {'distill' if self.config.objective == 'lcd' else 'finetune'}: note: {note}", file=sys.stderr, flush=True)
             held_out = self.eval_batches.skipped_record() if self.eval_batches is not None else None
             for line in skipped_summary_lines(self.config, skips, held_out):
                 print(line)
@@ -608,6 +647,20 @@ class RunFolder:
         accelerator.wait_for_everyone()
         end_process_group(accelerator)
         return exported
+
+
+def off_native_size_note(config: TrainConfig, base: DiffusionModel, exported: Path) -> str | None:
+    """The note of an export trained at a --resolution other than its model's native size, saying the size to sample it at;
+    None at the native size. The exported UNet keeps its model's sample_size (the size diffusers and `lcm generate` sample
+    at by default), as its model card says (`model_card.trained_size`): LoRA adapters have no UNet config to carry
+    another, so a full export and a LoRA export of the same run sample alike; and the native size is what the next run on
+    the export reads as the model's own (a --resolution's bound, a latent cache's native size, `lcm evaluate`'s default),
+    which a fine-tune at one size of a model made for another does not change."""
+    size = config.resolution
+    if not size or size == base.native_size:
+        return None
+    return (f"{exported} was trained on {size} px images and samples at its model's native {base.native_size} px by default: "
+            f"give lcm generate --height {size} --width {size} (height and width in diffusers), as its model card says")
 
 
 def skipped_summary_lines(config: TrainConfig, training: list, held_out: SkipRecord | None) -> list[str]:
