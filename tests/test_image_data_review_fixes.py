@@ -192,6 +192,12 @@ def test_a_run_notes_its_first_cut_caption_once_and_checks_only_its_first_captio
             batches._encoded_captions(model, captions, "cpu", 16, cut)
     notes = [r.getMessage() for r in caplog.records if "cuts" in r.getMessage()]
     assert len(notes) == 1 and "cuts 1 of the 2 captions of the data read so far" in notes[0], notes
+    # the other processes of a launched run say nothing (was: one note per process, each of its own captions)
+    monkeypatch.setattr(batches, "first_process", lambda: False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="latent_consistency.data"):
+        batches._encoded_captions(model, [long_caption], "cpu", 16, LongCaptions(model.prompts))
+    assert not [r for r in caplog.records if "cuts" in r.getMessage()]
 
 
 # --- the resume identity of a cache ------------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def test_ranks_read_disjoint_deterministic_streams(tmp_path):
     state = ShardStream(pattern, R, rank=1, world_size=2).state_dict()
     with pytest.raises(UserError, match="number of processes"):
         ShardStream(pattern, R, rank=0, world_size=2).load_state_dict(state)
-    with pytest.raises(UserError, match="4 shard.*5 ranks"):
+    with pytest.raises(UserError, match="4 shard.*5 processes: each reads shards of its own"):
         ShardStream(pattern, R, rank=0, world_size=5)
 
 

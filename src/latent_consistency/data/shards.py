@@ -234,8 +234,8 @@ class ShardStream(IterableDataset):
         all_shards = expand_urls(urls)
         if len(all_shards) < world_size:
             raise UserError(
-                f"{len(all_shards)} shard(s) cannot be split over {world_size} ranks; "
-                f"write at least {world_size} shards (img2dataset --number_sample_per_shard) or use fewer ranks"
+                f"{len(all_shards)} shard(s) cannot be split over {world_size} processes: each reads shards of its own; "
+                f"write at least {world_size} shards (img2dataset --number_sample_per_shard) or launch fewer processes"
             )
         self.shards = all_shards[rank::world_size]
         self.total_shards = len(all_shards)

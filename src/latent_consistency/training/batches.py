@@ -25,6 +25,7 @@ from latent_consistency.data.shards import ShardStream, check_usable
 from latent_consistency.data.spec import open_dataset
 from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
+from latent_consistency.folder_lock import first_process
 from latent_consistency.models import DiffusionModel
 from latent_consistency.pipelines import MAX_SIZE_FACTOR
 
@@ -312,10 +313,11 @@ def _encoded_captions(model: DiffusionModel, captions: list[str], device, resolu
     """The conditions of a micro-batch's `captions`; the first time the text encoder cuts some (`LongCaptions`), one note
     in the log naming how many of the captions read so far it cut: a run encodes its captions step by step, and counting
     them all first would tokenize a LAION-sized dataset's before the first step. Only the first CAPTIONS_CHECKED captions
-    are looked at: the check tokenizes them again, work a training step need not repeat to its end."""
+    are looked at: the check tokenizes them again, work a training step need not repeat to its end. In a launched run the
+    first process says it, of the captions it read: each process said it of its own, once per process."""
     if not long.count and long.seen < CAPTIONS_CHECKED:
         long.add(captions)
-        if (note := long.note("captions of the data read so far")) is not None:
+        if (note := long.note("captions of the data read so far")) is not None and first_process():
             logging.getLogger("latent_consistency.data").warning("%s", note)
     return model.prompts.encode(captions, device, (resolution, resolution))
 
