@@ -220,6 +220,8 @@ def sample_tcd(
     step, as in diffusers, so a generator's draws (and images) match `StableDiffusionPipeline` with `TCDScheduler`.
 
     Where this differs from `TCDScheduler` (its arithmetic is otherwise the same):
+    - On a zero-terminal-SNR schedule ε̂ = (z - α·x̂0)/σ at τ = T-1 takes our α_{T-1}, raised from 0 (`NoiseSchedule`),
+      where TCDScheduler's is 0: up to 1.6e-4 in the images (γ 0-0.3, 4-8 steps).
     - x̂0 is f, with the boundary scalings c_skip, c_out of Eq. 9 that the LCM was distilled with; TCDScheduler takes
       the network's raw x̂0 (TCD's own models have no c_skip). z_s differs by (α_s - σ_s·α_τ/σ_τ)·(f - x̂0_raw), with
       f - x̂0_raw = c_skip·(z - x̂0_raw) + (c_out - 1)·x̂0_raw, of order c_skip(τ) ≈ (σ_data / (10·τ))²: 2.5e-7 at

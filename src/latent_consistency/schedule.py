@@ -113,9 +113,15 @@ class NoiseSchedule:
     """
 
     alphas_cumprod: torch.Tensor
+    # ᾱ_{T-1} was 0 and is raised (`from_betas`): betas ending at β = 1, as `rescale_betas_zero_snr` or trained betas make
+    # them. There an ε-prediction network has no x̂0 = (z - σ·ε̂)/α: diffusers' DDIM and LCM schedulers divide by α = 0, ours
+    # by the raised α. (A cosine schedule's α_{T-1} = 4.9e-5 is diffusers' own, and both sample an ε model on it alike.)
+    ends_at_zero_snr: bool = False
 
     # Zero-terminal-SNR schedules have ᾱ_{T-1} = 0 (λ = -∞); as diffusers' DPM-Solver and Euler schedulers
-    # do, that 0 is raised to 2^-24 so that every λ is finite. (Its DDIM and LCM schedulers keep 0:
+    # do, that 0 is raised to 2^-24 so that every λ is finite: to half the ᾱ before it where that is below 2^-23 (rescaled
+    # linear 1e-4..0.02 betas, T = 2000 schedules), so that ᾱ and λ still decrease (`t_of_lambda` searches them) — raised
+    # above its neighbour, it made the DPM-Solver jumps from T-1 NaN and the iCT weight of the pairs from T-1 zero. (Its DDIM and LCM schedulers keep 0:
     # for a v-prediction model, x̂0 = α·z - σ·v at t = T-1 then differs from ours by α_{T-1}·z = 2^-12·z.)
     # Only a 0 is raised: squaredcos_cap_v2's ᾱ_{T-1} = 2.4e-9 (T = 1000) is kept, as every diffusers scheduler keeps it.
     MIN_ALPHA_CUMPROD = 2.0**-24
@@ -141,10 +147,13 @@ class NoiseSchedule:
     def from_betas(cls, betas: torch.Tensor) -> NoiseSchedule:
         # diffusers computes the cumulative product in float32; do the same so that α_t matches bitwise.
         alphas_cumprod = torch.cumprod(1.0 - betas.float(), dim=0).double()
-        # a 0 (zero terminal SNR) is raised to 2^-24 and a 1 (β = 0) lowered to 1 - 2^-24; any other ᾱ is diffusers' own number
-        alphas_cumprod = torch.where(alphas_cumprod > 0, alphas_cumprod, torch.full_like(alphas_cumprod, cls.MIN_ALPHA_CUMPROD))
+        # a 0 (zero terminal SNR) is raised to 2^-24, or half the ᾱ before it where that is smaller, and a 1 (β = 0) lowered
+        # to 1 - 2^-24; any other ᾱ is diffusers' own number
+        zeros = (alphas_cumprod <= 0).nonzero().flatten().tolist()
+        for t in zeros:  # in increasing t: each raised below the one before it, itself raised already
+            alphas_cumprod[t] = min(cls.MIN_ALPHA_CUMPROD, float(alphas_cumprod[t - 1]) / 2) if t > 0 else cls.MIN_ALPHA_CUMPROD
         alphas_cumprod = torch.where(alphas_cumprod < 1, alphas_cumprod, torch.full_like(alphas_cumprod, cls.MAX_ALPHA_CUMPROD))
-        return cls(alphas_cumprod=alphas_cumprod)
+        return cls(alphas_cumprod=alphas_cumprod, ends_at_zero_snr=bool(zeros) and zeros[-1] == len(alphas_cumprod) - 1)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -155,14 +164,6 @@ class NoiseSchedule:
         """ᾱ_{T-1} = 0 (raised to MIN_ALPHA_CUMPROD), or as good as 0 (squaredcos_cap_v2's 2.4e-9, below MIN_ALPHA_CUMPROD):
         z at t = T-1 holds no signal, however the betas were given, and x̂0 = (z - σ·ε̂)/α amplifies ε̂'s error beyond use."""
         return bool(self.alphas_cumprod[-1] <= self.MIN_ALPHA_CUMPROD)
-
-    @property
-    def ends_at_zero_snr(self) -> bool:
-        """ᾱ_{T-1} is 0 (raised to MIN_ALPHA_CUMPROD, which `from_betas` gives only a 0): betas ending at β = 1, as
-        `rescale_betas_zero_snr` or trained betas make them. There an ε-prediction network has no x̂0 = (z - σ·ε̂)/α: diffusers'
-        DDIM and LCM schedulers divide by α = 0, ours by 2^-12. (A cosine schedule's α_{T-1} = 4.9e-5 is diffusers' own, and
-        both sample an ε-prediction model on it alike.)"""
-        return bool(self.alphas_cumprod[-1] == self.MIN_ALPHA_CUMPROD)
 
     @property
     def lambdas(self) -> torch.Tensor:
