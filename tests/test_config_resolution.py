@@ -9,7 +9,7 @@ import pytest
 from latent_consistency.cli import main
 from latent_consistency.training.config import DistillConfig
 
-DISTILL = ["distill", "--teacher", "t", "--data", "world:shapes"]
+DISTILL = ["distill", "--teacher", "org/t", "--data", "world:shapes"]  # a hub id: --dry-run refuses a local path that is not there
 
 
 def refused(run_error, argv, message):
@@ -99,7 +99,7 @@ def test_a_resume_that_spells_out_the_default_target_decay_is_the_same_run(tiny_
 def test_held_out_data_replaces_the_preset_s_held_out_fraction(run_error, capsys, tmp_path, how):
     # was: "give --eval-data or --eval-fraction, not both" for `lcm finetune --preset sd --eval-data DIR`: the preset's
     # --eval-fraction 0.1 counted as the user's
-    argv = ["finetune", "--preset", "sd", "--model", "m", "--data", "world:shapes", "--out", str(tmp_path / "run")]
+    argv = ["finetune", "--preset", "sd", "--model", "org/m", "--data", "world:shapes", "--out", str(tmp_path / "run")]
     asked = ["--eval-data", "world:digits"] if how == "flag" else ["--config", write(tmp_path / "c.json", '{"eval_data": "world:digits"}')]
     config = dry_run(capsys, [*argv, *asked])
     assert (config["eval_data"], config["eval_fraction"]) == ("world:digits", 0.0)

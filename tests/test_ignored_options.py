@@ -42,7 +42,7 @@ def test_a_pixart_teacher_refuses_the_settings_of_an_omega_input(tiny_pixart, ru
 def test_an_omega_response_count_at_one_guidance_scale_is_refused(run_error, capsys, tmp_path):
     # was: exit 0, and no ω response measured: it is measured between the ends of the guidance range, and there was one scale
     out = tmp_path / "run"
-    argv = ["distill", "--preset", "tiny", "--teacher", "t", "--data", "world:shapes", "--out", str(out), "--guidance-scale-min", "4",
+    argv = ["distill", "--preset", "tiny", "--teacher", "org/t", "--data", "world:shapes", "--out", str(out), "--guidance-scale-min", "4",
             "--guidance-scale-max", "4"]
     refused(run_error, [*argv, "--omega-response-samples", "16"], "are both 4: give a range, or leave it out", out)
     printed = dry_run(capsys, argv)  # the tiny preset's 4 is no request

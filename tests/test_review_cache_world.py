@@ -148,7 +148,7 @@ def test_an_empty_parts_from_is_refused_not_the_current_folder(tmp_path, run_err
     the current folder was a world, its phases were copied."""
     monkeypatch.chdir(tmp_path)
     code, err = run_error(["world", "build", "--preset", "tiny", "--out", "new", "--parts-from", "", "--device", "cpu"])
-    assert_one_line(code, err, "--parts-from '' names no world")
+    assert_one_line(code, err, "argument --parts-from: is empty")
     assert not (tmp_path / "new").exists()
 
 

@@ -269,7 +269,7 @@ def test_a_world_preset_trains_a_lora_without_its_full_student_settings(tmp_path
     """`--preset world --adapter lora` (the README's LCM-LoRA line with the world's preset): the preset's v-prediction
     student, ω projection rate and ω embedding are a full student's and are left out, not refused as if the user had
     asked for them; asked for on the command line they still are."""
-    argv = ["distill", "--preset", "world", "--adapter", "lora", "--teacher", "t", "--data", "world:shapes", "--out", str(tmp_path / "run")]
+    argv = ["distill", "--preset", "world", "--adapter", "lora", "--teacher", "org/t", "--data", "world:shapes", "--out", str(tmp_path / "run")]
     assert main([*argv, "--dry-run"]) in (0, None)
     config = json.loads(capsys.readouterr().out)
     assert (config["adapter"], config["student_prediction"], config["omega_lr_scale"], config["lr"]) == ("lora", "teacher", 1.0, 5e-5)

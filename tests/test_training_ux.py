@@ -62,8 +62,8 @@ def test_resuming_a_run_without_a_checkpoint_says_it_starts_over(tiny_sd, image_
     stop_after(monkeypatch, 1)
     assert main(distill_args(tiny_sd, image_folder, out)) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "lcm distill: interrupted at step 1 of 4, before its first checkpoint: 1 step is lost; to continue, run the same command with "
-        "--resume")
+        "lcm distill: interrupted at step 1 of 4, before its first checkpoint: 1 step is lost, and there is nothing to continue from; "
+        "to start it again, run the same command with --resume")
     monkeypatch.undo()
     assert main(distill_args(tiny_sd, image_folder, out)) == 2  # as the line says: without --resume the folder is not empty
     assert "is not empty; pass --resume" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from latent_consistency.cli.arguments import nonnegative_int, positive_int
+from latent_consistency.cli.arguments import nonnegative_int, positive_int, source
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import hold
 from latent_consistency.world.presets import PRESETS, WorldPreset, get_preset
@@ -62,8 +62,6 @@ def _run_build(args) -> None:
         print(json.dumps(world_spec(preset, prediction_type), indent=2))
         return
     parts_from = args.parts_from
-    if parts_from is not None and not parts_from.strip():  # Path("") is the current folder
-        raise UserError(f"--parts-from {parts_from!r} names no world; give a world folder, or 'default' for the shipped world")
     if parts_from == "default" and not Path(parts_from).exists():
         from latent_consistency.world.artifact import default_world_path
 
@@ -159,7 +157,7 @@ def register(subparsers) -> None:
     b.add_argument("--v-prediction", action="store_true", help="train a v-prediction teacher instead of ε-prediction")
     b.add_argument("--zero-terminal-snr", action="store_true",
                    help="rescale the teacher's noise schedule to zero SNR at t = T-1 (Lin et al. 2023; needs --v-prediction)")
-    b.add_argument("--parts-from", metavar="WORLD",
+    b.add_argument("--parts-from", metavar="WORLD", type=source,
                    help="copy the first phases from another world (a build, an export or 'default' for the shipped world) "
                         "where the settings they depend on are equal, instead of training them, into a build that has not "
                         "started: e.g. the shipped VAE for default-sdxl")

@@ -37,11 +37,14 @@ def doc(text: str, **kwargs) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
-# Fields a resumed run may change: how long it runs, and what it writes how often
 # Fields that name a model or data: two spellings of one source are one value (`canonical_source`)
 SOURCE_FIELDS = ("teacher", "model", "data", "eval_data", "student_init", "lora")
+# Fields a resumed run may change: how long it runs, what it writes how often, and how it fits in memory and copes with
+# non-finite losses, none of which changes a step's math: an accumulation step's micro-batch draws its own noise, n and ω
+# as one batch would (`MicroBatchDraws`), and the data position is in samples; its --batch-size must still split into the
+# new micro-batches, which `check` and the launch's `check_processes` say as for a new run
 RESUMABLE_CHANGES = ("out", "steps", "log_every", "validate_every", "checkpoint_every", "keep_checkpoints", "num_workers",
-                     "omega_response_samples", "compile")
+                     "omega_response_samples", "compile", "gradient_checkpointing", "grad_accumulation", "max_nonfinite_steps")
 
 
 @dataclass
@@ -51,6 +54,7 @@ class TrainConfig:
 
     objective: ClassVar[str] = ""  # "lcd" or "lcf": the subclass
     model_field: ClassVar[str] = ""  # the field naming the model a run starts from: `teacher` or `model`
+    min_skip: ClassVar[int] = 0  # the least skipping step k: 0 (the starting LCM's own k, LCF) where a command has a default
     # --- Data ---
     data: str = doc("data spec: latent cache folder, image folder, .tar shards (brace pattern/glob), or world:NAME[:SPLIT]", default="")
     eval_data: str = doc("held-out data spec: its captions are the validation prompts, its loss is logged as eval_loss", default="")
@@ -129,7 +133,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accumulation", "log_every", "lora_rank", "max_nonfinite_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise UserError(f"{self.flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("seed", "resolution", "skip", "lr_warmup_steps", "validate_every", "checkpoint_every", "num_workers",
+        if self.skip < self.min_skip:  # one message for each command's own least k (was: "0 or more" for -3, then "at least 1" for 0)
+            raise UserError(f"{self.flag('skip')} must be {'0 or more' if self.min_skip == 0 else f'at least {self.min_skip}'}, got {self.skip}")
+        for name in ("seed", "resolution", "lr_warmup_steps", "validate_every", "checkpoint_every", "num_workers",
                      "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise UserError(f"{self.flag(name)} must be 0 or more, got {getattr(self, name)}")
@@ -186,6 +192,11 @@ class TrainConfig:
         self._names = dict(names)
         return self
 
+    def chosen(self, name: str) -> bool:
+        """Whether the user set field `name` (a flag or the config file: `resolve_config`), not a preset, a model's record or
+        the default; the same value as the default counts (`--validation-guidance-scale 8`)."""
+        return name in getattr(self, "_chosen", ())
+
     @property
     def target_decay(self) -> float:
         """μ of the target: as set, else 0.95 for a full student and 0 (shared weights) for LoRA."""
@@ -196,13 +207,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """The fields, after the objective that says which config this is (`config_from_dict` reads it back). A source
         (`SOURCE_FIELDS`) that is a local file or folder is its absolute path (`local_path`), also where it is gone (a
-        --student-init cleared away before a resume): the run's config.json and checkpoints then name the same data and
+        --student-init cleared away before a resume), and a local shard pattern or glob is one from the root
+        (`local_pattern`): the run's config.json and checkpoints then name the same data and
         models from any working directory a run is resumed in. So does `out`: the run folder's absolute, resolved path
         (`os.path.realpath`: through a symbolic link, without a trailing slash), where it was recorded as typed."""
         values = dataclasses.asdict(self)
         for name in SOURCE_FIELDS:
             value = values.get(name)
-            path = local_path(value) if isinstance(value, str) else None
+            path = (local_path(value) or local_pattern(value)) if isinstance(value, str) else None
             if path is not None:
                 values[name] = path
         if values["out"]:  # "" (no run folder given, refused by `check`) names none: realpath would make it the working directory
@@ -289,6 +301,7 @@ class DistillConfig(TrainConfig):
                                       "it reproduces) is measured at the end of a full student's LCD or --method ode run over a "
                                       "guidance range (0: skip)", default=32)
     model_field: ClassVar[str] = "teacher"
+    min_skip: ClassVar[int] = 1  # k of Eq. 16-17: a grid step; LCF's 0 is the LCM's own
 
     def check(self) -> DistillConfig:
         from latent_consistency.parameterization import PREDICTION_TYPES, check_guidance_embedding_dim
@@ -330,8 +343,6 @@ class DistillConfig(TrainConfig):
             raise UserError("--student-init gives a full student its starting weights; a LoRA student starts from the teacher")
         if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
             raise UserError(f"{self.flag('student_prediction')} {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
-        if self.skip < 1:
-            raise UserError(f"{self.flag('skip')} must be at least 1, got {self.skip}")
         if self.time_cond_proj_dim is not None:  # None: the starting UNet's own (`resolve_config`, `students.make_student`)
             check_guidance_embedding_dim(self.time_cond_proj_dim)  # its sinusoids need at least 4 dimensions
         if self.guidance_pair_weight < 0:
@@ -501,10 +512,20 @@ def local_path(spec: str) -> str | None:
 
     if not spec:
         return None
+    spec = os.path.expanduser(spec)  # `~/imgs` is a path, not the hub's org/name
     if Path(spec).exists():
         return str(Path(spec).resolve())
     no_path = any(char in spec for char in ":*?[{") or looks_like_hub_id(spec)
-    return None if no_path else os.path.abspath(os.path.expanduser(spec))
+    return None if no_path else os.path.abspath(spec)
+
+
+def local_pattern(spec: str) -> str | None:
+    """A local shard brace pattern or glob (`shards.expand_urls`: `shards/{00000..00099}.tar`, `data/*.tar`) spelled from
+    the root: `spec` joined to the working directory where it is relative, so that a run's config.json reads the same
+    shards from any other one. None for anything else (a dataset's scheme:name, a path without a pattern: `local_path`)."""
+    if not spec or ":" in spec or not any(char in spec for char in "*?[{"):
+        return None
+    return os.path.join(os.getcwd(), os.path.expanduser(spec))
 
 
 def _same_data(a: str, b: str) -> bool:
@@ -592,7 +613,7 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
         if preset not in PRESETS[cls]:
             raise UserError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS[cls])}")
         values.update(PRESETS[cls][preset])
-    from_file = _read_config_file(config_file) if config_file else {}
+    from_file = _home_expanded(_read_config_file(config_file)) if config_file else {}
     # each of the file's fields is checked as the file gives it, also where a flag overrides it: a file is valid or not
     from_file = {k: _typed(cls, k, v) if k in field_help(cls) else v for k, v in from_file.items()}
     values.update(from_file)
@@ -627,9 +648,11 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
         fields_of_omega = PRESET_FULL_STUDENT_FIELDS if adapter != "full" else set(FULL_STUDENT_FLAGS)  # a PixArt student is full
         for name in fields_of_omega & set(PRESETS[cls][preset]) - set(given):
             values.pop(name, None)
+    chosen = set(given) | set(from_file)
+    if preset and adapter != "full" and "ema_decay" in set(PRESETS[cls][preset]) - chosen:
+        values.pop("ema_decay")  # a full student's μ (`target_decay`: a LoRA's 0 shares the UNet, where 0.95 copies it whole)
     if cls.objective == "lcf" and values.get("lora") and "lora_rank" in from_file and "lora_rank" not in given:
         values.pop("lora_rank")  # a run's config.json records its LCM-LoRA's own rank (`run_folder.run_record`): no request
-    chosen = set(given) | set(from_file)
     if preset and values.get("eval_data") and "eval_data" in chosen and "eval_fraction" in set(PRESETS[cls][preset]) - chosen:
         values.pop("eval_fraction")  # the user's held-out data replaces the preset's held-out fraction (`finetune --preset sd`)
     if method is not None and method not in LCM_METHODS:  # Guided-Distill's stages make no LCM, whose ω response is measured
@@ -681,7 +704,28 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UserError(f"unknown config field(s) {', '.join(unknown)}; see `{COMMANDS[cls]} --help`")
-    return cls(**{name: _typed(cls, name, value) for name, value in values.items()})
+    config = cls(**{name: _typed(cls, name, value) for name, value in values.items()})
+    config._chosen = frozenset(chosen)  # `TrainConfig.chosen`
+    return config
+
+
+# Presets of plumbing (tests' seconds-long runs), whose learning rate is tuned for no kind of student
+PLUMBING_PRESETS = {"tiny"}
+
+
+def preset_adapter_note(cls: type[TrainConfig], preset: str | None, config: TrainConfig) -> str | None:
+    """A note when a run trains another kind of student than its preset was tuned for (`--preset sd --adapter lora`) at the
+    preset's learning rate: LoRA adapters train at about 1e-4 (`sdxl-lora`), a whole UNet at 1e-6 to 8e-6 (`sd`, `sdxl`), so
+    the preset's rate is 12 to 100 times off. None where the user's --lr (or config file's) replaced it."""
+    if not preset or preset in PLUMBING_PRESETS:
+        return None
+    values = PRESETS[cls][preset]
+    own = values.get("adapter", field_default(cls, "adapter"))
+    if config.adapter == own or config.lr != values.get("lr", field_default(cls, "lr")):
+        return None
+    kind = {"full": "a full student", "lora": "LoRA adapters"}
+    return (f"--preset {preset} is tuned for {kind[own]}, its lr {config.lr:g} with it; --adapter {config.adapter} trains "
+            f"{kind[config.adapter]}, usually at another rate: give --lr")
 
 
 def _check_full_student_preset(preset: str, preset_values: dict[str, Any], chosen: set[str], method: str) -> None:
@@ -790,6 +834,21 @@ def recorded_guidance_fields(model: str | None, chosen: set[str]) -> dict[str, f
         return {}
     recorded = dict(zip(RECORDED_GUIDANCE_FIELDS, (record.guidance_scale_min, record.guidance_scale_max, record.guidance_scale)))
     return {name: value for name, value in recorded.items() if name not in chosen}
+
+
+# The fields that are text, not a path: a "~" in them is the user's (`_home_expanded`)
+TEXT_FIELDS = {"validation_prompts"}
+
+
+def _home_expanded(values: dict[str, Any]) -> dict[str, Any]:
+    """A config file's `values` with each path given as `~/...` (or `~user/...`) in the home folder, as a flag's is
+    (`cli.arguments.OneLineParser.expand_home`): `"out": "~/run"` wrote into a folder named "~" under the current one
+    (which a later `rm -rf ~` meant for it takes the home folder with). Prompts (`TEXT_FIELDS`) are left as written."""
+    def expanded(value: Any) -> Any:
+        return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+    return {name: value if name in TEXT_FIELDS else [expanded(v) for v in value] if isinstance(value, list) else expanded(value)
+            for name, value in values.items()}
 
 
 def _read_config_file(config_file: str) -> dict:

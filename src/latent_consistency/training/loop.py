@@ -152,12 +152,14 @@ def student_init_teacher_note(config: TrainConfig) -> str | None:
 
 
 def validation_scale_note(config: TrainConfig, base: DiffusionModel, student) -> str | None:
-    """A note when a --validation-guidance-scale other than the default lies outside the range of the guidance record the
-    run exports (a full student's ω input: `RunFolder.validation_guidance_scale`): the grid, and the model's default g, are
-    at the nearest end of that range instead (`GuidanceRecord.of_run`), which the user who set it may not expect."""
+    """A note when a --validation-guidance-scale that the user gave (`TrainConfig.chosen`: the default's 8 too) or other than
+    the default lies outside the range of the guidance record the run exports (a full student's ω input:
+    `RunFolder.validation_guidance_scale`): the grid, and the model's default g, are at the nearest end of that range instead
+    (`GuidanceRecord.of_run`), which the user who set it may not expect."""
     given = config.validation_guidance_scale
     omega_input = student.adapter == "full" and student.target_unet.config.get("time_cond_proj_dim") is not None
-    if not omega_input or given == field_default(type(config), "validation_guidance_scale"):
+    asked = config.chosen("validation_guidance_scale") or given != field_default(type(config), "validation_guidance_scale")
+    if not omega_input or not asked:
         return None
     record = recorded_guidance(config, base.guidance_record, None)
     if record.guidance_scale == given:

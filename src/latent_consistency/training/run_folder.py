@@ -44,7 +44,7 @@ from latent_consistency.sampling import randn, sample_lcm, sample_teacher
 from latent_consistency.training import checkpoint as ckpt
 from latent_consistency.training import omega_response, sources
 from latent_consistency.training.batches import SKIPPED_COUNTS, SKIPPED_SEEN, SkipRecord, merged_skipped_summary, merged_skips
-from latent_consistency.training.config import CONFIGS, RESUMABLE_CHANGES, TrainConfig, config_from_dict
+from latent_consistency.training.config import CONFIGS, RESUMABLE_CHANGES, TrainConfig, config_from_dict, field_help, local_path
 from latent_consistency.training.model_card import write_model_card
 from latent_consistency.training.ode_targets import FILE as ODE_BANK
 from latent_consistency.training.ode_targets import PARTIAL as ODE_PARTIAL
@@ -66,25 +66,46 @@ EARLY_RUN_FILES = frozenset({"config.json", sources.FILE, "metrics.jsonl", "tens
 
 
 def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> Path:
-    """Check the run folder against --resume: a new run needs a free folder, a resumed one the same config and --steps no
-    fewer than its checkpoint's step. A folder that holds a run which stopped before its first step (unreadable data,
-    say) counts as free: the main process clears it, so that the run can be started again with other settings. Nothing
-    a step made, and no file this tool did not write, is ever removed."""
+    """Check the run folder against --resume (`check_run_folder`). A folder that holds a run which stopped before its first
+    step (unreadable data, say) counts as free: the main process clears it, so that the run can be started again with
+    other settings. Nothing a step made, and no file this tool did not write, is ever removed."""
+    out = Path(config.out)
+    if not out.exists():  # a folder that cannot be made is known before the model loads (a test file in its parent)
+        check_writable(out, "--out")
+    if check_run_folder(config, resume) and main:
+        # before its first checkpoint: steps may have run, unlogged (--log-every more than were done)
+        print(f"{out}: the run there stopped before its first checkpoint; starting it over", flush=True)
+        clear_early_run(out)
+    return out
+
+
+def check_run_folder(config: TrainConfig, resume: bool) -> bool:
+    """A UserError where the run folder cannot take this run, reading and writing nothing (so --dry-run says it too): a new
+    run needs a free folder, a resumed one the same config and --steps no fewer than its checkpoint's step
+    (`check_resumable`). Whether the folder holds a new run's predecessor that stopped before its first step, to clear."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run")
-    if not out.exists():  # a folder that cannot be made is known before the model loads (a test file in its parent)
-        check_writable(out, "--out")
     if resume:
         if not has_nothing(out):  # a run stopped before its config.json, or none yet: --resume starts it (`say_resumed`)
             check_resumable(out, config)
-    elif out.exists() and any(out.iterdir()):
+        return False
+    if out.exists() and any(out.iterdir()):
         if not stopped_before_first_step(out, config):
             raise UserError(f"run folder {out} is not empty; pass --resume to continue it or choose another --out")
-        if main:
-            print(f"{out}: the run there stopped before its first step; starting it over", flush=True)
-            clear_early_run(out)
-    return out
+        return True
+    return False
+
+
+def check_sources_exist(config: TrainConfig) -> None:
+    """A UserError naming the first local model or data path of `config` (its model, --data, --eval-data, --lora) that does
+    not exist (`local_path`: no hub id, dataset name or shard pattern), for --dry-run, which loads none of them."""
+    for name in (config.model_field, "data", "eval_data", "lora"):
+        value = getattr(config, name, "")
+        path = local_path(value) if value else None
+        if path is not None and not Path(path).exists():
+            what = "give a diffusers pipeline folder or a hub id" if name == config.model_field else "check the path"
+            raise UserError(f"{config.flag(name)} {value} does not exist; {what}")
 
 
 def has_nothing(out: Path) -> bool:
@@ -177,6 +198,10 @@ def saved_config(path: Path, otherwise: str = "use a new --out") -> TrainConfig:
         objective = values.get("objective", "lcd")
         if not isinstance(objective, str) or objective not in CONFIGS:
             raise ValueError(f"unknown objective {objective!r}")
+        unknown = sorted(set(values) - {"objective"} - set(field_help(CONFIGS[objective])))
+        if unknown:  # dropped, the run would go on with other semantics (a loss option this version lacks) and no word
+            raise UserError(f"{path} was written by a newer latent-consistency (field(s) {', '.join(unknown)}, unknown to this "
+                            f"one); use that version for this run, or {otherwise}")
         return config_from_dict(values)
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError among them
         raise UserError(f"{path} is not a run's config ({err}); restore it (each checkpoint's state.json holds the config) or "
@@ -257,14 +282,15 @@ def say_resumed(out: Path, progress: Progress, steps: int, command: str) -> None
               flush=True)
 
 
-def kept_at_stop(out: Path, step: int, steps: int) -> str:
+def kept_at_stop(out: Path, step: int, steps: int) -> tuple[str, bool]:
     """Where a run stopped at `step` stands: its latest complete checkpoint is kept, and the steps since are lost (a resumed
-    run does them again). Checkpoints are renamed into place whole, so one half-written by the stop is not counted."""
+    run does them again); and whether there is a checkpoint to continue from. Checkpoints are renamed into place whole, so
+    one half-written by the stop is not counted."""
     found = ckpt.list_checkpoints(out)
     if not found:
-        return f"at step {step} of {steps}, before its first checkpoint: " + (_lost(step, "") if step else "no step was done")
+        return f"at step {step} of {steps}, before its first checkpoint: " + (_lost(step, "") if step else "no step was done"), False
     kept = ckpt.checkpoint_step(found[-1])
-    return f"at step {step} of {steps}: the checkpoint of step {kept} is kept, " + _lost(step - kept, " since then")
+    return f"at step {step} of {steps}: the checkpoint of step {kept} is kept, " + _lost(step - kept, " since then"), True
 
 
 def _lost(n: int, since: str) -> str:
@@ -275,22 +301,27 @@ def _lost(n: int, since: str) -> str:
 @contextlib.contextmanager
 def saying_what_a_stop_keeps(out: Path, progress: Progress, steps: int):
     """Inside it, a stop (Ctrl-C's KeyboardInterrupt, SIGTERM's `cli.Terminated`) goes on carrying where the run stood
-    (`kept_at_stop`) as its message, which the stop's one line (`cli.stopped`) adds to its word."""
+    (`kept_at_stop`) as its message, which the stop's one line (`cli.stopped`) adds to its word, and whether it has a
+    checkpoint to continue from (its `resumable`, for `continued_by`)."""
     try:
         yield
     except KeyboardInterrupt as stop:
-        stop.args = (kept_at_stop(out, progress.step, steps),)
+        said, stop.resumable = kept_at_stop(out, progress.step, steps)
+        stop.args = (said,)
         raise
 
 
 @contextlib.contextmanager
-def continued_by(how: str):
+def continued_by(how: str, restart: str | None = None):
     """Inside it, a stop that says where its run stood (`saying_what_a_stop_keeps`) also says `how` to go on from there: a
-    command line's own rerun with --resume, the demo's rerun."""
+    command line's own rerun with --resume, the demo's rerun; before the run's first checkpoint, that there is nothing to
+    continue from and `restart` (how to start it again), where given."""
     try:
         yield
     except KeyboardInterrupt as stop:
-        if stop.args:
+        if stop.args and not getattr(stop, "resumable", True) and restart is not None:
+            stop.args = (f"{stop.args[0]}, and there is nothing to continue from; {restart}",)
+        elif stop.args:
             stop.args = (f"{stop.args[0]}; {how}",)
         raise
 
