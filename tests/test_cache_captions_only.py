@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save
 
-from latent_consistency.cli import main
+from command_helpers import run
 from latent_consistency.data import latent_cache
 from latent_consistency.data.holdout import Holdout
 from latent_consistency.data.imagefolder import ImageFolderDataset
@@ -51,14 +51,6 @@ def both_caches(model, folder):
     return folder / "full", folder / "captions"
 
 
-def run(argv, capsys):
-    """`lcm` in this process: (exit code, standard output, standard error)."""
-    try:
-        code = main(argv)
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err.strip()
 
 
 def test_a_captions_only_cache_holds_the_full_caches_latents_and_captions_and_no_text_embeddings(sd, tmp_path):

@@ -5,20 +5,10 @@ import json
 
 import pytest
 
+from command_helpers import dry_run, refused
 from latent_consistency.cli import main
 from latent_consistency.errors import UserError
 from latent_consistency.training.run_folder import saved_config
-
-
-def dry_run(capsys, argv) -> dict:
-    assert main([*argv, "--dry-run"]) in (0, None)
-    return json.loads(capsys.readouterr().out)
-
-
-def refused(run_error, argv, message):
-    """Assert that `argv` exits 2 with one line holding `message`."""
-    code, err = run_error(argv)
-    assert code == 2 and len(err.splitlines()) == 1 and message in err, (code, err)
 
 
 def test_a_config_file_s_home_paths_are_the_home_folder_s(capsys, tmp_path, monkeypatch):

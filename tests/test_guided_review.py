@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from command_helpers import dry_run, refused
 from latent_consistency.cli import main
 from latent_consistency.guidance_record import GuidanceRecord, write_record
 from latent_consistency.training import sources
@@ -48,14 +49,6 @@ def distill(teacher, images, out, *extra) -> list[str]:
     return ["distill", "--teacher", str(teacher), "--data", str(images), "--out", str(out), *extra]
 
 
-def dry_run(capsys, argv) -> dict:
-    assert main([*argv, "--dry-run"]) in (0, None)
-    return json.loads(capsys.readouterr().out)
-
-
-def refused(run_error, argv, message):
-    code, err = run_error(argv)
-    assert code == 2 and len(err.splitlines()) == 1 and message in err, (code, err)
 
 
 def test_the_student_takes_the_omega_size_of_the_unet_it_starts_from(stage_one, tiny_sd, images, tmp_path, capsys):

@@ -6,16 +6,7 @@ from __future__ import annotations
 import pytest
 
 import latent_consistency.cli as cli
-from latent_consistency.cli import main
-
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err.strip()
+from command_helpers import run
 
 
 @pytest.fixture
