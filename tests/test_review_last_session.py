@@ -85,7 +85,8 @@ def test_an_empty_shard_leaves_the_fingerprint_and_samples_as_they_are(cache, tm
     path = copy_of(cache, tmp_path)
     before = LatentCache(path)
     manifest = json.loads((path / MANIFEST).read_text())
-    save_file({"latents": torch.zeros(0, *before.latent_shape), "caption_index": torch.zeros(0, dtype=torch.int64)},
+    save_file({"latents": torch.zeros(0, *before.latent_shape), "caption_index": torch.zeros(0, dtype=torch.int64),
+               "key_bytes": torch.zeros(0, dtype=torch.uint8), "key_offsets": torch.zeros(1, dtype=torch.int64)},  # no sample, no key
               str(path / "shard-empty.safetensors"))
     manifest["shards"].insert(1, {"file": "shard-empty.safetensors", "num_samples": 0})
     (path / MANIFEST).write_text(json.dumps(manifest))

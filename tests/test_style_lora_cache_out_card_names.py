@@ -157,7 +157,7 @@ def test_a_card_of_non_utf8_names_is_written_and_its_usage_lines_name_those_file
     config = DistillConfig(teacher=teacher, data=data, out=out, steps=3, method="lcd")
     staged = tmp_path / "staged"
     staged.mkdir()
-    base = SimpleNamespace(guidance_record=None, time_cond_proj_dim=None)
+    base = SimpleNamespace(guidance_record=None, time_cond_proj_dim=None, native_size=16)
     card = write_model_card(staged, Path(out) / "lcm", config, GuidanceRecord(1.0, 4.0, 2.0, {}), base, [NAME]).read_text("utf-8")
     assert f"# LCM of {tmp_path}/teacher/caf\\xe9" in card and f"- Data: `{tmp_path}/data/caf\\xe9`" in card
     python = card.split("```python\n", 1)[1].split("```", 1)[0]
