@@ -402,14 +402,14 @@ def test_serve_command_that_cannot_listen_says_so_in_one_line(where, tiny_lcm, c
     assert "http://" not in out  # never said it was serving
 
 
-def started_server(model, env: dict | None = None) -> tuple[subprocess.Popen, int]:
-    """`lcm serve --model MODEL` in a process of its own on a free port, once it answers /health: (process, port). The
-    caller ends the process."""
+def started_server(model, env: dict | None = None, args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """`lcm serve --model MODEL [ARGS]` in a process of its own on a free port, once it answers /health: (process, port).
+    The caller ends the process."""
     import httpx
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "latent_consistency.cli", "serve", "--model", str(model), "--port", str(port),
-                                "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                "--device", "cpu", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     def up():
         try:

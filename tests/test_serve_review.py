@@ -8,15 +8,13 @@ import base64
 import io
 import logging
 import socket
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 from PIL import Image
 
-from test_serve import ServerThread, free_port, make_app, wait_until
+from test_serve import ServerThread, free_port, make_app, started_server, wait_until
 from test_serve_page import CHROMIUM, Browser
 
 
@@ -240,19 +238,8 @@ def test_root_path_serves_behind_a_proxy_that_strips_it(tiny_lcm):
     /openapi.json names the prefix as its server, and a 404 names the path as the client sent it."""
     import httpx
 
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "latent_consistency.cli", "serve", "--model", str(tiny_lcm), "--port", str(port),
-                                "--device", "cpu", "--root-path", "/lcm/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def up():
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            assert process.poll() is None, process.stderr.read()
-            return False
-
+    process, port = started_server(tiny_lcm, args=("--root-path", "/lcm/"))
     try:
-        wait_until(up, timeout=120)
         url = f"http://127.0.0.1:{port}"
         assert 'id="prompt"' in httpx.get(f"{url}/").text
         assert httpx.get(f"{url}/openapi.json").json()["servers"] == [{"url": "/lcm"}]
