@@ -11,58 +11,49 @@ from latent_consistency.pipelines import LCMGenerator
 PROMPTS = ["a red star", "a blue ring"]
 
 
-def images(generator: LCMGenerator, steps: int = 2) -> torch.Tensor:
-    return generator(PROMPTS, generator.timesteps(steps), 2.0, [3, 4], 16, 16).float()
-
-
 @pytest.mark.slow
-def test_compiled_bfloat16_generator_matches_the_plain_one(tiny_lcm):
-    """bfloat16 is the path that freezes the weights into the graph; float32's is checked through the command line below."""
+def test_serve_warm_up_compiles_a_bfloat16_generator_that_draws_the_plain_images(tiny_lcm, capsys):
+    """inductor's code generation, once (a minute of gcc on a 2-core CPU): `lcm serve --compile`'s warm-up of a bfloat16
+    generator, the path that freezes the weights into the graph. The compiled modules are the ones a call runs, and its
+    images are the plain path's within bfloat16's tolerance, at the warm-up's shape and with other timesteps."""
+    from latent_consistency.cli.serve import warm_up
+
     dtype, tolerance = torch.bfloat16, 0.1
     plain = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), dtype)
-    fast = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), dtype)
-    fast.compile()
-    compiled = sampling_modules(fast.model)
-    assert all(module._compiled_call_impl is not None for module in compiled.values())
+    served = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), dtype)
+    warm_up(served)
+    assert "compiled in" in capsys.readouterr().out
+    assert all(module._compiled_call_impl is not None for module in sampling_modules(served.model).values())
     assert not any(module._compiled_call_impl is not None for module in sampling_modules(plain.model).values())
-    expected, got = images(plain), images(fast)
-    assert got.shape == expected.shape == (2, 3, 16, 16)
-    assert (got - expected).abs().max() < tolerance
-    # bfloat16's tolerance is loose per pixel; on average the two paths agree far more closely
-    assert (got - expected).abs().mean() < tolerance / 10
-    # a second call (no compilation) draws the same images
-    assert torch.equal(images(fast), got)
+    size = served.default_size()
+    for steps in (1, 4):  # the warm-up's request, then one of other timesteps (inputs to the same graph)
+        request = (["a red star"], served.timesteps(steps), 8.0, [7], size, size)
+        expected, got = plain(*request).float(), served(*request).float()
+        assert got.shape == expected.shape == (1, 3, size, size)
+        assert (got - expected).abs().max() < tolerance
+        # bfloat16's tolerance is loose per pixel; on average the two paths agree far more closely
+        assert (got - expected).abs().mean() < tolerance / 10
+        assert torch.equal(served(*request).float(), got)  # a second call draws the same images
 
 
 @pytest.mark.slow
-def test_generate_cli_compile_writes_the_plain_images(tiny_lcm, tmp_path):
+def test_generate_cli_compile_writes_the_plain_images(tiny_lcm, tmp_path, traced_not_built):
+    """`lcm generate --compile` in float32: compiled as `Generator.compile` compiles (inductor, asked for each of the three
+    modules; traced, not built: `traced_not_built`), its images are the plain command's."""
     import numpy as np
     from PIL import Image
 
-    # one image at the model's size: the graph the serve warm-up below compiles too (inductor's cache serves the second)
-    common = ["generate", PROMPTS[0], "--model", str(tiny_lcm), "--steps", "2", "--seed", "3"]
+    common = ["generate", *PROMPTS, "--model", str(tiny_lcm), "--steps", "2", "--seed", "3"]
     assert main(common + ["--out", str(tmp_path / "plain")]) == 0
+    assert traced_not_built == []
     assert main(common + ["--out", str(tmp_path / "compiled"), "--compile"]) == 0
+    assert traced_not_built == ["inductor"] * 3  # the text encoder, the network and the decoder
     names = sorted(p.name for p in (tmp_path / "plain").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "compiled").iterdir()) and len(names) == 1
+    assert names == sorted(p.name for p in (tmp_path / "compiled").iterdir()) and len(names) == 2
     for name in names:
         a = np.asarray(Image.open(tmp_path / "plain" / name), dtype=np.int16)
         b = np.asarray(Image.open(tmp_path / "compiled" / name), dtype=np.int16)
         assert np.abs(a - b).max() <= 1  # 8-bit rounding of images equal within 1e-4
-
-
-@pytest.mark.slow
-def test_serve_warm_up_compiles_before_the_first_request(tiny_lcm, capsys):
-    from latent_consistency.cli.serve import warm_up
-
-    plain = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), torch.float32)
-    served = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), torch.float32)
-    warm_up(served)
-    assert "compiled in" in capsys.readouterr().out
-    assert all(module._compiled_call_impl is not None for module in sampling_modules(served.model).values())
-    size = served.default_size()
-    request = (["a red star"], served.timesteps(4), 8.0, [7], size, size)
-    assert (served(*request) - plain(*request)).abs().max() < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +90,7 @@ def traced_not_built(monkeypatch):
     """`nn.Module.compile` with the backend asked for recorded and AOT autograd's eager backend run in its place: dynamo
     traces the module and AOT autograd builds its forward and backward graphs as inductor's do, without generating C++
     (inductor's kernels for a training step take about two minutes of gcc on a 2-core CPU; inductor's code generation is
-    checked for sampling above). Returns the backends asked for."""
+    checked once, for bfloat16 sampling above). Returns the backends asked for."""
     compile_module, asked = torch.nn.Module.compile, []
 
     def compile_traced(module, *args, backend="inductor", **kwargs):
