@@ -151,6 +151,7 @@ def test_sigkill_and_resume_is_bitwise_identical(run_args, image_folder, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("run_args", ["distill", "finetune"], indirect=True)  # --method ode's: test_ode_bank_processes
 def test_two_processes_share_one_global_batch_and_only_rank0_writes(run_args, image_folder, tmp_path):
     """Two CPU processes (torchrun through accelerate; gloo) train with the same global batch."""
     out = tmp_path / "ddp"
