@@ -131,6 +131,13 @@ def test_page_under_a_prefix_through_stale_requests_bad_input_and_a_server_resta
         js("document.getElementById('seed').value = ''")
         browser.call("Input.insertText", text="3")
         third = browser.wait_for_new_image(second)
+        # was: "1e1" (which the number box takes) refused as no whole number; a fraction still is
+        assert js("wholeNumber('1e1') === 10n && wholeNumber('1.5E3') === 1500n && wholeNumber('12.0') === 12n") is True
+        assert js("[wholeNumber('1.5'), wholeNumber('1e99'), wholeNumber('-1'), wholeNumber('.')]") == [None] * 4
+        js("document.getElementById('seed').value = ''")
+        browser.call("Input.insertText", text="1e1")
+        wait_until(lambda: "seed 10)" in js("document.getElementById('latency').textContent"), 30)
+        third = js("document.getElementById('image').src")
 
         # was: "TypeError: Failed to fetch" once the server stopped, and no image until the next keystroke after it came back
         server.__exit__(None, None, None)

@@ -304,5 +304,29 @@ def test_page_shows_its_status_on_a_laptop_and_a_phone_and_checks_an_upload(gene
             assert "The image is 3 MiB" in browser.js("document.getElementById('status').textContent")
             assert browser.js("document.getElementById('img2img').checked") is False
             assert app.state.metrics.responses.total() == sent  # nothing was sent
+            # was: a photo over the limit was refused (a phone's is 3-12 MiB); now shrunk here to the server's largest side
+            # and drawn from, with a note beside its images. A 1200x900 PNG of noise (3 MiB)
+            browser.js("document.getElementById('prompt').value = 'a red star'")
+            size = browser.js("""new Promise((resolve) => {
+                const canvas = document.createElement('canvas'), context = canvas.getContext('2d');
+                canvas.width = 1200; canvas.height = 900;
+                const pixels = context.createImageData(1200, 900);
+                for (let i = 0; i < pixels.data.length; i += 65536) crypto.getRandomValues(pixels.data.subarray(i, i + 65536));
+                for (let i = 3; i < pixels.data.length; i += 4) pixels.data[i] = 255;
+                context.putImageData(pixels, 0, 0);
+                canvas.toBlob((blob) => {
+                  const files = new DataTransfer();
+                  files.items.add(new File([blob], 'photo.png', {type: 'image/png'}));
+                  document.getElementById('upload').files = files.files;
+                  document.getElementById('upload').dispatchEvent(new Event('change'));
+                  resolve(blob.size);
+                }, 'image/png');
+            })""")
+            assert size > 2**20
+            side = 2 * generator.default_size()  # `make_app`'s max_side
+            shrunk = f"over the 1 MiB this server takes: shrunk here to {side}x{side * 3 // 4} px."
+            wait_until(lambda: shrunk in browser.js("document.getElementById('status').textContent"), 60)
+            assert browser.js("document.getElementById('img2img').checked") is True
+            assert app.state.metrics.responses.get(200, 0) > 0 and 413 not in app.state.metrics.responses
         finally:
             browser.close()
