@@ -13,7 +13,17 @@ import sys
 import typing
 
 from latent_consistency.cli.arguments import source
-from latent_consistency.training.config import COMMANDS, CONFIGS, PRESETS, TrainConfig, field_help, flag_of, preset_adapter_note, resolve_config
+from latent_consistency.training.config import (
+    COMMANDS,
+    CONFIGS,
+    PRESETS,
+    TrainConfig,
+    field_help,
+    flag_of,
+    preset_adapter_note,
+    resolve_config,
+    resolved_defaults,
+)
 
 # The fields whose empty value means "none" (the default): given blank on the command line, an unset shell variable
 # (`--student-init "$INIT"`) started from the teacher, with no held-out data or LoRA, without a word
@@ -96,6 +106,9 @@ def run_training(args, cls: type[TrainConfig]) -> None:
         print(f"{COMMANDS[cls]}: note: {note}", file=sys.stderr)
     if args.dry_run:  # the config as it would run; one that only another machine can run is printed with a note
         print(json.dumps(config.to_dict(), indent=1))
+        resolved = resolved_defaults(config)  # the sentinels the printed config keeps, so that fed back it is the same run
+        if resolved:
+            print(f"{COMMANDS[cls]}: the run resolves {'; '.join(resolved)}", file=sys.stderr)
         problem = machine_problem(config)
         if problem is not None:
             print(f"note: not on this machine: {problem}", file=sys.stderr)

@@ -9,6 +9,7 @@ run folder and in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -17,7 +18,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from latent_consistency.errors import UserError
-from latent_consistency.models import DEFAULT_TIME_COND_PROJ_DIM, guidance_record_of, is_lcm_config, model_json
+from latent_consistency.models import (
+    DEFAULT_ORIGINAL_INFERENCE_STEPS,
+    DEFAULT_TIME_COND_PROJ_DIM,
+    guidance_record_of,
+    is_lcm_config,
+    model_json,
+)
 
 ADAPTERS = ("full", "lora")
 METHODS = ("lcd", "ode", "guidance", "progressive")
@@ -117,10 +124,10 @@ class TrainConfig:
 
         for name, allowed in dict(adapter=ADAPTERS, lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISION, optimizer=OPTIMIZERS).items():
             if getattr(self, name) not in allowed:
-                raise UserError(f"{self.flag(name)} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+                raise UserError(f"{self.named(name)} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         check_distance(self.loss)
         if self.loss != "huber" and self.huber_c != field_default(type(self), "huber_c"):
-            raise UserError(f"--huber-c {self.huber_c:g} is the constant of the pseudo-Huber distance: it applies to --loss huber, "
+            raise UserError(f"{self.named('huber_c')} {self.huber_c:g} is the constant of the pseudo-Huber distance: it applies to --loss huber, "
                             f"not {self.loss}")
         check_weighting(self.loss_weighting)
         for name in (self.model_field, "data", "out"):
@@ -129,31 +136,31 @@ class TrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{self.flag(f.name)} must be a finite number, got {value}")
+                raise UserError(f"{self.named(f.name)} must be a finite number, got {value}")
         for name in ("steps", "batch_size", "grad_accumulation", "log_every", "lora_rank", "max_nonfinite_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise UserError(f"{self.flag(name)} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"{self.named(name)} must be at least 1, got {getattr(self, name)}")
         if self.skip < self.min_skip:  # one message for each command's own least k (was: "0 or more" for -3, then "at least 1" for 0)
-            raise UserError(f"{self.flag('skip')} must be {'0 or more' if self.min_skip == 0 else f'at least {self.min_skip}'}, got {self.skip}")
+            raise UserError(f"{self.named('skip')} must be {'0 or more' if self.min_skip == 0 else f'at least {self.min_skip}'}, got {self.skip}")
         for name in ("seed", "resolution", "lr_warmup_steps", "validate_every", "checkpoint_every", "num_workers",
                      "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
-                raise UserError(f"{self.flag(name)} must be 0 or more, got {getattr(self, name)}")
+                raise UserError(f"{self.named(name)} must be 0 or more, got {getattr(self, name)}")
         if self.seed > MAX_SEED:
-            raise UserError(f"{self.flag('seed')} must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
+            raise UserError(f"{self.named('seed')} must be at most 2**63 - 1 = {MAX_SEED}, got {self.seed}")
         if self.batch_size > MAX_BATCH_SIZE:
-            raise UserError(f"{self.flag('batch_size')} {self.batch_size} is above {MAX_BATCH_SIZE:,} images a step, more than any accelerator holds; "
+            raise UserError(f"{self.named('batch_size')} {self.batch_size} is above {MAX_BATCH_SIZE:,} images a step, more than any accelerator holds; "
                             "give a smaller --batch-size (and --grad-accumulation for a larger effective batch)")
         if self.batch_size % self.grad_accumulation:
-            raise UserError(f"{self.flag('batch_size')} {self.batch_size} must be a multiple of {self.flag('grad_accumulation')} "
+            raise UserError(f"{self.named('batch_size')} {self.batch_size} must be a multiple of {self.named('grad_accumulation')} "
                             f"{self.grad_accumulation}")
         if self.lora_rank != field_default(type(self), "lora_rank") and self.adapter != "lora":
-            raise UserError(f"--lora-rank {self.lora_rank} sets the rank of new LoRA adapters: it applies to --adapter lora")
+            raise UserError(f"{self.named('lora_rank')} {self.lora_rank} sets the rank of new LoRA adapters: it applies to --adapter lora")
         for name in ("adam_beta1", "adam_beta2", "eval_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"{self.flag(name)} must be in [0, 1), got {getattr(self, name)}")
+                raise UserError(f"{self.named(name)} must be in [0, 1), got {getattr(self, name)}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise UserError(f"{self.flag('ema_decay')} must be in [0, 1), got {self.ema_decay}")
+            raise UserError(f"{self.named('ema_decay')} must be in [0, 1), got {self.ema_decay}")
         if self.eval_data and self.eval_fraction:
             raise UserError("give --eval-data or --eval-fraction, not both")
         if self.eval_data and _same_data(self.eval_data, self.data):
@@ -162,6 +169,10 @@ class TrainConfig:
         if self.eval_data and _inside(self.eval_data, self.data):
             raise UserError(f"--eval-data {self.eval_data} is inside --data {self.data}, whose subfolders are read too: its images "
                             "would be trained on and its loss not held out; move it out of that folder, or use --eval-fraction")
+        for name in ("data", "eval_data"):  # the run's validation grids would be read as data, on a resume as images of no caption
+            if getattr(self, name) and _written_inside(self.out, getattr(self, name)):
+                raise UserError(f"{self.named('out')} {self.out} is inside {self.named(name)} {getattr(self, name)}, whose subfolders are "
+                                "read too: the run's validation grids would be read as its images; give an --out outside that folder")
         shared = _shared_data(self.eval_data, self.data) if self.eval_data else None
         if shared is not None:
             raise UserError(f"--eval-data {self.eval_data} and --data {self.data} both read {shared}: its loss would not be held out; "
@@ -176,9 +187,9 @@ class TrainConfig:
         check_guidance_scale_range(self.guidance_scale_min, self.guidance_scale_max)
         for name in ("lr", "huber_c"):
             if getattr(self, name) <= 0:
-                raise UserError(f"{self.flag(name)} must be positive, got {getattr(self, name)}")
+                raise UserError(f"{self.named(name)} must be positive, got {getattr(self, name)}")
         if self.validation_guidance_scale < 0:
-            raise UserError(f"{self.flag('validation_guidance_scale')} must be 0 or more, got {self.validation_guidance_scale}")
+            raise UserError(f"{self.named('validation_guidance_scale')} must be 0 or more, got {self.validation_guidance_scale}")
         return self
 
     def flag(self, name: str) -> str:
@@ -186,6 +197,11 @@ class TrainConfig:
         unless the program that drives the run named its fields otherwise (`named_as`: `lcm demo` sets --steps with
         --distill-steps, and has no flag for the rest)."""
         return getattr(self, "_names", {}).get(name) or flag_of(name)
+
+    def named(self, name: str) -> str:
+        """How `check` names field `name` in a refusal of its value: as the config file's field where the value came from the
+        file (`resolve_config`; a flag beats the file), not as a flag the user never typed; else as `flag` says."""
+        return f"config field {name}" if name in getattr(self, "_from_file", ()) else self.flag(name)
 
     def named_as(self, names: dict[str, str]) -> TrainConfig:
         """This config, its messages naming each field of `names` as that gives it (`flag`); the fields are unchanged."""
@@ -310,7 +326,7 @@ class DistillConfig(TrainConfig):
         super().check()
         get_solver(self.solver)
         if self.method not in METHODS:
-            raise UserError(f"{self.flag('method')} {self.method!r} is not one of {', '.join(METHODS)}")
+            raise UserError(f"{self.named('method')} {self.method!r} is not one of {', '.join(METHODS)}")
         if self.method not in LCM_METHODS:  # Guided-Distill has none of LCD's settings: refused at --dry-run as in the run
             self._check_guided_distill_student()
             skip = field_default(DistillConfig, "skip")
@@ -329,40 +345,40 @@ class DistillConfig(TrainConfig):
                 raise UserError(f"--method ode regresses a full student (its ω input) onto a bank of whole ODE solutions, with no grid "
                                 f"pairs to weight or schedule and no held-out loss: set {', '.join(refused)}")
             if self.ode_targets < 1:
-                raise UserError(f"{self.flag('ode_targets')} must be at least 1, got {self.ode_targets}")
+                raise UserError(f"{self.named('ode_targets')} must be at least 1, got {self.ode_targets}")
         if self.method != "ode" and self.ode_targets != field_default(DistillConfig, "ode_targets"):
-            raise UserError(f"--ode-targets {self.ode_targets} sets the rows of the bank that --method ode regresses onto: it applies to "
+            raise UserError(f"{self.named('ode_targets')} {self.ode_targets} sets the rows of the bank that --method ode regresses onto: it applies to "
                             f"--method ode, not {self.method}")
         if self.omega_response_samples < 0:
-            raise UserError(f"{self.flag('omega_response_samples')} must be 0 or more, got {self.omega_response_samples}")
+            raise UserError(f"{self.named('omega_response_samples')} must be 0 or more, got {self.omega_response_samples}")
         if self.student_steps < 0:
-            raise UserError(f"{self.flag('student_steps')} must be 0 or more, got {self.student_steps}")
+            raise UserError(f"{self.named('student_steps')} must be 0 or more, got {self.student_steps}")
         if (self.method == "progressive") != (self.student_steps > 0):
             raise UserError("--method progressive needs --student-steps N (N >= 1), and --student-steps applies to it alone")
         if self.student_init and self.adapter != "full":
             raise UserError("--student-init gives a full student its starting weights; a LoRA student starts from the teacher")
         if self.student_prediction not in ("teacher", *PREDICTION_TYPES):
-            raise UserError(f"{self.flag('student_prediction')} {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
+            raise UserError(f"{self.named('student_prediction')} {self.student_prediction!r} is not one of teacher, {', '.join(PREDICTION_TYPES)}")
         if self.time_cond_proj_dim is not None:  # None: the starting UNet's own (`resolve_config`, `students.make_student`)
             check_guidance_embedding_dim(self.time_cond_proj_dim)  # its sinusoids need at least 4 dimensions
         if self.guidance_pair_weight < 0:
-            raise UserError(f"{self.flag('guidance_pair_weight')} must be 0 or more, got {self.guidance_pair_weight}")
+            raise UserError(f"{self.named('guidance_pair_weight')} must be 0 or more, got {self.guidance_pair_weight}")
         if self.omega_lr_scale <= 0:
-            raise UserError(f"{self.flag('omega_lr_scale')} must be above 0, got {self.omega_lr_scale}")
+            raise UserError(f"{self.named('omega_lr_scale')} must be above 0, got {self.omega_lr_scale}")
         if self.omega_lr_scale != 1 and self.adapter != "full":
-            raise UserError(f"{self.flag('omega_lr_scale')} applies to full students; a LoRA student has no ω input")
+            raise UserError(f"{self.named('omega_lr_scale')} applies to full students; a LoRA student has no ω input")
         if self.student_prediction != "teacher" and self.adapter != "full":
-            raise UserError(f"{self.flag('student_prediction')} applies to full students; a LoRA keeps the teacher's parameterisation")
+            raise UserError(f"{self.named('student_prediction')} applies to full students; a LoRA keeps the teacher's parameterisation")
         if self.guidance_pair_weight > 0 and self.adapter != "full":
-            raise UserError(f"{self.flag('guidance_pair_weight')} applies to full students; a LoRA student has no ω input")
+            raise UserError(f"{self.named('guidance_pair_weight')} applies to full students; a LoRA student has no ω input")
         if self.guidance_pair_steps < 0:
-            raise UserError(f"{self.flag('guidance_pair_steps')} must be 0 or more, got {self.guidance_pair_steps}")
+            raise UserError(f"{self.named('guidance_pair_steps')} must be 0 or more, got {self.guidance_pair_steps}")
         if self.guidance_pair_steps and not self.guidance_pair_weight > 0:
-            raise UserError(f"{self.flag('guidance_pair_steps')} sets how long the pair term applies: it needs "
-                            f"{self.flag('guidance_pair_weight')} > 0")
+            raise UserError(f"{self.named('guidance_pair_steps')} sets how long the pair term applies: it needs "
+                            f"{self.named('guidance_pair_weight')} > 0")
         if self.guidance_pair_weight > 0 and self.guidance_scale_min == self.guidance_scale_max:
-            raise UserError(f"{self.flag('guidance_pair_weight')} needs a guidance range ({self.flag('guidance_scale_min')} < "
-                            f"{self.flag('guidance_scale_max')})")
+            raise UserError(f"{self.named('guidance_pair_weight')} needs a guidance range ({self.named('guidance_scale_min')} < "
+                            f"{self.named('guidance_scale_max')})")
         return self
 
     def _check_guided_distill_student(self) -> None:
@@ -397,8 +413,8 @@ class FinetuneConfig(TrainConfig):
         if self.lora and self.adapter != "lora":
             raise UserError("fine-tuning an LCM-LoRA (--lora) trains that LoRA: use --adapter lora")
         if self.lora and self.lora_rank != field_default(FinetuneConfig, "lora_rank"):
-            raise UserError(f"--lora-rank {self.lora_rank} sets the rank of new adapters; the LCM-LoRA of --lora keeps its own rank: "
-                            "leave --lora-rank out")
+            raise UserError(f"{self.named('lora_rank')} {self.lora_rank} sets the rank of new adapters; the LCM-LoRA of --lora keeps its "
+                            "own rank: leave it out")
         return self
 
 
@@ -547,6 +563,16 @@ def _inside(inner: str, outer: str) -> bool:
     if not (Path(inner).exists() and Path(outer).is_dir()):
         return False
     return Path(outer).resolve() in Path(inner).resolve().parents
+
+
+def _written_inside(out: str, data: str) -> bool:
+    """Whether the run folder `out` (there yet or not) is the existing folder `data` names, or lies inside it, where `data`
+    is read with its subfolders: an image folder or a folder of shards, not a latent cache (which reads its own files)."""
+    folder = Path(data).expanduser()
+    if not folder.is_dir() or (folder / "manifest.json").is_file():
+        return False
+    inside = Path(os.path.realpath(os.path.expanduser(out)))
+    return folder.resolve() in (inside, *inside.parents)
 
 
 def _shared_data(a: str, b: str) -> str | None:
@@ -703,10 +729,15 @@ def resolve_config(cls: type[TrainConfig], preset: str | None = None, config_fil
         raise UserError(f"{', '.join(elsewhere)} belong(s) to {COMMANDS[other]}"
                         + (": fine-tuning has no teacher" if cls is FinetuneConfig else f", not {COMMANDS[cls]}"))
     unknown = sorted(set(values) - set(known))
+    sections = [name for name in unknown if isinstance(values[name], dict)]
+    if sections:
+        raise UserError(f"config file {config_file} gives {sections[0]} an object; a config file is one flat JSON object of fields "
+                        f"(as --dry-run prints), without sections: see `{COMMANDS[cls]} --help`")
     if unknown:
-        raise UserError(f"unknown config field(s) {', '.join(unknown)}; see `{COMMANDS[cls]} --help`")
+        raise UserError(f"unknown config field(s) {', '.join(_unknown_field(name, known) for name in unknown)}; see `{COMMANDS[cls]} --help`")
     config = cls(**{name: _typed(cls, name, value) for name, value in values.items()})
     config._chosen = frozenset(chosen)  # `TrainConfig.chosen`
+    config._from_file = frozenset(from_file) - set(given)  # `TrainConfig.named`
     return config
 
 
@@ -727,6 +758,29 @@ def preset_adapter_note(cls: type[TrainConfig], preset: str | None, config: Trai
     kind = {"full": "a full student", "lora": "LoRA adapters"}
     return (f"--preset {preset} is tuned for {kind[own]}, its lr {config.lr:g} with it; --adapter {config.adapter} trains "
             f"{kind[config.adapter]}, usually at another rate: give --lr")
+
+
+def resolved_defaults(config: TrainConfig) -> list[str]:
+    """What the run makes of the values that `config` leaves to it, which config.json and --dry-run record as given (so
+    that the file fed back is the same run): the target's μ of an unset ema_decay (`target_decay`), LCF's k at skip 0 (the
+    LCM's own: T / its scheduler's original_inference_steps, as `DiffusionModel.skip`), and the model's native size at
+    resolution 0 (its network's sample_size in latents, times the VAE's downsampling, as `DiffusionModel.native_size`),
+    these two read from the model's config files where they can be before it loads."""
+    said = []
+    if config.ema_decay is None:
+        said.append(f"ema_decay μ = {config.target_decay:g} (" + ("a full student's" if config.adapter == "full" else
+                                                                "a LoRA's: the target is the student") + ")")
+    model = getattr(config, config.model_field)
+    scheduler = model_json(model, "scheduler/scheduler_config.json") if config.skip == 0 else None
+    if scheduler is not None:
+        steps = int(scheduler.get("original_inference_steps", DEFAULT_ORIGINAL_INFERENCE_STEPS))
+        said.append(f"skip k = {int(scheduler.get('num_train_timesteps', 1000)) // steps} (the model's own: T / its "
+                    f"original_inference_steps {steps})")
+    network = model_json(model, f"{'transformer' if _is_transformer_pipeline(model) else 'unet'}/config.json") if config.resolution == 0 else None
+    vae = model_json(model, "vae/config.json") if network is not None else None
+    if vae is not None and isinstance(network.get("sample_size"), int) and isinstance(vae.get("block_out_channels"), list):
+        said.append(f"resolution {network['sample_size'] * 2 ** (len(vae['block_out_channels']) - 1)} (the native size of {model})")
+    return said
 
 
 def _check_full_student_preset(preset: str, preset_values: dict[str, Any], chosen: set[str], method: str) -> None:
@@ -852,7 +906,27 @@ def _home_expanded(values: dict[str, Any]) -> dict[str, Any]:
             for name, value in values.items()}
 
 
+# diffusers' LCD scripts' names (train_lcm_distill_sd_wds.py) of fields named otherwise here, for an unknown field's hint
+DIFFUSERS_NAMES = {"learning_rate": "lr", "max_train_steps": "steps", "gradient_accumulation_steps": "grad_accumulation",
+                   "output_dir": "out", "pretrained_teacher_model": "teacher", "checkpointing_steps": "checkpoint_every",
+                   "validation_steps": "validate_every", "checkpoints_total_limit": "keep_checkpoints", "loss_type": "loss"}
+
+
+def _unknown_field(name: str, known: dict[str, str]) -> str:
+    """An unknown field `name` of a config file, with the field it may stand for: the one its flag's spelling names
+    (`batch-size`, `--batch-size`: batch_size), the one of diffusers' name (`DIFFUSERS_NAMES`), else the closest names."""
+    as_field = name.lstrip("-").replace("-", "_")
+    if as_field in known:
+        return f"{name} (a flag's spelling: the field is {as_field})"
+    if DIFFUSERS_NAMES.get(as_field) in known:
+        return f"{name} (diffusers' name: the field is {DIFFUSERS_NAMES[as_field]})"
+    close = difflib.get_close_matches(as_field, list(known), n=2)
+    return f"{name} (did you mean {' or '.join(close)}?)" if close else name
+
+
 def _read_config_file(config_file: str) -> dict:
+    """The fields of the JSON file `config_file`: one flat object of them, as --dry-run prints and config.json holds; a
+    UserError saying what else the file is (YAML or TOML, a checkpoint's state.json; sections: `resolve_config`)."""
     path = Path(config_file)
     if not path.exists():
         raise UserError(f"config file {config_file} does not exist")
@@ -860,15 +934,24 @@ def _read_config_file(config_file: str) -> dict:
         raise UserError(f"config file {config_file} is not a file; give a JSON file of config fields")
     try:
         # with or without a byte-order mark, as captions and prompt files are read (Notepad writes one)
-        loaded = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_refuse_duplicates)
+        text = path.read_text(encoding="utf-8-sig")
+        loaded = json.loads(text, object_pairs_hook=_refuse_duplicates)
     except _DuplicateField as dup:
         raise UserError(f"config file {config_file} gives field {dup.args[0]} twice; keep one") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"config file {config_file} is not valid JSON: {getattr(err, 'msg', err)}") from None
+        other = not isinstance(err, UnicodeDecodeError) and not text.lstrip().startswith(("{", "["))
+        raise UserError(f"config file {config_file} is not valid JSON: {getattr(err, 'msg', err)}"
+                        + ("; config files are JSON (one object of fields, as --dry-run prints), not YAML or TOML" if other else "")) from None
     except ValueError:  # an integer of more digits than Python reads (4,300)
         raise UserError(f"config file {config_file} holds a number of thousands of digits; give config values of usual size") from None
     if not isinstance(loaded, dict):
         raise UserError(f"config file {config_file} must hold a JSON object of config fields, not {type(loaded).__name__}")
+    if isinstance(loaded.get("config"), dict) and "step" in loaded:  # the saved_config message says state.json holds the config
+        from latent_consistency.training.checkpoint import CHECKPOINT_DIR
+
+        run = path.resolve().parents[2] if path.resolve().parent.parent.name == CHECKPOINT_DIR else Path("RUN")
+        raise UserError(f"config file {config_file} is a checkpoint's state.json, which holds its run's config as its \"config\" "
+                        f"object: give {run / 'config.json'}, the same config, or that object alone")
     return loaded
 
 

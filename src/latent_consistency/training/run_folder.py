@@ -399,6 +399,9 @@ class RunFolder:
                 raise UserError(f"cannot write the run folder {self.out}: {err.strerror or err}") from None
         if self.moves:
             print(sources.moved_note(self.moves), file=sys.stderr, flush=True)
+        if self.main and self.started is not None and self.started.out and Path(self.started.out).resolve() != self.out.resolve():
+            print(f"note: this run was in {self.started.out}: it goes on in {self.out} (moved or copied since), which its config.json "
+                  "now names", file=sys.stderr, flush=True)
         self.writer.resume_at(progress.step)
         return progress
 
