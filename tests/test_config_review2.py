@@ -123,3 +123,23 @@ def test_a_dry_run_says_what_the_run_makes_of_its_sentinel_values(tiny_lcm, tmp_
     assert code in (0, None) and "the run resolves" not in err, err
     code, out, err = run([*argv, "--adapter", "lora"], capsys)
     assert "ema_decay μ = 0 (a LoRA's: the target is the student)" in err, err
+
+
+def test_the_sd_lora_preset_is_diffusers_published_lcm_lora_recipe_and_runs(run_error, capsys, tiny_sd, tmp_path):
+    """`--preset sd-lora` (was missing: an SD 1.5 LCM-LoRA user had to spell out the recipe, or took `sdxl-lora`'s 1024 px):
+    train_lcm_distill_lora_sd_wds.py's README settings at the model's native size, the paper's guidance range."""
+    from command_helpers import dry_run
+
+    argv = ["distill", "--preset", "sd-lora", "--teacher", str(tiny_sd), "--data", "world:shapes", "--out", str(tmp_path / "run")]
+    config = dry_run(capsys, argv)
+    assert {k: config[k] for k in ("adapter", "lora_rank", "lr", "weight_decay", "loss", "skip", "solver", "steps", "batch_size",
+                                   "mixed_precision", "gradient_checkpointing", "resolution", "guidance_scale_min",
+                                   "guidance_scale_max", "ema_decay")} == {
+        "adapter": "lora", "lora_rank": 64, "lr": 1e-4, "weight_decay": 0.0, "loss": "huber", "skip": 20, "solver": "ddim",
+        "steps": 1000, "batch_size": 12, "mixed_precision": "fp16", "gradient_checkpointing": True, "resolution": 0,
+        "guidance_scale_min": 3.0, "guidance_scale_max": 15.0, "ema_decay": None}
+    # on this CPU in float32, two steps: its LoRA is exported
+    code, err = run_error([*argv, "--mixed-precision", "no", "--steps", "2", "--batch-size", "2", "--validate-every", "0",
+                           "--data", str(write_captioned_images(tmp_path / "images", 4))])
+    assert code in (0, None), err
+    assert (tmp_path / "run" / "lora").is_dir()

@@ -424,6 +424,13 @@ DISTILL_PRESETS: dict[str, dict[str, Any]] = {
     "sd": dict(solver="ddim", skip=20, guidance_scale_min=3.0, guidance_scale_max=15.0, lr=8e-6, batch_size=72,
                steps=4000, loss="huber", ema_decay=0.95, mixed_precision="fp16", gradient_checkpointing=True,
                validate_every=500, checkpoint_every=500),
+    # LCM-LoRA on Stable Diffusion 1.5 (Luo et al. 2023b), diffusers' published recipe (examples/consistency_distillation
+    # README: train_lcm_distill_lora_sd_wds.py): rank-64 adapters at lr 1e-4 without weight decay, k = 20, DDIM,
+    # pseudo-Huber, fp16, gradient checkpointing, 1,000 steps, batch 12 per GPU (--batch-size is global here); the
+    # native 512 px; the paper's guidance range, as `sd` (their w ∈ [3, 15] is ω: give g ∈ [4, 16] for theirs).
+    "sd-lora": dict(solver="ddim", skip=20, guidance_scale_min=3.0, guidance_scale_max=15.0, lr=1e-4, batch_size=12, steps=1000,
+                    loss="huber", adapter="lora", lora_rank=64, weight_decay=0.0, mixed_precision="fp16", gradient_checkpointing=True,
+                    validate_every=200, checkpoint_every=200, keep_checkpoints=10),
     # diffusers' published SDXL recipes (examples/consistency_distillation README: train_lcm_distill_sdxl_wds.py and its
     # LoRA twin): 1024 px with the size/crop micro-conditioning fixed at the resolution (their --use_fix_crop_and_size,
     # which is what our latent cache and image data give an SDXL condition), k = 20, pseudo-Huber, fp16,
@@ -747,7 +754,7 @@ PLUMBING_PRESETS = {"tiny"}
 
 def preset_adapter_note(cls: type[TrainConfig], preset: str | None, config: TrainConfig) -> str | None:
     """A note when a run trains another kind of student than its preset was tuned for (`--preset sd --adapter lora`) at the
-    preset's learning rate: LoRA adapters train at about 1e-4 (`sdxl-lora`), a whole UNet at 1e-6 to 8e-6 (`sd`, `sdxl`), so
+    preset's learning rate: LoRA adapters train at about 1e-4 (`sd-lora`, `sdxl-lora`), a whole UNet at 1e-6 to 8e-6 (`sd`, `sdxl`), so
     the preset's rate is 12 to 100 times off. None where the user's --lr (or config file's) replaced it."""
     if not preset or preset in PLUMBING_PRESETS:
         return None
@@ -784,7 +791,7 @@ def resolved_defaults(config: TrainConfig) -> list[str]:
 
 
 def _check_full_student_preset(preset: str, preset_values: dict[str, Any], chosen: set[str], method: str) -> None:
-    """A UserError, naming the preset, for a preset of LoRA adapters (`sdxl-lora`) under a Guided-Distill stage, which
+    """A UserError, naming the preset, for a preset of LoRA adapters (`sd-lora`, `sdxl-lora`) under a Guided-Distill stage, which
     trains a full student (`DistillConfig.check` would blame an --adapter the user never gave)."""
     adapter = preset_values.get("adapter", "full")
     if adapter != "full" and "adapter" not in chosen:
