@@ -177,7 +177,7 @@ def test_the_exact_row_samples_at_the_teachers_guidance_scale(monkeypatch):
     from latent_consistency.evaluation import table
 
     seen = []
-    monkeypatch.setattr(table, "sample_consistency", lambda f, timesteps, model, prompts, g, seed, device: seen.append(g))
+    monkeypatch.setattr(table, "sample_consistency", lambda f, timesteps, model, prompts, g, seed, device, batch: seen.append(g))
     monkeypatch.setattr(table, "TeacherConsistencyFunction", lambda *args: None)
     teacher = SimpleNamespace(time_cond_proj_dim=None, is_lcm=False, guided_teacher=lambda: None,
                               prompts=SimpleNamespace(uncond=lambda device: None))

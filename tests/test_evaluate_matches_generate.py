@@ -23,7 +23,7 @@ def test_an_evaluation_s_lcm_image_is_lcm_generate_s_image_of_its_seed(tiny_lcm,
 
 
 def test_the_images_of_a_later_part_are_those_of_the_whole_set(tiny_lcm):
-    """An evaluation samples in parts (`compare.BATCH` images, or the parts of `EvalSet.parts`): image i's noise is its
+    """An evaluation samples in parts (`compare.batch_size` images, or the parts of `EvalSet.parts`): image i's noise is its
     seed's wherever it falls."""
     generator = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), torch.float32)
     whole = sample(SamplerSpec("lcm", 4, 2.0), generator.model, None, PROMPTS, seed=7)

@@ -3,7 +3,7 @@ the features, never a set of images whole, and each feature network reads the re
 
 was: every real image was stacked into one float32 tensor (3.1 GB for 1,000 at 512 px, 94 GB for 30,000), each row's
 images were all held before scoring, and every row ran each feature network over the whole reference three times (FID,
-KID, the KID feature scale). Now the rows are sampled and scored `compare.BATCH` images at a time, and the scores,
+KID, the KID feature scale). Now the rows are sampled and scored `compare.batch_size` images at a time, and the scores,
 the fingerprint of an evaluation (so that one begun before resumes) and the report are the numbers they were."""
 
 import hashlib
@@ -53,7 +53,7 @@ def test_the_reference_is_read_once_and_images_scored_a_batch_at_a_time(data, ti
     from latent_consistency.evaluation import table
     from latent_consistency.models import load_lcm
 
-    monkeypatch.setattr(compare, "BATCH", BATCH)
+    monkeypatch.setattr(compare, "MAX_BATCH", BATCH)
     inception, clip = Spy(monkeypatch, InceptionFeatures), Spy(monkeypatch, ClipModel)
     sampled, eval_sets = [], []
     real_generate, real_load = table.generate, cli_evaluate.load_eval_set
@@ -75,7 +75,7 @@ def test_the_reference_is_read_once_and_images_scored_a_batch_at_a_time(data, ti
 
     # The row's numbers are the all-at-once functions' on all its images, up to the rounding of features computed in
     # batches of 4 rather than 10 (under several threads the kernels round differently; KID's cubic kernel shows it most)
-    monkeypatch.setattr(compare, "BATCH", 250)
+    monkeypatch.setattr(compare, "MAX_BATCH", 250)
     network, clip_model = InceptionFeatures.load(data["inception"], size=16), ClipModel.load(str(data["clip"]))
     real, row = torch.stack(list(eval_set.reference)), rows["lcm|2|8"]
     fake = real_generate(Row("lcm", 2, 8.0), load_lcm(str(tiny_lcm)), None, EvalSet(eval_set.prompts, None, real), "cpu")
@@ -93,7 +93,7 @@ def test_the_fingerprint_is_the_digest_of_the_reference_stacked(data, monkeypatc
     and that evaluation resumes."""
     from latent_consistency.cli.evaluate import read_reference
 
-    monkeypatch.setattr(compare, "BATCH", BATCH)
+    monkeypatch.setattr(compare, "MAX_BATCH", BATCH)
     reference = read_reference(str(data["images"]), 16, 10)
     prompts, identities = ["a red star", "café ☕"], ("/models/lcm 0123", "clip of /models/clip")
     stacked = torch.stack(list(reference))
@@ -160,7 +160,7 @@ def test_a_row_is_generated_in_parts_from_the_noise_of_the_whole(tiny_lcm, monke
     were sampled before: image i from seed SEED + i, its prompt encoded with the same others."""
     from latent_consistency.models import load_lcm
 
-    monkeypatch.setattr(compare, "BATCH", BATCH)
+    monkeypatch.setattr(compare, "MAX_BATCH", BATCH)
     lcm = load_lcm(str(tiny_lcm))
     eval_set = EvalSet(["a red star", "a blue ring", "a green square"], None, ReferenceImages.of(torch.zeros(2, 3, 16, 16)), 2, 7)
     whole = generate(Row("lcm", 1, 8.0), lcm, None, eval_set, "cpu")

@@ -119,7 +119,7 @@ def test_grid_rows_say_steps_and_labels_fit(tmp_path, monkeypatch):
     long_row = Row(table.EXACT, 4, 1.5)
     label = table.grid_label(long_row)
     assert label == "exact LCM (teacher ODE), 4 steps, g = 1.5"
-    monkeypatch.setattr(table, "generate", lambda row, lcm, teacher, few, device, guided=None: torch.zeros(len(few.prompts), 3, 8, 8))
+    monkeypatch.setattr(table, "generate", lambda row, lcm, teacher, few, device, guided=None, batch=None: torch.zeros(len(few.prompts), 3, 8, 8))
     eval_set = table.EvalSet(["a", "b"], None, torch.zeros(2, 3, 8, 8))
     path = table.write_grid([Row("lcm", 1, 1.5), long_row], None, None, eval_set, tmp_path, "cpu", columns=2)
     width = Image.open(path).width

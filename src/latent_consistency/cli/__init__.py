@@ -173,13 +173,43 @@ def other_process_stopped(err: Exception) -> str | None:
     return "another process of this run stopped; its message, or the launcher's report, says why"
 
 
+# What lowers each command's memory, for its out-of-memory line (`out_of_memory`)
+_TRAINING_MEMORY = ("a smaller --batch-size with --grad-accumulation (the same effective batch), --gradient-checkpointing, "
+                    "--mixed-precision fp16 or bf16, or --adapter lora; then --resume goes on from the last checkpoint")
+MEMORY_HINTS = {"distill": _TRAINING_MEMORY, "finetune": _TRAINING_MEMORY,
+                "generate": "fewer images at once (--batch-size), a smaller --height and --width, or --dtype float16",
+                "evaluate": "a smaller --batch-size (images sampled and scored at once); a rerun keeps the rows scored",
+                "cache": "a smaller --batch-size"}
+_ALLOCATION = re.compile(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)")
+
+
+def out_of_memory(err: Exception, command: str) -> str | None:
+    """The one line of a device or the machine out of memory (torch's OutOfMemoryError, on a GPU or an MPS device; the CPU
+    allocator's "can't allocate memory"): what failed to allocate and, for `command`, what to lower (`MEMORY_HINTS`);
+    None for any other error. The settings asked more than the device has: a user's error, not a traceback."""
+    import torch
+
+    message = str(err)
+    cpu = "DefaultCPUAllocator" in message and "allocate" in message
+    if not (isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and (cpu or "MPS backend out of memory" in message))):
+        return None
+    where = "the CPU's memory" if cpu else "the MPS device" if "MPS" in message else "the GPU"
+    size = _ALLOCATION.search(message)
+    amount = size.group(1) if size else "an allocation"
+    if amount.endswith(" bytes"):
+        amount = f"{int(amount.split()[0]) / 2**30:,.2f} GiB"
+    hint = MEMORY_HINTS.get(command)
+    return f"out of memory: {where} could not give {amount}" + (f"; give {hint}" if hint else "")
+
+
 def failure_line(err: Exception, args) -> tuple[str, int] | None:
     """What a command prints after "lcm COMMAND: " for an error that is not a defect, and its exit code: a path's or the
-    disk's error and a killed data worker (`worker_death`) as a user's error, `other_process_stopped`; None for anything
-    else, a defect whose traceback must show."""
+    disk's error, a device out of memory (`out_of_memory`) and a killed data worker (`worker_death`) as a user's error,
+    `other_process_stopped`; None for anything else, a defect whose traceback must show."""
     from latent_consistency.data.workers import worker_death
 
-    message = path_error(err) or worker_death(err, "--num-workers" if hasattr(args, "num_workers") else None)
+    message = (path_error(err) or out_of_memory(err, getattr(args, "command", ""))
+               or worker_death(err, "--num-workers" if hasattr(args, "num_workers") else None))
     if message is not None:
         return f"error: {message}", 2
     message = other_process_stopped(err)

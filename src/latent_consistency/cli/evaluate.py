@@ -403,7 +403,7 @@ def run_evaluation(args) -> None:
     settings = evaluation_settings(args, lcm, teacher, guided, styles, eval_set, scorers)
     try:
         results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided, identities=identities,
-                            keep_other_results=True, settings=settings)
+                            keep_other_results=True, settings=settings, batch=args.batch_size)
     except OtherEvaluation as other:
         raise UserError(other_evaluation(args.out, other.settings, settings)) from None
     models = (f"LCM `{args.lcm}`" + (f" with LoRA `{args.lora}`" if args.lora else "") + style_note(styles, teacher is not None or bool(guided))
@@ -417,11 +417,11 @@ def run_evaluation(args) -> None:
     write_plots(results, out)
     figure_scale = grid_guidance_scale(scales, preferred)
     write_grid([r for r in rows if r.guidance_scale == figure_scale], lcm, teacher, eval_set, out, device, args.grid_columns,
-               guided=guided, lcm_label=style_label(styles))
+               guided=guided, lcm_label=style_label(styles), batch=args.batch_size)
     if len(scales) > 1:  # Figures 4-5's grid: the LCM at its step count nearest 4, one row per ω, the same noise
         n = min(args.steps, key=lambda s: (abs(s - 4), s))
         write_grid([r for r in rows if r.sampler == "lcm" and r.steps == n], lcm, teacher, eval_set, out, device, args.grid_columns,
-                   name="guidance_grid.png", lcm_label=style_label(styles))
+                   name="guidance_grid.png", lcm_label=style_label(styles), batch=args.batch_size)
     print(f"report, results.json, plots and grid(s) in {out}")
 
 
@@ -819,6 +819,9 @@ def register(subparsers) -> None:
     option("--seed", type=nonnegative_int, default=0, help="image i starts from seed SEED+i (default 0)")
     option("--grid-columns", type=positive_int, default=8, help="prompts in the Figure-2 grid (default 8)")
     option("--device", default="auto", help="auto, cpu, cuda or mps")
+    option("--batch-size", type=positive_int, help="images sampled and scored at once (default: at most 16 images' pixels of "
+           "512 x 512, at most 250: 16 at 512 px, 4 at 1024 px, 250 at the world's 32 px); lower it where the device runs out of "
+           "memory. Not part of what a rerun must match: image i's noise is its own whatever the batch")
     commands = p.add_subparsers(dest="evaluate_command", metavar="sweep")
     s = commands.add_parser("sweep", help="FID over training of several runs on one plot (Figure 3)")
     s.add_argument("--runs", nargs="+", required=True, help="distillation run folders with checkpoints")

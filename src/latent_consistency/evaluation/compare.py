@@ -15,7 +15,17 @@ from latent_consistency.models import DiffusionModel
 from latent_consistency.parameterization import omega_from_guidance_scale
 from latent_consistency.sampling import randn, sample_lcm, sample_teacher
 
-BATCH = 250  # images sampled at once; `lcm evaluate` samples and scores a row this many at a time (`table.score_row`)
+# Images sampled at once by default (`batch_size`), and so scored at once by `lcm evaluate` (`table.score_row`): at most
+# MAX_BATCH (the world's 32 px images), at most BATCH_PIXELS pixels, for a batch's activations grow with its pixels: the
+# VAE decoder's full-size feature maps of one 512 × 512 image are about 0.5 GB in half precision, 250 of them 125 GB.
+MAX_BATCH = 250
+BATCH_PIXELS = 16 * 512 * 512
+
+
+def batch_size(model: DiffusionModel) -> int:
+    """Images of `model` sampled at once unless told (`lcm evaluate --batch-size`): 250 at the world's 32 px, 16 at Stable
+    Diffusion 1.5's 512 px, 4 at SDXL's 1024 px."""
+    return max(1, min(MAX_BATCH, BATCH_PIXELS // model.native_size ** 2))
 
 
 @dataclass(frozen=True)
@@ -43,23 +53,24 @@ def _noise(model: DiffusionModel, seeds: range, device) -> tuple[torch.Tensor, l
 
 
 def sample(spec: SamplerSpec, lcm: DiffusionModel | None, teacher: DiffusionModel, prompts: list[str], seed: int = 0,
-           device: torch.device | str = "cpu") -> torch.Tensor:
-    """Images in [-1, 1] on the CPU for `prompts` with the sampler `spec`; image i uses seed `seed + i`."""
+           device: torch.device | str = "cpu", batch: int | None = None) -> torch.Tensor:
+    """Images in [-1, 1] on the CPU for `prompts` with the sampler `spec`; image i uses seed `seed + i`; `batch` of them at
+    once (default `batch_size`)."""
     if spec.kind == "lcm":
         return sample_consistency(lcm.consistency_model(spec.guidance_scale), lcm.timesteps(spec.steps), lcm, prompts, spec.guidance_scale,
-                                  seed, device)
-    return sample_guided(teacher, spec.sampler, spec.steps, prompts, spec.guidance_scale, seed, device)
+                                  seed, device, batch)
+    return sample_guided(teacher, spec.sampler, spec.steps, prompts, spec.guidance_scale, seed, device, batch)
 
 
 @torch.no_grad()
 def sample_consistency(f: ConsistencyModel, timesteps: torch.Tensor, parts: DiffusionModel, prompts: list[str], guidance_scale: float,
-                       seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+                       seed: int = 0, device: torch.device | str = "cpu", batch: int | None = None) -> torch.Tensor:
     """Algorithm 3 with the consistency model f at `timesteps`; `parts` (an LCM or its teacher) encodes the prompts,
-    shapes the noise and decodes. Images in [-1, 1] on the CPU; image i is drawn from seed `seed + i`, its z_T and its
-    noise between steps, as `lcm generate` draws it (`_noise`)."""
-    out = []
-    for start in range(0, len(prompts), BATCH):
-        chunk = prompts[start:start + BATCH]
+    shapes the noise and decodes. Images in [-1, 1] on the CPU, `batch` at a time (default `batch_size`); image i is
+    drawn from seed `seed + i`, its z_T and its noise between steps, as `lcm generate` draws it (`_noise`)."""
+    out, batch = [], batch or batch_size(parts)
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
         z_T, generators = _noise(parts, range(seed + start, seed + start + len(chunk)), device)
         cond = parts.prompts.encode(chunk, device)
         z0 = sample_lcm(f, z_T, timesteps, cond, omega_from_guidance_scale(guidance_scale), f.schedule, generators)
@@ -69,13 +80,13 @@ def sample_consistency(f: ConsistencyModel, timesteps: torch.Tensor, parts: Diff
 
 @torch.no_grad()
 def sample_guided(teacher: DiffusionModel, sampler: str, steps: int, prompts: list[str], guidance_scale: float, seed: int = 0,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
+                  device: torch.device | str = "cpu", batch: int | None = None) -> torch.Tensor:
     """The teacher with classifier-free guidance g and a diffusers scheduler (`sampling.sample_teacher`).
-    Images in [-1, 1] on the CPU; image i starts from seed `seed + i`."""
+    Images in [-1, 1] on the CPU, `batch` at a time (default `batch_size`); image i starts from seed `seed + i`."""
     guided = teacher.guided_teacher()
-    out = []
-    for start in range(0, len(prompts), BATCH):
-        chunk = prompts[start:start + BATCH]
+    out, batch = [], batch or batch_size(teacher)
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
         z_T, _ = _noise(teacher, range(seed + start, seed + start + len(chunk)), device)
         cond = teacher.prompts.encode(chunk, device)
         uncond = teacher.prompts.uncond(device).expand(len(chunk), -1, -1)

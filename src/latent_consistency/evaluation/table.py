@@ -253,7 +253,7 @@ class FeatureScorer(Scorer):
     def reference_features(self, reference: ReferenceImages) -> torch.Tensor:
         """The network's features of the reference images, read a batch at a time on the first call for them."""
         if self._reference is None or self._reference[0] is not reference:
-            features = [network_features(self.network, images, real=True) for images in reference.batches(compare.BATCH)]
+            features = [network_features(self.network, images, real=True) for images in reference.batches(compare.MAX_BATCH)]
             self._reference = (reference, torch.cat(features))
         return self._reference[1]
 
@@ -304,22 +304,23 @@ class ClipScorer(FeatureScorer):
 
 
 def generate(row: Row, lcm: DiffusionModel | None, teacher: DiffusionModel | None, eval_set: EvalSet, device,
-             guided: dict[int, DiffusionModel] | None = None) -> torch.Tensor:
-    """The row's images for every prompt; image i starts from seed `eval_set.seed + i` whatever the sampler.
-    `guided`: the Guided-Distill model of each step count (key 0: one for every step count)."""
+             guided: dict[int, DiffusionModel] | None = None, batch: int | None = None) -> torch.Tensor:
+    """The row's images for every prompt, `batch` at a time (default `compare.batch_size`); image i starts from seed
+    `eval_set.seed + i` whatever the sampler. `guided`: the Guided-Distill model of each step count (key 0: one for every
+    step count)."""
     prompts = eval_set.all_prompts
     if row.sampler == "lcm":  # an LCM-LoRA (no ω input) is guided with CFG at g > 1, as diffusers does
         return sample_consistency(lcm.consistency_model(row.guidance_scale), lcm.timesteps(row.steps), lcm, prompts, row.guidance_scale,
-                                  eval_set.seed, device)
+                                  eval_set.seed, device, batch)
     if row.sampler == EXACT:  # the teacher's f* on the LCM's timesteps, prompts encoded and images decoded by the teacher
         uncond = teacher.prompts.uncond(device)
         f = TeacherConsistencyFunction(teacher.guided_teacher(), get_solver(EXACT_SOLVER), lcm.skip, uncond)
         g = teacher_guidance_scale(row.guidance_scale, teacher)
-        return sample_consistency(f, lcm.timesteps(row.steps), teacher, prompts, g, eval_set.seed, device)
+        return sample_consistency(f, lcm.timesteps(row.steps), teacher, prompts, g, eval_set.seed, device, batch)
     if row.sampler == GUIDED_DISTILL:
         model = guided.get(row.steps) or guided[0]
-        return sample_guided(model, "ddim", row.steps, prompts, row.guidance_scale, eval_set.seed, device)
-    return sample_guided(teacher, row.sampler, row.steps, prompts, row.guidance_scale, eval_set.seed, device)
+        return sample_guided(model, "ddim", row.steps, prompts, row.guidance_scale, eval_set.seed, device, batch)
+    return sample_guided(teacher, row.sampler, row.steps, prompts, row.guidance_scale, eval_set.seed, device, batch)
 
 
 def _peak_memory_mb(device) -> float | None:
@@ -388,8 +389,9 @@ def saved_results(path: Path, fingerprint: str, keep_other: bool) -> dict[str, d
 
 def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, scorers: list[Scorer],
               out: Path, device, progress: bool = True, guided: dict[int, DiffusionModel] | None = None,
-              identities: tuple[str, ...] = (), keep_other_results: bool = False, settings: dict | None = None) -> dict[str, dict]:
-    """Score every row, writing `results.json` after each; rows already there (same prompts, noise, reference, models
+              identities: tuple[str, ...] = (), keep_other_results: bool = False, settings: dict | None = None,
+              batch: int | None = None) -> dict[str, dict]:
+    """Score every row, `batch` images at a time (`score_row`), writing `results.json` after each; rows already there (same prompts, noise, reference, models
     and `identities`, e.g. a LoRA's) are kept, so a killed evaluation continues where it stopped. Another evaluation's
     results there are replaced, or with `keep_other_results` refused (`saved_results`). `settings`: a readable record
     of what the fingerprint digests, written beside it, from which a rerun refused as another evaluation is told which
@@ -401,7 +403,7 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
     todo = [row for row in rows if row.key not in results]
     with progress_bar(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress) as bar:
         for row in todo:
-            results[row.key] = score_row(row, lcm, teacher, eval_set, scorers, device, guided)
+            results[row.key] = score_row(row, lcm, teacher, eval_set, scorers, device, guided, batch)
             record = {"format": RESULTS_FORMAT, "fingerprint": fingerprint} | ({"settings": settings} if settings else {})
             write_json_atomic(path, record | {"rows": results})
             bar.update(1)
@@ -409,18 +411,19 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
 
 
 def score_row(row: Row, lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, scorers: list[Scorer], device,
-              guided: dict[int, DiffusionModel] | None = None) -> dict:
-    """The row's record: its images sampled `compare.BATCH` at a time (`EvalSet.parts`), each batch handed to every
-    scorer and dropped, so that memory holds one batch of images whatever the number of prompts; what the row costs
-    (the sampling's time and peak memory, not the scoring's); then its scores."""
+              guided: dict[int, DiffusionModel] | None = None, batch: int | None = None) -> dict:
+    """The row's record: its images sampled `batch` at a time (`EvalSet.parts`; default `compare.batch_size` of the LCM,
+    whose size its teacher shares), each batch handed to every scorer and dropped, so that memory holds one batch of
+    images whatever the number of prompts; what the row costs (the sampling's time and peak memory, not the scoring's);
+    then its scores."""
     for scorer in scorers:
         scorer.reset()
     seconds, peaks = 0.0, []
-    for part in eval_set.parts(compare.BATCH):
+    for part in eval_set.parts(batch or compare.batch_size(lcm)):
         if torch.device(device).type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        images = generate(row, lcm, teacher, part, device, guided)
+        images = generate(row, lcm, teacher, part, device, guided, batch)
         seconds += time.perf_counter() - start
         peaks.append(_peak_memory_mb(device))
         check_finite(images, row, teacher, first=part.seed - eval_set.seed, total=len(eval_set.all_prompts))
@@ -678,12 +681,12 @@ def grid_label(row: Row, teacher: DiffusionModel | None = None, lcm_label: str =
 
 def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, out: Path, device,
                columns: int = 8, real_row: bool = False, guided: dict[int, DiffusionModel] | None = None, name: str = "grid.png",
-               lcm_label: str = "LCM") -> Path:
-    """Figure 2: the first prompts (columns, captioned) under every row, from the same noise; with `real_row`, the
-    reference images first (when reference image i is prompt i's). Written as out/`name`; the LCM's rows are labelled
-    `lcm_label` (`grid_label`)."""
+               lcm_label: str = "LCM", batch: int | None = None) -> Path:
+    """Figure 2: the first prompts (columns, captioned) under every row, from the same noise, `batch` images sampled at
+    once (`generate`); with `real_row`, the reference images first (when reference image i is prompt i's). Written as
+    out/`name`; the LCM's rows are labelled `lcm_label` (`grid_label`)."""
     few = EvalSet(eval_set.prompts[:columns], None, eval_set.reference, 1, eval_set.seed)
-    images = ([next(eval_set.reference.batches(columns))] if real_row else []) + [generate(row, lcm, teacher, few, device, guided) for row in rows]
+    images = ([next(eval_set.reference.batches(columns))] if real_row else []) + [generate(row, lcm, teacher, few, device, guided, batch) for row in rows]
     labels = (["real"] if real_row else []) + [grid_label(row, teacher, lcm_label) for row in rows]
     path = out / name
     save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=170, column_labels=few.prompts), path)
