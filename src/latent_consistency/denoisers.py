@@ -110,11 +110,11 @@ def denoising_network(net) -> UNetNetwork | TransformerNetwork:
 
 
 def omega_embedding(omega, z: torch.Tensor, dim: int | None) -> torch.Tensor | None:
-    """The ω input of a network with `time_cond_proj_dim` = dim, one row per row of z (None without one)."""
+    """The ω input of a network with `time_cond_proj_dim` = dim, one row per row of z (None without one): ω one value for
+    every row or one per row, in any shape (`sampling.check_omega`)."""
     if dim is None:
         return None
-    omega = torch.as_tensor(omega, device=z.device, dtype=torch.float32)
-    omega = omega.expand(z.shape[0]) if omega.ndim == 0 else omega
+    omega = torch.as_tensor(omega, device=z.device, dtype=torch.float32).reshape(-1).expand(z.shape[0])
     return guidance_embedding(omega, dim).to(z)
 
 
@@ -320,6 +320,6 @@ class NegativePromptGuidance:
         cond = batch_rows(cond, len(z))  # a one-row c (one prompt for the batch) before the rows are doubled
         negative = self.negative_cond.to(cond).expand(len(z), *self.negative_cond.shape[1:])
         omega = torch.as_tensor(omega)
-        omega = omega if omega.ndim == 0 else torch.cat([omega, omega])
+        omega = omega if omega.numel() == 1 else torch.cat([omega.reshape(-1)] * 2)  # one ω for every row, or one per row
         f_c, f_neg = self.model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, negative]), omega).chunk(2)
         return f_c + self.scale * (f_c - f_neg)

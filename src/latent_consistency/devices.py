@@ -1,4 +1,5 @@
-"""Where and in what precision to run: `--device` and `--dtype` as the commands take them."""
+"""Where and in what precision to run: `--device` and `--dtype` as the commands take them, `device=` and `dtype=` as a
+Python call does."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from latent_consistency.errors import UserError
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; anything else must name a device this machine has."""
+def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; anything else must name a device this machine has. An error names the device
+    as `flag` took it: "--device cuda" on the command line, "device='cuda'" where `flag` is a Python call's argument."""
     name = str(name)
     if name == "auto":
         if torch.cuda.is_available():
@@ -23,20 +25,27 @@ def resolve_device(name: str | torch.device) -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu")
+        raise UserError(f"{_given(flag, name)} was asked for but no CUDA GPU is available; use {_given(flag, 'cpu')}")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise UserError(f"--device {name} was asked for but MPS is not available; use --device cpu")
+        raise UserError(f"{_given(flag, name)} was asked for but MPS is not available; use {_given(flag, 'cpu')}")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, flag: str = "--dtype") -> torch.dtype:
     """The weights' and latents' dtype by name. float16 is refused on the CPU: PyTorch runs it there, but without
-    half-precision kernels on most CPUs (a 3×3 convolution 80× slower than in float32 on an AVX-512 EPYC, 2026-12-07)."""
+    half-precision kernels on most CPUs (a 3×3 convolution 80× slower than in float32 on an AVX-512 EPYC, 2026-12-07).
+    An error names the dtype to use as `flag` takes it (`resolve_device`)."""
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
     if name == "float16" and device.type == "cpu":
         raise UserError("float16 on the CPU is refused: most CPUs have no float16 kernels and run it many times slower than "
-                        "float32; use --dtype float32, or bfloat16 (fast where the CPU has bfloat16 instructions)")
+                        f"float32; use {_given(flag, 'float32')}, or bfloat16 (fast where the CPU has bfloat16 instructions)")
     return DTYPES[name]
+
+
+def _given(flag: str, value: str) -> str:
+    """`value` given to `flag` as its caller writes it: `--device cpu` for a command's flag, `device='cpu'` for a Python
+    call's argument."""
+    return f"{flag} {value}" if flag.startswith("--") else f"{flag}={value!r}"

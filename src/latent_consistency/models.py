@@ -590,7 +590,7 @@ def load_diffusion_model(name_or_path: str, dtype: torch.dtype = torch.float32, 
     (it overflows in float16) stays in float32 (`DiffusionModel.upcasts_vae`). The folder's components (a hub id's: its
     snapshot's, `check_hub_id`) are checked before any weights load (`_check_components`).
     """
-    device = resolve_device(device)  # "cuda" on a machine without one is a one-line error here, not torch's assertion later
+    device = resolve_device(device, "device")  # "cuda" on a machine without one is a one-line error here, not torch's assertion later
     check_dtype(dtype)
     name_or_path = given_name(name_or_path, "a diffusers model from")  # a pathlib.Path as its text (`~` expanded): the model's `source`
     folder, index, pixart, scheduler_config = _read_pipeline_folder(name_or_path)
@@ -611,7 +611,7 @@ def load_latent_and_prompt_encoders(
     alone (`_network_without_weights`), which gives what the prompt encoder and the checks read of it: SDXL's pooled
     embedding and micro-conditioning, PixArt-α's additional conditions, the width the text encoders must make, the sample
     size. Of a hub id, the network's weights are not downloaded either."""
-    device = resolve_device(device)
+    device = resolve_device(device, "device")
     name_or_path = given_name(name_or_path, "a diffusers model from")
     folder, index, pixart, scheduler_config = _read_pipeline_folder(name_or_path, ("vae", "text_encoder", "text_encoder_2"))
     subfolder, network = _network_class(pixart)
@@ -703,7 +703,7 @@ def load_latent_codec(name_or_path: str, device: str | torch.device = "cpu") -> 
     must take the VAE's latents (`_check_latent_channels`). Of a hub id, only the VAE's weights are downloaded."""
     from diffusers import AutoencoderKL
 
-    device = resolve_device(device)
+    device = resolve_device(device, "device")
     name_or_path = given_name(name_or_path, "a diffusers model from")
     folder, _, pixart, _ = _read_pipeline_folder(name_or_path, ("vae",))
     name, network = _network_class(pixart)

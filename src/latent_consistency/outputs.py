@@ -212,21 +212,22 @@ def replace_folder(new: Path, path: Path) -> Path:
     return path
 
 
-def partial_folder(out: str | Path, example: str) -> Path:
+def partial_folder(out: str | Path, example: str, flag: str = "--out") -> Path:
     """`OUT.partial`, where a command builds its output `out` before moving it into place (`move_into_place`): beside the
     folder that a symbolic link `out` points to, on that folder's file system, where `move_into_place` renames it. A
     UserError, before any work, for an --out that names no folder ("", ".", "..", "/"), which leaves no name to give it
     (`example`: a folder name to suggest), a link to nothing (`check_link`), or a name too long for OUT.partial: the
-    command failed at its end with "File name too long" about a name the user never gave."""
+    command failed at its end with "File name too long" about a name the user never gave. An error names `out` as `flag`
+    (a command's --out, or a Python call's argument: "out_dir")."""
     if Path(os.path.normpath(out)).name in ("", ".."):
-        raise UserError(f"--out {str(out)!r} names no new folder; give the folder by its name (e.g. {example})")
-    check_link(out, "--out")
+        raise UserError(f"{flag} {str(out)!r} names no new folder; give the folder by its name (e.g. {example})")
+    check_link(out, flag)
     target = output_target(out)
     length = len(os.fsencode(target.name))
     if length + len(PARTIAL_SUFFIX) > NAME_MAX:
         link = "" if target == Path(out) else f" (a link to {target})"
-        raise UserError(f"--out {out}{link}: its folder name is {length} bytes long; at most {NAME_MAX - len(PARTIAL_SUFFIX)} "
-                        f"(OUT{PARTIAL_SUFFIX} is written first)")
+        raise UserError(f"{flag} {out}{link}: its folder name is {length} bytes long; at most {NAME_MAX - len(PARTIAL_SUFFIX)} "
+                        f"({flag.removeprefix('--').upper()}{PARTIAL_SUFFIX} is written first)")
     return target.with_name(target.name + PARTIAL_SUFFIX)
 
 

@@ -106,8 +106,8 @@ def placement(device: torch.device | str, dtype: torch.dtype | str) -> tuple[tor
     """`device` and `dtype` of a `load`, also as `--device` and `--dtype` take them (`devices.resolve_device`,
     `resolve_dtype`): "auto" (the accelerator this machine has), "cuda:1", "bfloat16". `torch.device("auto")` raised
     torch's own RuntimeError, and "bfloat16" was refused for a str."""
-    device = resolve_device(device)
-    return device, resolve_dtype(dtype, device) if isinstance(dtype, str) else dtype
+    device = resolve_device(device, "device")
+    return device, resolve_dtype(dtype, device, "dtype") if isinstance(dtype, str) else dtype
 
 
 @dataclass
@@ -448,15 +448,16 @@ class SolverGenerator(Generator):
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
-             sampler: str = "ddim") -> SolverGenerator:
+             sampler: str = "ddim", *, sampler_flag: str | None = None) -> SolverGenerator:
         """A diffusion model on `device` in `dtype` (by default float32 on the CPU, as `LCMGenerator.load`), sampled with
-        `sampler` (one of `sampling.TEACHER_SAMPLERS`, checked before the model loads)."""
+        `sampler` (one of `sampling.TEACHER_SAMPLERS`, checked before the model loads). An LCM is refused, pointing to
+        `LCMGenerator.load`, or to `sampler_flag` lcm where a command's flag (`--sampler`) chose the sampler."""
         if sampler not in TEACHER_SAMPLERS:
             raise UserError(f"unknown sampler {sampler!r}; use one of {', '.join(TEACHER_SAMPLERS)}")
         device, dtype = placement(device, dtype)
         model = load_diffusion_model(path, dtype, device)
         if model.is_lcm:
-            raise UserError(f"{path} is an LCM: sample it with --sampler lcm")
+            raise UserError(f"{path} is an LCM: sample it with " + (f"{sampler_flag} lcm" if sampler_flag else "LCMGenerator.load"))
         if model.time_cond_proj_dim is not None:  # a guidance-distilled model: the range its ω input learned, and its default g
             model.guidance_record = guidance_record_of(model.source)
         generator = cls(model, device, dtype)

@@ -115,11 +115,11 @@ def check_custom_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -
     return torch.tensor(ts, dtype=torch.long)
 
 
-def check_start(model, latents: torch.Tensor, cond: torch.Tensor, generator) -> None:
-    """A sampler's starting noise, condition and generators, refused in one line where they would fail deep in the network
+def check_start(model, latents: torch.Tensor, cond: torch.Tensor, generator, omega) -> None:
+    """A sampler's starting noise, condition, ω and generators, refused in one line where they would fail deep in the network
     or in `randn`: floating-point latents and a condition the model's network takes (`ConsistencyModel.check_inputs`, where
-    the model knows its network), and a torch.Generator, None, or a list of them with one per latent (row i's noise is
-    drawn from the i-th)."""
+    the model knows its network), ω for every latent (`check_omega`), and a torch.Generator, None, or a list of them with
+    one per latent (row i's noise is drawn from the i-th)."""
     if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
         what = latents.dtype if isinstance(latents, torch.Tensor) else f"a {type(latents).__name__}"
         raise UserError(f"the latents must be a floating-point tensor (the starting noise z_T), got {what}")
@@ -130,9 +130,27 @@ def check_start(model, latents: torch.Tensor, cond: torch.Tensor, generator) -> 
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise UserError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), a list of them, one per "
                         f"latent, or None, got {generator!r:.40}")
+    check_omega(omega, len(latents))
     check = getattr(model, "check_inputs", None)
     if check is not None:
         check(latents, cond)
+
+
+def check_omega(omega, rows: int) -> None:
+    """ω of Eq. 12 (ω = g - 1) as a consistency model takes it (`denoisers.omega_embedding`): a real number, or a tensor (a
+    list) of one value for every row or one per row of `rows` latents, in any shape ([B] or [B, 1]). Refused in one line
+    where torch failed deep in the network (another number of values) or took it in silence (NaN: NaN images)."""
+    try:
+        values = omega if isinstance(omega, torch.Tensor) else torch.as_tensor(omega, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        values = None
+    if values is None or isinstance(omega, (bool, str)) or values.dtype == torch.bool or values.is_complex():
+        raise UserError(f"omega must be a number (ω = g - 1, g the guidance scale) or a tensor of them, got {omega!r:.40}")
+    if values.numel() not in (1, rows):
+        raise UserError(f"omega must be one number or one per latent ({rows}), got shape {list(values.shape)}: row i is "
+                        "guided with omega[i]")
+    if not bool(torch.isfinite(values).all()):
+        raise UserError("omega holds NaN or infinity: ω = g - 1 must be a finite number")
 
 
 def check_tcd_steps(steps: int, gamma: str = "gamma", more: str = "2 or more steps (or 2 timesteps)") -> None:
@@ -167,7 +185,7 @@ def sample_lcm(
     `latents` is the starting noise z_T ~ N(0, I). Returns the last x̂0.
     """
     timesteps = check_custom_timesteps(timesteps, schedule.num_train_timesteps)  # a list too; decreasing ints in [0, T)
-    check_start(model, latents, cond, generator)
+    check_start(model, latents, cond, generator, omega)
     z = latents
     x0 = z
     for i, tau in enumerate(timesteps):
@@ -236,7 +254,7 @@ def sample_tcd(
     """
     gamma = check_gamma(gamma)
     taus = check_custom_timesteps(timesteps, schedule.num_train_timesteps).tolist()
-    check_start(model, latents, cond, generator)
+    check_start(model, latents, cond, generator, omega)
     z = latents
     for i, tau in enumerate(taus):
         x0 = model(z, torch.full((z.shape[0],), tau, dtype=torch.long, device=z.device), cond, omega)

@@ -477,7 +477,7 @@ def generate(args) -> None:
     elif args.lora or styles:
         raise UserError("--lora is an LCM-LoRA and --style-lora goes beside an LCM: sample them with --sampler lcm")
     else:
-        generator = SolverGenerator.load(args.model, device, dtype, args.sampler)
+        generator = SolverGenerator.load(args.model, device, dtype, args.sampler, sampler_flag="--sampler")
     if args.guidance_scale is not None:  # said of what is sampled, before any compile
         generator.check_guidance_scale(args.guidance_scale, "--guidance-scale")
     if args.preview_decoder is not None:

@@ -208,16 +208,20 @@ def open_rgb8(source: bytes | str | Path, draft_size: tuple[int, int] | None = N
     Returns (image, reason): reason names the conversion, None for an 8-bit RGB image. `draft_size` lets a JPEG decoder
     downscale while decoding (both sides stay at least that size). Raises `TooManyPixels` for an image over `max_pixels`
     or over Pillow's own limit (twice `Image.MAX_IMAGE_PIXELS`), `UndecodableImage` for anything Pillow cannot decode in
-    full (a truncated file included), `UnknownScale` for a float or 32-bit image without a known scale (`_to_rgb8`).
+    full (a truncated file included, and a PNG whose image data holds fewer rows than its header says: `_load_png`),
+    `UnknownScale` for a float or 32-bit image without a known scale (`_to_rgb8`).
     """
     _ignore_bomb_warning()
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with _opened(source) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
                 raise TooManyPixels(f"{image.width}x{image.height} px, more than {max_pixels} pixels")
             if draft_size is not None:
                 image.draft(image.mode, draft_size)
-            image.load()  # forces the full decode, so a truncated file fails here and not later
+            if image.format == "PNG":
+                _load_png(image, source)
+            else:
+                image.load()  # forces the full decode, so a truncated file fails here and not later
             return _to_rgb8(_upright(image))  # a new image: it outlives the file
     except UndecodableImage:
         raise
@@ -227,6 +231,52 @@ def open_rgb8(source: bytes | str | Path, draft_size: tuple[int, int] | None = N
     # struct.error, zlib.error, ...): all of them mean "not an image Pillow can decode".
     except Exception as err:
         raise UndecodableImage(f"not an image file Pillow can decode ({err.__class__.__name__})") from err
+
+
+def _opened(source: bytes | str | Path) -> Image.Image:
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+# What a PNG's pixel memory holds before its first decode (`_load_png`), per band: non-zero in each, unlike the second's
+_PNG_FILL = (90, 127, 164, 201)
+
+
+def _load_png(image: Image.Image, source: bytes | str | Path) -> None:
+    """`image.load()` for a PNG, refusing one whose image data holds fewer rows than its header says (`UndecodableImage`):
+    a buggy writer's file, every chunk and CRC valid and the zlib stream complete, only short. Pillow's decoder stops
+    where the stream ends, without an error, and the rows it never reached stay black.
+
+    The decoder writes whole rows in order, so the last row is written only if every row is; when interlaced, the last
+    odd row, all of which Adam7's last pass writes (in a one-row image, the row, parts of which every pass writes). The
+    pixel memory is filled with `_PNG_FILL` before decoding, and a last row that then differs from the fill anywhere was
+    written: the check costs that fill. A last row equal to the fill (a short file, or a row of exactly that colour; any
+    row of a one-row interlaced image) is compared with a second decode's, into zeros: a pixel the data holds comes out the
+    same both times, one it lacks as the fill and as 0."""
+    _load_filled(image, _PNG_FILL)
+    row = image.height - 1
+    if image.info.get("interlace"):
+        row -= 1 - row % 2  # the last odd row; -1 in a one-row image
+    last = (0, max(row, 0), image.width, max(row, 0) + 1)
+    fill_row = Image.new(image.mode, (image.width, 1), _fill_colour(image, _PNG_FILL)).tobytes()
+    if row >= 0 and image.crop(last).tobytes() != fill_row:
+        return
+    with _opened(source) as again:
+        _load_filled(again, (0, 0, 0, 0))
+        if again.crop(last).tobytes() != image.crop(last).tobytes():
+            raise UndecodableImage(f"a PNG whose image data ends before its last row (its header says {image.height}): a "
+                                   "truncated or badly written file; re-save it")
+
+
+def _load_filled(image: Image.Image, colour: tuple[int, ...]) -> None:
+    """Decode `image` (an unloaded PNG) into pixel memory filled with `colour`, not Pillow's zeros. Pillow allocates the
+    memory only when the image has none (`ImageFile.load_prepare`); the test of short PNGs checks that it still does."""
+    image.im = Image.new(image.mode, image.size, _fill_colour(image, colour)).im
+    image.load()
+
+
+def _fill_colour(image: Image.Image, colour: tuple[int, ...]) -> int | tuple[int, ...]:
+    bands = len(image.getbands())
+    return colour[0] if bands == 1 else colour[:bands]
 
 
 _BOMB_WARNING_FILTER = ("ignore", None, Image.DecompressionBombWarning, None, 0)  # as warnings.filterwarnings stores it

@@ -146,7 +146,7 @@ def write_latent_cache(
     if not isinstance(dataset, ShardStream) and len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
     job = _job(dataset, codec, source, batch_size, shard_size, captions_only)
-    partial = partial_folder(out_dir, "runs/latents")
+    partial = partial_folder(out_dir, "runs/latents", "out_dir")  # `lcm cache` checked its --out before
     record = _resumable(partial, dataset, job, say)
     written = _Written.resumed(partial, job, dataset, record, say) if record else _Written.started(partial, job, dataset)
     pending: list[tuple[torch.Tensor, torch.Tensor, list[str]]] = []  # (latents, caption_index, source keys) not yet in a shard
