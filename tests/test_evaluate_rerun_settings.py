@@ -146,6 +146,7 @@ def test_more_samples_than_prompts_says_how_many_are_used_and_still_continues(da
 
     assert main(evaluate(data, tmp_path / "pairs", samples=5, images_per_prompt=2, teacher=None)) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
-    assert len(notes) == 1 and notes[0].endswith("the evaluation uses those 3, 6 images a row at --images-per-prompt 2"), notes
+    assert len(notes) == 2 and notes[0].endswith("the evaluation uses those 3, 6 images a row at --images-per-prompt 2"), notes
+    assert "the reference holds 4 usable image(s), fewer than the 6 each row generates" in notes[1]  # --reference: 4 images
     assert "3 prompts of" in (tmp_path / "pairs" / "report.md").read_text()
     assert json.loads((tmp_path / "pairs" / "results.json").read_text())["rows"]["lcm|1|8"]["images"] == 6

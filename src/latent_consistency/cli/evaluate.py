@@ -91,8 +91,7 @@ class DataItems:
         from latent_consistency.data.imagefolder import ImageFolderDataset
         from latent_consistency.data.shards import ShardStream
 
-        path = Path(self.spec)
-        if path.suffix.lower() == ".txt" and not path.is_dir():  # a folder named x.txt is an image folder or shards
+        if is_prompt_file(self.spec):
             yield from ({"caption": p} for p in read_prompt_file(self.spec)[:n])
             return
         dataset = self._open(images)
@@ -140,6 +139,18 @@ class DataItems:
         elif isinstance(dataset, ImageFolderDataset):
             self.folder = dataset
         return dataset
+
+
+def is_prompt_file(spec: str) -> bool:
+    """A text file of prompts (`read_prompt_file`): a .txt name that is no folder (a folder named x.txt is an image folder
+    or shards), or any other file that is neither a shard (.tar) nor an image, as `lcm generate --prompt-file` takes any
+    name. Not '-': the prompts are read again on each pass, and standard input reads once."""
+    from latent_consistency.data.images import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
+
+    path = Path(spec)
+    suffix = path.suffix.lower()
+    return (suffix == ".txt" and not path.is_dir()) or (
+        path.is_file() and suffix != ".tar" and suffix not in IMAGE_EXTENSIONS and suffix not in UNSUPPORTED_IMAGE_EXTENSIONS)
 
 
 def read_reference(spec: str, resolution: int, n: int, captioned: bool = False, items: DataItems | None = None):
@@ -414,6 +425,8 @@ def run_evaluation(args) -> None:
     notes += [paragraph for note in (guided_distill_note(guided, args.steps), lineage_note(guided), *range_notes) if note
               for paragraph in ("", note)]
     print(write_report(results, steps, out, "Evaluation", notes))
+    for stale in () if len(scales) > 1 else ("guidance.png", "guidance_grid.png"):  # an earlier run's, of scales not in this report
+        (out / stale).unlink(missing_ok=True)
     write_plots(results, out)
     figure_scale = grid_guidance_scale(scales, preferred)
     write_grid([r for r in rows if r.guidance_scale == figure_scale], lcm, teacher, eval_set, out, device, args.grid_columns,
@@ -423,6 +436,32 @@ def run_evaluation(args) -> None:
         write_grid([r for r in rows if r.sampler == "lcm" and r.steps == n], lcm, teacher, eval_set, out, device, args.grid_columns,
                    name="guidance_grid.png", lcm_label=style_label(styles), batch=args.batch_size)
     print(f"report, results.json, plots and grid(s) in {out}")
+    for note in (earlier_rows_note(out, results), small_reference_note(eval_set)):
+        if note:
+            print(f"lcm evaluate: note: {note}", file=sys.stderr)
+
+
+def small_reference_note(eval_set) -> str | None:
+    """A reference of fewer usable images than a row generates (a small folder, or corrupt files skipped): FID and KID
+    then compare sets of unequal size, and FID's bias grows as either shrinks. After the rows, whose fingerprint has read
+    the reference once and counted it."""
+    real, generated = len(eval_set.reference), len(eval_set.all_prompts)
+    if not real or real >= generated:
+        return None
+    return (f"the reference holds {real} usable image(s), fewer than the {generated} each row generates: FID and KID compare sets "
+            "of unequal size (FID's bias grows as a set shrinks; the paper compares 30,000 with 30,000)")
+
+
+def earlier_rows_note(out: Path, results: dict) -> str | None:
+    """A rerun into a folder whose results.json holds rows this run did not ask for (other step counts or scales of the
+    same evaluation): the report and figures are this run's rows; results.json keeps them all."""
+    from latent_consistency.evaluation.table import RESULTS_FILE
+
+    earlier = len(json.loads((out / RESULTS_FILE).read_text())["rows"]) - len(results)
+    if earlier <= 0:
+        return None
+    return (f"report.md and the figures show the {len(results)} rows this command asked for; {out / RESULTS_FILE} also keeps "
+            f"{earlier} row(s) of earlier runs here (other --steps or scales): give them again to report every row")
 
 
 def load_evaluated_lcm(args, device):
@@ -799,8 +838,8 @@ def register(subparsers) -> None:
     option("--exact", nargs=0, const=True, default=False, help="also the exact LCM of --teacher at every step count and scale: Algorithm 3 "
            "with the teacher's ODE solution (DDIM jumps of the LCM's k down to 0) as the consistency function, what a "
            "perfect student would score; costs about T/k teacher CFG passes per step")
-    option("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a .txt file "
-           "(one prompt per line; blank lines and lines starting with # skipped)")
+    option("--prompts", help="prompts: world:NAME[:SPLIT], an image folder or shards with captions, or a text file of any name but "
+           "a shard's or an image's (one prompt per line; blank lines and lines starting with # skipped)")
     option("--reference", help="real images for FID: an image folder (subfolders included, no captions needed, each image once), "
            "shards or world:NAME (default: the images of --prompts)")
     option("--out", help="folder for report.md, results.json, steps.png, grid.png and (several scales) guidance.png and guidance_grid.png; "

@@ -73,15 +73,16 @@ class Row:
 
     def network_evaluations(self, lcm: DiffusionModel | None = None, teacher: DiffusionModel | None = None) -> int:
         """UNet passes per image: one per step for an LCM with an ω input and Guided-Distill; two (cond and uncond) for
-        the teacher with CFG and for an LCM-LoRA guided at g > 1; for the exact LCM two per teacher jump of k from each
-        of the LCM's timesteps down to 0 (DDIM: one evaluation per jump). A guidance-distilled teacher's (ω input) take
-        one pass where CFG takes two (`guided_passes`), and so does CFG at g ≤ 1 (no unconditional pass:
-        `GuidedTeacher.guided_output`, `sampling.sample_teacher`, `teacher_guidance_scale`)."""
-        passes = 1 if self.guidance_scale <= 1 else guided_passes(teacher)
+        the teacher with CFG and for an LCM-LoRA guided at g > 1 (its own CFG, whatever teacher is beside it); for the
+        exact LCM two per teacher jump of k from each of the LCM's timesteps down to 0 (DDIM: one evaluation per jump). A
+        guidance-distilled teacher's (ω input) take one pass where CFG takes two (`guided_passes`), and so does CFG at
+        g ≤ 1 (no unconditional pass: `GuidedTeacher.guided_output`, `sampling.sample_teacher`, `teacher_guidance_scale`)."""
+        if self.guidance_scale <= 1 or self.sampler == GUIDED_DISTILL or (self.sampler == "lcm" and lcm.time_cond_proj_dim is not None):
+            passes = 1
+        else:
+            passes = 2 if self.sampler == "lcm" else guided_passes(teacher)
         if self.sampler == EXACT:
             return sum(passes * -(-int(t) // lcm.skip) for t in lcm.timesteps(self.steps))
-        if self.sampler == GUIDED_DISTILL or (self.sampler == "lcm" and (lcm.time_cond_proj_dim is not None or self.guidance_scale <= 1)):
-            return self.steps
         return passes * self.steps
 
 
@@ -461,9 +462,10 @@ def finite_scores(scorer: Scorer, scores: dict[str, float], row: Row, teacher: D
 
 
 def metric_names(results: dict[str, dict]) -> tuple[str, str]:
-    """(the FID to show, the prompt-following score to show): the judge's when there is one, else CLIP's, else Inception's."""
+    """(the FID to show, the prompt-following score to show): the judge's when there is one, else Inception's (the paper's
+    Table 1, comparable with published FIDs), else CLIP's."""
     keys = next(iter(results.values())).keys()
-    fid = next(k for k in ("judge_fid", "clip_fid", "inception_fid") if k in keys)
+    fid = next(k for k in ("judge_fid", "inception_fid", "clip_fid") if k in keys)
     follow = next((k for k in ("judge_alignment", "clip_clip_score") if k in keys), None)
     return fid, follow
 
@@ -686,7 +688,11 @@ def write_grid(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | N
     once (`generate`); with `real_row`, the reference images first (when reference image i is prompt i's). Written as
     out/`name`; the LCM's rows are labelled `lcm_label` (`grid_label`)."""
     few = EvalSet(eval_set.prompts[:columns], None, eval_set.reference, 1, eval_set.seed)
-    images = ([next(eval_set.reference.batches(columns))] if real_row else []) + [generate(row, lcm, teacher, few, device, guided, batch) for row in rows]
+    per_prompt = eval_set.images_per_prompt  # column j is prompt j's first scored image, from seed SEED + j × that
+    columns_of = [few] if per_prompt == 1 else [EvalSet([prompt], None, eval_set.reference, 1, eval_set.seed + j * per_prompt)
+                                                for j, prompt in enumerate(few.prompts)]
+    images = ([next(eval_set.reference.batches(columns))] if real_row else []) + [
+        torch.cat([generate(row, lcm, teacher, part, device, guided, batch) for part in columns_of]) for row in rows]
     labels = (["real"] if real_row else []) + [grid_label(row, teacher, lcm_label) for row in rows]
     path = out / name
     save_png(image_grid(images, labels, scale=max(1, 96 // images[0].shape[-1]), label_width=170, column_labels=few.prompts), path)
