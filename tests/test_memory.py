@@ -87,3 +87,28 @@ def test_a_distillation_out_of_memory_keeps_its_checkpoint_and_says_to_resume(ti
     assert (out / "checkpoints" / "step-0000002").is_dir()  # what was written stays
     monkeypatch.setattr(loop, "build_loss", real_build)
     assert main([*argv, "--resume"]) == 0
+
+
+def test_serve_answers_an_image_the_device_has_no_memory_for_507_and_serves_on(tiny_lcm, monkeypatch):
+    """Was: a 500 "internal error (OutOfMemoryError)", as for a fault of the server. The batcher runs a failed batch's
+    requests alone; one that fails alone is its size's, said as such."""
+    from fastapi.testclient import TestClient
+
+    from latent_consistency.pipelines import LCMGenerator
+    from test_serve import make_app
+
+    generator = LCMGenerator.load(str(tiny_lcm), torch.device("cpu"), torch.float32)
+    original = LCMGenerator.__call__
+
+    def out_of_memory_above_16_px(self, prompts, timesteps, guidance_scale, seeds, height, width, **kwargs):
+        if height > 16:
+            raise torch.OutOfMemoryError(OOM)
+        return original(self, prompts, timesteps, guidance_scale, seeds, height, width, **kwargs)
+
+    monkeypatch.setattr(LCMGenerator, "__call__", out_of_memory_above_16_px)
+    with TestClient(make_app(generator), raise_server_exceptions=False) as c:
+        big = c.post("/v1/images", json={"prompt": "a red star", "steps": 1, "seed": 1, "width": 32, "height": 32})
+        assert big.status_code == 507 and big.json() == {"error": "the server's device ran out of memory for this image: ask a smaller "
+                                                                   "width and height, or fewer images at once"}
+        assert c.post("/v1/images", json={"prompt": "a red star", "steps": 1, "seed": 1}).status_code == 200
+        assert "507" in c.get("/openapi.json").json()["paths"]["/v1/images"]["post"]["responses"]

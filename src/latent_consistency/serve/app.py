@@ -51,6 +51,7 @@ DISCONNECT_POLL_S = 0.05
 MAX_DECODING = 2
 SHUTTING_DOWN = "the server is shutting down; send the request again once it is back"
 INTERNAL = "internal error ({}); the server's log has the details"
+OUT_OF_MEMORY = "the server's device ran out of memory for this image: ask a smaller width and height, or fewer images at once"
 UPLOAD_GRACE_S = 3.0  # once the server stops, how long a request body still arriving may take before it is answered 503
 
 logger = logging.getLogger("latent_consistency.serve")
@@ -371,10 +372,19 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
     async def queue_full(request, exc: QueueFull):
         return error(429, str(exc), headers={"Retry-After": "1"})
 
+    @app.exception_handler(torch.OutOfMemoryError)
+    async def out_of_memory(request, exc: torch.OutOfMemoryError):
+        """A request whose image the device has no memory for, alone (the batcher ran it on its own after its batch
+        failed): the request's size, not a fault of the server, which frees the allocator's cache and serves on."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return error(507, OUT_OF_MEMORY)
+
     refused = {status: {"model": ErrorAnswer, "description": why} for status, why in (
         (413, "the body is over the limit"), (415, "the body is not JSON (content-type), or is compressed (content-encoding)"),
         (422, "an invalid request: malformed JSON, a wrong type, a value out of range, an unreadable init image"),
-        (429, "the queue is full (Retry-After)"), (500, "the model failed"), (503, "the server is shutting down"))}
+        (429, "the queue is full (Retry-After)"), (500, "the model failed"), (503, "the server is shutting down"),
+        (507, "the device ran out of memory for this image alone"))}
     answer = {"content": {t: {} for t in MEDIA_TYPES.values()},
               "description": "the image; X-Seed, X-Latency-Ms, X-Batch-Size headers, X-Prompt-Truncated when the prompt is "
                              "longer than the text encoder reads (its end is dropped), X-Negative-Prompt-Truncated the same for "
