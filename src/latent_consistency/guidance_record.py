@@ -85,7 +85,8 @@ class GuidanceRecord:
             notes.append(f"guidance scale {guidance_scale:g} is outside [{self.guidance_scale_min:g}, {self.guidance_scale_max:g}], "
                          "the range this model's ω input was distilled on: it extrapolates there")
         if given and self.ignores_guidance():
-            notes.append(f"this LCM ignores its guidance scale (its ω response was at most {max(self.omega_response.values()):.2f} "
+            most = round(max(self.omega_response.values()), 2) + 0.0  # a response that rounds to zero: 0.00, not -0.00
+            notes.append(f"this LCM ignores its guidance scale (its ω response was at most {most:.2f} "
                          "at every t, where 1 is the teacher's guidance effect): its images hardly change with it")
         return notes
 

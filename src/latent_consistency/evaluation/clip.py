@@ -15,10 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from latent_consistency.errors import UserError
-from latent_consistency.hub import given_name
+from latent_consistency.evaluation.fid import check_image_range
+from latent_consistency.hub import TOP_IGNORED, check_hub_id, given_name
 
 # OpenAI CLIP's normalisation, for model folders without a preprocessor_config.json
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# The files of a CLIP model's hub repo that `ClipModel.load` reads, at its top: configs, tokenizer (vocab.json, merges.txt),
+# CLIPModel's weights (not an open_clip copy beside them)
+CLIP_FILES = ("*.json", "*.txt", "model*.safetensors")
 
 
 class ClipModel(torch.nn.Module):
@@ -34,20 +38,22 @@ class ClipModel(torch.nn.Module):
 
     @classmethod
     def load(cls, name_or_path: str, device: torch.device | str = "cpu") -> ClipModel:
-        """A CLIP model folder (`~` expanded) or hub id; offline, a hub id must be in the local cache."""
+        """A CLIP model folder (`~` expanded) or hub id, read from its snapshot in the local cache (`hub.check_hub_id`: online,
+        downloaded first; offline, one not in the cache is a UserError saying so and how to fetch it)."""
         from safetensors import SafetensorError
         from transformers import CLIPModel, CLIPTokenizer
 
-        name_or_path = given_name(name_or_path, "a CLIP model from")  # "" would read the current folder
+        given = given_name(name_or_path, "a CLIP model from")  # "" would read the current folder
+        name_or_path = check_hub_id(given, "a CLIP model from", CLIP_FILES, TOP_IGNORED)
         try:
             model, info = CLIPModel.from_pretrained(name_or_path, use_safetensors=True, output_loading_info=True)
             tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError, SafetensorError) as err:
-            raise UserError(f"cannot load a CLIP model from {name_or_path}: give a local folder saved by CLIPModel.save_pretrained "
+            raise UserError(f"cannot load a CLIP model from {given}: give a local folder saved by CLIPModel.save_pretrained "
                             "(safetensors, with its tokenizer) or, online, a hub id such as openai/clip-vit-large-patch14") from err
         missing = sorted(info.get("missing_keys") or [])
         if missing:  # transformers fills them with random weights, and only logs it
-            raise UserError(f"{name_or_path} is not a whole CLIP model: its weights lack {len(missing)} of CLIPModel's tensors "
+            raise UserError(f"{given} is not a whole CLIP model: its weights lack {len(missing)} of CLIPModel's tensors "
                             f"({', '.join(missing[:2])}, ...), e.g. a text encoder alone; give a CLIP model with its image tower")
         return cls(model, tokenizer, *image_stats(Path(name_or_path) / "preprocessor_config.json")).to(device)
 
@@ -65,7 +71,8 @@ class ClipModel(torch.nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Projected image embeddings [B, D] (the FID features)."""
+        """Projected image embeddings [B, D] (the FID features) of [-1, 1] images (`fid.check_image_range`)."""
+        check_image_range(images, "the images given to CLIP")
         return self.model.get_image_features(pixel_values=self.preprocess(images)).pooler_output
 
     @torch.no_grad()

@@ -46,11 +46,37 @@ def _check_counts(real: int, fake: int) -> None:
         raise UserError(f"FID/KID needs at least {MIN_IMAGES} real and {MIN_IMAGES} generated images, got {real} and {fake}")
 
 
+# How far past 1 a [-1, 1] image's values may reach: a VAE's decoded images overshoot by a few tenths at most (the feature
+# networks clamp them); pixels in [0, 255] reach far above
+RANGE_SLACK = 0.5
+RANGE_BATCH = 8  # images in a batch before none of them darker than mid-gray says [0, 1] (`check_image_range`)
+
+
+def check_image_range(images: torch.Tensor, what: str = "images") -> None:
+    """A UserError for `images` whose values are clearly not in [-1, 1], which the feature networks would clamp into a
+    silently wrong score: any value above 1 + `RANGE_SLACK` (pixels in [0, 255]), or, in a batch of at least
+    `RANGE_BATCH` images, no value below 0 while they span at least half of [0, 1] (images in [0, 1], as torchvision gives
+    them: a [-1, 1] batch of several images of real content has negative values, their darker half; one pale image may
+    have none, and a constant image, gray zeros or white ones, passes)."""
+    if not len(images):
+        return
+    lo, hi = (float(v) for v in torch.aminmax(images.detach().float()))
+    if hi > 1 + RANGE_SLACK:
+        raise UserError(f"{what} hold values in [{lo:g}, {hi:g}], not in [-1, 1]: pixels p in [0, 255] are p / 127.5 - 1 "
+                        "(images in [0, 1]: x * 2 - 1)")
+    if len(images) >= RANGE_BATCH and lo >= 0 and hi - lo >= 0.5:
+        raise UserError(f"{what} hold values in [{lo:g}, {hi:g}], none below 0: they look like images in [0, 1], which are "
+                        "x * 2 - 1 in [-1, 1] (pixels p in [0, 255]: p / 127.5 - 1)")
+
+
 def network_features(network, images: torch.Tensor, batch_size: int = 256, real: bool = False) -> torch.Tensor:
     """The feature network's features [N, F] of [-1, 1] images [N, 3, H, W], `batch_size` at a time, on its device; a
-    UserError when an image holds NaN or infinite values (`real`: the reference images'; else generated ones')."""
+    UserError when an image holds NaN or infinite values, or the images are clearly not in [-1, 1] (`check_image_range`)
+    (`real`: the reference images'; else generated ones')."""
+    which = "real" if real else "generated"
     if not torch.isfinite(images).all():  # the score would be NaN, with a LAPACK complaint on stderr
-        raise UserError(f"the {'real' if real else 'generated'} images hold NaN or infinite values; FID/KID cannot score them")
+        raise UserError(f"the {which} images hold NaN or infinite values; FID/KID cannot score them")
+    check_image_range(images, f"the {which} images")
     with torch.no_grad():
         return torch.cat([network.features(images[start : start + batch_size]) for start in range(0, len(images), batch_size)])
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from latent_consistency.errors import UserError
+from latent_consistency.evaluation.fid import check_image_range
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 WHAT_TO_PASS = f"--inception inception-2015-12-05.pt (the TorchScript FID network of StyleGAN2-ADA/EDM/clean-fid: {INCEPTION_URL})"
@@ -43,6 +44,8 @@ class InceptionFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The features [B, F] of [-1, 1] images (`fid.check_image_range`), given to the network in [0, 255]."""
+        check_image_range(images, "the images given to Inception")
         device = next(iter(self.network.parameters()), torch.empty(0)).device
         uint8_range = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(device)
         features = self.network(uint8_range, return_features=True)

@@ -35,7 +35,7 @@ from latent_consistency.training.config import LCM_METHODS, DistillConfig, Train
 from latent_consistency.training.objectives import objective_of
 from latent_consistency.training.run_folder import recorded_guidance, resumed_student_unet, saved_config
 from latent_consistency.training.students import make_student
-from latent_consistency.world.artifact import World
+from latent_consistency.world.artifact import WORLD_FILE, World
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
 from latent_consistency.world.judge import judge_scores
 
@@ -97,9 +97,8 @@ def check_run(run: Path, steps: tuple[int, ...] = STEPS, guidance_scale: float |
         what = f"a `lcm distill --method {config.method}`" if isinstance(config, DistillConfig) else "an `lcm finetune`"
         raise UserError(f"{run} is {what} run, which makes no LCM of the world's teacher; give runs of `lcm distill` "
                         f"--method {' or '.join(LCM_METHODS)}")
-    if world is not None and not same_teacher(Path(config.teacher), Path(world)):
-        raise UserError(f"{run} was distilled from {config.teacher}, whose network is not the teacher of --world {world}: its "
-                        "checkpoints would be scored against a teacher they never saw; give that world as --world")
+    if world is not None:
+        check_teacher(run, config, Path(world))
     if not list_checkpoints(run):
         raise UserError(f"{run} holds no checkpoints yet; train it with --checkpoint-every N to evaluate it over training")
     most = timesteps // config.skip if timesteps is not None else max(steps)
@@ -120,16 +119,40 @@ def run_guidance_scale(config: DistillConfig) -> float:
     return recorded_guidance(config, None, None).guidance_scale if config.adapter == "full" else config.validation_guidance_scale
 
 
-def same_teacher(teacher: Path, world: Path) -> bool:
+def check_teacher(run: Path, config: DistillConfig, world: Path) -> None:
+    """A UserError unless `run` was distilled from the `world` folder's teacher (`same_teacher`): from another world's,
+    give that world; from a model that is no world (a user's own), or from a teacher that is gone on data that is not a
+    world's (`world:...`), the sweep cannot score it (its checkpoints would be scored against a teacher they never saw)."""
+    teacher = Path(config.teacher)
+    same = same_teacher(teacher, world)
+    if same or same is None and config.data.startswith("world:"):  # a world's run whose teacher moved: nothing to compare
+        return
+    if same is False and (teacher / WORLD_FILE).is_file():
+        raise UserError(f"{run} was distilled from {teacher}, whose network is not the teacher of --world {world}: its checkpoints "
+                        "would be scored against a teacher they never saw; give that world as --world")
+    model = f"--lcm {run / 'lcm'}" if config.adapter == "full" else f"--lcm {teacher} --lora {run / 'lora'}"
+    what = (f"whose network is not the teacher of --world {world}, and which is no world (no {WORLD_FILE})" if same is False
+            else f"which is no folder here to compare with --world (moved, or a hub id), on the data {config.data}, not a world's "
+                 "(world:...)")
+    raise UserError(f"{run} was distilled from {teacher}, {what}: `lcm evaluate sweep` scores runs distilled from a world's "
+                    f"teacher only; score this run's model with `lcm evaluate {model} --prompts ...`")
+
+
+def same_teacher(teacher: Path, world: Path) -> bool | None:
     """Whether a run's recorded teacher folder holds the `world` folder's teacher: the same folder, or the same network
-    weights (an export or copy of the world); True when either cannot be read (a teacher moved since: nothing to tell)."""
+    weights (an export or copy of the world); None when the teacher's weights cannot be read (moved since: nothing to
+    compare), True when only the world's cannot (loading it says what is wrong)."""
     weights = [Path(folder) / "unet" / "diffusion_pytorch_model.safetensors" for folder in (teacher, world)]
-    if not all(w.is_file() for w in weights) or teacher.resolve() == world.resolve():
+    if teacher.resolve() == world.resolve():
+        return True
+    if not weights[0].is_file():
+        return None
+    if not weights[1].is_file():
         return True
     try:
         return _digest(weights[0]) == _digest(weights[1])
     except OSError:
-        return True
+        return None
 
 
 def _digest(path: Path) -> str:
