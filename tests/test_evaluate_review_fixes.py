@@ -76,14 +76,6 @@ def test_an_offline_clip_hub_id_not_in_the_cache_says_so(monkeypatch):
 
 # --- images outside [-1, 1] -------------------------------------------------------------------------------------------------
 
-class _Pixels(torch.nn.Module):
-    """A stand-in feature network: each image's mean pixel per channel."""
-    feature_dim = 3
-
-    def features(self, images):
-        return images.float().mean(dim=(2, 3))
-
-
 def _images(n=8, seed=0):
     """[-1, 1] images with content: dark and light pixels."""
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
@@ -103,14 +95,15 @@ def _stand_in_inception(tmp_path):
 @pytest.mark.parametrize("convert, hint", [(lambda x: (x + 1) / 2, "x * 2 - 1"), (lambda x: (x + 1) * 127.5, "p / 127.5 - 1")],
                          ids=["[0, 1]", "[0, 255]"])
 def test_fid_kid_and_inception_features_refuse_images_outside_minus_one_one(convert, hint, tmp_path):
-    """Images in [0, 1] (torchvision's) or [0, 255] were clamped into [-1, 1] without a word: silently wrong scores."""
+    """Images in [0, 1] (torchvision's) or [0, 255] were clamped into [-1, 1] by Inception without a word: silently wrong
+    scores. (FID and KID of another feature network take what it takes: the known-answer tests feed them features.)"""
     from latent_consistency.errors import UserError
     from latent_consistency.evaluation.fid import fid_score, kid_score
 
-    real, fake = _images(), _images(seed=1)
-    assert fid_score(_Pixels(), real, fake) >= 0 and _stand_in_inception(tmp_path).features(real).shape == (8, 12)
-    for call in (lambda: fid_score(_Pixels(), convert(real), fake), lambda: kid_score(_Pixels(), real, convert(fake), subsets=2),
-                 lambda: _stand_in_inception(tmp_path).features(convert(real))):
+    real, fake, inception = _images(), _images(seed=1), _stand_in_inception(tmp_path)
+    assert fid_score(inception, real, fake) >= 0 and inception.features(real).shape == (8, 12)
+    for call in (lambda: fid_score(inception, convert(real), fake), lambda: kid_score(inception, real, convert(fake), subsets=2),
+                 lambda: inception.features(convert(real))):
         with pytest.raises(UserError, match=r"not in \[-1, 1\]|none below 0") as raised:
             call()
         assert hint in str(raised.value) and "\n" not in str(raised.value)

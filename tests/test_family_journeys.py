@@ -38,8 +38,9 @@ def test_a_refiner_saved_with_the_base_text_encoders_is_refused_as_a_refiner(tin
 @pytest.mark.parametrize("command", ["generate", "finetune"])
 def test_a_pixart_teacher_where_an_lcm_is_needed_is_not_sent_to_an_lcm_lora(command, tiny_pixart, tmp_path, run_error):
     out = tmp_path / "out"
+    (tmp_path / "data").mkdir()  # beside the run folder (inside it, --out is refused first)
     argv = (["generate", "a red star", "--model", str(tiny_pixart), "--steps", "1", "--out", str(out)] if command == "generate" else
-            ["finetune", "--preset", "tiny", "--model", str(tiny_pixart), "--data", str(tmp_path), "--out", str(out)])
+            ["finetune", "--preset", "tiny", "--model", str(tiny_pixart), "--data", str(tmp_path / "data"), "--out", str(out)])
     code, err = run_error(argv)
     # was: "... is a diffusion model without the guidance input of an LCM (its UNet has no time_cond_proj_dim); distil it first
     # with `lcm distill --teacher ...`, or load its LCM-LoRA (--lora)": a PixArt model has no UNet, and --lora is then

@@ -57,7 +57,8 @@ def test_every_flag_takes_a_negative_value_however_it_is_spelled(capsys, value):
 
 def test_a_negative_learning_rate_in_exponent_form_gets_its_own_message(tiny_sd, run_error, tmp_path):
     # defect: `lcm distill --lr -1e-4` said "argument --lr: expected one argument", --lr=-1e-4 "lr must be positive"
-    argv = ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+    (tmp_path / "data").mkdir()  # a folder of data beside the run folder (inside it, --out is refused first)
+    argv = ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
             "--dry-run"]
     for spelling in (["--lr", "-1e-4"], ["--lr=-1e-4"]):
         code, err = run_error([*argv, *spelling])

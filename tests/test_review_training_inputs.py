@@ -81,7 +81,8 @@ def test_a_held_out_shard_folder_that_holds_the_training_shard_is_refused(tiny_s
 def test_a_bad_learning_rate_is_named_alone(tiny_sd, run_error, tmp_path, flag, value, message):
     # defect: `lcm distill --lr 0` said "lr and huber_c must be positive and validation_guidance_scale >= 0, got 0.0, 0.001,
     # 8.0": three fields and three numbers, for one wrong flag
-    argv = ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+    (tmp_path / "data").mkdir()  # a folder of data beside the run folder (inside it, --out is refused first)
+    argv = ["distill", "--preset", "tiny", "--teacher", str(tiny_sd), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
             flag, value, "--dry-run"]
     code, err = run_error(argv)
     assert code == 2 and err == f"lcm distill: error: {message}", (code, err)

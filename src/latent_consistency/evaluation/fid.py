@@ -71,12 +71,10 @@ def check_image_range(images: torch.Tensor, what: str = "images") -> None:
 
 def network_features(network, images: torch.Tensor, batch_size: int = 256, real: bool = False) -> torch.Tensor:
     """The feature network's features [N, F] of [-1, 1] images [N, 3, H, W], `batch_size` at a time, on its device; a
-    UserError when an image holds NaN or infinite values, or the images are clearly not in [-1, 1] (`check_image_range`)
-    (`real`: the reference images'; else generated ones')."""
-    which = "real" if real else "generated"
+    UserError when an image holds NaN or infinite values (`real`: the reference images'; else generated ones'). The
+    networks that read images (Inception, CLIP) refuse ones clearly not in [-1, 1] themselves (`check_image_range`)."""
     if not torch.isfinite(images).all():  # the score would be NaN, with a LAPACK complaint on stderr
-        raise UserError(f"the {which} images hold NaN or infinite values; FID/KID cannot score them")
-    check_image_range(images, f"the {which} images")
+        raise UserError(f"the {'real' if real else 'generated'} images hold NaN or infinite values; FID/KID cannot score them")
     with torch.no_grad():
         return torch.cat([network.features(images[start : start + batch_size]) for start in range(0, len(images), batch_size)])
 
