@@ -25,9 +25,9 @@ def resolve_device(name: str | torch.device, flag: str = "--device") -> torch.de
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{_given(flag, name)} was asked for but no CUDA GPU is available; use {_given(flag, 'cpu')}")
+        raise UserError(f"{given(flag, name)} was asked for but no CUDA GPU is available; use {given(flag, 'cpu')}")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise UserError(f"{_given(flag, name)} was asked for but MPS is not available; use {_given(flag, 'cpu')}")
+        raise UserError(f"{given(flag, name)} was asked for but MPS is not available; use {given(flag, 'cpu')}")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return device
@@ -41,11 +41,11 @@ def resolve_dtype(name: str, device: torch.device, flag: str = "--dtype") -> tor
         raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
     if name == "float16" and device.type == "cpu":
         raise UserError("float16 on the CPU is refused: most CPUs have no float16 kernels and run it many times slower than "
-                        f"float32; use {_given(flag, 'float32')}, or bfloat16 (fast where the CPU has bfloat16 instructions)")
+                        f"float32; use {given(flag, 'float32')}, or bfloat16 (fast where the CPU has bfloat16 instructions)")
     return DTYPES[name]
 
 
-def _given(flag: str, value: str) -> str:
+def given(flag: str, value: str) -> str:
     """`value` given to `flag` as its caller writes it: `--device cpu` for a command's flag, `device='cpu'` for a Python
     call's argument."""
     return f"{flag} {value}" if flag.startswith("--") else f"{flag}={value!r}"

@@ -34,7 +34,7 @@ from latent_consistency.denoisers import (
     denoising_network,
     is_transformer,
 )
-from latent_consistency.devices import resolve_device
+from latent_consistency.devices import given, resolve_device
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.guidance_record import RECORD, GuidanceRecord, read_record, write_record
 from latent_consistency.hub import (
@@ -1323,7 +1323,8 @@ def _settle_adapters(model: DiffusionModel, dtype: torch.dtype, device: str | to
         module.eval()
 
 
-def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionModel:
+def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+                  lora_flag: str = "lora") -> DiffusionModel:
     """A diffusion model with an LCM-LoRA (Luo et al. 2023b) loaded onto its UNet (and text encoder, if the file has
     layers for it), as diffusers' `load_lora_weights` loads it; the result samples as an LCM without an ω input.
     The model may also be an LCM with a LoRA fine-tuned on it (`lcm finetune --adapter lora`); it keeps its ω input.
@@ -1331,6 +1332,7 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
     `lora` is a folder or .safetensors file (ours, or a downloaded LCM-LoRA) or a hub id. Its scheduler config is
     the LCMScheduler one `lcm distill`/`lcm finetune` save in the folder, else an LCM's own, else diffusers' default
     (original_inference_steps 50) over the model's noise schedule; the parameterisation is the model's either way.
+    An error that says to leave the LoRA out names it as `lora_flag` took it: `lora='x'`, or `--lora x` for a command's flag.
     """
     path = _local_lora(lora)
     # Read before the model loads: a broken file is known at once. A weights file given in its LoRA folder (lora/
@@ -1345,7 +1347,7 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
             f", and distil it into a PixArt-LCM first: `lcm distill --teacher {name_or_path} --guidance-scale-min 4.5 "
             "--guidance-scale-max 4.5` (a full student, one guidance scale)")
         raise UserError(f"{name_or_path} is a PixArt-α model, which takes no LoRA (diffusers' PixArtAlphaPipeline loads none): leave "
-                        f"--lora {lora} out{then}")
+                        f"{given(lora_flag, str(lora))} out{then}")
     _load_lora(model, path, lora, name_or_path)
     _settle_adapters(model, dtype, device)
     if saved_config is not None:  # its sampler settings (T/k, timestep scaling, clipping) over the model's noise schedule and

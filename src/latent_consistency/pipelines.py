@@ -105,9 +105,10 @@ def check_real(value, name: str, meaning: str) -> None:
 def placement(device: torch.device | str, dtype: torch.dtype | str) -> tuple[torch.device, torch.dtype]:
     """`device` and `dtype` of a `load`, also as `--device` and `--dtype` take them (`devices.resolve_device`,
     `resolve_dtype`): "auto" (the accelerator this machine has), "cuda:1", "bfloat16". `torch.device("auto")` raised
-    torch's own RuntimeError, and "bfloat16" was refused for a str."""
+    torch's own RuntimeError, and "bfloat16" was refused for a str. torch.float16 is refused on the CPU as "float16" is."""
     device = resolve_device(device, "device")
-    return device, resolve_dtype(dtype, device, "dtype") if isinstance(dtype, str) else dtype
+    name = "float16" if dtype == torch.float16 else dtype
+    return device, resolve_dtype(name, device, "dtype") if isinstance(name, str) else dtype
 
 
 @dataclass
@@ -292,14 +293,15 @@ class LCMGenerator(Generator):
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32, lora: str | None = None,
-             style_loras: Sequence[tuple[str, float]] = ()) -> LCMGenerator:
+             style_loras: Sequence[tuple[str, float]] = (), *, lora_flag: str = "lora") -> LCMGenerator:
         """An LCM, or a diffusion model with the LCM-LoRA `lora`, on `device` in `dtype` (by default float32 on the CPU, as
         `models.load_lcm`); `style_loras` (a file, folder or hub id and its weight each) are mixed in beside it as diffusers'
         `set_adapters` mixes LoRAs (`models.add_style_loras`). The LoRAs are fused into the weights (`models.fuse_loras`):
-        a generator samples with them as loaded, and an unfused LoRA's layers cost a third more per network call."""
+        a generator samples with them as loaded, and an unfused LoRA's layers cost a third more per network call. An error
+        names `lora` as `lora_flag` takes it (`models.load_lcm_lora`: `--lora` where a command's flag gave it)."""
         check_style_loras(style_loras)  # before the model loads: a single (LoRA, weight) pair would be unpacked wrongly
         device, dtype = placement(device, dtype)
-        model = load_lcm(path, dtype, device) if lora is None else load_lcm_lora(path, lora, dtype, device)
+        model = load_lcm(path, dtype, device) if lora is None else load_lcm_lora(path, lora, dtype, device, lora_flag=lora_flag)
         return cls(fuse_loras(add_style_loras(model, list(style_loras), dtype, device)), device, dtype)
 
     @property
@@ -470,8 +472,9 @@ class SolverGenerator(Generator):
         return self.model.distilled_steps or DEFAULT_STEPS
 
     def timesteps(self, steps: int, custom: list[int] | None = None) -> int:
+        """`steps`, checked: an ODE solver spaces its own timesteps (`sampling.sample_teacher`), so it takes no `custom` ones."""
         if custom is not None:
-            raise UserError("--timesteps applies to LCMs; an ODE solver takes --steps")
+            raise UserError("custom timesteps apply to LCMs; an ODE solver takes a step count: timesteps(steps), without custom=")
         if not is_integer(steps) or not 1 <= steps <= self.model.schedule.num_train_timesteps:
             raise UserError(f"steps must be an integer between 1 and {self.model.schedule.num_train_timesteps}, got {steps!r}")
         return steps

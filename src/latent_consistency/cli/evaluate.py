@@ -476,7 +476,7 @@ def load_evaluated_lcm(args, device):
         raise UserError(f"--lcm {args.lcm} is a guidance-distilled diffusion model (ω input, no LCMScheduler), not an LCM: score it as "
                         f"a Guided-Distill row with --guided-distill {args.lcm}{teacher}, beside an LCM as --lcm")
     try:
-        return load_lcm_lora(args.lcm, args.lora, device=device) if args.lora else load_lcm(args.lcm, device=device)
+        return load_lcm_lora(args.lcm, args.lora, device=device, lora_flag="--lora") if args.lora else load_lcm(args.lcm, device=device)
     except NotAnLCM as err:  # a teacher given as --lcm: its rows are the baselines
         raise UserError(f"{err}; to score it as the teacher of the baseline rows, give it as --teacher beside an LCM as --lcm") from None
 

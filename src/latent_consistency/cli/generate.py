@@ -422,7 +422,7 @@ def load_lcm_generator(args, device, dtype, styles) -> LCMGenerator:
     """The LCM (or LCM-LoRA) --model names; a teacher given without --sampler is also sampled as it is by an ODE solver,
     which the error adds to `load_lcm`'s hints."""
     try:
-        return LCMGenerator.load(args.model, device, dtype, args.lora, styles)
+        return LCMGenerator.load(args.model, device, dtype, args.lora, styles, lora_flag="--lora")
     except NotAnLCM as err:
         raise UserError(f"{err}; or sample it as it is with an ODE solver and classifier-free guidance: --sampler dpm++ "
                         "(e.g. --steps 25)") from None
@@ -448,6 +448,8 @@ def generate(args) -> None:
         raise UserError(f"--gamma {args.gamma:g} is outside [0, 1]: 0 is deterministic, 1 re-injects fresh noise at every step")
     if args.strength is not None and args.init_image is None:
         raise UserError("--strength applies to img2img: give --init-image FILE")
+    if args.sampler != "lcm" and custom:  # before the model loads (`SolverGenerator.timesteps` says it for a Python call)
+        raise UserError("--timesteps applies to LCMs; an ODE solver takes --steps")
     if args.sampler != "lcm" and (args.gamma is not None or args.init_image is not None):
         raise UserError(f"--gamma and --init-image apply to --sampler lcm, not {args.sampler}")
     if args.gamma is not None:

@@ -68,7 +68,7 @@ def build_app(args):
     styles = [parse_style_lora(text) for text in args.style_lora]
     device = resolve_device(args.device)
     keep_freed_memory(device)
-    generator = LCMGenerator.load(args.model, device, resolve_dtype(args.dtype, device), args.lora, styles)
+    generator = LCMGenerator.load(args.model, device, resolve_dtype(args.dtype, device), args.lora, styles, lora_flag="--lora")
     if args.preview_decoder is not None:
         generator.use_preview_decoder(args.preview_decoder)
     if args.max_side is not None and args.max_side < generator.default_size():

@@ -53,12 +53,12 @@ def _holding_out(run):
 
 
 def _run_build(args) -> None:
-    from latent_consistency.world.build import build_world, check_world_spec, world_spec
+    from latent_consistency.world.build import COMMAND_FLAGS, build_world, check_world_spec, world_spec
 
     preset = _preset_from_args(args)
     prediction_type = "v_prediction" if args.v_prediction else "epsilon"
     if args.dry_run:
-        check_world_spec(preset, prediction_type)
+        check_world_spec(preset, prediction_type, COMMAND_FLAGS)
         print(json.dumps(world_spec(preset, prediction_type), indent=2))
         return
     parts_from = args.parts_from
@@ -70,7 +70,7 @@ def _run_build(args) -> None:
         _check_parts_go_in(args.out, parts_from, args.parts_from)
     try:
         out = build_world(preset, args.out, args.device, progress=not args.no_progress, prediction_type=prediction_type,
-                          parts_from=parts_from)
+                          parts_from=parts_from, flags=COMMAND_FLAGS)
     except KeyboardInterrupt as stop:  # its one line (`cli.stopped`) says how to go on
         stop.args = ("(run the same command again to resume the build: finished phases are kept, the stopped one goes on from "
                      "its last checkpoint where it has one)",)
@@ -98,9 +98,9 @@ def _check_parts_go_in(out: str, parts_from: str | Path, given: str) -> None:
 
 
 def _run_export(args) -> None:
-    from latent_consistency.world.build import export_world
+    from latent_consistency.world.build import COMMAND_FLAGS, export_world
 
-    print(f"fp16 world written to {export_world(args.src, args.out)}")
+    print(f"fp16 world written to {export_world(args.src, args.out, flags=COMMAND_FLAGS)}")
 
 
 def _run_check(args) -> None:

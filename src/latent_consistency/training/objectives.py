@@ -176,7 +176,7 @@ class FineTuning:
 
     @staticmethod
     def load(config: FinetuneConfig, device) -> DiffusionModel:
-        base = load_lcm_lora(config.model, config.lora, device=device) if config.lora else load_lcm(config.model, device=device)
+        base = load_lcm_lora(config.model, config.lora, device=device, lora_flag="--lora") if config.lora else load_lcm(config.model, device=device)
         if config.adapter == "lora":
             lora_pipeline_class(base)  # refuses a family without a LoRA loader (PixArt-α)
         _check_schedule(base.schedule, {"model": base.prediction_type}, FineTuning.skip(config, base))

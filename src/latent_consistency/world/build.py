@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,7 +42,7 @@ import torch
 from latent_consistency.conditioning import TIME_IDS, AddedConditioning
 from latent_consistency.data.latent_cache import MANIFEST, LatentCache, write_latent_cache
 from latent_consistency.data.workers import end_quietly_on_sigterm, started
-from latent_consistency.devices import resolve_device
+from latent_consistency.devices import given, resolve_device
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.models import DiffusionModel, LatentCodec, load_component, save_pipeline
 from latent_consistency.outputs import move_into_place, partial_folder, permit_as_umask, start_partial, write_json_atomic, write_text_atomic
@@ -94,6 +95,17 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 EXPORT_MARKER = ".lcm-world-export"
 
 
+# The arguments of `build_world`, `check_world_spec` and `export_world` as `lcm world build` and `lcm world export` name them:
+# the commands pass it as `flags`, so that an error names what their user typed; a Python call's errors name its arguments
+COMMAND_FLAGS = {"out_dir": "--out", "parts_from": "--parts-from", "device": "--device", "prediction_type": "--v-prediction",
+                 "src": "--from", "dst": "--out"}
+
+
+def _flag(flags: Mapping[str, str] | None, argument: str) -> str:
+    """`argument` as the caller names it: its command's flag where `flags` (`COMMAND_FLAGS`) has one, else its own name."""
+    return (flags or {}).get(argument, argument)
+
+
 def phase_outputs(phase: str, preset: WorldPreset) -> tuple[str, ...]:
     """What phase `phase` commits into a world of `preset`."""
     sdxl = phase == "text_encoder" and preset.teacher.architecture == "sdxl"
@@ -136,8 +148,9 @@ def _render(dataset, progress: bool) -> _Images:
     return _Images(torch.cat(images), captions, attributes)
 
 
-def check_world_spec(preset: WorldPreset, prediction_type: str) -> None:
-    """Reject a dataset, resolution or prediction type the world cannot be built with."""
+def check_world_spec(preset: WorldPreset, prediction_type: str, flags: Mapping[str, str] | None = None) -> None:
+    """Reject a dataset, resolution or prediction type the world cannot be built with; an error names the prediction type
+    as `flags` do (`_flag`)."""
     check_dataset(preset.dataset)
     for name in preset.pretraining_datasets:
         if check_dataset(name) == preset.dataset:
@@ -150,7 +163,9 @@ def check_world_spec(preset: WorldPreset, prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(f"unknown prediction type {prediction_type!r}; use one of {', '.join(PREDICTION_TYPES)}")
     if preset.teacher.zero_terminal_snr and prediction_type == "epsilon":
-        raise UserError("a zero-terminal-SNR teacher must predict v (--v-prediction): at t = T-1 its input is pure noise, so ε says nothing about the image")
+        flag = _flag(flags, "prediction_type")
+        v = flag if flag.startswith("--") else given(flag, "v_prediction")
+        raise UserError(f"a zero-terminal-SNR teacher must predict v ({v}): at t = T-1 its input is pure noise, so ε says nothing about the image")
     unet_factor = 2 ** (len(preset.teacher.block_out_channels) - 1)
     if preset.resolution % (preset.vae_factor * unet_factor):
         raise UserError(
@@ -325,23 +340,25 @@ def world_spec(preset: WorldPreset, prediction_type: str) -> dict:
     return json.loads(json.dumps({"preset": preset.to_dict(), "prediction_type": prediction_type}))
 
 
-def _check_out_dir(out: Path, spec: dict) -> None:
-    """The folder must be new, empty, or a world (finished or not) built with this very spec."""
+def _check_out_dir(out: Path, spec: dict, flag: str = "out_dir") -> None:
+    """The folder must be new, empty, or a world (finished or not) built with this very spec; an error names it as `flag`
+    (`devices.given`)."""
+    named = given(flag, str(out))
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder for the world")
+        raise UserError(f"{named} is a file; give a folder for the world")
     if not out.exists() or not any(out.iterdir()):
         return
     if not (out / WORLD_FILE).is_file():
-        raise UserError(f"--out {out} holds something other than a world (no {WORLD_FILE}); give a new or empty folder")
+        raise UserError(f"{named} holds something other than a world (no {WORLD_FILE}); give a new or empty folder")
     existing = read_world_spec(out)
     if existing.get("weights_dtype"):
-        raise UserError(f"--out {out} is an exported world ({existing['weights_dtype']} weights), finished; building into it would "
+        raise UserError(f"{named} is an exported world ({existing['weights_dtype']} weights), finished; building into it would "
                         "replace its parts: give a new or empty folder")
     with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):  # as this version writes it: a world.json of an older one
         existing |= world_spec(WorldPreset.from_dict(existing["preset"]), existing.get("prediction_type"))  # lacks newer keys
     if {k: existing.get(k) for k in spec} != spec:
         raise UserError(
-            f"--out {out} holds a world built with other settings (preset {existing['preset'].get('name')!r}, "
+            f"{named} holds a world built with other settings (preset {existing['preset'].get('name')!r}, "
             f"{existing.get('prediction_type')}; {_differences(existing, spec)}); give the same settings to resume it, or a new folder"
         )
 
@@ -381,12 +398,13 @@ def _setting(spec: dict, key: str):
     return value.get(field_name) if field_name and isinstance(value, dict) else value
 
 
-def reusable_phases(src: Path, spec: dict) -> list[str]:
+def reusable_phases(src: Path, spec: dict, flag: str = "parts_from") -> list[str]:
     """The longest prefix of PHASES that the world at `src` has finished with the settings `spec` asks for: the same
     data, and for each phase the same PHASE_SETTINGS. A build (`build_state.json`) offers its finished phases; an
-    export (`lcm world export`, the shipped world) every phase whose outputs it kept, logs aside."""
+    export (`lcm world export`, the shipped world) every phase whose outputs it kept, logs aside. An error names `src` as
+    `flag` (`devices.given`)."""
     if not (src / WORLD_FILE).is_file():
-        raise UserError(f"--parts-from {src} is not a world folder (no {WORLD_FILE}); give a world build or export, or "
+        raise UserError(f"{given(flag, str(src))} is not a world folder (no {WORLD_FILE}); give a world build or export, or "
                         "'default' for the shipped world")
     theirs = read_world_spec(src)
     theirs.setdefault("prediction_type", "epsilon")
@@ -484,13 +502,14 @@ def _load_outputs(build: _Build, phase: str) -> None:
                 build.load(component)
 
 
-def _check_resume_device(out: Path, phase: str, device: torch.device) -> None:
+def _check_resume_device(out: Path, phase: str, device: torch.device, flag: str = "device") -> None:
     """A phase stopped with a checkpoint resumes on the type of device that trained it (`fit.Checkpointer.saved_device`): its
-    generator state is that device's, and a phase trained partly on each would be neither's. Refused before any work."""
+    generator state is that device's, and a phase trained partly on each would be neither's. Refused before any work,
+    naming the device to use as `flag` takes it (`devices.given`)."""
     saved = Checkpointer(out / WORK_DIR / phase).saved_device()
     if saved not in (None, device.type):
         raise UserError(f"the {phase} phase of {out} was stopped with a checkpoint trained on {saved}, and this run is on {device.type}: "
-                        f"resume it with --device {saved}, or remove {out / WORK_DIR / phase} to build that phase again from its start")
+                        f"resume it with {given(flag, saved)}, or remove {out / WORK_DIR / phase} to build that phase again from its start")
 
 
 def build_world(
@@ -500,26 +519,31 @@ def build_world(
     progress: bool = True,
     prediction_type: str = "epsilon",
     parts_from: str | Path | None = None,
+    *,
+    flags: Mapping[str, str] | None = None,
 ) -> Path:
     """Build (or finish building) a world into `out_dir`; returns its path. See the module docstring.
 
     `parts_from`: another world (a build or an export) whose finished phases stand in for this build's first phases
     where the settings they depend on are equal (`reusable_phases`), copied instead of trained: an SDXL-architecture
-    teacher on the shipped world's tokenizer, judge and VAE, say. Only for a build that has not started."""
+    teacher on the shipped world's tokenizer, judge and VAE, say. Only for a build that has not started. An error names
+    the arguments as `flags` do (`lcm world build`'s: `COMMAND_FLAGS`), else as this call takes them."""
+    out_flag = _flag(flags, "out_dir")
     if not str(out_dir).strip():  # Path("") is the current folder
-        raise UserError(f"--out {str(out_dir)!r} names no folder; give the world's folder by its name (e.g. runs/world)")
+        named = f"{out_flag} {str(out_dir)!r}" if out_flag.startswith("--") else given(out_flag, str(out_dir))
+        raise UserError(f"{named} names no folder; give the world's folder by its name (e.g. runs/world)")
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    check_world_spec(preset, prediction_type)
+    check_world_spec(preset, prediction_type, flags)
     out = Path(out_dir)
     spec = world_spec(preset, prediction_type)
-    _check_out_dir(out, spec)
+    _check_out_dir(out, spec, out_flag)
     reused = []
     if parts_from is not None and not finished_phases(out):
-        reused = reusable_phases(Path(parts_from), spec)
+        reused = reusable_phases(Path(parts_from), spec, _flag(flags, "parts_from"))
         if not reused:
-            raise UserError(f"--parts-from {parts_from}: no phase of that world was built with this preset's settings "
+            raise UserError(f"{given(_flag(flags, 'parts_from'), str(parts_from))}: no phase of that world was built with this preset's settings "
                             "(its data or tokenizer differ); leave it out to build every phase")
-    device = resolve_device(device)
+    device = resolve_device(device, _flag(flags, "device"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -534,7 +558,7 @@ def build_world(
     done = _phases_kept(out, preset)
     _check_phase_outputs(build, done)
     if len(done) < len(PHASES):
-        _check_resume_device(out, PHASES[len(done)], device)
+        _check_resume_device(out, PHASES[len(done)], device, _flag(flags, "device"))
     state = json.loads((out / STATE_FILE).read_text()) if done else {}
     for phase in PHASES[len(done) :]:
         start = time.perf_counter()
@@ -563,22 +587,24 @@ def build_world(
     return out
 
 
-def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+def export_world(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16, *, flags: Mapping[str, str] | None = None) -> Path:
     """Copy a finished world's pipeline, judge and quality report to `dst`, weights cast to `dtype`.
 
     The latent cache, logs and build state stay behind; `load_world` reads the copy (in float32). The copy is made in
     `<dst>.partial` (marked EXPORT_MARKER first) and renamed to `dst` when complete; a `<dst>.partial` that is not such an
-    unfinished export (or empty) is refused, as is a `dst` inside `src`.
+    unfinished export (or empty) is refused, as is a `dst` inside `src`. An error names `src` and `dst` as `flags` do
+    (`lcm world export`'s: `COMMAND_FLAGS`), else as this call takes them.
     """
-    partial = partial_folder(dst, "../world-fp16")
+    dst_flag, src_flag = _flag(flags, "dst"), _flag(flags, "src")
+    partial = partial_folder(dst, "../world-fp16", dst_flag)
     src, dst = Path(src), Path(dst)
     _check_exportable(src)
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         where = "the world folder" if dst.resolve() == src.resolve() else "inside the world folder"
-        raise UserError(f"--out {dst} is {where} --from {src}; give a new or empty folder outside it")
+        raise UserError(f"{given(dst_flag, str(dst))} is {where} {given(src_flag, str(src))}; give a new or empty folder outside it")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise UserError(f"--out {dst} is a file or a folder that is not empty; give a new or empty folder")
-    start_partial(partial, EXPORT_MARKER, f"`lcm world export --out {dst}`")
+        raise UserError(f"{given(dst_flag, str(dst))} is a file or a folder that is not empty; give a new or empty folder")
+    start_partial(partial, EXPORT_MARKER, f"`lcm world export --out {dst}`" if dst_flag.startswith("--") else "export_world")
     for entry in _exported(src):
         (shutil.copytree if (src / entry).is_dir() else shutil.copy2)(src / entry, partial / entry)
     _cast_weights(partial, dtype)
