@@ -136,3 +136,14 @@ def test_lcm_world_keeps_its_flags(tmp_path, run_error, monkeypatch, no_gpu):
             f"--out {src / 'fp16'} is inside the world folder --from {src}; give a new or empty folder outside it")
     refused(run_error, ["world", "export", "--from", str(src), "--out", str(junk)],
             f"--out {junk} is a file or a folder that is not empty; give a new or empty folder")
+
+
+def test_lcm_demo_building_its_world_keeps_the_commands_wording(tmp_path, run_error, no_gpu):
+    """`lcm demo --world-preset` builds into OUT/world-NAME through `build_world`: its errors read as a command's, not as
+    `build_world`'s Python arguments."""
+    world = tmp_path / "demo" / "world-tiny"
+    world.mkdir(parents=True)
+    (world / "notes.txt").write_text("mine")
+    refused(run_error, ["demo", "--out", str(tmp_path / "demo"), "--world-preset", "tiny", "--device", "cpu"],
+            f"--out {world} holds something other than a world (no world.json)")
+    assert (world / "notes.txt").read_text() == "mine"

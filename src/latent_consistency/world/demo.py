@@ -44,7 +44,7 @@ from latent_consistency.training.loop import holding_out, train
 from latent_consistency.training.run_folder import continued_by, saved_config
 from latent_consistency.training.sources import model_digest, recorded_sources
 from latent_consistency.world.artifact import default_world_path, load_world
-from latent_consistency.world.build import build_world, reusable_phases, world_spec
+from latent_consistency.world.build import COMMAND_FLAGS, build_world, reusable_phases, world_spec
 from latent_consistency.world.datasets import REFERENCE_SPLITS, get_dataset
 from latent_consistency.world.judge import judge_scores, prompt_alignment
 from latent_consistency.world.presets import get_preset
@@ -108,7 +108,7 @@ def run_demo(out: Path, world_dir: Path | None, distill_steps: int | None, eval_
                 # Build the world here (resumable; the default preset takes about 55 minutes on a 2-core CPU)
                 print(f"[demo] {build_reason}; building the {world_preset!r} world into {world_dir} "
                       "(resumable: rerun to continue)", flush=True)
-                build_world(world_preset, world_dir, dev, parts_from=_shipped_parts_for(world_preset))
+                build_world(world_preset, world_dir, dev, parts_from=_shipped_parts_for(world_preset), flags=COMMAND_FLAGS)  # a command's wording
             world = load_world(world_dir, dev)
         return _distil_and_compare(out, world, world_dir, distill_steps, eval_samples, dev, finetune_steps, clock)
 
