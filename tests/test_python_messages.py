@@ -25,6 +25,17 @@ def test_a_load_refuses_torch_float16_on_the_cpu_as_it_refuses_the_name(cls, tmp
     assert "--" not in str(refused_.value) and "\n" not in str(refused_.value)
 
 
+@pytest.mark.parametrize("cls", ["LCMGenerator", "SolverGenerator"])
+def test_a_generator_made_of_a_float16_model_on_the_cpu_is_refused_as_a_load_is(cls, tiny_lcm):
+    # was: made, and sampled many times slower than float32
+    from latent_consistency import pipelines
+    from latent_consistency.models import load_lcm
+
+    model = load_lcm(str(tiny_lcm), torch.float16)
+    with pytest.raises(UserError, match=r"^float16 on the CPU is refused: .*; use dtype='float32'"):
+        getattr(pipelines, cls)(model, "cpu", torch.float16)
+
+
 def test_a_solver_generator_names_custom_timesteps_as_its_argument(tiny_sd):
     from latent_consistency.pipelines import SolverGenerator
 

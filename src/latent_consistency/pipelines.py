@@ -123,6 +123,8 @@ class Generator:
     def __post_init__(self):
         if not isinstance(self.dtype, torch.dtype):
             raise UserError(f"dtype must be a torch.dtype such as torch.float32, got {self.dtype!r}")
+        if self.dtype == torch.float16:  # refused on the CPU, as `load` refuses it (`placement`)
+            resolve_dtype("float16", torch.device(self.device), "dtype")
         self.check_placement()
         # The same images, faster: nearest-2x-then-3x3-convolution upsamplers as one small convolution (`upsampling`)
         for network in (self.model.unet, self.model.vae):
