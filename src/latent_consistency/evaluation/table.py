@@ -19,9 +19,10 @@ import hashlib
 import itertools
 import json
 import math
+import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from latent_consistency.evaluation.ode_error import TeacherConsistencyFunction
 from latent_consistency.grids import image_grid, save_png
 from latent_consistency.hub import hub_revision
 from latent_consistency.models import DiffusionModel, model_files
-from latent_consistency.outputs import savefig_atomic, write_json_atomic, write_text_atomic
+from latent_consistency.outputs import savefig_atomic, write_atomic, write_json_atomic, write_text_atomic
 from latent_consistency.progress import progress_bar
 from latent_consistency.sampling import solver_start_note
 from latent_consistency.solvers import get_solver
@@ -51,6 +52,10 @@ RESULTS_FILE = "results.json"
 # from image i's own generator, as `lcm generate` draws it (`compare.sample_consistency`; format 2 seeded it with 10^6 +
 # SEED + i), so no earlier file's LCM rows are this version's images
 RESULTS_FORMAT = 3
+# The row being scored, as a killed run left it: its scorers' state after the batches done (`RowProgress`), saved at most
+# every PROGRESS_SECONDS, so that a kill loses at most about that much of a row, not the row
+PROGRESS_FILE = "row-progress.pt"
+PROGRESS_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,14 @@ class Scorer:
         """The row's scores, from the batches given since `reset`."""
         raise NotImplementedError
 
+    def state(self) -> dict:
+        """What the batches given since `reset` left (tensors, numbers): `load_state` of it after a `reset` goes on as if
+        they had been given again."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Take up `state` (`state`) after a `reset`."""
+
 
 class FeatureScorer(Scorer):
     """FID and KID in a feature network's space against the reference images; `unit_kid_features`: KID on
@@ -245,6 +258,12 @@ class FeatureScorer(Scorer):
 
     def update(self, images: torch.Tensor, part: EvalSet) -> None:
         self._features.append(network_features(self.network, images))
+
+    def state(self) -> dict:
+        return {"features": torch.cat(self._features)}
+
+    def load_state(self, state: dict) -> None:
+        self._features = [state["features"]]
 
     def compute(self, eval_set: EvalSet) -> dict[str, float]:
         real, fake = self.reference_features(eval_set.reference), torch.cat(self._features)
@@ -278,6 +297,13 @@ class JudgeScorer(FeatureScorer):
             if name != "mean":  # the batch's fraction × its size: a count, up to the float's rounding
                 self._read_back[name] = self._read_back.get(name, 0) + round(fraction * len(images))
 
+    def state(self) -> dict:
+        return super().state() | {"read_back": dict(self._read_back)}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self._read_back = dict(state["read_back"])
+
     def compute(self, eval_set: EvalSet) -> dict[str, float]:
         images = sum(map(len, self._features))
         alignment = {name: count / images for name, count in self._read_back.items()}
@@ -299,6 +325,13 @@ class ClipScorer(FeatureScorer):
     def update(self, images: torch.Tensor, part: EvalSet) -> None:
         super().update(images, part)
         self._scores.append(self.network.scores(self._features[-1], part.all_prompts))
+
+    def state(self) -> dict:
+        return super().state() | {"scores": torch.cat(self._scores)}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self._scores = [state["scores"]]
 
     def compute(self, eval_set: EvalSet) -> dict[str, float]:
         return super().compute(eval_set) | {"clip_score": float(torch.cat(self._scores).mean())}
@@ -404,23 +437,65 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
     todo = [row for row in rows if row.key not in results]
     with progress_bar(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress) as bar:
         for row in todo:
-            results[row.key] = score_row(row, lcm, teacher, eval_set, scorers, device, guided, batch)
+            progress_file = RowProgress(out / PROGRESS_FILE, row.key, fingerprint, batch or compare.batch_size(lcm))
+            results[row.key] = score_row(row, lcm, teacher, eval_set, scorers, device, guided, batch, progress_file)
             record = {"format": RESULTS_FORMAT, "fingerprint": fingerprint} | ({"settings": settings} if settings else {})
             write_json_atomic(path, record | {"rows": results})
             bar.update(1)
+    (out / PROGRESS_FILE).unlink(missing_ok=True)  # the last row's, or a row's that is scored now
     return {row.key: results[row.key] for row in rows}
 
 
+@dataclass
+class RowProgress:
+    """A row's progress in `path`, for the run after a kill: the images done (whole batches of `batch`), the scorers'
+    states (`Scorer.state`), the sampling's seconds and peak memories so far. Only the same row of the same evaluation
+    (`fingerprint`) in batches of the same size takes it up: its remaining batches are then the ones an unkilled run
+    scores, and the row's scores are the same."""
+
+    path: Path
+    row: str
+    fingerprint: str
+    batch: int
+    saved_at: float = field(default_factory=time.monotonic)
+
+    def load(self, scorers: list[Scorer]) -> tuple[int, float, list]:
+        """(images done, seconds, peaks) of this row as a killed run saved it, its scorers' states loaded; (0, 0.0, []) when
+        there is none (another row's, another evaluation's, a file cut short)."""
+        try:
+            saved = torch.load(self.path, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+            return 0, 0.0, []
+        identities = [scorer.identity for scorer in scorers]
+        if not isinstance(saved, dict) or [saved.get(k) for k in ("row", "fingerprint", "batch", "scorers")] != \
+                [self.row, self.fingerprint, self.batch, identities]:
+            return 0, 0.0, []
+        for scorer, state in zip(scorers, saved["states"]):
+            scorer.load_state(state)
+        return saved["done"], saved["seconds"], saved["peaks"]
+
+    def save(self, scorers: list[Scorer], done: int, seconds: float, peaks: list) -> None:
+        """Save the progress if PROGRESS_SECONDS have passed since it was last saved (or the row started)."""
+        if time.monotonic() - self.saved_at < PROGRESS_SECONDS:
+            return
+        saved = {"row": self.row, "fingerprint": self.fingerprint, "batch": self.batch, "scorers": [s.identity for s in scorers],
+                 "states": [s.state() for s in scorers], "done": done, "seconds": seconds, "peaks": peaks}
+        write_atomic(self.path, lambda tmp: torch.save(saved, tmp))
+        self.saved_at = time.monotonic()
+
+
 def score_row(row: Row, lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, scorers: list[Scorer], device,
-              guided: dict[int, DiffusionModel] | None = None, batch: int | None = None) -> dict:
+              guided: dict[int, DiffusionModel] | None = None, batch: int | None = None, progress: RowProgress | None = None) -> dict:
     """The row's record: its images sampled `batch` at a time (`EvalSet.parts`; default `compare.batch_size` of the LCM,
     whose size its teacher shares), each batch handed to every scorer and dropped, so that memory holds one batch of
     images whatever the number of prompts; what the row costs (the sampling's time and peak memory, not the scoring's);
-    then its scores."""
+    then its scores. `progress`: where the row's progress is saved now and then, and taken up from after a kill."""
     for scorer in scorers:
         scorer.reset()
-    seconds, peaks = 0.0, []
+    done, seconds, peaks = progress.load(scorers) if progress is not None else (0, 0.0, [])
     for part in eval_set.parts(batch or compare.batch_size(lcm)):
+        if part.seed - eval_set.seed < done:  # scored before the kill
+            continue
         if torch.device(device).type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
@@ -430,6 +505,8 @@ def score_row(row: Row, lcm: DiffusionModel, teacher: DiffusionModel | None, eva
         check_finite(images, row, teacher, first=part.seed - eval_set.seed, total=len(eval_set.all_prompts))
         for scorer in scorers:
             scorer.update(images, part)
+        if progress is not None:
+            progress.save(scorers, part.seed - eval_set.seed + len(images), seconds, peaks)
     count = len(eval_set.all_prompts)
     record = asdict(row) | {"method": row.method(teacher), "network_evaluations": row.network_evaluations(lcm, teacher),
                             "ms_per_image": 1000 * seconds / count, "peak_memory_mb": None if None in peaks else max(peaks), "images": count}
