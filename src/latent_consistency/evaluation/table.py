@@ -464,7 +464,7 @@ class RowProgress:
         there is none (another row's, another evaluation's, a file cut short)."""
         try:
             saved = torch.load(self.path, weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
             return 0, 0.0, []
         identities = [scorer.identity for scorer in scorers]
         if not isinstance(saved, dict) or [saved.get(k) for k in ("row", "fingerprint", "batch", "scorers")] != \
