@@ -20,6 +20,7 @@ import numbers
 import torch
 
 from latent_consistency.conditioning import AddedConditioning, PixArtConditioning
+from latent_consistency.devices import weights_placement
 from latent_consistency.errors import UserError
 from latent_consistency.parameterization import (
     SIGMA_DATA,
@@ -252,7 +253,7 @@ class ConsistencyModel:
         if self.module is None:
             return
         module = getattr(self.module, "module", self.module)  # a network wrapped for distributed training
-        channels, dtype = int(module.config.in_channels), module.dtype
+        channels, dtype = int(module.config.in_channels), weights_placement(module)[1]
         if z.ndim != 4 or z.shape[1] != channels:
             raise UserError(f"the latents must be [B, {channels}, h, w] (the network's {channels} input channels), got "
                             f"{list(z.shape)}; draw the noise in that shape, e.g. torch.randn(B, {channels}, h, w)")

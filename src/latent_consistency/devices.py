@@ -3,6 +3,8 @@ Python call does."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from latent_consistency.errors import UserError
@@ -49,3 +51,23 @@ def given(flag: str, value: str) -> str:
     """`value` given to `flag` as its caller writes it: `--device cpu` for a command's flag, `device='cpu'` for a Python
     call's argument."""
     return f"{flag} {value}" if flag.startswith("--") else f"{flag}={value!r}"
+
+
+# (first parameter's storage, dtype, device) -> (device, dtype) of each module asked (`weights_placement`)
+_PLACEMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def weights_placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a diffusers or transformers model's weights, as its own `.device` and `.dtype` give them, which
+    walk every submodule (1.5 ms each for SD 1.5's 709-module UNet on one CPU core, several times per image), remembered
+    while its first parameter is the same tensor: `.to()` and every cast of the module replace that one too, so the next
+    call asks the model again."""
+    first = next(module.parameters(), None)
+    key = None if first is None else (first.data_ptr(), first.dtype, first.device)
+    saved = _PLACEMENTS.get(module)
+    if saved is not None and key is not None and saved[0] == key:
+        return saved[1]
+    placement = (module.device, module.dtype)
+    if key is not None:
+        _PLACEMENTS[module] = (key, placement)
+    return placement

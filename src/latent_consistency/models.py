@@ -34,7 +34,7 @@ from latent_consistency.denoisers import (
     denoising_network,
     is_transformer,
 )
-from latent_consistency.devices import given, resolve_device
+from latent_consistency.devices import given, resolve_device, weights_placement
 from latent_consistency.errors import UserError, first_line
 from latent_consistency.guidance_record import RECORD, GuidanceRecord, read_record, write_record
 from latent_consistency.hub import (
@@ -181,7 +181,7 @@ class LatentCodec:
         """Latents z -> images in [-1, 1] (not clamped): D(z) (`unscale`), or the preview decoder's approximation of it."""
         if self.preview is not None:
             return self.preview.decode(latents)
-        latents = self.unscale(latents.to(self.vae.device, self.vae.dtype))
+        latents = self.unscale(latents.to(*weights_placement(self.vae)))
         height, width = (self.downsampling_factor * n for n in latents.shape[-2:])
         return in_parts(lambda z: self.vae.decode(z).sample, latents, part_size(self.feature_map_bytes(height, width), latents.device))
 
@@ -190,7 +190,7 @@ class LatentCodec:
         `block_out_channels[i]` channels at 1/2^i of the image's size. It sets the size of the parts that `encode` and
         `decode` run in on a CPU (`batch_parts`)."""
         levels = enumerate(self.vae.config.block_out_channels)
-        return self.vae.dtype.itemsize * max(channels * max(1, height >> i) * max(1, width >> i) for i, channels in levels)
+        return weights_placement(self.vae)[1].itemsize * max(channels * max(1, height >> i) * max(1, width >> i) for i, channels in levels)
 
 
 @dataclass

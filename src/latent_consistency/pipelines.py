@@ -18,7 +18,7 @@ import torch
 
 from latent_consistency.compilation import compile_for_sampling
 from latent_consistency.denoisers import NegativePromptGuidance
-from latent_consistency.devices import resolve_device, resolve_dtype
+from latent_consistency.devices import resolve_device, resolve_dtype, weights_placement
 from latent_consistency.errors import UserError
 from latent_consistency.models import (
     DiffusionModel,
@@ -135,12 +135,12 @@ class Generator:
         float32, `DiffusionModel.upcasts_vae`): checked when the generator is made and at every call, since a model moved
         after that (`model.to("cuda")`) would fail deep in the first layer, on latents made on the generator's device."""
         device = torch.device(self.device)
-        weights = next((module.dtype for module in (self.model.unet, *self.model.text_encoders) if module.dtype != self.dtype), None)
+        placements = {module: weights_placement(module) for module in (self.model.unet, self.model.vae, *self.model.text_encoders)}
+        weights = next((placements[m][1] for m in (self.model.unet, *self.model.text_encoders) if placements[m][1] != self.dtype), None)
         if weights is not None:
             raise UserError(f"the model's weights are {weights} but the generator's dtype is {self.dtype}: load the model in that dtype "
                             f"({type(self).__name__}.load(path, device, dtype, ...)), or make the generator with the model's")
-        for module in (self.model.unet, self.model.vae, *self.model.text_encoders):
-            on = module.device
+        for on, _ in placements.values():
             if on.type != device.type or (device.index is not None and on.index is not None and on.index != device.index):
                 raise UserError(f"the model is on {on} but the generator's device is {device}: load the model there (or move all "
                                 "of it back), or make the generator with the model's device")
