@@ -81,9 +81,15 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, dict[str, torch
     _fsync_dir(root)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Remove all but the `keep` most recent checkpoints (none with `keep` 0): after each save, and when a run resumes, where
+    a kill between the last save and its pruning left one too many that no later save would remove."""
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(_set_aside(old), ignore_errors=True)
-    return final
 
 
 def _write_files(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, dict], state: dict) -> None:

@@ -62,7 +62,10 @@ GROUP_RATES = ("lr", "omega_lr")
 STUDENT_UNET = "student_unet_config"  # state.json's record of a --student-init run's UNet architecture
 # All a run writes before its first training step (metrics.jsonl empty; the ODE bank is work, and is kept, as are the
 # chunks of one stopped while it was solved, ODE_PARTIAL; but a bank whose write was killed, its temporary file, is not)
-EARLY_RUN_FILES = frozenset({"config.json", sources.FILE, "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR, ODE_BANK + ".tmp"})
+EARLY_RUN_FILES = frozenset({"config.json", sources.FILE, sources.FILE + ".tmp", "metrics.jsonl", "tensorboard", ckpt.CHECKPOINT_DIR,
+                             ODE_BANK + ".tmp"})
+# What a kill leaves of a run that had written nothing yet: the temporary file of its config.json's atomic write
+CONFIG_LEFTOVERS = frozenset({"config.json.tmp"})
 
 
 def prepare_run_folder(config: TrainConfig, resume: bool, main: bool = True) -> Path:
@@ -90,7 +93,7 @@ def check_run_folder(config: TrainConfig, resume: bool) -> bool:
         if not has_nothing(out):  # a run stopped before its config.json, or none yet: --resume starts it (`say_resumed`)
             check_resumable(out, config)
         return False
-    if out.exists() and any(out.iterdir()):
+    if not has_nothing(out):
         if not stopped_before_first_step(out, config):
             raise UserError(f"run folder {out} is not empty; pass --resume to continue it or choose another --out")
         return True
@@ -109,10 +112,11 @@ def check_sources_exist(config: TrainConfig) -> None:
 
 
 def has_nothing(out: Path) -> bool:
-    """Whether the run folder `out` is missing or empty: what a run stopped before it wrote its config.json leaves (Ctrl-C
-    while its model loads), where `--resume` starts the run from step 0 (`say_resumed` notes it), as a requeued job that
+    """Whether the run folder `out` is missing or empty (but for a half-written config.json, `CONFIG_LEFTOVERS`, which the
+    run's own write replaces): what a run stopped before it wrote its config.json leaves (Ctrl-C while its model loads, a
+    kill as it wrote it), where `--resume` starts the run from step 0 (`say_resumed` notes it), as a requeued job that
     always passes --resume expects (`lcm distill` and `lcm finetune` alike: both prepare their folder here)."""
-    return not out.exists() or (out.is_dir() and not any(out.iterdir()))
+    return not out.exists() or (out.is_dir() and {path.name for path in out.iterdir()} <= CONFIG_LEFTOVERS)
 
 
 def check_resumable(out: Path, config: TrainConfig) -> None:
@@ -390,6 +394,8 @@ class RunFolder:
             ckpt.remove_partial_checkpoints(self.out)
         found = ckpt.list_checkpoints(self.out)
         progress = self.load_checkpoint(found[-1]) if found else Progress()
+        if self.main:  # a kill between the last save and its pruning
+            ckpt.prune_checkpoints(self.out, self.config.keep_checkpoints)
         if self.main and self.started is not None:  # none: nothing to resume (`has_nothing`), the run starts as a new one
             try:
                 follow_moves(self.out, self.moves, self.config)  # --method ode's bank names the new places too
