@@ -61,3 +61,14 @@ def test_a_resume_prunes_a_checkpoint_left_over_by_a_kill_before_the_last_prunin
     shutil.copytree(checkpoints / kept[0], checkpoints / "step-0000000")  # an older one, as the kill left it
     assert main(distill(tiny_sd, images, run, "--checkpoint-every", "1", "--resume")) == 0
     assert sorted(p.name for p in checkpoints.iterdir()) == kept
+
+
+def test_lcm_cache_run_again_on_its_whole_cache_does_not_say_to_remove_it(tiny_sd, images, tmp_path, run_error):
+    # was: "latent cache folder OUT already exists; remove it or pick another folder" of a cache that took hours to write
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text('{"format": "latent-cache/2"}')
+    code, err = run_error(["cache", "--model", str(tiny_sd), "--data", str(images), "--out", str(cache)])
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "is a whole latent cache (manifest.json), ready to train on; pick another folder to cache again" in err and "remove" not in err
+    assert [p.name for p in cache.iterdir()] == ["manifest.json"]

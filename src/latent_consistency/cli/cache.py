@@ -151,7 +151,7 @@ def check_out(out: str) -> None:
     rerun resumes, and renamed onto it when whole (`outputs.move_into_place`). A whole cache whose writer was stopped
     before it removed its progress record (`latent_cache.PARTIAL_MARK` beside its manifest) is let through:
     `write_latent_cache` finishes it."""
-    from latent_consistency.data.latent_cache import MANIFEST, PARTIAL_MARK
+    from latent_consistency.data.latent_cache import MANIFEST, PARTIAL_MARK, taken_folder
     from latent_consistency.outputs import check_link, check_writable, is_empty_folder, partial_folder
 
     if not out.strip():
@@ -161,7 +161,7 @@ def check_out(out: str) -> None:
     if (path / PARTIAL_MARK).is_file() and (path / MANIFEST).is_file():
         return
     if (path.exists() or path.is_symlink()) and not is_empty_folder(path):
-        raise UserError(f"latent cache folder {out} already exists; remove it or pick another folder (an empty one is used)")
+        raise UserError(taken_folder(path))
     partial_folder(out, "runs/latents")  # a name such as "a/..", which leaves no folder name for OUT.partial
     check_writable(out, "--out")
 

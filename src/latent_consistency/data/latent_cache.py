@@ -104,6 +104,15 @@ PARTS = {"vae": ("VAE", "latents"), "text_encoder": ("text encoder", "text embed
          "text_encoder_2": ("second text encoder", "text embeddings")}
 
 
+def taken_folder(out_dir: Path) -> str:
+    """Why a cache is not written into `out_dir`, a folder that holds files: a whole cache there (a rerun after it finished,
+    or after a kill in its last instant) is not to be removed, but trained on."""
+    if (out_dir / MANIFEST).is_file():
+        return (f"latent cache folder {out_dir} already exists and is a whole latent cache ({MANIFEST}), ready to train on; pick "
+                "another folder to cache again")
+    return f"latent cache folder {out_dir} already exists; remove it or pick another folder (an empty one is used)"
+
+
 @torch.no_grad()
 def write_latent_cache(
     dataset,
@@ -142,7 +151,7 @@ def write_latent_cache(
         say(f"{out_dir} was whole, renamed when the writer was stopped: its progress record is removed")
         return out_dir
     if out_dir.exists() and not is_empty_folder(out_dir):  # an empty folder (a user's mkdir) is the cache's
-        raise UserError(f"latent cache folder {out_dir} already exists; remove it or pick another folder (an empty one is used)")
+        raise UserError(taken_folder(out_dir))
     if not isinstance(dataset, ShardStream) and len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
     job = _job(dataset, codec, source, batch_size, shard_size, captions_only)
