@@ -435,10 +435,11 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
     fingerprint = eval_set.fingerprint(*models, *identities, *(s.identity for s in scorers))
     results = saved_results(path, fingerprint, keep_other_results)
     todo = [row for row in rows if row.key not in results]
+    size = batch or compare.batch_size(lcm)  # a row's batches, which its saved progress must have been made in
     with progress_bar(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress) as bar:
         for row in todo:
-            progress_file = RowProgress(out / PROGRESS_FILE, row.key, fingerprint, batch or compare.batch_size(lcm))
-            results[row.key] = score_row(row, lcm, teacher, eval_set, scorers, device, guided, batch, progress_file)
+            progress_file = RowProgress(out / PROGRESS_FILE, row.key, fingerprint, size)
+            results[row.key] = score_row(row, lcm, teacher, eval_set, scorers, device, guided, size, progress_file)
             record = {"format": RESULTS_FORMAT, "fingerprint": fingerprint} | ({"settings": settings} if settings else {})
             write_json_atomic(path, record | {"rows": results})
             bar.update(1)
