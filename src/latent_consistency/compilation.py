@@ -4,8 +4,9 @@ A few-step sampler spends its time in the network's forward (1-8 calls), one dec
 per-operator Python and dispatch overhead, which is most of a small batch's time, and fuses the elementwise work between
 the convolutions and matmuls. In reduced precision (bfloat16, float16) it also freezes the weights into the graph
 (inductor's `freezing`: constant folding and weight prepacking), which is what makes bfloat16 convolutions fast on a CPU
-with AVX512-BF16. Measured on a 2-core CPU with the world's LCM, 4 steps, against diffusers' pipeline in float32
-(`benchmarks/cpu_speed.py --compile`, docs/benchmarks.md): float32 1.76-1.82× at batch 1, bfloat16 1.59-1.61× at batch 64.
+with AVX512-BF16. Measured on a 2-core CPU with the world's LCM, 4 steps, against diffusers' pipeline at the same precision,
+prompts encoded in every call (`benchmarks/cpu_speed.py --compile`, docs/benchmarks.md, "Read this first"): float32
+1.30-1.70× at batch 1 and 1.19-1.42× at batch 64, bfloat16 1.32-1.60× and 1.20-1.39×.
 
 The first call compiles for its input shape (about a minute on that CPU); the first call of another shape compiles once
 more, a graph for any batch and image size. So compile a generator that will make many images: a server, a long prompt
