@@ -70,5 +70,6 @@ def test_lcm_cache_run_again_on_its_whole_cache_does_not_say_to_remove_it(tiny_s
     (cache / "manifest.json").write_text('{"format": "latent-cache/2"}')
     code, err = run_error(["cache", "--model", str(tiny_sd), "--data", str(images), "--out", str(cache)])
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert "is a whole latent cache (manifest.json), ready to train on; pick another folder to cache again" in err and "remove" not in err
+    # its manifest records no job to compare this call's with (`test_cache_rerun`: the same job's rerun exits 0)
+    assert "already exists and its manifest.json records no job that wrote it" in err and "remove" not in err
     assert [p.name for p in cache.iterdir()] == ["manifest.json"]

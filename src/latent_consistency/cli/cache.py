@@ -16,7 +16,10 @@ are read once each, shard after shard; data without a usable sample is refused w
 Captions longer than the text encoder reads are cut, as diffusers cuts them, with a note saying how many. The folder is
 written as `OUT.partial` and renamed when whole: a stopped `lcm cache` (Ctrl-C, SIGTERM, a kill, a full disk) leaves no
 cache that looks finished, and the same command run again goes on from the last whole shard in OUT.partial, writing the
-very cache an uninterrupted run writes. It resumes an image folder, webdataset shards or a registered dataset read with
+very cache an uninterrupted run writes. Run again after it finished, the same job (as its manifest records it: the same
+data, source, VAE and text encoders, batch size and the rest that a resume compares) writes nothing, says so in one line and
+exits 0, as `lcm distill` run again on a finished run does; another job is refused with one line naming what differs, and
+the cache is kept. It resumes an image folder, webdataset shards or a registered dataset read with
 the same --model, images and captions (of shards: the same .tar files, by their names, sizes and first bytes; a
 registered dataset such as world:shapes is drawn alike at every run), --resolution, --batch-size, type of --device (cpu,
 cuda or mps: each rounds its own way) and choice of --captions-only; other settings start OUT.partial again, with a note
@@ -57,7 +60,7 @@ def write_cache(args) -> None:
     from latent_consistency.data.shards import ShardStream
     from latent_consistency.data.spec import open_dataset
 
-    check_out(args.out)
+    whole = check_out(args.out)
     check_data(args.data)
     device = resolve_device(args.device)
     codec, prompts, native = load_encoders(args.model, device, args.captions_only)
@@ -76,6 +79,8 @@ def write_cache(args) -> None:
     out = write_latent_cache(dataset, args.out, codec, prompts, source, device, batch_size=args.batch_size,
                              num_workers=args.num_workers, say=lambda line: print(f"lcm cache: {line}", file=sys.stderr, flush=True),
                              captions_only=args.captions_only)
+    if whole:  # this job's cache, finished before: `write_latent_cache` said so in one line and wrote nothing
+        return
     summary = getattr(dataset, "skipped", None)
     if summary is not None and summary.summary():
         print(f"data: {summary.summary()}")
@@ -143,27 +148,34 @@ def check_data(data: str) -> None:
                         "registered dataset such as world:shapes")
 
 
-def check_out(out: str) -> None:
+def check_out(out: str) -> bool:
     """--out before the model loads and the data is scanned (SD's model and a folder of a million images: minutes), where
     `write_latent_cache` refused it only after them: a name of blanks or none (which named the current folder, "already
-    exists; remove it"), an existing folder that holds anything, or a place this user cannot make it in. An empty folder
-    (or a link to one), which a user made for the cache (mkdir), is the cache's: written as OUT.partial beside it, which a
-    rerun resumes, and renamed onto it when whole (`outputs.move_into_place`). A whole cache whose writer was stopped
-    before it removed its progress record (`latent_cache.PARTIAL_MARK` beside its manifest) is let through:
-    `write_latent_cache` finishes it."""
-    from latent_consistency.data.latent_cache import MANIFEST, PARTIAL_MARK, taken_folder
+    exists; remove it"), an existing folder that holds anything but a cache, or a place this user cannot make it in. An
+    empty folder (or a link to one), which a user made for the cache (mkdir), is the cache's: written as OUT.partial beside
+    it, which a rerun resumes, and renamed onto it when whole (`outputs.move_into_place`). A whole cache whose writer was
+    stopped before it removed its progress record (`latent_cache.PARTIAL_MARK` beside its manifest) is let through:
+    `write_latent_cache` finishes it. So is a whole cache whose manifest records the job that wrote it (`latent_cache.
+    recorded_job`; one that records none is refused here): `write_latent_cache` compares it with this call's, once the
+    model and data are open, and writes nothing where it is the same (a rerun of a pipeline after the cache finished: exit
+    0, as `lcm distill` run again on a finished run), or refuses another job, keeping the cache. Whether --out is such a cache."""
+    from latent_consistency.data.latent_cache import MANIFEST, PARTIAL_MARK, recorded_job, taken_folder
     from latent_consistency.outputs import check_link, check_writable, is_empty_folder, partial_folder
 
     if not out.strip():
         raise UserError(f"--out {out!r} names no folder; give the cache folder by its name (e.g. runs/latents)")
     path = Path(out)
     check_link(path, "--out")  # a link to nothing: not a folder that "already exists"
-    if (path / PARTIAL_MARK).is_file() and (path / MANIFEST).is_file():
-        return
+    if (path / MANIFEST).is_file():
+        if (path / PARTIAL_MARK).is_file():
+            return False
+        recorded_job(path)
+        return True
     if (path.exists() or path.is_symlink()) and not is_empty_folder(path):
         raise UserError(taken_folder(path))
     partial_folder(out, "runs/latents")  # a name such as "a/..", which leaves no folder name for OUT.partial
     check_writable(out, "--out")
+    return False
 
 
 def register(subparsers) -> None:
@@ -172,7 +184,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, type=source, help="the model the runs train: a teacher (distill) or an LCM (finetune), folder or hub id")
     p.add_argument("--data", required=True, help="captioned images: an image folder (metadata.jsonl, metadata.csv or .txt captions), "
                    "webdataset .tar shards, or a registered dataset such as world:shapes")
-    p.add_argument("--out", required=True, help="the cache folder to write: a new one, or an empty folder")
+    p.add_argument("--out", required=True, help="the cache folder to write: a new one, or an empty folder (this job's finished cache: "
+                   "nothing is written)")
     p.add_argument("--resolution", type=positive_int, help="the size (px) the images are read at, as a run with --data IMAGES "
                    "--resolution N reads them: the shorter side scaled to it and the central square kept (default: the model's "
                    "native size). A run trains on the cache with the same --resolution (SDXL at 512 px, say)")

@@ -97,6 +97,7 @@ CAPTION_TENSORS = ("caption_bytes", "caption_offsets")
 SOURCE_KEYS = "source_keys"  # in the manifest and a job: true where each shard holds its samples' source keys (`_SourceKeys`)
 KEY_TENSORS = ("key_bytes", "key_offsets")
 CAPTIONS_ONLY = "captions_only"  # in the manifest and a job: true where the cache holds no text embeddings (`captions_only`)
+JOB = "job"  # in the manifest: the job that wrote the cache (`_job`), which a rerun compares with its own (`recorded_job`)
 ENCODERS = "encoders"  # in the manifest: {part: digest} of the parts that made the cache (`LatentCache.check_encoders`)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # a pipeline folder's text encoders (SDXL's second makes the pooled one)
 # Each part ENCODERS names, as a note or an error names it, and what of the cache it made
@@ -105,12 +106,56 @@ PARTS = {"vae": ("VAE", "latents"), "text_encoder": ("text encoder", "text embed
 
 
 def taken_folder(out_dir: Path) -> str:
-    """Why a cache is not written into `out_dir`, a folder that holds files: a whole cache there (a rerun after it finished,
-    or after a kill in its last instant) is not to be removed, but trained on."""
-    if (out_dir / MANIFEST).is_file():
-        return (f"latent cache folder {out_dir} already exists and is a whole latent cache ({MANIFEST}), ready to train on; pick "
-                "another folder to cache again")
+    """Why a cache is not written into `out_dir`, a folder that holds files but no MANIFEST (a whole cache there is checked
+    against the job instead: `recorded_job`, `_same_job`)."""
     return f"latent cache folder {out_dir} already exists; remove it or pick another folder (an empty one is used)"
+
+
+def recorded_job(out_dir: Path) -> dict:
+    """The job (`_job`) that wrote the whole cache at `out_dir`, as its MANIFEST records it (JOB), for a rerun to compare
+    with its own (`_same_job`): a UserError, keeping the cache, where the manifest records none (an earlier version of lcm
+    wrote it, or it is not a latent cache's). Reads the manifest alone: `lcm cache` calls it before the model loads."""
+    try:
+        job = json.loads((out_dir / MANIFEST).read_bytes()).get(JOB)
+    except (OSError, ValueError, AttributeError):
+        job = None
+    if not isinstance(job, dict) or not all(part in job for part in _JOB_PARTS):
+        raise UserError(f"latent cache folder {out_dir} already exists and its {MANIFEST} records no job that wrote it (an earlier "
+                        "version of lcm wrote it, or it is not a latent cache's), so a rerun cannot tell whether it is this one's; "
+                        "it is kept: pick another folder (--out) to cache again")
+    return job
+
+
+def _same_job(out_dir: Path, recorded: dict, job: dict, prompts) -> int:
+    """The number of samples of the whole cache at `out_dir`, written by `recorded` (`recorded_job`) where that is `job`
+    (`_other_part`, as a rerun compares a `<cache>.partial`'s) and, in a full cache, its text encoders' digests (ENCODERS)
+    are those of `prompts`; else a UserError naming what differs, keeping the cache. Data without an identity
+    (`_job`'s None) is never the same job."""
+    if job["data"] is None:
+        raise UserError(f"latent cache folder {out_dir} already exists, a whole latent cache, and this call's data has no identity "
+                        "to compare with its job's (only an image folder, webdataset shards or a registered dataset has); it is kept: "
+                        "pick another folder (--out) to cache this one")
+    manifest, part, why = _read_manifest(out_dir), _other_part(recorded, job), None
+    if part is not None:
+        was, now = recorded[part], job[part]
+        if isinstance(was, dict) and isinstance(now, dict):  # source, data: the keys they differ in
+            keys = [key for key in {**was, **now} if was.get(key) != now.get(key)]
+            was, now = ({key: value.get(key) for key in keys} for value in (was, now))
+        what = _data_part(job) if part == "data" else _JOB_PARTS[part]
+        why = f"it was written with another {what}: its {MANIFEST} records {_shown(was)}, this call {_shown(now)}"
+    elif not job[CAPTIONS_ONLY]:
+        digests = manifest.get(ENCODERS) if isinstance(manifest.get(ENCODERS), dict) else {}
+        other = [name for name, encoder in _prompt_encoders(prompts).items() if digests.get(name) != _weights_digest(encoder)]
+        why = f"it was written with another {PARTS[other[0]][0]} (other weights)" if other else None
+    if why is not None:
+        raise UserError(f"latent cache folder {out_dir} already exists, a whole latent cache of another job ({why}); it is kept: "
+                        "pick another folder (--out) to cache this one")
+    return manifest["num_samples"]
+
+
+def _shown(value) -> str:
+    """A part of a job as a message shows it: a dict's keys and values (data /images/a, resolution 512), else the value."""
+    return ", ".join(f"{key} {item}" for key, item in value.items()) if isinstance(value, dict) else str(value)
 
 
 @torch.no_grad()
@@ -138,7 +183,10 @@ def write_latent_cache(
     `outputs.move_into_place`) or into its place. A call that finds a `<out_dir>.partial` of the same job, killed part way
     (an image folder, webdataset shards or a registered dataset that `source["data"]` names, read with the same `source`,
     VAE, batch and shard size), goes on from its last whole shard (`_resumable`) and writes the very cache an
-    uninterrupted call writes; any other is started again. `say`
+    uninterrupted call writes; any other is started again. A call that finds at `out_dir` the whole cache of the same job
+    (its manifest's JOB, compared as a `.partial`'s is, and its text encoders' digests) writes nothing and says so: a
+    pipeline run again after the cache finished goes on; a whole cache of another job, or one whose manifest records no
+    job, is a UserError that keeps it (`recorded_job`, `_same_job`). `say`
     prints its one-line notes (resuming, or why not), to stderr by default. The manifest records the digests (ENCODERS) of the
     VAE's and text encoders' weights as given: in float32, as `lcm cache` loads them and a run compares them.
 
@@ -150,11 +198,17 @@ def write_latent_cache(
         _tidy(out_dir)
         say(f"{out_dir} was whole, renamed when the writer was stopped: its progress record is removed")
         return out_dir
-    if out_dir.exists() and not is_empty_folder(out_dir):  # an empty folder (a user's mkdir) is the cache's
+    whole = (out_dir / MANIFEST).is_file()
+    recorded = recorded_job(out_dir) if whole else None
+    if not whole and out_dir.exists() and not is_empty_folder(out_dir):  # an empty folder (a user's mkdir) is the cache's
         raise UserError(taken_folder(out_dir))
     if not isinstance(dataset, ShardStream) and len(dataset) == 0:
         raise UserError("cannot cache an empty dataset")
     job = _job(dataset, codec, source, batch_size, shard_size, captions_only)
+    if recorded is not None:  # a rerun after the cache finished: nothing to write where it is this job's
+        say(f"{out_dir} is already a whole latent cache of this job ({_same_job(out_dir, recorded, job, prompts)} samples): "
+            "nothing is written")
+        return out_dir
     partial = partial_folder(out_dir, "runs/latents", "out_dir")  # `lcm cache` checked its --out before
     record = _resumable(partial, dataset, job, say)
     written = _Written.resumed(partial, job, dataset, record, say) if record else _Written.started(partial, job, dataset)
@@ -198,6 +252,7 @@ def write_latent_cache(
         SOURCE_KEYS: True,
         "source": source,
         ENCODERS: {"vae": job["encoder"]} | text.get(ENCODERS, {}),
+        JOB: job,
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     move_into_place(partial, out_dir)  # marked until renamed: a kill before this leaves a `.partial` that a rerun resumes or replaces
@@ -566,9 +621,8 @@ def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) ->
     else:
         record, why = _read_progress(partial, isinstance(dataset, ShardStream))
     if record is not None:
-        recorded = _EARLIER_JOB | record["job"]
-        differs = next((part for part in _JOB_PARTS if recorded.get(part) != job[part]), None)
-        if differs in recorded:
+        differs = _other_part(record["job"], job)
+        if differs in record["job"] or differs in _EARLIER_JOB:
             what = _data_part(job) if differs == "data" else _JOB_PARTS[differs]
             record, why = None, f"it was written with another {what}"
         elif differs is not None:  # a part added since (the device type): an earlier version wrote the record
@@ -583,6 +637,14 @@ def _resumable(partial: Path, dataset, job: dict, say: Callable[[str], None]) ->
     if record is None:
         say(f"note: {partial} is started again: {why}")
     return record
+
+
+def _other_part(recorded: dict, job: dict) -> str | None:
+    """The first part of `job` (`_JOB_PARTS`) in which the job `recorded` (a PROGRESS record's, a manifest's JOB) differs,
+    a part absent from a record written before it was added meaning what `_EARLIER_JOB` says; None where it is the same
+    job."""
+    recorded = _EARLIER_JOB | recorded
+    return next((part for part in _JOB_PARTS if recorded.get(part) != job[part]), None)
 
 
 def _data_part(job: dict) -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from latent_consistency.conditioning import TIME_IDS, AddedConditioning
-from latent_consistency.data.latent_cache import MANIFEST, LatentCache, write_latent_cache
+from latent_consistency.data.latent_cache import JOB, MANIFEST, LatentCache, write_latent_cache
 from latent_consistency.data.workers import end_quietly_on_sigterm, started
 from latent_consistency.devices import given, resolve_device
 from latent_consistency.errors import UserError, first_line
@@ -320,6 +320,7 @@ def _record_source(cache: Path, source: dict) -> None:
     writes it: the data key that lets a stopped cache resume is no part of a world's record, whose cache stays byte for
     byte what an uninterrupted build of an earlier version wrote."""
     manifest = json.loads((cache / MANIFEST).read_text())
+    manifest.pop(JOB)  # what a rerun of `lcm cache` compares with its own: no part of a world's record either
     write_text_atomic(cache / MANIFEST, json.dumps(manifest | {"source": source}, indent=2))
 
 
