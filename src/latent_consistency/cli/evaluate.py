@@ -412,11 +412,13 @@ def run_evaluation(args) -> None:
     steps = sorted(set(args.steps) | set(guided_steps))
     identities = ((f"LoRA {model_identity(args.lora)}",) if args.lora else ()) + style_identities(styles)
     settings = evaluation_settings(args, lcm, teacher, guided, styles, eval_set, scorers)
+    told = []  # how many saved rows were reused: said last, under what the rerun wrote
     try:
         results = run_table(rows, lcm, teacher, eval_set, scorers, out, device, guided=guided, identities=identities,
-                            keep_other_results=True, settings=settings, batch=args.batch_size)
+                            keep_other_results=True, settings=settings, batch=args.batch_size,
+                            lcm_parts={key: settings[key] for key in ("lora", "style_loras")}, tell=told.append)
     except OtherEvaluation as other:
-        raise UserError(other_evaluation(args.out, other.settings, settings)) from None
+        raise UserError(other_evaluation(args.out, other.settings, other.current or settings)) from None
     models = (f"LCM `{args.lcm}`" + (f" with LoRA `{args.lora}`" if args.lora else "") + style_note(styles, teacher is not None or bool(guided))
               + (f", teacher `{args.teacher}`" if teacher else ""))
     notes = [f"{models}. {len(eval_set.prompts)} prompts of `{args.prompts}` × {eval_set.images_per_prompt} image(s), reference "
@@ -436,6 +438,8 @@ def run_evaluation(args) -> None:
         write_grid([r for r in rows if r.sampler == "lcm" and r.steps == n], lcm, teacher, eval_set, out, device, args.grid_columns,
                    name="guidance_grid.png", lcm_label=style_label(styles), batch=args.batch_size)
     print(f"report, results.json, plots and grid(s) in {out}")
+    for line in told:  # a rerun: the rows taken from results.json, not sampled again
+        print(line)
     for note in (earlier_rows_note(out, results), small_reference_note(eval_set)):
         if note:
             print(f"lcm evaluate: note: {note}", file=sys.stderr)
@@ -454,14 +458,15 @@ def small_reference_note(eval_set) -> str | None:
 
 def earlier_rows_note(out: Path, results: dict) -> str | None:
     """A rerun into a folder whose results.json holds rows this run did not ask for (other step counts or scales of the
-    same evaluation): the report and figures are this run's rows; results.json keeps them all."""
+    same evaluation, or another model's: a teacher left out): the report and figures are this run's rows; results.json
+    keeps them all."""
     from latent_consistency.evaluation.table import RESULTS_FILE
 
     earlier = len(json.loads((out / RESULTS_FILE).read_text())["rows"]) - len(results)
     if earlier <= 0:
         return None
     return (f"report.md and the figures show the {len(results)} rows this command asked for; {out / RESULTS_FILE} also keeps "
-            f"{earlier} row(s) of earlier runs here (other --steps or scales): give them again to report every row")
+            f"{earlier} row(s) of earlier runs here (other --steps, scales or models): give them again to report every row")
 
 
 def load_evaluated_lcm(args, device):
@@ -576,8 +581,9 @@ METRIC_OPTIONS = {"clip": "--clip", "inception": "--inception", "judge": "--worl
 
 def evaluation_settings(args, lcm, teacher, guided: dict, styles: list[tuple[str, float]], eval_set, scorers) -> dict:
     """What results.json records beside its fingerprint (`run_table`'s `settings`): each part the fingerprint digests
-    (`EvalSet.fingerprint`) but the reference images' pixels, readable, so that a rerun refused as another evaluation is
-    told which setting it changed (`setting_difference`). Models by `model_identity` and data by absolute path
+    (`EvalSet.fingerprint`) but the reference images' pixels, and the models the rows are sampled with (under
+    `table.MODEL_KEYS`' names, as each row records its own: `row_models`), readable, so that a rerun refused as another
+    evaluation is told which setting it changed (`setting_difference`). Models by `model_identity` and data by absolute path
     (`spec_identity`): a setting spelled another way is the same setting."""
     from latent_consistency.evaluation.table import model_identity
 
@@ -692,9 +698,9 @@ def other_evaluation(out: str, saved: dict | None, settings: dict) -> str:
 
 
 def style_identities(styles: list[tuple[str, float]]) -> tuple[str, ...]:
-    """The style LoRAs (`parse_style_lora`'s (path, weight) each) as part of the evaluation's fingerprint: which file
-    (`model_identity`) at which weight, in order, so that a rerun with other style LoRAs or weights does not reuse the rows
-    sampled with these. None given: nothing, and an evaluation's fingerprint is the one it had before --style-lora was."""
+    """The style LoRAs (`parse_style_lora`'s (path, weight) each) as format 3's fingerprint digested them (`run_table`'s
+    `identities`, to take up a results.json of that format): which file (`model_identity`) at which weight, in order. None
+    given: nothing, and that fingerprint is the one it had before --style-lora was."""
     from latent_consistency.evaluation.table import model_identity
 
     return tuple(f"style LoRA {model_identity(path)} at weight {weight!r}" for path, weight in styles)

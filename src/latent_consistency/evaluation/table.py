@@ -15,6 +15,7 @@ every FID: unbiased, and better behaved than FID at the few hundred images of a 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -50,8 +51,12 @@ RESULTS_FILE = "results.json"
 # results.json's "format": 2 names each model by its absolute path (`model_identity`); a file without it was written before,
 # naming models as given, and its fingerprint cannot be matched to this evaluation's. 3: an LCM's noise between steps comes
 # from image i's own generator, as `lcm generate` draws it (`compare.sample_consistency`; format 2 seeded it with 10^6 +
-# SEED + i), so no earlier file's LCM rows are this version's images
-RESULTS_FORMAT = 3
+# SEED + i), so no earlier file's LCM rows are this version's images. 4: the fingerprint digests what every row shares
+# (prompts, noise, reference images, metrics), and each row records the models it was sampled with (`row_models`), so
+# that another model's rows can be added to an evaluation; format 3's fingerprint digested every model as well, and its
+# rows are taken up where it is this evaluation's with the models given now (`saved_results`)
+RESULTS_FORMAT = 4
+FORMAT_3 = 3
 # The row being scored, as a killed run left it: its scorers' state after the batches done (`RowProgress`), saved at most
 # every PROGRESS_SECONDS, so that a kill loses at most about that much of a row, not the row
 PROGRESS_FILE = "row-progress.pt"
@@ -197,12 +202,19 @@ class EvalSet:
 
     def fingerprint(self, *identities: str) -> str:
         """What a saved row must have been scored on to be reused: these prompts, noise and reference images, and the
-        `identities` of the models and metrics. The reference images' float32 bytes are hashed an image at a time, in
-        order: the digest of them stacked, as results.json was fingerprinted when they were held whole."""
-        digest = hashlib.sha256(json.dumps([self.prompts, self.images_per_prompt, self.seed, *identities]).encode())
+        `identities` of the metrics (format 3's: of the models as well). The reference images' float32 bytes are hashed an
+        image at a time, in order: the digest of them stacked, as results.json was fingerprinted when they were held whole."""
+        return self.fingerprints(identities)[0]
+
+    def fingerprints(self, *identity_lists: Iterable[str]) -> list[str]:
+        """`fingerprint` of each of `identity_lists`, in one pass over the reference images."""
+        digests = [hashlib.sha256(json.dumps([self.prompts, self.images_per_prompt, self.seed, *identities]).encode())
+                   for identities in identity_lists]
         for image in self.reference:
-            digest.update(image.float().contiguous().numpy())
-        return digest.hexdigest()[:16]
+            data = image.float().contiguous().numpy()
+            for digest in digests:
+                digest.update(data)
+        return [digest.hexdigest()[:16] for digest in digests]
 
 
 class Scorer:
@@ -384,20 +396,71 @@ def model_identity(name_or_path: str) -> str:
     return f"{path.resolve().as_posix()} {hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]}"
 
 
+def model_location(models):
+    """`models` (a `model_identity`, or a `row_models` record of them) less what says which files each model holds: where
+    each is (a local path, a hub id without its commit), with a style LoRA's weight as it is. Rows whose models differ in
+    their files alone were sampled from the same place with other weights (a model distilled again into its folder)."""
+    if isinstance(models, str):
+        path, space, _ = models.rpartition(" ")
+        return path if space else models.rpartition("@")[0] or models
+    if isinstance(models, list):
+        return [model_location(m) for m in models]
+    if isinstance(models, dict):
+        return {key: model_location(m) for key, m in models.items()}
+    return models
+
+
+# The names of the models in `row_models` and in `run_table`'s `settings` (the CLI's options, less their dashes)
+MODEL_KEYS = ("lcm", "lora", "style_loras", "teacher", "guided_distill")
+
+
+def row_models(row: Row, lcm: DiffusionModel, teacher: DiffusionModel | None, guided: dict[int, DiffusionModel], lcm_parts: dict,
+               identity: Callable[[str], str] = model_identity) -> dict | None:
+    """The models `row`'s images come from, by `identity` (`model_identity`), under MODEL_KEYS' names: the LCM's rows the LCM
+    with `lcm_parts` (its LoRA and style LoRAs, as the caller records them); the exact LCM's the teacher and the LCM (its
+    timesteps and k: not its style LoRAs, which it does not sample); the teacher's solvers the teacher; Guided-Distill's the
+    model of its step count. None where the row has no model here (a teacher's row of an evaluation without one)."""
+    own = {"lcm": identity(lcm.source)} | lcm_parts
+    if row.sampler == "lcm":
+        return own
+    if row.sampler == GUIDED_DISTILL:
+        model = guided.get(row.steps) or guided.get(0)
+        return None if model is None else {"guided_distill": [identity(model.source)]}
+    if teacher is None:
+        return None
+    if row.sampler == EXACT:
+        return {key: value for key, value in own.items() if key != "style_loras"} | {"teacher": identity(teacher.source)}
+    return {"teacher": identity(teacher.source)}
+
+
+def row_of(record: dict) -> Row | None:
+    """The row a saved record is of, from its fields (`score_row`); None for a record without them (edited by hand)."""
+    try:
+        return Row(str(record["sampler"]), int(record["steps"]), float(record["guidance_scale"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 class OtherEvaluation(UserError):
     """An --out holding another evaluation's results (`saved_results` with `keep_other`). `settings`: what its results.json
-    records of the settings its fingerprint digests (`run_table`'s `settings`), None where it records none (written
-    before results.json held them), so that a caller can say which of them this evaluation changes."""
+    records of the settings (`run_table`'s `settings`; a row sampled with other models: those models in their place), None
+    where it records none (written before results.json held them); `current`: this evaluation's to compare with them
+    (None: the caller's own), so that a caller can say which of them this evaluation changes."""
 
-    def __init__(self, message: str, settings: dict | None):
+    def __init__(self, message: str, settings: dict | None, current: dict | None = None):
         super().__init__(message)
-        self.settings = settings
+        self.settings, self.current = settings, current
 
 
-def saved_results(path: Path, fingerprint: str, keep_other: bool) -> dict[str, dict]:
-    """The rows of `path` (results.json) that an earlier run of the same evaluation scored, {} when there is none. A file
-    there that is not an evaluation's results is a UserError, and so (with `keep_other`) are another evaluation's
-    results (`OtherEvaluation`): they are not overwritten."""
+def saved_results(path: Path, fingerprint: str, keep_other: bool, settings: dict | None = None,
+                  format3: tuple[list[str], Callable[[dict], dict | None]] | None = None) -> dict[str, dict]:
+    """The rows of `path` (results.json) that an earlier run of the same evaluation scored (same prompts, noise, reference
+    images and metrics: `fingerprint`), each with the models it was sampled with, {} when there is none. `format3`:
+    (the fingerprints format 3 gave this evaluation, `format3_identities`, the models of a row of it by its record): a file
+    of format 3 with one of them is this evaluation's, of models given now, and its rows are taken up, each given its
+    models (a row that has none here is dropped). A file there that is not an evaluation's results is a UserError, and
+    so (with `keep_other`) are another evaluation's results (`OtherEvaluation`, `settings`: this evaluation's): they are
+    not overwritten."""
     if not path.exists():
         return {}
     try:
@@ -409,41 +472,94 @@ def saved_results(path: Path, fingerprint: str, keep_other: bool) -> dict[str, d
         raise UserError(f"{path} is not the results of an evaluation (a JSON object with rows): move it away or choose another --out")
     if saved.get("format") == RESULTS_FORMAT and saved.get("fingerprint") == fingerprint:
         return saved["rows"]
-    if keep_other and saved.get("format") != RESULTS_FORMAT:
+    if format3 is not None and saved.get("format") == FORMAT_3 and saved.get("fingerprint") in format3[0]:
+        rows = {key: (record, format3[1](record)) for key, record in saved["rows"].items() if isinstance(record, dict)}
+        return {key: record | {"models": models} for key, (record, models) in rows.items() if models is not None}
+    if keep_other and saved.get("format") not in (RESULTS_FORMAT, FORMAT_3):
         raise UserError(f"{path.parent} holds the results of another evaluation, or of this one written by an earlier version of lcm "
                         "evaluate (which named the models or drew the LCM's images otherwise: its rows are not this version's); "
                         "choose another --out, or move them away to score the rows again")
     if keep_other:
-        settings = saved.get("settings")
-        raise OtherEvaluation(f"{path.parent} holds the results of another evaluation (other models or LoRAs, prompts, seed, reference "
-                              "images or metrics); choose another --out, or move them away to start over",
-                              settings if isinstance(settings, dict) else None)
+        record = saved.get("settings")
+        record = record if isinstance(record, dict) else None
+        if record is not None and settings is not None and saved.get("format") == RESULTS_FORMAT:  # its fingerprint has no models
+            record = record | {key: settings[key] for key in MODEL_KEYS if key in settings}
+        raise OtherEvaluation(f"{path.parent} holds the results of another evaluation (other prompts, seed, reference images or "
+                              "metrics); choose another --out, or move them away to start over", record)
     return {}
+
+
+def saved_format(path: Path):
+    """The "format" of the results.json at `path`; None where there is none to read (`saved_results` says why)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return saved.get("format") if isinstance(saved, dict) else None
+
+
+def format3_identities(lcm: DiffusionModel, teacher: DiffusionModel | None, guided: dict[int, DiffusionModel], identities: tuple[str, ...],
+                       shared: list[str], identity: Callable[[str], str]) -> list[list[str]]:
+    """What format 3's fingerprint digested for an evaluation of these models (`identities`: the LCM's LoRA and style
+    LoRAs as it named them; `shared`: the metrics), and for the same one before the teacher, the Guided-Distill models or
+    both were added to it: a results.json of that format whose fingerprint is one of these holds rows of models given
+    now (and none of those it lacked)."""
+    teachers = [[teacher], []] if teacher is not None else [[]]
+    distilled = [list(guided.values()), []] if guided else [[]]
+    return [[*(identity(m.source) for m in (lcm, *some_teacher, *some_guided)), *identities, *shared]
+            for some_teacher, some_guided in itertools.product(teachers, distilled)]
 
 
 def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | None, eval_set: EvalSet, scorers: list[Scorer],
               out: Path, device, progress: bool = True, guided: dict[int, DiffusionModel] | None = None,
               identities: tuple[str, ...] = (), keep_other_results: bool = False, settings: dict | None = None,
-              batch: int | None = None) -> dict[str, dict]:
-    """Score every row, `batch` images at a time (`score_row`), writing `results.json` after each; rows already there (same prompts, noise, reference, models
-    and `identities`, e.g. a LoRA's) are kept, so a killed evaluation continues where it stopped. Another evaluation's
-    results there are replaced, or with `keep_other_results` refused (`saved_results`). `settings`: a readable record
-    of what the fingerprint digests, written beside it, from which a rerun refused as another evaluation is told which
-    setting it changed (`OtherEvaluation`)."""
+              batch: int | None = None, lcm_parts: dict | None = None, tell: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Score every row, `batch` images at a time (`score_row`), writing `results.json` after each. A saved row of the same
+    prompts, noise, reference and metrics (the fingerprint) is kept where it was sampled with the row's models now
+    (`row_models`; `lcm_parts`: the LCM's LoRA and style LoRAs, as `settings` names them), so that a killed evaluation
+    continues where it stopped and another model's rows (a teacher added) are sampled alone. A saved row whose models
+    differ in their files alone (a model distilled again into its folder) is scored again; one of models elsewhere, or
+    another evaluation's results, are replaced, or with `keep_other_results` refused (`OtherEvaluation`, `saved_results`),
+    before any row is scored. `identities`: what format 3's fingerprint digested besides the models (the LoRA's and style
+    LoRAs' identities as given then), to take up such a file. `settings`: a readable record of the evaluation, written
+    beside the fingerprint, from which a rerun refused as another evaluation is told which setting it changed.
+    `tell`: given one line saying how many saved rows were reused and how many scored, where any were saved."""
     path = out / RESULTS_FILE
-    models = [model_identity(m.source) for m in (lcm, teacher, *(guided or {}).values()) if m is not None]
-    fingerprint = eval_set.fingerprint(*models, *identities, *(s.identity for s in scorers))
-    results = saved_results(path, fingerprint, keep_other_results)
-    todo = [row for row in rows if row.key not in results]
+    identity = functools.cache(model_identity)
+    parts = lcm_parts or {}
+
+    def models_of(row: Row | None) -> dict | None:
+        return None if row is None else row_models(row, lcm, teacher, guided or {}, parts, identity)
+
+    shared = [scorer.identity for scorer in scorers]
+    earlier = format3_identities(lcm, teacher, guided or {}, identities, shared, identity) if saved_format(path) == FORMAT_3 else []
+    fingerprint, *format3 = eval_set.fingerprints(shared, *earlier)  # format 3's only for a file of it: a pass hashes every image
+    results = saved_results(path, fingerprint, keep_other_results, settings, (format3, lambda record: models_of(row_of(record))))
+    wanted = {row.key: models_of(row) for row in rows}
+    again = [row for row in rows if row.key in results and results[row.key].get("models") != wanted[row.key]]
+    elsewhere = [row for row in again if isinstance(results[row.key].get("models"), dict)
+                 and model_location(results[row.key]["models"]) != model_location(wanted[row.key])]
+    if elsewhere and keep_other_results:
+        row = elsewhere[0]
+        raise OtherEvaluation(f"{out} holds the results of another evaluation: its {row.method(teacher)} rows were sampled with other "
+                              "models; choose another --out, or move them away to start over",
+                              None if settings is None else settings | results[row.key]["models"],
+                              None if settings is None else settings | wanted[row.key])
+    todo = [row for row in rows if row.key not in results or row in again]
     size = batch or compare.batch_size(lcm)  # a row's batches, which its saved progress must have been made in
     with progress_bar(total=len(rows), initial=len(rows) - len(todo), desc="evaluate", unit="row", disable=not progress) as bar:
         for row in todo:
-            progress_file = RowProgress(out / PROGRESS_FILE, row.key, fingerprint, size)
-            results[row.key] = score_row(row, lcm, teacher, eval_set, scorers, device, guided, size, progress_file)
-            record = {"format": RESULTS_FORMAT, "fingerprint": fingerprint} | ({"settings": settings} if settings else {})
-            write_json_atomic(path, record | {"rows": results})
+            progress_file = RowProgress(out / PROGRESS_FILE, row.key, fingerprint, size, wanted[row.key])
+            record = score_row(row, lcm, teacher, eval_set, scorers, device, guided, size, progress_file)
+            results[row.key] = record | {"models": wanted[row.key]}
+            saved = {"format": RESULTS_FORMAT, "fingerprint": fingerprint} | ({"settings": settings} if settings else {})
+            write_json_atomic(path, saved | {"rows": results})
             bar.update(1)
     (out / PROGRESS_FILE).unlink(missing_ok=True)  # the last row's, or a row's that is scored now
+    reused = len(rows) - len(todo)
+    if tell is not None and (reused or again):
+        tell(f"reused {reused} row(s) from {path}, scored {len(todo)}" + (f" ({len(again)} of them again: their models changed since "
+                                                                           "they were scored)" if again else ""))
     return {row.key: results[row.key] for row in rows}
 
 
@@ -451,13 +567,14 @@ def run_table(rows: list[Row], lcm: DiffusionModel, teacher: DiffusionModel | No
 class RowProgress:
     """A row's progress in `path`, for the run after a kill: the images done (whole batches of `batch`), the scorers'
     states (`Scorer.state`), the sampling's seconds and peak memories so far. Only the same row of the same evaluation
-    (`fingerprint`) in batches of the same size takes it up: its remaining batches are then the ones an unkilled run
-    scores, and the row's scores are the same."""
+    (`fingerprint`), sampled with the same models (`models`: `row_models`), in batches of the same size takes it up: its
+    remaining batches are then the ones an unkilled run scores, and the row's scores are the same."""
 
     path: Path
     row: str
     fingerprint: str
     batch: int
+    models: dict | None = None
     saved_at: float = field(default_factory=time.monotonic)
 
     def load(self, scorers: list[Scorer]) -> tuple[int, float, list]:
@@ -468,8 +585,8 @@ class RowProgress:
         except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
             return 0, 0.0, []
         identities = [scorer.identity for scorer in scorers]
-        if not isinstance(saved, dict) or [saved.get(k) for k in ("row", "fingerprint", "batch", "scorers")] != \
-                [self.row, self.fingerprint, self.batch, identities]:
+        if not isinstance(saved, dict) or [saved.get(k) for k in ("row", "fingerprint", "batch", "models", "scorers")] != \
+                [self.row, self.fingerprint, self.batch, self.models, identities]:
             return 0, 0.0, []
         for scorer, state in zip(scorers, saved["states"]):
             scorer.load_state(state)
@@ -479,7 +596,8 @@ class RowProgress:
         """Save the progress if PROGRESS_SECONDS have passed since it was last saved (or the row started)."""
         if time.monotonic() - self.saved_at < PROGRESS_SECONDS:
             return
-        saved = {"row": self.row, "fingerprint": self.fingerprint, "batch": self.batch, "scorers": [s.identity for s in scorers],
+        saved = {"row": self.row, "fingerprint": self.fingerprint, "batch": self.batch, "models": self.models,
+                 "scorers": [s.identity for s in scorers],
                  "states": [s.state() for s in scorers], "done": done, "seconds": seconds, "peaks": peaks}
         write_atomic(self.path, lambda tmp: torch.save(saved, tmp))
         self.saved_at = time.monotonic()
