@@ -25,7 +25,7 @@ def test_a_fine_tuned_lcm_keeps_the_guidance_range_it_was_distilled_on(tiny_lcm,
                  "--guidance-scale-min", "3", "--guidance-scale-max", "15"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "distilled on" in line]
     assert len(notes) == 1 and "[3, 15] reaches outside [1, 2]" in notes[0] and "keeps the record [1, 2]" in notes[0], notes
-    assert read_record(out / "lcm") == GuidanceRecord(1.0, 2.0, 2.0, None)  # LCF measures no ω response
+    assert read_record(out / "lcm") == GuidanceRecord(1.0, 2.0, 2.0, {999: 0.5}, inherited=True)  # the LCM's, as LCF measures none
 
 
 def test_the_validation_grid_samples_a_fine_tuned_lcm_at_its_records_g(tiny_lcm, tmp_path, monkeypatch):

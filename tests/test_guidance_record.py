@@ -208,3 +208,36 @@ def test_a_pair_loss_run_whose_student_ignores_guidance_is_not_told_to_add_the_p
                  "--guidance-scale-min", "1", "--guidance-scale-max", "4", "--guidance-pair-weight", "1"]) == 0
     out = capsys.readouterr().out
     assert "a loss on the ω-difference taught it" not in out and "after 4 step(s), though its loss teaches it (--guidance-pair-weight 1)" in out, out
+
+
+def test_a_fine_tuned_lcm_that_ignored_guidance_still_says_so(tiny_lcm, tmp_path, capsys):
+    """LCF teaches no guidance: an LCM whose distillation measured it ignoring g is fine-tuned into one that still ignores
+    it. Its record keeps the measured response, marked as measured before fine-tuning; `lcm generate -g` notes it, the
+    model card says it, and `lcm serve`'s /v1/config (through `ignores_guidance`) says so. It used to record no response,
+    and every one of these fell silent."""
+    from latent_consistency.cli import main
+    from tiny_models import write_captioned_images
+
+    model = shutil.copytree(tiny_lcm, tmp_path / "lcm")
+    write_record(model, GuidanceRecord(1.0, 2.0, 2.0, IGNORED))
+    data, out = write_captioned_images(tmp_path / "images", 4, size=(16, 16)), tmp_path / "run"
+    assert main(["finetune", "--preset", "tiny", "--steps", "1", "--model", str(model), "--data", str(data), "--out", str(out)]) == 0
+    record = read_record(out / "lcm")
+    assert record == GuidanceRecord(1.0, 2.0, 2.0, IGNORED, inherited=True) and record.ignores_guidance()
+    assert json.loads((out / "lcm" / RECORD).read_text())["omega_response_before_fine_tuning"] is True
+    card = (out / "lcm" / "README.md").read_text()
+    assert "ω response of its LCM, before LCF" in card and "It ignores its guidance scale" in card, card
+    capsys.readouterr()
+    assert main(["generate", "a red square", "--model", str(out / "lcm"), "--steps", "1", "--guidance-scale", "2",
+                 "--out", str(tmp_path / "images-out")]) == 0
+    assert "ignores its guidance scale (its ω response was at most 0.01 at every t before it was fine-tuned" in capsys.readouterr().err
+
+
+def test_the_inherited_mark_round_trips_and_is_refused_when_not_a_boolean(tmp_path):
+    write_record(tmp_path, GuidanceRecord(1.0, 2.0, 2.0, IGNORED, inherited=True))
+    assert read_record(tmp_path) == GuidanceRecord(1.0, 2.0, 2.0, IGNORED, inherited=True)
+    write_record(tmp_path, GuidanceRecord(1.0, 2.0, 2.0, IGNORED))
+    assert "omega_response_before_fine_tuning" not in json.loads((tmp_path / RECORD).read_text())  # a distillation's, as before
+    (tmp_path / RECORD).write_text(json.dumps(GuidanceRecord(1.0, 2.0, 2.0, IGNORED).to_json() | {"omega_response_before_fine_tuning": "yes"}))
+    with pytest.raises(UserError, match="omega_response_before_fine_tuning is 'yes'"):
+        read_record(tmp_path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from latent_consistency.errors import UserError
@@ -23,17 +23,21 @@ from latent_consistency.outputs import write_json_atomic
 RECORD = "guidance.json"
 # An ω response below this at every t: the student's images hardly change with g
 IGNORED_BELOW = 0.1
+# In a fine-tuned LCM's record: its ω response was measured when the LCM it was fine-tuned from was distilled
+INHERITED = "omega_response_before_fine_tuning"
 
 
 @dataclass(frozen=True)
 class GuidanceRecord:
     """The guidance range [`guidance_scale_min`, `guidance_scale_max`] an LCM was distilled on, the g to sample it at
-    by default, and its ω response per timestep t at the end of the run (None where the run did not measure it)."""
+    by default, and its ω response per timestep t (None where it was not measured): at the end of its run, or with
+    `inherited` at the end of the distillation of the LCM it was fine-tuned from (LCF teaches no guidance)."""
 
     guidance_scale_min: float
     guidance_scale_max: float
     guidance_scale: float
     omega_response: dict[int, float] | None = None
+    inherited: bool = False
 
     @classmethod
     def of_run(cls, guidance_scale_min: float, guidance_scale_max: float, validation_guidance_scale: float,
@@ -45,12 +49,14 @@ class GuidanceRecord:
     @classmethod
     def of_fine_tuning(cls, base: GuidanceRecord | None, guidance_scale_min: float, guidance_scale_max: float,
                        validation_guidance_scale: float) -> GuidanceRecord:
-        """A fine-tuning run's record (LCF, Algorithm 4: no teacher, so no ω response). LCF teaches no guidance: an LCM
-        whose record (`base`) says the range its ω input was distilled on keeps that range, whatever range the run drew ω
-        from (`fine_tuning_note`); an LCM without one (from elsewhere) gets the run's range."""
-        if base is not None:
-            guidance_scale_min, guidance_scale_max = base.guidance_scale_min, base.guidance_scale_max
-        return cls.of_run(guidance_scale_min, guidance_scale_max, validation_guidance_scale, None)
+        """A fine-tuning run's record (LCF, Algorithm 4: no teacher to measure an ω response against). LCF teaches no
+        guidance: an LCM whose record (`base`) says the range its ω input was distilled on keeps that range, whatever range
+        the run drew ω from (`fine_tuning_note`), and the ω response its distillation measured, marked `inherited` (an LCM
+        that ignored g still does, and its notes still say so); an LCM without one (from elsewhere) gets the run's range."""
+        if base is None:
+            return cls.of_run(guidance_scale_min, guidance_scale_max, validation_guidance_scale, None)
+        record = cls.of_run(base.guidance_scale_min, base.guidance_scale_max, validation_guidance_scale, base.omega_response)
+        return replace(record, inherited=base.omega_response is not None)
 
     def fine_tuning_note(self, guidance_scale_min: float, guidance_scale_max: float) -> str | None:
         """A note when a fine-tuning run of this LCM draws g outside the range it was distilled on (None inside it)."""
@@ -86,14 +92,15 @@ class GuidanceRecord:
                          "the range this model's ω input was distilled on: it extrapolates there")
         if given and self.ignores_guidance():
             most = round(max(self.omega_response.values()), 2) + 0.0  # a response that rounds to zero: 0.00, not -0.00
-            notes.append(f"this LCM ignores its guidance scale (its ω response was at most {most:.2f} "
-                         "at every t, where 1 is the teacher's guidance effect): its images hardly change with it")
+            when = " before it was fine-tuned (LCF teaches no guidance)" if self.inherited else ""
+            notes.append(f"this LCM ignores its guidance scale (its ω response was at most {most:.2f} at every t{when}, where 1 "
+                         "is the teacher's guidance effect): its images hardly change with it")
         return notes
 
     def to_json(self) -> dict:
         response = None if self.omega_response is None else {str(t): r for t, r in self.omega_response.items()}
-        return {"guidance_scale_min": self.guidance_scale_min, "guidance_scale_max": self.guidance_scale_max,
-                "guidance_scale": self.guidance_scale, "omega_response": response}
+        return ({"guidance_scale_min": self.guidance_scale_min, "guidance_scale_max": self.guidance_scale_max,
+                 "guidance_scale": self.guidance_scale, "omega_response": response} | ({INHERITED: True} if self.inherited else {}))
 
 
 def write_record(folder: Path, record: GuidanceRecord) -> None:
@@ -124,7 +131,10 @@ def _parse(data) -> GuidanceRecord:
     response = data.get("omega_response")
     if response is not None:
         response = {int(t): _finite(r, f"omega_response at t = {t}") for t, r in response.items()}
-    return GuidanceRecord(low, high, default, response)
+    inherited = data.get(INHERITED, False)
+    if not isinstance(inherited, bool):
+        raise ValueError(f"{INHERITED} is {inherited!r}, not true or false")
+    return GuidanceRecord(low, high, default, response, inherited and response is not None)
 
 
 def _finite(value, name: str) -> float:

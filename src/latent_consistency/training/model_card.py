@@ -145,15 +145,21 @@ def _guidance(what: str, record: GuidanceRecord | None, base_record: GuidanceRec
     if lcf:
         record = base_record if what == "lcm-lora" else record
         return [f"- Guidance scale g on [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}] (its LCM's ω input: LCF "
-                f"teaches no guidance), sampled at {record.guidance_scale:g} by default"]
-    lines = [f"- Guidance scale g trained on [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}], "
-             f"sampled at {record.guidance_scale:g} by default"]
-    if record.omega_response:
-        ts = sorted(record.omega_response, reverse=True)
-        lines.append(f"- ω response at t = {' / '.join(map(str, ts))}: {' / '.join(f'{record.omega_response[t]:.2f}' for t in ts)} "
-                     "(the fraction of the teacher's guidance effect it reproduces; 1 is all of it)")
-        if record.ignores_guidance():
-            lines.append("- **It ignores its guidance scale**: its images hardly change with g.")
+                f"teaches no guidance), sampled at {record.guidance_scale:g} by default"] + _response(record, " of its LCM, before LCF")
+    return [f"- Guidance scale g trained on [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}], "
+            f"sampled at {record.guidance_scale:g} by default"] + _response(record, "")
+
+
+def _response(record: GuidanceRecord, whose: str) -> list[str]:
+    """The card's lines on the measured ω response per t (`whose`: of the LCM a fine-tuning started from), none where it was
+    not measured."""
+    if not record.omega_response:
+        return []
+    ts = sorted(record.omega_response, reverse=True)
+    lines = [f"- ω response{whose} at t = {' / '.join(map(str, ts))}: {' / '.join(f'{record.omega_response[t]:.2f}' for t in ts)} "
+             "(the fraction of the teacher's guidance effect it reproduces; 1 is all of it)"]
+    if record.ignores_guidance():
+        lines.append("- **It ignores its guidance scale**: its images hardly change with g.")
     return lines
 
 
