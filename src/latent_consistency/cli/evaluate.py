@@ -816,7 +816,7 @@ def run_sweep(args) -> None:
         world = load_world(world_path, device)
         curves = {}
         for name, run_dir in zip(names, map(Path, args.runs)):
-            rows = evaluate_run(run_dir, world, args.samples, scales[name], device, steps, ode=args.ode_error)
+            rows = evaluate_run(run_dir, world, args.samples, scales[name], device, steps, ode=args.ode_error, tell=print)
             write_report(run_dir, rows, steps)
             curves[name] = rows
     out = writable_folder(args.out, "--out")

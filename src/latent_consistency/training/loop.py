@@ -367,10 +367,11 @@ def load_models(config: TrainConfig, device, out: Path, resume: bool):
 def run_notes(config: TrainConfig, accelerator, base: DiffusionModel, batches: TrainingBatches, student, out: Path,
               resume: bool) -> list[str]:
     """What the user should know of the run's settings (main process). Reading them may refuse, on the main process alone:
-    a damaged guidance record of --student-init (`guidance_record.read_record`)."""
+    a damaged guidance record of --student-init (`guidance_record.read_record`). Where the student starts (a --student-init's
+    ω range) only for a run that starts at step 0: a resumed one starts from its checkpoint."""
     return list(filter(None, (sharding_note(accelerator), encoding_note(config, base, batches), batches.small_data_note(config.batch_size),
                               batches.cache_note, warmup_note(config), pair_steps_note(config), guidance_range_note(config, base),
-                              student_init_range_note(config), student_init_teacher_note(config),
+                              not (resume and ckpt.list_checkpoints(out)) and student_init_range_note(config), student_init_teacher_note(config),
                               validation_scale_note(config, base, student), resume and resumed_schedule_note(out, config))))
 
 

@@ -178,8 +178,12 @@ def _initial_unet(path: str, base: DiffusionModel, prediction_type: str):
 
 def _no_starting_unet(path: str, folder: Path) -> str:
     """Why the folder `path` (read at `folder`), which has no unet/, gives a full student no starting UNet, and what to give:
-    an LCM-LoRA has LoRA adapters and no UNet of its own; a training run holds its exported model in a subfolder."""
+    one that is gone is needed until the run's first checkpoint (`resumed_student_unet`); an LCM-LoRA has LoRA adapters and
+    no UNet of its own; a training run holds its exported model in a subfolder."""
     takes = "--student-init takes a full LCM (RUN/lcm) or a model distilled with --method guidance (RUN/guided)"
+    if not folder.exists():  # moved or cleared away, as a stage-one run may be once its successor started
+        return (f"--student-init {path} does not exist: a run starts its student from it and needs it until its first checkpoint "
+                "(a resumed run without one starts from step 0 again); put it back, or give its new place")
     if (folder / LORA_WEIGHTS_FILE).is_file():
         return f"--student-init {path} is an LCM-LoRA (LoRA adapters, no UNet of their own); {takes}"
     exports = [folder / name for name in RUN_EXPORTS if (folder / name / "unet").is_dir()]

@@ -74,6 +74,8 @@ OUTPUTS = {
 # An SDXL-architecture world's second text encoder and tokenizer, committed by the text_encoder phase.
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 STATE_FILE, WORK_DIR = "build_state.json", ".work"
+# What a kill leaves of a build that had written nothing yet: the temporary file of its world.json's atomic write
+WORLD_LEFTOVERS = frozenset({WORLD_FILE + ".tmp"})
 # The settings each phase's outputs depend on beyond the data (dataset, resolution, size, pretraining data, seed) and the
 # phases before it: what must be equal for another world's finished phase to stand in for this one's (`parts_from`).
 # The text encoder reads the teacher's architecture because an SDXL world pre-trains it on what SDXL's UNet reads.
@@ -342,13 +344,13 @@ def world_spec(preset: WorldPreset, prediction_type: str) -> dict:
 
 
 def _check_out_dir(out: Path, spec: dict, flag: str = "out_dir") -> None:
-    """The folder must be new, empty, or a world (finished or not) built with this very spec; an error names it as `flag`
-    (`devices.given`)."""
+    """The folder must be new, empty (but for a half-written world.json, `WORLD_LEFTOVERS`), or a world (finished or not)
+    built with this very spec; an error names it as `flag` (`devices.given`)."""
     named = given(flag, str(out))
     if out.exists() and not out.is_dir():
         raise UserError(f"{named} is a file; give a folder for the world")
-    if not out.exists() or not any(out.iterdir()):
-        return
+    if not out.exists() or {path.name for path in out.iterdir()} <= WORLD_LEFTOVERS:
+        return  # new, empty, or killed as it wrote its world.json: started, the write replacing the half-written file
     if not (out / WORLD_FILE).is_file():
         raise UserError(f"{named} holds something other than a world (no {WORLD_FILE}); give a new or empty folder")
     existing = read_world_spec(out)

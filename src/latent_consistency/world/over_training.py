@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -171,13 +172,15 @@ def world_timesteps(path: Path) -> int | None:
 
 
 def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | None = None, device="cpu",
-                 steps: tuple[int, ...] = STEPS, ode: bool = True) -> list[dict]:
+                 steps: tuple[int, ...] = STEPS, ode: bool = True, tell: Callable[[str], None] | None = None) -> list[dict]:
     """One row per checkpoint of `run`: n-step FID and alignment for n in `steps`; with `ode`, also the ODE error per t
     and the ω response per t (their references are teacher ODE solutions of T/k jumps per timestep: 1,000 at k = 1).
 
     Rows are kept in `over_training.cache.json` as they are made, under the settings that made them (world, prompts,
     guidance scale) and each checkpoint's write time: a killed sweep resumes, and a rerun scores only new checkpoints
-    (of a run still training, say) or step counts not scored before."""
+    (of a run still training, say) or step counts not scored before. `tell`: given one line saying how many checkpoints'
+    saved rows were reused whole and how many scored, where any were reused (a resumed sweep, as `lcm evaluate` says it:
+    `evaluation.table.run_table`)."""
     config = check_run(run, steps, guidance_scale, world.model.schedule.num_train_timesteps)
     guidance_scale = run_guidance_scale(config) if guidance_scale is None else guidance_scale
     checkpoints = list_checkpoints(run)
@@ -189,11 +192,12 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
     cache = _read_cache(run / CACHE_FILE, settings)
     keep = {"step", *(f"{metric}_{n}" for metric in ("fid", "alignment") for n in steps)}
     student = f = solutions = range_ends = None
-    rows = []
+    rows, scored = [], 0
     for path in checkpoints:
         key = f"{path.name}@{(path / 'state.json').stat().st_mtime_ns}"
         row = cache.get(key, {})
         if not (keep <= row.keys() and (not ode or _has_ode_error(row))):
+            scored += 1
             if student is None:
                 # A full UNet with the ω input, or LoRA adapters on (a copy of) the teacher's, under the run's LCMScheduler config
                 # (a --student-init run's in the architecture its checkpoints recorded: its starting model may be gone)
@@ -221,6 +225,8 @@ def evaluate_run(run: Path, world: World, samples: int, guidance_scale: float | 
         row = {k: v for k, v in row.items() if k in keep or ode and k.startswith(("ode_error_", "omega_response_"))}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if tell is not None and scored < len(checkpoints):
+        tell(f"reused {len(checkpoints) - scored} of {len(checkpoints)} checkpoint row(s) from {run / CACHE_FILE}, scored {scored}")
     return rows
 
 
