@@ -1084,6 +1084,9 @@ def _unloaded_lora_tensors(state_dict: dict, components: dict, adapter_name: str
 
 
 LORA_SCHEDULER_FILE = "scheduler_config.json"  # the LCMScheduler config `lcm distill --adapter lora` saves next to the weights
+# The title of the card (README.md) beside LoRA adapters distilled (or fine-tuned) on a base without an ω input: an LCM-LoRA,
+# made against its teacher's weights (`training.model_card`'s); those fine-tuned on an LCM are "LoRA for the LCM ..."
+LCM_LORA_TITLE = "# LCM-LoRA for "
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the weights file of a LoRA folder, as diffusers' `save_lora_weights` names it
 # A PEFT adapter folder, as peft's `save_pretrained` writes one: its LoraConfig and its weights, keyed "base_model.model.<module>"
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PEFT_KEY_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
@@ -1364,8 +1367,26 @@ def load_lcm_lora(name_or_path: str, lora: str, dtype: torch.dtype = torch.float
                         "no LCMScheduler config: together they are not an LCM; give an LCM, or the model an LCM-LoRA was distilled "
                         "from, as the model")
     if model.time_cond_proj_dim is not None:  # an LCM with a LoRA fine-tuned on it: its ω input is the LCM's, and so is its record
+        _check_not_a_teachers_lcm_lora(path, lora, name_or_path, lora_flag)
         model.guidance_record = guidance_record_of(model.source)
     return model
+
+
+def _check_not_a_teachers_lcm_lora(path: Path, lora: str, name_or_path: str, lora_flag: str) -> None:
+    """A UserError for an LCM-LoRA distilled from a teacher (its card says so: `LCM_LORA_TITLE`) given with an LCM. Its
+    deltas are the acceleration vector τ = θ_LCM − θ_teacher of Luo et al. 2023b (Sec. 3), learnt against the teacher's
+    weights: on an LCM, itself about θ_teacher + τ and taking g through its ω input, the LCM's distillation is applied twice.
+    diffusers' `load_lora_weights` loads it (it matches layer names only); the documented use of an LCM with a LoRA is one
+    fine-tuned on that LCM (`lcm finetune --adapter lora`). A LoRA without our card (downloaded) is not judged."""
+    card = (path.parent if path.is_file() else path) / "README.md"
+    try:
+        title = next((line for line in card.read_text(encoding="utf-8").splitlines() if line.startswith("# ")), "")
+    except (OSError, UnicodeDecodeError):
+        return
+    if title.startswith(LCM_LORA_TITLE):
+        raise UserError(f"{given(lora_flag, str(lora))} is an LCM-LoRA distilled from a teacher ({card} says so) and {name_or_path} is an "
+                        "LCM (ω input): on it the LoRA would apply the distillation a second time; give the teacher as the model, "
+                        "or a LoRA fine-tuned on this LCM (lcm finetune --adapter lora)")
 
 
 def check_style_loras(styles) -> None:

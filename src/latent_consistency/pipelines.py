@@ -84,6 +84,11 @@ class RepeatedSeedWarning(UserWarning):
     commands say it their own way (`lcm generate`'s note, `lcm serve`'s X-Seed-Note header) and ignore this warning."""
 
 
+class UnguidedScaleWarning(UserWarning):
+    """A g below 1 given to a model without an ω input (`Generator.unguided_note`): sampled as g = 1, as diffusers samples
+    it. `lcm generate` says it in a note and records the g applied, and ignores this warning."""
+
+
 def repeated_seed_note(seed: int, count: int = 1, flag: str = "--seed") -> str | None:
     """A note when images SEED..SEED+count-1 take seeds of 2^32 or more: their images are those of smaller seeds, though
     seeds up to 2^63 - 1 are taken (`MAX_SEED`). `flag` names the seed where the user gave it (`--seed`, the API's `seed`)."""
@@ -183,31 +188,11 @@ class Generator:
             if value > MAX_SIZE_FACTOR * self.default_size():
                 raise UserError(f"{flag}{name} {value} is more than {MAX_SIZE_FACTOR}x the model's {self.default_size()} px; "
                                 "a UNet does not generate coherent images that far from its training size")
-        if not self.normalisable(height, width):
-            side = next(s for s in range(factor * patch, 2 * MAX_SIZE_FACTOR * self.default_size(), factor * patch)
-                        if self.normalisable(s, s))
+        unet, vae = getattr(self.model.unet, "config", None), getattr(self.model.vae, "config", None)
+        if not normalisable(unet, vae, factor, height, width):
+            side = smallest_normalisable_side(unet, vae, factor, factor * patch, 2 * MAX_SIZE_FACTOR * self.default_size())
             raise UserError(f"{flag}height {height} and {flag}width {width} are too small for this model: a feature map of its "
                             f"network would hold one value per normalisation group; use at least {side}x{side} px (or a longer other side)")
-
-    def normalisable(self, height: int, width: int) -> bool:
-        """Whether every GroupNorm of the UNet and VAE sees more than one value per group in an image of this size.
-
-        Level i of a UNet holds its latent map halved i times (stride-2 convolutions: ⌈r/2⌉), and its first norm takes
-        level i-1's channels. At one value per group GroupNorm fails for a batch of one ("Expected more than 1 value per
-        channel") and returns its bias alone for larger ones: an image would depend on its batch, when it is made at all."""
-        factor = self.model.codec.downsampling_factor
-        for net, h, w in ((self.model.unet, height // factor, width // factor), (self.model.vae, height, width)):
-            config = getattr(net, "config", {})
-            channels = list(config.get("block_out_channels") or [])
-            if "down_block_types" not in config or not channels or (net is self.model.unet and self.model.is_transformer):
-                continue
-            groups = int(config.get("norm_num_groups") or 32)
-            for i, c in enumerate(channels):
-                if i:
-                    h, w = -(-h // 2), -(-w // 2)
-                if min(c, channels[max(i - 1, 0)]) // groups * h * w <= 1:
-                    return False
-        return True
 
     def use_preview_decoder(self, name_or_path: str | None) -> None:
         """Decode with a tiny preview decoder (`preview`: an AutoencoderTiny folder or hub id, e.g. madebyollin/taesd) instead of
@@ -262,6 +247,9 @@ class Generator:
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
             raise UserError(f"guidance scale {guidance_scale!r:.40} must be a finite number (diffusers' guidance_scale g; ω = g - 1)")
         self.check_guidance_scale(guidance_scale)
+        note = self.unguided_note(guidance_scale)
+        if note is not None:  # taken, as diffusers takes it, but not in silence
+            warnings.warn(note, UnguidedScaleWarning, stacklevel=4)
         self.check_size(height, width, flag="")
 
     def check_guidance_scale(self, guidance_scale: float, flag: str = "guidance scale") -> None:
@@ -274,6 +262,20 @@ class Generator:
             raise UserError(f"{flag} {guidance_scale:.15g} is below 1: {self.model.source} takes g through its ω input (ω = g - 1), "
                             "which was trained on ω >= 0")
 
+    def applied_guidance_scale(self, guidance_scale: float) -> float:
+        """The g sampling applies: `guidance_scale`, but 1 for a g below 1 on a model without an ω input (kind lora: an
+        LCM-LoRA, PixArt-LCM), whose classifier-free guidance runs at g > 1 alone (`DiffusionModel.consistency_model`, as
+        diffusers' `do_classifier_free_guidance`): every g ≤ 1 gives the image of g = 1. A g below 1 on an LCM's ω input
+        is refused (`check_guidance_scale`), and the teacher samplers are not LCMs."""
+        return 1.0 if self.kind == "lora" and guidance_scale < 1 else guidance_scale
+
+    def unguided_note(self, guidance_scale: float, flag: str = "guidance scale") -> str | None:
+        """A note for a g below 1 on a model without an ω input: its image is g = 1's (`applied_guidance_scale`)."""
+        if self.applied_guidance_scale(guidance_scale) == guidance_scale:
+            return None
+        return (f"{flag} {guidance_scale:g} is below 1: {self.model.source} has no ω input and runs classifier-free guidance at "
+                "g > 1 alone, as diffusers does; the image is that of guidance scale 1")
+
     def start(self, prompts: list[str], seeds: list[int], height: int, width: int):
         """(z_T, prompt embeddings, per-image generators): image i's noise from its own seed."""
         codec = self.model.codec
@@ -282,6 +284,35 @@ class Generator:
         latents = randn((len(prompts), codec.latent_channels, height // factor, width // factor), generators, self.device, self.dtype)
         cond = self.prompt_cache.encode(self.model.prompts, prompts, self.device, (height, width)).to(self.dtype)
         return latents, cond, generators
+
+
+def normalisable(unet_config, vae_config, factor: int, height: int, width: int) -> bool:
+    """Whether every GroupNorm of a UNet of `unet_config` and a VAE of `vae_config` (their diffusers configs, loaded or
+    read from the folder before any weights: `lcm cache`; None or a transformer's, without down blocks, is not checked),
+    whose latents are `factor` times smaller than the image, sees more than one value per group in an image of this size.
+    The one rule of generation's sizes (`Generator.check_size`) and of a run's --resolution (`training.batches.
+    check_resolution`).
+
+    Level i of a UNet holds its latent map halved i times (stride-2 convolutions: ⌈r/2⌉), and its first norm takes
+    level i-1's channels. At one value per group GroupNorm fails for a batch of one ("Expected more than 1 value per
+    channel") and returns its bias alone for larger ones: an image would depend on its batch, when it is made at all."""
+    for config, h, w in ((unet_config, height // factor, width // factor), (vae_config, height, width)):
+        config = config or {}
+        channels = list(config.get("block_out_channels") or [])
+        if "down_block_types" not in config or not channels:
+            continue
+        groups = int(config.get("norm_num_groups") or 32)
+        for i, c in enumerate(channels):
+            if i:
+                h, w = -(-h // 2), -(-w // 2)
+            if min(c, channels[max(i - 1, 0)]) // groups * h * w <= 1:
+                return False
+    return True
+
+
+def smallest_normalisable_side(unet_config, vae_config, factor: int, step: int, limit: int) -> int:
+    """The smallest square side, a multiple of `step` below `limit`, that `normalisable` takes: the size a refusal names."""
+    return next(side for side in range(step, limit, step) if normalisable(unet_config, vae_config, factor, side, side))
 
 
 def lcm_kind(model: DiffusionModel) -> str:

@@ -106,15 +106,17 @@ def load_encoders(model: str, device, captions_only: bool):
 
 def cache_resolution(args, codec, native: int) -> int:
     """The size (px) the images are read and encoded at: --resolution, checked as a run's is (`training.batches.
-    check_resolution`: a whole number of the network's latent patches, at most MAX_SIZE_FACTOR x the native size) before the
-    data is scanned; without it the model's `native` size, as every cache was written before --resolution."""
+    check_resolution_of`: a whole number of the network's latent patches, at most MAX_SIZE_FACTOR x the native size, large
+    enough for the UNet's and VAE's GroupNorms) before the data is scanned; without it the model's `native` size, as every
+    cache was written before --resolution. The UNet's config is read from the folder: its weights are not loaded."""
     from latent_consistency.models import model_json, transformer_patch_size
-    from latent_consistency.training.batches import check_resolution
+    from latent_consistency.training.batches import check_resolution_of
 
     if args.resolution is None:
         return native
     patch = transformer_patch_size(model_json(args.model, "transformer/config.json"))  # PixArt-α's; a UNet model has none: 1
-    check_resolution(args.resolution, codec.downsampling_factor, patch, native)
+    check_resolution_of(args.resolution, codec.downsampling_factor, patch, native, model_json(args.model, "unet/config.json"),
+                        codec.vae.config)
     return args.resolution
 
 

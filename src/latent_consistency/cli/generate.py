@@ -49,6 +49,7 @@ from latent_consistency.pipelines import (
     LCMGenerator,
     RepeatedSeedWarning,
     SolverGenerator,
+    UnguidedScaleWarning,
     repeated_seed_note,
 )
 from latent_consistency.progress import progress_bar
@@ -387,6 +388,8 @@ def print_notes(args, generator, prompts: list[str], files: list[Path], guidance
     its checks: a user's mistake is the one line of its error, not notes about a run that does not happen."""
     notes = [truncated_prompt_note(generator.model, prompts, files)]
     notes += generator.guidance_notes(guidance_scale, given=args.guidance_scale is not None)
+    unguided = generator.unguided_note(guidance_scale, "--guidance-scale")
+    notes.append(unguided and f"{unguided}, which its record says (--skip-existing takes it as made at 1)")
     distilled = generator.model.distilled_steps if args.sampler != "lcm" else None
     if distilled and (steps != distilled or args.sampler != "ddim"):
         notes.append(f"{args.model} was progressively distilled for {distilled} DDIM steps on its own grid; {steps} {args.sampler} "
@@ -430,10 +433,11 @@ def load_lcm_generator(args, device, dtype, styles) -> LCMGenerator:
 
 def run(args) -> None:
     """`generate` holding --out's lock (`folder_lock.hold`): a second command writing the folder at once would overwrite
-    its images, which the checks before the first write had found free. A seed past 2^32 is said in a note
-    (`print_notes`), not again as the library's warning."""
+    its images, which the checks before the first write had found free. A seed past 2^32, and a g below 1 on a model
+    without an ω input, are said in a note (`print_notes`), not again as the library's warning."""
     with hold(args.out), warnings.catch_warnings():
         warnings.simplefilter("ignore", RepeatedSeedWarning)
+        warnings.simplefilter("ignore", UnguidedScaleWarning)
         generate(args)
 
 
@@ -513,7 +517,8 @@ def generate(args) -> None:
     generator.check_size(height, width)
     if args.sampler != "lcm":  # before a file is written: a step count whose timesteps are not distinct is refused
         check_teacher_steps(args.sampler, generator.model.scheduler_config, timesteps)
-    settings = run_settings(args, generator, timesteps, guidance_scale, height, width, options)
+    # the g sampling applies: a g below 1 on a model without an ω input is sampled (and recorded) as 1 (`unguided_note`)
+    settings = run_settings(args, generator, timesteps, generator.applied_guidance_scale(guidance_scale), height, width, options)
     records = [image_record(prompts[i], args.seed + i, settings) for i in range(len(prompts))]
     check_kept(files, kept, records)
     out = writable_folder(args.out)

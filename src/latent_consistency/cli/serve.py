@@ -96,9 +96,10 @@ def run(args) -> None:
         raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
     if not args.host.strip():  # bind("") is every interface: an unset variable must not open the server to the network
         raise UserError("--host is empty; leave it out for 127.0.0.1, or give 0.0.0.0 (or ::) to listen on every interface")
-    from latent_consistency.pipelines import RepeatedSeedWarning
+    from latent_consistency.pipelines import RepeatedSeedWarning, UnguidedScaleWarning
 
     warnings.filterwarnings("ignore", category=RepeatedSeedWarning)  # said to the client, in the response's X-Seed-Note
+    warnings.filterwarnings("ignore", category=UnguidedScaleWarning)  # said to the client, in the response's X-Guidance-Note
     with bind(args.host, args.port) as sock:  # before the model loads: a port in use is known at once
         app = build_app(args)
         if not is_loopback(args.host):

@@ -433,6 +433,7 @@ def create_app(generator: LCMGenerator, limits: Limits, model_name: str = "", ma
         if negative_truncated:  # as `lcm generate` notes it for --negative-prompt
             headers["X-Negative-Prompt-Truncated"] = f"{negative_truncated[0]} tokens, the text encoder reads {negative_truncated[1]}"
         notes = generator.guidance_notes(job.guidance_scale, given=body.guidance_scale is not None)
+        notes += filter(None, [generator.unguided_note(job.guidance_scale, "guidance_scale")])  # as `lcm generate` notes it
         if notes:
             headers["X-Guidance-Note"] = header_value("; ".join(notes))
         seed_note = repeated_seed_note(job.seed, flag="seed")  # as `lcm generate` notes it: taken, as diffusers takes it

@@ -27,7 +27,7 @@ from latent_consistency.data.workers import read_batches
 from latent_consistency.errors import UserError
 from latent_consistency.folder_lock import first_process
 from latent_consistency.models import DiffusionModel
-from latent_consistency.pipelines import MAX_SIZE_FACTOR
+from latent_consistency.pipelines import MAX_SIZE_FACTOR, normalisable, smallest_normalisable_side
 
 # What a process's data skipped or converted: (counts per reason, the (reason, detail) pairs counted), `skipped_record`
 SkipRecord = tuple[dict[str, int], list[tuple[str, str]]]
@@ -50,6 +50,7 @@ class TrainingBatches:
         self.model, self.micro_batch, self.device, self.spec = model, micro_batch, torch.device(device), spec
         self.eval_flag = eval_flag
         self.seed, self.holdout = seed, holdout
+        check_resolution(resolution, model)  # before the data is opened: an image folder's scan is minutes at millions of files
         size_from = "the model's native size (--resolution sets another)" if resolution == model.native_size else None
         self.dataset = dataset if dataset is not None else open_dataset(spec, resolution, seed=seed, rank=rank, world_size=world_size,
                                                                         holdout=holdout, size_from=size_from, quiet_scan=quiet_scan)
@@ -91,11 +92,11 @@ class TrainingBatches:
                             f"{what}, which no worker reads: give --num-workers 0 (the default)")
 
     def _check_fits_model(self) -> None:
-        """Model and data must agree on latent channels, image size and text encoder: the run's resolution is one the model
-        takes (`check_resolution`), and a latent cache's latents are of images of that size (`_check_cache_size`); a latent
-        cache must have been written by the model's own VAE and text encoder(s) (`LatentCache.check_encoders`, last: it
-        reads every weight of them), a captions-only one by its VAE (the run's model encodes its captions)."""
-        check_resolution(self.resolution, self.model.codec.downsampling_factor, self.model.patch_size, self.model.native_size)
+        """Model and data must agree on latent channels, image size and text encoder (the run's resolution, one the model
+        takes, was checked before the data was opened: `check_resolution`): a latent cache's latents are of images of that
+        size (`_check_cache_size`); a latent cache must have been written by the model's own VAE and text encoder(s)
+        (`LatentCache.check_encoders`, last: it reads every weight of them), a captions-only one by its VAE (the run's model
+        encodes its captions)."""
         if isinstance(self.dataset, LatentCache):
             unet = self.model.unet.config
             m = self.dataset.manifest
@@ -253,17 +254,31 @@ class TrainingBatches:
         return dict(counted.counts), sorted(counted.seen)
 
 
-def check_resolution(resolution: int, factor: int, patch: int, native_size: int) -> None:
+def check_resolution(resolution: int, model: DiffusionModel) -> None:
+    """A UserError unless images of `resolution` px fit `model`: `check_resolution_of` its VAE factor, transformer patch,
+    native size and networks' configs."""
+    check_resolution_of(resolution, model.codec.downsampling_factor, model.patch_size, model.native_size,
+                        getattr(model.unet, "config", None), getattr(model.vae, "config", None))
+
+
+def check_resolution_of(resolution: int, factor: int, patch: int, native_size: int, unet_config, vae_config) -> None:
     """A UserError unless images of `resolution` px fit a model whose VAE downsamples by `factor`, whose transformer cuts
-    its latents into patches of `patch` (1 for a UNet) and whose native size is `native_size`: a side that is no whole
-    number of latent patches, or more than MAX_SIZE_FACTOR times the native size (as generation bounds it). The one check
-    of a run's --resolution and of `lcm cache --resolution`, which encodes the images a run at that size trains on."""
+    its latents into patches of `patch` (1 for a UNet), whose native size is `native_size` and whose UNet and VAE have
+    the diffusers configs `unet_config` and `vae_config`: a side that is no whole number of latent patches, more than
+    MAX_SIZE_FACTOR times the native size, or so small that a GroupNorm of either network sees one value per group
+    (`pipelines.normalisable`: such a run fails at its first batch of one, the ω response at its end or a --resume, and
+    trains on each norm's bias alone at larger batches), as generation bounds each. The one check of a run's --resolution
+    and of `lcm cache --resolution`, which encodes the images a run at that size trains on."""
     if resolution % (factor * patch):
         raise UserError(f"resolution {resolution} is not a multiple of the VAE factor {factor}"
                         + (f" times the transformer's patch size {patch}" if patch > 1 else ""))
     if resolution > MAX_SIZE_FACTOR * native_size:
         raise UserError(f"resolution {resolution} is more than {MAX_SIZE_FACTOR}x the model's {native_size} px; "
                         "train at a size near the model's own")
+    if not normalisable(unet_config, vae_config, factor, resolution, resolution):
+        side = smallest_normalisable_side(unet_config, vae_config, factor, factor * patch, 2 * MAX_SIZE_FACTOR * native_size)
+        raise UserError(f"resolution {resolution} is too small for this model: a feature map of its network would hold one value "
+                        f"per normalisation group; use at least {side}")
 
 
 def merged_skipped_summary(records: list) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from latent_consistency.command_words import flag_words
 from latent_consistency.guidance_record import GuidanceRecord
 from latent_consistency.hub import looks_like_hub_id, split_revision
-from latent_consistency.models import DiffusionModel
+from latent_consistency.models import LCM_LORA_TITLE, DiffusionModel
 from latent_consistency.outputs import write_atomic
 from latent_consistency.pipelines import DEFAULT_GUIDANCE_SCALE
 
@@ -30,7 +30,9 @@ WHAT = {"lcm": "A latent consistency model (LCM): it samples in 1-8 steps, with 
         "lcm-lora": "LoRA adapters fine-tuned on an LCM: with them that LCM samples in 1-8 steps, with the guidance scale g as "
                     "its input.",
         "guided": "A guidance-distilled diffusion model: one network pass per step in place of classifier-free guidance's two."}
-TITLES = {"lcm": "LCM of {}", "pixart": "LCM of {}", "lora": "LCM-LoRA for {}", "lcm-lora": "LoRA for the LCM {}", "guided": "Guidance-distilled {}"}
+# "lora"'s is how `models.load_lcm_lora` knows an LCM-LoRA distilled from a teacher (`models.LCM_LORA_TITLE`), refused on an LCM
+TITLES = {"lcm": "LCM of {}", "pixart": "LCM of {}", "lora": LCM_LORA_TITLE.removeprefix("# ") + "{}", "lcm-lora": "LoRA for the LCM {}",
+          "guided": "Guidance-distilled {}"}
 METHODS = {
     "lcd": "latent consistency distillation (LCD, Algorithm 1 of Luo et al. 2023)",
     "ode": "regression of the consistency function on its teacher's guided ODE solutions (`lcm distill --method ode`)",
