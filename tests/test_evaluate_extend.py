@@ -164,29 +164,6 @@ def test_results_of_format_3_are_taken_up_with_the_models_given_now(rerun, data,
     assert saved["rows"]["lcm|1|8"] == first["lcm|1|8"]  # its models given it as this version records them
 
 
-def test_a_rows_progress_is_taken_up_only_for_the_models_it_was_sampled_with(tmp_path):
-    """A row killed, its model distilled again, then rerun: its saved batches are the old model's images, not this one's."""
-    from latent_consistency.evaluation.table import RowProgress
-
-    class Counting:
-        identity = "count"
-
-        def __init__(self, n):
-            self.n = n
-
-        def state(self):
-            return {"n": torch.tensor(self.n)}
-
-        def load_state(self, state):
-            self.n = int(state["n"])
-
-    path, models = tmp_path / "row-progress.pt", {"lcm": "/runs/lcm 0123456789abcdef", "lora": None, "style_loras": [["/s 0a", 0.5]]}
-    RowProgress(path, "lcm|4|2", "abc", 8, models, saved_at=float("-inf")).save([Counting(16)], 16, 1.0, [None, None])
-    assert RowProgress(path, "lcm|4|2", "abc", 8, models).load([scorer := Counting(0)]) == (16, 1.0, [None, None]) and scorer.n == 16
-    again = models | {"lcm": "/runs/lcm fedcba9876543210"}
-    assert RowProgress(path, "lcm|4|2", "abc", 8, again).load([scorer := Counting(0)]) == (0, 0.0, []) and scorer.n == 0
-
-
 def test_the_exact_lcms_row_is_of_the_teacher_and_the_lcm_without_its_style_loras():
     """The exact LCM samples the teacher's ODE on the LCM's timesteps: a style LoRA changed does not make it another row."""
     from types import SimpleNamespace

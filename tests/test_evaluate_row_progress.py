@@ -56,21 +56,24 @@ def test_a_row_killed_inside_goes_on_from_its_last_saved_batch_to_the_same_score
     assert not (out / table.PROGRESS_FILE).exists()
 
 
+class Counting:
+    """A scorer whose state is a count: what `RowProgress` saves and loads."""
+
+    identity = "count"
+
+    def __init__(self, n):
+        self.n = n
+
+    def state(self):
+        return {"n": torch.tensor(self.n)}
+
+    def load_state(self, state):
+        self.n = int(state["n"])
+
+
 def test_progress_of_another_row_evaluation_or_batch_size_is_not_taken_up(tmp_path):
     """Its scorers' states are loaded only for the same row, fingerprint, batch size and metrics; a file cut short is none."""
     from latent_consistency.evaluation.table import RowProgress
-
-    class Counting:
-        identity = "count"
-
-        def __init__(self, n):
-            self.n = n
-
-        def state(self):
-            return {"n": torch.tensor(self.n)}
-
-        def load_state(self, state):
-            self.n = int(state["n"])
 
     path = tmp_path / "row-progress.pt"
     saved = RowProgress(path, "lcm|4|2", "abc", 8, saved_at=float("-inf"))
@@ -111,3 +114,14 @@ def test_the_judges_state_carries_its_counts_and_features(tmp_path):
     resumed.load_state(state)
     resumed.update(images[8:], parts[2])
     assert resumed.compute(eval_set) == whole.compute(eval_set)
+
+
+def test_a_rows_progress_is_taken_up_only_for_the_models_it_was_sampled_with(tmp_path):
+    """A row killed, its model distilled again, then rerun: its saved batches are the old model's images, not this one's."""
+    from latent_consistency.evaluation.table import RowProgress
+
+    path, models = tmp_path / "row-progress.pt", {"lcm": "/runs/lcm 0123456789abcdef", "lora": None, "style_loras": [["/s 0a", 0.5]]}
+    RowProgress(path, "lcm|4|2", "abc", 8, models, saved_at=float("-inf")).save([Counting(16)], 16, 1.0, [None, None])
+    assert RowProgress(path, "lcm|4|2", "abc", 8, models).load([scorer := Counting(0)]) == (16, 1.0, [None, None]) and scorer.n == 16
+    again = models | {"lcm": "/runs/lcm fedcba9876543210"}
+    assert RowProgress(path, "lcm|4|2", "abc", 8, again).load([scorer := Counting(0)]) == (0, 0.0, []) and scorer.n == 0
