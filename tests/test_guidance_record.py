@@ -226,7 +226,7 @@ def test_a_fine_tuned_lcm_that_ignored_guidance_still_says_so(tiny_lcm, tmp_path
     assert record == GuidanceRecord(1.0, 2.0, 2.0, IGNORED, inherited=True) and record.ignores_guidance()
     assert json.loads((out / "lcm" / RECORD).read_text())["omega_response_before_fine_tuning"] is True
     card = (out / "lcm" / "README.md").read_text()
-    assert "ω response of its LCM, before LCF" in card and "It ignores its guidance scale" in card, card
+    assert "ω response of its LCM before LCF, at t = " in card and "It ignores its guidance scale" in card, card
     capsys.readouterr()
     assert main(["generate", "a red square", "--model", str(out / "lcm"), "--steps", "1", "--guidance-scale", "2",
                  "--out", str(tmp_path / "images-out")]) == 0

@@ -147,7 +147,7 @@ def _guidance(what: str, record: GuidanceRecord | None, base_record: GuidanceRec
     if lcf:
         record = base_record if what == "lcm-lora" else record
         return [f"- Guidance scale g on [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}] (its LCM's ω input: LCF "
-                f"teaches no guidance), sampled at {record.guidance_scale:g} by default"] + _response(record, " of its LCM, before LCF")
+                f"teaches no guidance), sampled at {record.guidance_scale:g} by default"] + _response(record, " of its LCM before LCF,")
     return [f"- Guidance scale g trained on [{record.guidance_scale_min:g}, {record.guidance_scale_max:g}], "
             f"sampled at {record.guidance_scale:g} by default"] + _response(record, "")
 
